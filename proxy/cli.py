@@ -1,0 +1,136 @@
+"""Command line: `python -m proxy [--config PATH] [--host H] [--port P] [--upstream URL]
+[--demo] [--check]`. The only module that reads the environment: every flag also has a
+PROXY_* variable (flag > environment > config file > default)."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any, Mapping
+
+from .config import Config, load_config, read_config_file
+from .errors import ConfigError
+
+log = logging.getLogger("proxy")
+
+ENV_FLAGS = {  # environment variable → (argparse dest, config path)
+    "PROXY_CONFIG": ("config", None),
+    "PROXY_HOST": ("host", "server.host"),
+    "PROXY_PORT": ("port", "server.port"),
+    "PROXY_UPSTREAM": ("upstream", "upstream.url"),
+    "PROXY_UPSTREAM_API_TOKEN": ("upstream_api_token", "upstream.api_token"),
+    "PROXY_LOG_LEVEL": ("log_level", "logging.level"),
+}
+DEMO_OVERRIDES = {
+    # The emulator's memory is an account, not this host's RAM: manage it as a budget.
+    "memory.sampler": "budget", "memory.budget_gb": 16.0, "memory.min_free_memory_gb": 1.0,
+    "eviction.min_residency_s": 5.0,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m proxy", description=(
+        "OpenAI-compatible proxy in front of LM Studio that manages model memory."))
+    p.add_argument("--config", help="YAML config file (default: ./proxy.yaml if present)")
+    p.add_argument("--host", help="address to listen on")
+    p.add_argument("--port", type=int, help="port to listen on (0 = any free port)")
+    p.add_argument("--upstream", help="LM Studio base URL, e.g. http://127.0.0.1:1234")
+    p.add_argument("--upstream-api-token", help="bearer token LM Studio requires")
+    p.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    p.add_argument("--demo", action="store_true",
+                   help="start the built-in LM Studio emulator and put the proxy in front of it")
+    p.add_argument("--check", action="store_true",
+                   help="validate the configuration and exit (0 valid, 2 invalid)")
+    return p
+
+
+def resolve_config(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
+    for var, (dest, _) in ENV_FLAGS.items():
+        if getattr(args, dest, None) is None and environ.get(var):
+            value: Any = environ[var]
+            if dest == "port":
+                try:
+                    value = int(value)
+                except ValueError:
+                    raise ConfigError([f"{var}: must be an integer (got {value!r})"]) from None
+            setattr(args, dest, value)
+    path = args.config
+    if path is None and Path("proxy.yaml").is_file():
+        path = "proxy.yaml"
+    raw = read_config_file(path) if path else {}
+    overrides: dict[str, Any] = dict(DEMO_OVERRIDES) if args.demo else {}
+    for dest, dotted in ENV_FLAGS.values():
+        if dotted and getattr(args, dest, None) is not None:
+            overrides[dotted] = getattr(args, dest)
+    return load_config(raw, overrides=overrides)
+
+
+def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = resolve_config(args, os.environ if environ is None else environ)
+    except ConfigError as exc:
+        print("configuration is invalid:", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return 2
+    if args.check:
+        print("configuration is valid")
+        return 0
+    logging.basicConfig(level=config.logging.level,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_run(config, demo=args.demo))
+    return 0
+
+
+async def _run(config: Config, *, demo: bool) -> None:
+    from .app import create_app
+    from .serving import serve
+
+    emulator = None
+    if demo:
+        from dataclasses import replace
+
+        from .emulator import EmulatorOptions, start_emulator
+        emulator = await start_emulator(load_time_scale=0.25, capacity_bytes=int(24e9),
+                                        options=EmulatorOptions(tokens_per_s=30.0))
+        config = replace(config, upstream=replace(config.upstream, url=emulator.url))
+    served = await serve(create_app(config), config.server.host, config.server.port,
+                         shutdown_timeout_s=config.server.shutdown_timeout_s)
+    log.info("proxy listening on %s, upstream %s", served.url, config.upstream.url)
+    if demo:
+        print(_demo_banner(served.url, emulator.url if emulator else ""), flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down: draining requests (up to %gs)", config.server.shutdown_timeout_s)
+        await served.close()
+        if emulator is not None:
+            await emulator.close()
+
+
+def _demo_banner(url: str, upstream_url: str) -> str:
+    return f"""
+Proxy ready on {url}  (LM Studio emulator on {upstream_url})
+
+Try it:
+  curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\
+    -d '{{"model": "qwen/qwen3-4b", "messages": [{{"role": "user", "content": "Hello"}}]}}'
+
+  python -c "from openai import OpenAI; c = OpenAI(base_url='{url}/v1', api_key='lm-studio'); \\
+print(c.chat.completions.create(model='qwen/qwen3-4b', messages=[{{'role': 'user', 'content': 'Hello'}}]).choices[0].message.content)"
+
+Watch it work:  curl {url}/proxy/models   curl {url}/proxy/stats   curl {url}/metrics
+Stop with Ctrl-C.
+"""

@@ -1,0 +1,277 @@
+"""Typed, frozen configuration, validated as a whole so that every problem is reported at once.
+
+`load_config(raw)` walks the dataclasses below; an unknown key, a wrong type or a value out of
+range becomes one line naming its path, e.g. `models.qwen/qwen3-8b.priority: must be 1..10 (got 12)`.
+Range and choice rules live in each field's metadata so the schema is the single source of truth.
+"""
+from __future__ import annotations
+
+import collections.abc
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from .errors import ConfigError
+
+POLICIES = ("lru", "priority", "cost-aware")
+SAMPLERS = ("local", "budget")
+UPSTREAM_KINDS = ("lmstudio",)
+
+
+def _rule(lo: float | None = None, hi: float | None = None, *, choices: tuple[str, ...] = (),
+          exclusive_lo: bool = False) -> dict[str, Any]:
+    return {"lo": lo, "hi": hi, "choices": choices, "exclusive_lo": exclusive_lo}
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = field(default=8080, metadata=_rule(0, 65535))
+    max_body_bytes: int = field(default=32 * 1024 * 1024, metadata=_rule(1024))
+    shutdown_timeout_s: float = field(default=30.0, metadata=_rule(0))
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    kind: str = field(default="lmstudio", metadata=_rule(choices=UPSTREAM_KINDS))
+    url: str = "http://127.0.0.1:1234"
+    api_token: str | None = None
+    connect_timeout_s: float = field(default=5.0, metadata=_rule(0, exclusive_lo=True))
+    # Time allowed between two bytes of a response; generations can be long, pauses cannot.
+    read_timeout_s: float = field(default=300.0, metadata=_rule(0, exclusive_lo=True))
+    load_timeout_s: float = field(default=600.0, metadata=_rule(0, exclusive_lo=True))
+    max_connections: int = field(default=256, metadata=_rule(1))
+    reconcile_interval_s: float = field(default=15.0, metadata=_rule(0, exclusive_lo=True))
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    max_memory_usage_percent: float = field(default=80.0, metadata=_rule(1, 100))
+    min_free_memory_gb: float = field(default=4.0, metadata=_rule(0))
+    monitoring_interval: float = field(default=30.0, metadata=_rule(0, exclusive_lo=True))
+    sampler: str = field(default="local", metadata=_rule(choices=SAMPLERS))
+    budget_gb: float | None = field(default=None, metadata=_rule(0, exclusive_lo=True))
+    # Memory a model takes per byte of its file, until its real footprint has been measured.
+    footprint_factor: float = field(default=1.2, metadata=_rule(0, exclusive_lo=True))
+    reclaim_timeout_s: float = field(default=10.0, metadata=_rule(0))
+
+
+@dataclass(frozen=True)
+class EvictionConfig:
+    policy: str = field(default="cost-aware", metadata=_rule(choices=POLICIES))
+    model_timeout_hours: float = field(default=2.0, metadata=_rule(0))
+    min_residency_s: float = field(default=60.0, metadata=_rule(0))
+    queue_timeout_s: float = field(default=120.0, metadata=_rule(0))
+    manage_external: bool = False
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    priority: int = field(default=5, metadata=_rule(1, 10))
+    pinned: bool = False
+    ttl_s: float | None = field(default=None, metadata=_rule(0, exclusive_lo=True))
+    aliases: tuple[str, ...] = ()
+    footprint_gb: float | None = field(default=None, metadata=_rule(0, exclusive_lo=True))
+    # Passed to LM Studio's load call as-is (context_length, flash_attention, ...).
+    load: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: str = field(default="INFO", metadata=_rule(
+        choices=("DEBUG", "INFO", "WARNING", "ERROR")))
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    eviction: EvictionConfig = field(default_factory=EvictionConfig)
+    models: Mapping[str, ModelConfig] = field(default_factory=dict)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def model(self, key: str) -> ModelConfig:
+        return self.models.get(key) or _DEFAULT_MODEL
+
+    def alias_map(self) -> dict[str, str]:
+        return {alias: key for key, m in self.models.items() for alias in m.aliases}
+
+
+_DEFAULT_MODEL = ModelConfig()
+
+
+def load_config(raw: Mapping[str, Any] | None = None, *,
+                overrides: Mapping[str, Any] | None = None) -> Config:
+    """Build a Config from a parsed mapping plus dotted-path overrides; raise ConfigError."""
+    data: dict[str, Any] = _deep_copy(raw or {})
+    if not isinstance(data, dict):
+        raise ConfigError([f"<root>: must be a mapping (got {type(data).__name__})"])
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    problems: list[str] = []
+    config = _build(Config, data, "", problems)
+    if not problems:
+        _cross_checks(config, problems)
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read ({exc.strerror})"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{path}: not valid YAML ({exc})"]) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}: top level must be a mapping"])
+    return data
+
+
+def _cross_checks(config: Config, problems: list[str]) -> None:
+    mem = config.memory
+    if mem.sampler == "budget" and mem.budget_gb is None:
+        problems.append("memory.budget_gb: required when memory.sampler is 'budget'")
+    seen: dict[str, str] = {}
+    for key, model in config.models.items():
+        for alias in model.aliases:
+            if alias in config.models:
+                problems.append(f"models.{key}.aliases: '{alias}' is itself a model key")
+            elif alias in seen:
+                problems.append(f"models.{key}.aliases: '{alias}' is already an alias of "
+                                f"'{seen[alias]}'")
+            seen[alias] = key
+    total_gb = _total_memory_gb(config)
+    if total_gb is not None:
+        for key, model in config.models.items():
+            if model.footprint_gb is not None and model.footprint_gb > total_gb:
+                problems.append(f"models.{key}.footprint_gb: {model.footprint_gb:g} exceeds total "
+                                f"memory ({total_gb:.1f} GB)")
+        pinned_gb = sum(m.footprint_gb or 0.0 for m in config.models.values() if m.pinned)
+        if pinned_gb > total_gb:
+            problems.append(f"models: pinned footprints add up to {pinned_gb:g} GB, more than "
+                            f"the memory available ({total_gb:.1f} GB)")
+
+
+def _total_memory_gb(config: Config) -> float | None:
+    if config.memory.sampler == "budget":
+        return config.memory.budget_gb
+    try:
+        import psutil
+        return psutil.virtual_memory().total / 1e9
+    except Exception:  # psutil unavailable on an exotic platform: skip the check
+        return None
+
+
+def _deep_copy(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _deep_copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_deep_copy(v) for v in value]
+    return value
+
+
+def _build(cls: type, data: Any, path: str, problems: list[str]) -> Any:
+    if not isinstance(data, dict):
+        problems.append(f"{path or '<root>'}: must be a mapping (got {_kind(data)})")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            known = ", ".join(sorted(fields))
+            problems.append(f"{_join(path, str(key))}: unknown key (known: {known})")
+    kwargs: dict[str, Any] = {}
+    for name, f in fields.items():
+        if name in data:
+            before = len(problems)
+            value = _convert(hints[name], data[name], _join(path, name), problems)
+            if len(problems) == before:
+                _check_rule(f.metadata, value, _join(path, name), problems)
+                kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _convert(tp: Any, value: Any, path: str, problems: list[str]) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(args[0], value, path, problems)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path, problems)
+    if origin in (collections.abc.Mapping, dict):
+        key_tp, val_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            problems.append(f"{path}: must be a mapping (got {_kind(value)})")
+            return {}
+        if val_tp is Any:
+            return dict(value)
+        return {str(k): _convert(val_tp, v if v is not None else {}, _join(path, str(k)), problems)
+                for k, v in value.items()}
+    if origin is tuple:
+        (item_tp, _ellipsis) = typing.get_args(tp)
+        if not isinstance(value, list):
+            problems.append(f"{path}: must be a list (got {_kind(value)})")
+            return ()
+        return tuple(_convert(item_tp, v, f"{path}[{i}]", problems) for i, v in enumerate(value))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    problems.append(f"{path}: must be {_TYPE_NAMES.get(tp, str(tp))} (got {_kind(value)} "
+                    f"{value!r})")
+    return None
+
+
+def _check_rule(meta: Mapping[str, Any], value: Any, path: str, problems: list[str]) -> None:
+    if not meta or value is None:
+        return
+    if meta["choices"] and value not in meta["choices"]:
+        problems.append(f"{path}: must be one of {', '.join(meta['choices'])} (got {value!r})")
+        return
+    lo, hi = meta["lo"], meta["hi"]
+    too_low = lo is not None and (value <= lo if meta["exclusive_lo"] else value < lo)
+    too_high = hi is not None and value > hi
+    if too_low or too_high:
+        if hi is not None:
+            rng = f"{lo:g}..{hi:g}"
+        else:
+            rng = f"> {lo:g}" if meta["exclusive_lo"] else f">= {lo:g}"
+        problems.append(f"{path}: must be {rng} (got {value!r})")
+
+
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _kind(value: Any) -> str:
+    return {dict: "mapping", list: "list", type(None): "null"}.get(type(value),
+                                                                   type(value).__name__)
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name

@@ -1,0 +1,63 @@
+"""python -m proxy.emulator: serve an emulated LM Studio until interrupted."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import sys
+
+from .catalog import GB, load_catalog
+from .server import EmulatorOptions
+from . import start_emulator
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m proxy.emulator",
+                                description="Serve an emulated LM Studio API.")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=1234)
+    p.add_argument("--catalog", help="YAML catalogue of models (default: built-in demo)")
+    p.add_argument("--load-time-scale", type=float, default=1.0,
+                   help="multiply every model's load time (0 = instant)")
+    p.add_argument("--tokens-per-s", type=float, default=50.0,
+                   help="streaming pace (0 = as fast as possible)")
+    p.add_argument("--capacity-gb", type=float, default=24.0,
+                   help="memory the emulated guardrails allow for loaded models")
+    p.add_argument("--real-memory", action="store_true",
+                   help="allocate and touch each loaded model's bytes (scaled)")
+    p.add_argument("--real-memory-scale", type=float, default=0.05,
+                   help="fraction of a model's size actually allocated with --real-memory")
+    p.add_argument("--version", choices=("0.4", "0.3"), default="0.4")
+    p.add_argument("--api-token", help="require this bearer token (LM Studio 0.4 auth)")
+    p.add_argument("--no-jit", action="store_true", help="turn JIT loading off")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        catalog = load_catalog(args.catalog)
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    opts = EmulatorOptions(version=args.version, api_token=args.api_token,
+                           tokens_per_s=args.tokens_per_s)
+
+    async def run() -> None:
+        emu = await start_emulator(
+            catalog, host=args.host, port=args.port, capacity_bytes=int(args.capacity_gb * GB),
+            load_time_scale=args.load_time_scale,
+            real_memory_scale=args.real_memory_scale if args.real_memory else None,
+            jit=not args.no_jit, options=opts)
+        print(f"LM Studio emulator {args.version} on {emu.url} "
+              f"({len(catalog)} models)", flush=True)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await emu.close()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,426 @@
+"""LM Studio's HTTP surface, emulated: /v1 (OpenAI-compatible), /api/v0, /api/v1, quirks included.
+
+See lmstudio-api.md in the design notes. Besides LM Studio's own routes it serves
+`/__emulator__/*` so that tests and the demo can inspect counters and inject faults.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, Awaitable, Callable
+
+import orjson
+from aiohttp import web
+
+from . import generation as gen
+from .state import EmulatorState, Instance, LoadRefused
+
+LOAD_KEYS = {"model", "context_length", "eval_batch_size", "flash_attention", "num_experts",
+             "offload_kv_cache_to_gpu", "echo_load_config"}
+STATE_KEY = web.AppKey("emulator_state", EmulatorState)
+
+
+class EmulatorOptions:
+    def __init__(self, *, version: str = "0.4", api_token: str | None = None,
+                 tokens_per_s: float = 0.0, created_s: int | None = None) -> None:
+        if version not in ("0.4", "0.3"):
+            raise ValueError("version must be 0.4 or 0.3")
+        self.version = version
+        self.api_token = api_token
+        self.tokens_per_s = tokens_per_s
+        self.created_s = created_s
+
+    @property
+    def has_v1_api(self) -> bool:
+        return self.version == "0.4"
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
+
+
+def _error(status: int, message: str, *, type_: str = "invalid_request_error",
+           code: str | None = None, param: str | None = None, legacy: bool = False
+           ) -> web.Response:
+    if legacy:  # LM Studio before 0.4 answers many errors with a plain string
+        return _json({"error": message}, status)
+    return _json({"error": {"message": message, "type": type_, "param": param, "code": code}},
+                 status)
+
+
+def create_emulator_app(state: EmulatorState, options: EmulatorOptions | None = None
+                        ) -> web.Application:
+    opts = options or EmulatorOptions()
+    app = web.Application(middlewares=[_auth_middleware(opts)], client_max_size=64 * 2**20)
+    app[STATE_KEY] = state
+    api = _Api(state, opts)
+    r = app.router
+    r.add_get("/lmstudio-greeting", api.greeting)
+    r.add_get("/v1/models", api.openai_models)
+    for path, kind in (("/v1/chat/completions", "chat"), ("/v1/completions", "text"),
+                       ("/v1/embeddings", "embed"), ("/v1/responses", "responses"),
+                       ("/api/v0/chat/completions", "chat-v0"), ("/api/v0/completions", "text"),
+                       ("/api/v0/embeddings", "embed")):
+        r.add_post(path, api.inference_handler(kind))
+    if opts.has_v1_api:
+        r.add_post("/v1/messages", api.inference_handler("messages"))
+    r.add_get("/api/v0/models", api.v0_models)
+    r.add_get("/api/v0/models/{key:.+}", api.v0_model)
+    if opts.has_v1_api:
+        r.add_get("/api/v1/models", api.v1_models)
+        r.add_post("/api/v1/models/load", api.v1_load)
+        r.add_post("/api/v1/models/unload", api.v1_unload)
+    r.add_get("/__emulator__/stats", api.stats)
+    r.add_post("/__emulator__/faults", api.set_faults)
+    r.add_post("/__emulator__/reset", api.reset)
+    r.add_route("*", "/{tail:.*}", api.unexpected)
+    return app
+
+
+def _auth_middleware(opts: EmulatorOptions) -> Callable:
+    @web.middleware
+    async def auth(request: web.Request, handler: Callable[[web.Request], Awaitable]
+                   ) -> web.StreamResponse:
+        if opts.api_token and not request.path.startswith("/__emulator__/"):
+            if request.headers.get("Authorization") != f"Bearer {opts.api_token}":
+                return _json({"error": {"type": "invalid_request", "code": "invalid_api_key",
+                                        "message": "Invalid or missing API token."}}, 401)
+        return await handler(request)
+    return auth
+
+
+class _Api:
+    def __init__(self, state: EmulatorState, opts: EmulatorOptions) -> None:
+        self.state = state
+        self.opts = opts
+
+    def created(self) -> int:
+        return self.opts.created_s if self.opts.created_s is not None else int(time.time())
+
+    # -- discovery ---------------------------------------------------------------------------
+    async def greeting(self, request: web.Request) -> web.Response:
+        return _json({"lmstudio": True})
+
+    async def unexpected(self, request: web.Request) -> web.Response:
+        # LM Studio's quirk: an unknown route is a 200 with an error string.
+        return _json({"error": f"Unexpected endpoint or method. ({request.method} "
+                               f"{request.path})"})
+
+    async def openai_models(self, request: web.Request) -> web.Response:
+        # With JIT on, LM Studio lists every downloaded model, loaded or not.
+        keys = list(self.state.catalog) if self.state.jit else sorted(
+            {i.instance_id for i in self.state.instances.values()})
+        return _json({"object": "list", "data": [
+            {"id": k, "object": "model", "owned_by": k.split("/")[0]} for k in keys]})
+
+    def _v0_entry(self, key: str) -> dict[str, Any]:
+        m = self.state.catalog[key]
+        if self.state.instances_of(key):
+            status = "loaded"
+        elif self.state.loading[key]:
+            status = "loading"
+        else:
+            status = "not-loaded"
+        return {"id": key, "object": "model", "type": "embeddings" if m.type == "embedding"
+                else "llm", "publisher": m.publisher, "arch": m.architecture,
+                "compatibility_type": m.format, "quantization": m.quantization,
+                "state": status, "max_context_length": m.max_context_length}
+
+    async def v0_models(self, request: web.Request) -> web.Response:
+        return _json({"object": "list", "data": [self._v0_entry(k) for k in self.state.catalog]})
+
+    async def v0_model(self, request: web.Request) -> web.Response:
+        key = request.match_info["key"]
+        if key not in self.state.catalog:
+            return _error(404, f"Model \"{key}\" not found", code="model_not_found")
+        return _json(self._v0_entry(key))
+
+    async def v1_models(self, request: web.Request) -> web.Response:
+        out = []
+        for key, m in self.state.catalog.items():
+            out.append({
+                "type": m.type, "publisher": m.publisher, "key": key,
+                "display_name": key.split("/")[-1], "architecture": m.architecture,
+                "quantization": {"name": m.quantization, "bits_per_weight": m.bits_per_weight},
+                "size_bytes": m.size_bytes, "params_string": m.params_string,
+                "max_context_length": m.max_context_length, "format": m.format,
+                "capabilities": {"vision": False, "trained_for_tool_use": m.type == "llm"},
+                "loaded_instances": [{"id": i.instance_id,
+                                      "config": {"context_length": i.context_length}}
+                                     for i in self.state.instances_of(key)]})
+        return _json({"models": out})
+
+    # -- management (0.4.0+) -----------------------------------------------------------------
+    async def v1_load(self, request: web.Request) -> web.Response:
+        body = await _body(request)
+        if not isinstance(body, dict):
+            return _error(400, "Invalid JSON body")
+        unknown = sorted(set(body) - LOAD_KEYS)
+        if unknown:
+            names = ", ".join(f"'{k}'" for k in unknown)
+            return _error(400, f"Unrecognized key(s) in object: {names}")
+        key = body.get("model")
+        if key not in self.state.catalog:
+            return _error(404, f"Model \"{key}\" not found", code="model_not_found",
+                          param="model")
+        started = time.monotonic()
+        try:
+            inst = await self.state.load(key, context_length=body.get("context_length"))
+        except LoadRefused as exc:
+            return _error(exc.status, exc.message, type_=exc.error_type)
+        return _json({"type": inst.model.type, "instance_id": inst.instance_id,
+                      "load_time_seconds": round(time.monotonic() - started, 3),
+                      "status": "loaded"})
+
+    async def v1_unload(self, request: web.Request) -> web.Response:
+        body = await _body(request)
+        instance_id = body.get("instance_id") if isinstance(body, dict) else None
+        if instance_id not in self.state.instances:
+            return _error(404, f"No loaded model instance with id \"{instance_id}\"",
+                          code="model_not_found", param="instance_id")
+        await self.state.unload(instance_id)
+        return _json({"instance_id": instance_id})
+
+    # -- test hooks --------------------------------------------------------------------------
+    async def stats(self, request: web.Request) -> web.Response:
+        s = self.state
+        return _json({"load_calls": dict(s.load_calls), "unload_calls": dict(s.unload_calls),
+                      "inference_calls": dict(s.inference_calls),
+                      "instances": sorted(s.instances), "used_bytes": s.used_bytes(),
+                      "capacity_bytes": s.capacity_bytes,
+                      "cancelled_streams": s.cancelled_streams,
+                      "completed_streams": s.completed_streams})
+
+    async def set_faults(self, request: web.Request) -> web.Response:
+        body = await _body(request)
+        f = self.state.faults
+        if not isinstance(body, dict):
+            return _error(400, "expected an object")
+        f.load_fail = dict(body.get("load_fail", f.load_fail))
+        f.inference_status = body.get("inference_status", f.inference_status)
+        f.drop_stream_after_chunks = body.get("drop_stream_after_chunks",
+                                              f.drop_stream_after_chunks)
+        f.first_token_delay_s = float(body.get("first_token_delay_s", f.first_token_delay_s))
+        f.hang_inference = bool(body.get("hang_inference", f.hang_inference))
+        return _json({"ok": True})
+
+    async def reset(self, request: web.Request) -> web.Response:
+        await self.state.unload_all()
+        return _json({"ok": True})
+
+    # -- inference ---------------------------------------------------------------------------
+    def inference_handler(self, kind: str) -> Callable[[web.Request], Awaitable]:
+        async def handler(request: web.Request) -> web.StreamResponse:
+            return await self._inference(request, kind)
+        return handler
+
+    async def _inference(self, request: web.Request, kind: str) -> web.StreamResponse:
+        legacy = not self.opts.has_v1_api
+        body = await _body(request)
+        if not isinstance(body, dict):
+            return _error(400, "'messages' field is required" if kind.startswith("chat")
+                          else "Invalid JSON body", legacy=legacy)
+        f = self.state.faults
+        if f.hang_inference:
+            await asyncio.Event().wait()
+        if f.inference_status:
+            return _error(f.inference_status, "Injected upstream failure", type_="server_error")
+        name = body.get("model")
+        if not isinstance(name, str):
+            return _error(400, "'model' field is required", param="model", legacy=legacy)
+        inst = self.state.resolve(name)
+        if inst is None:
+            if name not in self.state.catalog:
+                return _error(400 if not legacy else 404,
+                              f"Invalid model identifier \"{name}\". Please specify a valid "
+                              f"downloaded model.", param="model", code="model_not_found")
+            if not self.state.jit:
+                return _error(400, "No models loaded. Please load a model in the developer "
+                                   "page or use the `lms load` command.", legacy=legacy)
+            try:
+                inst = await self.state.jit_load(name)
+            except LoadRefused as exc:
+                return _error(exc.status, exc.message, type_=exc.error_type, legacy=legacy)
+        self.state.inference_calls[inst.model.key] += 1
+        self.state.notify()
+        inst.last_used_at = self.state.clock()
+        task = asyncio.current_task()
+        assert task is not None
+        inst.generations.add(task)
+        try:
+            if kind == "embed":
+                return self._embeddings(inst, body)
+            tokens = gen.generate(inst.model.key, body)
+            prompt_tokens = gen.count_tokens(gen.prompt_text(body))
+            if body.get("stream"):
+                return await self._stream(request, kind, inst, body, tokens, prompt_tokens)
+            return self._complete(kind, inst, body, tokens, prompt_tokens)
+        finally:
+            inst.generations.discard(task)
+            inst.last_used_at = self.state.clock()
+
+    def _embeddings(self, inst: Instance, body: dict[str, Any]) -> web.Response:
+        raw = body.get("input", "")
+        inputs = raw if isinstance(raw, list) else [raw]
+        n = sum(gen.count_tokens(str(t)) for t in inputs)
+        return _json({"object": "list", "model": inst.instance_id, "data": [
+            {"object": "embedding", "index": i, "embedding": gen.embed(inst.model.key, str(t))}
+            for i, t in enumerate(inputs)], "usage": {"prompt_tokens": n, "total_tokens": n}})
+
+    def _complete(self, kind: str, inst: Instance, body: dict[str, Any], tokens: list[str],
+                  prompt_tokens: int) -> web.Response:
+        text, n = "".join(tokens), len(tokens)
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n,
+                 "total_tokens": prompt_tokens + n}
+        model = inst.instance_id
+        if kind in ("chat", "chat-v0"):
+            out: dict[str, Any] = {
+                "id": gen.request_id("chatcmpl-", model, body), "object": "chat.completion",
+                "created": self.created(), "model": model, "choices": [{
+                    "index": 0, "logprobs": None, "finish_reason": "stop",
+                    "message": {"role": "assistant", "content": text}}],
+                "usage": usage, "system_fingerprint": model}
+            if kind == "chat-v0":
+                out["stats"] = {"tokens_per_second": self.opts.tokens_per_s or 1000.0,
+                                "time_to_first_token": 0.01, "generation_time": 0.01 * n,
+                                "stop_reason": "eosFound"}
+                out["model_info"] = {"arch": inst.model.architecture,
+                                     "quant": inst.model.quantization, "format": "gguf",
+                                     "context_length": inst.context_length}
+            return _json(out)
+        if kind == "text":
+            return _json({"id": gen.request_id("cmpl-", model, body), "object": "text_completion",
+                          "created": self.created(), "model": model, "choices": [{
+                              "index": 0, "text": text, "logprobs": None,
+                              "finish_reason": "stop"}], "usage": usage})
+        if kind == "responses":
+            return _json(self._response_object(model, body, text, prompt_tokens, n, "completed"))
+        return _json(self._message_object(model, body, text, prompt_tokens, n))
+
+    def _response_object(self, model: str, body: dict[str, Any], text: str, in_tokens: int,
+                         out_tokens: int, status: str) -> dict[str, Any]:
+        rid = gen.request_id("resp_", model, body)
+        output = [{"type": "message", "id": "msg_" + rid[5:], "status": status,
+                   "role": "assistant",
+                   "content": [{"type": "output_text", "text": text, "annotations": []}]}
+                  ] if status == "completed" else []
+        return {"id": rid, "object": "response", "created_at": self.created(), "status": status,
+                "model": model, "output": output, "parallel_tool_calls": True,
+                "tool_choice": "auto", "tools": [], "error": None, "incomplete_details": None,
+                "instructions": None, "metadata": {}, "temperature": body.get("temperature"),
+                "top_p": None,
+                "usage": {"input_tokens": in_tokens, "output_tokens": out_tokens,
+                          "total_tokens": in_tokens + out_tokens,
+                          "input_tokens_details": {"cached_tokens": 0},
+                          "output_tokens_details": {"reasoning_tokens": 0}}
+                if status == "completed" else None}
+
+    def _message_object(self, model: str, body: dict[str, Any], text: str, in_tokens: int,
+                        out_tokens: int) -> dict[str, Any]:
+        return {"id": gen.request_id("msg_", model, body), "type": "message",
+                "role": "assistant", "model": model,
+                "content": [{"type": "text", "text": text}] if text else [],
+                "stop_reason": "end_turn", "stop_sequence": None,
+                "usage": {"input_tokens": in_tokens, "output_tokens": out_tokens}}
+
+    async def _stream(self, request: web.Request, kind: str, inst: Instance,
+                      body: dict[str, Any], tokens: list[str], prompt_tokens: int
+                      ) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                           "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        events = self._events(kind, inst, body, tokens, prompt_tokens)
+        f = self.state.faults
+        delay_s = 1.0 / self.opts.tokens_per_s if self.opts.tokens_per_s > 0 else 0.0
+        try:
+            for i, event in enumerate(events):
+                if i == 0 and f.first_token_delay_s:
+                    await asyncio.sleep(f.first_token_delay_s)
+                elif delay_s and i:
+                    await asyncio.sleep(delay_s)
+                if f.drop_stream_after_chunks is not None and i >= f.drop_stream_after_chunks:
+                    assert request.transport is not None
+                    request.transport.close()  # the connection dies mid-generation
+                    return resp
+                await resp.write(event)
+                if i == 0 and f.stream_gate is not None:
+                    await f.stream_gate.wait()
+            await resp.write_eof()
+        except (asyncio.CancelledError, ConnectionError):
+            self.state.cancelled_streams += 1
+            self.state.notify()
+            raise
+        self.state.completed_streams += 1
+        self.state.notify()
+        return resp
+
+    def _events(self, kind: str, inst: Instance, body: dict[str, Any], tokens: list[str],
+                prompt_tokens: int) -> list[bytes]:
+        model, n = inst.instance_id, len(tokens)
+        created = self.created()
+        if kind in ("chat", "chat-v0", "text"):
+            chat = kind != "text"
+            rid = gen.request_id("chatcmpl-" if chat else "cmpl-", model, body)
+            obj = "chat.completion.chunk" if chat else "text_completion"
+
+            def chunk(choice: dict[str, Any] | None, **extra: Any) -> bytes:
+                data = {"id": rid, "object": obj, "created": created, "model": model,
+                        "system_fingerprint": model,
+                        "choices": [dict(index=0, logprobs=None, **choice)] if choice else []}
+                data.update(extra)
+                return gen.sse(data)
+            out = []
+            for i, tok in enumerate(tokens):
+                if chat:
+                    delta = {"role": "assistant", "content": tok} if i == 0 else {"content": tok}
+                    out.append(chunk({"delta": delta, "finish_reason": None}))
+                else:
+                    out.append(chunk({"text": tok, "finish_reason": None}))
+            out.append(chunk({"delta": {}, "finish_reason": "stop"} if chat
+                             else {"text": "", "finish_reason": "stop"}))
+            opts = body.get("stream_options")
+            if isinstance(opts, dict) and opts.get("include_usage"):
+                out.append(chunk(None, usage={"prompt_tokens": prompt_tokens,
+                                              "completion_tokens": n,
+                                              "total_tokens": prompt_tokens + n}))
+            out.append(b"data: [DONE]\n\n")
+            return out
+        if kind == "responses":
+            text = "".join(tokens)
+            started = self._response_object(model, body, "", prompt_tokens, 0, "in_progress")
+            done = self._response_object(model, body, text, prompt_tokens, n, "completed")
+            item_id = "msg_" + started["id"][5:]
+            seq = iter(range(10_000))
+            out = [gen.sse({"type": "response.created", "sequence_number": next(seq),
+                            "response": started}, "response.created")]
+            for tok in tokens:
+                out.append(gen.sse({"type": "response.output_text.delta", "item_id": item_id,
+                                    "output_index": 0, "content_index": 0, "delta": tok,
+                                    "logprobs": [], "sequence_number": next(seq)},
+                                   "response.output_text.delta"))
+            out.append(gen.sse({"type": "response.completed", "sequence_number": next(seq),
+                                "response": done}, "response.completed"))
+            return out
+        # Anthropic-style /v1/messages
+        start = self._message_object(model, body, "", prompt_tokens, 0)
+        start["stop_reason"] = None
+        out = [gen.sse({"type": "message_start", "message": start}, "message_start"),
+               gen.sse({"type": "content_block_start", "index": 0,
+                        "content_block": {"type": "text", "text": ""}}, "content_block_start")]
+        for tok in tokens:
+            out.append(gen.sse({"type": "content_block_delta", "index": 0,
+                                "delta": {"type": "text_delta", "text": tok}},
+                               "content_block_delta"))
+        out += [gen.sse({"type": "content_block_stop", "index": 0}, "content_block_stop"),
+                gen.sse({"type": "message_delta", "delta": {"stop_reason": "end_turn",
+                                                            "stop_sequence": None},
+                         "usage": {"output_tokens": n}}, "message_delta"),
+                gen.sse({"type": "message_stop"}, "message_stop")]
+        return out
+
+
+async def _body(request: web.Request) -> Any:
+    try:
+        return orjson.loads(await request.read())
+    except orjson.JSONDecodeError:
+        return None

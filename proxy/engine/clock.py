@@ -1,0 +1,29 @@
+"""Injected time: the engine reads `clock.now()` (seconds, monotonic) and never time.* itself."""
+from __future__ import annotations
+
+import time
+from typing import Protocol
+
+
+class Clock(Protocol):
+    def now(self) -> float: ...
+
+
+class SystemClock:
+    def now(self) -> float:
+        return time.monotonic()
+
+
+class ManualClock:
+    """A clock that moves only when told to; for tests of timeouts and rates."""
+
+    def __init__(self, start_s: float = 1_000.0) -> None:
+        self._now_s = start_s
+
+    def now(self) -> float:
+        return self._now_s
+
+    def advance(self, seconds: float) -> None:
+        if seconds < 0:
+            raise ValueError("time does not run backwards")
+        self._now_s += seconds

@@ -1,0 +1,131 @@
+"""Per-model state: one transition function checked against a table, and leases.
+
+    unloaded ──▶ loading ──▶ loaded ──▶ unloading ──▶ unloaded
+                    │                       │
+                    ▼                       └──▶ loaded   (unload failed)
+                  error ──▶ loading (after backoff)
+
+Any state may also jump to `loaded` or `unloaded` when the reconcile loop finds that someone else
+(LM Studio's GUI, `lms`, a restart) changed the server behind our back.
+"""
+from __future__ import annotations
+
+import asyncio
+import enum
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable
+
+
+class ModelStatus(str, enum.Enum):
+    UNLOADED = "unloaded"
+    LOADING = "loading"
+    LOADED = "loaded"
+    UNLOADING = "unloading"
+    ERROR = "error"
+
+
+S = ModelStatus
+TRANSITIONS: dict[ModelStatus, frozenset[ModelStatus]] = {
+    S.UNLOADED: frozenset({S.LOADING, S.LOADED}),
+    S.LOADING: frozenset({S.LOADED, S.ERROR, S.UNLOADED}),
+    S.LOADED: frozenset({S.UNLOADING, S.UNLOADED}),
+    S.UNLOADING: frozenset({S.UNLOADED, S.LOADED}),
+    S.ERROR: frozenset({S.LOADING, S.LOADED, S.UNLOADED}),
+}
+
+
+class IllegalTransition(RuntimeError):
+    pass
+
+
+@dataclass
+class ModelEntry:
+    """Everything the engine knows about one model; mutated only by the manager."""
+    key: str
+    type: str = "llm"
+    size_bytes: int | None = None
+    status: ModelStatus = S.UNLOADED
+    instance_ids: tuple[str, ...] = ()
+    owned: bool = False                 # loaded by the proxy (else: by someone else)
+    leases: int = 0
+    loaded_at_s: float | None = None
+    last_used_at_s: float | None = None
+    uses_since_load: int = 0
+    gdsf_base: float = 0.0              # cost-aware policy's inflation value at last use
+    footprint_bytes: float | None = None  # learned: mean drop in available memory across loads
+    footprint_samples: int = 0
+    load_time_s: float | None = None    # learned: mean load duration
+    load_count: int = 0
+    load_failures: int = 0
+    retry_at_s: float = 0.0
+    last_error: str | None = None
+    evictions: Counter[str] = field(default_factory=Counter)
+    load_task: asyncio.Task | None = None
+    settled: asyncio.Event = field(default_factory=asyncio.Event)  # set when not unloading
+    drained: asyncio.Event = field(default_factory=asyncio.Event)  # set when leases == 0
+
+    def __post_init__(self) -> None:
+        self.settled.set()
+        self.drained.set()
+
+    def learn_footprint(self, observed_bytes: float) -> None:
+        self.footprint_samples += 1
+        prev = self.footprint_bytes or 0.0
+        self.footprint_bytes = prev + (observed_bytes - prev) / self.footprint_samples
+
+    def learn_load_time(self, seconds: float) -> None:
+        self.load_count += 1
+        prev = self.load_time_s or 0.0
+        self.load_time_s = prev + (seconds - prev) / self.load_count
+
+
+def transition(entry: ModelEntry, new: ModelStatus) -> ModelStatus:
+    """The only way a status changes; returns the old one."""
+    old = entry.status
+    if new is old:
+        return old
+    if new not in TRANSITIONS[old]:
+        raise IllegalTransition(f"{entry.key}: {old.value} → {new.value} is not allowed")
+    entry.status = new
+    if new is S.UNLOADING:
+        entry.settled.clear()
+    elif old is S.UNLOADING:
+        entry.settled.set()
+    if new is S.UNLOADED:
+        entry.instance_ids = ()
+        entry.loaded_at_s = None
+        entry.uses_since_load = 0
+        entry.owned = False
+    return old
+
+
+class Lease:
+    """A request's hold on a loaded model; a model with a lease is never unloaded."""
+    __slots__ = ("entry", "_on_release", "released")
+
+    def __init__(self, entry: ModelEntry, on_release: Callable[["Lease"], None]) -> None:
+        self.entry = entry
+        self._on_release = on_release
+        self.released = False
+        entry.leases += 1
+        entry.drained.clear()
+
+    @property
+    def model(self) -> str:
+        return self.entry.key
+
+    def release(self) -> None:
+        if self.released:
+            return
+        self.released = True
+        self.entry.leases -= 1
+        if self.entry.leases == 0:
+            self.entry.drained.set()
+        self._on_release(self)
+
+    async def __aenter__(self) -> "Lease":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.release()

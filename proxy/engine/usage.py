@@ -1,0 +1,151 @@
+"""Per-model usage statistics in bounded memory.
+
+Latency and time-to-first-token quantiles come from fixed log-spaced histograms (about 5 %
+relative error), request rates from a ring of per-minute counters; nothing grows with traffic.
+"""
+from __future__ import annotations
+
+import bisect
+import math
+from dataclasses import dataclass, field
+
+_BUCKET_RATIO = 1.1
+# 0.1 ms … ~1 h in ~170 buckets.
+BOUNDS_S = tuple(1e-4 * _BUCKET_RATIO ** i for i in range(int(math.log(3.6e7, _BUCKET_RATIO)) + 2))
+WINDOW_MINUTES = 120  # two hours: the latest hour is compared with the one before for the trend
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    model: str
+    ok: bool
+    latency_s: float
+    at_s: float
+    endpoint: str = ""
+    status: int = 200
+    ttft_s: float | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    tokens_estimated: bool = False
+
+
+class Histogram:
+    __slots__ = ("counts", "count", "total")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(BOUNDS_S) + 1)
+        self.count = 0
+        self.total = 0.0
+
+    def add(self, value: float) -> None:
+        self.counts[bisect.bisect_left(BOUNDS_S, value)] += 1
+        self.count += 1
+        self.total += value
+
+    def quantile(self, q: float) -> float | None:
+        if not self.count:
+            return None
+        rank = q * (self.count - 1) + 1
+        seen = 0
+        for i, n in enumerate(self.counts):
+            seen += n
+            if seen >= rank:
+                lo = BOUNDS_S[i - 1] if i > 0 else 0.0
+                hi = BOUNDS_S[i] if i < len(BOUNDS_S) else BOUNDS_S[-1]
+                return math.sqrt(lo * hi) if lo > 0 else hi
+        return BOUNDS_S[-1]
+
+    @property
+    def mean(self) -> float | None:
+        return self.total / self.count if self.count else None
+
+
+class MinuteRing:
+    """Counts per minute over the last WINDOW_MINUTES minutes."""
+    __slots__ = ("slots", "minutes")
+
+    def __init__(self) -> None:
+        self.slots = [0] * WINDOW_MINUTES
+        self.minutes = [-1] * WINDOW_MINUTES
+
+    def add(self, at_s: float, n: int = 1) -> None:
+        minute = int(at_s // 60)
+        i = minute % WINDOW_MINUTES
+        if self.minutes[i] != minute:
+            self.minutes[i] = minute
+            self.slots[i] = 0
+        self.slots[i] += n
+
+    def total(self, now_s: float, first_minute_ago: int, last_minute_ago: int) -> int:
+        """Sum over minutes in [now - last_minute_ago, now - first_minute_ago)."""
+        now_minute = int(now_s // 60)
+        out = 0
+        for i, m in enumerate(self.minutes):
+            if m >= 0 and first_minute_ago <= now_minute - m < last_minute_ago:
+                out += self.slots[i]
+        return out
+
+
+@dataclass
+class ModelUsage:
+    requests: int = 0
+    failures: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    estimated_tokens: int = 0
+    generation_s: float = 0.0
+    last_used_at_s: float | None = None
+    latency: Histogram = field(default_factory=Histogram)
+    ttft: Histogram = field(default_factory=Histogram)
+    per_minute: MinuteRing = field(default_factory=MinuteRing)
+
+    def record(self, r: RequestRecord) -> None:
+        self.requests += 1
+        self.failures += 0 if r.ok else 1
+        self.prompt_tokens += r.prompt_tokens
+        self.completion_tokens += r.completion_tokens
+        if r.tokens_estimated:
+            self.estimated_tokens += r.completion_tokens
+        if r.completion_tokens:
+            self.generation_s += max(r.latency_s - (r.ttft_s or 0.0), 1e-6)
+        self.latency.add(r.latency_s)
+        if r.ttft_s is not None:
+            self.ttft.add(r.ttft_s)
+        self.per_minute.add(r.at_s)
+        self.last_used_at_s = r.at_s
+
+    @property
+    def success_rate(self) -> float:
+        return 1.0 - self.failures / self.requests if self.requests else 1.0
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        return self.completion_tokens / self.generation_s if self.generation_s else None
+
+    def rate_per_h(self, now_s: float) -> float:
+        return float(self.per_minute.total(now_s, 0, 60))
+
+    def trend(self, now_s: float) -> str:
+        recent = self.per_minute.total(now_s, 0, 60)
+        before = self.per_minute.total(now_s, 60, 120)
+        if recent >= max(3, before * 1.25):
+            return "rising"
+        if before >= 3 and recent <= before * 0.75:
+            return "falling"
+        return "steady"
+
+    def summary(self, now_s: float) -> dict:
+        ms = lambda s: None if s is None else round(s * 1000.0, 2)  # noqa: E731
+        return {
+            "requests": self.requests, "failures": self.failures,
+            "success_rate": round(self.success_rate, 4),
+            "avg_latency_ms": ms(self.latency.mean),
+            "p50_latency_ms": ms(self.latency.quantile(0.5)),
+            "p95_latency_ms": ms(self.latency.quantile(0.95)),
+            "p99_latency_ms": ms(self.latency.quantile(0.99)),
+            "avg_ttft_ms": ms(self.ttft.mean), "p95_ttft_ms": ms(self.ttft.quantile(0.95)),
+            "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+            "estimated_tokens": self.estimated_tokens,
+            "tokens_per_s": None if self.tokens_per_s is None else round(self.tokens_per_s, 1),
+            "usage_frequency_per_h": self.rate_per_h(now_s), "trend": self.trend(now_s),
+        }

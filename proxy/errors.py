@@ -1,0 +1,107 @@
+"""The proxy's own errors, each mapped to an OpenAI error envelope.
+
+    ProxyError                      (500 internal_error)
+    ├── InvalidRequest              (400 invalid_request_error)
+    │   └── BodyTooLarge            (413)
+    ├── RouteNotFound               (404)
+    ├── ModelNotFound               (404 model_not_found)
+    ├── InsufficientMemory          (503 insufficient_memory, Retry-After)
+    ├── ModelLoadFailed             (503 model_load_failed)
+    ├── ModelUnavailable            (409 model_unavailable: pinned, busy, external)
+    └── UpstreamError               (502 upstream_error)
+        ├── UpstreamUnreachable     (502 upstream_unreachable)
+        └── UpstreamTimeout         (504 upstream_timeout)
+
+Errors that the upstream itself returns are relayed unchanged; these are only the ones the proxy
+raises. `ConfigError` is separate: it never reaches a client.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+
+class ProxyError(Exception):
+    status = 500
+    type = "internal_error"
+    code: str | None = "internal_error"
+
+    def __init__(self, message: str, *, param: str | None = None,
+                 retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.retry_after_s = retry_after_s
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type,
+                          "param": self.param, "code": self.code}}
+
+    def headers(self) -> dict[str, str]:
+        if self.retry_after_s is None:
+            return {}
+        return {"Retry-After": str(max(1, round(self.retry_after_s)))}
+
+
+class InvalidRequest(ProxyError):
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class BodyTooLarge(InvalidRequest):
+    status = 413
+    code = "request_too_large"
+
+
+class RouteNotFound(ProxyError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class ModelNotFound(ProxyError):
+    status = 404
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class InsufficientMemory(ProxyError):
+    status = 503
+    type = "server_error"
+    code = "insufficient_memory"
+
+
+class ModelLoadFailed(ProxyError):
+    status = 503
+    type = "server_error"
+    code = "model_load_failed"
+    out_of_memory = False  # the server refused for lack of memory: evicting may help
+
+
+class ModelUnavailable(ProxyError):
+    status = 409
+    type = "invalid_request_error"
+    code = "model_unavailable"
+
+
+class UpstreamError(ProxyError):
+    status = 502
+    type = "server_error"
+    code = "upstream_error"
+
+
+class UpstreamUnreachable(UpstreamError):
+    code = "upstream_unreachable"
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    code = "upstream_timeout"
+
+
+class ConfigError(Exception):
+    """Every problem found in a configuration, each naming its path."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems

@@ -1,0 +1,151 @@
+"""The OpenAI surface: forward to the upstream byte for byte, with the model made resident first.
+
+What changes on the way: hop-by-hop headers are dropped, a configured alias in `model` becomes
+the real key, and a stream that did not ask for usage gets `include_usage` added upstream and the
+usage-only chunk removed again before it reaches the client. Everything else is the original bytes.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from ..engine.usage import RequestRecord
+from ..errors import BodyTooLarge, InvalidRequest
+from ..keys import CONFIG, ENGINE, UPSTREAM, RESPONSE_STARTED
+from ..streaming import StreamMeter, usage_of_body
+
+log = logging.getLogger("proxy.request")
+
+HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
+                        "te", "trailer", "trailers", "transfer-encoding", "upgrade", "host",
+                        "content-length"})
+RESPONSE_DROP = HOP_BY_HOP | {"date", "server"}
+USAGE_INJECTABLE = frozenset({"/v1/chat/completions", "/v1/completions"})
+CLIENT_CLOSED = 499
+
+
+def forward_headers(headers: "web.BaseRequest.headers", drop: frozenset[str]) -> dict[str, str]:
+    return {k: v for k, v in headers.items() if k.lower() not in drop}
+
+
+async def read_body(request: web.Request) -> bytes:
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.app[CONFIG].server.max_body_bytes
+        raise BodyTooLarge(f"Request body is larger than the {limit} bytes allowed "
+                           f"(server.max_body_bytes).") from None
+
+
+def parse_request(body: bytes) -> dict:
+    if not body:
+        raise InvalidRequest("The request body is empty; expected a JSON object.")
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"The request body is not valid JSON: {exc}") from None
+    if not isinstance(payload, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    model = payload.get("model")
+    if model is None:
+        raise InvalidRequest("You must provide a model parameter.", param="model")
+    if not isinstance(model, str) or not model:
+        raise InvalidRequest("'model' must be a non-empty string.", param="model")
+    return payload
+
+
+async def inference(request: web.Request) -> web.StreamResponse:
+    started = time.perf_counter()
+    engine = request.app[ENGINE]
+    body = await read_body(request)
+    payload = parse_request(body)
+    key = await engine.resolve(payload["model"])
+    changed = key != payload["model"]
+    if changed:
+        payload["model"] = key
+    stream = payload.get("stream") is True
+    strip = False
+    if stream and request.path in USAGE_INJECTABLE:
+        opts = payload.get("stream_options")
+        if not (isinstance(opts, dict) and opts.get("include_usage")):
+            payload["stream_options"] = {**(opts if isinstance(opts, dict) else {}),
+                                         "include_usage": True}
+            strip = changed = True
+    if changed:
+        body = orjson.dumps(payload)
+
+    lease = await engine.acquire(key)
+    status, ok, meter = CLIENT_CLOSED, False, None
+    prompt_tokens = completion_tokens = 0
+    try:
+        async with request.app[UPSTREAM].request(
+                "POST", request.path_qs, forward_headers(request.headers, HOP_BY_HOP),
+                body) as up:
+            status = up.status
+            headers = forward_headers(up.headers, RESPONSE_DROP)
+            if stream and up.status == 200 and \
+                    up.headers.get("Content-Type", "").startswith("text/event-stream"):
+                meter = StreamMeter(started, strip_usage_chunk=strip)
+                resp = web.StreamResponse(status=up.status, headers=headers)
+                await resp.prepare(request)
+                request[RESPONSE_STARTED] = True
+                async for data in up.content.iter_any():
+                    out = meter.feed(data)
+                    if out:
+                        await resp.write(out)
+                tail = meter.flush()
+                if tail:
+                    await resp.write(tail)
+                await resp.write_eof()
+                ok = meter.done or meter.usage_seen or meter.content_events > 0
+                prompt_tokens = meter.prompt_tokens
+                completion_tokens = meter.completion_tokens_or_estimate()
+                return resp
+            raw = await up.read()
+            ok = up.status < 400
+            if ok:
+                counted = usage_of_body(raw)
+                if counted:
+                    prompt_tokens, completion_tokens = counted
+            return web.Response(status=up.status, body=raw, headers=headers)
+    except (asyncio.CancelledError, ConnectionResetError):
+        status, ok = CLIENT_CLOSED, False   # the client went away; upstream is closed with it
+        raise
+    except aiohttp.ClientError:
+        status, ok = 502, False             # the upstream broke off mid-response
+        raise
+    finally:
+        lease.release()
+        latency_s = time.perf_counter() - started
+        ttft_s = meter.ttft_s if meter is not None else None
+        engine.record(RequestRecord(
+            model=key, ok=ok, latency_s=latency_s, at_s=engine.clock.now(),
+            endpoint=request.path, status=status, ttft_s=ttft_s, prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            tokens_estimated=meter is not None and meter.tokens_estimated))
+        if log.isEnabledFor(logging.INFO):
+            log.info("%s %s %s %d %.1fms ttft=%s tokens=%d/%d%s", request.method, request.path,
+                     key, status, latency_s * 1000,
+                     "-" if ttft_s is None else f"{ttft_s * 1000:.1f}ms", prompt_tokens,
+                     completion_tokens, " (estimated)" if meter is not None and
+                     meter.tokens_estimated and completion_tokens else "")
+
+
+async def list_models(request: web.Request) -> web.StreamResponse:
+    async with request.app[UPSTREAM].request(
+            "GET", request.path_qs, forward_headers(request.headers, HOP_BY_HOP), None) as up:
+        raw = await up.read()
+        return web.Response(status=up.status, body=raw,
+                            headers=forward_headers(up.headers, RESPONSE_DROP))
+
+
+def add_routes(app: web.Application) -> None:
+    for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses",
+                 "/v1/messages"):
+        app.router.add_post(path, inference)
+    app.router.add_get("/v1/models", list_models)

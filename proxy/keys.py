@@ -1,0 +1,14 @@
+"""Typed application keys shared by the app factory and the handlers."""
+from __future__ import annotations
+
+from aiohttp import web
+
+from .config import Config
+from .engine.manager import ModelMemoryManager
+from .upstream.base import Upstream
+
+CONFIG = web.AppKey("config", Config)
+ENGINE = web.AppKey("engine", ModelMemoryManager)
+UPSTREAM = web.AppKey("upstream", Upstream)
+# Set on a request once its response headers are sent: errors can no longer become a response.
+RESPONSE_STARTED = web.RequestKey("response_started", bool)

@@ -1,0 +1,121 @@
+"""SSE relay bookkeeping: split upstream bytes on event boundaries, read usage, strip one chunk.
+
+The relay forwards every complete event as soon as it has it; only an incomplete trailing event
+is held back (the client could not use half an event anyway). JSON is decoded only for the few
+events that may carry usage, found by a byte search first.
+"""
+from __future__ import annotations
+
+import re
+import time
+from typing import Any
+
+import orjson
+
+_BOUNDARY = re.compile(rb"\r?\n\r?\n")
+# An event that carries generated text (chat delta, completion text, responses/messages delta).
+_CONTENT = re.compile(rb'"(?:content|text|delta)":"[^"]')
+
+
+class StreamMeter:
+    def __init__(self, started_at: float, *, strip_usage_chunk: bool) -> None:
+        self.started_at = started_at
+        self.strip_usage_chunk = strip_usage_chunk
+        self.ttft_s: float | None = None
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.usage_seen = False
+        self.content_events = 0
+        self.done = False
+        self._tail = b""
+
+    def feed(self, data: bytes) -> bytes:
+        """Take upstream bytes; return the bytes to send to the client now."""
+        buf = self._tail + data if self._tail else data
+        out: list[bytes] = []
+        start = 0
+        for m in _BOUNDARY.finditer(buf):
+            event = buf[start:m.end()]
+            start = m.end()
+            if self._inspect(event):
+                out.append(event)
+        self._tail = buf[start:]
+        if len(out) == 1:
+            return out[0]
+        return b"".join(out)
+
+    def flush(self) -> bytes:
+        tail, self._tail = self._tail, b""
+        if tail:
+            self._inspect(tail)
+        return tail
+
+    def _inspect(self, event: bytes) -> bool:
+        """Measure one event; False if it must not reach the client."""
+        if _CONTENT.search(event):
+            self.content_events += 1
+            if self.ttft_s is None:
+                self.ttft_s = time.perf_counter() - self.started_at
+        if b"[DONE]" in event:
+            self.done = True
+            return True
+        if b'"usage"' not in event:
+            return True
+        data = _data_of(event)
+        if data is None:
+            return True
+        self._read_usage(data)
+        if self.strip_usage_chunk and data.get("choices") == [] and data.get("usage"):
+            return False
+        return True
+
+    def _read_usage(self, data: dict[str, Any]) -> None:
+        usage = data.get("usage")
+        if data.get("type") == "response.completed" and isinstance(data.get("response"), dict):
+            usage = data["response"].get("usage")
+        elif data.get("type") == "message_start" and isinstance(data.get("message"), dict):
+            usage = data["message"].get("usage")
+        if not isinstance(usage, dict):
+            return
+        self.usage_seen = True
+        prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
+        completion = usage.get("completion_tokens", usage.get("output_tokens"))
+        if isinstance(prompt, int) and prompt:
+            self.prompt_tokens = prompt
+        if isinstance(completion, int) and completion:
+            self.completion_tokens = completion
+
+    @property
+    def tokens_estimated(self) -> bool:
+        return not self.usage_seen
+
+    def completion_tokens_or_estimate(self) -> int:
+        return self.completion_tokens if self.usage_seen else self.content_events
+
+
+def _data_of(event: bytes) -> dict[str, Any] | None:
+    lines = [line[5:].lstrip() for line in event.splitlines() if line.startswith(b"data:")]
+    if not lines:
+        return None
+    try:
+        data = orjson.loads(b"\n".join(lines))
+    except orjson.JSONDecodeError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def usage_of_body(body: bytes) -> tuple[int, int] | None:
+    """(prompt, completion) tokens of a non-streaming response body, if it reports them."""
+    if b'"usage"' not in body:
+        return None
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    usage = data.get("usage") if isinstance(data, dict) else None
+    if not isinstance(usage, dict):
+        return None
+    prompt = usage.get("prompt_tokens", usage.get("input_tokens")) or 0
+    completion = usage.get("completion_tokens", usage.get("output_tokens")) or 0
+    return (prompt if isinstance(prompt, int) else 0,
+            completion if isinstance(completion, int) else 0)

@@ -1,0 +1,3 @@
+from .base import ApiLevel, LoadResult, ModelBackend, Upstream, UpstreamModel
+
+__all__ = ["ApiLevel", "LoadResult", "ModelBackend", "Upstream", "UpstreamModel"]

@@ -1,0 +1,60 @@
+"""The seam between the engine and a model server.
+
+`ModelBackend` is all the engine needs (discover, load, unload); `Upstream` adds forwarding for
+the HTTP handlers. Tests and the eviction benchmark implement `ModelBackend` in a few lines;
+later backends (Ollama, llama.cpp's router, vLLM) implement `Upstream`.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, AsyncContextManager, Mapping, Protocol
+
+from aiohttp import ClientResponse
+
+
+class ApiLevel(str, enum.Enum):
+    MANAGED = "managed"        # load/unload over HTTP (LM Studio 0.4+ /api/v1)
+    STATE_ONLY = "state-only"  # sees what is loaded but cannot load (LM Studio 0.3.6+ /api/v0)
+    JIT_ONLY = "jit-only"      # OpenAI surface only; the server loads on demand by itself
+
+    @property
+    def can_manage(self) -> bool:
+        return self is ApiLevel.MANAGED
+
+
+@dataclass(frozen=True)
+class UpstreamModel:
+    key: str
+    type: str = "llm"                          # llm | embedding
+    size_bytes: int | None = None              # file size on disk
+    instance_ids: tuple[str, ...] = ()         # loaded instances (empty: not loaded)
+    loading: bool = False
+    max_context_length: int | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def loaded(self) -> bool:
+        return bool(self.instance_ids)
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    instance_id: str
+    load_time_s: float | None = None
+
+
+class ModelBackend(Protocol):
+    async def detect(self) -> ApiLevel: ...
+    async def list_models(self) -> list[UpstreamModel]: ...
+    async def load(self, key: str, options: Mapping[str, Any]) -> LoadResult: ...
+    async def unload(self, instance_id: str) -> None: ...
+
+
+class Upstream(ModelBackend, Protocol):
+    base_url: str
+
+    async def start(self) -> None: ...
+    async def close(self) -> None: ...
+    def request(self, method: str, path: str, headers: Mapping[str, str],
+                body: bytes | None) -> AsyncContextManager[ClientResponse]: ...

@@ -1,0 +1,194 @@
+"""LM Studio adapter: management through /api/v1 (0.4+), state through /api/v0, forwarding.
+
+It survives LM Studio's quirks: unknown routes answer 200 with an error body (so every response
+is checked for its shape), loads take instance ids apart from model keys, and a load refused for
+lack of memory is told apart from other failures so the engine can evict and retry.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any, AsyncIterator, Mapping
+
+import aiohttp
+import orjson
+
+from ..config import UpstreamConfig
+from ..errors import ModelLoadFailed, UpstreamError, UpstreamTimeout, UpstreamUnreachable
+from .base import ApiLevel, LoadResult, UpstreamModel
+
+log = logging.getLogger("proxy.upstream")
+
+_OOM_MARKERS = ("insufficient system resources", "out of memory", "not enough memory",
+                "insufficient memory")
+
+
+class LMStudioUpstream:
+    def __init__(self, config: UpstreamConfig) -> None:
+        self.config = config
+        self.base_url = config.url.rstrip("/")
+        self.level: ApiLevel | None = None
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        if self._session is None:
+            c = self.config
+            connector = aiohttp.TCPConnector(limit=c.max_connections, keepalive_timeout=30,
+                                             ttl_dns_cache=300)
+            # sock_read bounds silence between bytes, not the length of a generation.
+            timeout = aiohttp.ClientTimeout(total=None, connect=c.connect_timeout_s,
+                                            sock_read=c.read_timeout_s)
+            self._session = aiohttp.ClientSession(connector=connector, timeout=timeout,
+                                                  auto_decompress=False)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise RuntimeError("LMStudioUpstream.start() was not awaited")
+        return self._session
+
+    def _auth(self) -> dict[str, str]:
+        token = self.config.api_token
+        return {"Authorization": f"Bearer {token}"} if token else {}
+
+    # -- forwarding --------------------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def request(self, method: str, path: str, headers: Mapping[str, str],
+                      body: bytes | None) -> AsyncIterator[aiohttp.ClientResponse]:
+        out = dict(headers)
+        out.update(self._auth())
+        try:
+            resp = await self.session.request(method, self.base_url + path, headers=out,
+                                              data=body, allow_redirects=False)
+        except Exception as exc:
+            raise self._map_error(exc, f"{method} {path}") from exc
+        try:
+            yield resp
+        except BaseException:
+            resp.close()  # drop the connection: the upstream stops generating for nobody
+            raise
+        else:
+            resp.release()
+
+    # -- management --------------------------------------------------------------------------
+    async def detect(self) -> ApiLevel:
+        status, body = await self._call("GET", "/api/v1/models")
+        if status == 200 and isinstance(body, dict) and isinstance(body.get("models"), list):
+            self.level = ApiLevel.MANAGED
+        else:
+            status, body = await self._call("GET", "/api/v0/models")
+            if status == 200 and isinstance(body, dict) and isinstance(body.get("data"), list):
+                self.level = ApiLevel.STATE_ONLY
+            else:
+                status, body = await self._call("GET", "/v1/models")
+                if status == 401:
+                    raise UpstreamError("LM Studio rejected the API token "
+                                        "(set upstream.api_token)")
+                if status != 200 or not isinstance(body, dict) or "data" not in body:
+                    raise UpstreamError(f"{self.base_url} does not look like LM Studio "
+                                        f"(GET /v1/models answered {status})")
+                self.level = ApiLevel.JIT_ONLY
+        return self.level
+
+    async def list_models(self) -> list[UpstreamModel]:
+        level = self.level or await self.detect()
+        if level is ApiLevel.MANAGED:
+            _, body = await self._expect("GET", "/api/v1/models", "models")
+            return [_from_v1(m) for m in body["models"] if isinstance(m, dict) and "key" in m]
+        if level is ApiLevel.STATE_ONLY:
+            _, body = await self._expect("GET", "/api/v0/models", "data")
+            return [_from_v0(m) for m in body["data"] if isinstance(m, dict) and "id" in m]
+        _, body = await self._expect("GET", "/v1/models", "data")
+        return [UpstreamModel(key=m["id"]) for m in body["data"]
+                if isinstance(m, dict) and "id" in m]
+
+    async def load(self, key: str, options: Mapping[str, Any]) -> LoadResult:
+        payload = {**options, "model": key}
+        timeout = aiohttp.ClientTimeout(total=self.config.load_timeout_s,
+                                        connect=self.config.connect_timeout_s)
+        status, body = await self._call("POST", "/api/v1/models/load", payload, timeout=timeout)
+        if status == 200 and isinstance(body, dict) and "instance_id" in body:
+            return LoadResult(str(body["instance_id"]), body.get("load_time_seconds"))
+        reason = _error_text(body) or f"HTTP {status}"
+        exc = ModelLoadFailed(f"LM Studio could not load '{key}': {reason}")
+        exc.out_of_memory = any(m in reason.lower() for m in _OOM_MARKERS)
+        raise exc
+
+    async def unload(self, instance_id: str) -> None:
+        status, body = await self._call("POST", "/api/v1/models/unload",
+                                        {"instance_id": instance_id})
+        if status == 200 and isinstance(body, dict) and "instance_id" in body:
+            return
+        if status == 404:
+            return  # already gone: someone else unloaded it, which is the state we wanted
+        raise UpstreamError(f"LM Studio could not unload '{instance_id}': "
+                            f"{_error_text(body) or f'HTTP {status}'}")
+
+    async def _expect(self, method: str, path: str, list_key: str) -> tuple[int, dict]:
+        status, body = await self._call(method, path)
+        if status != 200 or not isinstance(body, dict) or not isinstance(body.get(list_key),
+                                                                          list):
+            raise UpstreamError(f"unexpected answer from {method} {path}: HTTP {status} "
+                                f"{_error_text(body) or ''}".rstrip())
+        return status, body
+
+    async def _call(self, method: str, path: str, payload: Any = None, *,
+                    timeout: aiohttp.ClientTimeout | None = None) -> tuple[int, Any]:
+        data = orjson.dumps(payload) if payload is not None else None
+        headers = {"Content-Type": "application/json", **self._auth()}
+        try:
+            async with self.session.request(method, self.base_url + path, data=data,
+                                            headers=headers, timeout=timeout) as resp:
+                raw = await resp.read()
+                status = resp.status
+        except Exception as exc:
+            raise self._map_error(exc, f"{method} {path}") from exc
+        try:
+            return status, orjson.loads(raw) if raw else None
+        except orjson.JSONDecodeError:
+            return status, raw.decode("utf-8", "replace")
+
+    def _map_error(self, exc: BaseException, what: str) -> Exception:
+        if isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
+            return UpstreamTimeout(f"LM Studio at {self.base_url} timed out on {what}")
+        if isinstance(exc, aiohttp.ClientConnectorError):
+            return UpstreamUnreachable(f"cannot reach LM Studio at {self.base_url}: "
+                                       f"{exc.os_error.strerror or exc}")
+        if isinstance(exc, aiohttp.ClientError):
+            return UpstreamError(f"LM Studio at {self.base_url} failed on {what}: {exc!r}")
+        return exc if isinstance(exc, Exception) else UpstreamError(repr(exc))
+
+
+def _error_text(body: Any) -> str | None:
+    if isinstance(body, str):
+        return body.strip() or None
+    if isinstance(body, dict):
+        err = body.get("error")
+        if isinstance(err, str):
+            return err
+        if isinstance(err, dict):
+            return str(err.get("message") or err)
+    return None
+
+
+def _from_v1(m: dict[str, Any]) -> UpstreamModel:
+    instances = tuple(str(i["id"]) for i in m.get("loaded_instances") or [] if "id" in i)
+    return UpstreamModel(key=m["key"], type="embedding" if m.get("type") == "embedding"
+                         else "llm", size_bytes=m.get("size_bytes"), instance_ids=instances,
+                         max_context_length=m.get("max_context_length"),
+                         extra={k: m[k] for k in ("publisher", "params_string", "format")
+                                if k in m})
+
+
+def _from_v0(m: dict[str, Any]) -> UpstreamModel:
+    state = m.get("state")
+    return UpstreamModel(key=m["id"], type="embedding" if m.get("type") == "embeddings"
+                         else "llm", instance_ids=(m["id"],) if state == "loaded" else (),
+                         loading=state == "loading",
+                         max_context_length=m.get("max_context_length"))

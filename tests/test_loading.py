@@ -1,0 +1,83 @@
+"""On-demand loading: one load however many requests race, no duplicates, no head-of-line waits."""
+from __future__ import annotations
+
+import asyncio
+
+import orjson
+
+from proxy.emulator import EmulatorOptions
+
+SMALL, LARGE = "qwen/qwen3-4b", "openai/gpt-oss-20b"
+
+
+def chat(model: str) -> bytes:
+    return orjson.dumps({"model": model, "max_tokens": 2,
+                         "messages": [{"role": "user", "content": "hi"}]})
+
+
+async def post(http, url, body):
+    async with http.post(url, data=body) as resp:
+        return resp.status, await resp.read()
+
+
+async def test_fifty_concurrent_first_requests_cause_one_load(proxy, emulator, http):
+    gate = emulator.state.faults.load_gate[SMALL] = asyncio.Event()
+    requests = [asyncio.create_task(post(http, f"{proxy.url}/v1/chat/completions", chat(SMALL)))
+                for _ in range(50)]
+    await emulator.state.wait_for(lambda: emulator.state.loading[SMALL] == 1)
+    gate.set()
+    results = await asyncio.gather(*requests)
+    assert [status for status, _ in results] == [200] * 50
+    assert emulator.state.load_calls[SMALL] == 1
+    assert sorted(emulator.state.instances) == [SMALL]   # no "qwen/qwen3-4b:2"
+
+
+async def test_loaded_model_answers_while_another_loads(proxy, emulator, http):
+    assert (await post(http, f"{proxy.url}/v1/chat/completions", chat(SMALL)))[0] == 200
+    gate = emulator.state.faults.load_gate[LARGE] = asyncio.Event()
+    slow = asyncio.create_task(post(http, f"{proxy.url}/v1/chat/completions", chat(LARGE)))
+    await emulator.state.wait_for(lambda: emulator.state.loading[LARGE] == 1)
+    status, _ = await post(http, f"{proxy.url}/v1/chat/completions", chat(SMALL))
+    assert status == 200 and not slow.done()
+    gate.set()
+    assert (await slow)[0] == 200
+
+
+async def test_model_loaded_elsewhere_is_adopted_not_loaded_twice(proxy, emulator, http):
+    await emulator.state.load(SMALL)          # e.g. loaded in LM Studio's GUI
+    status, _ = await post(http, f"{proxy.url}/v1/chat/completions", chat(SMALL))
+    assert status == 200
+    assert emulator.state.load_calls[SMALL] == 1 and len(emulator.state.instances) == 1
+    assert proxy.engine.entry(SMALL).owned is False
+
+
+async def test_load_failure_is_503_with_lm_studios_reason(proxy, emulator, http):
+    emulator.state.faults.load_fail[SMALL] = "GGUF file is corrupt"
+    status, body = await post(http, f"{proxy.url}/v1/chat/completions", chat(SMALL))
+    error = orjson.loads(body)["error"]
+    assert status == 503 and error["code"] == "model_load_failed"
+    assert "GGUF file is corrupt" in error["message"]
+
+
+async def test_failed_load_backs_off_then_retries(proxy, emulator, http):
+    emulator.state.faults.load_fail[SMALL] = "transient"
+    await post(http, f"{proxy.url}/v1/chat/completions", chat(SMALL))
+    async with http.post(f"{proxy.url}/v1/chat/completions", data=chat(SMALL)) as resp:
+        assert resp.status == 503 and "Retry-After" in resp.headers
+    assert emulator.state.load_calls[SMALL] == 1   # backing off: no second attempt yet
+    del emulator.state.faults.load_fail[SMALL]
+    proxy.engine.entry(SMALL).retry_at_s = 0.0     # the backoff has passed
+    assert (await post(http, f"{proxy.url}/v1/chat/completions", chat(SMALL)))[0] == 200
+
+
+async def test_old_lm_studio_falls_back_to_its_jit(make_emulator, make_proxy, http):
+    old = await make_emulator(options=EmulatorOptions(version="0.3"))
+    proxy = await make_proxy(old.url)
+    async with http.get(f"{proxy.url}/readyz") as resp:
+        ready = await resp.json()
+    assert ready["ready"] and ready["api_level"] == "state-only"
+    assert ready["manages_loading"] is False and "JIT" in ready["note"]
+    status, body = await post(http, f"{proxy.url}/v1/chat/completions", chat(SMALL))
+    assert status == 200 and old.state.load_calls[SMALL] == 1   # LM Studio's JIT loaded it
+    await proxy.engine.reconcile()
+    assert proxy.engine.get_loaded_models() == [SMALL]

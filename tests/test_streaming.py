@@ -1,0 +1,95 @@
+"""Streams arrive through the proxy exactly as LM Studio sends them, and as they are produced."""
+from __future__ import annotations
+
+import asyncio
+
+import orjson
+import pytest
+
+MODEL = "qwen/qwen3-4b"
+
+
+def chat_body(**extra):
+    return orjson.dumps({"model": MODEL, "stream": True, "max_tokens": 8, "seed": 7,
+                         "messages": [{"role": "user", "content": "tell me"}], **extra})
+
+
+async def read_all(http, url, body):
+    async with http.post(url, data=body) as resp:
+        assert resp.status == 200
+        return await resp.read()
+
+
+@pytest.mark.parametrize("extra", [{}, {"stream_options": {"include_usage": True}}],
+                         ids=["without-include_usage", "with-include_usage"])
+async def test_stream_is_byte_identical_to_direct(proxy, emulator, http, extra):
+    body = chat_body(**extra)
+    direct = await read_all(http, f"{emulator.url}/v1/chat/completions", body)
+    via_proxy = await read_all(http, f"{proxy.url}/v1/chat/completions", body)
+    assert via_proxy == direct
+    assert (b'"usage"' in direct) == bool(extra)
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/completions", {"prompt": "once upon", "max_tokens": 5}),
+    ("/v1/responses", {"input": "hi", "max_output_tokens": 5}),
+    ("/v1/messages", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}),
+])
+async def test_other_streams_are_byte_identical_and_measured(proxy, emulator, http, path, body):
+    raw = orjson.dumps({"model": MODEL, "stream": True, **body})
+    direct = await read_all(http, f"{emulator.url}{path}", raw)
+    via_proxy = await read_all(http, f"{proxy.url}{path}", raw)
+    assert via_proxy == direct
+    usage = proxy.engine.usage(MODEL)
+    assert usage.completion_tokens == 5 and usage.estimated_tokens == 0
+    assert usage.ttft.count == 1
+
+
+async def test_first_chunk_reaches_client_before_upstream_sends_the_last(proxy, emulator, http):
+    await (await http.post(f"{proxy.url}/proxy/models/load", json={"model": MODEL})).read()
+    gate = emulator.state.faults.stream_gate = asyncio.Event()
+    async with http.post(f"{proxy.url}/v1/chat/completions", data=chat_body()) as resp:
+        first = await resp.content.readuntil(b"\n\n")
+        assert b'"role":"assistant"' in first
+        assert emulator.state.completed_streams == 0   # upstream is still holding the rest
+        gate.set()
+        rest = await resp.read()
+    assert rest.endswith(b"data: [DONE]\n\n")
+
+
+async def test_client_disconnect_cancels_upstream_and_releases_lease(proxy, emulator, http):
+    await (await http.post(f"{proxy.url}/proxy/models/load", json={"model": MODEL})).read()
+    emulator.state.faults.stream_gate = asyncio.Event()   # never set: upstream stalls
+    recorded = asyncio.Event()
+    records = []
+
+    class Listener:
+        def on_request(self, r):
+            records.append(r)
+            recorded.set()
+    proxy.engine.listeners.append(Listener())
+    resp = await http.post(f"{proxy.url}/v1/chat/completions", data=chat_body())
+    await resp.content.readuntil(b"\n\n")
+    resp.close()                                           # the client goes away mid-stream
+    await emulator.state.wait_for(lambda: emulator.state.cancelled_streams == 1)
+    await recorded.wait()
+    assert proxy.engine.entry(MODEL).leases == 0
+    assert records[0].ok is False and records[0].status == 499
+
+
+async def test_stream_without_upstream_usage_is_counted_and_marked_estimated(
+        make_emulator, make_proxy, http):
+    from proxy.emulator import EmulatorOptions
+    old = await make_emulator(options=EmulatorOptions(version="0.3"))
+    proxy = await make_proxy(old.url)
+    # LM Studio before 0.3.18 ignores stream_options; emulate by asking the 0.3 server for none.
+    raw = orjson.dumps({"model": MODEL, "stream": True, "max_tokens": 6,
+                        "messages": [{"role": "user", "content": "x"}]})
+    async with http.post(f"{old.url}/v1/chat/completions", data=raw) as resp:
+        assert b'"usage"' not in await resp.read()
+    from proxy.streaming import StreamMeter
+    meter = StreamMeter(0.0, strip_usage_chunk=True)
+    async with http.post(f"{old.url}/v1/chat/completions", data=raw) as resp:
+        meter.feed(await resp.read())
+    assert meter.tokens_estimated and meter.completion_tokens_or_estimate() == 6
+    assert proxy.engine.api_level.value == "state-only"
