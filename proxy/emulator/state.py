@@ -69,6 +69,7 @@ class EmulatorState:
         self.load_calls: Counter[str] = Counter()
         self.unload_calls: Counter[str] = Counter()
         self.inference_calls: Counter[str] = Counter()
+        self.peak_used_bytes = 0
         self.cancelled_streams = 0
         self.completed_streams = 0
         self._changed = asyncio.Event()
@@ -124,6 +125,7 @@ class EmulatorState:
             if self.real_memory_scale:
                 instance.ballast = _touched(int(model.resident_bytes * self.real_memory_scale))
             self.instances[instance.instance_id] = instance
+            self.peak_used_bytes = max(self.peak_used_bytes, self.used_bytes())
             return instance
         finally:
             self.loading[key] -= 1

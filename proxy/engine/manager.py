@@ -50,7 +50,8 @@ class ModelMemoryManager:
     def __init__(self, max_memory_usage_percent: float = 80.0, model_timeout_hours: float = 2.0,
                  min_free_memory_gb: float = 4.0, monitoring_interval: float = 30.0,
                  upstream: ModelBackend | None = None, *, config: Config | None = None,
-                 sampler: MemorySampler | None = None, clock: Clock | None = None) -> None:
+                 sampler: MemorySampler | None = None, clock: Clock | None = None,
+                 owns_upstream: bool | None = None) -> None:
         if config is None:
             config = load_config(overrides={
                 "memory.max_memory_usage_percent": max_memory_usage_percent,
@@ -58,12 +59,11 @@ class ModelMemoryManager:
                 "memory.monitoring_interval": monitoring_interval,
                 "eviction.model_timeout_hours": model_timeout_hours})
         self.config = config
+        # Whoever creates the upstream closes it; a library user may hand it over instead.
+        self._owns_backend = owns_upstream if owns_upstream is not None else upstream is None
         if upstream is None:
             from ..upstream.lmstudio import LMStudioUpstream
             upstream = LMStudioUpstream(config.upstream)
-            self._owns_backend = True
-        else:
-            self._owns_backend = False
         self.backend = upstream
         self.clock = clock or SystemClock()
         self.sampler = sampler or self._default_sampler()
@@ -110,8 +110,8 @@ class ModelMemoryManager:
         """Connect to the upstream, learn its API level and what it has loaded. Never raises for
         an unreachable upstream: the manager keeps trying in its reconcile loop."""
         start = getattr(self.backend, "start", None)
-        if self._owns_backend and start is not None:
-            await start()
+        if start is not None:
+            await start()   # idempotent: the app may have started it already
         await self.reconcile()
         await self.sample_memory()
 
@@ -300,7 +300,7 @@ class ModelMemoryManager:
             log.warning("%s refused for lack of memory; evicting and retrying once", e.key)
             async with self._admission:
                 freed = await self._evict_for(self.footprint_bytes(e), exclude=e.key,
-                                              critical=True, reason="admission")
+                                              critical=True, reason="admission", partial=True)
             if not freed:
                 raise
             return await self.backend.load(e.key, options)
@@ -331,13 +331,10 @@ class ModelMemoryManager:
     async def _admit(self, e: ModelEntry) -> MemorySample | None:
         """Make room for e's footprint, then mark it loading; serialized, FIFO, with deadline."""
         timeout_s = self.config.eviction.queue_timeout_s
-        self._queued += 1
-        admitted = False
+        self._queued += 1   # waiting for admission: behind the lock or for room
         try:
             async with asyncio.timeout(timeout_s):
                 async with self._admission:
-                    self._queued -= 1
-                    admitted = True
                     sample = await self._make_room(e)
                     self._set_status(e, S.LOADING)
                     return sample
@@ -347,8 +344,7 @@ class ModelMemoryManager:
                 f"within {timeout_s:g}s: the models holding memory are pinned or serving.",
                 retry_after_s=max(1.0, min(30.0, timeout_s))) from None
         finally:
-            if not admitted:
-                self._queued -= 1
+            self._queued -= 1
 
     async def _make_room(self, e: ModelEntry) -> MemorySample:
         need = self.footprint_bytes(e)
@@ -404,10 +400,10 @@ class ModelMemoryManager:
         return out
 
     async def _evict_for(self, need_bytes: float, *, exclude: str | None, critical: bool,
-                         reason: str) -> bool:
+                         reason: str, partial: bool = False) -> bool:
         selection = select_victims(self.config.eviction.policy,
                                    self._candidates(exclude, critical), need_bytes,
-                                   self.clock.now(), self._inflation)
+                                   self.clock.now(), self._inflation, partial=partial)
         if not selection:
             return False
         self._inflation = selection.inflation
@@ -419,8 +415,9 @@ class ModelMemoryManager:
         """Unload an idle model (caller checked leases == 0) and wait for its memory."""
         if e.status is not S.LOADED or e.leases:
             return
-        footprint = self.footprint_bytes(e)
-        before = await self.sample_memory() if self.sampler.local else None
+        # Only a footprint we measured is worth waiting for; an estimate may never come back.
+        learned = e.footprint_bytes if self.config.model(e.key).footprint_gb is None else None
+        before = await self.sample_memory() if self.sampler.local and learned else None
         self._set_status(e, S.UNLOADING)
         try:
             for instance_id in e.instance_ids or (e.key,):
@@ -432,8 +429,8 @@ class ModelMemoryManager:
         e.evictions[reason] += 1
         self._set_status(e, S.UNLOADED)
         log.info("unloaded %s (%s)", e.key, reason)
-        if self.sampler.local and before is not None:
-            await self._await_reclaim(before.available_bytes + 0.5 * footprint)
+        if before is not None and learned:
+            await self._await_reclaim(before.available_bytes + 0.5 * learned)
         self._room.set()
         self._notify("on_unload", e.key, reason)
         self._call_hook(self.on_model_unloaded, e.key)
@@ -489,7 +486,7 @@ class ModelMemoryManager:
             before = set(self.get_loaded_models())
             async with self._admission:
                 ok = await self._evict_for(max(need, 1.0), exclude=None, critical=critical,
-                                           reason="pressure")
+                                           reason="pressure", partial=True)
             evicted += sorted(before - set(self.get_loaded_models()))
             if not ok:
                 break

@@ -70,7 +70,9 @@ VALUE_FUNCTIONS: dict[str, Callable[[Candidate, float, float], float]] = {
 
 
 def select_victims(policy: str, candidates: Sequence[Candidate], need_bytes: float,
-                   now_s: float, inflation: float = 0.0) -> Selection:
+                   now_s: float, inflation: float = 0.0, *, partial: bool = False
+                   ) -> Selection:
+    """partial=True (relieving pressure): when the need cannot be met, free what can be."""
     if need_bytes <= 0:
         return Selection((), inflation)
     value = VALUE_FUNCTIONS[policy]
@@ -83,7 +85,7 @@ def select_victims(policy: str, candidates: Sequence[Candidate], need_bytes: flo
             break
         chosen.append(c)
         freed += c.footprint_bytes
-    if freed < need_bytes:
+    if freed < need_bytes and not partial:
         return Selection((), inflation)
     # Keep the most valuable of those chosen when the rest already free enough.
     for c in sorted(chosen, key=lambda c: -value(c, now_s, inflation)):

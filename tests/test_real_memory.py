@@ -1,0 +1,67 @@
+"""Real memory: the emulator allocates what it loads, psutil sees it, the engine acts on it."""
+from __future__ import annotations
+
+import psutil
+import pytest
+
+from proxy.config import load_config
+from proxy.emulator import CatalogModel
+from proxy.emulator.state import _touched
+from proxy.engine.manager import ModelMemoryManager
+from proxy.engine.memory import MemoryPressure
+from proxy.upstream.lmstudio import LMStudioUpstream
+
+GB = 1_000_000_000
+MODEL_GB = 1.0
+MODELS = [CatalogModel(key=f"real/model-{c}", size_bytes=int(MODEL_GB * GB),
+                       memory_bytes=int(MODEL_GB * GB), load_time_s=0.0) for c in "abc"]
+A, B, C = (m.key for m in MODELS)
+
+pytestmark = pytest.mark.skipif(psutil.virtual_memory().available < 12 * GB,
+                                reason="needs 12 GB of free memory to move it for real")
+
+
+async def manager_with_headroom(url: str, headroom_gb: float) -> ModelMemoryManager:
+    """A local (psutil) manager that may use only headroom_gb more than is in use now."""
+    available_gb = psutil.virtual_memory().available / GB
+    config = load_config({"upstream": {"url": url},
+                          "memory": {"sampler": "local", "max_memory_usage_percent": 100,
+                                     "min_free_memory_gb": available_gb - headroom_gb,
+                                     "reclaim_timeout_s": 5},
+                          "eviction": {"min_residency_s": 0, "queue_timeout_s": 20}})
+    mgr = ModelMemoryManager(config=config, upstream=LMStudioUpstream(config.upstream),
+                             owns_upstream=True)
+    await mgr.start()
+    return mgr
+
+
+async def test_real_memory_drives_admission_and_footprints_are_learned(make_emulator):
+    emu = await make_emulator(catalog=MODELS, real_memory_scale=1.0)
+    mgr = await manager_with_headroom(emu.url, headroom_gb=2.5)
+    try:
+        (await mgr.acquire(A)).release()
+        (await mgr.acquire(B)).release()
+        learned = mgr.entry(A).footprint_bytes
+        assert learned is not None and 0.7 * MODEL_GB * GB < learned < 1.3 * MODEL_GB * GB
+        (await mgr.acquire(C)).release()              # ~0.5 GB of headroom left: one goes
+        assert len(mgr.get_loaded_models()) == 2 and C in mgr.get_loaded_models()
+        assert sum(emu.state.unload_calls.values()) == 1
+    finally:
+        await mgr.cleanup()
+
+
+async def test_real_pressure_evicts_an_idle_model(make_emulator):
+    emu = await make_emulator(catalog=MODELS, real_memory_scale=1.0)
+    mgr = await manager_with_headroom(emu.url, headroom_gb=2.5)
+    try:
+        (await mgr.acquire(A)).release()
+        await mgr.sample_memory()
+        assert mgr.memory_pressure.rank < MemoryPressure.HIGH.rank
+        ballast = _touched(int(2 * GB))              # another program takes memory
+        await mgr.sample_memory()
+        assert mgr.memory_pressure.rank >= MemoryPressure.HIGH.rank
+        result = await mgr.optimize_memory_usage()
+        assert result["evicted_for_pressure"] == [A] and not emu.state.instances
+        del ballast
+    finally:
+        await mgr.cleanup()
