@@ -52,7 +52,8 @@ class ModelEntry:
     loaded_at_s: float | None = None
     last_used_at_s: float | None = None
     uses_since_load: int = 0
-    gdsf_base: float = 0.0              # cost-aware policy's inflation value at last use
+    heat: float = 0.0                   # requests, decayed with age (policy.HEAT_HALF_LIFE_S)
+    heat_at_s: float = 0.0              # when heat was last brought up to date
     footprint_bytes: float | None = None  # learned: mean drop in available memory across loads
     footprint_samples: int = 0
     load_time_s: float | None = None    # learned: mean load duration

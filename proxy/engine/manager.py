@@ -22,7 +22,7 @@ from .clock import Clock, SystemClock
 from .lifecycle import Lease, ModelEntry, ModelStatus, transition
 from .memory import (GB, BudgetSampler, MemoryPressure, MemorySample, MemorySampler,
                      NvmlSampler, PressureGauge, PsutilSampler)
-from .policy import Candidate, select_victims
+from .policy import HEAT_HALF_LIFE_S, Candidate, select_victims
 from .predict import ModelFacts, recommend
 from .usage import ModelUsage, RequestRecord
 
@@ -79,7 +79,6 @@ class ModelMemoryManager:
         self._upstream_error_type: type[UpstreamError] = UpstreamError
         self._admission = asyncio.Lock()
         self._room = asyncio.Event()
-        self._inflation = 0.0
         self._mem_epoch = 0          # bumps on every load/unload: footprints learn only when still
         self._status_epoch = 0
         self._status_epochs: dict[str, int] = {}
@@ -227,9 +226,11 @@ class ModelMemoryManager:
             await asyncio.shield(e.load_task)
 
     def _lease(self, e: ModelEntry) -> Lease:
-        e.last_used_at_s = self.clock.now()
+        now = self.clock.now()
+        e.heat = e.heat * 0.5 ** ((now - e.heat_at_s) / HEAT_HALF_LIFE_S) + 1.0
+        e.heat_at_s = now
+        e.last_used_at_s = now
         e.uses_since_load += 1
-        e.gdsf_base = self._inflation
         return Lease(e, self._on_release)
 
     def _on_release(self, lease: Lease) -> None:
@@ -362,7 +363,18 @@ class ModelMemoryManager:
                 continue
             self._room.clear()
             log.info("%s waits for memory (%.1f GB short)", e.key, (need - headroom) / GB)
-            await self._room.wait()
+            try:   # wake on a release or unload, or when a young model may be evicted
+                await asyncio.wait_for(self._room.wait(), self._next_residency_expiry_s())
+            except TimeoutError:
+                pass
+
+    def _next_residency_expiry_s(self) -> float | None:
+        """Seconds until the first loaded model outgrows eviction.min_residency_s."""
+        now, residency = self.clock.now(), self.config.eviction.min_residency_s
+        waits = [e.loaded_at_s + residency - now for e in self._entries.values()
+                 if e.status is S.LOADED and e.loaded_at_s is not None
+                 and e.loaded_at_s + residency > now]
+        return max(0.01, min(waits)) if waits else None
 
     def _headroom(self, s: MemorySample) -> float:
         """Bytes a new load may take now, keeping min_free and the usage ceiling."""
@@ -396,20 +408,17 @@ class ModelMemoryManager:
                 reload_s=e.load_time_s if e.load_time_s is not None else
                 self.footprint_bytes(e) / GB,
                 uses=e.uses_since_load, rate_per_h=self.usage(e.key).rate_per_h(now),
-                gdsf_base=e.gdsf_base))
+                heat=e.heat * 0.5 ** ((now - e.heat_at_s) / HEAT_HALF_LIFE_S)))
         return out
 
     async def _evict_for(self, need_bytes: float, *, exclude: str | None, critical: bool,
                          reason: str, partial: bool = False) -> bool:
-        selection = select_victims(self.config.eviction.policy,
-                                   self._candidates(exclude, critical), need_bytes,
-                                   self.clock.now(), self._inflation, partial=partial)
-        if not selection:
-            return False
-        self._inflation = selection.inflation
-        for key in selection.victims:
+        victims = select_victims(self.config.eviction.policy,
+                                 self._candidates(exclude, critical), need_bytes,
+                                 self.clock.now(), partial=partial)
+        for key in victims:
             await self._unload(self._entries[key], reason)
-        return True
+        return bool(victims)
 
     async def _unload(self, e: ModelEntry, reason: str) -> None:
         """Unload an idle model (caller checked leases == 0) and wait for its memory."""

@@ -1,0 +1,192 @@
+"""Replay a workload through the real ModelMemoryManager on virtual time."""
+from __future__ import annotations
+
+import asyncio
+import bisect
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+from proxy.config import Config, load_config
+from proxy.errors import ProxyError
+from proxy.engine import policy as policy_module
+from proxy.engine.manager import ModelMemoryManager
+from proxy.upstream.base import ApiLevel, LoadResult, UpstreamModel
+
+from .vtime import LoopClock, VirtualTimeLoop
+from .workload import GB, Workload
+
+REGRET_WINDOW_S = 300.0
+
+
+class SimBackend:
+    """A ModelBackend whose loads take the catalogue's load time on the virtual clock."""
+
+    def __init__(self, workload: Workload) -> None:
+        self.models = workload.models
+        self.loaded: set[str] = set()
+        self.load_seconds = 0.0
+        self.loads = 0
+        self.peak_resident_gb = 0.0
+
+    async def detect(self) -> ApiLevel:
+        return ApiLevel.MANAGED
+
+    async def list_models(self) -> list[UpstreamModel]:
+        return [UpstreamModel(key=k, size_bytes=int(m.size_gb * GB),
+                              instance_ids=(k,) if k in self.loaded else ())
+                for k, m in self.models.items()]
+
+    async def load(self, key: str, options: Mapping[str, Any]) -> LoadResult:
+        load_s = self.models[key].load_s
+        await asyncio.sleep(load_s)
+        self.loaded.add(key)
+        self.peak_resident_gb = max(self.peak_resident_gb,
+                                    sum(self.models[k].size_gb for k in self.loaded))
+        self.loads += 1
+        self.load_seconds += load_s
+        return LoadResult(key, load_s)
+
+    async def unload(self, instance_id: str) -> None:
+        self.loaded.discard(instance_id)
+
+
+@dataclass
+class RunResult:
+    policy: str
+    cold_loads: int | None
+    load_seconds: float
+    delayed_requests: int | None
+    delay_p50_s: float | None
+    delay_p99_s: float | None
+    regretted_evictions: int | None
+    failed_requests: int = 0
+    peak_resident_gb: float | None = None
+
+
+@dataclass(frozen=True)
+class Variant:
+    """How one compared policy maps onto the engine's configuration."""
+    name: str
+    policy: str
+    count_limit: int | None = None      # manage a model count instead of bytes
+    min_residency_s: float = 0.0
+    idle_ttl_s: float | None = None     # an idle timeout (LM Studio's JIT TTL)
+
+
+def quantile(sorted_values: list[float], q: float) -> float | None:
+    if not sorted_values:
+        return None
+    i = min(len(sorted_values) - 1, max(0, math.ceil(q * len(sorted_values)) - 1))
+    return sorted_values[i]
+
+
+def engine_config(workload: Workload, budget_gb: float, v: Variant) -> Config:
+    if v.count_limit is not None:     # every model weighs 1 and the "budget" is the count
+        footprints = {k: {"footprint_gb": 1.0} for k in workload.models}
+        budget = float(v.count_limit)
+    else:
+        footprints = {k: {"footprint_gb": m.size_gb} for k, m in workload.models.items()}
+        budget = budget_gb
+    config = load_config({
+        "memory": {"sampler": "budget", "budget_gb": max(budget, 1.0),
+                   "min_free_memory_gb": 0, "max_memory_usage_percent": 100},
+        "eviction": {"policy": "lru", "min_residency_s": v.min_residency_s,
+                     "queue_timeout_s": 86_400, "model_timeout_hours": 0},
+        "models": footprints})
+    # The policy may be a benchmark-only one (the offline schedule): set it past validation.
+    return dataclasses.replace(config, eviction=dataclasses.replace(config.eviction,
+                                                                    policy=v.policy))
+
+
+def run_variant(workload: Workload, budget_gb: float, v: Variant,
+                extra_policies: Mapping[str, Callable] | None = None) -> RunResult:
+    loop = VirtualTimeLoop()
+    try:
+        for name, fn in (extra_policies or {}).items():
+            policy_module.VALUE_FUNCTIONS[name] = fn
+        return loop.run_until_complete(_replay(loop, workload, budget_gb, v))
+    finally:
+        for name in extra_policies or {}:
+            policy_module.VALUE_FUNCTIONS.pop(name, None)
+        loop.close()
+
+
+async def _replay(loop: VirtualTimeLoop, workload: Workload, budget_gb: float, v: Variant
+                  ) -> RunResult:
+    backend = SimBackend(workload)
+    config = engine_config(workload, budget_gb, v)
+    if v.idle_ttl_s is not None:
+        config = dataclasses.replace(config, eviction=dataclasses.replace(
+            config.eviction, model_timeout_hours=v.idle_ttl_s / 3600.0))
+    mgr = ModelMemoryManager(config=config, upstream=backend, clock=LoopClock(loop))
+    evictions: list[tuple[str, float]] = []
+
+    class Listener:
+        def on_unload(self, key: str, reason: str) -> None:
+            evictions.append((key, loop.time()))
+    mgr.listeners.append(Listener())
+    await mgr.start()
+    delays: list[float] = []
+    failed = 0
+
+    async def one(req) -> None:
+        nonlocal failed
+        try:
+            lease = await mgr.acquire(req.model)
+        except ProxyError:
+            failed += 1     # e.g. insufficient_memory after the queue timeout
+            return
+        delays.append(loop.time() - req.t_s)
+        await asyncio.sleep(req.service_s)
+        lease.release()
+
+    ttl_task = None
+    if v.idle_ttl_s is not None:
+        async def expire() -> None:
+            while True:
+                await asyncio.sleep(30.0)
+                await mgr.unload_idle_models()
+        ttl_task = asyncio.create_task(expire())
+    tasks = []
+    for req in workload.requests:
+        wait = req.t_s - loop.time()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        tasks.append(asyncio.create_task(one(req)))
+        if len(tasks) > 512:
+            tasks = [t for t in tasks if not t.done()]
+    await asyncio.gather(*tasks)
+    if ttl_task is not None:
+        ttl_task.cancel()
+    delayed = sorted(d for d in delays if d > 1e-9)
+    return RunResult(
+        policy=v.name, cold_loads=backend.loads, load_seconds=round(backend.load_seconds, 1),
+        delayed_requests=len(delayed), delay_p50_s=_r(quantile(delayed, 0.5)),
+        delay_p99_s=_r(quantile(delayed, 0.99)),
+        regretted_evictions=regretted(workload, evictions), failed_requests=failed,
+        peak_resident_gb=round(backend.peak_resident_gb, 1))
+
+
+def _r(x: float | None) -> float | None:
+    return None if x is None else round(x, 2)
+
+
+def arrivals_by_model(workload: Workload) -> dict[str, list[float]]:
+    out: dict[str, list[float]] = {k: [] for k in workload.models}
+    for r in workload.requests:
+        out[r.model].append(r.t_s)
+    return out
+
+
+def regretted(workload: Workload, evictions: list[tuple[str, float]]) -> int:
+    """Evictions of a model that is requested again within REGRET_WINDOW_S."""
+    arrivals = arrivals_by_model(workload)
+    n = 0
+    for key, t in evictions:
+        times = arrivals[key]
+        i = bisect.bisect_right(times, t)
+        if i < len(times) and times[i] - t <= REGRET_WINDOW_S:
+            n += 1
+    return n
