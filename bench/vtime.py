@@ -62,3 +62,6 @@ class LoopClock:
 
     def now(self) -> float:
         return self._loop.now_s
+
+    def wall(self) -> float:
+        return self._loop.now_s

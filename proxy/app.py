@@ -9,11 +9,16 @@ from aiohttp import web
 
 from .config import Config
 from .engine.clock import Clock
+from .engine.health import ModelHealthMonitor
+from .engine.lifecycle import ModelStatus
 from .engine.manager import ModelMemoryManager
 from .engine.memory import MemorySampler
+from .engine.webhook import WebhookSink
 from .errors import ProxyError, RouteNotFound
 from .handlers import admin, health, openai
-from .keys import CONFIG, ENGINE, RESPONSE_STARTED, UPSTREAM
+from .keys import CONFIG, ENGINE, HEALTH, METRICS, RESPONSE_STARTED, UPSTREAM
+from .metrics import ProxyMetrics
+from .store import UsageStore, default_path
 from .upstream.base import Upstream
 
 log = logging.getLogger("proxy.app")
@@ -56,10 +61,21 @@ def create_app(config: Config, *, upstream: Upstream | None = None, clock: Clock
         upstream = LMStudioUpstream(config.upstream)
     app = web.Application(middlewares=[errors_middleware],
                           client_max_size=config.server.max_body_bytes)
+    store = None
+    if config.storage.enabled:
+        store = UsageStore(config.storage.path or default_path(), config.storage.retention_days)
+    engine = ModelMemoryManager(config=config, upstream=upstream, clock=clock, sampler=sampler,
+                                store=store)
+    sink = None
+    if config.health.webhook_url:
+        sink = WebhookSink(config.health.webhook_url, timeout_s=config.health.webhook_timeout_s,
+                           max_attempts=config.health.webhook_max_attempts)
     app[CONFIG] = config
     app[UPSTREAM] = upstream
-    app[ENGINE] = ModelMemoryManager(config=config, upstream=upstream, clock=clock,
-                                     sampler=sampler)
+    app[ENGINE] = engine
+    app[METRICS] = ProxyMetrics(engine)
+    app[HEALTH] = ModelHealthMonitor(engine, config.health, sink=sink,
+                                     prober=_prober(engine, upstream))
     app.cleanup_ctx.append(_engine_ctx)
     openai.add_routes(app)
     admin.add_routes(app)
@@ -67,14 +83,42 @@ def create_app(config: Config, *, upstream: Upstream | None = None, clock: Clock
     return app
 
 
+def _prober(engine: ModelMemoryManager, upstream: Upstream
+            ) -> Callable[[str], Awaitable[None]]:
+    """A one-token completion to a loaded model, holding a lease so it is not evicted
+    meanwhile, and not recorded as user traffic."""
+    async def probe(key: str) -> None:
+        entry = engine.entry(key)
+        if entry is None or entry.status is not ModelStatus.LOADED:
+            return
+        lease = await engine.acquire(key)
+        try:
+            body = orjson.dumps({"model": key, "max_tokens": 1, "messages": [
+                {"role": "user", "content": "ping"}]})
+            async with upstream.request("POST", "/v1/chat/completions",
+                                        {"Content-Type": "application/json"}, body) as resp:
+                await resp.read()
+                if resp.status != 200:
+                    raise ProxyError(f"probe answered HTTP {resp.status}")
+        finally:
+            lease.release()
+    return probe
+
+
 async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
-    upstream, engine = app[UPSTREAM], app[ENGINE]
+    upstream, engine, health = app[UPSTREAM], app[ENGINE], app[HEALTH]
     await upstream.start()
     await engine.start()
     if not engine.upstream_ok:
         log.warning("upstream %s not reachable yet (%s); will keep trying",
                     app[CONFIG].upstream.url, engine.upstream_error)
     await engine.start_monitoring()
+    if health.sink is not None:
+        await health.sink.start()
+    await health.start_monitoring()
     yield
+    await health.stop_monitoring()
+    if health.sink is not None:
+        await health.sink.close()
     await engine.cleanup()
     await upstream.close()

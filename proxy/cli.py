@@ -63,7 +63,12 @@ def resolve_config(args: argparse.Namespace, environ: Mapping[str, str]) -> Conf
     if path is None and Path("proxy.yaml").is_file():
         path = "proxy.yaml"
     raw = read_config_file(path) if path else {}
-    overrides: dict[str, Any] = dict(DEMO_OVERRIDES) if args.demo else {}
+    overrides: dict[str, Any] = {}
+    if args.demo:
+        from .store import default_path
+        overrides.update(DEMO_OVERRIDES)
+        # The demo's statistics are kept, but apart from those of a real LM Studio.
+        overrides["storage.path"] = str(default_path().with_name("demo-history.sqlite3"))
     for dest, dotted in ENV_FLAGS.values():
         if dotted and getattr(args, dest, None) is not None:
             overrides[dotted] = getattr(args, dest)

@@ -82,6 +82,31 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class HealthConfig:
+    interval_s: float = field(default=15.0, metadata=_rule(0, exclusive_lo=True))
+    error_rate_threshold: float = field(default=0.5, metadata=_rule(0, 1))
+    error_window_s: float = field(default=300.0, metadata=_rule(60))
+    min_requests: int = field(default=5, metadata=_rule(1))
+    latency_regression_factor: float = field(default=2.0, metadata=_rule(1, exclusive_lo=True))
+    latency_window_s: float = field(default=300.0, metadata=_rule(0, exclusive_lo=True))
+    # A request with no byte from the upstream for this long, or a load queued this long,
+    # while the upstream still answers: the silent hang.
+    hang_threshold_s: float = field(default=120.0, metadata=_rule(0, exclusive_lo=True))
+    probe_interval_s: float = field(default=0.0, metadata=_rule(0))   # 0: no probes
+    webhook_url: str | None = None
+    webhook_timeout_s: float = field(default=5.0, metadata=_rule(0, exclusive_lo=True))
+    webhook_max_attempts: int = field(default=5, metadata=_rule(1, 20))
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    enabled: bool = True
+    path: str | None = None          # default: ~/.local/state/lmstudio-proxy/history.sqlite3
+    retention_days: float = field(default=30.0, metadata=_rule(0, exclusive_lo=True))
+    flush_interval_s: float = field(default=1.0, metadata=_rule(0, exclusive_lo=True))
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     level: str = field(default="INFO", metadata=_rule(
         choices=("DEBUG", "INFO", "WARNING", "ERROR")))
@@ -94,6 +119,8 @@ class Config:
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     eviction: EvictionConfig = field(default_factory=EvictionConfig)
     models: Mapping[str, ModelConfig] = field(default_factory=dict)
+    health: HealthConfig = field(default_factory=HealthConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def model(self, key: str) -> ModelConfig:

@@ -4,11 +4,15 @@ from __future__ import annotations
 from aiohttp import web
 
 from .config import Config
+from .engine.health import ModelHealthMonitor
 from .engine.manager import ModelMemoryManager
+from .metrics import ProxyMetrics
 from .upstream.base import Upstream
 
 CONFIG = web.AppKey("config", Config)
 ENGINE = web.AppKey("engine", ModelMemoryManager)
 UPSTREAM = web.AppKey("upstream", Upstream)
+METRICS = web.AppKey("metrics", ProxyMetrics)
+HEALTH = web.AppKey("health", ModelHealthMonitor)
 # Set on a request once its response headers are sent: errors can no longer become a response.
 RESPONSE_STARTED = web.RequestKey("response_started", bool)

@@ -6,12 +6,16 @@ from typing import Protocol
 
 
 class Clock(Protocol):
-    def now(self) -> float: ...
+    def now(self) -> float: ...          # monotonic seconds: durations, ages, timeouts
+    def wall(self) -> float: ...         # Unix seconds: history that outlives the process
 
 
 class SystemClock:
     def now(self) -> float:
         return time.monotonic()
+
+    def wall(self) -> float:
+        return time.time()
 
 
 class ManualClock:
@@ -22,6 +26,9 @@ class ManualClock:
 
     def now(self) -> float:
         return self._now_s
+
+    def wall(self) -> float:
+        return 1_700_000_000.0 + self._now_s
 
     def advance(self, seconds: float) -> None:
         if seconds < 0:

@@ -49,6 +49,9 @@ class ModelEntry:
     instance_ids: tuple[str, ...] = ()
     owned: bool = False                 # loaded by the proxy (else: by someone else)
     leases: int = 0
+    waiting: int = 0                    # requests waiting for this model's load
+    waiting_since_s: float | None = None
+    loading_since_s: float | None = None
     loaded_at_s: float | None = None
     last_used_at_s: float | None = None
     uses_since_load: int = 0
@@ -102,13 +105,16 @@ def transition(entry: ModelEntry, new: ModelStatus) -> ModelStatus:
 
 
 class Lease:
-    """A request's hold on a loaded model; a model with a lease is never unloaded."""
-    __slots__ = ("entry", "_on_release", "released")
+    """A request's hold on a loaded model; a model with a lease is never unloaded.
+    `last_activity_s` is moved on by whoever relays the response, for hang detection."""
+    __slots__ = ("entry", "_on_release", "released", "started_s", "last_activity_s")
 
-    def __init__(self, entry: ModelEntry, on_release: Callable[["Lease"], None]) -> None:
+    def __init__(self, entry: ModelEntry, on_release: Callable[["Lease"], None],
+                 now_s: float = 0.0) -> None:
         self.entry = entry
         self._on_release = on_release
         self.released = False
+        self.started_s = self.last_activity_s = now_s
         entry.leases += 1
         entry.drained.clear()
 

@@ -15,6 +15,7 @@ import logging
 from typing import Any, Awaitable, Callable, Iterable, Mapping
 
 from ..config import Config, load_config
+from ..store import UsageStore
 from ..errors import (InsufficientMemory, ModelLoadFailed, ModelNotFound, ModelUnavailable,
                       ProxyError, UpstreamError)
 from ..upstream.base import ApiLevel, LoadResult, ModelBackend, UpstreamModel
@@ -25,6 +26,8 @@ from .memory import (GB, BudgetSampler, MemoryPressure, MemorySample, MemorySamp
 from .policy import HEAT_HALF_LIFE_S, Candidate, select_victims
 from .predict import ModelFacts, recommend
 from .usage import ModelUsage, RequestRecord
+from .usage import restore as restore_usage
+from .usage import snapshot as snapshot_usage
 
 log = logging.getLogger("proxy.engine")
 S = ModelStatus
@@ -51,7 +54,8 @@ class ModelMemoryManager:
                  min_free_memory_gb: float = 4.0, monitoring_interval: float = 30.0,
                  upstream: ModelBackend | None = None, *, config: Config | None = None,
                  sampler: MemorySampler | None = None, clock: Clock | None = None,
-                 owns_upstream: bool | None = None) -> None:
+                 owns_upstream: bool | None = None, store: UsageStore | None = None
+                 ) -> None:
         if config is None:
             config = load_config(overrides={
                 "memory.max_memory_usage_percent": max_memory_usage_percent,
@@ -83,6 +87,7 @@ class ModelMemoryManager:
         self._status_epoch = 0
         self._status_epochs: dict[str, int] = {}
         self._queued = 0
+        self._active: set[Lease] = set()
         self._last_catalog_refresh_s = -1e9
         self._last_sample: MemorySample | None = None
         self._tasks: list[asyncio.Task] = []
@@ -91,6 +96,11 @@ class ModelMemoryManager:
         self.on_model_unloaded: Callable[..., Any] | None = None
         self.on_memory_pressure: Callable[..., Any] | None = None
         self.listeners: list[Any] = []   # objects with optional on_load/on_unload/on_request
+        self.store = store
+        self._pending_minutes: dict[tuple[str, int], list[float]] = {}
+        self._dirty_stats: set[str] = set()
+        self._dirty_footprints: set[str] = set()
+        self._restored_footprints: dict[str, dict[str, Any]] = {}
 
     # -- construction helpers ----------------------------------------------------------------
     def _default_sampler(self) -> MemorySampler:
@@ -111,6 +121,9 @@ class ModelMemoryManager:
         start = getattr(self.backend, "start", None)
         if start is not None:
             await start()   # idempotent: the app may have started it already
+        if self.store is not None and self.store._db is None and self.store.error is None:
+            if await asyncio.to_thread(self.store.open):
+                self._restore(await asyncio.to_thread(self.store.load))
         await self.reconcile()
         await self.sample_memory()
 
@@ -119,10 +132,12 @@ class ModelMemoryManager:
             return
         if self.api_level is None and not self.upstream_ok:
             await self.start()
-        intervals = (("monitor", self.config.memory.monitoring_interval, self._monitor_tick),
+        intervals = [("monitor", self.config.memory.monitoring_interval, self._monitor_tick),
                      ("idle", min(60.0, self.config.memory.monitoring_interval),
                       self.unload_idle_models),
-                     ("reconcile", self.config.upstream.reconcile_interval_s, self.reconcile))
+                     ("reconcile", self.config.upstream.reconcile_interval_s, self.reconcile)]
+        if self.store is not None:
+            intervals.append(("flush", self.config.storage.flush_interval_s, self.flush))
         for name, interval, tick in intervals:
             self._tasks.append(asyncio.create_task(self._loop(name, interval, tick),
                                                    name=f"engine-{name}"))
@@ -135,6 +150,9 @@ class ModelMemoryManager:
 
     async def cleanup(self) -> None:
         await self.stop_monitoring()
+        if self.store is not None:
+            await self.flush()
+            await asyncio.to_thread(self.store.close)
         for e in self._entries.values():
             if e.load_task is not None and not e.load_task.done():
                 e.load_task.cancel()
@@ -223,7 +241,15 @@ class ModelMemoryManager:
                                       retry_after_s=e.retry_at_s - self.clock.now())
             if e.load_task is None or e.load_task.done():
                 e.load_task = asyncio.create_task(self._load(e), name=f"load:{e.key}")
-            await asyncio.shield(e.load_task)
+            if e.waiting == 0:
+                e.waiting_since_s = self.clock.now()
+            e.waiting += 1
+            try:
+                await asyncio.shield(e.load_task)
+            finally:
+                e.waiting -= 1
+                if e.waiting == 0:
+                    e.waiting_since_s = None
 
     def _lease(self, e: ModelEntry) -> Lease:
         now = self.clock.now()
@@ -231,18 +257,37 @@ class ModelMemoryManager:
         e.heat_at_s = now
         e.last_used_at_s = now
         e.uses_since_load += 1
-        return Lease(e, self._on_release)
+        lease = Lease(e, self._on_release, now)
+        self._active.add(lease)
+        return lease
 
     def _on_release(self, lease: Lease) -> None:
+        self._active.discard(lease)
         lease.entry.last_used_at_s = self.clock.now()
         if lease.entry.leases == 0:
             self._room.set()
 
+    def active_leases(self) -> list[Lease]:
+        return list(self._active)
+
     def record(self, r: RequestRecord) -> None:
+        """Account a finished request; names that are not known models are not kept."""
         usage = self._usage.get(r.model)
-        if usage is None:
+        if usage is None and r.model in self._entries:
             usage = self._usage[r.model] = ModelUsage()
-        usage.record(r)
+        if usage is not None:
+            usage.record(r)
+            if self.store is not None:
+                slot = self._pending_minutes.get((r.model, int(self.clock.wall() // 60)))
+                if slot is None:
+                    slot = self._pending_minutes[(r.model, int(self.clock.wall() // 60))] = \
+                        [0, 0, 0, 0, 0.0]
+                slot[0] += 1
+                slot[1] += 0 if r.ok else 1
+                slot[2] += r.prompt_tokens
+                slot[3] += r.completion_tokens
+                slot[4] += r.latency_s
+                self._dirty_stats.add(r.model)
         for listener in self.listeners:
             hook = getattr(listener, "on_request", None)
             if hook is not None:
@@ -250,6 +295,38 @@ class ModelMemoryManager:
 
     def usage(self, key: str) -> ModelUsage:
         return self._usage.get(key) or ModelUsage()
+
+    # -- persistence -------------------------------------------------------------------------
+    def _restore(self, state: dict[str, Any]) -> None:
+        for key, snap in state["stats"].items():
+            self._usage[key] = restore_usage(snap)
+        self._restored_footprints = state["footprints"]
+        for key, e in self._entries.items():
+            self._apply_footprint(e)
+        log.info("restored statistics of %d models from %s", len(state["stats"]),
+                 self.store.path if self.store else "?")
+
+    def _apply_footprint(self, e: ModelEntry) -> None:
+        saved = self._restored_footprints.pop(e.key, None)
+        if saved is not None:
+            e.footprint_bytes, e.footprint_samples = saved["footprint_bytes"], saved["samples"]
+            e.load_time_s, e.load_count = saved["load_time_s"], saved["load_count"]
+
+    async def flush(self) -> None:
+        """Write what changed since the last flush, off the event loop, in one transaction."""
+        if self.store is None or self.store._db is None:
+            return
+        if not (self._pending_minutes or self._dirty_stats or self._dirty_footprints):
+            return
+        minutes, self._pending_minutes = self._pending_minutes, {}
+        stats = {k: snapshot_usage(self._usage[k]) for k in self._dirty_stats
+                 if k in self._usage}
+        footprints = {k: {"footprint_bytes": e.footprint_bytes, "samples": e.footprint_samples,
+                          "load_time_s": e.load_time_s, "load_count": e.load_count}
+                      for k in self._dirty_footprints if (e := self._entries.get(k))}
+        self._dirty_stats, self._dirty_footprints = set(), set()
+        await asyncio.to_thread(self.store.write, minutes, stats, footprints,
+                                int(self.clock.wall() // 60))
 
     # -- loading -----------------------------------------------------------------------------
     async def _load(self, e: ModelEntry) -> None:
@@ -277,6 +354,7 @@ class ModelMemoryManager:
         e.last_error = None
         if not adopted:
             e.learn_load_time(result.load_time_s if result.load_time_s else duration_s)
+            self._dirty_footprints.add(e.key)
         self._set_status(e, S.LOADED)
         e.owned = not adopted
         after = await self.sample_memory()
@@ -333,11 +411,14 @@ class ModelMemoryManager:
         """Make room for e's footprint, then mark it loading; serialized, FIFO, with deadline."""
         timeout_s = self.config.eviction.queue_timeout_s
         self._queued += 1   # waiting for admission: behind the lock or for room
+        queued_at = self.clock.now()
         try:
             async with asyncio.timeout(timeout_s):
                 async with self._admission:
                     sample = await self._make_room(e)
                     self._set_status(e, S.LOADING)
+                    e.loading_since_s = self.clock.now()
+                    self._notify("on_queue_wait", e.key, e.loading_since_s - queued_at)
                     return sample
         except TimeoutError:
             raise InsufficientMemory(
@@ -543,6 +624,7 @@ class ModelMemoryManager:
         e = self._entries.get(m.key)
         if e is None:
             e = self._entries[m.key] = ModelEntry(m.key)
+            self._apply_footprint(e)
         e.type, e.size_bytes = m.type, m.size_bytes or e.size_bytes
         if self._status_epochs.get(m.key, -1) > epoch:
             return   # changed by us while the list was in flight; the list is stale for it
@@ -600,6 +682,13 @@ class ModelMemoryManager:
     @property
     def queue_length(self) -> int:
         return self._queued
+
+    @property
+    def last_sample(self) -> MemorySample | None:
+        return self._last_sample
+
+    def loaded_set(self) -> set[str]:
+        return {k for k, e in self._entries.items() if e.status is S.LOADED}
 
     def get_loaded_models(self) -> list[str]:
         return sorted(k for k, e in self._entries.items() if e.status is S.LOADED)
@@ -729,6 +818,8 @@ class ModelMemoryManager:
             "model_counts": counts,
             "loaded_models": self.get_loaded_models(),
             "queue_length": self._queued,
+            "persistence": None if self.store is None else {
+                "ok": self.store.ok, "path": str(self.store.path), "error": self.store.error},
             "top_models_by_usage": [
                 {"model": k, "frequency": u.rate_per_h(now), "requests": u.requests,
                  "success_rate": round(u.success_rate, 4),

@@ -43,21 +43,27 @@ class Histogram:
         self.total += value
 
     def quantile(self, q: float) -> float | None:
-        if not self.count:
-            return None
-        rank = q * (self.count - 1) + 1
-        seen = 0
-        for i, n in enumerate(self.counts):
-            seen += n
-            if seen >= rank:
-                lo = BOUNDS_S[i - 1] if i > 0 else 0.0
-                hi = BOUNDS_S[i] if i < len(BOUNDS_S) else BOUNDS_S[-1]
-                return math.sqrt(lo * hi) if lo > 0 else hi
-        return BOUNDS_S[-1]
+        return quantile_of(self.counts, q)
 
     @property
     def mean(self) -> float | None:
         return self.total / self.count if self.count else None
+
+
+def quantile_of(counts: list[int], q: float) -> float | None:
+    """The q-quantile of a histogram given as bucket counts over BOUNDS_S."""
+    total = sum(counts)
+    if not total:
+        return None
+    rank = q * (total - 1) + 1
+    seen = 0
+    for i, n in enumerate(counts):
+        seen += n
+        if seen >= rank:
+            lo = BOUNDS_S[i - 1] if i > 0 else 0.0
+            hi = BOUNDS_S[i] if i < len(BOUNDS_S) else BOUNDS_S[-1]
+            return math.sqrt(lo * hi) if lo > 0 else hi
+    return BOUNDS_S[-1]
 
 
 class MinuteRing:
@@ -98,6 +104,7 @@ class ModelUsage:
     latency: Histogram = field(default_factory=Histogram)
     ttft: Histogram = field(default_factory=Histogram)
     per_minute: MinuteRing = field(default_factory=MinuteRing)
+    failures_per_minute: MinuteRing = field(default_factory=MinuteRing)
 
     def record(self, r: RequestRecord) -> None:
         self.requests += 1
@@ -112,6 +119,8 @@ class ModelUsage:
         if r.ttft_s is not None:
             self.ttft.add(r.ttft_s)
         self.per_minute.add(r.at_s)
+        if not r.ok:
+            self.failures_per_minute.add(r.at_s)
         self.last_used_at_s = r.at_s
 
     @property
@@ -149,3 +158,29 @@ class ModelUsage:
             "tokens_per_s": None if self.tokens_per_s is None else round(self.tokens_per_s, 1),
             "usage_frequency_per_h": self.rate_per_h(now_s), "trend": self.trend(now_s),
         }
+
+
+SNAPSHOT_FIELDS = ("requests", "failures", "prompt_tokens", "completion_tokens",
+                   "estimated_tokens", "generation_s")
+
+
+def snapshot(u: ModelUsage) -> dict:
+    """What survives a restart: totals and the latency/TTFT histograms."""
+    out = {f: getattr(u, f) for f in SNAPSHOT_FIELDS}
+    for name in ("latency", "ttft"):
+        h = getattr(u, name)
+        out[name] = {"counts": h.counts, "count": h.count, "total": h.total}
+    return out
+
+
+def restore(data: dict) -> ModelUsage:
+    u = ModelUsage()
+    for f in SNAPSHOT_FIELDS:
+        setattr(u, f, data.get(f, 0))
+    for name in ("latency", "ttft"):
+        saved = data.get(name) or {}
+        counts = saved.get("counts") or []
+        h = getattr(u, name)
+        if len(counts) == len(h.counts):   # bucket layout unchanged since it was written
+            h.counts, h.count, h.total = list(counts), saved["count"], saved["total"]
+    return u

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from ..keys import ENGINE
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from ..keys import ENGINE, HEALTH, METRICS
 from .admin import json_response
 
 
@@ -27,6 +29,19 @@ async def readyz(request: web.Request) -> web.Response:
     return json_response(body, 200 if engine.upstream_ok else 503)
 
 
+async def health_report(request: web.Request) -> web.Response:
+    """The ModelHealthMonitor's report, evaluated now (alerts open and clear as it runs)."""
+    report = await request.app[HEALTH].check()
+    return json_response(report)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[METRICS].exposition()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
 def add_routes(app: web.Application) -> None:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/proxy/health", health_report)
+    app.router.add_get("/metrics", metrics)

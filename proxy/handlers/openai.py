@@ -15,7 +15,9 @@ import orjson
 from aiohttp import web
 
 from ..engine.usage import RequestRecord
-from ..errors import BodyTooLarge, InvalidRequest
+from ..engine.lifecycle import Lease
+from ..engine.manager import ModelMemoryManager
+from ..errors import BodyTooLarge, InvalidRequest, ProxyError
 from ..keys import CONFIG, ENGINE, UPSTREAM, RESPONSE_STARTED
 from ..streaming import StreamMeter, usage_of_body
 
@@ -62,24 +64,42 @@ def parse_request(body: bytes) -> dict:
 async def inference(request: web.Request) -> web.StreamResponse:
     started = time.perf_counter()
     engine = request.app[ENGINE]
-    body = await read_body(request)
-    payload = parse_request(body)
-    key = await engine.resolve(payload["model"])
+    name = ""
+    try:
+        body = await read_body(request)
+        payload = parse_request(body)
+        name = payload["model"]
+        key = await engine.resolve(name)
+        body, strip = _prepare_upstream_body(request.path, payload, body, key)
+        lease = await engine.acquire(key)
+    except ProxyError as exc:   # refused before reaching the upstream: still counted
+        engine.record(RequestRecord(model=name, ok=False, latency_s=time.perf_counter() - started,
+                                    at_s=engine.clock.now(), endpoint=request.path,
+                                    status=exc.status))
+        raise
+    return await _relay(request, engine, lease, key, body, strip, payload.get("stream") is True,
+                        started)
+
+
+def _prepare_upstream_body(path: str, payload: dict, body: bytes, key: str
+                           ) -> tuple[bytes, bool]:
+    """The bytes to send upstream, and whether to strip an include_usage chunk we asked for.
+    The client's bytes go through untouched unless the alias or include_usage changes them."""
     changed = key != payload["model"]
     if changed:
         payload["model"] = key
-    stream = payload.get("stream") is True
     strip = False
-    if stream and request.path in USAGE_INJECTABLE:
+    if payload.get("stream") is True and path in USAGE_INJECTABLE:
         opts = payload.get("stream_options")
         if not (isinstance(opts, dict) and opts.get("include_usage")):
             payload["stream_options"] = {**(opts if isinstance(opts, dict) else {}),
                                          "include_usage": True}
             strip = changed = True
-    if changed:
-        body = orjson.dumps(payload)
+    return (orjson.dumps(payload) if changed else body), strip
 
-    lease = await engine.acquire(key)
+
+async def _relay(request: web.Request, engine: ModelMemoryManager, lease: Lease, key: str,
+                 body: bytes, strip: bool, stream: bool, started: float) -> web.StreamResponse:
     status, ok, meter = CLIENT_CLOSED, False, None
     prompt_tokens = completion_tokens = 0
     try:
@@ -95,6 +115,7 @@ async def inference(request: web.Request) -> web.StreamResponse:
                 await resp.prepare(request)
                 request[RESPONSE_STARTED] = True
                 async for data in up.content.iter_any():
+                    lease.last_activity_s = engine.clock.now()   # not hung: bytes flow
                     out = meter.feed(data)
                     if out:
                         await resp.write(out)

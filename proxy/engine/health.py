@@ -1,0 +1,238 @@
+"""ModelHealthMonitor: alert rules over the engine's state, logged and sent to a webhook.
+
+Rules (thresholds in `health.*`): memory critical; upstream unreachable; a model's error rate
+over a window; a model's recent p95 latency against its own baseline; a load running past
+`upstream.load_timeout_s`; the silent hang (a request with no upstream byte, or a load queued,
+for `hang_threshold_s` while the upstream still answers); a failing probe. An alert is logged once
+when it opens and once when it clears, and both transitions go to the webhook when configured.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Protocol
+
+from ..config import HealthConfig
+from .lifecycle import ModelStatus
+from .memory import MemoryPressure
+from .usage import BOUNDS_S, quantile_of
+
+log = logging.getLogger("proxy.health")
+
+
+class AlertSink(Protocol):
+    def send(self, event: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class Alert:
+    id: str
+    rule: str
+    severity: str
+    message: str
+    since_s: float
+    model: str | None = None
+
+    def as_dict(self, now_s: float) -> dict[str, Any]:
+        return {"id": self.id, "rule": self.rule, "severity": self.severity,
+                "model": self.model, "message": self.message,
+                "open_for_s": round(now_s - self.since_s, 1)}
+
+
+@dataclass
+class ProbeResult:
+    ok: bool
+    latency_s: float
+    at_s: float
+    error: str | None = None
+
+
+@dataclass
+class _LatencyHistory:
+    snapshots: collections.deque = field(default_factory=lambda: collections.deque(maxlen=512))
+
+
+class ModelHealthMonitor:
+    def __init__(self, manager: Any, config: HealthConfig | None = None, *,
+                 sink: AlertSink | None = None,
+                 prober: Callable[[str], Awaitable[None]] | None = None) -> None:
+        self.manager = manager
+        self.config = config or manager.config.health
+        self.sink = sink
+        self.prober = prober
+        self.alerts: dict[str, Alert] = {}
+        self.probes: dict[str, ProbeResult] = {}
+        self._latency: dict[str, _LatencyHistory] = {}
+        self._tasks: list[asyncio.Task] = []
+        self._last_probe_s = float("-inf")
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def start_monitoring(self, interval: float | None = None) -> None:
+        if not self._tasks:
+            self._tasks.append(asyncio.create_task(
+                self._loop(interval or self.config.interval_s), name="health-monitor"))
+
+    async def stop_monitoring(self) -> None:
+        tasks, self._tasks = self._tasks, []
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _loop(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.check()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("health check failed; continuing")
+
+    # -- evaluation --------------------------------------------------------------------------
+    async def check(self) -> dict[str, Any]:
+        now = self.manager.clock.now()
+        if self.prober is not None and self.config.probe_interval_s > 0 and \
+                now - self._last_probe_s >= self.config.probe_interval_s:
+            self._last_probe_s = now
+            await self._probe_all()
+        found = {a.id: a for a in self._evaluate(now)}
+        for alert_id in list(self.alerts):
+            if alert_id not in found:
+                self._close(self.alerts.pop(alert_id), now)
+        for alert_id, alert in found.items():
+            if alert_id not in self.alerts:
+                self.alerts[alert_id] = alert
+                self._open(alert, now)
+            else:
+                self.alerts[alert_id].message = alert.message
+        return self.get_health_report()
+
+    def _evaluate(self, now: float) -> list[Alert]:
+        m, c = self.manager, self.config
+        out: list[Alert] = []
+        if m.memory_pressure is MemoryPressure.CRITICAL:
+            out.append(Alert("memory_critical", "memory_critical", "critical",
+                             "memory pressure is critical", now))
+        if not m.upstream_ok:
+            out.append(Alert("upstream_unreachable", "upstream_unreachable", "critical",
+                             f"upstream unavailable: {m.upstream_error}", now))
+        window_min = max(1, int(c.error_window_s // 60))
+        for key in m.known_models():
+            e = m.entry(key)
+            usage = m.usage(key)
+            requests = usage.per_minute.total(now, 0, window_min)
+            failures = usage.failures_per_minute.total(now, 0, window_min)
+            if requests >= c.min_requests and failures / requests >= c.error_rate_threshold:
+                out.append(Alert(f"error_rate:{key}", "error_rate", "warning",
+                                 f"{key}: {failures}/{requests} requests failed in the last "
+                                 f"{window_min} min", now, key))
+            regression = self._latency_regression(key, usage.latency.counts, now)
+            if regression is not None:
+                out.append(Alert(f"latency_regression:{key}", "latency_regression", "warning",
+                                 regression, now, key))
+            if e.status is ModelStatus.LOADING and e.loading_since_s is not None and \
+                    now - e.loading_since_s > m.config.upstream.load_timeout_s:
+                out.append(Alert(f"load_stuck:{key}", "load_stuck", "critical",
+                                 f"{key} has been loading for {now - e.loading_since_s:.0f}s",
+                                 now, key))
+            if m.upstream_ok and e.waiting and e.waiting_since_s is not None and \
+                    now - e.waiting_since_s > c.hang_threshold_s:
+                out.append(Alert(f"hang:queued:{key}", "hang", "critical",
+                                 f"{e.waiting} request(s) for {key} waiting "
+                                 f"{now - e.waiting_since_s:.0f}s for the model", now, key))
+            probe = self.probes.get(key)
+            if probe is not None and not probe.ok and e.status is ModelStatus.LOADED:
+                out.append(Alert(f"probe_failed:{key}", "probe_failed", "warning",
+                                 f"{key} failed its probe: {probe.error}", now, key))
+        if m.upstream_ok:
+            silent = {}
+            for lease in m.active_leases():
+                quiet_s = now - lease.last_activity_s
+                if quiet_s > c.hang_threshold_s:
+                    silent[lease.model] = max(silent.get(lease.model, 0.0), quiet_s)
+            for key, quiet_s in silent.items():
+                out.append(Alert(f"hang:in_flight:{key}", "hang", "critical",
+                                 f"a request to {key} has had no byte from the upstream for "
+                                 f"{quiet_s:.0f}s while the upstream answers", now, key))
+        return out
+
+    def _latency_regression(self, key: str, counts: list[int], now: float) -> str | None:
+        """Recent p95 (the last latency_window_s) against the p95 of everything before it."""
+        hist = self._latency.setdefault(key, _LatencyHistory())
+        snaps = hist.snapshots
+        snaps.append((now, list(counts)))
+        while len(snaps) > 1 and now - snaps[1][0] >= self.config.latency_window_s:
+            snaps.popleft()
+        start_s, before = snaps[0]
+        if now - start_s < self.config.latency_window_s * 0.5:
+            return None   # not enough history yet to have a baseline
+        recent = [a - b for a, b in zip(counts, before)]
+        if sum(recent) < self.config.min_requests or sum(before) < self.config.min_requests:
+            return None
+        p95_recent, p95_base = quantile_of(recent, 0.95), quantile_of(before, 0.95)
+        assert p95_recent is not None and p95_base is not None
+        if p95_recent > self.config.latency_regression_factor * max(p95_base, BOUNDS_S[0]):
+            return (f"{key}: p95 latency {p95_recent * 1000:.0f} ms over the last "
+                    f"{self.config.latency_window_s:.0f}s, baseline {p95_base * 1000:.0f} ms")
+        return None
+
+    async def _probe_all(self) -> None:
+        assert self.prober is not None
+        for key in self.manager.get_loaded_models():
+            started = time.perf_counter()
+            try:
+                await self.prober(key)
+                self.probes[key] = ProbeResult(True, time.perf_counter() - started,
+                                               self.manager.clock.now())
+            except Exception as exc:
+                self.probes[key] = ProbeResult(False, time.perf_counter() - started,
+                                               self.manager.clock.now(),
+                                               getattr(exc, "message", None) or repr(exc))
+
+    def _open(self, alert: Alert, now: float) -> None:
+        log.warning("ALERT %s: %s", alert.id, alert.message)
+        if self.sink is not None:
+            self.sink.send({"status": "firing", **alert.as_dict(now)})
+
+    def _close(self, alert: Alert, now: float) -> None:
+        log.info("resolved %s after %.0fs", alert.id, now - alert.since_s)
+        if self.sink is not None:
+            self.sink.send({"status": "resolved", **alert.as_dict(now)})
+
+    # -- report ------------------------------------------------------------------------------
+    def get_health_report(self) -> dict[str, Any]:
+        m = self.manager
+        now = m.clock.now()
+        models = {}
+        for key in m.known_models():
+            e = m.entry(key)
+            u = m.usage(key)
+            probe = self.probes.get(key)
+            models[key] = {
+                "state": e.status.value, "requests": u.requests,
+                "success_rate": round(u.success_rate, 4),
+                "p95_latency_ms": None if u.latency.quantile(0.95) is None
+                else round(u.latency.quantile(0.95) * 1000, 1),
+                "in_flight": e.leases, "waiting": e.waiting,
+                "probe": None if probe is None else {
+                    "ok": probe.ok, "latency_ms": round(probe.latency_s * 1000, 1),
+                    "age_s": round(now - probe.at_s, 1), "error": probe.error},
+                "healthy": not any(a.model == key for a in self.alerts.values())}
+        status = "critical" if any(a.severity == "critical" for a in self.alerts.values()) \
+            else "degraded" if self.alerts else "ok"
+        return {
+            "status": status,
+            "system_health": {
+                "memory_pressure": m.memory_pressure.value,
+                "upstream": {"ok": m.upstream_ok, "error": m.upstream_error,
+                             "api_level": None if m.api_level is None else m.api_level.value},
+                "loaded_models": len(m.get_loaded_models()),
+                "requests_in_flight": len(m.active_leases()),
+                "queue_length": m.queue_length},
+            "models": models,
+            "alerts": [a.as_dict(now) for a in sorted(self.alerts.values(),
+                                                      key=lambda a: a.since_s)],
+        }

@@ -1,0 +1,139 @@
+"""SQLite persistence (WAL) of usage history, per-model statistics and learned footprints.
+
+All methods are blocking and meant to run through `asyncio.to_thread`. The schema is versioned
+with `PRAGMA user_version` and migrated forward on open. A file that cannot be opened or is not
+a database makes `open()` return False with `error` set: the proxy keeps serving from memory.
+"""
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+log = logging.getLogger("proxy.store")
+
+MIGRATIONS: list[str] = [
+    # 1: history per model and minute, statistics snapshots, learned footprints
+    """
+    CREATE TABLE usage_minutes (
+        model TEXT NOT NULL, minute INTEGER NOT NULL,
+        requests INTEGER NOT NULL, failures INTEGER NOT NULL,
+        prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL,
+        latency_sum_s REAL NOT NULL,
+        PRIMARY KEY (model, minute));
+    CREATE TABLE model_stats (model TEXT PRIMARY KEY, snapshot BLOB NOT NULL);
+    CREATE TABLE footprints (
+        model TEXT PRIMARY KEY, footprint_bytes REAL, samples INTEGER NOT NULL,
+        load_time_s REAL, load_count INTEGER NOT NULL);
+    """,
+]
+
+
+def default_path() -> Path:
+    return Path.home() / ".local" / "state" / "lmstudio-proxy" / "history.sqlite3"
+
+
+class UsageStore:
+    def __init__(self, path: str | Path, retention_days: float = 30.0) -> None:
+        self.path = Path(path)
+        self.retention_days = retention_days
+        self.error: str | None = None
+        self._db: sqlite3.Connection | None = None
+        self._lock = threading.Lock()   # one writer at a time across to_thread workers
+
+    @property
+    def ok(self) -> bool:
+        return self._db is not None and self.error is None
+
+    def open(self) -> bool:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            self._migrate(db)
+        except (sqlite3.Error, OSError) as exc:
+            self.error = f"{type(exc).__name__}: {exc}"
+            log.error("history database %s is unusable (%s); statistics are kept in memory "
+                      "only and will not survive a restart", self.path, self.error)
+            return False
+        self._db = db
+        return True
+
+    @staticmethod
+    def _migrate(db: sqlite3.Connection) -> None:
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version > len(MIGRATIONS):
+            raise sqlite3.DatabaseError(f"schema version {version} is newer than this proxy "
+                                        f"({len(MIGRATIONS)})")
+        for number in range(version, len(MIGRATIONS)):
+            db.executescript("BEGIN;" + MIGRATIONS[number] +
+                             f";PRAGMA user_version={number + 1};COMMIT;")
+
+    def close(self) -> None:
+        if self._db is not None:
+            with self._lock:
+                self._db.close()
+            self._db = None
+
+    def load(self) -> dict[str, Any]:
+        """{"stats": {model: snapshot}, "footprints": {model: {...}}}."""
+        if self._db is None:
+            return {"stats": {}, "footprints": {}}
+        with self._lock:
+            stats = {m: orjson.loads(s) for m, s in
+                     self._db.execute("SELECT model, snapshot FROM model_stats")}
+            footprints = {r[0]: {"footprint_bytes": r[1], "samples": r[2], "load_time_s": r[3],
+                                 "load_count": r[4]}
+                          for r in self._db.execute("SELECT * FROM footprints")}
+        return {"stats": stats, "footprints": footprints}
+
+    def write(self, minutes: dict[tuple[str, int], list[float]],
+              stats: dict[str, dict[str, Any]], footprints: dict[str, dict[str, Any]],
+              now_minute: int) -> bool:
+        if self._db is None:
+            return False
+        try:
+            with self._lock:
+                db = self._db
+                db.execute("BEGIN")
+                db.executemany(
+                    "INSERT INTO usage_minutes VALUES (?, ?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT(model, minute) DO UPDATE SET "
+                    "requests = requests + excluded.requests, "
+                    "failures = failures + excluded.failures, "
+                    "prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
+                    "completion_tokens = completion_tokens + excluded.completion_tokens, "
+                    "latency_sum_s = latency_sum_s + excluded.latency_sum_s",
+                    [(m, minute, *v) for (m, minute), v in minutes.items()])
+                db.executemany("INSERT OR REPLACE INTO model_stats VALUES (?, ?)",
+                               [(m, orjson.dumps(s)) for m, s in stats.items()])
+                db.executemany("INSERT OR REPLACE INTO footprints VALUES (?, ?, ?, ?, ?)",
+                               [(m, f["footprint_bytes"], f["samples"], f["load_time_s"],
+                                 f["load_count"]) for m, f in footprints.items()])
+                db.execute("DELETE FROM usage_minutes WHERE minute < ?",
+                           (now_minute - int(self.retention_days * 1440),))
+                db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if self._db is not None and self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            if self.error is None:
+                log.error("writing history to %s failed (%s); keeping statistics in memory",
+                          self.path, exc)
+            self.error = f"{type(exc).__name__}: {exc}"
+            return False
+        self.error = None
+        return True
+
+    def history(self, model: str, since_minute: int) -> list[tuple]:
+        if self._db is None:
+            return []
+        with self._lock:
+            return list(self._db.execute(
+                "SELECT minute, requests, failures, prompt_tokens, completion_tokens, "
+                "latency_sum_s FROM usage_minutes WHERE model = ? AND minute >= ? "
+                "ORDER BY minute", (model, since_minute)))
