@@ -18,7 +18,7 @@ from .errors import ConfigError
 
 log = logging.getLogger("proxy")
 
-ENV_FLAGS = {  # environment variable → (argparse dest, config path)
+ENV_FLAGS = {  # environment variable → (argparse dest, config path); PROXY_URL: `status`
     "PROXY_CONFIG": ("config", None),
     "PROXY_HOST": ("host", "server.host"),
     "PROXY_PORT": ("port", "server.port"),
@@ -76,9 +76,13 @@ def resolve_config(args: argparse.Namespace, environ: Mapping[str, str]) -> Conf
 
 
 def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    env = os.environ if environ is None else environ
+    if argv[:1] == ["status"]:
+        return _status(argv[1:], env)
     args = build_parser().parse_args(argv)
     try:
-        config = resolve_config(args, os.environ if environ is None else environ)
+        config = resolve_config(args, env)
     except ConfigError as exc:
         print("configuration is invalid:", file=sys.stderr)
         for problem in exc.problems:
@@ -92,6 +96,15 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_run(config, demo=args.demo))
     return 0
+
+
+def _status(argv: list[str], environ: Mapping[str, str]) -> int:
+    from .status import run
+    p = argparse.ArgumentParser(prog="python -m proxy status",
+                                description="Show models, memory and pressure of a running proxy.")
+    port = environ.get("PROXY_PORT", "8080")
+    p.add_argument("--url", default=environ.get("PROXY_URL", f"http://127.0.0.1:{port}"))
+    return run(p.parse_args(argv).url)
 
 
 async def _run(config: Config, *, demo: bool) -> None:

@@ -71,9 +71,9 @@ def proxy_config(upstream_url: str, **overrides: Any) -> Any:
 async def make_proxy() -> AsyncIterator[Callable[..., Awaitable[Proxy]]]:
     started: list[Proxy] = []
 
-    async def make(upstream_url: str, *, config: Any = None, **overrides: Any) -> Proxy:
-        app = create_app(config or proxy_config(upstream_url, **overrides),
-                         **overrides.pop("_app_kwargs", {}))
+    async def make(upstream_url: str, *, config: Any = None, app_kwargs: Any = None,
+                   **overrides: Any) -> Proxy:
+        app = create_app(config or proxy_config(upstream_url, **overrides), **(app_kwargs or {}))
         p = Proxy(await serve(app), app)
         started.append(p)
         return p

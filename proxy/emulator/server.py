@@ -222,6 +222,8 @@ class _Api:
                           else "Invalid JSON body", legacy=legacy)
         f = self.state.faults
         if f.hang_inference:
+            self.state.hung_requests += 1
+            self.state.notify()
             await asyncio.Event().wait()
         if f.inference_status:
             return _error(f.inference_status, "Injected upstream failure", type_="server_error")

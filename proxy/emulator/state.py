@@ -71,6 +71,7 @@ class EmulatorState:
         self.inference_calls: Counter[str] = Counter()
         self.peak_used_bytes = 0
         self.cancelled_streams = 0
+        self.hung_requests = 0
         self.completed_streams = 0
         self._changed = asyncio.Event()
 

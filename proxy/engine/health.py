@@ -164,11 +164,12 @@ class ModelHealthMonitor:
         hist = self._latency.setdefault(key, _LatencyHistory())
         snaps = hist.snapshots
         snaps.append((now, list(counts)))
-        while len(snaps) > 1 and now - snaps[1][0] >= self.config.latency_window_s:
-            snaps.popleft()
+        window_start = now - self.config.latency_window_s
+        while len(snaps) > 1 and snaps[1][0] <= window_start:
+            snaps.popleft()   # keep the newest snapshot that is at least a window old
         start_s, before = snaps[0]
-        if now - start_s < self.config.latency_window_s * 0.5:
-            return None   # not enough history yet to have a baseline
+        if start_s > window_start:
+            return None   # no history older than the window yet: no baseline
         recent = [a - b for a, b in zip(counts, before)]
         if sum(recent) < self.config.min_requests or sum(before) < self.config.min_requests:
             return None

@@ -46,10 +46,17 @@ class WebhookSink:
             await self._session.close()
             self._session = None
 
+    async def drain(self) -> None:
+        """Wait until every queued alert was delivered or given up on."""
+        await self._queue.join()
+
     async def _run(self) -> None:
         while True:
             event = await self._queue.get()
-            await self._deliver(event)
+            try:
+                await self._deliver(event)
+            finally:
+                self._queue.task_done()
 
     async def _deliver(self, event: dict[str, Any]) -> None:
         assert self._session is not None

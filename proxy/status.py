@@ -1,0 +1,73 @@
+"""`python -m proxy status [--url URL]`: models, memory and pressure at a glance."""
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from typing import Any
+
+BAR_WIDTH = 30
+
+
+def fetch(url: str, path: str, timeout_s: float = 5.0) -> Any:
+    with urllib.request.urlopen(url.rstrip("/") + path, timeout=timeout_s) as resp:
+        return json.loads(resp.read())
+
+
+def render(stats: dict[str, Any], models: dict[str, Any], health: dict[str, Any]) -> str:
+    lines = []
+    mem = stats.get("system_memory")
+    up = stats["upstream"]
+    lines.append(f"upstream   {'up' if up['ok'] else 'DOWN'}  ({up.get('api_level') or '-'})"
+                 + (f"  {up['error']}" if up.get("error") else ""))
+    if mem:
+        used = mem["used_percent"]
+        filled = round(used / 100 * BAR_WIDTH)
+        lines.append(f"memory     [{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {used:.0f}% used, "
+                     f"{mem['available_gb']:.1f} of {mem['total_gb']:.1f} GB free "
+                     f"({stats['sampler']})")
+    lines.append(f"pressure   {stats['memory_pressure']}    policy {stats['policy']}    "
+                 f"queue {stats['queue_length']}    health {health.get('status', '?')}")
+    lines.append("")
+    head = f"{'MODEL':<40} {'STATE':<10} {'OWNER':<8} {'MEM GB':>7} {'PRIO':>4} {'PIN':>3} " \
+           f"{'BUSY':>4} {'REQS':>6} {'OK%':>5} {'P95 ms':>8} {'LAST USE':>9}"
+    lines.append(head)
+    per_model = stats.get("models", {})
+    for row in models["data"]:
+        s = per_model.get(row["model"], {})
+        last = row["last_used_s_ago"]
+        lines.append(
+            f"{row['model'][:40]:<40} {row['state']:<10} {row['owner'] or '-':<8} "
+            f"{row['footprint_mb'] / 1000:>7.1f} {row['priority']:>4} "
+            f"{'yes' if row['pinned'] else '':>3} {row['leases']:>4} {row['requests']:>6} "
+            f"{s.get('success_rate', 1) * 100:>5.0f} "
+            f"{s.get('p95_latency_ms') if s.get('p95_latency_ms') is not None else '-':>8} "
+            f"{_ago(last):>9}")
+    alerts = health.get("alerts") or []
+    if alerts:
+        lines.append("")
+        for a in alerts:
+            lines.append(f"ALERT {a['severity']:<8} {a['message']}")
+    return "\n".join(lines)
+
+
+def _ago(seconds: float | None) -> str:
+    if seconds is None:
+        return "never"
+    if seconds < 60:
+        return f"{seconds:.0f}s ago"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f}m ago"
+    return f"{seconds / 3600:.1f}h ago"
+
+
+def run(url: str) -> int:
+    try:
+        stats = fetch(url, "/proxy/stats")
+        models = fetch(url, "/proxy/models")
+        health = fetch(url, "/proxy/health")
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        print(f"cannot reach the proxy at {url}: {exc}")
+        return 1
+    print(render(stats, models, health))
+    return 0
