@@ -126,7 +126,7 @@ async def _replay(loop: VirtualTimeLoop, workload: Workload, budget_gb: float, v
     class Listener:
         def on_unload(self, key: str, reason: str) -> None:
             evictions.append((key, loop.time()))
-    mgr.listeners.append(Listener())
+    mgr.add_listener(Listener())
     await mgr.start()
     delays: list[float] = []
     failed = 0

@@ -6,12 +6,16 @@ a model label is a known model key or `__other__`.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterable
+import bisect
+from typing import TYPE_CHECKING, Any, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
+                                    HistogramMetricFamily)
+from prometheus_client.utils import floatToGoString
 from prometheus_client.registry import Collector
 
+from .engine.lifecycle import ModelStatus
 from .engine.memory import MemoryPressure
 from .engine.usage import RequestRecord
 
@@ -24,21 +28,24 @@ LOAD_BUCKETS_S = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
 QUEUE_BUCKETS_S = (0.001, 0.01, 0.1, 0.5, 1, 5, 10, 30, 60, 120, 300)
 
 
+class _HistogramCounts:
+    """A Prometheus histogram as plain counts: no lock, one bisect per observation."""
+    __slots__ = ("counts", "total")
+
+    def __init__(self, n_buckets: int) -> None:
+        self.counts = [0] * (n_buckets + 1)
+        self.total = 0.0
+
+
 class ProxyMetrics:
+    """Per-request series are plain counters updated on the loop and exported by a collector
+    at scrape time (prometheus_client's Counter/Histogram lock on every update, which cost more
+    than the rest of the engine's per-request work together); rare events use its classes."""
+
     def __init__(self, engine: "ModelMemoryManager") -> None:
         self.engine = engine
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter("proxy_requests_total", "Requests by model, endpoint and outcome",
-                                ["model", "endpoint", "outcome"], registry=r)
-        self.duration = Histogram("proxy_request_duration_seconds",
-                                  "Time from request to the end of the response",
-                                  ["model"], buckets=LATENCY_BUCKETS_S, registry=r)
-        self.ttft = Histogram("proxy_time_to_first_token_seconds",
-                              "Time to the first generated token of a stream", ["model"],
-                              buckets=LATENCY_BUCKETS_S, registry=r)
-        self.tokens = Counter("proxy_tokens_total", "Tokens by model and kind",
-                              ["model", "kind"], registry=r)
         self.load_duration = Histogram("proxy_model_load_duration_seconds",
                                        "Model load durations", ["model"],
                                        buckets=LOAD_BUCKETS_S, registry=r)
@@ -49,24 +56,40 @@ class ProxyMetrics:
         self.queue_wait = Histogram("proxy_queue_wait_seconds",
                                     "Time a load waited for admission (memory)",
                                     buckets=QUEUE_BUCKETS_S, registry=r)
+        self.requests: dict[tuple[str, str, str], int] = {}
+        self.durations: dict[str, _HistogramCounts] = {}
+        self.ttfts: dict[str, _HistogramCounts] = {}
+        self.tokens: dict[tuple[str, str], int] = {}
         r.register(_StateCollector(engine))
-        engine.listeners.append(self)
+        r.register(_RequestCollector(self))
+        engine.add_listener(self)
 
     def label(self, model: str) -> str:
         return model if self.engine.entry(model) is not None else OTHER
 
     # -- engine listener events --------------------------------------------------------------
     def on_request(self, rec: RequestRecord) -> None:
-        model = self.label(rec.model)
+        model = rec.model if rec.model in self.durations else self.label(rec.model)
         outcome = "success" if rec.ok else ("client_closed" if rec.status == 499 else "error")
-        self.requests.labels(model, rec.endpoint or "library", outcome).inc()
-        self.duration.labels(model).observe(rec.latency_s)
+        key = (model, rec.endpoint or "library", outcome)
+        self.requests[key] = self.requests.get(key, 0) + 1
+        hist = self.durations.get(model)
+        if hist is None:
+            hist = self.durations[model] = _HistogramCounts(len(LATENCY_BUCKETS_S))
+        hist.counts[bisect.bisect_left(LATENCY_BUCKETS_S, rec.latency_s)] += 1
+        hist.total += rec.latency_s
         if rec.ttft_s is not None:
-            self.ttft.labels(model).observe(rec.ttft_s)
+            ttft = self.ttfts.get(model)
+            if ttft is None:
+                ttft = self.ttfts[model] = _HistogramCounts(len(LATENCY_BUCKETS_S))
+            ttft.counts[bisect.bisect_left(LATENCY_BUCKETS_S, rec.ttft_s)] += 1
+            ttft.total += rec.ttft_s
         if rec.prompt_tokens:
-            self.tokens.labels(model, "prompt").inc(rec.prompt_tokens)
+            k = (model, "prompt")
+            self.tokens[k] = self.tokens.get(k, 0) + rec.prompt_tokens
         if rec.completion_tokens:
-            self.tokens.labels(model, "completion").inc(rec.completion_tokens)
+            k = (model, "completion")
+            self.tokens[k] = self.tokens.get(k, 0) + rec.completion_tokens
 
     def on_load(self, model: str, duration_s: float, ok: bool) -> None:
         self.loads.labels(model, "success" if ok else "failure").inc()
@@ -81,6 +104,36 @@ class ProxyMetrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _RequestCollector(Collector):
+    def __init__(self, metrics: ProxyMetrics) -> None:
+        self.m = metrics
+
+    def collect(self) -> Iterable[Any]:
+        requests = CounterMetricFamily("proxy_requests", "Requests by model, endpoint and "
+                                       "outcome", labels=["model", "endpoint", "outcome"])
+        for labels, n in sorted(self.m.requests.items()):
+            requests.add_metric(list(labels), n)
+        yield requests
+        tokens = CounterMetricFamily("proxy_tokens", "Tokens by model and kind",
+                                     labels=["model", "kind"])
+        for labels, n in sorted(self.m.tokens.items()):
+            tokens.add_metric(list(labels), n)
+        yield tokens
+        for name, doc, source in (
+                ("proxy_request_duration_seconds", "Time from request to the end of the response",
+                 self.m.durations),
+                ("proxy_time_to_first_token_seconds",
+                 "Time to the first generated token of a stream", self.m.ttfts)):
+            family = HistogramMetricFamily(name, doc, labels=["model"])
+            for model, h in sorted(source.items()):
+                cumulative, buckets = 0, []
+                for bound, n in zip((*LATENCY_BUCKETS_S, float("inf")), h.counts):
+                    cumulative += n
+                    buckets.append((floatToGoString(bound), cumulative))
+                family.add_metric([model], buckets, h.total)
+            yield family
 
 
 class _StateCollector(Collector):
@@ -101,7 +154,7 @@ class _StateCollector(Collector):
         for key in e.known_models():
             entry = e.entry(key)
             assert entry is not None
-            loaded.add_metric([key], 1.0 if key in e.loaded_set() else 0.0)
+            loaded.add_metric([key], 1.0 if entry.status is ModelStatus.LOADED else 0.0)
             leases.add_metric([key], float(entry.leases))
             footprint.add_metric([key], e.footprint_bytes(entry))
         yield loaded

@@ -128,7 +128,7 @@ async def test_upstream_dropping_a_stream_is_recorded_as_failure(proxy, emulator
     class Listener:
         def on_request(self, r):
             recorded.set()
-    proxy.engine.listeners.append(Listener())
+    proxy.engine.add_listener(Listener())
     async with http.post(f"{proxy.url}/v1/chat/completions",
                          json={"model": MODEL, "messages": [], "stream": True}) as resp:
         with pytest.raises(Exception):

@@ -171,7 +171,7 @@ async def test_silent_hang_through_the_proxy_opens_and_clears(make_proxy, emulat
         report = await r.json()
     assert f"hang:in_flight:{MODEL}" in ids(report) and report["status"] == "critical"
     released = asyncio.Event()
-    proxy.engine.listeners.append(type("L", (), {"on_request": lambda s, r: released.set()})())
+    proxy.engine.add_listener(type("L", (), {"on_request": lambda s, r: released.set()})())
     request.cancel()                                     # the client gives up
     await released.wait()
     async with http.get(f"{proxy.url}/proxy/health") as r:

@@ -67,7 +67,7 @@ async def test_client_disconnect_cancels_upstream_and_releases_lease(proxy, emul
         def on_request(self, r):
             records.append(r)
             recorded.set()
-    proxy.engine.listeners.append(Listener())
+    proxy.engine.add_listener(Listener())
     resp = await http.post(f"{proxy.url}/v1/chat/completions", data=chat_body())
     await resp.content.readuntil(b"\n\n")
     resp.close()                                           # the client goes away mid-stream
@@ -93,3 +93,19 @@ async def test_stream_without_upstream_usage_is_counted_and_marked_estimated(
         meter.feed(await resp.read())
     assert meter.tokens_estimated and meter.completion_tokens_or_estimate() == 6
     assert proxy.engine.api_level.value == "state-only"
+
+
+@pytest.mark.parametrize("body,expected", [
+    (b'{"data": [{"embedding": [0.1, 0.2]}], "usage": {"prompt_tokens": 3, "total_tokens": 3}}',
+     (3, 0)),
+    (b'{"output": [], "usage": {"input_tokens": 4, "output_tokens": 9, '
+     b'"input_tokens_details": {"cached_tokens": 0}}}', (4, 9)),
+    (b'{"choices": [{"message": {"content": "a \\"usage\\": {}"}}], '
+     b'"usage": {"prompt_tokens": 1, "completion_tokens": 2}}', (1, 2)),
+    (b'{"choices": []}', None),
+])
+def test_usage_is_read_without_decoding_the_whole_body(body, expected):
+    from proxy.streaming import SMALL_BODY_BYTES, usage_of_body
+    assert usage_of_body(body) == expected
+    padded = body[:1] + b'"pad": "' + b"x" * SMALL_BODY_BYTES + b'", ' + body[1:]
+    assert usage_of_body(padded) == expected          # large bodies take the regex path

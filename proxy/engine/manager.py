@@ -95,7 +95,8 @@ class ModelMemoryManager:
         self.on_model_loaded: Callable[..., Any] | None = None
         self.on_model_unloaded: Callable[..., Any] | None = None
         self.on_memory_pressure: Callable[..., Any] | None = None
-        self.listeners: list[Any] = []   # objects with optional on_load/on_unload/on_request
+        self.listeners: list[Any] = []   # see add_listener()
+        self._request_hooks: list[Callable[[RequestRecord], None]] = []
         self.store = store
         self._pending_minutes: dict[tuple[str, int], list[float]] = {}
         self._dirty_stats: set[str] = set()
@@ -278,20 +279,26 @@ class ModelMemoryManager:
         if usage is not None:
             usage.record(r)
             if self.store is not None:
-                slot = self._pending_minutes.get((r.model, int(self.clock.wall() // 60)))
+                minute_key = (r.model, int(self.clock.wall() // 60))
+                slot = self._pending_minutes.get(minute_key)
                 if slot is None:
-                    slot = self._pending_minutes[(r.model, int(self.clock.wall() // 60))] = \
-                        [0, 0, 0, 0, 0.0]
+                    slot = self._pending_minutes[minute_key] = [0, 0, 0, 0, 0.0]
                 slot[0] += 1
                 slot[1] += 0 if r.ok else 1
                 slot[2] += r.prompt_tokens
                 slot[3] += r.completion_tokens
                 slot[4] += r.latency_s
                 self._dirty_stats.add(r.model)
-        for listener in self.listeners:
-            hook = getattr(listener, "on_request", None)
-            if hook is not None:
-                hook(r)
+        for hook in self._request_hooks:
+            hook(r)
+
+    def add_listener(self, listener: Any) -> None:
+        """Subscribe to engine events: any of on_request(record), on_load(model, duration_s,
+        ok), on_unload(model, reason), on_queue_wait(model, seconds)."""
+        self.listeners.append(listener)
+        hook = getattr(listener, "on_request", None)
+        if hook is not None:
+            self._request_hooks.append(hook)
 
     def usage(self, key: str) -> ModelUsage:
         return self._usage.get(key) or ModelUsage()
@@ -686,9 +693,6 @@ class ModelMemoryManager:
     @property
     def last_sample(self) -> MemorySample | None:
         return self._last_sample
-
-    def loaded_set(self) -> set[str]:
-        return {k for k, e in self._entries.items() if e.status is S.LOADED}
 
     def get_loaded_models(self) -> list[str]:
         return sorted(k for k, e in self._entries.items() if e.status is S.LOADED)

@@ -15,8 +15,8 @@ BOUNDS_S = tuple(1e-4 * _BUCKET_RATIO ** i for i in range(int(math.log(3.6e7, _B
 WINDOW_MINUTES = 120  # two hours: the latest hour is compared with the one before for the trend
 
 
-@dataclass(frozen=True)
-class RequestRecord:
+@dataclass(slots=True)
+class RequestRecord:   # built once per request: plain slots, no frozen-init cost
     model: str
     ok: bool
     latency_s: float

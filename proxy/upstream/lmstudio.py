@@ -7,9 +7,8 @@ lack of memory is told apart from other failures so the engine can evict and ret
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from typing import Any, AsyncIterator, Mapping
+from typing import Any, Mapping
 
 import aiohttp
 import orjson
@@ -53,28 +52,23 @@ class LMStudioUpstream:
             raise RuntimeError("LMStudioUpstream.start() was not awaited")
         return self._session
 
-    def _auth(self) -> dict[str, str]:
+    @property
+    def _token_header(self) -> str | None:
         token = self.config.api_token
-        return {"Authorization": f"Bearer {token}"} if token else {}
+        return f"Bearer {token}" if token else None
+
+    def _auth(self) -> dict[str, str]:
+        header = self._token_header
+        return {"Authorization": header} if header else {}
 
     # -- forwarding --------------------------------------------------------------------------
-    @contextlib.asynccontextmanager
-    async def request(self, method: str, path: str, headers: Mapping[str, str],
-                      body: bytes | None) -> AsyncIterator[aiohttp.ClientResponse]:
-        out = dict(headers)
-        out.update(self._auth())
-        try:
-            resp = await self.session.request(method, self.base_url + path, headers=out,
-                                              data=body, allow_redirects=False)
-        except Exception as exc:
-            raise self._map_error(exc, f"{method} {path}") from exc
-        try:
-            yield resp
-        except BaseException:
-            resp.close()  # drop the connection: the upstream stops generating for nobody
-            raise
-        else:
-            resp.release()
+    def request(self, method: str, path: str, headers: dict[str, str],
+                body: bytes | None) -> "_Forward":
+        """`async with upstream.request(...) as resp`: errors reaching the upstream become
+        UpstreamError; leaving the block early drops the connection."""
+        if self._token_header:
+            headers["Authorization"] = self._token_header
+        return _Forward(self, method, path, headers, body)
 
     # -- management --------------------------------------------------------------------------
     async def detect(self) -> ApiLevel:
@@ -163,6 +157,35 @@ class LMStudioUpstream:
         if isinstance(exc, aiohttp.ClientError):
             return UpstreamError(f"LM Studio at {self.base_url} failed on {what}: {exc!r}")
         return exc if isinstance(exc, Exception) else UpstreamError(repr(exc))
+
+
+class _Forward:
+    """A class-based async context manager: cheaper per request than asynccontextmanager."""
+    __slots__ = ("upstream", "method", "path", "headers", "body", "resp")
+
+    def __init__(self, upstream: LMStudioUpstream, method: str, path: str,
+                 headers: dict[str, str], body: bytes | None) -> None:
+        self.upstream, self.method, self.path = upstream, method, path
+        self.headers, self.body = headers, body
+        self.resp: aiohttp.ClientResponse | None = None
+
+    async def __aenter__(self) -> aiohttp.ClientResponse:
+        up = self.upstream
+        try:
+            self.resp = await up.session.request(self.method, up.base_url + self.path,
+                                                 headers=self.headers, data=self.body,
+                                                 allow_redirects=False)
+        except Exception as exc:
+            raise up._map_error(exc, f"{self.method} {self.path}") from exc
+        return self.resp
+
+    async def __aexit__(self, exc_type: type | None, exc: BaseException | None,
+                        tb: object) -> None:
+        assert self.resp is not None
+        if exc_type is None:
+            self.resp.release()
+        else:
+            self.resp.close()  # drop the connection: the upstream stops generating for nobody
 
 
 def _error_text(body: Any) -> str | None:

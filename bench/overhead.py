@@ -1,0 +1,268 @@
+"""Overhead of the proxy against no proxy and against the floor of a Python relay.
+
+    python -m bench.overhead [--rounds 3] [--duration-s 5] [--json FILE]
+
+Starts, each in its own process on loopback: the LM Studio emulator with no load time and no
+per-token delay, the reference relay (bench/relay.py), and the proxy as users run it (its
+default configuration, the model loaded). Non-streaming load comes from wrk (a Lua body script)
+at concurrency 1, 16 and 64; streaming from an async Python client at concurrency 16. Targets
+run back to back in rotating order for several rounds; medians are reported, with the ratios
+proxy / relay and proxy / direct, which are the figures that hold on a noisy machine.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import aiohttp
+import psutil
+
+MODEL = "qwen/qwen3-4b"
+BODY = {"model": MODEL, "max_tokens": 8, "messages": [{"role": "user", "content": "hi there"}]}
+STREAM_BODY = {**BODY, "max_tokens": 24, "stream": True}     # 26 SSE events per response
+CONCURRENCY = (1, 16, 64)
+STREAM_CONCURRENCY = 16
+TARGETS = ("direct", "relay", "proxy")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{url} did not become ready")
+        time.sleep(0.1)
+
+
+def post_json(url: str, data: dict) -> None:
+    req = urllib.request.Request(url, data=json.dumps(data).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        resp.read()
+
+
+class Servers:
+    def __init__(self, workdir: Path, proxy_args: list[str]) -> None:
+        self.workdir = workdir
+        self.ports = {t: free_port() for t in TARGETS}
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.proxy_args = proxy_args
+
+    def url(self, target: str) -> str:
+        return f"http://127.0.0.1:{self.ports[target]}"
+
+    def start(self) -> None:
+        py = sys.executable
+        emu = self.url("direct")
+        self._spawn("direct", [py, "-m", "proxy.emulator", "--port", str(self.ports["direct"]),
+                               "--load-time-scale", "0", "--tokens-per-s", "0",
+                               "--capacity-gb", "64"], f"{emu}/lmstudio-greeting")
+        self._spawn("relay", [py, "-m", "bench.relay", "--upstream", emu, "--port",
+                              str(self.ports["relay"])], f"{self.url('relay')}/v1/models")
+        config = self.workdir / "proxy.yaml"
+        config.write_text(f"storage:\n  path: {self.workdir / 'history.sqlite3'}\n")
+        self._spawn("proxy", [py, "-m", "proxy", "--config", str(config), "--port",
+                              str(self.ports["proxy"]), "--upstream", emu, *self.proxy_args],
+                    f"{self.url('proxy')}/readyz")
+        post_json(f"{self.url('proxy')}/proxy/models/load", {"model": MODEL})
+
+    def _spawn(self, name: str, cmd: list[str], ready_url: str) -> None:
+        log = open(self.workdir / f"{name}.log", "w")
+        self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                            cwd=Path(__file__).resolve().parent.parent)
+        wait_ready(ready_url)
+
+    def process(self, target: str) -> psutil.Process:
+        return psutil.Process(self.procs[target].pid)
+
+    def stop(self) -> None:
+        for p in self.procs.values():
+            p.terminate()
+        for p in self.procs.values():
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+
+
+def run_wrk(url: str, concurrency: int, duration_s: float, script: Path) -> dict:
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{concurrency}", f"-d{duration_s:g}s", "--latency", "-s",
+         str(script), f"{url}/v1/chat/completions"],
+        capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    lat = {p: float(v) * _UNITS[u] for p, v, u in
+           re.findall(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)}
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    total = int(re.search(r"(\d+) requests in", out).group(1))
+    return {"rps": rps, "p50_ms": lat["50"], "p99_ms": lat["99"], "requests": total,
+            "errors": int(errors.group(1)) if errors else 0}
+
+
+async def stream_load(url: str, concurrency: int, per_worker: int) -> dict:
+    ttfb, ttlb = [], []
+    body = json.dumps(STREAM_BODY).encode()
+    conn = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=conn) as session:
+        async def worker() -> None:
+            for _ in range(per_worker):
+                t0 = time.perf_counter()
+                async with session.post(f"{url}/v1/chat/completions", data=body,
+                                        headers={"Content-Type": "application/json"}) as r:
+                    first = True
+                    async for _chunk in r.content.iter_any():
+                        if first:
+                            ttfb.append(time.perf_counter() - t0)
+                            first = False
+                    ttlb.append(time.perf_counter() - t0)
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return {"ttfb_p50_ms": statistics.median(ttfb) * 1e3,
+            "ttlb_p50_ms": statistics.median(ttlb) * 1e3,
+            "ttfb_p99_ms": sorted(ttfb)[int(0.99 * (len(ttfb) - 1))] * 1e3,
+            "requests": len(ttlb)}
+
+
+def measure(servers: Servers, rounds: int, duration_s: float, stream_per_worker: int,
+            script: Path) -> dict:
+    results: dict[str, dict[str, list[float]]] = {t: {} for t in TARGETS}
+    proxy_proc, relay_proc = servers.process("proxy"), servers.process("relay")
+    cpu = {"proxy": [0.0, 0], "relay": [0.0, 0]}
+    rss_mb = {"idle": proxy_proc.memory_info().rss / 1e6, "after_round": []}
+    for rnd in range(rounds):
+        order = TARGETS[rnd % 3:] + TARGETS[:rnd % 3]
+        for target in order:
+            url = servers.url(target)
+            before = {n: p.cpu_times() for n, p in (("proxy", proxy_proc),
+                                                    ("relay", relay_proc))}
+            served = 0
+            for c in CONCURRENCY:
+                r = run_wrk(url, c, duration_s, script)
+                served += r["requests"]
+                for k in ("rps", "p50_ms", "p99_ms", "errors"):
+                    results[target].setdefault(f"{k}_c{c}", []).append(r[k])
+            s = asyncio.run(stream_load(url, STREAM_CONCURRENCY, stream_per_worker))
+            served += s["requests"]
+            for k in ("ttfb_p50_ms", "ttlb_p50_ms", "ttfb_p99_ms"):
+                results[target].setdefault(k, []).append(s[k])
+            if target in cpu:
+                p = proxy_proc if target == "proxy" else relay_proc
+                t = p.cpu_times()
+                cpu[target][0] += (t.user + t.system) - (before[target].user +
+                                                         before[target].system)
+                cpu[target][1] += served
+        rss_mb["after_round"].append(proxy_proc.memory_info().rss / 1e6)
+        print(f"round {rnd + 1}/{rounds} done; proxy RSS "
+              f"{rss_mb['after_round'][-1]:.1f} MB", file=sys.stderr, flush=True)
+    medians = {t: {k: statistics.median(v) for k, v in m.items()} for t, m in results.items()}
+    return {"medians": medians, "rounds": results, "rss_mb": rss_mb,
+            "cpu_s_per_1000": {t: 1000 * c[0] / c[1] for t, c in cpu.items() if c[1]},
+            "requests_per_target": {t: c[1] for t, c in cpu.items()}}
+
+
+def render(data: dict) -> str:
+    m = data["medians"]
+    d, r, p = m["direct"], m["relay"], m["proxy"]
+    rows = []
+
+    def row(label: str, key: str, higher_better: bool = False, fmt: str = "{:.2f}") -> None:
+        rows.append(f"| {label} | {fmt.format(d[key])} | {fmt.format(r[key])} | "
+                    f"{fmt.format(p[key])} | {p[key] / r[key]:.3f} | {p[key] / d[key]:.3f} |")
+    for c in CONCURRENCY:
+        row(f"requests/s, c={c}", f"rps_c{c}", fmt="{:.0f}")
+    for c in CONCURRENCY:
+        row(f"latency p50 ms, c={c}", f"p50_ms_c{c}")
+        row(f"latency p99 ms, c={c}", f"p99_ms_c{c}")
+    row(f"stream TTFB p50 ms, c={STREAM_CONCURRENCY}", "ttfb_p50_ms")
+    row(f"stream TTFB p99 ms, c={STREAM_CONCURRENCY}", "ttfb_p99_ms")
+    row(f"stream last byte p50 ms, c={STREAM_CONCURRENCY}", "ttlb_p50_ms")
+    head = ["| metric (median of rounds) | direct | reference relay | proxy | proxy / relay | "
+            "proxy / direct |", "|---|---|---|---|---|---|"]
+    added_relay = r["p50_ms_c1"] - d["p50_ms_c1"]
+    added_proxy = p["p50_ms_c1"] - d["p50_ms_c1"]
+    rss = data["rss_mb"]
+    cpu = data["cpu_s_per_1000"]
+    tail = [
+        "",
+        f"- added latency at c=1 (p50 − direct p50): relay {added_relay:.3f} ms, proxy "
+        f"{added_proxy:.3f} ms → proxy / relay {added_proxy / added_relay:.2f}"
+        if added_relay > 0 else "- added latency at c=1: relay added none measurable",
+        f"- streaming TTFB, proxy − relay: {p['ttfb_p50_ms'] - r['ttfb_p50_ms']:+.3f} ms (p50)",
+        f"- throughput at c=64, proxy / relay: {p['rps_c64'] / r['rps_c64']:.3f}",
+        f"- proxy RSS: {rss['idle']:.1f} MB idle, after each round "
+        + ", ".join(f"{x:.1f}" for x in rss["after_round"]) + " MB "
+        f"({data['requests_per_target'].get('proxy', 0)} requests through the proxy)",
+        f"- CPU seconds per 1,000 requests: relay {cpu.get('relay', 0):.3f}, proxy "
+        f"{cpu.get('proxy', 0):.3f}",
+        f"- wrk errors (non-2xx): " + ", ".join(
+            f"{t} {sum(sum(v) for k, v in data['rounds'][t].items() if k.startswith('errors'))}"
+            for t in TARGETS),
+    ]
+    return "\n".join(head + rows + tail)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.overhead",
+                                 description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--duration-s", type=float, default=5.0, help="per wrk measurement")
+    ap.add_argument("--stream-requests", type=int, default=25,
+                    help="streaming requests per client worker per round")
+    ap.add_argument("--proxy-arg", action="append", default=[],
+                    help="extra argument for the proxy (repeatable)")
+    ap.add_argument("--json", help="write the numbers here")
+    args = ap.parse_args(argv)
+    if shutil.which("wrk") is None:
+        print("wrk is needed: apt-get install wrk", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        script = workdir / "post.lua"
+        script.write_text('wrk.method = "POST"\nwrk.headers["Content-Type"] = '
+                          f'"application/json"\nwrk.body = \'{json.dumps(BODY)}\'\n')
+        servers = Servers(workdir, args.proxy_arg)
+        try:
+            servers.start()
+            data = measure(servers, args.rounds, args.duration_s, args.stream_requests, script)
+        finally:
+            servers.stop()
+    data["machine"] = {"cores": os.cpu_count(), "memory_gb": round(
+        psutil.virtual_memory().total / 1e9, 1), "cpu": platform.processor() or
+        platform.machine(), "python": platform.python_version()}
+    print(render(data))
+    print(f"\n{data['machine']['cores']} cores, {data['machine']['memory_gb']} GB, "
+          f"{data['machine']['cpu']}, Python {data['machine']['python']}; "
+          f"{args.rounds} rounds × {args.duration_s:g}s per wrk run")
+    if args.json:
+        Path(args.json).write_text(json.dumps(data, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
