@@ -16,7 +16,8 @@ from .engine.memory import MemorySampler
 from .engine.webhook import WebhookSink
 from .errors import ProxyError, RouteNotFound
 from .handlers import admin, health, openai
-from .keys import CONFIG, ENGINE, HEALTH, METRICS, RESPONSE_STARTED, UPSTREAM
+from .accesslog import AccessLog
+from .keys import ACCESS_LOG, CONFIG, ENGINE, HEALTH, METRICS, RESPONSE_STARTED, UPSTREAM
 from .metrics import ProxyMetrics
 from .store import UsageStore, default_path
 from .upstream.base import Upstream
@@ -74,6 +75,7 @@ def create_app(config: Config, *, upstream: Upstream | None = None, clock: Clock
     app[UPSTREAM] = upstream
     app[ENGINE] = engine
     app[METRICS] = ProxyMetrics(engine)
+    app[ACCESS_LOG] = AccessLog()
     app[HEALTH] = ModelHealthMonitor(engine, config.health, sink=sink,
                                      prober=_prober(engine, upstream))
     app.cleanup_ctx.append(_engine_ctx)
@@ -107,6 +109,7 @@ def _prober(engine: ModelMemoryManager, upstream: Upstream
 
 async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
     upstream, engine, health = app[UPSTREAM], app[ENGINE], app[HEALTH]
+    await app[ACCESS_LOG].start()
     await upstream.start()
     await engine.start()
     if not engine.upstream_ok:
@@ -122,3 +125,4 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
         await health.sink.close()
     await engine.cleanup()
     await upstream.close()
+    await app[ACCESS_LOG].close()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from .accesslog import AccessLog
 from .config import Config
 from .engine.health import ModelHealthMonitor
 from .engine.manager import ModelMemoryManager
@@ -13,6 +14,7 @@ CONFIG = web.AppKey("config", Config)
 ENGINE = web.AppKey("engine", ModelMemoryManager)
 UPSTREAM = web.AppKey("upstream", Upstream)
 METRICS = web.AppKey("metrics", ProxyMetrics)
+ACCESS_LOG = web.AppKey("access_log", AccessLog)
 HEALTH = web.AppKey("health", ModelHealthMonitor)
 # Set on a request once its response headers are sent: errors can no longer become a response.
 RESPONSE_STARTED = web.RequestKey("response_started", bool)

@@ -242,3 +242,37 @@ async def test_admin_endpoints_drive_the_manager(six, make_proxy, http):
         assert r.status == 200
     async with http.post(f"{proxy.url}/proxy/optimize") as r:
         assert "memory_pressure" in await r.json()
+
+
+async def test_a_client_that_disconnects_leaves_the_queue(six):
+    mgr = await manager_for(six.url, memory={"budget_gb": 10},
+                            models=footprints({SIX[3].key: 7, SIX[2].key: 6}))
+    lease = await mgr.acquire(SIX[3].key)
+    waiting = asyncio.create_task(mgr.acquire(SIX[2].key))
+    for _ in range(1000):
+        if mgr.queue_length:
+            break
+        await asyncio.sleep(0)
+    assert mgr.queue_length == 1
+    waiting.cancel()                                   # the client disconnects
+    await asyncio.gather(waiting, return_exceptions=True)
+    task = mgr.entry(SIX[2].key).load_task
+    await asyncio.gather(task, return_exceptions=True)
+    assert mgr.queue_length == 0 and mgr.model_status[SIX[2].key] is ModelStatus.UNLOADED
+    lease.release()
+    assert six.state.load_calls[SIX[2].key] == 0       # never loaded for nobody
+    await mgr.cleanup()
+
+
+async def test_models_that_fit_together_load_concurrently(six):
+    mgr = await manager_for(six.url, memory={"budget_gb": 20})
+    gates = {m.key: six.state.faults.load_gate.setdefault(m.key, asyncio.Event())
+             for m in SIX[:2]}
+    tasks = [asyncio.create_task(mgr.acquire(key)) for key in gates]
+    await six.state.wait_for(lambda: all(six.state.loading[k] == 1 for k in gates))
+    for gate in gates.values():
+        gate.set()
+    for lease in await asyncio.gather(*tasks):
+        lease.release()
+    assert mgr.get_loaded_models() == sorted(gates)
+    await mgr.cleanup()

@@ -280,3 +280,26 @@ async def test_status_command_renders_a_glance(proxy, http, capsys):
     assert await asyncio.to_thread(main, ["status", "--url", proxy.url], {}) == 0
     out = capsys.readouterr().out
     assert "pressure" in out and MODEL in out and "loaded" in out
+
+
+async def test_probes_are_counted_apart_and_a_failing_probe_alerts(make_proxy, emulator, http):
+    clock = ManualClock()
+    proxy = await make_proxy(emulator.url, app_kwargs={"clock": clock},
+                             **{"health": {"probe_interval_s": 60}})
+    async with http.post(f"{proxy.url}/v1/chat/completions",
+                         json={"model": MODEL, "max_tokens": 1, "messages": []}) as r:
+        assert r.status == 200
+    async with http.get(f"{proxy.url}/proxy/health") as r:
+        probe = (await r.json())["models"][MODEL]["probe"]
+    assert probe["ok"] is True
+    assert emulator.state.inference_calls[MODEL] == 2            # the request and the probe
+    assert proxy.engine.usage(MODEL).requests == 1               # only the request counts
+    emulator.state.faults.inference_status = 500
+    clock.advance(61)
+    async with http.get(f"{proxy.url}/proxy/health") as r:
+        report = await r.json()
+    assert f"probe_failed:{MODEL}" in ids(report)
+    emulator.state.faults.inference_status = None
+    clock.advance(61)
+    async with http.get(f"{proxy.url}/proxy/health") as r:
+        assert not ids(await r.json())

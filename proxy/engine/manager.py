@@ -251,6 +251,10 @@ class ModelMemoryManager:
                 e.waiting -= 1
                 if e.waiting == 0:
                     e.waiting_since_s = None
+                    if not e.load_task.done() and e.status is not S.LOADING:
+                        # Everyone waiting went away while it queued for memory: leave the
+                        # queue instead of loading a model nobody asked for any more.
+                        e.load_task.cancel()
 
     def _lease(self, e: ModelEntry) -> Lease:
         now = self.clock.now()

@@ -52,7 +52,8 @@ async def models(request: web.Request) -> web.Response:
             "instances": list(e.instance_ids), "footprint_mb": s["estimated_memory_mb"],
             "footprint_learned": s["footprint_learned"], "priority": engine.priority(key),
             "pinned": cfg.pinned, "ttl_s": cfg.ttl_s, "aliases": list(cfg.aliases),
-            "leases": e.leases, "requests": s["requests"], "last_used_s_ago":
+            "leases": e.leases, "waiting": e.waiting, "requests": s["requests"],
+            "last_used_s_ago":
             s["last_used_s_ago"], "loads": e.load_count, "last_error": e.last_error})
     return json_response({"object": "list", "data": rows, "queue_length": engine.queue_length,
                           "memory_pressure": engine.memory_pressure.value})

@@ -7,7 +7,6 @@ usage-only chunk removed again before it reaches the client. Everything else is 
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 
 import aiohttp
@@ -18,10 +17,9 @@ from ..engine.usage import RequestRecord
 from ..engine.lifecycle import Lease
 from ..engine.manager import ModelMemoryManager
 from ..errors import BodyTooLarge, InvalidRequest, ProxyError
-from ..keys import CONFIG, ENGINE, UPSTREAM, RESPONSE_STARTED
+from ..keys import ACCESS_LOG, CONFIG, ENGINE, RESPONSE_STARTED, UPSTREAM
 from ..streaming import StreamMeter, usage_of_body
 
-log = logging.getLogger("proxy.request")
 
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
                         "te", "trailer", "trailers", "transfer-encoding", "upgrade", "host",
@@ -73,9 +71,14 @@ async def inference(request: web.Request) -> web.StreamResponse:
         body, strip = _prepare_upstream_body(request.path, payload, body, key)
         lease = await engine.acquire(key)
     except ProxyError as exc:   # refused before reaching the upstream: still counted
-        engine.record(RequestRecord(model=name, ok=False, latency_s=time.perf_counter() - started,
+        latency_s = time.perf_counter() - started
+        engine.record(RequestRecord(model=name, ok=False, latency_s=latency_s,
                                     at_s=engine.clock.now(), endpoint=request.path,
                                     status=exc.status))
+        access = request.app[ACCESS_LOG]
+        if access.enabled:
+            access.add(request.method, request.path, name or "-", exc.status, latency_s, None,
+                       0, 0, False)
         raise
     return await _relay(request, engine, lease, key, body, strip, payload.get("stream") is True,
                         started)
@@ -149,12 +152,11 @@ async def _relay(request: web.Request, engine: ModelMemoryManager, lease: Lease,
             endpoint=request.path, status=status, ttft_s=ttft_s, prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
             tokens_estimated=meter is not None and meter.tokens_estimated))
-        if log.isEnabledFor(logging.INFO):
-            log.info("%s %s %s %d %.1fms ttft=%s tokens=%d/%d%s", request.method, request.path,
-                     key, status, latency_s * 1000,
-                     "-" if ttft_s is None else f"{ttft_s * 1000:.1f}ms", prompt_tokens,
-                     completion_tokens, " (estimated)" if meter is not None and
-                     meter.tokens_estimated and completion_tokens else "")
+        access = request.app[ACCESS_LOG]
+        if access.enabled:
+            access.add(request.method, request.path, key, status, latency_s, ttft_s,
+                       prompt_tokens, completion_tokens,
+                       meter is not None and meter.tokens_estimated and completion_tokens > 0)
 
 
 async def list_models(request: web.Request) -> web.StreamResponse:

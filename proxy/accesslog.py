@@ -1,0 +1,61 @@
+"""One line per request at INFO, emitted in batches off the request path.
+
+A request appends a tuple; a background task hands the lines to the `proxy.request` logger
+every FLUSH_INTERVAL_S (or when BATCH_LINES are waiting). The log records are the same as if
+each request had logged itself — same logger, level and format — but the request path pays
+for a list append, and the logging machinery runs in a tight loop where it is cheaper.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+log = logging.getLogger("proxy.request")
+FLUSH_INTERVAL_S = 0.25
+BATCH_LINES = 512
+LINE = "%s %s %s %d %.1fms ttft=%s tokens=%d/%d%s"
+
+
+class AccessLog:
+    def __init__(self) -> None:
+        self.pending: list[tuple] = []
+        self._task: asyncio.Task | None = None
+        self._wake = asyncio.Event()
+
+    @property
+    def enabled(self) -> bool:
+        return log.isEnabledFor(logging.INFO)
+
+    def add(self, method: str, path: str, model: str, status: int, latency_s: float,
+            ttft_s: float | None, prompt_tokens: int, completion_tokens: int,
+            estimated: bool) -> None:
+        self.pending.append((method, path, model, status, latency_s * 1000,
+                             "-" if ttft_s is None else f"{ttft_s * 1000:.1f}ms", prompt_tokens,
+                             completion_tokens, " (estimated)" if estimated else ""))
+        if len(self.pending) >= BATCH_LINES:
+            self._wake.set()
+
+    def flush(self) -> None:
+        lines, self.pending = self.pending, []
+        for fields in lines:
+            log.info(LINE, *fields)
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="access-log")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        self.flush()
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), FLUSH_INTERVAL_S)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            self.flush()
