@@ -6,7 +6,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY proxy ./proxy
-RUN pip install . && useradd --create-home --uid 10001 proxy && mkdir -p /config
+RUN pip install '.[fast]' && useradd --create-home --uid 10001 proxy && mkdir -p /config
 COPY proxy.yaml /config/proxy.yaml
 
 USER proxy

@@ -66,7 +66,8 @@ def post_json(url: str, data: dict) -> None:
 
 
 class Servers:
-    def __init__(self, workdir: Path, proxy_args: list[str]) -> None:
+    def __init__(self, workdir: Path, proxy_args: list[str], event_loop: str) -> None:
+        self.event_loop = event_loop
         self.workdir = workdir
         self.ports = {t: free_port() for t in TARGETS}
         self.procs: dict[str, subprocess.Popen] = {}
@@ -82,9 +83,11 @@ class Servers:
                                "--load-time-scale", "0", "--tokens-per-s", "0",
                                "--capacity-gb", "64"], f"{emu}/lmstudio-greeting")
         self._spawn("relay", [py, "-m", "bench.relay", "--upstream", emu, "--port",
-                              str(self.ports["relay"])], f"{self.url('relay')}/v1/models")
+                              str(self.ports["relay"]), "--event-loop", self.event_loop],
+                    f"{self.url('relay')}/v1/models")
         config = self.workdir / "proxy.yaml"
-        config.write_text(f"storage:\n  path: {self.workdir / 'history.sqlite3'}\n")
+        config.write_text(f"storage:\n  path: {self.workdir / 'history.sqlite3'}\n"
+                          f"server:\n  event_loop: {self.event_loop}\n")
         self._spawn("proxy", [py, "-m", "proxy", "--config", str(config), "--port",
                               str(self.ports["proxy"]), "--upstream", emu, *self.proxy_args],
                     f"{self.url('proxy')}/readyz")
@@ -150,7 +153,7 @@ async def stream_load(url: str, concurrency: int, per_worker: int) -> dict:
 
 
 def measure(servers: Servers, rounds: int, duration_s: float, stream_per_worker: int,
-            script: Path) -> dict:
+            script: Path, soak_requests: int = 0) -> dict:
     results: dict[str, dict[str, list[float]]] = {t: {} for t in TARGETS}
     proxy_proc, relay_proc = servers.process("proxy"), servers.process("relay")
     cpu = {"proxy": [0.0, 0], "relay": [0.0, 0]}
@@ -180,6 +183,17 @@ def measure(servers: Servers, rounds: int, duration_s: float, stream_per_worker:
         rss_mb["after_round"].append(proxy_proc.memory_info().rss / 1e6)
         print(f"round {rnd + 1}/{rounds} done; proxy RSS "
               f"{rss_mb['after_round'][-1]:.1f} MB", file=sys.stderr, flush=True)
+    if soak_requests:
+        served, soak_start = 0, time.monotonic()
+        rss_mb["soak_before"] = proxy_proc.memory_info().rss / 1e6
+        while served < soak_requests:
+            rate = statistics.median(results["proxy"]["rps_c64"])
+            chunk_s = max(5.0, min(60.0, (soak_requests - served) / max(rate, 1.0)))
+            served += run_wrk(servers.url("proxy"), 64, chunk_s, script)["requests"]
+        rss_mb["soak_after"] = proxy_proc.memory_info().rss / 1e6
+        rss_mb["soak_requests"] = served
+        print(f"soak: {served} requests in {time.monotonic() - soak_start:.0f}s; proxy RSS "
+              f"{rss_mb['soak_before']:.1f} → {rss_mb['soak_after']:.1f} MB", file=sys.stderr)
     medians = {t: {k: statistics.median(v) for k, v in m.items()} for t, m in results.items()}
     return {"medians": medians, "rounds": results, "rss_mb": rss_mb,
             "cpu_s_per_1000": {t: 1000 * c[0] / c[1] for t, c in cpu.items() if c[1]},
@@ -218,6 +232,9 @@ def render(data: dict) -> str:
         f"- proxy RSS: {rss['idle']:.1f} MB idle, after each round "
         + ", ".join(f"{x:.1f}" for x in rss["after_round"]) + " MB "
         f"({data['requests_per_target'].get('proxy', 0)} requests through the proxy)",
+        (f"- soak: {rss['soak_requests']} more requests at c=64, proxy RSS "
+         f"{rss['soak_before']:.1f} → {rss['soak_after']:.1f} MB" if "soak_after" in rss
+         else "- soak: not run (--soak-requests)"),
         f"- CPU seconds per 1,000 requests: relay {cpu.get('relay', 0):.3f}, proxy "
         f"{cpu.get('proxy', 0):.3f}",
         f"- wrk errors (non-2xx): " + ", ".join(
@@ -236,6 +253,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="streaming requests per client worker per round")
     ap.add_argument("--proxy-arg", action="append", default=[],
                     help="extra argument for the proxy (repeatable)")
+    ap.add_argument("--event-loop", choices=("asyncio", "uvloop"), default="asyncio",
+                    help="event loop of both the relay and the proxy")
+    ap.add_argument("--soak-requests", type=int, default=0,
+                    help="afterwards, send this many more requests through the proxy and "
+                         "report its RSS before and after")
     ap.add_argument("--json", help="write the numbers here")
     args = ap.parse_args(argv)
     if shutil.which("wrk") is None:
@@ -246,19 +268,22 @@ def main(argv: list[str] | None = None) -> int:
         script = workdir / "post.lua"
         script.write_text('wrk.method = "POST"\nwrk.headers["Content-Type"] = '
                           f'"application/json"\nwrk.body = \'{json.dumps(BODY)}\'\n')
-        servers = Servers(workdir, args.proxy_arg)
+        servers = Servers(workdir, args.proxy_arg, args.event_loop)
         try:
             servers.start()
-            data = measure(servers, args.rounds, args.duration_s, args.stream_requests, script)
+            data = measure(servers, args.rounds, args.duration_s, args.stream_requests, script,
+                           args.soak_requests)
         finally:
             servers.stop()
+    data["event_loop"] = args.event_loop
     data["machine"] = {"cores": os.cpu_count(), "memory_gb": round(
         psutil.virtual_memory().total / 1e9, 1), "cpu": platform.processor() or
         platform.machine(), "python": platform.python_version()}
     print(render(data))
     print(f"\n{data['machine']['cores']} cores, {data['machine']['memory_gb']} GB, "
           f"{data['machine']['cpu']}, Python {data['machine']['python']}; "
-          f"{args.rounds} rounds × {args.duration_s:g}s per wrk run")
+          f"{args.rounds} rounds × {args.duration_s:g}s per wrk run; {args.event_loop} event "
+          f"loop for relay and proxy")
     if args.json:
         Path(args.json).write_text(json.dumps(data, indent=1))
     return 0

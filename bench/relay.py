@@ -47,7 +47,13 @@ def main() -> None:
     p.add_argument("--upstream", required=True)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8090)
+    p.add_argument("--event-loop", choices=("asyncio", "uvloop"), default="asyncio")
     args = p.parse_args()
+    if args.event_loop == "uvloop":
+        import asyncio
+
+        import uvloop
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     web.run_app(create_relay(args.upstream.rstrip("/")), host=args.host, port=args.port,
                 access_log=None, print=None)
 

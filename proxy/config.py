@@ -34,6 +34,8 @@ class ServerConfig:
     port: int = field(default=8080, metadata=_rule(0, 65535))
     max_body_bytes: int = field(default=32 * 1024 * 1024, metadata=_rule(1024))
     shutdown_timeout_s: float = field(default=30.0, metadata=_rule(0))
+    # auto: uvloop when installed (pip install '.[fast]'), else asyncio's own loop.
+    event_loop: str = field(default="auto", metadata=_rule(choices=("auto", "asyncio", "uvloop")))
 
 
 @dataclass(frozen=True)

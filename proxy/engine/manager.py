@@ -346,13 +346,12 @@ class ModelMemoryManager:
             return
         started_s = self.clock.now()
         before = await self._admit(e)
+        if e.status is S.LOADED:
+            return
         epoch = self._mem_epoch
         log.info("loading %s (footprint %.1f GB)", e.key, self.footprint_bytes(e) / GB)
         try:
-            result = await self._load_with_retry(e)
-            adopted = result is None
-            if result is None:   # someone loaded it meanwhile: adopt, never load a duplicate
-                result = LoadResult((await self._upstream_instances(e.key))[0], None)
+            result, adopted = await self._load_with_retry(e)
         except BaseException as exc:
             self._mem_epoch += 1
             self._fail_load(e, exc)
@@ -377,13 +376,15 @@ class ModelMemoryManager:
         self._notify("on_load", e.key, duration_s, True)
         self._call_hook(self.on_model_loaded, e.key)
 
-    async def _load_with_retry(self, e: ModelEntry) -> LoadResult | None:
-        """Load e; None when it turns out to be loaded already (LM Studio would duplicate it)."""
+    async def _load_with_retry(self, e: ModelEntry) -> tuple[LoadResult, bool]:
+        """Load e, or adopt it (True) when someone loaded it meanwhile: asking LM Studio to
+        load a loaded model would create a duplicate instance."""
         options = dict(self.config.model(e.key).load)
-        if await self._upstream_instances(e.key):
-            return None
+        current = await self._upstream_instances(e.key)
+        if current:
+            return LoadResult(current[0], None), True
         try:
-            return await self.backend.load(e.key, options)
+            return await self.backend.load(e.key, options), False
         except ModelLoadFailed as exc:
             if not exc.out_of_memory:
                 raise
@@ -393,7 +394,7 @@ class ModelMemoryManager:
                                               critical=True, reason="admission", partial=True)
             if not freed:
                 raise
-            return await self.backend.load(e.key, options)
+            return await self.backend.load(e.key, options), False
 
     async def _upstream_instances(self, key: str) -> tuple[str, ...]:
         try:
@@ -427,6 +428,8 @@ class ModelMemoryManager:
             async with asyncio.timeout(timeout_s):
                 async with self._admission:
                     sample = await self._make_room(e)
+                    if e.status is S.LOADED:   # loaded by someone else while it queued
+                        return None
                     self._set_status(e, S.LOADING)
                     e.loading_since_s = self.clock.now()
                     self._notify("on_queue_wait", e.key, e.loading_since_s - queued_at)
