@@ -117,7 +117,7 @@ _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
 
 def run_wrk(url: str, concurrency: int, duration_s: float, script: Path) -> dict:
     out = subprocess.run(
-        ["wrk", "-t1", f"-c{concurrency}", f"-d{duration_s:g}s", "--latency", "-s",
+        ["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(duration_s))}s", "--latency", "-s",
          str(script), f"{url}/v1/chat/completions"],
         capture_output=True, text=True, check=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
@@ -188,7 +188,7 @@ def measure(servers: Servers, rounds: int, duration_s: float, stream_per_worker:
         rss_mb["soak_before"] = proxy_proc.memory_info().rss / 1e6
         while served < soak_requests:
             rate = statistics.median(results["proxy"]["rps_c64"])
-            chunk_s = max(5.0, min(60.0, (soak_requests - served) / max(rate, 1.0)))
+            chunk_s = round(max(5.0, min(60.0, (soak_requests - served) / max(rate, 1.0))))
             served += run_wrk(servers.url("proxy"), 64, chunk_s, script)["requests"]
         rss_mb["soak_after"] = proxy_proc.memory_info().rss / 1e6
         rss_mb["soak_requests"] = served
@@ -247,8 +247,8 @@ def render(data: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.overhead",
                                  description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--duration-s", type=float, default=5.0, help="per wrk measurement")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--duration-s", type=float, default=3.0, help="per wrk measurement")
     ap.add_argument("--stream-requests", type=int, default=25,
                     help="streaming requests per client worker per round")
     ap.add_argument("--proxy-arg", action="append", default=[],

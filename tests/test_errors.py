@@ -135,3 +135,4 @@ async def test_upstream_dropping_a_stream_is_recorded_as_failure(proxy, emulator
             await resp.read()
     await recorded.wait()
     assert proxy.engine.usage(MODEL).failures == 1
+

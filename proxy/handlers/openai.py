@@ -16,7 +16,8 @@ from aiohttp import web
 from ..engine.usage import RequestRecord
 from ..engine.lifecycle import Lease
 from ..engine.manager import ModelMemoryManager
-from ..errors import BodyTooLarge, InvalidRequest, ProxyError
+from ..errors import (BodyTooLarge, InvalidRequest, ProxyError, UpstreamError,
+                      UpstreamTimeout)
 from ..keys import ACCESS_LOG, CONFIG, ENGINE, RESPONSE_STARTED, UPSTREAM
 from ..streaming import StreamMeter, usage_of_body
 
@@ -140,9 +141,18 @@ async def _relay(request: web.Request, engine: ModelMemoryManager, lease: Lease,
     except (asyncio.CancelledError, ConnectionResetError):
         status, ok = CLIENT_CLOSED, False   # the client went away; upstream is closed with it
         raise
-    except aiohttp.ClientError:
-        status, ok = 502, False             # the upstream broke off mid-response
+    except ProxyError as exc:               # the upstream could not be reached or timed out
+        status, ok = exc.status, False
         raise
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        ok = False                          # the upstream broke off mid-response
+        if request.get(RESPONSE_STARTED):
+            status = 502
+            raise                           # the client sees the stream cut, as it was
+        error = UpstreamTimeout if isinstance(exc, asyncio.TimeoutError) else UpstreamError
+        mapped = error(f"LM Studio broke off the response: {exc!r}")
+        status = mapped.status
+        raise mapped from exc
     finally:
         lease.release()
         latency_s = time.perf_counter() - started
