@@ -237,7 +237,7 @@ def render(data: dict) -> str:
          else "- soak: not run (--soak-requests)"),
         f"- CPU seconds per 1,000 requests: relay {cpu.get('relay', 0):.3f}, proxy "
         f"{cpu.get('proxy', 0):.3f}",
-        f"- wrk errors (non-2xx): " + ", ".join(
+        "- wrk errors (non-2xx): " + ", ".join(
             f"{t} {sum(sum(v) for k, v in data['rounds'][t].items() if k.startswith('errors'))}"
             for t in TARGETS),
     ]

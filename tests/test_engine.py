@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import asyncio
 
-import orjson
 import pytest
 
 from proxy.config import load_config

@@ -54,7 +54,6 @@ class ModelEntry:
     loading_since_s: float | None = None
     loaded_at_s: float | None = None
     last_used_at_s: float | None = None
-    uses_since_load: int = 0
     heat: float = 0.0                   # requests, decayed with age (policy.HEAT_HALF_LIFE_S)
     heat_at_s: float = 0.0              # when heat was last brought up to date
     footprint_bytes: float | None = None  # learned: mean drop in available memory across loads
@@ -99,7 +98,6 @@ def transition(entry: ModelEntry, new: ModelStatus) -> ModelStatus:
     if new is S.UNLOADED:
         entry.instance_ids = ()
         entry.loaded_at_s = None
-        entry.uses_since_load = 0
         entry.owned = False
     return old
 

@@ -16,7 +16,7 @@ from typing import Any, Awaitable, Callable, Iterable, Mapping
 
 from ..config import Config, load_config
 from ..store import UsageStore
-from ..errors import (InsufficientMemory, ModelLoadFailed, ModelNotFound, ModelUnavailable,
+from ..errors import (InsufficientMemory, InvalidRequest, ModelLoadFailed, ModelNotFound, ModelUnavailable,
                       ProxyError, UpstreamError)
 from ..upstream.base import ApiLevel, LoadResult, ModelBackend, UpstreamModel
 from .clock import Clock, SystemClock
@@ -261,7 +261,6 @@ class ModelMemoryManager:
         e.heat = e.heat * 0.5 ** ((now - e.heat_at_s) / HEAT_HALF_LIFE_S) + 1.0
         e.heat_at_s = now
         e.last_used_at_s = now
-        e.uses_since_load += 1
         lease = Lease(e, self._on_release, now)
         self._active.add(lease)
         return lease
@@ -502,7 +501,7 @@ class ModelMemoryManager:
                 priority=self.priority(e.key),
                 reload_s=e.load_time_s if e.load_time_s is not None else
                 self.footprint_bytes(e) / GB,
-                uses=e.uses_since_load, rate_per_h=self.usage(e.key).rate_per_h(now),
+                rate_per_h=self.usage(e.key).rate_per_h(now),
                 heat=e.heat * 0.5 ** ((now - e.heat_at_s) / HEAT_HALF_LIFE_S)))
         return out
 
@@ -708,7 +707,7 @@ class ModelMemoryManager:
         key = await self.resolve(name)
         if priority is not None:
             if not 1 <= priority <= 10:
-                raise ProxyError("priority must be 1..10", param="priority")
+                raise InvalidRequest("priority must be 1..10", param="priority")
             self._priority_override[key] = priority
         if not self.manages_loading:
             raise ModelUnavailable(f"the upstream ({self.api_level.value if self.api_level else 'unknown'}) "

@@ -30,7 +30,6 @@ class Candidate:
     last_used_s: float        # clock time of last use (load time if never used)
     priority: int = 5         # 1..10, higher keeps
     reload_s: float = 1.0     # expected seconds to load again
-    uses: int = 0             # requests since it was loaded
     rate_per_h: float = 0.0   # requests in the last hour
     heat: float = 0.0         # requests decayed by age to now (half-life HEAT_HALF_LIFE_S)
 
