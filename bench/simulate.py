@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
@@ -89,15 +88,15 @@ def engine_config(workload: Workload, budget_gb: float, v: Variant) -> Config:
     else:
         footprints = {k: {"footprint_gb": m.size_gb} for k, m in workload.models.items()}
         budget = budget_gb
-    config = load_config({
+    # The policy may be a benchmark-only one (the offline schedule), registered in the policy
+    # table for the run (see run_variant), so the config validates it like any other.
+    return load_config({
         "memory": {"sampler": "budget", "budget_gb": max(budget, 1.0),
                    "min_free_memory_gb": 0, "max_memory_usage_percent": 100},
-        "eviction": {"policy": "lru", "min_residency_s": v.min_residency_s,
-                     "queue_timeout_s": 86_400, "model_timeout_hours": 0},
+        "eviction": {"policy": v.policy, "min_residency_s": v.min_residency_s,
+                     "queue_timeout_s": 86_400,
+                     "model_timeout_hours": (v.idle_ttl_s or 0.0) / 3600.0},
         "models": footprints})
-    # The policy may be a benchmark-only one (the offline schedule): set it past validation.
-    return dataclasses.replace(config, eviction=dataclasses.replace(config.eviction,
-                                                                    policy=v.policy))
 
 
 def run_variant(workload: Workload, budget_gb: float, v: Variant,
@@ -117,9 +116,6 @@ async def _replay(loop: VirtualTimeLoop, workload: Workload, budget_gb: float, v
                   ) -> RunResult:
     backend = SimBackend(workload)
     config = engine_config(workload, budget_gb, v)
-    if v.idle_ttl_s is not None:
-        config = dataclasses.replace(config, eviction=dataclasses.replace(
-            config.eviction, model_timeout_hours=v.idle_ttl_s / 3600.0))
     mgr = ModelMemoryManager(config=config, upstream=backend, clock=LoopClock(loop))
     evictions: list[tuple[str, float]] = []
 

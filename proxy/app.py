@@ -10,17 +10,17 @@ from aiohttp import web
 from .config import Config
 from .engine.clock import Clock
 from .engine.health import ModelHealthMonitor
-from .engine.lifecycle import ModelStatus
 from .engine.manager import ModelMemoryManager
 from .engine.memory import MemorySampler
-from .engine.webhook import WebhookSink
 from .errors import ProxyError, RouteNotFound
 from .handlers import admin, health, openai
 from .accesslog import AccessLog
 from .keys import ACCESS_LOG, CONFIG, ENGINE, HEALTH, METRICS, RESPONSE_STARTED, UPSTREAM
 from .metrics import ProxyMetrics
 from .store import UsageStore, default_path
+from .upstream import create_upstream
 from .upstream.base import Upstream
+from .webhook import WebhookSink
 
 log = logging.getLogger("proxy.app")
 
@@ -58,8 +58,7 @@ async def errors_middleware(request: web.Request,
 def create_app(config: Config, *, upstream: Upstream | None = None, clock: Clock | None = None,
                sampler: MemorySampler | None = None) -> web.Application:
     if upstream is None:
-        from .upstream.lmstudio import LMStudioUpstream
-        upstream = LMStudioUpstream(config.upstream)
+        upstream = create_upstream(config.upstream)
     app = web.Application(middlewares=[errors_middleware],
                           client_max_size=config.server.max_body_bytes)
     store = None
@@ -87,13 +86,12 @@ def create_app(config: Config, *, upstream: Upstream | None = None, clock: Clock
 
 def _prober(engine: ModelMemoryManager, upstream: Upstream
             ) -> Callable[[str], Awaitable[None]]:
-    """A one-token completion to a loaded model, holding a lease so it is not evicted
-    meanwhile, and not recorded as user traffic."""
+    """A one-token completion to a loaded model under a HOLD lease: it cannot be evicted
+    meanwhile, and the probe is no use of it (recency, heat, idle timer and statistics stay)."""
     async def probe(key: str) -> None:
-        entry = engine.entry(key)
-        if entry is None or entry.status is not ModelStatus.LOADED:
-            return
-        lease = await engine.acquire(key)
+        lease = engine.hold(key)
+        if lease is None:
+            return   # not loaded (any more): nothing to probe, and never load it to probe
         try:
             body = orjson.dumps({"model": key, "max_tokens": 1, "messages": [
                 {"role": "user", "content": "ping"}]})

@@ -133,12 +133,11 @@ async def _run(config: Config, *, demo: bool) -> None:
 
     emulator = None
     if demo:
-        from dataclasses import replace
-
+        from .config import replace_config
         from .emulator import EmulatorOptions, start_emulator
         emulator = await start_emulator(load_time_scale=0.25, capacity_bytes=int(24e9),
                                         options=EmulatorOptions(tokens_per_s=30.0))
-        config = replace(config, upstream=replace(config.upstream, url=emulator.url))
+        config = replace_config(config, {"upstream.url": emulator.url})
     served = await serve(create_app(config), config.server.host, config.server.port,
                          shutdown_timeout_s=config.server.shutdown_timeout_s)
     log.info("proxy listening on %s, upstream %s (%s event loop)", served.url,

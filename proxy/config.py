@@ -12,18 +12,19 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import yaml
 
+from .engine.policy import VALUE_FUNCTIONS   # a pure leaf module: the policy names live there
 from .errors import ConfigError
 
-POLICIES = ("lru", "priority", "cost-aware")
 SAMPLERS = ("local", "budget")
 UPSTREAM_KINDS = ("lmstudio",)
 
 
-def _rule(lo: float | None = None, hi: float | None = None, *, choices: tuple[str, ...] = (),
+def _rule(lo: float | None = None, hi: float | None = None, *,
+          choices: tuple[str, ...] | Callable[[], tuple[str, ...]] = (),
           exclusive_lo: bool = False) -> dict[str, Any]:
     return {"lo": lo, "hi": hi, "choices": choices, "exclusive_lo": exclusive_lo}
 
@@ -65,10 +66,16 @@ class MemoryConfig:
 
 @dataclass(frozen=True)
 class EvictionConfig:
-    policy: str = field(default="cost-aware", metadata=_rule(choices=POLICIES))
+    # Choices: the policy table's names, read when checked (one list, in engine.policy).
+    policy: str = field(default="cost-aware",
+                        metadata=_rule(choices=lambda: tuple(VALUE_FUNCTIONS)))
     model_timeout_hours: float = field(default=2.0, metadata=_rule(0))
+    # A freshly loaded model is spared this long, but never more than 4x its reload time,
+    # and never past the moment the load that wants its memory has waited as long.
     min_residency_s: float = field(default=60.0, metadata=_rule(0))
     queue_timeout_s: float = field(default=120.0, metadata=_rule(0))
+    # A load waiting this long gets first claim on memory as it frees: nothing starves.
+    fairness_s: float = field(default=30.0, metadata=_rule(0))
     manage_external: bool = False
 
 
@@ -154,6 +161,22 @@ def load_config(raw: Mapping[str, Any] | None = None, *,
     if problems:
         raise ConfigError(problems)
     return config
+
+
+def replace_config(config: Config, overrides: Mapping[str, Any]) -> Config:
+    """A copy of config with dotted-path overrides, validated like a file (ConfigError)."""
+    return load_config(to_raw(config), overrides=overrides)
+
+
+def to_raw(value: Any) -> Any:
+    """A Config (or part of one) back as the plain mapping a file would hold."""
+    if dataclasses.is_dataclass(value):
+        return {f.name: to_raw(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, collections.abc.Mapping):
+        return {k: to_raw(v) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return [to_raw(v) for v in value]
+    return value
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -242,7 +265,16 @@ def _convert(tp: Any, value: Any, path: str, problems: list[str]) -> Any:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
             return None
-        return _convert(args[0], value, path, problems)
+        # The first member the value converts to cleanly wins; else report the first's errors.
+        attempts = []
+        for arg in args:
+            tried: list[str] = []
+            converted = _convert(arg, value, path, tried)
+            if not tried:
+                return converted
+            attempts.append(tried)
+        problems.extend(attempts[0])
+        return None
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, path, problems)
     if origin in (collections.abc.Mapping, dict):
@@ -280,8 +312,9 @@ def _convert(tp: Any, value: Any, path: str, problems: list[str]) -> Any:
 def _check_rule(meta: Mapping[str, Any], value: Any, path: str, problems: list[str]) -> None:
     if not meta or value is None:
         return
-    if meta["choices"] and value not in meta["choices"]:
-        problems.append(f"{path}: must be one of {', '.join(meta['choices'])} (got {value!r})")
+    choices = meta["choices"]() if callable(meta["choices"]) else meta["choices"]
+    if choices and value not in choices:
+        problems.append(f"{path}: must be one of {', '.join(choices)} (got {value!r})")
         return
     lo, hi = meta["lo"], meta["hi"]
     too_low = lo is not None and (value <= lo if meta["exclusive_lo"] else value < lo)

@@ -6,6 +6,7 @@
     ├── RouteNotFound               (404)
     ├── ModelNotFound               (404 model_not_found)
     ├── InsufficientMemory          (503 insufficient_memory, Retry-After)
+    │   └── ModelTooLarge           (503 model_too_large: can never fit; no Retry-After)
     ├── ModelLoadFailed             (503 model_load_failed)
     ├── ModelUnavailable            (409 model_unavailable: pinned, busy, external)
     └── UpstreamError               (502 upstream_error)
@@ -69,6 +70,10 @@ class InsufficientMemory(ProxyError):
     status = 503
     type = "server_error"
     code = "insufficient_memory"
+
+
+class ModelTooLarge(InsufficientMemory):
+    code = "model_too_large"
 
 
 class ModelLoadFailed(ProxyError):

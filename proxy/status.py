@@ -39,7 +39,7 @@ def render(stats: dict[str, Any], models: dict[str, Any], health: dict[str, Any]
         lines.append(
             f"{row['model'][:40]:<40} {row['state']:<10} {row['owner'] or '-':<8} "
             f"{row['footprint_mb'] / 1000:>7.1f} {row['priority']:>4} "
-            f"{'yes' if row['pinned'] else '':>3} {row['leases']:>4} {row['requests']:>6} "
+            f"{'yes' if row['pinned'] else '':>3} {row['in_flight']:>4} {row['requests']:>6} "
             f"{s.get('success_rate', 1) * 100:>5.0f} "
             f"{s.get('p95_latency_ms') if s.get('p95_latency_ms') is not None else '-':>8} "
             f"{_ago(last):>9}")

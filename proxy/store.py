@@ -30,6 +30,16 @@ MIGRATIONS: list[str] = [
         model TEXT PRIMARY KEY, footprint_bytes REAL, samples INTEGER NOT NULL,
         load_time_s REAL, load_count INTEGER NOT NULL);
     """,
+    # 2: footprints keyed by upstream identity (URL | model key | load options): the rows of
+    # version 1 carry no identity and may have been learned from noise, so they go. Instances
+    # the proxy loaded, so that its ownership survives a restart.
+    """
+    DELETE FROM footprints;
+    CREATE TABLE owned_instances (
+        upstream TEXT NOT NULL, instance_id TEXT NOT NULL, model TEXT NOT NULL,
+        load_config BLOB NOT NULL, loaded_at REAL NOT NULL,
+        PRIMARY KEY (upstream, instance_id));
+    """,
 ]
 
 
@@ -80,21 +90,28 @@ class UsageStore:
                 self._db.close()
             self._db = None
 
-    def load(self) -> dict[str, Any]:
-        """{"stats": {model: snapshot}, "footprints": {model: {...}}}."""
+    def load(self, upstream: str = "") -> dict[str, Any]:
+        """{"stats": {model: snapshot}, "footprints": {identity: {...}},
+        "owned": {instance_id: {"model", "load_config", "loaded_at"}}} (owned: of `upstream`)."""
         if self._db is None:
-            return {"stats": {}, "footprints": {}}
+            return {"stats": {}, "footprints": {}, "owned": {}}
         with self._lock:
             stats = {m: orjson.loads(s) for m, s in
                      self._db.execute("SELECT model, snapshot FROM model_stats")}
             footprints = {r[0]: {"footprint_bytes": r[1], "samples": r[2], "load_time_s": r[3],
                                  "load_count": r[4]}
                           for r in self._db.execute("SELECT * FROM footprints")}
-        return {"stats": stats, "footprints": footprints}
+            owned = {r[0]: {"model": r[1], "load_config": orjson.loads(r[2]), "loaded_at": r[3]}
+                     for r in self._db.execute(
+                         "SELECT instance_id, model, load_config, loaded_at FROM owned_instances "
+                         "WHERE upstream = ?", (upstream,))}
+        return {"stats": stats, "footprints": footprints, "owned": owned}
 
     def write(self, minutes: dict[tuple[str, int], list[float]],
               stats: dict[str, dict[str, Any]], footprints: dict[str, dict[str, Any]],
-              now_minute: int) -> bool:
+              now_minute: int, *, upstream: str = "",
+              owned_add: dict[str, dict[str, Any]] | None = None,
+              owned_remove: set[str] | None = None) -> bool:
         if self._db is None:
             return False
         try:
@@ -115,6 +132,11 @@ class UsageStore:
                 db.executemany("INSERT OR REPLACE INTO footprints VALUES (?, ?, ?, ?, ?)",
                                [(m, f["footprint_bytes"], f["samples"], f["load_time_s"],
                                  f["load_count"]) for m, f in footprints.items()])
+                db.executemany("DELETE FROM owned_instances WHERE upstream = ? AND "
+                               "instance_id = ?", [(upstream, i) for i in owned_remove or ()])
+                db.executemany("INSERT OR REPLACE INTO owned_instances VALUES (?, ?, ?, ?, ?)",
+                               [(upstream, i, o["model"], orjson.dumps(o["load_config"]),
+                                 o["loaded_at"]) for i, o in (owned_add or {}).items()])
                 db.execute("DELETE FROM usage_minutes WHERE minute < ?",
                            (now_minute - int(self.retention_days * 1440),))
                 db.execute("COMMIT")

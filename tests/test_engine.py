@@ -255,8 +255,6 @@ async def test_a_client_that_disconnects_leaves_the_queue(six):
     assert mgr.queue_length == 1
     waiting.cancel()                                   # the client disconnects
     await asyncio.gather(waiting, return_exceptions=True)
-    task = mgr.entry(SIX[2].key).load_task
-    await asyncio.gather(task, return_exceptions=True)
     assert mgr.queue_length == 0 and mgr.model_status[SIX[2].key] is ModelStatus.UNLOADED
     lease.release()
     assert six.state.load_calls[SIX[2].key] == 0       # never loaded for nobody

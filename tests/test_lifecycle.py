@@ -5,8 +5,8 @@ import itertools
 
 import pytest
 
-from proxy.engine.lifecycle import (TRANSITIONS, IllegalTransition, Lease, ModelEntry,
-                                    ModelStatus, transition)
+from proxy.engine.lifecycle import (OWNER_PROXY, TRANSITIONS, IllegalTransition, Lease,
+                                    ModelEntry, ModelStatus, transition)
 
 PAIRS = [(a, b) for a, b in itertools.product(ModelStatus, ModelStatus) if a is not b]
 
@@ -23,7 +23,7 @@ def test_transition_follows_the_table(old, new):
 
 
 def test_unloading_clears_settled_and_unloaded_forgets_instances():
-    entry = ModelEntry("m", status=ModelStatus.LOADED, instance_ids=("m",), owned=True)
+    entry = ModelEntry("m", status=ModelStatus.LOADED, instance_ids=("m",), owner=OWNER_PROXY)
     transition(entry, ModelStatus.UNLOADING)
     assert not entry.settled.is_set()
     transition(entry, ModelStatus.UNLOADED)

@@ -13,7 +13,7 @@ from proxy.engine.clock import ManualClock
 from proxy.engine.health import ModelHealthMonitor
 from proxy.engine.manager import ModelMemoryManager
 from proxy.engine.usage import RequestRecord
-from proxy.engine.webhook import WebhookSink
+from proxy.webhook import WebhookSink
 from proxy.serving import serve
 from proxy.store import UsageStore
 from proxy.upstream.lmstudio import LMStudioUpstream
@@ -74,7 +74,7 @@ async def test_stats_shape(proxy, http):
     for key in ("requests", "success_rate", "avg_latency_ms", "p50_latency_ms",
                 "p95_latency_ms", "p99_latency_ms", "avg_ttft_ms", "prompt_tokens",
                 "completion_tokens", "tokens_per_s", "usage_frequency_per_h", "trend", "loads",
-                "avg_load_time_s", "estimated_memory_mb", "evictions", "last_used_s_ago"):
+                "avg_load_time_s", "footprint_mb", "evictions", "last_used_s_ago"):
         assert key in detail, key
     assert stats == proxy.engine.get_memory_stats() | {"system_memory": stats["system_memory"],
                                                        "models": stats["models"]}

@@ -8,7 +8,6 @@ when it opens and once when it clears, and both transitions go to the webhook wh
 """
 from __future__ import annotations
 
-import asyncio
 import collections
 import logging
 import time
@@ -18,6 +17,8 @@ from typing import Any, Awaitable, Callable, Protocol
 from ..config import HealthConfig
 from .lifecycle import ModelStatus
 from .memory import MemoryPressure
+from .periodic import Periodic
+from .report import model_row, upstream_state
 from .usage import BOUNDS_S, quantile_of
 
 log = logging.getLogger("proxy.health")
@@ -66,30 +67,17 @@ class ModelHealthMonitor:
         self.alerts: dict[str, Alert] = {}
         self.probes: dict[str, ProbeResult] = {}
         self._latency: dict[str, _LatencyHistory] = {}
-        self._tasks: list[asyncio.Task] = []
+        self._periodic = Periodic("health", log)
         self._last_probe_s = float("-inf")
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start_monitoring(self, interval: float | None = None) -> None:
-        if not self._tasks:
-            self._tasks.append(asyncio.create_task(
-                self._loop(interval or self.config.interval_s), name="health-monitor"))
+        if not self._periodic.running:
+            self._periodic.start("check", interval or (lambda: self.config.interval_s),
+                                 self.check)
 
     async def stop_monitoring(self) -> None:
-        tasks, self._tasks = self._tasks, []
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-    async def _loop(self, interval_s: float) -> None:
-        while True:
-            await asyncio.sleep(interval_s)
-            try:
-                await self.check()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("health check failed; continuing")
+        await self._periodic.stop()
 
     # -- evaluation --------------------------------------------------------------------------
     async def check(self) -> dict[str, Any]:
@@ -182,7 +170,7 @@ class ModelHealthMonitor:
 
     async def _probe_all(self) -> None:
         assert self.prober is not None
-        for key in self.manager.get_loaded_models():
+        for key in self.manager.registry.loaded():
             started = time.perf_counter()
             try:
                 await self.prober(key)
@@ -209,15 +197,10 @@ class ModelHealthMonitor:
         now = m.clock.now()
         models = {}
         for key in m.known_models():
-            e = m.entry(key)
-            u = m.usage(key)
+            row = model_row(m, key, now)
             probe = self.probes.get(key)
             models[key] = {
-                "state": e.status.value, "requests": u.requests,
-                "success_rate": round(u.success_rate, 4),
-                "p95_latency_ms": None if u.latency.quantile(0.95) is None
-                else round(u.latency.quantile(0.95) * 1000, 1),
-                "in_flight": e.leases, "waiting": e.waiting,
+                **{k: row[k] for k in REPORT_FIELDS},
                 "probe": None if probe is None else {
                     "ok": probe.ok, "latency_ms": round(probe.latency_s * 1000, 1),
                     "age_s": round(now - probe.at_s, 1), "error": probe.error},
@@ -228,12 +211,16 @@ class ModelHealthMonitor:
             "status": status,
             "system_health": {
                 "memory_pressure": m.memory_pressure.value,
-                "upstream": {"ok": m.upstream_ok, "error": m.upstream_error,
-                             "api_level": None if m.api_level is None else m.api_level.value},
-                "loaded_models": len(m.get_loaded_models()),
+                "upstream": upstream_state(m),
+                "loaded_models": len(m.registry.loaded()),
                 "requests_in_flight": len(m.active_leases()),
                 "queue_length": m.queue_length},
             "models": models,
             "alerts": [a.as_dict(now) for a in sorted(self.alerts.values(),
                                                       key=lambda a: a.since_s)],
         }
+
+
+# The per-model fields of the health report, taken from the one per-model view.
+REPORT_FIELDS = ("state", "owner", "requests", "success_rate", "p95_latency_ms", "in_flight",
+                 "waiting")

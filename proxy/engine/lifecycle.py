@@ -7,6 +7,9 @@
 
 Any state may also jump to `loaded` or `unloaded` when the reconcile loop finds that someone else
 (LM Studio's GUI, `lms`, a restart) changed the server behind our back.
+
+A `Lease` keeps a model from being unloaded. A USE lease is a request: it refreshes recency and
+heat and is counted; a HOLD lease (probes, admin reads) only pins the model for its duration.
 """
 from __future__ import annotations
 
@@ -26,6 +29,8 @@ class ModelStatus(str, enum.Enum):
 
 
 S = ModelStatus
+OWNER_PROXY = "proxy"          # loaded by this proxy: it may unload it
+OWNER_EXTERNAL = "external"    # loaded by someone else (GUI, lms, another client)
 TRANSITIONS: dict[ModelStatus, frozenset[ModelStatus]] = {
     S.UNLOADED: frozenset({S.LOADING, S.LOADED}),
     S.LOADING: frozenset({S.LOADED, S.ERROR, S.UNLOADED}),
@@ -47,8 +52,9 @@ class ModelEntry:
     size_bytes: int | None = None
     status: ModelStatus = S.UNLOADED
     instance_ids: tuple[str, ...] = ()
-    owned: bool = False                 # loaded by the proxy (else: by someone else)
-    leases: int = 0
+    owner: str | None = None            # OWNER_PROXY, OWNER_EXTERNAL; None when not loaded
+    leases: int = 0                     # USE leases: requests being served
+    holds: int = 0                      # HOLD leases: probes and admin reads
     waiting: int = 0                    # requests waiting for this model's load
     waiting_since_s: float | None = None
     loading_since_s: float | None = None
@@ -66,11 +72,20 @@ class ModelEntry:
     evictions: Counter[str] = field(default_factory=Counter)
     load_task: asyncio.Task | None = None
     settled: asyncio.Event = field(default_factory=asyncio.Event)  # set when not unloading
-    drained: asyncio.Event = field(default_factory=asyncio.Event)  # set when leases == 0
+    drained: asyncio.Event = field(default_factory=asyncio.Event)  # set when nothing holds it
 
     def __post_init__(self) -> None:
         self.settled.set()
         self.drained.set()
+
+    @property
+    def owned(self) -> bool:
+        return self.owner == OWNER_PROXY
+
+    @property
+    def busy(self) -> int:
+        """Leases of either kind: a busy model is never unloaded."""
+        return self.leases + self.holds
 
     def learn_footprint(self, observed_bytes: float) -> None:
         self.footprint_samples += 1
@@ -98,22 +113,31 @@ def transition(entry: ModelEntry, new: ModelStatus) -> ModelStatus:
     if new is S.UNLOADED:
         entry.instance_ids = ()
         entry.loaded_at_s = None
-        entry.owned = False
+        entry.owner = None
     return old
 
 
+class LeaseKind(str, enum.Enum):
+    USE = "use"     # a request: counts as use of the model
+    HOLD = "hold"   # a probe or an admin read: keeps the model, changes nothing about its use
+
+
 class Lease:
-    """A request's hold on a loaded model; a model with a lease is never unloaded.
+    """A hold on a loaded model; a model with a lease of either kind is never unloaded.
     `last_activity_s` is moved on by whoever relays the response, for hang detection."""
-    __slots__ = ("entry", "_on_release", "released", "started_s", "last_activity_s")
+    __slots__ = ("entry", "kind", "_on_release", "released", "started_s", "last_activity_s")
 
     def __init__(self, entry: ModelEntry, on_release: Callable[["Lease"], None],
-                 now_s: float = 0.0) -> None:
+                 now_s: float = 0.0, kind: LeaseKind = LeaseKind.USE) -> None:
         self.entry = entry
+        self.kind = kind
         self._on_release = on_release
         self.released = False
         self.started_s = self.last_activity_s = now_s
-        entry.leases += 1
+        if kind is LeaseKind.USE:
+            entry.leases += 1
+        else:
+            entry.holds += 1
         entry.drained.clear()
 
     @property
@@ -124,9 +148,13 @@ class Lease:
         if self.released:
             return
         self.released = True
-        self.entry.leases -= 1
-        if self.entry.leases == 0:
-            self.entry.drained.set()
+        e = self.entry
+        if self.kind is LeaseKind.USE:
+            e.leases -= 1
+        else:
+            e.holds -= 1
+        if e.leases == 0 and e.holds == 0:
+            e.drained.set()
         self._on_release(self)
 
     async def __aenter__(self) -> "Lease":

@@ -1,6 +1,8 @@
 """Eviction policies: pure functions from frozen inputs to victims. No I/O, no logging.
 
-`select_victims(policy, candidates, need_bytes, now_s)` returns the models to unload so that at
+`blocker(...)` says why a loaded model may not be evicted now (None: it may), the one rule used
+both to pick candidates and to explain a refusal. `select_victims(policy, candidates, need_bytes,
+now_s)` returns the models to unload so that at
 least `need_bytes` are freed, in eviction order. An empty selection means these candidates cannot
 meet the need (unless `partial=True`, used to relieve pressure: then it frees what it can).
 
@@ -35,6 +37,48 @@ class Candidate:
 
 
 ValueFunction = Callable[[Candidate, float], float]
+
+# Why a loaded model cannot be evicted now; the words appear in refusals.
+SERVING, PINNED, NOT_OURS, HELD = "serving", "pinned", "not ours", "inside its residency"
+TEMPORARY = frozenset({SERVING, HELD})   # blockers that go away by themselves
+
+
+def blocker(*, busy: bool, pinned: bool, ours: bool, held: bool, critical: bool) -> str | None:
+    """The reason a loaded model may not be evicted now, or None. At critical pressure the
+    residency rule is waived; nothing ever evicts a model that is serving."""
+    if busy:
+        return SERVING
+    if pinned:
+        return PINNED
+    if not ours:
+        return NOT_OURS
+    if held and not critical:
+        return HELD
+    return None
+
+
+def residency_s(min_residency_s: float, reload_s: float) -> float:
+    """How long a freshly loaded model is protected: the configured residency, but never more
+    than RESIDENCY_RELOAD_FACTOR times what reloading it would cost. A model that reloads in a
+    second is not worth making a waiting request sit out a minute for."""
+    return min(min_residency_s, RESIDENCY_RELOAD_FACTOR * max(reload_s, 0.0))
+
+
+RESIDENCY_RELOAD_FACTOR = 4.0
+
+
+def in_residency(loaded_at_s: float | None, now_s: float, residency: float,
+                 requester_waited_s: float) -> bool:
+    """A model inside its residency is spared, but only until the load that wants its memory
+    has itself waited as long: the rule delays a waiting request by at most one residency."""
+    if loaded_at_s is None or residency <= 0:
+        return False
+    return now_s - loaded_at_s < residency and requester_waited_s < residency
+
+
+def decayed_heat(heat: float, heat_at_s: float, now_s: float) -> float:
+    """Requests decayed by age with a HEAT_HALF_LIFE_S half-life."""
+    return heat * 0.5 ** ((now_s - heat_at_s) / HEAT_HALF_LIFE_S)
 
 
 def priority_weight(priority: int) -> float:

@@ -6,7 +6,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from ..engine.lifecycle import ModelStatus
+from ..engine.report import model_row
 from ..errors import InvalidRequest
 from ..keys import ENGINE
 from .openai import read_body
@@ -38,24 +38,10 @@ def _model_field(data: dict[str, Any]) -> str:
 
 async def models(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
-    stats = engine.get_memory_stats()["models"]
-    rows = []
-    for key in engine.known_models():
-        e = engine.entry(key)
-        assert e is not None
-        cfg = engine.config.model(key)
-        s = stats[key]
-        rows.append({
-            "model": key, "state": e.status.value, "type": e.type,
-            "owner": ("proxy" if e.owned else "external") if e.status is ModelStatus.LOADED
-            else None,
-            "instances": list(e.instance_ids), "footprint_mb": s["estimated_memory_mb"],
-            "footprint_learned": s["footprint_learned"], "priority": engine.priority(key),
-            "pinned": cfg.pinned, "ttl_s": cfg.ttl_s, "aliases": list(cfg.aliases),
-            "leases": e.leases, "waiting": e.waiting, "requests": s["requests"],
-            "last_used_s_ago":
-            s["last_used_s_ago"], "loads": e.load_count, "last_error": e.last_error})
-    return json_response({"object": "list", "data": rows, "queue_length": engine.queue_length,
+    now = engine.clock.now()
+    return json_response({"object": "list",
+                          "data": [model_row(engine, key, now) for key in engine.known_models()],
+                          "queue_length": engine.queue_length,
                           "memory_pressure": engine.memory_pressure.value})
 
 

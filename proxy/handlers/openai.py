@@ -9,15 +9,13 @@ from __future__ import annotations
 import asyncio
 import time
 
-import aiohttp
 import orjson
 from aiohttp import web
 
 from ..engine.usage import RequestRecord
 from ..engine.lifecycle import Lease
 from ..engine.manager import ModelMemoryManager
-from ..errors import (BodyTooLarge, InvalidRequest, ProxyError, UpstreamError,
-                      UpstreamTimeout)
+from ..errors import BodyTooLarge, InvalidRequest, ProxyError
 from ..keys import ACCESS_LOG, CONFIG, ENGINE, RESPONSE_STARTED, UPSTREAM
 from ..streaming import StreamMeter, usage_of_body
 
@@ -28,6 +26,12 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy
 RESPONSE_DROP = HOP_BY_HOP | {"date", "server"}
 USAGE_INJECTABLE = frozenset({"/v1/chat/completions", "/v1/completions"})
 CLIENT_CLOSED = 499
+
+
+def error_event(exc: ProxyError) -> bytes:
+    """An OpenAI-style error as an SSE event: SDKs raise it instead of returning a cut
+    answer as if it were whole."""
+    return b"data: " + orjson.dumps(exc.body()) + b"\n\n"
 
 
 def forward_headers(headers: "web.BaseRequest.headers", drop: frozenset[str]) -> dict[str, str]:
@@ -115,14 +119,27 @@ async def _relay(request: web.Request, engine: ModelMemoryManager, lease: Lease,
             if stream and up.status == 200 and \
                     up.headers.get("Content-Type", "").startswith("text/event-stream"):
                 meter = StreamMeter(started, strip_usage_chunk=strip)
+                chunks = up.chunks()
+                # The first byte comes before the headers go out: an upstream silent past
+                # read_timeout_s is still a 504, not a 200 that ends in nothing.
+                first = await anext(chunks, b"")
                 resp = web.StreamResponse(status=up.status, headers=headers)
                 await resp.prepare(request)
                 request[RESPONSE_STARTED] = True
-                async for data in up.content.iter_any():
-                    lease.last_activity_s = engine.clock.now()   # not hung: bytes flow
-                    out = meter.feed(data)
+                try:
+                    out = meter.feed(first)
                     if out:
                         await resp.write(out)
+                    async for data in chunks:
+                        lease.last_activity_s = engine.clock.now()   # not hung: bytes flow
+                        out = meter.feed(data)
+                        if out:
+                            await resp.write(out)
+                except ProxyError as exc:   # the upstream broke off: say so in the stream
+                    status = exc.status
+                    await resp.write(meter.flush() + error_event(exc))
+                    await resp.write_eof()
+                    return resp
                 tail = meter.flush()
                 if tail:
                     await resp.write(tail)
@@ -144,15 +161,6 @@ async def _relay(request: web.Request, engine: ModelMemoryManager, lease: Lease,
     except ProxyError as exc:               # the upstream could not be reached or timed out
         status, ok = exc.status, False
         raise
-    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-        ok = False                          # the upstream broke off mid-response
-        if request.get(RESPONSE_STARTED):
-            status = 502
-            raise                           # the client sees the stream cut, as it was
-        error = UpstreamTimeout if isinstance(exc, asyncio.TimeoutError) else UpstreamError
-        mapped = error(f"LM Studio broke off the response: {exc!r}")
-        status = mapped.status
-        raise mapped from exc
     finally:
         lease.release()
         latency_s = time.perf_counter() - started

@@ -1,3 +1,19 @@
-from .base import ApiLevel, LoadResult, ModelBackend, Upstream, UpstreamModel
+"""Model servers behind one seam. `create_upstream(config)` builds the configured adapter."""
+from __future__ import annotations
 
-__all__ = ["ApiLevel", "LoadResult", "ModelBackend", "Upstream", "UpstreamModel"]
+from typing import TYPE_CHECKING
+
+from .base import ApiLevel, LoadResult, ModelBackend, Upstream, UpstreamModel, UpstreamResponse
+
+if TYPE_CHECKING:
+    from ..config import UpstreamConfig
+
+__all__ = ["ApiLevel", "LoadResult", "ModelBackend", "Upstream", "UpstreamModel",
+           "UpstreamResponse", "create_upstream"]
+
+
+def create_upstream(config: "UpstreamConfig") -> Upstream:
+    if config.kind == "lmstudio":
+        from .lmstudio import LMStudioUpstream
+        return LMStudioUpstream(config)
+    raise ValueError(f"unknown upstream kind {config.kind!r}")

@@ -3,14 +3,16 @@
 `ModelBackend` is all the engine needs (discover, load, unload); `Upstream` adds forwarding for
 the HTTP handlers. Tests and the eviction benchmark implement `ModelBackend` in a few lines;
 later backends (Ollama, llama.cpp's router, vLLM) implement `Upstream`.
+
+Nothing of the HTTP client crosses this seam: a forwarded response is an `UpstreamResponse`,
+and every transport failure — connecting, waiting, or reading a body half-way — arrives as one
+of the project's `UpstreamError`s, mapped by the adapter in one place.
 """
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any, AsyncContextManager, Mapping, Protocol
-
-from aiohttp import ClientResponse
+from typing import Any, AsyncContextManager, AsyncIterator, Mapping, Protocol
 
 
 class ApiLevel(str, enum.Enum):
@@ -51,12 +53,24 @@ class ModelBackend(Protocol):
     async def unload(self, instance_id: str) -> None: ...
 
 
+class UpstreamResponse(Protocol):
+    status: int
+    headers: Mapping[str, str]   # case-insensitive; items() may repeat a name
+
+    async def read(self) -> bytes: ...
+
+    def chunks(self) -> AsyncIterator[bytes]:
+        """The body as it arrives, one read at a time (nothing is held back)."""
+        ...
+
+
 class Upstream(ModelBackend, Protocol):
     base_url: str
 
     async def start(self) -> None: ...
     async def close(self) -> None: ...
     def request(self, method: str, path: str, headers: dict[str, str],
-                body: bytes | None) -> AsyncContextManager[ClientResponse]:
-        """Forward a request; `headers` is the caller's to give away (it may be amended)."""
+                body: bytes | None) -> AsyncContextManager[UpstreamResponse]:
+        """Forward a request; `headers` is the caller's to give away (it may be amended).
+        Leaving the block early drops the upstream connection."""
         ...

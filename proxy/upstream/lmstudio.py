@@ -64,7 +64,7 @@ class LMStudioUpstream:
     # -- forwarding --------------------------------------------------------------------------
     def request(self, method: str, path: str, headers: dict[str, str],
                 body: bytes | None) -> "_Forward":
-        """`async with upstream.request(...) as resp`: errors reaching the upstream become
+        """`async with upstream.request(...) as resp`: every transport error becomes an
         UpstreamError; leaving the block early drops the connection."""
         if self._token_header:
             headers["Authorization"] = self._token_header
@@ -142,26 +142,84 @@ class LMStudioUpstream:
                 raw = await resp.read()
                 status = resp.status
         except Exception as exc:
-            raise self._map_error(exc, f"{method} {path}") from exc
+            raise map_transport_error(exc, self.base_url, f"{method} {path}") from exc
         try:
             return status, orjson.loads(raw) if raw else None
         except orjson.JSONDecodeError:
             return status, raw.decode("utf-8", "replace")
 
-    def _map_error(self, exc: BaseException, what: str) -> Exception:
-        if isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
-            return UpstreamTimeout(f"LM Studio at {self.base_url} timed out on {what}")
-        if isinstance(exc, aiohttp.ClientConnectorError):
-            return UpstreamUnreachable(f"cannot reach LM Studio at {self.base_url}: "
-                                       f"{exc.os_error.strerror or exc}")
-        if isinstance(exc, aiohttp.ClientError):
-            return UpstreamError(f"LM Studio at {self.base_url} failed on {what}: {exc!r}")
-        return exc if isinstance(exc, Exception) else UpstreamError(repr(exc))
+
+# One table for every transport failure, wherever it happens: connecting, waiting for the
+# answer, or reading its body half-way. Order matters: the first matching class wins.
+_TRANSPORT_ERRORS: tuple[tuple[type[BaseException], type[UpstreamError], str], ...] = (
+    (asyncio.TimeoutError, UpstreamTimeout, "LM Studio at {url} went silent on {what}"),
+    (aiohttp.ServerTimeoutError, UpstreamTimeout, "LM Studio at {url} went silent on {what}"),
+    (aiohttp.ClientConnectorError, UpstreamUnreachable, "cannot reach LM Studio at {url}: {exc}"),
+    (aiohttp.ClientPayloadError, UpstreamError, "LM Studio at {url} broke off {what}: {exc}"),
+    (aiohttp.ServerDisconnectedError, UpstreamError,
+     "LM Studio at {url} closed the connection on {what}"),
+    (aiohttp.ClientError, UpstreamError, "LM Studio at {url} failed on {what}: {exc!r}"),
+    (ConnectionError, UpstreamError, "LM Studio at {url} failed on {what}: {exc!r}"),
+)
+
+
+def map_transport_error(exc: BaseException, url: str, what: str) -> BaseException:
+    if isinstance(exc, UpstreamError):
+        return exc
+    for cls, mapped, text in _TRANSPORT_ERRORS:
+        if isinstance(exc, cls):
+            if isinstance(exc, aiohttp.ClientConnectorError):
+                detail: object = exc.os_error.strerror or exc
+            else:
+                detail = exc
+            return mapped(text.format(url=url, what=what, exc=detail))
+    return exc
+
+
+class _Response:
+    """An aiohttp response behind the project's UpstreamResponse; reads map their errors."""
+    __slots__ = ("_resp", "status", "headers", "_url", "_what")
+
+    def __init__(self, resp: aiohttp.ClientResponse, url: str, what: str) -> None:
+        self._resp = resp
+        self.status = resp.status
+        self.headers = resp.headers
+        self._url, self._what = url, what
+
+    async def read(self) -> bytes:
+        try:
+            return await self._resp.read()
+        except Exception as exc:
+            raise map_transport_error(exc, self._url, self._what) from exc
+
+    def chunks(self) -> "_Chunks":
+        return _Chunks(self)
+
+
+class _Chunks:
+    __slots__ = ("_read", "_r")
+
+    def __init__(self, r: _Response) -> None:
+        self._r = r
+        self._read = r._resp.content.readany
+
+    def __aiter__(self) -> "_Chunks":
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            data = await self._read()
+        except Exception as exc:
+            raise map_transport_error(exc, self._r._url, self._r._what) from exc
+        if not data:
+            raise StopAsyncIteration
+        return data
 
 
 class _Forward:
     """A class-based async context manager: cheaper per request than asynccontextmanager."""
     __slots__ = ("upstream", "method", "path", "headers", "body", "resp")
+    # The response body is read through _Response, whose reads map transport errors.
 
     def __init__(self, upstream: LMStudioUpstream, method: str, path: str,
                  headers: dict[str, str], body: bytes | None) -> None:
@@ -169,15 +227,16 @@ class _Forward:
         self.headers, self.body = headers, body
         self.resp: aiohttp.ClientResponse | None = None
 
-    async def __aenter__(self) -> aiohttp.ClientResponse:
+    async def __aenter__(self) -> _Response:
         up = self.upstream
+        what = f"{self.method} {self.path}"
         try:
             self.resp = await up.session.request(self.method, up.base_url + self.path,
                                                  headers=self.headers, data=self.body,
                                                  allow_redirects=False)
         except Exception as exc:
-            raise up._map_error(exc, f"{self.method} {self.path}") from exc
-        return self.resp
+            raise map_transport_error(exc, up.base_url, what) from exc
+        return _Response(self.resp, up.base_url, what)
 
     async def __aexit__(self, exc_type: type | None, exc: BaseException | None,
                         tb: object) -> None:

@@ -1,0 +1,157 @@
+"""Accounting: per-model statistics, and what of the engine's knowledge survives a restart.
+
+Persisted (through `store.UsageStore`, off the event loop, in batches):
+- per-minute usage history and per-model statistics snapshots;
+- learned footprints and load times, keyed by upstream identity (URL | model key | load
+  options), so that what a demo's emulator taught is never applied to a real LM Studio;
+- the instances this proxy loaded, so that a restarted proxy still owns them.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Callable
+
+import orjson
+
+from ..store import UsageStore
+from .clock import Clock
+from .lifecycle import ModelEntry
+from .listeners import Listeners
+from .registry import Registry
+from .usage import ModelUsage, RequestRecord
+from .usage import restore as restore_usage
+from .usage import snapshot as snapshot_usage
+
+log = logging.getLogger("proxy.engine")
+
+
+def footprint_identity(upstream_url: str, key: str, load_options: Any) -> str:
+    return f"{upstream_url}|{key}|{orjson.dumps(load_options, option=orjson.OPT_SORT_KEYS).decode()}"
+
+
+class Accounting:
+    def __init__(self, registry: Registry, clock: Clock, listeners: Listeners,
+                 store: UsageStore | None, upstream_url: Callable[[], str]) -> None:
+        self.registry = registry
+        self.clock = clock
+        self.listeners = listeners
+        self.store = store
+        self._upstream_url = upstream_url
+        self.usage: dict[str, ModelUsage] = {}
+        # instance id → {"model", "load_config", "loaded_at"}: what this proxy loaded
+        self.owned_instances: dict[str, dict[str, Any]] = {}
+        self._pending_minutes: dict[tuple[str, int], list[float]] = {}
+        self._dirty_stats: set[str] = set()
+        self._dirty_footprints: set[str] = set()
+        self._owned_add: dict[str, dict[str, Any]] = {}
+        self._owned_remove: set[str] = set()
+        self._restored_footprints: dict[str, dict[str, Any]] = {}
+
+    # -- requests ----------------------------------------------------------------------------
+    def record(self, r: RequestRecord) -> None:
+        """Account a finished request; names that are not known models are not kept."""
+        usage = self.usage.get(r.model)
+        if usage is None and r.model in self.registry.entries:
+            usage = self.usage[r.model] = ModelUsage()
+        if usage is not None:
+            usage.record(r)
+            if self.store is not None:
+                minute_key = (r.model, int(self.clock.wall() // 60))
+                slot = self._pending_minutes.get(minute_key)
+                if slot is None:
+                    slot = self._pending_minutes[minute_key] = [0, 0, 0, 0, 0.0]
+                slot[0] += 1
+                slot[1] += 0 if r.ok else 1
+                slot[2] += r.prompt_tokens
+                slot[3] += r.completion_tokens
+                slot[4] += r.latency_s
+                self._dirty_stats.add(r.model)
+        for hook in self.listeners.on_request:
+            try:
+                hook(r)
+            except Exception:
+                log.exception("listener %r failed on on_request; ignored", hook)
+
+    def usage_of(self, key: str) -> ModelUsage:
+        return self.usage.get(key) or _EMPTY_USAGE
+
+    # -- learned facts -----------------------------------------------------------------------
+    def identity(self, key: str) -> str:
+        return footprint_identity(self._upstream_url(), key,
+                                  dict(self.registry.config.model(key).load))
+
+    def footprint_changed(self, e: ModelEntry) -> None:
+        self._dirty_footprints.add(e.key)
+
+    def apply_learned(self, e: ModelEntry) -> None:
+        """Give a newly seen entry what an earlier process learned about it here."""
+        saved = self._restored_footprints.pop(self.identity(e.key), None)
+        if saved is not None:
+            e.footprint_bytes, e.footprint_samples = saved["footprint_bytes"], saved["samples"]
+            e.load_time_s, e.load_count = saved["load_time_s"], saved["load_count"]
+
+    # -- ownership ---------------------------------------------------------------------------
+    def remember_owned(self, e: ModelEntry, instance_id: str, load_config: dict) -> None:
+        record = {"model": e.key, "load_config": load_config, "loaded_at": self.clock.wall()}
+        self.owned_instances[instance_id] = record
+        self._owned_add[instance_id] = record
+        self._owned_remove.discard(instance_id)
+
+    def forget_owned(self, instance_ids: tuple[str, ...]) -> None:
+        for i in instance_ids:
+            if self.owned_instances.pop(i, None) is not None:
+                self._owned_add.pop(i, None)
+                self._owned_remove.add(i)
+
+    def owns(self, key: str, instance_ids: tuple[str, ...]) -> bool:
+        """True when every listed instance of key is one this proxy loaded."""
+        return bool(instance_ids) and all(
+            self.owned_instances.get(i, {}).get("model") == key for i in instance_ids)
+
+    # -- persistence -------------------------------------------------------------------------
+    async def open(self) -> None:
+        if self.store is None or self.store._db is not None or self.store.error is not None:
+            return
+        if await asyncio.to_thread(self.store.open):
+            self._restore(await asyncio.to_thread(self.store.load, self._upstream_url()))
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        for key, snap in state["stats"].items():
+            self.usage[key] = restore_usage(snap)
+        self._restored_footprints = state["footprints"]
+        self.owned_instances.update(state.get("owned", {}))
+        for e in self.registry:
+            self.apply_learned(e)
+        log.info("restored statistics of %d models and %d owned instances from %s",
+                 len(state["stats"]), len(state.get("owned", {})),
+                 self.store.path if self.store else "?")
+
+    async def flush(self) -> None:
+        """Write what changed since the last flush, off the event loop, in one transaction."""
+        if self.store is None or self.store._db is None:
+            return
+        if not (self._pending_minutes or self._dirty_stats or self._dirty_footprints
+                or self._owned_add or self._owned_remove):
+            return
+        minutes, self._pending_minutes = self._pending_minutes, {}
+        stats = {k: snapshot_usage(self.usage[k]) for k in self._dirty_stats if k in self.usage}
+        footprints = {self.identity(k): {"footprint_bytes": e.footprint_bytes,
+                                         "samples": e.footprint_samples,
+                                         "load_time_s": e.load_time_s,
+                                         "load_count": e.load_count}
+                      for k in self._dirty_footprints if (e := self.registry.entries.get(k))}
+        owned_add, self._owned_add = self._owned_add, {}
+        owned_remove, self._owned_remove = self._owned_remove, set()
+        self._dirty_stats, self._dirty_footprints = set(), set()
+        await asyncio.to_thread(self.store.write, minutes, stats, footprints,
+                                int(self.clock.wall() // 60), upstream=self._upstream_url(),
+                                owned_add=owned_add, owned_remove=owned_remove)
+
+    async def close(self) -> None:
+        if self.store is not None:
+            await self.flush()
+            await asyncio.to_thread(self.store.close)
+
+
+_EMPTY_USAGE = ModelUsage()

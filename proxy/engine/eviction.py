@@ -1,0 +1,174 @@
+"""Eviction: which loaded models may go now, unloading them safely, pressure and idle timeouts.
+
+Every unload goes through `unload()`: it never touches a model that is busy (a lease of either
+kind), waits for memory to come back only when the model's footprint was really observed, and
+tells the listeners why it went and for whom.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Callable
+
+from ..upstream.base import ModelBackend
+from .accounting import Accounting
+from .clock import Clock
+from .lifecycle import ModelEntry, ModelStatus
+from .listeners import Listeners
+from .memory import MemoryPressure
+from .monitor import MemoryMonitor
+from .policy import (Candidate, blocker, decayed_heat, in_residency, residency_s,
+                     select_victims)
+from .registry import Registry
+
+log = logging.getLogger("proxy.engine")
+S = ModelStatus
+RECLAIM_POLL_S = 0.05
+
+
+class Evictor:
+    def __init__(self, registry: Registry, monitor: MemoryMonitor, backend: ModelBackend,
+                 accounting: Accounting, listeners: Listeners, clock: Clock,
+                 set_status: Callable[[ModelEntry, ModelStatus], None],
+                 on_room: Callable[[], None]) -> None:
+        self.registry = registry
+        self.monitor = monitor
+        self.backend = backend
+        self.accounting = accounting
+        self.listeners = listeners
+        self.clock = clock
+        self._set_status = set_status
+        self._on_room = on_room
+        # One mutation of memory at a time: evictions for a load, for pressure, by hand.
+        self.lock = asyncio.Lock()
+
+    @property
+    def config(self):  # noqa: ANN201 - the registry holds the live config
+        return self.registry.config
+
+    # -- who may go --------------------------------------------------------------------------
+    def why_kept(self, e: ModelEntry, *, critical: bool, requester_waited_s: float = 0.0
+                 ) -> str | None:
+        """Why loaded model e may not be evicted now (None: it may)."""
+        ev = self.config.eviction
+        residency = residency_s(ev.min_residency_s, self.registry.reload_s(e))
+        return blocker(busy=e.busy > 0, pinned=self.registry.pinned(e.key),
+                       ours=e.owned or ev.manage_external,
+                       held=in_residency(e.loaded_at_s, self.clock.now(), residency,
+                                         requester_waited_s),
+                       critical=critical)
+
+    def candidates(self, *, exclude: str | None, critical: bool,
+                   requester_waited_s: float = 0.0) -> list[Candidate]:
+        now = self.clock.now()
+        out = []
+        for e in self.registry:
+            if e.status is not S.LOADED or e.key == exclude:
+                continue
+            if self.why_kept(e, critical=critical, requester_waited_s=requester_waited_s):
+                continue
+            out.append(self.candidate(e, now))
+        return out
+
+    def candidate(self, e: ModelEntry, now: float) -> Candidate:
+        return Candidate(
+            key=e.key, footprint_bytes=self.registry.footprint_bytes(e),
+            last_used_s=e.last_used_at_s or e.loaded_at_s or now,
+            priority=self.registry.priority(e.key), reload_s=self.registry.reload_s(e),
+            rate_per_h=self.accounting.usage_of(e.key).rate_per_h(now),
+            heat=decayed_heat(e.heat, e.heat_at_s, now))
+
+    def choose(self, need_bytes: float, *, exclude: str | None, critical: bool,
+               requester_waited_s: float = 0.0, partial: bool = False) -> tuple[str, ...]:
+        return select_victims(self.config.eviction.policy,
+                              self.candidates(exclude=exclude, critical=critical,
+                                              requester_waited_s=requester_waited_s),
+                              need_bytes, self.clock.now(), partial=partial)
+
+    # -- unloading ---------------------------------------------------------------------------
+    async def evict(self, keys: tuple[str, ...], reason: str, for_model: str | None = None
+                    ) -> None:
+        for key in keys:
+            await self.unload(self.registry.entries[key], reason, for_model)
+
+    async def evict_for(self, need_bytes: float, *, exclude: str | None, critical: bool,
+                        reason: str, partial: bool = False) -> bool:
+        victims = self.choose(need_bytes, exclude=exclude, critical=critical, partial=partial)
+        await self.evict(victims, reason, exclude)
+        return bool(victims)
+
+    async def unload(self, e: ModelEntry, reason: str, for_model: str | None = None) -> bool:
+        """Unload an idle model and wait for its memory; False if it was not idle and loaded."""
+        if e.status is not S.LOADED or e.busy:
+            return False
+        learned = e.footprint_bytes if self.registry.configured_footprint_bytes(e.key) is None \
+            else None
+        local = self.monitor.sampler.local
+        # Only a footprint we observed is worth waiting for; an estimate may never come back.
+        before = await self.monitor.sample() if local and learned else None
+        if e.status is not S.LOADED or e.busy:
+            return False     # a request took it while we sampled
+        self.listeners.emit("on_evict", e.key, reason, for_model)
+        instance_ids = e.instance_ids
+        self._set_status(e, S.UNLOADING)
+        try:
+            for instance_id in instance_ids or (e.key,):
+                await self.backend.unload(instance_id)
+        except BaseException:
+            self._set_status(e, S.LOADED)
+            raise
+        self.monitor.changes += 1
+        e.evictions[reason] += 1
+        self._set_status(e, S.UNLOADED)
+        self.accounting.forget_owned(instance_ids)
+        log.info("unloaded %s (%s%s)", e.key, reason, f" for {for_model}" if for_model else "")
+        if before is not None and learned:
+            await self._await_reclaim(before.available_bytes + 0.5 * learned)
+        self._on_room()
+        self.listeners.emit("on_unload", e.key, reason)
+        return True
+
+    async def _await_reclaim(self, target_available_bytes: float) -> None:
+        """After an unload memory returns to the OS a little later; admit nothing before."""
+        deadline = self.clock.now() + self.config.memory.reclaim_timeout_s
+        while True:
+            s = await self.monitor.sample()
+            if s.available_bytes >= target_available_bytes or self.clock.now() >= deadline:
+                return
+            await asyncio.sleep(RECLAIM_POLL_S)
+
+    # -- pressure and idleness ---------------------------------------------------------------
+    async def relieve(self, *, critical: bool) -> list[str]:
+        """Evict by policy while pressure is high (at critical, residency is waived)."""
+        evicted: list[str] = []
+        while self.monitor.level.rank >= MemoryPressure.HIGH.rank:
+            s = self.monitor.last_sample
+            assert s is not None
+            # Free enough to get below the threshold by the gauge's hysteresis margin.
+            need = 0.03 * s.total_bytes - self.monitor.headroom(s)
+            async with self.lock:
+                victims = self.choose(max(need, 1.0), exclude=None, critical=critical,
+                                      partial=True)
+                for key in victims:
+                    if await self.unload(self.registry.entries[key], "pressure"):
+                        evicted.append(key)
+            if not victims:
+                break
+            await self.monitor.sample()
+        return evicted
+
+    async def unload_idle(self) -> list[str]:
+        """Unload what the proxy loaded and nobody used for its idle timeout (pins kept)."""
+        now = self.clock.now()
+        out = []
+        for e in list(self.registry):
+            if e.status is not S.LOADED or e.busy or not e.owned:
+                continue
+            ttl_s = self.registry.ttl_s(e.key)
+            if self.registry.pinned(e.key) or ttl_s <= 0:
+                continue
+            if now - (e.last_used_at_s or e.loaded_at_s or now) >= ttl_s:
+                async with self.lock:
+                    if await self.unload(e, "idle"):
+                        out.append(e.key)
+        return out

@@ -1,0 +1,78 @@
+"""Memory as the engine sees it: samples, the pressure level, and how much a load may take.
+
+`headroom(sample)` is the one rule for "may a load of N bytes start now": it keeps
+`min_free_memory_gb` free and usage under `max_memory_usage_percent`. `ceiling_bytes(sample)` is
+the same rule with nothing of ours resident: a model above it can never load, however long it
+waits.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Callable
+
+from ..config import Config
+from .listeners import Listeners
+from .memory import GB, MemoryPressure, MemorySample, MemorySampler, PressureGauge
+
+log = logging.getLogger("proxy.engine")
+
+
+class MemoryMonitor:
+    def __init__(self, config: Config, sampler: MemorySampler, listeners: Listeners, *,
+                 reserved_bytes: Callable[[], float],
+                 on_level: Callable[[MemoryPressure], None] | None = None) -> None:
+        self.sampler = sampler
+        self.listeners = listeners
+        self._reserved = reserved_bytes       # loads in flight not yet seen by the sampler
+        self._on_level = on_level
+        self.last_sample: MemorySample | None = None
+        self.changes = 0     # loads and unloads finished: a footprint is learned only alone
+        self.apply_config(config)
+
+    def apply_config(self, config: Config) -> None:
+        mem = config.memory
+        self.min_free_bytes = mem.min_free_memory_gb * GB
+        self.max_usage_fraction = mem.max_memory_usage_percent / 100.0
+        level = self.gauge.level if hasattr(self, "gauge") else MemoryPressure.NORMAL
+        self.gauge = PressureGauge(mem.max_memory_usage_percent, self.min_free_bytes)
+        self.gauge.level = level
+
+    @property
+    def level(self) -> MemoryPressure:
+        return self.gauge.level
+
+    async def sample(self) -> MemorySample:
+        if self.sampler.blocking:
+            s = await asyncio.to_thread(self.sampler.sample)
+        else:
+            s = self.sampler.sample()
+        self.last_sample = s
+        old = self.gauge.level
+        new = self.gauge.update(s)
+        if new is not old:
+            log.log(logging.WARNING if new.rank > old.rank else logging.INFO,
+                    "memory pressure %s → %s (%.0f%% used, %.1f GB free)", old.value,
+                    new.value, s.used_percent, s.available_bytes / GB)
+            if self._on_level is not None:
+                self._on_level(new)
+        self.listeners.emit("on_memory", s, new.value)
+        return s
+
+    def headroom(self, s: MemorySample) -> float:
+        """Bytes a new load may take now."""
+        reserved = self._reserved() if self.sampler.local else 0.0
+        available = s.available_bytes - reserved
+        by_free = available - self.min_free_bytes
+        by_ceiling = s.total_bytes * self.max_usage_fraction - (s.total_bytes - available)
+        return min(by_free, by_ceiling)
+
+    def ceiling_bytes(self, s: MemorySample) -> float:
+        """The most any one model may take: the headroom of an empty machine."""
+        return min(s.total_bytes - self.min_free_bytes, s.total_bytes * self.max_usage_fraction)
+
+    def binding_limit(self, s: MemorySample) -> str:
+        """The config key that sets the ceiling, for messages that say what to change."""
+        if s.total_bytes - self.min_free_bytes < s.total_bytes * self.max_usage_fraction:
+            return "memory.min_free_memory_gb"
+        return "memory.max_memory_usage_percent"

@@ -1,0 +1,91 @@
+"""Reconcile: align the engine's view with what the server really has loaded.
+
+Models loaded or unloaded by others (the GUI, `lms`, a restart of LM Studio) are noticed here.
+A loaded instance that this proxy loaded before a restart of its own (remembered by
+accounting, with its load options) is re-adopted as the proxy's; any other is someone else's.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+from ..errors import UpstreamError
+from ..upstream.base import ApiLevel, ModelBackend, UpstreamModel
+from .accounting import Accounting
+from .clock import Clock
+from .lifecycle import OWNER_EXTERNAL, OWNER_PROXY, ModelEntry, ModelStatus
+from .registry import Registry
+
+log = logging.getLogger("proxy.engine")
+S = ModelStatus
+
+
+class Reconciler:
+    def __init__(self, registry: Registry, backend: ModelBackend, accounting: Accounting,
+                 clock: Clock, set_status: Callable[[ModelEntry, ModelStatus], None],
+                 on_room: Callable[[], None]) -> None:
+        self.registry = registry
+        self.backend = backend
+        self.accounting = accounting
+        self.clock = clock
+        self._set_status = set_status
+        self._on_room = on_room
+        self.api_level: ApiLevel | None = None
+        self.upstream_ok = False
+        self.upstream_error: str | None = None
+        self.error_type: type[UpstreamError] = UpstreamError
+        self.last_run_s = -1e9
+        self.status_epoch = 0                    # bumps on every status change
+        self.status_epochs: dict[str, int] = {}  # model → epoch of its last change
+
+    def note_change(self, key: str) -> None:
+        self.status_epoch += 1
+        self.status_epochs[key] = self.status_epoch
+
+    def failure(self) -> UpstreamError:
+        return self.error_type(self.upstream_error or "the upstream has not answered")
+
+    async def run(self) -> None:
+        self.last_run_s = self.clock.now()
+        epoch = self.status_epoch
+        try:
+            if self.api_level is None:
+                self.api_level = await self.backend.detect()
+                log.info("upstream speaks %s%s", self.api_level.value,
+                         "" if self.api_level.can_manage else
+                         ": loading is left to the server's own JIT")
+            models = await self.backend.list_models()
+        except UpstreamError as exc:
+            if self.upstream_ok:
+                log.warning("upstream unavailable: %s", exc.message)
+            self.upstream_ok, self.upstream_error = False, exc.message
+            self.error_type = type(exc)
+            return
+        self.upstream_ok, self.upstream_error = True, None
+        for m in models:
+            self._one(m, epoch)
+
+    def _one(self, m: UpstreamModel, epoch: int) -> None:
+        e, new = self.registry.ensure(m.key)
+        if new:
+            self.accounting.apply_learned(e)
+        e.type, e.size_bytes = m.type, m.size_bytes or e.size_bytes
+        if self.status_epochs.get(m.key, -1) > epoch:
+            return   # changed by us while the list was in flight; the list is stale for it
+        if m.loaded:
+            e.instance_ids = m.instance_ids
+            if e.status in (S.UNLOADED, S.ERROR):
+                self._set_status(e, S.LOADED)
+                e.loaded_at_s = e.last_used_at_s = self.clock.now()
+                if self.accounting.owns(e.key, m.instance_ids):
+                    e.owner = OWNER_PROXY
+                    log.info("%s is still loaded from before a restart; it is the proxy's",
+                             m.key)
+                else:
+                    e.owner = OWNER_EXTERNAL
+                    log.info("%s was loaded outside the proxy", m.key)
+        elif e.status is S.LOADED and self.api_level is not ApiLevel.JIT_ONLY:
+            log.info("%s was unloaded outside the proxy", m.key)
+            self.accounting.forget_owned(e.instance_ids)
+            self._set_status(e, S.UNLOADED)
+            self._on_room()

@@ -1,0 +1,128 @@
+"""The registry: every model the engine knows, by key, with its aliases and runtime overrides.
+
+It answers "which model is this name", "how much memory does it take", "what is its priority,
+is it pinned, what is its idle timeout" — the per-model facts every other part reads. Config is
+swappable at run time (`apply_config`) without touching the entries.
+"""
+from __future__ import annotations
+
+import difflib
+from typing import Iterator
+
+from ..config import Config
+from .lifecycle import ModelEntry, ModelStatus
+from .memory import GB
+
+S = ModelStatus
+DEFAULT_FOOTPRINT_BYTES = 4 * GB   # a model whose size nobody reported
+# Close-match suggestions: bounded in cost whatever a client sends.
+SUGGEST_MAX_NAME_CHARS = 128
+SUGGEST_MAX_CANDIDATES = 2000
+ECHO_MAX_CHARS = 80
+
+
+def printable(name: str, limit: int = ECHO_MAX_CHARS) -> str:
+    """A client-supplied name made safe to echo in a log line or an error message."""
+    clipped = name[:limit]
+    text = clipped.encode("unicode_escape", "backslashreplace").decode("ascii")
+    return text + ("…" if len(name) > limit else "")
+
+
+class Registry:
+    def __init__(self, config: Config) -> None:
+        self.entries: dict[str, ModelEntry] = {}
+        self.priority_override: dict[str, int] = {}
+        self.pin_override: dict[str, bool] = {}
+        self.apply_config(config)
+
+    def apply_config(self, config: Config) -> None:
+        self.config = config
+        self.aliases = config.alias_map()
+
+    # -- lookup ------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[ModelEntry]:
+        return iter(self.entries.values())
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def get(self, name: str) -> ModelEntry | None:
+        """The entry a name (key or alias) refers to, if known; the request path's lookup."""
+        return self.entries.get(self.aliases.get(name, name))
+
+    def key_of(self, name: str) -> str | None:
+        key = self.aliases.get(name, name)
+        if key in self.entries:
+            return key
+        for e in self.entries.values():
+            if key in e.instance_ids:
+                return e.key
+        return None
+
+    def ensure(self, key: str) -> tuple[ModelEntry, bool]:
+        """The entry for key, created if new (True)."""
+        e = self.entries.get(key)
+        if e is not None:
+            return e, False
+        e = self.entries[key] = ModelEntry(key)
+        return e, True
+
+    def keys(self) -> list[str]:
+        return sorted(self.entries)
+
+    def loaded(self) -> list[str]:
+        return sorted(k for k, e in self.entries.items() if e.status is S.LOADED)
+
+    def suggestions(self, name: str, n: int = 3) -> list[str]:
+        if len(name) > SUGGEST_MAX_NAME_CHARS:
+            return []
+        names = (list(self.entries) + list(self.aliases))[:SUGGEST_MAX_CANDIDATES]
+        return difflib.get_close_matches(name, names, n=n, cutoff=0.4)
+
+    # -- per-model facts ---------------------------------------------------------------------
+    def priority(self, key: str) -> int:
+        return self.priority_override.get(key) or self.config.model(key).priority
+
+    def pinned(self, key: str) -> bool:
+        override = self.pin_override.get(key)
+        return self.config.model(key).pinned if override is None else override
+
+    def ttl_s(self, key: str) -> float:
+        """Idle timeout; 0 means never."""
+        cfg = self.config.model(key)
+        if cfg.ttl_s is not None:
+            return cfg.ttl_s
+        return self.config.eviction.model_timeout_hours * 3600.0
+
+    def configured_footprint_bytes(self, key: str) -> float | None:
+        override = self.config.model(key).footprint_gb
+        return None if override is None else override * GB
+
+    def footprint_bytes(self, e: ModelEntry) -> float:
+        """Configured, else learned, else estimated from the file size."""
+        configured = self.configured_footprint_bytes(e.key)
+        if configured is not None:
+            return configured
+        if e.footprint_bytes is not None:
+            return e.footprint_bytes
+        if e.size_bytes:
+            return e.size_bytes * self.config.memory.footprint_factor
+        return DEFAULT_FOOTPRINT_BYTES
+
+    def footprint_source(self, e: ModelEntry) -> str:
+        if self.config.model(e.key).footprint_gb is not None:
+            return "configured"
+        return "learned" if e.footprint_bytes is not None else "estimated"
+
+    def reload_s(self, e: ModelEntry) -> float:
+        """Expected seconds to load e again: learned, else about a second per GB."""
+        return e.load_time_s if e.load_time_s is not None else self.footprint_bytes(e) / GB
+
+    def charged_bytes(self) -> float:
+        """Memory the models we know of hold or are about to hold (the budget sampler's view)."""
+        return sum(self.footprint_bytes(e) for e in self.entries.values()
+                   if e.status in (S.LOADED, S.LOADING, S.UNLOADING))
+
+    def loading_bytes(self) -> float:
+        return sum(self.footprint_bytes(e) for e in self.entries.values()
+                   if e.status is S.LOADING)

@@ -1,0 +1,313 @@
+"""Admission: which waiting load starts next, with room made for it first.
+
+Every request for a cold model joins that model's `Pending` (one per model: its requests are
+served together by one load). One task admits, so two loads never spend the same free memory;
+each pass walks the pending loads in order and starts every one that fits now or can be made to
+fit by eviction. A load that cannot proceed never blocks one behind it that can, except that a
+load waiting longer than `eviction.fairness_s` gets first claim: nothing behind it may take
+memory until it has gone (nothing starves).
+
+Order of a pass: loads past `fairness_s`, oldest first; then the others by how many requests
+wait for them (most first), then by age.
+
+Refusals: a load that can never fit (its footprint above the ceiling) fails at once with
+`model_too_large`; one blocked only by what will not go by itself (pinned models, models that
+are not ours, memory of other processes) fails at once with `insufficient_memory`; one blocked
+by what will go (models serving, loading, inside their residency) waits up to
+`eviction.queue_timeout_s`. Each refusal names what holds the memory and why.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ..errors import InsufficientMemory, ModelLoadFailed, ModelTooLarge, ProxyError
+from .clock import Clock
+from .eviction import Evictor
+from .lifecycle import ModelEntry, ModelStatus
+from .listeners import Listeners
+from .loader import Loader
+from .memory import GB, MemoryPressure, MemorySample
+from .monitor import MemoryMonitor
+from .policy import TEMPORARY, residency_s
+from .registry import Registry, printable
+
+log = logging.getLogger("proxy.engine")
+S = ModelStatus
+LOADING, UNLOADING, OTHERS, EVICTABLE = "loading", "unloading", "other processes", "evictable"
+# Memory that may free without anyone changing the config (other processes: perhaps).
+WILL_GO = TEMPORARY | {LOADING, UNLOADING, EVICTABLE, OTHERS}
+
+
+@dataclass(eq=False)
+class Pending:
+    entry: ModelEntry
+    since_s: float
+    done: asyncio.Future
+    waiters: int = 0
+    admitted: bool = False
+    holders: list[tuple[str, float, str]] = field(default_factory=list)  # last reason it waits
+
+
+class Scheduler:
+    def __init__(self, registry: Registry, monitor: MemoryMonitor, evictor: Evictor,
+                 loader: Loader, listeners: Listeners, clock: Clock,
+                 set_status: Callable[[ModelEntry, ModelStatus], None]) -> None:
+        self.registry = registry
+        self.monitor = monitor
+        self.evictor = evictor
+        self.loader = loader
+        self.listeners = listeners
+        self.clock = clock
+        self._set_status = set_status
+        self.pending: dict[str, Pending] = {}
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    @property
+    def config(self):  # noqa: ANN201
+        return self.registry.config
+
+    @property
+    def queue_length(self) -> int:
+        """Loads waiting for admission (memory)."""
+        return sum(1 for p in self.pending.values() if not p.admitted)
+
+    def kick(self) -> None:
+        """Something changed that may let a waiting load proceed."""
+        self._wake.set()
+
+    # -- the request side --------------------------------------------------------------------
+    async def ensure_loaded(self, e: ModelEntry) -> None:
+        """Wait until e's load is done (raises its failure), or the queue deadline passes."""
+        p = self.pending.get(e.key)
+        if p is None:
+            done = asyncio.get_running_loop().create_future()
+            done.add_done_callback(_consume)
+            p = self.pending[e.key] = Pending(e, self.clock.now(), done)
+            e.waiting_since_s = p.since_s
+            self._ensure_running()
+            self.kick()
+        self._count(p, +1)
+        timeout_s = self.config.eviction.queue_timeout_s
+        try:
+            async with asyncio.timeout(timeout_s):
+                await asyncio.shield(p.done)
+        except TimeoutError:
+            raise self._refusal(p, f" within {timeout_s:g}s",
+                                retry_after_s=max(1.0, min(30.0, timeout_s))) from None
+        finally:
+            self._count(p, -1)
+            if p.waiters == 0 and not p.admitted and not p.done.done():
+                # Everyone waiting went away: leave the queue rather than load for nobody.
+                self._finish(p, None)
+
+    def _count(self, p: Pending, delta: int) -> None:
+        p.waiters += delta
+        e = p.entry
+        e.waiting = p.waiters
+        if p.waiters == 0:
+            e.waiting_since_s = None
+        self.listeners.emit("on_queue", e.key, p.waiters)
+
+    def _finish(self, p: Pending, error: BaseException | None) -> None:
+        if self.pending.get(p.entry.key) is p:
+            del self.pending[p.entry.key]
+        if not p.done.done():
+            if error is None:
+                p.done.set_result(None)
+            else:
+                p.done.set_exception(error)
+        self.kick()
+
+    # -- the admitting task ------------------------------------------------------------------
+    def _ensure_running(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run(), name="engine-admission")
+
+    async def stop(self) -> None:
+        tasks = [t for t in [self._task] + [p.entry.load_task for p in self.pending.values()]
+                 if t is not None and not t.done()]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._task = None
+        for p in list(self.pending.values()):
+            self._finish(p, ProxyError("the engine is shutting down"))
+
+    async def _run(self) -> None:
+        while self.pending:
+            self._wake.clear()
+            try:
+                recheck_s = await self._pass()
+            except Exception:   # a bug here must not strand every waiting request
+                log.exception("admission pass failed; retrying")
+                recheck_s = 1.0
+            if self._wake.is_set():
+                continue
+            try:
+                await asyncio.wait_for(self._wake.wait(), recheck_s)
+            except TimeoutError:
+                pass
+
+    def _order(self) -> list[Pending]:
+        now, fair_s = self.clock.now(), self.config.eviction.fairness_s
+        waiting = [p for p in self.pending.values() if not p.admitted]
+        starving = sorted((p for p in waiting if now - p.since_s >= fair_s),
+                          key=lambda p: p.since_s)
+        rest = sorted((p for p in waiting if now - p.since_s < fair_s),
+                      key=lambda p: (-p.waiters, p.since_s, p.entry.key))
+        return starving + rest
+
+    async def _pass(self) -> float | None:
+        """Admit what can go; return seconds until time alone may change the answer."""
+        async with self.evictor.lock:
+            for p in self._order():
+                if not await self._try_admit(p) and self._starving(p):
+                    break   # first claim: nothing behind it may take memory
+        return self._recheck_s()
+
+    def _starving(self, p: Pending) -> bool:
+        return self.clock.now() - p.since_s >= self.config.eviction.fairness_s
+
+    async def _try_admit(self, p: Pending) -> bool:
+        """True when p was dealt with (admitted or finished); False while it must wait."""
+        e = p.entry
+        if e.status is S.LOADED:            # loaded by someone else while it waited
+            self._finish(p, None)
+            return True
+        if e.status is S.ERROR and self.clock.now() < e.retry_at_s:
+            self._finish(p, ModelLoadFailed(e.last_error or f"'{e.key}' failed to load",
+                                            retry_after_s=e.retry_at_s - self.clock.now()))
+            return True
+        if e.status in (S.UNLOADING, S.LOADING):
+            return False                    # an unload of it first finishes
+        need = self.registry.footprint_bytes(e)
+        sample = await self.monitor.sample()
+        ceiling = self.monitor.ceiling_bytes(sample)
+        if need > ceiling:
+            self._finish(p, self._too_large(e, need, ceiling, sample))
+            return True
+        short = need - self.monitor.headroom(sample)
+        if short > 0:
+            waited_s = self.clock.now() - p.since_s
+            victims = self.evictor.choose(short, exclude=e.key,
+                                          critical=self.monitor.level is MemoryPressure.CRITICAL,
+                                          requester_waited_s=waited_s)
+            if not victims:
+                p.holders = self._holders(e, waited_s)
+                will_go = sum(size for _, size, why in p.holders if why in WILL_GO)
+                if will_go < short:
+                    self._finish(p, self._refusal(p, "", retry_after_s=30.0))
+                    return True
+                return False
+            await self.evictor.evict(victims, "admission", e.key)
+            if e.status is S.LOADED:        # someone else loaded it meanwhile
+                self._finish(p, None)
+                return True
+            sample = await self.monitor.sample()
+            if need > self.monitor.headroom(sample):
+                return False                # memory is not back yet; the next pass looks again
+        self._admit(p, sample)
+        return True
+
+    def _admit(self, p: Pending, sample: MemorySample) -> None:
+        e = p.entry
+        self._set_status(e, S.LOADING)
+        p.admitted = True
+        e.loading_since_s = self.clock.now()
+        self.listeners.emit("on_queue_wait", e.key, e.loading_since_s - p.since_s)
+        e.load_task = asyncio.create_task(self._load(p, sample), name=f"load:{e.key}")
+
+    async def _load(self, p: Pending, sample: MemorySample) -> None:
+        try:
+            await self.loader.load(p.entry, sample)
+        except asyncio.CancelledError:
+            self._finish(p, ProxyError(f"loading '{p.entry.key}' was cancelled"))
+            raise
+        except BaseException as exc:
+            self._finish(p, exc)
+        else:
+            self._finish(p, None)
+
+    def _recheck_s(self) -> float | None:
+        """When a residency ends or a waiting load reaches its first claim, look again."""
+        now = self.clock.now()
+        ev = self.config.eviction
+        times = []
+        for p in self.pending.values():
+            if not p.admitted:
+                times.append(p.since_s + ev.fairness_s)
+                for e in self.registry:
+                    if e.status is S.LOADED and e.loaded_at_s is not None:
+                        res = residency_s(ev.min_residency_s, self.registry.reload_s(e))
+                        times.append(min(e.loaded_at_s + res, p.since_s + res))
+        future = [t - now for t in times if t > now]
+        return max(0.001, min(future)) if future else None
+
+    # -- refusals ----------------------------------------------------------------------------
+    def _holders(self, wanted: ModelEntry, waited_s: float) -> list[tuple[str, float, str]]:
+        """(model, bytes, why) for every model holding memory, and memory of others."""
+        out = []
+        critical = self.monitor.level is MemoryPressure.CRITICAL
+        ours = 0.0
+        for e in self.registry:
+            if e is wanted or e.status not in (S.LOADED, S.LOADING, S.UNLOADING):
+                continue
+            size = self.registry.footprint_bytes(e)
+            ours += size
+            if e.status is S.LOADING:
+                out.append((e.key, size, LOADING))
+            elif e.status is S.UNLOADING:
+                out.append((e.key, size, UNLOADING))
+            else:
+                why = self.evictor.why_kept(e, critical=critical, requester_waited_s=waited_s)
+                out.append((e.key, size, why or EVICTABLE))
+        s = self.monitor.last_sample
+        if s is not None and self.monitor.sampler.local:
+            others = s.used_bytes - ours
+            if others > 0.05 * s.total_bytes:
+                out.append((OTHERS, others, OTHERS))
+        return sorted(out, key=lambda h: -h[1])
+
+    def _refusal(self, p: Pending, when: str, *, retry_after_s: float) -> InsufficientMemory:
+        e = p.entry
+        need = self.registry.footprint_bytes(e)
+        s = self.monitor.last_sample
+        free = max(0.0, self.monitor.headroom(s)) if s is not None else 0.0
+        holders = p.holders or self._holders(e, self.clock.now() - p.since_s)
+        held = "; ".join(f"'{k}' {b / GB:.1f} GB ({why})" if k != OTHERS else
+                         f"{why} {b / GB:.1f} GB" for k, b, why in holders) or "nothing"
+        hint = ""
+        if any(why == "not ours" for _, _, why in holders):
+            hint = " Models loaded outside the proxy are left alone unless " \
+                   "eviction.manage_external is true."
+        return InsufficientMemory(
+            f"Not enough memory to load '{printable(e.key)}' ({need / GB:.1f} GB, "
+            f"{free / GB:.1f} GB may be used now){when}. Memory is held by: {held}.{hint}",
+            retry_after_s=retry_after_s)
+
+    def _too_large(self, e: ModelEntry, need: float, ceiling: float, s: MemorySample
+                   ) -> ModelTooLarge:
+        source = self.registry.footprint_source(e)
+        how = {"configured": f"models.{e.key}.footprint_gb",
+               "learned": "measured across earlier loads",
+               "estimated": f"estimated as its {(e.size_bytes or 0) / GB:.1f} GB file × "
+                            f"memory.footprint_factor"}[source]
+        return ModelTooLarge(
+            f"'{printable(e.key)}' needs {need / GB:.1f} GB ({how}), more than the "
+            f"{ceiling / GB:.1f} GB any one model may take of {s.total_bytes / GB:.1f} GB "
+            f"(set by {self.monitor.binding_limit(s)}). It can never be loaded here: change "
+            f"{self.monitor.binding_limit(s)}"
+            f"{' or memory.budget_gb' if self.config.memory.sampler == 'budget' else ''}, or "
+            f"set models.{e.key}.footprint_gb if the estimate is wrong.")
+
+
+def _consume(f: asyncio.Future) -> None:
+    """A pending load may fail with nobody left waiting: retrieve the error so it is not
+    reported as never retrieved."""
+    if not f.cancelled():
+        f.exception()
+
