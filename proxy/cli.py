@@ -89,6 +89,9 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
             print(f"  {problem}", file=sys.stderr)
         return 2
     if args.check:
+        from .config import config_warnings
+        for warning in config_warnings(config):
+            print(f"warning: {warning}", file=sys.stderr)
         print("configuration is valid")
         return 0
     logging.basicConfig(level=config.logging.level,

@@ -220,6 +220,23 @@ def _cross_checks(config: Config, problems: list[str]) -> None:
                             f"the memory available ({total_gb:.1f} GB)")
 
 
+def config_warnings(config: Config) -> list[str]:
+    """Valid but never useful: configured models whose footprint is above the ceiling any one
+    model may take (they would be refused with model_too_large)."""
+    total_gb = _total_memory_gb(config)
+    if total_gb is None:
+        return []
+    mem = config.memory
+    ceiling_gb = min(total_gb - mem.min_free_memory_gb,
+                     total_gb * mem.max_memory_usage_percent / 100.0)
+    return [f"models.{key}.footprint_gb: {m.footprint_gb:g} GB can never load: the ceiling "
+            f"for one model is {ceiling_gb:.1f} GB of {total_gb:.1f} GB "
+            f"(memory.max_memory_usage_percent, memory.min_free_memory_gb"
+            f"{', memory.budget_gb' if mem.sampler == 'budget' else ''})"
+            for key, m in config.models.items()
+            if m.footprint_gb is not None and ceiling_gb < m.footprint_gb <= total_gb]
+
+
 def _total_memory_gb(config: Config) -> float | None:
     if config.memory.sampler == "budget":
         return config.memory.budget_gb

@@ -202,6 +202,7 @@ class _Api:
                                               f.drop_stream_after_chunks)
         f.first_token_delay_s = float(body.get("first_token_delay_s", f.first_token_delay_s))
         f.hang_inference = bool(body.get("hang_inference", f.hang_inference))
+        f.no_stream_usage = bool(body.get("no_stream_usage", f.no_stream_usage))
         return _json({"ok": True})
 
     async def reset(self, request: web.Request) -> web.Response:
@@ -381,7 +382,8 @@ class _Api:
             out.append(chunk({"delta": {}, "finish_reason": "stop"} if chat
                              else {"text": "", "finish_reason": "stop"}))
             opts = body.get("stream_options")
-            if isinstance(opts, dict) and opts.get("include_usage"):
+            if isinstance(opts, dict) and opts.get("include_usage") and \
+                    not self.state.faults.no_stream_usage:
                 out.append(chunk(None, usage={"prompt_tokens": prompt_tokens,
                                               "completion_tokens": n,
                                               "total_tokens": prompt_tokens + n}))

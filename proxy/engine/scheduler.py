@@ -4,8 +4,10 @@ Every request for a cold model joins that model's `Pending` (one per model: its 
 served together by one load). One task admits, so two loads never spend the same free memory;
 each pass walks the pending loads in order and starts every one that fits now or can be made to
 fit by eviction. A load that cannot proceed never blocks one behind it that can, except that a
-load waiting longer than `eviction.fairness_s` gets first claim: nothing behind it may take
-memory until it has gone (nothing starves).
+load waiting longer than `eviction.fairness_s` gets first claim: a load behind it may start only
+without evicting and only with memory the first one can spare — what it would still be short of
+once the models that hold memory for a while (serving, loading, in their residency) let go.
+Nothing starves.
 
 Order of a pass: loads past `fairness_s`, oldest first; then the others by how many requests
 wait for them (most first), then by age.
@@ -64,6 +66,8 @@ class Scheduler:
         self._set_status = set_status
         self.pending: dict[str, Pending] = {}
         self._wake = asyncio.Event()
+        self._idle = asyncio.Event()    # set while the admitting task has nothing to do
+        self._idle.set()
         self._task: asyncio.Task | None = None
 
     @property
@@ -78,6 +82,12 @@ class Scheduler:
     def kick(self) -> None:
         """Something changed that may let a waiting load proceed."""
         self._wake.set()
+        if self.pending:
+            self._idle.clear()
+
+    async def settled(self) -> None:
+        """Wait until every pending load has been looked at since the last change."""
+        await self._idle.wait()
 
     # -- the request side --------------------------------------------------------------------
     async def ensure_loaded(self, e: ModelEntry) -> None:
@@ -138,6 +148,12 @@ class Scheduler:
             self._finish(p, ProxyError("the engine is shutting down"))
 
     async def _run(self) -> None:
+        try:
+            await self._admit_while_pending()
+        finally:
+            self._idle.set()
+
+    async def _admit_while_pending(self) -> None:
         while self.pending:
             self._wake.clear()
             try:
@@ -147,6 +163,7 @@ class Scheduler:
                 recheck_s = 1.0
             if self._wake.is_set():
                 continue
+            self._idle.set()
             try:
                 await asyncio.wait_for(self._wake.wait(), recheck_s)
             except TimeoutError:
@@ -164,33 +181,44 @@ class Scheduler:
     async def _pass(self) -> float | None:
         """Admit what can go; return seconds until time alone may change the answer."""
         async with self.evictor.lock:
+            slack: float | None = None    # bytes later loads may take: set by a first claim
             for p in self._order():
-                if not await self._try_admit(p) and self._starving(p):
-                    break   # first claim: nothing behind it may take memory
+                admitted, claim = await self._try_admit(p, slack)
+                if claim is not None and slack is None and self._starving(p):
+                    slack = claim
+                elif admitted and slack is not None:
+                    slack -= self.registry.footprint_bytes(p.entry)
         return self._recheck_s()
 
     def _starving(self, p: Pending) -> bool:
         return self.clock.now() - p.since_s >= self.config.eviction.fairness_s
 
-    async def _try_admit(self, p: Pending) -> bool:
-        """True when p was dealt with (admitted or finished); False while it must wait."""
+    async def _try_admit(self, p: Pending, slack: float | None
+                         ) -> tuple[bool, float | None]:
+        """(dealt with: admitted or finished, claim). While p must wait, claim is the memory
+        it could spare to a load behind it and still get through once what holds memory for
+        a while lets go. With `slack` set (a starving load has first claim), p may go only
+        without evicting and within the slack."""
         e = p.entry
         if e.status is S.LOADED:            # loaded by someone else while it waited
             self._finish(p, None)
-            return True
+            return True, None
         if e.status is S.ERROR and self.clock.now() < e.retry_at_s:
             self._finish(p, ModelLoadFailed(e.last_error or f"'{e.key}' failed to load",
                                             retry_after_s=e.retry_at_s - self.clock.now()))
-            return True
+            return True, None
         if e.status in (S.UNLOADING, S.LOADING):
-            return False                    # an unload of it first finishes
+            return False, None              # an unload of it first finishes
         need = self.registry.footprint_bytes(e)
         sample = await self.monitor.sample()
         ceiling = self.monitor.ceiling_bytes(sample)
         if need > ceiling:
             self._finish(p, self._too_large(e, need, ceiling, sample))
-            return True
-        short = need - self.monitor.headroom(sample)
+            return True, None
+        headroom = self.monitor.headroom(sample)
+        short = need - headroom
+        if slack is not None and (short > 0 or need > slack):
+            return False, None              # behind a first claim: only what it can spare
         if short > 0:
             waited_s = self.clock.now() - p.since_s
             victims = self.evictor.choose(short, exclude=e.key,
@@ -201,17 +229,17 @@ class Scheduler:
                 will_go = sum(size for _, size, why in p.holders if why in WILL_GO)
                 if will_go < short:
                     self._finish(p, self._refusal(p, "", retry_after_s=30.0))
-                    return True
-                return False
+                    return True, None
+                return False, will_go - short
             await self.evictor.evict(victims, "admission", e.key)
             if e.status is S.LOADED:        # someone else loaded it meanwhile
                 self._finish(p, None)
-                return True
+                return True, None
             sample = await self.monitor.sample()
             if need > self.monitor.headroom(sample):
-                return False                # memory is not back yet; the next pass looks again
+                return False, None          # memory is not back yet; the next pass looks again
         self._admit(p, sample)
-        return True
+        return True, None
 
     def _admit(self, p: Pending, sample: MemorySample) -> None:
         e = p.entry
