@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import base64
 import struct
 import sys
@@ -15,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from proxy.compat import Compat, count_input_tokens, float32_base64, model_object
 from proxy.config import CompatConfig, load_config
 from proxy.emulator import EmulatorOptions
+from proxy.keys import ACCESS_LOG
 
 EMBED = "text-embedding-nomic-embed-text-v1.5"
 MODEL = "qwen/qwen3-4b"
@@ -71,6 +73,12 @@ def test_vectors_already_base64_are_not_encoded_twice():
     raw = body([float32_base64([0.5])])
     out = compat.repair("/v1/embeddings", {"encoding_format": "base64"}, 200, raw)
     assert out.body == raw and compat.counts()["embeddings_base64"] == 0
+
+
+def test_a_vector_that_is_not_numbers_is_left_as_it_came():
+    raw = body([[None, "x"]])
+    out = Compat(CompatConfig()).repair("/v1/embeddings", {"encoding_format": "base64"}, 200, raw)
+    assert out.body is raw
 
 
 @pytest.mark.parametrize("payload", [{}, {"encoding_format": "float"}])
@@ -184,6 +192,17 @@ async def test_zero_embedding_usage_is_counted_and_marked_estimated(make_emulato
     assert (await compat_counts(http, proxy))["embedding_usage"] == 1
 
 
+async def test_the_access_log_marks_estimated_embedding_tokens(make_emulator, make_proxy,
+                                                                 caplog):
+    caplog.set_level(logging.INFO, logger="proxy.request")
+    proxy = await zero_usage_setup(make_emulator, make_proxy)
+    async with client(proxy.url) as c:
+        await c.embeddings.create(model=EMBED, input="four")
+    proxy.app[ACCESS_LOG].flush()
+    line, = [r.getMessage() for r in caplog.records if r.name == "proxy.request"]
+    assert line.endswith("tokens=1/0 (estimated)")
+
+
 async def test_without_the_repair_zero_usage_passes_through(make_emulator, make_proxy):
     proxy = await zero_usage_setup(make_emulator, make_proxy, **{"compat.embedding_usage": False})
     async with client(proxy.url) as c:
@@ -245,3 +264,17 @@ async def test_models_retrieve_switched_off_is_an_unknown_route(make_proxy, emul
     proxy = await make_proxy(emulator.url, **{"compat.models_retrieve": False})
     async with http.get(f"{proxy.url}/v1/models/{MODEL}") as r:
         assert r.status == 404 and (await r.json())["error"]["code"] == "not_found"
+
+
+async def test_models_retrieve_passes_lm_studios_refusal_through(make_emulator, make_proxy, http):
+    emulator = await make_emulator(options=EmulatorOptions(api_token="s3cret"))
+    proxy = await make_proxy(emulator.url)
+    async with http.get(f"{proxy.url}/v1/models/{MODEL}") as r:
+        assert r.status == 401 and (await r.json())["error"]["code"] == "invalid_api_key"
+
+
+async def test_models_retrieve_with_the_upstream_token(make_emulator, make_proxy):
+    emulator = await make_emulator(options=EmulatorOptions(api_token="s3cret"))
+    proxy = await make_proxy(emulator.url, **{"upstream.api_token": "s3cret"})
+    async with client(proxy.url) as c:
+        assert (await c.models.retrieve(MODEL)).id == MODEL
