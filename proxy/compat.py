@@ -61,12 +61,15 @@ class Compat:
         counted, estimated = (fill_embedding_usage(doc, payload.get("input"))
                               if cfg.embedding_usage else (False, False))
         if encoded:
-            self.repairs["embeddings_base64"] += 1
+            self.note("embeddings_base64")
         if counted:
-            self.repairs["embedding_usage"] += 1
+            self.note("embedding_usage")
         if not (encoded or counted):
             return Repaired(body)
         return Repaired(orjson.dumps(doc), tokens_estimated=estimated)
+
+    def note(self, kind: str) -> None:
+        self.repairs[kind] += 1
 
     def counts(self) -> dict[str, int]:
         return dict(self.repairs)

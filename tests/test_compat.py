@@ -216,10 +216,13 @@ async def test_repairs_are_prometheus_counters(make_emulator, make_proxy, http):
         await c.embeddings.create(model=EMBED, input="x", encoding_format="base64")
     async with http.get(f"{proxy.url}/metrics") as r:
         text = await r.text()
-    found = {tuple(s.labels.items()): s.value for f in text_string_to_metric_families(text)
-             for s in f.samples if s.name == "proxy_compat_repairs_total"}
-    assert found == {(("kind", "embeddings_base64"),): 1.0,
-                     (("kind", "embedding_usage"),): 1.0, (("kind", "models_retrieve"),): 0.0}
+    found = {(s.name, tuple(sorted(s.labels.items()))): s.value
+             for f in text_string_to_metric_families(text) for s in f.samples}
+    assert {k: v for k, v in found.items() if k[0] == "proxy_compat_repairs_total"} == {
+        ("proxy_compat_repairs_total", (("kind", "embeddings_base64"),)): 1.0,
+        ("proxy_compat_repairs_total", (("kind", "embedding_usage"),)): 1.0,
+        ("proxy_compat_repairs_total", (("kind", "models_retrieve"),)): 0.0}
+    assert found[("proxy_tokens_total", (("kind", "prompt"), ("model", EMBED)))] == 1.0
 
 
 async def test_emulator_cli_reports_zero_embedding_usage(http):

@@ -199,7 +199,7 @@ async def retrieve_model(request: web.Request) -> web.StreamResponse:
         raise UpstreamError(f"LM Studio's model list could not be read: {exc}") from None
     if found is None:
         raise ModelNotFound(f"The model '{model_id}' does not exist", param="model")
-    request.app[COMPAT].repairs["models_retrieve"] += 1
+    request.app[COMPAT].note("models_retrieve")
     return web.Response(body=orjson.dumps(found), content_type="application/json")
 
 
