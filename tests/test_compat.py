@@ -258,6 +258,12 @@ async def test_python_sdk_models_retrieve_unknown_is_not_found(proxy):
     assert info.value.code == "model_not_found" and "qwen/nope" in info.value.message
 
 
+async def test_models_retrieve_resolves_a_configured_alias(make_proxy, emulator):
+    proxy = await make_proxy(emulator.url, **{"models": {MODEL: {"aliases": ["fast"]}}})
+    async with client(proxy.url) as c:
+        assert (await c.models.retrieve("fast")).id == MODEL
+
+
 async def test_models_retrieve_with_an_unencoded_slash(proxy, http):
     async with http.get(f"{proxy.url}/v1/models/{MODEL}") as r:
         assert r.status == 200 and (await r.json())["id"] == MODEL

@@ -187,6 +187,7 @@ async def list_models(request: web.Request) -> web.StreamResponse:
 async def retrieve_model(request: web.Request) -> web.StreamResponse:
     """GET /v1/models/{id} (the SDKs' models.retrieve), answered from the upstream's list."""
     model_id = request.match_info["model"]
+    key = request.app[CONFIG].alias_map().get(model_id, model_id)   # as inference resolves it
     async with request.app[UPSTREAM].request(
             "GET", "/v1/models", forward_headers(request.headers, HOP_BY_HOP), None) as up:
         raw = await up.read()
@@ -194,7 +195,7 @@ async def retrieve_model(request: web.Request) -> web.StreamResponse:
             return web.Response(status=up.status, body=raw,
                                 headers=forward_headers(up.headers, RESPONSE_DROP))
     try:
-        found = model_object(raw, model_id)
+        found = model_object(raw, key)
     except ValueError as exc:
         raise UpstreamError(f"LM Studio's model list could not be read: {exc}") from None
     if found is None:
