@@ -15,8 +15,10 @@ from .engine.memory import MemorySampler
 from .errors import ProxyError, RouteNotFound
 from .handlers import admin, health, openai
 from .accesslog import AccessLog
-from .keys import ACCESS_LOG, CONFIG, ENGINE, HEALTH, METRICS, RESPONSE_STARTED, UPSTREAM
-from .metrics import ProxyMetrics
+from .compat import Compat
+from .keys import (ACCESS_LOG, COMPAT, CONFIG, ENGINE, HEALTH, METRICS, RESPONSE_STARTED,
+                   UPSTREAM)
+from .metrics import CompatCollector, ProxyMetrics
 from .store import UsageStore, default_path
 from .upstream import create_upstream
 from .upstream.base import Upstream
@@ -74,6 +76,8 @@ def create_app(config: Config, *, upstream: Upstream | None = None, clock: Clock
     app[UPSTREAM] = upstream
     app[ENGINE] = engine
     app[METRICS] = ProxyMetrics(engine)
+    app[COMPAT] = Compat(config.compat)
+    app[METRICS].registry.register(CompatCollector(app[COMPAT]))
     app[ACCESS_LOG] = AccessLog()
     app[HEALTH] = ModelHealthMonitor(engine, config.health, sink=sink,
                                      prober=_prober(engine, upstream))

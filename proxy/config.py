@@ -122,6 +122,14 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class CompatConfig:
+    """Repairs of LM Studio's OpenAI-compatibility bugs (proxy/compat.py), each switchable."""
+    embeddings_base64: bool = True    # encode float vectors when the client asked for base64
+    embedding_usage: bool = True      # count embedding tokens when the upstream reports 0
+    models_retrieve: bool = True      # serve GET /v1/models/{id} from the model list
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
@@ -131,6 +139,7 @@ class Config:
     health: HealthConfig = field(default_factory=HealthConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    compat: CompatConfig = field(default_factory=CompatConfig)
 
     def model(self, key: str) -> ModelConfig:
         return self.models.get(key) or _DEFAULT_MODEL

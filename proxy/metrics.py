@@ -20,6 +20,7 @@ from .engine.memory import MemoryPressure
 from .engine.usage import RequestRecord
 
 if TYPE_CHECKING:
+    from .compat import Compat
     from .engine.manager import ModelMemoryManager
 
 OTHER = "__other__"
@@ -134,6 +135,20 @@ class _RequestCollector(Collector):
                     buckets.append((floatToGoString(bound), cumulative))
                 family.add_metric([model], buckets, h.total)
             yield family
+
+
+class CompatCollector(Collector):
+    """proxy_compat_repairs_total{kind}: responses repaired on their way through."""
+
+    def __init__(self, compat: "Compat") -> None:
+        self.compat = compat
+
+    def collect(self) -> Iterable[Any]:
+        family = CounterMetricFamily("proxy_compat_repairs", "Responses repaired for OpenAI "
+                                     "compatibility, by kind", labels=["kind"])
+        for kind, n in self.compat.counts().items():
+            family.add_metric([kind], n)
+        yield family
 
 
 class _StateCollector(Collector):

@@ -76,8 +76,10 @@ async def test_stats_shape(proxy, http):
                 "completion_tokens", "tokens_per_s", "usage_frequency_per_h", "trend", "loads",
                 "avg_load_time_s", "footprint_mb", "evictions", "last_used_s_ago"):
         assert key in detail, key
+    # The library's dict, plus the HTTP layer's compat repair counts.
     assert stats == proxy.engine.get_memory_stats() | {"system_memory": stats["system_memory"],
-                                                       "models": stats["models"]}
+                                                       "models": stats["models"],
+                                                       "compat": stats["compat"]}
 
 
 async def monitored(url, clock, sampler=None, **health):

@@ -31,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--version", choices=("0.4", "0.3"), default="0.4")
     p.add_argument("--api-token", help="require this bearer token (LM Studio 0.4 auth)")
     p.add_argument("--no-jit", action="store_true", help="turn JIT loading off")
+    p.add_argument("--zero-embedding-usage", action="store_true",
+                   help="report 0 tokens for embeddings, as LM Studio 0.4.3 did")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
@@ -39,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     opts = EmulatorOptions(version=args.version, api_token=args.api_token,
-                           tokens_per_s=args.tokens_per_s)
+                           tokens_per_s=args.tokens_per_s,
+                           zero_embedding_usage=args.zero_embedding_usage)
 
     async def run() -> None:
         emu = await start_emulator(

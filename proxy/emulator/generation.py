@@ -1,8 +1,10 @@
 """Deterministic text, token counts and OpenAI/Anthropic-shaped payloads for the emulator."""
 from __future__ import annotations
 
+import base64
 import hashlib
 import random
+import struct
 from typing import Any
 
 import orjson
@@ -55,6 +57,11 @@ def embed(model: str, text: str, dims: int = 64) -> list[float]:
     digest = hashlib.sha256(f"{model}\0{text}".encode()).digest()
     rng = random.Random(digest)
     return [round(rng.uniform(-1, 1), 6) for _ in range(dims)]
+
+
+def embed_base64(model: str, text: str, dims: int = 64) -> str:
+    """As OpenAI encodes it: base64 of the little-endian float32 vector."""
+    return base64.b64encode(struct.pack(f"<{dims}f", *embed(model, text, dims))).decode()
 
 
 def request_id(prefix: str, model: str, body: dict[str, Any]) -> str:

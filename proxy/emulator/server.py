@@ -22,13 +22,19 @@ STATE_KEY = web.AppKey("emulator_state", EmulatorState)
 
 class EmulatorOptions:
     def __init__(self, *, version: str = "0.4", api_token: str | None = None,
-                 tokens_per_s: float = 0.0, created_s: int | None = None) -> None:
+                 tokens_per_s: float = 0.0, created_s: int | None = None,
+                 zero_embedding_usage: bool = False, honour_encoding_format: bool = False
+                 ) -> None:
         if version not in ("0.4", "0.3"):
             raise ValueError("version must be 0.4 or 0.3")
         self.version = version
         self.api_token = api_token
         self.tokens_per_s = tokens_per_s
         self.created_s = created_s
+        # LM Studio 0.4.3 reported 0 tokens for every embedding (its tracker #1546).
+        self.zero_embedding_usage = zero_embedding_usage
+        # LM Studio ignores encoding_format (#756); True plays a version that fixed it.
+        self.honour_encoding_format = honour_encoding_format
 
     @property
     def has_v1_api(self) -> bool:
@@ -265,9 +271,11 @@ class _Api:
     def _embeddings(self, inst: Instance, body: dict[str, Any]) -> web.Response:
         raw = body.get("input", "")
         inputs = raw if isinstance(raw, list) else [raw]
-        n = sum(gen.count_tokens(str(t)) for t in inputs)
+        n = 0 if self.opts.zero_embedding_usage else sum(gen.count_tokens(str(t)) for t in inputs)
+        as_base64 = self.opts.honour_encoding_format and body.get("encoding_format") == "base64"
         return _json({"object": "list", "model": inst.instance_id, "data": [
-            {"object": "embedding", "index": i, "embedding": gen.embed(inst.model.key, str(t))}
+            {"object": "embedding", "index": i,
+             "embedding": (gen.embed_base64 if as_base64 else gen.embed)(inst.model.key, str(t))}
             for i, t in enumerate(inputs)], "usage": {"prompt_tokens": n, "total_tokens": n}})
 
     def _complete(self, kind: str, inst: Instance, body: dict[str, Any], tokens: list[str],

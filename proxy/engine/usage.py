@@ -112,7 +112,7 @@ class ModelUsage:
         self.prompt_tokens += r.prompt_tokens
         self.completion_tokens += r.completion_tokens
         if r.tokens_estimated:
-            self.estimated_tokens += r.completion_tokens
+            self.estimated_tokens += r.prompt_tokens + r.completion_tokens
         if r.completion_tokens:
             self.generation_s += max(r.latency_s - (r.ttft_s or 0.0), 1e-6)
         self.latency.add(r.latency_s)

@@ -8,7 +8,7 @@ from aiohttp import web
 
 from ..engine.report import model_row
 from ..errors import InvalidRequest
-from ..keys import ENGINE
+from ..keys import COMPAT, ENGINE
 from .openai import read_body
 
 
@@ -76,7 +76,8 @@ async def clear(request: web.Request) -> web.Response:
 
 
 async def stats(request: web.Request) -> web.Response:
-    return json_response(request.app[ENGINE].get_memory_stats())
+    return json_response({**request.app[ENGINE].get_memory_stats(),
+                          "compat": request.app[COMPAT].counts()})
 
 
 async def recommendations(request: web.Request) -> web.Response:

@@ -2,7 +2,9 @@
 
 What changes on the way: hop-by-hop headers are dropped, a configured alias in `model` becomes
 the real key, and a stream that did not ask for usage gets `include_usage` added upstream and the
-usage-only chunk removed again before it reaches the client. Everything else is the original bytes.
+usage-only chunk removed again before it reaches the client, and the repairs of LM Studio's
+OpenAI-compatibility bugs in `proxy/compat.py` (each switchable). Everything else is the original
+bytes.
 """
 from __future__ import annotations
 
@@ -12,11 +14,12 @@ import time
 import orjson
 from aiohttp import web
 
+from ..compat import model_object
 from ..engine.usage import RequestRecord
 from ..engine.lifecycle import Lease
 from ..engine.manager import ModelMemoryManager
-from ..errors import BodyTooLarge, InvalidRequest, ProxyError
-from ..keys import ACCESS_LOG, CONFIG, ENGINE, RESPONSE_STARTED, UPSTREAM
+from ..errors import BodyTooLarge, InvalidRequest, ModelNotFound, ProxyError, UpstreamError
+from ..keys import ACCESS_LOG, COMPAT, CONFIG, ENGINE, RESPONSE_STARTED, UPSTREAM
 from ..streaming import StreamMeter, usage_of_body
 
 
@@ -85,8 +88,8 @@ async def inference(request: web.Request) -> web.StreamResponse:
             access.add(request.method, request.path, name or "-", exc.status, latency_s, None,
                        0, 0, False)
         raise
-    return await _relay(request, engine, lease, key, body, strip, payload.get("stream") is True,
-                        started)
+    return await _relay(request, engine, lease, key, body, payload, strip,
+                        payload.get("stream") is True, started)
 
 
 def _prepare_upstream_body(path: str, payload: dict, body: bytes, key: str
@@ -107,8 +110,9 @@ def _prepare_upstream_body(path: str, payload: dict, body: bytes, key: str
 
 
 async def _relay(request: web.Request, engine: ModelMemoryManager, lease: Lease, key: str,
-                 body: bytes, strip: bool, stream: bool, started: float) -> web.StreamResponse:
-    status, ok, meter = CLIENT_CLOSED, False, None
+                 body: bytes, payload: dict, strip: bool, stream: bool, started: float
+                 ) -> web.StreamResponse:
+    status, ok, meter, estimated = CLIENT_CLOSED, False, None, False
     prompt_tokens = completion_tokens = 0
     try:
         async with request.app[UPSTREAM].request(
@@ -151,6 +155,8 @@ async def _relay(request: web.Request, engine: ModelMemoryManager, lease: Lease,
             raw = await up.read()
             ok = up.status < 400
             if ok:
+                repaired = request.app[COMPAT].repair(request.path, payload, up.status, raw)
+                raw, estimated = repaired.body, repaired.tokens_estimated
                 counted = usage_of_body(raw)
                 if counted:
                     prompt_tokens, completion_tokens = counted
@@ -165,16 +171,17 @@ async def _relay(request: web.Request, engine: ModelMemoryManager, lease: Lease,
         lease.release()
         latency_s = time.perf_counter() - started
         ttft_s = meter.ttft_s if meter is not None else None
+        estimated = estimated or (meter is not None and meter.tokens_estimated)
         engine.record(RequestRecord(
             model=key, ok=ok, latency_s=latency_s, at_s=engine.clock.now(),
             endpoint=request.path, status=status, ttft_s=ttft_s, prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
-            tokens_estimated=meter is not None and meter.tokens_estimated))
+            tokens_estimated=estimated))
         access = request.app[ACCESS_LOG]
         if access.enabled:
             access.add(request.method, request.path, key, status, latency_s, ttft_s,
                        prompt_tokens, completion_tokens,
-                       meter is not None and meter.tokens_estimated and completion_tokens > 0)
+                       estimated and prompt_tokens + completion_tokens > 0)
 
 
 async def list_models(request: web.Request) -> web.StreamResponse:
@@ -185,8 +192,30 @@ async def list_models(request: web.Request) -> web.StreamResponse:
                             headers=forward_headers(up.headers, RESPONSE_DROP))
 
 
+async def retrieve_model(request: web.Request) -> web.StreamResponse:
+    """GET /v1/models/{id} (the SDKs' models.retrieve), answered from the upstream's list."""
+    model_id = request.match_info["model"]
+    key = request.app[CONFIG].alias_map().get(model_id, model_id)   # as inference resolves it
+    async with request.app[UPSTREAM].request(
+            "GET", "/v1/models", forward_headers(request.headers, HOP_BY_HOP), None) as up:
+        raw = await up.read()
+        if up.status != 200:   # e.g. LM Studio's 401: its answer is the client's answer
+            return web.Response(status=up.status, body=raw,
+                                headers=forward_headers(up.headers, RESPONSE_DROP))
+    try:
+        found = model_object(raw, key)
+    except ValueError as exc:
+        raise UpstreamError(f"LM Studio's model list could not be read: {exc}") from None
+    if found is None:
+        raise ModelNotFound(f"The model '{model_id}' does not exist", param="model")
+    request.app[COMPAT].note("models_retrieve")
+    return web.Response(body=orjson.dumps(found), content_type="application/json")
+
+
 def add_routes(app: web.Application) -> None:
     for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses",
                  "/v1/messages"):
         app.router.add_post(path, inference)
     app.router.add_get("/v1/models", list_models)
+    if app[CONFIG].compat.models_retrieve:
+        app.router.add_get("/v1/models/{model:.+}", retrieve_model)
