@@ -65,8 +65,16 @@ def build_workload(spec: tuple) -> Workload:
 
 
 def run_job(job: tuple) -> dict:
+    previous = logging.root.manager.disable      # a replay logs every load: keep it quiet,
+    logging.disable(logging.CRITICAL)            # and give the caller its logging back
+    try:
+        return _run_job(job)
+    finally:
+        logging.disable(previous)
+
+
+def _run_job(job: tuple) -> dict:
     spec, budget_mult, budget_gb, policy = job
-    logging.disable(logging.CRITICAL)
     w = build_workload(spec)
     if budget_gb is None:
         budget_gb = round(budget_mult * max(m.size_gb for m in w.models.values()), 1)

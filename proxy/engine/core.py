@@ -262,9 +262,9 @@ class EngineCore:
                     else:
                         await e.settled.wait()
         except TimeoutError:
-            raise ModelUnavailable(f"'{e.key}' is still serving {e.leases} request(s) after "
-                                   f"{timeout_s:g}s; not unloaded", retry_after_s=timeout_s
-                                   ) from None
+            raise ModelUnavailable(f"'{e.key}' is still busy after {timeout_s:g}s ({e.leases} "
+                                   f"request(s), {e.holds} probe(s) or reads); not unloaded",
+                                   retry_after_s=timeout_s) from None
         if e.status is not S.LOADED:
             return False
         async with self.evictor.lock:
