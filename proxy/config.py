@@ -70,8 +70,8 @@ class EvictionConfig:
     policy: str = field(default="cost-aware",
                         metadata=_rule(choices=lambda: tuple(VALUE_FUNCTIONS)))
     model_timeout_hours: float = field(default=2.0, metadata=_rule(0))
-    # A freshly loaded model is spared this long, but never more than 4x its reload time,
-    # and never past the moment the load that wants its memory has waited as long.
+    # A freshly loaded model is spared this long, but never past the moment the load that
+    # wants its memory has waited as long.
     min_residency_s: float = field(default=60.0, metadata=_rule(0))
     queue_timeout_s: float = field(default=120.0, metadata=_rule(0))
     # A load waiting this long gets first claim on memory as it frees: nothing starves.

@@ -265,7 +265,6 @@ async def test_residency_spares_a_fresh_model_until_the_waiting_load_waited_as_l
     mgr = await managed(emulator.url, clock=clock, eviction={"min_residency_s": 60})
     (await mgr.acquire(MODEL)).release()
     e = mgr.entry(MODEL)
-    e.load_time_s = 30.0                                  # a slow reload: 60 s residency
     clock.advance(10)
     assert mgr.evictor.why_kept(e, critical=False) == HELD
     assert mgr.evictor.why_kept(e, critical=True) is None           # critical waives it

@@ -17,8 +17,7 @@ from .lifecycle import ModelEntry, ModelStatus
 from .listeners import Listeners
 from .memory import MemoryPressure
 from .monitor import MemoryMonitor
-from .policy import (Candidate, blocker, decayed_heat, in_residency, residency_s,
-                     select_victims)
+from .policy import Candidate, blocker, decayed_heat, in_residency, select_victims
 from .registry import Registry
 
 log = logging.getLogger("proxy.engine")
@@ -51,10 +50,9 @@ class Evictor:
                  ) -> str | None:
         """Why loaded model e may not be evicted now (None: it may)."""
         ev = self.config.eviction
-        residency = residency_s(ev.min_residency_s, self.registry.reload_s(e))
         return blocker(busy=e.busy > 0, pinned=self.registry.pinned(e.key),
                        ours=e.owned or ev.manage_external,
-                       held=in_residency(e.loaded_at_s, self.clock.now(), residency,
+                       held=in_residency(e.loaded_at_s, self.clock.now(), ev.min_residency_s,
                                          requester_waited_s),
                        critical=critical)
 

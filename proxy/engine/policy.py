@@ -57,16 +57,6 @@ def blocker(*, busy: bool, pinned: bool, ours: bool, held: bool, critical: bool)
     return None
 
 
-def residency_s(min_residency_s: float, reload_s: float) -> float:
-    """How long a freshly loaded model is protected: the configured residency, but never more
-    than RESIDENCY_RELOAD_FACTOR times what reloading it would cost. A model that reloads in a
-    second is not worth making a waiting request sit out a minute for."""
-    return min(min_residency_s, RESIDENCY_RELOAD_FACTOR * max(reload_s, 0.0))
-
-
-RESIDENCY_RELOAD_FACTOR = 4.0
-
-
 def in_residency(loaded_at_s: float | None, now_s: float, residency: float,
                  requester_waited_s: float) -> bool:
     """A model inside its residency is spared, but only until the load that wants its memory

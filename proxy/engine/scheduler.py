@@ -33,7 +33,7 @@ from .listeners import Listeners
 from .loader import Loader
 from .memory import GB, MemoryPressure, MemorySample
 from .monitor import MemoryMonitor
-from .policy import TEMPORARY, residency_s
+from .policy import TEMPORARY
 from .registry import Registry, printable
 
 log = logging.getLogger("proxy.engine")
@@ -268,10 +268,10 @@ class Scheduler:
         for p in self.pending.values():
             if not p.admitted:
                 times.append(p.since_s + ev.fairness_s)
-                for e in self.registry:
-                    if e.status is S.LOADED and e.loaded_at_s is not None:
-                        res = residency_s(ev.min_residency_s, self.registry.reload_s(e))
-                        times.append(min(e.loaded_at_s + res, p.since_s + res))
+                res = ev.min_residency_s
+                times.append(p.since_s + res)
+                times += [e.loaded_at_s + res for e in self.registry
+                          if e.status is S.LOADED and e.loaded_at_s is not None]
         future = [t - now for t in times if t > now]
         return max(0.001, min(future)) if future else None
 
