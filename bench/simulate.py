@@ -62,6 +62,7 @@ class RunResult:
     regretted_evictions: int | None
     failed_requests: int = 0
     peak_resident_gb: float | None = None
+    failures_by_code: dict[str, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,7 @@ class Variant:
     count_limit: int | None = None      # manage a model count instead of bytes
     min_residency_s: float = 0.0
     idle_ttl_s: float | None = None     # an idle timeout (LM Studio's JIT TTL)
+    queue_timeout_s: float = 86_400.0   # a replay measures delays, so nothing times out
 
 
 def quantile(sorted_values: list[float], q: float) -> float | None:
@@ -94,7 +96,7 @@ def engine_config(workload: Workload, budget_gb: float, v: Variant) -> Config:
         "memory": {"sampler": "budget", "budget_gb": max(budget, 1.0),
                    "min_free_memory_gb": 0, "max_memory_usage_percent": 100},
         "eviction": {"policy": v.policy, "min_residency_s": v.min_residency_s,
-                     "queue_timeout_s": 86_400,
+                     "queue_timeout_s": v.queue_timeout_s,
                      "model_timeout_hours": (v.idle_ttl_s or 0.0) / 3600.0},
         "models": footprints})
 
@@ -126,13 +128,15 @@ async def _replay(loop: VirtualTimeLoop, workload: Workload, budget_gb: float, v
     await mgr.start()
     delays: list[float] = []
     failed = 0
+    failures: dict[str, int] = {}
 
     async def one(req) -> None:
         nonlocal failed
         try:
             lease = await mgr.acquire(req.model)
-        except ProxyError:
+        except ProxyError as exc:
             failed += 1     # e.g. insufficient_memory after the queue timeout
+            failures[exc.code or "error"] = failures.get(exc.code or "error", 0) + 1
             return
         delays.append(loop.time() - req.t_s)
         await asyncio.sleep(req.service_s)
@@ -161,7 +165,7 @@ async def _replay(loop: VirtualTimeLoop, workload: Workload, budget_gb: float, v
         policy=v.name, cold_loads=backend.loads, load_seconds=round(backend.load_seconds, 1),
         delayed_requests=len(delayed), delay_p50_s=_r(quantile(delayed, 0.5)),
         delay_p99_s=_r(quantile(delayed, 0.99)),
-        regretted_evictions=regretted(workload, evictions), failed_requests=failed,
+        regretted_evictions=regretted(workload, evictions), failed_requests=failed, failures_by_code=failures,
         peak_resident_gb=round(backend.peak_resident_gb, 1))
 
 

@@ -191,3 +191,19 @@ async def test_check_warns_about_configured_models_that_can_never_fit(tmp_path, 
     assert main(["--config", str(path), "--check"]) == 0
     err = capsys.readouterr().err
     assert "models.big/model.footprint_gb: 14 GB can never load" in err and "12.0 GB" in err
+
+
+def test_residency_under_pressure_delays_but_never_refuses():
+    """Four models of which one fits at a time, asked round-robin: with the real defaults
+    (residency, queue timeout, fairness) every request is served within the queue timeout."""
+    from bench.simulate import Variant, run_variant
+    from bench.workload import Model, Request, Workload
+    from proxy.config import EvictionConfig
+    models = {f"m{i}": Model(f"m{i}", 10.0, 8.0) for i in range(4)}
+    requests = [Request(3.0 * i, f"m{i % 4}", 2.0) for i in range(190)]
+    defaults = EvictionConfig()
+    result = run_variant(Workload("round-robin", models, requests), 16.0, Variant(
+        "cost-aware", defaults.policy, min_residency_s=defaults.min_residency_s,
+        queue_timeout_s=defaults.queue_timeout_s))
+    assert result.failed_requests == 0
+    assert result.delay_p99_s < defaults.queue_timeout_s

@@ -152,13 +152,14 @@ class EngineCore:
             return self._lease(e)   # hot path: no lock, no await
         if e is None:
             e = self.registry.entries[await self.resolve(name)]
+        deadline_s = self.clock.now() + self.config.eviction.queue_timeout_s
         while True:
             if e.status is S.LOADED or not self.manages_loading:
                 return self._lease(e)
             if e.status is S.ERROR and self.clock.now() < e.retry_at_s:
                 raise ModelLoadFailed(e.last_error or f"'{e.key}' failed to load",
                                       retry_after_s=e.retry_at_s - self.clock.now())
-            await self.scheduler.ensure_loaded(e)
+            await self.scheduler.ensure_loaded(e, deadline_s)
 
     def hold(self, name: str) -> Lease | None:
         """A HOLD lease on a loaded model (None if it is not loaded): it cannot be unloaded

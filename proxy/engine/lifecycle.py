@@ -55,6 +55,7 @@ class ModelEntry:
     owner: str | None = None            # OWNER_PROXY, OWNER_EXTERNAL; None when not loaded
     leases: int = 0                     # USE leases: requests being served
     holds: int = 0                      # HOLD leases: probes and admin reads
+    reserved: int = 0                   # requests its load finished for, not yet leased
     waiting: int = 0                    # requests waiting for this model's load
     waiting_since_s: float | None = None
     loading_since_s: float | None = None
@@ -84,8 +85,8 @@ class ModelEntry:
 
     @property
     def busy(self) -> int:
-        """Leases of either kind: a busy model is never unloaded."""
-        return self.leases + self.holds
+        """Leases of either kind, and requests about to take one: never unloaded."""
+        return self.leases + self.holds + self.reserved
 
     def learn_footprint(self, observed_bytes: float) -> None:
         self.footprint_samples += 1

@@ -90,8 +90,10 @@ class Scheduler:
         await self._idle.wait()
 
     # -- the request side --------------------------------------------------------------------
-    async def ensure_loaded(self, e: ModelEntry) -> None:
-        """Wait until e's load is done (raises its failure), or the queue deadline passes."""
+    async def ensure_loaded(self, e: ModelEntry, deadline_s: float) -> None:
+        """Wait until e's load is done (raises its failure), or the request's deadline (clock
+        time) passes. On success the caller must take its lease before it next awaits: the
+        model is reserved for it until then."""
         p = self.pending.get(e.key)
         if p is None:
             done = asyncio.get_running_loop().create_future()
@@ -103,13 +105,15 @@ class Scheduler:
         self._count(p, +1)
         timeout_s = self.config.eviction.queue_timeout_s
         try:
-            async with asyncio.timeout(timeout_s):
+            async with asyncio.timeout(max(0.0, deadline_s - self.clock.now())):
                 await asyncio.shield(p.done)
         except TimeoutError:
             raise self._refusal(p, f" within {timeout_s:g}s",
                                 retry_after_s=max(1.0, min(30.0, timeout_s))) from None
         finally:
             self._count(p, -1)
+            if p.admitted and e.reserved:
+                e.reserved -= 1
             if p.waiters == 0 and not p.admitted and not p.done.done():
                 # Everyone waiting went away: leave the queue rather than load for nobody.
                 self._finish(p, None)
@@ -258,6 +262,8 @@ class Scheduler:
         except BaseException as exc:
             self._finish(p, exc)
         else:
+            # Loaded for these requests: nothing may evict it before they take their leases.
+            p.entry.reserved = p.waiters
             self._finish(p, None)
 
     def _recheck_s(self) -> float | None:
