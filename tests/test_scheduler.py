@@ -207,3 +207,35 @@ def test_residency_under_pressure_delays_but_never_refuses():
         queue_timeout_s=defaults.queue_timeout_s))
     assert result.failed_requests == 0
     assert result.delay_p99_s < defaults.queue_timeout_s
+
+
+async def test_a_load_performed_by_its_requester_is_admitted_like_any_other(lab, lab_manager):
+    mgr = await lab_manager(lab.url, models={**footprints(SIZES), "lab/huge": {
+        "footprint_gb": 15}})
+    (await mgr.acquire(X)).release()                     # 12 GB, cold and ours
+    load = await mgr.admit_load(Y, owner="sdk:tester")   # 8 GB: X is evicted first
+    assert X not in mgr.get_loaded_models() and mgr.entry(Y).status.value == "loading"
+    waiter = asyncio.create_task(mgr.acquire(Y))         # an OpenAI request meanwhile
+    instance = await lab.state.load(Y)                   # the SDK client's own load
+    load.loaded(instance.instance_id)
+    (await waiter).release()
+    assert mgr.entry(Y).owner == "sdk:tester"
+    assert mgr.evictor.why_kept(mgr.entry(Y), critical=False) == "not ours"
+    assert await mgr.admit_load(Y, owner="sdk:tester") is None     # loaded already
+    lab.state.catalog["lab/huge"] = lab.state.catalog[X]
+    await mgr.reconcile()
+    with pytest.raises(InsufficientMemory) as refused:     # the same refusals, at once
+        await asyncio.wait_for(mgr.admit_load("lab/huge", owner="sdk:tester"), 5)
+    assert f"'{Y}' 8.0 GB (not ours)" in refused.value.message
+
+
+async def test_a_failed_requester_load_fails_its_waiters_too(lab, lab_manager):
+    from proxy.errors import ModelLoadFailed
+    mgr = await lab_manager(lab.url)
+    load = await mgr.admit_load(Z, owner="sdk:tester")
+    waiter = asyncio.create_task(mgr.acquire(Z))
+    await asyncio.sleep(0)
+    load.failed("the client gave up")
+    with pytest.raises(ModelLoadFailed):
+        await waiter
+    assert mgr.entry(Z).status.value == "error"

@@ -161,6 +161,20 @@ class EngineCore:
                                       retry_after_s=e.retry_at_s - self.clock.now())
             await self.scheduler.ensure_loaded(e, deadline_s)
 
+    async def admit_load(self, name: str, *, owner: str) -> "MediatedLoad | None":
+        """Admission for a load its requester performs itself (an LM Studio SDK client's
+        `loadModel` through the proxy): room is made by the policy, with the same order,
+        fail-fast and refusals as for any request (ProxyError). Returns None when the model
+        is loaded already; else the caller loads it and reports with `loaded()`/`failed()`.
+        Models loaded this way belong to `owner` and are evicted only under the rules for
+        models that are not the proxy's."""
+        e = self.registry.entries[await self.resolve(name)]
+        if e.status is S.LOADED:
+            return None
+        deadline_s = self.clock.now() + self.config.eviction.queue_timeout_s
+        pending = await self.scheduler.admit_mediated(e, deadline_s)
+        return None if pending is None else MediatedLoad(self, pending, owner)
+
     def hold(self, name: str) -> Lease | None:
         """A HOLD lease on a loaded model (None if it is not loaded): it cannot be unloaded
         while held, and nothing about its use — recency, heat, idle timer, statistics —
@@ -336,3 +350,25 @@ class EngineCore:
     def headroom_bytes(self) -> float:
         s = self.monitor.last_sample
         return self.monitor.headroom(s) if s is not None else 0.0
+
+
+class MediatedLoad:
+    """An admitted load that its requester performs; report exactly once."""
+
+    def __init__(self, core: EngineCore, pending: Any, owner: str) -> None:
+        self._core, self._pending, self.owner = core, pending, owner
+        self.key = pending.entry.key
+        self.reported = False
+
+    def loaded(self, instance_id: str) -> None:
+        if not self.reported:
+            self.reported = True
+            self._core.loader.mediated_loaded(self._pending.entry, instance_id, self.owner)
+            self._core.scheduler.finish_mediated(self._pending, None)
+
+    def failed(self, message: str) -> None:
+        if not self.reported:
+            self.reported = True
+            error = ModelLoadFailed(message)
+            self._core.loader.mediated_failed(self._pending.entry, error)
+            self._core.scheduler.finish_mediated(self._pending, error)

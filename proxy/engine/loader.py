@@ -78,6 +78,24 @@ class Loader:
         log.info("loaded %s in %.2fs", e.key, duration_s)
         self.listeners.emit("on_load", e.key, duration_s, True)
 
+    def mediated_loaded(self, e: ModelEntry, instance_id: str, owner: str) -> None:
+        """A load performed by an SDK client through the proxy finished: e is its owner's."""
+        self.monitor.changes += 1
+        now = self.clock.now()
+        duration_s = now - (e.loading_since_s or now)
+        e.instance_ids = (instance_id,)
+        e.loaded_at_s = e.last_used_at_s = now
+        e.load_failures, e.last_error = 0, None
+        e.learn_load_time(duration_s)
+        self._set_status(e, S.LOADED)
+        e.owner = owner
+        log.info("%s loaded by %s in %.2fs", e.key, owner, duration_s)
+        self.listeners.emit("on_load", e.key, duration_s, True)
+
+    def mediated_failed(self, e: ModelEntry, exc: BaseException) -> None:
+        self.monitor.changes += 1
+        self._fail(e, exc)
+
     def _learn_footprint(self, e: ModelEntry, before: MemorySample, after: MemorySample
                          ) -> None:
         drop = before.available_bytes - after.available_bytes

@@ -51,6 +51,9 @@ class Pending:
     waiters: int = 0
     admitted: bool = False
     holders: list[tuple[str, float, str]] = field(default_factory=list)  # last reason it waits
+    # A load its requester performs itself (an LM Studio SDK client through the proxy):
+    # resolved True when admitted, False when the model got loaded meanwhile.
+    go: asyncio.Future | None = None
 
 
 class Scheduler:
@@ -118,6 +121,42 @@ class Scheduler:
                 # Everyone waiting went away: leave the queue rather than load for nobody.
                 self._finish(p, None)
 
+    async def admit_mediated(self, e: ModelEntry, deadline_s: float) -> Pending | None:
+        """Queue a load that the caller performs itself, with the same admission, order and
+        refusals as any load. Returns the admitted Pending (e is LOADING; report the outcome
+        with finish_mediated), or None when there is nothing to load any more."""
+        while e.key in self.pending:          # a load of it is under way: that one first
+            await self.ensure_loaded(e, deadline_s)
+            e.reserved = max(0, e.reserved - 1)   # the caller takes no lease
+            if e.status is S.LOADED:
+                return None
+        loop = asyncio.get_running_loop()
+        done, go = loop.create_future(), loop.create_future()
+        done.add_done_callback(_consume)
+        go.add_done_callback(_consume)
+        p = self.pending[e.key] = Pending(e, self.clock.now(), done, go=go)
+        e.waiting_since_s = p.since_s
+        self._count(p, +1)
+        self._ensure_running()
+        self.kick()
+        timeout_s = self.config.eviction.queue_timeout_s
+        try:
+            async with asyncio.timeout(max(0.0, deadline_s - self.clock.now())):
+                admitted = await asyncio.shield(go)
+        except TimeoutError:
+            raise self._refusal(p, f" within {timeout_s:g}s",
+                                retry_after_s=max(1.0, min(30.0, timeout_s))) from None
+        finally:
+            self._count(p, -1)
+            if not p.admitted and not done.done():
+                self._finish(p, None)         # the caller went away before its turn
+        return p if admitted else None
+
+    def finish_mediated(self, p: Pending, error: BaseException | None) -> None:
+        if error is None:
+            p.entry.reserved = p.waiters
+        self._finish(p, error)
+
     def _count(self, p: Pending, delta: int) -> None:
         p.waiters += delta
         e = p.entry
@@ -134,6 +173,11 @@ class Scheduler:
                 p.done.set_result(None)
             else:
                 p.done.set_exception(error)
+        if p.go is not None and not p.go.done():
+            if error is None:
+                p.go.set_result(False)
+            else:
+                p.go.set_exception(error)
         self.kick()
 
     # -- the admitting task ------------------------------------------------------------------
@@ -251,6 +295,9 @@ class Scheduler:
         p.admitted = True
         e.loading_since_s = self.clock.now()
         self.listeners.emit("on_queue_wait", e.key, e.loading_since_s - p.since_s)
+        if p.go is not None:
+            p.go.set_result(True)             # its requester loads it
+            return
         e.load_task = asyncio.create_task(self._load(p, sample), name=f"load:{e.key}")
 
     async def _load(self, p: Pending, sample: MemorySample) -> None:
