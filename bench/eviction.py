@@ -117,7 +117,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--catalog", help="CSV model,size_gb,load_s (with --requests)")
     p.add_argument("--jobs", type=int, default=multiprocessing.cpu_count())
     p.add_argument("--json", help="write the runs to this file")
+    p.add_argument("--render", metavar="JSON", help="print the tables of runs saved with --json")
     args = p.parse_args(argv)
+    if args.render:
+        runs = json.loads(Path(args.render).read_text())["runs"]
+        print(render(runs, [x for x in ALL_POLICIES if any(r["policy"] == x for r in runs)]))
+        return 0
 
     policies = [x for x in args.policy.split(",") if x]
     unknown = set(policies) - set(ALL_POLICIES)
@@ -159,7 +164,7 @@ def render(runs: list[dict], policies: list[str]) -> str:
     head = ["workload", "budget GB", "requests"] + [f"{p} load s" for p in policies]
     has_ratio = PROJECT_DEFAULT in policies and "lru" in policies
     if has_ratio:
-        head += [f"{PROJECT_DEFAULT} / lru"]
+        head += ["lru p99 delay s", f"{PROJECT_DEFAULT} p99 delay s", f"{PROJECT_DEFAULT} / lru"]
     if has_ratio and "offline-belady" in policies:
         head += [f"{PROJECT_DEFAULT} / belady"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -170,6 +175,7 @@ def render(runs: list[dict], policies: list[str]) -> str:
         cells += [f"{by_policy[p]['load_seconds']:.0f}" if p in by_policy else "-"
                   for p in policies]
         if has_ratio:
+            cells += [f"{by_policy[p]['delay_p99_s'] or 0:.0f}" for p in ("lru", PROJECT_DEFAULT)]
             d, lru = by_policy[PROJECT_DEFAULT]["load_seconds"], by_policy["lru"]["load_seconds"]
             ratios_lru.append(d / lru if lru else 1.0)
             cells.append(f"{ratios_lru[-1]:.3f}")
