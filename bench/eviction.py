@@ -10,7 +10,9 @@ and block the requests behind them. Baselines are configurations of the same eng
 `lru` (evict least recently used until the model fits), `lru-count` (LRU under a model-count
 limit, as Ollama and llama.cpp's router do), `lmstudio-default` (one JIT model at a time, 60 min
 TTL). References with future knowledge: `offline-belady` (feasible; an upper bound on the
-optimum) and `offline-bound` (LP relaxation; a lower bound on load seconds).
+optimum), `offline-optimal` (the exact optimum of the instant-load model: an integer program
+over the intervals between a model's requests, scipy's HiGHS MILP; skipped with a note where an
+instance is too large) and `offline-bound` (its LP relaxation; a lower bound).
 """
 from __future__ import annotations
 
@@ -29,14 +31,14 @@ from pathlib import Path
 
 from proxy.config import EvictionConfig
 
-from .offline import belady_value, lp_lower_bound
+from .offline import belady_value, exact_optimum, lp_lower_bound
 from .simulate import RunResult, Variant, run_variant
 from .workload import Workload, from_azure_functions, from_files
 
 TRACES = Path(__file__).resolve().parent.parent.parent / "shared" / "traces"
 DEFAULT_TRACE = TRACES / "azure_functions_2019_invitro_sample" / "100_inv.csv"
-ALL_POLICIES = ("lru", "lru-count", "lmstudio-default", "priority", "cost-aware",
-                "offline-belady", "offline-bound")
+ALL_POLICIES = ("lru", "lru-count", "lmstudio-default", "priority", "cost-aware", "predictive",
+                "offline-belady", "offline-optimal", "offline-bound")
 PROJECT_DEFAULT = EvictionConfig().policy
 
 
@@ -79,8 +81,12 @@ def _run_job(job: tuple) -> dict:
     if budget_gb is None:
         budget_gb = round(budget_mult * max(m.size_gb for m in w.models.values()), 1)
     started = time.perf_counter()
+    note = None
     if policy == "offline-bound":
         r = RunResult(policy, None, lp_lower_bound(w, budget_gb), None, None, None, None)
+    elif policy == "offline-optimal":
+        value, note = exact_optimum(w, budget_gb)
+        r = RunResult(policy, None, value, None, None, None, None)   # type: ignore[arg-type]
     elif policy == "offline-belady":
         # Two feasible schedules with future knowledge, with and without anti-thrash
         # residency; the better one is the tighter upper bound on the optimum.
@@ -91,6 +97,8 @@ def _run_job(job: tuple) -> dict:
     else:
         r = run_variant(w, budget_gb, variant(policy, w, budget_gb))
     out = asdict(r)
+    if note is not None:
+        out["note"] = note
     k = spec[2] if spec[0] == "azure" else len(w.models)
     out.update(workload=w.name, k=k, seed=spec[3] if spec[0] == "azure" else None,
                mapping=spec[4] if spec[0] == "azure" else None, budget_gb=budget_gb,
@@ -157,62 +165,65 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _geomean(xs: list[float]) -> float | None:
+    xs = [x for x in xs if x > 0]
+    return statistics.geometric_mean(xs) if xs else None
+
+
+def _fmt(x: float | None, spec: str = ".3f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
 def render(runs: list[dict], policies: list[str]) -> str:
+    """Per row: every policy's load seconds, the p99 delay of LRU and the default; per policy:
+    totals and ratios to LRU and to the exact optimum (geometric means over rows)."""
     rows: dict[tuple, dict[str, dict]] = {}
     for r in runs:
-        rows.setdefault((r["workload"], r["budget_gb"]), {})[r["policy"]] = r
-    head = ["workload", "budget GB", "requests"] + [f"{p} load s" for p in policies]
-    has_ratio = PROJECT_DEFAULT in policies and "lru" in policies
-    if has_ratio:
-        head += ["lru p99 delay s", f"{PROJECT_DEFAULT} p99 delay s", f"{PROJECT_DEFAULT} / lru"]
-    if has_ratio and "offline-belady" in policies:
-        head += [f"{PROJECT_DEFAULT} / belady"]
+        label = r["policy"] + ("+prediction" if r.get("prediction") else "")
+        rows.setdefault((r["workload"], r["budget_gb"]), {})[label] = r
+    labels = list(dict.fromkeys(lab for by in rows.values() for lab in by
+                                if lab.split("+")[0] in policies))
+    labels.sort(key=lambda lab: (policies.index(lab.split("+")[0]), lab))
+    head = ["workload", "budget GB", "requests"] + [f"{lab} load s" for lab in labels]
+    delay_cols = [p for p in ("lru", PROJECT_DEFAULT) if p in labels]
+    head += [f"{p} p99 delay s" for p in delay_cols]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    ratios_lru, ratios_bel = [], []
-    for (name, budget), by_policy in rows.items():
-        any_run = next(iter(by_policy.values()))
+    for (name, budget), by in rows.items():
+        any_run = next(iter(by.values()))
         cells = [name, f"{budget:g}", str(any_run["requests"])]
-        cells += [f"{by_policy[p]['load_seconds']:.0f}" if p in by_policy else "-"
-                  for p in policies]
-        if has_ratio:
-            cells += [f"{by_policy[p]['delay_p99_s'] or 0:.0f}" for p in ("lru", PROJECT_DEFAULT)]
-            d, lru = by_policy[PROJECT_DEFAULT]["load_seconds"], by_policy["lru"]["load_seconds"]
-            ratios_lru.append(d / lru if lru else 1.0)
-            cells.append(f"{ratios_lru[-1]:.3f}")
-            if "offline-belady" in by_policy:
-                bel = by_policy["offline-belady"]["load_seconds"]
-                ratios_bel.append(d / bel if bel else 1.0)
-                cells.append(f"{ratios_bel[-1]:.3f}")
+        cells += [_fmt(by[lab]["load_seconds"], ".0f") if lab in by else "-" for lab in labels]
+        cells += [_fmt(by[p]["delay_p99_s"], ".0f") if p in by else "-" for p in delay_cols]
         lines.append("| " + " | ".join(cells) + " |")
-    out = "\n".join(lines)
-    delays = ["", "| policy | cold loads | load s | delayed requests | median of delay p50 s | "
-              "median of delay p99 s | regretted evictions | failed requests | runs over budget |",
-              "|---|---|---|---|---|---|---|---|---|"]
-    for pol in policies:
-        mine = [r for r in runs if r["policy"] == pol]
-        if pol == "offline-bound":
-            delays.append(f"| {pol} | - | {sum(r['load_seconds'] for r in mine):.0f} | - | - "
-                          f"| - | - | - | - |")
-            continue
-        p50 = [r["delay_p50_s"] for r in mine if r["delay_p50_s"] is not None]
-        p99 = [r["delay_p99_s"] for r in mine if r["delay_p99_s"] is not None]
-        delays.append(
-            f"| {pol}{' (default)' if pol == PROJECT_DEFAULT else ''} | "
-            f"{sum(r['cold_loads'] for r in mine)} | "
-            f"{sum(r['load_seconds'] for r in mine):.0f} | "
-            f"{sum(r['delayed_requests'] for r in mine)} | "
-            f"{statistics.median(p50) if p50 else '-':.3g} | "
-            f"{statistics.median(p99) if p99 else '-':.3g} | "
-            f"{sum(r['regretted_evictions'] for r in mine)} | "
-            f"{sum(r['failed_requests'] for r in mine)} | "
-            f"{sum(1 for r in mine if r['peak_resident_gb'] > r['budget_gb'] + 1e-6)} |")
-    out += "\n" + "\n".join(delays)
-    if ratios_lru:
-        out += (f"\n\n{PROJECT_DEFAULT} / lru load seconds: median {statistics.median(ratios_lru):.3f}, "
-                f"worst {max(ratios_lru):.3f}")
-    if ratios_bel:
-        out += (f"; {PROJECT_DEFAULT} / offline-belady: median "
-                f"{statistics.median(ratios_bel):.3f}, worst {max(ratios_bel):.3f}")
+    summary = ["", "| policy | load s | / lru (geo. mean of rows) | worst row / lru "
+               "| / optimal (geo. mean) | median of delay p99 s | worst delay p99 s "
+               "| failed requests | runs over budget | preloads (wasted, GB wasted) |",
+               "|---|---|---|---|---|---|---|---|---|---|"]
+    for lab in labels:
+        mine = [(k, by[lab]) for k, by in rows.items() if lab in by]
+        loads = [r["load_seconds"] for _, r in mine if r["load_seconds"] is not None]
+        to_lru = [r["load_seconds"] / rows[k]["lru"]["load_seconds"] for k, r in mine
+                  if "lru" in rows[k] and r["load_seconds"] and rows[k]["lru"]["load_seconds"]]
+        to_opt = [r["load_seconds"] / rows[k]["offline-optimal"]["load_seconds"]
+                  for k, r in mine if "offline-optimal" in rows[k] and r["load_seconds"]
+                  and rows[k]["offline-optimal"]["load_seconds"]]
+        p99 = [r["delay_p99_s"] for _, r in mine if r.get("delay_p99_s") is not None]
+        pre = sum(r.get("preloads") or 0 for _, r in mine)
+        wasted = sum(r.get("wasted_preloads") or 0 for _, r in mine)
+        wasted_gb = sum(r.get("wasted_preload_gb") or 0 for _, r in mine)
+        summary.append(
+            f"| {lab}{' (default)' if lab == PROJECT_DEFAULT else ''} | {sum(loads):.0f} | "
+            f"{_fmt(_geomean(to_lru))} | {_fmt(max(to_lru) if to_lru else None)} | "
+            f"{_fmt(_geomean(to_opt))} | {_fmt(statistics.median(p99) if p99 else None, '.3g')} | "
+            f"{_fmt(max(p99) if p99 else None, '.3g')} | "
+            f"{sum(r.get('failed_requests') or 0 for _, r in mine)} | "
+            f"{sum(1 for _, r in mine if (r.get('peak_resident_gb') or 0) > r['budget_gb'] + 1e-6)}"
+            f" | {pre} ({wasted}, {wasted_gb:.0f}) |")
+    skipped = [f"{k[0]} {k[1]:g} GB: {by['offline-optimal'].get('note')}"
+               for k, by in rows.items() if "offline-optimal" in by
+               and by["offline-optimal"]["load_seconds"] is None]
+    out = "\n".join(lines) + "\n" + "\n".join(summary)
+    if skipped:
+        out += "\n\noffline-optimal not computed for: " + "; ".join(skipped)
     return out
 
 

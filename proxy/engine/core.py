@@ -26,6 +26,7 @@ from .accounting import Accounting
 from .clock import Clock, SystemClock
 from .eviction import Evictor
 from .lifecycle import Lease, LeaseKind, ModelEntry, ModelStatus, transition
+from .learning import UsageLearner
 from .listeners import Listeners
 from .loader import Loader
 from .memory import (BudgetSampler, MemoryPressure, MemorySample, MemorySampler, NvmlSampler,
@@ -81,8 +82,9 @@ class EngineCore:
                                      on_level=self._pressure_changed)
         self.reconciler = Reconciler(r, upstream, self.accounting, self.clock,
                                      self._set_status, self._room)
+        self.learner = UsageLearner()
         self.evictor = Evictor(r, self.monitor, upstream, self.accounting, self.listeners,
-                               self.clock, self._set_status, self._room)
+                               self.clock, self._set_status, self._room, self.learner)
         self.loader = Loader(r, self.monitor, upstream, self.evictor, self.accounting,
                              self.listeners, self.clock, self._set_status,
                              lambda: self._upstream_local)
@@ -152,10 +154,12 @@ class EngineCore:
             return self._lease(e)   # hot path: no lock, no await
         if e is None:
             e = self.registry.entries[await self.resolve(name)]
-        deadline_s = self.clock.now() + self.config.eviction.queue_timeout_s
+        arrived_s = self.clock.now()
+        self.learner.observe(e.key, arrived_s, self.clock.wall())   # arrival, not admission
+        deadline_s = arrived_s + self.config.eviction.queue_timeout_s
         while True:
             if e.status is S.LOADED or not self.manages_loading:
-                return self._lease(e)
+                return self._lease(e, observed=True)
             if e.status is S.ERROR and self.clock.now() < e.retry_at_s:
                 raise ModelLoadFailed(e.last_error or f"'{e.key}' failed to load",
                                       retry_after_s=e.retry_at_s - self.clock.now())
@@ -186,11 +190,13 @@ class EngineCore:
         self._active.add(lease)
         return lease
 
-    def _lease(self, e: ModelEntry) -> Lease:
+    def _lease(self, e: ModelEntry, observed: bool = False) -> Lease:
         now = self.clock.now()
         e.heat = decayed_heat(e.heat, e.heat_at_s, now) + 1.0
         e.heat_at_s = now
         e.last_used_at_s = now
+        if not observed:
+            self.learner.observe(e.key, now, self.clock.wall())
         lease = Lease(e, self._on_release, now)
         self._active.add(lease)
         return lease

@@ -17,7 +17,9 @@ from .lifecycle import ModelEntry, ModelStatus
 from .listeners import Listeners
 from .memory import MemoryPressure
 from .monitor import MemoryMonitor
-from .policy import Candidate, blocker, decayed_heat, in_residency, select_victims
+from .learning import UsageLearner
+from .policy import (PREDICTION_HORIZON_S, SET_POLICIES, Candidate, blocker, decayed_heat,
+                     in_residency, select_victims)
 from .registry import Registry
 
 log = logging.getLogger("proxy.engine")
@@ -29,7 +31,8 @@ class Evictor:
     def __init__(self, registry: Registry, monitor: MemoryMonitor, backend: ModelBackend,
                  accounting: Accounting, listeners: Listeners, clock: Clock,
                  set_status: Callable[[ModelEntry, ModelStatus], None],
-                 on_room: Callable[[], None]) -> None:
+                 on_room: Callable[[], None], learner: UsageLearner) -> None:
+        self.learner = learner
         self.registry = registry
         self.monitor = monitor
         self.backend = backend
@@ -69,7 +72,11 @@ class Evictor:
         return out
 
     def candidate(self, e: ModelEntry, now: float) -> Candidate:
+        p_reuse = 0.0
+        if self.config.eviction.policy in SET_POLICIES:
+            p_reuse = self.learner.predict(e.key, now, PREDICTION_HORIZON_S).p_within
         return Candidate(
+            p_reuse=p_reuse,
             key=e.key, footprint_bytes=self.registry.footprint_bytes(e),
             last_used_s=e.last_used_at_s or e.loaded_at_s or now,
             priority=self.registry.priority(e.key), reload_s=self.registry.reload_s(e),

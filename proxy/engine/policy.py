@@ -13,6 +13,9 @@ Each policy is a value function; the lowest value is evicted first.
   second: priority_weight × reload_seconds / GB × expected request rate, where the rate is
   1 / idle seconds (recency) plus the model's heat (its requests decayed with a one-hour
   half-life, which remembers popularity across unloads).
+- `predictive`: each idle model's expected cost of eviction — priority_weight × reload seconds ×
+  the learned probability of a request within PREDICTION_HORIZON_S (engine.learning) — and the
+  victim set chosen as a whole, the one that covers the shortfall at the least total cost.
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ class Candidate:
     reload_s: float = 1.0     # expected seconds to load again
     rate_per_h: float = 0.0   # requests in the last hour
     heat: float = 0.0         # requests decayed by age to now (half-life HEAT_HALF_LIFE_S)
+    p_reuse: float = 0.0      # learned: probability of a request within PREDICTION_HORIZON_S
 
 
 ValueFunction = Callable[[Candidate, float], float]
@@ -93,17 +97,63 @@ def cost_aware_value(c: Candidate, now_s: float) -> float:
     return priority_weight(c.priority) * max(c.reload_s, 0.01) / gb * rate_per_s
 
 
+PREDICTION_HORIZON_S = 900.0
+
+
+def expected_cost_s(c: Candidate) -> float:
+    """Reload seconds evicting c is expected to cause (priority-weighted)."""
+    return priority_weight(c.priority) * max(c.reload_s, 0.01) * c.p_reuse
+
+
+def predictive_value(c: Candidate, now_s: float) -> float:
+    return expected_cost_s(c) / max(c.footprint_bytes / GB, 0.05)
+
+
 VALUE_FUNCTIONS: dict[str, ValueFunction] = {
     "lru": lru_value,
     "priority": priority_value,
     "cost-aware": cost_aware_value,
+    "predictive": predictive_value,
 }
+# Policies that choose the victim set as a whole, at the least total expected cost.
+SET_POLICIES = frozenset({"predictive"})
+SET_UNIT_BYTES = GB // 10
+
+
+def cheapest_cover(candidates: Sequence[Candidate], need_bytes: float,
+                   cost: Callable[[Candidate], float]) -> tuple[str, ...]:
+    """The set of candidates that frees at least need_bytes at the least total cost (a
+    covering knapsack over 0.1 GB units; among equal costs, the one that frees least). Freeing
+    2 GB of small, busy models rarely helps an incoming 9 GB model: a set sees that."""
+    units = max(1, math.ceil(need_bytes / SET_UNIT_BYTES))
+    if sum(c.footprint_bytes for c in candidates) < need_bytes:
+        return ()
+    inf = float("inf")
+    # best[j]: (cost, freed, chosen) for freeing at least j units
+    best: list[tuple[float, float, tuple[int, ...]]] = [(0.0, 0.0, ())] + \
+        [(inf, 0.0, ())] * units
+    for idx, c in enumerate(sorted(candidates, key=lambda c: c.key)):
+        size = max(1, int(c.footprint_bytes // SET_UNIT_BYTES))
+        k = cost(c)
+        for j in range(units, 0, -1):
+            prev = best[max(0, j - size)]
+            if prev[0] == inf:
+                continue
+            cand = (prev[0] + k, prev[1] + c.footprint_bytes, prev[2] + (idx,))
+            if (cand[0], cand[1]) < (best[j][0], best[j][1]):
+                best[j] = cand
+    if best[units][0] == inf:
+        return ()
+    ordered = sorted(candidates, key=lambda c: c.key)
+    return tuple(ordered[i].key for i in best[units][2])
 
 
 def select_victims(policy: str, candidates: Sequence[Candidate], need_bytes: float,
                    now_s: float, *, partial: bool = False) -> tuple[str, ...]:
     if need_bytes <= 0:
         return ()
+    if policy in SET_POLICIES and not partial:
+        return cheapest_cover(candidates, need_bytes, expected_cost_s)
     value = VALUE_FUNCTIONS[policy]
     scored = sorted(candidates, key=lambda c: (value(c, now_s), c.last_used_s, c.key))
     chosen: list[Candidate] = []

@@ -1,0 +1,230 @@
+"""What the engine learns about each model's use, online and in bounded memory. Pure code.
+
+Per model (`ModelPattern`):
+- the empirical distribution of the gaps between its consecutive requests, kept twice more by
+  the class of the gap before (after a short gap, after a long one): bursts and lulls differ;
+- its hour-of-week rhythm (168 counters).
+Across models (`UsageLearner`): which model follows which within `FOLLOW_WINDOW_S`
+(agent pipelines: a planner, then a coder, then an embedding model).
+
+From these it predicts, for a model idle for `age_s`, the probability of a request within a
+horizon and the expected wait for it: the empirical conditional distribution of its gaps given
+that the gap is already longer than `age_s`, mixed with a prior that says "the wait ahead is
+about as long as the wait so far" (remaining wait t with P(T > a + t | T > a) = a / (a + t)),
+the prior weighing less the more gaps longer than `age_s` were seen.
+"""
+from __future__ import annotations
+
+import bisect
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+GAP_RATIO = 1.25
+# 0.5 s … ~9 days, log-spaced: about 65 bins.
+GAP_BOUNDS_S = tuple(0.5 * GAP_RATIO ** i for i in range(int(math.log(8e5 / 0.5, GAP_RATIO)) + 2))
+SHORT_GAP_S = 60.0          # a gap below this is "short" (a burst), else "long"
+PRIOR_WEIGHT = 4.0          # pseudo-observations of the prior
+MIN_CLASS_SAMPLES = 12      # below this a gap class falls back to all gaps
+FOLLOW_WINDOW_S = 60.0      # B "follows" A when B is asked for within this after A
+RECENT_MAX = 16             # requests remembered for follow counting
+MAX_FOLLOWERS = 32          # per model, the followers kept (the rarest go first)
+COUNT_CAP = 4096            # counts are halved beyond this: old habits fade
+WEEK_HOURS = 168
+
+
+def _bin(gap_s: float) -> int:
+    return bisect.bisect_left(GAP_BOUNDS_S, gap_s)
+
+
+class GapHistogram:
+    __slots__ = ("counts", "total")
+
+    def __init__(self, counts: list[int] | None = None) -> None:
+        self.counts = counts if counts is not None else [0] * (len(GAP_BOUNDS_S) + 1)
+        self.total = sum(self.counts)
+
+    def add(self, gap_s: float) -> None:
+        self.counts[_bin(gap_s)] += 1
+        self.total += 1
+        if self.total > COUNT_CAP:
+            self.counts = [c // 2 for c in self.counts]
+            self.total = sum(self.counts)
+
+    def survival(self, x_s: float) -> float:
+        """How many gaps were longer than x_s (interpolated within its bin, log scale)."""
+        if self.total == 0:
+            return 0.0
+        i = _bin(x_s)
+        above = float(sum(self.counts[i + 1:]))
+        if i >= len(GAP_BOUNDS_S):
+            return above + self.counts[i]          # past the last bound: count it all
+        hi = GAP_BOUNDS_S[i]
+        if i == 0:
+            frac = (hi - x_s) / hi
+        else:
+            lo = GAP_BOUNDS_S[i - 1]
+            frac = (math.log(hi) - math.log(x_s)) / (math.log(hi) - math.log(lo))
+        return above + self.counts[i] * min(1.0, max(0.0, frac))
+
+
+@dataclass
+class Prediction:
+    p_within: float          # probability of a request within the horizon
+    expected_wait_s: float   # expected time until the next request
+
+
+@dataclass
+class ModelPattern:
+    gaps: GapHistogram = field(default_factory=GapHistogram)
+    after_short: GapHistogram = field(default_factory=GapHistogram)
+    after_long: GapHistogram = field(default_factory=GapHistogram)
+    hours: list[int] = field(default_factory=lambda: [0] * WEEK_HOURS)
+    followers: dict[str, int] = field(default_factory=dict)
+    requests: int = 0
+    first_wall_s: float | None = None
+    last_at_s: float | None = None
+    last_gap_s: float | None = None
+
+    def observe(self, at_s: float, wall_s: float) -> None:
+        if self.last_at_s is not None:
+            gap = max(0.0, at_s - self.last_at_s)
+            self.gaps.add(gap)
+            if self.last_gap_s is not None:
+                (self.after_short if self.last_gap_s < SHORT_GAP_S else self.after_long).add(gap)
+            self.last_gap_s = gap
+        self.last_at_s = at_s
+        self.requests += 1
+        if self.first_wall_s is None:
+            self.first_wall_s = wall_s
+        self.hours[hour_of_week(wall_s)] += 1
+
+    def _histogram(self) -> GapHistogram:
+        if self.last_gap_s is not None:
+            h = self.after_short if self.last_gap_s < SHORT_GAP_S else self.after_long
+            if h.total >= MIN_CLASS_SAMPLES:
+                return h
+        return self.gaps
+
+    def predict(self, age_s: float, horizon_s: float) -> Prediction:
+        """Given no request for age_s, the chance of one within horizon_s and the expected
+        wait until it."""
+        a = max(age_s, 1.0)
+        h = self._histogram()
+        seen = h.survival(age_s)             # gaps longer than the idle time so far
+        w = seen / (seen + PRIOR_WEIGHT)
+        prior_p = horizon_s / (a + horizon_s)
+        if seen > 0:
+            emp_p = 1.0 - h.survival(age_s + horizon_s) / seen
+            emp_wait = self._conditional_mean_wait(h, age_s, seen)
+        else:
+            emp_p, emp_wait = 0.0, 0.0
+        # The prior's expected wait is unbounded; cap it where the evidence cannot reach.
+        prior_wait = min(10.0 * a, GAP_BOUNDS_S[-1])
+        return Prediction(p_within=w * emp_p + (1 - w) * prior_p,
+                          expected_wait_s=w * emp_wait + (1 - w) * prior_wait)
+
+    @staticmethod
+    def _conditional_mean_wait(h: GapHistogram, age_s: float, seen: float) -> float:
+        """E[gap - age | gap > age] from the histogram (each bin at its geometric middle)."""
+        total, i0 = 0.0, _bin(age_s)
+        for i in range(i0, len(h.counts)):
+            lo = max(GAP_BOUNDS_S[i - 1] if i > 0 else 0.0, age_s)
+            hi = GAP_BOUNDS_S[i] if i < len(GAP_BOUNDS_S) else GAP_BOUNDS_S[-1] * GAP_RATIO
+            weight = h.counts[i] if i > i0 else h.survival(age_s) - h.survival(hi)
+            mid = math.sqrt(lo * hi) if lo > 0 else hi / 2
+            total += max(0.0, weight) * max(0.0, mid - age_s)
+        return total / seen
+
+    def rate_in_hour(self, wall_s: float) -> float:
+        """Requests in this hour of the week, per week observed (a rhythm of 1.0: it is asked
+        for in this hour every week)."""
+        if self.first_wall_s is None:
+            return 0.0
+        weeks = max(1.0, (wall_s - self.first_wall_s) / (WEEK_HOURS * 3600.0))
+        return self.hours[hour_of_week(wall_s)] / weeks
+
+    # -- persistence -------------------------------------------------------------------------
+    def snapshot(self) -> dict[str, Any]:
+        return {"gaps": self.gaps.counts, "after_short": self.after_short.counts,
+                "after_long": self.after_long.counts, "hours": self.hours,
+                "followers": self.followers, "requests": self.requests,
+                "first_wall_s": self.first_wall_s}
+
+    @classmethod
+    def restore(cls, data: dict[str, Any]) -> "ModelPattern":
+        n = len(GAP_BOUNDS_S) + 1
+        p = cls()
+        for name in ("gaps", "after_short", "after_long"):
+            counts = data.get(name)
+            if isinstance(counts, list) and len(counts) == n:
+                setattr(p, name, GapHistogram([int(c) for c in counts]))
+        hours = data.get("hours")
+        if isinstance(hours, list) and len(hours) == WEEK_HOURS:
+            p.hours = [int(c) for c in hours]
+        p.followers = {str(k): int(v) for k, v in (data.get("followers") or {}).items()}
+        p.requests = int(data.get("requests") or 0)
+        first = data.get("first_wall_s")
+        p.first_wall_s = float(first) if isinstance(first, (int, float)) else None
+        return p
+
+
+def hour_of_week(wall_s: float) -> int:
+    # The Unix epoch was a Thursday: shift so that hour 0 is Monday 00:00 UTC.
+    return int((wall_s // 3600 + 72) % WEEK_HOURS)
+
+
+class UsageLearner:
+    """Patterns of every model, and who follows whom."""
+
+    def __init__(self) -> None:
+        self.patterns: dict[str, ModelPattern] = {}
+        self._recent: list[tuple[float, str, set[str]]] = []   # (at, model, followers seen)
+        self.dirty: set[str] = set()
+
+    def pattern(self, key: str) -> ModelPattern:
+        p = self.patterns.get(key)
+        if p is None:
+            p = self.patterns[key] = ModelPattern()
+        return p
+
+    def observe(self, key: str, at_s: float, wall_s: float) -> None:
+        self.pattern(key).observe(at_s, wall_s)
+        self.dirty.add(key)
+        recent = self._recent
+        while recent and at_s - recent[0][0] > FOLLOW_WINDOW_S:
+            recent.pop(0)
+        for _, source, seen in recent:
+            if source != key and key not in seen:
+                seen.add(key)
+                self._count_follow(source, key)
+        recent.append((at_s, key, set()))
+        if len(recent) > RECENT_MAX:
+            recent.pop(0)
+
+    def _count_follow(self, source: str, follower: str) -> None:
+        followers = self.pattern(source).followers
+        followers[follower] = followers.get(follower, 0) + 1
+        if len(followers) > MAX_FOLLOWERS:
+            del followers[min(followers, key=followers.__getitem__)]
+        self.dirty.add(source)
+
+    def follow_probability(self, source: str, follower: str) -> float:
+        """P(follower is asked for within FOLLOW_WINDOW_S of a request for source)."""
+        p = self.patterns.get(source)
+        if p is None or not p.requests:
+            return 0.0
+        return min(1.0, p.followers.get(follower, 0) / p.requests)
+
+    def likely_next(self, source: str, min_probability: float) -> list[tuple[str, float]]:
+        p = self.patterns.get(source)
+        if p is None:
+            return []
+        out = [(k, self.follow_probability(source, k)) for k in p.followers]
+        return sorted(((k, q) for k, q in out if q >= min_probability), key=lambda kq: -kq[1])
+
+    def predict(self, key: str, now_s: float, horizon_s: float) -> Prediction:
+        p = self.patterns.get(key)
+        if p is None or p.last_at_s is None:
+            return Prediction(p_within=0.0, expected_wait_s=GAP_BOUNDS_S[-1])
+        return p.predict(now_s - p.last_at_s, horizon_s)

@@ -1,0 +1,123 @@
+"""The usage model recovers known patterns from synthetic histories; victim sets are chosen
+as a whole."""
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from proxy.engine.learning import FOLLOW_WINDOW_S, ModelPattern, UsageLearner, hour_of_week
+from proxy.engine.policy import Candidate, cheapest_cover, expected_cost_s, select_victims
+
+GB = 1_000_000_000
+MONDAY = 1_700_438_400.0          # 2023-11-20 00:00 UTC, a Monday
+
+
+def pattern_from(gaps):
+    p, t = ModelPattern(), 0.0
+    p.observe(t, MONDAY)
+    for g in gaps:
+        t += g
+        p.observe(t, MONDAY + t)
+    return p
+
+
+def test_an_exponential_gap_distribution_is_recovered():
+    rng = random.Random(7)
+    p = pattern_from(rng.expovariate(1 / 100.0) for _ in range(2000))
+    for age in (1.0, 50.0, 150.0):                   # memoryless: the same at every age
+        pred = p.predict(age, 100.0)
+        assert pred.p_within == pytest.approx(1 - math.exp(-1), abs=0.06)
+        assert pred.expected_wait_s == pytest.approx(100.0, rel=0.25)
+
+
+def test_a_periodic_model_is_due_at_its_period():
+    p = pattern_from([600.0] * 200)                  # every ten minutes, like a cron job
+    assert p.predict(590.0, 120.0).p_within > 0.8    # due now
+    assert p.predict(30.0, 60.0).p_within < 0.1      # just served: not due for a while
+    assert p.predict(30.0, 60.0).expected_wait_s == pytest.approx(570.0, rel=0.3)
+
+
+def test_with_no_evidence_the_wait_ahead_is_about_the_wait_so_far():
+    p = pattern_from([5.0] * 50)                     # bursts only: nothing known past 5 s
+    pred = p.predict(1000.0, 1000.0)
+    assert pred.p_within == pytest.approx(0.5, abs=0.05)   # the prior: a / (a + h)
+
+
+def test_the_class_of_the_previous_gap_refines_the_prediction():
+    rng = random.Random(3)
+    gaps = []
+    for _ in range(300):                             # pairs of requests 2 s apart, hourly
+        gaps += [2.0, 3600.0 + rng.uniform(-60, 60)]
+    p = pattern_from(gaps)
+    p.last_gap_s = 3600.0                            # first of a pair: the second comes soon
+    assert p.predict(1.0, 5.0).p_within > 0.8
+    p.last_gap_s = 2.0                               # second of a pair: an hour of quiet
+    assert p.predict(1.0, 5.0).p_within < 0.2
+    assert p.predict(1.0, 5.0).expected_wait_s > 1000
+
+
+def test_sequences_are_learned():
+    rng = random.Random(1)
+    learner, t = UsageLearner(), 0.0
+    for _ in range(200):                             # planner → coder → embedder, in seconds
+        t += rng.uniform(300, 900)
+        for model, dt in (("planner", 0.0), ("coder", 4.0), ("embedder", 9.0)):
+            learner.observe(model, t + dt, MONDAY + t + dt)
+        if rng.random() < 0.5:
+            learner.observe("chat", t + 200, MONDAY + t + 200)
+    assert learner.follow_probability("planner", "coder") == pytest.approx(1.0, abs=0.01)
+    assert learner.follow_probability("coder", "embedder") == pytest.approx(1.0, abs=0.01)
+    assert learner.follow_probability("planner", "chat") < 0.05    # 200 s: not a follower
+    assert [k for k, _ in learner.likely_next("planner", 0.5)] == ["coder", "embedder"]
+    assert 200 > FOLLOW_WINDOW_S
+
+
+def test_rhythm_by_hour_of_week_is_learned():
+    p, t0 = ModelPattern(), MONDAY
+    for week in range(4):
+        for minute in range(0, 60, 5):               # Mondays 09:00-10:00 only
+            at = t0 + week * 7 * 86400 + 9 * 3600 + minute * 60
+            p.observe(at, at)
+    now = t0 + 4 * 7 * 86400
+    assert p.rate_in_hour(now + 9 * 3600) == pytest.approx(12 * 4 / 4, rel=0.05)
+    assert p.rate_in_hour(now + 15 * 3600) == 0
+    assert hour_of_week(MONDAY) == 0 and hour_of_week(MONDAY + 86400 * 6 + 3600 * 23) == 167
+
+
+def test_patterns_survive_a_snapshot():
+    learner = UsageLearner()
+    for i in range(30):
+        learner.observe("a", i * 10.0, MONDAY + i * 10.0)
+        learner.observe("b", i * 10.0 + 1, MONDAY + i * 10.0 + 1)
+    again = ModelPattern.restore(learner.pattern("a").snapshot())
+    assert again.gaps.counts == learner.pattern("a").gaps.counts
+    assert again.followers == {"b": 30} and again.requests == 30
+
+
+# -- victim sets ---------------------------------------------------------------------------------
+def cand(key, gb, p_reuse, reload_s=None, priority=5):
+    return Candidate(key=key, footprint_bytes=gb * GB, last_used_s=0.0, priority=priority,
+                     reload_s=reload_s if reload_s is not None else gb / 1.5 + 1.5,
+                     p_reuse=p_reuse)
+
+
+def test_one_large_idle_model_goes_rather_than_three_small_hot_ones():
+    small = [cand(f"small-{i}", 3, 0.9) for i in range(3)]
+    large = cand("large", 10, 0.3)
+    assert select_victims("predictive", small + [large], 9 * GB, 0.0) == ("large",)
+
+
+def test_the_set_is_the_cheapest_cover_not_the_cheapest_per_gb():
+    # Per GB, a is cheapest; but a alone does not cover, and a + c costs more than b.
+    a, b, c = cand("a", 4, 0.1), cand("b", 8, 0.3), cand("c", 5, 0.6)
+    chosen = cheapest_cover([a, b, c], 7 * GB, expected_cost_s)
+    assert chosen == ("b",)
+    assert expected_cost_s(b) < expected_cost_s(a) + expected_cost_s(c)
+
+
+def test_among_equal_costs_the_cover_that_frees_least_is_chosen():
+    cold = [cand("x", 9, 0.0), cand("y", 5, 0.0), cand("z", 6, 0.0)]
+    assert cheapest_cover(cold, 5 * GB, expected_cost_s) == ("y",)
+    assert cheapest_cover(cold, 30 * GB, expected_cost_s) == ()
