@@ -136,6 +136,8 @@ class Config:
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     eviction: EvictionConfig = field(default_factory=EvictionConfig)
     models: Mapping[str, ModelConfig] = field(default_factory=dict)
+    # Task → models that serve it, best first (recommendations and `auto:<task>` routing).
+    tasks: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     health: HealthConfig = field(default_factory=HealthConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)

@@ -20,3 +20,6 @@ HEALTH = web.AppKey("health", ModelHealthMonitor)
 COMPAT = web.AppKey("compat", Compat)
 # Set on a request once its response headers are sent: errors can no longer become a response.
 RESPONSE_STARTED = web.RequestKey("response_started", bool)
+# The task a request was tagged with, and the model `auto:<task>` picked for it.
+TASK = web.RequestKey("task", object)
+ROUTED_TO = web.RequestKey("routed_to", str)

@@ -26,8 +26,11 @@ async def test_quick_start_flow(emulator):
         assert metrics.usage_frequency == 2 and metrics.estimated_memory_mb > 0
         assert manager.model_status["qwen/qwen3-4b"] is ModelStatus.LOADED
         recs = manager.get_model_recommendations({"task_type": "embedding"})
-        assert recs[0]["model"] == "text-embedding-nomic-embed-text-v1.5"
-        chat = manager.get_model_recommendations({"task_type": "chat"})
-        assert chat[0]["model"] == "qwen/qwen3-4b" and chat[0]["loaded"]
+        assert recs["recommended_models"][0] == "text-embedding-nomic-embed-text-v1.5"
+        chat = manager.get_model_recommendations({"task_type": "chat", "urgency": 1.0})
+        assert chat["recommended_models"][0] == "qwen/qwen3-4b"
+        assert "already loaded" in chat["reasoning"]["qwen/qwen3-4b"]["why"]
+        assert set(chat) >= {"recommended_models", "models_to_preload", "models_to_unload",
+                             "reasoning"}
         assert sorted(await manager.clear_all_models()) == sorted(ok)
     assert upstream._session is None   # closed with the manager

@@ -22,7 +22,8 @@ from .clock import Clock
 from .core import EngineCore
 from .lifecycle import ModelEntry, ModelStatus
 from .memory import MemoryPressure, MemorySampler
-from .predict import ModelFacts, recommend
+from .policy import PREDICTION_HORIZON_S
+from .recommend import Context, ModelFacts, recommend
 from .report import memory_stats
 from .usage import ModelUsage, RequestRecord
 
@@ -153,17 +154,26 @@ class ModelMemoryManager(EngineCore):
                                   at_s=self.clock.now(), completion_tokens=tokens_used))
 
     def get_model_recommendations(self, context: Mapping[str, Any] | str | None = None
-                                  ) -> list[dict[str, Any]]:
+                                  ) -> dict[str, Any]:
+        """{"recommended_models", "models_to_preload", "models_to_unload", "reasoning"} for a
+        context with `task_type`, `complexity` and `urgency` (0–1), `available_memory_gb`."""
+        task = Context.of(context).task
         now = self.clock.now()
-        facts = [ModelFacts(key=e.key, type=e.type, loaded=e.status is ModelStatus.LOADED,
-                            footprint_bytes=self.footprint_bytes(e),
-                            requests=self.usage(e.key).requests,
-                            success_rate=self.usage(e.key).success_rate,
-                            avg_latency_s=self.usage(e.key).latency.mean,
-                            rate_per_h=self.usage(e.key).rate_per_h(now),
-                            priority=self.priority(e.key))
-                 for e in self.registry]
-        return recommend(facts, context, self.headroom_bytes())
+        facts = []
+        for e in self.registry:
+            u = self.usage(e.key)
+            t = u.tasks.get(task)
+            facts.append(ModelFacts(
+                key=e.key, type=e.type, loaded=e.status is ModelStatus.LOADED,
+                idle=e.status is ModelStatus.LOADED and not e.busy,
+                footprint_bytes=self.footprint_bytes(e), reload_s=self.registry.reload_s(e),
+                priority=self.priority(e.key), success_rate=u.success_rate,
+                requests=u.requests, task_requests=int(t[0]) if t else 0,
+                task_success_rate=1.0 - t[1] / t[0] if t and t[0] else 1.0,
+                task_latency_s=t[2] / t[0] if t and t[0] else None,
+                p_reuse=self.learner.predict(e.key, now, PREDICTION_HORIZON_S).p_within))
+        return recommend(facts, context, headroom_bytes=self.headroom_bytes(),
+                         tasks=self.config.tasks)
 
     def get_memory_stats(self) -> dict[str, Any]:
         return memory_stats(self)

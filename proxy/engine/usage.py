@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 _BUCKET_RATIO = 1.1
 # 0.1 ms … ~1 h in ~170 buckets.
 BOUNDS_S = tuple(1e-4 * _BUCKET_RATIO ** i for i in range(int(math.log(3.6e7, _BUCKET_RATIO)) + 2))
-WINDOW_MINUTES = 120  # two hours: the latest hour is compared with the one before for the trend
+WINDOW_MINUTES = 120
+MAX_TASKS = 32       # task names kept per model: a client cannot grow this without bound  # two hours: the latest hour is compared with the one before for the trend
 
 
 @dataclass(slots=True)
@@ -27,6 +28,7 @@ class RequestRecord:   # built once per request: plain slots, no frozen-init cos
     prompt_tokens: int = 0
     completion_tokens: int = 0
     tokens_estimated: bool = False
+    task: str | None = None        # the task the client tagged it with (X-Task-Type)
 
 
 class Histogram:
@@ -105,6 +107,8 @@ class ModelUsage:
     ttft: Histogram = field(default_factory=Histogram)
     per_minute: MinuteRing = field(default_factory=MinuteRing)
     failures_per_minute: MinuteRing = field(default_factory=MinuteRing)
+    tasks: dict[str, list[float]] = field(default_factory=dict)  # task → [requests, failures,
+    #                                                                 latency_s sum]
 
     def record(self, r: RequestRecord) -> None:
         self.requests += 1
@@ -122,6 +126,15 @@ class ModelUsage:
         if not r.ok:
             self.failures_per_minute.add(r.at_s)
         self.last_used_at_s = r.at_s
+        if r.task is not None:
+            t = self.tasks.get(r.task)
+            if t is None:
+                if len(self.tasks) >= MAX_TASKS:
+                    return
+                t = self.tasks[r.task] = [0, 0, 0.0]
+            t[0] += 1
+            t[1] += 0 if r.ok else 1
+            t[2] += r.latency_s
 
     @property
     def success_rate(self) -> float:
@@ -166,7 +179,8 @@ SNAPSHOT_FIELDS = ("requests", "failures", "prompt_tokens", "completion_tokens",
 
 def snapshot(u: ModelUsage) -> dict:
     """What survives a restart: totals and the latency/TTFT histograms."""
-    out = {f: getattr(u, f) for f in SNAPSHOT_FIELDS}
+    out: dict = {f: getattr(u, f) for f in SNAPSHOT_FIELDS}
+    out["tasks"] = u.tasks
     for name in ("latency", "ttft"):
         h = getattr(u, name)
         out[name] = {"counts": h.counts, "count": h.count, "total": h.total}
@@ -177,6 +191,10 @@ def restore(data: dict) -> ModelUsage:
     u = ModelUsage()
     for f in SNAPSHOT_FIELDS:
         setattr(u, f, data.get(f, 0))
+    tasks = data.get("tasks")
+    if isinstance(tasks, dict):
+        u.tasks = {str(k): list(v) for k, v in list(tasks.items())[:MAX_TASKS]
+                   if isinstance(v, list) and len(v) == 3}
     for name in ("latency", "ttft"):
         saved = data.get(name) or {}
         counts = saved.get("counts") or []

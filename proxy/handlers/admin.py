@@ -81,10 +81,15 @@ async def stats(request: web.Request) -> web.Response:
 
 
 async def recommendations(request: web.Request) -> web.Response:
-    task = request.query.get("task_type", "chat")
-    return json_response({"task_type": task,
-                          "recommendations": request.app[ENGINE].get_model_recommendations(
-                              {"task_type": task})})
+    q = request.query
+    context: dict[str, Any] = {"task_type": q.get("task_type", "chat")}
+    for name in ("complexity", "urgency", "available_memory_gb"):
+        if name in q:
+            try:
+                context[name] = float(q[name])
+            except ValueError:
+                raise InvalidRequest(f"'{name}' must be a number.", param=name) from None
+    return json_response(request.app[ENGINE].get_model_recommendations(context))
 
 
 def add_routes(app: web.Application) -> None:

@@ -19,7 +19,8 @@ from ..engine.usage import RequestRecord
 from ..engine.lifecycle import Lease
 from ..engine.manager import ModelMemoryManager
 from ..errors import BodyTooLarge, InvalidRequest, ModelNotFound, ProxyError, UpstreamError
-from ..keys import ACCESS_LOG, COMPAT, CONFIG, ENGINE, RESPONSE_STARTED, UPSTREAM
+from ..keys import ACCESS_LOG, COMPAT, CONFIG, ENGINE, RESPONSE_STARTED, ROUTED_TO, TASK, UPSTREAM
+from . import routing
 from ..streaming import StreamMeter, usage_of_body
 
 
@@ -75,7 +76,13 @@ async def inference(request: web.Request) -> web.StreamResponse:
         body = await read_body(request)
         payload = parse_request(body)
         name = payload["model"]
-        key = await engine.resolve(name)
+        task = routing.task_of(request, payload, name)
+        if routing.is_auto(name):
+            key = routing.choose(engine, request, payload, task)
+            request[ROUTED_TO] = key
+        else:
+            key = await engine.resolve(name)
+        request[TASK] = task
         body, strip = _prepare_upstream_body(request.path, payload, body, key)
         lease = await engine.acquire(key)
     except ProxyError as exc:   # refused before reaching the upstream: still counted
@@ -120,6 +127,8 @@ async def _relay(request: web.Request, engine: ModelMemoryManager, lease: Lease,
                 body) as up:
             status = up.status
             headers = forward_headers(up.headers, RESPONSE_DROP)
+            if ROUTED_TO in request:
+                headers[routing.ROUTED_HEADER] = key
             if stream and up.status == 200 and \
                     up.headers.get("Content-Type", "").startswith("text/event-stream"):
                 meter = StreamMeter(started, strip_usage_chunk=strip)
@@ -176,7 +185,7 @@ async def _relay(request: web.Request, engine: ModelMemoryManager, lease: Lease,
             model=key, ok=ok, latency_s=latency_s, at_s=engine.clock.now(),
             endpoint=request.path, status=status, ttft_s=ttft_s, prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
-            tokens_estimated=estimated))
+            tokens_estimated=estimated, task=request.get(TASK)))
         access = request.app[ACCESS_LOG]
         if access.enabled:
             access.add(request.method, request.path, key, status, latency_s, ttft_s,

@@ -1,0 +1,125 @@
+"""Recommendations for a task and the choice behind `auto:<task>`: a pure ranking.
+
+Context keys (the original design's): `task_type`, `complexity` 0–1 (favours larger models),
+`urgency` 0–1 (favours what is loaded now), `available_memory_gb` (what may be loaded without
+evicting; default: the engine's headroom). Candidates for a task come from the `tasks:` config
+(in its order) and from what was learned: requests tagged with a task teach which models
+served it, how reliably and how fast.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+GB = 1_000_000_000
+# Words in a model key that hint at what it is good at; weak evidence, used last.
+TASK_HINTS: dict[str, tuple[str, ...]] = {
+    "embedding": ("embed", "bge", "e5", "gte", "minilm", "nomic"),
+    "coding": ("coder", "code", "devstral", "starcoder", "qwen3", "deepseek"),
+    "reasoning": ("r1", "reason", "think", "qwq", "gpt-oss", "magistral", "phi-4"),
+    "vision": ("vl", "vision", "llava", "gemma-3", "pixtral"),
+    "chat": ("instruct", "chat", "gemma", "llama", "qwen", "mistral", "gpt-oss"),
+}
+TASK_ALIASES = {"code": "coding", "embed": "embedding", "embeddings": "embedding"}
+LEARNED_FULL_AT = 10        # tagged requests after which learned success counts fully
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    key: str
+    type: str
+    loaded: bool
+    idle: bool                      # loaded and serving nothing
+    footprint_bytes: float
+    reload_s: float
+    priority: int
+    success_rate: float             # over all its requests
+    requests: int
+    task_requests: int = 0          # requests tagged with the asked task
+    task_success_rate: float = 1.0
+    task_latency_s: float | None = None
+    p_reuse: float = 0.0            # learned chance of use soon (for what to unload)
+
+
+@dataclass(frozen=True)
+class Context:
+    task: str
+    complexity: float
+    urgency: float
+    available_bytes: float | None
+
+    @classmethod
+    def of(cls, context: Mapping[str, Any] | str | None) -> "Context":
+        if isinstance(context, str):
+            context = {"task_type": context}
+        context = context or {}
+        task = str(context.get("task_type") or context.get("task") or "chat").lower()
+        mem = context.get("available_memory_gb")
+        return cls(TASK_ALIASES.get(task, task), _unit(context.get("complexity"), 0.5),
+                   _unit(context.get("urgency"), 0.5),
+                   float(mem) * GB if isinstance(mem, (int, float)) else None)
+
+
+def _unit(value: Any, default: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return default
+    return min(1.0, max(0.0, float(value)))
+
+
+def recommend(facts: list[ModelFacts], context: Mapping[str, Any] | str | None, *,
+              headroom_bytes: float, tasks: Mapping[str, tuple[str, ...]],
+              limit: int = 5) -> dict[str, Any]:
+    ctx = Context.of(context)
+    free = ctx.available_bytes if ctx.available_bytes is not None else headroom_bytes
+    configured = list(tasks.get(ctx.task, ()))
+    want_embedding = ctx.task == "embedding"
+    pool = [f for f in facts if (f.type == "embedding") == want_embedding]
+    biggest = max((f.footprint_bytes for f in pool), default=1.0) or 1.0
+    scored: list[tuple[float, ModelFacts, list[str]]] = []
+    for f in pool:
+        score, why = 0.0, []
+        if f.key in configured:
+            score += 5.0 - 0.5 * configured.index(f.key)
+            why.append(f"configured for {ctx.task}")
+        if f.task_requests:
+            weight = min(1.0, f.task_requests / LEARNED_FULL_AT)
+            score += 3.0 * weight * f.task_success_rate
+            why.append(f"{f.task_success_rate:.0%} success on {f.task_requests} {ctx.task} "
+                       "requests")
+            if f.task_latency_s is not None:
+                score += 0.5 * weight / (1.0 + f.task_latency_s)
+        if not configured and not f.task_requests and \
+                any(h in f.key.lower() for h in TASK_HINTS.get(ctx.task, ())):
+            score += 1.0
+            why.append(f"its name suggests {ctx.task}")
+        size = f.footprint_bytes / biggest
+        score += 1.5 * (ctx.complexity * size + (1.0 - ctx.complexity) * (1.0 - size))
+        if f.loaded:
+            score += 3.0 * ctx.urgency
+            why.append("already loaded")
+        elif f.footprint_bytes <= free:
+            score -= ctx.urgency * min(2.0, f.reload_s / 10.0)
+            why.append(f"fits in free memory (loads in ~{f.reload_s:.0f}s)")
+        else:
+            score -= 1.0 + ctx.urgency * min(2.0, f.reload_s / 10.0)
+            why.append("needs other models evicted first")
+        if f.requests:
+            score += f.success_rate - 1.0
+        score += (f.priority - 5) / 20.0
+        scored.append((score, f, why))
+    scored.sort(key=lambda t: (-t[0], t[1].key))
+    top = scored[:limit]
+    recommended = [f.key for _, f, _ in top]
+    room = free
+    to_preload = []
+    for _, f, _ in top[:2]:
+        if not f.loaded and f.footprint_bytes <= room:
+            to_preload.append(f.key)
+            room -= f.footprint_bytes
+    to_unload = [f.key for f in sorted((f for f in facts if f.idle and f.key not in recommended),
+                                       key=lambda f: (f.p_reuse * f.reload_s, f.key))
+                 if f.p_reuse < 0.5][:3]
+    return {"task_type": ctx.task, "complexity": ctx.complexity, "urgency": ctx.urgency,
+            "recommended_models": recommended, "models_to_preload": to_preload,
+            "models_to_unload": to_unload,
+            "reasoning": {f.key: {"score": round(s, 3), "why": why} for s, f, why in top}}

@@ -1,0 +1,105 @@
+"""Recommendations follow config and learned success; `auto:<task>` routes and says where."""
+from __future__ import annotations
+
+import pytest
+
+from proxy.engine.recommend import ModelFacts, recommend
+
+GB = 1_000_000_000
+SMALL, LARGE, CODER = "qwen/qwen3-4b", "google/gemma-3-12b", "openai/gpt-oss-20b"
+
+
+def facts(key, gb, *, loaded=False, **kw):
+    return ModelFacts(key=key, type="llm", loaded=loaded, idle=loaded,
+                      footprint_bytes=gb * GB, reload_s=gb / 1.5 + 1.5, priority=5,
+                      success_rate=1.0, requests=0, **kw)
+
+
+def top(result):
+    return result["recommended_models"][0]
+
+
+def test_config_names_the_models_of_a_task_in_order():
+    pool = [facts(SMALL, 3), facts(LARGE, 9), facts(CODER, 14)]
+    tasks = {"coding": (CODER, SMALL)}
+    result = recommend(pool, {"task_type": "coding"}, headroom_bytes=32 * GB, tasks=tasks)
+    assert result["recommended_models"][:2] == [CODER, SMALL]
+    assert "configured for coding" in result["reasoning"][CODER]["why"]
+
+
+def test_learned_success_outranks_a_model_that_failed_the_task():
+    pool = [facts(SMALL, 3, task_requests=20, task_success_rate=0.3),
+            facts(LARGE, 9, task_requests=20, task_success_rate=1.0, task_latency_s=2.0)]
+    result = recommend(pool, {"task_type": "summarize"}, headroom_bytes=32 * GB, tasks={})
+    assert top(result) == LARGE
+
+
+def test_urgency_favours_a_loaded_model_and_complexity_a_larger_one():
+    pool = [facts(SMALL, 3, loaded=True), facts(LARGE, 12)]
+    ctx = {"task_type": "chat"}
+    assert top(recommend(pool, {**ctx, "urgency": 1.0, "complexity": 0.5},
+                         headroom_bytes=32 * GB, tasks={})) == SMALL
+    assert top(recommend(pool, {**ctx, "urgency": 0.0, "complexity": 1.0},
+                         headroom_bytes=32 * GB, tasks={})) == LARGE
+
+
+def test_free_memory_decides_what_is_possible():
+    pool = [facts(SMALL, 3), facts(LARGE, 12)]
+    ctx = {"task_type": "chat", "urgency": 0.3, "complexity": 0.9}
+    assert top(recommend(pool, ctx, headroom_bytes=32 * GB, tasks={})) == LARGE
+    tight = recommend(pool, {**ctx, "available_memory_gb": 4}, headroom_bytes=32 * GB, tasks={})
+    assert top(tight) == SMALL and tight["models_to_preload"] == [SMALL]
+
+
+def test_idle_models_nobody_will_want_soon_are_offered_for_unloading():
+    pool = [facts(SMALL, 3, loaded=True, p_reuse=0.9), facts(LARGE, 9, loaded=True, p_reuse=0.05),
+            ModelFacts(key="text-embedding-x", type="embedding", loaded=True, idle=True,
+                       footprint_bytes=GB / 10, reload_s=1.0, priority=5, success_rate=1.0,
+                       requests=0, p_reuse=0.01)]
+    result = recommend(pool, {"task_type": "chat", "urgency": 1.0, "complexity": 0.0},
+                       headroom_bytes=0.0,
+                       tasks={}, limit=1)
+    assert result["recommended_models"] == [SMALL]
+    assert result["models_to_unload"] == ["text-embedding-x", LARGE]
+
+
+async def test_tagged_requests_teach_and_auto_routes(emulator, make_proxy, http):
+    proxy = await make_proxy(emulator.url)
+    for model, ok_model in ((SMALL, True), (LARGE, True)):
+        for _ in range(3):
+            async with http.post(f"{proxy.url}/v1/chat/completions", headers={
+                    "X-Task-Type": "Summarize"}, json={
+                    "model": model, "max_tokens": 2, "messages": []}) as r:
+                assert r.status == 200
+    assert proxy.engine.usage(SMALL).tasks["summarize"][0] == 3
+    async with http.post(f"{proxy.url}/v1/chat/completions", json={
+            "model": "auto:summarize", "max_tokens": 2, "messages": [],
+            "metadata": {"urgency": "1", "complexity": "1"}}) as r:
+        body = await r.json()
+        routed = r.headers["X-Proxy-Model"]
+    assert r.status == 200 and routed in (SMALL, LARGE) and body["model"] == routed
+    assert proxy.engine.usage(routed).tasks["summarize"][0] == 4
+    async with http.get(f"{proxy.url}/proxy/recommendations",
+                        params={"task_type": "summarize", "urgency": "0.5"}) as r:
+        recs = await r.json()
+    assert set(recs["recommended_models"][:2]) == {SMALL, LARGE}
+
+
+async def test_auto_with_a_configured_task(emulator, make_proxy, http):
+    proxy = await make_proxy(emulator.url, **{"tasks.coding": [LARGE]})
+    async with http.post(f"{proxy.url}/v1/chat/completions", json={
+            "model": "auto:coding", "max_tokens": 2, "messages": []}) as r:
+        assert r.status == 200 and r.headers["X-Proxy-Model"] == LARGE
+    async with http.post(f"{proxy.url}/v1/chat/completions", json={
+            "model": "auto:Bad Task!", "messages": []}) as r:
+        body = await r.json()
+    assert r.status == 400 and body["error"]["param"] == "model"
+    async with http.get(f"{proxy.url}/proxy/recommendations",
+                        params={"urgency": "very"}) as r:
+        assert r.status == 400 and (await r.json())["error"]["param"] == "urgency"
+
+
+@pytest.mark.parametrize("context", ["coding", {"task": "code"}, None])
+def test_context_forms(context):
+    result = recommend([facts(SMALL, 3)], context, headroom_bytes=GB * 8, tasks={})
+    assert result["recommended_models"] == [SMALL]
