@@ -42,8 +42,13 @@ ALL_POLICIES = ("lru", "lru-count", "lmstudio-default", "priority", "cost-aware"
 PROJECT_DEFAULT = EvictionConfig().policy
 
 
-def variant(name: str, workload: Workload, budget_gb: float) -> Variant:
-    residency = EvictionConfig().min_residency_s   # the proxy's policies run as configured
+HOLD_POLICIES = ("priority", "cost-aware", "predictive")   # the proxy's own: --hold applies
+
+
+def variant(name: str, workload: Workload, budget_gb: float,
+            hold: float | str | None = None) -> Variant:
+    if hold is None:
+        hold = EvictionConfig().hold   # the proxy's policies run as configured
     if name == "lru":
         return Variant(name, "lru")
     if name == "lru-count":
@@ -53,7 +58,7 @@ def variant(name: str, workload: Workload, budget_gb: float) -> Variant:
         return Variant(name, "lru", count_limit=1, idle_ttl_s=3600.0)
     if name == "offline-belady":
         return Variant(name, name)
-    return Variant(name, name, min_residency_s=residency)
+    return Variant(name, name, hold=hold)
 
 
 @functools.lru_cache(maxsize=8)
@@ -76,7 +81,7 @@ def run_job(job: tuple) -> dict:
 
 
 def _run_job(job: tuple) -> dict:
-    spec, budget_mult, budget_gb, policy = job
+    spec, budget_mult, budget_gb, policy, hold = job
     w = build_workload(spec)
     if budget_gb is None:
         budget_gb = round(budget_mult * max(m.size_gb for m in w.models.values()), 1)
@@ -91,12 +96,13 @@ def _run_job(job: tuple) -> dict:
         # Two feasible schedules with future knowledge, with and without anti-thrash
         # residency; the better one is the tighter upper bound on the optimum.
         extra = {"offline-belady": belady_value(w)}
-        residency = EvictionConfig().min_residency_s
-        r = min((run_variant(w, budget_gb, Variant(policy, policy, min_residency_s=res), extra)
-                 for res in (0.0, residency)), key=lambda x: x.load_seconds)
+        hold = EvictionConfig().hold
+        r = min((run_variant(w, budget_gb, Variant(policy, policy, hold=res), extra)
+                 for res in (0.0, hold)), key=lambda x: x.load_seconds)
     else:
-        r = run_variant(w, budget_gb, variant(policy, w, budget_gb))
+        r = run_variant(w, budget_gb, variant(policy, w, budget_gb, hold))
     out = asdict(r)
+    out["hold"] = hold if policy in HOLD_POLICIES else None
     if note is not None:
         out["note"] = note
     k = spec[2] if spec[0] == "azure" else len(w.models)
@@ -124,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", help="CSV t_s,model[,prompt_tokens,completion_tokens]")
     p.add_argument("--catalog", help="CSV model,size_gb,load_s (with --requests)")
     p.add_argument("--jobs", type=int, default=multiprocessing.cpu_count())
+    p.add_argument("--hold", help="eviction.hold settings to run the proxy's policies with, "
+                   "comma-separated (seconds, adaptive, off); default: the configured one")
     p.add_argument("--json", help="write the runs to this file")
     p.add_argument("--render", metavar="JSON", help="print the tables of runs saved with --json")
     args = p.parse_args(argv)
@@ -148,8 +156,9 @@ def main(argv: list[str] | None = None) -> int:
                else [(1.5, None), (2.0, None), (3.0, None)])
     if args.requests and not args.budget_gb:
         p.error("--requests needs --budget-gb")
-    jobs = [(spec, mult, gb, pol) for spec in specs for mult, gb in budgets
-            for pol in policies]
+    holds = [_hold(h) for h in args.hold.split(",")] if args.hold else [None]
+    jobs = [(spec, mult, gb, pol, hold) for spec in specs for mult, gb in budgets
+            for pol in policies for hold in (holds if pol in HOLD_POLICIES else [None])]
     started = time.perf_counter()
     if args.jobs > 1:
         with multiprocessing.get_context("fork").Pool(args.jobs) as pool:
@@ -163,6 +172,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({"runs": runs}, indent=1))
     return 0
+
+
+def _hold(text: str) -> float | str:
+    return text if text in ("adaptive", "off") else float(text)
+
+
+def _label(r: dict) -> str:
+    hold = r.get("hold")
+    label = r["policy"]
+    if hold is not None and hold != EvictionConfig().hold:
+        label += f" hold={hold:g}" if isinstance(hold, (int, float)) else f" hold={hold}"
+    return label + ("+prediction" if r.get("prediction") else "")
 
 
 def _geomean(xs: list[float]) -> float | None:
@@ -179,11 +200,11 @@ def render(runs: list[dict], policies: list[str]) -> str:
     totals and ratios to LRU and to the exact optimum (geometric means over rows)."""
     rows: dict[tuple, dict[str, dict]] = {}
     for r in runs:
-        label = r["policy"] + ("+prediction" if r.get("prediction") else "")
+        label = _label(r)
         rows.setdefault((r["workload"], r["budget_gb"]), {})[label] = r
     labels = list(dict.fromkeys(lab for by in rows.values() for lab in by
-                                if lab.split("+")[0] in policies))
-    labels.sort(key=lambda lab: (policies.index(lab.split("+")[0]), lab))
+                                if lab.split("+")[0].split(" ")[0] in policies))
+    labels.sort(key=lambda lab: (policies.index(lab.split("+")[0].split(" ")[0]), lab))
     head = ["workload", "budget GB", "requests"] + [f"{lab} load s" for lab in labels]
     delay_cols = [p for p in ("lru", PROJECT_DEFAULT) if p in labels]
     head += [f"{p} p99 delay s" for p in delay_cols]

@@ -71,7 +71,7 @@ class Variant:
     name: str
     policy: str
     count_limit: int | None = None      # manage a model count instead of bytes
-    min_residency_s: float = 0.0
+    hold: float | str = 0.0               # eviction.hold
     idle_ttl_s: float | None = None     # an idle timeout (LM Studio's JIT TTL)
     queue_timeout_s: float = 86_400.0   # a replay measures delays, so nothing times out
 
@@ -95,7 +95,7 @@ def engine_config(workload: Workload, budget_gb: float, v: Variant) -> Config:
     return load_config({
         "memory": {"sampler": "budget", "budget_gb": max(budget, 1.0),
                    "min_free_memory_gb": 0, "max_memory_usage_percent": 100},
-        "eviction": {"policy": v.policy, "min_residency_s": v.min_residency_s,
+        "eviction": {"policy": v.policy, "hold": v.hold,
                      "queue_timeout_s": v.queue_timeout_s,
                      "model_timeout_hours": (v.idle_ttl_s or 0.0) / 3600.0},
         "models": footprints})

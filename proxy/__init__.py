@@ -1,12 +1,17 @@
 """OpenAI-compatible proxy in front of LM Studio that manages model memory.
 
-Library use: `ModelMemoryManager` (the engine) and `ModelHealthMonitor` (alerts and health).
+Library use: `ModelMemoryManager` (the engine), `ModelHealthMonitor` (alerts and health), and
+the integration API: `ModelMemoryMiddleware`, `CognitiveModelIntegrator`,
+`create_model_memory_manager`.
 """
 from .engine.health import ModelHealthMonitor
 from .engine.lifecycle import ModelStatus
 from .engine.manager import ModelMemoryManager, ModelMetrics
 from .engine.memory import MemoryPressure
+from .integration import (CognitiveModelIntegrator, ModelMemoryMiddleware,
+                          create_model_memory_manager)
 
-__all__ = ["MemoryPressure", "ModelHealthMonitor", "ModelMemoryManager", "ModelMetrics",
-           "ModelStatus"]
+__all__ = ["CognitiveModelIntegrator", "MemoryPressure", "ModelHealthMonitor",
+           "ModelMemoryManager", "ModelMemoryMiddleware", "ModelMetrics", "ModelStatus",
+           "create_model_memory_manager"]
 __version__ = "0.1.0"

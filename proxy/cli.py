@@ -29,7 +29,7 @@ ENV_FLAGS = {  # environment variable → (argparse dest, config path); PROXY_UR
 DEMO_OVERRIDES = {
     # The emulator's memory is an account, not this host's RAM: manage it as a budget.
     "memory.sampler": "budget", "memory.budget_gb": 16.0, "memory.min_free_memory_gb": 1.0,
-    "eviction.min_residency_s": 5.0,
+    "eviction.hold": 5.0,
 }
 
 

@@ -70,9 +70,10 @@ class EvictionConfig:
     policy: str = field(default="cost-aware",
                         metadata=_rule(choices=lambda: tuple(VALUE_FUNCTIONS)))
     model_timeout_hours: float = field(default=2.0, metadata=_rule(0))
-    # A freshly loaded model is spared this long, but never past the moment the load that
-    # wants its memory has waited as long.
-    min_residency_s: float = field(default=60.0, metadata=_rule(0))
+    # Anti-thrash hold: a freshly loaded model is spared this many seconds, but never past the
+    # moment the load that wants its memory has waited as long; "adaptive": 60 s, only while
+    # the engine is thrashing (reloading models it evicted within 30 s); "off": no hold.
+    hold: float | str = field(default=60.0, metadata={**_rule(0), "words": ("adaptive", "off")})
     queue_timeout_s: float = field(default=120.0, metadata=_rule(0))
     # A load waiting this long gets first claim on memory as it frees: nothing starves.
     fairness_s: float = field(default=30.0, metadata=_rule(0))
@@ -339,6 +340,11 @@ def _convert(tp: Any, value: Any, path: str, problems: list[str]) -> Any:
 
 def _check_rule(meta: Mapping[str, Any], value: Any, path: str, problems: list[str]) -> None:
     if not meta or value is None:
+        return
+    if isinstance(value, str) and "words" in meta:
+        if value not in meta["words"]:
+            problems.append(f"{path}: must be a number of seconds or one of "
+                            f"{', '.join(meta['words'])} (got {value!r})")
         return
     choices = meta["choices"]() if callable(meta["choices"]) else meta["choices"]
     if choices and value not in choices:

@@ -56,7 +56,7 @@ def proxy_config(upstream_url: str, **overrides: Any) -> Any:
                            # The emulator's memory is an account: manage it as a budget.
                            "memory": {"sampler": "budget", "budget_gb": 64,
                                       "min_free_memory_gb": 0},
-                           "eviction": {"min_residency_s": 0},
+                           "eviction": {"hold": 0},
                            "storage": {"enabled": False}}
     for dotted, value in overrides.items():
         node = raw

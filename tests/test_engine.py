@@ -24,7 +24,7 @@ def engine_config(url, **sections):
     raw = {"upstream": {"url": url},
            "memory": {"sampler": "budget", "budget_gb": 16, "min_free_memory_gb": 0,
                       "max_memory_usage_percent": 100},
-           "eviction": {"min_residency_s": 0, "queue_timeout_s": 30},
+           "eviction": {"hold": 0, "queue_timeout_s": 30},
            "storage": {"enabled": False}}
     for name, values in sections.items():
         raw.setdefault(name, {}).update(values)

@@ -262,7 +262,7 @@ def test_candidate_filter(kwargs, expected):
 
 async def test_residency_spares_a_fresh_model_until_the_waiting_load_waited_as_long(emulator):
     clock = ManualClock()
-    mgr = await managed(emulator.url, clock=clock, eviction={"min_residency_s": 60})
+    mgr = await managed(emulator.url, clock=clock, eviction={"hold": 60})
     (await mgr.acquire(MODEL)).release()
     e = mgr.entry(MODEL)
     clock.advance(10)

@@ -203,7 +203,7 @@ def test_residency_under_pressure_delays_but_never_refuses():
     requests = [Request(3.0 * i, f"m{i % 4}", 2.0) for i in range(190)]
     defaults = EvictionConfig()
     result = run_variant(Workload("round-robin", models, requests), 16.0, Variant(
-        "cost-aware", defaults.policy, min_residency_s=defaults.min_residency_s,
+        "cost-aware", defaults.policy, hold=defaults.hold,
         queue_timeout_s=defaults.queue_timeout_s))
     assert result.failed_requests == 0
     assert result.delay_p99_s < defaults.queue_timeout_s

@@ -25,6 +25,9 @@ from .registry import Registry
 log = logging.getLogger("proxy.engine")
 S = ModelStatus
 RECLAIM_POLL_S = 0.05
+ADAPTIVE_HOLD_S = 60.0     # eviction.hold: adaptive — the hold while thrashing...
+THRASH_REGRET_S = 30.0     # ...which is a reload of a model evicted less than this before...
+THRASH_MEMORY_S = 300.0    # ...seen within this long
 
 
 class Evictor:
@@ -43,6 +46,29 @@ class Evictor:
         self._on_room = on_room
         # One mutation of memory at a time: evictions for a load, for pressure, by hand.
         self.lock = asyncio.Lock()
+        self._evicted_at: dict[str, float] = {}
+        self._last_thrash_s: float | None = None
+
+    # -- the anti-thrash hold ----------------------------------------------------------------
+    def note_load(self, key: str) -> None:
+        """A load starts: a reload of a model evicted moments ago is thrashing."""
+        evicted = self._evicted_at.pop(key, None)
+        now = self.clock.now()
+        if evicted is not None and now - evicted < THRASH_REGRET_S:
+            self._last_thrash_s = now
+
+    @property
+    def thrashing(self) -> bool:
+        return self._last_thrash_s is not None and \
+            self.clock.now() - self._last_thrash_s < THRASH_MEMORY_S
+
+    def hold_s(self) -> float:
+        hold = self.config.eviction.hold
+        if hold == "off":
+            return 0.0
+        if hold == "adaptive":
+            return ADAPTIVE_HOLD_S if self.thrashing else 0.0
+        return float(hold)
 
     @property
     def config(self):  # noqa: ANN201 - the registry holds the live config
@@ -55,7 +81,7 @@ class Evictor:
         ev = self.config.eviction
         return blocker(busy=e.busy > 0, pinned=self.registry.pinned(e.key),
                        ours=e.owned or ev.manage_external,
-                       held=in_residency(e.loaded_at_s, self.clock.now(), ev.min_residency_s,
+                       held=in_residency(e.loaded_at_s, self.clock.now(), self.hold_s(),
                                          requester_waited_s),
                        critical=critical)
 
@@ -124,6 +150,7 @@ class Evictor:
             raise
         self.monitor.changes += 1
         e.evictions[reason] += 1
+        self._evicted_at[e.key] = self.clock.now()
         self._set_status(e, S.UNLOADED)
         self.accounting.forget_owned(instance_ids)
         log.info("unloaded %s (%s%s)", e.key, reason, f" for {for_model}" if for_model else "")

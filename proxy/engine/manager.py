@@ -4,7 +4,8 @@
         await m.ensure_models_available(["qwen/qwen3-4b"], priority=8)
         m.record_model_usage("qwen/qwen3-4b", latency=0.8, success=True, tokens_used=120)
 
-Without `upstream=`, it builds the configured adapter (`upstream.kind`) and closes it itself.
+Without `upstream=` (or with a URL), it builds the configured adapter (`upstream.kind`) and
+closes it itself.
 """
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ class ModelMetrics:
 class ModelMemoryManager(EngineCore):
     def __init__(self, max_memory_usage_percent: float = 80.0, model_timeout_hours: float = 2.0,
                  min_free_memory_gb: float = 4.0, monitoring_interval: float = 30.0,
-                 upstream: ModelBackend | None = None, *, config: Config | None = None,
+                 upstream: ModelBackend | str | None = None, *, config: Config | None = None,
                  sampler: MemorySampler | None = None, clock: Clock | None = None,
                  owns_upstream: bool | None = None, store: UsageStore | None = None
                  ) -> None:
@@ -56,7 +57,10 @@ class ModelMemoryManager(EngineCore):
                 "memory.max_memory_usage_percent": max_memory_usage_percent,
                 "memory.min_free_memory_gb": min_free_memory_gb,
                 "memory.monitoring_interval": monitoring_interval,
-                "eviction.model_timeout_hours": model_timeout_hours})
+                "eviction.model_timeout_hours": model_timeout_hours,
+                **({"upstream.url": upstream} if isinstance(upstream, str) else {})})
+        if isinstance(upstream, str):     # a URL: the configured adapter, built and owned here
+            upstream = None
         owns = owns_upstream if owns_upstream is not None else upstream is None
         super().__init__(config, upstream if upstream is not None else
                          create_upstream(config.upstream), sampler=sampler, clock=clock,

@@ -97,7 +97,7 @@ def cost_aware_value(c: Candidate, now_s: float) -> float:
     return priority_weight(c.priority) * max(c.reload_s, 0.01) / gb * rate_per_s
 
 
-PREDICTION_HORIZON_S = 900.0
+PREDICTION_HORIZON_S = 60.0
 
 
 def expected_cost_s(c: Candidate) -> float:

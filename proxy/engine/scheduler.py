@@ -291,6 +291,7 @@ class Scheduler:
 
     def _admit(self, p: Pending, sample: MemorySample) -> None:
         e = p.entry
+        self.evictor.note_load(e.key)
         self._set_status(e, S.LOADING)
         p.admitted = True
         e.loading_since_s = self.clock.now()
@@ -321,7 +322,7 @@ class Scheduler:
         for p in self.pending.values():
             if not p.admitted:
                 times.append(p.since_s + ev.fairness_s)
-                res = ev.min_residency_s
+                res = self.evictor.hold_s()
                 times.append(p.since_s + res)
                 times += [e.loaded_at_s + res for e in self.registry
                           if e.status is S.LOADED and e.loaded_at_s is not None]

@@ -1,0 +1,122 @@
+"""The original design's integration API: make a model resident around any async call.
+
+- `ModelMemoryMiddleware(manager)`: an aiohttp middleware (`web.Application(middlewares=
+  [mw.aiohttp])`, the model named by `X-Model` or `?model=`) and a plain pipeline step
+  (`await mw(context, handler)`, the model in `context["model"]`).
+- `CognitiveModelIntegrator(manager)`: wraps an object's async method
+  (`integrate_with_kernel(kernel)`, `integrate_with_strategist(strategist)`) so that the model
+  is ensured before each call and its usage recorded after.
+- `create_model_memory_manager(...)`: an async factory, started and monitoring.
+
+Around each call: a USE lease on the model (loading it first, never evicted while the call
+runs), then the latency, success and tokens (from a result's `usage` when it has one) are
+recorded against the model.
+"""
+from __future__ import annotations
+
+import functools
+import time
+from typing import Any, Awaitable, Callable, Mapping
+
+from aiohttp import web
+
+from .engine.manager import ModelMemoryManager
+from .engine.usage import RequestRecord
+
+Handler = Callable[[Mapping[str, Any]], Awaitable[Any]]
+
+
+async def create_model_memory_manager(**kwargs: Any) -> ModelMemoryManager:
+    """A ModelMemoryManager, connected and monitoring; close it with `await m.cleanup()`."""
+    manager = ModelMemoryManager(**kwargs)
+    await manager.start()
+    await manager.start_monitoring()
+    return manager
+
+
+def _tokens(result: Any) -> tuple[int, int]:
+    usage = result.get("usage") if isinstance(result, Mapping) else getattr(result, "usage",
+                                                                             None)
+    if isinstance(usage, Mapping):
+        get = usage.get
+    elif usage is not None:
+        def get(name: str, default: Any = 0) -> Any:
+            return getattr(usage, name, default)
+    else:
+        return 0, 0
+    prompt, completion = get("prompt_tokens", 0) or 0, get("completion_tokens", 0) or 0
+    return (prompt if isinstance(prompt, int) else 0,
+            completion if isinstance(completion, int) else 0)
+
+
+class _Use:
+    """One use of a model: lease, time, record."""
+
+    def __init__(self, manager: ModelMemoryManager, model: str, source: str) -> None:
+        self.manager, self.model, self.source = manager, model, source
+
+    async def run(self, call: Callable[[], Awaitable[Any]]) -> Any:
+        m = self.manager
+        lease = await m.acquire(self.model)
+        started = time.perf_counter()
+        ok, result = False, None
+        try:
+            result = await call()
+            ok = True
+            return result
+        finally:
+            lease.release()
+            prompt, completion = _tokens(result) if ok else (0, 0)
+            m.record(RequestRecord(model=lease.model, ok=ok,
+                                   latency_s=time.perf_counter() - started,
+                                   at_s=m.clock.now(), endpoint=self.source,
+                                   prompt_tokens=prompt, completion_tokens=completion))
+
+
+class ModelMemoryMiddleware:
+    def __init__(self, manager: ModelMemoryManager, *,
+                 model_of: Callable[[web.Request], str | None] | None = None) -> None:
+        self.manager = manager
+        self._model_of = model_of or (lambda r: r.headers.get("X-Model") or
+                                      r.query.get("model"))
+
+    async def __call__(self, context: Mapping[str, Any], handler: Handler) -> Any:
+        model = context.get("model")
+        if not isinstance(model, str) or not model:
+            return await handler(context)     # nothing to make resident
+        return await _Use(self.manager, model, "middleware").run(lambda: handler(context))
+
+    @property
+    def aiohttp(self) -> Callable[..., Awaitable[web.StreamResponse]]:
+        @web.middleware
+        async def middleware(request: web.Request,
+                             handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                             ) -> web.StreamResponse:
+            model = self._model_of(request)
+            if not model:
+                return await handler(request)
+            return await _Use(self.manager, model, "middleware").run(lambda: handler(request))
+        return middleware
+
+
+class CognitiveModelIntegrator:
+    def __init__(self, manager: ModelMemoryManager) -> None:
+        self.manager = manager
+
+    def integrate_with_kernel(self, kernel: Any, *, model: str, method: str = "process"
+                              ) -> Any:
+        return self._wrap(kernel, method, model, "kernel")
+
+    def integrate_with_strategist(self, strategist: Any, *, model: str, method: str = "plan"
+                                  ) -> Any:
+        return self._wrap(strategist, method, model, "strategist")
+
+    def _wrap(self, obj: Any, method: str, model: str, role: str) -> Any:
+        original = getattr(obj, method)
+        manager = self.manager
+
+        @functools.wraps(original)
+        async def wrapped(*args: Any, **kwargs: Any) -> Any:
+            return await _Use(manager, model, role).run(lambda: original(*args, **kwargs))
+        setattr(obj, method, wrapped)
+        return obj
