@@ -10,9 +10,12 @@ and block the requests behind them. Baselines are configurations of the same eng
 `lru` (evict least recently used until the model fits), `lru-count` (LRU under a model-count
 limit, as Ollama and llama.cpp's router do), `lmstudio-default` (one JIT model at a time, 60 min
 TTL). References with future knowledge: `offline-belady` (feasible; an upper bound on the
-optimum), `offline-optimal` (the exact optimum of the instant-load model: an integer program
-over the intervals between a model's requests, scipy's HiGHS MILP; skipped with a note where an
-instance is too large) and `offline-bound` (its LP relaxation; a lower bound).
+optimum), `offline-optimal` (the exact optimum of the instant-load model, where every request
+is served the moment it arrives: an integer program over the intervals between a model's
+requests, scipy's HiGHS MILP; skipped with a note where an instance is too large) and
+`offline-bound` (its LP relaxation). The real engine may delay requests while a load runs and
+serve them together, which the instant-load model forbids: an online policy can spend fewer
+load seconds than `offline-optimal`, paying in delay.
 """
 from __future__ import annotations
 

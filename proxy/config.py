@@ -92,6 +92,17 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class PreloadConfig:
+    # Load what the usage model expects next, into free memory only (never evicting).
+    enabled: bool = False
+    # Preload B after a request for A when B followed A within a minute this often.
+    min_probability: float = field(default=0.6, metadata=_rule(0, 1, exclusive_lo=True))
+    # Preload a model due by its rhythm: asked for in this hour of the week this many times
+    # a week (per week observed).
+    rhythm_min_rate: float = field(default=1.0, metadata=_rule(0, exclusive_lo=True))
+
+
+@dataclass(frozen=True)
 class HealthConfig:
     interval_s: float = field(default=15.0, metadata=_rule(0, exclusive_lo=True))
     error_rate_threshold: float = field(default=0.5, metadata=_rule(0, 1))
@@ -139,6 +150,7 @@ class Config:
     models: Mapping[str, ModelConfig] = field(default_factory=dict)
     # Task → models that serve it, best first (recommendations and `auto:<task>` routing).
     tasks: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    preload: PreloadConfig = field(default_factory=PreloadConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)

@@ -33,6 +33,7 @@ from .memory import (BudgetSampler, MemoryPressure, MemorySample, MemorySampler,
                      PsutilSampler)
 from .monitor import MemoryMonitor
 from .periodic import Periodic
+from .preload import Preloader
 from .policy import decayed_heat
 from .reconcile import Reconciler
 from .registry import Registry, printable
@@ -90,6 +91,9 @@ class EngineCore:
                              lambda: self._upstream_local)
         self.scheduler = Scheduler(r, self.monitor, self.evictor, self.loader, self.listeners,
                                    self.clock, self._set_status)
+        self.preloader = Preloader(r, self.learner, self.monitor, self.clock, self.listeners,
+                                   self.scheduler.preload, lambda: self.scheduler.queue_length > 0)
+        self.evictor.on_unused_preload = self.preloader.unloaded_unused
         self._periodic = Periodic("engine", log)
         self._active: set[Lease] = set()
 
@@ -132,6 +136,8 @@ class EngineCore:
                              self.unload_idle_models)
         self._periodic.start("reconcile", lambda: self.config.upstream.reconcile_interval_s,
                              self.reconcile)
+        self._periodic.start("preload", lambda: self.config.memory.monitoring_interval,
+                             self.preloader.tick)
         if self.store is not None:
             self._periodic.start("flush", c.storage.flush_interval_s, self.flush)
 
@@ -156,6 +162,7 @@ class EngineCore:
             e = self.registry.entries[await self.resolve(name)]
         arrived_s = self.clock.now()
         self.learner.observe(e.key, arrived_s, self.clock.wall())   # arrival, not admission
+        self.preloader.after_request(e.key)
         deadline_s = arrived_s + self.config.eviction.queue_timeout_s
         while True:
             if e.status is S.LOADED or not self.manages_loading:
@@ -197,6 +204,9 @@ class EngineCore:
         e.last_used_at_s = now
         if not observed:
             self.learner.observe(e.key, now, self.clock.wall())
+            self.preloader.after_request(e.key)
+        if e.preloaded:
+            self.preloader.used(e)
         lease = Lease(e, self._on_release, now)
         self._active.add(lease)
         return lease

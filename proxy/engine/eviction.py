@@ -47,6 +47,7 @@ class Evictor:
         # One mutation of memory at a time: evictions for a load, for pressure, by hand.
         self.lock = asyncio.Lock()
         self._evicted_at: dict[str, float] = {}
+        self.on_unused_preload: Callable[[ModelEntry], None] = lambda e: None
         self._last_thrash_s: float | None = None
 
     # -- the anti-thrash hold ----------------------------------------------------------------
@@ -151,6 +152,8 @@ class Evictor:
         self.monitor.changes += 1
         e.evictions[reason] += 1
         self._evicted_at[e.key] = self.clock.now()
+        if e.preloaded:
+            self.on_unused_preload(e)
         self._set_status(e, S.UNLOADED)
         self.accounting.forget_owned(instance_ids)
         log.info("unloaded %s (%s%s)", e.key, reason, f" for {for_model}" if for_model else "")

@@ -16,6 +16,7 @@ the prior weighing less the more gaps longer than `age_s` were seen.
 from __future__ import annotations
 
 import bisect
+import collections
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,8 +28,8 @@ SHORT_GAP_S = 60.0          # a gap below this is "short" (a burst), else "long"
 PRIOR_WEIGHT = 4.0          # pseudo-observations of the prior
 MIN_CLASS_SAMPLES = 12      # below this a gap class falls back to all gaps
 FOLLOW_WINDOW_S = 60.0      # B "follows" A when B is asked for within this after A
-RECENT_MAX = 16             # requests remembered for follow counting
-MAX_FOLLOWERS = 32          # per model, the followers kept (the rarest go first)
+RECENT_MAX = 4              # latest requests a new one may follow (bounds the work per request)
+MAX_FOLLOWERS = 32          # per model, the followers counted (the first ones seen)
 COUNT_CAP = 4096            # counts are halved beyond this: old habits fade
 WEEK_HOURS = 168
 
@@ -179,7 +180,9 @@ class UsageLearner:
 
     def __init__(self) -> None:
         self.patterns: dict[str, ModelPattern] = {}
-        self._recent: list[tuple[float, str, set[str]]] = []   # (at, model, followers seen)
+        # (at, model, followers counted for this request)
+        self._recent: collections.deque[tuple[float, str, set[str]]] = collections.deque(
+            maxlen=RECENT_MAX)
         self.dirty: set[str] = set()
 
     def pattern(self, key: str) -> ModelPattern:
@@ -190,24 +193,21 @@ class UsageLearner:
 
     def observe(self, key: str, at_s: float, wall_s: float) -> None:
         self.pattern(key).observe(at_s, wall_s)
-        self.dirty.add(key)
+        self.dirty.add(key)      # followers counted below persist with their source's next use
         recent = self._recent
         while recent and at_s - recent[0][0] > FOLLOW_WINDOW_S:
-            recent.pop(0)
+            recent.popleft()
+        patterns = self.patterns
         for _, source, seen in recent:
             if source != key and key not in seen:
                 seen.add(key)
-                self._count_follow(source, key)
+                followers = patterns[source].followers
+                n = followers.get(key)
+                if n is not None:
+                    followers[key] = n + 1
+                elif len(followers) < MAX_FOLLOWERS:   # bounded: a model followed by
+                    followers[key] = 1                 # everything says little
         recent.append((at_s, key, set()))
-        if len(recent) > RECENT_MAX:
-            recent.pop(0)
-
-    def _count_follow(self, source: str, follower: str) -> None:
-        followers = self.pattern(source).followers
-        followers[follower] = followers.get(follower, 0) + 1
-        if len(followers) > MAX_FOLLOWERS:
-            del followers[min(followers, key=followers.__getitem__)]
-        self.dirty.add(source)
 
     def follow_probability(self, source: str, follower: str) -> float:
         """P(follower is asked for within FOLLOW_WINDOW_S of a request for source)."""

@@ -56,6 +56,7 @@ class ModelEntry:
     leases: int = 0                     # USE leases: requests being served
     holds: int = 0                      # HOLD leases: probes and admin reads
     reserved: int = 0                   # requests its load finished for, not yet leased
+    preloaded: bool = False             # loaded on a prediction and not used since
     waiting: int = 0                    # requests waiting for this model's load
     waiting_since_s: float | None = None
     loading_since_s: float | None = None

@@ -11,6 +11,7 @@
     on_queue_wait(model, seconds)         a load waited this long for admission
     on_memory(sample, level)              a memory sample was taken (level: pressure value)
     on_pressure(level)                    the pressure level changed (MemoryPressure)
+    on_preload(model, why)                a speculative load was queued
 
 A listener that raises is logged and skipped: it can never break an unload or a request.
 Listeners are called synchronously and must not block.
@@ -22,7 +23,7 @@ from typing import Any, Callable
 
 log = logging.getLogger("proxy.engine")
 EVENTS = ("on_request", "on_state", "on_load", "on_evict", "on_unload", "on_queue",
-          "on_queue_wait", "on_memory", "on_pressure")
+          "on_queue_wait", "on_memory", "on_pressure", "on_preload")
 
 
 class Listeners:

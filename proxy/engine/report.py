@@ -63,6 +63,7 @@ def memory_stats(core: "EngineCore") -> dict[str, Any]:
         "queue_length": core.queue_length,
         "persistence": None if core.store is None else {
             "ok": core.store.ok, "path": str(core.store.path), "error": core.store.error},
+        "preload": core.preloader.summary(),
         "top_models_by_usage": [
             {"model": k, "frequency": usage(k).rate_per_h(now), "requests": usage(k).requests,
              "success_rate": round(usage(k).success_rate, 4),

@@ -54,6 +54,9 @@ class Pending:
     # A load its requester performs itself (an LM Studio SDK client through the proxy):
     # resolved True when admitted, False when the model got loaded meanwhile.
     go: asyncio.Future | None = None
+    # A speculative load (a preload): no one waits for it, it never evicts, and it gives way
+    # the moment it cannot start on free memory.
+    speculative: bool = False
 
 
 class Scheduler:
@@ -151,6 +154,17 @@ class Scheduler:
             if not p.admitted and not done.done():
                 self._finish(p, None)         # the caller went away before its turn
         return p if admitted else None
+
+    def preload(self, e: ModelEntry) -> bool:
+        """Queue a speculative load of e; False if a load of it is already pending."""
+        if e.key in self.pending or e.status is not S.UNLOADED:
+            return False
+        done = asyncio.get_running_loop().create_future()
+        done.add_done_callback(_consume)
+        self.pending[e.key] = Pending(e, self.clock.now(), done, speculative=True)
+        self._ensure_running()
+        self.kick()
+        return True
 
     def finish_mediated(self, p: Pending, error: BaseException | None) -> None:
         if error is None:
@@ -265,6 +279,11 @@ class Scheduler:
             return True, None
         headroom = self.monitor.headroom(sample)
         short = need - headroom
+        if p.speculative and (short > 0 or p.waiters == 0 and len(self.pending) > 1):
+            if p.waiters == 0:                # a preload gives way: drop it
+                self._finish(p, None)
+                return True, None
+            p.speculative = False             # a request came for it: a load like any other
         if slack is not None and (short > 0 or need > slack):
             return False, None              # behind a first claim: only what it can spare
         if short > 0:
@@ -312,6 +331,7 @@ class Scheduler:
         else:
             # Loaded for these requests: nothing may evict it before they take their leases.
             p.entry.reserved = p.waiters
+            p.entry.preloaded = p.speculative and p.waiters == 0
             self._finish(p, None)
 
     def _recheck_s(self) -> float | None:

@@ -1,0 +1,90 @@
+"""Predictive preloading: load what the usage model expects next, into free memory only.
+
+Two triggers: a request for A preloads B when B follows A (within `learning.FOLLOW_WINDOW_S`)
+with probability at least `preload.min_probability`; and every monitoring interval, a model
+due by its rhythm (requested in this hour of the week at least `preload.rhythm_min_rate`
+times a week) is preloaded. A preload never evicts, never waits for memory and gives way to any
+load a request waits for. A preloaded model is counted useful when a request uses it before it
+is unloaded, wasted (with its GB) when it is unloaded unused.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+from .clock import Clock
+from .learning import UsageLearner
+from .lifecycle import ModelEntry, ModelStatus
+from .listeners import Listeners
+from .monitor import MemoryMonitor
+from .registry import Registry
+
+log = logging.getLogger("proxy.engine")
+S = ModelStatus
+MAX_FOLLOWERS_PRELOADED = 2
+
+
+class Preloader:
+    def __init__(self, registry: Registry, learner: UsageLearner, monitor: MemoryMonitor,
+                 clock: Clock, listeners: Listeners, queue: Callable[[ModelEntry], bool],
+                 busy: Callable[[], bool]) -> None:
+        self.registry = registry
+        self.learner = learner
+        self.monitor = monitor
+        self.clock = clock
+        self.listeners = listeners
+        self._queue = queue          # scheduler.preload
+        self._busy = busy            # a request waits for a load
+        self.preloads = self.useful = self.wasted = 0
+        self.wasted_bytes = 0.0
+
+    @property
+    def config(self) -> Any:
+        return self.registry.config.preload
+
+    def after_request(self, key: str) -> None:
+        """A request for key arrived: preload what follows it. Cheap when nothing does."""
+        if not self.config.enabled:
+            return
+        pattern = self.learner.patterns.get(key)
+        if pattern is None or not pattern.followers or self._busy():
+            return
+        for follower, _ in self.learner.likely_next(key, self.config.min_probability)[
+                :MAX_FOLLOWERS_PRELOADED]:
+            self._try(follower, f"follows {key}")
+
+    async def tick(self) -> None:
+        """Preload what is due by its rhythm."""
+        if not self.config.enabled or self._busy():
+            return
+        wall = self.clock.wall()
+        for key, pattern in list(self.learner.patterns.items()):
+            if pattern.rate_in_hour(wall) >= self.config.rhythm_min_rate:
+                self._try(key, "due by its rhythm")
+
+    def _try(self, key: str, why: str) -> None:
+        e = self.registry.entries.get(key)
+        s = self.monitor.last_sample
+        if e is None or e.status is not S.UNLOADED or s is None:
+            return
+        if self.registry.footprint_bytes(e) > self.monitor.headroom(s):
+            return                       # never evict for a guess
+        if self._queue(e):
+            self.preloads += 1
+            log.info("preloading %s (%s)", key, why)
+            self.listeners.emit("on_preload", key, why)
+
+    # -- outcomes ----------------------------------------------------------------------------
+    def used(self, e: ModelEntry) -> None:
+        e.preloaded = False
+        self.useful += 1
+
+    def unloaded_unused(self, e: ModelEntry) -> None:
+        e.preloaded = False
+        self.wasted += 1
+        self.wasted_bytes += self.registry.footprint_bytes(e)
+
+    def summary(self) -> dict[str, Any]:
+        return {"enabled": self.config.enabled, "preloads": self.preloads,
+                "useful": self.useful, "wasted": self.wasted,
+                "wasted_gb": round(self.wasted_bytes / 1e9, 2)}
