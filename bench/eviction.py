@@ -20,6 +20,7 @@ load seconds than `offline-optimal`, paying in delay.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import logging
@@ -36,6 +37,7 @@ from proxy.config import EvictionConfig
 
 from .offline import belady_value, exact_optimum, lp_lower_bound
 from .simulate import RunResult, Variant, run_variant
+from . import pipeline
 from .workload import Workload, from_azure_functions, from_files
 
 TRACES = Path(__file__).resolve().parent.parent.parent / "shared" / "traces"
@@ -69,6 +71,8 @@ def build_workload(spec: tuple) -> Workload:
     kind = spec[0]
     if kind == "files":
         return from_files(Path(spec[1]), Path(spec[2]))
+    if kind == "pipeline":
+        return pipeline.generate(seed=spec[1])
     _, trace, k, seed, mapping, cap, minutes = spec
     return from_azure_functions(Path(trace), k=k, seed=seed, mapping=mapping,
                                 max_per_minute=cap, minutes=minutes, trace_dir=TRACES)
@@ -84,7 +88,7 @@ def run_job(job: tuple) -> dict:
 
 
 def _run_job(job: tuple) -> dict:
-    spec, budget_mult, budget_gb, policy, hold = job
+    spec, budget_mult, budget_gb, policy, hold, prediction = job
     w = build_workload(spec)
     if budget_gb is None:
         budget_gb = round(budget_mult * max(m.size_gb for m in w.models.values()), 1)
@@ -103,11 +107,13 @@ def _run_job(job: tuple) -> dict:
         r = min((run_variant(w, budget_gb, Variant(policy, policy, hold=res), extra)
                  for res in (0.0, hold)), key=lambda x: x.load_seconds)
     else:
-        r = run_variant(w, budget_gb, variant(policy, w, budget_gb, hold))
+        r = run_variant(w, budget_gb, dataclasses.replace(variant(policy, w, budget_gb, hold),
+                                                          prediction=prediction))
     out = asdict(r)
     out["hold"] = hold if policy in HOLD_POLICIES else None
     if note is not None:
         out["note"] = note
+    out["prediction"] = prediction
     k = spec[2] if spec[0] == "azure" else len(w.models)
     out.update(workload=w.name, k=k, seed=spec[3] if spec[0] == "azure" else None,
                mapping=spec[4] if spec[0] == "azure" else None, budget_gb=budget_gb,
@@ -133,6 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", help="CSV t_s,model[,prompt_tokens,completion_tokens]")
     p.add_argument("--catalog", help="CSV model,size_gb,load_s (with --requests)")
     p.add_argument("--jobs", type=int, default=multiprocessing.cpu_count())
+    p.add_argument("--workload", choices=("azure", "pipeline"), default="azure",
+                   help="azure: the trace (default); pipeline: agent pipelines (bench/pipeline.py)")
+    p.add_argument("--prediction", default="off",
+                   help="off, on or off,on: run the proxy's policies without/with preloading")
     p.add_argument("--hold", help="eviction.hold settings to run the proxy's policies with, "
                    "comma-separated (seconds, adaptive, off); default: the configured one")
     p.add_argument("--json", help="write the runs to this file")
@@ -151,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.catalog:
             p.error("--requests needs --catalog")
         specs = [("files", args.requests, args.catalog)]
+    elif args.workload == "pipeline":
+        specs = [("pipeline", int(s)) for s in args.seed.split(",")]
     else:
         specs = [("azure", args.trace, int(k), int(s), m, args.max_per_minute, args.minutes)
                  for k in args.k.split(",") for s in args.seed.split(",")
@@ -160,8 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.requests and not args.budget_gb:
         p.error("--requests needs --budget-gb")
     holds = [_hold(h) for h in args.hold.split(",")] if args.hold else [None]
-    jobs = [(spec, mult, gb, pol, hold) for spec in specs for mult, gb in budgets
-            for pol in policies for hold in (holds if pol in HOLD_POLICIES else [None])]
+    predictions = [x == "on" for x in args.prediction.split(",")]
+    jobs = [(spec, mult, gb, pol, hold, pred) for spec in specs for mult, gb in budgets
+            for pol in policies for hold in (holds if pol in HOLD_POLICIES else [None])
+            for pred in (predictions if pol in HOLD_POLICIES else [False])]
     started = time.perf_counter()
     if args.jobs > 1:
         with multiprocessing.get_context("fork").Pool(args.jobs) as pool:
@@ -219,9 +233,10 @@ def render(runs: list[dict], policies: list[str]) -> str:
         cells += [_fmt(by[p]["delay_p99_s"], ".0f") if p in by else "-" for p in delay_cols]
         lines.append("| " + " | ".join(cells) + " |")
     summary = ["", "| policy | load s | / lru (geo. mean of rows) | worst row / lru "
-               "| / optimal (geo. mean) | median of delay p99 s | worst delay p99 s "
+               "| / optimal (geo. mean) | delayed requests | delay s in all "
+               "| median of delay p99 s | worst delay p99 s "
                "| failed requests | runs over budget | preloads (wasted, GB wasted) |",
-               "|---|---|---|---|---|---|---|---|---|---|"]
+               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for lab in labels:
         mine = [(k, by[lab]) for k, by in rows.items() if lab in by]
         loads = [r["load_seconds"] for _, r in mine if r["load_seconds"] is not None]
@@ -237,7 +252,10 @@ def render(runs: list[dict], policies: list[str]) -> str:
         summary.append(
             f"| {lab}{' (default)' if lab == PROJECT_DEFAULT else ''} | {sum(loads):.0f} | "
             f"{_fmt(_geomean(to_lru))} | {_fmt(max(to_lru) if to_lru else None)} | "
-            f"{_fmt(_geomean(to_opt))} | {_fmt(statistics.median(p99) if p99 else None, '.3g')} | "
+            f"{_fmt(_geomean(to_opt))} | "
+            f"{sum(r.get('delayed_requests') or 0 for _, r in mine)} | "
+            f"{sum(r.get('delay_total_s') or 0 for _, r in mine):.0f} | "
+            f"{_fmt(statistics.median(p99) if p99 else None, '.3g')} | "
             f"{_fmt(max(p99) if p99 else None, '.3g')} | "
             f"{sum(r.get('failed_requests') or 0 for _, r in mine)} | "
             f"{sum(1 for _, r in mine if (r.get('peak_resident_gb') or 0) > r['budget_gb'] + 1e-6)}"

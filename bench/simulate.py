@@ -63,6 +63,12 @@ class RunResult:
     failed_requests: int = 0
     peak_resident_gb: float | None = None
     failures_by_code: dict[str, int] | None = None
+    prediction: bool = False
+    preloads: int = 0
+    useful_preloads: int = 0
+    wasted_preloads: int = 0
+    wasted_preload_gb: float = 0.0
+    delay_total_s: float | None = None   # over the evaluated requests
 
 
 @dataclass(frozen=True)
@@ -73,6 +79,7 @@ class Variant:
     count_limit: int | None = None      # manage a model count instead of bytes
     hold: float | str = 0.0               # eviction.hold
     idle_ttl_s: float | None = None     # an idle timeout (LM Studio's JIT TTL)
+    prediction: bool = False            # preload.enabled
     queue_timeout_s: float = 86_400.0   # a replay measures delays, so nothing times out
 
 
@@ -98,6 +105,7 @@ def engine_config(workload: Workload, budget_gb: float, v: Variant) -> Config:
         "eviction": {"policy": v.policy, "hold": v.hold,
                      "queue_timeout_s": v.queue_timeout_s,
                      "model_timeout_hours": (v.idle_ttl_s or 0.0) / 3600.0},
+        "preload": {"enabled": v.prediction},
         "models": footprints})
 
 
@@ -138,17 +146,25 @@ async def _replay(loop: VirtualTimeLoop, workload: Workload, budget_gb: float, v
             failed += 1     # e.g. insufficient_memory after the queue timeout
             failures[exc.code or "error"] = failures.get(exc.code or "error", 0) + 1
             return
-        delays.append(loop.time() - req.t_s)
+        if req.t_s >= workload.evaluate_from_s:   # before it: the engine is learning
+            delays.append(loop.time() - req.t_s)
         await asyncio.sleep(req.service_s)
         lease.release()
 
-    ttl_task = None
+    background = []
     if v.idle_ttl_s is not None:
         async def expire() -> None:
             while True:
                 await asyncio.sleep(30.0)
                 await mgr.unload_idle_models()
-        ttl_task = asyncio.create_task(expire())
+        background.append(asyncio.create_task(expire()))
+    if v.prediction:
+        async def rhythm() -> None:
+            while True:
+                await asyncio.sleep(config.memory.monitoring_interval)
+                await mgr.sample_memory()
+                await mgr.preloader.tick()
+        background.append(asyncio.create_task(rhythm()))
     tasks = []
     for req in workload.requests:
         wait = req.t_s - loop.time()
@@ -158,15 +174,19 @@ async def _replay(loop: VirtualTimeLoop, workload: Workload, budget_gb: float, v
         if len(tasks) > 512:
             tasks = [t for t in tasks if not t.done()]
     await asyncio.gather(*tasks)
-    if ttl_task is not None:
-        ttl_task.cancel()
+    for task in background:
+        task.cancel()
+    pre = mgr.preloader
     delayed = sorted(d for d in delays if d > 1e-9)
     return RunResult(
         policy=v.name, cold_loads=backend.loads, load_seconds=round(backend.load_seconds, 1),
         delayed_requests=len(delayed), delay_p50_s=_r(quantile(delayed, 0.5)),
         delay_p99_s=_r(quantile(delayed, 0.99)),
-        regretted_evictions=regretted(workload, evictions), failed_requests=failed, failures_by_code=failures,
-        peak_resident_gb=round(backend.peak_resident_gb, 1))
+        regretted_evictions=regretted(workload, evictions), failed_requests=failed,
+        failures_by_code=failures, peak_resident_gb=round(backend.peak_resident_gb, 1),
+        prediction=v.prediction, preloads=pre.preloads, useful_preloads=pre.useful,
+        wasted_preloads=pre.wasted, wasted_preload_gb=round(pre.wasted_bytes / GB, 1),
+        delay_total_s=round(sum(delayed), 1))
 
 
 def _r(x: float | None) -> float | None:

@@ -39,6 +39,7 @@ class Workload:
     name: str
     models: dict[str, Model]
     requests: list[Request]
+    evaluate_from_s: float = 0.0     # delays are measured from here on (learning before)
 
 
 def load_time_s(size_gb: float) -> float:

@@ -94,6 +94,7 @@ class EngineCore:
         self.preloader = Preloader(r, self.learner, self.monitor, self.clock, self.listeners,
                                    self.scheduler.preload, lambda: self.scheduler.queue_length > 0)
         self.evictor.on_unused_preload = self.preloader.unloaded_unused
+        self.scheduler.on_preload_started = self.preloader.started
         self._periodic = Periodic("engine", log)
         self._active: set[Lease] = set()
 

@@ -87,7 +87,8 @@ class Evictor:
                        critical=critical)
 
     def candidates(self, *, exclude: str | None, critical: bool,
-                   requester_waited_s: float = 0.0) -> list[Candidate]:
+                   requester_waited_s: float = 0.0, predicted: bool = False
+                   ) -> list[Candidate]:
         now = self.clock.now()
         out = []
         for e in self.registry:
@@ -95,12 +96,12 @@ class Evictor:
                 continue
             if self.why_kept(e, critical=critical, requester_waited_s=requester_waited_s):
                 continue
-            out.append(self.candidate(e, now))
+            out.append(self.candidate(e, now, predicted=predicted))
         return out
 
-    def candidate(self, e: ModelEntry, now: float) -> Candidate:
+    def candidate(self, e: ModelEntry, now: float, predicted: bool = False) -> Candidate:
         p_reuse = 0.0
-        if self.config.eviction.policy in SET_POLICIES:
+        if predicted or self.config.eviction.policy in SET_POLICIES:
             p_reuse = self.learner.predict(e.key, now, PREDICTION_HORIZON_S).p_within
         return Candidate(
             p_reuse=p_reuse,

@@ -142,7 +142,9 @@ class ModelPattern:
         for in this hour every week)."""
         if self.first_wall_s is None:
             return 0.0
-        weeks = max(1.0, (wall_s - self.first_wall_s) / (WEEK_HOURS * 3600.0))
+        weeks = (wall_s - self.first_wall_s) / (WEEK_HOURS * 3600.0)
+        if weeks < 1.0:
+            return 0.0                   # a rhythm needs a week of history to be one
         return self.hours[hour_of_week(wall_s)] / weeks
 
     # -- persistence -------------------------------------------------------------------------

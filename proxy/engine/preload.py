@@ -3,9 +3,14 @@
 Two triggers: a request for A preloads B when B follows A (within `learning.FOLLOW_WINDOW_S`)
 with probability at least `preload.min_probability`; and every monitoring interval, a model
 due by its rhythm (requested in this hour of the week at least `preload.rhythm_min_rate`
-times a week) is preloaded. A preload never evicts, never waits for memory and gives way to any
-load a request waits for. A preloaded model is counted useful when a request uses it before it
+times a week) is preloaded. A preload never waits for memory and gives way to any load a request
+waits for. A preloaded model is counted useful when a request uses it before it
 is unloaded, wasted (with its GB) when it is unloaded unused.
+
+A preload evicts only when the cheapest set of victims is expected to cost (reload seconds ×
+probability of reuse) under a quarter of what the preload is expected to save (its reload
+seconds × the probability it is asked for); it never touches a model that is busy, pinned,
+inside its residency or not the proxy's.
 """
 from __future__ import annotations
 
@@ -26,8 +31,8 @@ MAX_FOLLOWERS_PRELOADED = 2
 
 class Preloader:
     def __init__(self, registry: Registry, learner: UsageLearner, monitor: MemoryMonitor,
-                 clock: Clock, listeners: Listeners, queue: Callable[[ModelEntry], bool],
-                 busy: Callable[[], bool]) -> None:
+                 clock: Clock, listeners: Listeners,
+                 queue: Callable[[ModelEntry, float], bool], busy: Callable[[], bool]) -> None:
         self.registry = registry
         self.learner = learner
         self.monitor = monitor
@@ -35,7 +40,7 @@ class Preloader:
         self.listeners = listeners
         self._queue = queue          # scheduler.preload
         self._busy = busy            # a request waits for a load
-        self.preloads = self.useful = self.wasted = 0
+        self.queued = self.preloads = self.useful = self.wasted = 0
         self.wasted_bytes = 0.0
 
     @property
@@ -49,9 +54,9 @@ class Preloader:
         pattern = self.learner.patterns.get(key)
         if pattern is None or not pattern.followers or self._busy():
             return
-        for follower, _ in self.learner.likely_next(key, self.config.min_probability)[
-                :MAX_FOLLOWERS_PRELOADED]:
-            self._try(follower, f"follows {key}")
+        for follower, probability in self.learner.likely_next(
+                key, self.config.min_probability)[:MAX_FOLLOWERS_PRELOADED]:
+            self._try(follower, probability, f"follows {key}")
 
     async def tick(self) -> None:
         """Preload what is due by its rhythm."""
@@ -60,19 +65,19 @@ class Preloader:
         wall = self.clock.wall()
         for key, pattern in list(self.learner.patterns.items()):
             if pattern.rate_in_hour(wall) >= self.config.rhythm_min_rate:
-                self._try(key, "due by its rhythm")
+                self._try(key, 0.5, "due by its rhythm")
 
-    def _try(self, key: str, why: str) -> None:
+    def _try(self, key: str, probability: float, why: str) -> None:
         e = self.registry.entries.get(key)
-        s = self.monitor.last_sample
-        if e is None or e.status is not S.UNLOADED or s is None:
+        if e is None or e.status is not S.UNLOADED:
             return
-        if self.registry.footprint_bytes(e) > self.monitor.headroom(s):
-            return                       # never evict for a guess
-        if self._queue(e):
-            self.preloads += 1
-            log.info("preloading %s (%s)", key, why)
+        if self._queue(e, probability * self.registry.reload_s(e)):
+            self.queued += 1
+            log.debug("preload of %s queued (%s)", key, why)
             self.listeners.emit("on_preload", key, why)
+
+    def started(self, e: ModelEntry) -> None:
+        self.preloads += 1
 
     # -- outcomes ----------------------------------------------------------------------------
     def used(self, e: ModelEntry) -> None:
@@ -85,6 +90,6 @@ class Preloader:
         self.wasted_bytes += self.registry.footprint_bytes(e)
 
     def summary(self) -> dict[str, Any]:
-        return {"enabled": self.config.enabled, "preloads": self.preloads,
+        return {"enabled": self.config.enabled, "queued": self.queued, "preloads": self.preloads,
                 "useful": self.useful, "wasted": self.wasted,
                 "wasted_gb": round(self.wasted_bytes / 1e9, 2)}

@@ -33,7 +33,7 @@ from .listeners import Listeners
 from .loader import Loader
 from .memory import GB, MemoryPressure, MemorySample
 from .monitor import MemoryMonitor
-from .policy import TEMPORARY
+from .policy import TEMPORARY, cheapest_cover, expected_cost_s
 from .registry import Registry, printable
 
 log = logging.getLogger("proxy.engine")
@@ -41,6 +41,8 @@ S = ModelStatus
 LOADING, UNLOADING, OTHERS, EVICTABLE = "loading", "unloading", "other processes", "evictable"
 # Memory that may free without anyone changing the config (other processes: perhaps).
 WILL_GO = TEMPORARY | {LOADING, UNLOADING, EVICTABLE, OTHERS}
+PRELOAD_EVICT_MARGIN = 0.25   # a preload evicts only what costs under a quarter of its worth
+PRELOAD_STALE_S = 60.0        # a preload not started by then is dropped
 
 
 @dataclass(eq=False)
@@ -54,9 +56,11 @@ class Pending:
     # A load its requester performs itself (an LM Studio SDK client through the proxy):
     # resolved True when admitted, False when the model got loaded meanwhile.
     go: asyncio.Future | None = None
-    # A speculative load (a preload): no one waits for it, it never evicts, and it gives way
-    # the moment it cannot start on free memory.
+    # A speculative load (a preload): no one waits for it; it gives way to any load a request
+    # waits for, and evicts only victims whose expected reload cost is well below the reload
+    # it is expected to save (`value_s`).
     speculative: bool = False
+    value_s: float = 0.0
 
 
 class Scheduler:
@@ -75,6 +79,7 @@ class Scheduler:
         self._idle = asyncio.Event()    # set while the admitting task has nothing to do
         self._idle.set()
         self._task: asyncio.Task | None = None
+        self.on_preload_started: Callable[[ModelEntry], None] = lambda e: None
 
     @property
     def config(self):  # noqa: ANN201
@@ -155,13 +160,15 @@ class Scheduler:
                 self._finish(p, None)         # the caller went away before its turn
         return p if admitted else None
 
-    def preload(self, e: ModelEntry) -> bool:
-        """Queue a speculative load of e; False if a load of it is already pending."""
+    def preload(self, e: ModelEntry, value_s: float) -> bool:
+        """Queue a speculative load of e, expected to save value_s seconds of reload; False if
+        a load of it is already pending."""
         if e.key in self.pending or e.status is not S.UNLOADED:
             return False
         done = asyncio.get_running_loop().create_future()
         done.add_done_callback(_consume)
-        self.pending[e.key] = Pending(e, self.clock.now(), done, speculative=True)
+        self.pending[e.key] = Pending(e, self.clock.now(), done, speculative=True,
+                                      value_s=value_s)
         self._ensure_running()
         self.kick()
         return True
@@ -233,12 +240,14 @@ class Scheduler:
 
     def _order(self) -> list[Pending]:
         now, fair_s = self.clock.now(), self.config.eviction.fairness_s
-        waiting = [p for p in self.pending.values() if not p.admitted]
+        waiting = [p for p in self.pending.values() if not p.admitted and not p.speculative]
         starving = sorted((p for p in waiting if now - p.since_s >= fair_s),
                           key=lambda p: p.since_s)
         rest = sorted((p for p in waiting if now - p.since_s < fair_s),
                       key=lambda p: (-p.waiters, p.since_s, p.entry.key))
-        return starving + rest
+        guesses = sorted((p for p in self.pending.values() if not p.admitted and p.speculative),
+                         key=lambda p: (-p.value_s, p.entry.key))
+        return starving + rest + guesses
 
     async def _pass(self) -> float | None:
         """Admit what can go; return seconds until time alone may change the answer."""
@@ -279,11 +288,22 @@ class Scheduler:
             return True, None
         headroom = self.monitor.headroom(sample)
         short = need - headroom
-        if p.speculative and (short > 0 or p.waiters == 0 and len(self.pending) > 1):
-            if p.waiters == 0:                # a preload gives way: drop it
+        if p.speculative and p.waiters:
+            p.speculative = False             # a request came for it: a load like any other
+        if p.speculative:
+            if self.clock.now() - p.since_s > PRELOAD_STALE_S:
+                self._finish(p, None)         # its moment has passed
+                return True, None
+            if any(not q.admitted and not q.speculative for q in self.pending.values()):
+                return False, None            # requested loads first; it waits its turn
+            if short > 0 and not await self._evict_for_guess(p, short):
+                self._finish(p, None)         # no room worth making: drop it
+                return True, None
+            sample = await self.monitor.sample()
+            short = need - self.monitor.headroom(sample)
+            if short > 0:
                 self._finish(p, None)
                 return True, None
-            p.speculative = False             # a request came for it: a load like any other
         if slack is not None and (short > 0 or need > slack):
             return False, None              # behind a first claim: only what it can spare
         if short > 0:
@@ -308,6 +328,22 @@ class Scheduler:
         self._admit(p, sample)
         return True, None
 
+    async def _evict_for_guess(self, p: Pending, short: float) -> bool:
+        """Make room for a preload only when the cheapest victim set is expected to cost less
+        than PRELOAD_EVICT_MARGIN of what the preload is expected to save."""
+        victims = cheapest_cover(self.evictor.candidates(exclude=p.entry.key, critical=False,
+                                                         predicted=True),
+                                 short, expected_cost_s)
+        if not victims:
+            return False
+        now = self.clock.now()
+        cost = sum(expected_cost_s(self.evictor.candidate(self.registry.entries[k], now,
+                                                          predicted=True)) for k in victims)
+        if cost >= PRELOAD_EVICT_MARGIN * p.value_s:
+            return False
+        await self.evictor.evict(victims, "preload", p.entry.key)
+        return True
+
     def _admit(self, p: Pending, sample: MemorySample) -> None:
         e = p.entry
         self.evictor.note_load(e.key)
@@ -315,6 +351,8 @@ class Scheduler:
         p.admitted = True
         e.loading_since_s = self.clock.now()
         self.listeners.emit("on_queue_wait", e.key, e.loading_since_s - p.since_s)
+        if p.speculative:
+            self.on_preload_started(e)
         if p.go is not None:
             p.go.set_result(True)             # its requester loads it
             return
