@@ -7,6 +7,7 @@ from .accesslog import AccessLog
 from .config import Config
 from .engine.health import ModelHealthMonitor
 from .engine.manager import ModelMemoryManager
+from .events import EventHub
 from .metrics import ProxyMetrics
 from .upstream.base import Upstream
 
@@ -16,5 +17,6 @@ UPSTREAM = web.AppKey("upstream", Upstream)
 METRICS = web.AppKey("metrics", ProxyMetrics)
 ACCESS_LOG = web.AppKey("access_log", AccessLog)
 HEALTH = web.AppKey("health", ModelHealthMonitor)
+EVENTS = web.AppKey("events", EventHub)
 # Set on a request once its response headers are sent: errors can no longer become a response.
 RESPONSE_STARTED = web.RequestKey("response_started", bool)

@@ -77,6 +77,7 @@ class ModelMemoryManager:
         self._entries: dict[str, ModelEntry] = {}
         self._usage: dict[str, ModelUsage] = {}
         self._priority_override: dict[str, int] = {}
+        self._pinned_override: dict[str, bool] = {}   # runtime pins: POST /proxy/models/pin
         self.api_level: ApiLevel | None = None
         self.upstream_ok = False
         self.upstream_error: str | None = None
@@ -216,6 +217,13 @@ class ModelMemoryManager:
     def priority(self, key: str) -> int:
         return self._priority_override.get(key) or self.config.model(key).priority
 
+    def is_pinned(self, key: str) -> bool:
+        pinned = self._pinned_override.get(key)
+        return self.config.model(key).pinned if pinned is None else pinned
+
+    def set_pinned(self, key: str, pinned: bool) -> None:
+        self._pinned_override[key] = pinned
+
     def footprint_bytes(self, e: ModelEntry) -> float:
         override = self.config.model(e.key).footprint_gb
         if override is not None:
@@ -245,10 +253,12 @@ class ModelMemoryManager:
             if e.waiting == 0:
                 e.waiting_since_s = self.clock.now()
             e.waiting += 1
+            self._notify("on_queue", e.key, e.waiting)
             try:
                 await asyncio.shield(e.load_task)
             finally:
                 e.waiting -= 1
+                self._notify("on_queue", e.key, e.waiting)
                 if e.waiting == 0:
                     e.waiting_since_s = None
                     if not e.load_task.done() and e.status is not S.LOADING:
@@ -297,7 +307,9 @@ class ModelMemoryManager:
 
     def add_listener(self, listener: Any) -> None:
         """Subscribe to engine events: any of on_request(record), on_load(model, duration_s,
-        ok), on_unload(model, reason), on_queue_wait(model, seconds)."""
+        ok), on_unload(model, reason), on_queue_wait(model, seconds), on_state(model, old,
+        new), on_evict(model, reason, for_model), on_memory(sample, level), on_queue(model,
+        waiting). Hooks run on the event loop inside the engine: they must be cheap."""
         self.listeners.append(listener)
         hook = getattr(listener, "on_request", None)
         if hook is not None:
@@ -491,7 +503,7 @@ class ModelMemoryManager:
         for e in self._entries.values():
             if e.status is not S.LOADED or e.leases or e.key == exclude:
                 continue
-            if self.config.model(e.key).pinned or not (e.owned or ev.manage_external):
+            if self.is_pinned(e.key) or not (e.owned or ev.manage_external):
                 continue
             if not critical and now - (e.loaded_at_s or now) < ev.min_residency_s:
                 continue
@@ -511,6 +523,7 @@ class ModelMemoryManager:
                                  self._candidates(exclude, critical), need_bytes,
                                  self.clock.now(), partial=partial)
         for key in victims:
+            self._notify("on_evict", key, reason, exclude)
             await self._unload(self._entries[key], reason)
         return bool(victims)
 
@@ -556,6 +569,7 @@ class ModelMemoryManager:
         self._last_sample = s
         old = self._gauge.level
         new = self._gauge.update(s)
+        self._notify("on_memory", s, new.value)
         if new is not old:
             log.log(logging.WARNING if new.rank > old.rank else logging.INFO,
                     "memory pressure %s → %s (%.0f%% used, %.1f GB free)", old.value,
@@ -605,9 +619,10 @@ class ModelMemoryManager:
                 continue
             cfg = self.config.model(e.key)
             ttl_s = cfg.ttl_s if cfg.ttl_s is not None else default_ttl_s
-            if cfg.pinned or ttl_s <= 0:
+            if self.is_pinned(e.key) or ttl_s <= 0:
                 continue
             if now - (e.last_used_at_s or e.loaded_at_s or now) >= ttl_s:
+                self._notify("on_evict", e.key, "idle", None)
                 await self._unload(e, "idle")
                 out.append(e.key)
         return out
@@ -654,7 +669,9 @@ class ModelMemoryManager:
             self._room.set()
 
     def _set_status(self, e: ModelEntry, status: ModelStatus) -> None:
-        transition(e, status)
+        old = transition(e, status)
+        if old is not status:
+            self._notify("on_state", e.key, old.value, status.value)
         self._status_epoch += 1
         self._status_epochs[e.key] = self._status_epoch
 
@@ -738,6 +755,7 @@ class ModelMemoryManager:
         if e.status is not S.LOADED:
             return False
         async with self._admission:
+            self._notify("on_evict", e.key, reason, None)
             await self._unload(e, reason)
         return e.status is S.UNLOADED
 
@@ -800,7 +818,7 @@ class ModelMemoryManager:
                 "state": e.status.value, "owner": "proxy" if e.owned else "external"
                 if e.status is S.LOADED else None,
                 "type": e.type, "priority": self.priority(k),
-                "pinned": self.config.model(k).pinned,
+                "pinned": self.is_pinned(k),
                 "estimated_memory_mb": round(self.footprint_bytes(e) / 1e6),
                 "footprint_learned": e.footprint_bytes is not None,
                 "leases": e.leases, "loads": e.load_count,

@@ -8,7 +8,7 @@ from aiohttp import web
 
 from ..engine.lifecycle import ModelStatus
 from ..errors import InvalidRequest
-from ..keys import ENGINE
+from ..keys import ENGINE, EVENTS
 from .openai import read_body
 
 
@@ -51,7 +51,7 @@ async def models(request: web.Request) -> web.Response:
             else None,
             "instances": list(e.instance_ids), "footprint_mb": s["estimated_memory_mb"],
             "footprint_learned": s["footprint_learned"], "priority": engine.priority(key),
-            "pinned": cfg.pinned, "ttl_s": cfg.ttl_s, "aliases": list(cfg.aliases),
+            "pinned": engine.is_pinned(key), "ttl_s": cfg.ttl_s, "aliases": list(cfg.aliases),
             "leases": e.leases, "waiting": e.waiting, "requests": s["requests"],
             "last_used_s_ago":
             s["last_used_s_ago"], "loads": e.load_count, "last_error": e.last_error})
@@ -81,6 +81,19 @@ async def unload(request: web.Request) -> web.Response:
                           "state": engine.model_status[key].value})
 
 
+async def pin(request: web.Request) -> web.Response:
+    """A runtime pin (or unpin) that overrides the config until the proxy restarts."""
+    data = await _json_object(request)
+    pinned = data.get("pinned", True)
+    if not isinstance(pinned, bool):
+        raise InvalidRequest("'pinned' must be true or false.", param="pinned")
+    engine = request.app[ENGINE]
+    key = await engine.resolve(_model_field(data))
+    engine.set_pinned(key, pinned)
+    request.app[EVENTS].publish("pin", {"model": key, "pinned": pinned})
+    return json_response({"model": key, "pinned": engine.is_pinned(key)})
+
+
 async def optimize(request: web.Request) -> web.Response:
     return json_response(await request.app[ENGINE].optimize_memory_usage())
 
@@ -105,6 +118,7 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/proxy/models", models)
     r.add_post("/proxy/models/load", load)
     r.add_post("/proxy/models/unload", unload)
+    r.add_post("/proxy/models/pin", pin)
     r.add_post("/proxy/optimize", optimize)
     r.add_post("/proxy/clear", clear)
     r.add_get("/proxy/stats", stats)
