@@ -120,7 +120,8 @@ class EventHub:
         self._wake = asyncio.Event()
         self._changed = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
-        self._second: dict[str, list] = {}   # model → [requests, errors, 503s, latency_s, tokens]
+        # model → [requests, errors, 503s, latency_s, tokens, {status: errors}]
+        self._second: dict[str, list] = {}
         self._in_flight: dict[str, int] = {}
         self._sample: MemorySample | None = None
         self._level = "normal"
@@ -213,17 +214,18 @@ class EventHub:
         key = r.model if self.engine.entry(r.model) is not None else OTHER
         acc = self._second.get(key)
         if acc is None:
-            acc = self._second[key] = [0, 0, 0, 0.0, 0]
+            acc = self._second[key] = [0, 0, 0, 0.0, 0, {}]
         acc[0] += 1
         acc[3] += r.latency_s
         acc[4] += r.completion_tokens
         if not r.ok:
             acc[1] += 1
+            acc[5][r.status] = acc[5].get(r.status, 0) + 1
             if r.status == 503:
                 acc[2] += 1
             self.errors.append({"t": round(time.time(), 3), "model": r.model,
                                 "kind": "request", "status": r.status,
-                                "message": f"{r.endpoint or 'request'} answered {r.status}"})
+                                "message": f"{r.status} on {r.endpoint or 'a request'}"})
 
     def on_alert(self, status: str, alert: dict[str, Any]) -> None:
         self.publish("alert", {"status": status, "alert": alert})
@@ -236,10 +238,12 @@ class EventHub:
             second, self._second = self._second, {}
             models: dict[str, Any] = {}
             engine_now = self.engine.clock.now()
-            for key, (n, errors, rejected, latency_s, tokens) in second.items():
+            for key, (n, errors, rejected, latency_s, tokens, statuses) in second.items():
                 row: dict[str, Any] = {"requests": n, "errors": errors, "rejected": rejected,
                                        "avg_latency_ms": round(latency_s / n * 1000, 2),
                                        "completion_tokens": tokens}
+                if statuses:
+                    row["error_statuses"] = {str(s): c for s, c in statuses.items()}
                 if key != OTHER:
                     tl = self._tl(key)
                     if tl.density and tl.density[-1][0] == minute:
