@@ -235,3 +235,18 @@ async def test_the_dashboard_is_served(small, http):
     for asset in ("app.js", "style.css"):
         async with http.get(f"{small.url}/ui/{asset}") as r:
             assert r.status == 200, asset
+
+
+async def test_shutdown_ends_open_event_streams(emulator, http):
+    from proxy.app import create_app
+    from proxy.serving import serve
+
+    from .conftest import proxy_config
+    # a drain deadline longer than the test's timeout: only closing the streams ends them
+    served = await serve(create_app(proxy_config(emulator.url)), shutdown_timeout_s=600)
+    async with http.get(f"{served.url}/proxy/events") as r:
+        events = SseReader(r)
+        await events.next()
+        await served.close()
+        with pytest.raises(EOFError):
+            await events.next()
