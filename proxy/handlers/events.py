@@ -45,8 +45,8 @@ async def events(request: web.Request) -> web.StreamResponse:
             data = client.take()
             if data:
                 await resp.write(data)
-    except (ConnectionError, asyncio.CancelledError):
-        pass   # the viewer went away, or was dropped for falling behind
+    except ConnectionError:
+        pass   # the viewer went away (a dropped one is cancelled by its aborted connection)
     finally:
         hub.unsubscribe(client)
     return resp
