@@ -86,13 +86,17 @@ class Client:
         return data
 
 
+def _bounded(maxlen: int = TIMELINE_ITEMS) -> collections.deque:
+    return field(default_factory=lambda: collections.deque(maxlen=maxlen))
+
+
 @dataclass
 class _ModelTimeline:
-    resident: collections.deque = field(default_factory=lambda: collections.deque(maxlen=TIMELINE_ITEMS))
-    evictions: collections.deque = field(default_factory=lambda: collections.deque(maxlen=TIMELINE_ITEMS))
-    waits: collections.deque = field(default_factory=lambda: collections.deque(maxlen=TIMELINE_ITEMS))
-    rejects: collections.deque = field(default_factory=lambda: collections.deque(maxlen=TIMELINE_ITEMS))
-    density: collections.deque = field(default_factory=lambda: collections.deque(maxlen=1440))
+    resident: collections.deque = _bounded()    # [start, end | None, load_s, end reason]
+    evictions: collections.deque = _bounded()   # [t, reason, for_model]
+    waits: collections.deque = _bounded()       # [start, end | None]
+    rejects: collections.deque = _bounded()     # [t, 503s in that second]
+    density: collections.deque = _bounded(1440)  # [minute start, requests, failures]
     loading_since: float | None = None
     evicting: tuple[str, str | None] | None = None
 
@@ -404,10 +408,9 @@ class EventHub:
                 out[key] = {"resident": [], "evictions": [], "waits": [], "rejects": [],
                             "density": []}
                 continue
-            loading = None if tl.loading_since is None else tl.loading_since
             out[key] = {
                 "resident": [r for r in tl.resident if r[1] is None or r[1] >= since],
-                "loading_since": loading,
+                "loading_since": tl.loading_since,
                 "evictions": [x for x in tl.evictions if x[0] >= since],
                 "waits": [w for w in tl.waits if w[1] is None or w[1] >= since],
                 "rejects": [x for x in tl.rejects if x[0] >= since],

@@ -148,3 +148,28 @@ async def test_the_dashboard_reconnects_after_the_proxy_restarts(emulator, page)
         await expect(page.locator("#models tbody tr")).to_have_count(len(load_catalog()))
     finally:
         await served.close()
+
+
+async def test_an_action_refused_for_auth_asks_for_the_token_and_keeps_it(small, page, http):
+    """The proxy's auth is stood in for at the network layer: the page's own logic is tested."""
+    seen = []
+
+    async def admin_auth(route, request):
+        seen.append(request.headers.get("authorization"))
+        if seen[-1] == "Bearer s3cret":
+            await route.continue_()
+        else:
+            await route.fulfill(status=401, content_type="application/json",
+                                body='{"error": {"message": "admin token required"}}')
+
+    await page.route("**/proxy/models/*", admin_auth)
+    await open_dashboard(page, small.url)
+    await page.locator(f'#models tr[data-model="{A}"] button.load').click()
+    await expect(page.locator("#token-dialog")).to_be_visible()
+    await page.locator("#token-input").fill("s3cret")
+    await page.keyboard.press("Enter")
+    await expect(state_cell(page, A)).to_have_text("loaded")
+    await page.locator(f'#models tr[data-model="{A}"] button.unload').click()
+    await expect(state_cell(page, A)).to_have_text("unloaded")
+    assert seen == [None, "Bearer s3cret", "Bearer s3cret"]   # asked once, then remembered
+    assert await page.evaluate("sessionStorage.getItem('proxy-admin-token')") == "s3cret"

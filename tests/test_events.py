@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 
 import pytest
 
 from proxy.emulator import CatalogModel
 from proxy.keys import EVENTS, HEALTH
+from proxy.store import UsageStore
 
 from .fakes import GB
 from .sse import SseReader
@@ -198,6 +200,22 @@ async def test_the_timeline_shows_residency_and_the_eviction_reason(small, http)
     assert [e[1:] for e in tl[A]["evictions"]] == [["admission", B]]
     assert tl[B]["resident"][0][1] is None      # still resident
     assert tl[A]["density"][0][1] == 1 and tl[B]["density"][0][1] == 1
+
+
+async def test_the_timeline_reaches_back_into_the_history_store(make_emulator, make_proxy, http,
+                                                             tmp_path):
+    path = tmp_path / "history.sqlite3"
+    minute = int(time.time() // 60) - 180          # three hours ago, before this proxy ran
+    store = UsageStore(path)
+    assert store.open()
+    store.write({(A, minute): [4, 1, 10, 20, 1.0]}, {}, {}, minute + 180)
+    store.close()
+    emu = await make_emulator(catalog=TWO, capacity_bytes=64 * GB)
+    proxy = await make_proxy(emu.url, **{"storage.enabled": True, "storage.path": str(path)})
+    async with http.get(f"{proxy.url}/proxy/timeline?hours=6") as r:
+        assert (await r.json())["models"][A]["density"] == [[minute * 60, 4, 1]]
+    async with http.get(f"{proxy.url}/proxy/timeline?hours=1") as r:
+        assert (await r.json())["models"][A]["density"] == []
 
 
 async def test_timeline_rejects_a_window_beyond_a_day(small, http):

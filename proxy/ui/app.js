@@ -454,7 +454,7 @@ function renderTimeline() {
     }
     for (const [t, n] of m.rejects || []) {
       if (t < since) continue;
-      const r = svg("rect", { x: x(t) - 1, y: y + 1, width: 3, height: 7, class: "reject" });
+      const r = svg("rect", { x: x(t) - 1.5, y: y + 1, width: 3, height: lane - 10, class: "reject" });
       r.append(title(`${n} × 503 at ${new Date(t * 1000).toLocaleTimeString()}`));
       g.append(r);
     }
