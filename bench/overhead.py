@@ -219,6 +219,10 @@ def measure(servers: Servers, rounds: int, duration_s: float, stream_per_worker:
               f"{rss_mb['soak_before']:.1f} → {rss_mb['soak_after']:.1f} MB", file=sys.stderr)
     medians = {t: {k: statistics.median(v) for k, v in m.items()} for t, m in results.items()}
     events = event_stats(servers.url("proxy"))
+    if "dashboard" in servers.procs:   # the browser's own CPU, on the same cores as the rest
+        browser = psutil.Process(servers.procs["dashboard"].pid)
+        events["browser_cpu_s"] = sum(sum(p.cpu_times()[:2]) for p in
+                                      [browser, *browser.children(recursive=True)])
     return {"events": events, "medians": medians, "rounds": results, "rss_mb": rss_mb,
             "cpu_s_per_1000": {t: 1000 * c[0] / c[1] for t, c in cpu.items() if c[1]},
             "requests_per_target": {t: c[1] for t, c in cpu.items()}}
@@ -277,7 +281,8 @@ def _events_line(events: dict | None) -> str:
             f"{events['events_per_s']:.1f}/s over the last minute; the dashboard received "
             f"{c['events_sent']} events, {c['bytes_sent'] / 1e3:.1f} kB in {c['connected_s']:.0f}s "
             f"({c['bytes_sent'] / max(c['connected_s'], 1) / 1e3:.2f} kB/s); "
-            f"{events['dropped_clients']} clients dropped")
+            f"{events['dropped_clients']} clients dropped; Chromium rendering it used "
+            f"{events.get('browser_cpu_s', 0):.1f} CPU-s")
 
 
 def main(argv: list[str] | None = None) -> int:
