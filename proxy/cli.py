@@ -178,6 +178,6 @@ Try it:
   python -c "from openai import OpenAI; c = OpenAI(base_url='{url}/v1', api_key='lm-studio'); \\
 print(c.chat.completions.create(model='qwen/qwen3-4b', messages=[{{'role': 'user', 'content': 'Hello'}}]).choices[0].message.content)"
 
-Watch it work:  curl {url}/proxy/models   curl {url}/proxy/stats   curl {url}/metrics
+Watch it work:  {url}/ui  (dashboard)   curl -N {url}/proxy/events   curl {url}/metrics
 Stop with Ctrl-C.
 """

@@ -18,6 +18,7 @@ const state = {
   timeline: null,           // {since, now, models: {key: {resident, evictions, ...}}}
   windowH: 1,
   lastEventAt: 0,
+  timelineEvents: 0,        // bumps on each event that changes the timeline
 };
 
 const $ = (sel) => document.querySelector(sel);
@@ -79,6 +80,7 @@ function setConn(s, text) {
 }
 
 function tl(key) {
+  state.timelineEvents += 1;
   if (!state.timeline) state.timeline = { since: nowS() - state.windowH * 3600, now: nowS(), models: {} };
   let m = state.timeline.models[key];
   if (!m) m = state.timeline.models[key] = { resident: [], evictions: [], waits: [], rejects: [], density: [], loading_since: null };
@@ -175,13 +177,21 @@ const HANDLERS = {
 };
 
 async function fetchTimeline() {
-  try {
-    const resp = await fetch(`/proxy/timeline?hours=${state.windowH}`);
-    if (!resp.ok) return;
-    state.timeline = await resp.json();
-    scheduleRender();
-  } catch (e) {
-    // the proxy is restarting; the next snapshot fetches it again
+  // Events that arrive while the request is out would be lost under the older answer: ask
+  // again until an answer was not overtaken by them.
+  for (let attempt = 0; attempt < 5; attempt++) {
+    const seen = state.timelineEvents;
+    try {
+      const resp = await fetch(`/proxy/timeline?hours=${state.windowH}`);
+      if (!resp.ok) return;
+      const data = await resp.json();
+      if (state.timelineEvents !== seen) continue;
+      state.timeline = data;
+      scheduleRender();
+      return;
+    } catch (e) {
+      return;   // the proxy is restarting; the next snapshot fetches it again
+    }
   }
 }
 
@@ -307,8 +317,10 @@ function renderMemory() {
     li.append(el("span", { class: "swatch other" }), `other ${fmtGb(other)}`);
     legend.append(li);
   }
-  const reserve = Math.min(m.reserve_bytes || 0, m.available_bytes);
-  const free = Math.max(0, m.available_bytes - reserve);
+  // The sample may be up to a tick older than the model states: never draw more than the total.
+  const available = Math.min(m.available_bytes, Math.max(0, total - models - other));
+  const reserve = Math.min(m.reserve_bytes || 0, available);
+  const free = Math.max(0, available - reserve);
   const freeSeg = el("div", { class: "seg free", title: `free: ${fmtGb(free)}` });
   freeSeg.style.width = pct(free);
   bar.append(freeSeg);
@@ -331,7 +343,7 @@ function renderMemory() {
     legend.append(r);
   }
   $("#memory-summary").textContent =
-    `${fmtGb(used)} of ${fmtGb(total)} used (${m.sampler === "budget" ? "budget" : "system"})`;
+    `${fmtGb(Math.max(used, models))} of ${fmtGb(total)} used (${m.sampler === "budget" ? "budget" : "system"})`;
 }
 
 const COLUMNS = ["model", "state", "owner", "priority", "pinned", "leases", "waiting", "p50", "p95",
