@@ -97,6 +97,8 @@ async def test_a_request_shows_its_model_loaded_without_a_reload(proxy, page, ht
         .to_have_count(1)
     await expect(page.locator('#models tr[data-model="qwen/qwen3-4b"] td.owner')) \
         .to_have_text("proxy")
+    await expect(page.locator('#timeline .lane[data-model="qwen/qwen3-4b"] rect.resident')) \
+        .to_have_count(1)
     assert await page.evaluate("window.notReloaded") is True
     assert page.errors == []
 
