@@ -273,3 +273,18 @@ async def test_shutdown_ends_open_event_streams(emulator, http):
         await served.close()
         with pytest.raises(EOFError):
             await events.next()
+
+
+async def test_a_runtime_pin_keeps_a_model_from_idling_out(make_emulator, make_proxy, http):
+    from proxy.engine.clock import ManualClock
+    clock = ManualClock()
+    emu = await make_emulator(catalog=TWO, capacity_bytes=64 * GB)
+    proxy = await make_proxy(emu.url, app_kwargs={"clock": clock}, models={A: {"ttl_s": 60}})
+    await chat(http, proxy, A)
+    proxy.engine.set_pinned(A, True)
+    clock.advance(61)
+    assert await proxy.engine.unload_idle_models() == []
+    proxy.engine.set_pinned(A, False)
+    assert await proxy.engine.unload_idle_models() == [A]
+    evictions = proxy.app[EVENTS].timeline(3600)["models"][A]["evictions"]
+    assert [e[1:] for e in evictions] == [["idle", None]]
