@@ -128,7 +128,6 @@ class EventHub:
         self._second: dict[str, list] = {}
         self._in_flight: dict[str, int] = {}
         self._sample: MemorySample | None = None
-        self._level = "normal"
         self._sent_memory: tuple | None = None
         self._timeline: dict[str, _ModelTimeline] = {}
         self.errors: collections.deque = collections.deque(maxlen=RECENT_ERRORS)
@@ -212,7 +211,7 @@ class EventHub:
         pass   # the queue events above already tell the story
 
     def on_memory(self, sample: MemorySample, level: str) -> None:
-        self._sample, self._level = sample, level   # sent coalesced, once per tick
+        self._sample = sample   # sent coalesced, once per tick, with the engine's level
 
     def on_request(self, r: RequestRecord) -> None:
         key = r.model if self.engine.entry(r.model) is not None else OTHER
