@@ -109,6 +109,7 @@ const HANDLERS = {
     const r = row(d.model);
     r.state = d.new;
     if (d.new === "loaded" && d.old === "loading") r.owner = "proxy";
+    if (d.new === "loaded" && (d.old === "unloaded" || d.old === "error")) r.owner = "external";  // found by reconcile
     if (d.new === "unloaded") r.owner = null;
     const t = tl(d.model);
     if (d.new === "loading") t.loading_since = d.t;
