@@ -175,3 +175,12 @@ async def test_an_action_refused_for_auth_asks_for_the_token_and_keeps_it(small,
     await expect(state_cell(page, A)).to_have_text("unloaded")
     assert seen == [None, "Bearer s3cret", "Bearer s3cret"]   # asked once, then remembered
     assert await page.evaluate("sessionStorage.getItem('proxy-admin-token')") == "s3cret"
+
+
+async def test_a_model_loaded_outside_the_proxy_shows_as_external(small, page, http):
+    await open_dashboard(page, small.url)
+    async with http.post(f"{small.emulator.url}/api/v1/models/load", json={"model": B}) as r:
+        assert r.status == 200       # someone loads it in LM Studio itself
+    await small.engine.reconcile()
+    await expect(state_cell(page, B)).to_have_text("loaded")
+    await expect(page.locator(f'#models tr[data-model="{B}"] td.owner')).to_have_text("external")
