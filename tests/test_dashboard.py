@@ -184,3 +184,26 @@ async def test_a_model_loaded_outside_the_proxy_shows_as_external(small, page, h
     await small.engine.reconcile()
     await expect(state_cell(page, B)).to_have_text("loaded")
     await expect(page.locator(f'#models tr[data-model="{B}"] td.owner')).to_have_text("external")
+
+
+async def test_an_event_stream_that_needs_the_token_gets_it_from_the_prompt(small, page, http):
+    """Were the stream behind the admin token, the page asks once and then streams with it."""
+    seen = []
+
+    async def stream_auth(route, request):
+        seen.append(request.headers.get("authorization"))
+        if seen[-1] == "Bearer s3cret":
+            await route.continue_()
+        else:
+            await route.fulfill(status=401, content_type="application/json",
+                                body='{"error": {"message": "admin token required"}}')
+
+    await page.route("**/proxy/events", stream_auth)
+    await page.goto(f"{small.url}/ui/")
+    await expect(page.locator("#token-dialog")).to_be_visible()
+    await page.locator("#token-input").fill("s3cret")
+    await page.keyboard.press("Enter")
+    await expect(page.locator("#conn")).to_have_text("live")
+    assert await chat(http, small.url, A) == 200
+    await expect(state_cell(page, A)).to_have_text("loaded")   # events flow through the route
+    assert seen == [None, "Bearer s3cret"]

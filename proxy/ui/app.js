@@ -50,27 +50,77 @@ const fmtAgo = (s) => {
 const nowS = () => Date.now() / 1000;
 
 // -- the event stream ------------------------------------------------------------------------
-let source = null;
+// Read with fetch() rather than EventSource so that the stream can carry the admin token when
+// the proxy requires one; reconnecting and Last-Event-ID are done here as a browser would.
+let retryMs = 2000;
+let lastEventId = null;
 
-function connect() {
-  setConn("connecting", "connecting…");
-  source = new EventSource("/proxy/events");
-  source.addEventListener("open", () => setConn("live", "live"));
-  source.addEventListener("error", () => {
-    if (source.readyState === EventSource.CLOSED) {
-      setConn("down", "disconnected — retrying");
-      setTimeout(connect, 2000);     // the browser gave up (an HTTP error): try again ourselves
-    } else {
-      setConn("down", "reconnecting…");  // the browser retries by itself
+function authHeaders(extra = {}) {
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  return token ? { ...extra, Authorization: `Bearer ${token}` } : extra;
+}
+
+async function connect() {
+  for (;;) {
+    setConn("connecting", "connecting…");
+    try {
+      const headers = authHeaders({ Accept: "text/event-stream" });
+      if (lastEventId) headers["Last-Event-ID"] = lastEventId;
+      const resp = await fetch("/proxy/events", { headers, cache: "no-store" });
+      if (resp.status === 401 || resp.status === 403) {
+        sessionStorage.removeItem(TOKEN_KEY);
+        if (await askToken() !== null) continue;
+        setConn("down", "admin token needed");
+        await tokenGiven();
+        continue;
+      } else if (!resp.ok || !resp.body) {
+        setConn("down", `HTTP ${resp.status} — retrying`);
+      } else {
+        setConn("live", "live");
+        await readEvents(resp.body.pipeThrough(new TextDecoderStream()).getReader());
+        setConn("down", "reconnecting…");
+      }
+    } catch (e) {
+      setConn("down", "reconnecting…");   // the proxy is down or restarting
     }
-  });
-  for (const [type, fn] of Object.entries(HANDLERS)) {
-    source.addEventListener(type, (ev) => {
-      state.lastEventAt = Date.now();
-      fn(JSON.parse(ev.data));
-      scheduleRender();
-    });
+    await new Promise((resolve) => setTimeout(resolve, retryMs));
   }
+}
+
+async function readEvents(reader) {
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer += value.replace(/\r\n?/g, "\n");
+    let end;
+    while ((end = buffer.indexOf("\n\n")) >= 0) {
+      dispatch(buffer.slice(0, end));
+      buffer = buffer.slice(end + 2);
+    }
+  }
+}
+
+function dispatch(block) {
+  let type = "message";
+  const data = [];
+  for (const line of block.split("\n")) {
+    if (!line || line.startsWith(":")) continue;
+    const colon = line.indexOf(":");
+    const field = colon < 0 ? line : line.slice(0, colon);
+    const value = colon < 0 ? "" : line.slice(colon + 1).replace(/^ /, "");
+    if (field === "event") type = value;
+    else if (field === "data") data.push(value);
+    else if (field === "id") lastEventId = value;
+    else if (field === "retry" && /^\d+$/.test(value)) retryMs = Number(value);
+  }
+  const handler = HANDLERS[type];
+  if (!data.length || !handler) return;
+  const payload = JSON.parse(data.join("\n"));
+  if (type === "snapshot") lastEventId = payload.id;   // resume from the snapshot itself
+  state.lastEventAt = Date.now();
+  handler(payload);
+  scheduleRender();
 }
 
 function setConn(s, text) {
@@ -183,7 +233,7 @@ async function fetchTimeline() {
   for (let attempt = 0; attempt < 5; attempt++) {
     const seen = state.timelineEvents;
     try {
-      const resp = await fetch(`/proxy/timeline?hours=${state.windowH}`);
+      const resp = await fetch(`/proxy/timeline?hours=${state.windowH}`, { headers: authHeaders() });
       if (!resp.ok) return;
       const data = await resp.json();
       if (state.timelineEvents !== seen) continue;
@@ -198,36 +248,51 @@ async function fetchTimeline() {
 
 // -- actions ---------------------------------------------------------------------------------
 async function adminPost(path, body) {
-  const send = (token) => fetch(path, {
+  const send = () => fetch(path, {
     method: "POST",
-    headers: { "Content-Type": "application/json", ...(token ? { Authorization: `Bearer ${token}` } : {}) },
+    headers: authHeaders({ "Content-Type": "application/json" }),
     body: JSON.stringify(body),
   });
-  let token = sessionStorage.getItem(TOKEN_KEY);
-  let resp = await send(token);
+  let resp = await send();
   if (resp.status === 401 || resp.status === 403) {
-    token = await askToken();
-    if (token === null) return resp;
-    sessionStorage.setItem(TOKEN_KEY, token);
-    resp = await send(token);
+    if (await askToken() === null) return resp;
+    resp = await send();
     if (resp.status === 401 || resp.status === 403) sessionStorage.removeItem(TOKEN_KEY);
   }
   return resp;
 }
 
+// One prompt at a time, shared by the stream and the actions; resolves to the token or null.
+let tokenPrompt = null;
+let tokenWaiters = [];
+
 function askToken() {
+  if (tokenPrompt) return tokenPrompt;
   const dialog = $("#token-dialog");
   const input = $("#token-input");
   input.value = "";
-  return new Promise((resolve) => {
-    const done = (value) => { dialog.close(); resolve(value); };
+  tokenPrompt = new Promise((resolve) => {
+    const done = (value) => {
+      if (dialog.open) dialog.close();
+      tokenPrompt = null;
+      if (value !== null) {
+        sessionStorage.setItem(TOKEN_KEY, value);
+        for (const wake of tokenWaiters.splice(0)) wake();
+      }
+      resolve(value);
+    };
     $("#token-cancel").onclick = () => done(null);
     dialog.onsubmit = (ev) => { ev.preventDefault(); done(input.value); };
-    dialog.oncancel = () => resolve(null);
+    dialog.oncancel = () => done(null);
     dialog.showModal();
     input.focus();
   });
+  return tokenPrompt;
 }
+
+// After a cancelled prompt the stream waits until an action gets a token, instead of asking
+// again every few seconds.
+const tokenGiven = () => new Promise((resolve) => tokenWaiters.push(resolve));
 
 async function act(kind, key) {
   const r = row(key);
