@@ -1,6 +1,6 @@
 """Overhead of the proxy against no proxy and against the floor of a Python relay.
 
-    python -m bench.overhead [--rounds 3] [--duration-s 5] [--json FILE]
+    python -m bench.overhead [--rounds 3] [--duration-s 5] [--dashboard] [--json FILE]
 
 Starts, each in its own process on loopback: the LM Studio emulator with no load time and no
 per-token delay, the reference relay (bench/relay.py), and the proxy as users run it (its
@@ -8,6 +8,9 @@ default configuration, the model loaded). Non-streaming load comes from wrk (a L
 at concurrency 1, 16 and 64; streaming from an async Python client at concurrency 16. Targets
 run back to back in rotating order for several rounds; medians are reported, with the ratios
 proxy / relay and proxy / direct, which are the figures that hold on a noisy machine.
+With --dashboard a headless Chromium keeps the proxy's dashboard (/ui, live on the event
+stream) open throughout, and the event stream's own figures (events per second, bytes sent per
+client) are reported.
 """
 from __future__ import annotations
 
@@ -93,6 +96,21 @@ class Servers:
                     f"{self.url('proxy')}/readyz")
         post_json(f"{self.url('proxy')}/proxy/models/load", {"model": MODEL})
 
+    def open_dashboard(self) -> None:
+        from .browser import CHROMIUM_ARGS, chromium_path
+        path = chromium_path()
+        if path is None:
+            raise RuntimeError("--dashboard needs Chromium: apt-get install chromium")
+        log = open(self.workdir / "chromium.log", "w")
+        self.procs["dashboard"] = subprocess.Popen(
+            [path, "--headless", *CHROMIUM_ARGS, f"--user-data-dir={self.workdir / 'profile'}",
+             f"{self.url('proxy')}/ui/"], stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while not event_stats(self.url("proxy"))["clients"]:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the dashboard did not connect to the event stream")
+            time.sleep(0.2)
+
     def _spawn(self, name: str, cmd: list[str], ready_url: str) -> None:
         log = open(self.workdir / f"{name}.log", "w")
         self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
@@ -110,6 +128,11 @@ class Servers:
                 p.wait(10)
             except subprocess.TimeoutExpired:
                 p.kill()
+
+
+def event_stats(proxy_url: str) -> dict:
+    with urllib.request.urlopen(f"{proxy_url}/proxy/events/stats", timeout=10) as resp:
+        return json.loads(resp.read())
 
 
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
@@ -195,7 +218,12 @@ def measure(servers: Servers, rounds: int, duration_s: float, stream_per_worker:
         print(f"soak: {served} requests in {time.monotonic() - soak_start:.0f}s; proxy RSS "
               f"{rss_mb['soak_before']:.1f} → {rss_mb['soak_after']:.1f} MB", file=sys.stderr)
     medians = {t: {k: statistics.median(v) for k, v in m.items()} for t, m in results.items()}
-    return {"medians": medians, "rounds": results, "rss_mb": rss_mb,
+    events = event_stats(servers.url("proxy"))
+    if "dashboard" in servers.procs:   # the browser's own CPU, on the same cores as the rest
+        browser = psutil.Process(servers.procs["dashboard"].pid)
+        events["browser_cpu_s"] = sum(sum(p.cpu_times()[:2]) for p in
+                                      [browser, *browser.children(recursive=True)])
+    return {"events": events, "medians": medians, "rounds": results, "rss_mb": rss_mb,
             "cpu_s_per_1000": {t: 1000 * c[0] / c[1] for t, c in cpu.items() if c[1]},
             "requests_per_target": {t: c[1] for t, c in cpu.items()}}
 
@@ -237,11 +265,24 @@ def render(data: dict) -> str:
          else "- soak: not run (--soak-requests)"),
         f"- CPU seconds per 1,000 requests: relay {cpu.get('relay', 0):.3f}, proxy "
         f"{cpu.get('proxy', 0):.3f}",
+        _events_line(data.get("events")),
         "- wrk errors (non-2xx): " + ", ".join(
             f"{t} {sum(sum(v) for k, v in data['rounds'][t].items() if k.startswith('errors'))}"
             for t in TARGETS),
     ]
     return "\n".join(head + rows + tail)
+
+
+def _events_line(events: dict | None) -> str:
+    if not events or not events["clients"]:
+        return "- event stream: no client attached (--dashboard)"
+    c = events["clients"][0]
+    return (f"- event stream with the dashboard open: {events['published']} events published, "
+            f"{events['events_per_s']:.1f}/s over the last minute; the dashboard received "
+            f"{c['events_sent']} events, {c['bytes_sent'] / 1e3:.1f} kB in {c['connected_s']:.0f}s "
+            f"({c['bytes_sent'] / max(c['connected_s'], 1) / 1e3:.2f} kB/s); "
+            f"{events['dropped_clients']} clients dropped; Chromium rendering it used "
+            f"{events.get('browser_cpu_s', 0):.1f} CPU-s")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -258,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--soak-requests", type=int, default=0,
                     help="afterwards, send this many more requests through the proxy and "
                          "report its RSS before and after")
+    ap.add_argument("--dashboard", action="store_true",
+                    help="keep the dashboard open in a headless Chromium throughout")
     ap.add_argument("--json", help="write the numbers here")
     args = ap.parse_args(argv)
     if shutil.which("wrk") is None:
@@ -271,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
         servers = Servers(workdir, args.proxy_arg, args.event_loop)
         try:
             servers.start()
+            if args.dashboard:
+                servers.open_dashboard()
             data = measure(servers, args.rounds, args.duration_s, args.stream_requests, script,
                            args.soak_requests)
         finally:

@@ -13,11 +13,12 @@ from .engine.health import ModelHealthMonitor
 from .engine.manager import ModelMemoryManager
 from .engine.memory import MemorySampler
 from .errors import ProxyError, RouteNotFound
-from .handlers import admin, health, openai
+from .events import EventHub
+from .handlers import admin, events, health, openai
 from .accesslog import AccessLog
 from .compat import Compat
-from .keys import (ACCESS_LOG, COMPAT, CONFIG, ENGINE, HEALTH, METRICS, RESPONSE_STARTED,
-                   UPSTREAM)
+from .keys import (ACCESS_LOG, COMPAT, CONFIG, ENGINE, EVENTS, HEALTH, METRICS,
+                   RESPONSE_STARTED, UPSTREAM)
 from .metrics import CompatCollector, ProxyMetrics
 from .store import UsageStore, default_path
 from .upstream import create_upstream
@@ -81,11 +82,19 @@ def create_app(config: Config, *, upstream: Upstream | None = None, clock: Clock
     app[ACCESS_LOG] = AccessLog()
     app[HEALTH] = ModelHealthMonitor(engine, config.health, sink=sink,
                                      prober=_prober(engine, upstream))
+    app[EVENTS] = EventHub(engine, app[HEALTH])
     app.cleanup_ctx.append(_engine_ctx)
+    app.on_shutdown.append(_close_event_streams)
     openai.add_routes(app)
     admin.add_routes(app)
     health.add_routes(app)
+    events.add_routes(app)
     return app
+
+
+async def _close_event_streams(app: web.Application) -> None:
+    """Event streams never end by themselves: end them before the server waits for handlers."""
+    app[EVENTS].close_clients()
 
 
 def _prober(engine: ModelMemoryManager, upstream: Upstream
@@ -112,6 +121,7 @@ def _prober(engine: ModelMemoryManager, upstream: Upstream
 async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
     upstream, engine, health = app[UPSTREAM], app[ENGINE], app[HEALTH]
     await app[ACCESS_LOG].start()
+    await app[EVENTS].start()
     await upstream.start()
     await engine.start()
     if not engine.upstream_ok:
@@ -128,3 +138,4 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
     await engine.cleanup()
     await upstream.close()
     await app[ACCESS_LOG].close()
+    await app[EVENTS].close()

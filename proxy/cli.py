@@ -127,7 +127,15 @@ def _status(argv: list[str], environ: Mapping[str, str]) -> int:
                                 description="Show models, memory and pressure of a running proxy.")
     port = environ.get("PROXY_PORT", "8080")
     p.add_argument("--url", default=environ.get("PROXY_URL", f"http://127.0.0.1:{port}"))
-    return run(p.parse_args(argv).url)
+    p.add_argument("--watch", action="store_true",
+                   help="redraw in place as the proxy's event stream reports changes")
+    p.add_argument("--interval", type=float, default=1.0,
+                   help="with --watch: at most one redraw per this many seconds")
+    args = p.parse_args(argv)
+    if args.watch:
+        from .status import watch
+        return watch(args.url, interval_s=args.interval)
+    return run(args.url)
 
 
 async def _run(config: Config, *, demo: bool) -> None:
@@ -172,6 +180,6 @@ Try it:
   python -c "from openai import OpenAI; c = OpenAI(base_url='{url}/v1', api_key='lm-studio'); \\
 print(c.chat.completions.create(model='qwen/qwen3-4b', messages=[{{'role': 'user', 'content': 'Hello'}}]).choices[0].message.content)"
 
-Watch it work:  curl {url}/proxy/models   curl {url}/proxy/stats   curl {url}/metrics
+Watch it work:  {url}/ui  (dashboard)   curl -N {url}/proxy/events   curl {url}/metrics
 Stop with Ctrl-C.
 """

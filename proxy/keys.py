@@ -8,6 +8,7 @@ from .compat import Compat
 from .config import Config
 from .engine.health import ModelHealthMonitor
 from .engine.manager import ModelMemoryManager
+from .events import EventHub
 from .metrics import ProxyMetrics
 from .upstream.base import Upstream
 
@@ -18,6 +19,7 @@ METRICS = web.AppKey("metrics", ProxyMetrics)
 ACCESS_LOG = web.AppKey("access_log", AccessLog)
 HEALTH = web.AppKey("health", ModelHealthMonitor)
 COMPAT = web.AppKey("compat", Compat)
+EVENTS = web.AppKey("events", EventHub)
 # Set on a request once its response headers are sent: errors can no longer become a response.
 RESPONSE_STARTED = web.RequestKey("response_started", bool)
 # The task a request was tagged with, and the model `auto:<task>` picked for it.

@@ -1,12 +1,21 @@
-"""`python -m proxy status [--url URL]`: models, memory and pressure at a glance."""
+"""`python -m proxy status [--url URL] [--watch]`: models, memory and pressure at a glance.
+
+With `--watch` the table is redrawn in place whenever the proxy's event stream
+(`/proxy/events`) reports a change, at most once per `--interval`, and every REFRESH_S anyway
+so that ages move on.
+"""
 from __future__ import annotations
 
 import json
+import sys
+import threading
 import urllib.error
 import urllib.request
-from typing import Any
+from typing import Any, TextIO
 
 BAR_WIDTH = 30
+REFRESH_S = 5.0
+CLEAR = "\x1b[H\x1b[2J"   # cursor home, clear screen
 
 
 def fetch(url: str, path: str, timeout_s: float = 5.0) -> Any:
@@ -61,13 +70,56 @@ def _ago(seconds: float | None) -> str:
     return f"{seconds / 3600:.1f}h ago"
 
 
+def snapshot(url: str) -> str:
+    """The rendered table; raises OSError/ValueError when the proxy does not answer."""
+    return render(fetch(url, "/proxy/stats"), fetch(url, "/proxy/models"),
+                  fetch(url, "/proxy/health"))
+
+
 def run(url: str) -> int:
     try:
-        stats = fetch(url, "/proxy/stats")
-        models = fetch(url, "/proxy/models")
-        health = fetch(url, "/proxy/health")
+        text = snapshot(url)
     except (urllib.error.URLError, OSError, ValueError) as exc:
         print(f"cannot reach the proxy at {url}: {exc}")
         return 1
-    print(render(stats, models, health))
+    print(text)
+    return 0
+
+
+def watch(url: str, out: TextIO = sys.stdout, *, interval_s: float = 1.0,
+          refresh_s: float = REFRESH_S, stop: threading.Event | None = None) -> int:
+    """Redraw on every change the event stream reports, until Ctrl-C or `stop` is set."""
+    changed, stop = threading.Event(), stop or threading.Event()
+
+    def listen() -> None:
+        while not stop.is_set():
+            try:
+                with urllib.request.urlopen(url.rstrip("/") + "/proxy/events",
+                                            timeout=60) as resp:
+                    for line in resp:
+                        if stop.is_set():
+                            return
+                        if line.startswith(b"event:"):
+                            changed.set()
+            except (OSError, ValueError):
+                pass
+            changed.set()            # disconnected: draw the "cannot reach" frame
+            stop.wait(interval_s)    # then reconnect
+
+    threading.Thread(target=listen, name="status-events", daemon=True).start()
+    try:
+        while not stop.is_set():
+            changed.wait(refresh_s)
+            changed.clear()
+            try:
+                text = snapshot(url)
+            except (urllib.error.URLError, OSError, ValueError) as exc:
+                text = f"cannot reach the proxy at {url}: {exc} (retrying)"
+            out.write(CLEAR + text + "\n")
+            out.flush()
+            stop.wait(interval_s)    # coalesce bursts of events into one redraw
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop.set()
     return 0

@@ -69,6 +69,7 @@ class ModelHealthMonitor:
         self._latency: dict[str, _LatencyHistory] = {}
         self._periodic = Periodic("health", log)
         self._last_probe_s = float("-inf")
+        self.listeners: list[Any] = []   # on_alert(status, alert_dict): "firing" | "resolved"
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start_monitoring(self, interval: float | None = None) -> None:
@@ -185,11 +186,19 @@ class ModelHealthMonitor:
         log.warning("ALERT %s: %s", alert.id, alert.message)
         if self.sink is not None:
             self.sink.send({"status": "firing", **alert.as_dict(now)})
+        self._notify("firing", alert.as_dict(now))
 
     def _close(self, alert: Alert, now: float) -> None:
         log.info("resolved %s after %.0fs", alert.id, now - alert.since_s)
         if self.sink is not None:
             self.sink.send({"status": "resolved", **alert.as_dict(now)})
+        self._notify("resolved", alert.as_dict(now))
+
+    def _notify(self, status: str, alert: dict[str, Any]) -> None:
+        for listener in self.listeners:
+            hook = getattr(listener, "on_alert", None)
+            if hook is not None:
+                hook(status, alert)
 
     # -- report ------------------------------------------------------------------------------
     def get_health_report(self) -> dict[str, Any]:

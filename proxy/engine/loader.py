@@ -71,8 +71,9 @@ class Loader:
             self.accounting.remember_owned(e, result.instance_id, options)
         self._set_status(e, S.LOADED)
         e.owner = OWNER_EXTERNAL if adopted else OWNER_PROXY
+        after = await self.monitor.sample()    # the pressure level sees the load at once
         if before is not None and self.learns_footprints and changes + 1 == self.monitor.changes:
-            self._learn_footprint(e, before, await self.monitor.sample())
+            self._learn_footprint(e, before, after)
         if not adopted:
             self.accounting.footprint_changed(e)
         log.info("loaded %s in %.2fs", e.key, duration_s)

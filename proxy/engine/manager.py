@@ -103,6 +103,13 @@ class ModelMemoryManager(EngineCore):
         return {e.key: ModelMetrics(self.usage(e.key), e, self.footprint_bytes(e), now)
                 for e in self.registry}
 
+    def is_pinned(self, key: str) -> bool:
+        return self.registry.pinned(key)
+
+    def set_pinned(self, key: str, pinned: bool) -> None:
+        """A runtime pin (POST /proxy/models/pin): kept until the proxy restarts."""
+        self.registry.pin_override[key] = pinned
+
     def get_loaded_models(self) -> list[str]:
         return self.registry.loaded()
 

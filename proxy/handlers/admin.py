@@ -8,7 +8,7 @@ from aiohttp import web
 
 from ..engine.report import model_row
 from ..errors import InvalidRequest
-from ..keys import COMPAT, ENGINE
+from ..keys import COMPAT, ENGINE, EVENTS
 from .openai import read_body
 
 
@@ -67,6 +67,19 @@ async def unload(request: web.Request) -> web.Response:
                           "state": engine.model_status[key].value})
 
 
+async def pin(request: web.Request) -> web.Response:
+    """A runtime pin (or unpin) that overrides the config until the proxy restarts."""
+    data = await _json_object(request)
+    pinned = data.get("pinned", True)
+    if not isinstance(pinned, bool):
+        raise InvalidRequest("'pinned' must be true or false.", param="pinned")
+    engine = request.app[ENGINE]
+    key = await engine.resolve(_model_field(data))
+    engine.set_pinned(key, pinned)
+    request.app[EVENTS].publish("pin", {"model": key, "pinned": pinned})
+    return json_response({"model": key, "pinned": engine.is_pinned(key)})
+
+
 async def optimize(request: web.Request) -> web.Response:
     return json_response(await request.app[ENGINE].optimize_memory_usage())
 
@@ -97,6 +110,7 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/proxy/models", models)
     r.add_post("/proxy/models/load", load)
     r.add_post("/proxy/models/unload", unload)
+    r.add_post("/proxy/models/pin", pin)
     r.add_post("/proxy/optimize", optimize)
     r.add_post("/proxy/clear", clear)
     r.add_get("/proxy/stats", stats)

@@ -1,0 +1,430 @@
+"""The event hub behind `GET /proxy/events` (Server-Sent Events) and the dashboard.
+
+It listens to the engine and the health monitor. Rare events (state changes, evictions, loads,
+queue changes, alerts) are encoded once and appended to a ring of recent events; requests only
+bump a per-model counter (O(1), no allocation per request), and a ticker turns those counters
+into one `requests` event per second, together with the latest memory sample and in-flight
+counts when they changed. A flusher hands each batch of new events to every client's bounded
+buffer; a client whose buffer overflows (it reads slower than events come) is dropped — its
+connection aborted — so a slow viewer never holds up the engine or the other viewers.
+
+Event ids are `<epoch>-<n>`: a client resuming with `Last-Event-ID` from this process gets the
+events it missed from the ring; one from another process (a restart) or from too long ago gets a
+fresh `snapshot` first.
+
+The hub also keeps the timeline the dashboard draws (bounded, the last `TIMELINE_S`): when each
+model was resident, its load bars, evictions with their reason, waits for memory, 503s, and
+requests per minute.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Iterable
+
+import orjson
+
+from .engine.memory import GB, MemorySample
+from .engine.usage import RequestRecord
+
+if TYPE_CHECKING:
+    from .engine.health import ModelHealthMonitor
+    from .engine.manager import ModelMemoryManager
+
+log = logging.getLogger("proxy.events")
+
+RING_EVENTS = 2048           # recent events kept for Last-Event-ID resume
+CLIENT_BUFFER_EVENTS = 1024  # a client further behind than this is dropped
+TICK_S = 1.0                 # per-second request summaries, memory, in-flight
+TIMELINE_S = 24 * 3600.0
+TIMELINE_ITEMS = 2000        # per model and kind: residency intervals, evictions, waits, 503s
+RECENT_ERRORS = 50
+OTHER = "__other__"
+
+
+@dataclass
+class Event:
+    n: int
+    type: str
+    encoded: bytes
+
+
+@dataclass(eq=False)
+class Client:
+    """One viewer: a bounded buffer of encoded events and a way to cut it off."""
+    limit: int
+    abort: Callable[[], None]
+    pending: collections.deque = field(default_factory=collections.deque)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    dropped: bool = False
+    connected_at_s: float = field(default_factory=time.monotonic)
+    events_sent: int = 0
+    bytes_sent: int = 0
+
+    def push(self, batch: list[Event]) -> bool:
+        """False (and the client dropped) when the batch does not fit its buffer."""
+        if self.dropped:
+            return False
+        if len(self.pending) + len(batch) > self.limit:
+            self.dropped = True
+            self.pending.clear()
+            self.wake.set()
+            self.abort()
+            return False
+        self.pending.extend(batch)
+        self.wake.set()
+        return True
+
+    def take(self) -> bytes:
+        batch, self.pending = self.pending, collections.deque()
+        data = b"".join(e.encoded for e in batch)
+        self.events_sent += len(batch)
+        self.bytes_sent += len(data)
+        return data
+
+
+def _bounded(maxlen: int = TIMELINE_ITEMS) -> collections.deque:
+    return field(default_factory=lambda: collections.deque(maxlen=maxlen))
+
+
+@dataclass
+class _ModelTimeline:
+    resident: collections.deque = _bounded()    # [start, end | None, load_s, end reason]
+    evictions: collections.deque = _bounded()   # [t, reason, for_model]
+    waits: collections.deque = _bounded()       # [start, end | None]
+    rejects: collections.deque = _bounded()     # [t, 503s in that second]
+    density: collections.deque = _bounded(1440)  # [minute start, requests, failures]
+    loading_since: float | None = None
+    evicting: tuple[str, str | None] | None = None
+
+
+def encode(event_id: str, event_type: str, data: Any) -> bytes:
+    return b"id: %s\nevent: %s\ndata: %s\n\n" % (event_id.encode(), event_type.encode(),
+                                                   orjson.dumps(data))
+
+
+class EventHub:
+    def __init__(self, engine: "ModelMemoryManager", health: "ModelHealthMonitor | None" = None,
+                 *, ring_events: int = RING_EVENTS,
+                 client_buffer_events: int = CLIENT_BUFFER_EVENTS, tick_s: float = TICK_S) -> None:
+        self.engine = engine
+        self.health = health
+        self.tick_s = tick_s
+        self.client_buffer_events = client_buffer_events
+        self.epoch = format(int(time.time() * 1000), "x")
+        self.ring: collections.deque[Event] = collections.deque(maxlen=ring_events)
+        self.clients: set[Client] = set()
+        self.published = 0
+        self.dropped_clients = 0
+        self._n = 0
+        self._batch: list[Event] = []
+        self._wake = asyncio.Event()
+        self._changed = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+        # model → [requests, errors, 503s, latency_s, tokens, {status: errors}]
+        self._second: dict[str, list] = {}
+        self._in_flight: dict[str, int] = {}
+        self._sample: MemorySample | None = None
+        self._sent_memory: tuple | None = None
+        self._timeline: dict[str, _ModelTimeline] = {}
+        self.errors: collections.deque = collections.deque(maxlen=RECENT_ERRORS)
+        self._started_wall = time.time()
+        self._rate: collections.deque = collections.deque(maxlen=60)   # (wall, published)
+        engine.add_listener(self)
+        if health is not None:
+            health.listeners.append(self)
+
+    # -- publishing ------------------------------------------------------------------------
+    def publish(self, event_type: str, data: dict[str, Any]) -> Event:
+        self._n += 1
+        data.setdefault("t", round(time.time(), 3))
+        ev = Event(self._n, event_type, encode(f"{self.epoch}-{self._n}", event_type, data))
+        self.ring.append(ev)
+        self._batch.append(ev)
+        self.published += 1
+        self._wake.set()
+        return ev
+
+    @property
+    def last_id(self) -> str:
+        return f"{self.epoch}-{self._n}"
+
+    def _tl(self, model: str) -> _ModelTimeline:
+        tl = self._timeline.get(model)
+        if tl is None:
+            tl = self._timeline[model] = _ModelTimeline()
+        return tl
+
+    # -- engine listener (cheap: no awaits, no I/O) ----------------------------------------
+    def on_state(self, model: str, old: str, new: str) -> None:
+        now = time.time()
+        tl = self._tl(model)
+        if new == "loading":
+            tl.loading_since = now
+        elif new == "loaded" and old != "unloading":
+            load_s = None if tl.loading_since is None else now - tl.loading_since
+            tl.resident.append([now, None, None if load_s is None else round(load_s, 3), None])
+            tl.loading_since = None
+        elif new in ("unloaded", "error"):
+            tl.loading_since = None
+            if old in ("loaded", "unloading") and tl.resident and tl.resident[-1][1] is None:
+                reason = tl.evicting[0] if tl.evicting else "external"
+                tl.resident[-1][1], tl.resident[-1][3] = now, reason
+            tl.evicting = None
+        self.publish("state", {"model": model, "old": old, "new": new})
+
+    def on_load(self, model: str, duration_s: float, ok: bool) -> None:
+        data: dict[str, Any] = {"model": model, "ok": ok, "duration_s": round(duration_s, 3)}
+        e = self.engine.entry(model)
+        if e is not None:
+            data["footprint_bytes"] = round(self.engine.footprint_bytes(e))
+            data["footprint_source"] = self.engine.registry.footprint_source(e)
+            if not ok:
+                data["error"] = e.last_error
+                self.errors.append({"t": round(time.time(), 3), "model": model,
+                                    "kind": "load_failed", "message": e.last_error})
+        self.publish("load", data)
+
+    def on_evict(self, model: str, reason: str, for_model: str | None) -> None:
+        now = time.time()
+        tl = self._tl(model)
+        tl.evicting = (reason, for_model)
+        tl.evictions.append([now, reason, for_model])
+        self.publish("evict", {"model": model, "reason": reason, "for_model": for_model})
+
+    def on_unload(self, model: str, reason: str) -> None:
+        self.publish("unload", {"model": model, "reason": reason})
+
+    def on_queue(self, model: str, waiting: int) -> None:
+        now = time.time()
+        waits = self._tl(model).waits
+        if waiting and (not waits or waits[-1][1] is not None):
+            waits.append([now, None])
+        elif not waiting and waits and waits[-1][1] is None:
+            waits[-1][1] = now
+        self.publish("queue", {"model": model, "waiting": waiting})
+
+    def on_queue_wait(self, model: str, seconds: float) -> None:
+        pass   # the queue events above already tell the story
+
+    def on_memory(self, sample: MemorySample, level: str) -> None:
+        self._sample = sample   # sent coalesced, once per tick, with the engine's level
+
+    def on_request(self, r: RequestRecord) -> None:
+        key = r.model if self.engine.entry(r.model) is not None else OTHER
+        acc = self._second.get(key)
+        if acc is None:
+            acc = self._second[key] = [0, 0, 0, 0.0, 0, {}]
+        acc[0] += 1
+        acc[3] += r.latency_s
+        acc[4] += r.completion_tokens
+        if not r.ok:
+            acc[1] += 1
+            acc[5][r.status] = acc[5].get(r.status, 0) + 1
+            if r.status == 503:
+                acc[2] += 1
+            self.errors.append({"t": round(time.time(), 3), "model": r.model,
+                                "kind": "request", "status": r.status,
+                                "message": f"{r.status} on {r.endpoint or 'a request'}"})
+
+    def on_alert(self, status: str, alert: dict[str, Any]) -> None:
+        self.publish("alert", {"status": status, "alert": alert})
+
+    # -- the ticker: per-second summaries ---------------------------------------------------
+    def tick(self) -> None:
+        now = time.time()
+        minute = int(now // 60) * 60
+        if self._second:
+            second, self._second = self._second, {}
+            models: dict[str, Any] = {}
+            engine_now = self.engine.clock.now()
+            for key, (n, errors, rejected, latency_s, tokens, statuses) in second.items():
+                row: dict[str, Any] = {"requests": n, "errors": errors, "rejected": rejected,
+                                       "avg_latency_ms": round(latency_s / n * 1000, 2),
+                                       "completion_tokens": tokens}
+                if statuses:
+                    row["error_statuses"] = {str(s): c for s, c in statuses.items()}
+                if key != OTHER:
+                    tl = self._tl(key)
+                    if tl.density and tl.density[-1][0] == minute:
+                        tl.density[-1][1] += n
+                        tl.density[-1][2] += errors
+                    else:
+                        tl.density.append([minute, n, errors])
+                    if rejected:
+                        tl.rejects.append([now, rejected])
+                    row["stats"] = self.engine.usage(key).summary(engine_now)
+                models[key] = row
+            self.publish("requests", {"models": models})
+        in_flight = {}
+        for key in self.engine.known_models():
+            e = self.engine.entry(key)
+            if e is not None and (e.leases or self._in_flight.get(key)):
+                in_flight[key] = e.leases
+        if in_flight:
+            self._in_flight = {k: v for k, v in in_flight.items() if v}
+            self.publish("in_flight", {"models": in_flight})
+        if self._sample is not None:
+            memory = self.memory()
+            sig = (memory["available_bytes"], memory["total_bytes"], memory["level"])
+            if sig != self._sent_memory:
+                self._sent_memory = sig
+                self.publish("memory", memory)
+        self._rate.append((now, self.published))
+
+    def memory(self) -> dict[str, Any]:
+        mem = self.engine.config.memory
+        s = self._sample or self.engine.last_sample
+        out: dict[str, Any] = {"level": self.engine.memory_pressure.value,
+                               "sampler": mem.sampler,
+                               "reserve_bytes": int(mem.min_free_memory_gb * GB),
+                               "ceiling_percent": mem.max_memory_usage_percent,
+                               "total_bytes": None, "available_bytes": None, "used_percent": None}
+        if s is not None:
+            out.update(total_bytes=s.total_bytes, available_bytes=s.available_bytes,
+                       used_percent=round(s.used_percent, 2))
+        return out
+
+    # -- clients ----------------------------------------------------------------------------
+    def subscribe(self, last_event_id: str | None, abort: Callable[[], None]
+                  ) -> tuple[Client, bytes]:
+        """Register a client; returns it and what to send first: the missed events when
+        `last_event_id` can be resumed from the ring, else a snapshot."""
+        client = Client(self.client_buffer_events, abort)
+        self.clients.add(client)
+        self._changed.set()
+        replay = self._replay(last_event_id)
+        if replay is None:
+            first = b"event: snapshot\ndata: %s\n\n" % orjson.dumps(self.snapshot())
+        else:
+            first = b"".join(e.encoded for e in replay)
+        return client, first
+
+    def _replay(self, last_event_id: str | None) -> list[Event] | None:
+        if not last_event_id:
+            return None
+        epoch, _, n = last_event_id.strip().partition("-")
+        if epoch != self.epoch or not n.isdigit():
+            return None
+        after = int(n)
+        oldest = self.ring[0].n if self.ring else self._n + 1
+        if after > self._n or after < oldest - 1:
+            return None   # from the future, or the ring no longer reaches back that far
+        return [e for e in self.ring if e.n > after]
+
+    def unsubscribe(self, client: Client) -> None:
+        self.clients.discard(client)
+        self._changed.set()
+
+    async def wait_for(self, predicate: Callable[[], bool]) -> None:
+        """Until predicate() holds, re-checked whenever a client comes, goes or is dropped."""
+        while not predicate():
+            self._changed.clear()
+            await self._changed.wait()
+
+    def _fan_out(self) -> None:
+        batch, self._batch = self._batch, []
+        if not batch:
+            return
+        for client in list(self.clients):
+            if not client.push(batch):
+                self.dropped_clients += 1
+                self.clients.discard(client)
+                self._changed.set()
+                log.info("dropped an event-stream client %d events behind", client.limit)
+
+    def close_clients(self) -> None:
+        for client in list(self.clients):
+            client.dropped = True
+            client.wake.set()
+        self.clients.clear()
+        self._changed.set()
+
+    # -- background tasks -------------------------------------------------------------------
+    async def start(self) -> None:
+        if not self._tasks:
+            self._tasks = [asyncio.create_task(self._flusher(), name="events-flush"),
+                           asyncio.create_task(self._ticker(), name="events-tick")]
+
+    async def close(self) -> None:
+        self.close_clients()
+        tasks, self._tasks = self._tasks, []
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _flusher(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            self._fan_out()
+
+    async def _ticker(self) -> None:
+        while True:
+            await asyncio.sleep(self.tick_s)
+            try:
+                self.tick()
+            except Exception:
+                log.exception("event ticker failed; continuing")
+
+    # -- views ------------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        rate = 0.0
+        if len(self._rate) >= 2:
+            (t0, n0), (t1, n1) = self._rate[0], self._rate[-1]
+            rate = (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
+        return {"published": self.published, "events_per_s": round(rate, 2),
+                "ring": len(self.ring), "dropped_clients": self.dropped_clients,
+                "clients": [{"connected_s": round(time.monotonic() - c.connected_at_s, 1),
+                             "events_sent": c.events_sent, "bytes_sent": c.bytes_sent,
+                             "buffered": len(c.pending)} for c in self.clients]}
+
+    def snapshot(self) -> dict[str, Any]:
+        engine = self.engine
+        stats = engine.get_memory_stats()
+        models = []
+        for key, row in stats["models"].items():
+            e = engine.entry(key)
+            cfg = engine.config.model(key)
+            models.append({"model": key, **row, "waiting": e.waiting if e else 0,
+                           "aliases": list(cfg.aliases)})
+        health = self.health.get_health_report() if self.health is not None else None
+        return {"id": self.last_id, "t": round(time.time(), 3), "models": models,
+                "memory": self.memory(), "upstream": stats["upstream"],
+                "queue_length": stats["queue_length"], "health": health,
+                "errors": list(self.errors)}
+
+    def timeline(self, window_s: float) -> dict[str, Any]:
+        now = time.time()
+        since = now - min(window_s, TIMELINE_S)
+        out: dict[str, Any] = {}
+        for key in sorted(set(self.engine.known_models()) | set(self._timeline)):
+            tl = self._timeline.get(key)
+            if tl is None:
+                out[key] = {"resident": [], "evictions": [], "waits": [], "rejects": [],
+                            "density": []}
+                continue
+            out[key] = {
+                "resident": [r for r in tl.resident if r[1] is None or r[1] >= since],
+                "loading_since": tl.loading_since,
+                "evictions": [x for x in tl.evictions if x[0] >= since],
+                "waits": [w for w in tl.waits if w[1] is None or w[1] >= since],
+                "rejects": [x for x in tl.rejects if x[0] >= since],
+                "density": [d for d in tl.density if d[0] >= since - 60]}
+        return {"now": round(now, 3), "since": round(since, 3),
+                "started": round(self._started_wall, 3), "models": out}
+
+    def merge_history(self, timeline: dict[str, Any],
+                      history: dict[str, Iterable[tuple]]) -> None:
+        """Requests per minute from the history store for the minutes before this process."""
+        for key, rows in history.items():
+            entry = timeline["models"].get(key)
+            if entry is None:
+                continue
+            first = entry["density"][0][0] if entry["density"] else float("inf")
+            older = [[minute * 60, n, failures] for minute, n, failures, *_ in rows
+                     if minute * 60 < first]
+            entry["density"] = older + entry["density"]

@@ -1,0 +1,94 @@
+"""The event stream (`GET /proxy/events`, Server-Sent Events), the timeline and the dashboard.
+
+The stream starts with `retry:` and either a `snapshot` event (a fresh client, or one whose
+`Last-Event-ID` the ring cannot resume) or the events it missed; then events as they come and a
+comment line every HEARTBEAT_S so proxies and browsers keep the connection open.
+"""
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from aiohttp import web
+
+from ..errors import InvalidRequest
+from ..events import TIMELINE_S
+from ..keys import ENGINE, EVENTS, RESPONSE_STARTED
+from .admin import json_response
+
+HEARTBEAT_S = 15.0
+RETRY_MS = 2000
+UI_DIR = Path(__file__).resolve().parent.parent / "ui"
+
+
+async def events(request: web.Request) -> web.StreamResponse:
+    hub = request.app[EVENTS]
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                       "Cache-Control": "no-cache",
+                                       "X-Accel-Buffering": "no"})
+    await resp.prepare(request)
+    request[RESPONSE_STARTED] = True
+    transport = request.transport
+    last_id = request.headers.get("Last-Event-ID") or request.query.get("last_event_id")
+    client, first = hub.subscribe(last_id, abort=transport.abort if transport else lambda: None)
+    try:
+        await resp.write(b"retry: %d\n\n" % RETRY_MS + first)
+        while not client.dropped:
+            try:
+                await asyncio.wait_for(client.wake.wait(), HEARTBEAT_S)
+            except TimeoutError:
+                await resp.write(b": keep-alive\n\n")
+                continue
+            client.wake.clear()
+            if client.dropped:
+                break
+            data = client.take()
+            if data:
+                await resp.write(data)
+    except ConnectionError:
+        pass   # the viewer went away (a dropped one is cancelled by its aborted connection)
+    finally:
+        hub.unsubscribe(client)
+    return resp
+
+
+async def event_stats(request: web.Request) -> web.Response:
+    return json_response(request.app[EVENTS].stats())
+
+
+async def timeline(request: web.Request) -> web.Response:
+    try:
+        hours = float(request.query.get("hours", "1"))
+    except ValueError:
+        raise InvalidRequest("'hours' must be a number.", param="hours") from None
+    if not 0 < hours <= TIMELINE_S / 3600:
+        raise InvalidRequest(f"'hours' must be in (0, {TIMELINE_S / 3600:g}].", param="hours")
+    hub, engine = request.app[EVENTS], request.app[ENGINE]
+    data = hub.timeline(hours * 3600)
+    store = engine.store
+    if store is not None and store.ok and data["since"] < data["started"]:
+        since_minute = int(data["since"] // 60)
+        keys = list(data["models"])
+        rows = await asyncio.to_thread(
+            lambda: {k: store.history(k, since_minute) for k in keys})
+        hub.merge_history(data, rows)
+    return json_response(data)
+
+
+async def ui_index(request: web.Request) -> web.StreamResponse:
+    if request.path == "/ui":
+        raise web.HTTPFound("/ui/")
+    return web.FileResponse(UI_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+
+def add_routes(app: web.Application) -> None:
+    r = app.router
+    r.add_get("/proxy/events", events)
+    r.add_get("/proxy/events/stats", event_stats)
+    r.add_get("/proxy/timeline", timeline)
+    r.add_get("/ui", ui_index)
+    r.add_get("/ui/", ui_index)
+    r.add_static("/ui/", UI_DIR, append_version=False)
+
+
+

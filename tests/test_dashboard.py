@@ -1,0 +1,209 @@
+"""The dashboard in a real headless Chromium (the system's, driven by Playwright) against the
+proxy and the emulator. Every wait is on a page condition (Playwright's auto-waiting expect)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from bench.browser import chromium_path
+from proxy.emulator import CatalogModel, load_catalog
+from proxy.serving import serve
+from proxy.app import create_app
+
+from .conftest import proxy_config
+from .fakes import GB
+
+if os.environ.get("REQUIRE_BROWSER"):   # CI installs Chromium: its absence is a failure
+    if chromium_path() is None:
+        raise RuntimeError("REQUIRE_BROWSER is set but no Chromium was found")
+    import playwright.async_api as playwright
+else:
+    if chromium_path() is None:
+        pytest.skip("no Chromium on this machine (apt-get install chromium)",
+                    allow_module_level=True)
+    playwright = pytest.importorskip("playwright.async_api")
+expect = playwright.expect
+
+A, B = "lab/a", "lab/b"
+TWO = [CatalogModel(key=k, size_bytes=10 * GB, memory_bytes=10 * GB, load_time_s=0.0)
+       for k in (A, B)]
+
+
+@pytest.fixture
+async def browser():
+    from bench.browser import launch
+    async with playwright.async_playwright() as pw:
+        b = await launch(pw)
+        yield b
+        await b.close()
+
+
+@pytest.fixture
+async def page(browser):
+    """A page that records console errors and uncaught exceptions."""
+    p = await browser.new_page()
+    p.errors = []
+    p.on("console", lambda m: p.errors.append(m.text) if m.type == "error" else None)
+    p.on("pageerror", lambda exc: p.errors.append(str(exc)))
+    yield p
+    await p.close()
+
+
+@pytest.fixture
+async def small(make_emulator, make_proxy):
+    emu = await make_emulator(catalog=TWO, capacity_bytes=64 * GB)
+    proxy = await make_proxy(emu.url, **{"memory.budget_gb": 16,
+                                         "models": {k: {"footprint_gb": 10} for k in (A, B)}})
+    proxy.emulator = emu
+    return proxy
+
+
+async def chat(http, url, model):
+    async with http.post(f"{url}/v1/chat/completions",
+                         json={"model": model, "max_tokens": 2, "messages": []}) as r:
+        await r.read()
+        return r.status
+
+
+def state_cell(page, model):
+    return page.locator(f'#models tr[data-model="{model}"] td.state')
+
+
+async def open_dashboard(page, url):
+    await page.goto(f"{url}/ui/")
+    await expect(page.locator("#conn")).to_have_text("live")
+
+
+async def test_the_page_loads_without_console_errors_and_lists_the_catalogue(proxy, page):
+    await open_dashboard(page, proxy.url)
+    keys = sorted(m.key for m in load_catalog())
+    await expect(page.locator("#models tbody tr")).to_have_count(len(keys))
+    rows = page.locator("#models tbody tr")
+    assert sorted([await rows.nth(i).get_attribute("data-model") for i in range(len(keys))]) \
+        == keys
+    await expect(page.locator("#memory-bar .seg.free")).to_have_count(1)
+    await expect(page.locator("#health-status")).to_have_text("ok")
+    assert page.errors == []
+
+
+async def test_a_request_shows_its_model_loaded_without_a_reload(proxy, page, http):
+    await open_dashboard(page, proxy.url)
+    await expect(state_cell(page, "qwen/qwen3-4b")).to_have_text("unloaded")
+    await page.evaluate("window.notReloaded = true")
+    assert await chat(http, proxy.url, "qwen/qwen3-4b") == 200
+    await expect(state_cell(page, "qwen/qwen3-4b")).to_have_text("loaded")
+    await expect(page.locator('#memory-bar .seg.model[data-model="qwen/qwen3-4b"]')) \
+        .to_have_count(1)
+    await expect(page.locator('#models tr[data-model="qwen/qwen3-4b"] td.owner')) \
+        .to_have_text("proxy")
+    await expect(page.locator('#timeline .lane[data-model="qwen/qwen3-4b"] rect.resident')) \
+        .to_have_count(1)
+    assert await page.evaluate("window.notReloaded") is True
+    assert page.errors == []
+
+
+async def test_an_eviction_appears_on_the_timeline_with_its_reason(small, page, http):
+    await open_dashboard(page, small.url)
+    assert await chat(http, small.url, A) == 200
+    assert await chat(http, small.url, B) == 200
+    mark = page.locator(f'#timeline .evict-mark[data-model="{A}"]')
+    await expect(mark).to_have_attribute("data-reason", "admission")
+    await expect(mark).to_have_attribute("data-for", B)
+    await expect(mark.locator("text")).to_have_text("admission → b")
+    await expect(page.locator(f'#timeline .lane[data-model="{B}"] rect.resident')) \
+        .to_have_count(1)
+    assert page.errors == []
+
+
+async def test_the_unload_button_unloads(small, page, http):
+    await open_dashboard(page, small.url)
+    await chat(http, small.url, A)
+    await expect(state_cell(page, A)).to_have_text("loaded")
+    await page.locator(f'#models tr[data-model="{A}"] button.unload').click()
+    await expect(state_cell(page, A)).to_have_text("unloaded")
+    await expect(page.locator("#action-status")).to_have_text(f"{A}: unloaded")
+    assert small.emulator.state.instances_of(A) == []
+    assert page.errors == []
+
+
+async def test_the_pin_button_pins_and_is_keyboard_reachable(small, page):
+    await open_dashboard(page, small.url)
+    pin = page.locator(f'#models tr[data-model="{A}"] button.pin')
+    await pin.focus()
+    await page.keyboard.press("Enter")
+    await expect(pin).to_have_attribute("aria-pressed", "true")
+    await expect(page.locator(f'#models tr[data-model="{A}"] td.pinned')).to_have_text("pinned")
+    assert small.engine.is_pinned(A)
+
+
+async def test_the_dashboard_reconnects_after_the_proxy_restarts(emulator, page):
+    config = proxy_config(emulator.url)
+    served = await serve(create_app(config))
+    port = served.port
+    await open_dashboard(page, served.url)
+    await served.close()
+    await expect(page.locator("#conn")).to_have_attribute("data-state", "down")
+    served = await serve(create_app(config), port=port)
+    try:
+        await expect(page.locator("#conn")).to_have_text("live")
+        await expect(page.locator("#models tbody tr")).to_have_count(len(load_catalog()))
+    finally:
+        await served.close()
+
+
+async def test_an_action_refused_for_auth_asks_for_the_token_and_keeps_it(small, page, http):
+    """The proxy's auth is stood in for at the network layer: the page's own logic is tested."""
+    seen = []
+
+    async def admin_auth(route, request):
+        seen.append(request.headers.get("authorization"))
+        if seen[-1] == "Bearer s3cret":
+            await route.continue_()
+        else:
+            await route.fulfill(status=401, content_type="application/json",
+                                body='{"error": {"message": "admin token required"}}')
+
+    await page.route("**/proxy/models/*", admin_auth)
+    await open_dashboard(page, small.url)
+    await page.locator(f'#models tr[data-model="{A}"] button.load').click()
+    await expect(page.locator("#token-dialog")).to_be_visible()
+    await page.locator("#token-input").fill("s3cret")
+    await page.keyboard.press("Enter")
+    await expect(state_cell(page, A)).to_have_text("loaded")
+    await page.locator(f'#models tr[data-model="{A}"] button.unload').click()
+    await expect(state_cell(page, A)).to_have_text("unloaded")
+    assert seen == [None, "Bearer s3cret", "Bearer s3cret"]   # asked once, then remembered
+    assert await page.evaluate("sessionStorage.getItem('proxy-admin-token')") == "s3cret"
+
+
+async def test_a_model_loaded_outside_the_proxy_shows_as_external(small, page, http):
+    await open_dashboard(page, small.url)
+    async with http.post(f"{small.emulator.url}/api/v1/models/load", json={"model": B}) as r:
+        assert r.status == 200       # someone loads it in LM Studio itself
+    await small.engine.reconcile()
+    await expect(state_cell(page, B)).to_have_text("loaded")
+    await expect(page.locator(f'#models tr[data-model="{B}"] td.owner')).to_have_text("external")
+
+
+async def test_an_event_stream_that_needs_the_token_gets_it_from_the_prompt(small, page, http):
+    """Were the stream behind the admin token, the page asks once and then streams with it."""
+    seen = []
+
+    async def stream_auth(route, request):
+        seen.append(request.headers.get("authorization"))
+        if seen[-1] == "Bearer s3cret":
+            await route.continue_()
+        else:
+            await route.fulfill(status=401, content_type="application/json",
+                                body='{"error": {"message": "admin token required"}}')
+
+    await page.route("**/proxy/events", stream_auth)
+    await page.goto(f"{small.url}/ui/")
+    await expect(page.locator("#token-dialog")).to_be_visible()
+    await page.locator("#token-input").fill("s3cret")
+    await page.keyboard.press("Enter")
+    await expect(page.locator("#conn")).to_have_text("live")
+    assert await chat(http, small.url, A) == 200
+    await expect(state_cell(page, A)).to_have_text("loaded")   # events flow through the route
+    assert seen == [None, "Bearer s3cret"]
