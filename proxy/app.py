@@ -19,6 +19,7 @@ from .compat import Compat
 from .keys import (ACCESS_LOG, COMPAT, CONFIG, ENGINE, HEALTH, METRICS, RESPONSE_STARTED,
                    UPSTREAM)
 from .metrics import CompatCollector, ProxyMetrics
+from .native import relay as native
 from .store import UsageStore, default_path
 from .upstream import create_upstream
 from .upstream.base import Upstream
@@ -85,6 +86,7 @@ def create_app(config: Config, *, upstream: Upstream | None = None, clock: Clock
     openai.add_routes(app)
     admin.add_routes(app)
     health.add_routes(app)
+    native.add_routes(app)
     return app
 
 
