@@ -55,7 +55,7 @@ class Mediator:
     """One client websocket's mediation (namespace `llm`, `embedding`, ...)."""
 
     def __init__(self, engine: EngineCore, namespace: str, to_upstream: Send,
-                 to_client: Send, *, keepalive_s: float = KEEPALIVE_S) -> None:
+                 to_client: Send, *, keepalive_s: float | None = None) -> None:
         self.engine, self.ns = engine, namespace
         self.to_upstream, self.to_client = to_upstream, to_client
         self.keepalive_s = keepalive_s
@@ -114,7 +114,7 @@ class Mediator:
             admission = asyncio.ensure_future(self.engine.admit_load(name, owner=self.owner
                                                                      or "sdk:unknown"))
             try:
-                while not (await asyncio.wait({admission}, timeout=self.keepalive_s))[0]:
+                while not (await asyncio.wait({admission}, timeout=self.keepalive_s or KEEPALIVE_S))[0]:
                     await self._keepalive(cid, endpoint)
             finally:
                 if not admission.done():

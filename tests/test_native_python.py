@@ -1,0 +1,111 @@
+"""The real `lmstudio` Python SDK through the proxy, against the emulator's native protocol.
+
+The SDK's AsyncClient runs on the test's loop next to the proxy and the emulator; its sync
+Client (a thread of its own) is run with asyncio.to_thread.
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import Any, AsyncIterator
+
+import aiohttp
+import lmstudio
+import orjson
+import pytest
+
+from proxy.emulator import EmulatorOptions
+from proxy.emulator import generation as gen
+
+LLM = "qwen/qwen3-4b"
+EMBED = "text-embedding-nomic-embed-text-v1.5"
+
+
+def host(url: str) -> str:
+    return url.split("//", 1)[1]
+
+
+@pytest.fixture
+async def client(proxy) -> AsyncIterator[lmstudio.AsyncClient]:
+    async with lmstudio.AsyncClient(host(proxy.url)) as c:
+        yield c
+
+
+async def test_the_greeting_is_lm_studios(proxy, http):
+    async with http.get(f"{proxy.url}/lmstudio-greeting") as r:
+        assert r.status == 200 and await r.json() == {"lmstudio": True}
+
+
+async def test_lists_downloaded_and_loaded_models(client, emulator):
+    await emulator.state.load(LLM)
+    downloaded = await client.system.list_downloaded_models()
+    loaded = await client.llm.list_loaded()
+    assert {m.model_key for m in downloaded} == set(emulator.state.catalog)
+    assert [m.identifier for m in loaded] == [LLM]
+
+
+async def test_load_new_instance_reports_progress_and_is_its_clients(client, emulator, proxy):
+    progress: list[float] = []
+    model = await client.llm.load_new_instance(LLM, on_load_progress=progress.append)
+    assert model.identifier == LLM and progress[-1] == 1.0
+    assert emulator.state.instances[LLM].ttl_s == 3600     # the SDK's TTL reached LM Studio
+    assert proxy.engine.entry(LLM).owner.startswith("sdk:")
+
+
+async def test_a_streamed_respond(client, emulator):
+    model = await client.llm.model(LLM)
+    stream = await model.respond_stream("how much memory is free")
+    fragments = [f.content async for f in stream]
+    result = stream.result()
+    assert "".join(fragments) == result.content and len(fragments) == 24
+    assert result.stats.stop_reason == "eosFound"
+
+
+async def test_embedding_model_embed(client):
+    model = await client.embedding.model(EMBED)
+    assert await model.embed("hello") == gen.embed(EMBED, "hello")
+
+
+async def test_unload(client, emulator, proxy):
+    model = await client.llm.load_new_instance(LLM)
+    unloaded = asyncio.Event()
+    proxy.engine.add_listener(type("L", (), {"on_state": lambda self, key, old, new: (
+        unloaded.set() if key == LLM and new == "unloaded" else None)})())
+    await model.unload()
+    assert await client.llm.list_loaded() == [] and not emulator.state.instances
+    await asyncio.wait_for(unloaded.wait(), 10)    # the engine saw it, without a reconcile loop
+
+
+async def test_an_unknown_model_is_the_sdks_not_found_error(client):
+    with pytest.raises(lmstudio.LMStudioModelNotFoundError):
+        await client.llm.model("nobody/nothing")
+
+
+async def test_the_sync_client_as_in_the_issue(proxy):
+    def session() -> list[str]:
+        with lmstudio.Client(host(proxy.url)) as c:
+            return [m.model_key for m in c.list_downloaded_models()]
+    assert LLM in await asyncio.to_thread(session)
+
+
+# -- the websocket itself, frame by frame (LM Studio 0.4 tokens) ----------------------------
+async def first_reply(url: str, ns: str, auth: dict[str, Any]) -> Any:
+    async with aiohttp.ClientSession() as s, s.ws_connect(f"{url}/{ns}") as ws:
+        await ws.send_str(orjson.dumps(auth).decode())
+        return orjson.loads((await ws.receive()).data)
+
+
+@pytest.mark.parametrize("passkey, success", [("p4ss", True), ("wrong", False)])
+async def test_auth_frames_reach_lm_studio_untouched(make_emulator, make_proxy, passkey,
+                                                     success):
+    emulator = await make_emulator(options=EmulatorOptions(api_token="sk-lm-abc:p4ss"))
+    proxy = await make_proxy(emulator.url)
+    reply = await first_reply(proxy.url, "system", {
+        "authVersion": 1, "clientIdentifier": "sk-lm-abc", "clientPasskey": passkey})
+    assert reply["success"] is success
+
+
+async def test_no_lm_studio_behind_is_a_refused_websocket(make_proxy):
+    proxy = await make_proxy("http://127.0.0.1:9")
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        await first_reply(proxy.url, "llm", {})
+    assert refused.value.status == 502
