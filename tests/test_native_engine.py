@@ -87,7 +87,11 @@ async def test_a_native_prediction_is_never_cut_by_an_eviction(make_emulator, ma
     stream = await model.respond_stream("hello")
     fragments = aiter(stream)
     await anext(fragments)                                 # generating, paused by the gate
+    queued = asyncio.Event()
+    proxy.engine.add_listener(type("L", (), {"on_queue": lambda self, key, n: (
+        queued.set() if key == BIG and n else None)})())
     waiting = asyncio.create_task(proxy.engine.acquire(BIG))   # needs MID's memory
+    await queued.wait()
     await proxy.engine.scheduler.settled()
     assert MID in emulator.state.instances and emulator.state.cancelled_streams == 0
     gate.set()
