@@ -177,3 +177,14 @@ async def test_a_held_load_keeps_its_client_alive(make_emulator, make_proxy, raw
     busy.release()
     assert reply == {"type": "channelSend", "channelId": 1,
                      "message": {"type": "progress", "progress": 0.0}}
+
+
+async def test_metrics_show_the_sdk_as_the_owner_and_count_native_requests(proxy, sdk, http):
+    from .test_observability import samples
+    model = await (await sdk(proxy)).llm.load_new_instance(SMALL)
+    await model.respond("hello")
+    async with http.get(f"{proxy.url}/metrics") as r:
+        m = samples(await r.text())
+    assert m[("proxy_model_owner", (("model", SMALL), ("owner", "sdk")))] == 1
+    assert m[("proxy_requests_total", (("endpoint", "lmstudio:predict"), ("model", SMALL),
+                                       ("outcome", "success")))] == 1
