@@ -35,8 +35,9 @@ async def test_the_greeting_is_lm_studios(proxy, http):
         assert r.status == 200 and await r.json() == {"lmstudio": True}
 
 
-async def test_lists_downloaded_and_loaded_models(client, emulator):
-    await emulator.state.load(LLM)
+async def test_lists_downloaded_and_loaded_models(client, emulator, http):
+    async with http.post(f"{emulator.url}/api/v1/models/load", json={"model": LLM}) as r:
+        assert r.status == 200                              # loaded over REST
     downloaded = await client.system.list_downloaded_models()
     loaded = await client.llm.list_loaded()
     assert {m.model_key for m in downloaded} == set(emulator.state.catalog)
@@ -49,6 +50,25 @@ async def test_load_new_instance_reports_progress_and_is_its_clients(client, emu
     assert model.identifier == LLM and progress[-1] == 1.0
     assert emulator.state.instances[LLM].ttl_s == 3600     # the SDK's TTL reached LM Studio
     assert proxy.engine.entry(LLM).owner.startswith("sdk:")
+
+
+async def test_a_model_the_sdk_loads_is_loaded_for_rest_too(client, emulator, http):
+    await client.llm.load_new_instance(LLM)
+    async with http.get(f"{emulator.url}/api/v1/models") as r:
+        models = {m["key"]: m for m in (await r.json())["models"]}
+    assert [i["id"] for i in models[LLM]["loaded_instances"]] == [LLM]
+
+
+async def test_a_cancelled_prediction_stops_and_lets_go_of_its_model(client, emulator, proxy):
+    emulator.state.faults.stream_gate = asyncio.Event()
+    model = await client.llm.model(LLM)
+    stream = await model.respond_stream("hello")
+    leases = []
+    async for _ in stream:                                  # the gate holds it after one
+        leases.append(proxy.engine.entry(LLM).leases)
+        await stream.cancel()                               # a channelSend, relayed
+    assert stream.result().stats.stop_reason == "userStopped"
+    assert leases == [1] and proxy.engine.entry(LLM).leases == 0
 
 
 async def test_a_streamed_respond(client, emulator):
@@ -109,3 +129,33 @@ async def test_no_lm_studio_behind_is_a_refused_websocket(make_proxy):
     with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
         await first_reply(proxy.url, "llm", {})
     assert refused.value.status == 502
+
+
+async def rpc(url: str, ns: str, endpoint: str, parameter: Any) -> Any:
+    async with aiohttp.ClientSession() as s, s.ws_connect(f"{url}/{ns}") as ws:
+        await ws.send_str(orjson.dumps({"authVersion": 1, "clientIdentifier": "t",
+                                        "clientPasskey": "t"}).decode())
+        await ws.receive()
+        await ws.send_str(orjson.dumps({"type": "rpcCall", "endpoint": endpoint, "callId": 7,
+                                        "parameter": parameter}).decode())
+        return orjson.loads((await ws.receive()).data)
+
+
+async def test_instance_processing_state(proxy, emulator):
+    await emulator.state.load(LLM)
+    reply = await rpc(proxy.url, "llm", "getInstanceProcessingState", {
+        "specifier": {"type": "query", "query": {"identifier": LLM}}})
+    assert reply == {"type": "rpcResult", "callId": 7,
+                     "result": {"status": "idle", "queued": 0}}
+
+
+async def test_lm_studio_going_away_closes_the_clients_websocket(make_emulator, make_proxy):
+    emulator = await make_emulator()
+    proxy = await make_proxy(emulator.url)
+    async with aiohttp.ClientSession() as s, s.ws_connect(f"{proxy.url}/system") as ws:
+        await ws.send_str(orjson.dumps({"authVersion": 1, "clientIdentifier": "t",
+                                        "clientPasskey": "t"}).decode())
+        await ws.receive()
+        await emulator.close()
+        msg = await asyncio.wait_for(ws.receive(), 10)
+    assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
