@@ -52,6 +52,12 @@ async def test_load_new_instance_reports_progress_and_is_its_clients(client, emu
     assert proxy.engine.entry(LLM).owner.startswith("sdk:")
 
 
+async def test_an_instance_identifier_of_the_clients_choice(client, emulator, proxy):
+    model = await client.llm.load_new_instance(LLM, "my-qwen")
+    assert model.identifier == "my-qwen" and list(emulator.state.instances) == ["my-qwen"]
+    assert proxy.engine.entry(LLM).instance_ids == ("my-qwen",)
+
+
 async def test_a_model_the_sdk_loads_is_loaded_for_rest_too(client, emulator, http):
     await client.llm.load_new_instance(LLM)
     async with http.get(f"{emulator.url}/api/v1/models") as r:

@@ -49,6 +49,7 @@ class _Held:
     """A load channel waiting for admission, and the client's frames for it meanwhile."""
     frames: list[str] = field(default_factory=list)
     task: asyncio.Task | None = None
+    admission: asyncio.Future | None = None
 
 
 class Mediator:
@@ -111,8 +112,8 @@ class Mediator:
         held = self.held[cid]
         load: MediatedLoad | None = None
         try:
-            admission = asyncio.ensure_future(self.engine.admit_load(name, owner=self.owner
-                                                                     or "sdk:unknown"))
+            admission = held.admission = asyncio.ensure_future(
+                self.engine.admit_load(name, owner=self.owner or "sdk:unknown"))
             try:
                 while not (await asyncio.wait({admission}, timeout=self.keepalive_s or KEEPALIVE_S))[0]:
                     await self._keepalive(cid, endpoint)
@@ -245,18 +246,24 @@ class Mediator:
     # -- the connection's end ----------------------------------------------------------------
     async def close(self) -> None:
         """The client or LM Studio went away: every load reports, every lease is released."""
-        for held in list(self.held.values()):
-            if held.task is not None:
-                held.task.cancel()
+        gone = "the client disconnected during the load"
+        held = list(self.held.values())
+        for h in held:
+            if h.task is not None:
+                h.task.cancel()
         for load in self.loads.values():
-            load.failed("the client disconnected during the load")
+            load.failed(gone)
         self.loads.clear()
         for use in [*self.channel_uses.values(), *self.call_uses.values()]:
             self._finish(use, False, None)
         self.channel_uses.clear()
         self.call_uses.clear()
-        tasks = list(self._tasks)
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for h in held:      # admitted just as the client went: the load is reported all the same
+            a = h.admission
+            if a is not None and a.done() and not a.cancelled() and a.exception() is None \
+                    and a.result() is not None:
+                a.result().failed(gone)
 
     def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task:
         task = asyncio.ensure_future(coro)
