@@ -162,6 +162,16 @@ async def test_lm_studio_going_away_closes_the_clients_websocket(make_emulator, 
         await ws.send_str(orjson.dumps({"authVersion": 1, "clientIdentifier": "t",
                                         "clientPasskey": "t"}).decode())
         await ws.receive()
-        await emulator.close()
-        msg = await asyncio.wait_for(ws.receive(), 10)
+        await asyncio.wait_for(emulator.close(), 3)        # LM Studio quits
+        msg = await asyncio.wait_for(ws.receive(), 3)
+    assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+
+
+async def test_shutting_the_proxy_down_closes_sdk_connections_at_once(proxy):
+    async with aiohttp.ClientSession() as s, s.ws_connect(f"{proxy.url}/system") as ws:
+        await ws.send_str(orjson.dumps({"authVersion": 1, "clientIdentifier": "t",
+                                        "clientPasskey": "t"}).decode())
+        await ws.receive()
+        await asyncio.wait_for(proxy.served.close(), 3)     # not its 5 s shutdown timeout
+        msg = await asyncio.wait_for(ws.receive(), 3)
     assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)

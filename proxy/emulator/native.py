@@ -14,7 +14,7 @@ import hashlib
 from typing import Any, Awaitable, Callable
 
 import orjson
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 
 from . import generation as gen
 from .catalog import CatalogModel
@@ -66,14 +66,29 @@ class NativeApi:
         self.state = state
         self.api_token = api_token
         self.tokens_per_s = tokens_per_s
+        self.sockets: set[web.WebSocketResponse] = set()
 
-    def add_routes(self, router: web.UrlDispatcher) -> None:
+    def add_to(self, app: web.Application) -> None:
         for ns in NAMESPACES:
-            router.add_get(f"/{ns}", self.handler)
+            app.router.add_get(f"/{ns}", self.handler)
+        app.on_shutdown.append(self._going_away)
+
+    async def _going_away(self, app: web.Application) -> None:
+        """LM Studio quitting closes its clients' websockets (else shutdown waits for them)."""
+        for ws in list(self.sockets):
+            await ws.close(code=WSCloseCode.GOING_AWAY)
 
     async def handler(self, request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse()
         await ws.prepare(request)
+        self.sockets.add(ws)
+        try:
+            return await self._serve(request, ws)
+        finally:
+            self.sockets.discard(ws)
+
+    async def _serve(self, request: web.Request, ws: web.WebSocketResponse
+                     ) -> web.WebSocketResponse:
         auth = await ws.receive()
         error = self._auth_error(auth)
         if error is not None:

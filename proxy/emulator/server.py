@@ -82,7 +82,7 @@ def create_emulator_app(state: EmulatorState, options: EmulatorOptions | None = 
     r.add_get("/__emulator__/stats", api.stats)
     r.add_post("/__emulator__/faults", api.set_faults)
     r.add_post("/__emulator__/reset", api.reset)
-    NativeApi(state, opts.api_token, opts.tokens_per_s).add_routes(r)
+    NativeApi(state, opts.api_token, opts.tokens_per_s).add_to(app)
     r.add_route("*", "/{tail:.*}", api.unexpected)
     return app
 

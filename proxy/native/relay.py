@@ -11,7 +11,7 @@ import logging
 from typing import AsyncIterator
 
 import aiohttp
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 from yarl import URL
 
 from ..errors import UpstreamUnreachable
@@ -22,6 +22,7 @@ log = logging.getLogger("proxy.native")
 NAMESPACES = ("llm", "embedding", "system", "diagnostics", "files", "repository", "plugins",
               "runtime")
 WS_SESSION = web.AppKey("native_ws_session", aiohttp.ClientSession)
+CLIENTS = web.AppKey("native_clients", set)
 CLOSE_TIMEOUT_S = 5.0
 
 
@@ -30,6 +31,14 @@ def add_routes(app: web.Application) -> None:
     for ns in NAMESPACES:
         app.router.add_get(f"/{ns}", websocket)
     app.cleanup_ctx.append(_session_ctx)
+    app[CLIENTS] = set()
+    app.on_shutdown.append(_going_away)
+
+
+async def _going_away(app: web.Application) -> None:
+    """Shutdown does not wait for SDK connections: they are closed, their relays end."""
+    for ws in list(app[CLIENTS]):
+        await ws.close(code=WSCloseCode.GOING_AWAY)
 
 
 async def _session_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -66,9 +75,11 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     client = web.WebSocketResponse(max_msg_size=0, autoclose=False)
     try:
         await client.prepare(request)
+        app[CLIENTS].add(client)
         await _relay(client, upstream, Mediator(
             app[ENGINE], request.path.strip("/"), _sender(upstream), _sender(client)))
     finally:
+        app[CLIENTS].discard(client)
         await upstream.close()
     return client
 
