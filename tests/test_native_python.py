@@ -155,6 +155,12 @@ async def test_instance_processing_state(proxy, emulator):
                      "result": {"status": "idle", "queued": 0}}
 
 
+async def test_no_lm_studio_behind_is_no_greeting(make_proxy, http):
+    proxy = await make_proxy("http://127.0.0.1:9")
+    async with http.get(f"{proxy.url}/lmstudio-greeting") as r:
+        assert r.status == 502 and (await r.json())["error"]["code"] == "upstream_unreachable"
+
+
 async def test_lm_studio_going_away_closes_the_clients_websocket(make_emulator, make_proxy):
     emulator = await make_emulator()
     proxy = await make_proxy(emulator.url)
@@ -164,7 +170,7 @@ async def test_lm_studio_going_away_closes_the_clients_websocket(make_emulator, 
         await ws.receive()
         await asyncio.wait_for(emulator.close(), 3)        # LM Studio quits
         msg = await asyncio.wait_for(ws.receive(), 3)
-    assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+    assert msg.type is aiohttp.WSMsgType.CLOSE and msg.data == aiohttp.WSCloseCode.GOING_AWAY
 
 
 async def test_shutting_the_proxy_down_closes_sdk_connections_at_once(proxy):
@@ -174,4 +180,4 @@ async def test_shutting_the_proxy_down_closes_sdk_connections_at_once(proxy):
         await ws.receive()
         await asyncio.wait_for(proxy.served.close(), 3)     # not its 5 s shutdown timeout
         msg = await asyncio.wait_for(ws.receive(), 3)
-    assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+    assert msg.type is aiohttp.WSMsgType.CLOSE and msg.data == aiohttp.WSCloseCode.GOING_AWAY

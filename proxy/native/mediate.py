@@ -56,10 +56,9 @@ class Mediator:
     """One client websocket's mediation (namespace `llm`, `embedding`, ...)."""
 
     def __init__(self, engine: EngineCore, namespace: str, to_upstream: Send,
-                 to_client: Send, *, keepalive_s: float | None = None) -> None:
+                 to_client: Send) -> None:
         self.engine, self.ns = engine, namespace
         self.to_upstream, self.to_client = to_upstream, to_client
-        self.keepalive_s = keepalive_s
         self.owner: str | None = None
         self.held: dict[Any, _Held] = {}
         self.loads: dict[Any, MediatedLoad] = {}
@@ -115,7 +114,7 @@ class Mediator:
             admission = held.admission = asyncio.ensure_future(
                 self.engine.admit_load(name, owner=self.owner or "sdk:unknown"))
             try:
-                while not (await asyncio.wait({admission}, timeout=self.keepalive_s or KEEPALIVE_S))[0]:
+                while not (await asyncio.wait({admission}, timeout=KEEPALIVE_S))[0]:
                     await self._keepalive(cid, endpoint)
             finally:
                 if not admission.done():
@@ -164,8 +163,7 @@ class Mediator:
 
     # -- LM Studio → client ------------------------------------------------------------------
     async def from_upstream(self, data: str) -> None:
-        if self.loads or self.channel_uses or self.call_uses or self.unload_calls or \
-                self.models:
+        if self.models:
             frame = _parse(data)
             if frame is not None:
                 self._observe(frame)

@@ -7,6 +7,7 @@ closes the other. `mediate.Mediator` looks at the frames the engine must know ab
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import AsyncIterator
 
@@ -16,7 +17,7 @@ from yarl import URL
 
 from ..errors import UpstreamUnreachable
 from ..keys import CONFIG, ENGINE, UPSTREAM
-from .mediate import Mediator
+from .mediate import Mediator, Send
 
 log = logging.getLogger("proxy.native")
 NAMESPACES = ("llm", "embedding", "system", "diagnostics", "files", "repository", "plugins",
@@ -84,7 +85,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     return client
 
 
-def _sender(ws: web.WebSocketResponse | aiohttp.ClientWebSocketResponse):
+def _sender(ws: web.WebSocketResponse | aiohttp.ClientWebSocketResponse) -> Send:
     lock = asyncio.Lock()   # the pump and mediation tasks both send: frames stay whole
 
     async def send(data: str) -> None:
@@ -99,21 +100,24 @@ async def _relay(client: web.WebSocketResponse, upstream: aiohttp.ClientWebSocke
     to_up = asyncio.ensure_future(_pump(client, upstream, mediator.from_client))
     to_client = asyncio.ensure_future(_pump(upstream, client, mediator.from_upstream))
     try:
-        done, _ = await asyncio.wait({to_up, to_client}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({to_up, to_client}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         for task in (to_up, to_client):
             task.cancel()
         await asyncio.gather(to_up, to_client, return_exceptions=True)
         await mediator.close()
-        async with asyncio.timeout(CLOSE_TIMEOUT_S):
-            for ws in (client, upstream):
-                if not ws.closed:
-                    await ws.close()
+        # The side still open learns the other's close code (e.g. LM Studio going away).
+        code = client.close_code or upstream.close_code or WSCloseCode.OK
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                for ws in (client, upstream):
+                    if not ws.closed:
+                        await ws.close(code=code)
 
 
 async def _pump(src: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
                 dst: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
-                on_text) -> None:  # noqa: ANN001
+                on_text: Send) -> None:
     async for msg in src:
         if msg.type is WSMsgType.TEXT:
             await on_text(msg.data)
