@@ -93,12 +93,16 @@ async def test_embedding_model_embed(client):
 
 async def test_unload(client, emulator, proxy):
     model = await client.llm.load_new_instance(LLM)
-    unloaded = asyncio.Event()
-    proxy.engine.add_listener(type("L", (), {"on_state": lambda self, key, old, new: (
-        unloaded.set() if key == LLM and new == "unloaded" else None)})())
     await model.unload()
     assert await client.llm.list_loaded() == [] and not emulator.state.instances
-    await asyncio.wait_for(unloaded.wait(), 10)    # the engine saw it, without a reconcile loop
+    assert proxy.engine.entry(LLM).status.value == "unloaded"   # known before the SDK heard
+
+
+async def test_a_second_instance_is_known_to_the_engine_when_the_sdk_has_it(client, proxy):
+    await client.llm.load_new_instance(LLM)
+    second = await client.llm.load_new_instance(LLM)
+    assert second.identifier == f"{LLM}:2"
+    assert proxy.engine.entry(LLM).instance_ids == (LLM, f"{LLM}:2")
 
 
 async def test_an_unknown_model_is_the_sdks_not_found_error(client):

@@ -65,6 +65,7 @@ class Mediator:
         self.channel_uses: dict[Any, _Use] = {}
         self.call_uses: dict[Any, _Use] = {}
         self.unload_calls: set[Any] = set()
+        self.unadmitted: set[Any] = set()     # load channels forwarded without admission
         self.refs: dict[str, str] = {}     # instanceReference → identifier, from load results
         self._tasks: set[asyncio.Task] = set()
 
@@ -131,6 +132,8 @@ class Mediator:
             return
         if load is not None:
             self.loads[cid] = load
+        else:
+            self.unadmitted.add(cid)
         del self.held[cid]
         for data in held.frames:
             await self.to_upstream(data)
@@ -165,11 +168,16 @@ class Mediator:
     async def from_upstream(self, data: str) -> None:
         if self.models:
             frame = _parse(data)
-            if frame is not None:
-                self._observe(frame)
+            if frame is not None and self._observe(frame):
+                # The engine's view is brought up to date before the client hears of it.
+                try:
+                    await self.engine.reconcile()
+                except Exception:
+                    log.exception("reconcile after a native load or unload failed")
         await self.to_client(data)
 
-    def _observe(self, frame: dict[str, Any]) -> None:
+    def _observe(self, frame: dict[str, Any]) -> bool:
+        """Take note of an upstream frame; True when the engine must reconcile first."""
         kind = frame.get("type")
         if kind in ("channelSend", "channelClose", "channelError"):
             cid = frame.get("channelId")
@@ -177,6 +185,12 @@ class Mediator:
             message = message if isinstance(message, dict) else {}
             if message.get("type") in LOAD_DONE:
                 self._note_instance(message.get("info"))
+            if cid in self.unadmitted and (message.get("type") in LOAD_DONE
+                                           or kind != "channelSend"):
+                # A load the engine did not admit (a second instance of a loaded model, a
+                # path it does not know): LM Studio's word is learned by reconciling.
+                self.unadmitted.discard(cid)
+                return message.get("type") in ("success", "loadSuccess")
             load = self.loads.get(cid)
             if load is not None:
                 self._observe_load(cid, load, kind, message, frame)
@@ -193,7 +207,8 @@ class Mediator:
                 self._finish(use, kind == "rpcResult", frame.get("error"))
             if call_id in self.unload_calls:
                 self.unload_calls.discard(call_id)
-                self._spawn(self.engine.reconcile())
+                return True
+        return False
 
     def _note_instance(self, info: Any) -> None:
         if isinstance(info, dict) and isinstance(info.get("instanceReference"), str):
