@@ -13,7 +13,7 @@ import lmstudio
 import orjson
 import pytest
 
-from proxy.emulator import GB
+from proxy.emulator import GB, EmulatorOptions
 from proxy.native import mediate
 
 SMALL, MID, BIG = "qwen/qwen3-4b", "google/gemma-3-12b", "openai/gpt-oss-20b"   # 3.1, 9.4, 13.5 GB
@@ -188,3 +188,10 @@ async def test_metrics_show_the_sdk_as_the_owner_and_count_native_requests(proxy
     assert m[("proxy_model_owner", (("model", SMALL), ("owner", "sdk")))] == 1
     assert m[("proxy_requests_total", (("endpoint", "lmstudio:predict"), ("model", SMALL),
                                        ("outcome", "success")))] == 1
+
+
+async def test_against_lm_studio_0_3_loads_pass_through(make_emulator, make_proxy, sdk):
+    emulator = await make_emulator(options=EmulatorOptions(version="0.3"))
+    proxy = await make_proxy(emulator.url, **{"memory.budget_gb": 10})
+    model = await (await sdk(proxy)).llm.load_new_instance(BIG)   # no unload API: no admission
+    assert model.identifier == BIG and proxy.engine.entry(BIG).status.value == "loaded"

@@ -86,12 +86,17 @@ class Mediator:
             cid, endpoint = frame.get("channelId"), frame.get("endpoint")
             param = frame.get("creationParameter")
             param = param if isinstance(param, dict) else {}
-            if endpoint in LOAD_ENDPOINTS and param.get("deviceIdentifier") is None:
+            # Loads on another device (LM Link) spend no local memory; against an LM Studio
+            # older than 0.4 the engine cannot unload, so it admits nothing either.
+            if endpoint in LOAD_ENDPOINTS and param.get("deviceIdentifier") is None and \
+                    self.engine.manages_loading:
                 name = param.get("modelKey" if endpoint == "loadModel" else "identifier")
                 if isinstance(name, str):
                     held = self.held[cid] = _Held([data])
                     held.task = self._spawn(self._admit(cid, endpoint, name))
                     return
+            if endpoint in LOAD_ENDPOINTS:
+                self.unadmitted.add(cid)
             elif endpoint == "predict":
                 await self._begin_use(self.channel_uses, cid, param.get("modelSpecifier"),
                                       "lmstudio:predict")
@@ -124,8 +129,11 @@ class Mediator:
             load = admission.result()
         except ModelNotFound:
             pass        # LM Studio answers with its own not-found error
-        except ProxyError as exc:
+        except Exception as exc:
             del self.held[cid]
+            if not isinstance(exc, ProxyError):
+                log.exception("admitting %s of %s failed", endpoint, name)
+                exc = ProxyError("Internal error in the proxy; see its log.")
             log.info("refused %s of %s for %s: %s", endpoint, name, self.owner, exc.message)
             await self.to_client(_dumps({"type": "channelError", "channelId": cid,
                                          "error": refusal(exc)}))
