@@ -195,3 +195,4 @@ async def test_against_lm_studio_0_3_loads_pass_through(make_emulator, make_prox
     proxy = await make_proxy(emulator.url, **{"memory.budget_gb": 10})
     model = await (await sdk(proxy)).llm.load_new_instance(BIG)   # no unload API: no admission
     assert model.identifier == BIG and proxy.engine.entry(BIG).status.value == "loaded"
+    assert proxy.engine.entry(BIG).owner == "external"     # LM Studio's to manage, as reconciled
