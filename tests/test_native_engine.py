@@ -196,3 +196,10 @@ async def test_against_lm_studio_0_3_loads_pass_through(make_emulator, make_prox
     model = await (await sdk(proxy)).llm.load_new_instance(BIG)   # no unload API: no admission
     assert model.identifier == BIG and proxy.engine.entry(BIG).status.value == "loaded"
     assert proxy.engine.entry(BIG).owner == "external"     # LM Studio's to manage, as reconciled
+
+
+async def test_predictions_multiplexed_on_one_connection_each_hold_and_count(proxy, sdk):
+    model = await (await sdk(proxy)).llm.model(SMALL)
+    results = await asyncio.gather(*(model.respond(f"question {i}") for i in range(5)))
+    assert all(r.stats.stop_reason == "eosFound" for r in results)
+    assert proxy.engine.usage(SMALL).requests == 5 and proxy.engine.entry(SMALL).leases == 0
