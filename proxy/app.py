@@ -20,6 +20,7 @@ from .compat import Compat
 from .keys import (ACCESS_LOG, COMPAT, CONFIG, ENGINE, EVENTS, HEALTH, METRICS,
                    RESPONSE_STARTED, UPSTREAM)
 from .metrics import CompatCollector, ProxyMetrics
+from .native import relay as native
 from .store import UsageStore, default_path
 from .upstream import create_upstream
 from .upstream.base import Upstream
@@ -89,6 +90,7 @@ def create_app(config: Config, *, upstream: Upstream | None = None, clock: Clock
     admin.add_routes(app)
     health.add_routes(app)
     events.add_routes(app)
+    native.add_routes(app)
     return app
 
 

@@ -166,13 +166,20 @@ class _StateCollector(Collector):
         footprint = GaugeMetricFamily("proxy_model_footprint_bytes",
                                       "Memory the model takes (measured, else estimated)",
                                       labels=["model"])
+        # Who loaded it: proxy, external, or sdk (an LM Studio SDK client through the proxy;
+        # the client's identifier stays out of the label, it is new per connection).
+        owner = GaugeMetricFamily("proxy_model_owner", "1 for the owner of a loaded model",
+                                  labels=["model", "owner"])
         for key in e.known_models():
             entry = e.entry(key)
             assert entry is not None
             loaded.add_metric([key], 1.0 if entry.status is ModelStatus.LOADED else 0.0)
+            if entry.status is ModelStatus.LOADED and entry.owner:
+                owner.add_metric([key, entry.owner.split(":", 1)[0]], 1.0)
             leases.add_metric([key], float(entry.leases))
             footprint.add_metric([key], e.footprint_bytes(entry))
         yield loaded
+        yield owner
         yield leases
         yield footprint
         yield GaugeMetricFamily("proxy_queue_depth", "Loads waiting for memory",

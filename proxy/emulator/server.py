@@ -13,11 +13,14 @@ import orjson
 from aiohttp import web
 
 from . import generation as gen
+from .native import NAMESPACES, NativeApi
 from .state import EmulatorState, Instance, LoadRefused
 
 LOAD_KEYS = {"model", "context_length", "eval_batch_size", "flash_attention", "num_experts",
              "offload_kv_cache_to_gpu", "echo_load_config"}
 STATE_KEY = web.AppKey("emulator_state", EmulatorState)
+# The SDKs' probe and websockets carry no Authorization header: the token travels in frames.
+NATIVE_PATHS = {"/lmstudio-greeting", *(f"/{ns}" for ns in NAMESPACES)}
 
 
 class EmulatorOptions:
@@ -79,6 +82,7 @@ def create_emulator_app(state: EmulatorState, options: EmulatorOptions | None = 
     r.add_get("/__emulator__/stats", api.stats)
     r.add_post("/__emulator__/faults", api.set_faults)
     r.add_post("/__emulator__/reset", api.reset)
+    NativeApi(state, opts.api_token, opts.tokens_per_s).add_to(app)
     r.add_route("*", "/{tail:.*}", api.unexpected)
     return app
 
@@ -87,7 +91,8 @@ def _auth_middleware(opts: EmulatorOptions) -> Callable:
     @web.middleware
     async def auth(request: web.Request, handler: Callable[[web.Request], Awaitable]
                    ) -> web.StreamResponse:
-        if opts.api_token and not request.path.startswith("/__emulator__/"):
+        if opts.api_token and not request.path.startswith("/__emulator__/") and \
+                request.path not in NATIVE_PATHS:
             if request.headers.get("Authorization") != f"Bearer {opts.api_token}":
                 return _json({"error": {"type": "invalid_request", "code": "invalid_api_key",
                                         "message": "Invalid or missing API token."}}, 401)

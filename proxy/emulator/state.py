@@ -101,8 +101,8 @@ class EmulatorState:
         return found[0] if found else None
 
     # -- load / unload -----------------------------------------------------------------------
-    async def load(self, key: str, *, context_length: int | None = None, jit: bool = False
-                   ) -> Instance:
+    async def load(self, key: str, *, context_length: int | None = None, jit: bool = False,
+                   instance_id: str | None = None) -> Instance:
         model = self.catalog[key]
         self.load_calls[key] += 1
         self.loading[key] += 1
@@ -120,7 +120,7 @@ class EmulatorState:
                 raise LoadRefused(500, "Model loading was stopped due to insufficient system "
                                        "resources. Unload other models or adjust the guardrails.")
             instance = Instance(
-                instance_id=self._next_instance_id(key), model=model,
+                instance_id=instance_id or self._next_instance_id(key), model=model,
                 context_length=context_length or min(model.max_context_length, 4096),
                 jit=jit, loaded_at=self.clock(), memory_bytes=model.resident_bytes,
                 ttl_s=self.jit_ttl_s if jit else None, last_used_at=self.clock())

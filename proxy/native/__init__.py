@@ -1,0 +1,1 @@
+"""LM Studio's own clients (the `lmstudio` SDKs, `lms`) through the proxy."""

@@ -1,0 +1,205 @@
+"""Loads, predictions and embeddings over LM Studio's native protocol go through the engine.
+
+The emulator's capacity equals the proxy's budget: a load that LM Studio would get without room
+made first fails there, so every passing load here was admitted by the engine first.
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import Any, AsyncIterator
+
+import aiohttp
+import lmstudio
+import orjson
+import pytest
+
+from proxy.emulator import GB, EmulatorOptions
+from proxy.native import mediate
+
+SMALL, MID, BIG = "qwen/qwen3-4b", "google/gemma-3-12b", "openai/gpt-oss-20b"   # 3.1, 9.4, 13.5 GB
+EMBED = "text-embedding-nomic-embed-text-v1.5"
+
+
+async def lab(make_emulator, make_proxy, budget_gb: float) -> tuple[Any, Any]:
+    emulator = await make_emulator(capacity_bytes=int(budget_gb * GB))
+    proxy = await make_proxy(emulator.url, **{"memory.budget_gb": budget_gb})
+    return emulator, proxy
+
+
+@pytest.fixture
+async def sdk() -> AsyncIterator[Any]:
+    clients: list[lmstudio.AsyncClient] = []
+
+    async def connect(proxy: Any) -> lmstudio.AsyncClient:
+        c = lmstudio.AsyncClient(proxy.url.split("//", 1)[1])
+        clients.append(await c.__aenter__())
+        return c
+    yield connect
+    for c in clients:
+        await c.aclose()
+
+
+async def test_an_sdk_load_that_does_not_fit_evicts_a_cold_model_first(make_emulator,
+                                                                         make_proxy, sdk):
+    emulator, proxy = await lab(make_emulator, make_proxy, 20)
+    (await proxy.engine.acquire(MID)).release()            # the proxy's own, cold
+    client = await sdk(proxy)
+    model = await client.llm.load_new_instance(BIG)
+    assert model.identifier == BIG and list(emulator.state.instances) == [BIG]
+    assert emulator.state.unload_calls[MID] == 1
+    assert proxy.engine.entry(BIG).owner.startswith("sdk:")
+
+
+async def test_a_load_that_can_never_fit_is_refused_as_the_sdk_raises_it(make_emulator,
+                                                                         make_proxy, sdk):
+    emulator, proxy = await lab(make_emulator, make_proxy, 10)
+    client = await sdk(proxy)
+    with pytest.raises(lmstudio.LMStudioServerError, match="model_too_large"):
+        await client.llm.load_new_instance(BIG)
+    assert emulator.state.load_calls[BIG] == 0
+
+
+async def test_get_or_load_is_admitted_too(make_emulator, make_proxy, sdk):
+    emulator, proxy = await lab(make_emulator, make_proxy, 10)
+    client = await sdk(proxy)
+    with pytest.raises(lmstudio.LMStudioServerError, match="model_too_large"):
+        await client.llm.model(BIG)
+    assert (await client.llm.model(SMALL)).identifier == SMALL
+    assert proxy.engine.entry(SMALL).owner.startswith("sdk:")
+
+
+async def test_models_loaded_by_a_client_are_not_evicted_as_if_they_were_the_proxys(
+        make_emulator, make_proxy, sdk):
+    emulator, proxy = await lab(make_emulator, make_proxy, 20)
+    client = await sdk(proxy)
+    await client.llm.load_new_instance(MID)
+    with pytest.raises(lmstudio.LMStudioServerError, match="not ours"):
+        await client.llm.load_new_instance(BIG)
+    assert list(emulator.state.instances) == [MID]
+
+
+async def test_a_native_prediction_is_never_cut_by_an_eviction(make_emulator, make_proxy,
+                                                               sdk):
+    emulator, proxy = await lab(make_emulator, make_proxy, 20)
+    (await proxy.engine.acquire(MID)).release()            # evictable: the proxy's, cold
+    emulator.state.faults.stream_gate = gate = asyncio.Event()
+    model = await (await sdk(proxy)).llm.model(MID)
+    stream = await model.respond_stream("hello")
+    fragments = aiter(stream)
+    await anext(fragments)                                 # generating, paused by the gate
+    queued = asyncio.Event()
+    proxy.engine.add_listener(type("L", (), {"on_queue": lambda self, key, n: (
+        queued.set() if key == BIG and n else None)})())
+    waiting = asyncio.create_task(proxy.engine.acquire(BIG))   # needs MID's memory
+    await queued.wait()
+    await proxy.engine.scheduler.settled()
+    assert MID in emulator.state.instances and emulator.state.cancelled_streams == 0
+    gate.set()
+    rest = [f async for f in fragments]
+    (await waiting).release()                              # MID went once it was done
+    assert len(rest) == 23 and stream.result().stats.stop_reason == "eosFound"
+    assert emulator.state.cancelled_streams == 0 and list(emulator.state.instances) == [BIG]
+
+
+async def test_native_requests_count_in_the_statistics(proxy, sdk, http):
+    client = await sdk(proxy)
+    model = await client.llm.model(SMALL)
+    await model.respond("hello there")
+    await (await client.embedding.model(EMBED)).embed("hi")
+    async with http.get(f"{proxy.url}/proxy/stats") as r:
+        rows = (await r.json())["models"]
+    assert rows[SMALL]["requests"] == 1 and rows[SMALL]["completion_tokens"] == 24
+    assert rows[SMALL]["prompt_tokens"] == 2 and rows[SMALL]["avg_ttft_ms"] is not None
+    assert rows[EMBED]["requests"] == 1 and rows[SMALL]["owner"].startswith("sdk:")
+
+
+# -- raw frames: what the SDKs cannot easily do ----------------------------------------------
+class Raw:
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        self.ws = ws
+
+    async def send(self, frame: dict[str, Any]) -> None:
+        await self.ws.send_str(orjson.dumps(frame).decode())
+
+    async def receive(self) -> Any:
+        return orjson.loads((await self.ws.receive()).data)
+
+
+@pytest.fixture
+async def raw() -> AsyncIterator[Any]:
+    async with aiohttp.ClientSession() as session:
+        async def connect(url: str, ns: str = "llm") -> Raw:
+            ws = await session.ws_connect(f"{url}/{ns}")
+            r = Raw(ws)
+            await r.send({"authVersion": 1, "clientIdentifier": "raw", "clientPasskey": "x"})
+            assert (await r.receive())["success"]
+            return r
+        yield connect
+
+
+def load_model(key: str, **extra: Any) -> dict[str, Any]:
+    return {"type": "channelCreate", "endpoint": "loadModel", "channelId": 1,
+            "creationParameter": {"modelKey": key, "loadConfigStack": {"layers": []}, **extra}}
+
+
+async def test_a_client_gone_mid_load_still_reports_the_load(make_emulator, make_proxy, raw):
+    emulator, proxy = await lab(make_emulator, make_proxy, 20)
+    emulator.state.faults.load_gate[MID] = asyncio.Event()
+    conn = await raw(proxy.url)
+    await conn.send(load_model(MID))
+    await emulator.state.wait_for(lambda: emulator.state.loading[MID] == 1)
+    assert proxy.engine.entry(MID).status.value == "loading"
+    await conn.ws.close()
+    await asyncio.wait_for(emulator.state.wait_for(
+        lambda: proxy.engine.entry(MID).status.value != "loading"), 10)
+    assert proxy.engine.entry(MID).status.value == "error"
+
+
+async def test_a_load_on_another_device_is_not_admitted_against_local_memory(
+        make_emulator, make_proxy, raw):
+    emulator = await make_emulator()
+    proxy = await make_proxy(emulator.url, **{"memory.budget_gb": 10})
+    conn = await raw(proxy.url)
+    await conn.send(load_model(BIG, deviceIdentifier="linked-mac"))
+    replies = [await conn.receive() for _ in range(4)]
+    assert replies[-1]["message"]["type"] == "success"     # passed through, not refused
+    assert proxy.engine.entry(BIG).status.value != "loading"
+
+
+async def test_a_held_load_keeps_its_client_alive(make_emulator, make_proxy, raw,
+                                                  monkeypatch):
+    emulator, proxy = await lab(make_emulator, make_proxy, 20)
+    busy = await proxy.engine.acquire(MID)                 # serving: its memory will free
+    conn = await raw(proxy.url)
+    monkeypatch.setattr(mediate, "KEEPALIVE_S", 0.05)     # a minute, shortened
+    await conn.send(load_model(BIG))
+    reply = await conn.receive()
+    busy.release()
+    assert reply == {"type": "channelSend", "channelId": 1,
+                     "message": {"type": "progress", "progress": 0.0}}
+
+
+async def test_metrics_show_the_sdk_as_the_owner_and_count_native_requests(proxy, sdk, http):
+    from .test_observability import samples
+    model = await (await sdk(proxy)).llm.load_new_instance(SMALL)
+    await model.respond("hello")
+    async with http.get(f"{proxy.url}/metrics") as r:
+        m = samples(await r.text())
+    assert m[("proxy_model_owner", (("model", SMALL), ("owner", "sdk")))] == 1
+    assert m[("proxy_requests_total", (("endpoint", "lmstudio:predict"), ("model", SMALL),
+                                       ("outcome", "success")))] == 1
+
+
+async def test_against_lm_studio_0_3_loads_pass_through(make_emulator, make_proxy, sdk):
+    emulator = await make_emulator(options=EmulatorOptions(version="0.3"))
+    proxy = await make_proxy(emulator.url, **{"memory.budget_gb": 10})
+    model = await (await sdk(proxy)).llm.load_new_instance(BIG)   # no unload API: no admission
+    assert model.identifier == BIG and proxy.engine.entry(BIG).status.value == "loaded"
+    assert proxy.engine.entry(BIG).owner == "external"     # LM Studio's to manage, as reconciled
+
+
+async def test_predictions_multiplexed_on_one_connection_each_hold_and_count(proxy, sdk):
+    model = await (await sdk(proxy)).llm.model(SMALL)
+    results = await asyncio.gather(*(model.respond(f"question {i}") for i in range(5)))
+    assert all(r.stats.stop_reason == "eosFound" for r in results)
+    assert proxy.engine.usage(SMALL).requests == 5 and proxy.engine.entry(SMALL).leases == 0
