@@ -93,8 +93,8 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class PreloadConfig:
-    # Load what the usage model expects next, into free memory only (never evicting).
-    enabled: bool = False
+    # Load what the usage model expects next (see engine/preload.py for when it may evict).
+    enabled: bool = True
     # Preload B after a request for A when B followed A within a minute this often.
     min_probability: float = field(default=0.6, metadata=_rule(0, 1, exclusive_lo=True))
     # Preload a model due by its rhythm: asked for in this hour of the week this many times

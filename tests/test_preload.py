@@ -1,0 +1,145 @@
+"""Predictive preloading through the real engine on the emulator: what follows is loaded ahead,
+counted useful or wasted, never at the expense of a model in use or pinned, and off is off."""
+from __future__ import annotations
+
+import pytest
+
+from proxy.emulator import CatalogModel
+from proxy.engine.clock import ManualClock
+
+from .fakes import GB
+from .test_engine import footprints, manager_for
+
+PLANNER, CODER, OTHER, HOT = "lab/planner", "lab/coder", "lab/other", "lab/hot"
+SIZES = {PLANNER: 4, CODER: 6, OTHER: 8, HOT: 3}
+CATALOG = [CatalogModel(key=k, size_bytes=int(g * GB), memory_bytes=int(g * GB),
+                        load_time_s=1.0) for k, g in SIZES.items()]
+
+
+@pytest.fixture
+async def lab(make_emulator):
+    return await make_emulator(catalog=CATALOG, capacity_bytes=64 * GB)
+
+
+@pytest.fixture
+async def engine(lab):
+    made = []
+
+    async def make(budget_gb=16, **kw):
+        kw.setdefault("models", footprints(SIZES))
+        made.append(await manager_for(lab.url, memory={"budget_gb": budget_gb},
+                                      clock=ManualClock(), **kw))
+        return made[-1]
+    yield make
+    for mgr in made:
+        await mgr.cleanup()
+
+
+async def teach(mgr, rounds=5):
+    """Planner, then coder four seconds later, a few times; everything unloaded after."""
+    for _ in range(rounds):
+        (await mgr.acquire(PLANNER)).release()
+        mgr.clock.advance(4)
+        (await mgr.acquire(CODER)).release()
+        mgr.clock.advance(600)
+    await mgr.clear_all_models()
+
+
+async def settle(mgr):
+    await mgr.scheduler.settled()
+    for e in mgr.registry:
+        if e.load_task is not None:
+            await e.load_task
+
+
+async def test_what_follows_is_preloaded_and_counted_useful(engine, lab):
+    mgr = await engine()
+    await teach(mgr)
+    loads_before = lab.state.load_calls[CODER]
+    (await mgr.acquire(PLANNER)).release()
+    await settle(mgr)
+    assert lab.state.load_calls[CODER] == loads_before + 1 and mgr.entry(CODER).preloaded
+    (await mgr.acquire(CODER)).release()                      # no wait: already there
+    assert lab.state.load_calls[CODER] == loads_before + 1
+    summary = mgr.get_memory_stats()["preload"]
+    assert (summary["preloads"], summary["useful"], summary["wasted"]) == (1, 1, 0)
+
+
+async def test_a_preload_unloaded_unused_is_counted_wasted_with_its_gb(engine):
+    mgr = await engine()
+    await teach(mgr)
+    (await mgr.acquire(PLANNER)).release()
+    await settle(mgr)
+    await mgr.clear_all_models()
+    summary = mgr.get_memory_stats()["preload"]
+    assert summary["wasted"] == 1 and summary["wasted_gb"] == pytest.approx(6.0)
+
+
+async def test_a_preload_never_evicts_a_busy_or_pinned_model(engine, lab):
+    mgr = await engine(budget_gb=15, models={**footprints(SIZES), HOT: {"footprint_gb": 3,
+                                                                        "pinned": True}})
+    await teach(mgr)
+    (await mgr.acquire(HOT)).release()                        # 3 GB pinned
+    serving = await mgr.acquire(OTHER)                        # 6 GB serving
+    (await mgr.acquire(PLANNER)).release()                    # 4 GB: 13 of 13 in use
+    await settle(mgr)
+    assert mgr.entry(CODER).status.value == "unloaded"        # no room worth making
+    assert {HOT, OTHER, PLANNER} <= set(mgr.get_loaded_models())
+    serving.release()
+
+
+async def test_a_preload_gives_way_to_a_load_a_request_waits_for(engine):
+    mgr = await engine()
+    await teach(mgr)
+    assert mgr.scheduler.preload(mgr.entry(CODER), 5.0)
+    assert mgr.scheduler.pending[CODER].speculative
+    (await mgr.acquire(OTHER)).release()                      # requested: goes first
+    await settle(mgr)
+    assert OTHER in mgr.get_loaded_models()
+
+
+async def test_a_preload_waits_while_a_requested_load_waits_for_memory(engine):
+    import asyncio
+    mgr = await engine(budget_gb=13, preload={"enabled": False})   # only the one queued here
+    serving = [await mgr.acquire(HOT), await mgr.acquire(PLANNER)]   # 7 of 13 GB serving
+    waiting = asyncio.create_task(mgr.acquire(OTHER))         # 8 GB: waits for them
+    while OTHER not in mgr.scheduler.pending:
+        await asyncio.sleep(0)
+    assert mgr.scheduler.preload(mgr.entry(CODER), 5.0)       # 6 GB would fit now...
+    await mgr.scheduler.settled()
+    assert mgr.entry(CODER).status.value == "unloaded"        # ...but it does not take them
+    for lease in serving:
+        lease.release()
+    (await waiting).release()
+    assert OTHER in mgr.get_loaded_models()
+
+
+
+@pytest.mark.parametrize("other_is_hot,evicted", [(False, True), (True, False)])
+async def test_a_preload_evicts_only_what_is_expected_to_cost_far_less(engine, lab,
+                                                                       other_is_hot, evicted):
+    mgr = await engine(budget_gb=14)
+    await teach(mgr)
+    (await mgr.acquire(OTHER)).release()                      # 8 GB, idle
+    for key in (OTHER, CODER):
+        mgr.entry(key).load_time_s = 10.0                     # as slow to reload as each other
+    if other_is_hot:                                          # asked for every few seconds
+        for _ in range(20):
+            mgr.clock.advance(3)
+            (await mgr.acquire(OTHER)).release()
+    else:
+        mgr.clock.advance(6 * 3600)                           # idle for hours
+    (await mgr.acquire(PLANNER)).release()                    # 12 of 14 GB: the coder needs 6
+    await settle(mgr)
+    assert (OTHER not in mgr.get_loaded_models()) is evicted
+    assert (mgr.entry(CODER).status.value == "loaded") is evicted
+
+
+async def test_the_off_switch_is_honoured(engine, lab):
+    mgr = await engine(preload={"enabled": False})
+    await teach(mgr)
+    loads_before = lab.state.load_calls[CODER]
+    (await mgr.acquire(PLANNER)).release()
+    await settle(mgr)
+    assert lab.state.load_calls[CODER] == loads_before
+    assert mgr.get_memory_stats()["preload"]["preloads"] == 0
