@@ -121,3 +121,12 @@ def test_among_equal_costs_the_cover_that_frees_least_is_chosen():
     cold = [cand("x", 9, 0.0), cand("y", 5, 0.0), cand("z", 6, 0.0)]
     assert cheapest_cover(cold, 5 * GB, expected_cost_s) == ("y",)
     assert cheapest_cover(cold, 30 * GB, expected_cost_s) == ()
+
+
+def test_the_set_beats_cheapest_per_gb_first():
+    # Cheapest per GB first takes c then a (1.09); the cheapest cover is a + b (1.0).
+    def k(key, gb, cost):
+        return Candidate(key=key, footprint_bytes=gb * GB, last_used_s=0.0, reload_s=1.0,
+                         p_reuse=cost)
+    pool = [k("a", 5, 0.5), k("b", 5, 0.5), k("c", 6, 0.59), k("d", 4, 0.42)]
+    assert sorted(select_victims("predictive", pool, 10 * GB, 0.0)) == ["a", "b"]

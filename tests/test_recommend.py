@@ -9,9 +9,10 @@ GB = 1_000_000_000
 SMALL, LARGE, CODER = "qwen/qwen3-4b", "google/gemma-3-12b", "openai/gpt-oss-20b"
 
 
-def facts(key, gb, *, loaded=False, **kw):
+def facts(key, gb, *, loaded=False, reload_s=None, **kw):
     return ModelFacts(key=key, type="llm", loaded=loaded, idle=loaded,
-                      footprint_bytes=gb * GB, reload_s=gb / 1.5 + 1.5, priority=5,
+                      footprint_bytes=gb * GB,
+                      reload_s=gb / 1.5 + 1.5 if reload_s is None else reload_s, priority=5,
                       success_rate=1.0, requests=0, **kw)
 
 
@@ -41,6 +42,32 @@ def test_urgency_favours_a_loaded_model_and_complexity_a_larger_one():
                          headroom_bytes=32 * GB, tasks={})) == SMALL
     assert top(recommend(pool, {**ctx, "urgency": 0.0, "complexity": 1.0},
                          headroom_bytes=32 * GB, tasks={})) == LARGE
+
+
+def test_urgency_alone_can_prefer_the_loaded_model_over_the_configured_one():
+    pool = [facts(SMALL, 6, loaded=True, reload_s=0.1), facts(LARGE, 6, reload_s=0.1)]
+    tasks = {"chat": (LARGE, SMALL)}
+    assert top(recommend(pool, {"task_type": "chat", "urgency": 0.0}, headroom_bytes=32 * GB,
+                         tasks=tasks)) == LARGE
+    assert top(recommend(pool, {"task_type": "chat", "urgency": 1.0}, headroom_bytes=32 * GB,
+                         tasks=tasks)) == SMALL
+
+
+async def test_failures_on_a_task_teach_the_engine_to_prefer_another(emulator):
+    from proxy.engine.manager import ModelMemoryManager
+    from proxy.engine.usage import RequestRecord
+    mgr = ModelMemoryManager(min_free_memory_gb=0, upstream=emulator.url)
+    await mgr.start()
+    for model, ok in ((SMALL, False), (LARGE, True)):
+        for _ in range(10):
+            mgr.record(RequestRecord(model=model, ok=ok, latency_s=1.0, at_s=mgr.clock.now(),
+                                     task="translate"))
+    for _ in range(90):                  # SMALL does well at everything else
+        mgr.record(RequestRecord(model=SMALL, ok=True, latency_s=1.0, at_s=mgr.clock.now()))
+    ranked = mgr.get_model_recommendations({"task_type": "translate", "urgency": 0,
+                                            "complexity": 0})["recommended_models"]
+    assert ranked.index(LARGE) < ranked.index(SMALL)
+    await mgr.cleanup()
 
 
 def test_free_memory_decides_what_is_possible():
