@@ -40,6 +40,10 @@ MIGRATIONS: list[str] = [
         load_config BLOB NOT NULL, loaded_at REAL NOT NULL,
         PRIMARY KEY (upstream, instance_id));
     """,
+    # 3: what the engine learned of each model's use (engine.learning)
+    """
+    CREATE TABLE patterns (model TEXT PRIMARY KEY, snapshot BLOB NOT NULL);
+    """,
 ]
 
 
@@ -92,9 +96,10 @@ class UsageStore:
 
     def load(self, upstream: str = "") -> dict[str, Any]:
         """{"stats": {model: snapshot}, "footprints": {identity: {...}},
-        "owned": {instance_id: {"model", "load_config", "loaded_at"}}} (owned: of `upstream`)."""
+        "owned": {instance_id: {"model", "load_config", "loaded_at"}}, "patterns": {model: ...}}
+        (owned: of `upstream`)."""
         if self._db is None:
-            return {"stats": {}, "footprints": {}, "owned": {}}
+            return {"stats": {}, "footprints": {}, "owned": {}, "patterns": {}}
         with self._lock:
             stats = {m: orjson.loads(s) for m, s in
                      self._db.execute("SELECT model, snapshot FROM model_stats")}
@@ -105,13 +110,16 @@ class UsageStore:
                      for r in self._db.execute(
                          "SELECT instance_id, model, load_config, loaded_at FROM owned_instances "
                          "WHERE upstream = ?", (upstream,))}
-        return {"stats": stats, "footprints": footprints, "owned": owned}
+            patterns = {m: orjson.loads(p) for m, p in
+                        self._db.execute("SELECT model, snapshot FROM patterns")}
+        return {"stats": stats, "footprints": footprints, "owned": owned, "patterns": patterns}
 
     def write(self, minutes: dict[tuple[str, int], list[float]],
               stats: dict[str, dict[str, Any]], footprints: dict[str, dict[str, Any]],
               now_minute: int, *, upstream: str = "",
               owned_add: dict[str, dict[str, Any]] | None = None,
-              owned_remove: set[str] | None = None) -> bool:
+              owned_remove: set[str] | None = None,
+              patterns: dict[str, dict[str, Any]] | None = None) -> bool:
         if self._db is None:
             return False
         try:
@@ -132,6 +140,8 @@ class UsageStore:
                 db.executemany("INSERT OR REPLACE INTO footprints VALUES (?, ?, ?, ?, ?)",
                                [(m, f["footprint_bytes"], f["samples"], f["load_time_s"],
                                  f["load_count"]) for m, f in footprints.items()])
+                db.executemany("INSERT OR REPLACE INTO patterns VALUES (?, ?)",
+                               [(m, orjson.dumps(p)) for m, p in (patterns or {}).items()])
                 db.executemany("DELETE FROM owned_instances WHERE upstream = ? AND "
                                "instance_id = ?", [(upstream, i) for i in owned_remove or ()])
                 db.executemany("INSERT OR REPLACE INTO owned_instances VALUES (?, ?, ?, ?, ?)",

@@ -130,3 +130,19 @@ def test_the_set_beats_cheapest_per_gb_first():
                          p_reuse=cost)
     pool = [k("a", 5, 0.5), k("b", 5, 0.5), k("c", 6, 0.59), k("d", 4, 0.42)]
     assert sorted(select_victims("predictive", pool, 10 * GB, 0.0)) == ["a", "b"]
+
+
+async def test_learned_patterns_survive_a_restart(emulator, tmp_path):
+    from .test_operation import managed
+    from proxy.store import UsageStore
+    path = tmp_path / "history.sqlite3"
+    first = await managed(emulator.url, store=UsageStore(path))
+    for _ in range(3):
+        (await first.acquire("qwen/qwen3-4b")).release()
+        (await first.acquire("google/gemma-3-12b")).release()
+    await first.cleanup()
+    second = await managed(emulator.url, store=UsageStore(path))
+    pattern = second.learner.patterns["qwen/qwen3-4b"]
+    assert pattern.requests == 3 and pattern.followers["google/gemma-3-12b"] == 3
+    assert pattern.gaps.total == 2
+    await second.cleanup()

@@ -4,7 +4,8 @@ Persisted (through `store.UsageStore`, off the event loop, in batches):
 - per-minute usage history and per-model statistics snapshots;
 - learned footprints and load times, keyed by upstream identity (URL | model key | load
   options), so that what a demo's emulator taught is never applied to a real LM Studio;
-- the instances this proxy loaded, so that a restarted proxy still owns them.
+- the instances this proxy loaded, so that a restarted proxy still owns them;
+- the usage patterns the engine learned (engine.learning).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import orjson
 
 from ..store import UsageStore
 from .clock import Clock
+from .learning import ModelPattern, UsageLearner
 from .lifecycle import ModelEntry
 from .listeners import Listeners
 from .registry import Registry
@@ -32,7 +34,9 @@ def footprint_identity(upstream_url: str, key: str, load_options: Any) -> str:
 
 class Accounting:
     def __init__(self, registry: Registry, clock: Clock, listeners: Listeners,
-                 store: UsageStore | None, upstream_url: Callable[[], str]) -> None:
+                 store: UsageStore | None, upstream_url: Callable[[], str],
+                 learner: UsageLearner) -> None:
+        self.learner = learner
         self.registry = registry
         self.clock = clock
         self.listeners = listeners
@@ -121,6 +125,8 @@ class Accounting:
             self.usage[key] = restore_usage(snap)
         self._restored_footprints = state["footprints"]
         self.owned_instances.update(state.get("owned", {}))
+        for key, snap in state.get("patterns", {}).items():
+            self.learner.patterns[key] = ModelPattern.restore(snap)
         for e in self.registry:
             self.apply_learned(e)
         log.info("restored statistics of %d models and %d owned instances from %s",
@@ -132,8 +138,11 @@ class Accounting:
         if self.store is None or self.store._db is None:
             return
         if not (self._pending_minutes or self._dirty_stats or self._dirty_footprints
-                or self._owned_add or self._owned_remove):
+                or self._owned_add or self._owned_remove or self.learner.dirty):
             return
+        patterns = {k: self.learner.patterns[k].snapshot() for k in self.learner.dirty
+                    if k in self.learner.patterns}
+        self.learner.dirty = set()
         minutes, self._pending_minutes = self._pending_minutes, {}
         stats = {k: snapshot_usage(self.usage[k]) for k in self._dirty_stats if k in self.usage}
         footprints = {self.identity(k): {"footprint_bytes": e.footprint_bytes,
@@ -146,7 +155,8 @@ class Accounting:
         self._dirty_stats, self._dirty_footprints = set(), set()
         await asyncio.to_thread(self.store.write, minutes, stats, footprints,
                                 int(self.clock.wall() // 60), upstream=self._upstream_url(),
-                                owned_add=owned_add, owned_remove=owned_remove)
+                                owned_add=owned_add, owned_remove=owned_remove,
+                                patterns=patterns)
 
     async def close(self) -> None:
         if self.store is not None:

@@ -76,14 +76,14 @@ class EngineCore:
         self.listeners = Listeners()
         self.registry = r = Registry(config)
         self._upstream_local = is_local_url(config.upstream.url)
+        self.learner = UsageLearner()
         self.accounting = Accounting(r, self.clock, self.listeners, store,
-                                     lambda: self.config.upstream.url)
+                                     lambda: self.config.upstream.url, self.learner)
         self.monitor = MemoryMonitor(config, sampler or default_sampler(config, r.charged_bytes),
                                      self.listeners, reserved_bytes=r.loading_bytes,
                                      on_level=self._pressure_changed)
         self.reconciler = Reconciler(r, upstream, self.accounting, self.clock,
                                      self._set_status, self._room)
-        self.learner = UsageLearner()
         self.evictor = Evictor(r, self.monitor, upstream, self.accounting, self.listeners,
                                self.clock, self._set_status, self._room, self.learner)
         self.loader = Loader(r, self.monitor, upstream, self.evictor, self.accounting,
