@@ -25,22 +25,20 @@ import logging
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ..errors import InsufficientMemory, ModelLoadFailed, ModelTooLarge, ProxyError
+from ..errors import InsufficientMemory, ModelLoadFailed, ProxyError
 from .clock import Clock
 from .eviction import Evictor
 from .lifecycle import ModelEntry, ModelStatus
 from .listeners import Listeners
 from .loader import Loader
-from .memory import GB, MemoryPressure, MemorySample
+from .memory import MemoryPressure, MemorySample
 from .monitor import MemoryMonitor
-from .policy import TEMPORARY, cheapest_cover, expected_cost_s
-from .registry import Registry, printable
+from .policy import cheapest_cover, expected_cost_s
+from .refusals import WILL_GO, Holder, Refusals
+from .registry import Registry
 
 log = logging.getLogger("proxy.engine")
 S = ModelStatus
-LOADING, UNLOADING, OTHERS, EVICTABLE = "loading", "unloading", "other processes", "evictable"
-# Memory that may free without anyone changing the config (other processes: perhaps).
-WILL_GO = TEMPORARY | {LOADING, UNLOADING, EVICTABLE, OTHERS}
 PRELOAD_EVICT_MARGIN = 0.25   # a preload evicts only what costs under a quarter of its worth
 PRELOAD_STALE_S = 60.0        # a preload not started by then is dropped
 
@@ -52,7 +50,7 @@ class Pending:
     done: asyncio.Future
     waiters: int = 0
     admitted: bool = False
-    holders: list[tuple[str, float, str]] = field(default_factory=list)  # last reason it waits
+    holders: list[Holder] = field(default_factory=list)  # what held memory when it last waited
     # A load its requester performs itself (an LM Studio SDK client through the proxy):
     # resolved True when admitted, False when the model got loaded meanwhile.
     go: asyncio.Future | None = None
@@ -75,6 +73,7 @@ class Scheduler:
         self.clock = clock
         self._set_status = set_status
         self.pending: dict[str, Pending] = {}
+        self.refusals = Refusals(registry, monitor, evictor, clock)
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()    # set while the admitting task has nothing to do
         self._idle.set()
@@ -114,13 +113,11 @@ class Scheduler:
             self._ensure_running()
             self.kick()
         self._count(p, +1)
-        timeout_s = self.config.eviction.queue_timeout_s
         try:
             async with asyncio.timeout(max(0.0, deadline_s - self.clock.now())):
                 await asyncio.shield(p.done)
         except TimeoutError:
-            raise self._refusal(p, f" within {timeout_s:g}s",
-                                retry_after_s=max(1.0, min(30.0, timeout_s))) from None
+            raise self._timed_out(p) from None
         finally:
             self._count(p, -1)
             if p.admitted and e.reserved:
@@ -147,13 +144,11 @@ class Scheduler:
         self._count(p, +1)
         self._ensure_running()
         self.kick()
-        timeout_s = self.config.eviction.queue_timeout_s
         try:
             async with asyncio.timeout(max(0.0, deadline_s - self.clock.now())):
                 admitted = await asyncio.shield(go)
         except TimeoutError:
-            raise self._refusal(p, f" within {timeout_s:g}s",
-                                retry_after_s=max(1.0, min(30.0, timeout_s))) from None
+            raise self._timed_out(p) from None
         finally:
             self._count(p, -1)
             if not p.admitted and not done.done():
@@ -177,6 +172,12 @@ class Scheduler:
         if error is None:
             p.entry.reserved = p.waiters
         self._finish(p, error)
+
+    def _timed_out(self, p: Pending) -> InsufficientMemory:
+        timeout_s = self.config.eviction.queue_timeout_s
+        holders = p.holders or self.refusals.holders(p.entry, self.clock.now() - p.since_s)
+        return self.refusals.insufficient(p.entry, holders, f" within {timeout_s:g}s",
+                                          retry_after_s=max(1.0, min(30.0, timeout_s)))
 
     def _count(self, p: Pending, delta: int) -> None:
         p.waiters += delta
@@ -284,7 +285,8 @@ class Scheduler:
         sample = await self.monitor.sample()
         ceiling = self.monitor.ceiling_bytes(sample)
         if need > ceiling:
-            self._finish(p, self._too_large(e, need, ceiling, sample))
+            self._finish(p, self.refusals.too_large(e, need, ceiling, sample,
+                                                    self.config.memory.sampler == "budget"))
             return True, None
         headroom = self.monitor.headroom(sample)
         short = need - headroom
@@ -312,10 +314,11 @@ class Scheduler:
                                           critical=self.monitor.level is MemoryPressure.CRITICAL,
                                           requester_waited_s=waited_s)
             if not victims:
-                p.holders = self._holders(e, waited_s)
+                p.holders = self.refusals.holders(e, waited_s)
                 will_go = sum(size for _, size, why in p.holders if why in WILL_GO)
                 if will_go < short:
-                    self._finish(p, self._refusal(p, "", retry_after_s=30.0))
+                    self._finish(p, self.refusals.insufficient(e, p.holders, "",
+                                                               retry_after_s=30.0))
                     return True, None
                 return False, will_go - short
             await self.evictor.evict(victims, "admission", e.key)
@@ -386,63 +389,6 @@ class Scheduler:
                           if e.status is S.LOADED and e.loaded_at_s is not None]
         future = [t - now for t in times if t > now]
         return max(0.001, min(future)) if future else None
-
-    # -- refusals ----------------------------------------------------------------------------
-    def _holders(self, wanted: ModelEntry, waited_s: float) -> list[tuple[str, float, str]]:
-        """(model, bytes, why) for every model holding memory, and memory of others."""
-        out = []
-        critical = self.monitor.level is MemoryPressure.CRITICAL
-        ours = 0.0
-        for e in self.registry:
-            if e is wanted or e.status not in (S.LOADED, S.LOADING, S.UNLOADING):
-                continue
-            size = self.registry.footprint_bytes(e)
-            ours += size
-            if e.status is S.LOADING:
-                out.append((e.key, size, LOADING))
-            elif e.status is S.UNLOADING:
-                out.append((e.key, size, UNLOADING))
-            else:
-                why = self.evictor.why_kept(e, critical=critical, requester_waited_s=waited_s)
-                out.append((e.key, size, why or EVICTABLE))
-        s = self.monitor.last_sample
-        if s is not None and self.monitor.sampler.local:
-            others = s.used_bytes - ours
-            if others > 0.05 * s.total_bytes:
-                out.append((OTHERS, others, OTHERS))
-        return sorted(out, key=lambda h: -h[1])
-
-    def _refusal(self, p: Pending, when: str, *, retry_after_s: float) -> InsufficientMemory:
-        e = p.entry
-        need = self.registry.footprint_bytes(e)
-        s = self.monitor.last_sample
-        free = max(0.0, self.monitor.headroom(s)) if s is not None else 0.0
-        holders = p.holders or self._holders(e, self.clock.now() - p.since_s)
-        held = "; ".join(f"'{k}' {b / GB:.1f} GB ({why})" if k != OTHERS else
-                         f"{why} {b / GB:.1f} GB" for k, b, why in holders) or "nothing"
-        hint = ""
-        if any(why == "not ours" for _, _, why in holders):
-            hint = " Models loaded outside the proxy are left alone unless " \
-                   "eviction.manage_external is true."
-        return InsufficientMemory(
-            f"Not enough memory to load '{printable(e.key)}' ({need / GB:.1f} GB, "
-            f"{free / GB:.1f} GB may be used now){when}. Memory is held by: {held}.{hint}",
-            retry_after_s=retry_after_s)
-
-    def _too_large(self, e: ModelEntry, need: float, ceiling: float, s: MemorySample
-                   ) -> ModelTooLarge:
-        source = self.registry.footprint_source(e)
-        how = {"configured": f"models.{e.key}.footprint_gb",
-               "learned": "measured across earlier loads",
-               "estimated": f"estimated as its {(e.size_bytes or 0) / GB:.1f} GB file × "
-                            f"memory.footprint_factor"}[source]
-        return ModelTooLarge(
-            f"'{printable(e.key)}' needs {need / GB:.1f} GB ({how}), more than the "
-            f"{ceiling / GB:.1f} GB any one model may take of {s.total_bytes / GB:.1f} GB "
-            f"(set by {self.monitor.binding_limit(s)}). It can never be loaded here: change "
-            f"{self.monitor.binding_limit(s)}"
-            f"{' or memory.budget_gb' if self.config.memory.sampler == 'budget' else ''}, or "
-            f"set models.{e.key}.footprint_gb if the estimate is wrong.")
 
 
 def _consume(f: asyncio.Future) -> None:

@@ -1,0 +1,78 @@
+"""Refusals that say why: what holds the memory a load needs, and what to change when a model
+can never fit. Built by the scheduler; words shared with the policy's candidate filter."""
+from __future__ import annotations
+
+from .clock import Clock
+from .eviction import Evictor
+from .lifecycle import ModelEntry, ModelStatus
+from .memory import GB, MemoryPressure, MemorySample
+from .monitor import MemoryMonitor
+from .policy import NOT_OURS, TEMPORARY
+from .registry import Registry, printable
+from ..errors import InsufficientMemory, ModelTooLarge
+
+S = ModelStatus
+LOADING, UNLOADING, OTHERS, EVICTABLE = "loading", "unloading", "other processes", "evictable"
+# Memory that may free without anyone changing the config (other processes: perhaps).
+WILL_GO = TEMPORARY | {LOADING, UNLOADING, EVICTABLE, OTHERS}
+Holder = tuple[str, float, str]   # (model, bytes, why)
+
+
+class Refusals:
+    def __init__(self, registry: Registry, monitor: MemoryMonitor, evictor: Evictor,
+                 clock: Clock) -> None:
+        self.registry, self.monitor, self.evictor, self.clock = registry, monitor, evictor, clock
+
+    def holders(self, wanted: ModelEntry, waited_s: float) -> list[Holder]:
+        """Every model holding memory and why it stays, and the memory of other programs."""
+        out = []
+        critical = self.monitor.level is MemoryPressure.CRITICAL
+        ours = 0.0
+        for e in self.registry:
+            if e is wanted or e.status not in (S.LOADED, S.LOADING, S.UNLOADING):
+                continue
+            size = self.registry.footprint_bytes(e)
+            ours += size
+            if e.status is S.LOADING:
+                out.append((e.key, size, LOADING))
+            elif e.status is S.UNLOADING:
+                out.append((e.key, size, UNLOADING))
+            else:
+                why = self.evictor.why_kept(e, critical=critical, requester_waited_s=waited_s)
+                out.append((e.key, size, why or EVICTABLE))
+        s = self.monitor.last_sample
+        if s is not None and self.monitor.sampler.local:
+            others = s.used_bytes - ours
+            if others > 0.05 * s.total_bytes:
+                out.append((OTHERS, others, OTHERS))
+        return sorted(out, key=lambda h: -h[1])
+
+    def insufficient(self, e: ModelEntry, holders: list[Holder], when: str, *,
+                     retry_after_s: float) -> InsufficientMemory:
+        need = self.registry.footprint_bytes(e)
+        s = self.monitor.last_sample
+        free = max(0.0, self.monitor.headroom(s)) if s is not None else 0.0
+        held = "; ".join(f"'{k}' {b / GB:.1f} GB ({why})" if k != OTHERS else
+                         f"{why} {b / GB:.1f} GB" for k, b, why in holders) or "nothing"
+        hint = ""
+        if any(why == NOT_OURS for _, _, why in holders):
+            hint = " Models loaded outside the proxy are left alone unless " \
+                   "eviction.manage_external is true."
+        return InsufficientMemory(
+            f"Not enough memory to load '{printable(e.key)}' ({need / GB:.1f} GB, "
+            f"{free / GB:.1f} GB may be used now){when}. Memory is held by: {held}.{hint}",
+            retry_after_s=retry_after_s)
+
+    def too_large(self, e: ModelEntry, need: float, ceiling: float, s: MemorySample,
+                  budget: bool) -> ModelTooLarge:
+        how = {"configured": f"models.{e.key}.footprint_gb",
+               "learned": "measured across earlier loads",
+               "estimated": f"estimated as its {(e.size_bytes or 0) / GB:.1f} GB file × "
+                            f"memory.footprint_factor"}[self.registry.footprint_source(e)]
+        limit = self.monitor.binding_limit(s)
+        return ModelTooLarge(
+            f"'{printable(e.key)}' needs {need / GB:.1f} GB ({how}), more than the "
+            f"{ceiling / GB:.1f} GB any one model may take of {s.total_bytes / GB:.1f} GB "
+            f"(set by {limit}). It can never be loaded here: change {limit}"
+            f"{' or memory.budget_gb' if budget else ''}, or set models.{e.key}.footprint_gb "
+            f"if the estimate is wrong.")
