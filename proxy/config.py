@@ -50,6 +50,9 @@ class UpstreamConfig:
     load_timeout_s: float = field(default=600.0, metadata=_rule(0, exclusive_lo=True))
     max_connections: int = field(default=256, metadata=_rule(1))
     reconcile_interval_s: float = field(default=15.0, metadata=_rule(0, exclusive_lo=True))
+    # Circuit breaker: after this many connection failures in a row, fail fast for a cool-down.
+    breaker_failures: int = field(default=5, metadata=_rule(1))
+    breaker_cooldown_s: float = field(default=5.0, metadata=_rule(0, exclusive_lo=True))
 
 
 @dataclass(frozen=True)

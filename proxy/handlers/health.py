@@ -5,7 +5,7 @@ from aiohttp import web
 
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from ..keys import ENGINE, HEALTH, METRICS
+from ..keys import ENGINE, HEALTH, METRICS, UPSTREAM
 from .admin import json_response
 
 
@@ -15,18 +15,25 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
-    if not engine.upstream_ok:
-        await engine.reconcile()   # not ready yet: look again instead of trusting a stale no
+    breaker = getattr(request.app[UPSTREAM], "breaker", None)
+    tripped = breaker is not None and breaker.open
+    if not engine.upstream_ok or tripped:
+        # Not ready: look again (through the breaker, which fails fast while cooling down
+        # and lets this be the trial after) instead of trusting a stale no.
+        await engine.reconcile()
+        tripped = breaker is not None and breaker.open
     level = engine.api_level
-    body = {"ready": engine.upstream_ok,
+    ready = engine.upstream_ok and not tripped
+    body = {"ready": ready,
             "upstream": engine.config.upstream.url,
             "api_level": None if level is None else level.value,
             "manages_loading": engine.manages_loading,
-            "error": engine.upstream_error}
+            "error": engine.upstream_error,
+            "circuit": None if breaker is None else breaker.state}
     if engine.upstream_ok and not engine.manages_loading:
         body["note"] = ("the upstream has no load/unload API (LM Studio older than 0.4.0): "
                         "loading is left to its own JIT and memory is not managed")
-    return json_response(body, 200 if engine.upstream_ok else 503)
+    return json_response(body, 200 if ready else 503)
 
 
 async def health_report(request: web.Request) -> web.Response:

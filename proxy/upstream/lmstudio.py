@@ -16,6 +16,7 @@ import orjson
 from ..config import UpstreamConfig
 from ..errors import ModelLoadFailed, UpstreamError, UpstreamTimeout, UpstreamUnreachable
 from .base import ApiLevel, LoadResult, UpstreamModel
+from .breaker import CircuitBreaker
 
 log = logging.getLogger("proxy.upstream")
 
@@ -29,6 +30,7 @@ class LMStudioUpstream:
         self.base_url = config.url.rstrip("/")
         self.level: ApiLevel | None = None
         self._session: aiohttp.ClientSession | None = None
+        self.breaker = CircuitBreaker(config.breaker_failures, config.breaker_cooldown_s)
 
     async def start(self) -> None:
         if self._session is None:
@@ -136,17 +138,26 @@ class LMStudioUpstream:
                     timeout: aiohttp.ClientTimeout | None = None) -> tuple[int, Any]:
         data = orjson.dumps(payload) if payload is not None else None
         headers = {"Content-Type": "application/json", **self._auth()}
+        self.breaker.before()
         try:
             async with self.session.request(method, self.base_url + path, data=data,
                                             headers=headers, timeout=timeout) as resp:
                 raw = await resp.read()
                 status = resp.status
         except Exception as exc:
-            raise map_transport_error(exc, self.base_url, f"{method} {path}") from exc
+            raise self._failed(exc, f"{method} {path}") from exc
+        self.breaker.success()
         try:
             return status, orjson.loads(raw) if raw else None
         except orjson.JSONDecodeError:
             return status, raw.decode("utf-8", "replace")
+
+
+    def _failed(self, exc: BaseException, what: str) -> BaseException:
+        mapped = map_transport_error(exc, self.base_url, what)
+        if isinstance(mapped, UpstreamUnreachable):
+            self.breaker.failure(mapped.message)
+        return mapped
 
 
 # One table for every transport failure, wherever it happens: connecting, waiting for the
@@ -230,12 +241,14 @@ class _Forward:
     async def __aenter__(self) -> _Response:
         up = self.upstream
         what = f"{self.method} {self.path}"
+        up.breaker.before()
         try:
             self.resp = await up.session.request(self.method, up.base_url + self.path,
                                                  headers=self.headers, data=self.body,
                                                  allow_redirects=False)
         except Exception as exc:
-            raise map_transport_error(exc, up.base_url, what) from exc
+            raise up._failed(exc, what) from exc
+        up.breaker.success()
         return _Response(self.resp, up.base_url, what)
 
     async def __aexit__(self, exc_type: type | None, exc: BaseException | None,
