@@ -86,6 +86,7 @@ class _Conn(asyncio.Protocol):
         self.length_known = False    # Content-Length or chunked: EOF before the end is a cut
         self.informational = False
         self.done = False
+        self.stray = False
         self.got_bytes = False
         self.exc: BaseException | None = None
         self.chunks: collections.deque[bytes] = collections.deque()
@@ -153,16 +154,21 @@ class _Conn(asyncio.Protocol):
 
     # -- httptools callbacks -------------------------------------------------------------
     def on_message_begin(self) -> None:
-        if self.done:
-            self.reusable = False   # a second answer to one request
+        if self.done:   # a second answer to one request: out of step, never read it as ours
+            self.reusable = False
+            self.stray = True
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self.stray:
+            return
         n = name.decode("utf-8", "surrogateescape")
         self.raw_headers.append((n, value.decode("utf-8", "surrogateescape")))
         if len(n) in (14, 17) and n.lower() in ("content-length", "transfer-encoding"):
             self.length_known = True
 
     def on_headers_complete(self) -> None:
+        if self.stray:
+            return
         status = self.parser.get_status_code()
         if 100 <= status < 200 and status != 101:
             self.informational = True   # 100 Continue, 103 Early Hints: the answer follows
@@ -179,10 +185,11 @@ class _Conn(asyncio.Protocol):
                 raise _HeadDone()
 
     def on_body(self, body: bytes) -> None:
-        self.parts.append(body)
+        if not self.stray:
+            self.parts.append(body)
 
     def on_message_complete(self) -> None:
-        if self.informational:
+        if self.informational and not self.stray:
             self.informational = False
             return
         self.done = True
@@ -342,9 +349,8 @@ class Exchange:
                     continue   # a keep-alive connection closed under us: safe to send again
                 raise
             except BaseException:
-                conn.abort()   # cancelled (the client left) or failed: the upstream stops too
-                pool.release(conn)
-                raise
+                pool.release(conn)   # cancelled (the client left) or failed: dropped, so the
+                raise                # upstream stops too
 
     async def _send(self, conn: _Conn, head: bytes) -> None:
         conn._reset_exchange(self.method == "HEAD")
@@ -370,11 +376,8 @@ class Exchange:
 
     async def __aexit__(self, exc_type: type | None, exc: BaseException | None,
                         tb: object) -> None:
-        conn = self.conn
-        assert conn is not None
-        if exc_type is not None or not (conn.done and not conn.chunks and conn.exc is None):
-            conn.abort()
-        self.pool.release(conn)
+        assert self.conn is not None
+        self.pool.release(self.conn)
 
 
 class FastPool:
@@ -467,7 +470,8 @@ class FastPool:
         return conn
 
     def release(self, conn: _Conn) -> None:
-        """The exchange on `conn` is over: pool it if it can serve another, else let it go."""
+        """The exchange on `conn` is over: pool it if it can serve another (its answer read to
+        the end and nothing after it), else drop it."""
         conn.active = False
         if conn.reusable and not conn.closed and conn.done and conn.exc is None \
                 and not conn.chunks:

@@ -7,6 +7,7 @@ lack of memory is told apart from other failures so the engine can evict and ret
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import ssl
 from typing import Any, AsyncIterable, Mapping
@@ -21,6 +22,7 @@ from .base import ApiLevel, LoadResult, UpstreamModel
 
 log = logging.getLogger("proxy.upstream")
 
+_LARGE_BODY_BYTES = 1024 * 1024   # aiohttp warns past this for a body given as bytes
 _OOM_MARKERS = ("insufficient system resources", "out of memory", "not enough memory",
                 "insufficient memory")
 
@@ -254,9 +256,12 @@ class _Forward:
     async def __aenter__(self) -> _Response:
         up = self.upstream
         what = f"{self.method} {self.path}"
+        body = self.body
+        if isinstance(body, bytes) and len(body) > _LARGE_BODY_BYTES:
+            body = io.BytesIO(body)   # aiohttp sends it in pieces instead of warning
         try:
             self.resp = await up.session.request(self.method, up.base_url + self.path,
-                                                 headers=self.headers, data=self.body,
+                                                 headers=self.headers, data=body,
                                                  allow_redirects=False)
         except Exception as exc:
             raise map_transport_error(exc, up.base_url, what) from exc
