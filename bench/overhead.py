@@ -8,7 +8,8 @@ installed (a Go proxy; the column is left out without it), and the proxy as user
 default configuration, the model loaded) — once with each forwarding client (`upstream.client`
 fast and aiohttp). Non-streaming load comes from wrk (a Lua body script) at concurrency 1, 16
 and 64; streaming from an async Python client at concurrency 16. Targets run back to back in
-rotating order for several rounds; medians are reported, with the ratios proxy / relay,
+rotating order (each load level on every target back to back) for several rounds; medians
+are reported, with the ratios proxy / relay,
 proxy / Caddy and proxy / direct, which are the figures that hold on a noisy machine.
 """
 from __future__ import annotations
@@ -176,25 +177,29 @@ def measure(servers: Servers, rounds: int, duration_s: float, stream_per_worker:
     cpu = {t: [0.0, 0] for t in procs}
     rss_mb: dict = {"idle": proxy_proc.memory_info().rss / 1e6, "after_round": [],
                     "others_after": {}}
+    served = {t: 0 for t in targets}
     for rnd in range(rounds):
         k = rnd % len(targets)
-        for target in targets[k:] + targets[:k]:
-            url = servers.url(target)
-            before = procs[target].cpu_times() if target in procs else None
-            served = 0
-            for c in CONCURRENCY:
-                r = run_wrk(url, c, duration_s, script)
-                served += r["requests"]
+        order = targets[k:] + targets[:k]
+        before = {t: p.cpu_times() for t, p in procs.items()}
+        # Each load level runs on every target back to back, so the runs that a ratio compares
+        # are seconds apart, not a whole round.
+        for c in CONCURRENCY:
+            for target in order:
+                r = run_wrk(servers.url(target), c, duration_s, script)
+                served[target] += r["requests"]
                 for key in ("rps", "p50_ms", "p99_ms", "errors"):
                     results[target].setdefault(f"{key}_c{c}", []).append(r[key])
-            s = asyncio.run(stream_load(url, STREAM_CONCURRENCY, stream_per_worker))
-            served += s["requests"]
+        for target in order:
+            s = asyncio.run(stream_load(servers.url(target), STREAM_CONCURRENCY,
+                                        stream_per_worker))
+            served[target] += s["requests"]
             for key in ("ttfb_p50_ms", "ttlb_p50_ms", "ttfb_p99_ms"):
                 results[target].setdefault(key, []).append(s[key])
-            if before is not None:
-                t = procs[target].cpu_times()
-                cpu[target][0] += (t.user + t.system) - (before.user + before.system)
-                cpu[target][1] += served
+        for target, p in procs.items():
+            t, b = p.cpu_times(), before[target]
+            cpu[target][0] += (t.user + t.system) - (b.user + b.system)
+            cpu[target][1] = served[target]
         rss_mb["after_round"].append(proxy_proc.memory_info().rss / 1e6)
         print(f"round {rnd + 1}/{rounds} done; proxy RSS "
               f"{rss_mb['after_round'][-1]:.1f} MB", file=sys.stderr, flush=True)

@@ -26,7 +26,7 @@ from typing import AsyncIterable, Iterator
 from urllib.parse import urlsplit
 
 import httptools
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict
 
 HIGH_WATER_BYTES = 256 * 1024   # unread bytes at which the socket stops being read
 LOW_WATER_BYTES = 64 * 1024     # ... and starts again
@@ -291,7 +291,7 @@ class FastResponse:
     def __init__(self, conn: _Conn) -> None:
         self._conn = conn
         self.status = conn.status
-        self.headers = CIMultiDictProxy(CIMultiDict(conn.raw_headers))
+        self.headers = CIMultiDict(conn.raw_headers)
 
     @property
     def complete(self) -> bool:

@@ -278,20 +278,20 @@ class _Forward:
 
 class _FastResponse:
     """A fastclient response behind the project's UpstreamResponse; reads map their errors."""
-    __slots__ = ("_resp", "_next", "status", "headers", "_url", "_what")
+    __slots__ = ("_resp", "_next", "status", "headers", "_forward")
 
-    def __init__(self, resp: fastclient.FastResponse, url: str, what: str) -> None:
+    def __init__(self, resp: fastclient.FastResponse, forward: "_FastForward") -> None:
         self._resp = resp
         self._next = resp.__anext__
         self.status = resp.status
         self.headers = resp.headers
-        self._url, self._what = url, what
+        self._forward = forward
 
     async def read(self) -> bytes:
         try:
             return await self._resp.read()
         except Exception as exc:
-            raise map_transport_error(exc, self._url, self._what) from exc
+            raise self._forward.mapped(exc) from exc
 
     def chunks(self) -> "_FastResponse":
         return self
@@ -305,7 +305,7 @@ class _FastResponse:
         except StopAsyncIteration:
             raise
         except Exception as exc:
-            raise map_transport_error(exc, self._url, self._what) from exc
+            raise self._forward.mapped(exc) from exc
 
 
 class _FastForward:
@@ -315,13 +315,15 @@ class _FastForward:
                  path: str) -> None:
         self.upstream, self.exchange, self.method, self.path = upstream, exchange, method, path
 
+    def mapped(self, exc: BaseException) -> BaseException:
+        return map_transport_error(exc, self.upstream.base_url, f"{self.method} {self.path}")
+
     async def __aenter__(self) -> _FastResponse:
-        url = self.upstream.base_url
         try:
             resp = await self.exchange.__aenter__()
         except Exception as exc:
-            raise map_transport_error(exc, url, f"{self.method} {self.path}") from exc
-        return _FastResponse(resp, url, f"{self.method} {self.path}")
+            raise self.mapped(exc) from exc
+        return _FastResponse(resp, self)
 
     async def __aexit__(self, exc_type: type | None, exc: BaseException | None,
                         tb: object) -> None:
