@@ -523,3 +523,74 @@ async def test_a_client_that_hangs_up_before_the_headers_aborts_the_upstream_req
     await asyncio.wait_for(emulator.state.wait_for(
         lambda: emulator.state.abandoned_hung_requests == 1), 5)
     assert time.perf_counter() - left_at < 0.1
+
+
+async def test_a_chunked_upload_is_paced_by_the_upstream_reading_it(servers, upstream):
+    piece = b"u" * MiB
+    pulled = [0]
+    lags: list[int] = []
+
+    async def slow_reader(ex: Exchange) -> None:
+        head = await ex.reader.readuntil(b"\r\n\r\n")
+        assert b"chunked" in head.lower()
+        got = 0
+        while True:
+            lags.append(pulled[0] - got)          # what the client took from its source but
+            data = await ex.reader.read(MiB)      # the upstream has not read yet
+            got += len(data)
+            if not data or data.endswith(b"0\r\n\r\n"):
+                break
+        ex.answer(b"%d" % got)
+        await ex.wait_closed_by_client()
+
+    async def source() -> AsyncIterator[bytes]:
+        for _ in range(64):
+            pulled[0] += len(piece)
+            yield piece
+    srv = await servers(slow_reader)
+    up = await upstream(srv.url)
+    async with up.request("POST", "/v1/upload", {}, source()) as resp:
+        await resp.read()
+    assert pulled[0] == 64 * MiB and max(lags) < 16 * MiB
+
+
+async def test_a_post_without_a_body_says_so(servers, upstream):
+    srv = await servers(serve_forever(echo))
+    up = await upstream(srv.url)
+    async with up.request("POST", "/proxy/x", {}, None) as resp:
+        assert await resp.read() == b""
+    assert ("Content-Length", "0") in srv.requests[0][2]
+
+
+async def test_a_header_with_a_line_break_is_refused_before_anything_is_sent(servers, upstream):
+    srv = await servers(serve_forever(echo))
+    up = await upstream(srv.url)
+    with pytest.raises(ValueError):
+        async with up.request("GET", "/v1/models", {"X-Evil": "a\r\nX-Injected: 1"},
+                              None) as resp:
+            await resp.read()
+    assert srv.requests == []
+
+
+async def test_the_fast_client_adds_no_headers_of_its_own(servers, upstream, client):
+    srv = await servers(serve_forever(echo))
+    up = await upstream(srv.url)
+    async with up.request("GET", "/v1/models", {"X-Caller": "1"}, None) as resp:
+        await resp.read()
+    names = {k.lower() for k, _ in srv.requests[0][2]}
+    if client == "fast":
+        assert names == {"host", "x-caller"}
+    else:   # aiohttp adds its own User-Agent, Accept and Accept-Encoding
+        assert "user-agent" in names
+
+
+async def test_fast_pool_does_not_reuse_a_connection_idle_past_keepalive(servers):
+    from proxy.upstream.fastclient import FastPool
+    srv = await servers(serve_forever(echo))
+    pool = FastPool(srv.url, connect_timeout_s=1, read_timeout_s=1, max_connections=4,
+                    keepalive_s=0)
+    for _ in range(2):
+        async with pool.request("GET", "/", {}, None) as resp:
+            assert await resp.read() == b""
+    await pool.close()
+    assert srv.connections == 2
