@@ -69,6 +69,7 @@ class _Conn(asyncio.Protocol):
         self.pool = pool
         self.loop = pool.loop
         self.transport: asyncio.Transport | None = None
+        self.fd = -1
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
         self.idle_since = 0.0
@@ -98,6 +99,8 @@ class _Conn(asyncio.Protocol):
     # -- asyncio.Protocol ----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        self.fd = sock.fileno() if sock is not None and not self.pool.tls else -1
 
     def data_received(self, data: bytes) -> None:
         if not self.active or self.done:
@@ -272,13 +275,10 @@ class _Conn(asyncio.Protocol):
         of step). A poll costs far less than a request that meets a closed socket."""
         if self.closed or self.transport is None or self.transport.is_closing():
             return True
-        if self.pool.tls:
-            return False   # TLS records (session tickets) may arrive on an idle connection
-        sock = self.transport.get_extra_info("socket")
-        if sock is None:
-            return False
+        if self.fd < 0:
+            return False   # TLS: records (session tickets) may arrive on an idle connection
         try:
-            readable, _, _ = select.select([sock.fileno()], [], [], 0)
+            readable, _, _ = select.select([self.fd], [], [], 0)
         except (OSError, ValueError):
             return True
         return bool(readable)
