@@ -594,3 +594,16 @@ async def test_fast_pool_does_not_reuse_a_connection_idle_past_keepalive(servers
             assert await resp.read() == b""
     await pool.close()
     assert srv.connections == 2
+
+
+async def test_repeated_upstream_headers_reach_the_client_through_the_proxy(
+        client, servers, make_proxy, http):
+    async def cookies(ex: Exchange, req: tuple) -> None:
+        ex.answer(b'{"object": "list", "data": []}',
+                  headers=("Content-Type: application/json", "X-Mixed-Case: A",
+                           "Set-Cookie: a=1", "Set-Cookie: b=2"))
+    srv = await servers(serve_forever(cookies))
+    proxy = await make_proxy(srv.url, **{"upstream.client": client})
+    async with http.get(f"{proxy.url}/v1/models") as resp:
+        assert resp.headers.getall("Set-Cookie") == ["a=1", "b=2"]
+        assert resp.headers["X-Mixed-Case"] == "A"

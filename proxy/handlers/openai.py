@@ -41,6 +41,11 @@ def forward_headers(headers: "web.BaseRequest.headers", drop: frozenset[str]) ->
     return {k: v for k, v in headers.items() if k.lower() not in drop}
 
 
+def response_headers(headers: "web.BaseRequest.headers") -> list[tuple[str, str]]:
+    """The upstream's response headers to pass on, repeated names (Set-Cookie) kept."""
+    return [(k, v) for k, v in headers.items() if k.lower() not in RESPONSE_DROP]
+
+
 async def read_body(request: web.Request) -> bytes:
     try:
         return await request.read()
@@ -119,7 +124,7 @@ async def _relay(request: web.Request, engine: ModelMemoryManager, lease: Lease,
                 "POST", request.path_qs, forward_headers(request.headers, HOP_BY_HOP),
                 body) as up:
             status = up.status
-            headers = forward_headers(up.headers, RESPONSE_DROP)
+            headers = response_headers(up.headers)
             if stream and up.status == 200 and \
                     up.headers.get("Content-Type", "").startswith("text/event-stream"):
                 meter = StreamMeter(started, strip_usage_chunk=strip)
@@ -189,7 +194,7 @@ async def list_models(request: web.Request) -> web.StreamResponse:
             "GET", request.path_qs, forward_headers(request.headers, HOP_BY_HOP), None) as up:
         raw = await up.read()
         return web.Response(status=up.status, body=raw,
-                            headers=forward_headers(up.headers, RESPONSE_DROP))
+                            headers=response_headers(up.headers))
 
 
 async def retrieve_model(request: web.Request) -> web.StreamResponse:
@@ -201,7 +206,7 @@ async def retrieve_model(request: web.Request) -> web.StreamResponse:
         raw = await up.read()
         if up.status != 200:   # e.g. LM Studio's 401: its answer is the client's answer
             return web.Response(status=up.status, body=raw,
-                                headers=forward_headers(up.headers, RESPONSE_DROP))
+                                headers=response_headers(up.headers))
     try:
         found = model_object(raw, key)
     except ValueError as exc:
