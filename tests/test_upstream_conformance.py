@@ -607,3 +607,30 @@ async def test_repeated_upstream_headers_reach_the_client_through_the_proxy(
     async with http.get(f"{proxy.url}/v1/models") as resp:
         assert resp.headers.getall("Set-Cookie") == ["a=1", "b=2"]
         assert resp.headers["X-Mixed-Case"] == "A"
+
+
+async def test_an_upload_answered_early_stops_and_its_connection_is_not_reused(servers,
+                                                                              upstream):
+    async def early(ex: Exchange) -> None:
+        if ex.index == 1:
+            await ex.reader.readuntil(b"\r\n\r\n")
+            ex.answer(b"too large", status="413 Payload Too Large")   # before the body
+            try:
+                while await ex.request() is not None:   # what follows is no request
+                    ex.answer(b"misread")
+            except ValueError:
+                return
+        else:
+            while (req := await ex.request()) is not None:
+                ex.answer(req[3])
+
+    async def endless() -> AsyncIterator[bytes]:
+        while True:
+            yield b"x" * 1024
+            await asyncio.sleep(0)                # a turn of the loop, for the answer to land
+    srv = await servers(early)
+    up = await upstream(srv.url)
+    async with up.request("POST", "/v1/upload", {}, endless()) as resp:
+        assert resp.status == 413 and await resp.read() == b"too large"
+    async with up.request("POST", "/v1/x", {}, b"next") as resp:
+        assert await resp.read() == b"next"

@@ -370,9 +370,9 @@ class Exchange:
                 transport.write(b"%x\r\n%s\r\n" % (len(piece), piece))   # type: ignore
                 await conn.drain()
             if conn.exc is not None or conn.headers_done:
-                break   # answered (or failed) early: stop sending
-        if not conn.closed and not conn.headers_done:
-            transport.write(b"0\r\n\r\n")   # type: ignore[union-attr]
+                conn.reusable = False   # answered (or failed) early: stop sending, and the
+                return                  # body left unfinished leaves the connection unusable
+        transport.write(b"0\r\n\r\n")   # type: ignore[union-attr]
 
     async def __aexit__(self, exc_type: type | None, exc: BaseException | None,
                         tb: object) -> None:
