@@ -34,6 +34,8 @@ class LMStudioUpstream:
         self.level: ApiLevel | None = None
         self._session: aiohttp.ClientSession | None = None
         self._fast: fastclient.FastPool | None = None
+        # Built once: it is added to every forwarded request.
+        self._token_header = f"Bearer {config.api_token}" if config.api_token else None
 
     async def start(self) -> None:
         if self._session is None:
@@ -68,11 +70,6 @@ class LMStudioUpstream:
         if self._session is None:
             raise RuntimeError("LMStudioUpstream.start() was not awaited")
         return self._session
-
-    @property
-    def _token_header(self) -> str | None:
-        token = self.config.api_token
-        return f"Bearer {token}" if token else None
 
     def _auth(self) -> dict[str, str]:
         header = self._token_header
