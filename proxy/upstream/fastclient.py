@@ -286,10 +286,11 @@ class _Conn(asyncio.Protocol):
 
 class FastResponse:
     """The answer's status and headers; its body read whole or one socket read at a time."""
-    __slots__ = ("status", "reason", "headers", "_conn")
+    __slots__ = ("status", "headers", "next_chunk", "_conn")
 
     def __init__(self, conn: _Conn) -> None:
         self._conn = conn
+        self.next_chunk = conn.next_chunk   # the next read of the body; b"" at its end
         self.status = conn.status
         self.headers = CIMultiDict(conn.raw_headers)
 

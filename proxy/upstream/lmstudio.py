@@ -279,7 +279,7 @@ class _FastResponse:
 
     def __init__(self, resp: fastclient.FastResponse, forward: "_FastForward") -> None:
         self._resp = resp
-        self._next = resp.__anext__
+        self._next = resp.next_chunk   # one await per read, no iterator layer between
         self.status = resp.status
         self.headers = resp.headers
         self._forward = forward
@@ -298,11 +298,12 @@ class _FastResponse:
 
     async def __anext__(self) -> bytes:
         try:
-            return await self._next()
-        except StopAsyncIteration:
-            raise
+            data = await self._next()
         except Exception as exc:
             raise self._forward.mapped(exc) from exc
+        if not data:
+            raise StopAsyncIteration
+        return data
 
 
 class _FastForward:
