@@ -634,3 +634,43 @@ async def test_an_upload_answered_early_stops_and_its_connection_is_not_reused(s
         assert resp.status == 413 and await resp.read() == b"too large"
     async with up.request("POST", "/v1/x", {}, b"next") as resp:
         assert await resp.read() == b"next"
+
+
+async def test_a_client_that_stops_reading_a_stream_slows_the_upstream_through_the_proxy(
+        client, servers, make_proxy):
+    """Backpressure end to end: the proxy's write to a full client socket waits, its client
+    stops reading the upstream, the upstream's socket fills; nothing piles up in memory."""
+    blocked = asyncio.Event()
+    event = b'data: {"choices":[{"delta":{"content":"' + b"x" * 1000 + b'"}}]}\n\n'
+    piece = b"%x\r\n%s\r\n" % (len(event) * 64, event * 64)
+
+    async def lmstudio(ex: Exchange, req: tuple) -> bool | None:
+        if req[1] == "/api/v1/models":
+            ex.answer(b'{"models": [{"key": "m", "type": "llm", "size_bytes": 1000, '
+                      b'"loaded_instances": [{"id": "m"}]}]}')
+            return None
+        ex.writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                        b"Transfer-Encoding: chunked\r\n\r\n")
+        for _ in range(512 * MiB // len(piece)):
+            ex.writer.write(piece)
+            try:
+                await asyncio.wait_for(ex.writer.drain(), 0.5)
+            except asyncio.TimeoutError:
+                break
+        blocked.set()
+        await ex.wait_closed_by_client()
+        return False
+    srv = await servers(serve_forever(lmstudio))
+    proxy = await make_proxy(srv.url, **{"upstream.client": client})
+    gc.collect()
+    before = psutil.Process().memory_info().rss
+    host, port = proxy.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    body = b'{"model": "m", "stream": true, "messages": []}'
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                 % (len(body), body))
+    assert b" 200 " in await reader.readuntil(b"\r\n\r\n")   # then read no more
+    await asyncio.wait_for(blocked.wait(), 20)
+    grown = psutil.Process().memory_info().rss - before
+    writer.transport.abort()
+    assert grown < 10 * MiB
