@@ -1,13 +1,16 @@
-"""Overhead of the proxy against no proxy and against the floor of a Python relay.
+"""Overhead of the proxy against no proxy, the floor of a Python relay, and Caddy.
 
     python -m bench.overhead [--rounds 3] [--duration-s 5] [--dashboard] [--json FILE]
 
 Starts, each in its own process on loopback: the LM Studio emulator with no load time and no
-per-token delay, the reference relay (bench/relay.py), and the proxy as users run it (its
-default configuration, the model loaded). Non-streaming load comes from wrk (a Lua body script)
-at concurrency 1, 16 and 64; streaming from an async Python client at concurrency 16. Targets
-run back to back in rotating order for several rounds; medians are reported, with the ratios
-proxy / relay and proxy / direct, which are the figures that hold on a noisy machine.
+per-token delay, the reference relay (bench/relay.py), Caddy's reverse_proxy when `caddy` is
+installed (a Go proxy; the column is left out without it), and the proxy as users run it (its
+default configuration, the model loaded) — once with each forwarding client (`upstream.client`
+fast and aiohttp). Non-streaming load comes from wrk (a Lua body script) at concurrency 1, 16
+and 64; streaming from an async Python client at concurrency 16. Targets run back to back in
+rotating order (each load level on every target back to back) for several rounds; medians
+are reported, with the ratios proxy / relay,
+proxy / Caddy and proxy / direct, which are the figures that hold on a noisy machine.
 With --dashboard a headless Chromium keeps the proxy's dashboard (/ui, live on the event
 stream) open throughout, and the event stream's own figures (events per second, bytes sent per
 client) are reported.
@@ -38,7 +41,8 @@ BODY = {"model": MODEL, "max_tokens": 8, "messages": [{"role": "user", "content"
 STREAM_BODY = {**BODY, "max_tokens": 24, "stream": True}     # 26 SSE events per response
 CONCURRENCY = (1, 16, 64)
 STREAM_CONCURRENCY = 16
-TARGETS = ("direct", "relay", "proxy")
+TARGETS = ("direct", "relay", "caddy", "proxy", "proxy-aiohttp")
+SERVED = ("relay", "caddy", "proxy", "proxy-aiohttp")   # CPU per request measured for these
 
 
 def free_port() -> int:
@@ -72,7 +76,8 @@ class Servers:
     def __init__(self, workdir: Path, proxy_args: list[str], event_loop: str) -> None:
         self.event_loop = event_loop
         self.workdir = workdir
-        self.ports = {t: free_port() for t in TARGETS}
+        self.targets = tuple(t for t in TARGETS if t != "caddy" or shutil.which("caddy"))
+        self.ports = {t: free_port() for t in self.targets}
         self.procs: dict[str, subprocess.Popen] = {}
         self.proxy_args = proxy_args
 
@@ -88,13 +93,22 @@ class Servers:
         self._spawn("relay", [py, "-m", "bench.relay", "--upstream", emu, "--port",
                               str(self.ports["relay"]), "--event-loop", self.event_loop],
                     f"{self.url('relay')}/v1/models")
-        config = self.workdir / "proxy.yaml"
-        config.write_text(f"storage:\n  path: {self.workdir / 'history.sqlite3'}\n"
-                          f"server:\n  event_loop: {self.event_loop}\n")
-        self._spawn("proxy", [py, "-m", "proxy", "--config", str(config), "--port",
-                              str(self.ports["proxy"]), "--upstream", emu, *self.proxy_args],
-                    f"{self.url('proxy')}/readyz")
-        post_json(f"{self.url('proxy')}/proxy/models/load", {"model": MODEL})
+        if "caddy" in self.targets:
+            caddyfile = self.workdir / "Caddyfile"
+            caddyfile.write_text("{\n\tadmin off\n\tauto_https off\n}\n"
+                                 f"http://127.0.0.1:{self.ports['caddy']} {{\n"
+                                 f"\treverse_proxy {emu}\n}}\n")
+            self._spawn("caddy", ["caddy", "run", "--config", str(caddyfile), "--adapter",
+                                  "caddyfile"], f"{self.url('caddy')}/lmstudio-greeting")
+        for target, client in (("proxy", "fast"), ("proxy-aiohttp", "aiohttp")):
+            config = self.workdir / f"{target}.yaml"
+            config.write_text(f"storage:\n  path: {self.workdir / target}.sqlite3\n"
+                              f"server:\n  event_loop: {self.event_loop}\n"
+                              f"upstream:\n  client: {client}\n")
+            self._spawn(target, [py, "-m", "proxy", "--config", str(config), "--port",
+                                 str(self.ports[target]), "--upstream", emu, *self.proxy_args],
+                        f"{self.url(target)}/readyz")
+            post_json(f"{self.url(target)}/proxy/models/load", {"model": MODEL})
 
     def open_dashboard(self) -> None:
         from .browser import CHROMIUM_ARGS, chromium_path
@@ -113,7 +127,9 @@ class Servers:
 
     def _spawn(self, name: str, cmd: list[str], ready_url: str) -> None:
         log = open(self.workdir / f"{name}.log", "w")
-        self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+        env = {**os.environ, "HOME": str(self.workdir), "XDG_DATA_HOME": str(self.workdir),
+               "XDG_CONFIG_HOME": str(self.workdir)}
+        self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                                             cwd=Path(__file__).resolve().parent.parent)
         wait_ready(ready_url)
 
@@ -177,35 +193,40 @@ async def stream_load(url: str, concurrency: int, per_worker: int) -> dict:
 
 def measure(servers: Servers, rounds: int, duration_s: float, stream_per_worker: int,
             script: Path, soak_requests: int = 0) -> dict:
-    results: dict[str, dict[str, list[float]]] = {t: {} for t in TARGETS}
-    proxy_proc, relay_proc = servers.process("proxy"), servers.process("relay")
-    cpu = {"proxy": [0.0, 0], "relay": [0.0, 0]}
-    rss_mb = {"idle": proxy_proc.memory_info().rss / 1e6, "after_round": []}
+    targets = servers.targets
+    results: dict[str, dict[str, list[float]]] = {t: {} for t in targets}
+    procs = {t: servers.process(t) for t in SERVED if t in targets}
+    proxy_proc = procs["proxy"]
+    cpu = {t: [0.0, 0] for t in procs}
+    rss_mb: dict = {"idle": proxy_proc.memory_info().rss / 1e6, "after_round": [],
+                    "others_after": {}}
+    served = {t: 0 for t in targets}
     for rnd in range(rounds):
-        order = TARGETS[rnd % 3:] + TARGETS[:rnd % 3]
+        k = rnd % len(targets)
+        order = targets[k:] + targets[:k]
+        before = {t: p.cpu_times() for t, p in procs.items()}
+        # Each load level runs on every target back to back, so the runs that a ratio compares
+        # are seconds apart, not a whole round.
+        for c in CONCURRENCY:
+            for target in order:
+                r = run_wrk(servers.url(target), c, duration_s, script)
+                served[target] += r["requests"]
+                for key in ("rps", "p50_ms", "p99_ms", "errors"):
+                    results[target].setdefault(f"{key}_c{c}", []).append(r[key])
         for target in order:
-            url = servers.url(target)
-            before = {n: p.cpu_times() for n, p in (("proxy", proxy_proc),
-                                                    ("relay", relay_proc))}
-            served = 0
-            for c in CONCURRENCY:
-                r = run_wrk(url, c, duration_s, script)
-                served += r["requests"]
-                for k in ("rps", "p50_ms", "p99_ms", "errors"):
-                    results[target].setdefault(f"{k}_c{c}", []).append(r[k])
-            s = asyncio.run(stream_load(url, STREAM_CONCURRENCY, stream_per_worker))
-            served += s["requests"]
-            for k in ("ttfb_p50_ms", "ttlb_p50_ms", "ttfb_p99_ms"):
-                results[target].setdefault(k, []).append(s[k])
-            if target in cpu:
-                p = proxy_proc if target == "proxy" else relay_proc
-                t = p.cpu_times()
-                cpu[target][0] += (t.user + t.system) - (before[target].user +
-                                                         before[target].system)
-                cpu[target][1] += served
+            s = asyncio.run(stream_load(servers.url(target), STREAM_CONCURRENCY,
+                                        stream_per_worker))
+            served[target] += s["requests"]
+            for key in ("ttfb_p50_ms", "ttlb_p50_ms", "ttfb_p99_ms"):
+                results[target].setdefault(key, []).append(s[key])
+        for target, p in procs.items():
+            t, b = p.cpu_times(), before[target]
+            cpu[target][0] += (t.user + t.system) - (b.user + b.system)
+            cpu[target][1] = served[target]
         rss_mb["after_round"].append(proxy_proc.memory_info().rss / 1e6)
         print(f"round {rnd + 1}/{rounds} done; proxy RSS "
               f"{rss_mb['after_round'][-1]:.1f} MB", file=sys.stderr, flush=True)
+    rss_mb["others_after"] = {t: p.memory_info().rss / 1e6 for t, p in procs.items()}
     if soak_requests:
         served, soak_start = 0, time.monotonic()
         rss_mb["soak_before"] = proxy_proc.memory_info().rss / 1e6
@@ -223,19 +244,28 @@ def measure(servers: Servers, rounds: int, duration_s: float, stream_per_worker:
         browser = psutil.Process(servers.procs["dashboard"].pid)
         events["browser_cpu_s"] = sum(sum(p.cpu_times()[:2]) for p in
                                       [browser, *browser.children(recursive=True)])
-    return {"events": events, "medians": medians, "rounds": results, "rss_mb": rss_mb,
+    return {"events": events, "targets": list(targets), "medians": medians, "rounds": results, "rss_mb": rss_mb,
             "cpu_s_per_1000": {t: 1000 * c[0] / c[1] for t, c in cpu.items() if c[1]},
             "requests_per_target": {t: c[1] for t, c in cpu.items()}}
 
 
+LABELS = {"direct": "direct", "relay": "reference relay", "caddy": "Caddy",
+          "proxy": "proxy (fast)", "proxy-aiohttp": "proxy (aiohttp)"}
+
+
 def render(data: dict) -> str:
     m = data["medians"]
-    d, r, p = m["direct"], m["relay"], m["proxy"]
+    targets = [t for t in data.get("targets", TARGETS) if t in m]
+    p, r, d = m["proxy"], m["relay"], m["direct"]
+    caddy = m.get("caddy")
+    ratios = [("proxy / relay", r)] + ([("proxy / Caddy", caddy)] if caddy else []) + \
+        [("proxy / direct", d)]
     rows = []
 
-    def row(label: str, key: str, higher_better: bool = False, fmt: str = "{:.2f}") -> None:
-        rows.append(f"| {label} | {fmt.format(d[key])} | {fmt.format(r[key])} | "
-                    f"{fmt.format(p[key])} | {p[key] / r[key]:.3f} | {p[key] / d[key]:.3f} |")
+    def row(label: str, key: str, fmt: str = "{:.2f}") -> None:
+        cells = [fmt.format(m[t][key]) for t in targets]
+        rows.append(f"| {label} | " + " | ".join(cells) + " | "
+                    + " | ".join(f"{p[key] / base[key]:.3f}" for _, base in ratios) + " |")
     for c in CONCURRENCY:
         row(f"requests/s, c={c}", f"rps_c{c}", fmt="{:.0f}")
     for c in CONCURRENCY:
@@ -244,8 +274,9 @@ def render(data: dict) -> str:
     row(f"stream TTFB p50 ms, c={STREAM_CONCURRENCY}", "ttfb_p50_ms")
     row(f"stream TTFB p99 ms, c={STREAM_CONCURRENCY}", "ttfb_p99_ms")
     row(f"stream last byte p50 ms, c={STREAM_CONCURRENCY}", "ttlb_p50_ms")
-    head = ["| metric (median of rounds) | direct | reference relay | proxy | proxy / relay | "
-            "proxy / direct |", "|---|---|---|---|---|---|"]
+    head = ["| metric (median of rounds) | " + " | ".join(LABELS[t] for t in targets) + " | "
+            + " | ".join(n for n, _ in ratios) + " |",
+            "|---|" + "---|" * (len(targets) + len(ratios))]
     added_relay = r["p50_ms_c1"] - d["p50_ms_c1"]
     added_proxy = p["p50_ms_c1"] - d["p50_ms_c1"]
     rss = data["rss_mb"]
@@ -256,19 +287,25 @@ def render(data: dict) -> str:
         f"{added_proxy:.3f} ms → proxy / relay {added_proxy / added_relay:.2f}"
         if added_relay > 0 else "- added latency at c=1: relay added none measurable",
         f"- streaming TTFB, proxy − relay: {p['ttfb_p50_ms'] - r['ttfb_p50_ms']:+.3f} ms (p50)",
-        f"- throughput at c=64, proxy / relay: {p['rps_c64'] / r['rps_c64']:.3f}",
+        "- throughput, proxy / relay: " + ", ".join(
+            f"c={c} {p[f'rps_c{c}'] / r[f'rps_c{c}']:.2f}×" for c in CONCURRENCY)
+        + ("; proxy / Caddy: " + ", ".join(
+            f"c={c} {p[f'rps_c{c}'] / caddy[f'rps_c{c}']:.2f}×" for c in CONCURRENCY)
+           if caddy else ""),
         f"- proxy RSS: {rss['idle']:.1f} MB idle, after each round "
         + ", ".join(f"{x:.1f}" for x in rss["after_round"]) + " MB "
-        f"({data['requests_per_target'].get('proxy', 0)} requests through the proxy)",
+        f"({data['requests_per_target'].get('proxy', 0)} requests through the proxy); at the "
+        "end: " + ", ".join(f"{LABELS[t]} {v:.1f} MB"
+                            for t, v in rss.get("others_after", {}).items()),
         (f"- soak: {rss['soak_requests']} more requests at c=64, proxy RSS "
          f"{rss['soak_before']:.1f} → {rss['soak_after']:.1f} MB" if "soak_after" in rss
          else "- soak: not run (--soak-requests)"),
-        f"- CPU seconds per 1,000 requests: relay {cpu.get('relay', 0):.3f}, proxy "
-        f"{cpu.get('proxy', 0):.3f}",
+        "- CPU seconds per 1,000 requests: " + ", ".join(
+            f"{LABELS[t]} {v:.3f}" for t, v in cpu.items()),
         _events_line(data.get("events")),
         "- wrk errors (non-2xx): " + ", ".join(
             f"{t} {sum(sum(v) for k, v in data['rounds'][t].items() if k.startswith('errors'))}"
-            for t in TARGETS),
+            for t in targets),
     ]
     return "\n".join(head + rows + tail)
 
@@ -328,7 +365,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{data['machine']['cores']} cores, {data['machine']['memory_gb']} GB, "
           f"{data['machine']['cpu']}, Python {data['machine']['python']}; "
           f"{args.rounds} rounds × {args.duration_s:g}s per wrk run; {args.event_loop} event "
-          f"loop for relay and proxy")
+          f"loop for relay and proxy; Caddy "
+          f"{'included' if 'caddy' in data['targets'] else 'not installed'}")
     if args.json:
         Path(args.json).write_text(json.dumps(data, indent=1))
     return 0

@@ -21,6 +21,7 @@ from .errors import ConfigError
 
 SAMPLERS = ("local", "budget")
 UPSTREAM_KINDS = ("lmstudio",)
+UPSTREAM_CLIENTS = ("fast", "aiohttp")
 
 
 def _rule(lo: float | None = None, hi: float | None = None, *,
@@ -49,6 +50,10 @@ class UpstreamConfig:
     read_timeout_s: float = field(default=300.0, metadata=_rule(0, exclusive_lo=True))
     load_timeout_s: float = field(default=600.0, metadata=_rule(0, exclusive_lo=True))
     max_connections: int = field(default=256, metadata=_rule(1))
+    # The client that forwards requests (management calls always use aiohttp's): fast is the
+    # pooled httptools client in upstream/fastclient.py.
+    client: str = field(default="fast", metadata=_rule(choices=UPSTREAM_CLIENTS))
+    ca_file: str | None = None   # CA bundle to verify an https:// upstream (else the system's)
     reconcile_interval_s: float = field(default=15.0, metadata=_rule(0, exclusive_lo=True))
     # Circuit breaker: after this many connection failures in a row, fail fast for a cool-down.
     breaker_failures: int = field(default=5, metadata=_rule(1))

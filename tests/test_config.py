@@ -102,3 +102,10 @@ def test_shipped_proxy_yaml_is_valid_and_documents_every_key():
         for f in dataclasses.fields(type(getattr(Config(), section.name))):
             assert f"{f.name}:" in text, f"proxy.yaml does not document {section.name}.{f.name}"
     assert yaml.safe_load(text)
+
+
+def test_the_forwarding_client_is_fast_unless_aiohttp_is_chosen():
+    assert load_config({}).upstream.client == "fast"
+    assert load_config({"upstream": {"client": "aiohttp"}}).upstream.client == "aiohttp"
+    assert problems_of({"upstream": {"client": "curl"}}) == [
+        "upstream.client: must be one of fast, aiohttp (got 'curl')"]

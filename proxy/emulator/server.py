@@ -236,7 +236,12 @@ class _Api:
         if f.hang_inference:
             self.state.hung_requests += 1
             self.state.notify()
-            await asyncio.Event().wait()
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                self.state.abandoned_hung_requests += 1
+                self.state.notify()
+                raise
         if f.inference_status:
             return _error(f.inference_status, "Injected upstream failure", type_="server_error")
         name = body.get("model")

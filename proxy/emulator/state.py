@@ -73,6 +73,7 @@ class EmulatorState:
         self.peak_used_bytes = 0
         self.cancelled_streams = 0
         self.hung_requests = 0
+        self.abandoned_hung_requests = 0   # hung requests whose client went away
         self.completed_streams = 0
         self._changed = asyncio.Event()
 

@@ -42,6 +42,11 @@ def forward_headers(headers: "web.BaseRequest.headers", drop: frozenset[str]) ->
     return {k: v for k, v in headers.items() if k.lower() not in drop}
 
 
+def response_headers(headers: "web.BaseRequest.headers") -> list[tuple[str, str]]:
+    """The upstream's response headers to pass on, repeated names (Set-Cookie) kept."""
+    return [(k, v) for k, v in headers.items() if k.lower() not in RESPONSE_DROP]
+
+
 async def read_body(request: web.Request) -> bytes:
     try:
         return await request.read()
@@ -126,9 +131,9 @@ async def _relay(request: web.Request, engine: ModelMemoryManager, lease: Lease,
                 "POST", request.path_qs, forward_headers(request.headers, HOP_BY_HOP),
                 body) as up:
             status = up.status
-            headers = forward_headers(up.headers, RESPONSE_DROP)
+            headers = response_headers(up.headers)
             if ROUTED_TO in request:
-                headers[routing.ROUTED_HEADER] = key
+                headers.append((routing.ROUTED_HEADER, key))
             if stream and up.status == 200 and \
                     up.headers.get("Content-Type", "").startswith("text/event-stream"):
                 meter = StreamMeter(started, strip_usage_chunk=strip)
@@ -198,7 +203,7 @@ async def list_models(request: web.Request) -> web.StreamResponse:
             "GET", request.path_qs, forward_headers(request.headers, HOP_BY_HOP), None) as up:
         raw = await up.read()
         return web.Response(status=up.status, body=raw,
-                            headers=forward_headers(up.headers, RESPONSE_DROP))
+                            headers=response_headers(up.headers))
 
 
 async def retrieve_model(request: web.Request) -> web.StreamResponse:
@@ -210,7 +215,7 @@ async def retrieve_model(request: web.Request) -> web.StreamResponse:
         raw = await up.read()
         if up.status != 200:   # e.g. LM Studio's 401: its answer is the client's answer
             return web.Response(status=up.status, body=raw,
-                                headers=forward_headers(up.headers, RESPONSE_DROP))
+                                headers=response_headers(up.headers))
     try:
         found = model_object(raw, key)
     except ValueError as exc:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any, AsyncContextManager, AsyncIterator, Mapping, Protocol
+from typing import Any, AsyncContextManager, AsyncIterable, AsyncIterator, Mapping, Protocol
 
 
 class ApiLevel(str, enum.Enum):
@@ -70,7 +70,9 @@ class Upstream(ModelBackend, Protocol):
     async def start(self) -> None: ...
     async def close(self) -> None: ...
     def request(self, method: str, path: str, headers: dict[str, str],
-                body: bytes | None) -> AsyncContextManager[UpstreamResponse]:
-        """Forward a request; `headers` is the caller's to give away (it may be amended).
-        Leaving the block early drops the upstream connection."""
+                body: bytes | AsyncIterable[bytes] | None
+                ) -> AsyncContextManager[UpstreamResponse]:
+        """Forward a request; `headers` is the caller's to give away (it may be amended), the
+        end-to-end ones only (the adapter frames the body). An async iterable body is sent
+        chunked as it comes. Leaving the block early drops the upstream connection."""
         ...

@@ -7,19 +7,23 @@ lack of memory is told apart from other failures so the engine can evict and ret
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
-from typing import Any, Mapping
+import ssl
+from typing import Any, AsyncIterable, Mapping
 
 import aiohttp
 import orjson
 
 from ..config import UpstreamConfig
 from ..errors import ModelLoadFailed, UpstreamError, UpstreamTimeout, UpstreamUnreachable
+from . import fastclient
 from .base import ApiLevel, LoadResult, UpstreamModel
 from .breaker import CircuitBreaker
 
 log = logging.getLogger("proxy.upstream")
 
+_LARGE_BODY_BYTES = 1024 * 1024   # aiohttp warns past this for a body given as bytes
 _OOM_MARKERS = ("insufficient system resources", "out of memory", "not enough memory",
                 "insufficient memory")
 
@@ -31,19 +35,34 @@ class LMStudioUpstream:
         self.level: ApiLevel | None = None
         self._session: aiohttp.ClientSession | None = None
         self.breaker = CircuitBreaker(config.breaker_failures, config.breaker_cooldown_s)
+        self._fast: fastclient.FastPool | None = None
+        # Built once: it is added to every forwarded request.
+        self._token_header = f"Bearer {config.api_token}" if config.api_token else None
 
     async def start(self) -> None:
         if self._session is None:
             c = self.config
+            tls = ssl.create_default_context(cafile=c.ca_file) if c.ca_file else None
             connector = aiohttp.TCPConnector(limit=c.max_connections, keepalive_timeout=30,
-                                             ttl_dns_cache=300)
+                                             ttl_dns_cache=300, ssl=tls if tls else True)
             # sock_read bounds silence between bytes, not the length of a generation.
             timeout = aiohttp.ClientTimeout(total=None, connect=c.connect_timeout_s,
                                             sock_read=c.read_timeout_s)
+            # No cookie jar (a relay must not keep upstream cookies, and it costs per request),
+            # no decompression (bytes pass through as sent).
             self._session = aiohttp.ClientSession(connector=connector, timeout=timeout,
-                                                  auto_decompress=False)
+                                                  auto_decompress=False,
+                                                  cookie_jar=aiohttp.DummyCookieJar())
+            if c.client == "fast":
+                self._fast = fastclient.FastPool(
+                    self.base_url, connect_timeout_s=c.connect_timeout_s,
+                    read_timeout_s=c.read_timeout_s, max_connections=c.max_connections,
+                    ssl_context=tls)
 
     async def close(self) -> None:
+        if self._fast is not None:
+            await self._fast.close()
+            self._fast = None
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -54,22 +73,21 @@ class LMStudioUpstream:
             raise RuntimeError("LMStudioUpstream.start() was not awaited")
         return self._session
 
-    @property
-    def _token_header(self) -> str | None:
-        token = self.config.api_token
-        return f"Bearer {token}" if token else None
-
     def _auth(self) -> dict[str, str]:
         header = self._token_header
         return {"Authorization": header} if header else {}
 
     # -- forwarding --------------------------------------------------------------------------
     def request(self, method: str, path: str, headers: dict[str, str],
-                body: bytes | None) -> "_Forward":
+                body: bytes | AsyncIterable[bytes] | None) -> "_Forward | _FastForward":
         """`async with upstream.request(...) as resp`: every transport error becomes an
-        UpstreamError; leaving the block early drops the connection."""
+        UpstreamError; leaving the block early drops the connection. A body may be an async
+        iterable of bytes (sent chunked)."""
         if self._token_header:
             headers["Authorization"] = self._token_header
+        if self._fast is not None:
+            return _FastForward(self, self._fast.request(method, path, headers, body),
+                                method, path)
         return _Forward(self, method, path, headers, body)
 
     # -- management --------------------------------------------------------------------------
@@ -160,10 +178,15 @@ class LMStudioUpstream:
         return mapped
 
 
-# One table for every transport failure, wherever it happens: connecting, waiting for the
-# answer, or reading its body half-way. Order matters: the first matching class wins.
+# One table for every transport failure of either client, wherever it happens: connecting,
+# waiting for the answer, or reading its body half-way. Order matters: the first match wins.
 _TRANSPORT_ERRORS: tuple[tuple[type[BaseException], type[UpstreamError], str], ...] = (
+    (fastclient.ConnectTimeout, UpstreamTimeout,
+     "LM Studio at {url} did not accept a connection for {what}: {exc}"),
     (asyncio.TimeoutError, UpstreamTimeout, "LM Studio at {url} went silent on {what}"),
+    (fastclient.ConnectFailed, UpstreamUnreachable, "cannot reach LM Studio at {url}: {exc}"),
+    (fastclient.Disconnected, UpstreamError, "LM Studio at {url} broke off {what}: {exc}"),
+    (fastclient.ProtocolError, UpstreamError, "LM Studio at {url} failed on {what}: {exc}"),
     (aiohttp.ServerTimeoutError, UpstreamTimeout, "LM Studio at {url} went silent on {what}"),
     (aiohttp.ClientConnectorError, UpstreamUnreachable, "cannot reach LM Studio at {url}: {exc}"),
     (aiohttp.ClientPayloadError, UpstreamError, "LM Studio at {url} broke off {what}: {exc}"),
@@ -242,9 +265,12 @@ class _Forward:
         up = self.upstream
         what = f"{self.method} {self.path}"
         up.breaker.before()
+        body = self.body
+        if isinstance(body, bytes) and len(body) > _LARGE_BODY_BYTES:
+            body = io.BytesIO(body)   # aiohttp sends it in pieces instead of warning
         try:
             self.resp = await up.session.request(self.method, up.base_url + self.path,
-                                                 headers=self.headers, data=self.body,
+                                                 headers=self.headers, data=body,
                                                  allow_redirects=False)
         except Exception as exc:
             raise up._failed(exc, what) from exc
@@ -258,6 +284,64 @@ class _Forward:
             self.resp.release()
         else:
             self.resp.close()  # drop the connection: the upstream stops generating for nobody
+
+
+class _FastResponse:
+    """A fastclient response behind the project's UpstreamResponse; reads map their errors."""
+    __slots__ = ("_resp", "_next", "status", "headers", "_forward")
+
+    def __init__(self, resp: fastclient.FastResponse, forward: "_FastForward") -> None:
+        self._resp = resp
+        self._next = resp.next_chunk   # one await per read, no iterator layer between
+        self.status = resp.status
+        self.headers = resp.headers
+        self._forward = forward
+
+    async def read(self) -> bytes:
+        try:
+            return await self._resp.read()
+        except Exception as exc:
+            raise self._forward.mapped(exc) from exc
+
+    def chunks(self) -> "_FastResponse":
+        return self
+
+    def __aiter__(self) -> "_FastResponse":
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            data = await self._next()
+        except Exception as exc:
+            raise self._forward.mapped(exc) from exc
+        if not data:
+            raise StopAsyncIteration
+        return data
+
+
+class _FastForward:
+    __slots__ = ("upstream", "exchange", "method", "path")
+
+    def __init__(self, upstream: LMStudioUpstream, exchange: fastclient.Exchange, method: str,
+                 path: str) -> None:
+        self.upstream, self.exchange, self.method, self.path = upstream, exchange, method, path
+
+    def mapped(self, exc: BaseException) -> BaseException:
+        return map_transport_error(exc, self.upstream.base_url, f"{self.method} {self.path}")
+
+    async def __aenter__(self) -> _FastResponse:
+        up = self.upstream
+        up.breaker.before()
+        try:
+            resp = await self.exchange.__aenter__()
+        except Exception as exc:
+            raise up._failed(exc, f"{self.method} {self.path}") from exc
+        up.breaker.success()
+        return _FastResponse(resp, self)
+
+    async def __aexit__(self, exc_type: type | None, exc: BaseException | None,
+                        tb: object) -> None:
+        await self.exchange.__aexit__(exc_type, exc, tb)
 
 
 def _error_text(body: Any) -> str | None:
