@@ -17,7 +17,9 @@ from .engine.webhook import WebhookSink
 from .errors import ProxyError, RouteNotFound
 from .handlers import admin, health, openai
 from .accesslog import AccessLog
-from .keys import ACCESS_LOG, CONFIG, ENGINE, HEALTH, METRICS, RESPONSE_STARTED, UPSTREAM
+from .intake import clip
+from .auth import AuthCollector, AuthState, auth_middleware
+from .keys import ACCESS_LOG, AUTH, CONFIG, ENGINE, HEALTH, METRICS, RESPONSE_STARTED, UPSTREAM
 from .metrics import ProxyMetrics
 from .store import UsageStore, default_path
 from .upstream.base import Upstream
@@ -44,14 +46,14 @@ async def errors_middleware(request: web.Request,
             raise
         if exc.status == 404:
             return error_response(RouteNotFound(
-                f"Unknown route: {request.method} {request.path}"))
+                f"Unknown route: {clip(request.method, 20)} {clip(request.path)}"))
         err = ProxyError(exc.reason or "request failed")
         err.status, err.type, err.code = exc.status, "invalid_request_error", None
         return error_response(err)
     except Exception:
         if request.get(RESPONSE_STARTED):
             raise   # mid-stream: the connection is dropped, as the upstream dropped it
-        log.exception("unhandled error on %s %s", request.method, request.path)
+        log.exception("unhandled error on %s %s", clip(request.method, 20), clip(request.path))
         return error_response(ProxyError("Internal error in the proxy; see its log."))
 
 
@@ -60,7 +62,8 @@ def create_app(config: Config, *, upstream: Upstream | None = None, clock: Clock
     if upstream is None:
         from .upstream.lmstudio import LMStudioUpstream
         upstream = LMStudioUpstream(config.upstream)
-    app = web.Application(middlewares=[errors_middleware],
+    auth = AuthState(config)
+    app = web.Application(middlewares=[errors_middleware, auth_middleware(auth)],
                           client_max_size=config.server.max_body_bytes)
     store = None
     if config.storage.enabled:
@@ -75,6 +78,8 @@ def create_app(config: Config, *, upstream: Upstream | None = None, clock: Clock
     app[UPSTREAM] = upstream
     app[ENGINE] = engine
     app[METRICS] = ProxyMetrics(engine)
+    app[AUTH] = auth
+    app[METRICS].registry.register(AuthCollector(auth.counters))
     app[ACCESS_LOG] = AccessLog()
     app[HEALTH] = ModelHealthMonitor(engine, config.health, sink=sink,
                                      prober=_prober(engine, upstream))

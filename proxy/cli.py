@@ -72,7 +72,12 @@ def resolve_config(args: argparse.Namespace, environ: Mapping[str, str]) -> Conf
     for dest, dotted in ENV_FLAGS.values():
         if dotted and getattr(args, dest, None) is not None:
             overrides[dotted] = getattr(args, dest)
-    return load_config(raw, overrides=overrides)
+    from .auth import exposure_problems, resolve_secrets
+    config = resolve_secrets(load_config(raw, overrides=overrides), environ)
+    problems, _ = exposure_problems(config)
+    if problems:
+        raise ConfigError(problems)
+    return config
 
 
 def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
@@ -88,11 +93,17 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         for problem in exc.problems:
             print(f"  {problem}", file=sys.stderr)
         return 2
+    from .auth import exposure_problems
+    warnings = exposure_problems(config)[1]
     if args.check:
+        for warning in warnings:
+            print(f"warning: {warning}")
         print("configuration is valid")
         return 0
     logging.basicConfig(level=config.logging.level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for warning in warnings:
+        log.warning("%s", warning)
     try:
         loop_factory = _loop_factory(config.server.event_loop)
     except ImportError:

@@ -4,6 +4,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from .accesslog import AccessLog
+from .auth import AuthState
 from .config import Config
 from .engine.health import ModelHealthMonitor
 from .engine.manager import ModelMemoryManager
@@ -16,5 +17,6 @@ UPSTREAM = web.AppKey("upstream", Upstream)
 METRICS = web.AppKey("metrics", ProxyMetrics)
 ACCESS_LOG = web.AppKey("access_log", AccessLog)
 HEALTH = web.AppKey("health", ModelHealthMonitor)
+AUTH = web.AppKey("auth", AuthState)
 # Set on a request once its response headers are sent: errors can no longer become a response.
 RESPONSE_STARTED = web.RequestKey("response_started", bool)

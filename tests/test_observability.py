@@ -77,7 +77,8 @@ async def test_stats_shape(proxy, http):
                 "avg_load_time_s", "estimated_memory_mb", "evictions", "last_used_s_ago"):
         assert key in detail, key
     assert stats == proxy.engine.get_memory_stats() | {"system_memory": stats["system_memory"],
-                                                       "models": stats["models"]}
+                                                       "models": stats["models"],
+                                                       "auth": stats["auth"]}
 
 
 async def monitored(url, clock, sampler=None, **health):

@@ -8,7 +8,8 @@ from aiohttp import web
 
 from ..engine.lifecycle import ModelStatus
 from ..errors import InvalidRequest
-from ..keys import ENGINE
+from ..intake import check_model_name
+from ..keys import AUTH, CONFIG, ENGINE
 from .openai import read_body
 
 
@@ -29,10 +30,11 @@ async def _json_object(request: web.Request) -> dict[str, Any]:
     return data
 
 
-def _model_field(data: dict[str, Any]) -> str:
+def _model_field(request: web.Request, data: dict[str, Any]) -> str:
     model = data.get("model")
     if not isinstance(model, str) or not model:
         raise InvalidRequest("'model' is required and must be a string.", param="model")
+    check_model_name(model, request.app[CONFIG].server)
     return model
 
 
@@ -61,7 +63,7 @@ async def models(request: web.Request) -> web.Response:
 
 async def load(request: web.Request) -> web.Response:
     data = await _json_object(request)
-    model = _model_field(data)
+    model = _model_field(request, data)
     priority = data.get("priority")
     if priority is not None and (not isinstance(priority, int) or isinstance(priority, bool)
                                  or not 1 <= priority <= 10):
@@ -75,7 +77,7 @@ async def load(request: web.Request) -> web.Response:
 async def unload(request: web.Request) -> web.Response:
     data = await _json_object(request)
     engine = request.app[ENGINE]
-    key = await engine.resolve(_model_field(data))
+    key = await engine.resolve(_model_field(request, data))
     unloaded = await engine.unload_model(key)
     return json_response({"model": key, "unloaded": unloaded,
                           "state": engine.model_status[key].value})
@@ -90,7 +92,8 @@ async def clear(request: web.Request) -> web.Response:
 
 
 async def stats(request: web.Request) -> web.Response:
-    return json_response(request.app[ENGINE].get_memory_stats())
+    return json_response({**request.app[ENGINE].get_memory_stats(),
+                          "auth": request.app[AUTH].counters.snapshot()})
 
 
 async def recommendations(request: web.Request) -> web.Response:

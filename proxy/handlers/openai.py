@@ -16,8 +16,9 @@ from aiohttp import web
 from ..engine.usage import RequestRecord
 from ..engine.lifecycle import Lease
 from ..engine.manager import ModelMemoryManager
-from ..errors import (BodyTooLarge, InvalidRequest, ProxyError, UpstreamError,
-                      UpstreamTimeout)
+from .. import intake
+from ..auth import CLIENT_KEY, CREDENTIAL_HEADERS, check_model
+from ..errors import InvalidRequest, ProxyError, UpstreamError, UpstreamTimeout
 from ..keys import ACCESS_LOG, CONFIG, ENGINE, RESPONSE_STARTED, UPSTREAM
 from ..streaming import StreamMeter, usage_of_body
 
@@ -26,6 +27,7 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy
                         "te", "trailer", "trailers", "transfer-encoding", "upgrade", "host",
                         "content-length"})
 RESPONSE_DROP = HOP_BY_HOP | {"date", "server"}
+REQUEST_DROP = HOP_BY_HOP | {"content-encoding"}
 USAGE_INJECTABLE = frozenset({"/v1/chat/completions", "/v1/completions"})
 CLIENT_CLOSED = 499
 
@@ -35,12 +37,13 @@ def forward_headers(headers: "web.BaseRequest.headers", drop: frozenset[str]) ->
 
 
 async def read_body(request: web.Request) -> bytes:
-    try:
-        return await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        limit = request.app[CONFIG].server.max_body_bytes
-        raise BodyTooLarge(f"Request body is larger than the {limit} bytes allowed "
-                           f"(server.max_body_bytes).") from None
+    return await intake.read_body(request, request.app[CONFIG].server)
+
+
+def request_headers(request: web.Request) -> dict[str, str]:
+    """Headers to forward: the body is sent decoded, and a key the proxy accepted stays here."""
+    drop = REQUEST_DROP if request.get(CLIENT_KEY) is None else REQUEST_DROP | CREDENTIAL_HEADERS
+    return forward_headers(request.headers, drop)
 
 
 def parse_request(body: bytes) -> dict:
@@ -68,6 +71,8 @@ async def inference(request: web.Request) -> web.StreamResponse:
         body = await read_body(request)
         payload = parse_request(body)
         name = payload["model"]
+        intake.check_model_name(name, request.app[CONFIG].server)
+        check_model(request, name)
         key = await engine.resolve(name)
         body, strip = _prepare_upstream_body(request.path, payload, body, key)
         lease = await engine.acquire(key)
@@ -108,8 +113,7 @@ async def _relay(request: web.Request, engine: ModelMemoryManager, lease: Lease,
     prompt_tokens = completion_tokens = 0
     try:
         async with request.app[UPSTREAM].request(
-                "POST", request.path_qs, forward_headers(request.headers, HOP_BY_HOP),
-                body) as up:
+                "POST", request.path_qs, request_headers(request), body) as up:
             status = up.status
             headers = forward_headers(up.headers, RESPONSE_DROP)
             if stream and up.status == 200 and \
@@ -171,7 +175,7 @@ async def _relay(request: web.Request, engine: ModelMemoryManager, lease: Lease,
 
 async def list_models(request: web.Request) -> web.StreamResponse:
     async with request.app[UPSTREAM].request(
-            "GET", request.path_qs, forward_headers(request.headers, HOP_BY_HOP), None) as up:
+            "GET", request.path_qs, request_headers(request), None) as up:
         raw = await up.read()
         return web.Response(status=up.status, body=raw,
                             headers=forward_headers(up.headers, RESPONSE_DROP))
