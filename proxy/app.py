@@ -1,6 +1,7 @@
 """create_app(): the aiohttp application with its engine, upstream session and background loops."""
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import AsyncIterator, Awaitable, Callable
 
@@ -14,10 +15,12 @@ from .engine.lifecycle import ModelStatus
 from .engine.manager import ModelMemoryManager
 from .engine.memory import MemorySampler
 from .engine.webhook import WebhookSink
-from .errors import ProxyError, RouteNotFound
+from .errors import ProxyError, RouteNotFound, ShuttingDown
 from .handlers import admin, health, openai
 from .accesslog import AccessLog
+from .inflight import INFLIGHT, STREAM, InFlight
 from .intake import clip
+from .serving import SERVING, ServingOptions
 from .auth import AuthCollector, AuthState, auth_middleware
 from .keys import ACCESS_LOG, AUTH, CONFIG, ENGINE, HEALTH, METRICS, RESPONSE_STARTED, UPSTREAM
 from .metrics import ProxyMetrics
@@ -37,8 +40,22 @@ async def errors_middleware(request: web.Request,
                             handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
                             ) -> web.StreamResponse:
     """Everything the proxy itself answers with is an OpenAI error envelope, never HTML."""
+    inflight = request.app[INFLIGHT]
+    inflight.requests[id(request)] = request
     try:
         return await handler(request)
+    except asyncio.CancelledError:
+        if not inflight.ending:
+            raise
+        # Past the shutdown deadline: answer instead of dropping the connection.
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()
+        stream = request.get(STREAM)
+        if stream is not None:
+            return stream       # already ended with an error event
+        return error_response(ShuttingDown(
+            "The proxy is shutting down (its drain time is over); retry the request."))
     except ProxyError as exc:
         return error_response(exc)
     except web.HTTPException as exc:
@@ -55,6 +72,8 @@ async def errors_middleware(request: web.Request,
             raise   # mid-stream: the connection is dropped, as the upstream dropped it
         log.exception("unhandled error on %s %s", clip(request.method, 20), clip(request.path))
         return error_response(ProxyError("Internal error in the proxy; see its log."))
+    finally:
+        inflight.requests.pop(id(request), None)
 
 
 def create_app(config: Config, *, upstream: Upstream | None = None, clock: Clock | None = None,
@@ -79,6 +98,8 @@ def create_app(config: Config, *, upstream: Upstream | None = None, clock: Clock
     app[ENGINE] = engine
     app[METRICS] = ProxyMetrics(engine)
     app[AUTH] = auth
+    app[INFLIGHT] = InFlight(config.server.stall_timeout_s)
+    app[SERVING] = ServingOptions.from_config(config.server)
     app[METRICS].registry.register(AuthCollector(auth.counters))
     app[ACCESS_LOG] = AccessLog()
     app[HEALTH] = ModelHealthMonitor(engine, config.health, sink=sink,

@@ -19,6 +19,7 @@ from ..engine.manager import ModelMemoryManager
 from .. import intake
 from ..auth import CLIENT_KEY, CREDENTIAL_HEADERS, check_model
 from ..errors import InvalidRequest, ProxyError, UpstreamError, UpstreamTimeout
+from ..inflight import INFLIGHT, write_or_stall
 from ..keys import ACCESS_LOG, CONFIG, ENGINE, RESPONSE_STARTED, UPSTREAM
 from ..streaming import StreamMeter, usage_of_body
 
@@ -122,14 +123,15 @@ async def _relay(request: web.Request, engine: ModelMemoryManager, lease: Lease,
                 resp = web.StreamResponse(status=up.status, headers=headers)
                 await resp.prepare(request)
                 request[RESPONSE_STARTED] = True
+                request.app[INFLIGHT].stream_started(request, resp)
                 async for data in up.content.iter_any():
                     lease.last_activity_s = engine.clock.now()   # not hung: bytes flow
                     out = meter.feed(data)
                     if out:
-                        await resp.write(out)
+                        await write_or_stall(request, resp, out)
                 tail = meter.flush()
                 if tail:
-                    await resp.write(tail)
+                    await write_or_stall(request, resp, tail)
                 await resp.write_eof()
                 ok = meter.done or meter.usage_seen or meter.content_events > 0
                 prompt_tokens = meter.prompt_tokens
