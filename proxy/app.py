@@ -20,6 +20,7 @@ from .handlers import admin, health, openai
 from .accesslog import AccessLog
 from .inflight import INFLIGHT, STREAM, InFlight
 from .intake import clip
+from .reload import RELOADER, Reloader
 from .serving import SERVING, ServingOptions
 from .auth import AuthCollector, AuthState, auth_middleware
 from .keys import ACCESS_LOG, AUTH, CONFIG, ENGINE, HEALTH, METRICS, RESPONSE_STARTED, UPSTREAM
@@ -77,7 +78,9 @@ async def errors_middleware(request: web.Request,
 
 
 def create_app(config: Config, *, upstream: Upstream | None = None, clock: Clock | None = None,
-               sampler: MemorySampler | None = None) -> web.Application:
+               sampler: MemorySampler | None = None,
+               config_source: Callable[[], Config] | None = None) -> web.Application:
+    """`config_source` reads the configuration anew for a reload (SIGHUP, POST /proxy/reload)."""
     if upstream is None:
         from .upstream.lmstudio import LMStudioUpstream
         upstream = LMStudioUpstream(config.upstream)
@@ -100,6 +103,7 @@ def create_app(config: Config, *, upstream: Upstream | None = None, clock: Clock
     app[AUTH] = auth
     app[INFLIGHT] = InFlight(config.server.stall_timeout_s)
     app[SERVING] = ServingOptions.from_config(config.server)
+    app[RELOADER] = Reloader(config, config_source)
     app[METRICS].registry.register(AuthCollector(auth.counters))
     app[ACCESS_LOG] = AccessLog()
     app[HEALTH] = ModelHealthMonitor(engine, config.health, sink=sink,

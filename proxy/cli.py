@@ -11,7 +11,7 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from .config import Config, load_config, read_config_file
 from .errors import ConfigError
@@ -110,10 +110,12 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         print("server.event_loop is uvloop but uvloop is not installed "
               "(pip install 'lmstudio-memory-proxy[fast]')", file=sys.stderr)
         return 2
+    rc = 0
     with contextlib.suppress(KeyboardInterrupt):
         with asyncio.Runner(loop_factory=loop_factory) as runner:
-            runner.run(_run(config, demo=args.demo))
-    return 0
+            rc = runner.run(_run(config, demo=args.demo,
+                                 source=lambda: resolve_config(args, env)))
+    return rc
 
 
 def _loop_factory(choice: str) -> Any:
@@ -138,20 +140,38 @@ def _status(argv: list[str], environ: Mapping[str, str]) -> int:
     return run(p.parse_args(argv).url)
 
 
-async def _run(config: Config, *, demo: bool) -> None:
-    from .app import create_app
-    from .serving import serve
+async def _run(config: Config, *, demo: bool,
+               source: Callable[[], Config] | None = None) -> int:
+    from dataclasses import replace
 
+    from .app import create_app
+    from .reload import RELOADER
+    from .serving import raise_fd_limit, serve
+
+    raise_fd_limit()   # every connection is a file descriptor; 1,024 goes quickly
     emulator = None
     if demo:
-        from dataclasses import replace
-
         from .emulator import EmulatorOptions, start_emulator
         emulator = await start_emulator(load_time_scale=0.25, capacity_bytes=int(24e9),
                                         options=EmulatorOptions(tokens_per_s=30.0))
         config = replace(config, upstream=replace(config.upstream, url=emulator.url))
-    served = await serve(create_app(config), config.server.host, config.server.port,
-                         shutdown_timeout_s=config.server.shutdown_timeout_s)
+
+    def reread() -> Config:
+        assert source is not None
+        new = source()
+        if emulator is not None:
+            new = replace(new, upstream=replace(new.upstream, url=emulator.url))
+        return new
+
+    app = create_app(config, config_source=reread if source is not None else None)
+    host, port = config.server.host, config.server.port
+    try:
+        served = await serve(app, host, port, shutdown_timeout_s=config.server.shutdown_timeout_s)
+    except OSError as exc:
+        print(f"cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
+        if emulator is not None:
+            await emulator.close()
+        return 1
     log.info("proxy listening on %s, upstream %s (%s event loop)", served.url,
              config.upstream.url, type(asyncio.get_running_loop()).__module__.split(".")[0])
     if demo:
@@ -161,6 +181,8 @@ async def _run(config: Config, *, demo: bool) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
+    with contextlib.suppress(NotImplementedError):
+        loop.add_signal_handler(signal.SIGHUP, _reload_on_signal, app, app[RELOADER])
     try:
         await stop.wait()
     finally:
@@ -168,6 +190,16 @@ async def _run(config: Config, *, demo: bool) -> None:
         await served.close()
         if emulator is not None:
             await emulator.close()
+        log.info("stopped")
+    return 0
+
+
+def _reload_on_signal(app: Any, reloader: Any) -> None:
+    log.info("SIGHUP: reloading the configuration")
+    try:
+        reloader.reload(app)
+    except Exception:   # a signal handler must never take the proxy down
+        log.exception("reload failed; the running configuration stays")
 
 
 def _demo_banner(url: str, upstream_url: str) -> str:

@@ -4,7 +4,8 @@
     ├── InvalidRequest              (400 invalid_request_error)
     │   ├── BodyTooLarge            (413)
     │   ├── UnsupportedEncoding     (415 unsupported_content_encoding)
-    │   └── RequestTimeout          (408 request_timeout: the body did not arrive in time)
+    │   ├── RequestTimeout          (408 request_timeout: the body did not arrive in time)
+    │   └── ConfigRejected          (400 invalid_config: a reload found problems)
     ├── InvalidApiKey               (401 invalid_api_key, WWW-Authenticate)
     ├── PermissionDenied            (403)
     │   ├── AdminRequired           (403 admin_required)
@@ -68,6 +69,10 @@ class UnsupportedEncoding(InvalidRequest):
 class RequestTimeout(InvalidRequest):
     status = 408
     code = "request_timeout"
+
+
+class ConfigRejected(InvalidRequest):
+    code = "invalid_config"
 
 
 class InvalidApiKey(ProxyError):

@@ -103,6 +103,19 @@ class ModelMemoryManager:
         self._dirty_footprints: set[str] = set()
         self._restored_footprints: dict[str, dict[str, Any]] = {}
 
+    def apply_config(self, config: Config) -> None:
+        """Take a reloaded config without unloading anything: priorities, pins, TTLs, aliases,
+        policy and memory thresholds count from the next decision on. (Sampler kind, loop
+        intervals and the upstream need a restart.)"""
+        self.config = config
+        self._aliases = config.alias_map()
+        mem = config.memory
+        self._gauge.max_usage_percent = mem.max_memory_usage_percent
+        self._gauge.min_free_bytes = mem.min_free_memory_gb * GB
+        if isinstance(self.sampler, BudgetSampler) and mem.budget_gb is not None:
+            self.sampler.budget_bytes = int(mem.budget_gb * GB)
+        self._room.set()   # a load queued for memory may fit under the new limits
+
     # -- construction helpers ----------------------------------------------------------------
     def _default_sampler(self) -> MemorySampler:
         mem = self.config.memory

@@ -7,9 +7,10 @@ import orjson
 from aiohttp import web
 
 from ..engine.lifecycle import ModelStatus
-from ..errors import InvalidRequest
+from ..errors import ConfigRejected, InvalidRequest
 from ..intake import check_model_name
 from ..keys import AUTH, CONFIG, ENGINE
+from ..reload import RELOADER
 from .openai import read_body
 
 
@@ -103,6 +104,14 @@ async def recommendations(request: web.Request) -> web.Response:
                               {"task_type": task})})
 
 
+async def reload(request: web.Request) -> web.Response:
+    result = request.app[RELOADER].reload(request.app)
+    if not result["reloaded"]:
+        raise ConfigRejected("The new configuration was rejected; the running one stays: " +
+                             "; ".join(result["problems"]))
+    return json_response(result)
+
+
 def add_routes(app: web.Application) -> None:
     r = app.router
     r.add_get("/proxy/models", models)
@@ -110,5 +119,6 @@ def add_routes(app: web.Application) -> None:
     r.add_post("/proxy/models/unload", unload)
     r.add_post("/proxy/optimize", optimize)
     r.add_post("/proxy/clear", clear)
+    r.add_post("/proxy/reload", reload)
     r.add_get("/proxy/stats", stats)
     r.add_get("/proxy/recommendations", recommendations)
