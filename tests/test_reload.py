@@ -123,3 +123,17 @@ async def test_at_the_shutdown_deadline_a_waiting_request_gets_503(emulator, htt
     resp = await pending
     assert resp.status == 503 and (await resp.json())["error"]["code"] == "shutting_down"
     resp.release()
+
+
+async def test_reload_sets_the_log_level(reloadable, emulator, http):
+    import logging
+    proxy, box = reloadable
+    root = logging.getLogger()
+    before = root.level
+    box["next"] = proxy_config(emulator.url, **box["auth"], **{"logging.level": "ERROR"})
+    try:
+        async with http.post(f"{proxy.url}/proxy/reload", headers=ADMIN) as r:
+            assert r.status == 200
+        assert root.level == logging.ERROR
+    finally:
+        root.setLevel(before)
