@@ -85,6 +85,8 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
     env = os.environ if environ is None else environ
     if argv[:1] == ["status"]:
         return _status(argv[1:], env)
+    if argv[:1] == ["healthcheck"]:
+        return _healthcheck(argv[1:], env)
     args = build_parser().parse_args(argv)
     try:
         config = resolve_config(args, env)
@@ -137,7 +139,31 @@ def _status(argv: list[str], environ: Mapping[str, str]) -> int:
                                 description="Show models, memory and pressure of a running proxy.")
     port = environ.get("PROXY_PORT", "8080")
     p.add_argument("--url", default=environ.get("PROXY_URL", f"http://127.0.0.1:{port}"))
-    return run(p.parse_args(argv).url)
+    p.add_argument("--api-key", default=environ.get("PROXY_API_KEY"),
+                   help="a client key or the admin token, when auth is on (PROXY_API_KEY)")
+    args = p.parse_args(argv)
+    return run(args.url, args.api_key)
+
+
+def _healthcheck(argv: list[str], environ: Mapping[str, str]) -> int:
+    """For container and pod probes: GET /healthz on the port the configuration says, so the
+    probe follows the config instead of hard-coding a port."""
+    from .status import healthcheck
+    p = argparse.ArgumentParser(prog="python -m proxy healthcheck")
+    p.add_argument("--config")
+    args = p.parse_args(argv)
+    path = args.config or environ.get("PROXY_CONFIG")
+    if path is None and Path("proxy.yaml").is_file():
+        path = "proxy.yaml"
+    try:
+        server = read_config_file(path).get("server") if path else None
+        config = load_config({"server": server} if isinstance(server, dict) else {})
+    except ConfigError as exc:
+        print("configuration is invalid:", *exc.problems, sep="\n  ")
+        return 2
+    host = environ.get("PROXY_HOST") or config.server.host
+    port = int(environ.get("PROXY_PORT") or config.server.port)
+    return healthcheck(host, port)
 
 
 async def _run(config: Config, *, demo: bool,

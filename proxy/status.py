@@ -9,8 +9,10 @@ from typing import Any
 BAR_WIDTH = 30
 
 
-def fetch(url: str, path: str, timeout_s: float = 5.0) -> Any:
-    with urllib.request.urlopen(url.rstrip("/") + path, timeout=timeout_s) as resp:
+def fetch(url: str, path: str, timeout_s: float = 5.0, api_key: str | None = None) -> Any:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    request = urllib.request.Request(url.rstrip("/") + path, headers=headers)
+    with urllib.request.urlopen(request, timeout=timeout_s) as resp:
         return json.loads(resp.read())
 
 
@@ -61,13 +63,26 @@ def _ago(seconds: float | None) -> str:
     return f"{seconds / 3600:.1f}h ago"
 
 
-def run(url: str) -> int:
+def run(url: str, api_key: str | None = None) -> int:
     try:
-        stats = fetch(url, "/proxy/stats")
-        models = fetch(url, "/proxy/models")
-        health = fetch(url, "/proxy/health")
+        stats = fetch(url, "/proxy/stats", api_key=api_key)
+        models = fetch(url, "/proxy/models", api_key=api_key)
+        health = fetch(url, "/proxy/health", api_key=api_key)
     except (urllib.error.URLError, OSError, ValueError) as exc:
         print(f"cannot reach the proxy at {url}: {exc}")
         return 1
     print(render(stats, models, health))
     return 0
+
+
+def healthcheck(host: str, port: int, timeout_s: float = 2.0) -> int:
+    """0 when GET /healthz answers 200 on the configured address (on Linux a wildcard
+    address such as 0.0.0.0 connects to this host)."""
+    authority = f"[{host}]" if ":" in host else host
+    try:
+        with urllib.request.urlopen(f"http://{authority}:{port}/healthz",
+                                    timeout=timeout_s) as resp:
+            return 0 if resp.status == 200 else 1
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"unhealthy: {exc}")
+        return 1
