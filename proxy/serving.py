@@ -32,6 +32,7 @@ log = logging.getLogger("proxy.serving")
 _FDS_PER_CONNECTION = 2      # the client's socket and, while it streams, one to the upstream
 _FDS_RESERVED = 64           # listening socket, database, logs, DNS, the event loop itself
 _REFUSE_LINGER_S = 1.0
+_LINGER_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,9 @@ async def serve(app: web.Application, host: str = "127.0.0.1", port: int = 0, *,
     kwargs: dict[str, Any] = {}
     if options is not None:
         kwargs["keepalive_timeout"] = options.keepalive_timeout_s
+        # After an answer to a request whose body was not read (408, 413), aiohttp reads
+        # and discards the rest for this long, so the client sees the answer, not a reset.
+        kwargs["lingering_time"] = _LINGER_S
     # The drain deadline is ours (Served.close); aiohttp's own comes after it.
     runner = web.AppRunner(app, handler_cancellation=True,
                            shutdown_timeout=shutdown_timeout_s + 2,

@@ -73,6 +73,8 @@ async def test_connections_past_the_cap_get_503_and_the_proxy_recovers(make_prox
 
 async def test_a_client_that_stops_reading_has_its_stream_ended_and_lease_released(
         make_proxy, emulator):
+    # A stream large enough to fill every socket buffer on the way, to a client that reads
+    # none of it.
     proxy = await make_proxy(emulator.url, **{"server.stall_timeout_s": 0.3})
     host, port = proxy.url.removeprefix("http://").split(":")
     sock = socket.socket()
@@ -88,6 +90,10 @@ async def test_a_client_that_stops_reading_has_its_stream_ended_and_lease_releas
     await state.wait_for(lambda: state.cancelled_streams == 1)   # the proxy let go upstream
     assert proxy.engine.active_leases() == []
     assert proxy.engine.usage(MODEL).requests == 1
+    writer.close()
+    reader, writer = await connect(proxy.url)             # and the proxy serves on
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert (await closed_by_server(reader)).startswith(b"HTTP/1.1 200")
     writer.close()
 
 
@@ -113,3 +119,29 @@ def test_the_connection_cap_fits_the_fd_limit(restore_fd_limit):
     assert connection_cap(1000) == (min(hard, 264) - 64) // 2
     resource.setrlimit(resource.RLIMIT_NOFILE, restore_fd_limit)
     assert connection_cap(10) == 10
+
+
+async def test_a_crowd_of_slow_and_silent_clients_is_shed_while_others_are_served(
+        make_proxy, emulator, http):
+    proxy = await make_proxy(emulator.url, **{"server.header_timeout_s": 0.5,
+                                              "server.body_timeout_s": 0.5})
+    silent = [await connect(proxy.url) for _ in range(60)]
+    slow_headers = [await connect(proxy.url) for _ in range(60)]
+    trickling = [await connect(proxy.url) for _ in range(30)]
+    for _, w in slow_headers:
+        w.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+    for _, w in trickling:
+        w.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 500\r\n\r\n{")
+    async with http.get(f"{proxy.url}/healthz") as resp:     # served while the crowd waits
+        assert resp.status == 200
+    answers = await asyncio.wait_for(asyncio.gather(
+        *(closed_by_server(r) for r, _ in silent + slow_headers + trickling)), 10)
+    assert set(answers[:120]) == {b""}
+    assert all(a.startswith(b"HTTP/1.1 408") and b'"request_timeout"' in a
+               for a in answers[120:])
+    for _, w in silent + slow_headers + trickling:
+        w.close()
+    async with http.post(f"{proxy.url}/v1/chat/completions", json={
+            "model": MODEL, "max_tokens": 2, "messages": []}) as resp:
+        assert resp.status == 200
+    assert proxy.engine.active_leases() == []
