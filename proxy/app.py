@@ -32,11 +32,8 @@ log = logging.getLogger("proxy.app")
 
 
 def error_response(exc: ProxyError) -> web.Response:
-    resp = web.Response(body=orjson.dumps(exc.body()), status=exc.status,
+    return web.Response(body=orjson.dumps(exc.body()), status=exc.status,
                         content_type="application/json", headers=exc.headers())
-    if exc.close_connection:
-        resp.force_close()   # the rest of the body was never read: the connection is spent
-    return resp
 
 
 @web.middleware

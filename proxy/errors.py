@@ -32,7 +32,6 @@ class ProxyError(Exception):
     status = 500
     type = "internal_error"
     code: str | None = "internal_error"
-    close_connection = False
 
     def __init__(self, message: str, *, param: str | None = None,
                  retry_after_s: float | None = None) -> None:
@@ -60,7 +59,6 @@ class InvalidRequest(ProxyError):
 class BodyTooLarge(InvalidRequest):
     status = 413
     code = "request_too_large"
-    close_connection = True
 
 
 class UnsupportedEncoding(InvalidRequest):
@@ -71,7 +69,6 @@ class UnsupportedEncoding(InvalidRequest):
 class RequestTimeout(InvalidRequest):
     status = 408
     code = "request_timeout"
-    close_connection = True
 
 
 class ConfigRejected(InvalidRequest):
