@@ -3,6 +3,7 @@ requests still running."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 import pytest
@@ -85,6 +86,7 @@ async def test_post_reload_applies_without_unloading(reloadable, emulator, http)
 
 
 async def test_an_invalid_reload_is_rejected_with_every_problem(reloadable, http, caplog):
+    caplog.set_level(logging.ERROR, logger="proxy.reload")
     proxy, box = reloadable
     before = proxy.engine.config
     box["next"] = ConfigError(["models.x.priority: must be 1..10 (got 99)",
@@ -126,7 +128,6 @@ async def test_at_the_shutdown_deadline_a_waiting_request_gets_503(emulator, htt
 
 
 async def test_reload_sets_the_log_level(reloadable, emulator, http):
-    import logging
     proxy, box = reloadable
     root = logging.getLogger()
     before = root.level
