@@ -131,3 +131,17 @@ async def test_a_trickling_body_gets_408(make_proxy, emulator):
     head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n")
     status, rest = await raw_request(proxy.url, head, b'{"model":')
     assert status.startswith(b"HTTP/1.1 408") and b"request_timeout" in rest
+
+
+async def test_a_bomb_is_refused_without_ever_holding_its_decoded_size(proxy, http):
+    import tracemalloc
+    bomb = gzip.compress(b" " * (64 << 20), compresslevel=9)     # 64 MiB in ~64 KB
+    tracemalloc.start()
+    try:
+        async with http.post(f"{proxy.url}/v1/chat/completions", data=bomb,
+                             headers={"Content-Encoding": "gzip"}) as r:
+            assert r.status == 413
+        _, peak_bytes = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak_bytes < 8 << 20      # the compressed body and a 256 KB step, not 32 MiB
