@@ -59,6 +59,11 @@ async def errors_middleware(request: web.Request,
             "The proxy is shutting down (its drain time is over); retry the request."))
     except ProxyError as exc:
         return error_response(exc)
+    except ConnectionResetError:
+        stream = request.get(STREAM)
+        if stream is None:
+            raise
+        return stream   # the client stopped reading (or left): its stream was dropped, quietly
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

@@ -3,6 +3,7 @@ that stops reading a stream, and the open-file limit."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import resource
 import socket
 
@@ -72,7 +73,7 @@ async def test_connections_past_the_cap_get_503_and_the_proxy_recovers(make_prox
 
 
 async def test_a_client_that_stops_reading_has_its_stream_ended_and_lease_released(
-        make_proxy, emulator):
+        make_proxy, emulator, caplog):
     # A stream large enough to fill every socket buffer on the way, to a client that reads
     # none of it.
     proxy = await make_proxy(emulator.url, **{"server.stall_timeout_s": 0.3})
@@ -90,6 +91,7 @@ async def test_a_client_that_stops_reading_has_its_stream_ended_and_lease_releas
     await state.wait_for(lambda: state.cancelled_streams == 1)   # the proxy let go upstream
     assert proxy.engine.active_leases() == []
     assert proxy.engine.usage(MODEL).requests == 1
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]   # no traceback
     writer.close()
     reader, writer = await connect(proxy.url)             # and the proxy serves on
     writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
