@@ -106,6 +106,10 @@ class KeyRing:
     def __init__(self, auth: AuthConfig, alias_map: Mapping[str, str]) -> None:
         self.auth = auth
         self.enabled = auth.enabled
+        unresolved = [f"auth.keys[{i}].key_env: not read yet (resolve_secrets() reads it)"
+                      for i, k in enumerate(auth.keys) if not (k.key or k.key_sha256)]
+        if unresolved:
+            raise ConfigError(unresolved)
         self.keys = tuple(self._client_key(k.name, k.key, k.key_sha256, k.models, alias_map)
                           for k in auth.keys)
         self.admin = _digest(auth.admin_token) if auth.admin_token else None

@@ -208,3 +208,11 @@ def test_allow_unauthenticated_starts_with_a_warning(tmp_path, capsys):
     assert "warning: server.host: 0.0.0.0 is reachable" in capsys.readouterr().out
     path.write_text("server: {host: 0.0.0.0}\nauth: {keys: [{name: a, key: sk-a}]}\n")
     assert main(["--config", str(path), "--check"], environ={}) == 0
+
+
+def test_a_key_env_that_was_never_read_is_an_error_not_a_dead_key():
+    from proxy.app import create_app
+    config = proxy_config("http://127.0.0.1:1", **{"auth.keys": [{"name": "a",
+                                                                   "key_env": "A_KEY"}]})
+    with pytest.raises(ConfigError, match="key_env: not read yet"):
+        create_app(config)
