@@ -168,7 +168,8 @@ class Soak:
             async with http.post(f"{self.emulator_url}/__emulator__/faults", json=CLEAR):
                 pass
 
-    async def run(self, duration_s: float, concurrency: int) -> dict[str, Any]:
+    async def run(self, duration_s: float, concurrency: int, idle_s: float
+                  ) -> dict[str, Any]:
         stop = asyncio.Event()
         timeout = aiohttp.ClientTimeout(total=60)
         async with aiohttp.ClientSession(timeout=timeout) as http:
@@ -203,6 +204,9 @@ class Soak:
             end = self.sample("end")
             async with http.get(f"{self.url}/healthz") as resp:
                 healthy = resp.status == 200
+        # Pooled keep-alive connections (to LM Studio: 30 s) close when idle; then, again.
+        await asyncio.sleep(idle_s)
+        idle = self.sample("idle")
         total = sum(v for k, v in self.outcomes.items() if not k.startswith("fault"))
         # 5xx the proxy made itself: those with one of its error codes (LM Studio's injected
         # failures carry none and pass through unchanged).
@@ -210,8 +214,8 @@ class Soak:
                          if " 5" in k and not k.endswith(" upstream")}
         return {"duration_s": round(elapsed, 1), "concurrency": concurrency,
                 "requests": total, "requests_per_s": round(total / elapsed, 1),
-                "rss_mb": [start["rss_mb"], end["rss_mb"]],
-                "open_fds": [start["open_fds"], end["open_fds"]],
+                "rss_mb": [start["rss_mb"], end["rss_mb"], idle["rss_mb"]],
+                "open_fds": [start["open_fds"], end["open_fds"], idle["open_fds"]],
                 "healthy_after": healthy, "server_errors": server_errors,
                 "outcomes": dict(sorted(self.outcomes.items())), "samples": self.samples}
 
@@ -231,8 +235,8 @@ def _error_code(raw: bytes) -> str:
 def render(r: dict[str, Any]) -> str:
     lines = [f"{r['requests']} requests in {r['duration_s']} s ({r['requests_per_s']}/s) at "
              f"concurrency {r['concurrency']}; healthy after: {r['healthy_after']}",
-             f"proxy RSS {r['rss_mb'][0]} → {r['rss_mb'][1]} MB, open fds "
-             f"{r['open_fds'][0]} → {r['open_fds'][1]}",
+             f"proxy RSS {r['rss_mb'][0]} → {r['rss_mb'][1]} MB ({r['rss_mb'][2]} idle after), "
+             f"open fds {r['open_fds'][0]} → {r['open_fds'][1]} ({r['open_fds'][2]} idle after)",
              f"5xx made by the proxy: {r['server_errors'] or 'none'}",
              "samples: " + ", ".join(f"{s['at']} {s['rss_mb']} MB/{s['open_fds']} fds"
                                      for s in r["samples"]), "outcomes:"]
@@ -245,13 +249,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration-s", type=float, default=180.0)
     p.add_argument("--concurrency", type=int, default=24)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--idle-s", type=float, default=35.0,
+                   help="sample once more after this long idle (pools drain)")
     p.add_argument("--json", help="write the result here")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         soak = Soak(Path(tmp), args.seed)
         try:
             soak.start()
-            result = asyncio.run(soak.run(args.duration_s, args.concurrency))
+            result = asyncio.run(soak.run(args.duration_s, args.concurrency, args.idle_s))
         finally:
             soak.stop()
     print(render(result))
