@@ -26,9 +26,8 @@ from typing import Any
 
 import aiohttp
 import orjson
-import psutil
 
-from .overhead import Servers, free_port, post_json, wait_ready
+from .overhead import Servers, free_port
 
 KEY, ADMIN = "sk-soak", "soak-admin"
 MODELS = ["qwen/qwen3-4b", "google/gemma-3-12b"]
@@ -268,5 +267,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-__all__ = ["Soak", "main", "post_json", "wait_ready"]

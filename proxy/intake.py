@@ -48,8 +48,11 @@ async def read_body(request: web.BaseRequest, server: ServerConfig) -> bytes:
         raise UnsupportedEncoding(f"Content-Encoding '{clip(encoding, 40)}' is not supported "
                                   "(use gzip, deflate or none).")
     try:
-        async with asyncio.timeout(server.body_timeout_s):
+        if request.content.is_eof():      # all here already (the usual case): no timer
             raw = await request.read()
+        else:
+            async with asyncio.timeout(server.body_timeout_s):
+                raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise _too_large(limit) from None
     except TimeoutError:
