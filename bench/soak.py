@@ -38,8 +38,9 @@ STALL_TIMEOUT_S = 2
 
 
 class Soak:
-    def __init__(self, workdir: Path, seed: int) -> None:
+    def __init__(self, workdir: Path, seed: int, storage: bool = True) -> None:
         self.workdir = workdir
+        self.storage = storage
         self.rng = random.Random(seed)
         self.outcomes: Counter[str] = Counter()
         self.samples: list[dict[str, Any]] = []
@@ -68,7 +69,8 @@ class Soak:
             "upstream": {"url": self.emulator_url},
             "memory": {"sampler": "budget", "budget_gb": 24, "min_free_memory_gb": 0},
             "eviction": {"min_residency_s": 0, "queue_timeout_s": 5},
-            "storage": {"path": str(self.workdir / "history.sqlite3")},
+            "storage": {"path": str(self.workdir / "history.sqlite3"),
+                        "enabled": self.storage},
             "logging": {"level": "WARNING"},
             "auth": {"keys": [{"name": "soak", "key": KEY}], "admin_token": ADMIN}}))
         servers._spawn("proxy", [py, "-m", "proxy", "--config", str(config)],
@@ -251,9 +253,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--idle-s", type=float, default=35.0,
                    help="sample once more after this long idle (pools drain)")
     p.add_argument("--json", help="write the result here")
+    p.add_argument("--no-storage", action="store_true",
+                   help="run the proxy without its SQLite history (tells its memory apart)")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        soak = Soak(Path(tmp), args.seed)
+        soak = Soak(Path(tmp), args.seed, storage=not args.no_storage)
         try:
             soak.start()
             result = asyncio.run(soak.run(args.duration_s, args.concurrency, args.idle_s))
