@@ -216,3 +216,12 @@ def test_a_key_env_that_was_never_read_is_an_error_not_a_dead_key():
                                                                    "key_env": "A_KEY"}]})
     with pytest.raises(ConfigError, match="key_env: not read yet"):
         create_app(config)
+
+
+async def test_the_status_command_sends_its_key(guarded, capsys):
+    import asyncio
+    argv = ["status", "--url", guarded.url]
+    assert await asyncio.to_thread(main, argv, {}) == 1
+    assert "401" in capsys.readouterr().out
+    assert await asyncio.to_thread(main, argv, {"PROXY_API_KEY": ALICE}) == 0
+    assert "pressure" in capsys.readouterr().out
