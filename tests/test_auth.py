@@ -225,3 +225,19 @@ async def test_the_status_command_sends_its_key(guarded, capsys):
     assert "401" in capsys.readouterr().out
     assert await asyncio.to_thread(main, argv, {"PROXY_API_KEY": ALICE}) == 0
     assert "pressure" in capsys.readouterr().out
+
+
+async def test_an_admin_token_alone_guards_admin_actions_and_leaves_clients_anonymous(
+        make_proxy, emulator, http):
+    proxy = await make_proxy(emulator.url, **{"auth.admin_token": ADMIN})
+    async with http.post(f"{proxy.url}/v1/chat/completions", json=CHAT) as client, \
+            http.get(f"{proxy.url}/proxy/stats") as read_only, \
+            http.post(f"{proxy.url}/proxy/optimize") as admin:
+        assert (client.status, read_only.status, admin.status) == (200, 200, 401)
+
+
+def test_check_warns_when_the_upstream_token_is_open_to_every_local_client(tmp_path, capsys):
+    path = tmp_path / "proxy.yaml"
+    path.write_text("upstream: {api_token: lm-secret}\n")
+    assert main(["--config", str(path), "--check"], environ={}) == 0
+    assert "warning: upstream.api_token is set and auth.keys is empty" in capsys.readouterr().out

@@ -138,3 +138,10 @@ async def test_reload_sets_the_log_level(reloadable, emulator, http):
         assert root.level == logging.ERROR
     finally:
         root.setLevel(before)
+
+
+async def test_reload_without_a_config_source_says_so(make_proxy, emulator, http):
+    proxy = await make_proxy(emulator.url)
+    async with http.post(f"{proxy.url}/proxy/reload") as r:
+        status, error = r.status, (await r.json())["error"]
+    assert status == 400 and "nothing to reload from" in error["message"]
