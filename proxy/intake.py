@@ -58,7 +58,7 @@ async def read_body(request: web.BaseRequest, server: ServerConfig) -> bytes:
     except TimeoutError:
         raise RequestTimeout(f"The request body did not arrive within {server.body_timeout_s:g}"
                              " s (server.body_timeout_s).") from None
-    if encoding in IDENTITY or not raw:
+    if encoding in IDENTITY:
         return raw
     if len(raw) > _THREAD_ABOVE_BYTES:
         return await asyncio.to_thread(decode, raw, encoding, limit)

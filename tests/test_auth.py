@@ -45,8 +45,9 @@ async def test_inference_needs_a_valid_key(guarded, emulator, http):
         assert missing.headers["WWW-Authenticate"].startswith("Bearer")
     assert sum(emulator.state.inference_calls.values()) == 0
     async with http.post(url, json=CHAT, headers=bearer(ALICE)) as ok, \
+            http.post(url, json=CHAT, headers={"Authorization": f"bearer {ALICE}"}) as lower, \
             http.post(url, json=CHAT, headers={"x-api-key": ALICE}) as ok_anthropic_style:
-        assert ok.status == ok_anthropic_style.status == 200
+        assert ok.status == lower.status == ok_anthropic_style.status == 200
 
 
 async def test_the_openai_sdk_sees_an_authentication_error(guarded):

@@ -145,3 +145,4 @@ async def test_a_bomb_is_refused_without_ever_holding_its_decoded_size(proxy, ht
     finally:
         tracemalloc.stop()
     assert peak_bytes < 8 << 20      # the compressed body and a 256 KB step, not 32 MiB
+
