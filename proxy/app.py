@@ -22,7 +22,7 @@ from .inflight import INFLIGHT, STREAM, InFlight
 from .intake import clip
 from .reload import RELOADER, Reloader
 from .serving import SERVING, ServingOptions
-from .auth import AuthCollector, AuthState, auth_middleware
+from .auth import AuthCollector, AuthState, authenticate
 from .keys import ACCESS_LOG, AUTH, CONFIG, ENGINE, HEALTH, METRICS, RESPONSE_STARTED, UPSTREAM
 from .metrics import ProxyMetrics
 from .store import UsageStore, default_path
@@ -40,10 +40,13 @@ def error_response(exc: ProxyError) -> web.Response:
 async def errors_middleware(request: web.Request,
                             handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
                             ) -> web.StreamResponse:
-    """Everything the proxy itself answers with is an OpenAI error envelope, never HTML."""
-    inflight = request.app[INFLIGHT]
+    """Everything the proxy itself answers with is an OpenAI error envelope, never HTML.
+    Requests are authenticated here and tracked while in flight (for a bounded shutdown)."""
+    app = request.app
+    inflight = app[INFLIGHT]
     inflight.requests[id(request)] = request
     try:
+        authenticate(app[AUTH], request)
         return await handler(request)
     except asyncio.CancelledError:
         if not inflight.ending:
@@ -90,7 +93,7 @@ def create_app(config: Config, *, upstream: Upstream | None = None, clock: Clock
         from .upstream.lmstudio import LMStudioUpstream
         upstream = LMStudioUpstream(config.upstream)
     auth = AuthState(config)
-    app = web.Application(middlewares=[errors_middleware, auth_middleware(auth)],
+    app = web.Application(middlewares=[errors_middleware],
                           client_max_size=config.server.max_body_bytes)
     store = None
     if config.storage.enabled:

@@ -1,4 +1,4 @@
-"""Client API keys and the admin token, checked by one middleware before any handler runs.
+"""Client API keys and the admin token, checked by `authenticate()` before any handler runs.
 
 Routes fall in four classes: probes (/healthz, /readyz: always open), metrics
 (`auth.metrics_access`), read-only admin (GET /proxy/*: `auth.read_only_access`), admin actions
@@ -17,7 +17,7 @@ import hmac
 import ipaddress
 import logging
 from dataclasses import dataclass, replace
-from typing import Awaitable, Callable, Iterable, Mapping
+from typing import Iterable, Mapping
 
 from aiohttp import web
 from prometheus_client.core import CounterMetricFamily
@@ -198,44 +198,37 @@ def _route_class(request: web.BaseRequest) -> str:
     return "client"
 
 
-def auth_middleware(state: AuthState) -> Callable:
-    """Reads `state.ring` per request, so a reload swaps the keys without a new app."""
+def authenticate(state: AuthState, request: web.Request) -> None:
+    """Raise InvalidApiKey / AdminRequired unless the request may go on; called by the app's
+    outer middleware before the handler (a plain call: no middleware layer of its own)."""
+    ring = state.ring
+    if not ring.enabled:
+        return
+    route = _route_class(request)
+    if route == "open":
+        return
+    auth = ring.auth
+    level = {"metrics": auth.metrics_access, "read": auth.read_only_access,
+             "admin": "admin", "client": "key"}[route]
+    if level == "open":
+        return
+    secret = presented_secret(request)
+    key = ring.match(secret) if secret else None
+    if level == "key" and not ring.keys and key is None:
+        return   # no client keys configured: clients are anonymous
     counters = state.counters
-
-    @web.middleware
-    async def authenticate(request: web.Request,
-                           handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-                           ) -> web.StreamResponse:
-        ring = state.ring
-        if not ring.enabled:
-            return await handler(request)
-        route = _route_class(request)
-        if route == "open":
-            return await handler(request)
-        auth = ring.auth
-        level = {"metrics": auth.metrics_access, "read": auth.read_only_access,
-                 "admin": "admin", "client": "key"}[route]
-        if level == "open":
-            return await handler(request)
-        secret = presented_secret(request)
-        key = ring.match(secret) if secret else None
-        if level == "key" and not ring.keys and key is None:
-            return await handler(request)   # no client keys configured: clients are anonymous
-        if key is None:
-            reason = "missing_key" if secret is None else "invalid_key"
-            counters.rejected[reason] = counters.rejected.get(reason, 0) + 1
-            raise InvalidApiKey("Missing API key: send 'Authorization: Bearer <key>'."
-                                if secret is None else "Invalid API key.")
-        if level == "admin" and key.name != ADMIN_NAME:
-            counters.rejected["admin_required"] = counters.rejected.get("admin_required", 0) + 1
-            raise AdminRequired("This action needs the admin token (auth.admin_token)."
-                                if ring.admin is not None else
-                                "Admin actions are disabled: no auth.admin_token is configured.")
-        request[CLIENT_KEY] = key
-        counters.requests_by_key[key.name] = counters.requests_by_key.get(key.name, 0) + 1
-        return await handler(request)
-
-    return authenticate
+    if key is None:
+        reason = "missing_key" if secret is None else "invalid_key"
+        counters.rejected[reason] = counters.rejected.get(reason, 0) + 1
+        raise InvalidApiKey("Missing API key: send 'Authorization: Bearer <key>'."
+                            if secret is None else "Invalid API key.")
+    if level == "admin" and key.name != ADMIN_NAME:
+        counters.rejected["admin_required"] = counters.rejected.get("admin_required", 0) + 1
+        raise AdminRequired("This action needs the admin token (auth.admin_token)."
+                            if ring.admin is not None else
+                            "Admin actions are disabled: no auth.admin_token is configured.")
+    request[CLIENT_KEY] = key
+    counters.requests_by_key[key.name] = counters.requests_by_key.get(key.name, 0) + 1
 
 
 def check_model(request: web.Request, model: str) -> None:
