@@ -168,7 +168,7 @@ class _LimitedSite(web.SockSite):
         loop = asyncio.get_running_loop()
 
         def factory() -> asyncio.Protocol:
-            if len(server._connections) >= self.max_connections:
+            if len(server.connections) >= self.max_connections:
                 self.refused += 1
                 return _Refuse()
             proto = server()
