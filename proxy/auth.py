@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
-import logging
 from dataclasses import dataclass, replace
 from typing import Iterable, Mapping
 
@@ -26,12 +25,9 @@ from prometheus_client.registry import Collector
 from .config import AuthConfig, Config
 from .errors import AdminRequired, ConfigError, InvalidApiKey, ModelNotAllowed
 
-log = logging.getLogger("proxy.auth")
-
 CREDENTIAL_HEADERS = frozenset({"authorization", "x-api-key"})
 PROBES = frozenset({"/healthz", "/readyz"})
-ADMIN_NAME = "admin"
-ANONYMOUS = "anonymous"
+ADMIN_NAME = "admin"   # the admin token's label in counts; no client key may take it
 
 
 @dataclass(frozen=True)
@@ -39,6 +35,7 @@ class ClientKey:
     name: str
     digest: bytes
     models: frozenset[str] | None     # names a client may ask for (keys and their aliases)
+    is_admin: bool = False
 
     def allows(self, model: str) -> bool:
         return self.models is None or model in self.models
@@ -49,8 +46,8 @@ def _digest(secret: str) -> bytes:
 
 
 def resolve_secrets(config: Config, environ: Mapping[str, str]) -> Config:
-    """Replace `key_env` / `admin_token_env` by the digest of the variable's value; the caller
-    (the CLI, the one reader of the environment) passes the environment in."""
+    """Replace each `key_env` by the digest of the variable's value and `admin_token_env` by
+    the token; the caller (the CLI, the one reader of the environment) passes it in."""
     auth, problems = config.auth, []
     keys = []
     for i, k in enumerate(auth.keys):
@@ -133,7 +130,7 @@ class KeyRing:
             if hmac.compare_digest(digest, k.digest):
                 found = k
         if self.admin is not None and hmac.compare_digest(digest, self.admin):
-            found = ClientKey(ADMIN_NAME, self.admin, None)
+            found = ClientKey(ADMIN_NAME, self.admin, None, is_admin=True)
         return found
 
 
@@ -222,7 +219,7 @@ def authenticate(state: AuthState, request: web.Request) -> None:
         counters.rejected[reason] = counters.rejected.get(reason, 0) + 1
         raise InvalidApiKey("Missing API key: send 'Authorization: Bearer <key>'."
                             if secret is None else "Invalid API key.")
-    if level == "admin" and key.name != ADMIN_NAME:
+    if level == "admin" and not key.is_admin:
         counters.rejected["admin_required"] = counters.rejected.get("admin_required", 0) + 1
         raise AdminRequired("This action needs the admin token (auth.admin_token)."
                             if ring.admin is not None else

@@ -242,6 +242,8 @@ def _auth_checks(auth: AuthConfig, problems: list[str]) -> None:
             problems.append(f"{path}.name: required (it labels the key in stats and logs)")
         elif k.name in names:
             problems.append(f"{path}.name: '{k.name}' is used by another key")
+        elif k.name == "admin":
+            problems.append(f"{path}.name: 'admin' is the admin token's label; pick another")
         names.add(k.name)
         given = [f for f in ("key", "key_sha256", "key_env") if getattr(k, f)]
         if len(given) != 1:

@@ -242,3 +242,18 @@ def test_check_warns_when_the_upstream_token_is_open_to_every_local_client(tmp_p
     path.write_text("upstream: {api_token: lm-secret}\n")
     assert main(["--config", str(path), "--check"], environ={}) == 0
     assert "warning: upstream.api_token is set and auth.keys is empty" in capsys.readouterr().out
+
+
+def test_no_client_key_may_be_named_admin(tmp_path):
+    with pytest.raises(ConfigError, match="'admin' is the admin token's label"):
+        _resolve([], {}, tmp_path, "auth:\n  keys: [{name: admin, key: sk-x}]\n")
+
+
+async def test_being_labelled_admin_is_not_being_admin(guarded, http):
+    import dataclasses
+    from proxy.keys import AUTH as AUTH_STATE
+    ring = guarded.app[AUTH_STATE].ring
+    # A client key that carries the admin label anyway (a config built without validation).
+    ring.keys = tuple(dataclasses.replace(k, name="admin") for k in ring.keys)
+    async with http.post(f"{guarded.url}/proxy/clear", headers=bearer(ALICE)) as resp:
+        assert resp.status == 403
