@@ -18,6 +18,7 @@ import ipaddress
 from dataclasses import dataclass, replace
 from typing import Iterable, Mapping
 
+import orjson
 from aiohttp import web
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
@@ -234,3 +235,16 @@ def check_model(request: web.Request, model: str) -> None:
     if key is not None and not key.allows(model):
         raise ModelNotAllowed(f"This API key ('{key.name}') may not use this model.",
                               param="model")
+
+
+def visible_models(request: web.Request, raw: bytes) -> bytes:
+    """GET /v1/models as a key limited to models sees only those (the rest is not its business)."""
+    key = request.get(CLIENT_KEY)
+    if key is None or key.models is None:
+        return raw
+    try:
+        listing = orjson.loads(raw)
+        listing["data"] = [m for m in listing["data"] if key.allows(m.get("id"))]
+    except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
+        return raw
+    return orjson.dumps(listing)

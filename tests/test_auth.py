@@ -257,3 +257,10 @@ async def test_being_labelled_admin_is_not_being_admin(guarded, http):
     ring.keys = tuple(dataclasses.replace(k, name="admin") for k in ring.keys)
     async with http.post(f"{guarded.url}/proxy/clear", headers=bearer(ALICE)) as resp:
         assert resp.status == 403
+
+
+async def test_a_limited_key_lists_only_its_models(guarded, http):
+    async with http.get(f"{guarded.url}/v1/models", headers=bearer(BOB)) as limited, \
+            http.get(f"{guarded.url}/v1/models", headers=bearer(ALICE)) as full:
+        assert [m["id"] for m in (await limited.json())["data"]] == [MODEL]
+        assert len((await full.json())["data"]) > 1

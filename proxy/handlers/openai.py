@@ -17,7 +17,7 @@ from ..engine.usage import RequestRecord
 from ..engine.lifecycle import Lease
 from ..engine.manager import ModelMemoryManager
 from .. import intake
-from ..auth import CLIENT_KEY, CREDENTIAL_HEADERS, check_model
+from ..auth import CLIENT_KEY, CREDENTIAL_HEADERS, check_model, visible_models
 from ..errors import InvalidRequest, ProxyError, UpstreamError, UpstreamTimeout
 from ..inflight import INFLIGHT, write_or_stall
 from ..keys import ACCESS_LOG, CONFIG, ENGINE, RESPONSE_STARTED, UPSTREAM
@@ -179,6 +179,8 @@ async def list_models(request: web.Request) -> web.StreamResponse:
     async with request.app[UPSTREAM].request(
             "GET", request.path_qs, request_headers(request), None) as up:
         raw = await up.read()
+        if up.status == 200:
+            raw = visible_models(request, raw)
         return web.Response(status=up.status, body=raw,
                             headers=forward_headers(up.headers, RESPONSE_DROP))
 
