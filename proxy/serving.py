@@ -159,7 +159,6 @@ class _LimitedSite(web.SockSite):
         super().__init__(runner, sock)
         self.options = options
         self.max_connections = connection_cap(options.max_connections)
-        self.refused = 0
 
     async def start(self) -> None:
         self._runner._reg_site(self)   # what SockSite.start does, with our factory
@@ -169,7 +168,6 @@ class _LimitedSite(web.SockSite):
 
         def factory() -> asyncio.Protocol:
             if len(server.connections) >= self.max_connections:
-                self.refused += 1
                 return _Refuse()
             proto = server()
             loop.call_later(self.options.header_timeout_s, _header_deadline, proto)
