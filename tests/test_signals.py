@@ -118,6 +118,11 @@ async def test_sigterm_ends_long_streams_at_the_deadline_and_exits_0(running, sl
                                                                      http):
     proxy = await running(shutdown_timeout_s=1)
     streams = [await open_stream(http, proxy.url, 1000) for _ in range(3)]
+    host, port = proxy.url.removeprefix("http://").split(":")
+    _, silent = await asyncio.open_connection(host, int(port))      # says nothing at all
+    _, half = await asyncio.open_connection(host, int(port))
+    half.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")   # headers unfinished
+    await half.drain()
     sent_at = time.monotonic()
     proxy.proc.send_signal(signal.SIGTERM)
     for resp in streams:
@@ -130,6 +135,8 @@ async def test_sigterm_ends_long_streams_at_the_deadline_and_exits_0(running, sl
     state = slow_emulator.state
     await state.wait_for(lambda: state.cancelled_streams == 3)   # nothing left generating
     assert not any("Traceback" in ln for ln in proxy.lines)
+    silent.close()
+    half.close()
 
 
 async def test_sigterm_lets_short_streams_finish(running, http):
