@@ -75,7 +75,7 @@ async def main_async(out: Path, pace_s: float) -> None:
                           "memory": {"sampler": "budget", "budget_gb": 20,
                                      "min_free_memory_gb": 1,
                                      "max_memory_usage_percent": 95},
-                          "eviction": {"min_residency_s": 0, "queue_timeout_s": 1.5},
+                          "eviction": {"hold": 0, "queue_timeout_s": 1.5},
                           "storage": {"enabled": False}})
     served = await serve(create_app(config))
     url = served.url

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from .intake import clip
+
 log = logging.getLogger("proxy.request")
 FLUSH_INTERVAL_S = 0.25
 BATCH_LINES = 512
@@ -37,8 +39,9 @@ class AccessLog:
 
     def flush(self) -> None:
         lines, self.pending = self.pending, []
-        for fields in lines:
-            log.info(LINE, *fields)
+        for method, path, model, *rest in lines:
+            # The model is the client's string: a newline in it must not forge a line.
+            log.info(LINE, method, path, clip(model), *rest)
 
     async def start(self) -> None:
         if self._task is None:

@@ -1,6 +1,7 @@
 """create_app(): the aiohttp application with its engine, upstream session and background loops."""
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import AsyncIterator, Awaitable, Callable
 
@@ -12,15 +13,20 @@ from .engine.clock import Clock
 from .engine.health import ModelHealthMonitor
 from .engine.manager import ModelMemoryManager
 from .engine.memory import MemorySampler
-from .errors import ProxyError, RouteNotFound
+from .errors import ProxyError, RouteNotFound, ShuttingDown
 from .events import EventHub
 from .handlers import admin, events, health, openai
 from .accesslog import AccessLog
+from .auth import AuthCollector, AuthState, authenticate
 from .compat import Compat
-from .keys import (ACCESS_LOG, COMPAT, CONFIG, ENGINE, EVENTS, HEALTH, METRICS,
+from .inflight import INFLIGHT, STREAM, InFlight
+from .intake import clip
+from .keys import (ACCESS_LOG, AUTH, COMPAT, CONFIG, ENGINE, EVENTS, HEALTH, METRICS,
                    RESPONSE_STARTED, UPSTREAM)
 from .metrics import CompatCollector, ProxyMetrics
 from .native import relay as native
+from .reload import RELOADER, Reloader
+from .serving import SERVING, ServingOptions
 from .store import UsageStore, default_path
 from .upstream import create_upstream
 from .upstream.base import Upstream
@@ -38,31 +44,58 @@ def error_response(exc: ProxyError) -> web.Response:
 async def errors_middleware(request: web.Request,
                             handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
                             ) -> web.StreamResponse:
-    """Everything the proxy itself answers with is an OpenAI error envelope, never HTML."""
+    """Everything the proxy itself answers with is an OpenAI error envelope, never HTML.
+    Requests are authenticated here and tracked while in flight (for a bounded shutdown)."""
+    app = request.app
+    inflight = app[INFLIGHT]
+    inflight.requests[id(request)] = request
     try:
+        authenticate(app[AUTH], request)
         return await handler(request)
+    except asyncio.CancelledError:
+        if not inflight.ending:
+            raise
+        # Past the shutdown deadline: answer instead of dropping the connection.
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()
+        stream = request.get(STREAM)
+        if stream is not None:
+            return stream       # already ended with an error event
+        return error_response(ShuttingDown(
+            "The proxy is shutting down (its drain time is over); retry the request."))
     except ProxyError as exc:
         return error_response(exc)
+    except ConnectionResetError:
+        stream = request.get(STREAM)
+        if stream is None:
+            raise
+        return stream   # the client stopped reading (or left): its stream was dropped, quietly
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         if exc.status == 404:
             return error_response(RouteNotFound(
-                f"Unknown route: {request.method} {request.path}"))
+                f"Unknown route: {clip(request.method, 20)} {clip(request.path)}"))
         err = ProxyError(exc.reason or "request failed")
         err.status, err.type, err.code = exc.status, "invalid_request_error", None
         return error_response(err)
     except Exception:
         if request.get(RESPONSE_STARTED):
             raise   # mid-stream: the connection is dropped, as the upstream dropped it
-        log.exception("unhandled error on %s %s", request.method, request.path)
+        log.exception("unhandled error on %s %s", clip(request.method, 20), clip(request.path))
         return error_response(ProxyError("Internal error in the proxy; see its log."))
+    finally:
+        inflight.requests.pop(id(request), None)
 
 
 def create_app(config: Config, *, upstream: Upstream | None = None, clock: Clock | None = None,
-               sampler: MemorySampler | None = None) -> web.Application:
+               sampler: MemorySampler | None = None,
+               config_source: Callable[[], Config] | None = None) -> web.Application:
+    """`config_source` reads the configuration anew for a reload (SIGHUP, POST /proxy/reload)."""
     if upstream is None:
         upstream = create_upstream(config.upstream)
+    auth = AuthState(config)
     app = web.Application(middlewares=[errors_middleware],
                           client_max_size=config.server.max_body_bytes)
     store = None
@@ -80,6 +113,11 @@ def create_app(config: Config, *, upstream: Upstream | None = None, clock: Clock
     app[METRICS] = ProxyMetrics(engine)
     app[COMPAT] = Compat(config.compat)
     app[METRICS].registry.register(CompatCollector(app[COMPAT]))
+    app[AUTH] = auth
+    app[INFLIGHT] = InFlight(config.server.stall_timeout_s)
+    app[SERVING] = ServingOptions.from_config(config.server)
+    app[RELOADER] = Reloader(config, config_source)
+    app[METRICS].registry.register(AuthCollector(auth.counters))
     app[ACCESS_LOG] = AccessLog()
     app[HEALTH] = ModelHealthMonitor(engine, config.health, sink=sink,
                                      prober=_prober(engine, upstream))

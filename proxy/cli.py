@@ -11,9 +11,9 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
-from .config import Config, load_config, read_config_file
+from .config import Config, load_config, read_config_file, replace_config
 from .errors import ConfigError
 
 log = logging.getLogger("proxy")
@@ -72,7 +72,12 @@ def resolve_config(args: argparse.Namespace, environ: Mapping[str, str]) -> Conf
     for dest, dotted in ENV_FLAGS.values():
         if dotted and getattr(args, dest, None) is not None:
             overrides[dotted] = getattr(args, dest)
-    return load_config(raw, overrides=overrides)
+    from .auth import exposure_problems, resolve_secrets
+    config = resolve_secrets(load_config(raw, overrides=overrides), environ)
+    problems, _ = exposure_problems(config)
+    if problems:
+        raise ConfigError(problems)
+    return config
 
 
 def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
@@ -80,6 +85,8 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
     env = os.environ if environ is None else environ
     if argv[:1] == ["status"]:
         return _status(argv[1:], env)
+    if argv[:1] == ["healthcheck"]:
+        return _healthcheck(argv[1:], env)
     args = build_parser().parse_args(argv)
     try:
         config = resolve_config(args, env)
@@ -88,24 +95,30 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         for problem in exc.problems:
             print(f"  {problem}", file=sys.stderr)
         return 2
+    from .auth import exposure_problems
+    warnings = exposure_problems(config)[1]
     if args.check:
         from .config import config_warnings
-        for warning in config_warnings(config):
-            print(f"warning: {warning}", file=sys.stderr)
+        for warning in warnings + config_warnings(config):
+            print(f"warning: {warning}")
         print("configuration is valid")
         return 0
     logging.basicConfig(level=config.logging.level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for warning in warnings:
+        log.warning("%s", warning)
     try:
         loop_factory = _loop_factory(config.server.event_loop)
     except ImportError:
         print("server.event_loop is uvloop but uvloop is not installed "
               "(pip install 'lmstudio-memory-proxy[fast]')", file=sys.stderr)
         return 2
+    rc = 0
     with contextlib.suppress(KeyboardInterrupt):
         with asyncio.Runner(loop_factory=loop_factory) as runner:
-            runner.run(_run(config, demo=args.demo))
-    return 0
+            rc = runner.run(_run(config, demo=args.demo,
+                                 source=lambda: resolve_config(args, env)))
+    return rc
 
 
 def _loop_factory(choice: str) -> Any:
@@ -131,26 +144,66 @@ def _status(argv: list[str], environ: Mapping[str, str]) -> int:
                    help="redraw in place as the proxy's event stream reports changes")
     p.add_argument("--interval", type=float, default=1.0,
                    help="with --watch: at most one redraw per this many seconds")
+    p.add_argument("--api-key", default=environ.get("PROXY_API_KEY"),
+                   help="a client key or the admin token, when auth is on (PROXY_API_KEY)")
     args = p.parse_args(argv)
     if args.watch:
         from .status import watch
-        return watch(args.url, interval_s=args.interval)
-    return run(args.url)
+        return watch(args.url, interval_s=args.interval, api_key=args.api_key)
+    return run(args.url, args.api_key)
 
 
-async def _run(config: Config, *, demo: bool) -> None:
+def _healthcheck(argv: list[str], environ: Mapping[str, str]) -> int:
+    """For container and pod probes: GET /healthz on the port the configuration says, so the
+    probe follows the config instead of hard-coding a port."""
+    from .status import healthcheck
+    p = argparse.ArgumentParser(prog="python -m proxy healthcheck")
+    p.add_argument("--config")
+    args = p.parse_args(argv)
+    path = args.config or environ.get("PROXY_CONFIG")
+    if path is None and Path("proxy.yaml").is_file():
+        path = "proxy.yaml"
+    try:
+        server = read_config_file(path).get("server") if path else None
+        config = load_config({"server": server} if isinstance(server, dict) else {})
+    except ConfigError as exc:
+        print("configuration is invalid:", *exc.problems, sep="\n  ")
+        return 2
+    host = environ.get("PROXY_HOST") or config.server.host
+    port = int(environ.get("PROXY_PORT") or config.server.port)
+    return healthcheck(host, port)
+
+
+async def _run(config: Config, *, demo: bool,
+               source: Callable[[], Config] | None = None) -> int:
     from .app import create_app
-    from .serving import serve
+    from .reload import RELOADER
+    from .serving import raise_fd_limit, serve
 
+    raise_fd_limit()   # every connection is a file descriptor; 1,024 goes quickly
     emulator = None
     if demo:
-        from .config import replace_config
         from .emulator import EmulatorOptions, start_emulator
         emulator = await start_emulator(load_time_scale=0.25, capacity_bytes=int(24e9),
                                         options=EmulatorOptions(tokens_per_s=30.0))
         config = replace_config(config, {"upstream.url": emulator.url})
-    served = await serve(create_app(config), config.server.host, config.server.port,
-                         shutdown_timeout_s=config.server.shutdown_timeout_s)
+
+    def reread() -> Config:
+        assert source is not None
+        new = source()
+        if emulator is not None:
+            new = replace_config(new, {"upstream.url": emulator.url})
+        return new
+
+    app = create_app(config, config_source=reread if source is not None else None)
+    host, port = config.server.host, config.server.port
+    try:
+        served = await serve(app, host, port, shutdown_timeout_s=config.server.shutdown_timeout_s)
+    except OSError as exc:
+        print(f"cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
+        if emulator is not None:
+            await emulator.close()
+        return 1
     log.info("proxy listening on %s, upstream %s (%s event loop)", served.url,
              config.upstream.url, type(asyncio.get_running_loop()).__module__.split(".")[0])
     if demo:
@@ -160,6 +213,8 @@ async def _run(config: Config, *, demo: bool) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
+    with contextlib.suppress(NotImplementedError):
+        loop.add_signal_handler(signal.SIGHUP, _reload_on_signal, app, app[RELOADER])
     try:
         await stop.wait()
     finally:
@@ -167,6 +222,16 @@ async def _run(config: Config, *, demo: bool) -> None:
         await served.close()
         if emulator is not None:
             await emulator.close()
+        log.info("stopped")
+    return 0
+
+
+def _reload_on_signal(app: Any, reloader: Any) -> None:
+    log.info("SIGHUP: reloading the configuration")
+    try:
+        reloader.reload(app)
+    except Exception:   # a signal handler must never take the proxy down
+        log.exception("reload failed; the running configuration stays")
 
 
 def _demo_banner(url: str, upstream_url: str) -> str:

@@ -38,6 +38,15 @@ class ServerConfig:
     shutdown_timeout_s: float = field(default=30.0, metadata=_rule(0))
     # auto: uvloop when installed (pip install '.[fast]'), else asyncio's own loop.
     event_loop: str = field(default="auto", metadata=_rule(choices=("auto", "asyncio", "uvloop")))
+    # A non-loopback host with no auth.keys refuses to start unless this is true.
+    allow_unauthenticated: bool = False
+    max_model_name_chars: int = field(default=256, metadata=_rule(1, 65536))
+    header_timeout_s: float = field(default=10.0, metadata=_rule(0, exclusive_lo=True))
+    body_timeout_s: float = field(default=60.0, metadata=_rule(0, exclusive_lo=True))
+    keepalive_timeout_s: float = field(default=15.0, metadata=_rule(0, exclusive_lo=True))
+    # A client that takes no stream bytes for this long has its stream ended.
+    stall_timeout_s: float = field(default=30.0, metadata=_rule(0, exclusive_lo=True))
+    max_connections: int = field(default=1000, metadata=_rule(1))
 
 
 @dataclass(frozen=True)
@@ -141,6 +150,32 @@ class LoggingConfig:
         choices=("DEBUG", "INFO", "WARNING", "ERROR")))
 
 
+ACCESS_LEVELS = ("open", "key", "admin")
+
+
+@dataclass(frozen=True)
+class ClientKeyConfig:
+    name: str = ""
+    key: str | None = None           # plain: quick starts only
+    key_sha256: str | None = None    # hex digest: the config can be committed
+    key_env: str | None = None       # read from this environment variable at start and reload
+    models: tuple[str, ...] | None = None   # None: every model
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    keys: tuple[ClientKeyConfig, ...] = ()
+    admin_token: str | None = None
+    admin_token_env: str | None = None
+    # Who may read GET /proxy/* and GET /metrics: anyone, any client key, the admin token.
+    read_only_access: str = field(default="key", metadata=_rule(choices=ACCESS_LEVELS))
+    metrics_access: str = field(default="open", metadata=_rule(choices=ACCESS_LEVELS))
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.keys) or bool(self.admin_token or self.admin_token_env)
+
+
 @dataclass(frozen=True)
 class CompatConfig:
     """Repairs of LM Studio's OpenAI-compatibility bugs (proxy/compat.py), each switchable."""
@@ -163,6 +198,7 @@ class Config:
     storage: StorageConfig = field(default_factory=StorageConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     compat: CompatConfig = field(default_factory=CompatConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
 
     def model(self, key: str) -> ModelConfig:
         return self.models.get(key) or _DEFAULT_MODEL
@@ -240,6 +276,7 @@ def _cross_checks(config: Config, problems: list[str]) -> None:
                 problems.append(f"models.{key}.aliases: '{alias}' is already an alias of "
                                 f"'{seen[alias]}'")
             seen[alias] = key
+    _auth_checks(config.auth, problems)
     total_gb = _total_memory_gb(config)
     if total_gb is not None:
         for key, model in config.models.items():
@@ -267,6 +304,29 @@ def config_warnings(config: Config) -> list[str]:
             f"{', memory.budget_gb' if mem.sampler == 'budget' else ''})"
             for key, m in config.models.items()
             if m.footprint_gb is not None and ceiling_gb < m.footprint_gb <= total_gb]
+
+def _auth_checks(auth: AuthConfig, problems: list[str]) -> None:
+    names: set[str] = set()
+    for i, k in enumerate(auth.keys):
+        path = f"auth.keys[{i}]"
+        if not k.name:
+            problems.append(f"{path}.name: required (it labels the key in stats and logs)")
+        elif k.name in names:
+            problems.append(f"{path}.name: '{k.name}' is used by another key")
+        elif k.name == "admin":
+            problems.append(f"{path}.name: 'admin' is the admin token's label; pick another")
+        names.add(k.name)
+        given = [f for f in ("key", "key_sha256", "key_env") if getattr(k, f)]
+        if len(given) != 1:
+            problems.append(f"{path}: needs exactly one of key, key_sha256, key_env "
+                            f"(got {', '.join(given) or 'none'})")
+        if k.key_sha256 and (len(k.key_sha256) != 64 or
+                             any(c not in "0123456789abcdefABCDEF" for c in k.key_sha256)):
+            problems.append(f"{path}.key_sha256: must be 64 hex digits (sha256 of the key)")
+        if k.models is not None and not k.models:
+            problems.append(f"{path}.models: empty list allows no model; omit it to allow all")
+    if auth.admin_token and auth.admin_token_env:
+        problems.append("auth: admin_token and admin_token_env are exclusive")
 
 
 def _total_memory_gb(config: Config) -> float | None:

@@ -2,13 +2,21 @@
 
     ProxyError                      (500 internal_error)
     ├── InvalidRequest              (400 invalid_request_error)
-    │   └── BodyTooLarge            (413)
+    │   ├── BodyTooLarge            (413)
+    │   ├── UnsupportedEncoding     (415 unsupported_content_encoding)
+    │   ├── RequestTimeout          (408 request_timeout: the body did not arrive in time)
+    │   └── ConfigRejected          (400 invalid_config: a reload found problems)
+    ├── InvalidApiKey               (401 invalid_api_key, WWW-Authenticate)
+    ├── PermissionDenied            (403)
+    │   ├── AdminRequired           (403 admin_required)
+    │   └── ModelNotAllowed         (403 model_not_allowed)
     ├── RouteNotFound               (404)
     ├── ModelNotFound               (404 model_not_found)
     ├── InsufficientMemory          (503 insufficient_memory, Retry-After)
     │   └── ModelTooLarge           (503 model_too_large: can never fit; no Retry-After)
     ├── ModelLoadFailed             (503 model_load_failed)
     ├── ModelUnavailable            (409 model_unavailable: pinned, busy, external)
+    ├── ShuttingDown                (503 shutting_down: the drain deadline passed)
     └── UpstreamError               (502 upstream_error)
         ├── UpstreamUnreachable     (502 upstream_unreachable)
         └── UpstreamTimeout         (504 upstream_timeout)
@@ -52,6 +60,49 @@ class InvalidRequest(ProxyError):
 class BodyTooLarge(InvalidRequest):
     status = 413
     code = "request_too_large"
+
+
+class UnsupportedEncoding(InvalidRequest):
+    status = 415
+    code = "unsupported_content_encoding"
+
+
+class RequestTimeout(InvalidRequest):
+    status = 408
+    code = "request_timeout"
+
+
+class ConfigRejected(InvalidRequest):
+    code = "invalid_config"
+
+
+class InvalidApiKey(ProxyError):
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": 'Bearer realm="lmstudio-proxy"'}
+
+
+class PermissionDenied(ProxyError):
+    status = 403
+    type = "invalid_request_error"
+    code = "permission_denied"
+
+
+class AdminRequired(PermissionDenied):
+    code = "admin_required"
+
+
+class ModelNotAllowed(PermissionDenied):
+    code = "model_not_allowed"
+
+
+class ShuttingDown(ProxyError):
+    status = 503
+    type = "server_error"
+    code = "shutting_down"
 
 
 class RouteNotFound(ProxyError):

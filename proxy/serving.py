@@ -1,10 +1,52 @@
-"""Start an aiohttp application on a real socket; shared by the proxy, the emulator and tests."""
+"""Start an aiohttp application on a real socket; shared by the proxy, the emulator and tests.
+
+An app may carry `ServingOptions` (the proxy's come from `server.*`): connection limits that
+aiohttp lacks are added here. A connection must send its first request's headers within
+`header_timeout_s`; an idle keep-alive connection (or one stuck in a later request's headers)
+is closed after `keepalive_timeout_s`; past `max_connections` a new connection is answered 503
+at once and closed, before file descriptors run out. Request bodies reach the app as sent (no
+server-side decompression: the proxy decodes them itself, with limits, in intake.py).
+
+`Served.close()` is the staged shutdown: stop accepting → let requests finish until
+`shutdown_timeout_s` → end what still runs (streams get an error event, see inflight.py) →
+close. It returns within the timeout plus about a second.
+"""
 from __future__ import annotations
 
+import asyncio
+import logging
+import resource
 import socket
 from dataclasses import dataclass
+from typing import Any
 
+import orjson
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+
+from .config import ServerConfig
+from .inflight import INFLIGHT, InFlight
+
+log = logging.getLogger("proxy.serving")
+
+_FDS_PER_CONNECTION = 2      # the client's socket and, while it streams, one to the upstream
+_FDS_RESERVED = 64           # listening socket, database, logs, DNS, the event loop itself
+_REFUSE_LINGER_S = 1.0
+_LINGER_S = 1.0
+
+
+@dataclass(frozen=True)
+class ServingOptions:
+    header_timeout_s: float = 10.0
+    keepalive_timeout_s: float = 15.0
+    max_connections: int = 1000
+
+    @classmethod
+    def from_config(cls, server: ServerConfig) -> "ServingOptions":
+        return cls(server.header_timeout_s, server.keepalive_timeout_s, server.max_connections)
+
+
+SERVING = web.AppKey("serving", ServingOptions)
 
 
 @dataclass
@@ -12,28 +54,162 @@ class Served:
     runner: web.AppRunner
     host: str
     port: int
+    shutdown_timeout_s: float = 5.0
 
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
     async def close(self) -> None:
-        await self.runner.cleanup()
+        """Staged shutdown, bounded by shutdown_timeout_s (plus ~1 s to end what remains)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.shutdown_timeout_s
+        for site in list(self.runner.sites):
+            await site.stop()                      # stop accepting
+        inflight = self.runner.app.get(INFLIGHT)
+        ender = None
+        if inflight is not None:
+            ender = asyncio.create_task(_end_at(inflight, deadline, self.shutdown_timeout_s))
+        try:
+            await self.runner.cleanup()            # drains; aiohttp's own deadline is later
+        finally:
+            if ender is not None:
+                ender.cancel()
+                await asyncio.gather(ender, return_exceptions=True)
+
+
+async def _end_at(inflight: InFlight, deadline: float, timeout_s: float) -> None:
+    await asyncio.sleep(max(0.0, deadline - asyncio.get_running_loop().time()))
+    ended = await inflight.end_all(f"The proxy is shutting down (its {timeout_s:g} s drain "
+                                   "time is over); retry the request.")
+    if ended:
+        log.warning("shutdown: ended %d request(s) still running after %g s", ended, timeout_s)
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft limit on open files to the hard limit; returns the soft limit now."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard or hard == resource.RLIM_INFINITY:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+        if target != soft:
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+                log.info("open-file limit raised from %d to %d", soft, target)
+                soft = target
+            except (ValueError, OSError) as exc:
+                log.warning("could not raise the open-file limit from %d to %d: %s", soft,
+                            target, exc)
+    return soft
+
+
+def connection_cap(configured: int) -> int:
+    """max_connections, lowered if the open-file limit could not carry that many."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    fit = max(1, (soft - _FDS_RESERVED) // _FDS_PER_CONNECTION)
+    if fit < configured:
+        log.warning("server.max_connections lowered from %d to %d to fit the open-file limit "
+                    "(%d)", configured, fit, soft)
+        return fit
+    return configured
 
 
 async def serve(app: web.Application, host: str = "127.0.0.1", port: int = 0, *,
                 shutdown_timeout_s: float = 5.0, access_log: bool = False) -> Served:
     """Bind (port 0 picks a free one) and start serving; returns the bound address.
 
-    handler_cancellation makes a client disconnect cancel its handler at once, which is what
-    lets a dropped stream cancel the upstream request instead of generating into the void.
+    The socket is bound before the app starts, so a port in use (OSError) leaves nothing to
+    clean up. handler_cancellation makes a client disconnect cancel its handler at once, which
+    is what lets a dropped stream cancel the upstream request instead of generating into the
+    void.
     """
-    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=shutdown_timeout_s,
-                           access_log=None if not access_log else web.AccessLogger)
-    await runner.setup()
+    options = app.get(SERVING)
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    site = web.SockSite(runner, sock)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    kwargs: dict[str, Any] = {}
+    if options is not None:
+        kwargs["keepalive_timeout"] = options.keepalive_timeout_s
+        # After an answer to a request whose body was not read (408, 413), aiohttp reads
+        # and discards the rest for this long, so the client sees the answer, not a reset.
+        kwargs["lingering_time"] = _LINGER_S
+    # The drain deadline is ours (Served.close); aiohttp's own comes after it.
+    runner = web.AppRunner(app, handler_cancellation=True,
+                           shutdown_timeout=shutdown_timeout_s + 2,
+                           access_log=None if not access_log else web.AccessLogger,
+                           auto_decompress=False, **kwargs)
+    await runner.setup()
+    site: web.BaseSite
+    if options is None:
+        site = web.SockSite(runner, sock)
+    else:
+        site = _LimitedSite(runner, sock, options)
     await site.start()
-    return Served(runner, host, sock.getsockname()[1])
+    return Served(runner, host, sock.getsockname()[1], shutdown_timeout_s)
+
+
+class _LimitedSite(web.SockSite):
+    """A SockSite whose protocol factory enforces the connection cap and the header deadline."""
+
+    def __init__(self, runner: web.AppRunner, sock: socket.socket,
+                 options: ServingOptions) -> None:
+        super().__init__(runner, sock)
+        self.options = options
+        self.max_connections = connection_cap(options.max_connections)
+
+    async def start(self) -> None:
+        self._runner._reg_site(self)   # what SockSite.start does, with our factory
+        server = self._runner.server
+        assert server is not None
+        loop = asyncio.get_running_loop()
+
+        def factory() -> asyncio.Protocol:
+            if len(server.connections) >= self.max_connections:
+                return _Refuse()
+            proto = server()
+            loop.call_later(self.options.header_timeout_s, _header_deadline, proto)
+            return proto
+
+        self._server = await loop.create_server(factory, sock=self._sock,
+                                                backlog=self._backlog)
+
+
+def _header_deadline(proto: RequestHandler) -> None:
+    # No request has been parsed from this connection yet: it is slow or silent. Later
+    # requests on a kept-alive connection are bounded by aiohttp's keep-alive timer.
+    if proto.transport is not None and getattr(proto, "_request_count", 1) == 0:
+        proto.force_close()
+
+
+_BUSY_BODY = orjson.dumps({"error": {
+    "message": "The proxy has too many open connections (server.max_connections); retry.",
+    "type": "server_error", "param": None, "code": "too_many_connections"}})
+_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+         b"Retry-After: 1\r\nConnection: close\r\nContent-Length: " +
+         str(len(_BUSY_BODY)).encode() + b"\r\n\r\n" + _BUSY_BODY)
+
+
+class _Refuse(asyncio.Protocol):
+    """Answer 503 and close: the reply goes out first, what the client sends is discarded,
+    and the socket is closed once the client closes or after a second at most."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.write(_BUSY)
+        if transport.can_write_eof():
+            transport.write_eof()
+        self._timer = asyncio.get_running_loop().call_later(_REFUSE_LINGER_S, transport.close)
+
+    def data_received(self, data: bytes) -> None:
+        pass
+
+    def eof_received(self) -> bool:
+        self.transport.close()
+        return False
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._timer.cancel()

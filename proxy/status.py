@@ -18,8 +18,10 @@ REFRESH_S = 5.0
 CLEAR = "\x1b[H\x1b[2J"   # cursor home, clear screen
 
 
-def fetch(url: str, path: str, timeout_s: float = 5.0) -> Any:
-    with urllib.request.urlopen(url.rstrip("/") + path, timeout=timeout_s) as resp:
+def fetch(url: str, path: str, timeout_s: float = 5.0, api_key: str | None = None) -> Any:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    request = urllib.request.Request(url.rstrip("/") + path, headers=headers)
+    with urllib.request.urlopen(request, timeout=timeout_s) as resp:
         return json.loads(resp.read())
 
 
@@ -70,15 +72,16 @@ def _ago(seconds: float | None) -> str:
     return f"{seconds / 3600:.1f}h ago"
 
 
-def snapshot(url: str) -> str:
+def snapshot(url: str, api_key: str | None = None) -> str:
     """The rendered table; raises OSError/ValueError when the proxy does not answer."""
-    return render(fetch(url, "/proxy/stats"), fetch(url, "/proxy/models"),
-                  fetch(url, "/proxy/health"))
+    return render(fetch(url, "/proxy/stats", api_key=api_key),
+                  fetch(url, "/proxy/models", api_key=api_key),
+                  fetch(url, "/proxy/health", api_key=api_key))
 
 
-def run(url: str) -> int:
+def run(url: str, api_key: str | None = None) -> int:
     try:
-        text = snapshot(url)
+        text = snapshot(url, api_key)
     except (urllib.error.URLError, OSError, ValueError) as exc:
         print(f"cannot reach the proxy at {url}: {exc}")
         return 1
@@ -87,15 +90,18 @@ def run(url: str) -> int:
 
 
 def watch(url: str, out: TextIO = sys.stdout, *, interval_s: float = 1.0,
-          refresh_s: float = REFRESH_S, stop: threading.Event | None = None) -> int:
+          refresh_s: float = REFRESH_S, stop: threading.Event | None = None,
+          api_key: str | None = None) -> int:
     """Redraw on every change the event stream reports, until Ctrl-C or `stop` is set."""
     changed, stop = threading.Event(), stop or threading.Event()
 
     def listen() -> None:
         while not stop.is_set():
             try:
-                with urllib.request.urlopen(url.rstrip("/") + "/proxy/events",
-                                            timeout=60) as resp:
+                headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+                events = urllib.request.Request(url.rstrip("/") + "/proxy/events",
+                                                headers=headers)
+                with urllib.request.urlopen(events, timeout=60) as resp:
                     for line in resp:
                         if stop.is_set():
                             return
@@ -112,7 +118,7 @@ def watch(url: str, out: TextIO = sys.stdout, *, interval_s: float = 1.0,
             changed.wait(refresh_s)
             changed.clear()
             try:
-                text = snapshot(url)
+                text = snapshot(url, api_key)
             except (urllib.error.URLError, OSError, ValueError) as exc:
                 text = f"cannot reach the proxy at {url}: {exc} (retrying)"
             out.write(CLEAR + text + "\n")
@@ -123,3 +129,16 @@ def watch(url: str, out: TextIO = sys.stdout, *, interval_s: float = 1.0,
     finally:
         stop.set()
     return 0
+
+
+def healthcheck(host: str, port: int, timeout_s: float = 2.0) -> int:
+    """0 when GET /healthz answers 200 on the configured address (on Linux a wildcard
+    address such as 0.0.0.0 connects to this host)."""
+    authority = f"[{host}]" if ":" in host else host
+    try:
+        with urllib.request.urlopen(f"http://{authority}:{port}/healthz",
+                                    timeout=timeout_s) as resp:
+            return 0 if resp.status == 200 else 1
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"unhealthy: {exc}")
+        return 1

@@ -77,7 +77,8 @@ def test_unreadable_and_invalid_yaml_are_reported(tmp_path, capsys):
 def test_flags_beat_environment_beat_file(tmp_path, monkeypatch):
     from proxy.cli import build_parser, resolve_config
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "proxy.yaml").write_text("server:\n  port: 9000\n  host: 0.0.0.0\n")
+    (tmp_path / "proxy.yaml").write_text("server:\n  port: 9000\n  host: 0.0.0.0\n"
+                                          "  allow_unauthenticated: true\n")
     env = {"PROXY_PORT": "9100", "PROXY_UPSTREAM": "http://10.0.0.5:1234"}
     c = resolve_config(build_parser().parse_args([]), env)
     assert (c.server.host, c.server.port, c.upstream.url) == ("0.0.0.0", 9100,

@@ -177,6 +177,25 @@ async def test_an_action_refused_for_auth_asks_for_the_token_and_keeps_it(small,
     assert await page.evaluate("sessionStorage.getItem('proxy-admin-token')") == "s3cret"
 
 
+async def test_with_real_auth_the_page_loads_and_unloads_with_the_admin_token(
+        make_emulator, make_proxy, page, http):
+    emu = await make_emulator(catalog=TWO, capacity_bytes=64 * GB)
+    proxy = await make_proxy(emu.url, **{"memory.budget_gb": 16,
+                                         "auth.admin_token": "s3cret-admin",
+                                         "models": {k: {"footprint_gb": 10} for k in (A, B)}})
+    assert await chat(http, proxy.url, A) == 200
+    async with http.post(f"{proxy.url}/proxy/models/unload", json={"model": A}) as r:
+        assert r.status in (401, 403)                          # the token is really required
+    await open_dashboard(page, proxy.url)                      # static page and stream: open
+    await expect(state_cell(page, A)).to_have_text("loaded")
+    await page.locator(f'#models tr[data-model="{A}"] button.unload').click()
+    await expect(page.locator("#token-dialog")).to_be_visible()
+    await page.locator("#token-input").fill("s3cret-admin")
+    await page.keyboard.press("Enter")
+    await expect(state_cell(page, A)).to_have_text("unloaded")
+    assert not emu.state.instances_of(A)
+
+
 async def test_a_model_loaded_outside_the_proxy_shows_as_external(small, page, http):
     await open_dashboard(page, small.url)
     async with http.post(f"{small.emulator.url}/api/v1/models/load", json={"model": B}) as r:

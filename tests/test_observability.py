@@ -79,7 +79,8 @@ async def test_stats_shape(proxy, http):
     # The library's dict, plus the HTTP layer's compat repair counts.
     assert stats == proxy.engine.get_memory_stats() | {"system_memory": stats["system_memory"],
                                                        "models": stats["models"],
-                                                       "compat": stats["compat"]}
+                                                       "compat": stats["compat"],
+                                                       "auth": stats["auth"]}
 
 
 async def monitored(url, clock, sampler=None, **health):

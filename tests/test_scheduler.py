@@ -189,8 +189,8 @@ async def test_check_warns_about_configured_models_that_can_never_fit(tmp_path, 
     path.write_text("memory: {sampler: budget, budget_gb: 16}\n"
                     "models: {big/model: {footprint_gb: 14}}\n")
     assert main(["--config", str(path), "--check"]) == 0
-    err = capsys.readouterr().err
-    assert "models.big/model.footprint_gb: 14 GB can never load" in err and "12.0 GB" in err
+    out = capsys.readouterr().out
+    assert "models.big/model.footprint_gb: 14 GB can never load" in out and "12.0 GB" in out
 
 
 def test_residency_under_pressure_delays_but_never_refuses():

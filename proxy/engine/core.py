@@ -29,8 +29,8 @@ from .lifecycle import Lease, LeaseKind, ModelEntry, ModelStatus, transition
 from .learning import UsageLearner
 from .listeners import Listeners
 from .loader import Loader
-from .memory import (BudgetSampler, MemoryPressure, MemorySample, MemorySampler, NvmlSampler,
-                     PsutilSampler)
+from .memory import (GB, BudgetSampler, MemoryPressure, MemorySample, MemorySampler,
+                     NvmlSampler, PsutilSampler)
 from .monitor import MemoryMonitor
 from .periodic import Periodic
 from .preload import Preloader
@@ -107,9 +107,14 @@ class EngineCore:
         self.apply_config(config)
 
     def apply_config(self, config: Config) -> None:
-        """Take a new configuration without unloading anything (hot reload)."""
+        """Take a new configuration without unloading anything (hot reload): priorities, pins,
+        TTLs, aliases, policy, hold and memory limits count from the next decision on. (The
+        sampler kind, the upstream and loop set-up need a restart.)"""
         self.registry.apply_config(config)
         self.monitor.apply_config(config)
+        sampler = self.monitor.sampler
+        if isinstance(sampler, BudgetSampler) and config.memory.budget_gb is not None:
+            sampler.budget_bytes = int(config.memory.budget_gb * GB)
         self._upstream_local = is_local_url(config.upstream.url)
         self.scheduler.kick()
 

@@ -7,8 +7,10 @@ import orjson
 from aiohttp import web
 
 from ..engine.report import model_row
-from ..errors import InvalidRequest
-from ..keys import COMPAT, ENGINE, EVENTS
+from ..errors import ConfigRejected, InvalidRequest
+from ..intake import check_model_name
+from ..keys import AUTH, COMPAT, CONFIG, ENGINE, EVENTS
+from ..reload import RELOADER
 from .openai import read_body
 
 
@@ -29,10 +31,11 @@ async def _json_object(request: web.Request) -> dict[str, Any]:
     return data
 
 
-def _model_field(data: dict[str, Any]) -> str:
+def _model_field(request: web.Request, data: dict[str, Any]) -> str:
     model = data.get("model")
     if not isinstance(model, str) or not model:
         raise InvalidRequest("'model' is required and must be a string.", param="model")
+    check_model_name(model, request.app[CONFIG].server)
     return model
 
 
@@ -47,7 +50,7 @@ async def models(request: web.Request) -> web.Response:
 
 async def load(request: web.Request) -> web.Response:
     data = await _json_object(request)
-    model = _model_field(data)
+    model = _model_field(request, data)
     priority = data.get("priority")
     if priority is not None and (not isinstance(priority, int) or isinstance(priority, bool)
                                  or not 1 <= priority <= 10):
@@ -61,7 +64,7 @@ async def load(request: web.Request) -> web.Response:
 async def unload(request: web.Request) -> web.Response:
     data = await _json_object(request)
     engine = request.app[ENGINE]
-    key = await engine.resolve(_model_field(data))
+    key = await engine.resolve(_model_field(request, data))
     unloaded = await engine.unload_model(key)
     return json_response({"model": key, "unloaded": unloaded,
                           "state": engine.model_status[key].value})
@@ -74,7 +77,7 @@ async def pin(request: web.Request) -> web.Response:
     if not isinstance(pinned, bool):
         raise InvalidRequest("'pinned' must be true or false.", param="pinned")
     engine = request.app[ENGINE]
-    key = await engine.resolve(_model_field(data))
+    key = await engine.resolve(_model_field(request, data))
     engine.set_pinned(key, pinned)
     request.app[EVENTS].publish("pin", {"model": key, "pinned": pinned})
     return json_response({"model": key, "pinned": engine.is_pinned(key)})
@@ -90,7 +93,8 @@ async def clear(request: web.Request) -> web.Response:
 
 async def stats(request: web.Request) -> web.Response:
     return json_response({**request.app[ENGINE].get_memory_stats(),
-                          "compat": request.app[COMPAT].counts()})
+                          "compat": request.app[COMPAT].counts(),
+                          "auth": request.app[AUTH].counters.snapshot()})
 
 
 async def recommendations(request: web.Request) -> web.Response:
@@ -105,6 +109,14 @@ async def recommendations(request: web.Request) -> web.Response:
     return json_response(request.app[ENGINE].get_model_recommendations(context))
 
 
+async def reload(request: web.Request) -> web.Response:
+    result = request.app[RELOADER].reload(request.app)
+    if not result["reloaded"]:
+        raise ConfigRejected("The new configuration was rejected; the running one stays: " +
+                             "; ".join(result["problems"]))
+    return json_response(result)
+
+
 def add_routes(app: web.Application) -> None:
     r = app.router
     r.add_get("/proxy/models", models)
@@ -113,5 +125,6 @@ def add_routes(app: web.Application) -> None:
     r.add_post("/proxy/models/pin", pin)
     r.add_post("/proxy/optimize", optimize)
     r.add_post("/proxy/clear", clear)
+    r.add_post("/proxy/reload", reload)
     r.add_get("/proxy/stats", stats)
     r.add_get("/proxy/recommendations", recommendations)

@@ -18,7 +18,10 @@ from ..compat import model_object
 from ..engine.usage import RequestRecord
 from ..engine.lifecycle import Lease
 from ..engine.manager import ModelMemoryManager
-from ..errors import BodyTooLarge, InvalidRequest, ModelNotFound, ProxyError, UpstreamError
+from .. import intake
+from ..auth import CLIENT_KEY, CREDENTIAL_HEADERS, check_model, visible_models
+from ..errors import InvalidRequest, ModelNotFound, ProxyError, UpstreamError
+from ..inflight import INFLIGHT, write_or_stall
 from ..keys import ACCESS_LOG, COMPAT, CONFIG, ENGINE, RESPONSE_STARTED, ROUTED_TO, TASK, UPSTREAM
 from . import routing
 from ..streaming import StreamMeter, usage_of_body
@@ -28,6 +31,7 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy
                         "te", "trailer", "trailers", "transfer-encoding", "upgrade", "host",
                         "content-length"})
 RESPONSE_DROP = HOP_BY_HOP | {"date", "server"}
+REQUEST_DROP = HOP_BY_HOP | {"content-encoding"}
 USAGE_INJECTABLE = frozenset({"/v1/chat/completions", "/v1/completions"})
 CLIENT_CLOSED = 499
 
@@ -48,12 +52,13 @@ def response_headers(headers: "web.BaseRequest.headers") -> list[tuple[str, str]
 
 
 async def read_body(request: web.Request) -> bytes:
-    try:
-        return await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        limit = request.app[CONFIG].server.max_body_bytes
-        raise BodyTooLarge(f"Request body is larger than the {limit} bytes allowed "
-                           f"(server.max_body_bytes).") from None
+    return await intake.read_body(request, request.app[CONFIG].server)
+
+
+def request_headers(request: web.Request) -> dict[str, str]:
+    """Headers to forward: the body is sent decoded, and a key the proxy accepted stays here."""
+    drop = REQUEST_DROP if request.get(CLIENT_KEY) is None else REQUEST_DROP | CREDENTIAL_HEADERS
+    return forward_headers(request.headers, drop)
 
 
 def parse_request(body: bytes) -> dict:
@@ -81,11 +86,14 @@ async def inference(request: web.Request) -> web.StreamResponse:
         body = await read_body(request)
         payload = parse_request(body)
         name = payload["model"]
+        intake.check_model_name(name, request.app[CONFIG].server)
         task = routing.task_of(request, payload, name)
         if routing.is_auto(name):
             key = routing.choose(engine, request, payload, task)
+            check_model(request, key)          # a key limited to models: the pick too
             request[ROUTED_TO] = key
         else:
+            check_model(request, name)
             key = await engine.resolve(name)
         request[TASK] = task
         body, strip = _prepare_upstream_body(request.path, payload, body, key)
@@ -128,8 +136,7 @@ async def _relay(request: web.Request, engine: ModelMemoryManager, lease: Lease,
     prompt_tokens = completion_tokens = 0
     try:
         async with request.app[UPSTREAM].request(
-                "POST", request.path_qs, forward_headers(request.headers, HOP_BY_HOP),
-                body) as up:
+                "POST", request.path_qs, request_headers(request), body) as up:
             status = up.status
             headers = response_headers(up.headers)
             if ROUTED_TO in request:
@@ -144,23 +151,24 @@ async def _relay(request: web.Request, engine: ModelMemoryManager, lease: Lease,
                 resp = web.StreamResponse(status=up.status, headers=headers)
                 await resp.prepare(request)
                 request[RESPONSE_STARTED] = True
+                request.app[INFLIGHT].stream_started(request, resp)
                 try:
                     out = meter.feed(first)
                     if out:
-                        await resp.write(out)
+                        await write_or_stall(request, resp, out)
                     async for data in chunks:
                         lease.last_activity_s = engine.clock.now()   # not hung: bytes flow
                         out = meter.feed(data)
                         if out:
-                            await resp.write(out)
+                            await write_or_stall(request, resp, out)
                 except ProxyError as exc:   # the upstream broke off: say so in the stream
                     status = exc.status
-                    await resp.write(meter.flush() + error_event(exc))
+                    await write_or_stall(request, resp, meter.flush() + error_event(exc))
                     await resp.write_eof()
                     return resp
                 tail = meter.flush()
                 if tail:
-                    await resp.write(tail)
+                    await write_or_stall(request, resp, tail)
                 await resp.write_eof()
                 ok = meter.done or meter.usage_seen or meter.content_events > 0
                 prompt_tokens = meter.prompt_tokens
@@ -200,8 +208,10 @@ async def _relay(request: web.Request, engine: ModelMemoryManager, lease: Lease,
 
 async def list_models(request: web.Request) -> web.StreamResponse:
     async with request.app[UPSTREAM].request(
-            "GET", request.path_qs, forward_headers(request.headers, HOP_BY_HOP), None) as up:
+            "GET", request.path_qs, request_headers(request), None) as up:
         raw = await up.read()
+        if up.status == 200:
+            raw = visible_models(request, raw)
         return web.Response(status=up.status, body=raw,
                             headers=response_headers(up.headers))
 

@@ -1,0 +1,266 @@
+"""Client keys, the admin token and what each may reach; secrets never leak upstream."""
+from __future__ import annotations
+
+import hashlib
+
+import openai
+import pytest
+
+from proxy.cli import build_parser, main, resolve_config
+from proxy.emulator import EmulatorOptions
+from proxy.errors import ConfigError
+
+from proxy.upstream.lmstudio import LMStudioUpstream
+
+from .conftest import FIXED_CREATED_S, proxy_config
+
+MODEL = "qwen/qwen3-4b"
+OTHER = "google/gemma-3-12b"
+ALICE, BOB, ADMIN = "sk-alice-0123456789", "sk-bob-0123456789", "admin-0123456789"
+KEYS = [{"name": "alice", "key": ALICE},
+        {"name": "bob", "key_sha256": hashlib.sha256(BOB.encode()).hexdigest(),
+         "models": ["fast"]}]
+AUTH = {"auth.keys": KEYS, "auth.admin_token": ADMIN,
+        "models": {MODEL: {"aliases": ["fast"]}}}
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+ADMIN_ACTIONS = [("/proxy/models/load", {"model": MODEL}), ("/proxy/models/unload",
+                 {"model": MODEL}), ("/proxy/optimize", None), ("/proxy/clear", None)]
+
+
+def bearer(secret: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {secret}"}
+
+
+@pytest.fixture
+async def guarded(make_proxy, emulator):
+    return await make_proxy(emulator.url, **AUTH)
+
+
+async def test_inference_needs_a_valid_key(guarded, emulator, http):
+    url = f"{guarded.url}/v1/chat/completions"
+    async with http.post(url, json=CHAT) as missing, \
+            http.post(url, json=CHAT, headers=bearer("sk-wrong")) as wrong:
+        assert missing.status == wrong.status == 401
+        assert (await wrong.json())["error"]["code"] == "invalid_api_key"
+        assert missing.headers["WWW-Authenticate"].startswith("Bearer")
+    assert sum(emulator.state.inference_calls.values()) == 0
+    async with http.post(url, json=CHAT, headers=bearer(ALICE)) as ok, \
+            http.post(url, json=CHAT, headers={"Authorization": f"bearer {ALICE}"}) as lower, \
+            http.post(url, json=CHAT, headers={"x-api-key": ALICE}) as ok_anthropic_style:
+        assert ok.status == lower.status == ok_anthropic_style.status == 200
+
+
+async def test_the_openai_sdk_sees_an_authentication_error(guarded):
+    client = openai.AsyncOpenAI(base_url=f"{guarded.url}/v1", api_key="sk-wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        await client.chat.completions.create(**CHAT)
+    await client.close()
+    client = openai.AsyncOpenAI(base_url=f"{guarded.url}/v1", api_key=ALICE, max_retries=0)
+    assert (await client.chat.completions.create(**CHAT)).model == MODEL
+    await client.close()
+
+
+@pytest.mark.parametrize("path,body", ADMIN_ACTIONS)
+async def test_every_admin_action_needs_the_admin_token(guarded, emulator, http, path, body):
+    async with http.post(guarded.url + path, json=body) as none, \
+            http.post(guarded.url + path, json=body, headers=bearer(ALICE)) as client_key:
+        assert none.status == 401
+        assert client_key.status == 403
+        assert (await client_key.json())["error"]["code"] == "admin_required"
+    assert sum(emulator.state.load_calls.values()) == 0
+    async with http.post(guarded.url + path, json=body, headers=bearer(ADMIN)) as admin:
+        assert admin.status == 200
+
+
+async def test_admin_actions_are_refused_when_no_admin_token_is_configured(make_proxy, emulator,
+                                                                            http):
+    proxy = await make_proxy(emulator.url, **{"auth.keys": KEYS})
+    async with http.post(f"{proxy.url}/proxy/clear", headers=bearer(ALICE)) as resp:
+        assert resp.status == 403 and "no auth.admin_token" in (await resp.json())[
+            "error"]["message"]
+
+
+async def test_a_key_limited_to_models_cannot_use_others(guarded, emulator, http):
+    url = f"{guarded.url}/v1/chat/completions"
+    async with http.post(url, json={**CHAT, "model": OTHER}, headers=bearer(BOB)) as other:
+        error = (await other.json())["error"]
+        assert other.status == 403 and error["code"] == "model_not_allowed"
+        assert error["param"] == "model"
+    assert emulator.state.load_calls[OTHER] == 0 and emulator.state.inference_calls[OTHER] == 0
+    async with http.post(url, json={**CHAT, "model": "fast"}, headers=bearer(BOB)) as alias, \
+            http.post(url, json=CHAT, headers=bearer(BOB)) as by_key:
+        assert alias.status == by_key.status == 200
+
+
+async def test_a_wrong_key_never_reaches_lm_studio_with_the_upstream_token(make_emulator,
+                                                                           make_proxy, http):
+    emulator = await make_emulator(options=EmulatorOptions(api_token="lm-secret",
+                                                           created_s=FIXED_CREATED_S))
+    proxy = await make_proxy(emulator.url, **AUTH, **{"upstream.api_token": "lm-secret"})
+    url = f"{proxy.url}/v1/chat/completions"
+    for headers in ({}, bearer("sk-wrong"), bearer("lm-secret"), {"x-api-key": "sk-wrong"}):
+        async with http.post(url, json=CHAT, headers=headers) as resp:
+            assert resp.status == 401 and (await resp.json())["error"]["code"] == \
+                "invalid_api_key"
+    assert sum(emulator.state.inference_calls.values()) == 0
+    async with http.post(url, json=CHAT, headers=bearer(ALICE)) as resp:
+        assert resp.status == 200    # the emulator checked the upstream token
+
+
+class RecordingUpstream:
+    """An Upstream that forwards to LM Studio and keeps the headers of each request."""
+
+    def __init__(self, inner: LMStudioUpstream) -> None:
+        self.inner = inner
+        self.base_url = inner.base_url
+        self.sent_headers: list[dict[str, str]] = []
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+    def request(self, method, path, headers, body):
+        self.sent_headers.append({k.lower(): v for k, v in headers.items()})
+        return self.inner.request(method, path, headers, body)
+
+
+async def test_an_accepted_client_key_is_not_forwarded_upstream(make_proxy, emulator, http):
+    config = proxy_config(emulator.url, **{"auth.keys": KEYS})
+    upstream = RecordingUpstream(LMStudioUpstream(config.upstream))
+    proxy = await make_proxy(emulator.url, config=config, app_kwargs={"upstream": upstream})
+    for headers in (bearer(ALICE), {"x-api-key": ALICE}):
+        async with http.post(f"{proxy.url}/v1/chat/completions", json=CHAT,
+                             headers=headers) as resp:
+            assert resp.status == 200
+    assert len(upstream.sent_headers) == 2
+    assert not any({"authorization", "x-api-key"} & set(h) for h in upstream.sent_headers)
+
+
+async def test_read_only_endpoints_and_metrics_follow_their_settings(make_proxy, emulator, http):
+    proxy = await make_proxy(emulator.url, **AUTH, **{"auth.metrics_access": "admin"})
+    async with http.get(f"{proxy.url}/proxy/stats") as anon, \
+            http.get(f"{proxy.url}/proxy/stats", headers=bearer(BOB)) as keyed, \
+            http.get(f"{proxy.url}/metrics", headers=bearer(ALICE)) as metrics_key, \
+            http.get(f"{proxy.url}/metrics", headers=bearer(ADMIN)) as metrics_admin, \
+            http.get(f"{proxy.url}/healthz") as probe, http.get(f"{proxy.url}/readyz") as ready:
+        assert (anon.status, keyed.status) == (401, 200)
+        assert (metrics_key.status, metrics_admin.status) == (403, 200)
+        assert probe.status == ready.status == 200
+    opened = await make_proxy(emulator.url, **AUTH, **{"auth.read_only_access": "open"})
+    async with http.get(f"{opened.url}/proxy/models") as resp:
+        assert resp.status == 200
+
+
+async def test_requests_are_counted_per_key_name(guarded, http):
+    for secret in (ALICE, ALICE, BOB, "sk-wrong"):
+        async with http.post(f"{guarded.url}/v1/chat/completions", json=CHAT,
+                             headers=bearer(secret)) as resp:
+            await resp.read()
+    async with http.get(f"{guarded.url}/proxy/stats", headers=bearer(ADMIN)) as resp:
+        auth = (await resp.json())["auth"]
+    assert auth["requests_by_key"] == {"alice": 2, "bob": 1, "admin": 1}
+    assert auth["rejected"] == {"invalid_key": 1}
+    async with http.get(f"{guarded.url}/metrics") as resp:
+        text = await resp.text()
+    assert 'proxy_requests_by_key_total{key="alice"} 2.0' in text
+    assert 'proxy_auth_rejections_total{reason="invalid_key"} 1.0' in text
+
+
+def _resolve(argv: list[str], environ: dict[str, str], tmp_path, auth: str):
+    path = tmp_path / "proxy.yaml"
+    path.write_text(auth)
+    return resolve_config(build_parser().parse_args(["--config", str(path), *argv]), environ)
+
+
+def test_keys_and_admin_token_can_come_from_the_environment(tmp_path):
+    yaml = ("auth:\n  keys: [{name: ci, key_env: CI_KEY}]\n"
+            "  admin_token_env: ADMIN_TOKEN\n")
+    config = _resolve([], {"CI_KEY": "sk-ci", "ADMIN_TOKEN": "adm"}, tmp_path, yaml)
+    (key,) = config.auth.keys
+    assert key.key_sha256 == hashlib.sha256(b"sk-ci").hexdigest() and key.key_env is None
+    assert config.auth.admin_token == "adm"
+    with pytest.raises(ConfigError) as err:
+        _resolve([], {}, tmp_path, yaml)
+    assert len(err.value.problems) == 2 and "CI_KEY is not set" in err.value.problems[0]
+
+
+def test_key_entries_are_validated_with_their_paths(tmp_path):
+    yaml = ("auth:\n  keys:\n    - {name: a, key: x, key_env: X}\n    - {name: a, key_sha256: ab}\n"
+            "    - {key: y, models: []}\n")
+    with pytest.raises(ConfigError) as err:
+        _resolve([], {"X": "1"}, tmp_path, yaml)
+    text = "\n".join(err.value.problems)
+    for expected in ("auth.keys[0]: needs exactly one of", "auth.keys[1].name: 'a' is used",
+                     "auth.keys[1].key_sha256: must be 64 hex", "auth.keys[2].name: required",
+                     "auth.keys[2].models: empty list"):
+        assert expected in text
+
+
+def test_a_non_loopback_host_without_keys_refuses_to_start(capsys):
+    assert main(["--host", "0.0.0.0", "--check"], environ={}) == 2
+    assert "auth.keys is empty" in capsys.readouterr().err
+    assert main(["--host", "0.0.0.0", "--check"],
+                environ={"PROXY_CONFIG": "/dev/null"}) == 2
+
+
+def test_allow_unauthenticated_starts_with_a_warning(tmp_path, capsys):
+    path = tmp_path / "proxy.yaml"
+    path.write_text("server: {host: 0.0.0.0, allow_unauthenticated: true}\n")
+    assert main(["--config", str(path), "--check"], environ={}) == 0
+    assert "warning: server.host: 0.0.0.0 is reachable" in capsys.readouterr().out
+    path.write_text("server: {host: 0.0.0.0}\nauth: {keys: [{name: a, key: sk-a}]}\n")
+    assert main(["--config", str(path), "--check"], environ={}) == 0
+
+
+def test_a_key_env_that_was_never_read_is_an_error_not_a_dead_key():
+    from proxy.app import create_app
+    config = proxy_config("http://127.0.0.1:1", **{"auth.keys": [{"name": "a",
+                                                                   "key_env": "A_KEY"}]})
+    with pytest.raises(ConfigError, match="key_env: not read yet"):
+        create_app(config)
+
+
+async def test_the_status_command_sends_its_key(guarded, capsys):
+    import asyncio
+    argv = ["status", "--url", guarded.url]
+    assert await asyncio.to_thread(main, argv, {}) == 1
+    assert "401" in capsys.readouterr().out
+    assert await asyncio.to_thread(main, argv, {"PROXY_API_KEY": ALICE}) == 0
+    assert "pressure" in capsys.readouterr().out
+
+
+async def test_an_admin_token_alone_guards_admin_actions_and_leaves_clients_anonymous(
+        make_proxy, emulator, http):
+    proxy = await make_proxy(emulator.url, **{"auth.admin_token": ADMIN})
+    async with http.post(f"{proxy.url}/v1/chat/completions", json=CHAT) as client, \
+            http.get(f"{proxy.url}/proxy/stats") as read_only, \
+            http.post(f"{proxy.url}/proxy/optimize") as admin:
+        assert (client.status, read_only.status, admin.status) == (200, 200, 401)
+
+
+def test_check_warns_when_the_upstream_token_is_open_to_every_local_client(tmp_path, capsys):
+    path = tmp_path / "proxy.yaml"
+    path.write_text("upstream: {api_token: lm-secret}\n")
+    assert main(["--config", str(path), "--check"], environ={}) == 0
+    assert "warning: upstream.api_token is set and auth.keys is empty" in capsys.readouterr().out
+
+
+def test_no_client_key_may_be_named_admin(tmp_path):
+    with pytest.raises(ConfigError, match="'admin' is the admin token's label"):
+        _resolve([], {}, tmp_path, "auth:\n  keys: [{name: admin, key: sk-x}]\n")
+
+
+async def test_being_labelled_admin_is_not_being_admin(guarded, http):
+    import dataclasses
+    from proxy.keys import AUTH as AUTH_STATE
+    ring = guarded.app[AUTH_STATE].ring
+    # A client key that carries the admin label anyway (a config built without validation).
+    ring.keys = tuple(dataclasses.replace(k, name="admin") for k in ring.keys)
+    async with http.post(f"{guarded.url}/proxy/clear", headers=bearer(ALICE)) as resp:
+        assert resp.status == 403
+
+
+async def test_a_limited_key_lists_only_its_models(guarded, http):
+    async with http.get(f"{guarded.url}/v1/models", headers=bearer(BOB)) as limited, \
+            http.get(f"{guarded.url}/v1/models", headers=bearer(ALICE)) as full:
+        assert [m["id"] for m in (await limited.json())["data"]] == [MODEL]
+        assert len((await full.json())["data"]) > 1

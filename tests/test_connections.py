@@ -1,0 +1,149 @@
+"""Connection limits: slow and silent clients, idle keep-alive, the connection cap, a client
+that stops reading a stream, and the open-file limit."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import resource
+import socket
+
+import orjson
+import pytest
+
+from proxy.serving import connection_cap, raise_fd_limit
+
+MODEL = "qwen/qwen3-4b"
+
+
+async def connect(url: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    host, port = url.removeprefix("http://").split(":")
+    return await asyncio.open_connection(host, int(port))
+
+
+async def closed_by_server(reader: asyncio.StreamReader) -> bytes:
+    """Everything the server sends until it closes (bounded by the test timeout)."""
+    data = b""
+    while chunk := await reader.read(65536):
+        data += chunk
+    return data
+
+
+async def test_a_silent_connection_is_closed_at_the_header_deadline(make_proxy, emulator):
+    proxy = await make_proxy(emulator.url, **{"server.header_timeout_s": 0.2})
+    reader, writer = await connect(proxy.url)
+    assert await asyncio.wait_for(closed_by_server(reader), 5) == b""
+    writer.close()
+
+
+async def test_slow_headers_are_cut_off(make_proxy, emulator):
+    proxy = await make_proxy(emulator.url, **{"server.header_timeout_s": 0.2})
+    reader, writer = await connect(proxy.url)
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+    assert await asyncio.wait_for(closed_by_server(reader), 5) == b""
+    writer.close()
+
+
+async def test_an_idle_keep_alive_connection_is_closed(make_proxy, emulator):
+    proxy = await make_proxy(emulator.url, **{"server.keepalive_timeout_s": 0.2})
+    reader, writer = await connect(proxy.url)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    answer = await asyncio.wait_for(closed_by_server(reader), 5)
+    assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b'{"status":"ok"}')
+    writer.close()
+
+
+async def test_connections_past_the_cap_get_503_and_the_proxy_recovers(make_proxy, emulator,
+                                                                      http):
+    proxy = await make_proxy(emulator.url, **{"server.max_connections": 3})
+    held = [await connect(proxy.url) for _ in range(3)]
+    reader, writer = await connect(proxy.url)
+    answer = await closed_by_server(reader)
+    writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503") and b"Retry-After: 1" in head
+    assert orjson.loads(body)["error"]["code"] == "too_many_connections"
+    for _, w in held:
+        w.close()
+        await w.wait_closed()
+    for _ in range(50):   # the server notices the closes on its next loop turns
+        async with http.get(f"{proxy.url}/healthz") as resp:
+            if resp.status == 200:
+                break
+    assert resp.status == 200
+
+
+async def test_a_client_that_stops_reading_has_its_stream_ended_and_lease_released(
+        make_proxy, emulator, caplog):
+    # A stream large enough to fill every socket buffer on the way, to a client that reads
+    # none of it.
+    proxy = await make_proxy(emulator.url, **{"server.stall_timeout_s": 0.3})
+    host, port = proxy.url.removeprefix("http://").split(":")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)   # fills at once
+    sock.connect((host, int(port)))
+    sock.setblocking(False)
+    reader, writer = await asyncio.open_connection(sock=sock)
+    body = orjson.dumps({"model": MODEL, "stream": True, "max_tokens": 200_000,
+                         "messages": [{"role": "user", "content": "go"}]})
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                 b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    state = emulator.state
+    await state.wait_for(lambda: state.cancelled_streams == 1)   # the proxy let go upstream
+    assert proxy.engine.active_leases() == []
+    assert proxy.engine.usage(MODEL).requests == 1
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]   # no traceback
+    writer.close()
+    reader, writer = await connect(proxy.url)             # and the proxy serves on
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert (await closed_by_server(reader)).startswith(b"HTTP/1.1 200")
+    writer.close()
+
+
+@pytest.fixture
+def restore_fd_limit():
+    before = resource.getrlimit(resource.RLIMIT_NOFILE)
+    yield before
+    resource.setrlimit(resource.RLIMIT_NOFILE, before)
+
+
+def test_the_fd_soft_limit_is_raised_to_the_hard_limit(restore_fd_limit):
+    soft, hard = restore_fd_limit
+    if hard == resource.RLIM_INFINITY or hard < 2048:
+        pytest.skip("needs a finite hard limit of at least 2048")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
+    assert raise_fd_limit() == hard
+    assert resource.getrlimit(resource.RLIMIT_NOFILE) == (hard, hard)
+
+
+def test_the_connection_cap_fits_the_fd_limit(restore_fd_limit):
+    soft, hard = restore_fd_limit
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 264), hard))
+    assert connection_cap(1000) == (min(hard, 264) - 64) // 2
+    resource.setrlimit(resource.RLIMIT_NOFILE, restore_fd_limit)
+    assert connection_cap(10) == 10
+
+
+async def test_a_crowd_of_slow_and_silent_clients_is_shed_while_others_are_served(
+        make_proxy, emulator, http):
+    proxy = await make_proxy(emulator.url, **{"server.header_timeout_s": 0.5,
+                                              "server.body_timeout_s": 0.5})
+    silent = [await connect(proxy.url) for _ in range(60)]
+    slow_headers = [await connect(proxy.url) for _ in range(60)]
+    trickling = [await connect(proxy.url) for _ in range(30)]
+    for _, w in slow_headers:
+        w.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+    for _, w in trickling:
+        w.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 500\r\n\r\n{")
+    async with http.get(f"{proxy.url}/healthz") as resp:     # served while the crowd waits
+        assert resp.status == 200
+    answers = await asyncio.wait_for(asyncio.gather(
+        *(closed_by_server(r) for r, _ in silent + slow_headers + trickling)), 10)
+    assert set(answers[:120]) == {b""}
+    assert all(a.startswith(b"HTTP/1.1 408") and b'"request_timeout"' in a
+               for a in answers[120:])
+    for _, w in silent + slow_headers + trickling:
+        w.close()
+    async with http.post(f"{proxy.url}/v1/chat/completions", json={
+            "model": MODEL, "max_tokens": 2, "messages": []}) as resp:
+        assert resp.status == 200
+    assert proxy.engine.active_leases() == []

@@ -1,0 +1,149 @@
+"""Hostile input at the HTTP edge: long names, forged log lines, request encodings, sizes."""
+from __future__ import annotations
+
+import asyncio
+import gzip
+import logging
+import zlib
+
+import orjson
+import pytest
+
+from proxy.intake import clip
+from proxy.keys import ACCESS_LOG
+from proxy.upstream.lmstudio import LMStudioUpstream
+
+from .conftest import proxy_config
+from .test_auth import RecordingUpstream
+
+MODEL = "qwen/qwen3-4b"
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+
+
+async def error_of(resp):
+    body = await resp.json()
+    return resp.status, body["error"]
+
+
+async def test_an_overlong_model_name_is_refused_before_any_lookup(proxy, emulator, http):
+    calls_before = emulator.state.inference_calls.copy()
+    for path in ("/v1/chat/completions", "/proxy/models/load"):
+        async with http.post(proxy.url + path, json={**CHAT, "model": "m" * 1_000_000}) as r:
+            status, error = await error_of(r)
+        assert status == 400 and error["param"] == "model"
+        assert "256" in error["message"] and len(error["message"]) < 200
+    assert emulator.state.inference_calls == calls_before
+
+
+async def test_a_newline_in_a_model_name_cannot_forge_a_log_line(proxy, http, caplog):
+    caplog.set_level(logging.INFO, logger="proxy.request")
+    async with http.post(f"{proxy.url}/v1/chat/completions",
+                         json={**CHAT, "model": "x\nPOST /v1/chat/completions forged 200"}) as r:
+        assert r.status == 404
+    proxy.app[ACCESS_LOG].flush()
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "proxy.request"]
+    assert "\n" not in line and "x\\nPOST" in line
+
+
+def test_clip_escapes_and_truncates():
+    assert clip("a\x1b[31mb\r\n") == "a\\x1b[31mb\\r\\n"
+    assert clip("é" * 500) == "é" * 200 + "…"
+    assert len(clip("\n" * 500)) == 201
+
+
+async def test_an_unknown_route_echoes_a_clipped_path(proxy, http):
+    async with http.get(f"{proxy.url}/v1/{'a' * 5000}") as r:
+        status, error = await error_of(r)
+    assert status == 404 and len(error["message"]) < 260
+
+
+@pytest.mark.parametrize("encoding,compress", [
+    ("gzip", gzip.compress), ("deflate", zlib.compress),
+    ("deflate", lambda b: zlib.compress(b, wbits=-15))])   # raw deflate, as some clients send
+async def test_an_encoded_body_is_decoded_and_forwarded_plain(make_proxy, emulator, http,
+                                                              encoding, compress):
+    config = proxy_config(emulator.url)
+    upstream = RecordingUpstream(LMStudioUpstream(config.upstream))
+    proxy = await make_proxy(emulator.url, config=config, app_kwargs={"upstream": upstream})
+    async with http.post(f"{proxy.url}/v1/chat/completions", data=compress(orjson.dumps(CHAT)),
+                         headers={"Content-Encoding": encoding,
+                                  "Content-Type": "application/json"}) as r:
+        assert r.status == 200 and (await r.json())["model"] == MODEL
+    assert "content-encoding" not in upstream.sent_headers[-1]
+
+
+async def test_a_plain_body_labelled_gzip_is_a_400_and_the_connection_lives_on(proxy, http):
+    url = f"{proxy.url}/v1/chat/completions"
+    for encoding in ("gzip", "deflate"):
+        async with http.post(url, data=orjson.dumps(CHAT),
+                             headers={"Content-Encoding": encoding}) as r:
+            status, error = await error_of(r)
+            assert status == 400 and error["code"] == "invalid_request"
+    async with http.post(url, data=gzip.compress(orjson.dumps(CHAT))[:-6],
+                         headers={"Content-Encoding": "gzip"}) as r:
+        assert r.status == 400 and "truncated" in (await r.json())["error"]["message"]
+    async with http.post(url, json=CHAT) as r:    # same keep-alive connection
+        assert r.status == 200
+
+
+async def test_an_unsupported_encoding_is_415(proxy, http):
+    for encoding in ("br", "zstd", "gzip, gzip"):
+        async with http.post(f"{proxy.url}/v1/chat/completions", data=b"\x00\x01",
+                             headers={"Content-Encoding": encoding}) as r:
+            status, error = await error_of(r)
+        assert status == 415 and error["code"] == "unsupported_content_encoding"
+
+
+async def test_a_gzip_bomb_is_413_on_its_decoded_size(make_proxy, emulator, http):
+    proxy = await make_proxy(emulator.url, **{"server.max_body_bytes": 1 << 20})
+    bomb = gzip.compress(b"{" + b" " * (8 << 20) + b"}")        # 8 MiB in ~8 KB
+    assert len(bomb) < 64 * 1024
+    async with http.post(f"{proxy.url}/v1/chat/completions", data=bomb,
+                         headers={"Content-Encoding": "gzip"}) as r:
+        status, error = await error_of(r)
+    assert status == 413 and "decompressed" in error["message"]
+
+
+async def raw_request(url: str, head: bytes, body: bytes = b"") -> tuple[bytes, bytes]:
+    """Send bytes on a fresh socket; return (status line, everything until the server closes
+    or ends one response)."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(head + body)
+    await writer.drain()
+    try:
+        status = await reader.readline()
+        rest = await reader.read(65536)
+    finally:
+        writer.close()
+    return status, rest
+
+
+async def test_a_body_declared_bigger_than_allowed_is_refused_at_once(proxy):
+    head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+            b"\r\nContent-Length: 1000000000\r\n\r\n")
+    status, rest = await raw_request(proxy.url, head, b'{"model":')
+    assert status.startswith(b"HTTP/1.1 413") and b"request_too_large" in rest
+
+
+async def test_a_trickling_body_gets_408(make_proxy, emulator):
+    proxy = await make_proxy(emulator.url, **{"server.body_timeout_s": 0.3})
+    head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n")
+    status, rest = await raw_request(proxy.url, head, b'{"model":')
+    assert status.startswith(b"HTTP/1.1 408") and b"request_timeout" in rest
+
+
+async def test_a_bomb_is_refused_without_ever_holding_its_decoded_size(make_proxy, emulator,
+                                                                     http):
+    import tracemalloc
+    proxy = await make_proxy(emulator.url, **{"server.max_body_bytes": 1 << 20})
+    bomb = gzip.compress(b" " * (16 << 20), compresslevel=9)     # 16 MiB in ~16 KB
+    tracemalloc.start()
+    try:
+        async with http.post(f"{proxy.url}/v1/chat/completions", data=bomb,
+                             headers={"Content-Encoding": "gzip"}) as r:
+            assert r.status == 413
+        _, peak_bytes = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak_bytes < 4 << 20      # a 256 KB step at a time, never the 16 MiB
