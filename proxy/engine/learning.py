@@ -219,11 +219,16 @@ class UsageLearner:
         return min(1.0, p.followers.get(follower, 0) / p.requests)
 
     def likely_next(self, source: str, min_probability: float) -> list[tuple[str, float]]:
+        """Models that followed source at least min_probability of the time, likeliest first."""
         p = self.patterns.get(source)
-        if p is None:
+        if p is None or not p.requests:
             return []
-        out = [(k, self.follow_probability(source, k)) for k in p.followers]
-        return sorted(((k, q) for k, q in out if q >= min_probability), key=lambda kq: -kq[1])
+        n = p.requests
+        cut = min_probability * n
+        out = [(k, min(1.0, c / n)) for k, c in p.followers.items() if c >= cut]
+        if len(out) > 1:
+            out.sort(key=lambda kq: (-kq[1], kq[0]))
+        return out
 
     def predict(self, key: str, now_s: float, horizon_s: float) -> Prediction:
         p = self.patterns.get(key)

@@ -27,6 +27,7 @@ from .registry import Registry
 log = logging.getLogger("proxy.engine")
 S = ModelStatus
 MAX_FOLLOWERS_PRELOADED = 2
+BURST_GAP_S = 1.0          # requests closer than this to the previous one preload nothing new
 
 
 class Preloader:
@@ -52,8 +53,13 @@ class Preloader:
         if not self.config.enabled:
             return
         pattern = self.learner.patterns.get(key)
-        if pattern is None or not pattern.followers or self._busy():
+        if pattern is None or not pattern.followers:
             return
+        if pattern.last_gap_s is not None and pattern.last_gap_s < BURST_GAP_S:
+            return                       # a burst: its first request already looked
+        threshold = self.config.min_probability * pattern.requests
+        if max(pattern.followers.values()) < threshold or self._busy():
+            return                       # nobody follows it often enough: the common case
         for follower, probability in self.learner.likely_next(
                 key, self.config.min_probability)[:MAX_FOLLOWERS_PRELOADED]:
             self._try(follower, probability, f"follows {key}")
