@@ -126,7 +126,8 @@ class Accounting:
         self._restored_footprints = state["footprints"]
         self.owned_instances.update(state.get("owned", {}))
         for key, snap in state.get("patterns", {}).items():
-            self.learner.patterns[key] = ModelPattern.restore(snap)
+            self.learner.patterns[key] = ModelPattern.restore(snap, self.clock.now(),
+                                                              self.clock.wall())
         for e in self.registry:
             self.apply_learned(e)
         log.info("restored statistics of %d models and %d owned instances from %s",
@@ -140,9 +141,9 @@ class Accounting:
         if not (self._pending_minutes or self._dirty_stats or self._dirty_footprints
                 or self._owned_add or self._owned_remove or self.learner.dirty):
             return
-        patterns = {k: self.learner.patterns[k].snapshot() for k in self.learner.dirty
-                    if k in self.learner.patterns}
-        self.learner.dirty = set()
+        dirty_patterns, self.learner.dirty = self.learner.dirty, set()
+        patterns = {k: self.learner.patterns[k].snapshot(self.clock.now(), self.clock.wall())
+                    for k in dirty_patterns if k in self.learner.patterns}
         minutes, self._pending_minutes = self._pending_minutes, {}
         stats = {k: snapshot_usage(self.usage[k]) for k in self._dirty_stats if k in self.usage}
         footprints = {self.identity(k): {"footprint_bytes": e.footprint_bytes,
@@ -152,11 +153,22 @@ class Accounting:
                       for k in self._dirty_footprints if (e := self.registry.entries.get(k))}
         owned_add, self._owned_add = self._owned_add, {}
         owned_remove, self._owned_remove = self._owned_remove, set()
-        self._dirty_stats, self._dirty_footprints = set(), set()
-        await asyncio.to_thread(self.store.write, minutes, stats, footprints,
-                                int(self.clock.wall() // 60), upstream=self._upstream_url(),
-                                owned_add=owned_add, owned_remove=owned_remove,
-                                patterns=patterns)
+        dirty_stats, self._dirty_stats = self._dirty_stats, set()
+        dirty_footprints, self._dirty_footprints = self._dirty_footprints, set()
+        written = await asyncio.to_thread(
+            self.store.write, minutes, stats, footprints, int(self.clock.wall() // 60),
+            upstream=self._upstream_url(), owned_add=owned_add, owned_remove=owned_remove,
+            patterns=patterns)
+        if not written:   # kept for the next flush: a failed write loses nothing
+            for minute_key, slot in minutes.items():
+                mine = self._pending_minutes.setdefault(minute_key, [0, 0, 0, 0, 0.0])
+                for i, v in enumerate(slot):
+                    mine[i] += v
+            self._dirty_stats |= dirty_stats
+            self._dirty_footprints |= dirty_footprints
+            self._owned_add = {**owned_add, **self._owned_add}
+            self._owned_remove |= owned_remove - set(self._owned_add)
+            self.learner.dirty |= dirty_patterns
 
     async def close(self) -> None:
         if self.store is not None:

@@ -92,7 +92,8 @@ class EngineCore:
         self.scheduler = Scheduler(r, self.monitor, self.evictor, self.loader, self.listeners,
                                    self.clock, self._set_status)
         self.preloader = Preloader(r, self.learner, self.monitor, self.clock, self.listeners,
-                                   self.scheduler.preload, lambda: self.scheduler.queue_length > 0)
+                                   self.scheduler.preload,
+                                   lambda: self.scheduler.requests_waiting)
         self.evictor.on_unused_preload = self.preloader.unloaded_unused
         self.scheduler.on_preload_started = self.preloader.started
         self._periodic = Periodic("engine", log)
@@ -292,8 +293,10 @@ class EngineCore:
         try:
             async with asyncio.timeout(timeout_s):
                 while e.status in (S.LOADING, S.UNLOADING) or e.busy:
-                    if e.busy:
+                    if e.leases or e.holds:
                         await e.drained.wait()
+                    elif e.reserved:
+                        await asyncio.sleep(0)   # its waiters take their leases first
                     elif e.load_task is not None and not e.load_task.done():
                         await asyncio.wait([e.load_task])
                     else:

@@ -148,14 +148,19 @@ class ModelPattern:
         return self.hours[hour_of_week(wall_s)] / weeks
 
     # -- persistence -------------------------------------------------------------------------
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self, now_s: float = 0.0, wall_s: float = 0.0) -> dict[str, Any]:
+        """What survives a restart; the last request as wall time (the engine's clock is
+        monotonic and starts anew)."""
         return {"gaps": self.gaps.counts, "after_short": self.after_short.counts,
                 "after_long": self.after_long.counts, "hours": self.hours,
                 "followers": self.followers, "requests": self.requests,
-                "first_wall_s": self.first_wall_s}
+                "first_wall_s": self.first_wall_s, "last_gap_s": self.last_gap_s,
+                "last_wall_s": None if self.last_at_s is None
+                else wall_s - (now_s - self.last_at_s)}
 
     @classmethod
-    def restore(cls, data: dict[str, Any]) -> "ModelPattern":
+    def restore(cls, data: dict[str, Any], now_s: float = 0.0, wall_s: float = 0.0
+                ) -> "ModelPattern":
         n = len(GAP_BOUNDS_S) + 1
         p = cls()
         for name in ("gaps", "after_short", "after_long"):
@@ -169,6 +174,11 @@ class ModelPattern:
         p.requests = int(data.get("requests") or 0)
         first = data.get("first_wall_s")
         p.first_wall_s = float(first) if isinstance(first, (int, float)) else None
+        last = data.get("last_wall_s")
+        if isinstance(last, (int, float)):   # idle since then, on the new clock
+            p.last_at_s = now_s - max(0.0, wall_s - float(last))
+        gap = data.get("last_gap_s")
+        p.last_gap_s = float(gap) if isinstance(gap, (int, float)) else None
         return p
 
 

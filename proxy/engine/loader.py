@@ -51,6 +51,7 @@ class Loader:
         """e is LOADING (admitted); leave it LOADED or ERROR/UNLOADED, raising on failure."""
         started_s = self.clock.now()
         changes = self.monitor.changes
+        alone = not any(x.status is S.LOADING for x in self.registry if x is not e)
         options = dict(self.registry.config.model(e.key).load)
         log.info("loading %s (footprint %.1f GB, %s)", e.key,
                  self.registry.footprint_bytes(e) / GB, self.registry.footprint_source(e))
@@ -72,7 +73,9 @@ class Loader:
         self._set_status(e, S.LOADED)
         e.owner = OWNER_EXTERNAL if adopted else OWNER_PROXY
         after = await self.monitor.sample()    # the pressure level sees the load at once
-        if before is not None and self.learns_footprints and changes + 1 == self.monitor.changes:
+        alone = alone and not any(x.status is S.LOADING for x in self.registry if x is not e)
+        if before is not None and self.learns_footprints and alone and \
+                changes + 1 == self.monitor.changes:
             self._learn_footprint(e, before, after)
         if not adopted:
             self.accounting.footprint_changed(e)
@@ -92,6 +95,10 @@ class Loader:
         e.owner = owner
         log.info("%s loaded by %s in %.2fs", e.key, owner, duration_s)
         self.listeners.emit("on_load", e.key, duration_s, True)
+
+    def abandoned(self, e: ModelEntry) -> None:
+        """An admitted load that nobody performed: back to unloaded, no backoff."""
+        self._fail(e, asyncio.CancelledError())
 
     def mediated_failed(self, e: ModelEntry, exc: BaseException) -> None:
         self.monitor.changes += 1

@@ -176,7 +176,9 @@ class ModelMemoryManager(EngineCore):
             t = u.tasks.get(task)
             facts.append(ModelFacts(
                 key=e.key, type=e.type, loaded=e.status is ModelStatus.LOADED,
-                idle=e.status is ModelStatus.LOADED and not e.busy,
+                idle=e.status is ModelStatus.LOADED and not e.busy and
+                not self.registry.pinned(e.key) and
+                (e.owned or self.config.eviction.manage_external),   # what could be unloaded
                 footprint_bytes=self.footprint_bytes(e), reload_s=self.registry.reload_s(e),
                 priority=self.priority(e.key), success_rate=u.success_rate,
                 requests=u.requests, task_requests=int(t[0]) if t else 0,

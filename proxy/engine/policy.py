@@ -49,13 +49,14 @@ TEMPORARY = frozenset({SERVING, HELD})   # blockers that go away by themselves
 
 def blocker(*, busy: bool, pinned: bool, ours: bool, held: bool, critical: bool) -> str | None:
     """The reason a loaded model may not be evicted now, or None. At critical pressure the
-    residency rule is waived; nothing ever evicts a model that is serving."""
-    if busy:
-        return SERVING
+    residency rule is waived; nothing ever evicts a model that is serving. The lasting reasons
+    come first: a pinned model that is serving is pinned (its memory will not come free)."""
     if pinned:
         return PINNED
     if not ours:
         return NOT_OURS
+    if busy:
+        return SERVING
     if held and not critical:
         return HELD
     return None

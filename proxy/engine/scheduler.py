@@ -25,7 +25,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ..errors import InsufficientMemory, ModelLoadFailed, ProxyError
+from ..errors import InsufficientMemory, ModelLoadFailed, ProxyError, UpstreamTimeout
 from .clock import Clock
 from .eviction import Evictor
 from .lifecycle import ModelEntry, ModelStatus
@@ -89,6 +89,11 @@ class Scheduler:
         """Loads waiting for admission (memory)."""
         return sum(1 for p in self.pending.values() if not p.admitted)
 
+    @property
+    def requests_waiting(self) -> bool:
+        """A load that a request (not a preload) waits for has not started yet."""
+        return any(not p.admitted and not p.speculative for p in self.pending.values())
+
     def kick(self) -> None:
         """Something changed that may let a waiting load proceed."""
         self._wake.set()
@@ -132,7 +137,6 @@ class Scheduler:
         with finish_mediated), or None when there is nothing to load any more."""
         while e.key in self.pending:          # a load of it is under way: that one first
             await self.ensure_loaded(e, deadline_s)
-            e.reserved = max(0, e.reserved - 1)   # the caller takes no lease
             if e.status is S.LOADED:
                 return None
         loop = asyncio.get_running_loop()
@@ -147,8 +151,16 @@ class Scheduler:
         try:
             async with asyncio.timeout(max(0.0, deadline_s - self.clock.now())):
                 admitted = await asyncio.shield(go)
-        except TimeoutError:
-            raise self._timed_out(p) from None
+        except BaseException as exc:
+            if p.admitted and not done.done():
+                # Let in, but the caller is gone (cancelled, or its deadline fell just as it
+                # was admitted): nobody will load it, so undo the admission.
+                self.loader.abandoned(e)
+                self._finish(p, ProxyError(f"the load of '{e.key}' was abandoned by its "
+                                           "requester"))
+            elif isinstance(exc, TimeoutError):
+                raise self._timed_out(p) from None
+            raise
         finally:
             self._count(p, -1)
             if not p.admitted and not done.done():
@@ -173,8 +185,13 @@ class Scheduler:
             p.entry.reserved = p.waiters
         self._finish(p, error)
 
-    def _timed_out(self, p: Pending) -> InsufficientMemory:
+    def _timed_out(self, p: Pending) -> ProxyError:
         timeout_s = self.config.eviction.queue_timeout_s
+        if p.admitted:                        # memory was found; the load itself is slow
+            return UpstreamTimeout(
+                f"'{p.entry.key}' is still loading after {timeout_s:g}s "
+                f"(eviction.queue_timeout_s); try again shortly",
+                retry_after_s=max(1.0, min(30.0, timeout_s)))
         holders = p.holders or self.refusals.holders(p.entry, self.clock.now() - p.since_s)
         return self.refusals.insufficient(p.entry, holders, f" within {timeout_s:g}s",
                                           retry_after_s=max(1.0, min(30.0, timeout_s)))

@@ -19,6 +19,7 @@ from ..errors import InvalidRequest, ModelNotFound
 AUTO = "auto"
 ROUTED_HEADER = "X-Proxy-Model"
 _TASK_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,47}$")
+_UNSAFE = re.compile(r"[^a-z0-9_.-]+")
 
 
 def is_auto(name: str) -> bool:
@@ -37,10 +38,15 @@ def task_of(request: web.Request, payload: dict[str, Any], name: str) -> str | N
     if raw is None:
         return None
     task = raw.strip().lower()
-    if not _TASK_NAME.match(task):
-        raise InvalidRequest("A task name is 1-48 characters of a-z, 0-9, '_', '.', '-'.",
-                             param="model" if is_auto(name) else "metadata.task_type")
-    return task
+    if is_auto(name):
+        if not _TASK_NAME.match(task):
+            raise InvalidRequest("A task name is 1-48 characters of a-z, 0-9, '_', '.', '-'.",
+                                 param="model")
+        return task
+    # A tag is any string the client likes (OpenAI's metadata is free text): keep a bounded,
+    # printable form of it, or nothing.
+    task = _UNSAFE.sub("-", task)[:48].strip("-")
+    return task or None
 
 
 def _unit(request: web.Request, payload: dict[str, Any], name: str) -> float | None:

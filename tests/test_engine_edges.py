@@ -1,0 +1,165 @@
+"""Edges of the engine found by breaking it: abandoned loads, reservations, slow loads past the
+deadline, lasting blockers first, failed writes, free-text task tags, hold modes, critical
+pressure, what idle unloading and unloading leave behind."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from proxy.engine.clock import ManualClock
+from proxy.errors import InsufficientMemory, UpstreamTimeout
+from proxy.store import UsageStore
+
+from .fakes import GB, SettableSampler
+from .test_operation import managed
+from .test_scheduler import CATALOG, SIZES, X, Y, Z, lab, lab_manager  # noqa: F401
+
+MODEL = "qwen/qwen3-4b"
+
+
+async def test_an_abandoned_requester_load_does_not_stay_loading(lab, lab_manager):
+    mgr = await lab_manager(lab.url)
+    task = asyncio.create_task(mgr.admit_load(Z, owner="sdk:gone"))
+    while mgr.entry(Z).status.value != "loading":
+        await asyncio.sleep(0)
+    task.cancel()                                   # the SDK client went away just then
+    await asyncio.gather(task, return_exceptions=True)
+    assert mgr.entry(Z).status.value == "unloaded" and Z not in mgr.scheduler.pending
+    (await asyncio.wait_for(mgr.acquire(Z), 5)).release()   # and it loads normally after
+
+
+async def test_an_unload_right_after_a_load_waits_for_its_waiters_without_spinning(
+        lab, lab_manager):
+    mgr = await lab_manager(lab.url)
+    waiter = asyncio.create_task(mgr.acquire(Z))
+    while mgr.entry(Z).status.value != "loaded":
+        await asyncio.sleep(0)
+    assert mgr.entry(Z).reserved == 1                # loaded for the waiter, not yet leased
+    unload = asyncio.create_task(mgr.unload(Z, drain_timeout_s=2))
+    lease = await asyncio.wait_for(waiter, 5)
+    await asyncio.sleep(0)
+    assert not unload.done()                         # it waits for the request it served
+    lease.release()
+    assert await asyncio.wait_for(unload, 5) is True
+
+
+async def test_joining_a_load_under_way_leaves_no_reservation_behind(lab, lab_manager):
+    mgr = await lab_manager(lab.url)
+    gate = lab.state.faults.load_gate.setdefault(Z, asyncio.Event())
+    request = asyncio.create_task(mgr.acquire(Z))
+    while lab.state.loading[Z] == 0:
+        await asyncio.sleep(0)
+    joined = asyncio.create_task(mgr.admit_load(Z, owner="sdk:late"))
+    while mgr.scheduler.pending[Z].waiters < 2:
+        await asyncio.sleep(0)
+    gate.set()
+    assert await joined is None                      # loaded by the other: nothing to do
+    (await request).release()
+    assert mgr.entry(Z).reserved == 0 and not mgr.entry(Z).busy
+
+
+async def test_a_slow_load_past_the_deadline_is_a_timeout_not_a_memory_refusal(
+        lab, lab_manager):
+    mgr = await lab_manager(lab.url, eviction={"queue_timeout_s": 0.3})
+    lab.state.faults.load_gate[Z] = asyncio.Event()  # LM Studio takes its time
+    with pytest.raises(UpstreamTimeout) as slow:
+        await mgr.acquire(Z)
+    assert "still loading" in slow.value.message and slow.value.status == 504
+    lab.state.faults.load_gate[Z].set()
+
+
+async def test_a_pinned_model_that_is_serving_is_a_lasting_blocker(lab, lab_manager):
+    from .test_engine import footprints
+    mgr = await lab_manager(lab.url, models={**footprints(SIZES), X: {"footprint_gb": 12,
+                                                                      "pinned": True}})
+    serving = await mgr.acquire(X)
+    with pytest.raises(InsufficientMemory) as refused:
+        await asyncio.wait_for(mgr.acquire(Y), 5)    # at once, not after queue_timeout_s
+    assert "(pinned)" in refused.value.message
+    serving.release()
+
+
+async def test_a_failed_history_write_is_kept_for_the_next_flush(emulator, tmp_path):
+    from proxy.engine.usage import RequestRecord
+    path = tmp_path / "history.sqlite3"
+    mgr = await managed(emulator.url, store=UsageStore(path))
+    mgr.record(RequestRecord(model=MODEL, ok=True, latency_s=0.1, at_s=mgr.clock.now()))
+    (await mgr.acquire(MODEL)).release()
+    mgr.store._db.execute("PRAGMA query_only = 1")   # the disk refuses writes for a while
+    await mgr.flush()
+    assert mgr.store.error is not None
+    mgr.store._db.execute("PRAGMA query_only = 0")
+    await mgr.flush()
+    await mgr.cleanup()
+    again = UsageStore(path)
+    assert again.open()
+    state = again.load(emulator.url)
+    assert state["stats"][MODEL]["requests"] == 1 and MODEL in state["patterns"]
+    assert [o["model"] for o in state["owned"].values()] == [MODEL]
+    again.close()
+
+
+async def test_a_free_text_task_tag_is_kept_in_a_safe_form(emulator, make_proxy, http):
+    proxy = await make_proxy(emulator.url)
+    async with http.post(f"{proxy.url}/v1/chat/completions", json={
+            "model": MODEL, "max_tokens": 1, "messages": [],
+            "metadata": {"task_type": "Summarize articles!"}}) as r:
+        assert r.status == 200
+    assert proxy.engine.usage(MODEL).tasks["summarize-articles"][0] == 1
+
+
+async def test_what_was_learned_of_recency_survives_a_restart(emulator, tmp_path):
+    path = tmp_path / "history.sqlite3"
+    first = await managed(emulator.url, store=UsageStore(path))
+    for _ in range(5):
+        (await first.acquire(MODEL)).release()
+    await first.cleanup()
+    second = await managed(emulator.url, store=UsageStore(path))
+    prediction = second.learner.predict(MODEL, second.clock.now(), 60.0)
+    assert prediction.p_within > 0.5                 # used a moment ago, not "never"
+    await second.cleanup()
+
+
+async def test_the_adaptive_hold_switches_on_while_thrashing_and_off_after(lab, lab_manager):
+    clock = ManualClock()
+    mgr = await lab_manager(lab.url, clock=clock, eviction={"hold": "adaptive"})
+    ev = mgr.evictor
+    (await mgr.acquire(X)).release()
+    assert ev.hold_s() == 0.0                        # calm: no hold
+    (await mgr.acquire(Y)).release()                 # 8 GB beside 12: X is evicted
+    clock.advance(10)
+    (await mgr.acquire(X)).release()                 # X back within 30 s: thrashing
+    assert ev.thrashing and ev.hold_s() == 60.0
+    assert ev.why_kept(mgr.entry(X), critical=False) == "inside its residency"
+    clock.advance(301)
+    assert not ev.thrashing and ev.hold_s() == 0.0
+
+
+async def test_critical_pressure_evicts_a_model_inside_its_hold(lab):
+    from .test_engine import manager_for
+    sampler = SettableSampler(total_gb=32, available_gb=32)
+    mgr = await manager_for(lab.url, sampler=sampler, eviction={"hold": 600},
+                            memory={"sampler": "local", "min_free_memory_gb": 4,
+                                    "max_memory_usage_percent": 80})
+    (await mgr.acquire(Z)).release()                 # just loaded: inside its hold
+    sampler.set_available(5)
+    await mgr.sample_memory()
+    assert mgr.memory_pressure.value == "high"
+    assert await mgr.relieve_pressure() == []        # high only: the hold is kept
+    sampler.set_available(0.5)
+    await mgr.sample_memory()
+    assert await mgr.relieve_pressure() == [Z]       # critical: the hold is waived
+    await mgr.cleanup()
+
+
+async def test_idle_unloading_leaves_models_that_are_not_ours_and_forgets_what_it_unloads(
+        lab, lab_manager):
+    clock = ManualClock()
+    await lab.state.load(Y)                          # someone else's
+    mgr = await lab_manager(lab.url, clock=clock)
+    (await mgr.acquire(Z)).release()
+    assert mgr.accounting.owns(Z, mgr.entry(Z).instance_ids)
+    clock.advance(3 * 3600)
+    assert await mgr.unload_idle_models() == [Z]
+    assert lab.state.instances_of(Y) and mgr.accounting.owned_instances == {}
