@@ -2,108 +2,102 @@
 
 `load_config(raw)` walks the dataclasses below; an unknown key, a wrong type or a value out of
 range becomes one line naming its path, e.g. `models.qwen/qwen3-8b.priority: must be 1..10 (got 12)`.
-Range and choice rules live in each field's metadata so the schema is the single source of truth.
+Range and choice rules live in each field's metadata (schema.rule) so the dataclasses are the
+single source of truth; schema.py is the engine that walks them.
 """
 from __future__ import annotations
 
 import collections.abc
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import yaml
 
 from .engine.policy import VALUE_FUNCTIONS   # a pure leaf module: the policy names live there
 from .errors import ConfigError
+from .schema import build, deep_copy, rule
 
 SAMPLERS = ("local", "budget")
 UPSTREAM_KINDS = ("lmstudio",)
 UPSTREAM_CLIENTS = ("fast", "aiohttp")
 
 
-def _rule(lo: float | None = None, hi: float | None = None, *,
-          choices: tuple[str, ...] | Callable[[], tuple[str, ...]] = (),
-          exclusive_lo: bool = False) -> dict[str, Any]:
-    return {"lo": lo, "hi": hi, "choices": choices, "exclusive_lo": exclusive_lo}
-
-
 @dataclass(frozen=True)
 class ServerConfig:
     host: str = "127.0.0.1"
-    port: int = field(default=8080, metadata=_rule(0, 65535))
-    max_body_bytes: int = field(default=32 * 1024 * 1024, metadata=_rule(1024))
-    shutdown_timeout_s: float = field(default=30.0, metadata=_rule(0))
+    port: int = field(default=8080, metadata=rule(0, 65535))
+    max_body_bytes: int = field(default=32 * 1024 * 1024, metadata=rule(1024))
+    shutdown_timeout_s: float = field(default=30.0, metadata=rule(0))
     # auto: uvloop when installed (pip install '.[fast]'), else asyncio's own loop.
-    event_loop: str = field(default="auto", metadata=_rule(choices=("auto", "asyncio", "uvloop")))
+    event_loop: str = field(default="auto", metadata=rule(choices=("auto", "asyncio", "uvloop")))
     # A non-loopback host with no auth.keys refuses to start unless this is true.
     allow_unauthenticated: bool = False
-    max_model_name_chars: int = field(default=256, metadata=_rule(1, 65536))
-    header_timeout_s: float = field(default=10.0, metadata=_rule(0, exclusive_lo=True))
-    body_timeout_s: float = field(default=60.0, metadata=_rule(0, exclusive_lo=True))
-    keepalive_timeout_s: float = field(default=15.0, metadata=_rule(0, exclusive_lo=True))
+    max_model_name_chars: int = field(default=256, metadata=rule(1, 65536))
+    header_timeout_s: float = field(default=10.0, metadata=rule(0, exclusive_lo=True))
+    body_timeout_s: float = field(default=60.0, metadata=rule(0, exclusive_lo=True))
+    keepalive_timeout_s: float = field(default=15.0, metadata=rule(0, exclusive_lo=True))
     # A client that takes no stream bytes for this long has its stream ended.
-    stall_timeout_s: float = field(default=30.0, metadata=_rule(0, exclusive_lo=True))
-    max_connections: int = field(default=1000, metadata=_rule(1))
+    stall_timeout_s: float = field(default=30.0, metadata=rule(0, exclusive_lo=True))
+    max_connections: int = field(default=1000, metadata=rule(1))
 
 
 @dataclass(frozen=True)
 class UpstreamConfig:
-    kind: str = field(default="lmstudio", metadata=_rule(choices=UPSTREAM_KINDS))
+    kind: str = field(default="lmstudio", metadata=rule(choices=UPSTREAM_KINDS))
     url: str = "http://127.0.0.1:1234"
     api_token: str | None = None
-    connect_timeout_s: float = field(default=5.0, metadata=_rule(0, exclusive_lo=True))
+    connect_timeout_s: float = field(default=5.0, metadata=rule(0, exclusive_lo=True))
     # Time allowed between two bytes of a response; generations can be long, pauses cannot.
-    read_timeout_s: float = field(default=300.0, metadata=_rule(0, exclusive_lo=True))
-    load_timeout_s: float = field(default=600.0, metadata=_rule(0, exclusive_lo=True))
-    max_connections: int = field(default=256, metadata=_rule(1))
+    read_timeout_s: float = field(default=300.0, metadata=rule(0, exclusive_lo=True))
+    load_timeout_s: float = field(default=600.0, metadata=rule(0, exclusive_lo=True))
+    max_connections: int = field(default=256, metadata=rule(1))
     # The client that forwards requests (management calls always use aiohttp's): fast is the
     # pooled httptools client in upstream/fastclient.py.
-    client: str = field(default="fast", metadata=_rule(choices=UPSTREAM_CLIENTS))
+    client: str = field(default="fast", metadata=rule(choices=UPSTREAM_CLIENTS))
     ca_file: str | None = None   # CA bundle to verify an https:// upstream (else the system's)
-    reconcile_interval_s: float = field(default=15.0, metadata=_rule(0, exclusive_lo=True))
+    reconcile_interval_s: float = field(default=15.0, metadata=rule(0, exclusive_lo=True))
     # Circuit breaker: after this many connection failures in a row, fail fast for a cool-down.
-    breaker_failures: int = field(default=5, metadata=_rule(1))
-    breaker_cooldown_s: float = field(default=5.0, metadata=_rule(0, exclusive_lo=True))
+    breaker_failures: int = field(default=5, metadata=rule(1))
+    breaker_cooldown_s: float = field(default=5.0, metadata=rule(0, exclusive_lo=True))
 
 
 @dataclass(frozen=True)
 class MemoryConfig:
-    max_memory_usage_percent: float = field(default=80.0, metadata=_rule(1, 100))
-    min_free_memory_gb: float = field(default=4.0, metadata=_rule(0))
-    monitoring_interval: float = field(default=30.0, metadata=_rule(0, exclusive_lo=True))
-    sampler: str = field(default="local", metadata=_rule(choices=SAMPLERS))
-    budget_gb: float | None = field(default=None, metadata=_rule(0, exclusive_lo=True))
+    max_memory_usage_percent: float = field(default=80.0, metadata=rule(1, 100))
+    min_free_memory_gb: float = field(default=4.0, metadata=rule(0))
+    monitoring_interval: float = field(default=30.0, metadata=rule(0, exclusive_lo=True))
+    sampler: str = field(default="local", metadata=rule(choices=SAMPLERS))
+    budget_gb: float | None = field(default=None, metadata=rule(0, exclusive_lo=True))
     # Memory a model takes per byte of its file, until its real footprint has been measured.
-    footprint_factor: float = field(default=1.2, metadata=_rule(0, exclusive_lo=True))
-    reclaim_timeout_s: float = field(default=10.0, metadata=_rule(0))
+    footprint_factor: float = field(default=1.2, metadata=rule(0, exclusive_lo=True))
+    reclaim_timeout_s: float = field(default=10.0, metadata=rule(0))
 
 
 @dataclass(frozen=True)
 class EvictionConfig:
     # Choices: the policy table's names, read when checked (one list, in engine.policy).
     policy: str = field(default="cost-aware",
-                        metadata=_rule(choices=lambda: tuple(VALUE_FUNCTIONS)))
-    model_timeout_hours: float = field(default=2.0, metadata=_rule(0))
+                        metadata=rule(choices=lambda: tuple(VALUE_FUNCTIONS)))
+    model_timeout_hours: float = field(default=2.0, metadata=rule(0))
     # Anti-thrash hold: a freshly loaded model is spared this many seconds, but never past the
     # moment the load that wants its memory has waited as long; "adaptive": 60 s, only while
     # the engine is thrashing (reloading models it evicted within 30 s); "off": no hold.
-    hold: float | str = field(default=60.0, metadata={**_rule(0), "words": ("adaptive", "off")})
-    queue_timeout_s: float = field(default=120.0, metadata=_rule(0))
+    hold: float | str = field(default=60.0, metadata={**rule(0), "words": ("adaptive", "off")})
+    queue_timeout_s: float = field(default=120.0, metadata=rule(0))
     # A load waiting this long gets first claim on memory as it frees: nothing starves.
-    fairness_s: float = field(default=30.0, metadata=_rule(0))
+    fairness_s: float = field(default=30.0, metadata=rule(0))
     manage_external: bool = False
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    priority: int = field(default=5, metadata=_rule(1, 10))
+    priority: int = field(default=5, metadata=rule(1, 10))
     pinned: bool = False
-    ttl_s: float | None = field(default=None, metadata=_rule(0, exclusive_lo=True))
+    ttl_s: float | None = field(default=None, metadata=rule(0, exclusive_lo=True))
     aliases: tuple[str, ...] = ()
-    footprint_gb: float | None = field(default=None, metadata=_rule(0, exclusive_lo=True))
+    footprint_gb: float | None = field(default=None, metadata=rule(0, exclusive_lo=True))
     # Passed to LM Studio's load call as-is (context_length, flash_attention, ...).
     load: Mapping[str, Any] = field(default_factory=dict)
 
@@ -113,40 +107,40 @@ class PreloadConfig:
     # Load what the usage model expects next (see engine/preload.py for when it may evict).
     enabled: bool = True
     # Preload B after a request for A when B followed A within a minute this often.
-    min_probability: float = field(default=0.6, metadata=_rule(0, 1, exclusive_lo=True))
+    min_probability: float = field(default=0.6, metadata=rule(0, 1, exclusive_lo=True))
     # Preload a model due by its rhythm: asked for in this hour of the week this many times
     # a week (per week observed).
-    rhythm_min_rate: float = field(default=1.0, metadata=_rule(0, exclusive_lo=True))
+    rhythm_min_rate: float = field(default=1.0, metadata=rule(0, exclusive_lo=True))
 
 
 @dataclass(frozen=True)
 class HealthConfig:
-    interval_s: float = field(default=15.0, metadata=_rule(0, exclusive_lo=True))
-    error_rate_threshold: float = field(default=0.5, metadata=_rule(0, 1))
-    error_window_s: float = field(default=300.0, metadata=_rule(60))
-    min_requests: int = field(default=5, metadata=_rule(1))
-    latency_regression_factor: float = field(default=2.0, metadata=_rule(1, exclusive_lo=True))
-    latency_window_s: float = field(default=300.0, metadata=_rule(0, exclusive_lo=True))
+    interval_s: float = field(default=15.0, metadata=rule(0, exclusive_lo=True))
+    error_rate_threshold: float = field(default=0.5, metadata=rule(0, 1))
+    error_window_s: float = field(default=300.0, metadata=rule(60))
+    min_requests: int = field(default=5, metadata=rule(1))
+    latency_regression_factor: float = field(default=2.0, metadata=rule(1, exclusive_lo=True))
+    latency_window_s: float = field(default=300.0, metadata=rule(0, exclusive_lo=True))
     # A request with no byte from the upstream for this long, or a load queued this long,
     # while the upstream still answers: the silent hang.
-    hang_threshold_s: float = field(default=120.0, metadata=_rule(0, exclusive_lo=True))
-    probe_interval_s: float = field(default=0.0, metadata=_rule(0))   # 0: no probes
+    hang_threshold_s: float = field(default=120.0, metadata=rule(0, exclusive_lo=True))
+    probe_interval_s: float = field(default=0.0, metadata=rule(0))   # 0: no probes
     webhook_url: str | None = None
-    webhook_timeout_s: float = field(default=5.0, metadata=_rule(0, exclusive_lo=True))
-    webhook_max_attempts: int = field(default=5, metadata=_rule(1, 20))
+    webhook_timeout_s: float = field(default=5.0, metadata=rule(0, exclusive_lo=True))
+    webhook_max_attempts: int = field(default=5, metadata=rule(1, 20))
 
 
 @dataclass(frozen=True)
 class StorageConfig:
     enabled: bool = True
     path: str | None = None          # default: ~/.local/state/lmstudio-proxy/history.sqlite3
-    retention_days: float = field(default=30.0, metadata=_rule(0, exclusive_lo=True))
-    flush_interval_s: float = field(default=1.0, metadata=_rule(0, exclusive_lo=True))
+    retention_days: float = field(default=30.0, metadata=rule(0, exclusive_lo=True))
+    flush_interval_s: float = field(default=1.0, metadata=rule(0, exclusive_lo=True))
 
 
 @dataclass(frozen=True)
 class LoggingConfig:
-    level: str = field(default="INFO", metadata=_rule(
+    level: str = field(default="INFO", metadata=rule(
         choices=("DEBUG", "INFO", "WARNING", "ERROR")))
 
 
@@ -168,8 +162,8 @@ class AuthConfig:
     admin_token: str | None = None
     admin_token_env: str | None = None
     # Who may read GET /proxy/* and GET /metrics: anyone, any client key, the admin token.
-    read_only_access: str = field(default="key", metadata=_rule(choices=ACCESS_LEVELS))
-    metrics_access: str = field(default="open", metadata=_rule(choices=ACCESS_LEVELS))
+    read_only_access: str = field(default="key", metadata=rule(choices=ACCESS_LEVELS))
+    metrics_access: str = field(default="open", metadata=rule(choices=ACCESS_LEVELS))
 
     @property
     def enabled(self) -> bool:
@@ -213,7 +207,7 @@ _DEFAULT_MODEL = ModelConfig()
 def load_config(raw: Mapping[str, Any] | None = None, *,
                 overrides: Mapping[str, Any] | None = None) -> Config:
     """Build a Config from a parsed mapping plus dotted-path overrides; raise ConfigError."""
-    data: dict[str, Any] = _deep_copy(raw or {})
+    data: dict[str, Any] = deep_copy(raw or {})
     if not isinstance(data, dict):
         raise ConfigError([f"<root>: must be a mapping (got {type(data).__name__})"])
     for dotted, value in (overrides or {}).items():
@@ -223,7 +217,7 @@ def load_config(raw: Mapping[str, Any] | None = None, *,
             node = node.setdefault(p, {})
         node[leaf] = value
     problems: list[str] = []
-    config = _build(Config, data, "", problems)
+    config = build(Config, data, "", problems)
     if not problems:
         _cross_checks(config, problems)
     if problems:
@@ -337,117 +331,3 @@ def _total_memory_gb(config: Config) -> float | None:
         return psutil.virtual_memory().total / 1e9
     except Exception:  # psutil unavailable on an exotic platform: skip the check
         return None
-
-
-def _deep_copy(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _deep_copy(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_deep_copy(v) for v in value]
-    return value
-
-
-def _build(cls: type, data: Any, path: str, problems: list[str]) -> Any:
-    if not isinstance(data, dict):
-        problems.append(f"{path or '<root>'}: must be a mapping (got {_kind(data)})")
-        return cls()
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key in data:
-        if key not in fields:
-            known = ", ".join(sorted(fields))
-            problems.append(f"{_join(path, str(key))}: unknown key (known: {known})")
-    kwargs: dict[str, Any] = {}
-    for name, f in fields.items():
-        if name in data:
-            before = len(problems)
-            value = _convert(hints[name], data[name], _join(path, name), problems)
-            if len(problems) == before:
-                _check_rule(f.metadata, value, _join(path, name), problems)
-                kwargs[name] = value
-    return cls(**kwargs)
-
-
-def _convert(tp: Any, value: Any, path: str, problems: list[str]) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
-        # The first member the value converts to cleanly wins; else report the first's errors.
-        attempts = []
-        for arg in args:
-            tried: list[str] = []
-            converted = _convert(arg, value, path, tried)
-            if not tried:
-                return converted
-            attempts.append(tried)
-        problems.extend(attempts[0])
-        return None
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, path, problems)
-    if origin in (collections.abc.Mapping, dict):
-        key_tp, val_tp = typing.get_args(tp)
-        if not isinstance(value, dict):
-            problems.append(f"{path}: must be a mapping (got {_kind(value)})")
-            return {}
-        if val_tp is Any:
-            return dict(value)
-        return {str(k): _convert(val_tp, v if v is not None else {}, _join(path, str(k)), problems)
-                for k, v in value.items()}
-    if origin is tuple:
-        (item_tp, _ellipsis) = typing.get_args(tp)
-        if not isinstance(value, list):
-            problems.append(f"{path}: must be a list (got {_kind(value)})")
-            return ()
-        return tuple(_convert(item_tp, v, f"{path}[{i}]", problems) for i, v in enumerate(value))
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    problems.append(f"{path}: must be {_TYPE_NAMES.get(tp, str(tp))} (got {_kind(value)} "
-                    f"{value!r})")
-    return None
-
-
-def _check_rule(meta: Mapping[str, Any], value: Any, path: str, problems: list[str]) -> None:
-    if not meta or value is None:
-        return
-    if isinstance(value, str) and "words" in meta:
-        if value not in meta["words"]:
-            problems.append(f"{path}: must be a number of seconds or one of "
-                            f"{', '.join(meta['words'])} (got {value!r})")
-        return
-    choices = meta["choices"]() if callable(meta["choices"]) else meta["choices"]
-    if choices and value not in choices:
-        problems.append(f"{path}: must be one of {', '.join(choices)} (got {value!r})")
-        return
-    lo, hi = meta["lo"], meta["hi"]
-    too_low = lo is not None and (value <= lo if meta["exclusive_lo"] else value < lo)
-    too_high = hi is not None and value > hi
-    if too_low or too_high:
-        if hi is not None:
-            rng = f"{lo:g}..{hi:g}"
-        else:
-            rng = f"> {lo:g}" if meta["exclusive_lo"] else f">= {lo:g}"
-        problems.append(f"{path}: must be {rng} (got {value!r})")
-
-
-_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
-
-
-def _kind(value: Any) -> str:
-    return {dict: "mapping", list: "list", type(None): "null"}.get(type(value),
-                                                                   type(value).__name__)
-
-
-def _join(path: str, name: str) -> str:
-    return f"{path}.{name}" if path else name

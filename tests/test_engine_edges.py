@@ -11,9 +11,9 @@ from proxy.engine.clock import ManualClock
 from proxy.errors import InsufficientMemory, UpstreamTimeout
 from proxy.store import UsageStore
 
-from .fakes import GB, SettableSampler
+from .fakes import SettableSampler
 from .test_operation import managed
-from .test_scheduler import CATALOG, SIZES, X, Y, Z, lab, lab_manager  # noqa: F401
+from .test_scheduler import SIZES, X, Y, Z, lab, lab_manager  # noqa: F401 (fixtures)
 
 MODEL = "qwen/qwen3-4b"
 

@@ -25,7 +25,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ..errors import InsufficientMemory, ModelLoadFailed, ProxyError, UpstreamTimeout
+from ..errors import ModelLoadFailed, ProxyError, UpstreamTimeout
 from .clock import Clock
 from .eviction import Evictor
 from .lifecycle import ModelEntry, ModelStatus
