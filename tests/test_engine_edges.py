@@ -11,7 +11,7 @@ from proxy.engine.clock import ManualClock
 from proxy.errors import InsufficientMemory, UpstreamTimeout
 from proxy.store import UsageStore
 
-from .fakes import SettableSampler
+from .fakes import GB, SettableSampler
 from .test_operation import managed
 from .test_scheduler import SIZES, X, Y, Z, lab, lab_manager  # noqa: F401 (fixtures)
 
@@ -163,3 +163,86 @@ async def test_idle_unloading_leaves_models_that_are_not_ours_and_forgets_what_i
     clock.advance(3 * 3600)
     assert await mgr.unload_idle_models() == [Z]
     assert lab.state.instances_of(Y) and mgr.accounting.owned_instances == {}
+
+
+async def test_after_an_unload_admission_waits_for_a_measured_footprint_to_come_back(lab):
+    """The unload returns once available memory has risen by half the learned footprint."""
+    from .test_engine import manager_for
+
+    class LateReturn:
+        blocking, local = False, True
+
+        def __init__(self):
+            self.available, self.samples = 20 * GB, 0
+
+        def sample(self):
+            from proxy.engine.memory import MemorySample
+            self.samples += 1
+            return MemorySample(32 * GB, self.available)
+    sampler = LateReturn()
+    mgr = await manager_for(lab.url, sampler=sampler, memory={"sampler": "local",
+                                                              "reclaim_timeout_s": 30})
+    (await mgr.acquire(Z)).release()
+    mgr.entry(Z).footprint_bytes = 3 * GB            # measured before
+    unload = asyncio.create_task(mgr.unload(Z))
+    while sampler.samples < 4:                       # it keeps looking while memory is away
+        await asyncio.sleep(0.01)
+    assert not unload.done()
+    sampler.available += 2 * GB                      # the OS gives it back
+    assert await asyncio.wait_for(unload, 5) is True
+    await mgr.cleanup()
+
+
+async def test_a_preload_not_started_within_a_minute_is_dropped(lab, lab_manager):
+    clock = ManualClock()
+    mgr = await lab_manager(lab.url, clock=clock, preload={"enabled": False})
+    serving = [await mgr.acquire(X)]                 # 12 of 16 GB: the preload cannot go yet
+    blocked = asyncio.create_task(mgr.acquire(Y))    # a requested load waits first
+    while Y not in mgr.scheduler.pending:
+        await asyncio.sleep(0)
+    assert mgr.scheduler.preload(mgr.entry(Z), 5.0)
+    clock.advance(61)
+    mgr.scheduler.kick()
+    await mgr.scheduler.settled()
+    assert Z not in mgr.scheduler.pending and mgr.entry(Z).status.value == "unloaded"
+    serving[0].release()
+    (await blocked).release()
+
+
+async def test_auto_for_a_task_no_model_serves_is_a_404(make_emulator, make_proxy, http):
+    from proxy.emulator import CatalogModel
+    emu = await make_emulator(catalog=[CatalogModel(key="lab/chat-only", size_bytes=GB)])
+    proxy = await make_proxy(emu.url)
+    async with http.post(f"{proxy.url}/v1/embeddings", json={
+            "model": "auto:embedding", "input": "x"}) as r:
+        body = await r.json()
+    assert r.status == 404 and body["error"]["code"] == "model_not_found"
+
+
+async def test_the_middleware_reads_the_model_from_the_query_too(emulator, http):
+    from aiohttp import web
+
+    from proxy import ModelMemoryMiddleware, create_model_memory_manager
+    from proxy.serving import serve
+    manager = await create_model_memory_manager(min_free_memory_gb=0, upstream=emulator.url)
+    app = web.Application(middlewares=[ModelMemoryMiddleware(manager).aiohttp])
+    async def work(request):
+        return web.json_response({})
+    app.router.add_get("/work", work)
+    served = await serve(app)
+    try:
+        async with http.get(f"{served.url}/work", params={"model": MODEL}) as r:
+            assert r.status == 200
+        assert manager.usage(MODEL).requests == 1
+        assert await ModelMemoryMiddleware(manager)({}, lambda c: asyncio.sleep(0, "plain")) \
+            == "plain"                               # no model named: just the step
+    finally:
+        await served.close()
+        await manager.cleanup()
+
+
+def test_a_total_timeout_maps_to_upstream_timeout():
+    from proxy.errors import UpstreamTimeout as Timeout
+    from proxy.upstream.lmstudio import map_transport_error
+    mapped = map_transport_error(TimeoutError(), "http://x", "POST /api/v1/models/load")
+    assert isinstance(mapped, Timeout) and mapped.status == 504
