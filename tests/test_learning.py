@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from proxy.engine.learning import FOLLOW_WINDOW_S, ModelPattern, UsageLearner, hour_of_week
+from proxy.engine.learning import ModelPattern, UsageLearner, hour_of_week
 from proxy.engine.policy import Candidate, cheapest_cover, expected_cost_s, select_victims
 
 GB = 1_000_000_000
@@ -71,7 +71,6 @@ def test_sequences_are_learned():
     assert learner.follow_probability("coder", "embedder") == pytest.approx(1.0, abs=0.01)
     assert learner.follow_probability("planner", "chat") < 0.05    # 200 s: not a follower
     assert [k for k, _ in learner.likely_next("planner", 0.5)] == ["coder", "embedder"]
-    assert 200 > FOLLOW_WINDOW_S
 
 
 def test_rhythm_by_hour_of_week_is_learned():

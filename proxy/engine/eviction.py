@@ -18,8 +18,8 @@ from .listeners import Listeners
 from .memory import MemoryPressure
 from .monitor import MemoryMonitor
 from .learning import UsageLearner
-from .policy import (PREDICTION_HORIZON_S, SET_POLICIES, Candidate, blocker, decayed_heat,
-                     in_residency, select_victims)
+from .policy import (PREDICTION_HORIZON_S, SET_POLICIES, Candidate, blocker, cheapest_cover,
+                     decayed_heat, expected_cost_s, in_residency, select_victims)
 from .registry import Registry
 
 log = logging.getLogger("proxy.engine")
@@ -28,6 +28,7 @@ RECLAIM_POLL_S = 0.05
 ADAPTIVE_HOLD_S = 60.0     # eviction.hold: adaptive — the hold while thrashing...
 THRASH_REGRET_S = 30.0     # ...which is a reload of a model evicted less than this before...
 THRASH_MEMORY_S = 300.0    # ...seen within this long
+PRELOAD_EVICT_MARGIN = 0.25   # a preload evicts only what costs under a quarter of its worth
 
 
 class Evictor:
@@ -117,6 +118,19 @@ class Evictor:
                               self.candidates(exclude=exclude, critical=critical,
                                               requester_waited_s=requester_waited_s),
                               need_bytes, self.clock.now(), partial=partial)
+
+    async def evict_for_guess(self, key: str, short_bytes: float, value_s: float) -> bool:
+        """Make room for a preload of key only when the cheapest victim set is expected to
+        cost (reload seconds × chance of reuse) under PRELOAD_EVICT_MARGIN of what the preload
+        is expected to save (value_s). True when it evicted."""
+        candidates = {c.key: c for c in self.candidates(exclude=key, critical=False,
+                                                        predicted=True)}
+        victims = cheapest_cover(list(candidates.values()), short_bytes, expected_cost_s)
+        if not victims or sum(expected_cost_s(candidates[k]) for k in victims) >= \
+                PRELOAD_EVICT_MARGIN * value_s:
+            return False
+        await self.evict(victims, "preload", key)
+        return True
 
     # -- unloading ---------------------------------------------------------------------------
     async def evict(self, keys: tuple[str, ...], reason: str, for_model: str | None = None

@@ -11,7 +11,7 @@ import asyncio
 import logging
 from typing import Callable
 
-from ..errors import InsufficientMemory, ModelLoadFailed, UpstreamError
+from ..errors import ModelLoadFailed, UpstreamError
 from ..upstream.base import LoadResult, ModelBackend
 from .accounting import Accounting
 from .clock import Clock
@@ -149,7 +149,7 @@ class Loader:
     def _fail(self, e: ModelEntry, exc: BaseException) -> None:
         if e.status is not S.LOADING:
             return
-        if isinstance(exc, (asyncio.CancelledError, InsufficientMemory)):
+        if isinstance(exc, asyncio.CancelledError):   # given up, not failed: no backoff
             self._set_status(e, S.UNLOADED)
             return
         e.load_failures += 1

@@ -33,13 +33,11 @@ from .listeners import Listeners
 from .loader import Loader
 from .memory import MemoryPressure, MemorySample
 from .monitor import MemoryMonitor
-from .policy import cheapest_cover, expected_cost_s
 from .refusals import WILL_GO, Holder, Refusals
 from .registry import Registry
 
 log = logging.getLogger("proxy.engine")
 S = ModelStatus
-PRELOAD_EVICT_MARGIN = 0.25   # a preload evicts only what costs under a quarter of its worth
 PRELOAD_STALE_S = 60.0        # a preload not started by then is dropped
 
 
@@ -315,7 +313,7 @@ class Scheduler:
                 return True, None
             if any(not q.admitted and not q.speculative for q in self.pending.values()):
                 return False, None            # requested loads first; it waits its turn
-            if short > 0 and not await self._evict_for_guess(p, short):
+            if short > 0 and not await self.evictor.evict_for_guess(e.key, short, p.value_s):
                 self._finish(p, None)         # no room worth making: drop it
                 return True, None
             sample = await self.monitor.sample()
@@ -347,22 +345,6 @@ class Scheduler:
                 return False, None          # memory is not back yet; the next pass looks again
         self._admit(p, sample)
         return True, None
-
-    async def _evict_for_guess(self, p: Pending, short: float) -> bool:
-        """Make room for a preload only when the cheapest victim set is expected to cost less
-        than PRELOAD_EVICT_MARGIN of what the preload is expected to save."""
-        victims = cheapest_cover(self.evictor.candidates(exclude=p.entry.key, critical=False,
-                                                         predicted=True),
-                                 short, expected_cost_s)
-        if not victims:
-            return False
-        now = self.clock.now()
-        cost = sum(expected_cost_s(self.evictor.candidate(self.registry.entries[k], now,
-                                                          predicted=True)) for k in victims)
-        if cost >= PRELOAD_EVICT_MARGIN * p.value_s:
-            return False
-        await self.evictor.evict(victims, "preload", p.entry.key)
-        return True
 
     def _admit(self, p: Pending, sample: MemorySample) -> None:
         e = p.entry

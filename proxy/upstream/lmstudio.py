@@ -187,7 +187,6 @@ _TRANSPORT_ERRORS: tuple[tuple[type[BaseException], type[UpstreamError], str], .
     (fastclient.ConnectFailed, UpstreamUnreachable, "cannot reach LM Studio at {url}: {exc}"),
     (fastclient.Disconnected, UpstreamError, "LM Studio at {url} broke off {what}: {exc}"),
     (fastclient.ProtocolError, UpstreamError, "LM Studio at {url} failed on {what}: {exc}"),
-    (aiohttp.ServerTimeoutError, UpstreamTimeout, "LM Studio at {url} went silent on {what}"),
     (aiohttp.ClientConnectorError, UpstreamUnreachable, "cannot reach LM Studio at {url}: {exc}"),
     (aiohttp.ClientPayloadError, UpstreamError, "LM Studio at {url} broke off {what}: {exc}"),
     (aiohttp.ServerDisconnectedError, UpstreamError,
