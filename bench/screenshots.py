@@ -58,7 +58,7 @@ async def story(http: aiohttp.ClientSession, url: str, pace_s: float) -> None:
     # gpt-oss does not fit beside gemma: gemma is evicted to admit it
     await asyncio.gather(traffic(GPT, 4, stream=True), traffic(QWEN, 4))
     # a long stream holds gpt-oss; gemma waits for memory, and gets a 503 at the deadline
-    holder = asyncio.create_task(chat(http, url, GPT, tokens=240, stream=True))
+    holder = asyncio.create_task(chat(http, url, GPT, tokens=480, stream=True))
     await asyncio.sleep(0.5)
     await asyncio.gather(*(chat(http, url, GEMMA) for _ in range(2)))
     await holder
@@ -69,13 +69,15 @@ async def story(http: aiohttp.ClientSession, url: str, pace_s: float) -> None:
 async def main_async(out: Path, pace_s: float) -> None:
     from playwright.async_api import async_playwright
 
-    emu = await start_emulator(load_time_scale=1.0, capacity_bytes=int(32e9),
+    # queue_timeout_s bounds a request's whole wait, its model's load included: loads (at most
+    # 4.5 s here) fit in it, the 12 s stream holding gpt-oss does not (gemma's 503).
+    emu = await start_emulator(load_time_scale=0.5, capacity_bytes=int(32e9),
                                options=EmulatorOptions(tokens_per_s=40.0))
     config = load_config({"upstream": {"url": emu.url},
                           "memory": {"sampler": "budget", "budget_gb": 20,
                                      "min_free_memory_gb": 1,
                                      "max_memory_usage_percent": 95},
-                          "eviction": {"hold": 0, "queue_timeout_s": 1.5},
+                          "eviction": {"hold": 0, "queue_timeout_s": 6.0},
                           "storage": {"enabled": False}})
     served = await serve(create_app(config))
     url = served.url

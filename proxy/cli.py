@@ -1,5 +1,6 @@
 """Command line: `python -m proxy [--config PATH] [--host H] [--port P] [--upstream URL]
-[--demo] [--check]`. The only module that reads the environment: every flag also has a
+[--demo [--demo-upstream-port P]] [--check]`, `python -m proxy status`, `python -m proxy
+healthcheck`. The only module that reads the environment: every flag also has a
 PROXY_* variable (flag > environment > config file > default)."""
 from __future__ import annotations
 
@@ -25,7 +26,9 @@ ENV_FLAGS = {  # environment variable → (argparse dest, config path); PROXY_UR
     "PROXY_UPSTREAM": ("upstream", "upstream.url"),
     "PROXY_UPSTREAM_API_TOKEN": ("upstream_api_token", "upstream.api_token"),
     "PROXY_LOG_LEVEL": ("log_level", "logging.level"),
+    "PROXY_DEMO_UPSTREAM_PORT": ("demo_upstream_port", None),
 }
+INT_FLAGS = frozenset({"port", "demo_upstream_port"})
 DEMO_OVERRIDES = {
     # The emulator's memory is an account, not this host's RAM: manage it as a budget.
     "memory.sampler": "budget", "memory.budget_gb": 16.0, "memory.min_free_memory_gb": 1.0,
@@ -44,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     p.add_argument("--demo", action="store_true",
                    help="start the built-in LM Studio emulator and put the proxy in front of it")
+    p.add_argument("--demo-upstream-port", type=int, metavar="P",
+                   help="with --demo: the emulator's port (default: any free port; "
+                        "PROXY_DEMO_UPSTREAM_PORT)")
     p.add_argument("--check", action="store_true",
                    help="validate the configuration and exit (0 valid, 2 invalid)")
     return p
@@ -53,15 +59,18 @@ def resolve_config(args: argparse.Namespace, environ: Mapping[str, str]) -> Conf
     for var, (dest, _) in ENV_FLAGS.items():
         if getattr(args, dest, None) is None and environ.get(var):
             value: Any = environ[var]
-            if dest == "port":
+            if dest in INT_FLAGS:
                 try:
                     value = int(value)
                 except ValueError:
                     raise ConfigError([f"{var}: must be an integer (got {value!r})"]) from None
             setattr(args, dest, value)
-    path = args.config
-    if path is None and Path("proxy.yaml").is_file():
-        path = "proxy.yaml"
+    if args.demo_upstream_port is not None and not args.demo:
+        raise ConfigError(["--demo-upstream-port: only with --demo"])
+    if args.demo_upstream_port is not None and not 0 <= args.demo_upstream_port <= 65535:
+        raise ConfigError([f"--demo-upstream-port: must be 0..65535 "
+                           f"(got {args.demo_upstream_port})"])
+    path = _config_path(args.config, environ)
     raw = read_config_file(path) if path else {}
     overrides: dict[str, Any] = {}
     if args.demo:
@@ -117,7 +126,8 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
     with contextlib.suppress(KeyboardInterrupt):
         with asyncio.Runner(loop_factory=loop_factory) as runner:
             rc = runner.run(_run(config, demo=args.demo,
-                                 source=lambda: resolve_config(args, env)))
+                                 source=lambda: resolve_config(args, env),
+                                 demo_upstream_port=args.demo_upstream_port or 0))
     return rc
 
 
@@ -134,23 +144,65 @@ def _loop_factory(choice: str) -> Any:
     return uvloop.new_event_loop
 
 
+def _config_path(flag: str | None, environ: Mapping[str, str]) -> str | None:
+    path = flag or environ.get("PROXY_CONFIG")
+    if path is None and Path("proxy.yaml").is_file():
+        path = "proxy.yaml"
+    return path
+
+
+def _local_config(flag: str | None, environ: Mapping[str, str],
+                  sections: tuple[str, ...]) -> Config:
+    """Sections of the proxy's config, for the commands that talk to a running proxy on this
+    host (status, healthcheck): they follow its port (and admin token) instead of guessing."""
+    path = _config_path(flag, environ)
+    raw = read_config_file(path) if path else {}
+    return load_config({k: raw[k] for k in sections if isinstance(raw.get(k), dict)})
+
+
+def _local_address(config: Config, environ: Mapping[str, str]) -> tuple[str, int]:
+    host = environ.get("PROXY_HOST") or config.server.host
+    try:
+        port = int(environ.get("PROXY_PORT") or config.server.port)
+    except ValueError:
+        raise ConfigError([f"PROXY_PORT: must be an integer "
+                           f"(got {environ['PROXY_PORT']!r})"]) from None
+    return host, port
+
+
 def _status(argv: list[str], environ: Mapping[str, str]) -> int:
-    from .status import run
+    from .status import local_url, run
     p = argparse.ArgumentParser(prog="python -m proxy status",
                                 description="Show models, memory and pressure of a running proxy.")
-    port = environ.get("PROXY_PORT", "8080")
-    p.add_argument("--url", default=environ.get("PROXY_URL", f"http://127.0.0.1:{port}"))
+    p.add_argument("--config", help="the proxy's config: its server.host/port and admin token "
+                                    "are used (default: PROXY_CONFIG, else ./proxy.yaml)")
+    p.add_argument("--url", default=environ.get("PROXY_URL"),
+                   help="the proxy's address (PROXY_URL; default: from the config)")
     p.add_argument("--watch", action="store_true",
                    help="redraw in place as the proxy's event stream reports changes")
     p.add_argument("--interval", type=float, default=1.0,
                    help="with --watch: at most one redraw per this many seconds")
     p.add_argument("--api-key", default=environ.get("PROXY_API_KEY"),
-                   help="a client key or the admin token, when auth is on (PROXY_API_KEY)")
+                   help="a client key or the admin token, when auth is on (PROXY_API_KEY; "
+                        "default: the config's admin token)")
     args = p.parse_args(argv)
+    url, api_key = args.url, args.api_key
+    if url is None or api_key is None:
+        try:
+            config = _local_config(args.config, environ, ("server", "auth"))
+            host, port = _local_address(config, environ)
+        except ConfigError as exc:
+            print("configuration is invalid:", *exc.problems, sep="\n  ")
+            return 2
+        url = url or local_url(host, port)
+        if api_key is None:
+            auth = config.auth
+            api_key = (environ.get(auth.admin_token_env) if auth.admin_token_env
+                       else auth.admin_token) or None
     if args.watch:
         from .status import watch
-        return watch(args.url, interval_s=args.interval, api_key=args.api_key)
-    return run(args.url, args.api_key)
+        return watch(url, interval_s=args.interval, api_key=api_key)
+    return run(url, api_key)
 
 
 def _healthcheck(argv: list[str], environ: Mapping[str, str]) -> int:
@@ -160,22 +212,17 @@ def _healthcheck(argv: list[str], environ: Mapping[str, str]) -> int:
     p = argparse.ArgumentParser(prog="python -m proxy healthcheck")
     p.add_argument("--config")
     args = p.parse_args(argv)
-    path = args.config or environ.get("PROXY_CONFIG")
-    if path is None and Path("proxy.yaml").is_file():
-        path = "proxy.yaml"
     try:
-        server = read_config_file(path).get("server") if path else None
-        config = load_config({"server": server} if isinstance(server, dict) else {})
+        host, port = _local_address(_local_config(args.config, environ, ("server",)),
+                                    environ)
     except ConfigError as exc:
         print("configuration is invalid:", *exc.problems, sep="\n  ")
         return 2
-    host = environ.get("PROXY_HOST") or config.server.host
-    port = int(environ.get("PROXY_PORT") or config.server.port)
     return healthcheck(host, port)
 
 
 async def _run(config: Config, *, demo: bool,
-               source: Callable[[], Config] | None = None) -> int:
+               source: Callable[[], Config] | None = None, demo_upstream_port: int = 0) -> int:
     from .app import create_app
     from .reload import RELOADER
     from .serving import raise_fd_limit, serve
@@ -184,8 +231,14 @@ async def _run(config: Config, *, demo: bool,
     emulator = None
     if demo:
         from .emulator import EmulatorOptions, start_emulator
-        emulator = await start_emulator(load_time_scale=0.25, capacity_bytes=int(24e9),
-                                        options=EmulatorOptions(tokens_per_s=30.0))
+        try:
+            emulator = await start_emulator(load_time_scale=0.25, capacity_bytes=int(24e9),
+                                            port=demo_upstream_port,
+                                            options=EmulatorOptions(tokens_per_s=30.0))
+        except OSError as exc:
+            print(f"cannot start the demo's emulator on port {demo_upstream_port}: "
+                  f"{exc.strerror or exc}", file=sys.stderr)
+            return 1
         config = replace_config(config, {"upstream.url": emulator.url})
 
     def reread() -> Config:
@@ -207,7 +260,7 @@ async def _run(config: Config, *, demo: bool,
     log.info("proxy listening on %s, upstream %s (%s event loop)", served.url,
              config.upstream.url, type(asyncio.get_running_loop()).__module__.split(".")[0])
     if demo:
-        print(_demo_banner(served.url, emulator.url if emulator else ""), flush=True)
+        print(_demo_banner(served.url, emulator.url if emulator else "", config), flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -234,17 +287,25 @@ def _reload_on_signal(app: Any, reloader: Any) -> None:
         log.exception("reload failed; the running configuration stays")
 
 
-def _demo_banner(url: str, upstream_url: str) -> str:
+def _demo_banner(url: str, upstream_url: str, config: Config) -> str:
+    """Examples that work as printed: the SDK's install line first, and with client keys the
+    key read from PROXY_API_KEY (the banner never prints a secret)."""
+    keyed = bool(config.auth.keys)
+    header = " -H \"Authorization: Bearer $PROXY_API_KEY\"" if keyed else ""
+    sdk_key = "$PROXY_API_KEY" if keyed else "lm-studio"
+    key_line = ("  export PROXY_API_KEY=...   # one of the client keys in auth.keys\n\n"
+                if keyed else "")
     return f"""
 Proxy ready on {url}  (LM Studio emulator on {upstream_url})
 
 Try it:
-  curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\
+{key_line}  curl {url}/v1/chat/completions{header} -H 'Content-Type: application/json' \\
     -d '{{"model": "qwen/qwen3-4b", "messages": [{{"role": "user", "content": "Hello"}}]}}'
 
-  python -c "from openai import OpenAI; c = OpenAI(base_url='{url}/v1', api_key='lm-studio'); \\
+  pip install openai   # the OpenAI SDK, once
+  python -c "from openai import OpenAI; c = OpenAI(base_url='{url}/v1', api_key='{sdk_key}'); \\
 print(c.chat.completions.create(model='qwen/qwen3-4b', messages=[{{'role': 'user', 'content': 'Hello'}}]).choices[0].message.content)"
 
-Watch it work:  {url}/ui  (dashboard)   curl -N {url}/proxy/events   curl {url}/metrics
+Watch it work:  {url}/ui  (dashboard)   curl -N{header} {url}/proxy/events   curl{header} {url}/metrics
 Stop with Ctrl-C.
 """

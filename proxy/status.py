@@ -1,4 +1,5 @@
-"""`python -m proxy status [--url URL] [--watch]`: models, memory and pressure at a glance.
+"""`python -m proxy status [--config PATH] [--url URL] [--watch]`: models, memory and pressure
+at a glance, from the proxy at the config's address (as `healthcheck` finds it).
 
 With `--watch` the table is redrawn in place whenever the proxy's event stream
 (`/proxy/events`) reports a change, at most once per `--interval`, and every REFRESH_S anyway
@@ -79,11 +80,30 @@ def snapshot(url: str, api_key: str | None = None) -> str:
                   fetch(url, "/proxy/health", api_key=api_key))
 
 
+def local_url(host: str, port: int) -> str:
+    """The proxy on this host at its configured address; a wildcard host is reached on
+    loopback."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}"
+
+
+def failure(url: str, exc: Exception, api_key: str | None) -> str:
+    """Why the table could not be drawn, naming what to do: a refusal is not 'unreachable'."""
+    if isinstance(exc, urllib.error.HTTPError) and exc.code in (401, 403):
+        how = ("--api-key, PROXY_API_KEY, or auth.admin_token in the config given by --config"
+               if api_key is None else "the key given was refused")
+        word = "unauthorised" if exc.code == 401 else "forbidden"
+        return f"{word} ({exc.code}) at {url}: pass the admin token ({how})"
+    if isinstance(exc, urllib.error.HTTPError):
+        return f"the proxy at {url} answered {exc.code} {exc.reason}"
+    return f"cannot reach the proxy at {url}: {exc}"
+
+
 def run(url: str, api_key: str | None = None) -> int:
     try:
         text = snapshot(url, api_key)
     except (urllib.error.URLError, OSError, ValueError) as exc:
-        print(f"cannot reach the proxy at {url}: {exc}")
+        print(failure(url, exc, api_key))
         return 1
     print(text)
     return 0
@@ -120,7 +140,7 @@ def watch(url: str, out: TextIO = sys.stdout, *, interval_s: float = 1.0,
             try:
                 text = snapshot(url, api_key)
             except (urllib.error.URLError, OSError, ValueError) as exc:
-                text = f"cannot reach the proxy at {url}: {exc} (retrying)"
+                text = f"{failure(url, exc, api_key)} (retrying)"
             out.write(CLEAR + text + "\n")
             out.flush()
             stop.wait(interval_s)    # coalesce bursts of events into one redraw

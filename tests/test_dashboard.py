@@ -226,3 +226,63 @@ async def test_an_event_stream_that_needs_the_token_gets_it_from_the_prompt(smal
     assert await chat(http, small.url, A) == 200
     await expect(state_cell(page, A)).to_have_text("loaded")   # events flow through the route
     assert seen == [None, "Bearer s3cret"]
+
+
+LABEL_BOXES = """() => {
+  const box = (n) => { const r = n.getBoundingClientRect();
+                       return {l: r.left, r: r.right, t: r.top, b: r.bottom}; };
+  const plot = document.querySelector('#timeline .lane-sep').getBoundingClientRect().left;
+  return {plot, labels: [...document.querySelectorAll('#timeline .evict-label')].map((n) => ({
+            model: n.closest('.evict-mark').dataset.model, ...box(n)})),
+          lanes: [...document.querySelectorAll('#timeline .lane-label')].map((n) => ({
+            full: n.dataset.full, shown: (n.querySelector('tspan') || n).textContent,
+            title: n.querySelector('title')?.textContent, ...box(n)}))};
+}"""
+
+
+def overlapping(a, b):
+    return a["l"] < b["r"] and b["l"] < a["r"] and a["t"] < b["b"] and b["t"] < a["b"]
+
+
+async def test_eviction_labels_close_together_never_overlap(small, page, http):
+    await open_dashboard(page, small.url)
+    for _ in range(5):                       # A and B take turns: ten evictions in a moment
+        assert await chat(http, small.url, A) == 200
+        assert await chat(http, small.url, B) == 200
+    await expect(page.locator(f'#timeline .evict-mark[data-model="{A}"]')).to_have_count(5)
+    await expect(page.locator(f'#timeline .evict-mark[data-model="{B}"]')).to_have_count(4)
+    boxes = await page.evaluate(LABEL_BOXES)
+    labels = boxes["labels"]
+    assert {label["model"] for label in labels} == {A, B}        # each lane still says why
+    clashes = [(a, b) for i, a in enumerate(labels) for b in labels[i + 1:] if overlapping(a, b)]
+    assert clashes == []
+    assert all(label["l"] >= boxes["plot"] for label in labels)   # clear of the names
+    marks = page.locator(f'#timeline .evict-mark[data-model="{A}"] > title')
+    assert "evicted: admission for lab/b" in await marks.first.text_content()
+    assert page.errors == []
+
+
+LONG = ("a-publisher-with-a-long-name/an-extremely-long-model-name-that-no-label-column-"
+        "holds-v1.5-instruct-GGUF-Q4_K_M")
+
+
+async def test_long_lane_names_are_shortened_visibly_with_the_full_name_kept(
+        make_emulator, make_proxy, page):
+    catalog = [CatalogModel(key=k, size_bytes=GB, memory_bytes=GB, load_time_s=0.0)
+               for k in (A, "text-embedding-nomic-embed-text-v1.5", LONG)]
+    emu = await make_emulator(catalog=catalog)
+    proxy = await make_proxy(emu.url)
+    await open_dashboard(page, proxy.url)
+    await expect(page.locator("#timeline .lane")).to_have_count(3)
+    boxes = await page.evaluate(LABEL_BOXES)
+    lanes = {lane["full"]: lane for lane in boxes["lanes"]}
+    assert set(lanes) == {m.key for m in catalog}
+    for key, lane in lanes.items():
+        assert lane["r"] <= boxes["plot"], key                  # not under the bars
+        assert lane["title"] == key                              # the full name on hover
+    assert lanes[A]["shown"] == A
+    assert lanes["text-embedding-nomic-embed-text-v1.5"]["shown"] == \
+        "text-embedding-nomic-embed-text-v1.5"                  # fits: shown whole
+    shown = lanes[LONG]["shown"]
+    assert "…" in shown and shown.startswith("a-publisher") and shown.endswith("Q4_K_M")
+    assert page.errors == []

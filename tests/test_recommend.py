@@ -130,3 +130,82 @@ async def test_auto_with_a_configured_task(emulator, make_proxy, http):
 def test_context_forms(context):
     result = recommend([facts(SMALL, 3)], context, headroom_bytes=GB * 8, tasks={})
     assert result["recommended_models"] == [SMALL]
+
+
+def test_a_model_that_can_never_load_is_never_recommended():
+    pool = [facts(SMALL, 3), facts(CODER, 14), facts(LARGE, 9, load_error="out of memory")]
+    result = recommend(pool, {"task_type": "reasoning", "complexity": 1.0},
+                       headroom_bytes=4 * GB, ceiling_bytes=12 * GB, tasks={})
+    assert result["recommended_models"] == [SMALL]
+    assert "more than the 12.0 GB any one model may take" in result["not_loadable"][CODER]
+    assert "out of memory" in result["not_loadable"][LARGE]
+    loaded = recommend([facts(CODER, 14, loaded=True)], "chat", headroom_bytes=0,
+                       ceiling_bytes=12 * GB, tasks={})
+    assert loaded["recommended_models"] == [CODER]      # already in memory: it can serve
+
+
+def demo_config(upstream_url):
+    from proxy.cli import build_parser, resolve_config
+    from proxy.config import replace_config
+    config = resolve_config(build_parser().parse_args(["--demo"]), {})
+    return replace_config(config, {"upstream.url": upstream_url, "storage.enabled": False})
+
+
+async def test_the_demo_never_recommends_or_routes_to_a_model_too_large(emulator, make_proxy,
+                                                                        http):
+    proxy = await make_proxy(emulator.url, config=demo_config(emulator.url))
+    query = {"task_type": "reasoning", "complexity": "1", "urgency": "0"}
+    async with http.get(f"{proxy.url}/proxy/recommendations", params=query) as r:
+        recs = await r.json()
+    assert CODER not in recs["recommended_models"] and recs["recommended_models"]
+    assert "any one model may take" in recs["not_loadable"][CODER]
+    async with http.post(f"{proxy.url}/v1/chat/completions", json={
+            "model": "auto:reasoning", "max_tokens": 2, "messages": [],
+            "metadata": {"complexity": 1, "urgency": 0}}) as r:
+        assert r.status == 200 and r.headers["X-Proxy-Model"] != CODER
+
+
+async def test_auto_refuses_when_every_candidate_is_too_large(make_emulator, make_proxy, http):
+    from proxy.emulator import CatalogModel
+    emu = await make_emulator(catalog=[CatalogModel(key=LARGE, size_bytes=20 * GB,
+                                                    memory_bytes=20 * GB, load_time_s=0.0)])
+    proxy = await make_proxy(emu.url, **{"memory.budget_gb": 16})
+    async with http.post(f"{proxy.url}/v1/chat/completions", json={
+            "model": "auto", "messages": []}) as r:
+        body = await r.json()
+    assert r.status == 503 and body["error"]["code"] == "model_too_large"
+    assert body["error"]["message"].startswith("No LLM for the task 'chat' can be loaded here")
+    assert LARGE in body["error"]["message"] and emu.state.load_calls[LARGE] == 0
+
+
+EMBED = "text-embedding-nomic-embed-text-v1.5"
+
+
+async def test_auto_picks_only_models_the_endpoint_can_use(emulator, make_proxy, http):
+    proxy = await make_proxy(emulator.url)
+    for model in ("auto", "auto:embedding", "auto:search"):
+        async with http.post(f"{proxy.url}/v1/embeddings",
+                             json={"model": model, "input": "hello"}) as r:
+            assert r.status == 200 and r.headers["X-Proxy-Model"] == EMBED, model
+    for path, body in (("/v1/chat/completions", {"messages": []}),
+                       ("/v1/completions", {"prompt": "hi"}), ("/v1/responses", {"input": "hi"})):
+        async with http.post(f"{proxy.url}{path}",
+                             json={"model": "auto", "max_tokens": 2, **body}) as r:
+            assert r.status == 200 and r.headers["X-Proxy-Model"] != EMBED, path
+
+
+@pytest.mark.parametrize("path, model, body, tasks", [
+    ("/v1/chat/completions", "auto:embedding", {"messages": []}, {}),
+    ("/v1/chat/completions", "auto:embed", {"messages": []}, {}),
+    ("/v1/embeddings", "auto:chat", {"input": "hi"}, {}),
+    ("/v1/embeddings", "auto:coding", {"input": "hi"}, {}),
+    ("/v1/chat/completions", "auto:search", {"messages": []}, {"tasks.search": [EMBED]}),
+])
+async def test_auto_for_a_task_of_the_other_kind_is_a_400(emulator, make_proxy, http, path,
+                                                          model, body, tasks):
+    proxy = await make_proxy(emulator.url, **tasks)
+    async with http.post(f"{proxy.url}{path}", json={"model": model, **body}) as r:
+        error = (await r.json())["error"]
+    assert r.status == 400 and error["param"] == "model"
+    assert error["type"] == "invalid_request_error" and path in error["message"]
+    assert sum(emulator.state.load_calls.values()) == 0

@@ -376,6 +376,11 @@ class EngineCore:
         s = self.monitor.last_sample
         return self.monitor.headroom(s) if s is not None else 0.0
 
+    def ceiling_bytes(self) -> float:
+        """The most any one model may take; unbounded until memory was first sampled."""
+        s = self.monitor.last_sample
+        return self.monitor.ceiling_bytes(s) if s is not None else float("inf")
+
 
 class MediatedLoad:
     """An admitted load that its requester performs; report exactly once."""

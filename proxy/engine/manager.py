@@ -166,8 +166,9 @@ class ModelMemoryManager(EngineCore):
 
     def get_model_recommendations(self, context: Mapping[str, Any] | str | None = None
                                   ) -> dict[str, Any]:
-        """{"recommended_models", "models_to_preload", "models_to_unload", "reasoning"} for a
-        context with `task_type`, `complexity` and `urgency` (0–1), `available_memory_gb`."""
+        """{"recommended_models", "models_to_preload", "models_to_unload", "not_loadable",
+        "reasoning"} for a context with `task_type`, `complexity` and `urgency` (0–1),
+        `available_memory_gb`, `model_type` (llm | embedding)."""
         task = Context.of(context).task
         now = self.clock.now()
         facts = []
@@ -184,9 +185,11 @@ class ModelMemoryManager(EngineCore):
                 requests=u.requests, task_requests=int(t[0]) if t else 0,
                 task_success_rate=1.0 - t[1] / t[0] if t and t[0] else 1.0,
                 task_latency_s=t[2] / t[0] if t and t[0] else None,
-                p_reuse=self.learner.predict(e.key, now, PREDICTION_HORIZON_S).p_within))
+                p_reuse=self.learner.predict(e.key, now, PREDICTION_HORIZON_S).p_within,
+                load_error=(e.last_error or "no reason given")
+                if e.status is ModelStatus.ERROR and now < e.retry_at_s else None))
         return recommend(facts, context, headroom_bytes=self.headroom_bytes(),
-                         tasks=self.config.tasks)
+                         tasks=self.config.tasks, ceiling_bytes=self.ceiling_bytes())
 
     def get_memory_stats(self) -> dict[str, Any]:
         return memory_stats(self)

@@ -2,9 +2,12 @@
 
 Context keys (the original design's): `task_type`, `complexity` 0–1 (favours larger models),
 `urgency` 0–1 (favours what is loaded now), `available_memory_gb` (what may be loaded without
-evicting; default: the engine's headroom). Candidates for a task come from the `tasks:` config
-(in its order) and from what was learned: requests tagged with a task teach which models
-served it, how reliably and how fast.
+evicting; default: the engine's headroom), `model_type` (`llm` or `embedding`: what the
+endpoint can use; default: embedding models for the task `embedding`, else LLMs). Candidates for
+a task come from the `tasks:` config (in its order) and from what was learned: requests tagged
+with a task teach which models served it, how reliably and how fast. A model that cannot be
+loaded (larger than the one-model ceiling, or failing to load and still in its back-off) is
+never recommended; `not_loadable` says why each was left out.
 """
 from __future__ import annotations
 
@@ -21,6 +24,10 @@ TASK_HINTS: dict[str, tuple[str, ...]] = {
     "chat": ("instruct", "chat", "gemma", "llama", "qwen", "mistral", "gpt-oss"),
 }
 TASK_ALIASES = {"code": "coding", "embed": "embedding", "embeddings": "embedding"}
+MODEL_TYPES = ("llm", "embedding")
+# Tasks only one kind of model can do: asked of the other kind's endpoint, they are a mistake.
+TASK_MODEL_TYPE = {"embedding": "embedding", "chat": "llm", "coding": "llm", "reasoning": "llm",
+                   "vision": "llm"}
 LEARNED_FULL_AT = 10        # tagged requests after which learned success counts fully
 
 
@@ -39,6 +46,7 @@ class ModelFacts:
     task_success_rate: float = 1.0
     task_latency_s: float | None = None
     p_reuse: float = 0.0            # learned chance of use soon (for what to unload)
+    load_error: str | None = None   # failed to load and still in its back-off
 
 
 @dataclass(frozen=True)
@@ -47,6 +55,7 @@ class Context:
     complexity: float
     urgency: float
     available_bytes: float | None
+    model_type: str
 
     @classmethod
     def of(cls, context: Mapping[str, Any] | str | None) -> "Context":
@@ -54,10 +63,26 @@ class Context:
             context = {"task_type": context}
         context = context or {}
         task = str(context.get("task_type") or context.get("task") or "chat").lower()
+        task = TASK_ALIASES.get(task, task)
         mem = context.get("available_memory_gb")
-        return cls(TASK_ALIASES.get(task, task), _unit(context.get("complexity"), 0.5),
+        kind = context.get("model_type")
+        if kind not in MODEL_TYPES:
+            kind = "embedding" if task == "embedding" else "llm"
+        return cls(task, _unit(context.get("complexity"), 0.5),
                    _unit(context.get("urgency"), 0.5),
-                   float(mem) * GB if isinstance(mem, (int, float)) else None)
+                   float(mem) * GB if isinstance(mem, (int, float)) else None, kind)
+
+
+def task_model_type(task: str, tasks: Mapping[str, tuple[str, ...]],
+                    types: Mapping[str, str]) -> str | None:
+    """The one kind of model a task is for, if it is known to be one: built in for the common
+    tasks, else from the models the config names for it (when they are all of one kind)."""
+    task = TASK_ALIASES.get(task, task)
+    if task in TASK_MODEL_TYPE:
+        return TASK_MODEL_TYPE[task]
+    kinds = {"embedding" if types.get(k) == "embedding" else "llm"
+             for k in tasks.get(task, ()) if k in types}
+    return kinds.pop() if len(kinds) == 1 else None
 
 
 def _unit(value: Any, default: float) -> float:
@@ -66,14 +91,34 @@ def _unit(value: Any, default: float) -> float:
     return min(1.0, max(0.0, float(value)))
 
 
+def not_loadable(f: ModelFacts, ceiling_bytes: float) -> str | None:
+    """Why a model cannot be loaded now whatever is evicted, or None."""
+    if f.loaded:
+        return None
+    if f.footprint_bytes > ceiling_bytes:
+        return (f"needs {f.footprint_bytes / GB:.1f} GB, more than the "
+                f"{ceiling_bytes / GB:.1f} GB any one model may take")
+    if f.load_error is not None:
+        return f"failed to load ({f.load_error}); retried later"
+    return None
+
+
 def recommend(facts: list[ModelFacts], context: Mapping[str, Any] | str | None, *,
               headroom_bytes: float, tasks: Mapping[str, tuple[str, ...]],
-              limit: int = 5) -> dict[str, Any]:
+              ceiling_bytes: float = float("inf"), limit: int = 5) -> dict[str, Any]:
     ctx = Context.of(context)
     free = ctx.available_bytes if ctx.available_bytes is not None else headroom_bytes
     configured = list(tasks.get(ctx.task, ()))
-    want_embedding = ctx.task == "embedding"
-    pool = [f for f in facts if (f.type == "embedding") == want_embedding]
+    want_embedding = ctx.model_type == "embedding"
+    pool, left_out = [], {}
+    for f in facts:
+        if (f.type == "embedding") != want_embedding:
+            continue
+        why_not = not_loadable(f, ceiling_bytes)
+        if why_not is None:
+            pool.append(f)
+        else:
+            left_out[f.key] = why_not
     biggest = max((f.footprint_bytes for f in pool), default=1.0) or 1.0
     scored: list[tuple[float, ModelFacts, list[str]]] = []
     for f in pool:
@@ -119,7 +164,7 @@ def recommend(facts: list[ModelFacts], context: Mapping[str, Any] | str | None, 
     to_unload = [f.key for f in sorted((f for f in facts if f.idle and f.key not in recommended),
                                        key=lambda f: (f.p_reuse * f.reload_s, f.key))
                  if f.p_reuse < 0.5][:3]
-    return {"task_type": ctx.task, "complexity": ctx.complexity, "urgency": ctx.urgency,
+    return {"task_type": ctx.task, "model_type": ctx.model_type, "complexity": ctx.complexity, "urgency": ctx.urgency,
             "recommended_models": recommended, "models_to_preload": to_preload,
-            "models_to_unload": to_unload,
+            "models_to_unload": to_unload, "not_loadable": left_out,
             "reasoning": {f.key: {"score": round(s, 3), "why": why} for s, f, why in top}}

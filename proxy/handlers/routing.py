@@ -4,7 +4,9 @@ A request names its task with the header `X-Task-Type` or `metadata.task_type` (
 routing, `X-Task-Complexity` / `X-Task-Urgency` or `metadata.complexity` / `.urgency`, 0–1).
 Tagged requests teach the engine which models serve which task; `auto:<task>` asks it to pick
 (urgency favours a loaded model, complexity a larger one, free memory decides what is possible)
-and the response says which in `X-Proxy-Model`.
+and the response says which in `X-Proxy-Model`. `auto` picks only models the endpoint can
+use: embedding models on `/v1/embeddings`, LLMs elsewhere; a task only the other kind does
+(`auto:embedding` on chat) is a 400.
 """
 from __future__ import annotations
 
@@ -14,12 +16,14 @@ from typing import Any
 from aiohttp import web
 
 from ..engine.manager import ModelMemoryManager
-from ..errors import InvalidRequest, ModelNotFound
+from ..engine.recommend import task_model_type
+from ..errors import InvalidRequest, ModelNotFound, ModelTooLarge
 
 AUTO = "auto"
 ROUTED_HEADER = "X-Proxy-Model"
 _TASK_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,47}$")
 _UNSAFE = re.compile(r"[^a-z0-9_.-]+")
+EMBEDDING_PATHS = frozenset({"/v1/embeddings"})
 
 
 def is_auto(name: str) -> bool:
@@ -62,15 +66,41 @@ def _unit(request: web.Request, payload: dict[str, Any], name: str) -> float | N
         raise InvalidRequest(f"The task's {name} must be a number 0..1.", param=name) from None
 
 
+def model_type_of(path: str) -> str:
+    """The kind of model an endpoint serves."""
+    return "embedding" if path in EMBEDDING_PATHS else "llm"
+
+
 def choose(engine: ModelMemoryManager, request: web.Request, payload: dict[str, Any],
            task: str | None) -> str:
-    context: dict[str, Any] = {"task_type": task or "chat"}
+    kind = model_type_of(request.path)
+    context: dict[str, Any] = {"task_type": task or ("embedding" if kind == "embedding"
+                                                     else "chat"), "model_type": kind}
+    types = {k: e.type for k in engine.known_models() if (e := engine.entry(k)) is not None}
+    needs = task_model_type(context["task_type"], engine.config.tasks, types)
+    if needs is not None and needs != kind:
+        raise InvalidRequest(
+            f"The task '{context['task_type']}' is served by {_kind_words(needs)}, which "
+            f"{request.path} cannot use; ask {_endpoint_of(needs)} instead, or name another "
+            f"task.", param="model")
     for name in ("complexity", "urgency"):
         value = _unit(request, payload, name)
         if value is not None:
             context[name] = value
-    picked = engine.get_model_recommendations(context)["recommended_models"]
-    if not picked:
-        raise ModelNotFound(f"No model is known for the task '{context['task_type']}'.",
-                            param="model")
-    return picked[0]
+    result = engine.get_model_recommendations(context)
+    if result["recommended_models"]:
+        return result["recommended_models"][0]
+    if result["not_loadable"]:
+        why = "; ".join(f"'{k}' {reason}" for k, reason in result["not_loadable"].items())
+        raise ModelTooLarge(f"No {_kind_words(kind, plural=False)} for the task "
+                            f"'{context['task_type']}' can be loaded here: {why}.")
+    raise ModelNotFound(f"No {_kind_words(kind, plural=False)} is known for the task "
+                        f"'{context['task_type']}'.", param="model")
+
+
+def _kind_words(kind: str, plural: bool = True) -> str:
+    return ("embedding model" if kind == "embedding" else "LLM") + ("s" if plural else "")
+
+
+def _endpoint_of(kind: str) -> str:
+    return "/v1/embeddings" if kind == "embedding" else "/v1/chat/completions"

@@ -463,7 +463,6 @@ function renderTimeline() {
   const root = $("#timeline");
   const keys = [...state.models.keys()];
   const width = Math.max(480, root.parentElement.clientWidth - 2);
-  const label = Math.min(220, width * 0.25);
   const lane = 30;
   const top = 22;
   const height = top + lane * Math.max(1, keys.length) + 4;
@@ -471,6 +470,17 @@ function renderTimeline() {
   root.setAttribute("width", width);
   root.setAttribute("height", height);
   root.replaceChildren();
+  // The name column is as wide as the longest name, within a third of the width; longer
+  // names are shortened in the middle.
+  const probe = svg("text", { class: "lane-label" });
+  root.append(probe);
+  let longest = 0;
+  for (const key of keys) {
+    probe.textContent = key;
+    longest = Math.max(longest, textWidth(probe));
+  }
+  probe.remove();
+  const label = Math.max(120, Math.min(longest + 16, width / 3));
   const now = nowS();
   // Nothing is known from before the proxy started (unless the history store had it): the
   // axis starts there rather than showing an empty stretch.
@@ -493,9 +503,13 @@ function renderTimeline() {
   keys.forEach((key, i) => {
     const y = top + i * lane;
     const g = svg("g", { class: "lane", "data-model": key });
-    const name = svg("text", { x: 4, y: y + lane / 2 + 4, class: "lane-label" });
-    name.textContent = key.length > 28 ? `…${key.slice(-27)}` : key;
-    g.append(name, svg("line", { x1: label, x2: width - 8, y1: y + lane, y2: y + lane, class: "lane-sep" }));
+    root.append(g);   // in the document first: its texts are measured as they are placed
+    const name = svg("text", { x: 4, y: y + lane / 2 + 4, class: "lane-label", "data-full": key });
+    const shown = svg("tspan");
+    name.append(shown, title(key));   // the whole name on hover, however it was shortened
+    g.append(name);
+    fitText(shown, key, label - 12);
+    g.append(svg("line", { x1: label, x2: width - 8, y1: y + lane, y2: y + lane, class: "lane-sep" }));
     const m = models[key] || {};
     const c = colour(key);
     const dens = (m.density || []).filter((d) => d[0] + 60 >= since);
@@ -536,20 +550,62 @@ function renderTimeline() {
       r.append(title(`${n} × 503 at ${new Date(t * 1000).toLocaleTimeString()}`));
       g.append(r);
     }
+    // Eviction labels never overlap: each goes right of its mark, else left, else in a
+    // shorter form, else not at all (the mark's tooltip still says everything).
+    const taken = [];
+    const free = (a, b) => a >= label && b <= width - 8 && taken.every(([l, r]) => b + 4 <= l || a >= r + 4);
     for (const [t, reason, forModel] of m.evictions || []) {
       if (t < since) continue;
       const text = `evicted: ${reason}${forModel ? ` for ${forModel}` : ""}`;
       const mark = svg("g", { class: "evict-mark", "data-model": key, "data-reason": reason, "data-for": forModel || "" });
       mark.append(svg("line", { x1: x(t), x2: x(t), y1: y + 2, y2: y + lane - 2 }),
-                  svg("path", { d: `M${x(t) - 4},${y + 2} L${x(t) + 4},${y + 2} L${x(t)},${y + 8} Z` }));
-      const right = x(t) > width - 160;   // near the right edge: label on the left of the mark
-      const lbl = svg("text", { x: right ? x(t) - 5 : x(t) + 5, y: y + lane / 2 + 4, class: "evict-label", "text-anchor": right ? "end" : "start" });
-      lbl.textContent = forModel ? `${reason} → ${forModel.split("/").pop()}` : reason;
-      mark.append(lbl, title(`${text} at ${new Date(t * 1000).toLocaleTimeString()}`));
+                  svg("path", { d: `M${x(t) - 4},${y + 2} L${x(t) + 4},${y + 2} L${x(t)},${y + 8} Z` }),
+                  title(`${text} at ${new Date(t * 1000).toLocaleTimeString()}`));
       g.append(mark);
+      const lbl = svg("text", { y: y + lane / 2 + 4, class: "evict-label" });
+      mark.append(lbl);
+      const forName = forModel ? forModel.split("/").pop() : "";
+      const short = forName.length > 24 ? `${forName.slice(0, 11)}…${forName.slice(-12)}` : forName;
+      const forms = forModel ? [`${reason} → ${short}`, reason] : [reason];
+      let placed = false;
+      for (const form of forms) {
+        lbl.textContent = form;
+        const w = textWidth(lbl);
+        for (const [a, b, anchor] of [[x(t) + 5, x(t) + 5 + w, "start"], [x(t) - 5 - w, x(t) - 5, "end"]]) {
+          if (free(a, b)) {
+            lbl.setAttribute("x", anchor === "start" ? a : b);
+            lbl.setAttribute("text-anchor", anchor);
+            taken.push([a, b]);
+            placed = true;
+            break;
+          }
+        }
+        if (placed) break;
+      }
+      if (!placed) lbl.remove();
+      taken.push([x(t) - 4, x(t) + 4]);   // the mark itself: later labels keep off it
     }
-    root.append(g);
   });
+}
+
+// Text widths in px as drawn; an estimate while the SVG is not rendered (hidden panel).
+function textWidth(node) {
+  const w = node.getComputedTextLength ? node.getComputedTextLength() : 0;
+  return w > 0 ? w : node.textContent.length * 6.5;
+}
+
+// Shorten text in its middle until it fits maxPx (a model key's publisher and its tail both
+// tell models apart); the full text stays in data-full and in a <title>.
+function fitText(node, text, maxPx) {
+  node.textContent = text;
+  if (textWidth(node) <= maxPx) return;
+  let keep = text.length - 1;
+  while (keep > 4) {
+    const head = Math.ceil(keep / 2);
+    node.textContent = `${text.slice(0, head)}…${text.slice(text.length - (keep - head))}`;
+    if (textWidth(node) <= maxPx) return;
+    keep -= 1;
+  }
 }
 
 function title(text) {

@@ -1,0 +1,101 @@
+"""`python -m proxy --demo` as a new user runs it: the banner's examples work when pasted into
+a shell (with client keys too, the key coming from the environment, never printed), and the
+emulator's port can be fixed."""
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import sys
+from pathlib import Path
+
+import aiohttp
+
+from proxy.cli import _demo_banner, build_parser
+from proxy.keys import CONFIG
+from .conftest import proxy_config
+
+ROOT = Path(__file__).parent.parent
+ALICE = "sk-alice-0123456789"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def examples(banner: str) -> list[str]:
+    """The shell commands of the banner's "Try it" part, continuation lines joined."""
+    part = banner.split("Try it:")[1].split("Watch it work:")[0]
+    text = part.replace("\\\n", "")
+    return [line.strip() for line in text.splitlines()
+            if line.strip() and not line.strip().startswith(("export", "pip"))]
+
+
+async def sh(command: str, env: dict[str, str]) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        "bash", "-c", command, env=env, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT)
+    out, _ = await proc.communicate()
+    return proc.returncode or 0, out.decode()
+
+
+def shell_env(**extra: str) -> dict[str, str]:
+    # `python` in the banner is the one with the SDK installed, as the install line asks
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    return {"PATH": path, "HOME": os.environ.get("HOME", "/tmp"), **extra}
+
+
+def test_the_banner_says_to_install_the_sdk_before_using_it():
+    banner = _demo_banner("http://127.0.0.1:8080", "http://127.0.0.1:1234",
+                          proxy_config("http://127.0.0.1:1234"))
+    assert banner.index("pip install openai") < banner.index("from openai import")
+
+
+async def test_with_client_keys_the_examples_carry_the_key_from_the_environment(
+        make_proxy, emulator):
+    proxy = await make_proxy(emulator.url, **{"auth.keys": [{"name": "alice", "key": ALICE}]})
+    banner = _demo_banner(proxy.url, emulator.url, proxy.app[CONFIG])
+    assert ALICE not in banner and "PROXY_API_KEY" in banner
+    curl, sdk = examples(banner)
+    code, out = await sh(curl + " --fail-with-body -sS", shell_env(PROXY_API_KEY=ALICE))
+    assert code == 0 and '"choices"' in out, out
+    code, out = await sh(sdk, shell_env(PROXY_API_KEY=ALICE))
+    assert code == 0 and out.strip(), out
+    code, out = await sh(sdk, shell_env(PROXY_API_KEY="sk-wrong"))
+    assert code != 0 and "401" in out
+
+
+async def test_the_demo_runs_its_emulator_on_the_port_given(tmp_path):
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PROXY_")}
+    env["HOME"] = str(tmp_path)                       # the demo's history goes here
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "--demo", "--port", "0", "--demo-upstream-port",
+        str(port), cwd=tmp_path, env=env, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL)
+    try:
+        assert proc.stdout is not None
+        banner = ""
+        while "Stop with Ctrl-C" not in banner:
+            line = await proc.stdout.readline()
+            assert line, f"the demo ended early:\n{banner}"
+            banner += line.decode()
+        assert f"LM Studio emulator on http://127.0.0.1:{port}" in banner
+        async with aiohttp.ClientSession() as http, \
+                http.get(f"http://127.0.0.1:{port}/v1/models") as r:
+            assert r.status == 200
+        for command in examples(banner):
+            code, out = await sh(command, shell_env())
+            assert code == 0, out
+    finally:
+        proc.terminate()
+        await proc.wait()
+
+
+def test_the_demo_upstream_port_is_documented_and_needs_demo(capsys):
+    assert "--demo-upstream-port" in build_parser().format_help()
+    from proxy.cli import main
+    assert main(["--demo-upstream-port", "1234", "--check"], {}) == 2
+    assert "only with --demo" in capsys.readouterr().err

@@ -1,0 +1,56 @@
+"""`python -m proxy status` finds the proxy the way `healthcheck` does (the config's port, the
+admin token from the config or its environment variable) and names a refusal as a refusal."""
+from __future__ import annotations
+
+import asyncio
+
+from proxy.cli import main
+
+ADMIN = "admin-0123456789"
+GUARD = {"auth.keys": [{"name": "alice", "key": "sk-alice-0123456789"}],
+         "auth.admin_token": ADMIN}
+
+
+def port_of(url: str) -> int:
+    return int(url.rsplit(":", 1)[1])
+
+
+async def status(argv: list[str], environ: dict[str, str]) -> int:
+    return await asyncio.to_thread(main, ["status", *argv], environ)
+
+
+async def test_status_follows_the_configured_port(tmp_path, proxy, capsys):
+    path = tmp_path / "proxy.yaml"
+    path.write_text(f"server: {{host: 0.0.0.0, port: {port_of(proxy.url)}}}\n")
+    assert await status(["--config", str(path)], {}) == 0
+    assert "pressure" in capsys.readouterr().out
+    assert await status([], {"PROXY_CONFIG": str(path)}) == 0     # as the server reads it
+    path.write_text("server: {port: 1}\n")
+    assert await status(["--config", str(path)], {}) == 1
+    assert "127.0.0.1:1" in capsys.readouterr().out
+
+
+async def test_status_takes_the_admin_token_from_the_config_or_its_variable(
+        tmp_path, make_proxy, emulator, capsys):
+    guarded = await make_proxy(emulator.url, **GUARD, **{"auth.read_only_access": "admin"})
+    path = tmp_path / "proxy.yaml"
+    path.write_text(f"server: {{port: {port_of(guarded.url)}}}\n"
+                    f"auth: {{admin_token: {ADMIN}}}\n")
+    assert await status(["--config", str(path)], {}) == 0
+    path.write_text(f"server: {{port: {port_of(guarded.url)}}}\n"
+                    "auth: {admin_token_env: PROXY_TEST_ADMIN}\n")
+    assert await status(["--config", str(path)], {"PROXY_TEST_ADMIN": ADMIN}) == 0
+    assert "pressure" in capsys.readouterr().out
+
+
+async def test_a_401_says_unauthorised_and_how_to_pass_the_token(make_proxy, emulator, capsys,
+                                                                 tmp_path):
+    guarded = await make_proxy(emulator.url, **GUARD)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("{}\n")
+    assert await status(["--url", guarded.url, "--config", str(empty)], {}) == 1
+    out = capsys.readouterr().out
+    assert "unauthorised (401)" in out and "pass the admin token" in out
+    assert "cannot reach" not in out
+    assert await status(["--url", guarded.url], {"PROXY_API_KEY": "sk-wrong"}) == 1
+    assert "the key given was refused" in capsys.readouterr().out
