@@ -104,6 +104,23 @@ async def test_an_unload_is_forgotten_at_once_too(emulator, tmp_path, engine):
     again.close()
 
 
+async def test_a_failed_ownership_write_does_not_undo_a_later_unload(emulator, tmp_path,
+                                                                    engine):
+    mgr = await engine(emulator.url, store=UsageStore(tmp_path / "history.sqlite3"))
+    acc = mgr.accounting
+    acc.remember_owned(mgr.entry(MODEL), "x-1", {})
+    mgr.store._db.execute("PRAGMA query_only = 1")   # the disk refuses writes for a while
+    write = asyncio.create_task(acc.commit_ownership())
+    await asyncio.sleep(0)                           # the write is under way...
+    acc.forget_owned(("x-1",))                       # ...when the instance goes
+    await write
+    mgr.store._db.execute("PRAGMA query_only = 0")
+    await mgr.flush()
+    again = UsageStore(mgr.store.path)
+    assert again.open() and again.load(emulator.url)["owned"] == {}
+    again.close()
+
+
 # -- 9: a load that completes after its timeout is the proxy's -------------------------------
 async def test_a_late_load_nobody_waits_for_is_adopted_and_unloaded(lab, engine):
     gate = lab.state.faults.load_gate[A] = asyncio.Event()   # LM Studio stalls...
