@@ -10,7 +10,7 @@ import logging
 import sqlite3
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import orjson
 
@@ -43,6 +43,10 @@ MIGRATIONS: list[str] = [
     # 3: what the engine learned of each model's use (engine.learning)
     """
     CREATE TABLE patterns (model TEXT PRIMARY KEY, snapshot BLOB NOT NULL);
+    """,
+    # 4: a lower bound on a footprint: the memory LM Studio refused to load the model in
+    """
+    ALTER TABLE footprints ADD COLUMN footprint_floor_bytes REAL;
     """,
 ]
 
@@ -104,8 +108,10 @@ class UsageStore:
             stats = {m: orjson.loads(s) for m, s in
                      self._db.execute("SELECT model, snapshot FROM model_stats")}
             footprints = {r[0]: {"footprint_bytes": r[1], "samples": r[2], "load_time_s": r[3],
-                                 "load_count": r[4]}
-                          for r in self._db.execute("SELECT * FROM footprints")}
+                                 "load_count": r[4], "footprint_floor_bytes": r[5]}
+                          for r in self._db.execute(
+                              "SELECT model, footprint_bytes, samples, load_time_s, "
+                              "load_count, footprint_floor_bytes FROM footprints")}
             owned = {r[0]: {"model": r[1], "load_config": orjson.loads(r[2]), "loaded_at": r[3]}
                      for r in self._db.execute(
                          "SELECT instance_id, model, load_config, loaded_at FROM owned_instances "
@@ -120,35 +126,54 @@ class UsageStore:
               owned_add: dict[str, dict[str, Any]] | None = None,
               owned_remove: set[str] | None = None,
               patterns: dict[str, dict[str, Any]] | None = None) -> bool:
+        def work(db: sqlite3.Connection) -> None:
+            db.executemany(
+                "INSERT INTO usage_minutes VALUES (?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT(model, minute) DO UPDATE SET "
+                "requests = requests + excluded.requests, "
+                "failures = failures + excluded.failures, "
+                "prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
+                "completion_tokens = completion_tokens + excluded.completion_tokens, "
+                "latency_sum_s = latency_sum_s + excluded.latency_sum_s",
+                [(m, minute, *v) for (m, minute), v in minutes.items()])
+            db.executemany("INSERT OR REPLACE INTO model_stats VALUES (?, ?)",
+                           [(m, orjson.dumps(s)) for m, s in stats.items()])
+            db.executemany("INSERT OR REPLACE INTO footprints VALUES (?, ?, ?, ?, ?, ?)",
+                           [(m, f["footprint_bytes"], f["samples"], f["load_time_s"],
+                             f["load_count"], f.get("footprint_floor_bytes"))
+                            for m, f in footprints.items()])
+            db.executemany("INSERT OR REPLACE INTO patterns VALUES (?, ?)",
+                           [(m, orjson.dumps(p)) for m, p in (patterns or {}).items()])
+            self._write_owned(db, upstream, owned_add, owned_remove)
+            db.execute("DELETE FROM usage_minutes WHERE minute < ?",
+                       (now_minute - int(self.retention_days * 1440),))
+        return self._transaction(work)
+
+    def write_owned(self, upstream: str, owned_add: dict[str, dict[str, Any]],
+                    owned_remove: set[str]) -> bool:
+        """Ownership changes alone, committed at once: they must survive a crash that comes
+        before the next batched write."""
+        return self._transaction(
+            lambda db: self._write_owned(db, upstream, owned_add, owned_remove))
+
+    @staticmethod
+    def _write_owned(db: sqlite3.Connection, upstream: str,
+                     owned_add: dict[str, dict[str, Any]] | None,
+                     owned_remove: set[str] | None) -> None:
+        db.executemany("DELETE FROM owned_instances WHERE upstream = ? AND "
+                       "instance_id = ?", [(upstream, i) for i in owned_remove or ()])
+        db.executemany("INSERT OR REPLACE INTO owned_instances VALUES (?, ?, ?, ?, ?)",
+                       [(upstream, i, o["model"], orjson.dumps(o["load_config"]),
+                         o["loaded_at"]) for i, o in (owned_add or {}).items()])
+
+    def _transaction(self, work: Callable[[sqlite3.Connection], None]) -> bool:
         if self._db is None:
             return False
         try:
             with self._lock:
                 db = self._db
                 db.execute("BEGIN")
-                db.executemany(
-                    "INSERT INTO usage_minutes VALUES (?, ?, ?, ?, ?, ?, ?) "
-                    "ON CONFLICT(model, minute) DO UPDATE SET "
-                    "requests = requests + excluded.requests, "
-                    "failures = failures + excluded.failures, "
-                    "prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
-                    "completion_tokens = completion_tokens + excluded.completion_tokens, "
-                    "latency_sum_s = latency_sum_s + excluded.latency_sum_s",
-                    [(m, minute, *v) for (m, minute), v in minutes.items()])
-                db.executemany("INSERT OR REPLACE INTO model_stats VALUES (?, ?)",
-                               [(m, orjson.dumps(s)) for m, s in stats.items()])
-                db.executemany("INSERT OR REPLACE INTO footprints VALUES (?, ?, ?, ?, ?)",
-                               [(m, f["footprint_bytes"], f["samples"], f["load_time_s"],
-                                 f["load_count"]) for m, f in footprints.items()])
-                db.executemany("INSERT OR REPLACE INTO patterns VALUES (?, ?)",
-                               [(m, orjson.dumps(p)) for m, p in (patterns or {}).items()])
-                db.executemany("DELETE FROM owned_instances WHERE upstream = ? AND "
-                               "instance_id = ?", [(upstream, i) for i in owned_remove or ()])
-                db.executemany("INSERT OR REPLACE INTO owned_instances VALUES (?, ?, ?, ?, ?)",
-                               [(upstream, i, o["model"], orjson.dumps(o["load_config"]),
-                                 o["loaded_at"]) for i, o in (owned_add or {}).items()])
-                db.execute("DELETE FROM usage_minutes WHERE minute < ?",
-                           (now_minute - int(self.retention_days * 1440),))
+                work(db)
                 db.execute("COMMIT")
         except sqlite3.Error as exc:
             if self._db is not None and self._db.in_transaction:

@@ -2,9 +2,12 @@
 
 Persisted (through `store.UsageStore`, off the event loop, in batches):
 - per-minute usage history and per-model statistics snapshots;
-- learned footprints and load times, keyed by upstream identity (URL | model key | load
-  options), so that what a demo's emulator taught is never applied to a real LM Studio;
-- the instances this proxy loaded, so that a restarted proxy still owns them;
+- learned footprints, their lower bounds (from out-of-memory refusals) and load times, keyed
+  by upstream identity (URL | model key | load options), so that what a demo's emulator taught
+  is never applied to a real LM Studio;
+- the instances this proxy loaded, so that a restarted proxy still owns them. These are
+  committed at once (`commit_ownership`), not with the batch: a crash moments after a load
+  must not turn the proxy's model into someone else's;
 - the usage patterns the engine learned (engine.learning).
 """
 from __future__ import annotations
@@ -94,6 +97,7 @@ class Accounting:
         if saved is not None:
             e.footprint_bytes, e.footprint_samples = saved["footprint_bytes"], saved["samples"]
             e.load_time_s, e.load_count = saved["load_time_s"], saved["load_count"]
+            e.footprint_floor_bytes = saved.get("footprint_floor_bytes")
 
     # -- ownership ---------------------------------------------------------------------------
     def remember_owned(self, e: ModelEntry, instance_id: str, load_config: dict) -> None:
@@ -107,6 +111,25 @@ class Accounting:
             if self.owned_instances.pop(i, None) is not None:
                 self._owned_add.pop(i, None)
                 self._owned_remove.add(i)
+
+    async def commit_ownership(self) -> None:
+        """Write the ownership changes not yet written, now and in their own transaction.
+        A failed write keeps them for the next flush."""
+        if self.store is None or self.store._db is None or \
+                not (self._owned_add or self._owned_remove):
+            return
+        owned_add, self._owned_add = self._owned_add, {}
+        owned_remove, self._owned_remove = self._owned_remove, set()
+        if not await asyncio.to_thread(self.store.write_owned, self._upstream_url(),
+                                       owned_add, owned_remove):
+            self._keep_ownership(owned_add, owned_remove)
+
+    def _keep_ownership(self, owned_add: dict[str, dict[str, Any]],
+                        owned_remove: set[str]) -> None:
+        """A write failed: merge what it held under what changed since (newer wins)."""
+        older = {i: o for i, o in owned_add.items() if i not in self._owned_remove}
+        self._owned_add = {**older, **self._owned_add}
+        self._owned_remove |= owned_remove - set(self._owned_add)
 
     def owns(self, key: str, instance_ids: tuple[str, ...]) -> bool:
         """True when every listed instance of key is one this proxy loaded."""
@@ -149,7 +172,8 @@ class Accounting:
         footprints = {self.identity(k): {"footprint_bytes": e.footprint_bytes,
                                          "samples": e.footprint_samples,
                                          "load_time_s": e.load_time_s,
-                                         "load_count": e.load_count}
+                                         "load_count": e.load_count,
+                                         "footprint_floor_bytes": e.footprint_floor_bytes}
                       for k in self._dirty_footprints if (e := self.registry.entries.get(k))}
         owned_add, self._owned_add = self._owned_add, {}
         owned_remove, self._owned_remove = self._owned_remove, set()
@@ -166,8 +190,7 @@ class Accounting:
                     mine[i] += v
             self._dirty_stats |= dirty_stats
             self._dirty_footprints |= dirty_footprints
-            self._owned_add = {**owned_add, **self._owned_add}
-            self._owned_remove |= owned_remove - set(self._owned_add)
+            self._keep_ownership(owned_add, owned_remove)
             self.learner.dirty |= dirty_patterns
 
     async def close(self) -> None:

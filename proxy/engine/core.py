@@ -82,7 +82,7 @@ class EngineCore:
         self.monitor = MemoryMonitor(config, sampler or default_sampler(config, r.charged_bytes),
                                      self.listeners, reserved_bytes=r.loading_bytes,
                                      on_level=self._pressure_changed)
-        self.reconciler = Reconciler(r, upstream, self.accounting, self.clock,
+        self.reconciler = Reconciler(r, upstream, self.accounting, self.monitor, self.clock,
                                      self._set_status, self._room)
         self.evictor = Evictor(r, self.monitor, upstream, self.accounting, self.listeners,
                                self.clock, self._set_status, self._room, self.learner)
@@ -278,7 +278,8 @@ class EngineCore:
         return await self.evictor.unload_idle()
 
     async def reconcile(self) -> None:
-        await self.reconciler.run()
+        late = await self.reconciler.run()
+        await self.evictor.unload_abandoned(late, lambda key: key in self.scheduler.pending)
         self.scheduler.kick()
 
     async def flush(self) -> None:

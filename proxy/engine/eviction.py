@@ -174,6 +174,9 @@ class Evictor:
         log.info("unloaded %s (%s%s)", e.key, reason, f" for {for_model}" if for_model else "")
         if before is not None and learned:
             await self._await_reclaim(before.available_bytes + 0.5 * learned)
+        else:
+            await self.monitor.sample()   # the memory figures show the unload at once
+        await self.accounting.commit_ownership()
         self._on_room()
         self.listeners.emit("on_unload", e.key, reason)
         return True
@@ -186,6 +189,15 @@ class Evictor:
             if s.available_bytes >= target_available_bytes or self.clock.now() >= deadline:
                 return
             await asyncio.sleep(RECLAIM_POLL_S)
+
+    async def unload_abandoned(self, late: list[ModelEntry],
+                               wanted: Callable[[str], bool]) -> None:
+        """Loads of ours that completed after their requests gave up: unless a request waits
+        for one again (or it is pinned), it goes now rather than sit in memory for nobody."""
+        for e in late:
+            if not (e.busy or wanted(e.key) or self.registry.pinned(e.key)):
+                async with self.lock:
+                    await self.unload(e, "abandoned")
 
     # -- pressure and idleness ---------------------------------------------------------------
     async def relieve(self, *, critical: bool) -> list[str]:

@@ -31,6 +31,9 @@ class ModelStatus(str, enum.Enum):
 S = ModelStatus
 OWNER_PROXY = "proxy"          # loaded by this proxy: it may unload it
 OWNER_EXTERNAL = "external"    # loaded by someone else (GUI, lms, another client)
+# A load the proxy gave up waiting for may still finish on the server for this long after it
+# started; an instance of the model appearing by then is the proxy's.
+UNFINISHED_LOAD_WATCH_S = 900.0
 TRANSITIONS: dict[ModelStatus, frozenset[ModelStatus]] = {
     S.UNLOADED: frozenset({S.LOADING, S.LOADED}),
     S.LOADING: frozenset({S.LOADED, S.ERROR, S.UNLOADED}),
@@ -66,11 +69,14 @@ class ModelEntry:
     heat_at_s: float = 0.0              # when heat was last brought up to date
     footprint_bytes: float | None = None  # learned: mean drop in available memory across loads
     footprint_samples: int = 0
+    # learned: LM Studio refused it for lack of memory with this much free, so it needs more
+    footprint_floor_bytes: float | None = None
     load_time_s: float | None = None    # learned: mean load duration
     load_count: int = 0
     load_failures: int = 0
     retry_at_s: float = 0.0
     last_error: str | None = None
+    unfinished_since_s: float | None = None  # our load got no answer; the server may finish it
     evictions: Counter[str] = field(default_factory=Counter)
     load_task: asyncio.Task | None = None
     settled: asyncio.Event = field(default_factory=asyncio.Event)  # set when not unloading
@@ -88,6 +94,11 @@ class ModelEntry:
     def busy(self) -> int:
         """Leases of either kind, and requests about to take one: never unloaded."""
         return self.leases + self.holds + self.reserved
+
+    def claim_unfinished(self, now_s: float) -> bool:
+        """Is an instance appearing now the late result of a load the proxy started? (Once.)"""
+        since, self.unfinished_since_s = self.unfinished_since_s, None
+        return since is not None and now_s - since < UNFINISHED_LOAD_WATCH_S
 
     def learn_footprint(self, observed_bytes: float) -> None:
         self.footprint_samples += 1

@@ -4,6 +4,15 @@ after evicting when the server refuses for lack of memory, and learn what the lo
 A footprint is learned only from a drop in available memory that the sampler can really see:
 a local sampler, an upstream on this host, no other load or unload in between, and a value
 within PLAUSIBLE_FOOTPRINT of the model's file size. Anything else is noise.
+
+A refusal for lack of memory teaches a lower bound instead (`footprint_floor_bytes`): the model
+needs more than the memory it was refused in. While that bound holds, nothing is evicted for
+the model again (the scheduler refuses it unless it fits as things are), so a model whose file
+understates its memory cannot empty the cache on every retry. A load that succeeds clears it.
+
+The proxy owns what it loads from the moment the load completes: ownership is committed before
+the model serves. A load that timed out may still complete on the server; it is the proxy's
+too (`unfinished_since_s`, claimed here or by the reconcile loop).
 """
 from __future__ import annotations
 
@@ -11,7 +20,7 @@ import asyncio
 import logging
 from typing import Callable
 
-from ..errors import ModelLoadFailed, UpstreamError
+from ..errors import ModelLoadFailed, UpstreamError, UpstreamUnreachable
 from ..upstream.base import LoadResult, ModelBackend
 from .accounting import Accounting
 from .clock import Clock
@@ -56,28 +65,38 @@ class Loader:
         log.info("loading %s (footprint %.1f GB, %s)", e.key,
                  self.registry.footprint_bytes(e) / GB, self.registry.footprint_source(e))
         try:
-            result, adopted = await self._load_or_adopt(e, options)
+            result, loaded_now = await self._load_or_adopt(e, options)
         except BaseException as exc:
             self.monitor.changes += 1
+            if _may_complete_later(exc):
+                e.unfinished_since_s = started_s
             self._fail(e, exc)
+            if not isinstance(exc, asyncio.CancelledError):
+                await self.monitor.sample()   # whatever the attempt left, seen at once
             raise
         self.monitor.changes += 1
         duration_s = self.clock.now() - started_s
+        ours = e.claim_unfinished(self.clock.now()) or loaded_now
         e.instance_ids = (result.instance_id,)
         e.loaded_at_s = e.last_used_at_s = self.clock.now()
         e.load_failures = 0
         e.last_error = None
-        if not adopted:
+        self._fitted(e)
+        if loaded_now:
             e.learn_load_time(result.load_time_s if result.load_time_s else duration_s)
-            self.accounting.remember_owned(e, result.instance_id, options)
-        self._set_status(e, S.LOADED)
-        e.owner = OWNER_EXTERNAL if adopted else OWNER_PROXY
+        try:
+            if ours:
+                self.accounting.remember_owned(e, result.instance_id, options)
+                await self.accounting.commit_ownership()   # durable before it serves
+        finally:                                # even if cancelled meanwhile: it is loaded
+            self._set_status(e, S.LOADED)
+            e.owner = OWNER_PROXY if ours else OWNER_EXTERNAL
         after = await self.monitor.sample()    # the pressure level sees the load at once
         alone = alone and not any(x.status is S.LOADING for x in self.registry if x is not e)
         if before is not None and self.learns_footprints and alone and \
                 changes + 1 == self.monitor.changes:
             self._learn_footprint(e, before, after)
-        if not adopted:
+        if loaded_now:
             self.accounting.footprint_changed(e)
         log.info("loaded %s in %.2fs", e.key, duration_s)
         self.listeners.emit("on_load", e.key, duration_s, True)
@@ -91,8 +110,10 @@ class Loader:
         e.loaded_at_s = e.last_used_at_s = now
         e.load_failures, e.last_error = 0, None
         e.learn_load_time(duration_s)
+        self._fitted(e)
         self._set_status(e, S.LOADED)
         e.owner = owner
+        self.monitor.sample_soon()
         log.info("%s loaded by %s in %.2fs", e.key, owner, duration_s)
         self.listeners.emit("on_load", e.key, duration_s, True)
 
@@ -103,6 +124,13 @@ class Loader:
     def mediated_failed(self, e: ModelEntry, exc: BaseException) -> None:
         self.monitor.changes += 1
         self._fail(e, exc)
+        self.monitor.sample_soon()
+
+    def _fitted(self, e: ModelEntry) -> None:
+        """It loaded: a lower bound learned from a refusal is revised by the facts."""
+        if e.footprint_floor_bytes is not None:
+            e.footprint_floor_bytes = None
+            self.accounting.footprint_changed(e)
 
     def _learn_footprint(self, e: ModelEntry, before: MemorySample, after: MemorySample
                          ) -> None:
@@ -117,24 +145,59 @@ class Loader:
                      "file; footprint not learned", e.key, drop / GB, e.size_bytes / GB)
 
     async def _load_or_adopt(self, e: ModelEntry, options: dict) -> tuple[LoadResult, bool]:
-        """Load e, or adopt it (True) when someone loaded it meanwhile: asking LM Studio to
+        """Load e (True), or adopt it (False) when it is loaded already: asking LM Studio to
         load a loaded model would create a duplicate instance."""
         current = await self._upstream_instances(e.key)
         if current:
-            return LoadResult(current[0], None), True
+            return LoadResult(current[0], None), False
         try:
-            return await self.backend.load(e.key, options), False
+            return await self.backend.load(e.key, options), True
         except ModelLoadFailed as exc:
             if not exc.out_of_memory:
                 raise
+            known = self.registry.footprint_floor_bytes(e) is not None
+            need = self.registry.footprint_bytes(e)
+            floor, ceiling = await self._learn_floor(e)
+            if known or floor >= ceiling:
+                # Known to fail already, or evicting everything would not make enough room.
+                raise self._refused(e, exc) from None
             log.warning("%s refused for lack of memory; evicting and retrying once", e.key)
             async with self.evictor.lock:
-                freed = await self.evictor.evict_for(
-                    self.registry.footprint_bytes(e), exclude=e.key, critical=True,
-                    reason="admission", partial=True)
+                freed = await self.evictor.evict_for(need, exclude=e.key, critical=True,
+                                                     reason="admission", partial=True)
             if not freed:
+                raise self._refused(e, exc) from None
+        try:
+            return await self.backend.load(e.key, options), True
+        except ModelLoadFailed as exc:
+            if not exc.out_of_memory:
                 raise
-            return await self.backend.load(e.key, options), False
+            await self._learn_floor(e)
+            raise self._refused(e, exc) from None
+
+    async def _learn_floor(self, e: ModelEntry) -> tuple[float, float]:
+        """LM Studio refused e for lack of memory: it needs more than the memory it could have
+        used just now. Returns (that bound, the most any one model may take)."""
+        own = self.registry.footprint_bytes(e)
+        s = await self.monitor.sample()
+        if self.monitor.sampler.local:          # other loads in flight will take theirs
+            room = s.available_bytes - (self.registry.loading_bytes() - own)
+        else:                                   # a budget charges this load while it runs
+            room = s.available_bytes + own
+        floor = max(room, e.footprint_floor_bytes or 0.0)
+        e.footprint_floor_bytes = floor
+        self.accounting.footprint_changed(e)
+        log.warning("%s was refused for lack of memory with %.1f GB free for it: it needs "
+                    "more than that", e.key, floor / GB)
+        return floor, self.monitor.ceiling_bytes(s)
+
+    def _refused(self, e: ModelEntry, exc: ModelLoadFailed) -> ModelLoadFailed:
+        floor = e.footprint_floor_bytes or 0.0
+        return ModelLoadFailed(
+            f"{exc.message} It needs more than the {floor / GB:.1f} GB that were free for it; "
+            f"no model will be evicted for it again until its footprint is revised (set "
+            f"models.{e.key}.footprint_gb to its real need, or free memory so that more than "
+            f"{floor / GB:.1f} GB are available).")
 
     async def _upstream_instances(self, key: str) -> tuple[str, ...]:
         try:
@@ -158,3 +221,9 @@ class Loader:
         self._set_status(e, S.ERROR)
         log.warning("loading %s failed: %s", e.key, e.last_error)
         self.listeners.emit("on_load", e.key, 0.0, False)
+
+
+def _may_complete_later(exc: BaseException) -> bool:
+    """The load request reached the server but its answer did not come back (a timeout, a
+    connection cut): the server may still finish the load."""
+    return isinstance(exc, UpstreamError) and not isinstance(exc, UpstreamUnreachable)

@@ -28,6 +28,7 @@ class MemoryMonitor:
         self._on_level = on_level
         self.last_sample: MemorySample | None = None
         self.changes = 0     # loads and unloads finished: a footprint is learned only alone
+        self._soon: set[asyncio.Task] = set()
         self.apply_config(config)
 
     def apply_config(self, config: Config) -> None:
@@ -58,6 +59,17 @@ class MemoryMonitor:
                 self._on_level(new)
         self.listeners.emit("on_memory", s, new.value)
         return s
+
+    def sample_soon(self) -> None:
+        """Sample for a caller that cannot wait (a load reported by a callback)."""
+        task = asyncio.create_task(self.sample(), name="memory-sample")
+        self._soon.add(task)
+        task.add_done_callback(self._sampled)
+
+    def _sampled(self, task: asyncio.Task) -> None:
+        self._soon.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("sampling memory failed: %r", task.exception())
 
     def headroom(self, s: MemorySample) -> float:
         """Bytes a new load may take now."""

@@ -2,7 +2,9 @@
 
 Models loaded or unloaded by others (the GUI, `lms`, a restart of LM Studio) are noticed here.
 A loaded instance that this proxy loaded before a restart of its own (remembered by
-accounting, with its load options) is re-adopted as the proxy's; any other is someone else's.
+accounting, with its load options) is re-adopted as the proxy's, and so is one that a load the
+proxy gave up waiting for completed late (`ModelEntry.unfinished_since_s`); any other is
+someone else's.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from ..upstream.base import ApiLevel, ModelBackend, UpstreamModel
 from .accounting import Accounting
 from .clock import Clock
 from .lifecycle import OWNER_EXTERNAL, OWNER_PROXY, ModelEntry, ModelStatus
+from .monitor import MemoryMonitor
 from .registry import Registry
 
 log = logging.getLogger("proxy.engine")
@@ -22,9 +25,11 @@ S = ModelStatus
 
 class Reconciler:
     def __init__(self, registry: Registry, backend: ModelBackend, accounting: Accounting,
-                 clock: Clock, set_status: Callable[[ModelEntry, ModelStatus], None],
+                 monitor: MemoryMonitor, clock: Clock,
+                 set_status: Callable[[ModelEntry, ModelStatus], None],
                  on_room: Callable[[], None]) -> None:
         self.registry = registry
+        self.monitor = monitor
         self.backend = backend
         self.accounting = accounting
         self.clock = clock
@@ -45,7 +50,9 @@ class Reconciler:
     def failure(self) -> UpstreamError:
         return self.error_type(self.upstream_error or "the upstream has not answered")
 
-    async def run(self) -> None:
+    async def run(self) -> list[ModelEntry]:
+        """Align with the server. Returns the models that are late results of the proxy's own
+        loads (whoever waited for them may have gone)."""
         self.last_run_s = self.clock.now()
         epoch = self.status_epoch
         try:
@@ -60,12 +67,19 @@ class Reconciler:
                 log.warning("upstream unavailable: %s", exc.message)
             self.upstream_ok, self.upstream_error = False, exc.message
             self.error_type = type(exc)
-            return
+            return []
         self.upstream_ok, self.upstream_error = True, None
+        changed: list[ModelEntry] = []
+        late: list[ModelEntry] = []
         for m in models:
-            self._one(m, epoch)
+            self._one(m, epoch, changed, late)
+        if changed:
+            await self.accounting.commit_ownership()
+            await self.monitor.sample()     # the memory figures show what others changed
+        return late
 
-    def _one(self, m: UpstreamModel, epoch: int) -> None:
+    def _one(self, m: UpstreamModel, epoch: int, changed: list[ModelEntry],
+             late: list[ModelEntry]) -> None:
         e, new = self.registry.ensure(m.key)
         if new:
             self.accounting.apply_learned(e)
@@ -76,11 +90,21 @@ class Reconciler:
             e.instance_ids = m.instance_ids
             if e.status in (S.UNLOADED, S.ERROR):
                 self._set_status(e, S.LOADED)
+                changed.append(e)
                 e.loaded_at_s = e.last_used_at_s = self.clock.now()
                 if self.accounting.owns(e.key, m.instance_ids):
                     e.owner = OWNER_PROXY
                     log.info("%s is still loaded from before a restart; it is the proxy's",
                              m.key)
+                elif e.claim_unfinished(self.clock.now()):
+                    e.owner = OWNER_PROXY
+                    e.load_failures, e.last_error = 0, None   # it did load, if late
+                    options = dict(self.registry.config.model(e.key).load)
+                    for instance_id in m.instance_ids:
+                        self.accounting.remember_owned(e, instance_id, options)
+                    late.append(e)
+                    log.info("%s finished loading after the proxy stopped waiting for it; it "
+                             "is the proxy's", m.key)
                 else:
                     e.owner = OWNER_EXTERNAL
                     log.info("%s was loaded outside the proxy", m.key)
@@ -88,4 +112,5 @@ class Reconciler:
             log.info("%s was unloaded outside the proxy", m.key)
             self.accounting.forget_owned(e.instance_ids)
             self._set_status(e, S.UNLOADED)
+            changed.append(e)
             self._on_room()

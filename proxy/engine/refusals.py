@@ -63,9 +63,21 @@ class Refusals:
             f"{free / GB:.1f} GB may be used now){when}. Memory is held by: {held}.{hint}",
             retry_after_s=retry_after_s)
 
+    def hopeless(self, e: ModelEntry, need: float, s: MemorySample
+                 ) -> InsufficientMemory | None:
+        """The refusal of a load that neither waiting nor evicting can help: above the
+        ceiling, or known to fail in the memory it may use now (None: it may go on)."""
+        ceiling = self.monitor.ceiling_bytes(s)
+        if need > ceiling:
+            return self.too_large(e, need, ceiling, s,
+                                  self.registry.config.memory.sampler == "budget")
+        return self.known_to_fail(e, self.monitor.headroom(s))
+
     def too_large(self, e: ModelEntry, need: float, ceiling: float, s: MemorySample,
                   budget: bool) -> ModelTooLarge:
-        how = {"configured": f"models.{e.key}.footprint_gb",
+        floor = e.footprint_floor_bytes or 0.0
+        how = {"refused": f"LM Studio refused to load it with {floor / GB:.1f} GB free for it",
+               "configured": f"models.{e.key}.footprint_gb",
                "learned": "measured across earlier loads",
                "estimated": f"estimated as its {(e.size_bytes or 0) / GB:.1f} GB file × "
                             f"memory.footprint_factor"}[self.registry.footprint_source(e)]
@@ -76,3 +88,19 @@ class Refusals:
             f"(set by {limit}). It can never be loaded here: change {limit}"
             f"{' or memory.budget_gb' if budget else ''}, or set models.{e.key}.footprint_gb "
             f"if the estimate is wrong.")
+
+    def known_to_fail(self, e: ModelEntry, headroom: float) -> InsufficientMemory | None:
+        """The refusal when the server refused e for lack of memory with at least `headroom`
+        free for it: loading it would fail again, and evicting for it would empty memory for
+        nothing (None: it may be tried)."""
+        floor = self.registry.footprint_floor_bytes(e)
+        if floor is None or headroom > floor:
+            return None
+        size = f" (its file is {e.size_bytes / GB:.1f} GB)" if e.size_bytes else ""
+        return InsufficientMemory(
+            f"'{printable(e.key)}' needs more than {floor / GB:.1f} GB{size}: LM Studio "
+            f"refused to load it for lack of memory with that much free for it. "
+            f"{max(0.0, headroom) / GB:.1f} GB may be used now, and no model is evicted for it "
+            f"again until its footprint is revised: set models.{e.key}.footprint_gb to its "
+            f"real need (then it is loaded like any other model, evicting what it must), or "
+            f"free memory so that more than {floor / GB:.1f} GB are available.")

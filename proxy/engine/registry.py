@@ -99,7 +99,12 @@ class Registry:
         return None if override is None else override * GB
 
     def footprint_bytes(self, e: ModelEntry) -> float:
-        """Configured, else learned, else estimated from the file size."""
+        """Configured, else learned, else estimated from the file size; never below what the
+        server refused to load it in."""
+        stated, floor = self._stated_footprint_bytes(e), e.footprint_floor_bytes
+        return stated if floor is None else max(stated, floor)
+
+    def _stated_footprint_bytes(self, e: ModelEntry) -> float:
         configured = self.configured_footprint_bytes(e.key)
         if configured is not None:
             return configured
@@ -109,7 +114,17 @@ class Registry:
             return e.size_bytes * self.config.memory.footprint_factor
         return DEFAULT_FOOTPRINT_BYTES
 
+    def footprint_floor_bytes(self, e: ModelEntry) -> float | None:
+        """The memory the server refused to load e in, while no configured or measured
+        footprint above it has revised it: e is known to fail in that much."""
+        floor = e.footprint_floor_bytes
+        if floor is None or self._stated_footprint_bytes(e) > floor:
+            return None
+        return floor
+
     def footprint_source(self, e: ModelEntry) -> str:
+        if self.footprint_floor_bytes(e) is not None:
+            return "refused"
         if self.config.model(e.key).footprint_gb is not None:
             return "configured"
         return "learned" if e.footprint_bytes is not None else "estimated"

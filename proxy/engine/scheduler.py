@@ -13,10 +13,11 @@ Order of a pass: loads past `fairness_s`, oldest first; then the others by how m
 wait for them (most first), then by age.
 
 Refusals: a load that can never fit (its footprint above the ceiling) fails at once with
-`model_too_large`; one blocked only by what will not go by itself (pinned models, models that
-are not ours, memory of other processes) fails at once with `insufficient_memory`; one blocked
-by what will go (models serving, loading, inside their residency) waits up to
-`eviction.queue_timeout_s`. Each refusal names what holds the memory and why.
+`model_too_large`; one known to fail in the memory it may use (engine.loader), or blocked only
+by what will not go by itself (pinned models, models that are not ours, memory of other
+processes), fails at once with `insufficient_memory`; one blocked by what will go (models
+serving, loading, inside their residency) waits up to `eviction.queue_timeout_s`. Each refusal
+names what holds the memory and why.
 """
 from __future__ import annotations
 
@@ -298,10 +299,9 @@ class Scheduler:
             return False, None              # an unload of it first finishes
         need = self.registry.footprint_bytes(e)
         sample = await self.monitor.sample()
-        ceiling = self.monitor.ceiling_bytes(sample)
-        if need > ceiling:
-            self._finish(p, self.refusals.too_large(e, need, ceiling, sample,
-                                                    self.config.memory.sampler == "budget"))
+        hopeless = self.refusals.hopeless(e, need, sample)   # then wait and evict for nothing
+        if hopeless is not None:
+            self._finish(p, hopeless)
             return True, None
         headroom = self.monitor.headroom(sample)
         short = need - headroom
