@@ -43,7 +43,9 @@ class ClientKey:
 
 
 def _digest(secret: str) -> bytes:
-    return hashlib.sha256(secret.encode("utf-8")).digest()
+    # A header's bytes that are not UTF-8 arrive as lone surrogates: hashed as they came, they
+    # match no key (a 401), instead of failing to encode (a 500).
+    return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).digest()
 
 
 def resolve_secrets(config: Config, environ: Mapping[str, str]) -> Config:

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 
 import openai
+import orjson
 import pytest
 
 from proxy.cli import build_parser, main, resolve_config
@@ -264,3 +266,15 @@ async def test_a_limited_key_lists_only_its_models(guarded, http):
             http.get(f"{guarded.url}/v1/models", headers=bearer(ALICE)) as full:
         assert [m["id"] for m in (await limited.json())["data"]] == [MODEL]
         assert len((await full.json())["data"]) > 1
+
+
+@pytest.mark.parametrize("header", [b"Authorization: Bearer sk-\xff\xfe", b"Authorization: \xc3\x28",
+                                    b"X-Api-Key: \xe2\x82", b"x-api-key: sk-alice-\x80"])
+async def test_a_credential_that_is_not_utf8_is_a_401(guarded, emulator, caplog, header):
+    from .test_hostile import raw_request
+    status, rest = await raw_request(guarded.url, b"GET /v1/models HTTP/1.1\r\nHost: x\r\n" +
+                                     header + b"\r\nConnection: close\r\n\r\n")
+    assert status.startswith(b"HTTP/1.1 401")
+    error = orjson.loads(rest.partition(b"\r\n\r\n")[2])["error"]
+    assert error["code"] == "invalid_api_key" and error["type"] == "invalid_request_error"
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
