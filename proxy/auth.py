@@ -7,8 +7,8 @@ key). Without an `auth` section every class is open, as on a loopback-only proxy
 
 Secrets are kept only as SHA-256 digests and compared with hmac.compare_digest against every key,
 so neither a match's position nor its prefix shows in the timing. The credential comes in
-`Authorization: Bearer …` or `x-api-key` (Anthropic-style clients); once it has been accepted it
-is not forwarded upstream (the upstream sees `upstream.api_token`, or nothing).
+`Authorization: Bearer …` or `x-api-key` (Anthropic-style clients); it is never forwarded
+upstream, accepted or not (the upstream sees `upstream.api_token`, or nothing).
 """
 from __future__ import annotations
 

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from typing import Any
 
 import openai
 import orjson
 import pytest
+from aiohttp import web
 
 from proxy.cli import build_parser, main, resolve_config
 from proxy.emulator import EmulatorOptions
@@ -278,3 +280,73 @@ async def test_a_credential_that_is_not_utf8_is_a_401(guarded, emulator, caplog,
     error = orjson.loads(rest.partition(b"\r\n\r\n")[2])["error"]
     assert error["code"] == "invalid_api_key" and error["type"] == "invalid_request_error"
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+EMBED = "text-embedding-nomic-embed-text-v1.5"
+FORWARDED = [("POST", "/v1/chat/completions", CHAT),
+             ("POST", "/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 2}),
+             ("POST", "/v1/embeddings", {"model": EMBED, "input": "hi"}),
+             ("POST", "/v1/responses", {"model": MODEL, "input": "hi", "max_output_tokens": 2}),
+             ("POST", "/v1/messages", {"model": MODEL, "max_tokens": 2, "messages": [
+                 {"role": "user", "content": "hi"}]}),
+             ("GET", "/v1/models", None), ("GET", f"/v1/models/{MODEL}", None),
+             ("GET", "/lmstudio-greeting", None)]
+
+
+async def recording_emulator(api_token: str | None) -> tuple[Any, list[tuple[str, Any]]]:
+    """LM Studio's emulator behind a middleware that records every request's headers as
+    they arrived on its socket."""
+    from proxy.emulator import GB, EmulatorState, create_emulator_app, load_catalog
+    from proxy.serving import serve
+    seen: list[tuple[str, Any]] = []
+
+    @web.middleware
+    async def record(request, handler):
+        seen.append((request.path, request.headers.copy()))
+        return await handler(request)
+    app = create_emulator_app(EmulatorState(load_catalog(), capacity_bytes=64 * GB),
+                              EmulatorOptions(api_token=api_token, created_s=FIXED_CREATED_S))
+    app.middlewares.insert(0, record)
+    return await serve(app), seen
+
+
+@pytest.mark.parametrize("with_keys,api_token", [(True, "lm-secret"), (False, "lm-secret"),
+                                                 (True, None), (False, None)])
+async def test_no_client_credential_reaches_the_upstream_on_any_route(make_proxy, http,
+                                                                       with_keys, api_token):
+    upstream, seen = await recording_emulator(api_token)
+    try:
+        settings = {**AUTH} if with_keys else {}
+        if api_token:
+            settings["upstream.api_token"] = api_token
+        proxy = await make_proxy(upstream.url, **settings)
+        sent = {"Authorization": f"Bearer {ALICE}", "X-Api-Key": ALICE,
+                "Cookie": "session=client-cookie"}
+        for method, path, body in FORWARDED:
+            seen.clear()
+            async with http.request(method, proxy.url + path, json=body, headers=sent) as r:
+                assert r.status == 200, (path, await r.text())
+            arrived = [h for p, h in seen if p == path.replace(f"/{MODEL}", "")]
+            assert arrived, path
+            for headers in arrived:
+                assert "X-Api-Key" not in headers and "Cookie" not in headers, path
+                assert headers.get("Authorization") == (f"Bearer {api_token}" if api_token
+                                                        else None), path
+        seen.clear()
+        async with http.ws_connect(f"{proxy.url}/llm", headers=sent):
+            pass
+        (upgrade,) = [h for p, h in seen if p == "/llm"]
+        assert not {"Authorization", "X-Api-Key", "Cookie"} & set(upgrade)
+    finally:
+        await upstream.close()
+
+
+async def test_models_retrieve_follows_the_keys_model_scope(guarded, http):
+    async with http.get(f"{guarded.url}/v1/models/{OTHER}", headers=bearer(BOB)) as other:
+        assert other.status == 403
+        assert (await other.json())["error"]["code"] == "model_not_allowed"
+    for allowed in (MODEL, "fast"):
+        async with http.get(f"{guarded.url}/v1/models/{allowed}", headers=bearer(BOB)) as r:
+            assert r.status == 200 and (await r.json())["id"] == MODEL
+    async with http.get(f"{guarded.url}/v1/models/{OTHER}", headers=bearer(ALICE)) as r:
+        assert r.status == 200
