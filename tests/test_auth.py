@@ -350,3 +350,52 @@ async def test_models_retrieve_follows_the_keys_model_scope(guarded, http):
             assert r.status == 200 and (await r.json())["id"] == MODEL
     async with http.get(f"{guarded.url}/v1/models/{OTHER}", headers=bearer(ALICE)) as r:
         assert r.status == 200
+
+
+def test_upstream_url_credentials_with_a_token_are_refused_alike_by_check_and_start(tmp_path,
+                                                                                   capsys):
+    path = tmp_path / "proxy.yaml"
+    path.write_text("upstream: {url: 'http://user:pw-secret@127.0.0.1:1234', "
+                    "api_token: lm-secret}\n")
+    errors = []
+    for argv in (["--config", str(path), "--check"], ["--config", str(path)]):
+        assert main(argv, {}) == 2
+        errors.append(capsys.readouterr().err)
+    assert errors[0] == errors[1]
+    assert "upstream.url: http://***@127.0.0.1:1234 carries credentials" in errors[0]
+    assert "pw-secret" not in errors[0]
+
+
+async def test_upstream_url_credentials_go_as_basic_auth_and_are_never_shown(make_proxy, http,
+                                                                            caplog):
+    import base64
+    caplog.set_level(logging.DEBUG)
+    upstream, seen = await recording_emulator(None)
+    host = upstream.url.removeprefix("http://")
+    proxy = await make_proxy(f"http://user:pw-secret@{host}")
+    shown = []
+    try:
+        async with http.post(f"{proxy.url}/v1/chat/completions", json=CHAT) as r:
+            assert r.status == 200
+        basic = "Basic " + base64.b64encode(b"user:pw-secret").decode()
+        assert {h.get("Authorization") for _, h in seen} == {basic}   # managing and forwarding
+        for path in ("/readyz", "/proxy/stats", "/proxy/health"):
+            async with http.get(proxy.url + path) as r:
+                shown.append(await r.text())
+        assert "http://***@" in shown[0]
+    finally:
+        await upstream.close()
+    await proxy.engine.reconcile()        # LM Studio is gone: every error names its URL
+    for method, path in (("POST", "/v1/chat/completions"), ("GET", "/llm"),
+                         ("GET", "/lmstudio-greeting"), ("GET", "/readyz")):
+        async with http.request(method, proxy.url + path, json=CHAT) as r:
+            assert r.status in (502, 503)
+            shown.append(await r.text())
+    assert not [s for s in shown if "pw-secret" in s] and "pw-secret" not in caplog.text
+
+
+def test_a_reload_names_a_changed_upstream_url_without_its_credentials():
+    from proxy.reload import restart_needed
+    (change,) = restart_needed(proxy_config("http://u:pw-old@a:1"),
+                               proxy_config("http://u:pw-new@b:1"))
+    assert change == "upstream.url ('http://***@a:1' → 'http://***@b:1')"

@@ -5,6 +5,7 @@ from aiohttp import web
 
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from ..config import redact_url
 from ..keys import ENGINE, HEALTH, METRICS, UPSTREAM
 from .admin import json_response
 
@@ -25,7 +26,7 @@ async def readyz(request: web.Request) -> web.Response:
     level = engine.api_level
     ready = engine.upstream_ok and not tripped
     body = {"ready": ready,
-            "upstream": engine.config.upstream.url,
+            "upstream": redact_url(engine.config.upstream.url),
             "api_level": None if level is None else level.value,
             "manages_loading": engine.manages_loading,
             "error": engine.upstream_error,
