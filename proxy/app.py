@@ -117,7 +117,7 @@ def create_app(config: Config, *, upstream: Upstream | None = None, clock: Clock
     app[INFLIGHT] = InFlight(config.server.stall_timeout_s)
     app[SERVING] = ServingOptions.from_config(config.server)
     app[RELOADER] = Reloader(config, config_source)
-    app[METRICS].registry.register(AuthCollector(auth.counters))
+    app[METRICS].registry.register(AuthCollector(auth))
     app[ACCESS_LOG] = AccessLog()
     app[HEALTH] = ModelHealthMonitor(engine, config.health, sink=sink,
                                      prober=_prober(engine, upstream))

@@ -149,19 +149,26 @@ class AuthCounters:
 
 
 class AuthCollector(Collector):
-    def __init__(self, counters: AuthCounters) -> None:
-        self.counters = counters
+    """Refusals by reason, and requests by key name only where /metrics needs a credential:
+    open metrics would show anyone which keys exist and how much each is used."""
+
+    def __init__(self, state: "AuthState") -> None:
+        self.state = state
 
     def collect(self) -> Iterable[CounterMetricFamily]:
-        by_key = CounterMetricFamily("proxy_requests_by_key", "Requests by client key name",
-                                     labels=["key"])
-        for name, n in sorted(self.counters.requests_by_key.items()):
-            by_key.add_metric([name], n)
+        counters = self.state.counters
+        families = []
+        if self.state.ring.auth.metrics_access != "open":   # read per scrape: reloads apply
+            by_key = CounterMetricFamily("proxy_requests_by_key", "Requests by client key name",
+                                         labels=["key"])
+            for name, n in sorted(counters.requests_by_key.items()):
+                by_key.add_metric([name], n)
+            families.append(by_key)
         rejected = CounterMetricFamily("proxy_auth_rejections", "Requests refused by auth",
                                        labels=["reason"])
-        for reason, n in sorted(self.counters.rejected.items()):
+        for reason, n in sorted(counters.rejected.items()):
             rejected.add_metric([reason], n)
-        return [by_key, rejected]
+        return [*families, rejected]
 
 
 class AuthState:

@@ -163,10 +163,22 @@ async def test_requests_are_counted_per_key_name(guarded, http):
         auth = (await resp.json())["auth"]
     assert auth["requests_by_key"] == {"alice": 2, "bob": 1, "admin": 1}
     assert auth["rejected"] == {"invalid_key": 1}
-    async with http.get(f"{guarded.url}/metrics") as resp:
+    async with http.get(f"{guarded.url}/metrics") as resp:   # metrics_access: open
         text = await resp.text()
-    assert 'proxy_requests_by_key_total{key="alice"} 2.0' in text
+    assert "alice" not in text and "proxy_requests_by_key" not in text
     assert 'proxy_auth_rejections_total{reason="invalid_key"} 1.0' in text
+
+
+@pytest.mark.parametrize("access", ["key", "admin"])
+async def test_metrics_name_the_keys_only_when_they_need_a_credential(make_proxy, emulator,
+                                                                      http, access):
+    proxy = await make_proxy(emulator.url, **AUTH, **{"auth.metrics_access": access})
+    async with http.post(f"{proxy.url}/v1/chat/completions", json=CHAT,
+                         headers=bearer(ALICE)) as resp:
+        assert resp.status == 200
+    async with http.get(f"{proxy.url}/metrics", headers=bearer(ADMIN)) as resp:
+        text = await resp.text()
+    assert 'proxy_requests_by_key_total{key="alice"} 1.0' in text
 
 
 def _resolve(argv: list[str], environ: dict[str, str], tmp_path, auth: str):
