@@ -62,6 +62,8 @@ class UpstreamConfig:
     # Circuit breaker: after this many connection failures in a row, fail fast for a cool-down.
     breaker_failures: int = field(default=5, metadata=rule(1))
     breaker_cooldown_s: float = field(default=5.0, metadata=rule(0, exclusive_lo=True))
+    # /readyz asks the upstream again (one model-list call) when its last answer is older.
+    readiness_max_age_s: float = field(default=2.0, metadata=rule(0, exclusive_lo=True))
 
 
 @dataclass(frozen=True)
