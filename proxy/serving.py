@@ -215,32 +215,34 @@ class _Protocol(RequestHandler):
         super().__init__(*args, **kwargs)
         self.probes_only = probes_only
         self.head_timer: asyncio.TimerHandle | None = None
-        self._head_seen = b""       # bytes of the first request so far, until its head ends
+        self._line_ok = not probes_only   # a probe's room: its request line is judged first
+        self._head_seen = b""       # what the scan still needs of the first request's head
 
     def data_received(self, data: bytes) -> None:
         if self.head_timer is not None:
             seen = self._head_seen + data
-            if self.probes_only and not self._probe_line_ok(seen):
+            if not self._line_ok and not self._judge_line(seen):
                 return
             if _HEAD_END in seen:
                 self.head_timer.cancel()
                 self.head_timer = None
                 self._head_seen = b""
-            else:   # keep what a split CRLF CRLF or a probe's request line needs
-                self._head_seen = seen[-3:] if not self.probes_only else \
-                    seen[:_REQUEST_LINE_MAX_BYTES]
+            else:   # the request line until it is judged, then what a split CRLF CRLF needs
+                self._head_seen = seen[-3:] if self._line_ok else seen
         super().data_received(data)
         if self.probes_only and self.head_timer is None:
             self.close()    # the probe is answered, then the connection ends
 
-    def _probe_line_ok(self, seen: bytes) -> bool:
-        """False once the request line is known not to be a probe (it was refused)."""
+    def _judge_line(self, seen: bytes) -> bool:
+        """In a probe's room: False once the request line is known not to be a probe (the
+        connection is refused), else True (a probe, or not all here yet)."""
         line, sep, _ = seen.partition(b"\r\n")
         if not sep and len(seen) < _REQUEST_LINE_MAX_BYTES:
-            return True     # not all here yet
+            return True
         method, _, rest = line.partition(b" ")
         path = rest.partition(b" ")[0].partition(b"?")[0]
         if method in (b"GET", b"HEAD") and path in PROBE_PATHS:
+            self._line_ok = True
             return True
         self._refuse()
         return False

@@ -282,8 +282,8 @@ async def test_a_limited_key_lists_only_its_models(guarded, http):
         assert len((await full.json())["data"]) > 1
 
 
-@pytest.mark.parametrize("header", [b"Authorization: Bearer sk-\xff\xfe", b"Authorization: \xc3\x28",
-                                    b"X-Api-Key: \xe2\x82", b"x-api-key: sk-alice-\x80"])
+@pytest.mark.parametrize("header", [b"Authorization: Bearer sk-\xff\xfe", b"X-Api-Key: \xe2\x82",
+                                    b"x-api-key: sk-alice-\x80"])
 async def test_a_credential_that_is_not_utf8_is_a_401(guarded, emulator, caplog, header):
     from .test_hostile import raw_request
     status, rest = await raw_request(guarded.url, b"GET /v1/models HTTP/1.1\r\nHost: x\r\n" +

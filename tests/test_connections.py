@@ -200,3 +200,17 @@ def test_the_aiohttp_internals_the_server_builds_on_are_pinned_and_in_place():
     assert callable(web.AppRunner._reg_site)
     source = inspect.getsource(web.SockSite)
     assert "self._sock = sock" in source and "self._backlog" in inspect.getsource(web.BaseSite)
+
+
+async def test_a_probe_past_the_cap_may_arrive_in_pieces(make_proxy, emulator):
+    proxy = await make_proxy(emulator.url, **{"server.max_connections": 2})
+    held = [await connect(proxy.url) for _ in range(2)]
+    reader, writer = await connect(proxy.url)
+    for piece in (b"GET /hea", b"lthz HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"p" * 3000 + b"\r",
+                  b"\n\r", b"\n"):
+        writer.write(piece)
+        await writer.drain()
+    assert (await closed_by_server(reader)).startswith(b"HTTP/1.1 200")
+    writer.close()
+    for _, w in held:
+        w.close()
