@@ -8,7 +8,7 @@ from typing import AsyncIterator, Awaitable, Callable
 import orjson
 from aiohttp import web
 
-from .config import Config
+from .config import Config, redact_url
 from .engine.clock import Clock
 from .engine.health import ModelHealthMonitor
 from .engine.manager import ModelMemoryManager
@@ -117,7 +117,7 @@ def create_app(config: Config, *, upstream: Upstream | None = None, clock: Clock
     app[INFLIGHT] = InFlight(config.server.stall_timeout_s)
     app[SERVING] = ServingOptions.from_config(config.server)
     app[RELOADER] = Reloader(config, config_source)
-    app[METRICS].registry.register(AuthCollector(auth.counters))
+    app[METRICS].registry.register(AuthCollector(auth))
     app[ACCESS_LOG] = AccessLog()
     app[HEALTH] = ModelHealthMonitor(engine, config.health, sink=sink,
                                      prober=_prober(engine, upstream))
@@ -166,7 +166,7 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
     await engine.start()
     if not engine.upstream_ok:
         log.warning("upstream %s not reachable yet (%s); will keep trying",
-                    app[CONFIG].upstream.url, engine.upstream_error)
+                    redact_url(app[CONFIG].upstream.url), engine.upstream_error)
     await engine.start_monitoring()
     if health.sink is not None:
         await health.sink.start()

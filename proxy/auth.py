@@ -7,8 +7,8 @@ key). Without an `auth` section every class is open, as on a loopback-only proxy
 
 Secrets are kept only as SHA-256 digests and compared with hmac.compare_digest against every key,
 so neither a match's position nor its prefix shows in the timing. The credential comes in
-`Authorization: Bearer …` or `x-api-key` (Anthropic-style clients); once it has been accepted it
-is not forwarded upstream (the upstream sees `upstream.api_token`, or nothing).
+`Authorization: Bearer …` or `x-api-key` (Anthropic-style clients); it is never forwarded
+upstream, accepted or not (the upstream sees `upstream.api_token`, or nothing).
 """
 from __future__ import annotations
 
@@ -43,7 +43,9 @@ class ClientKey:
 
 
 def _digest(secret: str) -> bytes:
-    return hashlib.sha256(secret.encode("utf-8")).digest()
+    # A header's bytes that are not UTF-8 arrive as lone surrogates: hashed as they came, they
+    # match no key (a 401), instead of failing to encode (a 500).
+    return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).digest()
 
 
 def resolve_secrets(config: Config, environ: Mapping[str, str]) -> Config:
@@ -147,19 +149,26 @@ class AuthCounters:
 
 
 class AuthCollector(Collector):
-    def __init__(self, counters: AuthCounters) -> None:
-        self.counters = counters
+    """Refusals by reason, and requests by key name only where /metrics needs a credential:
+    open metrics would show anyone which keys exist and how much each is used."""
+
+    def __init__(self, state: "AuthState") -> None:
+        self.state = state
 
     def collect(self) -> Iterable[CounterMetricFamily]:
-        by_key = CounterMetricFamily("proxy_requests_by_key", "Requests by client key name",
-                                     labels=["key"])
-        for name, n in sorted(self.counters.requests_by_key.items()):
-            by_key.add_metric([name], n)
+        counters = self.state.counters
+        families = []
+        if self.state.ring.auth.metrics_access != "open":   # read per scrape: reloads apply
+            by_key = CounterMetricFamily("proxy_requests_by_key", "Requests by client key name",
+                                         labels=["key"])
+            for name, n in sorted(counters.requests_by_key.items()):
+                by_key.add_metric([name], n)
+            families.append(by_key)
         rejected = CounterMetricFamily("proxy_auth_rejections", "Requests refused by auth",
                                        labels=["reason"])
-        for reason, n in sorted(self.counters.rejected.items()):
+        for reason, n in sorted(counters.rejected.items()):
             rejected.add_metric([reason], n)
-        return [by_key, rejected]
+        return [*families, rejected]
 
 
 class AuthState:

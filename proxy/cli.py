@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from .config import Config, load_config, read_config_file, replace_config
+from .config import Config, load_config, read_config_file, redact_url, replace_config
 from .errors import ConfigError
 
 log = logging.getLogger("proxy")
@@ -258,7 +258,8 @@ async def _run(config: Config, *, demo: bool,
             await emulator.close()
         return 1
     log.info("proxy listening on %s, upstream %s (%s event loop)", served.url,
-             config.upstream.url, type(asyncio.get_running_loop()).__module__.split(".")[0])
+             redact_url(config.upstream.url),
+             type(asyncio.get_running_loop()).__module__.split(".")[0])
     if demo:
         print(_demo_banner(served.url, emulator.url if emulator else "", config), flush=True)
     stop = asyncio.Event()

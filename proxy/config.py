@@ -12,6 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
@@ -61,6 +62,8 @@ class UpstreamConfig:
     # Circuit breaker: after this many connection failures in a row, fail fast for a cool-down.
     breaker_failures: int = field(default=5, metadata=rule(1))
     breaker_cooldown_s: float = field(default=5.0, metadata=rule(0, exclusive_lo=True))
+    # /readyz asks the upstream again (one model-list call) when its last answer is older.
+    readiness_max_age_s: float = field(default=2.0, metadata=rule(0, exclusive_lo=True))
 
 
 @dataclass(frozen=True)
@@ -257,8 +260,30 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def redact_url(url: str) -> str:
+    """The URL fit to show (logs, errors, status, /readyz): `user:password@` becomes `***@`."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url.rpartition("@")[2] if "@" in url else url
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]))
+
+
+def url_has_credentials(url: str) -> bool:
+    try:
+        return "@" in urlsplit(url).netloc
+    except ValueError:
+        return False
+
+
 def _cross_checks(config: Config, problems: list[str]) -> None:
     mem = config.memory
+    if config.upstream.api_token and url_has_credentials(config.upstream.url):
+        problems.append(f"upstream.url: {redact_url(config.upstream.url)} carries credentials "
+                        "(user:password@) and upstream.api_token is set; both would be the "
+                        "Authorization header LM Studio sees: keep one")
     if mem.sampler == "budget" and mem.budget_gb is None:
         problems.append("memory.budget_gb: required when memory.sampler is 'budget'")
     seen: dict[str, str] = {}

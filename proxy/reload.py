@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 from aiohttp import web
 
-from .config import Config
+from .config import Config, redact_url
 from .errors import ConfigError
 
 log = logging.getLogger("proxy.reload")
@@ -68,6 +68,8 @@ def restart_needed(old: Config, new: Config) -> list[str]:
     for path in paths:
         a, b = _get(old, path), _get(new, path)
         if a != b:
+            if path.endswith("url"):
+                a, b = (redact_url(v) if v else v for v in (a, b))
             secret = "token" in path
             changed.append(path if secret else f"{path} ({a!r} → {b!r})")
     return changed

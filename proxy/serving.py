@@ -4,8 +4,17 @@ An app may carry `ServingOptions` (the proxy's come from `server.*`): connection
 aiohttp lacks are added here. A connection must send its first request's headers within
 `header_timeout_s`; an idle keep-alive connection (or one stuck in a later request's headers)
 is closed after `keepalive_timeout_s`; past `max_connections` a new connection is answered 503
-at once and closed, before file descriptors run out. Request bodies reach the app as sent (no
-server-side decompression: the proxy decodes them itself, with limits, in intake.py).
+at once and closed, before file descriptors run out, except that a few more are kept for
+liveness and readiness probes (GET /healthz, /readyz), so an orchestrator does not restart a
+proxy that is only busy. Malformed HTTP gets a fixed JSON 400 and one clipped log line: aiohttp's
+own answer echoes the raw bytes (a credential included) and logs a traceback. Request bodies
+reach the app as sent (no server-side decompression: the proxy decodes them itself, with
+limits, in intake.py).
+
+aiohttp has no public hook for its parser's 400 (aio-libs/aiohttp#3287), so `_Protocol`
+subclasses its `RequestHandler`, overriding `handle_error` and `data_received` only; the aiohttp
+versions this is known to hold for are pinned in pyproject.toml, and
+tests/test_connections.py fails if those methods change shape.
 
 `Served.close()` is the staged shutdown: stop accepting → let requests finish until
 `shutdown_timeout_s` → end what still runs (streams get an error event, see inflight.py) →
@@ -22,17 +31,25 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.log import access_logger
 from aiohttp.web_protocol import RequestHandler
 
 from .config import ServerConfig
 from .inflight import INFLIGHT, InFlight
+from .intake import clip
 
 log = logging.getLogger("proxy.serving")
 
 _FDS_PER_CONNECTION = 2      # the client's socket and, while it streams, one to the upstream
-_FDS_RESERVED = 64           # listening socket, database, logs, DNS, the event loop itself
+PROBE_ROOM = 16              # connections past max_connections kept for probes
+PROBE_PATHS = (b"/healthz", b"/readyz")
+# The listening socket, database, logs, DNS, the event loop itself, and the probes' room.
+_FDS_RESERVED = 48 + PROBE_ROOM
 _REFUSE_LINGER_S = 1.0
 _LINGER_S = 1.0
+_HEAD_END = b"\r\n\r\n"          # the parser takes nothing else (a bare LF is a 400)
+_REQUEST_LINE_MAX_BYTES = 1024
 
 
 @dataclass(frozen=True)
@@ -130,23 +147,25 @@ async def serve(app: web.Application, host: str = "127.0.0.1", port: int = 0, *,
     except OSError:
         sock.close()
         raise
-    kwargs: dict[str, Any] = {}
+    # What aiohttp passes on to each connection's protocol (ours is built with the same).
+    protocol_kwargs: dict[str, Any] = {
+        "access_log": access_logger if access_log else None,
+        "access_log_class": web.AccessLogger,
+        "auto_decompress": False}
     if options is not None:
-        kwargs["keepalive_timeout"] = options.keepalive_timeout_s
+        protocol_kwargs["keepalive_timeout"] = options.keepalive_timeout_s
         # After an answer to a request whose body was not read (408, 413), aiohttp reads
         # and discards the rest for this long, so the client sees the answer, not a reset.
-        kwargs["lingering_time"] = _LINGER_S
+        protocol_kwargs["lingering_time"] = _LINGER_S
     # The drain deadline is ours (Served.close); aiohttp's own comes after it.
     runner = web.AppRunner(app, handler_cancellation=True,
-                           shutdown_timeout=shutdown_timeout_s + 2,
-                           access_log=None if not access_log else web.AccessLogger,
-                           auto_decompress=False, **kwargs)
+                           shutdown_timeout=shutdown_timeout_s + 2, **protocol_kwargs)
     await runner.setup()
     site: web.BaseSite
     if options is None:
         site = web.SockSite(runner, sock)
     else:
-        site = _LimitedSite(runner, sock, options)
+        site = _LimitedSite(runner, sock, options, protocol_kwargs)
     await site.start()
     return Served(runner, host, sock.getsockname()[1], shutdown_timeout_s)
 
@@ -155,9 +174,10 @@ class _LimitedSite(web.SockSite):
     """A SockSite whose protocol factory enforces the connection cap and the header deadline."""
 
     def __init__(self, runner: web.AppRunner, sock: socket.socket,
-                 options: ServingOptions) -> None:
+                 options: ServingOptions, protocol_kwargs: dict[str, Any]) -> None:
         super().__init__(runner, sock)
         self.options = options
+        self.protocol_kwargs = protocol_kwargs
         self.max_connections = connection_cap(options.max_connections)
 
     async def start(self) -> None:
@@ -165,25 +185,115 @@ class _LimitedSite(web.SockSite):
         server = self._runner.server
         assert server is not None
         loop = asyncio.get_running_loop()
+        kwargs, cap = self.protocol_kwargs, self.max_connections
+        header_timeout_s = self.options.header_timeout_s
 
         def factory() -> asyncio.Protocol:
-            if len(server.connections) >= self.max_connections:
+            open_now = len(server.connections)
+            if open_now >= cap + PROBE_ROOM:
                 return _Refuse()
-            proto = server()
-            loop.call_later(self.options.header_timeout_s, _header_deadline, proto)
+            proto = _Protocol(server, loop=loop, probes_only=open_now >= cap, **kwargs)
+            # A probe's room is held for a second at most while its request line comes.
+            timeout_s = min(header_timeout_s, 1.0) if open_now >= cap else header_timeout_s
+            proto.head_timer = loop.call_later(timeout_s, proto.head_overdue)
             return proto
 
         self._server = await loop.create_server(factory, sock=self._sock,
                                                 backlog=self._backlog)
 
 
-def _header_deadline(proto: RequestHandler) -> None:
-    # No request has been parsed from this connection yet: it is slow or silent. Later
-    # requests on a kept-alive connection are bounded by aiohttp's keep-alive timer.
-    if proto.transport is not None and getattr(proto, "_request_count", 1) == 0:
-        proto.force_close()
+class _Protocol(RequestHandler):
+    """aiohttp's protocol, plus: the first request's headers must end before `head_timer`
+    fires; a connection past the cap serves one probe request and nothing else; a request the
+    parser refuses is answered with a fixed body and logged on one line (see the module doc).
+
+    The header deadline watches the bytes for the end of the first header block itself (the
+    parser accepts nothing but CRLF CRLF there), so it needs none of aiohttp's private state.
+    """
+
+    def __init__(self, *args: Any, probes_only: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.probes_only = probes_only
+        self.head_timer: asyncio.TimerHandle | None = None
+        self._line_ok = not probes_only   # a probe's room: its request line is judged first
+        self._head_seen = b""       # what the scan still needs of the first request's head
+
+    def data_received(self, data: bytes) -> None:
+        if self.head_timer is not None:
+            seen = self._head_seen + data
+            if not self._line_ok and not self._judge_line(seen):
+                return
+            if _HEAD_END in seen:
+                self.head_timer.cancel()
+                self.head_timer = None
+                self._head_seen = b""
+            else:   # the request line until it is judged, then what a split CRLF CRLF needs
+                self._head_seen = seen[-3:] if self._line_ok else seen
+        super().data_received(data)
+        if self.probes_only and self.head_timer is None:
+            self.close()    # the probe is answered, then the connection ends
+
+    def _judge_line(self, seen: bytes) -> bool:
+        """In a probe's room: False once the request line is known not to be a probe (the
+        connection is refused), else True (a probe, or not all here yet)."""
+        line, sep, _ = seen.partition(b"\r\n")
+        if not sep and len(seen) < _REQUEST_LINE_MAX_BYTES:
+            return True
+        method, _, rest = line.partition(b" ")
+        path = rest.partition(b" ")[0].partition(b"?")[0]
+        if method in (b"GET", b"HEAD") and path in PROBE_PATHS:
+            self._line_ok = True
+            return True
+        self._refuse()
+        return False
+
+    def _refuse(self) -> None:
+        if self.head_timer is not None:
+            self.head_timer.cancel()
+            self.head_timer = None
+        transport = self.transport
+        if transport is not None:
+            transport.write(_BUSY)
+        self.force_close()   # closes once the answer is written
+
+    def head_overdue(self) -> None:
+        # No request head has arrived on this connection yet: it is slow or silent. Later
+        # requests on a kept-alive connection are bounded by aiohttp's keep-alive timer.
+        self.head_timer = None
+        if self.probes_only:
+            self._refuse()    # past the cap, and no probe: the same 503 as any other
+        elif self.transport is not None:
+            self.force_close()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self.head_timer is not None:
+            self.head_timer.cancel()
+            self.head_timer = None
+        super().connection_lost(exc)
+
+    def handle_error(self, request: web.BaseRequest, status: int = 500,
+                     exc: BaseException | None = None, message: str | None = None
+                     ) -> web.StreamResponse:
+        if not isinstance(exc, HttpProcessingError):
+            return super().handle_error(request, status, exc, message)
+        log.warning("malformed HTTP request from %s: %s", request.remote,
+                    _parse_error_summary(exc))
+        resp = web.Response(status=400, body=_MALFORMED_BODY, content_type="application/json")
+        resp.force_close()
+        return resp
 
 
+def _parse_error_summary(exc: HttpProcessingError) -> str:
+    """The parser's reason without the bytes it quotes (they may hold a credential)."""
+    first = (exc.message or "").strip().split("\n", 1)[0]
+    for quote in ("'", '"'):
+        first = first.split(quote, 1)[0]
+    return f"{type(exc).__name__}: {clip(first.rstrip(' :'), 80)}"
+
+
+_MALFORMED_BODY = orjson.dumps({"error": {
+    "message": "The request is not valid HTTP/1.1 and could not be read.",
+    "type": "invalid_request_error", "param": None, "code": "malformed_request"}})
 _BUSY_BODY = orjson.dumps({"error": {
     "message": "The proxy has too many open connections (server.max_connections); retry.",
     "type": "server_error", "param": None, "code": "too_many_connections"}})

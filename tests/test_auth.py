@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import hashlib
+import logging
+from typing import Any
 
 import openai
+import orjson
 import pytest
+from aiohttp import web
 
 from proxy.cli import build_parser, main, resolve_config
 from proxy.emulator import EmulatorOptions
@@ -159,10 +163,22 @@ async def test_requests_are_counted_per_key_name(guarded, http):
         auth = (await resp.json())["auth"]
     assert auth["requests_by_key"] == {"alice": 2, "bob": 1, "admin": 1}
     assert auth["rejected"] == {"invalid_key": 1}
-    async with http.get(f"{guarded.url}/metrics") as resp:
+    async with http.get(f"{guarded.url}/metrics") as resp:   # metrics_access: open
         text = await resp.text()
-    assert 'proxy_requests_by_key_total{key="alice"} 2.0' in text
+    assert "alice" not in text and "proxy_requests_by_key" not in text
     assert 'proxy_auth_rejections_total{reason="invalid_key"} 1.0' in text
+
+
+@pytest.mark.parametrize("access", ["key", "admin"])
+async def test_metrics_name_the_keys_only_when_they_need_a_credential(make_proxy, emulator,
+                                                                      http, access):
+    proxy = await make_proxy(emulator.url, **AUTH, **{"auth.metrics_access": access})
+    async with http.post(f"{proxy.url}/v1/chat/completions", json=CHAT,
+                         headers=bearer(ALICE)) as resp:
+        assert resp.status == 200
+    async with http.get(f"{proxy.url}/metrics", headers=bearer(ADMIN)) as resp:
+        text = await resp.text()
+    assert 'proxy_requests_by_key_total{key="alice"} 1.0' in text
 
 
 def _resolve(argv: list[str], environ: dict[str, str], tmp_path, auth: str):
@@ -264,3 +280,134 @@ async def test_a_limited_key_lists_only_its_models(guarded, http):
             http.get(f"{guarded.url}/v1/models", headers=bearer(ALICE)) as full:
         assert [m["id"] for m in (await limited.json())["data"]] == [MODEL]
         assert len((await full.json())["data"]) > 1
+
+
+@pytest.mark.parametrize("header", [b"Authorization: Bearer sk-\xff\xfe", b"X-Api-Key: \xe2\x82",
+                                    b"x-api-key: sk-alice-\x80"])
+async def test_a_credential_that_is_not_utf8_is_a_401(guarded, emulator, caplog, header):
+    from .test_hostile import raw_request
+    status, rest = await raw_request(guarded.url, b"GET /v1/models HTTP/1.1\r\nHost: x\r\n" +
+                                     header + b"\r\nConnection: close\r\n\r\n")
+    assert status.startswith(b"HTTP/1.1 401")
+    error = orjson.loads(rest.partition(b"\r\n\r\n")[2])["error"]
+    assert error["code"] == "invalid_api_key" and error["type"] == "invalid_request_error"
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+EMBED = "text-embedding-nomic-embed-text-v1.5"
+FORWARDED = [("POST", "/v1/chat/completions", CHAT),
+             ("POST", "/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 2}),
+             ("POST", "/v1/embeddings", {"model": EMBED, "input": "hi"}),
+             ("POST", "/v1/responses", {"model": MODEL, "input": "hi", "max_output_tokens": 2}),
+             ("POST", "/v1/messages", {"model": MODEL, "max_tokens": 2, "messages": [
+                 {"role": "user", "content": "hi"}]}),
+             ("GET", "/v1/models", None), ("GET", f"/v1/models/{MODEL}", None),
+             ("GET", "/lmstudio-greeting", None)]
+
+
+async def recording_emulator(api_token: str | None) -> tuple[Any, list[tuple[str, Any]]]:
+    """LM Studio's emulator behind a middleware that records every request's headers as
+    they arrived on its socket."""
+    from proxy.emulator import GB, EmulatorState, create_emulator_app, load_catalog
+    from proxy.serving import serve
+    seen: list[tuple[str, Any]] = []
+
+    @web.middleware
+    async def record(request, handler):
+        seen.append((request.path, request.headers.copy()))
+        return await handler(request)
+    app = create_emulator_app(EmulatorState(load_catalog(), capacity_bytes=64 * GB),
+                              EmulatorOptions(api_token=api_token, created_s=FIXED_CREATED_S))
+    app.middlewares.insert(0, record)
+    return await serve(app), seen
+
+
+@pytest.mark.parametrize("with_keys,api_token", [(True, "lm-secret"), (False, "lm-secret"),
+                                                 (True, None), (False, None)])
+async def test_no_client_credential_reaches_the_upstream_on_any_route(make_proxy, http,
+                                                                       with_keys, api_token):
+    upstream, seen = await recording_emulator(api_token)
+    try:
+        settings = {**AUTH} if with_keys else {}
+        if api_token:
+            settings["upstream.api_token"] = api_token
+        proxy = await make_proxy(upstream.url, **settings)
+        sent = {"Authorization": f"Bearer {ALICE}", "X-Api-Key": ALICE,
+                "Cookie": "session=client-cookie"}
+        for method, path, body in FORWARDED:
+            seen.clear()
+            async with http.request(method, proxy.url + path, json=body, headers=sent) as r:
+                assert r.status == 200, (path, await r.text())
+            arrived = [h for p, h in seen if p == path.replace(f"/{MODEL}", "")]
+            assert arrived, path
+            for headers in arrived:
+                assert "X-Api-Key" not in headers and "Cookie" not in headers, path
+                assert headers.get("Authorization") == (f"Bearer {api_token}" if api_token
+                                                        else None), path
+        seen.clear()
+        async with http.ws_connect(f"{proxy.url}/llm", headers=sent):
+            pass
+        (upgrade,) = [h for p, h in seen if p == "/llm"]
+        assert not {"Authorization", "X-Api-Key", "Cookie"} & set(upgrade)
+    finally:
+        await upstream.close()
+
+
+async def test_models_retrieve_follows_the_keys_model_scope(guarded, http):
+    async with http.get(f"{guarded.url}/v1/models/{OTHER}", headers=bearer(BOB)) as other:
+        assert other.status == 403
+        assert (await other.json())["error"]["code"] == "model_not_allowed"
+    for allowed in (MODEL, "fast"):
+        async with http.get(f"{guarded.url}/v1/models/{allowed}", headers=bearer(BOB)) as r:
+            assert r.status == 200 and (await r.json())["id"] == MODEL
+    async with http.get(f"{guarded.url}/v1/models/{OTHER}", headers=bearer(ALICE)) as r:
+        assert r.status == 200
+
+
+def test_upstream_url_credentials_with_a_token_are_refused_alike_by_check_and_start(tmp_path,
+                                                                                   capsys):
+    path = tmp_path / "proxy.yaml"
+    path.write_text("upstream: {url: 'http://user:pw-secret@127.0.0.1:1234', "
+                    "api_token: lm-secret}\n")
+    errors = []
+    for argv in (["--config", str(path), "--check"], ["--config", str(path)]):
+        assert main(argv, {}) == 2
+        errors.append(capsys.readouterr().err)
+    assert errors[0] == errors[1]
+    assert "upstream.url: http://***@127.0.0.1:1234 carries credentials" in errors[0]
+    assert "pw-secret" not in errors[0]
+
+
+async def test_upstream_url_credentials_go_as_basic_auth_and_are_never_shown(make_proxy, http,
+                                                                            caplog):
+    import base64
+    caplog.set_level(logging.DEBUG)
+    upstream, seen = await recording_emulator(None)
+    host = upstream.url.removeprefix("http://")
+    proxy = await make_proxy(f"http://user:pw-secret@{host}")
+    shown = []
+    try:
+        async with http.post(f"{proxy.url}/v1/chat/completions", json=CHAT) as r:
+            assert r.status == 200
+        basic = "Basic " + base64.b64encode(b"user:pw-secret").decode()
+        assert {h.get("Authorization") for _, h in seen} == {basic}   # managing and forwarding
+        for path in ("/readyz", "/proxy/stats", "/proxy/health"):
+            async with http.get(proxy.url + path) as r:
+                shown.append(await r.text())
+        assert "http://***@" in shown[0]
+    finally:
+        await upstream.close()
+    await proxy.engine.reconcile()        # LM Studio is gone: every error names its URL
+    for method, path in (("POST", "/v1/chat/completions"), ("GET", "/llm"),
+                         ("GET", "/lmstudio-greeting"), ("GET", "/readyz")):
+        async with http.request(method, proxy.url + path, json=CHAT) as r:
+            assert r.status in (502, 503)
+            shown.append(await r.text())
+    assert not [s for s in shown if "pw-secret" in s] and "pw-secret" not in caplog.text
+
+
+def test_a_reload_names_a_changed_upstream_url_without_its_credentials():
+    from proxy.reload import restart_needed
+    (change,) = restart_needed(proxy_config("http://u:pw-old@a:1"),
+                               proxy_config("http://u:pw-new@b:1"))
+    assert change == "upstream.url ('http://***@a:1' → 'http://***@b:1')"

@@ -10,7 +10,7 @@ import socket
 import orjson
 import pytest
 
-from proxy.serving import connection_cap, raise_fd_limit
+from proxy.serving import PROBE_ROOM, connection_cap, raise_fd_limit
 
 MODEL = "qwen/qwen3-4b"
 
@@ -56,20 +56,43 @@ async def test_connections_past_the_cap_get_503_and_the_proxy_recovers(make_prox
                                                                       http):
     proxy = await make_proxy(emulator.url, **{"server.max_connections": 3})
     held = [await connect(proxy.url) for _ in range(3)]
-    reader, writer = await connect(proxy.url)
-    answer = await closed_by_server(reader)
-    writer.close()
-    head, _, body = answer.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 503") and b"Retry-After: 1" in head
-    assert orjson.loads(body)["error"]["code"] == "too_many_connections"
+    answers = []
+    for request in (b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n", b""):   # b"": silent
+        reader, writer = await connect(proxy.url)
+        writer.write(request)
+        answers.append(await closed_by_server(reader))
+        writer.close()
+    for answer in answers:
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503") and b"Retry-After: 1" in head
+        assert orjson.loads(body)["error"]["code"] == "too_many_connections"
     for _, w in held:
         w.close()
         await w.wait_closed()
     for _ in range(50):   # the server notices the closes on its next loop turns
-        async with http.get(f"{proxy.url}/healthz") as resp:
+        async with http.get(f"{proxy.url}/v1/models") as resp:
             if resp.status == 200:
                 break
     assert resp.status == 200
+
+
+async def test_probes_are_answered_while_the_connection_cap_is_reached(make_proxy, emulator):
+    proxy = await make_proxy(emulator.url, **{"server.max_connections": 3})
+    held = [await connect(proxy.url) for _ in range(3 + PROBE_ROOM // 2)]   # idle, past the cap
+    for probe in (b"GET /healthz", b"GET /readyz", b"HEAD /healthz", b"GET /healthz?x=1"):
+        reader, writer = await connect(proxy.url)
+        writer.write(probe + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = await closed_by_server(reader)     # one request, then the server closes
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 200"), answer
+    reader, writer = await connect(proxy.url)       # a probe's room serves nothing else
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /v1/models HTTP/1.1\r\n"
+                 b"Host: x\r\n\r\n")
+    answer = await closed_by_server(reader)
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 200") and answer.count(b"HTTP/1.1") == 1
+    for _, w in held:
+        w.close()
 
 
 async def test_a_client_that_stops_reading_has_its_stream_ended_and_lease_released(
@@ -147,3 +170,47 @@ async def test_a_crowd_of_slow_and_silent_clients_is_shed_while_others_are_serve
             "model": MODEL, "max_tokens": 2, "messages": []}) as resp:
         assert resp.status == 200
     assert proxy.engine.active_leases() == []
+
+
+def test_the_aiohttp_internals_the_server_builds_on_are_pinned_and_in_place():
+    """aiohttp has no public hook for its parser's 400, so serving.py subclasses its
+    RequestHandler and starts a SockSite its own way: an aiohttp that changes either must fail
+    here, and the pin in pyproject.toml keeps an untried one from being installed."""
+    import inspect
+    import tomllib
+    from pathlib import Path
+
+    import aiohttp
+    from aiohttp import web
+    from aiohttp.web_protocol import RequestHandler
+    from packaging.requirements import Requirement
+
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    (pin,) = [Requirement(d) for d in pyproject["project"]["dependencies"]
+              if d.startswith("aiohttp")]
+    assert any(s.operator == "<" for s in pin.specifier), "aiohttp needs an upper bound"
+    assert aiohttp.__version__ in pin.specifier
+    assert list(inspect.signature(RequestHandler.handle_error).parameters) == [
+        "self", "request", "status", "exc", "message"]
+    assert list(inspect.signature(RequestHandler.data_received).parameters) == ["self", "data"]
+    assert {"manager", "loop", "keepalive_timeout", "lingering_time", "access_log",
+            "access_log_class", "auto_decompress"} <= set(
+        inspect.signature(RequestHandler.__init__).parameters)
+    assert callable(RequestHandler.force_close) and callable(RequestHandler.close)
+    assert callable(web.AppRunner._reg_site)
+    source = inspect.getsource(web.SockSite)
+    assert "self._sock = sock" in source and "self._backlog" in inspect.getsource(web.BaseSite)
+
+
+async def test_a_probe_past_the_cap_may_arrive_in_pieces(make_proxy, emulator):
+    proxy = await make_proxy(emulator.url, **{"server.max_connections": 2})
+    held = [await connect(proxy.url) for _ in range(2)]
+    reader, writer = await connect(proxy.url)
+    for piece in (b"GET /hea", b"lthz HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"p" * 3000 + b"\r",
+                  b"\n\r", b"\n"):
+        writer.write(piece)
+        await writer.drain()
+    assert (await closed_by_server(reader)).startswith(b"HTTP/1.1 200")
+    writer.close()
+    for _, w in held:
+        w.close()

@@ -179,11 +179,22 @@ BROKEN_HTTP = [b"GET / HTTP/1.1\r\n\r\n", b"POST /v1/chat/completions HTTP/1.1\r
                b"Content-Encoding: gzip\r\n\r\n5\r\nhello\r\n0\r\n\r\n"]
 
 
-async def raw_status(url: str, data: bytes) -> bytes:
+def non_utf8_header(rng: random.Random) -> bytes:
+    """A request with a header value that is not UTF-8 (credentials included)."""
+    method, path = rng.choice([("POST", p) for p in INFERENCE] + OTHER)
+    name = rng.choice([b"Authorization", b"X-Api-Key", b"Cookie", b"X-Odd", b"Content-Type"])
+    junk = bytes(rng.randrange(0x80, 0x100) for _ in range(rng.randint(1, 12)))
+    value = rng.choice([b"Bearer " + junk, junk, b"sk-" + junk + b"1", b"Bearer sk-1" + junk])
+    body = b'{"model": "fast", "max_tokens": 1, "messages": []}' if method == "POST" else b""
+    return (f"{method} {path} HTTP/1.1\r\nHost: x\r\n".encode() + name + b": " + value +
+            b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+
+
+async def raw_status(url: str, data: bytes, *, eof: bool = True) -> bytes:
     host, port = url.removeprefix("http://").split(":")
     reader, writer = await asyncio.open_connection(host, int(port))
     writer.write(data)
-    if writer.can_write_eof():
+    if eof and writer.can_write_eof():
         writer.write_eof()
     try:
         return await reader.readline()
@@ -214,6 +225,11 @@ async def test_fuzzed_requests_never_get_a_5xx_of_the_proxys_making(make_proxy, 
         await asyncio.gather(*(worker(i) for i in range(8)))
         statuses = [await raw_status(open_proxy.url, mutate_bytes(rng, data) if i % 2 else
                                      data) for i, data in enumerate(BROKEN_HTTP * 25)]
+        for proxy in (open_proxy, guarded):     # HTTP clients refuse to send these bytes
+            answers = [await raw_status(proxy.url, non_utf8_header(rng), eof=False)
+                       for _ in range(60)]
+            assert all(a.startswith(b"HTTP/1.1 ") for a in answers)    # each one answered
+            statuses += answers
         for proxy, auth in ((open_proxy, {}), (guarded, {"Authorization": "Bearer sk-1"})):
             async with sessions[0].get(f"{proxy.url}/healthz") as resp:
                 assert resp.status == 200

@@ -147,3 +147,22 @@ async def test_a_bomb_is_refused_without_ever_holding_its_decoded_size(make_prox
     finally:
         tracemalloc.stop()
     assert peak_bytes < 4 << 20      # a 256 KB step at a time, never the 16 MiB
+
+
+@pytest.mark.parametrize("head", [
+    b"POST /proxy/clear HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer adm-0123456789\x00\r\n\r\n",
+    b"GET /v1/models HTTP/1.1\r\nX-Api-Key: sk-0123456789\x01\r\n\r\n",
+    b"JRMI\x00\x01 sk-0123456789\r\n\r\n",
+    b"GET /healthz HTTP/1.1\nAuthorization: Bearer sk-0123456789\n\n"])
+async def test_malformed_http_gets_a_fixed_answer_and_one_log_line(make_proxy, emulator, caplog,
+                                                                   head):
+    proxy = await make_proxy(emulator.url, **{"auth.admin_token": "adm-0123456789"})
+    caplog.set_level(logging.DEBUG)
+    status, rest = await raw_request(proxy.url, head)
+    assert status.split()[1] == b"400"
+    body = rest.partition(b"\r\n\r\n")[2]
+    assert orjson.loads(body)["error"]["code"] == "malformed_request"
+    assert b"0123456789" not in rest
+    (record,) = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert record.exc_info is None and "\n" not in record.getMessage()
+    assert "0123456789" not in caplog.text and len(record.getMessage()) < 200

@@ -10,6 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from proxy.config import load_config
 from proxy.emulator import CatalogModel
 from proxy.engine.clock import ManualClock
+from proxy.handlers.health import READINESS
 from proxy.engine.health import ModelHealthMonitor
 from proxy.engine.manager import ModelMemoryManager
 from proxy.engine.usage import RequestRecord
@@ -306,3 +307,35 @@ async def test_probes_are_counted_apart_and_a_failing_probe_alerts(make_proxy, e
     clock.advance(61)
     async with http.get(f"{proxy.url}/proxy/health") as r:
         assert not ids(await r.json())
+
+
+async def test_readyz_turns_when_the_upstream_dies_and_probes_share_one_look(make_proxy, http):
+    from .test_auth import recording_emulator
+    upstream, seen = await recording_emulator(None)
+    clock = ManualClock()
+    proxy = await make_proxy(upstream.url, app_kwargs={"clock": clock})   # the real default
+    max_age_s = proxy.engine.config.upstream.readiness_max_age_s
+    try:
+        seen.clear()
+        async with http.get(f"{proxy.url}/readyz") as r:
+            assert r.status == 200
+        assert seen == []                        # just looked (at start): no call
+        clock.advance(max_age_s)
+        statuses = await asyncio.gather(*(ready_status(http, proxy.url) for _ in range(20)))
+        assert statuses == [200] * 20
+        assert [p for p, _ in seen] == ["/api/v1/models"]     # one look for twenty probes
+        clock.advance(max_age_s)     # twenty probes at the same instant: still one look
+        seen.clear()
+        await asyncio.gather(*(proxy.app[READINESS].refresh(proxy.engine, False)
+                               for _ in range(20)))
+        assert [p for p, _ in seen] == ["/api/v1/models"]
+    finally:
+        await upstream.close()
+    clock.advance(max_age_s)
+    async with http.get(f"{proxy.url}/readyz") as r:
+        assert r.status == 503 and (await r.json())["ready"] is False
+
+
+async def ready_status(http, url: str) -> int:
+    async with http.get(f"{url}/readyz") as r:
+        return r.status

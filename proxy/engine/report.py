@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from ..config import redact_url
 from .lifecycle import ModelStatus
 from .memory import GB
 
@@ -75,6 +76,6 @@ def memory_stats(core: "EngineCore") -> dict[str, Any]:
 
 def upstream_state(core: "EngineCore") -> dict[str, Any]:
     rec = core.reconciler
-    return {"ok": rec.upstream_ok, "url": core.config.upstream.url,
+    return {"ok": rec.upstream_ok, "url": redact_url(core.config.upstream.url),
             "api_level": None if rec.api_level is None else rec.api_level.value,
             "manages_loading": core.manages_loading, "error": rec.upstream_error}

@@ -1,10 +1,13 @@
 """Liveness and readiness for orchestrators: /healthz (alive), /readyz (upstream usable)."""
 from __future__ import annotations
 
-from aiohttp import web
+import asyncio
 
+from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from ..config import redact_url
+from ..engine.manager import ModelMemoryManager
 from ..keys import ENGINE, HEALTH, METRICS, UPSTREAM
 from .admin import json_response
 
@@ -13,19 +16,37 @@ async def healthz(request: web.Request) -> web.Response:
     return json_response({"status": "ok"})
 
 
+class Readiness:
+    """When /readyz looks at the upstream again: when the last look (this one's or the
+    reconcile loop's) is older than `upstream.readiness_max_age_s`, so a dead upstream turns
+    it at once; and while not ready (through the breaker, which fails fast while cooling down
+    and lets this be the trial after). Probes that arrive meanwhile share the one look."""
+
+    def __init__(self) -> None:
+        self._look: asyncio.Future[None] | None = None
+
+    async def refresh(self, engine: ModelMemoryManager, tripped: bool) -> None:
+        age_s = engine.clock.now() - engine.reconciler.last_run_s
+        if engine.upstream_ok and not tripped and \
+                age_s < engine.config.upstream.readiness_max_age_s:
+            return
+        if self._look is None or self._look.done():
+            self._look = asyncio.ensure_future(engine.reconcile())
+        await asyncio.shield(self._look)   # a probe that hangs up ends no one else's look
+
+
+READINESS = web.AppKey("readiness", Readiness)
+
+
 async def readyz(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
     breaker = getattr(request.app[UPSTREAM], "breaker", None)
+    await request.app[READINESS].refresh(engine, breaker is not None and breaker.open)
     tripped = breaker is not None and breaker.open
-    if not engine.upstream_ok or tripped:
-        # Not ready: look again (through the breaker, which fails fast while cooling down
-        # and lets this be the trial after) instead of trusting a stale no.
-        await engine.reconcile()
-        tripped = breaker is not None and breaker.open
     level = engine.api_level
     ready = engine.upstream_ok and not tripped
     body = {"ready": ready,
-            "upstream": engine.config.upstream.url,
+            "upstream": redact_url(engine.config.upstream.url),
             "api_level": None if level is None else level.value,
             "manages_loading": engine.manages_loading,
             "error": engine.upstream_error,
@@ -48,6 +69,7 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
+    app[READINESS] = Readiness()
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/proxy/health", health_report)

@@ -19,7 +19,7 @@ from ..engine.usage import RequestRecord
 from ..engine.lifecycle import Lease
 from ..engine.manager import ModelMemoryManager
 from .. import intake
-from ..auth import CLIENT_KEY, CREDENTIAL_HEADERS, check_model, visible_models
+from ..auth import CREDENTIAL_HEADERS, check_model, visible_models
 from ..errors import InvalidRequest, ModelNotFound, ProxyError, UpstreamError
 from ..inflight import INFLIGHT, write_or_stall
 from ..keys import ACCESS_LOG, COMPAT, CONFIG, ENGINE, RESPONSE_STARTED, ROUTED_TO, TASK, UPSTREAM
@@ -31,7 +31,9 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy
                         "te", "trailer", "trailers", "transfer-encoding", "upgrade", "host",
                         "content-length"})
 RESPONSE_DROP = HOP_BY_HOP | {"date", "server"}
-REQUEST_DROP = HOP_BY_HOP | {"content-encoding"}
+# A client's credentials are the proxy's business, never the upstream's: it sees
+# upstream.api_token, or nothing (with or without client keys configured).
+REQUEST_DROP = HOP_BY_HOP | CREDENTIAL_HEADERS | {"cookie", "content-encoding"}
 USAGE_INJECTABLE = frozenset({"/v1/chat/completions", "/v1/completions"})
 CLIENT_CLOSED = 499
 
@@ -56,9 +58,8 @@ async def read_body(request: web.Request) -> bytes:
 
 
 def request_headers(request: web.Request) -> dict[str, str]:
-    """Headers to forward: the body is sent decoded, and a key the proxy accepted stays here."""
-    drop = REQUEST_DROP if request.get(CLIENT_KEY) is None else REQUEST_DROP | CREDENTIAL_HEADERS
-    return forward_headers(request.headers, drop)
+    """Headers to forward: the body is sent decoded, and the client's credentials stay here."""
+    return forward_headers(request.headers, REQUEST_DROP)
 
 
 def parse_request(body: bytes) -> dict:
@@ -219,9 +220,10 @@ async def list_models(request: web.Request) -> web.StreamResponse:
 async def retrieve_model(request: web.Request) -> web.StreamResponse:
     """GET /v1/models/{id} (the SDKs' models.retrieve), answered from the upstream's list."""
     model_id = request.match_info["model"]
+    check_model(request, model_id)    # a key limited to models sees only those
     key = request.app[CONFIG].alias_map().get(model_id, model_id)   # as inference resolves it
     async with request.app[UPSTREAM].request(
-            "GET", "/v1/models", forward_headers(request.headers, HOP_BY_HOP), None) as up:
+            "GET", "/v1/models", request_headers(request), None) as up:
         raw = await up.read()
         if up.status != 200:   # e.g. LM Studio's 401: its answer is the client's answer
             return web.Response(status=up.status, body=raw,

@@ -15,6 +15,7 @@ import aiohttp
 from aiohttp import WSCloseCode, WSMsgType, web
 from yarl import URL
 
+from ..config import redact_url
 from ..errors import UpstreamUnreachable
 from ..keys import CONFIG, ENGINE, UPSTREAM
 from .mediate import Mediator, Send
@@ -71,7 +72,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     try:
         upstream = await app[WS_SESSION].ws_connect(url, max_msg_size=0, autoclose=False)
     except (aiohttp.ClientError, OSError) as exc:
-        raise UpstreamUnreachable(f"LM Studio at {app[CONFIG].upstream.url} is not "
+        raise UpstreamUnreachable(f"LM Studio at {redact_url(app[CONFIG].upstream.url)} is not "
                                   f"reachable ({exc})") from exc
     client = web.WebSocketResponse(max_msg_size=0, autoclose=False)
     try:

@@ -7,10 +7,12 @@ lack of memory is told apart from other failures so the engine can evict and ret
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 import logging
 import ssl
 from typing import Any, AsyncIterable, Mapping
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import aiohttp
 import orjson
@@ -31,13 +33,14 @@ _OOM_MARKERS = ("insufficient system resources", "out of memory", "not enough me
 class LMStudioUpstream:
     def __init__(self, config: UpstreamConfig) -> None:
         self.config = config
-        self.base_url = config.url.rstrip("/")
+        # user:password@ in the URL becomes a Basic header: the URL shown in errors is clean.
+        self.base_url, basic = _split_credentials(config.url)
         self.level: ApiLevel | None = None
         self._session: aiohttp.ClientSession | None = None
         self.breaker = CircuitBreaker(config.breaker_failures, config.breaker_cooldown_s)
         self._fast: fastclient.FastPool | None = None
         # Built once: it is added to every forwarded request.
-        self._token_header = f"Bearer {config.api_token}" if config.api_token else None
+        self._token_header = f"Bearer {config.api_token}" if config.api_token else basic
 
     async def start(self) -> None:
         if self._session is None:
@@ -341,6 +344,17 @@ class _FastForward:
     async def __aexit__(self, exc_type: type | None, exc: BaseException | None,
                         tb: object) -> None:
         await self.exchange.__aexit__(exc_type, exc, tb)
+
+
+def _split_credentials(url: str) -> tuple[str, str | None]:
+    """(the URL without user:password@, the Basic Authorization header they make, or None)."""
+    parts = urlsplit(url.rstrip("/"))
+    if "@" not in parts.netloc:
+        return url.rstrip("/"), None
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user, _, password = userinfo.partition(":")
+    token = base64.b64encode(f"{unquote(user)}:{unquote(password)}".encode()).decode()
+    return urlunsplit(parts._replace(netloc=host)), f"Basic {token}"
 
 
 def _error_text(body: Any) -> str | None:
