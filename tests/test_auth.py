@@ -411,3 +411,18 @@ def test_a_reload_names_a_changed_upstream_url_without_its_credentials():
     (change,) = restart_needed(proxy_config("http://u:pw-old@a:1"),
                                proxy_config("http://u:pw-new@b:1"))
     assert change == "upstream.url ('http://***@a:1' → 'http://***@b:1')"
+
+
+async def test_upstream_url_credentials_are_not_written_to_the_history_database(
+        make_proxy, emulator, http, tmp_path):
+    """Footprints, ownership and history are filed under the upstream's URL: its shown form."""
+    host = emulator.url.removeprefix("http://")
+    path = tmp_path / "history.sqlite3"
+    url = f"http://user:pw-secret@{host}"
+    proxy = await make_proxy(url, config=proxy_config(
+        url, storage={"enabled": True, "path": str(path)}))
+    async with http.post(f"{proxy.url}/v1/chat/completions", json=CHAT) as r:
+        assert r.status == 200
+    await proxy.engine.flush()
+    written = b"".join(p.read_bytes() for p in tmp_path.iterdir())
+    assert b"127.0.0.1" in written and b"pw-secret" not in written

@@ -18,7 +18,7 @@ import socket
 from typing import Any
 from urllib.parse import urlsplit
 
-from ..config import Config
+from ..config import Config, redact_url
 from ..errors import ModelLoadFailed, ModelNotFound, ModelUnavailable
 from ..store import UsageStore
 from ..upstream.base import ApiLevel, ModelBackend
@@ -78,7 +78,8 @@ class EngineCore:
         self._upstream_local = is_local_url(config.upstream.url)
         self.learner = UsageLearner()
         self.accounting = Accounting(r, self.clock, self.listeners, store,
-                                     lambda: self.config.upstream.url, self.learner)
+                                     lambda: redact_url(self.config.upstream.url),
+                                     self.learner)
         self.monitor = MemoryMonitor(config, sampler or default_sampler(config, r.charged_bytes),
                                      self.listeners, reserved_bytes=r.loading_bytes,
                                      on_level=self._pressure_changed)
