@@ -1,9 +1,11 @@
 """Client API keys and the admin token, checked by `authenticate()` before any handler runs.
 
-Routes fall in four classes: probes (/healthz, /readyz: always open), metrics
+Routes fall in five classes: probes (/healthz, /readyz: always open), metrics
 (`auth.metrics_access`), read-only admin (GET /proxy/*: `auth.read_only_access`), admin actions
-(every other /proxy/* call: the admin token), and everything else, the OpenAI surface (a client
-key). Without an `auth` section every class is open, as on a loopback-only proxy.
+(every other /proxy/* call: the admin token), LM Studio's own protocol (its greeting and
+websockets: the key comes in the first frame, checked by native/guard.py; a key in the
+upgrade's headers is checked here), and everything else, the OpenAI surface (a client key).
+Without an `auth` section every class is open, as on a loopback-only proxy.
 
 Secrets are kept only as SHA-256 digests and compared with hmac.compare_digest against every key,
 so neither a match's position nor its prefix shows in the timing. The credential comes in
@@ -25,6 +27,7 @@ from prometheus_client.registry import Collector
 
 from .config import AuthConfig, Config
 from .errors import AdminRequired, ConfigError, InvalidApiKey, ModelNotAllowed
+from .native import PATHS as NATIVE_PATHS
 
 CREDENTIAL_HEADERS = frozenset({"authorization", "x-api-key"})
 PROBES = frozenset({"/healthz", "/readyz"})
@@ -198,6 +201,8 @@ def _route_class(request: web.BaseRequest) -> str:
     path = request.path
     if path in PROBES or path == "/ui" or path.startswith("/ui/"):
         return "open"      # probes, and the dashboard's static files: data needs the token
+    if path in NATIVE_PATHS:
+        return "native"   # the key comes in the first frame: native/guard.py checks it
     if path == "/metrics":
         return "metrics"
     if path.startswith("/proxy/"):
@@ -213,6 +218,9 @@ def authenticate(state: AuthState, request: web.Request) -> None:
         return
     route = _route_class(request)
     if route == "open":
+        return
+    if route == "native":
+        _native_header(state, request)
         return
     auth = ring.auth
     level = {"metrics": auth.metrics_access, "read": auth.read_only_access,
@@ -236,6 +244,20 @@ def authenticate(state: AuthState, request: web.Request) -> None:
                             "Admin actions are disabled: no auth.admin_token is configured.")
     request[CLIENT_KEY] = key
     counters.requests_by_key[key.name] = counters.requests_by_key.get(key.name, 0) + 1
+
+
+def _native_header(state: AuthState, request: web.Request) -> None:
+    """LM Studio's SDKs send their key in the first frame, which the handshake checks; a key
+    in the upgrade's headers is checked here (a wrong one is a 401 before the upgrade)."""
+    secret = presented_secret(request)
+    if secret is None:
+        return
+    key = state.ring.match(secret)
+    if key is None:
+        state.counters.rejected["invalid_key"] = state.counters.rejected.get(
+            "invalid_key", 0) + 1
+        raise InvalidApiKey("Invalid API key.")
+    request[CLIENT_KEY] = key
 
 
 def check_model(request: web.Request, model: str) -> None:

@@ -16,7 +16,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
-from .engine.policy import VALUE_FUNCTIONS   # a pure leaf module: the policy names live there
+# engine.policy is a pure leaf module: the policy names live there.
+from .engine.policy import CLIENT_EVICT_MODES, VALUE_FUNCTIONS
 from .errors import ConfigError
 from .schema import build, deep_copy, rule
 
@@ -182,6 +183,18 @@ class CompatConfig:
 
 
 @dataclass(frozen=True)
+class NativeConfig:
+    """LM Studio's own websocket protocol through the proxy (proxy/native/)."""
+    # Largest websocket message either way; a bigger one closes the connection with 1009.
+    # The SDKs' largest are file uploads (`uploadFileBase64`: the whole file, base64), so the
+    # default matches server.max_body_bytes, which bounds a base64 image in a chat request.
+    max_frame_bytes: int = field(default=32 * 1024 * 1024, metadata=rule(1024))
+    # When models an SDK client loaded through the proxy may be evicted: never; once the
+    # client's connections are all gone (before that only at critical pressure); always.
+    evict: str = field(default="after_disconnect", metadata=rule(choices=CLIENT_EVICT_MODES))
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
@@ -196,6 +209,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     compat: CompatConfig = field(default_factory=CompatConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
+    native: NativeConfig = field(default_factory=NativeConfig)
 
     def model(self, key: str) -> ModelConfig:
         return self.models.get(key) or _DEFAULT_MODEL

@@ -2,9 +2,10 @@
 without unloading any model.
 
 Applied at once: models (priorities, pins, TTLs, aliases, load options, footprints), memory
-thresholds and budget, eviction policy and its settings, auth keys, health thresholds, log
-level. Read only at start (named in the log and the answer as needing a restart): `server.*`,
-`upstream.*`, `storage.*`, the memory sampler kind and the loop intervals.
+thresholds and budget, eviction policy and its settings (native.evict too), auth keys, health
+thresholds, log level. Read only at start (named in the log and the answer as needing a
+restart): `server.*`, `upstream.*`, `storage.*`, the memory sampler kind, the loop intervals
+and `native.max_frame_bytes`.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ log = logging.getLogger("proxy.reload")
 
 RESTART_SECTIONS = ("server", "upstream", "storage")
 RESTART_FIELDS = ("memory.sampler", "memory.monitoring_interval", "health.interval_s",
-                  "health.probe_interval_s", "health.webhook_url")
+                  "health.probe_interval_s", "health.webhook_url", "native.max_frame_bytes")
 
 
 class Reloader:

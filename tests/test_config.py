@@ -49,6 +49,9 @@ def test_every_error_is_listed_with_its_path():
                  "c/d": {"pinned": True, "footprint_gb": 6}}}, "models: pinned footprints"),
     ({"models": {"a/b": {"aliases": ["x"]}, "c/d": {"aliases": ["x"]}}},
      "models.c/d.aliases: 'x' is already an alias"),
+    ({"native": {"evict": "sometimes"}},
+     "native.evict: must be one of never, after_disconnect, always"),
+    ({"native": {"max_frame_bytes": 10}}, "native.max_frame_bytes: must be >= 1024"),
 ])
 def test_specific_refusals(raw, expected):
     assert any(p.startswith(expected) for p in problems_of(raw)), problems_of(raw)

@@ -6,6 +6,7 @@ made first fails there, so every passing load here was admitted by the engine fi
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Any, AsyncIterator
 
 import aiohttp
@@ -14,6 +15,7 @@ import orjson
 import pytest
 
 from proxy.emulator import GB, EmulatorOptions
+from proxy.errors import InsufficientMemory
 from proxy.native import mediate
 
 SMALL, MID, BIG = "qwen/qwen3-4b", "google/gemma-3-12b", "openai/gpt-oss-20b"   # 3.1, 9.4, 13.5 GB
@@ -68,14 +70,90 @@ async def test_get_or_load_is_admitted_too(make_emulator, make_proxy, sdk):
     assert proxy.engine.entry(SMALL).owner.startswith("sdk:")
 
 
-async def test_models_loaded_by_a_client_are_not_evicted_as_if_they_were_the_proxys(
+async def test_models_a_connected_client_loaded_are_not_evicted_as_if_they_were_the_proxys(
         make_emulator, make_proxy, sdk):
     emulator, proxy = await lab(make_emulator, make_proxy, 20)
     client = await sdk(proxy)
     await client.llm.load_new_instance(MID)
-    with pytest.raises(lmstudio.LMStudioServerError, match="not ours"):
+    with pytest.raises(lmstudio.LMStudioServerError, match="its SDK client is connected"):
         await client.llm.load_new_instance(BIG)
     assert list(emulator.state.instances) == [MID]
+
+
+async def gone(proxy: Any, client: lmstudio.AsyncClient) -> None:
+    """The client disconnects; wait (with a deadline) until the proxy has seen it go."""
+    await client.aclose()
+    async with asyncio.timeout(5):
+        while proxy.engine.registry.clients:
+            await asyncio.sleep(0.01)
+
+
+async def test_once_its_client_is_gone_an_sdk_loaded_model_is_the_proxys_to_evict(
+        make_emulator, make_proxy, sdk):
+    emulator, proxy = await lab(make_emulator, make_proxy, 20)
+    client = await sdk(proxy)
+    await client.llm.load_new_instance(MID)
+    await gone(proxy, client)
+    (await proxy.engine.acquire(BIG)).release()
+    assert list(emulator.state.instances) == [BIG] and emulator.state.unload_calls[MID] == 1
+
+
+async def test_at_critical_pressure_a_connected_clients_model_may_go(make_emulator, make_proxy,
+                                                                    sdk):
+    emulator = await make_emulator(capacity_bytes=40 * GB)
+    proxy = await make_proxy(emulator.url, **{"memory.budget_gb": 20})
+    await (await sdk(proxy)).llm.load_new_instance(MID)
+    await emulator.state.load(BIG)                         # outside the proxy: 24 of 20 GB
+    await proxy.engine.reconcile()
+    await proxy.engine.optimize_memory_usage()
+    assert proxy.engine.memory_pressure.value != "critical"
+    assert list(emulator.state.instances) == [BIG]         # not ours: LM Studio's
+
+
+@pytest.mark.parametrize("mode, evicted", [("never", False), ("always", True)])
+async def test_native_evict_says_when_sdk_models_may_go(make_emulator, make_proxy, sdk, mode,
+                                                         evicted):
+    emulator = await make_emulator(capacity_bytes=20 * GB)
+    proxy = await make_proxy(emulator.url, **{"memory.budget_gb": 20, "native.evict": mode})
+    client = await sdk(proxy)
+    await client.llm.load_new_instance(MID)
+    if mode == "never":
+        await gone(proxy, client)
+        with pytest.raises(InsufficientMemory, match=r"native.evict: never"):
+            await proxy.engine.acquire(BIG)
+    else:                                                  # while still connected
+        (await proxy.engine.acquire(BIG)).release()
+    assert (MID not in emulator.state.instances) is evicted
+
+
+async def test_after_its_client_is_gone_its_models_idle_timeout_applies(make_emulator,
+                                                                       make_proxy, sdk):
+    emulator = await make_emulator()
+    proxy = await make_proxy(emulator.url, **{f"models.{SMALL}.ttl_s": 0.001})
+    client = await sdk(proxy)
+    await client.llm.load_new_instance(SMALL)
+    assert await proxy.engine.unload_idle_models() == []   # its client is connected
+    await gone(proxy, client)
+    assert await proxy.engine.unload_idle_models() == [SMALL]
+
+
+async def test_a_refusal_never_says_a_load_needs_what_may_be_used(make_emulator, make_proxy,
+                                                                  sdk):
+    emulator, proxy = await lab(make_emulator, make_proxy, 15.85)   # 2.96 GB left for 3.0
+    await (await sdk(proxy)).llm.load_new_instance(MID)
+    with pytest.raises(InsufficientMemory) as refused:
+        await proxy.engine.acquire(SMALL)
+    need, free = re.search(r"needs ([\d.]+) GB, ([\d.]+) GB may be used now",
+                           refused.value.message).groups()
+    assert (need, free) == ("3.00", "2.96")
+    assert "its SDK client is connected" in refused.value.message
+
+
+async def test_a_load_that_gave_up_as_memory_came_free_is_not_told_it_fits(proxy):
+    refusals, e = proxy.engine.scheduler.refusals, proxy.engine.entry(SMALL)
+    await proxy.engine.sample_memory()                     # 64 GB, nothing loaded
+    message = refusals.insufficient(e, [], " within 120s", retry_after_s=1.0).message
+    assert "may be used now" not in message and "came free only as it gave up" in message
 
 
 async def test_a_native_prediction_is_never_cut_by_an_eviction(make_emulator, make_proxy,

@@ -1,4 +1,5 @@
-"""The official @lmstudio/sdk (Node) through the proxy: LM Studio's own protocol, one session.
+"""The official @lmstudio/sdk (Node) through the proxy: LM Studio's own protocol, one session
+(native.mjs), and one against client keys (native_auth.mjs).
 
 tests/js holds the script and its pinned SDK; `.ci/run` installs it with `npm ci`.
 """
@@ -19,15 +20,16 @@ LLM, EMBED, BIG = "qwen/qwen3-4b", "text-embedding-nomic-embed-text-v1.5", "open
 JS_DIR = Path(__file__).parent / "js"
 
 
-async def session(url: str) -> Any:
+async def session(url: str, script: str = "native.mjs", *args: str) -> Any:
     if shutil.which("node") is None:
         pytest.fail("node is not on PATH: the Node SDK tests need Node.js 20+")
     if not (JS_DIR / "node_modules" / "@lmstudio" / "sdk").is_dir():
         pytest.fail("tests/js/node_modules is missing: run `npm ci --prefix tests/js` "
                     "(.ci/run does) before the suite")
     proc = await asyncio.create_subprocess_exec(
-        "node", str(JS_DIR / "native.mjs"), url.replace("http://", "ws://"), LLM, EMBED, BIG,
-        cwd=JS_DIR, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        "node", str(JS_DIR / script), url.replace("http://", "ws://"),
+        *(args or (LLM, EMBED, BIG)), cwd=JS_DIR, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
     out, err = await asyncio.wait_for(proc.communicate(), 40)
     assert proc.returncode == 0, err.decode()
     return json.loads(out)
@@ -65,3 +67,16 @@ async def test_its_loads_and_predictions_go_through_the_engine(run):
     usage = proxy.engine.usage(LLM)          # predicted by instance reference, not by name
     assert usage.requests == 1 and usage.completion_tokens == 24
     assert proxy.engine.usage(EMBED).requests == 1
+
+
+async def test_keys_as_the_js_sdk_passes_them(make_emulator, make_proxy):
+    emulator = await make_emulator()
+    proxy = await make_proxy(emulator.url, **{"auth.keys": [
+        {"name": "alice", "key": "alice-key", "models": [LLM]}]})
+    out = await session(proxy.url, "native_auth.mjs", "alice-key", LLM, BIG)
+    for refused in (out["noKey"], out["wrongKey"]):
+        assert "Failed to authenticate" in refused["error"]
+        assert "needs a client key" in refused["error"] and "clientPasskey" in refused["error"]
+    assert out["load"] == {"ok": LLM}
+    assert "may not use the model" in out["other"]["error"]
+    assert emulator.state.load_calls[BIG] == 0

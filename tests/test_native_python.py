@@ -185,3 +185,52 @@ async def test_shutting_the_proxy_down_closes_sdk_connections_at_once(proxy):
         await asyncio.wait_for(proxy.served.close(), 3)     # not its 5 s shutdown timeout
         msg = await asyncio.wait_for(ws.receive(), 3)
     assert msg.type is aiohttp.WSMsgType.CLOSE and msg.data == aiohttp.WSCloseCode.GOING_AWAY
+
+
+# -- frame size (native.max_frame_bytes) -----------------------------------------------------
+async def authed(session: aiohttp.ClientSession, url: str, ns: str
+                 ) -> aiohttp.ClientWebSocketResponse:
+    ws = await session.ws_connect(f"{url}/{ns}", max_msg_size=0)
+    await ws.send_str(orjson.dumps({"authVersion": 1, "clientIdentifier": "t",
+                                    "clientPasskey": "t"}).decode())
+    assert orjson.loads((await ws.receive()).data) == {"success": True}
+    return ws
+
+
+async def test_a_frame_too_big_from_the_client_closes_with_1009(make_emulator, make_proxy):
+    emulator = await make_emulator()
+    proxy = await make_proxy(emulator.url, **{"native.max_frame_bytes": 1 << 20})
+    async with aiohttp.ClientSession() as s:
+        ws = await authed(s, proxy.url, "system")
+        await ws.send_str(orjson.dumps({"type": "rpcCall", "endpoint": "version", "callId": 1,
+                                        "parameter": "x" * (2 << 20)}).decode())
+        msg = await ws.receive()
+    assert msg.type is aiohttp.WSMsgType.CLOSE
+    assert msg.data == aiohttp.WSCloseCode.MESSAGE_TOO_BIG
+
+
+async def test_a_frame_too_big_from_lm_studio_closes_with_1009(make_emulator, make_proxy):
+    emulator = await make_emulator()
+    proxy = await make_proxy(emulator.url, **{"native.max_frame_bytes": 1 << 20})
+    name = "m" * (600 << 10)      # LM Studio's not-found answer names it twice: 1.2 MiB
+    async with aiohttp.ClientSession() as s:
+        ws = await authed(s, proxy.url, "llm")
+        await ws.send_str(orjson.dumps({"type": "rpcCall", "endpoint": "unloadModel",
+                                        "callId": 1, "parameter": {"identifier": name}}
+                                       ).decode())
+        msg = await ws.receive()
+    assert msg.type is aiohttp.WSMsgType.CLOSE
+    assert msg.data == aiohttp.WSCloseCode.MESSAGE_TOO_BIG
+
+
+async def test_frames_up_to_the_limit_pass_both_ways(make_emulator, make_proxy):
+    emulator = await make_emulator()
+    proxy = await make_proxy(emulator.url, **{"native.max_frame_bytes": 1 << 20})
+    name = "m" * (400 << 10)      # the answer: 0.8 MiB
+    async with aiohttp.ClientSession() as s:
+        ws = await authed(s, proxy.url, "llm")
+        await ws.send_str(orjson.dumps({"type": "rpcCall", "endpoint": "unloadModel",
+                                        "callId": 1, "parameter": {"identifier": name}}
+                                       ).decode())
+        reply = orjson.loads((await ws.receive()).data)
+    assert reply["type"] == "rpcError" and name in reply["error"]["title"]

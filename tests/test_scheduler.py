@@ -213,6 +213,7 @@ async def test_a_load_performed_by_its_requester_is_admitted_like_any_other(lab,
     mgr = await lab_manager(lab.url, models={**footprints(SIZES), "lab/huge": {
         "footprint_gb": 15}})
     (await mgr.acquire(X)).release()                     # 12 GB, cold and ours
+    mgr.client_connection("sdk:tester", +1)              # the client stays connected
     load = await mgr.admit_load(Y, owner="sdk:tester")   # 8 GB: X is evicted first
     assert X not in mgr.get_loaded_models() and mgr.entry(Y).status.value == "loading"
     waiter = asyncio.create_task(mgr.acquire(Y))         # an OpenAI request meanwhile
@@ -220,13 +221,13 @@ async def test_a_load_performed_by_its_requester_is_admitted_like_any_other(lab,
     load.loaded(instance.instance_id)
     (await waiter).release()
     assert mgr.entry(Y).owner == "sdk:tester"
-    assert mgr.evictor.why_kept(mgr.entry(Y), critical=False) == "not ours"
+    assert mgr.evictor.why_kept(mgr.entry(Y), critical=False) == "its SDK client is connected"
     assert await mgr.admit_load(Y, owner="sdk:tester") is None     # loaded already
     lab.state.catalog["lab/huge"] = lab.state.catalog[X]
     await mgr.reconcile()
     with pytest.raises(InsufficientMemory) as refused:     # the same refusals, at once
         await asyncio.wait_for(mgr.admit_load("lab/huge", owner="sdk:tester"), 5)
-    assert f"'{Y}' 8.0 GB (not ours)" in refused.value.message
+    assert f"'{Y}' 8.0 GB (its SDK client is connected)" in refused.value.message
 
 
 async def test_a_failed_requester_load_fails_its_waiters_too(lab, lab_manager):

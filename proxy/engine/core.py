@@ -194,6 +194,15 @@ class EngineCore:
         pending = await self.scheduler.admit_mediated(e, deadline_s)
         return None if pending is None else MediatedLoad(self, pending, owner)
 
+    def client_connection(self, client: str, delta: int) -> None:
+        """An SDK client (`sdk:<id>`, the owner of what it loads) opened (+1) or closed (-1) a
+        connection; once none is open its models may make room (native.evict)."""
+        clients = self.registry.clients
+        clients[client] += delta
+        if clients[client] <= 0:
+            del clients[client]
+            self.scheduler.kick()
+
     def hold(self, name: str) -> Lease | None:
         """A HOLD lease on a loaded model (None if it is not loaded): it cannot be unloaded
         while held, and nothing about its use — recency, heat, idle timer, statistics —

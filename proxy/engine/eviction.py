@@ -18,8 +18,9 @@ from .listeners import Listeners
 from .memory import MemoryPressure
 from .monitor import MemoryMonitor
 from .learning import UsageLearner
-from .policy import (PREDICTION_HORIZON_S, SET_POLICIES, Candidate, blocker, cheapest_cover,
-                     decayed_heat, expected_cost_s, in_residency, select_victims)
+from .policy import (NOT_OURS, PREDICTION_HORIZON_S, SET_POLICIES, Candidate, blocker,
+                     cheapest_cover, client_blocker, decayed_heat, expected_cost_s,
+                     in_residency, select_victims)
 from .registry import Registry
 
 log = logging.getLogger("proxy.engine")
@@ -80,12 +81,23 @@ class Evictor:
     def why_kept(self, e: ModelEntry, *, critical: bool, requester_waited_s: float = 0.0
                  ) -> str | None:
         """Why loaded model e may not be evicted now (None: it may)."""
-        ev = self.config.eviction
-        return blocker(busy=e.busy > 0, pinned=self.registry.pinned(e.key),
-                       ours=e.owned or ev.manage_external,
+        ours, not_ours = self.ours(e, critical=critical)
+        return blocker(busy=e.busy > 0, pinned=self.registry.pinned(e.key), ours=ours,
                        held=in_residency(e.loaded_at_s, self.clock.now(), self.hold_s(),
                                          requester_waited_s),
-                       critical=critical)
+                       critical=critical, not_ours=not_ours)
+
+    def ours(self, e: ModelEntry, *, critical: bool) -> tuple[bool, str]:
+        """Is e the proxy's to unload (and if not, why): what it loaded; an SDK client's once
+        native.evict allows; anything with eviction.manage_external."""
+        if e.owned or self.config.eviction.manage_external:
+            return True, NOT_OURS
+        client = e.client
+        if client is None:
+            return False, NOT_OURS
+        why = client_blocker(self.config.native.evict,
+                             connected=self.registry.clients[client] > 0, critical=critical)
+        return why is None, why or NOT_OURS
 
     def candidates(self, *, exclude: str | None, critical: bool,
                    requester_waited_s: float = 0.0, predicted: bool = False
@@ -220,11 +232,13 @@ class Evictor:
         return evicted
 
     async def unload_idle(self) -> list[str]:
-        """Unload what the proxy loaded and nobody used for its idle timeout (pins kept)."""
+        """Unload what the proxy loaded and nobody used for its idle timeout (pins kept), and
+        what SDK clients loaded once it is the proxy's to manage (native.evict)."""
         now = self.clock.now()
         out = []
         for e in list(self.registry):
-            if e.status is not S.LOADED or e.busy or not e.owned:
+            managed = e.owned or (e.client is not None and self.ours(e, critical=False)[0])
+            if e.status is not S.LOADED or e.busy or not managed:
                 continue
             ttl_s = self.registry.ttl_s(e.key)
             if self.registry.pinned(e.key) or ttl_s <= 0:

@@ -34,6 +34,7 @@ OWNER_EXTERNAL = "external"    # loaded by someone else (GUI, lms, another clien
 # A load the proxy gave up waiting for may still finish on the server for this long after it
 # started; an instance of the model appearing by then is the proxy's.
 UNFINISHED_LOAD_WATCH_S = 900.0
+OWNER_CLIENT = "sdk:"          # prefix: loaded through the proxy by an LM Studio SDK client
 TRANSITIONS: dict[ModelStatus, frozenset[ModelStatus]] = {
     S.UNLOADED: frozenset({S.LOADING, S.LOADED}),
     S.LOADING: frozenset({S.LOADED, S.ERROR, S.UNLOADED}),
@@ -55,7 +56,8 @@ class ModelEntry:
     size_bytes: int | None = None
     status: ModelStatus = S.UNLOADED
     instance_ids: tuple[str, ...] = ()
-    owner: str | None = None            # OWNER_PROXY, OWNER_EXTERNAL; None when not loaded
+    owner: str | None = None            # OWNER_PROXY, OWNER_EXTERNAL, OWNER_CLIENT + its id;
+                                        # None when not loaded
     leases: int = 0                     # USE leases: requests being served
     holds: int = 0                      # HOLD leases: probes and admin reads
     reserved: int = 0                   # requests its load finished for, not yet leased
@@ -89,6 +91,11 @@ class ModelEntry:
     @property
     def owned(self) -> bool:
         return self.owner == OWNER_PROXY
+
+    @property
+    def client(self) -> str | None:
+        """The SDK client that loaded it through the proxy (its owner), if one did."""
+        return self.owner if self.owner and self.owner.startswith(OWNER_CLIENT) else None
 
     @property
     def busy(self) -> int:

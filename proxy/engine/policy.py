@@ -44,17 +44,33 @@ ValueFunction = Callable[[Candidate, float], float]
 
 # Why a loaded model cannot be evicted now; the words appear in refusals.
 SERVING, PINNED, NOT_OURS, HELD = "serving", "pinned", "not ours", "inside its residency"
+CLIENT_CONNECTED = "its SDK client is connected"
+CLIENT_KEPT = "an SDK client's (native.evict: never)"
 TEMPORARY = frozenset({SERVING, HELD})   # blockers that go away by themselves
+CLIENT_EVICT_MODES = ("never", "after_disconnect", "always")
 
 
-def blocker(*, busy: bool, pinned: bool, ours: bool, held: bool, critical: bool) -> str | None:
+def client_blocker(mode: str, *, connected: bool, critical: bool) -> str | None:
+    """Why a model an SDK client loaded through the proxy is not the proxy's to evict now
+    (None: it is). LM Studio itself spares explicitly loaded models; the proxy does while
+    their client is connected (`after_disconnect`), except at critical pressure."""
+    if mode == "always":
+        return None
+    if mode == "never":
+        return CLIENT_KEPT
+    return CLIENT_CONNECTED if connected and not critical else None
+
+
+def blocker(*, busy: bool, pinned: bool, ours: bool, held: bool, critical: bool,
+            not_ours: str = NOT_OURS) -> str | None:
     """The reason a loaded model may not be evicted now, or None. At critical pressure the
     residency rule is waived; nothing ever evicts a model that is serving. The lasting reasons
-    come first: a pinned model that is serving is pinned (its memory will not come free)."""
+    come first: a pinned model that is serving is pinned (its memory will not come free).
+    `not_ours` names why a model that is not ours is kept (NOT_OURS, or a client_blocker)."""
     if pinned:
         return PINNED
     if not ours:
-        return NOT_OURS
+        return not_ours
     if busy:
         return SERVING
     if held and not critical:

@@ -7,7 +7,7 @@ from .eviction import Evictor
 from .lifecycle import ModelEntry, ModelStatus
 from .memory import GB, MemoryPressure, MemorySample
 from .monitor import MemoryMonitor
-from .policy import NOT_OURS, TEMPORARY
+from .policy import CLIENT_CONNECTED, CLIENT_KEPT, NOT_OURS, TEMPORARY
 from .registry import Registry, printable
 from ..errors import InsufficientMemory, ModelTooLarge
 
@@ -16,6 +16,16 @@ LOADING, UNLOADING, OTHERS, EVICTABLE = "loading", "unloading", "other processes
 # Memory that may free without anyone changing the config (other processes: perhaps).
 WILL_GO = TEMPORARY | {LOADING, UNLOADING, EVICTABLE, OTHERS}
 Holder = tuple[str, float, str]   # (model, bytes, why)
+
+
+def gb_pair(a_bytes: float, b_bytes: float) -> tuple[str, str]:
+    """Two amounts in GB with as many decimals (up to 3) as it takes to tell them apart:
+    "needs 3.0 GB, 3.0 GB may be used now" reads as a contradiction."""
+    for digits in (1, 2, 3):
+        a, b = f"{a_bytes / GB:.{digits}f}", f"{b_bytes / GB:.{digits}f}"
+        if a != b:
+            break
+    return a, b
 
 
 class Refusals:
@@ -54,14 +64,22 @@ class Refusals:
         free = max(0.0, self.monitor.headroom(s)) if s is not None else 0.0
         held = "; ".join(f"'{k}' {b / GB:.1f} GB ({why})" if k != OTHERS else
                          f"{why} {b / GB:.1f} GB" for k, b, why in holders) or "nothing"
+        reasons = {why for _, _, why in holders}
         hint = ""
-        if any(why == NOT_OURS for _, _, why in holders):
-            hint = " Models loaded outside the proxy are left alone unless " \
-                   "eviction.manage_external is true."
+        if NOT_OURS in reasons:
+            hint += " Models loaded outside the proxy are left alone unless " \
+                    "eviction.manage_external is true."
+        if reasons & {CLIENT_CONNECTED, CLIENT_KEPT}:
+            hint += " Models an SDK client loaded through the proxy are kept while it is " \
+                    "connected, or as native.evict says."
+        need_gb, free_gb = gb_pair(need, free)
+        if need > free:
+            amounts = f"it needs {need_gb} GB, {free_gb} GB may be used now"
+        else:   # memory came free, but too late for this load
+            amounts = f"it needs {need_gb} GB; {free_gb} GB came free only as it gave up"
         return InsufficientMemory(
-            f"Not enough memory to load '{printable(e.key)}' ({need / GB:.1f} GB, "
-            f"{free / GB:.1f} GB may be used now){when}. Memory is held by: {held}.{hint}",
-            retry_after_s=retry_after_s)
+            f"Not enough memory to load '{printable(e.key)}'{when} ({amounts}). Memory is "
+            f"held by: {held}.{hint}", retry_after_s=retry_after_s)
 
     def hopeless(self, e: ModelEntry, need: float, s: MemorySample
                  ) -> InsufficientMemory | None:

@@ -7,6 +7,7 @@ swappable at run time (`apply_config`) without touching the entries.
 from __future__ import annotations
 
 import difflib
+from collections import Counter
 from typing import Iterator
 
 from ..config import Config
@@ -33,6 +34,7 @@ class Registry:
         self.entries: dict[str, ModelEntry] = {}
         self.priority_override: dict[str, int] = {}
         self.pin_override: dict[str, bool] = {}
+        self.clients: Counter[str] = Counter()   # SDK client (owner) → its open connections
         self.apply_config(config)
 
     def apply_config(self, config: Config) -> None:

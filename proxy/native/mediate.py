@@ -8,8 +8,10 @@
                                      RequestRecord like an OpenAI request's
     unloadModel                      the engine reconciles once LM Studio answers
 
-A refusal goes back as the `channelError` the SDKs raise. Frames are forwarded as the text they
-came in; parsing is only for deciding.
+Before any of that the connection's `guard.Guard` sees each frame: what the client's key may
+not do is answered by the proxy (`channelError` / `rpcError`) and never reaches LM Studio. A
+refusal goes back as the error the SDKs raise. Frames are forwarded as the text they came in;
+parsing is only for deciding.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from ..engine.core import EngineCore, MediatedLoad
 from ..engine.lifecycle import Lease, ModelStatus
 from ..engine.usage import RequestRecord
 from ..errors import ModelNotFound, ProxyError
+from .guard import REQUESTS, Guard, Refusal
 
 log = logging.getLogger("proxy.native")
 Send = Callable[[str], Awaitable[None]]
@@ -56,15 +59,16 @@ class Mediator:
     """One client websocket's mediation (namespace `llm`, `embedding`, ...)."""
 
     def __init__(self, engine: EngineCore, namespace: str, to_upstream: Send,
-                 to_client: Send) -> None:
+                 to_client: Send, owner: str, guard: Guard) -> None:
         self.engine, self.ns = engine, namespace
         self.to_upstream, self.to_client = to_upstream, to_client
-        self.owner: str | None = None
+        self.owner, self.guard = owner, guard
         self.held: dict[Any, _Held] = {}
         self.loads: dict[Any, MediatedLoad] = {}
         self.channel_uses: dict[Any, _Use] = {}
         self.call_uses: dict[Any, _Use] = {}
-        self.unload_calls: set[Any] = set()
+        self.unload_calls: dict[Any, Any] = {}   # callId → the identifier to unload
+        self.load_channels: set[Any] = set()     # loadModel / getOrLoad channels open
         self.unadmitted: set[Any] = set()     # load channels forwarded without admission
         self.refs: dict[str, str] = {}     # instanceReference → identifier, from load results
         self._tasks: set[asyncio.Task] = set()
@@ -76,16 +80,15 @@ class Mediator:
     # -- client → LM Studio ------------------------------------------------------------------
     async def from_client(self, data: str) -> None:
         frame = _parse(data)
-        if self.owner is None:
-            ident = frame.get("clientIdentifier") if frame else None
-            self.owner = f"sdk:{ident if isinstance(ident, str) else 'unknown'}"
-            await self.to_upstream(data)        # the auth frame, untouched
+        if frame is not None and await self._refused(frame):
             return
         kind = frame.get("type") if frame else None
         if kind == "channelCreate" and self.models:
             cid, endpoint = frame.get("channelId"), frame.get("endpoint")
             param = frame.get("creationParameter")
             param = param if isinstance(param, dict) else {}
+            if endpoint in LOAD_ENDPOINTS:
+                self.load_channels.add(cid)
             # Loads on another device (LM Link) spend no local memory; against an LM Studio
             # older than 0.4 the engine cannot unload, so it admits nothing either.
             if endpoint in LOAD_ENDPOINTS and param.get("deviceIdentifier") is None and \
@@ -110,15 +113,29 @@ class Mediator:
                 await self._begin_use(self.call_uses, call_id, param.get("modelSpecifier"),
                                       "lmstudio:embedString")
             elif endpoint == "unloadModel":
-                self.unload_calls.add(call_id)
+                self.unload_calls[call_id] = param.get("identifier") \
+                    if isinstance(param, dict) else None
         await self.to_upstream(data)
+
+    async def _refused(self, frame: dict[str, Any]) -> bool:
+        """Answer a frame the client's key may not send, in the SDK's error shape."""
+        kind = frame.get("type")
+        refused = self.guard.check(frame, self.refs)
+        if refused is None:
+            return False
+        log.info("refused %s %s for %s: %s", kind, frame.get("endpoint"), self.owner,
+                 refused.error.message)
+        answer, id_field = REQUESTS[kind]
+        await self.to_client(_dumps({"type": answer, id_field: frame.get(id_field),
+                                     "error": refused.serialized()}))
+        return True
 
     async def _admit(self, cid: Any, endpoint: str, name: str) -> None:
         held = self.held[cid]
         load: MediatedLoad | None = None
         try:
             admission = held.admission = asyncio.ensure_future(
-                self.engine.admit_load(name, owner=self.owner or "sdk:unknown"))
+                self.engine.admit_load(name, owner=self.owner))
             try:
                 while not (await asyncio.wait({admission}, timeout=KEEPALIVE_S))[0]:
                     await self._keepalive(cid, endpoint)
@@ -136,7 +153,7 @@ class Mediator:
                 exc = ProxyError("Internal error in the proxy; see its log.")
             log.info("refused %s of %s for %s: %s", endpoint, name, self.owner, exc.message)
             await self.to_client(_dumps({"type": "channelError", "channelId": cid,
-                                         "error": refusal(exc)}))
+                                         "error": memory_refusal(exc).serialized()}))
             return
         if load is not None:
             self.loads[cid] = load
@@ -193,6 +210,13 @@ class Mediator:
             message = message if isinstance(message, dict) else {}
             if message.get("type") in LOAD_DONE:
                 self._note_instance(message.get("info"))
+            if cid in self.load_channels and (message.get("type") in LOAD_DONE
+                                              or kind != "channelSend"):
+                self.load_channels.discard(cid)
+                info = message.get("info")
+                if message.get("type") in ("success", "loadSuccess") and \
+                        isinstance(info, dict) and isinstance(info.get("identifier"), str):
+                    self.guard.loaded(info["identifier"])   # its key may unload it
             if cid in self.unadmitted and (message.get("type") in LOAD_DONE
                                            or kind != "channelSend"):
                 # A load the engine did not admit (a second instance of a loaded model, a
@@ -214,7 +238,9 @@ class Mediator:
             if use is not None:
                 self._finish(use, kind == "rpcResult", frame.get("error"))
             if call_id in self.unload_calls:
-                self.unload_calls.discard(call_id)
+                identifier = self.unload_calls.pop(call_id)
+                if kind == "rpcResult" and isinstance(identifier, str):
+                    self.guard.unloaded(identifier)
                 return True
         return False
 
@@ -298,12 +324,11 @@ class Mediator:
             log.error("native mediation failed", exc_info=task.exception())
 
 
-def refusal(exc: ProxyError) -> dict[str, Any]:
-    """A proxy refusal as LM Studio serializes errors, so the SDKs raise it as a server error."""
-    return {"title": exc.message, "cause": f"The proxy refused the load ({exc.code}).",
-            "suggestion": "Free memory, or ask for a smaller model; GET /proxy/stats shows "
-                          "what holds memory.",
-            "errorData": {"code": exc.code}}
+def memory_refusal(exc: ProxyError) -> Refusal:
+    """A refused load as LM Studio serializes errors, so the SDKs raise it as a server error."""
+    return Refusal(exc, f"The proxy refused the load ({exc.code}).",
+                   "Free memory, or ask for a smaller model; GET /proxy/stats shows what "
+                   "holds memory.")
 
 
 def _parse(data: str) -> dict[str, Any] | None:

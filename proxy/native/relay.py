@@ -1,8 +1,11 @@
 """LM Studio's own protocol through the proxy: the greeting and one websocket per namespace.
 
-Each client websocket gets its own upstream websocket on the same path; frames go both ways as
-they came (text as text, binary as binary), the auth frame included, and a close on either side
-closes the other. `mediate.Mediator` looks at the frames the engine must know about.
+Each client websocket gets its own upstream websocket on the same path, once its first frame
+(the SDKs' auth frame) has passed `guard.handshake`: LM Studio gets that frame as it came, or,
+when a proxy key was in it, one without the key. Then frames go both ways as they came (text
+as text, binary as binary), none larger than `native.max_frame_bytes` (a bigger one closes
+both sides with 1009), and a close on either side closes the other. `mediate.Mediator` looks
+at the frames the engine and the guard must know about.
 """
 from __future__ import annotations
 
@@ -12,28 +15,35 @@ import logging
 from typing import AsyncIterator
 
 import aiohttp
-from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp import WSCloseCode, WSMessage, WSMsgType, web
 from yarl import URL
 
 from ..config import redact_url
+from ..auth import CLIENT_KEY
+from ..engine.core import EngineCore
+from ..engine.lifecycle import ModelStatus
 from ..errors import UpstreamUnreachable
-from ..keys import CONFIG, ENGINE, UPSTREAM
+from ..keys import AUTH, CONFIG, ENGINE, UPSTREAM
+from . import GREETING, NAMESPACES
+from .guard import Admitted, Guard, LoadBook, Refusal, handshake
 from .mediate import Mediator, Send
 
 log = logging.getLogger("proxy.native")
-NAMESPACES = ("llm", "embedding", "system", "diagnostics", "files", "repository", "plugins",
-              "runtime")
 WS_SESSION = web.AppKey("native_ws_session", aiohttp.ClientSession)
 CLIENTS = web.AppKey("native_clients", set)
+LOAD_BOOK = web.AppKey("native_load_book", LoadBook)
+# The Python SDK's websockets (httpx-ws) announce themselves so; it wants errors as fields.
+PYTHON_SDK_AGENT = "python-httpx/"
 CLOSE_TIMEOUT_S = 5.0
 
 
 def add_routes(app: web.Application) -> None:
-    app.router.add_get("/lmstudio-greeting", greeting)
+    app.router.add_get(GREETING, greeting)
     for ns in NAMESPACES:
         app.router.add_get(f"/{ns}", websocket)
     app.cleanup_ctx.append(_session_ctx)
     app[CLIENTS] = set()
+    app[LOAD_BOOK] = LoadBook()
     app.on_shutdown.append(_going_away)
 
 
@@ -67,23 +77,91 @@ def upstream_ws_url(base_url: str, path_qs: str) -> str:
 
 
 async def websocket(request: web.Request) -> web.StreamResponse:
-    app = request.app
-    url = upstream_ws_url(app[CONFIG].upstream.url, request.path_qs)
-    try:
-        upstream = await app[WS_SESSION].ws_connect(url, max_msg_size=0, autoclose=False)
-    except (aiohttp.ClientError, OSError) as exc:
-        raise UpstreamUnreachable(f"LM Studio at {redact_url(app[CONFIG].upstream.url)} is not "
-                                  f"reachable ({exc})") from exc
-    client = web.WebSocketResponse(max_msg_size=0, autoclose=False)
+    app, config = request.app, request.app[CONFIG]
+    ns = request.path.strip("/")
+    header_key = request.get(CLIENT_KEY)
+    upstream = None
+    if not app[AUTH].ring.enabled or header_key is not None:
+        # Nothing left to check: LM Studio unreachable is an HTTP error before the upgrade.
+        upstream = await _connect(app, request.path_qs)
+    client = web.WebSocketResponse(max_msg_size=config.native.max_frame_bytes, autoclose=False)
     try:
         await client.prepare(request)
         app[CLIENTS].add(client)
-        await _relay(client, upstream, Mediator(
-            app[ENGINE], request.path.strip("/"), _sender(upstream), _sender(client)))
+        first = await _first_frame(client, config.server.header_timeout_s)
+        if first is None:
+            return client
+        verdict = handshake(app[AUTH], ns, first.data if first.type is WSMsgType.TEXT else None,
+                            header_key, config.upstream.api_token)
+        structured = request.headers.get("User-Agent", "").startswith(PYTHON_SDK_AGENT)
+        if isinstance(verdict, Refusal):
+            log.info("refused a /%s connection: %s", ns, verdict.error.message)
+            await _refuse(client, verdict, structured, WSCloseCode.POLICY_VIOLATION)
+            return client
+        if upstream is None:
+            try:
+                upstream = await _connect(app, request.path_qs)
+            except UpstreamUnreachable as exc:
+                await _refuse(client, Refusal(exc, "The proxy cannot reach LM Studio.",
+                                              "Is LM Studio running?"), structured,
+                              WSCloseCode.TRY_AGAIN_LATER)
+                return client
+        if first.type is WSMsgType.BINARY:
+            await upstream.send_bytes(first.data)
+        else:
+            await upstream.send_str(verdict.upstream_frame)
+        await _serve(app, ns, client, upstream, verdict)
     finally:
         app[CLIENTS].discard(client)
-        await upstream.close()
+        if upstream is not None:
+            await upstream.close()
     return client
+
+
+async def _connect(app: web.Application, path_qs: str) -> aiohttp.ClientWebSocketResponse:
+    config = app[CONFIG]
+    url = upstream_ws_url(config.upstream.url, path_qs)
+    try:
+        return await app[WS_SESSION].ws_connect(url, max_msg_size=config.native.max_frame_bytes,
+                                                autoclose=False)
+    except (aiohttp.ClientError, OSError) as exc:
+        raise UpstreamUnreachable(f"LM Studio at {redact_url(config.upstream.url)} is not "
+                                  f"reachable ({exc})") from exc
+
+
+async def _first_frame(client: web.WebSocketResponse, timeout_s: float) -> WSMessage | None:
+    """The handshake's frame (None: the client closed, or sent nothing in time)."""
+    try:
+        msg = await client.receive(timeout=timeout_s)
+    except TimeoutError:
+        await client.close(code=WSCloseCode.POLICY_VIOLATION, message=b"no auth frame")
+        return None
+    return msg if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY) else None
+
+
+async def _refuse(client: web.WebSocketResponse, refusal: Refusal, structured: bool,
+                  code: int) -> None:
+    await client.send_str(refusal.auth_result(structured))
+    await client.close(code=code)
+
+
+async def _serve(app: web.Application, ns: str, client: web.WebSocketResponse,
+                 upstream: aiohttp.ClientWebSocketResponse, admitted: Admitted) -> None:
+    engine = app[ENGINE]
+    guard = Guard(admitted, ns, app[LOAD_BOOK], lambda name: _resolve(engine, name))
+    engine.client_connection(admitted.owner, +1)
+    try:
+        await _relay(client, upstream, Mediator(
+            engine, ns, _sender(upstream), _sender(client), admitted.owner, guard))
+    finally:
+        engine.client_connection(admitted.owner, -1)
+
+
+def _resolve(engine: EngineCore, name: str) -> tuple[str | None, str | None]:
+    """A model name or instance identifier → (its model key, its owner) as the engine knows."""
+    key = engine.registry.key_of(name)
+    e = engine.registry.entries.get(key) if key is not None else None
+    return key, (e.owner if e is not None and e.status is ModelStatus.LOADED else None)
 
 
 def _sender(ws: web.WebSocketResponse | aiohttp.ClientWebSocketResponse) -> Send:
