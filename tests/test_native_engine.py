@@ -281,3 +281,20 @@ async def test_predictions_multiplexed_on_one_connection_each_hold_and_count(pro
     results = await asyncio.gather(*(model.respond(f"question {i}") for i in range(5)))
     assert all(r.stats.stop_reason == "eosFound" for r in results)
     assert proxy.engine.usage(SMALL).requests == 5 and proxy.engine.entry(SMALL).leases == 0
+
+
+@pytest.mark.parametrize("mode,owner", [("after_disconnect", "proxy"), ("never", "external")])
+async def test_an_sdk_loaded_model_is_the_proxys_after_a_restart(make_emulator, make_proxy,
+                                                                 sdk, tmp_path, mode, owner):
+    """Its client cannot still be connected to a new process: ownership is written at once."""
+    emulator = await make_emulator(capacity_bytes=20 * GB)
+    storage = {"enabled": True, "path": str(tmp_path / "history.sqlite3"),
+               "flush_interval_s": 3600}
+    first = await make_proxy(emulator.url, **{"memory.budget_gb": 20, "storage": storage,
+                                              "native.evict": mode})
+    client = await sdk(first)
+    await client.llm.load_new_instance(SMALL)
+    assert first.engine.entry(SMALL).owner.startswith("sdk:")
+    again = await make_proxy(emulator.url, **{"memory.budget_gb": 20, "storage": storage,
+                                              "native.evict": mode})
+    assert again.engine.entry(SMALL).owner == owner

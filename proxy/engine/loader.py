@@ -113,6 +113,10 @@ class Loader:
         self._fitted(e)
         self._set_status(e, S.LOADED)
         e.owner = owner
+        if self.registry.config.native.evict != "never":
+            # Once its client is gone the model is the proxy's to manage, after a restart too;
+            # the reconcile the mediator awaits before the client hears of it writes this.
+            self.accounting.remember_owned(e, instance_id, {})
         self.monitor.sample_soon()
         log.info("%s loaded by %s in %.2fs", e.key, owner, duration_s)
         self.listeners.emit("on_load", e.key, duration_s, True)

@@ -73,8 +73,8 @@ class Reconciler:
         late: list[ModelEntry] = []
         for m in models:
             self._one(m, epoch, changed, late)
+        await self.accounting.commit_ownership()   # nothing to write: no I/O
         if changed:
-            await self.accounting.commit_ownership()
             await self.monitor.sample()     # the memory figures show what others changed
         return late
 

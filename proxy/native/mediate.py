@@ -226,6 +226,8 @@ class Mediator:
             load = self.loads.get(cid)
             if load is not None:
                 self._observe_load(cid, load, kind, message, frame)
+                if message.get("type") in LOAD_DONE:
+                    return True     # its ownership is written before the client hears of it
             use = self.channel_uses.get(cid)
             if use is not None:
                 self._observe_prediction(cid, use, kind, message, frame)
