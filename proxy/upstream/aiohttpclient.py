@@ -80,13 +80,16 @@ class _Exchange(Exchange):
         body = self.body
         if isinstance(body, bytes) and len(body) > _LARGE_BODY_BYTES:
             body = io.BytesIO(body)   # aiohttp sends it in pieces instead of warning
-        options = {}
-        if self.timeout_s is not None:   # else the session's connect and silence bounds
-            options["timeout"] = aiohttp.ClientTimeout(total=self.timeout_s,
-                                                       connect=t.connect_timeout_s)
-        self.resp = resp = await t.session.request(
-            self.method, t.base_url + self.path, headers=self.headers, data=body,
-            allow_redirects=False, **options)
+        if self.timeout_s is None:   # the session's connect and silence bounds
+            resp = await t.session.request(self.method, t.base_url + self.path,
+                                           headers=self.headers, data=body,
+                                           allow_redirects=False)
+        else:
+            resp = await t.session.request(
+                self.method, t.base_url + self.path, headers=self.headers, data=body,
+                allow_redirects=False, timeout=aiohttp.ClientTimeout(
+                    total=self.timeout_s, connect=t.connect_timeout_s))
+        self.resp = resp
         return AiohttpResponse(resp, self.errors)
 
     async def __aexit__(self, exc_type: type[BaseException] | None,

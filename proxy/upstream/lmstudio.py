@@ -8,7 +8,6 @@ lack of memory is told apart from other failures so the engine can evict and ret
 """
 from __future__ import annotations
 
-import logging
 from typing import Any, AsyncIterable, Mapping
 
 import orjson
@@ -19,7 +18,6 @@ from .base import ApiLevel, LoadResult, UpstreamModel
 from .breaker import CircuitBreaker
 from .transport import Exchange, Transport, create_transport
 
-log = logging.getLogger("proxy.upstream")
 
 _OOM_MARKERS = ("insufficient system resources", "out of memory", "not enough memory",
                 "insufficient memory")
@@ -40,8 +38,8 @@ class LMStudioProtocol:
     async def start(self) -> None:
         if self._forward is None:
             c = self.config
-            # Management calls always take aiohttp's: a load is silent for up to
-            # load_timeout_s, and it must not queue behind streams for a pooled connection.
+            # Management calls keep a pool of their own (aiohttp's, whichever client forwards):
+            # a load or an unload must not queue behind streams for a pooled connection.
             self._manage = create_transport(c, "aiohttp", self.breaker)
             self._forward = (self._manage if c.client == "aiohttp"
                              else create_transport(c, c.client, self.breaker))
