@@ -4,9 +4,10 @@
 the HTTP handlers. Tests and the eviction benchmark implement `ModelBackend` in a few lines;
 later backends (Ollama, llama.cpp's router, vLLM) implement `Upstream`.
 
+An adapter is a backend's protocol (lmstudio.py) spoken through a `Transport` (transport.py).
 Nothing of the HTTP client crosses this seam: a forwarded response is an `UpstreamResponse`,
 and every transport failure — connecting, waiting, or reading a body half-way — arrives as one
-of the project's `UpstreamError`s, mapped by the adapter in one place.
+of the project's `UpstreamError`s, mapped by the transport in one place.
 """
 from __future__ import annotations
 
