@@ -27,6 +27,16 @@ class ApiLevel(str, enum.Enum):
 
 
 @dataclass(frozen=True)
+class Capabilities:
+    """What a backend can do and tell; the engine branches on these, never on a backend's name."""
+    manages_loading: bool    # loads and unloads on request
+    reports_memory: bool     # real resident bytes per model (else file size only)
+    self_evicts: bool        # may unload models on its own (LRU past a count, keep-alive expiry)
+    multi_instance: bool     # can hold several instances of one model
+    native_clients: bool     # has a native (non-OpenAI) client protocol worth relaying
+
+
+@dataclass(frozen=True)
 class UpstreamModel:
     key: str
     type: str = "llm"                          # llm | embedding
