@@ -1,4 +1,5 @@
-"""python -m proxy.emulator: serve an emulated LM Studio until interrupted."""
+"""python -m proxy.emulator: serve an emulated LM Studio (or, with --flavor llamacpp, a llama.cpp
+router) until interrupted."""
 from __future__ import annotations
 
 import argparse
@@ -7,14 +8,20 @@ import contextlib
 import logging
 import sys
 
-from .catalog import GB, load_catalog
+from pathlib import Path
+
+from .catalog import GB, CatalogModel, load_catalog
+from .llamacpp import start_router_emulator
 from .server import EmulatorOptions
 from . import start_emulator
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m proxy.emulator",
-                                description="Serve an emulated LM Studio API.")
+                                description="Serve an emulated LM Studio API (or another "
+                                            "server's, by --flavor).")
+    p.add_argument("--flavor", choices=("lmstudio", "llamacpp"), default="lmstudio",
+                   help="whose API: LM Studio's, or llama.cpp's llama-server in router mode")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=1234)
     p.add_argument("--catalog", help="YAML catalogue of models (default: built-in demo)")
@@ -33,6 +40,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-jit", action="store_true", help="turn JIT loading off")
     p.add_argument("--zero-embedding-usage", action="store_true",
                    help="report 0 tokens for embeddings, as LM Studio 0.4.3 did")
+    router = p.add_argument_group("llamacpp flavor (the router's own flags)")
+    router.add_argument("--models-max", type=int, default=4,
+                        help="loaded models beyond which the router evicts by LRU (0: no limit)")
+    router.add_argument("--no-models-autoload", action="store_true",
+                        help="a request for an unloaded model is refused, not loaded")
+    router.add_argument("--models-dir", type=Path,
+                        help="write a sparse .gguf file per model here (sizes on disk)")
+    router.add_argument("--broken", action="append", default=[], metavar="MODEL",
+                        help="a model whose file fails to load (exit code 1); repeatable")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
@@ -43,6 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     opts = EmulatorOptions(version=args.version, api_token=args.api_token,
                            tokens_per_s=args.tokens_per_s,
                            zero_embedding_usage=args.zero_embedding_usage)
+
+    if args.flavor == "llamacpp":
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(_run_router(args, catalog))
+        return 0
 
     async def run() -> None:
         emu = await start_emulator(
@@ -60,6 +81,20 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(run())
     return 0
+
+
+async def _run_router(args: argparse.Namespace, catalog: list[CatalogModel]) -> None:
+    emu = await start_router_emulator(
+        catalog, host=args.host, port=args.port, tokens_per_s=args.tokens_per_s,
+        models_max=args.models_max, autoload=not args.no_models_autoload,
+        load_time_scale=args.load_time_scale, broken=frozenset(args.broken),
+        models_dir=args.models_dir)
+    print(f"llama.cpp router emulator on {emu.url} ({len(catalog)} models, "
+          f"--models-max {args.models_max})", flush=True)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await emu.close()
 
 
 if __name__ == "__main__":
