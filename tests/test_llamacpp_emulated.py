@@ -104,3 +104,10 @@ async def test_the_router_answers_like_the_real_one(router, http):
         assert (await r.json())["error"]["message"] == "model is not loaded"
     async with http.post(router.url + "/models/unload", json={"model": router.chat_large}) as r:
         assert (await r.json())["error"]["message"] == "model is not running"
+
+
+async def test_lm_studio_sdk_connections_are_refused_with_the_reason(router, make_proxy, http):
+    proxy = await s.proxy_for(make_proxy, router)
+    async with http.get(proxy.url + "/llm") as r:
+        assert r.status == 404
+        assert "no native client protocol" in (await r.json())["error"]["message"]

@@ -22,7 +22,7 @@ from ..config import redact_url
 from ..auth import CLIENT_KEY
 from ..engine.core import EngineCore
 from ..engine.lifecycle import ModelStatus
-from ..errors import UpstreamUnreachable
+from ..errors import RouteNotFound, UpstreamUnreachable
 from ..keys import AUTH, CONFIG, ENGINE, UPSTREAM
 from . import GREETING, NAMESPACES
 from .guard import Admitted, Guard, LoadBook, Refusal, handshake
@@ -78,6 +78,10 @@ def upstream_ws_url(base_url: str, path_qs: str) -> str:
 
 async def websocket(request: web.Request) -> web.StreamResponse:
     app, config = request.app, request.app[CONFIG]
+    caps = app[ENGINE].capabilities
+    if caps is not None and not caps.native_clients:
+        raise RouteNotFound(f"the upstream ({config.upstream.kind}) has no native client "
+                            f"protocol; use its OpenAI-compatible API under /v1")
     ns = request.path.strip("/")
     header_key = request.get(CLIENT_KEY)
     upstream = None
