@@ -111,3 +111,12 @@ async def test_lm_studio_sdk_connections_are_refused_with_the_reason(router, mak
     async with http.get(proxy.url + "/llm") as r:
         assert r.status == 404
         assert "no native client protocol" in (await r.json())["error"]["message"]
+
+
+async def test_a_load_the_router_does_not_finish_in_time_is_a_timeout(make_router, make_proxy,
+                                                                      http):
+    router = await make_router(load_time_scale=100.0)          # 5 s per load
+    proxy = await s.proxy_for(make_proxy, router, **{"upstream.load_timeout_s": 0.2})
+    status, body = await s.chat(http, proxy, router.chat_small)
+    assert status == 504 and "did not finish the load" in body["error"]["message"], body
+    assert await s.router_status(http, router, router.chat_small) == "loading"
