@@ -44,7 +44,7 @@ async def _going_away(app: web.Application) -> None:
 
 
 async def _session_ctx(app: web.Application) -> AsyncIterator[None]:
-    c = app[CONFIG].upstream
+    c = app[CONFIG].current.upstream
     timeout = aiohttp.ClientTimeout(total=None, connect=c.connect_timeout_s)
     app[WS_SESSION] = session = aiohttp.ClientSession(timeout=timeout)
     yield
@@ -68,11 +68,12 @@ def upstream_ws_url(base_url: str, path_qs: str) -> str:
 
 async def websocket(request: web.Request) -> web.StreamResponse:
     app = request.app
-    url = upstream_ws_url(app[CONFIG].upstream.url, request.path_qs)
+    base_url = app[CONFIG].current.upstream.url
+    url = upstream_ws_url(base_url, request.path_qs)
     try:
         upstream = await app[WS_SESSION].ws_connect(url, max_msg_size=0, autoclose=False)
     except (aiohttp.ClientError, OSError) as exc:
-        raise UpstreamUnreachable(f"LM Studio at {redact_url(app[CONFIG].upstream.url)} is not "
+        raise UpstreamUnreachable(f"LM Studio at {redact_url(base_url)} is not "
                                   f"reachable ({exc})") from exc
     client = web.WebSocketResponse(max_msg_size=0, autoclose=False)
     try:
