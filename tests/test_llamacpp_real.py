@@ -65,3 +65,15 @@ async def test_a_models_memory_is_its_child_process_rss(router, make_proxy, http
     rss = [c.memory_info().rss for c in children]
     assert proxy.engine.registry.footprint_source(e) == "reported"
     assert len(rss) == 1 and 0.5 * rss[0] <= e.reported_bytes <= 2 * rss[0]
+
+
+async def test_the_routers_own_lru_eviction_is_recorded_as_the_backends(make_llama_router,
+                                                                        make_proxy, http):
+    router = RealRouter(make_llama_router("--models-max", "1"))   # against the advice
+    proxy = await s.proxy_for(make_proxy, router, **{"memory.budget_gb": 64})
+    assert (await s.chat(http, proxy, router.chat_small))[0] == 200
+    assert (await s.chat(http, proxy, router.chat_large))[0] == 200
+    small = proxy.engine.entry(router.chat_small)
+    await s.until(lambda: small.status.value == "unloaded")
+    assert dict(small.evictions) == {"backend": 1} and small.last_error is None
+    assert await s.router_status(http, router, router.chat_small) == "unloaded"
