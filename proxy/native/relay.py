@@ -23,9 +23,10 @@ from ..auth import CLIENT_KEY
 from ..engine.core import EngineCore
 from ..engine.lifecycle import ModelStatus
 from ..errors import UpstreamUnreachable
-from ..keys import AUTH, CONFIG, ENGINE, UPSTREAM
+from ..keys import AUTH, CONFIG, ENGINE
 from . import GREETING, NAMESPACES
 from .guard import Admitted, Guard, LoadBook, Refusal, handshake
+from ..server.relay import read_upstream
 from .mediate import Mediator, Send
 
 log = logging.getLogger("proxy.native")
@@ -63,11 +64,7 @@ async def _session_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def greeting(request: web.Request) -> web.Response:
     """The SDKs' probe; LM Studio's answer, so a proxy in front of no LM Studio says so."""
-    async with request.app[UPSTREAM].request("GET", "/lmstudio-greeting", {}, None) as resp:
-        body = await resp.read()
-        return web.Response(body=body, status=resp.status,
-                            content_type=resp.headers.get("Content-Type", "application/json")
-                            .split(";")[0])
+    return await read_upstream(request, "GET", "/lmstudio-greeting")
 
 
 def upstream_ws_url(base_url: str, path_qs: str) -> str:
