@@ -161,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
                    "offline-belady without preloading, with the engine's preloader, or with "
                    "preloads of exactly the next requests (the ceiling of preloading)")
     p.add_argument("--hold", help="eviction.hold settings to run the proxy's policies with, "
-                   "comma-separated (seconds, adaptive, off); default: the configured one")
+                   "comma-separated (seconds, adaptive, expected, off); default: the "
+                   "configured one")
     p.add_argument("--json", help="write the runs to this file")
     p.add_argument("--render", metavar="JSON", help="print the tables of runs saved with --json")
     args = p.parse_args(argv)
@@ -211,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _hold(text: str) -> float | str:
-    return text if text in ("adaptive", "off") else float(text)
+    return text if text in ("adaptive", "expected", "off") else float(text)
 
 
 def _label(r: dict) -> str:

@@ -228,6 +228,15 @@ class UsageLearner:
             return 0.0
         return min(1.0, p.followers.get(follower, 0) / p.requests)
 
+    def follow_chance(self, key: str, now_s: float) -> float:
+        """The chance key is asked for soon because a recent request's model is usually
+        followed by it (and it has not come yet): a pipeline's next step."""
+        best = 0.0
+        for at_s, source, seen in self._recent:
+            if source != key and key not in seen and now_s - at_s <= FOLLOW_WINDOW_S:
+                best = max(best, self.follow_probability(source, key))
+        return best
+
     def likely_next(self, source: str, min_probability: float) -> list[tuple[str, float]]:
         """Models that followed source at least min_probability of the time, likeliest first."""
         p = self.patterns.get(source)
