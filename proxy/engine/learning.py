@@ -147,15 +147,15 @@ class ModelPattern:
             return 0.0                   # a rhythm needs a week of history to be one
         return self.hours[hour_of_week(wall_s)] / weeks
 
-    def rate_at_hour_of_day(self, wall_s: float) -> float:
-        """Requests in this hour of the day, per day observed (1.0: asked for in this hour
-        every day): "what usually starts at this hour", learnt after a day."""
+    def rate_at_hour_of_day(self, wall_s: float, ahead_s: float = 0.0) -> float:
+        """Requests in the hour of the day ahead_s from now, per day observed (1.0: asked for
+        in that hour every day): "what usually starts at this hour", learnt after a day."""
         if self.first_wall_s is None:
             return 0.0
         days = (wall_s - self.first_wall_s) / 86400.0
         if days < 1.0:
             return 0.0
-        return sum(self.hours[hour_of_week(wall_s) % 24::24]) / days
+        return sum(self.hours[hour_of_week(wall_s + ahead_s) % 24::24]) / days
 
     # -- persistence -------------------------------------------------------------------------
     def snapshot(self, now_s: float = 0.0, wall_s: float = 0.0) -> dict[str, Any]:

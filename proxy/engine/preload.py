@@ -82,7 +82,7 @@ class Preloader:
                 continue
             if pattern.rate_in_hour(wall) >= rate:
                 self._try(key, 0.5, "due by its rhythm")
-            elif pattern.rate_at_hour_of_day(wall + HOUR_LEAD_S) >= rate:
+            elif pattern.rate_at_hour_of_day(wall, HOUR_LEAD_S) >= rate:
                 self._try(key, 0.5, "usually asked for at this hour", may_evict=False)
             else:
                 p = self.learner.predict(key, now, PREDICTION_HORIZON_S).p_within
