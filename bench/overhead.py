@@ -1,6 +1,7 @@
 """Overhead of the proxy against no proxy, the floor of a Python relay, and Caddy.
 
     python -m bench.overhead [--rounds 3] [--duration-s 5] [--dashboard] [--json FILE]
+                             [--baseline DIR]
 
 Starts, each in its own process on loopback: the LM Studio emulator with no load time and no
 per-token delay, the reference relay (bench/relay.py), Caddy's reverse_proxy when `caddy` is
@@ -13,7 +14,9 @@ are reported, with the ratios proxy / relay,
 proxy / Caddy and proxy / direct, which are the figures that hold on a noisy machine.
 With --dashboard a headless Chromium keeps the proxy's dashboard (/ui, live on the event
 stream) open throughout, and the event stream's own figures (events per second, bytes sent per
-client) are reported.
+client) are reported. With --baseline DIR, the proxy from another checkout (say the commit
+before a change: `git archive HEAD~1 | tar -x -C DIR`) runs beside this one, with each client,
+and the ratio proxy / baseline is reported.
 """
 from __future__ import annotations
 
@@ -42,7 +45,10 @@ STREAM_BODY = {**BODY, "max_tokens": 24, "stream": True}     # 26 SSE events per
 CONCURRENCY = (1, 16, 64)
 STREAM_CONCURRENCY = 16
 TARGETS = ("direct", "relay", "caddy", "proxy", "proxy-aiohttp")
-SERVED = ("relay", "caddy", "proxy", "proxy-aiohttp")   # CPU per request measured for these
+SERVED = ("relay", "caddy", "proxy", "proxy-aiohttp", "baseline",
+          "baseline-aiohttp")   # CPU per request measured for these
+PROXIES = (("proxy", "fast"), ("proxy-aiohttp", "aiohttp"), ("baseline", "fast"),
+           ("baseline-aiohttp", "aiohttp"))
 
 
 def free_port() -> int:
@@ -73,10 +79,13 @@ def post_json(url: str, data: dict) -> None:
 
 
 class Servers:
-    def __init__(self, workdir: Path, proxy_args: list[str], event_loop: str) -> None:
+    def __init__(self, workdir: Path, proxy_args: list[str], event_loop: str,
+                 baseline: Path | None = None) -> None:
         self.event_loop = event_loop
         self.workdir = workdir
-        self.targets = tuple(t for t in TARGETS if t != "caddy" or shutil.which("caddy"))
+        self.baseline = baseline
+        self.targets = tuple(t for t in TARGETS if t != "caddy" or shutil.which("caddy")) + \
+            (("baseline", "baseline-aiohttp") if baseline else ())
         self.ports = {t: free_port() for t in self.targets}
         self.procs: dict[str, subprocess.Popen] = {}
         self.proxy_args = proxy_args
@@ -100,14 +109,17 @@ class Servers:
                                  f"\treverse_proxy {emu}\n}}\n")
             self._spawn("caddy", ["caddy", "run", "--config", str(caddyfile), "--adapter",
                                   "caddyfile"], f"{self.url('caddy')}/lmstudio-greeting")
-        for target, client in (("proxy", "fast"), ("proxy-aiohttp", "aiohttp")):
+        for target, client in PROXIES:
+            if target not in self.targets:
+                continue
             config = self.workdir / f"{target}.yaml"
             config.write_text(f"storage:\n  path: {self.workdir / target}.sqlite3\n"
                               f"server:\n  event_loop: {self.event_loop}\n"
                               f"upstream:\n  client: {client}\n")
             self._spawn(target, [py, "-m", "proxy", "--config", str(config), "--port",
                                  str(self.ports[target]), "--upstream", emu, *self.proxy_args],
-                        f"{self.url(target)}/readyz")
+                        f"{self.url(target)}/readyz",
+                        cwd=self.baseline if target.startswith("baseline") else None)
             post_json(f"{self.url(target)}/proxy/models/load", {"model": MODEL})
 
     def open_dashboard(self) -> None:
@@ -125,12 +137,13 @@ class Servers:
                 raise RuntimeError("the dashboard did not connect to the event stream")
             time.sleep(0.2)
 
-    def _spawn(self, name: str, cmd: list[str], ready_url: str) -> None:
+    def _spawn(self, name: str, cmd: list[str], ready_url: str,
+               cwd: Path | None = None) -> None:
         log = open(self.workdir / f"{name}.log", "w")
         env = {**os.environ, "HOME": str(self.workdir), "XDG_DATA_HOME": str(self.workdir),
                "XDG_CONFIG_HOME": str(self.workdir)}
         self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                            cwd=Path(__file__).resolve().parent.parent)
+                                            cwd=cwd or Path(__file__).resolve().parent.parent)
         wait_ready(ready_url)
 
     def process(self, target: str) -> psutil.Process:
@@ -250,7 +263,8 @@ def measure(servers: Servers, rounds: int, duration_s: float, stream_per_worker:
 
 
 LABELS = {"direct": "direct", "relay": "reference relay", "caddy": "Caddy",
-          "proxy": "proxy (fast)", "proxy-aiohttp": "proxy (aiohttp)"}
+          "proxy": "proxy (fast)", "proxy-aiohttp": "proxy (aiohttp)",
+          "baseline": "baseline (fast)", "baseline-aiohttp": "baseline (aiohttp)"}
 
 
 def render(data: dict) -> str:
@@ -259,7 +273,8 @@ def render(data: dict) -> str:
     p, r, d = m["proxy"], m["relay"], m["direct"]
     caddy = m.get("caddy")
     ratios = [("proxy / relay", r)] + ([("proxy / Caddy", caddy)] if caddy else []) + \
-        [("proxy / direct", d)]
+        [("proxy / direct", d)] + ([("proxy / baseline", m["baseline"])]
+                                   if "baseline" in m else [])
     rows = []
 
     def row(label: str, key: str, fmt: str = "{:.2f}") -> None:
@@ -339,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dashboard", action="store_true",
                     help="keep the dashboard open in a headless Chromium throughout")
     ap.add_argument("--json", help="write the numbers here")
+    ap.add_argument("--baseline", type=Path,
+                    help="a checkout of another version of the project, run beside this one")
     args = ap.parse_args(argv)
     if shutil.which("wrk") is None:
         print("wrk is needed: apt-get install wrk", file=sys.stderr)
@@ -348,7 +365,8 @@ def main(argv: list[str] | None = None) -> int:
         script = workdir / "post.lua"
         script.write_text('wrk.method = "POST"\nwrk.headers["Content-Type"] = '
                           f'"application/json"\nwrk.body = \'{json.dumps(BODY)}\'\n')
-        servers = Servers(workdir, args.proxy_arg, args.event_loop)
+        servers = Servers(workdir, args.proxy_arg, args.event_loop,
+                          args.baseline.resolve() if args.baseline else None)
         try:
             servers.start()
             if args.dashboard:

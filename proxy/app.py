@@ -21,6 +21,7 @@ from .auth import AuthCollector, AuthState, authenticate
 from .compat import Compat
 from .inflight import INFLIGHT, STREAM, InFlight
 from .intake import clip
+from .liveconfig import LiveConfig
 from .keys import (ACCESS_LOG, AUTH, COMPAT, CONFIG, ENGINE, EVENTS, HEALTH, METRICS,
                    RESPONSE_STARTED, UPSTREAM)
 from .metrics import CompatCollector, ProxyMetrics
@@ -93,33 +94,33 @@ def create_app(config: Config, *, upstream: Upstream | None = None, clock: Clock
                sampler: MemorySampler | None = None,
                config_source: Callable[[], Config] | None = None) -> web.Application:
     """`config_source` reads the configuration anew for a reload (SIGHUP, POST /proxy/reload)."""
+    # The one running configuration: everything below reads it through `live`, and a reload
+    # swaps it (reload.py). Only start-only keys are read here, once.
+    live = LiveConfig(config)
+    live.on_swap(_set_log_level)
     if upstream is None:
         upstream = create_upstream(config.upstream)
-    auth = AuthState(config)
+    auth = AuthState(live)
     app = web.Application(middlewares=[errors_middleware],
                           client_max_size=config.server.max_body_bytes)
     store = None
     if config.storage.enabled:
         store = UsageStore(config.storage.path or default_path(), config.storage.retention_days)
-    engine = ModelMemoryManager(config=config, upstream=upstream, clock=clock, sampler=sampler,
+    engine = ModelMemoryManager(config=live, upstream=upstream, clock=clock, sampler=sampler,
                                 store=store)
-    sink = None
-    if config.health.webhook_url:
-        sink = WebhookSink(config.health.webhook_url, timeout_s=config.health.webhook_timeout_s,
-                           max_attempts=config.health.webhook_max_attempts)
-    app[CONFIG] = config
+    app[CONFIG] = live
     app[UPSTREAM] = upstream
     app[ENGINE] = engine
     app[METRICS] = ProxyMetrics(engine)
-    app[COMPAT] = Compat(config.compat)
+    app[COMPAT] = Compat(live)
     app[METRICS].registry.register(CompatCollector(app[COMPAT]))
     app[AUTH] = auth
-    app[INFLIGHT] = InFlight(config.server.stall_timeout_s)
+    app[INFLIGHT] = InFlight(live)
     app[SERVING] = ServingOptions.from_config(config.server)
-    app[RELOADER] = Reloader(config, config_source)
+    app[RELOADER] = Reloader(config_source)
     app[METRICS].registry.register(AuthCollector(auth))
     app[ACCESS_LOG] = AccessLog()
-    app[HEALTH] = ModelHealthMonitor(engine, config.health, sink=sink,
+    app[HEALTH] = ModelHealthMonitor(engine, sink=WebhookSink(lambda: live.current.health),
                                      prober=_prober(engine, upstream))
     app[EVENTS] = EventHub(engine, app[HEALTH])
     app.cleanup_ctx.append(_engine_ctx)
@@ -130,6 +131,10 @@ def create_app(config: Config, *, upstream: Upstream | None = None, clock: Clock
     events.add_routes(app)
     native.add_routes(app)
     return app
+
+
+def _set_log_level(old: Config, new: Config) -> None:
+    logging.getLogger().setLevel(new.logging.level)
 
 
 async def _close_event_streams(app: web.Application) -> None:
@@ -166,7 +171,7 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
     await engine.start()
     if not engine.upstream_ok:
         log.warning("upstream %s not reachable yet (%s); will keep trying",
-                    redact_url(app[CONFIG].upstream.url), engine.upstream_error)
+                    redact_url(app[CONFIG].current.upstream.url), engine.upstream_error)
     await engine.start_monitoring()
     if health.sink is not None:
         await health.sink.start()

@@ -28,6 +28,7 @@ from prometheus_client.registry import Collector
 from .config import AuthConfig, Config
 from .errors import AdminRequired, ConfigError, InvalidApiKey, ModelNotAllowed
 from .native import PATHS as NATIVE_PATHS
+from .liveconfig import LiveConfig
 
 CREDENTIAL_HEADERS = frozenset({"authorization", "x-api-key"})
 PROBES = frozenset({"/healthz", "/readyz"})
@@ -175,14 +176,15 @@ class AuthCollector(Collector):
 
 
 class AuthState:
-    """What the middleware reads on every request; `ring` is swapped whole on reload."""
+    """What the middleware reads on every request; `ring` is rebuilt by each config swap."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, live: LiveConfig) -> None:
         self.counters = AuthCounters()
-        self.ring = KeyRing(config.auth, config.alias_map())
+        self._ring = live.derive(lambda c: KeyRing(c.auth, c.alias_map()))
 
-    def apply(self, config: Config) -> None:
-        self.ring = KeyRing(config.auth, config.alias_map())
+    @property
+    def ring(self) -> KeyRing:
+        return self._ring.value
 
 
 CLIENT_KEY = web.RequestKey("client_key", ClientKey)

@@ -257,11 +257,8 @@ async def _run(config: Config, *, demo: bool,
         if emulator is not None:
             await emulator.close()
         return 1
-    log.info("proxy listening on %s, upstream %s (%s event loop)", served.url,
-             redact_url(config.upstream.url),
-             type(asyncio.get_running_loop()).__module__.split(".")[0])
-    if demo:
-        print(_demo_banner(served.url, emulator.url if emulator else "", config), flush=True)
+    # Signals are handled before anyone is told the proxy listens: a SIGHUP or SIGTERM sent
+    # on that word must not meet the default action.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -269,6 +266,11 @@ async def _run(config: Config, *, demo: bool,
             loop.add_signal_handler(sig, stop.set)
     with contextlib.suppress(NotImplementedError):
         loop.add_signal_handler(signal.SIGHUP, _reload_on_signal, app, app[RELOADER])
+    log.info("proxy listening on %s, upstream %s (%s event loop)", served.url,
+             redact_url(config.upstream.url),
+             type(asyncio.get_running_loop()).__module__.split(".")[0])
+    if demo:
+        print(_demo_banner(served.url, emulator.url if emulator else "", config), flush=True)
     try:
         await stop.wait()
     finally:

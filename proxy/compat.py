@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 import orjson
 
 from .config import CompatConfig
+from .liveconfig import LiveConfig
 
 KINDS = ("embeddings_base64", "embedding_usage", "models_retrieve")
 EMBEDDINGS_PATH = "/v1/embeddings"
@@ -37,11 +38,16 @@ class Repaired(NamedTuple):   # built for every non-streaming response: a tuple 
 
 
 class Compat:
-    """The configured repairs and how many responses each has repaired."""
+    """The configured repairs (read live: a reload switches them) and how many responses each
+    has repaired."""
 
-    def __init__(self, config: CompatConfig) -> None:
-        self.config = config
+    def __init__(self, live: LiveConfig) -> None:
+        self.live = live
         self.repairs = dict.fromkeys(KINDS, 0)
+
+    @property
+    def config(self) -> CompatConfig:
+        return self.live.current.compat
 
     def repair(self, path: str, payload: dict[str, Any], status: int, body: bytes) -> Repaired:
         """The body to send the client for a non-streaming response from the upstream."""

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .config import Config
+from .reload import START_ONLY
 
 ROOT = Path(__file__).resolve().parent.parent
 YAML_PATH = ROOT / "proxy.yaml"
@@ -128,8 +129,14 @@ def render(yaml_text: str) -> str:
         "exits 0, or 2 with every problem listed by its path. Unknown keys are errors.",
         "",
         "A reload (`SIGHUP` or `POST /proxy/reload`) validates the new file first and keeps the",
-        "running configuration if anything is wrong; the log and the answer name the changed keys",
-        "that take effect only after a restart.",
+        "running configuration if anything is wrong. Every key takes effect at once, without",
+        "unloading any model, except these, read only at start: "
+        + ", ".join(f"`{k}`" if "." in k else f"every `{k}.*` key" for k in START_ONLY) + ".",
+        "A change to one of them is named in the log and in the answer's `restart_needed`; its",
+        "running value stays in force until a restart, and each later reload names it again.",
+        "The new file is checked together with those running values (a reload that removes",
+        "every client key while the proxy listens beyond loopback is refused). Loop intervals",
+        "apply from the next wait, the webhook settings from the next alert.",
         "",
         "## Flags and environment variables",
         "",

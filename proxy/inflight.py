@@ -14,6 +14,8 @@ import logging
 import orjson
 from aiohttp import web
 
+from .liveconfig import LiveConfig
+
 log = logging.getLogger("proxy.inflight")
 
 # The transport can take this many more bytes without pausing the writer (aiohttp's high-water
@@ -31,10 +33,14 @@ ENDED = web.ResponseKey("ended_by_proxy", bool)
 
 
 class InFlight:
-    def __init__(self, stall_timeout_s: float) -> None:
-        self.stall_timeout_s = stall_timeout_s
+    def __init__(self, live: LiveConfig) -> None:
+        self.live = live
         self.requests: dict[int, web.Request] = {}   # by id(): requests are not hashable
         self.ending = False     # the shutdown deadline passed: cancellations become 503s
+
+    @property
+    def stall_timeout_s(self) -> float:
+        return self.live.current.server.stall_timeout_s
 
     def stream_started(self, request: web.Request, resp: web.StreamResponse) -> None:
         request[STREAM] = resp

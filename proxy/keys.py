@@ -6,14 +6,15 @@ from aiohttp import web
 from .accesslog import AccessLog
 from .compat import Compat
 from .auth import AuthState
-from .config import Config
 from .engine.health import ModelHealthMonitor
 from .engine.manager import ModelMemoryManager
 from .events import EventHub
+from .liveconfig import LiveConfig
 from .metrics import ProxyMetrics
 from .upstream.base import Upstream
 
-CONFIG = web.AppKey("config", Config)
+# The running configuration: read `app[CONFIG].current`; a reload swaps it (reload.py).
+CONFIG = web.AppKey("config", LiveConfig)
 ENGINE = web.AppKey("engine", ModelMemoryManager)
 UPSTREAM = web.AppKey("upstream", Upstream)
 METRICS = web.AppKey("metrics", ProxyMetrics)

@@ -1,11 +1,11 @@
-"""Hot reload (SIGHUP, POST /proxy/reload): validate the new configuration first, then apply it
-without unloading any model.
+"""Hot reload (SIGHUP, POST /proxy/reload): validate the new configuration first, then swap it
+into the app's one live holder (`app[CONFIG]`) without unloading any model.
 
-Applied at once: models (priorities, pins, TTLs, aliases, load options, footprints), memory
-thresholds and budget, eviction policy and its settings (native.evict too), auth keys, health
-thresholds, log level. Read only at start (named in the log and the answer as needing a
-restart): `server.*`, `upstream.*`, `storage.*`, the memory sampler kind, the loop intervals
-and `native.max_frame_bytes`.
+Everything reads the config through that holder, so a swap applies every key at once, except
+those in START_ONLY: they are read once, when the server, the upstream client or the store is
+set up. A change to one of them is named in the log and the answer as needing a restart, and
+its running value stays in force (in `app[CONFIG].current` too), so that nothing reads a value
+the process is not using.
 """
 from __future__ import annotations
 
@@ -15,58 +15,70 @@ from typing import Any, Callable
 
 from aiohttp import web
 
-from .config import Config, redact_url
+from .auth import exposure_problems
+from .config import Config, redact_url, replace_config
 from .errors import ConfigError
 
 log = logging.getLogger("proxy.reload")
 
-RESTART_SECTIONS = ("server", "upstream", "storage")
-RESTART_FIELDS = ("memory.sampler", "memory.monitoring_interval", "health.interval_s",
-                  "health.probe_interval_s", "health.webhook_url", "native.max_frame_bytes")
+# Whole sections or single keys; the one list of what a reload cannot apply.
+START_ONLY = (
+    "server.host", "server.port", "server.event_loop", "server.allow_unauthenticated",
+    "server.max_body_bytes",                # aiohttp's client_max_size, set when the app is made
+    "server.shutdown_timeout_s",            # the runner's own deadline, set at start
+    "server.header_timeout_s", "server.keepalive_timeout_s", "server.max_connections",
+    "upstream",                             # the client, its pool, breaker and timeouts
+    "storage",                              # the SQLite file and its flush loop
+    "memory.sampler",                       # the sampler object
+    "compat.models_retrieve",               # a route, registered once
+)
 
 
 class Reloader:
-    """Holds the running config and how to read a new one (the CLI's flags + env + file)."""
+    """How to read the configuration anew (the CLI's flags + env + file); the running one is
+    `app[CONFIG]`, and only there."""
 
-    def __init__(self, config: Config, source: Callable[[], Config] | None) -> None:
-        self.current = config
+    def __init__(self, source: Callable[[], Config] | None) -> None:
         self.source = source
 
     def reload(self, app: web.Application) -> dict[str, Any]:
         """Read, validate and apply; on any problem keep the running config and say why."""
+        from .keys import CONFIG
         if self.source is None:
             return {"reloaded": False, "problems": ["this proxy was not started from the "
                                                     "command line: nothing to reload from"]}
+        live = app[CONFIG]
         try:
             new = self.source()
+            effective = keep_start_only(live.current, new)
+            live.swap(effective)
         except ConfigError as exc:
             log.error("reload rejected, the running configuration stays (%d problem(s)):",
                       len(exc.problems))
             for problem in exc.problems:
                 log.error("  %s", problem)
             return {"reloaded": False, "problems": exc.problems}
-        restart = restart_needed(self.current, new)
-        apply(app, new)
-        self.current = new
+        restart = restart_needed(effective, new)
         log.info("configuration reloaded%s", "" if not restart else
                  "; these changes need a restart to take effect: " + ", ".join(restart))
         return {"reloaded": True, "restart_needed": restart}
 
 
-def apply(app: web.Application, config: Config) -> None:
-    from .keys import AUTH, ENGINE, HEALTH
-    app[ENGINE].apply_config(config)
-    app[AUTH].apply(config)
-    app[HEALTH].config = config.health
-    logging.getLogger().setLevel(config.logging.level)
+def start_only_paths(config: Config) -> list[str]:
+    """START_ONLY with each section spelled out key by key."""
+    paths: list[str] = []
+    for entry in START_ONLY:
+        if "." in entry:
+            paths.append(entry)
+        else:
+            paths += [f"{entry}.{f.name}" for f in dataclasses.fields(getattr(config, entry))]
+    return paths
 
 
 def restart_needed(old: Config, new: Config) -> list[str]:
     """Dotted paths whose new value only a restart would use, with old → new."""
-    paths = [f"{section}.{f.name}" for section in RESTART_SECTIONS
-             for f in dataclasses.fields(getattr(old, section))] + list(RESTART_FIELDS)
     changed = []
-    for path in paths:
+    for path in start_only_paths(old):
         a, b = _get(old, path), _get(new, path)
         if a != b:
             if path.endswith("url"):
@@ -74,6 +86,28 @@ def restart_needed(old: Config, new: Config) -> list[str]:
             secret = "token" in path
             changed.append(path if secret else f"{path} ({a!r} → {b!r})")
     return changed
+
+
+def keep_start_only(running: Config, new: Config) -> Config:
+    """`new` with the start-only keys as they run: the config a reload puts in force. It is
+    validated as a whole (ConfigError), since a running key may not fit the new ones: a
+    non-loopback server.host with the client keys removed, a budget sampler without a budget."""
+    merged = new
+    for path in start_only_paths(running):
+        section, name = path.split(".")
+        merged = dataclasses.replace(merged, **{section: dataclasses.replace(
+            getattr(merged, section), **{name: _get(running, path)})})
+    if merged == new:
+        return new
+    try:
+        merged = replace_config(merged, {})
+    except ConfigError as exc:
+        raise ConfigError([f"{p} (with the settings that need a restart as they run)"
+                           for p in exc.problems]) from None
+    problems = exposure_problems(merged)[0]
+    if problems:
+        raise ConfigError([f"{p} (server.host as it runs)" for p in problems])
+    return merged
 
 
 def _get(config: Config, dotted: str) -> Any:

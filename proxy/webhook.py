@@ -1,22 +1,26 @@
-"""Alert delivery to a webhook: queued, retried with backoff, never blocking a request."""
+"""Alert delivery to a webhook: queued, retried with backoff, never blocking a request.
+
+Where to, how long to wait and how often to try are read from `health.*` at each delivery, so
+a reload that sets, changes or removes `health.webhook_url` takes effect with the next alert.
+"""
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import Any, Callable
 
 import aiohttp
+
+from .config import HealthConfig
 
 log = logging.getLogger("proxy.webhook")
 QUEUE_LIMIT = 1000
 
 
 class WebhookSink:
-    def __init__(self, url: str, *, timeout_s: float = 5.0, max_attempts: int = 5,
+    def __init__(self, settings: Callable[[], HealthConfig], *,
                  first_backoff_s: float = 0.5) -> None:
-        self.url = url
-        self.timeout_s = timeout_s
-        self.max_attempts = max_attempts
+        self.settings = settings
         self.first_backoff_s = first_backoff_s
         self.delivered = 0
         self.dropped = 0
@@ -25,6 +29,8 @@ class WebhookSink:
         self._session: aiohttp.ClientSession | None = None
 
     def send(self, event: dict[str, Any]) -> None:
+        if self.settings().webhook_url is None:
+            return
         try:
             self._queue.put_nowait(event)
         except asyncio.QueueFull:
@@ -33,8 +39,7 @@ class WebhookSink:
 
     async def start(self) -> None:
         if self._task is None:
-            self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=self.timeout_s))
+            self._session = aiohttp.ClientSession()
             self._task = asyncio.create_task(self._run(), name="alert-webhook")
 
     async def close(self) -> None:
@@ -61,20 +66,25 @@ class WebhookSink:
     async def _deliver(self, event: dict[str, Any]) -> None:
         assert self._session is not None
         backoff_s = self.first_backoff_s
-        for attempt in range(1, self.max_attempts + 1):
+        settings = self.settings()
+        url, max_attempts = settings.webhook_url, settings.webhook_max_attempts
+        if url is None:
+            return   # removed by a reload while this alert waited
+        timeout = aiohttp.ClientTimeout(total=settings.webhook_timeout_s)
+        for attempt in range(1, max_attempts + 1):
             try:
-                async with self._session.post(self.url, json=event) as resp:
+                async with self._session.post(url, json=event, timeout=timeout) as resp:
                     if resp.status < 300:
                         self.delivered += 1
                         return
                     problem = f"HTTP {resp.status}"
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                 problem = repr(exc)
-            if attempt < self.max_attempts:
+            if attempt < max_attempts:
                 log.info("alert webhook attempt %d failed (%s); retrying in %.1fs", attempt,
                          problem, backoff_s)
                 await asyncio.sleep(backoff_s)
                 backoff_s *= 2
         self.dropped += 1
         log.warning("alert webhook gave up on %s after %d attempts", event.get("id"),
-                    self.max_attempts)
+                    max_attempts)

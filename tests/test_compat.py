@@ -14,13 +14,18 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.compat import Compat, count_input_tokens, float32_base64, model_object
-from proxy.config import CompatConfig, load_config
+from proxy.config import load_config
 from proxy.emulator import EmulatorOptions
 from proxy.keys import ACCESS_LOG
+from proxy.liveconfig import LiveConfig
 
 EMBED = "text-embedding-nomic-embed-text-v1.5"
 MODEL = "qwen/qwen3-4b"
 INPUT = ["a", "b c"]
+
+
+def compat_of(**switches: bool) -> Compat:
+    return Compat(LiveConfig(load_config({"compat": switches})))
 
 
 def float32(vector: list[float]) -> list[float]:
@@ -61,7 +66,7 @@ def body(data: list, usage: dict | None = None) -> bytes:
 
 
 def test_floats_for_a_base64_request_are_encoded_and_counted():
-    compat = Compat(CompatConfig())
+    compat = compat_of()
     out = compat.repair("/v1/embeddings", {"encoding_format": "base64"}, 200,
                         body([[0.5, -1.0]]))
     assert decode(orjson.loads(out.body)["data"][0]["embedding"]) == [0.5, -1.0]
@@ -69,7 +74,7 @@ def test_floats_for_a_base64_request_are_encoded_and_counted():
 
 
 def test_vectors_already_base64_are_not_encoded_twice():
-    compat = Compat(CompatConfig())
+    compat = compat_of()
     raw = body([float32_base64([0.5])])
     out = compat.repair("/v1/embeddings", {"encoding_format": "base64"}, 200, raw)
     assert out.body == raw and compat.counts()["embeddings_base64"] == 0
@@ -77,32 +82,32 @@ def test_vectors_already_base64_are_not_encoded_twice():
 
 def test_a_vector_that_is_not_numbers_is_left_as_it_came():
     raw = body([[None, "x"]])
-    out = Compat(CompatConfig()).repair("/v1/embeddings", {"encoding_format": "base64"}, 200, raw)
+    out = compat_of().repair("/v1/embeddings", {"encoding_format": "base64"}, 200, raw)
     assert out.body is raw
 
 
 @pytest.mark.parametrize("payload", [{}, {"encoding_format": "float"}])
 def test_float_requests_keep_the_upstream_bytes(payload):
     raw = body([[0.5, -1.0]])
-    assert Compat(CompatConfig()).repair("/v1/embeddings", payload, 200, raw).body is raw
+    assert compat_of().repair("/v1/embeddings", payload, 200, raw).body is raw
 
 
 def test_switched_off_base64_repair_leaves_the_floats():
     raw = body([[0.5]])
-    out = Compat(CompatConfig(embeddings_base64=False)).repair(
+    out = compat_of(embeddings_base64=False).repair(
         "/v1/embeddings", {"encoding_format": "base64"}, 200, raw)
     assert out.body is raw
 
 
 def test_errors_and_other_endpoints_are_untouched():
-    compat = Compat(CompatConfig())
+    compat = compat_of()
     raw = body([[0.5]], {"prompt_tokens": 0, "total_tokens": 0})
     assert compat.repair("/v1/embeddings", {"encoding_format": "base64"}, 400, raw).body is raw
     assert compat.repair("/v1/chat/completions", {"input": "x"}, 200, raw).body is raw
 
 
 def test_zero_usage_is_filled_with_an_estimate():
-    compat = Compat(CompatConfig())
+    compat = compat_of()
     out = compat.repair("/v1/embeddings", {"input": "twelve chars"}, 200,
                         body([[0.5]], {"prompt_tokens": 0, "total_tokens": 0}))
     assert orjson.loads(out.body)["usage"] == {"prompt_tokens": 3, "total_tokens": 3}
@@ -111,7 +116,7 @@ def test_zero_usage_is_filled_with_an_estimate():
 
 def test_reported_usage_is_kept():
     raw = body([[0.5]], {"prompt_tokens": 10, "total_tokens": 10})
-    assert Compat(CompatConfig()).repair("/v1/embeddings", {"input": "x"}, 200, raw).body is raw
+    assert compat_of().repair("/v1/embeddings", {"input": "x"}, 200, raw).body is raw
 
 
 @pytest.mark.parametrize("inputs, expected", [

@@ -56,7 +56,7 @@ def test_the_banner_says_to_install_the_sdk_before_using_it():
 async def test_with_client_keys_the_examples_carry_the_key_from_the_environment(
         make_proxy, emulator):
     proxy = await make_proxy(emulator.url, **{"auth.keys": [{"name": "alice", "key": ALICE}]})
-    banner = _demo_banner(proxy.url, emulator.url, proxy.app[CONFIG])
+    banner = _demo_banner(proxy.url, emulator.url, proxy.app[CONFIG].current)
     assert ALICE not in banner and "PROXY_API_KEY" in banner
     curl, sdk = examples(banner)
     code, out = await sh(curl + " --fail-with-body -sS", shell_env(PROXY_API_KEY=ALICE))

@@ -243,6 +243,6 @@ async def test_the_middleware_reads_the_model_from_the_query_too(emulator, http)
 
 def test_a_total_timeout_maps_to_upstream_timeout():
     from proxy.errors import UpstreamTimeout as Timeout
-    from proxy.upstream.lmstudio import map_transport_error
-    mapped = map_transport_error(TimeoutError(), "http://x", "POST /api/v1/models/load")
+    from proxy.upstream.aiohttpclient import ERRORS
+    mapped = ERRORS.map(TimeoutError(), "http://x", "POST /api/v1/models/load")
     assert isinstance(mapped, Timeout) and mapped.status == 504

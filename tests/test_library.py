@@ -33,4 +33,4 @@ async def test_quick_start_flow(emulator):
         assert set(chat) >= {"recommended_models", "models_to_preload", "models_to_unload",
                              "reasoning"}
         assert sorted(await manager.clear_all_models()) == sorted(ok)
-    assert upstream._session is None   # closed with the manager
+    assert not upstream.started   # closed with the manager

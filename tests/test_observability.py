@@ -7,7 +7,7 @@ import pytest
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.config import load_config
+from proxy.config import HealthConfig, load_config
 from proxy.emulator import CatalogModel
 from proxy.engine.clock import ManualClock
 from proxy.handlers.health import READINESS
@@ -196,7 +196,8 @@ async def test_webhook_receives_firing_and_resolved_with_retry(emulator):
     app = web.Application()
     app.router.add_post("/alerts", hook)
     server = await serve(app)
-    sink = WebhookSink(f"{server.url}/alerts", first_backoff_s=0.01)
+    url = f"{server.url}/alerts"
+    sink = WebhookSink(lambda: HealthConfig(webhook_url=url), first_backoff_s=0.01)
     await sink.start()
     clock, sampler = ManualClock(), SettableSampler()
     mgr, _ = await monitored(emulator.url, clock, sampler)

@@ -178,6 +178,24 @@ async def test_sighup_reloads_without_cutting_streams(running, tmp_path, http):
     assert proxy.proc.returncode is None
 
 
+async def test_sighup_applies_a_new_alias_and_compat_switch_and_names_route_changes(
+        running, tmp_path, http):
+    proxy = await running()
+    config = yaml.safe_load((tmp_path / "proxy.yaml").read_text())
+    config["models"][MODEL]["aliases"] = ["fast"]
+    config["compat"] = {"embeddings_base64": False, "models_retrieve": False}
+    (tmp_path / "proxy.yaml").write_text(yaml.safe_dump(config))
+    proxy.proc.send_signal(signal.SIGHUP)
+    line = await proxy.wait_for_line("configuration reloaded")
+    assert line.endswith("need a restart to take effect: compat.models_retrieve (True → False)")
+    async with http.get(f"{proxy.url}/v1/models/fast") as r:
+        assert r.status == 200 and (await r.json())["id"] == MODEL
+    async with http.post(f"{proxy.url}/v1/embeddings", json={
+            "model": "text-embedding-nomic-embed-text-v1.5", "input": "x",
+            "encoding_format": "base64"}) as r:
+        assert isinstance((await r.json())["data"][0]["embedding"], list)   # not re-encoded
+
+
 async def test_a_port_in_use_is_one_line_and_a_nonzero_exit(tmp_path, slow_emulator):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -585,9 +585,9 @@ async def test_the_fast_client_adds_no_headers_of_its_own(servers, upstream, cli
 
 
 async def test_fast_pool_does_not_reuse_a_connection_idle_past_keepalive(servers):
-    from proxy.upstream.fastclient import FastPool
+    from proxy.upstream.fastclient import FastTransport
     srv = await servers(serve_forever(echo))
-    pool = FastPool(srv.url, connect_timeout_s=1, read_timeout_s=1, max_connections=4,
+    pool = FastTransport(srv.url, connect_timeout_s=1, read_timeout_s=1, max_connections=4,
                     keepalive_s=0)
     for _ in range(2):
         async with pool.request("GET", "/", {}, None) as resp:

@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 from ..config import Config, redact_url
 from ..errors import ModelLoadFailed, ModelNotFound, ModelUnavailable
+from ..liveconfig import LiveConfig
 from ..store import UsageStore
 from ..upstream.base import ApiLevel, ModelBackend
 from .accounting import Accounting
@@ -66,21 +67,24 @@ def is_local_url(url: str) -> bool:
 
 
 class EngineCore:
-    def __init__(self, config: Config, upstream: ModelBackend, *,
+    def __init__(self, config: Config | LiveConfig, upstream: ModelBackend, *,
                  sampler: MemorySampler | None = None, clock: Clock | None = None,
                  store: UsageStore | None = None, owns_upstream: bool = False) -> None:
+        """`config`: the app's live holder, or a plain Config (the engine as a library)."""
+        self.live = live = LiveConfig.of(config)
+        config = live.current
         self.backend = upstream
         self._owns_backend = owns_upstream     # whoever created the upstream closes it
         self.clock = clock or SystemClock()
         self.store = store
         self.listeners = Listeners()
-        self.registry = r = Registry(config)
-        self._upstream_local = is_local_url(config.upstream.url)
+        self.registry = r = Registry(live)
+        self._upstream_local = live.derive(lambda c: is_local_url(c.upstream.url))
         self.learner = UsageLearner()
         self.accounting = Accounting(r, self.clock, self.listeners, store,
                                      lambda: redact_url(self.config.upstream.url),
                                      self.learner)
-        self.monitor = MemoryMonitor(config, sampler or default_sampler(config, r.charged_bytes),
+        self.monitor = MemoryMonitor(live, sampler or default_sampler(config, r.charged_bytes),
                                      self.listeners, reserved_bytes=r.loading_bytes,
                                      on_level=self._pressure_changed)
         self.reconciler = Reconciler(r, upstream, self.accounting, self.monitor, self.clock,
@@ -89,7 +93,7 @@ class EngineCore:
                                self.clock, self._set_status, self._room, self.learner)
         self.loader = Loader(r, self.monitor, upstream, self.evictor, self.accounting,
                              self.listeners, self.clock, self._set_status,
-                             lambda: self._upstream_local)
+                             lambda: self._upstream_local.value)
         self.scheduler = Scheduler(r, self.monitor, self.evictor, self.loader, self.listeners,
                                    self.clock, self._set_status)
         self.preloader = Preloader(r, self.learner, self.monitor, self.clock, self.listeners,
@@ -100,10 +104,11 @@ class EngineCore:
         self.scheduler.on_preload_started = self.preloader.started
         self._periodic = Periodic("engine", log)
         self._active: set[Lease] = set()
+        live.on_swap(self._config_swapped)
 
     @property
     def config(self) -> Config:
-        return self.registry.config
+        return self.live.current
 
     @config.setter
     def config(self, config: Config) -> None:
@@ -112,14 +117,14 @@ class EngineCore:
     def apply_config(self, config: Config) -> None:
         """Take a new configuration without unloading anything (hot reload): priorities, pins,
         TTLs, aliases, policy, hold and memory limits count from the next decision on. (The
-        sampler kind, the upstream and loop set-up need a restart.)"""
-        self.registry.apply_config(config)
-        self.monitor.apply_config(config)
+        sampler kind, the upstream and the store are set up once: they need a restart.)"""
+        self.live.swap(config)
+
+    def _config_swapped(self, old: Config, new: Config) -> None:
         sampler = self.monitor.sampler
-        if isinstance(sampler, BudgetSampler) and config.memory.budget_gb is not None:
-            sampler.budget_bytes = int(config.memory.budget_gb * GB)
-        self._upstream_local = is_local_url(config.upstream.url)
-        self.scheduler.kick()
+        if isinstance(sampler, BudgetSampler) and new.memory.budget_gb is not None:
+            sampler.budget_bytes = int(new.memory.budget_gb * GB)
+        self.scheduler.kick()   # a wait may be over: limits, pins or priorities changed
 
     # -- the engine's own lifecycle ----------------------------------------------------------
     async def start(self) -> None:

@@ -61,7 +61,7 @@ class ModelHealthMonitor:
                  sink: AlertSink | None = None,
                  prober: Callable[[str], Awaitable[None]] | None = None) -> None:
         self.manager = manager
-        self.config = config or manager.config.health
+        self._fixed = config    # a library caller's own thresholds; else the engine's, live
         self.sink = sink
         self.prober = prober
         self.alerts: dict[str, Alert] = {}
@@ -70,6 +70,10 @@ class ModelHealthMonitor:
         self._periodic = Periodic("health", log)
         self._last_probe_s = float("-inf")
         self.listeners: list[Any] = []   # on_alert(status, alert_dict): "firing" | "resolved"
+
+    @property
+    def config(self) -> HealthConfig:
+        return self._fixed if self._fixed is not None else self.manager.config.health
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start_monitoring(self, interval: float | None = None) -> None:

@@ -12,6 +12,7 @@ import logging
 from typing import Callable
 
 from ..config import Config
+from ..liveconfig import LiveConfig
 from .listeners import Listeners
 from .memory import GB, MemoryPressure, MemorySample, MemorySampler, PressureGauge
 
@@ -19,7 +20,7 @@ log = logging.getLogger("proxy.engine")
 
 
 class MemoryMonitor:
-    def __init__(self, config: Config, sampler: MemorySampler, listeners: Listeners, *,
+    def __init__(self, live: LiveConfig, sampler: MemorySampler, listeners: Listeners, *,
                  reserved_bytes: Callable[[], float],
                  on_level: Callable[[MemoryPressure], None] | None = None) -> None:
         self.sampler = sampler
@@ -29,15 +30,23 @@ class MemoryMonitor:
         self.last_sample: MemorySample | None = None
         self.changes = 0     # loads and unloads finished: a footprint is learned only alone
         self._soon: set[asyncio.Task] = set()
-        self.apply_config(config)
+        self.live = live
+        mem = live.current.memory
+        self.gauge = PressureGauge(mem.max_memory_usage_percent, mem.min_free_memory_gb * GB)
+        live.on_swap(self._swapped)
 
-    def apply_config(self, config: Config) -> None:
-        mem = config.memory
-        self.min_free_bytes = mem.min_free_memory_gb * GB
-        self.max_usage_fraction = mem.max_memory_usage_percent / 100.0
-        level = self.gauge.level if hasattr(self, "gauge") else MemoryPressure.NORMAL
-        self.gauge = PressureGauge(mem.max_memory_usage_percent, self.min_free_bytes)
-        self.gauge.level = level
+    def _swapped(self, old: Config, new: Config) -> None:
+        # The gauge keeps its level (and so its hysteresis); only its thresholds move.
+        self.gauge.max_usage_percent = new.memory.max_memory_usage_percent
+        self.gauge.min_free_bytes = new.memory.min_free_memory_gb * GB
+
+    @property
+    def min_free_bytes(self) -> float:
+        return self.live.current.memory.min_free_memory_gb * GB
+
+    @property
+    def max_usage_fraction(self) -> float:
+        return self.live.current.memory.max_memory_usage_percent / 100.0
 
     @property
     def level(self) -> MemoryPressure:

@@ -11,6 +11,7 @@ from collections import Counter
 from typing import Iterator
 
 from ..config import Config
+from ..liveconfig import LiveConfig
 from .lifecycle import ModelEntry, ModelStatus
 from .memory import GB
 
@@ -30,16 +31,20 @@ def printable(name: str, limit: int = ECHO_MAX_CHARS) -> str:
 
 
 class Registry:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, live: LiveConfig) -> None:
         self.entries: dict[str, ModelEntry] = {}
         self.priority_override: dict[str, int] = {}
         self.pin_override: dict[str, bool] = {}
         self.clients: Counter[str] = Counter()   # SDK client (owner) → its open connections
-        self.apply_config(config)
+        self.live = live
 
-    def apply_config(self, config: Config) -> None:
-        self.config = config
-        self.aliases = config.alias_map()
+    @property
+    def config(self) -> Config:
+        return self.live.current
+
+    @property
+    def aliases(self) -> dict[str, str]:
+        return self.live.aliases
 
     # -- lookup ------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[ModelEntry]:

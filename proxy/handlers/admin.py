@@ -35,7 +35,7 @@ def _model_field(request: web.Request, data: dict[str, Any]) -> str:
     model = data.get("model")
     if not isinstance(model, str) or not model:
         raise InvalidRequest("'model' is required and must be a string.", param="model")
-    check_model_name(model, request.app[CONFIG].server)
+    check_model_name(model, request.app[CONFIG].current.server)
     return model
 
 

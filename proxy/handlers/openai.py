@@ -54,7 +54,7 @@ def response_headers(headers: "web.BaseRequest.headers") -> list[tuple[str, str]
 
 
 async def read_body(request: web.Request) -> bytes:
-    return await intake.read_body(request, request.app[CONFIG].server)
+    return await intake.read_body(request, request.app[CONFIG].current.server)
 
 
 def request_headers(request: web.Request) -> dict[str, str]:
@@ -87,7 +87,7 @@ async def inference(request: web.Request) -> web.StreamResponse:
         body = await read_body(request)
         payload = parse_request(body)
         name = payload["model"]
-        intake.check_model_name(name, request.app[CONFIG].server)
+        intake.check_model_name(name, request.app[CONFIG].current.server)
         task = routing.task_of(request, payload, name)
         if routing.is_auto(name):
             key = routing.choose(engine, request, payload, task)
@@ -221,7 +221,7 @@ async def retrieve_model(request: web.Request) -> web.StreamResponse:
     """GET /v1/models/{id} (the SDKs' models.retrieve), answered from the upstream's list."""
     model_id = request.match_info["model"]
     check_model(request, model_id)    # a key limited to models sees only those
-    key = request.app[CONFIG].alias_map().get(model_id, model_id)   # as inference resolves it
+    key = request.app[CONFIG].aliases.get(model_id, model_id)   # as inference resolves it
     async with request.app[UPSTREAM].request(
             "GET", "/v1/models", request_headers(request), None) as up:
         raw = await up.read()
@@ -243,5 +243,5 @@ def add_routes(app: web.Application) -> None:
                  "/v1/messages"):
         app.router.add_post(path, inference)
     app.router.add_get("/v1/models", list_models)
-    if app[CONFIG].compat.models_retrieve:
+    if app[CONFIG].current.compat.models_retrieve:
         app.router.add_get("/v1/models/{model:.+}", retrieve_model)

@@ -54,7 +54,7 @@ async def _going_away(app: web.Application) -> None:
 
 
 async def _session_ctx(app: web.Application) -> AsyncIterator[None]:
-    c = app[CONFIG].upstream
+    c = app[CONFIG].current.upstream
     timeout = aiohttp.ClientTimeout(total=None, connect=c.connect_timeout_s)
     app[WS_SESSION] = session = aiohttp.ClientSession(timeout=timeout)
     yield
@@ -77,7 +77,7 @@ def upstream_ws_url(base_url: str, path_qs: str) -> str:
 
 
 async def websocket(request: web.Request) -> web.StreamResponse:
-    app, config = request.app, request.app[CONFIG]
+    app, config = request.app, request.app[CONFIG].current
     ns = request.path.strip("/")
     header_key = request.get(CLIENT_KEY)
     upstream = None
@@ -119,7 +119,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
 
 
 async def _connect(app: web.Application, path_qs: str) -> aiohttp.ClientWebSocketResponse:
-    config = app[CONFIG]
+    config = app[CONFIG].current
     url = upstream_ws_url(config.upstream.url, path_qs)
     try:
         return await app[WS_SESSION].ws_connect(url, max_msg_size=config.native.max_frame_bytes,

@@ -14,6 +14,6 @@ __all__ = ["ApiLevel", "LoadResult", "ModelBackend", "Upstream", "UpstreamModel"
 
 def create_upstream(config: "UpstreamConfig") -> Upstream:
     if config.kind == "lmstudio":
-        from .lmstudio import LMStudioUpstream
-        return LMStudioUpstream(config)
+        from .lmstudio import LMStudioProtocol
+        return LMStudioProtocol(config)
     raise ValueError(f"unknown upstream kind {config.kind!r}")

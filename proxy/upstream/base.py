@@ -4,9 +4,10 @@
 the HTTP handlers. Tests and the eviction benchmark implement `ModelBackend` in a few lines;
 later backends (Ollama, llama.cpp's router, vLLM) implement `Upstream`.
 
+An adapter is a backend's protocol (lmstudio.py) spoken through a `Transport` (transport.py).
 Nothing of the HTTP client crosses this seam: a forwarded response is an `UpstreamResponse`,
 and every transport failure — connecting, waiting, or reading a body half-way — arrives as one
-of the project's `UpstreamError`s, mapped by the adapter in one place.
+of the project's `UpstreamError`s, mapped by the transport in one place.
 """
 from __future__ import annotations
 
@@ -23,6 +24,16 @@ class ApiLevel(str, enum.Enum):
     @property
     def can_manage(self) -> bool:
         return self is ApiLevel.MANAGED
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can do and tell; the engine branches on these, never on a backend's name."""
+    manages_loading: bool    # loads and unloads on request
+    reports_memory: bool     # real resident bytes per model (else file size only)
+    self_evicts: bool        # may unload models on its own (LRU past a count, keep-alive expiry)
+    multi_instance: bool     # can hold several instances of one model
+    native_clients: bool     # has a native (non-OpenAI) client protocol worth relaying
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,6 @@
-"""LM Studio adapter: management through /api/v1 (0.4+), state through /api/v0, forwarding.
+"""LM Studio's protocol: management through /api/v1 (0.4+), state through /api/v0, forwarding;
+spoken through a transport (transport.py), which owns the HTTP client, its errors and the
+circuit breaker.
 
 It survives LM Studio's quirks: unknown routes answer 200 with an error body (so every response
 is checked for its shape), loads take instance ids apart from model keys, and a load refused for
@@ -6,75 +8,57 @@ lack of memory is told apart from other failures so the engine can evict and ret
 """
 from __future__ import annotations
 
-import asyncio
 import base64
-import io
-import logging
-import ssl
 from typing import Any, AsyncIterable, Mapping
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-import aiohttp
 import orjson
 
 from ..config import UpstreamConfig
-from ..errors import ModelLoadFailed, UpstreamError, UpstreamTimeout, UpstreamUnreachable
-from . import fastclient
+from ..errors import ModelLoadFailed, UpstreamError
 from .base import ApiLevel, LoadResult, UpstreamModel
 from .breaker import CircuitBreaker
+from .transport import Exchange, Transport, create_transport
 
-log = logging.getLogger("proxy.upstream")
 
-_LARGE_BODY_BYTES = 1024 * 1024   # aiohttp warns past this for a body given as bytes
 _OOM_MARKERS = ("insufficient system resources", "out of memory", "not enough memory",
                 "insufficient memory")
 
 
-class LMStudioUpstream:
+class LMStudioProtocol:
     def __init__(self, config: UpstreamConfig) -> None:
         self.config = config
         # user:password@ in the URL becomes a Basic header: the URL shown in errors is clean.
         self.base_url, basic = _split_credentials(config.url)
         self.level: ApiLevel | None = None
-        self._session: aiohttp.ClientSession | None = None
+        # One breaker for both transports: a server that cannot be reached fails them alike.
         self.breaker = CircuitBreaker(config.breaker_failures, config.breaker_cooldown_s)
-        self._fast: fastclient.FastPool | None = None
+        self._forward: Transport | None = None
+        self._manage: Transport | None = None
         # Built once: it is added to every forwarded request.
         self._token_header = f"Bearer {config.api_token}" if config.api_token else basic
 
     async def start(self) -> None:
-        if self._session is None:
+        if self._forward is None:
             c = self.config
-            tls = ssl.create_default_context(cafile=c.ca_file) if c.ca_file else None
-            connector = aiohttp.TCPConnector(limit=c.max_connections, keepalive_timeout=30,
-                                             ttl_dns_cache=300, ssl=tls if tls else True)
-            # sock_read bounds silence between bytes, not the length of a generation.
-            timeout = aiohttp.ClientTimeout(total=None, connect=c.connect_timeout_s,
-                                            sock_read=c.read_timeout_s)
-            # No cookie jar (a relay must not keep upstream cookies, and it costs per request),
-            # no decompression (bytes pass through as sent).
-            self._session = aiohttp.ClientSession(connector=connector, timeout=timeout,
-                                                  auto_decompress=False,
-                                                  cookie_jar=aiohttp.DummyCookieJar())
-            if c.client == "fast":
-                self._fast = fastclient.FastPool(
-                    self.base_url, connect_timeout_s=c.connect_timeout_s,
-                    read_timeout_s=c.read_timeout_s, max_connections=c.max_connections,
-                    ssl_context=tls)
+            # Management calls keep a pool of their own (aiohttp's, whichever client forwards):
+            # a load or an unload must not queue behind streams for a pooled connection.
+            self._manage = create_transport(c, "aiohttp", self.breaker, url=self.base_url)
+            self._forward = (self._manage if c.client == "aiohttp"
+                             else create_transport(c, c.client, self.breaker,
+                                                   url=self.base_url))
 
     async def close(self) -> None:
-        if self._fast is not None:
-            await self._fast.close()
-            self._fast = None
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        forward, manage = self._forward, self._manage
+        self._forward = self._manage = None
+        if forward is not None and forward is not manage:
+            await forward.close()
+        if manage is not None:
+            await manage.close()
 
     @property
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            raise RuntimeError("LMStudioUpstream.start() was not awaited")
-        return self._session
+    def started(self) -> bool:
+        return self._forward is not None
 
     def _auth(self) -> dict[str, str]:
         header = self._token_header
@@ -82,16 +66,15 @@ class LMStudioUpstream:
 
     # -- forwarding --------------------------------------------------------------------------
     def request(self, method: str, path: str, headers: dict[str, str],
-                body: bytes | AsyncIterable[bytes] | None) -> "_Forward | _FastForward":
+                body: bytes | AsyncIterable[bytes] | None) -> Exchange:
         """`async with upstream.request(...) as resp`: every transport error becomes an
         UpstreamError; leaving the block early drops the connection. A body may be an async
         iterable of bytes (sent chunked)."""
+        if self._forward is None:
+            raise RuntimeError("LMStudioUpstream.start() was not awaited")
         if self._token_header:
             headers["Authorization"] = self._token_header
-        if self._fast is not None:
-            return _FastForward(self, self._fast.request(method, path, headers, body),
-                                method, path)
-        return _Forward(self, method, path, headers, body)
+        return self._forward.request(method, path, headers, body)
 
     # -- management --------------------------------------------------------------------------
     async def detect(self) -> ApiLevel:
@@ -127,9 +110,8 @@ class LMStudioUpstream:
 
     async def load(self, key: str, options: Mapping[str, Any]) -> LoadResult:
         payload = {**options, "model": key}
-        timeout = aiohttp.ClientTimeout(total=self.config.load_timeout_s,
-                                        connect=self.config.connect_timeout_s)
-        status, body = await self._call("POST", "/api/v1/models/load", payload, timeout=timeout)
+        status, body = await self._call("POST", "/api/v1/models/load", payload,
+                                        timeout_s=self.config.load_timeout_s)
         if status == 200 and isinstance(body, dict) and "instance_id" in body:
             return LoadResult(str(body["instance_id"]), body.get("load_time_seconds"))
         reason = _error_text(body) or f"HTTP {status}"
@@ -156,194 +138,23 @@ class LMStudioUpstream:
         return status, body
 
     async def _call(self, method: str, path: str, payload: Any = None, *,
-                    timeout: aiohttp.ClientTimeout | None = None) -> tuple[int, Any]:
+                    timeout_s: float | None = None) -> tuple[int, Any]:
+        if self._manage is None:
+            raise RuntimeError("LMStudioUpstream.start() was not awaited")
         data = orjson.dumps(payload) if payload is not None else None
         headers = {"Content-Type": "application/json", **self._auth()}
-        self.breaker.before()
-        try:
-            async with self.session.request(method, self.base_url + path, data=data,
-                                            headers=headers, timeout=timeout) as resp:
-                raw = await resp.read()
-                status = resp.status
-        except Exception as exc:
-            raise self._failed(exc, f"{method} {path}") from exc
-        self.breaker.success()
+        async with self._manage.request(method, path, headers, data,
+                                        timeout_s=timeout_s) as resp:
+            raw = await resp.read()
+            status = resp.status
         try:
             return status, orjson.loads(raw) if raw else None
         except orjson.JSONDecodeError:
             return status, raw.decode("utf-8", "replace")
 
 
-    def _failed(self, exc: BaseException, what: str) -> BaseException:
-        mapped = map_transport_error(exc, self.base_url, what)
-        if isinstance(mapped, UpstreamUnreachable):
-            self.breaker.failure(mapped.message)
-        return mapped
-
-
-# One table for every transport failure of either client, wherever it happens: connecting,
-# waiting for the answer, or reading its body half-way. Order matters: the first match wins.
-_TRANSPORT_ERRORS: tuple[tuple[type[BaseException], type[UpstreamError], str], ...] = (
-    (fastclient.ConnectTimeout, UpstreamTimeout,
-     "LM Studio at {url} did not accept a connection for {what}: {exc}"),
-    (asyncio.TimeoutError, UpstreamTimeout, "LM Studio at {url} went silent on {what}"),
-    (fastclient.ConnectFailed, UpstreamUnreachable, "cannot reach LM Studio at {url}: {exc}"),
-    (fastclient.Disconnected, UpstreamError, "LM Studio at {url} broke off {what}: {exc}"),
-    (fastclient.ProtocolError, UpstreamError, "LM Studio at {url} failed on {what}: {exc}"),
-    (aiohttp.ClientConnectorError, UpstreamUnreachable, "cannot reach LM Studio at {url}: {exc}"),
-    (aiohttp.ClientPayloadError, UpstreamError, "LM Studio at {url} broke off {what}: {exc}"),
-    (aiohttp.ServerDisconnectedError, UpstreamError,
-     "LM Studio at {url} closed the connection on {what}"),
-    (aiohttp.ClientError, UpstreamError, "LM Studio at {url} failed on {what}: {exc!r}"),
-    (ConnectionError, UpstreamError, "LM Studio at {url} failed on {what}: {exc!r}"),
-)
-
-
-def map_transport_error(exc: BaseException, url: str, what: str) -> BaseException:
-    if isinstance(exc, UpstreamError):
-        return exc
-    for cls, mapped, text in _TRANSPORT_ERRORS:
-        if isinstance(exc, cls):
-            if isinstance(exc, aiohttp.ClientConnectorError):
-                detail: object = exc.os_error.strerror or exc
-            else:
-                detail = exc
-            return mapped(text.format(url=url, what=what, exc=detail))
-    return exc
-
-
-class _Response:
-    """An aiohttp response behind the project's UpstreamResponse; reads map their errors."""
-    __slots__ = ("_resp", "status", "headers", "_url", "_what")
-
-    def __init__(self, resp: aiohttp.ClientResponse, url: str, what: str) -> None:
-        self._resp = resp
-        self.status = resp.status
-        self.headers = resp.headers
-        self._url, self._what = url, what
-
-    async def read(self) -> bytes:
-        try:
-            return await self._resp.read()
-        except Exception as exc:
-            raise map_transport_error(exc, self._url, self._what) from exc
-
-    def chunks(self) -> "_Chunks":
-        return _Chunks(self)
-
-
-class _Chunks:
-    __slots__ = ("_read", "_r")
-
-    def __init__(self, r: _Response) -> None:
-        self._r = r
-        self._read = r._resp.content.readany
-
-    def __aiter__(self) -> "_Chunks":
-        return self
-
-    async def __anext__(self) -> bytes:
-        try:
-            data = await self._read()
-        except Exception as exc:
-            raise map_transport_error(exc, self._r._url, self._r._what) from exc
-        if not data:
-            raise StopAsyncIteration
-        return data
-
-
-class _Forward:
-    """A class-based async context manager: cheaper per request than asynccontextmanager."""
-    __slots__ = ("upstream", "method", "path", "headers", "body", "resp")
-    # The response body is read through _Response, whose reads map transport errors.
-
-    def __init__(self, upstream: LMStudioUpstream, method: str, path: str,
-                 headers: dict[str, str], body: bytes | None) -> None:
-        self.upstream, self.method, self.path = upstream, method, path
-        self.headers, self.body = headers, body
-        self.resp: aiohttp.ClientResponse | None = None
-
-    async def __aenter__(self) -> _Response:
-        up = self.upstream
-        what = f"{self.method} {self.path}"
-        up.breaker.before()
-        body = self.body
-        if isinstance(body, bytes) and len(body) > _LARGE_BODY_BYTES:
-            body = io.BytesIO(body)   # aiohttp sends it in pieces instead of warning
-        try:
-            self.resp = await up.session.request(self.method, up.base_url + self.path,
-                                                 headers=self.headers, data=body,
-                                                 allow_redirects=False)
-        except Exception as exc:
-            raise up._failed(exc, what) from exc
-        up.breaker.success()
-        return _Response(self.resp, up.base_url, what)
-
-    async def __aexit__(self, exc_type: type | None, exc: BaseException | None,
-                        tb: object) -> None:
-        assert self.resp is not None
-        if exc_type is None:
-            self.resp.release()
-        else:
-            self.resp.close()  # drop the connection: the upstream stops generating for nobody
-
-
-class _FastResponse:
-    """A fastclient response behind the project's UpstreamResponse; reads map their errors."""
-    __slots__ = ("_resp", "_next", "status", "headers", "_forward")
-
-    def __init__(self, resp: fastclient.FastResponse, forward: "_FastForward") -> None:
-        self._resp = resp
-        self._next = resp.next_chunk   # one await per read, no iterator layer between
-        self.status = resp.status
-        self.headers = resp.headers
-        self._forward = forward
-
-    async def read(self) -> bytes:
-        try:
-            return await self._resp.read()
-        except Exception as exc:
-            raise self._forward.mapped(exc) from exc
-
-    def chunks(self) -> "_FastResponse":
-        return self
-
-    def __aiter__(self) -> "_FastResponse":
-        return self
-
-    async def __anext__(self) -> bytes:
-        try:
-            data = await self._next()
-        except Exception as exc:
-            raise self._forward.mapped(exc) from exc
-        if not data:
-            raise StopAsyncIteration
-        return data
-
-
-class _FastForward:
-    __slots__ = ("upstream", "exchange", "method", "path")
-
-    def __init__(self, upstream: LMStudioUpstream, exchange: fastclient.Exchange, method: str,
-                 path: str) -> None:
-        self.upstream, self.exchange, self.method, self.path = upstream, exchange, method, path
-
-    def mapped(self, exc: BaseException) -> BaseException:
-        return map_transport_error(exc, self.upstream.base_url, f"{self.method} {self.path}")
-
-    async def __aenter__(self) -> _FastResponse:
-        up = self.upstream
-        up.breaker.before()
-        try:
-            resp = await self.exchange.__aenter__()
-        except Exception as exc:
-            raise up._failed(exc, f"{self.method} {self.path}") from exc
-        up.breaker.success()
-        return _FastResponse(resp, self)
-
-    async def __aexit__(self, exc_type: type | None, exc: BaseException | None,
-                        tb: object) -> None:
-        await self.exchange.__aexit__(exc_type, exc, tb)
+# The name the app, the library and the tests know it by.
+LMStudioUpstream = LMStudioProtocol
 
 
 def _split_credentials(url: str) -> tuple[str, str | None]:
