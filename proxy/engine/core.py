@@ -97,7 +97,8 @@ class EngineCore:
         self.scheduler = Scheduler(r, self.monitor, self.evictor, self.loader, self.listeners,
                                    self.clock, self._set_status)
         self.preloader = Preloader(r, self.learner, self.monitor, self.clock, self.listeners,
-                                   self.scheduler.preload,
+                                   lambda e, value_s, may_evict: self.scheduler.preload(
+                                       e, value_s, may_evict=may_evict),
                                    lambda: self.scheduler.requests_waiting)
         self.evictor.on_unused_preload = self.preloader.unloaded_unused
         self.scheduler.on_preload_started = self.preloader.started

@@ -20,7 +20,7 @@ from .monitor import MemoryMonitor
 from .learning import UsageLearner
 from .policy import (NOT_OURS, PREDICTION_HORIZON_S, SET_POLICIES, Candidate, blocker,
                      cheapest_cover, client_blocker, decayed_heat, expected_cost_s,
-                     in_residency, select_victims)
+                     expected_hold_s, in_residency, select_victims)
 from .registry import Registry
 
 log = logging.getLogger("proxy.engine")
@@ -67,23 +67,37 @@ class Evictor:
 
     def hold_s(self) -> float:
         hold = self.config.eviction.hold
-        if hold == "off":
+        if hold in ("off", "expected"):
             return 0.0
         if hold == "adaptive":
             return ADAPTIVE_HOLD_S if self.thrashing else 0.0
         return float(hold)
+
+    def hold_for(self, e: ModelEntry, now: float) -> float:
+        """How long loaded model e is spared after its load."""
+        if self.config.eviction.hold != "expected":
+            return self.hold_s()
+        return expected_hold_s(self.registry.reload_s(e), self._p_reuse(e.key, now))
+
+    def _p_reuse(self, key: str, now: float) -> float:
+        return max(self.learner.predict(key, now, PREDICTION_HORIZON_S).p_within,
+                   self.learner.follow_chance(key, now))
 
     @property
     def config(self):  # noqa: ANN201 - the registry holds the live config
         return self.registry.config
 
     # -- who may go --------------------------------------------------------------------------
-    def why_kept(self, e: ModelEntry, *, critical: bool, requester_waited_s: float = 0.0
-                 ) -> str | None:
-        """Why loaded model e may not be evicted now (None: it may)."""
+    def why_kept(self, e: ModelEntry, *, critical: bool, requester_waited_s: float = 0.0,
+                 waiters: int = 1) -> str | None:
+        """Why loaded model e may not be evicted now (None: it may). Under `hold: expected`
+        the wait weighed against the hold is every waiter's: waiters × seconds waited."""
         ours, not_ours = self.ours(e, critical=critical)
+        now = self.clock.now()
+        if self.config.eviction.hold == "expected":
+            requester_waited_s *= max(1, waiters)
         return blocker(busy=e.busy > 0, pinned=self.registry.pinned(e.key), ours=ours,
-                       held=in_residency(e.loaded_at_s, self.clock.now(), self.hold_s(),
+                       held=in_residency(e.loaded_at_s, now, self.hold_for(e, now),
                                          requester_waited_s),
                        critical=critical, not_ours=not_ours)
 
@@ -100,14 +114,15 @@ class Evictor:
         return why is None, why or NOT_OURS
 
     def candidates(self, *, exclude: str | None, critical: bool,
-                   requester_waited_s: float = 0.0, predicted: bool = False
+                   requester_waited_s: float = 0.0, waiters: int = 1, predicted: bool = False
                    ) -> list[Candidate]:
         now = self.clock.now()
         out = []
         for e in self.registry:
             if e.status is not S.LOADED or e.key == exclude:
                 continue
-            if self.why_kept(e, critical=critical, requester_waited_s=requester_waited_s):
+            if self.why_kept(e, critical=critical, requester_waited_s=requester_waited_s,
+                             waiters=waiters):
                 continue
             out.append(self.candidate(e, now, predicted=predicted))
         return out
@@ -117,7 +132,7 @@ class Evictor:
         if predicted or self.config.eviction.policy in SET_POLICIES:
             p_reuse = self.learner.predict(e.key, now, PREDICTION_HORIZON_S).p_within
         return Candidate(
-            p_reuse=p_reuse,
+            p_reuse=p_reuse, p_follow=self.learner.follow_chance(e.key, now),
             key=e.key, footprint_bytes=self.registry.footprint_bytes(e),
             last_used_s=e.last_used_at_s or e.loaded_at_s or now,
             priority=self.registry.priority(e.key), reload_s=self.registry.reload_s(e),
@@ -125,10 +140,12 @@ class Evictor:
             heat=decayed_heat(e.heat, e.heat_at_s, now))
 
     def choose(self, need_bytes: float, *, exclude: str | None, critical: bool,
-               requester_waited_s: float = 0.0, partial: bool = False) -> tuple[str, ...]:
+               requester_waited_s: float = 0.0, waiters: int = 1, partial: bool = False
+               ) -> tuple[str, ...]:
         return select_victims(self.config.eviction.policy,
                               self.candidates(exclude=exclude, critical=critical,
-                                              requester_waited_s=requester_waited_s),
+                                              requester_waited_s=requester_waited_s,
+                                              waiters=waiters),
                               need_bytes, self.clock.now(), partial=partial)
 
     async def evict_for_guess(self, key: str, short_bytes: float, value_s: float) -> bool:

@@ -1,9 +1,11 @@
 """Predictive preloading: load what the usage model expects next, into free memory only.
 
-Two triggers: a request for A preloads B when B follows A (within `learning.FOLLOW_WINDOW_S`)
+Triggers: a request for A preloads B when B follows A (within `learning.FOLLOW_WINDOW_S`)
 with probability at least `preload.min_probability`; and every monitoring interval, a model
 due by its rhythm (requested in this hour of the week at least `preload.rhythm_min_rate`
-times a week) is preloaded. A preload never waits for memory and gives way to any load a request
+times a week) is preloaded, and into free memory only (never evicting) a model that usually
+starts in the coming hour of the day (as often, per day observed) or whose own gaps give it
+at least `preload.min_probability` of a request within a minute. A preload never waits for memory and gives way to any load a request
 waits for. A preloaded model is counted useful when a request uses it before it
 is unloaded, wasted (with its GB) when it is unloaded unused.
 
@@ -22,18 +24,20 @@ from .learning import UsageLearner
 from .lifecycle import ModelEntry, ModelStatus
 from .listeners import Listeners
 from .monitor import MemoryMonitor
+from .policy import PREDICTION_HORIZON_S
 from .registry import Registry
 
 log = logging.getLogger("proxy.engine")
 S = ModelStatus
 MAX_FOLLOWERS_PRELOADED = 2
 BURST_GAP_S = 1.0          # requests closer than this to the previous one preload nothing new
+HOUR_LEAD_S = 300.0        # what usually starts in an hour is preloaded this long before it
 
 
 class Preloader:
     def __init__(self, registry: Registry, learner: UsageLearner, monitor: MemoryMonitor,
                  clock: Clock, listeners: Listeners,
-                 queue: Callable[[ModelEntry, float], bool], busy: Callable[[], bool]) -> None:
+                 queue: Callable[[ModelEntry, float, bool], bool], busy: Callable[[], bool]) -> None:
         self.registry = registry
         self.learner = learner
         self.monitor = monitor
@@ -65,19 +69,31 @@ class Preloader:
             self._try(follower, probability, f"follows {key}")
 
     async def tick(self) -> None:
-        """Preload what is due by its rhythm."""
+        """Preload what is due: by its weekly rhythm; into free memory only, what usually
+        starts in the coming hour of the day (a session's first request, which no sequence
+        predicts) and what its own gaps say is likely asked for within a minute."""
         if not self.config.enabled or self._busy():
             return
-        wall = self.clock.wall()
+        wall, now = self.clock.wall(), self.clock.now()
+        rate = self.config.rhythm_min_rate
         for key, pattern in list(self.learner.patterns.items()):
-            if pattern.rate_in_hour(wall) >= self.config.rhythm_min_rate:
+            e = self.registry.entries.get(key)
+            if e is None or e.status is not S.UNLOADED:
+                continue
+            if pattern.rate_in_hour(wall) >= rate:
                 self._try(key, 0.5, "due by its rhythm")
+            elif pattern.rate_at_hour_of_day(wall, HOUR_LEAD_S) >= rate:
+                self._try(key, 0.5, "usually asked for at this hour", may_evict=False)
+            else:
+                p = self.learner.predict(key, now, PREDICTION_HORIZON_S).p_within
+                if p >= self.config.min_probability:
+                    self._try(key, p, "due by its gaps", may_evict=False)
 
-    def _try(self, key: str, probability: float, why: str) -> None:
+    def _try(self, key: str, probability: float, why: str, *, may_evict: bool = True) -> None:
         e = self.registry.entries.get(key)
         if e is None or e.status is not S.UNLOADED:
             return
-        if self._queue(e, probability * self.registry.reload_s(e)):
+        if self._queue(e, probability * self.registry.reload_s(e), may_evict):
             self.queued += 1
             log.debug("preload of %s queued (%s)", key, why)
             self.listeners.emit("on_preload", key, why)

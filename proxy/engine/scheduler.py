@@ -58,6 +58,7 @@ class Pending:
     # it is expected to save (`value_s`).
     speculative: bool = False
     value_s: float = 0.0
+    may_evict: bool = True     # False: into free memory only
 
 
 class Scheduler:
@@ -166,15 +167,15 @@ class Scheduler:
                 self._finish(p, None)         # the caller went away before its turn
         return p if admitted else None
 
-    def preload(self, e: ModelEntry, value_s: float) -> bool:
-        """Queue a speculative load of e, expected to save value_s seconds of reload; False if
-        a load of it is already pending."""
+    def preload(self, e: ModelEntry, value_s: float, *, may_evict: bool = True) -> bool:
+        """Queue a speculative load of e, expected to save value_s seconds of reload (into free
+        memory only unless may_evict); False if a load of it is already pending."""
         if e.key in self.pending or e.status is not S.UNLOADED:
             return False
         done = asyncio.get_running_loop().create_future()
         done.add_done_callback(_consume)
         self.pending[e.key] = Pending(e, self.clock.now(), done, speculative=True,
-                                      value_s=value_s)
+                                      value_s=value_s, may_evict=may_evict)
         self._ensure_running()
         self.kick()
         return True
@@ -313,7 +314,8 @@ class Scheduler:
                 return True, None
             if any(not q.admitted and not q.speculative for q in self.pending.values()):
                 return False, None            # requested loads first; it waits its turn
-            if short > 0 and not await self.evictor.evict_for_guess(e.key, short, p.value_s):
+            if short > 0 and not (p.may_evict and
+                                  await self.evictor.evict_for_guess(e.key, short, p.value_s)):
                 self._finish(p, None)         # no room worth making: drop it
                 return True, None
             sample = await self.monitor.sample()
@@ -327,7 +329,7 @@ class Scheduler:
             waited_s = self.clock.now() - p.since_s
             victims = self.evictor.choose(short, exclude=e.key,
                                           critical=self.monitor.level is MemoryPressure.CRITICAL,
-                                          requester_waited_s=waited_s)
+                                          requester_waited_s=waited_s, waiters=p.waiters)
             if not victims:
                 p.holders = self.refusals.holders(e, waited_s)
                 will_go = sum(size for _, size, why in p.holders if why in WILL_GO)
@@ -379,13 +381,15 @@ class Scheduler:
         now = self.clock.now()
         ev = self.config.eviction
         times = []
-        for p in self.pending.values():
-            if not p.admitted:
-                times.append(p.since_s + ev.fairness_s)
-                res = self.evictor.hold_s()
-                times.append(p.since_s + res)
-                times += [e.loaded_at_s + res for e in self.registry
-                          if e.status is S.LOADED and e.loaded_at_s is not None]
+        waiting = [p for p in self.pending.values() if not p.admitted]
+        holds = [(e.loaded_at_s, self.evictor.hold_for(e, now)) for e in self.registry
+                 if waiting and e.status is S.LOADED and e.loaded_at_s is not None]
+        weighted = ev.hold == "expected"     # the hold weighs every waiter's wait
+        for p in waiting:
+            times.append(p.since_s + ev.fairness_s)
+            for loaded_at_s, res in holds:
+                times.append(loaded_at_s + res)
+                times.append(p.since_s + res / (max(1, p.waiters) if weighted else 1))
         future = [t - now for t in times if t > now]
         return max(0.001, min(future)) if future else None
 
