@@ -16,4 +16,10 @@ def create_upstream(config: "UpstreamConfig") -> Upstream:
     if config.kind == "lmstudio":
         from .lmstudio import LMStudioProtocol
         return LMStudioProtocol(config)
+    if config.kind == "ollama":
+        from .ollama import OllamaProtocol
+        return OllamaProtocol(config)
+    if config.kind == "openai":
+        from .openai import OpenAIProtocol
+        return OpenAIProtocol(config)
     raise ValueError(f"unknown upstream kind {config.kind!r}")

@@ -41,6 +41,7 @@ class UpstreamModel:
     key: str
     type: str = "llm"                          # llm | embedding
     size_bytes: int | None = None              # file size on disk
+    memory_bytes: int | None = None            # resident bytes, when the backend reports them
     instance_ids: tuple[str, ...] = ()         # loaded instances (empty: not loaded)
     loading: bool = False
     max_context_length: int | None = None
