@@ -101,8 +101,8 @@ class Registry:
         return None if override is None else override * GB
 
     def footprint_bytes(self, e: ModelEntry) -> float:
-        """Configured, else learned, else estimated from the file size; never below what the
-        server refused to load it in."""
+        """Configured, else reported by the server, else learned, else estimated from the file
+        size; never below what the server refused to load it in."""
         stated, floor = self._stated_footprint_bytes(e), e.footprint_floor_bytes
         return stated if floor is None else max(stated, floor)
 
@@ -110,6 +110,8 @@ class Registry:
         configured = self.configured_footprint_bytes(e.key)
         if configured is not None:
             return configured
+        if e.reported_bytes is not None:
+            return e.reported_bytes
         if e.footprint_bytes is not None:
             return e.footprint_bytes
         if e.size_bytes:
@@ -129,6 +131,8 @@ class Registry:
             return "refused"
         if self.config.model(e.key).footprint_gb is not None:
             return "configured"
+        if e.reported_bytes is not None:
+            return "reported"
         return "learned" if e.footprint_bytes is not None else "estimated"
 
     def reload_s(self, e: ModelEntry) -> float:

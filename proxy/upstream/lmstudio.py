@@ -14,7 +14,7 @@ import orjson
 
 from ..config import UpstreamConfig
 from ..errors import ModelLoadFailed, UpstreamError
-from .base import ApiLevel, LoadResult, UpstreamModel
+from .base import ApiLevel, Capabilities, LoadResult, UpstreamModel
 from .breaker import CircuitBreaker
 from .http import error_text as _error_text, split_credentials as _split_credentials
 from .transport import Exchange, Transport, create_transport
@@ -54,6 +54,15 @@ class LMStudioProtocol:
             await forward.close()
         if manage is not None:
             await manage.close()
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """LM Studio loads by API from 0.4 (level MANAGED); it reports file sizes, not
+        memory; it unloads by itself (a JIT model replaced by the next, TTLs); it runs several
+        instances of a model, and has its own SDK protocol."""
+        return Capabilities(manages_loading=self.level is ApiLevel.MANAGED,
+                            reports_memory=False, self_evicts=True, multi_instance=True,
+                            native_clients=True)
 
     @property
     def started(self) -> bool:
