@@ -102,9 +102,10 @@ def test_the_demo_upstream_port_is_documented_and_needs_demo(capsys):
     assert "only with --demo" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flavor, server", [("ollama", "Ollama emulator"),
-                                            ("openai", "OpenAI-compatible server")])
-async def test_the_demo_runs_another_flavor_s_emulator(tmp_path, flavor, server):
+@pytest.mark.parametrize("flavor, server, key", [
+    ("ollama", "Ollama emulator", "qwen/qwen3-4b:latest"),   # Ollama's name for it
+    ("openai", "OpenAI-compatible server", "qwen/qwen3-4b")])
+async def test_the_demo_runs_another_flavor_s_emulator(tmp_path, flavor, server, key):
     env = {k: v for k, v in os.environ.items() if not k.startswith("PROXY_")}
     env["HOME"] = str(tmp_path)
     proc = await asyncio.create_subprocess_exec(
@@ -126,7 +127,7 @@ async def test_the_demo_runs_another_flavor_s_emulator(tmp_path, flavor, server)
         async with aiohttp.ClientSession() as http, \
                 http.get(f"{proxy_url}/proxy/stats") as r:
             stats = await r.json()
-        assert stats["models"]["qwen/qwen3-4b"]["requests"] == 2
+        assert stats["models"][key]["requests"] == 2
     finally:
         proc.terminate()
         await proc.wait()

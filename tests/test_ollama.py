@@ -79,15 +79,15 @@ async def test_load_unload_and_memory_from_ps(make_ollama, backend_for):
     runner = emu.state.runners["llama3.2:latest"]
     assert result.instance_id == "llama3.2:latest"
     assert math.isinf(runner.keep_alive_s)          # keep_alive -1: Ollama never expires it
-    model = {m.key: m for m in await backend.list_models()}["llama3.2"]
-    assert model.instance_ids == ("llama3.2:latest",)
+    model = {m.key: m for m in await backend.list_models()}["llama3.2:latest"]
+    assert model.instance_ids == ("llama3.2:latest",) and model.aliases == ("llama3.2",)
     assert model.memory_bytes == int(2.6 * GB) and model.size_bytes == 2 * GB
     assert model.extra["size_vram"] == int(2.6 * GB)
     assert model.extra["expires_at"].startswith("23")   # "forever": Go's now + MaxInt64 ns
 
     await backend.unload(result.instance_id)
     assert emu.state.runners == {}
-    assert not {m.key: m for m in await backend.list_models()}["llama3.2"].loaded
+    assert not {m.key: m for m in await backend.list_models()}["llama3.2:latest"].loaded
     await backend.unload(result.instance_id)        # gone already: nothing to do, no error
 
 
@@ -97,7 +97,8 @@ async def test_an_embedding_model_is_loaded_by_an_embed_with_no_input(make_ollam
     await backend.load("all-minilm", {})
     assert "all-minilm:latest" in emu.state.runners
     models = {m.key: m for m in await backend.list_models()}
-    assert models["all-minilm"].type == "embedding" and models["llama3.2"].type == "llm"
+    assert models["all-minilm:latest"].type == "embedding"
+    assert models["llama3.2:latest"].type == "llm"
     await backend.unload("all-minilm:latest")
     assert emu.state.runners == {}
 
@@ -118,7 +119,7 @@ async def test_keep_alive_expiry_shows_in_ps(make_ollama, backend_for, http):
     async with http.post(f"{emu.url}/api/generate",
                          json={"model": "gemma3", "keep_alive": "5m"}) as r:
         assert r.status == 200 and (await r.json())["done_reason"] == "load"
-    assert {m.key for m in await backend.list_models() if m.loaded} == {"gemma3"}
+    assert {m.key for m in await backend.list_models() if m.loaded} == {"gemma3:latest"}
     emu.state.clock.advance(301)
     assert not any(m.loaded for m in await backend.list_models())
     assert emu.state.evictions == [("gemma3:latest", "keep_alive expired")]
@@ -132,9 +133,24 @@ async def test_the_proxy_loads_with_keep_alive_forever_and_serves(make_ollama, m
     assert status == 200 and body["choices"][0]["message"]["content"]
     assert emu.state.load_calls == {"llama3.2:latest": 1}
     assert math.isinf(emu.state.runners["llama3.2:latest"].keep_alive_s)
-    assert proxy.engine.entry("llama3.2").status is ModelStatus.LOADED
+    assert proxy.engine.entry("llama3.2:latest").status is ModelStatus.LOADED
     assert await proxy.engine.unload_model("llama3.2")
     assert emu.state.runners == {}
+
+
+async def test_the_short_name_and_the_listed_name_are_one_model(make_ollama, make_proxy,
+                                                                http):
+    emu = await make_ollama()
+    proxy = await ollama_proxy(make_proxy, emu.url)
+    async with http.get(f"{proxy.url}/v1/models") as r:
+        listed = [m["id"] for m in (await r.json())["data"]]
+    assert "llama3.2:latest" in listed and "qwen3:8b" in listed
+    assert (await chat(http, proxy.url, "llama3.2"))[0] == 200
+    assert (await chat(http, proxy.url, "llama3.2:latest"))[0] == 200
+    assert emu.state.load_calls == {"llama3.2:latest": 1}
+    assert proxy.engine.usage("llama3.2:latest").requests == 2
+    async with http.get(f"{proxy.url}/v1/models/llama3.2:latest") as r:
+        assert r.status == 200 and (await r.json())["id"] == "llama3.2:latest"
 
 
 async def test_an_eviction_ollama_made_by_itself_is_reconciled(make_ollama, make_proxy, http):
@@ -145,10 +161,10 @@ async def test_an_eviction_ollama_made_by_itself_is_reconciled(make_ollama, make
     assert emu.state.evictions == [("llama3.2:latest", "OLLAMA_MAX_LOADED_MODELS")]
 
     # Seen right after the load that caused it (self_evicts), not at the next reconcile tick.
-    dropped = proxy.engine.entry("llama3.2")
+    dropped = proxy.engine.entry("llama3.2:latest")
     assert dropped.status is ModelStatus.UNLOADED and dropped.last_error is None
     assert dropped.evictions[EVICTED_BY_BACKEND] == 1
-    assert proxy.engine.entry("gemma3").status is ModelStatus.LOADED
+    assert proxy.engine.entry("gemma3:latest").status is ModelStatus.LOADED
     assert (await chat(http, proxy.url, "llama3.2"))[0] == 200   # loads again, no error
     assert emu.state.load_calls["llama3.2:latest"] == 2
 
@@ -157,7 +173,7 @@ async def test_the_footprint_is_what_ps_reports(make_ollama, make_proxy, http):
     emu = await make_ollama()
     proxy = await ollama_proxy(make_proxy, emu.url)
     assert (await chat(http, proxy.url, "qwen3:8b"))[0] == 200
-    e = proxy.engine.entry("qwen3:8b")
+    e = proxy.engine.entry("qwen3:8b")      # a tag of its own: the key as it is
     assert proxy.engine.footprint_bytes(e) == int(6.1 * GB)   # not the file's 5 GB x factor
     assert proxy.engine.registry.footprint_source(e) == "reported"
 

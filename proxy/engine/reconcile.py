@@ -103,6 +103,8 @@ class Reconciler:
         if new:
             self.accounting.apply_learned(e)
         e.type, e.size_bytes = m.type, m.size_bytes or e.size_bytes
+        for alias in m.aliases:
+            self.registry.upstream_aliases[alias] = m.key
         if m.memory_bytes and self.capabilities and self.capabilities.reports_memory:
             e.reported_bytes = m.memory_bytes   # kept once unloaded: its next load's need
         if self.status_epochs.get(m.key, -1) > epoch:

@@ -35,6 +35,8 @@ class Registry:
         self.priority_override: dict[str, int] = {}
         self.pin_override: dict[str, bool] = {}
         self.clients: Counter[str] = Counter()   # SDK client (owner) → its open connections
+        # Names the server itself takes for a model (Ollama's `llama3.2` for llama3.2:latest).
+        self.upstream_aliases: dict[str, str] = {}
         self.apply_config(config)
 
     def apply_config(self, config: Config) -> None:
@@ -59,7 +61,8 @@ class Registry:
         for e in self.entries.values():
             if key in e.instance_ids:
                 return e.key
-        return None
+        key = self.upstream_aliases.get(name)
+        return key if key in self.entries else None
 
     def ensure(self, key: str) -> tuple[ModelEntry, bool]:
         """The entry for key, created if new (True)."""

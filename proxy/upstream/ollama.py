@@ -8,8 +8,9 @@ its own; both show in /api/ps, which is why this backend declares `self_evicts`.
 an empty generate with `keep_alive: 0`. An embedding model refuses generate, so it is loaded by
 an embed with no input.
 
-Names: Ollama answers to `llama3.2` and lists it as `llama3.2:latest`. The model's key is the
-short form (":latest" dropped, as users write it); its one instance is the full name.
+Names: Ollama lists `llama3.2:latest` everywhere (/api/tags, /api/ps, /v1/models) and answers
+to `llama3.2` as well. The full name is the model's key and its one instance; the short form
+is an alias the engine resolves.
 
 Ollama's own queue (OLLAMA_MAX_QUEUE) answers 503 when full. A forwarded request relays that
 answer as it is; a load turned away that way is `UpstreamBusy`, not a lack of memory.
@@ -41,7 +42,7 @@ class OllamaProtocol(HttpBackend):
         super().__init__(config)
         self.level: ApiLevel | None = None
         self.version: str | None = None
-        self._embedding: set[str] = set()   # keys that refused generate: loaded by embed
+        self._embedding: set[str] = set()   # full names that refused generate: loaded by embed
 
     # -- management --------------------------------------------------------------------------
     async def detect(self) -> ApiLevel:
@@ -60,8 +61,8 @@ class OllamaProtocol(HttpBackend):
             await self.detect()
         tags, running = await asyncio.gather(self._models("/api/tags"),
                                              self._models("/api/ps"))
-        resident = {short_name(m["name"]): m for m in running}
-        out = [self._model(m, resident.pop(short_name(m["name"]), None)) for m in tags]
+        resident = {full_name(m["name"]): m for m in running}
+        out = [self._model(m, resident.pop(full_name(m["name"]), None)) for m in tags]
         # Resident but no longer listed (deleted while loaded): still holds memory.
         out += [self._model(m, m) for m in resident.values()]
         return out
@@ -71,15 +72,16 @@ class OllamaProtocol(HttpBackend):
         if options:
             payload["options"] = dict(options)   # num_ctx, num_gpu, ...: Ollama's own names
         timeout_s = self.config.load_timeout_s
-        path = "/api/embed" if key in self._embedding else "/api/generate"
+        name = full_name(key)
+        path = "/api/embed" if name in self._embedding else "/api/generate"
         status, body = await self._call("POST", path, payload, timeout_s=timeout_s)
         if status == 400 and _NO_GENERATE in (error_text(body) or ""):
-            self._embedding.add(key)
+            self._embedding.add(name)
             path = "/api/embed"
             status, body = await self._call("POST", path, payload, timeout_s=timeout_s)
         if status == 200 and isinstance(body, dict):
             duration = body.get("load_duration")
-            return LoadResult(full_name(key), duration / _NANOSECONDS
+            return LoadResult(name, duration / _NANOSECONDS
                               if isinstance(duration, (int, float)) and duration else None)
         reason = error_text(body) or f"HTTP {status}"
         if status == 503:
@@ -114,7 +116,7 @@ class OllamaProtocol(HttpBackend):
         return out
 
     def _model(self, tag: dict[str, Any], ps: dict[str, Any] | None) -> UpstreamModel:
-        key = short_name(tag["name"])
+        key = full_name(tag["name"])
         details = tag.get("details") if isinstance(tag.get("details"), dict) else {}
         families = set(details.get("families") or ()) | {details.get("family")}
         caps = tag.get("capabilities")
@@ -131,7 +133,8 @@ class OllamaProtocol(HttpBackend):
         return UpstreamModel(key=key, type="embedding" if embedding else "llm",
                              size_bytes=_int(tag.get("size")) if ps is not tag else None,
                              memory_bytes=memory,
-                             instance_ids=(str(ps["name"]),) if ps is not None else (),
+                             instance_ids=(key,) if ps is not None else (),
+                             aliases=(short_name(key),) if short_name(key) != key else (),
                              extra=extra)
 
 
