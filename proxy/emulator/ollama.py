@@ -10,6 +10,7 @@ ollama_state.py. `/__emulator__/stats` is for tests.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -40,6 +41,10 @@ def _openai_error(status: int, message: str) -> web.Response:
     kind = {400: "invalid_request_error", 404: "not_found_error"}.get(status, "api_error")
     return _json({"error": {"message": message, "type": kind, "param": None, "code": None}},
                  status)
+
+
+def _digest(name: str) -> str:
+    return hashlib.sha256(name.encode()).hexdigest()   # a sha256, as Ollama's blobs have
 
 
 def _time(t_s: float) -> str:
@@ -87,7 +92,7 @@ class _Api:
     async def tags(self, request: web.Request) -> web.Response:
         return _json({"models": [
             {"name": name, "model": name, "modified_at": _time(1_735_689_600),
-             "size": m.size_bytes, "digest": gen.request_id("", name, {}) * 2,
+             "size": m.size_bytes, "digest": _digest(name),
              "details": self._details(m)} for name, m in self.state.models.items()]})
 
     async def ps(self, request: web.Request) -> web.Response:
@@ -98,7 +103,7 @@ class _Api:
             ttl_s = r.keep_alive_s if r.expires_at_s is None else r.expires_at_s - now
             expires = now + (FOREVER_S if math.isinf(ttl_s) else ttl_s)
             out.append({"name": r.name, "model": r.name, "size": r.size_bytes,
-                        "digest": gen.request_id("", r.name, {}) * 2,
+                        "digest": _digest(r.name),
                         "details": self._details(r.model), "expires_at": _time(expires),
                         "size_vram": r.size_vram_bytes,
                         "context_length": min(r.model.max_context_length, 4096)})
