@@ -1,6 +1,6 @@
 """Command line: `python -m proxy [--config PATH] [--host H] [--port P] [--upstream URL]
-[--demo [--flavor F] [--demo-upstream-port P]] [--check]`, `python -m proxy status`, `python -m proxy
-healthcheck`. The only module that reads the environment: every flag also has a
+[--demo [--flavor F] [--demo-upstream-port P]] [--check]`, `python -m proxy status`,
+`python -m proxy healthcheck`. The only module that reads the environment: every flag also has a
 PROXY_* variable (flag > environment > config file > default)."""
 from __future__ import annotations
 
