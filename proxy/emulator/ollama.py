@@ -211,7 +211,8 @@ class _Api:
         try:
             full, model = self.state.lookup(name)
             if kind != "embed" and model.type == "embedding":
-                raise OllamaRefused(400, f'"{name}" does not support generate')
+                what = "chat" if kind == "chat" else "generate"
+                raise OllamaRefused(400, f'"{name}" does not support {what}')
             runner = await self.state.schedule(full, None)   # /v1 carries no keep_alive
         except OllamaRefused as exc:
             return _openai_error(exc.status, exc.message)
