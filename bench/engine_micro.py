@@ -26,7 +26,7 @@ from proxy.engine.usage import RequestRecord
 from proxy.events import EventHub
 from proxy.metrics import ProxyMetrics
 from proxy.store import UsageStore
-from proxy.upstream.base import ApiLevel, LoadResult, UpstreamModel
+from proxy.upstream.base import ApiLevel, Capabilities, LoadResult, UpstreamModel
 
 GB = 1_000_000_000
 
@@ -36,6 +36,9 @@ class LoadedBackend:
 
     def __init__(self, keys: list[str]) -> None:
         self.keys = keys
+
+    capabilities = Capabilities(manages_loading=True, reports_memory=False, self_evicts=False,
+                                multi_instance=False, native_clients=False)
 
     async def detect(self) -> ApiLevel:
         return ApiLevel.MANAGED

@@ -12,7 +12,7 @@ from proxy.errors import ProxyError
 from proxy.engine import policy as policy_module
 from proxy.engine.lifecycle import ModelStatus
 from proxy.engine.manager import ModelMemoryManager
-from proxy.upstream.base import ApiLevel, LoadResult, UpstreamModel
+from proxy.upstream.base import ApiLevel, Capabilities, LoadResult, UpstreamModel
 
 from .vtime import LoopClock, VirtualTimeLoop
 from .workload import GB, Workload
@@ -29,6 +29,9 @@ class SimBackend:
         self.load_seconds = 0.0
         self.loads = 0
         self.peak_resident_gb = 0.0
+
+    capabilities = Capabilities(manages_loading=True, reports_memory=False, self_evicts=False,
+                                multi_instance=False, native_clients=False)
 
     async def detect(self) -> ApiLevel:
         return ApiLevel.MANAGED

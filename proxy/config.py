@@ -22,7 +22,7 @@ from .errors import ConfigError
 from .schema import build, deep_copy, rule
 
 SAMPLERS = ("local", "budget")
-UPSTREAM_KINDS = ("lmstudio",)
+UPSTREAM_KINDS = ("lmstudio", "llamacpp", "ollama", "openai")
 UPSTREAM_CLIENTS = ("fast", "aiohttp")
 
 

@@ -22,7 +22,7 @@ from ..config import Config, redact_url
 from ..errors import ModelLoadFailed, ModelNotFound, ModelUnavailable
 from ..liveconfig import LiveConfig
 from ..store import UsageStore
-from ..upstream.base import ApiLevel, ModelBackend
+from ..upstream.base import ApiLevel, Capabilities, ModelBackend
 from .accounting import Accounting
 from .clock import Clock, SystemClock
 from .eviction import Evictor
@@ -88,7 +88,7 @@ class EngineCore:
                                      self.listeners, reserved_bytes=r.loading_bytes,
                                      on_level=self._pressure_changed)
         self.reconciler = Reconciler(r, upstream, self.accounting, self.monitor, self.clock,
-                                     self._set_status, self._room)
+                                     self._set_status, self._room, listeners=self.listeners)
         self.evictor = Evictor(r, self.monitor, upstream, self.accounting, self.listeners,
                                self.clock, self._set_status, self._room, self.learner)
         self.loader = Loader(r, self.monitor, upstream, self.evictor, self.accounting,
@@ -101,6 +101,7 @@ class EngineCore:
                                        e, value_s, may_evict=may_evict),
                                    lambda: self.scheduler.requests_waiting)
         self.evictor.on_unused_preload = self.preloader.unloaded_unused
+        self.scheduler.after_load = self._after_load
         self.scheduler.on_preload_started = self.preloader.started
         self._periodic = Periodic("engine", log)
         self._active: set[Lease] = set()
@@ -298,6 +299,13 @@ class EngineCore:
         await self.evictor.unload_abandoned(late, lambda key: key in self.scheduler.pending)
         self.scheduler.kick()
 
+    async def _after_load(self) -> None:
+        """A server that evicts by itself may have dropped another model for this load (even
+        for one that failed): learn it now, not at the next reconcile tick."""
+        caps = self.reconciler.capabilities
+        if caps is not None and caps.self_evicts:
+            await self.reconcile()
+
     async def flush(self) -> None:
         await self.accounting.flush()
 
@@ -344,7 +352,14 @@ class EngineCore:
     # -- views -------------------------------------------------------------------------------
     @property
     def manages_loading(self) -> bool:
-        return self.reconciler.api_level is ApiLevel.MANAGED
+        """Without it the proxy relays and measures: the server loads on its own."""
+        caps = self.reconciler.capabilities
+        return caps is not None and caps.manages_loading
+
+    @property
+    def capabilities(self) -> Capabilities | None:
+        """The backend's, once it has answered."""
+        return self.reconciler.capabilities
 
     @property
     def api_level(self) -> ApiLevel | None:

@@ -71,6 +71,7 @@ class ModelEntry:
     heat_at_s: float = 0.0              # when heat was last brought up to date
     footprint_bytes: float | None = None  # learned: mean drop in available memory across loads
     footprint_samples: int = 0
+    reported_bytes: float | None = None   # resident bytes the server itself reported
     # learned: LM Studio refused it for lack of memory with this much free, so it needs more
     footprint_floor_bytes: float | None = None
     load_time_s: float | None = None    # learned: mean load duration

@@ -5,7 +5,8 @@
     on_load(model, duration_s, ok)        a load finished or failed
     on_evict(model, reason, for_model)    an unload is about to start; for_model: the load it
                                           makes room for (reason: admission, pressure, idle,
-                                          manual)
+                                          manual; backend: the server dropped it
+                                          by itself)
     on_unload(model, reason)              an unload finished
     on_queue(model, waiting)              the number of requests waiting for a model changed
     on_queue_wait(model, seconds)         a load waited this long for admission

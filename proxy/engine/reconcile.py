@@ -5,29 +5,38 @@ A loaded instance that this proxy loaded before a restart of its own (remembered
 accounting, with its load options) is re-adopted as the proxy's, and so is one that a load the
 proxy gave up waiting for completed late (`ModelEntry.unfinished_since_s`); any other is
 someone else's.
+
+The backend's capabilities are learned here with its API level. One that evicts by itself
+(`self_evicts`) has a model it dropped recorded as an eviction by the backend; one that
+`reports_memory` has its per-model resident bytes kept as the models' footprints.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Callable
 
 from ..errors import UpstreamError
-from ..upstream.base import ApiLevel, ModelBackend, UpstreamModel
+from ..upstream.base import (ApiLevel, Capabilities, ModelBackend, UpstreamModel,
+                             capabilities_of)
 from .accounting import Accounting
 from .clock import Clock
+from .listeners import Listeners
 from .lifecycle import OWNER_EXTERNAL, OWNER_PROXY, ModelEntry, ModelStatus
 from .monitor import MemoryMonitor
 from .registry import Registry
 
 log = logging.getLogger("proxy.engine")
 S = ModelStatus
+EVICTED_BY_BACKEND = "backend"   # the eviction reason of a model the server dropped itself
 
 
 class Reconciler:
     def __init__(self, registry: Registry, backend: ModelBackend, accounting: Accounting,
                  monitor: MemoryMonitor, clock: Clock,
                  set_status: Callable[[ModelEntry, ModelStatus], None],
-                 on_room: Callable[[], None]) -> None:
+                 on_room: Callable[[], None], *, listeners: Listeners | None = None
+                 ) -> None:
         self.registry = registry
         self.monitor = monitor
         self.backend = backend
@@ -35,7 +44,10 @@ class Reconciler:
         self.clock = clock
         self._set_status = set_status
         self._on_room = on_room
+        self.listeners = listeners or Listeners()
+        self._running = asyncio.Lock()
         self.api_level: ApiLevel | None = None
+        self.capabilities: Capabilities | None = None   # with api_level, after detect()
         self.upstream_ok = False
         self.upstream_error: str | None = None
         self.error_type: type[UpstreamError] = UpstreamError
@@ -52,14 +64,21 @@ class Reconciler:
 
     async def run(self) -> list[ModelEntry]:
         """Align with the server. Returns the models that are late results of the proxy's own
-        loads (whoever waited for them may have gone)."""
+        loads (whoever waited for them may have gone). One run at a time: the loop's, an
+        after-load one and a caller's would otherwise interleave their ownership writes."""
+        async with self._running:
+            return await self._run()
+
+    async def _run(self) -> list[ModelEntry]:
         self.last_run_s = self.clock.now()
         epoch = self.status_epoch
         try:
             if self.api_level is None:
-                self.api_level = await self.backend.detect()
+                level = await self.backend.detect()
+                self.capabilities = capabilities_of(self.backend, level)
+                self.api_level = level
                 log.info("upstream speaks %s%s", self.api_level.value,
-                         "" if self.api_level.can_manage else
+                         "" if self.capabilities.manages_loading else
                          ": loading is left to the server's own JIT")
             models = await self.backend.list_models()
         except UpstreamError as exc:
@@ -84,6 +103,10 @@ class Reconciler:
         if new:
             self.accounting.apply_learned(e)
         e.type, e.size_bytes = m.type, m.size_bytes or e.size_bytes
+        for alias in m.aliases:
+            self.registry.upstream_aliases[alias] = m.key
+        if m.memory_bytes and self.capabilities and self.capabilities.reports_memory:
+            e.reported_bytes = m.memory_bytes   # kept once unloaded: its next load's need
         if self.status_epochs.get(m.key, -1) > epoch:
             return   # changed by us while the list was in flight; the list is stale for it
         if m.loaded:
@@ -109,8 +132,16 @@ class Reconciler:
                     e.owner = OWNER_EXTERNAL
                     log.info("%s was loaded outside the proxy", m.key)
         elif e.status is S.LOADED and self.api_level is not ApiLevel.JIT_ONLY:
-            log.info("%s was unloaded outside the proxy", m.key)
+            by_backend = self.capabilities is not None and self.capabilities.self_evicts
+            if by_backend:   # a fact of this server's, not a failure: counted as its eviction
+                log.info("%s was unloaded by the server itself", m.key)
+                e.evictions[EVICTED_BY_BACKEND] += 1
+                self.listeners.emit("on_evict", m.key, EVICTED_BY_BACKEND, None)
+            else:
+                log.info("%s was unloaded outside the proxy", m.key)
             self.accounting.forget_owned(e.instance_ids)
             self._set_status(e, S.UNLOADED)
             changed.append(e)
+            if by_backend:
+                self.listeners.emit("on_unload", m.key, EVICTED_BY_BACKEND)
             self._on_room()

@@ -37,6 +37,8 @@ class Registry:
         self.pin_override: dict[str, bool] = {}
         self.clients: Counter[str] = Counter()   # SDK client (owner) → its open connections
         self.live = live
+        # Names the server itself takes for a model (Ollama's `llama3.2` for llama3.2:latest).
+        self.upstream_aliases: dict[str, str] = {}
 
     @property
     def config(self) -> Config:
@@ -64,7 +66,8 @@ class Registry:
         for e in self.entries.values():
             if key in e.instance_ids:
                 return e.key
-        return None
+        key = self.upstream_aliases.get(name)
+        return key if key in self.entries else None
 
     def ensure(self, key: str) -> tuple[ModelEntry, bool]:
         """The entry for key, created if new (True)."""
@@ -106,8 +109,8 @@ class Registry:
         return None if override is None else override * GB
 
     def footprint_bytes(self, e: ModelEntry) -> float:
-        """Configured, else learned, else estimated from the file size; never below what the
-        server refused to load it in."""
+        """Configured, else reported by the server, else learned, else estimated from the file
+        size; never below what the server refused to load it in."""
         stated, floor = self._stated_footprint_bytes(e), e.footprint_floor_bytes
         return stated if floor is None else max(stated, floor)
 
@@ -115,6 +118,8 @@ class Registry:
         configured = self.configured_footprint_bytes(e.key)
         if configured is not None:
             return configured
+        if e.reported_bytes is not None:
+            return e.reported_bytes
         if e.footprint_bytes is not None:
             return e.footprint_bytes
         if e.size_bytes:
@@ -134,6 +139,8 @@ class Registry:
             return "refused"
         if self.config.model(e.key).footprint_gb is not None:
             return "configured"
+        if e.reported_bytes is not None:
+            return "reported"
         return "learned" if e.footprint_bytes is not None else "estimated"
 
     def reload_s(self, e: ModelEntry) -> float:

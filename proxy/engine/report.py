@@ -2,6 +2,7 @@
 report, `python -m proxy status` and the metrics, so names and rounding never drift apart."""
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 from ..config import redact_url
@@ -78,4 +79,5 @@ def upstream_state(core: "EngineCore") -> dict[str, Any]:
     rec = core.reconciler
     return {"ok": rec.upstream_ok, "url": redact_url(core.config.upstream.url),
             "api_level": None if rec.api_level is None else rec.api_level.value,
-            "manages_loading": core.manages_loading, "error": rec.upstream_error}
+            "manages_loading": core.manages_loading, "error": rec.upstream_error,
+            "capabilities": None if rec.capabilities is None else asdict(rec.capabilities)}

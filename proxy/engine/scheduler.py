@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Awaitable, Callable
 
 from ..errors import ModelLoadFailed, ProxyError, UpstreamTimeout
 from .clock import Clock
@@ -79,6 +79,8 @@ class Scheduler:
         self._idle.set()
         self._task: asyncio.Task | None = None
         self.on_preload_started: Callable[[ModelEntry], None] = lambda e: None
+        # After each load attempt of its own (the core reconciles a self-evicting server).
+        self.after_load: Callable[[], Awaitable[None]] = _nothing
 
     @property
     def config(self):  # noqa: ANN201
@@ -225,7 +227,8 @@ class Scheduler:
             self._task = asyncio.create_task(self._run(), name="engine-admission")
 
     async def stop(self) -> None:
-        tasks = [t for t in [self._task] + [p.entry.load_task for p in self.pending.values()]
+        # A load task outlives its pending entry while it reconciles (after_load).
+        tasks = [t for t in [self._task] + [e.load_task for e in self.registry]
                  if t is not None and not t.done()]
         for t in tasks:
             t.cancel()
@@ -375,6 +378,7 @@ class Scheduler:
             p.entry.reserved = p.waiters
             p.entry.preloaded = p.speculative and p.waiters == 0
             self._finish(p, None)
+        await self.after_load()   # once its requests have the model (or the error)
 
     def _recheck_s(self) -> float | None:
         """When a residency ends or a waiting load reaches its first claim, look again."""
@@ -392,6 +396,10 @@ class Scheduler:
                 times.append(p.since_s + res / (max(1, p.waiters) if weighted else 1))
         future = [t - now for t in times if t > now]
         return max(0.001, min(future)) if future else None
+
+
+async def _nothing() -> None:
+    return None
 
 
 def _consume(f: asyncio.Future) -> None:

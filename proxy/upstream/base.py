@@ -36,15 +36,27 @@ class Capabilities:
     native_clients: bool     # has a native (non-OpenAI) client protocol worth relaying
 
 
+def capabilities_of(backend: object, level: ApiLevel) -> Capabilities:
+    """A backend's declared capabilities (read after `detect()`); a `ModelBackend` written
+    before they existed is taken to manage loading at API level MANAGED and nothing more."""
+    declared = getattr(backend, "capabilities", None)
+    if isinstance(declared, Capabilities):
+        return declared
+    return Capabilities(manages_loading=level.can_manage, reports_memory=False,
+                        self_evicts=False, multi_instance=False, native_clients=False)
+
+
 @dataclass(frozen=True)
 class UpstreamModel:
     key: str
     type: str = "llm"                          # llm | embedding
     size_bytes: int | None = None              # file size on disk
+    memory_bytes: int | None = None            # resident bytes the server reports (if it can)
     instance_ids: tuple[str, ...] = ()         # loaded instances (empty: not loaded)
     loading: bool = False
     max_context_length: int | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
+    aliases: tuple[str, ...] = ()              # other names the server answers to for it
 
     @property
     def loaded(self) -> bool:
@@ -58,6 +70,8 @@ class LoadResult:
 
 
 class ModelBackend(Protocol):
+    capabilities: Capabilities     # what it can do and tell; valid after detect()
+
     async def detect(self) -> ApiLevel: ...
     async def list_models(self) -> list[UpstreamModel]: ...
     async def load(self, key: str, options: Mapping[str, Any]) -> LoadResult: ...
