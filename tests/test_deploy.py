@@ -96,11 +96,14 @@ def _wait_healthy(url: str, deadline_s: float) -> None:
     deadline = time.monotonic() + deadline_s
     while True:
         try:
-            if _http(url + "/healthz")[0] == 200:
+            status = _http(url + "/healthz")[0]
+            if status == 200:
                 return
-        except (urllib.error.URLError, ConnectionError):   # not listening yet
-            if time.monotonic() > deadline:
-                raise
+            problem: Exception = AssertionError(f"/healthz answered {status}")
+        except (urllib.error.URLError, ConnectionError) as exc:   # not listening yet
+            problem = exc
+        if time.monotonic() > deadline:
+            raise problem
         time.sleep(0.2)
 
 
