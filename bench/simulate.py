@@ -1,4 +1,4 @@
-"""Replay a workload through the real ModelMemoryManager on virtual time."""
+"""Replay a workload through the real engine (EngineCore) on virtual time."""
 from __future__ import annotations
 
 import asyncio
@@ -10,7 +10,7 @@ from typing import Any, Callable, Mapping
 from proxy.config import Config, load_config
 from proxy.errors import ProxyError
 from proxy.engine import policy as policy_module
-from proxy.engine.manager import ModelMemoryManager
+from proxy.engine.core import EngineCore
 from proxy.upstream.base import ApiLevel, LoadResult, UpstreamModel
 
 from .vtime import LoopClock, VirtualTimeLoop
@@ -126,7 +126,7 @@ async def _replay(loop: VirtualTimeLoop, workload: Workload, budget_gb: float, v
                   ) -> RunResult:
     backend = SimBackend(workload)
     config = engine_config(workload, budget_gb, v)
-    mgr = ModelMemoryManager(config=config, upstream=backend, clock=LoopClock(loop))
+    mgr = EngineCore(config, backend, clock=LoopClock(loop))
     evictions: list[tuple[str, float]] = []
 
     class Listener:
@@ -176,7 +176,7 @@ async def _replay(loop: VirtualTimeLoop, workload: Workload, budget_gb: float, v
     await asyncio.gather(*tasks)
     for task in background:
         task.cancel()
-    pre = mgr.preloader
+    pre = mgr.preloads
     delayed = sorted(d for d in delays if d > 1e-9)
     return RunResult(
         policy=v.name, cold_loads=backend.loads, load_seconds=round(backend.load_seconds, 1),

@@ -11,7 +11,8 @@ from aiohttp import web
 from .config import Config, redact_url
 from .engine.clock import Clock
 from .engine.health import ModelHealthMonitor
-from .engine.manager import ModelMemoryManager
+from .engine.core import EngineCore
+from .engine.face import Engine
 from .engine.memory import MemorySampler
 from .errors import ProxyError, RouteNotFound, ShuttingDown
 from .events import EventHub
@@ -101,8 +102,7 @@ def create_app(config: Config, *, upstream: Upstream | None = None, clock: Clock
     store = None
     if config.storage.enabled:
         store = UsageStore(config.storage.path or default_path(), config.storage.retention_days)
-    engine = ModelMemoryManager(config=config, upstream=upstream, clock=clock, sampler=sampler,
-                                store=store)
+    engine = EngineCore(config, upstream, clock=clock, sampler=sampler, store=store)
     sink = None
     if config.health.webhook_url:
         sink = WebhookSink(config.health.webhook_url, timeout_s=config.health.webhook_timeout_s,
@@ -137,7 +137,7 @@ async def _close_event_streams(app: web.Application) -> None:
     app[EVENTS].close_clients()
 
 
-def _prober(engine: ModelMemoryManager, upstream: Upstream
+def _prober(engine: Engine, upstream: Upstream
             ) -> Callable[[str], Awaitable[None]]:
     """A one-token completion to a loaded model under a HOLD lease: it cannot be evicted
     meanwhile, and the probe is no use of it (recency, heat, idle timer and statistics stay)."""

@@ -8,13 +8,13 @@ from .compat import Compat
 from .auth import AuthState
 from .config import Config
 from .engine.health import ModelHealthMonitor
-from .engine.manager import ModelMemoryManager
+from .engine.face import Engine
 from .events import EventHub
 from .metrics import ProxyMetrics
 from .upstream.base import Upstream
 
 CONFIG = web.AppKey("config", Config)
-ENGINE = web.AppKey("engine", ModelMemoryManager)
+ENGINE = web.AppKey("engine", Engine)
 UPSTREAM = web.AppKey("upstream", Upstream)
 METRICS = web.AppKey("metrics", ProxyMetrics)
 ACCESS_LOG = web.AppKey("access_log", AccessLog)

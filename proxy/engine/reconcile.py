@@ -9,43 +9,29 @@ someone else's.
 from __future__ import annotations
 
 import logging
-from typing import Callable
 
 from ..errors import UpstreamError
-from ..upstream.base import ApiLevel, ModelBackend, UpstreamModel
-from .accounting import Accounting
-from .clock import Clock
+from ..upstream.base import ApiLevel, UpstreamModel
+from .context import EngineContext
 from .lifecycle import OWNER_EXTERNAL, OWNER_PROXY, ModelEntry, ModelStatus
-from .monitor import MemoryMonitor
-from .registry import Registry
 
 log = logging.getLogger("proxy.engine")
 S = ModelStatus
 
 
 class Reconciler:
-    def __init__(self, registry: Registry, backend: ModelBackend, accounting: Accounting,
-                 monitor: MemoryMonitor, clock: Clock,
-                 set_status: Callable[[ModelEntry, ModelStatus], None],
-                 on_room: Callable[[], None]) -> None:
-        self.registry = registry
-        self.monitor = monitor
-        self.backend = backend
-        self.accounting = accounting
-        self.clock = clock
-        self._set_status = set_status
-        self._on_room = on_room
+    def __init__(self, ctx: EngineContext) -> None:
+        self.ctx = ctx
+        self.registry = ctx.registry
+        self.monitor = ctx.monitor
+        self.backend = ctx.backend
+        self.accounting = ctx.accounting
+        self.clock = ctx.clock
         self.api_level: ApiLevel | None = None
         self.upstream_ok = False
         self.upstream_error: str | None = None
         self.error_type: type[UpstreamError] = UpstreamError
         self.last_run_s = -1e9
-        self.status_epoch = 0                    # bumps on every status change
-        self.status_epochs: dict[str, int] = {}  # model → epoch of its last change
-
-    def note_change(self, key: str) -> None:
-        self.status_epoch += 1
-        self.status_epochs[key] = self.status_epoch
 
     def failure(self) -> UpstreamError:
         return self.error_type(self.upstream_error or "the upstream has not answered")
@@ -54,7 +40,7 @@ class Reconciler:
         """Align with the server. Returns the models that are late results of the proxy's own
         loads (whoever waited for them may have gone)."""
         self.last_run_s = self.clock.now()
-        epoch = self.status_epoch
+        epoch = self.ctx.status_epoch
         try:
             if self.api_level is None:
                 self.api_level = await self.backend.detect()
@@ -84,12 +70,11 @@ class Reconciler:
         if new:
             self.accounting.apply_learned(e)
         e.type, e.size_bytes = m.type, m.size_bytes or e.size_bytes
-        if self.status_epochs.get(m.key, -1) > epoch:
+        if self.ctx.status_epochs.get(m.key, -1) > epoch:
             return   # changed by us while the list was in flight; the list is stale for it
         if m.loaded:
             e.instance_ids = m.instance_ids
-            if e.status in (S.UNLOADED, S.ERROR):
-                self._set_status(e, S.LOADED)
+            if self.ctx.swap(e, (S.UNLOADED, S.ERROR), S.LOADED):
                 changed.append(e)
                 e.loaded_at_s = e.last_used_at_s = self.clock.now()
                 if self.accounting.owns(e.key, m.instance_ids):
@@ -111,6 +96,5 @@ class Reconciler:
         elif e.status is S.LOADED and self.api_level is not ApiLevel.JIT_ONLY:
             log.info("%s was unloaded outside the proxy", m.key)
             self.accounting.forget_owned(e.instance_ids)
-            self._set_status(e, S.UNLOADED)
+            self.ctx.swap(e, S.LOADED, S.UNLOADED)     # the swap wakes admission: room
             changed.append(e)
-            self._on_room()

@@ -17,7 +17,7 @@ from aiohttp import web
 from ..compat import model_object
 from ..engine.usage import RequestRecord
 from ..engine.lifecycle import Lease
-from ..engine.manager import ModelMemoryManager
+from ..engine.face import Engine
 from .. import intake
 from ..auth import CREDENTIAL_HEADERS, check_model, visible_models
 from ..errors import InvalidRequest, ModelNotFound, ProxyError, UpstreamError
@@ -130,7 +130,7 @@ def _prepare_upstream_body(path: str, payload: dict, body: bytes, key: str
     return (orjson.dumps(payload) if changed else body), strip
 
 
-async def _relay(request: web.Request, engine: ModelMemoryManager, lease: Lease, key: str,
+async def _relay(request: web.Request, engine: Engine, lease: Lease, key: str,
                  body: bytes, payload: dict, strip: bool, stream: bool, started: float
                  ) -> web.StreamResponse:
     status, ok, meter, estimated = CLIENT_CLOSED, False, None, False
