@@ -4,7 +4,7 @@
     python -m bench.eviction --k 16 --seed 1 --budget-gb 30 --policy lru,cost-aware
     python -m bench.eviction --requests r.csv --catalog c.csv --budget-gb 24,48
 
-Every online policy runs the real ModelMemoryManager (admission, single-flight loads, drain
+Every online policy runs the real engine (admission, single-flight loads, drain
 before unload, policy) against a simulated LM Studio whose loads take the catalogue's load time
 and block the requests behind them. Baselines are configurations of the same engine:
 `lru` (evict least recently used until the model fits), `lru-count` (LRU under a model-count

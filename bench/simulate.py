@@ -1,4 +1,4 @@
-"""Replay a workload through the real ModelMemoryManager on virtual time."""
+"""Replay a workload through the real engine (EngineCore) on virtual time."""
 from __future__ import annotations
 
 import asyncio
@@ -10,8 +10,8 @@ from typing import Any, Callable, Mapping
 from proxy.config import Config, load_config
 from proxy.errors import ProxyError
 from proxy.engine import policy as policy_module
+from proxy.engine.core import EngineCore
 from proxy.engine.lifecycle import ModelStatus
-from proxy.engine.manager import ModelMemoryManager
 from proxy.upstream.base import ApiLevel, Capabilities, LoadResult, UpstreamModel
 
 from .vtime import LoopClock, VirtualTimeLoop
@@ -130,7 +130,7 @@ async def _replay(loop: VirtualTimeLoop, workload: Workload, budget_gb: float, v
                   ) -> RunResult:
     backend = SimBackend(workload)
     config = engine_config(workload, budget_gb, v)
-    mgr = ModelMemoryManager(config=config, upstream=backend, clock=LoopClock(loop))
+    mgr = EngineCore(config, backend, clock=LoopClock(loop))
     evictions: list[tuple[str, float]] = []
 
     class Listener:
@@ -182,7 +182,7 @@ async def _replay(loop: VirtualTimeLoop, workload: Workload, budget_gb: float, v
     await asyncio.gather(*tasks)
     for task in background:
         task.cancel()
-    pre = mgr.preloader
+    pre = mgr.preloads
     delayed = sorted(d for d in delays if d > 1e-9)
     return RunResult(
         policy=v.name, cold_loads=backend.loads, load_seconds=round(backend.load_seconds, 1),
@@ -198,7 +198,7 @@ async def _replay(loop: VirtualTimeLoop, workload: Workload, budget_gb: float, v
 ORACLE_LEAD_S = 1.0   # an oracle preload is due this long before its load must be done
 
 
-async def _oracle(loop: VirtualTimeLoop, mgr: ModelMemoryManager, workload: Workload) -> None:
+async def _oracle(loop: VirtualTimeLoop, mgr: EngineCore, workload: Workload) -> None:
     """Preloading with perfect knowledge: every request's model, if not resident, is queued as
     a preload (expected to save its whole reload) its load time plus ORACLE_LEAD_S before the
     request arrives. Admission and eviction are the engine's own: into free memory, or by the

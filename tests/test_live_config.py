@@ -251,7 +251,7 @@ APPLIED: dict[str, Probe] = {
     "memory.footprint_factor": value(_estimated_bytes, True),
     "memory.reclaim_timeout_s": value(
         lambda t: t.engine.evictor.config.memory.reclaim_timeout_s, 2),
-    "eviction.policy": value(lambda t: t.engine.get_memory_stats()["policy"], "lru"),
+    "eviction.policy": value(lambda t: t.engine.report()["policy"], "lru"),
     "eviction.model_timeout_hours": value(lambda t: t.engine.registry.ttl_s(EMBED), 3600),
     "eviction.hold": value(lambda t: t.engine.evictor.hold_s(), 0.0),
     "eviction.queue_timeout_s": value(

@@ -134,7 +134,7 @@ async def test_the_proxy_loads_with_keep_alive_forever_and_serves(make_ollama, m
     assert emu.state.load_calls == {"llama3.2:latest": 1}
     assert math.isinf(emu.state.runners["llama3.2:latest"].keep_alive_s)
     assert proxy.engine.entry("llama3.2:latest").status is ModelStatus.LOADED
-    assert await proxy.engine.unload_model("llama3.2")
+    assert await proxy.engine.unload("llama3.2")
     assert emu.state.runners == {}
 
 

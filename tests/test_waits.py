@@ -8,7 +8,7 @@ from bench.simulate import SimBackend, Variant, engine_config
 from bench.vtime import LoopClock, VirtualTimeLoop
 from bench.workload import Model, Workload
 from proxy.engine.lifecycle import ModelStatus
-from proxy.engine.manager import ModelMemoryManager
+from proxy.library import ModelMemoryManager
 from proxy.engine.policy import PREDICTION_HORIZON_S, Candidate, cost_aware_value, \
     expected_hold_s, select_victims
 
@@ -33,7 +33,7 @@ def run(models: dict[str, tuple[float, float]], budget_gb: float, script, *, hol
         try:
             return await script(mgr, loop)
         finally:
-            await mgr.scheduler.stop()
+            await mgr.core.scheduler.stop()
     try:
         return loop.run_until_complete(main())
     finally:
@@ -63,10 +63,10 @@ def hold_scenario(waiters: int):
     async def script(mgr, loop):
         await use(mgr, loop, "x")
         await asyncio.sleep(12.0 - loop.time())
-        x = mgr.registry.entries["x"]
-        p = mgr.learner.predict("x", loop.time(), PREDICTION_HORIZON_S).p_within
-        cost_s = mgr.registry.reload_s(x) * p
-        hold = mgr.evictor.hold_for(x, loop.time())
+        x = mgr.core.registry.entries["x"]
+        p = mgr.core.learner.predict("x", loop.time(), PREDICTION_HORIZON_S).p_within
+        cost_s = mgr.core.registry.reload_s(x) * p
+        hold = mgr.core.evictor.hold_for(x, loop.time())
         waits = await asyncio.gather(*(use(mgr, loop, "y") for _ in range(waiters)))
         return waits, cost_s, hold
     return run({"x": (8, 10.0), "y": (8, 2.0)}, 10, script)   # 80 %: not critical
@@ -124,9 +124,9 @@ def test_the_evictor_keeps_the_coder_a_planner_request_is_followed_by():
         await asyncio.sleep(300.0)
         await use(mgr, loop, "other", 5.0)      # the coder has idled 300 s longer
         await asyncio.sleep(200.0)
-        assert mgr.registry.loaded() == ["coder", "other"]
+        assert mgr.core.registry.loaded() == ["coder", "other"]
         await use(mgr, loop, "planner")
-        return mgr.registry.loaded()
+        return mgr.core.registry.loaded()
     loaded = run({"planner": (4, 3.0), "coder": (8, 6.0), "other": (8, 6.0)}, 16, script,
                  hold="off")
     assert loaded == ["coder", "planner"]
@@ -146,8 +146,8 @@ async def teach_daily(mgr, loop, days=2):
 
 
 async def settle(mgr):
-    await mgr.scheduler.settled()
-    for e in mgr.registry:
+    await mgr.core.scheduler.settled()
+    for e in mgr.core.registry:
         if e.load_task is not None:
             await e.load_task
 
@@ -155,9 +155,9 @@ async def settle(mgr):
 def test_a_session_starter_is_preloaded_into_free_memory_before_its_hour():
     async def script(mgr, loop):
         await teach_daily(mgr, loop)
-        await mgr.preloader.tick()
+        await mgr.core.preloader.tick()
         await settle(mgr)
-        return mgr.registry.entries["starter"].status, loop.time(), mgr.preloader.preloads
+        return mgr.core.registry.entries["starter"].status, loop.time(), mgr.core.preloads.preloads
     status, at_s, preloads = run({"starter": (4, 3.0), "other": (8, 6.0)}, 16, script,
                                  hold="off")
     assert status is ModelStatus.LOADED and preloads == 1
@@ -172,10 +172,10 @@ def test_a_session_starter_is_never_preloaded_by_evicting():
         await teach_daily(mgr, loop)
         await use(mgr, loop, "pinned", 0.0)
         lease = await mgr.acquire("serving")
-        await mgr.preloader.tick()
+        await mgr.core.preloader.tick()
         await settle(mgr)
         lease.release()
-        return mgr.registry.loaded(), mgr.preloader.preloads
+        return mgr.core.registry.loaded(), mgr.core.preloads.preloads
     loaded, preloads = run({"starter": (4, 3.0), "serving": (4, 3.0), "pinned": (4, 3.0),
                             "idle": (4, 3.0)}, 12, script, hold="off", pinned=("pinned",))
     assert loaded == ["idle", "pinned", "serving"] and preloads == 0

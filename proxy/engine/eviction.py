@@ -10,18 +10,14 @@ import asyncio
 import logging
 from typing import Callable
 
-from ..upstream.base import ModelBackend
-from .accounting import Accounting
-from .clock import Clock
+from ..errors import ModelUnavailable
+from .context import EngineContext
 from .lifecycle import ModelEntry, ModelStatus
-from .listeners import Listeners
 from .memory import MemoryPressure
-from .monitor import MemoryMonitor
-from .learning import UsageLearner
+from .preload import PreloadTally
 from .policy import (NOT_OURS, PREDICTION_HORIZON_S, SET_POLICIES, Candidate, blocker,
                      cheapest_cover, client_blocker, decayed_heat, expected_cost_s,
                      expected_hold_s, in_residency, select_victims)
-from .registry import Registry
 
 log = logging.getLogger("proxy.engine")
 S = ModelStatus
@@ -33,23 +29,19 @@ PRELOAD_EVICT_MARGIN = 0.25   # a preload evicts only what costs under a quarter
 
 
 class Evictor:
-    def __init__(self, registry: Registry, monitor: MemoryMonitor, backend: ModelBackend,
-                 accounting: Accounting, listeners: Listeners, clock: Clock,
-                 set_status: Callable[[ModelEntry, ModelStatus], None],
-                 on_room: Callable[[], None], learner: UsageLearner) -> None:
-        self.learner = learner
-        self.registry = registry
-        self.monitor = monitor
-        self.backend = backend
-        self.accounting = accounting
-        self.listeners = listeners
-        self.clock = clock
-        self._set_status = set_status
-        self._on_room = on_room
+    def __init__(self, ctx: EngineContext, preloads: PreloadTally) -> None:
+        self.ctx = ctx
+        self.learner = ctx.learner
+        self.registry = ctx.registry
+        self.monitor = ctx.monitor
+        self.backend = ctx.backend
+        self.accounting = ctx.accounting
+        self.listeners = ctx.listeners
+        self.clock = ctx.clock
+        self.preloads = preloads
         # One mutation of memory at a time: evictions for a load, for pressure, by hand.
         self.lock = asyncio.Lock()
         self._evicted_at: dict[str, float] = {}
-        self.on_unused_preload: Callable[[ModelEntry], None] = lambda e: None
         self._last_thrash_s: float | None = None
 
     # -- the anti-thrash hold ----------------------------------------------------------------
@@ -182,23 +174,23 @@ class Evictor:
         local = self.monitor.sampler.local
         # Only a footprint we observed is worth waiting for; an estimate may never come back.
         before = await self.monitor.sample() if local and learned else None
-        if e.status is not S.LOADED or e.busy:
-            return False     # a request took it while we sampled
-        self.listeners.emit("on_evict", e.key, reason, for_model)
+        if e.busy or e.status is not S.LOADED:
+            return False     # a request took it, or someone else unloaded it, while we sampled
         instance_ids = e.instance_ids
-        self._set_status(e, S.UNLOADING)
+        self.listeners.emit("on_evict", e.key, reason, for_model)   # told before the state
+        self.ctx.swap(e, S.LOADED, S.UNLOADING)
         try:
             for instance_id in instance_ids or (e.key,):
                 await self.backend.unload(instance_id)
         except BaseException:
-            self._set_status(e, S.LOADED)
+            self.ctx.swap(e, S.UNLOADING, S.LOADED)
             raise
         self.monitor.changes += 1
         e.evictions[reason] += 1
         self._evicted_at[e.key] = self.clock.now()
         if e.preloaded:
-            self.on_unused_preload(e)
-        self._set_status(e, S.UNLOADED)
+            self.preloads.unloaded_unused(e)
+        self.ctx.swap(e, S.UNLOADING, S.UNLOADED)
         self.accounting.forget_owned(instance_ids)
         log.info("unloaded %s (%s%s)", e.key, reason, f" for {for_model}" if for_model else "")
         if before is not None and learned:
@@ -206,9 +198,31 @@ class Evictor:
         else:
             await self.monitor.sample()   # the memory figures show the unload at once
         await self.accounting.commit_ownership()
-        self._on_room()
+        self.ctx.wake()                   # the memory is back: a waiting load may fit now
         self.listeners.emit("on_unload", e.key, reason)
         return True
+
+    async def unload_drained(self, e: ModelEntry, reason: str, timeout_s: float) -> bool:
+        """Unload e once in-flight requests finish (never cut a generation); ModelUnavailable
+        if it is still busy after timeout_s. False if it was not loaded by then."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                while e.status in (S.LOADING, S.UNLOADING) or e.busy:
+                    if e.leases or e.holds:
+                        await e.drained.wait()
+                    elif e.reserved:
+                        await asyncio.sleep(0)   # its waiters take their leases first
+                    elif e.load_task is not None and not e.load_task.done():
+                        await asyncio.wait([e.load_task])
+                    else:
+                        await e.settled.wait()
+        except TimeoutError:
+            raise ModelUnavailable(f"'{e.key}' is still busy after {timeout_s:g}s ({e.leases} "
+                                   f"request(s), {e.holds} probe(s) or reads); not unloaded",
+                                   retry_after_s=timeout_s) from None
+        async with self.lock:
+            await self.unload(e, reason)
+        return e.status is S.UNLOADED
 
     async def _await_reclaim(self, target_available_bytes: float) -> None:
         """After an unload memory returns to the OS a little later; admit nothing before."""

@@ -17,15 +17,15 @@ inside its residency or not the proxy's.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any
 
-from .clock import Clock
-from .learning import UsageLearner
+from .context import EngineContext
 from .lifecycle import ModelEntry, ModelStatus
-from .listeners import Listeners
-from .monitor import MemoryMonitor
 from .policy import PREDICTION_HORIZON_S
 from .registry import Registry
+
+if TYPE_CHECKING:
+    from .scheduler import Scheduler
 
 log = logging.getLogger("proxy.engine")
 S = ModelStatus
@@ -34,19 +34,36 @@ BURST_GAP_S = 1.0          # requests closer than this to the previous one prelo
 HOUR_LEAD_S = 300.0        # what usually starts in an hour is preloaded this long before it
 
 
-class Preloader:
-    def __init__(self, registry: Registry, learner: UsageLearner, monitor: MemoryMonitor,
-                 clock: Clock, listeners: Listeners,
-                 queue: Callable[[ModelEntry, float, bool], bool], busy: Callable[[], bool]) -> None:
+class PreloadTally:
+    """What preloading achieved: counted by the scheduler (a preload started), the core (a
+    preloaded model used) and the evictor (unloaded unused)."""
+
+    def __init__(self, registry: Registry) -> None:
         self.registry = registry
-        self.learner = learner
-        self.monitor = monitor
-        self.clock = clock
-        self.listeners = listeners
-        self._queue = queue          # scheduler.preload
-        self._busy = busy            # a request waits for a load
         self.queued = self.preloads = self.useful = self.wasted = 0
         self.wasted_bytes = 0.0
+
+    def started(self, e: ModelEntry) -> None:
+        self.preloads += 1
+
+    def used(self, e: ModelEntry) -> None:
+        e.preloaded = False
+        self.useful += 1
+
+    def unloaded_unused(self, e: ModelEntry) -> None:
+        e.preloaded = False
+        self.wasted += 1
+        self.wasted_bytes += self.registry.footprint_bytes(e)
+
+
+class Preloader:
+    def __init__(self, ctx: EngineContext, tally: PreloadTally, scheduler: "Scheduler") -> None:
+        self.registry = ctx.registry
+        self.learner = ctx.learner
+        self.clock = ctx.clock
+        self.listeners = ctx.listeners
+        self.tally = tally
+        self.scheduler = scheduler
 
     @property
     def config(self) -> Any:
@@ -62,7 +79,7 @@ class Preloader:
         if pattern.last_gap_s is not None and pattern.last_gap_s < BURST_GAP_S:
             return                       # a burst: its first request already looked
         threshold = self.config.min_probability * pattern.requests
-        if max(pattern.followers.values()) < threshold or self._busy():
+        if max(pattern.followers.values()) < threshold or self.scheduler.requests_waiting:
             return                       # nobody follows it often enough: the common case
         for follower, probability in self.learner.likely_next(
                 key, self.config.min_probability)[:MAX_FOLLOWERS_PRELOADED]:
@@ -72,7 +89,7 @@ class Preloader:
         """Preload what is due: by its weekly rhythm; into free memory only, what usually
         starts in the coming hour of the day (a session's first request, which no sequence
         predicts) and what its own gaps say is likely asked for within a minute."""
-        if not self.config.enabled or self._busy():
+        if not self.config.enabled or self.scheduler.requests_waiting:
             return
         wall, now = self.clock.wall(), self.clock.now()
         rate = self.config.rhythm_min_rate
@@ -93,25 +110,14 @@ class Preloader:
         e = self.registry.entries.get(key)
         if e is None or e.status is not S.UNLOADED:
             return
-        if self._queue(e, probability * self.registry.reload_s(e), may_evict):
-            self.queued += 1
+        if self.scheduler.preload(e, probability * self.registry.reload_s(e),
+                                  may_evict=may_evict):
+            self.tally.queued += 1
             log.debug("preload of %s queued (%s)", key, why)
             self.listeners.emit("on_preload", key, why)
 
-    def started(self, e: ModelEntry) -> None:
-        self.preloads += 1
-
-    # -- outcomes ----------------------------------------------------------------------------
-    def used(self, e: ModelEntry) -> None:
-        e.preloaded = False
-        self.useful += 1
-
-    def unloaded_unused(self, e: ModelEntry) -> None:
-        e.preloaded = False
-        self.wasted += 1
-        self.wasted_bytes += self.registry.footprint_bytes(e)
-
     def summary(self) -> dict[str, Any]:
-        return {"enabled": self.config.enabled, "queued": self.queued, "preloads": self.preloads,
-                "useful": self.useful, "wasted": self.wasted,
-                "wasted_gb": round(self.wasted_bytes / 1e9, 2)}
+        t = self.tally
+        return {"enabled": self.config.enabled, "queued": t.queued, "preloads": t.preloads,
+                "useful": t.useful, "wasted": t.wasted,
+                "wasted_gb": round(t.wasted_bytes / 1e9, 2)}

@@ -27,15 +27,13 @@ from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
 from ..errors import ModelLoadFailed, ProxyError, UpstreamTimeout
-from .clock import Clock
+from .context import EngineContext
 from .eviction import Evictor
 from .lifecycle import ModelEntry, ModelStatus
-from .listeners import Listeners
 from .loader import Loader
 from .memory import MemoryPressure, MemorySample
-from .monitor import MemoryMonitor
+from .preload import PreloadTally
 from .refusals import WILL_GO, Holder, Refusals
-from .registry import Registry
 
 log = logging.getLogger("proxy.engine")
 S = ModelStatus
@@ -62,25 +60,22 @@ class Pending:
 
 
 class Scheduler:
-    def __init__(self, registry: Registry, monitor: MemoryMonitor, evictor: Evictor,
-                 loader: Loader, listeners: Listeners, clock: Clock,
-                 set_status: Callable[[ModelEntry, ModelStatus], None]) -> None:
-        self.registry = registry
-        self.monitor = monitor
+    def __init__(self, ctx: EngineContext, evictor: Evictor, loader: Loader,
+                 preloads: PreloadTally, *,
+                 after_load: Callable[[], Awaitable[None]] | None = None) -> None:
+        self.ctx = ctx
+        self.registry = ctx.registry
+        self.monitor = ctx.monitor
+        self.listeners = ctx.listeners
+        self.clock = ctx.clock
         self.evictor = evictor
         self.loader = loader
-        self.listeners = listeners
-        self.clock = clock
-        self._set_status = set_status
+        self.preloads = preloads
         self.pending: dict[str, Pending] = {}
-        self.refusals = Refusals(registry, monitor, evictor, clock)
-        self._wake = asyncio.Event()
-        self._idle = asyncio.Event()    # set while the admitting task has nothing to do
-        self._idle.set()
+        self.refusals = Refusals(ctx.registry, ctx.monitor, evictor, ctx.clock)
         self._task: asyncio.Task | None = None
-        self.on_preload_started: Callable[[ModelEntry], None] = lambda e: None
         # After each load attempt of its own (the core reconciles a self-evicting server).
-        self.after_load: Callable[[], Awaitable[None]] = _nothing
+        self.after_load = after_load or _nothing
 
     @property
     def config(self):  # noqa: ANN201
@@ -98,13 +93,12 @@ class Scheduler:
 
     def kick(self) -> None:
         """Something changed that may let a waiting load proceed."""
-        self._wake.set()
-        if self.pending:
-            self._idle.clear()
+        self.ctx.wake()
 
     async def settled(self) -> None:
         """Wait until every pending load has been looked at since the last change."""
-        await self._idle.wait()
+        if self.pending:
+            await self.ctx.looked.wait()
 
     # -- the request side --------------------------------------------------------------------
     async def ensure_loaded(self, e: ModelEntry, deadline_s: float) -> None:
@@ -241,21 +235,22 @@ class Scheduler:
         try:
             await self._admit_while_pending()
         finally:
-            self._idle.set()
+            self.ctx.looked.set()
 
     async def _admit_while_pending(self) -> None:
+        woken = self.ctx.woken
         while self.pending:
-            self._wake.clear()
+            woken.clear()
             try:
                 recheck_s = await self._pass()
             except Exception:   # a bug here must not strand every waiting request
                 log.exception("admission pass failed; retrying")
                 recheck_s = 1.0
-            if self._wake.is_set():
+            if woken.is_set():
                 continue
-            self._idle.set()
+            self.ctx.looked.set()
             try:
-                await asyncio.wait_for(self._wake.wait(), recheck_s)
+                await asyncio.wait_for(woken.wait(), recheck_s)
             except TimeoutError:
                 pass
 
@@ -342,28 +337,28 @@ class Scheduler:
                     return True, None
                 return False, will_go - short
             await self.evictor.evict(victims, "admission", e.key)
-            if e.status is S.LOADED:        # someone else loaded it meanwhile
-                self._finish(p, None)
-                return True, None
             sample = await self.monitor.sample()
             if need > self.monitor.headroom(sample):
                 return False, None          # memory is not back yet; the next pass looks again
-        self._admit(p, sample)
-        return True, None
+        # The state seen before the awaits above must still hold: a model loaded or being
+        # unloaded by someone else meanwhile is for the next pass to look at.
+        return self._admit(p, sample), None
 
-    def _admit(self, p: Pending, sample: MemorySample) -> None:
+    def _admit(self, p: Pending, sample: MemorySample) -> bool:
         e = p.entry
+        if not self.ctx.swap(e, (S.UNLOADED, S.ERROR), S.LOADING):
+            return False
         self.evictor.note_load(e.key)
-        self._set_status(e, S.LOADING)
         p.admitted = True
         e.loading_since_s = self.clock.now()
         self.listeners.emit("on_queue_wait", e.key, e.loading_since_s - p.since_s)
         if p.speculative:
-            self.on_preload_started(e)
+            self.preloads.started(e)
         if p.go is not None:
             p.go.set_result(True)             # its requester loads it
-            return
+            return True
         e.load_task = asyncio.create_task(self._load(p, sample), name=f"load:{e.key}")
+        return True
 
     async def _load(self, p: Pending, sample: MemorySample) -> None:
         try:

@@ -16,7 +16,7 @@ from typing import Any
 from aiohttp import web
 
 from ..auth import check_model
-from ..engine.manager import ModelMemoryManager
+from ..engine.face import Engine
 from ..engine.recommend import task_model_type
 from ..errors import InvalidRequest, ModelNotFound, ModelTooLarge
 from ..keys import ENGINE, ROUTED_TO, TASK
@@ -88,7 +88,7 @@ def model_type_of(path: str) -> str:
     return "embedding" if path in EMBEDDING_PATHS else "llm"
 
 
-def choose(engine: ModelMemoryManager, request: web.Request, payload: dict[str, Any],
+def choose(engine: Engine, request: web.Request, payload: dict[str, Any],
            task: str | None) -> str:
     kind = model_type_of(request.path)
     context: dict[str, Any] = {"task_type": task or ("embedding" if kind == "embedding"
@@ -104,7 +104,7 @@ def choose(engine: ModelMemoryManager, request: web.Request, payload: dict[str, 
         value = _unit(request, payload, name)
         if value is not None:
             context[name] = value
-    result = engine.get_model_recommendations(context)
+    result = engine.recommend(context)
     if result["recommended_models"]:
         return result["recommended_models"][0]
     if result["not_loadable"]:

@@ -20,8 +20,6 @@ from yarl import URL
 
 from ..config import redact_url
 from ..auth import CLIENT_KEY
-from ..engine.core import EngineCore
-from ..engine.lifecycle import ModelStatus
 from ..errors import UpstreamUnreachable
 from ..keys import AUTH, CONFIG, ENGINE
 from . import GREETING, NAMESPACES
@@ -145,20 +143,13 @@ async def _refuse(client: web.WebSocketResponse, refusal: Refusal, structured: b
 async def _serve(app: web.Application, ns: str, client: web.WebSocketResponse,
                  upstream: aiohttp.ClientWebSocketResponse, admitted: Admitted) -> None:
     engine = app[ENGINE]
-    guard = Guard(admitted, ns, app[LOAD_BOOK], lambda name: _resolve(engine, name))
+    guard = Guard(admitted, ns, app[LOAD_BOOK], engine.owner_of)
     engine.client_connection(admitted.owner, +1)
     try:
         await _relay(client, upstream, Mediator(
             engine, ns, _sender(upstream), _sender(client), admitted.owner, guard))
     finally:
         engine.client_connection(admitted.owner, -1)
-
-
-def _resolve(engine: EngineCore, name: str) -> tuple[str | None, str | None]:
-    """A model name or instance identifier → (its model key, its owner) as the engine knows."""
-    key = engine.registry.key_of(name)
-    e = engine.registry.entries.get(key) if key is not None else None
-    return key, (e.owner if e is not None and e.status is ModelStatus.LOADED else None)
 
 
 def _sender(ws: web.WebSocketResponse | aiohttp.ClientWebSocketResponse) -> Send:
