@@ -3,17 +3,20 @@
 #   -e PROXY_API_KEY=sk-... -e PROXY_ADMIN_TOKEN=... lmstudio-proxy
 # The configuration is /config/proxy.yaml (deploy/container.yaml unless you mount your own);
 # no PROXY_* variable is set here, so nothing overrides the file you mount.
-FROM python:3.11-slim
+# BASE: any Debian-like image with Python 3.11+ and pip as `python` and `pip` (the tests build
+# on one made by debootstrap, offline from Docker Hub).
+ARG BASE=python:3.11-slim
+FROM ${BASE}
 
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY proxy ./proxy
-RUN pip install '.[fast]' && useradd --create-home --uid 10001 proxy \
-    && mkdir -p /config /data && chown proxy /data
+RUN pip install '.[fast]' && useradd --create-home --uid 10001 lmproxy \
+    && mkdir -p /config /data && chown lmproxy /data
 COPY deploy/container.yaml /config/proxy.yaml
 
-USER proxy
+USER lmproxy
 VOLUME /data
 EXPOSE 8080
 # Follows server.port of the mounted file (and PROXY_PORT, if you set one).

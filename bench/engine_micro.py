@@ -2,10 +2,10 @@
 
     python -m bench.engine_micro [--models 1000] [--requests 20000] [--rounds 7]
 
-Runs the real ModelMemoryManager with every model loaded (the hot path), with the proxy's
-Prometheus listener attached and persistence batching on (as the proxy runs it), then also with
-the event hub behind /proxy/events and the dashboard listening, and reports the median over
-rounds of microseconds per request.
+Runs the real engine (EngineCore, as the proxy holds it) with every model loaded (the hot path),
+with the proxy's Prometheus listener attached and persistence batching on (as the proxy runs
+it), then also with the event hub behind /proxy/events and the dashboard listening, and
+reports the median over rounds of microseconds per request.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from proxy.config import load_config
-from proxy.engine.manager import ModelMemoryManager
+from proxy.engine.core import EngineCore
 from proxy.engine.usage import RequestRecord
 from proxy.events import EventHub
 from proxy.metrics import ProxyMetrics
@@ -61,8 +61,8 @@ async def run(models: int, requests: int, rounds: int, store_dir: Path) -> dict[
     for label, with_listeners, with_events in (
             ("acquire+release", False, False), ("acquire+release+record", True, False),
             ("acquire+release+record, event hub listening", True, True)):
-        mgr = ModelMemoryManager(config=config, upstream=LoadedBackend(keys),
-                                 store=UsageStore(store_dir / f"{label}.sqlite3"))
+        mgr = EngineCore(config, LoadedBackend(keys),
+                         store=UsageStore(store_dir / f"{label}.sqlite3"))
         await mgr.start()
         if with_listeners:
             ProxyMetrics(mgr)

@@ -4,18 +4,22 @@
     python -m bench.eviction --k 16 --seed 1 --budget-gb 30 --policy lru,cost-aware
     python -m bench.eviction --requests r.csv --catalog c.csv --budget-gb 24,48
 
-Every online policy runs the real ModelMemoryManager (admission, single-flight loads, drain
+Every online policy runs the real engine (admission, single-flight loads, drain
 before unload, policy) against a simulated LM Studio whose loads take the catalogue's load time
 and block the requests behind them. Baselines are configurations of the same engine:
 `lru` (evict least recently used until the model fits), `lru-count` (LRU under a model-count
 limit, as Ollama and llama.cpp's router do), `lmstudio-default` (one JIT model at a time, 60 min
-TTL). References with future knowledge: `offline-belady` (feasible; an upper bound on the
-optimum), `offline-optimal` (the exact optimum of the instant-load model, where every request
-is served the moment it arrives: an integer program over the intervals between a model's
-requests, scipy's HiGHS MILP; skipped with a note where an instance is too large) and
-`offline-bound` (its LP relaxation). The real engine may delay requests while a load runs and
-serve them together, which the instant-load model forbids: an online policy can spend fewer
-load seconds than `offline-optimal`, paying in delay.
+TTL). References with future knowledge: `offline-belady` (the engine with Belady's rule for
+victims and no hold: the delay reference), `offline-optimal` (the exact optimum of the
+instant-load model, where every request is served the moment it arrives: an integer program
+over the intervals between a model's requests, scipy's HiGHS MILP; skipped with a note where an
+instance is too large) and `offline-bound` (its LP relaxation; its delay column is the delay
+every schedule without preloading pays for the first requests). `--prediction oracle` preloads
+exactly the next request's model in time, through the engine's own admission and eviction
+rule: the ceiling of preloading. The real engine may delay requests while a load runs and serve
+them together, which the instant-load model forbids: an online policy can spend fewer load
+seconds than `offline-optimal`, paying in delay. Every table gives load seconds, the total
+delay (arrival until the model is ready) and its 99th percentile.
 """
 from __future__ import annotations
 
@@ -40,7 +44,10 @@ from .simulate import RunResult, Variant, run_variant
 from . import pipeline
 from .workload import Workload, from_azure_functions, from_files
 
-TRACES = Path(__file__).resolve().parent.parent.parent / "shared" / "traces"
+# The traces live beside the checkout (`../shared/traces`), found from any worktree depth.
+TRACES = next((d / "shared" / "traces" for d in Path(__file__).resolve().parents
+               if (d / "shared" / "traces").is_dir()),
+              Path(__file__).resolve().parent.parent.parent / "shared" / "traces")
 DEFAULT_TRACE = TRACES / "azure_functions_2019_invitro_sample" / "100_inv.csv"
 ALL_POLICIES = ("lru", "lru-count", "lmstudio-default", "priority", "cost-aware", "predictive",
                 "offline-belady", "offline-optimal", "offline-bound")
@@ -48,6 +55,7 @@ PROJECT_DEFAULT = EvictionConfig().policy
 
 
 HOLD_POLICIES = ("priority", "cost-aware", "predictive")   # the proxy's own: --hold applies
+PREDICTING = HOLD_POLICIES + ("offline-belady",)             # --prediction applies
 
 
 def variant(name: str, workload: Workload, budget_gb: float,
@@ -95,17 +103,15 @@ def _run_job(job: tuple) -> dict:
     started = time.perf_counter()
     note = None
     if policy == "offline-bound":
-        r = RunResult(policy, None, lp_lower_bound(w, budget_gb), None, None, None, None)
+        r = RunResult(policy, None, lp_lower_bound(w, budget_gb), None, None, None, None,
+                      delay_total_s=compulsory_delay_s(w))
     elif policy == "offline-optimal":
         value, note = exact_optimum(w, budget_gb)
         r = RunResult(policy, None, value, None, None, None, None)   # type: ignore[arg-type]
     elif policy == "offline-belady":
-        # Two feasible schedules with future knowledge, with and without anti-thrash
-        # residency; the better one is the tighter upper bound on the optimum.
-        extra = {"offline-belady": belady_value(w)}
-        hold = EvictionConfig().hold
-        r = min((run_variant(w, budget_gb, Variant(policy, policy, hold=res), extra)
-                 for res in (0.0, hold)), key=lambda x: x.load_seconds)
+        # Future knowledge in the choice of victims, no hold: the delay reference.
+        r = run_variant(w, budget_gb, Variant(policy, policy, hold="off", prediction=prediction),
+                        {"offline-belady": belady_value(w)})
     else:
         r = run_variant(w, budget_gb, dataclasses.replace(variant(policy, w, budget_gb, hold),
                                                           prediction=prediction))
@@ -120,6 +126,15 @@ def _run_job(job: tuple) -> dict:
                default=policy == PROJECT_DEFAULT, requests=len(w.requests),
                wall_s=round(time.perf_counter() - started, 2))
     return out
+
+
+def compulsory_delay_s(w: Workload) -> float:
+    """A lower bound on the total delay of any schedule that does not preload: the first
+    request of each model inside the evaluated span waits at least its whole load."""
+    first: dict[str, float] = {}
+    for req in w.requests:
+        first.setdefault(req.model, req.t_s)
+    return round(sum(w.models[k].load_s for k, t in first.items() if t >= w.evaluate_from_s), 1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,9 +157,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workload", choices=("azure", "pipeline"), default="azure",
                    help="azure: the trace (default); pipeline: agent pipelines (bench/pipeline.py)")
     p.add_argument("--prediction", default="off",
-                   help="off, on or off,on: run the proxy's policies without/with preloading")
+                   help="off, on, oracle (comma-separated): the proxy's policies and "
+                   "offline-belady without preloading, with the engine's preloader, or with "
+                   "preloads of exactly the next requests (the ceiling of preloading)")
     p.add_argument("--hold", help="eviction.hold settings to run the proxy's policies with, "
-                   "comma-separated (seconds, adaptive, off); default: the configured one")
+                   "comma-separated (seconds, adaptive, expected, off); default: the "
+                   "configured one")
     p.add_argument("--json", help="write the runs to this file")
     p.add_argument("--render", metavar="JSON", help="print the tables of runs saved with --json")
     args = p.parse_args(argv)
@@ -172,10 +190,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.requests and not args.budget_gb:
         p.error("--requests needs --budget-gb")
     holds = [_hold(h) for h in args.hold.split(",")] if args.hold else [None]
-    predictions = [x == "on" for x in args.prediction.split(",")]
+    predictions = [x for x in args.prediction.split(",") if x]
+    if set(predictions) - {"off", "on", "oracle"}:
+        p.error(f"--prediction: off, on or oracle, not {args.prediction!r}")
     jobs = [(spec, mult, gb, pol, hold, pred) for spec in specs for mult, gb in budgets
             for pol in policies for hold in (holds if pol in HOLD_POLICIES else [None])
-            for pred in (predictions if pol in HOLD_POLICIES else [False])]
+            for pred in (predictions if pol in PREDICTING else ["off"])]
     started = time.perf_counter()
     if args.jobs > 1:
         with multiprocessing.get_context("fork").Pool(args.jobs) as pool:
@@ -192,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _hold(text: str) -> float | str:
-    return text if text in ("adaptive", "off") else float(text)
+    return text if text in ("adaptive", "expected", "off") else float(text)
 
 
 def _label(r: dict) -> str:
@@ -200,7 +220,10 @@ def _label(r: dict) -> str:
     label = r["policy"]
     if hold is not None and hold != EvictionConfig().hold:
         label += f" hold={hold:g}" if isinstance(hold, (int, float)) else f" hold={hold}"
-    return label + ("+prediction" if r.get("prediction") else "")
+    mode = r.get("prediction")
+    if mode is True or mode == "on":       # (runs saved before the oracle stored a bool)
+        return label + "+prediction"
+    return label + ("+oracle" if mode == "oracle" else "")
 
 
 def _geomean(xs: list[float]) -> float | None:
@@ -212,9 +235,31 @@ def _fmt(x: float | None, spec: str = ".3f") -> str:
     return "-" if x is None else format(x, spec)
 
 
+def _ratios(rows: dict, lab: str, ref: str, field: str) -> list[float]:
+    """Per row where both ran: lab's field over ref's."""
+    out = []
+    for by in rows.values():
+        if lab in by and ref in by:
+            mine, theirs = by[lab].get(field), by[ref].get(field)
+            if mine is not None and theirs:
+                out.append(mine / theirs)
+    return out
+
+
+def _above(rows: dict, lab: str, field: str, tolerance: float) -> int:
+    """Rows where lab's field exceeds LRU's by more than tolerance (relative)."""
+    n = 0
+    for by in rows.values():
+        if lab in by and "lru" in by:
+            mine, lru = by[lab].get(field), by["lru"].get(field)
+            if mine is not None and lru is not None and mine > lru * (1 + tolerance) + 1e-9:
+                n += 1
+    return n
+
+
 def render(runs: list[dict], policies: list[str]) -> str:
-    """Per row: every policy's load seconds, the p99 delay of LRU and the default; per policy:
-    totals and ratios to LRU and to the exact optimum (geometric means over rows)."""
+    """Per row: every policy's load seconds, total delay and p99 delay; per policy: totals,
+    ratios to LRU and to the references (geometric means over rows), rows worse than LRU."""
     rows: dict[tuple, dict[str, dict]] = {}
     for r in runs:
         label = _label(r)
@@ -222,48 +267,60 @@ def render(runs: list[dict], policies: list[str]) -> str:
     labels = list(dict.fromkeys(lab for by in rows.values() for lab in by
                                 if lab.split("+")[0].split(" ")[0] in policies))
     labels.sort(key=lambda lab: (policies.index(lab.split("+")[0].split(" ")[0]), lab))
-    head = ["workload", "budget GB", "requests"] + [f"{lab} load s" for lab in labels]
-    delay_cols = [p for p in ("lru", PROJECT_DEFAULT) if p in labels]
-    head += [f"{p} p99 delay s" for p in delay_cols]
+    head = ["workload", "budget GB", "requests"] + [f"{lab}: load s / delay s / p99 s"
+                                                    for lab in labels]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for (name, budget), by in rows.items():
         any_run = next(iter(by.values()))
         cells = [name, f"{budget:g}", str(any_run["requests"])]
-        cells += [_fmt(by[lab]["load_seconds"], ".0f") if lab in by else "-" for lab in labels]
-        cells += [_fmt(by[p]["delay_p99_s"], ".0f") if p in by else "-" for p in delay_cols]
+        for lab in labels:
+            r = by.get(lab)
+            cells.append("-" if r is None else " / ".join(
+                (_fmt(r.get("load_seconds"), ".0f"), _fmt(r.get("delay_total_s"), ".0f"),
+                 _fmt(r.get("delay_p99_s"), ".0f"))))
         lines.append("| " + " | ".join(cells) + " |")
-    summary = ["", "| policy | load s | / lru (geo. mean of rows) | worst row / lru "
-               "| / optimal (geo. mean) | delayed requests | delay s in all "
+    ref = "offline-belady" if any(
+        "offline-belady" in by for by in rows.values()) else None
+    summary = ["", "| policy | load s | load / lru (geo. mean of rows) | worst row load / lru "
+               "| load / optimal (geo. mean) | delay s in all | delay / lru (geo. mean) "
+               "| worst row delay / lru | delay / belady (geo. mean) "
+               "| rows: load > lru, p99 > lru | delayed requests "
                "| median of delay p99 s | worst delay p99 s "
                "| failed requests | runs over budget | preloads (wasted, GB wasted) |",
-               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+               "|" + "---|" * 16]
     for lab in labels:
-        mine = [(k, by[lab]) for k, by in rows.items() if lab in by]
-        loads = [r["load_seconds"] for _, r in mine if r["load_seconds"] is not None]
-        to_lru = [r["load_seconds"] / rows[k]["lru"]["load_seconds"] for k, r in mine
-                  if "lru" in rows[k] and r["load_seconds"] and rows[k]["lru"]["load_seconds"]]
-        to_opt = [r["load_seconds"] / rows[k]["offline-optimal"]["load_seconds"]
-                  for k, r in mine if "offline-optimal" in rows[k] and r["load_seconds"]
-                  and rows[k]["offline-optimal"]["load_seconds"]]
-        p99 = [r["delay_p99_s"] for _, r in mine if r.get("delay_p99_s") is not None]
-        pre = sum(r.get("preloads") or 0 for _, r in mine)
-        wasted = sum(r.get("wasted_preloads") or 0 for _, r in mine)
-        wasted_gb = sum(r.get("wasted_preload_gb") or 0 for _, r in mine)
+        mine = [by[lab] for by in rows.values() if lab in by]
+        loads = [r["load_seconds"] for r in mine if r["load_seconds"] is not None]
+        to_lru = _ratios(rows, lab, "lru", "load_seconds")
+        to_opt = _ratios(rows, lab, "offline-optimal", "load_seconds")
+        d_lru = _ratios(rows, lab, "lru", "delay_total_s")
+        d_ref = _ratios(rows, lab, ref, "delay_total_s") if ref else []
+        delays = [r["delay_total_s"] for r in mine if r.get("delay_total_s") is not None]
+        p99 = [r["delay_p99_s"] for r in mine if r.get("delay_p99_s") is not None]
+        pre = sum(r.get("preloads") or 0 for r in mine)
+        wasted = sum(r.get("wasted_preloads") or 0 for r in mine)
+        wasted_gb = sum(r.get("wasted_preload_gb") or 0 for r in mine)
         summary.append(
             f"| {lab}{' (default)' if lab == PROJECT_DEFAULT else ''} | {sum(loads):.0f} | "
             f"{_fmt(_geomean(to_lru))} | {_fmt(max(to_lru) if to_lru else None)} | "
             f"{_fmt(_geomean(to_opt))} | "
-            f"{sum(r.get('delayed_requests') or 0 for _, r in mine)} | "
-            f"{sum(r.get('delay_total_s') or 0 for _, r in mine):.0f} | "
+            f"{_fmt(sum(delays) if delays else None, '.0f')} | {_fmt(_geomean(d_lru))} | "
+            f"{_fmt(max(d_lru) if d_lru else None)} | {_fmt(_geomean(d_ref))} | "
+            f"{_above(rows, lab, 'load_seconds', 0.0)}, {_above(rows, lab, 'delay_p99_s', 0.0)}"
+            f" | {sum(r.get('delayed_requests') or 0 for r in mine)} | "
             f"{_fmt(statistics.median(p99) if p99 else None, '.3g')} | "
             f"{_fmt(max(p99) if p99 else None, '.3g')} | "
-            f"{sum(r.get('failed_requests') or 0 for _, r in mine)} | "
-            f"{sum(1 for _, r in mine if (r.get('peak_resident_gb') or 0) > r['budget_gb'] + 1e-6)}"
+            f"{sum(r.get('failed_requests') or 0 for r in mine)} | "
+            f"{sum(1 for r in mine if (r.get('peak_resident_gb') or 0) > r['budget_gb'] + 1e-6)}"
             f" | {pre} ({wasted}, {wasted_gb:.0f}) |")
     skipped = [f"{k[0]} {k[1]:g} GB: {by['offline-optimal'].get('note')}"
                for k, by in rows.items() if "offline-optimal" in by
                and by["offline-optimal"]["load_seconds"] is None]
     out = "\n".join(lines) + "\n" + "\n".join(summary)
+    if any("offline-bound" in by for by in rows.values()):
+        out += ("\n\noffline-bound's delay is a lower bound for schedules that do not "
+                "preload: the first request of each model in the evaluated span waits its "
+                "whole load.")
     if skipped:
         out += "\n\noffline-optimal not computed for: " + "; ".join(skipped)
     return out

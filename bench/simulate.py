@@ -1,4 +1,4 @@
-"""Replay a workload through the real ModelMemoryManager on virtual time."""
+"""Replay a workload through the real engine (EngineCore) on virtual time."""
 from __future__ import annotations
 
 import asyncio
@@ -10,7 +10,8 @@ from typing import Any, Callable, Mapping
 from proxy.config import Config, load_config
 from proxy.errors import ProxyError
 from proxy.engine import policy as policy_module
-from proxy.engine.manager import ModelMemoryManager
+from proxy.engine.core import EngineCore
+from proxy.engine.lifecycle import ModelStatus
 from proxy.upstream.base import ApiLevel, Capabilities, LoadResult, UpstreamModel
 
 from .vtime import LoopClock, VirtualTimeLoop
@@ -66,7 +67,7 @@ class RunResult:
     failed_requests: int = 0
     peak_resident_gb: float | None = None
     failures_by_code: dict[str, int] | None = None
-    prediction: bool = False
+    prediction: str = "off"             # off | on (the engine's preloader) | oracle
     preloads: int = 0
     useful_preloads: int = 0
     wasted_preloads: int = 0
@@ -82,7 +83,7 @@ class Variant:
     count_limit: int | None = None      # manage a model count instead of bytes
     hold: float | str = 0.0               # eviction.hold
     idle_ttl_s: float | None = None     # an idle timeout (LM Studio's JIT TTL)
-    prediction: bool = False            # preload.enabled
+    prediction: str = "off"             # on: preload.enabled; oracle: see _oracle
     queue_timeout_s: float = 86_400.0   # a replay measures delays, so nothing times out
 
 
@@ -108,7 +109,7 @@ def engine_config(workload: Workload, budget_gb: float, v: Variant) -> Config:
         "eviction": {"policy": v.policy, "hold": v.hold,
                      "queue_timeout_s": v.queue_timeout_s,
                      "model_timeout_hours": (v.idle_ttl_s or 0.0) / 3600.0},
-        "preload": {"enabled": v.prediction},
+        "preload": {"enabled": v.prediction == "on"},
         "models": footprints})
 
 
@@ -129,7 +130,7 @@ async def _replay(loop: VirtualTimeLoop, workload: Workload, budget_gb: float, v
                   ) -> RunResult:
     backend = SimBackend(workload)
     config = engine_config(workload, budget_gb, v)
-    mgr = ModelMemoryManager(config=config, upstream=backend, clock=LoopClock(loop))
+    mgr = EngineCore(config, backend, clock=LoopClock(loop))
     evictions: list[tuple[str, float]] = []
 
     class Listener:
@@ -161,7 +162,9 @@ async def _replay(loop: VirtualTimeLoop, workload: Workload, budget_gb: float, v
                 await asyncio.sleep(30.0)
                 await mgr.unload_idle_models()
         background.append(asyncio.create_task(expire()))
-    if v.prediction:
+    if v.prediction == "oracle":
+        background.append(asyncio.create_task(_oracle(loop, mgr, workload)))
+    if v.prediction == "on":
         async def rhythm() -> None:
             while True:
                 await asyncio.sleep(config.memory.monitoring_interval)
@@ -179,7 +182,7 @@ async def _replay(loop: VirtualTimeLoop, workload: Workload, budget_gb: float, v
     await asyncio.gather(*tasks)
     for task in background:
         task.cancel()
-    pre = mgr.preloader
+    pre = mgr.preloads
     delayed = sorted(d for d in delays if d > 1e-9)
     return RunResult(
         policy=v.name, cold_loads=backend.loads, load_seconds=round(backend.load_seconds, 1),
@@ -190,6 +193,27 @@ async def _replay(loop: VirtualTimeLoop, workload: Workload, budget_gb: float, v
         prediction=v.prediction, preloads=pre.preloads, useful_preloads=pre.useful,
         wasted_preloads=pre.wasted, wasted_preload_gb=round(pre.wasted_bytes / GB, 1),
         delay_total_s=round(sum(delayed), 1))
+
+
+ORACLE_LEAD_S = 1.0   # an oracle preload is due this long before its load must be done
+
+
+async def _oracle(loop: VirtualTimeLoop, mgr: EngineCore, workload: Workload) -> None:
+    """Preloading with perfect knowledge: every request's model, if not resident, is queued as
+    a preload (expected to save its whole reload) its load time plus ORACLE_LEAD_S before the
+    request arrives. Admission and eviction are the engine's own: into free memory, or by the
+    rule that lets a preload evict, and giving way to any load a request waits for. What the
+    engine's predictor could reach at best, with the same rules."""
+    due = sorted((max(0.0, r.t_s - workload.models[r.model].load_s - ORACLE_LEAD_S), r.model)
+                 for r in workload.requests)
+    registry, scheduler = mgr.registry, mgr.scheduler
+    for t_s, key in due:
+        wait = t_s - loop.time()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        e = registry.entries[key]
+        if e.status is ModelStatus.UNLOADED:
+            scheduler.preload(e, registry.reload_s(e))
 
 
 def _r(x: float | None) -> float | None:

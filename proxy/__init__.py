@@ -2,14 +2,12 @@
 
 Library use: `ModelMemoryManager` (the engine), `ModelHealthMonitor` (alerts and health), and
 the integration API: `ModelMemoryMiddleware`, `CognitiveModelIntegrator`,
-`create_model_memory_manager`.
+`create_model_memory_manager` (all from `proxy.library`).
 """
-from .engine.health import ModelHealthMonitor
 from .engine.lifecycle import ModelStatus
-from .engine.manager import ModelMemoryManager, ModelMetrics
 from .engine.memory import MemoryPressure
-from .integration import (CognitiveModelIntegrator, ModelMemoryMiddleware,
-                          create_model_memory_manager)
+from .library import (CognitiveModelIntegrator, ModelHealthMonitor, ModelMemoryManager,
+                      ModelMemoryMiddleware, ModelMetrics, create_model_memory_manager)
 
 __all__ = ["CognitiveModelIntegrator", "MemoryPressure", "ModelHealthMonitor",
            "ModelMemoryManager", "ModelMemoryMiddleware", "ModelMetrics", "ModelStatus",

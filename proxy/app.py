@@ -11,7 +11,8 @@ from aiohttp import web
 from .config import Config, redact_url
 from .engine.clock import Clock
 from .engine.health import ModelHealthMonitor
-from .engine.manager import ModelMemoryManager
+from .engine.core import EngineCore
+from .engine.face import Engine
 from .engine.memory import MemorySampler
 from .errors import ProxyError, RouteNotFound, ShuttingDown
 from .events import EventHub
@@ -106,8 +107,7 @@ def create_app(config: Config, *, upstream: Upstream | None = None, clock: Clock
     store = None
     if config.storage.enabled:
         store = UsageStore(config.storage.path or default_path(), config.storage.retention_days)
-    engine = ModelMemoryManager(config=live, upstream=upstream, clock=clock, sampler=sampler,
-                                store=store)
+    engine = EngineCore(live, upstream, clock=clock, sampler=sampler, store=store)
     app[CONFIG] = live
     app[UPSTREAM] = upstream
     app[ENGINE] = engine
@@ -142,7 +142,7 @@ async def _close_event_streams(app: web.Application) -> None:
     app[EVENTS].close_clients()
 
 
-def _prober(engine: ModelMemoryManager, upstream: Upstream
+def _prober(engine: Engine, upstream: Upstream
             ) -> Callable[[str], Awaitable[None]]:
     """A one-token completion to a loaded model under a HOLD lease: it cannot be evicted
     meanwhile, and the probe is no use of it (recency, heat, idle timer and statistics stay)."""

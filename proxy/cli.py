@@ -1,6 +1,6 @@
 """Command line: `python -m proxy [--config PATH] [--host H] [--port P] [--upstream URL]
-[--demo [--demo-upstream-port P]] [--check]`, `python -m proxy status`, `python -m proxy
-healthcheck`. The only module that reads the environment: every flag also has a
+[--demo [--flavor F] [--demo-upstream-port P]] [--check]`, `python -m proxy status`,
+`python -m proxy healthcheck`. The only module that reads the environment: every flag also has a
 PROXY_* variable (flag > environment > config file > default)."""
 from __future__ import annotations
 
@@ -27,8 +27,12 @@ ENV_FLAGS = {  # environment variable → (argparse dest, config path); PROXY_UR
     "PROXY_UPSTREAM_API_TOKEN": ("upstream_api_token", "upstream.api_token"),
     "PROXY_LOG_LEVEL": ("log_level", "logging.level"),
     "PROXY_DEMO_UPSTREAM_PORT": ("demo_upstream_port", None),
+    "PROXY_DEMO_FLAVOR": ("flavor", None),
 }
 INT_FLAGS = frozenset({"port", "demo_upstream_port"})
+# --demo --flavor F: the emulated server, and the upstream.kind the proxy speaks to it.
+DEMO_FLAVORS = {"lmstudio": "lmstudio", "ollama": "ollama",
+                "openai": "openai"}   # openai: the LM Studio emulator's /v1 surface alone
 DEMO_OVERRIDES = {
     # The emulator's memory is an account, not this host's RAM: manage it as a budget.
     "memory.sampler": "budget", "memory.budget_gb": 16.0, "memory.min_free_memory_gb": 1.0,
@@ -47,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     p.add_argument("--demo", action="store_true",
                    help="start the built-in LM Studio emulator and put the proxy in front of it")
+    p.add_argument("--flavor", choices=tuple(DEMO_FLAVORS),
+                   help="with --demo: the server to emulate (default: lmstudio; "
+                        "PROXY_DEMO_FLAVOR)")
     p.add_argument("--demo-upstream-port", type=int, metavar="P",
                    help="with --demo: the emulator's port (default: any free port; "
                         "PROXY_DEMO_UPSTREAM_PORT)")
@@ -67,6 +74,11 @@ def resolve_config(args: argparse.Namespace, environ: Mapping[str, str]) -> Conf
             setattr(args, dest, value)
     if args.demo_upstream_port is not None and not args.demo:
         raise ConfigError(["--demo-upstream-port: only with --demo"])
+    if args.flavor is not None and not args.demo:
+        raise ConfigError(["--flavor: only with --demo"])
+    if args.flavor is not None and args.flavor not in DEMO_FLAVORS:
+        raise ConfigError([f"PROXY_DEMO_FLAVOR: must be one of {', '.join(DEMO_FLAVORS)} "
+                           f"(got {args.flavor!r})"])
     if args.demo_upstream_port is not None and not 0 <= args.demo_upstream_port <= 65535:
         raise ConfigError([f"--demo-upstream-port: must be 0..65535 "
                            f"(got {args.demo_upstream_port})"])
@@ -76,6 +88,7 @@ def resolve_config(args: argparse.Namespace, environ: Mapping[str, str]) -> Conf
     if args.demo:
         from .store import default_path
         overrides.update(DEMO_OVERRIDES)
+        overrides["upstream.kind"] = DEMO_FLAVORS[args.flavor or "lmstudio"]
         # The demo's statistics are kept, but apart from those of a real LM Studio.
         overrides["storage.path"] = str(default_path().with_name("demo-history.sqlite3"))
     for dest, dotted in ENV_FLAGS.values():
@@ -125,7 +138,7 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
     rc = 0
     with contextlib.suppress(KeyboardInterrupt):
         with asyncio.Runner(loop_factory=loop_factory) as runner:
-            rc = runner.run(_run(config, demo=args.demo,
+            rc = runner.run(_run(config, demo=args.demo, flavor=args.flavor or "lmstudio",
                                  source=lambda: resolve_config(args, env),
                                  demo_upstream_port=args.demo_upstream_port or 0))
     return rc
@@ -221,7 +234,7 @@ def _healthcheck(argv: list[str], environ: Mapping[str, str]) -> int:
     return healthcheck(host, port)
 
 
-async def _run(config: Config, *, demo: bool,
+async def _run(config: Config, *, demo: bool, flavor: str = "lmstudio",
                source: Callable[[], Config] | None = None, demo_upstream_port: int = 0) -> int:
     from .app import create_app
     from .reload import RELOADER
@@ -230,11 +243,8 @@ async def _run(config: Config, *, demo: bool,
     raise_fd_limit()   # every connection is a file descriptor; 1,024 goes quickly
     emulator = None
     if demo:
-        from .emulator import EmulatorOptions, start_emulator
         try:
-            emulator = await start_emulator(load_time_scale=0.25, capacity_bytes=int(24e9),
-                                            port=demo_upstream_port,
-                                            options=EmulatorOptions(tokens_per_s=30.0))
+            emulator = await _start_demo_emulator(flavor, demo_upstream_port)
         except OSError as exc:
             print(f"cannot start the demo's emulator on port {demo_upstream_port}: "
                   f"{exc.strerror or exc}", file=sys.stderr)
@@ -270,7 +280,8 @@ async def _run(config: Config, *, demo: bool,
              redact_url(config.upstream.url),
              type(asyncio.get_running_loop()).__module__.split(".")[0])
     if demo:
-        print(_demo_banner(served.url, emulator.url if emulator else "", config), flush=True)
+        print(_demo_banner(served.url, emulator.url if emulator else "", config, flavor),
+              flush=True)
     try:
         await stop.wait()
     finally:
@@ -290,7 +301,22 @@ def _reload_on_signal(app: Any, reloader: Any) -> None:
         log.exception("reload failed; the running configuration stays")
 
 
-def _demo_banner(url: str, upstream_url: str, config: Config) -> str:
+async def _start_demo_emulator(flavor: str, port: int) -> Any:
+    if flavor == "ollama":
+        from .emulator.ollama import start_ollama_emulator
+        return await start_ollama_emulator(load_time_scale=0.25, vram_bytes=int(24e9),
+                                           port=port)
+    from .emulator import EmulatorOptions, start_emulator
+    return await start_emulator(load_time_scale=0.25, capacity_bytes=int(24e9), port=port,
+                                options=EmulatorOptions(tokens_per_s=30.0))
+
+
+DEMO_SERVER_NAMES = {"lmstudio": "LM Studio emulator", "ollama": "Ollama emulator",
+                     "openai": "OpenAI-compatible server (the LM Studio emulator's /v1)"}
+
+
+def _demo_banner(url: str, upstream_url: str, config: Config, flavor: str = "lmstudio"
+                 ) -> str:
     """Examples that work as printed: the SDK's install line first, and with client keys the
     key read from PROXY_API_KEY (the banner never prints a secret)."""
     keyed = bool(config.auth.keys)
@@ -299,7 +325,7 @@ def _demo_banner(url: str, upstream_url: str, config: Config) -> str:
     key_line = ("  export PROXY_API_KEY=...   # one of the client keys in auth.keys\n\n"
                 if keyed else "")
     return f"""
-Proxy ready on {url}  (LM Studio emulator on {upstream_url})
+Proxy ready on {url}  ({DEMO_SERVER_NAMES[flavor]} on {upstream_url})
 
 Try it:
 {key_line}  curl {url}/v1/chat/completions{header} -H 'Content-Type: application/json' \\

@@ -22,7 +22,7 @@ from .errors import ConfigError
 from .schema import build, deep_copy, rule
 
 SAMPLERS = ("local", "budget")
-UPSTREAM_KINDS = ("lmstudio", "llamacpp")
+UPSTREAM_KINDS = ("lmstudio", "llamacpp", "ollama", "openai")
 UPSTREAM_CLIENTS = ("fast", "aiohttp")
 
 
@@ -87,8 +87,12 @@ class EvictionConfig:
     model_timeout_hours: float = field(default=2.0, metadata=rule(0))
     # Anti-thrash hold: a freshly loaded model is spared this many seconds, but never past the
     # moment the load that wants its memory has waited as long; "adaptive": 60 s, only while
-    # the engine is thrashing (reloading models it evicted within 30 s); "off": no hold.
-    hold: float | str = field(default=60.0, metadata={**rule(0), "words": ("adaptive", "off")})
+    # the engine is thrashing (reloading models it evicted within 30 s); "expected": each model
+    # for its reload seconds × learned chance of reuse within a minute, and only while the
+    # waiting it causes (waiters × seconds waited) is less; "off": no hold.
+    # Off by default: on the eviction benchmark no hold shortened the total wait.
+    hold: float | str = field(default="off", metadata={**rule(0), "words": (
+        "adaptive", "expected", "off")})
     queue_timeout_s: float = field(default=120.0, metadata=rule(0))
     # A load waiting this long gets first claim on memory as it frees: nothing starves.
     fairness_s: float = field(default=30.0, metadata=rule(0))

@@ -15,6 +15,7 @@
     ├── InsufficientMemory          (503 insufficient_memory, Retry-After)
     │   └── ModelTooLarge           (503 model_too_large: can never fit; no Retry-After)
     ├── ModelLoadFailed             (503 model_load_failed)
+    │   └── UpstreamBusy            (503 upstream_busy: the server's own queue is full)
     ├── ModelUnavailable            (409 model_unavailable: pinned, busy, external)
     ├── ShuttingDown                (503 shutting_down: the drain deadline passed)
     └── UpstreamError               (502 upstream_error)
@@ -132,6 +133,12 @@ class ModelLoadFailed(ProxyError):
     type = "server_error"
     code = "model_load_failed"
     out_of_memory = False  # the server refused for lack of memory: evicting may help
+
+
+class UpstreamBusy(ModelLoadFailed):
+    """A load the server turned away because its own request queue is full (Ollama's
+    OLLAMA_MAX_QUEUE): not a lack of memory, and nothing to evict for."""
+    code = "upstream_busy"
 
 
 class ModelUnavailable(ProxyError):

@@ -32,7 +32,7 @@ from .engine.usage import RequestRecord
 
 if TYPE_CHECKING:
     from .engine.health import ModelHealthMonitor
-    from .engine.manager import ModelMemoryManager
+    from .engine.face import Engine
 
 log = logging.getLogger("proxy.events")
 
@@ -107,7 +107,7 @@ def encode(event_id: str, event_type: str, data: Any) -> bytes:
 
 
 class EventHub:
-    def __init__(self, engine: "ModelMemoryManager", health: "ModelHealthMonitor | None" = None,
+    def __init__(self, engine: "Engine", health: "ModelHealthMonitor | None" = None,
                  *, ring_events: int = RING_EVENTS,
                  client_buffer_events: int = CLIENT_BUFFER_EVENTS, tick_s: float = TICK_S) -> None:
         self.engine = engine
@@ -181,7 +181,7 @@ class EventHub:
         e = self.engine.entry(model)
         if e is not None:
             data["footprint_bytes"] = round(self.engine.footprint_bytes(e))
-            data["footprint_source"] = self.engine.registry.footprint_source(e)
+            data["footprint_source"] = self.engine.footprint_source(e)
             if not ok:
                 data["error"] = e.last_error
                 self.errors.append({"t": round(time.time(), 3), "model": model,
@@ -384,7 +384,7 @@ class EventHub:
 
     def snapshot(self) -> dict[str, Any]:
         engine = self.engine
-        stats = engine.get_memory_stats()
+        stats = engine.report()
         models = []
         for key, row in stats["models"].items():
             e = engine.entry(key)

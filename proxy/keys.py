@@ -7,7 +7,7 @@ from .accesslog import AccessLog
 from .compat import Compat
 from .auth import AuthState
 from .engine.health import ModelHealthMonitor
-from .engine.manager import ModelMemoryManager
+from .engine.face import Engine
 from .events import EventHub
 from .liveconfig import LiveConfig
 from .metrics import ProxyMetrics
@@ -15,7 +15,7 @@ from .upstream.base import Upstream
 
 # The running configuration: read `app[CONFIG].current`; a reload swaps it (reload.py).
 CONFIG = web.AppKey("config", LiveConfig)
-ENGINE = web.AppKey("engine", ModelMemoryManager)
+ENGINE = web.AppKey("engine", Engine)
 UPSTREAM = web.AppKey("upstream", Upstream)
 METRICS = web.AppKey("metrics", ProxyMetrics)
 ACCESS_LOG = web.AppKey("access_log", AccessLog)

@@ -21,7 +21,7 @@ from .engine.usage import RequestRecord
 
 if TYPE_CHECKING:
     from .compat import Compat
-    from .engine.manager import ModelMemoryManager
+    from .engine.face import Engine
 
 OTHER = "__other__"
 LATENCY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -43,7 +43,7 @@ class ProxyMetrics:
     at scrape time (prometheus_client's Counter/Histogram lock on every update, which cost more
     than the rest of the engine's per-request work together); rare events use its classes."""
 
-    def __init__(self, engine: "ModelMemoryManager") -> None:
+    def __init__(self, engine: "Engine") -> None:
         self.engine = engine
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
@@ -154,7 +154,7 @@ class CompatCollector(Collector):
 class _StateCollector(Collector):
     """Gauges computed from the engine at scrape time."""
 
-    def __init__(self, engine: "ModelMemoryManager") -> None:
+    def __init__(self, engine: "Engine") -> None:
         self.engine = engine
 
     def collect(self) -> Iterable[GaugeMetricFamily]:

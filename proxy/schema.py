@@ -39,7 +39,10 @@ def build(cls: type, data: Any, path: str, problems: list[str]) -> Any:
     for name, f in fields.items():
         if name in data:
             before = len(problems)
-            value = _convert(hints[name], data[name], _join(path, name), problems)
+            raw = data[name]
+            if raw is False and "off" in f.metadata.get("words", ()):
+                raw = "off"    # YAML 1.1 reads an unquoted `off` as false
+            value = _convert(hints[name], raw, _join(path, name), problems)
             if len(problems) == before:
                 _check_rule(f.metadata, value, _join(path, name), problems)
                 kwargs[name] = value

@@ -10,7 +10,7 @@ import pytest
 from proxy.app import create_app
 from proxy.config import load_config
 from proxy.emulator import Emulator, EmulatorOptions, start_emulator
-from proxy.engine.manager import ModelMemoryManager
+from proxy.engine.core import EngineCore
 from proxy.keys import ENGINE
 from proxy.serving import Served, serve
 
@@ -27,7 +27,7 @@ class Proxy:
         return self.served.url
 
     @property
-    def engine(self) -> ModelMemoryManager:
+    def engine(self) -> EngineCore:
         return self.app[ENGINE]
 
 

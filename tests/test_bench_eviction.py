@@ -29,3 +29,42 @@ def test_explicit_stream_replay_writes_every_policy_and_the_bound_holds(tmp_path
             assert r["failed_requests"] == 0 and r["peak_resident_gb"] <= 12
     assert runs["lru"]["cold_loads"] > 3                   # the budget forces reloads
     assert "| policy |" in capsys.readouterr().out
+
+
+def test_the_oracle_preloads_exactly_the_models_requested_next(tmp_path):
+    catalog = tmp_path / "catalog.csv"
+    catalog.write_text("model,size_gb,load_s\na,4,3\nb,4,3\nc,4,3\nnever,4,3\n")
+    requests = tmp_path / "requests.csv"
+    requests.write_text("t_s,model\n10,a\n20,b\n30,c\n100,a\n200,b\n300,c\n")
+    out = tmp_path / "runs.json"
+    assert main(["--requests", str(requests), "--catalog", str(catalog), "--budget-gb", "16",
+                 "--policy", "lru,cost-aware,offline-belady", "--prediction", "off,oracle",
+                 "--jobs", "1", "--json", str(out)]) == 0
+    runs = {(r["policy"], r["prediction"]): r for r in json.loads(out.read_text())["runs"]}
+    assert runs[("lru", "off")]["delayed_requests"] == 3    # the three first requests
+    for policy in ("cost-aware", "offline-belady"):
+        oracle = runs[(policy, "oracle")]
+        # a, b and c were each loaded once, before their first request; `never` never was.
+        assert (oracle["preloads"], oracle["useful_preloads"], oracle["wasted_preloads"]) == \
+            (3, 3, 0), policy
+        assert oracle["cold_loads"] == 3 and oracle["delayed_requests"] == 0, policy
+        assert runs[(policy, "off")]["delayed_requests"] == 3, policy
+    assert runs[("lru", "off")]["prediction"] == "off"     # lru is the plain baseline
+
+
+def test_an_oracle_preload_waits_for_a_requested_load_and_counts_what_it_wasted(tmp_path):
+    """Memory for one model: the oracle's preload of b, due while a serves, is dropped rather
+    than evict a busy model; b's request then loads it."""
+    catalog = tmp_path / "catalog.csv"
+    catalog.write_text("model,size_gb,load_s\na,4,3\nb,4,3\n")
+    requests = tmp_path / "requests.csv"
+    requests.write_text("t_s,model,prompt_tokens,completion_tokens\n"
+                        "10,a,10,6000\n20,b,10,10\n")    # a serves for 6000/150 = 40 s
+    out = tmp_path / "runs.json"
+    assert main(["--requests", str(requests), "--catalog", str(catalog), "--budget-gb", "4",
+                 "--policy", "cost-aware", "--prediction", "oracle", "--jobs", "1",
+                 "--json", str(out)]) == 0
+    (run,) = json.loads(out.read_text())["runs"]
+    assert run["preloads"] == 1 and run["useful_preloads"] == 1     # a, before its request
+    assert run["cold_loads"] == 2 and run["delayed_requests"] == 1  # b waited for a to finish
+    assert run["peak_resident_gb"] <= 4

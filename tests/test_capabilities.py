@@ -7,7 +7,7 @@ from dataclasses import replace
 
 from proxy.config import UpstreamConfig, load_config
 from proxy.emulator import EmulatorOptions
-from proxy.engine.manager import ModelMemoryManager
+from proxy.library import ModelMemoryManager
 from proxy.upstream.base import Capabilities
 from proxy.upstream.lmstudio import LMStudioProtocol
 
@@ -81,7 +81,7 @@ async def test_reported_memory_is_the_footprint_and_makes_room_for_it():
     await use(mgr, A)
     await mgr.reconcile()
     assert mgr.footprint_bytes(mgr.entry(A)) == 3.5 * GB
-    assert mgr.registry.footprint_source(mgr.entry(A)) == "reported"
+    assert mgr.core.registry.footprint_source(mgr.entry(A)) == "reported"
     await use(mgr, B)                     # 3.5 + 1.2 GB > 4: A makes room
     assert backend.loaded == [B]
     await mgr.cleanup()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from proxy.cli import main
-from proxy.config import load_config
+from proxy.config import load_config, read_config_file
 from proxy.errors import ConfigError
 
 
@@ -113,3 +113,10 @@ def test_the_forwarding_client_is_fast_unless_aiohttp_is_chosen():
     assert load_config({"upstream": {"client": "aiohttp"}}).upstream.client == "aiohttp"
     assert problems_of({"upstream": {"client": "curl"}}) == [
         "upstream.client: must be one of fast, aiohttp (got 'curl')"]
+
+
+def test_an_unquoted_off_for_the_hold_is_off_not_a_type_error(tmp_path):
+    """YAML 1.1 reads `hold: off` as false; the user meant the word."""
+    path = tmp_path / "proxy.yaml"
+    path.write_text("eviction:\n  hold: off\n")
+    assert load_config(read_config_file(path)).eviction.hold == "off"

@@ -134,7 +134,7 @@ async def test_the_pin_button_pins_and_is_keyboard_reachable(small, page):
     await page.keyboard.press("Enter")
     await expect(pin).to_have_attribute("aria-pressed", "true")
     await expect(page.locator(f'#models tr[data-model="{A}"] td.pinned')).to_have_text("pinned")
-    assert small.engine.is_pinned(A)
+    assert small.engine.pinned(A)
 
 
 async def test_the_dashboard_reconnects_after_the_proxy_restarts(emulator, page):

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from proxy.cli import _demo_banner, build_parser
 from proxy.keys import CONFIG
@@ -99,3 +100,42 @@ def test_the_demo_upstream_port_is_documented_and_needs_demo(capsys):
     from proxy.cli import main
     assert main(["--demo-upstream-port", "1234", "--check"], {}) == 2
     assert "only with --demo" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flavor, server, key", [
+    ("ollama", "Ollama emulator", "qwen/qwen3-4b:latest"),   # Ollama's name for it
+    ("openai", "OpenAI-compatible server", "qwen/qwen3-4b")])
+async def test_the_demo_runs_another_flavor_s_emulator(tmp_path, flavor, server, key):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PROXY_")}
+    env["HOME"] = str(tmp_path)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "--demo", "--flavor", flavor, "--port", "0",
+        cwd=tmp_path, env=env, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL)
+    try:
+        assert proc.stdout is not None
+        banner = ""
+        while "Stop with Ctrl-C" not in banner:
+            line = await proc.stdout.readline()
+            assert line, f"the demo ended early:\n{banner}"
+            banner += line.decode()
+        assert f"({server}" in banner
+        proxy_url = banner.split("Proxy ready on ")[1].split()[0]
+        for command in examples(banner):
+            code, out = await sh(command, shell_env())
+            assert code == 0, out
+        async with aiohttp.ClientSession() as http, \
+                http.get(f"{proxy_url}/proxy/stats") as r:
+            stats = await r.json()
+        assert stats["models"][key]["requests"] == 2
+    finally:
+        proc.terminate()
+        await proc.wait()
+
+
+def test_the_demo_flavor_needs_demo(capsys):
+    from proxy.cli import main
+    assert main(["--flavor", "ollama", "--check"], {}) == 2
+    assert "--flavor: only with --demo" in capsys.readouterr().err
+    assert main(["--demo", "--check"], {"PROXY_DEMO_FLAVOR": "vllm"}) == 2
+    assert "PROXY_DEMO_FLAVOR: must be one of" in capsys.readouterr().err

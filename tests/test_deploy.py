@@ -1,13 +1,22 @@
 """The container and Kubernetes files are parsed and checked against the real config loader."""
 from __future__ import annotations
 
+import json
+import os
 import re
+import time
+import urllib.error
+import urllib.request
+import uuid
 from pathlib import Path
 
+import pytest
 import yaml
 
 from proxy.cli import build_parser, main, resolve_config
 from proxy.config import Config
+
+from .container import Podman, missing_tools
 
 ROOT = Path(__file__).parent.parent
 
@@ -69,3 +78,68 @@ async def test_healthcheck_follows_the_configured_port(tmp_path, proxy):
     assert await asyncio.to_thread(main, ["healthcheck", "--config", str(path)], {}) == 0
     path.write_text("server: {port: 1}\n")
     assert await asyncio.to_thread(main, ["healthcheck", "--config", str(path)], {}) == 1
+
+
+def _http(url: str, body: dict | None = None, key: str | None = None) -> tuple[int, dict]:
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    data = json.dumps(body).encode() if body is not None else None
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data, headers), timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def _wait_healthy(url: str, deadline_s: float) -> None:
+    deadline = time.monotonic() + deadline_s
+    while True:
+        try:
+            status = _http(url + "/healthz")[0]
+            if status == 200:
+                return
+            problem: Exception = AssertionError(f"/healthz answered {status}")
+        except (urllib.error.URLError, ConnectionError) as exc:   # not listening yet
+            problem = exc
+        if time.monotonic() > deadline:
+            raise problem
+        time.sleep(0.2)
+
+
+@pytest.mark.timeout(900)     # the first run makes the base image (debootstrap): ~2 minutes
+def test_the_image_builds_and_serves(tmp_path):
+    if missing := missing_tools():
+        if os.environ.get("REQUIRE_CONTAINER"):   # CI installs them: absence is a failure
+            raise RuntimeError(f"REQUIRE_CONTAINER is set but {missing} are missing")
+        pytest.skip(f"no container builder here (apt-get install {' '.join(missing)} runc)")
+    podman = Podman()
+    podman.ensure_base()
+    podman.build(ROOT, tmp_path)
+    name = f"lmstudio-proxy-test-{uuid.uuid4().hex[:8]}"
+    try:
+        # The image's own configuration and keys, the built-in emulator as LM Studio, the
+        # container port published on the host, a named volume on /data.
+        podman.run(name, "-p", "127.0.0.1::8080", "-v", f"{name}:/data",
+                   "-e", "PROXY_API_KEY=sk-image", "-e", "PROXY_ADMIN_TOKEN=image-admin",
+                   "localhost/lmstudio-proxy:test",
+                   "python", "-m", "proxy", "--config", "/config/proxy.yaml", "--demo")
+        url = f"http://127.0.0.1:{podman.host_port(name, 8080)}"
+        _wait_healthy(url, 30)
+        chat = {"model": "qwen/qwen3-4b", "max_tokens": 4,
+                "messages": [{"role": "user", "content": "hi"}]}
+        status, body = _http(url + "/v1/chat/completions", chat, key="sk-image")
+        assert status == 200 and body["choices"][0]["message"]["content"], body
+        status, body = _http(url + "/v1/chat/completions", chat)
+        assert status == 401 and body["error"]["code"], body
+        # The HEALTHCHECK instruction, as the image carries it.
+        assert podman("healthcheck", "run", name, check=False).returncode == 0
+        user = podman("exec", name, "sh", "-c", "id -u && touch /data/written").stdout
+        assert user.split() == ["10001"]
+        # SIGTERM (the image's STOPSIGNAL) drains and exits cleanly well within the grace time.
+        podman("stop", "-t", "35", name, timeout_s=60)
+        state = podman("inspect", name, "--format", "{{.State.ExitCode}}").stdout.strip()
+        assert state == "0", podman("logs", name, check=False).stderr[-3000:]
+    finally:
+        podman("rm", "-f", name, check=False)
+        podman("volume", "rm", "-f", name, check=False)

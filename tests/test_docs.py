@@ -37,7 +37,8 @@ def test_the_page_shows_types_defaults_and_rules_from_the_schema():
     page = docgen.render((ROOT / "proxy.yaml").read_text(encoding="utf-8"))
     assert ("| `models.<key>.priority` | integer | `5` | 1 to 10 | 1..10; higher is kept longer |"
             in page)
-    assert "| `eviction.hold` | number or string | `60` | ≥ 0 or `adaptive`, `off` |" in page
+    assert "| `eviction.hold` | number or string | `off` | ≥ 0 or `adaptive`, `expected`, `off` |" \
+        in page
     assert "| `--port` | `PROXY_PORT` | `server.port` |" in page
 
 

@@ -9,7 +9,7 @@ from proxy.config import load_config
 from proxy.emulator import CatalogModel, start_emulator
 from proxy.engine.clock import ManualClock
 from proxy.engine.lifecycle import ModelStatus
-from proxy.engine.manager import ModelMemoryManager
+from proxy.library import ModelMemoryManager
 from proxy.engine.memory import MemoryPressure
 from proxy.errors import InsufficientMemory
 from proxy.upstream.lmstudio import LMStudioUpstream

@@ -25,7 +25,7 @@ async def test_an_abandoned_requester_load_does_not_stay_loading(lab, lab_manage
         await asyncio.sleep(0)
     task.cancel()                                   # the SDK client went away just then
     await asyncio.gather(task, return_exceptions=True)
-    assert mgr.entry(Z).status.value == "unloaded" and Z not in mgr.scheduler.pending
+    assert mgr.entry(Z).status.value == "unloaded" and Z not in mgr.core.scheduler.pending
     (await asyncio.wait_for(mgr.acquire(Z), 5)).release()   # and it loads normally after
 
 
@@ -51,7 +51,7 @@ async def test_joining_a_load_under_way_leaves_no_reservation_behind(lab, lab_ma
     while lab.state.loading[Z] == 0:
         await asyncio.sleep(0)
     joined = asyncio.create_task(mgr.admit_load(Z, owner="sdk:late"))
-    while mgr.scheduler.pending[Z].waiters < 2:
+    while mgr.core.scheduler.pending[Z].waiters < 2:
         await asyncio.sleep(0)
     gate.set()
     assert await joined is None                      # loaded by the other: nothing to do
@@ -116,7 +116,7 @@ async def test_what_was_learned_of_recency_survives_a_restart(emulator, tmp_path
         (await first.acquire(MODEL)).release()
     await first.cleanup()
     second = await managed(emulator.url, store=UsageStore(path))
-    prediction = second.learner.predict(MODEL, second.clock.now(), 60.0)
+    prediction = second.core.learner.predict(MODEL, second.clock.now(), 60.0)
     assert prediction.p_within > 0.5                 # used a moment ago, not "never"
     await second.cleanup()
 
@@ -124,7 +124,7 @@ async def test_what_was_learned_of_recency_survives_a_restart(emulator, tmp_path
 async def test_the_adaptive_hold_switches_on_while_thrashing_and_off_after(lab, lab_manager):
     clock = ManualClock()
     mgr = await lab_manager(lab.url, clock=clock, eviction={"hold": "adaptive"})
-    ev = mgr.evictor
+    ev = mgr.core.evictor
     (await mgr.acquire(X)).release()
     assert ev.hold_s() == 0.0                        # calm: no hold
     (await mgr.acquire(Y)).release()                 # 8 GB beside 12: X is evicted
@@ -159,10 +159,10 @@ async def test_idle_unloading_leaves_models_that_are_not_ours_and_forgets_what_i
     await lab.state.load(Y)                          # someone else's
     mgr = await lab_manager(lab.url, clock=clock)
     (await mgr.acquire(Z)).release()
-    assert mgr.accounting.owns(Z, mgr.entry(Z).instance_ids)
+    assert mgr.core.accounting.owns(Z, mgr.entry(Z).instance_ids)
     clock.advance(3 * 3600)
     assert await mgr.unload_idle_models() == [Z]
-    assert lab.state.instances_of(Y) and mgr.accounting.owned_instances == {}
+    assert lab.state.instances_of(Y) and mgr.core.accounting.owned_instances == {}
 
 
 async def test_after_an_unload_admission_waits_for_a_measured_footprint_to_come_back(lab):
@@ -198,13 +198,13 @@ async def test_a_preload_not_started_within_a_minute_is_dropped(lab, lab_manager
     mgr = await lab_manager(lab.url, clock=clock, preload={"enabled": False})
     serving = [await mgr.acquire(X)]                 # 12 of 16 GB: the preload cannot go yet
     blocked = asyncio.create_task(mgr.acquire(Y))    # a requested load waits first
-    while Y not in mgr.scheduler.pending:
+    while Y not in mgr.core.scheduler.pending:
         await asyncio.sleep(0)
-    assert mgr.scheduler.preload(mgr.entry(Z), 5.0)
+    assert mgr.core.scheduler.preload(mgr.entry(Z), 5.0)
     clock.advance(61)
-    mgr.scheduler.kick()
-    await mgr.scheduler.settled()
-    assert Z not in mgr.scheduler.pending and mgr.entry(Z).status.value == "unloaded"
+    mgr.core.scheduler.kick()
+    await mgr.core.scheduler.settled()
+    assert Z not in mgr.core.scheduler.pending and mgr.entry(Z).status.value == "unloaded"
     serving[0].release()
     (await blocked).release()
 

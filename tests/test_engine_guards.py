@@ -35,9 +35,9 @@ class Events:
 async def queued(mgr, key):
     """Start an acquire; return it once the scheduler has looked at it since it arrived."""
     task = asyncio.create_task(mgr.acquire(key))
-    while key not in mgr.scheduler.pending:
+    while key not in mgr.core.scheduler.pending:
         await asyncio.sleep(0)
-    await mgr.scheduler.settled()
+    await mgr.core.scheduler.settled()
     return task
 
 
@@ -67,15 +67,15 @@ async def test_a_preload_never_evicts_a_model_inside_its_residency(lab, lab_mana
     events = Events()
     mgr.add_listener(events)
     (await mgr.acquire(X)).release()                     # 12 of 16 GB, just loaded: held
-    assert mgr.scheduler.preload(mgr.entry(Y), value_s=1000.0)   # 8 GB, worth a lot
-    mgr.scheduler.kick()
-    await mgr.scheduler.settled()
-    assert Y not in mgr.scheduler.pending                # dropped: no room worth making
+    assert mgr.core.scheduler.preload(mgr.entry(Y), value_s=1000.0)   # 8 GB, worth a lot
+    mgr.core.scheduler.kick()
+    await mgr.core.scheduler.settled()
+    assert Y not in mgr.core.scheduler.pending                # dropped: no room worth making
     assert mgr.get_loaded_models() == [X] and lab.state.unload_calls[X] == 0
     clock.advance(601)                                   # the residency is over
-    assert mgr.scheduler.preload(mgr.entry(Y), value_s=1000.0)
-    while Y in mgr.scheduler.pending:
-        await mgr.scheduler.settled()
+    assert mgr.core.scheduler.preload(mgr.entry(Y), value_s=1000.0)
+    while Y in mgr.core.scheduler.pending:
+        await mgr.core.scheduler.settled()
         await asyncio.sleep(0)
     assert mgr.get_loaded_models() == [Y]                # now the same preload evicts X
     assert events.evicted == [(X, "preload", Y)] and mgr.entry(X).evictions["preload"] == 1
@@ -106,7 +106,7 @@ async def test_an_unload_gives_way_to_a_request_that_took_the_model_while_it_sam
         e = mgr.entry(Z)
         e.footprint_bytes = 3 * GB                       # measured: the unload samples first
         sampler.armed = True
-        unload = asyncio.create_task(mgr.evictor.unload(e, "manual"))
+        unload = asyncio.create_task(mgr.core.evictor.unload(e, "manual"))
         assert await asyncio.to_thread(sampler.entered.wait, 5)
         lease = await mgr.acquire(Z)                     # a request takes it meanwhile
         sampler.resume.set()
@@ -192,11 +192,11 @@ async def test_a_model_of_higher_priority_is_kept_when_one_must_go(lab, lab_mana
 async def test_a_preload_is_queued_only_for_an_unloaded_model_not_yet_pending(lab, lab_manager):
     mgr = await lab_manager(lab.url, preload={"enabled": False})
     (await mgr.acquire(X)).release()
-    assert mgr.scheduler.preload(mgr.entry(X), value_s=10.0) is False     # loaded already
+    assert mgr.core.scheduler.preload(mgr.entry(X), value_s=10.0) is False     # loaded already
     serving = await mgr.acquire(X)                       # the preload below must wait
     try:
-        assert mgr.scheduler.preload(mgr.entry(Y), value_s=10.0) is True
-        assert mgr.scheduler.preload(mgr.entry(Y), value_s=10.0) is False  # pending already
+        assert mgr.core.scheduler.preload(mgr.entry(Y), value_s=10.0) is True
+        assert mgr.core.scheduler.preload(mgr.entry(Y), value_s=10.0) is False  # pending already
     finally:
         serving.release()
 

@@ -13,7 +13,7 @@ import yaml
 from proxy.config import load_config, replace_config
 from proxy.emulator import CatalogModel
 from proxy.engine.clock import ManualClock
-from proxy.engine.manager import ModelMemoryManager
+from proxy.library import ModelMemoryManager
 from proxy.errors import InsufficientMemory, ModelLoadFailed, ModelTooLarge, UpstreamTimeout
 from proxy.store import MIGRATIONS, UsageStore
 from proxy.upstream.lmstudio import LMStudioUpstream
@@ -107,7 +107,7 @@ async def test_an_unload_is_forgotten_at_once_too(emulator, tmp_path, engine):
 async def test_a_failed_ownership_write_does_not_undo_a_later_unload(emulator, tmp_path,
                                                                     engine):
     mgr = await engine(emulator.url, store=UsageStore(tmp_path / "history.sqlite3"))
-    acc = mgr.accounting
+    acc = mgr.core.accounting
     acc.remember_owned(mgr.entry(MODEL), "x-1", {})
     mgr.store._db.execute("PRAGMA query_only = 1")   # the disk refuses writes for a while
     write = asyncio.create_task(acc.commit_ownership())

@@ -242,7 +242,7 @@ async def test_a_runtime_pin_keeps_a_model_from_eviction(make_emulator, make_pro
     async with http.post(f"{proxy.url}/proxy/models/pin", json={"model": A, "pinned": False}):
         pass
     assert await chat(http, proxy, B) == 200
-    assert proxy.engine.get_loaded_models() == [B]
+    assert proxy.engine.loaded_models() == [B]
 
 
 async def test_pin_needs_a_boolean(small, http):
@@ -281,10 +281,10 @@ async def test_a_runtime_pin_keeps_a_model_from_idling_out(make_emulator, make_p
     emu = await make_emulator(catalog=TWO, capacity_bytes=64 * GB)
     proxy = await make_proxy(emu.url, app_kwargs={"clock": clock}, models={A: {"ttl_s": 60}})
     await chat(http, proxy, A)
-    proxy.engine.set_pinned(A, True)
+    proxy.engine.pin(A, True)
     clock.advance(61)
     assert await proxy.engine.unload_idle_models() == []
-    proxy.engine.set_pinned(A, False)
+    proxy.engine.pin(A, False)
     assert await proxy.engine.unload_idle_models() == [A]
     evictions = proxy.app[EVENTS].timeline(3600)["models"][A]["evictions"]
     assert [e[1:] for e in evictions] == [["idle", None]]

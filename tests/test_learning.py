@@ -141,7 +141,7 @@ async def test_learned_patterns_survive_a_restart(emulator, tmp_path):
         (await first.acquire("google/gemma-3-12b")).release()
     await first.cleanup()
     second = await managed(emulator.url, store=UsageStore(path))
-    pattern = second.learner.patterns["qwen/qwen3-4b"]
+    pattern = second.core.learner.patterns["qwen/qwen3-4b"]
     assert pattern.requests == 3 and pattern.followers["google/gemma-3-12b"] == 3
     assert pattern.gaps.total == 2
     await second.cleanup()

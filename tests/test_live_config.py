@@ -104,7 +104,7 @@ def changed_raw(hook_url: str, tmp_path: Path) -> dict[str, Any]:
                    "allow_unauthenticated": True, "max_model_name_chars": 40,
                    "header_timeout_s": 5, "body_timeout_s": 7, "keepalive_timeout_s": 5,
                    "stall_timeout_s": 3, "max_connections": 50},
-        "upstream": {"kind": "llamacpp", "url": "http://127.0.0.1:9", "api_token": "tok",
+        "upstream": {"kind": "openai", "url": "http://127.0.0.1:9", "api_token": "tok",
                      "connect_timeout_s": 1,
                      "read_timeout_s": 9, "load_timeout_s": 9, "max_connections": 9,
                      "client": "aiohttp", "ca_file": str(tmp_path / "ca.pem"),
@@ -251,7 +251,7 @@ APPLIED: dict[str, Probe] = {
     "memory.footprint_factor": value(_estimated_bytes, True),
     "memory.reclaim_timeout_s": value(
         lambda t: t.engine.evictor.config.memory.reclaim_timeout_s, 2),
-    "eviction.policy": value(lambda t: t.engine.get_memory_stats()["policy"], "lru"),
+    "eviction.policy": value(lambda t: t.engine.report()["policy"], "lru"),
     "eviction.model_timeout_hours": value(lambda t: t.engine.registry.ttl_s(EMBED), 3600),
     "eviction.hold": value(lambda t: t.engine.evictor.hold_s(), 0.0),
     "eviction.queue_timeout_s": value(

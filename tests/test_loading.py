@@ -80,4 +80,4 @@ async def test_old_lm_studio_falls_back_to_its_jit(make_emulator, make_proxy, ht
     status, body = await post(http, f"{proxy.url}/v1/chat/completions", chat(SMALL))
     assert status == 200 and old.state.load_calls[SMALL] == 1   # LM Studio's JIT loaded it
     await proxy.engine.reconcile()
-    assert proxy.engine.get_loaded_models() == [SMALL]
+    assert proxy.engine.loaded_models() == [SMALL]

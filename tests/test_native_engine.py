@@ -105,7 +105,7 @@ async def test_at_critical_pressure_a_connected_clients_model_may_go(make_emulat
     await (await sdk(proxy)).llm.load_new_instance(MID)
     await emulator.state.load(BIG)                         # outside the proxy: 24 of 20 GB
     await proxy.engine.reconcile()
-    await proxy.engine.optimize_memory_usage()
+    await proxy.engine.optimize()
     assert proxy.engine.memory_pressure.value != "critical"
     assert list(emulator.state.instances) == [BIG]         # not ours: LM Studio's
 

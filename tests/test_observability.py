@@ -12,7 +12,7 @@ from proxy.emulator import CatalogModel
 from proxy.engine.clock import ManualClock
 from proxy.handlers.health import READINESS
 from proxy.engine.health import ModelHealthMonitor
-from proxy.engine.manager import ModelMemoryManager
+from proxy.library import ModelMemoryManager
 from proxy.engine.usage import RequestRecord
 from proxy.webhook import WebhookSink
 from proxy.serving import serve
@@ -78,7 +78,7 @@ async def test_stats_shape(proxy, http):
                 "avg_load_time_s", "footprint_mb", "evictions", "last_used_s_ago"):
         assert key in detail, key
     # The library's dict, plus the HTTP layer's compat repair counts.
-    assert stats == proxy.engine.get_memory_stats() | {"system_memory": stats["system_memory"],
+    assert stats == proxy.engine.report() | {"system_memory": stats["system_memory"],
                                                        "models": stats["models"],
                                                        "compat": stats["compat"],
                                                        "auth": stats["auth"]}

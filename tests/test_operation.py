@@ -10,7 +10,7 @@ from proxy.config import load_config
 from proxy.emulator import CatalogModel
 from proxy.engine.clock import ManualClock
 from proxy.engine.lifecycle import TRANSITIONS, ModelStatus
-from proxy.engine.manager import ModelMemoryManager
+from proxy.library import ModelMemoryManager
 from proxy.engine.memory import MemorySample
 from proxy.engine.policy import HELD, NOT_OURS, PINNED, SERVING, blocker
 from proxy.keys import HEALTH
@@ -138,7 +138,7 @@ async def test_a_held_model_is_not_unloaded_under_it(emulator):
     hold = mgr.hold(MODEL)
     with pytest.raises(ModelUnavailable):
         await mgr.unload(MODEL, drain_timeout_s=0.05)
-    assert await mgr.unload_idle_models() == [] and mgr.evictor.candidates(
+    assert await mgr.unload_idle_models() == [] and mgr.core.evictor.candidates(
         exclude=None, critical=True) == []
     hold.release()
     assert await mgr.unload(MODEL) is True
@@ -206,7 +206,7 @@ async def test_a_remote_upstream_teaches_no_footprints(make_emulator):
                                                                       "192.0.2.10")},
                                   "memory": {"sampler": "local", "min_free_memory_gb": 0},
                                   "storage": {"enabled": False}}))
-    assert not mgr.loader.learns_footprints
+    assert not mgr.core.loader.learns_footprints
     await mgr.cleanup()
 
 
@@ -266,11 +266,11 @@ async def test_residency_spares_a_fresh_model_until_the_waiting_load_waited_as_l
     (await mgr.acquire(MODEL)).release()
     e = mgr.entry(MODEL)
     clock.advance(10)
-    assert mgr.evictor.why_kept(e, critical=False) == HELD
-    assert mgr.evictor.why_kept(e, critical=True) is None           # critical waives it
-    assert mgr.evictor.why_kept(e, critical=False, requester_waited_s=60) is None
+    assert mgr.core.evictor.why_kept(e, critical=False) == HELD
+    assert mgr.core.evictor.why_kept(e, critical=True) is None           # critical waives it
+    assert mgr.core.evictor.why_kept(e, critical=False, requester_waited_s=60) is None
     clock.advance(51)
-    assert mgr.evictor.why_kept(e, critical=False) is None
+    assert mgr.core.evictor.why_kept(e, critical=False) is None
     await mgr.cleanup()
 
 
@@ -280,7 +280,7 @@ async def test_heat_decays_with_a_one_hour_half_life(emulator):
     for _ in range(8):
         (await mgr.acquire(MODEL)).release()
     clock.advance(3600)
-    candidate = mgr.evictor.candidate(mgr.entry(MODEL), clock.now())
+    candidate = mgr.core.evictor.candidate(mgr.entry(MODEL), clock.now())
     assert candidate.heat == pytest.approx(4.0)
     await mgr.cleanup()
 

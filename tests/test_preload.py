@@ -46,8 +46,8 @@ async def teach(mgr, rounds=5):
 
 
 async def settle(mgr):
-    await mgr.scheduler.settled()
-    for e in mgr.registry:
+    await mgr.core.scheduler.settled()
+    for e in mgr.core.registry:
         if e.load_task is not None:
             await e.load_task
 
@@ -91,8 +91,8 @@ async def test_a_preload_never_evicts_a_busy_or_pinned_model(engine, lab):
 async def test_a_preload_gives_way_to_a_load_a_request_waits_for(engine):
     mgr = await engine()
     await teach(mgr)
-    assert mgr.scheduler.preload(mgr.entry(CODER), 5.0)
-    assert mgr.scheduler.pending[CODER].speculative
+    assert mgr.core.scheduler.preload(mgr.entry(CODER), 5.0)
+    assert mgr.core.scheduler.pending[CODER].speculative
     (await mgr.acquire(OTHER)).release()                      # requested: goes first
     await settle(mgr)
     assert OTHER in mgr.get_loaded_models()
@@ -103,10 +103,10 @@ async def test_a_preload_waits_while_a_requested_load_waits_for_memory(engine):
     mgr = await engine(budget_gb=13, preload={"enabled": False})   # only the one queued here
     serving = [await mgr.acquire(HOT), await mgr.acquire(PLANNER)]   # 7 of 13 GB serving
     waiting = asyncio.create_task(mgr.acquire(OTHER))         # 8 GB: waits for them
-    while OTHER not in mgr.scheduler.pending:
+    while OTHER not in mgr.core.scheduler.pending:
         await asyncio.sleep(0)
-    assert mgr.scheduler.preload(mgr.entry(CODER), 5.0)       # 6 GB would fit now...
-    await mgr.scheduler.settled()
+    assert mgr.core.scheduler.preload(mgr.entry(CODER), 5.0)       # 6 GB would fit now...
+    await mgr.core.scheduler.settled()
     assert mgr.entry(CODER).status.value == "unloaded"        # ...but it does not take them
     for lease in serving:
         lease.release()

@@ -7,7 +7,7 @@ import pytest
 from proxy.config import load_config
 from proxy.emulator import CatalogModel
 from proxy.emulator.state import _touched
-from proxy.engine.manager import ModelMemoryManager
+from proxy.library import ModelMemoryManager
 from proxy.engine.memory import MemoryPressure
 from proxy.upstream.lmstudio import LMStudioUpstream
 

@@ -54,7 +54,7 @@ def test_urgency_alone_can_prefer_the_loaded_model_over_the_configured_one():
 
 
 async def test_failures_on_a_task_teach_the_engine_to_prefer_another(emulator):
-    from proxy.engine.manager import ModelMemoryManager
+    from proxy.library import ModelMemoryManager
     from proxy.engine.usage import RequestRecord
     mgr = ModelMemoryManager(min_free_memory_gb=0, upstream=emulator.url)
     await mgr.start()

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from proxy.app import create_app
-from proxy.engine.manager import ModelMemoryManager
+from proxy.library import ModelMemoryManager
 from proxy.errors import ConfigError
 from proxy.reload import restart_needed
 from proxy.serving import serve
@@ -30,10 +30,10 @@ def test_apply_config_swaps_aliases_thresholds_and_budget():
         "memory.budget_gb": 32})
     engine.apply_config(new)
     assert engine.config is new and engine.priority(MODEL) == 9
-    assert engine.registry.aliases == {"fast": MODEL}
-    gauge = engine.monitor.gauge
+    assert engine.core.registry.aliases == {"fast": MODEL}
+    gauge = engine.core.monitor.gauge
     assert gauge.max_usage_percent == 60 and gauge.min_free_bytes == 2e9
-    assert engine.sampler.sample().total_bytes == 32e9
+    assert engine.core.sampler.sample().total_bytes == 32e9
 
 
 def test_restart_needed_names_start_only_settings_and_hides_tokens():
@@ -83,7 +83,7 @@ async def test_post_reload_applies_without_unloading(reloadable, emulator, http)
     assert engine.priority(MODEL) == 8 and engine.config.eviction.policy == "lru"
     assert engine.config.model(MODEL).pinned
     assert sum(emulator.state.unload_calls.values()) == 0
-    assert engine.get_loaded_models() == [MODEL]
+    assert engine.loaded_models() == [MODEL]
 
 
 async def test_an_invalid_reload_is_rejected_with_every_problem(reloadable, http, caplog):

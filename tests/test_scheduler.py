@@ -57,9 +57,9 @@ async def lab_manager():
 async def waiting_for(mgr, key):
     """Start an acquire and return once the scheduler has looked at it and it still waits."""
     task = asyncio.create_task(mgr.acquire(key))
-    while key not in mgr.scheduler.pending:
+    while key not in mgr.core.scheduler.pending:
         await asyncio.sleep(0)
-    await mgr.scheduler.settled()
+    await mgr.core.scheduler.settled()
     assert not task.done()
     return task
 
@@ -97,7 +97,7 @@ async def test_the_model_with_more_waiters_loads_first(lab, lab_manager):
     one = [await waiting_for(mgr, Y)]
     three = [await waiting_for(mgr, W)] + [asyncio.create_task(mgr.acquire(W))
                                            for _ in range(2)]
-    while mgr.scheduler.pending[W].waiters < 3:
+    while mgr.core.scheduler.pending[W].waiters < 3:
         await asyncio.sleep(0)
     serving.release()
     for lease in await asyncio.gather(*three, *one):
@@ -221,7 +221,7 @@ async def test_a_load_performed_by_its_requester_is_admitted_like_any_other(lab,
     load.loaded(instance.instance_id)
     (await waiter).release()
     assert mgr.entry(Y).owner == "sdk:tester"
-    assert mgr.evictor.why_kept(mgr.entry(Y), critical=False) == "its SDK client is connected"
+    assert mgr.core.evictor.why_kept(mgr.entry(Y), critical=False) == "its SDK client is connected"
     assert await mgr.admit_load(Y, owner="sdk:tester") is None     # loaded already
     lab.state.catalog["lab/huge"] = lab.state.catalog[X]
     await mgr.reconcile()

@@ -1,5 +1,5 @@
-"""python -m proxy.emulator: serve an emulated LM Studio (or, with --flavor llamacpp, a llama.cpp
-router) until interrupted."""
+"""python -m proxy.emulator: serve an emulated LM Studio (or, with --flavor, another model
+server) until interrupted."""
 from __future__ import annotations
 
 import argparse
@@ -7,23 +7,23 @@ import asyncio
 import contextlib
 import logging
 import sys
-
 from pathlib import Path
 
 from .catalog import GB, CatalogModel, load_catalog
-from .llamacpp import start_router_emulator
 from .server import EmulatorOptions
 from . import start_emulator
+
+FLAVORS = ("lmstudio", "ollama", "llamacpp")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m proxy.emulator",
-                                description="Serve an emulated LM Studio API (or another "
-                                            "server's, by --flavor).")
-    p.add_argument("--flavor", choices=("lmstudio", "llamacpp"), default="lmstudio",
-                   help="whose API: LM Studio's, or llama.cpp's llama-server in router mode")
+                                description="Serve an emulated LM Studio API.")
+    p.add_argument("--flavor", choices=FLAVORS, default="lmstudio",
+                   help="the server to emulate (default: lmstudio)")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=1234)
+    p.add_argument("--port", type=int,
+                   help="default: 1234 (LM Studio), 11434 (Ollama), 8080 (llama.cpp)")
     p.add_argument("--catalog", help="YAML catalogue of models (default: built-in demo)")
     p.add_argument("--load-time-scale", type=float, default=1.0,
                    help="multiply every model's load time (0 = instant)")
@@ -40,7 +40,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-jit", action="store_true", help="turn JIT loading off")
     p.add_argument("--zero-embedding-usage", action="store_true",
                    help="report 0 tokens for embeddings, as LM Studio 0.4.3 did")
-    router = p.add_argument_group("llamacpp flavor (the router's own flags)")
+    ollama = p.add_argument_group("--flavor ollama (Ollama's environment variables)")
+    ollama.add_argument("--max-loaded-models", type=int, default=3,
+                        help="OLLAMA_MAX_LOADED_MODELS: beyond it Ollama evicts by itself")
+    ollama.add_argument("--max-queue", type=int, default=512,
+                        help="OLLAMA_MAX_QUEUE: requests waiting past it get a 503")
+    ollama.add_argument("--keep-alive-s", type=float, default=300.0,
+                        help="OLLAMA_KEEP_ALIVE in seconds (negative: forever)")
+    router = p.add_argument_group("--flavor llamacpp (the router's own flags)")
     router.add_argument("--models-max", type=int, default=4,
                         help="loaded models beyond which the router evicts by LRU (0: no limit)")
     router.add_argument("--no-models-autoload", action="store_true",
@@ -56,18 +63,18 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.flavor == "ollama":
+        return _serve_ollama(args, catalog)
+    if args.flavor == "llamacpp":
+        return _serve_llamacpp(args, catalog)
     opts = EmulatorOptions(version=args.version, api_token=args.api_token,
                            tokens_per_s=args.tokens_per_s,
                            zero_embedding_usage=args.zero_embedding_usage)
 
-    if args.flavor == "llamacpp":
-        with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(_run_router(args, catalog))
-        return 0
-
     async def run() -> None:
         emu = await start_emulator(
-            catalog, host=args.host, port=args.port, capacity_bytes=int(args.capacity_gb * GB),
+            catalog, host=args.host, port=1234 if args.port is None else args.port,
+            capacity_bytes=int(args.capacity_gb * GB),
             load_time_scale=args.load_time_scale,
             real_memory_scale=args.real_memory_scale if args.real_memory else None,
             jit=not args.no_jit, options=opts)
@@ -83,18 +90,45 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-async def _run_router(args: argparse.Namespace, catalog: list[CatalogModel]) -> None:
-    emu = await start_router_emulator(
-        catalog, host=args.host, port=args.port, tokens_per_s=args.tokens_per_s,
-        models_max=args.models_max, autoload=not args.no_models_autoload,
-        load_time_scale=args.load_time_scale, broken=frozenset(args.broken),
-        models_dir=args.models_dir)
-    print(f"llama.cpp router emulator on {emu.url} ({len(catalog)} models, "
-          f"--models-max {args.models_max})", flush=True)
-    try:
-        await asyncio.Event().wait()
-    finally:
-        await emu.close()
+def _serve_ollama(args: argparse.Namespace, catalog: list) -> int:
+    from .ollama import start_ollama_emulator
+
+    async def run() -> None:
+        emu = await start_ollama_emulator(
+            catalog, host=args.host, port=11434 if args.port is None else args.port,
+            max_loaded_models=args.max_loaded_models, max_queue=args.max_queue,
+            vram_bytes=int(args.capacity_gb * GB), default_keep_alive_s=args.keep_alive_s
+            if args.keep_alive_s >= 0 else float("inf"), load_time_scale=args.load_time_scale)
+        print(f"Ollama emulator on {emu.url} ({len(catalog)} models)", flush=True)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await emu.close()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run())
+    return 0
+
+
+def _serve_llamacpp(args: argparse.Namespace, catalog: list[CatalogModel]) -> int:
+    from .llamacpp import start_router_emulator
+
+    async def run() -> None:
+        emu = await start_router_emulator(
+            catalog, host=args.host, port=8080 if args.port is None else args.port,
+            tokens_per_s=args.tokens_per_s, models_max=args.models_max,
+            autoload=not args.no_models_autoload, load_time_scale=args.load_time_scale,
+            broken=frozenset(args.broken), models_dir=args.models_dir)
+        print(f"llama.cpp router emulator on {emu.url} ({len(catalog)} models, "
+              f"--models-max {args.models_max})", flush=True)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await emu.close()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run())
+    return 0
 
 
 if __name__ == "__main__":

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Callable
+from typing import Any
 
 import orjson
 
+from ..config import redact_url
 from ..store import UsageStore
 from .clock import Clock
 from .learning import ModelPattern, UsageLearner
@@ -37,14 +38,12 @@ def footprint_identity(upstream_url: str, key: str, load_options: Any) -> str:
 
 class Accounting:
     def __init__(self, registry: Registry, clock: Clock, listeners: Listeners,
-                 store: UsageStore | None, upstream_url: Callable[[], str],
-                 learner: UsageLearner) -> None:
+                 store: UsageStore | None, learner: UsageLearner) -> None:
         self.learner = learner
         self.registry = registry
         self.clock = clock
         self.listeners = listeners
         self.store = store
-        self._upstream_url = upstream_url
         self.usage: dict[str, ModelUsage] = {}
         # instance id → {"model", "load_config", "loaded_at"}: what this proxy loaded
         self.owned_instances: dict[str, dict[str, Any]] = {}
@@ -54,6 +53,11 @@ class Accounting:
         self._owned_add: dict[str, dict[str, Any]] = {}
         self._owned_remove: set[str] = set()
         self._restored_footprints: dict[str, dict[str, Any]] = {}
+
+    @property
+    def _upstream_url(self) -> str:
+        """What the history is filed under: the upstream as shown, never its credentials."""
+        return redact_url(self.registry.config.upstream.url)
 
     # -- requests ----------------------------------------------------------------------------
     def record(self, r: RequestRecord) -> None:
@@ -85,7 +89,7 @@ class Accounting:
 
     # -- learned facts -----------------------------------------------------------------------
     def identity(self, key: str) -> str:
-        return footprint_identity(self._upstream_url(), key,
+        return footprint_identity(self._upstream_url, key,
                                   dict(self.registry.config.model(key).load))
 
     def footprint_changed(self, e: ModelEntry) -> None:
@@ -120,7 +124,7 @@ class Accounting:
             return
         owned_add, self._owned_add = self._owned_add, {}
         owned_remove, self._owned_remove = self._owned_remove, set()
-        if not await asyncio.to_thread(self.store.write_owned, self._upstream_url(),
+        if not await asyncio.to_thread(self.store.write_owned, self._upstream_url,
                                        owned_add, owned_remove):
             self._keep_ownership(owned_add, owned_remove)
 
@@ -141,7 +145,7 @@ class Accounting:
         if self.store is None or self.store._db is not None or self.store.error is not None:
             return
         if await asyncio.to_thread(self.store.open):
-            self._restore(await asyncio.to_thread(self.store.load, self._upstream_url()))
+            self._restore(await asyncio.to_thread(self.store.load, self._upstream_url))
 
     def _restore(self, state: dict[str, Any]) -> None:
         for key, snap in state["stats"].items():
@@ -181,7 +185,7 @@ class Accounting:
         dirty_footprints, self._dirty_footprints = self._dirty_footprints, set()
         written = await asyncio.to_thread(
             self.store.write, minutes, stats, footprints, int(self.clock.wall() // 60),
-            upstream=self._upstream_url(), owned_add=owned_add, owned_remove=owned_remove,
+            upstream=self._upstream_url, owned_add=owned_add, owned_remove=owned_remove,
             patterns=patterns)
         if not written:   # kept for the next flush: a failed write loses nothing
             for minute_key, slot in minutes.items():

@@ -11,33 +11,32 @@ Parts, one job each: `registry` (what is known), `monitor` (memory and pressure)
 """
 from __future__ import annotations
 
-import asyncio
-import ipaddress
 import logging
-import socket
-from typing import Any
-from urllib.parse import urlsplit
+from typing import Any, Awaitable, Callable, Mapping
 
-from ..config import Config, redact_url
-from ..errors import ModelLoadFailed, ModelNotFound, ModelUnavailable
+from ..config import Config
+from ..errors import InvalidRequest, ModelLoadFailed, ModelNotFound, ModelUnavailable
 from ..liveconfig import LiveConfig
 from ..store import UsageStore
 from ..upstream.base import ApiLevel, Capabilities, ModelBackend
 from .accounting import Accounting
 from .clock import Clock, SystemClock
+from .context import EngineContext
 from .eviction import Evictor
-from .lifecycle import Lease, LeaseKind, ModelEntry, ModelStatus, transition
+from .leases import Leases
+from .lifecycle import Lease, ModelEntry, ModelStatus
 from .learning import UsageLearner
 from .listeners import Listeners
 from .loader import Loader
+from .mediated import MediatedLoad
 from .memory import (GB, BudgetSampler, MemoryPressure, MemorySample, MemorySampler,
                      NvmlSampler, PsutilSampler)
 from .monitor import MemoryMonitor
 from .periodic import Periodic
-from .preload import Preloader
-from .policy import decayed_heat
+from .preload import Preloader, PreloadTally
 from .reconcile import Reconciler
 from .registry import Registry, printable
+from .report import memory_stats, model_row, recommendations
 from .scheduler import Scheduler
 from .usage import ModelUsage, RequestRecord
 
@@ -45,6 +44,8 @@ log = logging.getLogger("proxy.engine")
 S = ModelStatus
 CATALOG_REFRESH_MIN_S = 2.0
 IDLE_CHECK_MAX_S = 60.0
+# What to do at critical memory pressure; returns the models it unloaded.
+CriticalHandler = Callable[[], Awaitable[list[str]]]
 
 
 def default_sampler(config: Config, charged_bytes: Any) -> MemorySampler:
@@ -55,21 +56,11 @@ def default_sampler(config: Config, charged_bytes: Any) -> MemorySampler:
     return PsutilSampler(gpu=NvmlSampler.create())
 
 
-def is_local_url(url: str) -> bool:
-    """Does this URL point at this host (so that its loads show up in local memory)?"""
-    host = (urlsplit(url).hostname or "").lower()
-    if host in ("localhost", socket.gethostname().lower()):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 class EngineCore:
     def __init__(self, config: Config | LiveConfig, upstream: ModelBackend, *,
                  sampler: MemorySampler | None = None, clock: Clock | None = None,
-                 store: UsageStore | None = None, owns_upstream: bool = False) -> None:
+                 store: UsageStore | None = None, owns_upstream: bool = False,
+                 on_critical: CriticalHandler | None = None) -> None:
         """`config`: the app's live holder, or a plain Config (the engine as a library)."""
         self.live = live = LiveConfig.of(config)
         config = live.current
@@ -79,31 +70,23 @@ class EngineCore:
         self.store = store
         self.listeners = Listeners()
         self.registry = r = Registry(live)
-        self._upstream_local = live.derive(lambda c: is_local_url(c.upstream.url))
         self.learner = UsageLearner()
-        self.accounting = Accounting(r, self.clock, self.listeners, store,
-                                     lambda: redact_url(self.config.upstream.url),
-                                     self.learner)
+        self.accounting = Accounting(r, self.clock, self.listeners, store, self.learner)
         self.monitor = MemoryMonitor(live, sampler or default_sampler(config, r.charged_bytes),
-                                     self.listeners, reserved_bytes=r.loading_bytes,
-                                     on_level=self._pressure_changed)
-        self.reconciler = Reconciler(r, upstream, self.accounting, self.monitor, self.clock,
-                                     self._set_status, self._room, listeners=self.listeners)
-        self.evictor = Evictor(r, self.monitor, upstream, self.accounting, self.listeners,
-                               self.clock, self._set_status, self._room, self.learner)
-        self.loader = Loader(r, self.monitor, upstream, self.evictor, self.accounting,
-                             self.listeners, self.clock, self._set_status,
-                             lambda: self._upstream_local.value)
-        self.scheduler = Scheduler(r, self.monitor, self.evictor, self.loader, self.listeners,
-                                   self.clock, self._set_status)
-        self.preloader = Preloader(r, self.learner, self.monitor, self.clock, self.listeners,
-                                   self.scheduler.preload,
-                                   lambda: self.scheduler.requests_waiting)
-        self.evictor.on_unused_preload = self.preloader.unloaded_unused
-        self.scheduler.after_load = self._after_load
-        self.scheduler.on_preload_started = self.preloader.started
+                                     self.listeners, reserved_bytes=r.loading_bytes)
+        self.ctx = ctx = EngineContext(r, self.monitor, self.accounting, self.listeners,
+                                       self.clock, upstream, self.learner)
+        self.preloads = PreloadTally(r)
+        self.reconciler = Reconciler(ctx)
+        self.evictor = Evictor(ctx, self.preloads)
+        self.loader = Loader(ctx, self.evictor)
+        self.scheduler = Scheduler(ctx, self.evictor, self.loader, self.preloads,
+                                   after_load=self._after_load)
+        self.preloader = Preloader(ctx, self.preloads, self.scheduler)
+        # Critical pressure: the library's manager may answer it its own way.
+        self._on_critical = on_critical or self.relieve_critical
+        self.leases = Leases(ctx, self.preloader, self.preloads, self.scheduler)
         self._periodic = Periodic("engine", log)
-        self._active: set[Lease] = set()
         live.on_swap(self._config_swapped)
 
     @property
@@ -124,7 +107,7 @@ class EngineCore:
         sampler = self.monitor.sampler
         if isinstance(sampler, BudgetSampler) and new.memory.budget_gb is not None:
             sampler.budget_bytes = int(new.memory.budget_gb * GB)
-        self.scheduler.kick()   # a wait may be over: limits, pins or priorities changed
+        self.ctx.wake()   # a wait may be over: limits, pins or priorities changed
 
     # -- the engine's own lifecycle ----------------------------------------------------------
     async def start(self) -> None:
@@ -171,7 +154,7 @@ class EngineCore:
         """A USE lease on a resident model, loading it first if needed; raises ProxyError."""
         e = self.registry.get(name)
         if e is not None and (e.status is S.LOADED or not self.manages_loading):
-            return self._lease(e)   # hot path: no lock, no await
+            return self.leases.use(e)   # hot path: no lock, no await
         if e is None:
             e = self.registry.entries[await self.resolve(name)]
         arrived_s = self.clock.now()
@@ -180,7 +163,7 @@ class EngineCore:
         deadline_s = arrived_s + self.config.eviction.queue_timeout_s
         while True:
             if e.status is S.LOADED or not self.manages_loading:
-                return self._lease(e, observed=True)
+                return self.leases.use(e, observed=True)
             if e.status is S.ERROR and self.clock.now() < e.retry_at_s:
                 raise ModelLoadFailed(e.last_error or f"'{e.key}' failed to load",
                                       retry_after_s=e.retry_at_s - self.clock.now())
@@ -198,7 +181,7 @@ class EngineCore:
             return None
         deadline_s = self.clock.now() + self.config.eviction.queue_timeout_s
         pending = await self.scheduler.admit_mediated(e, deadline_s)
-        return None if pending is None else MediatedLoad(self, pending, owner)
+        return None if pending is None else MediatedLoad(self.loader, self.scheduler, pending, owner)
 
     def client_connection(self, client: str, delta: int) -> None:
         """An SDK client (`sdk:<id>`, the owner of what it loads) opened (+1) or closed (-1) a
@@ -207,7 +190,7 @@ class EngineCore:
         clients[client] += delta
         if clients[client] <= 0:
             del clients[client]
-            self.scheduler.kick()
+            self.ctx.wake()
 
     def hold(self, name: str) -> Lease | None:
         """A HOLD lease on a loaded model (None if it is not loaded): it cannot be unloaded
@@ -216,31 +199,7 @@ class EngineCore:
         e = self.registry.get(name)
         if e is None or e.status is not S.LOADED:
             return None
-        lease = Lease(e, self._on_release, self.clock.now(), LeaseKind.HOLD)
-        self._active.add(lease)
-        return lease
-
-    def _lease(self, e: ModelEntry, observed: bool = False) -> Lease:
-        now = self.clock.now()
-        e.heat = decayed_heat(e.heat, e.heat_at_s, now) + 1.0
-        e.heat_at_s = now
-        e.last_used_at_s = now
-        if not observed:
-            self.learner.observe(e.key, now, self.clock.wall())
-            self.preloader.after_request(e.key)
-        if e.preloaded:
-            self.preloader.used(e)
-        lease = Lease(e, self._on_release, now)
-        self._active.add(lease)
-        return lease
-
-    def _on_release(self, lease: Lease) -> None:
-        self._active.discard(lease)
-        e = lease.entry
-        if lease.kind is LeaseKind.USE:
-            e.last_used_at_s = self.clock.now()
-        if not e.busy and self.scheduler.pending:
-            self.scheduler.kick()
+        return self.leases.hold(e)
 
     def record(self, r: RequestRecord) -> None:
         self.accounting.record(r)
@@ -250,7 +209,7 @@ class EngineCore:
         self.listeners.add(listener)
 
     def active_leases(self) -> list[Lease]:
-        return [lease for lease in self._active if lease.kind is LeaseKind.USE]
+        return self.leases.in_use()
 
     async def resolve(self, name: str) -> str:
         """Alias, key or instance id → model key; refreshes the catalogue once before giving
@@ -279,13 +238,14 @@ class EngineCore:
         await self.relieve_pressure()
 
     async def relieve_pressure(self) -> list[str]:
-        """At high pressure evict by policy until back to normal; at critical, escalate."""
+        """At high pressure evict by policy until back to normal; at critical, escalate (to
+        the handler given at construction, if one was)."""
         if self.memory_pressure is MemoryPressure.CRITICAL:
-            return await self._handle_critical_memory()
+            return await self._on_critical()
         return await self.evictor.relieve(critical=False)
 
-    async def _handle_critical_memory(self) -> list[str]:
-        """Critical memory; overridable. By default: evict idle models by policy, ignoring
+    async def relieve_critical(self) -> list[str]:
+        """The default answer to critical memory: evict idle models by policy, ignoring
         their residency, until pressure is back to normal."""
         log.error("critical memory pressure; evicting idle models regardless of residency")
         return await self.evictor.relieve(critical=True)
@@ -296,7 +256,7 @@ class EngineCore:
     async def reconcile(self) -> None:
         late = await self.reconciler.run()
         await self.evictor.unload_abandoned(late, lambda key: key in self.scheduler.pending)
-        self.scheduler.kick()
+        self.ctx.wake()
 
     async def _after_load(self) -> None:
         """A server that evicts by itself may have dropped another model for this load (even
@@ -308,45 +268,54 @@ class EngineCore:
     async def flush(self) -> None:
         await self.accounting.flush()
 
+    # -- operations (the admin API's and the library's) ---------------------------------------
+    async def load(self, name: str, priority: int | None = None) -> bool:
+        """Make a model resident now (a USE lease taken and released at once); `priority`
+        (1–10) is kept for it until the proxy restarts."""
+        key = await self.resolve(name)
+        if priority is not None:
+            if not 1 <= priority <= 10:
+                raise InvalidRequest("priority must be 1..10", param="priority")
+            self.registry.priority_override[key] = priority
+        if not self.manages_loading:
+            level = self.api_level.value if self.api_level else "unknown"
+            raise ModelUnavailable(f"the upstream ({level}) cannot load models on request")
+        lease = await self.acquire(key)
+        lease.release()
+        return True
+
     async def unload(self, name: str, *, reason: str = "manual",
                      drain_timeout_s: float | None = None) -> bool:
         """Unload after in-flight requests finish (never cut a generation)."""
         e = self.registry.entries[await self.resolve(name)]
         timeout_s = drain_timeout_s if drain_timeout_s is not None else \
             self.config.eviction.queue_timeout_s
-        try:
-            async with asyncio.timeout(timeout_s):
-                while e.status in (S.LOADING, S.UNLOADING) or e.busy:
-                    if e.leases or e.holds:
-                        await e.drained.wait()
-                    elif e.reserved:
-                        await asyncio.sleep(0)   # its waiters take their leases first
-                    elif e.load_task is not None and not e.load_task.done():
-                        await asyncio.wait([e.load_task])
-                    else:
-                        await e.settled.wait()
-        except TimeoutError:
-            raise ModelUnavailable(f"'{e.key}' is still busy after {timeout_s:g}s ({e.leases} "
-                                   f"request(s), {e.holds} probe(s) or reads); not unloaded",
-                                   retry_after_s=timeout_s) from None
-        if e.status is not S.LOADED:
-            return False
-        async with self.evictor.lock:
-            await self.evictor.unload(e, reason)
-        return e.status is S.UNLOADED
+        return await self.evictor.unload_drained(e, reason, timeout_s)
 
-    # -- state changes -----------------------------------------------------------------------
-    def _set_status(self, e: ModelEntry, status: ModelStatus) -> None:
-        old = transition(e, status)
-        self.reconciler.note_change(e.key)
-        if old is not status:
-            self.listeners.emit("on_state", e.key, old.value, status.value)
+    async def clear(self) -> list[str]:
+        """Unload every loaded model the proxy may unload (pins included: an explicit clear)."""
+        cleared = []
+        for key in self.registry.loaded():
+            e = self.registry.entries[key]
+            if e.owned or self.config.eviction.manage_external:
+                if await self.unload(key, reason="manual"):
+                    cleared.append(key)
+        return cleared
 
-    def _room(self) -> None:
-        self.scheduler.kick()
+    async def optimize(self) -> dict[str, Any]:
+        """Idle models unloaded, then pressure relieved."""
+        idle = await self.unload_idle_models()
+        await self.sample_memory()
+        pressure = await self.relieve_pressure()
+        return {"unloaded_idle": idle, "evicted_for_pressure": pressure,
+                "memory_pressure": self.memory_pressure.value}
 
-    def _pressure_changed(self, level: MemoryPressure) -> None:
-        self.listeners.emit("on_pressure", level)
+    def pin(self, key: str, pinned: bool) -> None:
+        """A runtime pin (POST /proxy/models/pin): kept until the proxy restarts."""
+        self.registry.pin_override[key] = pinned
+
+    def pinned(self, key: str) -> bool:
+        return self.registry.pinned(key)
 
     # -- views -------------------------------------------------------------------------------
     @property
@@ -388,8 +357,33 @@ class EngineCore:
     def sampler(self) -> MemorySampler:
         return self.monitor.sampler
 
+    @property
+    def last_reconcile_s(self) -> float:
+        return self.reconciler.last_run_s
+
     def known_models(self) -> list[str]:
         return self.registry.keys()
+
+    def loaded_models(self) -> list[str]:
+        return self.registry.loaded()
+
+    def owner_of(self, name: str) -> tuple[str | None, str | None]:
+        """A model name or instance identifier → (its key, its owner while loaded)."""
+        key = self.registry.key_of(name)
+        e = self.registry.entries.get(key) if key is not None else None
+        return key, (e.owner if e is not None and e.status is S.LOADED else None)
+
+    def report(self) -> dict[str, Any]:
+        """The original get_memory_stats() shape, plus per-model rows (GET /proxy/stats)."""
+        return memory_stats(self)
+
+    def row(self, key: str) -> dict[str, Any]:
+        """The one per-model view (GET /proxy/models)."""
+        return model_row(self, key, self.clock.now())
+
+    def recommend(self, context: Mapping[str, Any] | str | None = None) -> dict[str, Any]:
+        """Recommendations for a task, and the choice behind `auto:<task>`."""
+        return recommendations(self, context)
 
     def entry(self, name: str) -> ModelEntry | None:
         return self.registry.get(name)
@@ -399,6 +393,9 @@ class EngineCore:
 
     def footprint_bytes(self, e: ModelEntry) -> float:
         return self.registry.footprint_bytes(e)
+
+    def footprint_source(self, e: ModelEntry) -> str:
+        return self.registry.footprint_source(e)
 
     def priority(self, key: str) -> int:
         return self.registry.priority(key)
@@ -411,25 +408,3 @@ class EngineCore:
         """The most any one model may take; unbounded until memory was first sampled."""
         s = self.monitor.last_sample
         return self.monitor.ceiling_bytes(s) if s is not None else float("inf")
-
-
-class MediatedLoad:
-    """An admitted load that its requester performs; report exactly once."""
-
-    def __init__(self, core: EngineCore, pending: Any, owner: str) -> None:
-        self._core, self._pending, self.owner = core, pending, owner
-        self.key = pending.entry.key
-        self.reported = False
-
-    def loaded(self, instance_id: str) -> None:
-        if not self.reported:
-            self.reported = True
-            self._core.loader.mediated_loaded(self._pending.entry, instance_id, self.owner)
-            self._core.scheduler.finish_mediated(self._pending, None)
-
-    def failed(self, message: str) -> None:
-        if not self.reported:
-            self.reported = True
-            error = ModelLoadFailed(message)
-            self._core.loader.mediated_failed(self._pending.entry, error)
-            self._core.scheduler.finish_mediated(self._pending, error)

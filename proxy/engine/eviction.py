@@ -10,18 +10,14 @@ import asyncio
 import logging
 from typing import Callable
 
-from ..upstream.base import ModelBackend
-from .accounting import Accounting
-from .clock import Clock
+from ..errors import ModelUnavailable
+from .context import EngineContext
 from .lifecycle import ModelEntry, ModelStatus
-from .listeners import Listeners
 from .memory import MemoryPressure
-from .monitor import MemoryMonitor
-from .learning import UsageLearner
+from .preload import PreloadTally
 from .policy import (NOT_OURS, PREDICTION_HORIZON_S, SET_POLICIES, Candidate, blocker,
                      cheapest_cover, client_blocker, decayed_heat, expected_cost_s,
-                     in_residency, select_victims)
-from .registry import Registry
+                     expected_hold_s, in_residency, select_victims)
 
 log = logging.getLogger("proxy.engine")
 S = ModelStatus
@@ -33,23 +29,19 @@ PRELOAD_EVICT_MARGIN = 0.25   # a preload evicts only what costs under a quarter
 
 
 class Evictor:
-    def __init__(self, registry: Registry, monitor: MemoryMonitor, backend: ModelBackend,
-                 accounting: Accounting, listeners: Listeners, clock: Clock,
-                 set_status: Callable[[ModelEntry, ModelStatus], None],
-                 on_room: Callable[[], None], learner: UsageLearner) -> None:
-        self.learner = learner
-        self.registry = registry
-        self.monitor = monitor
-        self.backend = backend
-        self.accounting = accounting
-        self.listeners = listeners
-        self.clock = clock
-        self._set_status = set_status
-        self._on_room = on_room
+    def __init__(self, ctx: EngineContext, preloads: PreloadTally) -> None:
+        self.ctx = ctx
+        self.learner = ctx.learner
+        self.registry = ctx.registry
+        self.monitor = ctx.monitor
+        self.backend = ctx.backend
+        self.accounting = ctx.accounting
+        self.listeners = ctx.listeners
+        self.clock = ctx.clock
+        self.preloads = preloads
         # One mutation of memory at a time: evictions for a load, for pressure, by hand.
         self.lock = asyncio.Lock()
         self._evicted_at: dict[str, float] = {}
-        self.on_unused_preload: Callable[[ModelEntry], None] = lambda e: None
         self._last_thrash_s: float | None = None
 
     # -- the anti-thrash hold ----------------------------------------------------------------
@@ -67,23 +59,37 @@ class Evictor:
 
     def hold_s(self) -> float:
         hold = self.config.eviction.hold
-        if hold == "off":
+        if hold in ("off", "expected"):
             return 0.0
         if hold == "adaptive":
             return ADAPTIVE_HOLD_S if self.thrashing else 0.0
         return float(hold)
+
+    def hold_for(self, e: ModelEntry, now: float) -> float:
+        """How long loaded model e is spared after its load."""
+        if self.config.eviction.hold != "expected":
+            return self.hold_s()
+        return expected_hold_s(self.registry.reload_s(e), self._p_reuse(e.key, now))
+
+    def _p_reuse(self, key: str, now: float) -> float:
+        return max(self.learner.predict(key, now, PREDICTION_HORIZON_S).p_within,
+                   self.learner.follow_chance(key, now))
 
     @property
     def config(self):  # noqa: ANN201 - the registry holds the live config
         return self.registry.config
 
     # -- who may go --------------------------------------------------------------------------
-    def why_kept(self, e: ModelEntry, *, critical: bool, requester_waited_s: float = 0.0
-                 ) -> str | None:
-        """Why loaded model e may not be evicted now (None: it may)."""
+    def why_kept(self, e: ModelEntry, *, critical: bool, requester_waited_s: float = 0.0,
+                 waiters: int = 1) -> str | None:
+        """Why loaded model e may not be evicted now (None: it may). Under `hold: expected`
+        the wait weighed against the hold is every waiter's: waiters × seconds waited."""
         ours, not_ours = self.ours(e, critical=critical)
+        now = self.clock.now()
+        if self.config.eviction.hold == "expected":
+            requester_waited_s *= max(1, waiters)
         return blocker(busy=e.busy > 0, pinned=self.registry.pinned(e.key), ours=ours,
-                       held=in_residency(e.loaded_at_s, self.clock.now(), self.hold_s(),
+                       held=in_residency(e.loaded_at_s, now, self.hold_for(e, now),
                                          requester_waited_s),
                        critical=critical, not_ours=not_ours)
 
@@ -100,14 +106,15 @@ class Evictor:
         return why is None, why or NOT_OURS
 
     def candidates(self, *, exclude: str | None, critical: bool,
-                   requester_waited_s: float = 0.0, predicted: bool = False
+                   requester_waited_s: float = 0.0, waiters: int = 1, predicted: bool = False
                    ) -> list[Candidate]:
         now = self.clock.now()
         out = []
         for e in self.registry:
             if e.status is not S.LOADED or e.key == exclude:
                 continue
-            if self.why_kept(e, critical=critical, requester_waited_s=requester_waited_s):
+            if self.why_kept(e, critical=critical, requester_waited_s=requester_waited_s,
+                             waiters=waiters):
                 continue
             out.append(self.candidate(e, now, predicted=predicted))
         return out
@@ -117,7 +124,7 @@ class Evictor:
         if predicted or self.config.eviction.policy in SET_POLICIES:
             p_reuse = self.learner.predict(e.key, now, PREDICTION_HORIZON_S).p_within
         return Candidate(
-            p_reuse=p_reuse,
+            p_reuse=p_reuse, p_follow=self.learner.follow_chance(e.key, now),
             key=e.key, footprint_bytes=self.registry.footprint_bytes(e),
             last_used_s=e.last_used_at_s or e.loaded_at_s or now,
             priority=self.registry.priority(e.key), reload_s=self.registry.reload_s(e),
@@ -125,10 +132,12 @@ class Evictor:
             heat=decayed_heat(e.heat, e.heat_at_s, now))
 
     def choose(self, need_bytes: float, *, exclude: str | None, critical: bool,
-               requester_waited_s: float = 0.0, partial: bool = False) -> tuple[str, ...]:
+               requester_waited_s: float = 0.0, waiters: int = 1, partial: bool = False
+               ) -> tuple[str, ...]:
         return select_victims(self.config.eviction.policy,
                               self.candidates(exclude=exclude, critical=critical,
-                                              requester_waited_s=requester_waited_s),
+                                              requester_waited_s=requester_waited_s,
+                                              waiters=waiters),
                               need_bytes, self.clock.now(), partial=partial)
 
     async def evict_for_guess(self, key: str, short_bytes: float, value_s: float) -> bool:
@@ -165,23 +174,23 @@ class Evictor:
         local = self.monitor.sampler.local
         # Only a footprint we observed is worth waiting for; an estimate may never come back.
         before = await self.monitor.sample() if local and learned else None
-        if e.status is not S.LOADED or e.busy:
-            return False     # a request took it while we sampled
-        self.listeners.emit("on_evict", e.key, reason, for_model)
+        if e.busy or e.status is not S.LOADED:
+            return False     # a request took it, or someone else unloaded it, while we sampled
         instance_ids = e.instance_ids
-        self._set_status(e, S.UNLOADING)
+        self.listeners.emit("on_evict", e.key, reason, for_model)   # told before the state
+        self.ctx.swap(e, S.LOADED, S.UNLOADING)
         try:
             for instance_id in instance_ids or (e.key,):
                 await self.backend.unload(instance_id)
         except BaseException:
-            self._set_status(e, S.LOADED)
+            self.ctx.swap(e, S.UNLOADING, S.LOADED)
             raise
         self.monitor.changes += 1
         e.evictions[reason] += 1
         self._evicted_at[e.key] = self.clock.now()
         if e.preloaded:
-            self.on_unused_preload(e)
-        self._set_status(e, S.UNLOADED)
+            self.preloads.unloaded_unused(e)
+        self.ctx.swap(e, S.UNLOADING, S.UNLOADED)
         self.accounting.forget_owned(instance_ids)
         log.info("unloaded %s (%s%s)", e.key, reason, f" for {for_model}" if for_model else "")
         if before is not None and learned:
@@ -189,9 +198,31 @@ class Evictor:
         else:
             await self.monitor.sample()   # the memory figures show the unload at once
         await self.accounting.commit_ownership()
-        self._on_room()
+        self.ctx.wake()                   # the memory is back: a waiting load may fit now
         self.listeners.emit("on_unload", e.key, reason)
         return True
+
+    async def unload_drained(self, e: ModelEntry, reason: str, timeout_s: float) -> bool:
+        """Unload e once in-flight requests finish (never cut a generation); ModelUnavailable
+        if it is still busy after timeout_s. False if it was not loaded by then."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                while e.status in (S.LOADING, S.UNLOADING) or e.busy:
+                    if e.leases or e.holds:
+                        await e.drained.wait()
+                    elif e.reserved:
+                        await asyncio.sleep(0)   # its waiters take their leases first
+                    elif e.load_task is not None and not e.load_task.done():
+                        await asyncio.wait([e.load_task])
+                    else:
+                        await e.settled.wait()
+        except TimeoutError:
+            raise ModelUnavailable(f"'{e.key}' is still busy after {timeout_s:g}s ({e.leases} "
+                                   f"request(s), {e.holds} probe(s) or reads); not unloaded",
+                                   retry_after_s=timeout_s) from None
+        async with self.lock:
+            await self.unload(e, reason)
+        return e.status is S.UNLOADED
 
     async def _await_reclaim(self, target_available_bytes: float) -> None:
         """After an unload memory returns to the OS a little later; admit nothing before."""

@@ -12,14 +12,17 @@ import collections
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Protocol
 
 from ..config import HealthConfig
 from .lifecycle import ModelStatus
 from .memory import MemoryPressure
 from .periodic import Periodic
-from .report import model_row, upstream_state
+from .report import upstream_state
 from .usage import BOUNDS_S, quantile_of
+
+if TYPE_CHECKING:
+    from .face import Engine
 
 log = logging.getLogger("proxy.health")
 
@@ -57,7 +60,7 @@ class _LatencyHistory:
 
 
 class ModelHealthMonitor:
-    def __init__(self, manager: Any, config: HealthConfig | None = None, *,
+    def __init__(self, manager: "Engine", config: HealthConfig | None = None, *,
                  sink: AlertSink | None = None,
                  prober: Callable[[str], Awaitable[None]] | None = None) -> None:
         self.manager = manager
@@ -175,7 +178,7 @@ class ModelHealthMonitor:
 
     async def _probe_all(self) -> None:
         assert self.prober is not None
-        for key in self.manager.registry.loaded():
+        for key in self.manager.loaded_models():
             started = time.perf_counter()
             try:
                 await self.prober(key)
@@ -210,7 +213,7 @@ class ModelHealthMonitor:
         now = m.clock.now()
         models = {}
         for key in m.known_models():
-            row = model_row(m, key, now)
+            row = m.row(key)
             probe = self.probes.get(key)
             models[key] = {
                 **{k: row[k] for k in REPORT_FIELDS},
@@ -225,7 +228,7 @@ class ModelHealthMonitor:
             "system_health": {
                 "memory_pressure": m.memory_pressure.value,
                 "upstream": upstream_state(m),
-                "loaded_models": len(m.registry.loaded()),
+                "loaded_models": len(m.loaded_models()),
                 "requests_in_flight": len(m.active_leases()),
                 "queue_length": m.queue_length},
             "models": models,

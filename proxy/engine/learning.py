@@ -147,6 +147,16 @@ class ModelPattern:
             return 0.0                   # a rhythm needs a week of history to be one
         return self.hours[hour_of_week(wall_s)] / weeks
 
+    def rate_at_hour_of_day(self, wall_s: float, ahead_s: float = 0.0) -> float:
+        """Requests in the hour of the day ahead_s from now, per day observed (1.0: asked for
+        in that hour every day): "what usually starts at this hour", learnt after a day."""
+        if self.first_wall_s is None:
+            return 0.0
+        days = (wall_s - self.first_wall_s) / 86400.0
+        if days < 1.0:
+            return 0.0
+        return sum(self.hours[hour_of_week(wall_s + ahead_s) % 24::24]) / days
+
     # -- persistence -------------------------------------------------------------------------
     def snapshot(self, now_s: float = 0.0, wall_s: float = 0.0) -> dict[str, Any]:
         """What survives a restart; the last request as wall time (the engine's clock is
@@ -227,6 +237,15 @@ class UsageLearner:
         if p is None or not p.requests:
             return 0.0
         return min(1.0, p.followers.get(follower, 0) / p.requests)
+
+    def follow_chance(self, key: str, now_s: float) -> float:
+        """The chance key is asked for soon because a recent request's model is usually
+        followed by it (and it has not come yet): a pipeline's next step."""
+        best = 0.0
+        for at_s, source, seen in self._recent:
+            if source != key and key not in seen and now_s - at_s <= FOLLOW_WINDOW_S:
+                best = max(best, self.follow_probability(source, key))
+        return best
 
     def likely_next(self, source: str, min_probability: float) -> list[tuple[str, float]]:
         """Models that followed source at least min_probability of the time, likeliest first."""

@@ -17,19 +17,17 @@ too (`unfinished_since_s`, claimed here or by the reconcile loop).
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
-from typing import Callable
+import socket
+from urllib.parse import urlsplit
 
 from ..errors import ModelLoadFailed, UpstreamError, UpstreamUnreachable
-from ..upstream.base import LoadResult, ModelBackend
-from .accounting import Accounting
-from .clock import Clock
+from ..upstream.base import LoadResult
+from .context import EngineContext
 from .eviction import Evictor
 from .lifecycle import OWNER_EXTERNAL, OWNER_PROXY, ModelEntry, ModelStatus
-from .listeners import Listeners
 from .memory import GB, MemorySample
-from .monitor import MemoryMonitor
-from .registry import Registry
 
 log = logging.getLogger("proxy.engine")
 S = ModelStatus
@@ -37,24 +35,31 @@ PLAUSIBLE_FOOTPRINT = (0.5, 3.0)   # learned footprint / file size outside this 
 ERROR_BACKOFF_MAX_S = 60.0
 
 
+def is_local_url(url: str) -> bool:
+    """Does this URL point at this host (so that its loads show up in local memory)?"""
+    host = (urlsplit(url).hostname or "").lower()
+    if host in ("localhost", socket.gethostname().lower()):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class Loader:
-    def __init__(self, registry: Registry, monitor: MemoryMonitor, backend: ModelBackend,
-                 evictor: Evictor, accounting: Accounting, listeners: Listeners, clock: Clock,
-                 set_status: Callable[[ModelEntry, ModelStatus], None],
-                 upstream_is_local: Callable[[], bool]) -> None:
-        self.registry = registry
-        self.monitor = monitor
-        self.backend = backend
+    def __init__(self, ctx: EngineContext, evictor: Evictor) -> None:
+        self.ctx = ctx
+        self.registry = ctx.registry
+        self.monitor = ctx.monitor
+        self.backend = ctx.backend
+        self.accounting = ctx.accounting
+        self.listeners = ctx.listeners
+        self.clock = ctx.clock
         self.evictor = evictor
-        self.accounting = accounting
-        self.listeners = listeners
-        self.clock = clock
-        self._set_status = set_status
-        self._upstream_is_local = upstream_is_local
 
     @property
     def learns_footprints(self) -> bool:
-        return self.monitor.sampler.local and self._upstream_is_local()
+        return self.monitor.sampler.local and is_local_url(self.registry.config.upstream.url)
 
     async def load(self, e: ModelEntry, before: MemorySample | None) -> None:
         """e is LOADING (admitted); leave it LOADED or ERROR/UNLOADED, raising on failure."""
@@ -89,7 +94,7 @@ class Loader:
                 self.accounting.remember_owned(e, result.instance_id, options)
                 await self.accounting.commit_ownership()   # durable before it serves
         finally:                                # even if cancelled meanwhile: it is loaded
-            self._set_status(e, S.LOADED)
+            self.ctx.swap(e, S.LOADING, S.LOADED)
             e.owner = OWNER_PROXY if ours else OWNER_EXTERNAL
         after = await self.monitor.sample()    # the pressure level sees the load at once
         alone = alone and not any(x.status is S.LOADING for x in self.registry if x is not e)
@@ -111,7 +116,7 @@ class Loader:
         e.load_failures, e.last_error = 0, None
         e.learn_load_time(duration_s)
         self._fitted(e)
-        self._set_status(e, S.LOADED)
+        self.ctx.swap(e, S.LOADING, S.LOADED)
         e.owner = owner
         if self.registry.config.native.evict != "never":
             # Once its client is gone the model is the proxy's to manage, after a restart too;
@@ -214,15 +219,15 @@ class Loader:
         return ()
 
     def _fail(self, e: ModelEntry, exc: BaseException) -> None:
-        if e.status is not S.LOADING:
-            return
         if isinstance(exc, asyncio.CancelledError):   # given up, not failed: no backoff
-            self._set_status(e, S.UNLOADED)
+            self.ctx.swap(e, S.LOADING, S.UNLOADED)
+            return
+        if e.status is not S.LOADING:
             return
         e.load_failures += 1
         e.last_error = getattr(exc, "message", None) or str(exc) or type(exc).__name__
         e.retry_at_s = self.clock.now() + min(ERROR_BACKOFF_MAX_S, 2.0 ** (e.load_failures - 1))
-        self._set_status(e, S.ERROR)
+        self.ctx.swap(e, S.LOADING, S.ERROR)
         log.warning("loading %s failed: %s", e.key, e.last_error)
         self.listeners.emit("on_load", e.key, 0.0, False)
 

@@ -21,12 +21,10 @@ log = logging.getLogger("proxy.engine")
 
 class MemoryMonitor:
     def __init__(self, live: LiveConfig, sampler: MemorySampler, listeners: Listeners, *,
-                 reserved_bytes: Callable[[], float],
-                 on_level: Callable[[MemoryPressure], None] | None = None) -> None:
+                 reserved_bytes: Callable[[], float]) -> None:
         self.sampler = sampler
         self.listeners = listeners
         self._reserved = reserved_bytes       # loads in flight not yet seen by the sampler
-        self._on_level = on_level
         self.last_sample: MemorySample | None = None
         self.changes = 0     # loads and unloads finished: a footprint is learned only alone
         self._soon: set[asyncio.Task] = set()
@@ -64,8 +62,7 @@ class MemoryMonitor:
             log.log(logging.WARNING if new.rank > old.rank else logging.INFO,
                     "memory pressure %s → %s (%.0f%% used, %.1f GB free)", old.value,
                     new.value, s.used_percent, s.available_bytes / GB)
-            if self._on_level is not None:
-                self._on_level(new)
+            self.listeners.emit("on_pressure", new)
         self.listeners.emit("on_memory", s, new.value)
         return s
 

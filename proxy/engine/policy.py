@@ -38,6 +38,7 @@ class Candidate:
     rate_per_h: float = 0.0   # requests in the last hour
     heat: float = 0.0         # requests decayed by age to now (half-life HEAT_HALF_LIFE_S)
     p_reuse: float = 0.0      # learned: probability of a request within PREDICTION_HORIZON_S
+    p_follow: float = 0.0     # learned: chance it is a recent request's next pipeline step
 
 
 ValueFunction = Callable[[Candidate, float], float]
@@ -87,6 +88,13 @@ def in_residency(loaded_at_s: float | None, now_s: float, residency: float,
     return now_s - loaded_at_s < residency and requester_waited_s < residency
 
 
+def expected_hold_s(reload_s: float, p_reuse: float) -> float:
+    """`hold: expected`: a fresh model is spared as long as evicting it is expected to cost —
+    its reload seconds × the chance it is asked for again soon. The waiting that sparing it
+    causes (waiters × seconds waited) is weighed against that, so no request waits longer."""
+    return max(reload_s, 0.0) * min(max(p_reuse, 0.0), 1.0)
+
+
 def decayed_heat(heat: float, heat_at_s: float, now_s: float) -> float:
     """Requests decayed by age with a HEAT_HALF_LIFE_S half-life."""
     return heat * 0.5 ** ((now_s - heat_at_s) / HEAT_HALF_LIFE_S)
@@ -109,7 +117,8 @@ def priority_value(c: Candidate, now_s: float) -> float:
 
 def cost_aware_value(c: Candidate, now_s: float) -> float:
     idle_s = max(now_s - c.last_used_s, 1.0)
-    rate_per_s = 1.0 / idle_s + c.heat * HEAT_RATE_PER_S
+    # A pipeline's next step is due within a minute whatever its idle time says.
+    rate_per_s = 1.0 / idle_s + c.heat * HEAT_RATE_PER_S + c.p_follow / PREDICTION_HORIZON_S
     gb = max(c.footprint_bytes / GB, 0.05)
     return priority_weight(c.priority) * max(c.reload_s, 0.01) / gb * rate_per_s
 
@@ -119,7 +128,7 @@ PREDICTION_HORIZON_S = 60.0
 
 def expected_cost_s(c: Candidate) -> float:
     """Reload seconds evicting c is expected to cause (priority-weighted)."""
-    return priority_weight(c.priority) * max(c.reload_s, 0.01) * c.p_reuse
+    return priority_weight(c.priority) * max(c.reload_s, 0.01) * max(c.p_reuse, c.p_follow)
 
 
 def predictive_value(c: Candidate, now_s: float) -> float:

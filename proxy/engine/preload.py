@@ -1,9 +1,11 @@
 """Predictive preloading: load what the usage model expects next, into free memory only.
 
-Two triggers: a request for A preloads B when B follows A (within `learning.FOLLOW_WINDOW_S`)
+Triggers: a request for A preloads B when B follows A (within `learning.FOLLOW_WINDOW_S`)
 with probability at least `preload.min_probability`; and every monitoring interval, a model
 due by its rhythm (requested in this hour of the week at least `preload.rhythm_min_rate`
-times a week) is preloaded. A preload never waits for memory and gives way to any load a request
+times a week) is preloaded, and into free memory only (never evicting) a model that usually
+starts in the coming hour of the day (as often, per day observed) or whose own gaps give it
+at least `preload.min_probability` of a request within a minute. A preload never waits for memory and gives way to any load a request
 waits for. A preloaded model is counted useful when a request uses it before it
 is unloaded, wasted (with its GB) when it is unloaded unused.
 
@@ -15,34 +17,53 @@ inside its residency or not the proxy's.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any
 
-from .clock import Clock
-from .learning import UsageLearner
+from .context import EngineContext
 from .lifecycle import ModelEntry, ModelStatus
-from .listeners import Listeners
-from .monitor import MemoryMonitor
+from .policy import PREDICTION_HORIZON_S
 from .registry import Registry
+
+if TYPE_CHECKING:
+    from .scheduler import Scheduler
 
 log = logging.getLogger("proxy.engine")
 S = ModelStatus
 MAX_FOLLOWERS_PRELOADED = 2
 BURST_GAP_S = 1.0          # requests closer than this to the previous one preload nothing new
+HOUR_LEAD_S = 300.0        # what usually starts in an hour is preloaded this long before it
+
+
+class PreloadTally:
+    """What preloading achieved: counted by the scheduler (a preload started), the core (a
+    preloaded model used) and the evictor (unloaded unused)."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        self.queued = self.preloads = self.useful = self.wasted = 0
+        self.wasted_bytes = 0.0
+
+    def started(self, e: ModelEntry) -> None:
+        self.preloads += 1
+
+    def used(self, e: ModelEntry) -> None:
+        e.preloaded = False
+        self.useful += 1
+
+    def unloaded_unused(self, e: ModelEntry) -> None:
+        e.preloaded = False
+        self.wasted += 1
+        self.wasted_bytes += self.registry.footprint_bytes(e)
 
 
 class Preloader:
-    def __init__(self, registry: Registry, learner: UsageLearner, monitor: MemoryMonitor,
-                 clock: Clock, listeners: Listeners,
-                 queue: Callable[[ModelEntry, float], bool], busy: Callable[[], bool]) -> None:
-        self.registry = registry
-        self.learner = learner
-        self.monitor = monitor
-        self.clock = clock
-        self.listeners = listeners
-        self._queue = queue          # scheduler.preload
-        self._busy = busy            # a request waits for a load
-        self.queued = self.preloads = self.useful = self.wasted = 0
-        self.wasted_bytes = 0.0
+    def __init__(self, ctx: EngineContext, tally: PreloadTally, scheduler: "Scheduler") -> None:
+        self.registry = ctx.registry
+        self.learner = ctx.learner
+        self.clock = ctx.clock
+        self.listeners = ctx.listeners
+        self.tally = tally
+        self.scheduler = scheduler
 
     @property
     def config(self) -> Any:
@@ -58,44 +79,45 @@ class Preloader:
         if pattern.last_gap_s is not None and pattern.last_gap_s < BURST_GAP_S:
             return                       # a burst: its first request already looked
         threshold = self.config.min_probability * pattern.requests
-        if max(pattern.followers.values()) < threshold or self._busy():
+        if max(pattern.followers.values()) < threshold or self.scheduler.requests_waiting:
             return                       # nobody follows it often enough: the common case
         for follower, probability in self.learner.likely_next(
                 key, self.config.min_probability)[:MAX_FOLLOWERS_PRELOADED]:
             self._try(follower, probability, f"follows {key}")
 
     async def tick(self) -> None:
-        """Preload what is due by its rhythm."""
-        if not self.config.enabled or self._busy():
+        """Preload what is due: by its weekly rhythm; into free memory only, what usually
+        starts in the coming hour of the day (a session's first request, which no sequence
+        predicts) and what its own gaps say is likely asked for within a minute."""
+        if not self.config.enabled or self.scheduler.requests_waiting:
             return
-        wall = self.clock.wall()
+        wall, now = self.clock.wall(), self.clock.now()
+        rate = self.config.rhythm_min_rate
         for key, pattern in list(self.learner.patterns.items()):
-            if pattern.rate_in_hour(wall) >= self.config.rhythm_min_rate:
+            e = self.registry.entries.get(key)
+            if e is None or e.status is not S.UNLOADED:
+                continue
+            if pattern.rate_in_hour(wall) >= rate:
                 self._try(key, 0.5, "due by its rhythm")
+            elif pattern.rate_at_hour_of_day(wall, HOUR_LEAD_S) >= rate:
+                self._try(key, 0.5, "usually asked for at this hour", may_evict=False)
+            else:
+                p = self.learner.predict(key, now, PREDICTION_HORIZON_S).p_within
+                if p >= self.config.min_probability:
+                    self._try(key, p, "due by its gaps", may_evict=False)
 
-    def _try(self, key: str, probability: float, why: str) -> None:
+    def _try(self, key: str, probability: float, why: str, *, may_evict: bool = True) -> None:
         e = self.registry.entries.get(key)
         if e is None or e.status is not S.UNLOADED:
             return
-        if self._queue(e, probability * self.registry.reload_s(e)):
-            self.queued += 1
+        if self.scheduler.preload(e, probability * self.registry.reload_s(e),
+                                  may_evict=may_evict):
+            self.tally.queued += 1
             log.debug("preload of %s queued (%s)", key, why)
             self.listeners.emit("on_preload", key, why)
 
-    def started(self, e: ModelEntry) -> None:
-        self.preloads += 1
-
-    # -- outcomes ----------------------------------------------------------------------------
-    def used(self, e: ModelEntry) -> None:
-        e.preloaded = False
-        self.useful += 1
-
-    def unloaded_unused(self, e: ModelEntry) -> None:
-        e.preloaded = False
-        self.wasted += 1
-        self.wasted_bytes += self.registry.footprint_bytes(e)
-
     def summary(self) -> dict[str, Any]:
-        return {"enabled": self.config.enabled, "queued": self.queued, "preloads": self.preloads,
-                "useful": self.useful, "wasted": self.wasted,
-                "wasted_gb": round(self.wasted_bytes / 1e9, 2)}
+        t = self.tally
+        return {"enabled": self.config.enabled, "queued": t.queued, "preloads": t.preloads,
+                "useful": t.useful, "wasted": t.wasted,
+                "wasted_gb": round(t.wasted_bytes / 1e9, 2)}

@@ -37,6 +37,8 @@ class Registry:
         self.pin_override: dict[str, bool] = {}
         self.clients: Counter[str] = Counter()   # SDK client (owner) → its open connections
         self.live = live
+        # Names the server itself takes for a model (Ollama's `llama3.2` for llama3.2:latest).
+        self.upstream_aliases: dict[str, str] = {}
 
     @property
     def config(self) -> Config:
@@ -64,7 +66,8 @@ class Registry:
         for e in self.entries.values():
             if key in e.instance_ids:
                 return e.key
-        return None
+        key = self.upstream_aliases.get(name)
+        return key if key in self.entries else None
 
     def ensure(self, key: str) -> tuple[ModelEntry, bool]:
         """The entry for key, created if new (True)."""

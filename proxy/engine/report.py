@@ -1,16 +1,21 @@
-"""The one per-model view: built here, read by `/proxy/stats`, `/proxy/models`, the health
-report, `python -m proxy status` and the metrics, so names and rounding never drift apart."""
+"""The engine's views: the one per-model view, read by `/proxy/stats`, `/proxy/models`, the
+health report, `python -m proxy status` and the metrics, so names and rounding never drift
+apart; and the facts behind recommendations and `auto:<task>`, gathered from the engine for
+the pure ranking in engine.recommend."""
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 from ..config import redact_url
 from .lifecycle import ModelStatus
 from .memory import GB
+from .policy import PREDICTION_HORIZON_S
+from .recommend import Context, ModelFacts, recommend
 
 if TYPE_CHECKING:
     from .core import EngineCore
+    from .face import Engine
 
 S = ModelStatus
 
@@ -75,9 +80,38 @@ def memory_stats(core: "EngineCore") -> dict[str, Any]:
     }
 
 
-def upstream_state(core: "EngineCore") -> dict[str, Any]:
-    rec = core.reconciler
-    return {"ok": rec.upstream_ok, "url": redact_url(core.config.upstream.url),
-            "api_level": None if rec.api_level is None else rec.api_level.value,
-            "manages_loading": core.manages_loading, "error": rec.upstream_error,
-            "capabilities": None if rec.capabilities is None else asdict(rec.capabilities)}
+def upstream_state(engine: "Engine") -> dict[str, Any]:
+    level = engine.api_level
+    return {"ok": engine.upstream_ok, "url": redact_url(engine.config.upstream.url),
+            "api_level": None if level is None else level.value,
+            "manages_loading": engine.manages_loading, "error": engine.upstream_error,
+            "capabilities": None if engine.capabilities is None else asdict(engine.capabilities)}
+
+
+def recommendations(core: "EngineCore", context: Mapping[str, Any] | str | None
+                    ) -> dict[str, Any]:
+    """{"recommended_models", "models_to_preload", "models_to_unload", "not_loadable",
+    "reasoning"} for a context with `task_type`, `complexity` and `urgency` (0–1),
+    `available_memory_gb`, `model_type` (llm | embedding)."""
+    task = Context.of(context).task
+    now = core.clock.now()
+    r = core.registry
+    manage_external = core.config.eviction.manage_external
+    facts = []
+    for e in r:
+        u = core.accounting.usage_of(e.key)
+        t = u.tasks.get(task)
+        facts.append(ModelFacts(
+            key=e.key, type=e.type, loaded=e.status is S.LOADED,
+            idle=e.status is S.LOADED and not e.busy and not r.pinned(e.key) and
+            (e.owned or manage_external),                 # what could be unloaded
+            footprint_bytes=r.footprint_bytes(e), reload_s=r.reload_s(e),
+            priority=r.priority(e.key), success_rate=u.success_rate,
+            requests=u.requests, task_requests=int(t[0]) if t else 0,
+            task_success_rate=1.0 - t[1] / t[0] if t and t[0] else 1.0,
+            task_latency_s=t[2] / t[0] if t and t[0] else None,
+            p_reuse=core.learner.predict(e.key, now, PREDICTION_HORIZON_S).p_within,
+            load_error=(e.last_error or "no reason given")
+            if e.status is S.ERROR and now < e.retry_at_s else None))
+    return recommend(facts, context, headroom_bytes=core.headroom_bytes(),
+                     tasks=core.config.tasks, ceiling_bytes=core.ceiling_bytes())

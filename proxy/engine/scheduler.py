@@ -27,15 +27,13 @@ from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
 from ..errors import ModelLoadFailed, ProxyError, UpstreamTimeout
-from .clock import Clock
+from .context import EngineContext
 from .eviction import Evictor
 from .lifecycle import ModelEntry, ModelStatus
-from .listeners import Listeners
 from .loader import Loader
 from .memory import MemoryPressure, MemorySample
-from .monitor import MemoryMonitor
+from .preload import PreloadTally
 from .refusals import WILL_GO, Holder, Refusals
-from .registry import Registry
 
 log = logging.getLogger("proxy.engine")
 S = ModelStatus
@@ -58,28 +56,26 @@ class Pending:
     # it is expected to save (`value_s`).
     speculative: bool = False
     value_s: float = 0.0
+    may_evict: bool = True     # False: into free memory only
 
 
 class Scheduler:
-    def __init__(self, registry: Registry, monitor: MemoryMonitor, evictor: Evictor,
-                 loader: Loader, listeners: Listeners, clock: Clock,
-                 set_status: Callable[[ModelEntry, ModelStatus], None]) -> None:
-        self.registry = registry
-        self.monitor = monitor
+    def __init__(self, ctx: EngineContext, evictor: Evictor, loader: Loader,
+                 preloads: PreloadTally, *,
+                 after_load: Callable[[], Awaitable[None]] | None = None) -> None:
+        self.ctx = ctx
+        self.registry = ctx.registry
+        self.monitor = ctx.monitor
+        self.listeners = ctx.listeners
+        self.clock = ctx.clock
         self.evictor = evictor
         self.loader = loader
-        self.listeners = listeners
-        self.clock = clock
-        self._set_status = set_status
+        self.preloads = preloads
         self.pending: dict[str, Pending] = {}
-        self.refusals = Refusals(registry, monitor, evictor, clock)
-        self._wake = asyncio.Event()
-        self._idle = asyncio.Event()    # set while the admitting task has nothing to do
-        self._idle.set()
+        self.refusals = Refusals(ctx.registry, ctx.monitor, evictor, ctx.clock)
         self._task: asyncio.Task | None = None
-        self.on_preload_started: Callable[[ModelEntry], None] = lambda e: None
         # After each load attempt of its own (the core reconciles a self-evicting server).
-        self.after_load: Callable[[], Awaitable[None]] = _nothing
+        self.after_load = after_load or _nothing
 
     @property
     def config(self):  # noqa: ANN201
@@ -97,13 +93,12 @@ class Scheduler:
 
     def kick(self) -> None:
         """Something changed that may let a waiting load proceed."""
-        self._wake.set()
-        if self.pending:
-            self._idle.clear()
+        self.ctx.wake()
 
     async def settled(self) -> None:
         """Wait until every pending load has been looked at since the last change."""
-        await self._idle.wait()
+        if self.pending:
+            await self.ctx.looked.wait()
 
     # -- the request side --------------------------------------------------------------------
     async def ensure_loaded(self, e: ModelEntry, deadline_s: float) -> None:
@@ -168,15 +163,15 @@ class Scheduler:
                 self._finish(p, None)         # the caller went away before its turn
         return p if admitted else None
 
-    def preload(self, e: ModelEntry, value_s: float) -> bool:
-        """Queue a speculative load of e, expected to save value_s seconds of reload; False if
-        a load of it is already pending."""
+    def preload(self, e: ModelEntry, value_s: float, *, may_evict: bool = True) -> bool:
+        """Queue a speculative load of e, expected to save value_s seconds of reload (into free
+        memory only unless may_evict); False if a load of it is already pending."""
         if e.key in self.pending or e.status is not S.UNLOADED:
             return False
         done = asyncio.get_running_loop().create_future()
         done.add_done_callback(_consume)
         self.pending[e.key] = Pending(e, self.clock.now(), done, speculative=True,
-                                      value_s=value_s)
+                                      value_s=value_s, may_evict=may_evict)
         self._ensure_running()
         self.kick()
         return True
@@ -240,21 +235,22 @@ class Scheduler:
         try:
             await self._admit_while_pending()
         finally:
-            self._idle.set()
+            self.ctx.looked.set()
 
     async def _admit_while_pending(self) -> None:
+        woken = self.ctx.woken
         while self.pending:
-            self._wake.clear()
+            woken.clear()
             try:
                 recheck_s = await self._pass()
             except Exception:   # a bug here must not strand every waiting request
                 log.exception("admission pass failed; retrying")
                 recheck_s = 1.0
-            if self._wake.is_set():
+            if woken.is_set():
                 continue
-            self._idle.set()
+            self.ctx.looked.set()
             try:
-                await asyncio.wait_for(self._wake.wait(), recheck_s)
+                await asyncio.wait_for(woken.wait(), recheck_s)
             except TimeoutError:
                 pass
 
@@ -316,7 +312,8 @@ class Scheduler:
                 return True, None
             if any(not q.admitted and not q.speculative for q in self.pending.values()):
                 return False, None            # requested loads first; it waits its turn
-            if short > 0 and not await self.evictor.evict_for_guess(e.key, short, p.value_s):
+            if short > 0 and not (p.may_evict and
+                                  await self.evictor.evict_for_guess(e.key, short, p.value_s)):
                 self._finish(p, None)         # no room worth making: drop it
                 return True, None
             sample = await self.monitor.sample()
@@ -330,7 +327,7 @@ class Scheduler:
             waited_s = self.clock.now() - p.since_s
             victims = self.evictor.choose(short, exclude=e.key,
                                           critical=self.monitor.level is MemoryPressure.CRITICAL,
-                                          requester_waited_s=waited_s)
+                                          requester_waited_s=waited_s, waiters=p.waiters)
             if not victims:
                 p.holders = self.refusals.holders(e, waited_s)
                 will_go = sum(size for _, size, why in p.holders if why in WILL_GO)
@@ -340,28 +337,28 @@ class Scheduler:
                     return True, None
                 return False, will_go - short
             await self.evictor.evict(victims, "admission", e.key)
-            if e.status is S.LOADED:        # someone else loaded it meanwhile
-                self._finish(p, None)
-                return True, None
             sample = await self.monitor.sample()
             if need > self.monitor.headroom(sample):
                 return False, None          # memory is not back yet; the next pass looks again
-        self._admit(p, sample)
-        return True, None
+        # The state seen before the awaits above must still hold: a model loaded or being
+        # unloaded by someone else meanwhile is for the next pass to look at.
+        return self._admit(p, sample), None
 
-    def _admit(self, p: Pending, sample: MemorySample) -> None:
+    def _admit(self, p: Pending, sample: MemorySample) -> bool:
         e = p.entry
+        if not self.ctx.swap(e, (S.UNLOADED, S.ERROR), S.LOADING):
+            return False
         self.evictor.note_load(e.key)
-        self._set_status(e, S.LOADING)
         p.admitted = True
         e.loading_since_s = self.clock.now()
         self.listeners.emit("on_queue_wait", e.key, e.loading_since_s - p.since_s)
         if p.speculative:
-            self.on_preload_started(e)
+            self.preloads.started(e)
         if p.go is not None:
             p.go.set_result(True)             # its requester loads it
-            return
+            return True
         e.load_task = asyncio.create_task(self._load(p, sample), name=f"load:{e.key}")
+        return True
 
     async def _load(self, p: Pending, sample: MemorySample) -> None:
         try:
@@ -383,13 +380,15 @@ class Scheduler:
         now = self.clock.now()
         ev = self.config.eviction
         times = []
-        for p in self.pending.values():
-            if not p.admitted:
-                times.append(p.since_s + ev.fairness_s)
-                res = self.evictor.hold_s()
-                times.append(p.since_s + res)
-                times += [e.loaded_at_s + res for e in self.registry
-                          if e.status is S.LOADED and e.loaded_at_s is not None]
+        waiting = [p for p in self.pending.values() if not p.admitted]
+        holds = [(e.loaded_at_s, self.evictor.hold_for(e, now)) for e in self.registry
+                 if waiting and e.status is S.LOADED and e.loaded_at_s is not None]
+        weighted = ev.hold == "expected"     # the hold weighs every waiter's wait
+        for p in waiting:
+            times.append(p.since_s + ev.fairness_s)
+            for loaded_at_s, res in holds:
+                times.append(loaded_at_s + res)
+                times.append(p.since_s + res / (max(1, p.waiters) if weighted else 1))
         future = [t - now for t in times if t > now]
         return max(0.001, min(future)) if future else None
 

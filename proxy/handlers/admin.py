@@ -6,7 +6,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from ..engine.report import model_row
+from ..engine.face import Engine
 from ..errors import ConfigRejected, InvalidRequest
 from ..intake import check_model_name
 from ..keys import AUTH, COMPAT, CONFIG, ENGINE, EVENTS
@@ -31,6 +31,11 @@ async def _json_object(request: web.Request) -> dict[str, Any]:
     return data
 
 
+def _state(engine: Engine, key: str) -> str | None:
+    e = engine.entry(key)
+    return None if e is None else e.status.value
+
+
 def _model_field(request: web.Request, data: dict[str, Any]) -> str:
     model = data.get("model")
     if not isinstance(model, str) or not model:
@@ -41,9 +46,8 @@ def _model_field(request: web.Request, data: dict[str, Any]) -> str:
 
 async def models(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
-    now = engine.clock.now()
     return json_response({"object": "list",
-                          "data": [model_row(engine, key, now) for key in engine.known_models()],
+                          "data": [engine.row(key) for key in engine.known_models()],
                           "queue_length": engine.queue_length,
                           "memory_pressure": engine.memory_pressure.value})
 
@@ -57,17 +61,17 @@ async def load(request: web.Request) -> web.Response:
         raise InvalidRequest("'priority' must be an integer 1..10.", param="priority")
     engine = request.app[ENGINE]
     key = await engine.resolve(model)
-    await engine.load_model(key, priority)
-    return json_response({"model": key, "state": engine.model_status[key].value})
+    await engine.load(key, priority)
+    return json_response({"model": key, "state": _state(engine, key)})
 
 
 async def unload(request: web.Request) -> web.Response:
     data = await _json_object(request)
     engine = request.app[ENGINE]
     key = await engine.resolve(_model_field(request, data))
-    unloaded = await engine.unload_model(key)
+    unloaded = await engine.unload(key)
     return json_response({"model": key, "unloaded": unloaded,
-                          "state": engine.model_status[key].value})
+                          "state": _state(engine, key)})
 
 
 async def pin(request: web.Request) -> web.Response:
@@ -78,21 +82,21 @@ async def pin(request: web.Request) -> web.Response:
         raise InvalidRequest("'pinned' must be true or false.", param="pinned")
     engine = request.app[ENGINE]
     key = await engine.resolve(_model_field(request, data))
-    engine.set_pinned(key, pinned)
+    engine.pin(key, pinned)
     request.app[EVENTS].publish("pin", {"model": key, "pinned": pinned})
-    return json_response({"model": key, "pinned": engine.is_pinned(key)})
+    return json_response({"model": key, "pinned": engine.pinned(key)})
 
 
 async def optimize(request: web.Request) -> web.Response:
-    return json_response(await request.app[ENGINE].optimize_memory_usage())
+    return json_response(await request.app[ENGINE].optimize())
 
 
 async def clear(request: web.Request) -> web.Response:
-    return json_response({"unloaded": await request.app[ENGINE].clear_all_models()})
+    return json_response({"unloaded": await request.app[ENGINE].clear()})
 
 
 async def stats(request: web.Request) -> web.Response:
-    return json_response({**request.app[ENGINE].get_memory_stats(),
+    return json_response({**request.app[ENGINE].report(),
                           "compat": request.app[COMPAT].counts(),
                           "auth": request.app[AUTH].counters.snapshot()})
 
@@ -106,7 +110,7 @@ async def recommendations(request: web.Request) -> web.Response:
                 context[name] = float(q[name])
             except ValueError:
                 raise InvalidRequest(f"'{name}' must be a number.", param=name) from None
-    return json_response(request.app[ENGINE].get_model_recommendations(context))
+    return json_response(request.app[ENGINE].recommend(context))
 
 
 async def reload(request: web.Request) -> web.Response:

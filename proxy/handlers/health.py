@@ -7,7 +7,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from ..config import redact_url
-from ..engine.manager import ModelMemoryManager
+from ..engine.face import Engine
 from ..keys import ENGINE, HEALTH, METRICS, UPSTREAM
 from .admin import json_response
 
@@ -25,8 +25,8 @@ class Readiness:
     def __init__(self) -> None:
         self._look: asyncio.Future[None] | None = None
 
-    async def refresh(self, engine: ModelMemoryManager, tripped: bool) -> None:
-        age_s = engine.clock.now() - engine.reconciler.last_run_s
+    async def refresh(self, engine: Engine, tripped: bool) -> None:
+        age_s = engine.clock.now() - engine.last_reconcile_s
         if engine.upstream_ok and not tripped and \
                 age_s < engine.config.upstream.readiness_max_age_s:
             return

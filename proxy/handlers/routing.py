@@ -15,12 +15,13 @@ from typing import Any
 
 from aiohttp import web
 
-from ..engine.manager import ModelMemoryManager
+from ..auth import check_model
+from ..engine.face import Engine
 from ..engine.recommend import task_model_type
 from ..errors import InvalidRequest, ModelNotFound, ModelTooLarge
+from ..keys import ENGINE, ROUTED_TO, TASK
 
 AUTO = "auto"
-ROUTED_HEADER = "X-Proxy-Model"
 _TASK_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,47}$")
 _UNSAFE = re.compile(r"[^a-z0-9_.-]+")
 EMBEDDING_PATHS = frozenset({"/v1/embeddings"})
@@ -28,6 +29,22 @@ EMBEDDING_PATHS = frozenset({"/v1/embeddings"})
 
 def is_auto(name: str) -> bool:
     return name == AUTO or name.startswith(AUTO + ":")
+
+
+async def route(request: web.Request, payload: dict[str, Any], name: str) -> str:
+    """The model key that serves `name`: `auto:<task>`'s pick or the name resolved, each one
+    the client's key may use. The request is tagged with its task, and with the pick."""
+    engine = request.app[ENGINE]
+    task = task_of(request, payload, name)
+    if is_auto(name):
+        key = choose(engine, request, payload, task)
+        check_model(request, key)          # a key limited to models: the pick too
+        request[ROUTED_TO] = key
+    else:
+        check_model(request, name)
+        key = await engine.resolve(name)
+    request[TASK] = task
+    return key
 
 
 def task_of(request: web.Request, payload: dict[str, Any], name: str) -> str | None:
@@ -71,7 +88,7 @@ def model_type_of(path: str) -> str:
     return "embedding" if path in EMBEDDING_PATHS else "llm"
 
 
-def choose(engine: ModelMemoryManager, request: web.Request, payload: dict[str, Any],
+def choose(engine: Engine, request: web.Request, payload: dict[str, Any],
            task: str | None) -> str:
     kind = model_type_of(request.path)
     context: dict[str, Any] = {"task_type": task or ("embedding" if kind == "embedding"
@@ -87,7 +104,7 @@ def choose(engine: ModelMemoryManager, request: web.Request, payload: dict[str, 
         value = _unit(request, payload, name)
         if value is not None:
             context[name] = value
-    result = engine.get_model_recommendations(context)
+    result = engine.recommend(context)
     if result["recommended_models"]:
         return result["recommended_models"][0]
     if result["not_loadable"]:

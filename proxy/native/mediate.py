@@ -22,7 +22,8 @@ from typing import Any, Awaitable, Callable
 
 import orjson
 
-from ..engine.core import EngineCore, MediatedLoad
+from ..engine.face import Engine
+from ..engine.mediated import MediatedLoad
 from ..engine.lifecycle import Lease, ModelStatus
 from ..engine.usage import RequestRecord
 from ..errors import ModelNotFound, ProxyError
@@ -58,7 +59,7 @@ class _Held:
 class Mediator:
     """One client websocket's mediation (namespace `llm`, `embedding`, ...)."""
 
-    def __init__(self, engine: EngineCore, namespace: str, to_upstream: Send,
+    def __init__(self, engine: Engine, namespace: str, to_upstream: Send,
                  to_client: Send, owner: str, guard: Guard) -> None:
         self.engine, self.ns = engine, namespace
         self.to_upstream, self.to_client = to_upstream, to_client

@@ -20,12 +20,11 @@ from yarl import URL
 
 from ..config import redact_url
 from ..auth import CLIENT_KEY
-from ..engine.core import EngineCore
-from ..engine.lifecycle import ModelStatus
 from ..errors import RouteNotFound, UpstreamUnreachable
-from ..keys import AUTH, CONFIG, ENGINE, UPSTREAM
+from ..keys import AUTH, CONFIG, ENGINE
 from . import GREETING, NAMESPACES
 from .guard import Admitted, Guard, LoadBook, Refusal, handshake
+from ..server.relay import read_upstream
 from .mediate import Mediator, Send
 
 log = logging.getLogger("proxy.native")
@@ -63,11 +62,7 @@ async def _session_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def greeting(request: web.Request) -> web.Response:
     """The SDKs' probe; LM Studio's answer, so a proxy in front of no LM Studio says so."""
-    async with request.app[UPSTREAM].request("GET", "/lmstudio-greeting", {}, None) as resp:
-        body = await resp.read()
-        return web.Response(body=body, status=resp.status,
-                            content_type=resp.headers.get("Content-Type", "application/json")
-                            .split(";")[0])
+    return await read_upstream(request, "GET", "/lmstudio-greeting")
 
 
 def upstream_ws_url(base_url: str, path_qs: str) -> str:
@@ -152,20 +147,13 @@ async def _refuse(client: web.WebSocketResponse, refusal: Refusal, structured: b
 async def _serve(app: web.Application, ns: str, client: web.WebSocketResponse,
                  upstream: aiohttp.ClientWebSocketResponse, admitted: Admitted) -> None:
     engine = app[ENGINE]
-    guard = Guard(admitted, ns, app[LOAD_BOOK], lambda name: _resolve(engine, name))
+    guard = Guard(admitted, ns, app[LOAD_BOOK], engine.owner_of)
     engine.client_connection(admitted.owner, +1)
     try:
         await _relay(client, upstream, Mediator(
             engine, ns, _sender(upstream), _sender(client), admitted.owner, guard))
     finally:
         engine.client_connection(admitted.owner, -1)
-
-
-def _resolve(engine: EngineCore, name: str) -> tuple[str | None, str | None]:
-    """A model name or instance identifier → (its model key, its owner) as the engine knows."""
-    key = engine.registry.key_of(name)
-    e = engine.registry.entries.get(key) if key is not None else None
-    return key, (e.owner if e is not None and e.status is ModelStatus.LOADED else None)
 
 
 def _sender(ws: web.WebSocketResponse | aiohttp.ClientWebSocketResponse) -> Send:

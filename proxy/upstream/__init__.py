@@ -20,4 +20,10 @@ def create_upstream(config: "UpstreamConfig") -> Upstream:
     if config.kind == "llamacpp":
         from .llamacpp import LlamaCppProtocol
         return LlamaCppProtocol(config)
+    if config.kind == "ollama":
+        from .ollama import OllamaProtocol
+        return OllamaProtocol(config)
+    if config.kind == "openai":
+        from .openai import OpenAIProtocol
+        return OpenAIProtocol(config)
     raise ValueError(f"unknown upstream kind {config.kind!r}")

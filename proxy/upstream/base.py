@@ -56,6 +56,7 @@ class UpstreamModel:
     loading: bool = False
     max_context_length: int | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
+    aliases: tuple[str, ...] = ()              # other names the server answers to for it
 
     @property
     def loaded(self) -> bool:

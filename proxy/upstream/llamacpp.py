@@ -1,4 +1,4 @@
-"""llama.cpp's `llama-server` in router mode (`kind: llamacpp`), spoken through a transport.
+"""llama.cpp's `llama-server` in router mode (`kind: llamacpp`), over HTTP (http.py).
 
 The router lists its models at `GET /models` with a status each (`unloaded`, `loading`,
 `loaded`, `sleeping`; `failed: true` with the child's `exit_code` after a load that died).
@@ -20,18 +20,14 @@ import logging
 import os
 import socket
 import time
-from typing import Any, AsyncIterable, Mapping
+from typing import Any, Mapping
 from urllib.parse import urlsplit
-
-import orjson
 
 from ..config import UpstreamConfig
 from ..errors import ModelLoadFailed, UpstreamError, UpstreamTimeout
 from .base import ApiLevel, Capabilities, LoadResult, UpstreamModel
-from .breaker import CircuitBreaker
-from .lmstudio import _error_text, _split_credentials
+from .http import HttpBackend, error_text
 from .llamacpp_procs import ChildSpec, child_spec, resident_bytes
-from .transport import Exchange, Transport, create_transport
 
 log = logging.getLogger("proxy.upstream")
 RESIDENT = ("loaded", "sleeping")     # a sleeping model wakes on its next request by itself
@@ -40,16 +36,13 @@ POLL_FIRST_S, POLL_MAX_S = 0.02, 0.25
 UNLOAD_TIMEOUT_S = 60.0
 
 
-class LlamaCppProtocol:
+class LlamaCppProtocol(HttpBackend):
+    name = "llama.cpp"
+
     def __init__(self, config: UpstreamConfig) -> None:
-        self.config = config
-        self.base_url, basic = _split_credentials(config.url)
+        super().__init__(config)
         self.level: ApiLevel | None = None
         self.local = _is_local(self.base_url)   # psutil sees the model processes
-        self.breaker = CircuitBreaker(config.breaker_failures, config.breaker_cooldown_s)
-        self._forward: Transport | None = None
-        self._manage: Transport | None = None
-        self._token_header = f"Bearer {config.api_token}" if config.api_token else basic
         self._sizes: dict[str, int] = {}     # weight bytes, once seen (meta.size or the file)
 
     @property
@@ -57,30 +50,6 @@ class LlamaCppProtocol:
         return Capabilities(manages_loading=self.level is ApiLevel.MANAGED,
                             reports_memory=self.local, self_evicts=True,
                             multi_instance=False, native_clients=False)
-
-    async def start(self) -> None:
-        if self._forward is None:
-            c = self.config
-            self._manage = create_transport(c, "aiohttp", self.breaker, url=self.base_url)
-            self._forward = (self._manage if c.client == "aiohttp"
-                             else create_transport(c, c.client, self.breaker,
-                                                   url=self.base_url))
-
-    async def close(self) -> None:
-        forward, manage = self._forward, self._manage
-        self._forward = self._manage = None
-        if forward is not None and forward is not manage:
-            await forward.close()
-        if manage is not None:
-            await manage.close()
-
-    def request(self, method: str, path: str, headers: dict[str, str],
-                body: bytes | AsyncIterable[bytes] | None) -> Exchange:
-        if self._forward is None:
-            raise RuntimeError("LlamaCppProtocol.start() was not awaited")
-        if self._token_header:
-            headers["Authorization"] = self._token_header
-        return self._forward.request(method, path, headers, body)
 
     # -- management --------------------------------------------------------------------------
     async def detect(self) -> ApiLevel:
@@ -131,7 +100,7 @@ class LlamaCppProtocol:
         business (its preset), so none are sent."""
         started_s = time.monotonic()
         status, body = await self._call("POST", "/models/load", {"model": key})
-        reason = _error_text(body) or f"HTTP {status}"
+        reason = error_text(body) or f"HTTP {status}"
         if status == 404:
             raise ModelLoadFailed(f"llama.cpp could not load '{key}': the router does not "
                                   f"know it ({reason})")
@@ -150,7 +119,7 @@ class LlamaCppProtocol:
 
     async def unload(self, instance_id: str) -> None:
         status, body = await self._call("POST", "/models/unload", {"model": instance_id})
-        reason = _error_text(body) or f"HTTP {status}"
+        reason = error_text(body) or f"HTTP {status}"
         if status == 404 or (status == 400 and ("not running" in reason
                                                  or "not found" in reason)):
             return   # already gone: the state we wanted
@@ -183,7 +152,7 @@ class LlamaCppProtocol:
         if status != 200 or not isinstance(body, dict) or not isinstance(body.get("data"),
                                                                           list):
             raise UpstreamError(f"unexpected answer from GET /models: HTTP {status} "
-                                f"{_error_text(body) or ''}".rstrip())
+                                f"{error_text(body) or ''}".rstrip())
         return [m for m in body["data"] if isinstance(m, dict) and isinstance(m.get("id"), str)]
 
     def _remember_size(self, m: dict[str, Any]) -> None:
@@ -215,21 +184,6 @@ class LlamaCppProtocol:
             instance_ids=(m["id"],) if value in RESIDENT or "status" not in m else (),
             loading=value == "loading", max_context_length=meta.get("n_ctx_train"),
             extra=extra)
-
-    async def _call(self, method: str, path: str, payload: Any = None) -> tuple[int, Any]:
-        if self._manage is None:
-            raise RuntimeError("LlamaCppProtocol.start() was not awaited")
-        data = orjson.dumps(payload) if payload is not None else None
-        headers = {"Content-Type": "application/json"}
-        if self._token_header:
-            headers["Authorization"] = self._token_header
-        async with self._manage.request(method, path, headers, data) as resp:
-            raw = await resp.read()
-            status = resp.status
-        try:
-            return status, orjson.loads(raw) if raw else None
-        except orjson.JSONDecodeError:
-            return status, raw.decode("utf-8", "replace")
 
 
 def _status(m: Mapping[str, Any]) -> dict[str, Any]:

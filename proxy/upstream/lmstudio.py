@@ -8,9 +8,7 @@ lack of memory is told apart from other failures so the engine can evict and ret
 """
 from __future__ import annotations
 
-import base64
 from typing import Any, AsyncIterable, Mapping
-from urllib.parse import unquote, urlsplit, urlunsplit
 
 import orjson
 
@@ -18,6 +16,7 @@ from ..config import UpstreamConfig
 from ..errors import ModelLoadFailed, UpstreamError
 from .base import ApiLevel, Capabilities, LoadResult, UpstreamModel
 from .breaker import CircuitBreaker
+from .http import error_text as _error_text, split_credentials as _split_credentials
 from .transport import Exchange, Transport, create_transport
 
 
@@ -164,29 +163,6 @@ class LMStudioProtocol:
 
 # The name the app, the library and the tests know it by.
 LMStudioUpstream = LMStudioProtocol
-
-
-def _split_credentials(url: str) -> tuple[str, str | None]:
-    """(the URL without user:password@, the Basic Authorization header they make, or None)."""
-    parts = urlsplit(url.rstrip("/"))
-    if "@" not in parts.netloc:
-        return url.rstrip("/"), None
-    userinfo, _, host = parts.netloc.rpartition("@")
-    user, _, password = userinfo.partition(":")
-    token = base64.b64encode(f"{unquote(user)}:{unquote(password)}".encode()).decode()
-    return urlunsplit(parts._replace(netloc=host)), f"Basic {token}"
-
-
-def _error_text(body: Any) -> str | None:
-    if isinstance(body, str):
-        return body.strip() or None
-    if isinstance(body, dict):
-        err = body.get("error")
-        if isinstance(err, str):
-            return err
-        if isinstance(err, dict):
-            return str(err.get("message") or err)
-    return None
 
 
 def _from_v1(m: dict[str, Any]) -> UpstreamModel:

@@ -1,11 +1,13 @@
-"""ModelMemoryManager: the original design's library API, a thin facade over EngineCore.
+"""ModelMemoryManager: the original design's library API, wrapped around an EngineCore.
 
     async with ModelMemoryManager(max_memory_usage_percent=80, min_free_memory_gb=4) as m:
         await m.ensure_models_available(["qwen/qwen3-4b"], priority=8)
         m.record_model_usage("qwen/qwen3-4b", latency=0.8, success=True, tokens_used=120)
 
 Without `upstream=` (or with a URL), it builds the configured adapter (`upstream.kind`) and
-closes it itself.
+closes it itself. The engine itself is `manager.core`; the manager offers the engine's face
+(`proxy.engine.face.Engine`) by reading it through, plus the original names, hooks and the
+overridable `_handle_critical_memory()`, which the core calls at critical pressure.
 """
 from __future__ import annotations
 
@@ -15,20 +17,17 @@ import logging
 from typing import Any, Callable, Iterable, Mapping
 
 from ..config import Config, load_config
-from ..errors import InvalidRequest, ModelUnavailable, ProxyError
+from ..engine.clock import Clock
+from ..engine.core import EngineCore
+from ..engine.lifecycle import ModelEntry, ModelStatus
+from ..engine.memory import MemoryPressure, MemorySampler
+from ..engine.usage import ModelUsage, RequestRecord
+from ..errors import ProxyError
 from ..store import UsageStore
 from ..upstream import create_upstream
 from ..upstream.base import ModelBackend
-from .clock import Clock
-from .core import EngineCore
-from .lifecycle import ModelEntry, ModelStatus
-from .memory import MemoryPressure, MemorySampler
-from .policy import PREDICTION_HORIZON_S
-from .recommend import Context, ModelFacts, recommend
-from .report import memory_stats
-from .usage import ModelUsage, RequestRecord
 
-log = logging.getLogger("proxy.engine")
+log = logging.getLogger("proxy.library")
 
 
 class ModelMetrics:
@@ -45,7 +44,32 @@ class ModelMetrics:
         self.avg_load_time_s = entry.load_time_s
 
 
-class ModelMemoryManager(EngineCore):
+# The engine's face (proxy.engine.face.Engine) and the core's own maintenance calls, read
+# through the manager from the core it wraps.
+READ_THROUGH = (
+    "clock", "store", "resolve", "acquire", "hold", "record", "admit_load",
+    "client_connection", "owner_of", "load", "unload", "clear", "optimize", "pin", "pinned",
+    "reconcile", "apply_config", "start", "start_monitoring", "stop_monitoring", "cleanup",
+    "add_listener", "memory_pressure", "last_sample", "queue_length", "upstream_ok",
+    "upstream_error", "api_level", "manages_loading", "capabilities", "last_reconcile_s",
+    "known_models", "loaded_models", "entry", "usage", "footprint_bytes", "footprint_source", "active_leases",
+    "row", "report", "recommend", "priority", "sample_memory", "unload_idle_models",
+    "relieve_pressure", "flush")
+
+
+class _Core:
+    """An attribute of the wrapped core, read through the manager."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __get__(self, manager: Any, owner: type | None = None) -> Any:
+        if manager is None:
+            return self
+        return getattr(manager.core, self.name)
+
+
+class ModelMemoryManager:
     def __init__(self, max_memory_usage_percent: float = 80.0, model_timeout_hours: float = 2.0,
                  min_free_memory_gb: float = 4.0, monitoring_interval: float = 30.0,
                  upstream: ModelBackend | str | None = None, *, config: Config | None = None,
@@ -62,14 +86,28 @@ class ModelMemoryManager(EngineCore):
         if isinstance(upstream, str):     # a URL: the configured adapter, built and owned here
             upstream = None
         owns = owns_upstream if owns_upstream is not None else upstream is None
-        super().__init__(config, upstream if upstream is not None else
-                         create_upstream(config.upstream), sampler=sampler, clock=clock,
-                         store=store, owns_upstream=owns)
+        self.core = EngineCore(config, upstream if upstream is not None else
+                               create_upstream(config.upstream), sampler=sampler, clock=clock,
+                               store=store, owns_upstream=owns,
+                               on_critical=self._handle_critical_memory)
         self.on_model_loaded: Callable[..., Any] | None = None
         self.on_model_unloaded: Callable[..., Any] | None = None
         self.on_memory_pressure: Callable[..., Any] | None = None
         self._hook_tasks: set[asyncio.Task] = set()
-        self.add_listener(_Hooks(self))
+        self.core.add_listener(_Hooks(self))
+
+    @property
+    def config(self) -> Config:
+        return self.core.config
+
+    @config.setter
+    def config(self, config: Config) -> None:
+        self.core.apply_config(config)
+
+    async def _handle_critical_memory(self) -> list[str]:
+        """Critical memory; overridable. By default: evict idle models by policy, ignoring
+        their residency, until pressure is back to normal."""
+        return await self.core.relieve_critical()
 
     async def __aenter__(self) -> "ModelMemoryManager":
         await self.start()
@@ -95,40 +133,31 @@ class ModelMemoryManager(EngineCore):
     # -- the original library API ------------------------------------------------------------
     @property
     def model_status(self) -> dict[str, ModelStatus]:
-        return {e.key: e.status for e in self.registry}
+        return {e.key: e.status for e in self.core.registry}
 
     @property
     def model_metrics(self) -> dict[str, ModelMetrics]:
-        now = self.clock.now()
-        return {e.key: ModelMetrics(self.usage(e.key), e, self.footprint_bytes(e), now)
-                for e in self.registry}
+        core = self.core
+        now = core.clock.now()
+        return {e.key: ModelMetrics(core.usage(e.key), e, core.footprint_bytes(e), now)
+                for e in core.registry}
 
     def is_pinned(self, key: str) -> bool:
-        return self.registry.pinned(key)
+        return self.core.pinned(key)
 
     def set_pinned(self, key: str, pinned: bool) -> None:
-        """A runtime pin (POST /proxy/models/pin): kept until the proxy restarts."""
-        self.registry.pin_override[key] = pinned
+        """A runtime pin: kept until the process ends."""
+        self.core.pin(key, pinned)
 
     def get_loaded_models(self) -> list[str]:
-        return self.registry.loaded()
+        return self.core.loaded_models()
 
     async def load_model(self, name: str, priority: int | None = None) -> bool:
-        key = await self.resolve(name)
-        if priority is not None:
-            if not 1 <= priority <= 10:
-                raise InvalidRequest("priority must be 1..10", param="priority")
-            self.registry.priority_override[key] = priority
-        if not self.manages_loading:
-            raise ModelUnavailable(f"the upstream ({self.api_level.value if self.api_level else 'unknown'}) "
-                                   "cannot load models on request")
-        lease = await self.acquire(key)
-        lease.release()
-        return True
+        return await self.core.load(name, priority)
 
     async def unload_model(self, name: str, *, reason: str = "manual",
                            drain_timeout_s: float | None = None) -> bool:
-        return await self.unload(name, reason=reason, drain_timeout_s=drain_timeout_s)
+        return await self.core.unload(name, reason=reason, drain_timeout_s=drain_timeout_s)
 
     async def ensure_models_available(self, models: Iterable[str], priority: int | None = None
                                       ) -> dict[str, bool]:
@@ -143,56 +172,31 @@ class ModelMemoryManager(EngineCore):
 
     async def clear_all_models(self) -> list[str]:
         """Unload every loaded model the proxy may unload (pins included: an explicit clear)."""
-        cleared = []
-        for key in self.get_loaded_models():
-            e = self.registry.entries[key]
-            if e.owned or self.config.eviction.manage_external:
-                if await self.unload_model(key, reason="manual"):
-                    cleared.append(key)
-        return cleared
+        return await self.core.clear()
 
     async def optimize_memory_usage(self) -> dict[str, Any]:
-        idle = await self.unload_idle_models()
-        await self.sample_memory()
-        pressure = await self.relieve_pressure()
-        return {"unloaded_idle": idle, "evicted_for_pressure": pressure,
-                "memory_pressure": self.memory_pressure.value}
+        return await self.core.optimize()
 
     def record_model_usage(self, model: str, latency: float, success: bool = True,
                            tokens_used: int = 0) -> None:
-        key = self.registry.aliases.get(model, model)
-        self.record(RequestRecord(model=key, ok=success, latency_s=latency,
-                                  at_s=self.clock.now(), completion_tokens=tokens_used))
+        core = self.core
+        key = core.registry.aliases.get(model, model)
+        core.record(RequestRecord(model=key, ok=success, latency_s=latency,
+                                  at_s=core.clock.now(), completion_tokens=tokens_used))
 
     def get_model_recommendations(self, context: Mapping[str, Any] | str | None = None
                                   ) -> dict[str, Any]:
         """{"recommended_models", "models_to_preload", "models_to_unload", "not_loadable",
         "reasoning"} for a context with `task_type`, `complexity` and `urgency` (0–1),
         `available_memory_gb`, `model_type` (llm | embedding)."""
-        task = Context.of(context).task
-        now = self.clock.now()
-        facts = []
-        for e in self.registry:
-            u = self.usage(e.key)
-            t = u.tasks.get(task)
-            facts.append(ModelFacts(
-                key=e.key, type=e.type, loaded=e.status is ModelStatus.LOADED,
-                idle=e.status is ModelStatus.LOADED and not e.busy and
-                not self.registry.pinned(e.key) and
-                (e.owned or self.config.eviction.manage_external),   # what could be unloaded
-                footprint_bytes=self.footprint_bytes(e), reload_s=self.registry.reload_s(e),
-                priority=self.priority(e.key), success_rate=u.success_rate,
-                requests=u.requests, task_requests=int(t[0]) if t else 0,
-                task_success_rate=1.0 - t[1] / t[0] if t and t[0] else 1.0,
-                task_latency_s=t[2] / t[0] if t and t[0] else None,
-                p_reuse=self.learner.predict(e.key, now, PREDICTION_HORIZON_S).p_within,
-                load_error=(e.last_error or "no reason given")
-                if e.status is ModelStatus.ERROR and now < e.retry_at_s else None))
-        return recommend(facts, context, headroom_bytes=self.headroom_bytes(),
-                         tasks=self.config.tasks, ceiling_bytes=self.ceiling_bytes())
+        return self.core.recommend(context)
 
     def get_memory_stats(self) -> dict[str, Any]:
-        return memory_stats(self)
+        return self.core.report()
+
+
+for _name in READ_THROUGH:
+    setattr(ModelMemoryManager, _name, _Core(_name))
 
 
 class _Hooks:

@@ -20,8 +20,8 @@ from typing import Any, Awaitable, Callable, Mapping
 
 from aiohttp import web
 
-from .engine.manager import ModelMemoryManager
-from .engine.usage import RequestRecord
+from ..engine.usage import RequestRecord
+from .manager import ModelMemoryManager
 
 Handler = Callable[[Mapping[str, Any]], Awaitable[Any]]
 

@@ -1,0 +1,60 @@
+"""Leases handed out and taken back: what a use of a model changes, and what a hold does not.
+
+A USE lease (a request) makes the model hotter and more recent, teaches the usage model an
+arrival and counts a preload as useful; a HOLD lease (a probe, an admin read) only keeps the
+model from being unloaded. When the last lease on a model goes, a waiting load may find room.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .context import EngineContext
+from .lifecycle import Lease, LeaseKind, ModelEntry
+from .policy import decayed_heat
+from .preload import Preloader, PreloadTally
+
+if TYPE_CHECKING:
+    from .scheduler import Scheduler
+
+
+class Leases:
+    def __init__(self, ctx: EngineContext, preloader: Preloader, preloads: PreloadTally,
+                 scheduler: "Scheduler") -> None:
+        self.ctx = ctx
+        self.clock = ctx.clock
+        self.learner = ctx.learner
+        self.preloader = preloader
+        self.preloads = preloads
+        self.scheduler = scheduler
+        self.active: set[Lease] = set()
+
+    def use(self, e: ModelEntry, observed: bool = False) -> Lease:
+        """A USE lease on loaded e; `observed`: its arrival was already taught."""
+        now = self.clock.now()
+        e.heat = decayed_heat(e.heat, e.heat_at_s, now) + 1.0
+        e.heat_at_s = now
+        e.last_used_at_s = now
+        if not observed:
+            self.learner.observe(e.key, now, self.clock.wall())
+            self.preloader.after_request(e.key)
+        if e.preloaded:
+            self.preloads.used(e)
+        lease = Lease(e, self._released, now)
+        self.active.add(lease)
+        return lease
+
+    def hold(self, e: ModelEntry) -> Lease:
+        lease = Lease(e, self._released, self.clock.now(), LeaseKind.HOLD)
+        self.active.add(lease)
+        return lease
+
+    def _released(self, lease: Lease) -> None:
+        self.active.discard(lease)
+        e = lease.entry
+        if lease.kind is LeaseKind.USE:
+            e.last_used_at_s = self.clock.now()
+        if not e.busy and self.scheduler.pending:
+            self.ctx.wake()
+
+    def in_use(self) -> list[Lease]:
+        return [lease for lease in self.active if lease.kind is LeaseKind.USE]

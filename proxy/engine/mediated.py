@@ -1,0 +1,35 @@
+"""A load its requester performs itself (an LM Studio SDK client's `loadModel` through the
+proxy), once the scheduler admitted it: the requester reports the outcome exactly once."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ..errors import ModelLoadFailed
+
+if TYPE_CHECKING:
+    from .loader import Loader
+    from .scheduler import Pending, Scheduler
+
+
+class MediatedLoad:
+    """An admitted load that its requester performs; report exactly once."""
+
+    def __init__(self, loader: "Loader", scheduler: "Scheduler", pending: "Pending",
+                 owner: str) -> None:
+        self._loader, self._scheduler, self._pending, self.owner = \
+            loader, scheduler, pending, owner
+        self.key = pending.entry.key
+        self.reported = False
+
+    def loaded(self, instance_id: str) -> None:
+        if not self.reported:
+            self.reported = True
+            self._loader.mediated_loaded(self._pending.entry, instance_id, self.owner)
+            self._scheduler.finish_mediated(self._pending, None)
+
+    def failed(self, message: str) -> None:
+        if not self.reported:
+            self.reported = True
+            error = ModelLoadFailed(message)
+            self._loader.mediated_failed(self._pending.entry, error)
+            self._scheduler.finish_mediated(self._pending, error)

@@ -1,0 +1,189 @@
+"""One proxied inference request, from its refusal or its lease to its record.
+
+A `Relay` owns, for one request: the lease on the model (taken from the engine, released once),
+the upstream call under the header policy of `headers.py`, the bytes back — a stream relayed as
+it comes, a whole body with `compat.py`'s repairs — and the one exit that records the request
+with the engine and writes its access-log line, however the request ends: refused before the
+upstream, answered, broken off by the upstream, or left by the client.
+
+What changes on the way: a configured alias in `model` becomes the real key, and a stream that
+did not ask for usage gets `include_usage` added upstream and the usage-only chunk removed again
+before it reaches the client. Everything else is the original bytes.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from types import TracebackType
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from ..engine.lifecycle import Lease
+from ..engine.usage import RequestRecord
+from ..errors import ProxyError
+from ..inflight import INFLIGHT, write_or_stall
+from ..keys import ACCESS_LOG, COMPAT, ENGINE, RESPONSE_STARTED, ROUTED_TO, TASK, UPSTREAM
+from ..streaming import StreamMeter, usage_of_body
+from ..upstream.base import UpstreamResponse
+from . import headers
+
+USAGE_INJECTABLE = frozenset({"/v1/chat/completions", "/v1/completions"})
+CLIENT_CLOSED = 499
+INTERNAL_ERROR = 500
+
+
+def error_event(exc: ProxyError) -> bytes:
+    """An OpenAI-style error as an SSE event: SDKs raise it instead of returning a cut
+    answer as if it were whole."""
+    return b"data: " + orjson.dumps(exc.body()) + b"\n\n"
+
+
+def upstream_body(path: str, payload: dict[str, Any], body: bytes, key: str
+                  ) -> tuple[bytes, bool]:
+    """The bytes to send upstream, and whether to strip an include_usage chunk we asked for.
+    The client's bytes go through untouched unless the alias or include_usage changes them."""
+    changed = key != payload["model"]
+    if changed:
+        payload["model"] = key
+    strip = False
+    if payload.get("stream") is True and path in USAGE_INJECTABLE:
+        opts = payload.get("stream_options")
+        if not (isinstance(opts, dict) and opts.get("include_usage")):
+            payload["stream_options"] = {**(opts if isinstance(opts, dict) else {}),
+                                         "include_usage": True}
+            strip = changed = True
+    return (orjson.dumps(payload) if changed else body), strip
+
+
+def status_of(exc: BaseException) -> int:
+    """The status a request that ended in `exc` is recorded with."""
+    if isinstance(exc, ProxyError):
+        return exc.status
+    if isinstance(exc, (asyncio.CancelledError, ConnectionResetError)):
+        return CLIENT_CLOSED   # the client went away (or stalled); upstream is closed with it
+    return INTERNAL_ERROR
+
+
+class Relay:
+    """`async with Relay(request) as relay:` around everything the handler does, then
+    `relay.run(key, payload, body)`; leaving the block records the request, once."""
+    __slots__ = ("request", "engine", "started_s", "model", "lease", "status", "ok", "meter",
+                 "tokens_estimated", "prompt_tokens", "completion_tokens")
+
+    def __init__(self, request: web.Request) -> None:
+        self.request = request
+        self.engine = request.app[ENGINE]
+        self.started_s = time.perf_counter()
+        self.model = ""            # as the client named it; the key once the model is held
+        self.lease: Lease | None = None
+        self.status = CLIENT_CLOSED
+        self.ok = False
+        self.meter: StreamMeter | None = None
+        self.tokens_estimated = False
+        self.prompt_tokens = self.completion_tokens = 0
+
+    async def __aenter__(self) -> "Relay":
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        if exc is not None:
+            self.ok, self.status = False, status_of(exc)
+        self._finish()
+
+    async def run(self, key: str, payload: dict[str, Any], body: bytes) -> web.StreamResponse:
+        """Hold the model `key` and forward the request to it; the client's response."""
+        request = self.request
+        body, strip = upstream_body(request.path, payload, body, key)
+        lease = self.lease = await self.engine.acquire(key)
+        self.model = key
+        async with request.app[UPSTREAM].request(
+                "POST", request.path_qs, headers.to_upstream(request.headers), body) as up:
+            self.status = up.status
+            back = headers.to_client(up.headers)
+            if ROUTED_TO in request:
+                back.append((headers.ROUTED_HEADER, key))
+            if payload.get("stream") is True and up.status == 200 and \
+                    up.headers.get("Content-Type", "").startswith("text/event-stream"):
+                return await self._stream(up, back, strip, lease)
+            return await self._whole(up, back, payload)
+
+    async def _stream(self, up: UpstreamResponse, back: list[tuple[str, str]], strip: bool,
+                      lease: Lease) -> web.StreamResponse:
+        request, clock = self.request, self.engine.clock
+        meter = self.meter = StreamMeter(self.started_s, strip_usage_chunk=strip)
+        chunks = up.chunks()
+        # The first byte comes before the headers go out: an upstream silent past
+        # read_timeout_s is still a 504, not a 200 that ends in nothing.
+        first = await anext(chunks, b"")
+        resp = web.StreamResponse(status=up.status, headers=back)
+        await resp.prepare(request)
+        request[RESPONSE_STARTED] = True
+        request.app[INFLIGHT].stream_started(request, resp)
+        try:
+            out = meter.feed(first)
+            if out:
+                await write_or_stall(request, resp, out)
+            async for data in chunks:
+                lease.last_activity_s = clock.now()   # not hung: bytes flow
+                out = meter.feed(data)
+                if out:
+                    await write_or_stall(request, resp, out)
+        except ProxyError as exc:   # the upstream broke off: say so in the stream
+            self.status = exc.status
+            await write_or_stall(request, resp, meter.flush() + error_event(exc))
+            await resp.write_eof()
+            return resp
+        tail = meter.flush()
+        if tail:
+            await write_or_stall(request, resp, tail)
+        await resp.write_eof()
+        self.ok = meter.done or meter.usage_seen or meter.content_events > 0
+        self.prompt_tokens = meter.prompt_tokens
+        self.completion_tokens = meter.completion_tokens_or_estimate()
+        return resp
+
+    async def _whole(self, up: UpstreamResponse, back: list[tuple[str, str]],
+                     payload: dict[str, Any]) -> web.Response:
+        raw = await up.read()
+        self.ok = up.status < 400
+        if self.ok:
+            repaired = self.request.app[COMPAT].repair(self.request.path, payload, up.status,
+                                                       raw)
+            raw, self.tokens_estimated = repaired.body, repaired.tokens_estimated
+            counted = usage_of_body(raw)
+            if counted:
+                self.prompt_tokens, self.completion_tokens = counted
+        return web.Response(status=up.status, body=raw, headers=back)
+
+    def _finish(self) -> None:
+        """Release the model, record the request, write its access-log line."""
+        lease = self.lease
+        if lease is not None:
+            lease.release()
+        request, engine, meter = self.request, self.engine, self.meter
+        latency_s = time.perf_counter() - self.started_s
+        ttft_s = meter.ttft_s if meter is not None else None
+        estimated = self.tokens_estimated or (meter is not None and meter.tokens_estimated)
+        prompt, completion = self.prompt_tokens, self.completion_tokens
+        engine.record(RequestRecord(
+            model=self.model, ok=self.ok, latency_s=latency_s, at_s=engine.clock.now(),
+            endpoint=request.path, status=self.status, ttft_s=ttft_s, prompt_tokens=prompt,
+            completion_tokens=completion, tokens_estimated=estimated,
+            # A refusal before the model was held is no answer of the model's, for no task.
+            task=request.get(TASK) if lease is not None else None))
+        access = request.app[ACCESS_LOG]
+        if access.enabled:
+            access.add(request.method, request.path, self.model or "-", self.status, latency_s,
+                       ttft_s, prompt, completion, estimated and prompt + completion > 0)
+
+
+async def read_upstream(request: web.Request, method: str, path: str) -> web.Response:
+    """A small upstream answer (a model list, the greeting) read whole, under the same header
+    policy both ways."""
+    async with request.app[UPSTREAM].request(
+            method, path, headers.to_upstream(request.headers), None) as up:
+        return web.Response(status=up.status, body=await up.read(),
+                            headers=headers.to_client(up.headers))

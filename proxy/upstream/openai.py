@@ -1,0 +1,60 @@
+"""Any OpenAI-compatible server (vLLM, SGLang, a remote service, another proxy): relay and
+measure only. Models come from /v1/models; the server decides what is resident, so the proxy
+neither loads nor unloads, and keys, statistics, limits and the dashboard are what it adds.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from ..errors import ModelLoadFailed, UpstreamError
+from .base import ApiLevel, Capabilities, LoadResult, UpstreamModel
+from .http import HttpBackend, error_text
+
+CAPABILITIES = Capabilities(manages_loading=False, reports_memory=False, self_evicts=False,
+                            multi_instance=False, native_clients=False)
+
+
+class OpenAIProtocol(HttpBackend):
+    name = "the OpenAI-compatible server"
+    capabilities = CAPABILITIES
+
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)
+        self.level: ApiLevel | None = None
+
+    async def detect(self) -> ApiLevel:
+        await self._catalogue()
+        self.level = ApiLevel.JIT_ONLY   # the server serves whatever it has; nothing to manage
+        return self.level
+
+    async def list_models(self) -> list[UpstreamModel]:
+        if self.level is None:
+            self.level = ApiLevel.JIT_ONLY
+        return [UpstreamModel(key=m["id"], max_context_length=_context(m),
+                              extra={"owned_by": m["owned_by"]} if "owned_by" in m else {})
+                for m in await self._catalogue()]
+
+    async def load(self, key: str, options: Mapping[str, Any]) -> LoadResult:
+        raise ModelLoadFailed(f"'{key}' cannot be loaded through the proxy: an OpenAI-"
+                              f"compatible upstream serves the models it has (upstream.kind: "
+                              f"openai relays only).")
+
+    async def unload(self, instance_id: str) -> None:
+        raise UpstreamError(f"'{instance_id}' cannot be unloaded through the proxy: an "
+                            f"OpenAI-compatible upstream decides what it keeps loaded.")
+
+    async def _catalogue(self) -> list[dict[str, Any]]:
+        status, body = await self._call("GET", "/v1/models")
+        if status == 401:
+            raise UpstreamError("the upstream rejected the API token (set upstream.api_token)")
+        if status != 200 or not isinstance(body, dict) or not isinstance(body.get("data"),
+                                                                          list):
+            raise UpstreamError(f"{self.base_url} does not look OpenAI-compatible (GET "
+                                f"/v1/models answered {status} {error_text(body) or ''})"
+                                .rstrip())
+        return [m for m in body["data"] if isinstance(m, dict) and isinstance(m.get("id"), str)]
+
+
+def _context(m: dict[str, Any]) -> int | None:
+    value = m.get("max_model_len")   # vLLM's name for the context length it serves
+    return value if isinstance(value, int) and not isinstance(value, bool) else None

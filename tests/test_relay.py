@@ -1,0 +1,182 @@
+"""One relay per proxied request: one header policy both ways on every forwarding route, and
+one record and access-log line however the request ends."""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from proxy.emulator import GB, EmulatorOptions, EmulatorState, create_emulator_app, load_catalog
+from proxy.keys import ACCESS_LOG
+from proxy.serving import serve
+from proxy.upstream import create_upstream
+
+from .conftest import FIXED_CREATED_S, proxy_config
+
+MODEL = "qwen/qwen3-4b"
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+UPSTREAM_DATE = "Thu, 01 Jan 1970 00:00:00 GMT"
+ROUTES = [("POST", "/v1/chat/completions", CHAT),
+          ("POST", "/v1/chat/completions", {**CHAT, "stream": True}),
+          ("POST", "/v1/embeddings", {"model": "text-embedding-nomic-embed-text-v1.5",
+                                      "input": "hi"}),
+          ("GET", "/v1/models", None),
+          ("GET", "/lmstudio-greeting", None)]
+
+
+class Records:
+    """The engine's request records, as its listeners see them."""
+
+    def __init__(self) -> None:
+        self.seen: list[Any] = []
+        self.arrived = asyncio.Event()
+
+    def on_request(self, r: Any) -> None:
+        self.seen.append(r)
+        self.arrived.set()
+
+
+def records_of(proxy: Any) -> Records:
+    records = Records()
+    proxy.engine.add_listener(records)
+    return records
+
+
+def access_lines(proxy: Any, caplog: pytest.LogCaptureFixture) -> list[str]:
+    proxy.app[ACCESS_LOG].flush()
+    return [r.getMessage() for r in caplog.records if r.name == "proxy.request"]
+
+
+async def decorated_emulator() -> tuple[Any, list[tuple[str, Any]]]:
+    """The emulator answering every response with repeated and upstream-only headers, and
+    recording the headers each request arrived with."""
+    seen: list[tuple[str, Any]] = []
+
+    @web.middleware
+    async def record(request: web.Request, handler: Any) -> web.StreamResponse:
+        seen.append((request.path, request.headers.copy()))
+        return await handler(request)
+
+    async def decorate(request: web.Request, response: web.StreamResponse) -> None:
+        for name, value in (("Set-Cookie", "a=1"), ("Set-Cookie", "b=2"), ("X-Upstream", "kept")):
+            response.headers.add(name, value)
+        response.headers["Server"] = "emulated-upstream"
+        response.headers["Date"] = UPSTREAM_DATE
+    app = create_emulator_app(EmulatorState(load_catalog(), capacity_bytes=64 * GB),
+                              EmulatorOptions(created_s=FIXED_CREATED_S))
+    app.middlewares.insert(0, record)
+    app.on_response_prepare.append(decorate)
+    return await serve(app), seen
+
+
+@pytest.mark.parametrize("method,path,body", ROUTES,
+                         ids=["chat", "chat-stream", "embeddings", "models", "greeting"])
+async def test_one_header_policy_both_ways_on_every_forwarding_route(make_proxy, http, method,
+                                                                     path, body):
+    upstream, seen = await decorated_emulator()
+    try:
+        proxy = await make_proxy(upstream.url)
+        async with http.request(method, proxy.url + path, json=body,
+                                headers={"X-Client-Trace": "t-1", "Cookie": "c=1"}) as r:
+            await r.read()
+        assert r.status == 200, path
+        assert r.headers.getall("Set-Cookie") == ["a=1", "b=2"]
+        assert r.headers["X-Upstream"] == "kept"
+        assert "emulated-upstream" not in r.headers.getall("Server")   # the proxy's own
+        assert UPSTREAM_DATE not in r.headers.getall("Date")
+        (arrived,) = [h for p, h in seen if p == path]
+        assert arrived["X-Client-Trace"] == "t-1" and "Cookie" not in arrived
+    finally:
+        await upstream.close()
+
+
+async def test_a_refusal_before_the_upstream_is_recorded_and_logged_once(make_proxy, emulator,
+                                                                        http, caplog):
+    caplog.set_level(logging.INFO, logger="proxy.request")
+    proxy = await make_proxy(emulator.url, **{"memory.budget_gb": 1})   # MODEL can never fit
+    records = records_of(proxy)
+    async with http.post(f"{proxy.url}/v1/chat/completions", json=CHAT,
+                         headers={"X-Task-Type": "code"}) as r:
+        assert r.status == 503 and (await r.json())["error"]["code"] == "model_too_large"
+    async with http.post(f"{proxy.url}/v1/chat/completions", data=b"") as r:
+        assert r.status == 400
+    too_large, empty = records.seen
+    assert (too_large.model, too_large.status, too_large.ok) == (MODEL, 503, False)
+    assert too_large.task is None   # the model never answered: no task's failure
+    assert (empty.model, empty.status, empty.endpoint) == ("", 400, "/v1/chat/completions")
+    lines = access_lines(proxy, caplog)
+    assert len(lines) == 2
+    assert lines[0].startswith(f"POST /v1/chat/completions {MODEL} 503 ")
+    assert lines[1].startswith("POST /v1/chat/completions - 400 ")
+
+
+async def test_a_client_that_leaves_mid_stream_gets_its_access_log_line(proxy, emulator, http,
+                                                                        caplog):
+    caplog.set_level(logging.INFO, logger="proxy.request")
+    records = records_of(proxy)
+    await (await http.post(f"{proxy.url}/proxy/models/load", json={"model": MODEL})).read()
+    emulator.state.faults.stream_gate = asyncio.Event()   # never set: the stream stalls
+    resp = await http.post(f"{proxy.url}/v1/chat/completions", json={**CHAT, "stream": True})
+    await resp.content.readuntil(b"\n\n")
+    resp.close()                                          # the client goes away
+    await records.arrived.wait()
+    (line,) = access_lines(proxy, caplog)
+    assert line.startswith(f"POST /v1/chat/completions {MODEL} 499 ")
+    assert "ttft=-" not in line                           # the first token had come
+    assert proxy.engine.entry(MODEL).leases == 0
+
+
+async def test_an_upstream_failure_after_the_lease_counts_for_the_task(proxy, emulator, http):
+    records = records_of(proxy)
+    emulator.state.faults.drop_stream_after_chunks = 2
+    async with http.post(f"{proxy.url}/v1/chat/completions", json={**CHAT, "stream": True},
+                         headers={"X-Task-Type": "code"}) as r:
+        assert b'"code":"upstream_error"' in await r.read()
+    await records.arrived.wait()
+    (record,) = records.seen
+    assert (record.model, record.status, record.ok, record.task) == (MODEL, 502, False, "code")
+    assert proxy.engine.entry(MODEL).leases == 0
+
+
+class BuggyForwarding:
+    """An `Upstream` whose forwarding of chat fails with a bug, not a ProxyError."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def request(self, method: str, path: str, headers: dict[str, str], body: Any) -> Any:
+        if path == "/v1/chat/completions":
+            raise RuntimeError("a bug on the way upstream")
+        return self.inner.request(method, path, headers, body)
+
+
+async def test_a_bug_on_the_way_upstream_is_recorded_as_the_500_it_answers(make_proxy,
+                                                                           emulator, http):
+    config = proxy_config(emulator.url)
+    proxy = await make_proxy(emulator.url, config=config, app_kwargs={
+        "upstream": BuggyForwarding(create_upstream(config.upstream))})
+    records = records_of(proxy)
+    async with http.post(f"{proxy.url}/v1/chat/completions", json=CHAT) as r:
+        assert r.status == 500
+        assert (await r.json())["error"]["code"] == "internal_error"
+    (record,) = records.seen
+    assert (record.model, record.status, record.ok) == (MODEL, 500, False)
+    assert proxy.engine.entry(MODEL).leases == 0
+
+
+async def test_include_usage_asked_for_the_client_is_stripped_and_counted(proxy, emulator,
+                                                                         http):
+    records = records_of(proxy)
+    async with http.post(f"{proxy.url}/v1/chat/completions",
+                         json={**CHAT, "stream": True, "max_tokens": 3}) as r:
+        body = await r.read()
+    assert b'"usage"' not in body and body.endswith(b"data: [DONE]\n\n")
+    await records.arrived.wait()
+    (record,) = records.seen
+    assert record.completion_tokens == 3 and not record.tokens_estimated
