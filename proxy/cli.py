@@ -31,7 +31,7 @@ ENV_FLAGS = {  # environment variable → (argparse dest, config path); PROXY_UR
 }
 INT_FLAGS = frozenset({"port", "demo_upstream_port"})
 # --demo --flavor F: the emulated server, and the upstream.kind the proxy speaks to it.
-DEMO_FLAVORS = {"lmstudio": "lmstudio", "ollama": "ollama",
+DEMO_FLAVORS = {"lmstudio": "lmstudio", "ollama": "ollama", "llamacpp": "llamacpp",
                 "openai": "openai"}   # openai: the LM Studio emulator's /v1 surface alone
 DEMO_OVERRIDES = {
     # The emulator's memory is an account, not this host's RAM: manage it as a budget.
@@ -306,12 +306,19 @@ async def _start_demo_emulator(flavor: str, port: int) -> Any:
         from .emulator.ollama import start_ollama_emulator
         return await start_ollama_emulator(load_time_scale=0.25, vram_bytes=int(24e9),
                                            port=port)
+    if flavor == "llamacpp":   # as recommended: the proxy alone loads and evicts
+        from .emulator.catalog import load_catalog
+        from .emulator.llamacpp import start_router_emulator
+        return await start_router_emulator(load_catalog(), load_time_scale=0.25, port=port,
+                                           tokens_per_s=30.0, models_max=0, autoload=False,
+                                           files=True)
     from .emulator import EmulatorOptions, start_emulator
     return await start_emulator(load_time_scale=0.25, capacity_bytes=int(24e9), port=port,
                                 options=EmulatorOptions(tokens_per_s=30.0))
 
 
 DEMO_SERVER_NAMES = {"lmstudio": "LM Studio emulator", "ollama": "Ollama emulator",
+                     "llamacpp": "llama.cpp router emulator",
                      "openai": "OpenAI-compatible server (the LM Studio emulator's /v1)"}
 
 

@@ -104,6 +104,7 @@ def test_the_demo_upstream_port_is_documented_and_needs_demo(capsys):
 
 @pytest.mark.parametrize("flavor, server, key", [
     ("ollama", "Ollama emulator", "qwen/qwen3-4b:latest"),   # Ollama's name for it
+    ("llamacpp", "llama.cpp router emulator", "qwen/qwen3-4b"),
     ("openai", "OpenAI-compatible server", "qwen/qwen3-4b")])
 async def test_the_demo_runs_another_flavor_s_emulator(tmp_path, flavor, server, key):
     env = {k: v for k, v in os.environ.items() if not k.startswith("PROXY_")}

@@ -13,8 +13,10 @@ llamacpp`. Its API and texts are the real router's (see router_state.py for its 
 from __future__ import annotations
 
 import asyncio
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -198,6 +200,7 @@ def create_router_app(state: RouterState, *, tokens_per_s: float = 0.0) -> web.A
 class RouterEmulator:
     state: RouterState
     served: Served
+    files: tempfile.TemporaryDirectory | None = None   # its own models directory, if any
 
     @property
     def url(self) -> str:
@@ -208,11 +211,18 @@ class RouterEmulator:
             if m.task is not None and not m.task.done():
                 m.task.cancel()
         await self.served.close()
+        if self.files is not None:
+            self.files.cleanup()
 
 
 async def start_router_emulator(catalog: list[CatalogModel], *, host: str = "127.0.0.1",
                                 port: int = 0, tokens_per_s: float = 0.0,
-                                **state_options: Any) -> RouterEmulator:
+                                files: bool = False, **state_options: Any) -> RouterEmulator:
+    """`files`: the models as sparse files in a temporary directory of its own (removed on
+    close), so that a proxy on this host sees their sizes before they load."""
+    owned = tempfile.TemporaryDirectory(prefix="llamacpp-emulator-") if files else None
+    if owned is not None:
+        state_options["models_dir"] = Path(owned.name)
     state = RouterState(catalog, **state_options)
     served = await serve(create_router_app(state, tokens_per_s=tokens_per_s), host, port)
-    return RouterEmulator(state, served)
+    return RouterEmulator(state, served, owned)
