@@ -8,16 +8,17 @@ from dataclasses import dataclass
 
 import pytest
 
+from tests.llama.fixtures import llama_server_or_skip
+from tests.llama.router import LlamaRouter
+
 from . import llamacpp_scenarios as s
 
-fixtures = pytest.importorskip("tests.llama.fixtures", reason="no llama-server test support")
-fixtures.llama_server_or_skip(module_level=True)
-LlamaRouter = pytest.importorskip("tests.llama.router").LlamaRouter
+llama_server_or_skip(module_level=True)
 
 
 @dataclass
 class RealRouter:
-    router: "LlamaRouter"
+    router: LlamaRouter
 
     @property
     def url(self) -> str:
@@ -44,7 +45,7 @@ class RealRouter:
 
 
 @pytest.fixture
-def router(llama_router: "LlamaRouter") -> RealRouter:
+def router(llama_router: LlamaRouter) -> RealRouter:
     return RealRouter(llama_router)
 
 
