@@ -15,7 +15,7 @@ import logging
 from typing import Any, Awaitable, Callable, Mapping
 
 from ..config import Config
-from ..errors import InvalidRequest, ModelLoadFailed, ModelNotFound, ModelUnavailable
+from ..errors import InvalidRequest, ModelLoadFailed, ModelNotFound, ModelUnavailable, clip
 from ..liveconfig import LiveConfig
 from ..store import UsageStore
 from ..upstream.base import ApiLevel, Capabilities, ModelBackend
@@ -35,7 +35,7 @@ from .monitor import MemoryMonitor
 from .periodic import Periodic
 from .preload import Preloader, PreloadTally
 from .reconcile import Reconciler
-from .registry import Registry, printable
+from .registry import ECHO_MAX_CHARS, Registry
 from .report import memory_stats, model_row, recommendations
 from .scheduler import Scheduler
 from .usage import ModelUsage, RequestRecord
@@ -226,7 +226,7 @@ class EngineCore:
             raise self.reconciler.failure()
         close = self.registry.suggestions(name)
         hint = f" Did you mean: {', '.join(repr(c) for c in close)}?" if close else ""
-        raise ModelNotFound(f"The model '{printable(name)}' does not exist.{hint}",
+        raise ModelNotFound(f"The model '{clip(name, ECHO_MAX_CHARS)}' does not exist.{hint}",
                             param="model")
 
     # -- background work ---------------------------------------------------------------------
