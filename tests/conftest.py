@@ -13,6 +13,8 @@ from proxy.emulator import Emulator, EmulatorOptions, start_emulator
 from proxy.engine.core import EngineCore
 from proxy.server.keys import ENGINE
 from proxy.server.serving import Served, serve
+from tests.llama.fixtures import (llama_router, llama_server_binary,  # noqa: F401
+                                  make_llama_router, tiny_models)
 
 FIXED_CREATED_S = 1_760_000_000
 
