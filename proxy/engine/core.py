@@ -30,7 +30,7 @@ from .listeners import Listeners
 from .loader import Loader
 from .mediated import MediatedLoad
 from .memory import (GB, BudgetSampler, MemoryPressure, MemorySample, MemorySampler,
-                     NvmlSampler, PsutilSampler)
+                     default_sampler)
 from .monitor import MemoryMonitor
 from .periodic import Periodic
 from .preload import Preloader, PreloadTally
@@ -46,14 +46,6 @@ CATALOG_REFRESH_MIN_S = 2.0
 IDLE_CHECK_MAX_S = 60.0
 # What to do at critical memory pressure; returns the models it unloaded.
 CriticalHandler = Callable[[], Awaitable[list[str]]]
-
-
-def default_sampler(config: Config, charged_bytes: Any) -> MemorySampler:
-    mem = config.memory
-    if mem.sampler == "budget":
-        assert mem.budget_gb is not None
-        return BudgetSampler(int(mem.budget_gb * 1e9), charged_bytes)
-    return PsutilSampler(gpu=NvmlSampler.create())
 
 
 class EngineCore:
@@ -72,7 +64,7 @@ class EngineCore:
         self.registry = r = Registry(live)
         self.learner = UsageLearner()
         self.accounting = Accounting(r, self.clock, self.listeners, store, self.learner)
-        self.monitor = MemoryMonitor(live, sampler or default_sampler(config, r.charged_bytes),
+        self.monitor = MemoryMonitor(live, sampler or default_sampler(config.memory, r.charged_bytes),
                                      self.listeners, reserved_bytes=r.loading_bytes)
         self.ctx = ctx = EngineContext(r, self.monitor, self.accounting, self.listeners,
                                        self.clock, upstream, self.learner)
