@@ -23,8 +23,8 @@ from typing import Any, Mapping
 from proxy.config import load_config
 from proxy.engine.core import EngineCore
 from proxy.engine.usage import RequestRecord
-from proxy.events import EventHub
-from proxy.metrics import ProxyMetrics
+from proxy.observe.events import EventHub
+from proxy.observe.metrics import ProxyMetrics
 from proxy.store import UsageStore
 from proxy.upstream.base import ApiLevel, Capabilities, LoadResult, UpstreamModel
 

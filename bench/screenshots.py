@@ -16,7 +16,7 @@ import aiohttp
 from proxy.app import create_app
 from proxy.config import load_config
 from proxy.emulator import EmulatorOptions, start_emulator
-from proxy.serving import serve
+from proxy.server.serving import serve
 
 from .browser import launch
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 import asyncio
 import bisect
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping
 
-from proxy.config import Config, load_config
+from proxy.config import POLICIES, Config, load_config
 from proxy.errors import ProxyError
 from proxy.engine import policy as policy_module
 from proxy.engine.core import EngineCore
@@ -102,15 +102,17 @@ def engine_config(workload: Workload, budget_gb: float, v: Variant) -> Config:
         footprints = {k: {"footprint_gb": m.size_gb} for k, m in workload.models.items()}
         budget = budget_gb
     # The policy may be a benchmark-only one (the offline schedule), registered in the policy
-    # table for the run (see run_variant), so the config validates it like any other.
-    return load_config({
+    # table for the run (see run_variant): the file's validation knows only the proxy's own,
+    # so it is set after validation.
+    config = load_config({
         "memory": {"sampler": "budget", "budget_gb": max(budget, 1.0),
                    "min_free_memory_gb": 0, "max_memory_usage_percent": 100},
-        "eviction": {"policy": v.policy, "hold": v.hold,
+        "eviction": {"policy": v.policy if v.policy in POLICIES else "lru", "hold": v.hold,
                      "queue_timeout_s": v.queue_timeout_s,
                      "model_timeout_hours": (v.idle_ttl_s or 0.0) / 3600.0},
         "preload": {"enabled": v.prediction == "on"},
         "models": footprints})
+    return replace(config, eviction=replace(config.eviction, policy=v.policy))
 
 
 def run_variant(workload: Workload, budget_gb: float, v: Variant,

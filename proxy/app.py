@@ -10,29 +10,29 @@ from aiohttp import web
 
 from .config import Config, redact_url
 from .engine.clock import Clock
-from .engine.health import ModelHealthMonitor
+from .observe.health import ModelHealthMonitor
 from .engine.core import EngineCore
 from .engine.face import Engine
 from .engine.memory import MemorySampler
 from .errors import ProxyError, RouteNotFound, ShuttingDown
-from .events import EventHub
-from .handlers import admin, events, health, openai
-from .accesslog import AccessLog
-from .auth import AuthCollector, AuthState, authenticate
-from .compat import Compat
-from .inflight import INFLIGHT, STREAM, InFlight
-from .intake import clip
+from .observe.events import EventHub
+from .handlers import admin, dashboard, openai, probes
+from .observe.accesslog import AccessLog
+from .server.auth import AuthCollector, AuthState, authenticate
+from .server.compat import Compat
+from .server.inflight import INFLIGHT, STREAM, InFlight
+from .errors import clip
 from .liveconfig import LiveConfig
-from .keys import (ACCESS_LOG, AUTH, COMPAT, CONFIG, ENGINE, EVENTS, HEALTH, METRICS,
+from .server.keys import (ACCESS_LOG, AUTH, COMPAT, CONFIG, ENGINE, EVENTS, HEALTH, METRICS,
                    RESPONSE_STARTED, UPSTREAM)
-from .metrics import CompatCollector, ProxyMetrics
+from .observe.metrics import CompatCollector, ProxyMetrics
 from .native import relay as native
-from .reload import RELOADER, Reloader
-from .serving import SERVING, ServingOptions
+from .server.reload import RELOADER, Reloader
+from .server.serving import SERVING, ServingOptions
 from .store import UsageStore, default_path
 from .upstream import create_upstream
 from .upstream.base import Upstream
-from .webhook import WebhookSink
+from .observe.webhook import WebhookSink
 
 log = logging.getLogger("proxy.app")
 
@@ -123,12 +123,12 @@ def create_app(config: Config, *, upstream: Upstream | None = None, clock: Clock
     app[HEALTH] = ModelHealthMonitor(engine, sink=WebhookSink(lambda: live.current.health),
                                      prober=_prober(engine, upstream))
     app[EVENTS] = EventHub(engine, app[HEALTH])
-    app.cleanup_ctx.append(_engine_ctx)
+    app.cleanup_ctx.extend(RESOURCES)
     app.on_shutdown.append(_close_event_streams)
     openai.add_routes(app)
     admin.add_routes(app)
-    health.add_routes(app)
-    events.add_routes(app)
+    probes.add_routes(app)
+    dashboard.add_routes(app)
     native.add_routes(app)
     return app
 
@@ -163,24 +163,53 @@ def _prober(engine: Engine, upstream: Upstream
     return probe
 
 
-async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
-    upstream, engine, health = app[UPSTREAM], app[ENGINE], app[HEALTH]
+# One cleanup context per resource, set up in this order and closed in reverse: a failure
+# while starting one still closes those started before it.
+async def _access_log_ctx(app: web.Application) -> AsyncIterator[None]:
     await app[ACCESS_LOG].start()
-    await app[EVENTS].start()
-    await upstream.start()
-    await engine.start()
-    if not engine.upstream_ok:
-        log.warning("upstream %s not reachable yet (%s); will keep trying",
-                    redact_url(app[CONFIG].current.upstream.url), engine.upstream_error)
-    await engine.start_monitoring()
-    if health.sink is not None:
-        await health.sink.start()
-    await health.start_monitoring()
     yield
-    await health.stop_monitoring()
-    if health.sink is not None:
-        await health.sink.close()
-    await engine.cleanup()
-    await upstream.close()
     await app[ACCESS_LOG].close()
+
+
+async def _events_ctx(app: web.Application) -> AsyncIterator[None]:
+    await app[EVENTS].start()
+    yield
     await app[EVENTS].close()
+
+
+async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
+    await app[UPSTREAM].start()
+    yield
+    await app[UPSTREAM].close()
+
+
+async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
+    engine = app[ENGINE]
+    try:
+        await engine.start()
+        if not engine.upstream_ok:
+            log.warning("upstream %s not reachable yet (%s); will keep trying",
+                        redact_url(app[CONFIG].current.upstream.url), engine.upstream_error)
+        await engine.start_monitoring()
+        yield
+    finally:
+        await engine.cleanup()
+
+
+async def _webhook_ctx(app: web.Application) -> AsyncIterator[None]:
+    sink = app[HEALTH].sink
+    if sink is not None:
+        await sink.start()
+    yield
+    if sink is not None:
+        await sink.close()
+
+
+async def _health_ctx(app: web.Application) -> AsyncIterator[None]:
+    await app[HEALTH].start_monitoring()
+    yield
+    await app[HEALTH].stop_monitoring()
+
+
+RESOURCES = (_access_log_ctx, _events_ctx, _upstream_ctx, _engine_ctx, _webhook_ctx,
+             _health_ctx)

@@ -94,7 +94,7 @@ def resolve_config(args: argparse.Namespace, environ: Mapping[str, str]) -> Conf
     for dest, dotted in ENV_FLAGS.values():
         if dotted and getattr(args, dest, None) is not None:
             overrides[dotted] = getattr(args, dest)
-    from .auth import exposure_problems, resolve_secrets
+    from .server.auth import exposure_problems, resolve_secrets
     config = resolve_secrets(load_config(raw, overrides=overrides), environ)
     problems, _ = exposure_problems(config)
     if problems:
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         for problem in exc.problems:
             print(f"  {problem}", file=sys.stderr)
         return 2
-    from .auth import exposure_problems
+    from .server.auth import exposure_problems
     warnings = exposure_problems(config)[1]
     if args.check:
         from .config import config_warnings
@@ -237,8 +237,8 @@ def _healthcheck(argv: list[str], environ: Mapping[str, str]) -> int:
 async def _run(config: Config, *, demo: bool, flavor: str = "lmstudio",
                source: Callable[[], Config] | None = None, demo_upstream_port: int = 0) -> int:
     from .app import create_app
-    from .reload import RELOADER
-    from .serving import raise_fd_limit, serve
+    from .server.reload import RELOADER
+    from .server.serving import raise_fd_limit, serve
 
     raise_fd_limit()   # every connection is a file descriptor; 1,024 goes quickly
     emulator = None

@@ -16,12 +16,14 @@ from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
-# engine.policy is a pure leaf module: the policy names live there.
-from .engine.policy import CLIENT_EVICT_MODES, VALUE_FUNCTIONS
 from .errors import ConfigError
 from .schema import build, deep_copy, rule
 
 SAMPLERS = ("local", "budget")
+# The eviction policies (engine/policy.py has one value function for each of these names).
+POLICIES = ("lru", "priority", "cost-aware", "predictive")
+# When models an LM Studio SDK client loaded through the proxy may be evicted.
+CLIENT_EVICT_MODES = ("never", "after_disconnect", "always")
 UPSTREAM_KINDS = ("lmstudio", "llamacpp", "ollama", "openai")
 UPSTREAM_CLIENTS = ("fast", "aiohttp")
 
@@ -81,9 +83,7 @@ class MemoryConfig:
 
 @dataclass(frozen=True)
 class EvictionConfig:
-    # Choices: the policy table's names, read when checked (one list, in engine.policy).
-    policy: str = field(default="cost-aware",
-                        metadata=rule(choices=lambda: tuple(VALUE_FUNCTIONS)))
+    policy: str = field(default="cost-aware", metadata=rule(choices=POLICIES))
     model_timeout_hours: float = field(default=2.0, metadata=rule(0))
     # Anti-thrash hold: a freshly loaded model is spared this many seconds, but never past the
     # moment the load that wants its memory has waited as long; "adaptive": 60 s, only while

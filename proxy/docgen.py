@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .config import Config
-from .reload import START_ONLY
+from .server.reload import START_ONLY
 
 ROOT = Path(__file__).resolve().parent.parent
 YAML_PATH = ROOT / "proxy.yaml"

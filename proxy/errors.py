@@ -168,3 +168,15 @@ class ConfigError(Exception):
     def __init__(self, problems: list[str]) -> None:
         super().__init__("\n".join(problems))
         self.problems = problems
+
+
+CLIP_CHARS = 200
+
+
+def clip(text: str, limit: int = CLIP_CHARS) -> str:
+    """A client's string fit for a log line or an error message: control characters escaped
+    (a newline cannot forge a log line), at most `limit` characters kept."""
+    cut = text[:limit]
+    if not cut.isprintable():
+        cut = cut.encode("unicode_escape").decode("ascii")[:limit]
+    return cut + "…" if len(text) > limit else cut

@@ -11,8 +11,8 @@ from proxy.app import create_app
 from proxy.config import load_config
 from proxy.emulator import Emulator, EmulatorOptions, start_emulator
 from proxy.engine.core import EngineCore
-from proxy.keys import ENGINE
-from proxy.serving import Served, serve
+from proxy.server.keys import ENGINE
+from proxy.server.serving import Served, serve
 from tests.llama.fixtures import (llama_router, llama_server_binary,  # noqa: F401
                                   make_llama_router, tiny_models)
 

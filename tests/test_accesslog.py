@@ -12,7 +12,7 @@ async def test_each_request_logs_one_line_at_info(proxy, http, caplog):
     async with http.post(f"{proxy.url}/v1/chat/completions",
                          json={"model": "nope", "messages": []}) as r:
         await r.read()
-    from proxy.keys import ACCESS_LOG
+    from proxy.server.keys import ACCESS_LOG
     proxy.app[ACCESS_LOG].flush()
     lines = [r.getMessage() for r in caplog.records if r.name == "proxy.request"]
     assert len(lines) == 2

@@ -267,7 +267,7 @@ def test_no_client_key_may_be_named_admin(tmp_path):
 
 async def test_being_labelled_admin_is_not_being_admin(guarded, http):
     import dataclasses
-    from proxy.keys import AUTH as AUTH_STATE
+    from proxy.server.keys import AUTH as AUTH_STATE
     ring = guarded.app[AUTH_STATE].ring
     # A client key that carries the admin label anyway (a config built without validation).
     ring.keys = tuple(dataclasses.replace(k, name="admin") for k in ring.keys)
@@ -309,7 +309,7 @@ async def recording_emulator(api_token: str | None) -> tuple[Any, list[tuple[str
     """LM Studio's emulator behind a middleware that records every request's headers as
     they arrived on its socket."""
     from proxy.emulator import GB, EmulatorState, create_emulator_app, load_catalog
-    from proxy.serving import serve
+    from proxy.server.serving import serve
     seen: list[tuple[str, Any]] = []
 
     @web.middleware
@@ -407,7 +407,7 @@ async def test_upstream_url_credentials_go_as_basic_auth_and_are_never_shown(mak
 
 
 def test_a_reload_names_a_changed_upstream_url_without_its_credentials():
-    from proxy.reload import restart_needed
+    from proxy.server.reload import restart_needed
     (change,) = restart_needed(proxy_config("http://u:pw-old@a:1"),
                                proxy_config("http://u:pw-new@b:1"))
     assert change == "upstream.url ('http://***@a:1' → 'http://***@b:1')"

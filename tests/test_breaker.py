@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 
 from proxy.emulator import start_emulator
-from proxy.keys import UPSTREAM
+from proxy.server.keys import UPSTREAM
 from proxy.upstream.breaker import CLOSED, OPEN, CircuitBreaker
 
 MODEL = "qwen/qwen3-4b"

@@ -13,10 +13,10 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.compat import Compat, count_input_tokens, float32_base64, model_object
+from proxy.server.compat import Compat, count_input_tokens, float32_base64, model_object
 from proxy.config import load_config
 from proxy.emulator import EmulatorOptions
-from proxy.keys import ACCESS_LOG
+from proxy.server.keys import ACCESS_LOG
 from proxy.liveconfig import LiveConfig
 
 EMBED = "text-embedding-nomic-embed-text-v1.5"

@@ -10,7 +10,7 @@ import socket
 import orjson
 import pytest
 
-from proxy.serving import PROBE_ROOM, connection_cap, raise_fd_limit
+from proxy.server.serving import PROBE_ROOM, connection_cap, raise_fd_limit
 
 MODEL = "qwen/qwen3-4b"
 

@@ -8,7 +8,7 @@ import pytest
 
 from bench.browser import chromium_path
 from proxy.emulator import CatalogModel, load_catalog
-from proxy.serving import serve
+from proxy.server.serving import serve
 from proxy.app import create_app
 
 from .conftest import proxy_config

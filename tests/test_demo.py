@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 
 from proxy.cli import _demo_banner, build_parser
-from proxy.keys import CONFIG
+from proxy.server.keys import CONFIG
 from .conftest import proxy_config
 
 ROOT = Path(__file__).parent.parent

@@ -10,7 +10,7 @@ from proxy.engine.core import EngineCore
 from proxy.engine.face import Engine
 from proxy.engine.lifecycle import ModelStatus
 from proxy.engine.memory import MemoryPressure
-from proxy.keys import ENGINE
+from proxy.server.keys import ENGINE
 from proxy.library import ModelMemoryManager
 from proxy.upstream.lmstudio import LMStudioUpstream
 

@@ -223,7 +223,7 @@ async def test_the_middleware_reads_the_model_from_the_query_too(emulator, http)
     from aiohttp import web
 
     from proxy import ModelMemoryMiddleware, create_model_memory_manager
-    from proxy.serving import serve
+    from proxy.server.serving import serve
     manager = await create_model_memory_manager(min_free_memory_gb=0, upstream=emulator.url)
     app = web.Application(middlewares=[ModelMemoryMiddleware(manager).aiohttp])
     async def work(request):

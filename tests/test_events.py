@@ -8,7 +8,7 @@ import time
 import pytest
 
 from proxy.emulator import CatalogModel
-from proxy.keys import EVENTS, HEALTH
+from proxy.server.keys import EVENTS, HEALTH
 from proxy.store import UsageStore
 
 from .fakes import GB
@@ -262,7 +262,7 @@ async def test_the_dashboard_is_served(small, http):
 
 async def test_shutdown_ends_open_event_streams(emulator, http):
     from proxy.app import create_app
-    from proxy.serving import serve
+    from proxy.server.serving import serve
 
     from .conftest import proxy_config
     # a drain deadline longer than the test's timeout: only closing the streams ends them

@@ -9,8 +9,8 @@ import zlib
 import orjson
 import pytest
 
-from proxy.intake import clip
-from proxy.keys import ACCESS_LOG
+from proxy.errors import clip
+from proxy.server.keys import ACCESS_LOG
 from proxy.upstream.lmstudio import LMStudioUpstream
 
 from .conftest import proxy_config

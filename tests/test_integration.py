@@ -5,7 +5,7 @@ import pytest
 from aiohttp import web
 
 from proxy import CognitiveModelIntegrator, ModelMemoryMiddleware, create_model_memory_manager
-from proxy.serving import serve
+from proxy.server.serving import serve
 
 MODEL = "qwen/qwen3-4b"
 

@@ -20,11 +20,11 @@ from proxy.app import create_app
 from proxy.cli import _reload_on_signal, build_parser, resolve_config
 from proxy.config import Config, load_config
 from proxy.errors import ConfigError
-from proxy.inflight import INFLIGHT
-from proxy.keys import AUTH, COMPAT, CONFIG, ENGINE, HEALTH
+from proxy.server.inflight import INFLIGHT
+from proxy.server.keys import AUTH, COMPAT, CONFIG, ENGINE, HEALTH
 from proxy.liveconfig import LiveConfig
-from proxy.reload import RELOADER, start_only_paths
-from proxy.serving import serve
+from proxy.server.reload import RELOADER, start_only_paths
+from proxy.server.serving import serve
 
 from .conftest import Proxy
 

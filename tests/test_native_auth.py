@@ -15,7 +15,7 @@ import orjson
 import pytest
 
 from proxy.emulator import EmulatorOptions
-from proxy.keys import AUTH
+from proxy.server.keys import AUTH
 from proxy.native.relay import LOAD_BOOK
 
 SMALL, MID = "qwen/qwen3-4b", "google/gemma-3-12b"

@@ -10,12 +10,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from proxy.config import HealthConfig, load_config
 from proxy.emulator import CatalogModel
 from proxy.engine.clock import ManualClock
-from proxy.handlers.health import READINESS
-from proxy.engine.health import ModelHealthMonitor
+from proxy.handlers.probes import READINESS
+from proxy.observe.health import ModelHealthMonitor
 from proxy.library import ModelMemoryManager
 from proxy.engine.usage import RequestRecord
-from proxy.webhook import WebhookSink
-from proxy.serving import serve
+from proxy.observe.webhook import WebhookSink
+from proxy.server.serving import serve
 from proxy.store import UsageStore
 from proxy.upstream.lmstudio import LMStudioUpstream
 

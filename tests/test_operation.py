@@ -13,7 +13,7 @@ from proxy.engine.lifecycle import TRANSITIONS, ModelStatus
 from proxy.library import ModelMemoryManager
 from proxy.engine.memory import MemorySample
 from proxy.engine.policy import HELD, NOT_OURS, PINNED, SERVING, blocker
-from proxy.keys import HEALTH
+from proxy.server.keys import HEALTH
 from proxy.store import UsageStore
 from proxy.upstream.lmstudio import LMStudioUpstream
 

@@ -77,3 +77,9 @@ def test_partial_selection_frees_what_it_can_when_relieving_pressure():
     c = [cand("a", gb=2), cand("b", gb=3)]
     assert not select_victims("lru", c, 10 * GB, NOW)
     assert set(select_victims("lru", c, 10 * GB, NOW, partial=True)) == {"a", "b"}
+
+
+def test_every_configurable_policy_has_a_value_function():
+    from proxy.config import POLICIES
+    from proxy.engine.policy import VALUE_FUNCTIONS
+    assert set(VALUE_FUNCTIONS) == set(POLICIES)

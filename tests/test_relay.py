@@ -10,8 +10,8 @@ import pytest
 from aiohttp import web
 
 from proxy.emulator import GB, EmulatorOptions, EmulatorState, create_emulator_app, load_catalog
-from proxy.keys import ACCESS_LOG
-from proxy.serving import serve
+from proxy.server.keys import ACCESS_LOG
+from proxy.server.serving import serve
 from proxy.upstream import create_upstream
 
 from .conftest import FIXED_CREATED_S, proxy_config

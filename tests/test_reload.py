@@ -11,8 +11,8 @@ import pytest
 from proxy.app import create_app
 from proxy.library import ModelMemoryManager
 from proxy.errors import ConfigError
-from proxy.reload import restart_needed
-from proxy.serving import serve
+from proxy.server.reload import restart_needed
+from proxy.server.serving import serve
 
 from .conftest import proxy_config
 

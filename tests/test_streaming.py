@@ -87,7 +87,7 @@ async def test_stream_without_upstream_usage_is_counted_and_marked_estimated(
                         "messages": [{"role": "user", "content": "x"}]})
     async with http.post(f"{old.url}/v1/chat/completions", data=raw) as resp:
         assert b'"usage"' not in await resp.read()
-    from proxy.streaming import StreamMeter
+    from proxy.server.streaming import StreamMeter
     meter = StreamMeter(0.0, strip_usage_chunk=True)
     async with http.post(f"{old.url}/v1/chat/completions", data=raw) as resp:
         meter.feed(await resp.read())
@@ -105,7 +105,7 @@ async def test_stream_without_upstream_usage_is_counted_and_marked_estimated(
     (b'{"choices": []}', None),
 ])
 def test_usage_is_read_without_decoding_the_whole_body(body, expected):
-    from proxy.streaming import SMALL_BODY_BYTES, usage_of_body
+    from proxy.server.streaming import SMALL_BODY_BYTES, usage_of_body
     assert usage_of_body(body) == expected
     padded = body[:1] + b'"pad": "' + b"x" * SMALL_BODY_BYTES + b'", ' + body[1:]
     assert usage_of_body(padded) == expected          # large bodies take the regex path

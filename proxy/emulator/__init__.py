@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..serving import Served, serve
+from ..server.serving import Served, serve
 from .catalog import GB, CatalogModel, load_catalog
 from .server import EmulatorOptions, create_emulator_app
 from .state import EmulatorState

@@ -22,7 +22,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from ..serving import Served, serve
+from ..server.serving import Served, serve
 from . import generation as gen
 from .catalog import CatalogModel
 from .router_state import RouterModel, RouterState

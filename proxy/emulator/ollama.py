@@ -19,7 +19,7 @@ from typing import Any, Awaitable, Callable
 import orjson
 from aiohttp import web
 
-from ..serving import Served, serve
+from ..server.serving import Served, serve
 from . import generation as gen
 from .catalog import CatalogModel, load_catalog
 from .ollama_state import OllamaRefused, OllamaState, Runner, keep_alive_seconds

@@ -74,3 +74,17 @@ class EngineContext:
         a departed client, new config): the admission task looks again."""
         self.woken.set()
         self.looked.clear()
+
+
+class Part:
+    """An engine part: the context's shared members under their own names."""
+
+    def __init__(self, ctx: EngineContext) -> None:
+        self.ctx = ctx
+        self.registry = ctx.registry
+        self.monitor = ctx.monitor
+        self.backend = ctx.backend
+        self.accounting = ctx.accounting
+        self.listeners = ctx.listeners
+        self.clock = ctx.clock
+        self.learner = ctx.learner

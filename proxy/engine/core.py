@@ -15,7 +15,7 @@ import logging
 from typing import Any, Awaitable, Callable, Mapping
 
 from ..config import Config
-from ..errors import InvalidRequest, ModelLoadFailed, ModelNotFound, ModelUnavailable
+from ..errors import InvalidRequest, ModelLoadFailed, ModelNotFound, ModelUnavailable, clip
 from ..liveconfig import LiveConfig
 from ..store import UsageStore
 from ..upstream.base import ApiLevel, Capabilities, ModelBackend
@@ -30,12 +30,12 @@ from .listeners import Listeners
 from .loader import Loader
 from .mediated import MediatedLoad
 from .memory import (GB, BudgetSampler, MemoryPressure, MemorySample, MemorySampler,
-                     NvmlSampler, PsutilSampler)
+                     default_sampler)
 from .monitor import MemoryMonitor
 from .periodic import Periodic
 from .preload import Preloader, PreloadTally
 from .reconcile import Reconciler
-from .registry import Registry, printable
+from .registry import ECHO_MAX_CHARS, Registry
 from .report import memory_stats, model_row, recommendations
 from .scheduler import Scheduler
 from .usage import ModelUsage, RequestRecord
@@ -46,14 +46,6 @@ CATALOG_REFRESH_MIN_S = 2.0
 IDLE_CHECK_MAX_S = 60.0
 # What to do at critical memory pressure; returns the models it unloaded.
 CriticalHandler = Callable[[], Awaitable[list[str]]]
-
-
-def default_sampler(config: Config, charged_bytes: Any) -> MemorySampler:
-    mem = config.memory
-    if mem.sampler == "budget":
-        assert mem.budget_gb is not None
-        return BudgetSampler(int(mem.budget_gb * 1e9), charged_bytes)
-    return PsutilSampler(gpu=NvmlSampler.create())
 
 
 class EngineCore:
@@ -72,7 +64,7 @@ class EngineCore:
         self.registry = r = Registry(live)
         self.learner = UsageLearner()
         self.accounting = Accounting(r, self.clock, self.listeners, store, self.learner)
-        self.monitor = MemoryMonitor(live, sampler or default_sampler(config, r.charged_bytes),
+        self.monitor = MemoryMonitor(live, sampler or default_sampler(config.memory, r.charged_bytes),
                                      self.listeners, reserved_bytes=r.loading_bytes)
         self.ctx = ctx = EngineContext(r, self.monitor, self.accounting, self.listeners,
                                        self.clock, upstream, self.learner)
@@ -226,7 +218,7 @@ class EngineCore:
             raise self.reconciler.failure()
         close = self.registry.suggestions(name)
         hint = f" Did you mean: {', '.join(repr(c) for c in close)}?" if close else ""
-        raise ModelNotFound(f"The model '{printable(name)}' does not exist.{hint}",
+        raise ModelNotFound(f"The model '{clip(name, ECHO_MAX_CHARS)}' does not exist.{hint}",
                             param="model")
 
     # -- background work ---------------------------------------------------------------------

@@ -11,7 +11,7 @@ import logging
 from typing import Callable
 
 from ..errors import ModelUnavailable
-from .context import EngineContext
+from .context import EngineContext, Part
 from .lifecycle import ModelEntry, ModelStatus
 from .memory import MemoryPressure
 from .preload import PreloadTally
@@ -28,16 +28,9 @@ THRASH_MEMORY_S = 300.0    # ...seen within this long
 PRELOAD_EVICT_MARGIN = 0.25   # a preload evicts only what costs under a quarter of its worth
 
 
-class Evictor:
+class Evictor(Part):
     def __init__(self, ctx: EngineContext, preloads: PreloadTally) -> None:
-        self.ctx = ctx
-        self.learner = ctx.learner
-        self.registry = ctx.registry
-        self.monitor = ctx.monitor
-        self.backend = ctx.backend
-        self.accounting = ctx.accounting
-        self.listeners = ctx.listeners
-        self.clock = ctx.clock
+        super().__init__(ctx)
         self.preloads = preloads
         # One mutation of memory at a time: evictions for a load, for pressure, by hand.
         self.lock = asyncio.Lock()

@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 
 from ..errors import ModelLoadFailed, UpstreamError, UpstreamUnreachable
 from ..upstream.base import LoadResult
-from .context import EngineContext
+from .context import EngineContext, Part
 from .eviction import Evictor
 from .lifecycle import OWNER_EXTERNAL, OWNER_PROXY, ModelEntry, ModelStatus
 from .memory import GB, MemorySample
@@ -46,15 +46,9 @@ def is_local_url(url: str) -> bool:
         return False
 
 
-class Loader:
+class Loader(Part):
     def __init__(self, ctx: EngineContext, evictor: Evictor) -> None:
-        self.ctx = ctx
-        self.registry = ctx.registry
-        self.monitor = ctx.monitor
-        self.backend = ctx.backend
-        self.accounting = ctx.accounting
-        self.listeners = ctx.listeners
-        self.clock = ctx.clock
+        super().__init__(ctx)
         self.evictor = evictor
 
     @property

@@ -12,7 +12,10 @@ from __future__ import annotations
 import enum
 import logging
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
+
+if TYPE_CHECKING:
+    from ..config import MemoryConfig
 
 log = logging.getLogger("proxy.memory")
 GB = 1_000_000_000
@@ -161,3 +164,11 @@ class PressureGauge:
             self.level = max(now, self.raw_level(s, self.hysteresis_percent),
                              key=lambda lv: lv.rank)
         return self.level
+
+
+def default_sampler(memory: "MemoryConfig", charged_bytes: Callable[[], float]) -> MemorySampler:
+    """The configured sampler: a budget charged with what is loaded, or this host's memory."""
+    if memory.sampler == "budget":
+        assert memory.budget_gb is not None
+        return BudgetSampler(int(memory.budget_gb * 1e9), charged_bytes)
+    return PsutilSampler(gpu=NvmlSampler.create())

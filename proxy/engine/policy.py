@@ -48,7 +48,6 @@ SERVING, PINNED, NOT_OURS, HELD = "serving", "pinned", "not ours", "inside its r
 CLIENT_CONNECTED = "its SDK client is connected"
 CLIENT_KEPT = "an SDK client's (native.evict: never)"
 TEMPORARY = frozenset({SERVING, HELD})   # blockers that go away by themselves
-CLIENT_EVICT_MODES = ("never", "after_disconnect", "always")
 
 
 def client_blocker(mode: str, *, connected: bool, critical: bool) -> str | None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from .context import EngineContext
+from .context import EngineContext, Part
 from .lifecycle import ModelEntry, ModelStatus
 from .policy import PREDICTION_HORIZON_S
 from .registry import Registry
@@ -56,12 +56,9 @@ class PreloadTally:
         self.wasted_bytes += self.registry.footprint_bytes(e)
 
 
-class Preloader:
+class Preloader(Part):
     def __init__(self, ctx: EngineContext, tally: PreloadTally, scheduler: "Scheduler") -> None:
-        self.registry = ctx.registry
-        self.learner = ctx.learner
-        self.clock = ctx.clock
-        self.listeners = ctx.listeners
+        super().__init__(ctx)
         self.tally = tally
         self.scheduler = scheduler
 

@@ -17,7 +17,7 @@ import logging
 
 from ..errors import UpstreamError
 from ..upstream.base import ApiLevel, Capabilities, UpstreamModel, capabilities_of
-from .context import EngineContext
+from .context import EngineContext, Part
 from .lifecycle import OWNER_EXTERNAL, OWNER_PROXY, ModelEntry, ModelStatus
 
 log = logging.getLogger("proxy.engine")
@@ -25,15 +25,9 @@ S = ModelStatus
 EVICTED_BY_BACKEND = "backend"   # the eviction reason of a model the server dropped itself
 
 
-class Reconciler:
+class Reconciler(Part):
     def __init__(self, ctx: EngineContext) -> None:
-        self.ctx = ctx
-        self.registry = ctx.registry
-        self.monitor = ctx.monitor
-        self.backend = ctx.backend
-        self.accounting = ctx.accounting
-        self.clock = ctx.clock
-        self.listeners = ctx.listeners
+        super().__init__(ctx)
         self._running = asyncio.Lock()
         self.api_level: ApiLevel | None = None
         self.capabilities: Capabilities | None = None   # with api_level, after detect()

@@ -8,8 +8,8 @@ from .lifecycle import ModelEntry, ModelStatus
 from .memory import GB, MemoryPressure, MemorySample
 from .monitor import MemoryMonitor
 from .policy import CLIENT_CONNECTED, CLIENT_KEPT, NOT_OURS, TEMPORARY
-from .registry import Registry, printable
-from ..errors import InsufficientMemory, ModelTooLarge
+from .registry import ECHO_MAX_CHARS, Registry
+from ..errors import InsufficientMemory, ModelTooLarge, clip
 
 S = ModelStatus
 LOADING, UNLOADING, OTHERS, EVICTABLE = "loading", "unloading", "other processes", "evictable"
@@ -78,7 +78,7 @@ class Refusals:
         else:   # memory came free, but too late for this load
             amounts = f"it needs {need_gb} GB; {free_gb} GB came free only as it gave up"
         return InsufficientMemory(
-            f"Not enough memory to load '{printable(e.key)}'{when} ({amounts}). Memory is "
+            f"Not enough memory to load '{clip(e.key, ECHO_MAX_CHARS)}'{when} ({amounts}). Memory is "
             f"held by: {held}.{hint}", retry_after_s=retry_after_s)
 
     def hopeless(self, e: ModelEntry, need: float, s: MemorySample
@@ -101,7 +101,7 @@ class Refusals:
                             f"memory.footprint_factor"}[self.registry.footprint_source(e)]
         limit = self.monitor.binding_limit(s)
         return ModelTooLarge(
-            f"'{printable(e.key)}' needs {need / GB:.1f} GB ({how}), more than the "
+            f"'{clip(e.key, ECHO_MAX_CHARS)}' needs {need / GB:.1f} GB ({how}), more than the "
             f"{ceiling / GB:.1f} GB any one model may take of {s.total_bytes / GB:.1f} GB "
             f"(set by {limit}). It can never be loaded here: change {limit}"
             f"{' or memory.budget_gb' if budget else ''}, or set models.{e.key}.footprint_gb "
@@ -116,7 +116,7 @@ class Refusals:
             return None
         size = f" (its file is {e.size_bytes / GB:.1f} GB)" if e.size_bytes else ""
         return InsufficientMemory(
-            f"'{printable(e.key)}' needs more than {floor / GB:.1f} GB{size}: LM Studio "
+            f"'{clip(e.key, ECHO_MAX_CHARS)}' needs more than {floor / GB:.1f} GB{size}: LM Studio "
             f"refused to load it for lack of memory with that much free for it. "
             f"{max(0.0, headroom) / GB:.1f} GB may be used now, and no model is evicted for it "
             f"again until its footprint is revised: set models.{e.key}.footprint_gb to its "

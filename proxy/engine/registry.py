@@ -23,13 +23,6 @@ SUGGEST_MAX_CANDIDATES = 2000
 ECHO_MAX_CHARS = 80
 
 
-def printable(name: str, limit: int = ECHO_MAX_CHARS) -> str:
-    """A client-supplied name made safe to echo in a log line or an error message."""
-    clipped = name[:limit]
-    text = clipped.encode("unicode_escape", "backslashreplace").decode("ascii")
-    return text + ("…" if len(name) > limit else "")
-
-
 class Registry:
     def __init__(self, live: LiveConfig) -> None:
         self.entries: dict[str, ModelEntry] = {}

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
 from ..errors import ModelLoadFailed, ProxyError, UpstreamTimeout
-from .context import EngineContext
+from .context import EngineContext, Part
 from .eviction import Evictor
 from .lifecycle import ModelEntry, ModelStatus
 from .loader import Loader
@@ -59,15 +59,11 @@ class Pending:
     may_evict: bool = True     # False: into free memory only
 
 
-class Scheduler:
+class Scheduler(Part):
     def __init__(self, ctx: EngineContext, evictor: Evictor, loader: Loader,
                  preloads: PreloadTally, *,
                  after_load: Callable[[], Awaitable[None]] | None = None) -> None:
-        self.ctx = ctx
-        self.registry = ctx.registry
-        self.monitor = ctx.monitor
-        self.listeners = ctx.listeners
-        self.clock = ctx.clock
+        super().__init__(ctx)
         self.evictor = evictor
         self.loader = loader
         self.preloads = preloads

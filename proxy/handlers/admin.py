@@ -8,9 +8,9 @@ from aiohttp import web
 
 from ..engine.face import Engine
 from ..errors import ConfigRejected, InvalidRequest
-from ..intake import check_model_name
-from ..keys import AUTH, COMPAT, CONFIG, ENGINE, EVENTS
-from ..reload import RELOADER
+from ..server.intake import check_model_name
+from ..server.keys import AUTH, COMPAT, CONFIG, ENGINE, EVENTS
+from ..server.reload import RELOADER
 from .openai import read_body
 
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 import orjson
 from aiohttp import web
 
-from .. import intake
-from ..auth import check_model, visible_models
-from ..compat import model_object
+from ..server import intake
+from ..server.auth import check_model, visible_models
+from ..server.compat import model_object
 from ..errors import InvalidRequest, ModelNotFound, UpstreamError
-from ..keys import COMPAT, CONFIG
+from ..server.keys import COMPAT, CONFIG
 from ..server.relay import Relay, read_upstream
 from . import routing
 

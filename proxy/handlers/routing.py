@@ -15,11 +15,11 @@ from typing import Any
 
 from aiohttp import web
 
-from ..auth import check_model
+from ..server.auth import check_model
 from ..engine.face import Engine
 from ..engine.recommend import task_model_type
 from ..errors import InvalidRequest, ModelNotFound, ModelTooLarge
-from ..keys import ENGINE, ROUTED_TO, TASK
+from ..server.keys import ENGINE, ROUTED_TO, TASK
 
 AUTO = "auto"
 _TASK_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,47}$")

@@ -4,7 +4,7 @@
 resident around any async call; `ModelHealthMonitor` (the engine's alert rules) takes a
 manager as well as a core.
 """
-from ..engine.health import ModelHealthMonitor
+from ..observe.health import ModelHealthMonitor
 from .integration import (CognitiveModelIntegrator, ModelMemoryMiddleware,
                           create_model_memory_manager)
 from .manager import ModelMemoryManager, ModelMetrics

@@ -25,10 +25,9 @@ from typing import Any, Callable
 
 import orjson
 
-from ..auth import AuthState, ClientKey
+from ..server.auth import AuthState, ClientKey
 from ..engine.lifecycle import OWNER_CLIENT
-from ..engine.registry import printable
-from ..errors import AdminRequired, InvalidApiKey, ModelNotAllowed, ProxyError
+from ..errors import AdminRequired, InvalidApiKey, ModelNotAllowed, ProxyError, clip
 
 # Namespaces only the admin token may open: plugins and runtimes change what runs on the host,
 # diagnostics streams LM Studio's log (every client's prompts). (The Python SDK's AsyncClient
@@ -94,7 +93,7 @@ def handshake(state: AuthState, namespace: str, frame_text: str | None,
     frame = _parse(frame_text) if frame_text is not None else None
     ident = frame.get("clientIdentifier") if frame else None
     ident = ident if isinstance(ident, str) and ident else "unknown"
-    owner = OWNER_CLIENT + printable(ident, 64)   # the client's words: stats and logs show it
+    owner = OWNER_CLIENT + clip(ident, 64)   # the client's words: stats and logs show it
     ring = state.ring
     if not ring.enabled:
         return Admitted(None, False, owner, frame_text or "")
@@ -179,7 +178,7 @@ class Guard:
             return None
         allowed = KEY_ENDPOINTS.get(self.ns)
         if allowed is not None and endpoint not in allowed:
-            return _admin(f"'{self.ns}.{printable(str(endpoint))}' changes LM Studio's host")
+            return _admin(f"'{self.ns}.{clip(str(endpoint))}' changes LM Studio's host")
         if self.ns not in MODEL_NAMESPACES:
             return None
         param = frame.get("parameter" if kind == "rpcCall" else "creationParameter")
@@ -221,7 +220,7 @@ class Guard:
         if key.allows(name) or (model is not None and key.allows(model)):
             return None
         return Refusal(ModelNotAllowed(f"This key ('{key.name}') may not use the model "
-                                       f"'{printable(name)}'."),
+                                       f"'{clip(name)}'."),
                        "The proxy's auth.keys limits this key to other models.",
                        "Use a model the key allows, or a key that allows this one.")
 
@@ -235,7 +234,7 @@ class Guard:
             _, owner = self.resolve(ident)
             if loaded_for is not None and owner == loaded_for:
                 return None
-        return _admin(f"'{printable(ident or '?')}' was not loaded with this key")
+        return _admin(f"'{clip(ident or '?')}' was not loaded with this key")
 
     def loaded(self, identifier: str) -> None:
         """A load on this connection finished: the key may unload it later."""

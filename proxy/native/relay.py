@@ -19,9 +19,9 @@ from aiohttp import WSCloseCode, WSMessage, WSMsgType, web
 from yarl import URL
 
 from ..config import redact_url
-from ..auth import CLIENT_KEY
+from ..server.auth import CLIENT_KEY
 from ..errors import RouteNotFound, UpstreamUnreachable
-from ..keys import AUTH, CONFIG, ENGINE
+from ..server.keys import AUTH, CONFIG, ENGINE
 from . import GREETING, NAMESPACES
 from .guard import Admitted, Guard, LoadBook, Refusal, handshake
 from ..server.relay import read_upstream

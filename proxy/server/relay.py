@@ -23,9 +23,9 @@ from aiohttp import web
 from ..engine.lifecycle import Lease
 from ..engine.usage import RequestRecord
 from ..errors import ProxyError
-from ..inflight import INFLIGHT, write_or_stall
-from ..keys import ACCESS_LOG, COMPAT, ENGINE, RESPONSE_STARTED, ROUTED_TO, TASK, UPSTREAM
-from ..streaming import StreamMeter, usage_of_body
+from .inflight import INFLIGHT, write_or_stall
+from .keys import ACCESS_LOG, COMPAT, ENGINE, RESPONSE_STARTED, ROUTED_TO, TASK, UPSTREAM
+from .streaming import StreamMeter, usage_of_body
 from ..upstream.base import UpstreamResponse
 from . import headers
 

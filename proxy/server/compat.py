@@ -23,8 +23,8 @@ from typing import Any, NamedTuple
 
 import orjson
 
-from .config import CompatConfig
-from .liveconfig import LiveConfig
+from ..config import CompatConfig
+from ..liveconfig import LiveConfig
 
 KINDS = ("embeddings_base64", "embedding_usage", "models_retrieve")
 EMBEDDINGS_PATH = "/v1/embeddings"

@@ -14,7 +14,7 @@ import logging
 import orjson
 from aiohttp import web
 
-from .liveconfig import LiveConfig
+from ..liveconfig import LiveConfig
 
 log = logging.getLogger("proxy.inflight")
 

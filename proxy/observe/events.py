@@ -12,9 +12,7 @@ Event ids are `<epoch>-<n>`: a client resuming with `Last-Event-ID` from this pr
 events it missed from the ring; one from another process (a restart) or from too long ago gets a
 fresh `snapshot` first.
 
-The hub also keeps the timeline the dashboard draws (bounded, the last `TIMELINE_S`): when each
-model was resident, its load bars, evictions with their reason, waits for memory, 503s, and
-requests per minute.
+The hub also feeds the timeline the dashboard draws (timeline.py).
 """
 from __future__ import annotations
 
@@ -23,24 +21,23 @@ import collections
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable
 
 import orjson
 
-from .engine.memory import GB, MemorySample
-from .engine.usage import RequestRecord
+from ..engine.memory import GB, MemorySample
+from ..engine.usage import RequestRecord
+from .timeline import Timelines
 
 if TYPE_CHECKING:
-    from .engine.health import ModelHealthMonitor
-    from .engine.face import Engine
+    from .health import ModelHealthMonitor
+    from ..engine.face import Engine
 
 log = logging.getLogger("proxy.events")
 
 RING_EVENTS = 2048           # recent events kept for Last-Event-ID resume
 CLIENT_BUFFER_EVENTS = 1024  # a client further behind than this is dropped
 TICK_S = 1.0                 # per-second request summaries, memory, in-flight
-TIMELINE_S = 24 * 3600.0
-TIMELINE_ITEMS = 2000        # per model and kind: residency intervals, evictions, waits, 503s
 RECENT_ERRORS = 50
 OTHER = "__other__"
 
@@ -86,21 +83,6 @@ class Client:
         return data
 
 
-def _bounded(maxlen: int = TIMELINE_ITEMS) -> collections.deque:
-    return field(default_factory=lambda: collections.deque(maxlen=maxlen))
-
-
-@dataclass
-class _ModelTimeline:
-    resident: collections.deque = _bounded()    # [start, end | None, load_s, end reason]
-    evictions: collections.deque = _bounded()   # [t, reason, for_model]
-    waits: collections.deque = _bounded()       # [start, end | None]
-    rejects: collections.deque = _bounded()     # [t, 503s in that second]
-    density: collections.deque = _bounded(1440)  # [minute start, requests, failures]
-    loading_since: float | None = None
-    evicting: tuple[str, str | None] | None = None
-
-
 def encode(event_id: str, event_type: str, data: Any) -> bytes:
     return b"id: %s\nevent: %s\ndata: %s\n\n" % (event_id.encode(), event_type.encode(),
                                                    orjson.dumps(data))
@@ -129,7 +111,7 @@ class EventHub:
         self._in_flight: dict[str, int] = {}
         self._sample: MemorySample | None = None
         self._sent_memory: tuple | None = None
-        self._timeline: dict[str, _ModelTimeline] = {}
+        self.timelines = Timelines()
         self.errors: collections.deque = collections.deque(maxlen=RECENT_ERRORS)
         self._started_wall = time.time()
         self._rate: collections.deque = collections.deque(maxlen=60)   # (wall, published)
@@ -152,28 +134,9 @@ class EventHub:
     def last_id(self) -> str:
         return f"{self.epoch}-{self._n}"
 
-    def _tl(self, model: str) -> _ModelTimeline:
-        tl = self._timeline.get(model)
-        if tl is None:
-            tl = self._timeline[model] = _ModelTimeline()
-        return tl
-
     # -- engine listener (cheap: no awaits, no I/O) ----------------------------------------
     def on_state(self, model: str, old: str, new: str) -> None:
-        now = time.time()
-        tl = self._tl(model)
-        if new == "loading":
-            tl.loading_since = now
-        elif new == "loaded" and old != "unloading":
-            load_s = None if tl.loading_since is None else now - tl.loading_since
-            tl.resident.append([now, None, None if load_s is None else round(load_s, 3), None])
-            tl.loading_since = None
-        elif new in ("unloaded", "error"):
-            tl.loading_since = None
-            if old in ("loaded", "unloading") and tl.resident and tl.resident[-1][1] is None:
-                reason = tl.evicting[0] if tl.evicting else "external"
-                tl.resident[-1][1], tl.resident[-1][3] = now, reason
-            tl.evicting = None
+        self.timelines.state(model, old, new, time.time())
         self.publish("state", {"model": model, "old": old, "new": new})
 
     def on_load(self, model: str, duration_s: float, ok: bool) -> None:
@@ -189,22 +152,14 @@ class EventHub:
         self.publish("load", data)
 
     def on_evict(self, model: str, reason: str, for_model: str | None) -> None:
-        now = time.time()
-        tl = self._tl(model)
-        tl.evicting = (reason, for_model)
-        tl.evictions.append([now, reason, for_model])
+        self.timelines.evict(model, reason, for_model, time.time())
         self.publish("evict", {"model": model, "reason": reason, "for_model": for_model})
 
     def on_unload(self, model: str, reason: str) -> None:
         self.publish("unload", {"model": model, "reason": reason})
 
     def on_queue(self, model: str, waiting: int) -> None:
-        now = time.time()
-        waits = self._tl(model).waits
-        if waiting and (not waits or waits[-1][1] is not None):
-            waits.append([now, None])
-        elif not waiting and waits and waits[-1][1] is None:
-            waits[-1][1] = now
+        self.timelines.queue(model, waiting, time.time())
         self.publish("queue", {"model": model, "waiting": waiting})
 
     def on_queue_wait(self, model: str, seconds: float) -> None:
@@ -236,7 +191,6 @@ class EventHub:
     # -- the ticker: per-second summaries ---------------------------------------------------
     def tick(self) -> None:
         now = time.time()
-        minute = int(now // 60) * 60
         if self._second:
             second, self._second = self._second, {}
             models: dict[str, Any] = {}
@@ -248,14 +202,7 @@ class EventHub:
                 if statuses:
                     row["error_statuses"] = {str(s): c for s, c in statuses.items()}
                 if key != OTHER:
-                    tl = self._tl(key)
-                    if tl.density and tl.density[-1][0] == minute:
-                        tl.density[-1][1] += n
-                        tl.density[-1][2] += errors
-                    else:
-                        tl.density.append([minute, n, errors])
-                    if rejected:
-                        tl.rejects.append([now, rejected])
+                    self.timelines.requests(key, n, errors, rejected, now)
                     row["stats"] = self.engine.usage(key).summary(engine_now)
                 models[key] = row
             self.publish("requests", {"models": models})
@@ -398,33 +345,4 @@ class EventHub:
                 "errors": list(self.errors)}
 
     def timeline(self, window_s: float) -> dict[str, Any]:
-        now = time.time()
-        since = now - min(window_s, TIMELINE_S)
-        out: dict[str, Any] = {}
-        for key in sorted(set(self.engine.known_models()) | set(self._timeline)):
-            tl = self._timeline.get(key)
-            if tl is None:
-                out[key] = {"resident": [], "evictions": [], "waits": [], "rejects": [],
-                            "density": []}
-                continue
-            out[key] = {
-                "resident": [r for r in tl.resident if r[1] is None or r[1] >= since],
-                "loading_since": tl.loading_since,
-                "evictions": [x for x in tl.evictions if x[0] >= since],
-                "waits": [w for w in tl.waits if w[1] is None or w[1] >= since],
-                "rejects": [x for x in tl.rejects if x[0] >= since],
-                "density": [d for d in tl.density if d[0] >= since - 60]}
-        return {"now": round(now, 3), "since": round(since, 3),
-                "started": round(self._started_wall, 3), "models": out}
-
-    def merge_history(self, timeline: dict[str, Any],
-                      history: dict[str, Iterable[tuple]]) -> None:
-        """Requests per minute from the history store for the minutes before this process."""
-        for key, rows in history.items():
-            entry = timeline["models"].get(key)
-            if entry is None:
-                continue
-            first = entry["density"][0][0] if entry["density"] else float("inf")
-            older = [[minute * 60, n, failures] for minute, n, failures, *_ in rows
-                     if minute * 60 < first]
-            entry["density"] = older + entry["density"]
+        return self.timelines.view(window_s, self.engine.known_models(), self._started_wall)

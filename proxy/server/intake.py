@@ -13,23 +13,13 @@ import zlib
 
 from aiohttp import web
 
-from .config import ServerConfig
-from .errors import BodyTooLarge, InvalidRequest, RequestTimeout, UnsupportedEncoding
+from ..config import ServerConfig
+from ..errors import BodyTooLarge, InvalidRequest, RequestTimeout, UnsupportedEncoding, clip
 
 DECODABLE = frozenset({"gzip", "x-gzip", "deflate"})
 IDENTITY = frozenset({"", "identity"})
-CLIP_CHARS = 200
 _STEP_BYTES = 256 * 1024
 _THREAD_ABOVE_BYTES = 64 * 1024   # decode bigger bodies off the event loop
-
-
-def clip(text: str, limit: int = CLIP_CHARS) -> str:
-    """A client's string fit for a log line or an error message: control characters escaped
-    (a newline cannot forge a log line), at most `limit` characters kept."""
-    cut = text[:limit]
-    if not cut.isprintable():
-        cut = cut.encode("unicode_escape").decode("ascii")[:limit]
-    return cut + "…" if len(text) > limit else cut
 
 
 def check_model_name(name: str, server: ServerConfig) -> None:

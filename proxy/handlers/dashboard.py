@@ -12,8 +12,8 @@ from pathlib import Path
 from aiohttp import web
 
 from ..errors import InvalidRequest
-from ..events import TIMELINE_S
-from ..keys import ENGINE, EVENTS, RESPONSE_STARTED
+from ..observe.timeline import TIMELINE_S, merge_history
+from ..server.keys import ENGINE, EVENTS, RESPONSE_STARTED
 from .admin import json_response
 
 HEARTBEAT_S = 15.0
@@ -71,7 +71,7 @@ async def timeline(request: web.Request) -> web.Response:
         keys = list(data["models"])
         rows = await asyncio.to_thread(
             lambda: {k: store.history(k, since_minute) for k in keys})
-        hub.merge_history(data, rows)
+        merge_history(data, rows)
     return json_response(data)
 
 

@@ -3,15 +3,15 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from .accesslog import AccessLog
+from ..observe.accesslog import AccessLog
 from .compat import Compat
 from .auth import AuthState
-from .engine.health import ModelHealthMonitor
-from .engine.face import Engine
-from .events import EventHub
-from .liveconfig import LiveConfig
-from .metrics import ProxyMetrics
-from .upstream.base import Upstream
+from ..observe.health import ModelHealthMonitor
+from ..engine.face import Engine
+from ..observe.events import EventHub
+from ..liveconfig import LiveConfig
+from ..observe.metrics import ProxyMetrics
+from ..upstream.base import Upstream
 
 # The running configuration: read `app[CONFIG].current`; a reload swaps it (reload.py).
 CONFIG = web.AppKey("config", LiveConfig)

@@ -16,8 +16,8 @@ from typing import Any, Callable
 from aiohttp import web
 
 from .auth import exposure_problems
-from .config import Config, redact_url, replace_config
-from .errors import ConfigError
+from ..config import Config, redact_url, replace_config
+from ..errors import ConfigError
 
 log = logging.getLogger("proxy.reload")
 

@@ -25,10 +25,10 @@ from aiohttp import web
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
-from .config import AuthConfig, Config
-from .errors import AdminRequired, ConfigError, InvalidApiKey, ModelNotAllowed
-from .native import PATHS as NATIVE_PATHS
-from .liveconfig import LiveConfig
+from ..config import AuthConfig, Config
+from ..errors import AdminRequired, ConfigError, InvalidApiKey, ModelNotAllowed
+from ..native import PATHS as NATIVE_PATHS
+from ..liveconfig import LiveConfig
 
 CREDENTIAL_HEADERS = frozenset({"authorization", "x-api-key"})
 PROBES = frozenset({"/healthz", "/readyz"})

@@ -8,7 +8,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from ..config import redact_url
 from ..engine.face import Engine
-from ..keys import ENGINE, HEALTH, METRICS, UPSTREAM
+from ..server.keys import ENGINE, HEALTH, METRICS, UPSTREAM
 from .admin import json_response
 
 

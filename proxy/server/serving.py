@@ -35,9 +35,9 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.log import access_logger
 from aiohttp.web_protocol import RequestHandler
 
-from .config import ServerConfig
+from ..config import ServerConfig
 from .inflight import INFLIGHT, InFlight
-from .intake import clip
+from ..errors import clip
 
 log = logging.getLogger("proxy.serving")
 

@@ -15,14 +15,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Protocol
 
 from ..config import HealthConfig
-from .lifecycle import ModelStatus
-from .memory import MemoryPressure
-from .periodic import Periodic
-from .report import upstream_state
-from .usage import BOUNDS_S, quantile_of
+from ..engine.lifecycle import ModelStatus
+from ..engine.memory import MemoryPressure
+from ..engine.periodic import Periodic
+from ..engine.report import upstream_state
+from ..engine.usage import BOUNDS_S, quantile_of
 
 if TYPE_CHECKING:
-    from .face import Engine
+    from ..engine.face import Engine
 
 log = logging.getLogger("proxy.health")
 

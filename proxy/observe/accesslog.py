@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from .intake import clip
+from ..errors import clip
 
 log = logging.getLogger("proxy.request")
 FLUSH_INTERVAL_S = 0.25

@@ -15,13 +15,13 @@ from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
 from prometheus_client.utils import floatToGoString
 from prometheus_client.registry import Collector
 
-from .engine.lifecycle import ModelStatus
-from .engine.memory import MemoryPressure
-from .engine.usage import RequestRecord
+from ..engine.lifecycle import ModelStatus
+from ..engine.memory import MemoryPressure
+from ..engine.usage import RequestRecord
 
 if TYPE_CHECKING:
-    from .compat import Compat
-    from .engine.face import Engine
+    from ..server.compat import Compat
+    from ..engine.face import Engine
 
 OTHER = "__other__"
 LATENCY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)

@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import aiohttp
 
-from .config import HealthConfig
+from ..config import HealthConfig
 
 log = logging.getLogger("proxy.webhook")
 QUEUE_LIMIT = 1000
