@@ -8,52 +8,24 @@ lack of memory is told apart from other failures so the engine can evict and ret
 """
 from __future__ import annotations
 
-from typing import Any, AsyncIterable, Mapping
-
-import orjson
+from typing import Any, Mapping
 
 from ..config import UpstreamConfig
 from ..errors import ModelLoadFailed, UpstreamError
 from .base import ApiLevel, Capabilities, LoadResult, UpstreamModel
-from .breaker import CircuitBreaker
-from .http import error_text as _error_text, split_credentials as _split_credentials
-from .transport import Exchange, Transport, create_transport
+from .http import HttpBackend, error_text as _error_text
 
 
 _OOM_MARKERS = ("insufficient system resources", "out of memory", "not enough memory",
                 "insufficient memory")
 
 
-class LMStudioProtocol:
+class LMStudioProtocol(HttpBackend):
+    name = "LM Studio"
+
     def __init__(self, config: UpstreamConfig) -> None:
-        self.config = config
-        # user:password@ in the URL becomes a Basic header: the URL shown in errors is clean.
-        self.base_url, basic = _split_credentials(config.url)
+        super().__init__(config)
         self.level: ApiLevel | None = None
-        # One breaker for both transports: a server that cannot be reached fails them alike.
-        self.breaker = CircuitBreaker(config.breaker_failures, config.breaker_cooldown_s)
-        self._forward: Transport | None = None
-        self._manage: Transport | None = None
-        # Built once: it is added to every forwarded request.
-        self._token_header = f"Bearer {config.api_token}" if config.api_token else basic
-
-    async def start(self) -> None:
-        if self._forward is None:
-            c = self.config
-            # Management calls keep a pool of their own (aiohttp's, whichever client forwards):
-            # a load or an unload must not queue behind streams for a pooled connection.
-            self._manage = create_transport(c, "aiohttp", self.breaker, url=self.base_url)
-            self._forward = (self._manage if c.client == "aiohttp"
-                             else create_transport(c, c.client, self.breaker,
-                                                   url=self.base_url))
-
-    async def close(self) -> None:
-        forward, manage = self._forward, self._manage
-        self._forward = self._manage = None
-        if forward is not None and forward is not manage:
-            await forward.close()
-        if manage is not None:
-            await manage.close()
 
     @property
     def capabilities(self) -> Capabilities:
@@ -63,26 +35,6 @@ class LMStudioProtocol:
         return Capabilities(manages_loading=self.level is ApiLevel.MANAGED,
                             reports_memory=False, self_evicts=True, multi_instance=True,
                             native_clients=True)
-
-    @property
-    def started(self) -> bool:
-        return self._forward is not None
-
-    def _auth(self) -> dict[str, str]:
-        header = self._token_header
-        return {"Authorization": header} if header else {}
-
-    # -- forwarding --------------------------------------------------------------------------
-    def request(self, method: str, path: str, headers: dict[str, str],
-                body: bytes | AsyncIterable[bytes] | None) -> Exchange:
-        """`async with upstream.request(...) as resp`: every transport error becomes an
-        UpstreamError; leaving the block early drops the connection. A body may be an async
-        iterable of bytes (sent chunked)."""
-        if self._forward is None:
-            raise RuntimeError("LMStudioUpstream.start() was not awaited")
-        if self._token_header:
-            headers["Authorization"] = self._token_header
-        return self._forward.request(method, path, headers, body)
 
     # -- management --------------------------------------------------------------------------
     async def detect(self) -> ApiLevel:
@@ -144,21 +96,6 @@ class LMStudioProtocol:
             raise UpstreamError(f"unexpected answer from {method} {path}: HTTP {status} "
                                 f"{_error_text(body) or ''}".rstrip())
         return status, body
-
-    async def _call(self, method: str, path: str, payload: Any = None, *,
-                    timeout_s: float | None = None) -> tuple[int, Any]:
-        if self._manage is None:
-            raise RuntimeError("LMStudioUpstream.start() was not awaited")
-        data = orjson.dumps(payload) if payload is not None else None
-        headers = {"Content-Type": "application/json", **self._auth()}
-        async with self._manage.request(method, path, headers, data,
-                                        timeout_s=timeout_s) as resp:
-            raw = await resp.read()
-            status = resp.status
-        try:
-            return status, orjson.loads(raw) if raw else None
-        except orjson.JSONDecodeError:
-            return status, raw.decode("utf-8", "replace")
 
 
 # The name the app, the library and the tests know it by.
