@@ -344,3 +344,25 @@ async def test_a_key_may_not_unload_a_later_load_of_what_it_once_loaded(make_pro
     with pytest.raises(lmstudio.LMStudioServerError, match="not loaded with this key"):
         await alice.llm.unload(SMALL)
     assert SMALL in emulator.state.instances
+
+
+async def test_a_scoped_key_uses_its_model_under_the_identifier_it_loaded_it_as(proxy, sdk,
+                                                                              emulator):
+    client = await sdk(proxy, ALICE)
+    model = await client.llm.load_new_instance(SMALL, "alice-small")
+    assert model.identifier == "alice-small"
+    assert (await model.respond("hello")).stats.stop_reason == "eosFound"
+
+
+@pytest.mark.xfail(strict=True, reason="the guard allows a name the key allows before it "
+                   "resolves it: an instance of another model loaded under that identifier "
+                   "passes the scope check (guard.Guard._scope)")
+async def test_a_scoped_key_may_not_use_another_model_loaded_under_its_models_name(
+        proxy, sdk, raw, emulator):
+    await (await sdk(proxy, BOB)).llm.load_new_instance(MID, SMALL)   # identifier: SMALL
+    conn, _ = await raw(proxy, "llm", ALICE)
+    await conn.send(predict(SMALL))
+    reply = await conn.receive()
+    assert reply["type"] == "channelError", reply
+    assert reply["error"]["errorData"] == {"code": "model_not_allowed"}
+    assert emulator.state.inference_calls[MID] == 0
