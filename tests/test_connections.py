@@ -28,6 +28,16 @@ async def closed_by_server(reader: asyncio.StreamReader) -> bytes:
     return data
 
 
+async def taken_by_server(proxy) -> None:
+    """Until the server's one connection has read what was sent (server and client share this
+    event loop: it reads on a later turn), bounded by a deadline."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 2
+    (proto,) = proxy.served.runner.server.connections
+    while not proto._head_seen and loop.time() < deadline:
+        await asyncio.sleep(0)
+
+
 async def test_a_silent_connection_is_closed_at_the_header_deadline(make_proxy, emulator):
     proxy = await make_proxy(emulator.url, **{"server.header_timeout_s": 0.2})
     reader, writer = await connect(proxy.url)
@@ -212,5 +222,35 @@ async def test_a_probe_past_the_cap_may_arrive_in_pieces(make_proxy, emulator):
         await writer.drain()
     assert (await closed_by_server(reader)).startswith(b"HTTP/1.1 200")
     writer.close()
+    for _, w in held:
+        w.close()
+
+
+async def test_a_head_whose_end_arrives_split_meets_the_header_deadline(make_proxy, emulator):
+    """CRLF CRLF across two packets still ends the head: the deadline does not later cut the
+    kept-alive connection it already served."""
+    proxy = await make_proxy(emulator.url, **{"server.header_timeout_s": 0.2,
+                                              "server.keepalive_timeout_s": 30})
+    reader, writer = await connect(proxy.url)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r")
+    await writer.drain()
+    await taken_by_server(proxy)                      # the second piece comes on its own
+    writer.write(b"\n")
+    assert (await reader.readuntil(b'{"status":"ok"}')).startswith(b"HTTP/1.1 200")
+    with pytest.raises(asyncio.TimeoutError):         # past the deadline, still open
+        await asyncio.wait_for(reader.read(1), 1.0)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert (await reader.readuntil(b'{"status":"ok"}')).startswith(b"HTTP/1.1 200")
+    writer.close()
+
+
+async def test_a_probe_path_with_another_method_is_no_probe(make_proxy, emulator):
+    proxy = await make_proxy(emulator.url, **{"server.max_connections": 2})
+    held = [await connect(proxy.url) for _ in range(2)]
+    reader, writer = await connect(proxy.url)
+    writer.write(b"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+    answer = await closed_by_server(reader)
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 503") and b"too_many_connections" in answer
     for _, w in held:
         w.close()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
+import pytest
+
 from proxy.app import create_app
 from proxy.engine.core import EngineCore
 from proxy.engine.face import Engine
@@ -12,6 +14,7 @@ from proxy.engine.lifecycle import ModelStatus
 from proxy.engine.memory import MemoryPressure
 from proxy.server.keys import ENGINE
 from proxy.library import ModelMemoryManager
+from proxy.errors import UpstreamError
 from proxy.upstream.lmstudio import LMStudioUpstream
 
 from .fakes import GB, SettableSampler
@@ -138,3 +141,50 @@ async def test_the_app_holds_the_core_and_both_offer_the_whole_face(six):
     assert type(app[ENGINE]) is EngineCore
     for name in face:
         assert hasattr(app[ENGINE], name) and hasattr(manager, name), name
+
+
+class ListHook(UnloadHook):
+    """LM Studio's model list taken, then `during` runs before the engine reads it: the list
+    is stale by the time it arrives."""
+
+    async def list_models(self):
+        models = await self.inner.list_models()
+        during, self.during = self.during, None
+        if during is not None:
+            await during()
+        return models
+
+
+async def test_a_model_list_older_than_a_status_change_does_not_undo_it(six):
+    key = SIX[0].key
+    config = engine_config(six.url)
+    core = EngineCore(config, ListHook(LMStudioUpstream(config.upstream), None),
+                      owns_upstream=True)
+    await core.start()
+    (await core.acquire(key)).release()
+
+    async def unloaded_meanwhile() -> None:
+        assert await core.unload(key)
+    core.backend.during = unloaded_meanwhile
+    await core.reconcile()                       # its list still shows the model loaded
+    assert core.entry(key).status is S.UNLOADED and not six.state.instances_of(key)
+    await core.cleanup()
+
+
+class FailingUnload(UnloadHook):
+    async def unload(self, instance_id: str) -> None:
+        raise UpstreamError("LM Studio refused the unload")
+
+
+async def test_a_failed_unload_leaves_the_model_loaded_and_usable(six):
+    key = SIX[0].key
+    config = engine_config(six.url)
+    core = EngineCore(config, FailingUnload(LMStudioUpstream(config.upstream), None),
+                      owns_upstream=True)
+    await core.start()
+    (await core.acquire(key)).release()
+    with pytest.raises(UpstreamError):
+        await core.unload(key)
+    assert core.entry(key).status is S.LOADED and six.state.instances_of(key)
+    (await asyncio.wait_for(core.acquire(key), 5)).release()
+    await core.cleanup()

@@ -121,6 +121,19 @@ async def test_a_failed_ownership_write_does_not_undo_a_later_unload(emulator, t
     again.close()
 
 
+async def test_a_failed_ownership_write_is_kept_for_the_next_one(emulator, tmp_path, engine):
+    mgr = await engine(emulator.url, store=UsageStore(tmp_path / "history.sqlite3"))
+    acc = mgr.core.accounting
+    acc.remember_owned(mgr.entry(MODEL), "x-1", {})
+    mgr.store._db.execute("PRAGMA query_only = 1")   # the disk refuses writes for a while
+    await acc.commit_ownership()
+    mgr.store._db.execute("PRAGMA query_only = 0")
+    await acc.commit_ownership()                     # the next load's or unload's write
+    again = UsageStore(mgr.store.path)
+    assert again.open() and set(again.load(emulator.url)["owned"]) == {"x-1"}
+    again.close()
+
+
 # -- 9: a load that completes after its timeout is the proxy's -------------------------------
 async def test_a_late_load_nobody_waits_for_is_adopted_and_unloaded(lab, engine):
     gate = lab.state.faults.load_gate[A] = asyncio.Event()   # LM Studio stalls...

@@ -5,12 +5,16 @@ import asyncio
 import gzip
 import logging
 import zlib
+from unittest import mock
 
 import orjson
 import pytest
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http_parser import HttpRequestParserPy
 
 from proxy.errors import clip
 from proxy.server.keys import ACCESS_LOG
+from proxy.server.serving import _parse_error_summary
 from proxy.upstream.lmstudio import LMStudioUpstream
 
 from .conftest import proxy_config
@@ -166,3 +170,25 @@ async def test_malformed_http_gets_a_fixed_answer_and_one_log_line(make_proxy, e
     (record,) = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert record.exc_info is None and "\n" not in record.getMessage()
     assert "0123456789" not in caplog.text and len(record.getMessage()) < 200
+
+
+async def test_malformed_http_ends_the_connection(proxy):
+    """The parser lost its place in the stream: nothing after the bad request is read."""
+    host, port = proxy.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"GET /healthz HTTP/1.1\r\nX-Bad\x00: v\r\n\r\n")
+    answer = await asyncio.wait_for(reader.read(), 5)     # until the server closes
+    writer.close()
+    assert answer.split(b" ", 2)[1] == b"400" and b"malformed_request" in answer
+
+
+@pytest.mark.parametrize("head", [b"GET /x HTTP/9.9 sk-0123456789\r\nHost: x\r\n\r\n",
+                                  b"GET /x HTTP/1.1\r\nBad Header sk-0123456789: v\r\n\r\n"])
+async def test_the_pure_python_parsers_quoted_bytes_are_not_logged(head):
+    """aiohttp without its C extension quotes the offending bytes in the message's first
+    line (AIOHTTP_NO_EXTENSIONS, or a platform without a wheel)."""
+    parser = HttpRequestParserPy(mock.Mock(), asyncio.get_running_loop(), 2 ** 16)
+    with pytest.raises(HttpProcessingError) as refused:
+        parser.feed_data(head)
+    assert "0123456789" in str(refused.value)
+    assert "0123456789" not in _parse_error_summary(refused.value)

@@ -458,3 +458,18 @@ def test_a_view_that_cannot_be_built_leaves_the_old_config_and_views():
 def test_the_app_and_its_engine_share_one_holder(emulator):
     app = create_app(load_config(base_raw(emulator.url)))
     assert app[ENGINE].live is app[CONFIG] and app[ENGINE].config is app[CONFIG].current
+
+
+def test_a_part_that_fails_to_apply_a_swap_leaves_the_others_applied(caplog):
+    live = LiveConfig(load_config({}))
+    applied: list[int] = []
+
+    def broken(old: Config, new: Config) -> None:
+        raise RuntimeError("a part's bug")
+    live.on_swap(broken)
+    live.on_swap(lambda old, new: applied.append(new.model(MODEL).priority))
+    new = load_config({"models": {MODEL: {"priority": 7}}})
+    with caplog.at_level(logging.ERROR, logger="proxy.config"):
+        assert live.swap(new) is not new
+    assert live.current is new and applied == [7]
+    assert "applying the new configuration failed" in caplog.text

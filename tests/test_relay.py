@@ -180,3 +180,31 @@ async def test_include_usage_asked_for_the_client_is_stripped_and_counted(proxy,
     await records.arrived.wait()
     (record,) = records.seen
     assert record.completion_tokens == 3 and not record.tokens_estimated
+
+
+async def test_a_stream_that_ends_with_nothing_in_it_is_no_success(make_proxy, http):
+    """An upstream 200 event stream that closes cleanly before any event or [DONE]: the client
+    got no answer, and the record says so."""
+    @web.middleware
+    async def empty_stream(request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.path == "/v1/chat/completions":
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await resp.prepare(request)
+            await resp.write_eof()
+            return resp
+        return await handler(request)
+    app = create_emulator_app(EmulatorState(load_catalog(), capacity_bytes=64 * GB),
+                              EmulatorOptions(created_s=FIXED_CREATED_S))
+    app.middlewares.insert(0, empty_stream)
+    upstream = await serve(app)
+    try:
+        proxy = await make_proxy(upstream.url)
+        records = records_of(proxy)
+        async with http.post(f"{proxy.url}/v1/chat/completions",
+                             json={**CHAT, "stream": True}) as r:
+            await r.read()
+        await records.arrived.wait()
+        (record,) = records.seen
+        assert (record.model, record.ok) == (MODEL, False)
+    finally:
+        await upstream.close()

@@ -146,3 +146,10 @@ async def test_reload_without_a_config_source_says_so(make_proxy, emulator, http
     async with http.post(f"{proxy.url}/proxy/reload") as r:
         status, error = r.status, (await r.json())["error"]
     assert status == 400 and "nothing to reload from" in error["message"]
+
+
+def test_restart_needed_redacts_credentials_in_a_changed_url():
+    old = proxy_config("http://alice:s3cret@a:1")
+    new = proxy_config("http://bob:hunter2@b:1")
+    changed = [c for c in restart_needed(old, new) if c.startswith("upstream.url")]
+    assert changed == ["upstream.url ('http://***@a:1' → 'http://***@b:1')"]
