@@ -354,9 +354,6 @@ async def test_a_scoped_key_uses_its_model_under_the_identifier_it_loaded_it_as(
     assert (await model.respond("hello")).stats.stop_reason == "eosFound"
 
 
-@pytest.mark.xfail(strict=True, reason="the guard allows a name the key allows before it "
-                   "resolves it: an instance of another model loaded under that identifier "
-                   "passes the scope check (guard.Guard._scope)")
 async def test_a_scoped_key_may_not_use_another_model_loaded_under_its_models_name(
         proxy, sdk, raw, emulator):
     await (await sdk(proxy, BOB)).llm.load_new_instance(MID, SMALL)   # identifier: SMALL
@@ -366,3 +363,12 @@ async def test_a_scoped_key_may_not_use_another_model_loaded_under_its_models_na
     assert reply["type"] == "channelError", reply
     assert reply["error"]["errorData"] == {"code": "model_not_allowed"}
     assert emulator.state.inference_calls[MID] == 0
+
+
+async def test_a_prediction_by_an_identifier_counts_for_the_model_loaded_under_it(proxy, sdk,
+                                                                                emulator):
+    bob = await sdk(proxy, BOB)
+    model = await bob.llm.load_new_instance(MID, SMALL)    # MID, under SMALL's name
+    await model.respond("hello")
+    assert emulator.state.inference_calls[MID] == 1
+    assert proxy.engine.usage(MID).requests == 1 and proxy.engine.usage(SMALL).requests == 0

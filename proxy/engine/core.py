@@ -360,8 +360,9 @@ class EngineCore:
         return self.registry.loaded()
 
     def owner_of(self, name: str) -> tuple[str | None, str | None]:
-        """A model name or instance identifier → (its key, its owner while loaded)."""
-        key = self.registry.key_of(name)
+        """A native client's model name or instance identifier → (the model it reaches, as
+        LM Studio resolves it: loaded instances first; its owner while loaded)."""
+        key = self.registry.loaded_as(name)
         e = self.registry.entries.get(key) if key is not None else None
         return key, (e.owner if e is not None and e.status is S.LOADED else None)
 

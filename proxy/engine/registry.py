@@ -62,6 +62,15 @@ class Registry:
         key = self.upstream_aliases.get(name)
         return key if key in self.entries else None
 
+    def loaded_as(self, name: str) -> str | None:
+        """The model a native client's identifier reaches: LM Studio resolves a loaded
+        instance's identifier before a model key, so an instance loaded under another model's
+        key answers for that key."""
+        for e in self.entries.values():
+            if name in e.instance_ids:
+                return e.key
+        return self.key_of(name)
+
     def ensure(self, key: str) -> tuple[ModelEntry, bool]:
         """The entry for key, created if new (True)."""
         e = self.entries.get(key)

@@ -216,8 +216,8 @@ class Guard:
                            "The request asked for any loaded model, or by path or an "
                            "instance reference the proxy has not seen.",
                            "Ask for the model by its key or identifier.")
-        model, _ = self.resolve(name)
-        if key.allows(name) or (model is not None and key.allows(model)):
+        model, _ = self.resolve(name)     # what LM Studio will use, not what the name says
+        if key.allows(model) if model is not None else key.allows(name):
             return None
         return Refusal(ModelNotAllowed(f"This key ('{key.name}') may not use the model "
                                        f"'{clip(name)}'."),

@@ -172,7 +172,8 @@ class Mediator:
     async def _begin_use(self, uses: dict[Any, _Use], id_: Any, spec: Any,
                          endpoint: str) -> None:
         name = self._spec_name(spec)
-        e = self.engine.entry(name) if name is not None else None
+        key = self.engine.owner_of(name)[0] if name is not None else None
+        e = self.engine.entry(key) if key is not None else None
         if e is None or e.status is not ModelStatus.LOADED:
             return      # not resident in the engine's view: LM Studio answers as it would
         try:
