@@ -157,7 +157,9 @@ async def test_a_bomb_is_refused_without_ever_holding_its_decoded_size(make_prox
     b"POST /proxy/clear HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer adm-0123456789\x00\r\n\r\n",
     b"GET /v1/models HTTP/1.1\r\nX-Api-Key: sk-0123456789\x01\r\n\r\n",
     b"JRMI\x00\x01 sk-0123456789\r\n\r\n",
-    b"GET /healthz HTTP/1.1\nAuthorization: Bearer sk-0123456789\n\n"])
+    b"GET /healthz HTTP/1.1\nAuthorization: Bearer sk-0123456789\n\n",
+    b"GET http://[sk-0123456789 HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /v1/models?api_key=sk-0123456789\x00 HTTP/1.1\r\nHost: x\r\n\r\n"])
 async def test_malformed_http_gets_a_fixed_answer_and_one_log_line(make_proxy, emulator, caplog,
                                                                    head):
     proxy = await make_proxy(emulator.url, **{"auth.admin_token": "adm-0123456789"})

@@ -31,7 +31,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http_exceptions import HttpProcessingError, InvalidURLError
 from aiohttp.log import access_logger
 from aiohttp.web_protocol import RequestHandler
 
@@ -285,6 +285,8 @@ class _Protocol(RequestHandler):
 
 def _parse_error_summary(exc: HttpProcessingError) -> str:
     """The parser's reason without the bytes it quotes (they may hold a credential)."""
+    if isinstance(exc, InvalidURLError):   # its message is the request target itself
+        return f"{type(exc).__name__}: the request target is not a valid URL"
     first = (exc.message or "").strip().split("\n", 1)[0]
     for quote in ("'", '"'):
         first = first.split(quote, 1)[0]
