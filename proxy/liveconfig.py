@@ -30,28 +30,24 @@ class View(Generic[T]):
 
 
 class LiveConfig:
+    """`current` and `aliases` are plain attributes, read on every request: read them, never
+    assign them; `swap` is the only writer."""
+
     def __init__(self, config: Config) -> None:
-        self._current = config
+        self.current = config
         self._views: list[View] = []
         self._swapped: list[Callable[[Config, Config], None]] = []
         self._aliases = self.derive(Config.alias_map)
+        # Alias → model key, as the current config says (every lookup of a name uses this).
+        self.aliases: dict[str, str] = self._aliases.value
 
     @staticmethod
     def of(config: "Config | LiveConfig") -> "LiveConfig":
         """The holder itself, or a new one for a plain Config (the engine as a library)."""
         return config if isinstance(config, LiveConfig) else LiveConfig(config)
 
-    @property
-    def current(self) -> Config:
-        return self._current
-
-    @property
-    def aliases(self) -> dict[str, str]:
-        """Alias → model key, as the current config says (every lookup of a name uses this)."""
-        return self._aliases.value
-
     def derive(self, build: Callable[[Config], T]) -> View[T]:
-        view = View(build, build(self._current))
+        view = View(build, build(self.current))
         self._views.append(view)
         return view
 
@@ -63,9 +59,10 @@ class LiveConfig:
         """Put `new` in force with every view rebuilt from it; returns the config it replaced.
         A view that cannot be built from `new` raises here, and nothing has changed."""
         values = [view.build(new) for view in self._views]
-        old, self._current = self._current, new
+        old, self.current = self.current, new
         for view, value in zip(self._views, values):
             view.value = value
+        self.aliases = self._aliases.value
         for callback in self._swapped:
             try:
                 callback(old, new)
