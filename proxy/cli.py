@@ -282,6 +282,13 @@ async def _run(config: Config, *, demo: bool, flavor: str = "lmstudio",
         return new
 
     app = create_app(config, config_source=reread if source is not None else None)
+    try:   # MCP over streamable HTTP at /mcp, when the optional mcp extra is installed
+        from .mcp.http import PATH, mount_mcp
+    except ImportError:
+        log.info("MCP at /mcp is off: pip install 'lmstudio-memory-proxy[mcp]' to serve it")
+    else:
+        mount_mcp(app)
+        log.info("MCP (streamable HTTP) at %s", PATH)
     host, port = config.server.host, config.server.port
     try:
         served = await serve(app, host, port, shutdown_timeout_s=config.server.shutdown_timeout_s)

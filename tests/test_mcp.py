@@ -1,5 +1,6 @@
-"""The MCP server (`python -m proxy mcp`), driven by the MCP SDK's own client over stdio against
-a running proxy with client keys and an admin token: every tool, the resources, the refusals."""
+"""The MCP server, driven by the MCP SDK's own client against a running proxy with client keys
+and an admin token, over both transports: stdio (`python -m proxy mcp --url`) and streamable
+HTTP at /mcp on the proxy's own port. Every tool, the resources, the refusals."""
 from __future__ import annotations
 
 import contextlib
@@ -12,7 +13,14 @@ from typing import Any, AsyncIterator
 import pytest
 from mcp.client.session import ClientSession
 from mcp.client.stdio import StdioServerParameters, stdio_client
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared._httpx_utils import create_mcp_http_client
 
+from proxy.app import create_app
+from proxy.mcp.http import mount_mcp
+from proxy.server.serving import serve
+
+from .conftest import Proxy, proxy_config
 from .test_auth import ADMIN, ALICE, AUTH, MODEL, bearer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,18 +34,39 @@ CHANGES = [("load_model", {"model": MODEL}, "load a model"),
 
 
 @pytest.fixture
-async def guarded(make_proxy, emulator):
-    return await make_proxy(emulator.url, **AUTH)
+async def guarded(emulator) -> AsyncIterator[Proxy]:
+    """A proxy with keys and an admin token, serving MCP at /mcp as `python -m proxy` does."""
+    app = create_app(proxy_config(emulator.url, **AUTH))
+    mount_mcp(app)
+    proxy = Proxy(await serve(app), app)
+    yield proxy
+    await proxy.served.close()
 
 
 @contextlib.asynccontextmanager
-async def mcp_client(url: str, *extra: str) -> AsyncIterator[ClientSession]:
+async def stdio_session(url: str, key: str | None) -> AsyncIterator[ClientSession]:
     params = StdioServerParameters(
-        command=sys.executable, args=["-m", "proxy", "mcp", "--url", url, *extra],
+        command=sys.executable,
+        args=["-m", "proxy", "mcp", "--url", url, *(["--api-key", key] if key else [])],
         cwd=str(ROOT), env={k: v for k, v in os.environ.items() if k != "PROXY_API_KEY"})
     async with stdio_client(params) as (read, write), ClientSession(read, write) as session:
         await session.initialize()
         yield session
+
+
+@contextlib.asynccontextmanager
+async def http_session(url: str, key: str | None) -> AsyncIterator[ClientSession]:
+    async with create_mcp_http_client(headers=bearer(key) if key else None) as http, \
+            streamable_http_client(f"{url}/mcp", http_client=http) as (read, write), \
+            ClientSession(read, write) as session:
+        await session.initialize()
+        yield session
+
+
+@pytest.fixture(params=["stdio", "http"])
+def mcp_client(request):
+    """`mcp_client(proxy_url, key)`: a session over the transport the test runs with."""
+    return {"stdio": stdio_session, "http": http_session}[request.param]
 
 
 async def call(session: ClientSession, tool: str, args: dict[str, Any] | None = None) -> Any:
@@ -63,8 +92,8 @@ async def row(http, url: str) -> dict[str, Any]:
     return next(r for r in models["data"] if r["model"] == MODEL)
 
 
-async def test_tools_have_schemas_and_descriptions(guarded):
-    async with mcp_client(guarded.url, "--api-key", ALICE) as session:
+async def test_tools_have_schemas_and_descriptions(guarded, mcp_client):
+    async with mcp_client(guarded.url, ALICE) as session:
         tools = {t.name: t for t in (await session.list_tools()).tools}
     assert set(tools) == TOOLS
     for tool in tools.values():
@@ -79,9 +108,9 @@ async def test_tools_have_schemas_and_descriptions(guarded):
     assert tools["load_model"].annotations.read_only_hint is False
 
 
-async def test_every_tool_with_the_admin_token(guarded, emulator, http):
+async def test_every_tool_with_the_admin_token(guarded, emulator, http, mcp_client):
     url = guarded.url
-    async with mcp_client(url, "--api-key", ADMIN) as session:
+    async with mcp_client(url, ADMIN) as session:
         listed = await call(session, "list_models")
         assert MODEL in [r["model"] for r in listed["data"]]
         assert "memory_pressure" in listed and "queue_length" in listed
@@ -127,8 +156,8 @@ async def test_every_tool_with_the_admin_token(guarded, emulator, http):
         assert not emulator.state.instances_of(MODEL)
 
 
-async def test_resources_are_the_model_list_and_the_health_report(guarded, http):
-    async with mcp_client(guarded.url, "--api-key", ALICE) as session:
+async def test_resources_are_the_model_list_and_the_health_report(guarded, http, mcp_client):
+    async with mcp_client(guarded.url, ALICE) as session:
         uris = {str(r.uri) for r in (await session.list_resources()).resources}
         assert uris == {"proxy://models", "proxy://health"}
         models = await session.read_resource("proxy://models")
@@ -138,8 +167,9 @@ async def test_resources_are_the_model_list_and_the_health_report(guarded, http)
         (await get(http, guarded.url, "/proxy/health"))["status"]
 
 
-async def test_a_client_key_reads_but_may_not_change_state(guarded, emulator, http):
-    async with mcp_client(guarded.url, "--api-key", ALICE) as session:
+async def test_a_client_key_reads_but_may_not_change_state(guarded, emulator, http,
+                                                          mcp_client):
+    async with mcp_client(guarded.url, ALICE) as session:
         assert MODEL in [r["model"] for r in (await call(session, "list_models"))["data"]]
         await call(session, "memory_stats")
         for tool, args, action in CHANGES:
@@ -151,17 +181,25 @@ async def test_a_client_key_reads_but_may_not_change_state(guarded, emulator, ht
 
 
 async def test_a_missing_or_wrong_key_is_named(guarded):
-    async with mcp_client(guarded.url, "--api-key", "sk-wrong") as session:
+    async with stdio_session(guarded.url, "sk-wrong") as session:
         text = await refused(session, "list_models", {})
         assert "API key refused, cannot list models (invalid_api_key): Invalid API key" \
             in text, text
-    async with mcp_client(guarded.url) as session:
+    async with stdio_session(guarded.url, None) as session:
         text = await refused(session, "load_model", {"model": MODEL})
         assert "Missing API key" in text, text
 
 
 async def test_a_proxy_that_does_not_answer_is_named(unused_tcp_port):
     url = f"http://127.0.0.1:{unused_tcp_port}"
-    async with mcp_client(url) as session:
+    async with stdio_session(url, None) as session:
         text = await refused(session, "list_models", {})
     assert f"cannot list models: the proxy at {url} did not answer" in text, text
+
+
+async def test_over_http_a_wrong_key_is_refused_before_mcp(guarded, http):
+    """/mcp is a client route: the proxy's own auth answers, in OpenAI's error format."""
+    init = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {}}
+    async with http.post(f"{guarded.url}/mcp", json=init, headers=bearer("sk-wrong")) as resp:
+        assert resp.status == 401
+        assert (await resp.json())["error"]["code"] == "invalid_api_key"

@@ -7,7 +7,7 @@ token, as on HTTP. A refusal comes back as a tool error that names the cause.
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any
+from typing import Annotated, Any, Callable
 
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ResourceError, ToolError
@@ -30,8 +30,12 @@ READ = ToolAnnotations(read_only_hint=True, open_world_hint=False)
 CHANGE = ToolAnnotations(read_only_hint=False, destructive_hint=False, open_world_hint=False)
 
 
-def build_server(client: ProxyClient) -> MCPServer:
-    server = MCPServer("lmstudio-memory-proxy", instructions=INSTRUCTIONS)
+def build_server(client_for: Callable[[], ProxyClient],
+                 middleware: list[Any] | None = None) -> MCPServer:
+    """`client_for()` is the proxy and key a call goes to: fixed for stdio, the caller's own
+    Authorization for streamable HTTP."""
+    server = MCPServer("lmstudio-memory-proxy", instructions=INSTRUCTIONS,
+                       middleware=middleware)
 
     @server.tool(annotations=READ)
     async def list_models() -> dict[str, Any]:
@@ -39,7 +43,7 @@ def build_server(client: ProxyClient) -> MCPServer:
         memory footprint (footprint_mb), owner, priority, whether it is pinned, requests in
         flight, and the queue length and memory pressure of the whole proxy. Use the 'model'
         field of a row as the model argument of the other tools."""
-        return await client.get("/proxy/models", "list models")
+        return await client_for().get("/proxy/models", "list models")
 
     @server.tool(annotations=CHANGE)
     async def load_model(model: Model,
@@ -52,26 +56,27 @@ def build_server(client: ProxyClient) -> MCPServer:
         body: dict[str, Any] = {"model": model}
         if priority is not None:
             body["priority"] = priority
-        return await client.post("/proxy/models/load", "load a model", body)
+        return await client_for().post("/proxy/models/load", "load a model", body)
 
     @server.tool(annotations=CHANGE)
     async def unload_model(model: Model) -> dict[str, Any]:
         """Unload a model to free its memory. Returns whether it was unloaded and its state
         afterwards. Needs the admin token."""
-        return await client.post("/proxy/models/unload", "unload a model", {"model": model})
+        return await client_for().post("/proxy/models/unload", "unload a model",
+                                          {"model": model})
 
     @server.tool(annotations=CHANGE)
     async def pin_model(model: Model) -> dict[str, Any]:
         """Pin a model: it is never chosen for eviction, until unpinned or the proxy restarts.
         Needs the admin token."""
-        return await client.post("/proxy/models/pin", "pin a model",
+        return await client_for().post("/proxy/models/pin", "pin a model",
                                  {"model": model, "pinned": True})
 
     @server.tool(annotations=CHANGE)
     async def unpin_model(model: Model) -> dict[str, Any]:
         """Unpin a model so that it may be evicted again when memory is needed. Needs the
         admin token."""
-        return await client.post("/proxy/models/pin", "unpin a model",
+        return await client_for().post("/proxy/models/pin", "unpin a model",
                                  {"model": model, "pinned": False})
 
     @server.tool(annotations=READ)
@@ -79,7 +84,7 @@ def build_server(client: ProxyClient) -> MCPServer:
         """The proxy's memory and load report: system memory (total, available, used percent),
         memory pressure, eviction policy, queue length, the upstream's health, and per-model
         request statistics."""
-        return await client.get("/proxy/stats", "read memory stats")
+        return await client_for().get("/proxy/stats", "read memory stats")
 
     @server.tool(annotations=READ)
     async def recommend_model(
@@ -93,7 +98,7 @@ def build_server(client: ProxyClient) -> MCPServer:
             = 0.5) -> dict[str, Any]:
         """Recommend the model to use for a task, ranked with reasons; the same answer as the
         proxy's GET /proxy/recommendations."""
-        return await client.get("/proxy/recommendations", "recommend a model",
+        return await client_for().get("/proxy/recommendations", "recommend a model",
                                 {"task_type": task, "complexity": str(complexity),
                                  "urgency": str(urgency)})
 
@@ -101,19 +106,19 @@ def build_server(client: ProxyClient) -> MCPServer:
     async def optimize_memory() -> dict[str, Any]:
         """Free memory now by unloading what the eviction policy would give up first, until
         memory pressure is normal. Returns what was unloaded. Needs the admin token."""
-        return await client.post("/proxy/optimize", "optimize memory")
+        return await client_for().post("/proxy/optimize", "optimize memory")
 
     @server.tool(annotations=READ)
     async def model_stats(model: Model) -> dict[str, Any]:
         """One model's row (state, footprint, owner, pin, requests in flight) and its request
         statistics (counts, success rate, latencies)."""
-        models = await client.get("/proxy/models", "read model stats")
+        models = await client_for().get("/proxy/models", "read model stats")
         row = next((r for r in models["data"] if model in (r["model"], *r.get("aliases", ()))),
                    None)
         if row is None:
             known = ", ".join(r["model"] for r in models["data"]) or "none"
             raise ToolError(f"unknown model {model!r}; the proxy knows: {known}")
-        stats = await client.get("/proxy/stats", "read model stats")
+        stats = await client_for().get("/proxy/stats", "read model stats")
         return {"model": row["model"], "row": row,
                 "stats": stats.get("models", {}).get(row["model"], {})}
 
@@ -121,13 +126,13 @@ def build_server(client: ProxyClient) -> MCPServer:
                      description="Every model the proxy knows, with state and memory "
                                  "(GET /proxy/models).")
     async def models_resource() -> str:
-        return await _read(client, "/proxy/models", "read the model list")
+        return await _read(client_for(), "/proxy/models", "read the model list")
 
     @server.resource("proxy://health", name="health", mime_type="application/json",
                      description="The proxy's health report with its alerts "
                                  "(GET /proxy/health).")
     async def health_resource() -> str:
-        return await _read(client, "/proxy/health", "read the health report")
+        return await _read(client_for(), "/proxy/health", "read the health report")
 
     return server
 
@@ -140,5 +145,7 @@ async def _read(client: ProxyClient, path: str, action: str) -> str:
 
 
 def run_stdio(url: str, api_key: str | None) -> int:
-    build_server(ProxyClient(url, api_key)).run("stdio")
+    client = ProxyClient(url, api_key)
+    build_server(lambda: client).run("stdio")
     return 0
+
