@@ -3,9 +3,11 @@ and an admin token, over both transports: stdio (`python -m proxy mcp --url`) an
 HTTP at /mcp on the proxy's own port. Every tool, the resources, the refusals."""
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
+import socket
 import sys
 from pathlib import Path
 from typing import Any, AsyncIterator
@@ -203,3 +205,28 @@ async def test_over_http_a_wrong_key_is_refused_before_mcp(guarded, http):
     async with http.post(f"{guarded.url}/mcp", json=init, headers=bearer("sk-wrong")) as resp:
         assert resp.status == 401
         assert (await resp.json())["error"]["code"] == "invalid_api_key"
+
+
+async def test_python_m_proxy_serves_mcp_at_slash_mcp(tmp_path):
+    """The command itself mounts /mcp (the fixtures above mount it as it does)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PROXY_")}
+    env["HOME"] = str(tmp_path)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "--demo", "--port", str(port), cwd=tmp_path, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+    try:
+        assert proc.stdout is not None
+        banner = ""
+        while "Stop with Ctrl-C" not in banner:
+            line = await proc.stdout.readline()
+            assert line, f"the demo ended early:\n{banner}"
+            banner += line.decode()
+        async with http_session(f"http://127.0.0.1:{port}", None) as session:
+            assert {t.name for t in (await session.list_tools()).tools} == TOOLS
+            assert (await call(session, "list_models"))["data"]
+    finally:
+        proc.terminate()
+        await proc.wait()
