@@ -230,3 +230,22 @@ async def test_python_m_proxy_serves_mcp_at_slash_mcp(tmp_path):
     finally:
         proc.terminate()
         await proc.wait()
+
+
+@pytest.mark.parametrize("bind, status", [("127.0.0.1", 421), ("0.0.0.0", 200)])
+async def test_another_host_header_is_refused_only_on_loopback(emulator, http, bind, status):
+    """DNS rebinding: a loopback proxy answers only to its loopback names; one bound wider is
+    reached by names the SDK cannot know."""
+    app = create_app(proxy_config(emulator.url))
+    mount_mcp(app, host=bind)
+    proxy = Proxy(await serve(app), app)
+    init = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
+            "params": {"protocolVersion": "2025-06-18", "capabilities": {},
+                       "clientInfo": {"name": "t", "version": "1"}}}
+    try:
+        async with http.post(f"{proxy.url}/mcp", json=init,
+                             headers={"Host": "proxy.lan:8080",
+                                      "Accept": "application/json, text/event-stream"}) as resp:
+            assert resp.status == status, await resp.text()
+    finally:
+        await proxy.served.close()

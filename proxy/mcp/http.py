@@ -13,12 +13,14 @@ from .server import build_server
 PATH = "/mcp"
 
 
-def mount_mcp(app: web.Application, path: str = PATH) -> None:
-    asgi, lifespan = http_app(path)
+def mount_mcp(app: web.Application, path: str = PATH, host: str = "127.0.0.1") -> None:
+    """`host` is the proxy's bind address: on loopback the SDK refuses other Host and Origin
+    headers (DNS rebinding); bound wider, callers name the host as they reach it."""
+    asgi, lifespan = http_app(path, host)
     mount(app, path, asgi, lifespan)
 
 
-def http_app(path: str = PATH) -> tuple[Any, Callable[[], Any]]:
+def http_app(path: str = PATH, host: str = "127.0.0.1") -> tuple[Any, Callable[[], Any]]:
     """The streamable HTTP transport, stateless with JSON answers, to mount on the proxy's own
     server: (ASGI app, lifespan). Each call goes back to the proxy it arrived at with the
     caller's own Authorization, so the proxy's auth decides as for any HTTP call."""
@@ -29,7 +31,7 @@ def http_app(path: str = PATH) -> tuple[Any, Callable[[], Any]]:
 
     server = build_server(client_for, middleware=[_remember_request])
     app = server.streamable_http_app(streamable_http_path=path, stateless_http=True,
-                                     json_response=True)
+                                     json_response=True, host=host)
     return app, server.session_manager.run
 
 
