@@ -1,7 +1,7 @@
 """Command line: `python -m proxy [--config PATH] [--host H] [--port P] [--upstream URL]
 [--demo [--flavor F] [--demo-upstream-port P]] [--check]`, `python -m proxy status`,
-`python -m proxy healthcheck`. The only module that reads the environment: every flag also has a
-PROXY_* variable (flag > environment > config file > default)."""
+`python -m proxy healthcheck`, `python -m proxy mcp`. The only module that reads the
+environment: every flag also has a PROXY_* variable (flag > environment > config file > default)."""
 from __future__ import annotations
 
 import argparse
@@ -109,6 +109,8 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         return _status(argv[1:], env)
     if argv[:1] == ["healthcheck"]:
         return _healthcheck(argv[1:], env)
+    if argv[:1] == ["mcp"]:
+        return _mcp(argv[1:], env)
     args = build_parser().parse_args(argv)
     try:
         config = resolve_config(args, env)
@@ -234,6 +236,27 @@ def _healthcheck(argv: list[str], environ: Mapping[str, str]) -> int:
     return healthcheck(host, port)
 
 
+def _mcp(argv: list[str], environ: Mapping[str, str]) -> int:
+    """An MCP server on stdin/stdout for an MCP host (LM Studio, Claude Desktop, an IDE) that
+    starts it, against a running proxy: its tools are calls to that proxy's HTTP API."""
+    p = argparse.ArgumentParser(prog="python -m proxy mcp",
+                                description="Serve the proxy's model tools over MCP (stdio).")
+    p.add_argument("--url", default=environ.get("PROXY_URL"),
+                   required=not environ.get("PROXY_URL"),
+                   help="the running proxy's address, e.g. http://127.0.0.1:8080 (PROXY_URL)")
+    p.add_argument("--api-key", default=environ.get("PROXY_API_KEY"),
+                   help="sent as 'Authorization: Bearer': a client key to read, the admin "
+                        "token to load, unload, pin and optimize (PROXY_API_KEY)")
+    args = p.parse_args(argv)
+    try:
+        from .mcp.server import run_stdio
+    except ImportError:
+        print("the MCP server needs the mcp extra: pip install 'lmstudio-memory-proxy[mcp]'",
+              file=sys.stderr)
+        return 2
+    return run_stdio(args.url, args.api_key)
+
+
 async def _run(config: Config, *, demo: bool, flavor: str = "lmstudio",
                source: Callable[[], Config] | None = None, demo_upstream_port: int = 0) -> int:
     from .app import create_app
@@ -259,6 +282,13 @@ async def _run(config: Config, *, demo: bool, flavor: str = "lmstudio",
         return new
 
     app = create_app(config, config_source=reread if source is not None else None)
+    try:   # MCP over streamable HTTP at /mcp, when the optional mcp extra is installed
+        from .mcp.http import PATH, mount_mcp
+    except ImportError:
+        log.info("MCP at /mcp is off: pip install 'lmstudio-memory-proxy[mcp]' to serve it")
+    else:
+        mount_mcp(app, host=config.server.host)
+        log.info("MCP (streamable HTTP) at %s", PATH)
     host, port = config.server.host, config.server.port
     try:
         served = await serve(app, host, port, shutdown_timeout_s=config.server.shutdown_timeout_s)

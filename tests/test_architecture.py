@@ -7,7 +7,7 @@
     server       server/*, native/*                   (the HTTP side, one request at a time)
     handlers     handlers/*
     app          app
-    commands     cli, status, docgen, __main__, the package's own __init__, and the emulator
+    commands     cli, status, mcp (a client of the HTTP API), docgen, __main__, the package's own __init__, and the emulator
                  (a server of its own, on the proxy's serving)
 
 Imports inside functions and under TYPE_CHECKING are not edges: they run late or never.
@@ -26,7 +26,7 @@ LAYERS = [
     ("server", ("proxy.server", "proxy.native")),
     ("handlers", ("proxy.handlers",)),
     ("app", ("proxy.app",)),
-    ("commands", ("proxy.cli", "proxy.status", "proxy.docgen", "proxy.__main__", "proxy",
+    ("commands", ("proxy.cli", "proxy.status", "proxy.mcp", "proxy.docgen", "proxy.__main__", "proxy",
                   "proxy.emulator")),
 ]
 

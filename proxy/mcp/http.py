@@ -1,0 +1,52 @@
+"""The streamable HTTP transport at /mcp on the proxy's own port (one server, one port)."""
+from __future__ import annotations
+
+from contextvars import ContextVar
+from typing import Any, Callable
+
+from aiohttp import web
+
+from ..server.asgi import mount
+from .client import ProxyClient
+from .server import build_server
+
+PATH = "/mcp"
+
+
+def mount_mcp(app: web.Application, path: str = PATH, host: str = "127.0.0.1") -> None:
+    """`host` is the proxy's bind address: on loopback the SDK refuses other Host and Origin
+    headers (DNS rebinding); bound wider, callers name the host as they reach it."""
+    asgi, lifespan = http_app(path, host)
+    mount(app, path, asgi, lifespan)
+
+
+def http_app(path: str = PATH, host: str = "127.0.0.1") -> tuple[Any, Callable[[], Any]]:
+    """The streamable HTTP transport, stateless with JSON answers, to mount on the proxy's own
+    server: (ASGI app, lifespan). Each call goes back to the proxy it arrived at with the
+    caller's own Authorization, so the proxy's auth decides as for any HTTP call."""
+    def client_for() -> ProxyClient:
+        request = _HTTP_REQUEST.get()
+        key = _bearer(request.headers.get("authorization"))
+        return ProxyClient(str(request.base_url), key)
+
+    server = build_server(client_for, middleware=[_remember_request])
+    app = server.streamable_http_app(streamable_http_path=path, stateless_http=True,
+                                     json_response=True, host=host)
+    return app, server.session_manager.run
+
+
+# The HTTP request an MCP message arrived in, for the handlers (resources get no context).
+_HTTP_REQUEST: ContextVar[Any] = ContextVar("mcp_http_request")
+
+
+async def _remember_request(ctx: Any, call_next: Any) -> Any:
+    token = _HTTP_REQUEST.set(ctx.request)
+    try:
+        return await call_next(ctx)
+    finally:
+        _HTTP_REQUEST.reset(token)
+
+
+def _bearer(header: str | None) -> str | None:
+    scheme, _, value = (header or "").partition(" ")
+    return (value.strip() or None) if scheme.lower() == "bearer" else None

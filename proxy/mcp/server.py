@@ -1,0 +1,151 @@
+"""The MCP tools and resources, each one call to the proxy's HTTP API (proxy/handlers/admin.py).
+
+Reading (list_models, memory_stats, recommend_model, model_stats, the resources) needs a client
+key when the proxy has keys; changing state (load, unload, pin, unpin, optimize) needs the admin
+token, as on HTTP. A refusal comes back as a tool error that names the cause.
+"""
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Callable
+
+from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver.exceptions import ResourceError, ToolError
+from mcp_types import ToolAnnotations
+from pydantic import Field
+
+from .client import ProxyClient
+
+INSTRUCTIONS = (
+    "Tools for an OpenAI-compatible proxy in front of LM Studio that manages which models are "
+    "loaded in memory. Call list_models first: it gives the model keys the other tools take. "
+    "Use recommend_model to choose a model for a task, load_model to load it ahead of use, "
+    "unload_model or optimize_memory to free memory, pin_model to keep a model from eviction. "
+    "Loading, unloading, pinning and optimizing need the proxy's admin token.")
+
+Model = Annotated[str, Field(description="A model key or alias as list_models shows it, "
+                                         "e.g. 'qwen/qwen3-4b'.", min_length=1)]
+Unit = Annotated[float, Field(ge=0.0, le=1.0)]
+READ = ToolAnnotations(read_only_hint=True, open_world_hint=False)
+CHANGE = ToolAnnotations(read_only_hint=False, destructive_hint=False, open_world_hint=False)
+
+
+def build_server(client_for: Callable[[], ProxyClient],
+                 middleware: list[Any] | None = None) -> MCPServer:
+    """`client_for()` is the proxy and key a call goes to: fixed for stdio, the caller's own
+    Authorization for streamable HTTP."""
+    server = MCPServer("lmstudio-memory-proxy", instructions=INSTRUCTIONS,
+                       middleware=middleware)
+
+    @server.tool(annotations=READ)
+    async def list_models() -> dict[str, Any]:
+        """List every model the proxy knows, with its state (loaded, loading, unloaded...),
+        memory footprint (footprint_mb), owner, priority, whether it is pinned, requests in
+        flight, and the queue length and memory pressure of the whole proxy. Use the 'model'
+        field of a row as the model argument of the other tools."""
+        return await client_for().get("/proxy/models", "list models")
+
+    @server.tool(annotations=CHANGE)
+    async def load_model(model: Model,
+                         priority: Annotated[int | None, Field(
+                             ge=1, le=10, description="Eviction priority 1..10; higher is "
+                             "kept longer. Omit to keep the configured one.")] = None,
+                         ) -> dict[str, Any]:
+        """Load a model into memory now, evicting idle models if the proxy's policy must make
+        room. Returns the model key and its state afterwards. Needs the admin token."""
+        body: dict[str, Any] = {"model": model}
+        if priority is not None:
+            body["priority"] = priority
+        return await client_for().post("/proxy/models/load", "load a model", body)
+
+    @server.tool(annotations=CHANGE)
+    async def unload_model(model: Model) -> dict[str, Any]:
+        """Unload a model to free its memory. Returns whether it was unloaded and its state
+        afterwards. Needs the admin token."""
+        return await client_for().post("/proxy/models/unload", "unload a model",
+                                          {"model": model})
+
+    @server.tool(annotations=CHANGE)
+    async def pin_model(model: Model) -> dict[str, Any]:
+        """Pin a model: it is never chosen for eviction, until unpinned or the proxy restarts.
+        Needs the admin token."""
+        return await client_for().post("/proxy/models/pin", "pin a model",
+                                 {"model": model, "pinned": True})
+
+    @server.tool(annotations=CHANGE)
+    async def unpin_model(model: Model) -> dict[str, Any]:
+        """Unpin a model so that it may be evicted again when memory is needed. Needs the
+        admin token."""
+        return await client_for().post("/proxy/models/pin", "unpin a model",
+                                 {"model": model, "pinned": False})
+
+    @server.tool(annotations=READ)
+    async def memory_stats() -> dict[str, Any]:
+        """The proxy's memory and load report: system memory (total, available, used percent),
+        memory pressure, eviction policy, queue length, the upstream's health, and per-model
+        request statistics."""
+        return await client_for().get("/proxy/stats", "read memory stats")
+
+    @server.tool(annotations=READ)
+    async def recommend_model(
+            task: Annotated[str, Field(description="What the model is for: chat, coding, "
+                                                   "reasoning, embedding, or a free word.")]
+            = "chat",
+            complexity: Annotated[Unit, Field(description="0..1; higher favours larger, "
+                                                          "more capable models.")] = 0.5,
+            urgency: Annotated[Unit, Field(description="0..1; higher favours a model that is "
+                                                       "loaded now over one that must load.")]
+            = 0.5) -> dict[str, Any]:
+        """Recommend the model to use for a task, ranked with reasons; the same answer as the
+        proxy's GET /proxy/recommendations."""
+        return await client_for().get("/proxy/recommendations", "recommend a model",
+                                {"task_type": task, "complexity": str(complexity),
+                                 "urgency": str(urgency)})
+
+    @server.tool(annotations=CHANGE)
+    async def optimize_memory() -> dict[str, Any]:
+        """Free memory now by unloading what the eviction policy would give up first, until
+        memory pressure is normal. Returns what was unloaded. Needs the admin token."""
+        return await client_for().post("/proxy/optimize", "optimize memory")
+
+    @server.tool(annotations=READ)
+    async def model_stats(model: Model) -> dict[str, Any]:
+        """One model's row (state, footprint, owner, pin, requests in flight) and its request
+        statistics (counts, success rate, latencies)."""
+        models = await client_for().get("/proxy/models", "read model stats")
+        row = next((r for r in models["data"] if model in (r["model"], *r.get("aliases", ()))),
+                   None)
+        if row is None:
+            known = ", ".join(r["model"] for r in models["data"]) or "none"
+            raise ToolError(f"unknown model {model!r}; the proxy knows: {known}")
+        stats = await client_for().get("/proxy/stats", "read model stats")
+        return {"model": row["model"], "row": row,
+                "stats": stats.get("models", {}).get(row["model"], {})}
+
+    @server.resource("proxy://models", name="models", mime_type="application/json",
+                     description="Every model the proxy knows, with state and memory "
+                                 "(GET /proxy/models).")
+    async def models_resource() -> str:
+        return await _read(client_for(), "/proxy/models", "read the model list")
+
+    @server.resource("proxy://health", name="health", mime_type="application/json",
+                     description="The proxy's health report with its alerts "
+                                 "(GET /proxy/health).")
+    async def health_resource() -> str:
+        return await _read(client_for(), "/proxy/health", "read the health report")
+
+    return server
+
+
+async def _read(client: ProxyClient, path: str, action: str) -> str:
+    try:
+        return json.dumps(await client.get(path, action))
+    except ToolError as exc:
+        raise ResourceError(str(exc)) from None
+
+
+def run_stdio(url: str, api_key: str | None) -> int:
+    client = ProxyClient(url, api_key)
+    build_server(lambda: client).run("stdio")
+    return 0
+

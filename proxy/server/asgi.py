@@ -1,0 +1,93 @@
+"""An ASGI application served at a path of the proxy's own aiohttp server: no second server and
+no second port. Used for the MCP SDK's streamable HTTP transport (a Starlette app)."""
+from __future__ import annotations
+
+import asyncio
+from typing import Any, AsyncContextManager, Awaitable, Callable
+
+from aiohttp import web
+
+Asgi = Callable[[dict[str, Any], Callable[[], Awaitable[dict[str, Any]]],
+                 Callable[[dict[str, Any]], Awaitable[None]]], Awaitable[None]]
+
+
+def mount(app: web.Application, path: str, asgi: Asgi,
+          lifespan: Callable[[], AsyncContextManager[Any]] | None = None) -> None:
+    """Route every method at `path` to `asgi`; `lifespan` is held open while the app serves,
+    in a task of its own (an anyio task group must be left by the task that entered it)."""
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return await _serve(asgi, request)
+
+    app.router.add_route("*", path, handler)
+    if lifespan is not None:
+        app.cleanup_ctx.append(_held(lifespan))
+
+
+def _held(lifespan: Callable[[], AsyncContextManager[Any]]) -> Any:
+    async def ctx(_app: web.Application) -> Any:
+        started, stop = asyncio.Event(), asyncio.Event()
+
+        async def hold() -> None:
+            async with lifespan():
+                started.set()
+                await stop.wait()
+
+        task = asyncio.create_task(hold())
+        done, _ = await asyncio.wait([task, asyncio.create_task(started.wait())],
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            task.result()   # it failed to start: raise why
+        yield
+        stop.set()
+        await task
+    return ctx
+
+
+async def _serve(asgi: Asgi, request: web.Request) -> web.StreamResponse:
+    body = await request.read()
+    sock = request.transport.get_extra_info("sockname") if request.transport else None
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+             "method": request.method, "scheme": request.scheme, "path": request.path,
+             "raw_path": request.raw_path.encode(), "root_path": "",
+             "query_string": request.query_string.encode(),
+             "headers": [(k.lower(), v) for k, v in request.raw_headers],
+             "client": (request.remote or "", 0),
+             "server": (sock[0], sock[1]) if sock else None}
+    finished = asyncio.Event()
+    sent_body = False
+    response: web.StreamResponse | None = None
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent_body
+        if not sent_body:
+            sent_body = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await finished.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        nonlocal response
+        if message["type"] == "http.response.start":
+            response = web.StreamResponse(status=message["status"])
+            for k, v in message.get("headers", []):
+                response.headers.add(k.decode("latin-1"), v.decode("latin-1"))
+        elif message["type"] == "http.response.body":
+            assert response is not None, "body before start"
+            if not response.prepared:
+                await response.prepare(request)
+            if message.get("body"):
+                await response.write(message["body"])
+            if not message.get("more_body"):
+                await response.write_eof()
+                finished.set()
+
+    try:
+        await asgi(scope, receive, send)
+    finally:
+        finished.set()
+    if response is None:
+        raise web.HTTPInternalServerError(text="the mounted application sent no response")
+    if not response.prepared:
+        await response.prepare(request)
+        await response.write_eof()
+    return response
