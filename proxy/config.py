@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import collections.abc
 import dataclasses
+import ipaddress
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -287,6 +289,17 @@ def redact_url(url: str) -> str:
     if "@" not in parts.netloc:
         return url
     return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]))
+
+
+def is_local_url(url: str) -> bool:
+    """Does this URL point at this host (so that its loads show up in local memory)?"""
+    host = (urlsplit(url).hostname or "").lower()
+    if host in ("localhost", socket.gethostname().lower()):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def url_has_credentials(url: str) -> bool:

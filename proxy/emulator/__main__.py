@@ -8,6 +8,7 @@ import contextlib
 import logging
 import sys
 from pathlib import Path
+from typing import Any, Awaitable
 
 from .catalog import GB, CatalogModel, load_catalog
 from .server import EmulatorOptions
@@ -63,72 +64,53 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if args.flavor == "ollama":
-        return _serve_ollama(args, catalog)
-    if args.flavor == "llamacpp":
-        return _serve_llamacpp(args, catalog)
+    start = {"lmstudio": _lmstudio, "ollama": _ollama, "llamacpp": _llamacpp}[args.flavor]
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_serve(start(args, catalog)))
+    return 0
+
+
+async def _serve(started: Awaitable[tuple[Any, str]]) -> None:
+    """Start one emulator, say where it is, serve until interrupted."""
+    emu, banner = await started
+    print(banner, flush=True)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await emu.close()
+
+
+async def _lmstudio(args: argparse.Namespace, catalog: list[CatalogModel]) -> tuple[Any, str]:
     opts = EmulatorOptions(version=args.version, api_token=args.api_token,
                            tokens_per_s=args.tokens_per_s,
                            zero_embedding_usage=args.zero_embedding_usage)
-
-    async def run() -> None:
-        emu = await start_emulator(
-            catalog, host=args.host, port=1234 if args.port is None else args.port,
-            capacity_bytes=int(args.capacity_gb * GB),
-            load_time_scale=args.load_time_scale,
-            real_memory_scale=args.real_memory_scale if args.real_memory else None,
-            jit=not args.no_jit, options=opts)
-        print(f"LM Studio emulator {args.version} on {emu.url} "
-              f"({len(catalog)} models)", flush=True)
-        try:
-            await asyncio.Event().wait()
-        finally:
-            await emu.close()
-
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(run())
-    return 0
+    emu = await start_emulator(
+        catalog, host=args.host, port=1234 if args.port is None else args.port,
+        capacity_bytes=int(args.capacity_gb * GB), load_time_scale=args.load_time_scale,
+        real_memory_scale=args.real_memory_scale if args.real_memory else None,
+        jit=not args.no_jit, options=opts)
+    return emu, f"LM Studio emulator {args.version} on {emu.url} ({len(catalog)} models)"
 
 
-def _serve_ollama(args: argparse.Namespace, catalog: list) -> int:
+async def _ollama(args: argparse.Namespace, catalog: list[CatalogModel]) -> tuple[Any, str]:
     from .ollama import start_ollama_emulator
-
-    async def run() -> None:
-        emu = await start_ollama_emulator(
-            catalog, host=args.host, port=11434 if args.port is None else args.port,
-            max_loaded_models=args.max_loaded_models, max_queue=args.max_queue,
-            vram_bytes=int(args.capacity_gb * GB), default_keep_alive_s=args.keep_alive_s
-            if args.keep_alive_s >= 0 else float("inf"), load_time_scale=args.load_time_scale)
-        print(f"Ollama emulator on {emu.url} ({len(catalog)} models)", flush=True)
-        try:
-            await asyncio.Event().wait()
-        finally:
-            await emu.close()
-
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(run())
-    return 0
+    emu = await start_ollama_emulator(
+        catalog, host=args.host, port=11434 if args.port is None else args.port,
+        max_loaded_models=args.max_loaded_models, max_queue=args.max_queue,
+        vram_bytes=int(args.capacity_gb * GB), default_keep_alive_s=args.keep_alive_s
+        if args.keep_alive_s >= 0 else float("inf"), load_time_scale=args.load_time_scale)
+    return emu, f"Ollama emulator on {emu.url} ({len(catalog)} models)"
 
 
-def _serve_llamacpp(args: argparse.Namespace, catalog: list[CatalogModel]) -> int:
+async def _llamacpp(args: argparse.Namespace, catalog: list[CatalogModel]) -> tuple[Any, str]:
     from .llamacpp import start_router_emulator
-
-    async def run() -> None:
-        emu = await start_router_emulator(
-            catalog, host=args.host, port=8080 if args.port is None else args.port,
-            tokens_per_s=args.tokens_per_s, models_max=args.models_max,
-            autoload=not args.no_models_autoload, load_time_scale=args.load_time_scale,
-            broken=frozenset(args.broken), models_dir=args.models_dir)
-        print(f"llama.cpp router emulator on {emu.url} ({len(catalog)} models, "
-              f"--models-max {args.models_max})", flush=True)
-        try:
-            await asyncio.Event().wait()
-        finally:
-            await emu.close()
-
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(run())
-    return 0
+    emu = await start_router_emulator(
+        catalog, host=args.host, port=8080 if args.port is None else args.port,
+        tokens_per_s=args.tokens_per_s, models_max=args.models_max,
+        autoload=not args.no_models_autoload, load_time_scale=args.load_time_scale,
+        broken=frozenset(args.broken), models_dir=args.models_dir)
+    return emu, (f"llama.cpp router emulator on {emu.url} ({len(catalog)} models, "
+                 f"--models-max {args.models_max})")
 
 
 if __name__ == "__main__":

@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Awaitable, Callable
 
 import orjson
 from aiohttp import web
 
-from ..server.serving import Served, serve
-from . import generation as gen
+from ..server.serving import serve
+from . import Emulator, generation as gen
 from .catalog import CatalogModel, load_catalog
 from .ollama_state import OllamaRefused, OllamaState, Runner, keep_alive_seconds
 
@@ -276,17 +275,7 @@ async def _body(request: web.Request) -> Any:
         return None
 
 
-@dataclass
-class OllamaEmulator:
-    state: OllamaState
-    served: Served
-
-    @property
-    def url(self) -> str:
-        return self.served.url
-
-    async def close(self) -> None:
-        await self.served.close()
+OllamaEmulator = Emulator[OllamaState]
 
 
 async def start_ollama_emulator(catalog: list[CatalogModel] | None = None, *,
@@ -296,4 +285,4 @@ async def start_ollama_emulator(catalog: list[CatalogModel] | None = None, *,
     vram_bytes, default_keep_alive_s, load_time_scale, clock)."""
     state = OllamaState(catalog if catalog is not None else load_catalog(), **options)
     served = await serve(create_ollama_app(state), host, port)
-    return OllamaEmulator(state, served)
+    return Emulator(state, served)

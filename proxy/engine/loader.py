@@ -17,11 +17,9 @@ too (`unfinished_since_s`, claimed here or by the reconcile loop).
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
-import socket
-from urllib.parse import urlsplit
 
+from ..config import is_local_url
 from ..errors import ModelLoadFailed, UpstreamError, UpstreamUnreachable
 from ..upstream.base import LoadResult
 from .context import EngineContext, Part
@@ -33,17 +31,6 @@ log = logging.getLogger("proxy.engine")
 S = ModelStatus
 PLAUSIBLE_FOOTPRINT = (0.5, 3.0)   # learned footprint / file size outside this is rejected
 ERROR_BACKOFF_MAX_S = 60.0
-
-
-def is_local_url(url: str) -> bool:
-    """Does this URL point at this host (so that its loads show up in local memory)?"""
-    host = (urlsplit(url).hostname or "").lower()
-    if host in ("localhost", socket.gethostname().lower()):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class Loader(Part):

@@ -15,15 +15,12 @@ single-model `llama-server` (no router) is relayed to and measured, never loaded
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import os
-import socket
 import time
 from typing import Any, Mapping
-from urllib.parse import urlsplit
 
-from ..config import UpstreamConfig
+from ..config import UpstreamConfig, is_local_url
 from ..errors import ModelLoadFailed, UpstreamError, UpstreamTimeout
 from .base import ApiLevel, Capabilities, LoadResult, UpstreamModel
 from .http import HttpBackend, error_text
@@ -42,7 +39,7 @@ class LlamaCppProtocol(HttpBackend):
     def __init__(self, config: UpstreamConfig) -> None:
         super().__init__(config)
         self.level: ApiLevel | None = None
-        self.local = _is_local(self.base_url)   # psutil sees the model processes
+        self.local = is_local_url(self.base_url)   # psutil sees the model processes
         self._sizes: dict[str, int] = {}     # weight bytes, once seen (meta.size or the file)
 
     @property
@@ -190,12 +187,3 @@ def _status(m: Mapping[str, Any]) -> dict[str, Any]:
     s = m.get("status")
     return s if isinstance(s, dict) else {}
 
-
-def _is_local(url: str) -> bool:
-    host = (urlsplit(url).hostname or "").lower()
-    if host in ("localhost", socket.gethostname().lower()):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
