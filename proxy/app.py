@@ -12,6 +12,7 @@ from .config import Config, redact_url
 from .engine.clock import Clock
 from .observe.health import ModelHealthMonitor
 from .engine.core import EngineCore
+from .fleet import create_fleet
 from .engine.face import Engine
 from .engine.memory import MemorySampler
 from .errors import ProxyError, RouteNotFound, ShuttingDown
@@ -23,8 +24,8 @@ from .server.compat import Compat
 from .server.inflight import INFLIGHT, STREAM, InFlight
 from .errors import clip
 from .liveconfig import LiveConfig
-from .server.keys import (ACCESS_LOG, AUTH, COMPAT, CONFIG, ENGINE, EVENTS, HEALTH, METRICS,
-                   RESPONSE_STARTED, UPSTREAM)
+from .server.keys import (ACCESS_LOG, AUTH, COMPAT, CONFIG, ENGINE, EVENTS, HEALTH, HOSTS,
+                          METRICS, RESPONSE_STARTED, UPSTREAM)
 from .observe.metrics import CompatCollector, ProxyMetrics
 from .native import relay as native
 from .server.reload import RELOADER, Reloader
@@ -99,15 +100,24 @@ def create_app(config: Config, *, upstream: Upstream | None = None, clock: Clock
     # swaps it (reload.py). Only start-only keys are read here, once.
     live = LiveConfig(config)
     live.on_swap(_set_log_level)
-    if upstream is None:
-        upstream = create_upstream(config.upstream)
+    engine: Engine
+    if config.upstreams:
+        fleet = create_fleet(live, clock=clock)
+        engine, upstream = fleet, fleet.native.backend
+        app_hosts = {h.name: h.backend for h in fleet.hosts}
+    else:
+        if upstream is None:
+            upstream = create_upstream(config.upstream)
+        store = None
+        if config.storage.enabled:
+            store = UsageStore(config.storage.path or default_path(),
+                               config.storage.retention_days)
+        engine = EngineCore(live, upstream, clock=clock, sampler=sampler, store=store)
+        app_hosts = {}
     auth = AuthState(live)
     app = web.Application(middlewares=[errors_middleware],
                           client_max_size=config.server.max_body_bytes)
-    store = None
-    if config.storage.enabled:
-        store = UsageStore(config.storage.path or default_path(), config.storage.retention_days)
-    engine = EngineCore(live, upstream, clock=clock, sampler=sampler, store=store)
+    app[HOSTS] = app_hosts
     app[CONFIG] = live
     app[UPSTREAM] = upstream
     app[ENGINE] = engine
@@ -121,7 +131,7 @@ def create_app(config: Config, *, upstream: Upstream | None = None, clock: Clock
     app[METRICS].registry.register(AuthCollector(auth))
     app[ACCESS_LOG] = AccessLog()
     app[HEALTH] = ModelHealthMonitor(engine, sink=WebhookSink(lambda: live.current.health),
-                                     prober=_prober(engine, upstream))
+                                     prober=_prober(engine))
     app[EVENTS] = EventHub(engine, app[HEALTH])
     app.cleanup_ctx.extend(RESOURCES)
     app.on_shutdown.append(_close_event_streams)
@@ -142,8 +152,7 @@ async def _close_event_streams(app: web.Application) -> None:
     app[EVENTS].close_clients()
 
 
-def _prober(engine: Engine, upstream: Upstream
-            ) -> Callable[[str], Awaitable[None]]:
+def _prober(engine: Engine) -> Callable[[str], Awaitable[None]]:
     """A one-token completion to a loaded model under a HOLD lease: it cannot be evicted
     meanwhile, and the probe is no use of it (recency, heat, idle timer and statistics stay)."""
     async def probe(key: str) -> None:
@@ -153,7 +162,7 @@ def _prober(engine: Engine, upstream: Upstream
         try:
             body = orjson.dumps({"model": key, "max_tokens": 1, "messages": [
                 {"role": "user", "content": "ping"}]})
-            async with upstream.request("POST", "/v1/chat/completions",
+            async with engine.upstream_for(lease).request("POST", "/v1/chat/completions",
                                         {"Content-Type": "application/json"}, body) as resp:
                 await resp.read()
                 if resp.status != 200:
@@ -178,9 +187,16 @@ async def _events_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
-    await app[UPSTREAM].start()
-    yield
-    await app[UPSTREAM].close()
+    backends = list(app[HOSTS].values()) or [app[UPSTREAM]]
+    started = []
+    try:
+        for backend in backends:
+            await backend.start()
+            started.append(backend)
+        yield
+    finally:
+        for backend in reversed(started):
+            await backend.close()
 
 
 async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -190,6 +206,9 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
         if not engine.upstream_ok:
             log.warning("upstream %s not reachable yet (%s); will keep trying",
                         redact_url(app[CONFIG].current.upstream.url), engine.upstream_error)
+        elif engine.upstream_error:
+            log.warning("some hosts are not reachable yet (%s); will keep trying",
+                        engine.upstream_error)
         await engine.start_monitoring()
         yield
     finally:

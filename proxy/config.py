@@ -71,6 +71,38 @@ class UpstreamConfig:
     readiness_max_age_s: float = field(default=2.0, metadata=rule(0, exclusive_lo=True))
 
 
+HOST_SAMPLERS = ("auto", "local", "budget")
+
+
+@dataclass(frozen=True)
+class HostConfig(UpstreamConfig):
+    """One server of a fleet (`upstreams:`). Keys it does not set come from `upstream:`,
+    so timeouts and limits are written once; `url` and `name` are its own."""
+    name: str = ""
+    api_token_env: str | None = None   # read from this environment variable at start
+    # The memory this host's models may use. A remote host's memory cannot be sampled from
+    # here: give it a budget. auto: budget when budget_gb is set, else this machine's memory
+    # (only for a host on this machine).
+    budget_gb: float | None = field(default=None, metadata=rule(0, exclusive_lo=True))
+    sampler: str = field(default="auto", metadata=rule(choices=HOST_SAMPLERS))
+    # Requests one loaded instance serves at once before another host's copy is preferred.
+    parallel: int = field(default=4, metadata=rule(1, 1024))
+    labels: Mapping[str, str] = field(default_factory=dict)
+    # Patterns (fnmatch, e.g. "qwen/*") of the models it may hold; None: whatever it lists.
+    models: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class PlacementConfig:
+    """How a fleet (`upstreams:`) chooses the host for a model."""
+    # A model loading on one host is joined by every request for it, unless this many wait
+    # for it already and another host has free room for it: then a second copy loads there.
+    # 0: never load a second copy for a crowd.
+    replicate_after_waiters: int = field(default=16, metadata=rule(0))
+    # The host an LM Studio SDK client reaches without ?host= (default: the first).
+    native_host: str | None = None
+
+
 @dataclass(frozen=True)
 class MemoryConfig:
     max_memory_usage_percent: float = field(default=80.0, metadata=rule(1, 100))
@@ -110,6 +142,9 @@ class ModelConfig:
     footprint_gb: float | None = field(default=None, metadata=rule(0, exclusive_lo=True))
     # Passed to LM Studio's load call as-is (context_length, flash_attention, ...).
     load: Mapping[str, Any] = field(default_factory=dict)
+    # In a fleet: the host its pin and priority apply to (elsewhere it is unpinned, at the
+    # default priority), and the host preferred when it has room.
+    host: str | None = None
 
 
 @dataclass(frozen=True)
@@ -204,6 +239,9 @@ class NativeConfig:
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    # Several servers (a fleet): each entry a host, its unset keys taken from `upstream:`.
+    upstreams: tuple[HostConfig, ...] = ()
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     eviction: EvictionConfig = field(default_factory=EvictionConfig)
     models: Mapping[str, ModelConfig] = field(default_factory=dict)
@@ -239,6 +277,7 @@ def load_config(raw: Mapping[str, Any] | None = None, *,
         for p in parents:
             node = node.setdefault(p, {})
         node[leaf] = value
+    _inherit_upstream(data)
     problems: list[str] = []
     config = build(Config, data, "", problems)
     if not problems:
@@ -246,6 +285,16 @@ def load_config(raw: Mapping[str, Any] | None = None, *,
     if problems:
         raise ConfigError(problems)
     return config
+
+
+def _inherit_upstream(data: dict[str, Any]) -> None:
+    """Each host of `upstreams:` takes the keys it does not set from `upstream:` (the URL and
+    token excepted: a host's address and credentials are its own)."""
+    hosts, base = data.get("upstreams"), data.get("upstream")
+    if not isinstance(hosts, list) or not isinstance(base, dict):
+        return
+    shared = {k: v for k, v in base.items() if k not in ("url", "api_token")}
+    data["upstreams"] = [{**shared, **h} if isinstance(h, dict) else h for h in hosts]
 
 
 def replace_config(config: Config, overrides: Mapping[str, Any]) -> Config:
@@ -327,6 +376,7 @@ def _cross_checks(config: Config, problems: list[str]) -> None:
                                 f"'{seen[alias]}'")
             seen[alias] = key
     _auth_checks(config.auth, problems)
+    _host_checks(config, problems)
     total_gb = _total_memory_gb(config)
     if total_gb is not None:
         for key, model in config.models.items():
@@ -337,6 +387,54 @@ def _cross_checks(config: Config, problems: list[str]) -> None:
         if pinned_gb > total_gb:
             problems.append(f"models: pinned footprints add up to {pinned_gb:g} GB, more than "
                             f"the memory available ({total_gb:.1f} GB)")
+
+
+def _host_checks(config: Config, problems: list[str]) -> None:
+    names: set[str] = set()
+    for i, h in enumerate(config.upstreams):
+        path = f"upstreams[{i}]"
+        if not h.name:
+            problems.append(f"{path}.name: required (it labels the host everywhere)")
+        elif not all(c.isalnum() or c in "-_." for c in h.name) or len(h.name) > 64:
+            problems.append(f"{path}.name: '{h.name[:64]}' must be letters, digits, '-', '_' "
+                            "or '.', at most 64")
+        elif h.name in names:
+            problems.append(f"{path}.name: '{h.name}' names another host too")
+        names.add(h.name)
+        try:
+            parts = urlsplit(h.url)
+            well_formed = parts.scheme in ("http", "https") and bool(parts.hostname)
+            parts.port   # noqa: B018 - raises for a port out of range
+        except ValueError:
+            well_formed = False
+        if not well_formed:
+            problems.append(f"{path}.url: '{redact_url(h.url)}' is not an http(s) URL "
+                            "with a host")
+        if h.api_token and h.api_token_env:
+            problems.append(f"{path}: api_token and api_token_env are exclusive")
+        if (h.api_token or h.api_token_env) and url_has_credentials(h.url):
+            problems.append(f"{path}.url: carries credentials (user:password@) and an API "
+                            "token is set too: keep one")
+        if h.sampler == "budget" and h.budget_gb is None:
+            problems.append(f"{path}.budget_gb: required when its sampler is 'budget'")
+        if h.sampler == "local" and well_formed and not is_local_url(h.url):
+            problems.append(f"{path}.sampler: 'local' measures this machine, but the host "
+                            f"is {urlsplit(h.url).hostname}: give it a budget_gb")
+        if h.sampler == "auto" and h.budget_gb is None and well_formed \
+                and not is_local_url(h.url):
+            problems.append(f"{path}.budget_gb: required for a host on another machine "
+                            "(its memory cannot be sampled from here)")
+        if h.models is not None and not h.models:
+            problems.append(f"{path}.models: empty list allows no model; omit it to allow all")
+    if not names:
+        return   # one server: host names in placement and models have nothing to name
+    if config.placement.native_host is not None and config.placement.native_host not in names:
+        problems.append(f"placement.native_host: '{config.placement.native_host}' is not a "
+                        f"host in upstreams ({', '.join(sorted(names)) or 'none'})")
+    for key, m in config.models.items():
+        if m.host is not None and m.host not in names:
+            problems.append(f"models.{key}.host: '{m.host}' is not a host in upstreams "
+                            f"({', '.join(sorted(names)) or 'none'})")
 
 
 def config_warnings(config: Config) -> list[str]:

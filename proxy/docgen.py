@@ -17,7 +17,7 @@ import typing
 from pathlib import Path
 from typing import Any, Iterator
 
-from .config import Config
+from .config import Config, UpstreamConfig
 from .server.reload import START_ONLY
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -184,6 +184,12 @@ def _normalised(notes: dict[tuple[str, ...], str]) -> dict[tuple[str, ...], str]
         schema_path = _schema_path(path)
         if schema_path is not None and schema_path not in out:
             out[schema_path] = note
+    # A host of `upstreams:` inherits the keys of `upstream:`, and their descriptions.
+    for f in dataclasses.fields(UpstreamConfig):
+        inherited = ("upstreams", LIST_ITEM, f.name)
+        if inherited not in out and ("upstream", f.name) in out:
+            out[inherited] = f"as upstream.{f.name} (taken from there when unset): " \
+                             f"{out[('upstream', f.name)]}"
     return out
 
 

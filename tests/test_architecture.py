@@ -22,6 +22,7 @@ LAYERS = [
     ("foundation", ("proxy.errors", "proxy.schema", "proxy.config", "proxy.liveconfig")),
     ("backends", ("proxy.upstream", "proxy.store")),
     ("engine", ("proxy.engine",)),
+    ("fleet", ("proxy.fleet",)),
     ("wings", ("proxy.library", "proxy.observe")),
     ("server", ("proxy.server", "proxy.native")),
     ("handlers", ("proxy.handlers",)),

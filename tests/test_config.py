@@ -96,14 +96,16 @@ def test_shipped_proxy_yaml_is_valid_and_documents_every_key():
     from pathlib import Path
     import dataclasses
     import yaml
-    from proxy.config import Config
+    from proxy.config import Config, HostConfig
     path = Path(__file__).parent.parent / "proxy.yaml"
     assert main(["--config", str(path), "--check"], environ={}) == 0
     text = path.read_text()
     for section in dataclasses.fields(Config):
         if section.name in ("models", "tasks"):
             continue
-        for f in dataclasses.fields(type(getattr(Config(), section.name))):
+        kind = HostConfig if section.name == "upstreams" else \
+            type(getattr(Config(), section.name))
+        for f in dataclasses.fields(kind):
             assert f"{f.name}:" in text, f"proxy.yaml does not document {section.name}.{f.name}"
     assert yaml.safe_load(text)
 

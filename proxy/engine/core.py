@@ -142,8 +142,9 @@ class EngineCore:
             await close()
 
     # -- the request path --------------------------------------------------------------------
-    async def acquire(self, name: str) -> Lease:
-        """A USE lease on a resident model, loading it first if needed; raises ProxyError."""
+    async def acquire(self, name: str, *, avoid: str | None = None) -> Lease:
+        """A USE lease on a resident model, loading it first if needed; raises ProxyError.
+        (`avoid` names a fleet's host; one server has no other to go to.)"""
         e = self.registry.get(name)
         if e is not None and (e.status is S.LOADED or not self.manages_loading):
             return self.leases.use(e)   # hot path: no lock, no await
@@ -183,6 +184,13 @@ class EngineCore:
         if clients[client] <= 0:
             del clients[client]
             self.ctx.wake()
+
+    def upstream_for(self, lease: Lease) -> Any:
+        """The server to forward a leased request to: the one there is."""
+        return self.backend
+
+    def host_failed(self, name: str) -> None:
+        """A fleet routes around a host that stopped answering; one server has no other."""
 
     def hold(self, name: str) -> Lease | None:
         """A HOLD lease on a loaded model (None if it is not loaded): it cannot be unloaded
@@ -261,9 +269,11 @@ class EngineCore:
         await self.accounting.flush()
 
     # -- operations (the admin API's and the library's) ---------------------------------------
-    async def load(self, name: str, priority: int | None = None) -> bool:
+    async def load(self, name: str, priority: int | None = None, *,
+                   host: str | None = None) -> bool:
         """Make a model resident now (a USE lease taken and released at once); `priority`
         (1–10) is kept for it until the proxy restarts."""
+        _one_server(host)
         key = await self.resolve(name)
         if priority is not None:
             if not 1 <= priority <= 10:
@@ -277,15 +287,17 @@ class EngineCore:
         return True
 
     async def unload(self, name: str, *, reason: str = "manual",
-                     drain_timeout_s: float | None = None) -> bool:
+                     drain_timeout_s: float | None = None, host: str | None = None) -> bool:
         """Unload after in-flight requests finish (never cut a generation)."""
+        _one_server(host)
         e = self.registry.entries[await self.resolve(name)]
         timeout_s = drain_timeout_s if drain_timeout_s is not None else \
             self.config.eviction.queue_timeout_s
         return await self.evictor.unload_drained(e, reason, timeout_s)
 
-    async def clear(self) -> list[str]:
+    async def clear(self, *, host: str | None = None) -> list[str]:
         """Unload every loaded model the proxy may unload (pins included: an explicit clear)."""
+        _one_server(host)
         cleared = []
         for key in self.registry.loaded():
             e = self.registry.entries[key]
@@ -294,16 +306,18 @@ class EngineCore:
                     cleared.append(key)
         return cleared
 
-    async def optimize(self) -> dict[str, Any]:
+    async def optimize(self, *, host: str | None = None) -> dict[str, Any]:
         """Idle models unloaded, then pressure relieved."""
+        _one_server(host)
         idle = await self.unload_idle_models()
         await self.sample_memory()
         pressure = await self.relieve_pressure()
         return {"unloaded_idle": idle, "evicted_for_pressure": pressure,
                 "memory_pressure": self.memory_pressure.value}
 
-    def pin(self, key: str, pinned: bool) -> None:
+    def pin(self, key: str, pinned: bool, *, host: str | None = None) -> None:
         """A runtime pin (POST /proxy/models/pin): kept until the proxy restarts."""
+        _one_server(host)
         self.registry.pin_override[key] = pinned
 
     def pinned(self, key: str) -> bool:
@@ -401,3 +415,9 @@ class EngineCore:
         """The most any one model may take; unbounded until memory was first sampled."""
         s = self.monitor.last_sample
         return self.monitor.ceiling_bytes(s) if s is not None else float("inf")
+
+
+def _one_server(host: str | None) -> None:
+    if host is not None:
+        raise InvalidRequest("This proxy serves one upstream: `host` applies to a fleet "
+                             "(upstreams: in the config)", param="host")

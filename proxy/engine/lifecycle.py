@@ -146,7 +146,8 @@ class LeaseKind(str, enum.Enum):
 class Lease:
     """A hold on a loaded model; a model with a lease of either kind is never unloaded.
     `last_activity_s` is moved on by whoever relays the response, for hang detection."""
-    __slots__ = ("entry", "kind", "_on_release", "released", "started_s", "last_activity_s")
+    __slots__ = ("entry", "kind", "_on_release", "released", "started_s", "last_activity_s",
+                 "host")
 
     def __init__(self, entry: ModelEntry, on_release: Callable[["Lease"], None],
                  now_s: float = 0.0, kind: LeaseKind = LeaseKind.USE) -> None:
@@ -155,6 +156,7 @@ class Lease:
         self._on_release = on_release
         self.released = False
         self.started_s = self.last_activity_s = now_s
+        self.host: str | None = None    # the fleet's host it is on (None: a single server)
         if kind is LeaseKind.USE:
             entry.leases += 1
         else:

@@ -29,6 +29,7 @@ class RequestRecord:   # built once per request: plain slots, no frozen-init cos
     completion_tokens: int = 0
     tokens_estimated: bool = False
     task: str | None = None        # the task the client tagged it with (X-Task-Type)
+    host: str | None = None        # the fleet's host that served it (None: a single server)
 
 
 class Histogram:

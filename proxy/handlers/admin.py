@@ -44,6 +44,20 @@ def _model_field(request: web.Request, data: dict[str, Any]) -> str:
     return model
 
 
+def _host_field(request: web.Request, data: dict[str, Any]) -> str | None:
+    """One host of a fleet, from the body's `host` or the query's (None: the fleet decides,
+    or every host)."""
+    host = data.get("host", request.query.get("host"))
+    if host is not None and (not isinstance(host, str) or not host):
+        raise InvalidRequest("'host' must be a host's name.", param="host")
+    return host
+
+
+def _where(engine: Engine, key: str) -> dict[str, Any]:
+    row = engine.row(key)
+    return {"host": row["host"], "hosts": row["hosts"]} if "hosts" in row else {}
+
+
 async def models(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
     return json_response({"object": "list",
@@ -61,17 +75,17 @@ async def load(request: web.Request) -> web.Response:
         raise InvalidRequest("'priority' must be an integer 1..10.", param="priority")
     engine = request.app[ENGINE]
     key = await engine.resolve(model)
-    await engine.load(key, priority)
-    return json_response({"model": key, "state": _state(engine, key)})
+    await engine.load(key, priority, host=_host_field(request, data))
+    return json_response({"model": key, "state": _state(engine, key), **_where(engine, key)})
 
 
 async def unload(request: web.Request) -> web.Response:
     data = await _json_object(request)
     engine = request.app[ENGINE]
     key = await engine.resolve(_model_field(request, data))
-    unloaded = await engine.unload(key)
+    unloaded = await engine.unload(key, host=_host_field(request, data))
     return json_response({"model": key, "unloaded": unloaded,
-                          "state": _state(engine, key)})
+                          "state": _state(engine, key), **_where(engine, key)})
 
 
 async def pin(request: web.Request) -> web.Response:
@@ -82,17 +96,19 @@ async def pin(request: web.Request) -> web.Response:
         raise InvalidRequest("'pinned' must be true or false.", param="pinned")
     engine = request.app[ENGINE]
     key = await engine.resolve(_model_field(request, data))
-    engine.pin(key, pinned)
+    engine.pin(key, pinned, host=_host_field(request, data))
     request.app[EVENTS].publish("pin", {"model": key, "pinned": pinned})
     return json_response({"model": key, "pinned": engine.pinned(key)})
 
 
 async def optimize(request: web.Request) -> web.Response:
-    return json_response(await request.app[ENGINE].optimize())
+    host = _host_field(request, await _json_object(request))
+    return json_response(await request.app[ENGINE].optimize(host=host))
 
 
 async def clear(request: web.Request) -> web.Response:
-    return json_response({"unloaded": await request.app[ENGINE].clear()})
+    host = _host_field(request, await _json_object(request))
+    return json_response({"unloaded": await request.app[ENGINE].clear(host=host)})
 
 
 async def stats(request: web.Request) -> web.Response:

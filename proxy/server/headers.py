@@ -19,6 +19,7 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy
 REQUEST_DROP = HOP_BY_HOP | CREDENTIAL_HEADERS | {"cookie", "content-encoding"}
 RESPONSE_DROP = HOP_BY_HOP | {"date", "server"}
 ROUTED_HEADER = "X-Proxy-Model"   # the model `auto:<task>` picked
+HOST_HEADER = "X-Proxy-Host"      # the fleet's host that served
 
 
 def to_upstream(headers: Mapping[str, str]) -> dict[str, str]:

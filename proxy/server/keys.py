@@ -17,6 +17,8 @@ from ..upstream.base import Upstream
 CONFIG = web.AppKey("config", LiveConfig)
 ENGINE = web.AppKey("engine", Engine)
 UPSTREAM = web.AppKey("upstream", Upstream)
+# A fleet's hosts by name, each its backend (empty for a single server: UPSTREAM is it).
+HOSTS = web.AppKey("hosts", dict)
 METRICS = web.AppKey("metrics", ProxyMetrics)
 ACCESS_LOG = web.AppKey("access_log", AccessLog)
 HEALTH = web.AppKey("health", ModelHealthMonitor)

@@ -22,7 +22,7 @@ from aiohttp import web
 
 from ..engine.lifecycle import Lease
 from ..engine.usage import RequestRecord
-from ..errors import ProxyError
+from ..errors import ProxyError, UpstreamError, UpstreamTimeout
 from .inflight import INFLIGHT, write_or_stall
 from .keys import ACCESS_LOG, COMPAT, ENGINE, RESPONSE_STARTED, ROUTED_TO, TASK, UPSTREAM
 from .streaming import StreamMeter, usage_of_body
@@ -70,7 +70,7 @@ class Relay:
     """`async with Relay(request) as relay:` around everything the handler does, then
     `relay.run(key, payload, body)`; leaving the block records the request, once."""
     __slots__ = ("request", "engine", "started_s", "model", "lease", "status", "ok", "meter",
-                 "tokens_estimated", "prompt_tokens", "completion_tokens")
+                 "tokens_estimated", "prompt_tokens", "completion_tokens", "answered")
 
     def __init__(self, request: web.Request) -> None:
         self.request = request
@@ -83,6 +83,7 @@ class Relay:
         self.meter: StreamMeter | None = None
         self.tokens_estimated = False
         self.prompt_tokens = self.completion_tokens = 0
+        self.answered = False      # the upstream's response head came (nothing to retry)
 
     async def __aenter__(self) -> "Relay":
         return self
@@ -94,17 +95,37 @@ class Relay:
         self._finish()
 
     async def run(self, key: str, payload: dict[str, Any], body: bytes) -> web.StreamResponse:
-        """Hold the model `key` and forward the request to it; the client's response."""
+        """Hold the model `key` and forward the request to it; the client's response. In a
+        fleet, a request whose host fails before answering anything goes once to another."""
         request = self.request
         body, strip = upstream_body(request.path, payload, body, key)
         lease = self.lease = await self.engine.acquire(key)
         self.model = key
-        async with request.app[UPSTREAM].request(
+        try:
+            return await self._forward(lease, payload, body, strip)
+        except UpstreamError as exc:
+            host = lease.host
+            if host is None or self.answered or isinstance(exc, UpstreamTimeout):
+                raise
+            self.engine.host_failed(host)
+            lease.release()
+            self.lease = None
+            lease = self.lease = await self.engine.acquire(key, avoid=host)
+            return await self._forward(lease, payload, body, strip)
+
+    async def _forward(self, lease: Lease, payload: dict[str, Any], body: bytes, strip: bool
+                       ) -> web.StreamResponse:
+        request = self.request
+        self.answered = False
+        async with self.engine.upstream_for(lease).request(
                 "POST", request.path_qs, headers.to_upstream(request.headers), body) as up:
+            self.answered = True
             self.status = up.status
             back = headers.to_client(up.headers)
             if ROUTED_TO in request:
-                back.append((headers.ROUTED_HEADER, key))
+                back.append((headers.ROUTED_HEADER, lease.model))
+            if lease.host is not None:
+                back.append((headers.HOST_HEADER, lease.host))
             if payload.get("stream") is True and up.status == 200 and \
                     up.headers.get("Content-Type", "").startswith("text/event-stream"):
                 return await self._stream(up, back, strip, lease)
@@ -173,7 +194,8 @@ class Relay:
             endpoint=request.path, status=self.status, ttft_s=ttft_s, prompt_tokens=prompt,
             completion_tokens=completion, tokens_estimated=estimated,
             # A refusal before the model was held is no answer of the model's, for no task.
-            task=request.get(TASK) if lease is not None else None))
+            task=request.get(TASK) if lease is not None else None,
+            host=lease.host if lease is not None else None))
         access = request.app[ACCESS_LOG]
         if access.enabled:
             access.add(request.method, request.path, self.model or "-", self.status, latency_s,

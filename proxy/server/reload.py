@@ -28,6 +28,8 @@ START_ONLY = (
     "server.shutdown_timeout_s",            # the runner's own deadline, set at start
     "server.header_timeout_s", "server.keepalive_timeout_s", "server.max_connections",
     "upstream",                             # the client, its pool, breaker and timeouts
+    "upstreams",                            # a fleet's hosts: each its client and engine
+    "placement.native_host",                # SDK clients' websocket relay, set up once
     "storage",                              # the SQLite file and its flush loop
     "memory.sampler",                       # the sampler object
     "compat.models_retrieve",               # a route, registered once
@@ -68,8 +70,8 @@ def start_only_paths(config: Config) -> list[str]:
     """START_ONLY with each section spelled out key by key."""
     paths: list[str] = []
     for entry in START_ONLY:
-        if "." in entry:
-            paths.append(entry)
+        if "." in entry or isinstance(getattr(config, entry), tuple):
+            paths.append(entry)   # a key, or a list compared whole
         else:
             paths += [f"{entry}.{f.name}" for f in dataclasses.fields(getattr(config, entry))]
     return paths
@@ -81,6 +83,10 @@ def restart_needed(old: Config, new: Config) -> list[str]:
     for path in start_only_paths(old):
         a, b = _get(old, path), _get(new, path)
         if a != b:
+            if path == "upstreams":   # named by host; a host's URL and token are not shown
+                changed.append(f"upstreams ({', '.join(h.name for h in a) or 'none'} → "
+                               f"{', '.join(h.name for h in b) or 'none'}, or a host changed)")
+                continue
             if path.endswith("url"):
                 a, b = (redact_url(v) if v else v for v in (a, b))
             secret = "token" in path
@@ -94,6 +100,9 @@ def keep_start_only(running: Config, new: Config) -> Config:
     non-loopback server.host with the client keys removed, a budget sampler without a budget."""
     merged = new
     for path in start_only_paths(running):
+        if "." not in path:       # a list, kept whole
+            merged = dataclasses.replace(merged, **{path: _get(running, path)})
+            continue
         section, name = path.split(".")
         merged = dataclasses.replace(merged, **{section: dataclasses.replace(
             getattr(merged, section), **{name: _get(running, path)})})
@@ -111,8 +120,8 @@ def keep_start_only(running: Config, new: Config) -> Config:
 
 
 def _get(config: Config, dotted: str) -> Any:
-    section, name = dotted.split(".")
-    return getattr(getattr(config, section), name)
+    section, _, name = dotted.partition(".")
+    return getattr(getattr(config, section), name) if name else getattr(config, section)
 
 
 RELOADER = web.AppKey("reloader", Reloader)

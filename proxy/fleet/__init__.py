@@ -1,0 +1,31 @@
+"""Several servers behind one proxy: one engine per host (fleet/hosts.py), the placer above
+them (fleet/placer.py), and the fleet that is the proxy's engine (fleet/fleet.py)."""
+from __future__ import annotations
+
+import random
+
+from ..engine.clock import Clock
+from ..engine.core import EngineCore
+from ..liveconfig import LiveConfig
+from ..store import UsageStore
+from ..upstream import create_upstream
+from .fleet import Fleet
+from .hosts import Host, host_config, host_upstream
+
+__all__ = ["Fleet", "Host", "create_fleet"]
+
+
+def create_fleet(live: LiveConfig, *, clock: Clock | None = None,
+                 rng: random.Random | None = None) -> Fleet:
+    """One engine per host of `upstreams:`, each with its backend and history file."""
+    config = live.current
+    hosts = []
+    for spec in config.upstreams:
+        narrowed = LiveConfig(host_config(config, spec))
+        backend = create_upstream(host_upstream(spec))
+        store = None
+        if config.storage.enabled:
+            store = UsageStore(narrowed.current.storage.path, config.storage.retention_days)
+        core = EngineCore(narrowed, backend, clock=clock, store=store)
+        hosts.append(Host(spec, core, backend, narrowed))
+    return Fleet(live, hosts, rng=rng)

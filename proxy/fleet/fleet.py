@@ -1,0 +1,401 @@
+"""Fleet: several servers behind one proxy, one engine per host and the placer above them.
+
+The fleet is the Engine (engine/face.py) the rest of the proxy holds when `upstreams:` lists
+hosts. Each host keeps an EngineCore of its own — registry, monitor, eviction, loader,
+scheduler, reconcile, history — exactly as a single-server proxy runs it; the fleet only chooses
+the host (fleet/placer.py) and joins the hosts' views. A request for a model resident somewhere
+takes the quick path: a look at each host's entry, no memory arithmetic and no await before the
+host's own acquire.
+
+Single flight across hosts: a request placed on a host starts or joins that host's load before
+the next request is placed (no await between placing and the host's acquire), so racing requests
+see the load and join it (placer rule 2) rather than start a second copy elsewhere.
+
+A host a request could not reach is `suspect`: it takes no new requests until its engine has
+reconciled with it again (fleet/recovery in `_recover`).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from typing import Any, Iterable
+
+from ..config import Config
+from ..engine.listeners import EVENTS
+from ..engine.lifecycle import Lease, ModelEntry, ModelStatus
+from ..engine.memory import MemoryPressure, MemorySample
+from ..engine.usage import ModelUsage, RequestRecord
+from ..errors import InvalidRequest, ModelNotFound, ModelTooLarge, ProxyError, UpstreamUnreachable
+from ..liveconfig import LiveConfig
+from ..upstream.base import ApiLevel, Capabilities, Upstream
+from .hosts import Host, host_config
+from .placer import Placement, place
+from .views import full_view, quick_view
+
+log = logging.getLogger("proxy.fleet")
+S = ModelStatus
+RECOVER_POLL_S = 1.0           # a suspect host is asked again this often until it answers
+CATALOG_REFRESH_MIN_S = 2.0
+
+
+class Fleet:
+    def __init__(self, live: LiveConfig, hosts: list[Host], *, rng: random.Random | None = None
+                 ) -> None:
+        self.live = live
+        self.hosts = hosts
+        self.by_name = {h.name: h for h in hosts}
+        self.rng = rng or random.Random()
+        first = hosts[0].core
+        self.clock = first.clock
+        self.store = first.store
+        self._recovering: dict[str, asyncio.Task] = {}
+        self._refreshed_s = float("-inf")
+        self.placements: dict[str, int] = {}     # rule → count (GET /proxy/stats)
+        live.on_swap(self._swapped)
+
+    def _swapped(self, old: Config, new: Config) -> None:
+        for h in self.hosts:
+            spec = next((c for c in new.upstreams if c.name == h.name), h.config)
+            h.config = spec
+            h.live.swap(host_config(new, spec))
+
+    @property
+    def config(self) -> Config:
+        return self.live.current
+
+    def host(self, name: str) -> Host:
+        h = self.by_name.get(name)
+        if h is None:
+            raise InvalidRequest(f"No host '{name[:64]}' in this fleet (hosts: "
+                                 f"{', '.join(self.by_name)})", param="host")
+        return h
+
+    # -- the request path --------------------------------------------------------------------
+    async def acquire(self, name: str, *, avoid: str | None = None) -> Lease:
+        """A USE lease on the model on the host the placer chooses (never `avoid`)."""
+        key = self._key_of(name) or await self.resolve(name)
+        listed = [(h, e) for h in self.hosts if h.name != avoid
+                  for e in (h.entry(key),) if e is not None]
+        if any(e.status is S.LOADED and h.up for h, e in listed):
+            p = place([quick_view(h, e) for h, e in listed], self.rng)
+        else:
+            await asyncio.gather(*(h.core.sample_memory() for h, _ in listed if h.up),
+                                 return_exceptions=True)
+            listed = [(h, e) for h, e in listed if h.entry(key) is e]   # still listed
+            preferred = self.config.model(key).host
+            p = place([full_view(h, e, h.name == preferred) for h, e in listed], self.rng,
+                      replicate_after_waiters=self.config.placement.replicate_after_waiters)
+        self.placements[p.rule] = self.placements.get(p.rule, 0) + 1
+        if p.host is None:
+            raise self._nowhere(key, listed, p)
+        h = self.by_name[p.host]
+        try:
+            lease = await h.core.acquire(key)
+        except ProxyError as exc:
+            exc.message = f"{exc.message} (host '{h.name}')"
+            raise
+        lease.host = h.name
+        return lease
+
+    def _nowhere(self, key: str, listed: list[tuple[Host, ModelEntry]], p: Placement
+                 ) -> ProxyError:
+        if p.rule == "too_large":
+            ceilings = ", ".join(
+                f"'{h.name}' {h.core.ceiling_bytes() / 1e9:.1f} GB" for h, _ in listed)
+            need = max(h.core.registry.footprint_bytes(e) for h, e in listed) / 1e9
+            return ModelTooLarge(f"'{key}' needs {need:.1f} GB, more than any host of the "
+                                 f"fleet may give one model ({ceilings}). It can never be "
+                                 f"loaded here.")
+        names = ", ".join(f"'{h.name}'" for h, _ in listed) or "none"
+        down = [h for h, _ in listed if not h.up]
+        why = "; ".join(f"'{h.name}': {h.core.upstream_error or 'not answering'}" for h in down)
+        return UpstreamUnreachable(f"No host that serves '{key}' is reachable (hosts: "
+                                   f"{names}){': ' + why if why else ''}",
+                                   retry_after_s=RECOVER_POLL_S * 5)
+
+    def upstream_for(self, lease: Lease) -> Upstream:
+        return self.by_name[lease.host].backend   # type: ignore[index]
+
+    def host_failed(self, name: str) -> None:
+        """A request could not reach host `name`: it takes no new requests until it answers
+        its engine's reconcile again."""
+        h = self.by_name.get(name)
+        if h is None or name in self._recovering:
+            return
+        h.suspect = True
+        log.warning("host %s is not answering; its requests go to other hosts", name)
+        self._recovering[name] = asyncio.ensure_future(self._recover(h))
+
+    async def _recover(self, h: Host) -> None:
+        try:
+            while True:
+                await h.core.reconcile()
+                if h.core.upstream_ok:
+                    h.suspect = False
+                    log.info("host %s answers again (reconciled)", h.name)
+                    return
+                await asyncio.sleep(RECOVER_POLL_S)
+        finally:
+            self._recovering.pop(h.name, None)
+
+    def hold(self, name: str) -> Lease | None:
+        for h in self.hosts:
+            lease = h.core.hold(name) if h.up else None
+            if lease is not None:
+                lease.host = h.name
+                return lease
+        return None
+
+    def record(self, r: RequestRecord) -> None:
+        h = self.by_name.get(r.host) if r.host is not None else None
+        if h is None:   # refused before a host held it: counted where the model is listed
+            h = next((h for h in self.hosts if h.entry(r.model) is not None), self.hosts[0])
+            r.host = h.name
+        h.core.record(r)
+
+    # -- names ---------------------------------------------------------------------------------
+    def _key_of(self, name: str) -> str | None:
+        for h in self.hosts:
+            key = h.core.registry.key_of(name)
+            if key is not None and h.allows(key):
+                return key
+        return None
+
+    async def resolve(self, name: str) -> str:
+        key = self._key_of(name)
+        if key is not None:
+            return key
+        if self.clock.now() - self._refreshed_s >= CATALOG_REFRESH_MIN_S:
+            self._refreshed_s = self.clock.now()
+            await self.reconcile()
+            key = self._key_of(name)
+            if key is not None:
+                return key
+        if not any(len(h.core.registry) for h in self.hosts) and not self.upstream_ok:
+            raise self.hosts[0].core.reconciler.failure()
+        close: list[str] = []
+        for h in self.hosts:
+            close += [c for c in h.core.registry.suggestions(name) if c not in close]
+        hint = f" Did you mean: {', '.join(repr(c) for c in close[:3])}?" if close else ""
+        raise ModelNotFound(f"The model '{name[:80]}' does not exist on any host.{hint}",
+                            param="model")
+
+    # -- native clients: one host ------------------------------------------------------------
+    @property
+    def native(self) -> Host:
+        name = self.config.placement.native_host
+        return self.by_name[name] if name in self.by_name else self.hosts[0]
+
+    async def admit_load(self, name: str, *, owner: str):  # noqa: ANN201
+        return await self.native.core.admit_load(name, owner=owner)
+
+    def client_connection(self, client: str, delta: int) -> None:
+        self.native.core.client_connection(client, delta)
+
+    def owner_of(self, name: str) -> tuple[str | None, str | None]:
+        return self.native.core.owner_of(name)
+
+    # -- operations ------------------------------------------------------------------------------
+    def _targets(self, host: str | None) -> list[Host]:
+        return [self.host(host)] if host is not None else self.hosts
+
+    async def load(self, name: str, priority: int | None = None, *, host: str | None = None
+                   ) -> bool:
+        if host is None:
+            key = await self.resolve(name)
+            if priority is not None:
+                for h in self.hosts:
+                    if h.entry(key) is not None:
+                        await h.core.load(key, priority)   # validates; loads nothing new
+                        break
+            lease = await self.acquire(key)
+            lease.release()
+            return True
+        h = self.host(host)
+        key = await self.resolve(name)
+        if h.entry(key) is None:
+            raise ModelNotFound(f"Host '{h.name}' does not list '{key}'", param="model")
+        return await h.core.load(key, priority)
+
+    async def unload(self, name: str, *, reason: str = "manual",
+                     drain_timeout_s: float | None = None, host: str | None = None) -> bool:
+        key = await self.resolve(name)
+        done = False
+        for h in self._targets(host):
+            e = h.core.registry.entries.get(key)
+            if e is not None and e.status in (S.LOADED, S.LOADING, S.UNLOADING):
+                done = await h.core.unload(key, reason=reason,
+                                           drain_timeout_s=drain_timeout_s) or done
+        return done
+
+    async def clear(self, *, host: str | None = None) -> list[str]:
+        out: list[str] = []
+        for h in self._targets(host):
+            out += [k for k in await h.core.clear() if k not in out]
+        return out
+
+    async def optimize(self, *, host: str | None = None) -> dict[str, Any]:
+        per_host = {h.name: await h.core.optimize() for h in self._targets(host)}
+        return {"unloaded_idle": sorted({k for r in per_host.values() for k in r["unloaded_idle"]}),
+                "evicted_for_pressure": sorted({k for r in per_host.values()
+                                                for k in r["evicted_for_pressure"]}),
+                "memory_pressure": self.memory_pressure.value, "hosts": per_host}
+
+    def pin(self, key: str, pinned: bool, *, host: str | None = None) -> None:
+        for h in self._targets(host):
+            h.core.pin(key, pinned)
+
+    def pinned(self, key: str) -> bool:
+        return any(h.core.pinned(key) for h in self.hosts)
+
+    async def reconcile(self) -> None:
+        await asyncio.gather(*(h.core.reconcile() for h in self.hosts))
+
+    def apply_config(self, config: Config) -> None:
+        self.live.swap(config)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def start(self) -> None:
+        await asyncio.gather(*(h.core.start() for h in self.hosts))
+
+    async def start_monitoring(self) -> None:
+        for h in self.hosts:
+            await h.core.start_monitoring()
+
+    async def cleanup(self) -> None:
+        for task in list(self._recovering.values()):
+            task.cancel()
+        await asyncio.gather(*self._recovering.values(), return_exceptions=True)
+        for h in self.hosts:
+            await h.core.cleanup()
+
+    def add_listener(self, listener: Any) -> None:
+        for h in self.hosts:
+            h.core.add_listener(HostTagged(listener, h.name))
+
+    # -- views ---------------------------------------------------------------------------------
+    def _up(self) -> Iterable[Host]:
+        return (h for h in self.hosts if h.core.upstream_ok)
+
+    @property
+    def memory_pressure(self) -> MemoryPressure:
+        return max((h.core.memory_pressure for h in self.hosts), key=lambda p: p.rank)
+
+    @property
+    def last_sample(self) -> MemorySample | None:
+        """The fleet's memory as one sample: the hosts' totals and availability summed."""
+        samples = [h.core.last_sample for h in self.hosts]
+        if not any(samples):
+            return None
+        have = [s for s in samples if s is not None]
+        return MemorySample(total_bytes=sum(s.total_bytes for s in have),
+                            available_bytes=sum(s.available_bytes for s in have))
+
+    @property
+    def queue_length(self) -> int:
+        return sum(h.core.queue_length for h in self.hosts)
+
+    @property
+    def upstream_ok(self) -> bool:
+        return any(True for _ in self._up())
+
+    @property
+    def upstream_error(self) -> str | None:
+        errors = [f"{h.name}: {h.core.upstream_error}" for h in self.hosts
+                  if h.core.upstream_error]
+        return "; ".join(errors) or None
+
+    @property
+    def api_level(self) -> ApiLevel | None:
+        return next((h.core.api_level for h in self._up()), self.hosts[0].core.api_level)
+
+    @property
+    def manages_loading(self) -> bool:
+        return any(h.core.manages_loading for h in self.hosts)
+
+    @property
+    def capabilities(self) -> Capabilities | None:
+        return next((h.core.capabilities for h in self._up()), None)
+
+    @property
+    def last_reconcile_s(self) -> float:
+        return min(h.core.last_reconcile_s for h in self.hosts)
+
+    def known_models(self) -> list[str]:
+        seen: dict[str, None] = {}
+        for h in self.hosts:
+            seen.update((k, None) for k in h.core.known_models() if h.allows(k))
+        return list(seen)
+
+    def loaded_models(self) -> list[str]:
+        seen: dict[str, None] = {}
+        for h in self.hosts:
+            seen.update((k, None) for k in h.core.loaded_models())
+        return list(seen)
+
+    def where(self, key: str) -> list[Host]:
+        """The hosts that list the model, those where it is loaded first."""
+        listed = [h for h in self.hosts if h.entry(key) is not None]
+        return sorted(listed, key=lambda h: not h.resident(key))
+
+    def entry(self, name: str) -> ModelEntry | None:
+        key = self._key_of(name)
+        hosts = self.where(key) if key is not None else []
+        return hosts[0].core.registry.entries[key] if hosts else None
+
+    def _core_of(self, e: ModelEntry):  # noqa: ANN202 - EngineCore
+        for h in self.hosts:
+            if h.core.registry.entries.get(e.key) is e:
+                return h.core
+        return self.hosts[0].core
+
+    def usage(self, key: str) -> ModelUsage:
+        """The host that served the model most: one host's figures, never a false mix."""
+        return max((h.core.usage(key) for h in self.hosts), key=lambda u: u.requests)
+
+    def footprint_bytes(self, e: ModelEntry) -> float:
+        return self._core_of(e).footprint_bytes(e)
+
+    def footprint_source(self, e: ModelEntry) -> str:
+        return self._core_of(e).footprint_source(e)
+
+    def active_leases(self) -> list[Lease]:
+        return [lease for h in self.hosts for lease in h.core.active_leases()]
+
+    def row(self, key: str) -> dict[str, Any]:
+        """The model's row where it is loaded (else where it is listed first), and where it
+        lives: `host` (the row's), `hosts` (its state on every host that lists it)."""
+        hosts = self.where(key)
+        row = hosts[0].core.row(key)
+        row["host"] = hosts[0].name
+        row["hosts"] = {h.name: h.core.registry.entries[key].status.value for h in hosts}
+        return row
+
+    def report(self) -> dict[str, Any]:
+        from .report import fleet_report
+        return fleet_report(self)
+
+    def recommend(self, context: Any = None) -> dict[str, Any]:
+        """The recommendation of the host that lists the most models (the fleet's catalogue
+        is the union; a model listed elsewhere only is still placed where it is listed)."""
+        best = max(self._up(), key=lambda h: len(h.core.registry), default=self.hosts[0])
+        return best.core.recommend(context)
+
+
+class HostTagged:
+    """A listener of the fleet, subscribed to one host's engine: each event is passed on with
+    `host=` when the listener takes it (it says so with `takes_host = True`)."""
+
+    def __init__(self, listener: Any, host: str) -> None:
+        tags = getattr(listener, "takes_host", False)
+        for event in EVENTS:
+            hook = getattr(listener, event, None)
+            if hook is not None:
+                setattr(self, event, _tagged(hook, host) if tags else hook)
+
+
+def _tagged(hook: Any, host: str) -> Any:
+    def call(*args: Any) -> Any:
+        return hook(*args, host=host)
+    return call

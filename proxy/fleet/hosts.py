@@ -1,0 +1,85 @@
+"""One host of a fleet: its engine (an EngineCore of its own, as for a single server), its
+backend, and the configuration that engine sees — the fleet's, narrowed to this host.
+
+A host's engine reads a Config like any other: `upstream` is this host, `memory` its budget (or
+this machine's), its own history database, and the pins and priorities that name another host
+dropped. `host_config()` builds it; every reload rebuilds it for each host.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import os
+from pathlib import Path
+
+from ..config import Config, HostConfig, ModelConfig, UpstreamConfig
+from ..engine.core import EngineCore
+from ..engine.lifecycle import ModelStatus
+from ..liveconfig import LiveConfig
+from ..store import default_path
+from ..upstream.base import Upstream
+
+S = ModelStatus
+_UPSTREAM_FIELDS = tuple(f.name for f in dataclasses.fields(UpstreamConfig))
+_DEFAULT_MODEL = ModelConfig()
+
+
+def host_upstream(h: HostConfig) -> UpstreamConfig:
+    """The host as a single upstream (its token read from the environment if so configured)."""
+    values = {name: getattr(h, name) for name in _UPSTREAM_FIELDS}
+    if h.api_token_env:
+        values["api_token"] = os.environ.get(h.api_token_env) or None
+    return UpstreamConfig(**values)
+
+
+def host_storage_path(config: Config, name: str) -> Path:
+    """Each host learns its own footprints and load times: one history file per host."""
+    base = Path(config.storage.path) if config.storage.path else default_path()
+    return base.with_name(f"{base.stem}.{name}{base.suffix}")
+
+
+def host_config(config: Config, h: HostConfig) -> Config:
+    memory = config.memory
+    if h.budget_gb is not None and h.sampler != "local":
+        memory = dataclasses.replace(memory, sampler="budget", budget_gb=h.budget_gb)
+    elif h.sampler in ("local", "auto"):
+        memory = dataclasses.replace(memory, sampler="local")
+    models = {key: m if m.host in (None, h.name) else
+              dataclasses.replace(m, pinned=False, priority=_DEFAULT_MODEL.priority)
+              for key, m in config.models.items()}
+    storage = dataclasses.replace(config.storage, path=str(host_storage_path(config, h.name)))
+    return dataclasses.replace(config, upstream=host_upstream(h), upstreams=(), memory=memory,
+                               models=models, storage=storage)
+
+
+class Host:
+    """A server of the fleet and its engine. `suspect` is set when a request could not reach
+    it; it takes traffic again once its engine has reconciled with it."""
+
+    def __init__(self, config: HostConfig, core: EngineCore, backend: Upstream,
+                 live: LiveConfig) -> None:
+        self.name = config.name
+        self.config = config
+        self.core = core
+        self.backend = backend
+        self.live = live
+        self.suspect = False
+
+    @property
+    def up(self) -> bool:
+        breaker = getattr(self.backend, "breaker", None)
+        tripped = breaker is not None and breaker.open
+        return self.core.upstream_ok and not self.suspect and not tripped
+
+    def allows(self, key: str) -> bool:
+        patterns = self.config.models
+        return patterns is None or any(fnmatch.fnmatchcase(key, p) for p in patterns)
+
+    def entry(self, key: str):  # noqa: ANN201 - ModelEntry | None
+        """The model as this host holds it, if the host lists it and may hold it."""
+        e = self.core.registry.entries.get(key)
+        return e if e is not None and self.allows(key) else None
+
+    def resident(self, key: str) -> bool:
+        e = self.core.registry.entries.get(key)
+        return e is not None and e.status is S.LOADED

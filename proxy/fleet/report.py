@@ -1,0 +1,58 @@
+"""The fleet's views: `GET /proxy/stats` in the single server's shape (figures summed over the
+hosts, each model's row where it lives) plus `hosts`, one entry per host from its own engine."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ..config import redact_url
+from ..engine.memory import GB
+from ..engine.report import upstream_state
+
+if TYPE_CHECKING:
+    from .fleet import Fleet
+    from .hosts import Host
+
+
+def host_summary(h: "Host") -> dict[str, Any]:
+    core = h.core
+    s = core.last_sample
+    return {
+        "url": redact_url(h.config.url), "kind": h.config.kind, "up": h.up,
+        "suspect": h.suspect, "labels": dict(h.config.labels),
+        "upstream": upstream_state(core),
+        "memory": None if s is None else {
+            "total_gb": round(s.total_bytes / GB, 2),
+            "available_gb": round(s.available_bytes / GB, 2),
+            "used_percent": round(s.used_percent, 1),
+            "ceiling_gb": round(core.ceiling_bytes() / GB, 2)},
+        "memory_pressure": core.memory_pressure.value,
+        "loaded_models": core.loaded_models(),
+        "queue_length": core.queue_length,
+        "in_flight": len(core.active_leases()),
+    }
+
+
+def fleet_report(fleet: "Fleet") -> dict[str, Any]:
+    first = fleet.hosts[0].core.report()
+    s = fleet.last_sample
+    counts: dict[str, int] = {k: 0 for k in first["model_counts"]}
+    for h in fleet.hosts:
+        for e in h.core.registry:
+            counts[e.status.value] += 1
+    return {
+        **first,
+        "system_memory": None if s is None else {
+            "total_gb": round(s.total_bytes / GB, 2),
+            "available_gb": round(s.available_bytes / GB, 2),
+            "used_percent": round(s.used_percent, 1)},
+        "gpu_memory": None,
+        "memory_pressure": fleet.memory_pressure.value,
+        "upstream": {"ok": fleet.upstream_ok, "error": fleet.upstream_error,
+                     "hosts": [h.name for h in fleet.hosts if h.up]},
+        "model_counts": counts,
+        "loaded_models": fleet.loaded_models(),
+        "queue_length": fleet.queue_length,
+        "models": {k: fleet.row(k) for k in fleet.known_models()},
+        "hosts": {h.name: host_summary(h) for h in fleet.hosts},
+        "placements": dict(fleet.placements),
+    }
