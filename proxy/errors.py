@@ -18,6 +18,7 @@
     │   └── UpstreamBusy            (503 upstream_busy: the server's own queue is full)
     ├── ModelUnavailable            (409 model_unavailable: pinned, busy, external)
     ├── ShuttingDown                (503 shutting_down: the drain deadline passed)
+    ├── StateUnavailable            (503 state_unavailable: the fleet's shared state, Redis)
     └── UpstreamError               (502 upstream_error)
         ├── UpstreamUnreachable     (502 upstream_unreachable)
         └── UpstreamTimeout         (504 upstream_timeout)
@@ -104,6 +105,14 @@ class ShuttingDown(ProxyError):
     status = 503
     type = "server_error"
     code = "shutting_down"
+
+
+class StateUnavailable(ProxyError):
+    """The shared state store (Redis) cannot be reached; the message names it by its
+    redacted URL. Whatever needed it (a load, an eviction) can be retried shortly."""
+    status = 503
+    type = "server_error"
+    code = "state_unavailable"
 
 
 class RouteNotFound(ProxyError):

@@ -1,7 +1,7 @@
 """The import rule, as the code has it: layers import downward only, and no module-level cycle.
 
     foundation   errors, schema, config, liveconfig
-    backends     upstream/*, store
+    backends     upstream/*, store, state/* (the fleet's shared facts: memory or Redis)
     engine       engine/*                             (never aiohttp's web)
     wings        library/*, observe/*                 (they wrap or watch the engine)
     server       server/*, native/*                   (the HTTP side, one request at a time)
@@ -20,7 +20,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "proxy"
 LAYERS = [
     ("foundation", ("proxy.errors", "proxy.schema", "proxy.config", "proxy.liveconfig")),
-    ("backends", ("proxy.upstream", "proxy.store")),
+    ("backends", ("proxy.upstream", "proxy.store", "proxy.state")),
     ("engine", ("proxy.engine",)),
     ("fleet", ("proxy.fleet",)),
     ("wings", ("proxy.library", "proxy.observe")),

@@ -1,0 +1,162 @@
+"""The fleet's shared facts behind one small interface: `StateStore`.
+
+Two implementations keep the same semantics: `MemoryState` (one process, no network) and
+`RedisState` (replicas sharing one Redis). Everything held here is a coordination fact that
+expires; the hosts' own model lists stay the source of truth, and replicas reconcile against
+them.
+
+    replica heartbeat   a replica's leases and reservations count only while its heartbeat lives
+    host records        resident instances, used and budget bytes, as last reported (with a TTL)
+    load locks          one per (host, model): single flight across replicas, a fencing token
+    reservations        check-and-reserve against a budget, atomically; released or expired
+    leases              per (host, model, replica): "serving through some replica, do not evict"
+    ownership           which instances the fleet loaded (kept across replica restarts)
+    leader              one replica at a time runs the fleet-wide background jobs
+    events              an append-only log, resumable by id, trimmed to a maximum length
+
+Times given to the store are durations (`ttl_s`); the store measures expiry on its own clock
+(the injected one for memory, Redis's for redis), so replicas' clocks never have to agree.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Protocol
+
+import orjson
+
+LeaseKey = tuple[str, str]          # (host, model)
+_EVENT_ID = re.compile(r"(\d+)-(\d+)")
+
+
+def parse_event_id(event_id: str) -> tuple[int, int]:
+    """An event id (`<ms>-<seq>`, as Redis Streams have them) as a comparable pair."""
+    m = _EVENT_ID.fullmatch(event_id)
+    if m is None:
+        raise ValueError(f"not an event id: {event_id!r} (expected <number>-<number>)")
+    return int(m[1]), int(m[2])
+
+
+@dataclass(frozen=True)
+class HostRecord:
+    """One host as some replica last saw it: `resident` maps instance id → model key."""
+    resident: dict[str, str] = field(default_factory=dict)
+    used_bytes: int = 0
+    budget_bytes: int = 0
+    reported_by: str = ""
+
+    def encode(self) -> bytes:
+        return orjson.dumps({"resident": self.resident, "used_bytes": self.used_bytes,
+                             "budget_bytes": self.budget_bytes,
+                             "reported_by": self.reported_by})
+
+    @classmethod
+    def decode(cls, raw: bytes | str) -> "HostRecord":
+        d = orjson.loads(raw)
+        return cls(resident=dict(d["resident"]), used_bytes=int(d["used_bytes"]),
+                   budget_bytes=int(d["budget_bytes"]), reported_by=str(d["reported_by"]))
+
+
+@dataclass(frozen=True)
+class Reserved:
+    """The answer of a check-and-reserve: granted or not, and the host's live reservations
+    (bytes, this one included when granted) so that a refusal can say what holds memory."""
+    granted: bool
+    reserved_bytes: int
+
+
+@dataclass(frozen=True)
+class StoredEvent:
+    id: str
+    type: str
+    data: dict[str, Any]
+
+
+@dataclass(eq=False)
+class LoadLock:
+    """A held single-flight lock on one (host, model) load. `token` is a fencing token: it
+    increases with every acquisition in the store, and a load's result is written only while
+    `valid()` (the lock still holds this very token)."""
+    store: "StateStore"
+    host: str
+    model: str
+    token: int
+
+    async def renew(self, ttl_s: float) -> bool:
+        return await self.store.renew_lock(self, ttl_s)
+
+    async def release(self) -> bool:
+        return await self.store.release_lock(self)
+
+    async def valid(self) -> bool:
+        return await self.store.check_fence(self.host, self.model, self.token)
+
+
+class StateStore(Protocol):
+    replica_id: str
+
+    # -- replicas ---------------------------------------------------------------------------
+    async def heartbeat(self, ttl_s: float) -> None:
+        """This replica is alive for `ttl_s` more seconds (its leases and reservations count)."""
+    async def retire(self) -> None:
+        """This replica leaves now: its leases and reservations stop counting at once."""
+    async def replicas(self) -> list[str]:
+        """Replicas whose heartbeat is alive, sorted."""
+
+    # -- host records -----------------------------------------------------------------------
+    async def put_host(self, host: str, record: HostRecord, ttl_s: float) -> None: ...
+    async def get_host(self, host: str) -> HostRecord | None: ...
+    async def hosts(self) -> dict[str, HostRecord]: ...
+
+    # -- single-flight load lock ------------------------------------------------------------
+    async def acquire_lock(self, host: str, model: str, ttl_s: float) -> LoadLock | None:
+        """The lock with a fresh fencing token, or None when another holder has it."""
+    async def renew_lock(self, lock: LoadLock, ttl_s: float) -> bool:
+        """Extends the lock if this holder (this token) still has it."""
+    async def release_lock(self, lock: LoadLock) -> bool:
+        """Releases the lock only if this holder still has it."""
+    async def check_fence(self, host: str, model: str, token: int) -> bool:
+        """Does the (host, model) lock currently hold `token`?"""
+
+    # -- memory reservations ----------------------------------------------------------------
+    async def reserve(self, host: str, key: str, size_bytes: int, budget_bytes: int,
+                      ttl_s: float) -> Reserved:
+        """Atomically: grant `size_bytes` for `key` if the host's live reservations (this
+        replica's earlier one for `key` excluded) plus it stay within `budget_bytes`."""
+    async def release_reservation(self, host: str, key: str) -> None: ...
+    async def reserved_bytes(self, host: str) -> int: ...
+
+    # -- in-flight leases -------------------------------------------------------------------
+    async def renew_leases(self, leases: Iterable[LeaseKey], ttl_s: float) -> None:
+        """Takes or extends this replica's lease on each (host, model), in one round trip."""
+    async def drop_leases(self, leases: Iterable[LeaseKey]) -> None: ...
+    async def leased_by(self, host: str, model: str) -> set[str]:
+        """Replicas holding a live lease on (host, model)."""
+
+    # -- ownership --------------------------------------------------------------------------
+    async def add_owned(self, host: str, instance_id: str, model: str,
+                        fence: int | None = None) -> bool:
+        """Records that the fleet loaded `instance_id`. With `fence`, only while the
+        (host, model) lock holds that token (False otherwise: the load lost its lock)."""
+    async def remove_owned(self, host: str, instance_id: str) -> None: ...
+    async def owned(self, host: str) -> dict[str, str]:
+        """instance id → model key, for the instances the fleet loaded on `host`."""
+
+    # -- leader -----------------------------------------------------------------------------
+    async def campaign(self, ttl_s: float) -> bool:
+        """Takes the leader lease if free, extends it if held; True while this replica leads."""
+    async def is_leader(self) -> bool: ...
+    async def leader(self) -> str | None: ...
+    async def resign(self) -> None: ...
+
+    # -- events -----------------------------------------------------------------------------
+    async def append_event(self, type: str, data: dict[str, Any]) -> str:
+        """Appends an event; returns its id (ids increase)."""
+    async def events_after(self, after_id: str | None, *, count: int = 100,
+                           wait_s: float = 0.0) -> list[StoredEvent]:
+        """Events after `after_id` (from the oldest kept when None), waiting up to `wait_s`
+        for one when there are none yet."""
+
+    async def ping(self) -> None:
+        """Raises StateUnavailable when the store cannot be reached."""
+    async def close(self) -> None: ...

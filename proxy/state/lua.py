@@ -1,0 +1,157 @@
+"""The Lua scripts `RedisState` runs: each is one atomic step on the server.
+
+Expiry is measured on Redis's own clock (`TIME`), never on a replica's. Sets whose members
+expire one by one (replicas, leases, host index) are sorted sets scored by the member's expiry
+in ms; the key itself carries a TTL at least as long as its longest-lived member, so nothing
+outlives the replicas that wrote it.
+"""
+from __future__ import annotations
+
+_COMMON = """
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function extend(key, ttl_ms)
+  if redis.call('PTTL', key) < ttl_ms then redis.call('PEXPIRE', key, ttl_ms) end
+end
+local function alive(zset, member, now)
+  local score = redis.call('ZSCORE', zset, member)
+  return score and tonumber(score) > now
+end
+"""
+
+# KEYS: zset   ARGV: member, ttl_ms   (a heartbeat: the replica's or a host's index entry)
+TOUCH = _COMMON + """
+local now, ttl = now_ms(), tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
+extend(KEYS[1], ttl)
+"""
+
+# KEYS: zset   → members still alive
+LIVE = _COMMON + """
+return redis.call('ZRANGE', KEYS[1], '(' .. now_ms(), '+inf', 'BYSCORE')
+"""
+
+# KEYS: record, index   ARGV: name, json, ttl_ms
+PUT_HOST = _COMMON + """
+local now, ttl = now_ms(), tonumber(ARGV[3])
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ttl)
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+redis.call('ZADD', KEYS[2], now + ttl, ARGV[1])
+extend(KEYS[2], ttl)
+"""
+
+# KEYS: lock, fence counter   ARGV: replica, ttl_ms, fence_ttl_ms   → token or nil
+# SET NX PX is the single flight; the counter is seeded from the clock (in µs) when absent, so
+# tokens keep increasing even after Redis lost its data or the idle counter expired.
+ACQUIRE_LOCK = """
+if not redis.call('SET', KEYS[1], '', 'NX', 'PX', ARGV[2]) then return false end
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  local t = redis.call('TIME')
+  redis.call('SET', KEYS[2], t[1] .. string.format('%06d', tonumber(t[2])))
+end
+local token = redis.call('INCR', KEYS[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+-- %d: Lua's own number formatting would write a 16-digit token as 1.76e+15
+redis.call('SET', KEYS[1], string.format('%d', token) .. ':' .. ARGV[1], 'KEEPTTL')
+return token
+"""
+
+# KEYS: lock   ARGV: holder ("token:replica"), ttl_ms   → 1 if this holder still had it
+RENEW_LOCK = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+
+# KEYS: lock   ARGV: holder   → 1 if this holder had it (and now nobody does)
+RELEASE_LOCK = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+return 1
+"""
+
+# Reservations: a hash of "replica|key" → "bytes:expires_at_ms". An entry counts while it has
+# not expired and its replica's heartbeat lives; others are deleted as they are met.
+_LIVE_RESERVATIONS = _COMMON + """
+local function live_total(res, replicas, skip_field)
+  local now, total, skipped = now_ms(), 0, 0
+  local entries = redis.call('HGETALL', res)
+  for i = 1, #entries, 2 do
+    local f, v = entries[i], entries[i + 1]
+    local bytes, exp = string.match(v, '^(%d+):(%d+)$')
+    local replica = string.match(f, '^([^|]*)|')
+    if tonumber(exp) <= now or not alive(replicas, replica, now) then
+      redis.call('HDEL', res, f)
+    elseif f == skip_field then
+      skipped = tonumber(bytes)
+    else
+      total = total + tonumber(bytes)
+    end
+  end
+  return now, total, skipped
+end
+"""
+
+# KEYS: reservations, replicas   ARGV: field, size_bytes, budget_bytes, ttl_ms
+#   → {granted 0|1, live reserved bytes}
+RESERVE = _LIVE_RESERVATIONS + """
+local size, budget, ttl = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local now, others, mine = live_total(KEYS[1], KEYS[2], ARGV[1])
+if others + size > budget then return {0, others + mine} end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. ':' .. string.format('%d', now + ttl))
+extend(KEYS[1], ttl)
+return {1, others + size}
+"""
+
+# KEYS: reservations, replicas   → live reserved bytes
+RESERVED = _LIVE_RESERVATIONS + """
+local _, total = live_total(KEYS[1], KEYS[2], '')
+return total
+"""
+
+# KEYS: one lease zset per (host, model)   ARGV: replica, ttl_ms
+RENEW_LEASES = _COMMON + """
+local now, ttl = now_ms(), tonumber(ARGV[2])
+for _, key in ipairs(KEYS) do
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+  redis.call('ZADD', key, now + ttl, ARGV[1])
+  extend(key, ttl)
+end
+"""
+
+# KEYS: lease zset, replicas   → replicas with a live lease and a live heartbeat
+LEASED_BY = _COMMON + """
+local now, out = now_ms(), {}
+for _, r in ipairs(redis.call('ZRANGE', KEYS[1], '(' .. now, '+inf', 'BYSCORE')) do
+  if alive(KEYS[2], r, now) then out[#out + 1] = r end
+end
+return out
+"""
+
+# KEYS: owned hash, lock   ARGV: instance, model, ttl_ms, fence ('' for none)   → 1 | 0
+ADD_OWNED = """
+if ARGV[4] ~= '' then
+  local holder = redis.call('GET', KEYS[2])
+  if not holder or string.match(holder, '^(%d+):') ~= ARGV[4] then return 0 end
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
+
+# KEYS: leader   ARGV: replica, ttl_ms   → 1 while this replica leads
+CAMPAIGN = """
+local current = redis.call('GET', KEYS[1])
+if not current then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+if current == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""

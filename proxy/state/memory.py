@@ -1,0 +1,233 @@
+"""`MemoryState`: the shared facts of one process (the default; no network, cheap).
+
+Every method runs without awaiting, so each is atomic on the event loop, as a Lua script is in
+Redis. `view(replica_id)` gives another replica's handle on the same facts: in-process fleets
+and the tests of the contract see several replicas without a server.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Protocol
+
+from .base import HostRecord, LeaseKey, LoadLock, Reserved, StoredEvent, parse_event_id
+
+EVENTS_MAXLEN = 10_000
+
+
+class Now(Protocol):
+    def now(self) -> float: ...         # monotonic seconds (the engine's Clock fits)
+
+
+class MonotonicClock:
+    def now(self) -> float:
+        return time.monotonic()
+
+
+@dataclass
+class _Facts:
+    clock: Now
+    events_maxlen: int
+    replicas: dict[str, float] = field(default_factory=dict)          # replica → expires at
+    hosts: dict[str, tuple[HostRecord, float]] = field(default_factory=dict)
+    locks: dict[LeaseKey, tuple[int, str, float]] = field(default_factory=dict)  # token, by, exp
+    fence: int = 0
+    # host → (replica, key) → (bytes, expires at)
+    reservations: dict[str, dict[tuple[str, str], tuple[int, float]]] = field(
+        default_factory=dict)
+    leases: dict[LeaseKey, dict[str, float]] = field(default_factory=dict)  # replica → exp
+    owned: dict[str, dict[str, str]] = field(default_factory=dict)
+    leader: tuple[str, float] | None = None
+    events: collections.deque = field(default_factory=collections.deque)
+    event_n: int = 0
+    appended: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def alive(self, replica: str, now_s: float) -> bool:
+        return self.replicas.get(replica, 0.0) > now_s
+
+
+class MemoryState:
+    def __init__(self, replica_id: str = "local", *, clock: Now | None = None,
+                 events_maxlen: int = EVENTS_MAXLEN, _facts: _Facts | None = None) -> None:
+        self.replica_id = replica_id
+        self._f = _facts or _Facts(clock or MonotonicClock(), events_maxlen)
+
+    def view(self, replica_id: str) -> "MemoryState":
+        """Another replica's handle on these same facts."""
+        return MemoryState(replica_id, _facts=self._f)
+
+    def _now(self) -> float:
+        return self._f.clock.now()
+
+    # -- replicas ---------------------------------------------------------------------------
+    async def heartbeat(self, ttl_s: float) -> None:
+        self._f.replicas[self.replica_id] = self._now() + ttl_s
+
+    async def retire(self) -> None:
+        self._f.replicas.pop(self.replica_id, None)
+
+    async def replicas(self) -> list[str]:
+        now_s = self._now()
+        return sorted(r for r, exp in self._f.replicas.items() if exp > now_s)
+
+    # -- host records -----------------------------------------------------------------------
+    async def put_host(self, host: str, record: HostRecord, ttl_s: float) -> None:
+        self._f.hosts[host] = (record, self._now() + ttl_s)
+
+    async def get_host(self, host: str) -> HostRecord | None:
+        got = self._f.hosts.get(host)
+        return got[0] if got and got[1] > self._now() else None
+
+    async def hosts(self) -> dict[str, HostRecord]:
+        now_s = self._now()
+        return {h: rec for h, (rec, exp) in sorted(self._f.hosts.items()) if exp > now_s}
+
+    # -- single-flight load lock ------------------------------------------------------------
+    def _held(self, host: str, model: str) -> tuple[int, str, float] | None:
+        held = self._f.locks.get((host, model))
+        return held if held and held[2] > self._now() else None
+
+    async def acquire_lock(self, host: str, model: str, ttl_s: float) -> LoadLock | None:
+        if self._held(host, model) is not None:
+            return None
+        self._f.fence += 1
+        self._f.locks[(host, model)] = (self._f.fence, self.replica_id, self._now() + ttl_s)
+        return LoadLock(self, host, model, self._f.fence)
+
+    def _mine(self, lock: LoadLock) -> bool:
+        held = self._held(lock.host, lock.model)
+        return held is not None and held[:2] == (lock.token, self.replica_id)
+
+    async def renew_lock(self, lock: LoadLock, ttl_s: float) -> bool:
+        if not self._mine(lock):
+            return False
+        self._f.locks[(lock.host, lock.model)] = (lock.token, self.replica_id,
+                                                  self._now() + ttl_s)
+        return True
+
+    async def release_lock(self, lock: LoadLock) -> bool:
+        if not self._mine(lock):
+            return False
+        del self._f.locks[(lock.host, lock.model)]
+        return True
+
+    async def check_fence(self, host: str, model: str, token: int) -> bool:
+        held = self._held(host, model)
+        return held is not None and held[0] == token
+
+    # -- memory reservations ----------------------------------------------------------------
+    def _live_reservations(self, host: str) -> dict[tuple[str, str], tuple[int, float]]:
+        now_s = self._now()
+        table = self._f.reservations.get(host, {})
+        for k in [k for k, (_, exp) in table.items()
+                  if exp <= now_s or not self._f.alive(k[0], now_s)]:
+            del table[k]
+        return table
+
+    async def reserve(self, host: str, key: str, size_bytes: int, budget_bytes: int,
+                      ttl_s: float) -> Reserved:
+        table = self._live_reservations(host)
+        mine = (self.replica_id, key)
+        others = sum(b for k, (b, _) in table.items() if k != mine)
+        if others + size_bytes > budget_bytes:
+            return Reserved(False, others + table.get(mine, (0, 0.0))[0])
+        self._f.reservations.setdefault(host, table)[mine] = (size_bytes, self._now() + ttl_s)
+        return Reserved(True, others + size_bytes)
+
+    async def release_reservation(self, host: str, key: str) -> None:
+        self._f.reservations.get(host, {}).pop((self.replica_id, key), None)
+
+    async def reserved_bytes(self, host: str) -> int:
+        return sum(b for b, _ in self._live_reservations(host).values())
+
+    # -- in-flight leases -------------------------------------------------------------------
+    async def renew_leases(self, leases: Iterable[LeaseKey], ttl_s: float) -> None:
+        exp = self._now() + ttl_s
+        for key in leases:
+            self._f.leases.setdefault(key, {})[self.replica_id] = exp
+
+    async def drop_leases(self, leases: Iterable[LeaseKey]) -> None:
+        for key in leases:
+            holders = self._f.leases.get(key)
+            if holders is not None:
+                holders.pop(self.replica_id, None)
+                if not holders:
+                    del self._f.leases[key]
+
+    async def leased_by(self, host: str, model: str) -> set[str]:
+        now_s = self._now()
+        holders = self._f.leases.get((host, model), {})
+        return {r for r, exp in holders.items() if exp > now_s and self._f.alive(r, now_s)}
+
+    # -- ownership --------------------------------------------------------------------------
+    async def add_owned(self, host: str, instance_id: str, model: str,
+                        fence: int | None = None) -> bool:
+        if fence is not None and not await self.check_fence(host, model, fence):
+            return False
+        self._f.owned.setdefault(host, {})[instance_id] = model
+        return True
+
+    async def remove_owned(self, host: str, instance_id: str) -> None:
+        self._f.owned.get(host, {}).pop(instance_id, None)
+
+    async def owned(self, host: str) -> dict[str, str]:
+        return dict(self._f.owned.get(host, {}))
+
+    # -- leader -----------------------------------------------------------------------------
+    async def campaign(self, ttl_s: float) -> bool:
+        current = await self.leader()
+        if current is None or current == self.replica_id:
+            self._f.leader = (self.replica_id, self._now() + ttl_s)
+            return True
+        return False
+
+    async def is_leader(self) -> bool:
+        return await self.leader() == self.replica_id
+
+    async def leader(self) -> str | None:
+        lead = self._f.leader
+        return lead[0] if lead is not None and lead[1] > self._now() else None
+
+    async def resign(self) -> None:
+        if await self.is_leader():
+            self._f.leader = None
+
+    # -- events -----------------------------------------------------------------------------
+    async def append_event(self, type: str, data: dict[str, Any]) -> str:
+        f = self._f
+        f.event_n += 1
+        event = StoredEvent(f"0-{f.event_n}", type, data)
+        f.events.append(event)
+        while len(f.events) > f.events_maxlen:
+            f.events.popleft()
+        f.appended.set()
+        f.appended = asyncio.Event()
+        return event.id
+
+    async def events_after(self, after_id: str | None, *, count: int = 100,
+                           wait_s: float = 0.0) -> list[StoredEvent]:
+        after = parse_event_id(after_id) if after_id is not None else (0, 0)
+        got = self._after(after, count)
+        if not got and wait_s > 0:
+            try:
+                await asyncio.wait_for(self._f.appended.wait(), wait_s)
+            except asyncio.TimeoutError:
+                return []
+            got = self._after(after, count)
+        return got
+
+    def _after(self, after: tuple[int, int], count: int) -> list[StoredEvent]:
+        events = self._f.events
+        if not events or after[0] > 0:     # ids here are all "0-n": nothing comes after
+            return []
+        first_n = self._f.event_n - len(events) + 1     # n runs without gaps
+        start = max(0, after[1] - first_n + 1)
+        return [events[i] for i in range(start, min(len(events), start + count))]
+
+    async def ping(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None

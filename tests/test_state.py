@@ -1,0 +1,256 @@
+"""The StateStore contract: the same assertions over MemoryState and RedisState (a real
+redis-server). Replicas are separate handles on one state: views of one MemoryState, separate
+RedisState clients of one server."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from proxy.engine.clock import ManualClock
+from proxy.state import HostRecord, LoadLock, MemoryState
+
+from .redis_server import make_redis_server, redis_server  # noqa: F401
+from .state_contract import EVENTS_MAXLEN, TTL_S, Fleet, until
+
+GB = 1024 ** 3
+LONG_S = 60.0
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def fleet(request: pytest.FixtureRequest):
+    url = request.getfixturevalue("redis_server").url if request.param == "redis" else None
+    f = Fleet(request.param, url)
+    yield f
+    await f.close()
+
+
+async def test_of_fifty_racing_acquirers_exactly_one_holds_the_lock(fleet):
+    replicas = [fleet.replica(f"r{i}") for i in range(5)]
+    got = await asyncio.gather(*(r.acquire_lock("h1", "m", LONG_S)
+                                 for r in replicas for _ in range(10)))
+    held = [lock for lock in got if lock is not None]
+    assert len(held) == 1
+    assert await held[0].valid()
+
+
+async def test_locks_of_other_models_and_hosts_are_independent(fleet):
+    a = fleet.replica("a")
+    assert await a.acquire_lock("h1", "m", LONG_S) is not None
+    assert await a.acquire_lock("h1", "m2", LONG_S) is not None
+    assert await a.acquire_lock("h2", "m", LONG_S) is not None
+    assert await a.acquire_lock("h1", "m", LONG_S) is None
+
+
+async def test_only_the_holder_renews_or_releases(fleet):
+    a, b = fleet.replica("a"), fleet.replica("b")
+    lock = await a.acquire_lock("h1", "m", LONG_S)
+    forged = LoadLock(b, "h1", "m", lock.token)      # b knows the token, is not the holder
+    assert not await forged.renew(LONG_S) and not await forged.release()
+    assert await lock.valid()
+    assert await lock.renew(LONG_S) and await lock.release()
+    assert not await lock.valid() and not await lock.release()
+    assert await b.acquire_lock("h1", "m", LONG_S) is not None
+
+
+async def test_fencing_tokens_increase_and_a_stale_one_is_rejected(fleet):
+    a, b = fleet.replica("a"), fleet.replica("b")
+    old = await a.acquire_lock("h1", "m", TTL_S)
+    assert await old.valid()
+    new = None
+
+    async def b_takes_over() -> bool:
+        nonlocal new
+        new = await b.acquire_lock("h1", "m", LONG_S)
+        return new is not None
+    await until(b_takes_over)
+    assert new.token > old.token
+    assert not await old.valid() and await new.valid()
+    assert not await a.check_fence("h1", "m", old.token)
+    assert not await old.renew(LONG_S) and not await old.release()
+    # A load's result is written only under its fence: the stale load's is refused.
+    assert not await a.add_owned("h1", "inst-old", "m", fence=old.token)
+    assert await b.add_owned("h1", "inst-new", "m", fence=new.token)
+    assert await a.owned("h1") == {"inst-new": "m"}
+
+
+async def test_a_renewed_lock_is_kept_and_an_abandoned_one_passes_on(fleet):
+    a, b = fleet.replica("a"), fleet.replica("b")
+    lock = await a.acquire_lock("h1", "m", TTL_S)
+    for _ in range(3):                # renewing outlasts several TTLs
+        await asyncio.sleep(TTL_S / 4)
+        assert await lock.renew(TTL_S)
+        assert await b.acquire_lock("h1", "m", TTL_S) is None
+    took_s = await until(lambda: _acquired(b, "h1", "m"))   # a stopped renewing: it died
+    assert took_s < TTL_S + 1.0
+    assert not await lock.valid()
+
+
+async def _acquired(store, host: str, model: str) -> bool:
+    return await store.acquire_lock(host, model, LONG_S) is not None
+
+
+async def test_racing_reservations_never_exceed_the_budget(fleet):
+    replicas = [fleet.replica(f"r{i}") for i in range(5)]
+    for r in replicas:
+        await r.heartbeat(LONG_S)
+    budget = 10 * GB + GB // 2
+    results = await asyncio.gather(*(r.reserve("h1", f"load-{i}", GB, budget, LONG_S)
+                                     for r in replicas for i in range(10)))
+    assert sum(res.granted for res in results) == 10
+    assert all(res.reserved_bytes <= budget for res in results)
+    assert await replicas[0].reserved_bytes("h1") == 10 * GB
+
+
+async def test_a_refusal_says_what_is_reserved_and_a_release_frees_it(fleet):
+    a, b = fleet.replica("a"), fleet.replica("b")
+    await a.heartbeat(LONG_S)
+    await b.heartbeat(LONG_S)
+    assert (await a.reserve("h1", "x", 6 * GB, 10 * GB, LONG_S)).granted
+    again = await a.reserve("h1", "x", 7 * GB, 10 * GB, LONG_S)     # replaces its own
+    assert again.granted and again.reserved_bytes == 7 * GB
+    refused = await b.reserve("h1", "y", 4 * GB, 10 * GB, LONG_S)
+    assert not refused.granted and refused.reserved_bytes == 7 * GB
+    await a.release_reservation("h1", "x")
+    assert (await b.reserve("h1", "y", 4 * GB, 10 * GB, LONG_S)).granted
+    assert await a.reserved_bytes("h1") == 4 * GB
+    assert await a.reserved_bytes("h2") == 0
+
+
+async def test_reservations_and_leases_lapse_with_their_replicas_heartbeat(fleet):
+    a, b = fleet.replica("a"), fleet.replica("b")
+    await a.heartbeat(TTL_S)
+    await b.heartbeat(LONG_S)
+    assert (await a.reserve("h1", "x", 8 * GB, 10 * GB, LONG_S)).granted
+    await a.renew_leases([("h1", "m"), ("h2", "m")], LONG_S)
+    assert await b.leased_by("h1", "m") == {"a"} and await b.reserved_bytes("h1") == 8 * GB
+    # a stops beating: its long-lived lease and reservation stop counting with it.
+    await until(lambda: _void(b, "h1", "m"))
+    assert await b.leased_by("h2", "m") == set()
+    assert (await b.reserve("h1", "y", 8 * GB, 10 * GB, LONG_S)).granted
+
+
+async def _void(store, host: str, model: str) -> bool:
+    return not await store.leased_by(host, model) and await store.reserved_bytes(host) == 0
+
+
+async def test_reservations_and_leases_expire_on_their_own_ttl(fleet):
+    a = fleet.replica("a")
+    await a.heartbeat(LONG_S)
+    await a.reserve("h1", "x", GB, 10 * GB, TTL_S)
+    await a.renew_leases([("h1", "m")], TTL_S)
+    assert await a.leased_by("h1", "m") == {"a"}
+    await until(lambda: _void(a, "h1", "m"))
+
+
+async def test_leases_are_per_replica_renewed_in_batch_and_dropped(fleet):
+    a, b = fleet.replica("a"), fleet.replica("b")
+    await a.heartbeat(LONG_S)
+    await b.heartbeat(LONG_S)
+    await a.renew_leases([("h1", "m1"), ("h1", "m2")], LONG_S)
+    await b.renew_leases([("h1", "m1")], LONG_S)
+    assert await a.leased_by("h1", "m1") == {"a", "b"}
+    await a.drop_leases([("h1", "m1"), ("h1", "m2")])
+    assert await b.leased_by("h1", "m1") == {"b"}
+    assert await b.leased_by("h1", "m2") == set()
+
+
+async def test_a_retired_replica_voids_its_leases_at_once(fleet):
+    a, b = fleet.replica("a"), fleet.replica("b")
+    await a.heartbeat(LONG_S)
+    await b.heartbeat(LONG_S)
+    await a.renew_leases([("h1", "m")], LONG_S)
+    assert await b.replicas() == ["a", "b"]
+    await a.retire()
+    assert await b.replicas() == ["b"] and await b.leased_by("h1", "m") == set()
+
+
+async def test_the_leader_fails_over_within_its_ttl(fleet):
+    a, b = fleet.replica("a"), fleet.replica("b")
+    assert await a.campaign(TTL_S) and await a.is_leader()
+    for _ in range(3):
+        await asyncio.sleep(TTL_S / 4)
+        assert await a.campaign(TTL_S)          # renewing keeps it
+        assert not await b.campaign(TTL_S) and await b.leader() == "a"
+    took_s = await until(lambda: b.campaign(TTL_S))     # a stopped renewing
+    assert took_s < TTL_S + 1.0
+    assert await b.is_leader() and not await a.is_leader() and await a.leader() == "b"
+    await a.resign()                            # not the leader: changes nothing
+    assert await b.is_leader()
+    await b.resign()
+    assert await b.leader() is None and await a.campaign(TTL_S)
+
+
+async def test_events_resume_by_id_and_show_on_another_replica(fleet):
+    a, b = fleet.replica("a"), fleet.replica("b")
+    ids = [await a.append_event("state", {"model": f"m{i}"}) for i in range(3)]
+    seen = await b.events_after(None)
+    assert [e.id for e in seen] == ids and seen[0].type == "state"
+    assert seen[2].data == {"model": "m2"}
+    assert [e.data["model"] for e in await b.events_after(ids[0])] == ["m1", "m2"]
+    assert await b.events_after(ids[2]) == []
+    assert [e.id for e in await b.events_after(None, count=2)] == ids[:2]
+
+
+async def test_a_waiting_reader_gets_the_next_event(fleet):
+    a, b = fleet.replica("a"), fleet.replica("b")
+    last = await a.append_event("state", {"n": 0})
+    waiting = asyncio.create_task(b.events_after(last, wait_s=0.9))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()                   # it is waiting, not returned empty
+    await a.append_event("load", {"n": 1})
+    got = await waiting
+    assert [(e.type, e.data) for e in got] == [("load", {"n": 1})]
+
+
+async def test_events_are_trimmed_to_their_maximum_length(fleet):
+    a = fleet.replica("a")
+    ids = [await a.append_event("tick", {"n": i}) for i in range(EVENTS_MAXLEN + 10)]
+    kept = await a.events_after(None, count=1000)
+    assert [e.id for e in kept] == ids[10:]
+
+
+async def test_a_bad_event_id_is_a_clear_error(fleet):
+    with pytest.raises(ValueError, match="not an event id"):
+        await fleet.replica("a").events_after("yesterday")
+
+
+async def test_host_records_are_shared_and_expire(fleet):
+    a, b = fleet.replica("a"), fleet.replica("b")
+    record = HostRecord(resident={"inst-1": "m"}, used_bytes=3 * GB, budget_bytes=64 * GB,
+                        reported_by="a")
+    await a.put_host("h1", record, TTL_S)
+    await a.put_host("h2", HostRecord(reported_by="a"), LONG_S)
+    assert await b.get_host("h1") == record
+    assert set(await b.hosts()) == {"h1", "h2"}
+    await until(lambda: _gone(b, "h1"))
+    assert list(await b.hosts()) == ["h2"]
+
+
+async def _gone(store, host: str) -> bool:
+    return await store.get_host(host) is None
+
+
+async def test_ownership_survives_a_replica_restart(fleet):
+    a = fleet.replica("a")
+    assert await a.add_owned("h1", "inst-1", "m1") and await a.add_owned("h1", "inst-2", "m2")
+    await a.remove_owned("h1", "inst-2")
+    restarted = fleet.replica("a-restarted")
+    assert await restarted.owned("h1") == {"inst-1": "m1"}
+    assert await restarted.owned("h2") == {}
+
+
+async def test_memory_state_expires_on_its_injected_clock():
+    clock = ManualClock()
+    a = MemoryState("a", clock=clock)
+    b = a.view("b")
+    lock = await a.acquire_lock("h1", "m", 10.0)
+    await a.heartbeat(10.0)
+    await a.renew_leases([("h1", "m")], 30.0)
+    assert await a.campaign(10.0)
+    clock.advance(9.9)
+    assert await lock.valid() and await b.leased_by("h1", "m") == {"a"}
+    assert not await b.campaign(10.0)
+    clock.advance(0.2)
+    assert not await lock.valid() and await b.leased_by("h1", "m") == set()
+    assert await b.campaign(10.0) and await b.acquire_lock("h1", "m", 10.0) is not None
