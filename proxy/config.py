@@ -236,6 +236,13 @@ class NativeConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """What GET /metrics exposes besides the proxy's own series (observe/gateway.py)."""
+    # vLLM's series that a Kubernetes inference gateway's endpoint picker routes on.
+    inference_gateway: bool = False
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
@@ -254,6 +261,7 @@ class Config:
     compat: CompatConfig = field(default_factory=CompatConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     native: NativeConfig = field(default_factory=NativeConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def model(self, key: str) -> ModelConfig:
         return self.models.get(key) or _DEFAULT_MODEL

@@ -138,6 +138,7 @@ def changed_raw(hook_url: str, tmp_path: Path) -> dict[str, Any]:
                     "retention_days": 9, "flush_interval_s": 9},
         "logging": {"level": "ERROR"},
         "native": {"max_frame_bytes": 4096, "evict": "always"},
+        "metrics": {"inference_gateway": True},
         "compat": {"embeddings_base64": False, "embedding_usage": False,
                    "models_retrieve": False},
         "auth": {"keys": [{"name": "b", "key_sha256": hashlib.sha256(KEY_B.encode()).hexdigest(),
@@ -210,6 +211,12 @@ async def _auto_routes(t: Running) -> bool:
     async with t.http.post(f"{t.proxy.url}/v1/chat/completions", headers=bearer(KEY_B),
                            **chat("auto:chat")) as r:
         return r.status == 200 and r.headers.get("X-Proxy-Model") == MODEL
+
+
+async def _gateway_series_exposed(t: Running) -> bool:
+    """Read per scrape (metrics_access is "key" after the reload)."""
+    async with t.http.get(t.proxy.url + "/metrics", headers=bearer(KEY_B)) as r:
+        return r.status == 200 and "vllm:num_requests_running{" in await r.text()
 
 
 async def _counted_by_name(t: Running) -> bool:
@@ -298,6 +305,7 @@ APPLIED: dict[str, Probe] = {
     "native.max_frame_bytes": value(lambda t: t.app[CONFIG].current.native.max_frame_bytes,
                                     4096),
     "native.evict": value(lambda t: t.engine.evictor.config.native.evict, "always"),
+    "metrics.inference_gateway": _gateway_series_exposed,
     "compat.embeddings_base64": _embedding_kept_as_floats,
     "compat.embedding_usage": value(lambda t: t.app[COMPAT].config.embedding_usage, False),
     "auth.keys[].name": _counted_by_name,

@@ -52,7 +52,8 @@ READ_THROUGH = (
     "reconcile", "apply_config", "start", "start_monitoring", "stop_monitoring", "cleanup",
     "add_listener", "memory_pressure", "last_sample", "queue_length", "upstream_ok",
     "upstream_error", "api_level", "manages_loading", "capabilities", "last_reconcile_s",
-    "known_models", "loaded_models", "entry", "usage", "footprint_bytes", "footprint_source", "active_leases",
+    "known_models", "loaded_models", "entry", "usage", "footprint_bytes", "footprint_source",
+    "ceiling_bytes", "active_leases",
     "row", "report", "recommend", "priority", "sample_memory", "unload_idle_models",
     "relieve_pressure", "flush")
 

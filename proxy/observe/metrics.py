@@ -18,6 +18,7 @@ from prometheus_client.registry import Collector
 from ..engine.lifecycle import ModelStatus
 from ..engine.memory import MemoryPressure
 from ..engine.usage import RequestRecord
+from .gateway import InferenceGatewayCollector
 
 if TYPE_CHECKING:
     from ..server.compat import Compat
@@ -63,6 +64,7 @@ class ProxyMetrics:
         self.tokens: dict[tuple[str, str], int] = {}
         r.register(_StateCollector(engine))
         r.register(_RequestCollector(self))
+        r.register(InferenceGatewayCollector(engine))   # only with metrics.inference_gateway
         engine.add_listener(self)
 
     def label(self, model: str) -> str:
