@@ -19,6 +19,7 @@ from urllib.parse import urlsplit, urlunsplit
 import yaml
 
 from .errors import ConfigError
+from .groupcheck import group_problems
 from .schema import build, deep_copy, rule
 
 SAMPLERS = ("local", "budget")
@@ -28,6 +29,7 @@ POLICIES = ("lru", "priority", "cost-aware", "predictive")
 CLIENT_EVICT_MODES = ("never", "after_disconnect", "always")
 UPSTREAM_KINDS = ("lmstudio", "llamacpp", "ollama", "openai")
 UPSTREAM_CLIENTS = ("fast", "aiohttp")
+GROUP_POLICIES = ("together", "exclusive")
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,14 @@ class ModelConfig:
     footprint_gb: float | None = field(default=None, metadata=rule(0, exclusive_lo=True))
     # Passed to LM Studio's load call as-is (context_length, flash_attention, ...).
     load: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class GroupConfig:
+    """Models that live and leave together, or never together (engine/groups.py)."""
+    name: str = ""
+    members: tuple[str, ...] = ()     # model keys or their aliases
+    policy: str = field(default="together", metadata=rule(choices=GROUP_POLICIES))
 
 
 @dataclass(frozen=True)
@@ -209,6 +219,7 @@ class Config:
     models: Mapping[str, ModelConfig] = field(default_factory=dict)
     # Task → models that serve it, best first (recommendations and `auto:<task>` routing).
     tasks: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    groups: tuple[GroupConfig, ...] = ()
     preload: PreloadConfig = field(default_factory=PreloadConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
@@ -328,6 +339,7 @@ def _cross_checks(config: Config, problems: list[str]) -> None:
             seen[alias] = key
     _auth_checks(config.auth, problems)
     total_gb = _total_memory_gb(config)
+    problems += group_problems(config, total_gb)
     if total_gb is not None:
         for key, model in config.models.items():
             if model.footprint_gb is not None and model.footprint_gb > total_gb:
