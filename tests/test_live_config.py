@@ -118,6 +118,7 @@ def changed_raw(hook_url: str, tmp_path: Path) -> dict[str, Any]:
         "models": {MODEL: {"priority": 8, "pinned": True, "ttl_s": 600, "aliases": ["fast"],
                            "footprint_gb": 3, "load": {"context_length": 2048}}},
         "tasks": {"chat": [MODEL]},
+        "groups": [{"name": "pair", "members": ["fast", "other/model"], "policy": "exclusive"}],
         "preload": {"enabled": False, "min_probability": 0.9, "rhythm_min_rate": 2},
         "health": {"interval_s": 5, "error_rate_threshold": 0.9, "error_window_s": 120,
                    "min_requests": 9, "latency_regression_factor": 3, "latency_window_s": 60,
@@ -265,6 +266,10 @@ APPLIED: dict[str, Probe] = {
     "models.*.footprint_gb": value(_footprint, ("configured", 3e9)),
     "models.*.load": _loaded_with_options,
     "tasks": _auto_routes,
+    # The model's row as the engine's group index has it (aliases resolved).
+    **{f"groups[].{name}": row_field("groups", [{"name": "pair", "policy": "exclusive",
+                                                "members": [MODEL, "other/model"]}])
+       for name in ("name", "members", "policy")},
     "preload.enabled": value(lambda t: t.engine.preloader.config.enabled, False),
     "preload.min_probability": value(lambda t: t.engine.preloader.config.min_probability, 0.9),
     "preload.rhythm_min_rate": value(lambda t: t.engine.preloader.config.rhythm_min_rate, 2),
