@@ -93,6 +93,12 @@ def loaded(mgr, key):
     return mgr.core.entry(key).status is ModelStatus.LOADED
 
 
+def unloaded(mgr, key):
+    """Not loaded, not loading, and no load of it waiting."""
+    return mgr.core.entry(key).status is ModelStatus.UNLOADED and \
+        key not in mgr.core.scheduler.pending
+
+
 async def use(mgr, key):
     (await mgr.acquire(key)).release()
 
@@ -113,12 +119,12 @@ async def test_a_partner_loads_only_into_free_memory_and_is_tried_again_later(la
     await use(mgr, D)                                  # 11 of 16 GB
     await use(mgr, A)                                  # 15: B would have to evict
     await mgr.core.scheduler.settled()
-    assert not loaded(mgr, B) and loaded(mgr, C) and loaded(mgr, D)
-    assert rec.evictions == [] and lab.state.load_calls[B] == 0
+    assert unloaded(mgr, B) and loaded(mgr, C) and loaded(mgr, D)
+    assert rec.preloads == [(B, "group:pair")] and rec.evictions == []
     await mgr.unload_model(D)                          # room now
     await use(mgr, A)                                  # too soon to try again
     await mgr.core.scheduler.settled()
-    assert not loaded(mgr, B)
+    assert unloaded(mgr, B) and len(rec.preloads) == 1
     clock.advance(GROUP_RETRY_S)
     await use(mgr, A)
     await rec.until(lambda: loaded(mgr, B))
@@ -164,6 +170,30 @@ async def test_while_one_member_serves_no_member_is_a_victim(lab, manager):
     assert sorted(rec.evictions) == [(A, "admission", E), (B, "group:pair", E)]
 
 
+async def test_a_request_arriving_during_an_eviction_keeps_its_whole_group(lab, manager):
+    """Victims C, then the unit A+B; while C unloads, a request takes A: B stays too."""
+    clock = ManualClock()
+    mgr, rec = await manager(lab.url, [PAIR], clock=clock, eviction={"policy": "lru"},
+                             memory={"budget_gb": 20})
+    await use(mgr, C)
+    clock.advance(10)
+    await use(mgr, A)
+    await rec.until(lambda: loaded(mgr, B))
+    clock.advance(10)
+    await use(mgr, D)                                  # 19 of 20 GB; E needs 9 more
+    requests = []
+
+    class RequestDuringUnload:
+        def on_evict(self, model, reason, for_model):
+            if model == C:
+                requests.append(asyncio.create_task(mgr.acquire(A)))
+    mgr.add_listener(RequestDuringUnload())
+    (await mgr.acquire(E)).release()
+    serving = await requests[0]
+    assert loaded(mgr, A) and loaded(mgr, B)
+    serving.release()
+
+
 async def test_an_idle_timeout_counts_from_the_groups_last_use(lab, manager):
     clock = ManualClock()
     mgr, rec = await manager(lab.url, [PAIR], clock=clock,
@@ -175,6 +205,34 @@ async def test_an_idle_timeout_counts_from_the_groups_last_use(lab, manager):
     clock.advance(50)
     assert await mgr.core.unload_idle_models() == []
     assert loaded(mgr, B)
+
+
+async def test_a_member_is_not_idled_out_while_its_partner_serves(lab, manager):
+    clock = ManualClock()
+    mgr, rec = await manager(lab.url, [PAIR], clock=clock,
+                             models={**footprints(SIZES), B: {"footprint_gb": 4, "ttl_s": 60}})
+    serving = await mgr.acquire(A)
+    await rec.until(lambda: loaded(mgr, B))
+    clock.advance(100)                                 # a long generation
+    assert await mgr.core.unload_idle_models() == []
+    serving.release()
+
+
+async def test_the_partner_of_the_model_to_load_is_spared_while_others_can_go(lab, manager):
+    clock = ManualClock()
+    mgr, rec = await manager(lab.url, [PAIR], clock=clock, eviction={"policy": "lru"})
+    await use(mgr, C)
+    await use(mgr, X)
+    clock.advance(10)
+    await use(mgr, B)                                  # 16 of 16 GB: A did not fit beside it
+    await mgr.core.scheduler.settled()
+    assert unloaded(mgr, A)
+    clock.advance(10)
+    await use(mgr, C)
+    await use(mgr, X)                                  # B is now the least recently used
+    await use(mgr, A)
+    assert rec.evictions == [(C, "admission", A)]
+    assert mgr.get_loaded_models() == sorted([A, B, X])
 
 
 # -- exclusive -----------------------------------------------------------------------------------
@@ -217,7 +275,7 @@ async def test_a_together_partner_is_not_loaded_over_its_exclusive_rival(lab, ma
     await use(mgr, A)                                  # X would push Y out: a guess never does
     await mgr.core.scheduler.settled()
     assert rec.preloads == [(X, "group:duo")]
-    assert loaded(mgr, Y) and not loaded(mgr, X) and rec.evictions == []
+    assert loaded(mgr, Y) and unloaded(mgr, X) and rec.evictions == []
 
 
 # -- configuration -------------------------------------------------------------------------------
