@@ -19,6 +19,7 @@ from urllib.parse import urlsplit, urlunsplit
 import yaml
 
 from .errors import ConfigError
+from .groupcheck import group_problems
 from .schema import build, deep_copy, rule
 
 SAMPLERS = ("local", "budget")
@@ -28,6 +29,7 @@ POLICIES = ("lru", "priority", "cost-aware", "predictive")
 CLIENT_EVICT_MODES = ("never", "after_disconnect", "always")
 UPSTREAM_KINDS = ("lmstudio", "llamacpp", "ollama", "openai")
 UPSTREAM_CLIENTS = ("fast", "aiohttp")
+GROUP_POLICIES = ("together", "exclusive")
 
 
 @dataclass(frozen=True)
@@ -148,6 +150,14 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class GroupConfig:
+    """Models that live and leave together, or never together (engine/groups.py)."""
+    name: str = ""
+    members: tuple[str, ...] = ()     # model keys or their aliases
+    policy: str = field(default="together", metadata=rule(choices=GROUP_POLICIES))
+
+
+@dataclass(frozen=True)
 class PreloadConfig:
     # Load what the usage model expects next (see engine/preload.py for when it may evict).
     enabled: bool = True
@@ -254,6 +264,7 @@ class Config:
     models: Mapping[str, ModelConfig] = field(default_factory=dict)
     # Task → models that serve it, best first (recommendations and `auto:<task>` routing).
     tasks: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    groups: tuple[GroupConfig, ...] = ()
     preload: PreloadConfig = field(default_factory=PreloadConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
@@ -386,6 +397,7 @@ def _cross_checks(config: Config, problems: list[str]) -> None:
     _auth_checks(config.auth, problems)
     _host_checks(config, problems)
     total_gb = _total_memory_gb(config)
+    problems += group_problems(config, total_gb)
     if total_gb is not None:
         for key, model in config.models.items():
             if model.footprint_gb is not None and model.footprint_gb > total_gb:

@@ -14,6 +14,7 @@
     ├── ModelNotFound               (404 model_not_found)
     ├── InsufficientMemory          (503 insufficient_memory, Retry-After)
     │   └── ModelTooLarge           (503 model_too_large: can never fit; no Retry-After)
+    ├── GroupBusy                   (503 group_busy: a member of its exclusive group stays)
     ├── ModelLoadFailed             (503 model_load_failed)
     │   └── UpstreamBusy            (503 upstream_busy: the server's own queue is full)
     ├── ModelUnavailable            (409 model_unavailable: pinned, busy, external)
@@ -135,6 +136,14 @@ class InsufficientMemory(ProxyError):
 
 class ModelTooLarge(InsufficientMemory):
     code = "model_too_large"
+
+
+class GroupBusy(ProxyError):
+    """Another member of the model's exclusive group is resident and does not go (serving
+    past the deadline: Retry-After; pinned or not the proxy's: none)."""
+    status = 503
+    type = "server_error"
+    code = "group_busy"
 
 
 class ModelLoadFailed(ProxyError):

@@ -1,6 +1,6 @@
 """The import rule, as the code has it: layers import downward only, and no module-level cycle.
 
-    foundation   errors, schema, config, liveconfig
+    foundation   errors, schema, config, groupcheck, liveconfig
     backends     upstream/*, store, state/* (the fleet's shared facts: memory or Redis)
     engine       engine/*                             (never aiohttp's web)
     wings        library/*, observe/*                 (they wrap or watch the engine)
@@ -19,7 +19,8 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "proxy"
 LAYERS = [
-    ("foundation", ("proxy.errors", "proxy.schema", "proxy.config", "proxy.liveconfig")),
+    ("foundation", ("proxy.errors", "proxy.schema", "proxy.config", "proxy.groupcheck",
+                    "proxy.liveconfig")),
     ("backends", ("proxy.upstream", "proxy.store", "proxy.state")),
     ("engine", ("proxy.engine",)),
     ("fleet", ("proxy.fleet",)),

@@ -286,3 +286,16 @@ async def test_long_lane_names_are_shortened_visibly_with_the_full_name_kept(
     shown = lanes[LONG]["shown"]
     assert "…" in shown and shown.startswith("a-publisher") and shown.endswith("Q4_K_M")
     assert page.errors == []
+
+
+async def test_a_models_group_is_labelled_beside_its_name(make_emulator, make_proxy, page):
+    emu = await make_emulator(catalog=TWO, capacity_bytes=64 * GB)
+    proxy = await make_proxy(emu.url, **{"memory.budget_gb": 32, "groups": [
+        {"name": "agent", "members": [A, B], "policy": "together"}]})
+    await open_dashboard(page, proxy.url)
+    label = page.locator(f'#models tr[data-model="{A}"] th.model .group')
+    await expect(label).to_have_text("agent · together")
+    await expect(label).to_have_attribute("title", f"together group 'agent': {A}, {B}")
+    await expect(page.locator(f'#models tr[data-model="{B}"] th.model')) \
+        .to_contain_text("agent · together")
+    assert page.errors == []

@@ -129,6 +129,7 @@ def changed_raw(hook_url: str, tmp_path: Path) -> dict[str, Any]:
                            "readiness_max_age_s": 9, "api_token": None}.items()}}],
         "placement": {"replicate_after_waiters": 3, "native_host": "h1"},
         "tasks": {"chat": [MODEL]},
+        "groups": [{"name": "pair", "members": ["fast", "other/model"], "policy": "exclusive"}],
         "preload": {"enabled": False, "min_probability": 0.9, "rhythm_min_rate": 2},
         "health": {"interval_s": 5, "error_rate_threshold": 0.9, "error_window_s": 120,
                    "min_requests": 9, "latency_regression_factor": 3, "latency_window_s": 60,
@@ -287,6 +288,10 @@ APPLIED: dict[str, Probe] = {
     "placement.replicate_after_waiters": value(
         lambda t: t.app[CONFIG].current.placement.replicate_after_waiters, 3),
     "tasks": _auto_routes,
+    # The model's row as the engine's group index has it (aliases resolved).
+    **{f"groups[].{name}": row_field("groups", [{"name": "pair", "policy": "exclusive",
+                                                "members": [MODEL, "other/model"]}])
+       for name in ("name", "members", "policy")},
     "preload.enabled": value(lambda t: t.engine.preloader.config.enabled, False),
     "preload.min_probability": value(lambda t: t.engine.preloader.config.min_probability, 0.9),
     "preload.rhythm_min_rate": value(lambda t: t.engine.preloader.config.rhythm_min_rate, 2),

@@ -23,6 +23,7 @@ from .accounting import Accounting
 from .clock import Clock, SystemClock
 from .context import EngineContext
 from .eviction import Evictor
+from .groups import Groups
 from .leases import Leases
 from .lifecycle import Lease, ModelEntry, ModelStatus
 from .learning import UsageLearner
@@ -70,11 +71,12 @@ class EngineCore:
                                        self.clock, upstream, self.learner)
         self.preloads = PreloadTally(r)
         self.reconciler = Reconciler(ctx)
-        self.evictor = Evictor(ctx, self.preloads)
+        self.groups = Groups(ctx)
+        self.evictor = Evictor(ctx, self.preloads, self.groups)
         self.loader = Loader(ctx, self.evictor)
         self.scheduler = Scheduler(ctx, self.evictor, self.loader, self.preloads,
                                    after_load=self._after_load)
-        self.preloader = Preloader(ctx, self.preloads, self.scheduler)
+        self.preloader = Preloader(ctx, self.preloads, self.scheduler, self.groups)
         # Critical pressure: the library's manager may answer it its own way.
         self._on_critical = on_critical or self.relieve_critical
         self.leases = Leases(ctx, self.preloader, self.preloads, self.scheduler)

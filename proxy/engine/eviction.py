@@ -12,10 +12,12 @@ from typing import Callable
 
 from ..errors import ModelUnavailable
 from .context import EngineContext, Part
+from .groups import Groups
 from .lifecycle import ModelEntry, ModelStatus
 from .memory import MemoryPressure
 from .preload import PreloadTally
-from .policy import (NOT_OURS, PREDICTION_HORIZON_S, SET_POLICIES, Candidate, blocker,
+from .policy import (GROUP_SERVING, NOT_OURS, PREDICTION_HORIZON_S, SET_POLICIES, Candidate,
+                     blocker,
                      cheapest_cover, client_blocker, decayed_heat, expected_cost_s,
                      expected_hold_s, in_residency, select_victims)
 
@@ -29,9 +31,10 @@ PRELOAD_EVICT_MARGIN = 0.25   # a preload evicts only what costs under a quarter
 
 
 class Evictor(Part):
-    def __init__(self, ctx: EngineContext, preloads: PreloadTally) -> None:
+    def __init__(self, ctx: EngineContext, preloads: PreloadTally, groups: Groups) -> None:
         super().__init__(ctx)
         self.preloads = preloads
+        self.groups = groups
         # One mutation of memory at a time: evictions for a load, for pressure, by hand.
         self.lock = asyncio.Lock()
         self._evicted_at: dict[str, float] = {}
@@ -81,10 +84,13 @@ class Evictor(Part):
         now = self.clock.now()
         if self.config.eviction.hold == "expected":
             requester_waited_s *= max(1, waiters)
-        return blocker(busy=e.busy > 0, pinned=self.registry.pinned(e.key), ours=ours,
-                       held=in_residency(e.loaded_at_s, now, self.hold_for(e, now),
-                                         requester_waited_s),
-                       critical=critical, not_ours=not_ours)
+        why = blocker(busy=e.busy > 0, pinned=self.registry.pinned(e.key), ours=ours,
+                      held=in_residency(e.loaded_at_s, now, self.hold_for(e, now),
+                                        requester_waited_s),
+                      critical=critical, not_ours=not_ours)
+        if why is None and self.groups.partner_serving(e):
+            return GROUP_SERVING
+        return why
 
     def ours(self, e: ModelEntry, *, critical: bool) -> tuple[bool, str]:
         """Is e the proxy's to unload (and if not, why): what it loaded; an SDK client's once
@@ -127,30 +133,47 @@ class Evictor(Part):
     def choose(self, need_bytes: float, *, exclude: str | None, critical: bool,
                requester_waited_s: float = 0.0, waiters: int = 1, partial: bool = False
                ) -> tuple[str, ...]:
-        return select_victims(self.config.eviction.policy,
-                              self.candidates(exclude=exclude, critical=critical,
-                                              requester_waited_s=requester_waited_s,
-                                              waiters=waiters),
-                              need_bytes, self.clock.now(), partial=partial)
+        """Victims in eviction order; a together group's idle members are one choice. The
+        partners of the model to load (exclude) are spared while others can make room."""
+        candidates = self.candidates(exclude=exclude, critical=critical,
+                                     requester_waited_s=requester_waited_s, waiters=waiters)
+        spares = (exclude, None) if exclude in self.groups.index.together else (None,)
+        for spare in spares:
+            units, riders = self.groups.units(candidates, spare)
+            picked = select_victims(self.config.eviction.policy, units, need_bytes,
+                                    self.clock.now(), partial=partial)
+            if picked:
+                break
+        return _with_riders(picked, riders)
 
     async def evict_for_guess(self, key: str, short_bytes: float, value_s: float) -> bool:
         """Make room for a preload of key only when the cheapest victim set is expected to
         cost (reload seconds × chance of reuse) under PRELOAD_EVICT_MARGIN of what the preload
         is expected to save (value_s). True when it evicted."""
-        candidates = {c.key: c for c in self.candidates(exclude=key, critical=False,
-                                                        predicted=True)}
-        victims = cheapest_cover(list(candidates.values()), short_bytes, expected_cost_s)
+        units, riders = self.groups.units(self.candidates(exclude=key, critical=False,
+                                                          predicted=True), key)
+        candidates = {c.key: c for c in units}
+        victims = cheapest_cover(units, short_bytes, expected_cost_s)
         if not victims or sum(expected_cost_s(candidates[k]) for k in victims) >= \
                 PRELOAD_EVICT_MARGIN * value_s:
             return False
-        await self.evict(victims, "preload", key)
+        await self.evict(_with_riders(victims, riders), "preload", key)
         return True
 
     # -- unloading ---------------------------------------------------------------------------
     async def evict(self, keys: tuple[str, ...], reason: str, for_model: str | None = None
-                    ) -> None:
+                    ) -> list[str]:
+        """Unload the victims chosen; a member that goes with its together group's victim
+        says so (`group:<name>`), and none goes while another member serves."""
+        gone: list[str] = []
         for key in keys:
-            await self.unload(self.registry.entries[key], reason, for_model)
+            e = self.registry.entries[key]
+            if self.groups.partner_serving(e):
+                continue
+            why = self.groups.rider_reason(key, set(gone)) or reason
+            if await self.unload(e, why, for_model):
+                gone.append(key)
+        return gone
 
     async def evict_for(self, need_bytes: float, *, exclude: str | None, critical: bool,
                         reason: str, partial: bool = False) -> bool:
@@ -247,9 +270,7 @@ class Evictor(Part):
             async with self.lock:
                 victims = self.choose(max(need, 1.0), exclude=None, critical=critical,
                                       partial=True)
-                for key in victims:
-                    if await self.unload(self.registry.entries[key], "pressure"):
-                        evicted.append(key)
+                evicted += await self.evict(victims, "pressure")
             if not victims:
                 break
             await self.monitor.sample()
@@ -262,13 +283,21 @@ class Evictor(Part):
         out = []
         for e in list(self.registry):
             managed = e.owned or (e.client is not None and self.ours(e, critical=False)[0])
-            if e.status is not S.LOADED or e.busy or not managed:
+            if e.status is not S.LOADED or e.busy or not managed or \
+                    self.groups.partner_serving(e):
                 continue
             ttl_s = self.registry.ttl_s(e.key)
             if self.registry.pinned(e.key) or ttl_s <= 0:
                 continue
-            if now - (e.last_used_at_s or e.loaded_at_s or now) >= ttl_s:
+            last_used_s = self.groups.last_used_s(e)   # a together group's: its last use
+            if now - (now if last_used_s is None else last_used_s) >= ttl_s:
                 async with self.lock:
                     if await self.unload(e, "idle"):
                         out.append(e.key)
         return out
+
+
+def _with_riders(victims: tuple[str, ...], riders: dict[str, tuple[str, ...]]
+                 ) -> tuple[str, ...]:
+    """Each victim followed by the members of its together group that go with it."""
+    return tuple(k for v in victims for k in (v, *riders.get(v, ())))

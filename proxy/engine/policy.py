@@ -47,7 +47,8 @@ ValueFunction = Callable[[Candidate, float], float]
 SERVING, PINNED, NOT_OURS, HELD = "serving", "pinned", "not ours", "inside its residency"
 CLIENT_CONNECTED = "its SDK client is connected"
 CLIENT_KEPT = "an SDK client's (native.evict: never)"
-TEMPORARY = frozenset({SERVING, HELD})   # blockers that go away by themselves
+GROUP_SERVING = "a member of its together group is serving"   # engine/groups.py
+TEMPORARY = frozenset({SERVING, HELD, GROUP_SERVING})   # blockers that go away by themselves
 
 
 def client_blocker(mode: str, *, connected: bool, critical: bool) -> str | None:

@@ -20,6 +20,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from .context import EngineContext, Part
+from .groups import Groups
 from .lifecycle import ModelEntry, ModelStatus
 from .policy import PREDICTION_HORIZON_S
 from .registry import Registry
@@ -57,17 +58,22 @@ class PreloadTally:
 
 
 class Preloader(Part):
-    def __init__(self, ctx: EngineContext, tally: PreloadTally, scheduler: "Scheduler") -> None:
+    def __init__(self, ctx: EngineContext, tally: PreloadTally, scheduler: "Scheduler",
+                 groups: Groups) -> None:
         super().__init__(ctx)
         self.tally = tally
         self.scheduler = scheduler
+        self.groups = groups
 
     @property
     def config(self) -> Any:
         return self.registry.config.preload
 
     def after_request(self, key: str) -> None:
-        """A request for key arrived: preload what follows it. Cheap when nothing does."""
+        """A request for key arrived: load its together partners (groups, whether or not
+        preloading is enabled), and preload what follows it. Cheap when nothing does."""
+        for partner, why in self.groups.to_load_with(key):
+            self.queue(partner, 1.0, why, may_evict=False)
         if not self.config.enabled:
             return
         pattern = self.learner.patterns.get(key)
@@ -80,7 +86,7 @@ class Preloader(Part):
             return                       # nobody follows it often enough: the common case
         for follower, probability in self.learner.likely_next(
                 key, self.config.min_probability)[:MAX_FOLLOWERS_PRELOADED]:
-            self._try(follower, probability, f"follows {key}")
+            self.queue(follower, probability, f"follows {key}")
 
     async def tick(self) -> None:
         """Preload what is due: by its weekly rhythm; into free memory only, what usually
@@ -95,15 +101,15 @@ class Preloader(Part):
             if e is None or e.status is not S.UNLOADED:
                 continue
             if pattern.rate_in_hour(wall) >= rate:
-                self._try(key, 0.5, "due by its rhythm")
+                self.queue(key, 0.5, "due by its rhythm")
             elif pattern.rate_at_hour_of_day(wall, HOUR_LEAD_S) >= rate:
-                self._try(key, 0.5, "usually asked for at this hour", may_evict=False)
+                self.queue(key, 0.5, "usually asked for at this hour", may_evict=False)
             else:
                 p = self.learner.predict(key, now, PREDICTION_HORIZON_S).p_within
                 if p >= self.config.min_probability:
-                    self._try(key, p, "due by its gaps", may_evict=False)
+                    self.queue(key, p, "due by its gaps", may_evict=False)
 
-    def _try(self, key: str, probability: float, why: str, *, may_evict: bool = True) -> None:
+    def queue(self, key: str, probability: float, why: str, *, may_evict: bool = True) -> None:
         e = self.registry.entries.get(key)
         if e is None or e.status is not S.UNLOADED:
             return

@@ -33,6 +33,7 @@ def model_row(core: "EngineCore", key: str, now_s: float) -> dict[str, Any]:
         "footprint_source": r.footprint_source(e),
         "priority": r.priority(key), "pinned": r.pinned(key),
         "ttl_s": ttl_s if ttl_s > 0 else None, "aliases": list(cfg.aliases),
+        "groups": core.groups.row(key),
         "in_flight": e.leases, "holds": e.holds, "waiting": e.waiting,
         "loads": e.load_count,
         "avg_load_time_s": None if e.load_time_s is None else round(e.load_time_s, 3),

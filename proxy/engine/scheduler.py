@@ -29,6 +29,7 @@ from typing import Awaitable, Callable
 from ..errors import ModelLoadFailed, ProxyError, UpstreamTimeout
 from .context import EngineContext, Part
 from .eviction import Evictor
+from .groups import CLEARED, DROP, WAIT
 from .lifecycle import ModelEntry, ModelStatus
 from .loader import Loader
 from .memory import MemoryPressure, MemorySample
@@ -179,6 +180,9 @@ class Scheduler(Part):
 
     def _timed_out(self, p: Pending) -> ProxyError:
         timeout_s = self.config.eviction.queue_timeout_s
+        group = None if p.admitted else self.evictor.groups.refusal(p.entry, timeout_s)
+        if group is not None:
+            return group
         if p.admitted:                        # memory was found; the load itself is slow
             return UpstreamTimeout(
                 f"'{p.entry.key}' is still loading after {timeout_s:g}s "
@@ -302,6 +306,16 @@ class Scheduler(Part):
         short = need - headroom
         if p.speculative and p.waiters:
             p.speculative = False             # a request came for it: a load like any other
+        turn = await self.evictor.groups.exclusive_turn(
+            e, self.evictor, speculative=p.speculative, waited_s=self.clock.now() - p.since_s)
+        if turn is WAIT:
+            return False, None                # a member of its exclusive group drains first
+        if turn is DROP or isinstance(turn, ProxyError):
+            self._finish(p, None if turn is DROP else turn)
+            return True, None
+        if turn is CLEARED:
+            sample = await self.monitor.sample()
+            short = need - self.monitor.headroom(sample)
         if p.speculative:
             if self.clock.now() - p.since_s > PRELOAD_STALE_S:
                 self._finish(p, None)         # its moment has passed

@@ -158,6 +158,9 @@ class EventHub:
     def on_unload(self, model: str, reason: str) -> None:
         self.publish("unload", {"model": model, "reason": reason})
 
+    def on_preload(self, model: str, why: str) -> None:
+        self.publish("preload", {"model": model, "reason": why})
+
     def on_queue(self, model: str, waiting: int) -> None:
         self.timelines.queue(model, waiting, time.time())
         self.publish("queue", {"model": model, "waiting": waiting})

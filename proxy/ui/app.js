@@ -434,7 +434,7 @@ function renderModels() {
     }
     const set = (c, text) => { const n = tr.querySelector(`.${c}`); if (n.textContent !== String(text)) n.textContent = text; };
     const resident = RESIDENT.has(r.state);
-    set("model", r.model);
+    renderModelCell(tr.querySelector(".model"), r);
     set("state", r.state);
     tr.querySelector(".state").dataset.state = r.state;
     set("owner", r.owner || "–");
@@ -457,6 +457,20 @@ function renderModels() {
     pin.setAttribute("aria-pressed", String(!!r.pinned));
   }
   for (const tr of [...body.querySelectorAll("tr")]) if (!seen.has(tr.dataset.model)) tr.remove();
+}
+
+function renderModelCell(cell, r) {
+  // The model's key, then a small label for each group it is in (config `groups:`).
+  const groups = r.groups || [];
+  const sig = `${r.model}|${groups.map((g) => `${g.name}:${g.policy}`).join(",")}`;
+  if (cell.dataset.sig === sig) return;
+  cell.dataset.sig = sig;
+  cell.replaceChildren(r.model);
+  for (const g of groups) {
+    cell.append(" ", el("span", { class: "group", "data-policy": g.policy,
+                                  title: `${g.policy} group '${g.name}': ${g.members.join(", ")}` },
+                        `${g.name} · ${g.policy}`));
+  }
 }
 
 function renderTimeline() {
