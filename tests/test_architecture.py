@@ -3,6 +3,7 @@
     foundation   errors, schema, config, groupcheck, liveconfig
     backends     upstream/*, store, state/* (the fleet's shared facts: memory or Redis)
     engine       engine/*                             (never aiohttp's web)
+    fleet        fleet/*                              (one engine per host, the placer above)
     wings        library/*, observe/*                 (they wrap or watch the engine)
     server       server/*, native/*                   (the HTTP side, one request at a time)
     handlers     handlers/*

@@ -292,6 +292,10 @@ class Fleet:
         return MemorySample(total_bytes=sum(s.total_bytes for s in have),
                             available_bytes=sum(s.available_bytes for s in have))
 
+    def ceiling_bytes(self) -> float:
+        """The most one model may take on the roomiest host."""
+        return max(h.core.ceiling_bytes() for h in self.hosts)
+
     @property
     def queue_length(self) -> int:
         return sum(h.core.queue_length for h in self.hosts)
