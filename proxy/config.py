@@ -98,9 +98,9 @@ class HostConfig(UpstreamConfig):
 class PlacementConfig:
     """How a fleet (`upstreams:`) chooses the host for a model."""
     # A model loading on one host is joined by every request for it, unless this many wait
-    # for it already and another host has free room for it: then a second copy loads there.
-    # 0: never load a second copy for a crowd.
-    replicate_after_waiters: int = field(default=16, metadata=rule(0))
+    # for it already and another host has free room: then a second copy loads there, for the
+    # serving capacity of two (a copy loads no sooner than the first is done). 0: never.
+    replicate_after_waiters: int = field(default=0, metadata=rule(0))
     # The host an LM Studio SDK client reaches without ?host= (default: the first).
     native_host: str | None = None
 

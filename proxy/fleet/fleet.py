@@ -50,6 +50,7 @@ class Fleet:
         self.clock = first.clock
         self.store = first.store
         self._recovering: dict[str, asyncio.Task] = {}
+        self._placing: dict[str, asyncio.Future] = {}   # model → a request placing it now
         self._refreshed_s = float("-inf")
         self.placements: dict[str, int] = {}     # rule → count (GET /proxy/stats)
         live.on_swap(self._swapped)
@@ -75,21 +76,45 @@ class Fleet:
     async def acquire(self, name: str, *, avoid: str | None = None) -> Lease:
         """A USE lease on the model on the host the placer chooses (never `avoid`)."""
         key = self._key_of(name) or await self.resolve(name)
-        listed = [(h, e) for h in self.hosts if h.name != avoid
-                  for e in (h.entry(key),) if e is not None]
-        if any(e.status is S.LOADED and h.up for h, e in listed):
-            p = place([quick_view(h, e) for h, e in listed], self.rng)
-        else:
+        while True:
+            listed = self._listed(key, avoid)
+            if any(e.status is S.LOADED and h.up for h, e in listed):
+                return await self._on(self._place_quick(listed), key)
+            placing = self._placing.get(key)
+            if placing is None:
+                break
+            await asyncio.shield(placing)   # another request is placing it: look once it has
+        placed = self._placing[key] = asyncio.get_running_loop().create_future()
+        try:
             await asyncio.gather(*(h.core.sample_memory() for h, _ in listed if h.up),
                                  return_exceptions=True)
-            listed = [(h, e) for h, e in listed if h.entry(key) is e]   # still listed
+            listed = self._listed(key, avoid)
             preferred = self.config.model(key).host
             p = place([full_view(h, e, h.name == preferred) for h, e in listed], self.rng,
                       replicate_after_waiters=self.config.placement.replicate_after_waiters)
+        finally:
+            # Those waiting look again after this request has started or joined its host's
+            # load (the host's acquire runs to its first wait before they wake).
+            del self._placing[key]
+            placed.set_result(None)
+        return await self._on(self._count(p, key, listed), key)
+
+    def _listed(self, key: str, avoid: str | None) -> list[tuple[Host, ModelEntry]]:
+        return [(h, e) for h in self.hosts if h.name != avoid
+                for e in (h.entry(key),) if e is not None]
+
+    def _place_quick(self, listed: list[tuple[Host, ModelEntry]]) -> Host:
+        p = place([quick_view(h, e) for h, e in listed], self.rng)
+        self.placements["resident"] = self.placements.get("resident", 0) + 1
+        return self.by_name[p.host]   # type: ignore[index] - a resident host is up
+
+    def _count(self, p: Placement, key: str, listed: list[tuple[Host, ModelEntry]]) -> Host:
         self.placements[p.rule] = self.placements.get(p.rule, 0) + 1
         if p.host is None:
             raise self._nowhere(key, listed, p)
-        h = self.by_name[p.host]
+        return self.by_name[p.host]
+
+    async def _on(self, h: Host, key: str) -> Lease:
         try:
             lease = await h.core.acquire(key)
         except ProxyError as exc:

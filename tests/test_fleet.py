@@ -1,0 +1,257 @@
+"""Several hosts behind one proxy: placement by memory, one load in the fleet however many race,
+eviction on the cheapest host only, refusals that name the hosts, and admin calls per host.
+(A host dying and coming back: tests/test_fleet_failover.py.)"""
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Callable
+
+import pytest
+
+from proxy.config import load_config
+from proxy.emulator.catalog import CatalogModel
+from proxy.engine.memory import GB
+from proxy.fleet.views import full_view
+
+pytestmark = pytest.mark.timeout(60)
+
+SMALL, MID, OTHER, HUGE = "lab/small-2b", "lab/mid-6b", "lab/other-6b", "lab/huge-70b"
+COLD = "lab/cold-6b"
+CATALOG = [CatalogModel(key=SMALL, size_bytes=2 * GB, memory_bytes=2 * GB, load_time_s=0.0),
+           CatalogModel(key=MID, size_bytes=5 * GB, memory_bytes=5 * GB, load_time_s=0.0),
+           CatalogModel(key=OTHER, size_bytes=5 * GB, memory_bytes=5 * GB, load_time_s=0.0),
+           CatalogModel(key=COLD, size_bytes=5 * GB, memory_bytes=5 * GB, load_time_s=0.0),
+           CatalogModel(key=HUGE, size_bytes=50 * GB, memory_bytes=50 * GB, load_time_s=0.0)]
+# Footprints are the file size × 1.2 until measured: SMALL 2.4 GB, MID and OTHER 6 GB.
+
+
+def fleet_config(hosts: list[tuple[str, str, float]], **extra: Any) -> Any:
+    raw: dict[str, Any] = {
+        "upstreams": [{"name": n, "url": url, "budget_gb": gb} for n, url, gb in hosts],
+        "memory": {"min_free_memory_gb": 0, "max_memory_usage_percent": 100},
+        "eviction": {"hold": 0}, "storage": {"enabled": False}}
+    raw.update(extra)
+    return load_config(raw)
+
+
+@pytest.fixture
+async def fleet(make_emulator, make_proxy) -> Callable[..., Any]:
+    async def start(budgets: dict[str, float], **extra: Any) -> tuple[Any, dict[str, Any]]:
+        emus = {n: await make_emulator(catalog=CATALOG) for n in budgets}
+        proxy = await make_proxy("", config=fleet_config(
+            [(n, emus[n].url, gb) for n, gb in budgets.items()], **extra))
+        return proxy, emus
+    return start
+
+
+async def chat(http: Any, proxy: Any, model: str, **kw: Any) -> tuple[int, dict, Any]:
+    async with http.post(f"{proxy.url}/v1/chat/completions", json={
+            "model": model, "max_tokens": 4,
+            "messages": [{"role": "user", "content": "hi"}], **kw}) as r:
+        return r.status, await r.json(), r.headers
+
+
+def loads(emus: dict[str, Any], key: str | None = None) -> dict[str, int]:
+    return {n: (sum(e.state.load_calls.values()) if key is None else e.state.load_calls[key])
+            for n, e in emus.items()}
+
+
+async def test_a_cold_model_goes_to_the_host_with_room_and_then_where_it_is_resident(
+        fleet, http):
+    proxy, emus = await fleet({"tiny": 4, "roomy": 12, "busy": 12})
+    await proxy.engine.load(OTHER, host="busy")          # busy: 6 GB taken, 6 GB left
+    await proxy.engine.load(SMALL, host="busy")          # ... 3.6 GB left: MID does not fit
+    status, _, headers = await chat(http, proxy, MID)
+    assert status == 200 and headers["X-Proxy-Host"] == "roomy"
+    assert loads(emus, MID) == {"tiny": 0, "roomy": 1, "busy": 0}
+    for _ in range(3):
+        status, _, headers = await chat(http, proxy, MID)
+        assert status == 200 and headers["X-Proxy-Host"] == "roomy"
+    assert loads(emus, MID) == {"tiny": 0, "roomy": 1, "busy": 0}
+    assert proxy.engine.placements["free"] == 1 and proxy.engine.placements["resident"] >= 3
+
+
+async def test_a_model_resident_on_one_host_is_served_there_even_where_others_have_room(
+        fleet, http):
+    proxy, emus = await fleet({"a": 30, "b": 30, "c": 30})
+    await proxy.engine.load(SMALL, host="c")
+    answers = [await chat(http, proxy, SMALL) for _ in range(10)]
+    assert {h["X-Proxy-Host"] for _, _, h in answers} == {"c"}
+    assert loads(emus) == {"a": 0, "b": 0, "c": 1}
+
+
+async def test_fifty_racing_requests_for_a_cold_model_give_one_load_in_the_fleet(fleet, http):
+    proxy, emus = await fleet({"a": 20, "b": 20, "c": 20})
+    gates = {n: asyncio.Event() for n in emus}
+    for n, e in emus.items():
+        e.state.faults.load_gate[MID] = gates[n]
+    racing = [asyncio.ensure_future(chat(http, proxy, MID)) for _ in range(50)]
+    fleet_engine = proxy.engine
+    async with asyncio.timeout(10):
+        while sum(h.core.registry.entries[MID].waiting for h in fleet_engine.hosts) < 50:
+            await asyncio.sleep(0.01)
+    for g in gates.values():
+        g.set()
+    answers = await asyncio.gather(*racing)
+    assert [s for s, _, _ in answers] == [200] * 50
+    assert sum(loads(emus, MID).values()) == 1
+    assert len({h["X-Proxy-Host"] for _, _, h in answers}) == 1
+
+
+async def test_a_crowd_past_replicate_after_waiters_loads_a_second_copy_where_there_is_room(
+        fleet, http):
+    proxy, emus = await fleet({"a": 20, "b": 20},
+                              placement={"replicate_after_waiters": 5})
+    gates = {n: asyncio.Event() for n in emus}
+    for n, e in emus.items():
+        e.state.faults.load_gate[MID] = gates[n]
+    first = [asyncio.ensure_future(chat(http, proxy, MID)) for _ in range(5)]
+    hosts = proxy.engine.hosts
+    async with asyncio.timeout(10):
+        while sum(h.core.registry.entries[MID].waiting for h in hosts) < 5:
+            await asyncio.sleep(0.01)
+    crowd = [asyncio.ensure_future(chat(http, proxy, MID)) for _ in range(3)]
+    async with asyncio.timeout(10):
+        while sum(h.core.registry.entries[MID].waiting for h in hosts) < 8:
+            await asyncio.sleep(0.01)
+    for g in gates.values():
+        g.set()
+    answers = await asyncio.gather(*first, *crowd)
+    assert [s for s, _, _ in answers] == [200] * 8
+    assert loads(emus, MID) == {"a": 1, "b": 1}
+    assert proxy.engine.placements["replicate"] >= 1
+
+
+async def test_eviction_happens_on_the_cheapest_host_only(fleet, http):
+    proxy, emus = await fleet({"a": 8, "b": 8})
+    await proxy.engine.load(OTHER, host="a")
+    await proxy.engine.load(COLD, host="b")    # both hosts full for MID (6 GB)
+    for _ in range(6):                         # OTHER on a is in use: its reload would cost
+        assert (await chat(http, proxy, OTHER))[0] == 200
+    hosts = {h.name: h for h in proxy.engine.hosts}
+    costs = {n: full_view(h, h.core.registry.entries[MID], False).evict_cost_s
+             for n, h in hosts.items()}
+    assert costs["a"] is not None and costs["b"] is not None and costs["b"] < costs["a"]
+    status, _, headers = await chat(http, proxy, MID)
+    assert status == 200 and headers["X-Proxy-Host"] == "b"
+    assert sum(emus["a"].state.unload_calls.values()) == 0
+    assert sum(emus["b"].state.unload_calls.values()) >= 1
+
+
+async def test_a_model_larger_than_every_host_is_refused_at_once_naming_each_ceiling(
+        fleet, http):
+    proxy, emus = await fleet({"a": 8, "b": 16})
+    status, body, _ = await chat(http, proxy, HUGE)
+    assert status == 503 and body["error"]["code"] == "model_too_large"
+    message = body["error"]["message"]
+    assert "'a' 8.0 GB" in message and "'b' 16.0 GB" in message
+    assert loads(emus) == {"a": 0, "b": 0}
+
+
+async def test_a_host_that_may_not_hold_a_model_never_gets_it(make_emulator, make_proxy,
+                                                             http):
+    small_only = await make_emulator(catalog=CATALOG)
+    anything = await make_emulator(catalog=CATALOG)
+    proxy = await make_proxy("", config=load_config({
+        "upstreams": [{"name": "small", "url": small_only.url, "budget_gb": 30,
+                       "models": ["lab/small-*"]},
+                      {"name": "any", "url": anything.url, "budget_gb": 7}],
+        "memory": {"min_free_memory_gb": 0, "max_memory_usage_percent": 100},
+        "storage": {"enabled": False}}))
+    await proxy.engine.load(OTHER)             # only "any" may hold it: placed there
+    assert anything.state.instances_of(OTHER)
+    # MID would fit the roomy "small" at once, but only "any" may hold it: it evicts there.
+    status, _, headers = await chat(http, proxy, MID)
+    assert status == 200 and headers["X-Proxy-Host"] == "any"
+    assert small_only.state.load_calls[MID] == 0 and anything.state.unload_calls[OTHER] == 1
+    async with http.get(f"{proxy.url}/proxy/models") as r:
+        rows = {row["model"]: row for row in (await r.json())["data"]}
+    assert rows[MID]["hosts"] == {"any": "loaded"}
+
+
+async def test_admin_calls_take_a_host(fleet, http):
+    proxy, emus = await fleet({"a": 20, "b": 20})
+    async with http.post(f"{proxy.url}/proxy/models/load",
+                         json={"model": SMALL, "host": "b"}) as r:
+        body = await r.json()
+        assert r.status == 200 and body["host"] == "b" and body["hosts"]["b"] == "loaded"
+    async with http.post(f"{proxy.url}/proxy/models/load",
+                         json={"model": SMALL, "host": "a"}) as r:
+        assert r.status == 200 and (await r.json())["hosts"] == {"a": "loaded", "b": "loaded"}
+    async with http.post(f"{proxy.url}/proxy/models/unload",
+                         json={"model": SMALL, "host": "a"}) as r:
+        assert r.status == 200 and (await r.json())["hosts"]["a"] == "unloaded"
+    assert emus["b"].state.instances_of(SMALL) and not emus["a"].state.instances_of(SMALL)
+    async with http.post(f"{proxy.url}/proxy/models/load",
+                         json={"model": SMALL, "host": "nowhere"}) as r:
+        body = await r.json()
+        assert r.status == 400 and body["error"]["param"] == "host"
+        assert "'a', 'b'" in body["error"]["message"] or "a, b" in body["error"]["message"]
+    await proxy.engine.load(MID, host="a")
+    async with http.post(f"{proxy.url}/proxy/clear?host=b") as r:
+        assert r.status == 200 and (await r.json())["unloaded"] == [SMALL]
+    assert emus["a"].state.instances_of(MID)     # the other host kept its model
+    async with http.post(f"{proxy.url}/proxy/optimize", json={"host": "a"}) as r:
+        assert r.status == 200 and set((await r.json())["hosts"]) == {"a"}
+
+
+async def test_stats_and_models_show_every_host_and_where_each_model_lives(fleet, http):
+    proxy, emus = await fleet({"a": 10, "b": 20})
+    await proxy.engine.load(MID, host="b")
+    async with http.get(f"{proxy.url}/proxy/stats") as r:
+        stats = await r.json()
+    assert set(stats["hosts"]) == {"a", "b"}
+    assert stats["hosts"]["b"]["loaded_models"] == [MID]
+    assert stats["hosts"]["a"]["memory"]["total_gb"] == 10.0
+    assert stats["system_memory"]["total_gb"] == 30.0
+    assert stats["hosts"]["b"]["url"] == emus["b"].url
+    async with http.get(f"{proxy.url}/proxy/models") as r:
+        rows = {row["model"]: row for row in (await r.json())["data"]}
+    assert rows[MID]["host"] == "b" and rows[MID]["hosts"] == {"a": "unloaded", "b": "loaded"}
+    assert rows[MID]["state"] == "loaded"
+
+
+async def test_a_single_server_refuses_a_host_parameter(make_emulator, make_proxy, http):
+    emu = await make_emulator(catalog=CATALOG)
+    proxy = await make_proxy(emu.url)
+    async with http.post(f"{proxy.url}/proxy/models/load",
+                         json={"model": SMALL, "host": "a"}) as r:
+        body = await r.json()
+        assert r.status == 400 and body["error"]["param"] == "host"
+        assert "upstreams" in body["error"]["message"]
+    status, _, headers = await chat(http, proxy, SMALL)
+    assert status == 200 and "X-Proxy-Host" not in headers
+
+
+def test_check_validates_the_hosts():
+    from proxy.config import ConfigError
+    with pytest.raises(ConfigError) as err:
+        load_config({"upstreams": [
+            {"name": "a", "url": "http://127.0.0.1:1"},
+            {"name": "a", "url": "http://127.0.0.1:2"},
+            {"name": "b c", "url": "http://127.0.0.1:3"},
+            {"name": "d", "url": "gopher://x"},
+            {"name": "e", "url": "http://10.9.8.7:1234"},
+            {"url": "http://127.0.0.1:4"}],
+            "placement": {"native_host": "zzz"},
+            "models": {SMALL: {"host": "nope"}}})
+    problems = err.value.problems
+    assert "upstreams[1].name: 'a' names another host too" in problems
+    assert any(p.startswith("upstreams[2].name: 'b c' must be") for p in problems)
+    assert "upstreams[3].url: 'gopher://x' is not an http(s) URL with a host" in problems
+    assert any(p.startswith("upstreams[4].budget_gb: required for a host on another machine")
+               for p in problems)
+    assert any(p.startswith("upstreams[5].name: required") for p in problems)
+    assert any(p.startswith("placement.native_host: 'zzz' is not a host") for p in problems)
+    assert any(p.startswith(f"models.{SMALL}.host: 'nope' is not a host") for p in problems)
+
+
+def test_a_host_takes_what_it_does_not_set_from_upstream():
+    c = load_config({"upstream": {"read_timeout_s": 12, "url": "http://127.0.0.1:9",
+                                  "api_token": "secret"},
+                     "upstreams": [{"name": "a", "url": "http://127.0.0.1:1"},
+                                   {"name": "b", "url": "http://127.0.0.1:2",
+                                    "read_timeout_s": 3}]})
+    a, b = c.upstreams
+    assert (a.read_timeout_s, b.read_timeout_s) == (12, 3)
+    assert a.api_token is None and a.url == "http://127.0.0.1:1"   # its own address and token
