@@ -1,0 +1,149 @@
+"""A host of the fleet dies mid-run (SIGKILL of a real emulator process) and comes back: a
+stream it was serving ends with an error event, requests that had no byte yet go to another
+host, nothing hangs, and the host is reconciled before it takes traffic again."""
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import aiohttp
+import orjson
+import pytest
+
+from proxy.config import load_config
+from proxy.emulator.catalog import CatalogModel
+
+pytestmark = pytest.mark.timeout(60)
+GB = 10**9
+MID = "lab/mid-6b"
+CATALOG_YAML = f"""models:
+  - key: {MID}
+    size_gb: 5
+    memory_gb: 5
+    load_time_s: 0
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class EmulatorProcess:
+    """`python -m proxy.emulator` in a process of its own, so that it can be killed."""
+
+    def __init__(self, catalog: Path, port: int) -> None:
+        self.catalog, self.port = catalog, port
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "proxy.emulator", "--port", str(self.port), "--catalog",
+             str(self.catalog), "--tokens-per-s", "20"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        async with aiohttp.ClientSession() as http:
+            async with asyncio.timeout(20):
+                while True:
+                    try:
+                        async with http.get(f"{self.url}/v1/models") as r:
+                            if r.status == 200:
+                                return
+                    except aiohttp.ClientError:
+                        pass
+                    await asyncio.sleep(0.05)
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(5)
+
+
+@pytest.fixture
+async def doomed(tmp_path: Path) -> AsyncIterator[EmulatorProcess]:
+    catalog = tmp_path / "catalog.yaml"
+    catalog.write_text(CATALOG_YAML)
+    emu = EmulatorProcess(catalog, free_port())
+    await emu.start()
+    yield emu
+    if emu.proc is not None and emu.proc.poll() is None:
+        emu.kill()
+
+
+async def test_a_host_dies_and_comes_back(doomed, make_emulator, make_proxy, http):
+    spare = await make_emulator(catalog=[CatalogModel(key=MID, size_bytes=5 * GB,
+                                                      memory_bytes=5 * GB, load_time_s=0.0)])
+    proxy = await make_proxy("", config=load_config({
+        "upstreams": [{"name": "doomed", "url": doomed.url, "budget_gb": 20},
+                      {"name": "spare", "url": spare.url, "budget_gb": 20}],
+        "memory": {"min_free_memory_gb": 0, "max_memory_usage_percent": 100},
+        "storage": {"enabled": False}}))
+    fleet = proxy.engine
+    await fleet.load(MID, host="doomed")
+
+    # A stream the host was serving when it died ends with an error event, not a hang.
+    async with http.post(f"{proxy.url}/v1/chat/completions", json={
+            "model": MID, "stream": True, "max_tokens": 400,
+            "messages": [{"role": "user", "content": "tell me a long story"}]}) as r:
+        assert r.status == 200 and r.headers["X-Proxy-Host"] == "doomed"
+        first = await r.content.readuntil(b"\n\n")
+        assert first.startswith(b"data: ")
+        doomed.kill()
+        rest = await asyncio.wait_for(r.content.read(), 10)
+    last = [e for e in rest.split(b"\n\n") if e.startswith(b"data: ")][-1]
+    error = orjson.loads(last[len(b"data: "):])["error"]
+    assert error["type"] == "server_error"
+
+    # A request that has had no byte goes to the other host (once), and the dead one is
+    # left alone after that.
+    async def chat() -> tuple[int, Any]:
+        async with http.post(f"{proxy.url}/v1/chat/completions", json={
+                "model": MID, "max_tokens": 2, "messages": [{"role": "user", "content": "x"}]
+        }) as r:
+            await r.read()
+            return r.status, r.headers
+
+    status, headers = await asyncio.wait_for(chat(), 10)
+    assert status == 200 and headers["X-Proxy-Host"] == "spare"
+    doomed_host = fleet.by_name["doomed"]
+    assert doomed_host.suspect and not doomed_host.up
+    for _ in range(5):
+        status, headers = await asyncio.wait_for(chat(), 10)
+        assert status == 200 and headers["X-Proxy-Host"] == "spare"
+    assert spare.state.load_calls[MID] == 1
+
+    # It comes back empty: reconciled (the model it held is known gone) before traffic.
+    await doomed.start()
+    async with asyncio.timeout(15):
+        while not doomed_host.up:
+            await asyncio.sleep(0.05)
+    assert doomed_host.core.registry.entries[MID].status.value == "unloaded"
+    status, headers = await chat()
+    assert status == 200 and headers["X-Proxy-Host"] == "spare"   # resident there
+
+
+async def test_a_request_with_no_host_left_fails_fast_naming_the_hosts(doomed, make_proxy,
+                                                                       http):
+    proxy = await make_proxy("", config=load_config({
+        "upstreams": [{"name": "only", "url": doomed.url, "budget_gb": 20}],
+        "memory": {"min_free_memory_gb": 0, "max_memory_usage_percent": 100},
+        "storage": {"enabled": False}}))
+    await proxy.engine.load(MID)
+    doomed.kill()
+    async with http.post(f"{proxy.url}/v1/chat/completions", json={
+            "model": MID, "messages": [{"role": "user", "content": "x"}]}) as r:
+        body = await r.json()
+    assert r.status == 502 and body["error"]["code"] == "upstream_unreachable"
+    async with http.post(f"{proxy.url}/v1/chat/completions", json={
+            "model": MID, "messages": [{"role": "user", "content": "x"}]}) as r:
+        body = await r.json()
+    assert r.status == 502 and "'only'" in body["error"]["message"]
