@@ -61,6 +61,9 @@ CASES = [
                  None, "too_large", id="fits no host"),
     pytest.param([view("a", up=False, free_bytes=50 * GB)], 0, None, "down",
                  id="every host down"),
+    pytest.param([view("a", up=False, ceiling_bytes=60 * GB, footprint_bytes=50 * GB),
+                  view("b", footprint_bytes=50 * GB)], 0, None, "down",
+                 id="only a host that is down could hold it: not too large"),
 ]
 
 

@@ -13,7 +13,8 @@ In order, the first rule that names a host wins:
                   evictor's expected reload seconds plus the load time there;
   5. queue      — a host it fits at all but where nothing may go now: its scheduler queues the
                   request and refuses it as it would on one host;
-  6. too_large  — no host can ever hold it: refuse at once, naming every host's ceiling.
+  6. too_large  — no host can ever hold it: refuse at once, naming every host's ceiling;
+     down       — only hosts that are down could hold it.
 Hosts that are down, do not list the model, or may not hold it are never chosen. Ties are broken
 by the random source the caller gives, so racing requests do not all pick the same host.
 """
@@ -82,7 +83,10 @@ def place(views: Sequence[HostView], rng: random.Random, *,
     if fits:
         healthy = [v for v in fits if not v.failing] or fits
         return Placement(_pick(healthy, rng).name, "queue")
-    return Placement(None, "too_large" if up else "down")
+    # Too large only if no host at all could hold it; else the hosts it fits are down.
+    if any(v.footprint_bytes <= v.ceiling_bytes for v in views):
+        return Placement(None, "down")
+    return Placement(None, "too_large")
 
 
 def _fastest(views: list[HostView], rng: random.Random) -> HostView:
