@@ -1,5 +1,5 @@
 """Command line: `python -m proxy [--config PATH] [--host H] [--port P] [--upstream URL]
-[--demo [--flavor F] [--demo-upstream-port P]] [--check]`, `python -m proxy status`,
+[--demo [--flavor F] [--hosts N] [--demo-upstream-port P]] [--check]`, `python -m proxy status`,
 `python -m proxy healthcheck`, `python -m proxy mcp`. The only module that reads the
 environment: every flag also has a PROXY_* variable (flag > environment > config file > default)."""
 from __future__ import annotations
@@ -28,8 +28,9 @@ ENV_FLAGS = {  # environment variable → (argparse dest, config path); PROXY_UR
     "PROXY_LOG_LEVEL": ("log_level", "logging.level"),
     "PROXY_DEMO_UPSTREAM_PORT": ("demo_upstream_port", None),
     "PROXY_DEMO_FLAVOR": ("flavor", None),
+    "PROXY_DEMO_HOSTS": ("hosts", None),
 }
-INT_FLAGS = frozenset({"port", "demo_upstream_port"})
+INT_FLAGS = frozenset({"port", "demo_upstream_port", "hosts"})
 # --demo --flavor F: the emulated server, and the upstream.kind the proxy speaks to it.
 DEMO_FLAVORS = {"lmstudio": "lmstudio", "ollama": "ollama", "llamacpp": "llamacpp",
                 "openai": "openai"}   # openai: the LM Studio emulator's /v1 surface alone
@@ -54,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flavor", choices=tuple(DEMO_FLAVORS),
                    help="with --demo: the server to emulate (default: lmstudio; "
                         "PROXY_DEMO_FLAVOR)")
+    p.add_argument("--hosts", type=int, metavar="N",
+                   help="with --demo: a fleet of N emulated hosts of different memory and load "
+                        "speed behind the proxy (upstreams:), 1..8 (PROXY_DEMO_HOSTS)")
     p.add_argument("--demo-upstream-port", type=int, metavar="P",
                    help="with --demo: the emulator's port (default: any free port; "
                         "PROXY_DEMO_UPSTREAM_PORT)")
@@ -79,6 +83,20 @@ def resolve_config(args: argparse.Namespace, environ: Mapping[str, str]) -> Conf
     if args.flavor is not None and args.flavor not in DEMO_FLAVORS:
         raise ConfigError([f"PROXY_DEMO_FLAVOR: must be one of {', '.join(DEMO_FLAVORS)} "
                            f"(got {args.flavor!r})"])
+    if args.hosts is not None:
+        from .demofleet import demo_hosts
+        if not args.demo:
+            raise ConfigError(["--hosts: only with --demo"])
+        if (args.flavor or "lmstudio") != "lmstudio":
+            raise ConfigError(["--hosts: the demo fleet is of LM Studio emulators "
+                               "(not with --flavor)"])
+        if args.demo_upstream_port is not None:
+            raise ConfigError(["--demo-upstream-port: not with --hosts (each host's emulator "
+                               "takes a free port)"])
+        try:
+            demo_hosts(args.hosts)
+        except ValueError as exc:
+            raise ConfigError([str(exc)]) from None
     if args.demo_upstream_port is not None and not 0 <= args.demo_upstream_port <= 65535:
         raise ConfigError([f"--demo-upstream-port: must be 0..65535 "
                            f"(got {args.demo_upstream_port})"])
@@ -142,7 +160,8 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         with asyncio.Runner(loop_factory=loop_factory) as runner:
             rc = runner.run(_run(config, demo=args.demo, flavor=args.flavor or "lmstudio",
                                  source=lambda: resolve_config(args, env),
-                                 demo_upstream_port=args.demo_upstream_port or 0))
+                                 demo_upstream_port=args.demo_upstream_port or 0,
+                                 hosts=args.hosts))
     return rc
 
 
@@ -258,27 +277,42 @@ def _mcp(argv: list[str], environ: Mapping[str, str]) -> int:
 
 
 async def _run(config: Config, *, demo: bool, flavor: str = "lmstudio",
-               source: Callable[[], Config] | None = None, demo_upstream_port: int = 0) -> int:
+               source: Callable[[], Config] | None = None, demo_upstream_port: int = 0,
+               hosts: int | None = None) -> int:
     from .app import create_app
     from .server.reload import RELOADER
     from .server.serving import raise_fd_limit, serve
 
     raise_fd_limit()   # every connection is a file descriptor; 1,024 goes quickly
     emulator = None
-    if demo:
+    emulators: list[Any] = []   # one per host of a demo fleet
+    where: dict[str, Any] = {}  # what the demo's emulators put into the config
+    if demo and hosts:
+        from .demofleet import demo_hosts, hosts_lines, start_demo_fleet, upstreams
+        fleet = demo_hosts(hosts)
+        try:
+            emulators = await start_demo_fleet(fleet)
+        except OSError as exc:
+            print(f"cannot start the demo's emulators: {exc.strerror or exc}", file=sys.stderr)
+            return 1
+        where = {"upstreams": upstreams(fleet, emulators)}
+    elif demo:
         try:
             emulator = await _start_demo_emulator(flavor, demo_upstream_port)
         except OSError as exc:
             print(f"cannot start the demo's emulator on port {demo_upstream_port}: "
                   f"{exc.strerror or exc}", file=sys.stderr)
             return 1
-        config = replace_config(config, {"upstream.url": emulator.url})
+        emulators = [emulator]
+        where = {"upstream.url": emulator.url}
+    if where:
+        config = replace_config(config, where)
 
     def reread() -> Config:
         assert source is not None
         new = source()
-        if emulator is not None:
-            new = replace_config(new, {"upstream.url": emulator.url})
+        if where:
+            new = replace_config(new, where)
         return new
 
     app = create_app(config, config_source=reread if source is not None else None)
@@ -294,8 +328,8 @@ async def _run(config: Config, *, demo: bool, flavor: str = "lmstudio",
         served = await serve(app, host, port, shutdown_timeout_s=config.server.shutdown_timeout_s)
     except OSError as exc:
         print(f"cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
-        if emulator is not None:
-            await emulator.close()
+        for emu in emulators:
+            await emu.close()
         return 1
     # Signals are handled before anyone is told the proxy listens: a SIGHUP or SIGTERM sent
     # on that word must not meet the default action.
@@ -309,7 +343,10 @@ async def _run(config: Config, *, demo: bool, flavor: str = "lmstudio",
     log.info("proxy listening on %s, upstream %s (%s event loop)", served.url,
              redact_url(config.upstream.url),
              type(asyncio.get_running_loop()).__module__.split(".")[0])
-    if demo:
+    if demo and hosts:
+        print(_demo_banner(served.url, "", config, flavor,
+                           fleet=hosts_lines(fleet, emulators)), flush=True)
+    elif demo:
         print(_demo_banner(served.url, emulator.url if emulator else "", config, flavor),
               flush=True)
     try:
@@ -317,8 +354,8 @@ async def _run(config: Config, *, demo: bool, flavor: str = "lmstudio",
     finally:
         log.info("shutting down: draining requests (up to %gs)", config.server.shutdown_timeout_s)
         await served.close()
-        if emulator is not None:
-            await emulator.close()
+        for emu in emulators:
+            await emu.close()
         log.info("stopped")
     return 0
 
@@ -352,8 +389,8 @@ DEMO_SERVER_NAMES = {"lmstudio": "LM Studio emulator", "ollama": "Ollama emulato
                      "openai": "OpenAI-compatible server (the LM Studio emulator's /v1)"}
 
 
-def _demo_banner(url: str, upstream_url: str, config: Config, flavor: str = "lmstudio"
-                 ) -> str:
+def _demo_banner(url: str, upstream_url: str, config: Config, flavor: str = "lmstudio",
+                 fleet: str | None = None) -> str:
     """Examples that work as printed: the SDK's install line first, and with client keys the
     key read from PROXY_API_KEY (the banner never prints a secret)."""
     keyed = bool(config.auth.keys)
@@ -361,8 +398,11 @@ def _demo_banner(url: str, upstream_url: str, config: Config, flavor: str = "lms
     sdk_key = "$PROXY_API_KEY" if keyed else "lm-studio"
     key_line = ("  export PROXY_API_KEY=...   # one of the client keys in auth.keys\n\n"
                 if keyed else "")
+    where = f"({DEMO_SERVER_NAMES[flavor]} on {upstream_url})"
+    if fleet is not None:   # the hosts of a demo fleet, one line each
+        where = f"(a fleet of {DEMO_SERVER_NAMES[flavor]}s, one per host)\n\nHosts:\n{fleet}"
     return f"""
-Proxy ready on {url}  ({DEMO_SERVER_NAMES[flavor]} on {upstream_url})
+Proxy ready on {url}  {where}
 
 Try it:
 {key_line}  curl {url}/v1/chat/completions{header} -H 'Content-Type: application/json' \\

@@ -1,5 +1,6 @@
 """`python -m proxy status [--config PATH] [--url URL] [--watch]`: models, memory and pressure
-at a glance, from the proxy at the config's address (as `healthcheck` finds it).
+at a glance, from the proxy at the config's address (as `healthcheck` finds it). A fleet
+(`/proxy/stats` with `hosts`) adds one line per host: up or down, its memory, its models.
 
 With `--watch` the table is redrawn in place whenever the proxy's event stream
 (`/proxy/events`) reports a change, at most once per `--interval`, and every REFRESH_S anyway
@@ -40,6 +41,9 @@ def render(stats: dict[str, Any], models: dict[str, Any], health: dict[str, Any]
                      f"({stats['sampler']})")
     lines.append(f"pressure   {stats['memory_pressure']}    policy {stats['policy']}    "
                  f"queue {stats['queue_length']}    health {health.get('status', '?')}")
+    if stats.get("hosts"):
+        lines.append("")
+        lines += _hosts(stats["hosts"])
     lines.append("")
     head = f"{'MODEL':<40} {'STATE':<10} {'OWNER':<8} {'MEM GB':>7} {'PRIO':>4} {'PIN':>3} " \
            f"{'BUSY':>4} {'REQS':>6} {'OK%':>5} {'P95 ms':>8} {'LAST USE':>9}"
@@ -61,6 +65,27 @@ def render(stats: dict[str, Any], models: dict[str, Any], health: dict[str, Any]
         for a in alerts:
             lines.append(f"ALERT {a['severity']:<8} {a['message']}")
     return "\n".join(lines)
+
+
+HOST_BAR_WIDTH = 20
+
+
+def _hosts(hosts: dict[str, Any]) -> list[str]:
+    lines = [f"{'HOST':<16} {'STATE':<5} {'MEMORY':<{HOST_BAR_WIDTH + 2}} {'USED':>5} "
+             f"{'FREE GB':>8} {'TOTAL GB':>8} {'QUEUE':>5}  LOADED"]
+    for name, h in hosts.items():
+        mem = h.get("memory")
+        if mem:
+            filled = round(mem["used_percent"] / 100 * HOST_BAR_WIDTH)
+            bar = f"[{'#' * filled}{'.' * (HOST_BAR_WIDTH - filled)}]"
+            figures = f"{mem['used_percent']:>4.0f}% {mem['available_gb']:>8.1f} " \
+                      f"{mem['total_gb']:>8.1f}"
+        else:
+            bar, figures = f"[{'?' * HOST_BAR_WIDTH}]", f"{'-':>5} {'-':>8} {'-':>8}"
+        loaded = ", ".join(h.get("loaded_models") or []) or "-"
+        lines.append(f"{name[:16]:<16} {'up' if h['up'] else 'DOWN':<5} {bar} {figures} "
+                     f"{h.get('queue_length', 0):>5}  {loaded}")
+    return lines
 
 
 def _ago(seconds: float | None) -> str:

@@ -8,7 +8,7 @@
     server       server/*, native/*                   (the HTTP side, one request at a time)
     handlers     handlers/*
     app          app
-    commands     cli, status, mcp (a client of the HTTP API), docgen, __main__, the package's own __init__, and the emulator
+    commands     cli, demofleet, status, mcp (a client of the HTTP API), docgen, __main__, the package's own __init__, and the emulator
                  (a server of its own, on the proxy's serving)
 
 Imports inside functions and under TYPE_CHECKING are not edges: they run late or never.
@@ -29,7 +29,7 @@ LAYERS = [
     ("server", ("proxy.server", "proxy.native")),
     ("handlers", ("proxy.handlers",)),
     ("app", ("proxy.app",)),
-    ("commands", ("proxy.cli", "proxy.status", "proxy.mcp", "proxy.docgen", "proxy.__main__", "proxy",
+    ("commands", ("proxy.cli", "proxy.demofleet", "proxy.status", "proxy.mcp", "proxy.docgen", "proxy.__main__", "proxy",
                   "proxy.emulator")),
 ]
 

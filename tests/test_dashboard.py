@@ -299,3 +299,41 @@ async def test_a_models_group_is_labelled_beside_its_name(make_emulator, make_pr
     await expect(page.locator(f'#models tr[data-model="{B}"] th.model')) \
         .to_contain_text("agent · together")
     assert page.errors == []
+
+
+async def test_a_fleet_has_a_memory_bar_per_host_and_says_where_each_model_lives(
+        make_emulator, make_proxy, page, http):
+    from .test_fleet import fleet_config
+    emus = {n: await make_emulator(catalog=TWO) for n in ("mac", "pc")}
+    proxy = await make_proxy("", config=fleet_config(
+        [("mac", emus["mac"].url, 24), ("pc", emus["pc"].url, 32)]))
+    await proxy.engine.load(A, host="mac")
+    await open_dashboard(page, proxy.url)
+    blocks = page.locator("#host-bars .host-block")
+    await expect(blocks).to_have_count(2)
+    mac, pc = (page.locator(f'.host-block[data-host="{n}"]') for n in ("mac", "pc"))
+    await expect(mac.locator(f'.seg.model[data-model="{A}"]')).to_have_count(1)
+    await expect(pc.locator(".seg.model")).to_have_count(0)
+    await expect(pc.locator(".host-summary")).to_have_text("0.0 GB of 32.0 GB used")
+    await expect(page.locator("#memory-bar")).to_be_hidden()
+    host_cell = page.locator(f'#models tr[data-model="{A}"] td.host')
+    await expect(host_cell).to_have_text("mac")
+    async with http.post(f"{proxy.url}/proxy/models/load",
+                         json={"model": B, "host": "pc"}) as r:   # live, by events
+        assert r.status == 200
+    await expect(pc.locator(f'.seg.model[data-model="{B}"]')).to_have_count(1)
+    await expect(page.locator(f'#models tr[data-model="{B}"] td.host')).to_have_text("pc")
+    await expect(page.locator(f'#models tr[data-model="{B}"] td.state')).to_have_text("loaded")
+    await emus["pc"].close()
+    await proxy.engine.by_name["pc"].core.reconcile()
+    await expect(pc).to_have_attribute("data-up", "false")
+    await expect(pc.locator(".host-state")).to_have_text("down")
+    await expect(mac.locator(".host-state")).to_have_text("up")
+    assert page.errors == []
+
+
+async def test_a_single_server_has_no_host_bars_or_host_column(small, page):
+    await open_dashboard(page, small.url)
+    await expect(page.locator("#memory-bar .seg.free")).to_have_count(1)
+    await expect(page.locator("#models th.host")).to_be_hidden()
+    await expect(page.locator("#host-bars .host-block")).to_have_count(0)

@@ -140,3 +140,69 @@ def test_the_demo_flavor_needs_demo(capsys):
     assert "--flavor: only with --demo" in capsys.readouterr().err
     assert main(["--demo", "--check"], {"PROXY_DEMO_FLAVOR": "vllm"}) == 2
     assert "PROXY_DEMO_FLAVOR: must be one of" in capsys.readouterr().err
+
+
+async def test_the_demo_with_hosts_runs_a_fleet_of_unequal_emulators(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PROXY_")}
+    env["HOME"] = str(tmp_path)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "--demo", "--hosts", "3", "--port", "0",
+        cwd=tmp_path, env=env, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL)
+    try:
+        assert proc.stdout is not None
+        banner = ""
+        while "Stop with Ctrl-C" not in banner:
+            line = await proc.stdout.readline()
+            assert line, f"the demo ended early:\n{banner}"
+            banner += line.decode()
+        hosts = banner.split("Hosts:\n")[1].split("\n\n")[0].splitlines()
+        named = {line.split()[0]: line.split() for line in hosts}
+        assert list(named) == ["host-1", "host-2", "host-3"]
+        assert [(w[1], w[4]) for w in named.values()] == [("24", "×1.0"), ("16", "×1.5"),
+                                                         ("8", "×2.0")]
+        proxy_url = banner.split("Proxy ready on ")[1].split()[0]
+        for command in examples(banner):
+            code, out = await sh(command, shell_env())
+            assert code == 0, out
+        async with aiohttp.ClientSession() as http:
+            for words in named.values():
+                async with http.get(f"{words[-1]}/v1/models") as r:
+                    assert r.status == 200
+            async with http.get(f"{proxy_url}/proxy/stats") as r:
+                stats = await r.json()
+        assert {n: h["memory"]["total_gb"] for n, h in stats["hosts"].items()} == \
+            {"host-1": 24.0, "host-2": 16.0, "host-3": 8.0}
+        assert {n: h["url"] for n, h in stats["hosts"].items()} == \
+            {n: w[-1] for n, w in named.items()}
+        assert stats["models"]["qwen/qwen3-4b"]["requests"] == 2
+    finally:
+        proc.terminate()
+        await proc.wait()
+
+
+async def test_each_demo_host_loads_at_its_own_speed_with_its_own_memory():
+    from proxy.demofleet import BASE_LOAD_TIME_SCALE, demo_hosts, start_demo_fleet
+    hosts = demo_hosts(4)
+    emulators = await start_demo_fleet(hosts)
+    try:
+        assert [(e.state.capacity_bytes, e.state.load_time_scale) for e in emulators] == [
+            (24 * 10**9, BASE_LOAD_TIME_SCALE), (16 * 10**9, BASE_LOAD_TIME_SCALE * 1.5),
+            (8 * 10**9, BASE_LOAD_TIME_SCALE * 2.0), (24 * 10**9, BASE_LOAD_TIME_SCALE)]
+        assert len({e.url for e in emulators}) == 4
+    finally:
+        for e in emulators:
+            await e.close()
+
+
+@pytest.mark.parametrize("argv, env, message", [
+    (["--hosts", "3", "--check"], {}, "--hosts: only with --demo"),
+    (["--demo", "--hosts", "0", "--check"], {}, "--hosts: must be 1..8"),
+    (["--demo", "--check"], {"PROXY_DEMO_HOSTS": "9"}, "--hosts: must be 1..8"),
+    (["--demo", "--hosts", "2", "--flavor", "ollama", "--check"], {}, "not with --flavor"),
+    (["--demo", "--hosts", "2", "--demo-upstream-port", "1234", "--check"], {},
+     "not with --hosts")])
+def test_the_demo_hosts_flag_is_checked(capsys, argv, env, message):
+    from proxy.cli import main
+    assert main(argv, env) == 2
+    assert message in capsys.readouterr().err

@@ -54,3 +54,25 @@ async def test_a_401_says_unauthorised_and_how_to_pass_the_token(make_proxy, emu
     assert "cannot reach" not in out
     assert await status(["--url", guarded.url], {"PROXY_API_KEY": "sk-wrong"}) == 1
     assert "the key given was refused" in capsys.readouterr().out
+
+
+async def test_status_lists_the_hosts_of_a_fleet(make_emulator, make_proxy, capsys):
+    from .test_fleet import CATALOG, SMALL, fleet_config
+    emus = {n: await make_emulator(catalog=CATALOG) for n in ("mac", "pc")}
+    fleet = await make_proxy("", config=fleet_config(
+        [("mac", emus["mac"].url, 12), ("pc", emus["pc"].url, 20)]))
+    await fleet.engine.load(SMALL, host="mac")
+    await emus["pc"].close()
+    await fleet.engine.by_name["pc"].core.reconcile()
+    assert await status(["--url", fleet.url], {}) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line}
+    assert "HOST" in lines
+    assert lines["mac"].split()[1] == "up" and lines["mac"].endswith(SMALL)
+    assert "12.0" in lines["mac"] and "9.6" in lines["mac"]      # total, and free after 2.4
+    assert lines["pc"].split()[1] == "DOWN"
+
+
+async def test_status_of_a_single_server_has_no_host_lines(proxy, capsys):
+    assert await status(["--url", proxy.url], {}) == 0
+    out = capsys.readouterr().out
+    assert "pressure" in out and "HOST" not in out

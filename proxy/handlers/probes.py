@@ -1,4 +1,5 @@
-"""Liveness and readiness for orchestrators: /healthz (alive), /readyz (upstream usable)."""
+"""Liveness and readiness for orchestrators: /healthz (alive), /readyz (upstream usable; with a
+fleet, at least one host usable, each host's state in the body)."""
 from __future__ import annotations
 
 import asyncio
@@ -8,6 +9,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from ..config import redact_url
 from ..engine.face import Engine
+from ..fleet import Fleet
+from ..observe.hosts import fleet_of, host_state
 from ..server.keys import ENGINE, HEALTH, METRICS, UPSTREAM
 from .admin import json_response
 
@@ -40,6 +43,9 @@ READINESS = web.AppKey("readiness", Readiness)
 
 async def readyz(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
+    fleet = fleet_of(engine)
+    if fleet is not None:
+        return await fleet_readyz(request, fleet)
     breaker = getattr(request.app[UPSTREAM], "breaker", None)
     await request.app[READINESS].refresh(engine, breaker is not None and breaker.open)
     tripped = breaker is not None and breaker.open
@@ -54,6 +60,20 @@ async def readyz(request: web.Request) -> web.Response:
     if engine.upstream_ok and not engine.manages_loading:
         body["note"] = ("the upstream has no load/unload API (LM Studio older than 0.4.0): "
                         "loading is left to its own JIT and memory is not managed")
+    return json_response(body, 200 if ready else 503)
+
+
+async def fleet_readyz(request: web.Request, fleet: Fleet) -> web.Response:
+    """Ready while any host takes requests: the placer sends each request to one that does."""
+    await request.app[READINESS].refresh(fleet, not any(h.up for h in fleet.hosts))
+    hosts = {}
+    for h in fleet.hosts:
+        level = h.core.api_level
+        hosts[h.name] = {**host_state(h), "api_level": None if level is None else level.value,
+                         "manages_loading": h.core.manages_loading}
+    ready = any(state["up"] for state in hosts.values())
+    body = {"ready": ready, "hosts_up": sum(state["up"] for state in hosts.values()),
+            "hosts": hosts, "error": None if ready else fleet.upstream_error}
     return json_response(body, 200 if ready else 503)
 
 

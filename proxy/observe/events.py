@@ -13,6 +13,10 @@ events it missed from the ring; one from another process (a restart) or from too
 fresh `snapshot` first.
 
 The hub also feeds the timeline the dashboard draws (timeline.py).
+
+With a fleet (`upstreams:`) every model event carries `host` (the host it happened on), the
+per-second request summary counts requests per host, and the memory event and the snapshot add
+`hosts`: each host's memory, state and resident models (observe/hosts.py).
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ import orjson
 
 from ..engine.memory import GB, MemorySample
 from ..engine.usage import RequestRecord
+from .hosts import fleet_of, host_memory
 from .timeline import Timelines
 
 if TYPE_CHECKING:
@@ -115,6 +120,8 @@ class EventHub:
         self.errors: collections.deque = collections.deque(maxlen=RECENT_ERRORS)
         self._started_wall = time.time()
         self._rate: collections.deque = collections.deque(maxlen=60)   # (wall, published)
+        self.fleet = fleet_of(engine)
+        self.takes_host = self.fleet is not None   # fleet events come with host=<name>
         engine.add_listener(self)
         if health is not None:
             health.listeners.append(self)
@@ -135,48 +142,67 @@ class EventHub:
         return f"{self.epoch}-{self._n}"
 
     # -- engine listener (cheap: no awaits, no I/O) ----------------------------------------
-    def on_state(self, model: str, old: str, new: str) -> None:
-        self.timelines.state(model, old, new, time.time())
-        self.publish("state", {"model": model, "old": old, "new": new})
+    # With a fleet each hook gets `host=` and its event says where it happened.
+    def _publish(self, event_type: str, data: dict[str, Any], host: str | None) -> None:
+        if host is not None:
+            data["host"] = host
+        self.publish(event_type, data)
 
-    def on_load(self, model: str, duration_s: float, ok: bool) -> None:
+    def on_state(self, model: str, old: str, new: str, host: str | None = None) -> None:
+        self.timelines.state(model, old, new, time.time())
+        self._publish("state", {"model": model, "old": old, "new": new}, host)
+
+    def on_load(self, model: str, duration_s: float, ok: bool, host: str | None = None) -> None:
         data: dict[str, Any] = {"model": model, "ok": ok, "duration_s": round(duration_s, 3)}
-        e = self.engine.entry(model)
+        e = self._entry(model, host)
         if e is not None:
             data["footprint_bytes"] = round(self.engine.footprint_bytes(e))
             data["footprint_source"] = self.engine.footprint_source(e)
             if not ok:
                 data["error"] = e.last_error
-                self.errors.append({"t": round(time.time(), 3), "model": model,
-                                    "kind": "load_failed", "message": e.last_error})
-        self.publish("load", data)
+                error = {"t": round(time.time(), 3), "model": model, "kind": "load_failed",
+                         "message": e.last_error}
+                if host is not None:
+                    error["host"] = host
+                self.errors.append(error)
+        self._publish("load", data, host)
 
-    def on_evict(self, model: str, reason: str, for_model: str | None) -> None:
+    def _entry(self, model: str, host: str | None):  # noqa: ANN202 - ModelEntry | None
+        """The model's entry on the host the event came from (the fleet's row otherwise)."""
+        if host is not None and self.fleet is not None and host in self.fleet.by_name:
+            return self.fleet.by_name[host].core.entry(model)
+        return self.engine.entry(model)
+
+    def on_evict(self, model: str, reason: str, for_model: str | None,
+                 host: str | None = None) -> None:
         self.timelines.evict(model, reason, for_model, time.time())
-        self.publish("evict", {"model": model, "reason": reason, "for_model": for_model})
+        self._publish("evict", {"model": model, "reason": reason, "for_model": for_model}, host)
 
-    def on_unload(self, model: str, reason: str) -> None:
-        self.publish("unload", {"model": model, "reason": reason})
+    def on_unload(self, model: str, reason: str, host: str | None = None) -> None:
+        self._publish("unload", {"model": model, "reason": reason}, host)
 
-    def on_preload(self, model: str, why: str) -> None:
-        self.publish("preload", {"model": model, "reason": why})
+    def on_preload(self, model: str, why: str, host: str | None = None) -> None:
+        self._publish("preload", {"model": model, "reason": why}, host)
 
-    def on_queue(self, model: str, waiting: int) -> None:
+    def on_queue(self, model: str, waiting: int, host: str | None = None) -> None:
         self.timelines.queue(model, waiting, time.time())
-        self.publish("queue", {"model": model, "waiting": waiting})
+        self._publish("queue", {"model": model, "waiting": waiting}, host)
 
-    def on_queue_wait(self, model: str, seconds: float) -> None:
+    def on_queue_wait(self, model: str, seconds: float, host: str | None = None) -> None:
         pass   # the queue events above already tell the story
 
-    def on_memory(self, sample: MemorySample, level: str) -> None:
-        self._sample = sample   # sent coalesced, once per tick, with the engine's level
+    def on_memory(self, sample: MemorySample, level: str, host: str | None = None) -> None:
+        # Sent coalesced, once per tick, with the engine's level (a fleet's: the hosts summed).
+        self._sample = sample if host is None else self.engine.last_sample
 
-    def on_request(self, r: RequestRecord) -> None:
+    def on_request(self, r: RequestRecord, host: str | None = None) -> None:
         key = r.model if self.engine.entry(r.model) is not None else OTHER
         acc = self._second.get(key)
         if acc is None:
-            acc = self._second[key] = [0, 0, 0, 0.0, 0, {}]
+            acc = self._second[key] = [0, 0, 0, 0.0, 0, {}, {}]
         acc[0] += 1
+        if host is not None:
+            acc[6][host] = acc[6].get(host, 0) + 1
         acc[3] += r.latency_s
         acc[4] += r.completion_tokens
         if not r.ok:
@@ -198,12 +224,15 @@ class EventHub:
             second, self._second = self._second, {}
             models: dict[str, Any] = {}
             engine_now = self.engine.clock.now()
-            for key, (n, errors, rejected, latency_s, tokens, statuses) in second.items():
+            for key, (n, errors, rejected, latency_s, tokens, statuses, hosts) in \
+                    second.items():
                 row: dict[str, Any] = {"requests": n, "errors": errors, "rejected": rejected,
                                        "avg_latency_ms": round(latency_s / n * 1000, 2),
                                        "completion_tokens": tokens}
                 if statuses:
                     row["error_statuses"] = {str(s): c for s, c in statuses.items()}
+                if hosts:
+                    row["hosts"] = hosts   # requests per host this second
                 if key != OTHER:
                     self.timelines.requests(key, n, errors, rejected, now)
                     row["stats"] = self.engine.usage(key).summary(engine_now)
@@ -219,7 +248,8 @@ class EventHub:
             self.publish("in_flight", {"models": in_flight})
         if self._sample is not None:
             memory = self.memory()
-            sig = (memory["available_bytes"], memory["total_bytes"], memory["level"])
+            sig = (memory["available_bytes"], memory["total_bytes"], memory["level"],
+                   orjson.dumps(memory.get("hosts")))
             if sig != self._sent_memory:
                 self._sent_memory = sig
                 self.publish("memory", memory)
@@ -236,6 +266,8 @@ class EventHub:
         if s is not None:
             out.update(total_bytes=s.total_bytes, available_bytes=s.available_bytes,
                        used_percent=round(s.used_percent, 2))
+        if self.fleet is not None:
+            out["hosts"] = {h.name: host_memory(h) for h in self.fleet.hosts}
         return out
 
     # -- clients ----------------------------------------------------------------------------
@@ -342,10 +374,14 @@ class EventHub:
             models.append({"model": key, **row, "waiting": e.waiting if e else 0,
                            "aliases": list(cfg.aliases)})
         health = self.health.get_health_report() if self.health is not None else None
-        return {"id": self.last_id, "t": round(time.time(), 3), "models": models,
-                "memory": self.memory(), "upstream": stats["upstream"],
-                "queue_length": stats["queue_length"], "health": health,
-                "errors": list(self.errors)}
+        memory = self.memory()
+        out = {"id": self.last_id, "t": round(time.time(), 3), "models": models,
+               "memory": memory, "upstream": stats["upstream"],
+               "queue_length": stats["queue_length"], "health": health,
+               "errors": list(self.errors)}
+        if self.fleet is not None:
+            out["hosts"] = memory["hosts"]
+        return out
 
     def timeline(self, window_s: float) -> dict[str, Any]:
         return self.timelines.view(window_s, self.engine.known_models(), self._started_wall)

@@ -3,7 +3,8 @@
 Rules (thresholds in `health.*`): memory critical; upstream unreachable; a model's error rate
 over a window; a model's recent p95 latency against its own baseline; a load running past
 `upstream.load_timeout_s`; the silent hang (a request with no upstream byte, or a load queued,
-for `hang_threshold_s` while the upstream still answers); a failing probe. An alert is logged once
+for `hang_threshold_s` while the upstream still answers); a failing probe; with a fleet, a host
+down (a warning while other hosts serve, critical when none does). An alert is logged once
 when it opens and once when it clears, and both transitions go to the webhook when configured.
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ from ..engine.memory import MemoryPressure
 from ..engine.periodic import Periodic
 from ..engine.report import upstream_state
 from ..engine.usage import BOUNDS_S, quantile_of
+from .hosts import fleet_of, host_state
 
 if TYPE_CHECKING:
     from ..engine.face import Engine
@@ -115,6 +117,7 @@ class ModelHealthMonitor:
         if not m.upstream_ok:
             out.append(Alert("upstream_unreachable", "upstream_unreachable", "critical",
                              f"upstream unavailable: {m.upstream_error}", now))
+        out += self._hosts_down(now)
         window_min = max(1, int(c.error_window_s // 60))
         for key in m.known_models():
             e = m.entry(key)
@@ -154,6 +157,17 @@ class ModelHealthMonitor:
                                  f"a request to {key} has had no byte from the upstream for "
                                  f"{quiet_s:.0f}s while the upstream answers", now, key))
         return out
+
+    def _hosts_down(self, now: float) -> list[Alert]:
+        fleet = fleet_of(self.manager)
+        if fleet is None:
+            return []
+        down = [(h.name, host_state(h)) for h in fleet.hosts if not h.up]
+        severity = "critical" if len(down) == len(fleet.hosts) else "warning"
+        return [Alert(f"host_down:{name}", "host_down", severity,
+                      f"host '{name}' ({state['url']}) is down: "
+                      f"{state['error'] or 'not answering'}; its models are served elsewhere",
+                      now) for name, state in down]
 
     def _latency_regression(self, key: str, counts: list[int], now: float) -> str | None:
         """Recent p95 (the last latency_window_s) against the p95 of everything before it."""
@@ -216,21 +230,28 @@ class ModelHealthMonitor:
             row = m.row(key)
             probe = self.probes.get(key)
             models[key] = {
-                **{k: row[k] for k in REPORT_FIELDS},
+                **{k: row[k] for k in REPORT_FIELDS if k in row},
                 "probe": None if probe is None else {
                     "ok": probe.ok, "latency_ms": round(probe.latency_s * 1000, 1),
                     "age_s": round(now - probe.at_s, 1), "error": probe.error},
                 "healthy": not any(a.model == key for a in self.alerts.values())}
         status = "critical" if any(a.severity == "critical" for a in self.alerts.values()) \
             else "degraded" if self.alerts else "ok"
+        system = {"memory_pressure": m.memory_pressure.value,
+                  "upstream": upstream_state(m),
+                  "loaded_models": len(m.loaded_models()),
+                  "requests_in_flight": len(m.active_leases()),
+                  "queue_length": m.queue_length}
+        fleet = fleet_of(m)
+        if fleet is not None:
+            system["hosts"] = {h.name: {
+                **host_state(h), "memory_pressure": h.core.memory_pressure.value,
+                "loaded_models": h.core.loaded_models(),
+                "requests_in_flight": len(h.core.active_leases()),
+                "queue_length": h.core.queue_length} for h in fleet.hosts}
         return {
             "status": status,
-            "system_health": {
-                "memory_pressure": m.memory_pressure.value,
-                "upstream": upstream_state(m),
-                "loaded_models": len(m.loaded_models()),
-                "requests_in_flight": len(m.active_leases()),
-                "queue_length": m.queue_length},
+            "system_health": system,
             "models": models,
             "alerts": [a.as_dict(now) for a in sorted(self.alerts.values(),
                                                       key=lambda a: a.since_s)],
@@ -238,5 +259,6 @@ class ModelHealthMonitor:
 
 
 # The per-model fields of the health report, taken from the one per-model view.
+# (`host`, `hosts`: where it lives, with a fleet only.)
 REPORT_FIELDS = ("state", "owner", "requests", "success_rate", "p95_latency_ms", "in_flight",
-                 "waiting")
+                 "waiting", "host", "hosts")

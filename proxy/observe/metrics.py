@@ -2,7 +2,9 @@
 
 Counters and histograms are fed by the engine's listener events; gauges are read from the
 engine's state at scrape time, so they can never drift from it. Label cardinality is bounded:
-a model label is a known model key or `__other__`.
+a model label is a known model key or `__other__`. With a fleet (`upstreams:`) every per-model
+series also carries `host`, one of the configured host names (observe/fleetmetrics.py adds the
+per-host gauges); a single server's exposition has no host label at all.
 """
 from __future__ import annotations
 
@@ -18,7 +20,9 @@ from prometheus_client.registry import Collector
 from ..engine.lifecycle import ModelStatus
 from ..engine.memory import MemoryPressure
 from ..engine.usage import RequestRecord
+from .fleetmetrics import FleetStateCollector
 from .gateway import InferenceGatewayCollector
+from .hosts import host_names
 
 if TYPE_CHECKING:
     from ..server.compat import Compat
@@ -46,23 +50,29 @@ class ProxyMetrics:
 
     def __init__(self, engine: "Engine") -> None:
         self.engine = engine
+        # A fleet's host names (bounded by config), else None: no host label anywhere.
+        self.hosts = host_names(engine)
+        self.takes_host = self.hosts is not None   # fleet events come with host=<name>
+        extra = ["host"] if self.takes_host else []
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.load_duration = Histogram("proxy_model_load_duration_seconds",
-                                       "Model load durations", ["model"],
+                                       "Model load durations", ["model", *extra],
                                        buckets=LOAD_BUCKETS_S, registry=r)
         self.loads = Counter("proxy_model_loads_total", "Model loads by outcome",
-                             ["model", "outcome"], registry=r)
+                             ["model", "outcome", *extra], registry=r)
         self.evictions = Counter("proxy_evictions_total", "Model unloads by reason",
-                                 ["model", "reason"], registry=r)
+                                 ["model", "reason", *extra], registry=r)
         self.queue_wait = Histogram("proxy_queue_wait_seconds",
-                                    "Time a load waited for admission (memory)",
+                                    "Time a load waited for admission (memory)", extra,
                                     buckets=QUEUE_BUCKETS_S, registry=r)
-        self.requests: dict[tuple[str, str, str], int] = {}
-        self.durations: dict[str, _HistogramCounts] = {}
-        self.ttfts: dict[str, _HistogramCounts] = {}
-        self.tokens: dict[tuple[str, str], int] = {}
-        r.register(_StateCollector(engine))
+        # Series keys end with the host (None on a single server, dropped at export).
+        self.requests: dict[tuple[str, str, str, str | None], int] = {}
+        self.durations: dict[tuple[str, str | None], _HistogramCounts] = {}
+        self.ttfts: dict[tuple[str, str | None], _HistogramCounts] = {}
+        self.tokens: dict[tuple[str, str, str | None], int] = {}
+        self._known: set[str] = set()   # models that label as themselves (no lookup again)
+        r.register(FleetStateCollector(engine) if self.takes_host else _StateCollector(engine))
         r.register(_RequestCollector(self))
         r.register(InferenceGatewayCollector(engine))   # only with metrics.inference_gateway
         engine.add_listener(self)
@@ -70,40 +80,55 @@ class ProxyMetrics:
     def label(self, model: str) -> str:
         return model if self.engine.entry(model) is not None else OTHER
 
+    def _host(self, host: str | None) -> tuple[str, ...]:
+        if self.hosts is None:
+            return ()
+        return (host if host in self.hosts else OTHER,)
+
     # -- engine listener events --------------------------------------------------------------
-    def on_request(self, rec: RequestRecord) -> None:
-        model = rec.model if rec.model in self.durations else self.label(rec.model)
+    def on_request(self, rec: RequestRecord, host: str | None = None) -> None:
+        model = rec.model
+        if model not in self._known:
+            model = self.label(model)
+            if model != OTHER:
+                self._known.add(model)
+        if host is not None and host not in self.hosts:   # type: ignore[operator]
+            host = OTHER
         outcome = "success" if rec.ok else ("client_closed" if rec.status == 499 else "error")
-        key = (model, rec.endpoint or "library", outcome)
+        key = (model, rec.endpoint or "library", outcome, host)
         self.requests[key] = self.requests.get(key, 0) + 1
-        hist = self.durations.get(model)
+        series = (model, host)
+        hist = self.durations.get(series)
         if hist is None:
-            hist = self.durations[model] = _HistogramCounts(len(LATENCY_BUCKETS_S))
+            hist = self.durations[series] = _HistogramCounts(len(LATENCY_BUCKETS_S))
         hist.counts[bisect.bisect_left(LATENCY_BUCKETS_S, rec.latency_s)] += 1
         hist.total += rec.latency_s
         if rec.ttft_s is not None:
-            ttft = self.ttfts.get(model)
+            ttft = self.ttfts.get(series)
             if ttft is None:
-                ttft = self.ttfts[model] = _HistogramCounts(len(LATENCY_BUCKETS_S))
+                ttft = self.ttfts[series] = _HistogramCounts(len(LATENCY_BUCKETS_S))
             ttft.counts[bisect.bisect_left(LATENCY_BUCKETS_S, rec.ttft_s)] += 1
             ttft.total += rec.ttft_s
         if rec.prompt_tokens:
-            k = (model, "prompt")
+            k = (model, "prompt", host)
             self.tokens[k] = self.tokens.get(k, 0) + rec.prompt_tokens
         if rec.completion_tokens:
-            k = (model, "completion")
+            k = (model, "completion", host)
             self.tokens[k] = self.tokens.get(k, 0) + rec.completion_tokens
 
-    def on_load(self, model: str, duration_s: float, ok: bool) -> None:
-        self.loads.labels(model, "success" if ok else "failure").inc()
+    def on_load(self, model: str, duration_s: float, ok: bool, host: str | None = None) -> None:
+        self.loads.labels(model, "success" if ok else "failure", *self._host(host)).inc()
         if ok:
-            self.load_duration.labels(model).observe(duration_s)
+            self.load_duration.labels(model, *self._host(host)).observe(duration_s)
 
-    def on_unload(self, model: str, reason: str) -> None:
-        self.evictions.labels(model, reason).inc()
+    def on_unload(self, model: str, reason: str, host: str | None = None) -> None:
+        self.evictions.labels(model, reason, *self._host(host)).inc()
 
-    def on_queue_wait(self, model: str, seconds: float) -> None:
-        self.queue_wait.observe(seconds)
+    def on_queue_wait(self, model: str, seconds: float, host: str | None = None) -> None:
+        if self.hosts is None:
+            self.queue_wait.observe(seconds)
+        else:
+            self.queue_wait.labels(*self._host(host)).observe(seconds)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -114,29 +139,39 @@ class _RequestCollector(Collector):
         self.m = metrics
 
     def collect(self) -> Iterable[Any]:
+        extra = ["host"] if self.m.hosts is not None else []
         requests = CounterMetricFamily("proxy_requests", "Requests by model, endpoint and "
-                                       "outcome", labels=["model", "endpoint", "outcome"])
-        for labels, n in sorted(self.m.requests.items()):
-            requests.add_metric(list(labels), n)
+                                       "outcome", labels=["model", "endpoint", "outcome", *extra])
+        for labels, n in sorted(self.m.requests.items(), key=_order):
+            requests.add_metric(_values(labels, extra), n)
         yield requests
         tokens = CounterMetricFamily("proxy_tokens", "Tokens by model and kind",
-                                     labels=["model", "kind"])
-        for labels, n in sorted(self.m.tokens.items()):
-            tokens.add_metric(list(labels), n)
+                                     labels=["model", "kind", *extra])
+        for labels, n in sorted(self.m.tokens.items(), key=_order):
+            tokens.add_metric(_values(labels, extra), n)
         yield tokens
         for name, doc, source in (
                 ("proxy_request_duration_seconds", "Time from request to the end of the response",
                  self.m.durations),
                 ("proxy_time_to_first_token_seconds",
                  "Time to the first generated token of a stream", self.m.ttfts)):
-            family = HistogramMetricFamily(name, doc, labels=["model"])
-            for model, h in sorted(source.items()):
+            family = HistogramMetricFamily(name, doc, labels=["model", *extra])
+            for series, h in sorted(source.items(), key=_order):
                 cumulative, buckets = 0, []
                 for bound, n in zip((*LATENCY_BUCKETS_S, float("inf")), h.counts):
                     cumulative += n
                     buckets.append((floatToGoString(bound), cumulative))
-                family.add_metric([model], buckets, h.total)
+                family.add_metric(_values(series, extra), buckets, h.total)
             yield family
+
+
+def _order(item: tuple[tuple, Any]) -> tuple:
+    return tuple("" if v is None else v for v in item[0])
+
+
+def _values(key: tuple, extra: list[str]) -> list[str]:
+    """A series key's label values: the trailing host only when the family has that label."""
+    return list(key) if extra else list(key[:-1])
 
 
 class CompatCollector(Collector):

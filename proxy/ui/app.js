@@ -1,5 +1,6 @@
 // The proxy's dashboard: one snapshot, then live events from /proxy/events (Server-Sent
-// Events). No framework, no build: plain DOM and SVG.
+// Events). No framework, no build: plain DOM and SVG. In front of a fleet (`upstreams:`) the
+// memory panel has one bar per host and the models table says on which host each model lives.
 "use strict";
 
 const GB = 1e9;
@@ -12,6 +13,7 @@ const PALETTE = ["#4e79a7", "#59a14f", "#b07aa1", "#76b7b2", "#9c755f", "#edc948
 const state = {
   models: new Map(),        // key → row (the snapshot's shape, kept up to date by events)
   memory: null,
+  hosts: null,              // a fleet's hosts: name → memory and state (null: one server)
   upstream: null,
   health: null,
   errors: [],
@@ -150,6 +152,7 @@ const HANDLERS = {
   snapshot(d) {
     state.models = new Map(d.models.map((m) => [m.model, { ...m, last_used_at: m.last_used_s_ago === null ? null : d.t - m.last_used_s_ago }]));
     state.memory = d.memory;
+    state.hosts = d.hosts || null;
     state.upstream = d.upstream;
     state.health = d.health;
     state.errors = d.errors || [];
@@ -157,7 +160,10 @@ const HANDLERS = {
   },
   state(d) {
     const r = row(d.model);
-    r.state = d.new;
+    if (d.host) {
+      r.hosts = { ...(r.hosts || {}), [d.host]: d.new };
+      r.state = fleetState(r.hosts);   // the model's best state over the hosts
+    } else r.state = d.new;
     if (d.new === "loaded" && d.old === "loading") r.owner = "proxy";
     if (d.new === "loaded" && (d.old === "unloaded" || d.old === "error")) r.owner = "external";  // found by reconcile
     if (d.new === "unloaded") r.owner = null;
@@ -216,7 +222,10 @@ const HANDLERS = {
   in_flight(d) {
     for (const [key, n] of Object.entries(d.models)) row(key).in_flight = n;
   },
-  memory(d) { state.memory = d; },
+  memory(d) {
+    state.memory = d;
+    if (d.hosts) state.hosts = d.hosts;
+  },
   alert(d) {
     if (!state.health) state.health = { status: "ok", alerts: [], system_health: {} };
     const alerts = state.health.alerts.filter((a) => a.id !== d.alert.id);
@@ -226,6 +235,19 @@ const HANDLERS = {
   },
   pin(d) { row(d.model).pinned = d.pinned; },
 };
+
+// A model on several hosts: loaded anywhere is loaded; else the busiest state it has.
+const STATE_RANK = ["loaded", "loading", "unloading", "error", "unloaded"];
+function fleetState(hosts) {
+  const states = Object.values(hosts);
+  return STATE_RANK.find((s) => states.includes(s)) || states[0] || "unloaded";
+}
+
+// The hosts where a model is resident (loaded, loading or unloading).
+function residentHosts(r) {
+  if (r.hosts) return Object.keys(r.hosts).filter((h) => RESIDENT.has(r.hosts[h]));
+  return r.host && RESIDENT.has(r.state) ? [r.host] : [];
+}
 
 async function fetchTimeline() {
   // Events that arrive while the request is out would be lost under the older answer: ask
@@ -348,16 +370,70 @@ function renderHeader() {
 }
 
 function renderMemory() {
-  const bar = $("#memory-bar");
-  const legend = $("#memory-legend");
+  const fleet = !!(state.hosts && Object.keys(state.hosts).length);
+  document.body.toggleAttribute("data-fleet", fleet);
+  $("#memory-bar").hidden = fleet;
+  $("#memory-legend").hidden = fleet;
+  renderHosts(fleet);
+  const m = state.memory;
+  if (fleet) {
+    $("#memory-bar").replaceChildren();
+    $("#memory-legend").replaceChildren();
+    const up = Object.values(state.hosts).filter((h) => h.up).length;
+    $("#memory-summary").textContent = m && m.total_bytes
+      ? `${fmtGb(m.total_bytes - m.available_bytes)} of ${fmtGb(m.total_bytes)} used on ${Object.keys(state.hosts).length} hosts (${up} up)`
+      : "";
+    return;
+  }
+  const drawn = drawBar($("#memory-bar"), $("#memory-legend"), m,
+                        [...state.models.values()].filter((r) => RESIDENT.has(r.state)));
+  if (drawn) {
+    $("#memory-summary").textContent =
+      `${fmtGb(Math.max(drawn.used, drawn.models))} of ${fmtGb(drawn.total)} used (${m.sampler === "budget" ? "budget" : "system"})`;
+  }
+}
+
+// One block per host: its name and state, its memory bar with the models resident there.
+function renderHosts(fleet) {
+  const root = $("#host-bars");
+  if (!fleet) { root.replaceChildren(); return; }
+  const names = Object.keys(state.hosts);
+  for (const block of [...root.children]) if (!names.includes(block.dataset.host)) block.remove();
+  for (const name of names) {
+    const h = state.hosts[name];
+    let block = root.querySelector(`.host-block[data-host="${CSS.escape(name)}"]`);
+    if (!block) {
+      block = el("div", { class: "host-block", "data-host": name });
+      const head = el("h3");
+      head.append(el("span", { class: "host-name" }, name), " ",
+                  el("span", { class: "host-state badge" }), " ",
+                  el("span", { class: "host-summary muted" }));
+      block.append(head, el("div", { class: "membar", role: "img", "aria-label": `memory use on ${name}` }),
+                   el("ul", { class: "legend" }));
+      root.append(block);
+    }
+    block.dataset.up = String(!!h.up);
+    const badge = block.querySelector(".host-state");
+    badge.textContent = h.up ? "up" : "down";
+    badge.dataset.ok = String(!!h.up);
+    const resident = [...state.models.values()].filter((r) => residentHosts(r).includes(name))
+      .map((r) => ({ ...r, state: r.hosts ? r.hosts[name] : r.state }));
+    const drawn = drawBar(block.querySelector(".membar"), block.querySelector(".legend"), h, resident);
+    block.querySelector(".host-summary").textContent = drawn
+      ? `${fmtGb(Math.max(drawn.used, drawn.models))} of ${fmtGb(drawn.total)} used`
+      : "memory not known yet";
+  }
+}
+
+// One memory bar: the resident models' footprints, other use, free, the reserve and the
+// ceiling. Returns the figures drawn, or null when the memory is not known.
+function drawBar(bar, legend, m, resident) {
   bar.replaceChildren();
   legend.replaceChildren();
-  const m = state.memory;
-  if (!m || !m.total_bytes) return;
+  if (!m || !m.total_bytes) return null;
   bar.dataset.level = m.level;
   const total = m.total_bytes;
   const pct = (b) => `${Math.max(0, (100 * b) / total)}%`;
-  const resident = [...state.models.values()].filter((r) => RESIDENT.has(r.state));
   let models = 0;
   for (const r of resident) {
     const bytes = (r.footprint_mb || 0) * 1e6;
@@ -408,11 +484,10 @@ function renderMemory() {
     r.append(el("span", { class: "swatch reserve" }), `reserve ${fmtGb(reserve)}`);
     legend.append(r);
   }
-  $("#memory-summary").textContent =
-    `${fmtGb(Math.max(used, models))} of ${fmtGb(total)} used (${m.sampler === "budget" ? "budget" : "system"})`;
+  return { used, models, total };
 }
 
-const COLUMNS = ["model", "state", "owner", "priority", "pinned", "in_flight", "waiting", "p50", "p95",
+const COLUMNS = ["model", "state", "host", "owner", "priority", "pinned", "in_flight", "waiting", "p50", "p95",
                  "ttft", "tps", "rate", "last", "memory", "actions"];
 
 function renderModels() {
@@ -437,6 +512,7 @@ function renderModels() {
     renderModelCell(tr.querySelector(".model"), r);
     set("state", r.state);
     tr.querySelector(".state").dataset.state = r.state;
+    set("host", residentHosts(r).join(", ") || "–");
     set("owner", r.owner || "–");
     set("priority", r.priority ?? "–");
     set("pinned", r.pinned ? "pinned" : "");
