@@ -67,6 +67,10 @@ CASES = [
 ]
 
 
+# The host a request failed on is left out: with no other, there is nothing to place on.
+CASES.append(pytest.param([], 0, None, "down", id="no host left"))
+
+
 @pytest.mark.parametrize("hosts,replicate,host,rule", CASES)
 def test_each_rule_on_a_table(hosts, replicate, host, rule):
     p = place(hosts, random.Random(1), replicate_after_waiters=replicate)

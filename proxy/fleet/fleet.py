@@ -132,7 +132,7 @@ class Fleet:
             return ModelTooLarge(f"'{key}' needs {need:.1f} GB, more than any host of the "
                                  f"fleet may give one model ({ceilings}). It can never be "
                                  f"loaded here.")
-        names = ", ".join(f"'{h.name}'" for h, _ in listed) or "none"
+        names = ", ".join(f"'{h.name}'" for h, _ in listed) or "none other"
         down = [h for h, _ in listed if not h.up]
         why = "; ".join(f"'{h.name}': {h.core.upstream_error or 'not answering'}" for h in down)
         return UpstreamUnreachable(f"No host that serves '{key}' is reachable (hosts: "

@@ -54,6 +54,8 @@ class Placement:
 
 def place(views: Sequence[HostView], rng: random.Random, *,
           replicate_after_waiters: int = 0) -> Placement:
+    if not views:
+        return Placement(None, "down")   # no host left to try (the one that failed avoided)
     up = [v for v in views if v.up]
     resident = [v for v in up if v.status == LOADED]
     if resident:
