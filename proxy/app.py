@@ -12,6 +12,7 @@ from .config import Config, redact_url
 from .engine.clock import Clock
 from .observe.health import ModelHealthMonitor
 from .engine.core import EngineCore
+from .engine.shared import SINGLE_HOST, create_replica
 from .fleet import create_fleet
 from .engine.face import Engine
 from .engine.memory import MemorySampler
@@ -25,7 +26,7 @@ from .server.inflight import INFLIGHT, STREAM, InFlight
 from .errors import clip
 from .liveconfig import LiveConfig
 from .server.keys import (ACCESS_LOG, AUTH, COMPAT, CONFIG, ENGINE, EVENTS, HEALTH, HOSTS,
-                          METRICS, RESPONSE_STARTED, UPSTREAM)
+                          METRICS, REPLICA, RESPONSE_STARTED, UPSTREAM)
 from .observe.metrics import CompatCollector, ProxyMetrics
 from .native import relay as native
 from .server.reload import RELOADER, Reloader
@@ -101,8 +102,9 @@ def create_app(config: Config, *, upstream: Upstream | None = None, clock: Clock
     live = LiveConfig(config)
     live.on_swap(_set_log_level)
     engine: Engine
+    replica = create_replica(config.state) if config.state.backend == "redis" else None
     if config.upstreams:
-        fleet = create_fleet(live, clock=clock)
+        fleet = create_fleet(live, clock=clock, replica=replica)
         engine, upstream = fleet, fleet.native.backend
         app_hosts = {h.name: h.backend for h in fleet.hosts}
     else:
@@ -112,12 +114,14 @@ def create_app(config: Config, *, upstream: Upstream | None = None, clock: Clock
         if config.storage.enabled:
             store = UsageStore(config.storage.path or default_path(),
                                config.storage.retention_days)
-        engine = EngineCore(live, upstream, clock=clock, sampler=sampler, store=store)
+        engine = EngineCore(live, upstream, clock=clock, sampler=sampler, store=store,
+                            shared=replica.host(SINGLE_HOST) if replica is not None else None)
         app_hosts = {}
     auth = AuthState(live)
     app = web.Application(middlewares=[errors_middleware],
                           client_max_size=config.server.max_body_bytes)
     app[HOSTS] = app_hosts
+    app[REPLICA] = replica
     app[CONFIG] = live
     app[UPSTREAM] = upstream
     app[ENGINE] = engine
@@ -199,6 +203,18 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
             await backend.close()
 
 
+async def _replica_ctx(app: web.Application) -> AsyncIterator[None]:
+    replica = app[REPLICA]
+    if replica is None:
+        yield
+        return
+    await replica.start()
+    try:
+        yield
+    finally:
+        await replica.close()
+
+
 async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
     engine = app[ENGINE]
     try:
@@ -230,5 +246,5 @@ async def _health_ctx(app: web.Application) -> AsyncIterator[None]:
     await app[HEALTH].stop_monitoring()
 
 
-RESOURCES = (_access_log_ctx, _events_ctx, _upstream_ctx, _engine_ctx, _webhook_ctx,
-             _health_ctx)
+RESOURCES = (_access_log_ctx, _events_ctx, _upstream_ctx, _replica_ctx, _engine_ctx,
+             _webhook_ctx, _health_ctx)

@@ -105,6 +105,29 @@ class PlacementConfig:
     native_host: str | None = None
 
 
+STATE_BACKENDS = ("memory", "redis")
+
+
+@dataclass(frozen=True)
+class StateConfig:
+    """Facts shared by several proxy replicas (locks, reservations, leases, leader, events)."""
+    # memory: this process alone (no coordination). redis: replicas share one Redis.
+    backend: str = field(default="memory", metadata=rule(choices=STATE_BACKENDS))
+    url: str | None = None            # redis://[user:password@]host:port/db (or rediss://)
+    url_env: str | None = None        # ... read from this environment variable at start
+    key_prefix: str = "lmproxy:"
+    replica_id: str | None = None     # default: host name, process id and a random suffix
+    # A replica's heartbeat, its leases and the leader's lease live this long unrenewed
+    # (renewed every third of it): a dead replica's hold on the fleet lapses within it.
+    lease_ttl_s: float = field(default=6.0, metadata=rule(0.5))
+    # A load's single-flight lock, renewed while the load runs: a replica that died while
+    # loading lets another take over within it.
+    lock_ttl_s: float = field(default=10.0, metadata=rule(0.5))
+    # While Redis cannot be reached, a load waits this long for it, then 503 state_unavailable.
+    unavailable_wait_s: float = field(default=10.0, metadata=rule(0))
+    timeout_s: float = field(default=2.0, metadata=rule(0, exclusive_lo=True))
+
+
 @dataclass(frozen=True)
 class MemoryConfig:
     max_memory_usage_percent: float = field(default=80.0, metadata=rule(1, 100))
@@ -259,6 +282,7 @@ class Config:
     # Several servers (a fleet): each entry a host, its unset keys taken from `upstream:`.
     upstreams: tuple[HostConfig, ...] = ()
     placement: PlacementConfig = field(default_factory=PlacementConfig)
+    state: StateConfig = field(default_factory=StateConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     eviction: EvictionConfig = field(default_factory=EvictionConfig)
     models: Mapping[str, ModelConfig] = field(default_factory=dict)
@@ -396,6 +420,7 @@ def _cross_checks(config: Config, problems: list[str]) -> None:
             seen[alias] = key
     _auth_checks(config.auth, problems)
     _host_checks(config, problems)
+    _state_checks(config.state, problems)
     total_gb = _total_memory_gb(config)
     problems += group_problems(config, total_gb)
     if total_gb is not None:
@@ -455,6 +480,20 @@ def _host_checks(config: Config, problems: list[str]) -> None:
         if m.host is not None and m.host not in names:
             problems.append(f"models.{key}.host: '{m.host}' is not a host in upstreams "
                             f"({', '.join(sorted(names)) or 'none'})")
+
+
+def _state_checks(state: StateConfig, problems: list[str]) -> None:
+    if state.backend == "memory":
+        return
+    if (state.url is None) == (state.url_env is None):
+        problems.append("state: backend redis needs exactly one of url, url_env")
+    if state.url is not None and \
+            state.url.partition("://")[0].lower() not in ("redis", "rediss", "unix"):
+        problems.append(f"state.url: '{redact_url(state.url)}' must start with redis://, "
+                        "rediss:// or unix://")
+    if state.lock_ttl_s <= state.lease_ttl_s / 3:
+        problems.append("state.lock_ttl_s: must be above a third of state.lease_ttl_s "
+                        "(a lock is renewed as often as a lease)")
 
 
 def config_warnings(config: Config) -> list[str]:

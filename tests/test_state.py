@@ -34,6 +34,15 @@ async def test_of_fifty_racing_acquirers_exactly_one_holds_the_lock(fleet):
     assert await held[0].valid()
 
 
+async def test_the_lock_holder_is_named_while_it_holds_it(fleet):
+    a, b = fleet.replica("a"), fleet.replica("b")
+    assert await b.lock_holder("h", "m") is None
+    lock = await a.acquire_lock("h", "m", 5.0)
+    assert await b.lock_holder("h", "m") == a.replica_id
+    await lock.release()
+    assert await b.lock_holder("h", "m") is None
+
+
 async def test_locks_of_other_models_and_hosts_are_independent(fleet):
     a = fleet.replica("a")
     assert await a.acquire_lock("h1", "m", LONG_S) is not None

@@ -15,7 +15,7 @@ the admission task, all here.
 from __future__ import annotations
 
 import asyncio
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 from ..config import Config
 from ..upstream.base import ModelBackend
@@ -26,6 +26,9 @@ from .lifecycle import ModelEntry, ModelStatus, transition
 from .listeners import Listeners
 from .monitor import MemoryMonitor
 from .registry import Registry
+
+if TYPE_CHECKING:
+    from .shared import SharedHost
 
 
 class EngineContext:
@@ -39,6 +42,8 @@ class EngineContext:
         self.clock = clock
         self.backend = backend
         self.learner = learner
+        # What this replica shares with the others (engine/shared.py); None: it is alone.
+        self.shared: SharedHost | None = None
         self.status_epoch = 0                    # bumps on every status change
         self.status_epochs: dict[str, int] = {}  # model → epoch of its last change
         # The admission task's doorbell: rung by any change that may let a waiting load

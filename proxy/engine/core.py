@@ -39,6 +39,7 @@ from .reconcile import Reconciler
 from .registry import ECHO_MAX_CHARS, Registry
 from .report import memory_stats, model_row, recommendations
 from .scheduler import Scheduler
+from .shared import SharedHost
 from .usage import ModelUsage, RequestRecord
 
 log = logging.getLogger("proxy.engine")
@@ -53,7 +54,8 @@ class EngineCore:
     def __init__(self, config: Config | LiveConfig, upstream: ModelBackend, *,
                  sampler: MemorySampler | None = None, clock: Clock | None = None,
                  store: UsageStore | None = None, owns_upstream: bool = False,
-                 on_critical: CriticalHandler | None = None) -> None:
+                 on_critical: CriticalHandler | None = None,
+                 shared: SharedHost | None = None) -> None:
         """`config`: the app's live holder, or a plain Config (the engine as a library)."""
         self.live = live = LiveConfig.of(config)
         config = live.current
@@ -69,6 +71,9 @@ class EngineCore:
                                      self.listeners, reserved_bytes=r.loading_bytes)
         self.ctx = ctx = EngineContext(r, self.monitor, self.accounting, self.listeners,
                                        self.clock, upstream, self.learner)
+        if shared is not None:   # one of several replicas: what they share (engine/shared.py)
+            ctx.shared = shared
+            shared.leases_of = lambda: [e.key for e in r.entries.values() if e.leases]
         self.preloads = PreloadTally(r)
         self.reconciler = Reconciler(ctx)
         self.groups = Groups(ctx)
@@ -124,11 +129,11 @@ class EngineCore:
                              self._monitor_tick)
         self._periodic.start("idle", lambda: min(IDLE_CHECK_MAX_S,
                                                  self.config.memory.monitoring_interval),
-                             self.unload_idle_models)
+                             self._idle_tick)
         self._periodic.start("reconcile", lambda: self.config.upstream.reconcile_interval_s,
                              self.reconcile)
         self._periodic.start("preload", lambda: self.config.memory.monitoring_interval,
-                             self.preloader.tick)
+                             self._preload_tick)
         if self.store is not None:
             self._periodic.start("flush", c.storage.flush_interval_s, self.flush)
 
@@ -235,9 +240,24 @@ class EngineCore:
     async def sample_memory(self) -> MemorySample:
         return await self.monitor.sample()
 
+    @property
+    def leads(self) -> bool:
+        """Runs the background jobs that act on the hosts: alone, or as the replicas' leader."""
+        shared = self.ctx.shared
+        return shared is None or shared.replica.leader
+
     async def _monitor_tick(self) -> None:
         await self.sample_memory()
-        await self.relieve_pressure()
+        if self.leads:
+            await self.relieve_pressure()
+
+    async def _idle_tick(self) -> None:
+        if self.leads:
+            await self.unload_idle_models()
+
+    async def _preload_tick(self) -> None:
+        if self.leads:
+            await self.preloader.tick()
 
     async def relieve_pressure(self) -> list[str]:
         """At high pressure evict by policy until back to normal; at critical, escalate (to

@@ -16,9 +16,8 @@ from .groups import Groups
 from .lifecycle import ModelEntry, ModelStatus
 from .memory import MemoryPressure
 from .preload import PreloadTally
-from .policy import (GROUP_SERVING, NOT_OURS, PREDICTION_HORIZON_S, SET_POLICIES, Candidate,
-                     blocker,
-                     cheapest_cover, client_blocker, decayed_heat, expected_cost_s,
+from .policy import (GROUP_SERVING, NOT_OURS, PREDICTION_HORIZON_S, SERVING_ELSEWHERE,
+                     SET_POLICIES, Candidate, blocker, cheapest_cover, client_blocker, decayed_heat, expected_cost_s,
                      expected_hold_s, in_residency, select_victims)
 
 log = logging.getLogger("proxy.engine")
@@ -90,6 +89,9 @@ class Evictor(Part):
                       critical=critical, not_ours=not_ours)
         if why is None and self.groups.partner_serving(e):
             return GROUP_SERVING
+        shared = self.ctx.shared
+        if why is None and shared is not None and shared.busy_elsewhere(e.key, now):
+            return SERVING_ELSEWHERE
         return why
 
     def ours(self, e: ModelEntry, *, critical: bool) -> tuple[bool, str]:
@@ -192,6 +194,12 @@ class Evictor(Part):
         before = await self.monitor.sample() if local and learned else None
         if e.busy or e.status is not S.LOADED:
             return False     # a request took it, or someone else unloaded it, while we sampled
+        shared = self.ctx.shared
+        if shared is not None and not await shared.may_unload(
+                e.key, self.clock.now(), shared.replica.lease_ttl_s):
+            return False     # another replica serves it
+        if e.busy or e.status is not S.LOADED:
+            return False
         instance_ids = e.instance_ids
         self.listeners.emit("on_evict", e.key, reason, for_model)   # told before the state
         self.ctx.swap(e, S.LOADED, S.UNLOADING)
@@ -208,6 +216,8 @@ class Evictor(Part):
             self.preloads.unloaded_unused(e)
         self.ctx.swap(e, S.UNLOADING, S.UNLOADED)
         self.accounting.forget_owned(instance_ids)
+        if shared is not None:
+            await shared.unloaded(instance_ids)
         log.info("unloaded %s (%s%s)", e.key, reason, f" for {for_model}" if for_model else "")
         if before is not None and learned:
             await self._await_reclaim(before.available_bytes + 0.5 * learned)

@@ -41,6 +41,8 @@ class Leases:
             self.preloads.used(e)
         lease = Lease(e, self._released, now)
         self.active.add(lease)
+        if self.ctx.shared is not None:
+            self.ctx.shared.touch(e.key)
         return lease
 
     def hold(self, e: ModelEntry) -> Lease:

@@ -136,7 +136,38 @@ class Loader(Part):
 
     async def _load_or_adopt(self, e: ModelEntry, options: dict) -> tuple[LoadResult, bool]:
         """Load e (True), or adopt it (False) when it is loaded already: asking LM Studio to
-        load a loaded model would create a duplicate instance."""
+        load a loaded model would create a duplicate instance. Among replicas, under the
+        (host, model) load lock and a reservation of its memory (engine/shared.py)."""
+        shared = self.ctx.shared
+        if shared is None:
+            return await self._load_or_adopt_here(e, options)
+        async with shared.load_slot(
+                e, self.registry.footprint_bytes(e), await self._room_for(e),
+                loaded=lambda: self._upstream_has(e.key),
+                timeout_s=self.registry.config.upstream.load_timeout_s) as token:
+            result, loaded_now = await self._load_or_adopt_here(e, options)
+            if loaded_now:
+                await shared.loaded_by_fleet(result.instance_id, e.key, token)
+            return result, loaded_now
+
+    async def _room_for(self, e: ModelEntry) -> float:
+        """Memory the host has for loads, as its own list says now: the ceiling less what it
+        holds resident (other replicas' loads in flight are their reservations)."""
+        try:
+            models = await self.backend.list_models()
+        except UpstreamError:
+            models = []
+        entries = self.registry.entries
+        resident = sum(self.registry.footprint_bytes(entries[m.key]) for m in models
+                       if m.loaded and m.key != e.key and m.key in entries)
+        s = self.monitor.last_sample or await self.monitor.sample()
+        return self.monitor.ceiling_bytes(s) - resident
+
+    async def _upstream_has(self, key: str) -> bool:
+        return bool(await self._upstream_instances(key))
+
+    async def _load_or_adopt_here(self, e: ModelEntry, options: dict
+                                  ) -> tuple[LoadResult, bool]:
         current = await self._upstream_instances(e.key)
         if current:
             return LoadResult(current[0], None), False

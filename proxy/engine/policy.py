@@ -48,7 +48,9 @@ SERVING, PINNED, NOT_OURS, HELD = "serving", "pinned", "not ours", "inside its r
 CLIENT_CONNECTED = "its SDK client is connected"
 CLIENT_KEPT = "an SDK client's (native.evict: never)"
 GROUP_SERVING = "a member of its together group is serving"   # engine/groups.py
-TEMPORARY = frozenset({SERVING, HELD, GROUP_SERVING})   # blockers that go away by themselves
+SERVING_ELSEWHERE = "serving through another replica"          # engine/shared.py
+# Blockers that go away by themselves.
+TEMPORARY = frozenset({SERVING, HELD, GROUP_SERVING, SERVING_ELSEWHERE})
 
 
 def client_blocker(mode: str, *, connected: bool, critical: bool) -> str | None:

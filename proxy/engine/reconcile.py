@@ -65,6 +65,8 @@ class Reconciler(Part):
             self.error_type = type(exc)
             return []
         self.upstream_ok, self.upstream_error = True, None
+        if self.ctx.shared is not None:
+            await self.ctx.shared.refresh_owned()
         changed: list[ModelEntry] = []
         late: list[ModelEntry] = []
         for m in models:
@@ -91,10 +93,12 @@ class Reconciler(Part):
             if self.ctx.swap(e, (S.UNLOADED, S.ERROR), S.LOADED):
                 changed.append(e)
                 e.loaded_at_s = e.last_used_at_s = self.clock.now()
-                if self.accounting.owns(e.key, m.instance_ids):
+                shared = self.ctx.shared
+                if self.accounting.owns(e.key, m.instance_ids) or (
+                        shared is not None and shared.owned_by_fleet(e.key, m.instance_ids)):
                     e.owner = OWNER_PROXY
-                    log.info("%s is still loaded from before a restart; it is the proxy's",
-                             m.key)
+                    log.info("%s is loaded and the proxy's (from before a restart, or loaded "
+                             "by another replica)", m.key)
                 elif e.claim_unfinished(self.clock.now()):
                     e.owner = OWNER_PROXY
                     e.load_failures, e.last_error = 0, None   # it did load, if late

@@ -6,6 +6,7 @@ import random
 
 from ..engine.clock import Clock
 from ..engine.core import EngineCore
+from ..engine.shared import Replica
 from ..liveconfig import LiveConfig
 from ..store import UsageStore
 from ..upstream import create_upstream
@@ -16,7 +17,7 @@ __all__ = ["Fleet", "Host", "create_fleet"]
 
 
 def create_fleet(live: LiveConfig, *, clock: Clock | None = None,
-                 rng: random.Random | None = None) -> Fleet:
+                 rng: random.Random | None = None, replica: Replica | None = None) -> Fleet:
     """One engine per host of `upstreams:`, each with its backend and history file."""
     config = live.current
     hosts = []
@@ -26,6 +27,7 @@ def create_fleet(live: LiveConfig, *, clock: Clock | None = None,
         store = None
         if config.storage.enabled:
             store = UsageStore(narrowed.current.storage.path, config.storage.retention_days)
-        core = EngineCore(narrowed, backend, clock=clock, store=store)
+        core = EngineCore(narrowed, backend, clock=clock, store=store,
+                          shared=replica.host(spec.name) if replica is not None else None)
         hosts.append(Host(spec, core, backend, narrowed))
-    return Fleet(live, hosts, rng=rng)
+    return Fleet(live, hosts, rng=rng, replica=replica)

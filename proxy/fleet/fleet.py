@@ -25,6 +25,7 @@ from ..config import Config
 from ..engine.listeners import EVENTS
 from ..engine.lifecycle import Lease, ModelEntry, ModelStatus
 from ..engine.memory import MemoryPressure, MemorySample
+from ..engine.shared import Replica
 from ..engine.usage import ModelUsage, RequestRecord
 from ..errors import InvalidRequest, ModelNotFound, ModelTooLarge, ProxyError, UpstreamUnreachable
 from ..liveconfig import LiveConfig
@@ -40,9 +41,10 @@ CATALOG_REFRESH_MIN_S = 2.0
 
 
 class Fleet:
-    def __init__(self, live: LiveConfig, hosts: list[Host], *, rng: random.Random | None = None
-                 ) -> None:
+    def __init__(self, live: LiveConfig, hosts: list[Host], *, rng: random.Random | None = None,
+                 replica: Replica | None = None) -> None:
         self.live = live
+        self.replica = replica
         self.hosts = hosts
         self.by_name = {h.name: h for h in hosts}
         self.rng = rng or random.Random()
@@ -88,9 +90,11 @@ class Fleet:
         try:
             await asyncio.gather(*(h.core.sample_memory() for h, _ in listed if h.up),
                                  return_exceptions=True)
+            elsewhere = await self._loading_elsewhere(key, listed)
             listed = self._listed(key, avoid)
             preferred = self.config.model(key).host
-            p = place([full_view(h, e, h.name == preferred) for h, e in listed], self.rng,
+            p = place([full_view(h, e, h.name == preferred, h.name in elsewhere)
+                       for h, e in listed], self.rng,
                       replicate_after_waiters=self.config.placement.replicate_after_waiters)
         finally:
             # Those waiting look again after this request has started or joined its host's
@@ -98,6 +102,18 @@ class Fleet:
             del self._placing[key]
             placed.set_result(None)
         return await self._on(self._count(p, key, listed), key)
+
+    async def _loading_elsewhere(self, key: str, listed: list[tuple[Host, ModelEntry]]
+                                 ) -> set[str]:
+        """Hosts where another replica is loading the model now (their load locks): the
+        request joins that load there rather than start a second one elsewhere."""
+        if self.replica is None:
+            return set()
+        store, me = self.replica.store, self.replica.id
+        holders = await asyncio.gather(*(store.lock_holder(h.name, key) for h, _ in listed),
+                                       return_exceptions=True)
+        return {h.name for (h, _), who in zip(listed, holders)
+                if isinstance(who, str) and who != me}
 
     def _listed(self, key: str, avoid: str | None) -> list[tuple[Host, ModelEntry]]:
         return [(h, e) for h in self.hosts if h.name != avoid

@@ -14,10 +14,10 @@ from .placer import LOADED, LOADING, HostView
 S = ModelStatus
 
 
-def _status(h: Host, e: ModelEntry) -> str:
+def _status(h: Host, e: ModelEntry, loading_elsewhere: bool = False) -> str:
     if e.status is S.LOADED:
         return LOADED
-    if e.status is S.LOADING or e.key in h.core.scheduler.pending:
+    if e.status is S.LOADING or e.key in h.core.scheduler.pending or loading_elsewhere:
         return LOADING
     return e.status.value
 
@@ -27,7 +27,9 @@ def quick_view(h: Host, e: ModelEntry) -> HostView:
                     parallel=h.config.parallel, waiters=e.waiting)
 
 
-def full_view(h: Host, e: ModelEntry, preferred: bool) -> HostView:
+def full_view(h: Host, e: ModelEntry, preferred: bool, loading_elsewhere: bool = False
+              ) -> HostView:
+    """`loading_elsewhere`: another replica of the proxy is loading it there."""
     core = h.core
     now = core.clock.now()
     need = core.registry.footprint_bytes(e)
@@ -40,7 +42,7 @@ def full_view(h: Host, e: ModelEntry, preferred: bool) -> HostView:
             evict_cost = sum(expected_cost_s(evictor.candidate(core.registry.entries[k], now,
                                                                predicted=True))
                              for k in victims)
-    return HostView(h.name, _status(h, e), up=h.up, in_flight=e.leases,
+    return HostView(h.name, _status(h, e, loading_elsewhere), up=h.up, in_flight=e.leases,
                     parallel=h.config.parallel, waiters=e.waiting, free_bytes=free,
                     footprint_bytes=need, ceiling_bytes=core.ceiling_bytes(),
                     evict_cost_s=evict_cost, load_s=core.registry.reload_s(e),

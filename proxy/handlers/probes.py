@@ -11,7 +11,7 @@ from ..config import redact_url
 from ..engine.face import Engine
 from ..fleet import Fleet
 from ..observe.hosts import fleet_of, host_state
-from ..server.keys import ENGINE, HEALTH, METRICS, UPSTREAM
+from ..server.keys import ENGINE, HEALTH, METRICS, REPLICA, UPSTREAM
 from .admin import json_response
 
 
@@ -60,7 +60,18 @@ async def readyz(request: web.Request) -> web.Response:
     if engine.upstream_ok and not engine.manages_loading:
         body["note"] = ("the upstream has no load/unload API (LM Studio older than 0.4.0): "
                         "loading is left to its own JIT and memory is not managed")
-    return json_response(body, 200 if ready else 503)
+    return json_response(_with_state(request, body), 200 if ready else 503)
+
+
+def _with_state(request: web.Request, body: dict) -> dict:
+    """Among replicas: the shared state's reachability. Without it the proxy still serves what
+    is resident, but loads and evictions wait: ready, and degraded."""
+    replica = request.app[REPLICA]
+    if replica is not None:
+        body["state"] = {"ok": replica.ok, "replica": replica.id, "leader": replica.leader,
+                         "error": replica.error}
+        body["degraded"] = not replica.ok
+    return body
 
 
 async def fleet_readyz(request: web.Request, fleet: Fleet) -> web.Response:
@@ -74,7 +85,7 @@ async def fleet_readyz(request: web.Request, fleet: Fleet) -> web.Response:
     ready = any(state["up"] for state in hosts.values())
     body = {"ready": ready, "hosts_up": sum(state["up"] for state in hosts.values()),
             "hosts": hosts, "error": None if ready else fleet.upstream_error}
-    return json_response(body, 200 if ready else 503)
+    return json_response(_with_state(request, body), 200 if ready else 503)
 
 
 async def health_report(request: web.Request) -> web.Response:

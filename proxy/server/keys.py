@@ -19,6 +19,8 @@ ENGINE = web.AppKey("engine", Engine)
 UPSTREAM = web.AppKey("upstream", Upstream)
 # A fleet's hosts by name, each its backend (empty for a single server: UPSTREAM is it).
 HOSTS = web.AppKey("hosts", dict)
+# This process among the replicas sharing state (None: state.backend memory, it is alone).
+REPLICA = web.AppKey("replica", object)
 METRICS = web.AppKey("metrics", ProxyMetrics)
 ACCESS_LOG = web.AppKey("access_log", AccessLog)
 HEALTH = web.AppKey("health", ModelHealthMonitor)

@@ -31,6 +31,7 @@ START_ONLY = (
     "upstreams",                            # a fleet's hosts: each its client and engine
     "placement.native_host",                # SDK clients' websocket relay, set up once
     "storage",                              # the SQLite file and its flush loop
+    "state",                                # the Redis connection and the replica's loop
     "memory.sampler",                       # the sampler object
     "compat.models_retrieve",               # a route, registered once
 )

@@ -117,6 +117,8 @@ class StateStore(Protocol):
         """Releases the lock only if this holder still has it."""
     async def check_fence(self, host: str, model: str, token: int) -> bool:
         """Does the (host, model) lock currently hold `token`?"""
+    async def lock_holder(self, host: str, model: str) -> str | None:
+        """The replica holding the (host, model) lock now, if any."""
 
     # -- memory reservations ----------------------------------------------------------------
     async def reserve(self, host: str, key: str, size_bytes: int, budget_bytes: int,

@@ -117,6 +117,10 @@ class MemoryState:
         held = self._held(host, model)
         return held is not None and held[0] == token
 
+    async def lock_holder(self, host: str, model: str) -> str | None:
+        held = self._held(host, model)
+        return None if held is None else held[1]
+
     # -- memory reservations ----------------------------------------------------------------
     def _live_reservations(self, host: str) -> dict[tuple[str, str], tuple[int, float]]:
         now_s = self._now()

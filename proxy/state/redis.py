@@ -148,6 +148,11 @@ class RedisState:
         holder = await self.client.get(self._key("lock", host, model))
         return holder is not None and holder.partition(":")[0] == str(token)
 
+    @_guarded
+    async def lock_holder(self, host: str, model: str) -> str | None:
+        holder = await self.client.get(self._key("lock", host, model))
+        return None if holder is None else holder.partition(":")[2] or None
+
     # -- memory reservations ----------------------------------------------------------------
     def _field(self, key: str) -> str:
         return _part(self.replica_id) + "|" + key

@@ -1,0 +1,256 @@
+"""What a replica shares with the other replicas of the proxy (`state.backend: redis`).
+
+`Replica` is this process in the fleet of replicas: its heartbeat, the leader's lease (only the
+leader runs idle unloading, preloading and pressure relief), and the batch that renews its
+in-flight leases, all in one loop. `SharedHost` is one host's share of it, handed to that host's
+engine, which asks it at the moments something changes — never on a request's hot path:
+
+    load_slot(e, need, room)   the (host, model) single-flight lock, renewed while the load
+                               runs, and a reservation of its memory; waits while another
+                               replica loads it (then the model is adopted, not loaded twice)
+    owned_by_fleet(...)        instances any replica loaded count as the proxy's (evictable)
+    may_unload(key)            False while another replica serves the model
+    touch(key)                 a request took a lease: renewed in the next batch, at once the
+                               first time (a model another replica might be about to evict)
+
+The host's own model list stays the source of truth: a waiting replica learns that the load is
+done from the host, and every replica reconciles against it. With `state.backend: memory`
+there is no Replica and the engine does none of this.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import TYPE_CHECKING, AsyncIterator, Awaitable, Callable
+
+from ..config import StateConfig
+from ..errors import ConfigError, InsufficientMemory, StateUnavailable
+from ..state import StateStore, create_state
+from .memory import GB
+
+if TYPE_CHECKING:
+    from .lifecycle import ModelEntry
+
+log = logging.getLogger("proxy.shared")
+SINGLE_HOST = "default"        # the host's name in the shared state when there is one
+POLL_S = 0.25                  # a replica waiting for another's load asks the host this often
+RESERVATION_GRACE_S = 2.0      # a loaded model's reservation outlives its load this long
+
+
+def create_replica(config: StateConfig) -> "Replica":
+    """This process as one of the replicas sharing `state.url` (state.backend: redis)."""
+    import os
+    url = config.url if config.url is not None else os.environ.get(config.url_env or "")
+    if not url:
+        raise ConfigError([f"state.url_env: the environment variable {config.url_env} is "
+                           "not set"])
+    store = create_state(url, replica_id=config.replica_id, prefix=config.key_prefix,
+                         timeout_s=config.timeout_s)
+    return Replica(store, lease_ttl_s=config.lease_ttl_s, lock_ttl_s=config.lock_ttl_s,
+                   unavailable_wait_s=config.unavailable_wait_s)
+
+
+class Replica:
+    def __init__(self, store: StateStore, *, lease_ttl_s: float, lock_ttl_s: float,
+                 unavailable_wait_s: float) -> None:
+        self.store = store
+        self.lease_ttl_s = lease_ttl_s
+        self.lock_ttl_s = lock_ttl_s
+        self.unavailable_wait_s = unavailable_wait_s
+        self.leader = False
+        self.ok = True
+        self.error: str | None = None
+        self.hosts: list[SharedHost] = []
+        self._task: asyncio.Task | None = None
+        self._wake = asyncio.Event()
+
+    @property
+    def id(self) -> str:
+        return self.store.replica_id
+
+    def host(self, name: str) -> "SharedHost":
+        h = SharedHost(self, name)
+        self.hosts.append(h)
+        return h
+
+    async def start(self) -> None:
+        await self.beat()
+        self._task = asyncio.ensure_future(self._loop())
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        with contextlib.suppress(StateUnavailable):
+            if self.leader:
+                await self.store.resign()
+            await self.store.retire()     # its leases and reservations void at once
+        await self.store.close()
+
+    async def _loop(self) -> None:
+        while True:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.lease_ttl_s / 3)
+            self._wake.clear()
+            await self.beat()
+
+    def renew_soon(self) -> None:
+        self._wake.set()
+
+    async def beat(self) -> None:
+        """Heartbeat, the leader's lease, and every in-flight lease, renewed (or dropped)."""
+        try:
+            await self.store.heartbeat(self.lease_ttl_s)
+            self.leader = await self.store.campaign(self.lease_ttl_s)
+            leases, ended = [], []
+            for h in self.hosts:
+                now, gone = h.serving_now()
+                leases += [(h.name, key) for key in now]
+                ended += [(h.name, key) for key in gone]
+            if leases:
+                await self.store.renew_leases(leases, self.lease_ttl_s)
+            if ended:
+                await self.store.drop_leases(ended)
+        except StateUnavailable as exc:
+            if self.ok:
+                log.warning("shared state unavailable: %s", exc.message)
+            self.ok, self.error, self.leader = False, exc.message, False
+            return
+        if not self.ok:
+            log.info("shared state reachable again")
+        self.ok, self.error = True, None
+
+    async def patiently(self, call: Callable[[], Awaitable]):  # noqa: ANN201
+        """A call to the store, retried while it is unreachable, up to unavailable_wait_s."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.unavailable_wait_s
+        while True:
+            try:
+                return await call()
+            except StateUnavailable:
+                if loop.time() >= deadline:
+                    raise
+            await asyncio.sleep(POLL_S)
+
+
+class SharedHost:
+    def __init__(self, replica: Replica, name: str) -> None:
+        self.replica = replica
+        self.name = name
+        self.store = replica.store
+        self.leases_of: Callable[[], list[str]] = lambda: []   # the engine's busy models
+        self.renewed: set[str] = set()
+        self.fleet_owned: dict[str, str] = {}     # instance id → model, as last read
+        self.remote_busy: dict[str, float] = {}   # model → until (monotonic): leased elsewhere
+
+    def serving_now(self) -> tuple[list[str], list[str]]:
+        """(models with a lease here now, models whose lease here has ended since)."""
+        now = self.leases_of()
+        gone = [k for k in self.renewed if k not in now]
+        self.renewed = set(now)
+        return now, gone
+
+    def touch(self, key: str) -> None:
+        if key not in self.renewed:
+            self.replica.renew_soon()
+
+    @contextlib.asynccontextmanager
+    async def load_slot(self, e: "ModelEntry", need_bytes: float, room_bytes: float,
+                        loaded: Callable[[], Awaitable[bool]], timeout_s: float
+                        ) -> AsyncIterator[int | None]:
+        """Hold the (host, model) load lock and its memory while the block loads e; yields the
+        fencing token. When another replica is loading it, waits until `loaded()` (the host
+        lists it: the block then adopts it, token None) or the lock is free."""
+        r = self.replica
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while True:
+            lock = await r.patiently(lambda: self.store.acquire_lock(self.name, e.key,
+                                                                     r.lock_ttl_s))
+            if lock is not None:
+                break
+            if await loaded():
+                yield None
+                return
+            if loop.time() >= deadline:
+                holder = await self.store.lock_holder(self.name, e.key)
+                raise StateUnavailable(f"'{e.key}' is being loaded on host '{self.name}' by "
+                                       f"replica {holder or 'another'}, which has not finished "
+                                       f"within {timeout_s:g} s")
+            await asyncio.sleep(POLL_S)
+        renewer = asyncio.ensure_future(self._renew(lock))
+        reserved = done = False
+        try:
+            granted = await r.patiently(lambda: self.store.reserve(
+                self.name, e.key, int(need_bytes), max(0, int(room_bytes)),
+                timeout_s + r.lock_ttl_s))
+            if not granted.granted:
+                raise InsufficientMemory(
+                    f"Not enough memory on host '{self.name}' for '{e.key}': it needs "
+                    f"{need_bytes / GB:.1f} GB of the {room_bytes / GB:.1f} GB not resident, "
+                    f"and other replicas' loads hold {granted.reserved_bytes / GB:.1f} GB "
+                    f"of it", retry_after_s=r.lock_ttl_s)
+            reserved = True
+            yield lock.token
+            done = True
+        finally:
+            renewer.cancel()
+            await asyncio.gather(renewer, return_exceptions=True)
+            with contextlib.suppress(StateUnavailable):
+                await self.store.release_lock(lock)
+            if reserved:
+                # A loaded model keeps its reservation a moment: a replica that read the
+                # host's list just before the load finished still sees its memory taken.
+                asyncio.ensure_future(self._release_after(e.key, RESERVATION_GRACE_S
+                                                          if done else 0.0))
+
+    async def _release_after(self, key: str, delay_s: float) -> None:
+        await asyncio.sleep(delay_s)
+        with contextlib.suppress(StateUnavailable):
+            await self.store.release_reservation(self.name, key)
+
+    async def _renew(self, lock) -> None:  # noqa: ANN001 - LoadLock
+        while True:
+            await asyncio.sleep(self.replica.lock_ttl_s / 3)
+            with contextlib.suppress(StateUnavailable):
+                if not await lock.renew(self.replica.lock_ttl_s):
+                    log.warning("lost the load lock of %s on %s", lock.model, self.name)
+                    return
+
+    async def loaded_by_fleet(self, instance_id: str, key: str, token: int | None) -> None:
+        with contextlib.suppress(StateUnavailable):
+            if not await self.store.add_owned(self.name, instance_id, key, fence=token):
+                log.warning("%s on %s loaded after its load lock lapsed; the host's list "
+                            "decides who holds it", key, self.name)
+            self.fleet_owned[instance_id] = key
+
+    async def unloaded(self, instance_ids: tuple[str, ...]) -> None:
+        with contextlib.suppress(StateUnavailable):
+            for i in instance_ids:
+                await self.store.remove_owned(self.name, i)
+                self.fleet_owned.pop(i, None)
+
+    async def refresh_owned(self) -> None:
+        with contextlib.suppress(StateUnavailable):
+            self.fleet_owned = await self.store.owned(self.name)
+
+    def owned_by_fleet(self, key: str, instance_ids: tuple[str, ...]) -> bool:
+        return any(self.fleet_owned.get(i) == key for i in instance_ids)
+
+    async def may_unload(self, key: str, now_s: float, hold_s: float) -> bool:
+        """No other replica holds a live lease on it (asked at the moment of eviction); if
+        one does, it is not a victim for `hold_s`. Unreachable state: nothing is evicted."""
+        try:
+            others = await self.store.leased_by(self.name, key) - {self.replica.id}
+        except StateUnavailable:
+            self.remote_busy[key] = now_s + POLL_S
+            return False
+        if others:
+            self.remote_busy[key] = now_s + hold_s
+            return False
+        return True
+
+    def busy_elsewhere(self, key: str, now_s: float) -> bool:
+        until = self.remote_busy.get(key)
+        return until is not None and until > now_s
