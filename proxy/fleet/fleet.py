@@ -26,8 +26,10 @@ from ..engine.listeners import EVENTS
 from ..engine.lifecycle import Lease, ModelEntry, ModelStatus
 from ..engine.memory import MemoryPressure, MemorySample
 from ..engine.shared import Replica
+from ..state import LoadLock
 from ..engine.usage import ModelUsage, RequestRecord
-from ..errors import InvalidRequest, ModelNotFound, ModelTooLarge, ProxyError, UpstreamUnreachable
+from ..errors import (InvalidRequest, ModelNotFound, ModelTooLarge, ProxyError,
+                      StateUnavailable, UpstreamUnreachable)
 from ..liveconfig import LiveConfig
 from ..upstream.base import ApiLevel, Capabilities, Upstream
 from .hosts import Host, host_config
@@ -37,6 +39,8 @@ from .views import full_view, quick_view
 log = logging.getLogger("proxy.fleet")
 S = ModelStatus
 RECOVER_POLL_S = 1.0           # a suspect host is asked again this often until it answers
+PLACING = "*placing*"          # the placing lock's host part (no host name has a '*')
+PLACING_POLL_S = 0.1
 CATALOG_REFRESH_MIN_S = 2.0
 
 
@@ -53,6 +57,7 @@ class Fleet:
         self.store = first.store
         self._recovering: dict[str, asyncio.Task] = {}
         self._placing: dict[str, asyncio.Future] = {}   # model → a request placing it now
+        self._handovers: set[asyncio.Task] = set()
         self._refreshed_s = float("-inf")
         self.placements: dict[str, int] = {}     # rule → count (GET /proxy/stats)
         live.on_swap(self._swapped)
@@ -87,7 +92,10 @@ class Fleet:
                 break
             await asyncio.shield(placing)   # another request is placing it: look once it has
         placed = self._placing[key] = asyncio.get_running_loop().create_future()
+        turn: LoadLock | None = None
+        p: Placement | None = None
         try:
+            turn = await self._turn(key, listed)
             await asyncio.gather(*(h.core.sample_memory() for h, _ in listed if h.up),
                                  return_exceptions=True)
             elsewhere = await self._loading_elsewhere(key, listed)
@@ -101,7 +109,52 @@ class Fleet:
             # load (the host's acquire runs to its first wait before they wake).
             del self._placing[key]
             placed.set_result(None)
+            if turn is not None:
+                starts = p is not None and p.rule in ("free", "evict", "replicate", "queue")
+                self._hand_over(turn, p.host if starts else None, key)   # type: ignore[union-attr]
         return await self._on(self._count(p, key, listed), key)
+
+    async def _turn(self, key: str, listed: list[tuple[Host, ModelEntry]]
+                    ) -> LoadLock | None:
+        """Among replicas, one places a cold model at a time: its placing lock (held until its
+        host's load lock is taken), or None once another replica has placed it (its load shows)
+        or coordination is not possible (no shared state, Redis away: placed alone)."""
+        if self.replica is None:
+            return None
+        store, ttl_s = self.replica.store, self.replica.lock_ttl_s
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 2 * ttl_s
+        try:
+            while True:
+                lock = await store.acquire_lock(PLACING, key, ttl_s)
+                if lock is not None:
+                    return lock
+                if await self._loading_elsewhere(key, listed) or \
+                        any(h.resident(key) for h, _ in listed) or loop.time() >= deadline:
+                    return None
+                await asyncio.sleep(PLACING_POLL_S)
+        except StateUnavailable:
+            return None
+
+    def _hand_over(self, turn: LoadLock, host: str | None, key: str) -> None:
+        """Release the placing lock once the chosen host's load lock is held (the next replica
+        then sees the load and joins it), or at once when the request joined a load."""
+        async def hand_over() -> None:
+            store = turn.store
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + (self.replica.lock_ttl_s if self.replica else 0.0)
+            try:
+                while host is not None and loop.time() < deadline:
+                    if await store.lock_holder(host, key) is not None or \
+                            self.by_name[host].resident(key):
+                        break
+                    await asyncio.sleep(PLACING_POLL_S / 2)
+                await turn.release()
+            except StateUnavailable:
+                pass   # the lock lapses by itself
+        task = asyncio.ensure_future(hand_over())
+        self._handovers.add(task)
+        task.add_done_callback(self._handovers.discard)
 
     async def _loading_elsewhere(self, key: str, listed: list[tuple[Host, ModelEntry]]
                                  ) -> set[str]:
@@ -305,9 +358,10 @@ class Fleet:
             await h.core.start_monitoring()
 
     async def cleanup(self) -> None:
-        for task in list(self._recovering.values()):
+        for task in [*self._recovering.values(), *self._handovers]:
             task.cancel()
-        await asyncio.gather(*self._recovering.values(), return_exceptions=True)
+        await asyncio.gather(*self._recovering.values(), *self._handovers,
+                             return_exceptions=True)
         for h in self.hosts:
             await h.core.cleanup()
 
