@@ -163,7 +163,10 @@ class EngineCore:
         deadline_s = arrived_s + self.config.eviction.queue_timeout_s
         while True:
             if e.status is S.LOADED or not self.manages_loading:
-                return self.leases.use(e, observed=True)
+                lease = self.leases.use(e, observed=True)
+                if self.ctx.shared is not None:
+                    await self.ctx.shared.lease_now(e.key)
+                return lease
             if e.status is S.ERROR and self.clock.now() < e.retry_at_s:
                 raise ModelLoadFailed(e.last_error or f"'{e.key}' failed to load",
                                       retry_after_s=e.retry_at_s - self.clock.now())

@@ -20,7 +20,7 @@ import asyncio
 import logging
 
 from ..config import is_local_url
-from ..errors import ModelLoadFailed, UpstreamError, UpstreamUnreachable
+from ..errors import ModelLoadFailed, StateUnavailable, UpstreamError, UpstreamUnreachable
 from ..upstream.base import LoadResult
 from .context import EngineContext, Part
 from .eviction import Evictor
@@ -142,7 +142,7 @@ class Loader(Part):
         if shared is None:
             return await self._load_or_adopt_here(e, options)
         async with shared.load_slot(
-                e, self.registry.footprint_bytes(e), await self._room_for(e),
+                e, self.registry.footprint_bytes(e), lambda: self._room_for(e),
                 loaded=lambda: self._upstream_has(e.key),
                 timeout_s=self.registry.config.upstream.load_timeout_s) as token:
             result, loaded_now = await self._load_or_adopt_here(e, options)
@@ -231,7 +231,8 @@ class Loader(Part):
         return ()
 
     def _fail(self, e: ModelEntry, exc: BaseException) -> None:
-        if isinstance(exc, asyncio.CancelledError):   # given up, not failed: no backoff
+        # Given up, or the replicas' shared state was away: not the model's failure, no backoff.
+        if isinstance(exc, (asyncio.CancelledError, StateUnavailable)):
             self.ctx.swap(e, S.LOADING, S.UNLOADED)
             return
         if e.status is not S.LOADING:

@@ -386,7 +386,8 @@ class Scheduler(Part):
         await self.after_load()   # once its requests have the model (or the error)
 
     def _recheck_s(self) -> float | None:
-        """When a residency ends or a waiting load reaches its first claim, look again."""
+        """When a residency ends, a waiting load reaches its first claim or another replica's
+        hold on a model may have lapsed, look again."""
         now = self.clock.now()
         ev = self.config.eviction
         times = []
@@ -394,6 +395,9 @@ class Scheduler(Part):
         holds = [(e.loaded_at_s, self.evictor.hold_for(e, now)) for e in self.registry
                  if waiting and e.status is S.LOADED and e.loaded_at_s is not None]
         weighted = ev.hold == "expected"     # the hold weighs every waiter's wait
+        shared = self.ctx.shared
+        if waiting and shared is not None:   # another replica's lease on a model may lapse
+            times += shared.remote_busy.values()
         for p in waiting:
             times.append(p.since_s + ev.fairness_s)
             for loaded_at_s, res in holds:

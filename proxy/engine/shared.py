@@ -155,13 +155,24 @@ class SharedHost:
         if key not in self.renewed:
             self.replica.renew_soon()
 
+    async def lease_now(self, key: str) -> None:
+        """A request got a model that was cold: its lease is in the shared state before the
+        request goes on (another replica may be about to evict it)."""
+        with contextlib.suppress(StateUnavailable):
+            await self.store.renew_leases([(self.name, key)], self.replica.lease_ttl_s)
+            self.renewed.add(key)
+
     @contextlib.asynccontextmanager
-    async def load_slot(self, e: "ModelEntry", need_bytes: float, room_bytes: float,
+    async def load_slot(self, e: "ModelEntry", need_bytes: float,
+                        room: Callable[[], Awaitable[float]],
                         loaded: Callable[[], Awaitable[bool]], timeout_s: float
                         ) -> AsyncIterator[int | None]:
         """Hold the (host, model) load lock and its memory while the block loads e; yields the
         fencing token. When another replica is loading it, waits until `loaded()` (the host
-        lists it: the block then adopts it, token None) or the lock is free."""
+        lists it: the block then adopts it, token None) or the lock is free. `room()` is the
+        memory the host has for loads as its own list says now; other replicas' loads in
+        flight hold theirs as reservations, and a refused reservation is asked again (with the
+        room read again) until a loaded model's reservation has lapsed."""
         r = self.replica
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
@@ -179,12 +190,23 @@ class SharedHost:
                                        f"replica {holder or 'another'}, which has not finished "
                                        f"within {timeout_s:g} s")
             await asyncio.sleep(POLL_S)
+        if await loaded():     # another replica's load finished as this one took the lock
+            with contextlib.suppress(StateUnavailable):
+                await self.store.release_lock(lock)
+            yield None
+            return
         renewer = asyncio.ensure_future(self._renew(lock))
         reserved = done = False
         try:
-            granted = await r.patiently(lambda: self.store.reserve(
-                self.name, e.key, int(need_bytes), max(0, int(room_bytes)),
-                timeout_s + r.lock_ttl_s))
+            patience = loop.time() + RESERVATION_GRACE_S + 2 * POLL_S
+            while True:
+                room_bytes = await room()
+                granted = await r.patiently(lambda: self.store.reserve(
+                    self.name, e.key, int(need_bytes), max(0, int(room_bytes)),
+                    timeout_s + r.lock_ttl_s))
+                if granted.granted or loop.time() >= patience:
+                    break
+                await asyncio.sleep(POLL_S)
             if not granted.granted:
                 raise InsufficientMemory(
                     f"Not enough memory on host '{self.name}' for '{e.key}': it needs "

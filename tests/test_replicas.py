@@ -1,0 +1,168 @@
+"""Two proxy replicas, three emulated hosts, one real Redis (`state.backend: redis`): one load
+however the requests split across replicas, no eviction of a model another replica serves,
+memory never reserved twice, one leader, and serving on while Redis is away."""
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Callable
+
+import pytest
+
+from proxy.config import load_config
+from proxy.emulator.catalog import CatalogModel
+from proxy.engine.memory import GB
+from proxy.server.keys import REPLICA
+
+from .redis_server import make_redis_server, redis_server  # noqa: F401
+
+pytestmark = pytest.mark.timeout(90)
+
+SMALL, MID, OTHER, COLD = "lab/small-2b", "lab/mid-6b", "lab/other-6b", "lab/cold-6b"
+CATALOG = [CatalogModel(key=k, size_bytes=int(gb * GB), memory_bytes=int(gb * GB),
+                        load_time_s=0.0)
+           for k, gb in ((SMALL, 2), (MID, 5), (OTHER, 5), (COLD, 5))]
+
+
+def replica_config(hosts: dict[str, tuple[str, float]], redis_url: str, name: str,
+                   **extra: Any) -> Any:
+    return load_config({
+        "upstreams": [{"name": n, "url": url, "budget_gb": gb} for n, (url, gb) in
+                      hosts.items()],
+        "state": {"backend": "redis", "url": redis_url, "replica_id": name,
+                  "lease_ttl_s": 1.5, "lock_ttl_s": 2.0, "unavailable_wait_s": 1.0,
+                  "timeout_s": 0.5},
+        "memory": {"min_free_memory_gb": 0, "max_memory_usage_percent": 100},
+        "eviction": {"hold": 0}, "storage": {"enabled": False}, **extra})
+
+
+@pytest.fixture
+async def pair(make_emulator, make_proxy, redis_server) -> Callable[..., Any]:
+    async def start(budgets: dict[str, float], **extra: Any) -> tuple[Any, Any, dict]:
+        emus = {n: await make_emulator(catalog=CATALOG) for n in budgets}
+        hosts = {n: (emus[n].url, gb) for n, gb in budgets.items()}
+        a = await make_proxy("", config=replica_config(hosts, redis_server.url, "A", **extra))
+        b = await make_proxy("", config=replica_config(hosts, redis_server.url, "B", **extra))
+        return a, b, emus
+    return start
+
+
+async def chat(http: Any, proxy: Any, model: str, **kw: Any) -> tuple[int, Any, Any]:
+    async with http.post(f"{proxy.url}/v1/chat/completions", json={
+            "model": model, "max_tokens": 4,
+            "messages": [{"role": "user", "content": "hi"}], **kw}) as r:
+        return r.status, await r.json(), r.headers
+
+
+async def until(condition: Callable[[], Any], timeout_s: float = 10.0) -> None:
+    async with asyncio.timeout(timeout_s):
+        while not condition():
+            await asyncio.sleep(0.02)
+
+
+def loads(emus: dict[str, Any], key: str) -> int:
+    return sum(e.state.load_calls[key] for e in emus.values())
+
+
+async def test_fifty_cold_requests_split_across_two_replicas_give_one_load(pair, http):
+    a, b, emus = await pair({"x": 20, "y": 20, "z": 20})
+    gates = {n: asyncio.Event() for n in emus}
+    for n, e in emus.items():
+        e.state.faults.load_gate[MID] = gates[n]
+    racing = [asyncio.ensure_future(chat(http, a if i % 2 else b, MID)) for i in range(50)]
+    await until(lambda: loads(emus, MID) >= 1)
+    for _ in range(20):                    # time for a second load to start, were there one
+        await asyncio.sleep(0.05)
+    for g in gates.values():
+        g.set()
+    answers = await asyncio.gather(*racing)
+    assert [s for s, _, _ in answers] == [200] * 50
+    assert loads(emus, MID) == 1
+    assert len({h["X-Proxy-Host"] for _, _, h in answers}) == 1
+
+
+async def test_a_model_one_replica_streams_from_is_never_evicted_by_the_other(pair, http):
+    a, b, emus = await pair({"x": 8})
+    emu = emus["x"]
+    await a.engine.load(OTHER)
+    gate = emu.state.faults.stream_gate = asyncio.Event()
+    async with http.post(f"{a.url}/v1/chat/completions", json={
+            "model": OTHER, "stream": True, "max_tokens": 8,
+            "messages": [{"role": "user", "content": "hi"}]}) as stream:
+        assert stream.status == 200
+        await stream.content.readuntil(b"\n\n")              # A is serving it now
+        await until(lambda: a.app[REPLICA].hosts[0].renewed)  # its lease is in Redis
+        await b.engine.reconcile()
+        # B needs OTHER's memory for MID; OTHER is the fleet's (A loaded it) and idle on B.
+        waiting = asyncio.ensure_future(chat(http, b, MID))
+        b_core = b.engine.hosts[0].core
+        await until(lambda: b_core.registry.entries[OTHER].key in
+                    b_core.ctx.shared.remote_busy)
+        assert emu.state.unload_calls[OTHER] == 0 and not waiting.done()
+        row = b.engine.row(MID)
+        assert row["waiting"] == 1
+        gate.set()
+        await stream.read()
+    # A's stream is over and its lease lapses: B's request goes on, evicting OTHER.
+    status, _, headers = await asyncio.wait_for(waiting, 20)
+    assert status == 200 and emu.state.unload_calls[OTHER] == 1
+
+
+async def test_memory_is_never_reserved_twice_under_racing_loads(pair, http):
+    a, b, emus = await pair({"x": 12})
+    emu = emus["x"]
+    peak = 0
+
+    async def watch() -> None:
+        nonlocal peak
+        while True:
+            peak = max(peak, emu.state.used_bytes())
+            await asyncio.sleep(0.005)
+
+    watcher = asyncio.ensure_future(watch())
+    gate = emu.state.faults.load_gate[MID] = asyncio.Event()
+    emu.state.faults.load_gate[OTHER] = gate
+    emu.state.faults.load_gate[COLD] = gate
+    # Three 6 GB models on a 12 GB host, asked of both replicas at once: two fit.
+    racing = [asyncio.ensure_future(chat(http, r, m))
+              for r, m in ((a, MID), (b, OTHER), (a, COLD), (b, MID), (a, OTHER))]
+    await until(lambda: sum(emu.state.load_calls.values()) >= 1)
+    for _ in range(20):
+        await asyncio.sleep(0.05)
+    gate.set()
+    answers = await asyncio.gather(*racing)
+    assert not watcher.done()            # it watched all along
+    watcher.cancel()
+    assert peak <= 12 * GB, f"{peak / GB:.1f} GB resident on a 12 GB host"
+    assert sum(emu.state.load_calls.values()) >= 2
+
+
+async def test_one_leader_and_the_other_takes_over_within_the_lease(pair):
+    a, b, _ = await pair({"x": 8})
+    ra, rb = a.app[REPLICA], b.app[REPLICA]
+    await until(lambda: ra.leader or rb.leader)
+    assert ra.leader != rb.leader
+    leader, other, proxy = (ra, rb, a) if ra.leader else (rb, ra, b)
+    assert proxy.engine.hosts[0].core.leads
+    leader._task.cancel()                 # the leader stops renewing (as if it hung or died)
+    await until(lambda: other.leader, 5)  # lease_ttl_s is 1.5 s
+
+
+async def test_redis_away_resident_models_serve_loads_refuse_naming_redis_then_resume(
+        pair, http, redis_server):
+    a, b, emus = await pair({"x": 20})
+    await a.engine.load(SMALL)
+    await b.engine.reconcile()
+    redis_server.stop()
+    status, _, _ = await chat(http, b, SMALL)        # resident: no Redis on the hot path
+    assert status == 200
+    status, body, _ = await chat(http, a, MID)       # a load needs the lock
+    assert status == 503 and body["error"]["code"] == "state_unavailable"
+    assert "redis://" in body["error"]["message"]
+    await until(lambda: not a.app[REPLICA].ok)
+    async with http.get(f"{a.url}/readyz") as r:
+        ready = await r.json()
+    assert r.status == 200 and ready["degraded"] is True and ready["state"]["ok"] is False
+    redis_server.start()
+    await until(lambda: a.app[REPLICA].ok and b.app[REPLICA].ok)
+    status, _, _ = await chat(http, a, MID)
+    assert status == 200 and loads(emus, MID) == 1
