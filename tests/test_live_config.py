@@ -103,7 +103,8 @@ def changed_raw(hook_url: str, tmp_path: Path) -> dict[str, Any]:
                    "shutdown_timeout_s": 5, "event_loop": "asyncio",
                    "allow_unauthenticated": True, "max_model_name_chars": 40,
                    "header_timeout_s": 5, "body_timeout_s": 7, "keepalive_timeout_s": 5,
-                   "stall_timeout_s": 3, "max_connections": 50},
+                   "stall_timeout_s": 3, "max_connections": 50,
+                   "loading_progress": "content", "loading_progress_interval_s": 0.5},
         "upstream": {"kind": "openai", "url": "http://127.0.0.1:9", "api_token": "tok",
                      "connect_timeout_s": 1,
                      "read_timeout_s": 9, "load_timeout_s": 9, "max_connections": 9,
@@ -240,6 +241,11 @@ APPLIED: dict[str, Probe] = {
                                           **chat("m" * 41)),
     "server.body_timeout_s": value(lambda t: t.app[CONFIG].current.server.body_timeout_s, 7),
     "server.stall_timeout_s": value(lambda t: t.app[INFLIGHT].stall_timeout_s, 3),
+    # Read by each streaming request as it starts (server/progress.py).
+    "server.loading_progress": value(
+        lambda t: t.app[CONFIG].current.server.loading_progress, "content"),
+    "server.loading_progress_interval_s": value(
+        lambda t: t.app[CONFIG].current.server.loading_progress_interval_s, 0.5),
     "memory.max_memory_usage_percent": value(
         lambda t: (t.engine.monitor.gauge.max_usage_percent,
                    t.engine.monitor.max_usage_fraction), (60, 0.6)),
