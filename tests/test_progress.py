@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from typing import Any
 
 import aiohttp
@@ -134,6 +135,20 @@ async def test_a_load_quicker_than_the_first_delay_adds_no_byte(make_proxy, emul
     assert "X-Accel-Buffering" not in resp.headers
 
 
+async def test_the_first_note_comes_after_a_second_not_a_whole_interval(make_proxy, emulator,
+                                                                        http):
+    proxy = await make_proxy(emulator.url, **{"server.loading_progress_interval_s": 10})
+    loaded = gate(emulator)
+    started_s = time.monotonic()
+    async with http.post(f"{proxy.url}/v1/chat/completions",
+                         data=body("/v1/chat/completions")) as resp:
+        await note(resp)
+        waited_s = time.monotonic() - started_s
+        loaded.set()
+        await resp.read()
+    assert 0.9 <= waited_s < 5
+
+
 async def test_a_learned_load_time_gives_the_time_left(make_proxy, emulator, http):
     proxy = await make_proxy(emulator.url, **FAST)
     proxy.engine.entry(SMALL).load_time_s = 30.0    # as learned from earlier loads
@@ -190,6 +205,15 @@ async def test_a_load_past_the_queue_deadline_is_an_error_event(make_proxy, emul
     assert [e["error"]["code"] for e in events] == ["upstream_timeout"]
     await asyncio.wait_for(records.arrived.wait(), 5)
     assert records.seen[0].status == 504
+
+
+async def test_a_model_that_can_never_fit_is_refused_at_once_with_its_real_status(
+        make_proxy, emulator, http):
+    proxy = await make_proxy(emulator.url, **{"memory.budget_gb": 1})
+    async with http.post(f"{proxy.url}/v1/chat/completions",
+                         data=body("/v1/chat/completions")) as resp:
+        refused = await resp.json()       # fail fast: before the first note was due
+    assert resp.status == 503 and refused["error"]["code"] == "model_too_large"
 
 
 async def test_off_answers_a_refusal_with_its_real_status(make_proxy, emulator, http):

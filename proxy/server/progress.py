@@ -76,8 +76,8 @@ class EarlyStream:
     async def acquire(self, engine: Engine, key: str) -> Lease:
         """engine.acquire(key), with a note to the client every interval while it waits."""
         e = engine.entry(key)
-        if e is not None and e.status is S.LOADED:
-            return await engine.acquire(key)     # resident: no task, no timer
+        if e is not None and e.status is S.LOADED or not engine.manages_loading:
+            return await engine.acquire(key)     # nothing to wait for: no task, no timer
         waiting_since_s = engine.clock.now()
         task = asyncio.ensure_future(engine.acquire(key))
         delay_s = min(FIRST_NOTE_MAX_S, self.interval_s)
