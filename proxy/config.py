@@ -23,6 +23,7 @@ from .groupcheck import group_problems
 from .schema import build, deep_copy, rule
 
 SAMPLERS = ("local", "budget")
+LOADING_PROGRESS = ("comments", "content", "off")
 # The eviction policies (engine/policy.py has one value function for each of these names).
 POLICIES = ("lru", "priority", "cost-aware", "predictive")
 # When models an LM Studio SDK client loaded through the proxy may be evicted.
@@ -49,6 +50,11 @@ class ServerConfig:
     # A client that takes no stream bytes for this long has its stream ended.
     stall_timeout_s: float = field(default=30.0, metadata=rule(0, exclusive_lo=True))
     max_connections: int = field(default=1000, metadata=rule(1))
+    # A stream that waits for its model's load gets notes on it (server/progress.py): SSE
+    # comments, or reasoning content on chat completions (comments elsewhere), or nothing.
+    loading_progress: str = field(default="comments",
+                                  metadata=rule(choices=LOADING_PROGRESS))
+    loading_progress_interval_s: float = field(default=2.0, metadata=rule(0.1))
 
 
 @dataclass(frozen=True)

@@ -89,6 +89,7 @@ def base_raw(upstream_url: str) -> dict[str, Any]:
         "memory": {"sampler": "budget", "budget_gb": 64, "min_free_memory_gb": 0},
         "eviction": {"hold": 0},
         "storage": {"enabled": False},
+        "state": {"url_env": "TEST_REDIS_URL"},
         "models": {MODEL: {}},
         "auth": {"keys": [{"name": "a", "key": KEY_A},
                           {"name": "a2", "key": "sk-a2", "models": [EMBED]}],
@@ -103,7 +104,8 @@ def changed_raw(hook_url: str, tmp_path: Path) -> dict[str, Any]:
                    "shutdown_timeout_s": 5, "event_loop": "asyncio",
                    "allow_unauthenticated": True, "max_model_name_chars": 40,
                    "header_timeout_s": 5, "body_timeout_s": 7, "keepalive_timeout_s": 5,
-                   "stall_timeout_s": 3, "max_connections": 50},
+                   "stall_timeout_s": 3, "max_connections": 50,
+                   "loading_progress": "content", "loading_progress_interval_s": 0.5},
         "upstream": {"kind": "openai", "url": "http://127.0.0.1:9", "api_token": "tok",
                      "connect_timeout_s": 1,
                      "read_timeout_s": 9, "load_timeout_s": 9, "max_connections": 9,
@@ -128,6 +130,9 @@ def changed_raw(hook_url: str, tmp_path: Path) -> dict[str, Any]:
                            "breaker_failures": 9, "breaker_cooldown_s": 9,
                            "readiness_max_age_s": 9, "api_token": None}.items()}}],
         "placement": {"replicate_after_waiters": 3, "native_host": "h1"},
+        "state": {"backend": "redis", "url": "redis://127.0.0.1:9/0", "url_env": None,
+                  "key_prefix": "other:", "replica_id": "r9", "lease_ttl_s": 3,
+                  "lock_ttl_s": 4, "unavailable_wait_s": 2, "timeout_s": 1},
         "tasks": {"chat": [MODEL]},
         "groups": [{"name": "pair", "members": ["fast", "other/model"], "policy": "exclusive"}],
         "preload": {"enabled": False, "min_probability": 0.9, "rhythm_min_rate": 2},
@@ -259,6 +264,11 @@ APPLIED: dict[str, Probe] = {
                                           **chat("m" * 41)),
     "server.body_timeout_s": value(lambda t: t.app[CONFIG].current.server.body_timeout_s, 7),
     "server.stall_timeout_s": value(lambda t: t.app[INFLIGHT].stall_timeout_s, 3),
+    # Read by each streaming request as it starts (server/progress.py).
+    "server.loading_progress": value(
+        lambda t: t.app[CONFIG].current.server.loading_progress, "content"),
+    "server.loading_progress_interval_s": value(
+        lambda t: t.app[CONFIG].current.server.loading_progress_interval_s, 0.5),
     "memory.max_memory_usage_percent": value(
         lambda t: (t.engine.monitor.gauge.max_usage_percent,
                    t.engine.monitor.max_usage_fraction), (60, 0.6)),

@@ -25,6 +25,7 @@ from ..engine.usage import RequestRecord
 from ..errors import ProxyError, UpstreamError, UpstreamTimeout
 from .inflight import INFLIGHT, write_or_stall
 from .keys import ACCESS_LOG, COMPAT, ENGINE, RESPONSE_STARTED, ROUTED_TO, TASK, UPSTREAM
+from .progress import EarlyStream, upstream_refusal
 from .streaming import StreamMeter, usage_of_body
 from ..upstream.base import UpstreamResponse
 from . import headers
@@ -97,12 +98,24 @@ class Relay:
     async def run(self, key: str, payload: dict[str, Any], body: bytes) -> web.StreamResponse:
         """Hold the model `key` and forward the request to it; the client's response. In a
         fleet, a request whose host fails before answering anything goes once to another."""
+        early = EarlyStream.of(self.request, payload)   # notes while the model loads
+        try:
+            return await self._run(key, payload, body, early)
+        except ProxyError as exc:
+            if not (early and early.resp):
+                raise
+            self.status = exc.status   # the headers are out: the error can only be an event
+            return await early.fail(error_event(exc))
+
+    async def _run(self, key: str, payload: dict[str, Any], body: bytes,
+                   early: EarlyStream | None) -> web.StreamResponse:
         request = self.request
         body, strip = upstream_body(request.path, payload, body, key)
-        lease = self.lease = await self.engine.acquire(key)
+        lease = self.lease = await (early.acquire(self.engine, key) if early
+                                    else self.engine.acquire(key))
         self.model = key
         try:
-            return await self._forward(lease, payload, body, strip)
+            return await self._forward(lease, payload, body, strip, early)
         except UpstreamError as exc:
             host = lease.host
             if host is None or self.answered or isinstance(exc, UpstreamTimeout):
@@ -111,10 +124,10 @@ class Relay:
             lease.release()
             self.lease = None
             lease = self.lease = await self.engine.acquire(key, avoid=host)
-            return await self._forward(lease, payload, body, strip)
+            return await self._forward(lease, payload, body, strip, early)
 
-    async def _forward(self, lease: Lease, payload: dict[str, Any], body: bytes, strip: bool
-                       ) -> web.StreamResponse:
+    async def _forward(self, lease: Lease, payload: dict[str, Any], body: bytes, strip: bool,
+                       early: EarlyStream | None) -> web.StreamResponse:
         request = self.request
         self.answered = False
         async with self.engine.upstream_for(lease).request(
@@ -128,21 +141,25 @@ class Relay:
                 back.append((headers.HOST_HEADER, lease.host))
             if payload.get("stream") is True and up.status == 200 and \
                     up.headers.get("Content-Type", "").startswith("text/event-stream"):
-                return await self._stream(up, back, strip, lease)
+                return await self._stream(up, back, strip, lease, early)
+            if early and early.resp:
+                return await early.fail(b"data: " + await upstream_refusal(up) + b"\n\n")
             return await self._whole(up, back, payload)
 
     async def _stream(self, up: UpstreamResponse, back: list[tuple[str, str]], strip: bool,
-                      lease: Lease) -> web.StreamResponse:
+                      lease: Lease, early: EarlyStream | None) -> web.StreamResponse:
         request, clock = self.request, self.engine.clock
         meter = self.meter = StreamMeter(self.started_s, strip_usage_chunk=strip)
         chunks = up.chunks()
         # The first byte comes before the headers go out: an upstream silent past
         # read_timeout_s is still a 504, not a 200 that ends in nothing.
         first = await anext(chunks, b"")
-        resp = web.StreamResponse(status=up.status, headers=back)
-        await resp.prepare(request)
-        request[RESPONSE_STARTED] = True
-        request.app[INFLIGHT].stream_started(request, resp)
+        resp = early.resp if early else None     # started while the model loaded
+        if resp is None:
+            resp = web.StreamResponse(status=up.status, headers=back)
+            await resp.prepare(request)
+            request[RESPONSE_STARTED] = True
+            request.app[INFLIGHT].stream_started(request, resp)
         try:
             out = meter.feed(first)
             if out:
