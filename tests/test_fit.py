@@ -165,3 +165,27 @@ def test_options_for_ollama_are_its_own():
     config = load_config({"upstream": {"kind": "ollama"},
                           "models": {"m": {"load": {"num_ctx": 8192, "num_gpu": 99}}}})
     assert dict(config.model("m").load) == {"num_ctx": 8192, "num_gpu": 99}
+
+
+async def test_footprints_measured_at_two_contexts_replace_the_estimate():
+    """What fitted loads measured is kept per context, apart from the configured footprint,
+    and two contexts give the line the next choice uses."""
+    from proxy.engine.core import EngineCore
+    from proxy.upstream.base import Capabilities
+
+    from .fakes import ScriptedBackend, SettableSampler
+    caps = Capabilities(manages_loading=True, reports_memory=False, self_evicts=False,
+                        multi_instance=False, native_clients=False)
+    core = EngineCore(load_config({"models": {FIT: {"load": {"context_length": 32768},
+                                                    "fit": {"min_context_length": 4096}}}}),
+                      ScriptedBackend({FIT: 4.0}, caps), sampler=SettableSampler())
+    await core.reconcile()
+    e, fit = core.registry.entries[FIT], core.scheduler.fit
+    assert fit.kv_bytes_per_token(e) == 96_000          # estimated from its 4 GB file
+    for context, measured_gb in ((8192, 5.0), (16384, 6.0)):
+        e.fit_context_length = context
+        assert fit.learned(e, measured_gb * GB)
+    assert e.footprint_bytes is None                    # the configured one is not touched
+    assert fit.kv_bytes_per_token(e) == pytest.approx(GB / 8192)
+    assert fit.need_at(e, 32768) == pytest.approx(8.0 * GB)
+    assert fit.largest_fitting(e, 4096, 32768, 7.0 * GB) == 24576
