@@ -20,6 +20,7 @@ import yaml
 
 from .errors import ConfigError
 from .groupcheck import group_problems
+from .loadoptions import load_option_problems, load_option_warnings
 from .schema import build, deep_copy, rule
 
 SAMPLERS = ("local", "budget")
@@ -165,14 +166,23 @@ class EvictionConfig:
 
 
 @dataclass(frozen=True)
+class FitConfig:
+    """Load a model that does not fit at its context with a smaller one (engine/fit.py)."""
+    # The smallest context it may be loaded with; None: never shrink it.
+    min_context_length: int | None = field(default=None, metadata=rule(1))
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     priority: int = field(default=5, metadata=rule(1, 10))
     pinned: bool = False
     ttl_s: float | None = field(default=None, metadata=rule(0, exclusive_lo=True))
     aliases: tuple[str, ...] = ()
     footprint_gb: float | None = field(default=None, metadata=rule(0, exclusive_lo=True))
-    # Passed to LM Studio's load call as-is (context_length, flash_attention, ...).
+    # Passed to the load call as-is: LM Studio's context_length, flash_attention,
+    # eval_batch_size, offload_kv_cache_to_gpu, num_experts (loadoptions.py checks them).
     load: Mapping[str, Any] = field(default_factory=dict)
+    fit: FitConfig = field(default_factory=FitConfig)
     # In a fleet: the host its pin and priority apply to (elsewhere it is unpinned, at the
     # default priority), and the host preferred when it has room.
     host: str | None = None
@@ -429,9 +439,12 @@ def _cross_checks(config: Config, problems: list[str]) -> None:
     _state_checks(config.state, problems)
     total_gb = _total_memory_gb(config)
     problems += group_problems(config, total_gb)
+    problems += load_option_problems(config)
     if total_gb is not None:
         for key, model in config.models.items():
-            if model.footprint_gb is not None and model.footprint_gb > total_gb:
+            # With fit, footprint_gb is its need at its configured context: it may shrink.
+            if model.footprint_gb is not None and model.footprint_gb > total_gb and \
+                    model.fit.min_context_length is None:
                 problems.append(f"models.{key}.footprint_gb: {model.footprint_gb:g} exceeds total "
                                 f"memory ({total_gb:.1f} GB)")
         pinned_gb = sum(m.footprint_gb or 0.0 for m in config.models.values() if m.pinned)
@@ -507,7 +520,7 @@ def config_warnings(config: Config) -> list[str]:
     model may take (they would be refused with model_too_large)."""
     total_gb = _total_memory_gb(config)
     if total_gb is None:
-        return []
+        return load_option_warnings(config)
     mem = config.memory
     ceiling_gb = min(total_gb - mem.min_free_memory_gb,
                      total_gb * mem.max_memory_usage_percent / 100.0)
@@ -516,7 +529,9 @@ def config_warnings(config: Config) -> list[str]:
             f"(memory.max_memory_usage_percent, memory.min_free_memory_gb"
             f"{', memory.budget_gb' if mem.sampler == 'budget' else ''})"
             for key, m in config.models.items()
-            if m.footprint_gb is not None and ceiling_gb < m.footprint_gb <= total_gb]
+            if m.footprint_gb is not None and ceiling_gb < m.footprint_gb <= total_gb
+            and m.fit.min_context_length is None] + \
+        load_option_warnings(config)
 
 def _auth_checks(auth: AuthConfig, problems: list[str]) -> None:
     names: set[str] = set()

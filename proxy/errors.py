@@ -5,6 +5,7 @@
     │   ├── BodyTooLarge            (413)
     │   ├── UnsupportedEncoding     (415 unsupported_content_encoding)
     │   ├── RequestTimeout          (408 request_timeout: the body did not arrive in time)
+    │   ├── ContextLengthExceeded   (400 context_length_exceeded: prompt above the context)
     │   └── ConfigRejected          (400 invalid_config: a reload found problems)
     ├── InvalidApiKey               (401 invalid_api_key, WWW-Authenticate)
     ├── PermissionDenied            (403)
@@ -73,6 +74,10 @@ class UnsupportedEncoding(InvalidRequest):
 class RequestTimeout(InvalidRequest):
     status = 408
     code = "request_timeout"
+
+
+class ContextLengthExceeded(InvalidRequest):
+    code = "context_length_exceeded"
 
 
 class ConfigRejected(InvalidRequest):

@@ -1,6 +1,6 @@
 """The import rule, as the code has it: layers import downward only, and no module-level cycle.
 
-    foundation   errors, schema, config, groupcheck, liveconfig
+    foundation   errors, schema, config, groupcheck, loadoptions, liveconfig
     backends     upstream/*, store, state/* (the fleet's shared facts: memory or Redis)
     engine       engine/*                             (never aiohttp's web)
     fleet        fleet/*                              (one engine per host, the placer above)
@@ -21,7 +21,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "proxy"
 LAYERS = [
     ("foundation", ("proxy.errors", "proxy.schema", "proxy.config", "proxy.groupcheck",
-                    "proxy.liveconfig")),
+                    "proxy.loadoptions", "proxy.liveconfig")),
     ("backends", ("proxy.upstream", "proxy.store", "proxy.state")),
     ("engine", ("proxy.engine",)),
     ("fleet", ("proxy.fleet",)),

@@ -58,12 +58,18 @@ def value_at(config: Config, key: str) -> Any:
     """A key's value; over every model (`*`) or client key (`[]`), the tuple of them."""
     if ".*." in key:
         head, name = key.split(".*.")
-        return tuple(getattr(m, name) for m in value_at(config, head).values())
+        return tuple(_attr(m, name) for m in value_at(config, head).values())
     if "[]." in key:
         head, name = key.split("[].")
         return tuple(getattr(k, name) for k in value_at(config, head))
     node: Any = config
     for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def _attr(node: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
         node = getattr(node, part)
     return node
 
@@ -119,7 +125,7 @@ def changed_raw(hook_url: str, tmp_path: Path) -> dict[str, Any]:
                      "queue_timeout_s": 7, "fairness_s": 9, "manage_external": True},
         "models": {MODEL: {"priority": 8, "pinned": True, "ttl_s": 600, "aliases": ["fast"],
                            "footprint_gb": 3, "load": {"context_length": 2048},
-                           "host": "h1"}},
+                           "fit": {"min_context_length": 1024}, "host": "h1"}},
         "upstreams": [{"name": "h1", "url": "http://127.0.0.1:9", "api_token_env": "TEST_H1",
                        "budget_gb": 8, "sampler": "budget", "parallel": 2,
                        "labels": {"room": "closet"}, "models": ["qwen/*"],
@@ -293,6 +299,8 @@ APPLIED: dict[str, Probe] = {
     "models.*.aliases": _alias_retrieved,
     "models.*.footprint_gb": value(_footprint, ("configured", 3e9)),
     "models.*.load": _loaded_with_options,
+    "models.*.fit.min_context_length": value(
+        lambda t: t.engine.scheduler.fit.floor(t.engine.registry.entries[MODEL]), 1024),
     # A fleet reads both at each placement (a single server has nothing to place).
     "models.*.host": value(lambda t: t.app[CONFIG].current.models[MODEL].host, "h1"),
     "placement.replicate_after_waiters": value(

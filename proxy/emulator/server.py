@@ -18,6 +18,9 @@ from .state import EmulatorState, Instance, LoadRefused
 
 LOAD_KEYS = {"model", "context_length", "eval_batch_size", "flash_attention", "num_experts",
              "offload_kv_cache_to_gpu", "echo_load_config"}
+# The load body's option types, as LM Studio's schema checks them (a wrong type is a 400).
+LOAD_INTS = ("context_length", "eval_batch_size", "num_experts")
+LOAD_BOOLS = ("flash_attention", "offload_kv_cache_to_gpu", "echo_load_config")
 STATE_KEY = web.AppKey("emulator_state", EmulatorState)
 # The SDKs' probe and websockets carry no Authorization header: the token travels in frames.
 NATIVE_PATHS = {"/lmstudio-greeting", *(f"/{ns}" for ns in NAMESPACES)}
@@ -157,7 +160,8 @@ class _Api:
                 "max_context_length": m.max_context_length, "format": m.format,
                 "capabilities": {"vision": False, "trained_for_tool_use": m.type == "llm"},
                 "loaded_instances": [{"id": i.instance_id,
-                                      "config": {"context_length": i.context_length}}
+                                      "config": {**i.load_config,
+                                                 "context_length": i.context_length}}
                                      for i in self.state.instances_of(key)]})
         return _json({"models": out})
 
@@ -170,18 +174,30 @@ class _Api:
         if unknown:
             names = ", ".join(f"'{k}'" for k in unknown)
             return _error(400, f"Unrecognized key(s) in object: {names}")
+        for name in LOAD_INTS:
+            v = body.get(name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                return _error(400, f"Invalid '{name}': expected a positive integer")
+        for name in LOAD_BOOLS:
+            if body.get(name) is not None and not isinstance(body[name], bool):
+                return _error(400, f"Invalid '{name}': expected a boolean")
         key = body.get("model")
         if key not in self.state.catalog:
             return _error(404, f"Model \"{key}\" not found", code="model_not_found",
                           param="model")
         started = time.monotonic()
         try:
-            inst = await self.state.load(key, context_length=body.get("context_length"))
+            options = {k: v for k, v in body.items()
+                       if k not in ("model", "context_length", "echo_load_config")}
+            inst = await self.state.load(key, context_length=body.get("context_length"),
+                                         options=options)
         except LoadRefused as exc:
             return _error(exc.status, exc.message, type_=exc.error_type)
-        return _json({"type": inst.model.type, "instance_id": inst.instance_id,
-                      "load_time_seconds": round(time.monotonic() - started, 3),
-                      "status": "loaded"})
+        out = {"type": inst.model.type, "instance_id": inst.instance_id,
+               "load_time_seconds": round(time.monotonic() - started, 3), "status": "loaded"}
+        if body.get("echo_load_config"):
+            out["load_config"] = {**inst.load_config, "context_length": inst.context_length}
+        return _json(out)
 
     async def v1_unload(self, request: web.Request) -> web.Response:
         body = await _body(request)

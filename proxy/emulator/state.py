@@ -40,6 +40,8 @@ class Instance:
     memory_bytes: int
     ttl_s: float | None
     last_used_at: float
+    # The load call's options besides the model (flash_attention, eval_batch_size, ...).
+    load_config: dict = field(default_factory=dict)
     ballast: bytearray | None = None
     generations: set[asyncio.Task] = field(default_factory=set)
 
@@ -103,8 +105,10 @@ class EmulatorState:
 
     # -- load / unload -----------------------------------------------------------------------
     async def load(self, key: str, *, context_length: int | None = None, jit: bool = False,
-                   instance_id: str | None = None) -> Instance:
+                   instance_id: str | None = None, options: dict | None = None) -> Instance:
         model = self.catalog[key]
+        context_length = context_length or model.default_context_length
+        memory_bytes = model.memory_at(context_length)
         self.load_calls[key] += 1
         self.loading[key] += 1
         self.notify()
@@ -117,16 +121,16 @@ class EmulatorState:
             if key in self.faults.load_fail:
                 raise LoadRefused(500, f"Failed to load model \"{key}\": "
                                        f"{self.faults.load_fail[key]}")
-            if self.used_bytes() + model.resident_bytes > self.capacity_bytes:
+            if self.used_bytes() + memory_bytes > self.capacity_bytes:
                 raise LoadRefused(500, "Model loading was stopped due to insufficient system "
                                        "resources. Unload other models or adjust the guardrails.")
             instance = Instance(
                 instance_id=instance_id or self._next_instance_id(key), model=model,
-                context_length=context_length or min(model.max_context_length, 4096),
-                jit=jit, loaded_at=self.clock(), memory_bytes=model.resident_bytes,
-                ttl_s=self.jit_ttl_s if jit else None, last_used_at=self.clock())
+                context_length=context_length, jit=jit, loaded_at=self.clock(),
+                memory_bytes=memory_bytes, ttl_s=self.jit_ttl_s if jit else None,
+                last_used_at=self.clock(), load_config=dict(options or {}))
             if self.real_memory_scale:
-                instance.ballast = _touched(int(model.resident_bytes * self.real_memory_scale))
+                instance.ballast = _touched(int(memory_bytes * self.real_memory_scale))
             self.instances[instance.instance_id] = instance
             self.peak_used_bytes = max(self.peak_used_bytes, self.used_bytes())
             return instance

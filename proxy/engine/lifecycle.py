@@ -80,6 +80,14 @@ class ModelEntry:
     retry_at_s: float = 0.0
     last_error: str | None = None
     unfinished_since_s: float | None = None  # our load got no answer; the server may finish it
+    max_context_length: int | None = None   # the most the server says it can take
+    context_length: int | None = None       # its loaded instance's context, when known
+    # Loaded (or loading) with a context smaller than configured (engine/fit.py): that
+    # context and the memory it is expected to hold there.
+    fit_context_length: int | None = None
+    fit_bytes: float | None = None
+    # learned per context it was loaded with by fit: context → (mean footprint, samples)
+    context_footprints: dict[int, tuple[float, int]] = field(default_factory=dict)
     evictions: Counter[str] = field(default_factory=Counter)
     load_task: asyncio.Task | None = None
     settled: asyncio.Event = field(default_factory=asyncio.Event)  # set when not unloading
@@ -131,6 +139,8 @@ def transition(entry: ModelEntry, new: ModelStatus) -> ModelStatus:
         entry.settled.clear()
     elif old is S.UNLOADING:
         entry.settled.set()
+    if new in (S.UNLOADED, S.ERROR):
+        entry.context_length = entry.fit_context_length = entry.fit_bytes = None
     if new is S.UNLOADED:
         entry.instance_ids = ()
         entry.loaded_at_s = None

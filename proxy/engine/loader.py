@@ -24,6 +24,7 @@ from ..errors import ModelLoadFailed, StateUnavailable, UpstreamError, UpstreamU
 from ..upstream.base import LoadResult
 from .context import EngineContext, Part
 from .eviction import Evictor
+from .fit import Fitter
 from .lifecycle import OWNER_EXTERNAL, OWNER_PROXY, ModelEntry, ModelStatus
 from .memory import GB, MemorySample
 
@@ -37,6 +38,7 @@ class Loader(Part):
     def __init__(self, ctx: EngineContext, evictor: Evictor) -> None:
         super().__init__(ctx)
         self.evictor = evictor
+        self.fit = Fitter(ctx)
 
     @property
     def learns_footprints(self) -> bool:
@@ -47,7 +49,7 @@ class Loader(Part):
         started_s = self.clock.now()
         changes = self.monitor.changes
         alone = not any(x.status is S.LOADING for x in self.registry if x is not e)
-        options = dict(self.registry.config.model(e.key).load)
+        options = self.fit.load_options(e, dict(self.registry.config.model(e.key).load))
         log.info("loading %s (footprint %.1f GB, %s)", e.key,
                  self.registry.footprint_bytes(e) / GB, self.registry.footprint_source(e))
         try:
@@ -70,6 +72,9 @@ class Loader(Part):
         self._fitted(e)
         if loaded_now:
             e.learn_load_time(result.load_time_s if result.load_time_s else duration_s)
+            self.fit.loaded(e, options, result.context_length)
+        else:                                   # adopted: the server's list tells its context
+            self.fit.unsettle(e)
         try:
             if ours:
                 self.accounting.remember_owned(e, result.instance_id, options)
@@ -129,7 +134,8 @@ class Loader(Part):
             return
         lo, hi = PLAUSIBLE_FOOTPRINT
         if lo * e.size_bytes <= drop <= hi * e.size_bytes:
-            e.learn_footprint(drop)
+            if not self.fit.learned(e, drop):
+                e.learn_footprint(drop)
         else:
             log.info("%s: a drop of %.2f GB across its load is not plausible for a %.2f GB "
                      "file; footprint not learned", e.key, drop / GB, e.size_bytes / GB)

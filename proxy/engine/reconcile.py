@@ -82,6 +82,7 @@ class Reconciler(Part):
         if new:
             self.accounting.apply_learned(e)
         e.type, e.size_bytes = m.type, m.size_bytes or e.size_bytes
+        e.max_context_length = m.max_context_length or e.max_context_length
         for alias in m.aliases:
             self.registry.upstream_aliases[alias] = m.key
         if m.memory_bytes and self.capabilities and self.capabilities.reports_memory:
@@ -90,6 +91,8 @@ class Reconciler(Part):
             return   # changed by us while the list was in flight; the list is stale for it
         if m.loaded:
             e.instance_ids = m.instance_ids
+            if m.context_length and e.status is not S.LOADING:
+                e.context_length = m.context_length
             if self.ctx.swap(e, (S.UNLOADED, S.ERROR), S.LOADED):
                 changed.append(e)
                 e.loaded_at_s = e.last_used_at_s = self.clock.now()

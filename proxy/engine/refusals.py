@@ -98,7 +98,8 @@ class Refusals:
                "configured": f"models.{e.key}.footprint_gb",
                "learned": "measured across earlier loads",
                "estimated": f"estimated as its {(e.size_bytes or 0) / GB:.1f} GB file × "
-                            f"memory.footprint_factor"}[self.registry.footprint_source(e)]
+                            f"memory.footprint_factor"}.get(self.registry.footprint_source(e),
+                                                            "as fitted")
         limit = self.monitor.binding_limit(s)
         return ModelTooLarge(
             f"'{clip(e.key, ECHO_MAX_CHARS)}' needs {need / GB:.1f} GB ({how}), more than the "

@@ -111,8 +111,15 @@ class Registry:
         return None if override is None else override * GB
 
     def footprint_bytes(self, e: ModelEntry) -> float:
-        """Configured, else reported by the server, else learned, else estimated from the file
-        size; never below what the server refused to load it in."""
+        """At a context fit chose (engine/fit.py) while it is loaded with it; else configured,
+        else reported by the server, else learned, else estimated from the file size; never
+        below what the server refused to load it in."""
+        if e.fit_bytes is not None:
+            return e.fit_bytes
+        return self.configured_options_bytes(e)
+
+    def configured_options_bytes(self, e: ModelEntry) -> float:
+        """Its footprint when loaded with its configured options (its configured context)."""
         stated, floor = self._stated_footprint_bytes(e), e.footprint_floor_bytes
         return stated if floor is None else max(stated, floor)
 
@@ -137,6 +144,8 @@ class Registry:
         return floor
 
     def footprint_source(self, e: ModelEntry) -> str:
+        if e.fit_bytes is not None:
+            return "fitted"
         if self.footprint_floor_bytes(e) is not None:
             return "refused"
         if self.config.model(e.key).footprint_gb is not None:

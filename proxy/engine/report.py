@@ -29,6 +29,7 @@ def model_row(core: "EngineCore", key: str, now_s: float) -> dict[str, Any]:
         "model": key, "state": e.status.value, "type": e.type,
         "owner": e.owner if e.status in (S.LOADED, S.UNLOADING) else None,
         "instances": list(e.instance_ids),
+        "context_length": e.context_length,
         "footprint_mb": round(r.footprint_bytes(e) / 1e6),
         "footprint_source": r.footprint_source(e),
         "priority": r.priority(key), "pinned": r.pinned(key),

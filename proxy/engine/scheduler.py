@@ -29,6 +29,7 @@ from typing import Awaitable, Callable
 from ..errors import ModelLoadFailed, ProxyError, UpstreamTimeout
 from .context import EngineContext, Part
 from .eviction import Evictor
+from .fit import Choice, Fitter
 from .groups import CLEARED, DROP, WAIT
 from .lifecycle import ModelEntry, ModelStatus
 from .loader import Loader
@@ -58,6 +59,7 @@ class Pending:
     speculative: bool = False
     value_s: float = 0.0
     may_evict: bool = True     # False: into free memory only
+    fit: Choice | None = None  # loaded with a smaller context than configured (engine/fit.py)
 
 
 class Scheduler(Part):
@@ -70,6 +72,7 @@ class Scheduler(Part):
         self.preloads = preloads
         self.pending: dict[str, Pending] = {}
         self.refusals = Refusals(ctx.registry, ctx.monitor, evictor, ctx.clock)
+        self.fit = Fitter(ctx)
         self._task: asyncio.Task | None = None
         # After each load attempt of its own (the core reconciles a self-evicting server).
         self.after_load = after_load or _nothing
@@ -298,6 +301,12 @@ class Scheduler(Part):
             return False, None              # an unload of it first finishes
         need = self.registry.footprint_bytes(e)
         sample = await self.monitor.sample()
+        fit = p.fit = self.fit.plan(e, sample)
+        if isinstance(fit, ProxyError):
+            self._finish(p, fit)              # too large even at its smallest context
+            return True, None
+        if fit is not None:
+            need = fit.need_bytes
         hopeless = self.refusals.hopeless(e, need, sample)   # then wait and evict for nothing
         if hopeless is not None:
             self._finish(p, hopeless)
@@ -356,7 +365,9 @@ class Scheduler(Part):
 
     def _admit(self, p: Pending, sample: MemorySample) -> bool:
         e = p.entry
+        self.fit.settle(e, p.fit, sample)
         if not self.ctx.swap(e, (S.UNLOADED, S.ERROR), S.LOADING):
+            self.fit.unsettle(e)
             return False
         self.evictor.note_load(e.key)
         p.admitted = True

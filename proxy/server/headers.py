@@ -20,6 +20,7 @@ REQUEST_DROP = HOP_BY_HOP | CREDENTIAL_HEADERS | {"cookie", "content-encoding"}
 RESPONSE_DROP = HOP_BY_HOP | {"date", "server"}
 ROUTED_HEADER = "X-Proxy-Model"   # the model `auto:<task>` picked
 HOST_HEADER = "X-Proxy-Host"      # the fleet's host that served
+CONTEXT_HEADER = "X-Proxy-Context-Length"   # the context the serving model was loaded with
 
 
 def to_upstream(headers: Mapping[str, str]) -> dict[str, str]:

@@ -24,6 +24,7 @@ from ..engine.lifecycle import Lease
 from ..engine.usage import RequestRecord
 from ..errors import ProxyError, UpstreamError, UpstreamTimeout
 from .inflight import INFLIGHT, write_or_stall
+from .promptsize import refuse_oversized
 from .keys import ACCESS_LOG, COMPAT, ENGINE, RESPONSE_STARTED, ROUTED_TO, TASK, UPSTREAM
 from .progress import EarlyStream, upstream_refusal
 from .streaming import StreamMeter, usage_of_body
@@ -114,6 +115,7 @@ class Relay:
         lease = self.lease = await (early.acquire(self.engine, key) if early
                                     else self.engine.acquire(key))
         self.model = key
+        refuse_oversized(request.path, payload, lease.entry.context_length)
         try:
             return await self._forward(lease, payload, body, strip, early)
         except UpstreamError as exc:
@@ -139,6 +141,8 @@ class Relay:
                 back.append((headers.ROUTED_HEADER, lease.model))
             if lease.host is not None:
                 back.append((headers.HOST_HEADER, lease.host))
+            if lease.entry.context_length:
+                back.append((headers.CONTEXT_HEADER, str(lease.entry.context_length)))
             if payload.get("stream") is True and up.status == 200 and \
                     up.headers.get("Content-Type", "").startswith("text/event-stream"):
                 return await self._stream(up, back, strip, lease, early)

@@ -55,6 +55,7 @@ class UpstreamModel:
     instance_ids: tuple[str, ...] = ()         # loaded instances (empty: not loaded)
     loading: bool = False
     max_context_length: int | None = None
+    context_length: int | None = None          # the context its loaded instance has, if told
     extra: Mapping[str, Any] = field(default_factory=dict)
     aliases: tuple[str, ...] = ()              # other names the server answers to for it
 
@@ -67,6 +68,7 @@ class UpstreamModel:
 class LoadResult:
     instance_id: str
     load_time_s: float | None = None
+    context_length: int | None = None   # the context it was loaded with, if the server said
 
 
 class ModelBackend(Protocol):

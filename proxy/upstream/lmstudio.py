@@ -73,7 +73,10 @@ class LMStudioProtocol(HttpBackend):
         status, body = await self._call("POST", "/api/v1/models/load", payload,
                                         timeout_s=self.config.load_timeout_s)
         if status == 200 and isinstance(body, dict) and "instance_id" in body:
-            return LoadResult(str(body["instance_id"]), body.get("load_time_seconds"))
+            echoed = body.get("load_config")
+            return LoadResult(str(body["instance_id"]), body.get("load_time_seconds"),
+                              _int(echoed.get("context_length")) if isinstance(echoed, dict)
+                              else None)
         reason = _error_text(body) or f"HTTP {status}"
         exc = ModelLoadFailed(f"LM Studio could not load '{key}': {reason}")
         exc.out_of_memory = any(m in reason.lower() for m in _OOM_MARKERS)
@@ -103,12 +106,20 @@ LMStudioUpstream = LMStudioProtocol
 
 
 def _from_v1(m: dict[str, Any]) -> UpstreamModel:
-    instances = tuple(str(i["id"]) for i in m.get("loaded_instances") or [] if "id" in i)
+    loaded = [i for i in m.get("loaded_instances") or [] if isinstance(i, dict) and "id" in i]
+    config = loaded[0].get("config") if loaded else None
     return UpstreamModel(key=m["key"], type="embedding" if m.get("type") == "embedding"
-                         else "llm", size_bytes=m.get("size_bytes"), instance_ids=instances,
+                         else "llm", size_bytes=m.get("size_bytes"),
+                         instance_ids=tuple(str(i["id"]) for i in loaded),
                          max_context_length=m.get("max_context_length"),
-                         extra={k: m[k] for k in ("publisher", "params_string", "format")
-                                if k in m})
+                         context_length=_int(config.get("context_length"))
+                         if isinstance(config, dict) else None,
+                         extra={k: m[k] for k in ("publisher", "params_string", "format",
+                                                  "architecture") if k in m})
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _from_v0(m: dict[str, Any]) -> UpstreamModel:

@@ -70,7 +70,11 @@ class OllamaProtocol(HttpBackend):
     async def load(self, key: str, options: Mapping[str, Any]) -> LoadResult:
         payload: dict[str, Any] = {"model": key, "keep_alive": KEEP_FOREVER}
         if options:
-            payload["options"] = dict(options)   # num_ctx, num_gpu, ...: Ollama's own names
+            # num_ctx, num_gpu, ...: Ollama's own names; LM Studio's context_length is num_ctx.
+            own = {k: v for k, v in options.items() if k != "context_length"}
+            if "context_length" in options:
+                own["num_ctx"] = options["context_length"]
+            payload["options"] = own
         timeout_s = self.config.load_timeout_s
         name = full_name(key)
         path = "/api/embed" if name in self._embedding else "/api/generate"
@@ -134,6 +138,8 @@ class OllamaProtocol(HttpBackend):
                              size_bytes=_int(tag.get("size")) if ps is not tag else None,
                              memory_bytes=memory,
                              instance_ids=(key,) if ps is not None else (),
+                             context_length=_int(ps.get("context_length"))
+                             if ps is not None else None,
                              aliases=(short_name(key),) if short_name(key) != key else (),
                              extra=extra)
 

@@ -1,0 +1,53 @@
+"""A prompt certain not to fit the loaded model's context is refused before it is forwarded.
+
+The proxy has no tokenizer, so it counts a lower bound: the prompt's characters, with every run
+of one repeated character (a row of `=`, of spaces) counted as one, divided by
+MAX_CHARS_PER_TOKEN. Real text averages 3–5 characters per token in the tokenizers of current
+models; no text averages 8 over a whole prompt, so a prompt refused here would certainly have
+been refused (or cut) by the server, after a wait. Anything closer goes through: the server
+has the last word.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from ..errors import ContextLengthExceeded
+
+MAX_CHARS_PER_TOKEN = 8
+_RUNS = re.compile(r"(.)\1{3,}", re.DOTALL)   # four or more of one character: one token at most
+# Where each route keeps its prompt: the body field (named in the error's `param`).
+PROMPT_FIELDS = {"/v1/chat/completions": "messages", "/v1/messages": "messages",
+                 "/v1/completions": "prompt", "/v1/responses": "input"}
+
+
+def refuse_oversized(path: str, payload: dict[str, Any], context_length: int | None) -> None:
+    """Raise ContextLengthExceeded when the prompt is certain to exceed context_length."""
+    field = PROMPT_FIELDS.get(path)
+    if field is None or not context_length:
+        return
+    parts: list[str] = []
+    _texts(payload.get(field), parts)
+    if path == "/v1/messages":
+        _texts(payload.get("system"), parts)
+    chars = sum(len(_RUNS.sub(r"\1", t)) for t in parts)
+    at_least = chars // MAX_CHARS_PER_TOKEN
+    if at_least > context_length:
+        raise ContextLengthExceeded(
+            f"The prompt has at least {at_least} tokens ({chars} characters), more than the "
+            f"{context_length} tokens of context '{payload.get('model')}' is loaded with. "
+            f"Shorten the prompt, or load the model with a larger context "
+            f"(models.<key>.load.context_length).", param=field)
+
+
+def _texts(value: Any, out: list[str]) -> None:
+    """Every string in a prompt field: plain text, message contents, content parts."""
+    if isinstance(value, str):
+        out.append(value)
+    elif isinstance(value, list):
+        for item in value:
+            _texts(item, out)
+    elif isinstance(value, dict):
+        for name in ("content", "text", "input"):
+            if name in value:
+                _texts(value[name], out)
