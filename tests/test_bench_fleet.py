@@ -1,0 +1,70 @@
+"""The fleet benchmark replays through the real fleet on virtual time, every strategy is
+reported, and what must hold of any placement holds."""
+from __future__ import annotations
+
+import json
+
+from bench.fleet import main, render
+from bench.fleet_micro import main as micro_main
+from bench.fleet_sim import STRATEGIES, HostSpec, static_assignment
+from bench.workload import Model, Workload
+
+
+def stream(tmp_path) -> tuple[str, str]:
+    catalog = tmp_path / "catalog.csv"
+    catalog.write_text("model,size_gb,load_s\nbig,10,8\nmid,6,5\nsmall,3,3\ntiny,2,2\n")
+    requests = tmp_path / "requests.csv"
+    pattern = ["big", "mid", "small", "big", "tiny", "mid", "small", "small", "big", "tiny"] * 5
+    requests.write_text("t_s,model,prompt_tokens,completion_tokens\n" + "".join(
+        f"{i * 30.0},{m},100,300\n" for i, m in enumerate(pattern)))
+    return str(requests), str(catalog)
+
+
+def test_every_strategy_is_replayed_on_each_layout_and_the_invariants_hold(tmp_path, capsys):
+    requests, catalog = stream(tmp_path)
+    out = tmp_path / "runs.json"
+    assert main(["--requests", requests, "--catalog", catalog, "--layout", "two,three",
+                 "--rounds", "2", "--jobs", "1", "--json", str(out)]) == 0
+    runs = json.loads(out.read_text())["runs"]
+    for layout in ("two", "three"):
+        mine = [r for r in runs if r["layout"] == layout]
+        assert {r["strategy"] for r in mine} == set(STRATEGIES)
+        by = {(r["strategy"], r["seed"]): r for r in mine}
+        assert {s for s, seed in by if seed == 2} == {"placer", "least-busy"}  # random: rounds
+        for r in mine:
+            assert r["requests"] == 50 and r["refused"] == 0, r["strategy"]
+            assert r["loads"] == sum(r["per_host_loads"].values())
+            # every model is requested, so each is loaded at least once somewhere
+            assert r["loads"] >= 4 and r["load_seconds"] >= 8 + 5 + 3 + 2
+            assert r["delay_total_s"] >= 0 and r["duplicates_max"] >= 0
+            for h in r["hosts"]:
+                assert r["per_host_loads"].get(h["name"], 0) >= 0
+        for s in ("hash", "static", "single-host", "placer"):
+            # one copy per model: only rotation and least-busy spread a model over hosts
+            assert all(by[(s, seed)]["duplicate_loads"] == 0
+                       for (name, seed) in by if name == s), s
+        assert by[("single-host", 1)]["per_host_loads"].keys() == {"single"}
+        assert by[("round-robin", 1)]["duplicate_loads"] > 0   # it loads a model everywhere
+    text = capsys.readouterr().out
+    assert "placer ÷ best baseline" in text and "placer ÷ single host" in text
+    for s in STRATEGIES:
+        assert f"| {s} |" in text
+    assert render(runs) in text
+
+
+def test_static_binds_the_largest_models_first_where_most_memory_is_left():
+    models = {k: Model(k, gb, 1.0) for k, gb in
+              (("a", 10.0), ("b", 8.0), ("c", 6.0), ("d", 3.0), ("e", 2.0))}
+    w = Workload("w", models, [])
+    hosts = [HostSpec("pc", 12.0), HostSpec("mac", 9.0), HostSpec("closet", 7.0)]
+    # a → pc (2 left), b → mac (1 left), c → closet (1 left), d → pc? no: every host has
+    # under 3 left; the most is pc's 2 → pc, then e → mac/closet tie (1): the first listed.
+    assert static_assignment(w, hosts) == {"a": "pc", "b": "mac", "c": "closet", "d": "pc",
+                                           "e": "mac"}
+
+
+def test_the_micro_benchmark_reports_the_fleet_beside_one_engine(capsys):
+    assert micro_main(["--models", "20", "--hosts", "3", "--requests", "200",
+                       "--rounds", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "| one EngineCore |" in text and "| Fleet of 3 hosts |" in text
