@@ -66,7 +66,7 @@ def fleet(keys: list[str], hosts: int) -> Fleet:
     for i, spec in enumerate(config.upstreams):
         narrowed = LiveConfig(host_config(config, spec))
         backend = HostBackend(keys, {k for j, k in enumerate(keys) if j % hosts == i})
-        members.append(Host(spec, EngineCore(narrowed, backend), backend, narrowed))
+        members.append(Host(spec, EngineCore(narrowed, backend, host_name=spec.name), backend, narrowed))
     return Fleet(LiveConfig(config), members)
 
 

@@ -242,7 +242,7 @@ async def _replay(loop: VirtualTimeLoop, workload: Workload, specs: list[HostSpe
     for hc, spec in zip(config.upstreams, specs):
         narrowed = LiveConfig(host_config(config, hc))
         backend = HostBackend(workload, spec, copies)
-        hosts.append(Host(hc, EngineCore(narrowed, backend, clock=clock), backend, narrowed))
+        hosts.append(Host(hc, EngineCore(narrowed, backend, clock=clock, host_name=hc.name), backend, narrowed))
     rng = random.Random(seed)
     if strategy in ("placer", "single-host"):
         fleet: Fleet = Fleet(live, hosts, rng=rng)

@@ -255,3 +255,13 @@ def test_a_host_takes_what_it_does_not_set_from_upstream():
     a, b = c.upstreams
     assert (a.read_timeout_s, b.read_timeout_s) == (12, 3)
     assert a.api_token is None and a.url == "http://127.0.0.1:1"   # its own address and token
+
+
+async def test_a_host_does_not_preload_a_model_another_host_holds(fleet, http):
+    proxy, emus = await fleet({"a": 20, "b": 20})
+    await proxy.engine.load(MID, host="a")
+    b = proxy.engine.by_name["b"].core
+    b.preloader.queue(MID, 0.9, "a test's prediction")
+    assert MID not in b.scheduler.pending and b.preloads.queued == 0
+    b.preloader.queue(SMALL, 0.9, "a test's prediction")   # held nowhere: queued
+    assert SMALL in b.scheduler.pending

@@ -15,7 +15,7 @@ the admission task, all here.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 from ..config import Config
 from ..upstream.base import ModelBackend
@@ -44,6 +44,9 @@ class EngineContext:
         self.learner = learner
         # What this replica shares with the others (engine/shared.py); None: it is alone.
         self.shared: SharedHost | None = None
+        self.host_name: str | None = None        # its name in a fleet (None: one server)
+        # In a fleet: is the model resident or loading on another host? (Not preloaded here.)
+        self.elsewhere: Callable[[str], bool] = lambda key: False
         self.status_epoch = 0                    # bumps on every status change
         self.status_epochs: dict[str, int] = {}  # model → epoch of its last change
         # The admission task's doorbell: rung by any change that may let a waiting load

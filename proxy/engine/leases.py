@@ -40,6 +40,7 @@ class Leases:
         if e.preloaded:
             self.preloads.used(e)
         lease = Lease(e, self._released, now)
+        lease.host = self.ctx.host_name
         self.active.add(lease)
         if self.ctx.shared is not None:
             self.ctx.shared.touch(e.key)
@@ -47,6 +48,7 @@ class Leases:
 
     def hold(self, e: ModelEntry) -> Lease:
         lease = Lease(e, self._released, self.clock.now(), LeaseKind.HOLD)
+        lease.host = self.ctx.host_name
         self.active.add(lease)
         return lease
 

@@ -111,8 +111,8 @@ class Preloader(Part):
 
     def queue(self, key: str, probability: float, why: str, *, may_evict: bool = True) -> None:
         e = self.registry.entries.get(key)
-        if e is None or e.status is not S.UNLOADED:
-            return
+        if e is None or e.status is not S.UNLOADED or self.ctx.elsewhere(key):
+            return     # (a fleet's other host has it: a copy here would serve nobody)
         if self.scheduler.preload(e, probability * self.registry.reload_s(e),
                                   may_evict=may_evict):
             self.tally.queued += 1

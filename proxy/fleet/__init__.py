@@ -27,7 +27,7 @@ def create_fleet(live: LiveConfig, *, clock: Clock | None = None,
         store = None
         if config.storage.enabled:
             store = UsageStore(narrowed.current.storage.path, config.storage.retention_days)
-        core = EngineCore(narrowed, backend, clock=clock, store=store,
+        core = EngineCore(narrowed, backend, clock=clock, store=store, host_name=spec.name,
                           shared=replica.host(spec.name) if replica is not None else None)
         hosts.append(Host(spec, core, backend, narrowed))
     return Fleet(live, hosts, rng=rng, replica=replica)

@@ -19,7 +19,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from typing import Any, Iterable
+from collections import Counter
+from typing import Any, Awaitable, Iterable
 
 from ..config import Config
 from ..engine.listeners import EVENTS
@@ -33,8 +34,8 @@ from ..errors import (InvalidRequest, ModelNotFound, ModelTooLarge, ProxyError,
 from ..liveconfig import LiveConfig
 from ..upstream.base import ApiLevel, Capabilities, Upstream
 from .hosts import Host, host_config
-from .placer import Placement, place
-from .views import full_view, quick_view
+from .placer import Placement, pick_resident, place
+from .views import full_view
 
 log = logging.getLogger("proxy.fleet")
 S = ModelStatus
@@ -58,14 +59,16 @@ class Fleet:
         self._recovering: dict[str, asyncio.Task] = {}
         self._placing: dict[str, asyncio.Future] = {}   # model → a request placing it now
         self._handovers: set[asyncio.Task] = set()
+        for h in hosts:
+            h.core.ctx.elsewhere = lambda key, h=h: self._held_elsewhere(key, h)
         self._refreshed_s = float("-inf")
-        self.placements: dict[str, int] = {}     # rule → count (GET /proxy/stats)
+        self.placements: Counter[str] = Counter()   # rule → requests (GET /proxy/stats)
         live.on_swap(self._swapped)
 
     def _swapped(self, old: Config, new: Config) -> None:
         for h in self.hosts:
             spec = next((c for c in new.upstreams if c.name == h.name), h.config)
-            h.config = spec
+            h.reconfigure(spec)
             h.live.swap(host_config(new, spec))
 
     @property
@@ -80,13 +83,22 @@ class Fleet:
         return h
 
     # -- the request path --------------------------------------------------------------------
-    async def acquire(self, name: str, *, avoid: str | None = None) -> Lease:
+    def acquire(self, name: str, *, avoid: str | None = None) -> Awaitable[Lease]:
         """A USE lease on the model on the host the placer chooses (never `avoid`)."""
+        copies = self._copies(name, avoid)
+        if copies:    # the hot path: resident somewhere, no memory arithmetic, no extra frame
+            self.placements["resident"] += 1
+            return self.by_name[pick_resident(copies, self.rng)].core.acquire(name)
+        return self._acquire_cold(name, avoid)
+
+    async def _acquire_cold(self, name: str, avoid: str | None) -> Lease:
         key = self._key_of(name) or await self.resolve(name)
         while True:
             listed = self._listed(key, avoid)
-            if any(e.status is S.LOADED and h.up for h, e in listed):
-                return await self._on(self._place_quick(listed), key)
+            copies = self._copies(key, avoid)
+            if copies:
+                self.placements["resident"] += 1
+                return await self._on(self.by_name[pick_resident(copies, self.rng)], key)
             placing = self._placing.get(key)
             if placing is None:
                 break
@@ -172,25 +184,38 @@ class Fleet:
         return [(h, e) for h in self.hosts if h.name != avoid
                 for e in (h.entry(key),) if e is not None]
 
-    def _place_quick(self, listed: list[tuple[Host, ModelEntry]]) -> Host:
-        p = place([quick_view(h, e) for h, e in listed], self.rng)
-        self.placements["resident"] = self.placements.get("resident", 0) + 1
-        return self.by_name[p.host]   # type: ignore[index] - a resident host is up
+    def _held_elsewhere(self, key: str, here: Host) -> bool:
+        """Resident, loading or queued to load on a host other than `here`."""
+        for h in self.hosts:
+            if h is not here:
+                e = h.core.registry.entries.get(key)
+                if e is not None and (e.status in (S.LOADED, S.LOADING) or
+                                      key in h.core.scheduler.pending):
+                    return True
+        return False
+
+    def _copies(self, key: str, avoid: str | None) -> list[tuple[str, int, int]]:
+        """The hosts that hold `key` loaded and take requests: (name, in flight, parallel)."""
+        out = []
+        for h in self.hosts:
+            e = h.core.registry.entries.get(key)
+            if e is not None and e.status is S.LOADED and h.name != avoid and h.up and \
+                    h.allows(key):
+                out.append((h.name, e.leases, h.config.parallel))
+        return out
 
     def _count(self, p: Placement, key: str, listed: list[tuple[Host, ModelEntry]]) -> Host:
-        self.placements[p.rule] = self.placements.get(p.rule, 0) + 1
+        self.placements[p.rule] += 1
         if p.host is None:
             raise self._nowhere(key, listed, p)
         return self.by_name[p.host]
 
     async def _on(self, h: Host, key: str) -> Lease:
         try:
-            lease = await h.core.acquire(key)
+            return await h.core.acquire(key)
         except ProxyError as exc:
             exc.message = f"{exc.message} (host '{h.name}')"
             raise
-        lease.host = h.name
-        return lease
 
     def _nowhere(self, key: str, listed: list[tuple[Host, ModelEntry]], p: Placement
                  ) -> ProxyError:
@@ -237,7 +262,6 @@ class Fleet:
         for h in self.hosts:
             lease = h.core.hold(name) if h.up else None
             if lease is not None:
-                lease.host = h.name
                 return lease
         return None
 

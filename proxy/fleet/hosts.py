@@ -64,16 +64,27 @@ class Host:
         self.backend = backend
         self.live = live
         self.suspect = False
+        self._breaker = getattr(backend, "breaker", None)
+        self._allowed: dict[str, bool] = {}   # model → may it hold it (its patterns decide)
 
     @property
     def up(self) -> bool:
-        breaker = getattr(self.backend, "breaker", None)
-        tripped = breaker is not None and breaker.open
-        return self.core.upstream_ok and not self.suspect and not tripped
+        breaker = self._breaker
+        return self.core.reconciler.upstream_ok and not self.suspect and \
+            (breaker is None or not breaker.open)
 
     def allows(self, key: str) -> bool:
         patterns = self.config.models
-        return patterns is None or any(fnmatch.fnmatchcase(key, p) for p in patterns)
+        if patterns is None:
+            return True
+        allowed = self._allowed.get(key)
+        if allowed is None:
+            allowed = self._allowed[key] = any(fnmatch.fnmatchcase(key, p) for p in patterns)
+        return allowed
+
+    def reconfigure(self, config: HostConfig) -> None:
+        self.config = config
+        self._allowed.clear()
 
     def entry(self, key: str):  # noqa: ANN201 - ModelEntry | None
         """The model as this host holds it, if the host lists it and may hold it."""

@@ -57,14 +57,9 @@ def place(views: Sequence[HostView], rng: random.Random, *,
     if not views:
         return Placement(None, "down")   # no host left to try (the one that failed avoided)
     up = [v for v in views if v.up]
-    resident = [v for v in up if v.status == LOADED]
+    resident = [(v.name, v.in_flight, v.parallel) for v in up if v.status == LOADED]
     if resident:
-        free_slot = [v for v in resident if v.in_flight < v.parallel]
-        if free_slot:
-            return Placement(_pick(free_slot, rng).name, "resident")
-        fewest = min(v.in_flight for v in resident)
-        return Placement(_pick([v for v in resident if v.in_flight == fewest], rng).name,
-                         "resident")
+        return Placement(pick_resident(resident, rng), "resident")
     fits = [v for v in up if v.footprint_bytes <= v.ceiling_bytes]
     roomy = [v for v in fits if v.free_bytes >= v.footprint_bytes and v.status != LOADING
              and not v.failing]
@@ -89,6 +84,19 @@ def place(views: Sequence[HostView], rng: random.Random, *,
     if any(v.footprint_bytes <= v.ceiling_bytes for v in views):
         return Placement(None, "down")
     return Placement(None, "too_large")
+
+
+def pick_resident(copies: Sequence[tuple[str, int, int]], rng: random.Random) -> str:
+    """Rule 1 among the hosts holding the model, each as (name, in flight, parallel): one with
+    a free slot, else the fewest in flight (the fleet's hot path calls this directly)."""
+    if len(copies) == 1:
+        return copies[0][0]
+    free_slot = [c for c in copies if c[1] < c[2]]
+    if not free_slot:
+        fewest = min(c[1] for c in copies)
+        free_slot = [c for c in copies if c[1] == fewest]
+    return free_slot[0][0] if len(free_slot) == 1 else \
+        free_slot[rng.randrange(len(free_slot))][0]
 
 
 def _fastest(views: list[HostView], rng: random.Random) -> HostView:

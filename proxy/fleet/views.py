@@ -1,9 +1,7 @@
-"""A host's state for one model, as the placer reads it (`HostView`), built from its engine.
-
-`quick_view` is the hot path's: enough to find a resident copy (status and in-flight), no
-memory arithmetic. `full_view` adds free room, footprint, ceiling, the cheapest victim set's
-expected reload cost (the evictor's own choice and cost) and the load time learned there.
-"""
+"""A host's state for one model, as the placer reads it (`HostView`), built from its engine:
+its status there, free room, footprint, ceiling, the cheapest victim set's expected reload cost
+(the evictor's own choice and cost) and the load time learned there. (A model resident
+somewhere never gets this far: the fleet's hot path picks among its copies directly.)"""
 from __future__ import annotations
 
 from ..engine.lifecycle import ModelEntry, ModelStatus
@@ -20,11 +18,6 @@ def _status(h: Host, e: ModelEntry, loading_elsewhere: bool = False) -> str:
     if e.status is S.LOADING or e.key in h.core.scheduler.pending or loading_elsewhere:
         return LOADING
     return e.status.value
-
-
-def quick_view(h: Host, e: ModelEntry) -> HostView:
-    return HostView(h.name, _status(h, e), up=h.up, in_flight=e.leases,
-                    parallel=h.config.parallel, waiters=e.waiting)
 
 
 def full_view(h: Host, e: ModelEntry, preferred: bool, loading_elsewhere: bool = False
