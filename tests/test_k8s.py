@@ -6,8 +6,6 @@ reach their ports, probes hit the proxy's own endpoints, and the proxy's configu
 `python -m proxy --check` with the environment the pod gives it."""
 from __future__ import annotations
 
-import dataclasses
-import re
 from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import urlsplit
@@ -22,9 +20,6 @@ from proxy.config import Config
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = ROOT / "deploy" / "kubernetes"
 K8S_VERSION = "1.30.0"
-STATE_BLOCK = re.compile(r"^(?P<indent> *)# state:\n(?:(?P=indent)# .*\n)+", re.M)
-
-
 def render(variant: str) -> list[dict[str, Any]]:
     """The objects `kubectl apply -k` would send: every resource the kustomization lists."""
     folder = VARIANTS / variant
@@ -178,28 +173,16 @@ def test_the_proxy_config_passes_check_and_matches_its_pod(variant, tmp_path):
         assert config.metrics.inference_gateway is (name == "per-host")
 
 
-def test_the_replicas_share_redis_once_the_proxy_knows_state(tmp_path, capsys):
+def test_the_replicas_share_redis(tmp_path):
     objs = render("replicas")
     (d, template, c), = proxies(objs)
     assert d["spec"]["replicas"] == 2
-    text = by_kind(objs, "ConfigMap")["lmstudio-proxy"]["data"]["proxy.yaml"]
-    block = STATE_BLOCK.search(text)
-    assert block, "the state: block is missing from the ConfigMap"
-    state = yaml.safe_load("\n".join(line.removeprefix(block["indent"] + "# ")
-                                     for line in block[0].splitlines()))["state"]
-    url = urlsplit(state["url"])
+    path, environ = proxy_config(objs, template, c, tmp_path)
+    state = load(path, environ).state
+    assert state.backend == "redis", "two replicas without shared state fight each other"
+    url = urlsplit(state.url)
     redis = by_kind(objs, "Service")[url.hostname]
-    assert state["backend"] == "redis" and url.port in [p["port"] for p in redis["spec"]["ports"]]
-    if "state" not in {f.name for f in dataclasses.fields(Config)}:
-        # --check rejects the key today: that is why the block is commented out.
-        path = tmp_path / "with-state.yaml"
-        path.write_text(text + yaml.safe_dump({"state": state}))
-        environ = proxy_config(objs, template, c, tmp_path)[1]
-        assert main(["--config", str(path), "--check"], environ=environ) == 2
-        assert "  state: unknown key" in capsys.readouterr().err
-    else:   # the proxy knows it now: the replicas must use it
-        path, environ = proxy_config(objs, template, c, tmp_path)
-        assert load(path, environ).state.backend == "redis", "uncomment state: in config.yaml"
+    assert url.port in [p["port"] for p in redis["spec"]["ports"]]
 
 
 def test_one_proxy_per_host_never_two_at_once():
