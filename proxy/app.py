@@ -20,6 +20,7 @@ from .errors import ProxyError, RouteNotFound, ShuttingDown
 from .observe.events import EventHub
 from .handlers import admin, dashboard, openai, probes
 from .observe.accesslog import AccessLog
+from .observe.relayed import EventRelay
 from .server.auth import AuthCollector, AuthState, authenticate
 from .server.compat import Compat
 from .server.inflight import INFLIGHT, STREAM, InFlight
@@ -215,6 +216,19 @@ async def _replica_ctx(app: web.Application) -> AsyncIterator[None]:
         await replica.close()
 
 
+async def _event_relay_ctx(app: web.Application) -> AsyncIterator[None]:
+    replica = app[REPLICA]
+    if replica is None:
+        yield
+        return
+    relay = EventRelay(app[EVENTS], replica.store)
+    await relay.start()
+    try:
+        yield
+    finally:
+        await relay.close()
+
+
 async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
     engine = app[ENGINE]
     try:
@@ -246,5 +260,5 @@ async def _health_ctx(app: web.Application) -> AsyncIterator[None]:
     await app[HEALTH].stop_monitoring()
 
 
-RESOURCES = (_access_log_ctx, _events_ctx, _upstream_ctx, _replica_ctx, _engine_ctx,
-             _webhook_ctx, _health_ctx)
+RESOURCES = (_access_log_ctx, _events_ctx, _upstream_ctx, _replica_ctx, _event_relay_ctx,
+             _engine_ctx, _webhook_ctx, _health_ctx)

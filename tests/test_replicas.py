@@ -14,6 +14,7 @@ from proxy.engine.memory import GB
 from proxy.server.keys import REPLICA
 
 from .redis_server import make_redis_server, redis_server  # noqa: F401
+from .sse import SseReader
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -166,3 +167,17 @@ async def test_redis_away_resident_models_serve_loads_refuse_naming_redis_then_r
     await until(lambda: a.app[REPLICA].ok and b.app[REPLICA].ok)
     status, _, _ = await chat(http, a, MID)
     assert status == 200 and loads(emus, MID) == 1
+
+
+async def test_an_event_on_one_replica_shows_on_the_others_event_stream(pair, http):
+    a, b, _ = await pair({"x": 20})
+    async with http.get(f"{b.url}/proxy/events") as r:
+        events = SseReader(r)
+        await events.next()                            # B's snapshot
+        await a.engine.load(SMALL)                     # on A
+        seen = await asyncio.wait_for(events.until(
+            lambda e: e.type == "load" and e.data.get("replica") == "A"), 10)
+    load = seen[-1].data
+    assert load["model"] == SMALL and load["host"] == "x"
+    # B's own events are not echoed back to it from Redis.
+    assert all(e.data.get("replica") != "B" for e in seen)

@@ -120,6 +120,7 @@ class EventHub:
         self.errors: collections.deque = collections.deque(maxlen=RECENT_ERRORS)
         self._started_wall = time.time()
         self._rate: collections.deque = collections.deque(maxlen=60)   # (wall, published)
+        self.on_publish: list[Callable[[str, dict[str, Any]], None]] = []   # observe/relayed.py
         self.fleet = fleet_of(engine)
         self.takes_host = self.fleet is not None   # fleet events come with host=<name>
         engine.add_listener(self)
@@ -135,6 +136,8 @@ class EventHub:
         self._batch.append(ev)
         self.published += 1
         self._wake.set()
+        for hook in self.on_publish:
+            hook(event_type, data)
         return ev
 
     @property

@@ -1,0 +1,90 @@
+"""The replicas' events on every replica's `/proxy/events` and dashboard (state.backend: redis).
+
+What a replica's engine does (state changes, loads, evictions, unloads, preloads, queues, pins,
+alerts) is appended to the shared Redis Stream, tagged with the replica; each replica reads the
+stream and publishes the others' events into its own hub, where clients see them with their
+`replica` and resume by the hub's ids as for its own. Per-second request summaries and memory
+ticks stay local: each replica's own traffic. Appending never holds up the engine: events wait
+in a bounded queue, and while Redis is away they are counted as lost, never retried twice.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from ..errors import StateUnavailable
+from ..state import StateStore
+
+if TYPE_CHECKING:
+    from .events import EventHub
+
+log = logging.getLogger("proxy.events")
+SHARED_TYPES = frozenset({"state", "load", "evict", "unload", "preload", "queue", "pin",
+                          "alert"})
+QUEUE_MAX = 1000
+READ_WAIT_S = 1.0
+RETRY_S = 1.0
+
+
+class EventRelay:
+    def __init__(self, hub: "EventHub", store: StateStore) -> None:
+        self.hub = hub
+        self.store = store
+        self.me = store.replica_id
+        self.pending: collections.deque[tuple[str, dict[str, Any]]] = collections.deque()
+        self.lost = self.relayed_in = self.relayed_out = 0
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+        hub.on_publish.append(self._out)
+
+    def _out(self, event_type: str, data: dict[str, Any]) -> None:
+        if event_type not in SHARED_TYPES or "replica" in data:
+            return     # local-only, or another replica's already
+        if len(self.pending) >= QUEUE_MAX:
+            self.lost += 1
+            return
+        self.pending.append((event_type, {**data, "replica": self.me}))
+        self._wake.set()
+
+    async def start(self) -> None:
+        # From now on: a replica that starts does not replay the fleet's day.
+        after = f"{int(time.time() * 1000)}-0"
+        self._tasks = [asyncio.ensure_future(self._writer()),
+                       asyncio.ensure_future(self._reader(after))]
+
+    async def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _writer(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self.pending:
+                event_type, data = self.pending.popleft()
+                try:
+                    await self.store.append_event(event_type, data)
+                    self.relayed_out += 1
+                except StateUnavailable:
+                    self.lost += 1 + len(self.pending)    # a lost reply may have appended it:
+                    self.pending.clear()                  # never sent twice
+                    break
+
+    async def _reader(self, after: str) -> None:
+        while True:
+            try:
+                events = await self.store.events_after(after, count=100, wait_s=READ_WAIT_S)
+            except StateUnavailable:
+                await asyncio.sleep(RETRY_S)
+                continue
+            for ev in events:
+                after = ev.id
+                if ev.data.get("replica") != self.me:
+                    self.relayed_in += 1
+                    with contextlib.suppress(Exception):
+                        self.hub.publish(ev.type, dict(ev.data))
