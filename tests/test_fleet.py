@@ -265,3 +265,27 @@ async def test_a_host_does_not_preload_a_model_another_host_holds(fleet, http):
     assert MID not in b.scheduler.pending and b.preloads.queued == 0
     b.preloader.queue(SMALL, 0.9, "a test's prediction")   # held nowhere: queued
     assert SMALL in b.scheduler.pending
+
+
+async def test_an_lm_studio_sdk_connection_goes_to_the_host_it_names(fleet, http):
+    proxy, emus = await fleet({"a": 20, "b": 20})
+    await proxy.engine.load(SMALL, host="b")
+
+    async def loaded_through(query: str) -> list[str]:
+        async with http.ws_connect(f"{proxy.url}/llm{query}") as ws:
+            await ws.send_json({"authVersion": 1, "clientIdentifier": "raw",
+                                "clientPasskey": "LM Studio's own passkey"})
+            assert (await ws.receive_json())["success"] is True
+            await ws.send_json({"type": "rpcCall", "endpoint": "listLoaded", "callId": 1})
+            reply = await ws.receive_json()
+            return [m["modelKey"] for m in reply["result"]]
+
+    assert await loaded_through("?host=b") == [SMALL]
+    assert await loaded_through("") == []              # the default: the first host, a
+    assert await loaded_through("?host=a") == []
+    async with http.get(f"{proxy.url}/llm?host=nowhere",
+                        headers={"Upgrade": "websocket", "Connection": "Upgrade",
+                                 "Sec-WebSocket-Version": "13",
+                                 "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}) as r:
+        body = await r.json()
+        assert r.status == 400 and body["error"]["param"] == "host"

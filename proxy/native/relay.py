@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from dataclasses import dataclass
 from typing import AsyncIterator
 
 import aiohttp
@@ -19,6 +20,9 @@ from aiohttp import WSCloseCode, WSMessage, WSMsgType, web
 from yarl import URL
 
 from ..config import redact_url
+from ..engine.face import Engine
+from ..fleet.hosts import host_upstream
+from ..observe.hosts import fleet_of
 from ..server.auth import CLIENT_KEY
 from ..errors import RouteNotFound, UpstreamUnreachable
 from ..server.keys import AUTH, CONFIG, ENGINE
@@ -71,9 +75,34 @@ def upstream_ws_url(base_url: str, path_qs: str) -> str:
                .join(URL(path_qs)))
 
 
+@dataclass(frozen=True)
+class Target:
+    """The server a native connection is relayed to, and the engine that mediates its loads."""
+    url: str
+    api_token: str | None
+    engine: Engine
+    path_qs: str       # as LM Studio gets it (a fleet's `host` parameter removed)
+
+
+def target_of(request: web.Request) -> Target:
+    """One server: it. A fleet: the host `?host=` names, else `placement.native_host`, else
+    the first; each connection stays on its host."""
+    app, config = request.app, request.app[CONFIG].current
+    fleet = fleet_of(app[ENGINE])
+    if fleet is None:
+        return Target(config.upstream.url, config.upstream.api_token, app[ENGINE],
+                      request.path_qs)
+    name = request.query.get("host")
+    h = fleet.host(name) if name is not None else fleet.native
+    query = {k: v for k, v in request.query.items() if k != "host"}
+    return Target(h.config.url, host_upstream(h.config).api_token, h.core,
+                  str(request.rel_url.with_query(query)))
+
+
 async def websocket(request: web.Request) -> web.StreamResponse:
     app, config = request.app, request.app[CONFIG].current
-    caps = app[ENGINE].capabilities
+    target = target_of(request)
+    caps = target.engine.capabilities
     if caps is not None and not caps.native_clients:
         raise RouteNotFound(f"the upstream ({config.upstream.kind}) has no native client "
                             f"protocol; use its OpenAI-compatible API under /v1")
@@ -82,7 +111,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     upstream = None
     if not app[AUTH].ring.enabled or header_key is not None:
         # Nothing left to check: LM Studio unreachable is an HTTP error before the upgrade.
-        upstream = await _connect(app, request.path_qs)
+        upstream = await _connect(app, target)
     client = web.WebSocketResponse(max_msg_size=config.native.max_frame_bytes, autoclose=False)
     try:
         await client.prepare(request)
@@ -91,7 +120,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         if first is None:
             return client
         verdict = handshake(app[AUTH], ns, first.data if first.type is WSMsgType.TEXT else None,
-                            header_key, config.upstream.api_token)
+                            header_key, target.api_token)
         structured = request.headers.get("User-Agent", "").startswith(PYTHON_SDK_AGENT)
         if isinstance(verdict, Refusal):
             log.info("refused a /%s connection: %s", ns, verdict.error.message)
@@ -99,7 +128,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
             return client
         if upstream is None:
             try:
-                upstream = await _connect(app, request.path_qs)
+                upstream = await _connect(app, target)
             except UpstreamUnreachable as exc:
                 await _refuse(client, Refusal(exc, "The proxy cannot reach LM Studio.",
                                               "Is LM Studio running?"), structured,
@@ -109,7 +138,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
             await upstream.send_bytes(first.data)
         else:
             await upstream.send_str(verdict.upstream_frame)
-        await _serve(app, ns, client, upstream, verdict)
+        await _serve(app, target.engine, ns, client, upstream, verdict)
     finally:
         app[CLIENTS].discard(client)
         if upstream is not None:
@@ -117,14 +146,14 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     return client
 
 
-async def _connect(app: web.Application, path_qs: str) -> aiohttp.ClientWebSocketResponse:
+async def _connect(app: web.Application, target: Target) -> aiohttp.ClientWebSocketResponse:
     config = app[CONFIG].current
-    url = upstream_ws_url(config.upstream.url, path_qs)
+    url = upstream_ws_url(target.url, target.path_qs)
     try:
         return await app[WS_SESSION].ws_connect(url, max_msg_size=config.native.max_frame_bytes,
                                                 autoclose=False)
     except (aiohttp.ClientError, OSError) as exc:
-        raise UpstreamUnreachable(f"LM Studio at {redact_url(config.upstream.url)} is not "
+        raise UpstreamUnreachable(f"LM Studio at {redact_url(target.url)} is not "
                                   f"reachable ({exc})") from exc
 
 
@@ -144,9 +173,8 @@ async def _refuse(client: web.WebSocketResponse, refusal: Refusal, structured: b
     await client.close(code=code)
 
 
-async def _serve(app: web.Application, ns: str, client: web.WebSocketResponse,
+async def _serve(app: web.Application, engine: Engine, ns: str, client: web.WebSocketResponse,
                  upstream: aiohttp.ClientWebSocketResponse, admitted: Admitted) -> None:
-    engine = app[ENGINE]
     guard = Guard(admitted, ns, app[LOAD_BOOK], engine.owner_of)
     engine.client_connection(admitted.owner, +1)
     try:
