@@ -289,3 +289,10 @@ async def test_an_lm_studio_sdk_connection_goes_to_the_host_it_names(fleet, http
                                  "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}) as r:
         body = await r.json()
         assert r.status == 400 and body["error"]["param"] == "host"
+
+
+async def test_a_load_with_a_priority_is_placed_once_and_the_priority_kept_everywhere(fleet):
+    proxy, emus = await fleet({"a": 20, "b": 20})
+    await proxy.engine.load(SMALL, priority=9)
+    assert sum(loads(emus, SMALL).values()) == 1
+    assert {h.core.priority(SMALL) for h in proxy.engine.hosts} == {9}

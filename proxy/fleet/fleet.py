@@ -320,13 +320,13 @@ class Fleet:
 
     async def load(self, name: str, priority: int | None = None, *, host: str | None = None
                    ) -> bool:
+        if priority is not None and not 1 <= priority <= 10:
+            raise InvalidRequest("priority must be 1..10", param="priority")
         if host is None:
             key = await self.resolve(name)
-            if priority is not None:
+            if priority is not None:     # kept on every host, wherever it is placed
                 for h in self.hosts:
-                    if h.entry(key) is not None:
-                        await h.core.load(key, priority)   # validates; loads nothing new
-                        break
+                    h.core.registry.priority_override[key] = priority
             lease = await self.acquire(key)
             lease.release()
             return True
