@@ -11,8 +11,11 @@ Single flight across hosts: a request placed on a host starts or joins that host
 the next request is placed (no await between placing and the host's acquire), so racing requests
 see the load and join it (placer rule 2) rather than start a second copy elsewhere.
 
+Among replicas (state.backend: redis) one places a cold model at a time (a placing lock, held
+until its host's load lock is taken), so replicas join one load too.
+
 A host a request could not reach is `suspect`: it takes no new requests until its engine has
-reconciled with it again (fleet/recovery in `_recover`).
+reconciled with it again (`_recover`). The views (the union, the sums) are fleet/aggregate.py.
 """
 from __future__ import annotations
 
@@ -20,20 +23,19 @@ import asyncio
 import logging
 import random
 from collections import Counter
-from typing import Any, Awaitable, Iterable
+from typing import Any, Awaitable
 
 from ..config import Config
-from ..engine.listeners import EVENTS
 from ..engine.lifecycle import Lease, ModelEntry, ModelStatus
-from ..engine.memory import MemoryPressure, MemorySample
 from ..engine.shared import Replica
-from ..state import LoadLock
-from ..engine.usage import ModelUsage, RequestRecord
+from ..engine.usage import RequestRecord
 from ..errors import (InvalidRequest, ModelNotFound, ModelTooLarge, ProxyError,
                       StateUnavailable, UpstreamUnreachable)
 from ..liveconfig import LiveConfig
-from ..upstream.base import ApiLevel, Capabilities, Upstream
-from .hosts import Host, host_config
+from ..state import LoadLock
+from ..upstream.base import Upstream
+from .aggregate import FleetViews
+from .hosts import Host, HostTagged, host_config
 from .placer import Placement, pick_resident, place
 from .views import full_view
 
@@ -45,7 +47,7 @@ PLACING_POLL_S = 0.1
 CATALOG_REFRESH_MIN_S = 2.0
 
 
-class Fleet:
+class Fleet(FleetViews):
     def __init__(self, live: LiveConfig, hosts: list[Host], *, rng: random.Random | None = None,
                  replica: Replica | None = None) -> None:
         self.live = live
@@ -273,13 +275,6 @@ class Fleet:
         h.core.record(r)
 
     # -- names ---------------------------------------------------------------------------------
-    def _key_of(self, name: str) -> str | None:
-        for h in self.hosts:
-            key = h.core.registry.key_of(name)
-            if key is not None and h.allows(key):
-                return key
-        return None
-
     async def resolve(self, name: str) -> str:
         key = self._key_of(name)
         if key is not None:
@@ -392,133 +387,3 @@ class Fleet:
     def add_listener(self, listener: Any) -> None:
         for h in self.hosts:
             h.core.add_listener(HostTagged(listener, h.name))
-
-    # -- views ---------------------------------------------------------------------------------
-    def _up(self) -> Iterable[Host]:
-        return (h for h in self.hosts if h.core.upstream_ok)
-
-    @property
-    def memory_pressure(self) -> MemoryPressure:
-        return max((h.core.memory_pressure for h in self.hosts), key=lambda p: p.rank)
-
-    @property
-    def last_sample(self) -> MemorySample | None:
-        """The fleet's memory as one sample: the hosts' totals and availability summed."""
-        samples = [h.core.last_sample for h in self.hosts]
-        if not any(samples):
-            return None
-        have = [s for s in samples if s is not None]
-        return MemorySample(total_bytes=sum(s.total_bytes for s in have),
-                            available_bytes=sum(s.available_bytes for s in have))
-
-    def ceiling_bytes(self) -> float:
-        """The most one model may take on the roomiest host."""
-        return max(h.core.ceiling_bytes() for h in self.hosts)
-
-    @property
-    def queue_length(self) -> int:
-        return sum(h.core.queue_length for h in self.hosts)
-
-    @property
-    def upstream_ok(self) -> bool:
-        return any(True for _ in self._up())
-
-    @property
-    def upstream_error(self) -> str | None:
-        errors = [f"{h.name}: {h.core.upstream_error}" for h in self.hosts
-                  if h.core.upstream_error]
-        return "; ".join(errors) or None
-
-    @property
-    def api_level(self) -> ApiLevel | None:
-        return next((h.core.api_level for h in self._up()), self.hosts[0].core.api_level)
-
-    @property
-    def manages_loading(self) -> bool:
-        return any(h.core.manages_loading for h in self.hosts)
-
-    @property
-    def capabilities(self) -> Capabilities | None:
-        return next((h.core.capabilities for h in self._up()), None)
-
-    @property
-    def last_reconcile_s(self) -> float:
-        return min(h.core.last_reconcile_s for h in self.hosts)
-
-    def known_models(self) -> list[str]:
-        seen: dict[str, None] = {}
-        for h in self.hosts:
-            seen.update((k, None) for k in h.core.known_models() if h.allows(k))
-        return list(seen)
-
-    def loaded_models(self) -> list[str]:
-        seen: dict[str, None] = {}
-        for h in self.hosts:
-            seen.update((k, None) for k in h.core.loaded_models())
-        return list(seen)
-
-    def where(self, key: str) -> list[Host]:
-        """The hosts that list the model, those where it is loaded first."""
-        listed = [h for h in self.hosts if h.entry(key) is not None]
-        return sorted(listed, key=lambda h: not h.resident(key))
-
-    def entry(self, name: str) -> ModelEntry | None:
-        key = self._key_of(name)
-        hosts = self.where(key) if key is not None else []
-        return hosts[0].core.registry.entries[key] if hosts else None
-
-    def _core_of(self, e: ModelEntry):  # noqa: ANN202 - EngineCore
-        for h in self.hosts:
-            if h.core.registry.entries.get(e.key) is e:
-                return h.core
-        return self.hosts[0].core
-
-    def usage(self, key: str) -> ModelUsage:
-        """The host that served the model most: one host's figures, never a false mix."""
-        return max((h.core.usage(key) for h in self.hosts), key=lambda u: u.requests)
-
-    def footprint_bytes(self, e: ModelEntry) -> float:
-        return self._core_of(e).footprint_bytes(e)
-
-    def footprint_source(self, e: ModelEntry) -> str:
-        return self._core_of(e).footprint_source(e)
-
-    def active_leases(self) -> list[Lease]:
-        return [lease for h in self.hosts for lease in h.core.active_leases()]
-
-    def row(self, key: str) -> dict[str, Any]:
-        """The model's row where it is loaded (else where it is listed first), and where it
-        lives: `host` (the row's), `hosts` (its state on every host that lists it)."""
-        hosts = self.where(key)
-        row = hosts[0].core.row(key)
-        row["host"] = hosts[0].name
-        row["hosts"] = {h.name: h.core.registry.entries[key].status.value for h in hosts}
-        return row
-
-    def report(self) -> dict[str, Any]:
-        from .report import fleet_report
-        return fleet_report(self)
-
-    def recommend(self, context: Any = None) -> dict[str, Any]:
-        """The recommendation of the host that lists the most models (the fleet's catalogue
-        is the union; a model listed elsewhere only is still placed where it is listed)."""
-        best = max(self._up(), key=lambda h: len(h.core.registry), default=self.hosts[0])
-        return best.core.recommend(context)
-
-
-class HostTagged:
-    """A listener of the fleet, subscribed to one host's engine: each event is passed on with
-    `host=` when the listener takes it (it says so with `takes_host = True`)."""
-
-    def __init__(self, listener: Any, host: str) -> None:
-        tags = getattr(listener, "takes_host", False)
-        for event in EVENTS:
-            hook = getattr(listener, event, None)
-            if hook is not None:
-                setattr(self, event, _tagged(hook, host) if tags else hook)
-
-
-def _tagged(hook: Any, host: str) -> Any:
-    def call(*args: Any) -> Any:
-        return hook(*args, host=host)
-    return call

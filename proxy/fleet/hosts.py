@@ -12,8 +12,11 @@ import fnmatch
 import os
 from pathlib import Path
 
+from typing import Any
+
 from ..config import Config, HostConfig, ModelConfig, UpstreamConfig
 from ..engine.core import EngineCore
+from ..engine.listeners import EVENTS
 from ..engine.lifecycle import ModelStatus
 from ..liveconfig import LiveConfig
 from ..store import default_path
@@ -94,3 +97,21 @@ class Host:
     def resident(self, key: str) -> bool:
         e = self.core.registry.entries.get(key)
         return e is not None and e.status is S.LOADED
+
+
+class HostTagged:
+    """A listener of the fleet, subscribed to one host's engine: each event is passed on with
+    `host=` when the listener takes it (it says so with `takes_host = True`)."""
+
+    def __init__(self, listener: Any, host: str) -> None:
+        tags = getattr(listener, "takes_host", False)
+        for event in EVENTS:
+            hook = getattr(listener, event, None)
+            if hook is not None:
+                setattr(self, event, _tagged(hook, host) if tags else hook)
+
+
+def _tagged(hook: Any, host: str) -> Any:
+    def call(*args: Any) -> Any:
+        return hook(*args, host=host)
+    return call

@@ -1,0 +1,134 @@
+"""The fleet's views: what the rest of the proxy reads of several hosts as of one engine —
+memory and pressure summed or the worst, the catalogue as the union, a model's figures from
+the host that holds it (and where it lives), the first host's answers where one is needed."""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from ..engine.lifecycle import Lease, ModelEntry
+from ..engine.memory import MemoryPressure, MemorySample
+from ..engine.usage import ModelUsage
+from ..upstream.base import ApiLevel, Capabilities
+from .hosts import Host
+
+
+class FleetViews:
+    hosts: list[Host]
+
+    def _key_of(self, name: str) -> str | None:
+        for h in self.hosts:
+            key = h.core.registry.key_of(name)
+            if key is not None and h.allows(key):
+                return key
+        return None
+
+    def _up(self) -> Iterable[Host]:
+        return (h for h in self.hosts if h.core.upstream_ok)
+
+    @property
+    def memory_pressure(self) -> MemoryPressure:
+        return max((h.core.memory_pressure for h in self.hosts), key=lambda p: p.rank)
+
+    @property
+    def last_sample(self) -> MemorySample | None:
+        """The fleet's memory as one sample: the hosts' totals and availability summed."""
+        samples = [h.core.last_sample for h in self.hosts]
+        if not any(samples):
+            return None
+        have = [s for s in samples if s is not None]
+        return MemorySample(total_bytes=sum(s.total_bytes for s in have),
+                            available_bytes=sum(s.available_bytes for s in have))
+
+    def ceiling_bytes(self) -> float:
+        """The most one model may take on the roomiest host."""
+        return max(h.core.ceiling_bytes() for h in self.hosts)
+
+    @property
+    def queue_length(self) -> int:
+        return sum(h.core.queue_length for h in self.hosts)
+
+    @property
+    def upstream_ok(self) -> bool:
+        return any(True for _ in self._up())
+
+    @property
+    def upstream_error(self) -> str | None:
+        errors = [f"{h.name}: {h.core.upstream_error}" for h in self.hosts
+                  if h.core.upstream_error]
+        return "; ".join(errors) or None
+
+    @property
+    def api_level(self) -> ApiLevel | None:
+        return next((h.core.api_level for h in self._up()), self.hosts[0].core.api_level)
+
+    @property
+    def manages_loading(self) -> bool:
+        return any(h.core.manages_loading for h in self.hosts)
+
+    @property
+    def capabilities(self) -> Capabilities | None:
+        return next((h.core.capabilities for h in self._up()), None)
+
+    @property
+    def last_reconcile_s(self) -> float:
+        return min(h.core.last_reconcile_s for h in self.hosts)
+
+    def known_models(self) -> list[str]:
+        seen: dict[str, None] = {}
+        for h in self.hosts:
+            seen.update((k, None) for k in h.core.known_models() if h.allows(k))
+        return list(seen)
+
+    def loaded_models(self) -> list[str]:
+        seen: dict[str, None] = {}
+        for h in self.hosts:
+            seen.update((k, None) for k in h.core.loaded_models())
+        return list(seen)
+
+    def where(self, key: str) -> list[Host]:
+        """The hosts that list the model, those where it is loaded first."""
+        listed = [h for h in self.hosts if h.entry(key) is not None]
+        return sorted(listed, key=lambda h: not h.resident(key))
+
+    def entry(self, name: str) -> ModelEntry | None:
+        key = self._key_of(name)
+        hosts = self.where(key) if key is not None else []
+        return hosts[0].core.registry.entries[key] if hosts else None
+
+    def _core_of(self, e: ModelEntry):  # noqa: ANN202 - EngineCore
+        for h in self.hosts:
+            if h.core.registry.entries.get(e.key) is e:
+                return h.core
+        return self.hosts[0].core
+
+    def usage(self, key: str) -> ModelUsage:
+        """The host that served the model most: one host's figures, never a false mix."""
+        return max((h.core.usage(key) for h in self.hosts), key=lambda u: u.requests)
+
+    def footprint_bytes(self, e: ModelEntry) -> float:
+        return self._core_of(e).footprint_bytes(e)
+
+    def footprint_source(self, e: ModelEntry) -> str:
+        return self._core_of(e).footprint_source(e)
+
+    def active_leases(self) -> list[Lease]:
+        return [lease for h in self.hosts for lease in h.core.active_leases()]
+
+    def row(self, key: str) -> dict[str, Any]:
+        """The model's row where it is loaded (else where it is listed first), and where it
+        lives: `host` (the row's), `hosts` (its state on every host that lists it)."""
+        hosts = self.where(key)
+        row = hosts[0].core.row(key)
+        row["host"] = hosts[0].name
+        row["hosts"] = {h.name: h.core.registry.entries[key].status.value for h in hosts}
+        return row
+
+    def report(self) -> dict[str, Any]:
+        from .report import fleet_report
+        return fleet_report(self)
+
+    def recommend(self, context: Any = None) -> dict[str, Any]:
+        """The recommendation of the host that lists the most models (the fleet's catalogue
+        is the union; a model listed elsewhere only is still placed where it is listed)."""
+        best = max(self._up(), key=lambda h: len(h.core.registry), default=self.hosts[0])
+        return best.core.recommend(context)
