@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
     from .server.auth import exposure_problems
     warnings = exposure_problems(config)[1]
     if args.check:
-        from .config import config_warnings
+        from .configcheck import config_warnings
         for warning in warnings + config_warnings(config):
             print(f"warning: {warning}")
         print("configuration is valid")

@@ -20,7 +20,8 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "proxy"
 LAYERS = [
-    ("foundation", ("proxy.errors", "proxy.schema", "proxy.config", "proxy.groupcheck",
+    ("foundation", ("proxy.errors", "proxy.schema", "proxy.config", "proxy.configcheck",
+                    "proxy.groupcheck",
                     "proxy.loadoptions", "proxy.liveconfig")),
     ("backends", ("proxy.upstream", "proxy.store", "proxy.state")),
     ("engine", ("proxy.engine",)),
