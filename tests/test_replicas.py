@@ -167,6 +167,27 @@ async def test_redis_away_resident_models_serve_loads_refuse_naming_redis_then_r
     await until(lambda: a.app[REPLICA].ok and b.app[REPLICA].ok)
     status, _, _ = await chat(http, a, MID)
     assert status == 200 and loads(emus, MID) == 1
+    # Nothing left open or counted twice: no lease once nothing serves, no reservation once
+    # the load's grace is over, one owner record per loaded instance.
+    store = a.app[REPLICA].store
+    await until_async(lambda: _empty(store.leased_by("x", MID)), 10)
+    await until_async(lambda: _zero(store.reserved_bytes("x")), 10)
+    owned = await store.owned("x")
+    assert sorted(owned.values()) == [MID]        # Redis restarted empty: only the new load
+
+
+async def until_async(condition: Callable[[], Any], timeout_s: float) -> None:
+    async with asyncio.timeout(timeout_s):
+        while not await condition():
+            await asyncio.sleep(0.05)
+
+
+async def _empty(call: Any) -> bool:
+    return not await call
+
+
+async def _zero(call: Any) -> bool:
+    return await call == 0
 
 
 async def test_an_event_on_one_replica_shows_on_the_others_event_stream(pair, http):
