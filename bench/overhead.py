@@ -1,7 +1,7 @@
 """Overhead of the proxy against no proxy, the floor of a Python relay, and Caddy.
 
     python -m bench.overhead [--rounds 3] [--duration-s 5] [--dashboard] [--json FILE]
-                             [--baseline DIR]
+                             [--baseline DIR] [--state redis]
 
 Starts, each in its own process on loopback: the LM Studio emulator with no load time and no
 per-token delay, the reference relay (bench/relay.py), Caddy's reverse_proxy when `caddy` is
@@ -139,11 +139,12 @@ class Servers:
 
     def _spawn(self, name: str, cmd: list[str], ready_url: str,
                cwd: Path | None = None) -> None:
-        log = open(self.workdir / f"{name}.log", "w")
         env = {**os.environ, "HOME": str(self.workdir), "XDG_DATA_HOME": str(self.workdir),
                "XDG_CONFIG_HOME": str(self.workdir)}
-        self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                            cwd=cwd or Path(__file__).resolve().parent.parent)
+        with open(self.workdir / f"{name}.log", "w") as log:    # the child keeps its own copy
+            self.procs[name] = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                cwd=cwd or Path(__file__).resolve().parent.parent)
         wait_ready(ready_url)
 
     def process(self, target: str) -> psutil.Process:
@@ -356,7 +357,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", help="write the numbers here")
     ap.add_argument("--baseline", type=Path,
                     help="a checkout of another version of the project, run beside this one")
+    ap.add_argument("--state", choices=("memory", "redis"), default="memory",
+                    help="redis: the proxy with state.backend redis beside state: memory "
+                         "(bench/state_overhead.py)")
     args = ap.parse_args(argv)
+    if args.state == "redis":
+        from . import state_overhead
+        return state_overhead.main(
+            ["--rounds", str(args.rounds), "--duration-s", str(args.duration_s),
+             "--stream-requests", str(args.stream_requests)]
+            + (["--json", args.json] if args.json else []))
     if shutil.which("wrk") is None:
         print("wrk is needed: apt-get install wrk", file=sys.stderr)
         return 2
