@@ -164,3 +164,19 @@ async def test_create_state_picks_the_implementation_by_url(redis_server):
     assert create_state(None).replica_id != create_state(None).replica_id
     with pytest.raises(ValueError, match="redis://"):
         create_state("http://127.0.0.1:6379")
+
+
+async def test_a_burst_of_calls_shares_a_bounded_pool_of_connections(redis_server, raw):
+    from proxy.state.redis import MAX_CONNECTIONS
+    import asyncio
+    store = create_state(redis_server.url, replica_id="burst")
+    try:
+        await store.heartbeat(LONG_S)
+        await asyncio.gather(*(store.reserve("h1", f"m{i}", GB, 100 * GB, LONG_S)
+                               for i in range(50)))
+        clients = [c for c in await raw.client_list() if c.get("name") != "raw"]
+        # This test's own client is one of them; the burst did not open one per call.
+        assert len(clients) - 1 <= MAX_CONNECTIONS and len(clients) - 1 < 50
+        assert await store.reserved_bytes("h1") == 50 * GB
+    finally:
+        await store.close()

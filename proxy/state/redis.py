@@ -33,6 +33,7 @@ from .base import HostRecord, LeaseKey, LoadLock, Reserved, StoredEvent, parse_e
 
 PREFIX = "lmproxy:"
 EVENTS_MAXLEN = 10_000
+MAX_CONNECTIONS = 8              # per replica; the hot path does not use Redis
 EVENTS_TTL_S = 86_400.0          # the stream outlives a fleet that went quiet for a day
 OWNED_TTL_S = 7 * 86_400.0       # ownership survives replica restarts, not a host gone a week
 FENCE_TTL_S = 86_400.0           # the counter re-seeds from the clock, so expiry is safe
@@ -75,9 +76,13 @@ class RedisState:
         # No retries, said explicitly: a hung Redis fails within one timeout, and a command
         # whose reply was lost may have run (a lock taken, an event appended), so the caller
         # decides. Connections that a restart closed are replaced at checkout.
-        self.client = aioredis.from_url(
-            url, decode_responses=True, socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0))
+        # A bounded pool: a burst of cold requests waits for a connection (within the
+        # timeout) rather than open one each and keep them all after the burst.
+        self.pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=MAX_CONNECTIONS, timeout=timeout_s, decode_responses=True,
+            socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+            retry=Retry(NoBackoff(), 0))
+        self.client = aioredis.Redis(connection_pool=self.pool)
         self._s = {name: self.client.register_script(getattr(lua, name)) for name in (
             "TOUCH", "LIVE", "PUT_HOST", "ACQUIRE_LOCK", "RENEW_LOCK", "RELEASE_LOCK",
             "RESERVE", "RESERVED", "RENEW_LEASES", "LEASED_BY", "ADD_OWNED", "CAMPAIGN")}
@@ -262,3 +267,4 @@ class RedisState:
 
     async def close(self) -> None:
         await self.client.aclose()
+        await self.pool.disconnect()
