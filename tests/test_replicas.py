@@ -202,3 +202,17 @@ async def test_an_event_on_one_replica_shows_on_the_others_event_stream(pair, ht
     assert load["model"] == SMALL and load["host"] == "x"
     # B's own events are not echoed back to it from Redis.
     assert all(e.data.get("replica") != "B" for e in seen)
+
+
+async def test_a_refusal_for_memory_teaches_a_replica_no_lower_bound(make_emulator, make_proxy,
+                                                                    redis_server, http):
+    # The host is fuller than this replica knows (another replica's loads, say): LM Studio
+    # refuses for lack of memory. That is no fact about the model's size.
+    emu = await make_emulator(catalog=CATALOG, capacity_bytes=4 * GB)
+    a = await make_proxy("", config=replica_config({"x": (emu.url, 20)}, redis_server.url,
+                                                   "A"))
+    status, body, _ = await chat(http, a, MID)
+    assert status == 503 and body["error"]["code"] == "model_load_failed"
+    e = a.engine.hosts[0].core.registry.entries[MID]
+    assert e.footprint_floor_bytes is None
+    assert a.engine.row(MID)["footprint_source"] == "estimated"

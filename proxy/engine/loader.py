@@ -180,7 +180,9 @@ class Loader(Part):
         try:
             return await self.backend.load(e.key, options), True
         except ModelLoadFailed as exc:
-            if not exc.out_of_memory:
+            # Among replicas another one's loads may hold the memory it was refused for: the
+            # refusal says nothing about this model's need (it fails, with the usual backoff).
+            if not exc.out_of_memory or self.ctx.shared is not None:
                 raise
             known = self.registry.footprint_floor_bytes(e) is not None
             need = self.registry.footprint_bytes(e)
