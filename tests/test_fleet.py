@@ -138,6 +138,45 @@ async def test_eviction_happens_on_the_cheapest_host_only(fleet, http):
     assert sum(emus["b"].state.unload_calls.values()) >= 1
 
 
+def every_200_s(core: Any, key: str, n: int = 20) -> None:
+    """key's history on this host: n requests 200 s apart, the last 30 s ago."""
+    now = core.clock.now()
+    for i in range(n, 0, -1):
+        core.learner.observe(key, now - 30.0 - 200.0 * (i - 1), 0.0)
+
+
+async def test_a_victim_asked_for_every_few_minutes_is_priced_by_its_return_not_at_zero(
+        fleet):
+    """Within the evictor's minute OTHER is hardly due; within the placement horizon it
+    surely is: evicting it costs about its reload, not nothing (else the fastest host churns)."""
+    proxy, _ = await fleet({"a": 8, "b": 8})
+    await proxy.engine.load(OTHER, host="a")
+    await proxy.engine.load(COLD, host="b")
+    a = proxy.engine.by_name["a"]
+    every_200_s(a.core, OTHER)
+    now = a.core.clock.now()
+    assert a.core.learner.predict(OTHER, now, 60.0).p_within < 0.3
+    other = a.core.registry.entries[OTHER]
+    cost_a = full_view(a, a.core.registry.entries[MID], False).evict_cost_s
+    reload_s = max(a.core.registry.reload_s(other), 0.01)   # the cost's floor
+    assert cost_a is not None and cost_a >= 0.8 * reload_s
+
+
+async def test_a_victim_no_other_host_can_hold_costs_the_newcomer_s_load_again(fleet):
+    """OTHER (6 GB) fits only on a: evicted for SMALL, it comes back and pushes SMALL out."""
+    proxy, _ = await fleet({"a": 8, "b": 4})
+    await proxy.engine.load(OTHER, host="a")     # 2 GB left: SMALL (2.4 GB) must evict it
+    a = proxy.engine.by_name["a"]
+    every_200_s(a.core, OTHER)
+    small = a.core.registry.entries[SMALL]
+    p_return = a.core.learner.predict(OTHER, a.core.clock.now(), 300.0).p_within
+    sole = full_view(a, small, False, elsewhere_ceiling_bytes=4 * GB).evict_cost_s
+    shared = full_view(a, small, False, elsewhere_ceiling_bytes=20 * GB).evict_cost_s
+    assert sole is not None and shared is not None and p_return > 0.8
+    assert sole - shared == pytest.approx(a.core.registry.reload_s(small) * p_return,
+                                          rel=0.05)
+
+
 async def test_a_model_larger_than_every_host_is_refused_at_once_naming_each_ceiling(
         fleet, http):
     proxy, emus = await fleet({"a": 8, "b": 16})

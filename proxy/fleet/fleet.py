@@ -115,7 +115,11 @@ class Fleet(FleetViews):
             elsewhere = await self._loading_elsewhere(key, listed)
             listed = self._listed(key, avoid)
             preferred = self.config.model(key).host
-            p = place([full_view(h, e, h.name == preferred, h.name in elsewhere)
+            ceilings = {h.name: h.core.ceiling_bytes() for h in self.hosts if h.up}
+            p = place([full_view(h, e, h.name == preferred, h.name in elsewhere,
+                                 elsewhere_ceiling_bytes=max(
+                                     (c for n, c in ceilings.items() if n != h.name),
+                                     default=0.0))
                        for h, e in listed], self.rng,
                       replicate_after_waiters=self.config.placement.replicate_after_waiters)
         finally:
