@@ -216,3 +216,16 @@ async def test_a_refusal_for_memory_teaches_a_replica_no_lower_bound(make_emulat
     e = a.engine.hosts[0].core.registry.entries[MID]
     assert e.footprint_floor_bytes is None
     assert a.engine.row(MID)["footprint_source"] == "estimated"
+
+
+async def test_stats_show_the_replicas_the_leader_and_what_each_host_holds(pair, http):
+    a, b, _ = await pair({"x": 20, "y": 20})
+    await a.engine.load(SMALL, host="y")
+    await until(lambda: a.app[REPLICA].leader or b.app[REPLICA].leader)
+    await until(lambda: not a.app[REPLICA].hosts[1]._tasks)   # A's record of y is written
+    async with http.get(f"{b.url}/proxy/stats") as r:
+        replicas = (await r.json())["replicas"]
+    assert replicas["ok"] and replicas["replica"] == "B"
+    assert replicas["replicas"] == ["A", "B"] and replicas["leader"] in ("A", "B")
+    assert replicas["hosts"]["y"]["resident"] == [SMALL]
+    assert replicas["hosts"]["y"]["budget_gb"] == 20.0

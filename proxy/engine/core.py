@@ -17,6 +17,7 @@ from typing import Any, Awaitable, Callable, Mapping
 from ..config import Config
 from ..errors import InvalidRequest, ModelLoadFailed, ModelNotFound, ModelUnavailable, clip
 from ..liveconfig import LiveConfig
+from ..state import HostRecord
 from ..store import UsageStore
 from ..upstream.base import ApiLevel, Capabilities, ModelBackend
 from .accounting import Accounting
@@ -76,6 +77,9 @@ class EngineCore:
         if shared is not None:   # one of several replicas: what they share (engine/shared.py)
             ctx.shared = shared
             shared.leases_of = lambda: [e.key for e in r.entries.values() if e.leases]
+            shared.record_of = self._host_record
+            shared.record_ttl_s = max(60.0, 3 * live.current.upstream.reconcile_interval_s)
+            self.listeners.add(shared)     # its loads and unloads: the host's record now
         self.preloads = PreloadTally(r)
         self.reconciler = Reconciler(ctx)
         self.groups = Groups(ctx)
@@ -245,6 +249,16 @@ class EngineCore:
     async def sample_memory(self) -> MemorySample:
         return await self.monitor.sample()
 
+    def _host_record(self) -> HostRecord:
+        """This host as this engine sees it, for the other replicas (engine/shared.py)."""
+        r = self.registry
+        return HostRecord(
+            resident={i: e.key for e in r.entries.values() if e.status is S.LOADED
+                      for i in (e.instance_ids or (e.key,))},
+            used_bytes=int(r.charged_bytes()),
+            budget_bytes=int(self.ceiling_bytes()) if self.monitor.last_sample else 0,
+            reported_by=self.ctx.shared.replica.id if self.ctx.shared else "")
+
     @property
     def leads(self) -> bool:
         """Runs the background jobs that act on the hosts: alone, or as the replicas' leader."""
@@ -282,6 +296,8 @@ class EngineCore:
 
     async def reconcile(self) -> None:
         late = await self.reconciler.run()
+        if self.ctx.shared is not None and self.upstream_ok:
+            self.ctx.shared.publish_soon()
         await self.evictor.unload_abandoned(late, lambda key: key in self.scheduler.pending)
         self.ctx.wake()
 

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, AsyncIterator, Awaitable, Callable
 
 from ..config import StateConfig
 from ..errors import ConfigError, InsufficientMemory, StateUnavailable
-from ..state import StateStore, create_state
+from ..state import HostRecord, StateStore, create_state
 from .memory import GB
 
 if TYPE_CHECKING:
@@ -36,6 +36,7 @@ log = logging.getLogger("proxy.shared")
 SINGLE_HOST = "default"        # the host's name in the shared state when there is one
 POLL_S = 0.25                  # a replica waiting for another's load asks the host this often
 RESERVATION_GRACE_S = 2.0      # a loaded model's reservation outlives its load this long
+RECORD_TTL_S = 60.0            # a host record not refreshed (reconcile, load) for this long goes
 
 
 def create_replica(config: StateConfig) -> "Replica":
@@ -79,9 +80,12 @@ class Replica:
         self._task = asyncio.ensure_future(self._loop())
 
     async def close(self) -> None:
+        tasks = [t for h in self.hosts for t in h._tasks]
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            tasks.append(self._task)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         with contextlib.suppress(StateUnavailable):
             if self.leader:
                 await self.store.resign()
@@ -97,6 +101,21 @@ class Replica:
 
     def renew_soon(self) -> None:
         self._wake.set()
+
+    async def view(self) -> dict:
+        """The replicas and the hosts as the shared state holds them (GET /proxy/stats)."""
+        try:
+            replicas = await self.store.replicas()
+            leader = await self.store.leader()
+            hosts = await self.store.hosts()
+        except StateUnavailable as exc:
+            return {"ok": False, "replica": self.id, "error": exc.message}
+        return {"ok": True, "replica": self.id, "leader": leader, "replicas": replicas,
+                "hosts": {name: {"resident": sorted(set(r.resident.values())),
+                                 "used_gb": round(r.used_bytes / GB, 2),
+                                 "budget_gb": round(r.budget_bytes / GB, 2),
+                                 "reported_by": r.reported_by}
+                          for name, r in hosts.items()}}
 
     async def beat(self) -> None:
         """Heartbeat, the leader's lease, and every in-flight lease, renewed (or dropped)."""
@@ -140,6 +159,9 @@ class SharedHost:
         self.name = name
         self.store = replica.store
         self.leases_of: Callable[[], list[str]] = lambda: []   # the engine's busy models
+        self.record_of: Callable[[], HostRecord] = HostRecord  # the engine's view of its host
+        self.record_ttl_s = RECORD_TTL_S
+        self._tasks: set[asyncio.Task] = set()
         self.renewed: set[str] = set()
         self.fleet_owned: dict[str, str] = {}     # instance id → model, as last read
         self.remote_busy: dict[str, float] = {}   # model → until (monotonic): leased elsewhere
@@ -150,6 +172,19 @@ class SharedHost:
         gone = [k for k in self.renewed if k not in now]
         self.renewed = set(now)
         return now, gone
+
+    def publish_soon(self, *_: object) -> None:
+        """This replica has just seen the host as it is (its model list, a load or unload of
+        its own): that is the host's record now, for every replica to read."""
+        task = asyncio.ensure_future(self._publish())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _publish(self) -> None:
+        with contextlib.suppress(StateUnavailable):
+            await self.store.put_host(self.name, self.record_of(), self.record_ttl_s)
+
+    on_load = on_unload = publish_soon     # as an engine listener
 
     def touch(self, key: str) -> None:
         if key not in self.renewed:

@@ -9,7 +9,7 @@ from aiohttp import web
 from ..engine.face import Engine
 from ..errors import ConfigRejected, InvalidRequest
 from ..server.intake import check_model_name
-from ..server.keys import AUTH, COMPAT, CONFIG, ENGINE, EVENTS
+from ..server.keys import AUTH, COMPAT, CONFIG, ENGINE, EVENTS, REPLICA
 from ..server.reload import RELOADER
 from .openai import read_body
 
@@ -112,9 +112,12 @@ async def clear(request: web.Request) -> web.Response:
 
 
 async def stats(request: web.Request) -> web.Response:
-    return json_response({**request.app[ENGINE].report(),
-                          "compat": request.app[COMPAT].counts(),
-                          "auth": request.app[AUTH].counters.snapshot()})
+    out = {**request.app[ENGINE].report(), "compat": request.app[COMPAT].counts(),
+           "auth": request.app[AUTH].counters.snapshot()}
+    replica = request.app[REPLICA]
+    if replica is not None:     # among replicas: who is there, who leads, what hosts hold
+        out["replicas"] = await replica.view()
+    return json_response(out)
 
 
 async def recommendations(request: web.Request) -> web.Response:
