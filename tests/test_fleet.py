@@ -335,3 +335,21 @@ async def test_a_load_with_a_priority_is_placed_once_and_the_priority_kept_every
     await proxy.engine.load(SMALL, priority=9)
     assert sum(loads(emus, SMALL).values()) == 1
     assert {h.core.priority(SMALL) for h in proxy.engine.hosts} == {9}
+
+
+async def test_the_hot_path_finds_copies_by_the_index_of_loaded_models(fleet):
+    proxy, emus = await fleet({"a": 20, "b": 20})
+    f = proxy.engine
+    assert f._copies(SMALL, None) == []
+    await f.load(SMALL, host="b")
+    assert [name for name, _, _ in f._copies(SMALL, None)] == ["b"]
+    await f.load(SMALL, host="a")
+    assert sorted(name for name, _, _ in f._copies(SMALL, None)) == ["a", "b"]
+    assert [name for name, _, _ in f._copies(SMALL, "b")] == ["a"]
+    await f.unload(SMALL, host="b")
+    assert [name for name, _, _ in f._copies(SMALL, None)] == ["a"]
+    # A copy loaded outside the proxy is found too (the reconcile's state change).
+    emus["b"].state.faults.load_gate.clear()
+    await emus["b"].state.load(SMALL)
+    await f.reconcile()
+    assert sorted(name for name, _, _ in f._copies(SMALL, None)) == ["a", "b"]

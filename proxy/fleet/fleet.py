@@ -61,8 +61,11 @@ class Fleet(FleetViews):
         self._recovering: dict[str, asyncio.Task] = {}
         self._placing: dict[str, asyncio.Future] = {}   # model → a request placing it now
         self._handovers: set[asyncio.Task] = set()
+        # model → the hosts where it is loaded (and its entry there), kept by state changes
+        self._loaded: dict[str, dict[Host, ModelEntry]] = {}
         for h in hosts:
             h.core.ctx.elsewhere = lambda key, h=h: self._held_elsewhere(key, h)
+            h.core.add_listener(_StateIndex(self, h))
         self._refreshed_s = float("-inf")
         self.placements: Counter[str] = Counter()   # rule → requests (GET /proxy/stats)
         live.on_swap(self._swapped)
@@ -201,14 +204,29 @@ class Fleet(FleetViews):
         return False
 
     def _copies(self, key: str, avoid: str | None) -> list[tuple[str, int, int]]:
-        """The hosts that hold `key` loaded and take requests: (name, in flight, parallel)."""
+        """The hosts that hold `key` loaded and take requests: (name, in flight, parallel).
+        From the index of loaded copies (kept by each host's state changes): the hot path
+        looks at the hosts that hold the model, not at every host."""
+        holders = self._loaded.get(key)
+        if not holders:
+            return []
         out = []
-        for h in self.hosts:
-            e = h.core.registry.entries.get(key)
-            if e is not None and e.status is S.LOADED and h.name != avoid and h.up and \
-                    h.allows(key):
+        for h, e in holders.items():
+            if e.status is S.LOADED and h.name != avoid and h.up and h.allows(key):
                 out.append((h.name, e.leases, h.config.parallel))
         return out
+
+    def _state_changed(self, h: Host, key: str, old: str, new: str) -> None:
+        if new == S.LOADED.value:
+            e = h.core.registry.entries.get(key)
+            if e is not None:
+                self._loaded.setdefault(key, {})[h] = e
+        elif old == S.LOADED.value:
+            holders = self._loaded.get(key)
+            if holders is not None:
+                holders.pop(h, None)
+                if not holders:
+                    del self._loaded[key]
 
     def _count(self, p: Placement, key: str, listed: list[tuple[Host, ModelEntry]]) -> Host:
         self.placements[p.rule] += 1
@@ -391,3 +409,14 @@ class Fleet(FleetViews):
     def add_listener(self, listener: Any) -> None:
         for h in self.hosts:
             h.core.add_listener(HostTagged(listener, h.name))
+
+
+class _StateIndex:
+    """One host's state changes, kept in the fleet's index of loaded copies."""
+
+    def __init__(self, fleet: Fleet, host: Host) -> None:
+        self.fleet, self.host = fleet, host
+
+    def on_state(self, model: str, old: str, new: str) -> None:
+        self.fleet._state_changed(self.host, model, old, new)
+
