@@ -353,3 +353,32 @@ async def test_the_hot_path_finds_copies_by_the_index_of_loaded_models(fleet):
     await emus["b"].state.load(SMALL)
     await f.reconcile()
     assert sorted(name for name, _, _ in f._copies(SMALL, None)) == ["a", "b"]
+
+
+def test_a_pin_and_priority_naming_a_host_apply_on_that_host_only():
+    from proxy.fleet.hosts import host_config
+    c = load_config({"upstreams": [{"name": "a", "url": "http://127.0.0.1:1"},
+                                   {"name": "b", "url": "http://127.0.0.1:2"}],
+                     "models": {SMALL: {"pinned": True, "priority": 9, "host": "a"}}})
+    here, there = (host_config(c, h).models[SMALL] for h in c.upstreams)
+    assert (here.pinned, here.priority) == (True, 9)
+    default = load_config({}).model(SMALL)
+    assert (there.pinned, there.priority) == (False, default.priority)
+
+
+async def test_a_load_on_a_host_that_may_not_hold_the_model_is_refused(make_emulator,
+                                                                       make_proxy, http):
+    small_only = await make_emulator(catalog=CATALOG)
+    anything = await make_emulator(catalog=CATALOG)
+    proxy = await make_proxy("", config=load_config({
+        "upstreams": [{"name": "small", "url": small_only.url, "budget_gb": 30,
+                       "models": ["lab/small-*"]},
+                      {"name": "any", "url": anything.url, "budget_gb": 30}],
+        "memory": {"min_free_memory_gb": 0, "max_memory_usage_percent": 100},
+        "storage": {"enabled": False}}))
+    async with http.post(f"{proxy.url}/proxy/models/load",
+                         json={"model": MID, "host": "small"}) as r:
+        body = await r.json()
+        assert r.status == 404 and body["error"]["code"] == "model_not_found"
+        assert "'small'" in body["error"]["message"]
+    assert small_only.state.load_calls[MID] == 0

@@ -67,6 +67,17 @@ CASES = [
 ]
 
 
+CASES += [
+    pytest.param([view("a", "loading", up=False), view("b", free_bytes=20 * GB)], 0, "b",
+                 "free", id="a load on a host that is down is not joined"),
+    pytest.param([view("a", "loading", waiters=16), view("b", free_bytes=50 * GB)], 16, "b",
+                 "replicate", id="a crowd of exactly the threshold loads a copy"),
+    pytest.param([view("a", evict_cost_s=0.5, failing=True),
+                  view("b", evict_cost_s=3.0)], 0, "b", "evict",
+                 id="a host whose load of it is backing off is not chosen to evict"),
+]
+
+
 # The host a request failed on is left out: with no other, there is nothing to place on.
 CASES.append(pytest.param([], 0, None, "down", id="no host left"))
 
@@ -92,3 +103,15 @@ def test_a_near_tie_in_load_time_is_a_tie_but_a_clear_gap_is_not():
     gap = [view("a", free_bytes=20 * GB, load_s=10.0), view("b", free_bytes=20 * GB,
                                                              load_s=14.0)]
     assert {place(gap, rng).host for _ in range(100)} == {"a"}
+
+
+def test_a_queued_request_goes_to_a_host_whose_load_of_it_is_not_backing_off():
+    hosts = [view("a", failing=True), view("b")]
+    assert {place(hosts, random.Random(seed)).host for seed in range(50)} == {"b"}
+
+
+def test_copies_with_a_free_slot_share_the_requests_at_random():
+    hosts = [view(n, "loaded", in_flight=1, parallel=4) for n in "abc"]
+    rng = random.Random(5)
+    picks = Counter(place(hosts, rng).host for _ in range(300))
+    assert set(picks) == {"a", "b", "c"} and min(picks.values()) > 60
