@@ -229,3 +229,44 @@ async def test_stats_show_the_replicas_the_leader_and_what_each_host_holds(pair,
     assert replicas["replicas"] == ["A", "B"] and replicas["leader"] in ("A", "B")
     assert replicas["hosts"]["y"]["resident"] == [SMALL]
     assert replicas["hosts"]["y"]["budget_gb"] == 20.0
+
+
+async def test_a_cold_models_lease_is_in_redis_before_its_request_goes_on(pair):
+    a, b, _ = await pair({"x": 20})
+    replica = a.app[REPLICA]
+    replica._task.cancel()              # no batch renewal: only the lease taken at once counts
+    lease = await a.engine.acquire(SMALL)
+    try:
+        assert await replica.store.leased_by("x", SMALL) == {"A"}
+    finally:
+        lease.release()
+
+
+async def test_only_the_leader_unloads_idle_models(pair):
+    a, b, _ = await pair({"x": 20}, models={SMALL: {"ttl_s": 60}})
+    await until(lambda: a.app[REPLICA].leader or b.app[REPLICA].leader)
+    leader, follower = (a, b) if a.app[REPLICA].leader else (b, a)
+    await follower.engine.load(SMALL)
+    await leader.engine.reconcile()
+    store = leader.app[REPLICA].store
+    await until_async(lambda: _empty(store.leased_by("x", SMALL)), 10)   # the load's lease ends
+    for proxy in (leader, follower):        # an hour unused on both replicas' books
+        e = proxy.engine.hosts[0].core.registry.entries[SMALL]
+        e.last_used_at_s = e.loaded_at_s = proxy.engine.clock.now() - 3600
+    await follower.engine.hosts[0].core._idle_tick()
+    assert follower.engine.hosts[0].core.registry.entries[SMALL].status.value == "loaded"
+    await leader.engine.hosts[0].core._idle_tick()
+    assert leader.engine.hosts[0].core.registry.entries[SMALL].status.value == "unloaded"
+
+
+async def test_a_replica_shows_its_own_events_once(pair, http):
+    a, b, _ = await pair({"x": 20})
+    async with http.get(f"{a.url}/proxy/events") as r:
+        events = SseReader(r)
+        await events.next()
+        await a.engine.load(SMALL)
+        await b.engine.load(MID)        # B's load reaching A means A's reader has run past A's
+        seen = await asyncio.wait_for(events.until(
+            lambda e: e.type == "load" and e.data.get("replica") == "B"), 10)
+    own = [e for e in seen if e.type == "load" and e.data["model"] == SMALL]
+    assert len(own) == 1 and "replica" not in own[0].data

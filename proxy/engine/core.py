@@ -171,7 +171,11 @@ class EngineCore:
             if e.status is S.LOADED or not self.manages_loading:
                 lease = self.leases.use(e, observed=True)
                 if self.ctx.shared is not None:
-                    await self.ctx.shared.lease_now(e.key)
+                    try:
+                        await self.ctx.shared.lease_now(e.key)
+                    except BaseException:    # cancelled meanwhile: the lease goes back
+                        lease.release()
+                        raise
                 return lease
             if e.status is S.ERROR and self.clock.now() < e.retry_at_s:
                 raise ModelLoadFailed(e.last_error or f"'{e.key}' failed to load",

@@ -17,8 +17,8 @@ from .lifecycle import ModelEntry, ModelStatus
 from .memory import MemoryPressure
 from .preload import PreloadTally
 from .policy import (GROUP_SERVING, NOT_OURS, PREDICTION_HORIZON_S, SERVING_ELSEWHERE,
-                     SET_POLICIES, Candidate, blocker, cheapest_cover, client_blocker, decayed_heat, expected_cost_s,
-                     expected_hold_s, in_residency, select_victims)
+                     SET_POLICIES, Candidate, blocker, cheapest_cover, client_blocker,
+                     decayed_heat, expected_cost_s, expected_hold_s, in_residency, select_victims)
 
 log = logging.getLogger("proxy.engine")
 S = ModelStatus

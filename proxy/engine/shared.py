@@ -225,14 +225,12 @@ class SharedHost:
                                        f"replica {holder or 'another'}, which has not finished "
                                        f"within {timeout_s:g} s")
             await asyncio.sleep(POLL_S)
-        if await loaded():     # another replica's load finished as this one took the lock
-            with contextlib.suppress(StateUnavailable):
-                await self.store.release_lock(lock)
-            yield None
-            return
         renewer = asyncio.ensure_future(self._renew(lock))
         reserved = done = False
         try:
+            if await loaded():  # another replica's load finished as this one took the lock
+                yield None
+                return
             patience = loop.time() + RESERVATION_GRACE_S + 2 * POLL_S
             while True:
                 room_bytes = await room()
@@ -259,8 +257,10 @@ class SharedHost:
             if reserved:
                 # A loaded model keeps its reservation a moment: a replica that read the
                 # host's list just before the load finished still sees its memory taken.
-                asyncio.ensure_future(self._release_after(e.key, RESERVATION_GRACE_S
-                                                          if done else 0.0))
+                task = asyncio.ensure_future(self._release_after(
+                    e.key, RESERVATION_GRACE_S if done else 0.0))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
 
     async def _release_after(self, key: str, delay_s: float) -> None:
         await asyncio.sleep(delay_s)

@@ -133,7 +133,7 @@ class Fleet(FleetViews):
             if turn is not None:
                 starts = p is not None and p.rule in ("free", "evict", "replicate", "queue")
                 self._hand_over(turn, p.host if starts else None, key)   # type: ignore[union-attr]
-        return await self._on(self._count(p, key, listed), key)
+        return await self._on(self._count(p, key, listed, avoid), key)
 
     async def _turn(self, key: str, listed: list[tuple[Host, ModelEntry]]
                     ) -> LoadLock | None:
@@ -228,10 +228,11 @@ class Fleet(FleetViews):
                 if not holders:
                     del self._loaded[key]
 
-    def _count(self, p: Placement, key: str, listed: list[tuple[Host, ModelEntry]]) -> Host:
+    def _count(self, p: Placement, key: str, listed: list[tuple[Host, ModelEntry]],
+               avoid: str | None) -> Host:
         self.placements[p.rule] += 1
         if p.host is None:
-            raise self._nowhere(key, listed, p)
+            raise self._nowhere(key, listed, p, avoid)
         return self.by_name[p.host]
 
     async def _on(self, h: Host, key: str) -> Lease:
@@ -241,8 +242,8 @@ class Fleet(FleetViews):
             exc.message = f"{exc.message} (host '{h.name}')"
             raise
 
-    def _nowhere(self, key: str, listed: list[tuple[Host, ModelEntry]], p: Placement
-                 ) -> ProxyError:
+    def _nowhere(self, key: str, listed: list[tuple[Host, ModelEntry]], p: Placement,
+                 avoid: str | None = None) -> ProxyError:
         if p.rule == "too_large":
             ceilings = ", ".join(
                 f"'{h.name}' {h.core.ceiling_bytes() / 1e9:.1f} GB" for h, _ in listed)
@@ -251,6 +252,8 @@ class Fleet(FleetViews):
                                  f"fleet may give one model ({ceilings}). It can never be "
                                  f"loaded here.")
         names = ", ".join(f"'{h.name}'" for h, _ in listed) or "none other"
+        if avoid is not None:
+            names += f"; '{avoid}' did not answer this request"
         down = [h for h, _ in listed if not h.up]
         why = "; ".join(f"'{h.name}': {h.core.upstream_error or 'not answering'}" for h in down)
         return UpstreamUnreachable(f"No host that serves '{key}' is reachable (hosts: "
@@ -273,7 +276,10 @@ class Fleet(FleetViews):
     async def _recover(self, h: Host) -> None:
         try:
             while True:
-                await h.core.reconcile()
+                try:
+                    await h.core.reconcile()
+                except Exception:    # a bug of one reconcile must not leave it out for good
+                    log.exception("reconciling host %s failed; trying again", h.name)
                 if h.core.upstream_ok:
                     h.suspect = False
                     log.info("host %s answers again (reconciled)", h.name)

@@ -24,7 +24,7 @@ from ..engine.face import Engine
 from ..fleet.hosts import host_upstream
 from ..observe.hosts import fleet_of
 from ..server.auth import CLIENT_KEY
-from ..errors import RouteNotFound, UpstreamUnreachable
+from ..errors import InvalidRequest, RouteNotFound, UpstreamUnreachable
 from ..server.keys import AUTH, CONFIG, ENGINE
 from . import GREETING, NAMESPACES
 from .guard import Admitted, Guard, LoadBook, Refusal, handshake
@@ -90,6 +90,9 @@ def target_of(request: web.Request) -> Target:
     app, config = request.app, request.app[CONFIG].current
     fleet = fleet_of(app[ENGINE])
     if fleet is None:
+        if "host" in request.query:
+            raise InvalidRequest("This proxy serves one upstream: `host` applies to a fleet "
+                                 "(upstreams: in the config)", param="host")
         return Target(config.upstream.url, config.upstream.api_token, app[ENGINE],
                       request.path_qs)
     name = request.query.get("host")
