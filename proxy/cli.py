@@ -340,8 +340,9 @@ async def _run(config: Config, *, demo: bool, flavor: str = "lmstudio",
             loop.add_signal_handler(sig, stop.set)
     with contextlib.suppress(NotImplementedError):
         loop.add_signal_handler(signal.SIGHUP, _reload_on_signal, app, app[RELOADER])
-    log.info("proxy listening on %s, upstream %s (%s event loop)", served.url,
-             redact_url(config.upstream.url),
+    log.info("proxy listening on %s, %s (%s event loop)", served.url,
+             f"hosts {', '.join(f'{h.name} {redact_url(h.url)}' for h in config.upstreams)}"
+             if config.upstreams else f"upstream {redact_url(config.upstream.url)}",
              type(asyncio.get_running_loop()).__module__.split(".")[0])
     if demo and hosts:
         print(_demo_banner(served.url, "", config, flavor,

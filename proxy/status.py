@@ -31,7 +31,10 @@ def render(stats: dict[str, Any], models: dict[str, Any], health: dict[str, Any]
     lines = []
     mem = stats.get("system_memory")
     up = stats["upstream"]
-    lines.append(f"upstream   {'up' if up['ok'] else 'DOWN'}  ({up.get('api_level') or '-'})"
+    hosts = stats.get("hosts")
+    level = f"{len(up.get('hosts', []))} of {len(hosts)} hosts up" if hosts else \
+        up.get("api_level") or "-"
+    lines.append(f"upstream   {'up' if up['ok'] else 'DOWN'}  ({level})"
                  + (f"  {up['error']}" if up.get("error") else ""))
     if mem:
         used = mem["used_percent"]

@@ -70,6 +70,7 @@ async def test_status_lists_the_hosts_of_a_fleet(make_emulator, make_proxy, caps
     assert lines["mac"].split()[1] == "up" and lines["mac"].endswith(SMALL)
     assert "12.0" in lines["mac"] and "9.6" in lines["mac"]      # total, and free after 2.4
     assert lines["pc"].split()[1] == "DOWN"
+    assert "(1 of 2 hosts up)" in lines["upstream"]
 
 
 async def test_status_of_a_single_server_has_no_host_lines(proxy, capsys):
