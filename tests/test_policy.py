@@ -58,6 +58,23 @@ def test_cost_aware_lets_a_once_popular_model_cool_down():
     assert select_victims("cost-aware", [cooled, recent], 4 * GB, NOW) == ("cooled",)
 
 
+# Seconds of idleness under the recency floor say nothing: heat and reload cost decide there.
+@pytest.mark.parametrize("keep, evict", [
+    # just used once vs used 10 s ago but asked for all hour: the one-off goes
+    (dict(key="steady", idle_s=10, heat=30, reload_s=5.0),
+     dict(key="one-off", idle_s=1, heat=0.5, reload_s=5.0)),
+    # used 1 s ago and cheap to reload vs used 3 s ago and costly: the cheap one goes
+    (dict(key="costly", idle_s=3, heat=2, reload_s=5.0),
+     dict(key="cheap", idle_s=1, heat=2, reload_s=2.0)),
+    # beyond the floor recency still counts: same heat, the long-idle one goes
+    (dict(key="recent", idle_s=13, heat=2, reload_s=5.0),
+     dict(key="stale", idle_s=600, heat=2, reload_s=5.0)),
+])
+def test_cost_aware_recency_has_a_floor(keep, evict):
+    c = [cand(**keep), cand(**evict)]
+    assert select_victims("cost-aware", c, 4 * GB, NOW) == (evict["key"],)
+
+
 def test_priority_weighs_into_cost_aware():
     low = cand("low", reload_s=10.0, heat=3, priority=2)
     high = cand("high", reload_s=10.0, heat=3, priority=9)
