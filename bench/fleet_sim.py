@@ -23,7 +23,7 @@ from proxy.fleet import Fleet, Host, host_config
 from proxy.liveconfig import LiveConfig
 from proxy.upstream.base import LoadResult
 
-from .simulate import SimBackend, quantile
+from .simulate import SimBackend, quantile, replay
 from .vtime import LoopClock, VirtualTimeLoop
 from .workload import Workload
 
@@ -278,15 +278,7 @@ async def _replay(loop: VirtualTimeLoop, workload: Workload, specs: list[HostSpe
         await asyncio.sleep(req.service_s)
         lease.release()
 
-    tasks = []
-    for req in workload.requests:
-        wait = req.t_s - loop.time()
-        if wait > 0:
-            await asyncio.sleep(wait)
-        tasks.append(asyncio.create_task(one(req)))
-        if len(tasks) > 512:
-            tasks = [t for t in tasks if not t.done()]
-    await asyncio.gather(*tasks)
+    await replay(loop, workload.requests, one)
     copies.close()
     await fleet.cleanup()
     delayed = sorted(d for d in delays if d > 1e-9)

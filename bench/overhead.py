@@ -205,6 +205,25 @@ async def stream_load(url: str, concurrency: int, per_worker: int) -> dict:
             "requests": len(ttlb)}
 
 
+def one_round(servers: Servers, order: list[str], duration_s: float, script: Path,
+              stream_per_worker: int, results: dict[str, dict[str, list[float]]],
+              served: dict[str, int]) -> None:
+    """wrk at each concurrency, then the streaming client, on every target in `order`. Each
+    load level runs on every target back to back, so the runs that a ratio compares are
+    seconds apart, not a whole round."""
+    for c in CONCURRENCY:
+        for target in order:
+            r = run_wrk(servers.url(target), c, duration_s, script)
+            served[target] += r["requests"]
+            for key in ("rps", "p50_ms", "p99_ms", "errors"):
+                results[target].setdefault(f"{key}_c{c}", []).append(r[key])
+    for target in order:
+        s = asyncio.run(stream_load(servers.url(target), STREAM_CONCURRENCY, stream_per_worker))
+        served[target] += s["requests"]
+        for key in ("ttfb_p50_ms", "ttlb_p50_ms", "ttfb_p99_ms"):
+            results[target].setdefault(key, []).append(s[key])
+
+
 def measure(servers: Servers, rounds: int, duration_s: float, stream_per_worker: int,
             script: Path, soak_requests: int = 0) -> dict:
     targets = servers.targets
@@ -219,20 +238,7 @@ def measure(servers: Servers, rounds: int, duration_s: float, stream_per_worker:
         k = rnd % len(targets)
         order = targets[k:] + targets[:k]
         before = {t: p.cpu_times() for t, p in procs.items()}
-        # Each load level runs on every target back to back, so the runs that a ratio compares
-        # are seconds apart, not a whole round.
-        for c in CONCURRENCY:
-            for target in order:
-                r = run_wrk(servers.url(target), c, duration_s, script)
-                served[target] += r["requests"]
-                for key in ("rps", "p50_ms", "p99_ms", "errors"):
-                    results[target].setdefault(f"{key}_c{c}", []).append(r[key])
-        for target in order:
-            s = asyncio.run(stream_load(servers.url(target), STREAM_CONCURRENCY,
-                                        stream_per_worker))
-            served[target] += s["requests"]
-            for key in ("ttfb_p50_ms", "ttlb_p50_ms", "ttfb_p99_ms"):
-                results[target].setdefault(key, []).append(s[key])
+        one_round(servers, order, duration_s, script, stream_per_worker, results, served)
         for target, p in procs.items():
             t, b = p.cpu_times(), before[target]
             cpu[target][0] += (t.user + t.system) - (b.user + b.system)

@@ -20,6 +20,21 @@ from .workload import GB, Workload
 REGRET_WINDOW_S = 300.0
 
 
+
+async def replay(loop: asyncio.AbstractEventLoop, requests: Any,
+                 one: Callable[[Any], Any]) -> None:
+    """Start `one(req)` for each request at its arrival time on the (virtual) loop; return
+    when all are done."""
+    tasks = []
+    for req in requests:
+        wait = req.t_s - loop.time()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        tasks.append(asyncio.create_task(one(req)))
+        if len(tasks) > 512:
+            tasks = [t for t in tasks if not t.done()]
+    await asyncio.gather(*tasks)
+
 class SimBackend:
     """A ModelBackend whose loads take the catalogue's load time on the virtual clock."""
 
@@ -173,15 +188,7 @@ async def _replay(loop: VirtualTimeLoop, workload: Workload, budget_gb: float, v
                 await mgr.sample_memory()
                 await mgr.preloader.tick()
         background.append(asyncio.create_task(rhythm()))
-    tasks = []
-    for req in workload.requests:
-        wait = req.t_s - loop.time()
-        if wait > 0:
-            await asyncio.sleep(wait)
-        tasks.append(asyncio.create_task(one(req)))
-        if len(tasks) > 512:
-            tasks = [t for t in tasks if not t.done()]
-    await asyncio.gather(*tasks)
+    await replay(loop, workload.requests, one)
     for task in background:
         task.cancel()
     pre = mgr.preloads

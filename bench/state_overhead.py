@@ -32,7 +32,7 @@ import redis
 
 from . import engine_micro
 from .overhead import (BODY, CONCURRENCY, MODEL, STREAM_CONCURRENCY, Servers, free_port,
-                       post_json, run_wrk, stream_load)
+                       one_round, post_json)
 
 TARGETS = ("direct", "memory", "redis")
 PROXIES = ("memory", "redis")
@@ -76,18 +76,7 @@ def measure(servers: Servers, redis_pid: int, rounds: int, duration_s: float,
     for rnd in range(rounds):
         order = TARGETS[rnd % 3:] + TARGETS[:rnd % 3]
         before = {t: sum(p.cpu_times()[:2]) for t, p in procs.items()}
-        for c in CONCURRENCY:
-            for target in order:
-                r = run_wrk(servers.url(target), c, duration_s, script)
-                served[target] += r["requests"]
-                for key in ("rps", "p50_ms", "p99_ms", "errors"):
-                    results[target].setdefault(f"{key}_c{c}", []).append(r[key])
-        for target in order:
-            s = asyncio.run(stream_load(servers.url(target), STREAM_CONCURRENCY,
-                                        stream_per_worker))
-            served[target] += s["requests"]
-            for key in ("ttfb_p50_ms", "ttlb_p50_ms", "ttfb_p99_ms"):
-                results[target].setdefault(key, []).append(s[key])
+        one_round(servers, order, duration_s, script, stream_per_worker, results, served)
         for t, p in procs.items():
             cpu_s[t] += sum(p.cpu_times()[:2]) - before[t]
         print(f"round {rnd + 1}/{rounds} done", file=sys.stderr, flush=True)

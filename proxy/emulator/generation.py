@@ -9,6 +9,8 @@ from typing import Any
 
 import orjson
 
+from ..server.promptsize import texts
+
 _WORDS = (
     "the model answers with a short and careful reply about memory load time cache token stream "
     "request local server quantized weights context window latency throughput agent tool call "
@@ -21,20 +23,8 @@ def prompt_text(body: dict[str, Any]) -> str:
     """The text a request asks about, across the request shapes of every endpoint."""
     parts: list[str] = []
     for key in ("messages", "input", "prompt", "system"):
-        _collect(body.get(key), parts)
+        texts(body.get(key), parts)
     return " ".join(parts)
-
-
-def _collect(value: Any, parts: list[str]) -> None:
-    if isinstance(value, str):
-        parts.append(value)
-    elif isinstance(value, list):
-        for v in value:
-            _collect(v, parts)
-    elif isinstance(value, dict):
-        for k in ("content", "text", "input"):
-            if k in value:
-                _collect(value[k], parts)
 
 
 def count_tokens(text: str) -> int:

@@ -11,8 +11,8 @@ Single flight across hosts: a request placed on a host starts or joins that host
 the next request is placed (no await between placing and the host's acquire), so racing requests
 see the load and join it (placer rule 2) rather than start a second copy elsewhere.
 
-Among replicas (state.backend: redis) one places a cold model at a time (a placing lock, held
-until its host's load lock is taken), so replicas join one load too.
+Among replicas (state.backend: redis) one places a cold model at a time (fleet/turns.py), so
+replicas join one load too.
 
 A host a request could not reach is `suspect`: it takes no new requests until its engine has
 reconciled with it again (`_recover`). The views (the union, the sums) are fleet/aggregate.py.
@@ -30,20 +30,19 @@ from ..engine.lifecycle import Lease, ModelEntry, ModelStatus
 from ..engine.shared import Replica
 from ..engine.usage import RequestRecord
 from ..errors import (InvalidRequest, ModelNotFound, ModelTooLarge, ProxyError,
-                      StateUnavailable, UpstreamUnreachable)
+                      UpstreamUnreachable)
 from ..liveconfig import LiveConfig
 from ..state import LoadLock
 from ..upstream.base import Upstream
 from .aggregate import FleetViews
 from .hosts import Host, HostTagged, host_config
 from .placer import Placement, pick_resident, place
+from .turns import ReplicaTurns
 from .views import full_view
 
 log = logging.getLogger("proxy.fleet")
 S = ModelStatus
 RECOVER_POLL_S = 1.0           # a suspect host is asked again this often until it answers
-PLACING = "*placing*"          # the placing lock's host part (no host name has a '*')
-PLACING_POLL_S = 0.1
 CATALOG_REFRESH_MIN_S = 2.0
 
 
@@ -60,7 +59,7 @@ class Fleet(FleetViews):
         self.store = first.store
         self._recovering: dict[str, asyncio.Task] = {}
         self._placing: dict[str, asyncio.Future] = {}   # model → a request placing it now
-        self._handovers: set[asyncio.Task] = set()
+        self.turns = ReplicaTurns(replica, self.by_name)
         # model → the hosts where it is loaded (and its entry there), kept by state changes
         self._loaded: dict[str, dict[Host, ModelEntry]] = {}
         for h in hosts:
@@ -112,10 +111,10 @@ class Fleet(FleetViews):
         turn: LoadLock | None = None
         p: Placement | None = None
         try:
-            turn = await self._turn(key, listed)
+            turn = await self.turns.turn(key, listed)
             await asyncio.gather(*(h.core.sample_memory() for h, _ in listed if h.up),
                                  return_exceptions=True)
-            elsewhere = await self._loading_elsewhere(key, listed)
+            elsewhere = await self.turns.loading_elsewhere(key, listed)
             listed = self._listed(key, avoid)
             preferred = self.config.model(key).host
             ceilings = {h.name: h.core.ceiling_bytes() for h in self.hosts if h.up}
@@ -132,62 +131,8 @@ class Fleet(FleetViews):
             placed.set_result(None)
             if turn is not None:
                 starts = p is not None and p.rule in ("free", "evict", "replicate", "queue")
-                self._hand_over(turn, p.host if starts else None, key)   # type: ignore[union-attr]
+                self.turns.hand_over(turn, p.host if starts else None, key)   # type: ignore[union-attr]
         return await self._on(self._count(p, key, listed, avoid), key)
-
-    async def _turn(self, key: str, listed: list[tuple[Host, ModelEntry]]
-                    ) -> LoadLock | None:
-        """Among replicas, one places a cold model at a time: its placing lock (held until its
-        host's load lock is taken), or None once another replica has placed it (its load shows)
-        or coordination is not possible (no shared state, Redis away: placed alone)."""
-        if self.replica is None:
-            return None
-        store, ttl_s = self.replica.store, self.replica.lock_ttl_s
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 2 * ttl_s
-        try:
-            while True:
-                lock = await store.acquire_lock(PLACING, key, ttl_s)
-                if lock is not None:
-                    return lock
-                if await self._loading_elsewhere(key, listed) or \
-                        any(h.resident(key) for h, _ in listed) or loop.time() >= deadline:
-                    return None
-                await asyncio.sleep(PLACING_POLL_S)
-        except StateUnavailable:
-            return None
-
-    def _hand_over(self, turn: LoadLock, host: str | None, key: str) -> None:
-        """Release the placing lock once the chosen host's load lock is held (the next replica
-        then sees the load and joins it), or at once when the request joined a load."""
-        async def hand_over() -> None:
-            store = turn.store
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + (self.replica.lock_ttl_s if self.replica else 0.0)
-            try:
-                while host is not None and loop.time() < deadline:
-                    if await store.lock_holder(host, key) is not None or \
-                            self.by_name[host].resident(key):
-                        break
-                    await asyncio.sleep(PLACING_POLL_S / 2)
-                await turn.release()
-            except StateUnavailable:
-                pass   # the lock lapses by itself
-        task = asyncio.ensure_future(hand_over())
-        self._handovers.add(task)
-        task.add_done_callback(self._handovers.discard)
-
-    async def _loading_elsewhere(self, key: str, listed: list[tuple[Host, ModelEntry]]
-                                 ) -> set[str]:
-        """Hosts where another replica is loading the model now (their load locks): the
-        request joins that load there rather than start a second one elsewhere."""
-        if self.replica is None:
-            return set()
-        store, me = self.replica.store, self.replica.id
-        holders = await asyncio.gather(*(store.lock_holder(h.name, key) for h, _ in listed),
-                                       return_exceptions=True)
-        return {h.name for (h, _), who in zip(listed, holders)
-                if isinstance(who, str) and who != me}
 
     def _listed(self, key: str, avoid: str | None) -> list[tuple[Host, ModelEntry]]:
         return [(h, e) for h in self.hosts if h.name != avoid
@@ -405,10 +350,10 @@ class Fleet(FleetViews):
             await h.core.start_monitoring()
 
     async def cleanup(self) -> None:
-        for task in [*self._recovering.values(), *self._handovers]:
+        for task in self._recovering.values():
             task.cancel()
-        await asyncio.gather(*self._recovering.values(), *self._handovers,
-                             return_exceptions=True)
+        await asyncio.gather(*self._recovering.values(), return_exceptions=True)
+        await self.turns.close()
         for h in self.hosts:
             await h.core.cleanup()
 

@@ -13,8 +13,8 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from ..engine.lifecycle import ModelStatus
-from ..engine.memory import MemoryPressure
 from ..fleet import Fleet
+from .gauges import engine_gauges
 
 if TYPE_CHECKING:
     from ..engine.face import Engine
@@ -81,22 +81,4 @@ class FleetStateCollector(Collector):
         yield from (up, used, total, available, ceiling, models, queue, in_flight)
 
     def _fleet(self) -> Iterable[Any]:
-        f = self.fleet
-        yield GaugeMetricFamily("proxy_queue_depth", "Loads waiting for memory",
-                                value=float(f.queue_length))
-        pressure = GaugeMetricFamily("proxy_memory_pressure",
-                                     "Memory pressure level (1 for the current one)",
-                                     labels=["level"])
-        for level in MemoryPressure:
-            pressure.add_metric([level.value], 1.0 if f.memory_pressure is level else 0.0)
-        yield pressure
-        yield GaugeMetricFamily("proxy_upstream_up", "1 if the upstream answers",
-                                value=1.0 if f.upstream_ok else 0.0)
-        sample = f.last_sample
-        if sample is not None:
-            yield GaugeMetricFamily("proxy_memory_available_bytes", "Memory available",
-                                    value=float(sample.available_bytes))
-            yield GaugeMetricFamily("proxy_memory_used_bytes", "Memory in use",
-                                    value=float(sample.used_bytes))
-            yield GaugeMetricFamily("proxy_memory_total_bytes", "Memory in all",
-                                    value=float(sample.total_bytes))
+        yield from engine_gauges(self.fleet)   # summed or worst over the hosts: the fleet's face

@@ -18,9 +18,9 @@ from prometheus_client.utils import floatToGoString
 from prometheus_client.registry import Collector
 
 from ..engine.lifecycle import ModelStatus
-from ..engine.memory import MemoryPressure
 from ..engine.usage import RequestRecord
 from .fleetmetrics import FleetStateCollector
+from .gauges import engine_gauges
 from .gateway import InferenceGatewayCollector
 from .hosts import host_names
 
@@ -219,21 +219,4 @@ class _StateCollector(Collector):
         yield owner
         yield leases
         yield footprint
-        yield GaugeMetricFamily("proxy_queue_depth", "Loads waiting for memory",
-                                value=float(e.queue_length))
-        pressure = GaugeMetricFamily("proxy_memory_pressure",
-                                     "Memory pressure level (1 for the current one)",
-                                     labels=["level"])
-        for level in MemoryPressure:
-            pressure.add_metric([level.value], 1.0 if e.memory_pressure is level else 0.0)
-        yield pressure
-        yield GaugeMetricFamily("proxy_upstream_up", "1 if the upstream answers",
-                                value=1.0 if e.upstream_ok else 0.0)
-        sample = e.last_sample
-        if sample is not None:
-            yield GaugeMetricFamily("proxy_memory_available_bytes", "Memory available",
-                                    value=float(sample.available_bytes))
-            yield GaugeMetricFamily("proxy_memory_used_bytes", "Memory in use",
-                                    value=float(sample.used_bytes))
-            yield GaugeMetricFamily("proxy_memory_total_bytes", "Memory in all",
-                                    value=float(sample.total_bytes))
+        yield from engine_gauges(e)

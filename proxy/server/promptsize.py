@@ -27,9 +27,9 @@ def refuse_oversized(path: str, payload: dict[str, Any], context_length: int | N
     if field is None or not context_length:
         return
     parts: list[str] = []
-    _texts(payload.get(field), parts)
+    texts(payload.get(field), parts)
     if path == "/v1/messages":
-        _texts(payload.get("system"), parts)
+        texts(payload.get("system"), parts)
     chars = sum(len(_RUNS.sub(r"\1", t)) for t in parts)
     at_least = chars // MAX_CHARS_PER_TOKEN
     if at_least > context_length:
@@ -40,14 +40,15 @@ def refuse_oversized(path: str, payload: dict[str, Any], context_length: int | N
             f"(models.<key>.load.context_length).", param=field)
 
 
-def _texts(value: Any, out: list[str]) -> None:
-    """Every string in a prompt field: plain text, message contents, content parts."""
+def texts(value: Any, out: list[str]) -> None:
+    """Every string in a prompt field: plain text, message contents, content parts (the
+    emulator reads prompts with it too)."""
     if isinstance(value, str):
         out.append(value)
     elif isinstance(value, list):
         for item in value:
-            _texts(item, out)
+            texts(item, out)
     elif isinstance(value, dict):
         for name in ("content", "text", "input"):
             if name in value:
-                _texts(value[name], out)
+                texts(value[name], out)

@@ -1,0 +1,33 @@
+"""The engine-wide gauges of `/metrics`, one engine or a fleet through the same face: loads
+queued, memory pressure, the upstream answering, memory available / used / total."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Iterable
+
+from prometheus_client.core import GaugeMetricFamily
+
+from ..engine.memory import MemoryPressure
+
+if TYPE_CHECKING:
+    from ..engine.face import Engine
+
+
+def engine_gauges(e: "Engine") -> Iterable[GaugeMetricFamily]:
+    yield GaugeMetricFamily("proxy_queue_depth", "Loads waiting for memory",
+                            value=float(e.queue_length))
+    pressure = GaugeMetricFamily("proxy_memory_pressure",
+                                 "Memory pressure level (1 for the current one)",
+                                 labels=["level"])
+    for level in MemoryPressure:
+        pressure.add_metric([level.value], 1.0 if e.memory_pressure is level else 0.0)
+    yield pressure
+    yield GaugeMetricFamily("proxy_upstream_up", "1 if the upstream answers",
+                            value=1.0 if e.upstream_ok else 0.0)
+    sample = e.last_sample
+    if sample is not None:
+        yield GaugeMetricFamily("proxy_memory_available_bytes", "Memory available",
+                                value=float(sample.available_bytes))
+        yield GaugeMetricFamily("proxy_memory_used_bytes", "Memory in use",
+                                value=float(sample.used_bytes))
+        yield GaugeMetricFamily("proxy_memory_total_bytes", "Memory in all",
+                                value=float(sample.total_bytes))
