@@ -7,26 +7,27 @@
 Parts, one job each: `registry` (what is known), `monitor` (memory and pressure), `accounting`
 (statistics and what survives a restart), `evictor` (who may go, unloading, pressure, idle),
 `loader` (one load), `scheduler` (admission), `reconciler` (the server's truth), `report`
-(the per-model view). The core receives its upstream; it never constructs one.
+(the per-model view). Its views are engine/coreviews.py. The core receives its upstream;
+it never constructs one.
 """
 from __future__ import annotations
 
 import logging
-from typing import Any, Awaitable, Callable, Mapping
+from typing import Any, Awaitable, Callable
 
 from ..config import Config
 from ..errors import InvalidRequest, ModelLoadFailed, ModelNotFound, ModelUnavailable, clip
 from ..liveconfig import LiveConfig
-from ..state import HostRecord
 from ..store import UsageStore
-from ..upstream.base import ApiLevel, Capabilities, ModelBackend
+from ..upstream.base import ModelBackend
 from .accounting import Accounting
 from .clock import Clock, SystemClock
 from .context import EngineContext
+from .coreviews import CoreViews
 from .eviction import Evictor
 from .groups import Groups
 from .leases import Leases
-from .lifecycle import Lease, ModelEntry, ModelStatus
+from .lifecycle import Lease, ModelStatus
 from .learning import UsageLearner
 from .listeners import Listeners
 from .loader import Loader
@@ -38,10 +39,9 @@ from .periodic import Periodic
 from .preload import Preloader, PreloadTally
 from .reconcile import Reconciler
 from .registry import ECHO_MAX_CHARS, Registry
-from .report import memory_stats, model_row, recommendations
 from .scheduler import Scheduler
 from .shared import SharedHost
-from .usage import ModelUsage, RequestRecord
+from .usage import RequestRecord
 
 log = logging.getLogger("proxy.engine")
 S = ModelStatus
@@ -51,7 +51,7 @@ IDLE_CHECK_MAX_S = 60.0
 CriticalHandler = Callable[[], Awaitable[list[str]]]
 
 
-class EngineCore:
+class EngineCore(CoreViews):
     def __init__(self, config: Config | LiveConfig, upstream: ModelBackend, *,
                  sampler: MemorySampler | None = None, clock: Clock | None = None,
                  store: UsageStore | None = None, owns_upstream: bool = False,
@@ -253,16 +253,6 @@ class EngineCore:
     async def sample_memory(self) -> MemorySample:
         return await self.monitor.sample()
 
-    def _host_record(self) -> HostRecord:
-        """This host as this engine sees it, for the other replicas (engine/shared.py)."""
-        r = self.registry
-        return HostRecord(
-            resident={i: e.key for e in r.entries.values() if e.status is S.LOADED
-                      for i in (e.instance_ids or (e.key,))},
-            used_bytes=int(r.charged_bytes()),
-            budget_bytes=int(self.ceiling_bytes()) if self.monitor.last_sample else 0,
-            reported_by=self.ctx.shared.replica.id if self.ctx.shared else "")
-
     @property
     def leads(self) -> bool:
         """Runs the background jobs that act on the hosts: alone, or as the replicas' leader."""
@@ -369,99 +359,6 @@ class EngineCore:
 
     def pinned(self, key: str) -> bool:
         return self.registry.pinned(key)
-
-    # -- views -------------------------------------------------------------------------------
-    @property
-    def manages_loading(self) -> bool:
-        """Without it the proxy relays and measures: the server loads on its own."""
-        caps = self.reconciler.capabilities
-        return caps is not None and caps.manages_loading
-
-    @property
-    def capabilities(self) -> Capabilities | None:
-        """The backend's, once it has answered."""
-        return self.reconciler.capabilities
-
-    @property
-    def api_level(self) -> ApiLevel | None:
-        return self.reconciler.api_level
-
-    @property
-    def upstream_ok(self) -> bool:
-        return self.reconciler.upstream_ok
-
-    @property
-    def upstream_error(self) -> str | None:
-        return self.reconciler.upstream_error
-
-    @property
-    def memory_pressure(self) -> MemoryPressure:
-        return self.monitor.level
-
-    @property
-    def queue_length(self) -> int:
-        return self.scheduler.queue_length
-
-    @property
-    def last_sample(self) -> MemorySample | None:
-        return self.monitor.last_sample
-
-    @property
-    def sampler(self) -> MemorySampler:
-        return self.monitor.sampler
-
-    @property
-    def last_reconcile_s(self) -> float:
-        return self.reconciler.last_run_s
-
-    def known_models(self) -> list[str]:
-        return self.registry.keys()
-
-    def loaded_models(self) -> list[str]:
-        return self.registry.loaded()
-
-    def owner_of(self, name: str) -> tuple[str | None, str | None]:
-        """A native client's model name or instance identifier → (the model it reaches, as
-        LM Studio resolves it: loaded instances first; its owner while loaded)."""
-        key = self.registry.loaded_as(name)
-        e = self.registry.entries.get(key) if key is not None else None
-        return key, (e.owner if e is not None and e.status is S.LOADED else None)
-
-    def report(self) -> dict[str, Any]:
-        """The original get_memory_stats() shape, plus per-model rows (GET /proxy/stats)."""
-        return memory_stats(self)
-
-    def row(self, key: str) -> dict[str, Any]:
-        """The one per-model view (GET /proxy/models)."""
-        return model_row(self, key, self.clock.now())
-
-    def recommend(self, context: Mapping[str, Any] | str | None = None) -> dict[str, Any]:
-        """Recommendations for a task, and the choice behind `auto:<task>`."""
-        return recommendations(self, context)
-
-    def entry(self, name: str) -> ModelEntry | None:
-        return self.registry.get(name)
-
-    def usage(self, key: str) -> ModelUsage:
-        return self.accounting.usage_of(key)
-
-    def footprint_bytes(self, e: ModelEntry) -> float:
-        return self.registry.footprint_bytes(e)
-
-    def footprint_source(self, e: ModelEntry) -> str:
-        return self.registry.footprint_source(e)
-
-    def priority(self, key: str) -> int:
-        return self.registry.priority(key)
-
-    def headroom_bytes(self) -> float:
-        s = self.monitor.last_sample
-        return self.monitor.headroom(s) if s is not None else 0.0
-
-    def ceiling_bytes(self) -> float:
-        """The most any one model may take; unbounded until memory was first sampled."""
-        s = self.monitor.last_sample
-        return self.monitor.ceiling_bytes(s) if s is not None else float("inf")
 
 
 def _one_server(host: str | None) -> None:
