@@ -382,3 +382,71 @@ async def test_a_load_on_a_host_that_may_not_hold_the_model_is_refused(make_emul
         assert r.status == 404 and body["error"]["code"] == "model_not_found"
         assert "'small'" in body["error"]["message"]
     assert small_only.state.load_calls[MID] == 0
+
+
+async def test_requests_for_a_model_queued_on_a_host_join_that_queue(fleet, http):
+    proxy, emus = await fleet({"a": 8, "b": 8})
+    await proxy.engine.load(OTHER, host="a")
+    await proxy.engine.load(COLD, host="b")
+    gates = []
+    streams = []
+    for model in (OTHER, COLD):          # both hosts full with a model that is serving
+        gate = asyncio.Event()
+        emus["a" if model == OTHER else "b"].state.faults.stream_gate = gate
+        gates.append(gate)
+        r = await http.post(f"{proxy.url}/v1/chat/completions", json={
+            "model": model, "stream": True, "max_tokens": 4,
+            "messages": [{"role": "user", "content": "hi"}]})
+        await r.content.readuntil(b"\n\n")
+        streams.append(r)
+    waiting = [asyncio.ensure_future(chat(http, proxy, MID)) for _ in range(10)]
+    hosts = proxy.engine.hosts
+    async with asyncio.timeout(10):
+        while sum(h.core.registry.entries[MID].waiting for h in hosts) < 10:
+            await asyncio.sleep(0.01)
+    queued_on = [h.name for h in hosts if MID in h.core.scheduler.pending]
+    assert len(queued_on) == 1                 # ten requests, one queue, one host
+    for gate in gates:
+        gate.set()
+    for r in streams:
+        await r.read()
+        r.release()
+    answers = await asyncio.gather(*waiting)
+    assert {h["X-Proxy-Host"] for _, _, h in answers} == set(queued_on)
+    assert sum(loads(emus, MID).values()) == 1
+
+
+async def test_a_copy_loaded_outside_on_a_host_that_may_not_hold_it_is_not_served(
+        make_emulator, make_proxy, http):
+    small_only = await make_emulator(catalog=CATALOG)
+    anything = await make_emulator(catalog=CATALOG)
+    proxy = await make_proxy("", config=load_config({
+        "upstreams": [{"name": "small", "url": small_only.url, "budget_gb": 30,
+                       "models": ["lab/small-*"]},
+                      {"name": "any", "url": anything.url, "budget_gb": 30}],
+        "memory": {"min_free_memory_gb": 0, "max_memory_usage_percent": 100},
+        "storage": {"enabled": False}}))
+    await small_only.state.load(MID)           # someone loads it there by hand
+    await proxy.engine.reconcile()
+    status, _, headers = await chat(http, proxy, MID)
+    assert status == 200 and headers["X-Proxy-Host"] == "any"
+
+
+async def test_a_timeout_is_not_retried_on_another_host(fleet, http):
+    proxy, emus = await fleet({"a": 20, "b": 20}, upstream={"read_timeout_s": 0.5})
+    await proxy.engine.load(SMALL, host="a")
+    emus["a"].state.faults.hang_inference = True
+    status, body, _ = await chat(http, proxy, SMALL)
+    assert status == 504 and body["error"]["code"] == "upstream_timeout"
+    assert emus["b"].state.load_calls[SMALL] == 0
+    assert not proxy.engine.by_name["a"].suspect
+
+
+async def test_a_host_that_broke_off_after_its_response_head_is_not_retried(fleet, http):
+    proxy, emus = await fleet({"a": 20, "b": 20})
+    await proxy.engine.load(SMALL, host="a")
+    emus["a"].state.faults.drop_stream_after_chunks = 0    # head sent, then the line drops
+    status, body, _ = await chat(http, proxy, SMALL, stream=True)
+    assert status == 502 and body["error"]["code"] == "upstream_error"
+    assert emus["b"].state.load_calls[SMALL] == 0
+    assert not proxy.engine.by_name["a"].suspect
