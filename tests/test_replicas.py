@@ -270,3 +270,21 @@ async def test_a_replica_shows_its_own_events_once(pair, http):
             lambda e: e.type == "load" and e.data.get("replica") == "B"), 10)
     own = [e for e in seen if e.type == "load" and e.data["model"] == SMALL]
     assert len(own) == 1 and "replica" not in own[0].data
+
+
+async def test_a_replica_that_gets_the_lock_as_anothers_load_finishes_adopts_the_model(
+        pair, http):
+    # Room for one copy only: were B to reserve memory for its own load of MID after A's
+    # finished, it would be refused; it must see the host holds MID and adopt it.
+    a, b, emus = await pair({"x": 6.5})
+    emu = emus["x"]
+    gate = emu.state.faults.load_gate[MID] = asyncio.Event()
+    from_a = asyncio.ensure_future(chat(http, a, MID))
+    await until(lambda: emu.state.load_calls[MID] == 1)
+    from_b = asyncio.ensure_future(chat(http, b, MID))
+    b_core = b.engine.hosts[0].core
+    await until(lambda: b_core.registry.entries[MID].status.value == "loading")
+    gate.set()
+    answers = await asyncio.gather(from_a, from_b)
+    assert [s for s, _, _ in answers] == [200, 200]
+    assert emu.state.load_calls[MID] == 1
