@@ -30,8 +30,8 @@ LAYERS = [
     ("server", ("proxy.server", "proxy.native")),
     ("handlers", ("proxy.handlers",)),
     ("app", ("proxy.app",)),
-    ("commands", ("proxy.cli", "proxy.demofleet", "proxy.status", "proxy.mcp", "proxy.docgen", "proxy.__main__", "proxy",
-                  "proxy.emulator")),
+    ("commands", ("proxy.cli", "proxy.demo", "proxy.demofleet", "proxy.status", "proxy.mcp",
+                  "proxy.docgen", "proxy.__main__", "proxy", "proxy.emulator")),
 ]
 
 

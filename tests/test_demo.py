@@ -12,7 +12,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from proxy.cli import _demo_banner, build_parser
+from proxy.cli import build_parser
+from proxy.demo import demo_banner
 from proxy.server.keys import CONFIG
 from .conftest import proxy_config
 
@@ -49,7 +50,7 @@ def shell_env(**extra: str) -> dict[str, str]:
 
 
 def test_the_banner_says_to_install_the_sdk_before_using_it():
-    banner = _demo_banner("http://127.0.0.1:8080", "http://127.0.0.1:1234",
+    banner = demo_banner("http://127.0.0.1:8080", "http://127.0.0.1:1234",
                           proxy_config("http://127.0.0.1:1234"))
     assert banner.index("pip install openai") < banner.index("from openai import")
 
@@ -57,7 +58,7 @@ def test_the_banner_says_to_install_the_sdk_before_using_it():
 async def test_with_client_keys_the_examples_carry_the_key_from_the_environment(
         make_proxy, emulator):
     proxy = await make_proxy(emulator.url, **{"auth.keys": [{"name": "alice", "key": ALICE}]})
-    banner = _demo_banner(proxy.url, emulator.url, proxy.app[CONFIG].current)
+    banner = demo_banner(proxy.url, emulator.url, proxy.app[CONFIG].current)
     assert ALICE not in banner and "PROXY_API_KEY" in banner
     curl, sdk = examples(banner)
     code, out = await sh(curl + " --fail-with-body -sS", shell_env(PROXY_API_KEY=ALICE))
