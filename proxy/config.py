@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections.abc
 import dataclasses
+import functools
 import ipaddress
 import socket
 from dataclasses import dataclass, field
@@ -187,6 +188,14 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class TaskModel:
+    """A `tasks:` entry that names the host its model should live on: `{model, host}`."""
+    model: str = ""
+    # In a fleet: the host preferred for the model when it has room (as models.<key>.host).
+    host: str | None = None
+
+
+@dataclass(frozen=True)
 class GroupConfig:
     """Models that live and leave together, or never together (engine/groups.py)."""
     name: str = ""
@@ -300,8 +309,9 @@ class Config:
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     eviction: EvictionConfig = field(default_factory=EvictionConfig)
     models: Mapping[str, ModelConfig] = field(default_factory=dict)
-    # Task → models that serve it, best first (recommendations and `auto:<task>` routing).
-    tasks: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    # Task → models that serve it, best first (recommendations and `auto:<task>` routing);
+    # an entry is a model key, or `{model, host}` to prefer a host for it in a fleet.
+    tasks: Mapping[str, tuple[str | TaskModel, ...]] = field(default_factory=dict)
     groups: tuple[GroupConfig, ...] = ()
     preload: PreloadConfig = field(default_factory=PreloadConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
@@ -314,6 +324,22 @@ class Config:
 
     def model(self, key: str) -> ModelConfig:
         return self.models.get(key) or _DEFAULT_MODEL
+
+    @functools.cached_property
+    def task_models(self) -> Mapping[str, tuple[str, ...]]:
+        """Task → the model keys its entries name, in order."""
+        return {task: tuple(m if isinstance(m, str) else m.model for m in models)
+                for task, models in self.tasks.items()}
+
+    @functools.cached_property
+    def task_hosts(self) -> Mapping[str, str]:
+        """Model key → the host a `tasks:` entry names for it."""
+        return {m.model: m.host for models in self.tasks.values() for m in models
+                if isinstance(m, TaskModel) and m.host is not None}
+
+    def preferred_host(self, key: str) -> str | None:
+        """The host a fleet prefers for the model: models.<key>.host, else its tasks' host."""
+        return self.model(key).host or self.task_hosts.get(key)
 
     def alias_map(self) -> dict[str, str]:
         return {alias: key for key, m in self.models.items() for alias in m.aliases}

@@ -4,9 +4,10 @@ groups and load options, footprints against the memory there is. Each problem is
 naming its path; `config_warnings` lists what is valid but can never be useful."""
 from __future__ import annotations
 
+import fnmatch
 from urllib.parse import urlsplit
 
-from .config import (AuthConfig, Config, StateConfig, is_local_url, redact_url,
+from .config import (AuthConfig, Config, StateConfig, TaskModel, is_local_url, redact_url,
                      url_has_credentials)
 from .groupcheck import group_problems
 from .loadoptions import load_option_problems, load_option_warnings
@@ -29,6 +30,9 @@ def cross_checks(config: Config, problems: list[str]) -> None:
                 problems.append(f"models.{key}.aliases: '{alias}' is already an alias of "
                                 f"'{seen[alias]}'")
             seen[alias] = key
+    for task, entries in config.tasks.items():
+        problems += [f"tasks.{task}[{i}].model: required (the model key that serves it)"
+                     for i, m in enumerate(entries) if isinstance(m, TaskModel) and not m.model]
     _auth_checks(config.auth, problems)
     _host_checks(config, problems)
     _state_checks(config.state, problems)
@@ -94,6 +98,32 @@ def _host_checks(config: Config, problems: list[str]) -> None:
         if m.host is not None and m.host not in names:
             problems.append(f"models.{key}.host: '{m.host}' is not a host in upstreams "
                             f"({', '.join(sorted(names)) or 'none'})")
+    _task_host_checks(config, names, problems)
+
+
+def _task_host_checks(config: Config, names: set[str], problems: list[str]) -> None:
+    """A `tasks:` entry's host exists, may hold its model, and agrees with every other host
+    named for that model (one model has one preferred host)."""
+    patterns = {h.name: h.models for h in config.upstreams}
+    named: dict[str, tuple[str, str]] = {k: (m.host, f"models.{k}.host")
+                                         for k, m in config.models.items() if m.host}
+    for task, entries in config.tasks.items():
+        for i, m in enumerate(entries):
+            if not isinstance(m, TaskModel) or m.host is None:
+                continue
+            path = f"tasks.{task}[{i}].host"
+            if m.host not in names:
+                problems.append(f"{path}: '{m.host}' is not a host in upstreams "
+                                f"({', '.join(sorted(names))})")
+                continue
+            allowed = patterns[m.host]
+            if allowed is not None and not any(fnmatch.fnmatchcase(m.model, p) for p in allowed):
+                problems.append(f"{path}: host '{m.host}' may not hold '{m.model}' (its models: "
+                                f"{', '.join(allowed)})")
+            host, where = named.setdefault(m.model, (m.host, path))
+            if host != m.host:
+                problems.append(f"{path}: '{m.host}' for '{m.model}', but {where} names "
+                                f"'{host}'; a model has one preferred host")
 
 
 def _state_checks(state: StateConfig, problems: list[str]) -> None:

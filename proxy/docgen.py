@@ -238,7 +238,11 @@ def _type_name(tp: Any) -> str:
     if origin is tuple:
         if dataclasses.is_dataclass(args[0]):
             return "list of entries"
+        if typing.get_origin(args[0]) in (typing.Union, types.UnionType):
+            return f"list of ({_type_name(args[0])})"
         return f"list of {_type_name(args[0])}s"
+    if dataclasses.is_dataclass(tp):
+        return "{" + ", ".join(f.name for f in dataclasses.fields(tp)) + "}"
     return {bool: "boolean", int: "integer", float: "number", str: "string"}.get(tp, str(tp))
 
 

@@ -63,7 +63,10 @@ def _convert(tp: Any, value: Any, path: str, problems: list[str]) -> Any:
             if not tried:
                 return converted
             attempts.append(tried)
-        problems.extend(attempts[0])
+        # A mapping was meant for the member that is a dataclass: report its errors.
+        meant = next((i for i, a in enumerate(args)
+                      if isinstance(value, dict) and dataclasses.is_dataclass(a)), 0)
+        problems.extend(attempts[meant])
         return None
     if dataclasses.is_dataclass(tp):
         return build(tp, value, path, problems)

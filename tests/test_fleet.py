@@ -285,6 +285,52 @@ def test_check_validates_the_hosts():
     assert any(p.startswith(f"models.{SMALL}.host: 'nope' is not a host") for p in problems)
 
 
+async def test_a_task_that_names_a_host_places_its_model_there(fleet, http):
+    proxy, emus = await fleet({"a": 20, "b": 20, "c": 20},
+                              tasks={"coding": [{"model": MID, "host": "b"}, SMALL]})
+    for host in ("a", "c"):      # a and c have loaded it fast; b's load time is a guess
+        await proxy.engine.load(MID, host=host)
+        await proxy.engine.unload(MID, host=host)
+    assert proxy.engine.host("a").core.registry.reload_s(
+        proxy.engine.host("a").entry(MID)) < proxy.engine.host("b").core.registry.reload_s(
+        proxy.engine.host("b").entry(MID))
+    for _ in range(2):
+        status, _, headers = await chat(http, proxy, "auto:coding")
+        assert status == 200 and headers["X-Proxy-Model"] == MID
+        assert headers["X-Proxy-Host"] == "b"
+        await proxy.engine.unload(MID, host="b")
+    assert loads(emus, MID) == {"a": 1, "b": 2, "c": 1}
+    status, _, headers = await chat(http, proxy, SMALL)   # a model no entry places: anywhere
+    assert status == 200 and headers["X-Proxy-Host"] in {"a", "b", "c"}
+
+
+def test_check_validates_the_hosts_tasks_name():
+    from proxy.config import ConfigError
+    hosts = [{"name": "a", "url": "http://127.0.0.1:1"},
+             {"name": "b", "url": "http://127.0.0.1:2", "models": ["lab/*"]}]
+    with pytest.raises(ConfigError) as err:
+        load_config({"upstreams": hosts, "models": {MID: {"host": "a"}}, "tasks": {
+            "coding": [{"host": "a"}, {"model": "other/x", "host": "b"},
+                       {"model": SMALL, "host": "zzz"}, {"model": MID, "host": "b"}],
+            "chat": [{"model": SMALL, "hots": "a"}]}})
+    assert err.value.problems == [
+        "tasks.chat[0].hots: unknown key (known: host, model)"]
+    with pytest.raises(ConfigError) as err:
+        load_config({"upstreams": hosts, "models": {MID: {"host": "a"}}, "tasks": {
+            "coding": [{"host": "a"}, {"model": "other/x", "host": "b"},
+                       {"model": SMALL, "host": "zzz"}, {"model": MID, "host": "b"}]}})
+    assert err.value.problems == [
+        "tasks.coding[0].model: required (the model key that serves it)",
+        "tasks.coding[1].host: host 'b' may not hold 'other/x' (its models: lab/*)",
+        "tasks.coding[2].host: 'zzz' is not a host in upstreams (a, b)",
+        f"tasks.coding[3].host: 'b' for '{MID}', but models.{MID}.host names 'a'; a model "
+        "has one preferred host"]
+    c = load_config({"upstreams": hosts, "tasks": {"coding": [SMALL, {"model": MID,
+                                                                       "host": "b"}]}})
+    assert c.task_models == {"coding": (SMALL, MID)} and c.preferred_host(MID) == "b"
+    assert c.preferred_host(SMALL) is None
+
+
 def test_a_host_takes_what_it_does_not_set_from_upstream():
     c = load_config({"upstream": {"read_timeout_s": 12, "url": "http://127.0.0.1:9",
                                   "api_token": "secret"},

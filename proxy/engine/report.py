@@ -116,4 +116,4 @@ def recommendations(core: "EngineCore", context: Mapping[str, Any] | str | None
             load_error=(e.last_error or "no reason given")
             if e.status is S.ERROR and now < e.retry_at_s else None))
     return recommend(facts, context, headroom_bytes=core.headroom_bytes(),
-                     tasks=core.config.tasks, ceiling_bytes=core.ceiling_bytes())
+                     tasks=core.config.task_models, ceiling_bytes=core.ceiling_bytes())

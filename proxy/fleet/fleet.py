@@ -116,7 +116,7 @@ class Fleet(FleetViews):
                                  return_exceptions=True)
             elsewhere = await self.turns.loading_elsewhere(key, listed)
             listed = self._listed(key, avoid)
-            preferred = self.config.model(key).host
+            preferred = self.config.preferred_host(key)
             ceilings = {h.name: h.core.ceiling_bytes() for h in self.hosts if h.up}
             p = place([full_view(h, e, h.name == preferred, h.name in elsewhere,
                                  elsewhere_ceiling_bytes=max(

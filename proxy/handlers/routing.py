@@ -94,7 +94,7 @@ def choose(engine: Engine, request: web.Request, payload: dict[str, Any],
     context: dict[str, Any] = {"task_type": task or ("embedding" if kind == "embedding"
                                                      else "chat"), "model_type": kind}
     types = {k: e.type for k in engine.known_models() if (e := engine.entry(k)) is not None}
-    needs = task_model_type(context["task_type"], engine.config.tasks, types)
+    needs = task_model_type(context["task_type"], engine.config.task_models, types)
     if needs is not None and needs != kind:
         raise InvalidRequest(
             f"The task '{context['task_type']}' is served by {_kind_words(needs)}, which "
