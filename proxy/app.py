@@ -8,7 +8,8 @@ from typing import AsyncIterator, Awaitable, Callable
 import orjson
 from aiohttp import web
 
-from .config import Config, redact_url
+from .config import Config
+from .urls import redact_url
 from .engine.clock import Clock
 from .observe.health import ModelHealthMonitor
 from .engine.core import EngineCore

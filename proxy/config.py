@@ -10,12 +10,9 @@ from __future__ import annotations
 import collections.abc
 import dataclasses
 import functools
-import ipaddress
-import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
-from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
@@ -411,32 +408,3 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError([f"{path}: top level must be a mapping"])
     return data
-
-
-def redact_url(url: str) -> str:
-    """The URL fit to show (logs, errors, status, /readyz): `user:password@` becomes `***@`."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return url.rpartition("@")[2] if "@" in url else url
-    if "@" not in parts.netloc:
-        return url
-    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]))
-
-
-def is_local_url(url: str) -> bool:
-    """Does this URL point at this host (so that its loads show up in local memory)?"""
-    host = (urlsplit(url).hostname or "").lower()
-    if host in ("localhost", socket.gethostname().lower()):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def url_has_credentials(url: str) -> bool:
-    try:
-        return "@" in urlsplit(url).netloc
-    except ValueError:
-        return False

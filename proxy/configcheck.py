@@ -7,8 +7,8 @@ from __future__ import annotations
 import fnmatch
 from urllib.parse import urlsplit
 
-from .config import (AuthConfig, Config, StateConfig, TaskModel, is_local_url, redact_url,
-                     url_has_credentials)
+from .config import AuthConfig, Config, StateConfig, TaskModel
+from .urls import is_local_url, redact_url, url_has_credentials
 from .groupcheck import group_problems
 from .loadoptions import load_option_problems, load_option_warnings
 

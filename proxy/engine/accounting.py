@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 
-from ..config import redact_url
+from ..urls import redact_url
 from ..store import UsageStore
 from .clock import Clock
 from .learning import ModelPattern, UsageLearner

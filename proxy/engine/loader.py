@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from ..config import is_local_url
+from ..urls import is_local_url
 from ..errors import ModelLoadFailed, StateUnavailable, UpstreamError, UpstreamUnreachable
 from ..upstream.base import LoadResult
 from .context import EngineContext, Part

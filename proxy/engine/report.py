@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, Mapping
 
-from ..config import redact_url
+from ..urls import redact_url
 from .lifecycle import ModelStatus
 from .memory import GB
 from .policy import PREDICTION_HORIZON_S

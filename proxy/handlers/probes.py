@@ -7,7 +7,7 @@ import asyncio
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from ..config import redact_url
+from ..urls import redact_url
 from ..engine.face import Engine
 from ..fleet import Fleet
 from ..observe.hosts import fleet_of, host_state

@@ -19,7 +19,7 @@ import aiohttp
 from aiohttp import WSCloseCode, WSMessage, WSMsgType, web
 from yarl import URL
 
-from ..config import redact_url
+from ..urls import redact_url
 from ..engine.face import Engine
 from ..fleet.hosts import host_upstream
 from ..observe.hosts import fleet_of

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ..config import redact_url
+from ..urls import redact_url
 from ..engine.memory import GB
 from ..fleet import Fleet
 

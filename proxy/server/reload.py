@@ -16,7 +16,8 @@ from typing import Any, Callable
 from aiohttp import web
 
 from .auth import exposure_problems
-from ..config import Config, redact_url, replace_config
+from ..config import Config, replace_config
+from ..urls import redact_url
 from ..errors import ConfigError
 
 log = logging.getLogger("proxy.reload")

@@ -26,7 +26,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError, ResponseError, TimeoutError
 
-from ..config import redact_url
+from ..urls import redact_url
 from ..errors import StateUnavailable
 from . import lua
 from .base import HostRecord, LeaseKey, LoadLock, Reserved, StoredEvent, parse_event_id

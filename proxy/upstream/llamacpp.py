@@ -20,7 +20,8 @@ import os
 import time
 from typing import Any, Mapping
 
-from ..config import UpstreamConfig, is_local_url
+from ..config import UpstreamConfig
+from ..urls import is_local_url
 from ..errors import ModelLoadFailed, UpstreamError, UpstreamTimeout
 from .base import ApiLevel, Capabilities, LoadResult, UpstreamModel
 from .http import HttpBackend, error_text
