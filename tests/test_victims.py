@@ -92,3 +92,24 @@ def test_the_cover_waits_less_than_evicting_by_cost_per_gb():
                               12)
     assert sorted(after_new) == ["big", "new"]
     assert waits == [2.0, 0.0, 3.0]
+
+
+def test_the_bench_runs_the_previous_rule_beside_the_cover(tmp_path, capsys):
+    from bench.eviction import main
+    import json
+    catalog = tmp_path / "catalog.csv"
+    catalog.write_text("model,size_gb,load_s\nsmall,3,3\nbig,9,8\nnew,2,2\n")
+    requests = tmp_path / "requests.csv"
+    pattern = ["big", "small", "new", "big", "small"] * 4
+    requests.write_text("t_s,model\n" + "".join(f"{i * 100.0},{m}\n"
+                                                for i, m in enumerate(pattern)))
+    out = tmp_path / "runs.json"
+    assert main(["--requests", str(requests), "--catalog", str(catalog), "--budget-gb", "12",
+                 "--policy", "lru,cost-aware,cost-aware-greedy", "--jobs", "1",
+                 "--json", str(out)]) == 0
+    runs = {r["policy"]: r for r in json.loads(out.read_text())["runs"]}
+    assert set(runs) == {"lru", "cost-aware", "cost-aware-greedy"}
+    assert runs["cost-aware-greedy"]["hold"] == runs["cost-aware"]["hold"]
+    # At each `new`, big (idle longer, cheaper per GB) or small must go; big is asked for next.
+    assert runs["cost-aware"]["delay_total_s"] < runs["cost-aware-greedy"]["delay_total_s"]
+    assert "cost-aware-greedy" in capsys.readouterr().out
