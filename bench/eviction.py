@@ -178,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.render:
         runs = json.loads(Path(args.render).read_text())["runs"]
-        print(render(runs, [x for x in KNOWN if any(r["policy"] == x for r in runs)]))
+        named = {r["policy"].split(" ")[0] for r in runs}   # "<policy> <variant>" renders too
+        print(render(runs, [x for x in KNOWN if x in named]))
         return 0
 
     policies = [x for x in args.policy.split(",") if x]
