@@ -99,7 +99,8 @@ async def test_pinned_models_survive_optimize(six):
 
 async def test_idle_timeout_with_a_settable_clock(six):
     clock = ManualClock()
-    mgr = await manager_for(six.url, clock=clock, models={SIX[2].key: {"ttl_s": 600}})
+    mgr = await manager_for(six.url, clock=clock, models={SIX[2].key: {"ttl_s": 600}},
+                            memory={"budget_gb": 32})           # all three fit: no eviction
     await mgr.ensure_models_available([SIX[0].key, SIX[1].key, SIX[2].key])
     clock.advance(601)
     assert await mgr.unload_idle_models() == [SIX[2].key]       # per-model ttl_s

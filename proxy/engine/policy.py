@@ -9,10 +9,13 @@ meet the need (unless `partial=True`, used to relieve pressure: then it frees wh
 Each policy is a value function; the lowest value is evicted first.
 - `lru`: least recently used first.
 - `priority`: the original design's score: priority (1-10), recency and frequency.
-- `cost-aware`: the reload time that keeping a model is expected to save, per GB held and per
-  second: priority_weight × reload_seconds / GB × expected request rate, where the rate is
-  1 / idle seconds (recency, idle counted as at least RECENCY_FLOOR_S) plus the model's heat
-  (its requests decayed with a one-hour half-life, which remembers popularity across unloads).
+- `cost-aware`: evicting a model is expected to cost priority_weight × reload_seconds × its
+  expected request rate (reload seconds of waiting per second), where the rate is 1 / idle
+  seconds (recency, idle counted as at least RECENCY_FLOOR_S) plus the model's heat (its
+  requests decayed with a one-hour half-life, which remembers popularity across unloads) plus
+  its learned chance of being a pipeline's next step. The victims are the set that frees the
+  shortfall at the least total cost (`cheapest_cover`), not the cheapest per GB: a 3 GB model
+  that covers a 2 GB shortfall is not spared because a 9 GB one is cheaper per GB.
 - `predictive`: each idle model's expected cost of eviction — priority_weight × reload seconds ×
   the learned probability of a request within PREDICTION_HORIZON_S (engine.learning) — and the
   victim set chosen as a whole, the one that covers the shortfall at the least total cost.
@@ -122,12 +125,17 @@ def priority_value(c: Candidate, now_s: float) -> float:
     return c.priority / 10.0 * 0.5 + recency * 0.3 + frequency * 0.2
 
 
-def cost_aware_value(c: Candidate, now_s: float) -> float:
+def cost_aware_cost(c: Candidate, now_s: float) -> float:
+    """Reload seconds per second that evicting c is expected to cause (priority-weighted)."""
     idle_s = max(now_s - c.last_used_s, RECENCY_FLOOR_S)
     # A pipeline's next step is due within a minute whatever its idle time says.
     rate_per_s = 1.0 / idle_s + c.heat * HEAT_RATE_PER_S + c.p_follow / PREDICTION_HORIZON_S
-    gb = max(c.footprint_bytes / GB, 0.05)
-    return priority_weight(c.priority) * max(c.reload_s, 0.01) / gb * rate_per_s
+    return priority_weight(c.priority) * max(c.reload_s, 0.01) * rate_per_s
+
+
+def cost_aware_value(c: Candidate, now_s: float) -> float:
+    """cost_aware_cost per GB held: the order in which pressure relief frees memory."""
+    return cost_aware_cost(c, now_s) / max(c.footprint_bytes / GB, 0.05)
 
 
 PREDICTION_HORIZON_S = 60.0
@@ -151,14 +159,20 @@ VALUE_FUNCTIONS: dict[str, ValueFunction] = {
 # Policies that choose the victim set as a whole, at the least total expected cost.
 SET_POLICIES = frozenset({"predictive"})
 SET_UNIT_BYTES = GB // 10
+# cost-aware's cover is solved over at most this many size units and candidates (the cheapest
+# by cost and by cost per GB), so a choice stays a few milliseconds at 1,000 models.
+COVER_MAX_UNITS = 400
+COVER_MAX_CANDIDATES = 48
 
 
 def cheapest_cover(candidates: Sequence[Candidate], need_bytes: float,
-                   cost: Callable[[Candidate], float]) -> tuple[str, ...]:
+                   cost: Callable[[Candidate], float], unit_bytes: float = SET_UNIT_BYTES
+                   ) -> tuple[str, ...]:
     """The set of candidates that frees at least need_bytes at the least total cost (a
-    covering knapsack over 0.1 GB units; among equal costs, the one that frees least). Freeing
-    2 GB of small, busy models rarely helps an incoming 9 GB model: a set sees that."""
-    units = max(1, math.ceil(need_bytes / SET_UNIT_BYTES))
+    covering knapsack over 0.1 GB units, sizes rounded down; among equal costs, the one that
+    frees least). Freeing 2 GB of small, busy models rarely helps an incoming 9 GB model: a
+    set sees that."""
+    units = max(1, math.ceil(need_bytes / unit_bytes))
     if sum(c.footprint_bytes for c in candidates) < need_bytes:
         return ()
     inf = float("inf")
@@ -166,7 +180,7 @@ def cheapest_cover(candidates: Sequence[Candidate], need_bytes: float,
     best: list[tuple[float, float, tuple[int, ...]]] = [(0.0, 0.0, ())] + \
         [(inf, 0.0, ())] * units
     for idx, c in enumerate(sorted(candidates, key=lambda c: c.key)):
-        size = max(1, int(c.footprint_bytes // SET_UNIT_BYTES))
+        size = max(1, int(c.footprint_bytes // unit_bytes))
         k = cost(c)
         for j in range(units, 0, -1):
             prev = best[max(0, j - size)]
@@ -187,7 +201,15 @@ def select_victims(policy: str, candidates: Sequence[Candidate], need_bytes: flo
         return ()
     if policy in SET_POLICIES and not partial:
         return cheapest_cover(candidates, need_bytes, expected_cost_s)
-    value = VALUE_FUNCTIONS[policy]
+    if policy == "cost-aware" and not partial:
+        return cost_aware_cover(candidates, need_bytes, now_s)
+    return greedy_victims(VALUE_FUNCTIONS[policy], candidates, need_bytes, now_s,
+                          partial=partial)
+
+
+def greedy_victims(value: ValueFunction, candidates: Sequence[Candidate], need_bytes: float,
+                   now_s: float, *, partial: bool = False) -> tuple[str, ...]:
+    """The lowest-valued candidates until need_bytes are freed."""
     scored = sorted(candidates, key=lambda c: (value(c, now_s), c.last_used_s, c.key))
     chosen: list[Candidate] = []
     freed = 0.0
@@ -204,3 +226,21 @@ def select_victims(policy: str, candidates: Sequence[Candidate], need_bytes: flo
             chosen.remove(c)
             freed -= c.footprint_bytes
     return tuple(c.key for c in chosen)
+
+
+def cost_aware_cover(candidates: Sequence[Candidate], need_bytes: float, now_s: float
+                     ) -> tuple[str, ...]:
+    """cost-aware's victims: the cheapest cover of need_bytes by cost_aware_cost, among the
+    COVER_MAX_CANDIDATES cheapest by cost and by cost per GB, in units of at least 0.1 GB."""
+    def cost(c: Candidate) -> float:
+        return cost_aware_cost(c, now_s)
+    pool: Sequence[Candidate] = candidates
+    if len(candidates) > COVER_MAX_CANDIDATES:
+        half = COVER_MAX_CANDIDATES // 2
+        by_cost = sorted(candidates, key=lambda c: (cost(c), c.key))[:half]
+        by_value = sorted(candidates, key=lambda c: (cost_aware_value(c, now_s), c.key))[:half]
+        pool = list({c.key: c for c in by_cost + by_value}.values())
+        if sum(c.footprint_bytes for c in pool) < need_bytes:   # a shortfall beyond them
+            return greedy_victims(cost_aware_value, candidates, need_bytes, now_s)
+    return cheapest_cover(pool, need_bytes, cost, max(SET_UNIT_BYTES,
+                                                      need_bytes / COVER_MAX_UNITS))
