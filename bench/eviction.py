@@ -38,7 +38,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from proxy.config import EvictionConfig
-from proxy.engine.policy import cost_aware_value
+from proxy.engine.policy import cost_aware_cover, cost_aware_value
 
 from .offline import belady_value, exact_optimum, lp_lower_bound
 from .simulate import RunResult, Variant, run_variant
@@ -55,11 +55,13 @@ ALL_POLICIES = ("lru", "lru-count", "lmstudio-default", "priority", "cost-aware"
 # cost-aware as it was before its victims became the cheapest cover (the lowest cost per GB
 # first): named with --policy, for a before-and-after in one run.
 GREEDY = "cost-aware-greedy"
-KNOWN = ALL_POLICIES + (GREEDY,)
+# cost-aware with the cheapest cover of the shortfall always, however little it saves.
+COVER = "cost-aware-cover"
+KNOWN = ALL_POLICIES + (GREEDY, COVER)
 PROJECT_DEFAULT = EvictionConfig().policy
 
 
-HOLD_POLICIES = ("priority", "cost-aware", "predictive", GREEDY)   # the proxy's: --hold
+HOLD_POLICIES = ("priority", "cost-aware", "predictive", GREEDY, COVER)   # the proxy's: --hold
 PREDICTING = HOLD_POLICIES + ("offline-belady",)             # --prediction applies
 
 
@@ -121,6 +123,10 @@ def _run_job(job: tuple) -> dict:
         r = run_variant(w, budget_gb, dataclasses.replace(variant(policy, w, budget_gb, hold),
                                                           prediction=prediction),
                         {GREEDY: cost_aware_value})
+    elif policy == COVER:
+        r = run_variant(w, budget_gb, dataclasses.replace(variant(policy, w, budget_gb, hold),
+                                                          prediction=prediction),
+                        {COVER: cost_aware_value}, {COVER: cost_aware_cover})
     else:
         r = run_variant(w, budget_gb, dataclasses.replace(variant(policy, w, budget_gb, hold),
                                                           prediction=prediction))

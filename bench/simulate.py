@@ -131,15 +131,22 @@ def engine_config(workload: Workload, budget_gb: float, v: Variant) -> Config:
 
 
 def run_variant(workload: Workload, budget_gb: float, v: Variant,
-                extra_policies: Mapping[str, Callable] | None = None) -> RunResult:
+                extra_policies: Mapping[str, Callable] | None = None,
+                set_choosers: Mapping[str, Callable] | None = None) -> RunResult:
+    """extra_policies: value functions of policies the engine does not have, by name;
+    set_choosers: their victim-set choosers, where they choose a set as a whole."""
     loop = VirtualTimeLoop()
     try:
         for name, fn in (extra_policies or {}).items():
             policy_module.VALUE_FUNCTIONS[name] = fn
+        for name, fn in (set_choosers or {}).items():
+            policy_module.SET_CHOOSERS[name] = fn
         return loop.run_until_complete(_replay(loop, workload, budget_gb, v))
     finally:
         for name in extra_policies or {}:
             policy_module.VALUE_FUNCTIONS.pop(name, None)
+        for name in set_choosers or {}:
+            policy_module.SET_CHOOSERS.pop(name, None)
         loop.close()
 
 

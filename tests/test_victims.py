@@ -1,5 +1,6 @@
-"""cost-aware's victims are the cheapest cover of the shortfall: by expected reload seconds,
-not by cost per GB. Pure choices, and a scripted replay on the engine's virtual clock."""
+"""cost-aware's victims for a load: the lowest cost per GB first, unless the cheapest cover of
+the shortfall by expected reload seconds at least halves that cost. Pure choices, and a
+scripted replay on the engine's virtual clock."""
 from __future__ import annotations
 
 import asyncio
@@ -7,7 +8,8 @@ import asyncio
 from bench.simulate import SimBackend, Variant, engine_config
 from bench.vtime import LoopClock, VirtualTimeLoop
 from bench.workload import Model, Workload
-from proxy.engine.policy import COVER_MAX_CANDIDATES, Candidate, cost_aware_cost, select_victims
+from proxy.engine.policy import (COVER_GAIN_MIN, COVER_MAX_CANDIDATES, Candidate, cost_aware_cost,
+                                 select_victims)
 from proxy.library import ModelMemoryManager
 
 GB = 1_000_000_000
@@ -23,6 +25,15 @@ def test_a_small_model_that_covers_the_shortfall_goes_before_a_big_one_cheaper_p
     small = cand("small", 3, reload_s=3.0)    # 1.0 reload s per GB
     big = cand("big", 9, reload_s=8.0)        # 0.89 reload s per GB, but 8 s to reload
     assert select_victims("cost-aware", [small, big], 2 * GB, NOW) == ("small",)
+
+
+def test_the_per_gb_choice_stays_unless_the_cover_at_least_halves_its_cost():
+    """It frees more memory for its price, which the next load and preloads use."""
+    small = cand("small", 3, reload_s=3.0)
+    for big_reload_s, victims in ((5.0, ("big",)), (5.9, ("big",)), (6.5, ("small",))):
+        big = cand("big", 9, reload_s=big_reload_s)     # cheaper per GB than small each time
+        assert select_victims("cost-aware", [small, big], 2 * GB, NOW) == victims
+    assert COVER_GAIN_MIN == 2.0
 
 
 def test_a_big_model_goes_when_the_small_ones_that_cover_cost_more_in_all():
@@ -105,11 +116,14 @@ def test_the_bench_runs_the_previous_rule_beside_the_cover(tmp_path, capsys):
                                                 for i, m in enumerate(pattern)))
     out = tmp_path / "runs.json"
     assert main(["--requests", str(requests), "--catalog", str(catalog), "--budget-gb", "12",
-                 "--policy", "lru,cost-aware,cost-aware-greedy", "--jobs", "1",
+                 "--policy", "lru,cost-aware,cost-aware-greedy,cost-aware-cover", "--jobs", "1",
                  "--json", str(out)]) == 0
     runs = {r["policy"]: r for r in json.loads(out.read_text())["runs"]}
-    assert set(runs) == {"lru", "cost-aware", "cost-aware-greedy"}
-    assert runs["cost-aware-greedy"]["hold"] == runs["cost-aware"]["hold"]
+    assert set(runs) == {"lru", "cost-aware", "cost-aware-greedy", "cost-aware-cover"}
+    assert runs["cost-aware-greedy"]["hold"] == runs["cost-aware-cover"]["hold"] == \
+        runs["cost-aware"]["hold"]
     # At each `new`, big (idle longer, cheaper per GB) or small must go; big is asked for next.
-    assert runs["cost-aware"]["delay_total_s"] < runs["cost-aware-greedy"]["delay_total_s"]
-    assert "cost-aware-greedy" in capsys.readouterr().out
+    assert runs["cost-aware-cover"]["delay_total_s"] < \
+        runs["cost-aware-greedy"]["delay_total_s"]
+    printed = capsys.readouterr().out
+    assert "cost-aware-greedy" in printed and "cost-aware-cover" in printed
