@@ -103,7 +103,7 @@ def run_job(job: tuple) -> dict:
 
 
 def _run_job(job: tuple) -> dict:
-    spec, budget_mult, budget_gb, policy, hold, prediction = job
+    spec, budget_mult, budget_gb, policy, hold, prediction, pinned = job
     w = build_workload(spec)
     if budget_gb is None:
         budget_gb = round(budget_mult * max(m.size_gb for m in w.models.values()), 1)
@@ -119,19 +119,18 @@ def _run_job(job: tuple) -> dict:
         # Future knowledge in the choice of victims, no hold: the delay reference.
         r = run_variant(w, budget_gb, Variant(policy, policy, hold="off", prediction=prediction),
                         {"offline-belady": belady_value(w)})
-    elif policy == GREEDY:
-        r = run_variant(w, budget_gb, dataclasses.replace(variant(policy, w, budget_gb, hold),
-                                                          prediction=prediction),
-                        {GREEDY: cost_aware_value})
-    elif policy == COVER:
-        r = run_variant(w, budget_gb, dataclasses.replace(variant(policy, w, budget_gb, hold),
-                                                          prediction=prediction),
-                        {COVER: cost_aware_value}, {COVER: cost_aware_cover})
     else:
-        r = run_variant(w, budget_gb, dataclasses.replace(variant(policy, w, budget_gb, hold),
-                                                          prediction=prediction))
+        v = dataclasses.replace(variant(policy, w, budget_gb, hold), prediction=prediction,
+                                pinned=pinned if policy in HOLD_POLICIES else ())
+        if policy == GREEDY:
+            r = run_variant(w, budget_gb, v, {GREEDY: cost_aware_value})
+        elif policy == COVER:
+            r = run_variant(w, budget_gb, v, {COVER: cost_aware_value}, {COVER: cost_aware_cover})
+        else:
+            r = run_variant(w, budget_gb, v)
     out = asdict(r)
     out["hold"] = hold if policy in HOLD_POLICIES else None
+    out["pinned"] = list(pinned) if policy in HOLD_POLICIES else []
     if note is not None:
         out["note"] = note
     out["prediction"] = prediction
@@ -179,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hold", help="eviction.hold settings to run the proxy's policies with, "
                    "comma-separated (seconds, adaptive, expected, off); default: the "
                    "configured one")
+    p.add_argument("--pin", help="models to pin (comma-separated) in the proxy's policies' runs, "
+                   "e.g. to measure keeping a pipeline's models resident")
     p.add_argument("--json", help="write the runs to this file")
     p.add_argument("--render", metavar="JSON", help="print the tables of runs saved with --json")
     args = p.parse_args(argv)
@@ -210,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     predictions = [x for x in args.prediction.split(",") if x]
     if set(predictions) - {"off", "on", "oracle"}:
         p.error(f"--prediction: off, on or oracle, not {args.prediction!r}")
-    jobs = [(spec, mult, gb, pol, hold, pred) for spec in specs for mult, gb in budgets
+    pinned = tuple(x for x in (args.pin or "").split(",") if x)
+    jobs = [(spec, mult, gb, pol, hold, pred, pinned) for spec in specs for mult, gb in budgets
             for pol in policies for hold in (holds if pol in HOLD_POLICIES else [None])
             for pred in (predictions if pol in PREDICTING else ["off"])]
     started = time.perf_counter()
@@ -237,6 +239,8 @@ def _label(r: dict) -> str:
     label = r["policy"]
     if hold is not None and hold != EvictionConfig().hold:
         label += f" hold={hold:g}" if isinstance(hold, (int, float)) else f" hold={hold}"
+    if r.get("pinned"):
+        label += f" pinned={len(r['pinned'])}"
     mode = r.get("prediction")
     if mode is True or mode == "on":       # (runs saved before the oracle stored a bool)
         return label + "+prediction"

@@ -88,6 +88,7 @@ class RunResult:
     wasted_preloads: int = 0
     wasted_preload_gb: float = 0.0
     delay_total_s: float | None = None   # over the evaluated requests
+    delayed_by_model: dict[str, int] | None = None   # delayed requests per model
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,7 @@ class Variant:
     policy: str
     count_limit: int | None = None      # manage a model count instead of bytes
     hold: float | str = 0.0               # eviction.hold
+    pinned: tuple[str, ...] = ()          # models pinned in the config
     idle_ttl_s: float | None = None     # an idle timeout (LM Studio's JIT TTL)
     prediction: str = "off"             # on: preload.enabled; oracle: see _oracle
     queue_timeout_s: float = 86_400.0   # a replay measures delays, so nothing times out
@@ -114,7 +116,8 @@ def engine_config(workload: Workload, budget_gb: float, v: Variant) -> Config:
         footprints = {k: {"footprint_gb": 1.0} for k in workload.models}
         budget = float(v.count_limit)
     else:
-        footprints = {k: {"footprint_gb": m.size_gb} for k, m in workload.models.items()}
+        footprints = {k: {"footprint_gb": m.size_gb, "pinned": k in v.pinned}
+                      for k, m in workload.models.items()}
         budget = budget_gb
     # The policy may be a benchmark-only one (the offline schedule), registered in the policy
     # table for the run (see run_variant): the file's validation knows only the proxy's own,
@@ -163,6 +166,7 @@ async def _replay(loop: VirtualTimeLoop, workload: Workload, budget_gb: float, v
     mgr.add_listener(Listener())
     await mgr.start()
     delays: list[float] = []
+    delayed_by_model: dict[str, int] = {}
     failed = 0
     failures: dict[str, int] = {}
 
@@ -176,6 +180,8 @@ async def _replay(loop: VirtualTimeLoop, workload: Workload, budget_gb: float, v
             return
         if req.t_s >= workload.evaluate_from_s:   # before it: the engine is learning
             delays.append(loop.time() - req.t_s)
+            if delays[-1] > 1e-9:
+                delayed_by_model[req.model] = delayed_by_model.get(req.model, 0) + 1
         await asyncio.sleep(req.service_s)
         lease.release()
 
@@ -208,7 +214,7 @@ async def _replay(loop: VirtualTimeLoop, workload: Workload, budget_gb: float, v
         failures_by_code=failures, peak_resident_gb=round(backend.peak_resident_gb, 1),
         prediction=v.prediction, preloads=pre.preloads, useful_preloads=pre.useful,
         wasted_preloads=pre.wasted, wasted_preload_gb=round(pre.wasted_bytes / GB, 1),
-        delay_total_s=round(sum(delayed), 1))
+        delay_total_s=round(sum(delayed), 1), delayed_by_model=delayed_by_model)
 
 
 ORACLE_LEAD_S = 1.0   # an oracle preload is due this long before its load must be done
