@@ -68,3 +68,21 @@ def test_an_oracle_preload_waits_for_a_requested_load_and_counts_what_it_wasted(
     assert run["preloads"] == 1 and run["useful_preloads"] == 1     # a, before its request
     assert run["cold_loads"] == 2 and run["delayed_requests"] == 1  # b waited for a to finish
     assert run["peak_resident_gb"] <= 4
+
+
+def test_runs_count_delays_per_model_and_pin_what_they_are_told_to(tmp_path):
+    """Memory for one of two models, asked for in turn: every request after the first two waits
+    for a reload under lru; with `a` pinned, `b` cannot load at all and `a` never waits."""
+    catalog = tmp_path / "catalog.csv"
+    catalog.write_text("model,size_gb,load_s\na,4,3\nb,4,3\n")
+    requests = tmp_path / "requests.csv"
+    requests.write_text("t_s,model\n" + "".join(f"{i * 100},{'ab'[i % 2]}\n" for i in range(6)))
+    out = tmp_path / "runs.json"
+    assert main(["--requests", str(requests), "--catalog", str(catalog), "--budget-gb", "6",
+                 "--policy", "lru,cost-aware", "--pin", "a", "--jobs", "1",
+                 "--json", str(out)]) == 0
+    runs = {r["policy"]: r for r in json.loads(out.read_text())["runs"]}
+    assert runs["lru"]["pinned"] == [] and runs["lru"]["delayed_by_model"] == {"a": 3, "b": 3}
+    pinned = runs["cost-aware"]
+    assert pinned["pinned"] == ["a"] and pinned["delayed_by_model"] == {"a": 1}
+    assert pinned["failed_requests"] == 3
