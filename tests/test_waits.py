@@ -179,3 +179,49 @@ def test_a_session_starter_is_never_preloaded_by_evicting():
     loaded, preloads = run({"starter": (4, 3.0), "serving": (4, 3.0), "pinned": (4, 3.0),
                             "idle": (4, 3.0)}, 12, script, hold="off", pinned=("pinned",))
     assert loaded == ["idle", "pinned", "serving"] and preloads == 0
+
+
+# -- preloading what its own gaps say is due ---------------------------------------------------
+PERIOD_S = 300.0
+
+
+async def teach_period(mgr, loop, periods=12):
+    """`timer` is asked for every five minutes, then unloaded; 260 s later it is due again."""
+    for _ in range(periods):
+        await use(mgr, loop, "timer", 0.0)
+        await asyncio.sleep(PERIOD_S)
+    await use(mgr, loop, "timer", 0.0)
+    await mgr.unload_model("timer")
+    await asyncio.sleep(260.0)
+
+
+def test_a_model_due_by_its_gaps_is_preloaded_by_evicting_an_idle_one_never_a_busy_one():
+    """Memory full of a model serving, a pinned one and one idle for an hour: the timer's
+    preload evicts the idle one, whose expected loss is far under the timer's saving."""
+    async def script(mgr, loop):
+        await use(mgr, loop, "idle", 0.0)
+        await teach_period(mgr, loop)
+        await use(mgr, loop, "pinned", 0.0)
+        lease = await mgr.acquire("serving")
+        await mgr.core.preloader.tick()
+        await settle(mgr)
+        lease.release()
+        return mgr.core.registry.loaded(), mgr.core.preloads.preloads
+    loaded, preloads = run({"timer": (4, 3.0), "serving": (4, 3.0), "pinned": (4, 3.0),
+                            "idle": (4, 3.0)}, 12, script, hold="off", pinned=("pinned",))
+    assert loaded == ["pinned", "serving", "timer"] and preloads == 1
+
+
+def test_a_model_due_by_its_gaps_evicts_nothing_that_serves_or_is_pinned():
+    async def script(mgr, loop):
+        await teach_period(mgr, loop)
+        await use(mgr, loop, "pinned", 0.0)
+        leases = [await mgr.acquire("serving"), await mgr.acquire("busy")]
+        await mgr.core.preloader.tick()
+        await settle(mgr)
+        for lease in leases:
+            lease.release()
+        return mgr.core.registry.loaded(), mgr.core.preloads.preloads
+    loaded, preloads = run({"timer": (4, 3.0), "serving": (4, 3.0), "pinned": (4, 3.0),
+                            "busy": (4, 3.0)}, 12, script, hold="off", pinned=("pinned",))
+    assert loaded == ["busy", "pinned", "serving"] and preloads == 0

@@ -3,10 +3,12 @@
 Triggers: a request for A preloads B when B follows A (within `learning.FOLLOW_WINDOW_S`)
 with probability at least `preload.min_probability`; and every monitoring interval, a model
 due by its rhythm (requested in this hour of the week at least `preload.rhythm_min_rate`
-times a week) is preloaded, and into free memory only (never evicting) a model that usually
-starts in the coming hour of the day (as often, per day observed) or whose own gaps give it
-at least `preload.min_probability` of a request within a minute. A preload never waits for memory and gives way to any load a request
-waits for. A preloaded model is counted useful when a request uses it before it
+times a week) or by its own gaps (at least `preload.min_probability` of a request within a
+minute: a timer-driven caller every five minutes is due a minute before its time) is
+preloaded, and into free memory only (never evicting) a model that usually starts in the
+coming hour of the day (as often, per day observed), a guess from a day's history that is
+weaker than a model's own gaps. A preload never waits for memory and gives way to any load a
+request waits for. A preloaded model is counted useful when a request uses it before it
 is unloaded, wasted (with its GB) when it is unloaded unused.
 
 A preload evicts only when the cheapest set of victims is expected to cost (reload seconds ×
@@ -89,9 +91,9 @@ class Preloader(Part):
             self.queue(follower, probability, f"follows {key}")
 
     async def tick(self) -> None:
-        """Preload what is due: by its weekly rhythm; into free memory only, what usually
-        starts in the coming hour of the day (a session's first request, which no sequence
-        predicts) and what its own gaps say is likely asked for within a minute."""
+        """Preload what is due: by its weekly rhythm or by its own gaps (likely asked for
+        within a minute); into free memory only, what usually starts in the coming hour of
+        the day (a session's first request, which no sequence predicts)."""
         if not self.config.enabled or self.scheduler.requests_waiting:
             return
         wall, now = self.clock.wall(), self.clock.now()
@@ -107,7 +109,7 @@ class Preloader(Part):
             else:
                 p = self.learner.predict(key, now, PREDICTION_HORIZON_S).p_within
                 if p >= self.config.min_probability:
-                    self.queue(key, p, "due by its gaps", may_evict=False)
+                    self.queue(key, p, "due by its gaps")
 
     def queue(self, key: str, probability: float, why: str, *, may_evict: bool = True) -> None:
         e = self.registry.entries.get(key)
