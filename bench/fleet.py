@@ -15,6 +15,13 @@ hand, as with LM Link or llama-swap's peers: largest first to the host with the 
 and `single-host`: one host with the fleet's memory summed, loading at its fastest host's speed
 (a bound, not a baseline). Baselines send a model only to hosts it fits. Strategies that break
 ties at random run `--rounds` times (seeds); the median is reported.
+
+References for that bound (bench/fleet_oracle.py): `oracle`, the fleet placing and evicting with
+knowledge of the future (Belady); `oracle-place`, placing with it while the hosts evict by the
+engine's policy; `single-oracle`, the summed host evicting by Belady; and
+`single-mean` / `single-slowest`, the summed host loading at the fleet's mean or slowest speed.
+The last table splits the gap to the bound into what partitioned memory costs even with the
+future known (oracle ÷ single-oracle) and what the fastest speed alone is worth.
 """
 from __future__ import annotations
 
@@ -50,6 +57,7 @@ BOUND_RATIOS = {
     "oracle ÷ single host": ("oracle", "single-host"),
     "oracle ÷ single host, Belady": ("oracle", "single-oracle"),
     "placer ÷ oracle": ("placer", "oracle"),
+    "placer ÷ oracle placing only": ("placer", "oracle-place"),
     "placer ÷ single host at the mean speed": ("placer", "single-mean"),
     "placer ÷ single host at the slowest speed": ("placer", "single-slowest"),
     "single host at the mean ÷ fastest speed": ("single-mean", "single-host"),
@@ -223,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--catalog", help="CSV model,size_gb,load_s (with --requests)")
     p.add_argument("--strategy", default=",".join(STRATEGIES + REFERENCES),
                    help="strategies, comma-separated: " + ", ".join(STRATEGIES + REFERENCES)
-                   + " (the last four: references with future knowledge or other speeds)")
+                   + " (the last five: references with future knowledge or other speeds)")
     p.add_argument("--rounds", type=int, default=3,
                    help="seeds of the random tie-breaks (placer, least-busy): median reported")
     p.add_argument("--jobs", type=int, default=multiprocessing.cpu_count())

@@ -32,10 +32,12 @@ from .workload import Workload
 QUEUE_TIMEOUT_S = 86_400.0   # as bench/simulate.py: a replay measures delays, nothing times out
 # The placer's own; the baselines choose a host by their rule alone.
 STRATEGIES = ("placer", "round-robin", "least-busy", "hash", "static", "single-host")
-# References, not baselines: the fleet with future knowledge (bench/fleet_oracle.py), one host
+# References, not baselines: the fleet with future knowledge (bench/fleet_oracle.py; placing
+# only, or placing and evicting), one host
 # with the summed memory evicting by Belady too, and one host loading at the fleet's mean or
 # slowest speed instead of its fastest (what the fastest speed alone is worth to the bound).
-REFERENCES = ("oracle", "single-oracle", "single-mean", "single-slowest")
+REFERENCES = ("oracle", "oracle-place", "single-oracle", "single-mean", "single-slowest")
+BELADY = ("oracle", "single-oracle")   # hosts evict by Belady (oracle-place: by the engine's)
 # Single hosts: the load factor of the summed host, from the fleet's.
 SINGLE = {"single-host": min, "single-oracle": min, "single-slowest": max,
           "single-mean": lambda fs: sum(fs) / len(fs)}
@@ -241,7 +243,7 @@ class FleetRun:
 def run_strategy(workload: Workload, specs: list[HostSpec], strategy: str, seed: int
                  ) -> FleetRun:
     loop = VirtualTimeLoop()
-    values = oracle_values(workload) if strategy in ("oracle", "single-oracle") else {}
+    values = oracle_values(workload) if strategy in BELADY else {}
     try:
         VALUE_FUNCTIONS.update(values)
         return loop.run_until_complete(_replay(loop, workload, specs, strategy, seed))
@@ -256,8 +258,7 @@ async def _replay(loop: VirtualTimeLoop, workload: Workload, specs: list[HostSpe
     fleet_specs = specs
     if strategy in SINGLE:
         specs = single_host(specs, SINGLE[strategy])
-    config = fleet_config(workload, specs, ORACLE_POLICY if strategy in (
-        "oracle", "single-oracle") else None)
+    config = fleet_config(workload, specs, ORACLE_POLICY if strategy in BELADY else None)
     live = LiveConfig(config)
     clock = LoopClock(loop)
     copies = Copies(clock.now)
@@ -267,7 +268,7 @@ async def _replay(loop: VirtualTimeLoop, workload: Workload, specs: list[HostSpe
         backend = HostBackend(workload, spec, copies)
         hosts.append(Host(hc, EngineCore(narrowed, backend, clock=clock, host_name=hc.name), backend, narrowed))
     rng = random.Random(seed)
-    if strategy == "oracle":
+    if strategy in ("oracle", "oracle-place"):
         fleet: Fleet = OracleFleet(live, hosts, workload,
                                    {s.name: s.load_factor for s in specs})
     elif strategy == "placer" or strategy in SINGLE:

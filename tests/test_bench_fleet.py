@@ -39,7 +39,7 @@ def test_every_strategy_is_replayed_on_each_layout_and_the_invariants_hold(tmp_p
             assert r["delay_total_s"] >= 0 and r["duplicates_max"] >= 0
             for h in r["hosts"]:
                 assert r["per_host_loads"].get(h["name"], 0) >= 0
-        for s in ("hash", "static", "single-host", "placer", "oracle"):
+        for s in ("hash", "static", "single-host", "placer", "oracle", "oracle-place"):
             # one copy per model: only rotation and least-busy spread a model over hosts
             assert all(by[(s, seed)]["duplicate_loads"] == 0
                        for (name, seed) in by if name == s), s
