@@ -15,6 +15,13 @@ hand, as with LM Link or llama-swap's peers: largest first to the host with the 
 and `single-host`: one host with the fleet's memory summed, loading at its fastest host's speed
 (a bound, not a baseline). Baselines send a model only to hosts it fits. Strategies that break
 ties at random run `--rounds` times (seeds); the median is reported.
+
+References for that bound (bench/fleet_oracle.py): `oracle`, the fleet placing and evicting with
+knowledge of the future (Belady); `oracle-place`, placing with it while the hosts evict by the
+engine's policy; `single-oracle`, the summed host evicting by Belady; and
+`single-mean` / `single-slowest`, the summed host loading at the fleet's mean or slowest speed.
+The last table splits the gap to the bound into what partitioned memory costs even with the
+future known (oracle ÷ single-oracle) and what the fastest speed alone is worth.
 """
 from __future__ import annotations
 
@@ -30,7 +37,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .eviction import DEFAULT_TRACE, build_workload
-from .fleet_sim import RANDOM, STRATEGIES, HostSpec, run_strategy
+from .fleet_sim import RANDOM, REFERENCES, STRATEGIES, HostSpec, run_strategy
 from .workload import Workload
 
 BASELINES = ("round-robin", "least-busy", "hash", "static")
@@ -43,6 +50,18 @@ LAYOUTS: dict[str, list[tuple[str, float, float]]] = {
     "four": [("pc", 1.0, 1.0), ("mac", 0.8, 1.3), ("laptop", 0.7, 2.0), ("closet", 0.5, 3.0)],
 }
 TARGET_TO_BASELINE, TARGET_TO_SINGLE = 0.7, 1.3
+# What the single-host target is made of (bench/fleet_oracle.py): ratio name → (numerator,
+# denominator) strategies, each per row.
+BOUND_RATIOS = {
+    "placer ÷ single host": ("placer", "single-host"),
+    "oracle ÷ single host": ("oracle", "single-host"),
+    "oracle ÷ single host, Belady": ("oracle", "single-oracle"),
+    "placer ÷ oracle": ("placer", "oracle"),
+    "placer ÷ oracle placing only": ("placer", "oracle-place"),
+    "placer ÷ single host at the mean speed": ("placer", "single-mean"),
+    "placer ÷ single host at the slowest speed": ("placer", "single-slowest"),
+    "single host at the mean ÷ fastest speed": ("single-mean", "single-host"),
+}
 
 
 def host_specs(layout: str, w: Workload) -> list[HostSpec]:
@@ -110,9 +129,38 @@ def _f(x: float | None, spec: str = ".0f") -> str:
     return "-" if x is None else format(x, spec)
 
 
+def bound_ratios(rows: dict[tuple, dict[str, dict]]) -> dict[str, dict[tuple, float | None]]:
+    """Each of BOUND_RATIOS per row, where both strategies ran."""
+    return {name: {row: _div(by[a]["delay_total_s"], by[b]["delay_total_s"])
+                   for row, by in rows.items() if a in by and b in by}
+            for name, (a, b) in BOUND_RATIOS.items()}
+
+
+def render_bounds(rows: dict[tuple, dict[str, dict]]) -> list[str]:
+    ratios_ = {n: r for n, r in bound_ratios(rows).items() if r}
+    if len(ratios_) <= 1:
+        return []
+    names = list(ratios_)
+    lines = ["", "| workload | hosts | " + " | ".join(names) + " |",
+             "|---|---|" + "---|" * len(names)]
+    for row in rows:
+        lines.append(f"| {row[0]} | {row[1]} | " + " | ".join(
+            _f(ratios_[n].get(row), ".2f") for n in names) + " |")
+    lines += ["", f"| ratio of total delay | geo. mean | rows ≤ {TARGET_TO_SINGLE} | worst "
+              "(row) |", "|---|---|---|---|"]
+    for n in names:
+        xs = {row: x for row, x in ratios_[n].items() if x is not None}
+        worst = max(xs, key=lambda row: xs[row]) if xs else None
+        lines.append(f"| {n} | {_f(_geomean(list(xs.values())), '.2f')} | "
+                     f"{sum(1 for x in xs.values() if x <= TARGET_TO_SINGLE)} of {len(xs)} | "
+                     + ("-" if worst is None else f"{xs[worst]:.2f} ({worst[0]}, {worst[1]})")
+                     + " |")
+    return lines
+
+
 def render(runs: list[dict]) -> str:
     rows = median_runs(runs)
-    strategies = [s for s in STRATEGIES if any(s in by for by in rows.values())]
+    strategies = [s for s in STRATEGIES + REFERENCES if any(s in by for by in rows.values())]
     head = ["workload", "hosts (GB × load factor)"] + [f"{s}: delay s / p99 s / load s"
                                                        for s in strategies]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -165,7 +213,7 @@ def render(runs: list[dict]) -> str:
         f"{_f(_geomean(to_single), '.2f')}, worst "
         f"{_f(max((x for x in to_single if x is not None), default=None), '.2f')}; target "
         f"met in {met_single} of {len(rs)} rows.")
-    return "\n".join(lines)
+    return "\n".join(lines + render_bounds(rows))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -181,7 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", help="CSV t_s,model[,prompt_tokens,completion_tokens] "
                    "instead of the workloads")
     p.add_argument("--catalog", help="CSV model,size_gb,load_s (with --requests)")
-    p.add_argument("--strategy", default=",".join(STRATEGIES))
+    p.add_argument("--strategy", default=",".join(STRATEGIES + REFERENCES),
+                   help="strategies, comma-separated: " + ", ".join(STRATEGIES + REFERENCES)
+                   + " (the last five: references with future knowledge or other speeds)")
     p.add_argument("--rounds", type=int, default=3,
                    help="seeds of the random tie-breaks (placer, least-busy): median reported")
     p.add_argument("--jobs", type=int, default=multiprocessing.cpu_count())
@@ -194,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     strategies = [s for s in args.strategy.split(",") if s]
     layouts = [x for x in args.layout.split(",") if x]
     workloads = [x for x in args.workload.split(",") if x]
-    for name, chosen, known in (("strategies", strategies, STRATEGIES),
+    for name, chosen, known in (("strategies", strategies, STRATEGIES + REFERENCES),
                                 ("layouts", layouts, LAYOUTS), ("workloads", workloads,
                                                                 ("azure", "pipeline"))):
         unknown = set(chosen) - set(known)

@@ -12,17 +12,19 @@ from __future__ import annotations
 import asyncio
 import random
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping
 
 from proxy.config import Config, load_config
 from proxy.engine.core import EngineCore
 from proxy.engine.lifecycle import Lease, ModelEntry
+from proxy.engine.policy import VALUE_FUNCTIONS
 from proxy.errors import ProxyError
 from proxy.fleet import Fleet, Host, host_config
 from proxy.liveconfig import LiveConfig
 from proxy.upstream.base import LoadResult
 
+from .fleet_oracle import ORACLE_POLICY, OracleFleet, oracle_values
 from .simulate import SimBackend, quantile, replay
 from .vtime import LoopClock, VirtualTimeLoop
 from .workload import Workload
@@ -30,6 +32,15 @@ from .workload import Workload
 QUEUE_TIMEOUT_S = 86_400.0   # as bench/simulate.py: a replay measures delays, nothing times out
 # The placer's own; the baselines choose a host by their rule alone.
 STRATEGIES = ("placer", "round-robin", "least-busy", "hash", "static", "single-host")
+# References, not baselines: the fleet with future knowledge (bench/fleet_oracle.py; placing
+# only, or placing and evicting), one host
+# with the summed memory evicting by Belady too, and one host loading at the fleet's mean or
+# slowest speed instead of its fastest (what the fastest speed alone is worth to the bound).
+REFERENCES = ("oracle", "oracle-place", "single-oracle", "single-mean", "single-slowest")
+BELADY = ("oracle", "single-oracle")   # hosts evict by Belady (oracle-place: by the engine's)
+# Single hosts: the load factor of the summed host, from the fleet's.
+SINGLE = {"single-host": min, "single-oracle": min, "single-slowest": max,
+          "single-mean": lambda fs: sum(fs) / len(fs)}
 RANDOM = ("placer", "least-busy")   # strategies that break ties at random: run over seeds
 
 
@@ -182,20 +193,28 @@ def chooser(strategy: str, workload: Workload, specs: list[HostSpec], rng: rando
     raise ValueError(f"unknown strategy {strategy!r}")
 
 
-def fleet_config(workload: Workload, specs: list[HostSpec]) -> Config:
-    return load_config({
+def fleet_config(workload: Workload, specs: list[HostSpec], policy: str | None = None
+                 ) -> Config:
+    config = load_config({
         "upstreams": [{"name": s.name, "url": f"http://{s.name}.invalid:1234",
                        "budget_gb": s.budget_gb, "parallel": s.parallel} for s in specs],
         "memory": {"min_free_memory_gb": 0, "max_memory_usage_percent": 100},
         "eviction": {"queue_timeout_s": QUEUE_TIMEOUT_S},
         "storage": {"enabled": False},
         "models": {k: {"footprint_gb": m.size_gb} for k, m in workload.models.items()}})
+    if policy is None:
+        return config
+    # A benchmark-only policy (registered for the run) is set after the file's validation.
+    return replace(config, eviction=replace(config.eviction, policy=policy, hold="off"))
 
 
-def single_host(specs: list[HostSpec]) -> list[HostSpec]:
-    """The bound: one host with the fleet's memory summed, loading at its fastest host's speed."""
+def single_host(specs: list[HostSpec], speed: Callable[[list[float]], float] = min
+                ) -> list[HostSpec]:
+    """The bound: one host with the fleet's memory summed, loading at its fastest host's speed
+    (or, to see what that speed is worth, at the mean or the slowest)."""
     return [HostSpec("single", sum(s.budget_gb for s in specs),
-                     min(s.load_factor for s in specs), max(s.parallel for s in specs))]
+                     round(speed([s.load_factor for s in specs]), 3),
+                     max(s.parallel for s in specs))]
 
 
 @dataclass
@@ -224,17 +243,22 @@ class FleetRun:
 def run_strategy(workload: Workload, specs: list[HostSpec], strategy: str, seed: int
                  ) -> FleetRun:
     loop = VirtualTimeLoop()
+    values = oracle_values(workload) if strategy in BELADY else {}
     try:
+        VALUE_FUNCTIONS.update(values)
         return loop.run_until_complete(_replay(loop, workload, specs, strategy, seed))
     finally:
+        for name in values:
+            VALUE_FUNCTIONS.pop(name, None)
         loop.close()
 
 
 async def _replay(loop: VirtualTimeLoop, workload: Workload, specs: list[HostSpec],
                   strategy: str, seed: int) -> FleetRun:
-    if strategy == "single-host":
-        specs = single_host(specs)
-    config = fleet_config(workload, specs)
+    fleet_specs = specs
+    if strategy in SINGLE:
+        specs = single_host(specs, SINGLE[strategy])
+    config = fleet_config(workload, specs, ORACLE_POLICY if strategy in BELADY else None)
     live = LiveConfig(config)
     clock = LoopClock(loop)
     copies = Copies(clock.now)
@@ -244,10 +268,13 @@ async def _replay(loop: VirtualTimeLoop, workload: Workload, specs: list[HostSpe
         backend = HostBackend(workload, spec, copies)
         hosts.append(Host(hc, EngineCore(narrowed, backend, clock=clock, host_name=hc.name), backend, narrowed))
     rng = random.Random(seed)
-    if strategy in ("placer", "single-host"):
-        fleet: Fleet = Fleet(live, hosts, rng=rng)
+    if strategy in ("oracle", "oracle-place"):
+        fleet: Fleet = OracleFleet(live, hosts, workload,
+                                   {s.name: s.load_factor for s in specs})
+    elif strategy == "placer" or strategy in SINGLE:
+        fleet = Fleet(live, hosts, rng=rng)
     else:
-        fleet = BaselineFleet(live, hosts, chooser(strategy, workload, specs, rng))
+        fleet = BaselineFleet(live, hosts, chooser(strategy, workload, fleet_specs, rng))
     await fleet.start()
     run = FleetRun(strategy, seed, requests=len(workload.requests))
     delays: list[float] = []

@@ -6,7 +6,7 @@ import json
 
 from bench.fleet import main, render
 from bench.fleet_micro import main as micro_main
-from bench.fleet_sim import STRATEGIES, HostSpec, static_assignment
+from bench.fleet_sim import REFERENCES, STRATEGIES, HostSpec, static_assignment
 from bench.workload import Model, Workload
 
 
@@ -28,7 +28,7 @@ def test_every_strategy_is_replayed_on_each_layout_and_the_invariants_hold(tmp_p
     runs = json.loads(out.read_text())["runs"]
     for layout in ("two", "three"):
         mine = [r for r in runs if r["layout"] == layout]
-        assert {r["strategy"] for r in mine} == set(STRATEGIES)
+        assert {r["strategy"] for r in mine} == set(STRATEGIES + REFERENCES)
         by = {(r["strategy"], r["seed"]): r for r in mine}
         assert {s for s, seed in by if seed == 2} == {"placer", "least-busy"}  # random: rounds
         for r in mine:
@@ -39,16 +39,22 @@ def test_every_strategy_is_replayed_on_each_layout_and_the_invariants_hold(tmp_p
             assert r["delay_total_s"] >= 0 and r["duplicates_max"] >= 0
             for h in r["hosts"]:
                 assert r["per_host_loads"].get(h["name"], 0) >= 0
-        for s in ("hash", "static", "single-host", "placer"):
+        for s in ("hash", "static", "single-host", "placer", "oracle", "oracle-place"):
             # one copy per model: only rotation and least-busy spread a model over hosts
             assert all(by[(s, seed)]["duplicate_loads"] == 0
                        for (name, seed) in by if name == s), s
-        assert by[("single-host", 1)]["per_host_loads"].keys() == {"single"}
+        for s in ("single-host", "single-oracle", "single-mean", "single-slowest"):
+            assert by[(s, 1)]["per_host_loads"].keys() == {"single"}
+        # the same loads at the fastest, the mean and the slowest speed: load seconds in order
+        fast, mean, slow = (by[(s, 1)]["load_seconds"] for s in
+                            ("single-host", "single-mean", "single-slowest"))
+        assert fast < mean < slow
         assert by[("round-robin", 1)]["duplicate_loads"] > 0   # it loads a model everywhere
     text = capsys.readouterr().out
     assert "placer ÷ best baseline" in text and "placer ÷ single host" in text
-    for s in STRATEGIES:
+    for s in STRATEGIES + REFERENCES:
         assert f"| {s} |" in text
+    assert "| oracle ÷ single host, Belady |" in text and "rows ≤ 1.3" in text
     assert render(runs) in text
 
 
@@ -68,3 +74,21 @@ def test_the_micro_benchmark_reports_the_fleet_beside_one_engine(capsys):
                        "--rounds", "1"]) == 0
     text = capsys.readouterr().out
     assert "| one EngineCore |" in text and "| Fleet of 3 hosts |" in text
+
+
+def oracle_run(x_back_at_s: float) -> dict[str, int]:
+    from bench.fleet_sim import run_strategy
+    from bench.workload import Request
+    models = {"x": Model("x", 8.0, 6.0), "y": Model("y", 6.0, 5.0)}
+    w = Workload("w", models, [Request(0.0, "x", 1.0), Request(100.0, "y", 1.0),
+                               Request(x_back_at_s, "x", 1.0)])
+    hosts = [HostSpec("pc", 10.0, 1.0), HostSpec("mac", 10.0, 2.0)]
+    return run_strategy(w, hosts, "oracle", 1).per_host_loads
+
+
+def test_the_oracle_evicts_on_the_fast_host_only_what_is_not_needed_soon():
+    # y: on pc it must evict x (8 of 10 GB). x back within the horizon: its reload (6 s) + y's
+    # load there (5 s) costs more than y's load on the slower mac (10 s) with room.
+    assert oracle_run(200.0) == {"pc": 1, "mac": 1}
+    # x back only after the horizon: evicting it costs nothing now; y loads on pc, then x again.
+    assert oracle_run(1000.0) == {"pc": 3, "mac": 0}
