@@ -13,9 +13,10 @@ Each policy is a value function; the lowest value is evicted first.
   expected request rate (reload seconds of waiting per second), where the rate is 1 / idle
   seconds (recency, idle counted as at least RECENCY_FLOOR_S) plus the model's heat (its
   requests decayed with a one-hour half-life, which remembers popularity across unloads) plus
-  its learned chance of being a pipeline's next step. The victims are the set that frees the
-  shortfall at the least total cost (`cheapest_cover`), not the cheapest per GB: a 3 GB model
-  that covers a 2 GB shortfall is not spared because a 9 GB one is cheaper per GB.
+  its learned chance of being a pipeline's next step. A load's victims are the lowest cost per
+  GB first, unless the set that covers the shortfall at the least total cost (`cheapest_cover`)
+  costs at most half as much: then a 3 GB model that covers a 2 GB shortfall goes, though a 9 GB
+  one is cheaper per GB (`cost_aware_victims`).
 - `predictive`: each idle model's expected cost of eviction — priority_weight × reload seconds ×
   the learned probability of a request within PREDICTION_HORIZON_S (engine.learning) — and the
   victim set chosen as a whole, the one that covers the shortfall at the least total cost.
