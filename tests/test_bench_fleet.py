@@ -3,6 +3,9 @@ reported, and what must hold of any placement holds."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
+
+import pytest
 
 from bench.fleet import main, render
 from bench.fleet_micro import main as micro_main
@@ -92,3 +95,22 @@ def test_the_oracle_evicts_on_the_fast_host_only_what_is_not_needed_soon():
     assert oracle_run(200.0) == {"pc": 1, "mac": 1}
     # x back only after the horizon: evicting it costs nothing now; y loads on pc, then x again.
     assert oracle_run(1000.0) == {"pc": 3, "mac": 0}
+
+
+def test_the_micro_benchmark_runs_a_baseline_checkout_side_by_side(tmp_path, capsys):
+    here = Path(__file__).resolve().parents[1]
+    out = tmp_path / "micro.json"
+    assert micro_main(["--models", "10", "--hosts", "2", "--requests", "50", "--rounds", "2",
+                       "--baseline", str(here), "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert set(rows) == {"one EngineCore", "Fleet of 2 hosts"}
+    for r in rows.values():    # one round each way, each process's own median of 3
+        assert len(r["baseline_rounds_us"]) == len(r["this_rounds_us"]) == 2
+        assert r["ratio"] == r["this_us"] / r["baseline_us"]
+    assert "| Fleet of 2 hosts |" in capsys.readouterr().out
+
+
+def test_the_micro_benchmark_refuses_a_baseline_that_is_no_checkout(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        micro_main(["--baseline", str(tmp_path)])
+    assert "not a checkout of this project" in capsys.readouterr().err

@@ -2,7 +2,7 @@
 
     acquire(name) → Lease     the model made resident first (scheduler → loader), heat bumped
     hold(name)    → Lease     a probe's or admin read's hold: blocks unloading, counts as no use
-    record(r)                 a finished request, to accounting and listeners
+    record(r)                 a finished request, to accounting and listeners (Accounting.record)
 
 Parts, one job each: `registry` (what is known), `monitor` (memory and pressure), `accounting`
 (statistics and what survives a restart), `evictor` (who may go, unloading, pressure, idle),
@@ -45,6 +45,7 @@ from .usage import RequestRecord
 
 log = logging.getLogger("proxy.engine")
 S = ModelStatus
+LOADED = S.LOADED   # a module constant: the request path reads it (an Enum member is slow to read)
 CATALOG_REFRESH_MIN_S = 2.0
 IDLE_CHECK_MAX_S = 60.0
 # What to do at critical memory pressure; returns the models it unloaded.
@@ -67,8 +68,12 @@ class EngineCore(CoreViews):
         self.store = store
         self.listeners = Listeners()
         self.registry = r = Registry(live)
+        self._entries = r.entries     # the request path's lookup (the dict is never replaced)
         self.learner = UsageLearner()
         self.accounting = Accounting(r, self.clock, self.listeners, store, self.learner)
+        # A finished request, to accounting and listeners: the accounting's own method (the
+        # request path calls it once per request; no frame of the core's in between).
+        self.record: Callable[[RequestRecord], None] = self.accounting.record
         self.monitor = MemoryMonitor(live, sampler or default_sampler(config.memory, r.charged_bytes),
                                      self.listeners, reserved_bytes=r.loading_bytes)
         self.ctx = ctx = EngineContext(r, self.monitor, self.accounting, self.listeners,
@@ -158,8 +163,8 @@ class EngineCore(CoreViews):
     async def acquire(self, name: str, *, avoid: str | None = None) -> Lease:
         """A USE lease on a resident model, loading it first if needed; raises ProxyError.
         (`avoid` names a fleet's host; one server has no other to go to.)"""
-        e = self.registry.get(name)
-        if e is not None and (e.status is S.LOADED or not self.manages_loading):
+        e = self._entries.get(self.live.aliases.get(name, name))   # registry.get, inlined
+        if e is not None and (e.status is LOADED or not self.manages_loading):
             return self.leases.use(e)   # hot path: no lock, no await
         if e is None:
             e = self.registry.entries[await self.resolve(name)]
@@ -220,9 +225,6 @@ class EngineCore(CoreViews):
         if e is None or e.status is not S.LOADED:
             return None
         return self.leases.hold(e)
-
-    def record(self, r: RequestRecord) -> None:
-        self.accounting.record(r)
 
     def add_listener(self, listener: Any) -> None:
         """Subscribe to engine events (see engine.listeners for the list)."""

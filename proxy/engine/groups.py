@@ -20,7 +20,7 @@ times out.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from ..config import Config
 from ..errors import GroupBusy, ProxyError, clip
@@ -83,12 +83,13 @@ class Groups(Part):
                 yield e
 
     # -- together ----------------------------------------------------------------------------
-    def to_load_with(self, key: str) -> list[tuple[str, str]]:
+    def to_load_with(self, key: str) -> Sequence[tuple[str, str]]:
         """A request for key arrived: its together partners that are not loaded, each with the
-        reason to give its load (`group:<name>`). Cheap for a model in no group."""
-        g = self.index.together.get(key)
+        reason to give its load (`group:<name>`). Cheap for a model in no group: no frame for
+        `self.index`, no list made."""
+        g = self._index.value.together.get(key)
         if g is None:
-            return []
+            return ()
         now = self.clock.now()
         out = []
         for e in self._partners(g, key):

@@ -46,7 +46,7 @@ class GapHistogram:
         self.total = sum(self.counts)
 
     def add(self, gap_s: float) -> None:
-        self.counts[_bin(gap_s)] += 1
+        self.counts[bisect.bisect_left(GAP_BOUNDS_S, gap_s)] += 1   # _bin, without its call
         self.total += 1
         if self.total > COUNT_CAP:
             self.counts = [c // 2 for c in self.counts]
@@ -89,7 +89,9 @@ class ModelPattern:
 
     def observe(self, at_s: float, wall_s: float) -> None:
         if self.last_at_s is not None:
-            gap = max(0.0, at_s - self.last_at_s)
+            gap = at_s - self.last_at_s
+            if not gap > 0.0:     # max(0.0, gap), without the call (once per request)
+                gap = 0.0
             self.gaps.add(gap)
             if self.last_gap_s is not None:
                 (self.after_short if self.last_gap_s < SHORT_GAP_S else self.after_long).add(gap)
@@ -194,7 +196,7 @@ class ModelPattern:
 
 def hour_of_week(wall_s: float) -> int:
     # The Unix epoch was a Thursday: shift so that hour 0 is Monday 00:00 UTC.
-    return int((wall_s // 3600 + 72) % WEEK_HOURS)
+    return (int(wall_s // 3600) + 72) % WEEK_HOURS   # (int arithmetic: one float mod less)
 
 
 class UsageLearner:
@@ -214,7 +216,8 @@ class UsageLearner:
         return p
 
     def observe(self, key: str, at_s: float, wall_s: float) -> None:
-        self.pattern(key).observe(at_s, wall_s)
+        p = self.patterns.get(key)
+        (p if p is not None else self.pattern(key)).observe(at_s, wall_s)
         self.dirty.add(key)      # followers counted below persist with their source's next use
         recent = self._recent
         while recent and at_s - recent[0][0] > FOLLOW_WINDOW_S:

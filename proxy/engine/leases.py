@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .context import EngineContext
-from .lifecycle import Lease, LeaseKind, ModelEntry
+from .lifecycle import HOLD, USE, Lease, ModelEntry
 from .policy import decayed_heat
 from .preload import Preloader, PreloadTally
 
@@ -22,6 +22,7 @@ class Leases:
                  scheduler: "Scheduler") -> None:
         self.ctx = ctx
         self.clock = ctx.clock
+        self._now = ctx.clock.now      # bound once: read twice per request
         self.learner = ctx.learner
         self.preloader = preloader
         self.preloads = preloads
@@ -30,35 +31,32 @@ class Leases:
 
     def use(self, e: ModelEntry, observed: bool = False) -> Lease:
         """A USE lease on loaded e; `observed`: its arrival was already taught."""
-        now = self.clock.now()
+        now = self._now()
         e.heat = decayed_heat(e.heat, e.heat_at_s, now) + 1.0
-        e.heat_at_s = now
-        e.last_used_at_s = now
+        e.heat_at_s = e.last_used_at_s = now
         if not observed:
             self.learner.observe(e.key, now, self.clock.wall())
             self.preloader.after_request(e.key)
         if e.preloaded:
             self.preloads.used(e)
-        lease = Lease(e, self._released, now)
-        lease.host = self.ctx.host_name
+        ctx = self.ctx
+        lease = Lease(e, self._released, now, USE, ctx.host_name)
         self.active.add(lease)
-        if self.ctx.shared is not None:
-            self.ctx.shared.touch(e.key)
+        if ctx.shared is not None:
+            ctx.shared.touch(e.key)
         return lease
 
     def hold(self, e: ModelEntry) -> Lease:
-        lease = Lease(e, self._released, self.clock.now(), LeaseKind.HOLD)
-        lease.host = self.ctx.host_name
+        lease = Lease(e, self._released, self._now(), HOLD, self.ctx.host_name)
         self.active.add(lease)
         return lease
 
     def _released(self, lease: Lease) -> None:
         self.active.discard(lease)
-        e = lease.entry
-        if lease.kind is LeaseKind.USE:
-            e.last_used_at_s = self.clock.now()
-        if not e.busy and self.scheduler.pending:
+        if lease.kind is USE:
+            lease.entry.last_used_at_s = self._now()
+        if self.scheduler.pending and not lease.entry.busy:
             self.ctx.wake()
 
     def in_use(self) -> list[Lease]:
-        return [lease for lease in self.active if lease.kind is LeaseKind.USE]
+        return [lease for lease in self.active if lease.kind is USE]

@@ -91,11 +91,11 @@ class ModelEntry:
     evictions: Counter[str] = field(default_factory=Counter)
     load_task: asyncio.Task | None = None
     settled: asyncio.Event = field(default_factory=asyncio.Event)  # set when not unloading
-    drained: asyncio.Event = field(default_factory=asyncio.Event)  # set when nothing holds it
+    drained: "Drained" = field(init=False, repr=False, compare=False)  # nothing holds it
 
     def __post_init__(self) -> None:
         self.settled.set()
-        self.drained.set()
+        self.drained = Drained(self)
 
     @property
     def owned(self) -> bool:
@@ -148,9 +148,47 @@ def transition(entry: ModelEntry, new: ModelStatus) -> ModelStatus:
     return old
 
 
+class Drained:
+    """Set while nothing holds its model (no lease of either kind): what an unload waits for.
+    Read from the lease counts rather than toggled by each lease, so a request pays for it
+    only when an unload is waiting."""
+    __slots__ = ("entry", "waiters")
+
+    def __init__(self, entry: ModelEntry) -> None:
+        self.entry = entry
+        self.waiters: list[asyncio.Future] = []
+
+    def is_set(self) -> bool:
+        e = self.entry
+        return not (e.leases or e.holds)
+
+    async def wait(self) -> bool:
+        if self.is_set():
+            return True
+        waiter = asyncio.get_running_loop().create_future()
+        self.waiters.append(waiter)
+        try:
+            return await waiter
+        finally:
+            if waiter in self.waiters:
+                self.waiters.remove(waiter)
+
+    def wake(self) -> None:
+        """The last lease went: every wait so far is over (as asyncio.Event.set)."""
+        waiters, self.waiters = self.waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(True)
+
+
 class LeaseKind(str, enum.Enum):
     USE = "use"     # a request: counts as use of the model
     HOLD = "hold"   # a probe or an admin read: keeps the model, changes nothing about its use
+
+
+# Module constants: an Enum member read as a class attribute costs as much as a dict lookup
+# and a call; the request path reads these instead.
+USE, HOLD = LeaseKind.USE, LeaseKind.HOLD
 
 
 class Lease:
@@ -160,18 +198,17 @@ class Lease:
                  "host")
 
     def __init__(self, entry: ModelEntry, on_release: Callable[["Lease"], None],
-                 now_s: float = 0.0, kind: LeaseKind = LeaseKind.USE) -> None:
+                 now_s: float = 0.0, kind: LeaseKind = USE, host: str | None = None) -> None:
         self.entry = entry
         self.kind = kind
         self._on_release = on_release
         self.released = False
         self.started_s = self.last_activity_s = now_s
-        self.host: str | None = None    # the fleet's host it is on (None: a single server)
-        if kind is LeaseKind.USE:
+        self.host = host    # the fleet's host it is on (None: a single server)
+        if kind is USE:
             entry.leases += 1
         else:
             entry.holds += 1
-        entry.drained.clear()
 
     @property
     def model(self) -> str:
@@ -182,12 +219,12 @@ class Lease:
             return
         self.released = True
         e = self.entry
-        if self.kind is LeaseKind.USE:
+        if self.kind is USE:
             e.leases -= 1
         else:
             e.holds -= 1
-        if e.leases == 0 and e.holds == 0:
-            e.drained.set()
+        if e.drained.waiters and not (e.leases or e.holds):
+            e.drained.wake()
         self._on_release(self)
 
     async def __aenter__(self) -> "Lease":

@@ -76,7 +76,7 @@ class Preloader(Part):
         preloading is enabled), and preload what follows it. Cheap when nothing does."""
         for partner, why in self.groups.to_load_with(key):
             self.queue(partner, 1.0, why, may_evict=False)
-        if not self.config.enabled:
+        if not self.registry.live.current.preload.enabled:   # self.config, two frames less
             return
         pattern = self.learner.patterns.get(key)
         if pattern is None or not pattern.followers:

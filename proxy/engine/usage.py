@@ -112,18 +112,33 @@ class ModelUsage:
     #                                                                 latency_s sum]
 
     def record(self, r: RequestRecord) -> None:
+        # Once per request: Histogram.add and MinuteRing.add written out, no max() (a call).
         self.requests += 1
         self.failures += 0 if r.ok else 1
         self.prompt_tokens += r.prompt_tokens
         self.completion_tokens += r.completion_tokens
         if r.tokens_estimated:
             self.estimated_tokens += r.prompt_tokens + r.completion_tokens
+        latency_s, ttft_s = r.latency_s, r.ttft_s
         if r.completion_tokens:
-            self.generation_s += max(r.latency_s - (r.ttft_s or 0.0), 1e-6)
-        self.latency.add(r.latency_s)
-        if r.ttft_s is not None:
-            self.ttft.add(r.ttft_s)
-        self.per_minute.add(r.at_s)
+            generation_s = latency_s - (ttft_s or 0.0)
+            self.generation_s += 1e-6 if 1e-6 > generation_s else generation_s
+        h = self.latency
+        h.counts[bisect.bisect_left(BOUNDS_S, latency_s)] += 1
+        h.count += 1
+        h.total += latency_s
+        if ttft_s is not None:
+            h = self.ttft
+            h.counts[bisect.bisect_left(BOUNDS_S, ttft_s)] += 1
+            h.count += 1
+            h.total += ttft_s
+        ring = self.per_minute
+        minute = int(r.at_s // 60)
+        i = minute % WINDOW_MINUTES
+        if ring.minutes[i] != minute:
+            ring.minutes[i] = minute
+            ring.slots[i] = 0
+        ring.slots[i] += 1
         if not r.ok:
             self.failures_per_minute.add(r.at_s)
         self.last_used_at_s = r.at_s

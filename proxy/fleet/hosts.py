@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import functools
 import os
 from pathlib import Path
 
@@ -108,10 +109,5 @@ class HostTagged:
         for event in EVENTS:
             hook = getattr(listener, event, None)
             if hook is not None:
-                setattr(self, event, _tagged(hook, host) if tags else hook)
-
-
-def _tagged(hook: Any, host: str) -> Any:
-    def call(*args: Any) -> Any:
-        return hook(*args, host=host)
-    return call
+                # partial: the tag is added without a Python frame (on_request: every request)
+                setattr(self, event, functools.partial(hook, host=host) if tags else hook)

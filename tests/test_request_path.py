@@ -1,0 +1,84 @@
+"""The per-request path, written for speed, keeps every figure exact: what a lease, a record and
+an arrival change, checked against the plain definitions."""
+from __future__ import annotations
+
+import asyncio
+import math
+
+import pytest
+
+from proxy.engine.learning import GAP_BOUNDS_S, ModelPattern, hour_of_week
+from proxy.engine.lifecycle import HOLD, Lease, ModelEntry, ModelStatus
+from proxy.engine.usage import BOUNDS_S, WINDOW_MINUTES, ModelUsage, RequestRecord
+
+
+def _record(**kw) -> RequestRecord:
+    base = dict(model="m", ok=True, latency_s=0.25, at_s=600.0, ttft_s=0.05,
+                prompt_tokens=20, completion_tokens=40)
+    return RequestRecord(**{**base, **kw})
+
+
+def test_a_record_counts_every_figure_exactly():
+    u = ModelUsage()
+    u.record(_record())
+    u.record(_record(ok=False, latency_s=2.0, ttft_s=None, at_s=661.0, completion_tokens=0))
+    u.record(_record(latency_s=0.01, ttft_s=0.02, at_s=662.0))   # TTFT above latency
+    assert (u.requests, u.failures, u.prompt_tokens, u.completion_tokens) == (3, 1, 60, 80)
+    assert u.generation_s == pytest.approx(0.20 + 1e-6)           # floored at 1 µs
+    assert (u.latency.count, u.latency.total) == (3, pytest.approx(2.26))
+    assert (u.ttft.count, u.ttft.total) == (2, pytest.approx(0.07))
+    assert u.latency.counts[BOUNDS_S.index(next(b for b in BOUNDS_S if b >= 0.25))] == 1
+    assert sum(u.latency.counts) == 3 and sum(u.ttft.counts) == 2
+    # minute 10 had one request, minute 11 two; one failure in minute 11
+    assert u.per_minute.slots[10 % WINDOW_MINUTES] == 1
+    assert u.per_minute.slots[11 % WINDOW_MINUTES] == 2
+    assert u.failures_per_minute.total(662.0, 0, 60) == 1 and u.last_used_at_s == 662.0
+
+
+def test_a_minute_slot_is_reused_after_the_window():
+    u = ModelUsage()
+    u.record(_record(at_s=0.0))
+    u.record(_record(at_s=WINDOW_MINUTES * 60.0))   # the same slot, two hours on
+    assert u.per_minute.slots[0] == 1 and u.per_minute.minutes[0] == WINDOW_MINUTES
+
+
+def test_gaps_are_binned_and_a_clock_step_back_counts_as_no_gap():
+    p = ModelPattern()
+    p.observe(100.0, 1.7e9)
+    p.observe(99.0, 1.7e9)           # monotonic time never does this; a restore may
+    assert p.last_gap_s == 0.0
+    p.observe(104.0, 1.7e9)
+    assert p.gaps.counts[0] == 1 and p.gaps.total == 2
+    assert p.gaps.counts[next(i for i, b in enumerate(GAP_BOUNDS_S) if b >= 5.0)] == 1
+    assert p.after_short.total == 1 and p.last_gap_s == 5.0
+
+
+@pytest.mark.parametrize("wall_s", [0.0, 3599.999, 3600.0, 1.7e9, 1.7e9 + 0.5, 1e12, -3600.5])
+def test_hour_of_week_is_the_floor_arithmetic(wall_s):
+    assert hour_of_week(wall_s) == int((math.floor(wall_s / 3600) + 72) % 168)
+
+
+async def test_an_unload_waiting_for_the_drain_wakes_when_the_last_lease_goes():
+    entry = ModelEntry("m", status=ModelStatus.LOADED)
+    use, hold = Lease(entry, lambda lease: None), Lease(entry, lambda lease: None, kind=HOLD)
+    waiter = asyncio.ensure_future(entry.drained.wait())
+    await asyncio.sleep(0)
+    use.release()
+    await asyncio.sleep(0)
+    assert not waiter.done() and not entry.drained.is_set()   # a hold still keeps it
+    hold.release()
+    assert await asyncio.wait_for(waiter, 1.0) is True
+    assert entry.drained.is_set() and entry.drained.waiters == []
+
+
+async def test_a_drain_wait_that_is_cancelled_leaves_no_waiter_behind():
+    entry = ModelEntry("m", status=ModelStatus.LOADED)
+    lease = Lease(entry, lambda lease: None)
+    waiter = asyncio.ensure_future(entry.drained.wait())
+    await asyncio.sleep(0)
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert entry.drained.waiters == []
+    lease.release()
+    assert entry.drained.is_set()
