@@ -40,6 +40,11 @@ def calls(store: RedisState) -> dict:
         "reserve": lambda: store.reserve("h1", "x", GB, 10 * GB, LONG_S),
         "renew_leases": lambda: store.renew_leases([("h1", "m")], LONG_S),
         "leased_by": lambda: store.leased_by("h1", "m"),
+        "take_lease": lambda: store.take_lease("h1", "m", LONG_S),
+        "claim_unload": lambda: store.claim_unload("h1", "m", LONG_S),
+        "put_learned": lambda: store.put_learned("h1", "m", load_s=1.0, ttl_s=LONG_S),
+        "learned": lambda: store.learned("h1"),
+        "last_event_id": store.last_event_id,
         "owned": lambda: store.owned("h1"),
         "campaign": lambda: store.campaign(LONG_S),
         "append_event": lambda: store.append_event("state", {}),
@@ -132,6 +137,8 @@ async def test_every_key_has_a_ttl_and_the_key_count_returns_to_flat(fleet, raw)
         lock = await a.acquire_lock(host, model, TTL_S)
         await a.reserve(host, model, GB, 100 * GB, TTL_S)
         await a.renew_leases([(host, model)], TTL_S)
+        await a.claim_unload(host, f"other-{model}", TTL_S)
+        await a.put_learned(host, model, footprint_bytes=GB, load_s=2.0, ttl_s=TTL_S)
         await a.add_owned(host, f"inst-{i}", model, fence=lock.token)
         await a.campaign(TTL_S)
         await a.append_event("load", {"model": model})
