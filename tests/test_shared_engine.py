@@ -388,3 +388,38 @@ async def test_a_replicas_restored_measurement_fills_a_gap_in_the_fleets():
     guessing = ModelEntry(A, size_bytes=4 * GB)
     await LearnedShare(facts.view("r2"), "h").sync({A: guessing})
     assert guessing.load_time_s == 3.0 and guessing.footprint_bytes is None
+
+
+class HeldRenewals(HeldLeases):
+    """HeldLeases whose batch renewals wait for `go`; first leases pass at once."""
+
+    def __init__(self, replica_id: str, facts: MemoryState) -> None:
+        super().__init__()
+        self.inner = facts.view(replica_id)
+
+    async def take_lease(self, host: str, model: str, ttl_s: float) -> bool:
+        return await self.inner.take_lease(host, model, ttl_s)
+
+
+async def test_a_lease_taken_again_while_the_batch_drops_it_stays():
+    facts = MemoryState("facts")
+    await facts.view("r1").heartbeat(30)
+    store = HeldRenewals("r1", facts)
+    store.go.set()
+    core, replica = replica_core(store, ScriptedBackend({A: 4, B: 4}, MANAGED))
+    await core.start()
+    try:
+        (await core.acquire(A)).release()       # A's lease here has ended
+        serving_b = await core.acquire(B)
+        store.go.clear()
+        beat = asyncio.ensure_future(replica.beat())
+        await store.renewing.wait()             # the batch renews B, and will drop A...
+        serving_a = await core.acquire(A)       # ...which a request has just taken again
+        store.go.set()
+        await beat
+        assert await facts.leased_by("default", A) == {"r1"}
+        serving_a.release()
+        serving_b.release()
+    finally:
+        store.go.set()
+        await core.cleanup()

@@ -136,9 +136,11 @@ class Replica:
             for h in self.hosts:
                 now, gone = h.serving_now()
                 leases += [(h.name, key) for key in now]
-                ended += [(h.name, key) for key in gone]
+                ended += [(h, key) for key in gone]
             if leases:
                 await self.store.renew_leases(leases, self.lease_ttl_s)
+            # A request may have taken one of them again meanwhile: its lease stays.
+            ended = [(h.name, key) for h, key in ended if not h.leasing(key)]
             if ended:
                 await self.store.drop_leases(ended)
         except StateUnavailable as exc:
@@ -205,6 +207,9 @@ class SharedHost:
     def touch(self, key: str) -> None:
         if key not in self.renewed:
             self.replica.renew_soon()
+
+    def leasing(self, key: str) -> bool:
+        return key in self.renewed or key in self._taking
 
     def leased(self, key: str) -> bool:
         """This replica's lease on `key` is in the shared state (taken, or renewed by the last
