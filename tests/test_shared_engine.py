@@ -15,6 +15,7 @@ from proxy.engine.lifecycle import ModelEntry
 from proxy.engine.memory import GB
 from proxy.engine.shared import Replica
 from proxy.engine.shared_learned import LearnedShare
+from proxy.errors import StateUnavailable
 from proxy.state import LeaseKey, MemoryState
 from proxy.upstream.base import Capabilities
 
@@ -422,4 +423,31 @@ async def test_a_lease_taken_again_while_the_batch_drops_it_stays():
         serving_b.release()
     finally:
         store.go.set()
+        await core.cleanup()
+
+
+class Unreachable(HeldLeases):
+    """A state whose first leases fail as an unreachable Redis does (counted)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked = 0
+
+    async def take_lease(self, host: str, model: str, ttl_s: float) -> bool:
+        self.asked += 1
+        raise StateUnavailable("shared state unavailable: Redis at redis://r:6379 failed")
+
+
+async def test_while_the_state_is_away_a_resident_model_serves_asking_it_once():
+    store = Unreachable()
+    backend = ScriptedBackend({A: 4}, MANAGED)
+    backend.loaded.append(A)
+    core, replica = replica_core(store, backend)
+    await core.start()
+    try:
+        for _ in range(3):                      # served, not held up by each a timeout
+            (await core.acquire(A)).release()
+        assert store.asked == 1
+        assert not replica.ok and "Redis at redis://r:6379" in replica.error
+    finally:
         await core.cleanup()

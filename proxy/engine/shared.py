@@ -144,13 +144,18 @@ class Replica:
             if ended:
                 await self.store.drop_leases(ended)
         except StateUnavailable as exc:
-            if self.ok:
-                log.warning("shared state unavailable: %s", exc.message)
-            self.ok, self.error, self.leader = False, exc.message, False
+            self.unreachable(exc)
             return
         if not self.ok:
             log.info("shared state reachable again")
         self.ok, self.error = True, None
+
+    def unreachable(self, exc: StateUnavailable) -> None:
+        """The state cannot be reached: degraded (and not leading) until the next heartbeat
+        that reaches it."""
+        if self.ok:
+            log.warning("shared state unavailable: %s", exc.message)
+        self.ok, self.error, self.leader = False, exc.message, False
 
     async def patiently(self, call: Callable[[], Awaitable]):  # noqa: ANN201
         """A call to the store, retried while it is unreachable, up to unavailable_wait_s."""
@@ -221,6 +226,8 @@ class SharedHost:
         request goes on, for another replica may be about to evict it. False when another
         replica's unload of it has begun: returned once that unload has ended (the engine
         then learns from the host what is left). Concurrent first requests share one call."""
+        if not self.replica.ok:
+            return True    # no eviction waits on a lease while the state is away (not asked)
         taking = self._taking.get(key)
         if taking is None:
             taking = self._taking[key] = asyncio.ensure_future(self._take(key))
@@ -239,8 +246,10 @@ class SharedHost:
                     break
                 await asyncio.sleep(POLL_S / 5)
             self.renewed.add(key)
-        except StateUnavailable:
-            pass       # evictions wait for the state too: nothing can unload it meanwhile
+        except StateUnavailable as exc:
+            # Evictions wait for the state too; the requests after this one do not ask
+            # again until the heartbeat reaches it.
+            r.unreachable(exc)
         return taken
 
     @contextlib.asynccontextmanager
