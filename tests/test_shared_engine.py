@@ -412,7 +412,9 @@ async def test_a_lease_taken_again_while_the_batch_drops_it_stays():
     try:
         (await core.acquire(A)).release()       # A's lease here has ended
         serving_b = await core.acquire(B)
+        await replica.beat()                    # A's lease is kept one batch more
         store.go.clear()
+        store.renewing.clear()
         beat = asyncio.ensure_future(replica.beat())
         await store.renewing.wait()             # the batch renews B, and will drop A...
         serving_a = await core.acquire(A)       # ...which a request has just taken again
@@ -449,5 +451,30 @@ async def test_while_the_state_is_away_a_resident_model_serves_asking_it_once():
             (await core.acquire(A)).release()
         assert store.asked == 1
         assert not replica.ok and "Redis at redis://r:6379" in replica.error
+    finally:
+        await core.cleanup()
+
+
+async def test_a_lease_outlives_its_models_last_request_here_by_one_batch():
+    facts = MemoryState("facts")
+    await facts.view("r1").heartbeat(30)
+    store = CountedLeases("r1", facts)
+    store.go.set()
+    backend = ScriptedBackend({A: 4}, MANAGED)
+    backend.loaded.append(A)
+    core, replica = replica_core(store, backend)
+    await core.start()
+    try:
+        (await core.acquire(A)).release()       # its first request here: the lease taken
+        await replica.beat()
+        (await core.acquire(A)).release()       # a request in each batch: the hot path
+        await replica.beat()
+        (await core.acquire(A)).release()
+        assert store.taken == 1 and await facts.leased_by("default", A) == {"r1"}
+        await replica.beat()
+        await replica.beat()                    # two batches without a request: dropped
+        assert await facts.leased_by("default", A) == set()
+        (await core.acquire(A)).release()
+        assert store.taken == 2
     finally:
         await core.cleanup()

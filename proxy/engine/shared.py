@@ -16,7 +16,8 @@ engine, which asks it at the moments something changes — never on a request's 
                                request takes it with no round trip (the hot path); otherwise
     lease_now(key)             puts it there before the request goes on (False: another
                                replica is unloading the model; the engine reconciles first)
-    touch(key)                 a request took a lease: renewed in the next batch
+    touch(key)                 a request took a lease: renewed in the next batch, and in the
+                               one after (a lease outlives its model's last request by a batch)
     publish_soon()             the host's record, and the footprints and load times this
                                replica measured (engine/shared_learned.py), for the others
 
@@ -186,13 +187,18 @@ class SharedHost:
         self.learned = LearnedShare(self.store, name)
         self.claims: set[str] = set()             # models this replica has claimed to unload
         self._taking: dict[str, asyncio.Future[bool]] = {}   # model → its lease on the way
+        self._lingering: set[str] = set()   # leased here, by no request since the last batch
 
     def serving_now(self) -> tuple[list[str], list[str]]:
-        """(models with a lease here now, models whose lease here has ended since)."""
-        now = self.leases_of()
-        gone = [k for k in self.renewed if k not in now]
-        self.renewed = set(now)
-        return now, gone
+        """(leases to renew, leases to drop). A lease outlives the model's last request here
+        by one batch: a model with a request every few seconds keeps it, and its requests
+        take the hot path instead of a round trip each."""
+        now = set(self.leases_of())
+        keep = now | (self.renewed - self._lingering)
+        gone = [k for k in self.renewed if k not in keep]
+        self._lingering = keep - now
+        self.renewed = keep
+        return list(keep), gone
 
     def publish_soon(self, *_: object) -> None:
         """This replica has just seen the host as it is (its model list, a load or unload of
@@ -210,6 +216,7 @@ class SharedHost:
     on_load = on_unload = publish_soon     # as an engine listener
 
     def touch(self, key: str) -> None:
+        self._lingering.discard(key)
         if key not in self.renewed:
             self.replica.renew_soon()
 
