@@ -478,3 +478,24 @@ async def test_a_lease_outlives_its_models_last_request_here_by_one_batch():
         assert store.taken == 2
     finally:
         await core.cleanup()
+
+
+async def test_first_leases_do_not_hurry_the_batch_that_would_drop_others():
+    facts = MemoryState("facts")
+    store = CountedLeases("r1", facts)
+    store.go.set()
+    backend = ScriptedBackend({A: 4, B: 4, C: 4}, MANAGED)
+    backend.loaded += [A, B, C]
+    core, replica = replica_core(store, backend)
+    await replica.start()                       # its batches every 10 s
+    await core.start()
+    try:
+        for key in (A, B, C, A, B, C):
+            (await core.acquire(key)).release()
+            for _ in range(5):                  # the replica's loop runs, were it woken
+                await asyncio.sleep(0)
+        assert store.taken == 3                 # one first lease each, kept
+        assert await facts.leased_by("default", A) == {"r1"}
+    finally:
+        await core.cleanup()
+        await replica.close()

@@ -75,7 +75,6 @@ class Replica:
         self.error: str | None = None
         self.hosts: list[SharedHost] = []
         self._task: asyncio.Task | None = None
-        self._wake = asyncio.Event()
 
     @property
     def id(self) -> str:
@@ -105,13 +104,8 @@ class Replica:
 
     async def _loop(self) -> None:
         while True:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.lease_ttl_s / 3)
-            self._wake.clear()
+            await asyncio.sleep(self.lease_ttl_s / 3)
             await self.beat()
-
-    def renew_soon(self) -> None:
-        self._wake.set()
 
     async def view(self) -> dict:
         """The replicas and the hosts as the shared state holds them (GET /proxy/stats)."""
@@ -216,9 +210,9 @@ class SharedHost:
     on_load = on_unload = publish_soon     # as an engine listener
 
     def touch(self, key: str) -> None:
+        # Its lease is in the state already (leased) or on its way (lease_now): no batch is
+        # woken for it, so batches keep their period and a lease its one batch of grace.
         self._lingering.discard(key)
-        if key not in self.renewed:
-            self.replica.renew_soon()
 
     def leasing(self, key: str) -> bool:
         return key in self.renewed or key in self._taking
