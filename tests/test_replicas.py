@@ -288,3 +288,19 @@ async def test_a_replica_that_gets_the_lock_as_anothers_load_finishes_adopts_the
     answers = await asyncio.gather(from_a, from_b)
     assert [s for s, _, _ in answers] == [200, 200]
     assert emu.state.load_calls[MID] == 1
+
+
+async def test_a_load_time_one_replica_measured_is_adopted_by_the_other(pair, http):
+    a, b, _ = await pair({"x": 20})
+    assert (await chat(http, a, MID))[0] == 200
+    measured = a.engine.hosts[0].core.registry.entries[MID]
+    assert measured.load_count == 1
+    store = a.app[REPLICA].store
+    async with asyncio.timeout(10):             # A has written it to Redis
+        while MID not in await store.learned("x"):
+            await asyncio.sleep(0.02)
+    b_core = b.engine.hosts[0].core
+    await b_core.reconcile()                    # B publishes its record, and reads A's
+    adopted = b_core.registry.entries[MID]
+    await until(lambda: adopted.load_time_s == measured.load_time_s)
+    assert adopted.load_count == 0              # A's measurement; B has loaded nothing

@@ -263,3 +263,82 @@ async def test_memory_state_expires_on_its_injected_clock():
     clock.advance(0.2)
     assert not await lock.valid() and await b.leased_by("h1", "m") == set()
     assert await b.campaign(10.0) and await b.acquire_lock("h1", "m", 10.0) is not None
+
+
+async def test_an_unload_claim_and_a_new_lease_never_both_go_ahead(fleet):
+    a, b = fleet.replica("a"), fleet.replica("b")
+    await a.heartbeat(LONG_S)
+    await b.heartbeat(LONG_S)
+    await a.renew_leases([("h1", "m")], LONG_S)
+    assert await b.claim_unload("h1", "m", LONG_S) == {"a"}     # a serves it: no claim
+    assert await b.take_lease("h1", "m", LONG_S)                # so b may serve it too
+    await a.drop_leases([("h1", "m")])
+    await b.drop_leases([("h1", "m")])
+    assert await a.claim_unload("h1", "m", LONG_S) == set()     # nobody serves it: a's claim
+    assert await a.claim_unload("h1", "m", LONG_S) == set()     # its own lease does not count
+    assert not await b.take_lease("h1", "m", LONG_S)            # b must not serve it now
+    assert await b.leased_by("h1", "m") == set()
+    assert await a.take_lease("h1", "m", LONG_S)                # the claimant's own is not held
+    assert await b.take_lease("h1", "m2", LONG_S)               # other models are unaffected
+    await b.release_unload("h1", "m")                           # not b's: changes nothing
+    assert not await b.take_lease("h1", "m", LONG_S)
+    await a.release_unload("h1", "m")
+    assert await b.take_lease("h1", "m", LONG_S)
+    assert await b.leased_by("h1", "m") == {"a", "b"}
+
+
+async def test_racing_unload_claims_and_leases_give_one_or_the_other(fleet):
+    for round_n in range(10):
+        a, b = fleet.replica(f"a{round_n}"), fleet.replica(f"b{round_n}")
+        await a.heartbeat(LONG_S)
+        await b.heartbeat(LONG_S)
+        claimed, leased = await asyncio.gather(a.claim_unload("h", f"m{round_n}", LONG_S),
+                                               b.take_lease("h", f"m{round_n}", LONG_S))
+        assert (claimed == set()) != leased, (claimed, leased)
+
+
+async def test_an_abandoned_unload_claim_lapses_on_its_ttl(fleet):
+    a, b = fleet.replica("a"), fleet.replica("b")
+    assert await a.claim_unload("h1", "m", TTL_S) == set()
+    assert not await b.take_lease("h1", "m", LONG_S)
+    await until(lambda: b.take_lease("h1", "m", LONG_S))
+
+
+async def test_a_reader_starting_at_the_last_event_id_sees_only_what_follows(fleet):
+    a, b = fleet.replica("a"), fleet.replica("b")
+    assert await b.last_event_id() == "0-0"
+    assert await b.events_after(await b.last_event_id()) == []
+    await a.append_event("state", {"n": 1})
+    last = await a.append_event("state", {"n": 2})
+    assert await b.last_event_id() == last
+    start = await b.last_event_id()
+    await a.append_event("load", {"n": 3})
+    assert [e.data for e in await b.events_after(start)] == [{"n": 3}]
+
+
+async def test_learned_measurements_are_shared_stamped_and_merged_by_kind(fleet):
+    a, b = fleet.replica("a"), fleet.replica("b")
+    assert await b.learned("h1") == {}
+    at_a = await a.put_learned("h1", "org/m|q4", footprint_bytes=5.5 * GB, load_s=12.25,
+                               ttl_s=LONG_S)
+    got = (await b.learned("h1"))["org/m|q4"]
+    assert (got.footprint.value, got.footprint.at_ms, got.footprint.by) == (5.5 * GB, at_a, "a")
+    assert (got.load.value, got.load.by) == (12.25, "a")
+    await asyncio.sleep(0.01)                     # a later stamp, on the store's clock
+    at_b = await b.put_learned("h1", "org/m|q4", load_s=9.0, ttl_s=LONG_S)
+    assert at_b > at_a
+    got = (await a.learned("h1"))["org/m|q4"]
+    assert got.footprint.by == "a" and got.footprint.value == 5.5 * GB   # kept
+    assert (got.load.value, got.load.at_ms, got.load.by) == (9.0, at_b, "b")
+    assert await a.learned("h2") == {}
+
+
+async def test_learned_measurements_expire_unless_written_again(fleet):
+    a = fleet.replica("a")
+    await a.put_learned("h1", "m", load_s=3.0, ttl_s=TTL_S)
+    assert "m" in await a.learned("h1")
+    await until(lambda: _unlearned(a, "h1"))
+
+
+async def _unlearned(store, host: str) -> bool:
+    return await store.learned(host) == {}

@@ -40,6 +40,11 @@ def calls(store: RedisState) -> dict:
         "reserve": lambda: store.reserve("h1", "x", GB, 10 * GB, LONG_S),
         "renew_leases": lambda: store.renew_leases([("h1", "m")], LONG_S),
         "leased_by": lambda: store.leased_by("h1", "m"),
+        "take_lease": lambda: store.take_lease("h1", "m", LONG_S),
+        "claim_unload": lambda: store.claim_unload("h1", "m", LONG_S),
+        "put_learned": lambda: store.put_learned("h1", "m", load_s=1.0, ttl_s=LONG_S),
+        "learned": lambda: store.learned("h1"),
+        "last_event_id": store.last_event_id,
         "owned": lambda: store.owned("h1"),
         "campaign": lambda: store.campaign(LONG_S),
         "append_event": lambda: store.append_event("state", {}),
@@ -132,6 +137,8 @@ async def test_every_key_has_a_ttl_and_the_key_count_returns_to_flat(fleet, raw)
         lock = await a.acquire_lock(host, model, TTL_S)
         await a.reserve(host, model, GB, 100 * GB, TTL_S)
         await a.renew_leases([(host, model)], TTL_S)
+        await a.claim_unload(host, f"other-{model}", TTL_S)
+        await a.put_learned(host, model, footprint_bytes=GB, load_s=2.0, ttl_s=TTL_S)
         await a.add_owned(host, f"inst-{i}", model, fence=lock.token)
         await a.campaign(TTL_S)
         await a.append_event("load", {"model": model})
@@ -180,3 +187,28 @@ async def test_a_burst_of_calls_shares_a_bounded_pool_of_connections(redis_serve
         assert await store.reserved_bytes("h1") == 50 * GB
     finally:
         await store.close()
+
+
+async def test_a_cancel_as_a_blocking_read_starts_ends_the_read(fleet):
+    """A cancel that reaches redis-py as it sends an XREAD BLOCK: redis-py still reads the
+    reply (empty, after the block) and returns it; the store raises the cancel, so a reader
+    that loops on its reads stops instead of reading on, cancelled, forever."""
+    import asyncio
+    store = fleet.replica("a")
+    last = await store.append_event("load", {"model": "m"})
+    sending = asyncio.Event()
+    xread = store.client.xread
+
+    async def signalled_xread(*args, **kwargs):   # the moment the blocking read is sent
+        sending.set()
+        return await xread(*args, **kwargs)
+    store.client.xread = signalled_xread
+
+    async def reader() -> None:
+        while True:
+            await store.events_after(last, wait_s=1.0)
+    task = asyncio.ensure_future(reader())
+    await sending.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 5.0)

@@ -83,6 +83,7 @@ class EngineCore(CoreViews):
             ctx.shared = shared
             shared.leases_of = lambda: [e.key for e in r.entries.values() if e.leases]
             shared.record_of = self._host_record
+            shared.registry = r
             shared.record_ttl_s = max(60.0, 3 * live.current.upstream.reconcile_interval_s)
             self.listeners.add(shared)     # its loads and unloads: the host's record now
         self.preloads = PreloadTally(r)
@@ -164,7 +165,9 @@ class EngineCore(CoreViews):
         """A USE lease on a resident model, loading it first if needed; raises ProxyError.
         (`avoid` names a fleet's host; one server has no other to go to.)"""
         e = self._entries.get(self.live.aliases.get(name, name))   # registry.get, inlined
-        if e is not None and (e.status is LOADED or not self.manages_loading):
+        shared = self.ctx.shared
+        if e is not None and (e.status is LOADED or not self.manages_loading) and (
+                shared is None or shared.leased(e.key)):
             return self.leases.use(e)   # hot path: no lock, no await
         if e is None:
             e = self.registry.entries[await self.resolve(name)]
@@ -173,14 +176,18 @@ class EngineCore(CoreViews):
         self.preloader.after_request(e.key)
         deadline_s = arrived_s + self.config.eviction.queue_timeout_s
         while True:
-            if e.status is S.LOADED or not self.manages_loading:
+            if e.status is LOADED or not self.manages_loading:
                 lease = self.leases.use(e, observed=True)
-                if self.ctx.shared is not None:
+                if shared is not None:
                     try:
-                        await self.ctx.shared.lease_now(e.key)
+                        leased = await shared.lease_now(e.key)
                     except BaseException:    # cancelled meanwhile: the lease goes back
                         lease.release()
                         raise
+                    if not leased:           # another replica unloaded it meanwhile
+                        lease.release()
+                        await self.reconcile()
+                        continue
                 return lease
             if e.status is S.ERROR and self.clock.now() < e.retry_at_s:
                 raise ModelLoadFailed(e.last_error or f"'{e.key}' failed to load",

@@ -9,9 +9,17 @@ engine, which asks it at the moments something changes — never on a request's 
                                runs, and a reservation of its memory; waits while another
                                replica loads it (then the model is adopted, not loaded twice)
     owned_by_fleet(...)        instances any replica loaded count as the proxy's (evictable)
-    may_unload(key)            False while another replica serves the model
-    touch(key)                 a request took a lease: renewed in the next batch, at once the
-                               first time (a model another replica might be about to evict)
+    may_unload(key)            False while another replica serves the model; True is a claim
+                               to unload it, which holds off other replicas' new leases
+                               until the unload ends
+    leased(key)                this replica's lease on the model is in the shared state: a
+                               request takes it with no round trip (the hot path); otherwise
+    lease_now(key)             puts it there before the request goes on (False: another
+                               replica is unloading the model; the engine reconciles first)
+    touch(key)                 a request took a lease: renewed in the next batch, and in the
+                               one after (a lease outlives its model's last request by a batch)
+    publish_soon()             the host's record, and the footprints and load times this
+                               replica measured (engine/shared_learned.py), for the others
 
 The host's own model list stays the source of truth: a waiting replica learns that the load is
 done from the host, and every replica reconciles against it. With `state.backend: memory`
@@ -27,10 +35,13 @@ from typing import TYPE_CHECKING, AsyncIterator, Awaitable, Callable
 from ..config import StateConfig
 from ..errors import ConfigError, InsufficientMemory, StateUnavailable
 from ..state import HostRecord, StateStore, create_state
+from .lifecycle import ModelStatus
 from .memory import GB
+from .shared_learned import LearnedShare
 
 if TYPE_CHECKING:
     from .lifecycle import ModelEntry
+    from .registry import Registry
 
 log = logging.getLogger("proxy.shared")
 SINGLE_HOST = "default"        # the host's name in the shared state when there is one
@@ -64,7 +75,6 @@ class Replica:
         self.error: str | None = None
         self.hosts: list[SharedHost] = []
         self._task: asyncio.Task | None = None
-        self._wake = asyncio.Event()
 
     @property
     def id(self) -> str:
@@ -94,13 +104,8 @@ class Replica:
 
     async def _loop(self) -> None:
         while True:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.lease_ttl_s / 3)
-            self._wake.clear()
+            await asyncio.sleep(self.lease_ttl_s / 3)
             await self.beat()
-
-    def renew_soon(self) -> None:
-        self._wake.set()
 
     async def view(self) -> dict:
         """The replicas and the hosts as the shared state holds them (GET /proxy/stats)."""
@@ -126,19 +131,26 @@ class Replica:
             for h in self.hosts:
                 now, gone = h.serving_now()
                 leases += [(h.name, key) for key in now]
-                ended += [(h.name, key) for key in gone]
+                ended += [(h, key) for key in gone]
             if leases:
                 await self.store.renew_leases(leases, self.lease_ttl_s)
+            # A request may have taken one of them again meanwhile: its lease stays.
+            ended = [(h.name, key) for h, key in ended if not h.leasing(key)]
             if ended:
                 await self.store.drop_leases(ended)
         except StateUnavailable as exc:
-            if self.ok:
-                log.warning("shared state unavailable: %s", exc.message)
-            self.ok, self.error, self.leader = False, exc.message, False
+            self.unreachable(exc)
             return
         if not self.ok:
             log.info("shared state reachable again")
         self.ok, self.error = True, None
+
+    def unreachable(self, exc: StateUnavailable) -> None:
+        """The state cannot be reached: degraded (and not leading) until the next heartbeat
+        that reaches it."""
+        if self.ok:
+            log.warning("shared state unavailable: %s", exc.message)
+        self.ok, self.error, self.leader = False, exc.message, False
 
     async def patiently(self, call: Callable[[], Awaitable]):  # noqa: ANN201
         """A call to the store, retried while it is unreachable, up to unavailable_wait_s."""
@@ -165,13 +177,22 @@ class SharedHost:
         self.renewed: set[str] = set()
         self.fleet_owned: dict[str, str] = {}     # instance id → model, as last read
         self.remote_busy: dict[str, float] = {}   # model → until (monotonic): leased elsewhere
+        self.registry: Registry | None = None     # the engine's models (learned facts)
+        self.learned = LearnedShare(self.store, name)
+        self.claims: set[str] = set()             # models this replica has claimed to unload
+        self._taking: dict[str, asyncio.Future[bool]] = {}   # model → its lease on the way
+        self._lingering: set[str] = set()   # leased here, by no request since the last batch
 
     def serving_now(self) -> tuple[list[str], list[str]]:
-        """(models with a lease here now, models whose lease here has ended since)."""
-        now = self.leases_of()
-        gone = [k for k in self.renewed if k not in now]
-        self.renewed = set(now)
-        return now, gone
+        """(leases to renew, leases to drop). A lease outlives the model's last request here
+        by one batch: a model with a request every few seconds keeps it, and its requests
+        take the hot path instead of a round trip each."""
+        now = set(self.leases_of())
+        keep = now | (self.renewed - self._lingering)
+        gone = [k for k in self.renewed if k not in keep]
+        self._lingering = keep - now
+        self.renewed = keep
+        return list(keep), gone
 
     def publish_soon(self, *_: object) -> None:
         """This replica has just seen the host as it is (its model list, a load or unload of
@@ -183,19 +204,54 @@ class SharedHost:
     async def _publish(self) -> None:
         with contextlib.suppress(StateUnavailable):
             await self.store.put_host(self.name, self.record_of(), self.record_ttl_s)
+            if self.registry is not None:
+                await self.learned.sync(self.registry.entries)
 
     on_load = on_unload = publish_soon     # as an engine listener
 
     def touch(self, key: str) -> None:
-        if key not in self.renewed:
-            self.replica.renew_soon()
+        # Its lease is in the state already (leased) or on its way (lease_now): no batch is
+        # woken for it, so batches keep their period and a lease its one batch of grace.
+        self._lingering.discard(key)
 
-    async def lease_now(self, key: str) -> None:
-        """A request got a model that was cold: its lease is in the shared state before the
-        request goes on (another replica may be about to evict it)."""
-        with contextlib.suppress(StateUnavailable):
-            await self.store.renew_leases([(self.name, key)], self.replica.lease_ttl_s)
+    def leasing(self, key: str) -> bool:
+        return key in self.renewed or key in self._taking
+
+    def leased(self, key: str) -> bool:
+        """This replica's lease on `key` is in the shared state (taken, or renewed by the last
+        batch while a request held it): a request may take it without asking."""
+        return key in self.renewed
+
+    async def lease_now(self, key: str) -> bool:
+        """A request took the model's first lease here: it is in the shared state before the
+        request goes on, for another replica may be about to evict it. False when another
+        replica's unload of it has begun: returned once that unload has ended (the engine
+        then learns from the host what is left). Concurrent first requests share one call."""
+        if not self.replica.ok:
+            return True    # no eviction waits on a lease while the state is away (not asked)
+        taking = self._taking.get(key)
+        if taking is None:
+            taking = self._taking[key] = asyncio.ensure_future(self._take(key))
+            taking.add_done_callback(lambda _: self._taking.pop(key, None))
+        return await asyncio.shield(taking)
+
+    async def _take(self, key: str) -> bool:
+        r = self.replica
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + r.lock_ttl_s + POLL_S
+        taken = True
+        try:
+            while not await self.store.take_lease(self.name, key, r.lease_ttl_s):
+                taken = False                 # wait out the unload (its claim ends with it)
+                if loop.time() >= deadline:
+                    break
+                await asyncio.sleep(POLL_S / 5)
             self.renewed.add(key)
+        except StateUnavailable as exc:
+            # Evictions wait for the state too; the requests after this one do not ask
+            # again until the heartbeat reaches it.
+            r.unreachable(exc)
+        return taken
 
     @contextlib.asynccontextmanager
     async def load_slot(self, e: "ModelEntry", need_bytes: float,
@@ -296,17 +352,43 @@ class SharedHost:
         return any(self.fleet_owned.get(i) == key for i in instance_ids)
 
     async def may_unload(self, key: str, now_s: float, hold_s: float) -> bool:
-        """No other replica holds a live lease on it (asked at the moment of eviction); if
-        one does, it is not a victim for `hold_s`. Unreachable state: nothing is evicted."""
+        """No other replica holds a live lease on it (asked at the moment of eviction), and
+        this replica's claim to unload it stands: no other takes a new lease until the unload
+        ends (or is given up; the claim lapses after lock_ttl_s at worst). If another serves
+        it, it is not a victim for `hold_s`. Unreachable state: nothing is evicted."""
         try:
-            others = await self.store.leased_by(self.name, key) - {self.replica.id}
+            others = await self.store.claim_unload(self.name, key, self.replica.lock_ttl_s)
         except StateUnavailable:
             self.remote_busy[key] = now_s + POLL_S
             return False
         if others:
             self.remote_busy[key] = now_s + hold_s
             return False
+        self.claims.add(key)
+        # The unload begins in this same step (the model turns UNLOADING) or is given up;
+        # once the evicting task yields, a claim whose unload did not begin is released.
+        asyncio.get_running_loop().call_soon(self._unload_begun, key)
         return True
+
+    def _unload_begun(self, key: str) -> None:
+        e = self.registry.entries.get(key) if self.registry is not None else None
+        if e is None or e.status is not ModelStatus.UNLOADING:
+            self._end_claim(key)
+
+    def on_state(self, model: str, old: str, new: str) -> None:
+        if old == ModelStatus.UNLOADING.value:     # the unload ended, either way
+            self._end_claim(model)
+
+    def _end_claim(self, key: str) -> None:
+        if key in self.claims:
+            self.claims.discard(key)
+            task = asyncio.ensure_future(self._release_claim(key))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _release_claim(self, key: str) -> None:
+        with contextlib.suppress(StateUnavailable):
+            await self.store.release_unload(self.name, key)
 
     def busy_elsewhere(self, key: str, now_s: float) -> bool:
         until = self.remote_busy.get(key)

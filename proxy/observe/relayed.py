@@ -13,7 +13,6 @@ import asyncio
 import collections
 import contextlib
 import logging
-import time
 from typing import TYPE_CHECKING, Any
 
 from ..errors import StateUnavailable
@@ -51,8 +50,12 @@ class EventRelay:
         self._wake.set()
 
     async def start(self) -> None:
-        # From now on: a replica that starts does not replay the fleet's day.
-        after = f"{int(time.time() * 1000)}-0"
+        """From the stream's newest event on, by the store's own ids (no replica's clock): a
+        replica that starts neither replays the fleet's day nor misses what follows. While
+        the store is away the reader asks again before reading."""
+        after = None
+        with contextlib.suppress(StateUnavailable):
+            after = await self.store.last_event_id()
         self._tasks = [asyncio.ensure_future(self._writer()),
                        asyncio.ensure_future(self._reader(after))]
 
@@ -75,9 +78,11 @@ class EventRelay:
                     self.pending.clear()                  # never sent twice
                     break
 
-    async def _reader(self, after: str) -> None:
+    async def _reader(self, after: str | None) -> None:
         while True:
             try:
+                if after is None:
+                    after = await self.store.last_event_id()
                 events = await self.store.events_after(after, count=100, wait_s=READ_WAIT_S)
             except StateUnavailable:
                 await asyncio.sleep(RETRY_S)

@@ -6,11 +6,12 @@ import socket
 import uuid
 from typing import Any
 
-from .base import HostRecord, LeaseKey, LoadLock, Reserved, StateStore, StoredEvent
+from .base import (HostRecord, LeaseKey, Learned, LoadLock, Measured, Reserved, StateStore,
+                   StoredEvent)
 from .memory import MemoryState
 
-__all__ = ["HostRecord", "LeaseKey", "LoadLock", "MemoryState", "Reserved", "StateStore",
-           "StoredEvent", "create_state", "default_replica_id"]
+__all__ = ["HostRecord", "LeaseKey", "Learned", "LoadLock", "Measured", "MemoryState", "Reserved",
+           "StateStore", "StoredEvent", "create_state", "default_replica_id"]
 
 
 def default_replica_id() -> str:

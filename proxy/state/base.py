@@ -10,9 +10,13 @@ them.
     load locks          one per (host, model): single flight across replicas, a fencing token
     reservations        check-and-reserve against a budget, atomically; released or expired
     leases              per (host, model, replica): "serving through some replica, do not evict"
+    unload claims       per (host, model): "this replica is unloading it"; taken only while no
+                        other replica holds a lease, and no lease is taken while one stands
     ownership           which instances the fleet loaded (kept across replica restarts)
     leader              one replica at a time runs the fleet-wide background jobs
     events              an append-only log, resumable by id, trimmed to a maximum length
+    learned             per (host, model): the latest footprint and load time some replica
+                        measured, each stamped with when (the store's clock) and by whom
 
 Times given to the store are durations (`ttl_s`); the store measures expiry on its own clock
 (the injected one for memory, Redis's for redis), so replicas' clocks never have to agree.
@@ -63,6 +67,22 @@ class Reserved:
     (bytes, this one included when granted) so that a refusal can say what holds memory."""
     granted: bool
     reserved_bytes: int
+
+
+@dataclass(frozen=True)
+class Measured:
+    """One replica's measurement of a model on a host: `value` (bytes or seconds), `at_ms` when
+    it reached the store (the store's clock: comparable across replicas), `by` which replica."""
+    value: float
+    at_ms: int
+    by: str
+
+
+@dataclass(frozen=True)
+class Learned:
+    """What the replicas last measured of one model on one host (None: nobody has)."""
+    footprint: Measured | None = None
+    load: Measured | None = None
 
 
 @dataclass(frozen=True)
@@ -134,6 +154,15 @@ class StateStore(Protocol):
     async def drop_leases(self, leases: Iterable[LeaseKey]) -> None: ...
     async def leased_by(self, host: str, model: str) -> set[str]:
         """Replicas holding a live lease on (host, model)."""
+    async def take_lease(self, host: str, model: str, ttl_s: float) -> bool:
+        """Takes or extends this replica's lease on (host, model) unless another replica's
+        unload claim on it stands (False: no lease taken; the model is going)."""
+    async def claim_unload(self, host: str, model: str, ttl_s: float) -> set[str]:
+        """Atomically: the other replicas holding a live lease on (host, model); when there are
+        none, this replica's claim to unload it, for `ttl_s` or until released. Between the
+        two, a lease and an unload never both go ahead."""
+    async def release_unload(self, host: str, model: str) -> None:
+        """Ends this replica's unload claim (another's is left alone)."""
 
     # -- ownership --------------------------------------------------------------------------
     async def add_owned(self, host: str, instance_id: str, model: str,
@@ -158,6 +187,18 @@ class StateStore(Protocol):
                            wait_s: float = 0.0) -> list[StoredEvent]:
         """Events after `after_id` (from the oldest kept when None), waiting up to `wait_s`
         for one when there are none yet."""
+
+    async def last_event_id(self) -> str:
+        """The id of the newest event kept ("0-0" when there is none): where a reader that
+        starts now begins, by the store's own ids, so no replica's clock is involved."""
+
+    # -- learned facts ----------------------------------------------------------------------
+    async def put_learned(self, host: str, model: str, *, footprint_bytes: float | None = None,
+                          load_s: float | None = None, ttl_s: float) -> int:
+        """Records this replica's measurement (either or both), stamped now on the store's
+        clock; returns the stamp (ms). The record lives `ttl_s` past its last write."""
+    async def learned(self, host: str) -> dict[str, Learned]:
+        """model → the latest measurements of it on `host`."""
 
     async def ping(self) -> None:
         """Raises StateUnavailable when the store cannot be reached."""

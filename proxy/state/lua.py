@@ -131,6 +131,44 @@ end
 return out
 """
 
+# KEYS: lease zset, unload claim   ARGV: replica, ttl_ms   → 1, or 0 while another unloads it
+TAKE_LEASE = _COMMON + """
+local claim = redis.call('GET', KEYS[2])
+if claim and claim ~= ARGV[1] then return 0 end
+local now, ttl = now_ms(), tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
+extend(KEYS[1], ttl)
+return 1
+"""
+
+# KEYS: lease zset, replicas, unload claim   ARGV: replica, ttl_ms
+#   → the other replicas serving it; none: the claim is this replica's now
+CLAIM_UNLOAD = _COMMON + """
+local now, out = now_ms(), {}
+for _, r in ipairs(redis.call('ZRANGE', KEYS[1], '(' .. now, '+inf', 'BYSCORE')) do
+  if r ~= ARGV[1] and alive(KEYS[2], r, now) then out[#out + 1] = r end
+end
+if #out == 0 then redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[2]) end
+return out
+"""
+
+# KEYS: learned hash   ARGV: model, replica, footprint ('' for none), load_s ('' for none),
+#   ttl_ms   → the stamp (ms). Fields "<model>|footprint" and "<model>|load" hold
+#   "<at_ms> <value> <replica>".
+PUT_LEARNED = _COMMON + """
+local now = now_ms()
+local stamp = string.format('%d', now)
+if ARGV[3] ~= '' then
+  redis.call('HSET', KEYS[1], ARGV[1] .. '|footprint', stamp .. ' ' .. ARGV[3] .. ' ' .. ARGV[2])
+end
+if ARGV[4] ~= '' then
+  redis.call('HSET', KEYS[1], ARGV[1] .. '|load', stamp .. ' ' .. ARGV[4] .. ' ' .. ARGV[2])
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+return now
+"""
+
 # KEYS: owned hash, lock   ARGV: instance, model, ttl_ms, fence ('' for none)   → 1 | 0
 ADD_OWNED = """
 if ARGV[4] ~= '' then

@@ -12,7 +12,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Protocol
 
-from .base import HostRecord, LeaseKey, LoadLock, Reserved, StoredEvent, parse_event_id
+from .base import (HostRecord, LeaseKey, Learned, LoadLock, Measured, Reserved, StoredEvent,
+                   parse_event_id)
 
 EVENTS_MAXLEN = 10_000
 
@@ -38,6 +39,9 @@ class _Facts:
     reservations: dict[str, dict[tuple[str, str], tuple[int, float]]] = field(
         default_factory=dict)
     leases: dict[LeaseKey, dict[str, float]] = field(default_factory=dict)  # replica → exp
+    unloading: dict[LeaseKey, tuple[str, float]] = field(default_factory=dict)  # by, expires
+    # host → model → (learned, expires at)
+    learned: dict[str, dict[str, tuple[Learned, float]]] = field(default_factory=dict)
     owned: dict[str, dict[str, str]] = field(default_factory=dict)
     leader: tuple[str, float] | None = None
     events: collections.deque = field(default_factory=collections.deque)
@@ -165,6 +169,26 @@ class MemoryState:
         holders = self._f.leases.get((host, model), {})
         return {r for r, exp in holders.items() if exp > now_s and self._f.alive(r, now_s)}
 
+    def _claimant(self, key: LeaseKey) -> str | None:
+        claim = self._f.unloading.get(key)
+        return claim[0] if claim is not None and claim[1] > self._now() else None
+
+    async def take_lease(self, host: str, model: str, ttl_s: float) -> bool:
+        if self._claimant((host, model)) not in (None, self.replica_id):
+            return False
+        await self.renew_leases([(host, model)], ttl_s)
+        return True
+
+    async def claim_unload(self, host: str, model: str, ttl_s: float) -> set[str]:
+        others = await self.leased_by(host, model) - {self.replica_id}
+        if not others:
+            self._f.unloading[(host, model)] = (self.replica_id, self._now() + ttl_s)
+        return others
+
+    async def release_unload(self, host: str, model: str) -> None:
+        if self._claimant((host, model)) == self.replica_id:
+            del self._f.unloading[(host, model)]
+
     # -- ownership --------------------------------------------------------------------------
     async def add_owned(self, host: str, instance_id: str, model: str,
                         fence: int | None = None) -> bool:
@@ -229,6 +253,28 @@ class MemoryState:
         first_n = self._f.event_n - len(events) + 1     # n runs without gaps
         start = max(0, after[1] - first_n + 1)
         return [events[i] for i in range(start, min(len(events), start + count))]
+
+    async def last_event_id(self) -> str:
+        events = self._f.events
+        return events[-1].id if events else "0-0"
+
+    # -- learned facts ----------------------------------------------------------------------
+    async def put_learned(self, host: str, model: str, *, footprint_bytes: float | None = None,
+                          load_s: float | None = None, ttl_s: float) -> int:
+        at_ms = int(self._now() * 1000)
+        table = self._f.learned.setdefault(host, {})
+        had = table.get(model)
+        old = had[0] if had is not None and had[1] > self._now() else Learned()
+        new = Learned(
+            old.footprint if footprint_bytes is None else
+            Measured(float(footprint_bytes), at_ms, self.replica_id),
+            old.load if load_s is None else Measured(float(load_s), at_ms, self.replica_id))
+        table[model] = (new, self._now() + ttl_s)
+        return at_ms
+
+    async def learned(self, host: str) -> dict[str, Learned]:
+        now_s = self._now()
+        return {m: rec for m, (rec, exp) in self._f.learned.get(host, {}).items() if exp > now_s}
 
     async def ping(self) -> None:
         return None

@@ -7,15 +7,18 @@ Keys live under a prefix (`lmproxy:` by default), one family per fact:
     lock:<host>:<model>      string "token:replica" (SET NX PX), fence: the token counter
     res:<host>               hash  "replica|key" → "bytes:expires_at_ms"
     lease:<host>:<model>     zset  replica → lease expiry
+    unloading:<host>:<model> string replica (PX): the claim of the replica unloading it
     owned:<host>             hash  instance id → model (a long TTL, refreshed on every use)
     leader                   string replica (PX)
     events                   stream, MAXLEN-trimmed
+    learned:<host>           hash  "<model>|footprint" / "<model>|load" → "<at_ms> <value> <replica>"
 
 Every key carries a TTL, so keys of replicas and hosts that are gone disappear and Redis's key
 count stays flat. Any failure to reach Redis raises `StateUnavailable` naming the redacted URL.
 """
 from __future__ import annotations
 
+import asyncio
 import functools
 import urllib.parse
 from typing import Any, Awaitable, Callable, Iterable, TypeVar
@@ -29,7 +32,8 @@ from redis.exceptions import ConnectionError, ResponseError, TimeoutError
 from ..urls import redact_url
 from ..errors import StateUnavailable
 from . import lua
-from .base import HostRecord, LeaseKey, LoadLock, Reserved, StoredEvent, parse_event_id
+from .base import (HostRecord, LeaseKey, Learned, LoadLock, Measured, Reserved, StoredEvent,
+                   parse_event_id)
 
 PREFIX = "lmproxy:"
 EVENTS_MAXLEN = 10_000
@@ -37,6 +41,7 @@ MAX_CONNECTIONS = 8              # per replica; the hot path does not use Redis
 EVENTS_TTL_S = 86_400.0          # the stream outlives a fleet that went quiet for a day
 OWNED_TTL_S = 7 * 86_400.0       # ownership survives replica restarts, not a host gone a week
 FENCE_TTL_S = 86_400.0           # the counter re-seeds from the clock, so expiry is safe
+LEARNED_KINDS = ("footprint", "load")   # hash field suffixes: Learned's fields
 
 T = TypeVar("T")
 
@@ -54,11 +59,17 @@ def _guarded(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]
     @functools.wraps(method)
     async def call(self: "RedisState", *args: Any, **kwargs: Any) -> T:
         try:
-            return await method(self, *args, **kwargs)
+            result = await method(self, *args, **kwargs)
         except (ConnectionError, TimeoutError, ResponseError, OSError) as e:
             raise StateUnavailable(f"shared state unavailable: Redis at {self.url_shown} "
                                    f"failed ({type(e).__name__}: {e})",
                                    retry_after_s=1.0) from e
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            # redis-py finishes a blocking read (XREAD BLOCK) that a cancel interrupted and
+            # returns its reply: the cancel is still this task's (else a loop reads on).
+            raise asyncio.CancelledError()
+        return result
     return call
 
 
@@ -85,7 +96,8 @@ class RedisState:
         self.client = aioredis.Redis(connection_pool=self.pool)
         self._s = {name: self.client.register_script(getattr(lua, name)) for name in (
             "TOUCH", "LIVE", "PUT_HOST", "ACQUIRE_LOCK", "RENEW_LOCK", "RELEASE_LOCK",
-            "RESERVE", "RESERVED", "RENEW_LEASES", "LEASED_BY", "ADD_OWNED", "CAMPAIGN")}
+            "RESERVE", "RESERVED", "RENEW_LEASES", "LEASED_BY", "ADD_OWNED", "CAMPAIGN",
+            "TAKE_LEASE", "CLAIM_UNLOAD", "PUT_LEARNED")}
         self._k_replicas = prefix + "replicas"
         self._k_hosts = prefix + "hosts"
         self._k_fence = prefix + "fence"
@@ -197,6 +209,24 @@ class RedisState:
         return set(await self._s["LEASED_BY"](keys=[self._key("lease", host, model),
                                                     self._k_replicas]))
 
+    @_guarded
+    async def take_lease(self, host: str, model: str, ttl_s: float) -> bool:
+        return bool(await self._s["TAKE_LEASE"](
+            keys=[self._key("lease", host, model), self._key("unloading", host, model)],
+            args=[self.replica_id, _ms(ttl_s)]))
+
+    @_guarded
+    async def claim_unload(self, host: str, model: str, ttl_s: float) -> set[str]:
+        return set(await self._s["CLAIM_UNLOAD"](
+            keys=[self._key("lease", host, model), self._k_replicas,
+                  self._key("unloading", host, model)],
+            args=[self.replica_id, _ms(ttl_s)]))
+
+    @_guarded
+    async def release_unload(self, host: str, model: str) -> None:
+        await self._s["RELEASE_LOCK"](keys=[self._key("unloading", host, model)],
+                                      args=[self.replica_id])
+
     # -- ownership --------------------------------------------------------------------------
     @_guarded
     async def add_owned(self, host: str, instance_id: str, model: str,
@@ -260,6 +290,31 @@ class RedisState:
                                               count=count, block=block_ms)
             got = streams[0][1] if streams else []
         return [StoredEvent(i, f["type"], orjson.loads(f["data"])) for i, f in got]
+
+    @_guarded
+    async def last_event_id(self) -> str:
+        newest = await self.client.xrevrange(self._k_events, "+", "-", count=1)
+        return newest[0][0] if newest else "0-0"
+
+    # -- learned facts ----------------------------------------------------------------------
+    @_guarded
+    async def put_learned(self, host: str, model: str, *, footprint_bytes: float | None = None,
+                          load_s: float | None = None, ttl_s: float) -> int:
+        return int(await self._s["PUT_LEARNED"](
+            keys=[self._key("learned", host)],
+            args=[model, self.replica_id, "" if footprint_bytes is None else repr(
+                float(footprint_bytes)), "" if load_s is None else repr(float(load_s)),
+                _ms(ttl_s)]))
+
+    @_guarded
+    async def learned(self, host: str) -> dict[str, Learned]:
+        found: dict[str, dict[str, Measured]] = {}
+        for name, raw in (await self.client.hgetall(self._key("learned", host))).items():
+            model, _, kind = name.rpartition("|")
+            at_ms, value, by = raw.split(" ", 2)
+            if kind in LEARNED_KINDS:
+                found.setdefault(model, {})[kind] = Measured(float(value), int(at_ms), by)
+        return {m: Learned(**d) for m, d in found.items()}
 
     @_guarded
     async def ping(self) -> None:

@@ -1,0 +1,70 @@
+"""Where a replica starts reading the replicas' event stream: at the stream's own newest id, so
+that no replica's clock decides what it misses or replays (observe/relayed.py)."""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import orjson
+import pytest
+import redis.asyncio as aioredis
+
+from proxy.observe.relayed import EventRelay
+from proxy.state import MemoryState
+
+from .redis_server import make_redis_server, redis_server  # noqa: F401
+from .state_contract import Fleet, until
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class Hub:
+    """What EventRelay needs of an EventHub: its publish hooks, and publish (recorded)."""
+
+    def __init__(self) -> None:
+        self.on_publish: list[Callable[[str, dict[str, Any]], None]] = []
+        self.seen: list[tuple[str, dict[str, Any]]] = []
+
+    def publish(self, event_type: str, data: dict[str, Any]) -> None:
+        self.seen.append((event_type, data))
+        for hook in self.on_publish:
+            hook(event_type, data)
+
+
+async def relayed_after_start(a, b) -> list[dict]:  # noqa: ANN001 - StateStores
+    """B's relay starts after A appended 'before'; A then appends 'after': what B shows."""
+    hub = Hub()
+    relay = EventRelay(hub, b)
+    await relay.start()
+    try:
+        await a.append_event("load", {"model": "after", "replica": "a"})
+
+        async def arrived() -> bool:
+            return any(d["model"] == "after" for _, d in hub.seen)
+        await until(arrived)
+        return [d for _, d in hub.seen]
+    finally:
+        await relay.close()
+
+
+async def test_a_starting_replica_reads_from_the_streams_last_id():
+    a = MemoryState("a")          # its ids ("0-n") have nothing to do with any clock
+    await a.append_event("load", {"model": "before", "replica": "a"})
+    seen = await relayed_after_start(a, a.view("b"))
+    assert [d["model"] for d in seen] == ["after"]
+
+
+async def test_a_redis_clock_ahead_of_the_replicas_replays_nothing(redis_server):
+    fleet = Fleet("redis", redis_server.url)
+    a, b = fleet.replica("a"), fleet.replica("b")
+    raw = aioredis.from_url(redis_server.url, decode_responses=True)
+    try:
+        # An event stamped by a Redis whose clock runs an hour ahead of this machine's.
+        ahead_ms = int(time.time() * 1000) + 3_600_000
+        await raw.xadd(fleet.prefix + "events", {"type": "load", "data": orjson.dumps(
+            {"model": "before", "replica": "a"})}, id=f"{ahead_ms}-0")
+        seen = await relayed_after_start(a, b)
+        assert [d["model"] for d in seen] == ["after"]
+    finally:
+        await raw.aclose()
+        await fleet.close()
