@@ -89,6 +89,7 @@ class RunResult:
     wasted_preload_gb: float = 0.0
     delay_total_s: float | None = None   # over the evaluated requests
     delayed_by_model: dict[str, int] | None = None   # delayed requests per model
+    delay_p99_all_s: float | None = None  # p99 over every evaluated request, not only delayed
 
 
 @dataclass(frozen=True)
@@ -214,7 +215,8 @@ async def _replay(loop: VirtualTimeLoop, workload: Workload, budget_gb: float, v
         failures_by_code=failures, peak_resident_gb=round(backend.peak_resident_gb, 1),
         prediction=v.prediction, preloads=pre.preloads, useful_preloads=pre.useful,
         wasted_preloads=pre.wasted, wasted_preload_gb=round(pre.wasted_bytes / GB, 1),
-        delay_total_s=round(sum(delayed), 1), delayed_by_model=delayed_by_model)
+        delay_total_s=round(sum(delayed), 1), delayed_by_model=delayed_by_model,
+        delay_p99_all_s=_r(quantile(sorted(delays), 0.99)))
 
 
 ORACLE_LEAD_S = 1.0   # an oracle preload is due this long before its load must be done

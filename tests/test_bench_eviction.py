@@ -42,12 +42,15 @@ def test_the_oracle_preloads_exactly_the_models_requested_next(tmp_path):
                  "--jobs", "1", "--json", str(out)]) == 0
     runs = {(r["policy"], r["prediction"]): r for r in json.loads(out.read_text())["runs"]}
     assert runs[("lru", "off")]["delayed_requests"] == 3    # the three first requests
+    # p99 over all six requests is the worst of the three loads' waits (3 s each).
+    assert runs[("lru", "off")]["delay_p99_all_s"] == runs[("lru", "off")]["delay_p99_s"] == 3.0
     for policy in ("cost-aware", "offline-belady"):
         oracle = runs[(policy, "oracle")]
         # a, b and c were each loaded once, before their first request; `never` never was.
         assert (oracle["preloads"], oracle["useful_preloads"], oracle["wasted_preloads"]) == \
             (3, 3, 0), policy
         assert oracle["cold_loads"] == 3 and oracle["delayed_requests"] == 0, policy
+        assert oracle["delay_p99_all_s"] == 0.0 and oracle["delay_p99_s"] is None, policy
         assert runs[(policy, "off")]["delayed_requests"] == 3, policy
     assert runs[("lru", "off")]["prediction"] == "off"     # lru is the plain baseline
 
