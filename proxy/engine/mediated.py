@@ -8,7 +8,8 @@ from ..errors import ModelLoadFailed
 
 if TYPE_CHECKING:
     from .loader import Loader
-    from .scheduler import Pending, Scheduler
+    from .queue import Pending
+    from .scheduler import Scheduler
 
 
 class MediatedLoad:
