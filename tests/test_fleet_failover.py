@@ -147,3 +147,27 @@ async def test_a_request_with_no_host_left_fails_fast_naming_the_hosts(doomed, m
             "model": MID, "messages": [{"role": "user", "content": "x"}]}) as r:
         body = await r.json()
     assert r.status == 502 and "'only'" in body["error"]["message"]
+
+
+async def test_a_cold_model_placed_on_a_dead_host_loads_on_another(doomed, make_emulator,
+                                                                   make_proxy, http):
+    """The placer chose the dead host (the model's preferred one, not known dead yet): its
+    load cannot reach it, so the request is placed once more, elsewhere, and is served."""
+    spare = await make_emulator(catalog=[CatalogModel(key=MID, size_bytes=5 * GB,
+                                                      memory_bytes=5 * GB, load_time_s=0.0)])
+    proxy = await make_proxy("", config=load_config({
+        "upstreams": [{"name": "doomed", "url": doomed.url, "budget_gb": 20},
+                      {"name": "spare", "url": spare.url, "budget_gb": 20}],
+        "models": {MID: {"host": "doomed"}},
+        "memory": {"min_free_memory_gb": 0, "max_memory_usage_percent": 100},
+        "storage": {"enabled": False}}))
+    doomed.kill()
+    for stream in (False, True):
+        async with http.post(f"{proxy.url}/v1/chat/completions", json={
+                "model": MID, "max_tokens": 2, "stream": stream,
+                "messages": [{"role": "user", "content": "x"}]}) as r:
+            body = await asyncio.wait_for(r.read(), 10)
+            assert r.status == 200 and r.headers["X-Proxy-Host"] == "spare", body
+        if not stream:
+            assert proxy.engine.by_name["doomed"].suspect
+    assert spare.state.load_calls[MID] == 1

@@ -141,7 +141,16 @@ class Fleet(FleetViews):
             if turn is not None:
                 starts = p is not None and p.rule in ("free", "evict", "replicate", "queue")
                 self.turns.hand_over(turn, p.host if starts else None, key)   # type: ignore[union-attr]
-        return await self._on(self._count(p, key, listed, avoid), key)
+        host = self._count(p, key, listed, avoid)
+        try:
+            return await self._on(host, key)
+        except UpstreamUnreachable:
+            if avoid is not None:
+                raise           # this request has been placed once elsewhere already
+            # Its load could not reach the host, which nothing had shown down yet: the
+            # request is placed once more, on another host.
+            self.host_failed(host.name)
+            return await self._acquire_cold(name, host.name)
 
     def _listed(self, key: str, avoid: str | None) -> list[tuple[Host, ModelEntry]]:
         return [(h, e) for h in self.hosts if h.name != avoid
