@@ -496,3 +496,25 @@ async def test_a_host_that_broke_off_after_its_response_head_is_not_retried(flee
     assert status == 502 and body["error"]["code"] == "upstream_error"
     assert emus["b"].state.load_calls[SMALL] == 0
     assert not proxy.engine.by_name["a"].suspect
+
+
+async def test_a_models_use_on_every_host_adds_up_in_stats_and_models(fleet, http):
+    proxy, emus = await fleet({"a": 20, "b": 20})
+    served = {"a": 0, "b": 0}
+    for host in ("a", "b"):
+        await proxy.engine.load(MID, host=host)
+        for _ in range(3 if host == "a" else 2):
+            status, _, headers = await chat(http, proxy, MID)
+            served[headers["X-Proxy-Host"]] += 1
+        await proxy.engine.unload(MID, host=host)
+    assert served == {"a": 3, "b": 2}
+    async with http.get(f"{proxy.url}/proxy/stats") as r:
+        stats = await r.json()
+    row = stats["models"][MID]
+    assert row["requests"] == 5 and row["completion_tokens"] > 0
+    assert stats["top_models_by_usage"][0]["model"] == MID
+    assert stats["top_models_by_usage"][0]["requests"] == 5
+    async with http.get(f"{proxy.url}/proxy/models") as r:
+        rows = {x["model"]: x for x in (await r.json())["data"]}
+    assert rows[MID]["requests"] == 5
+    assert proxy.engine.usage(MID).latency.count == 5

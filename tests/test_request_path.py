@@ -82,3 +82,27 @@ async def test_a_drain_wait_that_is_cancelled_leaves_no_waiter_behind():
     assert entry.drained.waiters == []
     lease.release()
     assert entry.drained.is_set()
+
+
+def test_usage_on_several_hosts_merges_into_what_one_host_would_have_counted():
+    from proxy.engine.usage import merged
+    records = [_record(at_s=60.0 * m + 1, latency_s=0.01 * (m + 1), ok=m != 2, completion_tokens=m,
+                   ttft_s=0.005, task="code" if m % 2 else None) for m in range(6)]
+    records.append(_record(at_s=60.0 * (WINDOW_MINUTES + 1), latency_s=2.0))   # a reused slot
+    one, a, b = ModelUsage(), ModelUsage(), ModelUsage()
+    for i, r in enumerate(records):
+        one.record(r)
+        (a if i % 2 else b).record(r)
+    both = merged([a, b])
+    for f in ("requests", "failures", "prompt_tokens", "completion_tokens", "generation_s",
+              "last_used_at_s"):
+        assert getattr(both, f) == pytest.approx(getattr(one, f)), f
+    assert both.tasks.keys() == one.tasks.keys() == {"code"}
+    assert both.tasks["code"] == pytest.approx(one.tasks["code"])
+    for h in ("latency", "ttft"):
+        assert getattr(both, h).counts == getattr(one, h).counts
+        assert getattr(both, h).total == pytest.approx(getattr(one, h).total)
+    for ring in ("per_minute", "failures_per_minute"):
+        assert getattr(both, ring).minutes == getattr(one, ring).minutes
+        assert getattr(both, ring).slots == getattr(one, ring).slots
+    assert merged([]).requests == 0

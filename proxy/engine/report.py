@@ -16,6 +16,7 @@ from .recommend import Context, ModelFacts, recommend
 if TYPE_CHECKING:
     from .core import EngineCore
     from .face import Engine
+    from .usage import ModelUsage
 
 S = ModelStatus
 
@@ -44,6 +45,17 @@ def model_row(core: "EngineCore", key: str, now_s: float) -> dict[str, Any]:
         **core.accounting.usage_of(key).summary(now_s)}
 
 
+def top_by_usage(usage: Mapping[str, "ModelUsage"], now_s: float, n: int = 5
+                 ) -> list[dict[str, Any]]:
+    """The n models most asked for in the last hour (then by all their requests)."""
+    top = sorted((k for k, u in usage.items() if u.requests),
+                 key=lambda k: (-usage[k].rate_per_h(now_s), -usage[k].requests))[:n]
+    return [{"model": k, "frequency": usage[k].rate_per_h(now_s),
+             "requests": usage[k].requests, "success_rate": round(usage[k].success_rate, 4),
+             "avg_latency_ms": None if usage[k].latency.mean is None
+             else round(usage[k].latency.mean * 1000, 2)} for k in top]
+
+
 def memory_stats(core: "EngineCore") -> dict[str, Any]:
     """The original design's get_memory_stats() shape, plus per-model rows."""
     now = core.clock.now()
@@ -51,9 +63,6 @@ def memory_stats(core: "EngineCore") -> dict[str, Any]:
     counts = {st.value: 0 for st in ModelStatus}
     for e in core.registry:
         counts[e.status.value] += 1
-    usage = core.accounting.usage_of
-    top = sorted((k for k in core.registry.keys() if usage(k).requests),
-                 key=lambda k: (-usage(k).rate_per_h(now), -usage(k).requests))[:5]
     return {
         "system_memory": None if s is None else {
             "total_gb": round(s.total_bytes / GB, 2),
@@ -73,11 +82,8 @@ def memory_stats(core: "EngineCore") -> dict[str, Any]:
         "persistence": None if core.store is None else {
             "ok": core.store.ok, "path": str(core.store.path), "error": core.store.error},
         "preload": core.preloader.summary(),
-        "top_models_by_usage": [
-            {"model": k, "frequency": usage(k).rate_per_h(now), "requests": usage(k).requests,
-             "success_rate": round(usage(k).success_rate, 4),
-             "avg_latency_ms": None if usage(k).latency.mean is None
-             else round(usage(k).latency.mean * 1000, 2)} for k in top],
+        "top_models_by_usage": top_by_usage(
+            {k: core.accounting.usage_of(k) for k in core.registry.keys()}, now),
         "models": {k: model_row(core, k, now) for k in core.registry.keys()},
     }
 

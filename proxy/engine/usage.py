@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 _BUCKET_RATIO = 1.1
 # 0.1 ms … ~1 h in ~170 buckets.
 BOUNDS_S = tuple(1e-4 * _BUCKET_RATIO ** i for i in range(int(math.log(3.6e7, _BUCKET_RATIO)) + 2))
-WINDOW_MINUTES = 120
-MAX_TASKS = 32       # task names kept per model: a client cannot grow this without bound  # two hours: the latest hour is compared with the one before for the trend
+WINDOW_MINUTES = 120   # two hours: the latest hour is compared with the one before for the trend
+MAX_TASKS = 32         # task names kept per model: a client cannot grow this without bound
 
 
 @dataclass(slots=True)
@@ -218,3 +218,35 @@ def restore(data: dict) -> ModelUsage:
         if len(counts) == len(h.counts):   # bucket layout unchanged since it was written
             h.counts, h.count, h.total = list(counts), saved["count"], saved["total"]
     return u
+
+
+def merged(usages: list[ModelUsage]) -> ModelUsage:
+    """One model's usage on several hosts as one: counts, token totals, histograms, minutes
+    and tasks added (each is a sum of events, so the sum is exact), the latest use kept."""
+    out = ModelUsage()
+    for u in usages:
+        for f in SNAPSHOT_FIELDS:
+            setattr(out, f, getattr(out, f) + getattr(u, f))
+        if u.last_used_at_s is not None and (out.last_used_at_s is None or
+                                             u.last_used_at_s > out.last_used_at_s):
+            out.last_used_at_s = u.last_used_at_s
+        for name in ("latency", "ttft"):
+            into, h = getattr(out, name), getattr(u, name)
+            into.counts = [a + b for a, b in zip(into.counts, h.counts)]
+            into.count += h.count
+            into.total += h.total
+        for name in ("per_minute", "failures_per_minute"):
+            into_ring, ring = getattr(out, name), getattr(u, name)
+            for i, minute in enumerate(ring.minutes):
+                if minute < 0:
+                    continue
+                if into_ring.minutes[i] < minute:       # a later minute replaces an older one
+                    into_ring.minutes[i], into_ring.slots[i] = minute, 0
+                if into_ring.minutes[i] == minute:
+                    into_ring.slots[i] += ring.slots[i]
+        for task, (n, failed, latency_s) in u.tasks.items():
+            t = out.tasks.setdefault(task, [0, 0, 0.0])
+            t[0] += n
+            t[1] += failed
+            t[2] += latency_s
+    return out

@@ -7,7 +7,7 @@ from typing import Any, Iterable
 
 from ..engine.lifecycle import Lease, ModelEntry
 from ..engine.memory import MemoryPressure, MemorySample
-from ..engine.usage import ModelUsage
+from ..engine.usage import ModelUsage, merged
 from ..upstream.base import ApiLevel, Capabilities
 from .hosts import Host
 
@@ -102,8 +102,9 @@ class FleetViews:
         return self.hosts[0].core
 
     def usage(self, key: str) -> ModelUsage:
-        """The host that served the model most: one host's figures, never a false mix."""
-        return max((h.core.usage(key) for h in self.hosts), key=lambda u: u.requests)
+        """The model's usage on every host, added up (each figure is a sum of events)."""
+        return merged([h.core.usage(key) for h in self.hosts
+                       if key in h.core.registry.entries])
 
     def footprint_bytes(self, e: ModelEntry) -> float:
         return self._core_of(e).footprint_bytes(e)
@@ -115,10 +116,12 @@ class FleetViews:
         return [lease for h in self.hosts for lease in h.core.active_leases()]
 
     def row(self, key: str) -> dict[str, Any]:
-        """The model's row where it is loaded (else where it is listed first), and where it
-        lives: `host` (the row's), `hosts` (its state on every host that lists it)."""
+        """The model's row where it is loaded (else where it is listed first), its use added
+        up over every host, and where it lives: `host` (the row's), `hosts` (its state on
+        every host that lists it)."""
         hosts = self.where(key)
         row = hosts[0].core.row(key)
+        row.update(self.usage(key).summary(hosts[0].core.clock.now()))   # every host's use
         row["host"] = hosts[0].name
         row["hosts"] = {h.name: h.core.registry.entries[key].status.value for h in hosts}
         return row

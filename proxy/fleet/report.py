@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..urls import redact_url
 from ..engine.memory import GB
-from ..engine.report import upstream_state
+from ..engine.report import top_by_usage, upstream_state
 
 if TYPE_CHECKING:
     from .fleet import Fleet
@@ -53,6 +53,8 @@ def fleet_report(fleet: "Fleet") -> dict[str, Any]:
         "loaded_models": fleet.loaded_models(),
         "queue_length": fleet.queue_length,
         "models": {k: fleet.row(k) for k in fleet.known_models()},
+        "top_models_by_usage": top_by_usage(
+            {k: fleet.usage(k) for k in fleet.known_models()}, fleet.hosts[0].core.clock.now()),
         "hosts": {h.name: host_summary(h) for h in fleet.hosts},
         "placements": dict(fleet.placements),
     }
