@@ -518,3 +518,16 @@ async def test_a_models_use_on_every_host_adds_up_in_stats_and_models(fleet, htt
         rows = {x["model"]: x for x in (await r.json())["data"]}
     assert rows[MID]["requests"] == 5
     assert proxy.engine.usage(MID).latency.count == 5
+
+
+async def test_the_engines_log_lines_name_the_host_they_work_for(fleet, http, caplog):
+    import logging
+    caplog.set_level(logging.INFO, logger="proxy")
+    proxy, emus = await fleet({"a": 20, "b": 20})
+    await proxy.engine.load(SMALL, host="b")            # an admin load on one host
+    status, _, headers = await chat(http, proxy, MID)   # a load the placer starts
+    placed = headers["X-Proxy-Host"]
+    engine_lines = [r.getMessage() for r in caplog.records if r.name == "proxy.engine"]
+    assert any(m.startswith(f"host b: loaded {SMALL}") for m in engine_lines), engine_lines
+    assert any(m.startswith(f"host {placed}: loaded {MID}") for m in engine_lines)
+    assert all(m.startswith(("host a: ", "host b: ")) for m in engine_lines), engine_lines

@@ -23,9 +23,11 @@ import asyncio
 import logging
 import random
 from collections import Counter
-from typing import Any, Awaitable
+from typing import Any, Awaitable, Callable
 
 from ..config import Config
+from ..engine import hostlog
+from ..engine.hostlog import working_for
 from ..engine.lifecycle import Lease, ModelEntry, ModelStatus
 from ..engine.shared import Replica
 from ..engine.usage import RequestRecord
@@ -200,7 +202,8 @@ class Fleet(FleetViews):
 
     async def _on(self, h: Host, key: str) -> Lease:
         try:
-            return await h.core.acquire(key)
+            with working_for(h.name):      # the loads it starts there log the host
+                return await h.core.acquire(key)
         except ProxyError as exc:
             exc.message = f"{exc.message} (host '{h.name}')"
             raise
@@ -234,7 +237,8 @@ class Fleet(FleetViews):
             return
         h.suspect = True
         log.warning("host %s is not answering; its requests go to other hosts", name)
-        self._recovering[name] = asyncio.ensure_future(self._recover(h))
+        with working_for(name):
+            self._recovering[name] = asyncio.ensure_future(self._recover(h))
 
     async def _recover(self, h: Host) -> None:
         try:
@@ -320,7 +324,8 @@ class Fleet(FleetViews):
         key = await self.resolve(name)
         if h.entry(key) is None:
             raise ModelNotFound(f"Host '{h.name}' does not list '{key}'", param="model")
-        return await h.core.load(key, priority)
+        with working_for(h.name):
+            return await h.core.load(key, priority)
 
     async def unload(self, name: str, *, reason: str = "manual",
                      drain_timeout_s: float | None = None, host: str | None = None) -> bool:
@@ -329,8 +334,9 @@ class Fleet(FleetViews):
         for h in self._targets(host):
             e = h.core.registry.entries.get(key)
             if e is not None and e.status in (S.LOADED, S.LOADING, S.UNLOADING):
-                done = await h.core.unload(key, reason=reason,
-                                           drain_timeout_s=drain_timeout_s) or done
+                with working_for(h.name):
+                    done = await h.core.unload(key, reason=reason,
+                                               drain_timeout_s=drain_timeout_s) or done
         return done
 
     async def clear(self, *, host: str | None = None) -> list[str]:
@@ -361,11 +367,12 @@ class Fleet(FleetViews):
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
-        await asyncio.gather(*(h.core.start() for h in self.hosts))
+        hostlog.install()
+        await asyncio.gather(*(_for(h, h.core.start) for h in self.hosts))
 
     async def start_monitoring(self) -> None:
         for h in self.hosts:
-            await h.core.start_monitoring()
+            await _for(h, h.core.start_monitoring)   # its loops log the host
 
     async def cleanup(self) -> None:
         for task in self._recovering.values():
@@ -378,6 +385,12 @@ class Fleet(FleetViews):
     def add_listener(self, listener: Any) -> None:
         for h in self.hosts:
             h.core.add_listener(HostTagged(listener, h.name))
+
+
+async def _for(h: Host, step: Callable[[], Awaitable[None]]) -> None:
+    """One host's engine doing `step`, and every task it starts, named in the log lines."""
+    with working_for(h.name):
+        await step()
 
 
 class _StateIndex:
