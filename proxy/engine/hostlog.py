@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from contextvars import ContextVar
-from typing import Iterator
+from typing import Awaitable, Callable, Iterator
 
 HOST: ContextVar[str | None] = ContextVar("proxy_engine_host", default=None)
 LOGGERS = ("proxy.engine", "proxy.memory", "proxy.shared")
@@ -38,3 +38,9 @@ def working_for(host: str) -> Iterator[None]:
         yield
     finally:
         HOST.reset(token)
+
+
+async def run_for(host: str, step: Callable[[], Awaitable[None]]) -> None:
+    """`step` of one host's engine, and every task it starts, named in the log lines."""
+    with working_for(host):
+        await step()

@@ -23,7 +23,7 @@ import asyncio
 import logging
 import random
 from collections import Counter
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable
 
 from ..config import Config
 from ..engine import hostlog
@@ -368,11 +368,11 @@ class Fleet(FleetViews):
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
         hostlog.install()
-        await asyncio.gather(*(_for(h, h.core.start) for h in self.hosts))
+        await asyncio.gather(*(hostlog.run_for(h.name, h.core.start) for h in self.hosts))
 
     async def start_monitoring(self) -> None:
         for h in self.hosts:
-            await _for(h, h.core.start_monitoring)   # its loops log the host
+            await hostlog.run_for(h.name, h.core.start_monitoring)   # its loops log the host
 
     async def cleanup(self) -> None:
         for task in self._recovering.values():
@@ -385,12 +385,6 @@ class Fleet(FleetViews):
     def add_listener(self, listener: Any) -> None:
         for h in self.hosts:
             h.core.add_listener(HostTagged(listener, h.name))
-
-
-async def _for(h: Host, step: Callable[[], Awaitable[None]]) -> None:
-    """One host's engine doing `step`, and every task it starts, named in the log lines."""
-    with working_for(h.name):
-        await step()
 
 
 class _StateIndex:
