@@ -327,7 +327,8 @@ class EngineCore(CoreViews):
             self.registry.priority_override[key] = priority
         if not self.manages_loading:
             level = self.api_level.value if self.api_level else "unknown"
-            raise ModelUnavailable(f"the upstream ({level}) cannot load models on request")
+            raise ModelUnavailable(f"the upstream ({level}) cannot load models on request",
+                                   final=True)
         lease = await self.acquire(key)
         lease.release()
         return True

@@ -122,4 +122,4 @@ class Refusals:
             f"{max(0.0, headroom) / GB:.1f} GB may be used now, and no model is evicted for it "
             f"again until its footprint is revised: set models.{e.key}.footprint_gb to its "
             f"real need (then it is loaded like any other model, evicting what it must), or "
-            f"free memory so that more than {floor / GB:.1f} GB are available.")
+            f"free memory so that more than {floor / GB:.1f} GB are available.", final=True)
