@@ -48,6 +48,7 @@ async def test_model_too_large_is_one_request_for_the_sdk(make_emulator, make_pr
         assert sent == ["/v1/chat/completions"]
         assert refused.value.status_code == 503 and refused.value.code == "model_too_large"
         assert refused.value.response.headers["x-should-retry"] == "false"
+        assert "or memory.budget_gb," in refused.value.message      # one server's key
         assert (await chat(client, SMALL)).model == SMALL     # the same client goes on
 
 
