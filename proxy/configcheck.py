@@ -99,7 +99,7 @@ def _host_checks(config: Config, problems: list[str]) -> None:
         if h.models is not None and not h.models:
             problems.append(f"{path}.models: empty list allows no model; omit it to allow all")
     if not config.upstreams:
-        _one_server_host_checks(config, problems)
+        problems += one_server_host_problems(config)
         return
     hosts = {h.name: h for h in config.upstreams}
     if config.placement.native_host is not None and config.placement.native_host not in names:
@@ -111,8 +111,9 @@ def _host_checks(config: Config, problems: list[str]) -> None:
     _task_host_checks(config, hosts, problems)
 
 
-def _one_server_host_checks(config: Config, problems: list[str]) -> None:
+def one_server_host_problems(config: Config) -> list[str]:
     """A host named where there are no hosts: one server (`upstream:`) has no name to give."""
+    problems: list[str] = []
     why = "names a host, but there is no upstreams: list (one server, upstream:, has no " \
           "host name): remove it, or list the servers under upstreams:"
     if config.placement.native_host is not None:
@@ -124,6 +125,7 @@ def _one_server_host_checks(config: Config, problems: list[str]) -> None:
         for i, m in enumerate(entries):
             if isinstance(m, TaskModel) and m.host is not None:
                 problems.append(f"tasks.{task}[{i}].host: '{m.host}' {why}")
+    return problems
 
 
 def _may_hold(hosts: dict[str, HostConfig], host: str, key: str, named: str, path: str,
