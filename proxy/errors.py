@@ -14,7 +14,7 @@
     ├── RouteNotFound               (404)
     ├── ModelNotFound               (404 model_not_found)
     ├── InsufficientMemory          (503 insufficient_memory, Retry-After)
-    │   └── ModelTooLarge           (503 model_too_large: can never fit; x-should-retry: false)
+    │   └── ModelTooLarge           (503 model_too_large: can never fit; final)
     ├── GroupBusy                   (503 group_busy: a member of its exclusive group stays)
     ├── ModelLoadFailed             (503 model_load_failed)
     │   └── UpstreamBusy            (503 upstream_busy: the server's own queue is full)
