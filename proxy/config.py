@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections.abc
 import dataclasses
+import fnmatch
 import functools
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,6 +96,10 @@ class HostConfig(UpstreamConfig):
     labels: Mapping[str, str] = field(default_factory=dict)
     # Patterns (fnmatch, e.g. "qwen/*") of the models it may hold; None: whatever it lists.
     models: tuple[str, ...] | None = None
+
+    def allows(self, key: str) -> bool:
+        """May it hold the model (a model key, not an alias): its patterns decide."""
+        return self.models is None or any(fnmatch.fnmatchcase(key, p) for p in self.models)
 
 
 @dataclass(frozen=True)
@@ -330,9 +335,11 @@ class Config:
 
     @functools.cached_property
     def task_hosts(self) -> Mapping[str, str]:
-        """Model key → the host a `tasks:` entry names for it."""
-        return {m.model: m.host for models in self.tasks.values() for m in models
-                if isinstance(m, TaskModel) and m.host is not None}
+        """Model key → the host a `tasks:` entry names for it (an entry may name the model
+        by an alias: the fleet asks by key)."""
+        aliases = self.alias_map()
+        return {aliases.get(m.model, m.model): m.host for models in self.tasks.values()
+                for m in models if isinstance(m, TaskModel) and m.host is not None}
 
     def preferred_host(self, key: str) -> str | None:
         """The host a fleet prefers for the model: models.<key>.host, else its tasks' host."""

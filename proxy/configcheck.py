@@ -4,10 +4,9 @@ groups and load options, footprints against the memory there is. Each problem is
 naming its path; `config_warnings` lists what is valid but can never be useful."""
 from __future__ import annotations
 
-import fnmatch
 from urllib.parse import urlsplit
 
-from .config import AuthConfig, Config, StateConfig, TaskModel
+from .config import AuthConfig, Config, HostConfig, StateConfig, TaskModel, UpstreamConfig
 from .urls import is_local_url, redact_url, url_has_credentials
 from .groupcheck import group_problems
 from .loadoptions import load_option_problems, load_option_warnings
@@ -54,6 +53,7 @@ def cross_checks(config: Config, problems: list[str]) -> None:
 
 def _host_checks(config: Config, problems: list[str]) -> None:
     names: set[str] = set()
+    urls: dict[tuple[str, str, int | None, str], int] = {}
     for i, h in enumerate(config.upstreams):
         path = f"upstreams[{i}]"
         if not h.name:
@@ -67,12 +67,21 @@ def _host_checks(config: Config, problems: list[str]) -> None:
         try:
             parts = urlsplit(h.url)
             well_formed = parts.scheme in ("http", "https") and bool(parts.hostname)
-            parts.port   # noqa: B018 - raises for a port out of range
-        except ValueError:
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+        except ValueError:   # a port out of range
             well_formed = False
         if not well_formed:
             problems.append(f"{path}.url: '{redact_url(h.url)}' is not an http(s) URL "
                             "with a host")
+        else:
+            # One server listed twice would be loaded and measured as two.
+            where = (parts.scheme, parts.hostname or "", port, parts.path.rstrip("/"))
+            first = urls.setdefault(where, i)
+            if first != i:
+                default = " (the default, for a host that sets no url)" \
+                    if h.url == UpstreamConfig.url else ""
+                problems.append(f"{path}.url: '{redact_url(h.url)}'{default} is "
+                                f"upstreams[{first}]'s too; each host is a server of its own")
         if h.api_token and h.api_token_env:
             problems.append(f"{path}: api_token and api_token_env are exclusive")
         if (h.api_token or h.api_token_env) and url_has_credentials(h.url):
@@ -89,22 +98,58 @@ def _host_checks(config: Config, problems: list[str]) -> None:
                             "(its memory cannot be sampled from here)")
         if h.models is not None and not h.models:
             problems.append(f"{path}.models: empty list allows no model; omit it to allow all")
-    if not names:
-        return   # one server: host names in placement and models have nothing to name
+    if not config.upstreams:
+        problems += one_server_host_problems(config)
+        return
+    hosts = {h.name: h for h in config.upstreams}
     if config.placement.native_host is not None and config.placement.native_host not in names:
         problems.append(f"placement.native_host: '{config.placement.native_host}' is not a "
                         f"host in upstreams ({', '.join(sorted(names)) or 'none'})")
     for key, m in config.models.items():
-        if m.host is not None and m.host not in names:
-            problems.append(f"models.{key}.host: '{m.host}' is not a host in upstreams "
-                            f"({', '.join(sorted(names)) or 'none'})")
-    _task_host_checks(config, names, problems)
+        if m.host is not None:
+            _may_hold(hosts, m.host, key, key, f"models.{key}.host", problems)
+    _task_host_checks(config, hosts, problems)
 
 
-def _task_host_checks(config: Config, names: set[str], problems: list[str]) -> None:
+def one_server_host_problems(config: Config) -> list[str]:
+    """A host named where there are no hosts: one server (`upstream:`) has no name to give."""
+    problems: list[str] = []
+    why = "names a host, but there is no upstreams: list (one server, upstream:, has no " \
+          "host name): remove it, or list the servers under upstreams:"
+    if config.placement.native_host is not None:
+        problems.append(f"placement.native_host: '{config.placement.native_host}' {why}")
+    for key, m in config.models.items():
+        if m.host is not None:
+            problems.append(f"models.{key}.host: '{m.host}' {why}")
+    for task, entries in config.tasks.items():
+        for i, m in enumerate(entries):
+            if isinstance(m, TaskModel) and m.host is not None:
+                problems.append(f"tasks.{task}[{i}].host: '{m.host}' {why}")
+    return problems
+
+
+def _may_hold(hosts: dict[str, HostConfig], host: str, key: str, named: str, path: str,
+              problems: list[str]) -> bool:
+    """The host exists and its `models:` patterns allow the model `key` (named in the config
+    as `named`: the key or one of its aliases); else a problem at `path` (False)."""
+    h = hosts.get(host)
+    if h is None:
+        problems.append(f"{path}: '{host}' is not a host in upstreams "
+                        f"({', '.join(sorted(hosts))})")
+        return False
+    if not h.allows(key):
+        alias = f" (alias '{named}')" if named != key else ""
+        problems.append(f"{path}: host '{host}' may not hold '{key}'{alias} (its models: "
+                        f"{', '.join(h.models or ())})")
+    return True
+
+
+def _task_host_checks(config: Config, hosts: dict[str, HostConfig],
+                      problems: list[str]) -> None:
     """A `tasks:` entry's host exists, may hold its model, and agrees with every other host
-    named for that model (one model has one preferred host)."""
-    patterns = {h.name: h.models for h in config.upstreams}
+    named for that model (one model has one preferred host). An entry may name the model by
+    an alias: what counts is the model key it stands for."""
+    aliases = config.alias_map()
     named: dict[str, tuple[str, str]] = {k: (m.host, f"models.{k}.host")
                                          for k, m in config.models.items() if m.host}
     for task, entries in config.tasks.items():
@@ -112,17 +157,12 @@ def _task_host_checks(config: Config, names: set[str], problems: list[str]) -> N
             if not isinstance(m, TaskModel) or m.host is None:
                 continue
             path = f"tasks.{task}[{i}].host"
-            if m.host not in names:
-                problems.append(f"{path}: '{m.host}' is not a host in upstreams "
-                                f"({', '.join(sorted(names))})")
+            key = aliases.get(m.model, m.model)
+            if not _may_hold(hosts, m.host, key, m.model, path, problems):
                 continue
-            allowed = patterns[m.host]
-            if allowed is not None and not any(fnmatch.fnmatchcase(m.model, p) for p in allowed):
-                problems.append(f"{path}: host '{m.host}' may not hold '{m.model}' (its models: "
-                                f"{', '.join(allowed)})")
-            host, where = named.setdefault(m.model, (m.host, path))
+            host, where = named.setdefault(key, (m.host, path))
             if host != m.host:
-                problems.append(f"{path}: '{m.host}' for '{m.model}', but {where} names "
+                problems.append(f"{path}: '{m.host}' for '{key}', but {where} names "
                                 f"'{host}'; a model has one preferred host")
 
 

@@ -14,7 +14,7 @@
     ├── RouteNotFound               (404)
     ├── ModelNotFound               (404 model_not_found)
     ├── InsufficientMemory          (503 insufficient_memory, Retry-After)
-    │   └── ModelTooLarge           (503 model_too_large: can never fit; no Retry-After)
+    │   └── ModelTooLarge           (503 model_too_large: can never fit; final)
     ├── GroupBusy                   (503 group_busy: a member of its exclusive group stays)
     ├── ModelLoadFailed             (503 model_load_failed)
     │   └── UpstreamBusy            (503 upstream_busy: the server's own queue is full)
@@ -27,6 +27,12 @@
 
 Errors that the upstream itself returns are relayed unchanged; these are only the ones the proxy
 raises. `ConfigError` is separate: it never reaches a client.
+
+A refusal that a retry cannot change is `final`: its response says `x-should-retry: false`, which
+the OpenAI SDKs obey instead of retrying a 408/409/429/5xx (twice, by default). Final:
+model_too_large; insufficient_memory for a model the server already refused at that size;
+group_busy for a member that is pinned or not the proxy's; model_unavailable for a server that
+cannot load models on request.
 """
 from __future__ import annotations
 
@@ -37,22 +43,26 @@ class ProxyError(Exception):
     status = 500
     type = "internal_error"
     code: str | None = "internal_error"
+    final = False    # a retry gets the same answer (see the module's docstring)
 
     def __init__(self, message: str, *, param: str | None = None,
-                 retry_after_s: float | None = None) -> None:
+                 retry_after_s: float | None = None, final: bool | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
         self.retry_after_s = retry_after_s
+        if final is not None:
+            self.final = final
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type,
                           "param": self.param, "code": self.code}}
 
     def headers(self) -> dict[str, str]:
-        if self.retry_after_s is None:
-            return {}
-        return {"Retry-After": str(max(1, round(self.retry_after_s)))}
+        out = {"x-should-retry": "false"} if self.final else {}
+        if self.retry_after_s is not None:
+            out["Retry-After"] = str(max(1, round(self.retry_after_s)))
+        return out
 
 
 class InvalidRequest(ProxyError):
@@ -141,6 +151,7 @@ class InsufficientMemory(ProxyError):
 
 class ModelTooLarge(InsufficientMemory):
     code = "model_too_large"
+    final = True
 
 
 class GroupBusy(ProxyError):

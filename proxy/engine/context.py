@@ -45,6 +45,8 @@ class EngineContext:
         # What this replica shares with the others (engine/shared.py); None: it is alone.
         self.shared: SharedHost | None = None
         self.host_name: str | None = None        # its name in a fleet (None: one server)
+        # ... and its config path there, "upstreams[<i>]": messages name its own keys.
+        self.host_path: str | None = None
         # In a fleet: is the model resident or loading on another host? (Not preloaded here.)
         self.elsewhere: Callable[[str], bool] = lambda key: False
         self.status_epoch = 0                    # bumps on every status change

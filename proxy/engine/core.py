@@ -57,9 +57,11 @@ class EngineCore(CoreViews):
                  sampler: MemorySampler | None = None, clock: Clock | None = None,
                  store: UsageStore | None = None, owns_upstream: bool = False,
                  on_critical: CriticalHandler | None = None,
-                 shared: SharedHost | None = None, host_name: str | None = None) -> None:
+                 shared: SharedHost | None = None, host_name: str | None = None,
+                 host_path: str | None = None) -> None:
         """`config`: the app's live holder, or a plain Config (the engine as a library);
-        `host_name`: the engine is one host's of a fleet (its leases name it)."""
+        `host_name`: the engine is one host's of a fleet (its leases name it), `host_path`
+        that host's entry in the config (`upstreams[<i>]`: its refusals name its keys)."""
         self.live = live = LiveConfig.of(config)
         config = live.current
         self.backend = upstream
@@ -78,7 +80,7 @@ class EngineCore(CoreViews):
                                      self.listeners, reserved_bytes=r.loading_bytes)
         self.ctx = ctx = EngineContext(r, self.monitor, self.accounting, self.listeners,
                                        self.clock, upstream, self.learner)
-        ctx.host_name = host_name
+        ctx.host_name, ctx.host_path = host_name, host_path
         if shared is not None:   # one of several replicas: what they share (engine/shared.py)
             ctx.shared = shared
             shared.leases_of = lambda: [e.key for e in r.entries.values() if e.leases]
@@ -327,7 +329,8 @@ class EngineCore(CoreViews):
             self.registry.priority_override[key] = priority
         if not self.manages_loading:
             level = self.api_level.value if self.api_level else "unknown"
-            raise ModelUnavailable(f"the upstream ({level}) cannot load models on request")
+            raise ModelUnavailable(f"the upstream ({level}) cannot load models on request",
+                                   final=True)
         lease = await self.acquire(key)
         lease.release()
         return True

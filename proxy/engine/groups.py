@@ -191,7 +191,8 @@ class Groups(Part):
         return GroupBusy(
             f"'{clip(e.key, ECHO_MAX_CHARS)}' is in the exclusive group '{g.name}' with "
             f"'{p.key}' ({size:.1f} GB), which is {why}: a member loads only once the others "
-            f"are unloaded, and a generation is never cut.", retry_after_s=retry_after_s)
+            f"are unloaded, and a generation is never cut.", retry_after_s=retry_after_s,
+            final=retry_after_s is None)   # pinned or not the proxy's: it stays
 
 
 def _merged(members: list[Candidate]) -> Candidate:

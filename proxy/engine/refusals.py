@@ -30,8 +30,10 @@ def gb_pair(a_bytes: float, b_bytes: float) -> tuple[str, str]:
 
 class Refusals:
     def __init__(self, registry: Registry, monitor: MemoryMonitor, evictor: Evictor,
-                 clock: Clock) -> None:
+                 clock: Clock, *, host_path: str | None = None) -> None:
         self.registry, self.monitor, self.evictor, self.clock = registry, monitor, evictor, clock
+        # A fleet's host has its budget in its own entry: upstreams[<i>].budget_gb.
+        self.budget_key = f"{host_path}.budget_gb" if host_path else "memory.budget_gb"
 
     def holders(self, wanted: ModelEntry, waited_s: float) -> list[Holder]:
         """Every model holding memory and why it stays, and the memory of other programs."""
@@ -105,7 +107,7 @@ class Refusals:
             f"'{clip(e.key, ECHO_MAX_CHARS)}' needs {need / GB:.1f} GB ({how}), more than the "
             f"{ceiling / GB:.1f} GB any one model may take of {s.total_bytes / GB:.1f} GB "
             f"(set by {limit}). It can never be loaded here: change {limit}"
-            f"{' or memory.budget_gb' if budget else ''}, or set models.{e.key}.footprint_gb "
+            f"{' or ' + self.budget_key if budget else ''}, or set models.{e.key}.footprint_gb "
             f"if the estimate is wrong.")
 
     def known_to_fail(self, e: ModelEntry, headroom: float) -> InsufficientMemory | None:
@@ -122,4 +124,4 @@ class Refusals:
             f"{max(0.0, headroom) / GB:.1f} GB may be used now, and no model is evicted for it "
             f"again until its footprint is revised: set models.{e.key}.footprint_gb to its "
             f"real need (then it is loaded like any other model, evicting what it must), or "
-            f"free memory so that more than {floor / GB:.1f} GB are available.")
+            f"free memory so that more than {floor / GB:.1f} GB are available.", final=True)

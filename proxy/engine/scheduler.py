@@ -51,7 +51,8 @@ class Scheduler(LoadQueue, Part):
         self.loader = loader
         self.preloads = preloads
         self.pending: dict[str, Pending] = {}
-        self.refusals = Refusals(ctx.registry, ctx.monitor, evictor, ctx.clock)
+        self.refusals = Refusals(ctx.registry, ctx.monitor, evictor, ctx.clock,
+                                 host_path=ctx.host_path)
         self.fit = Fitter(ctx)
         self._task: asyncio.Task | None = None
         # After each load attempt of its own (the core reconciles a self-evicting server).

@@ -21,13 +21,14 @@ def create_fleet(live: LiveConfig, *, clock: Clock | None = None,
     """One engine per host of `upstreams:`, each with its backend and history file."""
     config = live.current
     hosts = []
-    for spec in config.upstreams:
+    for i, spec in enumerate(config.upstreams):   # read at start only: the index stays
         narrowed = LiveConfig(host_config(config, spec))
         backend = create_upstream(host_upstream(spec))
         store = None
         if config.storage.enabled:
             store = UsageStore(narrowed.current.storage.path, config.storage.retention_days)
         core = EngineCore(narrowed, backend, clock=clock, store=store, host_name=spec.name,
+                          host_path=f"upstreams[{i}]",
                           shared=replica.host(spec.name) if replica is not None else None)
         hosts.append(Host(spec, core, backend, narrowed))
     return Fleet(live, hosts, rng=rng, replica=replica)

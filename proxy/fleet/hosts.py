@@ -8,7 +8,6 @@ dropped. `host_config()` builds it; every reload rebuilds it for each host.
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import functools
 import os
 from pathlib import Path
@@ -78,12 +77,11 @@ class Host:
             (breaker is None or not breaker.open)
 
     def allows(self, key: str) -> bool:
-        patterns = self.config.models
-        if patterns is None:
+        if self.config.models is None:
             return True
         allowed = self._allowed.get(key)
         if allowed is None:
-            allowed = self._allowed[key] = any(fnmatch.fnmatchcase(key, p) for p in patterns)
+            allowed = self._allowed[key] = self.config.allows(key)
         return allowed
 
     def reconfigure(self, config: HostConfig) -> None:

@@ -7,7 +7,7 @@ import orjson
 from aiohttp import web
 
 from ..engine.face import Engine
-from ..errors import ConfigRejected, InvalidRequest
+from ..errors import ConfigRejected, InvalidRequest, ModelNotFound
 from ..server.intake import check_model_name
 from ..server.keys import AUTH, COMPAT, CONFIG, ENGINE, EVENTS, REPLICA
 from ..server.reload import RELOADER
@@ -46,16 +46,37 @@ def _model_field(request: web.Request, data: dict[str, Any]) -> str:
 
 def _host_field(request: web.Request, data: dict[str, Any]) -> str | None:
     """One host of a fleet, from the body's `host` or the query's (None: the fleet decides,
-    or every host)."""
+    or every host); both, naming different hosts, is a 400 rather than a silent choice."""
     host = data.get("host", request.query.get("host"))
     if host is not None and (not isinstance(host, str) or not host):
         raise InvalidRequest("'host' must be a host's name.", param="host")
+    queried = request.query.get("host")
+    if "host" in data and queried is not None and queried != host:
+        raise InvalidRequest(f"The query names host '{queried[:64]}' and the body host "
+                             f"'{str(host)[:64]}': name one.", param="host")
     return host
 
 
-def _where(engine: Engine, key: str) -> dict[str, Any]:
+def _may_hold(engine: Engine, key: str, host: str | None) -> None:
+    """A host whose `models:` patterns exclude the model: 404, as a load there is."""
+    spec = next((h for h in engine.config.upstreams if h.name == host), None)
+    if spec is not None and not spec.allows(key):
+        raise ModelNotFound(f"Host '{spec.name}' may not hold '{key}' (its models: "
+                            f"{', '.join(spec.models or ())})", param="model")
+
+
+def _where(engine: Engine, key: str, host: str | None) -> dict[str, Any]:
+    """Where the model lives: the host acted on (else the row's) and its state on each."""
     row = engine.row(key)
-    return {"host": row["host"], "hosts": row["hosts"]} if "hosts" in row else {}
+    if "hosts" not in row:
+        return {}
+    return {"host": host or row["host"], "hosts": row["hosts"]}
+
+
+def _state_on(engine: Engine, key: str, host: str | None) -> str | None:
+    if host is not None:
+        return engine.row(key).get("hosts", {}).get(host)
+    return _state(engine, key)
 
 
 async def models(request: web.Request) -> web.Response:
@@ -74,18 +95,21 @@ async def load(request: web.Request) -> web.Response:
                                  or not 1 <= priority <= 10):
         raise InvalidRequest("'priority' must be an integer 1..10.", param="priority")
     engine = request.app[ENGINE]
+    host = _host_field(request, data)
     key = await engine.resolve(model)
-    await engine.load(key, priority, host=_host_field(request, data))
-    return json_response({"model": key, "state": _state(engine, key), **_where(engine, key)})
+    await engine.load(key, priority, host=host)
+    return json_response({"model": key, "state": _state_on(engine, key, host),
+                          **_where(engine, key, host)})
 
 
 async def unload(request: web.Request) -> web.Response:
     data = await _json_object(request)
     engine = request.app[ENGINE]
+    host = _host_field(request, data)
     key = await engine.resolve(_model_field(request, data))
-    unloaded = await engine.unload(key, host=_host_field(request, data))
+    unloaded = await engine.unload(key, host=host)
     return json_response({"model": key, "unloaded": unloaded,
-                          "state": _state(engine, key), **_where(engine, key)})
+                          "state": _state_on(engine, key, host), **_where(engine, key, host)})
 
 
 async def pin(request: web.Request) -> web.Response:
@@ -95,8 +119,10 @@ async def pin(request: web.Request) -> web.Response:
     if not isinstance(pinned, bool):
         raise InvalidRequest("'pinned' must be true or false.", param="pinned")
     engine = request.app[ENGINE]
+    host = _host_field(request, data)
     key = await engine.resolve(_model_field(request, data))
-    engine.pin(key, pinned, host=_host_field(request, data))
+    _may_hold(engine, key, host)
+    engine.pin(key, pinned, host=host)
     request.app[EVENTS].publish("pin", {"model": key, "pinned": pinned})
     return json_response({"model": key, "pinned": engine.pinned(key)})
 

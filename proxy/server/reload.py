@@ -17,6 +17,7 @@ from aiohttp import web
 
 from .auth import exposure_problems
 from ..config import Config, replace_config
+from ..configcheck import one_server_host_problems
 from ..urls import redact_url
 from ..errors import ConfigError
 
@@ -113,8 +114,13 @@ def keep_start_only(running: Config, new: Config) -> Config:
     try:
         merged = replace_config(merged, {})
     except ConfigError as exc:
-        raise ConfigError([f"{p} (with the settings that need a restart as they run)"
-                           for p in exc.problems]) from None
+        # One server still runs while the file lists hosts: the hosts it names for models and
+        # tasks wait, unused, for the restart that starts the fleet.
+        waiting = set(one_server_host_problems(merged)) if new.upstreams else set()
+        kept = [p for p in exc.problems if p not in waiting]
+        if kept:
+            raise ConfigError([f"{p} (with the settings that need a restart as they run)"
+                               for p in kept]) from None
     problems = exposure_problems(merged)[0]
     if problems:
         raise ConfigError([f"{p} (server.host as it runs)" for p in problems])
