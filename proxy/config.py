@@ -12,10 +12,7 @@ import dataclasses
 import fnmatch
 import functools
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Mapping
-
-import yaml
 
 from .errors import ConfigError
 from .schema import build, deep_copy, rule
@@ -399,19 +396,3 @@ def to_raw(value: Any) -> Any:
     if isinstance(value, tuple):
         return [to_raw(v) for v in value]
     return value
-
-
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError([f"{path}: cannot read ({exc.strerror})"]) from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError([f"{path}: not valid YAML ({exc})"]) from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError([f"{path}: top level must be a mapping"])
-    return data
