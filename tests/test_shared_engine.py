@@ -213,6 +213,7 @@ async def test_a_request_meeting_another_replicas_unload_waits_for_it_and_reload
         assert backend.loads == [A] and A in backend.loaded   # learned it was gone: reloaded
         assert await facts.leased_by("default", A) == {"r2"}
         lease.release()
+        assert core.registry.entries[A].leases == 0   # the lease refused meanwhile went back
     finally:
         await core.cleanup()
 
