@@ -259,6 +259,18 @@ async def test_an_eviction_refused_by_another_replicas_lease_claims_nothing():
         await core.cleanup()
 
 
+
+async def test_a_first_lease_refused_to_the_end_of_its_wait_leaves_the_model_unleased_here():
+    facts = MemoryState("facts")
+    other = facts.view("r2")
+    await other.heartbeat(30)
+    assert await other.claim_unload("default", A, 30) == set()   # outlasts the wait below
+    replica = Replica(facts.view("r1"), lease_ttl_s=30, lock_ttl_s=0.1, unavailable_wait_s=1)
+    shared = replica.host("default")
+    assert not await shared.lease_now(A)        # given up after lock_ttl_s and a poll
+    assert not shared.leased(A)                 # so the next request asks again
+    assert await facts.leased_by("default", A) == set()
+
 class HeldClaims(HeldLeases):
     """HeldLeases whose unload claims wait until `go` is set; leases pass at once."""
 
