@@ -80,6 +80,37 @@ async def test_a_model_resident_on_one_host_is_served_there_even_where_others_ha
     assert loads(emus) == {"a": 0, "b": 0, "c": 1}
 
 
+
+async def test_a_models_one_copy_is_not_taken_on_a_host_to_avoid_or_one_that_is_down(fleet):
+    proxy, emus = await fleet({"a": 20, "b": 20})
+    f = proxy.engine
+    await f.load(SMALL, host="a")
+    lease = await f.acquire(SMALL, avoid="a")    # a retry after `a` failed the request
+    assert lease.host == "b"
+    lease.release()
+    await f.unload(SMALL, host="b")
+    await emus["a"].close()
+    await f.by_name["a"].core.reconcile()
+    assert not f.by_name["a"].up and f.by_name["a"].entry(SMALL).status.value == "loaded"
+    lease = await f.acquire(SMALL)
+    assert lease.host == "b"
+    lease.release()
+
+
+async def test_of_two_copies_a_request_goes_to_the_one_with_a_free_slot(fleet):
+    proxy, _ = await fleet({"a": 20, "b": 20})
+    f = proxy.engine
+    for host in ("a", "b"):
+        await f.load(SMALL, host=host)
+    a = f.by_name["a"].core
+    busy = [await a.acquire(SMALL) for _ in range(f.by_name["a"].config.parallel)]
+    for _ in range(5):
+        lease = await f.acquire(SMALL)
+        assert lease.host == "b"
+        lease.release()
+    for lease in busy:
+        lease.release()
+
 async def test_fifty_racing_requests_for_a_cold_model_give_one_load_in_the_fleet(fleet, http):
     proxy, emus = await fleet({"a": 20, "b": 20, "c": 20})
     gates = {n: asyncio.Event() for n in emus}
@@ -330,6 +361,24 @@ def test_check_validates_the_hosts_tasks_name():
     assert c.task_models == {"coding": (SMALL, MID)} and c.preferred_host(MID) == "b"
     assert c.preferred_host(SMALL) is None
 
+
+
+def test_a_models_preferred_host_is_its_own_else_one_its_tasks_name():
+    from proxy.config import ConfigError
+    hosts = [{"name": "a", "url": "http://127.0.0.1:1"},
+             {"name": "b", "url": "http://127.0.0.1:2"}]
+    c = load_config({"upstreams": hosts, "models": {SMALL: {"host": "a"}}, "tasks": {
+        "coding": [{"model": MID, "host": "b"}, {"model": SMALL}], "chat": [{"model": MID}]}})
+    assert (c.preferred_host(SMALL), c.preferred_host(MID)) == ("a", "b")
+    with pytest.raises(ConfigError) as err:     # two tasks, two hosts for one model
+        load_config({"upstreams": hosts, "tasks": {"coding": [{"model": MID, "host": "a"}],
+                                                   "chat": [{"model": MID, "host": "b"}]}})
+    assert err.value.problems == [
+        f"tasks.chat[0].host: 'b' for '{MID}', but tasks.coding[0].host names 'a'; a model "
+        "has one preferred host"]
+    with pytest.raises(ConfigError) as err:     # neither a key nor a {model, host} entry
+        load_config({"tasks": {"coding": [5]}})
+    assert err.value.problems == ["tasks.coding[0]: must be a string (got int 5)"]
 
 def test_a_host_takes_what_it_does_not_set_from_upstream():
     c = load_config({"upstream": {"read_timeout_s": 12, "url": "http://127.0.0.1:9",

@@ -9,6 +9,7 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
+from proxy.errors import StateUnavailable
 from proxy.observe.relayed import EventRelay
 from proxy.state import MemoryState
 
@@ -53,6 +54,46 @@ async def test_a_starting_replica_reads_from_the_streams_last_id():
     seen = await relayed_after_start(a, a.view("b"))
     assert [d["model"] for d in seen] == ["after"]
 
+
+
+class AwayAtFirst:
+    """A StateStore whose first question, the stream's newest id, finds it unreachable."""
+
+    def __init__(self, inner: MemoryState) -> None:
+        self.inner = inner
+        self.asked = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def last_event_id(self) -> str:
+        self.asked += 1
+        if self.asked == 1:
+            raise StateUnavailable("shared state unavailable: Redis at redis://r:6379 failed")
+        return await self.inner.last_event_id()
+
+
+async def test_a_replica_starting_while_the_state_is_away_still_replays_nothing():
+    a = MemoryState("a")
+    await a.append_event("load", {"model": "before", "replica": "a"})
+    b = AwayAtFirst(a.view("b"))
+    hub = Hub()
+    relay = EventRelay(hub, b)
+    await relay.start()
+    try:
+        await until(lambda: _asked_again(b))    # its reader asks once the state answers
+        await a.append_event("load", {"model": "after", "replica": "a"})
+
+        async def arrived() -> bool:
+            return any(d["model"] == "after" for _, d in hub.seen)
+        await until(arrived)
+        assert [d["model"] for _, d in hub.seen] == ["after"]
+    finally:
+        await relay.close()
+
+
+async def _asked_again(store: AwayAtFirst) -> bool:
+    return store.asked >= 2
 
 async def test_a_redis_clock_ahead_of_the_replicas_replays_nothing(redis_server):
     fleet = Fleet("redis", redis_server.url)

@@ -5,11 +5,19 @@ from __future__ import annotations
 import asyncio
 import math
 
+import time
+
 import pytest
 
-from proxy.engine.learning import GAP_BOUNDS_S, ModelPattern, hour_of_week
+from proxy.config import load_config
+from proxy.engine.clock import ManualClock, SystemClock
+from proxy.engine.core import EngineCore
+from proxy.engine.learning import GAP_BOUNDS_S, GapHistogram, ModelPattern, hour_of_week
 from proxy.engine.lifecycle import HOLD, Lease, ModelEntry, ModelStatus
 from proxy.engine.usage import BOUNDS_S, WINDOW_MINUTES, ModelUsage, RequestRecord
+from proxy.upstream.base import Capabilities
+
+from .fakes import ScriptedBackend
 
 
 def _record(**kw) -> RequestRecord:
@@ -51,6 +59,49 @@ def test_gaps_are_binned_and_a_clock_step_back_counts_as_no_gap():
     assert p.gaps.counts[0] == 1 and p.gaps.total == 2
     assert p.gaps.counts[next(i for i, b in enumerate(GAP_BOUNDS_S) if b >= 5.0)] == 1
     assert p.after_short.total == 1 and p.last_gap_s == 5.0
+
+
+
+def test_a_gap_on_a_bound_is_counted_in_the_bin_that_bound_closes():
+    h = GapHistogram()
+    for bound_s in GAP_BOUNDS_S:
+        h.add(bound_s)
+    assert h.counts == [1] * len(GAP_BOUNDS_S) + [0]
+
+
+def test_the_system_clock_reads_monotonic_time_and_the_epoch():
+    before_mono, before_wall = time.monotonic(), time.time()
+    now, wall = SystemClock().now(), SystemClock().wall()
+    assert before_mono <= now <= time.monotonic() and before_wall <= wall <= time.time()
+
+
+async def test_a_use_counts_from_its_start_to_its_end_and_a_hold_not_at_all():
+    clock = ManualClock()
+    backend = ScriptedBackend({"m": 4}, Capabilities(
+        manages_loading=True, reports_memory=False, self_evicts=False, multi_instance=False,
+        native_clients=False))
+    core = EngineCore(load_config({"memory": {"sampler": "budget", "budget_gb": 20,
+                                              "min_free_memory_gb": 0},
+                                   "storage": {"enabled": False}}), backend, clock=clock)
+    await core.start()
+    try:
+        (await core.acquire("m")).release()
+        e = core.registry.entries["m"]
+        clock.advance(10)
+        started_s = clock.now()
+        lease = await core.acquire("m")        # the hot path
+        assert (e.last_used_at_s, e.heat_at_s, e.leases) == (started_s, started_s, 1)
+        clock.advance(5)
+        lease.release()
+        assert e.last_used_at_s == started_s + 5 and e.leases == 0
+        clock.advance(5)
+        hold = core.hold("m")
+        assert (e.holds, e.leases, len(core.leases.in_use())) == (1, 0, 0)
+        clock.advance(5)
+        hold.release()
+        assert e.last_used_at_s == started_s + 5 and e.holds == 0
+    finally:
+        await core.cleanup()
 
 
 @pytest.mark.parametrize("wall_s", [0.0, 3599.999, 3600.0, 1.7e9, 1.7e9 + 0.5, 1e12, -3600.5])

@@ -213,6 +213,7 @@ async def test_a_request_meeting_another_replicas_unload_waits_for_it_and_reload
         assert backend.loads == [A] and A in backend.loaded   # learned it was gone: reloaded
         assert await facts.leased_by("default", A) == {"r2"}
         lease.release()
+        assert core.registry.entries[A].leases == 0   # the lease refused meanwhile went back
     finally:
         await core.cleanup()
 
@@ -257,6 +258,18 @@ async def test_an_eviction_refused_by_another_replicas_lease_claims_nothing():
     finally:
         await core.cleanup()
 
+
+
+async def test_a_first_lease_refused_to_the_end_of_its_wait_leaves_the_model_unleased_here():
+    facts = MemoryState("facts")
+    other = facts.view("r2")
+    await other.heartbeat(30)
+    assert await other.claim_unload("default", A, 30) == set()   # outlasts the wait below
+    replica = Replica(facts.view("r1"), lease_ttl_s=30, lock_ttl_s=0.1, unavailable_wait_s=1)
+    shared = replica.host("default")
+    assert not await shared.lease_now(A)        # given up after lock_ttl_s and a poll
+    assert not shared.leased(A)                 # so the next request asks again
+    assert await facts.leased_by("default", A) == set()
 
 class HeldClaims(HeldLeases):
     """HeldLeases whose unload claims wait until `go` is set; leases pass at once."""
@@ -391,6 +404,40 @@ async def test_a_replicas_restored_measurement_fills_a_gap_in_the_fleets():
     assert guessing.load_time_s == 3.0 and guessing.footprint_bytes is None
 
 
+
+async def test_a_restored_footprint_is_kept_but_not_published_over_the_fleets():
+    clock = ManualClock()
+    facts = MemoryState("facts", clock=clock)
+    r1, r3 = LearnedShare(facts.view("r1"), "h"), LearnedShare(facts.view("r3"), "h")
+    e1, e3 = ModelEntry(A, size_bytes=4 * GB), ModelEntry(A, size_bytes=4 * GB)
+    await r1.sync({A: e1})
+    e1.learn_footprint(5 * GB)                  # r1 measured it
+    clock.advance(1)
+    await r1.sync({A: e1})
+    e3.learn_footprint(3 * GB)                  # r3's, from its history file
+    await r3.sync({A: e3})
+    assert e3.footprint_bytes == 3 * GB
+    assert (await facts.learned("h"))[A].footprint.by == "r1"
+
+
+async def test_the_hosts_own_figure_is_published_as_it_changes_and_never_displaced():
+    clock = ManualClock()
+    facts = MemoryState("facts", clock=clock)
+    r1, r2 = LearnedShare(facts.view("r1"), "h"), LearnedShare(facts.view("r2"), "h")
+    e1, e2 = ModelEntry(A, size_bytes=4 * GB), ModelEntry(A, size_bytes=4 * GB)
+    e1.reported_bytes = 3 * GB
+    await r1.sync({A: e1})
+    e1.reported_bytes = 3.5 * GB                # the host reports anew: the fleet hears it
+    clock.advance(1)
+    await r1.sync({A: e1})
+    assert (await facts.learned("h"))[A].footprint.value == 3.5 * GB
+    await r2.sync({A: e2})
+    e2.learn_footprint(6 * GB)                  # measured later by another replica
+    clock.advance(1)
+    await r2.sync({A: e2})
+    await r1.sync({A: e1})
+    assert e1.footprint_bytes is None           # the host's figure stays r1's to go by
+
 class HeldRenewals(HeldLeases):
     """HeldLeases whose batch renewals wait for `go`; first leases pass at once."""
 
@@ -427,6 +474,53 @@ async def test_a_lease_taken_again_while_the_batch_drops_it_stays():
         store.go.set()
         await core.cleanup()
 
+
+
+class AnsweredLate(HeldRenewals):
+    """HeldRenewals whose first leases reach the state at once, their answer held by `answer`."""
+
+    def __init__(self, replica_id: str, facts: MemoryState) -> None:
+        super().__init__(replica_id, facts)
+        self.answer, self.taking = asyncio.Event(), asyncio.Event()
+
+    async def take_lease(self, host: str, model: str, ttl_s: float) -> bool:
+        taken = await self.inner.take_lease(host, model, ttl_s)
+        self.taking.set()
+        await self.answer.wait()
+        return taken
+
+
+async def test_a_lease_on_its_way_back_while_the_batch_drops_it_stays():
+    facts = MemoryState("facts")
+    await facts.view("r1").heartbeat(30)
+    store = AnsweredLate("r1", facts)
+    store.go.set()
+    store.answer.set()
+    core, replica = replica_core(store, ScriptedBackend({A: 4, B: 4}, MANAGED))
+    await core.start()
+    try:
+        (await core.acquire(A)).release()       # A's lease here has ended
+        serving_b = await core.acquire(B)
+        await replica.beat()                    # A's lease is kept one batch more
+        store.go.clear()
+        store.renewing.clear()
+        store.answer.clear()
+        store.taking.clear()
+        beat = asyncio.ensure_future(replica.beat())
+        await store.renewing.wait()             # the batch renews B, and will drop A...
+        taking = asyncio.ensure_future(core.acquire(A))
+        await store.taking.wait()               # ...whose lease is in the state, not yet answered
+        store.go.set()
+        await beat
+        store.answer.set()
+        serving_a = await taking
+        assert await facts.leased_by("default", A) == {"r1"}
+        serving_a.release()
+        serving_b.release()
+    finally:
+        store.go.set()
+        store.answer.set()
+        await core.cleanup()
 
 class Unreachable(HeldLeases):
     """A state whose first leases fail as an unreachable Redis does (counted)."""

@@ -136,6 +136,7 @@ async def test_reservations_and_leases_lapse_with_their_replicas_heartbeat(fleet
     # a stops beating: its long-lived lease and reservation stop counting with it.
     await until(lambda: _void(b, "h1", "m"))
     assert await b.leased_by("h2", "m") == set()
+    assert await b.claim_unload("h2", "m", LONG_S) == set()     # nor does it hold off a claim
     assert (await b.reserve("h1", "y", 8 * GB, 10 * GB, LONG_S)).granted
 
 
@@ -272,10 +273,13 @@ async def test_an_unload_claim_and_a_new_lease_never_both_go_ahead(fleet):
     await a.renew_leases([("h1", "m")], LONG_S)
     assert await b.claim_unload("h1", "m", LONG_S) == {"a"}     # a serves it: no claim
     assert await b.take_lease("h1", "m", LONG_S)                # so b may serve it too
+    assert await a.take_lease("h1", "m", LONG_S)                # and a goes on serving it
     await a.drop_leases([("h1", "m")])
+    assert await b.claim_unload("h1", "m", LONG_S) == set()     # its own lease does not count
+    await b.release_unload("h1", "m")
     await b.drop_leases([("h1", "m")])
     assert await a.claim_unload("h1", "m", LONG_S) == set()     # nobody serves it: a's claim
-    assert await a.claim_unload("h1", "m", LONG_S) == set()     # its own lease does not count
+    assert await a.claim_unload("h1", "m", LONG_S) == set()     # claimed again: still a's
     assert not await b.take_lease("h1", "m", LONG_S)            # b must not serve it now
     assert await b.leased_by("h1", "m") == set()
     assert await a.take_lease("h1", "m", LONG_S)                # the claimant's own is not held
@@ -338,6 +342,9 @@ async def test_learned_measurements_expire_unless_written_again(fleet):
     await a.put_learned("h1", "m", load_s=3.0, ttl_s=TTL_S)
     assert "m" in await a.learned("h1")
     await until(lambda: _unlearned(a, "h1"))
+    # Written again after it lapsed: nothing of the lapsed record comes back with it.
+    await a.put_learned("h1", "m", footprint_bytes=GB, ttl_s=LONG_S)
+    assert (await a.learned("h1"))["m"].load is None
 
 
 async def _unlearned(store, host: str) -> bool:

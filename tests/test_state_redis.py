@@ -137,6 +137,7 @@ async def test_every_key_has_a_ttl_and_the_key_count_returns_to_flat(fleet, raw)
         lock = await a.acquire_lock(host, model, TTL_S)
         await a.reserve(host, model, GB, 100 * GB, TTL_S)
         await a.renew_leases([(host, model)], TTL_S)
+        await a.take_lease(host, f"taken-{model}", TTL_S)
         await a.claim_unload(host, f"other-{model}", TTL_S)
         await a.put_learned(host, model, footprint_bytes=GB, load_s=2.0, ttl_s=TTL_S)
         await a.add_owned(host, f"inst-{i}", model, fence=lock.token)
@@ -212,3 +213,25 @@ async def test_a_cancel_as_a_blocking_read_starts_ends_the_read(fleet):
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(task, 5.0)
+
+
+async def test_calls_in_a_cancelled_tasks_cleanup_all_run(fleet):
+    """A task cancelled before a call (its cleanup: releasing a lock, then a reservation) is
+    not cancelled again by that call: only a cancel the call itself swallowed is raised."""
+    import asyncio
+    store = fleet.replica("a")
+    started = asyncio.Event()
+
+    async def work() -> None:
+        try:
+            started.set()
+            await asyncio.Event().wait()
+        finally:
+            await store.heartbeat(60.0)
+            await store.renew_leases([("h", "m")], 60.0)
+    task = asyncio.ensure_future(work())
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 5.0)
+    assert await store.leased_by("h", "m") == {"a"}

@@ -1,5 +1,5 @@
 """cost-aware's victims for a load: the lowest cost per GB first, unless the cheapest cover of
-the shortfall by expected reload seconds at least halves that cost. Pure choices, and a
+the shortfall by expected reload seconds more than halves that cost. Pure choices, and a
 scripted replay on the engine's virtual clock."""
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def test_a_small_model_that_covers_the_shortfall_goes_before_a_big_one_cheaper_p
     assert select_victims("cost-aware", [small, big], 2 * GB, NOW) == ("small",)
 
 
-def test_the_per_gb_choice_stays_unless_the_cover_at_least_halves_its_cost():
+def test_the_per_gb_choice_stays_unless_the_cover_more_than_halves_its_cost():
     """It frees more memory for its price, which the next load and preloads use."""
     small = cand("small", 3, reload_s=3.0)
     for big_reload_s, victims in ((5.0, ("big",)), (5.9, ("big",)), (6.5, ("small",))):
@@ -58,6 +58,44 @@ def test_many_candidates_are_covered_from_the_cheapest_and_beyond_them_when_need
     picked = select_victims("cost-aware", many, need, NOW)
     assert sum(1 for _ in picked) * 0.1 * GB >= need - 1
 
+
+
+def test_a_cover_of_exactly_half_the_cost_leaves_the_per_gb_choice():
+    """The gain must exceed COVER_GAIN_MIN: at exactly half the cost, per GB stays."""
+    small = cand("small", 3, reload_s=3.0)
+    big = cand("big", 9, reload_s=6.0)
+    assert COVER_GAIN_MIN * cost_aware_cost(small, NOW) == cost_aware_cost(big, NOW)
+    assert select_victims("cost-aware", [small, big], 2 * GB, NOW) == ("big",)
+
+
+def test_the_cover_always_frees_the_shortfall_whatever_its_units_round_to():
+    # Two 0.05 GB models for a 0.1 GB shortfall: one unit each after rounding, yet both go.
+    tiny = [cand("t1", 0.05, reload_s=1.0), cand("t2", 0.05, reload_s=2.0)]
+    assert select_victims("cost-aware", tiny, 0.1 * GB, NOW) == ("t1", "t2")
+    # 0.15 GB models round down to one unit: the cover finds none for 0.25 GB; per GB does.
+    pair = [cand("p1", 0.15, reload_s=1.0), cand("p2", 0.15, reload_s=2.0)]
+    assert select_victims("cost-aware", pair, 0.25 * GB, NOW) == ("p1", "p2")
+
+
+def test_a_large_shortfall_in_coarser_units_still_finds_the_cheap_cover():
+    """Past 40 GB the cover's unit grows with the shortfall (COVER_MAX_UNITS of them)."""
+    small = cand("small", 51, reload_s=3.0)    # covers 50 GB alone, at 3 s
+    big = cand("big", 200, reload_s=8.0)       # cheaper per GB, 8 s
+    assert select_victims("cost-aware", [small, big], 50 * GB, NOW) == ("small",)
+
+
+def test_past_the_candidate_cap_the_cover_looks_at_the_cheapest_by_cost_and_by_cost_per_gb():
+    many = COVER_MAX_CANDIDATES + 12
+    # Cheap per GB but dear in all: only the ranking by cost sees the 3 GB model that covers.
+    bigs = [cand(f"big{i:02d}", 9, reload_s=8.0) for i in range(many)]
+    small = cand("small", 3, reload_s=3.0)
+    assert select_victims("cost-aware", [*bigs, small], 2 * GB, NOW) == ("small",)
+    # Cheap in all but dear per GB: tiny ones fill the ranking by cost; only the ranking per GB
+    # sees mid, which covers 8 GB at 6 s, not huge (the per-GB choice, 40 s).
+    tinies = [cand(f"tiny{i:02d}", 0.1, reload_s=1.0) for i in range(many)]
+    mid = cand("mid", 9, reload_s=6.0)
+    huge = cand("huge", 80, reload_s=40.0)
+    assert select_victims("cost-aware", [*tinies, mid, huge], 8 * GB, NOW) == ("mid",)
 
 def replay(script, models, budget_gb):
     loop = VirtualTimeLoop()

@@ -15,7 +15,7 @@ Each policy is a value function; the lowest value is evicted first.
   requests decayed with a one-hour half-life, which remembers popularity across unloads) plus
   its learned chance of being a pipeline's next step. A load's victims are the lowest cost per
   GB first, unless the set that covers the shortfall at the least total cost (`cheapest_cover`)
-  costs at most half as much: then a 3 GB model that covers a 2 GB shortfall goes, though a 9 GB
+  costs less than half as much: then a 3 GB model that covers a 2 GB shortfall goes, though a 9 GB
   one is cheaper per GB (`cost_aware_victims`).
 - `predictive`: each idle model's expected cost of eviction — priority_weight × reload seconds ×
   the learned probability of a request within PREDICTION_HORIZON_S (engine.learning) — and the
@@ -164,7 +164,7 @@ SET_UNIT_BYTES = GB // 10
 # by cost and by cost per GB), so a choice stays a few milliseconds at 1,000 models.
 COVER_MAX_UNITS = 400
 COVER_MAX_CANDIDATES = 48
-# cost-aware takes the cheapest cover over the lowest-cost-per-GB set only when it at least
+# cost-aware takes the cheapest cover over the lowest-cost-per-GB set only when it more than
 # halves the expected cost: the per-GB set frees more memory for its price, which preloads and
 # the next load use (measured: 2 beat 1.5 and 1.25 on pipelines with preloading, and the pure
 # cover, with the Azure sweep within a point; docs/benchmarks.md#waits).
@@ -249,8 +249,13 @@ def cost_aware_cover(candidates: Sequence[Candidate], need_bytes: float, now_s: 
         pool = list({c.key: c for c in by_cost + by_value}.values())
         if sum(c.footprint_bytes for c in pool) < need_bytes:   # a shortfall beyond them
             return greedy_victims(cost_aware_value, candidates, need_bytes, now_s)
-    return cheapest_cover(pool, need_bytes, cost, max(SET_UNIT_BYTES,
-                                                      need_bytes / COVER_MAX_UNITS))
+    cover = cheapest_cover(pool, need_bytes, cost, max(SET_UNIT_BYTES,
+                                                       need_bytes / COVER_MAX_UNITS))
+    of = {c.key: c for c in pool}
+    if sum(of[k].footprint_bytes for k in cover) < need_bytes:
+        # A model under one unit counts as one, so a cover of tiny ones may fall short.
+        return greedy_victims(cost_aware_value, candidates, need_bytes, now_s)
+    return cover
 
 
 def cost_aware_victims(candidates: Sequence[Candidate], need_bytes: float, now_s: float

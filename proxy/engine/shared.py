@@ -244,7 +244,7 @@ class SharedHost:
             while not await self.store.take_lease(self.name, key, r.lease_ttl_s):
                 taken = False                 # wait out the unload (its claim ends with it)
                 if loop.time() >= deadline:
-                    break
+                    return False              # not leased: the next request asks again
                 await asyncio.sleep(POLL_S / 5)
             self.renewed.add(key)
         except StateUnavailable as exc:

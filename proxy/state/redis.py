@@ -58,16 +58,18 @@ def _part(name: str) -> str:
 def _guarded(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
     @functools.wraps(method)
     async def call(self: "RedisState", *args: Any, **kwargs: Any) -> T:
+        task = asyncio.current_task()
+        cancels = task.cancelling() if task is not None else 0
         try:
             result = await method(self, *args, **kwargs)
         except (ConnectionError, TimeoutError, ResponseError, OSError) as e:
             raise StateUnavailable(f"shared state unavailable: Redis at {self.url_shown} "
                                    f"failed ({type(e).__name__}: {e})",
                                    retry_after_s=1.0) from e
-        task = asyncio.current_task()
-        if task is not None and task.cancelling():
+        if task is not None and task.cancelling() > cancels:
             # redis-py finishes a blocking read (XREAD BLOCK) that a cancel interrupted and
-            # returns its reply: the cancel is still this task's (else a loop reads on).
+            # returns its reply: the cancel is still this task's (else a loop reads on). One
+            # delivered before the call (a cancelled task's cleanup) is not raised again.
             raise asyncio.CancelledError()
         return result
     return call
