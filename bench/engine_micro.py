@@ -69,7 +69,6 @@ async def run(models: int, requests: int, rounds: int, store_dir: Path,
                                      "min_free_memory_gb": 0},
                           "state": {"backend": "redis", "url": state_url,
                                     "key_prefix": "bench-micro:"} if state_url else {}})
-    results: dict[str, float] = {}
     cases = [("acquire+release", False, False, False),
              ("acquire+release+record", True, False, False),
              ("acquire+release+record, event hub listening", True, True, False)]

@@ -30,7 +30,6 @@ import json
 import logging
 import math
 import multiprocessing
-import platform
 import statistics
 import sys
 import time
@@ -40,6 +39,7 @@ from pathlib import Path
 from proxy.config import EvictionConfig
 from proxy.engine.policy import cost_aware_cover, cost_aware_value
 
+from .jobs import machine_line, run_all
 from .offline import belady_value, exact_optimum, lp_lower_bound
 from .simulate import RunResult, Variant, run_variant
 from . import pipeline
@@ -215,16 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     jobs = [(spec, mult, gb, pol, hold, pred, pinned) for spec in specs for mult, gb in budgets
             for pol in policies for hold in (holds if pol in HOLD_POLICIES else [None])
             for pred in (predictions if pol in PREDICTING else ["off"])]
-    started = time.perf_counter()
-    if args.jobs > 1:
-        with multiprocessing.get_context("fork").Pool(args.jobs) as pool:
-            runs = pool.map(run_job, jobs, chunksize=1)
-    else:
-        runs = [run_job(j) for j in jobs]
-    elapsed = time.perf_counter() - started
+    runs, elapsed_s = run_all(run_job, jobs, args.jobs)
     print(render(runs, policies))
-    print(f"\n{len(runs)} runs in {elapsed:.0f}s on {multiprocessing.cpu_count()} cores "
-          f"({platform.processor() or platform.machine()}, Python {platform.python_version()})")
+    print("\n" + machine_line(len(runs), elapsed_s))
     if args.json:
         Path(args.json).write_text(json.dumps({"runs": runs}, indent=1))
     return 0

@@ -29,7 +29,6 @@ import argparse
 import json
 import logging
 import multiprocessing
-import platform
 import statistics
 import sys
 import time
@@ -38,6 +37,7 @@ from pathlib import Path
 
 from .eviction import DEFAULT_TRACE, build_workload
 from .fleet_sim import RANDOM, REFERENCES, STRATEGIES, HostSpec, run_strategy
+from .jobs import machine_line, run_all
 from .workload import Workload
 
 BASELINES = ("round-robin", "least-busy", "hash", "static")
@@ -266,16 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     jobs = [(spec, layout, strategy, seed) for spec in specs for layout in layouts
             for strategy in strategies
             for seed in (range(1, args.rounds + 1) if strategy in RANDOM else [1])]
-    started = time.perf_counter()
-    if args.jobs > 1:
-        with multiprocessing.get_context("fork").Pool(args.jobs) as pool:
-            runs = pool.map(run_job, jobs, chunksize=1)
-    else:
-        runs = [run_job(j) for j in jobs]
-    elapsed = time.perf_counter() - started
+    runs, elapsed_s = run_all(run_job, jobs, args.jobs)
     print(render(runs))
-    print(f"\n{len(runs)} runs in {elapsed:.0f}s on {multiprocessing.cpu_count()} cores "
-          f"({platform.processor() or platform.machine()}, Python {platform.python_version()})")
+    print("\n" + machine_line(len(runs), elapsed_s))
     if args.json:
         Path(args.json).write_text(json.dumps({"runs": runs}, indent=1))
     return 0

@@ -13,7 +13,7 @@ import asyncio
 import random
 import zlib
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Mapping
+from typing import Callable
 
 from proxy.config import Config, load_config
 from proxy.engine.core import EngineCore
@@ -22,7 +22,6 @@ from proxy.engine.policy import VALUE_FUNCTIONS
 from proxy.errors import ProxyError
 from proxy.fleet import Fleet, Host, host_config
 from proxy.liveconfig import LiveConfig
-from proxy.upstream.base import LoadResult
 
 from .fleet_oracle import ORACLE_POLICY, OracleFleet, oracle_values
 from .simulate import SimBackend, quantile, replay
@@ -104,22 +103,16 @@ class HostBackend(SimBackend):
         super().__init__(workload)
         self.spec = spec
         self.copies = copies
+        self.load_factor = spec.load_factor
 
-    async def load(self, key: str, options: Mapping[str, Any]) -> LoadResult:
-        load_s = self.models[key].load_s * self.spec.load_factor
+    def load_started(self, key: str) -> None:
         self.copies.load_started(self.spec.name, key)
-        await asyncio.sleep(load_s)
-        self.loaded.add(key)
-        self.copies.load_done(self.spec.name, key)
-        self.peak_resident_gb = max(self.peak_resident_gb,
-                                    sum(self.models[k].size_gb for k in self.loaded))
-        self.loads += 1
-        self.load_seconds += load_s
-        return LoadResult(key, load_s)
 
-    async def unload(self, instance_id: str) -> None:
-        self.loaded.discard(instance_id)
-        self.copies.unloaded(self.spec.name, instance_id)
+    def load_done(self, key: str) -> None:
+        self.copies.load_done(self.spec.name, key)
+
+    def unloaded(self, key: str) -> None:
+        self.copies.unloaded(self.spec.name, key)
 
 
 Chooser = Callable[[str, list[tuple[Host, ModelEntry]]], Host]

@@ -35,8 +35,11 @@ async def replay(loop: asyncio.AbstractEventLoop, requests: Any,
             tasks = [t for t in tasks if not t.done()]
     await asyncio.gather(*tasks)
 
+
 class SimBackend:
-    """A ModelBackend whose loads take the catalogue's load time on the virtual clock."""
+    """A ModelBackend whose loads take the catalogue's load time (× load_factor) on the virtual
+    clock. Subclasses hear of loads and unloads through the three hooks."""
+    load_factor = 1.0
 
     def __init__(self, workload: Workload) -> None:
         self.models = workload.models
@@ -57,9 +60,11 @@ class SimBackend:
                 for k, m in self.models.items()]
 
     async def load(self, key: str, options: Mapping[str, Any]) -> LoadResult:
-        load_s = self.models[key].load_s
+        load_s = self.models[key].load_s * self.load_factor
+        self.load_started(key)
         await asyncio.sleep(load_s)
         self.loaded.add(key)
+        self.load_done(key)
         self.peak_resident_gb = max(self.peak_resident_gb,
                                     sum(self.models[k].size_gb for k in self.loaded))
         self.loads += 1
@@ -68,6 +73,16 @@ class SimBackend:
 
     async def unload(self, instance_id: str) -> None:
         self.loaded.discard(instance_id)
+        self.unloaded(instance_id)
+
+    def load_started(self, key: str) -> None:
+        pass
+
+    def load_done(self, key: str) -> None:
+        pass
+
+    def unloaded(self, key: str) -> None:
+        pass
 
 
 @dataclass
