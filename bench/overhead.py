@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import re
 import shutil
 import socket
@@ -38,6 +37,8 @@ from pathlib import Path
 
 import aiohttp
 import psutil
+
+from .jobs import machine_facts
 
 MODEL = "qwen/qwen3-4b"
 BODY = {"model": MODEL, "max_tokens": 8, "messages": [{"role": "user", "content": "hi there"}]}
@@ -392,9 +393,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             servers.stop()
     data["event_loop"] = args.event_loop
-    data["machine"] = {"cores": os.cpu_count(), "memory_gb": round(
-        psutil.virtual_memory().total / 1e9, 1), "cpu": platform.processor() or
-        platform.machine(), "python": platform.python_version()}
+    data["machine"] = machine_facts()
     print(render(data))
     print(f"\n{data['machine']['cores']} cores, {data['machine']['memory_gb']} GB, "
           f"{data['machine']['cpu']}, Python {data['machine']['python']}; "

@@ -19,8 +19,6 @@ import argparse
 import asyncio
 import json
 import logging
-import os
-import platform
 import shutil
 import statistics
 import sys
@@ -31,6 +29,7 @@ import psutil
 import redis
 
 from . import engine_micro
+from .jobs import machine_facts
 from .overhead import (BODY, CONCURRENCY, MODEL, STREAM_CONCURRENCY, Servers, free_port,
                        one_round, post_json)
 
@@ -169,9 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             servers.stop()
             server.stop()
-    data["machine"] = {"cores": os.cpu_count(), "memory_gb": round(
-        psutil.virtual_memory().total / 1e9, 1), "cpu": platform.processor() or
-        platform.machine(), "python": platform.python_version()}
+    data["machine"] = machine_facts()
     print(render(data))
     print(f"\n{data['machine']['cores']} cores (shared), {data['machine']['memory_gb']} GB, "
           f"{data['machine']['cpu']}, Python {data['machine']['python']}; {args.rounds} rounds "
