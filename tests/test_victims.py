@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import asyncio
 
-from bench.simulate import SimBackend, Variant, engine_config
-from bench.vtime import LoopClock, VirtualTimeLoop
-from bench.workload import Model, Workload
 from proxy.engine.policy import (COVER_GAIN_MIN, COVER_MAX_CANDIDATES, Candidate, cost_aware_cost,
                                  select_victims)
-from proxy.library import ModelMemoryManager
+
+from .test_waits import run, use
 
 GB = 1_000_000_000
 NOW = 10_000.0
@@ -97,34 +95,6 @@ def test_past_the_candidate_cap_the_cover_looks_at_the_cheapest_by_cost_and_by_c
     huge = cand("huge", 80, reload_s=40.0)
     assert select_victims("cost-aware", [*tinies, mid, huge], 8 * GB, NOW) == ("mid",)
 
-def replay(script, models, budget_gb):
-    loop = VirtualTimeLoop()
-    w = Workload("scripted", {k: Model(k, gb, load_s) for k, (gb, load_s) in models.items()},
-                 [])
-
-    async def main():
-        config = engine_config(w, budget_gb, Variant("t", "cost-aware", hold="off"))
-        mgr = ModelMemoryManager(config=config, upstream=SimBackend(w), clock=LoopClock(loop))
-        await mgr.start()
-        try:
-            return await script(mgr, loop)
-        finally:
-            await mgr.core.scheduler.stop()
-    try:
-        return loop.run_until_complete(main())
-    finally:
-        loop.close()
-
-
-async def use(mgr, loop, key, service_s=1.0) -> float:
-    arrived = loop.time()
-    lease = await mgr.acquire(key)
-    waited = loop.time() - arrived
-    await asyncio.sleep(service_s)
-    lease.release()
-    return waited
-
-
 def test_the_cover_waits_less_than_evicting_by_cost_per_gb():
     """small (3 GB, 3 s) and big (9 GB, 8 s) fill 12 GB, used alike; a 2 GB model arrives,
     then both are asked for again. Evicting small for it costs a 3 s reload; evicting big (the
@@ -137,8 +107,8 @@ def test_the_cover_waits_less_than_evicting_by_cost_per_gb():
         after_new = mgr.core.registry.loaded()
         waits += [await use(mgr, loop, "big"), await use(mgr, loop, "small")]
         return after_new, [round(w, 3) for w in waits]
-    after_new, waits = replay(script, {"small": (3, 3.0), "big": (9, 8.0), "new": (2, 2.0)},
-                              12)
+    after_new, waits = run({"small": (3, 3.0), "big": (9, 8.0), "new": (2, 2.0)}, 12, script,
+                           hold="off", prediction="off")
     assert sorted(after_new) == ["big", "new"]
     assert waits == [2.0, 0.0, 3.0]
 

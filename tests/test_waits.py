@@ -17,7 +17,7 @@ DAY_S = 86400.0
 
 
 def run(models: dict[str, tuple[float, float]], budget_gb: float, script, *, hold="expected",
-        pinned=(), start_s: float = 0.0):
+        pinned=(), start_s: float = 0.0, prediction: str = "on"):
     """Run script(mgr, loop) on the real engine over a simulated LM Studio whose loads take
     their load seconds of virtual time."""
     loop = VirtualTimeLoop(start_s)
@@ -25,7 +25,7 @@ def run(models: dict[str, tuple[float, float]], budget_gb: float, script, *, hol
                  [])
 
     async def main():
-        raw = engine_config(w, budget_gb, Variant("t", "cost-aware", hold=hold, prediction="on"))
+        raw = engine_config(w, budget_gb, Variant("t", "cost-aware", hold=hold, prediction=prediction))
         mgr = ModelMemoryManager(config=raw, upstream=SimBackend(w), clock=LoopClock(loop))
         await mgr.start()
         for key in pinned:
