@@ -25,9 +25,13 @@ CATALOG = [CatalogModel(key=SMALL, size_bytes=2 * GB, memory_bytes=2 * GB, load_
 # Footprints are the file size × 1.2 until measured: SMALL 2.4 GB, MID and OTHER 6 GB.
 
 
-def fleet_config(hosts: list[tuple[str, str, float]], **extra: Any) -> Any:
+def fleet_config(hosts: list[tuple[str, str, float]], patterns: dict[str, list[str]] | None = None,
+                 **extra: Any) -> Any:
+    """`patterns`: the `models` a host may hold, by host name (else it may hold any)."""
     raw: dict[str, Any] = {
-        "upstreams": [{"name": n, "url": url, "budget_gb": gb} for n, url, gb in hosts],
+        "upstreams": [{"name": n, "url": url, "budget_gb": gb,
+                       **({"models": patterns[n]} if n in (patterns or {}) else {})}
+                      for n, url, gb in hosts],
         "memory": {"min_free_memory_gb": 0, "max_memory_usage_percent": 100},
         "eviction": {"hold": 0}, "storage": {"enabled": False}}
     raw.update(extra)
@@ -36,10 +40,11 @@ def fleet_config(hosts: list[tuple[str, str, float]], **extra: Any) -> Any:
 
 @pytest.fixture
 async def fleet(make_emulator, make_proxy) -> Callable[..., Any]:
-    async def start(budgets: dict[str, float], **extra: Any) -> tuple[Any, dict[str, Any]]:
+    async def start(budgets: dict[str, float], patterns: dict[str, list[str]] | None = None,
+                    **extra: Any) -> tuple[Any, dict[str, Any]]:
         emus = {n: await make_emulator(catalog=CATALOG) for n in budgets}
         proxy = await make_proxy("", config=fleet_config(
-            [(n, emus[n].url, gb) for n, gb in budgets.items()], **extra))
+            [(n, emus[n].url, gb) for n, gb in budgets.items()], patterns, **extra))
         return proxy, emus
     return start
 
@@ -218,16 +223,9 @@ async def test_a_model_larger_than_every_host_is_refused_at_once_naming_each_cei
     assert loads(emus) == {"a": 0, "b": 0}
 
 
-async def test_a_host_that_may_not_hold_a_model_never_gets_it(make_emulator, make_proxy,
-                                                             http):
-    small_only = await make_emulator(catalog=CATALOG)
-    anything = await make_emulator(catalog=CATALOG)
-    proxy = await make_proxy("", config=load_config({
-        "upstreams": [{"name": "small", "url": small_only.url, "budget_gb": 30,
-                       "models": ["lab/small-*"]},
-                      {"name": "any", "url": anything.url, "budget_gb": 7}],
-        "memory": {"min_free_memory_gb": 0, "max_memory_usage_percent": 100},
-        "storage": {"enabled": False}}))
+async def test_a_host_that_may_not_hold_a_model_never_gets_it(fleet, http):
+    proxy, emus = await fleet({"small": 30, "any": 7}, {"small": ["lab/small-*"]})
+    small_only, anything = emus["small"], emus["any"]
     await proxy.engine.load(OTHER)             # only "any" may hold it: placed there
     assert anything.state.instances_of(OTHER)
     # MID would fit the roomy "small" at once, but only "any" may hold it: it evicts there.
@@ -461,16 +459,9 @@ def test_a_pin_and_priority_naming_a_host_apply_on_that_host_only():
     assert (there.pinned, there.priority) == (False, default.priority)
 
 
-async def test_a_load_on_a_host_that_may_not_hold_the_model_is_refused(make_emulator,
-                                                                       make_proxy, http):
-    small_only = await make_emulator(catalog=CATALOG)
-    anything = await make_emulator(catalog=CATALOG)
-    proxy = await make_proxy("", config=load_config({
-        "upstreams": [{"name": "small", "url": small_only.url, "budget_gb": 30,
-                       "models": ["lab/small-*"]},
-                      {"name": "any", "url": anything.url, "budget_gb": 30}],
-        "memory": {"min_free_memory_gb": 0, "max_memory_usage_percent": 100},
-        "storage": {"enabled": False}}))
+async def test_a_load_on_a_host_that_may_not_hold_the_model_is_refused(fleet, http):
+    proxy, emus = await fleet({"small": 30, "any": 30}, {"small": ["lab/small-*"]})
+    small_only = emus["small"]
     async with http.post(f"{proxy.url}/proxy/models/load",
                          json={"model": MID, "host": "small"}) as r:
         body = await r.json()
@@ -511,16 +502,9 @@ async def test_requests_for_a_model_queued_on_a_host_join_that_queue(fleet, http
     assert sum(loads(emus, MID).values()) == 1
 
 
-async def test_a_copy_loaded_outside_on_a_host_that_may_not_hold_it_is_not_served(
-        make_emulator, make_proxy, http):
-    small_only = await make_emulator(catalog=CATALOG)
-    anything = await make_emulator(catalog=CATALOG)
-    proxy = await make_proxy("", config=load_config({
-        "upstreams": [{"name": "small", "url": small_only.url, "budget_gb": 30,
-                       "models": ["lab/small-*"]},
-                      {"name": "any", "url": anything.url, "budget_gb": 30}],
-        "memory": {"min_free_memory_gb": 0, "max_memory_usage_percent": 100},
-        "storage": {"enabled": False}}))
+async def test_a_copy_loaded_outside_on_a_host_that_may_not_hold_it_is_not_served(fleet, http):
+    proxy, emus = await fleet({"small": 30, "any": 30}, {"small": ["lab/small-*"]})
+    small_only = emus["small"]
     await small_only.state.load(MID)           # someone loads it there by hand
     await proxy.engine.reconcile()
     status, _, headers = await chat(http, proxy, MID)
