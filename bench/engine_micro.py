@@ -41,10 +41,11 @@ YIELD_EVERY = 64
 
 
 class LoadedBackend:
-    """A ModelBackend with every model already loaded."""
+    """A ModelBackend listing every model, with `loaded` of them loaded (default: all)."""
 
-    def __init__(self, keys: list[str]) -> None:
+    def __init__(self, keys: list[str], loaded: set[str] | None = None) -> None:
         self.keys = keys
+        self.loaded = set(keys) if loaded is None else loaded
 
     capabilities = Capabilities(manages_loading=True, reports_memory=False, self_evicts=False,
                                 multi_instance=False, native_clients=False)
@@ -53,13 +54,16 @@ class LoadedBackend:
         return ApiLevel.MANAGED
 
     async def list_models(self) -> list[UpstreamModel]:
-        return [UpstreamModel(key=k, size_bytes=GB // 100, instance_ids=(k,)) for k in self.keys]
+        return [UpstreamModel(key=k, size_bytes=GB // 100,
+                              instance_ids=(k,) if k in self.loaded else ())
+                for k in self.keys]
 
     async def load(self, key: str, options: Mapping[str, Any]) -> LoadResult:
+        self.loaded.add(key)
         return LoadResult(key)
 
     async def unload(self, instance_id: str) -> None:
-        return None
+        self.loaded.discard(instance_id)
 
 
 async def run(models: int, requests: int, rounds: int, store_dir: Path,

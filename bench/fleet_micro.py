@@ -28,7 +28,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from proxy.config import load_config
 from proxy.engine.core import EngineCore
@@ -36,38 +36,12 @@ from proxy.engine.usage import RequestRecord
 from proxy.fleet import Fleet, Host, host_config
 from proxy.liveconfig import LiveConfig
 from proxy.observe.metrics import ProxyMetrics
-from proxy.upstream.base import ApiLevel, Capabilities, LoadResult, UpstreamModel
 
-GB = 1_000_000_000
+from .engine_micro import LoadedBackend
+
 TARGET_US = 10.0
 ROUNDS_PER_PROCESS = 3     # --baseline: each process's figure is the median of these
 ROW = re.compile(r"^\| ([^|]+?) \| ([\d.]+) \|$", re.M)
-
-
-class HostBackend:
-    """A ModelBackend listing every model, with its share of them loaded."""
-
-    def __init__(self, keys: list[str], loaded: set[str]) -> None:
-        self.keys = keys
-        self.loaded = loaded
-
-    capabilities = Capabilities(manages_loading=True, reports_memory=False, self_evicts=False,
-                                multi_instance=False, native_clients=False)
-
-    async def detect(self) -> ApiLevel:
-        return ApiLevel.MANAGED
-
-    async def list_models(self) -> list[UpstreamModel]:
-        return [UpstreamModel(key=k, size_bytes=GB // 100,
-                              instance_ids=(k,) if k in self.loaded else ())
-                for k in self.keys]
-
-    async def load(self, key: str, options: Mapping[str, Any]) -> LoadResult:
-        self.loaded.add(key)
-        return LoadResult(key)
-
-    async def unload(self, instance_id: str) -> None:
-        self.loaded.discard(instance_id)
 
 
 def fleet(keys: list[str], hosts: int) -> Fleet:
@@ -78,7 +52,7 @@ def fleet(keys: list[str], hosts: int) -> Fleet:
     members = []
     for i, spec in enumerate(config.upstreams):
         narrowed = LiveConfig(host_config(config, spec))
-        backend = HostBackend(keys, {k for j, k in enumerate(keys) if j % hosts == i})
+        backend = LoadedBackend(keys, {k for j, k in enumerate(keys) if j % hosts == i})
         members.append(Host(spec, EngineCore(narrowed, backend, host_name=spec.name), backend, narrowed))
     return Fleet(LiveConfig(config), members)
 
@@ -86,7 +60,7 @@ def fleet(keys: list[str], hosts: int) -> Fleet:
 def single(keys: list[str]) -> EngineCore:
     config = load_config({"memory": {"sampler": "budget", "budget_gb": 1000,
                                      "min_free_memory_gb": 0}, "storage": {"enabled": False}})
-    return EngineCore(config, HostBackend(keys, set(keys)))
+    return EngineCore(config, LoadedBackend(keys, set(keys)))
 
 
 async def measure(engine: Any, keys: list[str], requests: int, rounds: int) -> float:
