@@ -323,7 +323,7 @@ class Fleet(FleetViews):
         h = self.host(host)
         key = await self.resolve(name)
         if h.entry(key) is None:
-            raise ModelNotFound(f"Host '{h.name}' does not list '{key}'", param="model")
+            raise h.not_holding(key)
         with working_for(h.name):
             return await h.core.load(key, priority)
 
@@ -353,6 +353,8 @@ class Fleet(FleetViews):
                 "memory_pressure": self.memory_pressure.value, "hosts": per_host}
 
     def pin(self, key: str, pinned: bool, *, host: str | None = None) -> None:
+        if host is not None and self.host(host).entry(key) is None:
+            raise self.host(host).not_holding(key)
         for h in self._targets(host):
             h.core.pin(key, pinned)
 

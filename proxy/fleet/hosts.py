@@ -18,6 +18,7 @@ from ..config import Config, HostConfig, ModelConfig, UpstreamConfig
 from ..engine.core import EngineCore
 from ..engine.listeners import EVENTS
 from ..engine.lifecycle import ModelStatus
+from ..errors import ModelNotFound
 from ..liveconfig import LiveConfig
 from ..store import default_path
 from ..upstream.base import Upstream
@@ -92,6 +93,12 @@ class Host:
         """The model as this host holds it, if the host lists it and may hold it."""
         e = self.core.registry.entries.get(key)
         return e if e is not None and self.allows(key) else None
+
+    def not_holding(self, key: str) -> ModelNotFound:
+        """Why `entry(key)` is None: its `models:` patterns exclude it, or it is not listed."""
+        why = (f"may not hold '{key}' (its models: {', '.join(self.config.models or ())})"
+               if not self.allows(key) else f"does not list '{key}'")
+        return ModelNotFound(f"Host '{self.name}' {why}", param="model")
 
     def resident(self, key: str) -> bool:
         e = self.core.registry.entries.get(key)

@@ -7,7 +7,7 @@ import orjson
 from aiohttp import web
 
 from ..engine.face import Engine
-from ..errors import ConfigRejected, InvalidRequest, ModelNotFound
+from ..errors import ConfigRejected, InvalidRequest
 from ..server.intake import check_model_name
 from ..server.keys import AUTH, COMPAT, CONFIG, ENGINE, EVENTS, REPLICA
 from ..server.reload import RELOADER
@@ -55,14 +55,6 @@ def _host_field(request: web.Request, data: dict[str, Any]) -> str | None:
         raise InvalidRequest(f"The query names host '{queried[:64]}' and the body host "
                              f"'{str(host)[:64]}': name one.", param="host")
     return host
-
-
-def _may_hold(engine: Engine, key: str, host: str | None) -> None:
-    """A host whose `models:` patterns exclude the model: 404, as a load there is."""
-    spec = next((h for h in engine.config.upstreams if h.name == host), None)
-    if spec is not None and not spec.allows(key):
-        raise ModelNotFound(f"Host '{spec.name}' may not hold '{key}' (its models: "
-                            f"{', '.join(spec.models or ())})", param="model")
 
 
 def _where(engine: Engine, key: str, host: str | None) -> dict[str, Any]:
@@ -121,7 +113,6 @@ async def pin(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
     host = _host_field(request, data)
     key = await engine.resolve(_model_field(request, data))
-    _may_hold(engine, key, host)
     engine.pin(key, pinned, host=host)
     request.app[EVENTS].publish("pin", {"model": key, "pinned": pinned})
     return json_response({"model": key, "pinned": engine.pinned(key)})
