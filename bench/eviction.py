@@ -16,7 +16,8 @@ over the intervals between a model's requests, scipy's HiGHS MILP; skipped with 
 instance is too large) and `offline-bound` (its LP relaxation; its delay column is the delay
 every schedule without preloading pays for the first requests). `--prediction oracle` preloads
 exactly the next request's model in time, through the engine's own admission and eviction
-rule: the ceiling of preloading. The real engine may delay requests while a load runs and serve
+rule: the ceiling of preloading; `--prediction oracle-seen` the same but for each model's first
+request, which nothing learned from the past can foresee: the ceiling of a predictor. The real engine may delay requests while a load runs and serve
 them together, which the instant-load model forbids: an online policy can spend fewer load
 seconds than `offline-optimal`, paying in delay. Every table gives load seconds, the total
 delay (arrival until the model is ready) and its 99th percentile.
@@ -63,6 +64,7 @@ PROJECT_DEFAULT = EvictionConfig().policy
 
 HOLD_POLICIES = ("priority", "cost-aware", "predictive", GREEDY, COVER)   # the proxy's: --hold
 PREDICTING = HOLD_POLICIES + ("offline-belady",)             # --prediction applies
+PREDICTIONS = ("off", "on", "oracle", "oracle-seen")
 
 
 def variant(name: str, workload: Workload, budget_gb: float,
@@ -172,9 +174,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workload", choices=("azure", "pipeline"), default="azure",
                    help="azure: the trace (default); pipeline: agent pipelines (bench/pipeline.py)")
     p.add_argument("--prediction", default="off",
-                   help="off, on, oracle (comma-separated): the proxy's policies and "
-                   "offline-belady without preloading, with the engine's preloader, or with "
-                   "preloads of exactly the next requests (the ceiling of preloading)")
+                   help="off, on, oracle, oracle-seen (comma-separated): the proxy's policies "
+                   "and offline-belady without preloading, with the engine's preloader, with "
+                   "preloads of exactly the next requests (the ceiling of preloading), or of "
+                   "every next request but a model's first (the ceiling of prediction)")
     p.add_argument("--hold", help="eviction.hold settings to run the proxy's policies with, "
                    "comma-separated (seconds, adaptive, expected, off); default: the "
                    "configured one")
@@ -209,8 +212,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--requests needs --budget-gb")
     holds = [_hold(h) for h in args.hold.split(",")] if args.hold else [None]
     predictions = [x for x in args.prediction.split(",") if x]
-    if set(predictions) - {"off", "on", "oracle"}:
-        p.error(f"--prediction: off, on or oracle, not {args.prediction!r}")
+    if set(predictions) - set(PREDICTIONS):
+        p.error(f"--prediction: {', '.join(PREDICTIONS)}, not {args.prediction!r}")
     pinned = tuple(x for x in (args.pin or "").split(",") if x)
     jobs = [(spec, mult, gb, pol, hold, pred, pinned) for spec in specs for mult, gb in budgets
             for pol in policies for hold in (holds if pol in HOLD_POLICIES else [None])
@@ -237,7 +240,7 @@ def _label(r: dict) -> str:
     mode = r.get("prediction")
     if mode is True or mode == "on":       # (runs saved before the oracle stored a bool)
         return label + "+prediction"
-    return label + ("+oracle" if mode == "oracle" else "")
+    return label + (f"+{mode}" if mode in ("oracle", "oracle-seen") else "")
 
 
 def _geomean(xs: list[float]) -> float | None:
@@ -298,7 +301,8 @@ def render(runs: list[dict], policies: list[str]) -> str:
     summary = ["", "| policy | load s | load / lru (geo. mean of rows) | worst row load / lru "
                "| load / optimal (geo. mean) | delay s in all | delay / lru (geo. mean) "
                "| worst row delay / lru | delay / belady (geo. mean) "
-               "| rows: load > lru, p99 > lru, p99 of all requests > lru | delayed requests "
+               "| rows: load > lru, p99 > lru, p99 of all requests > lru, slowest 1 % > lru "
+               "| delayed requests "
                "| median of delay p99 s | worst delay p99 s "
                "| failed requests | runs over budget | preloads (wasted, GB wasted) |",
                "|" + "---|" * 16]
@@ -322,7 +326,9 @@ def render(runs: list[dict], policies: list[str]) -> str:
             f"{_fmt(max(d_lru) if d_lru else None)} | {_fmt(_geomean(d_ref))} | "
             f"{_above(rows, lab, 'load_seconds', 0.0)}, "
             f"{_above(rows, lab, 'delay_p99_s', 0.0)}, "
-            f"{_above(rows, lab, 'delay_p99_all_s', 0.0)} | {sum(r.get('delayed_requests') or 0 for r in mine)} | "
+            f"{_above(rows, lab, 'delay_p99_all_s', 0.0)}, "
+            f"{_above(rows, lab, 'delay_tail_mean_s', 0.0)} | "
+            f"{sum(r.get('delayed_requests') or 0 for r in mine)} | "
             f"{_fmt(statistics.median(p99) if p99 else None, '.3g')} | "
             f"{_fmt(max(p99) if p99 else None, '.3g')} | "
             f"{sum(r.get('failed_requests') or 0 for r in mine)} | "
