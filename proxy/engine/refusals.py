@@ -107,6 +107,7 @@ class Refusals:
         how = {"refused": f"LM Studio refused to load it with {floor / GB:.1f} GB free for it",
                "configured": f"models.{e.key}.footprint_gb",
                "learned": "measured across earlier loads",
+               "shared": "as another replica measured it",
                "estimated": f"estimated as its {(e.size_bytes or 0) / GB:.1f} GB file × "
                             f"memory.footprint_factor"}.get(self.registry.footprint_source(e),
                                                             "as fitted")
