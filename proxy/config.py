@@ -98,6 +98,10 @@ class HostConfig(UpstreamConfig):
         """May it hold the model (a model key, not an alias): its patterns decide."""
         return self.models is None or any(fnmatch.fnmatchcase(key, p) for p in self.models)
 
+    def budget(self) -> float | None:
+        """The budget (GB) its engine goes by; None: this machine's memory, sampled."""
+        return self.budget_gb if self.sampler != "local" else None
+
 
 @dataclass(frozen=True)
 class PlacementConfig:

@@ -38,7 +38,9 @@ def cross_checks(config: Config, problems: list[str]) -> None:
     total_gb = _total_memory_gb(config)
     problems += group_problems(config, total_gb)
     problems += load_option_problems(config)
-    if total_gb is not None:
+    if config.upstreams:        # each host's engine goes by its own memory, not memory:'s
+        problems += _host_footprint_problems(config)
+    elif total_gb is not None:
         for key, model in config.models.items():
             # With fit, footprint_gb is its need at its configured context: it may shrink.
             if model.footprint_gb is not None and model.footprint_gb > total_gb and \
@@ -182,7 +184,10 @@ def _state_checks(state: StateConfig, problems: list[str]) -> None:
 
 def config_warnings(config: Config) -> list[str]:
     """Valid but never useful: configured models whose footprint is above the ceiling any one
-    model may take (they would be refused with model_too_large)."""
+    model may take (they would be refused with model_too_large); in a fleet, on every host
+    that may hold them."""
+    if config.upstreams:
+        return _host_footprint_warnings(config) + load_option_warnings(config)
     total_gb = _total_memory_gb(config)
     if total_gb is None:
         return load_option_warnings(config)
@@ -197,6 +202,80 @@ def config_warnings(config: Config) -> list[str]:
             if m.footprint_gb is not None and ceiling_gb < m.footprint_gb <= total_gb
             and m.fit.min_context_length is None] + \
         load_option_warnings(config)
+
+
+HostMemory = tuple[int, HostConfig, float | None, str]   # (index, host, GB, what sets it)
+
+
+def _host_memory(config: Config) -> list[HostMemory]:
+    """Each host's memory as its engine sees it (fleet/hosts.py host_config): its budget, else
+    this machine's (None where it cannot be known here)."""
+    machine_gb: list[float | None] = []
+    out: list[HostMemory] = []
+    for i, h in enumerate(config.upstreams):
+        if h.budget() is not None:
+            out.append((i, h, h.budget(), f"upstreams[{i}].budget_gb"))
+            continue
+        if not machine_gb:
+            machine_gb.append(_machine_memory_gb())
+        out.append((i, h, machine_gb[0], "this machine's memory"))
+    return out
+
+
+def _ceiling_gb(config: Config, total_gb: float) -> float:
+    mem = config.memory
+    return min(total_gb - mem.min_free_memory_gb, total_gb * mem.max_memory_usage_percent / 100.0)
+
+
+def _fixed_footprints(config: Config) -> dict[str, float]:
+    """Configured footprints that cannot shrink (with fit, footprint_gb is its need at its
+    configured context: it may)."""
+    return {key: m.footprint_gb for key, m in config.models.items()
+            if m.footprint_gb is not None and m.fit.min_context_length is None}
+
+
+def _host_footprint_problems(config: Config) -> list[str]:
+    """A footprint above the memory of every host that may hold it; footprints pinned on a
+    host, together above its memory: those with that models.<key>.host, or with none where no
+    other host may hold them (one pinned on every host may stay on another)."""
+    hosts = _host_memory(config)
+    holders = {key: [h.name for _, h, _, _ in hosts if h.allows(key)] for key in config.models}
+    out = []
+    for key, gb in _fixed_footprints(config).items():
+        may = [(h, total, src) for _, h, total, src in hosts if h.allows(key)]
+        if may and all(total is not None and gb > total for _, total, _ in may):
+            listed = ", ".join(f"'{h.name}' {total:.1f} GB ({src})" for h, total, src in may)
+            out.append(f"models.{key}.footprint_gb: {gb:g} exceeds the memory of every host "
+                       f"that may hold it ({listed})")
+    for i, h, total, src in hosts:
+        pinned_gb = sum(m.footprint_gb or 0.0 for key, m in config.models.items()
+                        if m.pinned and (m.host == h.name or
+                                         m.host is None and holders[key] == [h.name]))
+        if total is not None and pinned_gb > total:
+            out.append(f"upstreams[{i}]: the footprints of the models pinned on '{h.name}' add "
+                       f"up to {pinned_gb:g} GB, more than its memory ({total:.1f} GB, {src})")
+    return out
+
+
+def _host_footprint_warnings(config: Config) -> list[str]:
+    """A footprint within the memory of some host that may hold it but above the ceiling for
+    one model on each of them: no host can ever load it."""
+    hosts = _host_memory(config)
+    out = []
+    for key, gb in _fixed_footprints(config).items():
+        may = [(h, total, src) for _, h, total, src in hosts if h.allows(key)]
+        if not may or any(total is None or gb <= _ceiling_gb(config, total)
+                          for _, total, _ in may) or all(gb > total for _, total, _ in may):
+            continue      # it fits somewhere, or cannot be judged here, or is a problem
+        listed = ", ".join(f"'{h.name}' {_ceiling_gb(config, total):.1f} GB of {total:.1f} GB "
+                           f"({src})" for h, total, src in may)
+        barred = "".join(f"; upstreams[{i}].models keeps it off '{h.name}'"
+                         for i, h, _, _ in hosts if not h.allows(key))
+        out.append(f"models.{key}.footprint_gb: {gb:g} GB can never load: it is above the "
+                   f"ceiling for one model on every host that may hold it: {listed} "
+                   f"(memory.max_memory_usage_percent, memory.min_free_memory_gb){barred}")
+    return out
+
 
 def _auth_checks(auth: AuthConfig, problems: list[str]) -> None:
     names: set[str] = set()
@@ -225,6 +304,10 @@ def _auth_checks(auth: AuthConfig, problems: list[str]) -> None:
 def _total_memory_gb(config: Config) -> float | None:
     if config.memory.sampler == "budget":
         return config.memory.budget_gb
+    return _machine_memory_gb()
+
+
+def _machine_memory_gb() -> float | None:
     try:
         import psutil
         return psutil.virtual_memory().total / 1e9

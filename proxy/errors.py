@@ -30,9 +30,10 @@ raises. `ConfigError` is separate: it never reaches a client.
 
 A refusal that a retry cannot change is `final`: its response says `x-should-retry: false`, which
 the OpenAI SDKs obey instead of retrying a 408/409/429/5xx (twice, by default). Final:
-model_too_large; insufficient_memory for a model the server already refused at that size;
-group_busy for a member that is pinned or not the proxy's; model_unavailable for a server that
-cannot load models on request.
+model_too_large; insufficient_memory for a model the server already refused at that size, or
+when even all the memory that may go (evictable, serving, loading, other programs) would not
+make room, so only a person freeing memory can help; group_busy for a member that is pinned
+or not the proxy's; model_unavailable for a server that cannot load models on request.
 """
 from __future__ import annotations
 

@@ -2,6 +2,7 @@
 any 408/409/429/5xx twice by default, make one request and raise at once."""
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import httpx
@@ -84,6 +85,37 @@ async def test_a_model_the_server_refused_at_its_size_is_refused_once(make_emula
     status, body, headers = await post()       # known to fail: nothing changes until revised
     assert status == 503 and body["error"]["code"] == "insufficient_memory"
     assert headers["x-should-retry"] == "false" and "Retry-After" not in headers
+
+
+async def test_memory_only_pinned_models_hold_is_refused_once(make_emulator, make_proxy):
+    emu = await make_emulator(catalog=CATALOG)
+    proxy = await make_proxy(emu.url, **MEMORY, **{f"models.{X}.pinned": True,
+                                                   f"models.{Y}.pinned": True})
+    await proxy.engine.load(X)
+    await proxy.engine.load(Y)                 # 12 GB pinned: the most models may take
+    client, sent = counting_client(proxy.url)
+    async with client:
+        with pytest.raises(openai.InternalServerError) as refused:
+            await asyncio.wait_for(chat(client, SMALL), 10)
+    assert sent == ["/v1/chat/completions"]    # not three tries, 30 s apart
+    assert refused.value.code == "insufficient_memory" and "(pinned)" in refused.value.message
+    assert refused.value.response.headers["x-should-retry"] == "false"
+    assert "Retry-After" not in refused.value.response.headers
+    assert "a retry helps only once memory is freed by hand" in refused.value.message
+
+
+async def test_memory_a_model_not_the_proxys_holds_is_refused_once(make_emulator, make_proxy,
+                                                                   http):
+    emu = await make_emulator(catalog=CATALOG)
+    await emu.state.load(X)                    # both loaded in LM Studio, not by the proxy
+    await emu.state.load(Y)
+    proxy = await make_proxy(emu.url, **MEMORY)
+    async with http.post(f"{proxy.url}/v1/chat/completions", json={
+            "model": SMALL, "max_tokens": 2, "messages": []}) as r:
+        body = await r.json()
+    assert r.status == 503 and body["error"]["code"] == "insufficient_memory"
+    assert "(not ours)" in body["error"]["message"]
+    assert r.headers["x-should-retry"] == "false" and "Retry-After" not in r.headers
 
 
 async def test_a_waiting_refusal_may_still_be_retried(make_emulator, make_proxy, http):

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from proxy.config import ConfigError, load_config
+from proxy.configcheck import config_warnings
 
 QWEN = "qwen/qwen3-4b"
 HOSTS = [{"name": "small", "url": "http://127.0.0.1:1", "models": ["qwen/*"]},
@@ -72,3 +73,73 @@ def test_a_host_named_on_a_single_server_is_a_problem():
         f"placement.native_host: 'a' {why}",
         f"models.{QWEN}.host: 'b' {why}",
         f"tasks.coding[1].host: 'c' {why}"]
+
+
+# -- footprints against each host's own memory ------------------------------------------------
+
+def budget_hosts(*hosts: tuple[str, float, list[str] | None]) -> list[dict[str, Any]]:
+    return [{"name": name, "url": f"http://10.0.0.{i + 1}:1234", "budget_gb": gb,
+             **({"models": patterns} if patterns else {})}
+            for i, (name, gb, patterns) in enumerate(hosts)]
+
+
+def test_a_footprint_no_host_can_load_is_warned_naming_each_host_and_its_budget():
+    c = load_config({"memory": {"sampler": "budget", "budget_gb": 16},   # no host's budget
+                     "upstreams": budget_hosts(("a", 16, None), ("b", 24, None)),
+                     "models": {"lab/mid": {"footprint_gb": 14},       # fits b
+                                "lab/big": {"footprint_gb": 20}}})     # fits neither
+    assert config_warnings(c) == [
+        "models.lab/big.footprint_gb: 20 GB can never load: it is above the ceiling for one "
+        "model on every host that may hold it: 'a' 12.0 GB of 16.0 GB (upstreams[0].budget_gb), "
+        "'b' 19.2 GB of 24.0 GB (upstreams[1].budget_gb) (memory.max_memory_usage_percent, "
+        "memory.min_free_memory_gb)"]
+
+
+def test_a_model_is_judged_on_the_hosts_its_patterns_allow():
+    c = load_config({"memory": {"sampler": "budget", "budget_gb": 48},
+                     "upstreams": budget_hosts(("small", 16, ["qwen/*"]),
+                                               ("big", 48, ["lab/*"])),
+                     "models": {"qwen/huge": {"footprint_gb": 14},     # only small may hold it
+                                "lab/huge": {"footprint_gb": 14}}})
+    assert config_warnings(c) == [
+        "models.qwen/huge.footprint_gb: 14 GB can never load: it is above the ceiling for one "
+        "model on every host that may hold it: 'small' 12.0 GB of 16.0 GB "
+        "(upstreams[0].budget_gb) (memory.max_memory_usage_percent, memory.min_free_memory_gb); "
+        "upstreams[1].models keeps it off 'big'"]
+
+
+def test_footprints_above_every_hosts_memory_are_problems_not_the_fleets_memory():
+    hosts = budget_hosts(("a", 16, None), ("b", 48, None))
+    c = load_config({"memory": {"sampler": "budget", "budget_gb": 16}, "upstreams": hosts,
+                     "models": {"lab/x": {"footprint_gb": 30, "pinned": True},
+                                "lab/y": {"footprint_gb": 10, "pinned": True}}})
+    assert config_warnings(c) == []               # b holds x; each pin may stay on another
+    assert problems_of({"upstreams": hosts, "models": {
+        "lab/z": {"footprint_gb": 60},
+        "lab/p": {"footprint_gb": 10, "pinned": True, "host": "a"},
+        "lab/q": {"footprint_gb": 10, "pinned": True, "host": "a"}}}) == [
+        "models.lab/z.footprint_gb: 60 exceeds the memory of every host that may hold it "
+        "('a' 16.0 GB (upstreams[0].budget_gb), 'b' 48.0 GB (upstreams[1].budget_gb))",
+        "upstreams[0]: the footprints of the models pinned on 'a' add up to 20 GB, more than "
+        "its memory (16.0 GB, upstreams[0].budget_gb)"]
+
+
+def test_check_warns_per_host_in_a_fleet(tmp_path, capsys):
+    from proxy.cli import main
+    path = tmp_path / "proxy.yaml"
+    path.write_text("upstreams:\n"
+                    "  - {name: a, url: 'http://10.0.0.1:1234', budget_gb: 16}\n"
+                    "  - {name: b, url: 'http://10.0.0.2:1234', budget_gb: 24}\n"
+                    "models: {lab/big: {footprint_gb: 20}}\n")
+    assert main(["--config", str(path), "--check"], environ={}) == 0
+    out = capsys.readouterr().out
+    assert "warning: models.lab/big.footprint_gb: 20 GB can never load" in out
+    assert "'b' 19.2 GB of 24.0 GB (upstreams[1].budget_gb)" in out
+
+
+def test_a_host_without_a_budget_is_judged_on_this_machines_memory():
+    problems = problems_of({"upstreams": [{"name": "here", "url": "http://127.0.0.1:1234"}],
+                            "models": {"lab/z": {"footprint_gb": 100_000}}})
+    assert len(problems) == 1 and problems[0].startswith(
+        "models.lab/z.footprint_gb: 100000 exceeds the memory of every host that may hold it "
+        "('here' ") and problems[0].endswith(" GB (this machine's memory))")

@@ -343,6 +343,9 @@ async def test_a_replica_adopts_the_footprint_and_load_time_another_measured():
         assert other.registry.footprint_bytes(e) == 3 * GB        # not 4 GB x 1.2 guessed
         assert other.registry.reload_s(e) == 7.5
         assert (e.footprint_samples, e.load_count) == (0, 0)      # adopted, not measured here
+        assert other.row(A)["footprint_source"] == "shared"       # as /proxy/models shows it
+        e.learn_footprint(3.2 * GB)             # measured here too: its own from now on
+        assert other.row(A)["footprint_source"] == "learned"
         (await other.acquire(A)).release()      # its own load: its own measurement counts
         assert (e.load_time_s, e.load_count) == (7.5, 1)
     finally:

@@ -63,7 +63,8 @@ class Refusals:
                      retry_after_s: float) -> InsufficientMemory:
         need = self.registry.footprint_bytes(e)
         s = self.monitor.last_sample
-        free = max(0.0, self.monitor.headroom(s)) if s is not None else 0.0
+        headroom = self.monitor.headroom(s) if s is not None else 0.0
+        free = max(0.0, headroom)
         held = "; ".join(f"'{k}' {b / GB:.1f} GB ({why})" if k != OTHERS else
                          f"{why} {b / GB:.1f} GB" for k, b, why in holders) or "nothing"
         reasons = {why for _, _, why in holders}
@@ -79,9 +80,16 @@ class Refusals:
             amounts = f"it needs {need_gb} GB, {free_gb} GB may be used now"
         else:   # memory came free, but too late for this load
             amounts = f"it needs {need_gb} GB; {free_gb} GB came free only as it gave up"
+        # Even if all that may go went, it would not fit: only a person freeing memory helps,
+        # so the refusal is final (an SDK would otherwise retry it after each Retry-After).
+        final = need - headroom > sum(b for _, b, why in holders if why in WILL_GO)
+        if final:
+            hint += " Nothing the proxy may unload would make room: a retry helps only once " \
+                    "memory is freed by hand (a model unpinned, or unloaded in LM Studio)."
         return InsufficientMemory(
             f"Not enough memory to load '{clip(e.key, ECHO_MAX_CHARS)}'{when} ({amounts}). Memory is "
-            f"held by: {held}.{hint}", retry_after_s=retry_after_s)
+            f"held by: {held}.{hint}", retry_after_s=None if final else retry_after_s,
+            final=final)
 
     def hopeless(self, e: ModelEntry, need: float, s: MemorySample
                  ) -> InsufficientMemory | None:
@@ -99,6 +107,7 @@ class Refusals:
         how = {"refused": f"LM Studio refused to load it with {floor / GB:.1f} GB free for it",
                "configured": f"models.{e.key}.footprint_gb",
                "learned": "measured across earlier loads",
+               "shared": "as another replica measured it",
                "estimated": f"estimated as its {(e.size_bytes or 0) / GB:.1f} GB file × "
                             f"memory.footprint_factor"}.get(self.registry.footprint_source(e),
                                                             "as fitted")

@@ -152,7 +152,11 @@ class Registry:
             return "configured"
         if e.reported_bytes is not None:
             return "reported"
-        return "learned" if e.footprint_bytes is not None else "estimated"
+        if e.footprint_bytes is None:
+            return "estimated"
+        # Another replica's measurement is adopted with no sample of this one's
+        # (engine/shared_learned.py); the first load measured here makes it "learned".
+        return "learned" if e.footprint_samples else "shared"
 
     def reload_s(self, e: ModelEntry) -> float:
         """Expected seconds to load e again: learned, else about a second per GB."""

@@ -44,8 +44,8 @@ def host_storage_path(config: Config, name: str) -> Path:
 
 def host_config(config: Config, h: HostConfig) -> Config:
     memory = config.memory
-    if h.budget_gb is not None and h.sampler != "local":
-        memory = dataclasses.replace(memory, sampler="budget", budget_gb=h.budget_gb)
+    if h.budget() is not None:
+        memory = dataclasses.replace(memory, sampler="budget", budget_gb=h.budget())
     elif h.sampler in ("local", "auto"):
         memory = dataclasses.replace(memory, sampler="local")
     models = {key: m if m.host in (None, h.name) else
