@@ -8,7 +8,7 @@ from urllib.parse import urlsplit
 
 from .config import AuthConfig, Config, HostConfig, StateConfig, TaskModel, UpstreamConfig
 from .urls import is_local_url, redact_url, url_has_credentials
-from .groupcheck import group_problems
+from .groupcheck import Memory, ceiling_gb as _ceiling_gb, group_problems
 from .loadoptions import load_option_problems, load_option_warnings
 
 
@@ -36,7 +36,7 @@ def cross_checks(config: Config, problems: list[str]) -> None:
     _host_checks(config, problems)
     _state_checks(config.state, problems)
     total_gb = _total_memory_gb(config)
-    problems += group_problems(config, total_gb)
+    problems += group_problems(config, _group_memories(config, total_gb))
     problems += load_option_problems(config)
     if config.upstreams:        # each host's engine goes by its own memory, not memory:'s
         problems += _host_footprint_problems(config)
@@ -192,8 +192,7 @@ def config_warnings(config: Config) -> list[str]:
     if total_gb is None:
         return load_option_warnings(config)
     mem = config.memory
-    ceiling_gb = min(total_gb - mem.min_free_memory_gb,
-                     total_gb * mem.max_memory_usage_percent / 100.0)
+    ceiling_gb = _ceiling_gb(config, total_gb)
     return [f"models.{key}.footprint_gb: {m.footprint_gb:g} GB can never load: the ceiling "
             f"for one model is {ceiling_gb:.1f} GB of {total_gb:.1f} GB "
             f"(memory.max_memory_usage_percent, memory.min_free_memory_gb"
@@ -205,6 +204,13 @@ def config_warnings(config: Config) -> list[str]:
 
 
 HostMemory = tuple[int, HostConfig, float | None, str]   # (index, host, GB, what sets it)
+
+
+def _group_memories(config: Config, total_gb: float | None) -> list[Memory]:
+    if not config.upstreams:
+        budget = config.memory.sampler == "budget"
+        return [Memory(total_gb, "memory.budget_gb" if budget else "this machine's memory")]
+    return [Memory(gb, src, h.name, h.allows) for _, h, gb, src in _host_memory(config)]
 
 
 def _host_memory(config: Config) -> list[HostMemory]:
@@ -220,11 +226,6 @@ def _host_memory(config: Config) -> list[HostMemory]:
             machine_gb.append(_machine_memory_gb())
         out.append((i, h, machine_gb[0], "this machine's memory"))
     return out
-
-
-def _ceiling_gb(config: Config, total_gb: float) -> float:
-    mem = config.memory
-    return min(total_gb - mem.min_free_memory_gb, total_gb * mem.max_memory_usage_percent / 100.0)
 
 
 def _fixed_footprints(config: Config) -> dict[str, float]:

@@ -8,12 +8,21 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:
     from .config import Config
 
 TOGETHER, EXCLUSIVE = "together", "exclusive"
+
+
+@dataclass(frozen=True)
+class Memory:
+    """Memory a together group may be resident in: the one machine's, or a fleet host's."""
+    total_gb: float | None          # None: cannot be known here (the check is skipped)
+    source: str                     # the keys that set it, for the message
+    host: str | None = None         # a fleet host's name
+    allows: Callable[[str], bool] = lambda key: True    # its models: patterns
 
 
 @dataclass(frozen=True)
@@ -32,7 +41,9 @@ def resolved(config: "Config") -> tuple[Group, ...]:
     return tuple(out)
 
 
-def group_problems(config: "Config", total_gb: float | None) -> list[str]:
+def group_problems(config: "Config", memories: list[Memory]) -> list[str]:
+    """memories: where a group may be resident (one per fleet host; a together group's
+    members load on one host, so one host must hold them all)."""
     problems: list[str] = []
     aliases = config.alias_map()
     names: dict[str, int] = {}
@@ -68,8 +79,7 @@ def group_problems(config: "Config", total_gb: float | None) -> list[str]:
                         f"group (merge the two)")
                 together_of.setdefault(key, i)
     problems += _contradictions(config, aliases)
-    if total_gb is not None:
-        problems += _never_together(config, total_gb)
+    problems += _never_together(config, memories)
     return problems
 
 
@@ -92,26 +102,39 @@ def _contradictions(config: "Config", aliases: dict[str, str]) -> list[str]:
     return out
 
 
-def _never_together(config: "Config", total_gb: float) -> list[str]:
+def _never_together(config: "Config", memories: list[Memory]) -> list[str]:
     """A together group whose configured footprints add up to more than the memory the
-    models may take at once (the ceiling of one model: the headroom of an empty machine)."""
-    mem = config.memory
-    ceiling_gb = min(total_gb - mem.min_free_memory_gb,
-                     total_gb * mem.max_memory_usage_percent / 100.0)
+    models may take at once (the ceiling of one model: the headroom of an empty machine) on
+    every host that may hold all of them, or that no host may hold whole."""
     out = []
     for i, g in enumerate(resolved(config)):
         known = [(k, config.models[k].footprint_gb) for k in g.members
                  if k in config.models and config.models[k].footprint_gb is not None]
-        if g.policy != TOGETHER or len(known) < 2:
+        if g.policy != TOGETHER:
+            continue
+        may = [m for m in memories if all(m.allows(k) for k in g.members)]
+        if not may:
+            out.append(f"groups[{i}]: '{g.name}' can never be resident at once: no host's "
+                       f"upstreams[].models patterns allow all of its members; change those, "
+                       f"or make it exclusive")
+            continue
+        if len(known) < 2 or any(m.total_gb is None for m in may):
             continue
         total = sum(gb for _, gb in known)
-        if total > ceiling_gb:
+        ceilings = [(m, ceiling_gb(config, m.total_gb)) for m in may]
+        if all(total > gb for _, gb in ceilings):
             parts = " + ".join(f"{k} {gb:g}" for k, gb in known)
+            where = ", ".join(f"{'' if m.host is None else f'on {m.host!r}: '}{gb:.1f} GB of "
+                              f"{m.total_gb:.1f} GB ({m.source})" for m, gb in ceilings)
             out.append(
                 f"groups[{i}]: '{g.name}' can never be resident at once: its members' "
-                f"models.<key>.footprint_gb add up to {total:g} GB ({parts}), more than the "
-                f"{ceiling_gb:.1f} GB models may take of {total_gb:.1f} GB "
-                f"(memory.max_memory_usage_percent, memory.min_free_memory_gb"
-                f"{', memory.budget_gb' if mem.sampler == 'budget' else ''}); make it "
-                f"exclusive, or change those")
+                f"models.<key>.footprint_gb add up to {total:g} GB ({parts}), more than "
+                f"models may take at once, {where}; make it exclusive, or change those "
+                f"(models' share: memory.max_memory_usage_percent, memory.min_free_memory_gb)")
     return out
+
+
+def ceiling_gb(config: "Config", total_gb: float) -> float:
+    """The most models may take of total_gb at once (the headroom of an empty machine)."""
+    mem = config.memory
+    return min(total_gb - mem.min_free_memory_gb, total_gb * mem.max_memory_usage_percent / 100.0)

@@ -143,3 +143,29 @@ def test_a_host_without_a_budget_is_judged_on_this_machines_memory():
     assert len(problems) == 1 and problems[0].startswith(
         "models.lab/z.footprint_gb: 100000 exceeds the memory of every host that may hold it "
         "('here' ") and problems[0].endswith(" GB (this machine's memory))")
+
+
+TWO_BUDGETS = [{"name": "a", "url": "http://10.0.0.1:1234", "budget_gb": 16},
+               {"name": "b", "url": "http://10.0.0.2:1234", "budget_gb": 48, "models": ["lab/*"]}]
+PAIR = {"name": "pair", "members": ["lab/x", "lab/y"]}
+
+
+def test_a_together_group_is_judged_on_the_hosts_that_may_hold_it_whole():
+    """18 GB together fits only 'b' (its ceiling 38.4 GB): valid, although the fleet's memory:
+    (no budget) and 'a' could not hold it; too big for 'b' too, it is refused naming 'b' only;
+    a group no host may hold whole is refused for that."""
+    fits = {"upstreams": TWO_BUDGETS, "groups": [PAIR],
+            "models": {"lab/x": {"footprint_gb": 10}, "lab/y": {"footprint_gb": 8}}}
+    assert load_config(fits).groups[0].name == "pair"
+    too_big = {**fits, "models": {"lab/x": {"footprint_gb": 30}, "lab/y": {"footprint_gb": 9}}}
+    assert problems_of(too_big) == [
+        "groups[0]: 'pair' can never be resident at once: its members' "
+        "models.<key>.footprint_gb add up to 39 GB (lab/x 30 + lab/y 9), more than models may "
+        "take at once, on 'a': 12.0 GB of 16.0 GB (upstreams[0].budget_gb), on 'b': 38.4 GB of "
+        "48.0 GB (upstreams[1].budget_gb); make it exclusive, or change those (models' share: "
+        "memory.max_memory_usage_percent, memory.min_free_memory_gb)"]
+    split = {"upstreams": TWO_BUDGETS, "groups": [{"name": "split", "members": ["lab/x", "q/z"]}]}
+    assert problems_of({**split, "upstreams": [TWO_BUDGETS[1], {**TWO_BUDGETS[0],
+                                                                "models": ["q/*"]}]}) == [
+        "groups[0]: 'split' can never be resident at once: no host's upstreams[].models "
+        "patterns allow all of its members; change those, or make it exclusive"]

@@ -312,9 +312,10 @@ def test_check_names_every_problem_of_the_groups(tmp_path, capsys):
         "groups[4].members: 'lab/a-4g', 'lab/b-4g' are kept apart here (exclusive) and "
         "together by groups[0] ('pair'): they cannot be both",
         "groups[0]: 'pair' can never be resident at once: its members' "
-        "models.<key>.footprint_gb add up to 18 GB (lab/a-4g 10 + lab/b-4g 8), more than the "
-        "12.8 GB models may take of 16.0 GB (memory.max_memory_usage_percent, "
-        "memory.min_free_memory_gb, memory.budget_gb); make it exclusive, or change those"]
+        "models.<key>.footprint_gb add up to 18 GB (lab/a-4g 10 + lab/b-4g 8), more than "
+        "models may take at once, 12.8 GB of 16.0 GB (memory.budget_gb); make it exclusive, or "
+        "change those (models' share: memory.max_memory_usage_percent, "
+        "memory.min_free_memory_gb)"]
 
 
 def test_check_names_an_unknown_policy(tmp_path, capsys):
