@@ -36,7 +36,9 @@ def cross_checks(config: Config, problems: list[str]) -> None:
     _host_checks(config, problems)
     _state_checks(config.state, problems)
     total_gb = _total_memory_gb(config)
-    problems += group_problems(config, _group_memories(config, total_gb))
+    memories = _group_memories(config, total_gb)
+    problems += _empty_ceilings(config, memories)
+    problems += group_problems(config, memories)
     problems += load_option_problems(config)
     if config.upstreams:        # each host's engine goes by its own memory, not memory:'s
         problems += _host_footprint_problems(config)
@@ -204,6 +206,20 @@ def config_warnings(config: Config) -> list[str]:
 
 
 HostMemory = tuple[int, HostConfig, float | None, str]   # (index, host, GB, what sets it)
+
+
+def _empty_ceilings(config: Config, memories: list[Memory]) -> list[str]:
+    """A memory of which models may take nothing: every load would be refused."""
+    mem = config.memory
+    out = []
+    for m in memories:
+        if m.total_gb is None or _ceiling_gb(config, m.total_gb) > 0:
+            continue
+        where = "" if m.host is None else f" on '{m.host}'"
+        out.append(f"memory: models may take nothing of {m.total_gb:.1f} GB ({m.source}){where}:"
+                   f" min_free_memory_gb {mem.min_free_memory_gb:g}, max_memory_usage_percent "
+                   f"{mem.max_memory_usage_percent:g}; every load would be refused")
+    return out
 
 
 def _group_memories(config: Config, total_gb: float | None) -> list[Memory]:

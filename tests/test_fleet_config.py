@@ -169,3 +169,15 @@ def test_a_together_group_is_judged_on_the_hosts_that_may_hold_it_whole():
                                                                 "models": ["q/*"]}]}) == [
         "groups[0]: 'split' can never be resident at once: no host's upstreams[].models "
         "patterns allow all of its members; change those, or make it exclusive"]
+
+
+def test_a_memory_models_may_take_nothing_of_is_a_problem_on_one_server_and_per_host():
+    assert problems_of({"memory": {"sampler": "budget", "budget_gb": 8,
+                                   "min_free_memory_gb": 50}}) == [
+        "memory: models may take nothing of 8.0 GB (memory.budget_gb): min_free_memory_gb 50, "
+        "max_memory_usage_percent 80; every load would be refused"]
+    assert problems_of({"memory": {"min_free_memory_gb": 7}, "upstreams": [
+        {"name": "a", "url": "http://10.0.0.1:1234", "budget_gb": 8},
+        {"name": "b", "url": "http://10.0.0.2:1234", "budget_gb": 6}]}) == [
+        "memory: models may take nothing of 6.0 GB (upstreams[1].budget_gb) on 'b': "
+        "min_free_memory_gb 7, max_memory_usage_percent 80; every load would be refused"]
