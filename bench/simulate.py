@@ -248,15 +248,16 @@ async def _oracle(loop: VirtualTimeLoop, mgr: EngineCore, workload: Workload, *,
     a preload (expected to save its whole reload) its load time plus ORACLE_LEAD_S before the
     request arrives. Admission and eviction are the engine's own: into free memory, or by the
     rule that lets a preload evict, and giving way to any load a request waits for. What the
-    engine's predictor could reach at best, with the same rules. seen_only: not a model's
-    first request, which no predictor that learns from what it has seen can foresee."""
-    seen: set[str] = set()
+    engine's predictor could reach at best, with the same rules. seen_only: only once a
+    model has been asked for (no predictor that learns from what it has seen can foresee a
+    model's first request, nor preload it before then)."""
+    first_s: dict[str, float] = {}
     due = []
     for r in workload.requests:
-        if seen_only and r.model not in seen:
-            seen.add(r.model)
-            continue
-        due.append((max(0.0, r.t_s - workload.models[r.model].load_s - ORACLE_LEAD_S), r.model))
+        first_s.setdefault(r.model, r.t_s)
+        t_s = max(0.0, r.t_s - workload.models[r.model].load_s - ORACLE_LEAD_S)
+        if not seen_only or t_s >= first_s[r.model] and r.t_s > first_s[r.model]:
+            due.append((t_s, r.model))
     due.sort()
     registry, scheduler = mgr.registry, mgr.scheduler
     for t_s, key in due:

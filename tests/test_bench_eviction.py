@@ -57,21 +57,22 @@ def test_the_oracle_preloads_exactly_the_models_requested_next(tmp_path):
 
 def test_the_predictors_ceiling_preloads_nothing_for_a_models_first_request(tmp_path):
     """oracle-seen knows the future but for each model's first request: a, b and c asked for
-    twice each, in memory for all, wait for their first loads as without preloading, where the
-    full oracle preloads all three in time."""
+    twice each, in memory for all, wait for their first loads as without preloading (a's second
+    request, a second after its first, too: its preload would have been due before a was ever
+    asked for), where the full oracle preloads all three in time."""
     catalog = tmp_path / "catalog.csv"
     catalog.write_text("model,size_gb,load_s\na,4,3\nb,4,3\nc,4,3\n")
     requests = tmp_path / "requests.csv"
-    requests.write_text("t_s,model\n10,a\n20,b\n30,c\n100,a\n200,b\n300,c\n")
+    requests.write_text("t_s,model\n10,a\n11,a\n20,b\n30,c\n100,a\n200,b\n300,c\n")
     out = tmp_path / "runs.json"
     assert main(["--requests", str(requests), "--catalog", str(catalog), "--budget-gb", "16",
                  "--policy", "cost-aware", "--prediction", "oracle,oracle-seen", "--jobs", "1",
                  "--json", str(out)]) == 0
     runs = {r["prediction"]: r for r in json.loads(out.read_text())["runs"]}
     seen = runs["oracle-seen"]
-    assert (seen["preloads"], seen["cold_loads"], seen["delayed_requests"]) == (0, 3, 3)
-    assert seen["delay_total_s"] == 9.0
-    assert seen["delay_tail_mean_s"] == 3.0     # the slowest 1 % of six: the slowest one
+    assert (seen["preloads"], seen["cold_loads"], seen["delayed_requests"]) == (0, 3, 4)
+    assert seen["delay_total_s"] == 11.0
+    assert seen["delay_tail_mean_s"] == 3.0     # the slowest 1 % of seven: the slowest one
     assert (runs["oracle"]["preloads"], runs["oracle"]["delayed_requests"]) == (3, 0)
     assert runs["oracle"]["delay_tail_mean_s"] == 0.0
 
