@@ -16,11 +16,12 @@ over the intervals between a model's requests, scipy's HiGHS MILP; skipped with 
 instance is too large) and `offline-bound` (its LP relaxation; its delay column is the delay
 every schedule without preloading pays for the first requests). `--prediction oracle` preloads
 exactly the next request's model in time, through the engine's own admission and eviction
-rule: the ceiling of preloading; `--prediction oracle-seen` the same but for each model's first
-request, which nothing learned from the past can foresee: the ceiling of a predictor. The real engine may delay requests while a load runs and serve
-them together, which the instant-load model forbids: an online policy can spend fewer load
-seconds than `offline-optimal`, paying in delay. Every table gives load seconds, the total
-delay (arrival until the model is ready) and its 99th percentile.
+rule: the ceiling of preloading; `--prediction oracle-seen` the same, but only once a model
+has been asked for (nothing learned from the past foresees a model's first request): the
+ceiling of a predictor. The real engine may delay requests while a load runs and serve them
+together, which the instant-load model forbids: an online policy can spend fewer load seconds
+than `offline-optimal`, paying in delay. Every table gives load seconds, the total delay
+(arrival until the model is ready), its 99th percentile and the mean of its slowest 1 %.
 """
 from __future__ import annotations
 

@@ -63,6 +63,21 @@ async def test_a_pin_on_a_host_that_may_not_hold_the_model_is_a_404(fleet, http)
     assert status == 200 and body["pinned"] is True
 
 
+async def test_a_pin_answers_for_the_host_it_named_and_lists_where_the_model_is_pinned(fleet,
+                                                                                     http):
+    proxy, _ = fleet
+    await proxy.engine.load(SMALL, host="a")
+    status, body = await post(http, f"{proxy.url}/proxy/models/pin", {"model": SMALL, "host": "b"})
+    assert status == 200
+    assert (body["host"], body["state"], body["pinned"]) == ("b", "unloaded", True)
+    assert body["pinned_on"] == ["b"] and body["hosts"]["a"] == "loaded"
+    status, body = await post(http, f"{proxy.url}/proxy/models/pin",
+                              {"model": SMALL, "host": "a", "pinned": False})
+    assert (body["host"], body["pinned"], body["pinned_on"]) == ("a", False, ["b"])
+    status, body = await post(http, f"{proxy.url}/proxy/models/pin", {"model": SMALL})
+    assert (body["pinned"], body["pinned_on"]) == (True, ["a", "b", "c"])
+
+
 async def test_a_query_and_a_body_naming_different_hosts_is_a_400(fleet, http):
     proxy, emus = fleet
     await proxy.engine.load(SMALL, host="b")

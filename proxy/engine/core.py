@@ -369,8 +369,12 @@ class EngineCore(CoreViews):
         _one_server(host)
         self.registry.pin_override[key] = pinned
 
-    def pinned(self, key: str) -> bool:
+    def pinned(self, key: str, *, host: str | None = None) -> bool:
+        _one_server(host)
         return self.registry.pinned(key)
+
+    def pinned_on(self, key: str) -> list[str]:
+        return []
 
 
 def _one_server(host: str | None) -> None:

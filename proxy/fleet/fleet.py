@@ -358,8 +358,12 @@ class Fleet(FleetViews):
         for h in self._targets(host):
             h.core.pin(key, pinned)
 
-    def pinned(self, key: str) -> bool:
-        return any(h.core.pinned(key) for h in self.hosts)
+    def pinned(self, key: str, *, host: str | None = None) -> bool:
+        """Pinned on that host, or (no host) on any."""
+        return any(h.core.pinned(key) for h in self._targets(host))
+
+    def pinned_on(self, key: str) -> list[str]:
+        return [h.name for h in self.hosts if h.core.pinned(key)]
 
     async def reconcile(self) -> None:
         await asyncio.gather(*(h.core.reconcile() for h in self.hosts))

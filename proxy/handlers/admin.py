@@ -115,7 +115,11 @@ async def pin(request: web.Request) -> web.Response:
     key = await engine.resolve(_model_field(request, data))
     engine.pin(key, pinned, host=host)
     request.app[EVENTS].publish("pin", {"model": key, "pinned": pinned})
-    return json_response({"model": key, "pinned": engine.pinned(key)})
+    where = _where(engine, key, host)
+    if where:                            # a fleet: which hosts it is pinned on, too
+        where = {**where, "state": _state_on(engine, key, host),
+                 "pinned_on": engine.pinned_on(key)}
+    return json_response({"model": key, "pinned": engine.pinned(key, host=host), **where})
 
 
 async def optimize(request: web.Request) -> web.Response:
