@@ -17,7 +17,7 @@ from .engine.shared import SINGLE_HOST, create_replica
 from .fleet import create_fleet
 from .engine.face import Engine
 from .engine.memory import MemorySampler
-from .errors import ProxyError, RouteNotFound, ShuttingDown
+from .errors import MethodNotAllowed, ProxyError, RouteNotFound, ShuttingDown
 from .observe.events import EventHub
 from .handlers import admin, dashboard, openai, probes
 from .observe.accesslog import AccessLog
@@ -83,6 +83,11 @@ async def errors_middleware(request: web.Request,
         if exc.status == 404:
             return error_response(RouteNotFound(
                 f"Unknown route: {clip(request.method, 20)} {clip(request.path)}"))
+        if isinstance(exc, web.HTTPMethodNotAllowed):
+            allowed = sorted(exc.allowed_methods)
+            return error_response(MethodNotAllowed(
+                f"{clip(request.method, 20)} is not allowed on {clip(request.path)}; use "
+                f"{' or '.join(allowed)}", allowed))
         err = ProxyError(exc.reason or "request failed")
         err.status, err.type, err.code = exc.status, "invalid_request_error", None
         return error_response(err)

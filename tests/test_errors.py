@@ -32,6 +32,15 @@ async def test_bad_bodies_are_400(proxy, http, data, code, param):
     assert error["type"] == "invalid_request_error"
 
 
+async def test_a_method_a_route_does_not_take_is_a_specific_405(proxy, http):
+    async with http.put(f"{proxy.url}/v1/chat/completions", json={}) as resp:
+        status, error = await error_of(resp)
+        allow = resp.headers.get("Allow")
+    assert status == 405 and error["code"] == "method_not_allowed"
+    assert error["message"] == "PUT is not allowed on /v1/chat/completions; use POST"
+    assert allow == "POST"
+
+
 async def test_body_over_limit_is_413(make_proxy, emulator, http):
     proxy = await make_proxy(emulator.url, **{"server.max_body_bytes": 2048})
     big = orjson.dumps({"model": MODEL, "messages": [{"role": "user", "content": "x" * 4096}]})
