@@ -72,6 +72,10 @@ class UpstreamConfig:
     breaker_cooldown_s: float = field(default=5.0, metadata=rule(0, exclusive_lo=True))
     # /readyz asks the upstream again (one model-list call) when its last answer is older.
     readiness_max_age_s: float = field(default=2.0, metadata=rule(0, exclusive_lo=True))
+    # A health look (the model list the reconcile loop and /readyz ask for) not answered
+    # within this long counts the server as down: a frozen server is not waited on for
+    # read_timeout_s, and in a fleet its requests go to other hosts.
+    probe_timeout_s: float = field(default=5.0, metadata=rule(0, exclusive_lo=True))
 
 
 HOST_SAMPLERS = ("auto", "local", "budget")

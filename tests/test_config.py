@@ -53,6 +53,9 @@ def test_every_error_is_listed_with_its_path():
     ({"native": {"evict": "sometimes"}},
      "native.evict: must be one of never, after_disconnect, always"),
     ({"native": {"max_frame_bytes": 10}}, "native.max_frame_bytes: must be >= 1024"),
+    ({"upstream": {"probe_timeout_s": 0}}, "upstream.probe_timeout_s: must be > 0"),
+    ({"upstreams": [{"name": "a", "url": "http://127.0.0.1:1", "probe_timeout_s": -1}]},
+     "upstreams[0].probe_timeout_s: must be > 0"),
 ])
 def test_specific_refusals(raw, expected):
     assert any(p.startswith(expected) for p in problems_of(raw)), problems_of(raw)

@@ -4,19 +4,15 @@ host, nothing hangs, and the host is reconciled before it takes traffic again.""
 from __future__ import annotations
 
 import asyncio
-import signal
-import socket
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any, AsyncIterator
 
-import aiohttp
 import orjson
 import pytest
 
 from proxy.config import load_config
 from proxy.emulator.catalog import CatalogModel
+from tests.emuprocess import EmulatorProcess, free_port
 
 pytestmark = pytest.mark.timeout(60)
 GB = 10**9
@@ -29,45 +25,6 @@ CATALOG_YAML = f"""models:
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class EmulatorProcess:
-    """`python -m proxy.emulator` in a process of its own, so that it can be killed."""
-
-    def __init__(self, catalog: Path, port: int) -> None:
-        self.catalog, self.port = catalog, port
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "proxy.emulator", "--port", str(self.port), "--catalog",
-             str(self.catalog), "--tokens-per-s", "20"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        async with aiohttp.ClientSession() as http:
-            async with asyncio.timeout(20):
-                while True:
-                    try:
-                        async with http.get(f"{self.url}/v1/models") as r:
-                            if r.status == 200:
-                                return
-                    except aiohttp.ClientError:
-                        pass
-                    await asyncio.sleep(0.05)
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(5)
-
-
 @pytest.fixture
 async def doomed(tmp_path: Path) -> AsyncIterator[EmulatorProcess]:
     catalog = tmp_path / "catalog.yaml"
@@ -75,8 +32,7 @@ async def doomed(tmp_path: Path) -> AsyncIterator[EmulatorProcess]:
     emu = EmulatorProcess(catalog, free_port())
     await emu.start()
     yield emu
-    if emu.proc is not None and emu.proc.poll() is None:
-        emu.kill()
+    emu.stop()
 
 
 async def test_a_host_dies_and_comes_back(doomed, make_emulator, make_proxy, http):

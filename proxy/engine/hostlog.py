@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from contextvars import ContextVar
-from typing import Awaitable, Callable, Iterator
+from typing import Awaitable, Callable, Iterator, TypeVar
 
 HOST: ContextVar[str | None] = ContextVar("proxy_engine_host", default=None)
 LOGGERS = ("proxy.engine", "proxy.memory", "proxy.shared")
@@ -40,7 +40,12 @@ def working_for(host: str) -> Iterator[None]:
         HOST.reset(token)
 
 
-async def run_for(host: str, step: Callable[[], Awaitable[None]]) -> None:
-    """`step` of one host's engine, and every task it starts, named in the log lines."""
+T = TypeVar("T")
+
+
+async def run_for(host: str, step: Callable[[], Awaitable[T]]) -> T:
+    """`step` of one host's engine, and every task it starts, named in the log lines. (A
+    task started outside — asyncio.gather's — takes the context of where it was started: the
+    fleet calls each host's engine through this.)"""
     with working_for(host):
-        await step()
+        return await step()

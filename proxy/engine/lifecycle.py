@@ -79,6 +79,9 @@ class ModelEntry:
     load_failures: int = 0
     retry_at_s: float = 0.0
     last_error: str | None = None
+    # Its last load failed because the server could not be reached: a fact of the server,
+    # not of the model; the server's next answer (reconcile) clears the error.
+    failed_unreachable: bool = False
     unfinished_since_s: float | None = None  # our load got no answer; the server may finish it
     max_context_length: int | None = None   # the most the server says it can take
     context_length: int | None = None       # its loaded instance's context, when known

@@ -247,6 +247,7 @@ class Loader(Part):
             return
         e.load_failures += 1
         e.last_error = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+        e.failed_unreachable = isinstance(exc, UpstreamUnreachable)
         e.retry_at_s = self.clock.now() + min(ERROR_BACKOFF_MAX_S, 2.0 ** (e.load_failures - 1))
         self.ctx.swap(e, S.LOADING, S.ERROR)
         log.warning("loading %s failed: %s", e.key, e.last_error)

@@ -15,8 +15,9 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from ..errors import UpstreamError
+from ..errors import UpstreamError, UpstreamTimeout
 from ..upstream.base import ApiLevel, Capabilities, UpstreamModel, capabilities_of
+from ..urls import redact_url
 from .context import EngineContext, Part
 from .lifecycle import OWNER_EXTERNAL, OWNER_PROXY, ModelEntry, ModelStatus
 
@@ -49,20 +50,27 @@ class Reconciler(Part):
     async def _run(self) -> list[ModelEntry]:
         self.last_run_s = self.clock.now()
         epoch = self.ctx.status_epoch
+        upstream = self.registry.config.upstream
         try:
-            if self.api_level is None:
-                level = await self.backend.detect()
-                self.capabilities = capabilities_of(self.backend, level)
-                self.api_level = level
-                log.info("upstream speaks %s%s", self.api_level.value,
-                         "" if self.capabilities.manages_loading else
-                         ": loading is left to the server's own JIT")
-            models = await self.backend.list_models()
-        except UpstreamError as exc:
+            # One deadline for the whole look: a server that accepts and never answers (frozen,
+            # swapping) is down now, not after read_timeout_s.
+            async with asyncio.timeout(upstream.probe_timeout_s):
+                if self.api_level is None:
+                    level = await self.backend.detect()
+                    self.capabilities = capabilities_of(self.backend, level)
+                    self.api_level = level
+                    log.info("upstream speaks %s%s", self.api_level.value,
+                             "" if self.capabilities.manages_loading else
+                             ": loading is left to the server's own JIT")
+                models = await self.backend.list_models()
+        except (UpstreamError, TimeoutError) as exc:
+            err = exc if isinstance(exc, UpstreamError) else UpstreamTimeout(
+                f"{redact_url(upstream.url)} did not answer a look at its models within "
+                f"{upstream.probe_timeout_s:g}s (upstream.probe_timeout_s): counted down")
             if self.upstream_ok:
-                log.warning("upstream unavailable: %s", exc.message)
-            self.upstream_ok, self.upstream_error = False, exc.message
-            self.error_type = type(exc)
+                log.warning("upstream unavailable: %s", err.message)
+            self.upstream_ok, self.upstream_error = False, err.message
+            self.error_type = type(err)
             return []
         self.upstream_ok, self.upstream_error = True, None
         if self.ctx.shared is not None:
@@ -71,10 +79,22 @@ class Reconciler(Part):
         late: list[ModelEntry] = []
         for m in models:
             self._one(m, epoch, changed, late)
+        self._answered_again()
         await self.accounting.commit_ownership()   # nothing to write: no I/O
         if changed:
             await self.monitor.sample()     # the memory figures show what others changed
         return late
+
+    def _answered_again(self) -> None:
+        """A load that failed because the server could not be reached says nothing of the
+        model: now that the server answers, it may load again at once (its error kept as
+        `last_error`)."""
+        for e in self.registry:
+            if e.status is S.ERROR and e.failed_unreachable:
+                e.failed_unreachable, e.load_failures, e.retry_at_s = False, 0, 0.0
+                self.ctx.swap(e, S.ERROR, S.UNLOADED)
+                log.info("%s may load again: the server answers (its load could not reach "
+                         "it: %s)", e.key, e.last_error)
 
     def _one(self, m: UpstreamModel, epoch: int, changed: list[ModelEntry],
              late: list[ModelEntry]) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
-from ..engine.lifecycle import Lease, ModelEntry
+from ..engine.lifecycle import Lease, ModelEntry, ModelStatus
 from ..engine.memory import MemoryPressure, MemorySample
 from ..engine.usage import ModelUsage, merged
 from ..upstream.base import ApiLevel, Capabilities
@@ -82,7 +82,7 @@ class FleetViews:
     def loaded_models(self) -> list[str]:
         seen: dict[str, None] = {}
         for h in self.hosts:
-            seen.update((k, None) for k in h.core.loaded_models())
+            seen.update((k, None) for k in h.loaded_models())
         return list(seen)
 
     def where(self, key: str) -> list[Host]:
@@ -118,12 +118,20 @@ class FleetViews:
     def row(self, key: str) -> dict[str, Any]:
         """The model's row where it is loaded (else where it is listed first), its use added
         up over every host, and where it lives: `host` (the row's), `hosts` (its state on
-        every host that lists it)."""
+        every host that lists it), `host_errors` (why it failed on each host in error)."""
         hosts = self.where(key)
-        row = hosts[0].core.row(key)
-        row.update(self.usage(key).summary(hosts[0].core.clock.now()))   # every host's use
-        row["host"] = hosts[0].name
-        row["hosts"] = {h.name: h.core.registry.entries[key].status.value for h in hosts}
+        first = hosts[0]
+        row = first.core.row(key)
+        row.update(self.usage(key).summary(first.core.clock.now()))   # every host's use
+        state = first.status(first.core.registry.entries[key])
+        if state.value != row["state"]:      # resident on a host that is down: not resident
+            row.update(state=state.value, owner=None, instances=[])
+        row["host"] = first.name
+        entries = [(h, h.core.registry.entries[key]) for h in hosts]
+        row["hosts"] = {h.name: h.status(e).value for h, e in entries}
+        # The row's last_error is its host's: a failure on another host is told here.
+        row["host_errors"] = {h.name: e.last_error or "no reason given" for h, e in entries
+                              if e.status is ModelStatus.ERROR}
         return row
 
     def report(self) -> dict[str, Any]:

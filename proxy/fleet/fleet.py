@@ -27,7 +27,7 @@ from typing import Any, Awaitable
 
 from ..config import Config
 from ..engine import hostlog
-from ..engine.hostlog import working_for
+from ..engine.hostlog import run_for, working_for
 from ..engine.lifecycle import Lease, ModelEntry, ModelStatus
 from ..engine.shared import Replica
 from ..engine.usage import RequestRecord
@@ -123,8 +123,8 @@ class Fleet(FleetViews):
         p: Placement | None = None
         try:
             turn = await self.turns.turn(key, listed)
-            await asyncio.gather(*(h.core.sample_memory() for h, _ in listed if h.up),
-                                 return_exceptions=True)
+            await asyncio.gather(*(run_for(h.name, h.core.sample_memory)
+                                   for h, _ in listed if h.up), return_exceptions=True)
             elsewhere = await self.turns.loading_elsewhere(key, listed)
             listed = self._listed(key, avoid)
             preferred = self.config.preferred_host(key)
@@ -146,13 +146,14 @@ class Fleet(FleetViews):
         host = self._count(p, key, listed, avoid)
         try:
             return await self._on(host, key)
-        except UpstreamUnreachable:
-            if avoid is not None:
-                raise           # this request has been placed once elsewhere already
-            # Its load could not reach the host, which nothing had shown down yet: the
-            # request is placed once more, on another host.
+        except UpstreamUnreachable as exc:
+            # Its load could not reach the host, which nothing had shown down yet.
             self.host_failed(host.name)
-            return await self._acquire_cold(name, host.name)
+            if avoid is not None:   # placed once elsewhere already: each host tried is named
+                exc.message = (f"No host that serves '{key}' is reachable: '{avoid}' did not "
+                               f"answer this request, then {exc.message}")
+                raise
+            return await self._acquire_cold(name, host.name)   # once more, elsewhere
 
     def _listed(self, key: str, avoid: str | None) -> list[tuple[Host, ModelEntry]]:
         return [(h, e) for h in self.hosts if h.name != avoid
@@ -296,7 +297,8 @@ class Fleet(FleetViews):
         return self.by_name[name] if name in self.by_name else self.hosts[0]
 
     async def admit_load(self, name: str, *, owner: str):  # noqa: ANN201
-        return await self.native.core.admit_load(name, owner=owner)
+        with working_for(self.native.name):
+            return await self.native.core.admit_load(name, owner=owner)
 
     def client_connection(self, client: str, delta: int) -> None:
         self.native.core.client_connection(client, delta)
@@ -342,11 +344,12 @@ class Fleet(FleetViews):
     async def clear(self, *, host: str | None = None) -> list[str]:
         out: list[str] = []
         for h in self._targets(host):
-            out += [k for k in await h.core.clear() if k not in out]
+            out += [k for k in await run_for(h.name, h.core.clear) if k not in out]
         return out
 
     async def optimize(self, *, host: str | None = None) -> dict[str, Any]:
-        per_host = {h.name: await h.core.optimize() for h in self._targets(host)}
+        per_host = {h.name: await run_for(h.name, h.core.optimize)
+                    for h in self._targets(host)}
         return {"unloaded_idle": sorted({k for r in per_host.values() for k in r["unloaded_idle"]}),
                 "evicted_for_pressure": sorted({k for r in per_host.values()
                                                 for k in r["evicted_for_pressure"]}),
@@ -356,7 +359,8 @@ class Fleet(FleetViews):
         if host is not None and self.host(host).entry(key) is None:
             raise self.host(host).not_holding(key)
         for h in self._targets(host):
-            h.core.pin(key, pinned)
+            with working_for(h.name):
+                h.core.pin(key, pinned)
 
     def pinned(self, key: str, *, host: str | None = None) -> bool:
         """Pinned on that host, or (no host) on any."""
@@ -366,7 +370,7 @@ class Fleet(FleetViews):
         return [h.name for h in self.hosts if h.core.pinned(key)]
 
     async def reconcile(self) -> None:
-        await asyncio.gather(*(h.core.reconcile() for h in self.hosts))
+        await asyncio.gather(*(run_for(h.name, h.core.reconcile) for h in self.hosts))
 
     def apply_config(self, config: Config) -> None:
         self.live.swap(config)
@@ -374,11 +378,11 @@ class Fleet(FleetViews):
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
         hostlog.install()
-        await asyncio.gather(*(hostlog.run_for(h.name, h.core.start) for h in self.hosts))
+        await asyncio.gather(*(run_for(h.name, h.core.start) for h in self.hosts))
 
     async def start_monitoring(self) -> None:
         for h in self.hosts:
-            await hostlog.run_for(h.name, h.core.start_monitoring)   # its loops log the host
+            await run_for(h.name, h.core.start_monitoring)   # its loops log the host
 
     async def cleanup(self) -> None:
         for task in self._recovering.values():
@@ -386,7 +390,7 @@ class Fleet(FleetViews):
         await asyncio.gather(*self._recovering.values(), return_exceptions=True)
         await self.turns.close()
         for h in self.hosts:
-            await h.core.cleanup()
+            await run_for(h.name, h.core.cleanup)
 
     def add_listener(self, listener: Any) -> None:
         for h in self.hosts:

@@ -17,7 +17,7 @@ from typing import Any
 from ..config import Config, HostConfig, ModelConfig, UpstreamConfig
 from ..engine.core import EngineCore
 from ..engine.listeners import EVENTS
-from ..engine.lifecycle import ModelStatus
+from ..engine.lifecycle import ModelEntry, ModelStatus
 from ..errors import ModelNotFound
 from ..liveconfig import LiveConfig
 from ..store import default_path
@@ -89,7 +89,7 @@ class Host:
         self.config = config
         self._allowed.clear()
 
-    def entry(self, key: str):  # noqa: ANN201 - ModelEntry | None
+    def entry(self, key: str) -> ModelEntry | None:
         """The model as this host holds it, if the host lists it and may hold it."""
         e = self.core.registry.entries.get(key)
         return e if e is not None and self.allows(key) else None
@@ -100,9 +100,22 @@ class Host:
                if not self.allows(key) else f"does not list '{key}'")
         return ModelNotFound(f"Host '{self.name}' {why}", param="model")
 
+    # -- what is resident here: the one answer every view of the fleet reads -----------------
+    def status(self, e: ModelEntry) -> ModelStatus:
+        """The model's state on this host as the fleet counts it: while the host is down
+        nothing is resident there (its engine keeps the entry; the host's return reconciles
+        it with what the server still has)."""
+        return S.UNLOADED if e.status is S.LOADED and not self.up else e.status
+
     def resident(self, key: str) -> bool:
-        e = self.core.registry.entries.get(key)
-        return e is not None and e.status is S.LOADED
+        e = self.entry(key)
+        return e is not None and e.status is S.LOADED and self.up
+
+    def loaded_models(self) -> list[str]:
+        """The models resident here that it may hold; none while it is down."""
+        if not self.up:
+            return []
+        return [k for k in self.core.loaded_models() if self.allows(k)]
 
 
 class HostTagged:

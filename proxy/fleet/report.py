@@ -2,6 +2,7 @@
 hosts, each model's row where it lives) plus `hosts`, one entry per host from its own engine."""
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 from ..urls import redact_url
@@ -26,19 +27,33 @@ def host_summary(h: "Host") -> dict[str, Any]:
             "used_percent": round(s.used_percent, 1),
             "ceiling_gb": round(core.ceiling_bytes() / GB, 2)},
         "memory_pressure": core.memory_pressure.value,
-        "loaded_models": core.loaded_models(),
+        "loaded_models": h.loaded_models(),
         "queue_length": core.queue_length,
         "in_flight": len(core.active_leases()),
     }
+
+
+def fleet_upstream(fleet: "Fleet") -> dict[str, Any]:
+    """The fleet's `upstream` in /proxy/stats and /proxy/health: its hosts, not the single
+    `upstream.url` (which a fleet does not use): `hosts` those up, `urls` every host's."""
+    level = fleet.api_level
+    caps = fleet.capabilities
+    return {"ok": fleet.upstream_ok, "error": fleet.upstream_error,
+            "hosts": [h.name for h in fleet.hosts if h.up],
+            "urls": {h.name: redact_url(h.config.url) for h in fleet.hosts},
+            "api_level": None if level is None else level.value,
+            "manages_loading": fleet.manages_loading,
+            "capabilities": None if caps is None else asdict(caps)}
 
 
 def fleet_report(fleet: "Fleet") -> dict[str, Any]:
     first = fleet.hosts[0].core.report()
     s = fleet.last_sample
     counts: dict[str, int] = {k: 0 for k in first["model_counts"]}
-    for h in fleet.hosts:
+    for h in fleet.hosts:            # host–model pairs, as the rows' `hosts` list them
         for e in h.core.registry:
-            counts[e.status.value] += 1
+            if h.allows(e.key):
+                counts[h.status(e).value] += 1
     return {
         **first,
         "system_memory": None if s is None else {
@@ -47,8 +62,7 @@ def fleet_report(fleet: "Fleet") -> dict[str, Any]:
             "used_percent": round(s.used_percent, 1)},
         "gpu_memory": None,
         "memory_pressure": fleet.memory_pressure.value,
-        "upstream": {"ok": fleet.upstream_ok, "error": fleet.upstream_error,
-                     "hosts": [h.name for h in fleet.hosts if h.up]},
+        "upstream": fleet_upstream(fleet),
         "model_counts": counts,
         "loaded_models": fleet.loaded_models(),
         "queue_length": fleet.queue_length,

@@ -33,7 +33,8 @@ async def _json_object(request: web.Request) -> dict[str, Any]:
 
 def _state(engine: Engine, key: str) -> str | None:
     e = engine.entry(key)
-    return None if e is None else e.status.value
+    # The row's state: in a fleet, a model on a host that is down is not resident.
+    return None if e is None else engine.row(e.key)["state"]
 
 
 def _model_field(request: web.Request, data: dict[str, Any]) -> str:

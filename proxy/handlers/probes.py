@@ -3,16 +3,21 @@ fleet, at least one host usable, each host's state in the body)."""
 from __future__ import annotations
 
 import asyncio
+import logging
+from typing import Awaitable, Callable
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from ..urls import redact_url
 from ..engine.face import Engine
+from ..engine.hostlog import run_for
 from ..fleet import Fleet
 from ..observe.hosts import fleet_of, host_state
 from ..server.keys import ENGINE, HEALTH, METRICS, REPLICA, UPSTREAM
 from .admin import json_response
+
+log = logging.getLogger("proxy.readiness")
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -23,19 +28,54 @@ class Readiness:
     """When /readyz looks at the upstream again: when the last look (this one's or the
     reconcile loop's) is older than `upstream.readiness_max_age_s`, so a dead upstream turns
     it at once; and while not ready (through the breaker, which fails fast while cooling down
-    and lets this be the trial after). Probes that arrive meanwhile share the one look."""
+    and lets this be the trial after). Probes that arrive meanwhile share the one look. A
+    look is bounded by `upstream.probe_timeout_s` (the reconcile's own deadline).
+
+    In a fleet each host is looked at on its own. Only the looks at hosts last known up are
+    awaited (a dead one turns at once, a frozen one within its probe deadline); a host known
+    down is looked at in the background and this answer gives its last known state, so one
+    frozen host never holds up the answer for the others. With no host up, every look is
+    awaited: the answer waits for the first host back."""
 
     def __init__(self) -> None:
-        self._look: asyncio.Future[None] | None = None
+        self._looks: dict[str | None, asyncio.Future[None]] = {}   # host (None: the one) →
+
+    def _look(self, host: str | None, step: Callable[[], Awaitable[None]]
+              ) -> asyncio.Future[None]:
+        look = self._looks.get(host)
+        if look is None or look.done():
+            look = self._looks[host] = asyncio.ensure_future(step())
+            look.add_done_callback(_report_failure)
+        return look
 
     async def refresh(self, engine: Engine, tripped: bool) -> None:
         age_s = engine.clock.now() - engine.last_reconcile_s
         if engine.upstream_ok and not tripped and \
                 age_s < engine.config.upstream.readiness_max_age_s:
             return
-        if self._look is None or self._look.done():
-            self._look = asyncio.ensure_future(engine.reconcile())
-        await asyncio.shield(self._look)   # a probe that hangs up ends no one else's look
+        # shield: a probe that hangs up ends no one else's look
+        await asyncio.shield(self._look(None, engine.reconcile))
+
+    async def refresh_fleet(self, fleet: Fleet) -> None:
+        now = fleet.clock.now()
+        awaited: list[asyncio.Future[None]] = []
+        deadline_s = 0.0
+        none_up = not any(h.up for h in fleet.hosts)
+        for h in fleet.hosts:
+            upstream = h.core.config.upstream
+            if h.up and now - h.core.last_reconcile_s < upstream.readiness_max_age_s:
+                continue
+            look = self._look(h.name, lambda h=h: run_for(h.name, h.core.reconcile))
+            if h.up or none_up:
+                awaited.append(look)
+                deadline_s = max(deadline_s, upstream.probe_timeout_s)
+        if awaited:   # asyncio.wait cancels none of them when this probe hangs up
+            await asyncio.wait(awaited, timeout=deadline_s)
+
+
+def _report_failure(look: asyncio.Future[None]) -> None:
+    if not look.cancelled() and look.exception() is not None:
+        log.error("a readiness look failed", exc_info=look.exception())
 
 
 READINESS = web.AppKey("readiness", Readiness)
@@ -76,7 +116,7 @@ def _with_state(request: web.Request, body: dict) -> dict:
 
 async def fleet_readyz(request: web.Request, fleet: Fleet) -> web.Response:
     """Ready while any host takes requests: the placer sends each request to one that does."""
-    await request.app[READINESS].refresh(fleet, not any(h.up for h in fleet.hosts))
+    await request.app[READINESS].refresh_fleet(fleet)
     hosts = {}
     for h in fleet.hosts:
         level = h.core.api_level

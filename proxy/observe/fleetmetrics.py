@@ -46,7 +46,7 @@ class FleetStateCollector(Collector):
                 entry = h.entry(key)
                 if entry is None:
                     continue   # listed there but the host may not hold it
-                is_loaded = entry.status is ModelStatus.LOADED
+                is_loaded = h.status(entry) is ModelStatus.LOADED
                 loaded.add_metric([key, h.name], 1.0 if is_loaded else 0.0)
                 if is_loaded and entry.owner:
                     owner.add_metric([key, entry.owner.split(":", 1)[0], h.name], 1.0)
@@ -75,7 +75,7 @@ class FleetStateCollector(Collector):
                 total.add_metric(name, float(sample.total_bytes))
                 available.add_metric(name, float(sample.available_bytes))
                 ceiling.add_metric(name, float(core.ceiling_bytes()))
-            models.add_metric(name, float(len(core.loaded_models())))
+            models.add_metric(name, float(len(h.loaded_models())))
             queue.add_metric(name, float(core.queue_length))
             in_flight.add_metric(name, float(len(core.active_leases())))
         yield from (up, used, total, available, ceiling, models, queue, in_flight)

@@ -21,6 +21,7 @@ from ..engine.memory import MemoryPressure
 from ..engine.periodic import Periodic
 from ..engine.report import upstream_state
 from ..engine.usage import BOUNDS_S, quantile_of
+from ..fleet.report import fleet_upstream
 from .hosts import fleet_of, host_state
 
 if TYPE_CHECKING:
@@ -147,8 +148,14 @@ class ModelHealthMonitor:
                 out.append(Alert(f"probe_failed:{key}", "probe_failed", "warning",
                                  f"{key} failed its probe: {probe.error}", now, key))
         if m.upstream_ok:
+            fleet = fleet_of(m)
             silent = {}
             for lease in m.active_leases():
+                # Silent while its host does not answer either (its look timed out, it is
+                # gone): that is the host_down alert, not a hang of a server that answers.
+                if fleet is not None and lease.host is not None and \
+                        not fleet.by_name[lease.host].up:
+                    continue
                 quiet_s = now - lease.last_activity_s
                 if quiet_s > c.hang_threshold_s:
                     silent[lease.model] = max(silent.get(lease.model, 0.0), quiet_s)
@@ -244,9 +251,10 @@ class ModelHealthMonitor:
                   "queue_length": m.queue_length}
         fleet = fleet_of(m)
         if fleet is not None:
+            system["upstream"] = fleet_upstream(fleet)
             system["hosts"] = {h.name: {
                 **host_state(h), "memory_pressure": h.core.memory_pressure.value,
-                "loaded_models": h.core.loaded_models(),
+                "loaded_models": h.loaded_models(),
                 "requests_in_flight": len(h.core.active_leases()),
                 "queue_length": h.core.queue_length} for h in fleet.hosts}
         return {

@@ -49,7 +49,7 @@ def host_memory(h: "Host") -> dict[str, Any]:
                            "reserve_bytes": int(mem.min_free_memory_gb * GB),
                            "ceiling_percent": mem.max_memory_usage_percent,
                            "total_bytes": None, "available_bytes": None, "used_percent": None,
-                           "ceiling_bytes": None, "loaded_models": core.loaded_models()}
+                           "ceiling_bytes": None, "loaded_models": h.loaded_models()}
     if s is not None:
         out.update(total_bytes=s.total_bytes, available_bytes=s.available_bytes,
                    used_percent=round(s.used_percent, 2), ceiling_bytes=core.ceiling_bytes())

@@ -126,7 +126,15 @@ class Relay:
             lease.release()
             self.lease = None
             lease = self.lease = await self.engine.acquire(key, avoid=host)
-            return await self._forward(lease, payload, body, strip, early)
+            try:
+                return await self._forward(lease, payload, body, strip, early)
+            except UpstreamError as again:
+                if lease.host is None or self.answered or isinstance(again, UpstreamTimeout):
+                    raise
+                self.engine.host_failed(lease.host)   # the error names both hosts tried
+                again.message = (f"No host that serves '{key}' is reachable: '{host}' did not "
+                                 f"answer this request, then '{lease.host}': {again.message}")
+                raise
 
     async def _forward(self, lease: Lease, payload: dict[str, Any], body: bytes, strip: bool,
                        early: EarlyStream | None) -> web.StreamResponse:
