@@ -6,6 +6,7 @@ import asyncio
 import logging
 from typing import Any
 
+import openai
 import pytest
 from aiohttp import web
 
@@ -128,6 +129,24 @@ async def test_a_client_that_leaves_mid_stream_gets_its_access_log_line(proxy, e
     (line,) = access_lines(proxy, caplog)
     assert line.startswith(f"POST /v1/chat/completions {MODEL} 499 ")
     assert "ttft=-" not in line                           # the first token had come
+    assert proxy.engine.entry(MODEL).leases == 0
+
+
+async def test_a_stream_read_to_its_end_is_a_success_though_the_sdk_closes_at_done(proxy,
+                                                                                   emulator):
+    records = records_of(proxy)
+    # The upstream's end comes only after the client has gone: the SDK closes at [DONE].
+    emulator.state.faults.stream_end_gate = asyncio.Event()
+    client = openai.AsyncOpenAI(base_url=f"{proxy.url}/v1", api_key="x", max_retries=0)
+    chunks = [c async for c in await client.chat.completions.create(
+        model=MODEL, messages=CHAT["messages"], max_tokens=4, stream=True,
+        stream_options={"include_usage": True})]
+    await client.close()
+    await records.arrived.wait()
+    (record,) = records.seen
+    assert chunks[-1].usage.completion_tokens == 4
+    assert (record.status, record.ok, record.completion_tokens) == (200, True, 4)
+    assert not record.tokens_estimated and record.prompt_tokens > 0
     assert proxy.engine.entry(MODEL).leases == 0
 
 

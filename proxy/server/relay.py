@@ -4,7 +4,8 @@ A `Relay` owns, for one request: the lease on the model (taken from the engine, 
 the upstream call under the header policy of `headers.py`, the bytes back — a stream relayed as
 it comes, a whole body with `compat.py`'s repairs — and the one exit that records the request
 with the engine and writes its access-log line, however the request ends: refused before the
-upstream, answered, broken off by the upstream, or left by the client.
+upstream, answered, broken off by the upstream, or left by the client. A stream relayed through
+its end is a success even if the client leaves at once.
 
 What changes on the way: a configured alias in `model` becomes the real key, and a stream that
 did not ask for usage gets `include_usage` added upstream and the usage-only chunk removed again
@@ -72,7 +73,8 @@ class Relay:
     """`async with Relay(request) as relay:` around everything the handler does, then
     `relay.run(key, payload, body)`; leaving the block records the request, once."""
     __slots__ = ("request", "engine", "started_s", "model", "lease", "status", "ok", "meter",
-                 "tokens_estimated", "prompt_tokens", "completion_tokens", "answered")
+                 "tokens_estimated", "prompt_tokens", "completion_tokens", "answered",
+                 "relayed")
 
     def __init__(self, request: web.Request) -> None:
         self.request = request
@@ -86,13 +88,16 @@ class Relay:
         self.tokens_estimated = False
         self.prompt_tokens = self.completion_tokens = 0
         self.answered = False      # the upstream's response head came (nothing to retry)
+        self.relayed = False       # the whole stream, through its end, went out to the client
 
     async def __aenter__(self) -> "Relay":
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None,
                         exc: BaseException | None, tb: TracebackType | None) -> None:
-        if exc is not None:
+        # A client that leaves once it has read the end of its stream (the SDKs close at
+        # [DONE]) cancels this task or fails write_eof: the answer was whole all the same.
+        if exc is not None and not self.relayed:
             self.ok, self.status = False, status_of(exc)
         self._finish()
 
@@ -168,12 +173,19 @@ class Relay:
             out = meter.feed(first)
             if out:
                 await write_or_stall(request, resp, out)
+            if meter.done:
+                self._relayed(meter)
             async for data in chunks:
                 lease.last_activity_s = clock.now()   # not hung: bytes flow
                 out = meter.feed(data)
                 if out:
                     await write_or_stall(request, resp, out)
+                if meter.done and not self.relayed:
+                    self._relayed(meter)   # [DONE] is out: the client may leave now
         except ProxyError as exc:   # the upstream broke off: say so in the stream
+            if self.relayed:            # ... after its end: nothing the client lacks
+                await resp.write_eof()
+                return resp
             self.status = exc.status
             await write_or_stall(request, resp, meter.flush() + error_event(exc))
             await resp.write_eof()
@@ -181,11 +193,16 @@ class Relay:
         tail = meter.flush()
         if tail:
             await write_or_stall(request, resp, tail)
+        self._relayed(meter)     # before write_eof, which a client gone after the end fails
         await resp.write_eof()
+        return resp
+
+    def _relayed(self, meter: StreamMeter) -> None:
+        """The stream went out whole: its outcome and tokens are settled, whatever follows."""
+        self.relayed = True
         self.ok = meter.done or meter.usage_seen or meter.content_events > 0
         self.prompt_tokens = meter.prompt_tokens
         self.completion_tokens = meter.completion_tokens_or_estimate()
-        return resp
 
     async def _whole(self, up: UpstreamResponse, back: list[tuple[str, str]],
                      payload: dict[str, Any]) -> web.Response:
