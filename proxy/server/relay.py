@@ -4,8 +4,9 @@ A `Relay` owns, for one request: the lease on the model (taken from the engine, 
 the upstream call under the header policy of `headers.py`, the bytes back — a stream relayed as
 it comes, a whole body with `compat.py`'s repairs — and the one exit that records the request
 with the engine and writes its access-log line, however the request ends: refused before the
-upstream, answered, broken off by the upstream, or left by the client. A stream relayed through
-its end is a success even if the client leaves at once.
+upstream, answered, broken off by the upstream, or left by the client. Two outcomes are not the
+model's: a request refused for the client's own fault (CLIENT_REFUSALS) is only counted as
+refused, and a stream relayed through its end is a success even if the client leaves at once.
 
 What changes on the way: a configured alias in `model` becomes the real key, and a stream that
 did not ask for usage gets `include_usage` added upstream and the usage-only chunk removed again
@@ -23,10 +24,12 @@ from aiohttp import web
 
 from ..engine.lifecycle import Lease
 from ..engine.usage import RequestRecord
-from ..errors import ProxyError, UpstreamError, UpstreamTimeout
+from ..errors import (InvalidApiKey, InvalidRequest, ModelNotFound, PermissionDenied, ProxyError,
+                      UpstreamError, UpstreamTimeout)
 from .inflight import INFLIGHT, write_or_stall
 from .promptsize import refuse_oversized
-from .keys import ACCESS_LOG, COMPAT, ENGINE, RESPONSE_STARTED, ROUTED_TO, TASK, UPSTREAM
+from .keys import (ACCESS_LOG, COMPAT, ENGINE, METRICS, RESPONSE_STARTED, ROUTED_TO, TASK,
+                   UPSTREAM)
 from .progress import EarlyStream, upstream_refusal
 from .streaming import StreamMeter, usage_of_body
 from ..upstream.base import UpstreamResponse
@@ -35,6 +38,10 @@ from . import headers
 USAGE_INJECTABLE = frozenset({"/v1/chat/completions", "/v1/completions"})
 CLIENT_CLOSED = 499
 INTERNAL_ERROR = 500
+# What the proxy refuses for the client's own request before any model answers it: its body
+# (400, 408, 413, 415, a prompt past the context), its key (401, 403) or a name no model has
+# (404). No model did anything, so none is charged with it.
+CLIENT_REFUSALS = (InvalidRequest, InvalidApiKey, PermissionDenied, ModelNotFound)
 
 
 def error_event(exc: ProxyError) -> bytes:
@@ -74,7 +81,7 @@ class Relay:
     `relay.run(key, payload, body)`; leaving the block records the request, once."""
     __slots__ = ("request", "engine", "started_s", "model", "lease", "status", "ok", "meter",
                  "tokens_estimated", "prompt_tokens", "completion_tokens", "answered",
-                 "relayed")
+                 "relayed", "refused")
 
     def __init__(self, request: web.Request) -> None:
         self.request = request
@@ -89,6 +96,7 @@ class Relay:
         self.prompt_tokens = self.completion_tokens = 0
         self.answered = False      # the upstream's response head came (nothing to retry)
         self.relayed = False       # the whole stream, through its end, went out to the client
+        self.refused = False       # refused for the client's request itself (CLIENT_REFUSALS)
 
     async def __aenter__(self) -> "Relay":
         return self
@@ -99,6 +107,7 @@ class Relay:
         # [DONE]) cancels this task or fails write_eof: the answer was whole all the same.
         if exc is not None and not self.relayed:
             self.ok, self.status = False, status_of(exc)
+            self.refused = isinstance(exc, CLIENT_REFUSALS)
         self._finish()
 
     async def run(self, key: str, payload: dict[str, Any], body: bytes) -> web.StreamResponse:
@@ -111,6 +120,7 @@ class Relay:
             if not (early and early.resp):
                 raise
             self.status = exc.status   # the headers are out: the error can only be an event
+            self.refused = isinstance(exc, CLIENT_REFUSALS)
             return await early.fail(error_event(exc))
 
     async def _run(self, key: str, payload: dict[str, Any], body: bytes,
@@ -227,13 +237,16 @@ class Relay:
         ttft_s = meter.ttft_s if meter is not None else None
         estimated = self.tokens_estimated or (meter is not None and meter.tokens_estimated)
         prompt, completion = self.prompt_tokens, self.completion_tokens
-        engine.record(RequestRecord(
-            model=self.model, ok=self.ok, latency_s=latency_s, at_s=engine.clock.now(),
-            endpoint=request.path, status=self.status, ttft_s=ttft_s, prompt_tokens=prompt,
-            completion_tokens=completion, tokens_estimated=estimated,
-            # A refusal before the model was held is no answer of the model's, for no task.
-            task=request.get(TASK) if lease is not None else None,
-            host=lease.host if lease is not None else None))
+        if self.refused:   # counted as refused, never as a model's or a host's failure
+            request.app[METRICS].on_refused(self.model, request.path)
+        else:
+            engine.record(RequestRecord(
+                model=self.model, ok=self.ok, latency_s=latency_s, at_s=engine.clock.now(),
+                endpoint=request.path, status=self.status, ttft_s=ttft_s,
+                prompt_tokens=prompt, completion_tokens=completion, tokens_estimated=estimated,
+                # A refusal before the model was held is no answer of the model's, for no task.
+                task=request.get(TASK) if lease is not None else None,
+                host=lease.host if lease is not None else None))
         access = request.app[ACCESS_LOG]
         if access.enabled:
             access.add(request.method, request.path, self.model or "-", self.status, latency_s,
