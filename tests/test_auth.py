@@ -426,3 +426,26 @@ async def test_upstream_url_credentials_are_not_written_to_the_history_database(
     await proxy.engine.flush()
     written = b"".join(p.read_bytes() for p in tmp_path.iterdir())
     assert b"127.0.0.1" in written and b"pw-secret" not in written
+
+
+async def test_a_key_refused_a_model_is_an_auth_rejection_not_a_failure_of_that_model(
+        make_proxy, emulator, http):
+    proxy = await make_proxy(emulator.url, **AUTH, **{"health.min_requests": 3})
+    client = openai.AsyncOpenAI(base_url=f"{proxy.url}/v1", api_key=BOB, max_retries=0)
+    for _ in range(6):
+        with pytest.raises(openai.PermissionDeniedError):
+            await client.chat.completions.create(**{**CHAT, "model": OTHER})
+    await client.close()
+    usage = proxy.engine.usage(OTHER)
+    assert (usage.requests, usage.failures) == (0, 0)
+    async with http.get(f"{proxy.url}/proxy/health", headers=bearer(ADMIN)) as resp:
+        health = await resp.json()
+    assert health["status"] == "ok" and health["alerts"] == []
+    async with http.get(f"{proxy.url}/proxy/stats", headers=bearer(ADMIN)) as resp:
+        assert (await resp.json())["auth"]["rejected"] == {"model_not_allowed": 6}
+    async with http.get(f"{proxy.url}/metrics") as resp:
+        text = await resp.text()
+    assert 'proxy_auth_rejections_total{reason="model_not_allowed"} 6.0' in text
+    assert ('proxy_requests_total{endpoint="/v1/chat/completions",model="google/gemma-3-12b",'
+            'outcome="refused"} 6.0') in text
+    assert 'outcome="error"' not in text

@@ -70,9 +70,12 @@ async def test_metrics_label_each_series_with_its_host_and_have_per_host_gauges(
     assert m[("proxy_host_loaded_models", (("host", "a"),))] == 1
     assert m[("proxy_host_loaded_models", (("host", "b"),))] == 0
     assert m[("proxy_host_queue_depth", (("host", "a"),))] == 0
-    # bounded: every host label is a configured host (a refused request's is where it is listed)
+    # A name no model has is the client's mistake, on no host: host "" (no host in PromQL).
+    assert m[("proxy_requests_total", (("endpoint", ep), ("host", ""), ("model", "__other__"),
+                                       ("outcome", "refused")))] == 1
+    # bounded: every other host label is a configured host
     hosts = {dict(labels)["host"] for _, labels in m if "host" in dict(labels)}
-    assert hosts == {"a", "b"}
+    assert hosts == {"a", "b", ""}
 
 
 async def test_metrics_say_when_a_host_is_down(two, http):

@@ -48,7 +48,7 @@ async def test_metrics_after_real_traffic(proxy, http):
     assert m[("proxy_requests_total", (("endpoint", ep), ("model", MODEL),
                                        ("outcome", "success")))] == 3
     assert m[("proxy_requests_total", (("endpoint", ep), ("model", "__other__"),
-                                       ("outcome", "error")))] == 2
+                                       ("outcome", "refused")))] == 2   # no model's failure
     assert m[("proxy_tokens_total", (("kind", "completion"), ("model", MODEL)))] == 12
     assert m[("proxy_request_duration_seconds_count", (("model", MODEL),))] == 3
     assert m[("proxy_time_to_first_token_seconds_count", (("model", MODEL),))] == 1

@@ -6,8 +6,11 @@ import asyncio
 import logging
 from typing import Any
 
+import openai
+import orjson
 import pytest
 from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.emulator import GB, EmulatorOptions, EmulatorState, create_emulator_app, load_catalog
 from proxy.server.keys import ACCESS_LOG
@@ -43,6 +46,11 @@ def records_of(proxy: Any) -> Records:
     records = Records()
     proxy.engine.add_listener(records)
     return records
+
+
+def samples(text: str) -> dict[tuple[str, tuple], float]:
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
 
 
 def access_lines(proxy: Any, caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -105,14 +113,44 @@ async def test_a_refusal_before_the_upstream_is_recorded_and_logged_once(make_pr
         assert r.status == 503 and (await r.json())["error"]["code"] == "model_too_large"
     async with http.post(f"{proxy.url}/v1/chat/completions", data=b"") as r:
         assert r.status == 400
-    too_large, empty = records.seen
+    (too_large,) = records.seen     # the 400 is the client's, no model's: not recorded
     assert (too_large.model, too_large.status, too_large.ok) == (MODEL, 503, False)
     assert too_large.task is None   # the model never answered: no task's failure
-    assert (empty.model, empty.status, empty.endpoint) == ("", 400, "/v1/chat/completions")
     lines = access_lines(proxy, caplog)
     assert len(lines) == 2
     assert lines[0].startswith(f"POST /v1/chat/completions {MODEL} 503 ")
     assert lines[1].startswith("POST /v1/chat/completions - 400 ")
+
+
+async def test_a_clients_bad_request_is_refused_not_a_failure_of_the_model(make_proxy, emulator,
+                                                                           http, caplog):
+    caplog.set_level(logging.INFO, logger="proxy.request")
+    proxy = await make_proxy(emulator.url, **{"server.max_body_bytes": 32_768,
+                                              "models": {MODEL: {"load": {
+                                                  "context_length": 2048}}}})
+    records = records_of(proxy)
+    url = f"{proxy.url}/v1/chat/completions"
+    long_prompt = [{"role": "user", "content": "hello world " * 1800}]   # ≥ 2700 tokens
+    for body, status in ((b"{", 400), (orjson.dumps({**CHAT, "model": "qwen-typo"}), 404),
+                         (b" " * 40_000, 413),
+                         (orjson.dumps({**CHAT, "messages": long_prompt}), 400)):
+        async with http.post(url, data=body) as r:
+            assert r.status == status, await r.text()
+    assert records.seen == []
+    usage = proxy.engine.usage(MODEL)
+    assert (usage.requests, usage.failures) == (0, 0)
+    assert proxy.engine.entry(MODEL).leases == 0     # the context check held it, and let go
+    async with http.get(f"{proxy.url}/metrics") as r:
+        m = samples(await r.text())
+    ep = "/v1/chat/completions"
+    assert m[("proxy_requests_total", (("endpoint", ep), ("model", MODEL),
+                                       ("outcome", "refused")))] == 1
+    assert m[("proxy_requests_total", (("endpoint", ep), ("model", "__other__"),
+                                       ("outcome", "refused")))] == 3
+    assert not any(name == "proxy_requests_total" and dict(labels)["outcome"] == "error"
+                   for name, labels in m)
+    assert [line.split()[3] for line in access_lines(proxy, caplog)] == [
+        "400", "404", "413", "400"]
 
 
 async def test_a_client_that_leaves_mid_stream_gets_its_access_log_line(proxy, emulator, http,
@@ -128,6 +166,24 @@ async def test_a_client_that_leaves_mid_stream_gets_its_access_log_line(proxy, e
     (line,) = access_lines(proxy, caplog)
     assert line.startswith(f"POST /v1/chat/completions {MODEL} 499 ")
     assert "ttft=-" not in line                           # the first token had come
+    assert proxy.engine.entry(MODEL).leases == 0
+
+
+async def test_a_stream_read_to_its_end_is_a_success_though_the_sdk_closes_at_done(proxy,
+                                                                                   emulator):
+    records = records_of(proxy)
+    # The upstream's end comes only after the client has gone: the SDK closes at [DONE].
+    emulator.state.faults.stream_end_gate = asyncio.Event()
+    client = openai.AsyncOpenAI(base_url=f"{proxy.url}/v1", api_key="x", max_retries=0)
+    chunks = [c async for c in await client.chat.completions.create(
+        model=MODEL, messages=CHAT["messages"], max_tokens=4, stream=True,
+        stream_options={"include_usage": True})]
+    await client.close()
+    await records.arrived.wait()
+    (record,) = records.seen
+    assert chunks[-1].usage.completion_tokens == 4
+    assert (record.status, record.ok, record.completion_tokens) == (200, True, 4)
+    assert not record.tokens_estimated and record.prompt_tokens > 0
     assert proxy.engine.entry(MODEL).leases == 0
 
 

@@ -6,6 +6,8 @@ import asyncio
 import orjson
 import pytest
 
+from proxy.server.streaming import StreamMeter
+
 MODEL = "qwen/qwen3-4b"
 
 
@@ -109,3 +111,13 @@ def test_usage_is_read_without_decoding_the_whole_body(body, expected):
     assert usage_of_body(body) == expected
     padded = body[:1] + b'"pad": "' + b"x" * SMALL_BODY_BYTES + b'", ' + body[1:]
     assert usage_of_body(padded) == expected          # large bodies take the regex path
+
+
+@pytest.mark.parametrize("tail", [b"", b"data: {\"choices\":[],\"usage\":{}}\n\n"],
+                         ids=["fast-path", "usage-path"])
+def test_only_the_done_event_ends_a_stream_not_the_word_in_a_models_text(tail):
+    meter = StreamMeter(0.0, strip_usage_chunk=False)
+    meter.feed(b'data: {"choices":[{"delta":{"content":"[DONE]"}}]}\n\n' + tail)
+    assert not meter.done and meter.content_events == 1
+    meter.feed(b"data: [DONE]\n\n")
+    assert meter.done

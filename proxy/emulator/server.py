@@ -328,6 +328,8 @@ class _Api:
                 await resp.write(event)
                 if i == 0 and f.stream_gate is not None:
                     await f.stream_gate.wait()
+            if f.stream_end_gate is not None:
+                await f.stream_end_gate.wait()
             await resp.write_eof()
         except (asyncio.CancelledError, ConnectionError):
             self.state.cancelled_streams += 1

@@ -27,6 +27,7 @@ class Faults:
     first_token_delay_s: float = 0.0
     hang_inference: bool = False
     stream_gate: asyncio.Event | None = None   # streams pause after the first event until set()
+    stream_end_gate: asyncio.Event | None = None   # streams end (EOF) only once set()
     no_stream_usage: bool = False    # as LM Studio before 0.3.18: no usage in any stream
 
 

@@ -41,7 +41,7 @@ def parse_request(body: bytes) -> dict:
 
 
 async def inference(request: web.Request) -> web.StreamResponse:
-    async with Relay(request) as relay:   # a refusal from here on is recorded and logged too
+    async with Relay(request) as relay:   # a refusal from here on is logged and counted too
         body = await read_body(request)
         payload = parse_request(body)
         relay.model = name = payload["model"]

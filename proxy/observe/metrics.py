@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from ..engine.face import Engine
 
 OTHER = "__other__"
+REFUSED = "refused"   # outcome of a request refused for the client's fault: no model's failure
 LATENCY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 LOAD_BUCKETS_S = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
 QUEUE_BUCKETS_S = (0.001, 0.01, 0.1, 0.5, 1, 5, 10, 30, 60, 120, 300)
@@ -115,6 +116,13 @@ class ProxyMetrics:
         if rec.completion_tokens:
             k = (model, "completion", host)
             self.tokens[k] = self.tokens.get(k, 0) + rec.completion_tokens
+
+    def on_refused(self, model: str, endpoint: str) -> None:
+        """A request the proxy refused for the client's own fault (its key, body or model
+        name) before any model answered: outcome "refused", on no host (label "" in a fleet)."""
+        label = model if model in self._known else self.label(model)
+        key = (label, endpoint, REFUSED, "" if self.takes_host else None)
+        self.requests[key] = self.requests.get(key, 0) + 1
 
     def on_load(self, model: str, duration_s: float, ok: bool, host: str | None = None) -> None:
         self.loads.labels(model, "success" if ok else "failure", *self._host(host)).inc()

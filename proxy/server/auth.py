@@ -188,6 +188,7 @@ class AuthState:
 
 
 CLIENT_KEY = web.RequestKey("client_key", ClientKey)
+STATE = web.AppKey("auth", AuthState)   # app state (server.keys.AUTH is this key)
 
 
 def presented_secret(request: web.BaseRequest) -> str | None:
@@ -266,6 +267,8 @@ def check_model(request: web.Request, model: str) -> None:
     """403 when the authenticated key is limited to other models (called before any lookup)."""
     key = request.get(CLIENT_KEY)
     if key is not None and not key.allows(model):
+        rejected = request.app[STATE].counters.rejected   # an auth refusal, counted as one
+        rejected["model_not_allowed"] = rejected.get("model_not_allowed", 0) + 1
         raise ModelNotAllowed(f"This API key ('{key.name}') may not use this model.",
                               param="model")
 

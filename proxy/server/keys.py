@@ -5,7 +5,7 @@ from aiohttp import web
 
 from ..observe.accesslog import AccessLog
 from .compat import Compat
-from .auth import AuthState
+from .auth import STATE as AUTH_STATE
 from ..observe.health import ModelHealthMonitor
 from ..engine.face import Engine
 from ..observe.events import EventHub
@@ -26,7 +26,7 @@ ACCESS_LOG = web.AppKey("access_log", AccessLog)
 HEALTH = web.AppKey("health", ModelHealthMonitor)
 COMPAT = web.AppKey("compat", Compat)
 EVENTS = web.AppKey("events", EventHub)
-AUTH = web.AppKey("auth", AuthState)
+AUTH = AUTH_STATE
 # Set on a request once its response headers are sent: errors can no longer become a response.
 RESPONSE_STARTED = web.RequestKey("response_started", bool)
 # The task a request was tagged with, and the model `auto:<task>` picked for it.

@@ -4,7 +4,9 @@ A `Relay` owns, for one request: the lease on the model (taken from the engine, 
 the upstream call under the header policy of `headers.py`, the bytes back — a stream relayed as
 it comes, a whole body with `compat.py`'s repairs — and the one exit that records the request
 with the engine and writes its access-log line, however the request ends: refused before the
-upstream, answered, broken off by the upstream, or left by the client.
+upstream, answered, broken off by the upstream, or left by the client. Two outcomes are not the
+model's: a request refused for the client's own fault (CLIENT_REFUSALS) is only counted as
+refused, and a stream relayed through its end is a success even if the client leaves at once.
 
 What changes on the way: a configured alias in `model` becomes the real key, and a stream that
 did not ask for usage gets `include_usage` added upstream and the usage-only chunk removed again
@@ -22,10 +24,12 @@ from aiohttp import web
 
 from ..engine.lifecycle import Lease
 from ..engine.usage import RequestRecord
-from ..errors import ProxyError, UpstreamError, UpstreamTimeout
+from ..errors import (InvalidApiKey, InvalidRequest, ModelNotFound, PermissionDenied, ProxyError,
+                      UpstreamError, UpstreamTimeout)
 from .inflight import INFLIGHT, write_or_stall
 from .promptsize import refuse_oversized
-from .keys import ACCESS_LOG, COMPAT, ENGINE, RESPONSE_STARTED, ROUTED_TO, TASK, UPSTREAM
+from .keys import (ACCESS_LOG, COMPAT, ENGINE, METRICS, RESPONSE_STARTED, ROUTED_TO, TASK,
+                   UPSTREAM)
 from .progress import EarlyStream, upstream_refusal
 from .streaming import StreamMeter, usage_of_body
 from ..upstream.base import UpstreamResponse
@@ -34,6 +38,10 @@ from . import headers
 USAGE_INJECTABLE = frozenset({"/v1/chat/completions", "/v1/completions"})
 CLIENT_CLOSED = 499
 INTERNAL_ERROR = 500
+# What the proxy refuses for the client's own request before any model answers it: its body
+# (400, 408, 413, 415, a prompt past the context), its key (401, 403) or a name no model has
+# (404). No model did anything, so none is charged with it.
+CLIENT_REFUSALS = (InvalidRequest, InvalidApiKey, PermissionDenied, ModelNotFound)
 
 
 def error_event(exc: ProxyError) -> bytes:
@@ -72,7 +80,8 @@ class Relay:
     """`async with Relay(request) as relay:` around everything the handler does, then
     `relay.run(key, payload, body)`; leaving the block records the request, once."""
     __slots__ = ("request", "engine", "started_s", "model", "lease", "status", "ok", "meter",
-                 "tokens_estimated", "prompt_tokens", "completion_tokens", "answered")
+                 "tokens_estimated", "prompt_tokens", "completion_tokens", "answered",
+                 "relayed", "refused")
 
     def __init__(self, request: web.Request) -> None:
         self.request = request
@@ -86,14 +95,19 @@ class Relay:
         self.tokens_estimated = False
         self.prompt_tokens = self.completion_tokens = 0
         self.answered = False      # the upstream's response head came (nothing to retry)
+        self.relayed = False       # the whole stream, through its end, went out to the client
+        self.refused = False       # refused for the client's request itself (CLIENT_REFUSALS)
 
     async def __aenter__(self) -> "Relay":
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None,
                         exc: BaseException | None, tb: TracebackType | None) -> None:
-        if exc is not None:
+        # A client that leaves once it has read the end of its stream (the SDKs close at
+        # [DONE]) cancels this task or fails write_eof: the answer was whole all the same.
+        if exc is not None and not self.relayed:
             self.ok, self.status = False, status_of(exc)
+            self.refused = isinstance(exc, CLIENT_REFUSALS)
         self._finish()
 
     async def run(self, key: str, payload: dict[str, Any], body: bytes) -> web.StreamResponse:
@@ -106,6 +120,7 @@ class Relay:
             if not (early and early.resp):
                 raise
             self.status = exc.status   # the headers are out: the error can only be an event
+            self.refused = isinstance(exc, CLIENT_REFUSALS)
             return await early.fail(error_event(exc))
 
     async def _run(self, key: str, payload: dict[str, Any], body: bytes,
@@ -176,12 +191,19 @@ class Relay:
             out = meter.feed(first)
             if out:
                 await write_or_stall(request, resp, out)
+            if meter.done:
+                self._relayed(meter)
             async for data in chunks:
                 lease.last_activity_s = clock.now()   # not hung: bytes flow
                 out = meter.feed(data)
                 if out:
                     await write_or_stall(request, resp, out)
+                if meter.done and not self.relayed:
+                    self._relayed(meter)   # [DONE] is out: the client may leave now
         except ProxyError as exc:   # the upstream broke off: say so in the stream
+            if self.relayed:            # ... after its end: nothing the client lacks
+                await resp.write_eof()
+                return resp
             self.status = exc.status
             await write_or_stall(request, resp, meter.flush() + error_event(exc))
             await resp.write_eof()
@@ -189,11 +211,16 @@ class Relay:
         tail = meter.flush()
         if tail:
             await write_or_stall(request, resp, tail)
+        self._relayed(meter)     # before write_eof, which a client gone after the end fails
         await resp.write_eof()
+        return resp
+
+    def _relayed(self, meter: StreamMeter) -> None:
+        """The stream went out whole: its outcome and tokens are settled, whatever follows."""
+        self.relayed = True
         self.ok = meter.done or meter.usage_seen or meter.content_events > 0
         self.prompt_tokens = meter.prompt_tokens
         self.completion_tokens = meter.completion_tokens_or_estimate()
-        return resp
 
     async def _whole(self, up: UpstreamResponse, back: list[tuple[str, str]],
                      payload: dict[str, Any]) -> web.Response:
@@ -218,13 +245,16 @@ class Relay:
         ttft_s = meter.ttft_s if meter is not None else None
         estimated = self.tokens_estimated or (meter is not None and meter.tokens_estimated)
         prompt, completion = self.prompt_tokens, self.completion_tokens
-        engine.record(RequestRecord(
-            model=self.model, ok=self.ok, latency_s=latency_s, at_s=engine.clock.now(),
-            endpoint=request.path, status=self.status, ttft_s=ttft_s, prompt_tokens=prompt,
-            completion_tokens=completion, tokens_estimated=estimated,
-            # A refusal before the model was held is no answer of the model's, for no task.
-            task=request.get(TASK) if lease is not None else None,
-            host=lease.host if lease is not None else None))
+        if self.refused:   # counted as refused, never as a model's or a host's failure
+            request.app[METRICS].on_refused(self.model, request.path)
+        else:
+            engine.record(RequestRecord(
+                model=self.model, ok=self.ok, latency_s=latency_s, at_s=engine.clock.now(),
+                endpoint=request.path, status=self.status, ttft_s=ttft_s,
+                prompt_tokens=prompt, completion_tokens=completion, tokens_estimated=estimated,
+                # A refusal before the model was held is no answer of the model's, for no task.
+                task=request.get(TASK) if lease is not None else None,
+                host=lease.host if lease is not None else None))
         access = request.app[ACCESS_LOG]
         if access.enabled:
             access.add(request.method, request.path, self.model or "-", self.status, latency_s,

@@ -15,6 +15,8 @@ import orjson
 _BOUNDARY = re.compile(rb"\r?\n\r?\n")
 # An event that carries generated text (chat delta, completion text, responses/messages delta).
 _CONTENT = re.compile(rb'"(?:content|text|delta)":"[^"]')
+# The end of an OpenAI stream: an event of its own, not "[DONE]" in a model's text.
+_DONE = re.compile(rb"^data: ?\[DONE\]\r?$", re.MULTILINE)
 
 
 class StreamMeter:
@@ -38,7 +40,7 @@ class StreamMeter:
                 self.content_events += found
                 if self.ttft_s is None:
                     self.ttft_s = time.perf_counter() - self.started_at
-            if b"[DONE]" in data:
+            if b"[DONE]" in data and _DONE.search(data):
                 self.done = True
             return data
         buf = self._tail + data if self._tail else data
@@ -66,7 +68,7 @@ class StreamMeter:
             self.content_events += 1
             if self.ttft_s is None:
                 self.ttft_s = time.perf_counter() - self.started_at
-        if b"[DONE]" in event:
+        if b"[DONE]" in event and _DONE.search(event):
             self.done = True
             return True
         if b'"usage"' not in event:
