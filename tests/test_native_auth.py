@@ -91,6 +91,8 @@ async def test_a_scoped_key_may_not_load_another_model(proxy, sdk, emulator):
     with pytest.raises(lmstudio.LMStudioServerError, match="model_not_allowed"):
         await client.llm.model(MID)                         # getOrLoad
     assert emulator.state.load_calls[MID] == 0
+    # Counted as the HTTP routes count a key refused a model.
+    assert proxy.app[AUTH].counters.rejected == {"model_not_allowed": 2}
 
 
 async def test_a_scoped_key_may_not_embed_with_another_model(proxy, sdk, emulator):

@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import orjson
 
-from ..server.auth import AuthState, ClientKey
+from ..server.auth import AuthCounters, AuthState, ClientKey
 from ..engine.lifecycle import OWNER_CLIENT
 from ..errors import AdminRequired, InvalidApiKey, ModelNotAllowed, ProxyError, clip
 
@@ -103,14 +103,14 @@ def handshake(state: AuthState, namespace: str, frame_text: str | None,
     if key is None and ring.keys:
         reason = "missing_key" if not isinstance(passkey, str) or frame_text is None \
             else "invalid_key"
-        counters.rejected[reason] = counters.rejected.get(reason, 0) + 1
+        counters.reject(reason)
         return Refusal(InvalidApiKey("This LM Studio is behind a proxy that needs a client "
                                      "key (its auth.keys)."),
                        "The connection came with no key the proxy knows: neither a "
                        "clientPasskey nor an 'Authorization: Bearer' header matched one.",
                        PASS_KEY)
     if namespace in ADMIN_NAMESPACES and not (key and key.is_admin):
-        counters.rejected["admin_required"] = counters.rejected.get("admin_required", 0) + 1
+        counters.reject("admin_required")
         return Refusal(AdminRequired(f"LM Studio's '{namespace}' API changes or reads the "
                                      "host: it needs the proxy's admin token."),
                        f"The proxy gives /{namespace} to the admin token only "
@@ -156,11 +156,14 @@ class Guard:
     """One connection's checks, frame by frame; None from `check` lets a frame through."""
 
     def __init__(self, admitted: Admitted, namespace: str, book: LoadBook,
-                 resolve: Callable[[str], tuple[str | None, str | None]]) -> None:
-        """`resolve(identifier)` → (model key, current owner) in the engine's view."""
+                 resolve: Callable[[str], tuple[str | None, str | None]],
+                 counters: AuthCounters | None = None) -> None:
+        """`resolve(identifier)` → (model key, current owner) in the engine's view; refusals
+        are counted in `counters` by reason, as the HTTP routes' are."""
         self.key, self.owner, self.ns = admitted.key, admitted.owner, namespace
         self.enforced = admitted.enforced
         self.book, self.resolve = book, resolve
+        self.counters = counters
 
     @property
     def name(self) -> str:
@@ -171,6 +174,12 @@ class Guard:
         return self.key is not None and self.key.is_admin
 
     def check(self, frame: dict[str, Any], refs: dict[str, str]) -> Refusal | None:
+        refused = self._check(frame, refs)
+        if refused is not None and self.counters is not None:
+            self.counters.reject(refused.error.code or "refused")
+        return refused
+
+    def _check(self, frame: dict[str, Any], refs: dict[str, str]) -> Refusal | None:
         if not self.enforced or self.admin:
             return None
         kind, endpoint = frame.get("type"), frame.get("endpoint")

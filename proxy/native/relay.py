@@ -178,7 +178,7 @@ async def _refuse(client: web.WebSocketResponse, refusal: Refusal, structured: b
 
 async def _serve(app: web.Application, engine: Engine, ns: str, client: web.WebSocketResponse,
                  upstream: aiohttp.ClientWebSocketResponse, admitted: Admitted) -> None:
-    guard = Guard(admitted, ns, app[LOAD_BOOK], engine.owner_of)
+    guard = Guard(admitted, ns, app[LOAD_BOOK], engine.owner_of, app[AUTH].counters)
     engine.client_connection(admitted.owner, +1)
     try:
         await _relay(client, upstream, Mediator(

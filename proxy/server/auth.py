@@ -148,6 +148,9 @@ class AuthCounters:
         self.requests_by_key: dict[str, int] = {}
         self.rejected: dict[str, int] = {}
 
+    def reject(self, reason: str) -> None:
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
+
     def snapshot(self) -> dict[str, dict[str, int]]:
         return {"requests_by_key": dict(self.requests_by_key), "rejected": dict(self.rejected)}
 
@@ -237,11 +240,11 @@ def authenticate(state: AuthState, request: web.Request) -> None:
     counters = state.counters
     if key is None:
         reason = "missing_key" if secret is None else "invalid_key"
-        counters.rejected[reason] = counters.rejected.get(reason, 0) + 1
+        counters.reject(reason)
         raise InvalidApiKey("Missing API key: send 'Authorization: Bearer <key>'."
                             if secret is None else "Invalid API key.")
     if level == "admin" and not key.is_admin:
-        counters.rejected["admin_required"] = counters.rejected.get("admin_required", 0) + 1
+        counters.reject("admin_required")
         raise AdminRequired("This action needs the admin token (auth.admin_token)."
                             if ring.admin is not None else
                             "Admin actions are disabled: no auth.admin_token is configured.")
@@ -257,8 +260,7 @@ def _native_header(state: AuthState, request: web.Request) -> None:
         return
     key = state.ring.match(secret)
     if key is None:
-        state.counters.rejected["invalid_key"] = state.counters.rejected.get(
-            "invalid_key", 0) + 1
+        state.counters.reject("invalid_key")
         raise InvalidApiKey("Invalid API key.")
     request[CLIENT_KEY] = key
 
@@ -267,8 +269,7 @@ def check_model(request: web.Request, model: str) -> None:
     """403 when the authenticated key is limited to other models (called before any lookup)."""
     key = request.get(CLIENT_KEY)
     if key is not None and not key.allows(model):
-        rejected = request.app[STATE].counters.rejected   # an auth refusal, counted as one
-        rejected["model_not_allowed"] = rejected.get("model_not_allowed", 0) + 1
+        request.app[STATE].counters.reject("model_not_allowed")   # an auth refusal
         raise ModelNotAllowed(f"This API key ('{key.name}') may not use this model.",
                               param="model")
 
