@@ -27,8 +27,9 @@ from .server.compat import Compat
 from .server.inflight import INFLIGHT, STREAM, InFlight
 from .errors import clip
 from .liveconfig import LiveConfig
-from .server.keys import (ACCESS_LOG, AUTH, COMPAT, CONFIG, ENGINE, EVENTS, HEALTH, HOSTS,
-                          METRICS, REPLICA, RESPONSE_STARTED, UPSTREAM)
+from .server.browser import BrowserGuard
+from .server.keys import (ACCESS_LOG, AUTH, BROWSER, COMPAT, CONFIG, ENGINE, EVENTS, HEALTH,
+                          HOSTS, METRICS, REPLICA, RESPONSE_STARTED, UPSTREAM)
 from .observe.metrics import CompatCollector, ProxyMetrics
 from .native import relay as native
 from .server.reload import RELOADER, Reloader
@@ -51,11 +52,13 @@ async def errors_middleware(request: web.Request,
                             handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
                             ) -> web.StreamResponse:
     """Everything the proxy itself answers with is an OpenAI error envelope, never HTML.
-    Requests are authenticated here and tracked while in flight (for a bounded shutdown)."""
+    Requests are checked here (their Host and Origin, then their credentials) and tracked while
+    in flight (for a bounded shutdown)."""
     app = request.app
     inflight = app[INFLIGHT]
     inflight.requests[id(request)] = request
     try:
+        app[BROWSER].check(request, app[AUTH].counters.rejected)
         authenticate(app[AUTH], request)
         return await handler(request)
     except asyncio.CancelledError:
@@ -136,6 +139,7 @@ def create_app(config: Config, *, upstream: Upstream | None = None, clock: Clock
     app[COMPAT] = Compat(live)
     app[METRICS].registry.register(CompatCollector(app[COMPAT]))
     app[AUTH] = auth
+    app[BROWSER] = BrowserGuard(live)
     app[INFLIGHT] = InFlight(live)
     app[SERVING] = ServingOptions.from_config(config.server)
     app[RELOADER] = Reloader(config_source)

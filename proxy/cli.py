@@ -324,7 +324,7 @@ async def _run(config: Config, *, demo: bool, flavor: str = "lmstudio",
     except ImportError:
         log.info("MCP at /mcp is off: pip install 'lmstudio-memory-proxy[mcp]' to serve it")
     else:
-        mount_mcp(app, host=config.server.host)
+        mount_mcp(app)
         log.info("MCP (streamable HTTP) at %s", PATH)
     host, port = config.server.host, config.server.port
     try:

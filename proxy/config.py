@@ -38,6 +38,11 @@ class ServerConfig:
     event_loop: str = field(default="auto", metadata=rule(choices=("auto", "asyncio", "uvloop")))
     # A non-loopback host with no auth.keys refuses to start unless this is true.
     allow_unauthenticated: bool = False
+    # Host names, besides loopback ones and the listening address, that requests may name
+    # (DNS rebinding: origins.py). Checked on a loopback host, and on any host once set.
+    allowed_hosts: tuple[str, ...] = ()
+    # Origins of web pages, besides the proxy's own, that may send it state-changing requests.
+    allowed_origins: tuple[str, ...] = ()
     max_model_name_chars: int = field(default=256, metadata=rule(1, 65536))
     header_timeout_s: float = field(default=10.0, metadata=rule(0, exclusive_lo=True))
     body_timeout_s: float = field(default=60.0, metadata=rule(0, exclusive_lo=True))

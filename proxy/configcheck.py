@@ -8,6 +8,7 @@ from urllib.parse import urlsplit
 
 from .config import AuthConfig, Config, HostConfig, StateConfig, TaskModel, UpstreamConfig
 from .urls import is_local_url, redact_url, url_has_credentials
+from .origins import config_problems as browser_problems
 from .groupcheck import Memory, ceiling_gb as _ceiling_gb, group_problems
 from .loadoptions import load_option_problems, load_option_warnings
 
@@ -32,6 +33,7 @@ def cross_checks(config: Config, problems: list[str]) -> None:
     for task, entries in config.tasks.items():
         problems += [f"tasks.{task}[{i}].model: required (the model key that serves it)"
                      for i, m in enumerate(entries) if isinstance(m, TaskModel) and not m.model]
+    problems += browser_problems(config.server.allowed_hosts, config.server.allowed_origins)
     _auth_checks(config.auth, problems)
     _host_checks(config, problems)
     _state_checks(config.state, problems)

@@ -4,12 +4,15 @@
     ├── InvalidRequest              (400 invalid_request_error)
     │   ├── BodyTooLarge            (413)
     │   ├── UnsupportedEncoding     (415 unsupported_content_encoding)
+    │   ├── UnsupportedMediaType    (415 unsupported_media_type: an admin body that is not JSON)
+    │   ├── HostNotAllowed          (421 host_not_allowed: a Host that is not the proxy's name)
     │   ├── RequestTimeout          (408 request_timeout: the body did not arrive in time)
     │   ├── ContextLengthExceeded   (400 context_length_exceeded: prompt above the context)
     │   └── ConfigRejected          (400 invalid_config: a reload found problems)
     ├── InvalidApiKey               (401 invalid_api_key, WWW-Authenticate)
     ├── PermissionDenied            (403)
     │   ├── AdminRequired           (403 admin_required)
+    │   ├── OriginNotAllowed        (403 origin_not_allowed: a change asked by another site)
     │   └── ModelNotAllowed         (403 model_not_allowed)
     ├── RouteNotFound               (404)
     ├── ModelNotFound               (404 model_not_found)
@@ -82,6 +85,19 @@ class UnsupportedEncoding(InvalidRequest):
     code = "unsupported_content_encoding"
 
 
+class UnsupportedMediaType(InvalidRequest):
+    status = 415
+    code = "unsupported_media_type"
+
+
+class HostNotAllowed(InvalidRequest):
+    """421 Misdirected Request: the name asked for is not one this server answers to (DNS
+    rebinding sends the attacker's own name). Final: the same name gets the same answer."""
+    status = 421
+    code = "host_not_allowed"
+    final = True
+
+
 class RequestTimeout(InvalidRequest):
     status = 408
     code = "request_timeout"
@@ -112,6 +128,11 @@ class PermissionDenied(ProxyError):
 
 class AdminRequired(PermissionDenied):
     code = "admin_required"
+
+
+class OriginNotAllowed(PermissionDenied):
+    code = "origin_not_allowed"
+    final = True
 
 
 class ModelNotAllowed(PermissionDenied):

@@ -1,6 +1,7 @@
 """The import rule, as the code has it: layers import downward only, and no module-level cycle.
 
-    foundation   errors, schema, config, configfile, groupcheck, loadoptions, liveconfig, urls
+    foundation   errors, schema, config, configfile, groupcheck, loadoptions, liveconfig, urls,
+                 origins
     backends     upstream/*, store, state/* (the fleet's shared facts: memory or Redis)
     engine       engine/*                             (never aiohttp's web)
     fleet        fleet/*                              (one engine per host, the placer above)
@@ -22,7 +23,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "proxy"
 LAYERS = [
     ("foundation", ("proxy.errors", "proxy.schema", "proxy.config", "proxy.configcheck",
                     "proxy.groupcheck",
-                    "proxy.loadoptions", "proxy.liveconfig", "proxy.urls",
+                    "proxy.loadoptions", "proxy.liveconfig", "proxy.urls", "proxy.origins",
                     "proxy.configfile")),
     ("backends", ("proxy.upstream", "proxy.store", "proxy.state")),
     ("engine", ("proxy.engine",)),

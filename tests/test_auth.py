@@ -222,7 +222,13 @@ def test_allow_unauthenticated_starts_with_a_warning(tmp_path, capsys):
     path = tmp_path / "proxy.yaml"
     path.write_text("server: {host: 0.0.0.0, allow_unauthenticated: true}\n")
     assert main(["--config", str(path), "--check"], environ={}) == 0
-    assert "warning: server.host: 0.0.0.0 is reachable" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "warning: server.host: 0.0.0.0 is reachable" in out
+    assert "warning: server.allowed_hosts is empty" in out and "DNS rebinding" in out
+    path.write_text("server: {host: 0.0.0.0, allow_unauthenticated: true, "
+                    "allowed_hosts: [proxy.lan]}\n")
+    assert main(["--config", str(path), "--check"], environ={}) == 0
+    assert "allowed_hosts" not in capsys.readouterr().out
     path.write_text("server: {host: 0.0.0.0}\nauth: {keys: [{name: a, key: sk-a}]}\n")
     assert main(["--config", str(path), "--check"], environ={}) == 0
 
@@ -286,7 +292,7 @@ async def test_a_limited_key_lists_only_its_models(guarded, http):
                                     b"x-api-key: sk-alice-\x80"])
 async def test_a_credential_that_is_not_utf8_is_a_401(guarded, emulator, caplog, header):
     from .test_hostile import raw_request
-    status, rest = await raw_request(guarded.url, b"GET /v1/models HTTP/1.1\r\nHost: x\r\n" +
+    status, rest = await raw_request(guarded.url, b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n" +
                                      header + b"\r\nConnection: close\r\n\r\n")
     assert status.startswith(b"HTTP/1.1 401")
     error = orjson.loads(rest.partition(b"\r\n\r\n")[2])["error"]

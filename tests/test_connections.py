@@ -48,7 +48,7 @@ async def test_a_silent_connection_is_closed_at_the_header_deadline(make_proxy, 
 async def test_slow_headers_are_cut_off(make_proxy, emulator):
     proxy = await make_proxy(emulator.url, **{"server.header_timeout_s": 0.2})
     reader, writer = await connect(proxy.url)
-    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n")
     assert await asyncio.wait_for(closed_by_server(reader), 5) == b""
     writer.close()
 
@@ -56,7 +56,7 @@ async def test_slow_headers_are_cut_off(make_proxy, emulator):
 async def test_an_idle_keep_alive_connection_is_closed(make_proxy, emulator):
     proxy = await make_proxy(emulator.url, **{"server.keepalive_timeout_s": 0.2})
     reader, writer = await connect(proxy.url)
-    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
     answer = await asyncio.wait_for(closed_by_server(reader), 5)
     assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b'{"status":"ok"}')
     writer.close()
@@ -67,7 +67,7 @@ async def test_connections_past_the_cap_get_503_and_the_proxy_recovers(make_prox
     proxy = await make_proxy(emulator.url, **{"server.max_connections": 3})
     held = [await connect(proxy.url) for _ in range(3)]
     answers = []
-    for request in (b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n", b""):   # b"": silent
+    for request in (b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", b""):   # b"": silent
         reader, writer = await connect(proxy.url)
         writer.write(request)
         answers.append(await closed_by_server(reader))
@@ -91,13 +91,13 @@ async def test_probes_are_answered_while_the_connection_cap_is_reached(make_prox
     held = [await connect(proxy.url) for _ in range(3 + PROBE_ROOM // 2)]   # idle, past the cap
     for probe in (b"GET /healthz", b"GET /readyz", b"HEAD /healthz", b"GET /healthz?x=1"):
         reader, writer = await connect(proxy.url)
-        writer.write(probe + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+        writer.write(probe + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         answer = await closed_by_server(reader)     # one request, then the server closes
         writer.close()
         assert answer.startswith(b"HTTP/1.1 200"), answer
     reader, writer = await connect(proxy.url)       # a probe's room serves nothing else
-    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /v1/models HTTP/1.1\r\n"
-                 b"Host: x\r\n\r\n")
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\nGET /v1/models HTTP/1.1\r\n"
+                 b"Host: 127.0.0.1\r\n\r\n")
     answer = await closed_by_server(reader)
     writer.close()
     assert answer.startswith(b"HTTP/1.1 200") and answer.count(b"HTTP/1.1") == 1
@@ -118,7 +118,7 @@ async def test_a_client_that_stops_reading_has_its_stream_ended_and_lease_releas
     reader, writer = await asyncio.open_connection(sock=sock)
     body = orjson.dumps({"model": MODEL, "stream": True, "max_tokens": 200_000,
                          "messages": [{"role": "user", "content": "go"}]})
-    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
                  b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
     state = emulator.state
     await state.wait_for(lambda: state.cancelled_streams == 1)   # the proxy let go upstream
@@ -127,7 +127,7 @@ async def test_a_client_that_stops_reading_has_its_stream_ended_and_lease_releas
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]   # no traceback
     writer.close()
     reader, writer = await connect(proxy.url)             # and the proxy serves on
-    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
     assert (await closed_by_server(reader)).startswith(b"HTTP/1.1 200")
     writer.close()
 
@@ -164,9 +164,9 @@ async def test_a_crowd_of_slow_and_silent_clients_is_shed_while_others_are_serve
     slow_headers = [await connect(proxy.url) for _ in range(60)]
     trickling = [await connect(proxy.url) for _ in range(30)]
     for _, w in slow_headers:
-        w.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+        w.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n")
     for _, w in trickling:
-        w.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 500\r\n\r\n{")
+        w.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 500\r\n\r\n{")
     async with http.get(f"{proxy.url}/healthz") as resp:     # served while the crowd waits
         assert resp.status == 200
     answers = await asyncio.wait_for(asyncio.gather(
@@ -216,7 +216,7 @@ async def test_a_probe_past_the_cap_may_arrive_in_pieces(make_proxy, emulator):
     proxy = await make_proxy(emulator.url, **{"server.max_connections": 2})
     held = [await connect(proxy.url) for _ in range(2)]
     reader, writer = await connect(proxy.url)
-    for piece in (b"GET /hea", b"lthz HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"p" * 3000 + b"\r",
+    for piece in (b"GET /hea", b"lthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Pad: " + b"p" * 3000 + b"\r",
                   b"\n\r", b"\n"):
         writer.write(piece)
         await writer.drain()
@@ -232,14 +232,14 @@ async def test_a_head_whose_end_arrives_split_meets_the_header_deadline(make_pro
     proxy = await make_proxy(emulator.url, **{"server.header_timeout_s": 0.2,
                                               "server.keepalive_timeout_s": 30})
     reader, writer = await connect(proxy.url)
-    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r")
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r")
     await writer.drain()
     await taken_by_server(proxy)                      # the second piece comes on its own
     writer.write(b"\n")
     assert (await reader.readuntil(b'{"status":"ok"}')).startswith(b"HTTP/1.1 200")
     with pytest.raises(asyncio.TimeoutError):         # past the deadline, still open
         await asyncio.wait_for(reader.read(1), 1.0)
-    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
     assert (await reader.readuntil(b'{"status":"ok"}')).startswith(b"HTTP/1.1 200")
     writer.close()
 
@@ -248,7 +248,7 @@ async def test_a_probe_path_with_another_method_is_no_probe(make_proxy, emulator
     proxy = await make_proxy(emulator.url, **{"server.max_connections": 2})
     held = [await connect(proxy.url) for _ in range(2)]
     reader, writer = await connect(proxy.url)
-    writer.write(b"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+    writer.write(b"POST /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n")
     answer = await closed_by_server(reader)
     writer.close()
     assert answer.startswith(b"HTTP/1.1 503") and b"too_many_connections" in answer

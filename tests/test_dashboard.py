@@ -8,6 +8,7 @@ import pytest
 
 from bench.browser import chromium_path
 from proxy.emulator import CatalogModel, load_catalog
+from proxy.server.keys import AUTH
 from proxy.server.serving import serve
 from proxy.app import create_app
 
@@ -337,3 +338,76 @@ async def test_a_single_server_has_no_host_bars_or_host_column(small, page):
     await expect(page.locator("#memory-bar .seg.free")).to_have_count(1)
     await expect(page.locator("#models th.host")).to_be_hidden()
     await expect(page.locator("#host-bars .host-block")).to_have_count(0)
+
+
+# -- other sites' pages, in the same browser (security.md: "Web pages") -------------------------
+ATTACK = """<script>
+async function attack(proxy) {
+  // A "simple request": no preflight, so the browser sends it whatever the proxy would say.
+  await fetch(proxy + "/proxy/models/unload", {method: "POST", mode: "no-cors",
+                                               body: JSON.stringify({model: "%s"})});
+  document.title = "sent";
+}
+</script>""" % A
+
+
+async def test_a_page_of_another_site_cannot_unload_a_model(small, page, http):
+    """What the browser really sends: the page at another origin posts text/plain to the
+    proxy; the proxy sees its Origin and refuses (counted), the model stays."""
+    from aiohttp import web
+
+    async def evil(_request):
+        return web.Response(text=ATTACK, content_type="text/html")
+    site = web.Application()
+    site.router.add_get("/", evil)
+    served = await serve(site)
+    try:
+        assert await chat(http, small.url, A) == 200
+        await page.goto(f"http://localhost:{served.port}/")
+        await page.evaluate("proxy => attack(proxy)", small.url)
+        await expect(page).to_have_title("sent")
+        assert small.app[AUTH].counters.rejected == {"origin_not_allowed": 1}
+        assert small.emulator.state.instances_of(A)
+    finally:
+        await served.close()
+
+
+REBIND = "attacker.rebind.example"
+READ = """<script>
+async function attack() {
+  // Same origin once the name points at 127.0.0.1: answers would be readable.
+  const stats = await fetch("/proxy/stats");
+  const sent = await fetch("/proxy/models/unload", {method: "POST",
+      headers: {"Content-Type": "application/json"}, body: JSON.stringify({model: "%s"})});
+  return [stats.status, sent.status];
+}
+</script>""" % A
+
+
+async def test_dns_rebinding_reads_and_changes_nothing(small, http):
+    """The attacker's page is served from its own name, which then resolves to 127.0.0.1
+    (Chromium's resolver is told so); its same-origin requests reach the proxy with the
+    attacker's name as Host and are refused."""
+    from bench.browser import CHROMIUM_ARGS
+    assert await chat(http, small.url, A) == 200
+    port = small.served.port
+    async with playwright.async_playwright() as pw:
+        browser = await pw.chromium.launch(
+            executable_path=chromium_path(), headless=True,
+            args=[*CHROMIUM_ARGS, f"--host-resolver-rules=MAP {REBIND} 127.0.0.1",
+                  # Chromium's own Local Network Access is a permission a user may grant, and
+                  # other browsers have none: off, so that the proxy's defence is what is tested.
+                  "--disable-features=LocalNetworkAccessChecks,"
+                  "BlockInsecurePrivateNetworkRequests,PrivateNetworkAccessSendPreflights"])
+        try:
+            page = await browser.new_page()
+            origin = f"http://{REBIND}:{port}"
+            # The first answer, before the name was rebound: the attacker's own page.
+            await page.route(origin + "/", lambda route: route.fulfill(
+                body=READ, content_type="text/html"))
+            await page.goto(origin + "/")
+            assert await page.evaluate("attack()") == [421, 421]
+        finally:
+            await browser.close()
+    assert set(small.app[AUTH].counters.rejected) == {"host_not_allowed"}   # and a favicon
+    assert small.emulator.state.instances_of(A)

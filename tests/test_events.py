@@ -122,7 +122,7 @@ async def test_a_slow_client_is_dropped_and_requests_are_unaffected(small, http)
     slow.setblocking(False)
     host, port = small.url.removeprefix("http://").split(":")
     await asyncio.get_running_loop().sock_connect(slow, (host, int(port)))
-    slow.send(b"GET /proxy/events HTTP/1.1\r\nHost: x\r\n\r\n")   # and never read
+    slow.send(b"GET /proxy/events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")   # and never read
     await hub.wait_for(lambda: len(hub.clients) == 1)
     async with http.get(f"{small.url}/proxy/events") as r:
         fast = SseReader(r)

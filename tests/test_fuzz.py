@@ -170,12 +170,12 @@ async def send(http: aiohttp.ClientSession, url: str, req: tuple[str, str, dict[
                         f"{raw[:120]!r}")
 
 
-BROKEN_HTTP = [b"GET / HTTP/1.1\r\n\r\n", b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+BROKEN_HTTP = [b"GET / HTTP/1.1\r\n\r\n", b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                b"Content-Length: -1\r\n\r\n", b"GARBAGE\r\n\r\n", b"GET /\x00 HTTP/1.1\r\n\r\n",
-               b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
-               b"\r\nzz\r\n", b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
-               b"Content-Length: 6\r\n\r\nhello", b"GET /healthz HTTP/9.9\r\nHost: x\r\n\r\n",
-               b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+               b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n"
+               b"\r\nzz\r\n", b"POST /v1/embeddings HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 5\r\n"
+               b"Content-Length: 6\r\n\r\nhello", b"GET /healthz HTTP/9.9\r\nHost: 127.0.0.1\r\n\r\n",
+               b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n"
                b"Content-Encoding: gzip\r\n\r\n5\r\nhello\r\n0\r\n\r\n"]
 
 
@@ -186,7 +186,7 @@ def non_utf8_header(rng: random.Random) -> bytes:
     junk = bytes(rng.randrange(0x80, 0x100) for _ in range(rng.randint(1, 12)))
     value = rng.choice([b"Bearer " + junk, junk, b"sk-" + junk + b"1", b"Bearer sk-1" + junk])
     body = b'{"model": "fast", "max_tokens": 1, "messages": []}' if method == "POST" else b""
-    return (f"{method} {path} HTTP/1.1\r\nHost: x\r\n".encode() + name + b": " + value +
+    return (f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n".encode() + name + b": " + value +
             b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
 
 

@@ -124,7 +124,7 @@ async def raw_request(url: str, head: bytes, body: bytes = b"") -> tuple[bytes, 
 
 
 async def test_a_body_declared_bigger_than_allowed_is_refused_at_once(proxy):
-    head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+    head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json"
             b"\r\nContent-Length: 1000000000\r\n\r\n")
     status, rest = await raw_request(proxy.url, head, b'{"model":')
     assert status.startswith(b"HTTP/1.1 413") and b"request_too_large" in rest
@@ -132,7 +132,7 @@ async def test_a_body_declared_bigger_than_allowed_is_refused_at_once(proxy):
 
 async def test_a_trickling_body_gets_408(make_proxy, emulator):
     proxy = await make_proxy(emulator.url, **{"server.body_timeout_s": 0.3})
-    head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n")
+    head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\n")
     status, rest = await raw_request(proxy.url, head, b'{"model":')
     assert status.startswith(b"HTTP/1.1 408") and b"request_timeout" in rest
 
@@ -154,12 +154,12 @@ async def test_a_bomb_is_refused_without_ever_holding_its_decoded_size(make_prox
 
 
 @pytest.mark.parametrize("head", [
-    b"POST /proxy/clear HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer adm-0123456789\x00\r\n\r\n",
+    b"POST /proxy/clear HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer adm-0123456789\x00\r\n\r\n",
     b"GET /v1/models HTTP/1.1\r\nX-Api-Key: sk-0123456789\x01\r\n\r\n",
     b"JRMI\x00\x01 sk-0123456789\r\n\r\n",
     b"GET /healthz HTTP/1.1\nAuthorization: Bearer sk-0123456789\n\n",
-    b"GET http://[sk-0123456789 HTTP/1.1\r\nHost: x\r\n\r\n",
-    b"GET /v1/models?api_key=sk-0123456789\x00 HTTP/1.1\r\nHost: x\r\n\r\n"])
+    b"GET http://[sk-0123456789 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+    b"GET /v1/models?api_key=sk-0123456789\x00 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"])
 async def test_malformed_http_gets_a_fixed_answer_and_one_log_line(make_proxy, emulator, caplog,
                                                                    head):
     proxy = await make_proxy(emulator.url, **{"auth.admin_token": "adm-0123456789"})
@@ -184,7 +184,7 @@ async def test_malformed_http_ends_the_connection(proxy):
     assert answer.split(b" ", 2)[1] == b"400" and b"malformed_request" in answer
 
 
-@pytest.mark.parametrize("head", [b"GET /x HTTP/9.9 sk-0123456789\r\nHost: x\r\n\r\n",
+@pytest.mark.parametrize("head", [b"GET /x HTTP/9.9 sk-0123456789\r\nHost: 127.0.0.1\r\n\r\n",
                                   b"GET /x HTTP/1.1\r\nBad Header sk-0123456789: v\r\n\r\n"])
 async def test_the_pure_python_parsers_quoted_bytes_are_not_logged(head):
     """aiohttp without its C extension quotes the offending bytes in the message's first

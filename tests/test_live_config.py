@@ -111,7 +111,8 @@ def changed_raw(hook_url: str, tmp_path: Path) -> dict[str, Any]:
                    "allow_unauthenticated": True, "max_model_name_chars": 40,
                    "header_timeout_s": 5, "body_timeout_s": 7, "keepalive_timeout_s": 5,
                    "stall_timeout_s": 3, "max_connections": 50,
-                   "loading_progress": "content", "loading_progress_interval_s": 0.5},
+                   "loading_progress": "content", "loading_progress_interval_s": 0.5,
+                   "allowed_hosts": ["proxy.lan"], "allowed_origins": ["http://localhost:3000"]},
         "upstream": {"kind": "openai", "url": "http://127.0.0.1:9", "api_token": "tok",
                      "connect_timeout_s": 1,
                      "read_timeout_s": 9, "load_timeout_s": 9, "max_connections": 9,
@@ -245,9 +246,11 @@ def value(read: Callable[[Running], Any], expected: Any) -> Probe:
     return probe
 
 
-def status(method: str, path: str, secret: str | None, expected: int, **kw: Any) -> Probe:
+def status(method: str, path: str, secret: str | None, expected: int, *,
+           headers: dict | None = None, **kw: Any) -> Probe:
     async def probe(t: Running) -> bool:
-        return await t.status(method, path, bearer(secret) if secret else None, **kw) == expected
+        sent = {**(bearer(secret) if secret else {}), **(headers or {})}
+        return await t.status(method, path, sent or None, **kw) == expected
     return probe
 
 
@@ -277,6 +280,11 @@ APPLIED: dict[str, Probe] = {
         lambda t: t.app[CONFIG].current.server.loading_progress, "content"),
     "server.loading_progress_interval_s": value(
         lambda t: t.app[CONFIG].current.server.loading_progress_interval_s, 0.5),
+    # Read by every request (server/browser.py): a 421 and a 403 before the reload.
+    "server.allowed_hosts": status("GET", "/v1/models", KEY_B, 200,
+                                   headers={"Host": "proxy.lan:8080"}),
+    "server.allowed_origins": status("POST", "/v1/chat/completions", KEY_B, 200,
+                                     headers={"Origin": "http://localhost:3000"}, **chat(MODEL)),
     "memory.max_memory_usage_percent": value(
         lambda t: (t.engine.monitor.gauge.max_usage_percent,
                    t.engine.monitor.max_usage_fraction), (60, 0.6)),

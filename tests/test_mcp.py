@@ -232,20 +232,42 @@ async def test_python_m_proxy_serves_mcp_at_slash_mcp(tmp_path):
         await proc.wait()
 
 
+INIT = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
+        "params": {"protocolVersion": "2025-06-18", "capabilities": {},
+                   "clientInfo": {"name": "t", "version": "1"}}}
+ACCEPT = "application/json, text/event-stream"
+
+
 @pytest.mark.parametrize("bind, status", [("127.0.0.1", 421), ("0.0.0.0", 200)])
 async def test_another_host_header_is_refused_only_on_loopback(emulator, http, bind, status):
     """DNS rebinding: a loopback proxy answers only to its loopback names; one bound wider is
-    reached by names the SDK cannot know."""
-    app = create_app(proxy_config(emulator.url))
-    mount_mcp(app, host=bind)
+    reached by names it cannot know. /mcp has the rule every route has (origins.py)."""
+    app = create_app(proxy_config(emulator.url, **{"server.host": bind}))
+    mount_mcp(app)
     proxy = Proxy(await serve(app), app)
-    init = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
-            "params": {"protocolVersion": "2025-06-18", "capabilities": {},
-                       "clientInfo": {"name": "t", "version": "1"}}}
     try:
-        async with http.post(f"{proxy.url}/mcp", json=init,
-                             headers={"Host": "proxy.lan:8080",
-                                      "Accept": "application/json, text/event-stream"}) as resp:
+        async with http.post(f"{proxy.url}/mcp", json=INIT,
+                             headers={"Host": "proxy.lan:8080", "Accept": ACCEPT}) as resp:
             assert resp.status == status, await resp.text()
+            if status == 421:
+                assert (await resp.json())["error"]["code"] == "host_not_allowed"
+    finally:
+        await proxy.served.close()
+
+
+async def test_a_call_from_another_sites_page_is_refused(emulator, http):
+    """A page elsewhere may POST to /mcp from the browser (tools that unload models); its
+    Origin says so. The proxy's own origin, or none (an MCP client), goes on."""
+    app = create_app(proxy_config(emulator.url))
+    mount_mcp(app)
+    proxy = Proxy(await serve(app), app)
+    try:
+        for origin, status in (("https://evil.example", 403), (proxy.url, 200), (None, 200)):
+            headers = {"Accept": ACCEPT, **({"Origin": origin} if origin else {})}
+            async with http.post(f"{proxy.url}/mcp", json=INIT, headers=headers) as resp:
+                assert resp.status == status, (origin, await resp.text())
+        async with http.post(f"{proxy.url}/mcp", json=INIT,
+                             headers={"Accept": ACCEPT, "Origin": "https://evil.example"}) as resp:
+            assert (await resp.json())["error"]["code"] == "origin_not_allowed"
     finally:
         await proxy.served.close()

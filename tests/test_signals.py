@@ -121,7 +121,7 @@ async def test_sigterm_ends_long_streams_at_the_deadline_and_exits_0(running, sl
     host, port = proxy.url.removeprefix("http://").split(":")
     _, silent = await asyncio.open_connection(host, int(port))      # says nothing at all
     _, half = await asyncio.open_connection(host, int(port))
-    half.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")   # headers unfinished
+    half.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n")   # headers unfinished
     await half.drain()
     sent_at = time.monotonic()
     proxy.proc.send_signal(signal.SIGTERM)

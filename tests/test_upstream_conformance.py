@@ -515,7 +515,7 @@ async def test_a_client_that_hangs_up_before_the_headers_aborts_the_upstream_req
     host, port = proxy.url.removeprefix("http://").split(":")
     reader, writer = await asyncio.open_connection(host, int(port))
     body = b'{"model": "qwen/qwen3-4b", "messages": []}'
-    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
                  b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
     await emulator.state.wait_for(lambda: emulator.state.hung_requests == 1)
     writer.transport.abort()                      # the client hangs up, no answer yet
@@ -667,7 +667,7 @@ async def test_a_client_that_stops_reading_a_stream_slows_the_upstream_through_t
     host, port = proxy.url.removeprefix("http://").split(":")
     reader, writer = await asyncio.open_connection(host, int(port))
     body = b'{"model": "m", "stream": true, "messages": []}'
-    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n%s"
                  % (len(body), body))
     assert b" 200 " in await reader.readuntil(b"\r\n\r\n")   # then read no more
     await asyncio.wait_for(blocked.wait(), 20)

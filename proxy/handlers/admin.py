@@ -7,7 +7,7 @@ import orjson
 from aiohttp import web
 
 from ..engine.face import Engine
-from ..errors import ConfigRejected, InvalidRequest
+from ..errors import ConfigRejected, InvalidRequest, UnsupportedMediaType, clip
 from ..server.intake import check_model_name
 from ..server.keys import AUTH, COMPAT, CONFIG, ENGINE, EVENTS, REPLICA
 from ..server.reload import RELOADER
@@ -22,6 +22,16 @@ async def _json_object(request: web.Request) -> dict[str, Any]:
     body = await read_body(request)
     if not body:
         return {}
+    # A JSON type cannot come from another site without a CORS preflight, which the proxy
+    # never grants; text/plain, form bodies and untyped ones (a Blob; aiohttp reads that as
+    # application/octet-stream) can (security.md).
+    kind = request.content_type
+    if kind != "application/json" and not (kind.startswith("application/") and
+                                           kind.endswith("+json")):
+        sent = request.headers.get("Content-Type")
+        raise UnsupportedMediaType(
+            "Admin requests carry a JSON object: send 'Content-Type: application/json' "
+            f"(got {repr(clip(sent, 60)) if sent else 'none'}).")
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as exc:

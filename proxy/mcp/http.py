@@ -5,6 +5,7 @@ from contextvars import ContextVar
 from typing import Any, Callable
 
 from aiohttp import web
+from mcp.server.transport_security import TransportSecuritySettings
 
 from ..server.asgi import mount
 from .client import ProxyClient
@@ -13,14 +14,14 @@ from .server import build_server
 PATH = "/mcp"
 
 
-def mount_mcp(app: web.Application, path: str = PATH, host: str = "127.0.0.1") -> None:
-    """`host` is the proxy's bind address: on loopback the SDK refuses other Host and Origin
-    headers (DNS rebinding); bound wider, callers name the host as they reach it."""
-    asgi, lifespan = http_app(path, host)
+def mount_mcp(app: web.Application, path: str = PATH) -> None:
+    """Host and Origin (DNS rebinding, other sites) are checked by the proxy's middleware, with
+    the rule every route has (origins.py, `server.allowed_hosts` / `allowed_origins`)."""
+    asgi, lifespan = http_app(path)
     mount(app, path, asgi, lifespan)
 
 
-def http_app(path: str = PATH, host: str = "127.0.0.1") -> tuple[Any, Callable[[], Any]]:
+def http_app(path: str = PATH) -> tuple[Any, Callable[[], Any]]:
     """The streamable HTTP transport, stateless with JSON answers, to mount on the proxy's own
     server: (ASGI app, lifespan). Each call goes back to the proxy it arrived at with the
     caller's own Authorization, so the proxy's auth decides as for any HTTP call."""
@@ -30,8 +31,12 @@ def http_app(path: str = PATH, host: str = "127.0.0.1") -> tuple[Any, Callable[[
         return ProxyClient(str(request.base_url), key)
 
     server = build_server(client_for, middleware=[_remember_request])
+    # The SDK's own Host/Origin lists would be a second rule, one that knows neither the
+    # proxy's allowed names nor its bind address: the proxy's middleware has already applied
+    # its own by the time a request gets here. (The SDK still requires a JSON POST.)
+    unchecked = TransportSecuritySettings(enable_dns_rebinding_protection=False)
     app = server.streamable_http_app(streamable_http_path=path, stateless_http=True,
-                                     json_response=True, host=host)
+                                     json_response=True, transport_security=unchecked)
     return app, server.session_manager.run
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 from dataclasses import dataclass, replace
 from typing import Iterable, Mapping
 
@@ -29,6 +28,7 @@ from ..config import AuthConfig, Config
 from ..errors import AdminRequired, ConfigError, InvalidApiKey, ModelNotAllowed
 from ..native import PATHS as NATIVE_PATHS
 from ..liveconfig import LiveConfig
+from ..origins import is_loopback
 
 CREDENTIAL_HEADERS = frozenset({"authorization", "x-api-key"})
 PROBES = frozenset({"/healthz", "/readyz"})
@@ -77,15 +77,6 @@ def resolve_secrets(config: Config, environ: Mapping[str, str]) -> Config:
                                         admin_token_env=None))
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False    # a hostname or a wildcard: reachable from elsewhere, as far as we know
-
-
 def exposure_problems(config: Config) -> tuple[list[str], list[str]]:
     """(problems that refuse a start, warnings) about who can reach an unprotected proxy."""
     host, auth = config.server.host, config.auth
@@ -99,7 +90,11 @@ def exposure_problems(config: Config) -> tuple[list[str], list[str]]:
     exposed = (f"server.host: {host} is reachable from other machines and auth.keys is "
                "empty, so anyone who can reach it may use every model")
     if config.server.allow_unauthenticated:
-        return [], [exposed + " (server.allow_unauthenticated is true)"]
+        rebinding = [] if config.server.allowed_hosts else [
+            "server.allowed_hosts is empty on an unauthenticated server.host: a web page in a "
+            "browser that reaches it can read it and change it through DNS rebinding; list the "
+            "names clients use there"]
+        return [], [exposed + " (server.allow_unauthenticated is true)", *rebinding]
     return [exposed + ": add client keys under auth.keys, or set "
             "server.allow_unauthenticated: true"], []
 

@@ -6,6 +6,7 @@ from aiohttp import web
 from ..observe.accesslog import AccessLog
 from .compat import Compat
 from .auth import STATE as AUTH_STATE
+from .browser import BrowserGuard
 from ..observe.health import ModelHealthMonitor
 from ..engine.face import Engine
 from ..observe.events import EventHub
@@ -27,6 +28,8 @@ HEALTH = web.AppKey("health", ModelHealthMonitor)
 COMPAT = web.AppKey("compat", Compat)
 EVENTS = web.AppKey("events", EventHub)
 AUTH = AUTH_STATE
+# The Host and Origin rule (DNS rebinding, cross-site changes), checked before AUTH.
+BROWSER = web.AppKey("browser", BrowserGuard)
 # Set on a request once its response headers are sent: errors can no longer become a response.
 RESPONSE_STARTED = web.RequestKey("response_started", bool)
 # The task a request was tagged with, and the model `auto:<task>` picked for it.
