@@ -232,6 +232,7 @@ async def _event_relay_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
         return
     relay = EventRelay(app[EVENTS], replica.store)
+    relay.on_remote.append(replica.heard)      # others' loads and unloads reach the engine
     await relay.start()
     try:
         yield

@@ -45,10 +45,11 @@ class HeldLeases:
         await self.go.wait()
         await self.inner.renew_leases(leases, ttl_s)
 
-    async def take_lease(self, host: str, model: str, ttl_s: float) -> bool:
+    async def take_lease(self, host: str, model: str, ttl_s: float,
+                         fleet_loaded: Iterable[str] = ()) -> bool | None:
         self.renewing.set()
         await self.go.wait()
-        return await self.inner.take_lease(host, model, ttl_s)
+        return await self.inner.take_lease(host, model, ttl_s, fleet_loaded)
 
 
 async def test_a_request_cancelled_while_its_lease_reaches_the_state_gives_it_back():
@@ -139,9 +140,10 @@ class CountedLeases(HeldLeases):
         self.inner = facts.view(replica_id)
         self.taken = 0
 
-    async def take_lease(self, host: str, model: str, ttl_s: float) -> bool:
+    async def take_lease(self, host: str, model: str, ttl_s: float,
+                         fleet_loaded: Iterable[str] = ()) -> bool | None:
         self.taken += 1
-        return await super().take_lease(host, model, ttl_s)
+        return await super().take_lease(host, model, ttl_s, fleet_loaded)
 
 
 class GatedUnload(ScriptedBackend):
@@ -278,8 +280,9 @@ class HeldClaims(HeldLeases):
         super().__init__()
         self.inner = facts.view(replica_id)
 
-    async def take_lease(self, host: str, model: str, ttl_s: float) -> bool:
-        return await self.inner.take_lease(host, model, ttl_s)
+    async def take_lease(self, host: str, model: str, ttl_s: float,
+                         fleet_loaded: Iterable[str] = ()) -> bool | None:
+        return await self.inner.take_lease(host, model, ttl_s, fleet_loaded)
 
     async def claim_unload(self, host: str, model: str, ttl_s: float) -> set[str]:
         self.renewing.set()
@@ -448,8 +451,9 @@ class HeldRenewals(HeldLeases):
         super().__init__()
         self.inner = facts.view(replica_id)
 
-    async def take_lease(self, host: str, model: str, ttl_s: float) -> bool:
-        return await self.inner.take_lease(host, model, ttl_s)
+    async def take_lease(self, host: str, model: str, ttl_s: float,
+                         fleet_loaded: Iterable[str] = ()) -> bool | None:
+        return await self.inner.take_lease(host, model, ttl_s, fleet_loaded)
 
 
 async def test_a_lease_taken_again_while_the_batch_drops_it_stays():
@@ -486,8 +490,9 @@ class AnsweredLate(HeldRenewals):
         super().__init__(replica_id, facts)
         self.answer, self.taking = asyncio.Event(), asyncio.Event()
 
-    async def take_lease(self, host: str, model: str, ttl_s: float) -> bool:
-        taken = await self.inner.take_lease(host, model, ttl_s)
+    async def take_lease(self, host: str, model: str, ttl_s: float,
+                         fleet_loaded: Iterable[str] = ()) -> bool | None:
+        taken = await self.inner.take_lease(host, model, ttl_s, fleet_loaded)
         self.taking.set()
         await self.answer.wait()
         return taken
@@ -532,7 +537,8 @@ class Unreachable(HeldLeases):
         super().__init__()
         self.asked = 0
 
-    async def take_lease(self, host: str, model: str, ttl_s: float) -> bool:
+    async def take_lease(self, host: str, model: str, ttl_s: float,
+                         fleet_loaded: Iterable[str] = ()) -> bool | None:
         self.asked += 1
         raise StateUnavailable("shared state unavailable: Redis at redis://r:6379 failed")
 

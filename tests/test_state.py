@@ -8,7 +8,7 @@ import asyncio
 import pytest
 
 from proxy.engine.clock import ManualClock
-from proxy.state import HostRecord, LoadLock, MemoryState
+from proxy.state import HostRecord, LoadLock, MemoryState, Whereabouts
 
 from .redis_server import make_redis_server, redis_server  # noqa: F401
 from .state_contract import EVENTS_MAXLEN, TTL_S, Fleet, until
@@ -349,3 +349,25 @@ async def test_learned_measurements_expire_unless_written_again(fleet):
 
 async def _unlearned(store, host: str) -> bool:
     return await store.learned(host) == {}
+
+
+async def test_a_first_lease_on_the_fleets_copy_is_refused_once_a_replica_unloaded_it(fleet):
+    a, b = fleet.replica("a"), fleet.replica("b")
+    await a.add_owned("h1", "inst", "m")
+    assert await b.take_lease("h1", "m", LONG_S, ["inst"]) is True
+    await a.remove_owned("h1", "inst")                          # a unloaded it
+    assert await b.take_lease("h1", "m", LONG_S, ["inst"]) is None
+    assert await b.take_lease("h1", "m", LONG_S) is True        # unasked: the host said so
+    await a.claim_unload("h1", "m2", LONG_S)
+    assert await b.take_lease("h1", "m2", LONG_S, ["x"]) is False   # going: the claim first
+
+
+async def test_whereabouts_name_who_loads_a_model_and_where_the_fleets_copy_is(fleet):
+    a, b = fleet.replica("a"), fleet.replica("b")
+    await a.acquire_lock("h1", "m", LONG_S)
+    await b.add_owned("h2", "inst", "m")
+    await b.add_owned("h3", "inst", "other")
+    found = await b.whereabouts("m", ["h1", "h2", "h3"])
+    assert found == {"h1": Whereabouts("a", False), "h2": Whereabouts(None, True),
+                     "h3": Whereabouts(None, False)}
+    assert await b.whereabouts("m", []) == {}

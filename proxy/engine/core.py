@@ -86,6 +86,7 @@ class EngineCore(CoreViews):
             shared.leases_of = lambda: [e.key for e in r.entries.values() if e.leases]
             shared.record_of = self._host_record
             shared.registry = r
+            shared.catch_up.reconcile = self.reconcile   # when another replica loads or unloads
             shared.record_ttl_s = max(60.0, 3 * live.current.upstream.reconcile_interval_s)
             self.listeners.add(shared)     # its loads and unloads: the host's record now
         self.preloads = PreloadTally(r)
@@ -186,7 +187,9 @@ class EngineCore(CoreViews):
                     except BaseException:    # cancelled meanwhile: the lease goes back
                         lease.release()
                         raise
-                    if not leased:           # another replica unloaded it meanwhile
+                    # Another replica unloaded it meanwhile (then its stream event or the
+                    # state's record has had the host asked, which may have said so already).
+                    if not leased or e.status is not LOADED and self.manages_loading:
                         lease.release()
                         await self.reconcile()
                         continue

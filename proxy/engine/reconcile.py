@@ -134,6 +134,12 @@ class Reconciler(Part):
                 else:
                     e.owner = OWNER_EXTERNAL
                     log.info("%s was loaded outside the proxy", m.key)
+            elif e.owner == OWNER_EXTERNAL and e.status is S.LOADED and \
+                    self.ctx.shared is not None and \
+                    self.ctx.shared.owned_by_fleet(e.key, m.instance_ids):
+                # Seen on the host before the replica that loaded it had recorded it so.
+                e.owner = OWNER_PROXY
+                log.info("%s is the proxy's: another replica loaded it", m.key)
         elif e.status is S.LOADED and self.api_level is not ApiLevel.JIT_ONLY:
             by_backend = self.capabilities is not None and self.capabilities.self_evicts
             if by_backend:   # a fact of this server's, not a failure: counted as its eviction

@@ -15,7 +15,12 @@ engine, which asks it at the moments something changes — never on a request's 
     leased(key)                this replica's lease on the model is in the shared state: a
                                request takes it with no round trip (the hot path); otherwise
     lease_now(key)             puts it there before the request goes on (False: another
-                               replica is unloading the model; the engine reconciles first)
+                               replica is unloading the model, or has unloaded the fleet's
+                               copy this replica still counts resident; the engine reconciles
+                               first, and loads it itself if it is gone)
+    heard(model)               another replica's load or unload of it here has ended (the
+                               replicas' event stream): the engine reconciles now
+                               (engine/shared_heard.py), not at its next tick
     touch(key)                 a request took a lease: renewed in the next batch, and in the
                                one after (a lease outlives its model's last request by a batch)
     publish_soon()             the host's record, and the footprints and load times this
@@ -35,8 +40,9 @@ from typing import TYPE_CHECKING, AsyncIterator, Awaitable, Callable
 from ..config import StateConfig
 from ..errors import ConfigError, InsufficientMemory, StateUnavailable
 from ..state import HostRecord, StateStore, create_state
-from .lifecycle import ModelStatus
+from .lifecycle import OWNER_PROXY, ModelStatus
 from .memory import GB
+from .shared_heard import CatchUp, heard_on
 from .shared_learned import LearnedShare
 
 if TYPE_CHECKING:
@@ -106,6 +112,10 @@ class Replica:
         while True:
             await asyncio.sleep(self.lease_ttl_s / 3)
             await self.beat()
+
+    def heard(self, event_type: str, data: dict) -> None:
+        """Another replica's event, as the replicas' stream brings it (observe/relayed.py)."""
+        heard_on(self.hosts, event_type, data, SINGLE_HOST)
 
     async def view(self) -> dict:
         """The replicas and the hosts as the shared state holds them (GET /proxy/stats)."""
@@ -182,6 +192,8 @@ class SharedHost:
         self.claims: set[str] = set()             # models this replica has claimed to unload
         self._taking: dict[str, asyncio.Future[bool]] = {}   # model → its lease on the way
         self._lingering: set[str] = set()   # leased here, by no request since the last batch
+        self._gone: set[str] = set()        # its fleet copy was unloaded: the host was asked
+        self.catch_up = CatchUp(self._tasks)     # the engine's reconcile, when others acted
 
     def serving_now(self) -> tuple[list[str], list[str]]:
         """(leases to renew, leases to drop). A lease outlives the model's last request here
@@ -235,23 +247,53 @@ class SharedHost:
             taking.add_done_callback(lambda _: self._taking.pop(key, None))
         return await asyncio.shield(taking)
 
+    def heard(self, model: str) -> None:
+        self.catch_up.soon()
+
+    def _fleet_loaded(self, key: str) -> tuple[str, ...]:
+        """The instances of `key` this replica counts as the fleet's copy here: its first lease
+        is refused if a replica has unloaded them since (the stream may not have told yet)."""
+        e = self.registry.entries.get(key) if self.registry is not None else None
+        if e is None or e.owner != OWNER_PROXY or key in self._gone:
+            return ()
+        return e.instance_ids
+
     async def _take(self, key: str) -> bool:
         r = self.replica
         loop = asyncio.get_running_loop()
         deadline = loop.time() + r.lock_ttl_s + POLL_S
-        taken = True
+        waited = False
         try:
-            while not await self.store.take_lease(self.name, key, r.lease_ttl_s):
-                taken = False                 # wait out the unload (its claim ends with it)
+            while not (taken := await self.store.take_lease(
+                    self.name, key, r.lease_ttl_s, self._fleet_loaded(key))):
+                if taken is None:
+                    # Unloaded by another replica, as the fleet's record says: the engine
+                    # asks the host, and if it still lists the model it is leased unasked.
+                    self._gone.add(key)
+                    return False
+                waited = True                 # wait out the unload (its claim ends with it)
                 if loop.time() >= deadline:
                     return False              # not leased: the next request asks again
                 await asyncio.sleep(POLL_S / 5)
             self.renewed.add(key)
+            if key in self._gone:
+                await self._still_ours(key)
         except StateUnavailable as exc:
             # Evictions wait for the state too; the requests after this one do not ask
             # again until the heartbeat reaches it.
             r.unreachable(exc)
-        return taken
+        return not waited
+
+    async def _still_ours(self, key: str) -> None:
+        """The fleet's record had lost a copy the host still lists (Redis lost its data, or
+        the load's lock lapsed before it was recorded): recorded again, as this replica
+        counts it, so that the next first lease is not refused for it."""
+        self._gone.discard(key)
+        e = self.registry.entries.get(key) if self.registry is not None else None
+        if e is not None and e.status is ModelStatus.LOADED and e.owner == OWNER_PROXY:
+            for i in e.instance_ids:
+                await self.store.add_owned(self.name, i, key)
+                self.fleet_owned[i] = key
 
     @contextlib.asynccontextmanager
     async def load_slot(self, e: "ModelEntry", need_bytes: float,
@@ -378,6 +420,8 @@ class SharedHost:
     def on_state(self, model: str, old: str, new: str) -> None:
         if old == ModelStatus.UNLOADING.value:     # the unload ended, either way
             self._end_claim(model)
+        if new in (ModelStatus.LOADED.value, ModelStatus.UNLOADED.value):
+            self._gone.discard(model)              # the host has been asked
 
     def _end_claim(self, key: str) -> None:
         if key in self.claims:

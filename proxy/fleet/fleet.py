@@ -125,7 +125,11 @@ class Fleet(FleetViews):
             turn = await self.turns.turn(key, listed)
             await asyncio.gather(*(run_for(h.name, h.core.sample_memory)
                                    for h, _ in listed if h.up), return_exceptions=True)
-            elsewhere = await self.turns.loading_elsewhere(key, listed)
+            elsewhere, fleet_loaded = await self.turns.elsewhere(key, listed)
+            # Another replica's copy, loaded since this replica's engines last looked: they
+            # look now, and the request is served there (rule 1), not loaded a second time.
+            await asyncio.gather(*(run_for(h.name, h.core.reconcile) for h, e in listed
+                                   if h.name in fleet_loaded and e.status is not LOADED))
             listed = self._listed(key, avoid)
             preferred = self.config.preferred_host(key)
             ceilings = {h.name: h.core.ceiling_bytes() for h in self.hosts if h.up}

@@ -1,9 +1,10 @@
 """Among replicas (state.backend: redis), a cold model is placed by one replica at a time.
 
 `turn()` takes the model's placing lock in the shared state; `hand_over()` releases it once the
-chosen host's load lock is held, so the next replica sees the load (`loading_elsewhere()`: the
-hosts where another replica holds a load lock) and joins it instead of starting a second copy
-elsewhere. Without shared state, or while it is away, a replica places alone.
+chosen host's load lock is held, so the next replica sees the load (`elsewhere()`: the hosts
+where another replica holds a load lock) and joins it instead of starting a second copy
+elsewhere — or, once that load has ended, sees the fleet's copy resident there and is served
+by it. Without shared state, or while it is away, a replica places alone.
 """
 from __future__ import annotations
 
@@ -48,8 +49,9 @@ class ReplicaTurns:
                 lock = await store.acquire_lock(PLACING, key, ttl_s)
                 if lock is not None:
                     return lock
-                if await self.loading_elsewhere(key, listed) or \
-                        any(h.resident(key) for h, _ in listed) or loop.time() >= deadline:
+                loading, loaded = await self.elsewhere(key, listed)
+                if loading or loaded or any(h.resident(key) for h, _ in listed) or \
+                        loop.time() >= deadline:
                     return None
                 await asyncio.sleep(PLACING_POLL_S)
         except StateUnavailable:
@@ -75,14 +77,17 @@ class ReplicaTurns:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def loading_elsewhere(self, key: str, listed: list[tuple["Host", ModelEntry]]
-                                 ) -> set[str]:
-        """Hosts where another replica is loading the model now (their load locks): the
-        request joins that load there rather than start a second one elsewhere."""
+    async def elsewhere(self, key: str, listed: list[tuple["Host", ModelEntry]]
+                        ) -> tuple[set[str], set[str]]:
+        """(hosts where another replica is loading the model now (their load locks), hosts
+        where a copy the fleet loaded is resident), in one round trip: the request joins that
+        load, or is served by that copy, rather than start a second one elsewhere."""
         if self.replica is None:
-            return set()
-        store, me = self.replica.store, self.replica.id
-        holders = await asyncio.gather(*(store.lock_holder(h.name, key) for h, _ in listed),
-                                       return_exceptions=True)
-        return {h.name for (h, _), who in zip(listed, holders)
-                if isinstance(who, str) and who != me}
+            return set(), set()
+        me = self.replica.id
+        try:
+            found = await self.replica.store.whereabouts(key, [h.name for h, _ in listed])
+        except StateUnavailable:
+            return set(), set()
+        return ({n for n, w in found.items() if w.loading_by not in (None, me)},
+                {n for n, w in found.items() if w.fleet_loaded})

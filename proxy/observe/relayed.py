@@ -13,7 +13,7 @@ import asyncio
 import collections
 import contextlib
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import StateUnavailable
 from ..state import StateStore
@@ -38,6 +38,7 @@ class EventRelay:
         self.lost = self.relayed_in = self.relayed_out = 0
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
+        self.on_remote: list[Callable[[str, dict[str, Any]], None]] = []   # engine/shared.py
         hub.on_publish.append(self._out)
 
     def _out(self, event_type: str, data: dict[str, Any]) -> None:
@@ -91,5 +92,8 @@ class EventRelay:
                 after = ev.id
                 if ev.data.get("replica") != self.me:
                     self.relayed_in += 1
+                    for hook in self.on_remote:    # before the hub: what acts before what shows
+                        with contextlib.suppress(Exception):
+                            hook(ev.type, ev.data)
                     with contextlib.suppress(Exception):
                         self.hub.publish(ev.type, dict(ev.data))

@@ -7,11 +7,11 @@ import uuid
 from typing import Any
 
 from .base import (HostRecord, LeaseKey, Learned, LoadLock, Measured, Reserved, StateStore,
-                   StoredEvent)
+                   StoredEvent, Whereabouts)
 from .memory import MemoryState
 
 __all__ = ["HostRecord", "LeaseKey", "Learned", "LoadLock", "Measured", "MemoryState", "Reserved",
-           "StateStore", "StoredEvent", "create_state", "default_replica_id"]
+           "StateStore", "StoredEvent", "Whereabouts", "create_state", "default_replica_id"]
 
 
 def default_replica_id() -> str:

@@ -12,7 +12,8 @@ them.
     leases              per (host, model, replica): "serving through some replica, do not evict"
     unload claims       per (host, model): "this replica is unloading it"; taken only while no
                         other replica holds a lease, and no lease is taken while one stands
-    ownership           which instances the fleet loaded (kept across replica restarts)
+    ownership           which instances the fleet loaded (kept across replica restarts): also
+                        where the fleet's loads are resident now, since an unload removes them
     leader              one replica at a time runs the fleet-wide background jobs
     events              an append-only log, resumable by id, trimmed to a maximum length
     learned             per (host, model): the latest footprint and load time some replica
@@ -86,6 +87,14 @@ class Learned:
 
 
 @dataclass(frozen=True)
+class Whereabouts:
+    """One model on one host as the replicas' own acts left it: the replica loading it now
+    (its load lock), and whether an instance the fleet loaded is resident there."""
+    loading_by: str | None = None
+    fleet_loaded: bool = False
+
+
+@dataclass(frozen=True)
 class StoredEvent:
     id: str
     type: str
@@ -154,9 +163,13 @@ class StateStore(Protocol):
     async def drop_leases(self, leases: Iterable[LeaseKey]) -> None: ...
     async def leased_by(self, host: str, model: str) -> set[str]:
         """Replicas holding a live lease on (host, model)."""
-    async def take_lease(self, host: str, model: str, ttl_s: float) -> bool:
+    async def take_lease(self, host: str, model: str, ttl_s: float,
+                         fleet_loaded: Iterable[str] = ()) -> bool | None:
         """Takes or extends this replica's lease on (host, model) unless another replica's
-        unload claim on it stands (False: no lease taken; the model is going)."""
+        unload claim on it stands (False: no lease taken; the model is going). With
+        `fleet_loaded` (the instances this replica believes the fleet loaded), also unless
+        none of them is still in the ownership record as the model's (None: a replica has
+        unloaded it since)."""
     async def claim_unload(self, host: str, model: str, ttl_s: float) -> set[str]:
         """Atomically: the other replicas holding a live lease on (host, model); when there are
         none, this replica's claim to unload it, for `ttl_s` or until released. Between the
@@ -172,6 +185,9 @@ class StateStore(Protocol):
     async def remove_owned(self, host: str, instance_id: str) -> None: ...
     async def owned(self, host: str) -> dict[str, str]:
         """instance id → model key, for the instances the fleet loaded on `host`."""
+    async def whereabouts(self, model: str, hosts: Iterable[str]) -> dict[str, Whereabouts]:
+        """The model on each host, in one step: who is loading it, whether the fleet's copy
+        is resident (placing a cold model reads it, to join or use another replica's load)."""
 
     # -- leader -----------------------------------------------------------------------------
     async def campaign(self, ttl_s: float) -> bool:

@@ -131,10 +131,19 @@ end
 return out
 """
 
-# KEYS: lease zset, unload claim   ARGV: replica, ttl_ms   → 1, or 0 while another unloads it
+# KEYS: lease zset, unload claim, owned hash   ARGV: replica, ttl_ms, model, instance...
+#   → 1, or 0 while another unloads it, or -1 when instances are given and none of them is
+#   the fleet's copy of the model any more (a replica has unloaded it)
 TAKE_LEASE = _COMMON + """
 local claim = redis.call('GET', KEYS[2])
 if claim and claim ~= ARGV[1] then return 0 end
+if #ARGV > 3 then
+  local held = false
+  for i = 4, #ARGV do
+    if redis.call('HGET', KEYS[3], ARGV[i]) == ARGV[3] then held = true break end
+  end
+  if not held then return -1 end
+end
 local now, ttl = now_ms(), tonumber(ARGV[2])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
@@ -178,6 +187,21 @@ end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return 1
+"""
+
+# KEYS: per host, its load lock and its owned hash   ARGV: model
+#   → per host {the replica loading the model or '', 1 if the fleet's copy is resident}
+WHEREABOUTS = """
+local out = {}
+for i = 1, #KEYS, 2 do
+  local holder = redis.call('GET', KEYS[i]) or ''
+  local loaded, owned = 0, redis.call('HGETALL', KEYS[i + 1])
+  for j = 2, #owned, 2 do
+    if owned[j] == ARGV[1] then loaded = 1 break end
+  end
+  out[#out + 1] = {string.match(holder, '^%d+:(.*)$') or '', loaded}
+end
+return out
 """
 
 # KEYS: leader   ARGV: replica, ttl_ms   → 1 while this replica leads

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Protocol
 
 from .base import (HostRecord, LeaseKey, Learned, LoadLock, Measured, Reserved, StoredEvent,
-                   parse_event_id)
+                   Whereabouts, parse_event_id)
 
 EVENTS_MAXLEN = 10_000
 
@@ -173,9 +173,14 @@ class MemoryState:
         claim = self._f.unloading.get(key)
         return claim[0] if claim is not None and claim[1] > self._now() else None
 
-    async def take_lease(self, host: str, model: str, ttl_s: float) -> bool:
+    async def take_lease(self, host: str, model: str, ttl_s: float,
+                         fleet_loaded: Iterable[str] = ()) -> bool | None:
         if self._claimant((host, model)) not in (None, self.replica_id):
             return False
+        fleet_loaded = list(fleet_loaded)
+        owned = self._f.owned.get(host, {})
+        if fleet_loaded and not any(owned.get(i) == model for i in fleet_loaded):
+            return None
         await self.renew_leases([(host, model)], ttl_s)
         return True
 
@@ -202,6 +207,14 @@ class MemoryState:
 
     async def owned(self, host: str) -> dict[str, str]:
         return dict(self._f.owned.get(host, {}))
+
+    async def whereabouts(self, model: str, hosts: Iterable[str]) -> dict[str, Whereabouts]:
+        out = {}
+        for h in hosts:
+            held = self._held(h, model)
+            out[h] = Whereabouts(None if held is None else held[1],
+                                 model in self._f.owned.get(h, {}).values())
+        return out
 
     # -- leader -----------------------------------------------------------------------------
     async def campaign(self, ttl_s: float) -> bool:

@@ -33,7 +33,7 @@ from ..urls import redact_url
 from ..errors import StateUnavailable
 from . import lua
 from .base import (HostRecord, LeaseKey, Learned, LoadLock, Measured, Reserved, StoredEvent,
-                   parse_event_id)
+                   Whereabouts, parse_event_id)
 
 PREFIX = "lmproxy:"
 EVENTS_MAXLEN = 10_000
@@ -99,7 +99,7 @@ class RedisState:
         self._s = {name: self.client.register_script(getattr(lua, name)) for name in (
             "TOUCH", "LIVE", "PUT_HOST", "ACQUIRE_LOCK", "RENEW_LOCK", "RELEASE_LOCK",
             "RESERVE", "RESERVED", "RENEW_LEASES", "LEASED_BY", "ADD_OWNED", "CAMPAIGN",
-            "TAKE_LEASE", "CLAIM_UNLOAD", "PUT_LEARNED")}
+            "TAKE_LEASE", "CLAIM_UNLOAD", "PUT_LEARNED", "WHEREABOUTS")}
         self._k_replicas = prefix + "replicas"
         self._k_hosts = prefix + "hosts"
         self._k_fence = prefix + "fence"
@@ -212,10 +212,13 @@ class RedisState:
                                                     self._k_replicas]))
 
     @_guarded
-    async def take_lease(self, host: str, model: str, ttl_s: float) -> bool:
-        return bool(await self._s["TAKE_LEASE"](
-            keys=[self._key("lease", host, model), self._key("unloading", host, model)],
-            args=[self.replica_id, _ms(ttl_s)]))
+    async def take_lease(self, host: str, model: str, ttl_s: float,
+                         fleet_loaded: Iterable[str] = ()) -> bool | None:
+        taken = int(await self._s["TAKE_LEASE"](
+            keys=[self._key("lease", host, model), self._key("unloading", host, model),
+                  self._key("owned", host)],
+            args=[self.replica_id, _ms(ttl_s), model, *fleet_loaded]))
+        return None if taken < 0 else bool(taken)
 
     @_guarded
     async def claim_unload(self, host: str, model: str, ttl_s: float) -> set[str]:
@@ -249,6 +252,16 @@ class RedisState:
         pipe.pexpire(key, self.owned_ttl_ms)    # in use: keep it
         found, _ = await pipe.execute()
         return dict(found)
+
+    @_guarded
+    async def whereabouts(self, model: str, hosts: Iterable[str]) -> dict[str, Whereabouts]:
+        hosts = list(hosts)
+        if not hosts:
+            return {}
+        keys = [k for h in hosts for k in (self._key("lock", h, model), self._key("owned", h))]
+        found = await self._s["WHEREABOUTS"](keys=keys, args=[model])
+        return {h: Whereabouts(by or None, bool(int(loaded)))
+                for h, (by, loaded) in zip(hosts, found)}
 
     # -- leader -----------------------------------------------------------------------------
     @_guarded
