@@ -28,7 +28,8 @@ from typing import Any, Mapping
 
 from proxy.config import load_config
 from proxy.engine.core import EngineCore
-from proxy.engine.shared import SINGLE_HOST, create_replica
+from proxy.engine.replica import create_replica
+from proxy.engine.shared import SINGLE_HOST
 from proxy.engine.usage import RequestRecord
 from proxy.observe.events import EventHub
 from proxy.observe.metrics import ProxyMetrics

@@ -13,7 +13,8 @@ from .urls import redact_url
 from .engine.clock import Clock
 from .observe.health import ModelHealthMonitor
 from .engine.core import EngineCore
-from .engine.shared import SINGLE_HOST, create_replica
+from .engine.replica import create_replica
+from .engine.shared import SINGLE_HOST
 from .fleet import create_fleet
 from .engine.face import Engine
 from .engine.memory import MemorySampler

@@ -10,7 +10,7 @@ import pytest
 
 from proxy.config import load_config
 from proxy.engine.core import EngineCore
-from proxy.engine.shared import Replica
+from proxy.engine.replica import Replica
 from proxy.fleet import create_fleet
 from proxy.liveconfig import LiveConfig
 from proxy.server.keys import REPLICA

@@ -13,7 +13,7 @@ from proxy.engine.clock import ManualClock
 from proxy.engine.core import EngineCore
 from proxy.engine.lifecycle import ModelEntry
 from proxy.engine.memory import GB
-from proxy.engine.shared import Replica
+from proxy.engine.replica import Replica
 from proxy.engine.shared_learned import LearnedShare
 from proxy.errors import StateUnavailable
 from proxy.state import LeaseKey, MemoryState

@@ -6,7 +6,7 @@ import random
 
 from ..engine.clock import Clock
 from ..engine.core import EngineCore
-from ..engine.shared import Replica
+from ..engine.replica import Replica
 from ..liveconfig import LiveConfig
 from ..store import UsageStore
 from ..upstream import create_upstream

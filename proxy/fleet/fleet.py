@@ -29,7 +29,7 @@ from ..config import Config
 from ..engine import hostlog
 from ..engine.hostlog import run_for, working_for
 from ..engine.lifecycle import Lease, ModelEntry, ModelStatus
-from ..engine.shared import Replica
+from ..engine.replica import Replica
 from ..engine.usage import RequestRecord
 from ..errors import (InvalidRequest, ModelNotFound, ModelTooLarge, ProxyError,
                       UpstreamUnreachable)

@@ -12,7 +12,7 @@ import asyncio
 from typing import TYPE_CHECKING
 
 from ..engine.lifecycle import ModelEntry
-from ..engine.shared import Replica
+from ..engine.replica import Replica
 from ..errors import StateUnavailable
 from ..state import LoadLock
 

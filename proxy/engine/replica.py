@@ -1,0 +1,135 @@
+"""This process among the proxy's replicas (`state.backend: redis`): its heartbeat, the
+leader's lease (only the leader runs idle unloading, preloading and pressure relief), and the
+batch that renews its in-flight leases, all in one loop; each host's share of it is a
+`SharedHost` (engine/shared.py)."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Awaitable, Callable
+
+from ..config import StateConfig
+from ..errors import ConfigError, StateUnavailable
+from ..state import StateStore, create_state
+from .memory import GB
+from .shared import POLL_S, SINGLE_HOST, SharedHost, log
+from .shared_heard import heard_on
+
+
+def create_replica(config: StateConfig) -> "Replica":
+    """This process as one of the replicas sharing `state.url` (state.backend: redis)."""
+    import os
+    url = config.url if config.url is not None else os.environ.get(config.url_env or "")
+    if not url:
+        raise ConfigError([f"state.url_env: the environment variable {config.url_env} is "
+                           "not set"])
+    store = create_state(url, replica_id=config.replica_id, prefix=config.key_prefix,
+                         timeout_s=config.timeout_s)
+    return Replica(store, lease_ttl_s=config.lease_ttl_s, lock_ttl_s=config.lock_ttl_s,
+                   unavailable_wait_s=config.unavailable_wait_s)
+
+
+class Replica:
+    def __init__(self, store: StateStore, *, lease_ttl_s: float, lock_ttl_s: float,
+                 unavailable_wait_s: float) -> None:
+        self.store = store
+        self.lease_ttl_s = lease_ttl_s
+        self.lock_ttl_s = lock_ttl_s
+        self.unavailable_wait_s = unavailable_wait_s
+        self.leader = False
+        self.ok = True
+        self.error: str | None = None
+        self.hosts: list[SharedHost] = []
+        self._task: asyncio.Task | None = None
+
+    @property
+    def id(self) -> str:
+        return self.store.replica_id
+
+    def host(self, name: str) -> "SharedHost":
+        h = SharedHost(self, name)
+        self.hosts.append(h)
+        return h
+
+    async def start(self) -> None:
+        await self.beat()
+        self._task = asyncio.ensure_future(self._loop())
+
+    async def close(self) -> None:
+        tasks = [t for h in self.hosts for t in h._tasks]
+        if self._task is not None:
+            tasks.append(self._task)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        with contextlib.suppress(StateUnavailable):
+            if self.leader:
+                await self.store.resign()
+            await self.store.retire()     # its leases and reservations void at once
+        await self.store.close()
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.lease_ttl_s / 3)
+            await self.beat()
+
+    def heard(self, event_type: str, data: dict) -> None:
+        """Another replica's event, as the replicas' stream brings it (observe/relayed.py)."""
+        heard_on(self.hosts, event_type, data, SINGLE_HOST)
+
+    async def view(self) -> dict:
+        """The replicas and the hosts as the shared state holds them (GET /proxy/stats)."""
+        try:
+            replicas = await self.store.replicas()
+            leader = await self.store.leader()
+            hosts = await self.store.hosts()
+        except StateUnavailable as exc:
+            return {"ok": False, "replica": self.id, "error": exc.message}
+        return {"ok": True, "replica": self.id, "leader": leader, "replicas": replicas,
+                "hosts": {name: {"resident": sorted(set(r.resident.values())),
+                                 "used_gb": round(r.used_bytes / GB, 2),
+                                 "budget_gb": round(r.budget_bytes / GB, 2),
+                                 "reported_by": r.reported_by}
+                          for name, r in hosts.items()}}
+
+    async def beat(self) -> None:
+        """Heartbeat, the leader's lease, and every in-flight lease, renewed (or dropped)."""
+        try:
+            await self.store.heartbeat(self.lease_ttl_s)
+            self.leader = await self.store.campaign(self.lease_ttl_s)
+            leases, ended = [], []
+            for h in self.hosts:
+                now, gone = h.serving_now()
+                leases += [(h.name, key) for key in now]
+                ended += [(h, key) for key in gone]
+            if leases:
+                await self.store.renew_leases(leases, self.lease_ttl_s)
+            # A request may have taken one of them again meanwhile: its lease stays.
+            ended = [(h.name, key) for h, key in ended if not h.leasing(key)]
+            if ended:
+                await self.store.drop_leases(ended)
+        except StateUnavailable as exc:
+            self.unreachable(exc)
+            return
+        if not self.ok:
+            log.info("shared state reachable again")
+        self.ok, self.error = True, None
+
+    def unreachable(self, exc: StateUnavailable) -> None:
+        """The state cannot be reached: degraded (and not leading) until the next heartbeat
+        that reaches it."""
+        if self.ok:
+            log.warning("shared state unavailable: %s", exc.message)
+        self.ok, self.error, self.leader = False, exc.message, False
+
+    async def patiently(self, call: Callable[[], Awaitable]):  # noqa: ANN201
+        """A call to the store, retried while it is unreachable, up to unavailable_wait_s."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.unavailable_wait_s
+        while True:
+            try:
+                return await call()
+            except StateUnavailable:
+                if loop.time() >= deadline:
+                    raise
+            await asyncio.sleep(POLL_S)
