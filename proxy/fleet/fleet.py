@@ -38,6 +38,7 @@ from ..state import LoadLock
 from ..upstream.base import Upstream
 from .aggregate import FleetViews
 from .hosts import Host, HostTagged, host_config
+from .operations import FleetOperations
 from .placer import Placement, pick_resident, place
 from .turns import ReplicaTurns
 from .views import full_view
@@ -49,7 +50,7 @@ RECOVER_POLL_S = 1.0           # a suspect host is asked again this often until 
 CATALOG_REFRESH_MIN_S = 2.0
 
 
-class Fleet(FleetViews):
+class Fleet(FleetOperations, FleetViews):
     def __init__(self, live: LiveConfig, hosts: list[Host], *, rng: random.Random | None = None,
                  replica: Replica | None = None) -> None:
         self.live = live
@@ -309,69 +310,6 @@ class Fleet(FleetViews):
 
     def owner_of(self, name: str) -> tuple[str | None, str | None]:
         return self.native.core.owner_of(name)
-
-    # -- operations ------------------------------------------------------------------------------
-    def _targets(self, host: str | None) -> list[Host]:
-        return [self.host(host)] if host is not None else self.hosts
-
-    async def load(self, name: str, priority: int | None = None, *, host: str | None = None
-                   ) -> bool:
-        if priority is not None and not 1 <= priority <= 10:
-            raise InvalidRequest("priority must be 1..10", param="priority")
-        if host is None:
-            key = await self.resolve(name)
-            if priority is not None:     # kept on every host, wherever it is placed
-                for h in self.hosts:
-                    h.core.registry.priority_override[key] = priority
-            lease = await self.acquire(key)
-            lease.release()
-            return True
-        h = self.host(host)
-        key = await self.resolve(name)
-        if h.entry(key) is None:
-            raise h.not_holding(key)
-        with working_for(h.name):
-            return await h.core.load(key, priority)
-
-    async def unload(self, name: str, *, reason: str = "manual",
-                     drain_timeout_s: float | None = None, host: str | None = None) -> bool:
-        key = await self.resolve(name)
-        done = False
-        for h in self._targets(host):
-            e = h.core.registry.entries.get(key)
-            if e is not None and e.status in (S.LOADED, S.LOADING, S.UNLOADING):
-                with working_for(h.name):
-                    done = await h.core.unload(key, reason=reason,
-                                               drain_timeout_s=drain_timeout_s) or done
-        return done
-
-    async def clear(self, *, host: str | None = None) -> list[str]:
-        out: list[str] = []
-        for h in self._targets(host):
-            out += [k for k in await run_for(h.name, h.core.clear) if k not in out]
-        return out
-
-    async def optimize(self, *, host: str | None = None) -> dict[str, Any]:
-        per_host = {h.name: await run_for(h.name, h.core.optimize)
-                    for h in self._targets(host)}
-        return {"unloaded_idle": sorted({k for r in per_host.values() for k in r["unloaded_idle"]}),
-                "evicted_for_pressure": sorted({k for r in per_host.values()
-                                                for k in r["evicted_for_pressure"]}),
-                "memory_pressure": self.memory_pressure.value, "hosts": per_host}
-
-    def pin(self, key: str, pinned: bool, *, host: str | None = None) -> None:
-        if host is not None and self.host(host).entry(key) is None:
-            raise self.host(host).not_holding(key)
-        for h in self._targets(host):
-            with working_for(h.name):
-                h.core.pin(key, pinned)
-
-    def pinned(self, key: str, *, host: str | None = None) -> bool:
-        """Pinned on that host, or (no host) on any."""
-        return any(h.core.pinned(key) for h in self._targets(host))
-
-    def pinned_on(self, key: str) -> list[str]:
-        return [h.name for h in self.hosts if h.core.pinned(key)]
 
     async def reconcile(self) -> None:
         await asyncio.gather(*(run_for(h.name, h.core.reconcile) for h in self.hosts))
