@@ -111,3 +111,12 @@ def test_runs_count_delays_per_model_and_pin_what_they_are_told_to(tmp_path):
     pinned = runs["cost-aware"]
     assert pinned["pinned"] == ["a"] and pinned["delayed_by_model"] == {"a": 1}
     assert pinned["failed_requests"] == 3
+
+
+def test_the_tail_mean_is_the_mean_of_the_slowest_hundredth_rounded_up():
+    from bench.eviction import _label
+    from bench.simulate import tail_mean
+    delays = [0.0] * 148 + [4.0, 2.0]          # 1 % of 150 is 1.5: the slowest two
+    assert tail_mean(delays) == 3.0 and tail_mean([5.0]) == 5.0 and tail_mean([]) is None
+    labels = {_label({"policy": "lru", "prediction": p}) for p in ("oracle", "oracle-seen")}
+    assert len(labels) == 2

@@ -63,11 +63,14 @@ async def test_another_sites_page_changes_nothing(proxy, emulator, http, path, b
         assert (await r.json())["auth"]["rejected"] == {"origin_not_allowed": 1}
 
 
-@pytest.mark.parametrize("origin", ["null", "http://localhost:{port}", "https://127.0.0.1:{port}x"])
+@pytest.mark.parametrize("origin", ["null", "http://localhost:{port}", "https://127.0.0.1:{port}x",
+                                    "http://127.0.0.1:{other}", "http://127.0.0.1"])
 async def test_an_origin_that_is_not_the_proxys_own_is_refused(proxy, http, origin):
     """`null` is a sandboxed frame or a file; localhost:port is another origin than the
     127.0.0.1:port the request names (a different site to the browser)."""
-    headers = {"Origin": origin.format(port=proxy.served.port)}
+    """Another port of the same name is another site too (any local web app)."""
+    port = proxy.served.port
+    headers = {"Origin": origin.format(port=port, other=port + 1 if port < 65535 else 1)}
     async with http.post(f"{proxy.url}/proxy/optimize", headers=headers) as r:
         assert r.status == 403 and (await error_of(r))["code"] == "origin_not_allowed"
 
@@ -135,7 +138,7 @@ async def test_a_rebound_name_cannot_open_a_websocket(proxy):
 
 @pytest.mark.parametrize("host", ["127.0.0.1:{port}", "localhost:{port}", "LOCALHOST.:{port}",
                                   "localhost", "127.0.0.2", "[::1]:{port}", "proxy.lan:8080",
-                                  "a.svc.cluster.local"])
+                                  "a.svc.cluster.local", "[::ffff:127.0.0.1]:{port}"])
 async def test_loopback_names_and_configured_names_are_answered(make_proxy, emulator, http,
                                                                  host):
     proxy = await make_proxy(emulator.url, **{
@@ -143,7 +146,9 @@ async def test_loopback_names_and_configured_names_are_answered(make_proxy, emul
     async with http.get(f"{proxy.url}/proxy/stats",
                         headers={"Host": host.format(port=proxy.served.port)}) as r:
         assert r.status == 200, await r.text()
-    for other in ("svc.cluster.local", "proxy.lan.evil.example", "10.0.0.5"):
+    # ... and names no browser sends: unparsable Hosts are no name of this proxy
+    for other in ("svc.cluster.local", "proxy.lan.evil.example", "10.0.0.5", "localhost:99999",
+                  "[localhost]", "localhost:http"):
         async with http.get(f"{proxy.url}/proxy/stats", headers={"Host": other}) as r:
             assert r.status == 421, other
 
@@ -186,7 +191,9 @@ async def test_bound_wider_every_name_is_answered_until_names_are_configured(emu
                                   (("proxy.lan",), "other.example", 421),
                                   (("proxy.lan",), "proxy.lan", 200),
                                   (("proxy.lan",), "{address}:{port}", 200),
-                                  (("proxy.lan",), "10.9.9.9", 421)):
+                                  (("proxy.lan",), "10.9.9.9", 421),
+                                  # the wildcard bind is no name clients use
+                                  (("proxy.lan",), "0.0.0.0:{port}", 421)):
         config = proxy_config(emulator.url, **{"server.host": "0.0.0.0",
                                                "server.allowed_hosts": list(allowed)})
         served = await serve(create_app(config), host="0.0.0.0")
@@ -229,9 +236,61 @@ async def test_json_bodies_and_bodyless_admin_posts_go_on(proxy, emulator, http)
 
 def test_allowed_hosts_and_origins_are_validated_with_their_paths():
     with pytest.raises(ConfigError) as bad:
-        load_config({"server": {"allowed_hosts": ["proxy.lan", "http://x", "a:80", "*.ok", "*"],
+        load_config({"server": {"allowed_hosts": ["proxy.lan", "http://x", "a:80", "*.ok", "*",
+                                                  "proxy lan", "[proxy.lan]"],
                                 "allowed_origins": ["https://a.example/x", "null",
-                                                    "http://localhost:3000", "*"]}})
+                                                    "http://localhost:3000", "*",
+                                                    "http://localhost:70000", "http://a b"]}})
     assert [p.split(":")[0] for p in bad.value.problems] == [
-        "server.allowed_hosts[1]", "server.allowed_hosts[2]", "server.allowed_origins[0]",
-        "server.allowed_origins[1]"]
+        "server.allowed_hosts[1]", "server.allowed_hosts[2]", "server.allowed_hosts[5]",
+        "server.allowed_hosts[6]", "server.allowed_origins[0]", "server.allowed_origins[1]",
+        "server.allowed_origins[4]", "server.allowed_origins[5]"]
+
+
+async def test_a_star_in_the_lists_allows_any_name_and_any_origin(make_proxy, emulator, http):
+    """allowed_hosts: ['*'] on loopback (a reverse proxy in front, naming it as it likes);
+    allowed_origins: ['*'] (the operator's choice: any page may change state)."""
+    proxy = await make_proxy(emulator.url, **{"server.allowed_hosts": ["*"],
+                                              "server.allowed_origins": ["*"]})
+    async with http.get(f"{proxy.url}/proxy/stats", headers={"Host": REBIND}) as r:
+        assert r.status == 200, await r.text()
+    async with http.post(f"{proxy.url}/proxy/models/load", json={"model": MODEL},
+                         headers={"Origin": EVIL}) as r:
+        assert r.status == 200, await r.text()
+    assert emulator.state.instances_of(MODEL)
+
+
+async def raw_status(port: int, request: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        return (await asyncio.wait_for(reader.readline(), 10)).split()[1]
+    finally:
+        writer.close()
+
+
+async def test_a_websocket_upgrade_is_known_in_any_spelling(proxy):
+    """Upgrade's value is case-insensitive (RFC 9110): 'WebSocket' opens a websocket too."""
+    port = proxy.served.port
+    status = await raw_status(port, (
+        f"GET /llm HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: WebSocket\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+        f"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nOrigin: {EVIL}\r\n\r\n").encode())
+    assert status == b"403"
+
+
+@pytest.mark.parametrize("method", ["DELETE", "PUT", "PATCH"])
+async def test_every_state_changing_method_is_checked(emulator, http, method):
+    """Not only POST: a route that takes any method (/mcp ends sessions with DELETE) gets the
+    same rule for the others."""
+    from proxy.mcp.http import mount_mcp
+    app = create_app(proxy_config(emulator.url))
+    mount_mcp(app)
+    served = await serve(app)
+    try:
+        async with http.request(method, f"http://127.0.0.1:{served.port}/mcp",
+                                headers={"Origin": EVIL}) as r:
+            assert r.status == 403, await r.text()
+            assert (await error_of(r))["code"] == "origin_not_allowed"
+    finally:
+        await served.close()

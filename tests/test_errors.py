@@ -36,9 +36,10 @@ async def test_a_method_a_route_does_not_take_is_a_specific_405(proxy, http):
     async with http.put(f"{proxy.url}/v1/chat/completions", json={}) as resp:
         status, error = await error_of(resp)
         allow = resp.headers.get("Allow")
+        retry = resp.headers.get("x-should-retry")
     assert status == 405 and error["code"] == "method_not_allowed"
     assert error["message"] == "PUT is not allowed on /v1/chat/completions; use POST"
-    assert allow == "POST"
+    assert allow == "POST" and retry == "false"   # the same method gets the same answer
 
 
 async def test_body_over_limit_is_413(make_proxy, emulator, http):

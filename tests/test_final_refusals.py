@@ -141,3 +141,24 @@ async def test_a_server_that_cannot_load_on_request_refuses_once(make_emulator, 
         body = await r.json()
     assert r.status == 409 and body["error"]["code"] == "model_unavailable"
     assert r.headers["x-should-retry"] == "false"
+
+
+async def test_a_refusal_that_fits_exactly_once_what_may_go_goes_may_be_retried(
+        make_emulator, make_proxy, http):
+    """Models may take 6 GB; X (6 GB) serves while Y (6 GB) waits: once X goes, Y fits to the
+    byte, so the refusal is not final."""
+    emu = await make_emulator(catalog=CATALOG)
+    proxy = await make_proxy(emu.url, **{**MEMORY, "memory.budget_gb": 12,
+                                         "memory.min_free_memory_gb": 6,
+                                         f"models.{X}.footprint_gb": 6,
+                                         f"models.{Y}.footprint_gb": 6,
+                                         "eviction.queue_timeout_s": 0.2})
+    lease = await proxy.engine.acquire(X)
+    try:
+        async with http.post(f"{proxy.url}/v1/chat/completions", json={
+                "model": Y, "max_tokens": 2, "messages": []}) as r:
+            body = await r.json()
+        assert body["error"]["code"] == "insufficient_memory" and "Retry-After" in r.headers
+        assert "x-should-retry" not in r.headers
+    finally:
+        lease.release()

@@ -181,3 +181,35 @@ def test_a_memory_models_may_take_nothing_of_is_a_problem_on_one_server_and_per_
         {"name": "b", "url": "http://10.0.0.2:1234", "budget_gb": 6}]}) == [
         "memory: models may take nothing of 6.0 GB (upstreams[1].budget_gb) on 'b': "
         "min_free_memory_gb 7, max_memory_usage_percent 80; every load would be refused"]
+
+
+def test_a_memory_whose_ceiling_is_exactly_nothing_is_a_problem():
+    assert problems_of({"memory": {"sampler": "budget", "budget_gb": 8,
+                                   "min_free_memory_gb": 8}}) == [
+        "memory: models may take nothing of 8.0 GB (memory.budget_gb): min_free_memory_gb 8, "
+        "max_memory_usage_percent 80; every load would be refused"]
+
+
+def test_a_footprint_that_fit_may_shrink_is_not_judged_against_a_hosts_memory():
+    """With fit.min_context_length, footprint_gb is the need at the configured context."""
+    hosts = budget_hosts(("a", 16, None))
+    fits = {"footprint_gb": 30, "fit": {"min_context_length": 4096}}
+    c = load_config({"upstreams": hosts, "models": {"lab/x": fits}})
+    assert config_warnings(c) == []
+
+
+def test_a_host_that_samples_its_own_memory_is_not_judged_on_its_budget_gb():
+    """sampler: local reads this machine's memory; budget_gb is then not its memory."""
+    hosts = [{"name": "here", "url": "http://127.0.0.1:1234", "sampler": "local",
+              "budget_gb": 1}]
+    c = load_config({"upstreams": hosts, "models": {"lab/x": {"footprint_gb": 2}}})
+    assert c.upstreams[0].budget() is None and config_warnings(c) == []
+
+
+def test_a_together_group_with_one_known_footprint_is_left_to_that_models_own_check():
+    """One member's footprint above every ceiling is that model's warning (it can never
+    load), not a group problem that refuses the config."""
+    c = load_config({"upstreams": budget_hosts(("a", 16, None)),
+                     "groups": [{"name": "pair", "members": ["lab/x", "lab/y"]}],
+                     "models": {"lab/x": {"footprint_gb": 14}}})
+    assert [w.split(":")[0] for w in config_warnings(c)] == ["models.lab/x.footprint_gb"]

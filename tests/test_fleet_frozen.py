@@ -35,11 +35,12 @@ def catalog() -> list[CatalogModel]:
 
 
 def fleet_config(reconcile_interval_s: float = 1, probe_timeout_s: float = 0.5,
-                 **hosts: str) -> Any:
+                 readiness_max_age_s: float = 2.0, **hosts: str) -> Any:
     return load_config({
         # A silent server would be waited on for read_timeout_s: far past these tests' end.
         "upstream": {"read_timeout_s": 120, "probe_timeout_s": probe_timeout_s,
-                     "reconcile_interval_s": reconcile_interval_s},
+                     "reconcile_interval_s": reconcile_interval_s,
+                     "readiness_max_age_s": readiness_max_age_s},
         "upstreams": [{"name": name, "url": url, "budget_gb": 20}
                       for name, url in hosts.items()],
         "memory": {"min_free_memory_gb": 0, "max_memory_usage_percent": 100},
@@ -143,6 +144,24 @@ async def test_models_on_a_dead_host_are_not_resident_in_any_view(beta, make_emu
     _, models = await get(http, f"{proxy.url}/proxy/models")
     row = next(m for m in models["data"] if m["model"] == MID)
     assert row["state"] == "unloaded" and row["hosts"]["beta"] == "unloaded"
+    assert row["owner"] is None and row["instances"] == []
+    async with http.post(f"{proxy.url}/proxy/models/pin", json={"model": MID}) as r:
+        assert (await r.json())["state"] == "unloaded"
+    _, stats = await get(http, f"{proxy.url}/proxy/stats")
+    assert stats["upstream"]["hosts"] == ["alpha"]
+
+
+async def test_readyz_with_no_host_up_waits_for_a_look_at_each(beta, make_proxy, http):
+    """Every host known down: the probe awaits its looks (not the last known state), so the
+    first probe after a host is back says ready, however recent the failed look was."""
+    proxy = await make_proxy("", config=fleet_config(60, readiness_max_age_s=60, beta=beta.url))
+    fleet = proxy.engine
+    beta.kill()
+    await fleet.reconcile()
+    assert not fleet.by_name["beta"].up
+    await beta.start()
+    status, body = await get(http, f"{proxy.url}/readyz")
+    assert status == 200 and body["hosts"]["beta"]["up"], body
 
 
 async def test_a_load_that_could_not_reach_its_host_clears_when_it_answers(
@@ -186,6 +205,10 @@ async def test_a_request_with_every_host_dead_names_each_host(copies, beta, make
         body = await r.json()
     assert r.status == 502, body
     assert "'alpha'" in body["error"]["message"] and "'beta'" in body["error"]["message"]
+    # Each host it tried is set aside until it answers again, the second one too.
+    _, hosts = await get(http, f"{proxy.url}/proxy/stats")
+    assert {name: h["suspect"] for name, h in hosts["hosts"].items()} == {
+        "alpha": True, "beta": True}
 
 
 async def test_the_engine_lines_of_a_fleet_reconcile_name_their_host(make_emulator,
@@ -220,3 +243,18 @@ async def test_fleet_health_names_the_hosts_and_counts_only_what_hosts_may_hold(
     _, models = await get(http, f"{proxy.url}/proxy/models")
     pairs = sum(len(m["hosts"]) for m in models["data"])
     assert pairs == 3 and sum(stats["model_counts"].values()) == pairs
+
+
+async def test_a_row_held_only_by_a_dead_host_has_no_owner_nor_instances(beta, make_proxy,
+                                                                         http):
+    """The row is the dead host's own (no other host lists the model): its state, owner and
+    instances say not resident, and so does an admin answer's state."""
+    proxy = await make_proxy("", config=fleet_config(60, beta=beta.url))
+    await proxy.engine.load(MID, host="beta")
+    beta.kill()
+    await proxy.engine.reconcile()
+    _, models = await get(http, f"{proxy.url}/proxy/models")
+    row = next(m for m in models["data"] if m["model"] == MID)
+    assert (row["state"], row["owner"], row["instances"]) == ("unloaded", None, [])
+    async with http.post(f"{proxy.url}/proxy/models/pin", json={"model": MID}) as r:
+        assert (await r.json())["state"] == "unloaded"

@@ -357,3 +357,34 @@ def entry(status: ModelStatus, *, loading_since_s: float | None = None,
 ])
 def test_note_text(e, text):
     assert note_text(SMALL, e, now_s=112.0, waiting_since_s=100.0) == text
+
+
+async def test_a_prompt_past_the_context_found_after_the_notes_is_refused_not_failed(
+        make_proxy, emulator, http):
+    """The context is known once the model is loaded; the headers went out with the first
+    note, so the refusal is an error event, and it is still the client's, not the model's:
+    counted as refused, not recorded as a failure."""
+    from .test_relay import samples
+    proxy = await make_proxy(emulator.url, **FAST, **{
+        "models": {SMALL: {"load": {"context_length": 2048}}}})
+    records = records_of(proxy)
+    loaded = gate(emulator)
+    long_prompt = [{"role": "user", "content": "hello world " * 1800}]   # ≥ 2700 tokens
+    async with http.post(f"{proxy.url}/v1/chat/completions",
+                         data=body("/v1/chat/completions", messages=long_prompt)) as resp:
+        await note(resp)
+        loaded.set()
+        events = data_events(await resp.read())
+    assert [e["error"]["code"] for e in events] == ["context_length_exceeded"]
+    refused = ("proxy_requests_total", (("endpoint", "/v1/chat/completions"), ("model", SMALL),
+                                        ("outcome", "refused")))
+
+    async def counted() -> dict:
+        async with http.get(f"{proxy.url}/metrics") as r:
+            return samples(await r.text())
+    async with asyncio.timeout(10):          # the request's exit runs after its last byte
+        while refused not in (m := await counted()) and not records.seen:
+            await asyncio.sleep(0.01)
+    assert records.seen == [] and m[refused] == 1
+    usage = proxy.engine.usage(SMALL)
+    assert (usage.requests, usage.failures) == (0, 0)

@@ -187,6 +187,44 @@ async def test_a_stream_read_to_its_end_is_a_success_though_the_sdk_closes_at_do
     assert proxy.engine.entry(MODEL).leases == 0
 
 
+async def test_a_done_in_a_later_chunk_is_the_end_too_when_the_sdk_closes_there(proxy,
+                                                                                emulator):
+    """[DONE] arriving after the first chunk (the stream paused after its first event) settles
+    the outcome as it goes out, as [DONE] in the first chunk does."""
+    records = records_of(proxy)
+    emulator.state.faults.stream_gate = asyncio.Event()
+    emulator.state.faults.stream_end_gate = asyncio.Event()   # never set: the SDK leaves first
+    client = openai.AsyncOpenAI(base_url=f"{proxy.url}/v1", api_key="x", max_retries=0)
+    chunks = []
+    async for chunk in await client.chat.completions.create(
+            model=MODEL, messages=CHAT["messages"], max_tokens=4, stream=True,
+            stream_options={"include_usage": True}):
+        chunks.append(chunk)
+        emulator.state.faults.stream_gate.set()
+    await client.close()
+    await records.arrived.wait()
+    (record,) = records.seen
+    assert chunks[-1].usage.completion_tokens == 4
+    assert (record.status, record.ok, record.completion_tokens) == (200, True, 4)
+
+
+async def test_an_upstream_silent_after_done_ends_the_stream_without_an_error(make_proxy,
+                                                                             emulator, http):
+    """The upstream holds its end past read_timeout_s after [DONE]: the client has its whole
+    answer, so the stream just ends, a success, with no error event after [DONE]."""
+    proxy = await make_proxy(emulator.url, **{"upstream.read_timeout_s": 0.5})
+    records = records_of(proxy)
+    await (await http.post(f"{proxy.url}/proxy/models/load", json={"model": MODEL})).read()
+    emulator.state.faults.stream_end_gate = asyncio.Event()   # never set
+    async with http.post(f"{proxy.url}/v1/chat/completions",
+                         json={**CHAT, "stream": True}) as r:
+        raw = await r.read()
+    assert raw.rstrip().endswith(b"data: [DONE]") and b'"error"' not in raw
+    await records.arrived.wait()
+    (record,) = records.seen
+    assert (record.status, record.ok, record.completion_tokens) == (200, True, 2)
+
+
 async def test_an_upstream_failure_after_the_lease_counts_for_the_task(proxy, emulator, http):
     records = records_of(proxy)
     emulator.state.faults.drop_stream_after_chunks = 2

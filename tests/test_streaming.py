@@ -121,3 +121,17 @@ def test_only_the_done_event_ends_a_stream_not_the_word_in_a_models_text(tail):
     assert not meter.done and meter.content_events == 1
     meter.feed(b"data: [DONE]\n\n")
     assert meter.done
+
+
+@pytest.mark.parametrize("done", [b"data:[DONE]\n\n", b"data: [DONE]\r\n\r\n"],
+                         ids=["no-space", "crlf"])
+@pytest.mark.parametrize("tail", [b"", b"data: {\"choices\":[],\"usage\":{}}\n\n"],
+                         ids=["fast-path", "usage-path"])
+def test_the_done_event_in_each_spelling_sse_allows_ends_a_stream(done, tail):
+    """SSE allows no space after 'data:' and CRLF line ends; servers other than LM Studio
+    send them."""
+    meter = StreamMeter(0.0, strip_usage_chunk=False)
+    meter.feed(b'data: {"choices":[{"delta":{"content":"hi"}}]}\n\n' + tail)
+    assert not meter.done
+    meter.feed(done)
+    assert meter.done
