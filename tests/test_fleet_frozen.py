@@ -223,6 +223,11 @@ async def test_the_engine_lines_of_a_fleet_reconcile_name_their_host(make_emulat
     await proxy.engine.reconcile()
     lines = [r.getMessage() for r in caplog.records if r.name == "proxy.engine"]
     assert f"host beta: {SMALL} was loaded outside the proxy" in lines, lines
+    await proxy.engine.load(SMALL, host="alpha")
+    caplog.clear()
+    await proxy.engine.clear()        # an operator's clear: each host's unloads name it
+    lines = [r.getMessage() for r in caplog.records if r.name == "proxy.engine"]
+    assert lines and all(line.startswith("host alpha: ") for line in lines), lines
 
 
 async def test_fleet_health_names_the_hosts_and_counts_only_what_hosts_may_hold(
