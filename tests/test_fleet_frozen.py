@@ -263,3 +263,31 @@ async def test_a_row_held_only_by_a_dead_host_has_no_owner_nor_instances(beta, m
     assert (row["state"], row["owner"], row["instances"]) == ("unloaded", None, [])
     async with http.post(f"{proxy.url}/proxy/models/pin", json={"model": MID}) as r:
         assert (await r.json())["state"] == "unloaded"
+
+
+async def test_a_request_queued_on_one_host_of_a_fleet_is_a_hang_there(make_emulator,
+                                                                        make_proxy, http):
+    """MID is listed by both hosts and preferred on beta, whose load of it does not end: the
+    request queued there is a hang of beta's, though alpha (listed first) has no queue."""
+    alpha = await make_emulator(catalog=catalog())
+    beta = await make_emulator(catalog=catalog())
+    config = load_config({
+        "upstreams": [{"name": "alpha", "url": alpha.url, "budget_gb": 20},
+                      {"name": "beta", "url": beta.url, "budget_gb": 20}],
+        "models": {MID: {"host": "beta"}},
+        "health": {"hang_threshold_s": 0.05}, "storage": {"enabled": False}})
+    proxy = await make_proxy("", config=config)
+    gate = beta.state.faults.load_gate[MID] = asyncio.Event()
+    request = asyncio.create_task(http.post(f"{proxy.url}/v1/chat/completions", json={
+        "model": MID, "max_tokens": 2, "messages": []}))
+    await beta.state.wait_for(lambda: beta.state.loading[MID] == 1)
+    async with asyncio.timeout(10):
+        while True:
+            alerts = {a["id"]: a for a in (await proxy.app[HEALTH].check())["alerts"]}
+            if f"hang:queued:{MID}" in alerts:
+                break
+            await asyncio.sleep(0.02)
+    assert "on host 'beta'" in alerts[f"hang:queued:{MID}"]["message"]
+    gate.set()
+    async with await request as r:
+        assert r.status == 200

@@ -26,6 +26,7 @@ from .hosts import fleet_of, host_state
 
 if TYPE_CHECKING:
     from ..engine.face import Engine
+    from ..engine.lifecycle import ModelEntry
 
 log = logging.getLogger("proxy.health")
 
@@ -138,11 +139,9 @@ class ModelHealthMonitor:
                 out.append(Alert(f"load_stuck:{key}", "load_stuck", "critical",
                                  f"{key} has been loading for {now - e.loading_since_s:.0f}s",
                                  now, key))
-            if m.upstream_ok and e.waiting and e.waiting_since_s is not None and \
-                    now - e.waiting_since_s > c.hang_threshold_s:
-                out.append(Alert(f"hang:queued:{key}", "hang", "critical",
-                                 f"{e.waiting} request(s) for {key} waiting "
-                                 f"{now - e.waiting_since_s:.0f}s for the model", now, key))
+            queued = self._queued(key, e, now)
+            if queued is not None:
+                out.append(Alert(f"hang:queued:{key}", "hang", "critical", queued, now, key))
             probe = self.probes.get(key)
             if probe is not None and not probe.ok and e.status is ModelStatus.LOADED:
                 out.append(Alert(f"probe_failed:{key}", "probe_failed", "warning",
@@ -164,6 +163,23 @@ class ModelHealthMonitor:
                                  f"a request to {key} has had no byte from the upstream for "
                                  f"{quiet_s:.0f}s while the upstream answers", now, key))
         return out
+
+    def _queued(self, key: str, e: "ModelEntry", now: float) -> str | None:
+        """Requests for key waiting past hang_threshold_s for the model on a server that
+        answers: in a fleet, on each host (its own queue; a host that is down is its
+        host_down alert)."""
+        m, threshold_s = self.manager, self.config.hang_threshold_s
+        fleet = fleet_of(m)
+        places = [(None, e, m.upstream_ok)] if fleet is None else [
+            (h.name, h.core.registry.entries.get(key), h.up) for h in fleet.hosts]
+        for host, entry, up in places:
+            if up and entry is not None and entry.waiting and \
+                    entry.waiting_since_s is not None and \
+                    now - entry.waiting_since_s > threshold_s:
+                where = "" if host is None else f" on host '{host}'"
+                return (f"{entry.waiting} request(s) for {key} waiting "
+                        f"{now - entry.waiting_since_s:.0f}s for the model{where}")
+        return None
 
     def _hosts_down(self, now: float) -> list[Alert]:
         fleet = fleet_of(self.manager)
