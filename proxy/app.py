@@ -59,7 +59,7 @@ async def errors_middleware(request: web.Request,
     inflight = app[INFLIGHT]
     inflight.requests[id(request)] = request
     try:
-        app[BROWSER].check(request, app[AUTH].counters.rejected)
+        app[BROWSER].check(request, app[AUTH].counters)
         authenticate(app[AUTH], request)
         return await handler(request)
     except asyncio.CancelledError:

@@ -12,6 +12,7 @@ from ..config import Config
 from ..errors import HostNotAllowed, OriginNotAllowed, ProxyError, clip
 from ..liveconfig import LiveConfig
 from ..origins import BrowserRule
+from .auth import AuthCounters
 
 log = logging.getLogger("proxy.browser")
 
@@ -35,14 +36,14 @@ class BrowserGuard:
     def rule(self) -> BrowserRule:
         return self._rule.value
 
-    def check(self, request: web.BaseRequest, refused: dict[str, int]) -> None:
-        """Raise HostNotAllowed (421) or OriginNotAllowed (403); count it in `refused`."""
+    def check(self, request: web.BaseRequest, counters: AuthCounters) -> None:
+        """Raise HostNotAllowed (421) or OriginNotAllowed (403), counted as an auth refusal."""
         if request.path in EXEMPT:
             return
         try:
             self._check(request)
         except ProxyError as exc:
-            refused[exc.code or ""] = refused.get(exc.code or "", 0) + 1
+            counters.reject(exc.code or "refused")
             log.warning("%s %s refused: %s", clip(request.method, 20), clip(request.path, 80),
                         exc.message)
             raise
