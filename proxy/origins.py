@@ -21,7 +21,7 @@ Pure functions of strings: no I/O, no aiohttp; `--check` validates the configure
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable
 from urllib.parse import urlsplit
 
@@ -92,6 +92,9 @@ def normalize_origin(value: str) -> str | None:
     return f"{scheme}://{shown}" + (f":{port}" if port is not None else "")
 
 
+ALLOWED_CACHE_MAX = 64
+
+
 @dataclass(frozen=True)
 class BrowserRule:
     """The running rule, built from `server:` (rebuilt by a reload)."""
@@ -102,6 +105,8 @@ class BrowserRule:
     any_host: bool
     origins: frozenset[str]         # normalized
     any_origin: bool
+    # (Host, local address) pairs already allowed: every request asks, most with one Host.
+    _allowed: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     @classmethod
     def of(cls, listen: str, allowed_hosts: Iterable[str],
@@ -122,6 +127,15 @@ class BrowserRule:
         connection arrived at (a pod's IP, which kubelet and a bare `curl <ip>` send)."""
         if not self.check_host or self.any_host or header is None:
             return True     # no Host at all: HTTP/1.0, never a browser
+        if (header, local_address) in self._allowed:
+            return True
+        if self._host_allowed(header, local_address):
+            if len(self._allowed) < ALLOWED_CACHE_MAX:   # refusals are not kept: no flooding
+                self._allowed[header, local_address] = True
+            return True
+        return False
+
+    def _host_allowed(self, header: str, local_address: str | None) -> bool:
         where = split_host(header)
         if where is None:
             return False
