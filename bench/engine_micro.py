@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from proxy.config import load_config
+from proxy.configload import load_config
 from proxy.engine.core import EngineCore
 from proxy.engine.replica import create_replica
 from proxy.engine.shared import SINGLE_HOST

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from proxy.config import load_config
+from proxy.configload import load_config
 from proxy.engine.core import EngineCore
 from proxy.engine.usage import RequestRecord
 from proxy.fleet import Fleet, Host, host_config

@@ -15,7 +15,8 @@ import zlib
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
-from proxy.config import Config, load_config
+from proxy.config import Config
+from proxy.configload import load_config
 from proxy.engine.core import EngineCore
 from proxy.engine.lifecycle import Lease, ModelEntry
 from proxy.engine.policy import VALUE_FUNCTIONS

@@ -14,7 +14,7 @@ from pathlib import Path
 import aiohttp
 
 from proxy.app import create_app
-from proxy.config import load_config
+from proxy.configload import load_config
 from proxy.emulator import EmulatorOptions, start_emulator
 from proxy.server.serving import serve
 

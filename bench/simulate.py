@@ -7,7 +7,8 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping
 
-from proxy.config import POLICIES, Config, load_config
+from proxy.config import POLICIES, Config
+from proxy.configload import load_config
 from proxy.errors import ProxyError
 from proxy.engine import policy as policy_module
 from proxy.engine.core import EngineCore

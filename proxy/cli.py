@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from .config import Config, load_config, replace_config
+from .config import Config
+from .configload import load_config, replace_config
 from .configfile import read_config_file
 from .urls import redact_url
 from .demo import demo_banner, start_demo_emulator

@@ -1,4 +1,4 @@
-"""The `groups:` section checked as a whole (called by config.load_config's cross-checks, so at
+"""The `groups:` section checked as a whole (called by configload.load_config's cross-checks, so at
 `--check` and at every reload): names, members, policies that contradict each other, and a
 `together` group whose configured footprints can never be resident at once.
 

@@ -1,5 +1,5 @@
 """`models.<key>.load` and `models.<key>.fit` checked against what the configured backends take
-(called by config.load_config's cross-checks, so at `--check` and at every reload).
+(called by configload.load_config's cross-checks, so at `--check` and at every reload).
 
 LM Studio's load call (`POST /api/v1/models/load`) rejects a key it does not know with a 400,
 so with an LM Studio upstream every key must be one of LM_STUDIO_OPTIONS with its type. Ollama

@@ -8,7 +8,7 @@ import aiohttp
 import pytest
 
 from proxy.app import create_app
-from proxy.config import load_config
+from proxy.configload import load_config
 from proxy.emulator import Emulator, EmulatorOptions, start_emulator
 from proxy.engine.core import EngineCore
 from proxy.server.keys import ENGINE

@@ -6,17 +6,22 @@ import json
 from bench.eviction import ALL_POLICIES, main
 
 
-def test_explicit_stream_replay_writes_every_policy_and_the_bound_holds(tmp_path, capsys):
-    catalog = tmp_path / "catalog.csv"
-    catalog.write_text("model,size_gb,load_s\na,8,6\nb,6,5\nc,4,3\n")
-    requests = tmp_path / "requests.csv"
-    pattern = ["a", "b", "a", "c", "b", "a", "c", "c", "b", "a"] * 6
-    requests.write_text("t_s,model,prompt_tokens,completion_tokens\n" + "".join(
-        f"{i * 40.0},{m},100,50\n" for i, m in enumerate(pattern)))
+def replay(tmp_path, catalog: str, requests: str, *args: str) -> list[dict]:
+    """The bench's runs over an explicit stream, its catalogue and requests given as CSV."""
+    (tmp_path / "catalog.csv").write_text(catalog)
+    (tmp_path / "requests.csv").write_text(requests)
     out = tmp_path / "runs.json"
-    assert main(["--requests", str(requests), "--catalog", str(catalog), "--budget-gb", "12",
-                 "--jobs", "1", "--json", str(out)]) == 0
-    runs = {r["policy"]: r for r in json.loads(out.read_text())["runs"]}
+    assert main(["--requests", str(tmp_path / "requests.csv"), "--catalog",
+                 str(tmp_path / "catalog.csv"), "--jobs", "1", "--json", str(out), *args]) == 0
+    return json.loads(out.read_text())["runs"]
+
+
+def test_explicit_stream_replay_writes_every_policy_and_the_bound_holds(tmp_path, capsys):
+    pattern = ["a", "b", "a", "c", "b", "a", "c", "c", "b", "a"] * 6
+    runs = {r["policy"]: r for r in replay(
+        tmp_path, "model,size_gb,load_s\na,8,6\nb,6,5\nc,4,3\n",
+        "t_s,model,prompt_tokens,completion_tokens\n" + "".join(
+            f"{i * 40.0},{m},100,50\n" for i, m in enumerate(pattern)), "--budget-gb", "12")}
     assert set(runs) == set(ALL_POLICIES)
     assert [p for p, r in runs.items() if r["default"]] == ["cost-aware"]
     bound = runs["offline-bound"]["load_seconds"]
@@ -32,15 +37,10 @@ def test_explicit_stream_replay_writes_every_policy_and_the_bound_holds(tmp_path
 
 
 def test_the_oracle_preloads_exactly_the_models_requested_next(tmp_path):
-    catalog = tmp_path / "catalog.csv"
-    catalog.write_text("model,size_gb,load_s\na,4,3\nb,4,3\nc,4,3\nnever,4,3\n")
-    requests = tmp_path / "requests.csv"
-    requests.write_text("t_s,model\n10,a\n20,b\n30,c\n100,a\n200,b\n300,c\n")
-    out = tmp_path / "runs.json"
-    assert main(["--requests", str(requests), "--catalog", str(catalog), "--budget-gb", "16",
-                 "--policy", "lru,cost-aware,offline-belady", "--prediction", "off,oracle",
-                 "--jobs", "1", "--json", str(out)]) == 0
-    runs = {(r["policy"], r["prediction"]): r for r in json.loads(out.read_text())["runs"]}
+    runs = {(r["policy"], r["prediction"]): r for r in replay(
+        tmp_path, "model,size_gb,load_s\na,4,3\nb,4,3\nc,4,3\nnever,4,3\n",
+        "t_s,model\n10,a\n20,b\n30,c\n100,a\n200,b\n300,c\n", "--budget-gb", "16",
+        "--policy", "lru,cost-aware,offline-belady", "--prediction", "off,oracle")}
     assert runs[("lru", "off")]["delayed_requests"] == 3    # the three first requests
     # p99 over all six requests is the worst of the three loads' waits (3 s each).
     assert runs[("lru", "off")]["delay_p99_all_s"] == runs[("lru", "off")]["delay_p99_s"] == 3.0
@@ -60,15 +60,10 @@ def test_the_predictors_ceiling_preloads_nothing_for_a_models_first_request(tmp_
     twice each, in memory for all, wait for their first loads as without preloading (a's second
     request, a second after its first, too: its preload would have been due before a was ever
     asked for), where the full oracle preloads all three in time."""
-    catalog = tmp_path / "catalog.csv"
-    catalog.write_text("model,size_gb,load_s\na,4,3\nb,4,3\nc,4,3\n")
-    requests = tmp_path / "requests.csv"
-    requests.write_text("t_s,model\n10,a\n11,a\n20,b\n30,c\n100,a\n200,b\n300,c\n")
-    out = tmp_path / "runs.json"
-    assert main(["--requests", str(requests), "--catalog", str(catalog), "--budget-gb", "16",
-                 "--policy", "cost-aware", "--prediction", "oracle,oracle-seen", "--jobs", "1",
-                 "--json", str(out)]) == 0
-    runs = {r["prediction"]: r for r in json.loads(out.read_text())["runs"]}
+    runs = {r["prediction"]: r for r in replay(
+        tmp_path, "model,size_gb,load_s\na,4,3\nb,4,3\nc,4,3\n",
+        "t_s,model\n10,a\n11,a\n20,b\n30,c\n100,a\n200,b\n300,c\n", "--budget-gb", "16",
+        "--policy", "cost-aware", "--prediction", "oracle,oracle-seen")}
     seen = runs["oracle-seen"]
     assert (seen["preloads"], seen["cold_loads"], seen["delayed_requests"]) == (0, 3, 4)
     assert seen["delay_total_s"] == 11.0
@@ -80,16 +75,10 @@ def test_the_predictors_ceiling_preloads_nothing_for_a_models_first_request(tmp_
 def test_an_oracle_preload_waits_for_a_requested_load_and_counts_what_it_wasted(tmp_path):
     """Memory for one model: the oracle's preload of b, due while a serves, is dropped rather
     than evict a busy model; b's request then loads it."""
-    catalog = tmp_path / "catalog.csv"
-    catalog.write_text("model,size_gb,load_s\na,4,3\nb,4,3\n")
-    requests = tmp_path / "requests.csv"
-    requests.write_text("t_s,model,prompt_tokens,completion_tokens\n"
-                        "10,a,10,6000\n20,b,10,10\n")    # a serves for 6000/150 = 40 s
-    out = tmp_path / "runs.json"
-    assert main(["--requests", str(requests), "--catalog", str(catalog), "--budget-gb", "4",
-                 "--policy", "cost-aware", "--prediction", "oracle", "--jobs", "1",
-                 "--json", str(out)]) == 0
-    (run,) = json.loads(out.read_text())["runs"]
+    (run,) = replay(tmp_path, "model,size_gb,load_s\na,4,3\nb,4,3\n",
+                    "t_s,model,prompt_tokens,completion_tokens\n"
+                    "10,a,10,6000\n20,b,10,10\n",    # a serves for 6000/150 = 40 s
+                    "--budget-gb", "4", "--policy", "cost-aware", "--prediction", "oracle")
     assert run["preloads"] == 1 and run["useful_preloads"] == 1     # a, before its request
     assert run["cold_loads"] == 2 and run["delayed_requests"] == 1  # b waited for a to finish
     assert run["peak_resident_gb"] <= 4
@@ -98,15 +87,10 @@ def test_an_oracle_preload_waits_for_a_requested_load_and_counts_what_it_wasted(
 def test_runs_count_delays_per_model_and_pin_what_they_are_told_to(tmp_path):
     """Memory for one of two models, asked for in turn: every request after the first two waits
     for a reload under lru; with `a` pinned, `b` cannot load at all and `a` never waits."""
-    catalog = tmp_path / "catalog.csv"
-    catalog.write_text("model,size_gb,load_s\na,4,3\nb,4,3\n")
-    requests = tmp_path / "requests.csv"
-    requests.write_text("t_s,model\n" + "".join(f"{i * 100},{'ab'[i % 2]}\n" for i in range(6)))
-    out = tmp_path / "runs.json"
-    assert main(["--requests", str(requests), "--catalog", str(catalog), "--budget-gb", "6",
-                 "--policy", "lru,cost-aware", "--pin", "a", "--jobs", "1",
-                 "--json", str(out)]) == 0
-    runs = {r["policy"]: r for r in json.loads(out.read_text())["runs"]}
+    runs = {r["policy"]: r for r in replay(
+        tmp_path, "model,size_gb,load_s\na,4,3\nb,4,3\n",
+        "t_s,model\n" + "".join(f"{i * 100},{'ab'[i % 2]}\n" for i in range(6)),
+        "--budget-gb", "6", "--policy", "lru,cost-aware", "--pin", "a")}
     assert runs["lru"]["pinned"] == [] and runs["lru"]["delayed_by_model"] == {"a": 3, "b": 3}
     pinned = runs["cost-aware"]
     assert pinned["pinned"] == ["a"] and pinned["delayed_by_model"] == {"a": 1}

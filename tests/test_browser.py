@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 
 from proxy.app import create_app
-from proxy.config import load_config
+from proxy.configload import load_config
 from proxy.errors import ConfigError
 from proxy.server.serving import serve
 
@@ -296,3 +296,14 @@ async def test_every_state_changing_method_is_checked(emulator, http, method):
             assert (await error_of(r))["code"] == "origin_not_allowed"
     finally:
         await served.close()
+
+
+def test_the_rule_remembers_only_hosts_it_allowed_and_only_so_many():
+    from proxy.origins import ALLOWED_CACHE_MAX, BrowserRule
+    rule = BrowserRule.of("127.0.0.1", (), ())
+    for _ in range(2):                   # asked again, a refused name is still refused
+        assert not rule.host_allowed("evil.example", "127.0.0.1")
+        assert rule.host_allowed("127.0.0.1:8080", "127.0.0.1")
+    for port in range(2 * ALLOWED_CACHE_MAX):
+        assert rule.host_allowed(f"localhost:{port}", "127.0.0.1")
+    assert len(rule._allowed) == ALLOWED_CACHE_MAX

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 from dataclasses import replace
 
-from proxy.config import UpstreamConfig, load_config
+from proxy.config import UpstreamConfig
+from proxy.configload import load_config
 from proxy.emulator import EmulatorOptions
 from proxy.library import ModelMemoryManager
 from proxy.upstream.base import Capabilities

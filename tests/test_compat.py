@@ -14,7 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.server.compat import Compat, count_input_tokens, float32_base64, model_object
-from proxy.config import load_config
+from proxy.configload import load_config
 from proxy.emulator import EmulatorOptions
 from proxy.server.keys import ACCESS_LOG
 from proxy.liveconfig import LiveConfig

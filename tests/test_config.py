@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from proxy.cli import main
-from proxy.config import load_config
+from proxy.configload import load_config
 from proxy.configfile import read_config_file
 from proxy.errors import ConfigError
 

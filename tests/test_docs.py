@@ -100,7 +100,7 @@ def test_ci_runs_the_readme_test_command():
 
 def test_the_readme_configuration_example_is_valid():
     import yaml
-    from proxy.config import load_config
+    from proxy.configload import load_config
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     blocks = re.findall(r"```yaml\n(.*?)```", readme, re.S)
     assert blocks

@@ -5,7 +5,7 @@ import asyncio
 
 import pytest
 
-from proxy.config import load_config
+from proxy.configload import load_config
 from proxy.emulator import CatalogModel, start_emulator
 from proxy.engine.clock import ManualClock
 from proxy.engine.lifecycle import ModelStatus

@@ -10,7 +10,7 @@ import sqlite3
 import pytest
 import yaml
 
-from proxy.config import load_config, replace_config
+from proxy.configload import load_config, replace_config
 from proxy.emulator import CatalogModel
 from proxy.engine.clock import ManualClock
 from proxy.library import ModelMemoryManager

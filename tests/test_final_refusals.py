@@ -119,10 +119,16 @@ async def test_memory_a_model_not_the_proxys_holds_is_refused_once(make_emulator
 
 
 async def test_a_waiting_refusal_may_still_be_retried(make_emulator, make_proxy, http):
+    await refused_while_x_serves(make_emulator, make_proxy, http)
+
+
+async def refused_while_x_serves(make_emulator, make_proxy, http, **config) -> None:
+    """X serves (it stays) while a request for Y waits past the queue timeout: its refusal
+    says when to retry, and is not final."""
     emu = await make_emulator(catalog=CATALOG)
     proxy = await make_proxy(emu.url, **{**MEMORY, "memory.budget_gb": 12,
-                                         "eviction.queue_timeout_s": 0.2})
-    lease = await proxy.engine.acquire(X)           # serving: it stays while Y waits
+                                         "eviction.queue_timeout_s": 0.2, **config})
+    lease = await proxy.engine.acquire(X)
     try:
         async with http.post(f"{proxy.url}/v1/chat/completions", json={
                 "model": Y, "max_tokens": 2, "messages": []}) as r:
@@ -147,18 +153,6 @@ async def test_a_refusal_that_fits_exactly_once_what_may_go_goes_may_be_retried(
         make_emulator, make_proxy, http):
     """Models may take 6 GB; X (6 GB) serves while Y (6 GB) waits: once X goes, Y fits to the
     byte, so the refusal is not final."""
-    emu = await make_emulator(catalog=CATALOG)
-    proxy = await make_proxy(emu.url, **{**MEMORY, "memory.budget_gb": 12,
-                                         "memory.min_free_memory_gb": 6,
-                                         f"models.{X}.footprint_gb": 6,
-                                         f"models.{Y}.footprint_gb": 6,
-                                         "eviction.queue_timeout_s": 0.2})
-    lease = await proxy.engine.acquire(X)
-    try:
-        async with http.post(f"{proxy.url}/v1/chat/completions", json={
-                "model": Y, "max_tokens": 2, "messages": []}) as r:
-            body = await r.json()
-        assert body["error"]["code"] == "insufficient_memory" and "Retry-After" in r.headers
-        assert "x-should-retry" not in r.headers
-    finally:
-        lease.release()
+    await refused_while_x_serves(make_emulator, make_proxy, http, **{
+        "memory.min_free_memory_gb": 6, f"models.{X}.footprint_gb": 6,
+        f"models.{Y}.footprint_gb": 6})

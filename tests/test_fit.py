@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from proxy.config import load_config
+from proxy.configload import load_config
 from proxy.emulator import GB, CatalogModel
 from proxy.errors import ConfigError
 

@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 import pytest
 
-from proxy.config import load_config
+from proxy.configload import load_config
 from proxy.emulator.catalog import CatalogModel
 from proxy.engine.memory import GB
 from proxy.fleet.views import full_view
@@ -292,7 +292,7 @@ async def test_a_single_server_refuses_a_host_parameter(make_emulator, make_prox
 
 
 def test_check_validates_the_hosts():
-    from proxy.config import ConfigError
+    from proxy.errors import ConfigError
     with pytest.raises(ConfigError) as err:
         load_config({"upstreams": [
             {"name": "a", "url": "http://127.0.0.1:1"},
@@ -334,7 +334,7 @@ async def test_a_task_that_names_a_host_places_its_model_there(fleet, http):
 
 
 def test_check_validates_the_hosts_tasks_name():
-    from proxy.config import ConfigError
+    from proxy.errors import ConfigError
     hosts = [{"name": "a", "url": "http://127.0.0.1:1"},
              {"name": "b", "url": "http://127.0.0.1:2", "models": ["lab/*"]}]
     with pytest.raises(ConfigError) as err:
@@ -362,7 +362,7 @@ def test_check_validates_the_hosts_tasks_name():
 
 
 def test_a_models_preferred_host_is_its_own_else_one_its_tasks_name():
-    from proxy.config import ConfigError
+    from proxy.errors import ConfigError
     hosts = [{"name": "a", "url": "http://127.0.0.1:1"},
              {"name": "b", "url": "http://127.0.0.1:2"}]
     c = load_config({"upstreams": hosts, "models": {SMALL: {"host": "a"}}, "tasks": {

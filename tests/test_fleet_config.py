@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from proxy.config import ConfigError, load_config
+from proxy.errors import ConfigError
+from proxy.configload import load_config
 from proxy.configcheck import config_warnings
 
 QWEN = "qwen/qwen3-4b"

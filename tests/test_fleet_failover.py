@@ -10,9 +10,9 @@ from typing import Any, AsyncIterator
 import orjson
 import pytest
 
-from proxy.config import load_config
+from proxy.configload import load_config
 from proxy.emulator.catalog import CatalogModel
-from tests.emuprocess import EmulatorProcess, free_port
+from tests.emuprocess import EmulatorProcess, emulator_process
 
 pytestmark = pytest.mark.timeout(60)
 GB = 10**9
@@ -27,12 +27,8 @@ CATALOG_YAML = f"""models:
 
 @pytest.fixture
 async def doomed(tmp_path: Path) -> AsyncIterator[EmulatorProcess]:
-    catalog = tmp_path / "catalog.yaml"
-    catalog.write_text(CATALOG_YAML)
-    emu = EmulatorProcess(catalog, free_port())
-    await emu.start()
-    yield emu
-    emu.stop()
+    async with emulator_process(tmp_path, CATALOG_YAML) as emu:
+        yield emu
 
 
 async def test_a_host_dies_and_comes_back(doomed, make_emulator, make_proxy, http):

@@ -12,10 +12,10 @@ from typing import Any, AsyncIterator
 
 import pytest
 
-from proxy.config import load_config
+from proxy.configload import load_config
 from proxy.emulator.catalog import CatalogModel
 from proxy.server.keys import HEALTH
-from tests.emuprocess import EmulatorProcess, free_port
+from tests.emuprocess import EmulatorProcess, emulator_process
 
 pytestmark = pytest.mark.timeout(60)
 GB = 10**9
@@ -51,12 +51,8 @@ def fleet_config(reconcile_interval_s: float = 1, probe_timeout_s: float = 0.5,
 
 @pytest.fixture
 async def beta(tmp_path: Path) -> AsyncIterator[EmulatorProcess]:
-    path = tmp_path / "catalog.yaml"
-    path.write_text(CATALOG_YAML)
-    emu = EmulatorProcess(path, free_port())
-    await emu.start()
-    yield emu
-    emu.stop()
+    async with emulator_process(tmp_path, CATALOG_YAML) as emu:
+        yield emu
 
 
 async def until(condition: Any, within_s: float = 10.0) -> None:

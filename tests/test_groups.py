@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from proxy.cli import main
-from proxy.config import replace_config
+from proxy.configload import replace_config
 from proxy.emulator import CatalogModel
 from proxy.engine.clock import ManualClock
 from proxy.engine.groups import GROUP_RETRY_S

@@ -18,7 +18,8 @@ from aiohttp import web
 
 from proxy.app import create_app
 from proxy.cli import _reload_on_signal, build_parser, resolve_config
-from proxy.config import Config, load_config
+from proxy.config import Config
+from proxy.configload import load_config
 from proxy.errors import ConfigError
 from proxy.server.inflight import INFLIGHT
 from proxy.server.keys import AUTH, COMPAT, CONFIG, ENGINE, HEALTH

@@ -7,7 +7,8 @@ import pytest
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.config import HealthConfig, load_config
+from proxy.config import HealthConfig
+from proxy.configload import load_config
 from proxy.emulator import CatalogModel
 from proxy.engine.clock import ManualClock
 from proxy.handlers.probes import READINESS

@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from proxy.config import load_config
+from proxy.configload import load_config
 from proxy.emulator import CatalogModel
 from proxy.engine.clock import ManualClock
 from proxy.engine.lifecycle import TRANSITIONS, ModelStatus

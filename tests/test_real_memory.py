@@ -4,7 +4,7 @@ from __future__ import annotations
 import psutil
 import pytest
 
-from proxy.config import load_config
+from proxy.configload import load_config
 from proxy.emulator import CatalogModel
 from proxy.emulator.state import _touched
 from proxy.library import ModelMemoryManager

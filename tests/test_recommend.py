@@ -146,7 +146,7 @@ def test_a_model_that_can_never_load_is_never_recommended():
 
 def demo_config(upstream_url):
     from proxy.cli import build_parser, resolve_config
-    from proxy.config import replace_config
+    from proxy.configload import replace_config
     config = resolve_config(build_parser().parse_args(["--demo"]), {})
     return replace_config(config, {"upstream.url": upstream_url, "storage.enabled": False})
 

@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 import pytest
 
-from proxy.config import load_config
+from proxy.configload import load_config
 from proxy.emulator.catalog import CatalogModel
 from proxy.engine.memory import GB
 from proxy.server.keys import REPLICA

@@ -4,33 +4,26 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 import yaml
 
-from proxy.config import load_config
+from proxy.configload import load_config
 from proxy.emulator.catalog import CatalogModel
 from proxy.engine.memory import GB
 from proxy.server.keys import REPLICA
 from proxy.state import create_state
 
+from .emuprocess import answering, free_port
 from .redis_server import make_redis_server, redis_server  # noqa: F401
 
 pytestmark = pytest.mark.timeout(90)
 MID = "lab/mid-6b"
 LOCK_TTL_S, LEASE_TTL_S = 2.0, 1.5
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def raw_config(upstream_url: str, redis_url: str, name: str) -> dict[str, Any]:
@@ -39,19 +32,6 @@ def raw_config(upstream_url: str, redis_url: str, name: str) -> dict[str, Any]:
                       "lease_ttl_s": LEASE_TTL_S, "lock_ttl_s": LOCK_TTL_S},
             "memory": {"sampler": "budget", "budget_gb": 20, "min_free_memory_gb": 0},
             "storage": {"enabled": False}}
-
-
-async def answering(url: str, timeout_s: float = 30.0) -> None:
-    async with aiohttp.ClientSession() as http:
-        async with asyncio.timeout(timeout_s):
-            while True:
-                try:
-                    async with http.get(f"{url}/healthz") as r:
-                        if r.status == 200:
-                            return
-                except aiohttp.ClientError:
-                    pass
-                await asyncio.sleep(0.05)
 
 
 async def until(condition: Any, timeout_s: float) -> None:
@@ -73,7 +53,7 @@ async def test_a_killed_replicas_load_lock_and_leadership_pass_to_the_other(
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         a_url = f"http://127.0.0.1:{port}"
-        await answering(a_url)
+        await answering(f"{a_url}/healthz")
         probe = create_state(redis_server.url, replica_id="probe")
         await until(lambda: _is(probe.leader(), "A"), 10)          # A came first: it leads
         b = await make_proxy("", config=load_config(raw_config(emu.url, redis_server.url,

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from proxy.config import load_config
+from proxy.configload import load_config
 from proxy.engine.core import EngineCore
 from proxy.engine.replica import Replica
 from proxy.fleet import create_fleet

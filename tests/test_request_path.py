@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from proxy.config import load_config
+from proxy.configload import load_config
 from proxy.engine.clock import ManualClock, SystemClock
 from proxy.engine.core import EngineCore
 from proxy.engine.learning import GAP_BOUNDS_S, GapHistogram, ModelPattern, hour_of_week

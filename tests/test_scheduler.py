@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from proxy.cli import build_parser, resolve_config
-from proxy.config import replace_config
+from proxy.configload import replace_config
 from proxy.emulator import CatalogModel
 from proxy.engine.clock import ManualClock
 from proxy.errors import InsufficientMemory

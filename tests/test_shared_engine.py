@@ -8,7 +8,7 @@ from typing import Any, Iterable
 
 import pytest
 
-from proxy.config import load_config
+from proxy.configload import load_config
 from proxy.engine.clock import ManualClock
 from proxy.engine.core import EngineCore
 from proxy.engine.lifecycle import ModelEntry
@@ -161,6 +161,13 @@ class GatedUnload(ScriptedBackend):
         await super().unload(instance_id)
 
 
+async def alive(facts: MemoryState, replica_id: str) -> Any:
+    """Another replica's view of the shared facts, its heartbeat beating."""
+    view = facts.view(replica_id)
+    await view.heartbeat(30)
+    return view
+
+
 def replica_core(store: Any, backend: ScriptedBackend, **kw: Any) -> tuple[EngineCore, Replica]:
     replica = Replica(store, lease_ttl_s=30, lock_ttl_s=5, unavailable_wait_s=1)
     config = load_config({"memory": {"sampler": "budget", "budget_gb": 20,
@@ -196,8 +203,7 @@ async def test_a_resident_models_first_request_here_waits_for_its_lease_then_non
 
 async def test_a_request_meeting_another_replicas_unload_waits_for_it_and_reloads():
     facts = MemoryState("facts")
-    other = facts.view("r1")                    # the replica that is evicting A
-    await other.heartbeat(30)
+    other = await alive(facts, "r1")            # the replica that is evicting A
     backend = ScriptedBackend({A: 4}, MANAGED)
     backend.loaded.append(A)
     core, _ = replica_core(facts.view("r2"), backend)
@@ -222,8 +228,7 @@ async def test_a_request_meeting_another_replicas_unload_waits_for_it_and_reload
 
 async def test_an_unload_holds_off_other_replicas_first_leases_until_it_ends():
     facts = MemoryState("facts")
-    other = facts.view("r2")
-    await other.heartbeat(30)
+    other = await alive(facts, "r2")
     backend = GatedUnload({A: 4}, MANAGED)
     core, _ = replica_core(facts.view("r1"), backend)
     await core.start()
@@ -246,8 +251,7 @@ async def test_an_unload_holds_off_other_replicas_first_leases_until_it_ends():
 
 async def test_an_eviction_refused_by_another_replicas_lease_claims_nothing():
     facts = MemoryState("facts")
-    other = facts.view("r2")
-    await other.heartbeat(30)
+    other = await alive(facts, "r2")
     backend = ScriptedBackend({A: 4}, MANAGED)
     core, _ = replica_core(facts.view("r1"), backend)
     await core.start()
@@ -264,8 +268,7 @@ async def test_an_eviction_refused_by_another_replicas_lease_claims_nothing():
 
 async def test_a_first_lease_refused_to_the_end_of_its_wait_leaves_the_model_unleased_here():
     facts = MemoryState("facts")
-    other = facts.view("r2")
-    await other.heartbeat(30)
+    other = await alive(facts, "r2")
     assert await other.claim_unload("default", A, 30) == set()   # outlasts the wait below
     replica = Replica(facts.view("r1"), lease_ttl_s=30, lock_ttl_s=0.1, unavailable_wait_s=1)
     shared = replica.host("default")
@@ -292,8 +295,7 @@ class HeldClaims(HeldLeases):
 
 async def test_an_unload_given_up_after_its_claim_releases_the_claim_at_once():
     facts = MemoryState("facts")
-    other = facts.view("r2")
-    await other.heartbeat(30)
+    other = await alive(facts, "r2")
     store = HeldClaims("r1", facts)
     backend = ScriptedBackend({A: 4}, MANAGED)
     core, _ = replica_core(store, backend)

@@ -164,20 +164,27 @@ def test_a_session_starter_is_preloaded_into_free_memory_before_its_hour():
     assert at_s % DAY_S < STARTER_HOUR_S                # ready before 09:00
 
 
-def test_a_session_starter_is_never_preloaded_by_evicting():
-    """Memory full of a model serving, a pinned one and an idle one: the starter's preload
-    takes free memory or nothing."""
+def tick_in_full_memory(teach):
+    """A script: `idle` used first (then idle through the teaching), `pinned` used, `serving`
+    serving, then one preload tick: what is loaded after it, and how many preloads ran."""
     async def script(mgr, loop):
-        await use(mgr, loop, "idle", 0.0)      # idle for two days since: cheap to evict
-        await teach_daily(mgr, loop)
+        await use(mgr, loop, "idle", 0.0)
+        await teach(mgr, loop)
         await use(mgr, loop, "pinned", 0.0)
         lease = await mgr.acquire("serving")
         await mgr.core.preloader.tick()
         await settle(mgr)
         lease.release()
         return mgr.core.registry.loaded(), mgr.core.preloads.preloads
+    return script
+
+
+def test_a_session_starter_is_never_preloaded_by_evicting():
+    """Memory full of a model serving, a pinned one and an idle one: the starter's preload
+    takes free memory or nothing."""
     loaded, preloads = run({"starter": (4, 3.0), "serving": (4, 3.0), "pinned": (4, 3.0),
-                            "idle": (4, 3.0)}, 12, script, hold="off", pinned=("pinned",))
+                            "idle": (4, 3.0)}, 12, tick_in_full_memory(teach_daily),
+                           hold="off", pinned=("pinned",))
     assert loaded == ["idle", "pinned", "serving"] and preloads == 0
 
 
@@ -198,17 +205,9 @@ async def teach_period(mgr, loop, periods=12):
 def test_a_model_due_by_its_gaps_is_preloaded_by_evicting_an_idle_one_never_a_busy_one():
     """Memory full of a model serving, a pinned one and one idle for an hour: the timer's
     preload evicts the idle one, whose expected loss is far under the timer's saving."""
-    async def script(mgr, loop):
-        await use(mgr, loop, "idle", 0.0)
-        await teach_period(mgr, loop)
-        await use(mgr, loop, "pinned", 0.0)
-        lease = await mgr.acquire("serving")
-        await mgr.core.preloader.tick()
-        await settle(mgr)
-        lease.release()
-        return mgr.core.registry.loaded(), mgr.core.preloads.preloads
     loaded, preloads = run({"timer": (4, 3.0), "serving": (4, 3.0), "pinned": (4, 3.0),
-                            "idle": (4, 3.0)}, 12, script, hold="off", pinned=("pinned",))
+                            "idle": (4, 3.0)}, 12, tick_in_full_memory(teach_period),
+                           hold="off", pinned=("pinned",))
     assert loaded == ["pinned", "serving", "timer"] and preloads == 1
 
 

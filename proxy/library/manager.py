@@ -16,7 +16,8 @@ import inspect
 import logging
 from typing import Any, Callable, Iterable, Mapping
 
-from ..config import Config, load_config
+from ..config import Config
+from ..configload import load_config
 from ..engine.clock import Clock
 from ..engine.core import EngineCore
 from ..engine.lifecycle import ModelEntry, ModelStatus

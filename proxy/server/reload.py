@@ -16,7 +16,8 @@ from typing import Any, Callable
 from aiohttp import web
 
 from .auth import exposure_problems
-from ..config import Config, replace_config
+from ..config import Config
+from ..configload import replace_config
 from ..configcheck import one_server_host_problems
 from ..urls import redact_url
 from ..errors import ConfigError
