@@ -218,7 +218,7 @@ async def _replay(loop: VirtualTimeLoop, workload: Workload, budget_gb: float, v
     if v.prediction == "on":
         async def rhythm() -> None:
             while True:
-                await asyncio.sleep(config.memory.monitoring_interval)
+                await asyncio.sleep(mgr.preload_wait_s())     # the engine's own timing
                 await mgr.sample_memory()
                 await mgr.preloader.tick()
         background.append(asyncio.create_task(rhythm()))

@@ -192,12 +192,18 @@ def test_a_session_starter_is_never_preloaded_by_evicting():
 PERIOD_S = 300.0
 
 
-async def teach_period(mgr, loop, periods=12):
-    """`timer` is asked for every five minutes, then unloaded; 260 s later it is due again."""
-    for _ in range(periods):
+# Mostly five minutes apart, twice 100 s: no grid of one period (engine.learning.detect_period),
+# but past 260 s of idleness its gaps say a request is due within the minute.
+GAPS_S = [PERIOD_S] * 5 + [100.0] + [PERIOD_S] * 5 + [100.0] + [PERIOD_S] * 2
+
+
+async def teach_period(mgr, loop):
+    """`timer` is asked for at GAPS_S, then unloaded; 260 s later it is due again."""
+    for gap_s in GAPS_S:
         await use(mgr, loop, "timer", 0.0)
-        await asyncio.sleep(PERIOD_S)
+        await asyncio.sleep(gap_s)
     await use(mgr, loop, "timer", 0.0)
+    assert mgr.core.learner.patterns["timer"].period(loop.time()) is None
     await mgr.unload_model("timer")
     await asyncio.sleep(260.0)
 

@@ -147,8 +147,7 @@ class EngineCore(CoreViews):
                              self._idle_tick)
         self._periodic.start("reconcile", lambda: self.config.upstream.reconcile_interval_s,
                              self.reconcile)
-        self._periodic.start("preload", lambda: self.config.memory.monitoring_interval,
-                             self._preload_tick)
+        self._periodic.start("preload", self.preload_wait_s, self._preload_tick)
         if self.store is not None:
             self._periodic.start("flush", c.storage.flush_interval_s, self.flush)
 
@@ -281,6 +280,11 @@ class EngineCore(CoreViews):
     async def _idle_tick(self) -> None:
         if self.leads:
             await self.unload_idle_models()
+
+    def preload_wait_s(self) -> float:
+        """Until the next preload tick: the monitoring interval, or sooner when a timer's
+        model falls due."""
+        return self.preloader.wait_s(self.config.memory.monitoring_interval)
 
     async def _preload_tick(self) -> None:
         if self.leads:

@@ -7,6 +7,12 @@ Per model (`ModelPattern`):
 Across models (`UsageLearner`): which model follows which within `FOLLOW_WINDOW_S`
 (agent pipelines: a planner, then a coder, then an embedding model).
 
+A model asked for by a timer (a caller every five minutes, every hour) shows a period: the
+first requests after a lull (its "starts", kept for the latest START_MAX lulls) fall on a grid
+of one period, within a phase window learnt from them (`detect_period`, run by the preloader's
+tick, not per request). The window says when the next start is due, to the second, which a
+histogram of gaps with bins 25 % wide cannot.
+
 From these it predicts, for a model idle for `age_s`, the probability of a request within a
 horizon and the expected wait for it: the empirical conditional distribution of its gaps given
 that the gap is already longer than `age_s`, mixed with a prior that says "the wait ahead is
@@ -19,6 +25,7 @@ import bisect
 import collections
 import math
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any
 
 GAP_RATIO = 1.25
@@ -32,6 +39,10 @@ RECENT_MAX = 4              # latest requests a new one may follow (bounds the w
 MAX_FOLLOWERS = 32          # per model, the followers counted (the first ones seen)
 COUNT_CAP = 4096            # counts are halved beyond this: old habits fade
 WEEK_HOURS = 168
+START_MAX = 16              # per model, the latest starts (first request after a lull) kept
+MIN_PERIOD_STARTS = 8       # a period is believed after this many starts on its grid
+PERIOD_SPREAD = 0.5        # the starts' phase may spread over at most this share of it
+MAX_SKIPPED_PERIODS = 2     # a gap of more than this many periods breaks the grid
 
 
 def _bin(gap_s: float) -> int:
@@ -69,6 +80,52 @@ class GapHistogram:
         return above + self.counts[i] * min(1.0, max(0.0, frac))
 
 
+@dataclass(frozen=True)
+class Period:
+    """Starts on a grid: anchor_s + k × period_s, each within [early_s, late_s] of its point."""
+    period_s: float
+    anchor_s: float
+    early_s: float
+    late_s: float
+    confidence: float        # the share of the grid's periods that had a start
+
+    def next_window(self, now_s: float, last_start_s: float) -> tuple[float, float]:
+        """The window of the next start: after the one of last_start_s, and not yet over at
+        now_s (a period without a start is skipped)."""
+        p = self.period_s
+        middle = (self.early_s + self.late_s) / 2
+        k = max(round((last_start_s - self.anchor_s - middle) / p) + 1,
+                math.floor((now_s - self.anchor_s - self.late_s) / p) + 1)
+        base = self.anchor_s + k * p
+        return base + self.early_s, base + self.late_s
+
+
+def detect_period(starts: Sequence[float]) -> Period | None:
+    """A period if the starts (ascending) lie on one grid: every gap is close to a whole
+    number (1 … MAX_SKIPPED_PERIODS) of periods, and the phases spread over at most
+    PERIOD_SPREAD of a period. Random arrivals fail the first test: a third of their gaps are
+    under half the median."""
+    if len(starts) < MIN_PERIOD_STARTS:
+        return None
+    gaps = [b - a for a, b in zip(starts, starts[1:])]
+    median = sorted(gaps)[len(gaps) // 2]
+    if median <= 0.0:
+        return None
+    counts = [round(g / median) for g in gaps]
+    if min(counts) < 1 or max(counts) > MAX_SKIPPED_PERIODS:
+        return None
+    periods = sum(counts)
+    period = (starts[-1] - starts[0]) / periods     # to within one phase window over periods
+    phases, k = [0.0], 0
+    for s, n in zip(starts[1:], counts):
+        k += n
+        phases.append(s - starts[0] - k * period)
+    early, late = min(phases), max(phases)
+    if late - early > PERIOD_SPREAD * period:
+        return None
+    return Period(period, starts[0], early, late, len(gaps) / periods)
+
+
 @dataclass
 class Prediction:
     p_within: float          # probability of a request within the horizon
@@ -86,6 +143,9 @@ class ModelPattern:
     first_wall_s: float | None = None
     last_at_s: float | None = None
     last_gap_s: float | None = None
+    starts: collections.deque = field(default_factory=lambda: collections.deque(maxlen=START_MAX))
+    _period: Period | None = None
+    _period_of_s: float | None = None     # the latest start _period was detected with
 
     def observe(self, at_s: float, wall_s: float) -> None:
         if self.last_at_s is not None:
@@ -96,11 +156,29 @@ class ModelPattern:
             if self.last_gap_s is not None:
                 (self.after_short if self.last_gap_s < SHORT_GAP_S else self.after_long).add(gap)
             self.last_gap_s = gap
+            if gap >= SHORT_GAP_S:
+                self.starts.append(at_s)
+        else:
+            self.starts.append(at_s)
         self.last_at_s = at_s
         self.requests += 1
         if self.first_wall_s is None:
             self.first_wall_s = wall_s
         self.hours[hour_of_week(wall_s)] += 1
+
+    def period(self, now_s: float) -> Period | None:
+        """The period its starts show (detected again only when a new start came), while it
+        holds: a timer silent for more than MAX_SKIPPED_PERIODS periods has stopped, and is
+        preloaded no more."""
+        latest = self.starts[-1] if self.starts else None
+        if latest != self._period_of_s:
+            self._period_of_s = latest
+            self._period = detect_period(list(self.starts))
+        p = self._period
+        if p is None or latest is None or \
+                now_s - latest > MAX_SKIPPED_PERIODS * p.period_s + p.late_s - p.early_s:
+            return None
+        return p
 
     def _histogram(self) -> GapHistogram:
         if self.last_gap_s is not None:
@@ -168,7 +246,8 @@ class ModelPattern:
                 "followers": self.followers, "requests": self.requests,
                 "first_wall_s": self.first_wall_s, "last_gap_s": self.last_gap_s,
                 "last_wall_s": None if self.last_at_s is None
-                else wall_s - (now_s - self.last_at_s)}
+                else wall_s - (now_s - self.last_at_s),
+                "starts_wall_s": [wall_s - (now_s - at) for at in self.starts]}
 
     @classmethod
     def restore(cls, data: dict[str, Any], now_s: float = 0.0, wall_s: float = 0.0
@@ -189,6 +268,10 @@ class ModelPattern:
         last = data.get("last_wall_s")
         if isinstance(last, (int, float)):   # idle since then, on the new clock
             p.last_at_s = now_s - max(0.0, wall_s - float(last))
+        starts = data.get("starts_wall_s")
+        if isinstance(starts, list):
+            p.starts.extend(now_s - max(0.0, wall_s - float(w)) for w in starts
+                            if isinstance(w, (int, float)))
         gap = data.get("last_gap_s")
         p.last_gap_s = float(gap) if isinstance(gap, (int, float)) else None
         return p

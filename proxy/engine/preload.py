@@ -1,8 +1,10 @@
 """Predictive preloading: load what the usage model expects next, into free memory only.
 
 Triggers: a request for A preloads B when B follows A (within `learning.FOLLOW_WINDOW_S`)
-with probability at least `preload.min_probability`; and every monitoring interval, a model
-due by its rhythm (requested in this hour of the week at least `preload.rhythm_min_rate`
+with probability at least `preload.min_probability`; a timer's model (its first requests after
+a lull fall on a grid: `learning.detect_period`) its reload seconds before its next window
+opens, the tick running at that moment rather than waiting out the interval; and every
+monitoring interval, a model without a period due by its rhythm (requested in this hour of the week at least `preload.rhythm_min_rate`
 times a week) or by its own gaps (at least `preload.min_probability` of a request within a
 minute: a timer-driven caller every five minutes is due a minute before its time) is
 preloaded, and into free memory only (never evicting) a model that usually starts in the
@@ -35,6 +37,8 @@ S = ModelStatus
 MAX_FOLLOWERS_PRELOADED = 2
 BURST_GAP_S = 1.0          # requests closer than this to the previous one preload nothing new
 HOUR_LEAD_S = 300.0        # what usually starts in an hour is preloaded this long before it
+PERIOD_LEAD_S = 2.0        # a timer's model is ready this long before its window opens
+MIN_TICK_S = 1.0           # the tick follows due times, but never runs more often than this
 
 
 class PreloadTally:
@@ -66,6 +70,14 @@ class Preloader(Part):
         self.tally = tally
         self.scheduler = scheduler
         self.groups = groups
+        self.next_due_s: float | None = None    # when the next timer's model falls due
+
+    def wait_s(self, interval_s: float) -> float:
+        """How long until the next tick: the interval, or sooner when a timer's model falls
+        due before it (its load must be done when its window opens)."""
+        if self.next_due_s is None:
+            return interval_s
+        return max(MIN_TICK_S, min(interval_s, self.next_due_s - self.clock.now()))
 
     @property
     def config(self) -> Any:
@@ -91,16 +103,30 @@ class Preloader(Part):
             self.queue(follower, probability, f"follows {key}")
 
     async def tick(self) -> None:
-        """Preload what is due: by its weekly rhythm or by its own gaps (likely asked for
-        within a minute); into free memory only, what usually starts in the coming hour of
-        the day (a session's first request, which no sequence predicts)."""
+        """Preload what is due: a timer's model its reload seconds before its period's next
+        window opens; else by its weekly rhythm or by its own gaps (likely asked for within a
+        minute); into free memory only, what usually starts in the coming hour of the day (a
+        session's first request, which no sequence predicts)."""
+        self.next_due_s = None
         if not self.config.enabled or self.scheduler.requests_waiting:
             return
         wall, now = self.clock.wall(), self.clock.now()
         rate = self.config.rhythm_min_rate
+        next_due = None
         for key, pattern in list(self.learner.patterns.items()):
             e = self.registry.entries.get(key)
-            if e is None or e.status is not S.UNLOADED:
+            if e is None:
+                continue
+            period = pattern.period(now)
+            if period is not None:
+                opens_s, _ = period.next_window(now, pattern.starts[-1])
+                due_s = opens_s - self.registry.reload_s(e) - PERIOD_LEAD_S
+                if due_s > now:
+                    next_due = due_s if next_due is None else min(next_due, due_s)
+                elif e.status is S.UNLOADED:
+                    self.queue(key, period.confidence, "due by its period")
+                continue
+            if e.status is not S.UNLOADED:
                 continue
             if pattern.rate_in_hour(wall) >= rate:
                 self.queue(key, 0.5, "due by its rhythm")
@@ -110,6 +136,7 @@ class Preloader(Part):
                 p = self.learner.predict(key, now, PREDICTION_HORIZON_S).p_within
                 if p >= self.config.min_probability:
                     self.queue(key, p, "due by its gaps")
+        self.next_due_s = next_due
 
     def queue(self, key: str, probability: float, why: str, *, may_evict: bool = True) -> None:
         e = self.registry.entries.get(key)
