@@ -201,10 +201,12 @@ async def test_a_request_with_every_host_dead_names_each_host(copies, beta, make
         body = await r.json()
     assert r.status == 502, body
     assert "'alpha'" in body["error"]["message"] and "'beta'" in body["error"]["message"]
-    # Each host it tried is set aside until it answers again, the second one too.
+    # Each host it tried is set aside until it answers again, the second one too (or its
+    # engine's own reconcile found it dead first, when the machine is slow).
     _, hosts = await get(http, f"{proxy.url}/proxy/stats")
-    assert {name: h["suspect"] for name, h in hosts["hosts"].items()} == {
-        "alpha": True, "beta": True}
+    assert {name: h["up"] for name, h in hosts["hosts"].items()} == {
+        "alpha": False, "beta": False}
+    assert hosts["hosts"]["alpha"]["suspect"]
 
 
 async def test_the_engine_lines_of_a_fleet_reconcile_name_their_host(make_emulator,
