@@ -24,8 +24,8 @@ from __future__ import annotations
 import bisect
 import collections
 import math
-from dataclasses import dataclass, field
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 GAP_RATIO = 1.25

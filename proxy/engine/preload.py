@@ -1,17 +1,20 @@
-"""Predictive preloading: load what the usage model expects next, into free memory only.
+"""Predictive preloading: load what the usage model expects next, before it is asked for.
 
-Triggers: a request for A preloads B when B follows A (within `learning.FOLLOW_WINDOW_S`)
-with probability at least `preload.min_probability`; a timer's model (its first requests after
-a lull fall on a grid: `learning.detect_period`) its reload seconds before its next window
-opens, the tick running at that moment rather than waiting out the interval; and every
-monitoring interval, a model without a period due by its rhythm (requested in this hour of the week at least `preload.rhythm_min_rate`
-times a week) or by its own gaps (at least `preload.min_probability` of a request within a
-minute: a timer-driven caller every five minutes is due a minute before its time) is
-preloaded, and into free memory only (never evicting) a model that usually starts in the
-coming hour of the day (as often, per day observed), a guess from a day's history that is
-weaker than a model's own gaps. A preload never waits for memory and gives way to any load a
-request waits for. A preloaded model is counted useful when a request uses it before it
-is unloaded, wasted (with its GB) when it is unloaded unused.
+Triggers:
+- a request for A preloads B when B follows A (within `learning.FOLLOW_WINDOW_S`) with
+  probability at least `preload.min_probability`;
+- a timer's model (its first requests after a lull fall on one grid: `learning.detect_period`)
+  is preloaded its reload seconds before its next window opens, the tick running at that
+  moment rather than at the end of the monitoring interval;
+- every monitoring interval, a model without a period that is due by its rhythm (requested in
+  this hour of the week at least `preload.rhythm_min_rate` times a week) or by its own gaps (at
+  least `preload.min_probability` of a request within a minute);
+- into free memory only (never evicting), a model that usually starts in the coming hour of
+  the day (as often, per day observed), a guess from a day's history that is weaker than a
+  model's own gaps.
+A preload never waits for memory and gives way to any load a request waits for. A preloaded
+model is counted useful when a request uses it before it is unloaded, wasted (with its GB) when
+it is unloaded unused.
 
 A preload evicts only when the cheapest set of victims is expected to cost (reload seconds ×
 probability of reuse) under a quarter of what the preload is expected to save (its reload
