@@ -199,3 +199,14 @@ def test_a_timer_evicts_nothing_that_serves_or_is_pinned():
                                    hold="off", pinned=("pinned",))
     assert queued == 1                                  # due, and asked for room
     assert loaded == ["busy", "pinned", "serving"] and preloads == 0
+
+
+def test_a_models_row_shows_its_timer():
+    async def script(mgr, loop):
+        last = await teach_timer(mgr, loop)
+        await asyncio.sleep(last + 100.0 - loop.time())
+        return mgr.core.row("timer")["timer"], mgr.core.row("other")["timer"]
+    timer, other = run({"timer": (4, RELOAD_S), "other": (4, 3.0)}, 12, script, hold="off")
+    assert timer == {"period_s": PERIOD_S, "window_s": 0.0, "next_window_in_s": 200.0,
+                     "confidence": 1.0}
+    assert other is None

@@ -16,6 +16,7 @@ from .recommend import Context, ModelFacts, recommend
 if TYPE_CHECKING:
     from .core import EngineCore
     from .face import Engine
+    from .learning import ModelPattern
     from .usage import ModelUsage
 
 S = ModelStatus
@@ -42,7 +43,21 @@ def model_row(core: "EngineCore", key: str, now_s: float) -> dict[str, Any]:
         "evictions": dict(e.evictions), "last_error": e.last_error,
         "last_used_s_ago": None if e.last_used_at_s is None else
         round(now_s - e.last_used_at_s, 1),
+        "timer": timer_row(core.learner.patterns.get(key), now_s),
         **core.accounting.usage_of(key).summary(now_s)}
+
+
+def timer_row(pattern: "ModelPattern | None", now_s: float) -> dict[str, Any] | None:
+    """What the engine believes of a timer-driven caller of the model (None: no period):
+    the preloader loads it its reload seconds before the next window opens."""
+    period = None if pattern is None else pattern.period(now_s)
+    if period is None:
+        return None
+    opens_s, _ = period.next_window(now_s, pattern.starts[-1])   # type: ignore[union-attr]
+    return {"period_s": round(period.period_s, 1),
+            "window_s": round(period.late_s - period.early_s, 1),
+            "next_window_in_s": round(max(0.0, opens_s - now_s), 1),
+            "confidence": round(period.confidence, 2)}
 
 
 def top_by_usage(usage: Mapping[str, "ModelUsage"], now_s: float, n: int = 5
