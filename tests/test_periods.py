@@ -3,6 +3,7 @@ preloaded, on the engine's virtual clock, its reload seconds before the period's
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 
 import pytest
@@ -199,3 +200,16 @@ def test_a_timer_evicts_nothing_that_serves_or_is_pinned():
                                    hold="off", pinned=("pinned",))
     assert queued == 1                                  # due, and asked for room
     assert loaded == ["busy", "pinned", "serving"] and preloads == 0
+
+
+def test_a_timers_preload_is_logged_with_its_reason_at_the_default_level(caplog):
+    """The log at INFO (the default) says why a model the proxy loaded unasked was loaded."""
+    async def script(mgr, loop):
+        last = await teach_timer(mgr, loop)
+        await asyncio.sleep(last + DUE_S - loop.time())
+        await mgr.core.preloader.tick()
+        await settle(mgr)
+    with caplog.at_level(logging.INFO, logger="proxy.engine"):
+        run({"timer": (4, RELOAD_S), "other": (4, 3.0)}, 12, script, hold="off")
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.INFO
+            and "preload" in r.getMessage()] == ["preload of timer queued (due by its period)"]

@@ -148,7 +148,7 @@ class Preloader(Part):
         if self.scheduler.preload(e, probability * self.registry.reload_s(e),
                                   may_evict=may_evict):
             self.tally.queued += 1
-            log.debug("preload of %s queued (%s)", key, why)
+            log.info("preload of %s queued (%s)", key, why)
             self.listeners.emit("on_preload", key, why)
 
     def summary(self) -> dict[str, Any]:
