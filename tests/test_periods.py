@@ -213,3 +213,26 @@ def test_a_timers_preload_is_logged_with_its_reason_at_the_default_level(caplog)
         run({"timer": (4, RELOAD_S), "other": (4, 3.0)}, 12, script, hold="off")
     assert [r.getMessage() for r in caplog.records if r.levelno == logging.INFO
             and "preload" in r.getMessage()] == ["preload of timer queued (due by its period)"]
+
+
+def test_a_timer_due_while_a_request_waits_for_memory_is_preloaded_once_it_has_room():
+    """At the due time a request waits for memory that a serving model holds; the preload
+    gives way, and runs as soon as the request has its load, not at the next interval (30 s,
+    after the window opened)."""
+    async def script(mgr, loop):
+        last = await teach_timer(mgr, loop)
+        await asyncio.sleep(last + 240.0 - loop.time())
+        await mgr.core.start_monitoring()           # ticks at +270, then at the due time
+        try:
+            await asyncio.sleep(last + 280.0 - loop.time())
+            lease = await mgr.acquire("serving")
+            waiter = asyncio.ensure_future(use(mgr, loop, "other", 0.0))
+            await asyncio.sleep(last + DUE_S + 2.0 - loop.time())
+            lease.release()                          # "other" takes its memory, 4 GB left
+            await waiter
+            await asyncio.sleep(last + PERIOD_S + 2.0 - loop.time())
+            return mgr.core.registry.entries["timer"].status, mgr.core.preloads.preloads
+        finally:
+            await mgr.core.stop_monitoring()
+    assert run({"timer": (4, RELOAD_S), "serving": (8, 3.0), "other": (8, 3.0)}, 12, script,
+               hold="off") == (ModelStatus.LOADED, 1)
