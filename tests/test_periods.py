@@ -236,3 +236,29 @@ def test_a_timer_due_while_a_request_waits_for_memory_is_preloaded_once_it_has_r
             await mgr.core.stop_monitoring()
     assert run({"timer": (4, RELOAD_S), "serving": (8, 3.0), "other": (8, 3.0)}, 12, script,
                hold="off") == (ModelStatus.LOADED, 1)
+
+
+def poisson_starts(rng: random.Random, mean_gap_s: float, n: int) -> list[float]:
+    """The first n starts of a caller at random (exponential gaps), as the pattern keeps them."""
+    p, at = ModelPattern(), 0.0
+    while len(p.starts) < n:
+        at += rng.expovariate(1 / mean_gap_s)
+        p.observe(at, MONDAY + at)
+    return list(p.starts)
+
+
+def test_a_caller_at_random_is_rarely_called_a_timer_while_its_starts_are_few():
+    """Checked after each of its first 16 starts (as the preloader does, once 8 are in), a
+    Poisson caller seldom shows a period: within half a period, random phases fit by chance
+    in 1 caller of 6; with fewer than 12 starts they must fit in 0.3 of one."""
+    rng = random.Random(1)
+    callers = [poisson_starts(rng, 80.0, 16) for _ in range(200)]
+    called = sum(any(detect_period(s[:n]) for n in range(MIN_PERIOD_STARTS, 17)) for s in callers)
+    assert called <= 10                                       # 5 %
+
+
+def test_a_timer_jittered_by_an_eighth_of_its_period_is_learnt_in_8_starts():
+    rng = random.Random(2)
+    for _ in range(50):
+        starts = [i * 80.0 + rng.uniform(-10.0, 10.0) for i in range(MIN_PERIOD_STARTS)]
+        assert detect_period(starts) is not None
