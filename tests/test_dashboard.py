@@ -302,6 +302,24 @@ async def test_a_models_group_is_labelled_beside_its_name(make_emulator, make_pr
     assert page.errors == []
 
 
+async def test_a_preload_appears_on_the_timeline_with_its_reason(make_emulator, make_proxy,
+                                                                 page, http):
+    """Live from the event stream, and again from /proxy/timeline after a reload of the page."""
+    emu = await make_emulator(catalog=TWO, capacity_bytes=64 * GB)
+    proxy = await make_proxy(emu.url, **{"memory.budget_gb": 32, "groups": [
+        {"name": "agent", "members": [A, B], "policy": "together"}]})
+    await open_dashboard(page, proxy.url)
+    assert await chat(http, proxy.url, A) == 200           # B is loaded with it, unasked
+    mark = page.locator(f'#timeline .preload-mark[data-model="{B}"]')
+    for _ in range(2):
+        await expect(mark).to_have_attribute("data-reason", "group:agent")
+        await expect(mark.locator("title")).to_contain_text("preloaded: group:agent at ")
+        await expect(page.locator(f'#timeline .preload-mark[data-model="{A}"]')).to_have_count(0)
+        await page.reload()
+        await expect(page.locator("#conn")).to_have_text("live")
+    assert page.errors == []
+
+
 async def test_a_fleet_has_a_memory_bar_per_host_and_says_where_each_model_lives(
         make_emulator, make_proxy, page, http):
     from .test_fleet import fleet_config

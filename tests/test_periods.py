@@ -3,6 +3,7 @@ preloaded, on the engine's virtual clock, its reload seconds before the period's
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 
 import pytest
@@ -210,3 +211,65 @@ def test_a_models_row_shows_its_timer():
     assert timer == {"period_s": PERIOD_S, "window_s": 0.0, "next_window_in_s": 200.0,
                      "confidence": 1.0}
     assert other is None
+
+
+def test_a_timers_preload_is_logged_with_its_reason_at_the_default_level(caplog):
+    """The log at INFO (the default) says why a model the proxy loaded unasked was loaded."""
+    async def script(mgr, loop):
+        last = await teach_timer(mgr, loop)
+        await asyncio.sleep(last + DUE_S - loop.time())
+        await mgr.core.preloader.tick()
+        await settle(mgr)
+    with caplog.at_level(logging.INFO, logger="proxy.engine"):
+        run({"timer": (4, RELOAD_S), "other": (4, 3.0)}, 12, script, hold="off")
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.INFO
+            and "preload" in r.getMessage()] == ["preload of timer queued (due by its period)"]
+
+
+def test_a_timer_due_while_a_request_waits_for_memory_is_preloaded_once_it_has_room():
+    """At the due time a request waits for memory that a serving model holds; the preload
+    gives way, and runs as soon as the request has its load, not at the next interval (30 s,
+    after the window opened)."""
+    async def script(mgr, loop):
+        last = await teach_timer(mgr, loop)
+        await asyncio.sleep(last + 240.0 - loop.time())
+        await mgr.core.start_monitoring()           # ticks at +270, then at the due time
+        try:
+            await asyncio.sleep(last + 280.0 - loop.time())
+            lease = await mgr.acquire("serving")
+            waiter = asyncio.ensure_future(use(mgr, loop, "other", 0.0))
+            await asyncio.sleep(last + DUE_S + 2.0 - loop.time())
+            lease.release()                          # "other" takes its memory, 4 GB left
+            await waiter
+            await asyncio.sleep(last + PERIOD_S + 2.0 - loop.time())
+            return mgr.core.registry.entries["timer"].status, mgr.core.preloads.preloads
+        finally:
+            await mgr.core.stop_monitoring()
+    assert run({"timer": (4, RELOAD_S), "serving": (8, 3.0), "other": (8, 3.0)}, 12, script,
+               hold="off") == (ModelStatus.LOADED, 1)
+
+
+def poisson_starts(rng: random.Random, mean_gap_s: float, n: int) -> list[float]:
+    """The first n starts of a caller at random (exponential gaps), as the pattern keeps them."""
+    p, at = ModelPattern(), 0.0
+    while len(p.starts) < n:
+        at += rng.expovariate(1 / mean_gap_s)
+        p.observe(at, MONDAY + at)
+    return list(p.starts)
+
+
+def test_a_caller_at_random_is_rarely_called_a_timer_while_its_starts_are_few():
+    """Checked after each of its first 16 starts (as the preloader does, once 8 are in), a
+    Poisson caller seldom shows a period: within half a period, random phases fit by chance
+    in 1 caller of 6; with fewer than 12 starts they must fit in 0.3 of one."""
+    rng = random.Random(1)
+    callers = [poisson_starts(rng, 80.0, 16) for _ in range(200)]
+    called = sum(any(detect_period(s[:n]) for n in range(MIN_PERIOD_STARTS, 17)) for s in callers)
+    assert called <= 10                                       # 5 %
+
+
+def test_a_timer_jittered_by_an_eighth_of_its_period_is_learnt_in_8_starts():
+    rng = random.Random(2)
+    for _ in range(50):
+        starts = [i * 80.0 + rng.uniform(-10.0, 10.0) for i in range(MIN_PERIOD_STARTS)]
+        assert detect_period(starts) is not None

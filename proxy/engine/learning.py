@@ -43,6 +43,9 @@ START_MAX = 16              # per model, the latest starts (first request after 
 MIN_PERIOD_STARTS = 8       # a period is believed after this many starts on its grid
 PERIOD_SPREAD = 0.5        # the starts' phase may spread over at most this share of it
 MAX_SKIPPED_PERIODS = 2     # a gap of more than this many periods breaks the grid
+FEW_STARTS = 12             # with fewer starts than this, their phases must lie closer:
+FEW_STARTS_SPREAD = 0.3     # within this share of a period (random arrivals' first starts
+                            # fit within half of one by chance for over 10 % of callers)
 
 
 def _bin(gap_s: float) -> int:
@@ -103,8 +106,9 @@ class Period:
 def detect_period(starts: Sequence[float]) -> Period | None:
     """A period if the starts (ascending) lie on one grid: every gap is close to a whole
     number (1 … MAX_SKIPPED_PERIODS) of periods, and the phases spread over at most
-    PERIOD_SPREAD of a period. Random arrivals fail the first test: a third of their gaps are
-    under half the median."""
+    PERIOD_SPREAD of a period (FEW_STARTS_SPREAD while there are fewer than FEW_STARTS).
+    Random arrivals mostly fail the first test: a third of their gaps are under half the
+    median."""
     if len(starts) < MIN_PERIOD_STARTS:
         return None
     gaps = [b - a for a, b in zip(starts, starts[1:])]
@@ -121,7 +125,8 @@ def detect_period(starts: Sequence[float]) -> Period | None:
         k += n
         phases.append(s - starts[0] - k * period)
     early, late = min(phases), max(phases)
-    if late - early > PERIOD_SPREAD * period:
+    spread = PERIOD_SPREAD if len(starts) >= FEW_STARTS else FEW_STARTS_SPREAD
+    if late - early > spread * period:
         return None
     return Period(period, starts[0], early, late, len(gaps) / periods)
 

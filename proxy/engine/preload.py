@@ -110,9 +110,11 @@ class Preloader(Part):
         window opens; else by its weekly rhythm or by its own gaps (likely asked for within a
         minute); into free memory only, what usually starts in the coming hour of the day (a
         session's first request, which no sequence predicts)."""
-        self.next_due_s = None
-        if not self.config.enabled or self.scheduler.requests_waiting:
+        if not self.config.enabled:
+            self.next_due_s = None
             return
+        if self.scheduler.requests_waiting:
+            return        # gives way; a due time kept brings the next look within MIN_TICK_S
         wall, now = self.clock.wall(), self.clock.now()
         rate = self.config.rhythm_min_rate
         next_due = None
@@ -148,7 +150,7 @@ class Preloader(Part):
         if self.scheduler.preload(e, probability * self.registry.reload_s(e),
                                   may_evict=may_evict):
             self.tally.queued += 1
-            log.debug("preload of %s queued (%s)", key, why)
+            log.info("preload of %s queued (%s)", key, why)
             self.listeners.emit("on_preload", key, why)
 
     def summary(self) -> dict[str, Any]:

@@ -185,6 +185,7 @@ class EventHub:
         self._publish("unload", {"model": model, "reason": reason}, host)
 
     def on_preload(self, model: str, why: str, host: str | None = None) -> None:
+        self.timelines.preload(model, why, time.time())
         self._publish("preload", {"model": model, "reason": why}, host)
 
     def on_queue(self, model: str, waiting: int, host: str | None = None) -> None:

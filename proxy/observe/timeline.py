@@ -1,5 +1,6 @@
 """The timeline the dashboard draws: per model, when it was resident (with its load time and
-why it went), evictions with their reason, waits for memory, 503s and requests per minute.
+why it went), evictions and preloads with their reason, waits for memory, 503s and requests
+per minute.
 Bounded: the last `TIMELINE_S`, at most `TIMELINE_ITEMS` of each kind per model.
 
 The event hub (events.py) feeds it from the engine's events and its per-second tick.
@@ -23,6 +24,7 @@ def _bounded(maxlen: int = TIMELINE_ITEMS) -> Any:
 class ModelTimeline:
     resident: collections.deque = _bounded()    # [start, end | None, load_s, end reason]
     evictions: collections.deque = _bounded()   # [t, reason, for_model]
+    preloads: collections.deque = _bounded()    # [t, reason]: a load queued unasked, and why
     waits: collections.deque = _bounded()       # [start, end | None]
     rejects: collections.deque = _bounded()     # [t, 503s in that second]
     density: collections.deque = _bounded(1440)  # [minute start, requests, failures]
@@ -60,6 +62,9 @@ class Timelines:
         tl.evicting = (reason, for_model)
         tl.evictions.append([now, reason, for_model])
 
+    def preload(self, model: str, reason: str, now: float) -> None:
+        self.of(model).preloads.append([now, reason])
+
     def queue(self, model: str, waiting: int, now: float) -> None:
         waits = self.of(model).waits
         if waiting and (not waits or waits[-1][1] is not None):
@@ -87,13 +92,14 @@ class Timelines:
         for key in sorted(set(known) | set(self.models)):
             tl = self.models.get(key)
             if tl is None:
-                out[key] = {"resident": [], "evictions": [], "waits": [], "rejects": [],
-                            "density": []}
+                out[key] = {"resident": [], "evictions": [], "preloads": [], "waits": [],
+                            "rejects": [], "density": []}
                 continue
             out[key] = {
                 "resident": [r for r in tl.resident if r[1] is None or r[1] >= since],
                 "loading_since": tl.loading_since,
                 "evictions": [x for x in tl.evictions if x[0] >= since],
+                "preloads": [x for x in tl.preloads if x[0] >= since],
                 "waits": [w for w in tl.waits if w[1] is None or w[1] >= since],
                 "rejects": [x for x in tl.rejects if x[0] >= since],
                 "density": [d for d in tl.density if d[0] >= since - 60]}

@@ -135,7 +135,7 @@ function tl(key) {
   state.timelineEvents += 1;
   if (!state.timeline) state.timeline = { since: nowS() - state.windowH * 3600, now: nowS(), models: {} };
   let m = state.timeline.models[key];
-  if (!m) m = state.timeline.models[key] = { resident: [], evictions: [], waits: [], rejects: [], density: [], loading_since: null };
+  if (!m) m = state.timeline.models[key] = { resident: [], evictions: [], preloads: [], waits: [], rejects: [], density: [], loading_since: null };
   return m;
 }
 
@@ -194,6 +194,10 @@ const HANDLERS = {
     t.evictions.push([d.t, d.reason, d.for_model]);
   },
   unload() {},
+  preload(d) {
+    const t = tl(d.model);
+    (t.preloads = t.preloads || []).push([d.t, d.reason]);
+  },
   queue(d) {
     row(d.model).waiting = d.waiting;
     const w = tl(d.model).waits;
@@ -639,6 +643,12 @@ function renderTimeline() {
       const r = svg("rect", { x: x(t) - 1.5, y: y + 1, width: 3, height: lane - 10, class: "reject" });
       r.append(title(`${n} × 503 at ${new Date(t * 1000).toLocaleTimeString()}`));
       g.append(r);
+    }
+    for (const [t, reason] of m.preloads || []) {
+      if (t < since) continue;
+      const mark = svg("path", { d: `M${x(t) - 4},${y + lane - 4} L${x(t) + 4},${y + lane - 4} L${x(t)},${y + lane - 10} Z`, class: "preload-mark", "data-model": key, "data-reason": reason });
+      mark.append(title(`preloaded: ${reason} at ${new Date(t * 1000).toLocaleTimeString()}`));
+      g.append(mark);
     }
     // Eviction labels never overlap: each goes right of its mark, else left, else in a
     // shorter form, else not at all (the mark's tooltip still says everything).
