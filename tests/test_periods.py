@@ -3,6 +3,7 @@ preloaded, on the engine's virtual clock, its reload seconds before the period's
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 
 import pytest
@@ -199,3 +200,41 @@ def test_a_timer_evicts_nothing_that_serves_or_is_pinned():
                                    hold="off", pinned=("pinned",))
     assert queued == 1                                  # due, and asked for room
     assert loaded == ["busy", "pinned", "serving"] and preloads == 0
+
+def test_a_request_waiting_at_a_timers_due_time_delays_its_preload_a_tick_not_an_interval():
+    """At the due time a request waits for memory that long requests hold, and the tick
+    preloads nothing (a preload gives way to it); once they end, the timer's model is preloaded within seconds, not at the
+    next monitoring interval (30 s on)."""
+    async def script(mgr, loop):
+        leases = [await mgr.acquire(k) for k in ("a", "b", "d")]     # serving all along
+        last = await teach_timer(mgr, loop)
+        await asyncio.sleep(last + 260.0 - loop.time())
+        await mgr.core.start_monitoring()                # ticks at 290 s, then at the due time
+        try:
+            await asyncio.sleep(last + DUE_S - 3.0 - loop.time())
+            waiting = asyncio.create_task(use(mgr, loop, "c", 0.0))   # 8 GB: 4 GB are free
+            await asyncio.sleep(last + DUE_S + 1.0 - loop.time())
+            was_waiting = mgr.core.scheduler.requests_waiting, mgr.core.preloads.queued
+            for lease in leases:
+                lease.release()
+            await asyncio.sleep(last + PERIOD_S + 8.0 - loop.time())
+            await waiting
+            return was_waiting, mgr.core.registry.entries["timer"].status
+        finally:
+            await mgr.core.stop_monitoring()
+    models = {k: (4, RELOAD_S) for k in ("timer", "a", "b", "d")} | {"c": (8, RELOAD_S)}
+    assert run(models, 16, script, hold="off") == ((True, 0), ModelStatus.LOADED)
+
+def test_a_tick_with_preloading_turned_off_leaves_nothing_due():
+    async def script(mgr, loop):
+        last = await teach_timer(mgr, loop)
+        await asyncio.sleep(last + 200.0 - loop.time())
+        await mgr.core.preloader.tick()
+        due_s = mgr.core.preloader.wait_s(600.0)
+        c = mgr.core.config
+        mgr.core.apply_config(dataclasses.replace(
+            c, preload=dataclasses.replace(c.preload, enabled=False)))
+        await mgr.core.preloader.tick()
+        return due_s, mgr.core.preloader.wait_s(600.0)
+    assert run({"timer": (4, RELOAD_S), "other": (4, 3.0)}, 12, script, hold="off") == \
+        (pytest.approx(DUE_S - 200.0), 600.0)

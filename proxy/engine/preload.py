@@ -110,9 +110,11 @@ class Preloader(Part):
         window opens; else by its weekly rhythm or by its own gaps (likely asked for within a
         minute); into free memory only, what usually starts in the coming hour of the day (a
         session's first request, which no sequence predicts)."""
-        self.next_due_s = None
-        if not self.config.enabled or self.scheduler.requests_waiting:
+        if not self.config.enabled:
+            self.next_due_s = None
             return
+        if self.scheduler.requests_waiting:
+            return       # a due time stays: tried again each MIN_TICK_S till they are served
         wall, now = self.clock.wall(), self.clock.now()
         rate = self.config.rhythm_min_rate
         next_due = None
