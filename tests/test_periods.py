@@ -351,9 +351,12 @@ def test_a_tick_with_preloading_turned_off_leaves_nothing_due():
         mgr.core.apply_config(dataclasses.replace(
             c, preload=dataclasses.replace(c.preload, enabled=False)))
         await mgr.core.preloader.tick()
-        return due_s, mgr.core.preloader.wait_s(600.0)
+        wait_s = mgr.core.preloader.wait_s(600.0)
+        await asyncio.sleep(last + DUE_S + 1.0 - loop.time())
+        await mgr.core.preloader.tick()                 # due, but preloading is off
+        return due_s, wait_s, mgr.core.preloads.queued
     assert run({"timer": (4, RELOAD_S), "other": (4, 3.0)}, 12, script, hold="off") == \
-        (pytest.approx(DUE_S - 200.0), 600.0)
+        (pytest.approx(DUE_S - 200.0), 600.0, 0)
 
 
 def test_the_history_of_a_model_no_longer_listed_is_passed_over():
