@@ -95,6 +95,38 @@ def test_patterns_survive_a_snapshot():
     assert again.followers == {"b": 30} and again.requests == 30
 
 
+def test_a_snapshot_keeps_the_histories_and_the_idle_time_on_a_new_clock():
+    """Saved 300 s after the last request; restored 100 s of wall time later on a monotonic
+    clock that now reads 50: idle for 400 s."""
+    p = pattern_from([30.0, 200.0] * 20)
+    last = p.last_at_s
+    again = ModelPattern.restore(p.snapshot(last + 300.0, MONDAY + last + 300.0),
+                                 50.0, MONDAY + last + 400.0)
+    for name in ("gaps", "after_short", "after_long"):
+        assert getattr(again, name).counts == getattr(p, name).counts
+    assert again.hours == p.hours and again.requests == p.requests == 41
+    assert again.first_wall_s == MONDAY and again.last_gap_s == 200.0
+    assert again.last_at_s == pytest.approx(50.0 - 400.0)
+    assert again.predict(400.0, 60.0) == p.predict(400.0, 60.0)
+    back = ModelPattern.restore(p.snapshot(last, MONDAY + last), 50.0, MONDAY + last - 600.0)
+    assert back.last_at_s == 50.0              # a wall clock that went back: idle from now
+
+
+def test_a_damaged_snapshot_restores_what_it_can():
+    blank = ModelPattern()
+    assert ModelPattern.restore(blank.snapshot()).last_at_s is None     # never asked for
+    empty = ModelPattern.restore({})
+    assert (empty.requests, empty.first_wall_s, empty.last_at_s, empty.last_gap_s) == \
+        (0, None, None, None)
+    damaged = ModelPattern.restore({"gaps": [1, 2, 3], "after_short": "x", "hours": [1] * 24,
+                                    "first_wall_s": "monday", "last_wall_s": [1.0],
+                                    "last_gap_s": "long", "requests": 7}, 50.0, MONDAY)
+    assert damaged.gaps.counts == blank.gaps.counts and damaged.hours == blank.hours
+    assert damaged.after_short.counts == blank.after_short.counts
+    assert (damaged.requests, damaged.first_wall_s, damaged.last_at_s, damaged.last_gap_s) == \
+        (7, None, None, None)
+
+
 # -- victim sets ---------------------------------------------------------------------------------
 def cand(key, gb, p_reuse, reload_s=None, priority=5):
     return Candidate(key=key, footprint_bytes=gb * GB, last_used_s=0.0, priority=priority,

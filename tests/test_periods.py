@@ -1,18 +1,13 @@
-"""A timer's model: its period found from the first request after each lull, and the model
-preloaded, on the engine's virtual clock, its reload seconds before the period's next window."""
+"""A timer-driven caller's period, found from the first request after each lull (its
+"starts"): the detector, the starts a pattern keeps, and what survives a restart."""
 from __future__ import annotations
 
-import asyncio
-import logging
 import random
 
 import pytest
 
-from proxy.engine.learning import MIN_PERIOD_STARTS, ModelPattern, Period, detect_period
-from proxy.engine.lifecycle import ModelStatus
-from proxy.engine.preload import PERIOD_LEAD_S
-
-from .test_waits import run, settle, tick_in_full_memory, use
+from proxy.engine.learning import MAX_SKIPPED_PERIODS, MIN_PERIOD_STARTS, SHORT_GAP_S, \
+    START_MAX, ModelPattern, Period, detect_period
 
 MONDAY = 1_700_438_400.0          # 2023-11-20 00:00 UTC, a Monday
 PERIOD_S = 300.0
@@ -69,6 +64,15 @@ def test_the_next_window_is_the_one_after_the_last_start_or_the_first_not_over()
     assert p.next_window(3400.0, 3000.0) == (3590.0, 3610.0)   # passed without a start
 
 
+def test_a_window_off_its_anchor_is_found_by_its_middle():
+    """The window [200, 350] s past each grid point: a start at either edge belongs to its
+    point's window, the next one is a period on."""
+    p = Period(period_s=300.0, anchor_s=1000.0, early_s=200.0, late_s=350.0, confidence=1.0)
+    assert p.next_window(1201.0, 1200.0) == (1500.0, 1650.0)
+    assert p.next_window(1351.0, 1350.0) == (1500.0, 1650.0)
+    assert p.next_window(1501.0, 1500.0) == (1800.0, 1950.0)   # the window it opened
+
+
 def pattern_with_starts(starts: list[float], burst: int = 1) -> ModelPattern:
     p = ModelPattern()
     for s in starts:
@@ -97,6 +101,39 @@ def test_a_timer_silent_for_more_than_two_periods_has_stopped():
     assert p.period(last + 2 * PERIOD_S + 1.0) is None
 
 
+def test_a_gap_the_histogram_calls_long_makes_a_start():
+    p = ModelPattern()
+    for at_s in (0.0, SHORT_GAP_S - 1.0, 2 * SHORT_GAP_S - 1.0):
+        p.observe(at_s, MONDAY + at_s)
+    assert list(p.starts) == [0.0, 2 * SHORT_GAP_S - 1.0]
+    p.observe(2 * SHORT_GAP_S, MONDAY + 2 * SHORT_GAP_S)
+    assert p.after_long.total == 1                      # a gap after a long one, there too
+
+
+def test_only_the_latest_starts_are_kept():
+    starts = starts_every(PERIOD_S, 3 * START_MAX)
+    p = pattern_with_starts(starts)
+    assert list(p.starts) == starts[-START_MAX:]
+    again = ModelPattern.restore({"starts_wall_s": [MONDAY + t for t in starts]},
+                                 starts[-1], MONDAY + starts[-1])
+    assert list(again.starts) == starts[-START_MAX:]
+
+
+def test_the_period_is_detected_once_per_start():
+    p = pattern_with_starts(starts_every(PERIOD_S, 10))
+    last = p.starts[-1]
+    assert p.period(last + 1.0) is p.period(last + 100.0)
+
+
+def test_a_jittered_timer_stops_after_two_periods_and_its_window():
+    p = pattern_with_starts(starts_every(PERIOD_S, 12, jitter_s=20.0))
+    period, last = p.period(p.starts[-1]), p.starts[-1]
+    assert period.early_s < -5.0 and period.late_s > 5.0
+    silent_s = MAX_SKIPPED_PERIODS * period.period_s + period.late_s - period.early_s
+    assert p.period(last + silent_s) == period
+    assert p.period(last + silent_s + 1.0) is None
+
+
 def test_starts_survive_a_snapshot():
     p = pattern_with_starts(starts_every(PERIOD_S, 10))
     last = p.starts[-1]
@@ -108,145 +145,24 @@ def test_starts_survive_a_snapshot():
     assert again.period(50.0) == Period(PERIOD_S, -last - 60.0, 0.0, 0.0, 1.0)
 
 
-# -- the preloader -----------------------------------------------------------------------------
-async def teach_timer(mgr, loop, periods: int = 12) -> float:
-    """`timer` is asked for every five minutes, then unloaded; returns its last start."""
-    first = loop.time()
-    for i in range(1, periods + 1):
-        await use(mgr, loop, "timer", 0.0)            # (the first waits for its load)
-        await asyncio.sleep(first + i * PERIOD_S - loop.time())
-    last = loop.time()
-    await use(mgr, loop, "timer", 0.0)
-    await mgr.unload_model("timer")
-    return last
+def test_a_pattern_saved_before_starts_were_kept_restores_without_them():
+    p = pattern_with_starts(starts_every(PERIOD_S, 10))
+    old = p.snapshot(3000.0, MONDAY + 3000.0)
+    del old["starts_wall_s"]
+    again = ModelPattern.restore(old, 50.0, MONDAY + 3100.0)
+    assert not again.starts and again.period(50.0) is None
+    again.observe(60.0, MONDAY + 3110.0)                 # and learns them anew
+    assert list(again.starts) == [60.0]
 
 
-RELOAD_S = 3.0
-DUE_S = PERIOD_S - RELOAD_S - PERIOD_LEAD_S       # after the last start
-
-
-def test_a_timer_is_preloaded_its_reload_seconds_before_its_window():
-    async def script(mgr, loop):
-        last = await teach_timer(mgr, loop)
-        await asyncio.sleep(last + 270.0 - loop.time())
-        await mgr.core.preloader.tick()               # not due yet: nothing, but a due time
-        early = mgr.core.preloads.queued
-        wait_s = mgr.core.preloader.wait_s(30.0)
-        await asyncio.sleep(wait_s)
-        await mgr.core.preloader.tick()
-        await settle(mgr)
-        return (early, wait_s, mgr.core.registry.entries["timer"].status,
-                loop.time() - last, mgr.core.preloads.preloads)
-    early, wait_s, status, ready_s, preloads = run(
-        {"timer": (4, RELOAD_S), "other": (4, 3.0)}, 12, script, hold="off")
-    assert early == 0 and wait_s == pytest.approx(DUE_S - 270.0)      # under 30 s
-    assert status is ModelStatus.LOADED and preloads == 1
-    assert ready_s == pytest.approx(PERIOD_S - PERIOD_LEAD_S)   # ready as its window opens
-
-
-def test_the_engine_ticks_at_a_timers_due_time_not_the_interval():
-    """The monitoring interval (30 s) would tick at 290 s and 320 s after the last start; the
-    window opens at 300 s. The engine's own loop ticks at the due time in between."""
-    async def script(mgr, loop):
-        last = await teach_timer(mgr, loop)
-        await asyncio.sleep(last + 260.0 - loop.time())
-        await mgr.core.start_monitoring()
-        try:
-            await asyncio.sleep(last + PERIOD_S - 1.0 - loop.time())
-            return mgr.core.registry.entries["timer"].status
-        finally:
-            await mgr.core.stop_monitoring()
-    assert run({"timer": (4, RELOAD_S), "other": (4, 3.0)}, 12, script,
-               hold="off") is ModelStatus.LOADED
-
-
-def test_a_timer_that_stopped_is_preloaded_no_more():
-    async def script(mgr, loop):
-        last = await teach_timer(mgr, loop)
-        await asyncio.sleep(last + 2 * PERIOD_S + 10.0 - loop.time())
-        await mgr.core.preloader.tick()
-        await settle(mgr)
-        return mgr.core.preloads.queued, mgr.core.preloader.wait_s(30.0)
-    assert run({"timer": (4, RELOAD_S), "other": (4, 3.0)}, 12, script,
-               hold="off") == (0, 30.0)
-
-
-async def teach_timer_until_due(mgr, loop) -> None:
-    """Taught until 5 s before the timer falls due: loading the two models that then fill the
-    memory (tick_in_full_memory) takes 6 s, so the tick runs 1 s after the due time."""
-    last = await teach_timer(mgr, loop)
-    await asyncio.sleep(last + DUE_S - 5.0 - loop.time())
-
-
-def test_a_timer_is_preloaded_by_evicting_an_idle_model():
-    loaded, preloads = run({"timer": (4, RELOAD_S), "serving": (4, 3.0), "pinned": (4, 3.0),
-                            "idle": (4, 3.0)}, 12, tick_in_full_memory(teach_timer_until_due),
-                           hold="off", pinned=("pinned",))
-    assert loaded == ["pinned", "serving", "timer"] and preloads == 1
-
-
-def test_a_timer_evicts_nothing_that_serves_or_is_pinned():
-    async def script(mgr, loop):
-        await teach_timer_until_due(mgr, loop)
-        await use(mgr, loop, "pinned", 0.0)
-        leases = [await mgr.acquire("serving"), await mgr.acquire("busy")]
-        await mgr.core.preloader.tick()
-        await settle(mgr)
-        for lease in leases:
-            lease.release()
-        return mgr.core.registry.loaded(), mgr.core.preloads.queued, mgr.core.preloads.preloads
-    loaded, queued, preloads = run({"timer": (4, RELOAD_S), "serving": (4, 3.0),
-                                    "pinned": (4, 3.0), "busy": (4, 3.0)}, 12, script,
-                                   hold="off", pinned=("pinned",))
-    assert queued == 1                                  # due, and asked for room
-    assert loaded == ["busy", "pinned", "serving"] and preloads == 0
-
-
-def test_a_models_row_shows_its_timer():
-    async def script(mgr, loop):
-        last = await teach_timer(mgr, loop)
-        await asyncio.sleep(last + 100.0 - loop.time())
-        return mgr.core.row("timer")["timer"], mgr.core.row("other")["timer"]
-    timer, other = run({"timer": (4, RELOAD_S), "other": (4, 3.0)}, 12, script, hold="off")
-    assert timer == {"period_s": PERIOD_S, "window_s": 0.0, "next_window_in_s": 200.0,
-                     "confidence": 1.0}
-    assert other is None
-
-
-def test_a_timers_preload_is_logged_with_its_reason_at_the_default_level(caplog):
-    """The log at INFO (the default) says why a model the proxy loaded unasked was loaded."""
-    async def script(mgr, loop):
-        last = await teach_timer(mgr, loop)
-        await asyncio.sleep(last + DUE_S - loop.time())
-        await mgr.core.preloader.tick()
-        await settle(mgr)
-    with caplog.at_level(logging.INFO, logger="proxy.engine"):
-        run({"timer": (4, RELOAD_S), "other": (4, 3.0)}, 12, script, hold="off")
-    assert [r.getMessage() for r in caplog.records if r.levelno == logging.INFO
-            and "preload" in r.getMessage()] == ["preload of timer queued (due by its period)"]
-
-
-def test_a_timer_due_while_a_request_waits_for_memory_is_preloaded_once_it_has_room():
-    """At the due time a request waits for memory that a serving model holds; the preload
-    gives way, and runs as soon as the request has its load, not at the next interval (30 s,
-    after the window opened)."""
-    async def script(mgr, loop):
-        last = await teach_timer(mgr, loop)
-        await asyncio.sleep(last + 240.0 - loop.time())
-        await mgr.core.start_monitoring()           # ticks at +270, then at the due time
-        try:
-            await asyncio.sleep(last + 280.0 - loop.time())
-            lease = await mgr.acquire("serving")
-            waiter = asyncio.ensure_future(use(mgr, loop, "other", 0.0))
-            await asyncio.sleep(last + DUE_S + 2.0 - loop.time())
-            lease.release()                          # "other" takes its memory, 4 GB left
-            await waiter
-            await asyncio.sleep(last + PERIOD_S + 2.0 - loop.time())
-            return mgr.core.registry.entries["timer"].status, mgr.core.preloads.preloads
-        finally:
-            await mgr.core.stop_monitoring()
-    assert run({"timer": (4, RELOAD_S), "serving": (8, 3.0), "other": (8, 3.0)}, 12, script,
-               hold="off") == (ModelStatus.LOADED, 1)
+def test_starts_after_a_wall_clock_that_went_back_are_now_and_show_no_period():
+    """Restored on a wall clock an hour behind the one they were saved on: the starts, all in
+    its future, are taken as now (not later), and equal starts make no period."""
+    p = pattern_with_starts(starts_every(PERIOD_S, 10))
+    last = p.starts[-1]
+    again = ModelPattern.restore(p.snapshot(last, MONDAY + last), 50.0, MONDAY + last - 3600.0)
+    assert list(again.starts) == [50.0] * 10
+    assert again.period(50.0) is None
 
 
 def poisson_starts(rng: random.Random, mean_gap_s: float, n: int) -> list[float]:
