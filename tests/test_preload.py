@@ -235,3 +235,21 @@ async def test_a_request_preloads_its_two_likeliest_followers(engine):
     (await mgr.acquire(PLANNER)).release()
     await settle(mgr)
     assert sorted(mgr.get_loaded_models()) == sorted([PLANNER, CODER, OTHER])
+
+
+async def test_a_follower_no_longer_listed_is_passed_over(engine):
+    """Usage restored from the store says `gone` follows the planner, but the upstream no
+    longer lists it: the planner's request is served and the coder still preloaded."""
+    mgr = await engine()
+    learner = mgr.core.learner
+    for _ in range(5):
+        (await mgr.acquire(PLANNER)).release()
+        learner.observe("lab/gone", mgr.clock.now() + 1, mgr.clock.wall() + 1)
+        mgr.clock.advance(4)
+        (await mgr.acquire(CODER)).release()
+        mgr.clock.advance(600)
+    await mgr.clear_all_models()
+    assert [k for k, _ in learner.likely_next(PLANNER, 0.6)] == ["lab/coder", "lab/gone"]
+    (await mgr.acquire(PLANNER)).release()
+    await settle(mgr)
+    assert mgr.entry(CODER).preloaded
