@@ -177,3 +177,154 @@ async def test_learned_patterns_survive_a_restart(emulator, tmp_path):
     assert pattern.requests == 3 and pattern.followers["google/gemma-3-12b"] == 3
     assert pattern.gaps.total == 2
     await second.cleanup()
+
+
+# -- edges of the gap model ----------------------------------------------------------------------
+def test_old_habits_fade():
+    """8000 gaps of 10 s, then 3000 of ten minutes: the counts are halved as they grow, so the
+    newer habit outweighs the older, longer one."""
+    p = ModelPattern()
+    for _ in range(8000):
+        p.gaps.add(10.0)
+    for _ in range(3000):
+        p.gaps.add(600.0)
+    assert p.gaps.total <= 4096
+    assert p.gaps.survival(60.0) / p.gaps.total > 0.5            # most gaps now: ten minutes
+    assert p.predict(1.0, 30.0).p_within < 0.5                   # not a burst any more
+
+
+def test_a_model_asked_for_once_is_predicted_by_the_prior_alone():
+    p = pattern_from([])                                         # one request, no gap yet
+    pred = p.predict(100.0, 100.0)
+    assert pred.p_within == pytest.approx(0.5, abs=0.01)         # a / (a + h)
+    assert 100.0 < pred.expected_wait_s < 1e7                    # longer than so far; bounded
+
+
+def test_a_model_idle_for_longer_than_the_longest_gap_kept_is_still_predicted():
+    """Gaps of a month lie past the histogram's last bound (about nine days): they all count
+    as longer than an idleness of three weeks."""
+    month_s = 30 * 86400.0
+    p = pattern_from([month_s] * 20)
+    pred = p.predict(21 * 86400.0, 3600.0)
+    assert 0.0 <= pred.p_within < 0.01
+    assert pred.expected_wait_s > 86400.0
+    bare = pattern_from([60.0] * 20)                             # nothing ever that long
+    assert bare.predict(21 * 86400.0, 3600.0).p_within == pytest.approx(1 / (21 * 24 + 1))
+
+
+def test_the_share_of_gaps_longer_than_x_falls_smoothly_from_all_to_none():
+    """Interpolated within its bin: no step at a bin's bounds, none going up."""
+    rng = random.Random(5)
+    p = pattern_from(math.exp(rng.uniform(math.log(0.05), math.log(5e4))) for _ in range(3000))
+    h = p.gaps
+    assert h.survival(0.0) == pytest.approx(h.total) and h.survival(1e6) == 0.0
+    xs = [0.01 * 1.01 ** i for i in range(1500)]           # 0.01 s … 30 days, 1 % apart
+    values = [h.survival(x) for x in xs]
+    assert all(b <= a + 1e-9 for a, b in zip(values, values[1:]))
+    assert max(a - b for a, b in zip(values, values[1:])) < 0.01 * h.total
+
+
+def test_a_gap_class_seen_rarely_falls_back_on_all_gaps():
+    """Bursts 10 s apart, then two long gaps: after a long gap only one gap was ever seen,
+    too few to go by; all gaps say the next request comes within seconds."""
+    p = pattern_from([10.0] * 300 + [600.0, 600.0])
+    pred = p.predict(1.0, 15.0)
+    assert pred.p_within > 0.9 and pred.expected_wait_s < 30.0
+
+
+
+def test_a_model_never_asked_for_is_not_expected():
+    learner = UsageLearner()
+    learner.patterns["restored"] = ModelPattern.restore({"requests": 3})   # no last request
+    for key in ("unknown", "restored"):
+        assert learner.predict(key, 1000.0, 60.0).p_within == 0.0
+
+# -- followers ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("after_s,follows", [(45.0, True), (90.0, False)])
+def test_a_follower_comes_within_a_minute(after_s, follows):
+    learner, t = UsageLearner(), 0.0
+    for _ in range(10):
+        learner.observe("a", t, MONDAY + t)
+        learner.observe("b", t + after_s, MONDAY + t + after_s)
+        t += 1000.0
+    assert learner.follow_probability("a", "b") == (1.0 if follows else 0.0)
+
+
+def test_a_request_follows_only_the_latest_four():
+    learner, t = UsageLearner(), 0.0
+    for _ in range(10):
+        for i, key in enumerate("abcdef"):                 # one a second
+            learner.observe(key, t + i, MONDAY + t + i)
+        t += 1000.0
+    assert learner.follow_probability("a", "e") == 1.0    # a, b, c, d before it
+    assert learner.follow_probability("a", "f") == 0.0    # b, c, d, e before it
+    assert learner.follow_probability("b", "f") == 1.0
+
+
+def test_a_model_counts_its_first_32_followers_only():
+    learner, t = UsageLearner(), 0.0
+    for i in range(40):
+        learner.observe("hub", t, MONDAY + t)
+        learner.observe(f"f{i}", t + 1, MONDAY + t + 1)
+        t += 1000.0
+    learner.observe("hub", t, MONDAY + t)
+    learner.observe("f0", t + 1, MONDAY + t + 1)
+    followers = learner.pattern("hub").followers
+    assert set(followers) == {f"f{i}" for i in range(32)} and followers["f0"] == 2
+
+
+
+def test_a_follow_probability_is_the_share_of_requests_followed():
+    learner, t = UsageLearner(), 0.0
+    for i in range(10):
+        learner.observe("a", t, MONDAY + t)
+        if i < 7:
+            learner.observe("b", t + 5, MONDAY + t + 5)
+        t += 1000.0
+    assert learner.follow_probability("a", "b") == pytest.approx(0.7)
+    assert learner.likely_next("a", 0.7) == [("b", pytest.approx(0.7))]   # at least: kept
+    assert learner.likely_next("a", 0.75) == []
+    assert learner.follow_probability("b", "a") == 0.0               # the other way: never
+    assert learner.follow_probability("never-asked-for", "a") == 0.0
+    assert learner.likely_next("never-asked-for", 0.1) == []
+
+
+def test_a_follow_chance_lasts_until_the_follower_comes_or_the_minute_is_over():
+    learner, t = UsageLearner(), 0.0
+    for _ in range(10):                                  # a, then b five seconds later
+        learner.observe("a", t, MONDAY + t)
+        learner.observe("b", t + 5, MONDAY + t + 5)
+        t += 1000.0
+    learner.observe("a", t, MONDAY + t)
+    assert learner.follow_chance("b", t + 3) == pytest.approx(1.0, abs=0.1)
+    assert learner.follow_chance("a", t + 3) == 0.0      # a is not its own next step
+    assert learner.follow_chance("b", t + 90) == 0.0     # the minute is over
+    learner.observe("b", t + 5, MONDAY + t + 5)
+    assert learner.follow_chance("b", t + 6) == 0.0      # it came
+
+# -- rhythms -------------------------------------------------------------------------------------
+def test_a_weekly_rhythm_counts_after_one_week_of_history_not_before():
+    p = ModelPattern()
+    p.observe(0.0, MONDAY + 9 * 3600)                       # Monday 09:00
+    p.observe(1.0, MONDAY + 6 * 86400 + 9 * 3600)           # Sunday 09:00
+    assert p.rate_in_hour(MONDAY + 6 * 86400 + 9 * 3600 + 60) == 0.0     # six days: no rhythm
+    assert p.rate_in_hour(MONDAY + 7 * 86400 + 9 * 3600 + 60) == pytest.approx(1.0, rel=0.01)
+
+
+def test_a_pattern_without_a_first_request_has_no_rhythm():
+    p = ModelPattern.restore({"requests": 3})
+    assert p.rate_in_hour(MONDAY) == 0.0 and p.rate_at_hour_of_day(MONDAY, 300.0) == 0.0
+
+
+def test_an_hour_of_day_rate_is_per_day_observed_after_one_day():
+    daily, once = ModelPattern(), ModelPattern()
+    for day in range(4):                                    # 09:01, four days; once on the first
+        at = MONDAY + day * 86400 + 9 * 3600 + 60
+        daily.observe(at, at)
+        if day == 0:
+            once.observe(at, at)
+    now = MONDAY + 4 * 86400 + 8 * 3600 + 55 * 60           # 08:55, five minutes ahead: 09:00
+    assert daily.rate_at_hour_of_day(now, 300.0) == pytest.approx(1.0, rel=0.1)
+    assert once.rate_at_hour_of_day(now, 300.0) == pytest.approx(0.25, rel=0.1)
+    assert daily.rate_at_hour_of_day(now, 0.0) == 0.0        # nothing at 08:00
+    assert once.rate_at_hour_of_day(now - 3 * 86400, 300.0) == 0.0   # under a day after it

@@ -143,3 +143,113 @@ async def test_the_off_switch_is_honoured(engine, lab):
     await settle(mgr)
     assert lab.state.load_calls[CODER] == loads_before
     assert mgr.get_memory_stats()["preload"]["preloads"] == 0
+
+
+async def test_a_preload_is_counted_useful_once_and_then_never_wasted(engine):
+    mgr = await engine()
+    await teach(mgr)
+    (await mgr.acquire(PLANNER)).release()
+    await settle(mgr)
+    for _ in range(3):                                        # used three times, then unloaded
+        (await mgr.acquire(CODER)).release()
+        mgr.clock.advance(5)
+    await mgr.clear_all_models()
+    summary = mgr.get_memory_stats()["preload"]
+    assert (summary["preloads"], summary["useful"], summary["wasted"]) == (1, 1, 0)
+    assert summary["wasted_gb"] == 0
+
+
+@pytest.mark.parametrize("after_s,preloaded", [(0.2, False), (5.0, True)])
+async def test_a_burst_preloads_nothing_new(engine, after_s, preloaded):
+    """The planner's first request preloads the coder, which is then unloaded: a second
+    planner request within a burst does not load it again; one five seconds later does."""
+    mgr = await engine()
+    await teach(mgr)
+    (await mgr.acquire(PLANNER)).release()
+    await settle(mgr)
+    await mgr.unload_model(CODER)
+    mgr.clock.advance(after_s)
+    (await mgr.acquire(PLANNER)).release()
+    await settle(mgr)
+    assert (mgr.entry(CODER).status.value == "loaded") is preloaded
+
+
+async def test_nothing_follows_while_a_request_waits_for_memory(engine):
+    """A planner request while another request waits for memory preloads no coder, then or
+    after the wait is over."""
+    import asyncio
+    mgr = await engine(budget_gb=13)
+    await teach(mgr)
+    serving = [await mgr.acquire(PLANNER)]
+    await settle(mgr)                                         # the coder, preloaded...
+    await mgr.unload_model(CODER)                             # ...and unloaded
+    serving.append(await mgr.acquire(HOT))                    # 7 of 13 GB serving
+    waiting = asyncio.create_task(mgr.acquire(OTHER))         # 8 GB: waits for them
+    while OTHER not in mgr.core.scheduler.pending:
+        await asyncio.sleep(0)
+    mgr.clock.advance(5)
+    (await mgr.acquire(PLANNER)).release()                    # loaded: no wait of its own
+    for lease in serving:
+        lease.release()
+    (await waiting).release()
+    await settle(mgr)
+    assert mgr.entry(CODER).status.value == "unloaded"
+    assert mgr.get_memory_stats()["preload"]["queued"] == 1   # the first one only
+
+
+WEEK_S = 7 * 86400.0
+
+
+@pytest.mark.parametrize("weeks,preloaded", [((0, 1, 2), True), ((0,), False)])
+async def test_a_model_asked_for_in_this_hour_every_week_is_preloaded_in_that_hour(
+        engine, weeks, preloaded):
+    """Two requests a minute apart at the same hour of the week: in each of the last three
+    weeks, a weekly rhythm; once three weeks ago, none."""
+    mgr = await engine()
+    start = mgr.clock.now()
+    for week in weeks:
+        mgr.clock.advance(start + week * WEEK_S - mgr.clock.now())
+        for _ in range(2):
+            (await mgr.acquire(OTHER)).release()
+            mgr.clock.advance(60)
+    await mgr.clear_all_models()
+    mgr.clock.advance(start + 3 * WEEK_S - 30 - mgr.clock.now())   # the hour, once more
+    await mgr.core.preloader.tick()
+    await settle(mgr)
+    assert (mgr.entry(OTHER).status.value == "loaded") is preloaded
+    assert mgr.entry(OTHER).preloaded is preloaded
+
+
+async def test_a_request_preloads_its_two_likeliest_followers(engine):
+    """After the planner: the coder every time, the other model four times in five, the hot
+    one three in five (all at least min_probability): the first two are preloaded."""
+    mgr = await engine(budget_gb=24, preload={"min_probability": 0.3})
+    for round_ in range(5):
+        (await mgr.acquire(PLANNER)).release()
+        for key, rounds in ((HOT, 3), (OTHER, 4), (CODER, 5)):   # first seen: not likeliest
+            if round_ < rounds:
+                mgr.clock.advance(4)
+                (await mgr.acquire(key)).release()
+        mgr.clock.advance(600)
+    await mgr.clear_all_models()
+    (await mgr.acquire(PLANNER)).release()
+    await settle(mgr)
+    assert sorted(mgr.get_loaded_models()) == sorted([PLANNER, CODER, OTHER])
+
+
+async def test_a_follower_no_longer_listed_is_passed_over(engine):
+    """Usage restored from the store says `gone` follows the planner, but the upstream no
+    longer lists it: the planner's request is served and the coder still preloaded."""
+    mgr = await engine()
+    learner = mgr.core.learner
+    for _ in range(5):
+        (await mgr.acquire(PLANNER)).release()
+        learner.observe("lab/gone", mgr.clock.now() + 1, mgr.clock.wall() + 1)
+        mgr.clock.advance(4)
+        (await mgr.acquire(CODER)).release()
+        mgr.clock.advance(600)
+    await mgr.clear_all_models()
+    assert [k for k, _ in learner.likely_next(PLANNER, 0.6)] == ["lab/coder", "lab/gone"]
+    (await mgr.acquire(PLANNER)).release()
+    await settle(mgr)
+    assert mgr.entry(CODER).preloaded
