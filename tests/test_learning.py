@@ -232,7 +232,6 @@ def test_a_gap_class_seen_rarely_falls_back_on_all_gaps():
     assert pred.p_within > 0.9 and pred.expected_wait_s < 30.0
 
 
-
 def test_a_model_never_asked_for_is_not_expected():
     learner = UsageLearner()
     learner.patterns["restored"] = ModelPattern.restore({"requests": 3})   # no last request
@@ -271,7 +270,6 @@ def test_a_model_counts_its_first_32_followers_only():
     learner.observe("f0", t + 1, MONDAY + t + 1)
     followers = learner.pattern("hub").followers
     assert set(followers) == {f"f{i}" for i in range(32)} and followers["f0"] == 2
-
 
 
 def test_a_follow_probability_is_the_share_of_requests_followed():

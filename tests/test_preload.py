@@ -114,7 +114,6 @@ async def test_a_preload_waits_while_a_requested_load_waits_for_memory(engine):
     assert OTHER in mgr.get_loaded_models()
 
 
-
 @pytest.mark.parametrize("other_is_hot,evicted", [(False, True), (True, False)])
 async def test_a_preload_evicts_only_what_is_expected_to_cost_far_less(engine, lab,
                                                                        other_is_hot, evicted):
