@@ -225,6 +225,8 @@ async def _replay(loop: VirtualTimeLoop, workload: Workload, budget_gb: float, v
     await replay(loop, workload.requests, one)
     for task in background:
         task.cancel()
+    await asyncio.gather(*background, return_exceptions=True)
+    await mgr.cleanup()        # a preload still loading ends here, not on a closed loop
     pre = mgr.preloads
     delayed = sorted(d for d in delays if d > 1e-9)
     return RunResult(

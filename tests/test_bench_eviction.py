@@ -104,3 +104,14 @@ def test_the_tail_mean_is_the_mean_of_the_slowest_hundredth_rounded_up():
     assert tail_mean(delays) == 3.0 and tail_mean([5.0]) == 5.0 and tail_mean([]) is None
     labels = {_label({"policy": "lru", "prediction": p}) for p in ("oracle", "oracle-seen")}
     assert len(labels) == 2
+
+
+def test_a_preload_still_loading_when_the_replay_ends_is_stopped_with_the_engine(tmp_path):
+    """b always follows a, and c takes all memory between: the last a's preload of b is still
+    loading (30 s) when the replay ends. The engine is shut down before its loop closes, so
+    nothing runs on a closed loop (an error under this suite's warnings-as-errors)."""
+    rows = "".join(f"{i * 600 + 10},a\n{i * 600 + 15},b\n{i * 600 + 300},c\n" for i in range(6))
+    runs = replay(tmp_path, "model,size_gb,load_s\na,4,1\nb,4,30\nc,8,1\n",
+                  "t_s,model\n" + rows + "4000,a\n", "--budget-gb", "8",
+                  "--policy", "cost-aware", "--prediction", "on")
+    assert runs[0]["preloads"] >= 1 and runs[0]["failed_requests"] == 0
