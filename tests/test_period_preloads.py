@@ -132,7 +132,7 @@ def test_a_timers_preload_is_logged_with_its_reason_at_the_default_level(caplog)
     with caplog.at_level(logging.INFO, logger="proxy.engine"):
         run({"timer": (4, RELOAD_S), "other": (4, 3.0)}, 12, script, hold="off")
     assert [r.getMessage() for r in caplog.records if r.levelno == logging.INFO
-            and "preload" in r.getMessage()] == ["preload of timer queued (due by its period)"]
+            and "preload" in r.getMessage()] == ["preloading timer (due by its period)"]
 
 
 def test_the_tick_waits_for_a_due_time_within_the_interval_and_at_least_a_second():

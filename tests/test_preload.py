@@ -88,6 +88,43 @@ async def test_a_preload_never_evicts_a_busy_or_pinned_model(engine, lab):
     serving.release()
 
 
+class Preloads:
+    def __init__(self):
+        self.seen = []
+
+    def on_preload(self, model, why):
+        self.seen.append((model, why))
+
+
+@pytest.mark.parametrize("budget_gb,started", [(18, True), (13, False)])
+async def test_a_preload_is_told_when_it_starts_and_one_without_room_only_counted(
+        engine, caplog, budget_gb, started):
+    """With room, the coder's preload is logged at INFO and sent as an event once, with its
+    reason; without (everything else serving), it is queued and dropped: DEBUG lines only."""
+    import logging
+    mgr = await engine(budget_gb=budget_gb)
+    await teach(mgr)
+    events = Preloads()
+    mgr.add_listener(events)
+    serving = [await mgr.acquire(OTHER)]                      # 8 GB serving
+    with caplog.at_level(logging.DEBUG, logger="proxy.engine"):
+        serving.append(await mgr.acquire(PLANNER))           # 4 GB serving: 12 of 13 or 18
+        await settle(mgr)
+    told = [(r.levelno, r.getMessage()) for r in caplog.records if "preload" in r.getMessage()]
+    queued = (logging.DEBUG, f"preload of {CODER} queued (follows {PLANNER})")
+    if started:
+        assert events.seen == [(CODER, f"follows {PLANNER}")]
+        assert told == [queued, (logging.INFO, f"preloading {CODER} (follows {PLANNER})")]
+    else:
+        assert events.seen == []
+        assert told == [queued, (logging.DEBUG, f"preload of {CODER} dropped: no room worth "
+                                                "making")]
+    summary = mgr.get_memory_stats()["preload"]
+    assert (summary["queued"], summary["preloads"]) == (1, int(started))
+    for lease in serving:
+        lease.release()
+
+
 async def test_a_preload_gives_way_to_a_load_a_request_waits_for(engine):
     mgr = await engine()
     await teach(mgr)

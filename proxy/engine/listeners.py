@@ -12,7 +12,7 @@
     on_queue_wait(model, seconds)         a load waited this long for admission
     on_memory(sample, level)              a memory sample was taken (level: pressure value)
     on_pressure(level)                    the pressure level changed (MemoryPressure)
-    on_preload(model, why)                a speculative load was queued
+    on_preload(model, why)                a speculative load started
 
 A listener that raises is logged and skipped: it can never break an unload or a request.
 Listeners are called synchronously and must not block.

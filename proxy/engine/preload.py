@@ -148,10 +148,9 @@ class Preloader(Part):
         if e is None or e.status is not S.UNLOADED or self.ctx.elsewhere(key):
             return     # (a fleet's other host has it: a copy here would serve nobody)
         if self.scheduler.preload(e, probability * self.registry.reload_s(e),
-                                  may_evict=may_evict):
+                                  may_evict=may_evict, why=why):
             self.tally.queued += 1
-            log.info("preload of %s queued (%s)", key, why)
-            self.listeners.emit("on_preload", key, why)
+            log.debug("preload of %s queued (%s)", key, why)
 
     def summary(self) -> dict[str, Any]:
         t = self.tally

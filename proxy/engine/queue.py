@@ -41,6 +41,7 @@ class Pending:
     speculative: bool = False
     value_s: float = 0.0
     may_evict: bool = True     # False: into free memory only
+    why: str = ""               # a preload's reason, given when it starts
     fit: Choice | None = None  # loaded with a smaller context than configured (engine/fit.py)
 
 
@@ -118,7 +119,8 @@ class LoadQueue:
                 self._finish(p, None)         # the caller went away before its turn
         return p if admitted else None
 
-    def preload(self, e: ModelEntry, value_s: float, *, may_evict: bool = True) -> bool:
+    def preload(self, e: ModelEntry, value_s: float, *, may_evict: bool = True,
+                why: str = "") -> bool:
         """Queue a speculative load of e, expected to save value_s seconds of reload (into free
         memory only unless may_evict); False if a load of it is already pending."""
         if e.key in self.pending or e.status is not S.UNLOADED:
@@ -126,7 +128,7 @@ class LoadQueue:
         done = asyncio.get_running_loop().create_future()
         done.add_done_callback(_consume)
         self.pending[e.key] = Pending(e, self.clock.now(), done, speculative=True,
-                                      value_s=value_s, may_evict=may_evict)
+                                      value_s=value_s, may_evict=may_evict, why=why)
         self._ensure_running()
         self.kick()
         return True

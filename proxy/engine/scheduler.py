@@ -190,19 +190,16 @@ class Scheduler(LoadQueue, Part):
             short = need - self.monitor.headroom(sample)
         if p.speculative:
             if self.clock.now() - p.since_s > PRELOAD_STALE_S:
-                self._finish(p, None)         # its moment has passed
-                return True, None
+                return self._drop(p, "its moment has passed"), None
             if any(not q.admitted and not q.speculative for q in self.pending.values()):
                 return False, None            # requested loads first; it waits its turn
             if short > 0 and not (p.may_evict and
                                   await self.evictor.evict_for_guess(e.key, short, p.value_s)):
-                self._finish(p, None)         # no room worth making: drop it
-                return True, None
+                return self._drop(p, "no room worth making"), None
             sample = await self.monitor.sample()
             short = need - self.monitor.headroom(sample)
             if short > 0:
-                self._finish(p, None)
-                return True, None
+                return self._drop(p, "its victims' memory did not come back"), None
         if slack is not None and (short > 0 or need > slack):
             return False, None              # behind a first claim: only what it can spare
         if short > 0:
@@ -226,6 +223,11 @@ class Scheduler(LoadQueue, Part):
         # unloaded by someone else meanwhile is for the next pass to look at.
         return self._admit(p, sample), None
 
+    def _drop(self, p: Pending, why: str) -> bool:
+        log.debug("preload of %s dropped: %s", p.entry.key, why)
+        self._finish(p, None)
+        return True
+
     def _admit(self, p: Pending, sample: MemorySample) -> bool:
         e = p.entry
         self.fit.settle(e, p.fit, sample)
@@ -238,6 +240,9 @@ class Scheduler(LoadQueue, Part):
         self.listeners.emit("on_queue_wait", e.key, e.loading_since_s - p.since_s)
         if p.speculative:
             self.preloads.started(e)
+            # Told when it starts, not when queued: most queued preloads find no room.
+            log.info("preloading %s (%s)", e.key, p.why)
+            self.listeners.emit("on_preload", e.key, p.why)
         if p.go is not None:
             p.go.set_result(True)             # its requester loads it
             return True
