@@ -41,7 +41,7 @@ class Pending:
     speculative: bool = False
     value_s: float = 0.0
     may_evict: bool = True     # False: into free memory only
-    why: str = ""               # a preload's reason, given when it starts
+    why: str = ""              # a preload's reason, given when it starts
     fit: Choice | None = None  # loaded with a smaller context than configured (engine/fit.py)
 
 
