@@ -246,3 +246,22 @@ def test_a_total_timeout_maps_to_upstream_timeout():
     from proxy.upstream.aiohttpclient import ERRORS
     mapped = ERRORS.map(TimeoutError(), "http://x", "POST /api/v1/models/load")
     assert isinstance(mapped, Timeout) and mapped.status == 504
+
+
+async def test_the_first_memory_sample_states_the_pressure_and_only_changes_say_from_what(
+        lab, caplog):
+    """The gauge starts at `normal` before any sample: the first reading is no change."""
+    import logging
+    from .test_engine import manager_for
+    sampler = SettableSampler(total_gb=32, available_gb=32)
+    with caplog.at_level(logging.INFO, logger="proxy.engine"):
+        mgr = await manager_for(lab.url, sampler=sampler,
+                                memory={"sampler": "local", "min_free_memory_gb": 4,
+                                        "max_memory_usage_percent": 80})
+        await mgr.sample_memory()
+        sampler.set_available(5)
+        await mgr.sample_memory()
+    said = [r.getMessage() for r in caplog.records if "memory pressure" in r.getMessage()]
+    assert said == ["memory pressure low (0% used, 32.0 GB free)",
+                    "memory pressure low → high (84% used, 5.0 GB free)"]
+    await mgr.cleanup()

@@ -282,6 +282,23 @@ async def test_a_refusal_in_more_than_any_model_may_take_evicts_nothing(lab, eng
         await mgr.acquire(U)
 
 
+async def test_a_load_asked_for_by_hand_sets_a_wrong_bound_aside(lab, engine):
+    """10 GB held by a program the budget cannot see: U is refused with the whole budget free
+    for it. Once that memory is back, requests are still refused,
+    but a load asked for by hand tries again, and loads it."""
+    lab.state.capacity_bytes = 6 * GB
+    mgr = await engine(lab.url, models={P: {"footprint_gb": 3}})
+    with pytest.raises(ModelLoadFailed, match="more than the 16.0 GB"):
+        await mgr.acquire(U)
+    lab.state.capacity_bytes = 16 * GB                       # the other program exits
+    mgr.clock.advance(120)
+    with pytest.raises(InsufficientMemory, match="needs more than 16.0 GB"):
+        await mgr.acquire(U)
+    assert await mgr.load_model(U)
+    assert lab.state.instances_of(U) and lab.state.load_calls[U] == 2
+    assert mgr.get_memory_stats()["models"][U]["footprint_source"] != "refused"
+
+
 async def test_a_revised_footprint_lets_it_evict_again(lab, engine):
     mgr = await engine(lab.url)
     for key in (P, A, B):

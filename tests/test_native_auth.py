@@ -124,6 +124,52 @@ async def test_unloading_what_the_admin_pinned_needs_the_admin_token(make_proxy,
     assert MID not in emulator.state.instances
 
 
+async def test_a_key_unloads_an_extra_instance_it_loaded_of_a_model_the_proxy_had_loaded(
+        proxy, sdk, emulator, http):
+    async with http.post(f"{proxy.url}/proxy/models/load", json={"model": SMALL},
+                         headers={"Authorization": f"Bearer {ADMIN}"}) as r:
+        assert r.status == 200, await r.text()
+    alice = await sdk(proxy, ALICE)
+    await alice.llm.load_new_instance(SMALL, "alice-extra")
+    with pytest.raises(lmstudio.LMStudioServerError, match="not loaded with this key"):
+        await (await sdk(proxy, BOB)).llm.unload("alice-extra")
+    await alice.llm.unload("alice-extra")
+    assert set(emulator.state.instances) == {SMALL}          # the proxy's own stays
+    with pytest.raises(lmstudio.LMStudioServerError, match="not loaded with this key"):
+        await alice.llm.unload(SMALL)
+
+
+async def test_extra_instances_a_key_loads_are_charged_to_the_memory_budget(proxy, sdk, http):
+    """Each instance holds a footprint of its own: three of SMALL hold three."""
+    async with http.post(f"{proxy.url}/proxy/models/load", json={"model": SMALL},
+                         headers={"Authorization": f"Bearer {ADMIN}"}) as r:
+        assert r.status == 200, await r.text()
+    alice = await sdk(proxy, ALICE)
+    for name in ("one", "two"):
+        await alice.llm.load_new_instance(SMALL, name)
+    engine = proxy.engine
+    e = engine.entry(SMALL)
+    assert set(e.instance_ids) == {SMALL, "one", "two"}
+    await engine.sample_memory()
+    async with http.get(f"{proxy.url}/proxy/stats",
+                        headers={"Authorization": f"Bearer {ADMIN}"}) as r:
+        stats = await r.json()
+    held_gb = 3 * engine.footprint_bytes(e) / 1e9
+    assert stats["system_memory"]["available_gb"] == pytest.approx(64 - held_gb, abs=0.01)
+
+
+async def test_an_instance_name_loaded_again_by_another_key_is_that_keys(proxy, sdk, emulator,
+                                                                         http):
+    await (await sdk(proxy, ALICE)).llm.load_new_instance(SMALL, "x")
+    async with http.post(f"{proxy.url}/proxy/models/unload", json={"model": SMALL},
+                         headers={"Authorization": f"Bearer {ADMIN}"}) as r:
+        assert r.status == 200, await r.text()
+    await (await sdk(proxy, BOB)).llm.load_new_instance(SMALL, "x")
+    with pytest.raises(lmstudio.LMStudioServerError, match="not loaded with this key"):
+        await (await sdk(proxy, ALICE)).llm.unload("x")
+    assert "x" in emulator.state.instances
+
+
 async def test_a_key_may_not_unload_what_another_key_loaded(proxy, sdk, emulator):
     await (await sdk(proxy, BOB)).llm.load_new_instance(SMALL)
     with pytest.raises(lmstudio.LMStudioServerError, match="not loaded with this key"):

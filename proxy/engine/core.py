@@ -338,6 +338,14 @@ class EngineCore(CoreViews):
             level = self.api_level.value if self.api_level else "unknown"
             raise ModelUnavailable(f"the upstream ({level}) cannot load models on request",
                                    final=True)
+        e = self.registry.entries.get(key)
+        if e is not None and self.registry.footprint_floor_bytes(e) is not None:
+            # A load asked for by hand tries again: the refusal may have come while memory
+            # was held by something the proxy did not count.
+            log.warning("%s: the bound learned from a refusal (%.1f GB) is set aside for a "
+                        "load asked for by hand", key, e.footprint_floor_bytes / GB)
+            e.footprint_floor_bytes = None
+            self.accounting.footprint_changed(e)
         lease = await self.acquire(key)
         lease.release()
         return True

@@ -126,7 +126,7 @@ class Evictor(Part):
             p_reuse = self.learner.predict(e.key, now, PREDICTION_HORIZON_S).p_within
         return Candidate(
             p_reuse=p_reuse, p_follow=self.learner.follow_chance(e.key, now),
-            key=e.key, footprint_bytes=self.registry.footprint_bytes(e),
+            key=e.key, footprint_bytes=self.registry.held_bytes(e),
             last_used_s=e.last_used_at_s or e.loaded_at_s or now,
             priority=self.registry.priority(e.key), reload_s=self.registry.reload_s(e),
             rate_per_h=self.accounting.usage_of(e.key).rate_per_h(now),

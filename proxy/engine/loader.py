@@ -164,8 +164,8 @@ class Loader(Part):
         except UpstreamError:
             models = []
         entries = self.registry.entries
-        resident = sum(self.registry.footprint_bytes(entries[m.key]) for m in models
-                       if m.loaded and m.key != e.key and m.key in entries)
+        resident = sum(self.registry.footprint_bytes(entries[m.key]) * len(m.instance_ids)
+                       for m in models if m.loaded and m.key != e.key and m.key in entries)
         s = self.monitor.last_sample or await self.monitor.sample()
         return self.monitor.ceiling_bytes(s) - resident
 

@@ -55,13 +55,18 @@ class MemoryMonitor:
             s = await asyncio.to_thread(self.sampler.sample)
         else:
             s = self.sampler.sample()
+        first = self.last_sample is None
         self.last_sample = s
         old = self.gauge.level
         new = self.gauge.update(s)
-        if new is not old:
+        if first:       # the gauge's starting level was a guess, not a level memory was at
+            log.info("memory pressure %s (%.0f%% used, %.1f GB free)", new.value,
+                     s.used_percent, s.available_bytes / GB)
+        elif new is not old:
             log.log(logging.WARNING if new.rank > old.rank else logging.INFO,
                     "memory pressure %s → %s (%.0f%% used, %.1f GB free)", old.value,
                     new.value, s.used_percent, s.available_bytes / GB)
+        if new is not old:
             self.listeners.emit("on_pressure", new)
         self.listeners.emit("on_memory", s, new.value)
         return s

@@ -43,7 +43,7 @@ class Refusals:
         for e in self.registry:
             if e is wanted or e.status not in (S.LOADED, S.LOADING, S.UNLOADING):
                 continue
-            size = self.registry.footprint_bytes(e)
+            size = self.registry.held_bytes(e)
             ours += size
             if e.status is S.LOADING:
                 out.append((e.key, size, LOADING))
@@ -132,5 +132,6 @@ class Refusals:
             f"refused to load it for lack of memory with that much free for it. "
             f"{max(0.0, headroom) / GB:.1f} GB may be used now, and no model is evicted for it "
             f"again until its footprint is revised: set models.{e.key}.footprint_gb to its "
-            f"real need (then it is loaded like any other model, evicting what it must), or "
-            f"free memory so that more than {floor / GB:.1f} GB are available.", final=True)
+            f"real need (then it is loaded like any other model, evicting what it must), "
+            f"free memory so that more than {floor / GB:.1f} GB are available, or load it "
+            f"with the admin API (POST /proxy/models/load), which tries once more.", final=True)

@@ -162,9 +162,14 @@ class Registry:
         """Expected seconds to load e again: learned, else about a second per GB."""
         return e.load_time_s if e.load_time_s is not None else self.footprint_bytes(e) / GB
 
+    def held_bytes(self, e: ModelEntry) -> float:
+        """What e holds while loaded: a footprint per instance (an SDK client through the
+        proxy may load extra instances of a model, `key:2` and on, each as large)."""
+        return self.footprint_bytes(e) * max(1, len(e.instance_ids))
+
     def charged_bytes(self) -> float:
         """Memory the models we know of hold or are about to hold (the budget sampler's view)."""
-        return sum(self.footprint_bytes(e) for e in self.entries.values()
+        return sum(self.held_bytes(e) for e in self.entries.values()
                    if e.status in (S.LOADED, S.LOADING, S.UNLOADING))
 
     def loading_bytes(self) -> float:

@@ -142,6 +142,7 @@ class LoadBook:
     loads: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def add(self, key_name: str, identifier: str, owner: str) -> None:
+        self.discard(identifier)          # an identifier loaded anew is its newest loader's
         self.loads.setdefault(key_name, {})[identifier] = owner
 
     def discard(self, identifier: str) -> None:
@@ -240,8 +241,11 @@ class Guard:
             return refused
         if ident is not None:
             loaded_for = self.book.owner_of(self.name, ident)
-            _, owner = self.resolve(ident)
-            if loaded_for is not None and owner == loaded_for:
+            model, owner = self.resolve(ident)
+            # The model's owner is the first instance's: an extra instance (an identifier of
+            # its own) is the key's while the book says so and it is there.
+            if loaded_for is not None and model is not None and (
+                    owner == loaded_for or ident != model):
                 return None
         return _admin(f"'{clip(ident or '?')}' was not loaded with this key")
 
