@@ -158,6 +158,29 @@ async def test_extra_instances_a_key_loads_are_charged_to_the_memory_budget(prox
     assert stats["system_memory"]["available_gb"] == pytest.approx(64 - held_gb, abs=0.01)
 
 
+async def test_evicting_a_model_frees_all_its_instances_and_no_more_is_evicted(
+        make_proxy, emulator, sdk, http):
+    """SMALL's three instances hold 9 GB of 15, the embedder 3: an 8 GB load is 5 GB short,
+    which SMALL alone covers; charged as one instance (3 GB), the embedder would go too."""
+    proxy = await keyed_proxy(make_proxy, emulator.url, **{
+        "memory.budget_gb": 15, "memory.max_memory_usage_percent": 100,
+        "models": {SMALL: {"footprint_gb": 3}, EMBED: {"footprint_gb": 3},
+                   MID: {"footprint_gb": 8}}})
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    for model in (SMALL, EMBED):
+        async with http.post(f"{proxy.url}/proxy/models/load", json={"model": model},
+                             headers=admin) as r:
+            assert r.status == 200, await r.text()
+    alice = await sdk(proxy, ALICE)
+    for name in ("one", "two"):
+        await alice.llm.load_new_instance(SMALL, name)
+    async with http.post(f"{proxy.url}/proxy/models/load", json={"model": MID},
+                         headers=admin) as r:
+        assert r.status == 200, await r.text()
+    assert sorted(proxy.engine.loaded_models()) == sorted([EMBED, MID])
+    assert not emulator.state.instances_of(SMALL)
+
+
 async def test_an_instance_name_loaded_again_by_another_key_is_that_keys(proxy, sdk, emulator,
                                                                          http):
     await (await sdk(proxy, ALICE)).llm.load_new_instance(SMALL, "x")
