@@ -98,15 +98,21 @@ class UsageStore:
                 self._db.close()
             self._db = None
 
-    def load(self, upstream: str = "") -> dict[str, Any]:
+    def load(self, upstream: str = "", since_minute: int | None = None) -> dict[str, Any]:
         """{"stats": {model: snapshot}, "footprints": {identity: {...}},
-        "owned": {instance_id: {"model", "load_config", "loaded_at"}}, "patterns": {model: ...}}
-        (owned: of `upstream`)."""
+        "owned": {instance_id: {"model", "load_config", "loaded_at"}}, "patterns": {model: ...},
+        "minutes": {model: [(minute, requests, failures)]}} (owned: of `upstream`; minutes:
+        of the models in stats, from since_minute on, none without it)."""
         if self._db is None:
-            return {"stats": {}, "footprints": {}, "owned": {}, "patterns": {}}
+            return {"stats": {}, "footprints": {}, "owned": {}, "patterns": {}, "minutes": {}}
         with self._lock:
             stats = {m: orjson.loads(s) for m, s in
                      self._db.execute("SELECT model, snapshot FROM model_stats")}
+            minutes = {} if since_minute is None else {
+                m: list(self._db.execute(   # by model: the primary key's index, no scan
+                    "SELECT minute, requests, failures FROM usage_minutes "
+                    "WHERE model = ? AND minute >= ? ORDER BY minute", (m, since_minute)))
+                for m in stats}
             footprints = {r[0]: {"footprint_bytes": r[1], "samples": r[2], "load_time_s": r[3],
                                  "load_count": r[4], "footprint_floor_bytes": r[5]}
                           for r in self._db.execute(
@@ -118,7 +124,8 @@ class UsageStore:
                          "WHERE upstream = ?", (upstream,))}
             patterns = {m: orjson.loads(p) for m, p in
                         self._db.execute("SELECT model, snapshot FROM patterns")}
-        return {"stats": stats, "footprints": footprints, "owned": owned, "patterns": patterns}
+        return {"stats": stats, "footprints": footprints, "owned": owned, "patterns": patterns,
+                "minutes": minutes}
 
     def write(self, minutes: dict[tuple[str, int], list[float]],
               stats: dict[str, dict[str, Any]], footprints: dict[str, dict[str, Any]],

@@ -1,7 +1,8 @@
 """Accounting: per-model statistics, and what of the engine's knowledge survives a restart.
 
 Persisted (through `store.UsageStore`, off the event loop, in batches):
-- per-minute usage history and per-model statistics snapshots;
+- per-minute usage history and per-model statistics snapshots (with the last use and the
+  evictions by reason); the latest WINDOW_MINUTES of the history refill the per-minute rates;
 - learned footprints, their lower bounds (from out-of-memory refusals) and load times, keyed
   by upstream identity (URL | model key | load options), so that what a demo's emulator taught
   is never applied to a real LM Studio;
@@ -25,7 +26,7 @@ from .learning import ModelPattern, UsageLearner
 from .lifecycle import ModelEntry
 from .listeners import Listeners
 from .registry import Registry
-from .usage import ModelUsage, RequestRecord
+from .usage import WINDOW_MINUTES, ModelUsage, RequestRecord, replay_minutes
 from .usage import restore as restore_usage
 from .usage import snapshot as snapshot_usage
 
@@ -53,6 +54,7 @@ class Accounting:
         self._owned_add: dict[str, dict[str, Any]] = {}
         self._owned_remove: set[str] = set()
         self._restored_footprints: dict[str, dict[str, Any]] = {}
+        self._restored_evictions: dict[str, dict[str, int]] = {}   # model → reason → count
 
     @property
     def _upstream_url(self) -> str:
@@ -95,8 +97,16 @@ class Accounting:
     def footprint_changed(self, e: ModelEntry) -> None:
         self._dirty_footprints.add(e.key)
 
+    def evicted(self, e: ModelEntry) -> None:
+        """e.evictions changed: they are part of its statistics snapshot."""
+        if self.store is not None:
+            self._dirty_stats.add(e.key)
+
     def apply_learned(self, e: ModelEntry) -> None:
         """Give a newly seen entry what an earlier process learned about it here."""
+        evictions = self._restored_evictions.pop(e.key, None)
+        if evictions:
+            e.evictions.update(evictions)
         saved = self._restored_footprints.pop(self.identity(e.key), None)
         if saved is not None:
             e.footprint_bytes, e.footprint_samples = saved["footprint_bytes"], saved["samples"]
@@ -145,11 +155,19 @@ class Accounting:
         if self.store is None or self.store._db is not None or self.store.error is not None:
             return
         if await asyncio.to_thread(self.store.open):
-            self._restore(await asyncio.to_thread(self.store.load, self._upstream_url))
+            since_minute = int(self.clock.wall() // 60) - WINDOW_MINUTES
+            self._restore(await asyncio.to_thread(self.store.load, self._upstream_url,
+                                                  since_minute))
 
     def _restore(self, state: dict[str, Any]) -> None:
+        now_s, wall_s = self.clock.now(), self.clock.wall()
+        minutes = state.get("minutes", {})
         for key, snap in state["stats"].items():
-            self.usage[key] = restore_usage(snap)
+            usage = self.usage[key] = restore_usage(snap, now_s, wall_s)
+            replay_minutes(usage, minutes.get(key, []), now_s, wall_s)
+            evictions = snap.get("evictions")
+            if isinstance(evictions, dict):
+                self._restored_evictions[key] = {str(k): int(v) for k, v in evictions.items()}
         self._restored_footprints = state["footprints"]
         self.owned_instances.update(state.get("owned", {}))
         for key, snap in state.get("patterns", {}).items():
@@ -172,7 +190,7 @@ class Accounting:
         patterns = {k: self.learner.patterns[k].snapshot(self.clock.now(), self.clock.wall())
                     for k in dirty_patterns if k in self.learner.patterns}
         minutes, self._pending_minutes = self._pending_minutes, {}
-        stats = {k: snapshot_usage(self.usage[k]) for k in self._dirty_stats if k in self.usage}
+        stats = {k: self._stats_snapshot(k) for k in self._dirty_stats}
         footprints = {self.identity(k): {"footprint_bytes": e.footprint_bytes,
                                          "samples": e.footprint_samples,
                                          "load_time_s": e.load_time_s,
@@ -196,6 +214,15 @@ class Accounting:
             self._dirty_footprints |= dirty_footprints
             self._keep_ownership(owned_add, owned_remove)
             self.learner.dirty |= dirty_patterns
+
+    def _stats_snapshot(self, key: str) -> dict[str, Any]:
+        out = snapshot_usage(self.usage.get(key) or _EMPTY_USAGE, self.clock.now(),
+                             self.clock.wall())
+        e = self.registry.entries.get(key)
+        # Not seen since the restart: what was restored for it, not nothing.
+        out["evictions"] = dict(e.evictions) if e is not None else \
+            self._restored_evictions.get(key, {})
+        return out
 
     async def close(self) -> None:
         if self.store is not None:

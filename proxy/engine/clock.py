@@ -19,14 +19,16 @@ class SystemClock:
 class ManualClock:
     """A clock that moves only when told to; for tests of timeouts and rates."""
 
-    def __init__(self, start_s: float = 1_000.0) -> None:
+    def __init__(self, start_s: float = 1_000.0, wall_at_zero_s: float = 1_700_000_000.0
+                 ) -> None:
         self._now_s = start_s
+        self._wall_at_zero_s = wall_at_zero_s   # another process's clock: another zero
 
     def now(self) -> float:
         return self._now_s
 
     def wall(self) -> float:
-        return 1_700_000_000.0 + self._now_s
+        return self._wall_at_zero_s + self._now_s
 
     def advance(self, seconds: float) -> None:
         if seconds < 0:

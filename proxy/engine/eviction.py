@@ -211,6 +211,7 @@ class Evictor(Part):
             raise
         self.monitor.changes += 1
         e.evictions[reason] += 1
+        self.accounting.evicted(e)
         self._evicted_at[e.key] = self.clock.now()
         if e.preloaded:
             self.preloads.unloaded_unused(e)

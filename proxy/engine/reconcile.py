@@ -145,6 +145,7 @@ class Reconciler(Part):
             if by_backend:   # a fact of this server's, not a failure: counted as its eviction
                 log.info("%s was unloaded by the server itself", m.key)
                 e.evictions[EVICTED_BY_BACKEND] += 1
+                self.accounting.evicted(e)
                 self.listeners.emit("on_evict", m.key, EVICTED_BY_BACKEND, None)
             else:
                 log.info("%s was unloaded outside the proxy", m.key)

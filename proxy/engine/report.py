@@ -27,6 +27,10 @@ def model_row(core: "EngineCore", key: str, now_s: float) -> dict[str, Any]:
     r = core.registry
     cfg = r.config.model(key)
     ttl_s = r.ttl_s(key)
+    usage = core.accounting.usage_of(key)
+    # Its last request, kept across restarts; e's recency (a load counts, and a restart's
+    # adoption is one) only for a model no request was recorded for.
+    last_used_s = e.last_used_at_s if usage.last_used_at_s is None else usage.last_used_at_s
     return {
         "model": key, "state": e.status.value, "type": e.type,
         "owner": e.owner if e.status in (S.LOADED, S.UNLOADING) else None,
@@ -41,10 +45,9 @@ def model_row(core: "EngineCore", key: str, now_s: float) -> dict[str, Any]:
         "loads": e.load_count,
         "avg_load_time_s": None if e.load_time_s is None else round(e.load_time_s, 3),
         "evictions": dict(e.evictions), "last_error": e.last_error,
-        "last_used_s_ago": None if e.last_used_at_s is None else
-        round(now_s - e.last_used_at_s, 1),
+        "last_used_s_ago": None if last_used_s is None else round(now_s - last_used_s, 1),
         "timer": timer_row(core.learner.patterns.get(key), now_s),
-        **core.accounting.usage_of(key).summary(now_s)}
+        **usage.summary(now_s)}
 
 
 def timer_row(pattern: "ModelPattern | None", now_s: float) -> dict[str, Any] | None:

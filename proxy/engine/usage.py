@@ -14,6 +14,9 @@ _BUCKET_RATIO = 1.1
 BOUNDS_S = tuple(1e-4 * _BUCKET_RATIO ** i for i in range(int(math.log(3.6e7, _BUCKET_RATIO)) + 2))
 WINDOW_MINUTES = 120   # two hours: the latest hour is compared with the one before for the trend
 MAX_TASKS = 32         # task names kept per model: a client cannot grow this without bound
+# An empty slot of a MinuteRing: older than any minute, so that minutes before the monotonic
+# clock's zero (restored history, a clock started moments ago) are kept too.
+NO_MINUTE = -(1 << 62)
 
 
 @dataclass(slots=True)
@@ -75,7 +78,7 @@ class MinuteRing:
 
     def __init__(self) -> None:
         self.slots = [0] * WINDOW_MINUTES
-        self.minutes = [-1] * WINDOW_MINUTES
+        self.minutes = [NO_MINUTE] * WINDOW_MINUTES
 
     def add(self, at_s: float, n: int = 1) -> None:
         minute = int(at_s // 60)
@@ -90,7 +93,7 @@ class MinuteRing:
         now_minute = int(now_s // 60)
         out = 0
         for i, m in enumerate(self.minutes):
-            if m >= 0 and first_minute_ago <= now_minute - m < last_minute_ago:
+            if first_minute_ago <= now_minute - m < last_minute_ago:
                 out += self.slots[i]
         return out
 
@@ -193,17 +196,22 @@ SNAPSHOT_FIELDS = ("requests", "failures", "prompt_tokens", "completion_tokens",
                    "estimated_tokens", "generation_s")
 
 
-def snapshot(u: ModelUsage) -> dict:
-    """What survives a restart: totals and the latency/TTFT histograms."""
+def snapshot(u: ModelUsage, now_s: float, wall_s: float) -> dict:
+    """What survives a restart: totals, the latency/TTFT histograms and the last use, as wall
+    time (the engine's clock is monotonic and starts anew). The per-minute counts are not here:
+    they are the store's usage_minutes rows (see replay_minutes)."""
     out: dict = {f: getattr(u, f) for f in SNAPSHOT_FIELDS}
     out["tasks"] = u.tasks
     for name in ("latency", "ttft"):
         h = getattr(u, name)
         out[name] = {"counts": h.counts, "count": h.count, "total": h.total}
+    out["last_used_wall_s"] = None if u.last_used_at_s is None else \
+        wall_s - (now_s - u.last_used_at_s)
     return out
 
 
-def restore(data: dict) -> ModelUsage:
+def restore(data: dict, now_s: float, wall_s: float) -> ModelUsage:
+    """A snapshot on this process's clock; one written before the last use was kept has none."""
     u = ModelUsage()
     for f in SNAPSHOT_FIELDS:
         setattr(u, f, data.get(f, 0))
@@ -217,7 +225,26 @@ def restore(data: dict) -> ModelUsage:
         h = getattr(u, name)
         if len(counts) == len(h.counts):   # bucket layout unchanged since it was written
             h.counts, h.count, h.total = list(counts), saved["count"], saved["total"]
+    last = data.get("last_used_wall_s")
+    if isinstance(last, (int, float)):      # idle since then; never in the future
+        u.last_used_at_s = now_s - max(0.0, wall_s - float(last))
     return u
+
+
+def replay_minutes(u: ModelUsage, rows: list[tuple[int, int, int]], now_s: float,
+                   wall_s: float) -> None:
+    """Put (wall minute, requests, failures) rows into u's rings at the same age in minutes on
+    this process's clock: minutes that passed while the proxy was down stay empty."""
+    now_minute, wall_minute = int(now_s // 60), int(wall_s // 60)
+    for minute, requests, failures in rows:
+        age = max(0, wall_minute - minute)  # a wall clock set back: this minute, not a future one
+        if age >= WINDOW_MINUTES:
+            continue
+        at_s = (now_minute - age) * 60.0
+        if requests:
+            u.per_minute.add(at_s, requests)
+        if failures:
+            u.failures_per_minute.add(at_s, failures)
 
 
 def merged(usages: list[ModelUsage]) -> ModelUsage:
@@ -238,7 +265,7 @@ def merged(usages: list[ModelUsage]) -> ModelUsage:
         for name in ("per_minute", "failures_per_minute"):
             into_ring, ring = getattr(out, name), getattr(u, name)
             for i, minute in enumerate(ring.minutes):
-                if minute < 0:
+                if minute == NO_MINUTE:
                     continue
                 if into_ring.minutes[i] < minute:       # a later minute replaces an older one
                     into_ring.minutes[i], into_ring.slots[i] = minute, 0
