@@ -96,6 +96,38 @@ async def test_a_key_limited_to_models_cannot_use_others(guarded, emulator, http
         assert alias.status == by_key.status == 200
 
 
+async def test_auto_picks_among_the_models_a_limited_key_may_use(make_proxy, emulator, http):
+    """Both models loaded, the task's config prefers OTHER: the unlimited key gets it, the key
+    limited to `fast` gets its own model instead of a 403."""
+    proxy = await make_proxy(emulator.url, **AUTH, **{"tasks.chat": [OTHER, MODEL]})
+    url = f"{proxy.url}/v1/chat/completions"
+    for model in (MODEL, OTHER):
+        async with http.post(url, json={**CHAT, "model": model}, headers=bearer(ALICE)) as r:
+            assert r.status == 200
+    auto = {**CHAT, "model": "auto:chat"}
+    async with http.post(url, json=auto, headers=bearer(ALICE)) as alice, \
+            http.post(url, json=auto, headers=bearer(BOB)) as bob:
+        assert alice.status == bob.status == 200
+        assert alice.headers["X-Proxy-Model"] == OTHER and bob.headers["X-Proxy-Model"] == MODEL
+        assert (await bob.json())["model"] == MODEL
+    assert emulator.state.inference_calls[OTHER] == 2     # alice's two, none of bob's
+
+
+async def test_auto_with_no_model_the_key_may_use_is_a_clear_403(make_proxy, emulator, http):
+    embed = "text-embedding-nomic-embed-text-v1.5"
+    keys = [{"name": "carol", "key": ALICE, "models": [embed]}]
+    proxy = await make_proxy(emulator.url, **{"auth.keys": keys})
+    async with http.post(f"{proxy.url}/v1/chat/completions", json={**CHAT, "model": "auto"},
+                         headers=bearer(ALICE)) as r:
+        error = (await r.json())["error"]
+    assert r.status == 403 and error["code"] == "model_not_allowed" and error["param"] == "model"
+    assert error["message"] == "This API key ('carol') may use no LLM for the task 'chat'."
+    assert sum(emulator.state.load_calls.values()) == 0
+    async with http.post(f"{proxy.url}/v1/embeddings", json={"model": "auto", "input": "hi"},
+                         headers=bearer(ALICE)) as r:
+        assert r.status == 200 and r.headers["X-Proxy-Model"] == embed
+
+
 async def test_a_wrong_key_never_reaches_lm_studio_with_the_upstream_token(make_emulator,
                                                                            make_proxy, http):
     emulator = await make_emulator(options=EmulatorOptions(api_token="lm-secret",

@@ -3,6 +3,8 @@ options reach LM Studio's load call, a model that does not fit at its context is
 smaller one instead of evicting, never below its floor, and the context is shown and enforced."""
 from __future__ import annotations
 
+import random
+import string
 from typing import Any
 
 import pytest
@@ -140,6 +142,51 @@ async def test_a_prompt_certain_to_exceed_the_context_is_refused_before_forwardi
     assert body["error"]["code"] == "context_length_exceeded"
     assert body["error"]["param"] == "messages" and "2048" in body["error"]["message"]
     assert emu.state.inference_calls[FIT] == 1
+
+
+async def test_a_cold_model_is_not_loaded_for_a_prompt_certain_to_exceed_its_context(
+        make_emulator, make_proxy, http):
+    """Checked against the context its load would ask for, before the load; the refusal reads
+    as the one the loaded model gets."""
+    emu = await make_emulator(catalog=catalog())
+    proxy = await make_proxy(emu.url, models={FIT: {"load": {"context_length": 2048}}})
+    long_text = "hello world " * 1400                                  # ≥ 2100 tokens
+    status, _, cold = await chat(http, proxy, FIT, long_text)
+    assert status == 400 and cold["error"]["code"] == "context_length_exceeded"
+    assert emu.state.load_calls[FIT] == 0 and emu.state.inference_calls[FIT] == 0
+    assert (await chat(http, proxy, FIT))[0] == 200                    # now it is loaded
+    status, _, warm = await chat(http, proxy, FIT, long_text)
+    assert status == 400 and warm == cold and "2048" in cold["error"]["message"]
+    assert emu.state.load_calls[FIT] == 1 and emu.state.inference_calls[FIT] == 1
+
+
+async def test_an_unloaded_model_with_no_configured_context_is_checked_against_its_maximum(
+        make_emulator, make_proxy, http):
+    """As reported: a limited key, the model unloaded by the admin, a megabyte of random text.
+    No load option names a context, so the most a load can give is the listing's maximum."""
+    emu = await make_emulator()
+    model, admin = "qwen/qwen3-4b", {"Authorization": "Bearer admin-0123456789"}
+    proxy = await make_proxy(emu.url, **{
+        "auth.keys": [{"name": "bob", "key": "sk-bob-0123456789", "models": ["fast"]}],
+        "auth.admin_token": "admin-0123456789", "models": {model: {"aliases": ["fast"]}}})
+    bob = {"Authorization": "Bearer sk-bob-0123456789"}
+    url = f"{proxy.url}/v1/chat/completions"
+    async with http.post(url, headers=bob, json={
+            "model": "fast", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
+            ) as r:
+        assert r.status == 200
+    async with http.post(f"{proxy.url}/proxy/models/unload", headers=admin,
+                         json={"model": model}) as r:
+        assert r.status == 200
+    rng = random.Random(0)
+    text = "".join(rng.choice(string.ascii_letters + " ") for _ in range(1_000_000))
+    async with http.post(url, headers=bob, json={
+            "model": "fast", "max_tokens": 2, "messages": [{"role": "user", "content": text}]}
+            ) as r:
+        error = (await r.json())["error"]
+    assert r.status == 400 and error["code"] == "context_length_exceeded"
+    assert "than the 32768 tokens of context" in error["message"]
+    assert emu.state.load_calls[model] == 1 and emu.state.inference_calls[model] == 1
 
 
 def test_check_names_each_bad_load_option():

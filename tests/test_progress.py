@@ -16,6 +16,7 @@ import orjson
 import pytest
 
 from proxy.app import create_app
+from proxy.configload import replace_config
 from proxy.engine.lifecycle import ModelEntry, ModelStatus
 from proxy.server.progress import note_text
 from proxy.server.serving import serve
@@ -360,23 +361,30 @@ def test_note_text(e, text):
 
 
 async def test_a_prompt_past_the_context_found_after_the_notes_is_refused_not_failed(
-        make_proxy, emulator, http):
-    """The context is known once the model is loaded; the headers went out with the first
-    note, so the refusal is an error event, and it is still the client's, not the model's:
-    counted as refused, not recorded as a failure."""
+        make_emulator, make_proxy, http):
+    """A fitted model's context is chosen at admission, below its configured one, and known
+    once it is loaded; the headers went out with the first note, so the refusal is an error
+    event, and it is still the client's, not the model's: counted as refused, not recorded as
+    a failure."""
+    from .test_fit import BIG, FIT, catalog, config
     from .test_relay import samples
-    proxy = await make_proxy(emulator.url, **FAST, **{
-        "models": {SMALL: {"load": {"context_length": 2048}}}})
+    emulator = await make_emulator(catalog=catalog((BIG, 9)), capacity_bytes=16 * 10**9)
+    fitted = config(emulator.url, {BIG: 9}, fit={"min_context_length": 8192})
+    proxy = await make_proxy(emulator.url, config=replace_config(fitted, FAST))
+    async with http.post(f"{proxy.url}/v1/chat/completions", data=body(
+            "/v1/chat/completions", model=BIG, stream=False)) as resp:
+        assert resp.status == 200                    # 7 GB left: FIT gets 20480 of its 32768
     records = records_of(proxy)
-    loaded = gate(emulator)
-    long_prompt = [{"role": "user", "content": "hello world " * 1800}]   # ≥ 2700 tokens
+    loaded = gate(emulator, FIT)
+    long_prompt = [{"role": "user", "content": "hello world " * 17000}]   # ≥ 25500 tokens
     async with http.post(f"{proxy.url}/v1/chat/completions",
-                         data=body("/v1/chat/completions", messages=long_prompt)) as resp:
+                         data=body("/v1/chat/completions", FIT, messages=long_prompt)) as resp:
         await note(resp)
         loaded.set()
         events = data_events(await resp.read())
     assert [e["error"]["code"] for e in events] == ["context_length_exceeded"]
-    refused = ("proxy_requests_total", (("endpoint", "/v1/chat/completions"), ("model", SMALL),
+    assert "20480 tokens of context" in events[0]["error"]["message"]
+    refused = ("proxy_requests_total", (("endpoint", "/v1/chat/completions"), ("model", FIT),
                                         ("outcome", "refused")))
 
     async def counted() -> dict:
@@ -386,5 +394,5 @@ async def test_a_prompt_past_the_context_found_after_the_notes_is_refused_not_fa
         while refused not in (m := await counted()) and not records.seen:
             await asyncio.sleep(0.01)
     assert records.seen == [] and m[refused] == 1
-    usage = proxy.engine.usage(SMALL)
+    usage = proxy.engine.usage(FIT)
     assert (usage.requests, usage.failures) == (0, 0)

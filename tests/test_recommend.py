@@ -53,6 +53,15 @@ def test_urgency_alone_can_prefer_the_loaded_model_over_the_configured_one():
                          tasks=tasks)) == SMALL
 
 
+def test_only_the_models_named_in_the_context_are_candidates():
+    pool = [facts(SMALL, 3), facts(LARGE, 9, loaded=True), facts(CODER, 14)]
+    result = recommend(pool, {"task_type": "chat", "urgency": 1.0, "models": [SMALL, "fast"]},
+                       headroom_bytes=32 * GB, tasks={"chat": (LARGE,)})
+    assert result["recommended_models"] == [SMALL]
+    assert recommend(pool, {"models": []}, headroom_bytes=32 * GB,
+                     tasks={})["recommended_models"] == []
+
+
 async def test_failures_on_a_task_teach_the_engine_to_prefer_another(emulator):
     from proxy.library import ModelMemoryManager
     from proxy.engine.usage import RequestRecord

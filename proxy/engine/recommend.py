@@ -3,7 +3,8 @@
 Context keys (the original design's): `task_type`, `complexity` 0–1 (favours larger models),
 `urgency` 0–1 (favours what is loaded now), `available_memory_gb` (what may be loaded without
 evicting; default: the engine's headroom), `model_type` (`llm` or `embedding`: what the
-endpoint can use; default: embedding models for the task `embedding`, else LLMs). Candidates for
+endpoint can use; default: embedding models for the task `embedding`, else LLMs), `models` (the
+model keys that may be chosen at all, e.g. a client key's; default: every one). Candidates for
 a task come from the `tasks:` config (in its order) and from what was learned: requests tagged
 with a task teach which models served it, how reliably and how fast. A model that cannot be
 loaded (larger than the one-model ceiling, or failing to load and still in its back-off) is
@@ -56,6 +57,7 @@ class Context:
     urgency: float
     available_bytes: float | None
     model_type: str
+    models: frozenset[str] | None = None    # the only keys that may be chosen; None: any
 
     @classmethod
     def of(cls, context: Mapping[str, Any] | str | None) -> "Context":
@@ -68,9 +70,11 @@ class Context:
         kind = context.get("model_type")
         if kind not in MODEL_TYPES:
             kind = "embedding" if task == "embedding" else "llm"
+        only = context.get("models")
         return cls(task, _unit(context.get("complexity"), 0.5),
                    _unit(context.get("urgency"), 0.5),
-                   float(mem) * GB if isinstance(mem, (int, float)) else None, kind)
+                   float(mem) * GB if isinstance(mem, (int, float)) else None, kind,
+                   None if only is None or isinstance(only, str) else frozenset(only))
 
 
 def task_model_type(task: str, tasks: Mapping[str, tuple[str, ...]],
@@ -112,7 +116,8 @@ def recommend(facts: list[ModelFacts], context: Mapping[str, Any] | str | None, 
     want_embedding = ctx.model_type == "embedding"
     pool, left_out = [], {}
     for f in facts:
-        if (f.type == "embedding") != want_embedding:
+        if (f.type == "embedding") != want_embedding or \
+                ctx.models is not None and f.key not in ctx.models:
             continue
         why_not = not_loadable(f, ceiling_bytes)
         if why_not is None:

@@ -4,9 +4,9 @@ A request names its task with the header `X-Task-Type` or `metadata.task_type` (
 routing, `X-Task-Complexity` / `X-Task-Urgency` or `metadata.complexity` / `.urgency`, 0–1).
 Tagged requests teach the engine which models serve which task; `auto:<task>` asks it to pick
 (urgency favours a loaded model, complexity a larger one, free memory decides what is possible)
-and the response says which in `X-Proxy-Model`. `auto` picks only models the endpoint can
-use: embedding models on `/v1/embeddings`, LLMs elsewhere; a task only the other kind does
-(`auto:embedding` on chat) is a 400.
+among the models the client's key may use, and the response says which in `X-Proxy-Model`.
+`auto` picks only models the endpoint can use: embedding models on `/v1/embeddings`, LLMs
+elsewhere; a task only the other kind does (`auto:embedding` on chat) is a 400.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
-from ..server.auth import check_model
+from ..server.auth import CLIENT_KEY, allowed_models, check_model, not_allowed
 from ..engine.face import Engine
 from ..engine.recommend import task_model_type
 from ..errors import InvalidRequest, ModelNotFound, ModelTooLarge
@@ -38,7 +38,7 @@ async def route(request: web.Request, payload: dict[str, Any], name: str) -> str
     task = task_of(request, payload, name)
     if is_auto(name):
         key = choose(engine, request, payload, task)
-        check_model(request, key)          # a key limited to models: the pick too
+        check_model(request, key)          # chosen among the key's models: a safeguard only
         request[ROUTED_TO] = key
     else:
         check_model(request, name)
@@ -104,6 +104,9 @@ def choose(engine: Engine, request: web.Request, payload: dict[str, Any],
         value = _unit(request, payload, name)
         if value is not None:
             context[name] = value
+    allowed = allowed_models(request)
+    if allowed is not None:     # a limited key gets the best of its own models, not a 403
+        context["models"] = allowed
     result = engine.recommend(context)
     if result["recommended_models"]:
         return result["recommended_models"][0]
@@ -111,6 +114,10 @@ def choose(engine: Engine, request: web.Request, payload: dict[str, Any],
         why = "; ".join(f"'{k}' {reason}" for k, reason in result["not_loadable"].items())
         raise ModelTooLarge(f"No {_kind_words(kind, plural=False)} for the task "
                             f"'{context['task_type']}' can be loaded here: {why}.")
+    if allowed is not None:
+        raise not_allowed(request, f"This API key ('{request[CLIENT_KEY].name}') may use no "
+                                   f"{_kind_words(kind, plural=False)} for the task "
+                                   f"'{context['task_type']}'.")
     raise ModelNotFound(f"No {_kind_words(kind, plural=False)} is known for the task "
                         f"'{context['task_type']}'.", param="model")
 

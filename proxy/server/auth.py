@@ -264,9 +264,18 @@ def check_model(request: web.Request, model: str) -> None:
     """403 when the authenticated key is limited to other models (called before any lookup)."""
     key = request.get(CLIENT_KEY)
     if key is not None and not key.allows(model):
-        request.app[STATE].counters.reject("model_not_allowed")   # an auth refusal
-        raise ModelNotAllowed(f"This API key ('{key.name}') may not use this model.",
-                              param="model")
+        raise not_allowed(request, f"This API key ('{key.name}') may not use this model.")
+
+
+def allowed_models(request: web.Request) -> frozenset[str] | None:
+    """The names (keys and aliases) the authenticated key may use; None: any model."""
+    key = request.get(CLIENT_KEY)
+    return None if key is None else key.models
+
+
+def not_allowed(request: web.Request, message: str) -> ModelNotAllowed:
+    request.app[STATE].counters.reject("model_not_allowed")   # an auth refusal
+    return ModelNotAllowed(message, param="model")
 
 
 def visible_models(request: web.Request, raw: bytes) -> bytes:

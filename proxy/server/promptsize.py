@@ -1,4 +1,5 @@
-"""A prompt certain not to fit the loaded model's context is refused before it is forwarded.
+"""A prompt certain not to fit the model's context is refused before it is forwarded, and
+before a cold model is loaded for it.
 
 The proxy has no tokenizer, so it counts a lower bound: the prompt's characters, with every run
 of one repeated character (a row of `=`, of spaces) counted as one, divided by
@@ -6,13 +7,20 @@ MAX_CHARS_PER_TOKEN. Real text averages 3–5 characters per token in the tokeni
 models; no text averages 8 over a whole prompt, so a prompt refused here would certainly have
 been refused (or cut) by the server, after a wait. Anything closer goes through: the server
 has the last word.
+
+A cold model is checked against the most context its load can give it (`load_context`), so no
+load is made for a prompt that would be refused once loaded; a loaded one against its own.
 """
 from __future__ import annotations
 
 import re
 from typing import Any
 
+from ..config import Config
+from ..engine.lifecycle import ModelEntry, ModelStatus
 from ..errors import ContextLengthExceeded
+from ..loadoptions import SIZES_CONTEXT, kinds
+from ..loadoptions import context_length as configured_option
 
 MAX_CHARS_PER_TOKEN = 8
 _RUNS = re.compile(r"(.)\1{3,}", re.DOTALL)   # four or more of one character: one token at most
@@ -38,6 +46,21 @@ def refuse_oversized(path: str, payload: dict[str, Any], context_length: int | N
             f"{context_length} tokens of context '{payload.get('model')}' is loaded with. "
             f"Shorten the prompt, or load the model with a larger context "
             f"(models.<key>.load.context_length).", param=field)
+
+
+def load_context(e: ModelEntry | None, config: Config, loads: bool) -> int | None:
+    """The most context a load of the cold model e can give it, when known: its configured
+    `load.context_length` if the proxy loads it (`loads`; fit only ever lowers it), else on LM
+    Studio the listing's maximum (a load naming none gets LM Studio's default, which the user
+    may have raised, up to that). None when e is loaded or loading (its own context is checked
+    once leased) or the server's choice is unknown."""
+    if e is None or e.status not in (ModelStatus.UNLOADED, ModelStatus.ERROR):
+        return None
+    hosts = kinds(config)
+    configured = configured_option(config.model(e.key).load)
+    if configured and loads and hosts <= SIZES_CONTEXT:
+        return configured
+    return e.max_context_length if hosts == {"lmstudio"} else None
 
 
 def texts(value: Any, out: list[str]) -> None:

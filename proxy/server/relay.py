@@ -27,7 +27,7 @@ from ..engine.usage import RequestRecord
 from ..errors import (InvalidApiKey, InvalidRequest, ModelNotFound, PermissionDenied, ProxyError,
                       UpstreamError, UpstreamTimeout)
 from .inflight import INFLIGHT, write_or_stall
-from .promptsize import refuse_oversized
+from .promptsize import load_context, refuse_oversized
 from .keys import (ACCESS_LOG, COMPAT, ENGINE, METRICS, RESPONSE_STARTED, ROUTED_TO, TASK,
                    UPSTREAM)
 from .progress import EarlyStream, upstream_refusal
@@ -127,8 +127,11 @@ class Relay:
                    early: EarlyStream | None) -> web.StreamResponse:
         request = self.request
         body, strip = upstream_body(request.path, payload, body, key)
-        lease = self.lease = await (early.acquire(self.engine, key) if early
-                                    else self.engine.acquire(key))
+        engine = self.engine      # a cold model: refused before a load is made for nothing
+        refuse_oversized(request.path, payload,
+                         load_context(engine.entry(key), engine.config, engine.manages_loading))
+        lease = self.lease = await (early.acquire(engine, key) if early
+                                    else engine.acquire(key))
         self.model = key
         refuse_oversized(request.path, payload, lease.entry.context_length)
         try:
