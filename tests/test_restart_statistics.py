@@ -167,3 +167,31 @@ async def test_evictions_of_a_model_not_listed_since_the_restart_are_written_bac
     clock = next_process(clock, down_s=60)
     third = await engine(lab.url, store=UsageStore(path), clock=clock, memory=SMALL)
     assert kept(third)["rows"][A]["evictions"] == {"admission": 1}
+
+
+async def test_a_bound_set_aside_by_hand_stays_aside_after_a_restart(lab, engine, tmp_path):
+    """U is refused for lack of memory (a bound is learned); a load asked for by hand sets the
+    bound aside and fails for another reason, learning nothing: the next process must not
+    bring the bound back and refuse U again without trying."""
+    from proxy.errors import ModelLoadFailed
+    from .fakes import GB
+    from .test_engine_promises import U
+    path = tmp_path / "history.sqlite3"
+    clock = ManualClock(start_s=50_000.0)
+    lab.state.capacity_bytes = 6 * GB                # memory held by a program not counted
+    first = await engine(lab.url, store=UsageStore(path), clock=clock)
+    with pytest.raises(ModelLoadFailed, match="more than the 16.0 GB"):
+        await first.acquire(U)
+    await first.flush()
+    lab.state.capacity_bytes = 16 * GB               # that program exits
+    lab.state.faults.load_fail[U] = "a file being copied"
+    clock.advance(120)                               # past the failed load's back-off
+    with pytest.raises(ModelLoadFailed, match="a file being copied"):
+        await first.load_model(U)
+    assert first.entry(U).footprint_floor_bytes is None
+    await first.cleanup()
+
+    del lab.state.faults.load_fail[U]
+    second = await engine(lab.url, store=UsageStore(path), clock=next_process(clock, 60))
+    (await second.acquire(U)).release()              # tried, and loaded
+    assert lab.state.instances_of(U)
