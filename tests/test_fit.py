@@ -11,6 +11,7 @@ import pytest
 
 from proxy.configload import load_config
 from proxy.emulator import GB, CatalogModel
+from proxy.engine.lifecycle import ModelStatus
 from proxy.errors import ConfigError
 
 from .conftest import proxy_config
@@ -187,6 +188,32 @@ async def test_an_unloaded_model_with_no_configured_context_is_checked_against_i
     assert r.status == 400 and error["code"] == "context_length_exceeded"
     assert "than the 32768 tokens of context" in error["message"]
     assert emu.state.load_calls[model] == 1 and emu.state.inference_calls[model] == 1
+
+
+async def test_a_model_whose_load_failed_is_cold_too(make_emulator, make_proxy, http):
+    """A failed load leaves it in error, not loaded: a prompt certain to exceed what its load
+    would give is the client's 400, not the load failure's answer."""
+    emu = await make_emulator(catalog=catalog())
+    proxy = await make_proxy(emu.url, models={FIT: {"load": {"context_length": 2048}}})
+    emu.state.faults.load_fail[FIT] = "a broken file"
+    status, _, _ = await chat(http, proxy, FIT)
+    assert status >= 500 and proxy.engine.entry(FIT).status is ModelStatus.ERROR
+    status, _, body = await chat(http, proxy, FIT, "hello world " * 1400)   # ≥ 2100 tokens
+    assert status == 400 and body["error"]["code"] == "context_length_exceeded"
+    assert emu.state.load_calls[FIT] == 1
+
+
+async def test_a_configured_context_is_not_the_bound_when_lm_studios_jit_loads(
+        make_emulator, make_proxy, http):
+    """LM Studio 0.3 loads on its own (JIT), without the proxy's load options: the configured
+    2048 is not what the model gets, so a prompt past it is forwarded, not refused."""
+    from proxy.emulator import EmulatorOptions
+    emu = await make_emulator(catalog=catalog(), options=EmulatorOptions(version="0.3"))
+    proxy = await make_proxy(emu.url, models={FIT: {"load": {"context_length": 2048}}})
+    assert not proxy.engine.manages_loading
+    status, _, body = await chat(http, proxy, FIT, "hello world " * 1400)   # ≥ 2100 tokens
+    assert status == 200, body
+    assert emu.state.load_calls[FIT] == 1
 
 
 def test_check_names_each_bad_load_option():

@@ -443,3 +443,41 @@ async def test_a_prediction_by_an_identifier_counts_for_the_model_loaded_under_i
     await model.respond("hello")
     assert emulator.state.inference_calls[MID] == 1
     assert proxy.engine.usage(MID).requests == 1 and proxy.engine.usage(SMALL).requests == 0
+
+
+async def test_an_instance_gone_from_the_server_is_not_the_keys_to_unload(proxy, sdk, emulator,
+                                                                          http):
+    """Bob's extra instance is unloaded by the admin: his book still names it, but what is
+    no longer there is answered by the proxy as not his, never forwarded as an unload."""
+    bob = await sdk(proxy, BOB)
+    await bob.llm.load_new_instance(SMALL, "x")
+    async with http.post(f"{proxy.url}/proxy/models/unload", json={"model": SMALL},
+                         headers={"Authorization": f"Bearer {ADMIN}"}) as r:
+        assert r.status == 200, await r.text()
+    assert "x" not in emulator.state.instances
+    unloads = dict(emulator.state.unload_calls)
+    with pytest.raises(lmstudio.LMStudioServerError, match="not loaded with this key"):
+        await bob.llm.unload("x")
+    assert dict(emulator.state.unload_calls) == unloads
+
+
+async def test_a_refusal_names_what_all_of_a_models_instances_hold(make_proxy, emulator, sdk,
+                                                                   http):
+    """SMALL is pinned with three instances: 9 GB of the 15, and the refusal of an 8 GB load
+    says so, not the 3 GB of one instance."""
+    proxy = await keyed_proxy(make_proxy, emulator.url, **{
+        "memory.budget_gb": 15, "memory.max_memory_usage_percent": 100,
+        "models": {SMALL: {"footprint_gb": 3, "pinned": True}, MID: {"footprint_gb": 8}}})
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    async with http.post(f"{proxy.url}/proxy/models/load", json={"model": SMALL},
+                         headers=admin) as r:
+        assert r.status == 200, await r.text()
+    alice = await sdk(proxy, ALICE)
+    for name in ("one", "two"):
+        await alice.llm.load_new_instance(SMALL, name)
+    async with http.post(f"{proxy.url}/proxy/models/load", json={"model": MID},
+                         headers=admin) as r:
+        message = (await r.json())["error"]["message"]
+        assert r.status >= 400
+    assert f"'{SMALL}' 9.0 GB" in message, message
+    assert not emulator.state.instances_of(MID)

@@ -212,3 +212,25 @@ async def test_a_full_queue_gives_a_503_with_its_own_cause(make_ollama, make_pro
 async def native_load(http: aiohttp.ClientSession, url: str, model: str) -> int:
     async with http.post(f"{url}/api/generate", json={"model": model}) as r:
         return r.status
+
+
+async def test_an_eviction_ollama_made_by_itself_is_written_to_the_history(
+        make_ollama, make_proxy, http, tmp_path):
+    """Its statistics were written before it was evicted: the eviction marks them to be
+    written again, so that a restart keeps it."""
+    from proxy.store import UsageStore
+    path = tmp_path / "history.sqlite3"
+    emu = await make_ollama(max_loaded_models=1)
+    proxy = await ollama_proxy(make_proxy, emu.url, **{"storage.enabled": True,
+                                                       "storage.path": str(path)})
+    assert (await chat(http, proxy.url, "llama3.2"))[0] == 200
+    await proxy.engine.flush()
+    assert (await chat(http, proxy.url, "gemma3"))[0] == 200   # Ollama evicts llama3.2
+    await proxy.engine.flush()
+    store = UsageStore(path)
+    assert store.open()
+    try:
+        saved = store.load()["stats"]["llama3.2:latest"]
+    finally:
+        store.close()
+    assert saved["evictions"] == {EVICTED_BY_BACKEND: 1}

@@ -289,3 +289,29 @@ async def test_a_follower_no_longer_listed_is_passed_over(engine):
     (await mgr.acquire(PLANNER)).release()
     await settle(mgr)
     assert mgr.entry(CODER).preloaded
+
+
+async def test_a_preload_that_waited_past_its_moment_is_dropped_not_started(engine, caplog):
+    """Queued behind a requested load for over a minute, the coder's preload is dropped when
+    that load goes away, though it would fit then: what it followed is long past."""
+    import asyncio
+    import logging
+    from proxy.engine.scheduler import PRELOAD_STALE_S
+    mgr = await engine(budget_gb=13, preload={"enabled": False})   # only the one queued here
+    serving = [await mgr.acquire(HOT), await mgr.acquire(PLANNER)]   # 7 of 13 GB serving
+    waiting = asyncio.create_task(mgr.acquire(OTHER))         # 8 GB: waits for them
+    while OTHER not in mgr.core.scheduler.pending:
+        await asyncio.sleep(0)
+    assert mgr.core.scheduler.preload(mgr.entry(CODER), 5.0)       # 6 GB: fits, but waits
+    await mgr.core.scheduler.settled()
+    mgr.clock.advance(PRELOAD_STALE_S + 1)
+    with caplog.at_level(logging.DEBUG, logger="proxy.engine"):
+        waiting.cancel()                                      # the requester goes away
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        await settle(mgr)
+    assert CODER not in mgr.core.scheduler.pending
+    assert mgr.entry(CODER).status.value == "unloaded"
+    assert f"preload of {CODER} dropped: its moment has passed" in caplog.text
+    for lease in serving:
+        lease.release()

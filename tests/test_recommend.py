@@ -218,3 +218,12 @@ async def test_auto_for_a_task_of_the_other_kind_is_a_400(emulator, make_proxy, 
     assert r.status == 400 and error["param"] == "model"
     assert error["type"] == "invalid_request_error" and path in error["message"]
     assert sum(emulator.state.load_calls.values()) == 0
+
+
+def test_a_single_name_given_as_models_limits_nothing():
+    """`models` is a list of keys; a bare string (one name, or a typo) is not read as the set
+    of its characters, which would leave no candidate at all."""
+    pool = [facts(SMALL, 3), facts(LARGE, 9, loaded=True)]
+    result = recommend(pool, {"task_type": "chat", "urgency": 1.0, "models": SMALL},
+                       headroom_bytes=32 * GB, tasks={"chat": (LARGE,)})
+    assert result["recommended_models"] and set(result["recommended_models"]) == {SMALL, LARGE}

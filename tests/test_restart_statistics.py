@@ -129,3 +129,69 @@ async def test_a_history_written_by_the_previous_version_still_loads(lab, engine
     assert again.open()
     assert again.load()["stats"][A]["last_used_wall_s"] == clock.wall()
     again.close()
+
+
+def test_a_restored_minute_before_the_clocks_zero_is_merged_too():
+    """History replayed onto a monotonic clock started moments ago lands at negative minutes:
+    a fleet's merged view adds them like any other (only an empty slot is skipped)."""
+    from proxy.engine.usage import ModelUsage, merged
+    u = ModelUsage()
+    u.per_minute.add(-30.0, 3)                       # minute -1
+    u.per_minute.add(-600.0, 2)                      # minute -10
+    assert u.per_minute.total(0.0, 0, 60) == 5
+    assert merged([u, ModelUsage()]).per_minute.total(0.0, 0, 60) == 5
+
+
+async def test_evictions_of_a_model_not_listed_since_the_restart_are_written_back_as_kept(
+        lab, engine, make_emulator, tmp_path):
+    """A's evictions are restored while A is not listed (another upstream's catalogue, a model
+    removed for a while); its statistics written again in the meantime keep them."""
+    from proxy.emulator import CatalogModel
+    from .fakes import GB
+    path = tmp_path / "history.sqlite3"
+    clock = ManualClock(start_s=50_000.0)
+    first = await engine(lab.url, store=UsageStore(path), clock=clock, memory=SMALL)
+    await use(first, A)
+    await use(first, B)                              # A is evicted to make room for B
+    assert kept(first)["rows"][A]["evictions"] == {"admission": 1}
+    await first.cleanup()
+
+    without_a = await make_emulator(catalog=[CatalogModel(key=B, size_bytes=6 * GB,
+                                                          memory_bytes=6 * GB)])
+    clock = next_process(clock, down_s=60)
+    second = await engine(without_a.url, store=UsageStore(path), clock=clock, memory=SMALL)
+    assert second.entry(A) is None
+    second.record_model_usage(A, 0.05)               # its statistics change: written again
+    await second.cleanup()
+
+    clock = next_process(clock, down_s=60)
+    third = await engine(lab.url, store=UsageStore(path), clock=clock, memory=SMALL)
+    assert kept(third)["rows"][A]["evictions"] == {"admission": 1}
+
+
+async def test_a_bound_set_aside_by_hand_stays_aside_after_a_restart(lab, engine, tmp_path):
+    """U is refused for lack of memory (a bound is learned); a load asked for by hand sets the
+    bound aside and fails for another reason, learning nothing: the next process must not
+    bring the bound back and refuse U again without trying."""
+    from proxy.errors import ModelLoadFailed
+    from .fakes import GB
+    from .test_engine_promises import U
+    path = tmp_path / "history.sqlite3"
+    clock = ManualClock(start_s=50_000.0)
+    lab.state.capacity_bytes = 6 * GB                # memory held by a program not counted
+    first = await engine(lab.url, store=UsageStore(path), clock=clock)
+    with pytest.raises(ModelLoadFailed, match="more than the 16.0 GB"):
+        await first.acquire(U)
+    await first.flush()
+    lab.state.capacity_bytes = 16 * GB               # that program exits
+    lab.state.faults.load_fail[U] = "a file being copied"
+    clock.advance(120)                               # past the failed load's back-off
+    with pytest.raises(ModelLoadFailed, match="a file being copied"):
+        await first.load_model(U)
+    assert first.entry(U).footprint_floor_bytes is None
+    await first.cleanup()
+
+    del lab.state.faults.load_fail[U]
+    second = await engine(lab.url, store=UsageStore(path), clock=next_process(clock, 60))
+    (await second.acquire(U)).release()              # tried, and loaded
+    assert lab.state.instances_of(U)
