@@ -269,7 +269,7 @@ async def _oracle(loop: VirtualTimeLoop, mgr: EngineCore, workload: Workload, *,
             await asyncio.sleep(wait)
         e = registry.entries[key]
         if e.status is ModelStatus.UNLOADED:
-            scheduler.preload(e, registry.reload_s(e))
+            scheduler.preload(e, registry.reload_s(e), why="asked for next (the oracle)")
 
 
 TAIL_SHARE = 0.01

@@ -29,6 +29,23 @@ def keyed_proxy(make_proxy: Any, url: str, **overrides: Any) -> Any:
                               "auth.admin_token": ADMIN, **overrides})
 
 
+async def admin_call(http: Any, proxy: Any, action: str, model: str) -> tuple[int, Any]:
+    """POST /proxy/models/<action> with the admin token: (status, JSON body)."""
+    async with http.post(f"{proxy.url}/proxy/models/{action}", json={"model": model},
+                         headers={"Authorization": f"Bearer {ADMIN}"}) as r:
+        return r.status, await r.json()
+
+
+async def admin_ok(http: Any, proxy: Any, action: str, model: str) -> None:
+    status, body = await admin_call(http, proxy, action, model)
+    assert status == 200, body
+
+
+async def extra_instances(client: Any, *identifiers: str) -> None:
+    for identifier in identifiers:
+        await client.llm.load_new_instance(SMALL, identifier)
+
+
 @pytest.fixture
 async def proxy(make_proxy, emulator) -> Any:
     return await keyed_proxy(make_proxy, emulator.url)
@@ -114,9 +131,7 @@ async def test_a_key_unloads_what_it_loaded(proxy, sdk, emulator):
 async def test_unloading_what_the_admin_pinned_needs_the_admin_token(make_proxy, emulator, sdk,
                                                                      http):
     proxy = await keyed_proxy(make_proxy, emulator.url, **{f"models.{MID}.pinned": True})
-    async with http.post(f"{proxy.url}/proxy/models/load", json={"model": MID},
-                         headers={"Authorization": f"Bearer {ADMIN}"}) as r:
-        assert r.status == 200
+    await admin_ok(http, proxy, "load", MID)
     with pytest.raises(lmstudio.LMStudioServerError, match="admin token"):
         await (await sdk(proxy, BOB)).llm.unload(MID)
     assert MID in emulator.state.instances and emulator.state.unload_calls[MID] == 0
@@ -126,9 +141,7 @@ async def test_unloading_what_the_admin_pinned_needs_the_admin_token(make_proxy,
 
 async def test_a_key_unloads_an_extra_instance_it_loaded_of_a_model_the_proxy_had_loaded(
         proxy, sdk, emulator, http):
-    async with http.post(f"{proxy.url}/proxy/models/load", json={"model": SMALL},
-                         headers={"Authorization": f"Bearer {ADMIN}"}) as r:
-        assert r.status == 200, await r.text()
+    await admin_ok(http, proxy, "load", SMALL)
     alice = await sdk(proxy, ALICE)
     await alice.llm.load_new_instance(SMALL, "alice-extra")
     with pytest.raises(lmstudio.LMStudioServerError, match="not loaded with this key"):
@@ -141,12 +154,8 @@ async def test_a_key_unloads_an_extra_instance_it_loaded_of_a_model_the_proxy_ha
 
 async def test_extra_instances_a_key_loads_are_charged_to_the_memory_budget(proxy, sdk, http):
     """Each instance holds a footprint of its own: three of SMALL hold three."""
-    async with http.post(f"{proxy.url}/proxy/models/load", json={"model": SMALL},
-                         headers={"Authorization": f"Bearer {ADMIN}"}) as r:
-        assert r.status == 200, await r.text()
-    alice = await sdk(proxy, ALICE)
-    for name in ("one", "two"):
-        await alice.llm.load_new_instance(SMALL, name)
+    await admin_ok(http, proxy, "load", SMALL)
+    await extra_instances(await sdk(proxy, ALICE), "one", "two")
     engine = proxy.engine
     e = engine.entry(SMALL)
     assert set(e.instance_ids) == {SMALL, "one", "two"}
@@ -166,17 +175,10 @@ async def test_evicting_a_model_frees_all_its_instances_and_no_more_is_evicted(
         "memory.budget_gb": 15, "memory.max_memory_usage_percent": 100,
         "models": {SMALL: {"footprint_gb": 3}, EMBED: {"footprint_gb": 3},
                    MID: {"footprint_gb": 8}}})
-    admin = {"Authorization": f"Bearer {ADMIN}"}
     for model in (SMALL, EMBED):
-        async with http.post(f"{proxy.url}/proxy/models/load", json={"model": model},
-                             headers=admin) as r:
-            assert r.status == 200, await r.text()
-    alice = await sdk(proxy, ALICE)
-    for name in ("one", "two"):
-        await alice.llm.load_new_instance(SMALL, name)
-    async with http.post(f"{proxy.url}/proxy/models/load", json={"model": MID},
-                         headers=admin) as r:
-        assert r.status == 200, await r.text()
+        await admin_ok(http, proxy, "load", model)
+    await extra_instances(await sdk(proxy, ALICE), "one", "two")
+    await admin_ok(http, proxy, "load", MID)
     assert sorted(proxy.engine.loaded_models()) == sorted([EMBED, MID])
     assert not emulator.state.instances_of(SMALL)
 
@@ -184,9 +186,7 @@ async def test_evicting_a_model_frees_all_its_instances_and_no_more_is_evicted(
 async def test_an_instance_name_loaded_again_by_another_key_is_that_keys(proxy, sdk, emulator,
                                                                          http):
     await (await sdk(proxy, ALICE)).llm.load_new_instance(SMALL, "x")
-    async with http.post(f"{proxy.url}/proxy/models/unload", json={"model": SMALL},
-                         headers={"Authorization": f"Bearer {ADMIN}"}) as r:
-        assert r.status == 200, await r.text()
+    await admin_ok(http, proxy, "unload", SMALL)
     await (await sdk(proxy, BOB)).llm.load_new_instance(SMALL, "x")
     with pytest.raises(lmstudio.LMStudioServerError, match="not loaded with this key"):
         await (await sdk(proxy, ALICE)).llm.unload("x")
@@ -406,12 +406,8 @@ async def test_a_key_may_not_unload_a_later_load_of_what_it_once_loaded(make_pro
     proxy = await keyed_proxy(make_proxy, emulator.url, **{f"models.{SMALL}.pinned": True})
     alice = await sdk(proxy, ALICE)
     await alice.llm.load_new_instance(SMALL)
-    async with http.post(f"{proxy.url}/proxy/models/unload", json={"model": SMALL},
-                         headers={"Authorization": f"Bearer {ADMIN}"}) as r:
-        assert r.status == 200, await r.text()
-    async with http.post(f"{proxy.url}/proxy/models/load", json={"model": SMALL},
-                         headers={"Authorization": f"Bearer {ADMIN}"}) as r:
-        assert r.status == 200, await r.text()
+    await admin_ok(http, proxy, "unload", SMALL)
+    await admin_ok(http, proxy, "load", SMALL)
     with pytest.raises(lmstudio.LMStudioServerError, match="not loaded with this key"):
         await alice.llm.unload(SMALL)
     assert SMALL in emulator.state.instances
@@ -451,9 +447,7 @@ async def test_an_instance_gone_from_the_server_is_not_the_keys_to_unload(proxy,
     no longer there is answered by the proxy as not his, never forwarded as an unload."""
     bob = await sdk(proxy, BOB)
     await bob.llm.load_new_instance(SMALL, "x")
-    async with http.post(f"{proxy.url}/proxy/models/unload", json={"model": SMALL},
-                         headers={"Authorization": f"Bearer {ADMIN}"}) as r:
-        assert r.status == 200, await r.text()
+    await admin_ok(http, proxy, "unload", SMALL)
     assert "x" not in emulator.state.instances
     unloads = dict(emulator.state.unload_calls)
     with pytest.raises(lmstudio.LMStudioServerError, match="not loaded with this key"):
@@ -468,16 +462,10 @@ async def test_a_refusal_names_what_all_of_a_models_instances_hold(make_proxy, e
     proxy = await keyed_proxy(make_proxy, emulator.url, **{
         "memory.budget_gb": 15, "memory.max_memory_usage_percent": 100,
         "models": {SMALL: {"footprint_gb": 3, "pinned": True}, MID: {"footprint_gb": 8}}})
-    admin = {"Authorization": f"Bearer {ADMIN}"}
-    async with http.post(f"{proxy.url}/proxy/models/load", json={"model": SMALL},
-                         headers=admin) as r:
-        assert r.status == 200, await r.text()
-    alice = await sdk(proxy, ALICE)
-    for name in ("one", "two"):
-        await alice.llm.load_new_instance(SMALL, name)
-    async with http.post(f"{proxy.url}/proxy/models/load", json={"model": MID},
-                         headers=admin) as r:
-        message = (await r.json())["error"]["message"]
-        assert r.status >= 400
+    await admin_ok(http, proxy, "load", SMALL)
+    await extra_instances(await sdk(proxy, ALICE), "one", "two")
+    status, body = await admin_call(http, proxy, "load", MID)
+    message = body["error"]["message"]
+    assert status >= 400
     assert f"'{SMALL}' 9.0 GB" in message, message
     assert not emulator.state.instances_of(MID)
