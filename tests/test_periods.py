@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from proxy.engine.learning import MAX_SKIPPED_PERIODS, MIN_PERIOD_STARTS, SHORT_GAP_S, \
-    START_MAX, ModelPattern, Period, detect_period
+from proxy.engine.learning import SHORT_GAP_S, START_MAX, ModelPattern
+from proxy.engine.timers import MAX_SKIPPED_PERIODS, MIN_PERIOD_STARTS, Period, detect_period
 
 MONDAY = 1_700_438_400.0          # 2023-11-20 00:00 UTC, a Monday
 PERIOD_S = 300.0

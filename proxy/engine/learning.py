@@ -7,11 +7,9 @@ Per model (`ModelPattern`):
 Across models (`UsageLearner`): which model follows which within `FOLLOW_WINDOW_S`
 (agent pipelines: a planner, then a coder, then an embedding model).
 
-A model asked for by a timer (a caller every five minutes, every hour) shows a period: the
-first requests after a lull (its "starts", kept for the latest START_MAX lulls) fall on a grid
-of one period, within a phase window learnt from them (`detect_period`, run by the preloader's
-tick, not per request). The window says when the next start is due, to the second, which a
-histogram of gaps with bins 25 % wide cannot.
+A model asked for by a clock shows it in its first requests after a lull (its "starts", kept
+for the latest START_MAX lulls, and counted by minute of the hour): a period, or a minute of the
+hour it usually starts in (`timers`, looked at by the preloader's tick, not per request).
 
 From these it predicts, for a model idle for `age_s`, the probability of a request within a
 horizon and the expected wait for it: the empirical conditional distribution of its gaps given
@@ -24,9 +22,11 @@ from __future__ import annotations
 import bisect
 import collections
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from .timers import CLOCK_HOURS_CAP, MAX_SKIPPED_PERIODS, ClockMinute, Period, \
+    busiest_minute, detect_period, minute_of_hour
 
 GAP_RATIO = 1.25
 # 0.5 s … ~9 days, log-spaced: about 65 bins.
@@ -40,12 +40,6 @@ MAX_FOLLOWERS = 32          # per model, the followers counted (the first ones s
 COUNT_CAP = 4096            # counts are halved beyond this: old habits fade
 WEEK_HOURS = 168
 START_MAX = 16              # per model, the latest starts (first request after a lull) kept
-MIN_PERIOD_STARTS = 8       # a period is believed after this many starts on its grid
-PERIOD_SPREAD = 0.5        # the starts' phase may spread over at most this share of it
-MAX_SKIPPED_PERIODS = 2     # a gap of more than this many periods breaks the grid
-FEW_STARTS = 12             # with fewer starts than this, their phases must lie closer:
-FEW_STARTS_SPREAD = 0.3     # within this share of a period (random arrivals' first starts
-                            # fit within half of one by chance for over 10 % of callers)
 
 
 def _bin(gap_s: float) -> int:
@@ -83,54 +77,6 @@ class GapHistogram:
         return above + self.counts[i] * min(1.0, max(0.0, frac))
 
 
-@dataclass(frozen=True)
-class Period:
-    """Starts on a grid: anchor_s + k × period_s, each within [early_s, late_s] of its point."""
-    period_s: float
-    anchor_s: float
-    early_s: float
-    late_s: float
-    confidence: float        # the share of the grid's periods that had a start
-
-    def next_window(self, now_s: float, last_start_s: float) -> tuple[float, float]:
-        """The window of the next start: after the one of last_start_s, and not yet over at
-        now_s (a period without a start is skipped)."""
-        p = self.period_s
-        middle = (self.early_s + self.late_s) / 2
-        k = max(round((last_start_s - self.anchor_s - middle) / p) + 1,
-                math.floor((now_s - self.anchor_s - self.late_s) / p) + 1)
-        base = self.anchor_s + k * p
-        return base + self.early_s, base + self.late_s
-
-
-def detect_period(starts: Sequence[float]) -> Period | None:
-    """A period if the starts (ascending) lie on one grid: every gap is close to a whole
-    number (1 … MAX_SKIPPED_PERIODS) of periods, and the phases spread over at most
-    PERIOD_SPREAD of a period (FEW_STARTS_SPREAD while there are fewer than FEW_STARTS).
-    Random arrivals mostly fail the first test: a third of their gaps are under half the
-    median."""
-    if len(starts) < MIN_PERIOD_STARTS:
-        return None
-    gaps = [b - a for a, b in zip(starts, starts[1:])]
-    median = sorted(gaps)[len(gaps) // 2]
-    if median <= 0.0:
-        return None
-    counts = [round(g / median) for g in gaps]
-    if min(counts) < 1 or max(counts) > MAX_SKIPPED_PERIODS:
-        return None
-    periods = sum(counts)
-    period = (starts[-1] - starts[0]) / periods     # to within one phase window over periods
-    phases, k = [0.0], 0
-    for s, n in zip(starts[1:], counts):
-        k += n
-        phases.append(s - starts[0] - k * period)
-    early, late = min(phases), max(phases)
-    spread = PERIOD_SPREAD if len(starts) >= FEW_STARTS else FEW_STARTS_SPREAD
-    if late - early > spread * period:
-        return None
-    return Period(period, starts[0], early, late, len(gaps) / periods)
-
-
 @dataclass
 class Prediction:
     p_within: float          # probability of a request within the horizon
@@ -149,8 +95,12 @@ class ModelPattern:
     last_at_s: float | None = None
     last_gap_s: float | None = None
     starts: collections.deque = field(default_factory=lambda: collections.deque(maxlen=START_MAX))
+    minute_starts: list[int] = field(default_factory=lambda: [0] * 60)   # by minute of the hour
+    minutes_since_wall_s: float | None = None      # since when minute_starts counts its hours
     _period: Period | None = None
     _period_of_s: float | None = None     # the latest start _period was detected with
+    _busiest: tuple[int, int] | None = None
+    _busiest_stale: bool = True           # a start came since _busiest was found
 
     def observe(self, at_s: float, wall_s: float) -> None:
         if self.last_at_s is not None:
@@ -162,14 +112,38 @@ class ModelPattern:
                 (self.after_short if self.last_gap_s < SHORT_GAP_S else self.after_long).add(gap)
             self.last_gap_s = gap
             if gap >= SHORT_GAP_S:
-                self.starts.append(at_s)
+                self._start(at_s, wall_s)
         else:
-            self.starts.append(at_s)
+            self._start(at_s, wall_s)
         self.last_at_s = at_s
         self.requests += 1
         if self.first_wall_s is None:
             self.first_wall_s = wall_s
         self.hours[hour_of_week(wall_s)] += 1
+
+    def _start(self, at_s: float, wall_s: float) -> None:
+        self.starts.append(at_s)
+        since = self.minutes_since_wall_s
+        if since is None:
+            since = self.minutes_since_wall_s = wall_s
+        elif wall_s - since > CLOCK_HOURS_CAP * 3600.0:     # halve the hours and the counts
+            self.minutes_since_wall_s = wall_s - (wall_s - since) / 2.0
+            self.minute_starts = [c // 2 for c in self.minute_starts]
+        self.minute_starts[minute_of_hour(wall_s)] += 1
+        self._busiest_stale = True
+
+    def clock(self, wall_s: float) -> ClockMinute | None:
+        """The minute of the hour its starts stand out in (found again only when a start came),
+        with the chance of a start there in an hour: its starts in that minute per hour
+        counted."""
+        if self._busiest_stale:
+            self._busiest_stale = False
+            self._busiest = busiest_minute(self.minute_starts)
+        if self._busiest is None or self.minutes_since_wall_s is None:
+            return None
+        minute, hits = self._busiest
+        hours = max(1.0, (wall_s - self.minutes_since_wall_s) / 3600.0)
+        return ClockMinute(minute, min(1.0, hits / hours))
 
     def period(self, now_s: float) -> Period | None:
         """The period its starts show (detected again only when a new start came), while it
@@ -252,7 +226,9 @@ class ModelPattern:
                 "first_wall_s": self.first_wall_s, "last_gap_s": self.last_gap_s,
                 "last_wall_s": None if self.last_at_s is None
                 else wall_s - (now_s - self.last_at_s),
-                "starts_wall_s": [wall_s - (now_s - at) for at in self.starts]}
+                "starts_wall_s": [wall_s - (now_s - at) for at in self.starts],
+                "minute_starts": self.minute_starts,
+                "minutes_since_wall_s": self.minutes_since_wall_s}
 
     @classmethod
     def restore(cls, data: dict[str, Any], now_s: float = 0.0, wall_s: float = 0.0
@@ -277,6 +253,11 @@ class ModelPattern:
         if isinstance(starts, list):
             p.starts.extend(now_s - max(0.0, wall_s - float(w)) for w in starts
                             if isinstance(w, (int, float)))
+        minutes = data.get("minute_starts")
+        since = data.get("minutes_since_wall_s")
+        if isinstance(minutes, list) and len(minutes) == 60 and isinstance(since, (int, float)):
+            p.minute_starts = [int(c) for c in minutes]
+            p.minutes_since_wall_s = float(since)
         gap = data.get("last_gap_s")
         p.last_gap_s = float(gap) if isinstance(gap, (int, float)) else None
         return p

@@ -3,9 +3,13 @@
 Triggers:
 - a request for A preloads B when B follows A (within `learning.FOLLOW_WINDOW_S`) with
   probability at least `preload.min_probability`;
-- a timer's model (its first requests after a lull fall on one grid: `learning.detect_period`)
+- a timer's model (its first requests after a lull fall on one grid: `timers.detect_period`)
   is preloaded its reload seconds before its next window opens, the tick running at that
   moment rather than at the end of the monitoring interval;
+- so is, before that minute, a model whose first requests after a lull stand out in one minute
+  of the hour (`timers.ClockMinute`: a job run by cron at :00 on some hours, which breaks a
+  period's grid) when its chance of a start there, per hour, is at least
+  `preload.min_probability`;
 - every monitoring interval, a model without a period that is due by its rhythm (requested in
   this hour of the week at least `preload.rhythm_min_rate` times a week) or by its own gaps (at
   least `preload.min_probability` of a request within a minute);
@@ -107,9 +111,10 @@ class Preloader(Part):
 
     async def tick(self) -> None:
         """Preload what is due: a timer's model its reload seconds before its period's next
-        window opens; else by its weekly rhythm or by its own gaps (likely asked for within a
-        minute); into free memory only, what usually starts in the coming hour of the day (a
-        session's first request, which no sequence predicts)."""
+        window opens, or before the minute of the hour it usually starts in; else by its weekly
+        rhythm or by its own gaps (likely asked for within a minute); into free memory only, what
+        usually starts in the coming hour of the day (a session's first request, which no
+        sequence predicts)."""
         if not self.config.enabled:
             self.next_due_s = None
             return
@@ -123,14 +128,16 @@ class Preloader(Part):
             if e is None:
                 continue
             period = pattern.period(now)
-            if period is not None:
-                opens_s, _ = period.next_window(now, pattern.starts[-1])
-                due_s = opens_s - self.registry.reload_s(e) - PERIOD_LEAD_S
-                if due_s > now:
-                    next_due = due_s if next_due is None else min(next_due, due_s)
-                elif e.status is S.UNLOADED:
-                    self.queue(key, period.confidence, "due by its period")
+            if period is not None:          # its preload time is known: nothing else applies
+                opens_in_s = period.next_window(now, pattern.starts[-1])[0] - now
+                next_due = self._timed(e, opens_in_s, period.confidence, "due by its period",
+                                       next_due)
                 continue
+            clock = pattern.clock(wall)     # a job's minute; between its runs, as any model
+            if clock is not None and clock.chance >= self.config.min_probability:
+                next_due = self._timed(e, clock.opens_in_s(wall), clock.chance,
+                                       f"usually asked for at minute :{clock.minute:02d}",
+                                       next_due)
             if e.status is not S.UNLOADED:
                 continue
             if pattern.rate_in_hour(wall) >= rate:
@@ -142,6 +149,19 @@ class Preloader(Part):
                 if p >= self.config.min_probability:
                     self.queue(key, p, "due by its gaps")
         self.next_due_s = next_due
+
+    def _timed(self, e: ModelEntry, opens_in_s: float, chance: float, why: str,
+               next_due: float | None) -> float | None:
+        """A model asked for by a clock, whose window opens in opens_in_s: preloaded once its
+        reload seconds (and PERIOD_LEAD_S) before it are reached. Returns the earliest due time
+        still ahead, its own or next_due."""
+        now = self.clock.now()
+        due_s = now + opens_in_s - self.registry.reload_s(e) - PERIOD_LEAD_S
+        if due_s > now:
+            return due_s if next_due is None else min(next_due, due_s)
+        if e.status is S.UNLOADED:
+            self.queue(e.key, chance, why)
+        return next_due
 
     def queue(self, key: str, probability: float, why: str, *, may_evict: bool = True) -> None:
         e = self.registry.entries.get(key)

@@ -47,6 +47,7 @@ def model_row(core: "EngineCore", key: str, now_s: float) -> dict[str, Any]:
         "evictions": dict(e.evictions), "last_error": e.last_error,
         "last_used_s_ago": None if last_used_s is None else round(now_s - last_used_s, 1),
         "timer": timer_row(core.learner.patterns.get(key), now_s),
+        "clock": clock_row(core.learner.patterns.get(key), now_s, core.clock.wall()),
         **usage.summary(now_s)}
 
 
@@ -61,6 +62,20 @@ def timer_row(pattern: "ModelPattern | None", now_s: float) -> dict[str, Any] | 
             "window_s": round(period.late_s - period.early_s, 1),
             "next_window_in_s": round(max(0.0, opens_s - now_s), 1),
             "confidence": round(period.confidence, 2)}
+
+
+def clock_row(pattern: "ModelPattern | None", now_s: float, wall_s: float
+              ) -> dict[str, Any] | None:
+    """The minute of the hour a job run by the clock usually asks for the model in, where it
+    has no period (None: none stands out): the preloader loads it before that minute when
+    its chance per hour is at least preload.min_probability."""
+    if pattern is None or pattern.period(now_s) is not None:
+        return None
+    clock = pattern.clock(wall_s)
+    if clock is None:
+        return None
+    return {"minute": clock.minute, "chance_per_hour": round(clock.chance, 2),
+            "next_in_s": round(max(0.0, clock.opens_in_s(wall_s)), 1)}
 
 
 def top_by_usage(usage: Mapping[str, "ModelUsage"], now_s: float, n: int = 5
