@@ -8,7 +8,7 @@ import logging
 
 import pytest
 
-from proxy.engine.learning import SHORT_GAP_S, ModelPattern
+from proxy.engine.learning import SHORT_GAP_S, ModelPattern, UsageLearner
 from proxy.engine.lifecycle import ModelStatus
 from proxy.engine.preload import PERIOD_LEAD_S
 from proxy.engine.timers import CLOCK_CONTRAST, CLOCK_HOURS_CAP, MIN_CLOCK_STARTS, ClockMinute, \
@@ -215,3 +215,61 @@ def test_between_its_runs_a_jobs_model_is_preloaded_by_its_gaps_as_any_model(cap
         return mgr.core.row("job")["clock"]["minute"]
     assert run({"job": (4, RELOAD_S), "other": (4, 3.0)}, 12, script, hold="off") == 0
     assert "preloading job (due by its gaps)" in caplog.messages
+
+
+# -- eviction -----------------------------------------------------------------------------------
+def test_a_due_chance_counts_a_clocks_next_run_within_the_horizon():
+    learner = UsageLearner()
+    for h in (0, 1, 3, 4):
+        learner.observe("job", h * HOUR_S, h * HOUR_S)
+    at = 5 * HOUR_S - 60.0                                  # :00 opens in a minute
+    assert learner.due_chance("job", at, at, 60.0) == pytest.approx(4 / (4 + 59 / 60))
+    assert learner.due_chance("job", at - 1.0, at - 1.0, 60.0) == 0.0     # 61 s away
+    assert learner.due_chance("job", at + 90.0, at + 90.0, 60.0) > 0.0    # under way
+    assert learner.due_chance("unknown", at, at, 60.0) == 0.0
+
+
+def test_a_model_due_by_its_minute_is_kept_over_an_idle_one():
+    """Memory for two: `job` (asked for at :00 of hours 0, 1, 3, 4, idle since 04:00) and
+    `other` (asked for at 04:50). At 04:59:30 a request for `new` needs one of them gone: by
+    idle time alone `job` would go; due in 30 s with a chance of 0.8, `other` goes."""
+    async def script(mgr, loop):
+        for h in (0, 1, 3, 4):
+            await asyncio.sleep(h * HOUR_S - loop.time())
+            await use(mgr, loop, "job", 0.0)
+        await asyncio.sleep(4 * HOUR_S + 50 * 60.0 - loop.time())
+        await use(mgr, loop, "other", 0.0)
+        await asyncio.sleep(5 * HOUR_S - 30.0 - loop.time())
+        await use(mgr, loop, "new", 0.0)
+        return mgr.core.registry.loaded()
+    assert run({"job": (4, RELOAD_S), "other": (4, 3.0), "new": (4, 3.0)}, 8, script,
+               hold="off", prediction="off") == ["job", "new"]
+
+
+def test_a_due_chance_is_the_likelier_of_a_pipelines_next_step_and_a_clocks_run():
+    learner = UsageLearner()
+    # `planner`, then `job` 10 s later, at :00 of hours 0, 1, 3, 4 and at :30 of 0-3
+    runs = [h * HOUR_S for h in (0, 1, 3, 4)] + [h * HOUR_S + 1800.0 for h in range(4)]
+    for at_s in sorted(runs):
+        learner.observe("planner", at_s, at_s)
+        learner.observe("job", at_s + 10.0, at_s + 10.0)
+    learner.observe("planner", 5 * HOUR_S - 30.0, 5 * HOUR_S - 30.0)
+    at = 5 * HOUR_S - 20.0
+    assert learner.patterns["job"].clock(at).chance == pytest.approx(0.8, abs=0.01)
+    assert learner.due_chance("job", at, at, 60.0) == pytest.approx(8 / 9)   # its follower's
+
+
+def test_the_expected_hold_counts_a_clocks_next_run():
+    """`hold: expected` spares a fresh model its reload seconds × its chance of reuse soon: a
+    model whose minute opens in 30 s has a chance of 0.8, though its gaps (an hour or two) give
+    far less."""
+    async def script(mgr, loop):
+        for h in (0, 1, 3, 4):
+            await asyncio.sleep(h * HOUR_S - loop.time())
+            await use(mgr, loop, "job", 0.0)
+        await asyncio.sleep(5 * HOUR_S - 30.0 - loop.time())
+        job = mgr.core.registry.entries["job"]
+        return mgr.core.evictor.hold_for(job, loop.time())
+    hold_s = run({"job": (4, RELOAD_S), "other": (4, 3.0)}, 8, script, hold="expected",
+                 prediction="off")
+    assert hold_s == pytest.approx(RELOAD_S * 4 / (4 + 59.5 / 60), rel=0.01)

@@ -42,7 +42,7 @@ def test_a_big_model_goes_when_the_small_ones_that_cover_cost_more_in_all():
 
 
 def test_a_pipelines_next_step_is_kept_by_the_cover():
-    coder = cand("coder", 8, reload_s=6.0, idle_s=600.0, p_follow=0.9)
+    coder = cand("coder", 8, reload_s=6.0, idle_s=600.0, p_due=0.9)
     other = cand("other", 8, reload_s=6.0, idle_s=600.0)
     assert select_victims("cost-aware", [coder, other], 4 * GB, NOW) == ("other",)
 

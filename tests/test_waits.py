@@ -101,7 +101,7 @@ def test_hold_off_makes_no_request_wait_for_memory():
 # -- victims: the pipeline's next step is kept ---------------------------------------------------
 def test_a_likely_next_step_outranks_an_equally_idle_model():
     now = 1000.0
-    coder = Candidate("coder", 8 * GB, last_used_s=400.0, reload_s=6.0, p_follow=0.9)
+    coder = Candidate("coder", 8 * GB, last_used_s=400.0, reload_s=6.0, p_due=0.9)
     other = Candidate("other", 8 * GB, last_used_s=400.0, reload_s=6.0)
     assert cost_aware_value(coder, now) > cost_aware_value(other, now)
     assert select_victims("cost-aware", [coder, other], 8 * GB, now) == ("other",)

@@ -68,7 +68,7 @@ class Evictor(Part):
 
     def _p_reuse(self, key: str, now: float) -> float:
         return max(self.learner.predict(key, now, PREDICTION_HORIZON_S).p_within,
-                   self.learner.follow_chance(key, now))
+                   self.learner.due_chance(key, now, self.clock.wall(), PREDICTION_HORIZON_S))
 
     @property
     def config(self):  # noqa: ANN201 - the registry holds the live config
@@ -125,7 +125,8 @@ class Evictor(Part):
         if predicted or self.config.eviction.policy in SET_POLICIES:
             p_reuse = self.learner.predict(e.key, now, PREDICTION_HORIZON_S).p_within
         return Candidate(
-            p_reuse=p_reuse, p_follow=self.learner.follow_chance(e.key, now),
+            p_reuse=p_reuse, p_due=self.learner.due_chance(e.key, now, self.clock.wall(),
+                                                           PREDICTION_HORIZON_S),
             key=e.key, footprint_bytes=self.registry.held_bytes(e),
             last_used_s=e.last_used_at_s or e.loaded_at_s or now,
             priority=self.registry.priority(e.key), reload_s=self.registry.reload_s(e),

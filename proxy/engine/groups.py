@@ -208,4 +208,4 @@ def _merged(members: list[Candidate]) -> Candidate:
         rate_per_h=sum(c.rate_per_h for c in members),
         heat=sum(c.heat for c in members),
         p_reuse=max(c.p_reuse for c in members),
-        p_follow=max(c.p_follow for c in members))
+        p_due=max(c.p_due for c in members))

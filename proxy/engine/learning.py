@@ -25,7 +25,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from .timers import CLOCK_HOURS_CAP, MAX_SKIPPED_PERIODS, ClockMinute, Period, \
+from .timers import CLOCK_HOURS_CAP, MAX_SKIPPED_PERIODS, ClockMinute, NextRun, Period, \
     busiest_minute, detect_period, minute_of_hour
 
 GAP_RATIO = 1.25
@@ -144,6 +144,19 @@ class ModelPattern:
         minute, hits = self._busiest
         hours = max(1.0, (wall_s - self.minutes_since_wall_s) / 3600.0)
         return ClockMinute(minute, min(1.0, hits / hours))
+
+    def next_run(self, now_s: float, wall_s: float, min_chance: float) -> NextRun | None:
+        """When a clock next asks for the model: by its period, else by the minute of the hour
+        its starts stand out in if that chance is at least min_chance."""
+        period = self.period(now_s)
+        if period is not None:
+            opens_s, _ = period.next_window(now_s, self.starts[-1])
+            return NextRun(opens_s - now_s, period.confidence, "due by its period", True)
+        clock = self.clock(wall_s)
+        if clock is None or clock.chance < min_chance:
+            return None
+        return NextRun(clock.opens_in_s(wall_s), clock.chance,
+                       f"usually asked for at minute :{clock.minute:02d}", False)
 
     def period(self, now_s: float) -> Period | None:
         """The period its starts show (detected again only when a new start came), while it
@@ -317,6 +330,18 @@ class UsageLearner:
         for at_s, source, seen in self._recent:
             if source != key and key not in seen and now_s - at_s <= FOLLOW_WINDOW_S:
                 best = max(best, self.follow_probability(source, key))
+        return best
+
+    def due_chance(self, key: str, now_s: float, wall_s: float, within_s: float) -> float:
+        """The chance key is asked for within within_s for a known reason: as a recent
+        request's next pipeline step, or as a clock's next run whose window opens by then (or
+        is under way)."""
+        best = self.follow_chance(key, now_s)
+        p = self.patterns.get(key)
+        if p is not None:
+            run = p.next_run(now_s, wall_s, 0.0)
+            if run is not None and run.opens_in_s <= within_s:
+                best = max(best, run.chance)
         return best
 
     def likely_next(self, source: str, min_probability: float) -> list[tuple[str, float]]:

@@ -47,7 +47,8 @@ class Candidate:
     rate_per_h: float = 0.0   # requests in the last hour
     heat: float = 0.0         # requests decayed by age to now (half-life HEAT_HALF_LIFE_S)
     p_reuse: float = 0.0      # learned: probability of a request within PREDICTION_HORIZON_S
-    p_follow: float = 0.0     # learned: chance it is a recent request's next pipeline step
+    p_due: float = 0.0        # learned: chance it is due within PREDICTION_HORIZON_S as a
+                              # recent request's next pipeline step or a clock's next run
 
 
 ValueFunction = Callable[[Candidate, float], float]
@@ -129,8 +130,9 @@ def priority_value(c: Candidate, now_s: float) -> float:
 def cost_aware_cost(c: Candidate, now_s: float) -> float:
     """Reload seconds per second that evicting c is expected to cause (priority-weighted)."""
     idle_s = max(now_s - c.last_used_s, RECENCY_FLOOR_S)
-    # A pipeline's next step is due within a minute whatever its idle time says.
-    rate_per_s = 1.0 / idle_s + c.heat * HEAT_RATE_PER_S + c.p_follow / PREDICTION_HORIZON_S
+    # A pipeline's next step, or a clock's next run, is due within a minute whatever its idle
+    # time says.
+    rate_per_s = 1.0 / idle_s + c.heat * HEAT_RATE_PER_S + c.p_due / PREDICTION_HORIZON_S
     return priority_weight(c.priority) * max(c.reload_s, 0.01) * rate_per_s
 
 
@@ -144,7 +146,7 @@ PREDICTION_HORIZON_S = 60.0
 
 def expected_cost_s(c: Candidate) -> float:
     """Reload seconds evicting c is expected to cause (priority-weighted)."""
-    return priority_weight(c.priority) * max(c.reload_s, 0.01) * max(c.p_reuse, c.p_follow)
+    return priority_weight(c.priority) * max(c.reload_s, 0.01) * max(c.p_reuse, c.p_due)
 
 
 def predictive_value(c: Candidate, now_s: float) -> float:

@@ -35,6 +35,7 @@ from .groups import Groups
 from .lifecycle import ModelEntry, ModelStatus
 from .policy import PREDICTION_HORIZON_S
 from .registry import Registry
+from .timers import NextRun
 
 if TYPE_CHECKING:
     from .scheduler import Scheduler
@@ -127,17 +128,11 @@ class Preloader(Part):
             e = self.registry.entries.get(key)
             if e is None:
                 continue
-            period = pattern.period(now)
-            if period is not None:          # its preload time is known: nothing else applies
-                opens_in_s = period.next_window(now, pattern.starts[-1])[0] - now
-                next_due = self._timed(e, opens_in_s, period.confidence, "due by its period",
-                                       next_due)
-                continue
-            clock = pattern.clock(wall)     # a job's minute; between its runs, as any model
-            if clock is not None and clock.chance >= self.config.min_probability:
-                next_due = self._timed(e, clock.opens_in_s(wall), clock.chance,
-                                       f"usually asked for at minute :{clock.minute:02d}",
-                                       next_due)
+            run = pattern.next_run(now, wall, self.config.min_probability)
+            if run is not None:
+                next_due = self._timed(e, run, next_due)
+                if run.by_period:         # its preload time is known: nothing else applies
+                    continue              # (a job's minute: between its runs, as any model)
             if e.status is not S.UNLOADED:
                 continue
             if pattern.rate_in_hour(wall) >= rate:
@@ -150,17 +145,16 @@ class Preloader(Part):
                     self.queue(key, p, "due by its gaps")
         self.next_due_s = next_due
 
-    def _timed(self, e: ModelEntry, opens_in_s: float, chance: float, why: str,
-               next_due: float | None) -> float | None:
-        """A model asked for by a clock, whose window opens in opens_in_s: preloaded once its
-        reload seconds (and PERIOD_LEAD_S) before it are reached. Returns the earliest due time
-        still ahead, its own or next_due."""
+    def _timed(self, e: ModelEntry, run: NextRun, next_due: float | None) -> float | None:
+        """A model asked for by a clock: preloaded once its reload seconds (and PERIOD_LEAD_S)
+        before its next run are reached. Returns the earliest due time still ahead, its own or
+        next_due."""
         now = self.clock.now()
-        due_s = now + opens_in_s - self.registry.reload_s(e) - PERIOD_LEAD_S
+        due_s = now + run.opens_in_s - self.registry.reload_s(e) - PERIOD_LEAD_S
         if due_s > now:
             return due_s if next_due is None else min(next_due, due_s)
         if e.status is S.UNLOADED:
-            self.queue(e.key, chance, why)
+            self.queue(e.key, run.chance, run.why)
         return next_due
 
     def queue(self, key: str, probability: float, why: str, *, may_evict: bool = True) -> None:

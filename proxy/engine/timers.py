@@ -102,3 +102,13 @@ class ClockMinute:
         if opens + 60.0 <= wall_s:
             opens += 3600.0
         return opens - wall_s
+
+
+@dataclass(frozen=True)
+class NextRun:
+    """A clock-driven caller's next run: its window opens in opens_in_s (zero or less while it
+    is under way), with this chance of a request then."""
+    opens_in_s: float
+    chance: float
+    why: str
+    by_period: bool        # a period's window, known to the second; else a minute of the hour
