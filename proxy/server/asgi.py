@@ -7,6 +7,8 @@ from typing import Any, AsyncContextManager, Awaitable, Callable
 
 from aiohttp import web
 
+# The scope key of the aiohttp request an ASGI call serves (its app, its connection).
+AIOHTTP_REQUEST = "aiohttp.request"
 Asgi = Callable[[dict[str, Any], Callable[[], Awaitable[dict[str, Any]]],
                  Callable[[dict[str, Any]], Awaitable[None]]], Awaitable[None]]
 
@@ -52,7 +54,7 @@ async def _serve(asgi: Asgi, request: web.Request) -> web.StreamResponse:
              "query_string": request.query_string.encode(),
              "headers": [(k.lower(), v) for k, v in request.raw_headers],
              "client": (request.remote or "", 0),
-             "server": (sock[0], sock[1]) if sock else None}
+             "server": (sock[0], sock[1]) if sock else None, AIOHTTP_REQUEST: request}
     finished = asyncio.Event()
     sent_body = False
     response: web.StreamResponse | None = None

@@ -1,0 +1,95 @@
+"""The streamable HTTP transport at /mcp as a door of the proxy: where the tools' calls go (the
+proxy itself, never a name the client puts in Host)."""
+from __future__ import annotations
+
+from typing import Any, AsyncIterator
+
+import pytest
+from aiohttp import web
+
+from proxy.app import create_app
+from proxy.mcp.http import mount_mcp, own_url
+from proxy.server.serving import Served, serve
+
+from .conftest import Proxy, proxy_config
+from .test_auth import ADMIN, ALICE, AUTH, MODEL, bearer
+
+ACCEPT = "application/json, text/event-stream"
+
+
+@pytest.fixture
+async def make_mcp_proxy(emulator) -> AsyncIterator[Any]:
+    """`make(**overrides)`: a proxy serving /mcp as `python -m proxy` does."""
+    started: list[Proxy] = []
+
+    async def make(**overrides: Any) -> Proxy:
+        app = create_app(proxy_config(emulator.url, **overrides))
+        mount_mcp(app)
+        started.append(Proxy(await serve(app), app))
+        return started[-1]
+
+    yield make
+    for proxy in started:
+        await proxy.served.close()
+
+
+@pytest.fixture
+async def recorder() -> AsyncIterator[tuple[Served, list[str]]]:
+    """Another local service: it records every request and answers JSON of its own."""
+    seen: list[str] = []
+
+    async def record(request: web.Request) -> web.Response:
+        seen.append(f"{request.method} {request.path} {request.headers.get('Authorization')}")
+        return web.json_response({"object": "list", "data": [{"model": "NOT-THE-PROXY"}]})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", record)
+    served = await serve(app)
+    yield served, seen
+    await served.close()
+
+
+def tool_call(tool: str, arguments: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+            "params": {"name": tool, "arguments": arguments or {}}}
+
+
+async def post_mcp(http, proxy: Proxy, message: Any, headers: dict[str, str]) -> Any:
+    async with http.post(f"{proxy.url}/mcp", json=message,
+                         headers={"Accept": ACCEPT, **headers}) as resp:
+        assert resp.status == 200, await resp.text()
+        return (await resp.json())["result"]
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1:{port}", "localhost", "attacker.invalid:{port}"])
+async def test_tools_call_the_proxy_itself_whatever_host_names(make_mcp_proxy, recorder, http,
+                                                              host):
+    """A Host naming another local service (allowed: a loopback name), a bare `localhost`
+    (port 80 is nobody), any name once allowed_hosts is `*`: the calls reach the proxy."""
+    served, seen = recorder
+    host = host.format(port=served.port)
+    proxy = await make_mcp_proxy(**AUTH, **{"server.allowed_hosts": ["*"]})
+    listed = await post_mcp(http, proxy, tool_call("list_models"),
+                            {"Host": host, **bearer(ALICE)})
+    assert not listed["isError"], listed["content"][0]["text"]
+    assert MODEL in [r["model"] for r in listed["structuredContent"]["data"]]
+    stats = await post_mcp(http, proxy, tool_call("memory_stats"),
+                           {"Host": host, **bearer(ALICE)})
+    assert not stats["isError"] and "memory_pressure" in stats["structuredContent"]
+    unloaded = await post_mcp(http, proxy, tool_call("unload_model", {"model": "fast"}),
+                              {"Host": host, **bearer(ADMIN)})
+    assert not unloaded["isError"], unloaded["content"][0]["text"]
+    assert unloaded["structuredContent"]["model"] == MODEL
+    assert seen == []
+
+
+@pytest.mark.parametrize("accepted_on, listen, url", [
+    (("127.0.0.1", 8080), "127.0.0.1", "http://127.0.0.1:8080"),
+    (("192.168.1.5", 8080), "0.0.0.0", "http://127.0.0.1:8080"),
+    (("::ffff:192.168.1.5", 8080), "::", "http://127.0.0.1:8080"),
+    (("2001:db8::5", 8080), "::", "http://[::1]:8080"),
+    (("::1", 8080), "::", "http://[::1]:8080"),
+    (("192.168.1.5", 8080), "192.168.1.5", "http://192.168.1.5:8080")])
+def test_the_tools_address_is_the_listening_one(accepted_on, listen, url):
+    """Bound to every address, the calls stay on loopback; bound to one, they go to it."""
+    assert own_url(accepted_on, listen) == url
