@@ -1,9 +1,11 @@
 """The streamable HTTP transport at /mcp as a door of the proxy: where the tools' calls go (the
-proxy itself, never a name the client puts in Host)."""
+proxy itself, never a name the client puts in Host) and which key they carry (the one the door
+took)."""
 from __future__ import annotations
 
 from typing import Any, AsyncIterator
 
+import orjson
 import pytest
 from aiohttp import web
 
@@ -13,6 +15,7 @@ from proxy.server.serving import Served, serve
 
 from .conftest import Proxy, proxy_config
 from .test_auth import ADMIN, ALICE, AUTH, MODEL, bearer
+from .test_mcp import call, http_session
 
 ACCEPT = "application/json, text/event-stream"
 
@@ -93,3 +96,11 @@ async def test_tools_call_the_proxy_itself_whatever_host_names(make_mcp_proxy, r
 def test_the_tools_address_is_the_listening_one(accepted_on, listen, url):
     """Bound to every address, the calls stay on loopback; bound to one, they go to it."""
     assert own_url(accepted_on, listen) == url
+
+
+async def test_the_tools_use_the_key_the_door_took_from_x_api_key(make_mcp_proxy):
+    proxy = await make_mcp_proxy(**AUTH)
+    async with http_session(proxy.url, None, {"x-api-key": ALICE}) as session:
+        assert MODEL in [r["model"] for r in (await call(session, "list_models"))["data"]]
+        models = await session.read_resource("proxy://models")
+    assert MODEL in [r["model"] for r in orjson.loads(models.contents[0].text)["data"]]

@@ -10,6 +10,7 @@ from mcp.server.transport_security import TransportSecuritySettings
 
 from ..origins import WILDCARD_BINDS
 from ..server.asgi import AIOHTTP_REQUEST, mount
+from ..server.auth import presented_secret
 from ..server.keys import CONFIG
 from .client import ProxyClient
 from .server import build_server
@@ -27,14 +28,13 @@ def mount_mcp(app: web.Application, path: str = PATH) -> None:
 def http_app(path: str = PATH) -> tuple[Any, Callable[[], Any]]:
     """The streamable HTTP transport, stateless with JSON answers, to mount on the proxy's own
     server: (ASGI app, lifespan). Each call goes back to the proxy it arrived at, at the
-    address it listens on, with the caller's own Authorization, so the proxy's auth decides as
-    for any HTTP call."""
+    address it listens on, with the key the caller was let in with, so the proxy's auth decides
+    as for any HTTP call."""
     def client_for() -> ProxyClient:
         scope = _HTTP_REQUEST.get().scope
         request = scope[AIOHTTP_REQUEST]
         listen = request.app[CONFIG].current.server.host
-        key = _bearer(request.headers.get("Authorization"))
-        return ProxyClient(own_url(scope["server"], listen), key)
+        return ProxyClient(own_url(scope["server"], listen), presented_secret(request))
 
     server = build_server(client_for, middleware=[_remember_request])
     # The SDK's own Host/Origin lists would be a second rule, one that knows neither the
@@ -56,11 +56,6 @@ async def _remember_request(ctx: Any, call_next: Any) -> Any:
         return await call_next(ctx)
     finally:
         _HTTP_REQUEST.reset(token)
-
-
-def _bearer(header: str | None) -> str | None:
-    scheme, _, value = (header or "").partition(" ")
-    return (value.strip() or None) if scheme.lower() == "bearer" else None
 
 
 def own_url(accepted_on: tuple[str, int], listen: str) -> str:
