@@ -1,8 +1,10 @@
 """The streamable HTTP transport at /mcp as a door of the proxy: where the tools' calls go (the
-proxy itself, never a name the client puts in Host) and which key they carry (the one the door
-took)."""
+proxy itself, never a name the client puts in Host), which key they carry (the one the door
+took), and how the body is taken in (the /v1 intake: deadline, size limit, encodings)."""
 from __future__ import annotations
 
+import asyncio
+import gzip
 from typing import Any, AsyncIterator
 
 import orjson
@@ -15,6 +17,7 @@ from proxy.server.serving import Served, serve
 
 from .conftest import Proxy, proxy_config
 from .test_auth import ADMIN, ALICE, AUTH, MODEL, bearer
+from .test_hostile import raw_request
 from .test_mcp import call, http_session
 
 ACCEPT = "application/json, text/event-stream"
@@ -104,3 +107,32 @@ async def test_the_tools_use_the_key_the_door_took_from_x_api_key(make_mcp_proxy
         assert MODEL in [r["model"] for r in (await call(session, "list_models"))["data"]]
         models = await session.read_resource("proxy://models")
     assert MODEL in [r["model"] for r in orjson.loads(models.contents[0].text)["data"]]
+
+
+async def test_a_trickling_mcp_body_gets_408(make_mcp_proxy):
+    proxy = await make_mcp_proxy(**{"server.body_timeout_s": 0.3})
+    head = (b"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Accept: application/json, text/event-stream\r\nContent-Length: 1000\r\n\r\n")
+    async with asyncio.timeout(10):   # without the deadline it never answers
+        status, rest = await raw_request(proxy.url, head, b"{")
+    assert status.startswith(b"HTTP/1.1 408"), status
+    assert orjson.loads(rest.partition(b"\r\n\r\n")[2])["error"]["code"] == "request_timeout"
+
+
+async def test_an_mcp_body_is_held_to_the_size_limit(make_mcp_proxy, http):
+    proxy = await make_mcp_proxy(**{"server.max_body_bytes": 1024})
+    padded = {**tool_call("list_models"), "pad": "x" * 2048}
+    async with http.post(f"{proxy.url}/mcp", json=padded, headers={"Accept": ACCEPT}) as resp:
+        assert resp.status == 413
+        assert (await resp.json())["error"]["code"] == "request_too_large"
+
+
+async def test_a_gzip_mcp_body_is_decoded(make_mcp_proxy, http):
+    proxy = await make_mcp_proxy()
+    body = gzip.compress(orjson.dumps(tool_call("list_models")))
+    async with http.post(f"{proxy.url}/mcp", data=body, headers={
+            "Accept": ACCEPT, "Content-Type": "application/json",
+            "Content-Encoding": "gzip"}) as resp:
+        assert resp.status == 200, await resp.text()
+        listed = (await resp.json())["result"]
+    assert MODEL in [r["model"] for r in listed["structuredContent"]["data"]]

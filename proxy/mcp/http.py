@@ -9,6 +9,7 @@ from aiohttp import web
 from mcp.server.transport_security import TransportSecuritySettings
 
 from ..origins import WILDCARD_BINDS
+from ..server import intake
 from ..server.asgi import AIOHTTP_REQUEST, mount
 from ..server.auth import presented_secret
 from ..server.keys import CONFIG
@@ -22,7 +23,12 @@ def mount_mcp(app: web.Application, path: str = PATH) -> None:
     """Host and Origin (DNS rebinding, other sites) are checked by the proxy's middleware, with
     the rule every route has (origins.py, `server.allowed_hosts` / `allowed_origins`)."""
     asgi, lifespan = http_app(path)
-    mount(app, path, asgi, lifespan)
+    mount(app, path, asgi, lifespan, read_body=_read_body)
+
+
+async def _read_body(request: web.Request) -> bytes:
+    # The /v1 intake: the body deadline, the size limit (declared and decoded), the encodings.
+    return await intake.read_body(request, request.app[CONFIG].current.server)
 
 
 def http_app(path: str = PATH) -> tuple[Any, Callable[[], Any]]:
