@@ -1,6 +1,7 @@
 """The streamable HTTP transport at /mcp as a door of the proxy: where the tools' calls go (the
 proxy itself, never a name the client puts in Host), which key they carry (the one the door
-took), and how the body is taken in (the /v1 intake: deadline, size limit, encodings)."""
+took), how the body is taken in (the /v1 intake: deadline, size limit, encodings), and when the
+event stream's headers leave."""
 from __future__ import annotations
 
 import asyncio
@@ -136,3 +137,13 @@ async def test_a_gzip_mcp_body_is_decoded(make_mcp_proxy, http):
         assert resp.status == 200, await resp.text()
         listed = (await resp.json())["result"]
     assert MODEL in [r["model"] for r in listed["structuredContent"]["data"]]
+
+
+async def test_the_event_streams_headers_leave_at_once(make_mcp_proxy, http):
+    """GET /mcp opens the server's event stream: its headers must not wait for the first
+    event (the SDK's first ping comes after 15 s)."""
+    proxy = await make_mcp_proxy()
+    async with asyncio.timeout(5):
+        async with http.get(f"{proxy.url}/mcp", headers={"Accept": "text/event-stream"}) as resp:
+            assert resp.status == 200
+            assert resp.headers["Content-Type"].startswith("text/event-stream")

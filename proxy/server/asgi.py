@@ -91,6 +91,10 @@ async def _serve(asgi: Asgi, request: web.Request, body: bytes) -> web.StreamRes
             response = web.StreamResponse(status=message["status"])
             for k, v in message.get("headers", []):
                 response.headers.add(k.decode("latin-1"), v.decode("latin-1"))
+            if "Content-Length" not in response.headers:
+                # A stream (GET /mcp's events): its headers go now, not with its first event.
+                # A sized answer waits for its body, to go out in one write.
+                await response.prepare(request)
         elif message["type"] == "http.response.body":
             assert response is not None, "body before start"
             if not response.prepared:
