@@ -57,8 +57,11 @@ async def stdio_session(url: str, key: str | None) -> AsyncIterator[ClientSessio
 
 
 @contextlib.asynccontextmanager
-async def http_session(url: str, key: str | None) -> AsyncIterator[ClientSession]:
-    async with create_mcp_http_client(headers=bearer(key) if key else None) as http, \
+async def http_session(url: str, key: str | None,
+                       headers: dict[str, str] | None = None) -> AsyncIterator[ClientSession]:
+    """`headers` instead of `Authorization: Bearer <key>` when given."""
+    sent = headers or (bearer(key) if key else None)
+    async with create_mcp_http_client(headers=sent) as http, \
             streamable_http_client(f"{url}/mcp", http_client=http) as (read, write), \
             ClientSession(read, write) as session:
         await session.initialize()

@@ -1,13 +1,18 @@
 """The streamable HTTP transport at /mcp on the proxy's own port (one server, one port)."""
 from __future__ import annotations
 
+import ipaddress
 from contextvars import ContextVar
 from typing import Any, Callable
 
 from aiohttp import web
 from mcp.server.transport_security import TransportSecuritySettings
 
-from ..server.asgi import mount
+from ..origins import WILDCARD_BINDS
+from ..server import intake
+from ..server.asgi import AIOHTTP_REQUEST, mount
+from ..server.auth import presented_secret
+from ..server.keys import CONFIG
 from .client import ProxyClient
 from .server import build_server
 
@@ -18,17 +23,24 @@ def mount_mcp(app: web.Application, path: str = PATH) -> None:
     """Host and Origin (DNS rebinding, other sites) are checked by the proxy's middleware, with
     the rule every route has (origins.py, `server.allowed_hosts` / `allowed_origins`)."""
     asgi, lifespan = http_app(path)
-    mount(app, path, asgi, lifespan)
+    mount(app, path, asgi, lifespan, read_body=_read_body)
+
+
+async def _read_body(request: web.Request) -> bytes:
+    # The /v1 intake: the body deadline, the size limit (declared and decoded), the encodings.
+    return await intake.read_body(request, request.app[CONFIG].current.server)
 
 
 def http_app(path: str = PATH) -> tuple[Any, Callable[[], Any]]:
     """The streamable HTTP transport, stateless with JSON answers, to mount on the proxy's own
-    server: (ASGI app, lifespan). Each call goes back to the proxy it arrived at with the
-    caller's own Authorization, so the proxy's auth decides as for any HTTP call."""
+    server: (ASGI app, lifespan). Each call goes back to the proxy it arrived at, at the
+    address it listens on, with the key the caller was let in with, so the proxy's auth decides
+    as for any HTTP call."""
     def client_for() -> ProxyClient:
-        request = _HTTP_REQUEST.get()
-        key = _bearer(request.headers.get("authorization"))
-        return ProxyClient(str(request.base_url), key)
+        scope = _HTTP_REQUEST.get().scope
+        request = scope[AIOHTTP_REQUEST]
+        listen = request.app[CONFIG].current.server.host
+        return ProxyClient(own_url(scope["server"], listen), presented_secret(request))
 
     server = build_server(client_for, middleware=[_remember_request])
     # The SDK's own Host/Origin lists would be a second rule, one that knows neither the
@@ -52,6 +64,18 @@ async def _remember_request(ctx: Any, call_next: Any) -> Any:
         _HTTP_REQUEST.reset(token)
 
 
-def _bearer(header: str | None) -> str | None:
-    scheme, _, value = (header or "").partition(" ")
-    return (value.strip() or None) if scheme.lower() == "bearer" else None
+def own_url(accepted_on: tuple[str, int], listen: str) -> str:
+    """The proxy's own address for the tools' calls: the address and port the connection was
+    accepted on (the listening socket's port), loopback when the proxy listens on every address
+    (`listen`, server.host). Never the Host header: the client names it, and the calls carry
+    the client's key."""
+    host, port = accepted_on
+    ip = ipaddress.ip_address(host.partition("%")[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped    # a socket bound to :: reports an IPv4 peer's address this way
+        host = str(ip)
+    if not ip.is_loopback and listen in WILDCARD_BINDS:
+        ip = ipaddress.ip_address("127.0.0.1" if ip.version == 4 else "::1")
+        host = str(ip)
+    shown = f"[{host.replace('%', '%25')}]" if ip.version == 6 else host
+    return f"http://{shown}:{port}"

@@ -7,16 +7,23 @@ from typing import Any, AsyncContextManager, Awaitable, Callable
 
 from aiohttp import web
 
+# The scope key of the aiohttp request an ASGI call serves (its app, its connection).
+AIOHTTP_REQUEST = "aiohttp.request"
+ReadBody = Callable[[web.Request], Awaitable[bytes]]
 Asgi = Callable[[dict[str, Any], Callable[[], Awaitable[dict[str, Any]]],
                  Callable[[dict[str, Any]], Awaitable[None]]], Awaitable[None]]
 
 
 def mount(app: web.Application, path: str, asgi: Asgi,
-          lifespan: Callable[[], AsyncContextManager[Any]] | None = None) -> None:
+          lifespan: Callable[[], AsyncContextManager[Any]] | None = None, *,
+          read_body: ReadBody | None = None) -> None:
     """Route every method at `path` to `asgi`; `lifespan` is held open while the app serves,
-    in a task of its own (an anyio task group must be left by the task that entered it)."""
+    in a task of its own (an anyio task group must be left by the task that entered it).
+    `read_body` takes the request's body in (deadline, limits, decoding); by default it is read
+    as sent. A decoded body reaches the app without Content-Encoding, with its own length."""
     async def handler(request: web.Request) -> web.StreamResponse:
-        return await _serve(asgi, request)
+        body = await (read_body or _as_sent)(request)
+        return await _serve(asgi, request, body)
 
     app.router.add_route("*", path, handler)
     if lifespan is not None:
@@ -43,16 +50,29 @@ def _held(lifespan: Callable[[], AsyncContextManager[Any]]) -> Any:
     return ctx
 
 
-async def _serve(asgi: Asgi, request: web.Request) -> web.StreamResponse:
-    body = await request.read()
+async def _as_sent(request: web.Request) -> bytes:
+    return await request.read()
+
+
+def _headers(request: web.Request, body: bytes) -> list[tuple[bytes, bytes]]:
+    """The request's headers as ASGI has them, describing `body` as it is passed on."""
+    encoded = "Content-Encoding" in request.headers
+    out = [(k.lower(), v) for k, v in request.raw_headers
+           if not encoded or k.lower() not in (b"content-encoding", b"content-length")]
+    if encoded:
+        out.append((b"content-length", str(len(body)).encode()))
+    return out
+
+
+async def _serve(asgi: Asgi, request: web.Request, body: bytes) -> web.StreamResponse:
     sock = request.transport.get_extra_info("sockname") if request.transport else None
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
              "method": request.method, "scheme": request.scheme, "path": request.path,
              "raw_path": request.raw_path.encode(), "root_path": "",
              "query_string": request.query_string.encode(),
-             "headers": [(k.lower(), v) for k, v in request.raw_headers],
+             "headers": _headers(request, body),
              "client": (request.remote or "", 0),
-             "server": (sock[0], sock[1]) if sock else None}
+             "server": (sock[0], sock[1]) if sock else None, AIOHTTP_REQUEST: request}
     finished = asyncio.Event()
     sent_body = False
     response: web.StreamResponse | None = None
@@ -71,6 +91,10 @@ async def _serve(asgi: Asgi, request: web.Request) -> web.StreamResponse:
             response = web.StreamResponse(status=message["status"])
             for k, v in message.get("headers", []):
                 response.headers.add(k.decode("latin-1"), v.decode("latin-1"))
+            if "Content-Length" not in response.headers:
+                # A stream (GET /mcp's events): its headers go now, not with its first event.
+                # A sized answer waits for its body, to go out in one write.
+                await response.prepare(request)
         elif message["type"] == "http.response.body":
             assert response is not None, "body before start"
             if not response.prepared:
