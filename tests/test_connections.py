@@ -295,3 +295,33 @@ async def test_healthz_answers_while_slow_clients_keep_every_probe_room_filled(m
     for w in open_now:
         w.close()
     assert answers == [b"HTTP/1.1 200 OK"] * 10
+
+
+async def test_a_burst_of_connections_does_not_pass_the_cap(make_proxy, emulator):
+    """Connections the kernel queued all at once are accepted in one pass of the loop, before
+    aiohttp lists any of them: they are counted as they are accepted, so the cap and the
+    probes' room hold and the rest are answered 503."""
+    cap, extra = 2, 10
+    proxy = await make_proxy(emulator.url, **{"server.max_connections": cap})
+    host, port = proxy.url.removeprefix("http://").split(":")
+    burst = [socket.create_connection((host, int(port))) for _ in range(cap + PROBE_ROOM + extra)]
+    for s in burst:
+        s.setblocking(False)
+
+    def refused() -> int:
+        count = 0
+        for s in burst:
+            try:
+                count += s.recv(12, socket.MSG_PEEK) == b"HTTP/1.1 503"
+            except BlockingIOError:
+                pass
+        return count
+
+    server = proxy.served.runner.server
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 5
+    while len(server.connections) + refused() < len(burst) and loop.time() < deadline:
+        await asyncio.sleep(0)
+    assert (len(server.connections), refused()) == (cap + PROBE_ROOM, extra)
+    for s in burst:
+        s.close()
