@@ -14,6 +14,7 @@ from ..engine.face import Engine
 from ..engine.hostlog import run_for
 from ..fleet import Fleet
 from ..observe.hosts import fleet_of, host_state
+from ..server import scope
 from ..server.keys import ENGINE, HEALTH, METRICS, REPLICA, UPSTREAM
 from .admin import json_response
 
@@ -147,11 +148,11 @@ async def fleet_readyz(request: web.Request, fleet: Fleet) -> web.Response:
 async def health_report(request: web.Request) -> web.Response:
     """The ModelHealthMonitor's report, evaluated now (alerts open and clear as it runs)."""
     report = await request.app[HEALTH].check()
-    return json_response(report)
+    return json_response(scope.view(request, report))
 
 
 async def metrics(request: web.Request) -> web.Response:
-    body = request.app[METRICS].exposition()
+    body = scope.metrics(request, request.app[METRICS].exposition())
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
