@@ -24,6 +24,7 @@ from .handlers import admin, dashboard, openai, probes
 from .observe.accesslog import AccessLog
 from .observe.relayed import EventRelay
 from .server.auth import AuthCollector, AuthState, authenticate
+from .server import scope
 from .server.compat import Compat
 from .server.inflight import INFLIGHT, STREAM, InFlight
 from .errors import clip
@@ -75,7 +76,7 @@ async def errors_middleware(request: web.Request,
         return error_response(ShuttingDown(
             "The proxy is shutting down (its drain time is over); retry the request."))
     except ProxyError as exc:
-        return error_response(exc)
+        return error_response(scope.error(request, exc))
     except ConnectionResetError:
         stream = request.get(STREAM)
         if stream is None:

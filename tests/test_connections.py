@@ -254,3 +254,74 @@ async def test_a_probe_path_with_another_method_is_no_probe(make_proxy, emulator
     assert answer.startswith(b"HTTP/1.1 503") and b"too_many_connections" in answer
     for _, w in held:
         w.close()
+
+
+async def test_healthz_answers_while_slow_clients_keep_every_probe_room_filled(make_proxy,
+                                                                              emulator):
+    """An attacker keeps more connections than the cap and the probes' room open, each with
+    a probe's request line and never the rest of its head, reopening every one the proxy
+    closes: each /healthz still gets its 200 (an unfinished head in a probe's room gives way
+    to the newest connection)."""
+    cap = 2
+    proxy = await make_proxy(emulator.url, **{"server.max_connections": cap,
+                                              "server.header_timeout_s": 30})
+    server = proxy.served.runner.server
+    open_now: set[asyncio.StreamWriter] = set()
+
+    async def slow_client() -> None:   # one attacker's socket, reopened as soon as it closes
+        while True:
+            reader, writer = await connect(proxy.url)
+            open_now.add(writer)
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+            await closed_by_server(reader)
+            open_now.discard(writer)
+            writer.close()
+
+    attackers = [asyncio.create_task(slow_client()) for _ in range(cap + PROBE_ROOM + 8)]
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 5
+    while len(server.connections) < cap + PROBE_ROOM and loop.time() < deadline:
+        await asyncio.sleep(0)          # until the server holds the cap and the whole room
+    assert len(server.connections) >= cap + PROBE_ROOM
+    answers = []
+    for _ in range(10):
+        reader, writer = await connect(proxy.url)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        answers.append((await closed_by_server(reader)).split(b"\r\n", 1)[0])
+        writer.close()
+    for task in attackers:
+        task.cancel()
+    await asyncio.gather(*attackers, return_exceptions=True)
+    for w in open_now:
+        w.close()
+    assert answers == [b"HTTP/1.1 200 OK"] * 10
+
+
+async def test_a_burst_of_connections_does_not_pass_the_cap(make_proxy, emulator):
+    """Connections the kernel queued all at once are accepted in one pass of the loop, before
+    aiohttp lists any of them: they are counted as they are accepted, so the cap and the
+    probes' room hold and the rest are answered 503."""
+    cap, extra = 2, 10
+    proxy = await make_proxy(emulator.url, **{"server.max_connections": cap})
+    host, port = proxy.url.removeprefix("http://").split(":")
+    burst = [socket.create_connection((host, int(port))) for _ in range(cap + PROBE_ROOM + extra)]
+    for s in burst:
+        s.setblocking(False)
+
+    def refused() -> int:
+        count = 0
+        for s in burst:
+            try:
+                count += s.recv(12, socket.MSG_PEEK) == b"HTTP/1.1 503"
+            except BlockingIOError:
+                pass
+        return count
+
+    server = proxy.served.runner.server
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 5
+    while len(server.connections) + refused() < len(burst) and loop.time() < deadline:
+        await asyncio.sleep(0)
+    assert (len(server.connections), refused()) == (cap + PROBE_ROOM, extra)
+    for s in burst:
+        s.close()

@@ -23,7 +23,7 @@ from proxy.mcp.http import mount_mcp
 from proxy.server.serving import serve
 
 from .conftest import Proxy, proxy_config
-from .test_auth import ADMIN, ALICE, AUTH, MODEL, bearer
+from .test_auth import ADMIN, ALICE, AUTH, BOB, MODEL, bearer
 
 ROOT = Path(__file__).resolve().parent.parent
 TOOLS = {"list_models", "load_model", "unload_model", "pin_model", "unpin_model",
@@ -274,3 +274,24 @@ async def test_a_call_from_another_sites_page_is_refused(emulator, http):
             assert (await resp.json())["error"]["code"] == "origin_not_allowed"
     finally:
         await proxy.served.close()
+
+
+async def test_a_key_limited_to_models_reads_and_is_recommended_only_those(guarded, http,
+                                                                          mcp_client):
+    """The key limited to `fast`: the tools read and recommend its model only, as HTTP does."""
+    async with mcp_client(guarded.url, BOB) as session:
+        assert [r["model"] for r in (await call(session, "list_models"))["data"]] == [MODEL]
+        unknown = await refused(session, "model_stats", {"model": "zzz"})
+        assert unknown.endswith(f"unknown model 'zzz'; list_models shows: {MODEL}"), unknown
+        memory = await call(session, "memory_stats")
+        assert list(memory["models"]) == [MODEL]
+        assert list(memory["auth"]["requests_by_key"]) == ["bob"]
+        for task in ("coding", "chat"):
+            rec = await call(session, "recommend_model", {"task": task, "complexity": 0.9})
+            assert rec["recommended_models"] == [MODEL], rec
+        embedding = await call(session, "recommend_model", {"task": "embedding"})
+        assert embedding["recommended_models"] == []
+        assert embedding["note"] == ("This API key ('bob') may use no embedding model for "
+                                     "the task 'embedding'.")
+        models = json.loads((await session.read_resource("proxy://models")).contents[0].text)
+        assert [r["model"] for r in models["data"]] == [MODEL]

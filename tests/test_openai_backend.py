@@ -62,3 +62,16 @@ async def test_streams_pass_through_byte_for_byte_and_stats_are_kept(make_emulat
     assert stats["models"][MODEL]["requests"] == 1
     assert proxy.engine.entry(MODEL).load_count == 0     # the server loaded it, not the proxy
     assert emu.state.unload_calls == {}
+
+
+async def test_readyz_says_an_openai_server_has_no_load_api_not_an_old_lm_studio(
+        make_emulator, make_proxy, http):
+    emu = await make_emulator()
+    proxy = await make_proxy(emu.url, **{"upstream.kind": "openai"})
+    async with http.get(f"{proxy.url}/readyz") as r:
+        ready = await r.json()
+    assert r.status == 200 and ready["manages_loading"] is False
+    assert ready["note"] == ("an OpenAI-compatible server (upstream.kind: openai) has no "
+                             "load/unload API: it decides itself what is loaded and memory is "
+                             "not managed")
+    assert "LM Studio" not in ready["note"]

@@ -8,6 +8,8 @@ from aiohttp import web
 
 from ..engine.face import Engine
 from ..errors import ConfigRejected, InvalidRequest, UnsupportedMediaType, clip
+from ..server import scope
+from ..server.auth import CLIENT_KEY, allowed_models
 from ..server.intake import check_model_name
 from ..server.keys import AUTH, COMPAT, CONFIG, ENGINE, EVENTS, REPLICA
 from ..server.reload import RELOADER
@@ -84,10 +86,9 @@ def _state_on(engine: Engine, key: str, host: str | None) -> str | None:
 
 async def models(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
-    return json_response({"object": "list",
-                          "data": [engine.row(key) for key in engine.known_models()],
-                          "queue_length": engine.queue_length,
-                          "memory_pressure": engine.memory_pressure.value})
+    return json_response(scope.view(request, {
+        "object": "list", "data": [engine.row(key) for key in engine.known_models()],
+        "queue_length": engine.queue_length, "memory_pressure": engine.memory_pressure.value}))
 
 
 async def load(request: web.Request) -> web.Response:
@@ -149,7 +150,7 @@ async def stats(request: web.Request) -> web.Response:
     replica = request.app[REPLICA]
     if replica is not None:     # among replicas: who is there, who leads, what hosts hold
         out["replicas"] = await replica.view()
-    return json_response(out)
+    return json_response(scope.stats(request, out))
 
 
 async def recommendations(request: web.Request) -> web.Response:
@@ -161,7 +162,16 @@ async def recommendations(request: web.Request) -> web.Response:
                 context[name] = float(q[name])
             except ValueError:
                 raise InvalidRequest(f"'{name}' must be a number.", param=name) from None
-    return json_response(request.app[ENGINE].recommend(context))
+    allowed = allowed_models(request)
+    if allowed is not None:     # a limited key: chosen among its own models, as auto: is
+        context["models"] = allowed
+    result = scope.view(request, request.app[ENGINE].recommend(context))
+    if allowed is not None and not result["recommended_models"] and \
+            not result["not_loadable"]:
+        kind = "embedding model" if result["model_type"] == "embedding" else "LLM"
+        result["note"] = (f"This API key ('{request[CLIENT_KEY].name}') may use no {kind} "
+                          f"for the task '{result['task_type']}'.")
+    return json_response(result)
 
 
 async def reload(request: web.Request) -> web.Response:

@@ -13,6 +13,7 @@ from aiohttp import web
 
 from ..errors import InvalidRequest
 from ..observe.timeline import TIMELINE_S, merge_history
+from ..server import scope
 from ..server.keys import ENGINE, EVENTS, RESPONSE_STARTED
 from .admin import json_response
 
@@ -32,7 +33,8 @@ async def events(request: web.Request) -> web.StreamResponse:
     last_id = request.headers.get("Last-Event-ID") or request.query.get("last_event_id")
     client, first = hub.subscribe(last_id, abort=transport.abort if transport else lambda: None)
     try:
-        await resp.write(b"retry: %d\n\n" % RETRY_MS + first)
+        await resp.write(b"retry: %d\n\n" % RETRY_MS +
+                         scope.events(scope.scope_of(request), first))
         while not client.dropped:
             try:
                 await asyncio.wait_for(client.wake.wait(), HEARTBEAT_S)
@@ -42,7 +44,8 @@ async def events(request: web.Request) -> web.StreamResponse:
             client.wake.clear()
             if client.dropped:
                 break
-            data = client.take()
+            # (the scope anew each time: a model listed since is someone else's too)
+            data = scope.events(scope.scope_of(request), client.take())
             if data:
                 await resp.write(data)
     except ConnectionError:
@@ -72,7 +75,7 @@ async def timeline(request: web.Request) -> web.Response:
         rows = await asyncio.to_thread(
             lambda: {k: store.history(k, since_minute) for k in keys})
         merge_history(data, rows)
-    return json_response(data)
+    return json_response(scope.view(request, data))
 
 
 async def ui_index(request: web.Request) -> web.StreamResponse:

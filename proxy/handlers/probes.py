@@ -14,6 +14,7 @@ from ..engine.face import Engine
 from ..engine.hostlog import run_for
 from ..fleet import Fleet
 from ..observe.hosts import fleet_of, host_state
+from ..server import scope
 from ..server.keys import ENGINE, HEALTH, METRICS, REPLICA, UPSTREAM
 from .admin import json_response
 
@@ -98,9 +99,25 @@ async def readyz(request: web.Request) -> web.Response:
             "error": engine.upstream_error,
             "circuit": None if breaker is None else breaker.state}
     if engine.upstream_ok and not engine.manages_loading:
-        body["note"] = ("the upstream has no load/unload API (LM Studio older than 0.4.0): "
-                        "loading is left to its own JIT and memory is not managed")
+        body["note"] = no_loading_note(engine.config.upstream.kind)
     return json_response(_with_state(request, body), 200 if ready else 503)
+
+
+# Why a backend of each kind has no load/unload API, and who loads models then.
+_NO_LOADING = {
+    "lmstudio": ("LM Studio older than 0.4.0 has no load/unload API",
+                 "loading is left to its own JIT"),
+    "llamacpp": ("llama-server not in router mode has no load/unload API",
+                 "it serves the model it was started with"),
+    "openai": ("an OpenAI-compatible server (upstream.kind: openai) has no load/unload API",
+               "it decides itself what is loaded"),
+}
+
+
+def no_loading_note(kind: str) -> str:
+    lacks, instead = _NO_LOADING.get(kind, (f"the {kind} upstream has no load/unload API",
+                                            "it decides itself what is loaded"))
+    return f"{lacks}: {instead} and memory is not managed"
 
 
 def _with_state(request: web.Request, body: dict) -> dict:
@@ -131,11 +148,11 @@ async def fleet_readyz(request: web.Request, fleet: Fleet) -> web.Response:
 async def health_report(request: web.Request) -> web.Response:
     """The ModelHealthMonitor's report, evaluated now (alerts open and clear as it runs)."""
     report = await request.app[HEALTH].check()
-    return json_response(report)
+    return json_response(scope.view(request, report))
 
 
 async def metrics(request: web.Request) -> web.Response:
-    body = request.app[METRICS].exposition()
+    body = scope.metrics(request, request.app[METRICS].exposition())
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

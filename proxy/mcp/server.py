@@ -39,10 +39,11 @@ def build_server(client_for: Callable[[], ProxyClient],
 
     @server.tool(annotations=READ)
     async def list_models() -> dict[str, Any]:
-        """List every model the proxy knows, with its state (loaded, loading, unloaded...),
-        memory footprint (footprint_mb), owner, priority, whether it is pinned, requests in
-        flight, and the queue length and memory pressure of the whole proxy. Use the 'model'
-        field of a row as the model argument of the other tools."""
+        """List every model the proxy knows (to a key limited to models: those), with its
+        state (loaded, loading, unloaded...), memory footprint (footprint_mb), owner,
+        priority, whether it is pinned, requests in flight, and the queue length and memory
+        pressure of the whole proxy. Use the 'model' field of a row as the model argument of
+        the other tools."""
         return await client_for().get("/proxy/models", "list models")
 
     @server.tool(annotations=CHANGE)
@@ -96,8 +97,9 @@ def build_server(client_for: Callable[[], ProxyClient],
             urgency: Annotated[Unit, Field(description="0..1; higher favours a model that is "
                                                        "loaded now over one that must load.")]
             = 0.5) -> dict[str, Any]:
-        """Recommend the model to use for a task, ranked with reasons; the same answer as the
-        proxy's GET /proxy/recommendations."""
+        """Recommend the model to use for a task, ranked with reasons, among the models the
+        key may use (a 'note' says when it may use none for the task); the same answer as
+        the proxy's GET /proxy/recommendations."""
         return await client_for().get("/proxy/recommendations", "recommend a model",
                                 {"task_type": task, "complexity": str(complexity),
                                  "urgency": str(urgency)})
@@ -117,7 +119,7 @@ def build_server(client_for: Callable[[], ProxyClient],
                    None)
         if row is None:
             known = ", ".join(r["model"] for r in models["data"]) or "none"
-            raise ToolError(f"unknown model {model!r}; the proxy knows: {known}")
+            raise ToolError(f"unknown model {model!r}; list_models shows: {known}")
         stats = await client_for().get("/proxy/stats", "read model stats")
         return {"model": row["model"], "row": row,
                 "stats": stats.get("models", {}).get(row["model"], {})}

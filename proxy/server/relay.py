@@ -33,7 +33,7 @@ from .keys import (ACCESS_LOG, COMPAT, ENGINE, METRICS, RESPONSE_STARTED, ROUTED
 from .progress import EarlyStream, upstream_refusal
 from .streaming import StreamMeter, usage_of_body
 from ..upstream.base import UpstreamResponse
-from . import headers
+from . import headers, scope
 
 USAGE_INJECTABLE = frozenset({"/v1/chat/completions", "/v1/completions"})
 CLIENT_CLOSED = 499
@@ -121,7 +121,7 @@ class Relay:
                 raise
             self.status = exc.status   # the headers are out: the error can only be an event
             self.refused = isinstance(exc, CLIENT_REFUSALS)
-            return await early.fail(error_event(exc))
+            return await early.fail(error_event(scope.error(self.request, exc)))
 
     async def _run(self, key: str, payload: dict[str, Any], body: bytes,
                    early: EarlyStream | None) -> web.StreamResponse:

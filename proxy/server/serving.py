@@ -6,7 +6,8 @@ aiohttp lacks are added here. A connection must send its first request's headers
 is closed after `keepalive_timeout_s`; past `max_connections` a new connection is answered 503
 at once and closed, before file descriptors run out, except that a few more are kept for
 liveness and readiness probes (GET /healthz, /readyz), so an orchestrator does not restart a
-proxy that is only busy. Malformed HTTP gets a fixed JSON 400 and one clipped log line: aiohttp's
+proxy that is only busy; when those are full, one whose head has not come gives way to the
+newcomer (_Slots.make_way), so slow clients cannot hold them. Malformed HTTP gets a fixed JSON 400 and one clipped log line: aiohttp's
 own answer echoes the raw bytes (a credential included) and logs a traceback. Request bodies
 reach the app as sent (no server-side decompression: the proxy decodes them itself, with
 limits, in intake.py).
@@ -46,6 +47,7 @@ PROBE_ROOM = 16              # connections past max_connections kept for probes
 PROBE_PATHS = (b"/healthz", b"/readyz")
 # The listening socket, database, logs, DNS, the event loop itself, and the probes' room.
 _FDS_RESERVED = 48 + PROBE_ROOM
+_PROBE_HEAD_S = 1.0             # the longest a probe's room waits for the head
 _REFUSE_LINGER_S = 1.0
 _LINGER_S = 1.0
 _HEAD_END = b"\r\n\r\n"          # the parser takes nothing else (a bare LF is a 400)
@@ -187,19 +189,55 @@ class _LimitedSite(web.SockSite):
         loop = asyncio.get_running_loop()
         kwargs, cap = self.protocol_kwargs, self.max_connections
         header_timeout_s = self.options.header_timeout_s
+        slots = _Slots()
 
         def factory() -> asyncio.Protocol:
-            open_now = len(server.connections)
-            if open_now >= cap + PROBE_ROOM:
-                return _Refuse()
-            proto = _Protocol(server, loop=loop, probes_only=open_now >= cap, **kwargs)
-            # A probe's room is held for a second at most while its request line comes.
-            timeout_s = min(header_timeout_s, 1.0) if open_now >= cap else header_timeout_s
+            # Counted here, not by aiohttp's list (filled a loop turn later): a burst of
+            # accepts cannot pass the cap.
+            if len(slots.open) - len(slots.room) < cap:
+                proto = _Protocol(server, loop=loop, slots=slots, **kwargs)
+                timeout_s = header_timeout_s
+            else:
+                if len(slots.room) >= PROBE_ROOM and not slots.make_way():
+                    return _Refuse()
+                proto = _Protocol(server, loop=loop, slots=slots, probes_only=True, **kwargs)
+                slots.room[proto] = None
+                # A probe's room is held for a second at most while its head comes.
+                timeout_s = min(header_timeout_s, _PROBE_HEAD_S)
+            slots.open.add(proto)
             proto.head_timer = loop.call_later(timeout_s, proto.head_overdue)
             return proto
 
         self._server = await loop.create_server(factory, sock=self._sock,
                                                 backlog=self._backlog)
+
+
+class _Slots:
+    """The site's connections, and the probes' room past the cap (oldest first)."""
+
+    def __init__(self) -> None:
+        self.open: set[_Protocol] = set()
+        self.room: dict[_Protocol, None] = {}
+
+    def make_way(self) -> bool:
+        """The room is full: a connection in it still waiting for its head is answered 503
+        and closed, so the newcomer gets its place (False: every one there is being
+        answered). Slow connections held open, however many, cannot keep a probe out: a probe
+        sends its whole head at once and is answered on the next turns. Only a flood of new
+        connections, PROBE_ROOM of them accepted before a probe's bytes are read, still can."""
+        waiting = [p for p in self.room   # (one accepted in this same burst is not made yet)
+                   if p.head_timer is not None and p.transport is not None]
+        # One that sent part of a head and stopped goes before one not heard from yet: that
+        # may be a probe whose bytes this loop has not read.
+        victim = next((p for p in waiting if p.heard), waiting[0] if waiting else None)
+        if victim is None:
+            return False
+        victim._refuse()
+        return True
+
+    def leave(self, proto: "_Protocol") -> None:
+        self.open.discard(proto)
+        self.room.pop(proto, None)
 
 
 class _Protocol(RequestHandler):
@@ -211,14 +249,18 @@ class _Protocol(RequestHandler):
     parser accepts nothing but CRLF CRLF there), so it needs none of aiohttp's private state.
     """
 
-    def __init__(self, *args: Any, probes_only: bool = False, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, slots: _Slots | None = None, probes_only: bool = False,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.slots = slots
         self.probes_only = probes_only
         self.head_timer: asyncio.TimerHandle | None = None
         self._line_ok = not probes_only   # a probe's room: its request line is judged first
         self._head_seen = b""       # what the scan still needs of the first request's head
+        self.heard = False          # any bytes came
 
     def data_received(self, data: bytes) -> None:
+        self.heard = True
         if self.head_timer is not None:
             seen = self._head_seen + data
             if not self._line_ok and not self._judge_line(seen):
@@ -247,7 +289,13 @@ class _Protocol(RequestHandler):
         self._refuse()
         return False
 
+    def _leave(self) -> None:
+        # Also on the way out of a connection that was never made (no connection_lost).
+        if self.slots is not None:
+            self.slots.leave(self)
+
     def _refuse(self) -> None:
+        self._leave()
         if self.head_timer is not None:
             self.head_timer.cancel()
             self.head_timer = None
@@ -262,10 +310,13 @@ class _Protocol(RequestHandler):
         self.head_timer = None
         if self.probes_only:
             self._refuse()    # past the cap, and no probe: the same 503 as any other
-        elif self.transport is not None:
-            self.force_close()
+        else:
+            self._leave()
+            if self.transport is not None:
+                self.force_close()
 
     def connection_lost(self, exc: BaseException | None) -> None:
+        self._leave()
         if self.head_timer is not None:
             self.head_timer.cancel()
             self.head_timer = None
@@ -311,10 +362,13 @@ class _Refuse(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
-        transport.write(_BUSY)
-        if transport.can_write_eof():
-            transport.write_eof()
         self._timer = asyncio.get_running_loop().call_later(_REFUSE_LINGER_S, transport.close)
+        transport.write(_BUSY)
+        try:
+            if transport.can_write_eof():
+                transport.write_eof()
+        except OSError:     # the client is already gone (reset before it could be answered)
+            transport.close()
 
     def data_received(self, data: bytes) -> None:
         pass
