@@ -166,7 +166,8 @@ async def test_a_crowd_of_slow_and_silent_clients_is_shed_while_others_are_serve
     for _, w in slow_headers:
         w.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n")
     for _, w in trickling:
-        w.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 500\r\n\r\n{")
+        w.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                b"Content-Length: 500\r\n\r\n{")
     async with http.get(f"{proxy.url}/healthz") as resp:     # served while the crowd waits
         assert resp.status == 200
     answers = await asyncio.wait_for(asyncio.gather(

@@ -5,8 +5,8 @@
 `/proxy/timeline`, `/proxy/recommendations` and `/proxy/events` leave every other model out
 (its row, its figures, its name in a list or a group), the per-key request counts show the
 key's own only (in /metrics too, when a client key may scrape it), and a refusal it gets
-(group_busy, insufficient_memory, "Did you mean") names no other model. A key without `models`, the admin token and anonymous clients (no keys
-configured) see everything.
+(group_busy, insufficient_memory, "Did you mean") names no other model. A key without
+`models`, the admin token and anonymous clients (no keys configured) see everything.
 
 Models are left out by name wherever they appear, not field by field, so a field added to a
 view later is covered too.

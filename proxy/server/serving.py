@@ -7,10 +7,10 @@ is closed after `keepalive_timeout_s`; past `max_connections` a new connection i
 at once and closed, before file descriptors run out, except that a few more are kept for
 liveness and readiness probes (GET /healthz, /readyz), so an orchestrator does not restart a
 proxy that is only busy; when those are full, one whose head has not come gives way to the
-newcomer (_Slots.make_way), so slow clients cannot hold them. Malformed HTTP gets a fixed JSON 400 and one clipped log line: aiohttp's
-own answer echoes the raw bytes (a credential included) and logs a traceback. Request bodies
-reach the app as sent (no server-side decompression: the proxy decodes them itself, with
-limits, in intake.py).
+newcomer (_Slots.make_way), so slow clients cannot hold them. Malformed HTTP gets a fixed JSON
+400 and one clipped log line: aiohttp's own answer echoes the raw bytes (a credential
+included) and logs a traceback. Request bodies reach the app as sent (no server-side
+decompression: the proxy decodes them itself, with limits, in intake.py).
 
 aiohttp has no public hook for its parser's 400 (aio-libs/aiohttp#3287), so `_Protocol`
 subclasses its `RequestHandler`, overriding `handle_error` and `data_received` only; the aiohttp
