@@ -7,7 +7,7 @@ from __future__ import annotations
 from urllib.parse import urlsplit
 
 from .config import AuthConfig, Config, HostConfig, StateConfig, TaskModel, UpstreamConfig
-from .urls import is_local_url, redact_url, url_has_credentials
+from .urls import is_local_url, redact_url, server_identity, url_has_credentials
 from .origins import config_problems as browser_problems
 from .groupcheck import Memory, ceiling_gb as _ceiling_gb, group_problems
 from .loadoptions import load_option_problems, load_option_warnings
@@ -59,7 +59,7 @@ def cross_checks(config: Config, problems: list[str]) -> None:
 
 def _host_checks(config: Config, problems: list[str]) -> None:
     names: set[str] = set()
-    urls: dict[tuple[str, str, int | None, str], int] = {}
+    urls: dict[tuple[str, str, int, str], int] = {}
     for i, h in enumerate(config.upstreams):
         path = f"upstreams[{i}]"
         if not h.name:
@@ -73,7 +73,7 @@ def _host_checks(config: Config, problems: list[str]) -> None:
         try:
             parts = urlsplit(h.url)
             well_formed = parts.scheme in ("http", "https") and bool(parts.hostname)
-            port = parts.port or (443 if parts.scheme == "https" else 80)
+            where = server_identity(h.url)
         except ValueError:   # a port out of range
             well_formed = False
         if not well_formed:
@@ -81,13 +81,11 @@ def _host_checks(config: Config, problems: list[str]) -> None:
                             "with a host")
         else:
             # One server listed twice would be loaded and measured as two.
-            where = (parts.scheme, parts.hostname or "", port, parts.path.rstrip("/"))
             first = urls.setdefault(where, i)
             if first != i:
-                default = " (the default, for a host that sets no url)" \
-                    if h.url == UpstreamConfig.url else ""
-                problems.append(f"{path}.url: '{redact_url(h.url)}'{default} is "
-                                f"upstreams[{first}]'s too; each host is a server of its own")
+                problems.append(f"{path}.url: {_url_shown(h.url)} and upstreams[{first}].url "
+                                f"{_url_shown(config.upstreams[first].url)} name one server; "
+                                "each host is a server of its own")
         if h.api_token and h.api_token_env:
             problems.append(f"{path}: api_token and api_token_env are exclusive")
         if (h.api_token or h.api_token_env) and url_has_credentials(h.url):
@@ -115,6 +113,11 @@ def _host_checks(config: Config, problems: list[str]) -> None:
         if m.host is not None:
             _may_hold(hosts, m.host, key, key, f"models.{key}.host", problems)
     _task_host_checks(config, hosts, problems)
+
+
+def _url_shown(url: str) -> str:
+    default = " (the default, for a host that sets no url)" if url == UpstreamConfig.url else ""
+    return f"'{redact_url(url)}'{default}"
 
 
 def one_server_host_problems(config: Config) -> list[str]:

@@ -1,5 +1,5 @@
 """Facts about a server's URL: fit to show with its credentials hidden, on this machine or not,
-carrying credentials or not."""
+carrying credentials or not, and which server it names however it is spelled."""
 from __future__ import annotations
 
 import ipaddress
@@ -34,3 +34,23 @@ def url_has_credentials(url: str) -> bool:
         return "@" in urlsplit(url).netloc
     except ValueError:
         return False
+
+
+# The names of this machine's loopback: a server on one is reached by the others' spelling.
+_LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
+
+
+def server_identity(url: str) -> tuple[str, str, int, str]:
+    """The server a URL names, the same for every spelling of it: scheme and host in lower
+    case, the default port spelled out, no trailing slash, and `localhost`, 127.0.0.1 and ::1
+    one loopback. ValueError: not a URL with a valid port."""
+    parts = urlsplit(url)
+    host = (parts.hostname or "").lower().rstrip(".")
+    try:
+        host = ipaddress.ip_address(host).compressed
+    except ValueError:
+        pass
+    if host in _LOOPBACK_NAMES:
+        host = "loopback"
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return parts.scheme.lower(), host, port, parts.path.rstrip("/")

@@ -54,15 +54,29 @@ def test_two_hosts_on_one_server_are_a_problem_defaults_included():
         {"name": "a", "url": "http://127.0.0.1:9/"},
         {"name": "b", "url": "http://127.0.0.1:9"},
         {"name": "c", "url": "http://127.0.0.1:10"}]}) == [
-        "upstreams[1].url: 'http://127.0.0.1:9' is upstreams[0]'s too; each host is a "
-        "server of its own"]
+        "upstreams[1].url: 'http://127.0.0.1:9' and upstreams[0].url 'http://127.0.0.1:9/' "
+        "name one server; each host is a server of its own"]
     assert problems_of({"upstreams": [{"name": "a"}, {"name": "b"}]}) == [
         "upstreams[1].url: 'http://127.0.0.1:1234' (the default, for a host that sets no url) "
-        "is upstreams[0]'s too; each host is a server of its own"]
+        "and upstreams[0].url 'http://127.0.0.1:1234' (the default, for a host that sets no "
+        "url) name one server; each host is a server of its own"]
     assert problems_of({"upstreams": [{"name": "a", "url": "http://h.lan:80",
                                        "budget_gb": 8},
-                                      {"name": "b", "url": "http://H.lan", "budget_gb": 8}]}
-                       )[0].startswith("upstreams[1].url: 'http://H.lan' is upstreams[0]'s")
+                                      {"name": "b", "url": "HTTP://H.lan", "budget_gb": 8}]}
+                       )[0].startswith("upstreams[1].url: 'HTTP://H.lan' and upstreams[0].url")
+
+
+@pytest.mark.parametrize("first, second", [
+    ("http://127.0.0.1:9", "http://localhost:9/"),
+    ("http://[::1]:9", "http://127.0.0.1:9"),
+    ("http://LOCALHOST:9", "http://[0:0:0:0:0:0:0:1]:9/"),
+    ("https://localhost", "https://127.0.0.1:443")])
+def test_two_spellings_of_the_loopback_are_one_server(first, second):
+    assert problems_of({"upstreams": [{"name": "a", "url": first},
+                                      {"name": "b", "url": second},
+                                      {"name": "c", "url": "http://127.0.0.2:9"}]}) == [
+        f"upstreams[1].url: '{second}' and upstreams[0].url '{first}' name one server; "
+        "each host is a server of its own"]
 
 
 def test_a_host_named_on_a_single_server_is_a_problem():

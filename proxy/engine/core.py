@@ -359,8 +359,16 @@ class EngineCore(CoreViews):
             self.config.eviction.queue_timeout_s
         return await self.evictor.unload_drained(e, reason, timeout_s)
 
-    async def clear(self, *, host: str | None = None) -> list[str]:
-        """Unload every loaded model the proxy may unload (pins included: an explicit clear)."""
+    async def unload_report(self, name: str, *, reason: str = "manual",
+                            drain_timeout_s: float | None = None, host: str | None = None
+                            ) -> dict[str, Any]:
+        """The admin API's answer: `unloaded` (a fleet adds where, and where it failed)."""
+        return {"unloaded": await self.unload(name, reason=reason,
+                                              drain_timeout_s=drain_timeout_s, host=host)}
+
+    async def clear(self, *, host: str | None = None) -> dict[str, Any]:
+        """Unload every loaded model the proxy may unload (pins included: an explicit clear):
+        `unloaded`, the keys unloaded."""
         _one_server(host)
         cleared = []
         for key in self.registry.loaded():
@@ -368,7 +376,7 @@ class EngineCore(CoreViews):
             if e.owned or self.config.eviction.manage_external:
                 if await self.unload(key, reason="manual"):
                     cleared.append(key)
-        return cleared
+        return {"unloaded": cleared}
 
     async def optimize(self, *, host: str | None = None) -> dict[str, Any]:
         """Idle models unloaded, then pressure relieved."""

@@ -103,21 +103,30 @@ class Refusals:
 
     def too_large(self, e: ModelEntry, need: float, ceiling: float, s: MemorySample,
                   budget: bool) -> ModelTooLarge:
-        floor = e.footprint_floor_bytes or 0.0
-        how = {"refused": f"LM Studio refused to load it with {floor / GB:.1f} GB free for it",
-               "configured": f"models.{e.key}.footprint_gb",
-               "learned": "measured across earlier loads",
-               "shared": "as another replica measured it",
-               "estimated": f"estimated as its {(e.size_bytes or 0) / GB:.1f} GB file × "
-                            f"memory.footprint_factor"}.get(self.registry.footprint_source(e),
-                                                            "as fitted")
         limit = self.monitor.binding_limit(s)
         return ModelTooLarge(
-            f"'{clip(e.key, ECHO_MAX_CHARS)}' needs {need / GB:.1f} GB ({how}), more than the "
-            f"{ceiling / GB:.1f} GB any one model may take of {s.total_bytes / GB:.1f} GB "
-            f"(set by {limit}). It can never be loaded here: change {limit}"
-            f"{' or ' + self.budget_key if budget else ''}, or set models.{e.key}.footprint_gb "
-            f"if the estimate is wrong.")
+            f"'{clip(e.key, ECHO_MAX_CHARS)}' needs {need / GB:.1f} GB ({self.footprint_how(e)}), "
+            f"more than the {ceiling / GB:.1f} GB any one model may take of "
+            f"{s.total_bytes / GB:.1f} GB (set by {limit}). It can never be loaded here: change "
+            f"{self.ceiling_keys(s, budget)}, or set models.{e.key}.footprint_gb if the "
+            f"estimate is wrong.")
+
+    def footprint_how(self, e: ModelEntry) -> str:
+        """Where the footprint a refusal quotes comes from."""
+        floor = e.footprint_floor_bytes or 0.0
+        return {"refused": f"LM Studio refused to load it with {floor / GB:.1f} GB free for it",
+                "configured": f"models.{e.key}.footprint_gb",
+                "learned": "measured across earlier loads",
+                "shared": "as another replica measured it",
+                "estimated": f"estimated as its {(e.size_bytes or 0) / GB:.1f} GB file × "
+                             f"memory.footprint_factor"}.get(self.registry.footprint_source(e),
+                                                             "as fitted")
+
+    def ceiling_keys(self, s: MemorySample, budget: bool) -> str:
+        """The settings that raise the ceiling for one model: the binding limit, and the
+        budget when the memory is one (a fleet's host: its own upstreams[<i>].budget_gb)."""
+        limit = self.monitor.binding_limit(s)
+        return f"{limit} or {self.budget_key}" if budget else limit
 
     def known_to_fail(self, e: ModelEntry, headroom: float) -> InsufficientMemory | None:
         """The refusal when the server refused e for lack of memory with at least `headroom`

@@ -15,7 +15,8 @@ Among replicas (state.backend: redis) one places a cold model at a time (fleet/t
 replicas join one load too.
 
 A host a request could not reach is `suspect`: it takes no new requests until its engine has
-reconciled with it again (`_recover`). The views (the union, the sums) are fleet/aggregate.py.
+reconciled with it again (`_recover`). The views (the union, the sums) are fleet/aggregate.py;
+the refusals when no host takes a model, fleet/refusal.py.
 """
 from __future__ import annotations
 
@@ -31,11 +32,11 @@ from ..engine.hostlog import run_for, working_for
 from ..engine.lifecycle import Lease, ModelEntry, ModelStatus
 from ..engine.replica import Replica
 from ..engine.usage import RequestRecord
-from ..errors import (InvalidRequest, ModelNotFound, ModelTooLarge, ProxyError,
-                      UpstreamUnreachable)
+from ..errors import InvalidRequest, ModelNotFound, ProxyError, UpstreamUnreachable
 from ..liveconfig import LiveConfig
 from ..state import LoadLock
 from ..upstream.base import Upstream
+from . import refusal
 from .aggregate import FleetViews
 from .hosts import Host, HostTagged, host_config
 from .operations import FleetOperations
@@ -217,20 +218,8 @@ class Fleet(FleetOperations, FleetViews):
     def _nowhere(self, key: str, listed: list[tuple[Host, ModelEntry]], p: Placement,
                  avoid: str | None = None) -> ProxyError:
         if p.rule == "too_large":
-            ceilings = ", ".join(
-                f"'{h.name}' {h.core.ceiling_bytes() / 1e9:.1f} GB" for h, _ in listed)
-            need = max(h.core.registry.footprint_bytes(e) for h, e in listed) / 1e9
-            return ModelTooLarge(f"'{key}' needs {need:.1f} GB, more than any host of the "
-                                 f"fleet may give one model ({ceilings}). It can never be "
-                                 f"loaded here.")
-        names = ", ".join(f"'{h.name}'" for h, _ in listed) or "none other"
-        if avoid is not None:
-            names += f"; '{avoid}' did not answer this request"
-        down = [h for h, _ in listed if not h.up]
-        why = "; ".join(f"'{h.name}': {h.core.upstream_error or 'not answering'}" for h in down)
-        return UpstreamUnreachable(f"No host that serves '{key}' is reachable (hosts: "
-                                   f"{names}){': ' + why if why else ''}",
-                                   retry_after_s=RECOVER_POLL_S * 5)
+            return refusal.too_large(key, self.hosts)
+        return refusal.unreachable(key, listed, avoid, retry_after_s=RECOVER_POLL_S * 5)
 
     def upstream_for(self, lease: Lease) -> Upstream:
         return self.by_name[lease.host].backend   # type: ignore[index]

@@ -77,6 +77,14 @@ class Host:
         return self.core.reconciler.upstream_ok and not self.suspect and \
             (breaker is None or not breaker.open)
 
+    def down_reason(self) -> str:
+        """Why it is down, for the answers that name it."""
+        if not self.core.reconciler.upstream_ok:
+            return self.core.upstream_error or "its model list did not answer"
+        if self._breaker is not None and self._breaker.open:
+            return f"{self._breaker.last_error} (its circuit breaker is open)"
+        return "a request could not reach it; set aside until it answers again"
+
     def allows(self, key: str) -> bool:
         if self.config.models is None:
             return True

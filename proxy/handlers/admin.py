@@ -111,9 +111,10 @@ async def unload(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
     host = _host_field(request, data)
     key = await engine.resolve(_model_field(request, data))
-    unloaded = await engine.unload(key, host=host)
-    return json_response({"model": key, "unloaded": unloaded,
-                          "state": _state_on(engine, key, host), **_where(engine, key, host)})
+    report = await engine.unload_report(key, host=host)
+    return json_response({"model": key, "unloaded": report.pop("unloaded"),
+                          "state": _state_on(engine, key, host), **_where(engine, key, host),
+                          **report})
 
 
 async def pin(request: web.Request) -> web.Response:
@@ -141,7 +142,7 @@ async def optimize(request: web.Request) -> web.Response:
 
 async def clear(request: web.Request) -> web.Response:
     host = _host_field(request, await _json_object(request))
-    return json_response({"unloaded": await request.app[ENGINE].clear(host=host)})
+    return json_response(await request.app[ENGINE].clear(host=host))
 
 
 async def stats(request: web.Request) -> web.Response:

@@ -49,8 +49,8 @@ class ModelMetrics:
 # through the manager from the core it wraps.
 READ_THROUGH = (
     "clock", "store", "resolve", "acquire", "upstream_for", "host_failed", "hold", "record",
-    "admit_load", "client_connection", "owner_of", "load", "unload", "clear", "optimize", "pin",
-    "pinned", "pinned_on",
+    "admit_load", "client_connection", "owner_of", "load", "unload", "unload_report", "clear",
+    "optimize", "pin", "pinned", "pinned_on",
     "reconcile", "apply_config", "start", "start_monitoring", "stop_monitoring", "cleanup",
     "add_listener", "memory_pressure", "last_sample", "queue_length", "upstream_ok",
     "upstream_error", "api_level", "manages_loading", "capabilities", "last_reconcile_s",
@@ -175,7 +175,7 @@ class ModelMemoryManager:
 
     async def clear_all_models(self) -> list[str]:
         """Unload every loaded model the proxy may unload (pins included: an explicit clear)."""
-        return await self.core.clear()
+        return (await self.core.clear())["unloaded"]
 
     async def optimize_memory_usage(self) -> dict[str, Any]:
         return await self.core.optimize()
