@@ -1,0 +1,117 @@
+"""The operations an operator asks for by hand (the admin API's and the library's): load now,
+unload after the in-flight requests, clear, optimize, pin. A part of EngineCore (a mixin: the
+attributes below are the core's); in a fleet, fleet/operations.py does the same per host."""
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
+
+from ..errors import InvalidRequest, ModelUnavailable
+from .memory import GB
+
+if TYPE_CHECKING:
+    from ..config import Config
+    from ..upstream.base import ApiLevel
+    from .accounting import Accounting
+    from .eviction import Evictor
+    from .lifecycle import Lease
+    from .memory import MemoryPressure
+    from .registry import Registry
+
+log = logging.getLogger("proxy.engine")
+
+
+class ManualOperations:
+    registry: "Registry"
+    accounting: "Accounting"
+    evictor: "Evictor"
+    config: "Config"
+    api_level: "ApiLevel | None"
+    manages_loading: bool
+    memory_pressure: "MemoryPressure"
+    resolve: Callable[[str], Awaitable[str]]
+    acquire: Callable[..., Awaitable["Lease"]]
+    unload_idle_models: Callable[[], Awaitable[list[str]]]
+    sample_memory: Callable[[], Awaitable[Any]]
+    relieve_pressure: Callable[[], Awaitable[list[str]]]
+
+    async def load(self, name: str, priority: int | None = None, *,
+                   host: str | None = None) -> bool:
+        """Make a model resident now (a USE lease taken and released at once); `priority`
+        (1–10) is kept for it until the proxy restarts."""
+        _one_server(host)
+        key = await self.resolve(name)
+        if priority is not None:
+            if not 1 <= priority <= 10:
+                raise InvalidRequest("priority must be 1..10", param="priority")
+            self.registry.priority_override[key] = priority
+        if not self.manages_loading:
+            level = self.api_level.value if self.api_level else "unknown"
+            raise ModelUnavailable(f"the upstream ({level}) cannot load models on request",
+                                   final=True)
+        e = self.registry.entries.get(key)
+        if e is not None and self.registry.footprint_floor_bytes(e) is not None:
+            # A load asked for by hand tries again: the refusal may have come while memory
+            # was held by something the proxy did not count.
+            log.warning("%s: the bound learned from a refusal (%.1f GB) is set aside for a "
+                        "load asked for by hand", key, e.footprint_floor_bytes / GB)
+            e.footprint_floor_bytes = None
+            self.accounting.footprint_changed(e)
+        lease = await self.acquire(key)
+        lease.release()
+        return True
+
+    async def unload(self, name: str, *, reason: str = "manual",
+                     drain_timeout_s: float | None = None, host: str | None = None) -> bool:
+        """Unload after in-flight requests finish (never cut a generation)."""
+        _one_server(host)
+        e = self.registry.entries[await self.resolve(name)]
+        timeout_s = drain_timeout_s if drain_timeout_s is not None else \
+            self.config.eviction.queue_timeout_s
+        return await self.evictor.unload_drained(e, reason, timeout_s)
+
+    async def unload_report(self, name: str, *, reason: str = "manual",
+                            drain_timeout_s: float | None = None, host: str | None = None
+                            ) -> dict[str, Any]:
+        """The admin API's answer: `unloaded` (a fleet adds where, and where it failed)."""
+        return {"unloaded": await self.unload(name, reason=reason,
+                                              drain_timeout_s=drain_timeout_s, host=host)}
+
+    async def clear(self, *, host: str | None = None) -> dict[str, Any]:
+        """Unload every loaded model the proxy may unload (pins included: an explicit clear):
+        `unloaded`, the keys unloaded."""
+        _one_server(host)
+        cleared = []
+        for key in self.registry.loaded():
+            e = self.registry.entries[key]
+            if e.owned or self.config.eviction.manage_external:
+                if await self.unload(key, reason="manual"):
+                    cleared.append(key)
+        return {"unloaded": cleared}
+
+    async def optimize(self, *, host: str | None = None) -> dict[str, Any]:
+        """Idle models unloaded, then pressure relieved."""
+        _one_server(host)
+        idle = await self.unload_idle_models()
+        await self.sample_memory()
+        pressure = await self.relieve_pressure()
+        return {"unloaded_idle": idle, "evicted_for_pressure": pressure,
+                "memory_pressure": self.memory_pressure.value}
+
+    def pin(self, key: str, pinned: bool, *, host: str | None = None) -> None:
+        """A runtime pin (POST /proxy/models/pin): kept until the proxy restarts."""
+        _one_server(host)
+        self.registry.pin_override[key] = pinned
+
+    def pinned(self, key: str, *, host: str | None = None) -> bool:
+        _one_server(host)
+        return self.registry.pinned(key)
+
+    def pinned_on(self, key: str) -> list[str]:
+        return []
+
+
+def _one_server(host: str | None) -> None:
+    if host is not None:
+        raise InvalidRequest("This proxy serves one upstream: `host` applies to a fleet "
+                             "(upstreams: in the config)", param="host")
