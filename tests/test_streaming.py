@@ -135,3 +135,28 @@ def test_the_done_event_in_each_spelling_sse_allows_ends_a_stream(done, tail):
     assert not meter.done
     meter.feed(done)
     assert meter.done
+
+
+@pytest.mark.parametrize("event", [
+    b'data: {"choices":[{"delta":{"tool_calls":[{"index":0,"function":{"arguments":"{\\"a'
+    b'\\":"}}]}}]}\n\n',
+    b'data: {"choices":[{"delta":{"reasoning_content":"Let me"}}]}\n\n',
+    b'data: {"choices":[{"delta":{"reasoning":"Let me"}}]}\n\n',
+    b'data: {"type":"content_block_delta","delta":{"type":"thinking_delta","thinking":"Hm"}}\n\n',
+    b'data: {"type":"content_block_delta","delta":{"type":"input_json_delta",'
+    b'"partial_json":"{\\"c"}}\n\n',
+    b'data: {"choices": [{"delta": {"content": "Hi"}}]}\n\n',     # as Python's json writes it
+], ids=["tool-arguments", "reasoning_content", "reasoning", "thinking", "partial_json",
+        "spaced"])
+@pytest.mark.parametrize("tail", [b"", b"data: {\"choices\":[],\"usage\":{}}\n\n"],
+                         ids=["fast-path", "usage-path"])
+def test_every_kind_of_generated_delta_is_a_first_token(event, tail):
+    meter = StreamMeter(0.0, strip_usage_chunk=False)
+    meter.feed(b'data: {"choices":[{"delta":{"role":"assistant","content":""}}]}\n\n'
+               b'data: {"choices":[{"delta":{"tool_calls":[{"function":{"name":"f",'
+               b'"arguments":""}}]}}]}\n\n'
+               b'data: {"reasoning":{"effort":"low"},"choices":[]}\n\n')
+    assert meter.ttft_s is None and meter.content_events == 0   # nothing generated yet
+    meter.feed(event + tail)
+    assert meter.ttft_s is not None and meter.content_events == 1
+

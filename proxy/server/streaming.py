@@ -13,8 +13,12 @@ from typing import Any
 import orjson
 
 _BOUNDARY = re.compile(rb"\r?\n\r?\n")
-# An event that carries generated text (chat delta, completion text, responses/messages delta).
-_CONTENT = re.compile(rb'"(?:content|text|delta)":"[^"]')
+# An event that carries generated tokens: chat delta, completion text, responses/messages delta,
+# a tool call's arguments, reasoning (`reasoning_content`, or `reasoning` as Ollama and vLLM
+# name it), Anthropic's thinking and tool input: the key, then a non-empty string, compact or as
+# Python's json writes it (": "). One C scan.
+_CONTENT = re.compile(rb'"(?:content|text|delta|arguments|reasoning(?:_content)?|thinking|'
+                      rb'partial_json)"\s*:\s*"[^"]')
 # The end of an OpenAI stream: an event of its own, not "[DONE]" in a model's text.
 _DONE = re.compile(rb"^data: ?\[DONE\]\r?$", re.MULTILINE)
 
