@@ -109,3 +109,20 @@ async def test_tool_call_and_reasoning_deltas_give_a_time_to_first_token(fake, m
     lines = [r.getMessage() for r in caplog.records if r.name == "proxy.request"]
     assert len(lines) == 2 and not any("ttft=-" in line for line in lines)
 
+
+@pytest.mark.parametrize("model", ["tool-model", "openai-style"],
+                         ids=["usage-on-the-final-chunk", "null-on-each-then-usage-only"])
+async def test_a_client_that_did_not_ask_for_usage_gets_none_and_the_tokens_are_counted(
+        fake, make_proxy, http, model):
+    upstream, served = fake
+    proxy = await make_proxy(served.url, **{"upstream.kind": "openai"})
+    direct = await stream(http, served.url, model)     # what the server sends this client
+    relayed = await stream(http, proxy.url, model)
+    assert upstream.received[-1]["stream_options"] == {"include_usage": True}   # asked for it
+    assert b'"usage"' not in relayed and relayed == direct
+    usage = proxy.engine.usage(model)
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.estimated_tokens) == (5, 7, 0)
+    # A client that asked for usage gets the server's chunks as they are.
+    asked = {"stream_options": {"include_usage": True}}
+    assert await stream(http, proxy.url, model, **asked) == \
+        await stream(http, served.url, model, **asked)

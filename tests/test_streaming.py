@@ -160,3 +160,34 @@ def test_every_kind_of_generated_delta_is_a_first_token(event, tail):
     meter.feed(event + tail)
     assert meter.ttft_s is not None and meter.content_events == 1
 
+
+@pytest.mark.parametrize("data,expected", [
+    (b'{"id":"c", "choices":[{"index":0}], "usage":{"a":{"b":1}}}',
+     b'{"id":"c", "choices":[{"index":0}]}'),
+    (b'{ "usage" : null, "id":"c","choices":[{"delta":{"content":"usage"}}]}',
+     b'{ "id":"c","choices":[{"delta":{"content":"usage"}}]}'),
+    (b'{"usage":{"p":1},"choices":[{"usage":2}]}', b'{"choices":[{"usage":2}]}'),
+    (b'{"choices":[{"usage":2}],"usage":null}', b'{"choices":[{"usage":2}]}'),
+    (b'{"choices":[{"delta":{"content":"\xc3\xa9 \\u00e9"}}],"usage":null}',
+     b'{"choices":[{"delta":{"content":"\xc3\xa9 \\u00e9"}}]}'),
+    (b'{"usage": null , "choices":[{"index":0}]}', b'{"choices":[{"index":0}]}'),
+], ids=["last", "first", "nested-after", "nested-before", "escapes-kept", "null-first"])
+def test_usage_is_cut_from_a_chunk_with_choices_and_every_other_byte_kept(data, expected):
+    meter = StreamMeter(0.0, strip_usage_chunk=True)
+    assert meter.feed(b"id: 7\ndata: " + data + b"\r\n\r\n") == \
+        b"id: 7\ndata: " + expected + b"\r\n\r\n"
+    assert meter.feed(b"data: " + data + b"\n\n") == b"data: " + expected + b"\n\n"
+
+
+def test_usage_in_a_data_field_split_over_lines_is_cut_by_rewriting_the_event():
+    meter = StreamMeter(0.0, strip_usage_chunk=True)
+    out = meter.feed(b'id: 7\ndata: {"choices":[{"index":0}],\n'
+                     b'data: "usage":{"prompt_tokens":3,"completion_tokens":4}}\n\n')
+    assert out == b'id: 7\ndata: {"choices":[{"index":0}]}\n\n'
+    assert (meter.prompt_tokens, meter.completion_tokens) == (3, 4)
+
+
+def test_usage_the_client_asked_for_is_left_in_place():
+    meter = StreamMeter(0.0, strip_usage_chunk=False)
+    event = b'data: {"choices":[{"index":0}],"usage":{"prompt_tokens":3}}\n\n'
+    assert meter.feed(event) == event and meter.prompt_tokens == 3

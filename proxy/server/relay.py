@@ -11,8 +11,9 @@ client that leaves before the end is a 499, counted as a request but no failure 
 streamed until then).
 
 What changes on the way: a configured alias in `model` becomes the real key, and a stream that
-did not ask for usage gets `include_usage` added upstream and the usage-only chunk removed again
-before it reaches the client. Everything else is the original bytes.
+did not ask for usage gets `include_usage` added upstream and the usage removed again before it
+reaches the client (the usage-only chunk dropped, a `usage` member cut from a chunk with choices).
+Everything else is the original bytes.
 """
 from __future__ import annotations
 
