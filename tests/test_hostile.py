@@ -194,3 +194,33 @@ async def test_the_pure_python_parsers_quoted_bytes_are_not_logged(head):
         parser.feed_data(head)
     assert "0123456789" in str(refused.value)
     assert "0123456789" not in _parse_error_summary(refused.value)
+
+
+def nested_chat(model: str, depth: int, stream: bool) -> bytes:
+    """A chat body whose extra field nests `depth` arrays (the whole body: depth + 1 levels)."""
+    head = orjson.dumps({**CHAT, "model": model, "stream": stream})[:-1]
+    return head + b',"x":' + b"[" * depth + b"]" * depth + b"}"
+
+
+@pytest.mark.parametrize("model,depth,stream", [
+    ("fast", 254, False),       # the alias is rewritten: the body is written back
+    (MODEL, 254, True),         # include_usage is added: likewise
+    (MODEL, 1000, False),       # forwarded untouched, refused all the same
+], ids=["alias", "stream", "exact-key"])
+async def test_a_body_nested_past_what_the_proxy_can_rewrite_is_a_400_charged_to_no_model(
+        make_proxy, emulator, http, model, depth, stream):
+    proxy = await make_proxy(emulator.url, **{"models": {MODEL: {"aliases": ["fast"]}},
+                                              "health.min_requests": 1})
+    url = f"{proxy.url}/v1/chat/completions"
+    for _ in range(3):
+        async with http.post(url, data=nested_chat(model, depth, stream)) as r:
+            status, error = await error_of(r)
+        assert (status, error["code"]) == (400, "invalid_request")
+        assert "254 levels" in error["message"]
+    usage = proxy.engine.usage(MODEL)
+    assert (usage.requests, usage.failures) == (0, 0)
+    async with http.get(f"{proxy.url}/proxy/health") as r:
+        assert (await r.json())["alerts"] == []
+    async with http.post(url, data=nested_chat(model, 253, stream)) as r:
+        assert r.status == 200       # 254 levels in all: forwarded, rewritten as needed
+        await r.read()

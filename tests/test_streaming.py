@@ -135,3 +135,59 @@ def test_the_done_event_in_each_spelling_sse_allows_ends_a_stream(done, tail):
     assert not meter.done
     meter.feed(done)
     assert meter.done
+
+
+@pytest.mark.parametrize("event", [
+    b'data: {"choices":[{"delta":{"tool_calls":[{"index":0,"function":{"arguments":"{\\"a'
+    b'\\":"}}]}}]}\n\n',
+    b'data: {"choices":[{"delta":{"reasoning_content":"Let me"}}]}\n\n',
+    b'data: {"choices":[{"delta":{"reasoning":"Let me"}}]}\n\n',
+    b'data: {"type":"content_block_delta","delta":{"type":"thinking_delta","thinking":"Hm"}}\n\n',
+    b'data: {"type":"content_block_delta","delta":{"type":"input_json_delta",'
+    b'"partial_json":"{\\"c"}}\n\n',
+    b'data: {"choices": [{"delta": {"content": "Hi"}}]}\n\n',     # as Python's json writes it
+], ids=["tool-arguments", "reasoning_content", "reasoning", "thinking", "partial_json",
+        "spaced"])
+@pytest.mark.parametrize("tail", [b"", b"data: {\"choices\":[],\"usage\":{}}\n\n"],
+                         ids=["fast-path", "usage-path"])
+def test_every_kind_of_generated_delta_is_a_first_token(event, tail):
+    meter = StreamMeter(0.0, strip_usage_chunk=False)
+    meter.feed(b'data: {"choices":[{"delta":{"role":"assistant","content":""}}]}\n\n'
+               b'data: {"choices":[{"delta":{"tool_calls":[{"function":{"name":"f",'
+               b'"arguments":""}}]}}]}\n\n'
+               b'data: {"reasoning":{"effort":"low"},"choices":[]}\n\n')
+    assert meter.ttft_s is None and meter.content_events == 0   # nothing generated yet
+    meter.feed(event + tail)
+    assert meter.ttft_s is not None and meter.content_events == 1
+
+
+@pytest.mark.parametrize("data,expected", [
+    (b'{"id":"c", "choices":[{"index":0}], "usage":{"a":{"b":1}}}',
+     b'{"id":"c", "choices":[{"index":0}]}'),
+    (b'{ "usage" : null, "id":"c","choices":[{"delta":{"content":"usage"}}]}',
+     b'{ "id":"c","choices":[{"delta":{"content":"usage"}}]}'),
+    (b'{"usage":{"p":1},"choices":[{"usage":2}]}', b'{"choices":[{"usage":2}]}'),
+    (b'{"choices":[{"usage":2}],"usage":null}', b'{"choices":[{"usage":2}]}'),
+    (b'{"choices":[{"delta":{"content":"\xc3\xa9 \\u00e9"}}],"usage":null}',
+     b'{"choices":[{"delta":{"content":"\xc3\xa9 \\u00e9"}}]}'),
+    (b'{"usage": null , "choices":[{"index":0}]}', b'{"choices":[{"index":0}]}'),
+], ids=["last", "first", "nested-after", "nested-before", "escapes-kept", "null-first"])
+def test_usage_is_cut_from_a_chunk_with_choices_and_every_other_byte_kept(data, expected):
+    meter = StreamMeter(0.0, strip_usage_chunk=True)
+    assert meter.feed(b"id: 7\ndata: " + data + b"\r\n\r\n") == \
+        b"id: 7\ndata: " + expected + b"\r\n\r\n"
+    assert meter.feed(b"data: " + data + b"\n\n") == b"data: " + expected + b"\n\n"
+
+
+def test_usage_in_a_data_field_split_over_lines_is_cut_by_rewriting_the_event():
+    meter = StreamMeter(0.0, strip_usage_chunk=True)
+    out = meter.feed(b'id: 7\ndata: {"choices":[{"index":0}],\n'
+                     b'data: "usage":{"prompt_tokens":3,"completion_tokens":4}}\n\n')
+    assert out == b'id: 7\ndata: {"choices":[{"index":0}]}\n\n'
+    assert (meter.prompt_tokens, meter.completion_tokens) == (3, 4)
+
+
+def test_usage_the_client_asked_for_is_left_in_place():
+    meter = StreamMeter(0.0, strip_usage_chunk=False)
+    event = b'data: {"choices":[{"index":0}],"usage":{"prompt_tokens":3}}\n\n'
+    assert meter.feed(event) == event and meter.prompt_tokens == 3

@@ -75,7 +75,7 @@ class Accounting:
                 if slot is None:
                     slot = self._pending_minutes[minute_key] = [0, 0, 0, 0, 0.0]
                 slot[0] += 1
-                slot[1] += 0 if r.ok else 1
+                slot[1] += r.failed
                 slot[2] += r.prompt_tokens
                 slot[3] += r.completion_tokens
                 slot[4] += r.latency_s

@@ -17,6 +17,7 @@ MAX_TASKS = 32         # task names kept per model: a client cannot grow this wi
 # An empty slot of a MinuteRing: older than any minute, so that minutes before the monotonic
 # clock's zero (restored history, a clock started moments ago) are kept too.
 NO_MINUTE = -(1 << 62)
+CLIENT_CLOSED = 499    # the status of a request whose client left before the end of its answer
 
 
 @dataclass(slots=True)
@@ -33,6 +34,19 @@ class RequestRecord:   # built once per request: plain slots, no frozen-init cos
     tokens_estimated: bool = False
     task: str | None = None        # the task the client tagged it with (X-Task-Type)
     host: str | None = None        # the fleet's host that served it (None: a single server)
+
+    # The one test of a failure, for success rates, the error_rate alert, the history and the
+    # metrics alike: a client that left is not the model's doing.
+    @property
+    def failed(self) -> bool:
+        """The model, its host or the proxy failed the request."""
+        return not self.ok and self.status != CLIENT_CLOSED
+
+    @property
+    def client_closed(self) -> bool:
+        """The client left before the end of its answer: a request, neither success nor
+        failure."""
+        return not self.ok and self.status == CLIENT_CLOSED
 
 
 class Histogram:
@@ -102,6 +116,7 @@ class MinuteRing:
 class ModelUsage:
     requests: int = 0
     failures: int = 0
+    client_closed: int = 0         # requests whose client left before the end: no failures
     prompt_tokens: int = 0
     completion_tokens: int = 0
     estimated_tokens: int = 0
@@ -117,7 +132,12 @@ class ModelUsage:
     def record(self, r: RequestRecord) -> None:
         # Once per request: Histogram.add and MinuteRing.add written out, no max() (a call).
         self.requests += 1
-        self.failures += 0 if r.ok else 1
+        failed = r.failed
+        if failed:
+            self.failures += 1
+            self.failures_per_minute.add(r.at_s)
+        elif not r.ok:
+            self.client_closed += 1
         self.prompt_tokens += r.prompt_tokens
         self.completion_tokens += r.completion_tokens
         if r.tokens_estimated:
@@ -142,8 +162,6 @@ class ModelUsage:
             ring.minutes[i] = minute
             ring.slots[i] = 0
         ring.slots[i] += 1
-        if not r.ok:
-            self.failures_per_minute.add(r.at_s)
         self.last_used_at_s = r.at_s
         if r.task is not None:
             t = self.tasks.get(r.task)
@@ -152,7 +170,7 @@ class ModelUsage:
                     return
                 t = self.tasks[r.task] = [0, 0, 0.0]
             t[0] += 1
-            t[1] += 0 if r.ok else 1
+            t[1] += failed
             t[2] += r.latency_s
 
     @property
@@ -179,6 +197,7 @@ class ModelUsage:
         ms = lambda s: None if s is None else round(s * 1000.0, 2)  # noqa: E731
         return {
             "requests": self.requests, "failures": self.failures,
+            "client_closed": self.client_closed,
             "success_rate": round(self.success_rate, 4),
             "avg_latency_ms": ms(self.latency.mean),
             "p50_latency_ms": ms(self.latency.quantile(0.5)),
@@ -192,8 +211,8 @@ class ModelUsage:
         }
 
 
-SNAPSHOT_FIELDS = ("requests", "failures", "prompt_tokens", "completion_tokens",
-                   "estimated_tokens", "generation_s")
+SNAPSHOT_FIELDS = ("requests", "failures", "client_closed", "prompt_tokens",
+                   "completion_tokens", "estimated_tokens", "generation_s")
 
 
 def snapshot(u: ModelUsage, now_s: float, wall_s: float) -> dict:

@@ -32,6 +32,7 @@ def parse_request(body: bytes) -> dict:
         raise InvalidRequest(f"The request body is not valid JSON: {exc}") from None
     if not isinstance(payload, dict):
         raise InvalidRequest("The request body must be a JSON object.")
+    intake.check_nesting(payload)
     model = payload.get("model")
     if model is None:
         raise InvalidRequest("You must provide a model parameter.", param="model")

@@ -209,7 +209,7 @@ class EventHub:
             acc[6][host] = acc[6].get(host, 0) + 1
         acc[3] += r.latency_s
         acc[4] += r.completion_tokens
-        if not r.ok:
+        if r.failed:      # a client that left is no error of the model's
             acc[1] += 1
             acc[5][r.status] = acc[5].get(r.status, 0) + 1
             if r.status == 503:

@@ -95,7 +95,7 @@ class ProxyMetrics:
                 self._known.add(model)
         if host is not None and host not in self.hosts:   # type: ignore[operator]
             host = OTHER
-        outcome = "success" if rec.ok else ("client_closed" if rec.status == 499 else "error")
+        outcome = "success" if rec.ok else ("client_closed" if rec.client_closed else "error")
         key = (model, rec.endpoint or "library", outcome, host)
         self.requests[key] = self.requests.get(key, 0) + 1
         series = (model, host)

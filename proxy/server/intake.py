@@ -1,5 +1,6 @@
 """What a client sends, taken in with limits: the body (declared and decoded size, encoding, read
-deadline), the model name's length, and untrusted strings made safe to echo in logs and errors.
+deadline, nesting depth), the model name's length, and untrusted strings made safe to echo in logs
+and errors.
 
 The server's own request decompression is off (serving.py), so a `Content-Encoding` reaches this
 module untouched: gzip and deflate are decoded here with the *decoded* size held to
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import zlib
 
+import orjson
 from aiohttp import web
 
 from ..config import ServerConfig
@@ -20,12 +22,25 @@ DECODABLE = frozenset({"gzip", "x-gzip", "deflate"})
 IDENTITY = frozenset({"", "identity"})
 _STEP_BYTES = 256 * 1024
 _THREAD_ABOVE_BYTES = 64 * 1024   # decode bigger bodies off the event loop
+# orjson.loads reads 1,024 nested arrays and objects but orjson.dumps writes only 254: a body the
+# proxy rewrites on the way (an alias, include_usage) must be one it can write back.
+MAX_NESTING = 254
 
 
 def check_model_name(name: str, server: ServerConfig) -> None:
     if len(name) > server.max_model_name_chars:
         raise InvalidRequest(f"'model' is longer than {server.max_model_name_chars} characters "
                              "(server.max_model_name_chars).", param="model")
+
+
+def check_nesting(payload: object) -> None:
+    """Refuse a decoded body nested deeper than the proxy can re-serialise, whatever the route
+    (alias, stream) would do with it. One C-speed dumps: cheaper than walking the body."""
+    try:
+        orjson.dumps(payload)
+    except orjson.JSONEncodeError:
+        raise InvalidRequest(f"The request body nests arrays and objects more than {MAX_NESTING}"
+                             f" levels deep; the proxy forwards at most {MAX_NESTING}.") from None
 
 
 async def read_body(request: web.BaseRequest, server: ServerConfig) -> bytes:

@@ -4,13 +4,16 @@ A `Relay` owns, for one request: the lease on the model (taken from the engine, 
 the upstream call under the header policy of `headers.py`, the bytes back — a stream relayed as
 it comes, a whole body with `compat.py`'s repairs — and the one exit that records the request
 with the engine and writes its access-log line, however the request ends: refused before the
-upstream, answered, broken off by the upstream, or left by the client. Two outcomes are not the
+upstream, answered, broken off by the upstream, or left by the client. Three outcomes are not the
 model's: a request refused for the client's own fault (CLIENT_REFUSALS) is only counted as
-refused, and a stream relayed through its end is a success even if the client leaves at once.
+refused, a stream relayed through its end is a success even if the client leaves at once, and a
+client that leaves before the end is a 499, counted as a request but no failure (with the tokens
+streamed until then).
 
 What changes on the way: a configured alias in `model` becomes the real key, and a stream that
-did not ask for usage gets `include_usage` added upstream and the usage-only chunk removed again
-before it reaches the client. Everything else is the original bytes.
+did not ask for usage gets `include_usage` added upstream and the usage removed again before it
+reaches the client (the usage-only chunk dropped, a `usage` member cut from a chunk with choices).
+Everything else is the original bytes.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ import orjson
 from aiohttp import web
 
 from ..engine.lifecycle import Lease
-from ..engine.usage import RequestRecord
+from ..engine.usage import CLIENT_CLOSED, RequestRecord
 from ..errors import (InvalidApiKey, InvalidRequest, ModelNotFound, PermissionDenied, ProxyError,
                       UpstreamError, UpstreamTimeout)
 from .inflight import INFLIGHT, write_or_stall
@@ -36,7 +39,6 @@ from ..upstream.base import UpstreamResponse
 from . import headers, scope
 
 USAGE_INJECTABLE = frozenset({"/v1/chat/completions", "/v1/completions"})
-CLIENT_CLOSED = 499
 INTERNAL_ERROR = 500
 # What the proxy refuses for the client's own request before any model answers it: its body
 # (400, 408, 413, 415, a prompt past the context), its key (401, 403) or a name no model has
@@ -248,6 +250,8 @@ class Relay:
         ttft_s = meter.ttft_s if meter is not None else None
         estimated = self.tokens_estimated or (meter is not None and meter.tokens_estimated)
         prompt, completion = self.prompt_tokens, self.completion_tokens
+        if meter is not None and not self.relayed:   # left or cut off mid-stream: what came
+            prompt, completion = meter.prompt_tokens, meter.completion_tokens_or_estimate()
         if self.refused:   # counted as refused, never as a model's or a host's failure
             request.app[METRICS].on_refused(self.model, request.path)
         else:

@@ -1,4 +1,5 @@
-"""SSE relay bookkeeping: split upstream bytes on event boundaries, read usage, strip one chunk.
+"""SSE relay bookkeeping: split upstream bytes on event boundaries, read usage, and take out the
+usage the proxy asked for on the client's behalf.
 
 The relay forwards every complete event as soon as it has it; only an incomplete trailing event
 is held back (the client could not use half an event anyway). JSON is decoded only for the few
@@ -6,6 +7,7 @@ events that may carry usage, found by a byte search first.
 """
 from __future__ import annotations
 
+import json
 import re
 import time
 from typing import Any
@@ -13,10 +15,17 @@ from typing import Any
 import orjson
 
 _BOUNDARY = re.compile(rb"\r?\n\r?\n")
-# An event that carries generated text (chat delta, completion text, responses/messages delta).
-_CONTENT = re.compile(rb'"(?:content|text|delta)":"[^"]')
+# An event that carries generated tokens: chat delta, completion text, responses/messages delta,
+# a tool call's arguments, reasoning (`reasoning_content`, or `reasoning` as Ollama and vLLM
+# name it), Anthropic's thinking and tool input: the key, then a non-empty string, compact or as
+# Python's json writes it (": "). One C scan.
+_CONTENT = re.compile(rb'"(?:content|text|delta|arguments|reasoning(?:_content)?|thinking|'
+                      rb'partial_json)"\s*:\s*"[^"]')
 # The end of an OpenAI stream: an event of its own, not "[DONE]" in a model's text.
 _DONE = re.compile(rb"^data: ?\[DONE\]\r?$", re.MULTILINE)
+_USAGE_KEY = re.compile(r'"usage"\s*:\s*')
+_NULL_USAGE = re.compile(rb'"usage"\s*:\s*null')
+_VALUE = json.JSONDecoder()   # raw_decode: where a JSON value that starts at an index ends
 
 
 class StreamMeter:
@@ -49,7 +58,8 @@ class StreamMeter:
         for m in _BOUNDARY.finditer(buf):
             event = buf[start:m.end()]
             start = m.end()
-            if self._inspect(event):
+            event = self._inspect(event)
+            if event:
                 out.append(event)
         self._tail = buf[start:]
         if len(out) == 1:
@@ -58,28 +68,29 @@ class StreamMeter:
 
     def flush(self) -> bytes:
         tail, self._tail = self._tail, b""
-        if tail:
-            self._inspect(tail)
-        return tail
+        return self._inspect(tail) if tail else tail
 
-    def _inspect(self, event: bytes) -> bool:
-        """Measure one event; False if it must not reach the client."""
+    def _inspect(self, event: bytes) -> bytes:
+        """Measure one event; the bytes of it the client gets (none, or it without the usage
+        the proxy asked for)."""
         if _CONTENT.search(event):
             self.content_events += 1
             if self.ttft_s is None:
                 self.ttft_s = time.perf_counter() - self.started_at
         if b"[DONE]" in event and _DONE.search(event):
             self.done = True
-            return True
+            return event
         if b'"usage"' not in event:
-            return True
+            return event
         data = _data_of(event)
         if data is None:
-            return True
+            return event
         self._read_usage(data)
-        if self.strip_usage_chunk and data.get("choices") == [] and data.get("usage"):
-            return False
-        return True
+        if not self.strip_usage_chunk or "usage" not in data:
+            return event
+        if data.get("choices") == [] and data["usage"]:
+            return b""                 # the usage-only chunk
+        return without_usage(event, data)   # usage on a chunk with choices (or null on each)
 
     def _read_usage(self, data: dict[str, Any]) -> None:
         usage = data.get("usage")
@@ -103,6 +114,50 @@ class StreamMeter:
 
     def completion_tokens_or_estimate(self) -> int:
         return self.completion_tokens if self.usage_seen else self.content_events
+
+
+def without_usage(event: bytes, data: dict[str, Any]) -> bytes:
+    """`event` without its top-level "usage" member, every other byte as it came; re-written
+    only if the cut cannot be made (a data field split over several lines)."""
+    at = event.find(b'"usage"')
+    if data["usage"] is None and event.find(b'"usage"', at + 7) < 0:
+        # On every chunk of an OpenAI stream: the one "usage" in it is the top-level key (no
+        # server writes a key's letters as escapes), so a byte cut needs no second decode.
+        m = _NULL_USAGE.match(event, at)
+        if m is not None:
+            start, end = _with_comma(event, at, m.end(), b" \t\r\n", b",")
+            return event[:start] + event[end:]
+    expected = {k: v for k, v in data.items() if k != "usage"}
+    text = event.decode(errors="surrogateescape")   # bytes outside the data line kept as is
+    for m in reversed(list(_USAGE_KEY.finditer(text))):   # top-level usage is usually last
+        try:
+            _, end = _VALUE.raw_decode(text, m.end())
+        except ValueError:
+            continue
+        start, end = _with_comma(text, m.start(), end, " \t\r\n", ",")
+        cut = (text[:start] + text[end:]).encode(errors="surrogateescape")
+        if _data_of(cut) == expected:              # the member cut was the top-level one
+            return cut
+    kept = [line for line in event.splitlines() if line and not line.startswith(b"data:")]
+    return b"\n".join([*kept, b"data: " + orjson.dumps(expected)]) + b"\n\n"
+
+
+def _with_comma(buf: Any, start: int, end: int, space: Any, comma: Any) -> tuple[int, int]:
+    """The span of the object member at [start, end) with the comma that separates it: the one
+    before it (`…, "usage": …`), else the one after it and the space that follows."""
+    before = start - 1
+    while before >= 0 and buf[before:before + 1] in space:
+        before -= 1
+    if before >= 0 and buf[before:before + 1] == comma:
+        return before, end
+    n = len(buf)
+    while end < n and buf[end:end + 1] in space:
+        end += 1
+    if end < n and buf[end:end + 1] == comma:
+        end += 1
+        while end < n and buf[end:end + 1] in space:
+            end += 1
+    return start, end
 
 
 def _data_of(event: bytes) -> dict[str, Any] | None:
