@@ -298,3 +298,33 @@ async def test_an_sdk_loaded_model_is_the_proxys_after_a_restart(make_emulator, 
     again = await make_proxy(emulator.url, **{"memory.budget_gb": 20, "storage": storage,
                                               "native.evict": mode})
     assert again.engine.entry(SMALL).owner == owner
+
+
+async def recorded(proxy: Any, key: str, requests: int) -> None:
+    """Wait (with a deadline) until the proxy has recorded this many requests for key."""
+    async with asyncio.timeout(5):
+        while proxy.engine.usage(key).requests < requests:
+            await asyncio.sleep(0.01)
+
+
+async def test_a_client_that_leaves_mid_prediction_is_no_failure_lm_studio_leaving_is(
+        make_emulator, make_proxy, sdk):
+    """As for an OpenAI request: a client gone mid-answer counts as client_closed (499), not
+    against the model; LM Studio going away under a prediction is a failure."""
+    emulator, proxy = await lab(make_emulator, make_proxy, 20)
+    emulator.state.faults.stream_gate = asyncio.Event()    # generating, paused after a token
+    client = await sdk(proxy)
+    stream = await (await client.llm.model(SMALL)).respond_stream("hello")
+    await anext(aiter(stream))
+    await client.aclose()
+    await recorded(proxy, SMALL, 1)
+    usage = proxy.engine.usage(SMALL)
+    assert (usage.requests, usage.failures, usage.client_closed) == (1, 0, 1)
+    assert proxy.engine.entry(SMALL).leases == 0            # its lease went with the client
+    again = await sdk(proxy)
+    stream = await (await again.llm.model(SMALL)).respond_stream("hello")
+    await anext(aiter(stream))
+    await asyncio.wait_for(emulator.close(), 3)             # LM Studio quits
+    await recorded(proxy, SMALL, 2)
+    usage = proxy.engine.usage(SMALL)
+    assert (usage.requests, usage.failures, usage.client_closed) == (2, 1, 1)

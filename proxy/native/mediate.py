@@ -25,7 +25,7 @@ import orjson
 from ..engine.face import Engine
 from ..engine.mediated import MediatedLoad
 from ..engine.lifecycle import Lease, ModelStatus
-from ..engine.usage import RequestRecord
+from ..engine.usage import CLIENT_CLOSED, RequestRecord
 from ..errors import ModelNotFound, ProxyError
 from .guard import REQUESTS, Guard, Refusal
 
@@ -286,17 +286,19 @@ class Mediator:
             del self.channel_uses[cid]
             self._finish(use, False, frame.get("error"))
 
-    def _finish(self, use: _Use, ok: bool, error: Any) -> None:
+    def _finish(self, use: _Use, ok: bool, error: Any, failed_status: int = 500) -> None:
         use.lease.release()
         now = self.engine.clock.now()
         self.engine.record(RequestRecord(
             model=use.key, ok=ok, latency_s=now - use.started_s, at_s=now,
-            endpoint=use.endpoint, status=200 if ok else 500, ttft_s=use.ttft_s,
+            endpoint=use.endpoint, status=200 if ok else failed_status, ttft_s=use.ttft_s,
             prompt_tokens=use.prompt_tokens, completion_tokens=use.tokens))
 
     # -- the connection's end ----------------------------------------------------------------
-    async def close(self) -> None:
-        """The client or LM Studio went away: every load reports, every lease is released."""
+    async def close(self, client_left: bool = False) -> None:
+        """The client (client_left) or LM Studio went away: every load reports, every lease is
+        released, and a prediction under way counts as the client's leaving (499: not the
+        model's failure) or as LM Studio's failure (502)."""
         gone = "the client disconnected during the load"
         held = list(self.held.values())
         for h in held:
@@ -305,8 +307,9 @@ class Mediator:
         for load in self.loads.values():
             load.failed(gone)
         self.loads.clear()
+        status = CLIENT_CLOSED if client_left else 502
         for use in [*self.channel_uses.values(), *self.call_uses.values()]:
-            self._finish(use, False, None)
+            self._finish(use, False, None, status)
         self.channel_uses.clear()
         self.call_uses.clear()
         await asyncio.gather(*self._tasks, return_exceptions=True)
