@@ -1,6 +1,8 @@
 """The integration API around real calls: leases held during the call, usage recorded after."""
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from aiohttp import web
 
@@ -54,3 +56,19 @@ async def test_wrapped_methods_keep_their_result_and_record_tokens(manager):
     assert (await kernel.process("hi"))["answer"] == "HI"
     assert manager.usage(MODEL).completion_tokens == 9
     assert kernel.process.__name__ == "process"
+
+
+async def test_a_step_its_caller_gave_up_on_is_no_failure_and_releases(manager):
+    started = asyncio.Event()
+
+    async def slow(context):
+        started.set()
+        await asyncio.Event().wait()                        # until cancelled
+    step = asyncio.create_task(ModelMemoryMiddleware(manager)({"model": MODEL}, slow))
+    await started.wait()
+    step.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await step
+    usage = manager.usage(MODEL)
+    assert (usage.requests, usage.failures, usage.client_closed) == (1, 0, 1)
+    assert manager.entry(MODEL).leases == 0

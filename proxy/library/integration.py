@@ -14,13 +14,14 @@ recorded against the model.
 """
 from __future__ import annotations
 
+import asyncio
 import functools
 import time
 from typing import Any, Awaitable, Callable, Mapping
 
 from aiohttp import web
 
-from ..engine.usage import RequestRecord
+from ..engine.usage import CLIENT_CLOSED, RequestRecord
 from .manager import ModelMemoryManager
 
 Handler = Callable[[Mapping[str, Any]], Awaitable[Any]]
@@ -59,17 +60,20 @@ class _Use:
         m = self.manager
         lease = await m.acquire(self.model)
         started = time.perf_counter()
-        ok, result = False, None
+        ok, result, status = False, None, 500
         try:
             result = await call()
-            ok = True
+            ok, status = True, 200
             return result
+        except asyncio.CancelledError:
+            status = CLIENT_CLOSED        # its caller gave up: no failure of the model's
+            raise
         finally:
             lease.release()
             prompt, completion = _tokens(result) if ok else (0, 0)
             m.record(RequestRecord(model=lease.model, ok=ok,
                                    latency_s=time.perf_counter() - started,
-                                   at_s=m.clock.now(), endpoint=self.source,
+                                   at_s=m.clock.now(), endpoint=self.source, status=status,
                                    prompt_tokens=prompt, completion_tokens=completion))
 
 
