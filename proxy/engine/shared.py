@@ -36,7 +36,7 @@ import logging
 from typing import TYPE_CHECKING, AsyncIterator, Awaitable, Callable
 
 from ..errors import InsufficientMemory, StateUnavailable
-from ..state import HostRecord
+from ..state import HostRecord, LoadLock
 from .lifecycle import OWNER_PROXY, ModelStatus
 from .memory import GB
 from .shared_heard import CatchUp
@@ -51,6 +51,7 @@ log = logging.getLogger("proxy.shared")
 SINGLE_HOST = "default"        # the host's name in the shared state when there is one
 POLL_S = 0.25                  # a replica waiting for another's load asks the host this often
 RESERVATION_GRACE_S = 2.0      # a loaded model's reservation outlives its load this long
+ADOPT = object()               # the host lists the model a load waited for: adopt it
 RECORD_TTL_S = 60.0            # a host record not refreshed (reconcile, load) for this long goes
 
 
@@ -181,7 +182,8 @@ class SharedHost:
                         ) -> AsyncIterator[int | None]:
         """Hold the (host, model) load lock and its memory while the block loads e; yields the
         fencing token. When another replica is loading it, waits until `loaded()` (the host
-        lists it: the block then adopts it, token None) or the lock is free. `room()` is the
+        lists it: the block then adopts it, token None) or the lock is free; so does a wait
+        that Redis left (`_acquire`). `room()` is the
         memory the host has for loads as its own list says now; other replicas' loads in
         flight hold theirs as reservations, and a refused reservation is asked again (with the
         room read again) until a loaded model's reservation has lapsed."""
@@ -189,11 +191,10 @@ class SharedHost:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         while True:
-            lock = await r.patiently(lambda: self.store.acquire_lock(self.name, e.key,
-                                                                     r.lock_ttl_s))
-            if lock is not None:
+            lock = await self._acquire(e.key, loaded)
+            if isinstance(lock, LoadLock):
                 break
-            if await loaded():
+            if lock is ADOPT or await loaded():
                 yield None
                 return
             if loop.time() >= deadline:
@@ -238,6 +239,26 @@ class SharedHost:
                     e.key, RESERVATION_GRACE_S if done else 0.0))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
+
+    async def _acquire(self, key: str, loaded: Callable[[], Awaitable[bool]]
+                       ) -> LoadLock | object | None:
+        """The (host, model) load lock, or None while another replica holds it. While Redis
+        cannot be reached it is asked again for up to unavailable_wait_s, and the host is
+        asked each time too: ADOPT once it lists the model (another replica's load ended
+        meanwhile), for the host's list is the truth a waiting load needs, not Redis."""
+        r = self.replica
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + r.unavailable_wait_s
+        while True:
+            try:
+                return await self.store.acquire_lock(self.name, key, r.lock_ttl_s)
+            except StateUnavailable as exc:
+                r.unreachable(exc)
+                if await loaded():
+                    return ADOPT
+                if loop.time() >= deadline:
+                    raise
+            await asyncio.sleep(POLL_S)
 
     async def _release_after(self, key: str, delay_s: float) -> None:
         await asyncio.sleep(delay_s)

@@ -1,0 +1,60 @@
+"""Two proxy replicas and one real Redis that dies or restarts empty in the middle of their work
+(state.backend: redis): what a replica waits for, what it writes back, and what it shows."""
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from proxy.configload import load_config
+from proxy.server.keys import REPLICA
+
+from .redis_server import make_redis_server, redis_server  # noqa: F401
+from .test_replicas import CATALOG, MID, chat, until
+
+pytestmark = pytest.mark.timeout(60)
+AWAY_WAIT_S = 5.0          # state.unavailable_wait_s: how long a load waits for Redis
+
+
+def config(url: str, redis_url: str, name: str, **extra: Any) -> Any:
+    return load_config({
+        "upstreams": [{"name": "x", "url": url, "budget_gb": 20}],
+        "state": {"backend": "redis", "url": redis_url, "replica_id": name,
+                  "lease_ttl_s": 1.5, "lock_ttl_s": 2.0, "unavailable_wait_s": AWAY_WAIT_S,
+                  "timeout_s": 0.5},
+        "memory": {"min_free_memory_gb": 0, "max_memory_usage_percent": 100},
+        "eviction": {"hold": 0}, "storage": {"enabled": False}, **extra})
+
+
+@pytest.fixture
+async def replicas(make_emulator, make_proxy, redis_server) -> Any:
+    async def start(**extra: Any) -> tuple[Any, Any, Any]:
+        emu = await make_emulator(catalog=CATALOG)
+        a = await make_proxy("", config=config(emu.url, redis_server.url, "A", **extra))
+        b = await make_proxy("", config=config(emu.url, redis_server.url, "B", **extra))
+        return a, b, emu
+    return start
+
+
+def entry(proxy: Any, key: str) -> Any:
+    return proxy.engine.host("x").core.registry.entries.get(key)
+
+
+async def test_a_load_waiting_on_another_replicas_adopts_it_when_redis_dies_meanwhile(
+        replicas, redis_server, http):
+    a, b, emu = await replicas()
+    gate = emu.state.faults.load_gate[MID] = asyncio.Event()
+    from_a = asyncio.ensure_future(chat(http, a, MID))
+    await until(lambda: emu.state.load_calls[MID] == 1)      # A holds the load lock
+    from_b = asyncio.ensure_future(chat(http, b, MID))
+    await until(lambda: entry(b, MID) is not None and entry(b, MID).status.value == "loading")
+    redis_server.stop()                                      # B waits for A's load, blind
+    gate.set()                                               # A's load ends on the host
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    (status_a, _, _), (status_b, body_b, _) = await asyncio.gather(from_a, from_b)
+    assert status_a == 200
+    assert status_b == 200, body_b                  # not 503 state_unavailable
+    assert loop.time() - started < AWAY_WAIT_S      # as soon as the host listed it
+    assert emu.state.load_calls[MID] == 1
