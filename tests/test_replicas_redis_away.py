@@ -11,15 +11,15 @@ from proxy.configload import load_config
 from proxy.server.keys import REPLICA
 
 from .redis_server import make_redis_server, redis_server  # noqa: F401
-from .test_replicas import CATALOG, MID, chat, until
+from .test_replicas import CATALOG, MID, OTHER, chat, until
 
 pytestmark = pytest.mark.timeout(60)
 AWAY_WAIT_S = 5.0          # state.unavailable_wait_s: how long a load waits for Redis
 
 
-def config(url: str, redis_url: str, name: str, **extra: Any) -> Any:
+def config(url: str, redis_url: str, name: str, budget_gb: float = 20, **extra: Any) -> Any:
     return load_config({
-        "upstreams": [{"name": "x", "url": url, "budget_gb": 20}],
+        "upstreams": [{"name": "x", "url": url, "budget_gb": budget_gb}],
         "state": {"backend": "redis", "url": redis_url, "replica_id": name,
                   "lease_ttl_s": 1.5, "lock_ttl_s": 2.0, "unavailable_wait_s": AWAY_WAIT_S,
                   "timeout_s": 0.5},
@@ -58,3 +58,44 @@ async def test_a_load_waiting_on_another_replicas_adopts_it_when_redis_dies_mean
     assert status_b == 200, body_b                  # not 503 state_unavailable
     assert loop.time() - started < AWAY_WAIT_S      # as soon as the host listed it
     assert emu.state.load_calls[MID] == 1
+
+
+QUIET = {"upstream": {"reconcile_interval_s": 3600}}   # nothing learned from reconcile ticks
+
+
+def owner(proxy: Any, key: str) -> str | None:
+    e = entry(proxy, key)
+    return e.owner if e is not None and e.status.value == "loaded" else None
+
+
+async def test_ownership_redis_lost_during_a_load_is_written_back_when_it_returns(
+        replicas, redis_server, http):
+    a, b, emu = await replicas(budget_gb=7, **QUIET)    # room for one 6 GB model
+    gate = emu.state.faults.load_gate[MID] = asyncio.Event()
+    from_a = asyncio.ensure_future(chat(http, a, MID))
+    await until(lambda: emu.state.load_calls[MID] == 1)
+    redis_server.stop()                       # the load ends while Redis is away
+    await until(lambda: not a.app[REPLICA].ok and not b.app[REPLICA].ok)
+    gate.set()
+    assert (await from_a)[0] == 200
+    await b.engine.reconcile()                # B sees the copy; the record cannot say whose
+    assert (owner(a, MID), owner(b, MID)) == ("proxy", "external")
+    redis_server.start()                      # back, and empty
+    await until(lambda: owner(b, MID) == "proxy")
+    assert await a.app[REPLICA].store.owned("x") == {MID: MID}
+    status, body, _ = await chat(http, b, OTHER)          # B may evict it now
+    assert status == 200, body
+    assert emu.state.unload_calls[MID] == 1
+
+
+async def test_ownership_redis_lost_in_a_restart_is_written_back_for_a_new_replica(
+        replicas, redis_server, make_proxy, http):
+    a, b, emu = await replicas(**QUIET)
+    assert (await chat(http, b, MID))[0] == 200          # B loads it: the fleet's
+    redis_server.stop()
+    redis_server.start()                                 # empty, maybe unnoticed
+    c = await make_proxy("", config=config(emu.url, redis_server.url, "C", **QUIET))
+    assert owner(c, MID) == "external"                   # nothing says otherwise yet
+    await b.engine.reconcile()                           # B's next look at the host
+    await until(lambda: owner(c, MID) == "proxy")
+    assert await c.app[REPLICA].store.owned("x") == {MID: MID}

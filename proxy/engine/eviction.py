@@ -218,7 +218,7 @@ class Evictor(Part):
         self.ctx.swap(e, S.UNLOADING, S.UNLOADED)
         self.accounting.forget_owned(instance_ids)
         if shared is not None:
-            await shared.unloaded(instance_ids)
+            await shared.owned.unloaded(instance_ids)
         log.info("unloaded %s (%s%s)", e.key, reason, f" for {for_model}" if for_model else "")
         if before is not None and learned:
             await self._await_reclaim(before.available_bytes + 0.5 * learned)

@@ -51,6 +51,9 @@ class Reconciler(Part):
         self.last_run_s = self.clock.now()
         epoch = self.ctx.status_epoch
         upstream = self.registry.config.upstream
+        shared = self.ctx.shared
+        # The fleet's ownership record, read before the host's list (engine/shared_owned.py).
+        owned_read = shared is not None and await shared.owned.refresh()
         try:
             # One deadline for the whole look: a server that accepts and never answers (frozen,
             # swapping) is down now, not after read_timeout_s.
@@ -73,13 +76,13 @@ class Reconciler(Part):
             self.error_type = type(err)
             return []
         self.upstream_ok, self.upstream_error = True, None
-        if self.ctx.shared is not None:
-            await self.ctx.shared.refresh_owned()
         changed: list[ModelEntry] = []
         late: list[ModelEntry] = []
         for m in models:
             self._one(m, epoch, changed, late)
         self._answered_again()
+        if shared is not None and owned_read:
+            await shared.owned.restore(self.registry.entries)   # what Redis lost, written back
         await self.accounting.commit_ownership()   # nothing to write: no I/O
         if changed:
             await self.monitor.sample()     # the memory figures show what others changed
@@ -118,7 +121,7 @@ class Reconciler(Part):
                 e.loaded_at_s = e.last_used_at_s = self.clock.now()
                 shared = self.ctx.shared
                 if self.accounting.owns(e.key, m.instance_ids) or (
-                        shared is not None and shared.owned_by_fleet(e.key, m.instance_ids)):
+                        shared is not None and shared.owned.has(e.key, m.instance_ids)):
                     e.owner = OWNER_PROXY
                     log.info("%s is loaded and the proxy's (from before a restart, or loaded "
                              "by another replica)", m.key)
@@ -136,7 +139,7 @@ class Reconciler(Part):
                     log.info("%s was loaded outside the proxy", m.key)
             elif e.owner == OWNER_EXTERNAL and e.status is S.LOADED and \
                     self.ctx.shared is not None and \
-                    self.ctx.shared.owned_by_fleet(e.key, m.instance_ids):
+                    self.ctx.shared.owned.has(e.key, m.instance_ids):
                 # Seen on the host before the replica that loaded it had recorded it so.
                 e.owner = OWNER_PROXY
                 log.info("%s is the proxy's: another replica loaded it", m.key)

@@ -113,6 +113,8 @@ class Replica:
             return
         if not self.ok:
             log.info("shared state reachable again")
+            for h in self.hosts:       # what Redis lost meanwhile is written back now
+                h.catch_up.soon()
         self.ok, self.error = True, None
 
     def unreachable(self, exc: StateUnavailable) -> None:

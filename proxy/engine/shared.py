@@ -6,7 +6,8 @@ share of it, handed to that host's engine, which asks it at the moments somethin
     load_slot(e, need, room)   the (host, model) single-flight lock, renewed while the load
                                runs, and a reservation of its memory; waits while another
                                replica loads it (then the model is adopted, not loaded twice)
-    owned_by_fleet(...)        instances any replica loaded count as the proxy's (evictable)
+    owned                      instances any replica loaded: the proxy's (evictable), and
+                               written back where Redis lost them (engine/shared_owned.py)
     may_unload(key)            False while another replica serves the model; True is a claim
                                to unload it, which holds off other replicas' new leases
                                until the unload ends
@@ -41,6 +42,7 @@ from .lifecycle import OWNER_PROXY, ModelStatus
 from .memory import GB
 from .shared_heard import CatchUp
 from .shared_learned import LearnedShare
+from .shared_owned import FleetOwned
 
 if TYPE_CHECKING:
     from .lifecycle import ModelEntry
@@ -65,7 +67,7 @@ class SharedHost:
         self.record_ttl_s = RECORD_TTL_S
         self._tasks: set[asyncio.Task] = set()
         self.renewed: set[str] = set()
-        self.fleet_owned: dict[str, str] = {}     # instance id → model, as last read
+        self.owned = FleetOwned(self.store, name)  # instances the fleet loaded here
         self.remote_busy: dict[str, float] = {}   # model → until (monotonic): leased elsewhere
         self.registry: Registry | None = None     # the engine's models (learned facts)
         self.learned = LearnedShare(self.store, name)
@@ -171,9 +173,7 @@ class SharedHost:
         self._gone.discard(key)
         e = self.registry.entries.get(key) if self.registry is not None else None
         if e is not None and e.status is ModelStatus.LOADED and e.owner == OWNER_PROXY:
-            for i in e.instance_ids:
-                await self.store.add_owned(self.name, i, key)
-                self.fleet_owned[i] = key
+            await self.owned.record(key, e.instance_ids)
 
     @contextlib.asynccontextmanager
     async def load_slot(self, e: "ModelEntry", need_bytes: float,
@@ -272,26 +272,6 @@ class SharedHost:
                 if not await lock.renew(self.replica.lock_ttl_s):
                     log.warning("lost the load lock of %s on %s", lock.model, self.name)
                     return
-
-    async def loaded_by_fleet(self, instance_id: str, key: str, token: int | None) -> None:
-        with contextlib.suppress(StateUnavailable):
-            if not await self.store.add_owned(self.name, instance_id, key, fence=token):
-                log.warning("%s on %s loaded after its load lock lapsed; the host's list "
-                            "decides who holds it", key, self.name)
-            self.fleet_owned[instance_id] = key
-
-    async def unloaded(self, instance_ids: tuple[str, ...]) -> None:
-        with contextlib.suppress(StateUnavailable):
-            for i in instance_ids:
-                await self.store.remove_owned(self.name, i)
-                self.fleet_owned.pop(i, None)
-
-    async def refresh_owned(self) -> None:
-        with contextlib.suppress(StateUnavailable):
-            self.fleet_owned = await self.store.owned(self.name)
-
-    def owned_by_fleet(self, key: str, instance_ids: tuple[str, ...]) -> bool:
-        return any(self.fleet_owned.get(i) == key for i in instance_ids)
 
     async def may_unload(self, key: str, now_s: float, hold_s: float) -> bool:
         """No other replica holds a live lease on it (asked at the moment of eviction), and

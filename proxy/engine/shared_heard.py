@@ -6,13 +6,16 @@ unload (`unloading` → `unloaded`) on a host has that host's engine here reconc
 at once, instead of at its next reconcile tick: it sees the model resident (the fleet's, so the
 proxy's) and serves it there, or sees it gone and does not forward requests to it. The host's
 own list stays the truth; the event only says when to look. Changes a replica merely noticed
-(a reconcile's) are not acted on: every replica notices those by itself.
+(a reconcile's) are not acted on: every replica notices those by itself. A replica that wrote
+the fleet's ownership record back (`owned`, engine/shared_owned.py) has the others look too.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable
+
+from .shared_owned import OWNED_EVENT
 
 if TYPE_CHECKING:
     from .shared import SharedHost
@@ -26,7 +29,8 @@ def heard_on(hosts: Iterable["SharedHost"], event_type: str, data: dict[str, Any
              single_host: str) -> None:
     """Route another replica's event to the host it happened on (a single upstream's events
     name no host)."""
-    if event_type != "state" or (data.get("old"), data.get("new")) not in ENDED:
+    if event_type != OWNED_EVENT and (
+            event_type != "state" or (data.get("old"), data.get("new")) not in ENDED):
         return
     name = data.get("host") or single_host
     for h in hosts:
