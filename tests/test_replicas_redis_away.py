@@ -99,3 +99,34 @@ async def test_ownership_redis_lost_in_a_restart_is_written_back_for_a_new_repli
     await b.engine.reconcile()                           # B's next look at the host
     await until(lambda: owner(c, MID) == "proxy")
     assert await c.app[REPLICA].store.owned("x") == {MID: MID}
+
+
+async def health_and_gauge(http: Any, proxy: Any) -> tuple[dict, str]:
+    async with http.get(f"{proxy.url}/proxy/health") as r:
+        health = await r.json()
+    async with http.get(f"{proxy.url}/metrics") as r:
+        gauge = [line for line in (await r.text()).splitlines()
+                 if line.startswith("proxy_shared_state_up ")]
+    return health, gauge[0] if gauge else ""
+
+
+async def test_redis_away_shows_in_health_and_metrics_until_it_returns(
+        replicas, redis_server, http):
+    a, _, _ = await replicas()
+    health, gauge = await health_and_gauge(http, a)
+    assert gauge == "proxy_shared_state_up 1.0"
+    assert health["system_health"]["shared_state"] == {
+        "ok": True, "replica": "A", "leader": a.app[REPLICA].leader, "error": None}
+    redis_server.stop()
+    await until(lambda: not a.app[REPLICA].ok)
+    health, gauge = await health_and_gauge(http, a)
+    assert gauge == "proxy_shared_state_up 0.0"
+    [alert] = [x for x in health["alerts"] if x["rule"] == "shared_state_unavailable"]
+    assert alert["severity"] == "warning" and "redis://" in alert["message"]
+    assert health["status"] == "degraded"
+    assert health["system_health"]["shared_state"]["ok"] is False
+    redis_server.start()
+    await until(lambda: a.app[REPLICA].ok)
+    health, gauge = await health_and_gauge(http, a)
+    assert gauge == "proxy_shared_state_up 1.0"
+    assert not [x for x in health["alerts"] if x["rule"] == "shared_state_unavailable"]
