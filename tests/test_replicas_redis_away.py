@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import pytest
@@ -111,7 +112,7 @@ async def health_and_gauge(http: Any, proxy: Any) -> tuple[dict, str]:
 
 
 async def test_redis_away_shows_in_health_and_metrics_until_it_returns(
-        replicas, redis_server, http):
+        replicas, redis_server, http, caplog):
     a, _, _ = await replicas()
     health, gauge = await health_and_gauge(http, a)
     assert gauge == "proxy_shared_state_up 1.0"
@@ -125,8 +126,27 @@ async def test_redis_away_shows_in_health_and_metrics_until_it_returns(
     assert alert["severity"] == "warning" and "redis://" in alert["message"]
     assert health["status"] == "degraded"
     assert health["system_health"]["shared_state"]["ok"] is False
+    [warned] = lines(caplog, "Redis at", "proxy.shared")
+    assert warned.startswith("shared state unavailable: Redis at redis://")   # said once
     redis_server.start()
     await until(lambda: a.app[REPLICA].ok)
     health, gauge = await health_and_gauge(http, a)
     assert gauge == "proxy_shared_state_up 1.0"
     assert not [x for x in health["alerts"] if x["rule"] == "shared_state_unavailable"]
+
+
+def lines(caplog: Any, text: str, logger: str = "proxy") -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.name.startswith(logger) and text in r.getMessage()]
+
+
+async def test_a_catch_up_names_its_host_and_the_replica_that_unloaded(replicas, caplog):
+    caplog.set_level(logging.INFO, logger="proxy")
+    a, b, _ = await replicas(**QUIET)
+    await a.engine.load(MID)
+    await until(lambda: owner(b, MID) == "proxy")        # B heard of A's load
+    assert lines(caplog, "is loaded and the proxy's")[0].startswith(f"host x: {MID} ")
+    await a.engine.unload(MID)
+    await until(lambda: entry(b, MID).status.value == "unloaded")
+    assert lines(caplog, "was unloaded") == [f"host x: {MID} was unloaded by replica A"]
+    assert entry(b, MID).evictions["backend"] == 0       # A's eviction, not LM Studio's

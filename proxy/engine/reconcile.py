@@ -144,8 +144,15 @@ class Reconciler(Part):
                 e.owner = OWNER_PROXY
                 log.info("%s is the proxy's: another replica loaded it", m.key)
         elif e.status is S.LOADED and self.api_level is not ApiLevel.JIT_ONLY:
-            by_backend = self.capabilities is not None and self.capabilities.self_evicts
-            if by_backend:   # a fact of this server's, not a failure: counted as its eviction
+            # Another replica's unload, as the replicas' event stream told: its eviction, told
+            # and counted there, not the server's.
+            by_replica = self.ctx.shared.unloaded_by.pop(m.key, None) \
+                if self.ctx.shared is not None else None
+            by_backend = by_replica is None and self.capabilities is not None and \
+                self.capabilities.self_evicts
+            if by_replica is not None:
+                log.info("%s was unloaded by %s", m.key, by_replica)
+            elif by_backend:   # a fact of this server's, not a failure: counted as its eviction
                 log.info("%s was unloaded by the server itself", m.key)
                 e.evictions[EVICTED_BY_BACKEND] += 1
                 self.accounting.evicted(e)

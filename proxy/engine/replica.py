@@ -121,7 +121,7 @@ class Replica:
         """The state cannot be reached: degraded (and not leading) until the next heartbeat
         that reaches it."""
         if self.ok:
-            log.warning("shared state unavailable: %s", exc.message)
+            log.warning("%s", exc.message)     # "shared state unavailable: Redis at ..."
         self.ok, self.error, self.leader = False, exc.message, False
 
     async def patiently(self, call: Callable[[], Awaitable]):  # noqa: ANN201

@@ -17,9 +17,11 @@ share of it, handed to that host's engine, which asks it at the moments somethin
                                replica is unloading the model, or has unloaded the fleet's
                                copy this replica still counts resident; the engine reconciles
                                first, and loads it itself if it is gone)
-    heard(model)               another replica's load or unload of it here has ended (the
-                               replicas' event stream): the engine reconciles now
-                               (engine/shared_heard.py), not at its next tick
+    heard(model, by)           another replica's load or unload (`by`: "replica <id>") of it
+                               here has ended (the replicas' event stream): the engine
+                               reconciles now (engine/shared_heard.py), not at its next tick
+    unloaded_by                model → who was heard unloading it: the reconcile that finds it
+                               gone says so, and counts no eviction by the server
     touch(key)                 a request took a lease: renewed in the next batch, and in the
                                one after (a lease outlives its model's last request by a batch)
     publish_soon()             the host's record, and the footprints and load times this
@@ -75,6 +77,7 @@ class SharedHost:
         self._taking: dict[str, asyncio.Future[bool]] = {}   # model → its lease on the way
         self._lingering: set[str] = set()   # leased here, by no request since the last batch
         self._gone: set[str] = set()        # its fleet copy was unloaded: the host was asked
+        self.unloaded_by: dict[str, str] = {}   # model → "replica <id>" heard unloading it
         self.catch_up = CatchUp(self._tasks)     # the engine's reconcile, when others acted
 
     def serving_now(self) -> tuple[list[str], list[str]]:
@@ -129,7 +132,11 @@ class SharedHost:
             taking.add_done_callback(lambda _: self._taking.pop(key, None))
         return await asyncio.shield(taking)
 
-    def heard(self, model: str) -> None:
+    def heard(self, model: str, unloaded_by: str | None = None) -> None:
+        if unloaded_by is not None:
+            self.unloaded_by[model] = unloaded_by
+        else:                                      # resident again since
+            self.unloaded_by.pop(model, None)
         self.catch_up.soon()
 
     def _fleet_loaded(self, key: str) -> tuple[str, ...]:
@@ -302,6 +309,8 @@ class SharedHost:
             self._end_claim(model)
         if new in (ModelStatus.LOADED.value, ModelStatus.UNLOADED.value):
             self._gone.discard(model)              # the host has been asked
+        if new == ModelStatus.LOADED.value:
+            self.unloaded_by.pop(model, None)
 
     def _end_claim(self, key: str) -> None:
         if key in self.claims:

@@ -12,9 +12,11 @@ the fleet's ownership record back (`owned`, engine/shared_owned.py) has the othe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable
 
+from .hostlog import working_for
 from .shared_owned import OWNED_EVENT
 
 if TYPE_CHECKING:
@@ -33,9 +35,11 @@ def heard_on(hosts: Iterable["SharedHost"], event_type: str, data: dict[str, Any
             event_type != "state" or (data.get("old"), data.get("new")) not in ENDED):
         return
     name = data.get("host") or single_host
+    unloaded = (data.get("old"), data.get("new")) == ("unloading", "unloaded")
     for h in hosts:
         if h.name == name:
-            h.heard(str(data.get("model")))
+            who = f"replica {data['replica']}" if data.get("replica") else "another replica"
+            h.heard(str(data.get("model")), who if unloaded else None)
 
 
 class CatchUp:
@@ -44,6 +48,7 @@ class CatchUp:
 
     def __init__(self, tasks: set[asyncio.Task]) -> None:
         self.reconcile: Callable[[], Awaitable[None]] | None = None   # set by the engine
+        self.host: str | None = None     # a fleet's host: its engine's lines name it
         self.runs = 0
         self._tasks = tasks
         self._again = False
@@ -54,7 +59,10 @@ class CatchUp:
             return
         self._again = True
         if self._task is None or self._task.done():
-            self._task = asyncio.ensure_future(self._run(self.reconcile))
+            # Started from the replicas' event reader or heartbeat: the task takes the host's
+            # name from here (engine/hostlog.py), as the fleet's calls into the engine do.
+            with working_for(self.host) if self.host else contextlib.nullcontext():
+                self._task = asyncio.ensure_future(self._run(self.reconcile))
             self._tasks.add(self._task)
             self._task.add_done_callback(self._tasks.discard)
 
