@@ -12,7 +12,7 @@ from proxy.configload import load_config
 from proxy.server.keys import REPLICA
 
 from .redis_server import make_redis_server, redis_server  # noqa: F401
-from .test_replicas import CATALOG, MID, OTHER, chat, until
+from .test_replicas import CATALOG, MID, OTHER, _empty, chat, until, until_async
 
 pytestmark = pytest.mark.timeout(60)
 AWAY_WAIT_S = 5.0          # state.unavailable_wait_s: how long a load waits for Redis
@@ -126,8 +126,9 @@ async def test_redis_away_shows_in_health_and_metrics_until_it_returns(
     assert alert["severity"] == "warning" and "redis://" in alert["message"]
     assert health["status"] == "degraded"
     assert health["system_health"]["shared_state"]["ok"] is False
-    [warned] = lines(caplog, "Redis at", "proxy.shared")
-    assert warned.startswith("shared state unavailable: Redis at redis://")   # said once
+    warned = lines(caplog, "Redis at", "proxy.shared")     # A's, and B's if it noticed
+    assert warned and all(w.startswith("shared state unavailable: Redis at redis://")
+                          for w in warned)                   # the prefix said once
     redis_server.start()
     await until(lambda: a.app[REPLICA].ok)
     health, gauge = await health_and_gauge(http, a)
@@ -150,3 +151,50 @@ async def test_a_catch_up_names_its_host_and_the_replica_that_unloaded(replicas,
     await until(lambda: entry(b, MID).status.value == "unloaded")
     assert lines(caplog, "was unloaded") == [f"host x: {MID} was unloaded by replica A"]
     assert entry(b, MID).evictions["backend"] == 0       # A's eviction, not LM Studio's
+
+
+async def test_a_second_copy_loaded_as_redis_restarted_is_charged_then_unloaded_when_idle(
+        replicas, redis_server, http):
+    a, b, emu = await replicas(**QUIET)
+    gate = emu.state.faults.load_gate[MID] = asyncio.Event()
+    from_a = asyncio.ensure_future(chat(http, a, MID))
+    await until(lambda: emu.state.load_calls[MID] == 1)
+    redis_server.stop()
+    redis_server.start()                      # empty: A's load lock is gone
+    from_b = asyncio.ensure_future(chat(http, b, MID))
+    await until(lambda: emu.state.load_calls[MID] == 2)   # so B loads it again
+    gate.set()
+    assert [s for s, _, _ in await asyncio.gather(from_a, from_b)] == [200, 200]
+    for proxy in (a, b):                      # each replica's next look at the host
+        await proxy.engine.reconcile()
+    both = (MID, f"{MID}:2")
+    for proxy in (a, b):                      # each instance holds its memory
+        core = proxy.engine.host("x").core
+        e = entry(proxy, MID)
+        assert e.instance_ids == both
+        assert core.last_sample.available_bytes == 20 * 10**9 - 2 * core.footprint_bytes(e)
+    await until(lambda: a.app[REPLICA].leader or b.app[REPLICA].leader)
+    leader, other = (a, b) if a.app[REPLICA].leader else (b, a)
+    store = leader.app[REPLICA].store
+    await until_async(lambda: _empty(store.leased_by("x", MID)), 10)   # idle everywhere
+    await leader.engine.host("x").core._idle_tick()
+    assert [i.instance_id for i in emu.state.instances_of(MID)] == [MID]
+    await until(lambda: entry(other, MID).instance_ids == (MID,))      # told at once
+    assert entry(leader, MID).instance_ids == (MID,)
+    assert sorted(await store.owned("x")) == [MID]
+    assert (await chat(http, other, MID))[0] == 200 and emu.state.load_calls[MID] == 2
+
+
+async def test_a_second_instance_someone_else_loaded_beside_the_proxys_is_left_alone(
+        replicas, http):
+    a, _, emu = await replicas(**QUIET)
+    assert (await chat(http, a, MID))[0] == 200
+    await emu.state.load(MID)                 # the GUI's second instance, beside the proxy's
+    await a.engine.reconcile()
+    assert entry(a, MID).instance_ids == (MID, f"{MID}:2")
+    store = a.app[REPLICA].store
+    assert await store.owned("x") == {MID: MID}      # not recorded as the fleet's
+    await until(lambda: a.app[REPLICA].leader)
+    await until_async(lambda: _empty(store.leased_by("x", MID)), 10)
+    await a.engine.host("x").core._idle_tick()
+    assert len(emu.state.instances_of(MID)) == 2     # nor unloaded as a duplicate

@@ -12,6 +12,7 @@ from typing import Callable
 
 from ..errors import ModelUnavailable
 from .context import EngineContext, Part
+from .extras import ExtraInstances
 from .groups import Groups
 from .lifecycle import ModelEntry, ModelStatus
 from .memory import MemoryPressure
@@ -36,6 +37,7 @@ class Evictor(Part):
         self.groups = groups
         # One mutation of memory at a time: evictions for a load, for pressure, by hand.
         self.lock = asyncio.Lock()
+        self.extras = ExtraInstances(ctx, self.lock)    # instances the proxy loaded twice
         self._evicted_at: dict[str, float] = {}
         self._last_thrash_s: float | None = None
 
@@ -289,7 +291,8 @@ class Evictor(Part):
 
     async def unload_idle(self) -> list[str]:
         """Unload what the proxy loaded and nobody used for its idle timeout (pins kept), and
-        what SDK clients loaded once it is the proxy's to manage (native.evict)."""
+        what SDK clients loaded once it is the proxy's to manage (native.evict); and the extra
+        instances of a model the proxy loaded twice, when it is idle (engine/extras.py)."""
         now = self.clock.now()
         out = []
         for e in list(self.registry):
@@ -305,6 +308,7 @@ class Evictor(Part):
                 async with self.lock:
                     if await self.unload(e, "idle"):
                         out.append(e.key)
+        await self.extras.trim()
         return out
 
 

@@ -82,7 +82,7 @@ class Reconciler(Part):
             self._one(m, epoch, changed, late)
         self._answered_again()
         if shared is not None and owned_read:
-            await shared.owned.restore(self.registry.entries)   # what Redis lost, written back
+            await shared.owned.restore(self.registry.entries, self.accounting.owns)
         await self.accounting.commit_ownership()   # nothing to write: no I/O
         if changed:
             await self.monitor.sample()     # the memory figures show what others changed
@@ -113,6 +113,8 @@ class Reconciler(Part):
         if self.ctx.status_epochs.get(m.key, -1) > epoch:
             return   # changed by us while the list was in flight; the list is stale for it
         if m.loaded:
+            if e.status is S.LOADED and e.instance_ids != m.instance_ids:
+                changed.append(e)        # each instance holds memory: sampled again below
             e.instance_ids = m.instance_ids
             if m.context_length and e.status is not S.LOADING:
                 e.context_length = m.context_length

@@ -5,15 +5,18 @@ The record is in the shared state (`owned:<host>`): the replica whose load made 
 writes it, the one that unloads it removes it. Redis may lose it while the host still holds the
 instance (restarted empty, or away when the load ended); then the replicas disagree, and one
 that counts the model as someone else's refuses to evict it. So each reconcile, having read the
-record before the host's list, writes back what this replica counts as the proxy's, the host
+record before the host's list, writes back the instances of the proxy's models that the host
 lists and the record lacks, and tells the other replicas (an `owned` event on the replicas'
-stream) to look again. Reading the record first means an instance the list shows was resident
-after the record was read: a copy another replica unloaded before that is not written back.
+stream) to look again. Only instances known to be the fleet's are written: loaded by this
+replica (its accounting), or in the record as last read; not one someone else added beside
+the proxy's (the GUI's second instance). Reading the record first means an instance the list
+shows was resident after the record was read: a copy another replica unloaded before that is
+not written back.
 """
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 from ..errors import StateUnavailable
 from ..state import StateStore
@@ -31,14 +34,16 @@ class FleetOwned:
         self.store = store
         self.host = host
         self.by_instance: dict[str, str] = {}     # instance id → model, as last read
+        self._before: dict[str, str] = {}         # ... as read the time before
         self.restored = 0                         # instances written back
 
     async def refresh(self) -> bool:
         """The record read anew; False while the state is away (the last reading stays)."""
         try:
-            self.by_instance = await self.store.owned(self.host)
+            found = await self.store.owned(self.host)
         except StateUnavailable:
             return False
+        self._before, self.by_instance = self.by_instance, found
         return True
 
     def has(self, key: str, instance_ids: tuple[str, ...]) -> bool:
@@ -68,19 +73,27 @@ class FleetOwned:
             await self.store.add_owned(self.host, i, key)
             self.by_instance[i] = key
 
-    async def restore(self, entries: dict[str, "ModelEntry"]) -> None:
+    async def restore(self, entries: dict[str, "ModelEntry"],
+                      loaded_here: Callable[[str, tuple[str, ...]], bool]) -> None:
         """After a reconcile that read the record (refresh, True) and then the host's list:
-        the proxy's resident instances that the record lacks, written back."""
+        the proxy's resident instances that the record lacks and that are known to be the
+        fleet's (`loaded_here(key, (instance,))`, or in the record as read before), written
+        back."""
         lost = {e.key: ids for e in entries.values()
                 if e.status is ModelStatus.LOADED and e.owner == OWNER_PROXY
-                if (ids := [i for i in e.instance_ids if self.by_instance.get(i) != e.key])}
+                if (ids := [i for i in e.instance_ids if self.by_instance.get(i) != e.key and (
+                    loaded_here(e.key, (i,)) or self._before.get(i) == e.key)])}
         try:
             for key, ids in lost.items():
                 await self.record(key, ids)
                 self.restored += len(ids)
                 log.info("%s on %s is the fleet's: recorded again (the shared state had "
                          "lost it)", key, self.host)
-                await self.store.append_event(OWNED_EVENT, {
-                    "host": self.host, "model": key, "replica": self.store.replica_id})
+                await self.changed(key)
         except StateUnavailable:
             pass              # the next reconcile tries again
+
+    async def changed(self, key: str) -> None:
+        """The other replicas look at the host again (the record of `key` changed)."""
+        await self.store.append_event(OWNED_EVENT, {
+            "host": self.host, "model": key, "replica": self.store.replica_id})
