@@ -1,5 +1,6 @@
 """Two proxy replicas and one real Redis that dies or restarts empty in the middle of their work
-(state.backend: redis): what a replica waits for, what it writes back, and what it shows."""
+(state.backend: redis): what a replica waits for, what it writes back, and what it shows; and
+replicas that name one server differently."""
 from __future__ import annotations
 
 import asyncio
@@ -18,9 +19,10 @@ pytestmark = pytest.mark.timeout(60)
 AWAY_WAIT_S = 5.0          # state.unavailable_wait_s: how long a load waits for Redis
 
 
-def config(url: str, redis_url: str, name: str, budget_gb: float = 20, **extra: Any) -> Any:
+def config(url: str, redis_url: str, name: str, budget_gb: float = 20, host: str = "x",
+           **extra: Any) -> Any:
     return load_config({
-        "upstreams": [{"name": "x", "url": url, "budget_gb": budget_gb}],
+        "upstreams": [{"name": host, "url": url, "budget_gb": budget_gb}],
         "state": {"backend": "redis", "url": redis_url, "replica_id": name,
                   "lease_ttl_s": 1.5, "lock_ttl_s": 2.0, "unavailable_wait_s": AWAY_WAIT_S,
                   "timeout_s": 0.5},
@@ -198,3 +200,45 @@ async def test_a_second_instance_someone_else_loaded_beside_the_proxys_is_left_a
     await until_async(lambda: _empty(store.leased_by("x", MID)), 10)
     await a.engine.host("x").core._idle_tick()
     assert len(emu.state.instances_of(MID)) == 2     # nor unloaded as a duplicate
+
+
+async def name_alerts(http: Any, proxy: Any) -> list[str]:
+    async with http.get(f"{proxy.url}/proxy/health") as r:
+        return [x["message"] for x in (await r.json())["alerts"]
+                if x["rule"] == "host_name_conflict"]
+
+
+async def test_replicas_naming_one_server_differently_are_warned(
+        make_emulator, make_proxy, redis_server, http, caplog):
+    emu = await make_emulator(catalog=CATALOG)
+    a = await make_proxy("", config=config(emu.url, redis_server.url, "A", host="big"))
+    b = await make_proxy("", config=config(emu.url, redis_server.url, "B", host="bigbox"))
+    await b.engine.reconcile()                # each replica's record, read by the other
+    await a.engine.reconcile()
+    await until(lambda: a.app[REPLICA].name_conflicts() and b.app[REPLICA].name_conflicts())
+    server = emu.url
+    [on_a] = await name_alerts(http, a)
+    assert on_a == f"host 'big': replica B calls {server} host 'bigbox', this replica calls " \
+                   "it 'big'"
+    assert (await name_alerts(http, b))[0].startswith("host 'bigbox': replica A calls ")
+    assert any(r.levelname == "WARNING" and "name each server alike" in r.getMessage()
+               for r in caplog.records)
+    async with http.get(f"{b.url}/proxy/stats") as r:
+        hosts = (await r.json())["replicas"]["hosts"]
+    assert hosts["big"]["url"] == hosts["bigbox"]["url"] == server
+
+
+async def test_replicas_giving_one_name_to_two_servers_are_warned(
+        make_emulator, make_proxy, redis_server, http):
+    one, two = await make_emulator(catalog=CATALOG), await make_emulator(catalog=CATALOG)
+    a = await make_proxy("", config=config(one.url, redis_server.url, "A"))
+    b = await make_proxy("", config=config(two.url, redis_server.url, "B"))
+    await a.engine.reconcile()                # A's record of x, then B's over it
+    await b.engine.reconcile()
+    await until(lambda: b.app[REPLICA].name_conflicts())
+    await a.engine.reconcile()
+    await until(lambda: a.app[REPLICA].name_conflicts())
+    [on_b] = await name_alerts(http, b)
+    assert on_b.startswith("host 'x': replica A has host 'x' at http://") and \
+        "this replica at" in on_b
+    assert await name_alerts(http, a)

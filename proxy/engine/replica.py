@@ -86,11 +86,16 @@ class Replica:
         except StateUnavailable as exc:
             return {"ok": False, "replica": self.id, "error": exc.message}
         return {"ok": True, "replica": self.id, "leader": leader, "replicas": replicas,
-                "hosts": {name: {"resident": sorted(set(r.resident.values())),
+                "hosts": {name: {"url": r.url or None,
+                                 "resident": sorted(set(r.resident.values())),
                                  "used_gb": round(r.used_bytes / GB, 2),
                                  "budget_gb": round(r.budget_bytes / GB, 2),
                                  "reported_by": r.reported_by}
                           for name, r in hosts.items()}}
+
+    def name_conflicts(self) -> dict[str, str]:
+        """host → how another replica names it otherwise (engine/shared_names.py)."""
+        return {h.name: found for h in self.hosts if (found := h.names.conflict())}
 
     async def beat(self) -> None:
         """Heartbeat, the leader's lease, and every in-flight lease, renewed (or dropped)."""

@@ -25,7 +25,9 @@ share of it, handed to that host's engine, which asks it at the moments somethin
     touch(key)                 a request took a lease: renewed in the next batch, and in the
                                one after (a lease outlives its model's last request by a batch)
     publish_soon()             the host's record, and the footprints and load times this
-                               replica measured (engine/shared_learned.py), for the others
+                               replica measured (engine/shared_learned.py), for the others;
+                               first compared with theirs: does every replica name this
+                               server alike (engine/shared_names.py)
 
 The host's own model list stays the source of truth: a waiting replica learns that the load is
 done from the host, and every replica reconciles against it. With `state.backend: memory`
@@ -44,6 +46,7 @@ from .lifecycle import OWNER_PROXY, ModelStatus
 from .memory import GB
 from .shared_heard import CatchUp
 from .shared_learned import LearnedShare
+from .shared_names import HostNames
 from .shared_owned import FleetOwned
 
 if TYPE_CHECKING:
@@ -73,6 +76,7 @@ class SharedHost:
         self.remote_busy: dict[str, float] = {}   # model → until (monotonic): leased elsewhere
         self.registry: Registry | None = None     # the engine's models (learned facts)
         self.learned = LearnedShare(self.store, name)
+        self.names = HostNames(self.store, name)
         self.claims: set[str] = set()             # models this replica has claimed to unload
         self._taking: dict[str, asyncio.Future[bool]] = {}   # model → its lease on the way
         self._lingering: set[str] = set()   # leased here, by no request since the last batch
@@ -100,7 +104,9 @@ class SharedHost:
 
     async def _publish(self) -> None:
         with contextlib.suppress(StateUnavailable):
-            await self.store.put_host(self.name, self.record_of(), self.record_ttl_s)
+            record = self.record_of()
+            await self.names.check(record, self.record_ttl_s)   # before it overwrites one
+            await self.store.put_host(self.name, record, self.record_ttl_s)
             if self.registry is not None:
                 await self.learned.sync(self.registry.entries)
 

@@ -5,7 +5,8 @@ over a window; a model's recent p95 latency against its own baseline; a load run
 `upstream.load_timeout_s`; the silent hang (a request with no upstream byte, or a load queued,
 for `hang_threshold_s` while the upstream still answers); a failing probe; with a fleet, a host
 down (a warning while other hosts serve, critical when none does); among replicas, the shared
-state (Redis) out of reach (a warning: resident models serve, loads and evictions wait). An alert is logged once
+state (Redis) out of reach (a warning: resident models serve, loads and evictions wait), and
+a host another replica names otherwise (a warning: they do not coordinate its loads). An alert is logged once
 when it opens and once when it clears, and both transitions go to the webhook when configured.
 """
 from __future__ import annotations
@@ -129,6 +130,10 @@ class ModelHealthMonitor:
             out.append(Alert("shared_state_unavailable", "shared_state_unavailable", "warning",
                              f"{state.error or 'shared state unavailable'}; resident models "
                              "serve, loads and evictions wait for it", now))
+        if state is not None:
+            out += [Alert(f"host_name_conflict:{host}", "host_name_conflict", "warning",
+                          f"host '{host}': {found}", now)
+                    for host, found in state.name_conflicts().items()]
         window_min = max(1, int(c.error_window_s // 60))
         for key in m.known_models():
             e = m.entry(key)
