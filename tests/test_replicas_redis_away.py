@@ -115,6 +115,7 @@ async def health_and_gauge(http: Any, proxy: Any) -> tuple[dict, str]:
 
 async def test_redis_away_shows_in_health_and_metrics_until_it_returns(
         replicas, redis_server, http, caplog):
+    caplog.set_level(logging.WARNING, logger="proxy.shared")
     a, _, _ = await replicas()
     health, gauge = await health_and_gauge(http, a)
     assert gauge == "proxy_shared_state_up 1.0"
@@ -210,6 +211,7 @@ async def name_alerts(http: Any, proxy: Any) -> list[str]:
 
 async def test_replicas_naming_one_server_differently_are_warned(
         make_emulator, make_proxy, redis_server, http, caplog):
+    caplog.set_level(logging.WARNING, logger="proxy.shared")
     emu = await make_emulator(catalog=CATALOG)
     a = await make_proxy("", config=config(emu.url, redis_server.url, "A", host="big"))
     b = await make_proxy("", config=config(emu.url, redis_server.url, "B", host="bigbox"))
