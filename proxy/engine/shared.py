@@ -195,11 +195,11 @@ class SharedHost:
                         ) -> AsyncIterator[int | None]:
         """Hold the (host, model) load lock and its memory while the block loads e; yields the
         fencing token. When another replica is loading it, waits until `loaded()` (the host
-        lists it: the block then adopts it, token None) or the lock is free; so does a wait
-        that Redis left (`_acquire`). `room()` is the
-        memory the host has for loads as its own list says now; other replicas' loads in
-        flight hold theirs as reservations, and a refused reservation is asked again (with the
-        room read again) until a loaded model's reservation has lapsed."""
+        lists it: the block then adopts it, token None) or the lock is free; also while Redis
+        is away (`_acquire`). `room()` is the memory the host has for loads as its own list
+        says now; other replicas' loads in flight hold theirs as reservations, and a refused
+        reservation is asked again (with the room read again) until a loaded model's
+        reservation has lapsed."""
         r = self.replica
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
