@@ -20,6 +20,7 @@ from .engine.face import Engine
 from .engine.memory import MemorySampler
 from .errors import MethodNotAllowed, ProxyError, RouteNotFound, ShuttingDown
 from .observe.events import EventHub
+from .observe.gauges import SharedStateCollector
 from .handlers import admin, dashboard, openai, probes
 from .observe.accesslog import AccessLog
 from .observe.relayed import EventRelay
@@ -148,7 +149,9 @@ def create_app(config: Config, *, upstream: Upstream | None = None, clock: Clock
     app[METRICS].registry.register(AuthCollector(auth))
     app[ACCESS_LOG] = AccessLog()
     app[HEALTH] = ModelHealthMonitor(engine, sink=WebhookSink(lambda: live.current.health),
-                                     prober=_prober(engine))
+                                     prober=_prober(engine), shared_state=replica)
+    if replica is not None:
+        app[METRICS].registry.register(SharedStateCollector(replica))
     app[EVENTS] = EventHub(engine, app[HEALTH])
     app.cleanup_ctx.extend(RESOURCES)
     app.on_shutdown.append(_close_event_streams)

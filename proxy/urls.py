@@ -18,6 +18,21 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]))
 
 
+def normal_url(url: str) -> str:
+    """The server a URL names, written one way (replicas compare their hosts by it): scheme and
+    host in lower case, the port said (80 or 443 when left out), no credentials, query or
+    trailing '/'."""
+    try:
+        parts = urlsplit(url.strip())
+        scheme = parts.scheme.lower()
+        port = parts.port or (443 if scheme == "https" else 80)
+    except ValueError:
+        return redact_url(url)
+    host = (parts.hostname or "").lower()
+    host = f"[{host}]" if ":" in host else host
+    return f"{scheme}://{host}:{port}{parts.path.rstrip('/')}"
+
+
 def is_local_url(url: str) -> bool:
     """Does this URL point at this host (so that its loads show up in local memory)?"""
     host = (urlsplit(url).hostname or "").lower()

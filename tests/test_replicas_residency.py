@@ -69,7 +69,7 @@ async def test_a_model_one_replica_loaded_is_the_proxys_on_every_replica(pair, h
     async with http.get(f"{a.url}/proxy/models") as r:
         rows = {m["model"]: m for m in (await r.json())["data"]}
     assert rows[MID]["owner"] == "proxy"
-    assert a.app[REPLICA].hosts[0].owned_by_fleet(MID, (MID,))
+    assert a.app[REPLICA].hosts[0].owned.has(MID, (MID,))
 
 
 # -- the checks made at the moment of deciding, without the event stream ------------------------

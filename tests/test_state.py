@@ -228,7 +228,7 @@ async def test_a_bad_event_id_is_a_clear_error(fleet):
 async def test_host_records_are_shared_and_expire(fleet):
     a, b = fleet.replica("a"), fleet.replica("b")
     record = HostRecord(resident={"inst-1": "m"}, used_bytes=3 * GB, budget_bytes=64 * GB,
-                        reported_by="a")
+                        reported_by="a", url="http://gpu-box:1234")
     await a.put_host("h1", record, TTL_S)
     await a.put_host("h2", HostRecord(reported_by="a"), LONG_S)
     assert await b.get_host("h1") == record

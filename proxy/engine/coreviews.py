@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Mapping
 
 from ..state import HostRecord
+from ..urls import normal_url
 from ..upstream.base import ApiLevel, Capabilities
 from .lifecycle import ModelEntry, ModelStatus
 from .memory import MemoryPressure, MemorySample, MemorySampler
@@ -41,7 +42,8 @@ class CoreViews:
                       for i in (e.instance_ids or (e.key,))},
             used_bytes=int(r.charged_bytes()),
             budget_bytes=int(self.ceiling_bytes()) if self.monitor.last_sample else 0,
-            reported_by=self.ctx.shared.replica.id if self.ctx.shared else "")
+            reported_by=self.ctx.shared.replica.id if self.ctx.shared else "",
+            url=normal_url(self.registry.config.upstream.url))
 
     @property
     def manages_loading(self) -> bool:

@@ -12,6 +12,7 @@ from typing import Callable
 
 from ..errors import ModelUnavailable
 from .context import EngineContext, Part
+from .extras import ExtraInstances
 from .groups import Groups
 from .lifecycle import ModelEntry, ModelStatus
 from .memory import MemoryPressure
@@ -36,6 +37,7 @@ class Evictor(Part):
         self.groups = groups
         # One mutation of memory at a time: evictions for a load, for pressure, by hand.
         self.lock = asyncio.Lock()
+        self.extras = ExtraInstances(ctx, self.lock)    # instances the proxy loaded twice
         self._evicted_at: dict[str, float] = {}
         self._last_thrash_s: float | None = None
 
@@ -219,7 +221,7 @@ class Evictor(Part):
         self.ctx.swap(e, S.UNLOADING, S.UNLOADED)
         self.accounting.forget_owned(instance_ids)
         if shared is not None:
-            await shared.unloaded(instance_ids)
+            await shared.owned.unloaded(instance_ids)
         log.info("unloaded %s (%s%s)", e.key, reason, f" for {for_model}" if for_model else "")
         if before is not None and learned:
             await self._await_reclaim(before.available_bytes + 0.5 * learned)
@@ -290,7 +292,8 @@ class Evictor(Part):
 
     async def unload_idle(self) -> list[str]:
         """Unload what the proxy loaded and nobody used for its idle timeout (pins kept), and
-        what SDK clients loaded once it is the proxy's to manage (native.evict)."""
+        what SDK clients loaded once it is the proxy's to manage (native.evict); and the extra
+        instances of a model the proxy loaded twice, when it is idle (engine/extras.py)."""
         now = self.clock.now()
         out = []
         for e in list(self.registry):
@@ -306,6 +309,7 @@ class Evictor(Part):
                 async with self.lock:
                     if await self.unload(e, "idle"):
                         out.append(e.key)
+        await self.extras.trim()
         return out
 
 

@@ -153,7 +153,7 @@ class Loader(Part):
                 timeout_s=self.registry.config.upstream.load_timeout_s) as token:
             result, loaded_now = await self._load_or_adopt_here(e, options)
             if loaded_now:
-                await shared.loaded_by_fleet(result.instance_id, e.key, token)
+                await shared.owned.loaded(result.instance_id, e.key, token)
             return result, loaded_now
 
     async def _room_for(self, e: ModelEntry) -> float:

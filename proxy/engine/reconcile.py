@@ -51,6 +51,9 @@ class Reconciler(Part):
         self.last_run_s = self.clock.now()
         epoch = self.ctx.status_epoch
         upstream = self.registry.config.upstream
+        shared = self.ctx.shared
+        # The fleet's ownership record, read before the host's list (engine/shared_owned.py).
+        owned_read = shared is not None and await shared.owned.refresh()
         try:
             # One deadline for the whole look: a server that accepts and never answers (frozen,
             # swapping) is down now, not after read_timeout_s.
@@ -73,13 +76,13 @@ class Reconciler(Part):
             self.error_type = type(err)
             return []
         self.upstream_ok, self.upstream_error = True, None
-        if self.ctx.shared is not None:
-            await self.ctx.shared.refresh_owned()
         changed: list[ModelEntry] = []
         late: list[ModelEntry] = []
         for m in models:
             self._one(m, epoch, changed, late)
         self._answered_again()
+        if shared is not None and owned_read:
+            await shared.owned.restore(self.registry.entries, self.accounting.owns)
         await self.accounting.commit_ownership()   # nothing to write: no I/O
         if changed:
             await self.monitor.sample()     # the memory figures show what others changed
@@ -110,6 +113,8 @@ class Reconciler(Part):
         if self.ctx.status_epochs.get(m.key, -1) > epoch:
             return   # changed by us while the list was in flight; the list is stale for it
         if m.loaded:
+            if e.status is S.LOADED and e.instance_ids != m.instance_ids:
+                changed.append(e)        # each instance holds memory: sampled again below
             e.instance_ids = m.instance_ids
             if m.context_length and e.status is not S.LOADING:
                 e.context_length = m.context_length
@@ -118,7 +123,7 @@ class Reconciler(Part):
                 e.loaded_at_s = e.last_used_at_s = self.clock.now()
                 shared = self.ctx.shared
                 if self.accounting.owns(e.key, m.instance_ids) or (
-                        shared is not None and shared.owned_by_fleet(e.key, m.instance_ids)):
+                        shared is not None and shared.owned.has(e.key, m.instance_ids)):
                     e.owner = OWNER_PROXY
                     log.info("%s is loaded and the proxy's (from before a restart, or loaded "
                              "by another replica)", m.key)
@@ -136,13 +141,20 @@ class Reconciler(Part):
                     log.info("%s was loaded outside the proxy", m.key)
             elif e.owner == OWNER_EXTERNAL and e.status is S.LOADED and \
                     self.ctx.shared is not None and \
-                    self.ctx.shared.owned_by_fleet(e.key, m.instance_ids):
+                    self.ctx.shared.owned.has(e.key, m.instance_ids):
                 # Seen on the host before the replica that loaded it had recorded it so.
                 e.owner = OWNER_PROXY
                 log.info("%s is the proxy's: another replica loaded it", m.key)
         elif e.status is S.LOADED and self.api_level is not ApiLevel.JIT_ONLY:
-            by_backend = self.capabilities is not None and self.capabilities.self_evicts
-            if by_backend:   # a fact of this server's, not a failure: counted as its eviction
+            # Another replica's unload, as the replicas' event stream told: its eviction, told
+            # and counted there, not the server's.
+            by_replica = self.ctx.shared.unloaded_by.pop(m.key, None) \
+                if self.ctx.shared is not None else None
+            by_backend = by_replica is None and self.capabilities is not None and \
+                self.capabilities.self_evicts
+            if by_replica is not None:
+                log.info("%s was unloaded by %s", m.key, by_replica)
+            elif by_backend:   # a fact of this server's, not a failure: counted as its eviction
                 log.info("%s was unloaded by the server itself", m.key)
                 e.evictions[EVICTED_BY_BACKEND] += 1
                 self.accounting.evicted(e)

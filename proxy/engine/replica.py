@@ -86,11 +86,16 @@ class Replica:
         except StateUnavailable as exc:
             return {"ok": False, "replica": self.id, "error": exc.message}
         return {"ok": True, "replica": self.id, "leader": leader, "replicas": replicas,
-                "hosts": {name: {"resident": sorted(set(r.resident.values())),
+                "hosts": {name: {"url": r.url or None,
+                                 "resident": sorted(set(r.resident.values())),
                                  "used_gb": round(r.used_bytes / GB, 2),
                                  "budget_gb": round(r.budget_bytes / GB, 2),
                                  "reported_by": r.reported_by}
                           for name, r in hosts.items()}}
+
+    def name_conflicts(self) -> dict[str, str]:
+        """host → how another replica names it otherwise (engine/shared_names.py)."""
+        return {h.name: found for h in self.hosts if (found := h.names.conflict())}
 
     async def beat(self) -> None:
         """Heartbeat, the leader's lease, and every in-flight lease, renewed (or dropped)."""
@@ -113,13 +118,15 @@ class Replica:
             return
         if not self.ok:
             log.info("shared state reachable again")
+            for h in self.hosts:       # what Redis lost meanwhile is written back now
+                h.catch_up.soon()
         self.ok, self.error = True, None
 
     def unreachable(self, exc: StateUnavailable) -> None:
         """The state cannot be reached: degraded (and not leading) until the next heartbeat
         that reaches it."""
         if self.ok:
-            log.warning("shared state unavailable: %s", exc.message)
+            log.warning("%s", exc.message)     # "shared state unavailable: Redis at ..."
         self.ok, self.error, self.leader = False, exc.message, False
 
     async def patiently(self, call: Callable[[], Awaitable]):  # noqa: ANN201

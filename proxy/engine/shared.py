@@ -6,7 +6,8 @@ share of it, handed to that host's engine, which asks it at the moments somethin
     load_slot(e, need, room)   the (host, model) single-flight lock, renewed while the load
                                runs, and a reservation of its memory; waits while another
                                replica loads it (then the model is adopted, not loaded twice)
-    owned_by_fleet(...)        instances any replica loaded count as the proxy's (evictable)
+    owned                      instances any replica loaded: the proxy's (evictable), and
+                               written back where Redis lost them (engine/shared_owned.py)
     may_unload(key)            False while another replica serves the model; True is a claim
                                to unload it, which holds off other replicas' new leases
                                until the unload ends
@@ -16,13 +17,17 @@ share of it, handed to that host's engine, which asks it at the moments somethin
                                replica is unloading the model, or has unloaded the fleet's
                                copy this replica still counts resident; the engine reconciles
                                first, and loads it itself if it is gone)
-    heard(model)               another replica's load or unload of it here has ended (the
-                               replicas' event stream): the engine reconciles now
-                               (engine/shared_heard.py), not at its next tick
+    heard(model, by)           another replica's load or unload (`by`: "replica <id>") of it
+                               here has ended (the replicas' event stream): the engine
+                               reconciles now (engine/shared_heard.py), not at its next tick
+    unloaded_by                model → who was heard unloading it: the reconcile that finds it
+                               gone says so, and counts no eviction by the server
     touch(key)                 a request took a lease: renewed in the next batch, and in the
                                one after (a lease outlives its model's last request by a batch)
     publish_soon()             the host's record, and the footprints and load times this
-                               replica measured (engine/shared_learned.py), for the others
+                               replica measured (engine/shared_learned.py), for the others;
+                               first compared with theirs: does every replica name this
+                               server alike (engine/shared_names.py)
 
 The host's own model list stays the source of truth: a waiting replica learns that the load is
 done from the host, and every replica reconciles against it. With `state.backend: memory`
@@ -36,11 +41,13 @@ import logging
 from typing import TYPE_CHECKING, AsyncIterator, Awaitable, Callable
 
 from ..errors import InsufficientMemory, StateUnavailable
-from ..state import HostRecord
+from ..state import HostRecord, LoadLock
 from .lifecycle import OWNER_PROXY, ModelStatus
 from .memory import GB
 from .shared_heard import CatchUp
 from .shared_learned import LearnedShare
+from .shared_names import HostNames
+from .shared_owned import FleetOwned
 
 if TYPE_CHECKING:
     from .lifecycle import ModelEntry
@@ -51,6 +58,7 @@ log = logging.getLogger("proxy.shared")
 SINGLE_HOST = "default"        # the host's name in the shared state when there is one
 POLL_S = 0.25                  # a replica waiting for another's load asks the host this often
 RESERVATION_GRACE_S = 2.0      # a loaded model's reservation outlives its load this long
+ADOPT = object()               # the host lists the model a load waited for: adopt it
 RECORD_TTL_S = 60.0            # a host record not refreshed (reconcile, load) for this long goes
 
 
@@ -64,14 +72,16 @@ class SharedHost:
         self.record_ttl_s = RECORD_TTL_S
         self._tasks: set[asyncio.Task] = set()
         self.renewed: set[str] = set()
-        self.fleet_owned: dict[str, str] = {}     # instance id → model, as last read
+        self.owned = FleetOwned(self.store, name)  # instances the fleet loaded here
         self.remote_busy: dict[str, float] = {}   # model → until (monotonic): leased elsewhere
         self.registry: Registry | None = None     # the engine's models (learned facts)
         self.learned = LearnedShare(self.store, name)
+        self.names = HostNames(self.store, name)
         self.claims: set[str] = set()             # models this replica has claimed to unload
         self._taking: dict[str, asyncio.Future[bool]] = {}   # model → its lease on the way
         self._lingering: set[str] = set()   # leased here, by no request since the last batch
         self._gone: set[str] = set()        # its fleet copy was unloaded: the host was asked
+        self.unloaded_by: dict[str, str] = {}   # model → "replica <id>" heard unloading it
         self.catch_up = CatchUp(self._tasks)     # the engine's reconcile, when others acted
 
     def serving_now(self) -> tuple[list[str], list[str]]:
@@ -94,7 +104,9 @@ class SharedHost:
 
     async def _publish(self) -> None:
         with contextlib.suppress(StateUnavailable):
-            await self.store.put_host(self.name, self.record_of(), self.record_ttl_s)
+            record = self.record_of()
+            await self.names.check(record, self.record_ttl_s)   # before it overwrites one
+            await self.store.put_host(self.name, record, self.record_ttl_s)
             if self.registry is not None:
                 await self.learned.sync(self.registry.entries)
 
@@ -126,7 +138,11 @@ class SharedHost:
             taking.add_done_callback(lambda _: self._taking.pop(key, None))
         return await asyncio.shield(taking)
 
-    def heard(self, model: str) -> None:
+    def heard(self, model: str, unloaded_by: str | None = None) -> None:
+        if unloaded_by is not None:
+            self.unloaded_by[model] = unloaded_by
+        else:                                      # resident again since
+            self.unloaded_by.pop(model, None)
         self.catch_up.soon()
 
     def _fleet_loaded(self, key: str) -> tuple[str, ...]:
@@ -170,9 +186,7 @@ class SharedHost:
         self._gone.discard(key)
         e = self.registry.entries.get(key) if self.registry is not None else None
         if e is not None and e.status is ModelStatus.LOADED and e.owner == OWNER_PROXY:
-            for i in e.instance_ids:
-                await self.store.add_owned(self.name, i, key)
-                self.fleet_owned[i] = key
+            await self.owned.record(key, e.instance_ids)
 
     @contextlib.asynccontextmanager
     async def load_slot(self, e: "ModelEntry", need_bytes: float,
@@ -181,19 +195,19 @@ class SharedHost:
                         ) -> AsyncIterator[int | None]:
         """Hold the (host, model) load lock and its memory while the block loads e; yields the
         fencing token. When another replica is loading it, waits until `loaded()` (the host
-        lists it: the block then adopts it, token None) or the lock is free. `room()` is the
-        memory the host has for loads as its own list says now; other replicas' loads in
-        flight hold theirs as reservations, and a refused reservation is asked again (with the
-        room read again) until a loaded model's reservation has lapsed."""
+        lists it: the block then adopts it, token None) or the lock is free; also while Redis
+        is away (`_acquire`). `room()` is the memory the host has for loads as its own list
+        says now; other replicas' loads in flight hold theirs as reservations, and a refused
+        reservation is asked again (with the room read again) until a loaded model's
+        reservation has lapsed."""
         r = self.replica
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         while True:
-            lock = await r.patiently(lambda: self.store.acquire_lock(self.name, e.key,
-                                                                     r.lock_ttl_s))
-            if lock is not None:
+            lock = await self._acquire(e.key, loaded)
+            if isinstance(lock, LoadLock):
                 break
-            if await loaded():
+            if lock is ADOPT or await loaded():
                 yield None
                 return
             if loop.time() >= deadline:
@@ -239,6 +253,26 @@ class SharedHost:
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
 
+    async def _acquire(self, key: str, loaded: Callable[[], Awaitable[bool]]
+                       ) -> LoadLock | object | None:
+        """The (host, model) load lock, or None while another replica holds it. While Redis
+        cannot be reached it is asked again for up to unavailable_wait_s, and the host is
+        asked each time too: ADOPT once it lists the model (another replica's load ended
+        meanwhile), for the host's list is the truth a waiting load needs, not Redis."""
+        r = self.replica
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + r.unavailable_wait_s
+        while True:
+            try:
+                return await self.store.acquire_lock(self.name, key, r.lock_ttl_s)
+            except StateUnavailable as exc:
+                r.unreachable(exc)
+                if await loaded():
+                    return ADOPT
+                if loop.time() >= deadline:
+                    raise
+            await asyncio.sleep(POLL_S)
+
     async def _release_after(self, key: str, delay_s: float) -> None:
         await asyncio.sleep(delay_s)
         with contextlib.suppress(StateUnavailable):
@@ -251,26 +285,6 @@ class SharedHost:
                 if not await lock.renew(self.replica.lock_ttl_s):
                     log.warning("lost the load lock of %s on %s", lock.model, self.name)
                     return
-
-    async def loaded_by_fleet(self, instance_id: str, key: str, token: int | None) -> None:
-        with contextlib.suppress(StateUnavailable):
-            if not await self.store.add_owned(self.name, instance_id, key, fence=token):
-                log.warning("%s on %s loaded after its load lock lapsed; the host's list "
-                            "decides who holds it", key, self.name)
-            self.fleet_owned[instance_id] = key
-
-    async def unloaded(self, instance_ids: tuple[str, ...]) -> None:
-        with contextlib.suppress(StateUnavailable):
-            for i in instance_ids:
-                await self.store.remove_owned(self.name, i)
-                self.fleet_owned.pop(i, None)
-
-    async def refresh_owned(self) -> None:
-        with contextlib.suppress(StateUnavailable):
-            self.fleet_owned = await self.store.owned(self.name)
-
-    def owned_by_fleet(self, key: str, instance_ids: tuple[str, ...]) -> bool:
-        return any(self.fleet_owned.get(i) == key for i in instance_ids)
 
     async def may_unload(self, key: str, now_s: float, hold_s: float) -> bool:
         """No other replica holds a live lease on it (asked at the moment of eviction), and
@@ -301,6 +315,8 @@ class SharedHost:
             self._end_claim(model)
         if new in (ModelStatus.LOADED.value, ModelStatus.UNLOADED.value):
             self._gone.discard(model)              # the host has been asked
+        if new == ModelStatus.LOADED.value:
+            self.unloaded_by.pop(model, None)
 
     def _end_claim(self, key: str) -> None:
         if key in self.claims:

@@ -6,13 +6,18 @@ unload (`unloading` → `unloaded`) on a host has that host's engine here reconc
 at once, instead of at its next reconcile tick: it sees the model resident (the fleet's, so the
 proxy's) and serves it there, or sees it gone and does not forward requests to it. The host's
 own list stays the truth; the event only says when to look. Changes a replica merely noticed
-(a reconcile's) are not acted on: every replica notices those by itself.
+(a reconcile's) are not acted on: every replica notices those by itself. A replica that wrote
+the fleet's ownership record back (`owned`, engine/shared_owned.py) has the others look too.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable
+
+from .hostlog import working_for
+from .shared_owned import OWNED_EVENT
 
 if TYPE_CHECKING:
     from .shared import SharedHost
@@ -26,12 +31,15 @@ def heard_on(hosts: Iterable["SharedHost"], event_type: str, data: dict[str, Any
              single_host: str) -> None:
     """Route another replica's event to the host it happened on (a single upstream's events
     name no host)."""
-    if event_type != "state" or (data.get("old"), data.get("new")) not in ENDED:
+    if event_type != OWNED_EVENT and (
+            event_type != "state" or (data.get("old"), data.get("new")) not in ENDED):
         return
     name = data.get("host") or single_host
+    unloaded = (data.get("old"), data.get("new")) == ("unloading", "unloaded")
     for h in hosts:
         if h.name == name:
-            h.heard(str(data.get("model")))
+            who = f"replica {data['replica']}" if data.get("replica") else "another replica"
+            h.heard(str(data.get("model")), who if unloaded else None)
 
 
 class CatchUp:
@@ -40,6 +48,7 @@ class CatchUp:
 
     def __init__(self, tasks: set[asyncio.Task]) -> None:
         self.reconcile: Callable[[], Awaitable[None]] | None = None   # set by the engine
+        self.host: str | None = None     # a fleet's host: its engine's lines name it
         self.runs = 0
         self._tasks = tasks
         self._again = False
@@ -50,7 +59,10 @@ class CatchUp:
             return
         self._again = True
         if self._task is None or self._task.done():
-            self._task = asyncio.ensure_future(self._run(self.reconcile))
+            # Started from the replicas' event reader or heartbeat: the task takes the host's
+            # name from here (engine/hostlog.py), as the fleet's calls into the engine do.
+            with working_for(self.host) if self.host else contextlib.nullcontext():
+                self._task = asyncio.ensure_future(self._run(self.reconcile))
             self._tasks.add(self._task)
             self._task.add_done_callback(self._tasks.discard)
 

@@ -1,15 +1,18 @@
 """The engine-wide gauges of `/metrics`, one engine or a fleet through the same face: loads
-queued, memory pressure, the upstream answering, memory available / used / total."""
+queued, memory pressure, the upstream answering, memory available / used / total; and among
+replicas, the shared state answering."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Iterable
 
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from ..engine.memory import MemoryPressure
 
 if TYPE_CHECKING:
     from ..engine.face import Engine
+    from ..engine.replica import Replica
 
 
 def engine_gauges(e: "Engine") -> Iterable[GaugeMetricFamily]:
@@ -31,3 +34,16 @@ def engine_gauges(e: "Engine") -> Iterable[GaugeMetricFamily]:
                                 value=float(sample.used_bytes))
         yield GaugeMetricFamily("proxy_memory_total_bytes", "Memory in all",
                                 value=float(sample.total_bytes))
+
+
+class SharedStateCollector(Collector):
+    """proxy_shared_state_up (state.backend: redis): as this replica last found Redis, by its
+    heartbeat or any call since."""
+
+    def __init__(self, state: "Replica") -> None:
+        self.state = state
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        yield GaugeMetricFamily("proxy_shared_state_up",
+                                "1 if the replicas' shared state (Redis) answers",
+                                value=1.0 if self.state.ok else 0.0)

@@ -4,7 +4,9 @@ Rules (thresholds in `health.*`): memory critical; upstream unreachable; a model
 over a window; a model's recent p95 latency against its own baseline; a load running past
 `upstream.load_timeout_s`; the silent hang (a request with no upstream byte, or a load queued,
 for `hang_threshold_s` while the upstream still answers); a failing probe; with a fleet, a host
-down (a warning while other hosts serve, critical when none does). An alert is logged once
+down (a warning while other hosts serve, critical when none does); among replicas, the shared
+state (Redis) out of reach (a warning: resident models serve, loads and evictions wait), and
+a host another replica names otherwise (a warning: they do not coordinate its loads). An alert is logged once
 when it opens and once when it clears, and both transitions go to the webhook when configured.
 """
 from __future__ import annotations
@@ -26,6 +28,7 @@ from .hosts import fleet_of, host_state
 
 if TYPE_CHECKING:
     from ..engine.face import Engine
+    from ..engine.replica import Replica
     from ..engine.lifecycle import ModelEntry
 
 log = logging.getLogger("proxy.health")
@@ -66,8 +69,10 @@ class _LatencyHistory:
 class ModelHealthMonitor:
     def __init__(self, manager: "Engine", config: HealthConfig | None = None, *,
                  sink: AlertSink | None = None,
-                 prober: Callable[[str], Awaitable[None]] | None = None) -> None:
+                 prober: Callable[[str], Awaitable[None]] | None = None,
+                 shared_state: "Replica | None" = None) -> None:
         self.manager = manager
+        self.shared_state = shared_state   # among replicas (state.backend: redis)
         self._fixed = config    # a library caller's own thresholds; else the engine's, live
         self.sink = sink
         self.prober = prober
@@ -120,6 +125,15 @@ class ModelHealthMonitor:
             out.append(Alert("upstream_unreachable", "upstream_unreachable", "critical",
                              f"upstream unavailable: {m.upstream_error}", now))
         out += self._hosts_down(now)
+        state = self.shared_state
+        if state is not None and not state.ok:
+            out.append(Alert("shared_state_unavailable", "shared_state_unavailable", "warning",
+                             f"{state.error or 'shared state unavailable'}; resident models "
+                             "serve, loads and evictions wait for it", now))
+        if state is not None:
+            out += [Alert(f"host_name_conflict:{host}", "host_name_conflict", "warning",
+                          f"host '{host}': {found}", now)
+                    for host, found in state.name_conflicts().items()]
         window_min = max(1, int(c.error_window_s // 60))
         for key in m.known_models():
             e = m.entry(key)
@@ -273,6 +287,10 @@ class ModelHealthMonitor:
                 "loaded_models": h.loaded_models(),
                 "requests_in_flight": len(h.core.active_leases()),
                 "queue_length": h.core.queue_length} for h in fleet.hosts}
+        state = self.shared_state
+        if state is not None:
+            system["shared_state"] = {"ok": state.ok, "replica": state.id,
+                                      "leader": state.leader, "error": state.error}
         return {
             "status": status,
             "system_health": system,

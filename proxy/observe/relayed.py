@@ -95,5 +95,6 @@ class EventRelay:
                     for hook in self.on_remote:    # before the hub: what acts before what shows
                         with contextlib.suppress(Exception):
                             hook(ev.type, ev.data)
-                    with contextlib.suppress(Exception):
-                        self.hub.publish(ev.type, dict(ev.data))
+                    if ev.type in SHARED_TYPES:    # others are the replicas' own (`owned`)
+                        with contextlib.suppress(Exception):
+                            self.hub.publish(ev.type, dict(ev.data))

@@ -44,22 +44,26 @@ def parse_event_id(event_id: str) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class HostRecord:
-    """One host as some replica last saw it: `resident` maps instance id → model key."""
+    """One host as some replica last saw it: `resident` maps instance id → model key; `url`
+    the server the replica reaches under that name (urls.normal_url; "" from a replica that
+    did not say)."""
     resident: dict[str, str] = field(default_factory=dict)
     used_bytes: int = 0
     budget_bytes: int = 0
     reported_by: str = ""
+    url: str = ""
 
     def encode(self) -> bytes:
         return orjson.dumps({"resident": self.resident, "used_bytes": self.used_bytes,
                              "budget_bytes": self.budget_bytes,
-                             "reported_by": self.reported_by})
+                             "reported_by": self.reported_by, "url": self.url})
 
     @classmethod
     def decode(cls, raw: bytes | str) -> "HostRecord":
         d = orjson.loads(raw)
         return cls(resident=dict(d["resident"]), used_bytes=int(d["used_bytes"]),
-                   budget_bytes=int(d["budget_bytes"]), reported_by=str(d["reported_by"]))
+                   budget_bytes=int(d["budget_bytes"]), reported_by=str(d["reported_by"]),
+                   url=str(d.get("url", "")))
 
 
 @dataclass(frozen=True)
