@@ -15,6 +15,7 @@ from proxy.server.keys import ACCESS_LOG, ENGINE
 from proxy.server.serving import serve
 
 from .conftest import proxy_config
+from .sse import SseReader
 from .test_relay import samples
 
 pytestmark = pytest.mark.timeout(30)
@@ -100,3 +101,29 @@ async def test_clients_that_leave_early_are_requests_not_failures_before_and_aft
         assert await stats_and_alerts(http, restarted.url) == (expected, [])
     finally:
         await restarted.close()
+
+
+async def test_a_client_that_leaves_is_no_error_on_the_dashboard_nor_in_its_tasks_figures(
+        make_proxy, emulator, http):
+    """The per-second summary the event stream sends counts it a request, no error; the task
+    it was tagged with counts it no failure (the recommendations' success rate per task)."""
+    proxy = await make_proxy(emulator.url)
+    counted = Counted()
+    proxy.engine.add_listener(counted)
+    await proxy.engine.load(MODEL)
+    async with http.get(f"{proxy.url}/proxy/events") as events_resp:
+        events = SseReader(events_resp)
+        assert (await events.next()).type == "snapshot"
+        emulator.state.faults.stream_gate = asyncio.Event()    # never set: the rest never comes
+        resp = await http.post(f"{proxy.url}/v1/chat/completions", data=STREAM,
+                               headers={"X-Task-Type": "coding"})
+        assert b'"content"' in await resp.content.readuntil(b"\n\n")
+        resp.close()
+        await counted.until(1)
+        assert counted.seen[0].status == 499
+        (summary,) = [e for e in await events.until(
+            lambda e: e.type == "requests" and MODEL in e.data["models"])
+            if e.type == "requests"]
+    row = summary.data["models"][MODEL]
+    assert (row["requests"], row["errors"]) == (1, 0) and "error_statuses" not in row
+    assert proxy.engine.usage(MODEL).tasks["coding"][:2] == [1, 0]

@@ -105,6 +105,20 @@ async def test_probes_are_answered_while_the_connection_cap_is_reached(make_prox
         w.close()
 
 
+async def test_a_silent_connection_in_the_probes_room_is_let_go_within_seconds(make_proxy,
+                                                                              emulator):
+    """Past the cap a connection is held a second at most for its probe's head, however long
+    server.header_timeout_s gives an ordinary one."""
+    proxy = await make_proxy(emulator.url, **{"server.max_connections": 1,
+                                              "server.header_timeout_s": 30})
+    _, ordinary = await connect(proxy.url)           # silent: holds the cap for 30 s
+    reader, writer = await connect(proxy.url)        # silent, in the probes' room
+    answer = await asyncio.wait_for(closed_by_server(reader), 5)
+    assert answer.startswith(b"HTTP/1.1 503"), answer
+    writer.close()
+    ordinary.close()
+
+
 async def test_a_client_that_stops_reading_has_its_stream_ended_and_lease_released(
         make_proxy, emulator, caplog):
     # A stream large enough to fill every socket buffer on the way, to a client that reads

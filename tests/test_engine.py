@@ -11,7 +11,7 @@ from proxy.engine.clock import ManualClock
 from proxy.engine.lifecycle import ModelStatus
 from proxy.library import ModelMemoryManager
 from proxy.engine.memory import MemoryPressure
-from proxy.errors import InsufficientMemory
+from proxy.errors import InsufficientMemory, InvalidRequest
 from proxy.upstream.lmstudio import LMStudioUpstream
 
 from .fakes import GB, SettableSampler
@@ -124,6 +124,29 @@ async def test_models_loaded_by_others_are_not_evicted_unless_configured(six):
                                eviction={"manage_external": True})
     (await mgr.acquire(SIX[3].key)).release()
     assert not six.state.instances_of(SIX[4].key)
+    await mgr.cleanup()
+
+
+async def test_a_clear_leaves_models_loaded_by_others_unless_configured(six):
+    await six.state.load(SIX[4].key)                             # loaded in the GUI
+    mgr = await manager_for(six.url, memory={"budget_gb": 32})
+    (await mgr.acquire(SIX[0].key)).release()
+    assert await mgr.clear_all_models() == [SIX[0].key]
+    assert six.state.instances_of(SIX[4].key)
+    mgr.config = engine_config(six.url, memory={"budget_gb": 32},
+                               eviction={"manage_external": True})
+    assert await mgr.clear_all_models() == [SIX[4].key]
+    assert not six.state.instances_of(SIX[4].key)
+    await mgr.cleanup()
+
+
+async def test_a_load_by_hand_takes_a_priority_of_1_to_10_only(six):
+    mgr = await manager_for(six.url, memory={"budget_gb": 32})
+    for wrong in (0, 11):
+        with pytest.raises(InvalidRequest):
+            await mgr.load(SIX[0].key, wrong)
+    assert not six.state.instances_of(SIX[0].key)
+    assert await mgr.load(SIX[0].key, 10) and six.state.instances_of(SIX[0].key)
     await mgr.cleanup()
 
 

@@ -139,9 +139,13 @@ async def test_when_no_host_could_be_acted_on_the_answer_is_the_error_naming_eac
     assert body["error"]["message"].startswith(f"'{MID}' could be unloaded on no host: 'mid': ")
 
 
-async def test_a_named_host_that_cannot_be_reached_is_that_hosts_error(fleet, http):
+@pytest.mark.parametrize("how", ["unreachable", "down"])
+async def test_a_named_host_that_cannot_be_reached_is_that_hosts_error(fleet, http, how):
+    """Named, a host is asked even when known down, and its own error is the answer (not the
+    fleet-wide 'No host could be cleared: ...')."""
     proxy, emus = fleet
-    await lose(proxy, emus, "mid", "unreachable")
+    await lose(proxy, emus, "mid", how)
     status, body = await post(http, f"{proxy.url}/proxy/clear", {"host": "mid"})
     assert status == 502 and body["error"]["code"] == "upstream_unreachable"
+    assert body["error"]["message"].startswith("cannot reach"), body
     assert instances(emus, "big")["big"]       # the others untouched

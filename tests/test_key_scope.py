@@ -211,3 +211,56 @@ async def test_metrics_show_a_limited_key_its_own_request_count_only(make_proxy,
     assert 'proxy_requests_by_key_total{key="bob"}' in limited and "alice" not in limited
     assert 'proxy_requests_by_key_total{key="alice"}' in full
     assert 'proxy_requests_by_key_total{key="bob"}' in full
+
+
+async def test_a_limited_key_hears_no_event_about_another_model_not_even_an_alert(
+        make_proxy, emulator, http):
+    """An event about a model the key may not use is left out whole, not sent with its name
+    blanked: an error_rate alert about it (whose id also names it) and its state changes."""
+    proxy = await make_proxy(emulator.url, **{**SCOPED, "health.min_requests": 1})
+    async with http.get(f"{proxy.url}/proxy/events", headers=bearer(BOB)) as resp:
+        events = SseReader(resp)
+        assert (await events.next()).type == "snapshot"
+        emulator.state.faults.inference_status = 500
+        async with http.post(f"{proxy.url}/v1/chat/completions", headers=bearer(ALICE),
+                             json={**CHAT, "model": OTHER}) as failed:
+            assert failed.status == 500
+        emulator.state.faults.inference_status = None
+        status, health = await get(http, f"{proxy.url}/proxy/health", ADMIN)  # opens the alert
+        assert status == 200 and f"error_rate:{OTHER}" in health
+        await chat(http, proxy.url, BOB, MODEL)
+        seen = await events.until(lambda e: e.type == "state" and e.data["model"] == MODEL
+                                  and e.data["new"] == "loaded")
+    assert [e for e in seen if e.type == "alert"] == []
+    assert {e.data["model"] for e in seen if "model" in e.data} == {MODEL}
+    assert all(OTHER not in repr(e.data) for e in seen)
+
+
+async def test_a_did_you_mean_names_no_alias_of_another_model(make_proxy, emulator, http):
+    """The suggestions include aliases: another model's alias is left out of a limited key's
+    hint, an alias of the key's own model kept."""
+    own = "sk-own-0123456789"
+    keys = [*KEYS, {"name": "typo", "key": GEMMA_ONLY, "models": ["fasd"]},
+            {"name": "own", "key": own, "models": ["fasd", MODEL]}]
+    proxy = await make_proxy(emulator.url, **{**AUTH, "auth.keys": keys})
+    messages = {}
+    for secret in (GEMMA_ONLY, ALICE, own):
+        async with http.post(f"{proxy.url}/v1/chat/completions", headers=bearer(secret),
+                             json={**CHAT, "model": "fasd"}) as resp:
+            messages[secret] = (resp.status, (await resp.json())["error"]["message"])
+    assert messages[ALICE][0] == 404 and "Did you mean: 'fast'" in messages[ALICE][1]
+    assert messages[own][0] == 404 and "Did you mean: 'fast'" in messages[own][1]
+    assert messages[GEMMA_ONLY] == (404, "The model 'fasd' does not exist.")
+
+
+async def test_a_key_whose_model_cannot_load_here_is_told_why_not_that_it_has_none(
+        make_proxy, emulator, http):
+    """Its one model is too large for this machine: the answer lists it under not_loadable,
+    with no note saying the key may use no model for the task."""
+    large = "openai/gpt-oss-20b"
+    proxy = await make_proxy(emulator.url, **{
+        "auth.keys": [{"name": "large", "key": GEMMA_ONLY, "models": [large]}],
+        "memory.budget_gb": 10})
+    rec = await recommend(http, proxy.url, GEMMA_ONLY, "chat")
+    assert rec["recommended_models"] == [] and list(rec["not_loadable"]) == [large]
+    assert "note" not in rec

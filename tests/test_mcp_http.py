@@ -14,6 +14,9 @@ from aiohttp import web
 
 from proxy.app import create_app
 from proxy.mcp.http import mount_mcp, own_url
+from proxy.config import ServerConfig
+from proxy.server import intake
+from proxy.server.asgi import mount
 from proxy.server.serving import Served, serve
 
 from .conftest import Proxy, proxy_config
@@ -96,7 +99,8 @@ async def test_tools_call_the_proxy_itself_whatever_host_names(make_mcp_proxy, r
     (("::ffff:192.168.1.5", 8080), "::", "http://127.0.0.1:8080"),
     (("2001:db8::5", 8080), "::", "http://[::1]:8080"),
     (("::1", 8080), "::", "http://[::1]:8080"),
-    (("192.168.1.5", 8080), "192.168.1.5", "http://192.168.1.5:8080")])
+    (("192.168.1.5", 8080), "192.168.1.5", "http://192.168.1.5:8080"),
+    (("fe80::1%eth0", 8080), "fe80::1%eth0", "http://[fe80::1%25eth0]:8080")])
 def test_the_tools_address_is_the_listening_one(accepted_on, listen, url):
     """Bound to every address, the calls stay on loopback; bound to one, they go to it."""
     assert own_url(accepted_on, listen) == url
@@ -147,3 +151,32 @@ async def test_the_event_streams_headers_leave_at_once(make_mcp_proxy, http):
         async with http.get(f"{proxy.url}/mcp", headers={"Accept": "text/event-stream"}) as resp:
             assert resp.status == 200
             assert resp.headers["Content-Type"].startswith("text/event-stream")
+
+
+async def test_a_decoded_body_reaches_the_app_described_as_decoded(http):
+    """Through `mount` with the intake, a gzip body reaches the ASGI app decoded, with no
+    Content-Encoding and the decoded body's Content-Length (an app reading either would
+    otherwise decode it again or cut it)."""
+    async def echo(scope: dict, receive: Any, send: Any) -> None:
+        body = (await receive())["body"]
+        headers = {k.decode(): v.decode() for k, v in scope["headers"]}
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": orjson.dumps(
+            {"body": body.decode(), "headers": headers})})
+
+    app = web.Application()
+    mount(app, "/echo", echo, read_body=lambda r: intake.read_body(r, ServerConfig()))
+    served = await serve(app)
+    try:
+        plain = b'{"hello": "world"}' * 10
+        async with http.post(f"{served.url}/echo", data=gzip.compress(plain), headers={
+                "Content-Type": "application/json", "Content-Encoding": "gzip"}) as resp:
+            assert resp.status == 200
+            seen = await resp.json()
+    finally:
+        await served.close()
+    assert seen["body"] == plain.decode()
+    assert "content-encoding" not in seen["headers"]
+    assert seen["headers"]["content-length"] == str(len(plain))
+    assert seen["headers"]["content-type"] == "application/json"

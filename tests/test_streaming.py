@@ -171,7 +171,9 @@ def test_every_kind_of_generated_delta_is_a_first_token(event, tail):
     (b'{"choices":[{"delta":{"content":"\xc3\xa9 \\u00e9"}}],"usage":null}',
      b'{"choices":[{"delta":{"content":"\xc3\xa9 \\u00e9"}}]}'),
     (b'{"usage": null , "choices":[{"index":0}]}', b'{"choices":[{"index":0}]}'),
-], ids=["last", "first", "nested-after", "nested-before", "escapes-kept", "null-first"])
+    (b'{"choices":[{"usage":null}],"usage":null}', b'{"choices":[{"usage":null}]}'),
+], ids=["last", "first", "nested-after", "nested-before", "escapes-kept", "null-first",
+        "null-nested-before"])
 def test_usage_is_cut_from_a_chunk_with_choices_and_every_other_byte_kept(data, expected):
     meter = StreamMeter(0.0, strip_usage_chunk=True)
     assert meter.feed(b"id: 7\ndata: " + data + b"\r\n\r\n") == \
@@ -184,6 +186,18 @@ def test_usage_in_a_data_field_split_over_lines_is_cut_by_rewriting_the_event():
     out = meter.feed(b'id: 7\ndata: {"choices":[{"index":0}],\n'
                      b'data: "usage":{"prompt_tokens":3,"completion_tokens":4}}\n\n')
     assert out == b'id: 7\ndata: {"choices":[{"index":0}]}\n\n'
+    assert (meter.prompt_tokens, meter.completion_tokens) == (3, 4)
+
+
+def test_a_last_event_without_its_blank_line_is_measured_and_cut_too():
+    """The stream ends without the blank line after its last event: flush() hands that event
+    on as feed() would have, the usage read from it and cut when the proxy asked for it."""
+    meter = StreamMeter(0.0, strip_usage_chunk=True)
+    assert meter.feed(b'data: {"choices":[{"delta":{"content":"hi"}}],"usage":null}\n\n'
+                      b'data: {"choices":[],"usage":{"prompt_tokens":3,'
+                      b'"completion_tokens":4}}') == \
+        b'data: {"choices":[{"delta":{"content":"hi"}}]}\n\n'
+    assert meter.flush() == b""
     assert (meter.prompt_tokens, meter.completion_tokens) == (3, 4)
 
 
