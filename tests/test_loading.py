@@ -81,3 +81,15 @@ async def test_old_lm_studio_falls_back_to_its_jit(make_emulator, make_proxy, ht
     assert status == 200 and old.state.load_calls[SMALL] == 1   # LM Studio's JIT loaded it
     await proxy.engine.reconcile()
     assert proxy.engine.loaded_models() == [SMALL]
+
+
+async def test_a_load_by_hand_is_refused_where_the_server_cannot_load_on_request(
+        make_emulator, make_proxy, http):
+    """LM Studio 0.3 loads only by its JIT: POST /proxy/models/load says so and loads nothing."""
+    old = await make_emulator(options=EmulatorOptions(version="0.3"))
+    proxy = await make_proxy(old.url)
+    async with http.post(f"{proxy.url}/proxy/models/load", json={"model": SMALL}) as resp:
+        status, body = resp.status, await resp.json()
+    assert status == 409 and body["error"]["code"] == "model_unavailable"
+    assert "cannot load models on request" in body["error"]["message"]
+    assert old.state.load_calls[SMALL] == 0
