@@ -35,7 +35,7 @@ def normal_url(url: str) -> str:
 
 def is_local_url(url: str) -> bool:
     """Does this URL point at this host (so that its loads show up in local memory)?"""
-    host = (urlsplit(url).hostname or "").lower()
+    host = (urlsplit(url).hostname or "").lower().rstrip(".")   # `localhost.` too
     if host in ("localhost", socket.gethostname().lower()):
         return True
     try:

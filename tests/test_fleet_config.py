@@ -70,7 +70,8 @@ def test_two_hosts_on_one_server_are_a_problem_defaults_included():
     ("http://127.0.0.1:9", "http://localhost:9/"),
     ("http://[::1]:9", "http://127.0.0.1:9"),
     ("http://LOCALHOST:9", "http://[0:0:0:0:0:0:0:1]:9/"),
-    ("https://localhost", "https://127.0.0.1:443")])
+    ("https://localhost", "https://127.0.0.1:443"),
+    ("http://localhost.:9", "http://127.0.0.1:9")])     # (on this machine: no budget asked)
 def test_two_spellings_of_the_loopback_are_one_server(first, second):
     assert problems_of({"upstreams": [{"name": "a", "url": first},
                                       {"name": "b", "url": second},
