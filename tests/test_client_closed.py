@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
 
 import aiohttp
 import orjson
@@ -16,7 +15,7 @@ from proxy.server.serving import serve
 
 from .conftest import proxy_config
 from .sse import SseReader
-from .test_relay import samples
+from .test_relay import Records, records_of, samples
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -24,23 +23,6 @@ MODEL = "qwen/qwen3-4b"
 STREAM = orjson.dumps({"model": MODEL, "stream": True, "max_tokens": 50,
                        "messages": [{"role": "user", "content": "tell me"}]})
 QUITTERS = 6        # past health.min_requests (5): enough for an error_rate alert
-
-
-class Counted:
-    """Awaits the engine's n-th request record."""
-
-    def __init__(self) -> None:
-        self.seen: list[Any] = []
-        self.changed = asyncio.Event()
-
-    def on_request(self, r: Any) -> None:
-        self.seen.append(r)
-        self.changed.set()
-
-    async def until(self, n: int) -> None:
-        while len(self.seen) < n:
-            self.changed.clear()
-            await self.changed.wait()
 
 
 async def stats_and_alerts(http: aiohttp.ClientSession, url: str) -> tuple[dict, list]:
@@ -60,7 +42,7 @@ async def test_clients_that_leave_early_are_requests_not_failures_before_and_aft
     app = create_app(config)
     served = await serve(app)
     try:
-        counted = Counted()
+        counted = Records()
         app[ENGINE].add_listener(counted)
         url = f"{served.url}/v1/chat/completions"
         # One gives up while the model loads (it heard a progress note) ...
@@ -108,8 +90,7 @@ async def test_a_client_that_leaves_is_no_error_on_the_dashboard_nor_in_its_task
     """The per-second summary the event stream sends counts it a request, no error; the task
     it was tagged with counts it no failure (the recommendations' success rate per task)."""
     proxy = await make_proxy(emulator.url)
-    counted = Counted()
-    proxy.engine.add_listener(counted)
+    counted = records_of(proxy)
     await proxy.engine.load(MODEL)
     async with http.get(f"{proxy.url}/proxy/events") as events_resp:
         events = SseReader(events_resp)

@@ -41,6 +41,12 @@ class Records:
         self.seen.append(r)
         self.arrived.set()
 
+    async def until(self, n: int) -> None:
+        """Until the n-th record has arrived."""
+        while len(self.seen) < n:
+            self.arrived.clear()
+            await self.arrived.wait()
+
 
 def records_of(proxy: Any) -> Records:
     records = Records()
