@@ -151,12 +151,11 @@ class ModelPattern:
         period = self.period(now_s)
         if period is not None:
             opens_s, _ = period.next_window(now_s, self.starts[-1])
-            return NextRun(opens_s - now_s, period.confidence, "due by its period", True)
+            return NextRun(opens_s - now_s, period.confidence, None)
         clock = self.clock(wall_s)
         if clock is None or clock.chance < min_chance:
             return None
-        return NextRun(clock.opens_in_s(wall_s), clock.chance,
-                       f"usually asked for at minute :{clock.minute:02d}", False)
+        return NextRun(clock.opens_in_s(wall_s), clock.chance, clock.minute)
 
     def period(self, now_s: float) -> Period | None:
         """The period its starts show (detected again only when a new start came), while it

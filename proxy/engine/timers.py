@@ -110,5 +110,13 @@ class NextRun:
     is under way), with this chance of a request then."""
     opens_in_s: float
     chance: float
-    why: str
-    by_period: bool        # a period's window, known to the second; else a minute of the hour
+    minute: int | None     # a job's minute of the hour; None: a period's window (to the second)
+
+    @property
+    def by_period(self) -> bool:
+        return self.minute is None
+
+    @property
+    def why(self) -> str:
+        return "due by its period" if self.minute is None else \
+            f"usually asked for at minute :{self.minute:02d}"
