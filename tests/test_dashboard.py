@@ -3,6 +3,7 @@ proxy and the emulator. Every wait is on a page condition (Playwright's auto-wai
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 
@@ -348,6 +349,27 @@ async def test_a_fleet_has_a_memory_bar_per_host_and_says_where_each_model_lives
     await expect(pc).to_have_attribute("data-up", "false")
     await expect(pc.locator(".host-state")).to_have_text("down")
     await expect(mac.locator(".host-state")).to_have_text("up")
+    assert page.errors == []
+
+
+async def test_an_unload_a_host_could_not_do_says_where_it_failed(make_emulator, make_proxy,
+                                                                   page):
+    """A fleet's unload acts on every host it reaches; the status line names the host it could
+    not reach and why, as an error, not a plain "unloaded"."""
+    from .test_fleet import fleet_config
+    emus = {n: await make_emulator(catalog=TWO) for n in ("mac", "pc")}
+    proxy = await make_proxy("", config=fleet_config(
+        [("mac", emus["mac"].url, 24), ("pc", emus["pc"].url, 32)]))
+    for n in ("mac", "pc"):
+        await proxy.engine.load(A, host=n)
+    await open_dashboard(page, proxy.url)
+    await emus["pc"].close()           # gone, and nothing has noticed yet
+    await page.locator(f'#models tr[data-model="{A}"] button.unload').click()
+    status = page.locator("#action-status")
+    await expect(status).to_have_text(re.compile(
+        rf"^{A}: unloaded on mac; failed on pc \(cannot reach .*\)$"))
+    await expect(status).to_have_class(re.compile(r"\berror\b"))
+    assert not emus["mac"].state.instances_of(A)
     assert page.errors == []
 
 

@@ -331,7 +331,11 @@ async function act(kind, key) {
   try {
     const resp = await adminPost(path, body);
     const data = await resp.json().catch(() => ({}));
-    if (resp.ok) status(`${key}: ${kind === "pin" ? (data.pinned ? "pinned" : "unpinned") : data.state || "done"}`);
+    const failed = Object.entries(data.failed || {});   // a fleet's hosts that could not act
+    if (resp.ok && failed.length) {
+      const done = data.unloaded_on && data.unloaded_on.length ? `unloaded on ${data.unloaded_on.join(", ")}; ` : "";
+      status(`${key}: ${done}failed on ${failed.map(([h, e]) => `${h} (${e.message})`).join(", ")}`, true);
+    } else if (resp.ok) status(`${key}: ${kind === "pin" ? (data.pinned ? "pinned" : "unpinned") : data.state || "done"}`);
     else status(`${key}: ${(data.error && data.error.message) || `HTTP ${resp.status}`}`, true);
   } catch (e) {
     status(`${key}: the proxy did not answer`, true);
