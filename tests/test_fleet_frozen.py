@@ -289,3 +289,29 @@ async def test_a_request_queued_on_one_host_of_a_fleet_is_a_hang_there(make_emul
     gate.set()
     async with await request as r:
         assert r.status == 200
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_request_sent_to_a_host_that_freezes_goes_to_another_once_it_is_down(
+        stream, beta, make_emulator, make_proxy, http):
+    """Sent to beta, which froze before answering: once beta is counted down (its reconcile's
+    look fails), the request goes to alpha, instead of waiting read_timeout_s (120 s here)."""
+    alpha = await make_emulator(catalog=catalog())
+    proxy = await make_proxy("", config=fleet_config(60, beta=beta.url, alpha=alpha.url))
+    fleet = proxy.engine
+    await fleet.load(MID, host="beta")
+    beta.freeze()
+    sent = asyncio.create_task(http.post(f"{proxy.url}/v1/chat/completions", json={
+        "model": MID, "max_tokens": 2, "stream": stream,
+        "messages": [{"role": "user", "content": "x"}]}))
+    await until(lambda: any(lease.host == "beta" for lease in fleet.active_leases()))
+    assert not sent.done()
+    await fleet.by_name["beta"].core.reconcile()     # its look times out: beta is down
+    async with asyncio.timeout(10):
+        async with await sent as r:
+            body = await r.read()
+            assert r.status == 200, body
+            assert r.headers["X-Proxy-Host"] == "alpha"
+    assert alpha.state.instances_of(MID)
+    assert fleet.by_name["beta"].lost().done()   # asked while it is down: at once
+    beta.kill()

@@ -12,6 +12,7 @@ it never constructs one.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any, Awaitable, Callable
 
@@ -229,6 +230,11 @@ class EngineCore(ManualOperations, CoreViews):
 
     def host_failed(self, name: str) -> None:
         """A fleet routes around a host that stopped answering; one server has no other."""
+
+    def host_lost(self, name: str) -> asyncio.Future[None] | None:
+        """A fleet's signal that host `name` is counted down; one server has none: its
+        requests wait for it (up to upstream.read_timeout_s)."""
+        return None
 
     def hold(self, name: str) -> Lease | None:
         """A HOLD lease on a loaded model (None if it is not loaded): it cannot be unloaded

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Callable
 
 from ..errors import UpstreamError, UpstreamTimeout
 from ..upstream.base import ApiLevel, Capabilities, UpstreamModel, capabilities_of
@@ -36,6 +37,9 @@ class Reconciler(Part):
         self.upstream_error: str | None = None
         self.error_type: type[UpstreamError] = UpstreamError
         self.last_run_s = -1e9
+        # Called when a look at the server fails (a fleet's host: requests still waiting for
+        # its answer go elsewhere).
+        self.on_down: Callable[[], None] | None = None
 
     def failure(self) -> UpstreamError:
         return self.error_type(self.upstream_error or "the upstream has not answered")
@@ -74,6 +78,8 @@ class Reconciler(Part):
                 log.warning("upstream unavailable: %s", err.message)
             self.upstream_ok, self.upstream_error = False, err.message
             self.error_type = type(err)
+            if self.on_down is not None:
+                self.on_down()
             return []
         self.upstream_ok, self.upstream_error = True, None
         changed: list[ModelEntry] = []

@@ -224,6 +224,10 @@ class Fleet(FleetOperations, FleetViews):
     def upstream_for(self, lease: Lease) -> Upstream:
         return self.by_name[lease.host].backend   # type: ignore[index]
 
+    def host_lost(self, name: str) -> asyncio.Future[None] | None:
+        """Done when host `name` is counted down; None when no other host could take over."""
+        return self.by_name[name].lost() if len(self.hosts) > 1 else None
+
     def host_failed(self, name: str) -> None:
         """A request could not reach host `name`: it takes no new requests until it answers
         its engine's reconcile again."""

@@ -7,6 +7,7 @@ dropped. `host_config()` builds it; every reload rebuilds it for each host.
 """
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import functools
 import os
@@ -70,6 +71,24 @@ class Host:
         self.suspect = False
         self._breaker = getattr(backend, "breaker", None)
         self._allowed: dict[str, bool] = {}   # model → may it hold it (its patterns decide)
+        self._lost: asyncio.Future[None] | None = None
+        core.reconciler.on_down = self.lose
+
+    def lost(self) -> asyncio.Future[None]:
+        """Done when this host is next counted down (at once while it is down): a request
+        still waiting for its answer goes to another host rather than wait read_timeout_s."""
+        f = self._lost
+        if f is None or f.done():
+            f = self._lost = asyncio.get_running_loop().create_future()
+            if not self.up:
+                f.set_result(None)
+        return f
+
+    def lose(self) -> None:
+        """Its reconcile's look failed: it is counted down."""
+        f = self._lost
+        if f is not None and not f.done():
+            f.set_result(None)
 
     @property
     def up(self) -> bool:

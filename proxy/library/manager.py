@@ -48,8 +48,9 @@ class ModelMetrics:
 # The engine's face (proxy.engine.face.Engine) and the core's own maintenance calls, read
 # through the manager from the core it wraps.
 READ_THROUGH = (
-    "clock", "store", "resolve", "acquire", "upstream_for", "host_failed", "hold", "record",
-    "admit_load", "client_connection", "owner_of", "load", "unload", "unload_report", "clear",
+    "clock", "store", "resolve", "acquire", "upstream_for", "host_failed", "host_lost", "hold",
+    "record", "admit_load", "client_connection", "owner_of", "load", "unload", "unload_report",
+    "clear",
     "optimize", "pin", "pinned", "pinned_on",
     "reconcile", "apply_config", "start", "start_monitoring", "stop_monitoring", "cleanup",
     "add_listener", "memory_pressure", "last_sample", "queue_length", "upstream_ok",

@@ -28,7 +28,7 @@ from aiohttp import web
 from ..engine.lifecycle import Lease
 from ..engine.usage import CLIENT_CLOSED, RequestRecord
 from ..errors import (InvalidApiKey, InvalidRequest, ModelNotFound, PermissionDenied, ProxyError,
-                      UpstreamError, UpstreamTimeout)
+                      UpstreamError, UpstreamTimeout, UpstreamUnreachable)
 from .inflight import INFLIGHT, write_or_stall
 from .promptsize import load_context, refuse_oversized
 from .keys import (ACCESS_LOG, COMPAT, ENGINE, METRICS, RESPONSE_STARTED, ROUTED_TO, TASK,
@@ -160,8 +160,10 @@ class Relay:
                        early: EarlyStream | None) -> web.StreamResponse:
         request = self.request
         self.answered = False
-        async with self.engine.upstream_for(lease).request(
-                "POST", request.path_qs, headers.to_upstream(request.headers), body) as up:
+        call = self.engine.upstream_for(lease).request(
+            "POST", request.path_qs, headers.to_upstream(request.headers), body)
+        lost = self.engine.host_lost(lease.host) if lease.host is not None else None
+        async with (call if lost is None else UntilHostLost(call, lost, lease.host)) as up:
             self.answered = True
             self.status = up.status
             back = headers.to_client(up.headers)
@@ -266,6 +268,42 @@ class Relay:
         if access.enabled:
             access.add(request.method, request.path, self.model or "-", self.status, latency_s,
                        ttft_s, prompt, completion, estimated and prompt + completion > 0)
+
+
+class UntilHostLost:
+    """An upstream call of a fleet's whose host is counted down before its answer's head
+    comes fails as unreachable, so that the request goes once to another host, rather than
+    wait read_timeout_s for a frozen server. The head is the line: once it has come, the
+    answer is this host's (nothing could be retried)."""
+    __slots__ = ("call", "lost", "host")
+
+    def __init__(self, call: Any, lost: asyncio.Future[None], host: str) -> None:
+        self.call, self.lost, self.host = call, lost, host
+
+    async def __aenter__(self) -> UpstreamResponse:
+        deadline = asyncio.timeout(None)
+        waiting = True
+
+        def now(_: asyncio.Future[None]) -> None:
+            if waiting:   # (a callback already scheduled may run after the head came)
+                deadline.reschedule(0.0)     # a time past: at once
+        try:
+            async with deadline:
+                self.lost.add_done_callback(now)
+                try:
+                    return await self.call.__aenter__()
+                finally:
+                    waiting = False
+                    self.lost.remove_done_callback(now)
+        except TimeoutError:
+            if not deadline.expired():
+                raise
+            # No head came, so nothing of this answer has reached the client.
+            raise UpstreamUnreachable(
+                f"host '{self.host}' was counted down before it answered") from None
+
+    async def __aexit__(self, *exc: Any) -> Any:
+        return await self.call.__aexit__(*exc)
 
 
 async def read_upstream(request: web.Request, method: str, path: str) -> web.Response:
