@@ -10,9 +10,12 @@ from proxy.cli import build_parser, resolve_config
 from proxy.configload import replace_config
 from proxy.emulator import CatalogModel
 from proxy.engine.clock import ManualClock
-from proxy.errors import InsufficientMemory
+from proxy.configload import load_config
+from proxy.errors import InsufficientMemory, ProxyError, UpstreamUnreachable
+from proxy.library import ModelMemoryManager
+from proxy.upstream.base import Capabilities
 
-from .fakes import GB
+from .fakes import GB, ScriptedBackend
 from .test_engine import footprints, manager_for
 
 X, Y, Z, W = "lab/x-12g", "lab/y-8g", "lab/z-3g", "lab/w-5g"
@@ -240,3 +243,48 @@ async def test_a_failed_requester_load_fails_its_waiters_too(lab, lab_manager):
     with pytest.raises(ModelLoadFailed):
         await waiter
     assert mgr.entry(Z).status.value == "error"
+
+
+async def test_a_load_whose_victim_cannot_be_unloaded_fails_at_once_without_retrying(
+        lab, lab_manager, caplog):
+    """The server went away with X loaded: Y needs X's memory, and X's unload cannot reach the
+    server. Y's request fails at once with that error, as a load would, instead of the
+    admission pass failing and retrying without pause while the request waits."""
+    mgr = await lab_manager(lab.url)
+    await mgr.load_model(X)
+    await lab.close()
+    with pytest.raises(UpstreamUnreachable) as refused:
+        await asyncio.wait_for(mgr.acquire(Y), 10)
+    assert X in refused.value.message and Y in refused.value.message
+    assert not mgr.core.scheduler.pending
+    assert not [r for r in caplog.records if "admission pass failed" in r.getMessage()]
+
+
+class BuggyUnload(ScriptedBackend):
+    """A backend whose unload fails with an error no rule expects (a bug)."""
+
+    async def unload(self, instance_id: str) -> None:
+        raise RuntimeError("unload broke")
+
+
+async def test_an_admission_pass_that_fails_is_retried_after_a_pause_not_at_once(caplog):
+    """Each failed eviction puts its victim back and wakes the admission task: the retry waits
+    its second all the same, so a bug logs once a second, not thousands of times."""
+    backend = BuggyUnload({X: 12, Y: 8}, Capabilities(
+        manages_loading=True, reports_memory=False, self_evicts=False, multi_instance=False,
+        native_clients=False))
+    mgr = ModelMemoryManager(config=load_config({
+        "upstream": {"url": "http://127.0.0.1:9"},
+        "memory": {"sampler": "budget", "budget_gb": 16, "min_free_memory_gb": 0,
+                   "max_memory_usage_percent": 100},
+        "eviction": {"hold": 0, "queue_timeout_s": 0.5}, "storage": {"enabled": False}}),
+        upstream=backend)
+    await mgr.start()
+    try:
+        await mgr.load_model(X)
+        with pytest.raises(ProxyError):     # Y waits for X's memory until its deadline
+            await asyncio.wait_for(mgr.acquire(Y), 10)
+        failed = [r for r in caplog.records if "admission pass failed" in r.getMessage()]
+        assert len(failed) == 1, len(failed)
+    finally:
+        await mgr.cleanup()

@@ -25,7 +25,7 @@ import asyncio
 import logging
 from typing import Awaitable, Callable
 
-from ..errors import ModelLoadFailed, ProxyError
+from ..errors import ModelLoadFailed, ProxyError, UpstreamError
 from .context import EngineContext, Part
 from .eviction import Evictor
 from .fit import Fitter
@@ -112,6 +112,7 @@ class Scheduler(LoadQueue, Part):
             except Exception:   # a bug here must not strand every waiting request
                 log.exception("admission pass failed; retrying")
                 recheck_s = 1.0
+                woken.clear()   # what the failed pass woke waits for the retry, not a spin
             if woken.is_set():
                 continue
             self.ctx.looked.set()
@@ -215,7 +216,15 @@ class Scheduler(LoadQueue, Part):
                                                                retry_after_s=30.0))
                     return True, None
                 return False, will_go - short
-            await self.evictor.evict(victims, "admission", e.key)
+            try:
+                await self.evictor.evict(victims, "admission", e.key)
+            except UpstreamError as exc:
+                # The server could not unload a victim (gone, or refusing): its load would
+                # fare no better. Fail it now, rather than ask again at every pass.
+                exc.message = (f"cannot make room for '{e.key}': unloading "
+                               f"{', '.join(repr(k) for k in victims)} failed: {exc.message}")
+                self._finish(p, exc)
+                return True, None
             sample = await self.monitor.sample()
             if need > self.monitor.headroom(sample):
                 return False, None          # memory is not back yet; the next pass looks again
