@@ -288,3 +288,15 @@ async def test_an_admission_pass_that_fails_is_retried_after_a_pause_not_at_once
         assert len(failed) == 1, len(failed)
     finally:
         await mgr.cleanup()
+
+
+async def test_a_preload_whose_victim_cannot_be_unloaded_is_dropped(lab, lab_manager, caplog):
+    mgr = await lab_manager(lab.url)
+    await mgr.load_model(X)
+    await lab.close()
+    core = mgr.core
+    assert core.scheduler.preload(core.entry(Y), value_s=1e6)    # worth any eviction
+    await asyncio.wait_for(core.scheduler.settled(), 10)
+    assert not core.scheduler.pending
+    assert core.entry(X).status.value == "loaded"
+    assert not [r for r in caplog.records if "admission pass failed" in r.getMessage()]

@@ -194,9 +194,12 @@ class Scheduler(LoadQueue, Part):
                 return self._drop(p, "its moment has passed"), None
             if any(not q.admitted and not q.speculative for q in self.pending.values()):
                 return False, None            # requested loads first; it waits its turn
-            if short > 0 and not (p.may_evict and
-                                  await self.evictor.evict_for_guess(e.key, short, p.value_s)):
-                return self._drop(p, "no room worth making"), None
+            try:
+                if short > 0 and not (p.may_evict and
+                                      await self.evictor.evict_for_guess(e.key, short, p.value_s)):
+                    return self._drop(p, "no room worth making"), None
+            except UpstreamError as exc:
+                return self._drop(p, f"its victims could not be unloaded: {exc.message}"), None
             sample = await self.monitor.sample()
             short = need - self.monitor.headroom(sample)
             if short > 0:
