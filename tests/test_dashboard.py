@@ -412,6 +412,37 @@ async def test_a_page_of_another_site_cannot_unload_a_model(small, page, http):
         await served.close()
 
 
+FRAME = """<iframe id="ui" src="%s/ui/"></iframe>"""
+
+
+async def test_a_page_of_another_site_cannot_show_the_dashboard_in_a_frame(small, page, http):
+    """Clickjacking: the dashboard's buttons act with the viewer's access, so another site's
+    page may not frame it (X-Frame-Options and CSP frame-ancestors); the browser refuses."""
+    from aiohttp import web
+    for path in ("/ui/", "/ui/app.js", "/ui/style.css"):
+        async with http.get(f"{small.url}{path}") as r:
+            assert r.status == 200, path
+            assert r.headers["X-Frame-Options"] == "DENY"
+            assert r.headers["Content-Security-Policy"] == "frame-ancestors 'none'"
+    for path in ("/ui/.hidden", "/ui/nothing.js", "/ui/%2e%2e/__init__.py"):
+        async with http.get(f"{small.url}{path}") as r:
+            assert r.status == 404, path
+
+    async def evil(_request):
+        return web.Response(text=FRAME % small.url, content_type="text/html")
+    site = web.Application()
+    site.router.add_get("/", evil)
+    served = await serve(site)
+    try:
+        async with page.expect_response(lambda r: r.url == f"{small.url}/ui/") as answered:
+            await page.goto(f"http://localhost:{served.port}/")
+        assert (await answered.value).status == 200   # the proxy answered the frame...
+        frame = page.frame_locator("#ui")
+        await expect(frame.locator("#conn")).to_have_count(0)   # ...and nothing was shown
+    finally:
+        await served.close()
+
+
 REBIND = "attacker.rebind.example"
 READ = """<script>
 async function attack() {

@@ -20,6 +20,11 @@ from .admin import json_response
 HEARTBEAT_S = 15.0
 RETRY_MS = 2000
 UI_DIR = Path(__file__).resolve().parent.parent / "ui"
+# No page of another site may show the dashboard in a frame: its buttons act (load, unload,
+# pin) with the viewer's access, and a frame under a decoy would have them clicked.
+UI_HEADERS = {"Cache-Control": "no-cache", "X-Frame-Options": "DENY",
+              "Content-Security-Policy": "frame-ancestors 'none'",
+              "X-Content-Type-Options": "nosniff"}
 
 
 async def events(request: web.Request) -> web.StreamResponse:
@@ -81,7 +86,16 @@ async def timeline(request: web.Request) -> web.Response:
 async def ui_index(request: web.Request) -> web.StreamResponse:
     if request.path == "/ui":
         raise web.HTTPFound("/ui/")
-    return web.FileResponse(UI_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+    return web.FileResponse(UI_DIR / "index.html", headers=UI_HEADERS)
+
+
+async def ui_file(request: web.Request) -> web.StreamResponse:
+    """One of the dashboard's files (a flat directory: the route takes no '/')."""
+    name = request.match_info["name"]
+    path = UI_DIR / name
+    if name.startswith(".") or not path.is_file():
+        raise web.HTTPNotFound()
+    return web.FileResponse(path, headers=UI_HEADERS)
 
 
 def add_routes(app: web.Application) -> None:
@@ -91,7 +105,7 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/proxy/timeline", timeline)
     r.add_get("/ui", ui_index)
     r.add_get("/ui/", ui_index)
-    r.add_static("/ui/", UI_DIR, append_version=False)
+    r.add_get("/ui/{name:[A-Za-z0-9_.-]+}", ui_file)
 
 
 
