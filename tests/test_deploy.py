@@ -46,6 +46,21 @@ def test_the_container_config_is_valid_and_needs_keys(tmp_path):
     assert main(["--config", str(tmp_path / "proxy.yaml"), "--check"], environ={}) == 2
 
 
+def test_the_deployment_page_names_every_variable_the_image_needs(capsys):
+    image_config = ROOT / "deploy" / "container.yaml"
+    auth = yaml.safe_load(image_config.read_text())["auth"]
+    needed = [k["key_env"] for k in auth["keys"]] + [auth["admin_token_env"]]
+    page = (ROOT / "docs" / "deployment.md").read_text()
+    section = page.split("## As a container", 1)[1].split("\n## ", 1)[0]
+    refusal = " ".join(s for s in re.split(r"(?<=\.)\s", section) if "refuses to start" in s)
+    for var in needed:
+        # Alone missing, it stops the start, named; the page's run line and its refusal say so.
+        environ = {v: "set" for v in needed if v != var}
+        assert main(["--config", str(image_config), "--check"], environ=environ) == 2
+        assert f"environment variable {var} is not set" in capsys.readouterr().err
+        assert f"-e {var}=" in section and var in refusal, var
+
+
 def _k8s() -> dict[str, dict]:
     docs = list(yaml.safe_load_all((ROOT / "deploy" / "kubernetes.yaml").read_text()))
     return {d["kind"]: d for d in docs}
