@@ -12,11 +12,14 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY proxy ./proxy
-RUN pip install '.[fast]' && useradd --create-home --uid 10001 lmproxy \
-    && mkdir -p /config /data && chown lmproxy /data
+RUN pip install '.[fast]' && groupadd --gid 10001 lmproxy \
+    && useradd --create-home --uid 10001 --gid 10001 lmproxy \
+    && mkdir -p /config /data && chown 10001:10001 /data
 COPY deploy/container.yaml /config/proxy.yaml
 
-USER lmproxy
+# Numeric: a kubelet told runAsNonRoot refuses an image whose user is a name (it cannot tell
+# whether the name is root). 10001:10001 is lmproxy, created above.
+USER 10001:10001
 VOLUME /data
 EXPOSE 8080
 # Follows server.port of the mounted file (and PROXY_PORT, if you set one).

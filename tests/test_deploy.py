@@ -8,6 +8,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from proxy.cli import build_parser, main, resolve_config
 from proxy.config import Config
 
 from .container import Podman, missing_tools
+from .manifests import containers, is_proxy, load, proxy_config, quantity_bytes, units
 
 ROOT = Path(__file__).parent.parent
 
@@ -44,6 +46,21 @@ def test_the_container_config_is_valid_and_needs_keys(tmp_path):
     assert main(["--config", str(tmp_path / "proxy.yaml"), "--check"], environ={}) == 2
 
 
+def test_the_deployment_page_names_every_variable_the_image_needs(capsys):
+    image_config = ROOT / "deploy" / "container.yaml"
+    auth = yaml.safe_load(image_config.read_text())["auth"]
+    needed = [k["key_env"] for k in auth["keys"]] + [auth["admin_token_env"]]
+    page = (ROOT / "docs" / "deployment.md").read_text()
+    section = page.split("## As a container", 1)[1].split("\n## ", 1)[0]
+    refusal = " ".join(s for s in re.split(r"(?<=\.)\s", section) if "refuses to start" in s)
+    for var in needed:
+        # Alone missing, it stops the start, named; the page's run line and its refusal say so.
+        environ = {v: "set" for v in needed if v != var}
+        assert main(["--config", str(image_config), "--check"], environ=environ) == 2
+        assert f"environment variable {var} is not set" in capsys.readouterr().err
+        assert f"-e {var}=" in section and var in refusal, var
+
+
 def _k8s() -> dict[str, dict]:
     docs = list(yaml.safe_load_all((ROOT / "deploy" / "kubernetes.yaml").read_text()))
     return {d["kind"]: d for d in docs}
@@ -51,23 +68,30 @@ def _k8s() -> dict[str, dict]:
 
 def test_the_kubernetes_sidecar_example_is_consistent(tmp_path):
     objs = _k8s()
-    pod = objs["Deployment"]["spec"]["template"]["spec"]
-    proxy = next(c for c in pod["containers"] if c["name"] == "proxy")
-    app = next(c for c in pod["containers"] if c["name"] == "app")
-    secret = objs["Secret"]["stringData"]
-    # Every variable the proxy reads comes from the Secret; its config validates with them.
-    environ = {e["name"]: secret[e["valueFrom"]["secretKeyRef"]["key"]] for e in proxy["env"]}
-    config = _config_of(objs["ConfigMap"]["data"]["proxy.yaml"], environ, tmp_path)
-    assert config.server.host == "127.0.0.1"     # pod-local: no key-less exposure
+    template = objs["Deployment"]["spec"]["template"]
+    pod = template["spec"]
+    (proxy,), (app,) = pod["initContainers"], pod["containers"]
+    # A native sidecar: it answers before the app starts and gets SIGTERM only once the app has
+    # exited, so the app's own drain still reaches it.
+    assert proxy["restartPolicy"] == "Always"
+    assert proxy["startupProbe"]["httpGet"]["path"] == "/healthz"
+    path, environ = proxy_config(list(objs.values()), template, proxy, tmp_path)
+    config = load(path, environ)
+    assert set(environ) == {"PROXY_APP_KEY", "PROXY_ADMIN_TOKEN"}
     assert pod["terminationGracePeriodSeconds"] > config.server.shutdown_timeout_s + 2
-    mounts = {m["name"]: m["mountPath"] for m in proxy["volumeMounts"]}
-    assert str(Path(config.storage.path).parent) == mounts["state"]
-    assert proxy["args"][-1].startswith(mounts["config"])
-    for probe in ("readinessProbe", "livenessProbe"):
-        assert proxy[probe]["exec"]["command"][:4] == ["python", "-m", "proxy", "healthcheck"]
     app_env = {e["name"]: e for e in app["env"]}
     assert app_env["OPENAI_BASE_URL"]["value"] == f"http://127.0.0.1:{config.server.port}/v1"
     assert app_env["OPENAI_API_KEY"]["valueFrom"]["secretKeyRef"]["key"] == "app-key"
+    # It listens on the pod's address for the kubelet's probes: every call but those needs a
+    # key, and no other pod may reach its port.
+    assert config.auth.keys and config.auth.metrics_access != "open"
+    policy = objs["NetworkPolicy"]["spec"]
+    assert policy["podSelector"]["matchLabels"].items() <= template["metadata"]["labels"].items()
+    assert "Ingress" in policy["policyTypes"]
+    proxy_ports = {p["name"] for p in proxy["ports"]} | {p["containerPort"] for p in proxy["ports"]}
+    for rule in policy.get("ingress", []):
+        assert rule.get("ports"), "an ingress rule without ports admits the proxy's too"
+        assert not {p["port"] for p in rule["ports"]} & proxy_ports, rule
 
 
 async def test_healthcheck_follows_the_configured_port(tmp_path, proxy):
@@ -134,8 +158,26 @@ def test_the_image_builds_and_serves(tmp_path):
         assert status == 401 and body["error"]["code"], body
         # The HEALTHCHECK instruction, as the image carries it.
         assert podman("healthcheck", "run", name, check=False).returncode == 0
-        user = podman("exec", name, "sh", "-c", "id -u && touch /data/written").stdout
-        assert user.split() == ["10001"]
+        # Numeric, so that a kubelet told runAsNonRoot can verify it.
+        image_user = podman("image", "inspect", "localhost/lmstudio-proxy:test", "--format",
+                            "{{.Config.User}}").stdout.strip()
+        assert image_user == "10001:10001"
+        user = podman("exec", name, "sh", "-c", "id -u && id -g && touch /data/written").stdout
+        assert user.split() == ["10001", "10001"]
+        # The most the proxy has held resident (VmHWM) through a burst of concurrent requests
+        # (with --demo its emulator's memory too): every manifest requests half as much again.
+        burst = {**chat, "max_tokens": 16, "messages": [{"role": "user", "content": "hi " * 3000}]}
+        with ThreadPoolExecutor(32) as pool:
+            answers = list(pool.map(lambda _: _http(url + "/v1/chat/completions", burst,
+                                                    key="sk-image")[0], range(64)))
+        assert answers == [200] * 64, answers
+        status = podman("exec", name, "cat", "/proc/1/status").stdout
+        peak_bytes = int(re.search(r"^VmHWM:\s+(\d+) kB", status, re.M).group(1)) * 1024
+        for unit in units():
+            for _, _, c in containers(unit.objects):
+                if is_proxy(c):
+                    requested = quantity_bytes(c["resources"]["requests"]["memory"])
+                    assert requested >= 1.5 * peak_bytes, (unit.name, requested, peak_bytes)
         # SIGTERM (the image's STOPSIGNAL) drains and exits cleanly well within the grace time.
         podman("stop", "-t", "35", name, timeout_s=60)
         state = podman("inspect", name, "--format", "{{.State.ExitCode}}").stdout.strip()

@@ -14,12 +14,15 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from proxy.cli import build_parser, main, resolve_config
-from proxy.config import Config
+from proxy.cli import main
+
+from .manifests import by_kind, load, proxy_config
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = ROOT / "deploy" / "kubernetes"
 K8S_VERSION = "1.30.0"
+
+
 def render(variant: str) -> list[dict[str, Any]]:
     """The objects `kubectl apply -k` would send: every resource the kustomization lists."""
     folder = VARIANTS / variant
@@ -30,10 +33,6 @@ def render(variant: str) -> list[dict[str, Any]]:
     assert sorted(kustomization["resources"]) == files, "a file left out of the kustomization"
     return [doc for name in kustomization["resources"]
             for doc in yaml.safe_load_all((folder / name).read_text()) if doc]
-
-
-def by_kind(objs: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
-    return {o["metadata"]["name"]: o for o in objs if o["kind"] == kind}
 
 
 def pods(objs: list[dict[str, Any]]) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
@@ -47,32 +46,6 @@ def proxies(objs: list[dict[str, Any]]) -> Iterator[tuple[dict, dict, dict]]:
         for c in template["spec"]["containers"]:
             if c["args"][:3] == ["python", "-m", "proxy"]:
                 yield d, template, c
-
-
-def proxy_config(objs: list[dict[str, Any]], template: dict, container: dict,
-                 tmp_path: Path) -> tuple[Path, dict[str, str]]:
-    """The proxy.yaml the container reads (the ConfigMap mounted where --config points) and the
-    environment its pod gives it (values from the Secret)."""
-    config_path = Path(container["args"][container["args"].index("--config") + 1])
-    mount = next(m for m in container["volumeMounts"]
-                 if config_path.parent == Path(m["mountPath"]))
-    volume = next(v for v in template["spec"]["volumes"] if v["name"] == mount["name"])
-    data = by_kind(objs, "ConfigMap")[volume["configMap"]["name"]]["data"]
-    path = tmp_path / f"{container['name']}-{volume['configMap']['name']}.yaml"
-    path.write_text(data[config_path.name])
-    secrets = by_kind(objs, "Secret")
-    environ = {}
-    for e in container.get("env", []):
-        if "value" in e:
-            environ[e["name"]] = e["value"]
-        else:
-            ref = e["valueFrom"]["secretKeyRef"]
-            environ[e["name"]] = secrets[ref["name"]]["stringData"][ref["key"]]
-    return path, environ
-
-
-def load(path: Path, environ: dict[str, str]) -> Config:
-    return resolve_config(build_parser().parse_args(["--config", str(path)]), environ)
 
 
 @pytest.fixture(params=["replicas", "per-host"])
