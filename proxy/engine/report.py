@@ -38,6 +38,7 @@ def model_row(core: "EngineCore", key: str, now_s: float) -> dict[str, Any]:
         "context_length": e.context_length,
         "footprint_mb": round(r.footprint_bytes(e) / 1e6),
         "footprint_source": r.footprint_source(e),
+        "backend": {**e.extra, **e.resident_extra} if e.status is S.LOADED else dict(e.extra),
         "priority": r.priority(key), "pinned": r.pinned(key),
         "ttl_s": ttl_s if ttl_s > 0 else None, "aliases": list(cfg.aliases),
         "groups": core.groups.row(key),

@@ -56,8 +56,9 @@ class UpstreamModel:
     loading: bool = False
     max_context_length: int | None = None
     context_length: int | None = None          # the context its loaded instance has, if told
-    extra: Mapping[str, Any] = field(default_factory=dict)
+    extra: Mapping[str, Any] = field(default_factory=dict)   # what else the server says of it
     aliases: tuple[str, ...] = ()              # other names the server answers to for it
+    resident: Mapping[str, Any] = field(default_factory=dict)  # ... and of its loaded instance
 
     @property
     def loaded(self) -> bool:
