@@ -237,26 +237,6 @@ async def test_an_eviction_ollama_made_by_itself_is_written_to_the_history(
     assert saved["evictions"] == {EVICTED_BY_BACKEND: 1}
 
 
-async def test_the_sdks_models_retrieve_takes_the_short_name_as_chat_does(make_ollama,
-                                                                         make_proxy):
-    """`chat.completions.create(model="qwen/qwen3-4b")` served `qwen/qwen3-4b:latest` while
-    `models.retrieve("qwen/qwen3-4b")` was a 404."""
-    emu = await make_ollama(CATALOG + [CatalogModel("qwen/qwen3-4b", size_bytes=2 * GB)])
-    proxy = await ollama_proxy(make_proxy, emu.url)
-    async with openai.AsyncOpenAI(base_url=f"{proxy.url}/v1", api_key="x",
-                                  max_retries=0) as client:
-        for name, listed in (("qwen/qwen3-4b", "qwen/qwen3-4b:latest"),
-                             ("llama3.2", "llama3.2:latest"),
-                             ("qwen3:8b", "qwen3:8b")):
-            model = await client.models.retrieve(name)
-            assert (model.id, model.object) == (listed, "model")
-            reply = await client.chat.completions.create(model=name, **CHAT)
-            assert reply.choices[0].message.content
-        with pytest.raises(openai.NotFoundError) as info:
-            await client.models.retrieve("qwen/qwen3-5b")
-    assert info.value.code == "model_not_found" and "qwen/qwen3-5b" in info.value.message
-
-
 async def test_the_models_row_shows_how_much_of_it_is_on_the_gpu(make_ollama, make_proxy, http):
     """docs/backends.md: Ollama's size_vram and expires_at are shown with the footprint (they
     were kept inside the engine only), while the model is loaded."""
@@ -287,3 +267,22 @@ async def unload(http: aiohttp.ClientSession, url: str, model: str) -> tuple[int
     async with http.post(f"{url}/proxy/models/unload", json={"model": model}) as r:
         return r.status, await r.json()
 
+
+async def test_the_sdks_models_retrieve_takes_the_short_name_as_chat_does(make_ollama,
+                                                                         make_proxy):
+    """`chat.completions.create(model="qwen/qwen3-4b")` served `qwen/qwen3-4b:latest` while
+    `models.retrieve("qwen/qwen3-4b")` was a 404."""
+    emu = await make_ollama(CATALOG + [CatalogModel("qwen/qwen3-4b", size_bytes=2 * GB)])
+    proxy = await ollama_proxy(make_proxy, emu.url)
+    async with openai.AsyncOpenAI(base_url=f"{proxy.url}/v1", api_key="x",
+                                  max_retries=0) as client:
+        for name, listed in (("qwen/qwen3-4b", "qwen/qwen3-4b:latest"),
+                             ("llama3.2", "llama3.2:latest"),
+                             ("qwen3:8b", "qwen3:8b")):
+            model = await client.models.retrieve(name)
+            assert (model.id, model.object) == (listed, "model")
+            reply = await client.chat.completions.create(model=name, **CHAT)
+            assert reply.choices[0].message.content
+        with pytest.raises(openai.NotFoundError) as info:
+            await client.models.retrieve("qwen/qwen3-5b")
+    assert info.value.code == "model_not_found" and "qwen/qwen3-5b" in info.value.message

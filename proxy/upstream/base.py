@@ -34,6 +34,9 @@ class Capabilities:
     self_evicts: bool        # may unload models on its own (LRU past a count, keep-alive expiry)
     multi_instance: bool     # can hold several instances of one model
     native_clients: bool     # has a native (non-OpenAI) client protocol worth relaying
+    # tells which models are loaded (an OpenAI-compatible server and LM Studio before 0.3.6
+    # list models only: their residency is unknown, not "unloaded")
+    reports_residency: bool = True
 
 
 def capabilities_of(backend: object, level: ApiLevel) -> Capabilities:
