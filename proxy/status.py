@@ -42,7 +42,9 @@ def render(stats: dict[str, Any], models: dict[str, Any], health: dict[str, Any]
         lines.append(f"memory     [{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {used:.0f}% used, "
                      f"{mem['available_gb']:.1f} of {mem['total_gb']:.1f} GB free "
                      f"({stats['sampler']})")
-    lines.append(f"pressure   {stats['memory_pressure']}    policy {stats['policy']}    "
+    if stats.get("memory_managed") is False:
+        lines.append("memory     not managed (the server loads its models itself)")
+    lines.append(f"pressure   {stats['memory_pressure'] or '-'}    policy {stats['policy']}    "
                  f"queue {stats['queue_length']}    health {health.get('status', '?')}")
     if stats.get("hosts"):
         lines.append("")
@@ -57,7 +59,7 @@ def render(stats: dict[str, Any], models: dict[str, Any], health: dict[str, Any]
         last = row["last_used_s_ago"]
         lines.append(
             f"{row['model'][:40]:<40} {row['state']:<10} {row['owner'] or '-':<8} "
-            f"{row['footprint_mb'] / 1000:>7.1f} {row['priority']:>4} "
+            f"{_gb(row['footprint_mb']):>7} {row['priority']:>4} "
             f"{'yes' if row['pinned'] else '':>3} {row['in_flight']:>4} {row['requests']:>6} "
             f"{s.get('success_rate', 1) * 100:>5.0f} "
             f"{s.get('p95_latency_ms') if s.get('p95_latency_ms') is not None else '-':>8} "
@@ -68,6 +70,10 @@ def render(stats: dict[str, Any], models: dict[str, Any], health: dict[str, Any]
         for a in alerts:
             lines.append(f"ALERT {a['severity']:<8} {a['message']}")
     return "\n".join(lines)
+
+
+def _gb(mb: float | None) -> str:
+    return "-" if mb is None else f"{mb / 1000:.1f}"
 
 
 HOST_BAR_WIDTH = 20

@@ -120,7 +120,7 @@ async def test_with_manages_loading_a_request_loads_its_model():
 # -- what LM Studio declares -----------------------------------------------------------------
 async def test_lm_studio_manages_loading_only_at_api_level_managed(make_emulator):
     seen = {}
-    for version in ("0.4", "0.3"):
+    for version in ("0.4", "0.3", "0.2"):
         emu = await make_emulator(options=EmulatorOptions(version=version))
         lms = LMStudioProtocol(UpstreamConfig(url=emu.url))
         await lms.start()
@@ -128,5 +128,9 @@ async def test_lm_studio_manages_loading_only_at_api_level_managed(make_emulator
         seen[version] = lms.capabilities
         await lms.close()
     assert seen["0.4"].manages_loading and not seen["0.3"].manages_loading
+    assert not seen["0.2"].manages_loading
+    # 0.3 (/api/v0) tells what is loaded; before 0.3.6 nothing does
+    assert seen["0.4"].reports_residency and seen["0.3"].reports_residency
+    assert not seen["0.2"].reports_residency
     assert all(c.self_evicts and c.multi_instance and c.native_clients
                and not c.reports_memory for c in seen.values())

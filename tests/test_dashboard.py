@@ -482,3 +482,23 @@ async def test_dns_rebinding_reads_and_changes_nothing(small, http):
             await browser.close()
     assert set(small.app[AUTH].counters.rejected) == {"host_not_allowed"}   # and a favicon
     assert small.emulator.state.instances_of(A)
+
+
+async def test_a_server_the_proxy_cannot_load_on_shows_unknown_states_and_no_memory(
+        make_emulator, make_proxy, page, http):
+    """upstream.kind: openai: a model that just served is not `unloaded` with a made-up 4 GB,
+    the memory bar is not this machine's, and load/unload (always a 409 there) are off."""
+    emu = await make_emulator()
+    proxy = await make_proxy(emu.url, **{"upstream.kind": "openai"})
+    assert await chat(http, proxy.url, "qwen/qwen3-4b") == 200
+    await open_dashboard(page, proxy.url)
+    row = page.locator('#models tr[data-model="qwen/qwen3-4b"]')
+    await expect(state_cell(page, "qwen/qwen3-4b")).to_have_text("unknown")
+    await expect(row.locator("td.memory")).to_have_text("–")
+    await expect(row.locator("button.load")).to_be_disabled()
+    await expect(row.locator("button.unload")).to_be_disabled()
+    await expect(page.locator("#memory-summary")).to_have_text(
+        "not managed: the server loads its models itself")
+    await expect(page.locator("#memory-bar .seg")).to_have_count(0)
+    await expect(page.locator("#pressure")).to_have_text("pressure –")
+    assert page.errors == []

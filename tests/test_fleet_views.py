@@ -182,3 +182,38 @@ async def test_readyz_is_ready_while_any_host_is_up_and_lists_each_host(two, htt
         assert r.status == 503
         body = await r.json()
     assert not body["ready"] and body["hosts_up"] == 0 and body["error"]
+
+
+async def test_a_host_the_proxy_cannot_load_on_shows_no_residency_and_no_memory(
+        make_emulator, make_proxy, http):
+    """An OpenAI-compatible host beside a managed one: its models' state there is `unknown`
+    (not `unloaded`), and its memory is in no figure, pressure or footprint of the fleet."""
+    emus = {n: await make_emulator(catalog=CATALOG) for n in ("a", "b")}
+    proxy = await make_proxy("", config=fleet_config([], upstreams=[
+        {"name": "a", "url": emus["a"].url, "budget_gb": 12},
+        {"name": "b", "url": emus["b"].url, "budget_gb": 20, "kind": "openai"}]))
+    await proxy.engine.load(SMALL, host="a")
+    async with http.get(f"{proxy.url}/proxy/models") as r:
+        rows = {row["model"]: row for row in (await r.json())["data"]}
+    assert rows[SMALL]["hosts"] == {"a": "loaded", "b": "unknown"}
+    assert rows[SMALL]["state"] == "loaded" and rows[SMALL]["footprint_mb"] == 2400
+    assert rows[MID]["hosts"] == {"a": "unloaded", "b": "unknown"}
+    async with http.post(f"{proxy.url}/proxy/models/load",
+                         json={"model": MID, "host": "b"}) as r:
+        body = await r.json()
+    assert r.status == 409 and "(upstream.kind: openai)" in body["error"]["message"]
+
+    async with http.get(f"{proxy.url}/proxy/stats") as r:
+        stats = await r.json()
+    assert stats["memory_managed"] is True and stats["memory_pressure"] == "low"
+    assert stats["system_memory"]["total_gb"] == 12          # host a's budget only
+    assert stats["hosts"]["b"]["memory"] is None and stats["hosts"]["b"]["memory_pressure"] is None
+    assert stats["hosts"]["b"]["memory_managed"] is False
+    assert stats["hosts"]["a"]["memory"]["total_gb"] == 12
+    assert stats["model_counts"]["unknown"] == len(CATALOG)
+    m = await metrics(http, proxy)
+    assert ("proxy_model_loaded", (("host", "b"), ("model", SMALL))) not in m
+    assert ("proxy_model_footprint_bytes", (("host", "b"), ("model", SMALL))) not in m
+    assert m[("proxy_model_loaded", (("host", "a"), ("model", SMALL)))] == 1
+    assert ("proxy_host_memory_total_bytes", (("host", "b"),)) not in m
+    assert m[("proxy_memory_total_bytes", ())] == 12 * GB

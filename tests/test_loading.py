@@ -91,5 +91,54 @@ async def test_a_load_by_hand_is_refused_where_the_server_cannot_load_on_request
     async with http.post(f"{proxy.url}/proxy/models/load", json={"model": SMALL}) as resp:
         status, body = resp.status, await resp.json()
     assert status == 409 and body["error"]["code"] == "model_unavailable"
-    assert "cannot load models on request" in body["error"]["message"]
+    assert body["error"]["message"] == (
+        f"'{SMALL}' cannot be loaded through the proxy: LM Studio older than 0.4.0 has no "
+        f"load/unload API; loading is left to its own JIT.")
     assert old.state.load_calls[SMALL] == 0
+
+
+async def test_an_unload_by_hand_is_refused_where_the_server_cannot_unload_on_request(
+        make_emulator, make_proxy, http):
+    """LM Studio 0.3 says what it has loaded (its state is shown as it is) but has no unload
+    call: the unload was answered `unloaded` while LM Studio kept the model."""
+    old = await make_emulator(options=EmulatorOptions(version="0.3"))
+    proxy = await make_proxy(old.url, **{"eviction.manage_external": True})
+    assert (await post(http, f"{proxy.url}/v1/chat/completions", chat(SMALL)))[0] == 200
+    await proxy.engine.reconcile()                   # LM Studio's JIT loaded it
+    async with http.post(f"{proxy.url}/proxy/models/unload", json={"model": SMALL}) as resp:
+        status, body = resp.status, await resp.json()
+    assert status == 409 and body["error"]["code"] == "model_unavailable"
+    assert body["error"]["message"].startswith(f"'{SMALL}' cannot be unloaded through the "
+                                               f"proxy: LM Studio older than 0.4.0")
+    async with http.post(f"{proxy.url}/proxy/clear", json={}) as resp:   # nothing it may unload
+        assert (resp.status, await resp.json()) == (200, {"unloaded": []})
+    assert [i.model.key for i in old.state.instances_of(SMALL)] == [SMALL]
+    async with http.get(f"{proxy.url}/proxy/models") as resp:
+        rows = {row["model"]: row for row in (await resp.json())["data"]}
+    assert rows[SMALL]["state"] == "loaded" and rows[LARGE]["state"] == "unloaded"
+    assert rows[SMALL]["footprint_mb"] is None      # memory is not managed here
+
+
+async def test_an_lm_studio_that_does_not_say_what_is_loaded_shows_it_unknown(
+        make_emulator, make_proxy, http):
+    """Before 0.3.6 LM Studio lists its models on /v1/models only: the model its JIT just
+    loaded for a request is not shown `unloaded`, and a load or unload by hand says why the
+    proxy cannot."""
+    old = await make_emulator(options=EmulatorOptions(version="0.2"))
+    proxy = await make_proxy(old.url)
+    assert (await post(http, f"{proxy.url}/v1/chat/completions", chat(SMALL)))[0] == 200
+    assert old.state.load_calls[SMALL] == 1            # LM Studio's JIT loaded it
+    await proxy.engine.reconcile()
+    async with http.get(f"{proxy.url}/proxy/models") as resp:
+        rows = {row["model"]: row for row in (await resp.json())["data"]}
+    assert {row["state"] for row in rows.values()} == {"unknown"}
+    assert rows[SMALL]["requests"] == 1 and rows[SMALL]["footprint_mb"] is None
+    for path, done in (("load", "loaded"), ("unload", "unloaded")):
+        async with http.post(f"{proxy.url}/proxy/models/{path}", json={"model": SMALL}) as resp:
+            status, body = resp.status, await resp.json()
+        assert status == 409 and body["error"]["message"] == (
+            f"'{SMALL}' cannot be {done} through the proxy: LM Studio older than 0.4.0 has no "
+            f"load/unload API; loading is left to its own JIT.")
+    assert [i.model.key for i in old.state.instances_of(SMALL)] == [SMALL]
+    async with http.get(f"{proxy.url}/readyz") as resp:
+        assert (await resp.json())["api_level"] == "jit-only"

@@ -8,6 +8,7 @@ import math
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 import aiohttp
+import openai
 import pytest
 
 from proxy.config import UpstreamConfig
@@ -31,9 +32,9 @@ CHAT = {"messages": [{"role": "user", "content": "Hello"}]}
 async def make_ollama() -> AsyncIterator[Callable[..., Awaitable[OllamaEmulator]]]:
     started: list[OllamaEmulator] = []
 
-    async def make(**options: Any) -> OllamaEmulator:
+    async def make(catalog: list[CatalogModel] = CATALOG, **options: Any) -> OllamaEmulator:
         options.setdefault("clock", SettableClock())
-        emu = await start_ollama_emulator(CATALOG, **options)
+        emu = await start_ollama_emulator(catalog, **options)
         started.append(emu)
         return emu
 
@@ -82,8 +83,8 @@ async def test_load_unload_and_memory_from_ps(make_ollama, backend_for):
     model = {m.key: m for m in await backend.list_models()}["llama3.2:latest"]
     assert model.instance_ids == ("llama3.2:latest",) and model.aliases == ("llama3.2",)
     assert model.memory_bytes == int(2.6 * GB) and model.size_bytes == 2 * GB
-    assert model.extra["size_vram"] == int(2.6 * GB)
-    assert model.extra["expires_at"].startswith("23")   # "forever": Go's now + MaxInt64 ns
+    assert model.resident["size_vram"] == int(2.6 * GB)
+    assert model.resident["expires_at"].startswith("23")   # "forever": Go's now + MaxInt64 ns
 
     await backend.unload(result.instance_id)
     assert emu.state.runners == {}
@@ -234,3 +235,54 @@ async def test_an_eviction_ollama_made_by_itself_is_written_to_the_history(
     finally:
         store.close()
     assert saved["evictions"] == {EVICTED_BY_BACKEND: 1}
+
+
+async def test_the_models_row_shows_how_much_of_it_is_on_the_gpu(make_ollama, make_proxy, http):
+    """docs/backends.md: Ollama's size_vram and expires_at are shown with the footprint (they
+    were kept inside the engine only), while the model is loaded."""
+    emu = await make_ollama(vram_bytes=4 * GB)
+    proxy = await ollama_proxy(make_proxy, emu.url)
+    assert (await chat(http, proxy.url, "qwen3:8b"))[0] == 200
+
+    async def row() -> dict[str, Any]:
+        async with http.get(f"{proxy.url}/proxy/models") as r:
+            return {m["model"]: m for m in (await r.json())["data"]}["qwen3:8b"]
+
+    loaded = await row()
+    assert loaded["footprint_mb"] == round(6.1 * GB / 1e6)        # `size`: RAM and VRAM
+    assert loaded["backend"]["size_vram"] == 4 * GB                # what fitted the GPU
+    assert loaded["backend"]["expires_at"].startswith("23")        # keep_alive -1: never
+    assert loaded["backend"]["family"]                             # from /api/tags
+    async with http.get(f"{proxy.url}/proxy/stats") as r:
+        assert (await r.json())["models"]["qwen3:8b"]["backend"] == loaded["backend"]
+
+    status, body = await unload(http, proxy.url, "qwen3:8b")
+    assert status == 200 and body["unloaded"] is True
+    unloaded = await row()
+    assert "size_vram" not in unloaded["backend"] and "expires_at" not in unloaded["backend"]
+    assert unloaded["backend"]["family"] == loaded["backend"]["family"]
+
+
+async def unload(http: aiohttp.ClientSession, url: str, model: str) -> tuple[int, Any]:
+    async with http.post(f"{url}/proxy/models/unload", json={"model": model}) as r:
+        return r.status, await r.json()
+
+
+async def test_the_sdks_models_retrieve_takes_the_short_name_as_chat_does(make_ollama,
+                                                                         make_proxy):
+    """`chat.completions.create(model="qwen/qwen3-4b")` served `qwen/qwen3-4b:latest` while
+    `models.retrieve("qwen/qwen3-4b")` was a 404."""
+    emu = await make_ollama(CATALOG + [CatalogModel("qwen/qwen3-4b", size_bytes=2 * GB)])
+    proxy = await ollama_proxy(make_proxy, emu.url)
+    async with openai.AsyncOpenAI(base_url=f"{proxy.url}/v1", api_key="x",
+                                  max_retries=0) as client:
+        for name, listed in (("qwen/qwen3-4b", "qwen/qwen3-4b:latest"),
+                             ("llama3.2", "llama3.2:latest"),
+                             ("qwen3:8b", "qwen3:8b")):
+            model = await client.models.retrieve(name)
+            assert (model.id, model.object) == (listed, "model")
+            reply = await client.chat.completions.create(model=name, **CHAT)
+            assert reply.choices[0].message.content
+        with pytest.raises(openai.NotFoundError) as info:
+            await client.models.retrieve("qwen/qwen3-5b")
+    assert info.value.code == "model_not_found" and "qwen/qwen3-5b" in info.value.message

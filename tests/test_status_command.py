@@ -77,3 +77,15 @@ async def test_status_of_a_single_server_has_no_host_lines(proxy, capsys):
     assert await status(["--url", proxy.url], {}) == 0
     out = capsys.readouterr().out
     assert "pressure" in out and "HOST" not in out
+
+
+async def test_status_of_a_server_the_proxy_cannot_load_on(make_proxy, emulator, capsys):
+    """upstream.kind: openai: no footprints (null, which the table could not format) and no
+    pressure; the memory line says it is not managed."""
+    proxy = await make_proxy(emulator.url, **{"upstream.kind": "openai"})
+    assert await status(["--url", proxy.url], {}) == 0
+    out = capsys.readouterr().out
+    assert "memory     not managed (the server loads its models itself)" in out
+    assert "pressure   -" in out
+    line = next(line for line in out.splitlines() if line.startswith("qwen/qwen3-4b "))
+    assert line.split()[1:3] == ["unknown", "-"] and line.split()[3] == "-"

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Awaitable
 
 from .catalog import GB, CatalogModel, load_catalog
-from .server import EmulatorOptions
+from .server import VERSIONS, EmulatorOptions
 from . import start_emulator
 
 FLAVORS = ("lmstudio", "ollama", "llamacpp")
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="allocate and touch each loaded model's bytes (scaled)")
     p.add_argument("--real-memory-scale", type=float, default=0.05,
                    help="fraction of a model's size actually allocated with --real-memory")
-    p.add_argument("--version", choices=("0.4", "0.3"), default="0.4")
+    p.add_argument("--version", choices=VERSIONS, default="0.4")
     p.add_argument("--api-token", help="require this bearer token (LM Studio 0.4 auth)")
     p.add_argument("--no-jit", action="store_true", help="turn JIT loading off")
     p.add_argument("--zero-embedding-usage", action="store_true",

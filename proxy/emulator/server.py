@@ -24,6 +24,8 @@ LOAD_BOOLS = ("flash_attention", "offload_kv_cache_to_gpu", "echo_load_config")
 STATE_KEY = web.AppKey("emulator_state", EmulatorState)
 # The SDKs' probe and websockets carry no Authorization header: the token travels in frames.
 NATIVE_PATHS = {"/lmstudio-greeting", *(f"/{ns}" for ns in NAMESPACES)}
+# 0.4: /api/v1 (load, unload); 0.3: /api/v0 (what is loaded); 0.2: before 0.3.6, /v1 only.
+VERSIONS = ("0.4", "0.3", "0.2")
 
 
 class EmulatorOptions:
@@ -31,8 +33,8 @@ class EmulatorOptions:
                  tokens_per_s: float = 0.0, created_s: int | None = None,
                  zero_embedding_usage: bool = False, honour_encoding_format: bool = False
                  ) -> None:
-        if version not in ("0.4", "0.3"):
-            raise ValueError("version must be 0.4 or 0.3")
+        if version not in VERSIONS:
+            raise ValueError(f"version must be one of {', '.join(VERSIONS)}")
         self.version = version
         self.api_token = api_token
         self.tokens_per_s = tokens_per_s
@@ -45,6 +47,11 @@ class EmulatorOptions:
     @property
     def has_v1_api(self) -> bool:
         return self.version == "0.4"
+
+    @property
+    def has_v0_api(self) -> bool:
+        """/api/v0 (what is loaded, no load call) came with 0.3.6; "0.2" plays one before."""
+        return self.version != "0.2"
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -70,14 +77,16 @@ def create_emulator_app(state: EmulatorState, options: EmulatorOptions | None = 
     r.add_get("/lmstudio-greeting", api.greeting)
     r.add_get("/v1/models", api.openai_models)
     for path, kind in (("/v1/chat/completions", "chat"), ("/v1/completions", "text"),
-                       ("/v1/embeddings", "embed"), ("/v1/responses", "responses"),
-                       ("/api/v0/chat/completions", "chat-v0"), ("/api/v0/completions", "text"),
-                       ("/api/v0/embeddings", "embed")):
+                       ("/v1/embeddings", "embed"), ("/v1/responses", "responses")):
         r.add_post(path, api.inference_handler(kind))
     if opts.has_v1_api:
         r.add_post("/v1/messages", api.inference_handler("messages"))
-    r.add_get("/api/v0/models", api.v0_models)
-    r.add_get("/api/v0/models/{key:.+}", api.v0_model)
+    if opts.has_v0_api:
+        for path, kind in (("/api/v0/chat/completions", "chat-v0"),
+                           ("/api/v0/completions", "text"), ("/api/v0/embeddings", "embed")):
+            r.add_post(path, api.inference_handler(kind))
+        r.add_get("/api/v0/models", api.v0_models)
+        r.add_get("/api/v0/models/{key:.+}", api.v0_model)
     if opts.has_v1_api:
         r.add_get("/api/v1/models", api.v1_models)
         r.add_post("/api/v1/models/load", api.v1_load)

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from .scheduler import Scheduler
 
 S = ModelStatus
+UNKNOWN = "unknown"   # the state shown for a model whose residency the server does not tell
 
 
 class CoreViews:
@@ -52,6 +53,22 @@ class CoreViews:
         return caps is not None and caps.manages_loading
 
     @property
+    def memory_managed(self) -> bool:
+        """Whether the proxy manages memory: only where it loads and unloads. Elsewhere the
+        views show no memory figures, pressure or footprints: the proxy acts on none of them
+        (assumed managed until the server first answers)."""
+        caps = self.reconciler.capabilities
+        return caps is None or caps.manages_loading
+
+    def state_of(self, e: ModelEntry) -> str:
+        """A model's state as the views show it: `unknown` on a server that does not say what
+        it has loaded (not `unloaded`: it may well be resident)."""
+        caps = self.reconciler.capabilities
+        if e.status is S.UNLOADED and caps is not None and not caps.reports_residency:
+            return UNKNOWN
+        return e.status.value
+
+    @property
     def capabilities(self) -> Capabilities | None:
         """The backend's, once it has answered."""
         return self.reconciler.capabilities
@@ -78,7 +95,8 @@ class CoreViews:
 
     @property
     def last_sample(self) -> MemorySample | None:
-        return self.monitor.last_sample
+        """The memory the views show: none where memory is not managed."""
+        return self.monitor.last_sample if self.memory_managed else None
 
     @property
     def sampler(self) -> MemorySampler:

@@ -17,7 +17,7 @@ import asyncio
 import enum
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 
 class ModelStatus(str, enum.Enum):
@@ -85,6 +85,10 @@ class ModelEntry:
     unfinished_since_s: float | None = None  # our load got no answer; the server may finish it
     max_context_length: int | None = None   # the most the server says it can take
     context_length: int | None = None       # its loaded instance's context, when known
+    # What else the server says of it, in its own words (UpstreamModel.extra), and of its
+    # loaded instance (UpstreamModel.resident: Ollama's size_vram, expires_at).
+    extra: Mapping[str, Any] = field(default_factory=dict)
+    resident_extra: Mapping[str, Any] = field(default_factory=dict)
     # Loaded (or loading) with a context smaller than configured (engine/fit.py): that
     # context and the memory it is expected to hold there.
     fit_context_length: int | None = None

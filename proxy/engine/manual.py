@@ -7,11 +7,13 @@ import logging
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from ..errors import InvalidRequest, ModelUnavailable
+from ..upstream import no_loading
 from .memory import GB
+from .report import pressure_shown
 
 if TYPE_CHECKING:
     from ..config import Config
-    from ..upstream.base import ApiLevel
+    from ..upstream.base import Capabilities
     from .accounting import Accounting
     from .eviction import Evictor
     from .lifecycle import Lease
@@ -26,9 +28,10 @@ class ManualOperations:
     accounting: "Accounting"
     evictor: "Evictor"
     config: "Config"
-    api_level: "ApiLevel | None"
+    capabilities: "Capabilities | None"
     manages_loading: bool
     memory_pressure: "MemoryPressure"
+    memory_managed: bool
     resolve: Callable[[str], Awaitable[str]]
     acquire: Callable[..., Awaitable["Lease"]]
     unload_idle_models: Callable[[], Awaitable[list[str]]]
@@ -45,10 +48,7 @@ class ManualOperations:
             if not 1 <= priority <= 10:
                 raise InvalidRequest("priority must be 1..10", param="priority")
             self.registry.priority_override[key] = priority
-        if not self.manages_loading:
-            level = self.api_level.value if self.api_level else "unknown"
-            raise ModelUnavailable(f"the upstream ({level}) cannot load models on request",
-                                   final=True)
+        self._can_load_or_unload(key, "loaded")
         e = self.registry.entries.get(key)
         if e is not None and self.registry.footprint_floor_bytes(e) is not None:
             # A load asked for by hand tries again: the refusal may have come while memory
@@ -66,9 +66,20 @@ class ManualOperations:
         """Unload after in-flight requests finish (never cut a generation)."""
         _one_server(host)
         e = self.registry.entries[await self.resolve(name)]
+        self._can_load_or_unload(e.key, "unloaded")
         timeout_s = drain_timeout_s if drain_timeout_s is not None else \
             self.config.eviction.queue_timeout_s
         return await self.evictor.unload_drained(e, reason, timeout_s)
+
+    def _can_load_or_unload(self, key: str, done: str) -> None:
+        """A 409 naming the server's kind when the proxy cannot load or unload on it (an
+        OpenAI-compatible server, LM Studio before 0.4.0, a single-model llama-server): an
+        unload answered "unloaded" there would be untrue, as a load would."""
+        caps = self.capabilities      # None: the server has not answered yet; it will say
+        if caps is not None and not caps.manages_loading:
+            lacks, instead = no_loading(self.config.upstream.kind)
+            raise ModelUnavailable(f"'{key}' cannot be {done} through the proxy: {lacks}; "
+                                   f"{instead}.", final=True)
 
     async def unload_report(self, name: str, *, reason: str = "manual",
                             drain_timeout_s: float | None = None, host: str | None = None
@@ -81,7 +92,9 @@ class ManualOperations:
         """Unload every loaded model the proxy may unload (pins included: an explicit clear):
         `unloaded`, the keys unloaded."""
         _one_server(host)
-        cleared = []
+        cleared: list[str] = []
+        if not self.manages_loading:
+            return {"unloaded": cleared}     # the server keeps what it loaded: nothing to do
         for key in self.registry.loaded():
             e = self.registry.entries[key]
             if e.owned or self.config.eviction.manage_external:
@@ -96,7 +109,7 @@ class ManualOperations:
         await self.sample_memory()
         pressure = await self.relieve_pressure()
         return {"unloaded_idle": idle, "evicted_for_pressure": pressure,
-                "memory_pressure": self.memory_pressure.value}
+                "memory_pressure": pressure_shown(self)}
 
     def pin(self, key: str, pinned: bool, *, host: str | None = None) -> None:
         """A runtime pin (POST /proxy/models/pin): kept until the proxy restarts."""

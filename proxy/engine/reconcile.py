@@ -112,12 +112,14 @@ class Reconciler(Part):
             self.accounting.apply_learned(e)
         e.type, e.size_bytes = m.type, m.size_bytes or e.size_bytes
         e.max_context_length = m.max_context_length or e.max_context_length
+        e.extra = m.extra
         for alias in m.aliases:
             self.registry.upstream_aliases[alias] = m.key
         if m.memory_bytes and self.capabilities and self.capabilities.reports_memory:
             e.reported_bytes = m.memory_bytes   # kept once unloaded: its next load's need
         if self.ctx.status_epochs.get(m.key, -1) > epoch:
             return   # changed by us while the list was in flight; the list is stale for it
+        e.resident_extra = m.resident
         if m.loaded:
             if e.status is S.LOADED and e.instance_ids != m.instance_ids:
                 changed.append(e)        # each instance holds memory: sampled again below

@@ -31,13 +31,15 @@ def model_row(core: "EngineCore", key: str, now_s: float) -> dict[str, Any]:
     # Its last request, kept across restarts; e's recency (a load counts, and a restart's
     # adoption is one) only for a model no request was recorded for.
     last_used_s = e.last_used_at_s if usage.last_used_at_s is None else usage.last_used_at_s
+    managed = core.memory_managed    # else no footprint: none is used, so none is made up
     return {
-        "model": key, "state": e.status.value, "type": e.type,
+        "model": key, "state": core.state_of(e), "type": e.type,
         "owner": e.owner if e.status in (S.LOADED, S.UNLOADING) else None,
         "instances": list(e.instance_ids),
         "context_length": e.context_length,
-        "footprint_mb": round(r.footprint_bytes(e) / 1e6),
-        "footprint_source": r.footprint_source(e),
+        "footprint_mb": round(r.footprint_bytes(e) / 1e6) if managed else None,
+        "footprint_source": r.footprint_source(e) if managed else None,
+        "backend": {**e.extra, **e.resident_extra} if e.status is S.LOADED else dict(e.extra),
         "priority": r.priority(key), "pinned": r.pinned(key),
         "ttl_s": ttl_s if ttl_s > 0 else None, "aliases": list(cfg.aliases),
         "groups": core.groups.row(key),
@@ -92,10 +94,11 @@ def top_by_usage(usage: Mapping[str, "ModelUsage"], now_s: float, n: int = 5
 def memory_stats(core: "EngineCore") -> dict[str, Any]:
     """The original design's get_memory_stats() shape, plus per-model rows."""
     now = core.clock.now()
-    s = core.monitor.last_sample
+    s = core.last_sample          # none where memory is not managed
     counts = {st.value: 0 for st in ModelStatus}
     for e in core.registry:
-        counts[e.status.value] += 1
+        state = core.state_of(e)
+        counts[state] = counts.get(state, 0) + 1
     return {
         "system_memory": None if s is None else {
             "total_gb": round(s.total_bytes / GB, 2),
@@ -105,7 +108,8 @@ def memory_stats(core: "EngineCore") -> dict[str, Any]:
                         "total_gb": round(g.total_bytes / GB, 2),
                         "used_gb": round(g.used_bytes / GB, 2)}
                        for g in s.gpus] if s is not None and s.gpus else None,
-        "memory_pressure": core.memory_pressure.value,
+        "memory_managed": core.memory_managed,
+        "memory_pressure": pressure_shown(core),
         "sampler": core.config.memory.sampler,
         "policy": core.config.eviction.policy,
         "upstream": upstream_state(core),
@@ -119,6 +123,12 @@ def memory_stats(core: "EngineCore") -> dict[str, Any]:
             {k: core.accounting.usage_of(k) for k in core.registry.keys()}, now),
         "models": {k: model_row(core, k, now) for k in core.registry.keys()},
     }
+
+
+def pressure_shown(engine: "Engine") -> str | None:
+    """The memory pressure the views show: none where memory is not managed (no eviction acts
+    on it, so no alert is raised for it either)."""
+    return engine.memory_pressure.value if engine.memory_managed else None
 
 
 def upstream_state(engine: "Engine") -> dict[str, Any]:

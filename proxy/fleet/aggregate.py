@@ -26,8 +26,14 @@ class FleetViews:
         return (h for h in self.hosts if h.core.upstream_ok)
 
     @property
+    def memory_managed(self) -> bool:
+        return any(h.core.memory_managed for h in self.hosts)
+
+    @property
     def memory_pressure(self) -> MemoryPressure:
-        return max((h.core.memory_pressure for h in self.hosts), key=lambda p: p.rank)
+        """The worst over the hosts whose memory the proxy manages."""
+        return max((h.core.memory_pressure for h in self.hosts if h.core.memory_managed),
+                   key=lambda p: p.rank, default=MemoryPressure.LOW)
 
     @property
     def last_sample(self) -> MemorySample | None:
@@ -123,12 +129,12 @@ class FleetViews:
         first = hosts[0]
         row = first.core.row(key)
         row.update(self.usage(key).summary(first.core.clock.now()))   # every host's use
-        state = first.status(first.core.registry.entries[key])
-        if state.value != row["state"]:      # resident on a host that is down: not resident
-            row.update(state=state.value, owner=None, instances=[])
+        state = first.shown_state(first.core.registry.entries[key])
+        if state != row["state"]:      # resident on a host that is down: not resident
+            row.update(state=state, owner=None, instances=[])
         row["host"] = first.name
         entries = [(h, h.core.registry.entries[key]) for h in hosts]
-        row["hosts"] = {h.name: h.status(e).value for h, e in entries}
+        row["hosts"] = {h.name: h.shown_state(e) for h, e in entries}
         # The row's last_error is its host's: a failure on another host is told here.
         row["host_errors"] = {h.name: e.last_error or "no reason given" for h, e in entries
                               if e.status is ModelStatus.ERROR}

@@ -134,6 +134,11 @@ class Host:
         it with what the server still has)."""
         return S.UNLOADED if e.status is S.LOADED and not self.up else e.status
 
+    def shown_state(self, e: ModelEntry) -> str:
+        """Its state here as the views show it (`unknown` where the server does not say)."""
+        status = self.status(e)
+        return self.core.state_of(e) if status is e.status else status.value
+
     def resident(self, key: str) -> bool:
         e = self.entry(key)
         return e is not None and e.status is S.LOADED and self.up

@@ -15,6 +15,7 @@ from typing import Any, Awaitable, Callable, TypeVar
 from ..engine.hostlog import working_for
 from ..engine.lifecycle import Lease, ModelStatus
 from ..engine.memory import MemoryPressure
+from ..engine.report import pressure_shown
 from ..errors import InvalidRequest, ProxyError, UpstreamError, UpstreamUnreachable
 from .hosts import Host
 
@@ -30,6 +31,7 @@ class FleetOperations:
     resolve: Callable[[str], Awaitable[str]]
     acquire: Callable[..., Awaitable[Lease]]
     memory_pressure: MemoryPressure
+    memory_managed: bool
 
     def _targets(self, host: str | None) -> list[Host]:
         return [self.host(host)] if host is not None else self.hosts
@@ -88,7 +90,7 @@ class FleetOperations:
         return {"unloaded_idle": sorted({k for r in done.values() for k in r["unloaded_idle"]}),
                 "evicted_for_pressure": sorted({k for r in done.values()
                                                 for k in r["evicted_for_pressure"]}),
-                "memory_pressure": self.memory_pressure.value, "hosts": done,
+                "memory_pressure": pressure_shown(self), "hosts": done,
                 "failed": failed}
 
     async def _each(self, hosts: list[Host], work: Callable[[Host], Awaitable[T]], none: str,

@@ -32,7 +32,7 @@ def too_large(key: str, hosts: list[Host]) -> ModelTooLarge:
 def _ceiling(h: Host, e: ModelEntry, need: float | None) -> str:
     """`need`: its footprint there, when the hosts do not agree on one."""
     core = h.core
-    s = core.last_sample
+    s = core.monitor.last_sample
     if s is None:
         return f"'{h.name}' memory not sampled yet"
     refusals = core.scheduler.refusals

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..urls import redact_url
 from ..engine.memory import GB
-from ..engine.report import top_by_usage, upstream_state
+from ..engine.report import pressure_shown, top_by_usage, upstream_state
 
 if TYPE_CHECKING:
     from .fleet import Fleet
@@ -26,7 +26,8 @@ def host_summary(h: "Host") -> dict[str, Any]:
             "available_gb": round(s.available_bytes / GB, 2),
             "used_percent": round(s.used_percent, 1),
             "ceiling_gb": round(core.ceiling_bytes() / GB, 2)},
-        "memory_pressure": core.memory_pressure.value,
+        "memory_managed": core.memory_managed,
+        "memory_pressure": pressure_shown(core),
         "loaded_models": h.loaded_models(),
         "queue_length": core.queue_length,
         "in_flight": len(core.active_leases()),
@@ -53,7 +54,8 @@ def fleet_report(fleet: "Fleet") -> dict[str, Any]:
     for h in fleet.hosts:            # host–model pairs, as the rows' `hosts` list them
         for e in h.core.registry:
             if h.allows(e.key):
-                counts[h.status(e).value] += 1
+                state = h.shown_state(e)
+                counts[state] = counts.get(state, 0) + 1
     return {
         **first,
         "system_memory": None if s is None else {
@@ -61,7 +63,8 @@ def fleet_report(fleet: "Fleet") -> dict[str, Any]:
             "available_gb": round(s.available_bytes / GB, 2),
             "used_percent": round(s.used_percent, 1)},
         "gpu_memory": None,
-        "memory_pressure": fleet.memory_pressure.value,
+        "memory_managed": fleet.memory_managed,
+        "memory_pressure": pressure_shown(fleet),
         "upstream": fleet_upstream(fleet),
         "model_counts": counts,
         "loaded_models": fleet.loaded_models(),

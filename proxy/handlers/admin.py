@@ -7,6 +7,7 @@ import orjson
 from aiohttp import web
 
 from ..engine.face import Engine
+from ..engine.report import pressure_shown
 from ..errors import ConfigRejected, InvalidRequest, UnsupportedMediaType, clip
 from ..server import scope
 from ..server.auth import CLIENT_KEY, allowed_models
@@ -88,7 +89,7 @@ async def models(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
     return json_response(scope.view(request, {
         "object": "list", "data": [engine.row(key) for key in engine.known_models()],
-        "queue_length": engine.queue_length, "memory_pressure": engine.memory_pressure.value}))
+        "queue_length": engine.queue_length, "memory_pressure": pressure_shown(engine)}))
 
 
 async def load(request: web.Request) -> web.Response:

@@ -14,7 +14,7 @@ from ..server import intake
 from ..server.auth import check_model, visible_models
 from ..server.compat import model_object
 from ..errors import InvalidRequest, ModelNotFound, UpstreamError
-from ..server.keys import COMPAT, CONFIG
+from ..server.keys import COMPAT, CONFIG, ENGINE
 from ..server.relay import Relay, read_upstream
 from . import routing
 
@@ -62,14 +62,18 @@ async def retrieve_model(request: web.Request) -> web.StreamResponse:
     """GET /v1/models/{id} (the SDKs' models.retrieve), answered from the upstream's list."""
     model_id = request.match_info["model"]
     check_model(request, model_id)    # a key limited to models sees only those
-    key = request.app[CONFIG].aliases.get(model_id, model_id)   # as inference resolves it
+    key = request.app[CONFIG].aliases.get(model_id, model_id)
     listed = await read_upstream(request, "GET", "/v1/models")
     if listed.status != 200:   # e.g. LM Studio's 401: its answer is the client's answer
         return listed
     try:
         found = model_object(listed.body, key)
+        if found is None:
+            # Any other name a request may use (Ollama's `llama3.2` for `llama3.2:latest`, an
+            # instance id): resolved as inference resolves it, or a 404 naming close matches.
+            found = model_object(listed.body, await request.app[ENGINE].resolve(model_id))
     except ValueError as exc:
-        raise UpstreamError(f"LM Studio's model list could not be read: {exc}") from None
+        raise UpstreamError(f"The upstream's model list could not be read: {exc}") from None
     if found is None:
         raise ModelNotFound(f"The model '{model_id}' does not exist", param="model")
     request.app[COMPAT].note("models_retrieve")

@@ -9,6 +9,7 @@ from typing import Awaitable, Callable
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from ..upstream import no_loading
 from ..urls import redact_url
 from ..engine.face import Engine
 from ..engine.hostlog import run_for
@@ -103,20 +104,8 @@ async def readyz(request: web.Request) -> web.Response:
     return json_response(_with_state(request, body), 200 if ready else 503)
 
 
-# Why a backend of each kind has no load/unload API, and who loads models then.
-_NO_LOADING = {
-    "lmstudio": ("LM Studio older than 0.4.0 has no load/unload API",
-                 "loading is left to its own JIT"),
-    "llamacpp": ("llama-server not in router mode has no load/unload API",
-                 "it serves the model it was started with"),
-    "openai": ("an OpenAI-compatible server (upstream.kind: openai) has no load/unload API",
-               "it decides itself what is loaded"),
-}
-
-
 def no_loading_note(kind: str) -> str:
-    lacks, instead = _NO_LOADING.get(kind, (f"the {kind} upstream has no load/unload API",
-                                            "it decides itself what is loaded"))
+    lacks, instead = no_loading(kind)
     return f"{lacks}: {instead} and memory is not managed"
 
 

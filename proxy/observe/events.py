@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import orjson
 
 from ..engine.memory import GB, MemorySample
+from ..engine.report import pressure_shown
 from ..engine.usage import RequestRecord
 from .hosts import fleet_of, host_memory
 from .timeline import Timelines
@@ -261,8 +262,9 @@ class EventHub:
 
     def memory(self) -> dict[str, Any]:
         mem = self.engine.config.memory
-        s = self._sample or self.engine.last_sample
-        out: dict[str, Any] = {"level": self.engine.memory_pressure.value,
+        managed = self.engine.memory_managed     # else no figures: the proxy acts on none
+        s = (self._sample or self.engine.last_sample) if managed else None
+        out: dict[str, Any] = {"level": pressure_shown(self.engine), "managed": managed,
                                "sampler": mem.sampler,
                                "reserve_bytes": int(mem.min_free_memory_gb * GB),
                                "ceiling_percent": mem.max_memory_usage_percent,

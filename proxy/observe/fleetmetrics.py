@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from ..engine.coreviews import UNKNOWN
 from ..engine.lifecycle import ModelStatus
 from ..fleet import Fleet
 from .gauges import engine_gauges
@@ -42,16 +43,19 @@ class FleetStateCollector(Collector):
                                       labels=["model", "host"])
         for h in self.fleet.hosts:
             core = h.core
+            managed = core.memory_managed     # else no footprints (as for one server)
             for key in core.known_models():
                 entry = h.entry(key)
                 if entry is None:
                     continue   # listed there but the host may not hold it
                 is_loaded = h.status(entry) is ModelStatus.LOADED
-                loaded.add_metric([key, h.name], 1.0 if is_loaded else 0.0)
+                if h.shown_state(entry) != UNKNOWN:
+                    loaded.add_metric([key, h.name], 1.0 if is_loaded else 0.0)
                 if is_loaded and entry.owner:
                     owner.add_metric([key, entry.owner.split(":", 1)[0], h.name], 1.0)
                 leases.add_metric([key, h.name], float(entry.leases))
-                footprint.add_metric([key, h.name], core.footprint_bytes(entry))
+                if managed:
+                    footprint.add_metric([key, h.name], core.footprint_bytes(entry))
         yield from (loaded, owner, leases, footprint)
 
     def _hosts(self) -> Iterable[GaugeMetricFamily]:

@@ -1,6 +1,6 @@
 """The engine-wide gauges of `/metrics`, one engine or a fleet through the same face: loads
-queued, memory pressure, the upstream answering, memory available / used / total; and among
-replicas, the shared state answering."""
+queued, memory pressure, the upstream answering, memory available / used / total (the memory
+series only where the proxy manages memory); and among replicas, the shared state answering."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Iterable
@@ -18,12 +18,13 @@ if TYPE_CHECKING:
 def engine_gauges(e: "Engine") -> Iterable[GaugeMetricFamily]:
     yield GaugeMetricFamily("proxy_queue_depth", "Loads waiting for memory",
                             value=float(e.queue_length))
-    pressure = GaugeMetricFamily("proxy_memory_pressure",
-                                 "Memory pressure level (1 for the current one)",
-                                 labels=["level"])
-    for level in MemoryPressure:
-        pressure.add_metric([level.value], 1.0 if e.memory_pressure is level else 0.0)
-    yield pressure
+    if e.memory_managed:     # else no pressure, and no memory (last_sample is None)
+        pressure = GaugeMetricFamily("proxy_memory_pressure",
+                                     "Memory pressure level (1 for the current one)",
+                                     labels=["level"])
+        for level in MemoryPressure:
+            pressure.add_metric([level.value], 1.0 if e.memory_pressure is level else 0.0)
+        yield pressure
     yield GaugeMetricFamily("proxy_upstream_up", "1 if the upstream answers",
                             value=1.0 if e.upstream_ok else 0.0)
     sample = e.last_sample

@@ -21,7 +21,7 @@ from ..config import HealthConfig
 from ..engine.lifecycle import ModelStatus
 from ..engine.memory import MemoryPressure
 from ..engine.periodic import Periodic
-from ..engine.report import upstream_state
+from ..engine.report import pressure_shown, upstream_state
 from ..engine.usage import BOUNDS_S, quantile_of
 from ..fleet.report import fleet_upstream
 from .hosts import fleet_of, host_state
@@ -118,7 +118,7 @@ class ModelHealthMonitor:
     def _evaluate(self, now: float) -> list[Alert]:
         m, c = self.manager, self.config
         out: list[Alert] = []
-        if m.memory_pressure is MemoryPressure.CRITICAL:
+        if m.memory_managed and m.memory_pressure is MemoryPressure.CRITICAL:
             out.append(Alert("memory_critical", "memory_critical", "critical",
                              "memory pressure is critical", now))
         if not m.upstream_ok:
@@ -274,7 +274,7 @@ class ModelHealthMonitor:
                 "healthy": not any(a.model == key for a in self.alerts.values())}
         status = "critical" if any(a.severity == "critical" for a in self.alerts.values()) \
             else "degraded" if self.alerts else "ok"
-        system = {"memory_pressure": m.memory_pressure.value,
+        system = {"memory_pressure": pressure_shown(m),
                   "upstream": upstream_state(m),
                   "loaded_models": len(m.loaded_models()),
                   "requests_in_flight": len(m.active_leases()),
@@ -283,7 +283,7 @@ class ModelHealthMonitor:
         if fleet is not None:
             system["upstream"] = fleet_upstream(fleet)
             system["hosts"] = {h.name: {
-                **host_state(h), "memory_pressure": h.core.memory_pressure.value,
+                **host_state(h), "memory_pressure": pressure_shown(h.core),
                 "loaded_models": h.loaded_models(),
                 "requests_in_flight": len(h.core.active_leases()),
                 "queue_length": h.core.queue_length} for h in fleet.hosts}

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..urls import redact_url
 from ..engine.memory import GB
+from ..engine.report import pressure_shown
 from ..fleet import Fleet
 
 if TYPE_CHECKING:
@@ -44,7 +45,8 @@ def host_memory(h: "Host") -> dict[str, Any]:
     core = h.core
     mem = core.config.memory
     s = core.last_sample
-    out: dict[str, Any] = {"up": h.up, "level": core.memory_pressure.value,
+    out: dict[str, Any] = {"up": h.up, "level": pressure_shown(core),
+                           "managed": core.memory_managed,
                            "sampler": mem.sampler,
                            "reserve_bytes": int(mem.min_free_memory_gb * GB),
                            "ceiling_percent": mem.max_memory_usage_percent,

@@ -215,14 +215,20 @@ class _StateCollector(Collector):
         # the client's identifier stays out of the label, it is new per connection).
         owner = GaugeMetricFamily("proxy_model_owner", "1 for the owner of a loaded model",
                                   labels=["model", "owner"])
+        # No series where nothing is known: a server that does not say what it has loaded,
+        # footprints where memory is not managed.
+        residency = e.capabilities is None or e.capabilities.reports_residency
+        managed = e.memory_managed
         for key in e.known_models():
             entry = e.entry(key)
             assert entry is not None
-            loaded.add_metric([key], 1.0 if entry.status is ModelStatus.LOADED else 0.0)
+            if residency or entry.status is not ModelStatus.UNLOADED:
+                loaded.add_metric([key], 1.0 if entry.status is ModelStatus.LOADED else 0.0)
             if entry.status is ModelStatus.LOADED and entry.owner:
                 owner.add_metric([key, entry.owner.split(":", 1)[0]], 1.0)
             leases.add_metric([key], float(entry.leases))
-            footprint.add_metric([key], e.footprint_bytes(entry))
+            if managed:
+                footprint.add_metric([key], e.footprint_bytes(entry))
         yield loaded
         yield owner
         yield leases

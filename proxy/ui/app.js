@@ -241,7 +241,7 @@ const HANDLERS = {
 };
 
 // A model on several hosts: loaded anywhere is loaded; else the busiest state it has.
-const STATE_RANK = ["loaded", "loading", "unloading", "error", "unloaded"];
+const STATE_RANK = ["loaded", "loading", "unloading", "error", "unknown", "unloaded"];
 function fleetState(hosts) {
   const states = Object.values(hosts);
   return STATE_RANK.find((s) => states.includes(s)) || states[0] || "unloaded";
@@ -395,7 +395,9 @@ function renderMemory() {
   }
   const drawn = drawBar($("#memory-bar"), $("#memory-legend"), m,
                         [...state.models.values()].filter((r) => RESIDENT.has(r.state)));
-  if (drawn) {
+  if (m && m.managed === false) {
+    $("#memory-summary").textContent = "not managed: the server loads its models itself";
+  } else if (drawn) {
     $("#memory-summary").textContent =
       `${fmtGb(Math.max(drawn.used, drawn.models))} of ${fmtGb(drawn.total)} used (${m.sampler === "budget" ? "budget" : "system"})`;
   }
@@ -532,9 +534,13 @@ function renderModels() {
     set("tps", r.tokens_per_s ?? "–");
     set("rate", r.usage_frequency_per_h ?? 0);
     set("last", fmtAgo(r.last_used_at ? nowS() - r.last_used_at : null));
-    set("memory", `${((r.footprint_mb || 0) / 1000).toFixed(1)} GB${r.footprint_source !== "estimated" ? "" : " est."}`);
-    tr.querySelector("button.load").disabled = resident;
-    tr.querySelector("button.unload").disabled = r.state !== "loaded";
+    set("memory", r.footprint_mb == null ? "–" : `${(r.footprint_mb / 1000).toFixed(1)} GB${r.footprint_source !== "estimated" ? "" : " est."}`);
+    // Not on a server the proxy cannot load or unload on (upstream.kind: openai, LM Studio
+    // before 0.4), once it has said so (capabilities are null until it first answers).
+    const u = state.upstream;
+    const manual = !(u && u.capabilities && u.manages_loading === false);
+    tr.querySelector("button.load").disabled = resident || !manual;
+    tr.querySelector("button.unload").disabled = r.state !== "loaded" || !manual;
     const pin = tr.querySelector("button.pin");
     const pinText = r.pinned ? "unpin" : "pin";
     if (pin.textContent !== pinText) pin.textContent = pinText;

@@ -1,4 +1,5 @@
-"""Model servers behind one seam. `create_upstream(config)` builds the configured adapter."""
+"""Model servers behind one seam. `create_upstream(config)` builds the configured adapter;
+`no_loading(kind)` says what a server of that kind lacks when the proxy cannot load on it."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -10,7 +11,24 @@ if TYPE_CHECKING:
     from ..config import UpstreamConfig
 
 __all__ = ["ApiLevel", "Capabilities", "LoadResult", "ModelBackend", "Upstream",
-           "UpstreamModel", "UpstreamResponse", "create_upstream"]
+           "UpstreamModel", "UpstreamResponse", "create_upstream", "no_loading"]
+
+# Why a server of each kind has no load/unload API, and who loads its models then (/readyz's
+# note, and the refusal of a load or unload asked for by hand).
+_NO_LOADING = {
+    "lmstudio": ("LM Studio older than 0.4.0 has no load/unload API",
+                 "loading is left to its own JIT"),
+    "llamacpp": ("llama-server not in router mode has no load/unload API",
+                 "it serves the model it was started with"),
+    "openai": ("an OpenAI-compatible server (upstream.kind: openai) has no load/unload API",
+               "it decides itself what is loaded"),
+}
+
+
+def no_loading(kind: str) -> tuple[str, str]:
+    """(what a server of this kind lacks, who loads its models instead)."""
+    return _NO_LOADING.get(kind, (f"the {kind} upstream has no load/unload API",
+                                  "it decides itself what is loaded"))
 
 
 def create_upstream(config: "UpstreamConfig") -> Upstream:

@@ -34,6 +34,9 @@ class Capabilities:
     self_evicts: bool        # may unload models on its own (LRU past a count, keep-alive expiry)
     multi_instance: bool     # can hold several instances of one model
     native_clients: bool     # has a native (non-OpenAI) client protocol worth relaying
+    # tells which models are loaded (an OpenAI-compatible server and LM Studio before 0.3.6
+    # list models only: their residency is unknown, not "unloaded")
+    reports_residency: bool = True
 
 
 def capabilities_of(backend: object, level: ApiLevel) -> Capabilities:
@@ -56,8 +59,9 @@ class UpstreamModel:
     loading: bool = False
     max_context_length: int | None = None
     context_length: int | None = None          # the context its loaded instance has, if told
-    extra: Mapping[str, Any] = field(default_factory=dict)
+    extra: Mapping[str, Any] = field(default_factory=dict)   # what else the server says of it
     aliases: tuple[str, ...] = ()              # other names the server answers to for it
+    resident: Mapping[str, Any] = field(default_factory=dict)  # ... and of its loaded instance
 
     @property
     def loaded(self) -> bool:

@@ -29,12 +29,14 @@ class LMStudioProtocol(HttpBackend):
 
     @property
     def capabilities(self) -> Capabilities:
-        """LM Studio loads by API from 0.4 (level MANAGED); it reports file sizes, not
-        memory; it unloads by itself (a JIT model replaced by the next, TTLs); it runs several
-        instances of a model, and has its own SDK protocol."""
+        """LM Studio loads by API from 0.4 (level MANAGED); before 0.3.6 (JIT_ONLY) it does
+        not say what is loaded; it reports file sizes, not memory; it unloads by itself (a JIT
+        model replaced by the next, TTLs); it runs several instances of a model, and has its
+        own SDK protocol."""
         return Capabilities(manages_loading=self.level is ApiLevel.MANAGED,
                             reports_memory=False, self_evicts=True, multi_instance=True,
-                            native_clients=True)
+                            native_clients=True,
+                            reports_residency=self.level is not ApiLevel.JIT_ONLY)
 
     # -- management --------------------------------------------------------------------------
     async def detect(self) -> ApiLevel:

@@ -129,11 +129,13 @@ class OllamaProtocol(HttpBackend):
                 families & _EMBEDDING_FAMILIES))
         extra = {k: details[k] for k in ("family", "parameter_size", "quantization_level")
                  if details.get(k)}
-        memory = None
+        memory, resident = None, {}
         if ps is not None:
             memory = _int(ps.get("size"))
-            extra.update({k: ps[k] for k in ("size_vram", "expires_at", "context_length")
-                          if k in ps})
+            # How much of it is on the GPU, and when Ollama would expire it (shown in the
+            # model's row while it is loaded).
+            resident = {k: ps[k] for k in ("size_vram", "expires_at", "context_length")
+                        if k in ps}
         return UpstreamModel(key=key, type="embedding" if embedding else "llm",
                              size_bytes=_int(tag.get("size")) if ps is not tag else None,
                              memory_bytes=memory,
@@ -141,7 +143,7 @@ class OllamaProtocol(HttpBackend):
                              context_length=_int(ps.get("context_length"))
                              if ps is not None else None,
                              aliases=(short_name(key),) if short_name(key) != key else (),
-                             extra=extra)
+                             extra=extra, resident=resident)
 
 
 def short_name(name: str) -> str:

@@ -11,7 +11,8 @@ from .base import ApiLevel, Capabilities, LoadResult, UpstreamModel
 from .http import HttpBackend, error_text
 
 CAPABILITIES = Capabilities(manages_loading=False, reports_memory=False, self_evicts=False,
-                            multi_instance=False, native_clients=False)
+                            multi_instance=False, native_clients=False,
+                            reports_residency=False)
 
 
 class OpenAIProtocol(HttpBackend):
