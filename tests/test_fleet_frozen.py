@@ -315,3 +315,15 @@ async def test_a_request_sent_to_a_host_that_freezes_goes_to_another_once_it_is_
     assert alpha.state.instances_of(MID)
     assert fleet.by_name["beta"].lost().done()   # asked while it is down: at once
     beta.kill()
+
+
+async def test_the_model_list_does_not_wait_for_a_host_known_down(beta, make_emulator,
+                                                                  make_proxy, http):
+    alpha = await make_emulator(catalog=[catalog()[1]])
+    proxy = await make_proxy("", config=fleet_config(60, beta=beta.url, alpha=alpha.url))
+    beta.freeze()
+    await proxy.engine.by_name["beta"].core.reconcile()     # its look times out: down
+    async with asyncio.timeout(10):   # (a look at beta would wait read_timeout_s, 120 s)
+        status, body = await get(http, f"{proxy.url}/v1/models")
+    assert status == 200 and [m["id"] for m in body["data"]] == [SMALL]
+    beta.kill()

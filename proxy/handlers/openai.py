@@ -15,7 +15,8 @@ from ..server.auth import check_model, visible_models
 from ..server.compat import model_object
 from ..errors import InvalidRequest, ModelNotFound, UpstreamError
 from ..server.keys import COMPAT, CONFIG, ENGINE
-from ..server.relay import Relay, read_upstream
+from ..server.modellist import read_model_list
+from ..server.relay import Relay
 from . import routing
 
 
@@ -52,7 +53,7 @@ async def inference(request: web.Request) -> web.StreamResponse:
 
 
 async def list_models(request: web.Request) -> web.StreamResponse:
-    resp = await read_upstream(request, "GET", request.path_qs)
+    resp = await read_model_list(request, request.path_qs)
     if resp.status == 200:
         resp.body = visible_models(request, resp.body)
     return resp
@@ -63,7 +64,7 @@ async def retrieve_model(request: web.Request) -> web.StreamResponse:
     model_id = request.match_info["model"]
     check_model(request, model_id)    # a key limited to models sees only those
     key = request.app[CONFIG].aliases.get(model_id, model_id)
-    listed = await read_upstream(request, "GET", "/v1/models")
+    listed = await read_model_list(request)
     if listed.status != 200:   # e.g. LM Studio's 401: its answer is the client's answer
         return listed
     try:
