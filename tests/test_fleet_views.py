@@ -202,6 +202,10 @@ async def test_a_host_the_proxy_cannot_load_on_shows_no_residency_and_no_memory(
                          json={"model": MID, "host": "b"}) as r:
         body = await r.json()
     assert r.status == 409 and "(upstream.kind: openai)" in body["error"]["message"]
+    async with http.post(f"{proxy.url}/proxy/models/unload",
+                         json={"model": SMALL, "host": "b"}) as r:
+        body = await r.json()     # refused as the load is, not "unloaded": false
+    assert r.status == 409 and "cannot be unloaded" in body["error"]["message"], body
 
     async with http.get(f"{proxy.url}/proxy/stats") as r:
         stats = await r.json()
@@ -217,3 +221,6 @@ async def test_a_host_the_proxy_cannot_load_on_shows_no_residency_and_no_memory(
     assert m[("proxy_model_loaded", (("host", "a"), ("model", SMALL)))] == 1
     assert ("proxy_host_memory_total_bytes", (("host", "b"),)) not in m
     assert m[("proxy_memory_total_bytes", ())] == 12 * GB
+    async with http.post(f"{proxy.url}/proxy/models/unload", json={"model": SMALL}) as r:
+        body = await r.json()     # no host named: where it can be (host b is not asked)
+    assert r.status == 200 and body["unloaded_on"] == ["a"] and body["failed"] == {}, body

@@ -68,7 +68,9 @@ class FleetOperations:
         key = await self.resolve(name)
         holding = [h for h in self._targets(host)
                    for e in (h.core.registry.entries.get(key),)
-                   if e is not None and e.status in (S.LOADED, S.LOADING, S.UNLOADING)]
+                   if e is not None and (e.status in (S.LOADED, S.LOADING, S.UNLOADING) or
+                                         # named, and it cannot unload: its own 409 says why
+                                         host is not None and not h.core.manages_loading)]
 
         async def unload(h: Host) -> bool:
             return await h.core.unload(key, reason=reason, drain_timeout_s=drain_timeout_s)
