@@ -34,8 +34,7 @@ from .learning import UsageLearner
 from .listeners import Listeners
 from .loader import Loader
 from .mediated import MediatedLoad
-from .memory import (GB, BudgetSampler, MemoryPressure, MemorySample, MemorySampler,
-                     default_sampler)
+from .memory import MemoryPressure, MemorySample, MemorySampler, default_sampler
 from .monitor import MemoryMonitor
 from .periodic import Periodic
 from .preload import Preloader, PreloadTally
@@ -121,9 +120,9 @@ class EngineCore(ManualOperations, CoreViews):
         self.live.swap(config)
 
     def _config_swapped(self, old: Config, new: Config) -> None:
-        sampler = self.monitor.sampler
-        if isinstance(sampler, BudgetSampler) and new.memory.budget_gb is not None:
-            sampler.budget_bytes = int(new.memory.budget_gb * GB)
+        # (The monitor has judged the pressure under the new memory limits already.)
+        if old.memory != new.memory:
+            self._periodic.run_now("monitor")   # sample, and relieve pressure, now
         self.ctx.wake()   # a wait may be over: limits, pins or priorities changed
 
     # -- the engine's own lifecycle ----------------------------------------------------------
