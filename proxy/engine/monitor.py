@@ -77,7 +77,9 @@ class MemoryMonitor:
             log.info("memory pressure %s (%.0f%% used, %.1f GB free)", new.value,
                      s.used_percent, s.available_bytes / GB)
         elif new is not old:
-            log.log(logging.WARNING if new.rank > old.rank else logging.INFO,
+            # A warning only on the way up into high or critical: low → normal is no alarm.
+            worse = new.rank > old.rank and new.rank >= MemoryPressure.HIGH.rank
+            log.log(logging.WARNING if worse else logging.INFO,
                     "memory pressure %s → %s (%.0f%% used, %.1f GB free)", old.value,
                     new.value, s.used_percent, s.available_bytes / GB)
         if new is not old:
