@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import AsyncIterator, Awaitable, Callable
 
 import orjson
@@ -35,6 +36,7 @@ from .server.keys import (ACCESS_LOG, AUTH, BROWSER, COMPAT, CONFIG, ENGINE, EVE
                           HOSTS, METRICS, REPLICA, RESPONSE_STARTED, UPSTREAM)
 from .observe.metrics import CompatCollector, ProxyMetrics
 from .native import relay as native
+from .server.relay import log_refused_at_edge
 from .server.reload import RELOADER, Reloader
 from .server.serving import SERVING, ServingOptions
 from .store import UsageStore, default_path
@@ -60,9 +62,15 @@ async def errors_middleware(request: web.Request,
     app = request.app
     inflight = app[INFLIGHT]
     inflight.requests[id(request)] = request
+    started_s = time.perf_counter()
     try:
-        app[BROWSER].check(request, app[AUTH].counters)
-        authenticate(app[AUTH], request)
+        try:
+            app[BROWSER].check(request, app[AUTH].counters)
+            authenticate(app[AUTH], request)
+        except ProxyError as exc:
+            if openai.is_inference(request):   # its one access-log line: no Relay saw it
+                log_refused_at_edge(request, exc.status, started_s)
+            raise
         return await handler(request)
     except asyncio.CancelledError:
         if not inflight.ending:

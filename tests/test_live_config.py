@@ -461,7 +461,8 @@ async def test_a_compat_switch_changed_by_sighup_takes_effect(from_file, emulato
     proxy = await start(raw)
     raw["compat"] = {"embeddings_base64": False}
     await hup(proxy, raw)
-    assert any(r.getMessage() == "configuration reloaded" for r in caplog.records)
+    assert any(r.getMessage() == "configuration reloaded; changed: compat.embeddings_base64 "
+               "(True → False)" for r in caplog.records)
     async with http.post(f"{proxy.url}/v1/embeddings", headers=bearer(KEY_A), json={
             "model": EMBED, "input": "x", "encoding_format": "base64"}) as r:
         assert isinstance((await r.json())["data"][0]["embedding"], list)   # not repaired

@@ -34,8 +34,7 @@ from .learning import UsageLearner
 from .listeners import Listeners
 from .loader import Loader
 from .mediated import MediatedLoad
-from .memory import (GB, BudgetSampler, MemoryPressure, MemorySample, MemorySampler,
-                     default_sampler)
+from .memory import MemoryPressure, MemorySample, MemorySampler, default_sampler
 from .monitor import MemoryMonitor
 from .periodic import Periodic
 from .preload import Preloader, PreloadTally
@@ -102,6 +101,7 @@ class EngineCore(ManualOperations, CoreViews):
         self.preloader = Preloader(ctx, self.preloads, self.scheduler, self.groups)
         # Critical pressure: the library's manager may answer it its own way.
         self._on_critical = on_critical or self.relieve_critical
+        self._critical_since_s: float | None = None   # an episode relieve_critical logged
         self.leases = Leases(ctx, self.preloader, self.preloads, self.scheduler)
         self._periodic = Periodic("engine", log)
         live.on_swap(self._config_swapped)
@@ -121,9 +121,9 @@ class EngineCore(ManualOperations, CoreViews):
         self.live.swap(config)
 
     def _config_swapped(self, old: Config, new: Config) -> None:
-        sampler = self.monitor.sampler
-        if isinstance(sampler, BudgetSampler) and new.memory.budget_gb is not None:
-            sampler.budget_bytes = int(new.memory.budget_gb * GB)
+        # (The monitor has judged the pressure under the new memory limits already.)
+        if old.memory != new.memory:
+            self._periodic.run_now("monitor")   # sample, and relieve pressure, now
         self.ctx.wake()   # a wait may be over: limits, pins or priorities changed
 
     # -- the engine's own lifecycle ----------------------------------------------------------
@@ -302,14 +302,30 @@ class EngineCore(ManualOperations, CoreViews):
         """At high pressure evict by policy until back to normal; at critical, escalate (to
         the handler given at construction, if one was)."""
         if self.memory_pressure is MemoryPressure.CRITICAL:
-            return await self._on_critical()
+            evicted = await self._on_critical()
+            self._critical_over()
+            return evicted
+        self._critical_over()
         return await self.evictor.relieve(critical=False)
 
     async def relieve_critical(self) -> list[str]:
         """The default answer to critical memory: evict idle models by policy, ignoring
-        their residency, until pressure is back to normal."""
-        log.error("critical memory pressure; evicting idle models regardless of residency")
+        their residency, until pressure is back to normal. Said once an episode (at ERROR):
+        while pinned models alone exceed the memory, it is tried again every interval."""
+        if self._critical_since_s is None:
+            self._critical_since_s = self.clock.now()
+            log.error("critical memory pressure; evicting idle models regardless of residency")
+        else:
+            log.debug("critical memory pressure for %.0fs; evicting idle models regardless "
+                      "of residency", self.clock.now() - self._critical_since_s)
         return await self.evictor.relieve(critical=True)
+
+    def _critical_over(self) -> None:
+        if self._critical_since_s is not None and \
+                self.memory_pressure is not MemoryPressure.CRITICAL:
+            log.info("critical memory pressure over after %.0fs (pressure %s)",
+                     self.clock.now() - self._critical_since_s, self.memory_pressure.value)
+            self._critical_since_s = None
 
     async def unload_idle_models(self) -> list[str]:
         return await self.evictor.unload_idle()

@@ -14,7 +14,8 @@ from typing import Callable
 from ..config import Config
 from ..liveconfig import LiveConfig
 from .listeners import Listeners
-from .memory import GB, MemoryPressure, MemorySample, MemorySampler, PressureGauge
+from .memory import (GB, BudgetSampler, MemoryPressure, MemorySample, MemorySampler,
+                     PressureGauge)
 
 log = logging.getLogger("proxy.engine")
 
@@ -37,6 +38,14 @@ class MemoryMonitor:
         # The gauge keeps its level (and so its hysteresis); only its thresholds move.
         self.gauge.max_usage_percent = new.memory.max_memory_usage_percent
         self.gauge.min_free_bytes = new.memory.min_free_memory_gb * GB
+        if isinstance(self.sampler, BudgetSampler) and new.memory.budget_gb is not None:
+            self.sampler.budget_bytes = int(new.memory.budget_gb * GB)
+        if old.memory != new.memory and self.last_sample is not None:
+            # Judged again now, not at the next sample (up to monitoring_interval away): a
+            # budget is sampled at once (no I/O); this machine's memory is judged on its last
+            # sample against the new limits, and its owner (the engine) samples it soon.
+            self._judge(self.sampler.sample() if not self.sampler.blocking
+                        else self.last_sample)
 
     @property
     def min_free_bytes(self) -> float:
@@ -55,6 +64,11 @@ class MemoryMonitor:
             s = await asyncio.to_thread(self.sampler.sample)
         else:
             s = self.sampler.sample()
+        self._judge(s)
+        return s
+
+    def _judge(self, s: MemorySample) -> None:
+        """Take `s` as the latest sample: the pressure level from it, logged and told."""
         first = self.last_sample is None
         self.last_sample = s
         old = self.gauge.level
@@ -63,13 +77,14 @@ class MemoryMonitor:
             log.info("memory pressure %s (%.0f%% used, %.1f GB free)", new.value,
                      s.used_percent, s.available_bytes / GB)
         elif new is not old:
-            log.log(logging.WARNING if new.rank > old.rank else logging.INFO,
+            # A warning only on the way up into high or critical: low → normal is no alarm.
+            worse = new.rank > old.rank and new.rank >= MemoryPressure.HIGH.rank
+            log.log(logging.WARNING if worse else logging.INFO,
                     "memory pressure %s → %s (%.0f%% used, %.1f GB free)", old.value,
                     new.value, s.used_percent, s.available_bytes / GB)
         if new is not old:
             self.listeners.emit("on_pressure", new)
         self.listeners.emit("on_memory", s, new.value)
-        return s
 
     def sample_soon(self) -> None:
         """Sample for a caller that cannot wait (a load reported by a callback)."""

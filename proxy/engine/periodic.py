@@ -1,4 +1,5 @@
-"""Background loops: run a tick every interval, log and survive its failures, stop on demand."""
+"""Background loops: run a tick every interval (or at once when woken), log and survive its
+failures, stop on demand."""
 from __future__ import annotations
 
 import asyncio
@@ -11,6 +12,7 @@ class Periodic:
         self.prefix = prefix
         self.log = log
         self._tasks: list[asyncio.Task] = []
+        self._wake: dict[str, asyncio.Event] = {}
 
     @property
     def running(self) -> bool:
@@ -19,19 +21,33 @@ class Periodic:
     def start(self, name: str, interval_s: float | Callable[[], float],
               tick: Callable[[], Awaitable[object]]) -> None:
         """interval_s may be a callable, read before each wait (config can change live)."""
-        self._tasks.append(asyncio.create_task(self._loop(name, interval_s, tick),
+        wake = self._wake[name] = asyncio.Event()
+        self._tasks.append(asyncio.create_task(self._loop(name, interval_s, tick, wake),
                                                name=f"{self.prefix}-{name}"))
+
+    def run_now(self, name: str) -> None:
+        """End the wait of the loop `name` (if it runs): its tick runs at once, then it waits
+        its interval again. A tick running now is followed by another."""
+        wake = self._wake.get(name)
+        if wake is not None:
+            wake.set()
 
     async def stop(self) -> None:
         tasks, self._tasks = self._tasks, []
+        self._wake.clear()
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _loop(self, name: str, interval_s: float | Callable[[], float],
-                    tick: Callable[[], Awaitable[object]]) -> None:
+                    tick: Callable[[], Awaitable[object]], wake: asyncio.Event) -> None:
         while True:
-            await asyncio.sleep(interval_s() if callable(interval_s) else interval_s)
+            try:
+                async with asyncio.timeout(interval_s() if callable(interval_s) else interval_s):
+                    await wake.wait()
+            except TimeoutError:
+                pass
+            wake.clear()
             try:
                 await tick()
             except asyncio.CancelledError:

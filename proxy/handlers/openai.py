@@ -81,9 +81,16 @@ async def retrieve_model(request: web.Request) -> web.StreamResponse:
     return web.Response(body=orjson.dumps(found), content_type="application/json")
 
 
+INFERENCE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings",
+                             "/v1/responses", "/v1/messages"})
+
+
+def is_inference(request: web.BaseRequest) -> bool:
+    return request.method == "POST" and request.path in INFERENCE_PATHS
+
+
 def add_routes(app: web.Application) -> None:
-    for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses",
-                 "/v1/messages"):
+    for path in sorted(INFERENCE_PATHS):
         app.router.add_post(path, inference)
     app.router.add_get("/v1/models", list_models)
     if app[CONFIG].current.compat.models_retrieve:

@@ -1,13 +1,15 @@
 """ModelHealthMonitor: alert rules over the engine's state, logged and sent to a webhook.
 
 Rules (thresholds in `health.*`): memory critical; upstream unreachable; a model's error rate
-over a window; a model's recent p95 latency against its own baseline; a load running past
-`upstream.load_timeout_s`; the silent hang (a request with no upstream byte, or a load queued,
-for `hang_threshold_s` while the upstream still answers); a failing probe; with a fleet, a host
-down (a warning while other hosts serve, critical when none does); among replicas, the shared
-state (Redis) out of reach (a warning: resident models serve, loads and evictions wait), and
-a host another replica names otherwise (a warning: they do not coordinate its loads). An alert is logged once
-when it opens and once when it clears, and both transitions go to the webhook when configured.
+over a sliding window (errorwindow.py; once open, it stays open through a window with too few
+requests to judge, as long as some failed); a model's recent p95 latency against its own
+baseline; a load running past `upstream.load_timeout_s`; the silent hang (a request with no
+upstream byte, or a load queued, for `hang_threshold_s` while the upstream still answers); a
+failing probe; with a fleet, a host down (a warning while other hosts serve, critical when none
+does); among replicas, the shared state (Redis) out of reach (a warning: resident models serve,
+loads and evictions wait), and a host another replica names otherwise (a warning: they do not
+coordinate its loads). An alert is logged once when it opens and once when it clears, and both
+transitions go to the webhook when configured.
 """
 from __future__ import annotations
 
@@ -24,12 +26,14 @@ from ..engine.periodic import Periodic
 from ..engine.report import pressure_shown, upstream_state
 from ..engine.usage import BOUNDS_S, quantile_of
 from ..fleet.report import fleet_upstream
+from .errorwindow import ErrorWindow
 from .hosts import fleet_of, host_state
 
 if TYPE_CHECKING:
     from ..engine.face import Engine
     from ..engine.replica import Replica
     from ..engine.lifecycle import ModelEntry
+    from ..engine.usage import ModelUsage
 
 log = logging.getLogger("proxy.health")
 
@@ -79,6 +83,7 @@ class ModelHealthMonitor:
         self.alerts: dict[str, Alert] = {}
         self.probes: dict[str, ProbeResult] = {}
         self._latency: dict[str, _LatencyHistory] = {}
+        self._errors = ErrorWindow()
         self._periodic = Periodic("health", log)
         self._last_probe_s = float("-inf")
         self.listeners: list[Any] = []   # on_alert(status, alert_dict): "firing" | "resolved"
@@ -134,16 +139,15 @@ class ModelHealthMonitor:
             out += [Alert(f"host_name_conflict:{host}", "host_name_conflict", "warning",
                           f"host '{host}': {found}", now)
                     for host, found in state.name_conflicts().items()]
-        window_min = max(1, int(c.error_window_s // 60))
-        for key in m.known_models():
+        known = m.known_models()
+        self._errors.forget(set(known))
+        for key in known:
             e = m.entry(key)
             usage = m.usage(key)
-            requests = usage.per_minute.total(now, 0, window_min)
-            failures = usage.failures_per_minute.total(now, 0, window_min)
-            if requests >= c.min_requests and failures / requests >= c.error_rate_threshold:
-                out.append(Alert(f"error_rate:{key}", "error_rate", "warning",
-                                 f"{key}: {failures}/{requests} requests failed in the last "
-                                 f"{window_min} min", now, key))
+            error_rate = self._error_rate(key, usage, now)
+            if error_rate is not None:
+                out.append(Alert(f"error_rate:{key}", "error_rate", "warning", error_rate,
+                                 now, key))
             regression = self._latency_regression(key, usage.latency.counts, now)
             if regression is not None:
                 out.append(Alert(f"latency_regression:{key}", "latency_regression", "warning",
@@ -177,6 +181,21 @@ class ModelHealthMonitor:
                                  f"a request to {key} has had no byte from the upstream for "
                                  f"{quiet_s:.0f}s while the upstream answers", now, key))
         return out
+
+    def _error_rate(self, key: str, usage: "ModelUsage", now: float) -> str | None:
+        """The error_rate alert's message while it fires, else None. Judged over a sliding
+        window with at least min_requests; an open alert is not closed by a window with too
+        few requests to judge (it would reopen with the next few): it closes when enough
+        requests fail less than the threshold, or when none in the window failed."""
+        c = self.config
+        requests, failures = self._errors.counts(key, usage, now, c.error_window_s)
+        failing = f"{key}: {failures}/{requests} requests failed in the last " \
+                  f"{c.error_window_s:.0f}s"
+        if requests >= c.min_requests:
+            return failing if failures / requests >= c.error_rate_threshold else None
+        if failures and f"error_rate:{key}" in self.alerts:
+            return f"{failing} (too few to judge: still open)"
+        return None
 
     def _queued(self, key: str, e: "ModelEntry", now: float) -> str | None:
         """Requests for key waiting past hang_threshold_s for the model on a server that

@@ -29,6 +29,7 @@ from ..engine.lifecycle import Lease
 from ..engine.usage import CLIENT_CLOSED, RequestRecord
 from ..errors import (InvalidApiKey, InvalidRequest, ModelNotFound, PermissionDenied, ProxyError,
                       UpstreamError, UpstreamTimeout, UpstreamUnreachable)
+from .auth import CLIENT_KEY
 from .inflight import INFLIGHT, write_or_stall
 from .promptsize import load_context, refuse_oversized
 from .keys import (ACCESS_LOG, COMPAT, ENGINE, METRICS, RESPONSE_STARTED, ROUTED_TO, TASK,
@@ -267,7 +268,23 @@ class Relay:
         access = request.app[ACCESS_LOG]
         if access.enabled:
             access.add(request.method, request.path, self.model or "-", self.status, latency_s,
-                       ttft_s, prompt, completion, estimated and prompt + completion > 0)
+                       ttft_s, prompt, completion, estimated and prompt + completion > 0,
+                       *who(request))
+
+
+def who(request: web.Request) -> tuple[str | None, str | None]:
+    """The client's address and its key's name (never the secret), for the access log."""
+    key = request.get(CLIENT_KEY)
+    return request.remote, None if key is None else key.name
+
+
+def log_refused_at_edge(request: web.Request, status: int, started_s: float) -> None:
+    """The access-log line of an inference request refused before its handler ran (its Host
+    or Origin, its key): the handler's Relay never saw it."""
+    access = request.app[ACCESS_LOG]
+    if access.enabled:
+        access.add(request.method, request.path, "-", status,
+                   time.perf_counter() - started_s, None, 0, 0, False, *who(request))
 
 
 class UntilHostLost:

@@ -5,7 +5,7 @@ Everything reads the config through that holder, so a swap applies every key at 
 those in START_ONLY: they are read once, when the server, the upstream client or the store is
 set up. A change to one of them is named in the log and the answer as needing a restart, and
 its running value stays in force (in `app[CONFIG].current` too), so that nothing reads a value
-the process is not using.
+the process is not using. The log names the keys a reload changed (changed.py: no secrets).
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from typing import Any, Callable
 from aiohttp import web
 
 from .auth import exposure_problems
+from .changed import changed_keys
 from ..config import Config
 from ..configload import replace_config
 from ..configcheck import one_server_host_problems
@@ -57,6 +58,7 @@ class Reloader:
         try:
             new = self.source()
             effective = keep_start_only(live.current, new)
+            changed = changed_keys(live.current, effective)
             live.swap(effective)
         except ConfigError as exc:
             log.error("reload rejected, the running configuration stays (%d problem(s)):",
@@ -65,7 +67,9 @@ class Reloader:
                 log.error("  %s", problem)
             return {"reloaded": False, "problems": exc.problems}
         restart = restart_needed(effective, new)
-        log.info("configuration reloaded%s", "" if not restart else
+        log.info("configuration reloaded; %s%s",
+                 "changed: " + ", ".join(changed) if changed else "nothing changed",
+                 "" if not restart else
                  "; these changes need a restart to take effect: " + ", ".join(restart))
         return {"reloaded": True, "restart_needed": restart}
 
