@@ -257,9 +257,12 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
     engine = app[ENGINE]
     try:
         await engine.start()
+        config = app[CONFIG].current
         if not engine.upstream_ok:
-            log.warning("upstream %s not reachable yet (%s); will keep trying",
-                        redact_url(app[CONFIG].current.upstream.url), engine.upstream_error)
+            # A fleet's upstream.url is no server of it (each host has its own url).
+            log.warning("%s reachable yet (%s); will keep trying",
+                        "no host" if config.upstreams else
+                        f"upstream {redact_url(config.upstream.url)} not", engine.upstream_error)
         elif engine.upstream_error:
             log.warning("some hosts are not reachable yet (%s); will keep trying",
                         engine.upstream_error)

@@ -141,11 +141,12 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         for problem in exc.problems:
             print(f"  {problem}", file=sys.stderr)
         return 2
+    from .configcheck import config_warnings
     from .server.auth import exposure_problems
-    warnings = exposure_problems(config)[1]
+    # --check and a start warn of the same things.
+    warnings = exposure_problems(config)[1] + config_warnings(config)
     if args.check:
-        from .configcheck import config_warnings
-        for warning in warnings + config_warnings(config):
+        for warning in warnings:
             print(f"warning: {warning}")
         print("configuration is valid")
         return 0

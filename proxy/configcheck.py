@@ -7,7 +7,8 @@ from __future__ import annotations
 from urllib.parse import urlsplit
 
 from .config import AuthConfig, Config, HostConfig, StateConfig, TaskModel, UpstreamConfig
-from .urls import is_local_url, redact_url, server_identity, url_has_credentials
+from .urls import (is_local_url, redact_url, server_identity, upstream_url_problem,
+                   url_has_credentials)
 from .origins import config_problems as browser_problems
 from .groupcheck import Memory, ceiling_gb as _ceiling_gb, group_problems
 from .loadoptions import load_option_problems, load_option_warnings
@@ -70,16 +71,12 @@ def _host_checks(config: Config, problems: list[str]) -> None:
         elif h.name in names:
             problems.append(f"{path}.name: '{h.name}' names another host too")
         names.add(h.name)
-        try:
-            parts = urlsplit(h.url)
-            well_formed = parts.scheme in ("http", "https") and bool(parts.hostname)
-            where = server_identity(h.url)
-        except ValueError:   # a port out of range
-            well_formed = False
-        if not well_formed:
-            problems.append(f"{path}.url: '{redact_url(h.url)}' is not an http(s) URL "
-                            "with a host")
+        url_problem = upstream_url_problem(h.url, h.kind)
+        well_formed = url_problem is None
+        if url_problem is not None:
+            problems.append(f"{path}.url: {url_problem}")
         else:
+            where = server_identity(h.url)
             # One server listed twice would be loaded and measured as two.
             first = urls.setdefault(where, i)
             if first != i:
@@ -103,6 +100,9 @@ def _host_checks(config: Config, problems: list[str]) -> None:
         if h.models is not None and not h.models:
             problems.append(f"{path}.models: empty list allows no model; omit it to allow all")
     if not config.upstreams:
+        url_problem = upstream_url_problem(config.upstream.url, config.upstream.kind)
+        if url_problem is not None:
+            problems.append(f"upstream.url: {url_problem}")
         problems += one_server_host_problems(config)
         return
     hosts = {h.name: h for h in config.upstreams}
@@ -190,24 +190,47 @@ def _state_checks(state: StateConfig, problems: list[str]) -> None:
 
 
 def config_warnings(config: Config) -> list[str]:
-    """Valid but never useful: configured models whose footprint is above the ceiling any one
-    model may take (they would be refused with model_too_large); in a fleet, on every host
-    that may hold them."""
+    """Valid but never useful, or likely a mistake: configured models whose footprint is above
+    the ceiling any one model may take (they would be refused with model_too_large); in a
+    fleet, on every host that may hold them; one server elsewhere whose memory is sampled
+    here."""
     if config.upstreams:
         return _host_footprint_warnings(config) + load_option_warnings(config)
+    warnings = _remote_sampled_warnings(config)
     total_gb = _total_memory_gb(config)
     if total_gb is None:
-        return load_option_warnings(config)
+        return warnings + load_option_warnings(config)
     mem = config.memory
     ceiling_gb = _ceiling_gb(config, total_gb)
-    return [f"models.{key}.footprint_gb: {m.footprint_gb:g} GB can never load: the ceiling "
-            f"for one model is {ceiling_gb:.1f} GB of {total_gb:.1f} GB "
-            f"(memory.max_memory_usage_percent, memory.min_free_memory_gb"
-            f"{', memory.budget_gb' if mem.sampler == 'budget' else ''})"
-            for key, m in config.models.items()
-            if m.footprint_gb is not None and ceiling_gb < m.footprint_gb <= total_gb
-            and m.fit.min_context_length is None] + \
+    return warnings + [
+        f"models.{key}.footprint_gb: {m.footprint_gb:g} GB can never load: the ceiling "
+        f"for one model is {ceiling_gb:.1f} GB of {total_gb:.1f} GB "
+        f"(memory.max_memory_usage_percent, memory.min_free_memory_gb"
+        f"{', memory.budget_gb' if mem.sampler == 'budget' else ''})"
+        for key, m in config.models.items()
+        if m.footprint_gb is not None and ceiling_gb < m.footprint_gb <= total_gb
+        and m.fit.min_context_length is None] + \
         load_option_warnings(config)
+
+
+# The names a container gives the machine it runs on: a container on Linux samples that
+# machine's memory, so an LM Studio there is "here" for memory.sampler: local.
+CONTAINER_HOST_NAMES = ("host.docker.internal", "host.containers.internal")
+
+
+def _remote_sampled_warnings(config: Config) -> list[str]:
+    """One server on another machine with memory sampled on this one: the proxy would manage
+    memory the server does not use. A warning, not the refusal a fleet's host gets
+    (upstreams[].budget_gb): the name may be this machine's under one the proxy cannot tell
+    (a LAN name, a container's host), and such configurations worked before."""
+    url = config.upstream.url
+    host = (urlsplit(url).hostname or "").lower().rstrip(".")
+    if config.memory.sampler != "local" or is_local_url(url) or host in CONTAINER_HOST_NAMES:
+        return []
+    return [f"upstream.url: {host} is not this machine as far as the proxy can tell, but "
+            "memory.sampler is 'local': the proxy would manage this machine's memory, not "
+            "that server's. Set memory.sampler: budget and memory.budget_gb to the memory "
+            "its models may use there (ignore this if the name is this machine's)"]
 
 
 HostMemory = tuple[int, HostConfig, float | None, str]   # (index, host, GB, what sets it)

@@ -69,3 +69,35 @@ def server_identity(url: str) -> tuple[str, str, int, str]:
         host = "loopback"
     port = parts.port or (443 if parts.scheme == "https" else 80)
     return parts.scheme.lower(), host, port, parts.path.rstrip("/")
+
+
+# Paths the proxy adds to a server's URL itself, by kind: OpenAI's /v1 for every kind, and
+# LM Studio's (/api/v1, /api/v0) and Ollama's (/api) management paths for theirs. A URL that
+# ends in one makes every request ask /v1/v1/... (longest first: /api/v1 before /v1).
+_API_SUFFIXES = {"lmstudio": ("/api/v1", "/api/v0", "/api", "/v1"),
+                 "ollama": ("/api/v1", "/api/v0", "/api", "/v1")}
+_EXAMPLE_PATHS = {"/v1": "/v1/chat/completions", "/api/v1": "/api/v1/models",
+                  "/api/v0": "/api/v0/models", "/api": "/api/tags"}
+
+
+def upstream_url_problem(url: str, kind: str) -> str | None:
+    """Why `url` cannot be the address of a server of this kind (None: it can): an http(s)
+    URL with a host and a valid port, naming the server's root rather than one of the API
+    paths the proxy adds to it itself."""
+    shown = redact_url(url)
+    try:
+        parts = urlsplit(url)
+        parts.port   # noqa: B018 -- raises ValueError when out of range
+    except ValueError:
+        return f"'{shown}' has no valid port (0..65535)"
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        hint = f": write http://{shown}" if "://" not in url else ""
+        return f"'{shown}' is not an http(s) URL with a host{hint}"
+    path = parts.path.rstrip("/")
+    for suffix in _API_SUFFIXES.get(kind, ("/v1",)):
+        if path.lower().endswith(suffix):
+            root = redact_url(urlunsplit(parts._replace(path=path[:-len(suffix)])))
+            return (f"'{shown}' ends in {suffix}, which the proxy adds itself (it asks "
+                    f"{_EXAMPLE_PATHS[suffix]} and the like of the server): give the "
+                    f"server's address without it, {root}")
+    return None

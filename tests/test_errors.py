@@ -8,6 +8,7 @@ import orjson
 import pytest
 
 from proxy.emulator import EmulatorOptions
+from proxy.emulator.catalog import CatalogModel
 
 MODEL = "qwen/qwen3-4b"
 
@@ -68,6 +69,25 @@ async def test_unknown_model_is_404_with_close_matches(proxy, http):
         status, error = await error_of(resp)
     assert status == 404 and error["code"] == "model_not_found"
     assert "google/gemma-3-12b" in error["message"]
+
+
+async def test_an_unknown_model_sharing_no_part_of_a_name_gets_no_suggestion(
+        make_emulator, make_proxy, http):
+    """'nope' was answered "Did you mean: 'broken'?": two scattered letters passed difflib's
+    ratio. A suggestion shares a run of three characters (or all of a shorter name)."""
+    emu = await make_emulator(catalog=[CatalogModel("broken"), CatalogModel("chat-a"),
+                                       CatalogModel("fast")])
+    proxy = await make_proxy(emu.url)
+    messages = {}
+    for name in ("nope", "brokn", "fasd"):
+        async with http.post(f"{proxy.url}/v1/chat/completions",
+                             json={"model": name, "messages": []}) as resp:
+            status, error = await error_of(resp)
+        assert status == 404 and error["code"] == "model_not_found"
+        messages[name] = error["message"]
+    assert messages["nope"] == "The model 'nope' does not exist."
+    assert messages["brokn"] == "The model 'brokn' does not exist. Did you mean: 'broken'?"
+    assert messages["fasd"] == "The model 'fasd' does not exist. Did you mean: 'fast'?"
 
 
 def free_port() -> int:

@@ -60,9 +60,9 @@ def test_aiohttp_connect_failures_are_unreachable_with_the_reason_alone():
     refused = ConnectionRefusedError(111, "Connection refused")
     for cls in (aiohttp.ClientConnectorError, aiohttp.ClientConnectorDNSError,
                 aiohttp.ClientProxyConnectionError):
-        mapped = aiohttpclient.ERRORS.map(cls(key, refused), URL, WHAT)
+        mapped = aiohttpclient.ERRORS.map(cls(key, refused), URL, WHAT, "Ollama")
         assert type(mapped) is UpstreamUnreachable
-        assert mapped.message == f"cannot reach LM Studio at {URL}: Connection refused"
+        assert mapped.message == f"cannot reach Ollama at {URL}: Connection refused"
 
 
 def test_every_failure_of_the_fast_client_has_its_own_row():

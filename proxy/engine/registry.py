@@ -20,6 +20,10 @@ DEFAULT_FOOTPRINT_BYTES = 4 * GB   # a model whose size nobody reported
 # Close-match suggestions: bounded in cost whatever a client sends.
 SUGGEST_MAX_NAME_CHARS = 128
 SUGGEST_MAX_CANDIDATES = 2000
+# A suggestion shares a run of this many characters with the name asked for (or all of a
+# shorter name): 'fasd' → 'fast', never 'nope' → 'broken', whose scattered 'o' and 'e' alone
+# pass difflib's ratio.
+SUGGEST_MIN_SHARED_CHARS = 3
 ECHO_MAX_CHARS = 80
 
 
@@ -89,7 +93,10 @@ class Registry:
         if len(name) > SUGGEST_MAX_NAME_CHARS:
             return []
         names = (list(self.entries) + list(self.aliases))[:SUGGEST_MAX_CANDIDATES]
-        return difflib.get_close_matches(name, names, n=n, cutoff=0.4)
+        shared = min(SUGGEST_MIN_SHARED_CHARS, len(name))
+        close = difflib.get_close_matches(name, names, n=max(1, len(names)), cutoff=0.4)
+        return [c for c in close if difflib.SequenceMatcher(
+            None, name, c).find_longest_match().size >= shared][:n]
 
     # -- per-model facts ---------------------------------------------------------------------
     def priority(self, key: str) -> int:

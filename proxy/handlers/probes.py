@@ -99,7 +99,11 @@ async def readyz(request: web.Request) -> web.Response:
             "manages_loading": engine.manages_loading,
             "error": engine.upstream_error,
             "circuit": None if breaker is None else breaker.state}
-    if engine.upstream_ok and not engine.manages_loading:
+    # A server of another kind than configured: what to set says more than what it lacks.
+    hint = getattr(request.app[UPSTREAM], "kind_hint", None)
+    if hint:
+        body["note"] = hint
+    elif engine.upstream_ok and not engine.manages_loading:
         body["note"] = no_loading_note(engine.config.upstream.kind)
     return json_response(_with_state(request, body), 200 if ready else 503)
 
@@ -128,6 +132,9 @@ async def fleet_readyz(request: web.Request, fleet: Fleet) -> web.Response:
         level = h.core.api_level
         hosts[h.name] = {**host_state(h), "api_level": None if level is None else level.value,
                          "manages_loading": h.core.manages_loading}
+        hint = getattr(h.backend, "kind_hint", None)
+        if hint:
+            hosts[h.name]["note"] = hint
     ready = any(state["up"] for state in hosts.values())
     body = {"ready": ready, "hosts_up": sum(state["up"] for state in hosts.values()),
             "hosts": hosts, "error": None if ready else fleet.upstream_error}

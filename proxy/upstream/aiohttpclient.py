@@ -10,7 +10,7 @@ import aiohttp
 
 from ..errors import UpstreamError, UpstreamTimeout, UpstreamUnreachable
 from .breaker import CircuitBreaker
-from .transport import Body, ErrorScope, ErrorTable, Exchange
+from .transport import DEFAULT_SERVER, Body, ErrorScope, ErrorTable, Exchange
 
 _LARGE_BODY_BYTES = 1024 * 1024   # aiohttp warns past this for a body given as bytes
 
@@ -25,14 +25,14 @@ def _detail(exc: BaseException) -> object:
 # before TimeoutError, so ServerTimeoutError (and its ConnectionTimeoutError and
 # SocketTimeoutError) needs its own row to stay a timeout.
 ERRORS = ErrorTable({
-    asyncio.TimeoutError: (UpstreamTimeout, "LM Studio at {url} went silent on {what}"),
-    aiohttp.ServerTimeoutError: (UpstreamTimeout, "LM Studio at {url} went silent on {what}"),
-    aiohttp.ClientConnectorError: (UpstreamUnreachable, "cannot reach LM Studio at {url}: {exc}"),
-    aiohttp.ClientPayloadError: (UpstreamError, "LM Studio at {url} broke off {what}: {exc}"),
+    asyncio.TimeoutError: (UpstreamTimeout, "{server} at {url} went silent on {what}"),
+    aiohttp.ServerTimeoutError: (UpstreamTimeout, "{server} at {url} went silent on {what}"),
+    aiohttp.ClientConnectorError: (UpstreamUnreachable, "cannot reach {server} at {url}: {exc}"),
+    aiohttp.ClientPayloadError: (UpstreamError, "{server} at {url} broke off {what}: {exc}"),
     aiohttp.ServerDisconnectedError: (UpstreamError,
-                                      "LM Studio at {url} closed the connection on {what}"),
-    aiohttp.ClientError: (UpstreamError, "LM Studio at {url} failed on {what}: {exc!r}"),
-    ConnectionError: (UpstreamError, "LM Studio at {url} failed on {what}: {exc!r}"),
+                                      "{server} at {url} closed the connection on {what}"),
+    aiohttp.ClientError: (UpstreamError, "{server} at {url} failed on {what}: {exc!r}"),
+    ConnectionError: (UpstreamError, "{server} at {url} failed on {what}: {exc!r}"),
 }, detail=_detail)
 
 
@@ -41,8 +41,9 @@ class AiohttpTransport:
 
     def __init__(self, url: str, *, connect_timeout_s: float, read_timeout_s: float,
                  max_connections: int, ssl_context: ssl.SSLContext | None = None,
-                 breaker: CircuitBreaker | None = None) -> None:
+                 breaker: CircuitBreaker | None = None, server: str = DEFAULT_SERVER) -> None:
         self.base_url = url.rstrip("/")
+        self.server = server
         self.breaker = breaker or CircuitBreaker()
         self.connect_timeout_s = connect_timeout_s
         connector = aiohttp.TCPConnector(limit=max_connections, keepalive_timeout=30,
@@ -70,7 +71,7 @@ class _Exchange(Exchange):
     def __init__(self, transport: AiohttpTransport, method: str, path: str,
                  headers: dict[str, str], body: Body, timeout_s: float | None) -> None:
         self.errors = ErrorScope(transport.errors, transport.base_url, method, path,
-                                 transport.breaker)
+                                 transport.breaker, transport.server)
         self.transport, self.method, self.path = transport, method, path
         self.headers, self.body, self.timeout_s = headers, body, timeout_s
         self.resp: aiohttp.ClientResponse | None = None

@@ -25,7 +25,7 @@ from ..errors import UpstreamError, UpstreamTimeout, UpstreamUnreachable
 from .breaker import CircuitBreaker
 from .fastconn import (ConnectFailed, ConnectTimeout, Disconnected, ProtocolError, ReadTimeout,
                        _Conn)
-from .transport import Body, ErrorScope, ErrorTable, Exchange
+from .transport import DEFAULT_SERVER, Body, ErrorScope, ErrorTable, Exchange
 
 _JOIN_BELOW_BYTES = 64 * 1024   # a body this small goes out in one write with the head
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
@@ -34,13 +34,13 @@ IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 # and ConnectionError catch what asyncio and the socket raise on their own.
 ERRORS = ErrorTable({
     ConnectTimeout: (UpstreamTimeout,
-                     "LM Studio at {url} did not accept a connection for {what}: {exc}"),
-    ReadTimeout: (UpstreamTimeout, "LM Studio at {url} went silent on {what}"),
-    asyncio.TimeoutError: (UpstreamTimeout, "LM Studio at {url} went silent on {what}"),
-    ConnectFailed: (UpstreamUnreachable, "cannot reach LM Studio at {url}: {exc}"),
-    Disconnected: (UpstreamError, "LM Studio at {url} broke off {what}: {exc}"),
-    ProtocolError: (UpstreamError, "LM Studio at {url} failed on {what}: {exc}"),
-    ConnectionError: (UpstreamError, "LM Studio at {url} failed on {what}: {exc!r}"),
+                     "{server} at {url} did not accept a connection for {what}: {exc}"),
+    ReadTimeout: (UpstreamTimeout, "{server} at {url} went silent on {what}"),
+    asyncio.TimeoutError: (UpstreamTimeout, "{server} at {url} went silent on {what}"),
+    ConnectFailed: (UpstreamUnreachable, "cannot reach {server} at {url}: {exc}"),
+    Disconnected: (UpstreamError, "{server} at {url} broke off {what}: {exc}"),
+    ProtocolError: (UpstreamError, "{server} at {url} failed on {what}: {exc}"),
+    ConnectionError: (UpstreamError, "{server} at {url} failed on {what}: {exc!r}"),
 })
 
 
@@ -88,7 +88,8 @@ class _Exchange(Exchange):
 
     def __init__(self, pool: "FastTransport", method: str, target: str,
                  headers: dict[str, str], body: Body, timeout_s: float | None) -> None:
-        self.errors = ErrorScope(ERRORS, pool.base_url, method, target, pool.breaker)
+        self.errors = ErrorScope(ERRORS, pool.base_url, method, target, pool.breaker,
+                                 pool.server)
         self.pool, self.method, self.target = pool, method, target
         self.headers, self.body, self.timeout_s = headers, body, timeout_s
         self.conn: _Conn | None = None
@@ -147,8 +148,9 @@ class FastTransport:
     def __init__(self, url: str, *, connect_timeout_s: float, read_timeout_s: float,
                  max_connections: int, keepalive_s: float = 15.0,
                  ssl_context: ssl.SSLContext | None = None,
-                 breaker: CircuitBreaker | None = None) -> None:
+                 breaker: CircuitBreaker | None = None, server: str = DEFAULT_SERVER) -> None:
         self.base_url = url.rstrip("/")
+        self.server = server
         self.breaker = breaker or CircuitBreaker()
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https"):

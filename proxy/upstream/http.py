@@ -18,6 +18,10 @@ from .transport import Exchange, Transport, create_transport
 class HttpBackend:
     """start/close/request and `_call` for a protocol subclass; `name` is used in messages."""
     name = "the upstream"
+    kind = "openai"     # its upstream.kind
+    # Set by detect() when the server answers but is another kind than configured (a
+    # sentence for the log and /readyz); None when it is what it should be.
+    kind_hint: str | None = None
 
     def __init__(self, config: UpstreamConfig) -> None:
         self.config = config
@@ -32,10 +36,11 @@ class HttpBackend:
         if self._forward is None:
             c = self.config
             # Management calls keep a pool of their own: a load must not queue behind streams.
-            self._manage = create_transport(c, "aiohttp", self.breaker, url=self.base_url)
+            self._manage = create_transport(c, "aiohttp", self.breaker, url=self.base_url,
+                                            server=self.name)
             self._forward = (self._manage if c.client == "aiohttp"
                              else create_transport(c, c.client, self.breaker,
-                                                   url=self.base_url))
+                                                   url=self.base_url, server=self.name))
 
     async def close(self) -> None:
         forward, manage = self._forward, self._manage

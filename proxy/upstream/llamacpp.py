@@ -25,6 +25,7 @@ from ..urls import is_local_url
 from ..errors import ModelLoadFailed, UpstreamError, UpstreamTimeout
 from .base import ApiLevel, Capabilities, LoadResult, UpstreamModel
 from .http import HttpBackend, error_text
+from .identify import answered, not_like
 from .llamacpp_procs import ChildSpec, child_spec, resident_bytes
 
 log = logging.getLogger("proxy.upstream")
@@ -36,6 +37,7 @@ UNLOAD_TIMEOUT_S = 60.0
 
 class LlamaCppProtocol(HttpBackend):
     name = "llama.cpp"
+    kind = "llamacpp"
 
     def __init__(self, config: UpstreamConfig) -> None:
         super().__init__(config)
@@ -56,8 +58,8 @@ class LlamaCppProtocol(HttpBackend):
             raise UpstreamError("llama-server rejected the API key (set upstream.api_token)")
         if status != 200 or not isinstance(body, dict) or not isinstance(body.get("data"),
                                                                           list):
-            raise UpstreamError(f"{self.base_url} does not look like llama-server "
-                                f"(GET /models answered {status})")
+            raise await not_like(self._call, self.kind, self.base_url,
+                                 f"GET /models answered {answered(status, body, 'a model list')}")
         router = any(isinstance(m, dict) and isinstance(m.get("status"), dict)
                      for m in body["data"])
         self.level = ApiLevel.MANAGED if router else ApiLevel.JIT_ONLY

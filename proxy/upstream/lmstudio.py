@@ -8,12 +8,16 @@ lack of memory is told apart from other failures so the engine can evict and ret
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Mapping
 
 from ..config import UpstreamConfig
 from ..errors import ModelLoadFailed, UpstreamError
 from .base import ApiLevel, Capabilities, LoadResult, UpstreamModel
 from .http import HttpBackend, error_text as _error_text
+from .identify import answered, mismatch, not_like
+
+log = logging.getLogger("proxy.upstream")
 
 
 _OOM_MARKERS = ("insufficient system resources", "out of memory", "not enough memory",
@@ -22,6 +26,7 @@ _OOM_MARKERS = ("insufficient system resources", "out of memory", "not enough me
 
 class LMStudioProtocol(HttpBackend):
     name = "LM Studio"
+    kind = "lmstudio"
 
     def __init__(self, config: UpstreamConfig) -> None:
         super().__init__(config)
@@ -53,9 +58,15 @@ class LMStudioProtocol(HttpBackend):
                     raise UpstreamError("LM Studio rejected the API token "
                                         "(set upstream.api_token)")
                 if status != 200 or not isinstance(body, dict) or "data" not in body:
-                    raise UpstreamError(f"{self.base_url} does not look like LM Studio "
-                                        f"(GET /v1/models answered {status})")
+                    raise await not_like(
+                        self._call, self.kind, self.base_url,
+                        "GET /api/v1/models and /api/v0/models gave no model list, and "
+                        f"/v1/models answered {answered(status, body, 'one')}")
                 self.level = ApiLevel.JIT_ONLY
+                # LM Studio before 0.4, or another server that speaks OpenAI's /v1 alone.
+                self.kind_hint = await mismatch(self._call, self.kind, self.base_url, body)
+                if self.kind_hint:
+                    log.warning("%s", self.kind_hint)
         return self.level
 
     async def list_models(self) -> list[UpstreamModel]:

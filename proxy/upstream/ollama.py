@@ -23,6 +23,7 @@ from typing import Any, Mapping
 from ..errors import ModelLoadFailed, UpstreamBusy, UpstreamError
 from .base import ApiLevel, Capabilities, LoadResult, UpstreamModel
 from .http import HttpBackend, error_text
+from .identify import answered, not_like
 
 CAPABILITIES = Capabilities(manages_loading=True, reports_memory=True, self_evicts=True,
                             multi_instance=False, native_clients=False)
@@ -36,6 +37,7 @@ _NANOSECONDS = 1e9
 
 class OllamaProtocol(HttpBackend):
     name = "Ollama"
+    kind = "ollama"
     capabilities = CAPABILITIES
 
     def __init__(self, config: Any) -> None:
@@ -50,8 +52,8 @@ class OllamaProtocol(HttpBackend):
         if status == 401:
             raise UpstreamError("Ollama rejected the API token (set upstream.api_token)")
         if status != 200 or not isinstance(body, dict) or "version" not in body:
-            raise UpstreamError(f"{self.base_url} does not look like Ollama "
-                                f"(GET /api/version answered {status})")
+            raise await not_like(self._call, self.kind, self.base_url,
+                                 f"GET /api/version answered {answered(status, body, 'a version')}")
         self.version = str(body["version"])
         self.level = ApiLevel.MANAGED
         return self.level

@@ -4,11 +4,15 @@ neither loads nor unloads, and keys, statistics, limits and the dashboard are wh
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Mapping
 
 from ..errors import ModelLoadFailed, UpstreamError
 from .base import ApiLevel, Capabilities, LoadResult, UpstreamModel
-from .http import HttpBackend, error_text
+from .http import HttpBackend
+from .identify import answered, mismatch, not_like
+
+log = logging.getLogger("proxy.upstream")
 
 CAPABILITIES = Capabilities(manages_loading=False, reports_memory=False, self_evicts=False,
                             multi_instance=False, native_clients=False,
@@ -17,15 +21,22 @@ CAPABILITIES = Capabilities(manages_loading=False, reports_memory=False, self_ev
 
 class OpenAIProtocol(HttpBackend):
     name = "the OpenAI-compatible server"
+    kind = "openai"
     capabilities = CAPABILITIES
 
     def __init__(self, config: Any) -> None:
         super().__init__(config)
         self.level: ApiLevel | None = None
+        self._listed: Any = None     # the last /v1/models answer
 
     async def detect(self) -> ApiLevel:
         await self._catalogue()
         self.level = ApiLevel.JIT_ONLY   # the server serves whatever it has; nothing to manage
+        # A server the proxy could manage (llama.cpp's router, Ollama) is worth
+        # a word: kind openai was perhaps not chosen knowingly.
+        self.kind_hint = await mismatch(self._call, self.kind, self.base_url, self._listed)
+        if self.kind_hint:
+            log.warning("%s", self.kind_hint)
         return self.level
 
     async def list_models(self) -> list[UpstreamModel]:
@@ -50,9 +61,10 @@ class OpenAIProtocol(HttpBackend):
             raise UpstreamError("the upstream rejected the API token (set upstream.api_token)")
         if status != 200 or not isinstance(body, dict) or not isinstance(body.get("data"),
                                                                           list):
-            raise UpstreamError(f"{self.base_url} does not look OpenAI-compatible (GET "
-                                f"/v1/models answered {status} {error_text(body) or ''})"
-                                .rstrip())
+            got = answered(status, body, "a model list")
+            raise await not_like(self._call, self.kind, self.base_url,
+                                 f"GET /v1/models answered {got}")
+        self._listed = body
         return [m for m in body["data"] if isinstance(m, dict) and isinstance(m.get("id"), str)]
 
 

@@ -28,10 +28,12 @@ if TYPE_CHECKING:
     from ..config import UpstreamConfig
 
 Body = bytes | AsyncIterable[bytes] | None
+DEFAULT_SERVER = "the server"   # what errors call a server whose product is not known
 
 
 class Transport(Protocol):
     base_url: str
+    server: str          # what its errors call the server: "LM Studio", "Ollama", ...
     breaker: CircuitBreaker
 
     def request(self, method: str, path: str, headers: dict[str, str], body: Body, *,
@@ -48,7 +50,8 @@ class Transport(Protocol):
 
 class ErrorTable:
     """A transport's exception classes → (UpstreamError class, message template). Templates
-    may use {url}, {what} ("METHOD /path") and {exc} (formatted by `detail`)."""
+    may use {server} (its product: "LM Studio", "llama.cpp", ...), {url}, {what}
+    ("METHOD /path") and {exc} (formatted by `detail`)."""
 
     def __init__(self, rows: Mapping[type[BaseException], tuple[type[UpstreamError], str]],
                  detail: Callable[[BaseException], object] = lambda exc: exc) -> None:
@@ -64,7 +67,8 @@ class ErrorTable:
             self._resolved[exc_type] = found
             return found
 
-    def map(self, exc: BaseException, url: str, what: str) -> UpstreamError | None:
+    def map(self, exc: BaseException, url: str, what: str, server: str = DEFAULT_SERVER
+            ) -> UpstreamError | None:
         """The project's error for `exc`, or None when the table does not map it."""
         if isinstance(exc, UpstreamError):
             return exc
@@ -72,18 +76,18 @@ class ErrorTable:
         if row is None:
             return None
         error, text = row
-        return error(text.format(url=url, what=what, exc=self.detail(exc)))
+        return error(text.format(server=server, url=url, what=what, exc=self.detail(exc)))
 
 
 class ErrorScope:
     """`with scope:` re-raises a transport failure as its UpstreamError (chained), and counts a
     failure to reach the server against the breaker. One per exchange; reused for each read."""
-    __slots__ = ("table", "url", "method", "path", "breaker")
+    __slots__ = ("table", "url", "method", "path", "breaker", "server")
 
     def __init__(self, table: ErrorTable, url: str, method: str, path: str,
-                 breaker: CircuitBreaker) -> None:
+                 breaker: CircuitBreaker, server: str = DEFAULT_SERVER) -> None:
         self.table, self.url, self.method, self.path = table, url, method, path
-        self.breaker = breaker
+        self.breaker, self.server = breaker, server
 
     def __enter__(self) -> None:
         return None
@@ -92,7 +96,7 @@ class ErrorScope:
                  tb: object) -> bool:
         if exc is None or isinstance(exc, UpstreamError):
             return False
-        mapped = self.table.map(exc, self.url, f"{self.method} {self.path}")
+        mapped = self.table.map(exc, self.url, f"{self.method} {self.path}", self.server)
         if mapped is None:
             return False
         if isinstance(mapped, UpstreamUnreachable):
@@ -123,14 +127,14 @@ class Exchange(abc.ABC):
 
 
 def create_transport(config: "UpstreamConfig", client: str, breaker: CircuitBreaker, *,
-                     url: str | None = None) -> Transport:
+                     url: str | None = None, server: str = DEFAULT_SERVER) -> Transport:
     """A transport to `url` (default `config.url`; pass it without credentials, since it is
-    shown in errors) with the given client ("fast" or "aiohttp"). Call it with the event loop
-    running."""
+    shown in errors) with the given client ("fast" or "aiohttp"); its errors call the server
+    `server`. Call it with the event loop running."""
     tls = ssl.create_default_context(cafile=config.ca_file) if config.ca_file else None
     options = dict(connect_timeout_s=config.connect_timeout_s,
                    read_timeout_s=config.read_timeout_s, max_connections=config.max_connections,
-                   ssl_context=tls, breaker=breaker)
+                   ssl_context=tls, breaker=breaker, server=server)
     if client == "fast":
         from .fastclient import FastTransport
         return FastTransport(url or config.url, **options)
