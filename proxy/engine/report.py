@@ -112,13 +112,20 @@ def memory_stats(core: "EngineCore") -> dict[str, Any]:
         "model_counts": counts,
         "loaded_models": core.registry.loaded(),
         "queue_length": core.queue_length,
-        "persistence": None if core.store is None else {
-            "ok": core.store.ok, "path": str(core.store.path), "error": core.store.error},
+        "persistence": persistence(core),
         "preload": core.preloader.summary(),
         "top_models_by_usage": top_by_usage(
             {k: core.accounting.usage_of(k) for k in core.registry.keys()}, now),
         "models": {k: model_row(core, k, now) for k in core.registry.keys()},
     }
+
+
+def persistence(core: "EngineCore") -> dict[str, Any] | None:
+    """The history file: whether it is written, and what was found damaged (store.py)."""
+    store = core.store
+    return None if store is None else {
+        "ok": store.ok, "path": str(store.path), "error": store.error,
+        "damage": store.damage, "skipped": store.skipped}
 
 
 def upstream_state(engine: "Engine") -> dict[str, Any]:
