@@ -1,7 +1,7 @@
 """SQLite persistence (WAL) of usage history, per-model statistics and learned footprints.
 
 All methods are blocking and meant to run through `asyncio.to_thread`. The schema is versioned
-with `PRAGMA user_version` and migrated forward on open.
+with `PRAGMA user_version` and migrated forward on open. One process per file (storelock).
 
 What goes wrong with the file never stops the proxy:
 - a damaged file (not a database, or a page found malformed on opening, reading or writing)
@@ -26,9 +26,11 @@ from typing import Any, Callable
 
 import orjson
 
+from . import storelock
 from .storedamage import is_damage, move_aside
+from .storelock import StorageInUse
 
-__all__ = ["MIGRATIONS", "UsageStore", "default_path"]
+__all__ = ["MIGRATIONS", "StorageInUse", "UsageStore", "default_path"]
 
 log = logging.getLogger("proxy.store")
 
@@ -85,6 +87,7 @@ class UsageStore:
         self.generation = 0                  # fresh files started in place of damaged ones
         self._db: sqlite3.Connection | None = None
         self._inode: int | None = None       # of the file _db has open
+        self._claim: str | None = None
         self._lock = threading.Lock()   # one writer at a time across to_thread workers
 
     @property
@@ -92,7 +95,10 @@ class UsageStore:
         return self._db is not None and self.error is None
 
     def open(self) -> bool:
-        """False: statistics stay in memory (`error` says why)."""
+        """False: statistics stay in memory (`error` says why). Raises StorageInUse when
+        another live process has the file."""
+        if self._claim is None:
+            self._claim = storelock.claim(self.path)
         try:
             self._db = self._connect()
         except (sqlite3.Error, OSError) as exc:
@@ -121,6 +127,8 @@ class UsageStore:
         log.error("history database %s is unusable (%s); statistics are kept in memory "
                   "only and will not survive a restart", self.path, self.error)
         self._close_db()
+        storelock.release(self._claim)
+        self._claim = None
 
     def _close_db(self) -> None:
         if self._db is not None:
@@ -178,6 +186,8 @@ class UsageStore:
     def close(self) -> None:
         with self._lock:
             self._close_db()
+        storelock.release(self._claim)
+        self._claim = None
 
     def load(self, upstream: str = "", since_minute: int | None = None) -> dict[str, Any]:
         """{"stats": {model: snapshot}, "footprints": {identity: {...}},

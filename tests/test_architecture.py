@@ -2,7 +2,7 @@
 
     foundation   errors, schema, config, configload, configfile, groupcheck, loadoptions,
                  liveconfig, urls, origins
-    backends     upstream/*, store (with storedamage), state/* (the fleet's shared
+    backends     upstream/*, store (with storelock, storedamage), state/* (the fleet's shared
                  facts: memory or Redis)
     engine       engine/*                             (never aiohttp's web)
     fleet        fleet/*                              (one engine per host, the placer above)
@@ -27,7 +27,7 @@ LAYERS = [
                     "proxy.groupcheck",
                     "proxy.loadoptions", "proxy.liveconfig", "proxy.urls", "proxy.origins",
                     "proxy.configfile")),
-    ("backends", ("proxy.upstream", "proxy.store", "proxy.storedamage",
+    ("backends", ("proxy.upstream", "proxy.store", "proxy.storelock", "proxy.storedamage",
                   "proxy.state")),
     ("engine", ("proxy.engine",)),
     ("fleet", ("proxy.fleet",)),
