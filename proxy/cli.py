@@ -287,6 +287,7 @@ async def _run(config: Config, *, demo: bool, flavor: str = "lmstudio",
     from .app import create_app
     from .server.reload import RELOADER
     from .server.serving import raise_fd_limit, serve
+    from .store import StorageInUse
 
     raise_fd_limit()   # every connection is a file descriptor; 1,024 goes quickly
     emulator = None
@@ -331,8 +332,9 @@ async def _run(config: Config, *, demo: bool, flavor: str = "lmstudio",
     host, port = config.server.host, config.server.port
     try:
         served = await serve(app, host, port, shutdown_timeout_s=config.server.shutdown_timeout_s)
-    except OSError as exc:
-        print(f"cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
+    except (OSError, StorageInUse) as exc:
+        print(f"cannot start: {exc}" if isinstance(exc, StorageInUse) else
+              f"cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
         for emu in emulators:
             await emu.close()
         return 1

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 from aiohttp import web
@@ -275,7 +276,9 @@ async def test_corrupt_database_is_reported_and_the_proxy_keeps_serving(
         assert r.status == 200
     async with http.get(f"{proxy.url}/proxy/stats") as r:
         persistence = (await r.json())["persistence"]
-    assert persistence["ok"] is False and "not a database" in persistence["error"]
+    (damage,) = persistence["damage"]          # moved aside, kept; a fresh file in its place
+    assert persistence["ok"] is True and "not a database" in damage["error"]
+    assert Path(damage["moved_to"]).read_bytes() == b"this is not a database" * 100
 
 
 async def test_status_command_renders_a_glance(proxy, http, capsys):

@@ -55,6 +55,7 @@ class Accounting:
         self._owned_remove: set[str] = set()
         self._restored_footprints: dict[str, dict[str, Any]] = {}
         self._restored_evictions: dict[str, dict[str, int]] = {}   # model → reason → count
+        self._store_generation = 0   # the store's fresh file this process wrote all it holds to
 
     @property
     def _upstream_url(self) -> str:
@@ -158,31 +159,58 @@ class Accounting:
             since_minute = int(self.clock.wall() // 60) - WINDOW_MINUTES
             self._restore(await asyncio.to_thread(self.store.load, self._upstream_url,
                                                   since_minute))
+        self._store_generation = self.store.generation   # nothing was held before
 
     def _restore(self, state: dict[str, Any]) -> None:
         now_s, wall_s = self.clock.now(), self.clock.wall()
         minutes = state.get("minutes", {})
         for key, snap in state["stats"].items():
-            usage = self.usage[key] = restore_usage(snap, now_s, wall_s)
-            replay_minutes(usage, minutes.get(key, []), now_s, wall_s)
-            evictions = snap.get("evictions")
-            if isinstance(evictions, dict):
-                self._restored_evictions[key] = {str(k): int(v) for k, v in evictions.items()}
+            try:   # a row of the right type with wrong contents: skipped like a damaged one
+                usage = restore_usage(snap, now_s, wall_s)
+                replay_minutes(usage, minutes.get(key, []), now_s, wall_s)
+                evictions = snap.get("evictions")
+                if isinstance(evictions, dict):
+                    self._restored_evictions[key] = {str(k): int(v)
+                                                     for k, v in evictions.items()}
+            except (TypeError, ValueError, KeyError, AttributeError) as exc:
+                self._skipped_row("model_stats", key, exc)
+                continue
+            self.usage[key] = usage
         self._restored_footprints = state["footprints"]
         self.owned_instances.update(state.get("owned", {}))
         for key, snap in state.get("patterns", {}).items():
-            self.learner.patterns[key] = ModelPattern.restore(snap, self.clock.now(),
-                                                              self.clock.wall())
+            try:
+                self.learner.patterns[key] = ModelPattern.restore(snap, self.clock.now(),
+                                                                  self.clock.wall())
+            except (TypeError, ValueError, KeyError, AttributeError) as exc:
+                self._skipped_row("patterns", key, exc)
         for e in self.registry:
             self.apply_learned(e)
         log.info("restored statistics of %d models and %d owned instances from %s",
                  len(state["stats"]), len(state.get("owned", {})),
                  self.store.path if self.store else "?")
 
+    def _skipped_row(self, table: str, key: str, exc: Exception) -> None:
+        if self.store is not None:
+            self.store.note_skipped(table, key, f"does not restore: {type(exc).__name__}: {exc}")
+
+    def _all_dirty(self) -> None:
+        """The store started a fresh file in place of a damaged one: all that is held in
+        memory goes into it, not only what changed since the last flush."""
+        self._dirty_stats |= set(self.usage) | set(self._restored_evictions)
+        self._dirty_footprints |= {e.key for e in self.registry
+                                   if e.footprint_bytes is not None or e.load_count
+                                   or e.footprint_floor_bytes is not None}
+        self._owned_add = {**self.owned_instances, **self._owned_add}
+        self.learner.dirty |= set(self.learner.patterns)
+
     async def flush(self) -> None:
         """Write what changed since the last flush, off the event loop, in one transaction."""
         if self.store is None or self.store._db is None:
             return
+        if self.store.generation != self._store_generation:
+            self._store_generation = self.store.generation
+            self._all_dirty()
         if not (self._pending_minutes or self._dirty_stats or self._dirty_footprints
                 or self._owned_add or self._owned_remove or self.learner.dirty):
             return

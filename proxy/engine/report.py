@@ -116,8 +116,7 @@ def memory_stats(core: "EngineCore") -> dict[str, Any]:
         "model_counts": counts,
         "loaded_models": core.registry.loaded(),
         "queue_length": core.queue_length,
-        "persistence": None if core.store is None else {
-            "ok": core.store.ok, "path": str(core.store.path), "error": core.store.error},
+        "persistence": persistence(core),
         "preload": core.preloader.summary(),
         "top_models_by_usage": top_by_usage(
             {k: core.accounting.usage_of(k) for k in core.registry.keys()}, now),
@@ -129,6 +128,14 @@ def pressure_shown(engine: "Engine") -> str | None:
     """The memory pressure the views show: none where memory is not managed (no eviction acts
     on it, so no alert is raised for it either)."""
     return engine.memory_pressure.value if engine.memory_managed else None
+
+
+def persistence(core: "EngineCore") -> dict[str, Any] | None:
+    """The history file: whether it is written, and what was found damaged (store.py)."""
+    store = core.store
+    return None if store is None else {
+        "ok": store.ok, "path": str(store.path), "error": store.error,
+        "damage": store.damage, "skipped": store.skipped}
 
 
 def upstream_state(engine: "Engine") -> dict[str, Any]:

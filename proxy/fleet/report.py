@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..urls import redact_url
 from ..engine.memory import GB
-from ..engine.report import pressure_shown, top_by_usage, upstream_state
+from ..engine.report import persistence, pressure_shown, top_by_usage, upstream_state
 
 if TYPE_CHECKING:
     from .fleet import Fleet
@@ -31,6 +31,7 @@ def host_summary(h: "Host") -> dict[str, Any]:
         "loaded_models": h.loaded_models(),
         "queue_length": core.queue_length,
         "in_flight": len(core.active_leases()),
+        "persistence": persistence(core),   # each host has its own history file
     }
 
 
