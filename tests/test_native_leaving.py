@@ -97,3 +97,74 @@ async def test_a_client_killed_mid_stream_is_client_closed(proxy, emulator, chil
     await recorded(proxy, SMALL, 1)
     assert counts(proxy, SMALL) == (1, 0, 1)
     assert proxy.engine.entry(SMALL).leases == 0
+
+
+# -- mid-load --------------------------------------------------------------------------------
+async def lab(make_emulator, make_proxy, **overrides: Any) -> tuple[Any, Any]:
+    emulator = await make_emulator(capacity_bytes=20 * GB)
+    proxy = await make_proxy(emulator.url, **{"memory.budget_gb": 20, **overrides})
+    return emulator, proxy
+
+
+async def left_loading(proxy: Any, key: str) -> None:
+    """Wait (with a deadline) until the engine no longer has key loading."""
+    async with asyncio.timeout(10):
+        while proxy.engine.entry(key).status.value == "loading":
+            await asyncio.sleep(0.01)
+
+
+async def test_a_client_killed_mid_load_leaves_the_model_unloaded_for_the_next_request(
+        make_emulator, make_proxy, child, http):
+    emulator, proxy = await lab(make_emulator, make_proxy)
+    gate = emulator.state.faults.load_gate[MID] = asyncio.Event()   # LM Studio is loading it
+    proc = await child(proxy, "load", MID)
+    await emulator.state.wait_for(lambda: emulator.state.loading[MID] == 1)
+    await killed(proc)
+    await left_loading(proxy, MID)
+    e = proxy.engine.entry(MID)
+    assert (e.status.value, e.load_failures, e.last_error) == ("unloaded", 0, None)
+    gate.set()
+    async with http.post(f"{proxy.url}/v1/chat/completions", json={
+            "model": MID, "messages": [{"role": "user", "content": "hi"}]}) as r:
+        assert r.status == 200                              # a fresh load, no backoff
+    assert emulator.state.load_calls[MID] == 2 and proxy.engine.entry(MID).owner == "proxy"
+    assert counts(proxy, MID) == (1, 0, 0)
+
+
+async def test_a_request_waiting_on_a_load_its_client_left_gets_a_load_of_its_own(
+        make_emulator, make_proxy, child):
+    emulator, proxy = await lab(make_emulator, make_proxy)
+    gate = emulator.state.faults.load_gate[MID] = asyncio.Event()
+    proc = await child(proxy, "load", MID)
+    await emulator.state.wait_for(lambda: emulator.state.loading[MID] == 1)
+    waiter = asyncio.create_task(proxy.engine.acquire(MID))   # an OpenAI request meanwhile
+    async with asyncio.timeout(10):
+        while not proxy.engine.entry(MID).waiting:
+            await asyncio.sleep(0.01)
+    await killed(proc)
+    await emulator.state.wait_for(lambda: emulator.state.load_calls[MID] == 2)
+    gate.set()
+    (await asyncio.wait_for(waiter, 10)).release()
+    assert proxy.engine.entry(MID).owner == "proxy" and list(emulator.state.instances) == [MID]
+
+
+@pytest.mark.parametrize("mode, kept", [("after_disconnect", False), ("never", True)])
+async def test_a_load_lm_studio_finishes_after_its_client_left_follows_native_evict(
+        make_emulator, make_proxy, child, mode, kept):
+    """The client never heard of it: under after_disconnect it is the proxy's, and with
+    nobody asking for it, it goes at once; under never it is left alone, as LM Studio's."""
+    emulator, proxy = await lab(make_emulator, make_proxy, **{"native.evict": mode})
+    gate = emulator.state.faults.load_gate[MID] = asyncio.Event()
+    proc = await child(proxy, "load", MID)
+    await emulator.state.wait_for(lambda: emulator.state.loading[MID] == 1)
+    await killed(proc)
+    await left_loading(proxy, MID)
+    gate.set()
+    await emulator.state.load(MID)                         # LM Studio finished it anyway
+    await proxy.engine.reconcile()
+    e = proxy.engine.entry(MID)
+    assert (MID in emulator.state.instances) is kept and e.load_failures == 0
+    if kept:
+        assert e.owner == "external" and e.status.value == "loaded"
+    else:
+        assert e.evictions["abandoned"] == 1 and e.status.value == "unloaded"
