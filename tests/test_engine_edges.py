@@ -29,6 +29,32 @@ async def test_an_abandoned_requester_load_does_not_stay_loading(lab, lab_manage
     (await asyncio.wait_for(mgr.acquire(Z), 5)).release()   # and it loads normally after
 
 
+async def test_requests_that_joined_a_requester_load_abandoned_at_admission_load_it(
+        lab, lab_manager):
+    mgr = await lab_manager(lab.url)
+    sdk = asyncio.create_task(mgr.admit_load(Z, owner="sdk:gone"))
+    while Z not in mgr.core.scheduler.pending:
+        await asyncio.sleep(0)
+    request = asyncio.create_task(mgr.acquire(Z))            # an OpenAI request joins it
+    while mgr.entry(Z).status.value != "loading":
+        await asyncio.sleep(0)
+    sdk.cancel()                                    # the SDK client went away just then
+    await asyncio.gather(sdk, return_exceptions=True)
+    (await asyncio.wait_for(request, 5)).release()  # not failed: a load of its own
+    assert mgr.entry(Z).owner == "proxy" and lab.state.load_calls[Z] == 1
+
+
+async def test_a_load_asked_of_a_closed_manager_is_no_failure_of_the_model(lab, lab_manager):
+    mgr = await lab_manager(lab.url)
+    await mgr.cleanup()
+    with pytest.raises(RuntimeError, match="start"):        # its connection is closed
+        await asyncio.wait_for(mgr.load_model(Z), 5)
+    e = mgr.entry(Z)
+    assert (e.status.value, e.load_failures, e.last_error) == ("unloaded", 0, None)
+    await mgr.start()
+    assert await asyncio.wait_for(mgr.load_model(Z), 5) is True     # no backoff to wait out
+
+
 async def test_an_unload_right_after_a_load_waits_for_its_waiters_without_spinning(
         lab, lab_manager):
     mgr = await lab_manager(lab.url)

@@ -121,6 +121,19 @@ class Loader(Part):
         self._fail(e, exc)
         self.monitor.sample_soon()
 
+    def mediated_left(self, e: ModelEntry, sent: bool) -> None:
+        """Its requester left before the server answered: unloaded as far as the engine knows,
+        no backoff. An instance the server finishes anyway is the proxy's to manage, like a late
+        load of its own (reconcile claims it, unloads it unless a request wants it), except
+        under native.evict: never, where SDK clients' models are left alone."""
+        self.monitor.changes += 1
+        if sent and self.registry.config.native.evict != "never":
+            e.unfinished_since_s = e.loading_since_s or self.clock.now()
+        self.ctx.swap(e, S.LOADING, S.UNLOADED)
+        self.monitor.sample_soon()
+        log.info("the load of %s was left by its requester; unloaded unless the server "
+                 "finishes it", e.key)
+
     def _fitted(self, e: ModelEntry) -> None:
         """It loaded: a lower bound learned from a refusal is revised by the facts."""
         if e.footprint_floor_bytes is not None:
@@ -239,8 +252,10 @@ class Loader(Part):
         return ()
 
     def _fail(self, e: ModelEntry, exc: BaseException) -> None:
-        # Given up, or the replicas' shared state was away: not the model's failure, no backoff.
-        if isinstance(exc, (asyncio.CancelledError, StateUnavailable)):
+        # Given up, the replicas' shared state was away, or the engine closed (its connection to
+        # the server is gone until it starts again): not the model's failure, no backoff.
+        if isinstance(exc, (asyncio.CancelledError, StateUnavailable)) or \
+                not getattr(self.backend, "started", True):
             self.ctx.swap(e, S.LOADING, S.UNLOADED)
             return
         if e.status is not S.LOADING:

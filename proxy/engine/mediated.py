@@ -1,5 +1,7 @@
 """A load its requester performs itself (an LM Studio SDK client's `loadModel` through the
-proxy), once the scheduler admitted it: the requester reports the outcome exactly once."""
+proxy), once the scheduler admitted it: the requester reports the outcome exactly once —
+loaded, failed (the server's answer), or left (the requester went away before an answer,
+which says nothing about the model)."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -34,3 +36,11 @@ class MediatedLoad:
             error = ModelLoadFailed(message)
             self._loader.mediated_failed(self._pending.entry, error)
             self._scheduler.finish_mediated(self._pending, error)
+
+    def left(self, sent: bool) -> None:
+        """The requester went away before the server answered: no failure of the model's.
+        `sent`: the load reached the server, which may still finish it."""
+        if not self.reported:
+            self.reported = True
+            self._loader.mediated_left(self._pending.entry, sent)
+            self._scheduler.finish_mediated(self._pending, None)

@@ -106,10 +106,10 @@ class LoadQueue:
         except BaseException as exc:
             if p.admitted and not done.done():
                 # Let in, but the caller is gone (cancelled, or its deadline fell just as it
-                # was admitted): nobody will load it, so undo the admission.
+                # was admitted): nobody will load it, so undo the admission; requests that
+                # joined it find the model unloaded and queue a load of their own.
                 self.loader.abandoned(e)
-                self._finish(p, ProxyError(f"the load of '{e.key}' was abandoned by its "
-                                           "requester"))
+                self._finish(p, None)
             elif isinstance(exc, TimeoutError):
                 raise self._timed_out(p) from None
             raise
@@ -134,6 +134,9 @@ class LoadQueue:
         return True
 
     def finish_mediated(self, p: Pending, error: BaseException | None) -> None:
+        """The requester's outcome. Without an error it loaded (its waiters' leases reserved
+        until they take them), or its requester left: then they find it unloaded and queue a
+        load of their own."""
         if error is None:
             p.entry.reserved = p.waiters
         self._finish(p, error)

@@ -298,14 +298,18 @@ class Mediator:
     async def close(self, client_left: bool = False) -> None:
         """The client (client_left) or LM Studio went away: every load reports, every lease is
         released, and a prediction under way counts as the client's leaving (499: not the
-        model's failure) or as LM Studio's failure (502)."""
-        gone = "the client disconnected during the load"
+        model's failure) or as LM Studio's failure (502). So does a load under way: the client
+        leaving says nothing about the model (it is left: unloaded, no backoff; LM Studio may
+        still finish it), LM Studio going away fails it."""
         held = list(self.held.values())
         for h in held:
             if h.task is not None:
                 h.task.cancel()
         for load in self.loads.values():
-            load.failed(gone)
+            if client_left:
+                load.left(sent=True)
+            else:
+                load.failed("LM Studio closed the connection during the load")
         self.loads.clear()
         status = CLIENT_CLOSED if client_left else 502
         for use in [*self.channel_uses.values(), *self.call_uses.values()]:
@@ -313,11 +317,11 @@ class Mediator:
         self.channel_uses.clear()
         self.call_uses.clear()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        for h in held:      # admitted just as the client went: the load is reported all the same
+        for h in held:      # admitted just as the client went: never sent, left all the same
             a = h.admission
             if a is not None and a.done() and not a.cancelled() and a.exception() is None \
                     and a.result() is not None:
-                a.result().failed(gone)
+                a.result().left(sent=False)
 
     def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task:
         task = asyncio.ensure_future(coro)

@@ -201,11 +201,13 @@ async def _relay(client: web.WebSocketResponse, upstream: aiohttp.ClientWebSocke
                  mediator: Mediator) -> None:
     to_up = asyncio.ensure_future(_pump(client, upstream, mediator.from_client))
     to_client = asyncio.ensure_future(_pump(upstream, client, mediator.from_upstream))
-    client_left = False
+    # Only LM Studio's side ending first is LM Studio going away. Anything else is the client
+    # leaving: its close ending its side first, or its connection dropped without a close (a
+    # killed process, `Client.close()` of the sync SDK), which cancels this handler instead.
+    upstream_left = False
     try:
         done, _ = await asyncio.wait({to_up, to_client}, return_when=asyncio.FIRST_COMPLETED)
-        # The client's side ending first is the client leaving; else LM Studio went away.
-        client_left = to_client not in done
+        upstream_left = to_client in done
     finally:
         for task in (to_up, to_client):
             task.cancel()
@@ -214,7 +216,7 @@ async def _relay(client: web.WebSocketResponse, upstream: aiohttp.ClientWebSocke
         finally:
             # Reached even when a client's disconnect cancels this handler twice (the second
             # cancel lands on the await above): its first steps release every lease at once.
-            await mediator.close(client_left=client_left)
+            await mediator.close(client_left=not upstream_left)
         # The side still open learns the other's close code (e.g. LM Studio going away).
         code = client.close_code or upstream.close_code or WSCloseCode.OK
         with contextlib.suppress(TimeoutError):
