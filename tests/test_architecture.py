@@ -2,7 +2,7 @@
 
     foundation   errors, schema, config, configload, configfile, groupcheck, loadoptions,
                  liveconfig, urls, origins
-    backends     upstream/*, store, state/* (the fleet's shared facts: memory or Redis)
+    backends     upstream/*, store, storage, state/* (the fleet's shared facts: memory or Redis)
     engine       engine/*                             (never aiohttp's web)
     fleet        fleet/*                              (one engine per host, the placer above)
     wings        library/*, observe/*                 (they wrap or watch the engine)
@@ -26,7 +26,7 @@ LAYERS = [
                     "proxy.groupcheck",
                     "proxy.loadoptions", "proxy.liveconfig", "proxy.urls", "proxy.origins",
                     "proxy.configfile")),
-    ("backends", ("proxy.upstream", "proxy.store", "proxy.state")),
+    ("backends", ("proxy.upstream", "proxy.store", "proxy.storage", "proxy.state")),
     ("engine", ("proxy.engine",)),
     ("fleet", ("proxy.fleet",)),
     ("wings", ("proxy.library", "proxy.observe")),

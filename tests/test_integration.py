@@ -13,7 +13,7 @@ MODEL = "qwen/qwen3-4b"
 
 
 @pytest.fixture
-async def manager(emulator):
+async def manager(emulator, private_home):
     m = await create_model_memory_manager(min_free_memory_gb=1, upstream=emulator.url)
     yield m
     await m.cleanup()

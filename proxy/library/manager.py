@@ -5,7 +5,8 @@
         m.record_model_usage("qwen/qwen3-4b", latency=0.8, success=True, tokens_used=120)
 
 Without `upstream=` (or with a URL), it builds the configured adapter (`upstream.kind`) and
-closes it itself. The engine itself is `manager.core`; the manager offers the engine's face
+closes it itself; it keeps its history in the store `storage:` names, as the proxy does. The
+engine itself is `manager.core`; the manager offers the engine's face
 (`proxy.engine.face.Engine`) by reading it through, plus the original names, hooks and the
 overridable `_handle_critical_memory()`, which the core calls at critical pressure.
 """
@@ -24,6 +25,8 @@ from ..engine.lifecycle import ModelEntry, ModelStatus
 from ..engine.memory import MemoryPressure, MemorySampler
 from ..engine.usage import ModelUsage, RequestRecord
 from ..errors import ProxyError
+from ..liveconfig import LiveConfig
+from ..storage import configured_store
 from ..store import UsageStore
 from ..upstream import create_upstream
 from ..upstream.base import ModelBackend
@@ -76,10 +79,12 @@ class _Core:
 class ModelMemoryManager:
     def __init__(self, max_memory_usage_percent: float = 80.0, model_timeout_hours: float = 2.0,
                  min_free_memory_gb: float = 4.0, monitoring_interval: float = 30.0,
-                 upstream: ModelBackend | str | None = None, *, config: Config | None = None,
+                 upstream: ModelBackend | str | None = None, *,
+                 config: Config | LiveConfig | None = None,
                  sampler: MemorySampler | None = None, clock: Clock | None = None,
                  owns_upstream: bool | None = None, store: UsageStore | None = None
                  ) -> None:
+        """`store`: a history store of your own instead of the one `storage:` names."""
         if config is None:
             config = load_config(overrides={
                 "memory.max_memory_usage_percent": max_memory_usage_percent,
@@ -90,9 +95,11 @@ class ModelMemoryManager:
         if isinstance(upstream, str):     # a URL: the configured adapter, built and owned here
             upstream = None
         owns = owns_upstream if owns_upstream is not None else upstream is None
+        if store is None:     # as the proxy does: the history survives a restart
+            store = configured_store(LiveConfig.of(config).current.storage)
         self.core = EngineCore(config, upstream if upstream is not None else
-                               create_upstream(config.upstream), sampler=sampler, clock=clock,
-                               store=store, owns_upstream=owns,
+                               create_upstream(LiveConfig.of(config).current.upstream),
+                               sampler=sampler, clock=clock, store=store, owns_upstream=owns,
                                on_critical=self._handle_critical_memory)
         self.on_model_loaded: Callable[..., Any] | None = None
         self.on_model_unloaded: Callable[..., Any] | None = None
