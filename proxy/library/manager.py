@@ -7,7 +7,7 @@
 Without `upstream=` (or with a URL), it builds the configured adapter (`upstream.kind`) and
 closes it itself; it keeps its history in the store `storage:` names, as the proxy does. The
 engine itself is `manager.core`; the manager offers the engine's face
-(`proxy.engine.face.Engine`) by reading it through, plus the original names, hooks and the
+(`proxy.engine.face.Engine`) by reading it through (library/face.py), plus the original names, hooks and the
 overridable `_handle_critical_memory()`, which the core calls at critical pressure.
 """
 from __future__ import annotations
@@ -30,6 +30,7 @@ from ..storage import configured_store
 from ..store import UsageStore
 from ..upstream import create_upstream
 from ..upstream.base import ModelBackend
+from .face import EngineFace
 
 log = logging.getLogger("proxy.library")
 
@@ -48,35 +49,7 @@ class ModelMetrics:
         self.avg_load_time_s = entry.load_time_s
 
 
-# The engine's face (proxy.engine.face.Engine) and the core's own maintenance calls, read
-# through the manager from the core it wraps.
-READ_THROUGH = (
-    "clock", "store", "resolve", "acquire", "upstream_for", "host_failed", "host_lost", "hold",
-    "record", "admit_load", "client_connection", "owner_of", "load", "unload", "unload_report",
-    "clear",
-    "optimize", "pin", "pinned", "pinned_on",
-    "reconcile", "apply_config", "start", "start_monitoring", "stop_monitoring", "cleanup",
-    "add_listener", "memory_pressure", "last_sample", "queue_length", "upstream_ok",
-    "upstream_error", "api_level", "manages_loading", "capabilities", "last_reconcile_s",
-    "known_models", "loaded_models", "entry", "usage", "footprint_bytes", "footprint_source",
-    "ceiling_bytes", "active_leases",
-    "row", "report", "recommend", "priority", "sample_memory", "unload_idle_models",
-    "relieve_pressure", "flush")
-
-
-class _Core:
-    """An attribute of the wrapped core, read through the manager."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def __get__(self, manager: Any, owner: type | None = None) -> Any:
-        if manager is None:
-            return self
-        return getattr(manager.core, self.name)
-
-
-class ModelMemoryManager:
+class ModelMemoryManager(EngineFace):
     def __init__(self, max_memory_usage_percent: float = 80.0, model_timeout_hours: float = 2.0,
                  min_free_memory_gb: float = 4.0, monitoring_interval: float = 30.0,
                  upstream: ModelBackend | str | None = None, *,
@@ -104,7 +77,7 @@ class ModelMemoryManager:
         self.on_model_loaded: Callable[..., Any] | None = None
         self.on_model_unloaded: Callable[..., Any] | None = None
         self.on_memory_pressure: Callable[..., Any] | None = None
-        self._hook_tasks: set[asyncio.Task] = set()
+        self._hook_tasks: set[asyncio.Task[Any]] = set()
         self.core.add_listener(_Hooks(self))
 
     @property
@@ -204,10 +177,6 @@ class ModelMemoryManager:
 
     def get_memory_stats(self) -> dict[str, Any]:
         return self.core.report()
-
-
-for _name in READ_THROUGH:
-    setattr(ModelMemoryManager, _name, _Core(_name))
 
 
 class _Hooks:
