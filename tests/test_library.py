@@ -1,6 +1,8 @@
 """The original design's Quick Start, against the emulator, through the library API only; the
-history it keeps across a restart."""
+history it keeps across a restart; its constructor's checks."""
 from __future__ import annotations
+
+import pytest
 
 from proxy import ModelMemoryManager, ModelStatus
 from proxy.config import UpstreamConfig
@@ -68,3 +70,10 @@ async def test_a_configured_history_is_used_and_a_disabled_one_is_not(emulator, 
     async with ModelMemoryManager(config=off) as memory_only:
         assert memory_only.store is None and memory_only.usage("qwen/qwen3-4b").requests == 0
     assert not (private_home / ".local").exists()
+
+
+@pytest.mark.parametrize("upstream", [42, 1.5, b"http://127.0.0.1:1234", object()])
+def test_an_upstream_that_is_neither_a_url_nor_an_adapter_is_a_type_error(upstream):
+    with pytest.raises(TypeError, match=r"upstream must be the server's URL \(a str\) or an "
+                                        r"adapter .*, not " + type(upstream).__name__):
+        ModelMemoryManager(upstream=upstream)

@@ -49,6 +49,9 @@ class ModelMetrics:
         self.avg_load_time_s = entry.load_time_s
 
 
+BACKEND_METHODS = ("detect", "list_models", "load", "unload")   # upstream.base.ModelBackend
+
+
 class ModelMemoryManager(EngineFace):
     def __init__(self, max_memory_usage_percent: float = 80.0, model_timeout_hours: float = 2.0,
                  min_free_memory_gb: float = 4.0, monitoring_interval: float = 30.0,
@@ -58,6 +61,11 @@ class ModelMemoryManager(EngineFace):
                  owns_upstream: bool | None = None, store: UsageStore | None = None
                  ) -> None:
         """`store`: a history store of your own instead of the one `storage:` names."""
+        if upstream is not None and not isinstance(upstream, str) and \
+                not all(callable(getattr(upstream, m, None)) for m in BACKEND_METHODS):
+            raise TypeError("upstream must be the server's URL (a str) or an adapter "
+                            "(a proxy.upstream ModelBackend), not "
+                            f"{type(upstream).__name__}")
         if config is None:
             config = load_config(overrides={
                 "memory.max_memory_usage_percent": max_memory_usage_percent,
