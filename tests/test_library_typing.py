@@ -25,9 +25,9 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy import (CognitiveModelIntegrator, MemoryPressure, ModelHealthMonitor,
+from proxy import (CognitiveModelIntegrator, ManagerClosed, MemoryPressure, ModelHealthMonitor,
                    ModelMemoryManager, ModelMemoryMiddleware, ModelMetrics, ModelStatus,
-                   create_model_memory_manager)
+                   WrongEventLoop, create_model_memory_manager)
 from proxy.configload import load_config
 from proxy.errors import ProxyError
 
@@ -73,7 +73,7 @@ async def main() -> None:
     print(app, kernel, await middleware({"model": "qwen/qwen3-4b"}, step))
     try:
         await m2.cleanup()
-    except ProxyError as exc:
+    except (ManagerClosed, WrongEventLoop, ProxyError) as exc:
         print(exc)
 
 

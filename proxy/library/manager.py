@@ -7,8 +7,9 @@
 Without `upstream=` (or with a URL), it builds the configured adapter (`upstream.kind`) and
 closes it itself; it keeps its history in the store `storage:` names, as the proxy does. The
 engine itself is `manager.core`; the manager offers the engine's face
-(`proxy.engine.face.Engine`) by reading it through (library/face.py), plus the original names, hooks and the
-overridable `_handle_critical_memory()`, which the core calls at critical pressure.
+(`proxy.engine.face.Engine`) by reading it through (library/face.py), plus the original
+names, hooks and the overridable `_handle_critical_memory()`, which the core calls at critical
+pressure. It belongs to the event loop it is first used in, until cleanup() closes it for good.
 """
 from __future__ import annotations
 
@@ -109,6 +110,15 @@ class ModelMemoryManager(EngineFace):
     async def __aexit__(self, *exc: object) -> None:
         await self.cleanup()
 
+    async def cleanup(self) -> None:
+        """Stop monitoring, write and close the history, close the adapter it built. The
+        manager is closed for good; a second cleanup() does nothing."""
+        if self._closed:
+            return
+        self._check_tie()
+        self._closed = True
+        await self.core.cleanup()
+
     def _call_hook(self, hook: Callable[..., Any] | None, *args: Any) -> None:
         if hook is None:
             return
@@ -139,20 +149,24 @@ class ModelMemoryManager(EngineFace):
 
     def set_pinned(self, key: str, pinned: bool) -> None:
         """A runtime pin: kept until the process ends."""
+        self._check_tie()
         self.core.pin(key, pinned)
 
     def get_loaded_models(self) -> list[str]:
         return self.core.loaded_models()
 
     async def load_model(self, name: str, priority: int | None = None) -> bool:
+        self._check_tie()
         return await self.core.load(name, priority)
 
     async def unload_model(self, name: str, *, reason: str = "manual",
                            drain_timeout_s: float | None = None) -> bool:
+        self._check_tie()
         return await self.core.unload(name, reason=reason, drain_timeout_s=drain_timeout_s)
 
     async def ensure_models_available(self, models: Iterable[str], priority: int | None = None
                                       ) -> dict[str, bool]:
+        self._check_tie()
         out: dict[str, bool] = {}
         for name in models:
             try:
@@ -164,13 +178,17 @@ class ModelMemoryManager(EngineFace):
 
     async def clear_all_models(self) -> list[str]:
         """Unload every loaded model the proxy may unload (pins included: an explicit clear)."""
-        return (await self.core.clear())["unloaded"]
+        self._check_tie()
+        unloaded: list[str] = (await self.core.clear())["unloaded"]
+        return unloaded
 
     async def optimize_memory_usage(self) -> dict[str, Any]:
+        self._check_tie()
         return await self.core.optimize()
 
     def record_model_usage(self, model: str, latency: float, success: bool = True,
                            tokens_used: int = 0) -> None:
+        self._check_tie()
         core = self.core
         key = core.registry.aliases.get(model, model)
         core.record(RequestRecord(model=key, ok=success, latency_s=latency,
