@@ -1,6 +1,6 @@
 """The import rule, as the code has it: layers import downward only, and no module-level cycle.
 
-    foundation   errors, schema, config, configload, configfile, groupcheck, loadoptions,
+    foundation   errors, inputs, schema, config, configload, configfile, groupcheck, loadoptions,
                  liveconfig, urls, origins
     backends     upstream/*, store, storage, state/* (the fleet's shared facts: memory or Redis)
     engine       engine/*                             (never aiohttp's web)
@@ -21,7 +21,8 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "proxy"
 LAYERS = [
-    ("foundation", ("proxy.errors", "proxy.schema", "proxy.config", "proxy.configload",
+    ("foundation", ("proxy.errors", "proxy.inputs", "proxy.schema", "proxy.config",
+                    "proxy.configload",
                     "proxy.configcheck",
                     "proxy.groupcheck",
                     "proxy.loadoptions", "proxy.liveconfig", "proxy.urls", "proxy.origins",

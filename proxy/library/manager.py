@@ -7,9 +7,10 @@
 Without `upstream=` (or with a URL), it builds the configured adapter (`upstream.kind`) and
 closes it itself; it keeps its history in the store `storage:` names, as the proxy does. The
 engine itself is `manager.core`; the manager offers the engine's face
-(`proxy.engine.face.Engine`) by reading it through (library/face.py), plus the original
-names, hooks and the overridable `_handle_critical_memory()`, which the core calls at critical
-pressure. It belongs to the event loop it is first used in, until cleanup() closes it for good.
+(`proxy.engine.face.Engine`) by reading it through (library/face.py), plus the original names
+(their arguments checked as the HTTP API checks them, proxy/inputs.py), hooks and the
+overridable `_handle_critical_memory()`, which the core calls at critical pressure. It belongs
+to the event loop it is first used in, until cleanup() closes it for good.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import inspect
 import logging
 from typing import Any, Callable, Iterable, Mapping
 
+from .. import inputs
 from ..config import Config
 from ..configload import load_config
 from ..engine.clock import Clock
@@ -132,6 +134,14 @@ class ModelMemoryManager(EngineFace):
             self._hook_tasks.add(task)
             task.add_done_callback(self._hook_tasks.discard)
 
+    def _key(self, name: object) -> str:
+        """The key of a known model (no catalogue refresh: the caller is not async)."""
+        name = inputs.model_name(name)
+        key = self.core.registry.key_of(name)
+        if key is None:
+            raise self.core.registry.not_found(name)
+        return key
+
     # -- the original library API ------------------------------------------------------------
     @property
     def model_status(self) -> dict[str, ModelStatus]:
@@ -150,27 +160,35 @@ class ModelMemoryManager(EngineFace):
     def set_pinned(self, key: str, pinned: bool) -> None:
         """A runtime pin: kept until the process ends."""
         self._check_tie()
-        self.core.pin(key, pinned)
+        pinned = inputs.flag("pinned", pinned)
+        self.core.pin(self._key(key), pinned)
 
     def get_loaded_models(self) -> list[str]:
         return self.core.loaded_models()
 
     async def load_model(self, name: str, priority: int | None = None) -> bool:
+        """Cancelling the caller does not cancel the load (LM Studio cannot): the model
+        still becomes resident, and on_model_loaded fires."""
         self._check_tie()
-        return await self.core.load(name, priority)
+        return await self.core.load(inputs.model_name(name), inputs.priority(priority))
 
     async def unload_model(self, name: str, *, reason: str = "manual",
                            drain_timeout_s: float | None = None) -> bool:
         self._check_tie()
-        return await self.core.unload(name, reason=reason, drain_timeout_s=drain_timeout_s)
+        return await self.core.unload(inputs.model_name(name), reason=reason,
+                                      drain_timeout_s=drain_timeout_s)
 
-    async def ensure_models_available(self, models: Iterable[str], priority: int | None = None
-                                      ) -> dict[str, bool]:
+    async def ensure_models_available(self, models: Iterable[str] | str,
+                                      priority: int | None = None) -> dict[str, bool]:
+        """Each model loaded if it can be: name → whether it is available (a refusal is
+        logged and is False). One name may be given as a str."""
         self._check_tie()
+        names = [inputs.model_name(n) for n in ([models] if isinstance(models, str) else models)]
+        priority = inputs.priority(priority)
         out: dict[str, bool] = {}
-        for name in models:
+        for name in names:
             try:
-                out[name] = await self.load_model(name, priority)
+                out[name] = await self.core.load(name, priority)
             except ProxyError as exc:
                 log.warning("could not make %s available: %s", name, exc.message)
                 out[name] = False
@@ -188,11 +206,16 @@ class ModelMemoryManager(EngineFace):
 
     def record_model_usage(self, model: str, latency: float, success: bool = True,
                            tokens_used: int = 0) -> None:
+        """One request of a known model: `latency` seconds (0 or more), `tokens_used` the
+        completion tokens."""
         self._check_tie()
         core = self.core
-        key = core.registry.aliases.get(model, model)
-        core.record(RequestRecord(model=key, ok=success, latency_s=latency,
-                                  at_s=core.clock.now(), completion_tokens=tokens_used))
+        key = self._key(model)
+        record = RequestRecord(model=key, ok=inputs.flag("success", success),
+                               latency_s=inputs.number("latency", latency, minimum=0),
+                               at_s=core.clock.now(),
+                               completion_tokens=inputs.count("tokens_used", tokens_used))
+        core.record(record)
 
     def get_model_recommendations(self, context: Mapping[str, Any] | str | None = None
                                   ) -> dict[str, Any]:
