@@ -134,10 +134,13 @@ class ModelMemoryManager(EngineFace):
             self._hook_tasks.add(task)
             task.add_done_callback(self._hook_tasks.discard)
 
-    def _key(self, name: object) -> str:
-        """The key of a known model (no catalogue refresh: the caller is not async)."""
+    def _key(self, name: object, *, with_history: bool = False) -> str:
+        """The key of a known model (no catalogue refresh: the caller is not async); with
+        `with_history`, also one not listed now whose statistics were kept from before."""
         name = inputs.model_name(name)
         key = self.core.registry.key_of(name)
+        if key is None and with_history and name in self.core.accounting.usage:
+            key = name
         if key is None:
             raise self.core.registry.not_found(name)
         return key
@@ -206,11 +209,11 @@ class ModelMemoryManager(EngineFace):
 
     def record_model_usage(self, model: str, latency: float, success: bool = True,
                            tokens_used: int = 0) -> None:
-        """One request of a known model: `latency` seconds (0 or more), `tokens_used` the
-        completion tokens."""
+        """One request of a known model (listed, or with statistics kept from before a
+        restart): `latency` seconds (0 or more), `tokens_used` the completion tokens."""
         self._check_tie()
         core = self.core
-        key = self._key(model)
+        key = self._key(model, with_history=True)
         record = RequestRecord(model=key, ok=inputs.flag("success", success),
                                latency_s=inputs.number("latency", latency, minimum=0),
                                at_s=core.clock.now(),
