@@ -149,6 +149,7 @@ def engine_config(workload: Workload, budget_gb: float, v: Variant) -> Config:
                      "queue_timeout_s": v.queue_timeout_s,
                      "model_timeout_hours": (v.idle_ttl_s or 0.0) / 3600.0},
         "preload": {"enabled": v.prediction == "on"},
+        "storage": {"enabled": False},     # a simulation keeps no history
         "models": footprints})
     return replace(config, eviction=replace(config.eviction, policy=v.policy))
 

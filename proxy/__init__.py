@@ -6,10 +6,11 @@ the integration API: `ModelMemoryMiddleware`, `CognitiveModelIntegrator`,
 """
 from .engine.lifecycle import ModelStatus
 from .engine.memory import MemoryPressure
-from .library import (CognitiveModelIntegrator, ModelHealthMonitor, ModelMemoryManager,
-                      ModelMemoryMiddleware, ModelMetrics, create_model_memory_manager)
+from .library import (CognitiveModelIntegrator, ManagerClosed, ModelHealthMonitor,
+                      ModelMemoryManager, ModelMemoryMiddleware, ModelMetrics, WrongEventLoop,
+                      create_model_memory_manager)
 
-__all__ = ["CognitiveModelIntegrator", "MemoryPressure", "ModelHealthMonitor",
+__all__ = ["CognitiveModelIntegrator", "ManagerClosed", "MemoryPressure", "ModelHealthMonitor",
            "ModelMemoryManager", "ModelMemoryMiddleware", "ModelMetrics", "ModelStatus",
-           "create_model_memory_manager"]
+           "WrongEventLoop", "create_model_memory_manager"]
 __version__ = "0.1.0"

@@ -39,7 +39,7 @@ from .native import relay as native
 from .server.relay import log_refused_at_edge
 from .server.reload import RELOADER, Reloader
 from .server.serving import SERVING, ServingOptions
-from .store import UsageStore, default_path
+from .storage import configured_store
 from .upstream import create_upstream
 from .upstream.base import Upstream
 from .observe.webhook import WebhookSink
@@ -131,11 +131,8 @@ def create_app(config: Config, *, upstream: Upstream | None = None, clock: Clock
     else:
         if upstream is None:
             upstream = create_upstream(config.upstream)
-        store = None
-        if config.storage.enabled:
-            store = UsageStore(config.storage.path or default_path(),
-                               config.storage.retention_days)
-        engine = EngineCore(live, upstream, clock=clock, sampler=sampler, store=store,
+        engine = EngineCore(live, upstream, clock=clock, sampler=sampler,
+                            store=configured_store(config.storage),
                             shared=replica.host(SINGLE_HOST) if replica is not None else None)
         app_hosts = {}
     auth = AuthState(live)

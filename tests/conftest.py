@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 import aiohttp
@@ -67,6 +68,16 @@ def proxy_config(upstream_url: str, **overrides: Any) -> Any:
             node = node.setdefault(p, {})
         node[leaf] = value
     return load_config(raw)
+
+
+@pytest.fixture
+def private_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """HOME in the test's own folder: the history a library manager keeps by default
+    (storage.path's default, under ~/.local/state) starts empty there and stays there."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    return home
 
 
 @pytest.fixture

@@ -1,9 +1,9 @@
 """The import rule, as the code has it: layers import downward only, and no module-level cycle.
 
-    foundation   errors, schema, config, configload, configfile, groupcheck, loadoptions,
+    foundation   errors, inputs, schema, config, configload, configfile, groupcheck, loadoptions,
                  liveconfig, urls, origins
-    backends     upstream/*, store (with storelock, storedamage), state/* (the fleet's shared
-                 facts: memory or Redis)
+    backends     upstream/*, store (with storelock, storedamage), storage, state/* (the fleet's
+                 shared facts: memory or Redis)
     engine       engine/*                             (never aiohttp's web)
     fleet        fleet/*                              (one engine per host, the placer above)
     wings        library/*, observe/*                 (they wrap or watch the engine)
@@ -22,13 +22,14 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "proxy"
 LAYERS = [
-    ("foundation", ("proxy.errors", "proxy.schema", "proxy.config", "proxy.configload",
+    ("foundation", ("proxy.errors", "proxy.inputs", "proxy.schema", "proxy.config",
+                    "proxy.configload",
                     "proxy.configcheck",
                     "proxy.groupcheck",
                     "proxy.loadoptions", "proxy.liveconfig", "proxy.urls", "proxy.origins",
                     "proxy.configfile")),
     ("backends", ("proxy.upstream", "proxy.store", "proxy.storelock", "proxy.storedamage",
-                  "proxy.state")),
+                  "proxy.storage", "proxy.state")),
     ("engine", ("proxy.engine",)),
     ("fleet", ("proxy.fleet",)),
     ("wings", ("proxy.library", "proxy.observe")),

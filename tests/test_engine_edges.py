@@ -245,7 +245,7 @@ async def test_auto_for_a_task_no_model_serves_is_a_404(make_emulator, make_prox
     assert r.status == 404 and body["error"]["code"] == "model_not_found"
 
 
-async def test_the_middleware_reads_the_model_from_the_query_too(emulator, http):
+async def test_the_middleware_reads_the_model_from_the_query_too(emulator, http, private_home):
     from aiohttp import web
 
     from proxy import ModelMemoryMiddleware, create_model_memory_manager

@@ -13,7 +13,7 @@ MODEL = "qwen/qwen3-4b"
 
 
 @pytest.fixture
-async def manager(emulator):
+async def manager(emulator, private_home):
     m = await create_model_memory_manager(min_free_memory_gb=1, upstream=emulator.url)
     yield m
     await m.cleanup()
@@ -72,3 +72,68 @@ async def test_a_step_its_caller_gave_up_on_is_no_failure_and_releases(manager):
     usage = manager.usage(MODEL)
     assert (usage.requests, usage.failures, usage.client_closed) == (1, 0, 1)
     assert manager.entry(MODEL).leases == 0
+
+
+async def served_app(manager, routes):
+    app = web.Application(middlewares=[ModelMemoryMiddleware(manager).aiohttp])
+    for path, handler in routes.items():
+        app.router.add_get(path, handler)
+    return await serve(app)
+
+
+async def test_a_model_the_middleware_cannot_have_is_answered_as_the_proxy_answers(manager,
+                                                                                    http):
+    async def handler(request):
+        raise AssertionError("never called without its model")
+    served = await served_app(manager, {"/work": handler})
+    try:
+        async with http.get(f"{served.url}/work", headers={"X-Model": "no/such"}) as r:
+            assert r.status == 404
+            error = (await r.json())["error"]
+    finally:
+        await served.close()
+    assert error["code"] == "model_not_found" and error["param"] == "model"
+    assert error["type"] == "invalid_request_error" and "'no/such'" in error["message"]
+
+
+async def test_the_handlers_4xx_is_no_failure_of_the_model_and_its_5xx_is(manager, http):
+    async def refuses(request):
+        raise web.HTTPBadRequest(text="the user said no")
+
+    async def breaks(request):
+        raise web.HTTPInternalServerError()
+
+    async def answers_503(request):
+        return web.json_response({}, status=503)
+    served = await served_app(manager, {"/refuses": refuses, "/breaks": breaks,
+                                        "/503": answers_503})
+    try:
+        async with http.get(f"{served.url}/refuses", headers={"X-Model": MODEL}) as r:
+            assert r.status == 400
+        usage = manager.usage(MODEL)
+        assert (usage.requests, usage.failures) == (0, 0)
+        for path in ("/breaks", "/503"):
+            async with http.get(f"{served.url}{path}", headers={"X-Model": MODEL}) as r:
+                assert r.status >= 500
+    finally:
+        await served.close()
+    usage = manager.usage(MODEL)
+    assert (usage.requests, usage.failures) == (2, 2)
+    assert manager.entry(MODEL).leases == 0
+
+
+async def test_a_request_with_no_route_never_loads_its_model(manager, http, emulator):
+    async def handler(request):
+        return web.json_response({})
+    await manager.clear_all_models()
+    loads = emulator.state.load_calls[MODEL]
+    served = await served_app(manager, {"/work": handler})
+    try:
+        async with http.get(f"{served.url}/nope", headers={"X-Model": MODEL}) as r:
+            assert r.status == 404
+        async with http.post(f"{served.url}/work", headers={"X-Model": MODEL}) as r:
+            assert r.status == 405
+    finally:
+        await served.close()
+    assert emulator.state.load_calls[MODEL] == loads and MODEL not in manager.get_loaded_models()
+    assert manager.usage(MODEL).requests == 0

@@ -1,12 +1,16 @@
-"""The original design's Quick Start, against the emulator, through the library API only."""
+"""The original design's Quick Start, against the emulator, through the library API only; the
+history it keeps across a restart; its constructor's checks."""
 from __future__ import annotations
+
+import pytest
 
 from proxy import ModelMemoryManager, ModelStatus
 from proxy.config import UpstreamConfig
+from proxy.configload import load_config, replace_config
 from proxy.upstream.lmstudio import LMStudioUpstream
 
 
-async def test_quick_start_flow(emulator):
+async def test_quick_start_flow(emulator, private_home):
     upstream = LMStudioUpstream(UpstreamConfig(url=emulator.url))
     async with ModelMemoryManager(max_memory_usage_percent=90, min_free_memory_gb=1,
                                   upstream=upstream, owns_upstream=True) as manager:
@@ -34,3 +38,42 @@ async def test_quick_start_flow(emulator):
                              "reasoning"}
         assert sorted(await manager.clear_all_models()) == sorted(ok)
     assert not upstream.started   # closed with the manager
+
+
+async def test_statistics_survive_a_restart_in_the_default_history(emulator, private_home):
+    """The documented constructor keeps its history where `storage.path` defaults to, as the
+    proxy does, and closes it with the manager."""
+    async with ModelMemoryManager(min_free_memory_gb=1, upstream=emulator.url) as first:
+        first.record_model_usage("qwen/qwen3-4b", latency=0.5, tokens_used=100)
+        first.record_model_usage("qwen/qwen3-4b", latency=0.7, success=False)
+        store = first.store
+    assert store is not None and not store.ok                 # closed with the manager
+    assert store.path == private_home / ".local/state/lmstudio-proxy/history.sqlite3"
+    async with ModelMemoryManager(min_free_memory_gb=1, upstream=emulator.url) as again:
+        usage = again.usage("qwen/qwen3-4b")
+        assert (usage.requests, usage.failures, usage.completion_tokens) == (2, 1, 100)
+        assert again.get_memory_stats()["persistence"] == {
+            "ok": True, "path": str(store.path), "error": None, "damage": [], "skipped": []}
+
+
+async def test_a_configured_history_is_used_and_a_disabled_one_is_not(emulator, private_home,
+                                                                        tmp_path):
+    path = tmp_path / "lib-history.sqlite3"
+    config = load_config({"upstream": {"url": emulator.url},
+                          "memory": {"min_free_memory_gb": 1},
+                          "storage": {"path": str(path)}})
+    async with ModelMemoryManager(config=config) as first:
+        first.record_model_usage("qwen/qwen3-4b", latency=0.5, tokens_used=7)
+    async with ModelMemoryManager(config=config) as again:
+        assert again.usage("qwen/qwen3-4b").completion_tokens == 7
+    off = replace_config(config, {"storage.enabled": False})
+    async with ModelMemoryManager(config=off) as memory_only:
+        assert memory_only.store is None and memory_only.usage("qwen/qwen3-4b").requests == 0
+    assert not (private_home / ".local").exists()
+
+
+@pytest.mark.parametrize("upstream", [42, 1.5, b"http://127.0.0.1:1234", object()])
+def test_an_upstream_that_is_neither_a_url_nor_an_adapter_is_a_type_error(upstream):
+    with pytest.raises(TypeError, match=r"upstream must be the server's URL \(a str\) or an "
+                                        r"adapter .*, not " + type(upstream).__name__):
+        ModelMemoryManager(upstream=upstream)

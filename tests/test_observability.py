@@ -89,7 +89,8 @@ async def test_stats_shape(proxy, http):
 async def monitored(url, clock, sampler=None, **health):
     config = load_config({"upstream": {"url": url},
                           "memory": {"sampler": "local", "min_free_memory_gb": 4},
-                          "health": {"min_requests": 3, **health}})
+                          "health": {"min_requests": 3, **health},
+                          "storage": {"enabled": False}})
     mgr = ModelMemoryManager(config=config, upstream=LMStudioUpstream(config.upstream),
                              clock=clock, sampler=sampler or SettableSampler(),
                              owns_upstream=True)

@@ -20,7 +20,7 @@ def test_the_docs_have_their_examples():
 
 @pytest.mark.parametrize("page,code", EXAMPLES,
                          ids=[f"{page.name}-{i}" for i, (page, _) in enumerate(EXAMPLES)])
-async def test_docs_example_runs(page, code, emulator):
+async def test_docs_example_runs(page, code, emulator, private_home):
     code = code.replace('"http://127.0.0.1:1234"', repr(emulator.url))
     namespace: dict = {}
     exec(compile(code, str(page), "exec"), namespace)

@@ -50,7 +50,8 @@ async def manager_with_headroom(url: str, headroom_gb: float) -> ModelMemoryMana
                           "memory": {"sampler": "local", "max_memory_usage_percent": 100,
                                      "min_free_memory_gb": available_gb - headroom_gb,
                                      "reclaim_timeout_s": 1},
-                          "eviction": {"hold": 0, "queue_timeout_s": 20}})
+                          "eviction": {"hold": 0, "queue_timeout_s": 20},
+                          "storage": {"enabled": False}})
     mgr = ModelMemoryManager(config=config, upstream=LMStudioUpstream(config.upstream),
                              owns_upstream=True)
     await mgr.start()

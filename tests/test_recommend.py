@@ -62,7 +62,7 @@ def test_only_the_models_named_in_the_context_are_candidates():
                      tasks={})["recommended_models"] == []
 
 
-async def test_failures_on_a_task_teach_the_engine_to_prefer_another(emulator):
+async def test_failures_on_a_task_teach_the_engine_to_prefer_another(emulator, private_home):
     from proxy.library import ModelMemoryManager
     from proxy.engine.usage import RequestRecord
     mgr = ModelMemoryManager(min_free_memory_gb=0, upstream=emulator.url)

@@ -17,7 +17,7 @@ import logging
 from typing import Any, Awaitable, Callable
 
 from ..config import Config
-from ..errors import ModelLoadFailed, ModelNotFound, clip
+from ..errors import ModelLoadFailed
 from ..liveconfig import LiveConfig
 from ..store import UsageStore
 from ..upstream.base import ModelBackend
@@ -39,7 +39,7 @@ from .monitor import MemoryMonitor
 from .periodic import Periodic
 from .preload import Preloader, PreloadTally
 from .reconcile import Reconciler
-from .registry import ECHO_MAX_CHARS, Registry
+from .registry import Registry
 from .scheduler import Scheduler
 from .shared import SharedHost
 from .usage import RequestRecord
@@ -265,10 +265,7 @@ class EngineCore(ManualOperations, CoreViews):
                 return key
         if not len(self.registry) and not self.upstream_ok:
             raise self.reconciler.failure()
-        close = self.registry.suggestions(name)
-        hint = f" Did you mean: {', '.join(repr(c) for c in close)}?" if close else ""
-        raise ModelNotFound(f"The model '{clip(name, ECHO_MAX_CHARS)}' does not exist.{hint}",
-                            param="model")
+        raise self.registry.not_found(name)
 
     # -- background work ---------------------------------------------------------------------
     async def sample_memory(self) -> MemorySample:

@@ -4,16 +4,20 @@ Context keys (the original design's): `task_type`, `complexity` 0–1 (favours l
 `urgency` 0–1 (favours what is loaded now), `available_memory_gb` (what may be loaded without
 evicting; default: the engine's headroom), `model_type` (`llm` or `embedding`: what the
 endpoint can use; default: embedding models for the task `embedding`, else LLMs), `models` (the
-model keys that may be chosen at all, e.g. a client key's; default: every one). Candidates for
-a task come from the `tasks:` config (in its order) and from what was learned: requests tagged
-with a task teach which models served it, how reliably and how fast. A model that cannot be
-loaded (larger than the one-model ceiling, or failing to load and still in its back-off) is
-never recommended; `not_loadable` says why each was left out.
+model keys that may be chosen at all, e.g. a client key's; default: every one). A value of the
+wrong kind is an InvalidRequest naming its key (numbers may come as a query's strings).
+Candidates for a task come from the `tasks:` config (in its order) and from what was learned:
+requests tagged with a task teach which models served it, how reliably and how fast. A model
+that cannot be loaded (larger than the one-model ceiling, or failing to load and still in its
+back-off) is never recommended; `not_loadable` says why each was left out.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Mapping
+
+from ..errors import InvalidRequest
+from ..inputs import number
 
 GB = 1_000_000_000
 # Words in a model key that hint at what it is good at; weak evidence, used last.
@@ -61,20 +65,33 @@ class Context:
 
     @classmethod
     def of(cls, context: Mapping[str, Any] | str | None) -> "Context":
+        """The context of the HTTP API (query strings), of `auto:` routing and of the library,
+        checked alike: a wrong value is an InvalidRequest naming its key, never ignored."""
         if isinstance(context, str):
             context = {"task_type": context}
-        context = context or {}
-        task = str(context.get("task_type") or context.get("task") or "chat").lower()
-        task = TASK_ALIASES.get(task, task)
+        elif context is None:
+            context = {}
+        elif not isinstance(context, Mapping):
+            raise InvalidRequest(
+                "The context is a task's name or a mapping of task_type, complexity, urgency, "
+                f"available_memory_gb, model_type (got {type(context).__name__}).",
+                param="context")
+        task = context.get("task_type") or context.get("task") or "chat"
+        if not isinstance(task, str):
+            raise InvalidRequest("'task_type' must be a task's name.", param="task_type")
+        task = TASK_ALIASES.get(task.lower(), task.lower())
         mem = context.get("available_memory_gb")
         kind = context.get("model_type")
-        if kind not in MODEL_TYPES:
+        if kind is None:
             kind = "embedding" if task == "embedding" else "llm"
+        elif kind not in MODEL_TYPES:
+            raise InvalidRequest(f"'model_type' must be one of {', '.join(MODEL_TYPES)}.",
+                                 param="model_type")
         only = context.get("models")
-        return cls(task, _unit(context.get("complexity"), 0.5),
-                   _unit(context.get("urgency"), 0.5),
-                   float(mem) * GB if isinstance(mem, (int, float)) else None, kind,
-                   None if only is None or isinstance(only, str) else frozenset(only))
+        available = None if mem is None else \
+            number("available_memory_gb", mem, minimum=0, text=True) * GB
+        return cls(task, _unit(context, "complexity"), _unit(context, "urgency"), available,
+                   kind, None if only is None or isinstance(only, str) else frozenset(only))
 
 
 def task_model_type(task: str, tasks: Mapping[str, tuple[str, ...]],
@@ -89,10 +106,10 @@ def task_model_type(task: str, tasks: Mapping[str, tuple[str, ...]],
     return kinds.pop() if len(kinds) == 1 else None
 
 
-def _unit(value: Any, default: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return default
-    return min(1.0, max(0.0, float(value)))
+def _unit(context: Mapping[str, Any], name: str, default: float = 0.5) -> float:
+    """A 0–1 weight; a number outside is clamped to it."""
+    value = context.get(name)
+    return default if value is None else min(1.0, max(0.0, number(name, value, text=True)))
 
 
 def not_loadable(f: ModelFacts, ceiling_bytes: float) -> str | None:

@@ -11,6 +11,7 @@ from collections import Counter
 from typing import Iterator
 
 from ..config import Config
+from ..errors import ModelNotFound, clip
 from ..liveconfig import LiveConfig
 from .lifecycle import ModelEntry, ModelStatus
 from .memory import GB
@@ -97,6 +98,13 @@ class Registry:
         close = difflib.get_close_matches(name, names, n=max(1, len(names)), cutoff=0.4)
         return [c for c in close if difflib.SequenceMatcher(
             None, name, c).find_longest_match().size >= shared][:n]
+
+    def not_found(self, name: str) -> ModelNotFound:
+        """The error for a name no known model answers to, naming the closest ones."""
+        close = self.suggestions(name)
+        hint = f" Did you mean: {', '.join(repr(c) for c in close)}?" if close else ""
+        return ModelNotFound(f"The model '{clip(name, ECHO_MAX_CHARS)}' does not exist.{hint}",
+                             param="model")
 
     # -- per-model facts ---------------------------------------------------------------------
     def priority(self, key: str) -> int:

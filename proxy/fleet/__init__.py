@@ -8,7 +8,7 @@ from ..engine.clock import Clock
 from ..engine.core import EngineCore
 from ..engine.replica import Replica
 from ..liveconfig import LiveConfig
-from ..store import UsageStore
+from ..storage import configured_store
 from ..upstream import create_upstream
 from .fleet import Fleet
 from .hosts import Host, host_config, host_upstream
@@ -24,10 +24,8 @@ def create_fleet(live: LiveConfig, *, clock: Clock | None = None,
     for i, spec in enumerate(config.upstreams):   # read at start only: the index stays
         narrowed = LiveConfig(host_config(config, spec))
         backend = create_upstream(host_upstream(spec))
-        store = None
-        if config.storage.enabled:
-            store = UsageStore(narrowed.current.storage.path, config.storage.retention_days)
-        core = EngineCore(narrowed, backend, clock=clock, store=store, host_name=spec.name,
+        core = EngineCore(narrowed, backend, clock=clock,
+                          store=configured_store(narrowed.current.storage), host_name=spec.name,
                           host_path=f"upstreams[{i}]",
                           shared=replica.host(spec.name) if replica is not None else None)
         hosts.append(Host(spec, core, backend, narrowed))

@@ -7,6 +7,7 @@ import orjson
 from aiohttp import web
 
 from ..engine.face import Engine
+from .. import inputs
 from ..engine.report import pressure_shown
 from ..errors import ConfigRejected, InvalidRequest, UnsupportedMediaType, clip
 from ..server import scope
@@ -51,9 +52,7 @@ def _state(engine: Engine, key: str) -> str | None:
 
 
 def _model_field(request: web.Request, data: dict[str, Any]) -> str:
-    model = data.get("model")
-    if not isinstance(model, str) or not model:
-        raise InvalidRequest("'model' is required and must be a string.", param="model")
+    model = inputs.model_name(data.get("model"))
     check_model_name(model, request.app[CONFIG].current.server)
     return model
 
@@ -95,10 +94,7 @@ async def models(request: web.Request) -> web.Response:
 async def load(request: web.Request) -> web.Response:
     data = await _json_object(request)
     model = _model_field(request, data)
-    priority = data.get("priority")
-    if priority is not None and (not isinstance(priority, int) or isinstance(priority, bool)
-                                 or not 1 <= priority <= 10):
-        raise InvalidRequest("'priority' must be an integer 1..10.", param="priority")
+    priority = inputs.priority(data.get("priority"))
     engine = request.app[ENGINE]
     host = _host_field(request, data)
     key = await engine.resolve(model)
@@ -121,9 +117,7 @@ async def unload(request: web.Request) -> web.Response:
 async def pin(request: web.Request) -> web.Response:
     """A runtime pin (or unpin) that overrides the config until the proxy restarts."""
     data = await _json_object(request)
-    pinned = data.get("pinned", True)
-    if not isinstance(pinned, bool):
-        raise InvalidRequest("'pinned' must be true or false.", param="pinned")
+    pinned = inputs.flag("pinned", data.get("pinned", True))
     engine = request.app[ENGINE]
     host = _host_field(request, data)
     key = await engine.resolve(_model_field(request, data))
@@ -157,13 +151,9 @@ async def stats(request: web.Request) -> web.Response:
 
 async def recommendations(request: web.Request) -> web.Response:
     q = request.query
-    context: dict[str, Any] = {"task_type": q.get("task_type", "chat")}
-    for name in ("complexity", "urgency", "available_memory_gb"):
-        if name in q:
-            try:
-                context[name] = float(q[name])
-            except ValueError:
-                raise InvalidRequest(f"'{name}' must be a number.", param=name) from None
+    # The numbers as sent: the engine reads and checks them (engine/recommend.py).
+    context: dict[str, Any] = {name: q[name] for name in (
+        "task_type", "complexity", "urgency", "available_memory_gb") if name in q}
     allowed = allowed_models(request)
     if allowed is not None:     # a limited key: chosen among its own models, as auto: is
         context["models"] = allowed

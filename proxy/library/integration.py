@@ -10,7 +10,9 @@
 
 Around each call: a USE lease on the model (loading it first, never evicted while the call
 runs), then the latency, success and tokens (from a result's `usage` when it has one) are
-recorded against the model.
+recorded against the model. In aiohttp, a model that cannot be had is answered as the proxy
+answers it (its status, OpenAI's error body), a request with no route never loads the model,
+and a 4xx (the client's mistake) is not recorded at all: only a 5xx is the model's failure.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from typing import Any, Awaitable, Callable, Mapping
 from aiohttp import web
 
 from ..engine.usage import CLIENT_CLOSED, RequestRecord
+from ..errors import ProxyError
 from .manager import ModelMemoryManager
 
 Handler = Callable[[Mapping[str, Any]], Awaitable[Any]]
@@ -56,25 +59,51 @@ class _Use:
     def __init__(self, manager: ModelMemoryManager, model: str, source: str) -> None:
         self.manager, self.model, self.source = manager, model, source
 
-    async def run(self, call: Callable[[], Awaitable[Any]]) -> Any:
+    async def run(self, call: Callable[[], Awaitable[Any]],
+                  status_of: Callable[[Any], int] | None = None,
+                  refused: Callable[[ProxyError], Any] | None = None) -> Any:
+        """`status_of`: the outcome of a result; `refused`: the answer instead of the call
+        when the model cannot be had (else the ProxyError is raised)."""
         m = self.manager
-        lease = await m.acquire(self.model)
+        try:
+            lease = await m.acquire(self.model)
+        except ProxyError as exc:
+            if refused is None:
+                raise
+            return refused(exc)
         started = time.perf_counter()
-        ok, result, status = False, None, 500
+        result, status = None, 500
         try:
             result = await call()
-            ok, status = True, 200
+            status = 200 if status_of is None else status_of(result)
             return result
         except asyncio.CancelledError:
             status = CLIENT_CLOSED        # its caller gave up: no failure of the model's
             raise
+        except web.HTTPException as exc:  # an answer raised (aiohttp's way): its status
+            status = exc.status
+            raise
         finally:
             lease.release()
-            prompt, completion = _tokens(result) if ok else (0, 0)
-            m.record(RequestRecord(model=lease.model, ok=ok,
-                                   latency_s=time.perf_counter() - started,
-                                   at_s=m.clock.now(), endpoint=self.source, status=status,
-                                   prompt_tokens=prompt, completion_tokens=completion))
+            # A 4xx refused the client's request: neither a use of the model nor its failure
+            # (as the proxy does not count its own refusals of a request).
+            if status == CLIENT_CLOSED or not 400 <= status < 500:
+                ok = status < 400
+                prompt, completion = _tokens(result) if ok else (0, 0)
+                m.record(RequestRecord(model=lease.model, ok=ok,
+                                       latency_s=time.perf_counter() - started,
+                                       at_s=m.clock.now(), endpoint=self.source,
+                                       status=status, prompt_tokens=prompt,
+                                       completion_tokens=completion))
+
+
+def _status(response: web.StreamResponse) -> int:
+    return response.status
+
+
+def _refusal(exc: ProxyError) -> web.Response:
+    """The engine's refusal as the proxy answers it: its status, OpenAI's error body."""
+    return web.json_response(exc.body(), status=exc.status, headers=exc.headers())
 
 
 class ModelMemoryMiddleware:
@@ -97,9 +126,11 @@ class ModelMemoryMiddleware:
                              handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
                              ) -> web.StreamResponse:
             model = self._model_of(request)
-            if not model:
+            # No route (404) or no such method on it (405): nothing to load the model for.
+            if not model or request.match_info.http_exception is not None:
                 return await handler(request)
-            return await _Use(self.manager, model, "middleware").run(lambda: handler(request))
+            return await _Use(self.manager, model, "middleware").run(
+                lambda: handler(request), _status, _refusal)
         return middleware
 
 

@@ -5,9 +5,12 @@
         m.record_model_usage("qwen/qwen3-4b", latency=0.8, success=True, tokens_used=120)
 
 Without `upstream=` (or with a URL), it builds the configured adapter (`upstream.kind`) and
-closes it itself. The engine itself is `manager.core`; the manager offers the engine's face
-(`proxy.engine.face.Engine`) by reading it through, plus the original names, hooks and the
-overridable `_handle_critical_memory()`, which the core calls at critical pressure.
+closes it itself; it keeps its history in the store `storage:` names, as the proxy does. The
+engine itself is `manager.core`; the manager offers the engine's face
+(`proxy.engine.face.Engine`) by reading it through (library/face.py), plus the original names
+(their arguments checked as the HTTP API checks them, proxy/inputs.py), hooks and the
+overridable `_handle_critical_memory()`, which the core calls at critical pressure. It belongs
+to the event loop it is first used in, until cleanup() closes it for good.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import inspect
 import logging
 from typing import Any, Callable, Iterable, Mapping
 
+from .. import inputs
 from ..config import Config
 from ..configload import load_config
 from ..engine.clock import Clock
@@ -24,9 +28,12 @@ from ..engine.lifecycle import ModelEntry, ModelStatus
 from ..engine.memory import MemoryPressure, MemorySampler
 from ..engine.usage import ModelUsage, RequestRecord
 from ..errors import ProxyError
+from ..liveconfig import LiveConfig
+from ..storage import configured_store
 from ..store import UsageStore
 from ..upstream import create_upstream
 from ..upstream.base import ModelBackend
+from .face import EngineFace
 
 log = logging.getLogger("proxy.library")
 
@@ -45,42 +52,23 @@ class ModelMetrics:
         self.avg_load_time_s = entry.load_time_s
 
 
-# The engine's face (proxy.engine.face.Engine) and the core's own maintenance calls, read
-# through the manager from the core it wraps.
-READ_THROUGH = (
-    "clock", "store", "resolve", "acquire", "upstream_for", "host_failed", "host_lost", "hold",
-    "record", "admit_load", "client_connection", "owner_of", "load", "unload", "unload_report",
-    "clear",
-    "optimize", "pin", "pinned", "pinned_on",
-    "reconcile", "apply_config", "start", "start_monitoring", "stop_monitoring", "cleanup",
-    "add_listener", "memory_pressure", "memory_managed", "last_sample", "queue_length",
-    "upstream_ok",
-    "upstream_error", "api_level", "manages_loading", "capabilities", "last_reconcile_s",
-    "known_models", "loaded_models", "entry", "usage", "footprint_bytes", "footprint_source",
-    "ceiling_bytes", "active_leases",
-    "row", "report", "recommend", "priority", "sample_memory", "unload_idle_models",
-    "relieve_pressure", "flush")
+BACKEND_METHODS = ("detect", "list_models", "load", "unload")   # upstream.base.ModelBackend
 
 
-class _Core:
-    """An attribute of the wrapped core, read through the manager."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def __get__(self, manager: Any, owner: type | None = None) -> Any:
-        if manager is None:
-            return self
-        return getattr(manager.core, self.name)
-
-
-class ModelMemoryManager:
+class ModelMemoryManager(EngineFace):
     def __init__(self, max_memory_usage_percent: float = 80.0, model_timeout_hours: float = 2.0,
                  min_free_memory_gb: float = 4.0, monitoring_interval: float = 30.0,
-                 upstream: ModelBackend | str | None = None, *, config: Config | None = None,
+                 upstream: ModelBackend | str | None = None, *,
+                 config: Config | LiveConfig | None = None,
                  sampler: MemorySampler | None = None, clock: Clock | None = None,
                  owns_upstream: bool | None = None, store: UsageStore | None = None
                  ) -> None:
+        """`store`: a history store of your own instead of the one `storage:` names."""
+        if upstream is not None and not isinstance(upstream, str) and \
+                not all(callable(getattr(upstream, m, None)) for m in BACKEND_METHODS):
+            raise TypeError("upstream must be the server's URL (a str) or an adapter "
+                            "(a proxy.upstream ModelBackend), not "
+                            f"{type(upstream).__name__}")
         if config is None:
             config = load_config(overrides={
                 "memory.max_memory_usage_percent": max_memory_usage_percent,
@@ -91,14 +79,16 @@ class ModelMemoryManager:
         if isinstance(upstream, str):     # a URL: the configured adapter, built and owned here
             upstream = None
         owns = owns_upstream if owns_upstream is not None else upstream is None
+        if store is None:     # as the proxy does: the history survives a restart
+            store = configured_store(LiveConfig.of(config).current.storage)
         self.core = EngineCore(config, upstream if upstream is not None else
-                               create_upstream(config.upstream), sampler=sampler, clock=clock,
-                               store=store, owns_upstream=owns,
+                               create_upstream(LiveConfig.of(config).current.upstream),
+                               sampler=sampler, clock=clock, store=store, owns_upstream=owns,
                                on_critical=self._handle_critical_memory)
         self.on_model_loaded: Callable[..., Any] | None = None
         self.on_model_unloaded: Callable[..., Any] | None = None
         self.on_memory_pressure: Callable[..., Any] | None = None
-        self._hook_tasks: set[asyncio.Task] = set()
+        self._hook_tasks: set[asyncio.Task[Any]] = set()
         self.core.add_listener(_Hooks(self))
 
     @property
@@ -122,6 +112,15 @@ class ModelMemoryManager:
     async def __aexit__(self, *exc: object) -> None:
         await self.cleanup()
 
+    async def cleanup(self) -> None:
+        """Stop monitoring, write and close the history, close the adapter it built. The
+        manager is closed for good; a second cleanup() does nothing."""
+        if self._closed:
+            return
+        self._check_tie()
+        self._closed = True
+        await self.core.cleanup()
+
     def _call_hook(self, hook: Callable[..., Any] | None, *args: Any) -> None:
         if hook is None:
             return
@@ -134,6 +133,17 @@ class ModelMemoryManager:
             task = asyncio.ensure_future(result)
             self._hook_tasks.add(task)
             task.add_done_callback(self._hook_tasks.discard)
+
+    def _key(self, name: object, *, with_history: bool = False) -> str:
+        """The key of a known model (no catalogue refresh: the caller is not async); with
+        `with_history`, also one not listed now whose statistics were kept from before."""
+        name = inputs.model_name(name)
+        key = self.core.registry.key_of(name)
+        if key is None and with_history and name in self.core.accounting.usage:
+            key = name
+        if key is None:
+            raise self.core.registry.not_found(name)
+        return key
 
     # -- the original library API ------------------------------------------------------------
     @property
@@ -152,24 +162,36 @@ class ModelMemoryManager:
 
     def set_pinned(self, key: str, pinned: bool) -> None:
         """A runtime pin: kept until the process ends."""
-        self.core.pin(key, pinned)
+        self._check_tie()
+        pinned = inputs.flag("pinned", pinned)
+        self.core.pin(self._key(key), pinned)
 
     def get_loaded_models(self) -> list[str]:
         return self.core.loaded_models()
 
     async def load_model(self, name: str, priority: int | None = None) -> bool:
-        return await self.core.load(name, priority)
+        """Cancelling the caller does not cancel the load (LM Studio cannot): the model
+        still becomes resident, and on_model_loaded fires."""
+        self._check_tie()
+        return await self.core.load(inputs.model_name(name), inputs.priority(priority))
 
     async def unload_model(self, name: str, *, reason: str = "manual",
                            drain_timeout_s: float | None = None) -> bool:
-        return await self.core.unload(name, reason=reason, drain_timeout_s=drain_timeout_s)
+        self._check_tie()
+        return await self.core.unload(inputs.model_name(name), reason=reason,
+                                      drain_timeout_s=drain_timeout_s)
 
-    async def ensure_models_available(self, models: Iterable[str], priority: int | None = None
-                                      ) -> dict[str, bool]:
+    async def ensure_models_available(self, models: Iterable[str] | str,
+                                      priority: int | None = None) -> dict[str, bool]:
+        """Each model loaded if it can be: name → whether it is available (a refusal is
+        logged and is False). One name may be given as a str."""
+        self._check_tie()
+        names = [inputs.model_name(n) for n in ([models] if isinstance(models, str) else models)]
+        priority = inputs.priority(priority)
         out: dict[str, bool] = {}
-        for name in models:
+        for name in names:
             try:
-                out[name] = await self.load_model(name, priority)
+                out[name] = await self.core.load(name, priority)
             except ProxyError as exc:
                 log.warning("could not make %s available: %s", name, exc.message)
                 out[name] = False
@@ -177,17 +199,26 @@ class ModelMemoryManager:
 
     async def clear_all_models(self) -> list[str]:
         """Unload every loaded model the proxy may unload (pins included: an explicit clear)."""
-        return (await self.core.clear())["unloaded"]
+        self._check_tie()
+        unloaded: list[str] = (await self.core.clear())["unloaded"]
+        return unloaded
 
     async def optimize_memory_usage(self) -> dict[str, Any]:
+        self._check_tie()
         return await self.core.optimize()
 
     def record_model_usage(self, model: str, latency: float, success: bool = True,
                            tokens_used: int = 0) -> None:
+        """One request of a known model (listed, or with statistics kept from before a
+        restart): `latency` seconds (0 or more), `tokens_used` the completion tokens."""
+        self._check_tie()
         core = self.core
-        key = core.registry.aliases.get(model, model)
-        core.record(RequestRecord(model=key, ok=success, latency_s=latency,
-                                  at_s=core.clock.now(), completion_tokens=tokens_used))
+        key = self._key(model, with_history=True)
+        record = RequestRecord(model=key, ok=inputs.flag("success", success),
+                               latency_s=inputs.number("latency", latency, minimum=0),
+                               at_s=core.clock.now(),
+                               completion_tokens=inputs.count("tokens_used", tokens_used))
+        core.record(record)
 
     def get_model_recommendations(self, context: Mapping[str, Any] | str | None = None
                                   ) -> dict[str, Any]:
@@ -198,10 +229,6 @@ class ModelMemoryManager:
 
     def get_memory_stats(self) -> dict[str, Any]:
         return self.core.report()
-
-
-for _name in READ_THROUGH:
-    setattr(ModelMemoryManager, _name, _Core(_name))
 
 
 class _Hooks:
