@@ -10,7 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from proxy.configload import load_config
+from proxy.library import ModelMemoryManager
 from proxy.store import UsageStore
+from proxy.storelock import StorageInUse
 
 from .test_signals import MODEL, ROOT, ProxyProcess
 from .test_store_damage import chat, config_for, requests_in
@@ -74,3 +77,17 @@ def test_engines_of_one_process_share_a_file_and_the_last_one_out_releases_it(tm
     assert second.write({(MODEL, 1): [1, 0, 1, 1, 0.1]}, {}, {}, 1)
     second.close()
     assert opens_in_another_process(path)
+
+
+async def test_a_library_manager_on_a_proxys_history_file_is_refused(emulator, tmp_path):
+    path = tmp_path / "history.sqlite3"
+    first = await ProxyProcess.start(config_for(tmp_path, emulator.url, path))
+    try:
+        await first.ready()
+        manager = ModelMemoryManager(config=load_config({
+            "upstream": {"url": emulator.url}, "storage": {"path": str(path)}}))
+        with pytest.raises(StorageInUse, match="in use by another proxy process"):
+            await manager.start()
+        await manager.cleanup()
+    finally:
+        await first.stop()
