@@ -1,7 +1,8 @@
 """Command line: `python -m proxy [--config PATH] [--host H] [--port P] [--upstream URL]
 [--demo [--flavor F] [--hosts N] [--demo-upstream-port P]] [--check]`, `python -m proxy status`,
-`python -m proxy healthcheck`, `python -m proxy mcp`. The only module that reads the
-environment: every flag also has a PROXY_* variable (flag > environment > config file > default)."""
+`python -m proxy healthcheck`, `python -m proxy mcp`. With configsource.py, the only module that
+reads the environment: every flag also has a PROXY_* variable (flag > environment > config file >
+default)."""
 from __future__ import annotations
 
 import argparse
@@ -11,38 +12,18 @@ import logging
 import os
 import signal
 import sys
-from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from .config import Config
+from .configfile import BlankConfigFile, read_config_file
 from .configload import load_config, replace_config
-from .configfile import read_config_file
+from .configsource import (DEMO_FLAVORS, config_path, resolve_config, resolve_with_warnings,
+                           with_environment)
 from .urls import redact_url
 from .demo import demo_banner, start_demo_emulator
 from .errors import ConfigError
 
 log = logging.getLogger("proxy")
-
-ENV_FLAGS = {  # environment variable → (argparse dest, config path); PROXY_URL: `status`
-    "PROXY_CONFIG": ("config", None),
-    "PROXY_HOST": ("host", "server.host"),
-    "PROXY_PORT": ("port", "server.port"),
-    "PROXY_UPSTREAM": ("upstream", "upstream.url"),
-    "PROXY_UPSTREAM_API_TOKEN": ("upstream_api_token", "upstream.api_token"),
-    "PROXY_LOG_LEVEL": ("log_level", "logging.level"),
-    "PROXY_DEMO_UPSTREAM_PORT": ("demo_upstream_port", None),
-    "PROXY_DEMO_FLAVOR": ("flavor", None),
-    "PROXY_DEMO_HOSTS": ("hosts", None),
-}
-INT_FLAGS = frozenset({"port", "demo_upstream_port", "hosts"})
-# --demo --flavor F: the emulated server, and the upstream.kind the proxy speaks to it.
-DEMO_FLAVORS = {"lmstudio": "lmstudio", "ollama": "ollama", "llamacpp": "llamacpp",
-                "openai": "openai"}   # openai: the LM Studio emulator's /v1 surface alone
-DEMO_OVERRIDES = {
-    # The emulator's memory is an account, not this host's RAM: manage it as a budget.
-    "memory.sampler": "budget", "memory.budget_gb": 16.0, "memory.min_free_memory_gb": 1.0,
-    "eviction.hold": 5.0,
-}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="port to listen on (0 = any free port)")
     p.add_argument("--upstream", help="LM Studio base URL, e.g. http://127.0.0.1:1234")
     p.add_argument("--upstream-api-token", help="bearer token LM Studio requires")
-    p.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    p.add_argument("--log-level", type=str.upper, choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     p.add_argument("--demo", action="store_true",
                    help="start the built-in LM Studio emulator and put the proxy in front of it")
     p.add_argument("--flavor", choices=tuple(DEMO_FLAVORS),
@@ -70,60 +51,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def resolve_config(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
-    for var, (dest, _) in ENV_FLAGS.items():
-        if getattr(args, dest, None) is None and environ.get(var):
-            value: Any = environ[var]
-            if dest in INT_FLAGS:
-                try:
-                    value = int(value)
-                except ValueError:
-                    raise ConfigError([f"{var}: must be an integer (got {value!r})"]) from None
-            setattr(args, dest, value)
-    if args.demo_upstream_port is not None and not args.demo:
-        raise ConfigError(["--demo-upstream-port: only with --demo"])
-    if args.flavor is not None and not args.demo:
-        raise ConfigError(["--flavor: only with --demo"])
-    if args.flavor is not None and args.flavor not in DEMO_FLAVORS:
-        raise ConfigError([f"PROXY_DEMO_FLAVOR: must be one of {', '.join(DEMO_FLAVORS)} "
-                           f"(got {args.flavor!r})"])
-    if args.hosts is not None:
-        from .demofleet import demo_hosts
-        if not args.demo:
-            raise ConfigError(["--hosts: only with --demo"])
-        if (args.flavor or "lmstudio") != "lmstudio":
-            raise ConfigError(["--hosts: the demo fleet is of LM Studio emulators "
-                               "(not with --flavor)"])
-        if args.demo_upstream_port is not None:
-            raise ConfigError(["--demo-upstream-port: not with --hosts (each host's emulator "
-                               "takes a free port)"])
-        try:
-            demo_hosts(args.hosts)
-        except ValueError as exc:
-            raise ConfigError([str(exc)]) from None
-    if args.demo_upstream_port is not None and not 0 <= args.demo_upstream_port <= 65535:
-        raise ConfigError([f"--demo-upstream-port: must be 0..65535 "
-                           f"(got {args.demo_upstream_port})"])
-    path = _config_path(args.config, environ)
-    raw = read_config_file(path) if path else {}
-    overrides: dict[str, Any] = {}
-    if args.demo:
-        from .store import default_path
-        overrides.update(DEMO_OVERRIDES)
-        overrides["upstream.kind"] = DEMO_FLAVORS[args.flavor or "lmstudio"]
-        # The demo's statistics are kept, but apart from those of a real LM Studio.
-        overrides["storage.path"] = str(default_path().with_name("demo-history.sqlite3"))
-    for dest, dotted in ENV_FLAGS.values():
-        if dotted and getattr(args, dest, None) is not None:
-            overrides[dotted] = getattr(args, dest)
-    from .server.auth import exposure_problems, resolve_secrets
-    config = resolve_secrets(load_config(raw, overrides=overrides), environ)
-    problems, _ = exposure_problems(config)
-    if problems:
-        raise ConfigError(problems)
-    return config
-
-
 def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     env = os.environ if environ is None else environ
@@ -135,16 +62,14 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         return _mcp(argv[1:], env)
     args = build_parser().parse_args(argv)
     try:
-        config = resolve_config(args, env)
+        # --check and a start refuse and warn of the same things.
+        config, warnings = resolve_with_warnings(args, env)
+        given = with_environment(args, env)
     except ConfigError as exc:
         print("configuration is invalid:", file=sys.stderr)
         for problem in exc.problems:
             print(f"  {problem}", file=sys.stderr)
         return 2
-    from .configcheck import config_warnings
-    from .server.auth import exposure_problems
-    # --check and a start warn of the same things.
-    warnings = exposure_problems(config)[1] + config_warnings(config)
     if args.check:
         for warning in warnings:
             print(f"warning: {warning}")
@@ -154,48 +79,37 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for warning in warnings:
         log.warning("%s", warning)
-    try:
-        loop_factory = _loop_factory(config.server.event_loop)
-    except ImportError:
-        print("server.event_loop is uvloop but uvloop is not installed "
-              "(pip install 'lmstudio-memory-proxy[fast]')", file=sys.stderr)
-        return 2
     rc = 0
     with contextlib.suppress(KeyboardInterrupt):
-        with asyncio.Runner(loop_factory=loop_factory) as runner:
-            rc = runner.run(_run(config, demo=args.demo, flavor=args.flavor or "lmstudio",
-                                 source=lambda: resolve_config(args, env),
-                                 demo_upstream_port=args.demo_upstream_port or 0,
-                                 hosts=args.hosts))
+        with asyncio.Runner(loop_factory=_loop_factory(config.server.event_loop)) as runner:
+            rc = runner.run(_run(config, demo=args.demo, flavor=given.flavor or "lmstudio",
+                                 source=lambda: resolve_config(args, env, reloading=True),
+                                 demo_upstream_port=given.demo_upstream_port or 0,
+                                 hosts=given.hosts))
     return rc
 
 
 def _loop_factory(choice: str) -> Any:
-    """uvloop cuts the proxy's CPU per request by ~9% (bench/overhead.py); optional."""
+    """uvloop cuts the proxy's CPU per request by ~9% (bench/overhead.py); optional (its
+    absence with `uvloop` chosen is a configuration problem: machinecheck.py)."""
     if choice == "asyncio":
         return None
     try:
         import uvloop
     except ImportError:
-        if choice == "uvloop":
-            raise
         return None
     return uvloop.new_event_loop
-
-
-def _config_path(flag: str | None, environ: Mapping[str, str]) -> str | None:
-    path = flag or environ.get("PROXY_CONFIG")
-    if path is None and Path("proxy.yaml").is_file():
-        path = "proxy.yaml"
-    return path
 
 
 def _local_config(flag: str | None, environ: Mapping[str, str],
                   sections: tuple[str, ...]) -> Config:
     """Sections of the proxy's config, for the commands that talk to a running proxy on this
     host (status, healthcheck): they follow its port (and admin token) instead of guessing."""
-    path = _config_path(flag, environ)
-    raw = read_config_file(path) if path else {}
+    path = config_path(flag, environ)
+    try:
+        raw = read_config_file(path) if path else {}
+    except BlankConfigFile:
+        raw = {}
     return load_config({k: raw[k] for k in sections if isinstance(raw.get(k), dict)})
 
 
@@ -286,7 +200,7 @@ async def _run(config: Config, *, demo: bool, flavor: str = "lmstudio",
                hosts: int | None = None) -> int:
     from .app import create_app
     from .server.reload import RELOADER
-    from .server.serving import raise_fd_limit, serve
+    from .server.serving import CannotListen, raise_fd_limit, serve
     from .store import StorageInUse
 
     raise_fd_limit()   # every connection is a file descriptor; 1,024 goes quickly
@@ -333,8 +247,9 @@ async def _run(config: Config, *, demo: bool, flavor: str = "lmstudio",
     try:
         served = await serve(app, host, port, shutdown_timeout_s=config.server.shutdown_timeout_s)
     except (OSError, StorageInUse) as exc:
-        print(f"cannot start: {exc}" if isinstance(exc, StorageInUse) else
-              f"cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
+        # Only a bind failure is about the address; any other (a file the start reads) is not.
+        print(f"cannot listen on {host}:{port}: {exc.strerror or exc}"
+              if isinstance(exc, CannotListen) else f"cannot start: {exc}", file=sys.stderr)
         for emu in emulators:
             await emu.close()
         return 1

@@ -252,7 +252,7 @@ class StorageConfig:
 @dataclass(frozen=True)
 class LoggingConfig:
     level: str = field(default="INFO", metadata=rule(
-        choices=("DEBUG", "INFO", "WARNING", "ERROR")))
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"), upper=True))
 
 
 ACCESS_LEVELS = ("open", "key", "admin")

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
-from .config import AuthConfig, Config, HostConfig, StateConfig, TaskModel, UpstreamConfig
+from .authcheck import auth_problems
+from .config import Config, HostConfig, StateConfig, TaskModel, UpstreamConfig
 from .urls import (is_local_url, redact_url, server_identity, upstream_url_problem,
                    url_has_credentials)
 from .origins import config_problems as browser_problems
@@ -35,7 +36,7 @@ def cross_checks(config: Config, problems: list[str]) -> None:
         problems += [f"tasks.{task}[{i}].model: required (the model key that serves it)"
                      for i, m in enumerate(entries) if isinstance(m, TaskModel) and not m.model]
     problems += browser_problems(config.server.allowed_hosts, config.server.allowed_origins)
-    _auth_checks(config.auth, problems)
+    problems += auth_problems(config.auth)
     _host_checks(config, problems)
     _state_checks(config.state, problems)
     total_gb = _total_memory_gb(config)
@@ -320,30 +321,6 @@ def _host_footprint_warnings(config: Config) -> list[str]:
                    f"ceiling for one model on every host that may hold it: {listed} "
                    f"(memory.max_memory_usage_percent, memory.min_free_memory_gb){barred}")
     return out
-
-
-def _auth_checks(auth: AuthConfig, problems: list[str]) -> None:
-    names: set[str] = set()
-    for i, k in enumerate(auth.keys):
-        path = f"auth.keys[{i}]"
-        if not k.name:
-            problems.append(f"{path}.name: required (it labels the key in stats and logs)")
-        elif k.name in names:
-            problems.append(f"{path}.name: '{k.name}' is used by another key")
-        elif k.name == "admin":
-            problems.append(f"{path}.name: 'admin' is the admin token's label; pick another")
-        names.add(k.name)
-        given = [f for f in ("key", "key_sha256", "key_env") if getattr(k, f)]
-        if len(given) != 1:
-            problems.append(f"{path}: needs exactly one of key, key_sha256, key_env "
-                            f"(got {', '.join(given) or 'none'})")
-        if k.key_sha256 and (len(k.key_sha256) != 64 or
-                             any(c not in "0123456789abcdefABCDEF" for c in k.key_sha256)):
-            problems.append(f"{path}.key_sha256: must be 64 hex digits (sha256 of the key)")
-        if k.models is not None and not k.models:
-            problems.append(f"{path}.models: empty list allows no model; omit it to allow all")
-    if auth.admin_token and auth.admin_token_env:
-        problems.append("auth: admin_token and admin_token_env are exclusive")
 
 
 def _total_memory_gb(config: Config) -> float | None:

@@ -126,13 +126,28 @@ def render(yaml_text: str) -> str:
         "The proxy reads one YAML file: `--config PATH`, else `PROXY_CONFIG`, else `./proxy.yaml`",
         "when it exists, else the defaults below. The repository's `proxy.yaml` shows every key",
         "with its default. `python -m proxy --config proxy.yaml --check` validates a file and",
-        "exits 0, or 2 with every problem listed by its path. Unknown keys are errors. What",
-        "is valid but likely a mistake (a footprint that can never load, an `upstream.url` on",
-        "another machine with `memory.sampler: local`) is printed as a warning, and logged as",
-        "one at start.",
+        "exits 0, or 2 with every problem listed by its path. Unknown keys are errors, and so is",
+        "a key given twice in one mapping (named by its lines: YAML would keep only the last).",
+        "A value a flag or a `PROXY_*` variable gave is named by it too",
+        "(`PROXY_LOG_LEVEL (logging.level): must be one of ...`). What the file needs of the",
+        "machine is checked as well: a CA file (`upstream.ca_file`, `upstreams[].ca_file`) that",
+        "cannot be read or holds no certificate, and `server.event_loop: uvloop` without uvloop",
+        "installed, are errors. Two client keys with the same secret, or an admin token that is",
+        "a client key, are errors naming the entries (never the secret), secrets read from the",
+        "environment (`key_env`, `admin_token_env`) included. What is valid but likely a",
+        "mistake (a footprint that can never load, an `upstream.url` on another machine with",
+        "`memory.sampler: local`, a `storage.path` that cannot be written, a blank file) is",
+        "printed as a warning, and logged as one at start. A blank file (empty, or only",
+        "comments) runs on the defaults with that warning, since it is likelier a file cut short",
+        "than a choice; `{}` means the defaults and is not warned of. Model names the server",
+        "does not list (`models.<key>`, `tasks:` entries, group members) cannot be known",
+        "offline: they are logged as a warning once the server has answered with its list, once",
+        "each (in a fleet: by the host an entry names, else by every host that may hold it).",
         "",
-        "A reload (`SIGHUP` or `POST /proxy/reload`) validates the new file first and keeps the",
-        "running configuration if anything is wrong. Every key takes effect at once, without",
+        "A reload (`SIGHUP` or `POST /proxy/reload`) validates the new file as --check does",
+        "and keeps the running configuration if anything is wrong; a blank file is refused",
+        "there, as it would drop every key (the client keys with them). Every key takes effect",
+        "at once, without",
         "unloading any model, except these, read only at start: "
         + ", ".join(f"`{k}`" if "." in k else f"every `{k}.*` key" for k in START_ONLY) + ".",
         "A change to one of them is named in the log and in the answer's `restart_needed`; its",
@@ -177,7 +192,8 @@ def render(yaml_text: str) -> str:
 
 
 def _flag_rows() -> list[str]:
-    from .cli import ENV_FLAGS, build_parser
+    from .cli import build_parser
+    from .configsource import ENV_FLAGS
     options = {a.dest: a.option_strings[0] for a in build_parser()._actions if a.option_strings}
     rows = []
     for var, (dest, dotted) in ENV_FLAGS.items():
@@ -277,7 +293,8 @@ def _allowed(f: dataclasses.Field) -> str:
     parts = []
     choices = meta["choices"]() if callable(meta["choices"]) else meta["choices"]
     if choices:
-        parts.append(", ".join(f"`{c}`" for c in choices))
+        parts.append(", ".join(f"`{c}`" for c in choices) +
+                     (" (in any case)" if meta.get("upper") else ""))
     lo, hi = meta["lo"], meta["hi"]
     if hi is not None:
         parts.append(f"{lo:g} to {hi:g}" + (" (above the low end)" if meta["exclusive_lo"]

@@ -12,8 +12,11 @@ from typing import Any, Callable, Mapping
 
 def rule(lo: float | None = None, hi: float | None = None, *,
           choices: tuple[str, ...] | Callable[[], tuple[str, ...]] = (),
-          exclusive_lo: bool = False) -> dict[str, Any]:
-    return {"lo": lo, "hi": hi, "choices": choices, "exclusive_lo": exclusive_lo}
+          exclusive_lo: bool = False, upper: bool = False) -> dict[str, Any]:
+    """upper: a string taken in any case and kept in upper case (standard names, such as log
+    levels, that people write either way)."""
+    return {"lo": lo, "hi": hi, "choices": choices, "exclusive_lo": exclusive_lo,
+            "upper": upper}
 
 
 
@@ -42,6 +45,8 @@ def build(cls: type, data: Any, path: str, problems: list[str]) -> Any:
             raw = data[name]
             if raw is False and "off" in f.metadata.get("words", ()):
                 raw = "off"    # YAML 1.1 reads an unquoted `off` as false
+            if isinstance(raw, str) and f.metadata.get("upper"):
+                raw = raw.upper()
             value = _convert(hints[name], raw, _join(path, name), problems)
             if len(problems) == before:
                 _check_rule(f.metadata, value, _join(path, name), problems)

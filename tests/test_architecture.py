@@ -1,7 +1,7 @@
 """The import rule, as the code has it: layers import downward only, and no module-level cycle.
 
-    foundation   errors, inputs, schema, config, configload, configfile, groupcheck, loadoptions,
-                 liveconfig, urls, origins
+    foundation   errors, inputs, schema, config, configload, configfile, configcheck,
+                 authcheck, machinecheck, groupcheck, loadoptions, liveconfig, urls, origins
     backends     upstream/*, store (with storelock, storedamage), storage, state/* (the fleet's
                  shared facts: memory or Redis)
     engine       engine/*                             (never aiohttp's web)
@@ -10,7 +10,7 @@
     server       server/*, native/*                   (the HTTP side, one request at a time)
     handlers     handlers/*
     app          app
-    commands     cli, demofleet, status, mcp (a client of the HTTP API), docgen, __main__, the package's own __init__, and the emulator
+    commands     cli, configsource, demofleet, status, mcp (a client of the HTTP API), docgen, __main__, the package's own __init__, and the emulator
                  (a server of its own, on the proxy's serving)
 
 Imports inside functions and under TYPE_CHECKING are not edges: they run late or never.
@@ -23,8 +23,8 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "proxy"
 LAYERS = [
     ("foundation", ("proxy.errors", "proxy.inputs", "proxy.schema", "proxy.config",
-                    "proxy.configload",
-                    "proxy.configcheck",
+                    "proxy.configload", "proxy.configcheck", "proxy.authcheck",
+                    "proxy.machinecheck",
                     "proxy.groupcheck",
                     "proxy.loadoptions", "proxy.liveconfig", "proxy.urls", "proxy.origins",
                     "proxy.configfile")),
@@ -36,7 +36,7 @@ LAYERS = [
     ("server", ("proxy.server", "proxy.native")),
     ("handlers", ("proxy.handlers",)),
     ("app", ("proxy.app",)),
-    ("commands", ("proxy.cli", "proxy.demo", "proxy.demofleet", "proxy.status", "proxy.mcp",
+    ("commands", ("proxy.cli", "proxy.configsource", "proxy.demo", "proxy.demofleet", "proxy.status", "proxy.mcp",
                   "proxy.docgen", "proxy.__main__", "proxy", "proxy.emulator")),
 ]
 

@@ -199,7 +199,7 @@ async def test_each_demo_host_loads_at_its_own_speed_with_its_own_memory():
 @pytest.mark.parametrize("argv, env, message", [
     (["--hosts", "3", "--check"], {}, "--hosts: only with --demo"),
     (["--demo", "--hosts", "0", "--check"], {}, "--hosts: must be 1..8"),
-    (["--demo", "--check"], {"PROXY_DEMO_HOSTS": "9"}, "--hosts: must be 1..8"),
+    (["--demo", "--check"], {"PROXY_DEMO_HOSTS": "9"}, "PROXY_DEMO_HOSTS: must be 1..8"),
     (["--demo", "--hosts", "2", "--flavor", "ollama", "--check"], {}, "not with --flavor"),
     (["--demo", "--hosts", "2", "--demo-upstream-port", "1234", "--check"], {},
      "not with --hosts")])

@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import shutil
 import signal
 import typing
 from pathlib import Path
@@ -105,7 +106,9 @@ def base_raw(upstream_url: str) -> dict[str, Any]:
 
 
 def changed_raw(hook_url: str, tmp_path: Path) -> dict[str, Any]:
-    """Every key of base_raw's config with another valid value."""
+    """Every key of base_raw's config with another valid value (a CA file must be one: it is
+    written to tmp_path)."""
+    shutil.copy(Path(__file__).parent / "tls" / "cert.pem", tmp_path / "ca.pem")
     return {
         "server": {"host": "127.0.0.2", "port": 8081, "max_body_bytes": 2048,
                    "shutdown_timeout_s": 5, "event_loop": "asyncio",

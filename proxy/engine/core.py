@@ -42,6 +42,7 @@ from .reconcile import Reconciler
 from .registry import Registry
 from .scheduler import Scheduler
 from .shared import SharedHost
+from .unlisted import Unlisted
 from .usage import RequestRecord
 
 log = logging.getLogger("proxy.engine")
@@ -104,6 +105,11 @@ class EngineCore(ManualOperations, CoreViews):
         self._critical_since_s: float | None = None   # an episode relieve_critical logged
         self.leases = Leases(ctx, self.preloader, self.preloads, self.scheduler)
         self._periodic = Periodic("engine", log)
+        # After each reconcile that got the model list: configured names it lacks are warned
+        # of (once). A fleet's host leaves that to the fleet, which knows every host's list.
+        self._unlisted = Unlisted()
+        self.after_reconcile: Callable[[], object] | None = \
+            None if host_name is not None else self._warn_unlisted
         live.on_swap(self._config_swapped)
 
     @property
@@ -329,10 +335,16 @@ class EngineCore(ManualOperations, CoreViews):
 
     async def reconcile(self) -> None:
         late = await self.reconciler.run()
+        if self.upstream_ok and self.after_reconcile is not None:
+            self.after_reconcile()
         if self.ctx.shared is not None and self.upstream_ok:
             self.ctx.shared.publish_soon()
         await self.evictor.unload_abandoned(late, lambda key: key in self.scheduler.pending)
         self.ctx.wake()
+
+    def _warn_unlisted(self) -> list[str]:
+        return self._unlisted.check(self.config,
+                                    lambda name, _host: self.registry.key_of(name) is not None)
 
     async def _after_load(self) -> None:
         """A server that evicts by itself may have dropped another model for this load (even

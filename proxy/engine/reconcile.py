@@ -34,6 +34,7 @@ class Reconciler(Part):
         self.api_level: ApiLevel | None = None
         self.capabilities: Capabilities | None = None   # with api_level, after detect()
         self.upstream_ok = False
+        self.listed_once = False        # the server has answered with its models (once)
         self.upstream_error: str | None = None
         self.error_type: type[UpstreamError] = UpstreamError
         self.last_run_s = -1e9
@@ -86,6 +87,7 @@ class Reconciler(Part):
         late: list[ModelEntry] = []
         for m in models:
             self._one(m, epoch, changed, late)
+        self.listed_once = True
         self._answered_again()
         if shared is not None and owned_read:
             await shared.owned.restore(self.registry.entries, self.accounting.owns)

@@ -31,6 +31,7 @@ from ..engine import hostlog
 from ..engine.hostlog import run_for, working_for
 from ..engine.lifecycle import Lease, ModelEntry, ModelStatus
 from ..engine.replica import Replica
+from ..engine.unlisted import Unlisted
 from ..engine.usage import RequestRecord
 from ..errors import InvalidRequest, ModelNotFound, ProxyError, UpstreamUnreachable
 from ..liveconfig import LiveConfig
@@ -67,9 +68,12 @@ class Fleet(FleetOperations, FleetViews):
         self.turns = ReplicaTurns(replica, self.by_name)
         # model → the hosts where it is loaded (and its entry there), kept by state changes
         self._loaded: dict[str, dict[Host, ModelEntry]] = {}
+        # Configured names no host lists, judged after each host's reconcile (engine/unlisted.py).
+        self._unlisted = Unlisted("any host")
         for h in hosts:
             h.core.ctx.elsewhere = lambda key, h=h: self._held_elsewhere(key, h)
             h.core.add_listener(_StateIndex(self, h))
+            h.core.after_reconcile = self._warn_unlisted
         self._refreshed_s = float("-inf")
         self.placements: Counter[str] = Counter()   # rule → requests (GET /proxy/stats)
         live.on_swap(self._swapped)
@@ -253,6 +257,24 @@ class Fleet(FleetOperations, FleetViews):
                 await asyncio.sleep(RECOVER_POLL_S)
         finally:
             self._recovering.pop(h.name, None)
+
+    def _warn_unlisted(self) -> list[str]:
+        return self._unlisted.check(self.config, self._lists)
+
+    def _lists(self, name: str, host: str | None) -> bool | None:
+        """Is the model listed by the host named (by any host that may hold it, for None);
+        None until each of those has answered with its list once."""
+        if host is None:
+            key = self.live.aliases.get(name, name)
+            hosts = [h for h in self.hosts if h.allows(key)]
+        else:
+            hosts = [self.by_name[host]] if host in self.by_name else []
+        for h in hosts:
+            listed = h.core.registry.key_of(name)
+            if listed is not None and h.allows(listed):
+                return True
+        answered = hosts and all(h.core.reconciler.listed_once for h in hosts)
+        return False if answered else None
 
     def hold(self, name: str) -> Lease | None:
         for h in self.hosts:

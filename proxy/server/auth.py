@@ -14,7 +14,6 @@ upstream, accepted or not (the upstream sees `upstream.api_token`, or nothing).
 """
 from __future__ import annotations
 
-import hashlib
 import hmac
 from dataclasses import dataclass, replace
 from typing import Iterable, Mapping
@@ -24,6 +23,7 @@ from aiohttp import web
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
+from ..authcheck import digest as _digest, known_secrets, secret_clashes
 from ..config import AuthConfig, Config
 from ..errors import AdminRequired, ConfigError, InvalidApiKey, ModelNotAllowed
 from ..native import PATHS as NATIVE_PATHS
@@ -46,23 +46,20 @@ class ClientKey:
         return self.models is None or model in self.models
 
 
-def _digest(secret: str) -> bytes:
-    # A header's bytes that are not UTF-8 arrive as lone surrogates: hashed as they came, they
-    # match no key (a 401), instead of failing to encode (a 500).
-    return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).digest()
-
-
 def resolve_secrets(config: Config, environ: Mapping[str, str]) -> Config:
     """Replace each `key_env` by the digest of the variable's value and `admin_token_env` by
-    the token; the caller (the CLI, the one reader of the environment) passes it in."""
+    the token; the caller (the CLI, the one reader of the environment) passes it in. A secret
+    read here that another entry has too is refused as one in the file is (authcheck.py)."""
     auth, problems = config.auth, []
     keys = []
+    read_from: dict[str, str] = {}    # entry's path → the variable its secret came from
     for i, k in enumerate(auth.keys):
         if k.key_env:
             value = environ.get(k.key_env, "")
             if not value:
                 problems.append(f"auth.keys[{i}].key_env: environment variable {k.key_env} "
                                 "is not set")
+            read_from[f"auth.keys[{i}]"] = k.key_env
             k = replace(k, key_env=None, key_sha256=_digest(value).hex())
         keys.append(k)
     admin = auth.admin_token
@@ -71,10 +68,14 @@ def resolve_secrets(config: Config, environ: Mapping[str, str]) -> Config:
         if not admin:
             problems.append(f"auth.admin_token_env: environment variable "
                             f"{auth.admin_token_env} is not set")
+        read_from["auth.admin_token"] = auth.admin_token_env
     if problems:
         raise ConfigError(problems)
-    return replace(config, auth=replace(auth, keys=tuple(keys), admin_token=admin,
-                                        admin_token_env=None))
+    auth = replace(auth, keys=tuple(keys), admin_token=admin, admin_token_env=None)
+    problems = secret_clashes(known_secrets(auth, read_from))
+    if problems:
+        raise ConfigError(problems)
+    return replace(config, auth=auth)
 
 
 def exposure_problems(config: Config) -> tuple[list[str], list[str]]:

@@ -68,6 +68,11 @@ class ServingOptions:
 SERVING = web.AppKey("serving", ServingOptions)
 
 
+class CannotListen(OSError):
+    """The address could not be bound (in use, not this machine's, not permitted): the one
+    failure of `serve` that is about the address."""
+
+
 @dataclass
 class Served:
     runner: web.AppRunner
@@ -136,8 +141,8 @@ async def serve(app: web.Application, host: str = "127.0.0.1", port: int = 0, *,
                 shutdown_timeout_s: float = 5.0, access_log: bool = False) -> Served:
     """Bind (port 0 picks a free one) and start serving; returns the bound address.
 
-    The socket is bound before the app starts, so a port in use (OSError) leaves nothing to
-    clean up. handler_cancellation makes a client disconnect cancel its handler at once, which
+    The socket is bound before the app starts, so a port in use (CannotListen) leaves nothing
+    to clean up; an OSError of another kind comes from the app's own start. handler_cancellation makes a client disconnect cancel its handler at once, which
     is what lets a dropped stream cancel the upstream request instead of generating into the
     void.
     """
@@ -146,9 +151,9 @@ async def serve(app: web.Application, host: str = "127.0.0.1", port: int = 0, *,
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
-    except OSError:
+    except OSError as exc:
         sock.close()
-        raise
+        raise CannotListen(exc.errno, exc.strerror) from exc
     # What aiohttp passes on to each connection's protocol (ours is built with the same).
     protocol_kwargs: dict[str, Any] = {
         "access_log": access_logger if access_log else None,
@@ -162,13 +167,22 @@ async def serve(app: web.Application, host: str = "127.0.0.1", port: int = 0, *,
     # The drain deadline is ours (Served.close); aiohttp's own comes after it.
     runner = web.AppRunner(app, handler_cancellation=True,
                            shutdown_timeout=shutdown_timeout_s + 2, **protocol_kwargs)
-    await runner.setup()
-    site: web.BaseSite
-    if options is None:
-        site = web.SockSite(runner, sock)
-    else:
-        site = _LimitedSite(runner, sock, options, protocol_kwargs)
-    await site.start()
+    try:
+        await runner.setup()
+        site: web.BaseSite
+        if options is None:
+            site = web.SockSite(runner, sock)
+        else:
+            site = _LimitedSite(runner, sock, options, protocol_kwargs)
+        await site.start()
+    except BaseException:
+        # The app's start failed: what it had started is closed (the cleanup contexts it
+        # entered), and so is the socket.
+        try:
+            await runner.cleanup()
+        finally:
+            sock.close()
+        raise
     return Served(runner, host, sock.getsockname()[1], shutdown_timeout_s)
 
 
