@@ -85,7 +85,10 @@ async def test_real_pressure_evicts_an_idle_model(make_emulator):
             (await mgr.acquire(A)).release()
             await mgr.sample_memory()
             assert mgr.memory_pressure.rank < MemoryPressure.HIGH.rank
-            ballast = _touched(int(2 * GB))              # another program takes memory
+            # Another program takes what is spare and half a GB more (sized on the sample just
+            # taken, so that others freeing memory since the start cannot spoil it).
+            spare = mgr.last_sample.available_bytes - mgr.config.memory.min_free_memory_gb * GB
+            ballast = _touched(int(spare + 0.5 * GB))
             await mgr.sample_memory()
             assert mgr.memory_pressure.rank >= MemoryPressure.HIGH.rank
             result = await mgr.optimize_memory_usage()
