@@ -44,15 +44,21 @@ async def test_requests_that_joined_a_requester_load_abandoned_at_admission_load
     assert mgr.entry(Z).owner == "proxy" and lab.state.load_calls[Z] == 1
 
 
-async def test_a_load_asked_of_a_closed_manager_is_no_failure_of_the_model(lab, lab_manager):
+async def test_a_load_asked_of_a_closed_engine_is_no_failure_of_the_model(lab, lab_manager):
+    """The manager refuses at once once closed (ManagerClosed); its engine, asked directly,
+    fails the load without charging the model, and loads it at once when started again."""
     mgr = await lab_manager(lab.url)
+    core = mgr.core
     await mgr.cleanup()
     with pytest.raises(RuntimeError, match="start"):        # its connection is closed
-        await asyncio.wait_for(mgr.load_model(Z), 5)
-    e = mgr.entry(Z)
+        await asyncio.wait_for(core.load(Z), 5)
+    e = core.entry(Z)
     assert (e.status.value, e.load_failures, e.last_error) == ("unloaded", 0, None)
-    await mgr.start()
-    assert await asyncio.wait_for(mgr.load_model(Z), 5) is True     # no backoff to wait out
+    await core.start()
+    try:
+        assert await asyncio.wait_for(core.load(Z), 5) is True     # no backoff to wait out
+    finally:
+        await core.cleanup()
 
 
 async def test_an_unload_right_after_a_load_waits_for_its_waiters_without_spinning(
