@@ -76,9 +76,13 @@ def default_path() -> Path:
 
 
 class UsageStore:
-    def __init__(self, path: str | Path, retention_days: float = 30.0) -> None:
+    def __init__(self, path: str | Path, retention_days: float = 30.0, *,
+                 refuse_in_use: bool = True) -> None:
         self.path = Path(path)
         self.retention_days = retention_days
+        # False: a file another process holds leaves the statistics in memory (said in the
+        # log and `error`) instead of raising StorageInUse (storage.py, for the library).
+        self.refuse_in_use = refuse_in_use
         self.error: str | None = None
         # damaged files moved aside: {"error", "found" (opening, reading, writing), "moved_to",
         # "at_wall_s"}; damaged rows skipped on loading: {"table", "model", "error"}
@@ -98,7 +102,13 @@ class UsageStore:
         """False: statistics stay in memory (`error` says why). Raises StorageInUse when
         another live process has the file."""
         if self._claim is None:
-            self._claim = storelock.claim(self.path)
+            try:
+                self._claim = storelock.claim(self.path)
+            except storelock.StorageInUse as exc:
+                if self.refuse_in_use:
+                    raise
+                self._give_up(exc)
+                return False
         try:
             self._db = self._connect()
         except (sqlite3.Error, OSError) as exc:

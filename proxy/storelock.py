@@ -65,8 +65,11 @@ def claim(db_path: Path) -> str | None:
             log.warning("cannot lock %s (%s): a second proxy on %s would go unnoticed",
                         path, exc.strerror or exc, db_path)
             return None
-        os.ftruncate(fd, 0)   # who holds it, for the message of the one refused
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        try:   # who holds it, for the message of the one refused (only that: a full disk
+            os.ftruncate(fd, 0)                     # must not stop the start)
+            os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        except OSError:
+            pass
         _held[key] = [fd, 1]
         return key
 

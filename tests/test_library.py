@@ -41,14 +41,15 @@ async def test_quick_start_flow(emulator, private_home):
 
 
 async def test_statistics_survive_a_restart_in_the_default_history(emulator, private_home):
-    """The documented constructor keeps its history where `storage.path` defaults to, as the
-    proxy does, and closes it with the manager."""
+    """The documented constructor keeps its history by default, in a file of its own beside
+    the proxy's default one, and closes it with the manager."""
     async with ModelMemoryManager(min_free_memory_gb=1, upstream=emulator.url) as first:
         first.record_model_usage("qwen/qwen3-4b", latency=0.5, tokens_used=100)
         first.record_model_usage("qwen/qwen3-4b", latency=0.7, success=False)
         store = first.store
     assert store is not None and not store.ok                 # closed with the manager
-    assert store.path == private_home / ".local/state/lmstudio-proxy/history.sqlite3"
+    # beside the proxy's default, in a file of its own
+    assert store.path == private_home / ".local/state/lmstudio-proxy/library-history.sqlite3"
     async with ModelMemoryManager(min_free_memory_gb=1, upstream=emulator.url) as again:
         usage = again.usage("qwen/qwen3-4b")
         assert (usage.requests, usage.failures, usage.completion_tokens) == (2, 1, 100)

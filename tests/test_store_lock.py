@@ -88,6 +88,54 @@ async def test_a_library_manager_on_a_proxys_history_file_is_refused(emulator, t
             "upstream": {"url": emulator.url}, "storage": {"path": str(path)}}))
         with pytest.raises(StorageInUse, match="in use by another proxy process"):
             await manager.start()
+        assert not manager.core.backend.started    # refused before a connection was made
         await manager.cleanup()
     finally:
         await first.stop()
+
+
+def test_a_lock_whose_holder_line_cannot_be_written_is_held_all_the_same(tmp_path):
+    """Writing "pid N on host" into the lock file fails (here: a file size limit of 0, as a
+    full disk would): the lock is held all the same, and released, and the start goes on."""
+    script = f"""
+import resource, signal
+from pathlib import Path
+from proxy import storelock
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
+db = Path({str(tmp_path / "history.sqlite3")!r})
+key = storelock.claim(db)
+assert key is not None and storelock.claim(db) == key      # held, and shared in-process
+storelock.release(key); storelock.release(key)
+assert storelock.claim(db) == key                          # released: claimed again
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                          text=True, timeout=30)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+async def test_a_library_manager_on_its_default_file_held_elsewhere_keeps_memory_only(
+        emulator, private_home):
+    """Another worker of the same app holds the library's default history: this manager
+    starts all the same and keeps its statistics in memory, and says so."""
+    from proxy.storage import LIBRARY_FILE
+    from proxy.store import default_path
+    db = default_path().with_name(LIBRARY_FILE)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from pathlib import Path; "
+         "from proxy import storelock; storelock.claim(Path(sys.argv[1])); print('held', "
+         "flush=True); sys.stdin.read()", str(db)],
+        cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        async with ModelMemoryManager(min_free_memory_gb=1, upstream=emulator.url) as manager:
+            persistence = manager.get_memory_stats()["persistence"]
+            assert persistence["path"] == str(db) and not persistence["ok"]
+            assert "in use by another proxy process" in persistence["error"]
+            manager.record_model_usage("qwen/qwen3-4b", latency=0.5, tokens_used=10)
+            assert manager.usage("qwen/qwen3-4b").requests == 1     # kept, in memory
+    finally:
+        holder.stdin.close()
+        holder.wait(10)
+        holder.stdout.close()

@@ -136,10 +136,12 @@ class EngineCore(ManualOperations, CoreViews):
     async def start(self) -> None:
         """Connect, restore what survives restarts, learn the server's API level and what it
         has loaded. Never raises for an unreachable upstream: reconcile keeps trying."""
+        # The history first: a file another process holds refuses the start (StorageInUse)
+        # before any connection is opened that would then be left open.
+        await self.accounting.open()
         start = getattr(self.backend, "start", None)
         if start is not None:
             await start()   # idempotent: the app may have started it already
-        await self.accounting.open()
         await self.reconcile()
         await self.sample_memory()
 

@@ -80,7 +80,7 @@ class ModelMemoryManager(EngineFace):
             upstream = None
         owns = owns_upstream if owns_upstream is not None else upstream is None
         if store is None:     # as the proxy does: the history survives a restart
-            store = configured_store(LiveConfig.of(config).current.storage)
+            store = configured_store(LiveConfig.of(config).current.storage, library=True)
         self.core = EngineCore(config, upstream if upstream is not None else
                                create_upstream(LiveConfig.of(config).current.upstream),
                                sampler=sampler, clock=clock, store=store, owns_upstream=owns,
