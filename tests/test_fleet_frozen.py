@@ -327,3 +327,17 @@ async def test_the_model_list_does_not_wait_for_a_host_known_down(beta, make_emu
         status, body = await get(http, f"{proxy.url}/v1/models")
     assert status == 200 and [m["id"] for m in body["data"]] == [SMALL]
     beta.kill()
+
+
+async def test_the_model_list_leaves_out_a_host_frozen_before_anything_noticed(
+        beta, make_emulator, make_proxy, http):
+    """Nothing has counted beta down yet: its list is waited for its probe deadline (0.5 s
+    here), not read_timeout_s (120 s), and left out."""
+    alpha = await make_emulator(catalog=[catalog()[1]])
+    proxy = await make_proxy("", config=fleet_config(60, beta=beta.url, alpha=alpha.url))
+    beta.freeze()
+    assert proxy.engine.by_name["beta"].up
+    async with asyncio.timeout(10):
+        status, body = await get(http, f"{proxy.url}/v1/models")
+    assert status == 200 and [m["id"] for m in body["data"]] == [SMALL]
+    beta.kill()

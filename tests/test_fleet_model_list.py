@@ -61,3 +61,19 @@ async def test_a_host_that_is_down_leaves_its_models_out_and_the_list_answers(fl
         body = await r.json()
     assert r.status == 502, body
     assert "'mac'" in body["error"]["message"] and "'pc'" in body["error"]["message"]
+
+
+async def test_with_no_list_a_hosts_own_refusal_is_the_answer(make_emulator, make_proxy, http):
+    """No host is up: the first is gone, the second refuses the proxy's call (401: no token
+    for it). The client gets that refusal, not a 502 that hides it."""
+    from proxy.emulator import EmulatorOptions
+    gone = await make_emulator(catalog=catalog(SHARED))
+    locked = await make_emulator(catalog=catalog(PC_ONLY),
+                                 options=EmulatorOptions(api_token="s3cret"))
+    proxy = await make_proxy("", config=fleet_config(
+        [("gone", gone.url, 24), ("locked", locked.url, 24)]))
+    await gone.close()
+    await proxy.engine.reconcile()              # no host is up now: each is asked
+    assert not any(h.up for h in proxy.engine.hosts)
+    async with http.get(f"{proxy.url}/v1/models") as r:
+        assert r.status == 401, await r.text()

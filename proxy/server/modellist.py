@@ -1,7 +1,8 @@
 """`GET /v1/models` as clients see it: the server's own list, under the header policy both
 ways. In a fleet, every host that is up is asked at once and their lists are merged by `id`:
 a model several hosts list appears once (the first host's entry, in the order of `upstreams`),
-and a model a host may not hold (its `models` patterns) is not listed for it. A client that
+and a model a host may not hold (its `models` patterns) is not listed for it. A host that
+does not answer within its `probe_timeout_s` is left out, as one known down is. A client that
 lists models to offer a choice (a chat UI, an agent framework) then sees every model a request
 may name, not only the first host's.
 """
@@ -13,7 +14,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from ..errors import ProxyError, UpstreamUnreachable
+from ..errors import ProxyError, UpstreamTimeout, UpstreamUnreachable
 from . import headers
 from .keys import ENGINE, HOSTS
 from .relay import read_upstream
@@ -30,8 +31,16 @@ async def read_model_list(request: web.Request, path: str = LIST_PATH) -> web.Re
     sent = headers.to_upstream(request.headers)
 
     async def one(h: Any) -> tuple[int, bytes, Any]:
-        async with h.backend.request("GET", path, sent, None) as up:
-            return up.status, await up.read(), up.headers
+        # A look at a model list, as the host's reconcile takes: one that does not answer
+        # within its probe deadline (frozen, swapping) is left out, not waited for.
+        deadline_s = h.core.config.upstream.probe_timeout_s
+        try:
+            async with asyncio.timeout(deadline_s):
+                async with h.backend.request("GET", path, sent, None) as up:
+                    return up.status, await up.read(), up.headers
+        except TimeoutError:
+            raise UpstreamTimeout(f"did not answer within {deadline_s:g}s "
+                                  "(upstream.probe_timeout_s)") from None
 
     answers = await asyncio.gather(*(one(h) for h in hosts), return_exceptions=True)
     merged: list[Any] = []
@@ -53,8 +62,8 @@ async def read_model_list(request: web.Request, path: str = LIST_PATH) -> web.Re
                 seen.add(model_id)
                 merged.append(entry)
     if not listed:
-        first = answers[0]
-        if isinstance(first, tuple):        # e.g. a server's 401: its answer is the client's
+        first = next((a for a in answers if isinstance(a, tuple)), None)
+        if first is not None:               # e.g. a server's 401: its answer is the client's
             status, body, up_headers = first
             return web.Response(status=status, body=body,
                                 headers=headers.to_client(up_headers))
