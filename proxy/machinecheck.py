@@ -65,6 +65,13 @@ def machine_warnings(config: Config) -> list[str]:
 def _unwritable(path: Path) -> str | None:
     """Why the history database at `path` could not be created or written (None: it can).
     A fleet's hosts keep theirs beside it (fleet/hosts.py host_storage_path): one directory."""
+    try:
+        return _unwritable_because(path)
+    except OSError as exc:     # e.g. a directory on the way that may not be searched
+        return f"cannot reach {path} ({exc.strerror or exc})"
+
+
+def _unwritable_because(path: Path) -> str | None:
     if path.is_dir():
         return f"{path} is a directory"
     if path.exists():

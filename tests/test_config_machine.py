@@ -119,3 +119,13 @@ def test_a_history_database_in_a_directory_still_to_make_passes(tmp_path, capsys
     assert main(["--config", str(path), "--check"], environ={}) == 0
     assert "warning" not in capsys.readouterr().out
     assert not (tmp_path / "a").exists()     # the check made nothing
+
+
+def test_a_history_path_the_system_cannot_even_look_at_is_a_warning(tmp_path, capsys):
+    """A path the system refuses to look up (here a name too long; a directory on the way
+    that may not be searched does the same) is said, not a traceback."""
+    db = tmp_path / ("x" * 300) / "h.sqlite3"
+    path = write(tmp_path / "p.yaml", {"storage": {"path": str(db)}})
+    assert main(["--config", str(path), "--check"], environ={}) == 0
+    out = capsys.readouterr().out
+    assert f"warning: storage.path: cannot reach {db} (File name too long)" in out
