@@ -226,7 +226,8 @@ def _remote_sampled_warnings(config: Config) -> list[str]:
     (a LAN name, a container's host), and such configurations worked before."""
     url = config.upstream.url
     host = (urlsplit(url).hostname or "").lower().rstrip(".")
-    if config.memory.sampler != "local" or is_local_url(url) or host in CONTAINER_HOST_NAMES:
+    if config.memory.sampler != "local" or is_local_url(url) or host in CONTAINER_HOST_NAMES \
+            or config.upstream.kind == "openai":   # (nothing is loaded there: no memory managed)
         return []
     return [f"upstream.url: {host} is not this machine as far as the proxy can tell, but "
             "memory.sampler is 'local': the proxy would manage this machine's memory, not "

@@ -92,7 +92,9 @@ def test_check_warns_of_a_server_elsewhere_whose_memory_would_be_sampled_here(tm
     for quiet in ({"upstream": {"url": "http://192.0.2.10:8081"},
                    "memory": {"sampler": "budget", "budget_gb": 24}},
                   {"upstream": {"url": "http://localhost:1234"}},
-                  {"upstream": {"url": "http://host.docker.internal:1234"}}):
+                  {"upstream": {"url": "http://host.docker.internal:1234"}},
+                  # nothing is loaded on a plain OpenAI-compatible server: no memory managed
+                  {"upstream": {"url": "https://api.example.com", "kind": "openai"}}):
         assert not any("memory.sampler is 'local'" in w
                        for w in config_warnings(load_config(quiet))), quiet
 

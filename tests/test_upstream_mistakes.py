@@ -190,3 +190,11 @@ async def test_an_unreachable_fleet_host_is_named_by_its_kind(make_proxy, http, 
         f"cannot reach Ollama at {url}: ")
     (started,) = [r.getMessage() for r in caplog.records if r.name == "proxy.app"]
     assert started.startswith(f"no host reachable yet (pc: cannot reach Ollama at {url}")
+
+
+def test_a_servers_words_in_a_message_are_one_clipped_line():
+    from proxy.upstream.identify import answered
+    said = answered(404, {"error": {"message": "not here\nINFO forged line" + "x" * 200}},
+                    "a model list")
+    assert "\n" not in said and said.startswith("404 (not here\\nINFO forged line")
+    assert said.endswith("…)") and len(said) < 140

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Awaitable, Callable
 
-from ..errors import UpstreamError
+from ..errors import UpstreamError, clip
 from .http import error_text
 
 Call = Callable[[str, str], Awaitable[tuple[int, Any]]]   # HttpBackend._call(method, path)
@@ -23,7 +23,7 @@ def answered(status: int, body: Any, wanted: str) -> str:
     """What a GET answered, for a message: `404 (File Not Found)`, or `200 without <wanted>
     (Unexpected endpoint or method)` — a 200 that is not the answer looked for says so."""
     text = error_text(body)
-    said = f" ({text[:120]})" if text else ""
+    said = f" ({clip(text, 120)})" if text else ""   # the server's words, one line
     return f"200 without {wanted}{said}" if status == 200 else f"{status}{said}"
 
 
