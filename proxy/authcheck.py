@@ -13,7 +13,6 @@ from typing import Mapping, NamedTuple
 from .config import AuthConfig
 
 
-
 class Secret(NamedTuple):
     path: str               # its entry: auth.admin_token, auth.keys[<i>]
     name: str               # how a problem names it

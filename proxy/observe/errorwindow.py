@@ -12,7 +12,6 @@ the minute holding `now - window` come from the per-minute counts instead.
 from __future__ import annotations
 
 import collections
-from dataclasses import dataclass, field
 
 from ..engine.usage import WINDOW_MINUTES, ModelUsage
 
@@ -20,21 +19,17 @@ from ..engine.usage import WINDOW_MINUTES, ModelUsage
 SNAPSHOTS_PER_WINDOW = 64
 
 
-@dataclass
-class _Totals:
-    snapshots: collections.deque = field(default_factory=collections.deque)  # (at_s, req, fail)
-
-
 class ErrorWindow:
     def __init__(self) -> None:
-        self._models: dict[str, _Totals] = {}
+        # per model, its checks' totals, oldest first: (at_s, requests, failures)
+        self._models: dict[str, collections.deque[tuple[float, int, int]]] = {}
 
     def counts(self, key: str, usage: ModelUsage, now_s: float, window_s: float
                ) -> tuple[int, int]:
         """(requests, failures) of `key` over at least the last `window_s`; records this
         check's totals for later ones."""
         requests, failures = usage.requests, usage.failures
-        snaps = self._models.setdefault(key, _Totals()).snapshots
+        snaps = self._models.setdefault(key, collections.deque())
         if snaps and (requests < snaps[-1][1] or failures < snaps[-1][2]):
             snaps.clear()   # totals went down (a fleet's host left): the history is void
         start_s = now_s - window_s

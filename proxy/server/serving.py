@@ -142,9 +142,9 @@ async def serve(app: web.Application, host: str = "127.0.0.1", port: int = 0, *,
     """Bind (port 0 picks a free one) and start serving; returns the bound address.
 
     The socket is bound before the app starts, so a port in use (CannotListen) leaves nothing
-    to clean up; an OSError of another kind comes from the app's own start. handler_cancellation makes a client disconnect cancel its handler at once, which
-    is what lets a dropped stream cancel the upstream request instead of generating into the
-    void.
+    to clean up; an OSError of another kind comes from the app's own start.
+    handler_cancellation makes a client disconnect cancel its handler at once, which is what
+    lets a dropped stream cancel the upstream request instead of generating into the void.
     """
     options = app.get(SERVING)
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
