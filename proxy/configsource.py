@@ -85,8 +85,10 @@ def _resolve(args: argparse.Namespace, environ: Mapping[str, str], reloading: bo
         from .store import default_path
         overrides.update(DEMO_OVERRIDES)
         overrides["upstream.kind"] = DEMO_FLAVORS[value("flavor") or "lmstudio"]
-        # The demo's statistics are kept, but apart from those of a real LM Studio.
-        overrides["storage.path"] = str(default_path().with_name("demo-history.sqlite3"))
+        # The demo's statistics are kept, but apart from those of a real LM Studio; a path
+        # the file gives is kept (a second demo beside a running one needs a file of its own).
+        if not _file_sets_storage_path(raw):
+            overrides["storage.path"] = str(default_path().with_name("demo-history.sqlite3"))
     named: dict[str, str] = {}     # config path → the flag or variable that set it
     for dest, dotted in ENV_FLAGS.values():
         if dotted and dest in given:
@@ -101,6 +103,11 @@ def _resolve(args: argparse.Namespace, environ: Mapping[str, str], reloading: bo
     if problems:
         raise ConfigError([_naming(p, named) for p in problems])
     return config
+
+
+def _file_sets_storage_path(raw: Mapping[str, Any]) -> bool:
+    storage = raw.get("storage")
+    return isinstance(storage, Mapping) and storage.get("path") is not None
 
 
 def with_environment(args: argparse.Namespace,

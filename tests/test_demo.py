@@ -207,3 +207,18 @@ def test_the_demo_hosts_flag_is_checked(capsys, argv, env, message):
     from proxy.cli import main
     assert main(argv, env) == 2
     assert message in capsys.readouterr().err
+
+
+def test_the_demo_keeps_a_storage_path_the_file_gives(tmp_path, monkeypatch):
+    """A second demo beside a running one needs a history of its own: the path the config file
+    names is the one used, not the demo's default file (which the first demo holds)."""
+    from proxy.configsource import resolve_config
+    monkeypatch.setenv("HOME", str(tmp_path))
+    own = tmp_path / "second-demo.sqlite3"
+    (tmp_path / "demo.yaml").write_text(f"storage:\n  path: {own}\n")
+    given = resolve_config(build_parser().parse_args(
+        ["--demo", "--config", str(tmp_path / "demo.yaml")]), {})
+    assert given.storage.path == str(own)
+    default = resolve_config(build_parser().parse_args(["--demo"]), {})
+    assert default.storage.path is not None and \
+        default.storage.path.endswith("demo-history.sqlite3")
