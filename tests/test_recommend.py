@@ -227,3 +227,19 @@ def test_a_single_name_given_as_models_limits_nothing():
     result = recommend(pool, {"task_type": "chat", "urgency": 1.0, "models": SMALL},
                        headroom_bytes=32 * GB, tasks={"chat": (LARGE,)})
     assert result["recommended_models"] and set(result["recommended_models"]) == {SMALL, LARGE}
+
+
+async def test_the_http_api_takes_the_model_type_as_the_library_does(emulator, make_proxy,
+                                                                     http):
+    proxy = await make_proxy(emulator.url)
+    embedders = {k for k, e in proxy.engine.registry.entries.items() if e.type == "embedding"}
+    assert embedders      # the emulator's catalogue has one
+    async with http.get(f"{proxy.url}/proxy/recommendations",
+                        params={"model_type": "embedding"}) as r:
+        recs = await r.json()
+    assert r.status == 200 and recs["model_type"] == "embedding"
+    assert recs["recommended_models"] and set(recs["recommended_models"]) <= embedders
+    async with http.get(f"{proxy.url}/proxy/recommendations",
+                        params={"model_type": "image"}) as r:
+        body = await r.json()
+    assert r.status == 400 and body["error"]["param"] == "model_type"

@@ -153,7 +153,7 @@ async def recommendations(request: web.Request) -> web.Response:
     q = request.query
     # The numbers as sent: the engine reads and checks them (engine/recommend.py).
     context: dict[str, Any] = {name: q[name] for name in (
-        "task_type", "complexity", "urgency", "available_memory_gb") if name in q}
+        "task_type", "complexity", "urgency", "available_memory_gb", "model_type") if name in q}
     allowed = allowed_models(request)
     if allowed is not None:     # a limited key: chosen among its own models, as auto: is
         context["models"] = allowed
