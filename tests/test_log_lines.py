@@ -65,6 +65,22 @@ async def test_a_pressure_change_warns_only_on_the_way_into_high_or_critical(emu
     await mgr.cleanup()
 
 
+async def test_no_pressure_is_logged_where_memory_is_not_managed(make_emulator, caplog):
+    """LM Studio before 0.4.0 loads by its own JIT: the proxy manages no memory there (its
+    views show no pressure), so its log must not tell of a level either, nor warn of one."""
+    from proxy.emulator import EmulatorOptions
+    old = await make_emulator(options=EmulatorOptions(version="0.3"))
+    caplog.set_level(logging.INFO, logger="proxy.engine")
+    sampler = SettableSampler(total_gb=32, available_gb=30)
+    mgr, _ = await monitored(old.url, ManualClock(), sampler)
+    assert not mgr.core.memory_managed
+    for available_gb in (5, 1, 30):
+        sampler.set_available(available_gb)
+        await mgr.sample_memory()
+    assert not [line for line in engine_lines(caplog) if "memory pressure" in line]
+    await mgr.cleanup()
+
+
 SECRETS = ("adm-old", "adm-new", "sk-old", "sk-new", "hook-secret", "pw-1")
 
 

@@ -79,7 +79,8 @@ class EngineCore(ManualOperations, CoreViews):
         # request path calls it once per request; no frame of the core's in between).
         self.record: Callable[[RequestRecord], None] = self.accounting.record
         self.monitor = MemoryMonitor(live, sampler or default_sampler(config.memory, r.charged_bytes),
-                                     self.listeners, reserved_bytes=r.loading_bytes)
+                                     self.listeners, reserved_bytes=r.loading_bytes,
+                                     managed=lambda: self.memory_managed)
         self.ctx = ctx = EngineContext(r, self.monitor, self.accounting, self.listeners,
                                        self.clock, upstream, self.learner)
         ctx.host_name, ctx.host_path = host_name, host_path

@@ -22,8 +22,13 @@ log = logging.getLogger("proxy.engine")
 
 class MemoryMonitor:
     def __init__(self, live: LiveConfig, sampler: MemorySampler, listeners: Listeners, *,
-                 reserved_bytes: Callable[[], float]) -> None:
+                 reserved_bytes: Callable[[], float],
+                 managed: Callable[[], bool] = lambda: True) -> None:
         self.sampler = sampler
+        # False where the proxy does not manage memory (a server it cannot load on): a level
+        # there is no one's to act on, so the log says none.
+        self._managed = managed
+        self._told = False     # the first level, logged once memory is managed
         self.listeners = listeners
         self._reserved = reserved_bytes       # loads in flight not yet seen by the sampler
         self.last_sample: MemorySample | None = None
@@ -69,11 +74,18 @@ class MemoryMonitor:
 
     def _judge(self, s: MemorySample) -> None:
         """Take `s` as the latest sample: the pressure level from it, logged and told."""
-        first = self.last_sample is None
         self.last_sample = s
         old = self.gauge.level
         new = self.gauge.update(s)
-        if first:       # the gauge's starting level was a guess, not a level memory was at
+        if self._managed():
+            self._log_level(old, new, s)
+        if new is not old:
+            self.listeners.emit("on_pressure", new)
+        self.listeners.emit("on_memory", s, new.value)
+
+    def _log_level(self, old: MemoryPressure, new: MemoryPressure, s: MemorySample) -> None:
+        if not self._told:   # the gauge's starting level was a guess, not a level memory was at
+            self._told = True
             log.info("memory pressure %s (%.0f%% used, %.1f GB free)", new.value,
                      s.used_percent, s.available_bytes / GB)
         elif new is not old:
@@ -82,9 +94,6 @@ class MemoryMonitor:
             log.log(logging.WARNING if worse else logging.INFO,
                     "memory pressure %s → %s (%.0f%% used, %.1f GB free)", old.value,
                     new.value, s.used_percent, s.available_bytes / GB)
-        if new is not old:
-            self.listeners.emit("on_pressure", new)
-        self.listeners.emit("on_memory", s, new.value)
 
     def sample_soon(self) -> None:
         """Sample for a caller that cannot wait (a load reported by a callback)."""
