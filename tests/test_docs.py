@@ -106,3 +106,28 @@ def test_the_readme_configuration_example_is_valid():
     assert blocks
     for block in blocks:
         load_config(yaml.safe_load(block))
+
+
+def _error_codes_the_proxy_answers() -> set[str]:
+    """Every code of the proxy's own errors: its ProxyError classes, and the few bodies
+    written directly (at the connection level, before any handler)."""
+    from proxy import errors
+    codes: set[str] = set()
+    pending = [errors.ProxyError]
+    while pending:
+        cls = pending.pop()
+        pending += cls.__subclasses__()
+        if cls is not errors.ProxyError and cls is not errors.PermissionDenied:
+            codes.add(cls.code)      # PermissionDenied: a base, only its subclasses are raised
+    written = re.findall(r'"code": "([a-z_]+)"',
+                         (ROOT / "proxy" / "server" / "serving.py").read_text())
+    return codes | set(written)
+
+
+def test_the_http_api_errors_table_names_every_code_the_proxy_answers():
+    """README: "Every endpoint, its access rule and every error code: docs/http-api.md"."""
+    page = (ROOT / "docs" / "http-api.md").read_text()
+    table = page.split("## Errors", 1)[1]
+    listed = set(re.findall(r"\| `([a-z_]+)` \|", table))
+    missing = _error_codes_the_proxy_answers() - listed
+    assert not missing, f"codes the proxy answers that docs/http-api.md does not list: {missing}"
