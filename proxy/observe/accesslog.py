@@ -2,7 +2,8 @@
 
     POST /v1/chat/completions gemma 200 812.4ms client=10.0.0.7 key=alice ttft=95.1ms tokens=12/40
 
-Method, path, model as the client named it (`-` before it was read), status and latency in
+Method, path, model (its key once held: an alias resolved; as the client named it when refused
+before that; `-` before it was read), status and latency in
 that order, then `key=value` fields: the client's address (the connection's peer), the client
 key's name (`-`: none, or not known yet; never the secret), time to first token (`-`: none) and
 tokens prompt/completion, ` (estimated)` when some were estimated.
