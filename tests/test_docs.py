@@ -131,3 +131,15 @@ def test_the_http_api_errors_table_names_every_code_the_proxy_answers():
     listed = set(re.findall(r"\| `([a-z_]+)` \|", table))
     missing = _error_codes_the_proxy_answers() - listed
     assert not missing, f"codes the proxy answers that docs/http-api.md does not list: {missing}"
+
+
+def test_the_architecture_page_names_every_module_of_the_package():
+    """docs/architecture.md says what lives where "as the code has it today": each top-level
+    module (`name.py`) and package (`name/`) of proxy/ is named in it."""
+    page = (ROOT / "docs" / "architecture.md").read_text()
+    named = set(re.findall(r"`([a-z_]+(?:\.py|/))", page))
+    package = ROOT / "proxy"
+    present = {p.name for p in package.glob("*.py")} | \
+        {p.name + "/" for p in package.iterdir() if (p / "__init__.py").exists()}
+    missing = present - named - {"py.typed"}
+    assert not missing, f"proxy/ modules docs/architecture.md does not name: {sorted(missing)}"
