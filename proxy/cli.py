@@ -26,9 +26,19 @@ from .errors import ConfigError
 log = logging.getLogger("proxy")
 
 
+COMMANDS_HELP = """commands (each with its own --help):
+  python -m proxy status [--watch]  models, memory and pressure of a running proxy
+  python -m proxy healthcheck       exit 0 when the proxy at server.port answers /healthz
+  python -m proxy mcp --url URL     the proxy's tools for agents over MCP (stdio)"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m proxy", description=(
-        "OpenAI-compatible proxy in front of LM Studio that manages model memory."))
+    p = argparse.ArgumentParser(
+        prog="python -m proxy", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="OpenAI-compatible proxy in front of LM Studio that manages model memory.",
+        # The subcommands are dispatched before this parser (main): name them here, or
+        # --help never shows they exist.
+        epilog=COMMANDS_HELP)
     p.add_argument("--config", help="YAML config file (default: ./proxy.yaml if present)")
     p.add_argument("--host", help="address to listen on")
     p.add_argument("--port", type=int, help="port to listen on (0 = any free port)")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from proxy.cli import main
 
 ADMIN = "admin-0123456789"
@@ -89,3 +91,17 @@ async def test_status_of_a_server_the_proxy_cannot_load_on(make_proxy, emulator,
     assert "pressure   -" in out
     line = next(line for line in out.splitlines() if line.startswith("qwen/qwen3-4b "))
     assert line.split()[1:3] == ["unknown", "-"] and line.split()[3] == "-"
+
+
+def test_the_main_help_names_the_commands_and_each_has_its_own_help(capsys):
+    """The commands are dispatched before the main parser: its --help must still say they
+    exist, as the docs use them (status, healthcheck, mcp)."""
+    with pytest.raises(SystemExit) as done:
+        main(["--help"], {})
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    for command in ("status", "healthcheck", "mcp"):
+        assert f"python -m proxy {command}" in text
+        with pytest.raises(SystemExit) as done:
+            main([command, "--help"], {})
+        assert done.value.code == 0 and f"python -m proxy {command}" in capsys.readouterr().out
