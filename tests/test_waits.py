@@ -3,6 +3,7 @@ hold, pipeline followers in victim choice, and time-of-day preloads into free me
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 from bench.simulate import SimBackend, Variant, engine_config
 from bench.vtime import LoopClock, VirtualTimeLoop
@@ -17,15 +18,16 @@ DAY_S = 86400.0
 
 
 def run(models: dict[str, tuple[float, float]], budget_gb: float, script, *, hold="expected",
-        pinned=(), start_s: float = 0.0, prediction: str = "on"):
+        pinned=(), start_s: float = 0.0, prediction: str = "on", groups=()):
     """Run script(mgr, loop) on the real engine over a simulated LM Studio whose loads take
-    their load seconds of virtual time."""
+    their load seconds of virtual time (groups: GroupConfigs)."""
     loop = VirtualTimeLoop(start_s)
     w = Workload("scripted", {k: Model(k, gb, load_s) for k, (gb, load_s) in models.items()},
                  [])
 
     async def main():
         raw = engine_config(w, budget_gb, Variant("t", "cost-aware", hold=hold, prediction=prediction))
+        raw = dataclasses.replace(raw, groups=tuple(groups))
         mgr = ModelMemoryManager(config=raw, upstream=SimBackend(w), clock=LoopClock(loop))
         await mgr.start()
         for key in pinned:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from typing import Callable
 
 from ..errors import ModelUnavailable
@@ -133,7 +134,8 @@ class Evictor(Part):
             last_used_s=e.last_used_at_s or e.loaded_at_s or now,
             priority=self.registry.priority(e.key), reload_s=self.registry.reload_s(e),
             rate_per_h=self.accounting.usage_of(e.key).rate_per_h(now),
-            heat=decayed_heat(e.heat, e.heat_at_s, now))
+            heat=decayed_heat(e.heat, e.heat_at_s, now),
+            own_wait_s=_or_inf(self.learner.own_wait(e.key, now)))
 
     def choose(self, need_bytes: float, *, exclude: str | None, critical: bool,
                requester_waited_s: float = 0.0, waiters: int = 1, partial: bool = False
@@ -317,3 +319,7 @@ def _with_riders(victims: tuple[str, ...], riders: dict[str, tuple[str, ...]]
                  ) -> tuple[str, ...]:
     """Each victim followed by the members of its together group that go with it."""
     return tuple(k for v in victims for k in (v, *riders.get(v, ())))
+
+
+def _or_inf(wait_s: float | None) -> float:
+    return math.inf if wait_s is None else wait_s

@@ -208,4 +208,5 @@ def _merged(members: list[Candidate]) -> Candidate:
         rate_per_h=sum(c.rate_per_h for c in members),
         heat=sum(c.heat for c in members),
         p_reuse=max(c.p_reuse for c in members),
-        p_due=max(c.p_due for c in members))
+        p_due=max(c.p_due for c in members),
+        own_wait_s=min(c.own_wait_s for c in members))

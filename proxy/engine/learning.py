@@ -39,6 +39,7 @@ RECENT_MAX = 4              # latest requests a new one may follow (bounds the w
 MAX_FOLLOWERS = 32          # per model, the followers counted (the first ones seen)
 COUNT_CAP = 4096            # counts are halved beyond this: old habits fade
 WEEK_HOURS = 168
+OWN_WAIT_MIN_GAPS = 4.0    # gaps longer than the idle time before a model's own say counts
 START_MAX = 16              # per model, the latest starts (first request after a lull) kept
 
 
@@ -196,6 +197,15 @@ class ModelPattern:
         return Prediction(p_within=w * emp_p + (1 - w) * prior_p,
                           expected_wait_s=w * emp_wait + (1 - w) * prior_wait)
 
+    def own_wait(self, age_s: float, min_seen: float) -> float | None:
+        """The mean wait ahead by this model's own gaps alone, when at least min_seen of them
+        were longer than age_s (None otherwise)."""
+        h = self._histogram()
+        seen = h.survival(age_s)
+        if seen < min_seen:
+            return None
+        return self._conditional_mean_wait(h, age_s, seen)
+
     @staticmethod
     def _conditional_mean_wait(h: GapHistogram, age_s: float, seen: float) -> float:
         """E[gap - age | gap > age] from the histogram (each bin at its geometric middle)."""
@@ -342,6 +352,14 @@ class UsageLearner:
             if run is not None and run.opens_in_s <= within_s:
                 best = max(best, run.chance)
         return best
+
+    def own_wait(self, key: str, now_s: float, min_seen: float = OWN_WAIT_MIN_GAPS
+                 ) -> float | None:
+        """ModelPattern.own_wait of key, idle since its last request."""
+        p = self.patterns.get(key)
+        if p is None or p.last_at_s is None:
+            return None
+        return p.own_wait(now_s - p.last_at_s, min_seen)
 
     def likely_next(self, source: str, min_probability: float) -> list[tuple[str, float]]:
         """Models that followed source at least min_probability of the time, likeliest first."""

@@ -11,8 +11,9 @@ Each policy is a value function; the lowest value is evicted first.
 - `priority`: the original design's score: priority (1-10), recency and frequency.
 - `cost-aware`: evicting a model is expected to cost priority_weight × reload_seconds × its
   expected request rate (reload seconds of waiting per second), where the rate is 1 / idle
-  seconds (recency, idle counted as at least RECENCY_FLOOR_S) plus the model's heat (its
-  requests decayed with a one-hour half-life, which remembers popularity across unloads) plus
+  seconds (recency, idle counted as at least RECENCY_FLOOR_S, or as the wait its own gaps leave
+  ahead when that is shorter: a model asked for every 40 s is not idle 30 s in) plus its heat
+  (its requests decayed with a one-hour half-life, which remembers popularity across unloads) plus
   its learned chance of being a pipeline's next step. A load's victims are the lowest cost per
   GB first, unless the set that covers the shortfall at the least total cost (`cheapest_cover`)
   costs less than half as much: then a 3 GB model that covers a 2 GB shortfall goes, though a 9 GB
@@ -49,6 +50,7 @@ class Candidate:
     p_reuse: float = 0.0      # learned: probability of a request within PREDICTION_HORIZON_S
     p_due: float = 0.0        # learned: chance it is due within PREDICTION_HORIZON_S as a
                               # recent request's next pipeline step or a clock's next run
+    own_wait_s: float = math.inf   # learned: the mean wait ahead by the model's own gaps
 
 
 ValueFunction = Callable[[Candidate, float], float]
@@ -129,7 +131,9 @@ def priority_value(c: Candidate, now_s: float) -> float:
 
 def cost_aware_cost(c: Candidate, now_s: float) -> float:
     """Reload seconds per second that evicting c is expected to cause (priority-weighted)."""
-    idle_s = max(now_s - c.last_used_s, RECENCY_FLOOR_S)
+    # The wait its own gaps leave ahead, when shorter than its idle time, says more about the
+    # next request than the idle time does (a second at least: an overdue wait is not certain).
+    idle_s = max(min(max(now_s - c.last_used_s, RECENCY_FLOOR_S), c.own_wait_s), 1.0)
     # A pipeline's next step, or a clock's next run, is due within a minute whatever its idle
     # time says.
     rate_per_s = 1.0 / idle_s + c.heat * HEAT_RATE_PER_S + c.p_due / PREDICTION_HORIZON_S
