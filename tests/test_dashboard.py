@@ -9,7 +9,7 @@ import pytest
 
 from bench.browser import chromium_path
 from proxy.emulator import CatalogModel, load_catalog
-from proxy.server.keys import AUTH
+from proxy.server.keys import AUTH, EVENTS
 from proxy.server.serving import serve
 from proxy.app import create_app
 
@@ -152,6 +152,25 @@ async def test_the_dashboard_reconnects_after_the_proxy_restarts(emulator, page)
         await expect(page.locator("#models tbody tr")).to_have_count(len(load_catalog()))
     finally:
         await served.close()
+
+
+async def test_a_proxy_that_goes_silent_is_shown_stale_and_then_live_again(small, page):
+    """A proxy that still holds the stream open but sends nothing (stopped, or the path to it
+    went silent) is not "live": past two heartbeats the page says since when it heard
+    nothing, drops the stream, and is live again once the proxy answers."""
+    from .freezable import freezable_relay
+    small.app[EVENTS].heartbeat_s = 0.3
+    async with freezable_relay(small.served.port) as relay:
+        await open_dashboard(page, relay.url)
+        conn = page.locator("#conn")
+        relay.freeze()
+        await expect(conn).to_have_attribute("data-state", "stale")
+        await expect(conn).to_have_text(re.compile(r"^stale: nothing from the proxy since "))
+        assert await page.evaluate("document.body.hasAttribute('data-stale')")
+        relay.thaw()
+        await expect(conn).to_have_text("live")
+        await expect(conn).to_have_attribute("data-state", "live")
+    assert page.errors == []
 
 
 async def test_an_action_refused_for_auth_asks_for_the_token_and_keeps_it(small, page, http):

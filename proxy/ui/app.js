@@ -56,6 +56,13 @@ const nowS = () => Date.now() / 1000;
 // the proxy requires one; reconnecting and Last-Event-ID are done here as a browser would.
 let retryMs = 2000;
 let lastEventId = null;
+// The proxy sends a comment at least every heartbeat_s (the snapshot says how often): a
+// stream silent for longer is from a proxy (or a network path) that froze, and what the page
+// shows is no longer live. It then says so, and drops the stream to reconnect.
+let staleMs = 31000;
+let lastByteAt = 0;          // when the stream last sent anything, comments included
+let heardAt = 0;             // when the proxy was last heard from (shown once stale)
+let streamAbort = null;      // aborts the stream's fetch (null: none open)
 
 function authHeaders(extra = {}) {
   const token = sessionStorage.getItem(TOKEN_KEY);
@@ -68,7 +75,9 @@ async function connect() {
     try {
       const headers = authHeaders({ Accept: "text/event-stream" });
       if (lastEventId) headers["Last-Event-ID"] = lastEventId;
-      const resp = await fetch("/proxy/events", { headers, cache: "no-store" });
+      streamAbort = new AbortController();
+      lastByteAt = Date.now();   // a proxy that accepts and never answers is stale too
+      const resp = await fetch("/proxy/events", { headers, cache: "no-store", signal: streamAbort.signal });
       if (resp.status === 401 || resp.status === 403) {
         sessionStorage.removeItem(TOKEN_KEY);
         if (await askToken() !== null) continue;
@@ -83,8 +92,9 @@ async function connect() {
         setConn("down", "reconnecting…");
       }
     } catch (e) {
-      setConn("down", "reconnecting…");   // the proxy is down or restarting
+      setConn("down", "reconnecting…");   // the proxy is down or restarting (or stale)
     }
+    streamAbort = null;
     await new Promise((resolve) => setTimeout(resolve, retryMs));
   }
 }
@@ -94,6 +104,7 @@ async function readEvents(reader) {
   for (;;) {
     const { value, done } = await reader.read();
     if (done) return;
+    lastByteAt = heardAt = Date.now();
     buffer += value.replace(/\r\n?/g, "\n");
     let end;
     while ((end = buffer.indexOf("\n\n")) >= 0) {
@@ -127,8 +138,18 @@ function dispatch(block) {
 
 function setConn(s, text) {
   const c = $("#conn");
-  c.dataset.state = s;
-  c.textContent = text;
+  // Once nothing came for too long, every state short of live again says since when.
+  const stale = s !== "live" && heardAt && Date.now() - heardAt > staleMs;
+  c.dataset.state = stale ? "stale" : s;
+  c.textContent = stale ? `stale: nothing from the proxy since ${new Date(heardAt).toLocaleTimeString()} — ${text}` : text;
+  c.title = stale ? "the figures below are as they were then" : "";
+  document.body.toggleAttribute("data-stale", s !== "live");
+}
+
+function watchdog() {
+  if (!streamAbort || Date.now() - lastByteAt <= staleMs) return;
+  setConn("down", "reconnecting…");
+  streamAbort.abort();   // connect() then tries again
 }
 
 function tl(key) {
@@ -150,6 +171,7 @@ function row(key) {
 
 const HANDLERS = {
   snapshot(d) {
+    if (d.heartbeat_s) staleMs = (2 * d.heartbeat_s + 1) * 1000;
     state.models = new Map(d.models.map((m) => [m.model, { ...m, last_used_at: m.last_used_s_ago === null ? null : d.t - m.last_used_s_ago }]));
     state.memory = d.memory;
     state.hosts = d.hosts || null;
@@ -761,4 +783,5 @@ for (const b of document.querySelectorAll(".zoom button")) {
 }
 window.addEventListener("resize", scheduleRender);
 setInterval(scheduleRender, 2000);   // ages and the moving time axis
+setInterval(watchdog, 500);
 connect();
