@@ -371,6 +371,36 @@ async def test_a_fleet_has_a_memory_bar_per_host_and_says_where_each_model_lives
     assert page.errors == []
 
 
+async def test_a_host_that_goes_down_holds_no_model_and_no_memory_on_an_open_page(
+        make_emulator, make_proxy, page):
+    """As /proxy/stats and a fresh page say: a model on a host that is down is not resident
+    there, and the host's last memory figures are not shown as its memory now."""
+    from .test_fleet import fleet_config
+    emus = {n: await make_emulator(catalog=TWO) for n in ("mac", "pc")}
+    proxy = await make_proxy("", config=fleet_config(
+        [("mac", emus["mac"].url, 24), ("pc", emus["pc"].url, 32)]))
+    await proxy.engine.load(A, host="mac")
+    await proxy.engine.load(B, host="pc")
+    await open_dashboard(page, proxy.url)
+    pc = page.locator('.host-block[data-host="pc"]')
+    await expect(pc.locator(f'.seg.model[data-model="{B}"]')).to_have_count(1)
+    await emus["pc"].close()
+    await proxy.engine.by_name["pc"].core.reconcile()
+    await expect(pc.locator(".host-state")).to_have_text("down")
+    await expect(state_cell(page, B)).to_have_text("unloaded")
+    await expect(page.locator(f'#models tr[data-model="{B}"] td.host')).to_have_text("–")
+    await expect(page.locator(f'#models tr[data-model="{B}"] button.unload')).to_be_disabled()
+    await expect(pc.locator(".seg")).to_have_count(0)
+    await expect(pc.locator(".host-summary")).to_have_text(
+        "not answering: its memory is not known")
+    await expect(state_cell(page, A)).to_have_text("loaded")
+    await page.reload()   # a fresh snapshot says the same
+    await expect(page.locator("#conn")).to_have_text("live")
+    await expect(state_cell(page, B)).to_have_text("unloaded")
+    await expect(pc.locator(".seg")).to_have_count(0)
+    assert page.errors == []
+
+
 async def test_an_unload_a_host_could_not_do_says_where_it_failed(make_emulator, make_proxy,
                                                                    page):
     """A fleet's unload acts on every host it reaches; the status line names the host it could

@@ -269,9 +269,23 @@ function fleetState(hosts) {
   return STATE_RANK.find((s) => states.includes(s)) || states[0] || "unloaded";
 }
 
+// A model's state on one host as the proxy counts it: nothing is loaded on a host that is
+// down (its models are served elsewhere; its return reconciles what it still has).
+function hostState(r, h) {
+  const s = r.hosts[h];
+  const host = state.hosts && state.hosts[h];
+  return s === "loaded" && host && host.up === false ? "unloaded" : s;
+}
+
+// Its state over the fleet (on one server: its own).
+function shownState(r) {
+  if (!r.hosts) return r.state;
+  return fleetState(Object.fromEntries(Object.keys(r.hosts).map((h) => [h, hostState(r, h)])));
+}
+
 // The hosts where a model is resident (loaded, loading or unloading).
 function residentHosts(r) {
-  if (r.hosts) return Object.keys(r.hosts).filter((h) => RESIDENT.has(r.hosts[h]));
+  if (r.hosts) return Object.keys(r.hosts).filter((h) => RESIDENT.has(hostState(r, h)));
   return r.host && RESIDENT.has(r.state) ? [r.host] : [];
 }
 
@@ -416,7 +430,7 @@ function renderMemory() {
     return;
   }
   const drawn = drawBar($("#memory-bar"), $("#memory-legend"), m,
-                        [...state.models.values()].filter((r) => RESIDENT.has(r.state)));
+                        [...state.models.values()].filter((r) => RESIDENT.has(shownState(r))));
   if (m && m.managed === false) {
     $("#memory-summary").textContent = "not managed: the server loads its models itself";
   } else if (drawn) {
@@ -449,11 +463,13 @@ function renderHosts(fleet) {
     badge.textContent = h.up ? "up" : "down";
     badge.dataset.ok = String(!!h.up);
     const resident = [...state.models.values()].filter((r) => residentHosts(r).includes(name))
-      .map((r) => ({ ...r, state: r.hosts ? r.hosts[name] : r.state }));
-    const drawn = drawBar(block.querySelector(".membar"), block.querySelector(".legend"), h, resident);
+      .map((r) => ({ ...r, state: r.hosts ? hostState(r, name) : r.state }));
+    // A host that does not answer: its last figures are not its memory now.
+    const drawn = drawBar(block.querySelector(".membar"), block.querySelector(".legend"),
+                          h.up ? h : null, resident);
     block.querySelector(".host-summary").textContent = drawn
       ? `${fmtGb(Math.max(drawn.used, drawn.models))} of ${fmtGb(drawn.total)} used`
-      : "memory not known yet";
+      : h.up ? "memory not known yet" : "not answering: its memory is not known";
   }
 }
 
@@ -540,10 +556,11 @@ function renderModels() {
       body.append(tr);
     }
     const set = (c, text) => { const n = tr.querySelector(`.${c}`); if (n.textContent !== String(text)) n.textContent = text; };
-    const resident = RESIDENT.has(r.state);
+    const shown = shownState(r);
+    const resident = RESIDENT.has(shown);
     renderModelCell(tr.querySelector(".model"), r);
-    set("state", r.state);
-    tr.querySelector(".state").dataset.state = r.state;
+    set("state", shown);
+    tr.querySelector(".state").dataset.state = shown;
     set("host", residentHosts(r).join(", ") || "–");
     set("owner", r.owner || "–");
     set("priority", r.priority ?? "–");
@@ -562,7 +579,7 @@ function renderModels() {
     const u = state.upstream;
     const manual = !(u && u.capabilities && u.manages_loading === false);
     tr.querySelector("button.load").disabled = resident || !manual;
-    tr.querySelector("button.unload").disabled = r.state !== "loaded" || !manual;
+    tr.querySelector("button.unload").disabled = shown !== "loaded" || !manual;
     const pin = tr.querySelector("button.pin");
     const pinText = r.pinned ? "unpin" : "pin";
     if (pin.textContent !== pinText) pin.textContent = pinText;
