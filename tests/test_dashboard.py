@@ -287,6 +287,24 @@ LONG = ("a-publisher-with-a-long-name/an-extremely-long-model-name-that-no-label
         "holds-v1.5-instruct-GGUF-Q4_K_M")
 
 
+async def test_a_long_unbroken_model_name_never_widens_a_narrow_page(make_emulator, make_proxy,
+                                                                     page):
+    """A phone-wide window: the memory legend wraps a name with no place to break (a GGUF
+    file name) instead of pushing the page sideways."""
+    unbroken = "lab/" + "q" * 150 + ".gguf"
+    emu = await make_emulator(catalog=[CatalogModel(key=unbroken, size_bytes=GB,
+                                                    memory_bytes=GB, load_time_s=0.0)])
+    proxy = await make_proxy(emu.url)
+    await proxy.engine.load(unbroken)
+    await page.set_viewport_size({"width": 380, "height": 800})
+    await open_dashboard(page, proxy.url)
+    await expect(page.locator("#memory-legend li").first).to_contain_text(unbroken)
+    widths = await page.evaluate(
+        "[document.documentElement.scrollWidth, document.documentElement.clientWidth]")
+    assert widths[0] <= widths[1], widths
+    assert page.errors == []
+
+
 async def test_long_lane_names_are_shortened_visibly_with_the_full_name_kept(
         make_emulator, make_proxy, page):
     catalog = [CatalogModel(key=k, size_bytes=GB, memory_bytes=GB, load_time_s=0.0)
