@@ -9,7 +9,7 @@ import pytest
 
 from bench.browser import chromium_path
 from proxy.emulator import CatalogModel, load_catalog
-from proxy.server.keys import AUTH
+from proxy.server.keys import AUTH, EVENTS
 from proxy.server.serving import serve
 from proxy.app import create_app
 
@@ -154,6 +154,25 @@ async def test_the_dashboard_reconnects_after_the_proxy_restarts(emulator, page)
         await served.close()
 
 
+async def test_a_proxy_that_goes_silent_is_shown_stale_and_then_live_again(small, page):
+    """A proxy that still holds the stream open but sends nothing (stopped, or the path to it
+    went silent) is not "live": past two heartbeats the page says since when it heard
+    nothing, drops the stream, and is live again once the proxy answers."""
+    from .freezable import freezable_relay
+    small.app[EVENTS].heartbeat_s = 0.3
+    async with freezable_relay(small.served.port) as relay:
+        await open_dashboard(page, relay.url)
+        conn = page.locator("#conn")
+        relay.freeze()
+        await expect(conn).to_have_attribute("data-state", "stale")
+        await expect(conn).to_have_text(re.compile(r"^stale: nothing from the proxy since "))
+        assert await page.evaluate("document.body.hasAttribute('data-stale')")
+        relay.thaw()
+        await expect(conn).to_have_text("live")
+        await expect(conn).to_have_attribute("data-state", "live")
+    assert page.errors == []
+
+
 async def test_an_action_refused_for_auth_asks_for_the_token_and_keeps_it(small, page, http):
     """The proxy's auth is stood in for at the network layer: the page's own logic is tested."""
     seen = []
@@ -268,6 +287,24 @@ LONG = ("a-publisher-with-a-long-name/an-extremely-long-model-name-that-no-label
         "holds-v1.5-instruct-GGUF-Q4_K_M")
 
 
+async def test_a_long_unbroken_model_name_never_widens_a_narrow_page(make_emulator, make_proxy,
+                                                                     page):
+    """A phone-wide window: the memory legend wraps a name with no place to break (a GGUF
+    file name) instead of pushing the page sideways."""
+    unbroken = "lab/" + "q" * 150 + ".gguf"
+    emu = await make_emulator(catalog=[CatalogModel(key=unbroken, size_bytes=GB,
+                                                    memory_bytes=GB, load_time_s=0.0)])
+    proxy = await make_proxy(emu.url)
+    await proxy.engine.load(unbroken)
+    await page.set_viewport_size({"width": 380, "height": 800})
+    await open_dashboard(page, proxy.url)
+    await expect(page.locator("#memory-legend li").first).to_contain_text(unbroken)
+    widths = await page.evaluate(
+        "[document.documentElement.scrollWidth, document.documentElement.clientWidth]")
+    assert widths[0] <= widths[1], widths
+    assert page.errors == []
+
+
 async def test_long_lane_names_are_shortened_visibly_with_the_full_name_kept(
         make_emulator, make_proxy, page):
     catalog = [CatalogModel(key=k, size_bytes=GB, memory_bytes=GB, load_time_s=0.0)
@@ -349,6 +386,36 @@ async def test_a_fleet_has_a_memory_bar_per_host_and_says_where_each_model_lives
     await expect(pc).to_have_attribute("data-up", "false")
     await expect(pc.locator(".host-state")).to_have_text("down")
     await expect(mac.locator(".host-state")).to_have_text("up")
+    assert page.errors == []
+
+
+async def test_a_host_that_goes_down_holds_no_model_and_no_memory_on_an_open_page(
+        make_emulator, make_proxy, page):
+    """As /proxy/stats and a fresh page say: a model on a host that is down is not resident
+    there, and the host's last memory figures are not shown as its memory now."""
+    from .test_fleet import fleet_config
+    emus = {n: await make_emulator(catalog=TWO) for n in ("mac", "pc")}
+    proxy = await make_proxy("", config=fleet_config(
+        [("mac", emus["mac"].url, 24), ("pc", emus["pc"].url, 32)]))
+    await proxy.engine.load(A, host="mac")
+    await proxy.engine.load(B, host="pc")
+    await open_dashboard(page, proxy.url)
+    pc = page.locator('.host-block[data-host="pc"]')
+    await expect(pc.locator(f'.seg.model[data-model="{B}"]')).to_have_count(1)
+    await emus["pc"].close()
+    await proxy.engine.by_name["pc"].core.reconcile()
+    await expect(pc.locator(".host-state")).to_have_text("down")
+    await expect(state_cell(page, B)).to_have_text("unloaded")
+    await expect(page.locator(f'#models tr[data-model="{B}"] td.host')).to_have_text("–")
+    await expect(page.locator(f'#models tr[data-model="{B}"] button.unload')).to_be_disabled()
+    await expect(pc.locator(".seg")).to_have_count(0)
+    await expect(pc.locator(".host-summary")).to_have_text(
+        "not answering: its memory is not known")
+    await expect(state_cell(page, A)).to_have_text("loaded")
+    await page.reload()   # a fresh snapshot says the same
+    await expect(page.locator("#conn")).to_have_text("live")
+    await expect(state_cell(page, B)).to_have_text("unloaded")
+    await expect(pc.locator(".seg")).to_have_count(0)
     assert page.errors == []
 
 

@@ -224,3 +224,24 @@ async def test_a_host_the_proxy_cannot_load_on_shows_no_residency_and_no_memory(
     async with http.post(f"{proxy.url}/proxy/models/unload", json={"model": SMALL}) as r:
         body = await r.json()     # no host named: where it can be (host b is not asked)
     assert r.status == 200 and body["unloaded_on"] == ["a"] and body["failed"] == {}, body
+
+
+async def test_a_model_used_and_unloaded_on_another_host_is_not_shown_as_never_used(two, http):
+    """Its row comes from the first host that lists it (`a`) once it is resident nowhere; its
+    last use, loads and evictions were on `b`: the row says so, not "never used", 0 loads."""
+    proxy, _ = two
+    await proxy.engine.load(SMALL, host="b")
+    status, _, headers = await chat(http, proxy, SMALL)
+    assert status == 200 and headers["X-Proxy-Host"] == "b"
+    async with http.post(f"{proxy.url}/proxy/models/unload", json={"model": SMALL}) as r:
+        assert r.status == 200 and (await r.json())["unloaded_on"] == ["b"]
+    async with http.get(f"{proxy.url}/proxy/models") as r:
+        row = {row["model"]: row for row in (await r.json())["data"]}[SMALL]
+    assert row["host"] == "a" and row["state"] == "unloaded" and row["requests"] == 1
+    assert row["last_used_s_ago"] is not None and row["last_used_s_ago"] < 30
+    assert row["loads"] == 1 and row["evictions"] == {"manual": 1}
+    assert row["avg_load_time_s"] is not None
+    async with http.get(f"{proxy.url}/proxy/events") as r:   # the dashboard's snapshot too
+        snapshot = await SseReader(r).next()
+    shown = {m["model"]: m for m in snapshot.data["models"]}[SMALL]
+    assert shown["last_used_s_ago"] is not None and shown["loads"] == 1

@@ -115,3 +115,22 @@ async def test_a_reload_names_the_keys_it_changed_never_a_secret(make_proxy, emu
     assert [r.getMessage() for r in caplog.records] == [
         "configuration reloaded; nothing changed; these changes need a restart to take "
         "effect: upstream.api_token"]
+
+
+async def test_an_upstream_that_comes_back_is_said_as_its_loss_was(make_emulator, caplog):
+    caplog.set_level(logging.INFO, logger="proxy.engine")
+    emu = await make_emulator()
+    port = int(emu.url.rsplit(":", 1)[1])
+    clock = ManualClock()
+    mgr, _ = await monitored(emu.url, clock)
+    await emu.close()
+    await mgr.core.reconcile()
+    assert [line for line in engine_lines(caplog, logging.WARNING)
+            if line.startswith("upstream unavailable: ")]
+    clock.advance(42)
+    await make_emulator(port=port)
+    await mgr.core.reconcile()
+    assert "upstream reachable again after 42s" in engine_lines(caplog, logging.INFO)
+    await mgr.core.reconcile()   # said once, not at every look
+    assert sum("reachable again" in line for line in engine_lines(caplog)) == 1
+    await mgr.cleanup()

@@ -36,6 +36,7 @@ class Reconciler(Part):
         self.upstream_ok = False
         self.listed_once = False        # the server has answered with its models (once)
         self.upstream_error: str | None = None
+        self.down_since_s: float | None = None   # since its "unavailable" line, until it answers
         self.error_type: type[UpstreamError] = UpstreamError
         self.last_run_s = -1e9
         # Called when a look at the server fails (a fleet's host: requests still waiting for
@@ -77,11 +78,15 @@ class Reconciler(Part):
                 f"{upstream.probe_timeout_s:g}s (upstream.probe_timeout_s): counted down")
             if self.upstream_ok:
                 log.warning("upstream unavailable: %s", err.message)
+                self.down_since_s = self.clock.now()
             self.upstream_ok, self.upstream_error = False, err.message
             self.error_type = type(err)
             if self.on_down is not None:
                 self.on_down()
             return []
+        if self.down_since_s is not None:   # the warning above gets its end said
+            log.info("upstream reachable again after %.0fs", self.clock.now() - self.down_since_s)
+            self.down_since_s = None
         self.upstream_ok, self.upstream_error = True, None
         changed: list[ModelEntry] = []
         late: list[ModelEntry] = []

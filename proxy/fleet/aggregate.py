@@ -128,12 +128,15 @@ class FleetViews:
         hosts = self.where(key)
         first = hosts[0]
         row = first.core.row(key)
-        row.update(self.usage(key).summary(first.core.clock.now()))   # every host's use
+        now_s = first.core.clock.now()
+        usage = self.usage(key)
+        row.update(usage.summary(now_s))   # every host's use
+        entries = [(h, h.core.registry.entries[key]) for h in hosts]
+        row.update(_history(usage, [e for _, e in entries], now_s))
         state = first.shown_state(first.core.registry.entries[key])
         if state != row["state"]:      # resident on a host that is down: not resident
             row.update(state=state, owner=None, instances=[])
         row["host"] = first.name
-        entries = [(h, h.core.registry.entries[key]) for h in hosts]
         row["hosts"] = {h.name: h.shown_state(e) for h, e in entries}
         # The row's last_error is its host's: a failure on another host is told here.
         row["host_errors"] = {h.name: e.last_error or "no reason given" for h, e in entries
@@ -149,3 +152,26 @@ class FleetViews:
         is the union; a model listed elsewhere only is still placed where it is listed)."""
         best = max(self._up(), key=lambda h: len(h.core.registry), default=self.hosts[0])
         return best.core.recommend(context)
+
+
+def _history(usage: ModelUsage, entries: list[ModelEntry], now_s: float) -> dict[str, Any]:
+    """A model's loads, evictions and last use over every host that lists it: a model used,
+    loaded or evicted on one host and listed first by another is not "never used" there."""
+    loads = sum(e.load_count for e in entries)
+    # (a load time restored from the history with no load counted yet weighs as one load)
+    timed = [(e.load_time_s, max(1, e.load_count)) for e in entries
+             if e.load_time_s is not None]
+    evictions: dict[str, int] = {}
+    for e in entries:
+        for reason, n in e.evictions.items():
+            evictions[reason] = evictions.get(reason, 0) + n
+    # Its last request, else its last load (as a single server's row says).
+    last = usage.last_used_at_s
+    if last is None:
+        last = max((e.last_used_at_s for e in entries if e.last_used_at_s is not None),
+                   default=None)
+    weight = sum(n for _, n in timed)
+    return {"loads": loads, "evictions": evictions,
+            "avg_load_time_s": round(sum(t * n for t, n in timed) / weight, 3) if weight
+            else None,
+            "last_used_s_ago": None if last is None else round(now_s - last, 1)}

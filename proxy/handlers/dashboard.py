@@ -2,7 +2,7 @@
 
 The stream starts with `retry:` and either a `snapshot` event (a fresh client, or one whose
 `Last-Event-ID` the ring cannot resume) or the events it missed; then events as they come and a
-comment line every HEARTBEAT_S so proxies and browsers keep the connection open.
+comment line every `heartbeat_s` (observe/events.py) so proxies and browsers keep the connection open.
 """
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ from ..server import scope
 from ..server.keys import ENGINE, EVENTS, RESPONSE_STARTED
 from .admin import json_response
 
-HEARTBEAT_S = 15.0
 RETRY_MS = 2000
 UI_DIR = Path(__file__).resolve().parent.parent / "ui"
 # No page of another site may show the dashboard in a frame: its buttons act (load, unload,
@@ -42,7 +41,7 @@ async def events(request: web.Request) -> web.StreamResponse:
                          scope.events(scope.scope_of(request), first))
         while not client.dropped:
             try:
-                await asyncio.wait_for(client.wake.wait(), HEARTBEAT_S)
+                await asyncio.wait_for(client.wake.wait(), hub.heartbeat_s)
             except TimeoutError:
                 await resp.write(b": keep-alive\n\n")
                 continue

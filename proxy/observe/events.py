@@ -44,6 +44,7 @@ log = logging.getLogger("proxy.events")
 RING_EVENTS = 2048           # recent events kept for Last-Event-ID resume
 CLIENT_BUFFER_EVENTS = 1024  # a client further behind than this is dropped
 TICK_S = 1.0                 # per-second request summaries, memory, in-flight
+HEARTBEAT_S = 15.0           # a comment line on a stream idle this long
 RECENT_ERRORS = 50
 OTHER = "__other__"
 
@@ -101,6 +102,9 @@ class EventHub:
         self.engine = engine
         self.health = health
         self.tick_s = tick_s
+        # A comment line this often on an idle stream: a viewer that hears nothing for
+        # longer knows its proxy (or the way to it) froze, and says so (the snapshot tells it).
+        self.heartbeat_s = HEARTBEAT_S
         self.client_buffer_events = client_buffer_events
         self.epoch = format(int(time.time() * 1000), "x")
         self.ring: collections.deque[Event] = collections.deque(maxlen=ring_events)
@@ -384,7 +388,7 @@ class EventHub:
         out = {"id": self.last_id, "t": round(time.time(), 3), "models": models,
                "memory": memory, "upstream": stats["upstream"],
                "queue_length": stats["queue_length"], "health": health,
-               "errors": list(self.errors)}
+               "errors": list(self.errors), "heartbeat_s": self.heartbeat_s}
         if self.fleet is not None:
             out["hosts"] = memory["hosts"]
         return out

@@ -56,6 +56,13 @@ const nowS = () => Date.now() / 1000;
 // the proxy requires one; reconnecting and Last-Event-ID are done here as a browser would.
 let retryMs = 2000;
 let lastEventId = null;
+// The proxy sends a comment at least every heartbeat_s (the snapshot says how often): a
+// stream silent for longer is from a proxy (or a network path) that froze, and what the page
+// shows is no longer live. It then says so, and drops the stream to reconnect.
+let staleMs = 31000;
+let lastByteAt = 0;          // when the stream last sent anything, comments included
+let heardAt = 0;             // when the proxy was last heard from (shown once stale)
+let streamAbort = null;      // aborts the stream's fetch (null: none open)
 
 function authHeaders(extra = {}) {
   const token = sessionStorage.getItem(TOKEN_KEY);
@@ -68,7 +75,9 @@ async function connect() {
     try {
       const headers = authHeaders({ Accept: "text/event-stream" });
       if (lastEventId) headers["Last-Event-ID"] = lastEventId;
-      const resp = await fetch("/proxy/events", { headers, cache: "no-store" });
+      streamAbort = new AbortController();
+      lastByteAt = Date.now();   // a proxy that accepts and never answers is stale too
+      const resp = await fetch("/proxy/events", { headers, cache: "no-store", signal: streamAbort.signal });
       if (resp.status === 401 || resp.status === 403) {
         sessionStorage.removeItem(TOKEN_KEY);
         if (await askToken() !== null) continue;
@@ -83,8 +92,9 @@ async function connect() {
         setConn("down", "reconnecting…");
       }
     } catch (e) {
-      setConn("down", "reconnecting…");   // the proxy is down or restarting
+      setConn("down", "reconnecting…");   // the proxy is down or restarting (or stale)
     }
+    streamAbort = null;
     await new Promise((resolve) => setTimeout(resolve, retryMs));
   }
 }
@@ -94,6 +104,7 @@ async function readEvents(reader) {
   for (;;) {
     const { value, done } = await reader.read();
     if (done) return;
+    lastByteAt = heardAt = Date.now();
     buffer += value.replace(/\r\n?/g, "\n");
     let end;
     while ((end = buffer.indexOf("\n\n")) >= 0) {
@@ -127,8 +138,18 @@ function dispatch(block) {
 
 function setConn(s, text) {
   const c = $("#conn");
-  c.dataset.state = s;
-  c.textContent = text;
+  // Once nothing came for too long, every state short of live again says since when.
+  const stale = s !== "live" && heardAt && Date.now() - heardAt > staleMs;
+  c.dataset.state = stale ? "stale" : s;
+  c.textContent = stale ? `stale: nothing from the proxy since ${new Date(heardAt).toLocaleTimeString()} — ${text}` : text;
+  c.title = stale ? "the figures below are as they were then" : "";
+  document.body.toggleAttribute("data-stale", s !== "live");
+}
+
+function watchdog() {
+  if (!streamAbort || Date.now() - lastByteAt <= staleMs) return;
+  setConn("down", "reconnecting…");
+  streamAbort.abort();   // connect() then tries again
 }
 
 function tl(key) {
@@ -150,6 +171,7 @@ function row(key) {
 
 const HANDLERS = {
   snapshot(d) {
+    if (d.heartbeat_s) staleMs = (2 * d.heartbeat_s + 1) * 1000;
     state.models = new Map(d.models.map((m) => [m.model, { ...m, last_used_at: m.last_used_s_ago === null ? null : d.t - m.last_used_s_ago }]));
     state.memory = d.memory;
     state.hosts = d.hosts || null;
@@ -247,9 +269,23 @@ function fleetState(hosts) {
   return STATE_RANK.find((s) => states.includes(s)) || states[0] || "unloaded";
 }
 
+// A model's state on one host as the proxy counts it: nothing is loaded on a host that is
+// down (its models are served elsewhere; its return reconciles what it still has).
+function hostState(r, h) {
+  const s = r.hosts[h];
+  const host = state.hosts && state.hosts[h];
+  return s === "loaded" && host && host.up === false ? "unloaded" : s;
+}
+
+// Its state over the fleet (on one server: its own).
+function shownState(r) {
+  if (!r.hosts) return r.state;
+  return fleetState(Object.fromEntries(Object.keys(r.hosts).map((h) => [h, hostState(r, h)])));
+}
+
 // The hosts where a model is resident (loaded, loading or unloading).
 function residentHosts(r) {
-  if (r.hosts) return Object.keys(r.hosts).filter((h) => RESIDENT.has(r.hosts[h]));
+  if (r.hosts) return Object.keys(r.hosts).filter((h) => RESIDENT.has(hostState(r, h)));
   return r.host && RESIDENT.has(r.state) ? [r.host] : [];
 }
 
@@ -394,7 +430,7 @@ function renderMemory() {
     return;
   }
   const drawn = drawBar($("#memory-bar"), $("#memory-legend"), m,
-                        [...state.models.values()].filter((r) => RESIDENT.has(r.state)));
+                        [...state.models.values()].filter((r) => RESIDENT.has(shownState(r))));
   if (m && m.managed === false) {
     $("#memory-summary").textContent = "not managed: the server loads its models itself";
   } else if (drawn) {
@@ -427,11 +463,13 @@ function renderHosts(fleet) {
     badge.textContent = h.up ? "up" : "down";
     badge.dataset.ok = String(!!h.up);
     const resident = [...state.models.values()].filter((r) => residentHosts(r).includes(name))
-      .map((r) => ({ ...r, state: r.hosts ? r.hosts[name] : r.state }));
-    const drawn = drawBar(block.querySelector(".membar"), block.querySelector(".legend"), h, resident);
+      .map((r) => ({ ...r, state: r.hosts ? hostState(r, name) : r.state }));
+    // A host that does not answer: its last figures are not its memory now.
+    const drawn = drawBar(block.querySelector(".membar"), block.querySelector(".legend"),
+                          h.up ? h : null, resident);
     block.querySelector(".host-summary").textContent = drawn
       ? `${fmtGb(Math.max(drawn.used, drawn.models))} of ${fmtGb(drawn.total)} used`
-      : "memory not known yet";
+      : h.up ? "memory not known yet" : "not answering: its memory is not known";
   }
 }
 
@@ -518,10 +556,11 @@ function renderModels() {
       body.append(tr);
     }
     const set = (c, text) => { const n = tr.querySelector(`.${c}`); if (n.textContent !== String(text)) n.textContent = text; };
-    const resident = RESIDENT.has(r.state);
+    const shown = shownState(r);
+    const resident = RESIDENT.has(shown);
     renderModelCell(tr.querySelector(".model"), r);
-    set("state", r.state);
-    tr.querySelector(".state").dataset.state = r.state;
+    set("state", shown);
+    tr.querySelector(".state").dataset.state = shown;
     set("host", residentHosts(r).join(", ") || "–");
     set("owner", r.owner || "–");
     set("priority", r.priority ?? "–");
@@ -540,7 +579,7 @@ function renderModels() {
     const u = state.upstream;
     const manual = !(u && u.capabilities && u.manages_loading === false);
     tr.querySelector("button.load").disabled = resident || !manual;
-    tr.querySelector("button.unload").disabled = r.state !== "loaded" || !manual;
+    tr.querySelector("button.unload").disabled = shown !== "loaded" || !manual;
     const pin = tr.querySelector("button.pin");
     const pinText = r.pinned ? "unpin" : "pin";
     if (pin.textContent !== pinText) pin.textContent = pinText;
@@ -761,4 +800,5 @@ for (const b of document.querySelectorAll(".zoom button")) {
 }
 window.addEventListener("resize", scheduleRender);
 setInterval(scheduleRender, 2000);   // ages and the moving time axis
+setInterval(watchdog, 500);
 connect();
