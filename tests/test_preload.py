@@ -315,3 +315,49 @@ async def test_a_preload_that_waited_past_its_moment_is_dropped_not_started(engi
     assert f"preload of {CODER} dropped: its moment has passed" in caplog.text
     for lease in serving:
         lease.release()
+
+
+async def steady_then_unloaded_by_hand(mgr):
+    """HOT asked for every 20 s (a model its own gaps say is due within a minute), then
+    unloaded by hand 5 s after its last request."""
+    for i in range(12):
+        if i:
+            mgr.clock.advance(20)
+        (await mgr.acquire(HOT)).release()
+    mgr.clock.advance(5)
+    assert await mgr.unload_model(HOT)
+
+
+async def test_a_model_unloaded_by_hand_is_not_preloaded_back_by_its_own_history(engine, lab):
+    """Otherwise the next tick undoes the operator's unload ("due by its gaps"). (Weeks later
+    its history counts again: the weekly-rhythm test above clears by hand.)"""
+    mgr = await engine()
+    await steady_then_unloaded_by_hand(mgr)
+    loads = lab.state.load_calls[HOT]
+    for _ in range(3):
+        await mgr.core.preloader.tick()
+        await settle(mgr)
+        mgr.clock.advance(10)
+    assert lab.state.load_calls[HOT] == loads and HOT not in mgr.get_loaded_models()
+
+
+async def test_a_request_for_it_lets_its_history_preload_it_again(engine, lab):
+    mgr = await engine()
+    await steady_then_unloaded_by_hand(mgr)
+    (await mgr.acquire(HOT)).release()                        # asked for: loaded on demand
+    mgr.clock.advance(5)
+    await mgr.core.evictor.unload(mgr.entry(HOT), "idle")    # gone, not by hand
+    loads = lab.state.load_calls[HOT]
+    await mgr.core.preloader.tick()
+    await settle(mgr)
+    assert lab.state.load_calls[HOT] == loads + 1 and mgr.entry(HOT).preloaded
+
+
+async def test_an_unload_by_hand_leaves_a_followers_preload_alone(engine, lab):
+    """A request for the planner after the coder's unload is news the unload did not know."""
+    mgr = await engine()
+    await teach(mgr)                                          # ends with an unload by hand
+    assert mgr.entry(CODER).unloaded_by_hand_s is not None
+    (await mgr.acquire(PLANNER)).release()
+    await settle(mgr)
+    assert mgr.entry(CODER).preloaded

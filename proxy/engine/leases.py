@@ -34,6 +34,7 @@ class Leases:
         now = self._now()
         e.heat = decayed_heat(e.heat, e.heat_at_s, now) + 1.0
         e.heat_at_s = e.last_used_at_s = now
+        e.unloaded_by_hand_s = None
         if not observed:
             self.learner.observe(e.key, now, self.clock.wall())
             self.preloader.after_request(e.key)

@@ -62,6 +62,9 @@ class ModelEntry:
     holds: int = 0                      # HOLD leases: probes and admin reads
     reserved: int = 0                   # requests its load finished for, not yet leased
     preloaded: bool = False             # loaded on a prediction and not used since
+    # When it was unloaded by hand, if not asked for since: for a while its own history (gaps,
+    # rhythm, clock) does not preload it back, or the operator's unload is undone within a tick.
+    unloaded_by_hand_s: float | None = None
     waiting: int = 0                    # requests waiting for this model's load
     waiting_since_s: float | None = None
     loading_since_s: float | None = None

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from ..config import Config
     from ..upstream.base import Capabilities
     from .accounting import Accounting
+    from .clock import Clock
     from .eviction import Evictor
     from .lifecycle import Lease
     from .memory import MemoryPressure
@@ -28,6 +29,7 @@ class ManualOperations:
     accounting: "Accounting"
     evictor: "Evictor"
     config: "Config"
+    clock: "Clock"
     capabilities: "Capabilities | None"
     manages_loading: bool
     memory_pressure: "MemoryPressure"
@@ -69,7 +71,18 @@ class ManualOperations:
         self._can_load_or_unload(e.key, "unloaded")
         timeout_s = drain_timeout_s if drain_timeout_s is not None else \
             self.config.eviction.queue_timeout_s
-        return await self.evictor.unload_drained(e, reason, timeout_s)
+        unloaded = await self.evictor.unload_drained(e, reason, timeout_s)
+        if unloaded:
+            self.keep_unloaded(e.key)
+        return unloaded
+
+    def keep_unloaded(self, key: str) -> None:
+        """An unload by hand: no preload of key by its own history for an hour
+        (preload.HAND_UNLOAD_QUIET_S) or until a request asks for it (a request for a model it follows still preloads it:
+        that is news the unload did not know)."""
+        e = self.registry.entries.get(key)
+        if e is not None:
+            e.unloaded_by_hand_s = self.clock.now()
 
     def _can_load_or_unload(self, key: str, done: str) -> None:
         """A 409 naming the server's kind when the proxy cannot load or unload on it (an

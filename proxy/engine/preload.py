@@ -47,6 +47,9 @@ BURST_GAP_S = 1.0          # requests closer than this to the previous one prelo
 HOUR_LEAD_S = 300.0        # what usually starts in an hour is preloaded this long before it
 PERIOD_LEAD_S = 2.0        # a timer's model is ready this long before its window opens
 MIN_TICK_S = 1.0           # the tick follows due times, but never runs more often than this
+# A model unloaded by hand is not preloaded by its own history for this long, unless asked for
+# (the operator's unload stands; next week's rhythm may bring it back).
+HAND_UNLOAD_QUIET_S = 3600.0
 
 
 class PreloadTally:
@@ -126,7 +129,8 @@ class Preloader(Part):
         next_due = None
         for key, pattern in list(self.learner.patterns.items()):
             e = self.registry.entries.get(key)
-            if e is None:
+            if e is None or e.unloaded_by_hand_s is not None and \
+                    now - e.unloaded_by_hand_s < HAND_UNLOAD_QUIET_S:
                 continue
             run = pattern.next_run(now, wall, self.config.min_probability)
             if run is not None:

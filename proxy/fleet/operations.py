@@ -78,6 +78,9 @@ class FleetOperations:
         done, failed = await self._each(holding, unload, f"'{key}' could be unloaded on no host",
                                         named=host is not None)
         on = [n for n, unloaded in done.items() if unloaded]
+        if on:      # nor preloaded back by a host that did not hold it
+            for h in self._targets(host):
+                h.core.keep_unloaded(key)
         return {"unloaded": bool(on), "unloaded_on": on, "failed": failed}
 
     async def clear(self, *, host: str | None = None) -> dict[str, Any]:
