@@ -14,7 +14,7 @@ from proxy.engine.preload import PERIOD_LEAD_S
 from proxy.engine.timers import CLOCK_CONTRAST, CLOCK_HOURS_CAP, MIN_CLOCK_STARTS, ClockMinute, \
     busiest_minute
 
-from .test_waits import run, settle, tick_in_full_memory, use
+from .test_waits import evict, run, settle, tick_in_full_memory, use
 
 HOUR_S = 3600.0
 RELOAD_S = 3.0
@@ -105,7 +105,7 @@ async def teach_job(mgr, loop, hours=(0, 1, 3, 4), minute: int = 0) -> None:
     for h in hours:
         await asyncio.sleep(h * HOUR_S + minute * 60.0 - loop.time())
         await use(mgr, loop, "job", 0.0)
-        await mgr.unload_model("job")
+        await evict(mgr, "job")
     await asyncio.sleep((hours[-1] + 1) * HOUR_S + (minute - 1) * 60.0 - loop.time())
 
 
@@ -207,7 +207,7 @@ def test_between_its_runs_a_jobs_model_is_preloaded_by_its_gaps_as_any_model(cap
         for i in range(3):
             await asyncio.sleep(4 * HOUR_S + 20 * 60.0 + i * 30.0 - loop.time())
             await use(mgr, loop, "job", 0.0)
-        await mgr.unload_model("job")
+        await evict(mgr, "job")
         await asyncio.sleep(5.0)
         with caplog.at_level(logging.INFO, logger="proxy.engine"):
             await mgr.core.preloader.tick()

@@ -12,7 +12,7 @@ from proxy.engine.lifecycle import ModelStatus
 from proxy.engine.preload import MIN_TICK_S, PERIOD_LEAD_S
 
 from .test_periods import MONDAY, PERIOD_S, starts_every
-from .test_waits import run, settle, tick_in_full_memory, use
+from .test_waits import evict, run, settle, tick_in_full_memory, use
 
 
 async def teach_timer(mgr, loop, periods: int = 12, jitter_s: float = 0.0) -> float:
@@ -26,7 +26,7 @@ async def teach_timer(mgr, loop, periods: int = 12, jitter_s: float = 0.0) -> fl
         await asyncio.sleep(at_s - loop.time())
     last = loop.time()
     await use(mgr, loop, "timer", 0.0)
-    await mgr.unload_model("timer")
+    await evict(mgr, "timer")
     return last
 
 
