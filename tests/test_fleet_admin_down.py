@@ -149,3 +149,20 @@ async def test_a_named_host_that_cannot_be_reached_is_that_hosts_error(fleet, ht
     assert status == 502 and body["error"]["code"] == "upstream_unreachable"
     assert body["error"]["message"].startswith("cannot reach"), body
     assert instances(emus, "big")["big"]       # the others untouched
+
+
+async def test_a_down_hosts_memory_is_counted_nowhere(fleet, http):
+    """The fleet's memory is that of the hosts up; /metrics has no memory series for a host
+    that is down (its last figures are not its memory now), only proxy_host_up 0."""
+    proxy, emus = fleet
+    async with http.get(f"{proxy.url}/proxy/stats") as r:
+        assert (await r.json())["system_memory"]["total_gb"] == pytest.approx(60.0)
+    await lose(proxy, emus, "small", "down")
+    async with http.get(f"{proxy.url}/proxy/stats") as r:
+        assert (await r.json())["system_memory"]["total_gb"] == pytest.approx(40.0)
+    async with http.get(f"{proxy.url}/metrics") as r:
+        text = await r.text()
+    assert 'proxy_host_up{host="small"} 0.0' in text
+    assert 'proxy_host_memory_total_bytes{host="big"}' in text
+    assert 'host="small"' not in "".join(
+        line for line in text.splitlines() if line.startswith("proxy_host_memory_"))

@@ -37,8 +37,10 @@ class FleetViews:
 
     @property
     def last_sample(self) -> MemorySample | None:
-        """The fleet's memory as one sample: the hosts' totals and availability summed."""
-        samples = [h.core.last_sample for h in self.hosts]
+        """The fleet's memory as one sample: the totals and availability of the hosts up
+        summed (a host that does not answer has no memory to offer, and its last figures are
+        not its memory now)."""
+        samples = [h.core.last_sample for h in self.hosts if h.up]
         if not any(samples):
             return None
         have = [s for s in samples if s is not None]

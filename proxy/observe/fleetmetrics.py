@@ -74,7 +74,7 @@ class FleetStateCollector(Collector):
             core, name = h.core, [h.name]
             up.add_metric(name, 1.0 if h.up else 0.0)
             sample = core.last_sample
-            if sample is not None:
+            if sample is not None and h.up:    # a down host's last figures are not its memory
                 used.add_metric(name, float(sample.used_bytes))
                 total.add_metric(name, float(sample.total_bytes))
                 available.add_metric(name, float(sample.available_bytes))

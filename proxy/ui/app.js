@@ -425,7 +425,7 @@ function renderMemory() {
     $("#memory-legend").replaceChildren();
     const up = Object.values(state.hosts).filter((h) => h.up).length;
     $("#memory-summary").textContent = m && m.total_bytes
-      ? `${fmtGb(m.total_bytes - m.available_bytes)} of ${fmtGb(m.total_bytes)} used on ${Object.keys(state.hosts).length} hosts (${up} up)`
+      ? `${fmtGb(m.total_bytes - m.available_bytes)} of ${fmtGb(m.total_bytes)} used on the ${up} of ${Object.keys(state.hosts).length} hosts up`
       : "";
     return;
   }
