@@ -137,8 +137,10 @@ async def test_a_drain_wait_that_is_cancelled_leaves_no_waiter_behind():
 
 def test_usage_on_several_hosts_merges_into_what_one_host_would_have_counted():
     from proxy.engine.usage import merged
-    records = [_record(at_s=60.0 * m + 1, latency_s=0.01 * (m + 1), ok=m != 2, completion_tokens=m,
-                   ttft_s=0.005, task="code" if m % 2 else None) for m in range(6)]
+    records = [_record(at_s=60.0 * m + 1, latency_s=0.01 * (m + 1), ok=m not in (2, 3),
+                       completion_tokens=m, ttft_s=0.005, task="code" if m % 2 else None,
+                       status=200 if m not in (2, 3) else 500, error=f"code-{m}")
+               for m in range(6)]            # failures on both hosts: the later one is latest
     records.append(_record(at_s=60.0 * (WINDOW_MINUTES + 1), latency_s=2.0))   # a reused slot
     one, a, b = ModelUsage(), ModelUsage(), ModelUsage()
     for i, r in enumerate(records):
@@ -146,7 +148,7 @@ def test_usage_on_several_hosts_merges_into_what_one_host_would_have_counted():
         (a if i % 2 else b).record(r)
     both = merged([a, b])
     for f in ("requests", "failures", "prompt_tokens", "completion_tokens", "generation_s",
-              "last_used_at_s"):
+              "last_used_at_s", "last_failure"):
         assert getattr(both, f) == pytest.approx(getattr(one, f)), f
     assert both.tasks.keys() == one.tasks.keys() == {"code"}
     assert both.tasks["code"] == pytest.approx(one.tasks["code"])

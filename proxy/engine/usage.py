@@ -34,6 +34,8 @@ class RequestRecord:   # built once per request: plain slots, no frozen-init cos
     tokens_estimated: bool = False
     task: str | None = None        # the task the client tagged it with (X-Task-Type)
     host: str | None = None        # the fleet's host that served it (None: a single server)
+    error: str | None = None       # a failure's code, the proxy's or the server's (None: none
+                                   # given), so what failed says why
 
     # The one test of a failure, for success rates, the error_rate alert, the history and the
     # metrics alike: a client that left is not the model's doing.
@@ -122,6 +124,7 @@ class ModelUsage:
     estimated_tokens: int = 0
     generation_s: float = 0.0
     last_used_at_s: float | None = None
+    last_failure: tuple[float, int, str | None] | None = None   # (at_s, status, error code)
     latency: Histogram = field(default_factory=Histogram)
     ttft: Histogram = field(default_factory=Histogram)
     per_minute: MinuteRing = field(default_factory=MinuteRing)
@@ -136,6 +139,7 @@ class ModelUsage:
         if failed:
             self.failures += 1
             self.failures_per_minute.add(r.at_s)
+            self.last_failure = (r.at_s, r.status, r.error)
         elif not r.ok:
             self.client_closed += 1
         self.prompt_tokens += r.prompt_tokens
@@ -276,6 +280,9 @@ def merged(usages: list[ModelUsage]) -> ModelUsage:
         if u.last_used_at_s is not None and (out.last_used_at_s is None or
                                              u.last_used_at_s > out.last_used_at_s):
             out.last_used_at_s = u.last_used_at_s
+        if u.last_failure is not None and (out.last_failure is None or
+                                           u.last_failure[0] > out.last_failure[0]):
+            out.last_failure = u.last_failure
         for name in ("latency", "ttft"):
             into, h = getattr(out, name), getattr(u, name)
             into.counts = [a + b for a, b in zip(into.counts, h.counts)]

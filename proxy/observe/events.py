@@ -219,9 +219,10 @@ class EventHub:
             acc[5][r.status] = acc[5].get(r.status, 0) + 1
             if r.status == 503:
                 acc[2] += 1
+            code = f" {r.error}" if r.error else ""
             self.errors.append({"t": round(time.time(), 3), "model": r.model,
-                                "kind": "request", "status": r.status,
-                                "message": f"{r.status} on {r.endpoint or 'a request'}"})
+                                "kind": "request", "status": r.status, "code": r.error,
+                                "message": f"{r.status}{code} on {r.endpoint or 'a request'}"})
 
     def on_alert(self, status: str, alert: dict[str, Any]) -> None:
         self.publish("alert", {"status": status, "alert": alert})

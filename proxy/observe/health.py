@@ -190,7 +190,7 @@ class ModelHealthMonitor:
         c = self.config
         requests, failures = self._errors.counts(key, usage, now, c.error_window_s)
         failing = f"{key}: {failures}/{requests} requests failed in the last " \
-                  f"{c.error_window_s:.0f}s"
+                  f"{c.error_window_s:.0f}s{_latest(usage)}"
         if requests >= c.min_requests:
             return failing if failures / requests >= c.error_rate_threshold else None
         if failures and f"error_rate:{key}" in self.alerts:
@@ -323,3 +323,12 @@ class ModelHealthMonitor:
 # (`host`, `hosts`: where it lives, with a fleet only.)
 REPORT_FIELDS = ("state", "owner", "requests", "success_rate", "p95_latency_ms", "in_flight",
                  "waiting", "host", "hosts")
+
+
+def _latest(usage: "ModelUsage") -> str:
+    """What the latest failure was, so the alert says why: ` (latest: 503 model_too_large)`."""
+    last = usage.last_failure
+    if last is None:
+        return ""
+    _, status, code = last
+    return f" (latest: {status}{f' {code}' if code else ''})"

@@ -35,7 +35,7 @@ from .promptsize import load_context, refuse_oversized
 from .keys import (ACCESS_LOG, COMPAT, ENGINE, METRICS, RESPONSE_STARTED, ROUTED_TO, TASK,
                    UPSTREAM)
 from .progress import EarlyStream, upstream_refusal
-from .streaming import StreamMeter, usage_of_body
+from .streaming import StreamMeter, error_code, usage_of_body
 from ..upstream.base import UpstreamResponse
 from . import headers, scope
 
@@ -84,7 +84,7 @@ class Relay:
     `relay.run(key, payload, body)`; leaving the block records the request, once."""
     __slots__ = ("request", "engine", "started_s", "model", "lease", "status", "ok", "meter",
                  "tokens_estimated", "prompt_tokens", "completion_tokens", "answered",
-                 "relayed", "refused")
+                 "relayed", "refused", "error")
 
     def __init__(self, request: web.Request) -> None:
         self.request = request
@@ -100,6 +100,7 @@ class Relay:
         self.answered = False      # the upstream's response head came (nothing to retry)
         self.relayed = False       # the whole stream, through its end, went out to the client
         self.refused = False       # refused for the client's request itself (CLIENT_REFUSALS)
+        self.error: str | None = None   # the failure's code (the proxy's or the server's)
 
     async def __aenter__(self) -> "Relay":
         return self
@@ -111,6 +112,8 @@ class Relay:
         if exc is not None and not self.relayed:
             self.ok, self.status = False, status_of(exc)
             self.refused = isinstance(exc, CLIENT_REFUSALS)
+            if isinstance(exc, ProxyError):
+                self.error = exc.code
         self._finish()
 
     async def run(self, key: str, payload: dict[str, Any], body: bytes) -> web.StreamResponse:
@@ -122,8 +125,8 @@ class Relay:
         except ProxyError as exc:
             if not (early and early.resp):
                 raise
-            self.status = exc.status   # the headers are out: the error can only be an event
-            self.refused = isinstance(exc, CLIENT_REFUSALS)
+            self.status, self.error = exc.status, exc.code   # the headers are out: the error
+            self.refused = isinstance(exc, CLIENT_REFUSALS)   # can only be an event
             return await early.fail(error_event(scope.error(self.request, exc)))
 
     async def _run(self, key: str, payload: dict[str, Any], body: bytes,
@@ -212,7 +215,7 @@ class Relay:
             if self.relayed:            # ... after its end: nothing the client lacks
                 await resp.write_eof()
                 return resp
-            self.status = exc.status
+            self.status, self.error = exc.status, exc.code
             await write_or_stall(request, resp, meter.flush() + error_event(exc))
             await resp.write_eof()
             return resp
@@ -234,6 +237,8 @@ class Relay:
                      payload: dict[str, Any]) -> web.Response:
         raw = await up.read()
         self.ok = up.status < 400
+        if not self.ok:
+            self.error = error_code(raw)
         if self.ok:
             repaired = self.request.app[COMPAT].repair(self.request.path, payload, up.status,
                                                        raw)
@@ -264,7 +269,7 @@ class Relay:
                 prompt_tokens=prompt, completion_tokens=completion, tokens_estimated=estimated,
                 # A refusal before the model was held is no answer of the model's, for no task.
                 task=request.get(TASK) if lease is not None else None,
-                host=lease.host if lease is not None else None))
+                host=lease.host if lease is not None else None, error=self.error))
         access = request.app[ACCESS_LOG]
         if access.enabled:
             access.add(request.method, request.path, self.model or "-", self.status, latency_s,

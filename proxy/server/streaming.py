@@ -192,3 +192,20 @@ def usage_of_body(body: bytes) -> tuple[int, int] | None:
     completion = usage.get("completion_tokens", usage.get("output_tokens")) or 0
     return (prompt if isinstance(prompt, int) else 0,
             completion if isinstance(completion, int) else 0)
+
+
+ERROR_CODE_MAX_CHARS = 64    # a code is a short word; anything longer is not one
+
+
+def error_code(body: bytes) -> str | None:
+    """The code of a server's error body — OpenAI's `{"error": {"code" or "type"}}` — so a
+    failure's record says why; None for a body without one (LM Studio's `{"error": "..."}`
+    strings carry no code)."""
+    try:
+        error = orjson.loads(body).get("error")
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    if not isinstance(error, dict):
+        return None
+    code = error.get("code") or error.get("type")
+    return code[:ERROR_CODE_MAX_CHARS] if isinstance(code, str) and code else None
