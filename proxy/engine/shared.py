@@ -249,7 +249,7 @@ class SharedHost:
                 # A loaded model keeps its reservation a moment: a replica that read the
                 # host's list just before the load finished still sees its memory taken.
                 task = asyncio.ensure_future(self._release_after(
-                    e.key, RESERVATION_GRACE_S if done else 0.0))
+                    e.key, RESERVATION_GRACE_S if done else 0.0, timeout_s + r.lock_ttl_s))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
 
@@ -273,10 +273,21 @@ class SharedHost:
                     raise
             await asyncio.sleep(POLL_S)
 
-    async def _release_after(self, key: str, delay_s: float) -> None:
+    async def _release_after(self, key: str, delay_s: float, lapses_s: float) -> None:
+        """Released after delay_s, and asked again while Redis does not answer: a release
+        lost to a blip would hold the memory for every replica until the reservation lapses
+        (lapses_s, the load's whole timeout)."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + lapses_s
         await asyncio.sleep(delay_s)
-        with contextlib.suppress(StateUnavailable):
-            await self.store.release_reservation(self.name, key)
+        while True:
+            try:
+                await self.store.release_reservation(self.name, key)
+                return
+            except StateUnavailable:
+                if loop.time() >= give_up:
+                    return
+            await asyncio.sleep(POLL_S)
 
     async def _renew(self, lock) -> None:  # noqa: ANN001 - LoadLock
         while True:
@@ -293,8 +304,9 @@ class SharedHost:
         it, it is not a victim for `hold_s`. Unreachable state: nothing is evicted."""
         try:
             others = await self.store.claim_unload(self.name, key, self.replica.lock_ttl_s)
-        except StateUnavailable:
+        except StateUnavailable as exc:
             self.remote_busy[key] = now_s + POLL_S
+            self.replica.unreachable(exc)   # said, and shown: the heartbeat may still pass
             return False
         if others:
             self.remote_busy[key] = now_s + hold_s

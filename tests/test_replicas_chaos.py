@@ -1,0 +1,129 @@
+"""Proxy replicas sharing one real Redis (state.backend: redis) while that Redis misbehaves
+short of dying: it refuses writes (maxmemory under noeviction), it freezes, it asks for a
+password nobody gave. What the replicas show, say and answer meanwhile."""
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from proxy.configload import load_config
+from proxy.server.keys import REPLICA
+
+from .redis_server import make_redis_server, redis_server  # noqa: F401
+from .test_replicas import CATALOG, MID, OTHER, _empty, chat, until, until_async
+
+pytestmark = pytest.mark.timeout(60)
+AWAY_WAIT_S = 1.0          # state.unavailable_wait_s
+
+
+def config(url: str, redis_url: str, name: str, *, budget_gb: float = 7,
+           lease_ttl_s: float = 1.5, lock_ttl_s: float = 2.0, **extra: Any) -> Any:
+    """One host with room for one 5 GB model: the second needs an eviction."""
+    return load_config({
+        "upstreams": [{"name": "x", "url": url, "budget_gb": budget_gb}],
+        "state": {"backend": "redis", "url": redis_url, "replica_id": name,
+                  "lease_ttl_s": lease_ttl_s, "lock_ttl_s": lock_ttl_s,
+                  "unavailable_wait_s": AWAY_WAIT_S, "timeout_s": 0.5},
+        "memory": {"min_free_memory_gb": 0, "max_memory_usage_percent": 100},
+        "eviction": {"hold": 0, "queue_timeout_s": 40},
+        "upstream": {"reconcile_interval_s": 3600},
+        "storage": {"enabled": False}, **extra})
+
+
+async def config_set(redis_url: str, name: str, value: str) -> None:
+    client = aioredis.from_url(redis_url)
+    try:
+        await client.config_set(name, value)
+    finally:
+        await client.aclose()
+
+
+async def test_a_redis_refusing_writes_shows_as_unavailable_and_says_what_to_do(
+        make_emulator, make_proxy, make_redis_server, http):
+    server = make_redis_server("--maxmemory-policy", "noeviction")
+    emu = await make_emulator(catalog=CATALOG)
+    a = await make_proxy("", config=config(emu.url, server.url, "A"))
+    replica = a.app[REPLICA]
+    assert replica.ok
+    await config_set(server.url, "maxmemory", "1")       # every write refused: OOM
+    await until(lambda: not replica.ok)                   # the heartbeat itself is refused
+    assert "maxmemory" in replica.error and "Raise maxmemory" in replica.error
+    async with http.get(f"{a.url}/readyz") as r:
+        ready = await r.json()
+    assert ready["degraded"] is True and "maxmemory" in ready["state"]["error"]
+    await config_set(server.url, "maxmemory", "0")
+    await until(lambda: replica.ok)
+
+
+async def test_a_load_that_needs_an_eviction_while_redis_is_frozen_is_refused_in_time(
+        make_emulator, make_proxy, redis_server, http):
+    emu = await make_emulator(catalog=CATALOG)
+    # A heartbeat every 10 s: the eviction's own failure must tell that Redis is away.
+    a = await make_proxy("", config=config(emu.url, redis_server.url, "A", lease_ttl_s=30,
+                                           lock_ttl_s=12))
+    assert (await chat(http, a, MID))[0] == 200
+    redis_server.pause()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    try:
+        status, body, _ = await chat(http, a, OTHER)     # MID must go first: it cannot
+    finally:
+        redis_server.resume()
+    waited_s = loop.time() - started
+    assert status == 503, body
+    assert body["error"]["code"] == "state_unavailable", body
+    assert "redis://127.0.0.1" in body["error"]["message"] and OTHER in body["error"]["message"]
+    assert waited_s < AWAY_WAIT_S + 5                   # not eviction.queue_timeout_s (40 s)
+    await until(lambda: a.app[REPLICA].ok, 15)
+    assert (await chat(http, a, OTHER))[0] == 200       # evicts once Redis answers
+    assert emu.state.unload_calls[MID] == 1
+
+
+@pytest.mark.parametrize("url_password, hint", [
+    ("", "Redis requires a password: give it in state.url"),
+    (":wrong@", "the password (or user) in state.url is not the one Redis has"),
+])
+async def test_a_redis_password_missing_or_wrong_is_named_with_what_to_do(
+        make_emulator, make_proxy, make_redis_server, url_password, hint):
+    server = make_redis_server("--requirepass", "s3cret")
+    emu = await make_emulator(catalog=CATALOG)
+    url = server.url.replace("redis://", "redis://" + url_password)
+    a = await make_proxy("", config=config(emu.url, url, "A"))
+    replica = a.app[REPLICA]
+    await until(lambda: not replica.ok)
+    assert hint in replica.error
+    assert ":wrong@" not in replica.error                 # the URL's password stays hidden
+
+
+async def errors_of(client: Any, kind: str) -> int:
+    stats = await client.info("errorstats")
+    return int(stats.get(f"errorstat_{kind}", {}).get("count", 0))
+
+
+async def more_than(count: Any, than: int) -> bool:
+    return await count > than
+
+
+async def test_a_reservation_whose_release_redis_refused_is_released_when_it_answers(
+        make_emulator, make_proxy, redis_server, http, monkeypatch):
+    monkeypatch.setattr("proxy.engine.shared.RESERVATION_GRACE_S", 0.0)   # released at once
+    emu = await make_emulator(catalog=CATALOG)
+    a = await make_proxy("", config=config(emu.url, redis_server.url, "A"))
+    store = a.app[REPLICA].store
+    client = aioredis.from_url(redis_server.url)
+    try:
+        await client.acl_setuser("default", enabled=True, nopass=True, commands=["-hdel"])
+        refused = await errors_of(client, "NOPERM")
+        assert (await chat(http, a, MID))[0] == 200
+        # The release of MID's reservation was refused (as by a Redis away a moment).
+        await until_async(lambda: more_than(errors_of(client, "NOPERM"), refused), 10)
+        await client.acl_setuser("default", enabled=True, nopass=True, commands=["+@all"])
+        # Released once Redis takes it, not when the reservation lapses (the load's 600 s).
+        await until_async(lambda: _empty(store.reserved_bytes("x")), 5)
+    finally:
+        await client.aclose()
+    status, body, _ = await chat(http, a, OTHER)         # MID evicted: OTHER's room is free
+    assert status == 200, body
