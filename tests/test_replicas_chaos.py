@@ -127,3 +127,30 @@ async def test_a_reservation_whose_release_redis_refused_is_released_when_it_ans
         await client.aclose()
     status, body, _ = await chat(http, a, OTHER)         # MID evicted: OTHER's room is free
     assert status == 200, body
+
+
+def entry(proxy: Any, key: str) -> Any:
+    return proxy.engine.host("x").core.registry.entries.get(key)
+
+
+async def test_a_replica_that_joined_anothers_load_counts_the_copy_as_the_proxys_at_once(
+        make_emulator, make_proxy, redis_server, http):
+    emu = await make_emulator(catalog=CATALOG)
+    a = await make_proxy("", config=config(emu.url, redis_server.url, "A"))
+    b = await make_proxy("", config=config(emu.url, redis_server.url, "B"))
+    gate = emu.state.faults.load_gate[MID] = asyncio.Event()
+    owner_when_loaded: list[str | None] = []
+    b.engine.host("x").core.add_listener(type("Seen", (), {
+        "on_load": lambda self, model, *_: owner_when_loaded.append(entry(b, model).owner)})())
+    from_a = asyncio.ensure_future(chat(http, a, MID))
+    await until(lambda: emu.state.load_calls[MID] == 1)      # A holds the load lock
+    from_b = asyncio.ensure_future(chat(http, b, MID))
+    await until(lambda: entry(b, MID).status.value == "loading")   # B waits for A's load
+    gate.set()
+    assert [s for s, _, _ in await asyncio.gather(from_a, from_b)] == [200, 200]
+    # Not "loaded outside the proxy" until a reconcile says otherwise: B may evict it now
+    # (a load needing its memory was refused as "not ours" meanwhile).
+    assert owner_when_loaded == ["proxy"]
+    status, body, _ = await chat(http, b, OTHER)
+    assert status == 200, body
+    assert emu.state.load_calls[MID] == 1

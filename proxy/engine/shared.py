@@ -273,6 +273,25 @@ class SharedHost:
                     raise
             await asyncio.sleep(POLL_S)
 
+    async def fleet_copy(self, key: str, instance_id: str) -> bool:
+        """An instance this replica adopted (its load found the host listing the model): is it
+        the fleet's copy, another replica's load? That replica records it before it lets the
+        load lock go, so while it holds the lock the record is read again. Without this the
+        copy would count as loaded outside the proxy until the next reconcile, and a load
+        needing its memory would be refused meanwhile."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.replica.lock_ttl_s
+        try:
+            while True:
+                holder = await self.store.lock_holder(self.name, key)
+                if await self.owned.refresh() and self.owned.has(key, (instance_id,)):
+                    return True
+                if holder in (None, self.replica.id) or loop.time() >= deadline:
+                    return False
+                await asyncio.sleep(POLL_S / 5)
+        except StateUnavailable:
+            return False              # the next reconcile after Redis returns decides
+
     async def _release_after(self, key: str, delay_s: float, lapses_s: float) -> None:
         """Released after delay_s, and asked again while Redis does not answer: a release
         lost to a blip would hold the memory for every replica until the reservation lapses
