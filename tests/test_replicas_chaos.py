@@ -10,7 +10,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from proxy.configload import load_config
-from proxy.server.keys import REPLICA
+from proxy.server.keys import EVENTS, REPLICA
 
 from .redis_server import make_redis_server, redis_server  # noqa: F401
 from .test_replicas import CATALOG, MID, OTHER, _empty, chat, until, until_async
@@ -140,8 +140,13 @@ async def test_a_replica_that_joined_anothers_load_counts_the_copy_as_the_proxys
     b = await make_proxy("", config=config(emu.url, redis_server.url, "B"))
     gate = emu.state.faults.load_gate[MID] = asyncio.Event()
     owner_when_loaded: list[str | None] = []
+    loop = asyncio.get_running_loop()
+
+    def on_state(model: str, old: str, new: str) -> None:   # the owner is set in that step
+        if model == MID and new == "loaded":
+            loop.call_soon(lambda: owner_when_loaded.append(entry(b, MID).owner))
     b.engine.host("x").core.add_listener(type("Seen", (), {
-        "on_load": lambda self, model, *_: owner_when_loaded.append(entry(b, model).owner)})())
+        "on_state": lambda self, *args: on_state(*args)})())
     from_a = asyncio.ensure_future(chat(http, a, MID))
     await until(lambda: emu.state.load_calls[MID] == 1)      # A holds the load lock
     from_b = asyncio.ensure_future(chat(http, b, MID))
@@ -154,3 +159,30 @@ async def test_a_replica_that_joined_anothers_load_counts_the_copy_as_the_proxys
     status, body, _ = await chat(http, b, OTHER)
     assert status == 200, body
     assert emu.state.load_calls[MID] == 1
+
+
+async def load_counts(http: Any, proxy: Any, model: str) -> list[str]:
+    async with http.get(f"{proxy.url}/metrics") as r:
+        return [line for line in (await r.text()).splitlines()
+                if line.startswith("proxy_model_loads_total{") and f'"{model}"' in line]
+
+
+async def test_one_load_joined_by_another_replica_is_counted_once_across_the_replicas(
+        make_emulator, make_proxy, redis_server, http):
+    emu = await make_emulator(catalog=CATALOG)
+    a = await make_proxy("", config=config(emu.url, redis_server.url, "A"))
+    b = await make_proxy("", config=config(emu.url, redis_server.url, "B"))
+    seen_on_b: list[tuple[str, dict]] = []               # B's event stream, A's relayed too
+    b.app[EVENTS].on_publish.append(lambda kind, data: seen_on_b.append((kind, data)))
+    gate = emu.state.faults.load_gate[MID] = asyncio.Event()
+    from_a = asyncio.ensure_future(chat(http, a, MID))
+    await until(lambda: emu.state.load_calls[MID] == 1)
+    from_b = asyncio.ensure_future(chat(http, b, MID))
+    await until(lambda: entry(b, MID).status.value == "loading")   # B waits for A's load
+    gate.set()
+    assert [s for s, _, _ in await asyncio.gather(from_a, from_b)] == [200, 200]
+    [on_a] = await load_counts(http, a, MID)
+    assert on_a.endswith(" 1.0")
+    assert await load_counts(http, b, MID) == []          # B waited; A loaded
+    await until(lambda: ("load", "A") in [(t, d.get("replica")) for t, d in seen_on_b])
+    assert [d.get("replica") for t, d in seen_on_b if t == "load"] == ["A"]   # none of B's

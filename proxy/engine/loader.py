@@ -92,6 +92,11 @@ class Loader(Part):
             self._learn_footprint(e, before, after)
         if loaded_now:
             self.accounting.footprint_changed(e)
+        if fleet:
+            # Another replica's load, counted and told (its load event) there: here it was
+            # waited for, not loaded, or every replica that joined would count one more load.
+            log.info("%s loaded by another replica; waited %.2fs for it", e.key, duration_s)
+            return
         log.info("loaded %s in %.2fs", e.key, duration_s)
         self.listeners.emit("on_load", e.key, duration_s, True)
 
