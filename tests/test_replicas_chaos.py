@@ -4,6 +4,7 @@ password nobody gave. What the replicas show, say and answer meanwhile."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import pytest
@@ -186,3 +187,49 @@ async def test_one_load_joined_by_another_replica_is_counted_once_across_the_rep
     assert await load_counts(http, b, MID) == []          # B waited; A loaded
     await until(lambda: ("load", "A") in [(t, d.get("replica")) for t, d in seen_on_b])
     assert [d.get("replica") for t, d in seen_on_b if t == "load"] == ["A"]   # none of B's
+
+
+async def test_a_request_that_met_another_replicas_unload_names_that_replica_not_the_server(
+        make_emulator, make_proxy, redis_server, http, caplog):
+    caplog.set_level(logging.INFO, logger="proxy.engine")
+    emu = await make_emulator(catalog=CATALOG)
+    a = await make_proxy("", config=config(emu.url, redis_server.url, "A"))
+    b = await make_proxy("", config=config(emu.url, redis_server.url, "B"))
+    assert (await chat(http, a, MID))[0] == 200
+    await until(lambda: entry(b, MID).owner == "proxy")    # B heard of A's load; no lease
+    # A claims MID for its unload, as its eviction does; B's request meets the claim.
+    store_a = a.app[REPLICA].store
+    assert await store_a.claim_unload("x", MID, 10.0) == set()
+    from_b = asyncio.ensure_future(chat(http, b, MID))
+    await until(lambda: entry(b, MID).leases == 1)          # waiting on A's claim
+    await emu.state.unload(MID)                # the unload ends before its event could tell
+    await store_a.release_unload("x", MID)
+    status, body, _ = await from_b
+    assert status == 200, body                                # B loaded it again
+    gone = [r.getMessage() for r in caplog.records
+            if r.name.startswith("proxy.engine") and "was unloaded" in r.getMessage()
+            and f"{MID} was unloaded" in r.getMessage()]
+    assert gone and all(g.endswith("was unloaded by replica A") for g in gone), gone
+    assert entry(b, MID).evictions["backend"] == 0            # not the server's eviction
+
+
+async def test_an_unload_claim_given_up_leaves_no_name_for_a_later_unload(
+        make_emulator, make_proxy, redis_server, http, caplog):
+    caplog.set_level(logging.INFO, logger="proxy.engine")
+    emu = await make_emulator(catalog=CATALOG)
+    a = await make_proxy("", config=config(emu.url, redis_server.url, "A"))
+    b = await make_proxy("", config=config(emu.url, redis_server.url, "B"))
+    assert (await chat(http, a, MID))[0] == 200
+    await until(lambda: entry(b, MID).owner == "proxy")
+    store_a = a.app[REPLICA].store
+    assert await store_a.claim_unload("x", MID, 10.0) == set()
+    from_b = asyncio.ensure_future(chat(http, b, MID))
+    await until(lambda: entry(b, MID).leases == 1)
+    await store_a.release_unload("x", MID)       # A gave its eviction up: MID stays
+    assert (await from_b)[0] == 200
+    await emu.state.unload(MID)                  # later, the server's own eviction
+    await b.engine.reconcile()
+    gone = [r.getMessage() for r in caplog.records
+            if r.name.startswith("proxy.engine") and "was unloaded" in r.getMessage()
+            and f"{MID} was unloaded" in r.getMessage()]
+    assert [g.split(": ")[-1] for g in gone] == [f"{MID} was unloaded by the server itself"]

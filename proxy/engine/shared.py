@@ -20,8 +20,9 @@ share of it, handed to that host's engine, which asks it at the moments somethin
     heard(model, by)           another replica's load or unload (`by`: "replica <id>") of it
                                here has ended (the replicas' event stream): the engine
                                reconciles now (engine/shared_heard.py), not at its next tick
-    unloaded_by                model → who was heard unloading it: the reconcile that finds it
-                               gone says so, and counts no eviction by the server
+    unloaded_by                model → who was heard (or seen, by its claim) unloading it: the
+                               reconcile that finds it gone says so, and counts no eviction
+                               by the server
     touch(key)                 a request took a lease: renewed in the next batch, and in the
                                one after (a lease outlives its model's last request by a batch)
     publish_soon()             the host's record, and the footprints and load times this
@@ -166,6 +167,13 @@ class SharedHost:
                     # asks the host, and if it still lists the model it is leased unasked.
                     self._gone.add(key)
                     return False
+                if not waited:
+                    # Who unloads it: the reconcile that follows may find the model gone
+                    # before that replica's unload event arrives, and must not take it for
+                    # the server's own eviction.
+                    claimant = await self.store.unload_claimant(self.name, key)
+                    if claimant not in (None, r.id):
+                        self.unloaded_by[key] = f"replica {claimant}"
                 waited = True                 # wait out the unload (its claim ends with it)
                 if loop.time() >= deadline:
                     return False              # not leased: the next request asks again

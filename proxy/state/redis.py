@@ -243,6 +243,10 @@ class RedisState:
             args=[self.replica_id, _ms(ttl_s)]))
 
     @_guarded
+    async def unload_claimant(self, host: str, model: str) -> str | None:
+        return await self.client.get(self._key("unloading", host, model))
+
+    @_guarded
     async def release_unload(self, host: str, model: str) -> None:
         await self._s["RELEASE_LOCK"](keys=[self._key("unloading", host, model)],
                                       args=[self.replica_id])
