@@ -233,3 +233,15 @@ async def test_an_unload_claim_given_up_leaves_no_name_for_a_later_unload(
             if r.name.startswith("proxy.engine") and "was unloaded" in r.getMessage()
             and f"{MID} was unloaded" in r.getMessage()]
     assert [g.split(": ")[-1] for g in gone] == [f"{MID} was unloaded by the server itself"]
+
+
+async def test_a_starting_replica_says_where_it_shares_state_and_with_whom(
+        make_emulator, make_proxy, redis_server, caplog):
+    caplog.set_level(logging.INFO, logger="proxy.shared")
+    emu = await make_emulator(catalog=CATALOG)
+    await make_proxy("", config=config(emu.url, redis_server.url, "A"))
+    await make_proxy("", config=config(emu.url, redis_server.url, "B"))
+    said = [r.getMessage() for r in caplog.records if "shared state in Redis" in r.getMessage()]
+    assert said[0] == (f"shared state in Redis at {redis_server.url}, key prefix 'lmproxy:', "
+                       "as replica A; other live replicas: none; leader: A")
+    assert said[1].endswith("as replica B; other live replicas: A; leader: A")
