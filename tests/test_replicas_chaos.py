@@ -245,3 +245,41 @@ async def test_a_starting_replica_says_where_it_shares_state_and_with_whom(
     assert said[0] == (f"shared state in Redis at {redis_server.url}, key prefix 'lmproxy:', "
                        "as replica A; other live replicas: none; leader: A")
     assert said[1].endswith("as replica B; other live replicas: A; leader: A")
+
+
+async def test_a_replica_that_adopts_a_later_load_time_keeps_its_count_of_loads(
+        make_emulator, make_proxy, redis_server, http):
+    emu = await make_emulator(catalog=CATALOG)
+    a = await make_proxy("", config=config(emu.url, redis_server.url, "A", budget_gb=20))
+    b = await make_proxy("", config=config(emu.url, redis_server.url, "B", budget_gb=20))
+    assert (await chat(http, b, MID))[0] == 200          # B's own load, and its time
+    b_core = b.engine.host("x").core
+    own = entry(b, MID)
+    assert own.load_count == 1
+    await until_async(lambda: b_measured(a), 10)         # in Redis, B's
+    await b.engine.unload(MID)
+    gate = emu.state.faults.load_gate[MID] = asyncio.Event()
+    from_a = asyncio.ensure_future(chat(http, a, MID))   # A's load, measured later
+    await until(lambda: emu.state.load_calls[MID] == 2)
+    gate.set()
+    assert (await from_a)[0] == 200
+    measured = entry(a, MID).load_time_s
+    await until_async(lambda: a_measured(a), 10)
+    await b_core.reconcile()                             # B reads A's, newer than its own
+    await until(lambda: own.load_time_s == measured)
+    async with http.get(f"{b.url}/proxy/models") as r:
+        rows = [m for m in (await r.json())["data"] if m["model"] == MID]
+    assert len(rows) == 1
+    row = rows[0]
+    assert row["loads"] == 1                             # not 0: B did load it once
+    assert (await chat(http, b, MID))[0] == 200 and own.load_count == 1   # resident: no load
+
+
+async def b_measured(a: Any) -> bool:
+    learned = (await a.app[REPLICA].store.learned("x")).get(MID)
+    return learned is not None and learned.load is not None and learned.load.by == "B"
+
+
+async def a_measured(a: Any) -> bool:
+    learned = (await a.app[REPLICA].store.learned("x")).get(MID)
+    return learned is not None and learned.load is not None and learned.load.by == "A"
