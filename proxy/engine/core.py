@@ -203,6 +203,8 @@ class EngineCore(ManualOperations, CoreViews):
                     if not leased or e.status is not LOADED and self.manages_loading:
                         lease.release()
                         await self.reconcile()
+                        if e.status is LOADED:    # the unload waited for was given up
+                            shared.unloaded_by.pop(e.key, None)
                         continue
                 return lease
             if e.status is S.ERROR and self.clock.now() < e.retry_at_s:

@@ -78,7 +78,10 @@ class ModelEntry:
     # learned: LM Studio refused it for lack of memory with this much free, so it needs more
     footprint_floor_bytes: float | None = None
     load_time_s: float | None = None    # learned: mean load duration
-    load_count: int = 0
+    load_count: int = 0                 # loads this proxy made (kept across restarts)
+    # load_time_s is the mean of this many loads since load_count did: another replica's
+    # measurement adopted in place of its own starts it anew (engine/shared_learned.py).
+    load_time_since: int = 0
     load_failures: int = 0
     retry_at_s: float = 0.0
     last_error: str | None = None
@@ -134,7 +137,7 @@ class ModelEntry:
     def learn_load_time(self, seconds: float) -> None:
         self.load_count += 1
         prev = self.load_time_s or 0.0
-        self.load_time_s = prev + (seconds - prev) / self.load_count
+        self.load_time_s = prev + (seconds - prev) / (self.load_count - self.load_time_since)
 
 
 def transition(entry: ModelEntry, new: ModelStatus) -> ModelStatus:

@@ -75,13 +75,16 @@ class Loader(Part):
             self.fit.loaded(e, options, result.context_length)
         else:                                   # adopted: the server's list tells its context
             self.fit.unsettle(e)
+        fleet = False          # adopted: another replica's load of it, as the fleet records
         try:
             if ours:
                 self.accounting.remember_owned(e, result.instance_id, options)
                 await self.accounting.commit_ownership()   # durable before it serves
+            elif self.ctx.shared is not None:
+                fleet = await self.ctx.shared.fleet_copy(e.key, result.instance_id)
         finally:                                # even if cancelled meanwhile: it is loaded
             self.ctx.swap(e, S.LOADING, S.LOADED)
-            e.owner = OWNER_PROXY if ours else OWNER_EXTERNAL
+            e.owner = OWNER_PROXY if ours or fleet else OWNER_EXTERNAL
         after = await self.monitor.sample()    # the pressure level sees the load at once
         alone = alone and not any(x.status is S.LOADING for x in self.registry if x is not e)
         if before is not None and self.learns_footprints and alone and \
@@ -89,6 +92,11 @@ class Loader(Part):
             self._learn_footprint(e, before, after)
         if loaded_now:
             self.accounting.footprint_changed(e)
+        if fleet:
+            # Another replica's load, counted and told (its load event) there: here it was
+            # waited for, not loaded, or every replica that joined would count one more load.
+            log.info("%s loaded by another replica; waited %.2fs for it", e.key, duration_s)
+            return
         log.info("loaded %s in %.2fs", e.key, duration_s)
         self.listeners.emit("on_load", e.key, duration_s, True)
 

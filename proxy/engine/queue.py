@@ -43,6 +43,9 @@ class Pending:
     may_evict: bool = True     # False: into free memory only
     why: str = ""              # a preload's reason, given when it starts
     fit: Choice | None = None  # loaded with a smaller context than configured (engine/fit.py)
+    # Since when its room could only be made by an eviction the unreachable shared state
+    # forbids (None: not so): past state.unavailable_wait_s it is refused, state_unavailable.
+    state_blocked_since_s: float | None = None
 
 
 class LoadQueue:

@@ -54,6 +54,22 @@ class Replica:
     async def start(self) -> None:
         await self.beat()
         self._task = asyncio.ensure_future(self._loop())
+        await self._introduce()
+
+    async def _introduce(self) -> None:
+        """Said once at start: where the state is shared, as whom, and with whom (a replica
+        on another key_prefix or Redis coordinates with nobody; this line shows it)."""
+        where = getattr(self.store, "url_shown", "this process")
+        prefix = getattr(self.store, "prefix", "")
+        said = f"shared state in Redis at {where}, key prefix {prefix!r}, as replica {self.id}"
+        try:
+            others = [r for r in await self.store.replicas() if r != self.id]
+            leader = await self.store.leader()
+        except StateUnavailable:
+            log.info("%s (not reachable yet)", said)
+            return
+        log.info("%s; other live replicas: %s; leader: %s", said,
+                 ", ".join(others) or "none", leader or "none yet")
 
     async def close(self) -> None:
         tasks = [t for h in self.hosts for t in h._tasks]

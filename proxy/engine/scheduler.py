@@ -25,7 +25,7 @@ import asyncio
 import logging
 from typing import Awaitable, Callable
 
-from ..errors import ModelLoadFailed, ProxyError, UpstreamError
+from ..errors import ModelLoadFailed, ProxyError, StateUnavailable, UpstreamError
 from .context import EngineContext, Part
 from .eviction import Evictor
 from .fit import Fitter
@@ -212,6 +212,9 @@ class Scheduler(LoadQueue, Part):
                                           critical=self.monitor.level is MemoryPressure.CRITICAL,
                                           requester_waited_s=waited_s, waiters=p.waiters)
             if not victims:
+                if (refused := self._state_away(p)) is not None:
+                    self._finish(p, refused)
+                    return True, None
                 p.holders = self.refusals.holders(e, waited_s)
                 will_go = sum(size for _, size, why in p.holders if why in WILL_GO)
                 if will_go < short:
@@ -230,10 +233,32 @@ class Scheduler(LoadQueue, Part):
                 return True, None
             sample = await self.monitor.sample()
             if need > self.monitor.headroom(sample):
+                if (refused := self._state_away(p)) is not None:
+                    self._finish(p, refused)    # its victims could not be claimed
+                    return True, None
                 return False, None          # memory is not back yet; the next pass looks again
         # The state seen before the awaits above must still hold: a model loaded or being
         # unloaded by someone else meanwhile is for the next pass to look at.
         return self._admit(p, sample), None
+
+    def _state_away(self, p: Pending) -> StateUnavailable | None:
+        """Evictions wait for the shared state (no replica may unload what another serves
+        unasked): a load that needs one waits for it as any load waits for Redis, up to
+        state.unavailable_wait_s, not the whole queue_timeout_s."""
+        shared = self.ctx.shared
+        if shared is None or shared.replica.ok:
+            p.state_blocked_since_s = None
+            return None
+        now = self.clock.now()
+        if p.state_blocked_since_s is None:
+            p.state_blocked_since_s = now
+        waited_s = now - p.state_blocked_since_s
+        if waited_s < shared.replica.unavailable_wait_s:
+            return None
+        return StateUnavailable(
+            f"{shared.replica.error or 'shared state unavailable'}; '{p.entry.key}' needs "
+            f"room only an eviction can make, and no replica evicts while the shared state "
+            f"cannot say who serves what (waited {waited_s:.0f} s)", retry_after_s=5.0)
 
     def _drop(self, p: Pending, why: str) -> bool:
         log.debug("preload of %s dropped: %s", p.entry.key, why)
@@ -289,6 +314,8 @@ class Scheduler(LoadQueue, Part):
         shared = self.ctx.shared
         if waiting and shared is not None:   # another replica's lease on a model may lapse
             times += shared.remote_busy.values()
+            times += [p.state_blocked_since_s + shared.replica.unavailable_wait_s
+                      for p in waiting if p.state_blocked_since_s is not None]
         for p in waiting:
             times.append(p.since_s + ev.fairness_s)
             for loaded_at_s, res in holds:

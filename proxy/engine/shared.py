@@ -20,8 +20,9 @@ share of it, handed to that host's engine, which asks it at the moments somethin
     heard(model, by)           another replica's load or unload (`by`: "replica <id>") of it
                                here has ended (the replicas' event stream): the engine
                                reconciles now (engine/shared_heard.py), not at its next tick
-    unloaded_by                model → who was heard unloading it: the reconcile that finds it
-                               gone says so, and counts no eviction by the server
+    unloaded_by                model → who was heard (or seen, by its claim) unloading it: the
+                               reconcile that finds it gone says so, and counts no eviction
+                               by the server
     touch(key)                 a request took a lease: renewed in the next batch, and in the
                                one after (a lease outlives its model's last request by a batch)
     publish_soon()             the host's record, and the footprints and load times this
@@ -166,6 +167,13 @@ class SharedHost:
                     # asks the host, and if it still lists the model it is leased unasked.
                     self._gone.add(key)
                     return False
+                if not waited:
+                    # Who unloads it: the reconcile that follows may find the model gone
+                    # before that replica's unload event arrives, and must not take it for
+                    # the server's own eviction.
+                    claimant = await self.store.unload_claimant(self.name, key)
+                    if claimant not in (None, r.id):
+                        self.unloaded_by[key] = f"replica {claimant}"
                 waited = True                 # wait out the unload (its claim ends with it)
                 if loop.time() >= deadline:
                     return False              # not leased: the next request asks again
@@ -249,7 +257,7 @@ class SharedHost:
                 # A loaded model keeps its reservation a moment: a replica that read the
                 # host's list just before the load finished still sees its memory taken.
                 task = asyncio.ensure_future(self._release_after(
-                    e.key, RESERVATION_GRACE_S if done else 0.0))
+                    e.key, RESERVATION_GRACE_S if done else 0.0, timeout_s + r.lock_ttl_s))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
 
@@ -273,10 +281,40 @@ class SharedHost:
                     raise
             await asyncio.sleep(POLL_S)
 
-    async def _release_after(self, key: str, delay_s: float) -> None:
+    async def fleet_copy(self, key: str, instance_id: str) -> bool:
+        """An instance this replica adopted (its load found the host listing the model): is it
+        the fleet's copy, another replica's load? That replica records it before it lets the
+        load lock go, so while it holds the lock the record is read again. Without this the
+        copy would count as loaded outside the proxy until the next reconcile, and a load
+        needing its memory would be refused meanwhile."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.replica.lock_ttl_s
+        try:
+            while True:
+                holder = await self.store.lock_holder(self.name, key)
+                if await self.owned.refresh() and self.owned.has(key, (instance_id,)):
+                    return True
+                if holder in (None, self.replica.id) or loop.time() >= deadline:
+                    return False
+                await asyncio.sleep(POLL_S / 5)
+        except StateUnavailable:
+            return False              # the next reconcile after Redis returns decides
+
+    async def _release_after(self, key: str, delay_s: float, lapses_s: float) -> None:
+        """Released after delay_s, and asked again while Redis does not answer: a release
+        lost to a blip would hold the memory for every replica until the reservation lapses
+        (lapses_s, the load's whole timeout)."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + lapses_s
         await asyncio.sleep(delay_s)
-        with contextlib.suppress(StateUnavailable):
-            await self.store.release_reservation(self.name, key)
+        while True:
+            try:
+                await self.store.release_reservation(self.name, key)
+                return
+            except StateUnavailable:
+                if loop.time() >= give_up:
+                    return
+            await asyncio.sleep(POLL_S)
 
     async def _renew(self, lock) -> None:  # noqa: ANN001 - LoadLock
         while True:
@@ -293,8 +331,9 @@ class SharedHost:
         it, it is not a victim for `hold_s`. Unreachable state: nothing is evicted."""
         try:
             others = await self.store.claim_unload(self.name, key, self.replica.lock_ttl_s)
-        except StateUnavailable:
+        except StateUnavailable as exc:
             self.remote_busy[key] = now_s + POLL_S
+            self.replica.unreachable(exc)   # said, and shown: the heartbeat may still pass
             return False
         if others:
             self.remote_busy[key] = now_s + hold_s

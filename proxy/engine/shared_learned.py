@@ -11,8 +11,9 @@ what another measured instead of a guess from the file size.
     restored    from this replica's history file: published only where the store has none;
                 its age is unknown, so it is kept against what the store holds when this
                 replica first sees the model, and gives way to anything measured later
-    adopted     another replica's measurement: kept with a count of 0, so this replica's
-                first own measurement replaces it outright
+    adopted     another replica's measurement: its count of loads starts anew from there
+                (load_time_since), so this replica's first own measurement replaces it
+                outright; the count of loads this replica made stays
 
 An own measurement is displaced only by one stamped later than its own publication; a restored
 one is kept. Everything here runs when the host's record is published (reconcile, a load or an
@@ -52,7 +53,7 @@ class LearnedShare:
             own["footprint"] = (float(e.reported_bytes), True)
         elif e.footprint_bytes is not None and e.footprint_samples:
             own["footprint"] = (e.footprint_bytes, e.footprint_samples > samples0)
-        if e.load_time_s is not None and e.load_count:
+        if e.load_time_s is not None and e.load_count > e.load_time_since:
             own["load"] = (e.load_time_s, e.load_count > loads0)
         return own
 
@@ -95,8 +96,10 @@ class LearnedShare:
         if self._takes(e, "load", load, own) and load.value != e.load_time_s:
             log.info("%s on %s: load time %.2f s as replica %s measured it", e.key,
                      self.host, load.value, load.by)
-            e.load_time_s, e.load_count = load.value, 0
-            self._base[e.key] = (self._base[e.key][0], 0)
+            # Not its own: its next load replaces it outright. load_count stays the loads
+            # this replica made (/proxy/models `loads`).
+            e.load_time_s, e.load_time_since = load.value, e.load_count
+            self._base[e.key] = (self._base[e.key][0], e.load_count)
             self.adopted += 1
 
     def _takes(self, e: "ModelEntry", kind: str, m: Measured | None,

@@ -180,6 +180,8 @@ class StateStore(Protocol):
         two, a lease and an unload never both go ahead."""
     async def release_unload(self, host: str, model: str) -> None:
         """Ends this replica's unload claim (another's is left alone)."""
+    async def unload_claimant(self, host: str, model: str) -> str | None:
+        """The replica whose unload claim on (host, model) stands, if any."""
 
     # -- ownership --------------------------------------------------------------------------
     async def add_owned(self, host: str, instance_id: str, model: str,

@@ -22,10 +22,12 @@ end
 """
 
 # KEYS: zset   ARGV: member, ttl_ms   (a heartbeat: the replica's or a host's index entry)
+# ZADD first: Redis checks a script's writes against maxmemory only until its first write, so
+# a heartbeat that began with the removal would pass on a Redis refusing every other write.
 TOUCH = _COMMON + """
 local now, ttl = now_ms(), tonumber(ARGV[2])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 extend(KEYS[1], ttl)
 """
 

@@ -184,6 +184,9 @@ class MemoryState:
         await self.renew_leases([(host, model)], ttl_s)
         return True
 
+    async def unload_claimant(self, host: str, model: str) -> str | None:
+        return self._claimant((host, model))
+
     async def claim_unload(self, host: str, model: str, ttl_s: float) -> set[str]:
         others = await self.leased_by(host, model) - {self.replica_id}
         if not others:

@@ -27,7 +27,8 @@ import orjson
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError, ResponseError, TimeoutError
+from redis.exceptions import (AuthenticationError, ConnectionError, OutOfMemoryError,
+                               ResponseError, TimeoutError)
 
 from ..urls import redact_url
 from ..errors import StateUnavailable
@@ -55,6 +56,20 @@ def _part(name: str) -> str:
     return urllib.parse.quote(name, safe="/@._-")
 
 
+def _hint(e: Exception) -> str:
+    """What the operator can do about the failures Redis's own words leave unclear."""
+    said = str(e)
+    if isinstance(e, OutOfMemoryError):
+        return ("; Redis refuses writes: it reached its maxmemory under maxmemory-policy "
+                "noeviction. Raise maxmemory (the replicas' keys all expire by themselves)")
+    if isinstance(e, AuthenticationError) or said.startswith(("NOAUTH", "WRONGPASS")):
+        if "WRONGPASS" in said or "invalid username-password" in said:
+            return "; the password (or user) in state.url is not the one Redis has"
+        return ("; Redis requires a password: give it in state.url as "
+                "redis://:PASSWORD@host:port/0 (or redis://USER:PASSWORD@...)")
+    return ""
+
+
 def _guarded(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
     @functools.wraps(method)
     async def call(self: "RedisState", *args: Any, **kwargs: Any) -> T:
@@ -64,7 +79,7 @@ def _guarded(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]
             result = await method(self, *args, **kwargs)
         except (ConnectionError, TimeoutError, ResponseError, OSError) as e:
             raise StateUnavailable(f"shared state unavailable: Redis at {self.url_shown} "
-                                   f"failed ({type(e).__name__}: {e})",
+                                   f"failed ({type(e).__name__}: {e}){_hint(e)}",
                                    retry_after_s=1.0) from e
         if task is not None and task.cancelling() > cancels:
             # redis-py finishes a blocking read (XREAD BLOCK) that a cancel interrupted and
@@ -226,6 +241,10 @@ class RedisState:
             keys=[self._key("lease", host, model), self._k_replicas,
                   self._key("unloading", host, model)],
             args=[self.replica_id, _ms(ttl_s)]))
+
+    @_guarded
+    async def unload_claimant(self, host: str, model: str) -> str | None:
+        return await self.client.get(self._key("unloading", host, model))
 
     @_guarded
     async def release_unload(self, host: str, model: str) -> None:
