@@ -1,7 +1,7 @@
 """SQLite persistence (WAL) of usage history, per-model statistics and learned footprints.
 
 All methods are blocking and meant to run through `asyncio.to_thread`. The schema is versioned
-with `PRAGMA user_version` and migrated forward on open. One process per file (storelock).
+and migrated forward on open (storeschema). One process per file (storelock).
 
 What goes wrong with the file never stops the proxy:
 - a damaged file (not a database, or a page found malformed on opening, reading or writing)
@@ -29,47 +29,13 @@ import orjson
 from . import storelock
 from .storedamage import is_damage, move_aside
 from .storelock import StorageInUse
+from .storeschema import MIGRATIONS, migrate
 
 __all__ = ["MIGRATIONS", "StorageInUse", "UsageStore", "default_path"]
 
 log = logging.getLogger("proxy.store")
 
 MAX_SKIPPED = 20           # rows kept in `skipped` for /proxy/stats (all are logged)
-
-MIGRATIONS: list[str] = [
-    # 1: history per model and minute, statistics snapshots, learned footprints
-    """
-    CREATE TABLE usage_minutes (
-        model TEXT NOT NULL, minute INTEGER NOT NULL,
-        requests INTEGER NOT NULL, failures INTEGER NOT NULL,
-        prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL,
-        latency_sum_s REAL NOT NULL,
-        PRIMARY KEY (model, minute));
-    CREATE TABLE model_stats (model TEXT PRIMARY KEY, snapshot BLOB NOT NULL);
-    CREATE TABLE footprints (
-        model TEXT PRIMARY KEY, footprint_bytes REAL, samples INTEGER NOT NULL,
-        load_time_s REAL, load_count INTEGER NOT NULL);
-    """,
-    # 2: footprints keyed by upstream identity (URL | model key | load options): the rows of
-    # version 1 carry no identity and may have been learned from noise, so they go. Instances
-    # the proxy loaded, so that its ownership survives a restart.
-    """
-    DELETE FROM footprints;
-    CREATE TABLE owned_instances (
-        upstream TEXT NOT NULL, instance_id TEXT NOT NULL, model TEXT NOT NULL,
-        load_config BLOB NOT NULL, loaded_at REAL NOT NULL,
-        PRIMARY KEY (upstream, instance_id));
-    """,
-    # 3: what the engine learned of each model's use (engine.learning)
-    """
-    CREATE TABLE patterns (model TEXT PRIMARY KEY, snapshot BLOB NOT NULL);
-    """,
-    # 4: a lower bound on a footprint: the memory LM Studio refused to load the model in
-    """
-    ALTER TABLE footprints ADD COLUMN footprint_floor_bytes REAL;
-    """,
-]
-
 
 def default_path() -> Path:
     return Path.home() / ".local" / "state" / "lmstudio-proxy" / "history.sqlite3"
@@ -124,7 +90,7 @@ class UsageStore:
         try:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
-            self._migrate(db)
+            migrate(db, self.path)
             self._inode = os.stat(self.path).st_ino
         except BaseException:
             db.close()
@@ -182,16 +148,6 @@ class UsageStore:
                       "fresh one started; statistics from now on persist, the history before "
                       "is in the moved file", self.path, error, found, moved_to)
             return True
-
-    @staticmethod
-    def _migrate(db: sqlite3.Connection) -> None:
-        version = db.execute("PRAGMA user_version").fetchone()[0]
-        if version > len(MIGRATIONS):
-            raise sqlite3.DatabaseError(f"schema version {version} is newer than this proxy "
-                                        f"({len(MIGRATIONS)})")
-        for number in range(version, len(MIGRATIONS)):
-            db.executescript("BEGIN;" + MIGRATIONS[number] +
-                             f";PRAGMA user_version={number + 1};COMMIT;")
 
     def close(self) -> None:
         with self._lock:

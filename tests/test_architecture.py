@@ -2,8 +2,8 @@
 
     foundation   errors, inputs, schema, config, configload, configfile, configcheck,
                  authcheck, machinecheck, groupcheck, loadoptions, liveconfig, urls, origins
-    backends     upstream/*, store (with storelock, storedamage), storage, state/* (the fleet's
-                 shared facts: memory or Redis)
+    backends     upstream/*, store (with storelock, storedamage, storeschema), storage,
+                 state/* (the fleet's shared facts: memory or Redis)
     engine       engine/*                             (never aiohttp's web)
     fleet        fleet/*                              (one engine per host, the placer above)
     wings        library/*, observe/*                 (they wrap or watch the engine)
@@ -29,6 +29,7 @@ LAYERS = [
                     "proxy.loadoptions", "proxy.liveconfig", "proxy.urls", "proxy.origins",
                     "proxy.configfile")),
     ("backends", ("proxy.upstream", "proxy.store", "proxy.storelock", "proxy.storedamage",
+                  "proxy.storeschema",
                   "proxy.storage", "proxy.state")),
     ("engine", ("proxy.engine",)),
     ("fleet", ("proxy.fleet",)),

@@ -241,7 +241,7 @@ async def test_the_learned_bound_survives_a_restart(lab, engine, tmp_path):
 def test_a_version_3_history_gains_the_bound_and_keeps_its_footprints(tmp_path):
     path = tmp_path / "history.sqlite3"
     db = sqlite3.connect(path, isolation_level=None)
-    for number, script in enumerate(MIGRATIONS[:3]):
+    for number, (_, script, _) in enumerate(MIGRATIONS[:3]):
         db.executescript(f"BEGIN;{script};PRAGMA user_version={number + 1};COMMIT;")
     db.execute("INSERT INTO footprints VALUES ('u|m|{}', 5e9, 2, 1.5, 2)")
     db.close()
