@@ -11,7 +11,7 @@ from __future__ import annotations
 import fnmatch
 import functools
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 from .schema import rule
 
@@ -158,6 +158,12 @@ class MemoryConfig:
 
 @dataclass(frozen=True)
 class EvictionConfig:
+    # Keys of earlier releases: a config file kept across an upgrade is told what to write.
+    RETIRED: ClassVar[dict[str, str]] = {
+        "min_residency_s": "replaced by eviction.hold (since 2026-12-01): seconds a freshly "
+        "loaded model is spared, e.g. 'hold: 60' as 'min_residency_s: 60' did (now also ending "
+        "once the load that wants its memory has waited as long); 'off', the default, spares "
+        "none"}
     policy: str = field(default="cost-aware", metadata=rule(choices=POLICIES))
     model_timeout_hours: float = field(default=2.0, metadata=rule(0))
     # Anti-thrash hold: a freshly loaded model is spared this many seconds, but never past the

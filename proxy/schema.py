@@ -29,13 +29,17 @@ def deep_copy(value: Any) -> Any:
 
 
 def build(cls: type, data: Any, path: str, problems: list[str]) -> Any:
+    """cls.RETIRED, if it has one: {key an earlier release took: what to write instead}."""
     if not isinstance(data, dict):
         problems.append(f"{path or '<root>'}: must be a mapping (got {_kind(data)})")
         return cls()
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    retired = getattr(cls, "RETIRED", {})
     for key in data:
-        if key not in fields:
+        if key in retired:   # a key of an earlier release: what to write instead
+            problems.append(f"{_join(path, str(key))}: {retired[key]}")
+        elif key not in fields:
             known = ", ".join(sorted(fields))
             problems.append(f"{_join(path, str(key))}: unknown key (known: {known})")
     kwargs: dict[str, Any] = {}

@@ -114,3 +114,14 @@ def test_the_same_value_in_the_file_is_named_by_its_key(tmp_path, capsys):
     path.write_text("upstream: {url: 'localhost:1'}\n")
     assert main(["--config", str(path), "--check"], environ={"PROXY_PORT": "8080"}) == 2
     assert "\n  upstream.url: 'localhost:1' is not an http(s) URL" in capsys.readouterr().err
+
+
+def test_a_key_an_earlier_release_took_names_what_to_write_instead(tmp_path, capsys):
+    """The first release's eviction.min_residency_s: before, 'unknown key (known: ...)' left
+    the operator to guess that eviction.hold is its successor."""
+    path = tmp_path / "p.yaml"
+    path.write_text("eviction:\n  policy: cost-aware\n  min_residency_s: 60\n")
+    assert main(["--config", str(path), "--check"], environ={}) == 2
+    (problem,) = capsys.readouterr().err.splitlines()[1:]
+    assert problem.startswith("  eviction.min_residency_s: replaced by eviction.hold")
+    assert "'hold: 60' as 'min_residency_s: 60' did" in problem and "unknown key" not in problem
