@@ -158,11 +158,12 @@ class UsageStore:
     def load(self, upstream: str = "", since_minute: int | None = None) -> dict[str, Any]:
         """{"stats": {model: snapshot}, "footprints": {identity: {...}},
         "owned": {instance_id: {"model", "load_config", "loaded_at"}}, "patterns": {model: ...},
-        "minutes": {model: [(minute, requests, failures)]}} (owned: of `upstream`; minutes:
-        of the models in stats, from since_minute on, none without it). Damaged rows are
+        "minutes": {model: [(minute, requests, failures)]}, "load_times_v1": {model: {...}}}
+        (owned: of `upstream`; minutes: of the models in stats, from since_minute on, none
+        without it; load_times_v1: what a version 1 file had learned, by model key). Damaged rows are
         skipped; a damaged file is replaced by a fresh one, and nothing is loaded."""
         empty: dict[str, Any] = {"stats": {}, "footprints": {}, "owned": {}, "patterns": {},
-                                 "minutes": {}}
+                                 "minutes": {}, "load_times_v1": {}}
         with self._lock:
             db = self._db
             if db is None:
@@ -204,8 +205,14 @@ class UsageStore:
                 owned[r[0]] = {"model": r[1], "load_config": load_config, "loaded_at": r[3]}
         patterns = {m: snap for m, blob in db.execute("SELECT model, snapshot FROM patterns")
                     if (snap := self._object("patterns", m, blob)) is not None}
+        load_times = {}   # kept by the migration from version 1 (storeschema), by model key
+        if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'load_times_v1'").fetchone():
+            for m, seconds, count in db.execute("SELECT model, load_time_s, load_count "
+                                                "FROM load_times_v1"):
+                if self._numbers("load_times_v1", m, (count,), (seconds,)):
+                    load_times[m] = {"load_time_s": seconds, "load_count": count}
         return {"stats": stats, "footprints": footprints, "owned": owned, "patterns": patterns,
-                "minutes": minutes}
+                "minutes": minutes, "load_times_v1": load_times}
 
     def _object(self, table: str, model: str, blob: Any) -> dict[str, Any] | None:
         try:

@@ -43,10 +43,13 @@ _PATTERNS = ("CREATE TABLE IF NOT EXISTS patterns "
 MIGRATIONS: list[Migration] = [
     Migration("history per model and minute, statistics snapshots, learned footprints",
               f"{_USAGE_MINUTES};{_MODEL_STATS};{_FOOTPRINTS}"),
-    # The rows of version 1 carry no server identity and may have been learned from noise.
-    Migration("footprints keyed by server, model and load options (the learned footprints and "
-              "load times of version 1 are dropped: they name no server); the instances the "
-              "proxy loaded", f"DELETE FROM footprints;{_OWNED}"),
+    # The footprints of version 1 carry no server identity and may have been learned from
+    # noise; their load times and counts are measured, and kept aside by model (store.py).
+    Migration("footprints keyed by server, model and load options (the learned footprints of "
+              "version 1 are dropped, as they name no server; their load times and counts are "
+              "kept, each given to its model when seen); the instances the proxy loaded",
+              "CREATE TABLE IF NOT EXISTS load_times_v1 AS SELECT model, load_time_s, "
+              f"load_count FROM footprints WHERE load_count > 0;DELETE FROM footprints;{_OWNED}"),
     Migration("what the engine learned of each model's use", _PATTERNS),
     Migration("a lower bound on a footprint: the memory the server refused to load it in",
               add_column=("footprints", "footprint_floor_bytes", "REAL")),

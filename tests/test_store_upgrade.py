@@ -54,15 +54,22 @@ async def test_a_version_1_history_is_migrated_step_by_step_in_the_log_and_kept(
            f"({LATEST - 1} steps)" in log
     for number in range(1, LATEST):
         assert f"schema version {number} → {number + 1}: {MIGRATIONS[number].what}" in log
-    assert "load times of version 1 are dropped" in log        # said, not silently lost
+    assert "learned footprints of version 1 are dropped" in log   # said, not silently lost
     assert (await persistence(http, proxy.url))["ok"] is True
     async with http.get(f"{proxy.url}/proxy/stats") as r:
         row = (await r.json())["models"][MODEL]
     assert (row["requests"], row["failures"], row["p95_latency_ms"] is not None) == \
         (15, 2, True)
+    # Its load times and count: before, the migration deleted them with the footprints.
+    assert (row["loads"], row["avg_load_time_s"]) == (4, 0.1)
     await chat(http, proxy.url)
     await stop(proxy)
     assert requests_in(path)[MODEL] == 16 and version_of(path) == LATEST
+    store = UsageStore(path)               # under the server's identity now, the chat's load on
+    assert store.open()                    # top of the 4 kept
+    (kept,) = store.load(emulator.url)["footprints"].values()
+    store.close()
+    assert kept["load_count"] == 5
 
 
 async def test_a_history_lacking_what_its_version_promises_is_repaired_and_kept(

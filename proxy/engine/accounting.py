@@ -54,6 +54,7 @@ class Accounting:
         self._owned_add: dict[str, dict[str, Any]] = {}
         self._owned_remove: set[str] = set()
         self._restored_footprints: dict[str, dict[str, Any]] = {}
+        self._load_times_v1: dict[str, dict[str, Any]] = {}   # model → load_time_s, load_count
         self._restored_evictions: dict[str, dict[str, int]] = {}   # model → reason → count
         self._store_generation = 0   # the store's fresh file this process wrote all it holds to
 
@@ -109,10 +110,14 @@ class Accounting:
         if evictions:
             e.evictions.update(evictions)
         saved = self._restored_footprints.pop(self.identity(e.key), None)
+        legacy = self._load_times_v1.pop(e.key, None)
         if saved is not None:
             e.footprint_bytes, e.footprint_samples = saved["footprint_bytes"], saved["samples"]
             e.load_time_s, e.load_count = saved["load_time_s"], saved["load_count"]
             e.footprint_floor_bytes = saved.get("footprint_floor_bytes")
+        elif legacy is not None:   # a version 1 file's, by model key: written under identity
+            e.load_time_s, e.load_count = legacy["load_time_s"], legacy["load_count"]
+            self._dirty_footprints.add(e.key)
 
     # -- ownership ---------------------------------------------------------------------------
     def remember_owned(self, e: ModelEntry, instance_id: str, load_config: dict) -> None:
@@ -177,6 +182,7 @@ class Accounting:
                 continue
             self.usage[key] = usage
         self._restored_footprints = state["footprints"]
+        self._load_times_v1 = dict(state.get("load_times_v1", {}))
         self.owned_instances.update(state.get("owned", {}))
         for key, snap in state.get("patterns", {}).items():
             try:
