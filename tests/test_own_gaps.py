@@ -58,22 +58,25 @@ def test_a_shorter_own_wait_raises_the_cost_a_longer_one_does_not():
     assert RECENCY_FLOOR_S < 30.0
 
 
+async def steady_other_new(mgr, loop):
+    """`steady` every GAP_S (12 gaps), `other` once 15 s after, `new` 30 s after: what stays."""
+    for i in range(13):
+        await asyncio.sleep(i * GAP_S - loop.time())
+        await use(mgr, loop, "steady", 0.0)
+    last_s = 12 * GAP_S
+    await asyncio.sleep(last_s + 15.0 - loop.time())
+    await use(mgr, loop, "other", 0.0)
+    await asyncio.sleep(last_s + 30.0 - loop.time())
+    await use(mgr, loop, "new", 0.0)
+    return mgr.core.registry.loaded()
+
+
 @pytest.mark.timeout(10)
 def test_a_model_used_every_40_s_is_kept_over_one_used_once_more_recently():
     """Memory for two: `steady` asked for every 40 s (12 gaps), then `other` once, 15 s before
     a request for `new` needs one of them gone. By idle time `steady` (30 s) goes before
     `other` (15 s); by its own gaps `steady` is due in about 10 s, so `other` goes."""
-    async def script(mgr, loop):
-        for i in range(13):
-            await asyncio.sleep(i * GAP_S - loop.time())
-            await use(mgr, loop, "steady", 0.0)
-        last_s = 12 * GAP_S
-        await asyncio.sleep(last_s + 15.0 - loop.time())
-        await use(mgr, loop, "other", 0.0)
-        await asyncio.sleep(last_s + 30.0 - loop.time())
-        await use(mgr, loop, "new", 0.0)
-        return mgr.core.registry.loaded()
-    assert run({"steady": (4, 3.0), "other": (4, 3.0), "new": (4, 3.0)}, 8, script,
+    assert run({"steady": (4, 3.0), "other": (4, 3.0), "new": (4, 3.0)}, 8, steady_other_new,
                hold="off", prediction="off") == ["new", "steady"]
 
 
@@ -82,17 +85,7 @@ def test_a_together_group_is_as_soon_due_as_its_soonest_member():
     """The same, with `steady` in a together group with `partner` (loaded beside it, never
     asked for): the group, 8 GB, is cheaper per GB than `other` by idle time, but `steady`'s
     own gaps make the group due in about 10 s."""
-    async def script(mgr, loop):
-        for i in range(13):
-            await asyncio.sleep(i * GAP_S - loop.time())
-            await use(mgr, loop, "steady", 0.0)
-        last_s = 12 * GAP_S
-        await asyncio.sleep(last_s + 15.0 - loop.time())
-        await use(mgr, loop, "other", 0.0)
-        await asyncio.sleep(last_s + 30.0 - loop.time())
-        await use(mgr, loop, "new", 0.0)
-        return mgr.core.registry.loaded()
     pair = GroupConfig(name="pair", members=("steady", "partner"), policy="together")
     models = {"steady": (4, 3.0), "partner": (4, 3.0), "other": (4, 3.0), "new": (4, 3.0)}
-    assert run(models, 12, script, hold="off", prediction="off", groups=[pair]) == \
+    assert run(models, 12, steady_other_new, hold="off", prediction="off", groups=[pair]) == \
         ["new", "partner", "steady"]

@@ -189,14 +189,20 @@ async def test_one_load_joined_by_another_replica_is_counted_once_across_the_rep
     assert [d.get("replica") for t, d in seen_on_b if t == "load"] == ["A"]   # none of B's
 
 
-async def test_a_request_that_met_another_replicas_unload_names_that_replica_not_the_server(
-        make_emulator, make_proxy, redis_server, http, caplog):
+async def mid_loaded_by_a(make_emulator, make_proxy, redis_server, http, caplog):
+    """Replicas A and B on one emulator; A has loaded MID and B has heard of it (no lease)."""
     caplog.set_level(logging.INFO, logger="proxy.engine")
     emu = await make_emulator(catalog=CATALOG)
     a = await make_proxy("", config=config(emu.url, redis_server.url, "A"))
     b = await make_proxy("", config=config(emu.url, redis_server.url, "B"))
     assert (await chat(http, a, MID))[0] == 200
-    await until(lambda: entry(b, MID).owner == "proxy")    # B heard of A's load; no lease
+    await until(lambda: entry(b, MID).owner == "proxy")
+    return emu, a, b
+
+
+async def test_a_request_that_met_another_replicas_unload_names_that_replica_not_the_server(
+        make_emulator, make_proxy, redis_server, http, caplog):
+    emu, a, b = await mid_loaded_by_a(make_emulator, make_proxy, redis_server, http, caplog)
     # A claims MID for its unload, as its eviction does; B's request meets the claim.
     store_a = a.app[REPLICA].store
     assert await store_a.claim_unload("x", MID, 10.0) == set()
@@ -215,12 +221,7 @@ async def test_a_request_that_met_another_replicas_unload_names_that_replica_not
 
 async def test_an_unload_claim_given_up_leaves_no_name_for_a_later_unload(
         make_emulator, make_proxy, redis_server, http, caplog):
-    caplog.set_level(logging.INFO, logger="proxy.engine")
-    emu = await make_emulator(catalog=CATALOG)
-    a = await make_proxy("", config=config(emu.url, redis_server.url, "A"))
-    b = await make_proxy("", config=config(emu.url, redis_server.url, "B"))
-    assert (await chat(http, a, MID))[0] == 200
-    await until(lambda: entry(b, MID).owner == "proxy")
+    emu, a, b = await mid_loaded_by_a(make_emulator, make_proxy, redis_server, http, caplog)
     store_a = a.app[REPLICA].store
     assert await store_a.claim_unload("x", MID, 10.0) == set()
     from_b = asyncio.ensure_future(chat(http, b, MID))
