@@ -168,6 +168,43 @@ async def test_the_adaptive_hold_switches_on_while_thrashing_and_off_after(lab, 
     assert not ev.thrashing and ev.hold_s() == 0.0
 
 
+async def test_a_reload_30_s_or_more_after_its_eviction_is_not_thrashing(lab, lab_manager):
+    """Thrashing is reloading what was evicted within 30 s (docs/configuration.md, eviction.hold:
+    adaptive); it is remembered for THRASH_MEMORY_S, and no longer from that moment on."""
+    from proxy.engine.eviction import THRASH_MEMORY_S
+    clock = ManualClock()
+    mgr = await lab_manager(lab.url, clock=clock, eviction={"hold": "adaptive"})
+    ev = mgr.core.evictor
+    (await mgr.acquire(X)).release()
+    (await mgr.acquire(Y)).release()                 # 8 GB beside 12: X is evicted
+    clock.advance(30)
+    (await mgr.acquire(X)).release()                 # back, but 30 s after: Y goes, calm
+    assert not ev.thrashing and ev.hold_s() == 0.0
+    clock.advance(29)
+    (await mgr.acquire(Y)).release()                 # Y back 29 s after it went: thrashing
+    assert ev.thrashing
+    clock.advance(THRASH_MEMORY_S)
+    assert not ev.thrashing and ev.hold_s() == 0.0
+
+
+async def test_a_model_already_unloaded_is_never_chosen_as_a_victim(lab, lab_manager):
+    """Under manage_external every model is the proxy's to evict, the unloaded ones too as
+    far as ownership goes: only loaded ones may be victims, or a load would wait for an
+    eviction that frees nothing."""
+    from .test_scheduler import W
+    clock = ManualClock()
+    mgr = await lab_manager(lab.url, clock=clock, eviction={"manage_external": True,
+                                                            "policy": "lru",
+                                                            "queue_timeout_s": 2})
+    (await mgr.acquire(W)).release()                 # 5 GB, the least recently used...
+    await mgr.unload(W)                              # ...and gone already
+    clock.advance(10)
+    (await mgr.acquire(Y)).release()                 # 8 GB idle
+    clock.advance(10)
+    (await asyncio.wait_for(mgr.acquire(X), 5)).release()   # 12 GB: Y must go, not W
+    assert mgr.get_loaded_models() == [X]
+
+
 async def test_critical_pressure_evicts_a_model_inside_its_hold(lab):
     from .test_engine import manager_for
     sampler = SettableSampler(total_gb=32, available_gb=32)

@@ -189,6 +189,22 @@ async def test_a_model_of_higher_priority_is_kept_when_one_must_go(lab, lab_mana
     assert mgr.get_loaded_models() == sorted([W, Y])
 
 
+async def test_lru_evicts_the_model_used_least_recently_not_the_one_loaded_first(
+        lab, lab_manager):
+    clock = ManualClock()
+    mgr = await lab_manager(lab.url, clock=clock, eviction={"policy": "lru"},
+                            models=footprints({Y: 8, Z: 5, W: 5}))
+    clock.advance(100)
+    (await mgr.acquire(Z)).release()                     # 5 GB, loaded first...
+    clock.advance(10)
+    (await mgr.acquire(W)).release()                     # 5 GB
+    clock.advance(10)
+    (await mgr.acquire(Z)).release()                     # ...but used last
+    clock.advance(10)
+    (await mgr.acquire(Y)).release()                     # 8 GB beside 10 of 16: one must go
+    assert mgr.get_loaded_models() == sorted([Y, Z])
+
+
 async def test_a_preload_is_queued_only_for_an_unloaded_model_not_yet_pending(lab, lab_manager):
     mgr = await lab_manager(lab.url, preload={"enabled": False})
     (await mgr.acquire(X)).release()

@@ -171,6 +171,25 @@ async def test_a_preload_evicts_only_what_is_expected_to_cost_far_less(engine, l
     assert (mgr.entry(CODER).status.value == "loaded") is evicted
 
 
+async def test_a_preload_evicts_only_when_its_victims_cost_under_a_quarter_of_its_worth(
+        engine):
+    """A victim costing exactly a quarter of the preload's worth (docs/engine.md) is kept;
+    one just under it goes."""
+    from proxy.engine.policy import expected_cost_s
+    mgr = await engine(budget_gb=14, preload={"enabled": False})
+    for _ in range(5):                                        # asked for now and then
+        (await mgr.acquire(OTHER)).release()
+        mgr.clock.advance(60)
+    ev = mgr.core.evictor
+    cost_s = expected_cost_s(ev.candidate(mgr.entry(OTHER), mgr.clock.now(), predicted=True))
+    assert cost_s > 0
+    worth_s = cost_s * 4
+    assert not await ev.evict_for_guess(CODER, 1 * GB, worth_s)
+    assert OTHER in mgr.get_loaded_models()
+    assert await ev.evict_for_guess(CODER, 1 * GB, worth_s * 1.01)
+    assert OTHER not in mgr.get_loaded_models()
+
+
 async def test_the_off_switch_is_honoured(engine, lab):
     mgr = await engine(preload={"enabled": False})
     await teach(mgr)
