@@ -59,9 +59,7 @@ class Replica:
     async def _introduce(self) -> None:
         """Said once at start: where the state is shared, as whom, and with whom (a replica
         on another key_prefix or Redis coordinates with nobody; this line shows it)."""
-        where = getattr(self.store, "url_shown", "this process")
-        prefix = getattr(self.store, "prefix", "")
-        said = f"shared state in Redis at {where}, key prefix {prefix!r}, as replica {self.id}"
+        said = f"shared state {self.store.where}, as replica {self.id}"
         try:
             others = [r for r in await self.store.replicas() if r != self.id]
             leader = await self.store.leader()

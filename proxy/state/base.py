@@ -127,6 +127,7 @@ class LoadLock:
 
 class StateStore(Protocol):
     replica_id: str
+    where: str      # where the facts are kept, for the log (never a credential)
 
     # -- replicas ---------------------------------------------------------------------------
     async def heartbeat(self, ttl_s: float) -> None:

@@ -56,6 +56,7 @@ class MemoryState:
     def __init__(self, replica_id: str = "local", *, clock: Now | None = None,
                  events_maxlen: int = EVENTS_MAXLEN, _facts: _Facts | None = None) -> None:
         self.replica_id = replica_id
+        self.where = "in this process"
         self._f = _facts or _Facts(clock or MonotonicClock(), events_maxlen)
 
     def view(self, replica_id: str) -> "MemoryState":

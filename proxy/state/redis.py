@@ -97,6 +97,7 @@ class RedisState:
         self.replica_id = replica_id
         self.url_shown = redact_url(url)
         self.prefix = prefix
+        self.where = f"in Redis at {self.url_shown}, key prefix {prefix!r}"
         self.events_maxlen = events_maxlen
         self.events_ttl_ms = _ms(events_ttl_s)
         self.owned_ttl_ms = _ms(owned_ttl_s)
