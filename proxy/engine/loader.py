@@ -27,6 +27,7 @@ from .eviction import Evictor
 from .fit import Fitter
 from .lifecycle import OWNER_EXTERNAL, OWNER_PROXY, ModelEntry, ModelStatus
 from .memory import GB, MemorySample
+from .shared import RoomTaken
 
 log = logging.getLogger("proxy.engine")
 S = ModelStatus
@@ -260,9 +261,10 @@ class Loader(Part):
         return ()
 
     def _fail(self, e: ModelEntry, exc: BaseException) -> None:
-        # Given up, the replicas' shared state was away, or the engine closed (its connection to
-        # the server is gone until it starts again): not the model's failure, no backoff.
-        if isinstance(exc, (asyncio.CancelledError, StateUnavailable)) or \
+        # Given up, the replicas' shared state was away, other replicas' loads took its room,
+        # or the engine closed (its connection to the server is gone until it starts again):
+        # not the model's failure, no backoff.
+        if isinstance(exc, (asyncio.CancelledError, StateUnavailable, RoomTaken)) or \
                 not getattr(self.backend, "started", True):
             self.ctx.swap(e, S.LOADING, S.UNLOADED)
             return

@@ -17,7 +17,8 @@ Refusals: a load that can never fit (its footprint above the ceiling) fails at o
 by what will not go by itself (pinned models, models that are not ours, memory of other
 processes), fails at once with `insufficient_memory`; one blocked by what will go (models
 serving, loading, inside their residency) waits up to `eviction.queue_timeout_s`. Each refusal
-names what holds the memory and why.
+names what holds the memory and why. Among replicas, an admitted load whose room other replicas'
+loads took (engine/shared.py) comes back to the queue as old as it was.
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ from .memory import MemoryPressure, MemorySample
 from .preload import PreloadTally
 from .queue import LoadQueue, Pending
 from .refusals import WILL_GO, Refusals
+from .shared import RoomTaken
 
 log = logging.getLogger("proxy.engine")
 S = ModelStatus
@@ -292,6 +294,8 @@ class Scheduler(LoadQueue, Part):
         except asyncio.CancelledError:
             self._finish(p, ProxyError(f"loading '{p.entry.key}' was cancelled"))
             raise
+        except RoomTaken as exc:
+            await self._readmit(p, exc)
         except BaseException as exc:
             self._finish(p, exc)
         else:
@@ -300,6 +304,19 @@ class Scheduler(LoadQueue, Part):
             p.entry.preloaded = p.speculative and p.waiters == 0
             self._finish(p, None)
         await self.after_load()   # once its requests have the model (or the error)
+
+    async def _readmit(self, p: Pending, exc: RoomTaken) -> None:
+        """Other replicas' loads took the room p was admitted for: back in the queue, as old
+        as it was, once this engine has seen what they loaded (it may evict those models when
+        they stop serving, as it would its own). A preload gives way instead."""
+        if p.speculative and not p.waiters:
+            self._drop(p, "other replicas' loads took its room")
+            return
+        log.info("%s: %s; waiting for room again", p.entry.key, exc.message)
+        if self.ctx.shared is not None:   # still admitted meanwhile: no pass takes it first
+            await self.ctx.shared.catch_up.now()
+        p.admitted = False
+        self.kick()
 
     def _recheck_s(self) -> float | None:
         """When a residency ends, a waiting load reaches its first claim or another replica's

@@ -63,6 +63,12 @@ ADOPT = object()               # the host lists the model a load waited for: ado
 RECORD_TTL_S = 60.0            # a host record not refreshed (reconcile, load) for this long goes
 
 
+class RoomTaken(InsufficientMemory):
+    """Other replicas' loads took the room this load was admitted for. Not the answer to a
+    request: the load goes back to admission (engine/scheduler.py), which by then sees their
+    models resident and makes room as for any load, or waits for them to stop serving."""
+
+
 class SharedHost:
     def __init__(self, replica: Replica, name: str) -> None:
         self.replica = replica
@@ -207,7 +213,7 @@ class SharedHost:
         is away (`_acquire`). `room()` is the memory the host has for loads as its own list
         says now; other replicas' loads in flight hold theirs as reservations, and a refused
         reservation is asked again (with the room read again) until a loaded model's
-        reservation has lapsed."""
+        reservation has lapsed; then RoomTaken sends the load back to admission."""
         r = self.replica
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
@@ -240,7 +246,7 @@ class SharedHost:
                     break
                 await asyncio.sleep(POLL_S)
             if not granted.granted:
-                raise InsufficientMemory(
+                raise RoomTaken(
                     f"Not enough memory on host '{self.name}' for '{e.key}': it needs "
                     f"{need_bytes / GB:.1f} GB of the {room_bytes / GB:.1f} GB not resident, "
                     f"and other replicas' loads hold {granted.reserved_bytes / GB:.1f} GB "

@@ -66,6 +66,12 @@ class CatchUp:
             self._tasks.add(self._task)
             self._task.add_done_callback(self._tasks.discard)
 
+    async def now(self) -> None:
+        """A run that starts after this call, done."""
+        self.soon()
+        if self._task is not None:
+            await asyncio.shield(self._task)
+
     async def _run(self, reconcile: Callable[[], Awaitable[None]]) -> None:
         while self._again:
             self._again = False
