@@ -69,8 +69,9 @@ class CatchUp:
     async def now(self) -> None:
         """A run that starts after this call, done."""
         self.soon()
-        if self._task is not None:
-            await asyncio.shield(self._task)
+        task = self._task
+        if task is not None and not task.done():
+            await asyncio.shield(task)
 
     async def _run(self, reconcile: Callable[[], Awaitable[None]]) -> None:
         while self._again:
