@@ -89,6 +89,10 @@ class Scheduler(LoadQueue, Part):
             self._task = asyncio.create_task(self._run(), name="engine-admission")
 
     async def stop(self) -> None:
+        # Answer the queue first: the admitting task runs while anything is pending, and a
+        # cancel that lands as its wait ends is lost (asyncio.wait_for, Python 3.11).
+        for p in list(self.pending.values()):
+            self._finish(p, ProxyError("the engine is shutting down"))
         # A load task outlives its pending entry while it reconciles (after_load).
         tasks = [t for t in [self._task] + [e.load_task for e in self.registry]
                  if t is not None and not t.done()]
@@ -96,8 +100,6 @@ class Scheduler(LoadQueue, Part):
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._task = None
-        for p in list(self.pending.values()):
-            self._finish(p, ProxyError("the engine is shutting down"))
 
     async def _run(self) -> None:
         try:
