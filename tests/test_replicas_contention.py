@@ -157,3 +157,17 @@ async def test_a_load_refused_its_room_is_not_charged_so_its_replica_sees_no_cri
     finally:
         await one.cleanup()
         await two.cleanup()
+
+
+async def test_a_model_pinned_on_one_replica_is_not_evicted_by_another():
+    backend = GatedBackend({A: 4, B: 4}, MANAGED)
+    one, two = await _pair(backend, queue_timeout_s=4)
+    try:
+        one.pin(A, True)                                     # at runtime, on one replica only
+        (await asyncio.wait_for(one.acquire(A), 10)).release()   # loaded, then idle
+        with pytest.raises(InsufficientMemory) as refused:
+            await asyncio.wait_for(two.acquire(B), 10)
+        assert backend.loaded == [A] and "lab/a" in refused.value.message
+    finally:
+        await one.cleanup()
+        await two.cleanup()
