@@ -10,6 +10,7 @@ import pytest
 from proxy.configload import load_config
 from proxy.engine.core import EngineCore
 from proxy.engine.lifecycle import ModelStatus
+from proxy.engine.memory import MemoryPressure
 from proxy.engine.replica import Replica
 from proxy.errors import InsufficientMemory
 from proxy.state import MemoryState
@@ -120,3 +121,53 @@ def _loading(core: EngineCore, key: str):
     async def check() -> bool:
         return core.registry.entries[key].status is ModelStatus.LOADING
     return check
+
+
+class Levels:
+    def __init__(self) -> None:
+        self.seen: list[MemoryPressure] = []
+
+    def on_pressure(self, level: MemoryPressure) -> None:
+        self.seen.append(level)
+
+
+async def test_a_load_refused_its_room_is_not_charged_so_its_replica_sees_no_critical_pressure():
+    # Another replica's model resident and this replica's load, refused the room, charged
+    # beside it: 9.6 GB of an 8 GB budget read as critical pressure, a memory_critical alert
+    # and idle models evicted "regardless of residency", for memory nobody was using.
+    backend = GatedBackend({A: 4, B: 4}, MANAGED)
+    backend.gates[A] = asyncio.Event()
+    one, two = await _pair(backend)
+    levels = Levels()
+    two.listeners.add(levels)
+    try:
+        first = asyncio.ensure_future(one.acquire(A))
+        await backend.started.setdefault(A, asyncio.Event()).wait()
+        second = asyncio.ensure_future(two.acquire(B))
+        await until(_loading(two, B))
+        backend.gates[A].set()
+        (await asyncio.wait_for(first, 10)).release()
+        await two.reconcile()       # as when it hears of A's load: two sees A resident
+        assert two.registry.entries[A].status is ModelStatus.LOADED
+        assert two.registry.entries[B].status is ModelStatus.LOADING   # still refused room
+        await two.monitor.sample()
+        assert MemoryPressure.CRITICAL not in levels.seen
+        (await asyncio.wait_for(second, 10)).release()
+        assert backend.loaded == [B]
+    finally:
+        await one.cleanup()
+        await two.cleanup()
+
+
+async def test_a_model_pinned_on_one_replica_is_not_evicted_by_another():
+    backend = GatedBackend({A: 4, B: 4}, MANAGED)
+    one, two = await _pair(backend, queue_timeout_s=4)
+    try:
+        one.pin(A, True)                                     # at runtime, on one replica only
+        (await asyncio.wait_for(one.acquire(A), 10)).release()   # loaded, then idle
+        with pytest.raises(InsufficientMemory) as refused:
+            await asyncio.wait_for(two.acquire(B), 10)
+        assert backend.loaded == [A] and "lab/a" in refused.value.message
+    finally:
+        await one.cleanup()
+        await two.cleanup()

@@ -86,7 +86,10 @@ class EngineCore(ManualOperations, CoreViews):
         ctx.host_name, ctx.host_path = host_name, host_path
         if shared is not None:   # one of several replicas: what they share (engine/shared.py)
             ctx.shared = shared
-            shared.leases_of = lambda: [e.key for e in r.entries.values() if e.leases]
+            # A model pinned here is held as if it served here: no other replica evicts it.
+            shared.leases_of = lambda: [
+                e.key for e in r.entries.values()
+                if e.leases or (e.status is ModelStatus.LOADED and r.pinned(e.key))]
             shared.record_of = self._host_record
             shared.registry = r
             shared.catch_up.reconcile = self.reconcile   # when another replica loads or unloads

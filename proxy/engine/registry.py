@@ -185,8 +185,9 @@ class Registry:
     def charged_bytes(self) -> float:
         """Memory the models we know of hold or are about to hold (the budget sampler's view)."""
         return sum(self.held_bytes(e) for e in self.entries.values()
-                   if e.status in (S.LOADED, S.LOADING, S.UNLOADING))
+                   if e.status in (S.LOADED, S.UNLOADING)
+                   or (e.status is S.LOADING and not e.room_refused))
 
     def loading_bytes(self) -> float:
         return sum(self.footprint_bytes(e) for e in self.entries.values()
-                   if e.status is S.LOADING)
+                   if e.status is S.LOADING and not e.room_refused)

@@ -242,6 +242,7 @@ class SharedHost:
                 granted = await r.patiently(lambda: self.store.reserve(
                     self.name, e.key, int(need_bytes), max(0, int(room_bytes)),
                     timeout_s + r.lock_ttl_s))
+                e.room_refused = not granted.granted   # not charged while refused
                 if granted.granted or loop.time() >= patience:
                     break
                 await asyncio.sleep(POLL_S)
@@ -266,6 +267,7 @@ class SharedHost:
                     e.key, RESERVATION_GRACE_S if done else 0.0, timeout_s + r.lock_ttl_s))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
+            e.room_refused = False
 
     async def _acquire(self, key: str, loaded: Callable[[], Awaitable[bool]]
                        ) -> LoadLock | object | None:
