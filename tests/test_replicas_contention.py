@@ -3,6 +3,7 @@ load and then makes room as a single proxy would, instead of being refused."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any, Mapping
 
 import pytest
@@ -46,10 +47,27 @@ def _config(**eviction: Any):
                         "eviction": eviction, "storage": {"enabled": False}})
 
 
-async def _pair(backend: GatedBackend, **eviction: Any) -> tuple[EngineCore, EngineCore]:
+class StaleReservations:
+    """A replica's view of the shared state whose read of the host's reservations always comes
+    a moment too early (none yet): its load is admitted, then refused its own reservation, as
+    when another replica reserves between the two."""
+
+    def __init__(self, inner: MemoryState) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def reserved_bytes(self, host: str) -> int:
+        return 0
+
+
+async def _pair(backend: GatedBackend, stale: bool = False, **eviction: Any
+                ) -> tuple[EngineCore, EngineCore]:
+    """Two replicas' engines on one server; `stale`: the second's reservations read early."""
     facts = MemoryState("r1")
     cores = []
-    for store in (facts, facts.view("r2")):
+    for store in (facts, StaleReservations(facts.view("r2")) if stale else facts.view("r2")):
         replica = Replica(store, lease_ttl_s=3, lock_ttl_s=30, unavailable_wait_s=1)
         await replica.start()
         core = EngineCore(_config(**eviction), backend, shared=replica.host("default"))
@@ -58,33 +76,53 @@ async def _pair(backend: GatedBackend, **eviction: Any) -> tuple[EngineCore, Eng
     return cores[0], cores[1]
 
 
-async def test_a_load_refused_room_by_another_replicas_load_waits_and_then_evicts_it():
+async def _close(*cores: EngineCore) -> None:
+    for core in cores:
+        await core.cleanup()
+        await core.ctx.shared.replica.close()
+
+
+def _room_taken(core: EngineCore, key: str):
+    """Its load waits for room other replicas' loads hold: unadmitted, or admitted and
+    refused its reservation."""
+    async def check() -> bool:
+        p = core.scheduler.pending.get(key)
+        return p is not None and (p.reserved_elsewhere or
+                                  core.registry.entries[key].room_refused is not None)
+    return check
+
+
+STALE = pytest.mark.parametrize("stale", [False, True], ids=["waits", "admitted-then-refused"])
+
+
+@STALE
+async def test_a_load_refused_room_by_another_replicas_load_waits_and_then_evicts_it(stale):
     backend = GatedBackend({A: 4, B: 4}, MANAGED)         # 4.8 GB each: one fits in 8
     backend.gates[A] = asyncio.Event()
-    one, two = await _pair(backend)
+    one, two = await _pair(backend, stale)
     try:
         first = asyncio.ensure_future(one.acquire(A))
         await backend.started.setdefault(A, asyncio.Event()).wait()   # A's load holds its room
         second = asyncio.ensure_future(two.acquire(B))
-        await until(_loading(two, B))                       # admitted on its own replica
+        await until(_room_taken(two, B))
         backend.gates[A].set()
         (await asyncio.wait_for(first, 10)).release()      # A served, then idle
         (await asyncio.wait_for(second, 10)).release()
         assert backend.loaded == [B] and backend.loads == [A, B]
     finally:
-        await one.cleanup()
-        await two.cleanup()
+        await _close(one, two)
 
 
-async def test_while_the_other_replica_serves_it_the_load_times_out_saying_so():
+@STALE
+async def test_while_the_other_replica_serves_it_the_load_times_out_saying_so(stale):
     backend = GatedBackend({A: 4, B: 4}, MANAGED)
     backend.gates[A] = asyncio.Event()
-    one, two = await _pair(backend, queue_timeout_s=4)
+    one, two = await _pair(backend, stale, queue_timeout_s=4)
     try:
         first = asyncio.ensure_future(one.acquire(A))
         await backend.started.setdefault(A, asyncio.Event()).wait()
         second = asyncio.ensure_future(two.acquire(B))
-        await until(_loading(two, B))
+        await until(_room_taken(two, B))
         backend.gates[A].set()
         serving = await asyncio.wait_for(first, 10)          # and not released: it serves
         with pytest.raises(InsufficientMemory) as refused:
@@ -93,8 +131,7 @@ async def test_while_the_other_replica_serves_it_the_load_times_out_saying_so():
         assert backend.loaded == [A] and backend.loads == [A]
         assert "lab/a" in refused.value.message and refused.value.retry_after_s is not None
     finally:
-        await one.cleanup()
-        await two.cleanup()
+        await _close(one, two)
 
 
 async def test_a_preload_whose_room_another_replicas_load_took_gives_way():
@@ -113,8 +150,48 @@ async def test_a_preload_whose_room_another_replicas_load_took_gives_way():
         assert B not in two.scheduler.pending and backend.loads == [A]
         assert two.registry.entries[B].status is ModelStatus.UNLOADED
     finally:
-        await one.cleanup()
-        await two.cleanup()
+        await _close(one, two)
+
+
+@STALE
+async def test_a_load_still_refused_room_at_its_deadline_says_so_not_still_loading(
+        caplog, stale):
+    backend = GatedBackend({A: 4, B: 4}, MANAGED)
+    backend.gates[A] = asyncio.Event()                  # A's load on the other replica runs on
+    one, two = await _pair(backend, stale, queue_timeout_s=8)
+    try:
+        first = asyncio.ensure_future(one.acquire(A))
+        await backend.started.setdefault(A, asyncio.Event()).wait()
+        with caplog.at_level(logging.DEBUG, logger="proxy.engine"), \
+                pytest.raises(InsufficientMemory) as refused:
+            await asyncio.wait_for(two.acquire(B), 15)
+        assert "other replicas' loads hold 4.8 GB" in refused.value.message
+        waits = [r.levelno for r in caplog.records if "waits for room again" in r.getMessage()]
+        if stale:          # admitted and refused every few seconds: said once
+            assert len(waits) >= 2 and waits[:2] == [logging.INFO, logging.DEBUG]
+        else:              # never admitted while the room is reserved elsewhere
+            assert waits == []
+        backend.gates[A].set()
+        await asyncio.wait_for(asyncio.gather(first, return_exceptions=True), 10)
+    finally:
+        backend.gates[A].set()
+        await _close(one, two)
+
+
+async def test_a_replicas_own_loads_in_flight_do_not_hold_back_its_next_load():
+    backend = GatedBackend({A: 4, B: 2}, MANAGED)         # 4.8 + 2.4 GB: both fit in 8
+    backend.gates[A] = asyncio.Event()
+    one, two = await _pair(backend)
+    try:
+        first = asyncio.ensure_future(one.acquire(A))
+        await backend.started.setdefault(A, asyncio.Event()).wait()   # reserved, loading
+        (await asyncio.wait_for(one.acquire(B), 10)).release()
+        assert backend.loaded == [B] and not first.done()
+        backend.gates[A].set()
+        (await asyncio.wait_for(first, 10)).release()
+    finally:
+        backend.gates[A].set()
+        await _close(one, two)
 
 
 def _loading(core: EngineCore, key: str):
@@ -137,14 +214,14 @@ async def test_a_load_refused_its_room_is_not_charged_so_its_replica_sees_no_cri
     # and idle models evicted "regardless of residency", for memory nobody was using.
     backend = GatedBackend({A: 4, B: 4}, MANAGED)
     backend.gates[A] = asyncio.Event()
-    one, two = await _pair(backend)
+    one, two = await _pair(backend, stale=True)
     levels = Levels()
     two.listeners.add(levels)
     try:
         first = asyncio.ensure_future(one.acquire(A))
         await backend.started.setdefault(A, asyncio.Event()).wait()
         second = asyncio.ensure_future(two.acquire(B))
-        await until(_loading(two, B))
+        await until(_room_taken(two, B))
         backend.gates[A].set()
         (await asyncio.wait_for(first, 10)).release()
         await two.reconcile()       # as when it hears of A's load: two sees A resident
@@ -155,8 +232,7 @@ async def test_a_load_refused_its_room_is_not_charged_so_its_replica_sees_no_cri
         (await asyncio.wait_for(second, 10)).release()
         assert backend.loaded == [B]
     finally:
-        await one.cleanup()
-        await two.cleanup()
+        await _close(one, two)
 
 
 async def test_a_model_pinned_on_one_replica_is_not_evicted_by_another():
@@ -169,5 +245,4 @@ async def test_a_model_pinned_on_one_replica_is_not_evicted_by_another():
             await asyncio.wait_for(two.acquire(B), 10)
         assert backend.loaded == [A] and "lab/a" in refused.value.message
     finally:
-        await one.cleanup()
-        await two.cleanup()
+        await _close(one, two)

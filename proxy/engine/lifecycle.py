@@ -68,10 +68,10 @@ class ModelEntry:
     waiting: int = 0                    # requests waiting for this model's load
     waiting_since_s: float | None = None
     loading_since_s: float | None = None
-    # Among replicas: its load is admitted here but its reservation is refused, for other
-    # replicas' loads hold the room (engine/shared.py). It holds no memory, so it is not
-    # charged: beside their models, now resident, it would read as critical pressure.
-    room_refused: bool = False
+    # Among replicas: admitted here, its load was refused its reservation, for other replicas'
+    # loads hold the room (engine/shared.py); what the refusal said. It holds no memory, so it
+    # is not charged: beside their models, resident by then, it would read as critical.
+    room_refused: str | None = None
     loaded_at_s: float | None = None
     last_used_at_s: float | None = None
     heat: float = 0.0                   # requests, decayed with age (policy.HEAT_HALF_LIFE_S)

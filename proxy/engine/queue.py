@@ -9,7 +9,7 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
-from ..errors import ProxyError, UpstreamTimeout
+from ..errors import InsufficientMemory, ProxyError, UpstreamTimeout
 from .fit import Choice
 from .lifecycle import ModelEntry, ModelStatus
 from .refusals import Holder
@@ -46,6 +46,12 @@ class Pending:
     # Since when its room could only be made by an eviction the unreachable shared state
     # forbids (None: not so): past state.unavailable_wait_s it is refused, state_unavailable.
     state_blocked_since_s: float | None = None
+    # Other replicas' loads hold the room it needs (engine/shared.py): it waits for them
+    # unadmitted (reserved_elsewhere), or was admitted and refused its reservation (readmits);
+    # what it was told last, its answer should its requests time out meanwhile.
+    reserved_elsewhere: bool = False
+    readmits: int = 0
+    room_taken: str | None = None
 
 
 class LoadQueue:
@@ -149,12 +155,20 @@ class LoadQueue:
         group = None if p.admitted else self.evictor.groups.refusal(p.entry, timeout_s)
         if group is not None:
             return group
-        if p.admitted:                        # memory was found; the load itself is slow
+        e = p.entry
+        if p.admitted and e.status is S.LOADING and e.room_refused is None:
+            # memory was found; the load itself is slow
             return UpstreamTimeout(
                 f"'{p.entry.key}' is still loading after {timeout_s:g}s "
                 f"(eviction.queue_timeout_s); try again shortly",
                 retry_after_s=max(1.0, min(30.0, timeout_s)))
-        holders = p.holders or self.refusals.holders(p.entry, self.clock.now() - p.since_s)
+        holders = p.holders or self.refusals.holders(e, self.clock.now() - p.since_s)
+        refused = e.room_refused or p.room_taken
+        if refused is not None and not holders:
+            # Other replicas' loads in flight, which this replica's list does not show.
+            return InsufficientMemory(f"{refused}; waited {timeout_s:g}s "
+                                      f"(eviction.queue_timeout_s)",
+                                      retry_after_s=max(1.0, min(30.0, timeout_s)))
         return self.refusals.insufficient(p.entry, holders, f" within {timeout_s:g}s",
                                           retry_after_s=max(1.0, min(30.0, timeout_s)))
 

@@ -186,8 +186,8 @@ class Registry:
         """Memory the models we know of hold or are about to hold (the budget sampler's view)."""
         return sum(self.held_bytes(e) for e in self.entries.values()
                    if e.status in (S.LOADED, S.UNLOADING)
-                   or (e.status is S.LOADING and not e.room_refused))
+                   or (e.status is S.LOADING and e.room_refused is None))
 
     def loading_bytes(self) -> float:
         return sum(self.footprint_bytes(e) for e in self.entries.values()
-                   if e.status is S.LOADING and not e.room_refused)
+                   if e.status is S.LOADING and e.room_refused is None)

@@ -33,7 +33,7 @@ from .fit import Fitter
 from .groups import CLEARED, DROP, WAIT
 from .lifecycle import ModelStatus
 from .loader import Loader
-from .memory import MemoryPressure, MemorySample
+from .memory import GB, MemoryPressure, MemorySample
 from .preload import PreloadTally
 from .queue import LoadQueue, Pending
 from .refusals import WILL_GO, Refusals
@@ -42,6 +42,7 @@ from .shared import RoomTaken
 log = logging.getLogger("proxy.engine")
 S = ModelStatus
 PRELOAD_STALE_S = 60.0        # a preload not started by then is dropped
+RESERVED_RECHECK_S = 1.0      # a load waiting for other replicas' reservations looks this often
 
 
 class Scheduler(LoadQueue, Part):
@@ -241,9 +242,31 @@ class Scheduler(LoadQueue, Part):
                     self._finish(p, refused)    # its victims could not be claimed
                     return True, None
                 return False, None          # memory is not back yet; the next pass looks again
+        if await self._reserved_elsewhere(p, need, sample):
+            return False, None
         # The state seen before the awaits above must still hold: a model loaded or being
         # unloaded by someone else meanwhile is for the next pass to look at.
         return self._admit(p, sample), None
+
+    async def _reserved_elsewhere(self, p: Pending, need: float, sample: MemorySample) -> bool:
+        """Among replicas: the room is free as this replica sees the host, but other replicas'
+        loads in flight have reserved it (their models are not listed yet). p waits for them
+        as for any load, rather than be admitted and refused its own reservation; it is not
+        evicted for (they are not resident), and it is looked at again each second. One of
+        them loading this very model is joined instead (engine/shared.py's load lock)."""
+        shared = self.ctx.shared
+        if shared is None or p.speculative:
+            return False                  # a preload's reservation gives way (_readmit)
+        others = await shared.others_reserved_bytes()
+        headroom = self.monitor.headroom(sample)
+        if need + others <= headroom or await shared.loading_elsewhere(p.entry.key):
+            p.reserved_elsewhere = False
+            return False
+        p.reserved_elsewhere = True
+        p.room_taken = (f"Not enough memory on host '{shared.name}' for '{p.entry.key}': it "
+                        f"needs {need / GB:.1f} GB of the {headroom / GB:.1f} GB free, and "
+                        f"other replicas' loads hold {others / GB:.1f} GB of it")
+        return True
 
     def _state_away(self, p: Pending) -> StateUnavailable | None:
         """Evictions wait for the shared state (no replica may unload what another serves
@@ -314,7 +337,12 @@ class Scheduler(LoadQueue, Part):
         if p.speculative and not p.waiters:
             self._drop(p, "other replicas' loads took its room")
             return
-        log.info("%s: %s; waiting for room again", p.entry.key, exc.message)
+        # Said once: while another replica's long load holds the room it is refused again
+        # every few seconds.
+        log.log(logging.DEBUG if p.readmits else logging.INFO, "%s; %s waits for room again",
+                exc.message, p.entry.key)
+        p.readmits += 1
+        p.room_taken = exc.message
         if self.ctx.shared is not None:   # still admitted meanwhile: no pass takes it first
             await self.ctx.shared.catch_up.now()
         p.admitted = False
@@ -337,6 +365,8 @@ class Scheduler(LoadQueue, Part):
                       for p in waiting if p.state_blocked_since_s is not None]
         for p in waiting:
             times.append(p.since_s + ev.fairness_s)
+            if p.reserved_elsewhere:
+                times.append(now + RESERVED_RECHECK_S)
             for loaded_at_s, res in holds:
                 times.append(loaded_at_s + res)
                 times.append(p.since_s + res / (max(1, p.waiters) if weighted else 1))

@@ -81,6 +81,7 @@ class SharedHost:
         self.renewed: set[str] = set()
         self.owned = FleetOwned(self.store, name)  # instances the fleet loaded here
         self.remote_busy: dict[str, float] = {}   # model → until (monotonic): leased elsewhere
+        self.reserved: dict[str, int] = {}        # model → bytes this replica holds reserved
         self.registry: Registry | None = None     # the engine's models (learned facts)
         self.learned = LearnedShare(self.store, name)
         self.names = HostNames(self.store, name)
@@ -226,9 +227,9 @@ class SharedHost:
                 return
             if loop.time() >= deadline:
                 holder = await self.store.lock_holder(self.name, e.key)
-                raise StateUnavailable(f"'{e.key}' is being loaded on host '{self.name}' by "
-                                       f"replica {holder or 'another'}, which has not finished "
-                                       f"within {timeout_s:g} s")
+                raise StateUnavailable(
+                    f"'{e.key}' is being loaded on host '{self.name}' by replica "
+                    f"{holder or 'another'}, which has not finished within {timeout_s:g} s")
             await asyncio.sleep(POLL_S)
         renewer = asyncio.ensure_future(self._renew(lock))
         reserved = done = False
@@ -242,20 +243,27 @@ class SharedHost:
                 granted = await r.patiently(lambda: self.store.reserve(
                     self.name, e.key, int(need_bytes), max(0, int(room_bytes)),
                     timeout_s + r.lock_ttl_s))
-                e.room_refused = not granted.granted   # not charged while refused
-                if granted.granted or loop.time() >= patience:
+                # Refused, it holds no memory: not charged meanwhile (registry.charged_bytes),
+                # and a request that times out is told why (engine/queue.py).
+                e.room_refused = None if granted.granted else (
+                    f"Not enough memory on host '{self.name}' for '{e.key}': it needs "
+                    f"{need_bytes / GB:.1f} GB of the {room_bytes / GB:.1f} GB not "
+                    f"resident" + (f", and other replicas' loads hold "
+                                   f"{granted.reserved_bytes / GB:.1f} GB of it"
+                                   if granted.reserved_bytes else ""))
+                # Asked again only while reservations, which lapse, hold the room: a model this
+                # replica has not seen resident yet is for admission to make room from.
+                if granted.granted or not granted.reserved_bytes or loop.time() >= patience:
                     break
                 await asyncio.sleep(POLL_S)
-            if not granted.granted:
-                raise RoomTaken(
-                    f"Not enough memory on host '{self.name}' for '{e.key}': it needs "
-                    f"{need_bytes / GB:.1f} GB of the {room_bytes / GB:.1f} GB not resident, "
-                    f"and other replicas' loads hold {granted.reserved_bytes / GB:.1f} GB "
-                    f"of it", retry_after_s=r.lock_ttl_s)
+            if e.room_refused is not None:
+                raise RoomTaken(e.room_refused, retry_after_s=r.lock_ttl_s)
             reserved = True
+            self.reserved[e.key] = int(need_bytes)
             yield lock.token
             done = True
         finally:
+            e.room_refused = None
             renewer.cancel()
             await asyncio.gather(renewer, return_exceptions=True)
             with contextlib.suppress(StateUnavailable):
@@ -267,7 +275,6 @@ class SharedHost:
                     e.key, RESERVATION_GRACE_S if done else 0.0, timeout_s + r.lock_ttl_s))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
-            e.room_refused = False
 
     async def _acquire(self, key: str, loaded: Callable[[], Awaitable[bool]]
                        ) -> LoadLock | object | None:
@@ -314,15 +321,36 @@ class SharedHost:
         (lapses_s, the load's whole timeout)."""
         loop = asyncio.get_running_loop()
         give_up = loop.time() + lapses_s
-        await asyncio.sleep(delay_s)
-        while True:
-            try:
-                await self.store.release_reservation(self.name, key)
-                return
-            except StateUnavailable:
-                if loop.time() >= give_up:
+        try:
+            await asyncio.sleep(delay_s)
+            while True:
+                try:
+                    await self.store.release_reservation(self.name, key)
                     return
-            await asyncio.sleep(POLL_S)
+                except StateUnavailable:
+                    if loop.time() >= give_up:
+                        return
+                await asyncio.sleep(POLL_S)
+        finally:
+            self.reserved.pop(key, None)
+
+    async def loading_elsewhere(self, key: str) -> bool:
+        """Another replica holds the model's load lock: joining that load needs no room."""
+        try:
+            holder = await self.store.lock_holder(self.name, key)
+        except StateUnavailable:
+            return False
+        return holder not in (None, self.replica.id)
+
+    async def others_reserved_bytes(self) -> int:
+        """Memory of this host that other replicas' loads in flight hold reserved (a model
+        just loaded for the 2 s its reservation outlives it, too); 0 while Redis is away (the
+        load's own reservation then waits for it)."""
+        try:
+            total = await self.store.reserved_bytes(self.name)
+        except StateUnavailable:
+            return 0
+        return max(0, total - sum(self.reserved.values()))
 
     async def _renew(self, lock) -> None:  # noqa: ANN001 - LoadLock
         while True:
