@@ -110,7 +110,7 @@ async def more_than(count: Any, than: int) -> bool:
 
 async def test_a_reservation_whose_release_redis_refused_is_released_when_it_answers(
         make_emulator, make_proxy, redis_server, http, monkeypatch):
-    monkeypatch.setattr("proxy.engine.shared.RESERVATION_GRACE_S", 0.0)   # released at once
+    monkeypatch.setattr("proxy.engine.shared_load.RESERVATION_GRACE_S", 0.0)   # released at once
     emu = await make_emulator(catalog=CATALOG)
     a = await make_proxy("", config=config(emu.url, redis_server.url, "A"))
     store = a.app[REPLICA].store

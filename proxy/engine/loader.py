@@ -27,7 +27,7 @@ from .eviction import Evictor
 from .fit import Fitter
 from .lifecycle import OWNER_EXTERNAL, OWNER_PROXY, ModelEntry, ModelStatus
 from .memory import GB, MemorySample
-from .shared import RoomTaken
+from .shared_load import RoomTaken
 
 log = logging.getLogger("proxy.engine")
 S = ModelStatus

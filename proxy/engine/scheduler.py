@@ -37,7 +37,7 @@ from .memory import GB, MemoryPressure, MemorySample
 from .preload import PreloadTally
 from .queue import LoadQueue, Pending
 from .refusals import WILL_GO, Refusals
-from .shared import RoomTaken
+from .shared_load import RoomTaken
 
 log = logging.getLogger("proxy.engine")
 S = ModelStatus
