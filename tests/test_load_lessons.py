@@ -240,3 +240,14 @@ async def test_a_left_load_is_watched_from_when_it_started(lab, engine):
     await lab.state.load(A)
     await mgr.reconcile()
     assert mgr.entry(A).owner == "external"
+
+
+async def test_a_load_that_succeeds_clears_the_last_error(lab, engine):
+    lab.state.faults.load_fail[A] = "transient"
+    mgr = await engine(lab.url)
+    with pytest.raises(ModelLoadFailed):
+        await mgr.acquire(A)
+    del lab.state.faults.load_fail[A]
+    mgr.clock.advance(5)                                     # past the backoff
+    (await mgr.acquire(A)).release()
+    assert mgr.get_memory_stats()["models"][A]["last_error"] is None
