@@ -270,6 +270,40 @@ async def test_a_model_known_to_fail_is_tried_when_more_is_free_but_evicts_nothi
     assert lab.state.load_calls[U] == 2 and lab.state.instances_of(S)   # ...S kept
 
 
+async def test_a_model_known_to_fail_that_loads_once_more_is_free_loses_its_bound(lab,
+                                                                                   engine):
+    await lab.state.load(B)                                  # loaded in LM Studio's GUI
+    mgr = await engine(lab.url)
+    (await mgr.acquire(A)).release()
+    with pytest.raises(ModelLoadFailed, match="more than the 10.0 GB"):
+        await mgr.acquire(U)                                 # A went for it; B is not ours
+    await lab.state.unload(B)                                # the human frees 6 GB
+    await mgr.reconcile()
+    mgr.clock.advance(120)
+    (await mgr.acquire(U)).release()                         # 16 GB free: it loads
+    assert mgr.entry(U).footprint_floor_bytes is None
+    assert mgr.get_memory_stats()["models"][U]["footprint_source"] != "refused"
+
+
+async def test_an_sdk_load_of_a_model_known_to_fail_drops_its_bound_for_good(lab, engine,
+                                                                             tmp_path):
+    path = tmp_path / "history.sqlite3"
+    await lab.state.load(B)                                  # loaded in LM Studio's GUI
+    mgr = await engine(lab.url, store=UsageStore(path))
+    (await mgr.acquire(A)).release()
+    with pytest.raises(ModelLoadFailed, match="more than the 10.0 GB"):
+        await mgr.acquire(U)
+    await lab.state.unload(B)
+    await mgr.reconcile()
+    mgr.clock.advance(120)
+    load = await mgr.admit_load(U, owner="sdk:1")            # a client's loadModel
+    load.loaded((await lab.state.load(U)).instance_id)
+    assert mgr.entry(U).footprint_floor_bytes is None
+    await mgr.cleanup()
+    again = await engine(lab.url, store=UsageStore(path))
+    assert again.entry(U).footprint_floor_bytes is None     # not brought back by a restart
+
+
 async def test_a_refusal_in_more_than_any_model_may_take_evicts_nothing(lab, engine):
     mgr = await engine(lab.url, memory={"max_memory_usage_percent": 80},   # 12.8 GB each
                        models={P: {"footprint_gb": 3}})
