@@ -10,11 +10,15 @@ TIMEOUT_S = 600.0   # a load may wait for evictions and a slow disk
 
 
 class ProxyClient:
-    """One proxy, one key: `Authorization: Bearer <key>` on every call when a key is given."""
+    """One proxy, one key: `Authorization: Bearer <key>` on every call when a key is given;
+    `headers` are sent as well."""
 
-    def __init__(self, url: str, api_key: str | None = None, timeout_s: float = TIMEOUT_S):
+    def __init__(self, url: str, api_key: str | None = None, timeout_s: float = TIMEOUT_S,
+                 headers: dict[str, str] | None = None):
         self.url = url.rstrip("/")
-        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.headers = dict(headers or {})
+        if api_key:
+            self.headers["Authorization"] = f"Bearer {api_key}"
         self.timeout = aiohttp.ClientTimeout(total=timeout_s)
 
     async def get(self, path: str, action: str, params: dict[str, str] | None = None) -> Any:

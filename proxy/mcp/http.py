@@ -12,7 +12,7 @@ from ..origins import WILDCARD_BINDS
 from ..server import intake
 from ..server.asgi import AIOHTTP_REQUEST, mount
 from ..server.auth import presented_secret
-from ..server.keys import CONFIG
+from ..server.keys import AUTH, CONFIG
 from .client import ProxyClient
 from .server import build_server
 
@@ -40,7 +40,9 @@ def http_app(path: str = PATH) -> tuple[Any, Callable[[], Any]]:
         scope = _HTTP_REQUEST.get().scope
         request = scope[AIOHTTP_REQUEST]
         listen = request.app[CONFIG].current.server.host
-        return ProxyClient(own_url(scope["server"], listen), presented_secret(request))
+        # Marked as the proxy's own call: the /mcp request it serves is the one counted.
+        return ProxyClient(own_url(scope["server"], listen), presented_secret(request),
+                           headers=request.app[AUTH].own_call_headers())
 
     server = build_server(client_for, middleware=[_remember_request])
     # The SDK's own Host/Origin lists would be a second rule, one that knows neither the

@@ -1,0 +1,48 @@
+"""The MCP server where agents get it wrong or things go slow: what a tool call counts, the
+errors an agent reads for a bad argument, a tool it does not have or a proxy that does not
+answer, and what an open event stream does to a shutdown."""
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from .test_auth import ADMIN, ALICE, bearer
+from .test_mcp import guarded  # noqa: F401 - the fixture
+
+ACCEPT = "application/json, text/event-stream"
+
+
+async def rpc(http, url: str, key: str, method: str, params: dict[str, Any]) -> dict[str, Any]:
+    """One JSON-RPC message to /mcp as plain HTTP (the server is stateless: no session)."""
+    message = {"jsonrpc": "2.0", "id": 1, "method": method, "params": params}
+    async with http.post(f"{url}/mcp", json=message,
+                         headers={**bearer(key), "Accept": ACCEPT}) as resp:
+        assert resp.status == 200, await resp.text()
+        return await resp.json()
+
+
+async def requests_of(http, url: str, name: str) -> int:
+    async with http.get(f"{url}/proxy/stats", headers=bearer(ADMIN)) as resp:
+        return (await resp.json())["auth"]["requests_by_key"].get(name, 0)
+
+
+@pytest.mark.parametrize("tool, args", [("list_models", {}), ("model_stats", {"model": "fast"}),
+                                        ("memory_stats", {})])
+async def test_a_tool_call_counts_once_for_its_key(guarded, http, tool, args):
+    """The tool's calls to the proxy's own API are part of the /mcp request, which is the one
+    counted in auth.requests_by_key (and proxy_requests_by_key_total)."""
+    before = await requests_of(http, guarded.url, "alice")
+    answer = await rpc(http, guarded.url, ALICE, "tools/call", {"name": tool, "arguments": args})
+    assert answer["result"]["isError"] is False, answer
+    assert await requests_of(http, guarded.url, "alice") == before + 1
+
+
+async def test_the_own_call_mark_needs_the_processes_secret(guarded, http):
+    """A client cannot keep its requests out of the counts by sending the header."""
+    before = await requests_of(http, guarded.url, "alice")
+    async with http.get(f"{guarded.url}/proxy/models",
+                        headers={**bearer(ALICE), "X-Proxy-Own-Call": "guess"}) as resp:
+        assert resp.status == 200
+    assert await requests_of(http, guarded.url, "alice") == before + 1
