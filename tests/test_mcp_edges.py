@@ -8,6 +8,11 @@ from typing import Any
 
 import pytest
 
+from proxy.app import create_app
+from proxy.mcp.http import mount_mcp
+from proxy.server.serving import serve
+
+from .conftest import proxy_config
 from .test_auth import ADMIN, ALICE, bearer
 from .test_mcp import guarded  # noqa: F401 - the fixture
 
@@ -46,3 +51,16 @@ async def test_the_own_call_mark_needs_the_processes_secret(guarded, http):
                         headers={**bearer(ALICE), "X-Proxy-Own-Call": "guess"}) as resp:
         assert resp.status == 200
     assert await requests_of(http, guarded.url, "alice") == before + 1
+
+
+async def test_an_open_event_stream_does_not_hold_the_shutdown(emulator, http):
+    """GET /mcp's event stream never ends by itself: a shutdown ends it at once, as it ends
+    /proxy/events, instead of waiting out its whole drain time for it."""
+    app = create_app(proxy_config(emulator.url))
+    mount_mcp(app)
+    served = await serve(app, shutdown_timeout_s=5.0)
+    async with http.get(f"{served.url}/mcp", headers={"Accept": "text/event-stream"}) as resp:
+        assert resp.status == 200
+        async with asyncio.timeout(2.5):   # half the drain time
+            await served.close()
+            assert await resp.content.read() == b""   # ended, not cut
