@@ -7,9 +7,12 @@ import asyncio
 from typing import Any
 
 import pytest
+from mcp import Client
 
 from proxy.app import create_app
+from proxy.mcp.client import ProxyClient
 from proxy.mcp.http import mount_mcp
+from proxy.mcp.server import build_server
 from proxy.server.serving import serve
 
 from .conftest import proxy_config
@@ -64,3 +67,26 @@ async def test_an_open_event_stream_does_not_hold_the_shutdown(emulator, http):
         async with asyncio.timeout(2.5):   # half the drain time
             await served.close()
             assert await resp.content.read() == b""   # ended, not cut
+
+
+async def test_a_proxy_that_never_answers_is_named_with_the_deadline():
+    """A connection taken but never answered: the tool error says which proxy and how long it
+    waited, not a bare 'Error executing tool'."""
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def silent(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    try:
+        async with Client(build_server(lambda: ProxyClient(url, None, timeout_s=0.5))) as client:
+            result = await client.call_tool("list_models", {})
+    finally:
+        for writer in accepted:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+    assert result.is_error
+    assert result.content[0].text.endswith(
+        f"cannot list models: the proxy at {url} did not answer within 0.5 s"), result.content

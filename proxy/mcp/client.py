@@ -19,6 +19,7 @@ class ProxyClient:
         self.headers = dict(headers or {})
         if api_key:
             self.headers["Authorization"] = f"Bearer {api_key}"
+        self.timeout_s = timeout_s
         self.timeout = aiohttp.ClientTimeout(total=timeout_s)
 
     async def get(self, path: str, action: str, params: dict[str, str] | None = None) -> Any:
@@ -39,6 +40,9 @@ class ProxyClient:
         except aiohttp.ClientError as exc:
             raise ToolError(f"cannot {action}: the proxy at {self.url} did not answer "
                             f"({exc.__class__.__name__}: {exc})") from None
+        except TimeoutError:   # aiohttp's total deadline: not a ClientError
+            raise ToolError(f"cannot {action}: the proxy at {self.url} did not answer within "
+                            f"{self.timeout_s:g} s") from None
         except ValueError:
             raise ToolError(f"cannot {action}: the proxy at {self.url} did not answer "
                             f"with JSON") from None
