@@ -90,3 +90,14 @@ async def test_a_proxy_that_never_answers_is_named_with_the_deadline():
     assert result.is_error
     assert result.content[0].text.endswith(
         f"cannot list models: the proxy at {url} did not answer within 0.5 s"), result.content
+
+
+async def test_a_task_too_long_is_named_as_such(guarded, http):
+    """A task is a word; a long one is refused by the tool's schema, not passed on as a query
+    string the proxy's own HTTP parser rejects as malformed HTTP."""
+    answer = await rpc(http, guarded.url, ALICE, "tools/call",
+                       {"name": "recommend_model", "arguments": {"task": "x" * 10_000}})
+    text = answer["result"]["content"][0]["text"]
+    assert answer["result"]["isError"] is True
+    assert "task" in text and "at most 256 characters" in text, text
+    assert "malformed" not in text

@@ -26,6 +26,9 @@ INSTRUCTIONS = (
 Model = Annotated[str, Field(description="A model key or alias as list_models shows it, "
                                          "e.g. 'qwen/qwen3-4b'.", min_length=1)]
 Unit = Annotated[float, Field(ge=0.0, le=1.0)]
+# A task is a word: bounded so that it fits the query string of the proxy's call (HTTP/1.1
+# lines are cut at 8 KiB, which would come back as a 400 about malformed HTTP).
+TASK_CHARS = 256
 READ = ToolAnnotations(read_only_hint=True, open_world_hint=False)
 CHANGE = ToolAnnotations(read_only_hint=False, destructive_hint=False, open_world_hint=False)
 
@@ -90,8 +93,8 @@ def build_server(client_for: Callable[[], ProxyClient],
     @server.tool(annotations=READ)
     async def recommend_model(
             task: Annotated[str, Field(description="What the model is for: chat, coding, "
-                                                   "reasoning, embedding, or a free word.")]
-            = "chat",
+                                                   "reasoning, embedding, or a free word.",
+                                       min_length=1, max_length=TASK_CHARS)] = "chat",
             complexity: Annotated[Unit, Field(description="0..1; higher favours larger, "
                                                           "more capable models.")] = 0.5,
             urgency: Annotated[Unit, Field(description="0..1; higher favours a model that is "
