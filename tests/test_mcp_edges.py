@@ -4,6 +4,8 @@ answer, and what an open event stream does to a shutdown."""
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 from typing import Any
 
 import pytest
@@ -17,7 +19,7 @@ from proxy.server.serving import serve
 
 from .conftest import proxy_config
 from .test_auth import ADMIN, ALICE, bearer
-from .test_mcp import guarded  # noqa: F401 - the fixture
+from .test_mcp import ROOT, guarded  # noqa: F401 - the fixture
 
 ACCEPT = "application/json, text/event-stream"
 
@@ -101,3 +103,27 @@ async def test_a_task_too_long_is_named_as_such(guarded, http):
     assert answer["result"]["isError"] is True
     assert "task" in text and "at most 256 characters" in text, text
     assert "malformed" not in text
+
+
+@pytest.mark.parametrize("url, said", [
+    ("127.0.0.1:8080", "is not an http(s) URL with a host: write http://127.0.0.1:8080"),
+    ("http://127.0.0.1:8080/v1", "ends in /v1: give the proxy's own address, without it, "
+                                 "http://127.0.0.1:8080"),
+    ("http://127.0.0.1:8080/mcp", "ends in /mcp"),
+])
+async def test_the_stdio_server_refuses_an_address_that_is_not_a_proxys(url, said):
+    """Started with such a --url it used to serve, and every tool then failed with a puzzle
+    ('did not answer (NonHttpUrlClientError)', 'Unknown route: GET /v1/proxy/models')."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PROXY_")}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "mcp", "--url", url, cwd=ROOT, env=env,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
+    try:
+        _, err = await asyncio.wait_for(proc.communicate(), 20)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 2
+    assert f"--url (PROXY_URL): '{url}' {said}" in err.decode(), err.decode()
