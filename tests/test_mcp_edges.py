@@ -127,3 +127,14 @@ async def test_the_stdio_server_refuses_an_address_that_is_not_a_proxys(url, sai
             await proc.wait()
     assert proc.returncode == 2
     assert f"--url (PROXY_URL): '{url}' {said}" in err.decode(), err.decode()
+
+
+async def test_an_unknown_tool_is_a_protocol_error(guarded, http):
+    """The specification's tools page: an unknown tool is a JSON-RPC error (-32602), which
+    names the tools there are; a tool that ran and failed is a result with isError."""
+    answer = await rpc(http, guarded.url, ALICE, "tools/call",
+                       {"name": "load_modle", "arguments": {"model": "x"}})
+    assert "result" not in answer, answer
+    assert answer["error"]["code"] == -32602
+    assert answer["error"]["message"].startswith("Unknown tool: 'load_modle'; the tools are "
+                                                 "list_models, load_model, "), answer

@@ -11,7 +11,8 @@ from typing import Annotated, Any, Callable
 
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ResourceError, ToolError
-from mcp_types import ToolAnnotations
+from mcp.shared.exceptions import MCPError
+from mcp_types import INVALID_PARAMS, ToolAnnotations
 from pydantic import Field
 
 from .client import ProxyClient
@@ -139,7 +140,24 @@ def build_server(client_for: Callable[[], ProxyClient],
     async def health_resource() -> str:
         return await _read(client_for(), "/proxy/health", "read the health report")
 
+    server.middleware.append(_unknown_tool_refused(server))
     return server
+
+
+def _unknown_tool_refused(server: MCPServer) -> Callable[[Any, Any], Any]:
+    """A call of a tool the server does not have is a protocol error (JSON-RPC -32602, as the
+    MCP specification's tools page has it), not a tool's failure: the SDK would answer it as a
+    tool result with isError."""
+    async def middleware(ctx: Any, call_next: Any) -> Any:
+        params = ctx.params if ctx.method == "tools/call" else None
+        name = params.get("name") if isinstance(params, dict) else None
+        if isinstance(name, str):
+            names = sorted(tool.name for tool in await server.list_tools())
+            if name not in names:
+                raise MCPError(INVALID_PARAMS, f"Unknown tool: {name[:100]!r}; the tools "
+                                               f"are {', '.join(names)}")
+        return await call_next(ctx)
+    return middleware
 
 
 async def _read(client: ProxyClient, path: str, action: str) -> str:
