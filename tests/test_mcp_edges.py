@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import sys
 from typing import Any
 
@@ -18,8 +19,8 @@ from proxy.mcp.server import build_server
 from proxy.server.serving import serve
 
 from .conftest import proxy_config
-from .test_auth import ADMIN, ALICE, bearer
-from .test_mcp import ROOT, guarded  # noqa: F401 - the fixture
+from .test_auth import ADMIN, ALICE, AUTH, MODEL, bearer
+from .test_mcp import ROOT, guarded, http_session  # noqa: F401 - the fixture
 
 ACCEPT = "application/json, text/event-stream"
 
@@ -138,3 +139,34 @@ async def test_an_unknown_tool_is_a_protocol_error(guarded, http):
     assert answer["error"]["code"] == -32602
     assert answer["error"]["message"].startswith("Unknown tool: 'load_modle'; the tools are "
                                                  "list_models, load_model, "), answer
+
+
+async def test_a_refusal_says_when_to_ask_again(emulator, http):
+    """What HTTP says in Retry-After and x-should-retry reaches the agent in the tool error:
+    a member of an exclusive group waits for another one's load, past the queue's deadline:
+    ask again later; one held by a pinned member: asking again gets the same answer."""
+    other = "google/gemma-3-12b"
+    app = create_app(proxy_config(emulator.url, **AUTH, **{
+        "eviction.queue_timeout_s": 0.5,
+        "groups": [{"name": "big", "members": [MODEL, other], "policy": "exclusive"}]}))
+    mount_mcp(app)
+    served = await serve(app)
+    gate = emulator.state.faults.load_gate[MODEL] = asyncio.Event()
+    try:
+        async with http_session(served.url, ADMIN) as session:
+            loading = asyncio.create_task(session.call_tool("load_model", {"model": MODEL}))
+            await emulator.state.wait_for(lambda: emulator.state.loading[MODEL] > 0)
+            later = await session.call_tool("load_model", {"model": other})
+            gate.set()
+            await loading   # past the queue's deadline too (504), its load goes on
+            await emulator.state.wait_for(lambda: bool(emulator.state.instances_of(MODEL)))
+            assert not (await session.call_tool("pin_model", {"model": MODEL})).is_error
+            never = await session.call_tool("load_model", {"model": other})
+    finally:
+        gate.set()
+        await served.close()
+    assert later.is_error and never.is_error
+    assert re.search(r"group_busy: .*\(ask again in \d+ s\)$", later.content[0].text), \
+        later.content
+    assert re.search(r"group_busy: .*\(asking again gets the same answer\)$",
+                     never.content[0].text), never.content

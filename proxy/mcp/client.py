@@ -1,7 +1,7 @@
 """The HTTP calls behind the MCP tools, and the proxy's refusals turned into tool errors."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import aiohttp
 from mcp.server.mcpserver.exceptions import ToolError
@@ -35,7 +35,8 @@ class ProxyClient:
                                            **kwargs) as resp:
                     data = await resp.json(content_type=None)
                     if resp.status >= 400:
-                        raise ToolError(refusal(action, resp.status, data))
+                        raise ToolError(refusal(action, resp.status, data) +
+                                        retry_advice(resp.headers))
                     return data
         except aiohttp.ClientError as exc:
             raise ToolError(f"cannot {action}: the proxy at {self.url} did not answer "
@@ -61,3 +62,11 @@ def refusal(action: str, status: int, data: Any) -> str:
     if status == 403:
         return f"not allowed to {action} ({code or 'forbidden'}): {message}"
     return f"cannot {action}: HTTP {status}" + (f" {code}" if code else "") + f": {message}"
+
+
+def retry_advice(headers: Mapping[str, str]) -> str:
+    """What HTTP says in headers (Retry-After, x-should-retry), said to the agent in words."""
+    if headers.get("x-should-retry") == "false":
+        return " (asking again gets the same answer)"
+    seconds = headers.get("Retry-After", "")
+    return f" (ask again in {seconds} s)" if seconds.isdigit() else ""
