@@ -14,8 +14,9 @@ class ProxyClient:
     `headers` are sent as well."""
 
     def __init__(self, url: str, api_key: str | None = None, timeout_s: float = TIMEOUT_S,
-                 headers: dict[str, str] | None = None):
+                 headers: dict[str, str] | None = None, key_hint: str = ""):
         self.url = url.rstrip("/")
+        self.key_hint = key_hint   # where this server's key comes from, said on a 401
         self.headers = dict(headers or {})
         if api_key:
             self.headers["Authorization"] = f"Bearer {api_key}"
@@ -35,7 +36,8 @@ class ProxyClient:
                                            **kwargs) as resp:
                     data = await resp.json(content_type=None)
                     if resp.status >= 400:
-                        raise ToolError(refusal(action, resp.status, data) +
+                        hint = self.key_hint if resp.status == 401 else ""
+                        raise ToolError(refusal(action, resp.status, data) + hint +
                                         retry_advice(resp.headers))
                     return data
         except aiohttp.ClientError as exc:

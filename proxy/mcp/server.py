@@ -41,7 +41,12 @@ def build_server(client_for: Callable[[], ProxyClient],
     server = MCPServer("lmstudio-memory-proxy", instructions=INSTRUCTIONS,
                        middleware=middleware)
 
-    @server.tool(annotations=READ)
+    def tool(annotations: ToolAnnotations) -> Callable[[Any], Any]:
+        # The docstring as one paragraph: its source indentation would reach the model as is.
+        return lambda fn: server.tool(annotations=annotations,
+                                      description=" ".join(fn.__doc__.split()))(fn)
+
+    @tool(READ)
     async def list_models() -> dict[str, Any]:
         """List every model the proxy knows (to a key limited to models: those), with its
         state (loaded, loading, unloaded...), memory footprint (footprint_mb), owner,
@@ -50,7 +55,7 @@ def build_server(client_for: Callable[[], ProxyClient],
         the other tools."""
         return await client_for().get("/proxy/models", "list models")
 
-    @server.tool(annotations=CHANGE)
+    @tool(CHANGE)
     async def load_model(model: Model,
                          priority: Annotated[int | None, Field(
                              ge=1, le=10, description="Eviction priority 1..10; higher is "
@@ -63,35 +68,35 @@ def build_server(client_for: Callable[[], ProxyClient],
             body["priority"] = priority
         return await client_for().post("/proxy/models/load", "load a model", body)
 
-    @server.tool(annotations=CHANGE)
+    @tool(CHANGE)
     async def unload_model(model: Model) -> dict[str, Any]:
         """Unload a model to free its memory. Returns whether it was unloaded and its state
         afterwards. Needs the admin token."""
         return await client_for().post("/proxy/models/unload", "unload a model",
                                           {"model": model})
 
-    @server.tool(annotations=CHANGE)
+    @tool(CHANGE)
     async def pin_model(model: Model) -> dict[str, Any]:
         """Pin a model: it is never chosen for eviction, until unpinned or the proxy restarts.
         Needs the admin token."""
         return await client_for().post("/proxy/models/pin", "pin a model",
                                  {"model": model, "pinned": True})
 
-    @server.tool(annotations=CHANGE)
+    @tool(CHANGE)
     async def unpin_model(model: Model) -> dict[str, Any]:
         """Unpin a model so that it may be evicted again when memory is needed. Needs the
         admin token."""
         return await client_for().post("/proxy/models/pin", "unpin a model",
                                  {"model": model, "pinned": False})
 
-    @server.tool(annotations=READ)
+    @tool(READ)
     async def memory_stats() -> dict[str, Any]:
         """The proxy's memory and load report: system memory (total, available, used percent),
         memory pressure, eviction policy, queue length, the upstream's health, and per-model
         request statistics."""
         return await client_for().get("/proxy/stats", "read memory stats")
 
-    @server.tool(annotations=READ)
+    @tool(READ)
     async def recommend_model(
             task: Annotated[str, Field(description="What the model is for: chat, coding, "
                                                    "reasoning, embedding, or a free word.",
@@ -108,13 +113,13 @@ def build_server(client_for: Callable[[], ProxyClient],
                                 {"task_type": task, "complexity": str(complexity),
                                  "urgency": str(urgency)})
 
-    @server.tool(annotations=CHANGE)
+    @tool(CHANGE)
     async def optimize_memory() -> dict[str, Any]:
         """Free memory now by unloading what the eviction policy would give up first, until
         memory pressure is normal. Returns what was unloaded. Needs the admin token."""
         return await client_for().post("/proxy/optimize", "optimize memory")
 
-    @server.tool(annotations=READ)
+    @tool(READ)
     async def model_stats(model: Model) -> dict[str, Any]:
         """One model's row (state, footprint, owner, pin, requests in flight) and its request
         statistics (counts, success rate, latencies)."""
@@ -168,7 +173,8 @@ async def _read(client: ProxyClient, path: str, action: str) -> str:
 
 
 def run_stdio(url: str, api_key: str | None) -> int:
-    client = ProxyClient(url, api_key)
+    client = ProxyClient(url, api_key, key_hint=" (this MCP server sends the key given "
+                                                "by --api-key or PROXY_API_KEY)")
     build_server(lambda: client).run("stdio")
     return 0
 
