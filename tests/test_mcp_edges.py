@@ -4,6 +4,7 @@ answer, and what an open event stream does to a shutdown."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 import sys
@@ -170,3 +171,11 @@ async def test_a_refusal_says_when_to_ask_again(emulator, http):
         later.content
     assert re.search(r"group_busy: .*\(asking again gets the same answer\)$",
                      never.content[0].text), never.content
+
+
+async def test_a_request_logs_no_session_that_never_was(guarded, http, caplog):
+    """The server is stateless: the SDK's 'Terminating session: None' after every /mcp request
+    is not logged."""
+    with caplog.at_level(logging.INFO):
+        await rpc(http, guarded.url, ALICE, "tools/call", {"name": "list_models", "arguments": {}})
+    assert not [r for r in caplog.records if "Terminating session" in r.getMessage()]

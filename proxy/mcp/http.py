@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ipaddress
+import logging
 from contextvars import ContextVar
 from typing import Any, Callable
 
@@ -24,6 +25,9 @@ def mount_mcp(app: web.Application, path: str = PATH) -> None:
     the rule every route has (origins.py, `server.allowed_hosts` / `allowed_origins`)."""
     asgi, lifespan = http_app(path)
     mount(app, path, asgi, lifespan, read_body=_read_body)
+    # Stateless, the transport ends a "session" of id None after every request and says so at
+    # INFO: a line per /mcp request about a session that never was. Its warnings still show.
+    logging.getLogger("mcp.server.streamable_http").setLevel(logging.WARNING)
 
 
 async def _read_body(request: web.Request) -> bytes:
