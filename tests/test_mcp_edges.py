@@ -4,12 +4,14 @@ answer, and what an open event stream does to a shutdown."""
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import os
 import re
 import sys
 from typing import Any
 
+import orjson
 import pytest
 from mcp import Client
 
@@ -29,8 +31,8 @@ ACCEPT = "application/json, text/event-stream"
 async def rpc(http, url: str, key: str, method: str, params: dict[str, Any]) -> dict[str, Any]:
     """One JSON-RPC message to /mcp as plain HTTP (the server is stateless: no session)."""
     message = {"jsonrpc": "2.0", "id": 1, "method": method, "params": params}
-    async with http.post(f"{url}/mcp", json=message,
-                         headers={**bearer(key), "Accept": ACCEPT}) as resp:
+    async with http.post(f"{url}/mcp", data=io.BytesIO(orjson.dumps(message)), headers={
+            **bearer(key), "Accept": ACCEPT, "Content-Type": "application/json"}) as resp:
         assert resp.status == 200, await resp.text()
         return await resp.json()
 
@@ -179,3 +181,12 @@ async def test_a_request_logs_no_session_that_never_was(guarded, http, caplog):
     with caplog.at_level(logging.INFO):
         await rpc(http, guarded.url, ALICE, "tools/call", {"name": "list_models", "arguments": {}})
     assert not [r for r in caplog.records if "Terminating session" in r.getMessage()]
+
+
+async def test_the_body_limit_is_the_proxys_alone(guarded, http):
+    """A 5 MiB call is within server.max_body_bytes (32 MiB): it reaches the tool, and is not
+    stopped by the SDK's own 4 MiB limit with a plain-text 413."""
+    answer = await rpc(http, guarded.url, ADMIN, "tools/call",
+                       {"name": "model_stats", "arguments": {"model": "x" * (5 << 20)}})
+    assert answer["result"]["isError"] is True
+    assert "unknown model 'xxxx" in answer["result"]["content"][0]["text"]

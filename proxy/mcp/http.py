@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import sys
 from contextvars import ContextVar
 from typing import Any, Callable
 
@@ -53,8 +54,11 @@ def http_app(path: str = PATH) -> tuple[Any, Callable[[], Any]]:
     # proxy's allowed names nor its bind address: the proxy's middleware has already applied
     # its own by the time a request gets here. (The SDK still requires a JSON POST.)
     unchecked = TransportSecuritySettings(enable_dns_rebinding_protection=False)
+    # Likewise the size: the proxy's intake has applied server.max_body_bytes (declared and
+    # decoded, with its own 413); the SDK's 4 MiB limit would be a second, lower one.
     app = server.streamable_http_app(streamable_http_path=path, stateless_http=True,
-                                     json_response=True, transport_security=unchecked)
+                                     json_response=True, transport_security=unchecked,
+                                     max_request_body_size=sys.maxsize)
     return app, server.session_manager.run
 
 
