@@ -189,4 +189,6 @@ async def test_the_body_limit_is_the_proxys_alone(guarded, http):
     answer = await rpc(http, guarded.url, ADMIN, "tools/call",
                        {"name": "model_stats", "arguments": {"model": "x" * (5 << 20)}})
     assert answer["result"]["isError"] is True
-    assert "unknown model 'xxxx" in answer["result"]["content"][0]["text"]
+    text = answer["result"]["content"][0]["text"]
+    assert "unknown model 'xxxx" in text
+    assert len(text) < 1000, "the name sent is clipped in the error, not echoed whole"

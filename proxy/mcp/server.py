@@ -15,6 +15,7 @@ from mcp.shared.exceptions import MCPError
 from mcp_types import INVALID_PARAMS, ToolAnnotations
 from pydantic import Field
 
+from ..errors import clip
 from .client import ProxyClient
 
 INSTRUCTIONS = (
@@ -128,7 +129,7 @@ def build_server(client_for: Callable[[], ProxyClient],
                    None)
         if row is None:
             known = ", ".join(r["model"] for r in models["data"]) or "none"
-            raise ToolError(f"unknown model {model!r}; list_models shows: {known}")
+            raise ToolError(f"unknown model '{clip(model)}'; list_models shows: {known}")
         stats = await client_for().get("/proxy/stats", "read model stats")
         return {"model": row["model"], "row": row,
                 "stats": stats.get("models", {}).get(row["model"], {})}
