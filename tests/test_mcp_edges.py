@@ -192,3 +192,22 @@ async def test_the_body_limit_is_the_proxys_alone(guarded, http):
     text = answer["result"]["content"][0]["text"]
     assert "unknown model 'xxxx" in text
     assert len(text) < 1000, "the name sent is clipped in the error, not echoed whole"
+
+
+async def test_mcp_needs_a_client_key_even_where_reading_is_open(emulator, http):
+    """docs/mcp.md: /mcp is a client route; auth.read_only_access: open opens GET /proxy/*,
+    not /mcp."""
+    app = create_app(proxy_config(emulator.url, **AUTH, **{"auth.read_only_access": "open"}))
+    mount_mcp(app)
+    served = await serve(app)
+    message = {"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+               "params": {"name": "list_models", "arguments": {}}}
+    try:
+        async with http.post(f"{served.url}/mcp", json=message,
+                             headers={"Accept": ACCEPT}) as resp:
+            assert resp.status == 401
+            assert (await resp.json())["error"]["code"] == "invalid_api_key"
+        answer = await rpc(http, served.url, ALICE, "tools/call", message["params"])
+        assert answer["result"]["isError"] is False
+    finally:
+        await served.close()
