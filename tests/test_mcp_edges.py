@@ -23,6 +23,7 @@ from proxy.server.serving import serve
 
 from .conftest import proxy_config
 from .test_auth import ADMIN, ALICE, AUTH, MODEL, bearer
+from .test_hostile import raw_request
 from .test_mcp import ROOT, guarded, http_session  # noqa: F401 - the fixture
 
 ACCEPT = "application/json, text/event-stream"
@@ -59,7 +60,11 @@ async def test_the_own_call_mark_needs_the_processes_secret(guarded, http):
     async with http.get(f"{guarded.url}/proxy/models",
                         headers={**bearer(ALICE), "X-Proxy-Own-Call": "guess"}) as resp:
         assert resp.status == 200
-    assert await requests_of(http, guarded.url, "alice") == before + 1
+    status, _ = await raw_request(guarded.url, b"GET /proxy/models HTTP/1.1\r\nHost: "
+                                  b"127.0.0.1\r\nAuthorization: Bearer " + ALICE.encode() +
+                                  b"\r\nX-Proxy-Own-Call: \xff\xfe\r\n\r\n")
+    assert status.startswith(b"HTTP/1.1 200"), status   # not UTF-8: no mark, and no 500
+    assert await requests_of(http, guarded.url, "alice") == before + 2
 
 
 async def test_an_open_event_stream_does_not_hold_the_shutdown(emulator, http):

@@ -192,7 +192,7 @@ class AuthState:
 
     def is_own_call(self, request: web.BaseRequest) -> bool:
         sent = request.headers.get(OWN_CALL_HEADER)
-        return sent is not None and hmac.compare_digest(sent.encode(),
+        return sent is not None and hmac.compare_digest(sent.encode("utf-8", "replace"),
                                                         self.own_call_secret.encode())
 
     @property
