@@ -216,3 +216,18 @@ async def test_mcp_needs_a_client_key_even_where_reading_is_open(emulator, http)
         assert answer["result"]["isError"] is False
     finally:
         await served.close()
+
+
+@pytest.mark.parametrize("args, said", [
+    ({"model": 5, "priority": 11}, "model: Input should be a valid string (got 5); priority: "
+                                   "Input should be less than or equal to 10 (got 11)"),
+    ({}, "model: Field required"),
+])
+async def test_arguments_that_do_not_fit_are_named_plainly(guarded, http, args, said):
+    """A tool error the model can act on: each field and what it must be, without pydantic's
+    internal model name and documentation links."""
+    answer = await rpc(http, guarded.url, ADMIN, "tools/call",
+                       {"name": "load_model", "arguments": args})
+    assert answer["result"]["isError"] is True
+    assert answer["result"]["content"][0]["text"] == \
+        f"Error executing tool load_model: invalid arguments: {said}"

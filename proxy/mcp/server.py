@@ -7,6 +7,7 @@ token, as on HTTP. A refusal comes back as a tool error that names the cause.
 from __future__ import annotations
 
 import json
+import re
 from typing import Annotated, Any, Callable
 
 from mcp.server.mcpserver import MCPServer
@@ -147,6 +148,7 @@ def build_server(client_for: Callable[[], ProxyClient],
         return await _read(client_for(), "/proxy/health", "read the health report")
 
     server.middleware.append(_unknown_tool_refused(server))
+    server.middleware.append(_argument_errors_plain)
     return server
 
 
@@ -164,6 +166,38 @@ def _unknown_tool_refused(server: MCPServer) -> Callable[[Any, Any], Any]:
                                                f"are {', '.join(names)}")
         return await call_next(ctx)
     return middleware
+
+
+_VALIDATION = re.compile(r"(Error executing tool \S+: )\d+ validation errors? for \S+\n(.*)",
+                         re.S)
+_DETAIL = re.compile(r" \[type=(\w+), input_value=(.*), input_type=\w+\]$")
+
+
+async def _argument_errors_plain(ctx: Any, call_next: Any) -> Any:
+    """Arguments that do not fit a tool's schema, said as 'field: what it must be (got x)':
+    the SDK passes pydantic's report on as is, with the name of an internal model and a link to
+    pydantic's documentation after every field, for the model to read."""
+    result = await call_next(ctx)
+    if ctx.method != "tools/call" or not isinstance(result, dict) or not result.get("isError"):
+        return result
+    for item in result.get("content") or ():
+        found = _VALIDATION.match(item.get("text") or "") if isinstance(item, dict) else None
+        if found is not None:
+            item["text"] = found.group(1) + "invalid arguments: " + _fields(found.group(2))
+    return result
+
+
+def _fields(report: str) -> str:
+    said, field = [], ""
+    for line in report.splitlines():
+        if not line.startswith(" "):
+            field = line
+        elif not line.startswith("    "):   # the deeper lines are the links
+            detail = _DETAIL.search(line)
+            what = line[:detail.start()].strip() if detail else line.strip()
+            got = f" (got {detail.group(2)})" if detail and detail.group(1) != "missing" else ""
+            said.append(f"{field}: {what}{got}")
+    return "; ".join(said)
 
 
 async def _read(client: ProxyClient, path: str, action: str) -> str:
