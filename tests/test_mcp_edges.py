@@ -231,3 +231,17 @@ async def test_arguments_that_do_not_fit_are_named_plainly(guarded, http, args, 
     assert answer["result"]["isError"] is True
     assert answer["result"]["content"][0]["text"] == \
         f"Error executing tool load_model: invalid arguments: {said}"
+
+
+async def test_a_server_that_is_not_the_proxy_is_named(emulator):
+    """LM Studio's own port given for the proxy's: it answers every unknown route 200
+    {"error": ...}, which must not pass for a loaded model or a model list."""
+    server = build_server(lambda: ProxyClient(emulator.url, None))
+    async with Client(server) as client:
+        for tool, args in (("load_model", {"model": MODEL}), ("list_models", {}),
+                           ("model_stats", {"model": MODEL})):
+            result = await client.call_tool(tool, args)
+            assert result.is_error, (tool, result.content)
+            assert f"the server at {emulator.url} is not the proxy: it answered" in \
+                result.content[0].text, (tool, result.content)
+    assert not emulator.state.instances_of(MODEL)

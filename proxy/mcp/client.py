@@ -6,6 +6,8 @@ from typing import Any, Mapping
 import aiohttp
 from mcp.server.mcpserver.exceptions import ToolError
 
+from ..errors import clip
+
 TIMEOUT_S = 600.0   # a load may wait for evictions and a slow disk
 
 
@@ -39,6 +41,13 @@ class ProxyClient:
                         hint = self.key_hint if resp.status == 401 else ""
                         raise ToolError(refusal(action, resp.status, data) + hint +
                                         retry_advice(resp.headers))
+                    if not isinstance(data, dict) or "error" in data:
+                        # LM Studio answers an unknown route 200 {"error": ...}: a "success"
+                        # an agent would believe (its model loaded)
+                        raise ToolError(f"cannot {action}: the server at {self.url} is not "
+                                        f"the proxy: it answered {method} {path} with "
+                                        f"{clip(str(data))}; is that LM Studio's or another "
+                                        f"server's address rather than the proxy's?")
                     return data
         except aiohttp.ClientError as exc:
             raise ToolError(f"cannot {action}: the proxy at {self.url} did not answer "
