@@ -19,7 +19,7 @@ from .configfile import BlankConfigFile, read_config_file
 from .configload import load_config, replace_config
 from .configsource import (DEMO_FLAVORS, config_path, resolve_config, resolve_with_warnings,
                            with_environment)
-from .urls import redact_url
+from .urls import proxy_url_problem, redact_url
 from .demo import demo_banner, start_demo_emulator
 from .errors import ConfigError
 
@@ -196,6 +196,9 @@ def _mcp(argv: list[str], environ: Mapping[str, str]) -> int:
                    help="sent as 'Authorization: Bearer': a client key to read, the admin "
                         "token to load, unload, pin and optimize (PROXY_API_KEY)")
     args = p.parse_args(argv)
+    problem = proxy_url_problem(args.url)
+    if problem is not None:   # else every tool call would fail, each with a puzzle of its own
+        p.error(f"--url (PROXY_URL): {problem}")
     try:
         from .mcp.server import run_stdio
     except ImportError:

@@ -101,3 +101,23 @@ def upstream_url_problem(url: str, kind: str) -> str | None:
                     f"{_EXAMPLE_PATHS[suffix]} and the like of the server): give the "
                     f"server's address without it, {root}")
     return None
+
+
+# What a proxy's own address may not end in: the tools add /proxy/... themselves, and /v1 and
+# /mcp are its other doors (pasted from a client's or an MCP host's configuration).
+_PROXY_SUFFIXES = ("/proxy", "/mcp", "/v1")
+
+
+def proxy_url_problem(url: str) -> str | None:
+    """Why `url` cannot be a running proxy's address for its API's clients (None: it can)."""
+    problem = upstream_url_problem(url, "openai")
+    if problem is not None and " ends in " not in problem:
+        return problem
+    parts = urlsplit(url)
+    path = parts.path.rstrip("/")
+    for suffix in _PROXY_SUFFIXES:
+        if path.lower().endswith(suffix):
+            root = redact_url(urlunsplit(parts._replace(path=path[:-len(suffix)])))
+            return (f"'{redact_url(url)}' ends in {suffix}: give the proxy's own address, "
+                    f"without it, {root}")
+    return None

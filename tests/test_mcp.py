@@ -103,6 +103,7 @@ async def test_tools_have_schemas_and_descriptions(guarded, mcp_client):
     assert set(tools) == TOOLS
     for tool in tools.values():
         assert tool.description and len(tool.description) > 40, tool.name
+        assert "\n" not in tool.description and "  " not in tool.description, tool.name
         assert tool.input_schema["type"] == "object"
     for name in ("load_model", "unload_model", "pin_model", "unpin_model", "model_stats"):
         assert tools[name].input_schema["required"] == ["model"], name
@@ -193,6 +194,8 @@ async def test_a_missing_or_wrong_key_is_named(guarded):
     async with stdio_session(guarded.url, None) as session:
         text = await refused(session, "load_model", {"model": MODEL})
         assert "Missing API key" in text, text
+        assert text.endswith("(this MCP server sends the key given by --api-key or "
+                             "PROXY_API_KEY)"), text
 
 
 async def test_a_proxy_that_does_not_answer_is_named(unused_tcp_port):

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import ipaddress
+import logging
+import sys
 from contextvars import ContextVar
 from typing import Any, Callable
 
@@ -12,7 +14,7 @@ from ..origins import WILDCARD_BINDS
 from ..server import intake
 from ..server.asgi import AIOHTTP_REQUEST, mount
 from ..server.auth import presented_secret
-from ..server.keys import CONFIG
+from ..server.keys import AUTH, CONFIG
 from .client import ProxyClient
 from .server import build_server
 
@@ -24,6 +26,9 @@ def mount_mcp(app: web.Application, path: str = PATH) -> None:
     the rule every route has (origins.py, `server.allowed_hosts` / `allowed_origins`)."""
     asgi, lifespan = http_app(path)
     mount(app, path, asgi, lifespan, read_body=_read_body)
+    # Stateless, the transport ends a "session" of id None after every request and says so at
+    # INFO: a line per /mcp request about a session that never was. Its warnings still show.
+    logging.getLogger("mcp.server.streamable_http").setLevel(logging.WARNING)
 
 
 async def _read_body(request: web.Request) -> bytes:
@@ -40,15 +45,20 @@ def http_app(path: str = PATH) -> tuple[Any, Callable[[], Any]]:
         scope = _HTTP_REQUEST.get().scope
         request = scope[AIOHTTP_REQUEST]
         listen = request.app[CONFIG].current.server.host
-        return ProxyClient(own_url(scope["server"], listen), presented_secret(request))
+        # Marked as the proxy's own call: the /mcp request it serves is the one counted.
+        return ProxyClient(own_url(scope["server"], listen), presented_secret(request),
+                           headers=request.app[AUTH].own_call_headers())
 
     server = build_server(client_for, middleware=[_remember_request])
     # The SDK's own Host/Origin lists would be a second rule, one that knows neither the
     # proxy's allowed names nor its bind address: the proxy's middleware has already applied
     # its own by the time a request gets here. (The SDK still requires a JSON POST.)
     unchecked = TransportSecuritySettings(enable_dns_rebinding_protection=False)
+    # Likewise the size: the proxy's intake has applied server.max_body_bytes (declared and
+    # decoded, with its own 413); the SDK's 4 MiB limit would be a second, lower one.
     app = server.streamable_http_app(streamable_http_path=path, stateless_http=True,
-                                     json_response=True, transport_security=unchecked)
+                                     json_response=True, transport_security=unchecked,
+                                     max_request_body_size=sys.maxsize)
     return app, server.session_manager.run
 
 

@@ -21,11 +21,20 @@ def mount(app: web.Application, path: str, asgi: Asgi,
     in a task of its own (an anyio task group must be left by the task that entered it).
     `read_body` takes the request's body in (deadline, limits, decoding); by default it is read
     as sent. A decoded body reaches the app without Content-Encoding, with its own length."""
+    streams: set[asyncio.Event] = set()
+
     async def handler(request: web.Request) -> web.StreamResponse:
         body = await (read_body or _as_sent)(request)
-        return await _serve(asgi, request, body)
+        return await _serve(asgi, request, body, streams)
+
+    async def end_streams(_app: web.Application) -> None:
+        # An event stream (GET /mcp) never ends by itself: told that its client left, it ends
+        # before the shutdown waits for requests to finish, as /proxy/events does.
+        for disconnect in list(streams):
+            disconnect.set()
 
     app.router.add_route("*", path, handler)
+    app.on_shutdown.append(end_streams)
     if lifespan is not None:
         app.cleanup_ctx.append(_held(lifespan))
 
@@ -64,7 +73,8 @@ def _headers(request: web.Request, body: bytes) -> list[tuple[bytes, bytes]]:
     return out
 
 
-async def _serve(asgi: Asgi, request: web.Request, body: bytes) -> web.StreamResponse:
+async def _serve(asgi: Asgi, request: web.Request, body: bytes,
+                 streams: set[asyncio.Event]) -> web.StreamResponse:
     sock = request.transport.get_extra_info("sockname") if request.transport else None
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
              "method": request.method, "scheme": request.scheme, "path": request.path,
@@ -95,6 +105,7 @@ async def _serve(asgi: Asgi, request: web.Request, body: bytes) -> web.StreamRes
                 # A stream (GET /mcp's events): its headers go now, not with its first event.
                 # A sized answer waits for its body, to go out in one write.
                 await response.prepare(request)
+                streams.add(finished)
         elif message["type"] == "http.response.body":
             assert response is not None, "body before start"
             if not response.prepared:
@@ -109,6 +120,7 @@ async def _serve(asgi: Asgi, request: web.Request, body: bytes) -> web.StreamRes
         await asgi(scope, receive, send)
     finally:
         finished.set()
+        streams.discard(finished)
     if response is None:
         raise web.HTTPInternalServerError(text="the mounted application sent no response")
     if not response.prepared:

@@ -15,6 +15,7 @@ upstream, accepted or not (the upstream sees `upstream.api_token`, or nothing).
 from __future__ import annotations
 
 import hmac
+import secrets
 from dataclasses import dataclass, replace
 from typing import Iterable, Mapping
 
@@ -33,6 +34,9 @@ from ..origins import is_loopback
 CREDENTIAL_HEADERS = frozenset({"authorization", "x-api-key"})
 PROBES = frozenset({"/healthz", "/readyz"})
 ADMIN_NAME = "admin"   # the admin token's label in counts; no client key may take it
+# Marks the proxy's calls to itself on behalf of a request already counted (an MCP tool's call
+# to /proxy/*), with a secret only this process knows: the key is checked as for any call.
+OWN_CALL_HEADER = "X-Proxy-Own-Call"
 
 
 @dataclass(frozen=True)
@@ -180,6 +184,16 @@ class AuthState:
     def __init__(self, live: LiveConfig) -> None:
         self.counters = AuthCounters()
         self._ring = live.derive(lambda c: KeyRing(c.auth, c.alias_map()))
+        self.own_call_secret = secrets.token_hex(16)
+
+    def own_call_headers(self) -> dict[str, str]:
+        """What a call this process makes to itself for a counted request carries."""
+        return {OWN_CALL_HEADER: self.own_call_secret}
+
+    def is_own_call(self, request: web.BaseRequest) -> bool:
+        sent = request.headers.get(OWN_CALL_HEADER)
+        return sent is not None and hmac.compare_digest(sent.encode("utf-8", "replace"),
+                                                        self.own_call_secret.encode())
 
     @property
     def ring(self) -> KeyRing:
@@ -245,7 +259,8 @@ def authenticate(state: AuthState, request: web.Request) -> None:
                             if ring.admin is not None else
                             "Admin actions are disabled: no auth.admin_token is configured.")
     request[CLIENT_KEY] = key
-    counters.requests_by_key[key.name] = counters.requests_by_key.get(key.name, 0) + 1
+    if not state.is_own_call(request):   # the request it serves was counted already
+        counters.requests_by_key[key.name] = counters.requests_by_key.get(key.name, 0) + 1
 
 
 def _native_header(state: AuthState, request: web.Request) -> None:
