@@ -197,6 +197,17 @@ async def test_an_sdk_load_teaches_its_load_time(lab, engine):
     assert (mgr.entry(A).load_time_s, mgr.entry(A).load_count) == (3.0, 1)
 
 
+async def test_an_sdk_loads_load_time_survives_a_restart(lab, engine, tmp_path):
+    path = tmp_path / "history.sqlite3"
+    mgr = await engine(lab.url, store=UsageStore(path))
+    load = await mgr.admit_load(A, owner="sdk:1")
+    mgr.clock.advance(3)
+    load.loaded((await lab.state.load(A)).instance_id)
+    await mgr.cleanup()
+    again = await engine(lab.url, store=UsageStore(path))
+    assert (again.entry(A).load_time_s, again.entry(A).load_count) == (3.0, 1)
+
+
 # -- memory is sampled at once after a failed load ---------------------------------------------
 async def test_memory_is_sampled_right_after_a_failed_load(lab, engine):
     lab.state.faults.load_fail[B] = "GGUF file is corrupt"

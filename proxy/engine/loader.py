@@ -110,6 +110,7 @@ class Loader(Part):
         e.loaded_at_s = e.last_used_at_s = now
         e.load_failures, e.last_error = 0, None
         e.learn_load_time(duration_s)
+        self.accounting.footprint_changed(e)    # its load time is kept with the footprint
         self._fitted(e)
         self.ctx.swap(e, S.LOADING, S.LOADED)
         e.owner = owner
