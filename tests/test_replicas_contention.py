@@ -82,6 +82,17 @@ async def _close(*cores: EngineCore) -> None:
         await core.ctx.shared.replica.close()
 
 
+async def _contend(one: EngineCore, two: EngineCore, backend: GatedBackend
+                   ) -> tuple[asyncio.Future, asyncio.Future]:
+    """A's load under way on the first replica, holding its room; then B asked of the second,
+    which waits for that room."""
+    first = asyncio.ensure_future(one.acquire(A))
+    await backend.started.setdefault(A, asyncio.Event()).wait()
+    second = asyncio.ensure_future(two.acquire(B))
+    await until(_room_taken(two, B))
+    return first, second
+
+
 def _room_taken(core: EngineCore, key: str):
     """Its load waits for room other replicas' loads hold: unadmitted, or admitted and
     refused its reservation."""
@@ -101,10 +112,7 @@ async def test_a_load_refused_room_by_another_replicas_load_waits_and_then_evict
     backend.gates[A] = asyncio.Event()
     one, two = await _pair(backend, stale)
     try:
-        first = asyncio.ensure_future(one.acquire(A))
-        await backend.started.setdefault(A, asyncio.Event()).wait()   # A's load holds its room
-        second = asyncio.ensure_future(two.acquire(B))
-        await until(_room_taken(two, B))
+        first, second = await _contend(one, two, backend)
         backend.gates[A].set()
         (await asyncio.wait_for(first, 10)).release()      # A served, then idle
         (await asyncio.wait_for(second, 10)).release()
@@ -119,10 +127,7 @@ async def test_while_the_other_replica_serves_it_the_load_times_out_saying_so(st
     backend.gates[A] = asyncio.Event()
     one, two = await _pair(backend, stale, queue_timeout_s=4)
     try:
-        first = asyncio.ensure_future(one.acquire(A))
-        await backend.started.setdefault(A, asyncio.Event()).wait()
-        second = asyncio.ensure_future(two.acquire(B))
-        await until(_room_taken(two, B))
+        first, second = await _contend(one, two, backend)
         backend.gates[A].set()
         serving = await asyncio.wait_for(first, 10)          # and not released: it serves
         with pytest.raises(InsufficientMemory) as refused:
@@ -218,10 +223,7 @@ async def test_a_load_refused_its_room_is_not_charged_so_its_replica_sees_no_cri
     levels = Levels()
     two.listeners.add(levels)
     try:
-        first = asyncio.ensure_future(one.acquire(A))
-        await backend.started.setdefault(A, asyncio.Event()).wait()
-        second = asyncio.ensure_future(two.acquire(B))
-        await until(_room_taken(two, B))
+        first, second = await _contend(one, two, backend)
         backend.gates[A].set()
         (await asyncio.wait_for(first, 10)).release()
         await two.reconcile()       # as when it hears of A's load: two sees A resident
