@@ -17,8 +17,9 @@ Refusals: a load that can never fit (its footprint above the ceiling) fails at o
 by what will not go by itself (pinned models, models that are not ours, memory of other
 processes), fails at once with `insufficient_memory`; one blocked by what will go (models
 serving, loading, inside their residency) waits up to `eviction.queue_timeout_s`. Each refusal
-names what holds the memory and why. Among replicas, an admitted load whose room other replicas'
-loads took (engine/shared.py) comes back to the queue as old as it was.
+names what holds the memory and why. Among replicas, a load waits while other replicas' loads
+in flight hold its room reserved, and an admitted load whose room they took anyway
+(engine/shared_load.py) comes back to the queue as old as it was.
 """
 from __future__ import annotations
 
