@@ -87,3 +87,14 @@ async def test_stopping_the_engine_with_only_a_request_waiting_returns(lab, lab_
     with pytest.raises(ProxyError, match="shutting down"):
         await asyncio.wait_for(blocked, 10)
     serving.release()
+
+
+async def test_a_waiting_load_whose_model_is_loaded_outside_is_served_at_once(lab, lab_manager):
+    mgr = await lab_manager(lab.url)
+    serving = await mgr.acquire(X)                       # 12 of 16 GB, serving
+    blocked = await waiting_for(mgr, Y)                  # 8 GB: waits for X
+    await lab.state.load(Y)                              # in LM Studio's GUI meanwhile
+    await mgr.core.reconcile()
+    (await asyncio.wait_for(blocked, 10)).release()      # X still serving: nothing evicted
+    assert sorted(mgr.get_loaded_models()) == sorted([X, Y]) and lab.state.load_calls[Y] == 1
+    serving.release()
