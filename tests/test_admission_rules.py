@@ -98,3 +98,17 @@ async def test_a_waiting_load_whose_model_is_loaded_outside_is_served_at_once(la
     (await asyncio.wait_for(blocked, 10)).release()      # X still serving: nothing evicted
     assert sorted(mgr.get_loaded_models()) == sorted([X, Y]) and lab.state.load_calls[Y] == 1
     serving.release()
+
+
+async def test_a_queued_preload_a_request_joins_goes_as_a_requested_load(lab, lab_manager):
+    mgr = await lab_manager(lab.url)
+    serving = await mgr.acquire(X)                       # 12 of 16 GB, serving
+    blocked = await waiting_for(mgr, Y)                  # 8 GB: waits for X
+    scheduler = mgr.core.scheduler
+    assert scheduler.preload(mgr.core.registry.entries[Z], value_s=10.0, why="test")
+    await scheduler.settled()
+    assert scheduler.pending[Z].speculative               # a guess waits behind requests
+    (await asyncio.wait_for(mgr.acquire(Z), 10)).release()   # asked for: fits beside X
+    assert not blocked.done()
+    serving.release()
+    (await asyncio.wait_for(blocked, 10)).release()

@@ -78,6 +78,8 @@ class LoadQueue:
             e.waiting_since_s = p.since_s
             self._ensure_running()
             self.kick()
+        elif p.speculative:
+            self.kick()       # a guess a request now waits for: a requested load, looked at now
         self._count(p, +1)
         try:
             async with asyncio.timeout(max(0.0, deadline_s - self.clock.now())):
