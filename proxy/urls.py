@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+from typing import Callable
 from urllib.parse import urlsplit, urlunsplit
 
 
@@ -84,23 +85,10 @@ def upstream_url_problem(url: str, kind: str) -> str | None:
     """Why `url` cannot be the address of a server of this kind (None: it can): an http(s)
     URL with a host and a valid port, naming the server's root rather than one of the API
     paths the proxy adds to it itself."""
-    shown = redact_url(url)
-    try:
-        parts = urlsplit(url)
-        parts.port   # noqa: B018 -- raises ValueError when out of range
-    except ValueError:
-        return f"'{shown}' has no valid port (0..65535)"
-    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
-        hint = f": write http://{shown}" if "://" not in url else ""
-        return f"'{shown}' is not an http(s) URL with a host{hint}"
-    path = parts.path.rstrip("/")
-    for suffix in _API_SUFFIXES.get(kind, ("/v1",)):
-        if path.lower().endswith(suffix):
-            root = redact_url(urlunsplit(parts._replace(path=path[:-len(suffix)])))
-            return (f"'{shown}' ends in {suffix}, which the proxy adds itself (it asks "
-                    f"{_EXAMPLE_PATHS[suffix]} and the like of the server): give the "
-                    f"server's address without it, {root}")
-    return None
+    return _address_problem(url) or _suffix_problem(
+        url, _API_SUFFIXES.get(kind, ("/v1",)),
+        lambda suffix: f", which the proxy adds itself (it asks {_EXAMPLE_PATHS[suffix]} and "
+                       f"the like of the server): give the server's address without it")
 
 
 # What a proxy's own address may not end in: the tools add /proxy/... themselves, and /v1 and
@@ -110,14 +98,31 @@ _PROXY_SUFFIXES = ("/proxy", "/mcp", "/v1")
 
 def proxy_url_problem(url: str) -> str | None:
     """Why `url` cannot be a running proxy's address for its API's clients (None: it can)."""
-    problem = upstream_url_problem(url, "openai")
-    if problem is not None and " ends in " not in problem:
-        return problem
+    return _address_problem(url) or _suffix_problem(
+        url, _PROXY_SUFFIXES, lambda _: ": give the proxy's own address, without it")
+
+
+def _address_problem(url: str) -> str | None:
+    """Not an http(s) URL with a host and a valid port: why."""
+    shown = redact_url(url)
+    try:
+        parts = urlsplit(url)
+        parts.port   # noqa: B018 -- raises ValueError when out of range
+    except ValueError:
+        return f"'{shown}' has no valid port (0..65535)"
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        hint = f": write http://{shown}" if "://" not in url else ""
+        return f"'{shown}' is not an http(s) URL with a host{hint}"
+    return None
+
+
+def _suffix_problem(url: str, suffixes: tuple[str, ...],
+                    advice: Callable[[str], str]) -> str | None:
+    """`url`'s path ends in one of `suffixes` (longest first): why it may not, and the root."""
     parts = urlsplit(url)
     path = parts.path.rstrip("/")
-    for suffix in _PROXY_SUFFIXES:
+    for suffix in suffixes:
         if path.lower().endswith(suffix):
             root = redact_url(urlunsplit(parts._replace(path=path[:-len(suffix)])))
-            return (f"'{redact_url(url)}' ends in {suffix}: give the proxy's own address, "
-                    f"without it, {root}")
+            return f"'{redact_url(url)}' ends in {suffix}{advice(suffix)}, {root}"
     return None
