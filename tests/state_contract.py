@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from typing import Awaitable, Callable
+from typing import Any, Awaitable, Callable
 
 from proxy.state import MemoryState, StateStore
 from proxy.state.redis import RedisState
@@ -46,3 +46,16 @@ async def until(check: Callable[[], Awaitable[bool]], timeout_s: float = 5.0) ->
         assert time.monotonic() - start < timeout_s, f"not true within {timeout_s} s"
         await asyncio.sleep(0.01)
     return time.monotonic() - start
+
+
+class Hub:
+    """What EventRelay needs of an EventHub: its publish hooks, and publish (recorded)."""
+
+    def __init__(self) -> None:
+        self.on_publish: list[Callable[[str, dict[str, Any]], None]] = []
+        self.seen: list[tuple[str, dict[str, Any]]] = []
+
+    def publish(self, event_type: str, data: dict[str, Any]) -> None:
+        self.seen.append((event_type, data))
+        for hook in self.on_publish:
+            hook(event_type, data)

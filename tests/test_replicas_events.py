@@ -3,7 +3,7 @@ that no replica's clock decides what it misses or replays (observe/relayed.py)."
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from typing import Any
 
 import orjson
 import pytest
@@ -14,22 +14,9 @@ from proxy.observe.relayed import EventRelay
 from proxy.state import MemoryState
 
 from .redis_server import make_redis_server, redis_server  # noqa: F401
-from .state_contract import Fleet, until
+from .state_contract import Fleet, Hub, until
 
 pytestmark = pytest.mark.timeout(30)
-
-
-class Hub:
-    """What EventRelay needs of an EventHub: its publish hooks, and publish (recorded)."""
-
-    def __init__(self) -> None:
-        self.on_publish: list[Callable[[str, dict[str, Any]], None]] = []
-        self.seen: list[tuple[str, dict[str, Any]]] = []
-
-    def publish(self, event_type: str, data: dict[str, Any]) -> None:
-        self.seen.append((event_type, data))
-        for hook in self.on_publish:
-            hook(event_type, data)
 
 
 async def relayed_after_start(a, b) -> list[dict]:  # noqa: ANN001 - StateStores

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 from typing import Any, Iterable
 
 import pytest
@@ -16,7 +17,7 @@ from proxy.engine.memory import GB
 from proxy.engine.replica import Replica
 from proxy.engine.shared_learned import LearnedShare
 from proxy.errors import StateUnavailable
-from proxy.state import LeaseKey, MemoryState
+from proxy.state import LeaseKey, MemoryState, Renewal
 from proxy.upstream.base import Capabilities
 
 from .fakes import ScriptedBackend
@@ -40,10 +41,11 @@ class HeldLeases:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    async def renew_leases(self, leases: Iterable[LeaseKey], ttl_s: float) -> None:
+    async def renew_leases(self, leases: Iterable[LeaseKey], ttl_s: float,
+                           idle: Iterable[LeaseKey] = ()) -> Renewal:
         self.renewing.set()
         await self.go.wait()
-        await self.inner.renew_leases(leases, ttl_s)
+        return await self.inner.renew_leases(leases, ttl_s, idle)
 
     async def take_lease(self, host: str, model: str, ttl_s: float,
                          fleet_loaded: Iterable[str] = ()) -> bool | None:
@@ -226,6 +228,44 @@ async def test_a_request_meeting_another_replicas_unload_waits_for_it_and_reload
         await core.cleanup()
 
 
+class ClaimEndedWhenAsked:
+    """A replica's view of the shared state on which the unload claim that refused its lease
+    has ended by the time it asks whose it was."""
+
+    def __init__(self, inner: MemoryState) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def unload_claimant(self, host: str, model: str) -> str | None:
+        return None
+
+
+async def test_a_request_refused_by_an_unload_that_ended_names_another_replica(caplog):
+    facts = MemoryState("facts")
+    other = await alive(facts, "r1")
+    backend = ScriptedBackend({A: 4}, MANAGED)
+    backend.loaded.append(A)
+    caplog.set_level(logging.INFO, logger="proxy.engine")
+    core, _ = replica_core(ClaimEndedWhenAsked(facts.view("r2")), backend)
+    await facts.view("r2").heartbeat(30)
+    await core.start()
+    try:
+        assert await other.claim_unload("default", A, 5) == set()
+        acquiring = asyncio.ensure_future(core.acquire(A))
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert not acquiring.done()             # refused its lease: r1's unload stands
+        await backend.unload(A)
+        await other.release_unload("default", A)
+        (await asyncio.wait_for(acquiring, 10)).release()
+        assert "lab/a was unloaded by another replica" in caplog.text
+        assert sum(core.registry.entries[A].evictions.values()) == 0
+    finally:
+        await core.cleanup()
+
+
 async def test_an_unload_holds_off_other_replicas_first_leases_until_it_ends():
     facts = MemoryState("facts")
     other = await alive(facts, "r2")
@@ -287,10 +327,11 @@ class HeldClaims(HeldLeases):
                          fleet_loaded: Iterable[str] = ()) -> bool | None:
         return await self.inner.take_lease(host, model, ttl_s, fleet_loaded)
 
-    async def claim_unload(self, host: str, model: str, ttl_s: float) -> set[str]:
+    async def claim_unload(self, host: str, model: str, ttl_s: float,
+                           want_ttl_s: float = 0.0) -> set[str]:
         self.renewing.set()
         await self.go.wait()
-        return await self.inner.claim_unload(host, model, ttl_s)
+        return await self.inner.claim_unload(host, model, ttl_s, want_ttl_s)
 
 
 async def test_an_unload_given_up_after_its_claim_releases_the_claim_at_once():

@@ -94,6 +94,7 @@ class EngineCore(ManualOperations, CoreViews):
             shared.registry = r
             shared.catch_up.reconcile = self.reconcile   # when another replica loads or unloads
             shared.catch_up.host = host_name
+            shared.wake = ctx.wake      # a lease another replica gave up for a load here
             shared.record_ttl_s = max(60.0, 3 * live.current.upstream.reconcile_interval_s)
             self.listeners.add(shared)     # its loads and unloads: the host's record now
         self.preloads = PreloadTally(r)

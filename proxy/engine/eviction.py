@@ -200,9 +200,12 @@ class Evictor(Part):
         if e.busy or e.status is not S.LOADED:
             return False     # a request took it, or someone else unloaded it, while we sampled
         shared = self.ctx.shared
+        # Another replica serves it: asked again each lease batch; for a load that waits, that
+        # replica gives it up when it is idle there (engine/shared_wants.py).
         if shared is not None and not await shared.may_unload(
-                e.key, self.clock.now(), shared.replica.lease_ttl_s):
-            return False     # another replica serves it
+                e.key, self.clock.now(), shared.replica.lease_ttl_s / 3,
+                want=for_model is not None and reason != "preload"):
+            return False
         if e.busy or e.status is not S.LOADED:
             return False
         instance_ids = e.instance_ids

@@ -54,10 +54,14 @@ class Leases:
 
     def _released(self, lease: Lease) -> None:
         self.active.discard(lease)
+        e = lease.entry
         if lease.kind is USE:
-            lease.entry.last_used_at_s = self._now()
-        if self.scheduler.pending and not lease.entry.busy:
-            self.ctx.wake()
+            e.last_used_at_s = self._now()
+        if not e.busy:
+            if self.scheduler.pending:
+                self.ctx.wake()
+            if self.ctx.shared is not None:    # a load on another replica may want it
+                self.ctx.shared.idle_now(e.key)
 
     def in_use(self) -> list[Lease]:
         return [lease for lease in self.active if lease.kind is USE]

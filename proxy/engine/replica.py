@@ -100,6 +100,8 @@ class Replica:
         except StateUnavailable as exc:
             return {"ok": False, "replica": self.id, "error": exc.message}
         return {"ok": True, "replica": self.id, "leader": leader, "replicas": replicas,
+                # leases this replica gave up for other replicas' waiting loads
+                "leases_given_up": sum(h.given_up for h in self.hosts),
                 "hosts": {name: {"url": r.url or None,
                                  "resident": sorted(set(r.resident.values())),
                                  "used_gb": round(r.used_bytes / GB, 2),
@@ -116,13 +118,19 @@ class Replica:
         try:
             await self.store.heartbeat(self.lease_ttl_s)
             self.leader = await self.store.campaign(self.lease_ttl_s)
-            leases, ended = [], []
+            leases, ended, idle = [], [], []
             for h in self.hosts:
-                now, gone = h.serving_now()
+                now, gone, quiet = h.serving_now()
                 leases += [(h.name, key) for key in now]
                 ended += [(h, key) for key in gone]
-            if leases:
-                await self.store.renew_leases(leases, self.lease_ttl_s)
+                idle.append((h, quiet))
+            renewal = None
+            try:
+                renewal = await self.store.renew_leases(
+                    leases, self.lease_ttl_s, idle=[(h.name, k) for h, keys in idle for k in keys])
+            finally:
+                for h, quiet in idle:
+                    h.settle(quiet, renewal)
             # A request may have taken one of them again meanwhile: its lease stays.
             ended = [(h.name, key) for h, key in ended if not h.leasing(key)]
             if ended:

@@ -24,6 +24,10 @@ share of it, handed to that host's engine, which asks it at the moments somethin
                                by the server
     touch(key)                 a request took a lease: renewed in the next batch, and in the
                                one after (a lease outlives its model's last request by a batch)
+    wanted                     models leased here that a load on another replica waits for:
+                               their lease is given up at their next idle moment (a batch, or
+                               their last request's end), as a single proxy would evict them
+                               between two requests (engine/shared_wants.py)
     publish_soon()             the host's record, and the footprints and load times this
                                replica measured (engine/shared_learned.py), for the others;
                                first compared with theirs: does every replica name this
@@ -48,6 +52,7 @@ from .shared_load import POLL_S, LoadSlots
 from .shared_learned import LearnedShare
 from .shared_names import HostNames
 from .shared_owned import FleetOwned
+from .shared_wants import LeaseWants
 
 if TYPE_CHECKING:
     from .registry import Registry
@@ -58,7 +63,7 @@ SINGLE_HOST = "default"        # the host's name in the shared state when there 
 RECORD_TTL_S = 60.0            # a host record not refreshed (reconcile, load) for this long goes
 
 
-class SharedHost(LoadSlots):
+class SharedHost(LoadSlots, LeaseWants):
     def __init__(self, replica: Replica, name: str) -> None:
         self.replica = replica
         self.name = name
@@ -80,17 +85,22 @@ class SharedHost(LoadSlots):
         self._gone: set[str] = set()        # its fleet copy was unloaded: the host was asked
         self.unloaded_by: dict[str, str] = {}   # model → "replica <id>" heard unloading it
         self.catch_up = CatchUp(self._tasks)     # the engine's reconcile, when others acted
+        self._init_wants()
 
-    def serving_now(self) -> tuple[list[str], list[str]]:
-        """(leases to renew, leases to drop). A lease outlives the model's last request here
-        by one batch: a model with a request every few seconds keeps it, and its requests
-        take the hot path instead of a round trip each."""
+    def serving_now(self) -> tuple[list[str], list[str], list[str]]:
+        """(leases to renew, leases to drop, of the renewed those no request holds now). A
+        lease outlives the model's last request here by one batch: a model with a request
+        every few seconds keeps it, and its requests take the hot path instead of a round trip
+        each. The idle ones are withheld until the renewal answers: it gives up those another
+        replica's load wants (engine/shared_wants.py)."""
         now = set(self.leases_of())
         keep = now | (self.renewed - self._lingering)
         gone = [k for k in self.renewed if k not in keep]
         self._lingering = keep - now
-        self.renewed = keep
-        return list(keep), gone
+        self.renewed = set(keep)
+        idle = list(keep - now)
+        self.withhold(idle)
+        return list(keep), gone, idle
 
     def publish_soon(self, *_: object) -> None:
         """This replica has just seen the host as it is (its model list, a load or unload of
@@ -129,6 +139,8 @@ class SharedHost(LoadSlots):
         then learns from the host what is left). Concurrent first requests share one call."""
         if not self.replica.ok:
             return True    # no eviction waits on a lease while the state is away (not asked)
+        if await self.settling(key):
+            return True          # the batch on its way renewed it
         taking = self._taking.get(key)
         if taking is None:
             taking = self._taking[key] = asyncio.ensure_future(self._take(key))
@@ -166,15 +178,18 @@ class SharedHost(LoadSlots):
                 if not waited:
                     # Who unloads it: the reconcile that follows may find the model gone
                     # before that replica's unload event arrives, and must not take it for
-                    # the server's own eviction.
+                    # the server's own eviction (a claim released meanwhile was another's).
                     claimant = await self.store.unload_claimant(self.name, key)
-                    if claimant not in (None, r.id):
-                        self.unloaded_by[key] = f"replica {claimant}"
+                    if claimant != r.id:
+                        self.unloaded_by[key] = \
+                            f"replica {claimant}" if claimant else "another replica"
                 waited = True                 # wait out the unload (its claim ends with it)
                 if loop.time() >= deadline:
                     return False              # not leased: the next request asks again
                 await asyncio.sleep(POLL_S / 5)
             self.renewed.add(key)
+            if not waited:              # resident, and no unload stood: nobody unloads it
+                self.unloaded_by.pop(key, None)
             if key in self._gone:
                 await self._still_ours(key)
         except StateUnavailable as exc:
@@ -211,13 +226,18 @@ class SharedHost(LoadSlots):
         except StateUnavailable:
             return False              # the next reconcile after Redis returns decides
 
-    async def may_unload(self, key: str, now_s: float, hold_s: float) -> bool:
+    async def may_unload(self, key: str, now_s: float, hold_s: float, *,
+                         want: bool = False) -> bool:
         """No other replica holds a live lease on it (asked at the moment of eviction), and
         this replica's claim to unload it stands: no other takes a new lease until the unload
         ends (or is given up; the claim lapses after lock_ttl_s at worst). If another serves
-        it, it is not a victim for `hold_s`. Unreachable state: nothing is evicted."""
+        it, it is not a victim for `hold_s`, and with `want` (a load waits here) that replica
+        gives its lease up at the model's next idle moment there. Unreachable state: nothing
+        is evicted."""
         try:
-            others = await self.store.claim_unload(self.name, key, self.replica.lock_ttl_s)
+            others = await self.store.claim_unload(
+                self.name, key, self.replica.lock_ttl_s,
+                want_ttl_s=self.replica.lease_ttl_s if want else 0.0)
         except StateUnavailable as exc:
             self.remote_busy[key] = now_s + POLL_S
             self.replica.unreachable(exc)   # said, and shown: the heartbeat may still pass

@@ -8,6 +8,8 @@ proxy's) and serves it there, or sees it gone and does not forward requests to i
 own list stays the truth; the event only says when to look. Changes a replica merely noticed
 (a reconcile's) are not acted on: every replica notices those by itself. A replica that wrote
 the fleet's ownership record back (`owned`, engine/shared_owned.py) has the others look too.
+A replica that gave up its lease on a model for a load waiting elsewhere (`lease_given_up`,
+engine/shared_wants.py) has that load look again.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable
 
 from .hostlog import working_for
 from .shared_owned import OWNED_EVENT
+from .shared_wants import GIVEN_UP_EVENT
 
 if TYPE_CHECKING:
     from .shared import SharedHost
@@ -31,15 +34,20 @@ def heard_on(hosts: Iterable["SharedHost"], event_type: str, data: dict[str, Any
              single_host: str) -> None:
     """Route another replica's event to the host it happened on (a single upstream's events
     name no host)."""
+    name, model = data.get("host") or single_host, str(data.get("model"))
+    if event_type == GIVEN_UP_EVENT:
+        for h in hosts:
+            if h.name == name:
+                h.lease_given_up(model)
+        return
     if event_type != OWNED_EVENT and (
             event_type != "state" or (data.get("old"), data.get("new")) not in ENDED):
         return
-    name = data.get("host") or single_host
     unloaded = (data.get("old"), data.get("new")) == ("unloading", "unloaded")
     for h in hosts:
         if h.name == name:
             who = f"replica {data['replica']}" if data.get("replica") else "another replica"
-            h.heard(str(data.get("model")), who if unloaded else None)
+            h.heard(model, who if unloaded else None)
 
 
 class CatchUp:

@@ -6,12 +6,12 @@ import socket
 import uuid
 from typing import Any
 
-from .base import (HostRecord, LeaseKey, Learned, LoadLock, Measured, Reserved, StateStore,
-                   StoredEvent, Whereabouts)
+from .base import (HostRecord, LeaseKey, Learned, LoadLock, Measured, Renewal, Reserved,
+                   StateStore, StoredEvent, Whereabouts)
 from .memory import MemoryState
 
-__all__ = ["HostRecord", "LeaseKey", "Learned", "LoadLock", "Measured", "MemoryState", "Reserved",
-           "StateStore", "StoredEvent", "Whereabouts", "create_state", "default_replica_id"]
+__all__ = ["HostRecord", "LeaseKey", "Learned", "LoadLock", "Measured", "MemoryState", "Renewal",
+           "Reserved", "StateStore", "StoredEvent", "Whereabouts", "create_state", "default_replica_id"]
 
 
 def default_replica_id() -> str:

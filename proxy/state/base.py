@@ -10,6 +10,8 @@ them.
     load locks          one per (host, model): single flight across replicas, a fencing token
     reservations        check-and-reserve against a budget, atomically; released or expired
     leases              per (host, model, replica): "serving through some replica, do not evict"
+    wants               per (host, model): "a load on this replica waits for its memory": a
+                        replica leasing it gives its lease up at the model's next idle moment
     unload claims       per (host, model): "this replica is unloading it"; taken only while no
                         other replica holds a lease, and no lease is taken while one stands
     ownership           which instances the fleet loaded (kept across replica restarts): also
@@ -26,7 +28,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Protocol
+from typing import Any, Iterable, Mapping, Protocol
 
 import orjson
 
@@ -99,6 +101,15 @@ class Whereabouts:
 
 
 @dataclass(frozen=True)
+class Renewal:
+    """What a batch of lease renewals found: the leases given up (no request held them, and
+    another replica's load wants the model's memory), each with the replica that wants it,
+    and the renewed ones such a load wants."""
+    given_up: Mapping[LeaseKey, str] = field(default_factory=dict)
+    wanted: frozenset[LeaseKey] = frozenset()
+
+
+@dataclass(frozen=True)
 class StoredEvent:
     id: str
     type: str
@@ -163,8 +174,11 @@ class StateStore(Protocol):
     async def reserved_bytes(self, host: str) -> int: ...
 
     # -- in-flight leases -------------------------------------------------------------------
-    async def renew_leases(self, leases: Iterable[LeaseKey], ttl_s: float) -> None:
-        """Takes or extends this replica's lease on each (host, model), in one round trip."""
+    async def renew_leases(self, leases: Iterable[LeaseKey], ttl_s: float,
+                           idle: Iterable[LeaseKey] = ()) -> Renewal:
+        """Takes or extends this replica's lease on each (host, model), in one round trip. One
+        of `idle` (leases no request here holds now) whose model another replica wants
+        (claim_unload) is given up instead."""
     async def drop_leases(self, leases: Iterable[LeaseKey]) -> None: ...
     async def leased_by(self, host: str, model: str) -> set[str]:
         """Replicas holding a live lease on (host, model)."""
@@ -175,10 +189,12 @@ class StateStore(Protocol):
         `fleet_loaded` (the instances this replica believes the fleet loaded), also unless
         none of them is still in the ownership record as the model's (None: a replica has
         unloaded it since)."""
-    async def claim_unload(self, host: str, model: str, ttl_s: float) -> set[str]:
+    async def claim_unload(self, host: str, model: str, ttl_s: float,
+                           want_ttl_s: float = 0.0) -> set[str]:
         """Atomically: the other replicas holding a live lease on (host, model); when there are
-        none, this replica's claim to unload it, for `ttl_s` or until released. Between the
-        two, a lease and an unload never both go ahead."""
+        none, this replica's claim to unload it, for `ttl_s` or until released (and the
+        model's want ends). Between the two, a lease and an unload never both go ahead. With
+        `want_ttl_s`, a refused claim leaves this replica's want of the model for that long."""
     async def release_unload(self, host: str, model: str) -> None:
         """Ends this replica's unload claim (another's is left alone)."""
     async def unload_claimant(self, host: str, model: str) -> str | None:

@@ -114,14 +114,26 @@ local _, total = live_total(KEYS[1], KEYS[2], '')
 return total
 """
 
-# KEYS: one lease zset per (host, model)   ARGV: replica, ttl_ms
+# KEYS: n lease zsets, then the n models' wants   ARGV: replica, ttl_ms, then per lease
+#   '1' if no request holds it now (given up if another replica wants the model), else '0'
+#   → {indices (1-based) given up, the replicas wanting them, indices renewed though wanted}
 RENEW_LEASES = _COMMON + """
-local now, ttl = now_ms(), tonumber(ARGV[2])
-for _, key in ipairs(KEYS) do
-  redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
-  redis.call('ZADD', key, now + ttl, ARGV[1])
-  extend(key, ttl)
+local now, ttl, n = now_ms(), tonumber(ARGV[2]), #KEYS / 2
+local given, by, wanted = {}, {}, {}
+for i = 1, n do
+  local key, want = KEYS[i], redis.call('GET', KEYS[n + i])
+  if want and want ~= ARGV[1] and ARGV[2 + i] == '1' then
+    redis.call('ZREM', key, ARGV[1])
+    given[#given + 1] = i
+    by[#by + 1] = want
+  else
+    if want and want ~= ARGV[1] then wanted[#wanted + 1] = i end
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+    redis.call('ZADD', key, now + ttl, ARGV[1])
+    extend(key, ttl)
+  end
 end
+return {given, by, wanted}
 """
 
 # KEYS: lease zset, replicas   → replicas with a live lease and a live heartbeat
@@ -153,14 +165,19 @@ extend(KEYS[1], ttl)
 return 1
 """
 
-# KEYS: lease zset, replicas, unload claim   ARGV: replica, ttl_ms
-#   → the other replicas serving it; none: the claim is this replica's now
+# KEYS: lease zset, replicas, unload claim, want   ARGV: replica, ttl_ms, want_ttl_ms
+#   → the other replicas serving it; none: the claim is this replica's now (the want ends)
 CLAIM_UNLOAD = _COMMON + """
 local now, out = now_ms(), {}
 for _, r in ipairs(redis.call('ZRANGE', KEYS[1], '(' .. now, '+inf', 'BYSCORE')) do
   if r ~= ARGV[1] and alive(KEYS[2], r, now) then out[#out + 1] = r end
 end
-if #out == 0 then redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[2]) end
+if #out == 0 then
+  redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[2])
+  redis.call('DEL', KEYS[4])
+elseif tonumber(ARGV[3]) > 0 then
+  redis.call('SET', KEYS[4], ARGV[1], 'PX', ARGV[3])
+end
 return out
 """
 

@@ -12,8 +12,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Protocol
 
-from .base import (HostRecord, LeaseKey, Learned, LoadLock, Measured, Reserved, StoredEvent,
-                   Whereabouts, parse_event_id)
+from .base import (HostRecord, LeaseKey, Learned, LoadLock, Measured, Renewal, Reserved,
+                   StoredEvent, Whereabouts, parse_event_id)
 
 EVENTS_MAXLEN = 10_000
 
@@ -40,6 +40,7 @@ class _Facts:
         default_factory=dict)
     leases: dict[LeaseKey, dict[str, float]] = field(default_factory=dict)  # replica → exp
     unloading: dict[LeaseKey, tuple[str, float]] = field(default_factory=dict)  # by, expires
+    wants: dict[LeaseKey, tuple[str, float]] = field(default_factory=dict)      # by, expires
     # host → model → (learned, expires at)
     learned: dict[str, dict[str, tuple[Learned, float]]] = field(default_factory=dict)
     owned: dict[str, dict[str, str]] = field(default_factory=dict)
@@ -152,10 +153,23 @@ class MemoryState:
         return sum(b for b, _ in self._live_reservations(host).values())
 
     # -- in-flight leases -------------------------------------------------------------------
-    async def renew_leases(self, leases: Iterable[LeaseKey], ttl_s: float) -> None:
-        exp = self._now() + ttl_s
+    async def renew_leases(self, leases: Iterable[LeaseKey], ttl_s: float,
+                           idle: Iterable[LeaseKey] = ()) -> Renewal:
+        exp, idle = self._now() + ttl_s, set(idle)
+        given_up, wanted = {}, set()
         for key in leases:
+            if (wanter := self._wanter(key)) not in (None, self.replica_id):
+                if key in idle:
+                    given_up[key] = wanter
+                    await self.drop_leases([key])
+                    continue
+                wanted.add(key)
             self._f.leases.setdefault(key, {})[self.replica_id] = exp
+        return Renewal(given_up, frozenset(wanted))
+
+    def _wanter(self, key: LeaseKey) -> str | None:
+        want = self._f.wants.get(key)
+        return want[0] if want is not None and want[1] > self._now() else None
 
     async def drop_leases(self, leases: Iterable[LeaseKey]) -> None:
         for key in leases:
@@ -188,10 +202,14 @@ class MemoryState:
     async def unload_claimant(self, host: str, model: str) -> str | None:
         return self._claimant((host, model))
 
-    async def claim_unload(self, host: str, model: str, ttl_s: float) -> set[str]:
+    async def claim_unload(self, host: str, model: str, ttl_s: float,
+                           want_ttl_s: float = 0.0) -> set[str]:
         others = await self.leased_by(host, model) - {self.replica_id}
         if not others:
             self._f.unloading[(host, model)] = (self.replica_id, self._now() + ttl_s)
+            self._f.wants.pop((host, model), None)
+        elif want_ttl_s > 0:
+            self._f.wants[(host, model)] = (self.replica_id, self._now() + want_ttl_s)
         return others
 
     async def release_unload(self, host: str, model: str) -> None:

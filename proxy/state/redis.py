@@ -8,6 +8,7 @@ Keys live under a prefix (`lmproxy:` by default), one family per fact:
     res:<host>               hash  "replica|key" → "bytes:expires_at_ms"
     lease:<host>:<model>     zset  replica → lease expiry
     unloading:<host>:<model> string replica (PX): the claim of the replica unloading it
+    want:<host>:<model>      string replica (PX): a load there waits for the model's memory
     owned:<host>             hash  instance id → model (a long TTL, refreshed on every use)
     leader                   string replica (PX)
     events                   stream, MAXLEN-trimmed
@@ -33,8 +34,8 @@ from redis.exceptions import (AuthenticationError, ConnectionError, OutOfMemoryE
 from ..urls import redact_url
 from ..errors import StateUnavailable
 from . import lua
-from .base import (HostRecord, LeaseKey, Learned, LoadLock, Measured, Reserved, StoredEvent,
-                   Whereabouts, parse_event_id)
+from .base import (HostRecord, LeaseKey, Learned, LoadLock, Measured, Renewal, Reserved,
+                   StoredEvent, Whereabouts, parse_event_id)
 
 PREFIX = "lmproxy:"
 EVENTS_MAXLEN = 10_000
@@ -210,10 +211,17 @@ class RedisState:
 
     # -- in-flight leases -------------------------------------------------------------------
     @_guarded
-    async def renew_leases(self, leases: Iterable[LeaseKey], ttl_s: float) -> None:
-        keys = [self._key("lease", h, m) for h, m in leases]
-        if keys:
-            await self._s["RENEW_LEASES"](keys=keys, args=[self.replica_id, _ms(ttl_s)])
+    async def renew_leases(self, leases: Iterable[LeaseKey], ttl_s: float,
+                           idle: Iterable[LeaseKey] = ()) -> Renewal:
+        leases, idle = list(leases), set(idle)
+        if not leases:
+            return Renewal()
+        given, by, wanted = await self._s["RENEW_LEASES"](
+            keys=[self._key("lease", h, m) for h, m in leases] +
+                 [self._key("want", h, m) for h, m in leases],
+            args=[self.replica_id, _ms(ttl_s), *("1" if k in idle else "0" for k in leases)])
+        return Renewal({leases[int(i) - 1]: str(w) for i, w in zip(given, by)},
+                       frozenset(leases[int(i) - 1] for i in wanted))
 
     @_guarded
     async def drop_leases(self, leases: Iterable[LeaseKey]) -> None:
@@ -237,11 +245,12 @@ class RedisState:
         return None if taken < 0 else bool(taken)
 
     @_guarded
-    async def claim_unload(self, host: str, model: str, ttl_s: float) -> set[str]:
+    async def claim_unload(self, host: str, model: str, ttl_s: float,
+                           want_ttl_s: float = 0.0) -> set[str]:
         return set(await self._s["CLAIM_UNLOAD"](
             keys=[self._key("lease", host, model), self._k_replicas,
-                  self._key("unloading", host, model)],
-            args=[self.replica_id, _ms(ttl_s)]))
+                  self._key("unloading", host, model), self._key("want", host, model)],
+            args=[self.replica_id, _ms(ttl_s), _ms(want_ttl_s) if want_ttl_s > 0 else 0]))
 
     @_guarded
     async def unload_claimant(self, host: str, model: str) -> str | None:

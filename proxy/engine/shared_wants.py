@@ -1,0 +1,131 @@
+"""A load on one replica that waits for the memory of a model another replica serves.
+
+A single proxy evicts a model for a waiting load between two of its requests. Among replicas a
+lease outlives a model's last request by a batch, so a model another replica is asked for every
+few seconds would never look idle from here. So a refused eviction for a load leaves a want of
+the model in the shared state (`claim_unload(want_ttl_s=...)`), and each replica leasing the
+model gives its lease up at the model's next idle moment there:
+
+    at a batch             a lease no request holds now is given up in the renewal itself
+                           (one atomic step: a request meanwhile waits for its outcome, then
+                           takes its lease by asking, as a first request does)
+    at a request's end     a model the last batch found wanted, once its last request here
+                           ends, gives its lease up at once instead of at the next batch
+
+Giving one up is told on the replicas' stream (`lease_given_up`): the wanting replica looks
+again at once. Its claim ends the want; unclaimed, a want lapses a lease TTL after its last
+refusal. A request here after that takes its lease again unless the unload has begun, and then
+waits for it and loads the model again, as after any unload by another replica.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import TYPE_CHECKING, Callable, Iterable
+
+from ..errors import StateUnavailable
+from ..state import Renewal
+
+if TYPE_CHECKING:
+    from .replica import Replica
+
+log = logging.getLogger("proxy.shared")
+GIVEN_UP_EVENT = "lease_given_up"   # the replicas' stream: a lease given up for a want
+
+
+class LeaseWants:
+    """SharedHost's part: its leases given up for other replicas' waiting loads."""
+
+    name: str
+    replica: "Replica"
+    renewed: set[str]
+    remote_busy: dict[str, float]
+    unloaded_by: dict[str, str]
+    leases_of: Callable[[], list[str]]
+    _tasks: set[asyncio.Task]
+
+    def _init_wants(self) -> None:
+        self.wanted: set[str] = set()   # leased here, wanted by another replica's load
+        self.given_up = 0               # leases given up so (GET /proxy/stats: replicas)
+        self.wake: Callable[[], None] = lambda: None    # the engine's admission, set by it
+        self._settling: dict[str, asyncio.Future[None]] = {}   # model → its renewal's outcome
+
+    def withhold(self, keys: Iterable[str]) -> None:
+        """Leases a renewal on its way may give up: until it answers, a request for one of
+        them waits for the answer (lease_now) instead of taking it unasked."""
+        loop = asyncio.get_running_loop()
+        for key in keys:
+            self.renewed.discard(key)
+            self._settling.setdefault(key, loop.create_future())
+
+    def settle(self, keys: Iterable[str], renewal: Renewal | None) -> list[str]:
+        """The renewal's answer for the withheld `keys` (None: it never came, so none of them
+        counts as leased: the next request asks). Returns those given up."""
+        gone: list[str] = []
+        for key in keys:
+            if renewal is not None and (self.name, key) not in renewal.given_up:
+                self.renewed.add(key)
+            else:
+                gone.append(key)
+            fut = self._settling.pop(key, None)
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+        if renewal is not None:
+            self.wanted = {m for h, m in renewal.wanted if h == self.name}
+            for key in gone:
+                self._given_up(key, renewal.given_up.get((self.name, key)))
+        return gone
+
+    async def settling(self, key: str) -> bool:
+        """Waits for a renewal that may give `key`'s lease up; True if the lease is still held."""
+        fut = self._settling.get(key)
+        if fut is None:
+            return False
+        await asyncio.shield(fut)
+        return key in self.renewed
+
+    def idle_now(self, key: str) -> None:
+        """The last request on `key` here has ended: if a load elsewhere wants its memory,
+        the lease goes now rather than at the next batch."""
+        if key not in self.wanted or key not in self.renewed or not self.replica.ok or \
+                key in self.leases_of():        # still serving, or pinned here
+            return
+        self.wanted.discard(key)
+        self.withhold([key])
+        task = asyncio.ensure_future(self._give_up_now(key))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _give_up_now(self, key: str) -> None:
+        renewal = None
+        try:
+            renewal = await self.replica.store.renew_leases(
+                [(self.name, key)], self.replica.lease_ttl_s, idle=[(self.name, key)])
+        except StateUnavailable as exc:
+            self.replica.unreachable(exc)
+        finally:
+            self.settle([key], renewal)
+
+    def _given_up(self, key: str, wanter: str | None) -> None:
+        self.given_up += 1
+        by = f"replica {wanter}" if wanter else "another replica"
+        log.debug("gave up the lease on %s: a load on %s waits for its memory", key, by)
+        # Its unload is that replica's: a reconcile here that finds the model gone before
+        # the stream tells says so, and counts no eviction by the server. Taking the lease
+        # again while the model is resident forgets it.
+        self.unloaded_by[key] = by
+        task = asyncio.ensure_future(self._tell(key))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _tell(self, key: str) -> None:
+        with contextlib.suppress(StateUnavailable):
+            await self.replica.store.append_event(GIVEN_UP_EVENT, {
+                "host": self.name, "model": key, "replica": self.replica.id})
+
+    def lease_given_up(self, model: str) -> None:
+        """Another replica gave up its lease on `model` here: a load waiting for its memory
+        asks again now, not when the refusal's hold lapses."""
+        if self.remote_busy.pop(model, None) is not None:
+            self.wake()

@@ -1,0 +1,219 @@
+"""A load on one replica waits for the memory of a model another replica serves: that replica
+gives its lease up at the model's next idle moment there, as a single proxy would evict the
+model between two requests (engine/shared_wants.py)."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+import pytest
+
+from proxy.engine.core import EngineCore
+from proxy.engine.replica import Replica
+from proxy.errors import InsufficientMemory
+from proxy.observe.relayed import EventRelay
+from proxy.state import MemoryState
+
+from .state_contract import Hub, until
+from .test_replicas_contention import MANAGED, GatedBackend, _close, _config
+
+pytestmark = pytest.mark.timeout(30)
+A, B = "lab/a", "lab/b"
+
+
+async def _pair(backend: GatedBackend, lease_ttl_s: float, hearing: bool = True,
+                **eviction: Any) -> tuple[EngineCore, EngineCore, list[EventRelay]]:
+    """Two replicas' engines on one server, each hearing the other's events as in the app
+    (`hearing`; else only what the shared state says)."""
+    facts = MemoryState("r1")
+    cores, relays = [], []
+    for store in (facts, facts.view("r2")):
+        replica = Replica(store, lease_ttl_s=lease_ttl_s, lock_ttl_s=30, unavailable_wait_s=1)
+        await replica.start()
+        if hearing:
+            relay = EventRelay(Hub(), store)
+            relay.on_remote.append(replica.heard)
+            await relay.start()
+            relays.append(relay)
+        core = EngineCore(_config(**eviction), backend, shared=replica.host("default"))
+        await core.start()
+        cores.append(core)
+    return cores[0], cores[1], relays
+
+
+async def _end(cores: tuple[EngineCore, EngineCore], relays: list[EventRelay]) -> None:
+    for relay in relays:
+        await relay.close()
+    await _close(*cores)
+
+
+async def _steadily(core: EngineCore, key: str, gap_s: float) -> None:
+    """A client of one replica asking for `key` again and again, each answered at once."""
+    while True:
+        (await core.acquire(key)).release()
+        await asyncio.sleep(gap_s)
+
+
+async def test_a_model_another_replica_serves_steadily_is_evicted_between_its_requests():
+    backend = GatedBackend({A: 4, B: 4}, MANAGED)          # 4.8 GB each: one fits in 8
+    one, two, relays = await _pair(backend, lease_ttl_s=3, queue_timeout_s=8)
+    client = asyncio.ensure_future(_steadily(one, A, 0.05))   # A's lease never lingers
+    try:
+        await until(lambda: _leased(one, A))
+        lease = await asyncio.wait_for(two.acquire(B), 20)      # within its queue timeout
+        lease.release()
+        assert B in backend.loads
+        assert (await one.ctx.shared.replica.view())["leases_given_up"] >= 1
+    finally:
+        client.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await client
+        await _end((one, two), relays)
+
+
+async def _leased(core: EngineCore, key: str) -> bool:
+    return core.ctx.shared.leased(key)
+
+
+async def test_a_wanted_model_is_given_up_as_its_last_request_ends_not_at_the_next_batch():
+    backend = GatedBackend({A: 4, B: 4}, MANAGED)
+    # Batches every 10 s, and a refused eviction asks again no sooner: only the lease given up
+    # at the request's end, told on the stream, lets B in within its 5 s.
+    one, two, relays = await _pair(backend, lease_ttl_s=30, queue_timeout_s=5)
+    try:
+        serving = await one.acquire(A)
+        loading = asyncio.ensure_future(two.acquire(B))
+        await until(lambda: _wanted(one, A))
+        assert not loading.done() and one.ctx.shared.given_up == 0
+        serving.release()
+        (await asyncio.wait_for(loading, 10)).release()
+        assert backend.loaded == [B] and one.ctx.shared.given_up == 1
+    finally:
+        await _end((one, two), relays)
+
+
+async def test_a_model_gone_after_its_lease_was_given_up_is_that_replicas_eviction(caplog):
+    backend = GatedBackend({A: 4, B: 4}, MANAGED)
+    # Nothing heard on the stream: the host's list is all this replica sees of the unload.
+    one, two, relays = await _pair(backend, lease_ttl_s=30, hearing=False)
+    try:
+        serving = await one.acquire(A)
+        await two.reconcile()                        # it sees A resident
+        loading = asyncio.ensure_future(two.acquire(B))
+        await until(lambda: _wanted(one, A))
+        serving.release()                            # given up
+        two.ctx.shared.lease_given_up(A)             # told, as the stream would
+        (await asyncio.wait_for(loading, 10)).release()
+        with caplog.at_level(logging.INFO, logger="proxy.engine"):
+            await one.reconcile()
+        assert "lab/a was unloaded by replica r2" in caplog.text
+        assert one.registry.entries[A].status.value == "unloaded"
+        assert sum(one.registry.entries[A].evictions.values()) == 0
+    finally:
+        await _end((one, two), relays)
+
+
+async def _wanted(core: EngineCore, key: str) -> bool:
+    """The other replica's load wants `key`, and this replica's batch has heard so."""
+    await core.ctx.shared.replica.beat()
+    return key in core.ctx.shared.wanted
+
+
+async def test_a_model_pinned_on_the_serving_replica_is_never_given_up():
+    backend = GatedBackend({A: 4, B: 4}, MANAGED)
+    one, two, relays = await _pair(backend, lease_ttl_s=30, queue_timeout_s=3)
+    try:
+        one.pin(A, True)
+        serving = await one.acquire(A)
+        loading = asyncio.ensure_future(two.acquire(B))
+        await until(lambda: _wanted(one, A))
+        serving.release()
+        await one.ctx.shared.replica.beat()                  # idle, but pinned here
+        with pytest.raises(InsufficientMemory) as refused:
+            await asyncio.wait_for(loading, 10)
+        assert backend.loaded == [A] and "lab/a" in refused.value.message
+        assert one.ctx.shared.given_up == 0
+    finally:
+        await _end((one, two), relays)
+
+
+async def test_only_a_load_that_requests_wait_for_wants_the_model():
+    backend = GatedBackend({A: 4, B: 4}, MANAGED)
+    one, two, relays = await _pair(backend, lease_ttl_s=30)
+    try:
+        serving = await one.acquire(A)
+        two_sees_a = two.registry.entries[A]
+        await until(lambda: _resident(two, A))
+        assert not await two.evictor.unload(two_sees_a, "preload", B)   # one serves it
+        await one.ctx.shared.replica.beat()
+        assert A not in one.ctx.shared.wanted                 # a preload wants nothing
+        assert not await two.evictor.unload(two_sees_a, "admission", B)
+        await one.ctx.shared.replica.beat()
+        assert A in one.ctx.shared.wanted
+        # Refused, it is passed over until the other replica's next batch, then asked again.
+        held_s = two.ctx.shared.remote_busy[A] - two.ctx.clock.now()
+        assert 9 < held_s <= 10
+        serving.release()
+    finally:
+        await _end((one, two), relays)
+
+
+async def _resident(core: EngineCore, key: str) -> bool:
+    await core.reconcile()
+    return core.registry.entries[key].status.value == "loaded"
+
+
+class HeldRenewals:
+    """A replica's view of the shared state whose lease batches wait for `go` once `hold` is
+    set (its first leases pass at once)."""
+
+    def __init__(self, inner: MemoryState) -> None:
+        self.inner = inner
+        self.hold = False
+        self.go = asyncio.Event()
+        self.renewing = asyncio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def renew_leases(self, leases, ttl_s, idle=()):  # noqa: ANN001, ANN201
+        if self.hold:
+            self.renewing.set()
+            await self.go.wait()
+        return await self.inner.renew_leases(leases, ttl_s, idle)
+
+
+async def test_a_request_during_a_batch_that_gives_its_lease_up_takes_the_lease_by_asking():
+    facts = MemoryState("r2")
+    store = HeldRenewals(facts.view("r1"))
+    replica = Replica(store, lease_ttl_s=30, lock_ttl_s=30, unavailable_wait_s=1)
+    await replica.start()
+    core = EngineCore(_config(), GatedBackend({A: 4}, MANAGED), shared=replica.host("default"))
+    await core.start()
+    try:
+        (await core.acquire(A)).release()                   # leased here, idle now
+        await facts.heartbeat(30)
+        assert await facts.claim_unload("default", A, 30, want_ttl_s=30) == {"r1"}
+        store.hold = True
+        batch = asyncio.ensure_future(replica.beat())
+        await store.renewing.wait()
+        request = asyncio.ensure_future(core.acquire(A))
+        await until(lambda: _waits_for_lease(core, A))
+        assert not request.done()                           # not served unleased meanwhile
+        store.go.set()
+        await batch
+        lease = await asyncio.wait_for(request, 10)
+        assert core.ctx.shared.given_up == 1
+        assert await facts.leased_by("default", A) == {"r1"}   # taken again, by asking
+        assert A not in core.ctx.shared.unloaded_by   # resident: nobody is unloading it
+        lease.release()
+    finally:
+        store.go.set()
+        await core.cleanup()
+        await replica.close()
+
+
+async def _waits_for_lease(core: EngineCore, key: str) -> bool:
+    return core.registry.entries[key].leases == 1
