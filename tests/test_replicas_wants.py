@@ -20,7 +20,7 @@ from .state_contract import Hub, until
 from .test_replicas_contention import MANAGED, GatedBackend, _close, _config
 
 pytestmark = pytest.mark.timeout(30)
-A, B = "lab/a", "lab/b"
+A, B, C = "lab/a", "lab/b", "lab/c"
 
 
 async def _pair(backend: GatedBackend, lease_ttl_s: float, hearing: bool = True,
@@ -139,22 +139,20 @@ async def test_a_model_pinned_on_the_serving_replica_is_never_given_up():
         await _end((one, two), relays)
 
 
-async def test_only_a_load_that_requests_wait_for_wants_the_model():
-    backend = GatedBackend({A: 4, B: 4}, MANAGED)
+async def test_a_load_with_another_victim_at_hand_takes_it_and_wants_nothing():
+    backend = GatedBackend({A: 3, B: 3, C: 3}, MANAGED)     # 3.6 GB each: two fit in 8
     one, two, relays = await _pair(backend, lease_ttl_s=30)
     try:
         serving = await one.acquire(A)
-        two_sees_a = two.registry.entries[A]
+        (await two.acquire(C)).release()                    # idle, used here
         await until(lambda: _resident(two, A))
-        assert not await two.evictor.unload(two_sees_a, "preload", B)   # one serves it
+        (await asyncio.wait_for(two.acquire(B), 10)).release()
+        assert sorted(backend.loaded) == [A, B]             # C made room; A was left alone
         await one.ctx.shared.replica.beat()
-        assert A not in one.ctx.shared.wanted                 # a preload wants nothing
-        assert not await two.evictor.unload(two_sees_a, "admission", B)
-        await one.ctx.shared.replica.beat()
-        assert A in one.ctx.shared.wanted
-        # Refused, it is passed over until the other replica's next batch, then asked again.
+        assert A not in one.ctx.shared.wanted and one.ctx.shared.given_up == 0
+        # A refused, it was passed over until the other replica's next batch.
         held_s = two.ctx.shared.remote_busy[A] - two.ctx.clock.now()
-        assert 9 < held_s <= 10
+        assert 0 < held_s <= 10
         serving.release()
     finally:
         await _end((one, two), relays)
@@ -195,7 +193,7 @@ async def test_a_request_during_a_batch_that_gives_its_lease_up_takes_the_lease_
     try:
         (await core.acquire(A)).release()                   # leased here, idle now
         await facts.heartbeat(30)
-        assert await facts.claim_unload("default", A, 30, want_ttl_s=30) == {"r1"}
+        await facts.want_unload("default", [A], 30)
         store.hold = True
         batch = asyncio.ensure_future(replica.beat())
         await store.renewing.wait()
@@ -217,3 +215,54 @@ async def test_a_request_during_a_batch_that_gives_its_lease_up_takes_the_lease_
 
 async def _waits_for_lease(core: EngineCore, key: str) -> bool:
     return core.registry.entries[key].leases == 1
+
+
+class CountedWants:
+    """A replica's view of the shared state that counts the wants it sends."""
+
+    def __init__(self, inner: MemoryState) -> None:
+        self.inner = inner
+        self.sent: list[list[str]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def want_unload(self, host: str, models, ttl_s: float) -> None:  # noqa: ANN001
+        self.sent.append(list(models))
+        await self.inner.want_unload(host, models, ttl_s)
+
+
+async def test_a_waiting_load_wants_only_models_served_elsewhere_and_once_per_batch():
+    facts = MemoryState("r1")
+    store = CountedWants(facts.view("r2"))
+    backend = GatedBackend({A: 3, B: 3, C: 3}, MANAGED)     # 3.6 GB each: two fit in 8
+    cores = []
+    for s in (facts, store):
+        replica = Replica(s, lease_ttl_s=30, lock_ttl_s=30, unavailable_wait_s=1)
+        await replica.start()
+        core = EngineCore(_config(queue_timeout_s=20), backend, shared=replica.host("default"))
+        await core.start()
+        cores.append(core)
+    one, two = cores
+    try:
+        serving_a = await one.acquire(A)                    # served there
+        (await one.acquire(C)).release()                    # leased there, idle
+        await until(lambda: _resident(two, C))
+        serving_c = await two.acquire(C)                    # and served here
+        loading = asyncio.ensure_future(two.acquire(B))
+        await until(lambda: _sent(store))
+        for _ in range(5):                                  # more passes within the batch
+            two.scheduler.kick()
+            await two.scheduler.settled()
+        assert store.sent == [[A]]                          # C serves here: not wanted
+        await one.ctx.shared.replica.beat()
+        assert one.ctx.shared.given_up == 0 and one.ctx.shared.wanted == {A}
+        serving_c.release()
+        serving_a.release()
+        (await asyncio.wait_for(loading, 10)).release()
+    finally:
+        await _close(one, two)
+
+
+async def _sent(store: CountedWants) -> bool:
+    return bool(store.sent)

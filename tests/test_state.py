@@ -165,15 +165,14 @@ async def test_leases_are_per_replica_renewed_in_batch_and_dropped(fleet):
     assert await b.leased_by("h1", "m2") == set()
 
 
-async def test_a_refused_claim_leaves_a_want_that_idle_leases_give_way_to(fleet):
+async def test_idle_leases_give_way_to_another_replicas_want_until_its_claim(fleet):
     a, b = fleet.replica("a"), fleet.replica("b")
     await a.heartbeat(LONG_S)
     await b.heartbeat(LONG_S)
     busy, idle, other = ("h1", "busy"), ("h1", "idle"), ("h1", "other")
     await a.renew_leases([busy, idle, other], LONG_S)
-    assert await b.claim_unload("h1", "other", LONG_S) == {"a"}     # no want: none left
-    for _, model in (busy, idle):
-        assert await b.claim_unload("h1", model, LONG_S, want_ttl_s=LONG_S) == {"a"}
+    assert await b.claim_unload("h1", "other", LONG_S) == {"a"}     # a refusal wants nothing
+    await b.want_unload("h1", ["busy", "idle"], LONG_S)
     renewal = await a.renew_leases([busy, idle, other], LONG_S, idle=[idle, other])
     assert renewal.given_up == {idle: "b"} and renewal.wanted == {busy}
     assert await b.leased_by("h1", "idle") == set() and await b.leased_by("h1", "busy") == {"a"}
@@ -183,7 +182,7 @@ async def test_a_refused_claim_leaves_a_want_that_idle_leases_give_way_to(fleet)
     await b.release_unload("h1", "idle")
     assert (await a.renew_leases([idle], LONG_S, idle=[idle])).given_up == {}
     assert await b.leased_by("h1", "idle") == {"a"}
-    # The claimant's own idle lease stays: the want is another replica's to give way to.
+    # The wanting replica's own idle lease stays: the want is for others to give way to.
     await b.renew_leases([busy], LONG_S)
     assert (await b.renew_leases([busy], LONG_S, idle=[busy])).given_up == {}
 
@@ -193,7 +192,7 @@ async def test_a_want_lapses_with_its_ttl(fleet):
     await a.heartbeat(LONG_S)
     await b.heartbeat(LONG_S)
     await a.renew_leases([("h1", "m")], LONG_S)
-    assert await b.claim_unload("h1", "m", LONG_S, want_ttl_s=TTL_S) == {"a"}
+    await b.want_unload("h1", ["m"], TTL_S)
 
     async def lapsed() -> bool:
         renewal = await a.renew_leases([("h1", "m")], LONG_S)

@@ -200,11 +200,9 @@ class Evictor(Part):
         if e.busy or e.status is not S.LOADED:
             return False     # a request took it, or someone else unloaded it, while we sampled
         shared = self.ctx.shared
-        # Another replica serves it: asked again each lease batch; for a load that waits, that
-        # replica gives it up when it is idle there (engine/shared_wants.py).
+        # Another replica serves it: passed over until its next lease batch, then asked again.
         if shared is not None and not await shared.may_unload(
-                e.key, self.clock.now(), shared.replica.lease_ttl_s / 3,
-                want=for_model is not None and reason != "preload"):
+                e.key, self.clock.now(), shared.replica.lease_ttl_s / 3):
             return False
         if e.busy or e.status is not S.LOADED:
             return False

@@ -30,6 +30,7 @@ from typing import Awaitable, Callable
 from ..errors import ModelLoadFailed, ProxyError, StateUnavailable, UpstreamError
 from .context import EngineContext, Part
 from .eviction import Evictor
+from .policy import SERVING_ELSEWHERE
 from .fit import Fitter
 from .groups import CLEARED, DROP, WAIT
 from .lifecycle import ModelStatus
@@ -227,9 +228,11 @@ class Scheduler(LoadQueue, Part):
                     self._finish(p, self.refusals.insufficient(e, p.holders, "",
                                                                retry_after_s=30.0))
                     return True, None
+                if self.ctx.shared is not None:     # let go where idle (engine/shared_wants.py)
+                    self.ctx.shared.want(k for k, _, why in p.holders if why == SERVING_ELSEWHERE)
                 return False, will_go - short
             try:
-                await self.evictor.evict(victims, "admission", e.key)
+                gone = await self.evictor.evict(victims, "admission", e.key)
             except UpstreamError as exc:
                 # The server could not unload a victim (gone, or refusing): its load would
                 # fare no better. Fail it now, rather than ask again at every pass.
@@ -242,6 +245,8 @@ class Scheduler(LoadQueue, Part):
                 if (refused := self._state_away(p)) is not None:
                     self._finish(p, refused)    # its victims could not be claimed
                     return True, None
+                if len(gone) < len(victims):
+                    self.kick()     # one is not a victim now (another replica serves it)
                 return False, None          # memory is not back yet; the next pass looks again
         if await self._reserved_elsewhere(p, need, sample):
             return False, None

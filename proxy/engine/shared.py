@@ -24,10 +24,11 @@ share of it, handed to that host's engine, which asks it at the moments somethin
                                by the server
     touch(key)                 a request took a lease: renewed in the next batch, and in the
                                one after (a lease outlives its model's last request by a batch)
-    wanted                     models leased here that a load on another replica waits for:
-                               their lease is given up at their next idle moment (a batch, or
-                               their last request's end), as a single proxy would evict them
-                               between two requests (engine/shared_wants.py)
+    want(keys)                 a load here waits for nothing but these models, which other
+                               replicas serve: they give their lease up at the model's next
+                               idle moment there (a batch, or its last request's end), as a
+                               single proxy would evict it between two requests
+                               (engine/shared_wants.py)
     publish_soon()             the host's record, and the footprints and load times this
                                replica measured (engine/shared_learned.py), for the others;
                                first compared with theirs: does every replica name this
@@ -226,18 +227,13 @@ class SharedHost(LoadSlots, LeaseWants):
         except StateUnavailable:
             return False              # the next reconcile after Redis returns decides
 
-    async def may_unload(self, key: str, now_s: float, hold_s: float, *,
-                         want: bool = False) -> bool:
+    async def may_unload(self, key: str, now_s: float, hold_s: float) -> bool:
         """No other replica holds a live lease on it (asked at the moment of eviction), and
         this replica's claim to unload it stands: no other takes a new lease until the unload
         ends (or is given up; the claim lapses after lock_ttl_s at worst). If another serves
-        it, it is not a victim for `hold_s`, and with `want` (a load waits here) that replica
-        gives its lease up at the model's next idle moment there. Unreachable state: nothing
-        is evicted."""
+        it, it is not a victim for `hold_s`. Unreachable state: nothing is evicted."""
         try:
-            others = await self.store.claim_unload(
-                self.name, key, self.replica.lock_ttl_s,
-                want_ttl_s=self.replica.lease_ttl_s if want else 0.0)
+            others = await self.store.claim_unload(self.name, key, self.replica.lock_ttl_s)
         except StateUnavailable as exc:
             self.remote_busy[key] = now_s + POLL_S
             self.replica.unreachable(exc)   # said, and shown: the heartbeat may still pass

@@ -2,9 +2,11 @@
 
 A single proxy evicts a model for a waiting load between two of its requests. Among replicas a
 lease outlives a model's last request by a batch, so a model another replica is asked for every
-few seconds would never look idle from here. So a refused eviction for a load leaves a want of
-the model in the shared state (`claim_unload(want_ttl_s=...)`), and each replica leasing the
-model gives its lease up at the model's next idle moment there:
+few seconds would never look idle from here. So a load that requests wait for, blocked by
+nothing but models other replicas serve (engine/scheduler.py; with another victim at hand it
+takes that one, as a single proxy would keep the model in use), leaves a want of them in the
+shared state (`want_unload`), and each replica leasing one gives its lease up at the model's
+next idle moment there:
 
     at a batch             a lease no request holds now is given up in the renewal itself
                            (one atomic step: a request meanwhile waits for its outcome, then
@@ -13,9 +15,10 @@ model gives its lease up at the model's next idle moment there:
                            ends, gives its lease up at once instead of at the next batch
 
 Giving one up is told on the replicas' stream (`lease_given_up`): the wanting replica looks
-again at once. Its claim ends the want; unclaimed, a want lapses a lease TTL after its last
-refusal. A request here after that takes its lease again unless the unload has begun, and then
-waits for it and loads the model again, as after any unload by another replica.
+again at once. Its claim ends the want; unclaimed, a want lapses a lease TTL after the load
+last asked (once per batch while it waits). A request here after that takes its lease again
+unless the unload has begun, and then waits for it and loads the model again, as after any
+unload by another replica.
 """
 from __future__ import annotations
 
@@ -50,6 +53,24 @@ class LeaseWants:
         self.given_up = 0               # leases given up so (GET /proxy/stats: replicas)
         self.wake: Callable[[], None] = lambda: None    # the engine's admission, set by it
         self._settling: dict[str, asyncio.Future[None]] = {}   # model → its renewal's outcome
+        self._wanting: dict[str, float] = {}    # model → when its want is next sent (loop s)
+
+    def want(self, keys: Iterable[str]) -> None:
+        """A load here waits for nothing but these models' memory, which other replicas
+        serve. Sent at most once per batch per model, without holding the admission pass."""
+        now = asyncio.get_running_loop().time()
+        due = [k for k in keys if self._wanting.get(k, 0.0) <= now]
+        if not due or not self.replica.ok:
+            return
+        for key in due:
+            self._wanting[key] = now + self.replica.lease_ttl_s / 3
+        task = asyncio.ensure_future(self._send_wants(due))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _send_wants(self, keys: list[str]) -> None:
+        with contextlib.suppress(StateUnavailable):   # asked again at the next pass
+            await self.replica.store.want_unload(self.name, keys, self.replica.lease_ttl_s)
 
     def withhold(self, keys: Iterable[str]) -> None:
         """Leases a renewal on its way may give up: until it answers, a request for one of

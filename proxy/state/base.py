@@ -10,8 +10,9 @@ them.
     load locks          one per (host, model): single flight across replicas, a fencing token
     reservations        check-and-reserve against a budget, atomically; released or expired
     leases              per (host, model, replica): "serving through some replica, do not evict"
-    wants               per (host, model): "a load on this replica waits for its memory": a
-                        replica leasing it gives its lease up at the model's next idle moment
+    wants               per (host, model): "a load on this replica waits for its memory, and
+                        for nothing else": a replica leasing it gives its lease up at the
+                        model's next idle moment there
     unload claims       per (host, model): "this replica is unloading it"; taken only while no
                         other replica holds a lease, and no lease is taken while one stands
     ownership           which instances the fleet loaded (kept across replica restarts): also
@@ -178,7 +179,7 @@ class StateStore(Protocol):
                            idle: Iterable[LeaseKey] = ()) -> Renewal:
         """Takes or extends this replica's lease on each (host, model), in one round trip. One
         of `idle` (leases no request here holds now) whose model another replica wants
-        (claim_unload) is given up instead."""
+        (want_unload) is given up instead."""
     async def drop_leases(self, leases: Iterable[LeaseKey]) -> None: ...
     async def leased_by(self, host: str, model: str) -> set[str]:
         """Replicas holding a live lease on (host, model)."""
@@ -189,12 +190,13 @@ class StateStore(Protocol):
         `fleet_loaded` (the instances this replica believes the fleet loaded), also unless
         none of them is still in the ownership record as the model's (None: a replica has
         unloaded it since)."""
-    async def claim_unload(self, host: str, model: str, ttl_s: float,
-                           want_ttl_s: float = 0.0) -> set[str]:
+    async def claim_unload(self, host: str, model: str, ttl_s: float) -> set[str]:
         """Atomically: the other replicas holding a live lease on (host, model); when there are
         none, this replica's claim to unload it, for `ttl_s` or until released (and the
-        model's want ends). Between the two, a lease and an unload never both go ahead. With
-        `want_ttl_s`, a refused claim leaves this replica's want of the model for that long."""
+        model's want ends). Between the two, a lease and an unload never both go ahead."""
+    async def want_unload(self, host: str, models: Iterable[str], ttl_s: float) -> None:
+        """This replica's want of each model's memory on `host`, for `ttl_s` (a renewal gives
+        up the idle leases on them)."""
     async def release_unload(self, host: str, model: str) -> None:
         """Ends this replica's unload claim (another's is left alone)."""
     async def unload_claimant(self, host: str, model: str) -> str | None:

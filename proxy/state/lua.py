@@ -165,7 +165,7 @@ extend(KEYS[1], ttl)
 return 1
 """
 
-# KEYS: lease zset, replicas, unload claim, want   ARGV: replica, ttl_ms, want_ttl_ms
+# KEYS: lease zset, replicas, unload claim, want   ARGV: replica, ttl_ms
 #   → the other replicas serving it; none: the claim is this replica's now (the want ends)
 CLAIM_UNLOAD = _COMMON + """
 local now, out = now_ms(), {}
@@ -175,8 +175,6 @@ end
 if #out == 0 then
   redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[2])
   redis.call('DEL', KEYS[4])
-elseif tonumber(ARGV[3]) > 0 then
-  redis.call('SET', KEYS[4], ARGV[1], 'PX', ARGV[3])
 end
 return out
 """

@@ -202,15 +202,16 @@ class MemoryState:
     async def unload_claimant(self, host: str, model: str) -> str | None:
         return self._claimant((host, model))
 
-    async def claim_unload(self, host: str, model: str, ttl_s: float,
-                           want_ttl_s: float = 0.0) -> set[str]:
+    async def claim_unload(self, host: str, model: str, ttl_s: float) -> set[str]:
         others = await self.leased_by(host, model) - {self.replica_id}
         if not others:
             self._f.unloading[(host, model)] = (self.replica_id, self._now() + ttl_s)
             self._f.wants.pop((host, model), None)
-        elif want_ttl_s > 0:
-            self._f.wants[(host, model)] = (self.replica_id, self._now() + want_ttl_s)
         return others
+
+    async def want_unload(self, host: str, models: Iterable[str], ttl_s: float) -> None:
+        for model in models:
+            self._f.wants[(host, model)] = (self.replica_id, self._now() + ttl_s)
 
     async def release_unload(self, host: str, model: str) -> None:
         if self._claimant((host, model)) == self.replica_id:

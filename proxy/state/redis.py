@@ -245,12 +245,18 @@ class RedisState:
         return None if taken < 0 else bool(taken)
 
     @_guarded
-    async def claim_unload(self, host: str, model: str, ttl_s: float,
-                           want_ttl_s: float = 0.0) -> set[str]:
+    async def claim_unload(self, host: str, model: str, ttl_s: float) -> set[str]:
         return set(await self._s["CLAIM_UNLOAD"](
             keys=[self._key("lease", host, model), self._k_replicas,
                   self._key("unloading", host, model), self._key("want", host, model)],
-            args=[self.replica_id, _ms(ttl_s), _ms(want_ttl_s) if want_ttl_s > 0 else 0]))
+            args=[self.replica_id, _ms(ttl_s)]))
+
+    @_guarded
+    async def want_unload(self, host: str, models: Iterable[str], ttl_s: float) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        for model in models:
+            pipe.set(self._key("want", host, model), self.replica_id, px=_ms(ttl_s))
+        await pipe.execute()
 
     @_guarded
     async def unload_claimant(self, host: str, model: str) -> str | None:
