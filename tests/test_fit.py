@@ -263,3 +263,37 @@ async def test_footprints_measured_at_two_contexts_replace_the_estimate():
     assert fit.kv_bytes_per_token(e) == pytest.approx(GB / 8192)
     assert fit.need_at(e, 32768) == pytest.approx(8.0 * GB)
     assert fit.largest_fitting(e, 4096, 32768, 7.0 * GB) == 24576
+
+
+async def test_once_unloaded_a_fitted_model_forgets_its_fitted_context(
+        make_emulator, make_proxy, http):
+    """Loaded smaller beside another model, then unloaded: its row shows no context and its
+    configured footprint; with room again, its next load takes its configured context."""
+    emu = await make_emulator(catalog=catalog((BIG, 9)), capacity_bytes=16 * GB)
+    proxy = await make_proxy(emu.url, config=config(emu.url, {BIG: 9},
+                                                    fit={"min_context_length": 8192}))
+    assert (await chat(http, proxy, BIG))[0] == 200
+    assert (await chat(http, proxy, FIT))[0] == 200
+    assert emu.state.instances_of(FIT)[0].context_length == 20480
+    assert await proxy.engine.unload(FIT) and await proxy.engine.unload(BIG)
+    r = await row(http, proxy, FIT)
+    assert r["context_length"] is None and r["footprint_source"] == "configured"
+    assert r["footprint_mb"] == round(round(AT_32K_GB, 2) * GB / 1e6)
+    status, headers, _ = await chat(http, proxy, FIT)
+    assert status == 200 and headers["X-Proxy-Context-Length"] == "32768"
+    assert emu.state.instances_of(FIT)[0].context_length == 32768
+
+
+async def test_a_fitted_load_that_failed_forgets_its_fitted_context(
+        make_emulator, make_proxy, http):
+    """Its smaller load failed: the model in error holds nothing, and its row shows its
+    configured footprint, not the fitted one it did not get."""
+    emu = await make_emulator(catalog=catalog((BIG, 9)), capacity_bytes=16 * GB)
+    proxy = await make_proxy(emu.url, config=config(emu.url, {BIG: 9},
+                                                    fit={"min_context_length": 8192}))
+    assert (await chat(http, proxy, BIG))[0] == 200
+    emu.state.faults.load_fail[FIT] = "the model file is damaged"
+    assert (await chat(http, proxy, FIT))[0] >= 500
+    r = await row(http, proxy, FIT)
+    assert r["state"] == "error" and r["context_length"] is None
+    assert r["footprint_source"] == "configured"

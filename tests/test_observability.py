@@ -185,6 +185,25 @@ async def test_silent_hang_through_the_proxy_opens_and_clears(make_proxy, emulat
         assert not ids(await r.json())
 
 
+async def test_a_request_silent_for_less_than_the_threshold_is_no_hang(make_proxy, emulator,
+                                                                         http):
+    """A lease's silence counts from its start: a minute without a byte (under
+    hang_threshold_s) raises nothing."""
+    clock = ManualClock()
+    proxy = await make_proxy(emulator.url, app_kwargs={"clock": clock})
+    emulator.state.faults.hang_inference = True
+    request = asyncio.create_task(http.post(f"{proxy.url}/v1/chat/completions",
+                                            json={"model": MODEL, "messages": []}))
+    await emulator.state.wait_for(lambda: emulator.state.hung_requests == 1)
+    clock.advance(60)
+    async with http.get(f"{proxy.url}/proxy/health") as r:
+        assert f"hang:in_flight:{MODEL}" not in ids(await r.json())
+    released = asyncio.Event()
+    proxy.engine.add_listener(type("L", (), {"on_request": lambda s, r: released.set()})())
+    request.cancel()
+    await released.wait()
+
+
 async def test_webhook_receives_firing_and_resolved_with_retry(emulator):
     received: list[dict] = []
     attempts = 0

@@ -74,8 +74,7 @@ class EngineContext:
         old = transition(e, new)
         self.status_epoch += 1
         self.status_epochs[e.key] = self.status_epoch
-        if old is not new:
-            self.listeners.emit("on_state", e.key, old.value, new.value)
+        self.listeners.emit("on_state", e.key, old.value, new.value)
         self.wake()
         return True
 

@@ -98,7 +98,7 @@ class EngineCore(ManualOperations, CoreViews):
             shared.record_ttl_s = max(60.0, 3 * live.current.upstream.reconcile_interval_s)
             self.listeners.add(shared)     # its loads and unloads: the host's record now
         self.preloads = PreloadTally(r)
-        self.reconciler = Reconciler(ctx)
+        self.reconciler = Reconciler(ctx, self.preloads)
         self.groups = Groups(ctx)
         self.evictor = Evictor(ctx, self.preloads, self.groups)
         self.loader = Loader(ctx, self.evictor)

@@ -145,10 +145,9 @@ class ModelEntry:
 
 
 def transition(entry: ModelEntry, new: ModelStatus) -> ModelStatus:
-    """The only way a status changes; returns the old one."""
+    """The only way a status changes; returns the old one. (No state lists itself: a
+    "change" to the same state is refused, as ctx.swap never asks for one.)"""
     old = entry.status
-    if new is old:
-        return old
     if new not in TRANSITIONS[old]:
         raise IllegalTransition(f"{entry.key}: {old.value} → {new.value} is not allowed")
     entry.status = new

@@ -18,7 +18,7 @@ Triggers:
   model's own gaps.
 A preload never waits for memory and gives way to any load a request waits for. A preloaded
 model is counted useful when a request uses it before it is unloaded, wasted (with its GB) when
-it is unloaded unused.
+it is unloaded unused, by the proxy or outside it (reconcile).
 
 A preload evicts only when the cheapest set of victims is expected to cost (reload seconds ×
 probability of reuse) under a quarter of what the preload is expected to save (its reload
@@ -157,8 +157,7 @@ class Preloader(Part):
         due_s = now + run.opens_in_s - self.registry.reload_s(e) - PERIOD_LEAD_S
         if due_s > now:
             return due_s if next_due is None else min(next_due, due_s)
-        if e.status is S.UNLOADED:
-            self.queue(e.key, run.chance, run.why)
+        self.queue(e.key, run.chance, run.why)     # (which passes over one not unloaded)
         return next_due
 
     def queue(self, key: str, probability: float, why: str, *, may_evict: bool = True) -> None:

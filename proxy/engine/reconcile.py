@@ -21,6 +21,7 @@ from ..upstream.base import ApiLevel, Capabilities, UpstreamModel, capabilities_
 from ..urls import redact_url
 from .context import EngineContext, Part
 from .lifecycle import OWNER_EXTERNAL, OWNER_PROXY, ModelEntry, ModelStatus
+from .preload import PreloadTally
 
 log = logging.getLogger("proxy.engine")
 S = ModelStatus
@@ -28,8 +29,9 @@ EVICTED_BY_BACKEND = "backend"   # the eviction reason of a model the server dro
 
 
 class Reconciler(Part):
-    def __init__(self, ctx: EngineContext) -> None:
+    def __init__(self, ctx: EngineContext, preloads: PreloadTally) -> None:
         super().__init__(ctx)
+        self.preloads = preloads
         self._running = asyncio.Lock()
         self.api_level: ApiLevel | None = None
         self.capabilities: Capabilities | None = None   # with api_level, after detect()
@@ -176,6 +178,8 @@ class Reconciler(Part):
                 self.listeners.emit("on_evict", m.key, EVICTED_BY_BACKEND, None)
             else:
                 log.info("%s was unloaded outside the proxy", m.key)
+            if e.preloaded:   # unused: wasted, whoever unloaded it
+                self.preloads.unloaded_unused(e)
             self.accounting.forget_owned(e.instance_ids)
             self.ctx.swap(e, S.LOADED, S.UNLOADED)     # the swap wakes admission: room
             changed.append(e)
