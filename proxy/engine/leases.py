@@ -57,11 +57,12 @@ class Leases:
         e = lease.entry
         if lease.kind is USE:
             e.last_used_at_s = self._now()
-        if not e.busy:
+        shared = self.ctx.shared
+        if (self.scheduler.pending or shared is not None) and not e.busy:
             if self.scheduler.pending:
                 self.ctx.wake()
-            if self.ctx.shared is not None:    # a load on another replica may want it
-                self.ctx.shared.idle_now(e.key)
+            if shared is not None:    # a load on another replica may want it
+                shared.idle_now(e.key)
 
     def in_use(self) -> list[Lease]:
         return [lease for lease in self.active if lease.kind is USE]
