@@ -183,12 +183,13 @@ class HeldRenewals:
         return await self.inner.renew_leases(leases, ttl_s, idle)
 
 
-async def test_a_request_during_a_batch_that_gives_its_lease_up_takes_the_lease_by_asking():
+async def test_a_request_during_a_batch_that_gives_its_lease_up_waits_for_the_claim():
     facts = MemoryState("r2")
     store = HeldRenewals(facts.view("r1"))
     replica = Replica(store, lease_ttl_s=30, lock_ttl_s=30, unavailable_wait_s=1)
     await replica.start()
-    core = EngineCore(_config(), GatedBackend({A: 4}, MANAGED), shared=replica.host("default"))
+    backend = GatedBackend({A: 4}, MANAGED)
+    core = EngineCore(_config(), backend, shared=replica.host("default"))
     await core.start()
     try:
         (await core.acquire(A)).release()                   # leased here, idle now
@@ -202,15 +203,50 @@ async def test_a_request_during_a_batch_that_gives_its_lease_up_takes_the_lease_
         assert not request.done()                           # not served unleased meanwhile
         store.go.set()
         await batch
-        lease = await asyncio.wait_for(request, 10)
         assert core.ctx.shared.given_up == 1
-        assert await facts.leased_by("default", A) == {"r1"}   # taken again, by asking
-        assert A not in core.ctx.shared.unloaded_by   # resident: nobody is unloading it
+        store.hold = False
+        await replica.beat()                                # the waiting request renews nothing
+        for _ in range(20):                                 # the request runs meanwhile
+            await asyncio.sleep(0)
+        assert await facts.claim_unload("default", A, 30) == set()   # promised: not taken back
+        assert not request.done()
+        for instance_id in core.registry.entries[A].instance_ids:   # r2's unload ...
+            await backend.unload(instance_id)
+            await facts.remove_owned("default", instance_id)
+        await facts.release_unload("default", A)            # ... then its claim ends
+        lease = await asyncio.wait_for(request, 10)
+        assert backend.loads == [A, A]                      # gone: loaded again
+        assert await facts.leased_by("default", A) == {"r1"}
+        assert A not in core.ctx.shared.unloaded_by         # resident again
         lease.release()
     finally:
         store.go.set()
         await core.cleanup()
         await replica.close()
+
+
+async def test_a_promise_no_replica_claims_lapses_after_a_batch():
+    facts = MemoryState("r2")
+    store = facts.view("r1")
+    replica = Replica(store, lease_ttl_s=6, lock_ttl_s=30, unavailable_wait_s=1)
+    await replica.start()
+    backend = GatedBackend({A: 4}, MANAGED)
+    core = EngineCore(_config(), backend, shared=replica.host("default"))
+    await core.start()
+    try:
+        (await core.acquire(A)).release()
+        await facts.heartbeat(30)
+        await facts.want_unload("default", [A], 30)
+        await until(lambda: _given_up(core))
+        (await asyncio.wait_for(core.acquire(A), 4)).release()   # after the 2 s promise
+        assert backend.loads == [A] and await facts.leased_by("default", A) == {"r1"}
+    finally:
+        await core.cleanup()
+        await replica.close()
+
+
+async def _given_up(core: EngineCore) -> bool:
+    return core.ctx.shared.given_up > 0
 
 
 async def _waits_for_lease(core: EngineCore, key: str) -> bool:
@@ -266,3 +302,27 @@ async def test_a_waiting_load_wants_only_models_served_elsewhere_and_once_per_ba
 
 async def _sent(store: CountedWants) -> bool:
     return bool(store.sent)
+
+
+async def test_a_model_pinned_after_its_promise_lapsed_holds_its_lease_again():
+    facts = MemoryState("r2")
+    replica = Replica(facts.view("r1"), lease_ttl_s=3, lock_ttl_s=30, unavailable_wait_s=1)
+    await replica.start()
+    core = EngineCore(_config(), GatedBackend({A: 4}, MANAGED), shared=replica.host("default"))
+    await core.start()
+    try:
+        (await core.acquire(A)).release()
+        await facts.heartbeat(30)
+        await facts.want_unload("default", [A], 30)       # no claim follows
+        await until(lambda: _given_up(core))
+        await until(lambda: _unpromised(core, A))         # a batch later
+        core.pin(A, True)
+        await replica.beat()
+        assert await facts.leased_by("default", A) == {"r1"}
+    finally:
+        await core.cleanup()
+        await replica.close()
+
+
+async def _unpromised(core: EngineCore, key: str) -> bool:
+    return key not in core.ctx.shared.promised()

@@ -177,8 +177,10 @@ async def test_idle_leases_give_way_to_another_replicas_want_until_its_claim(fle
     assert renewal.given_up == {idle: "b"} and renewal.wanted == {busy}
     assert await b.leased_by("h1", "idle") == set() and await b.leased_by("h1", "busy") == {"a"}
     assert await b.leased_by("h1", "other") == {"a"}
+    assert await a.wanted_by("h1", "idle") == "b" and await a.wanted_by("h1", "other") is None
     # The claim that gets the model ends its want: a lease taken again stays.
     assert await b.claim_unload("h1", "idle", LONG_S) == set()
+    assert await a.wanted_by("h1", "idle") is None
     await b.release_unload("h1", "idle")
     assert (await a.renew_leases([idle], LONG_S, idle=[idle])).given_up == {}
     assert await b.leased_by("h1", "idle") == {"a"}

@@ -94,7 +94,7 @@ class SharedHost(LoadSlots, LeaseWants):
         every few seconds keeps it, and its requests take the hot path instead of a round trip
         each. The idle ones are withheld until the renewal answers: it gives up those another
         replica's load wants (engine/shared_wants.py)."""
-        now = set(self.leases_of())
+        now = set(self.leases_of()) - self.promised()
         keep = now | (self.renewed - self._lingering)
         gone = [k for k in self.renewed if k not in keep]
         self._lingering = keep - now
@@ -169,6 +169,7 @@ class SharedHost(LoadSlots, LeaseWants):
         deadline = loop.time() + r.lock_ttl_s + POLL_S
         waited = False
         try:
+            await self.keep_promise(key)
             while not (taken := await self.store.take_lease(
                     self.name, key, r.lease_ttl_s, self._fleet_loaded(key))):
                 if taken is None:

@@ -16,9 +16,12 @@ next idle moment there:
 
 Giving one up is told on the replicas' stream (`lease_given_up`): the wanting replica looks
 again at once. Its claim ends the want; unclaimed, a want lapses a lease TTL after the load
-last asked (once per batch while it waits). A request here after that takes its lease again
-unless the unload has begun, and then waits for it and loads the model again, as after any
-unload by another replica.
+last asked (once per batch while it waits). The model is promised to it for a batch: a request
+here meanwhile waits for that claim (as one on a single proxy waits once its model was chosen
+to make room) rather than take the lease back at once, which under steady traffic would
+refuse the claim every time. Once the claim is seen it waits for the unload and loads the
+model again, as after any unload by another replica; with no claim by the batch's end it takes
+its lease again.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 
 from ..errors import StateUnavailable
 from ..state import Renewal
+from .shared_load import POLL_S
 
 if TYPE_CHECKING:
     from .replica import Replica
@@ -54,6 +58,7 @@ class LeaseWants:
         self.wake: Callable[[], None] = lambda: None    # the engine's admission, set by it
         self._settling: dict[str, asyncio.Future[None]] = {}   # model → its renewal's outcome
         self._wanting: dict[str, float] = {}    # model → when its want is next sent (loop s)
+        self._promised: dict[str, float] = {}   # model → until (loop s): given up, not claimed
 
     def want(self, keys: Iterable[str]) -> None:
         """A load here waits for nothing but these models' memory, which other replicas
@@ -136,6 +141,7 @@ class LeaseWants:
         # the stream tells says so, and counts no eviction by the server. Taking the lease
         # again while the model is resident forgets it.
         self.unloaded_by[key] = by
+        self._promised[key] = asyncio.get_running_loop().time() + self.replica.lease_ttl_s / 3
         task = asyncio.ensure_future(self._tell(key))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -144,6 +150,27 @@ class LeaseWants:
         with contextlib.suppress(StateUnavailable):
             await self.replica.store.append_event(GIVEN_UP_EVENT, {
                 "host": self.name, "model": key, "replica": self.replica.id})
+
+    def promised(self) -> set[str]:
+        """Models given up here for another replica's load that has not claimed them yet: a
+        request waiting for that claim holds no lease the batch should renew."""
+        now = asyncio.get_running_loop().time()
+        return {k for k, until in self._promised.items() if until > now}
+
+    async def keep_promise(self, key: str) -> None:
+        """A request for a model given up for another replica's load waits, a batch at most,
+        for that replica's claim (which ends its want) before it takes the lease again."""
+        until = self._promised.get(key)
+        if until is None:
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            while loop.time() < until:
+                if await self.replica.store.wanted_by(self.name, key) in (None, self.replica.id):
+                    return                  # claimed (or lapsed): the lease decides what follows
+                await asyncio.sleep(POLL_S / 5)
+        finally:
+            self._promised.pop(key, None)
 
     def lease_given_up(self, model: str) -> None:
         """Another replica gave up its lease on `model` here: a load waiting for its memory

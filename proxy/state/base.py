@@ -197,6 +197,8 @@ class StateStore(Protocol):
     async def want_unload(self, host: str, models: Iterable[str], ttl_s: float) -> None:
         """This replica's want of each model's memory on `host`, for `ttl_s` (a renewal gives
         up the idle leases on them)."""
+    async def wanted_by(self, host: str, model: str) -> str | None:
+        """The replica whose want of (host, model) stands, if any (a claim ends it)."""
     async def release_unload(self, host: str, model: str) -> None:
         """Ends this replica's unload claim (another's is left alone)."""
     async def unload_claimant(self, host: str, model: str) -> str | None:

@@ -213,6 +213,9 @@ class MemoryState:
         for model in models:
             self._f.wants[(host, model)] = (self.replica_id, self._now() + ttl_s)
 
+    async def wanted_by(self, host: str, model: str) -> str | None:
+        return self._wanter((host, model))
+
     async def release_unload(self, host: str, model: str) -> None:
         if self._claimant((host, model)) == self.replica_id:
             del self._f.unloading[(host, model)]

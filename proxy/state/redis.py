@@ -259,6 +259,10 @@ class RedisState:
         await pipe.execute()
 
     @_guarded
+    async def wanted_by(self, host: str, model: str) -> str | None:
+        return await self.client.get(self._key("want", host, model))
+
+    @_guarded
     async def unload_claimant(self, host: str, model: str) -> str | None:
         return await self.client.get(self._key("unloading", host, model))
 
