@@ -240,6 +240,7 @@ async def test_a_promise_no_replica_claims_lapses_after_a_batch():
         await until(lambda: _given_up(core))
         (await asyncio.wait_for(core.acquire(A), 4)).release()   # after the 2 s promise
         assert backend.loads == [A] and await facts.leased_by("default", A) == {"r1"}
+        assert A not in core.ctx.shared.unloaded_by         # resident, nobody unloads it
     finally:
         await core.cleanup()
         await replica.close()
