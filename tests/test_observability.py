@@ -166,13 +166,19 @@ async def test_load_past_its_timeout_alerts_until_it_finishes(emulator):
     await mgr.cleanup()
 
 
-async def test_silent_hang_through_the_proxy_opens_and_clears(make_proxy, emulator, http):
+async def _hung_request(make_proxy, emulator, http):  # noqa: ANN001, ANN202 - fixtures
+    """A request through the proxy that the upstream never answers: (proxy, clock, task)."""
     clock = ManualClock()
     proxy = await make_proxy(emulator.url, app_kwargs={"clock": clock})
     emulator.state.faults.hang_inference = True
     request = asyncio.create_task(http.post(f"{proxy.url}/v1/chat/completions",
                                             json={"model": MODEL, "messages": []}))
     await emulator.state.wait_for(lambda: emulator.state.hung_requests == 1)
+    return proxy, clock, request
+
+
+async def test_silent_hang_through_the_proxy_opens_and_clears(make_proxy, emulator, http):
+    proxy, clock, request = await _hung_request(make_proxy, emulator, http)
     clock.advance(121)
     async with http.get(f"{proxy.url}/proxy/health") as r:
         report = await r.json()
@@ -189,12 +195,7 @@ async def test_a_request_silent_for_less_than_the_threshold_is_no_hang(make_prox
                                                                          http):
     """A lease's silence counts from its start: a minute without a byte (under
     hang_threshold_s) raises nothing."""
-    clock = ManualClock()
-    proxy = await make_proxy(emulator.url, app_kwargs={"clock": clock})
-    emulator.state.faults.hang_inference = True
-    request = asyncio.create_task(http.post(f"{proxy.url}/v1/chat/completions",
-                                            json={"model": MODEL, "messages": []}))
-    await emulator.state.wait_for(lambda: emulator.state.hung_requests == 1)
+    proxy, clock, request = await _hung_request(make_proxy, emulator, http)
     clock.advance(60)
     async with http.get(f"{proxy.url}/proxy/health") as r:
         assert f"hang:in_flight:{MODEL}" not in ids(await r.json())

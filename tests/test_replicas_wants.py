@@ -163,6 +163,21 @@ async def _resident(core: EngineCore, key: str) -> bool:
     return core.registry.entries[key].status.value == "loaded"
 
 
+@contextlib.asynccontextmanager
+async def _alone(store: Any, lease_ttl_s: float):  # noqa: ANN202
+    """One replica's engine (of lab/a, 4.8 GB) on `store`; yields (core, replica, backend)."""
+    replica = Replica(store, lease_ttl_s=lease_ttl_s, lock_ttl_s=30, unavailable_wait_s=1)
+    await replica.start()
+    backend = GatedBackend({A: 4}, MANAGED)
+    core = EngineCore(_config(), backend, shared=replica.host("default"))
+    await core.start()
+    try:
+        yield core, replica, backend
+    finally:
+        await core.cleanup()
+        await replica.close()
+
+
 class HeldRenewals:
     """A replica's view of the shared state whose lease batches wait for `go` once `hold` is
     set (its first leases pass at once)."""
@@ -186,54 +201,42 @@ class HeldRenewals:
 async def test_a_request_during_a_batch_that_gives_its_lease_up_waits_for_the_claim():
     facts = MemoryState("r2")
     store = HeldRenewals(facts.view("r1"))
-    replica = Replica(store, lease_ttl_s=30, lock_ttl_s=30, unavailable_wait_s=1)
-    await replica.start()
-    backend = GatedBackend({A: 4}, MANAGED)
-    core = EngineCore(_config(), backend, shared=replica.host("default"))
-    await core.start()
-    try:
-        (await core.acquire(A)).release()                   # leased here, idle now
-        await facts.heartbeat(30)
-        await facts.want_unload("default", [A], 30)
-        store.hold = True
-        batch = asyncio.ensure_future(replica.beat())
-        await store.renewing.wait()
-        request = asyncio.ensure_future(core.acquire(A))
-        await until(lambda: _waits_for_lease(core, A))
-        assert not request.done()                           # not served unleased meanwhile
-        store.go.set()
-        await batch
-        assert core.ctx.shared.given_up == 1
-        store.hold = False
-        await replica.beat()                                # the waiting request renews nothing
-        for _ in range(20):                                 # the request runs meanwhile
-            await asyncio.sleep(0)
-        assert await facts.claim_unload("default", A, 30) == set()   # promised: not taken back
-        assert not request.done()
-        for instance_id in core.registry.entries[A].instance_ids:   # r2's unload ...
-            await backend.unload(instance_id)
-            await facts.remove_owned("default", instance_id)
-        await facts.release_unload("default", A)            # ... then its claim ends
-        lease = await asyncio.wait_for(request, 10)
-        assert backend.loads == [A, A]                      # gone: loaded again
-        assert await facts.leased_by("default", A) == {"r1"}
-        assert A not in core.ctx.shared.unloaded_by         # resident again
-        lease.release()
-    finally:
-        store.go.set()
-        await core.cleanup()
-        await replica.close()
+    async with _alone(store, lease_ttl_s=30) as (core, replica, backend):
+        try:
+            (await core.acquire(A)).release()                   # leased here, idle now
+            await facts.heartbeat(30)
+            await facts.want_unload("default", [A], 30)
+            store.hold = True
+            batch = asyncio.ensure_future(replica.beat())
+            await store.renewing.wait()
+            request = asyncio.ensure_future(core.acquire(A))
+            await until(lambda: _waits_for_lease(core, A))
+            assert not request.done()                           # not served unleased meanwhile
+            store.go.set()
+            await batch
+            assert core.ctx.shared.given_up == 1
+            store.hold = False
+            await replica.beat()                            # the waiting request renews nothing
+            for _ in range(20):                                 # the request runs meanwhile
+                await asyncio.sleep(0)
+            assert await facts.claim_unload("default", A, 30) == set()   # promised: not taken back
+            assert not request.done()
+            for instance_id in core.registry.entries[A].instance_ids:   # r2's unload ...
+                await backend.unload(instance_id)
+                await facts.remove_owned("default", instance_id)
+            await facts.release_unload("default", A)            # ... then its claim ends
+            lease = await asyncio.wait_for(request, 10)
+            assert backend.loads == [A, A]                      # gone: loaded again
+            assert await facts.leased_by("default", A) == {"r1"}
+            assert A not in core.ctx.shared.unloaded_by         # resident again
+            lease.release()
+        finally:
+            store.go.set()             # a failed test leaves no batch held
 
 
 async def test_a_promise_no_replica_claims_lapses_after_a_batch():
     facts = MemoryState("r2")
-    store = facts.view("r1")
-    replica = Replica(store, lease_ttl_s=6, lock_ttl_s=30, unavailable_wait_s=1)
-    await replica.start()
-    backend = GatedBackend({A: 4}, MANAGED)
-    core = EngineCore(_config(), backend, shared=replica.host("default"))
-    await core.start()
-    try:
+    async with _alone(facts.view("r1"), lease_ttl_s=6) as (core, _, backend):
         (await core.acquire(A)).release()
         await facts.heartbeat(30)
         await facts.want_unload("default", [A], 30)
@@ -241,9 +244,6 @@ async def test_a_promise_no_replica_claims_lapses_after_a_batch():
         (await asyncio.wait_for(core.acquire(A), 4)).release()   # after the 2 s promise
         assert backend.loads == [A] and await facts.leased_by("default", A) == {"r1"}
         assert A not in core.ctx.shared.unloaded_by         # resident, nobody unloads it
-    finally:
-        await core.cleanup()
-        await replica.close()
 
 
 async def _given_up(core: EngineCore) -> bool:
@@ -307,11 +307,7 @@ async def _sent(store: CountedWants) -> bool:
 
 async def test_a_model_pinned_after_its_promise_lapsed_holds_its_lease_again():
     facts = MemoryState("r2")
-    replica = Replica(facts.view("r1"), lease_ttl_s=3, lock_ttl_s=30, unavailable_wait_s=1)
-    await replica.start()
-    core = EngineCore(_config(), GatedBackend({A: 4}, MANAGED), shared=replica.host("default"))
-    await core.start()
-    try:
+    async with _alone(facts.view("r1"), lease_ttl_s=3) as (core, replica, _):
         (await core.acquire(A)).release()
         await facts.heartbeat(30)
         await facts.want_unload("default", [A], 30)       # no claim follows
@@ -320,9 +316,6 @@ async def test_a_model_pinned_after_its_promise_lapsed_holds_its_lease_again():
         core.pin(A, True)
         await replica.beat()
         assert await facts.leased_by("default", A) == {"r1"}
-    finally:
-        await core.cleanup()
-        await replica.close()
 
 
 async def _unpromised(core: EngineCore, key: str) -> bool:
