@@ -42,6 +42,8 @@ def calls(store: RedisState) -> dict:
         "leased_by": lambda: store.leased_by("h1", "m"),
         "take_lease": lambda: store.take_lease("h1", "m", LONG_S),
         "claim_unload": lambda: store.claim_unload("h1", "m", LONG_S),
+        "want_unload": lambda: store.want_unload("h1", ["m"], LONG_S),
+        "wanted_by": lambda: store.wanted_by("h1", "m"),
         "put_learned": lambda: store.put_learned("h1", "m", load_s=1.0, ttl_s=LONG_S),
         "learned": lambda: store.learned("h1"),
         "last_event_id": store.last_event_id,

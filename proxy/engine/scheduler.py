@@ -30,12 +30,12 @@ from typing import Awaitable, Callable
 from ..errors import ModelLoadFailed, ProxyError, StateUnavailable, UpstreamError
 from .context import EngineContext, Part
 from .eviction import Evictor
-from .policy import SERVING_ELSEWHERE
 from .fit import Fitter
 from .groups import CLEARED, DROP, WAIT
 from .lifecycle import ModelStatus
 from .loader import Loader
 from .memory import GB, MemoryPressure, MemorySample
+from .policy import SERVING_ELSEWHERE
 from .preload import PreloadTally
 from .queue import LoadQueue, Pending
 from .refusals import WILL_GO, Refusals

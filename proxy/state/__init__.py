@@ -11,7 +11,8 @@ from .base import (HostRecord, LeaseKey, Learned, LoadLock, Measured, Renewal, R
 from .memory import MemoryState
 
 __all__ = ["HostRecord", "LeaseKey", "Learned", "LoadLock", "Measured", "MemoryState", "Renewal",
-           "Reserved", "StateStore", "StoredEvent", "Whereabouts", "create_state", "default_replica_id"]
+           "Reserved", "StateStore", "StoredEvent", "Whereabouts", "create_state",
+           "default_replica_id"]
 
 
 def default_replica_id() -> str:
