@@ -3,7 +3,8 @@ a load under way keeps its place when all its waiters time out; one pending load
 when a requester's load is abandoned; an SDK client's load times out, leaves, or finds the
 model loaded like a request; requests that joined it keep the model until leased; the hang alert
 counts from the current wait (a request joining a queued preload too); a load leaving the
-queue wakes the one behind it; a load failing with nobody waiting logs no stray error."""
+queue wakes the one behind it, and one queued while admission runs is looked at at once; a
+load failing with nobody waiting logs no stray error."""
 from __future__ import annotations
 
 import asyncio
@@ -205,3 +206,23 @@ async def test_a_load_that_fails_with_nobody_waiting_leaves_no_unretrieved_error
     await asyncio.gather(*[t for t in asyncio.all_tasks() if t.get_name() == f"load:{Z}"])
     gc.collect()                                           # the failed load's future goes
     assert "Future exception was never retrieved" not in caplog.text and mgr.entry(Z).status.value == "error"
+
+
+@pytest.mark.parametrize("how", ["preload", "sdk"])
+async def test_a_load_queued_while_another_loads_is_looked_at_at_once(lab, lab_manager, how):
+    """Admission is already running (for X's load under way): a load that fits beside it
+    starts now, not once X's load is done."""
+    mgr = await lab_manager(lab.url)
+    gate = lab.state.faults.load_gate[X] = asyncio.Event()
+    first = asyncio.create_task(mgr.acquire(X))
+    await lab.state.wait_for(lambda: lab.state.loading[X] == 1)
+    if how == "preload":
+        assert mgr.core.scheduler.preload(mgr.core.registry.entries[Z], value_s=10.0,
+                                          why="test")
+        await asyncio.wait_for(lab.state.wait_for(lambda: lab.state.load_calls[Z] == 1), 5)
+    else:
+        load = await asyncio.wait_for(mgr.admit_load(Z, owner="sdk:a"), 5)
+        load.left(sent=False)
+    assert not first.done()
+    gate.set()
+    (await first).release()

@@ -103,8 +103,7 @@ class LoadQueue:
                 return None
         loop = asyncio.get_running_loop()
         done, go = loop.create_future(), loop.create_future()
-        done.add_done_callback(_consume)
-        go.add_done_callback(_consume)
+        done.add_done_callback(_consume)      # go fails only while its requester awaits it
         p = self.pending[e.key] = Pending(e, self.clock.now(), done, go=go)
         self._count(p, +1)
         self._ensure_running()
