@@ -85,6 +85,7 @@ async def test_a_model_the_server_refused_at_its_size_is_refused_once(make_emula
     status, body, headers = await post()       # known to fail: nothing changes until revised
     assert status == 503 and body["error"]["code"] == "insufficient_memory"
     assert headers["x-should-retry"] == "false" and "Retry-After" not in headers
+    assert "(its file is 4.0 GB)" in body["error"]["message"]
 
 
 async def test_memory_only_pinned_models_hold_is_refused_once(make_emulator, make_proxy):

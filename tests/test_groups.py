@@ -257,7 +257,8 @@ async def test_an_exclusive_member_serving_past_the_deadline_refuses_naming_the_
         await mgr.acquire(Y)
     message = refused.value.message
     assert "exclusive group 'swap'" in message and f"'{X}'" in message
-    assert "serving 1 request(s)" in message and refused.value.retry_after_s is not None
+    assert "serving 1 request(s) after 0.3s (eviction.queue_timeout_s)" in message
+    assert refused.value.retry_after_s == 1.0
     assert loaded(mgr, X) and lab.state.load_calls[Y] == 0
     serving.release()
 

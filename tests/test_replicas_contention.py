@@ -171,6 +171,7 @@ async def test_a_load_still_refused_room_at_its_deadline_says_so_not_still_loadi
                 pytest.raises(InsufficientMemory) as refused:
             await asyncio.wait_for(two.acquire(B), 15)
         assert "other replicas' loads hold 4.8 GB" in refused.value.message
+        assert refused.value.message.endswith("; waited 8s (eviction.queue_timeout_s)")
         waits = [r.levelno for r in caplog.records if "waits for room again" in r.getMessage()]
         if stale:          # admitted and refused every few seconds: said once
             assert len(waits) >= 2 and waits[:2] == [logging.INFO, logging.DEBUG]

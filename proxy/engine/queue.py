@@ -75,7 +75,6 @@ class LoadQueue:
             done = asyncio.get_running_loop().create_future()
             done.add_done_callback(_consume)
             p = self.pending[e.key] = Pending(e, self.clock.now(), done)
-            e.waiting_since_s = p.since_s
             self._ensure_running()
             self.kick()
         elif p.speculative:
@@ -104,10 +103,8 @@ class LoadQueue:
                 return None
         loop = asyncio.get_running_loop()
         done, go = loop.create_future(), loop.create_future()
-        done.add_done_callback(_consume)
-        go.add_done_callback(_consume)
+        done.add_done_callback(_consume)      # go fails only while its requester awaits it
         p = self.pending[e.key] = Pending(e, self.clock.now(), done, go=go)
-        e.waiting_since_s = p.since_s
         self._count(p, +1)
         self._ensure_running()
         self.kick()
@@ -180,6 +177,10 @@ class LoadQueue:
         e.waiting = p.waiters
         if p.waiters == 0:
             e.waiting_since_s = None
+        elif e.waiting_since_s is None:
+            # Its first waiter, on a load just queued or one queued before (a preload):
+            # the hang alert counts from here.
+            e.waiting_since_s = self.clock.now()
         self.listeners.emit("on_queue", e.key, p.waiters)
 
     def _finish(self, p: Pending, error: BaseException | None) -> None:
