@@ -195,3 +195,15 @@ async def test_a_bound_set_aside_by_hand_stays_aside_after_a_restart(lab, engine
     second = await engine(lab.url, store=UsageStore(path), clock=next_process(clock, 60))
     (await second.acquire(U)).release()              # tried, and loaded
     assert lab.state.instances_of(U)
+
+
+async def test_the_history_is_filed_under_the_upstream_without_its_credentials(
+        lab, engine, tmp_path):
+    path = tmp_path / "history.sqlite3"
+    url = lab.url.replace("http://", "http://lab:s3cret@")
+    first = await engine(url, store=UsageStore(path), memory=SMALL)
+    await use(first, A, 3)
+    await first.cleanup()
+    assert b"s3cret" not in path.read_bytes()
+    second = await engine(url, store=UsageStore(path), memory=SMALL)
+    assert kept(second)["rows"][A]["requests"] == 3      # found again under the same name
