@@ -77,6 +77,7 @@ class SharedHost(LoadSlots, LeaseWants):
         self.owned = FleetOwned(self.store, name)  # instances the fleet loaded here
         self.remote_busy: dict[str, float] = {}   # model → until (monotonic): leased elsewhere
         self.reserved: dict[str, int] = {}        # model → bytes this replica holds reserved
+        self._releasing: dict[str, asyncio.Task] = {}   # model → its last load's release
         self.registry: Registry | None = None     # the engine's models (learned facts)
         self.learned = LearnedShare(self.store, name)
         self.names = HostNames(self.store, name)
