@@ -22,13 +22,17 @@ end
 """
 
 # KEYS: zset   ARGV: member, ttl_ms   (a heartbeat: the replica's or a host's index entry)
+#   → 1 if the member was alive already, else 0
 # ZADD first: Redis checks a script's writes against maxmemory only until its first write, so
 # a heartbeat that began with the removal would pass on a Redis refusing every other write.
 TOUCH = _COMMON + """
 local now, ttl = now_ms(), tonumber(ARGV[2])
+local was = alive(KEYS[1], ARGV[1], now)
 redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 extend(KEYS[1], ttl)
+if was then return 1 end
+return 0
 """
 
 # KEYS: zset   → members still alive
@@ -165,10 +169,12 @@ extend(KEYS[1], ttl)
 return 1
 """
 
-# KEYS: lease zset, replicas, unload claim, want   ARGV: replica, ttl_ms
-#   → the other replicas serving it; none: the claim is this replica's now (the want ends)
+# KEYS: lease zset, replicas, unload claim, want   ARGV: replica, ttl_ms, if_live ('1'/'0')
+#   → the other replicas serving it; none: the claim is this replica's now (the want ends).
+#   With if_live, a replica the state does not count live (it lost its data) is refused: {it}.
 CLAIM_UNLOAD = _COMMON + """
 local now, out = now_ms(), {}
+if ARGV[3] == '1' and not alive(KEYS[2], ARGV[1], now) then return {ARGV[1]} end
 for _, r in ipairs(redis.call('ZRANGE', KEYS[1], '(' .. now, '+inf', 'BYSCORE')) do
   if r ~= ARGV[1] and alive(KEYS[2], r, now) then out[#out + 1] = r end
 end
