@@ -197,7 +197,9 @@ class StateStore(Protocol):
                            if_live: bool = False) -> set[str]:
         """Atomically: the other replicas holding a live lease on (host, model); when there are
         none, this replica's claim to unload it, for `ttl_s` or until released (and the
-        model's want ends). Between the two, a lease and an unload never both go ahead. With
+        model's want ends, and so do its loads' reservations: the model is resident, so
+        theirs is only the grace after the load, and its memory is coming free). Between the
+        two, a lease and an unload never both go ahead. With
         `if_live`, a replica the state does not count alive (it lost its data since this
         replica's last heartbeat) is refused: {this replica}."""
     async def want_unload(self, host: str, models: Iterable[str], ttl_s: float) -> None:

@@ -169,8 +169,10 @@ extend(KEYS[1], ttl)
 return 1
 """
 
-# KEYS: lease zset, replicas, unload claim, want   ARGV: replica, ttl_ms, if_live ('1'/'0')
-#   → the other replicas serving it; none: the claim is this replica's now (the want ends).
+# KEYS: lease zset, replicas, unload claim, want, the host's reservations
+# ARGV: replica, ttl_ms, if_live ('1'/'0'), model
+#   → the other replicas serving it; none: the claim is this replica's now (the want ends,
+#   and so do the reservations of its loads: a resident model's are only their grace).
 #   With if_live, a replica the state does not count live (it lost its data) is refused: {it}.
 CLAIM_UNLOAD = _COMMON + """
 local now, out = now_ms(), {}
@@ -181,6 +183,10 @@ end
 if #out == 0 then
   redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[2])
   redis.call('DEL', KEYS[4])
+  local suffix = '|' .. ARGV[4]
+  for _, f in ipairs(redis.call('HKEYS', KEYS[5])) do
+    if string.sub(f, -#suffix) == suffix then redis.call('HDEL', KEYS[5], f) end
+  end
 end
 return out
 """

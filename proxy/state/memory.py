@@ -213,6 +213,9 @@ class MemoryState:
         if not others:
             self._f.unloading[(host, model)] = (self.replica_id, self._now() + ttl_s)
             self._f.wants.pop((host, model), None)
+            table = self._f.reservations.get(host, {})
+            for held in [k for k in table if k[1] == model]:   # a resident model's: its grace
+                del table[held]
         return others
 
     async def want_unload(self, host: str, models: Iterable[str], ttl_s: float) -> None:

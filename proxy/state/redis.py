@@ -250,8 +250,9 @@ class RedisState:
                            if_live: bool = False) -> set[str]:
         return set(await self._s["CLAIM_UNLOAD"](
             keys=[self._key("lease", host, model), self._k_replicas,
-                  self._key("unloading", host, model), self._key("want", host, model)],
-            args=[self.replica_id, _ms(ttl_s), "1" if if_live else "0"]))
+                  self._key("unloading", host, model), self._key("want", host, model),
+                  self._key("res", host)],
+            args=[self.replica_id, _ms(ttl_s), "1" if if_live else "0", model]))
 
     @_guarded
     async def want_unload(self, host: str, models: Iterable[str], ttl_s: float) -> None:
