@@ -319,3 +319,35 @@ async def _beaten(core: EngineCore) -> bool:
     replica = core.ctx.shared.replica
     await replica.beat()                  # the first may meet the restart: asked again
     return replica.ok
+
+
+async def test_a_load_under_way_as_redis_restarts_empty_puts_its_reservation_back(
+        redis_server):  # noqa: F811
+    # Its reservation went with Redis's data: until it is back, another replica would find the
+    # loading model's room free, load into it too, and the server refuse one of the loads.
+    backend = GatedBackend({A: 4, B: 4}, MANAGED)          # 4.8 GB each: one fits in 8
+    backend.gates[A] = asyncio.Event()
+    replica = Replica(create_state(redis_server.url, replica_id="r1"), lease_ttl_s=30,
+                      lock_ttl_s=30, unavailable_wait_s=5)
+    await replica.start()
+    core = EngineCore(_config(), backend, shared=replica.host("default"))
+    await core.start()
+    probe = create_state(redis_server.url, replica_id="r2")
+    try:
+        loading = asyncio.ensure_future(core.acquire(A))
+        await backend.started.setdefault(A, asyncio.Event()).wait()    # reserved, loading
+        need = int(core.registry.footprint_bytes(core.registry.entries[A]))
+        assert await probe.reserved_bytes("default") == need
+        redis_server.stop()
+        redis_server.start()                                # empty
+        await until(lambda: _beaten(core))                  # it finds the state lost it
+        assert await probe.reserved_bytes("default") == need
+        assert not (await probe.reserve("default", B, need, 8 * 10**9, 30)).granted
+        backend.gates[A].set()
+        (await asyncio.wait_for(loading, 10)).release()
+    finally:
+        backend.gates[A].set()
+        await core.cleanup()
+        await replica.close()
+        await replica.store.close()
+        await probe.close()

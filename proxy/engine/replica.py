@@ -122,6 +122,8 @@ class Replica:
         try:
             if await self.store.heartbeat(self.lease_ttl_s) is False and self._beaten:
                 self._lost()
+                for h in self.hosts:
+                    await h.put_reservations_back()
             self._beaten = True
             self.leader = await self.store.campaign(self.lease_ttl_s)
             leases, ended, idle = [], [], []

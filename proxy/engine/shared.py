@@ -78,6 +78,7 @@ class SharedHost(LoadSlots, LeaseWants):
         self.remote_busy: dict[str, float] = {}   # model → until (monotonic): leased elsewhere
         self.reserved: dict[str, int] = {}        # model → bytes this replica holds reserved
         self._releasing: dict[str, asyncio.Task] = {}   # model → its last load's release
+        self._reserved_s: dict[str, float] = {}          # model → its reservation's TTL
         self.registry: Registry | None = None     # the engine's models (learned facts)
         self.learned = LearnedShare(self.store, name)
         self.names = HostNames(self.store, name)
