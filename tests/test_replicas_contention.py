@@ -9,6 +9,7 @@ from typing import Any, Mapping
 import pytest
 
 from proxy.configload import load_config
+from proxy.engine import shared_load
 from proxy.engine.core import EngineCore
 from proxy.engine.lifecycle import ModelStatus
 from proxy.engine.memory import MemoryPressure
@@ -248,4 +249,30 @@ async def test_a_model_pinned_on_one_replica_is_not_evicted_by_another():
             await asyncio.wait_for(two.acquire(B), 10)
         assert backend.loaded == [A] and "lab/a" in refused.value.message
     finally:
+        await _close(one, two)
+
+
+async def test_a_reload_keeps_its_reservation_past_the_grace_of_the_load_before(monkeypatch):
+    # A model loaded again on a replica soon after its last load (another replica's waiting
+    # load evicted it between two requests): the last load's reservation, released after its
+    # grace, must not take the new load's with it, or another replica loads into that room
+    # and the server refuses one of the two loads.
+    monkeypatch.setattr(shared_load, "RESERVATION_GRACE_S", 0.05)
+    backend = GatedBackend({A: 4}, MANAGED)
+    one, two = await _pair(backend)
+    try:
+        (await one.acquire(A)).release()
+        earlier = set(one.ctx.shared._tasks)          # the first load's release among them
+        assert await one.unload(A)
+        backend.gates[A] = asyncio.Event()
+        backend.started.pop(A, None)
+        again = asyncio.ensure_future(one.acquire(A))
+        await backend.started.setdefault(A, asyncio.Event()).wait()   # reserved, loading
+        await asyncio.wait(earlier, timeout=5)        # the first load's grace is over
+        need = one.registry.footprint_bytes(one.registry.entries[A])
+        assert await two.ctx.shared.others_reserved_bytes() == int(need)
+        backend.gates[A].set()
+        (await asyncio.wait_for(again, 10)).release()
+    finally:
+        backend.gates.setdefault(A, asyncio.Event()).set()
         await _close(one, two)

@@ -180,6 +180,10 @@ async def test_a_second_copy_loaded_as_redis_restarted_is_charged_then_unloaded_
     leader, other = (a, b) if a.app[REPLICA].leader else (b, a)
     store = leader.app[REPLICA].store
     await until_async(lambda: _empty(store.leased_by("x", MID)), 10)   # idle everywhere
+    # Redis lost every lease: no eviction until the leader's heartbeat is back, and the
+    # replicas have put their leases back.
+    await until_async(lambda: _has(store.replicas(), leader.app[REPLICA].id), 10)
+    await until(lambda: leader.app[REPLICA].leases_back(), 10)
     await leader.engine.host("x").core._idle_tick()
     assert [i.instance_id for i in emu.state.instances_of(MID)] == [MID]
     await until(lambda: entry(other, MID).instance_ids == (MID,))      # told at once
@@ -244,3 +248,7 @@ async def test_replicas_giving_one_name_to_two_servers_are_warned(
     assert on_b.startswith("host 'x': replica A has host 'x' at http://") and \
         "this replica at" in on_b
     assert await name_alerts(http, a)
+
+
+async def _has(names: Any, name: str) -> bool:
+    return name in await names

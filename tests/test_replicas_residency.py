@@ -89,6 +89,7 @@ async def replica_cores(url: str, facts: Any, names: tuple[str, ...] = ("A", "B"
         config = engine_config(upstream={"url": url}, memory={
             "sampler": "budget", "budget_gb": 20, "min_free_memory_gb": 0})
         replica = Replica(facts.view(name), lease_ttl_s=30, lock_ttl_s=10, unavailable_wait_s=1)
+        await replica.store.heartbeat(30)         # alive, as a started replica is
         core = EngineCore(config, LMStudioUpstream(config.upstream), owns_upstream=True,
                           shared=replica.host("default"))
         await core.start()

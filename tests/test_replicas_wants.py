@@ -10,12 +10,14 @@ from typing import Any
 
 import pytest
 
+from proxy.engine.clock import ManualClock
 from proxy.engine.core import EngineCore
 from proxy.engine.replica import Replica
 from proxy.errors import InsufficientMemory
 from proxy.observe.relayed import EventRelay
-from proxy.state import MemoryState
+from proxy.state import MemoryState, create_state
 
+from .redis_server import make_redis_server, redis_server  # noqa: F401
 from .state_contract import Hub, until
 from .test_replicas_contention import MANAGED, GatedBackend, _close, _config
 
@@ -320,3 +322,86 @@ async def test_a_model_pinned_after_its_promise_lapsed_holds_its_lease_again():
 
 async def _unpromised(core: EngineCore, key: str) -> bool:
     return key not in core.ctx.shared.promised()
+
+
+@pytest.mark.parametrize("beaten", [False, True], ids=["before-its-heartbeat",
+                                                      "after-its-heartbeat"])
+async def test_after_redis_restarts_empty_a_waiting_load_evicts_nothing_still_served(
+        redis_server, beaten):  # noqa: F811
+    # Redis lost every lease with its data; the replica serving A puts its lease back only at
+    # its next batch. The waiting replica must not take A for unserved meanwhile: that
+    # eviction would cut A's generation (LM Studio ends what an unloaded model generates).
+    backend = GatedBackend({A: 4, B: 4}, MANAGED)          # 4.8 GB each: one fits in 8
+    clock = ManualClock()
+    cores = []
+    for name, core_clock in (("r1", None), ("r2", clock)):
+        replica = Replica(create_state(redis_server.url, replica_id=name), lease_ttl_s=30,
+                          lock_ttl_s=30, unavailable_wait_s=5)     # batches every 10 s
+        await replica.start()
+        core = EngineCore(_config(queue_timeout_s=60), backend, clock=core_clock,
+                          shared=replica.host("default"))
+        await core.start()
+        cores.append(core)
+    one, two = cores
+    try:
+        serving = await one.acquire(A)                     # a generation under way there
+        await until(lambda: _resident(two, A))
+        loading = asyncio.ensure_future(two.acquire(B))
+        await until(lambda: _refused(two, A))              # A serves through the other
+        redis_server.stop()
+        redis_server.start()                               # empty
+        if beaten:          # its heartbeat finds the state lost it: one batch is not enough
+            await until(lambda: _beaten(two))
+        clock.advance(60)                                  # the refusal's hold is over
+        two.scheduler.kick()
+        await two.scheduler.settled()
+        assert backend.loaded == [A] and not loading.done()
+        assert one.registry.entries[A].status.value == "loaded"
+        serving.release()
+        loading.cancel()
+    finally:
+        await _close(one, two)
+        for core in cores:
+            await core.ctx.shared.replica.store.close()
+
+
+async def _refused(core: EngineCore, key: str) -> bool:
+    return key in core.ctx.shared.remote_busy
+
+
+async def _beaten(core: EngineCore) -> bool:
+    replica = core.ctx.shared.replica
+    await replica.beat()                  # the first may meet the restart: asked again
+    return replica.ok
+
+
+async def test_a_load_under_way_as_redis_restarts_empty_puts_its_reservation_back(
+        redis_server):  # noqa: F811
+    # Its reservation went with Redis's data: until it is back, another replica would find the
+    # loading model's room free, load into it too, and the server refuse one of the loads.
+    backend = GatedBackend({A: 4, B: 4}, MANAGED)          # 4.8 GB each: one fits in 8
+    backend.gates[A] = asyncio.Event()
+    replica = Replica(create_state(redis_server.url, replica_id="r1"), lease_ttl_s=30,
+                      lock_ttl_s=30, unavailable_wait_s=5)
+    await replica.start()
+    core = EngineCore(_config(), backend, shared=replica.host("default"))
+    await core.start()
+    probe = create_state(redis_server.url, replica_id="r2")
+    try:
+        loading = asyncio.ensure_future(core.acquire(A))
+        await backend.started.setdefault(A, asyncio.Event()).wait()    # reserved, loading
+        need = int(core.registry.footprint_bytes(core.registry.entries[A]))
+        assert await probe.reserved_bytes("default") == need
+        redis_server.stop()
+        redis_server.start()                                # empty
+        await until(lambda: _beaten(core))                  # it finds the state lost it
+        assert await probe.reserved_bytes("default") == need
+        assert not (await probe.reserve("default", B, need, 8 * 10**9, 30)).granted
+        backend.gates[A].set()
+        (await asyncio.wait_for(loading, 10)).release()
+    finally:
+        backend.gates[A].set()
+        await core.cleanup()
+        await replica.close()
+        await replica.store.close()
+        await probe.close()

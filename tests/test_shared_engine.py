@@ -88,6 +88,7 @@ async def test_a_model_another_replica_serves_is_passed_over_for_another_victim(
     host = replica.host("default")
     core = EngineCore(config, backend, shared=host)
     await core.start()
+    await store.heartbeat(30)                 # alive: its claims count
     try:
         for key in (A, B):                    # A used first: LRU's victim
             (await core.acquire(key)).release()
@@ -267,7 +268,7 @@ async def test_an_unload_holds_off_other_replicas_first_leases_until_it_ends():
     facts = MemoryState("facts")
     other = await alive(facts, "r2")
     backend = GatedUnload({A: 4}, MANAGED)
-    core, _ = replica_core(facts.view("r1"), backend)
+    core, _ = replica_core(await alive(facts, "r1"), backend)
     await core.start()
     try:
         (await core.acquire(A)).release()
@@ -324,16 +325,17 @@ class HeldClaims(HeldLeases):
                          fleet_loaded: Iterable[str] = ()) -> bool | None:
         return await self.inner.take_lease(host, model, ttl_s, fleet_loaded)
 
-    async def claim_unload(self, host: str, model: str, ttl_s: float) -> set[str]:
+    async def claim_unload(self, host: str, model: str, ttl_s: float, **kw: Any) -> set[str]:
         self.renewing.set()
         await self.go.wait()
-        return await self.inner.claim_unload(host, model, ttl_s)
+        return await self.inner.claim_unload(host, model, ttl_s, **kw)
 
 
 async def test_an_unload_given_up_after_its_claim_releases_the_claim_at_once():
     facts = MemoryState("facts")
     other = await alive(facts, "r2")
     store = HeldClaims("r1", facts)
+    await store.inner.heartbeat(30)
     backend = ScriptedBackend({A: 4}, MANAGED)
     core, _ = replica_core(store, backend)
     await core.start()
@@ -371,7 +373,7 @@ class TimedLoads(ScriptedBackend):
 async def test_a_replica_adopts_the_footprint_and_load_time_another_measured():
     facts = MemoryState("facts")
     host = TimedLoads({A: 4}, REPORTING, memory_gb={A: 3})    # one host, two replicas
-    measuring, _ = replica_core(facts.view("r1"), host)
+    measuring, _ = replica_core(await alive(facts, "r1"), host)
     await measuring.start()
     (await measuring.acquire(A)).release()
     await measuring.reconcile()                 # the host reports A's 3 GB while it is loaded

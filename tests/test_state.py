@@ -189,6 +189,22 @@ async def test_idle_leases_give_way_to_another_replicas_want_until_its_claim(fle
     assert (await b.renew_leases([busy], LONG_S, idle=[busy])).given_up == {}
 
 
+async def test_the_claim_that_unloads_a_model_ends_what_its_loads_hold_reserved(fleet):
+    # A loaded model's reservation outlives its load a moment, for replicas that have not
+    # seen it resident yet; once a replica claims it for its unload that memory is coming
+    # free, and a load waiting for it must not wait for the reservation to lapse too.
+    a, b = fleet.replica("a"), fleet.replica("b")
+    await a.heartbeat(LONG_S)
+    await b.heartbeat(LONG_S)
+    assert (await a.reserve("h1", "m", 8 * GB, 10 * GB, LONG_S)).granted
+    assert (await a.reserve("h1", "kept", 1 * GB, 10 * GB, LONG_S)).granted
+    assert (await a.reserve("h2", "m", 1 * GB, 10 * GB, LONG_S)).granted
+    assert await b.claim_unload("h1", "m", LONG_S) == set()
+    assert await b.reserved_bytes("h1") == 1 * GB          # another model's stays
+    assert await b.reserved_bytes("h2") == 1 * GB          # so does another host's
+    assert (await b.reserve("h1", "n", 8 * GB, 10 * GB, LONG_S)).granted
+
+
 async def test_a_want_lapses_with_its_ttl(fleet):
     a, b = fleet.replica("a"), fleet.replica("b")
     await a.heartbeat(LONG_S)

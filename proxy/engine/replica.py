@@ -41,6 +41,10 @@ class Replica:
         self.error: str | None = None
         self.hosts: list[SharedHost] = []
         self._task: asyncio.Task | None = None
+        self._beaten = False
+        # Until then (loop s) no eviction is claimed: the state lost its data, and the other
+        # replicas put their leases back within a batch (engine/shared.py's may_unload).
+        self.leases_back_at_s = 0.0
 
     @property
     def id(self) -> str:
@@ -116,7 +120,11 @@ class Replica:
     async def beat(self) -> None:
         """Heartbeat, the leader's lease, and every in-flight lease, renewed (or dropped)."""
         try:
-            await self.store.heartbeat(self.lease_ttl_s)
+            if await self.store.heartbeat(self.lease_ttl_s) is False and self._beaten:
+                self._lost()
+                for h in self.hosts:
+                    await h.put_reservations_back()
+            self._beaten = True
             self.leader = await self.store.campaign(self.lease_ttl_s)
             leases, ended, idle = [], [], []
             for h in self.hosts:
@@ -143,6 +151,20 @@ class Replica:
             for h in self.hosts:       # what Redis lost meanwhile is written back now
                 h.catch_up.soon()
         self.ok, self.error = True, None
+
+    def _lost(self) -> None:
+        """The state no longer counted this replica alive: Redis restarted empty (or this
+        replica was out of reach for over lease_ttl_s). Its leases go back in this batch; the
+        other replicas' in theirs, so for a lease TTL a model with no lease in the state may
+        still be serving elsewhere, and no eviction is claimed."""
+        self.leases_back_at_s = asyncio.get_running_loop().time() + self.lease_ttl_s
+        log.warning("the shared state had lost this replica (Redis restarted empty, or it was "
+                    "out of reach for over %g s): no evictions for %g s, while every replica "
+                    "puts its leases back", self.lease_ttl_s, self.lease_ttl_s)
+
+    def leases_back(self) -> bool:
+        """False while the other replicas may not have put their leases back yet."""
+        return asyncio.get_running_loop().time() >= self.leases_back_at_s
 
     def unreachable(self, exc: StateUnavailable) -> None:
         """The state cannot be reached: degraded (and not leading) until the next heartbeat

@@ -77,6 +77,8 @@ class SharedHost(LoadSlots, LeaseWants):
         self.owned = FleetOwned(self.store, name)  # instances the fleet loaded here
         self.remote_busy: dict[str, float] = {}   # model → until (monotonic): leased elsewhere
         self.reserved: dict[str, int] = {}        # model → bytes this replica holds reserved
+        self._releasing: dict[str, asyncio.Task] = {}   # model → its last load's release
+        self._reserved_s: dict[str, float] = {}          # model → its reservation's TTL
         self.registry: Registry | None = None     # the engine's models (learned facts)
         self.learned = LearnedShare(self.store, name)
         self.names = HostNames(self.store, name)
@@ -232,9 +234,16 @@ class SharedHost(LoadSlots, LeaseWants):
         """No other replica holds a live lease on it (asked at the moment of eviction), and
         this replica's claim to unload it stands: no other takes a new lease until the unload
         ends (or is given up; the claim lapses after lock_ttl_s at worst). If another serves
-        it, it is not a victim for `hold_s`. Unreachable state: nothing is evicted."""
+        it, it is not a victim for `hold_s`. Unreachable state: nothing is evicted, nor while
+        the state has just lost its data (Redis restarted empty) and the replicas serving a
+        model may not have put their leases back: the claim itself is refused until this
+        replica's heartbeat finds so, then for a lease TTL."""
+        if not self.replica.leases_back():
+            self.remote_busy[key] = now_s + hold_s
+            return False
         try:
-            others = await self.store.claim_unload(self.name, key, self.replica.lock_ttl_s)
+            others = await self.store.claim_unload(self.name, key, self.replica.lock_ttl_s,
+                                                   if_live=True)
         except StateUnavailable as exc:
             self.remote_busy[key] = now_s + POLL_S
             self.replica.unreachable(exc)   # said, and shown: the heartbeat may still pass

@@ -22,6 +22,7 @@ log = logging.getLogger("proxy.shared")
 POLL_S = 0.25                  # a replica waiting for another's load asks the host this often
 RESERVATION_GRACE_S = 2.0      # a loaded model's reservation outlives its load this long
 ADOPT = object()               # the host lists the model a load waited for: adopt it
+FORCE_BYTES = 2 ** 62          # a budget no reservation exceeds: one put back as it was
 
 
 class RoomTaken(InsufficientMemory):
@@ -37,6 +38,8 @@ class LoadSlots:
     store: StateStore
     _tasks: set[asyncio.Task]
     reserved: dict[str, int]      # model → bytes this replica holds reserved
+    _releasing: dict[str, asyncio.Task]   # model → its last load's release, after the grace
+    _reserved_s: dict[str, float]         # model → its reservation's TTL
 
     @contextlib.asynccontextmanager
     async def load_slot(self, e: "ModelEntry", need_bytes: float,
@@ -72,6 +75,9 @@ class LoadSlots:
             if await loaded():  # another replica's load finished as this one took the lock
                 yield None
                 return
+            # The last load's reservation of this model is this replica's same entry: its
+            # release, still to come after its grace, would take this load's with it.
+            await self._superseded(e.key)
             patience = loop.time() + RESERVATION_GRACE_S + 2 * POLL_S
             while True:
                 room_bytes = await room()
@@ -95,6 +101,7 @@ class LoadSlots:
                 raise RoomTaken(e.room_refused, retry_after_s=r.lock_ttl_s)
             reserved = True
             self.reserved[e.key] = int(need_bytes)
+            self._reserved_s[e.key] = timeout_s + r.lock_ttl_s
             yield lock.token
             done = True
         finally:
@@ -110,6 +117,28 @@ class LoadSlots:
                     e.key, RESERVATION_GRACE_S if done else 0.0, timeout_s + r.lock_ttl_s))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
+                self._releasing[e.key] = task
+                task.add_done_callback(
+                    lambda t, key=e.key: self._releasing.pop(key, None)
+                    if self._releasing.get(key) is t else None)
+
+    async def put_reservations_back(self) -> None:
+        """Redis lost its data: this replica's reservations (its loads in flight, and their
+        grace) are written again, unconditionally: the memory is theirs already."""
+        for key, size in list(self.reserved.items()):
+            with contextlib.suppress(StateUnavailable):
+                await self.store.reserve(self.name, key, size, FORCE_BYTES,
+                                         self._reserved_s.get(key, self.replica.lock_ttl_s))
+
+    async def _superseded(self, key: str) -> None:
+        """A new load of `key` reserves it again: the last load's release, pending after its
+        grace, would run later against the new reservation. It runs now instead (the model
+        is being loaded again, so the grace has nothing left to cover)."""
+        task = self._releasing.pop(key, None)
+        if task is not None and task.cancel():
+            await asyncio.gather(task, return_exceptions=True)
+            with contextlib.suppress(StateUnavailable):   # the reservation overwrites it
+                await self.store.release_reservation(self.name, key)
 
     async def _acquire(self, key: str, loaded: Callable[[], Awaitable[bool]]
                        ) -> LoadLock | object | None:

@@ -142,8 +142,11 @@ class StateStore(Protocol):
     where: str      # where the facts are kept, for the log (never a credential)
 
     # -- replicas ---------------------------------------------------------------------------
-    async def heartbeat(self, ttl_s: float) -> None:
-        """This replica is alive for `ttl_s` more seconds (its leases and reservations count)."""
+    async def heartbeat(self, ttl_s: float) -> bool:
+        """This replica is alive for `ttl_s` more seconds (its leases and reservations count).
+        True if the state counted it alive already; False at its first beat, or when the state
+        lost it (Redis restarted empty, or the replica was out of reach for over `ttl_s`):
+        then the other replicas' leases may be missing until their next batch too."""
     async def retire(self) -> None:
         """This replica leaves now: its leases and reservations stop counting at once."""
     async def replicas(self) -> list[str]:
@@ -190,10 +193,15 @@ class StateStore(Protocol):
         `fleet_loaded` (the instances this replica believes the fleet loaded), also unless
         none of them is still in the ownership record as the model's (None: a replica has
         unloaded it since)."""
-    async def claim_unload(self, host: str, model: str, ttl_s: float) -> set[str]:
+    async def claim_unload(self, host: str, model: str, ttl_s: float, *,
+                           if_live: bool = False) -> set[str]:
         """Atomically: the other replicas holding a live lease on (host, model); when there are
         none, this replica's claim to unload it, for `ttl_s` or until released (and the
-        model's want ends). Between the two, a lease and an unload never both go ahead."""
+        model's want ends, and so do its loads' reservations: the model is resident, so
+        theirs is only the grace after the load, and its memory is coming free). Between the
+        two, a lease and an unload never both go ahead. With
+        `if_live`, a replica the state does not count alive (it lost its data since this
+        replica's last heartbeat) is refused: {this replica}."""
     async def want_unload(self, host: str, models: Iterable[str], ttl_s: float) -> None:
         """This replica's want of each model's memory on `host`, for `ttl_s` (a renewal gives
         up the idle leases on them)."""

@@ -22,13 +22,17 @@ end
 """
 
 # KEYS: zset   ARGV: member, ttl_ms   (a heartbeat: the replica's or a host's index entry)
+#   → 1 if the member was alive already, else 0
 # ZADD first: Redis checks a script's writes against maxmemory only until its first write, so
 # a heartbeat that began with the removal would pass on a Redis refusing every other write.
 TOUCH = _COMMON + """
 local now, ttl = now_ms(), tonumber(ARGV[2])
+local was = alive(KEYS[1], ARGV[1], now)
 redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 extend(KEYS[1], ttl)
+if was then return 1 end
+return 0
 """
 
 # KEYS: zset   → members still alive
@@ -165,16 +169,24 @@ extend(KEYS[1], ttl)
 return 1
 """
 
-# KEYS: lease zset, replicas, unload claim, want   ARGV: replica, ttl_ms
-#   → the other replicas serving it; none: the claim is this replica's now (the want ends)
+# KEYS: lease zset, replicas, unload claim, want, the host's reservations
+# ARGV: replica, ttl_ms, if_live ('1'/'0'), model
+#   → the other replicas serving it; none: the claim is this replica's now (the want ends,
+#   and so do the reservations of its loads: a resident model's are only their grace).
+#   With if_live, a replica the state does not count live (it lost its data) is refused: {it}.
 CLAIM_UNLOAD = _COMMON + """
 local now, out = now_ms(), {}
+if ARGV[3] == '1' and not alive(KEYS[2], ARGV[1], now) then return {ARGV[1]} end
 for _, r in ipairs(redis.call('ZRANGE', KEYS[1], '(' .. now, '+inf', 'BYSCORE')) do
   if r ~= ARGV[1] and alive(KEYS[2], r, now) then out[#out + 1] = r end
 end
 if #out == 0 then
   redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[2])
   redis.call('DEL', KEYS[4])
+  local suffix = '|' .. ARGV[4]
+  for _, f in ipairs(redis.call('HKEYS', KEYS[5])) do
+    if string.sub(f, -#suffix) == suffix then redis.call('HDEL', KEYS[5], f) end
+  end
 end
 return out
 """

@@ -68,8 +68,11 @@ class MemoryState:
         return self._f.clock.now()
 
     # -- replicas ---------------------------------------------------------------------------
-    async def heartbeat(self, ttl_s: float) -> None:
-        self._f.replicas[self.replica_id] = self._now() + ttl_s
+    async def heartbeat(self, ttl_s: float) -> bool:
+        now_s = self._now()
+        was = self._f.replicas.get(self.replica_id, 0.0) > now_s
+        self._f.replicas[self.replica_id] = now_s + ttl_s
+        return was
 
     async def retire(self) -> None:
         self._f.replicas.pop(self.replica_id, None)
@@ -202,11 +205,17 @@ class MemoryState:
     async def unload_claimant(self, host: str, model: str) -> str | None:
         return self._claimant((host, model))
 
-    async def claim_unload(self, host: str, model: str, ttl_s: float) -> set[str]:
+    async def claim_unload(self, host: str, model: str, ttl_s: float, *,
+                           if_live: bool = False) -> set[str]:
+        if if_live and self._f.replicas.get(self.replica_id, 0.0) <= self._now():
+            return {self.replica_id}
         others = await self.leased_by(host, model) - {self.replica_id}
         if not others:
             self._f.unloading[(host, model)] = (self.replica_id, self._now() + ttl_s)
             self._f.wants.pop((host, model), None)
+            table = self._f.reservations.get(host, {})
+            for held in [k for k in table if k[1] == model]:   # a resident model's: its grace
+                del table[held]
         return others
 
     async def want_unload(self, host: str, models: Iterable[str], ttl_s: float) -> None:

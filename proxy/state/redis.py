@@ -128,8 +128,9 @@ class RedisState:
 
     # -- replicas ---------------------------------------------------------------------------
     @_guarded
-    async def heartbeat(self, ttl_s: float) -> None:
-        await self._s["TOUCH"](keys=[self._k_replicas], args=[self.replica_id, _ms(ttl_s)])
+    async def heartbeat(self, ttl_s: float) -> bool:
+        return bool(await self._s["TOUCH"](keys=[self._k_replicas],
+                                           args=[self.replica_id, _ms(ttl_s)]))
 
     @_guarded
     async def retire(self) -> None:
@@ -245,11 +246,13 @@ class RedisState:
         return None if taken < 0 else bool(taken)
 
     @_guarded
-    async def claim_unload(self, host: str, model: str, ttl_s: float) -> set[str]:
+    async def claim_unload(self, host: str, model: str, ttl_s: float, *,
+                           if_live: bool = False) -> set[str]:
         return set(await self._s["CLAIM_UNLOAD"](
             keys=[self._key("lease", host, model), self._k_replicas,
-                  self._key("unloading", host, model), self._key("want", host, model)],
-            args=[self.replica_id, _ms(ttl_s)]))
+                  self._key("unloading", host, model), self._key("want", host, model),
+                  self._key("res", host)],
+            args=[self.replica_id, _ms(ttl_s), "1" if if_live else "0", model]))
 
     @_guarded
     async def want_unload(self, host: str, models: Iterable[str], ttl_s: float) -> None:
