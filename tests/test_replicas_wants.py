@@ -13,7 +13,7 @@ import pytest
 from proxy.engine.clock import ManualClock
 from proxy.engine.core import EngineCore
 from proxy.engine.replica import Replica
-from proxy.errors import InsufficientMemory
+from proxy.errors import InsufficientMemory, StateUnavailable
 from proxy.observe.relayed import EventRelay
 from proxy.state import MemoryState, create_state
 
@@ -405,3 +405,28 @@ async def test_a_load_under_way_as_redis_restarts_empty_puts_its_reservation_bac
         await replica.close()
         await replica.store.close()
         await probe.close()
+
+
+class LostReply(HeldRenewals):
+    """A view whose lease batch, once `hold` is set, reaches the state, which may give leases
+    up, but whose reply is lost (the state then unreachable)."""
+
+    async def renew_leases(self, leases, ttl_s, idle=()):  # noqa: ANN001, ANN201
+        renewal = await self.inner.renew_leases(leases, ttl_s, idle)
+        if self.hold:
+            raise StateUnavailable("shared state unavailable: Redis at redis://r:6379 failed")
+        return renewal
+
+
+async def test_a_lease_whose_renewal_lost_its_reply_is_not_taken_unasked():
+    facts = MemoryState("r2")
+    store = LostReply(facts.view("r1"))
+    async with _alone(store, lease_ttl_s=30) as (core, replica, _):
+        (await core.acquire(A)).release()                   # leased here, idle now
+        await facts.heartbeat(30)
+        await facts.want_unload("default", [A], 30)
+        assert core.ctx.shared.leased(A)
+        store.hold = True
+        await replica.beat()                                # gave it up; the reply was lost
+        assert await facts.leased_by("default", A) == set()
+        assert not core.ctx.shared.leased(A)                # the next request asks first
