@@ -13,7 +13,7 @@ from aiohttp import web
 from proxy.cli import build_parser, main, resolve_config
 from proxy.emulator import EmulatorOptions
 from proxy.errors import ConfigError
-
+from proxy.server.keys import AUTH as AUTH_STATE
 from proxy.upstream.lmstudio import LMStudioUpstream
 
 from .conftest import FIXED_CREATED_S, proxy_config
@@ -163,12 +163,14 @@ async def test_an_accepted_client_key_is_not_forwarded_upstream(make_proxy, emul
     config = proxy_config(emulator.url, **{"auth.keys": KEYS})
     upstream = RecordingUpstream(LMStudioUpstream(config.upstream))
     proxy = await make_proxy(emulator.url, config=config, app_kwargs={"upstream": upstream})
-    for headers in (bearer(ALICE), {"x-api-key": ALICE}):
+    own_call = proxy.app[AUTH_STATE].own_call_headers()     # the proxy's own mark, too
+    for headers in (bearer(ALICE), {"x-api-key": ALICE}, {**bearer(ALICE), **own_call}):
         async with http.post(f"{proxy.url}/v1/chat/completions", json=CHAT,
                              headers=headers) as resp:
             assert resp.status == 200
-    assert len(upstream.sent_headers) == 2
-    assert not any({"authorization", "x-api-key"} & set(h) for h in upstream.sent_headers)
+    assert len(upstream.sent_headers) == 3
+    assert not any({"authorization", "x-api-key", "x-proxy-own-call"} & set(h)
+                   for h in upstream.sent_headers)
 
 
 async def test_read_only_endpoints_and_metrics_follow_their_settings(make_proxy, emulator, http):
