@@ -267,6 +267,19 @@ async def test_a_waiting_reader_gets_the_next_event(fleet):
     assert [(e.type, e.data) for e in got] == [("load", {"n": 1})]
 
 
+async def test_a_waiting_reader_cancelled_as_an_event_arrives_stops(fleet):
+    # A replica's relay is closed by cancelling its reader; one that went on reading instead
+    # held up the replica's shutdown for good.
+    a, b = fleet.replica("a"), fleet.replica("b")
+    last = await a.append_event("state", {"n": 0})
+    waiting = asyncio.create_task(b.events_after(last, wait_s=5))
+    await asyncio.sleep(0.05)
+    await a.append_event("load", {"n": 1})
+    if waiting.cancel():       # still running (on Redis the reply may have come first)
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+
+
 async def test_events_are_trimmed_to_their_maximum_length(fleet):
     a = fleet.replica("a")
     ids = [await a.append_event("tick", {"n": i}) for i in range(EVENTS_MAXLEN + 10)]

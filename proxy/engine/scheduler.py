@@ -124,7 +124,8 @@ class Scheduler(LoadQueue, Part):
                 continue
             self.ctx.looked.set()
             try:
-                await asyncio.wait_for(woken.wait(), recheck_s)
+                async with asyncio.timeout(recheck_s):   # (wait_for on 3.11 may lose a cancel)
+                    await woken.wait()
             except TimeoutError:
                 pass
 

@@ -41,7 +41,8 @@ async def events(request: web.Request) -> web.StreamResponse:
                          scope.events(scope.scope_of(request), first))
         while not client.dropped:
             try:
-                await asyncio.wait_for(client.wake.wait(), hub.heartbeat_s)
+                async with asyncio.timeout(hub.heartbeat_s):   # (wait_for may lose a cancel)
+                    await client.wake.wait()
             except TimeoutError:
                 await resp.write(b": keep-alive\n\n")
                 continue

@@ -68,7 +68,8 @@ class AccessLog:
     async def _run(self) -> None:
         while True:
             try:
-                await asyncio.wait_for(self._wake.wait(), FLUSH_INTERVAL_S)
+                async with asyncio.timeout(FLUSH_INTERVAL_S):   # (wait_for may lose a cancel)
+                    await self._wake.wait()
             except TimeoutError:
                 pass
             self._wake.clear()
