@@ -8,7 +8,8 @@ import logging
 
 import pytest
 
-from proxy.engine.learning import SHORT_GAP_S, ModelPattern, UsageLearner
+from proxy.engine.learner import UsageLearner
+from proxy.engine.learning import SHORT_GAP_S, ModelPattern
 from proxy.engine.lifecycle import ModelStatus
 from proxy.engine.preload import PERIOD_LEAD_S
 from proxy.engine.timers import CLOCK_CONTRAST, CLOCK_HOURS_CAP, MIN_CLOCK_STARTS, ClockMinute, \

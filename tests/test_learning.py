@@ -7,7 +7,8 @@ import random
 
 import pytest
 
-from proxy.engine.learning import ModelPattern, UsageLearner, hour_of_week
+from proxy.engine.learner import UsageLearner
+from proxy.engine.learning import ModelPattern, hour_of_week
 from proxy.engine.policy import Candidate, cheapest_cover, expected_cost_s, select_victims
 
 GB = 1_000_000_000

@@ -9,7 +9,7 @@ import math
 import pytest
 
 from proxy.config import GroupConfig
-from proxy.engine.learning import OWN_WAIT_MIN_GAPS, UsageLearner
+from proxy.engine.learner import OWN_WAIT_MIN_GAPS, UsageLearner
 from proxy.engine.policy import RECENCY_FLOOR_S, Candidate, cost_aware_cost
 
 from .test_waits import run, use

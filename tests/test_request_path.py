@@ -12,7 +12,8 @@ import pytest
 from proxy.configload import load_config
 from proxy.engine.clock import ManualClock, SystemClock
 from proxy.engine.core import EngineCore
-from proxy.engine.learning import GAP_BOUNDS_S, GapHistogram, ModelPattern, hour_of_week
+from proxy.engine.gaps import GAP_BOUNDS_S, GapHistogram
+from proxy.engine.learning import ModelPattern, hour_of_week
 from proxy.engine.lifecycle import HOLD, Lease, ModelEntry, ModelStatus
 from proxy.engine.usage import BOUNDS_S, WINDOW_MINUTES, ModelUsage, RequestRecord
 from proxy.upstream.base import Capabilities
@@ -50,16 +51,15 @@ def test_a_minute_slot_is_reused_after_the_window():
     assert u.per_minute.slots[0] == 1 and u.per_minute.minutes[0] == WINDOW_MINUTES
 
 
-def test_gaps_are_binned_and_a_clock_step_back_counts_as_no_gap():
+def test_gaps_are_binned_and_a_request_at_the_same_moment_is_a_gap_of_none():
     p = ModelPattern()
     p.observe(100.0, 1.7e9)
-    p.observe(99.0, 1.7e9)           # monotonic time never does this; a restore may
+    p.observe(100.0, 1.7e9)
     assert p.last_gap_s == 0.0
-    p.observe(104.0, 1.7e9)
+    p.observe(105.0, 1.7e9)
     assert p.gaps.counts[0] == 1 and p.gaps.total == 2
     assert p.gaps.counts[next(i for i, b in enumerate(GAP_BOUNDS_S) if b >= 5.0)] == 1
     assert p.after_short.total == 1 and p.last_gap_s == 5.0
-
 
 
 def test_a_gap_on_a_bound_is_counted_in_the_bin_that_bound_closes():

@@ -22,7 +22,8 @@ import orjson
 from ..urls import redact_url
 from ..store import UsageStore
 from .clock import Clock
-from .learning import ModelPattern, UsageLearner
+from .learner import UsageLearner
+from .learning import ModelPattern
 from .lifecycle import ModelEntry
 from .listeners import Listeners
 from .registry import Registry

@@ -21,7 +21,7 @@ from ..config import Config
 from ..upstream.base import ModelBackend
 from .accounting import Accounting
 from .clock import Clock
-from .learning import UsageLearner
+from .learner import UsageLearner
 from .lifecycle import ModelEntry, ModelStatus, transition
 from .listeners import Listeners
 from .monitor import MemoryMonitor

@@ -30,7 +30,7 @@ from .eviction import Evictor
 from .groups import Groups
 from .leases import Leases
 from .lifecycle import Lease, ModelStatus
-from .learning import UsageLearner
+from .learner import UsageLearner
 from .listeners import Listeners
 from .loader import Loader
 from .mediated import MediatedLoad
@@ -109,6 +109,8 @@ class EngineCore(ManualOperations, CoreViews):
         self._on_critical = on_critical or self.relieve_critical
         self._critical_since_s: float | None = None   # an episode relieve_critical logged
         self.leases = Leases(ctx, self.preloader, self.preloads, self.scheduler)
+        if shared is not None:
+            shared.heard_arrival = self.leases.heard   # another replica's request, learned here
         self._periodic = Periodic("engine", log)
         # After each reconcile that got the model list: configured names it lacks are warned
         # of (once). A fleet's host leaves that to the fleet, which knows every host's list.
@@ -189,9 +191,11 @@ class EngineCore(ManualOperations, CoreViews):
             return self.leases.use(e)   # hot path: no lock, no await
         if e is None:
             e = self.registry.entries[await self.resolve(name)]
-        arrived_s = self.clock.now()
-        self.learner.observe(e.key, arrived_s, self.clock.wall())   # arrival, not admission
+        arrived_s, arrived_wall_s = self.clock.now(), self.clock.wall()
+        self.learner.observe(e.key, arrived_s, arrived_wall_s)   # arrival, not admission
         self.preloader.after_request(e.key)
+        if shared is not None:
+            shared.arrived(e.key, arrived_wall_s)
         deadline_s = arrived_s + self.config.eviction.queue_timeout_s
         while True:
             if e.status is LOADED or not self.manages_loading:

@@ -4,8 +4,8 @@ Per model (`ModelPattern`):
 - the empirical distribution of the gaps between its consecutive requests, kept twice more by
   the class of the gap before (after a short gap, after a long one): bursts and lulls differ;
 - its hour-of-week rhythm (168 counters).
-Across models (`UsageLearner`): which model follows which within `FOLLOW_WINDOW_S`
-(agent pipelines: a planner, then a coder, then an embedding model).
+Across models (`UsageLearner`, learner.py): which model follows which within
+`FOLLOW_WINDOW_S` (agent pipelines: a planner, then a coder, then an embedding model).
 
 A model asked for by a clock shows it in its first requests after a lull (its "starts", kept
 for the latest START_MAX lulls, and counted by minute of the hour): a period, or a minute of the
@@ -19,63 +19,20 @@ the prior weighing less the more gaps longer than `age_s` were seen.
 """
 from __future__ import annotations
 
-import bisect
 import collections
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from .gaps import GAP_BOUNDS_S, GAP_RATIO, GapHistogram, bin_of
 from .timers import CLOCK_HOURS_CAP, MAX_SKIPPED_PERIODS, ClockMinute, NextRun, Period, \
     busiest_minute, detect_period, minute_of_hour
 
-GAP_RATIO = 1.25
-# 0.5 s … ~9 days, log-spaced: about 65 bins.
-GAP_BOUNDS_S = tuple(0.5 * GAP_RATIO ** i for i in range(int(math.log(8e5 / 0.5, GAP_RATIO)) + 2))
 SHORT_GAP_S = 60.0          # a gap below this is "short" (a burst), else "long"
 PRIOR_WEIGHT = 4.0          # pseudo-observations of the prior
 MIN_CLASS_SAMPLES = 12      # below this a gap class falls back to all gaps
-FOLLOW_WINDOW_S = 60.0      # B "follows" A when B is asked for within this after A
-RECENT_MAX = 4              # latest requests a new one may follow (bounds the work per request)
-MAX_FOLLOWERS = 32          # per model, the followers counted (the first ones seen)
-COUNT_CAP = 4096            # counts are halved beyond this: old habits fade
 WEEK_HOURS = 168
-OWN_WAIT_MIN_GAPS = 4.0    # gaps longer than the idle time before a model's own say counts
 START_MAX = 16              # per model, the latest starts (first request after a lull) kept
-
-
-def _bin(gap_s: float) -> int:
-    return bisect.bisect_left(GAP_BOUNDS_S, gap_s)
-
-
-class GapHistogram:
-    __slots__ = ("counts", "total")
-
-    def __init__(self, counts: list[int] | None = None) -> None:
-        self.counts = counts if counts is not None else [0] * (len(GAP_BOUNDS_S) + 1)
-        self.total = sum(self.counts)
-
-    def add(self, gap_s: float) -> None:
-        self.counts[bisect.bisect_left(GAP_BOUNDS_S, gap_s)] += 1   # _bin, without its call
-        self.total += 1
-        if self.total > COUNT_CAP:
-            self.counts = [c // 2 for c in self.counts]
-            self.total = sum(self.counts)
-
-    def survival(self, x_s: float) -> float:
-        """How many gaps were longer than x_s (interpolated within its bin, log scale)."""
-        if self.total == 0:
-            return 0.0
-        i = _bin(x_s)
-        above = float(sum(self.counts[i + 1:]))
-        if i >= len(GAP_BOUNDS_S):
-            return above + self.counts[i]          # past the last bound: count it all
-        hi = GAP_BOUNDS_S[i]
-        if i == 0:
-            frac = (hi - x_s) / hi
-        else:
-            lo = GAP_BOUNDS_S[i - 1]
-            frac = (math.log(hi) - math.log(x_s)) / (math.log(hi) - math.log(lo))
-        return above + self.counts[i] * min(1.0, max(0.0, frac))
 
 
 @dataclass
@@ -95,6 +52,7 @@ class ModelPattern:
     first_wall_s: float | None = None
     last_at_s: float | None = None
     last_gap_s: float | None = None
+    gap_after_short: bool | None = None   # the class last_gap_s was counted in (none: unknown)
     starts: collections.deque = field(default_factory=lambda: collections.deque(maxlen=START_MAX))
     minute_starts: list[int] = field(default_factory=lambda: [0] * 60)   # by minute of the hour
     minutes_since_wall_s: float | None = None      # since when minute_starts counts its hours
@@ -107,10 +65,15 @@ class ModelPattern:
         if self.last_at_s is not None:
             gap = at_s - self.last_at_s
             if not gap > 0.0:     # max(0.0, gap), without the call (once per request)
+                if gap < 0.0:     # heard after a later one: another replica's
+                    self._late(at_s, wall_s)
+                    return
                 gap = 0.0
             self.gaps.add(gap)
             if self.last_gap_s is not None:
-                (self.after_short if self.last_gap_s < SHORT_GAP_S else self.after_long).add(gap)
+                short = self.last_gap_s < SHORT_GAP_S
+                (self.after_short if short else self.after_long).add(gap)
+                self.gap_after_short = short
             self.last_gap_s = gap
             if gap >= SHORT_GAP_S:
                 self._start(at_s, wall_s)
@@ -121,6 +84,53 @@ class ModelPattern:
         if self.first_wall_s is None:
             self.first_wall_s = wall_s
         self.hours[hour_of_week(wall_s)] += 1
+
+    def _late(self, at_s: float, wall_s: float) -> None:
+        """A request heard after a later one (another replica's, told in its next batch:
+        engine/shared_usage.py). Within the latest gap it splits that gap in two, and every
+        count ends as if it had come in order; an older one counts as a request only (the
+        gaps before the latest are not kept)."""
+        self.requests += 1
+        self.hours[hour_of_week(wall_s)] += 1
+        if self.first_wall_s is None or wall_s < self.first_wall_s:
+            self.first_wall_s = wall_s
+        last_s, g = self.last_at_s, self.last_gap_s
+        assert last_s is not None
+        if g is not None and at_s <= last_s - g:
+            return
+        after = last_s - at_s                  # its gap to the latest request
+        before = None if g is None else g - after
+        if before is not None and g is not None:
+            self.gaps.remove(g)
+            self.gaps.add(before)
+            if self.gap_after_short is not None:
+                h = self.after_short if self.gap_after_short else self.after_long
+                h.remove(g)
+                h.add(before)
+        self.gaps.add(after)
+        if before is not None:       # (else it is the first: no gap before it, no class)
+            short = before < SHORT_GAP_S
+            (self.after_short if short else self.after_long).add(after)
+            self.gap_after_short = short
+        self.last_gap_s = after
+        # Starts: the latest request was one after a long gap (or as the first), and is one
+        # now only if the gap from this request is long; this one is if the gap before it is.
+        latest_started = self.starts and self.starts[-1] == last_s
+        if latest_started and after < SHORT_GAP_S:
+            self.starts.pop()
+            minute = minute_of_hour(wall_s + after)
+            self.minute_starts[minute] = max(0, self.minute_starts[minute] - 1)
+            self._busiest_stale = True
+            latest_started = False
+        if before is None or before >= SHORT_GAP_S:
+            if latest_started:
+                self.starts.pop()
+            self._start(at_s, wall_s)
+            if latest_started:
+                self.starts.append(last_s)
+            if self.minutes_since_wall_s is not None and self.minutes_since_wall_s > wall_s:
+                self.minutes_since_wall_s = wall_s
+        self._period_of_s = None               # its starts changed before the latest
 
     def _start(self, at_s: float, wall_s: float) -> None:
         self.starts.append(at_s)
@@ -209,7 +219,7 @@ class ModelPattern:
     @staticmethod
     def _conditional_mean_wait(h: GapHistogram, age_s: float, seen: float) -> float:
         """E[gap - age | gap > age] from the histogram (each bin at its geometric middle)."""
-        total, i0 = 0.0, _bin(age_s)
+        total, i0 = 0.0, bin_of(age_s)
         for i in range(i0, len(h.counts)):
             lo = max(GAP_BOUNDS_S[i - 1] if i > 0 else 0.0, age_s)
             hi = GAP_BOUNDS_S[i] if i < len(GAP_BOUNDS_S) else GAP_BOUNDS_S[-1] * GAP_RATIO
@@ -246,6 +256,7 @@ class ModelPattern:
                 "after_long": self.after_long.counts, "hours": self.hours,
                 "followers": self.followers, "requests": self.requests,
                 "first_wall_s": self.first_wall_s, "last_gap_s": self.last_gap_s,
+                "gap_after_short": self.gap_after_short,
                 "last_wall_s": None if self.last_at_s is None
                 else wall_s - (now_s - self.last_at_s),
                 "starts_wall_s": [wall_s - (now_s - at) for at in self.starts],
@@ -282,99 +293,11 @@ class ModelPattern:
             p.minutes_since_wall_s = float(since)
         gap = data.get("last_gap_s")
         p.last_gap_s = float(gap) if isinstance(gap, (int, float)) else None
+        after_short = data.get("gap_after_short")
+        p.gap_after_short = after_short if isinstance(after_short, bool) else None
         return p
 
 
 def hour_of_week(wall_s: float) -> int:
     # The Unix epoch was a Thursday: shift so that hour 0 is Monday 00:00 UTC.
     return (int(wall_s // 3600) + 72) % WEEK_HOURS   # (int arithmetic: one float mod less)
-
-
-class UsageLearner:
-    """Patterns of every model, and who follows whom."""
-
-    def __init__(self) -> None:
-        self.patterns: dict[str, ModelPattern] = {}
-        # (at, model, followers counted for this request)
-        self._recent: collections.deque[tuple[float, str, set[str]]] = collections.deque(
-            maxlen=RECENT_MAX)
-        self.dirty: set[str] = set()
-
-    def pattern(self, key: str) -> ModelPattern:
-        p = self.patterns.get(key)
-        if p is None:
-            p = self.patterns[key] = ModelPattern()
-        return p
-
-    def observe(self, key: str, at_s: float, wall_s: float) -> None:
-        p = self.patterns.get(key)
-        (p if p is not None else self.pattern(key)).observe(at_s, wall_s)
-        self.dirty.add(key)      # followers counted below persist with their source's next use
-        recent = self._recent
-        while recent and at_s - recent[0][0] > FOLLOW_WINDOW_S:
-            recent.popleft()
-        patterns = self.patterns
-        for _, source, seen in recent:
-            if source != key and key not in seen:
-                seen.add(key)
-                followers = patterns[source].followers
-                n = followers.get(key)
-                if n is not None:
-                    followers[key] = n + 1
-                elif len(followers) < MAX_FOLLOWERS:   # bounded: a model followed by
-                    followers[key] = 1                 # everything says little
-        recent.append((at_s, key, set()))
-
-    def follow_probability(self, source: str, follower: str) -> float:
-        """P(follower is asked for within FOLLOW_WINDOW_S of a request for source)."""
-        p = self.patterns.get(source)
-        if p is None or not p.requests:
-            return 0.0
-        return min(1.0, p.followers.get(follower, 0) / p.requests)
-
-    def follow_chance(self, key: str, now_s: float) -> float:
-        """The chance key is asked for soon because a recent request's model is usually
-        followed by it (and it has not come yet): a pipeline's next step."""
-        best = 0.0
-        for at_s, source, seen in self._recent:
-            if source != key and key not in seen and now_s - at_s <= FOLLOW_WINDOW_S:
-                best = max(best, self.follow_probability(source, key))
-        return best
-
-    def due_chance(self, key: str, now_s: float, wall_s: float, within_s: float) -> float:
-        """The chance key is asked for within within_s for a known reason: as a recent
-        request's next pipeline step, or as a clock's next run whose window opens by then (or
-        is under way)."""
-        best = self.follow_chance(key, now_s)
-        p = self.patterns.get(key)
-        if p is not None:
-            run = p.next_run(now_s, wall_s, 0.0)
-            if run is not None and run.opens_in_s <= within_s:
-                best = max(best, run.chance)
-        return best
-
-    def own_wait(self, key: str, now_s: float, min_seen: float = OWN_WAIT_MIN_GAPS
-                 ) -> float | None:
-        """ModelPattern.own_wait of key, idle since its last request."""
-        p = self.patterns.get(key)
-        if p is None or p.last_at_s is None:
-            return None
-        return p.own_wait(now_s - p.last_at_s, min_seen)
-
-    def likely_next(self, source: str, min_probability: float) -> list[tuple[str, float]]:
-        """Models that followed source at least min_probability of the time, likeliest first."""
-        p = self.patterns.get(source)
-        if p is None or not p.requests:
-            return []
-        n = p.requests
-        cut = min_probability * n
-        out = [(k, min(1.0, c / n)) for k, c in p.followers.items() if c >= cut]
-        if len(out) > 1:
-            out.sort(key=lambda kq: (-kq[1], kq[0]))
-        return out
-
-    def predict(self, key: str, now_s: float, horizon_s: float) -> Prediction:
-        p = self.patterns.get(key)
-        if p is None or p.last_at_s is None:
-            return Prediction(p_within=0.0, expected_wait_s=GAP_BOUNDS_S[-1])
-        return p.predict(now_s - p.last_at_s, horizon_s)

@@ -16,6 +16,8 @@ from .preload import Preloader, PreloadTally
 if TYPE_CHECKING:
     from .scheduler import Scheduler
 
+HEARD_STALE_S = 600.0    # another replica's request older than this is not learned
+
 
 class Leases:
     def __init__(self, ctx: EngineContext, preloader: Preloader, preloads: PreloadTally,
@@ -35,17 +37,41 @@ class Leases:
         e.heat = decayed_heat(e.heat, e.heat_at_s, now) + 1.0
         e.heat_at_s = e.last_used_at_s = now
         e.unloaded_by_hand_s = None
+        ctx = self.ctx
         if not observed:
-            self.learner.observe(e.key, now, self.clock.wall())
+            wall_s = self.clock.wall()
+            self.learner.observe(e.key, now, wall_s)
             self.preloader.after_request(e.key)
+            if ctx.shared is not None:
+                ctx.shared.arrived(e.key, wall_s)
         if e.preloaded:
             self.preloads.used(e)
-        ctx = self.ctx
         lease = Lease(e, self._released, now, USE, ctx.host_name)
         self.active.add(lease)
         if ctx.shared is not None:
             ctx.shared.touch(e.key)
         return lease
+
+    def heard(self, key: str, wall_s: float) -> None:
+        """A request for `key` that arrived at wall_s on another replica (engine/shared_usage.py):
+        learned, and counted in the model's recency and heat, as a use here would be; a preload
+        it used was useful. Nothing is preloaded for it: that replica did so."""
+        e = self.ctx.registry.entries.get(key)
+        if e is None:
+            return
+        now = self._now()
+        ago_s = self.clock.wall() - wall_s
+        if ago_s > HEARD_STALE_S:
+            return                 # a clock far behind this one's: not when it says
+        at_s = now - max(0.0, ago_s)
+        self.learner.observe(key, at_s, wall_s)
+        e.heat = decayed_heat(e.heat, e.heat_at_s, now) + decayed_heat(1.0, at_s, now)
+        e.heat_at_s = now
+        if e.last_used_at_s is None or at_s > e.last_used_at_s:
+            e.last_used_at_s = at_s
+        e.unloaded_by_hand_s = None
+        if e.preloaded:
+            self.preloads.used(e)
 
     def hold(self, e: ModelEntry) -> Lease:
         lease = Lease(e, self._released, self._now(), HOLD, self.ctx.host_name)

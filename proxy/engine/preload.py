@@ -1,7 +1,7 @@
 """Predictive preloading: load what the usage model expects next, before it is asked for.
 
 Triggers:
-- a request for A preloads B when B follows A (within `learning.FOLLOW_WINDOW_S`) with
+- a request for A preloads B when B follows A (within `learner.FOLLOW_WINDOW_S`) with
   probability at least `preload.min_probability`;
 - a timer's model (its first requests after a lull fall on one grid: `timers.detect_period`)
   is preloaded its reload seconds before its next window opens, the tick running at that

@@ -106,6 +106,10 @@ class Replica:
         return {"ok": True, "replica": self.id, "leader": leader, "replicas": replicas,
                 # leases this replica gave up for other replicas' waiting loads
                 "leases_given_up": sum(h.given_up for h in self.hosts),
+                # requests this replica told the others of, heard from them, and left untold
+                "arrivals": {"told": sum(h.arrivals_told for h in self.hosts),
+                             "heard": sum(h.arrivals_heard for h in self.hosts),
+                             "untold": sum(h.arrivals_untold for h in self.hosts)},
                 "hosts": {name: {"url": r.url or None,
                                  "resident": sorted(set(r.resident.values())),
                                  "used_gb": round(r.used_bytes / GB, 2),
@@ -143,6 +147,8 @@ class Replica:
             ended = [(h.name, key) for h, key in ended if not h.leasing(key)]
             if ended:
                 await self.store.drop_leases(ended)
+            for h in self.hosts:
+                await h.tell_arrivals()
         except StateUnavailable as exc:
             self.unreachable(exc)
             return

@@ -24,6 +24,8 @@ share of it, handed to that host's engine, which asks it at the moments somethin
                                by the server
     touch(key)                 a request took a lease: renewed in the next batch, and in the
                                one after (a lease outlives its model's last request by a batch)
+    arrived(key, wall_s)       a request arrived: told to the others with the batch, who learn
+                               it as if asked (engine/shared_usage.py; heard_arrival)
     want(keys)                 a load here waits for nothing but these models, which other
                                replicas serve: they give their lease up at the model's next
                                idle moment there (a batch, or its last request's end), as a
@@ -53,6 +55,7 @@ from .shared_load import POLL_S, LoadSlots
 from .shared_learned import LearnedShare
 from .shared_names import HostNames
 from .shared_owned import FleetOwned
+from .shared_usage import UsageShare
 from .shared_wants import LeaseWants
 
 if TYPE_CHECKING:
@@ -64,7 +67,7 @@ SINGLE_HOST = "default"        # the host's name in the shared state when there 
 RECORD_TTL_S = 60.0            # a host record not refreshed (reconcile, load) for this long goes
 
 
-class SharedHost(LoadSlots, LeaseWants):
+class SharedHost(LoadSlots, LeaseWants, UsageShare):
     def __init__(self, replica: Replica, name: str) -> None:
         self.replica = replica
         self.name = name
@@ -89,6 +92,7 @@ class SharedHost(LoadSlots, LeaseWants):
         self.unloaded_by: dict[str, str] = {}   # model → "replica <id>" heard unloading it
         self.catch_up = CatchUp(self._tasks)     # the engine's reconcile, when others acted
         self._init_wants()
+        self._init_usage()
 
     def serving_now(self) -> tuple[list[str], list[str], list[str]]:
         """(leases to renew, leases to drop, of the renewed those no request holds now). A

@@ -9,7 +9,8 @@ own list stays the truth; the event only says when to look. Changes a replica me
 (a reconcile's) are not acted on: every replica notices those by itself. A replica that wrote
 the fleet's ownership record back (`owned`, engine/shared_owned.py) has the others look too.
 A replica that gave up its lease on a model for a load waiting elsewhere (`lease_given_up`,
-engine/shared_wants.py) has that load look again.
+engine/shared_wants.py) has that load look again. The requests another replica served
+(`arrivals`, engine/shared_usage.py) are learned here as if asked here.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable
 
 from .hostlog import working_for
 from .shared_owned import OWNED_EVENT
+from .shared_usage import ARRIVALS_EVENT
 from .shared_wants import GIVEN_UP_EVENT
 
 if TYPE_CHECKING:
@@ -35,6 +37,11 @@ def heard_on(hosts: Iterable["SharedHost"], event_type: str, data: dict[str, Any
     """Route another replica's event to the host it happened on (a single upstream's events
     name no host)."""
     name, model = data.get("host") or single_host, str(data.get("model"))
+    if event_type == ARRIVALS_EVENT:
+        for h in hosts:
+            if h.name == name:
+                h.heard_arrivals(data)
+        return
     if event_type == GIVEN_UP_EVENT:
         for h in hosts:
             if h.name == name:

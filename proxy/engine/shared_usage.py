@@ -1,0 +1,103 @@
+"""The requests each replica serves, heard by the others: usage learned by the fleet
+(engine/shared.py).
+
+A replica learns a model's use — its gaps, rhythm and clock, who follows it — from the
+requests it serves, and ranks victims and unloads idle models by their recency and heat. Behind
+a load balancer each replica sees a share of the requests: the leader's preloads followed its
+own share only, and a model another replica is asked for every minute looked idle here, so the
+leader unloaded it after its idle timeout and a load here took it as the first victim whenever
+that replica's lease had lapsed between two requests.
+
+So each replica tells the others when its requests arrived: per host, one event on the
+replicas' stream per lease batch (a third of `lease_ttl_s`), and only when there were any. Each
+replica hears them as if it had been asked (engine/leases.py's `heard`): the learner places
+each one where it fell (one heard after a later request goes in its place: learner.py), and the
+model's entry gets its recency and heat; a preload of the model counts as used. A request
+heard preloads nothing: the replica it reached has preloaded what follows it, with the
+fleet's patterns.
+
+Bounded: a batch tells at most ARRIVALS_MAX arrivals per host; beyond that only each model's
+latest is told (its recency; the others count in `arrivals_untold`). Arrivals lost while the
+state is away are not sent again. A model this replica does not know is ignored, and so is an
+event that is not as written here.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any, Callable
+
+from ..errors import StateUnavailable
+
+log = logging.getLogger("proxy.shared")
+ARRIVALS_EVENT = "arrivals"    # the replicas' stream: the requests a replica served on a host
+ARRIVALS_MAX = 512             # per batch and host: about 5 KB of event
+MAX_SPAN_MS = 86_400_000       # a batch's arrivals lie within this of its first
+
+
+class UsageShare:
+    """Mixed into SharedHost (engine/shared.py): its `store`, `name` and `replica`."""
+
+    def _init_usage(self) -> None:
+        self._arrivals: list[tuple[str, float]] = []     # (model, wall s) since the last batch
+        self._latest: dict[str, float] = {}              # model → wall s, past ARRIVALS_MAX
+        self.arrivals_told = self.arrivals_heard = self.arrivals_untold = 0
+        # Set by the engine: a request for the model that arrived (wall s) on another replica.
+        self.heard_arrival: Callable[[str, float], None] = lambda key, wall_s: None
+
+    def arrived(self, key: str, wall_s: float) -> None:
+        """A request for `key` arrived here (once per request, on its path: an append)."""
+        if len(self._arrivals) < ARRIVALS_MAX:
+            self._arrivals.append((key, wall_s))
+        else:
+            self._latest[key] = wall_s
+            self.arrivals_untold += 1
+
+    async def tell_arrivals(self) -> None:
+        """The batch's arrivals, as one event (the replica's lease batch calls it)."""
+        if not self._arrivals:
+            return
+        batch, latest = self._arrivals, self._latest
+        self._arrivals, self._latest = [], {}
+        batch += latest.items()
+        self.arrivals_untold -= len(latest)
+        models = sorted({key for key, _ in batch})
+        index = {key: i for i, key in enumerate(models)}
+        t0_s = min(wall_s for _, wall_s in batch)
+        data = {"host": self.name, "replica": self.replica.id, "models": models,
+                "t0_ms": round(t0_s * 1000),
+                "at": [[index[key], round((wall_s - t0_s) * 1000)] for key, wall_s in batch]}
+        try:
+            await self.store.append_event(ARRIVALS_EVENT, data)
+            self.arrivals_told += len(batch)
+        except StateUnavailable:
+            self.arrivals_untold += len(batch)   # a lost reply may have appended it: not again
+
+    def heard_arrivals(self, data: dict[str, Any]) -> None:
+        """Another replica's batch: each arrival, in the order it came there, as if asked
+        here."""
+        arrivals = _parsed(data)
+        if not arrivals:
+            log.debug("an arrivals event from replica %s not as expected: ignored",
+                      data.get("replica"))
+            return
+        for wall_s, key in arrivals:
+            with contextlib.suppress(Exception):
+                self.heard_arrival(key, wall_s)
+        self.arrivals_heard += len(arrivals)
+
+
+def _parsed(data: dict[str, Any]) -> list[tuple[float, str]]:
+    """(wall s, model) of each arrival; [] for an event that is not as tell_arrivals writes."""
+    models, t0_ms, at = data.get("models"), data.get("t0_ms"), data.get("at")
+    if not (isinstance(models, list) and all(isinstance(m, str) for m in models)
+            and isinstance(t0_ms, int) and 0 < t0_ms < 2 ** 53 and isinstance(at, list)):
+        return []
+    out = []
+    for pair in at:
+        if not (isinstance(pair, list) and len(pair) == 2 and
+                all(isinstance(v, int) and not isinstance(v, bool) for v in pair) and
+                0 <= pair[0] < len(models) and 0 <= pair[1] <= MAX_SPAN_MS):
+            return []
+        out.append(((t0_ms + pair[1]) / 1000, models[pair[0]]))
+    return out

@@ -1,0 +1,279 @@
+"""The requests one replica serves are heard by the others, who learn them as if asked there:
+the leader does not unload as idle, nor a load take as the coldest victim, a model another
+replica is asked for; patterns and a preload's use span the fleet (engine/shared_usage.py)."""
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from proxy.configload import load_config
+from proxy.engine.clock import ManualClock
+from proxy.engine.core import EngineCore
+from proxy.engine.replica import Replica
+from proxy.engine.shared_usage import ARRIVALS_EVENT, ARRIVALS_MAX
+from proxy.observe.relayed import EventRelay
+from proxy.state import MemoryState, create_state
+
+from .redis_server import make_redis_server, redis_server  # noqa: F401
+from .state_contract import Hub, until
+from .test_replicas_contention import MANAGED, GatedBackend, _close
+
+pytestmark = pytest.mark.timeout(30)
+A, B, C = "lab/a", "lab/b", "lab/c"
+HOUR_S = 3600.0
+
+
+def _config(**preload: Any):
+    return load_config({"memory": {"sampler": "budget", "budget_gb": 8,
+                                   "min_free_memory_gb": 0, "max_memory_usage_percent": 100},
+                        "preload": preload, "storage": {"enabled": False}})
+
+
+async def _pair(backend: GatedBackend, clock: ManualClock, stores: tuple[Any, Any] | None = None,
+                **preload: Any) -> tuple[EngineCore, EngineCore, list[EventRelay]]:
+    """Two replicas' engines on one server and one clock, hearing each other as in the app;
+    the first leads. The shared state keeps real time (heartbeats and leases live 30 s), and
+    lease batches run when a test calls them (every 10 s otherwise)."""
+    if stores is None:
+        facts = MemoryState("r1")
+        stores = (facts, facts.view("r2"))
+    cores, relays = [], []
+    for store in stores:
+        replica = Replica(store, lease_ttl_s=30, lock_ttl_s=30, unavailable_wait_s=1)
+        await replica.start()
+        relay = EventRelay(Hub(), store)
+        relay.on_remote.append(replica.heard)
+        await relay.start()
+        relays.append(relay)
+        core = EngineCore(_config(**preload), backend, clock=clock,
+                          shared=replica.host("default"))
+        await core.start()
+        cores.append(core)
+    assert cores[0].leads and not cores[1].leads
+    return cores[0], cores[1], relays
+
+
+async def _end(cores: tuple[EngineCore, EngineCore], relays: list[EventRelay]) -> None:
+    for relay in relays:
+        await relay.close()
+    await _close(*cores)
+
+
+async def _use(core: EngineCore, key: str) -> None:
+    (await core.acquire(key)).release()
+
+
+async def _told(teller: EngineCore, hearer: EngineCore) -> None:
+    """The teller's lease batch runs; the hearer has heard every arrival it told."""
+    told = teller.ctx.shared.arrivals_told
+    await teller.ctx.shared.replica.beat()
+    assert teller.ctx.shared.arrivals_told > told
+    await until(lambda: _heard(hearer, teller.ctx.shared.arrivals_told))
+
+
+async def _heard(core: EngineCore, n: int) -> bool:
+    return core.ctx.shared.arrivals_heard >= n
+
+
+async def _leases_lapse(core: EngineCore) -> None:
+    """Two batches with no request: a lease outlives its model's last request by one."""
+    for _ in range(2):
+        await core.ctx.shared.replica.beat()
+    assert not core.ctx.shared.renewed
+
+
+async def test_the_leader_does_not_unload_as_idle_a_model_another_replica_uses():
+    clock = ManualClock()
+    backend = GatedBackend({A: 3, B: 3}, MANAGED)
+    leader, other, relays = await _pair(backend, clock)
+    try:
+        await _use(other, A)                                 # loaded there
+        await leader.reconcile()
+        clock.advance(1.5 * HOUR_S)
+        await _use(other, A)                                 # and asked for again there
+        await _told(other, leader)
+        await _leases_lapse(other)
+        clock.advance(0.7 * HOUR_S)                          # 2.2 h after the load
+        assert await leader.unload_idle_models() == []       # idle 0.7 h of its 2 h
+        assert A in backend.loaded
+        clock.advance(1.4 * HOUR_S)
+        assert await leader.unload_idle_models() == [A]      # idle 2.1 h: it goes
+    finally:
+        await _end((leader, other), relays)
+
+
+async def test_a_load_takes_the_model_used_least_lately_by_any_replica_as_its_victim():
+    clock = ManualClock()
+    backend = GatedBackend({A: 3, B: 3, C: 3}, MANAGED)   # 3.6 GB each: two fit in 8
+    one, two, relays = await _pair(backend, clock, enabled=False)
+    try:
+        await _use(two, A)                                   # loaded by the other replica
+        await one.reconcile()
+        clock.advance(50)
+        await _use(one, B)                                   # used here at 50 s
+        for _ in range(3):
+            clock.advance(80)
+            await _use(two, A)                               # there at 130, 210 and 290 s
+        await _told(two, one)
+        await _leases_lapse(two)
+        await until(lambda: _reloads_alike(one, A, B))      # A's load time, as two measured
+        await _use(one, C)                                   # needs one of them to go
+        assert sorted(backend.loaded) == [A, C]
+        assert one.registry.entries[A].last_used_at_s == clock.now()
+    finally:
+        await _end((one, two), relays)
+
+
+async def _reloads_alike(core: EngineCore, *keys: str) -> bool:
+    return len({core.registry.reload_s(core.registry.entries[k]) for k in keys}) == 1
+
+
+async def test_among_models_used_moments_ago_the_one_asked_for_most_across_replicas_stays():
+    # Both idle under cost-aware's recency floor: their heat decides.
+    clock = ManualClock()
+    backend = GatedBackend({A: 3, B: 3, C: 3}, MANAGED)
+    one, two, relays = await _pair(backend, clock, enabled=False)
+    try:
+        await _use(two, A)
+        await one.reconcile()
+        await _use(one, B)
+        for _ in range(4):
+            clock.advance(1)
+            await _use(two, A)                               # asked for five times there
+        await _told(two, one)
+        await _leases_lapse(two)
+        await until(lambda: _reloads_alike(one, A, B))
+        clock.advance(1)
+        await _use(one, C)
+        assert sorted(backend.loaded) == [A, C]
+    finally:
+        await _end((one, two), relays)
+
+
+async def test_what_follows_a_model_on_another_replica_is_learned_here():
+    clock = ManualClock()
+    backend = GatedBackend({A: 3, B: 3}, MANAGED)
+    one, two, relays = await _pair(backend, clock)
+    try:
+        for _ in range(6):                                   # planner, then coder: a pipeline
+            await _use(two, A)
+            clock.advance(5)
+            await _use(two, B)
+            await _told(two, one)
+            clock.advance(300)
+        assert one.learner.likely_next(A, 0.6) == [(B, 1.0)]
+        assert one.learner.patterns[B].requests == 6
+        assert one.learner.patterns[A].last_gap_s == 305
+        assert one.ctx.shared.arrivals_heard == 12 and two.ctx.shared.arrivals_heard == 0
+    finally:
+        await _end((one, two), relays)
+
+
+async def test_a_preload_another_replica_uses_counts_as_useful_on_the_leader():
+    clock = ManualClock()
+    backend = GatedBackend({A: 3}, MANAGED)
+    leader, other, relays = await _pair(backend, clock)
+    try:
+        leader.preloader.queue(A, 1.0, "a test's reason")
+        await until(lambda: _preloaded(leader, A))
+        await other.reconcile()
+        await _use(other, A)
+        await _told(other, leader)
+        assert (leader.preloads.useful, leader.preloads.wasted) == (1, 0)
+        assert not leader.registry.entries[A].preloaded
+    finally:
+        await _end((leader, other), relays)
+
+
+async def test_a_request_on_another_replica_ends_the_quiet_of_an_unload_by_hand():
+    clock = ManualClock()
+    backend = GatedBackend({A: 3}, MANAGED)
+    leader, other, relays = await _pair(backend, clock)
+    try:
+        await _use(leader, A)
+        assert await leader.unload(A)
+        assert leader.registry.entries[A].unloaded_by_hand_s is not None
+        await _use(other, A)                                 # asked for again, there
+        await _told(other, leader)
+        assert leader.registry.entries[A].unloaded_by_hand_s is None
+    finally:
+        await _end((leader, other), relays)
+
+
+async def _preloaded(core: EngineCore, key: str) -> bool:
+    e = core.registry.entries[key]
+    return e.status.value == "loaded" and e.preloaded
+
+
+async def test_past_its_bound_a_batch_tells_each_models_latest_arrival():
+    clock = ManualClock()
+    backend = GatedBackend({A: 3, B: 3}, MANAGED)
+    one, two, relays = await _pair(backend, clock)
+    try:
+        shared = two.ctx.shared
+        for i in range(ARRIVALS_MAX + 10):
+            shared.arrived(A, clock.wall() + i)
+        shared.arrived(B, clock.wall() + 5_000)
+        await _told(two, one)
+        assert shared.arrivals_told == ARRIVALS_MAX + 2 and shared.arrivals_untold == 9
+        assert one.learner.patterns[A].requests == ARRIVALS_MAX + 1
+        assert one.learner.patterns[B].requests == 1
+        view = await one.ctx.shared.replica.view()
+        assert view["arrivals"] == {"told": 0, "heard": ARRIVALS_MAX + 2, "untold": 0}
+    finally:
+        await _end((one, two), relays)
+
+
+@pytest.mark.parametrize("data", [
+    {"models": [A], "t0_ms": "soon", "at": [[0, 0]]},
+    {"models": [A], "t0_ms": 1, "at": [[1, 0]]},              # no such model
+    {"models": [A], "t0_ms": 1, "at": [[0, -5]]},
+    {"models": [A], "t0_ms": 1, "at": [[0, True]]},
+    {"models": [A], "t0_ms": 10 ** 30, "at": [[0, 0]]},
+    {"models": "lab/a", "t0_ms": 1, "at": [[0, 0]]},
+    {"models": [A], "t0_ms": 1, "at": [[0, 0], [0]]},          # one bad pair spoils the lot
+])
+async def test_an_arrivals_event_not_as_written_is_ignored(data):
+    clock = ManualClock()
+    backend = GatedBackend({A: 3}, MANAGED)
+    one, two, relays = await _pair(backend, clock)
+    try:
+        one.ctx.shared.replica.heard(ARRIVALS_EVENT, {"host": "default", **data})
+        assert one.ctx.shared.arrivals_heard == 0 and A not in one.learner.patterns
+        await _use(two, A)
+        await _told(two, one)                                # the stream goes on
+        assert one.learner.patterns[A].requests == 1
+    finally:
+        await _end((one, two), relays)
+
+
+async def test_an_arrival_stamped_far_behind_this_replicas_clock_is_not_learned():
+    clock = ManualClock()
+    backend = GatedBackend({A: 3}, MANAGED)
+    one, two, relays = await _pair(backend, clock)
+    try:
+        two.ctx.shared.arrived(A, clock.wall() - 3_600)
+        two.ctx.shared.arrived(A, clock.wall() - 60)
+        await _told(two, one)
+        assert one.learner.patterns[A].requests == 1
+    finally:
+        await _end((one, two), relays)
+
+
+async def test_arrivals_reach_another_replica_through_redis(redis_server):  # noqa: F811
+    clock = ManualClock()
+    backend = GatedBackend({A: 3, B: 3}, MANAGED)
+    stores = (create_state(redis_server.url, replica_id="r1"),
+              create_state(redis_server.url, replica_id="r2"))
+    one, two, relays = await _pair(backend, clock, stores)
+    try:
+        await _use(two, A)
+        clock.advance(5)
+        await _use(two, B)
+        await _told(two, one)
+        assert one.learner.follow_probability(A, B) == 1.0
+        assert one.learner.patterns[A].last_at_s == clock.now() - 5   # when, not when heard
+        assert one.registry.entries[B].last_used_at_s == clock.now()
+    finally:
+        await _end((one, two), relays)
