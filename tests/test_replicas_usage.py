@@ -3,6 +3,7 @@ the leader does not unload as idle, nor a load take as the coldest victim, a mod
 replica is asked for; patterns and a preload's use span the fleet (engine/shared_usage.py)."""
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -11,7 +12,7 @@ from proxy.configload import load_config
 from proxy.engine.clock import ManualClock
 from proxy.engine.core import EngineCore
 from proxy.engine.replica import Replica
-from proxy.engine.shared_usage import ARRIVALS_EVENT, ARRIVALS_MAX
+from proxy.engine.shared_usage import ARRIVALS_EVENT, ARRIVALS_MAX, BY_HAND_EVENT
 from proxy.observe.relayed import EventRelay
 from proxy.state import MemoryState, create_state
 
@@ -199,6 +200,28 @@ async def test_a_request_on_another_replica_ends_the_quiet_of_an_unload_by_hand(
         assert leader.registry.entries[A].unloaded_by_hand_s is None
     finally:
         await _end((leader, other), relays)
+
+
+async def test_a_model_unloaded_by_hand_on_another_replica_is_kept_unloaded_by_the_leader():
+    clock = ManualClock()
+    backend = GatedBackend({A: 3}, MANAGED)
+    leader, other, relays = await _pair(backend, clock)
+    try:
+        await _use(other, A)
+        await leader.reconcile()
+        assert await other.unload(A)                         # the operator, through the other
+        await until(lambda: _kept_unloaded(leader, A))
+        assert leader.registry.entries[A].unloaded_by_hand_s == clock.now()
+        await asyncio.gather(*leader.ctx.shared._tasks)     # what it told in turn, if anything
+        told = [e for e in await leader.ctx.shared.store.events_after(None, count=1000)
+                if e.type == BY_HAND_EVENT]
+        assert [(e.data["model"], e.data["replica"]) for e in told] == [(A, "r2")]
+    finally:
+        await _end((leader, other), relays)
+
+
+async def _kept_unloaded(core: EngineCore, key: str) -> bool:
+    return core.registry.entries[key].unloaded_by_hand_s is not None
 
 
 async def _preloaded(core: EngineCore, key: str) -> bool:

@@ -111,6 +111,7 @@ class EngineCore(ManualOperations, CoreViews):
         self.leases = Leases(ctx, self.preloader, self.preloads, self.scheduler)
         if shared is not None:
             shared.heard_arrival = self.leases.heard   # another replica's request, learned here
+            shared.heard_by_hand = lambda key: self.keep_unloaded(key, tell=False)
         self._periodic = Periodic("engine", log)
         # After each reconcile that got the model list: configured names it lacks are warned
         # of (once). A fleet's host leaves that to the fleet, which knows every host's list.

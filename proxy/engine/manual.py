@@ -76,13 +76,16 @@ class ManualOperations:
             self.keep_unloaded(e.key)
         return unloaded
 
-    def keep_unloaded(self, key: str) -> None:
+    def keep_unloaded(self, key: str, *, tell: bool = True) -> None:
         """An unload by hand: no preload of key by its own history for an hour
         (preload.HAND_UNLOAD_QUIET_S) or until a request asks for it (a request for a model it follows still preloads it:
-        that is news the unload did not know)."""
+        that is news the unload did not know). Among replicas the others are told (`tell`),
+        for the leader preloads."""
         e = self.registry.entries.get(key)
         if e is not None:
             e.unloaded_by_hand_s = self.clock.now()
+            if tell and self.ctx.shared is not None:
+                self.ctx.shared.tell_unloaded_by_hand(key)
 
     def _can_load_or_unload(self, key: str, done: str) -> None:
         """A 409 naming the server's kind when the proxy cannot load or unload on it (an

@@ -10,7 +10,8 @@ own list stays the truth; the event only says when to look. Changes a replica me
 the fleet's ownership record back (`owned`, engine/shared_owned.py) has the others look too.
 A replica that gave up its lease on a model for a load waiting elsewhere (`lease_given_up`,
 engine/shared_wants.py) has that load look again. The requests another replica served
-(`arrivals`, engine/shared_usage.py) are learned here as if asked here.
+(`arrivals`, engine/shared_usage.py) are learned here as if asked here, and a model it unloaded
+by hand (`unloaded_by_hand`) is kept unloaded here as there.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable
 
 from .hostlog import working_for
 from .shared_owned import OWNED_EVENT
-from .shared_usage import ARRIVALS_EVENT
+from .shared_usage import ARRIVALS_EVENT, BY_HAND_EVENT
 from .shared_wants import GIVEN_UP_EVENT
 
 if TYPE_CHECKING:
@@ -41,6 +42,11 @@ def heard_on(hosts: Iterable["SharedHost"], event_type: str, data: dict[str, Any
         for h in hosts:
             if h.name == name:
                 h.heard_arrivals(data)
+        return
+    if event_type == BY_HAND_EVENT:
+        for h in hosts:
+            if h.name == name:
+                h.heard_by_hand(model)
         return
     if event_type == GIVEN_UP_EVENT:
         for h in hosts:

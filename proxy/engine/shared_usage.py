@@ -16,6 +16,9 @@ model's entry gets its recency and heat; a preload of the model counts as used. 
 heard preloads nothing: the replica it reached has preloaded what follows it, with the
 fleet's patterns.
 
+An unload by hand is told too (`unloaded_by_hand`): the leader, which preloads, keeps the model
+unloaded as the replica asked would (preload.HAND_UNLOAD_QUIET_S).
+
 Bounded: a batch tells at most ARRIVALS_MAX arrivals per host; beyond that only each model's
 latest is told (its recency; the others count in `arrivals_untold`). Arrivals lost while the
 state is away are not sent again. A model this replica does not know is ignored, and so is an
@@ -23,6 +26,7 @@ event that is not as written here.
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from typing import Any, Callable
@@ -31,19 +35,22 @@ from ..errors import StateUnavailable
 
 log = logging.getLogger("proxy.shared")
 ARRIVALS_EVENT = "arrivals"    # the replicas' stream: the requests a replica served on a host
+BY_HAND_EVENT = "unloaded_by_hand"   # and a model it unloaded by hand there
 ARRIVALS_MAX = 512             # per batch and host: about 5 KB of event
 MAX_SPAN_MS = 86_400_000       # a batch's arrivals lie within this of its first
 
 
 class UsageShare:
-    """Mixed into SharedHost (engine/shared.py): its `store`, `name` and `replica`."""
+    """Mixed into SharedHost (engine/shared.py): its `store`, `name`, `replica` and `_tasks`."""
 
     def _init_usage(self) -> None:
         self._arrivals: list[tuple[str, float]] = []     # (model, wall s) since the last batch
         self._latest: dict[str, float] = {}              # model → wall s, past ARRIVALS_MAX
         self.arrivals_told = self.arrivals_heard = self.arrivals_untold = 0
-        # Set by the engine: a request for the model that arrived (wall s) on another replica.
+        # Set by the engine: a request for the model that arrived (wall s) on another replica;
+        # the model another replica unloaded by hand.
         self.heard_arrival: Callable[[str, float], None] = lambda key, wall_s: None
+        self.heard_by_hand: Callable[[str], None] = lambda key: None
 
     def arrived(self, key: str, wall_s: float) -> None:
         """A request for `key` arrived here (once per request, on its path: an append)."""
@@ -72,6 +79,16 @@ class UsageShare:
             self.arrivals_told += len(batch)
         except StateUnavailable:
             self.arrivals_untold += len(batch)   # a lost reply may have appended it: not again
+
+    def tell_unloaded_by_hand(self, key: str) -> None:
+        task = asyncio.ensure_future(self._tell_by_hand(key))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _tell_by_hand(self, key: str) -> None:
+        with contextlib.suppress(StateUnavailable):
+            await self.store.append_event(BY_HAND_EVENT, {
+                "host": self.name, "model": key, "replica": self.replica.id})
 
     def heard_arrivals(self, data: dict[str, Any]) -> None:
         """Another replica's batch: each arrival, in the order it came there, as if asked
