@@ -11,6 +11,7 @@ import pytest
 from proxy.configload import load_config
 from proxy.engine.clock import ManualClock
 from proxy.engine.core import EngineCore
+from proxy.engine.learning import ModelPattern
 from proxy.engine.replica import Replica
 from proxy.engine.shared_usage import ARRIVALS_EVENT, ARRIVALS_MAX, BY_HAND_EVENT
 from proxy.observe.relayed import EventRelay
@@ -300,3 +301,126 @@ async def test_arrivals_reach_another_replica_through_redis(redis_server):  # no
         assert one.registry.entries[B].last_used_at_s == clock.now()
     finally:
         await _end((one, two), relays)
+
+
+class CountedWrites:
+    """A replica's view of the shared state that counts its writes of usage patterns."""
+
+    def __init__(self, inner: MemoryState) -> None:
+        self.inner = inner
+        self.written: list[set[str]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def put_patterns(self, host: str, patterns: Any, ttl_s: float) -> None:
+        self.written.append(set(patterns))
+        await self.inner.put_patterns(host, patterns, ttl_s)
+
+
+async def _third(facts: Any, backend: GatedBackend, clock: ManualClock) -> EngineCore:
+    """A replica that starts (facts: the shared state, or a view of it as its own)."""
+    store = facts.view("r3") if isinstance(facts, MemoryState) else facts
+    replica = Replica(store, lease_ttl_s=30, lock_ttl_s=30, unavailable_wait_s=1)
+    await replica.start()
+    core = EngineCore(_config(), backend, clock=clock, shared=replica.host("default"))
+    await core.start()
+    return core
+
+
+async def test_a_replica_that_starts_adopts_the_patterns_the_fleet_learned():
+    clock = ManualClock()
+    backend = GatedBackend({A: 3, B: 3}, MANAGED)
+    facts = MemoryState("r1")
+    written, not_leading = CountedWrites(facts), CountedWrites(facts.view("r2"))
+    leader, other, relays = await _pair(backend, clock, (written, not_leading))
+    new = None
+    try:
+        for _ in range(4):
+            await _use(other, A)
+            clock.advance(5)
+            await _use(other, B)
+            await _told(other, leader)          # the leader writes what changed as it beats
+            clock.advance(300)
+        await leader.ctx.shared.replica.beat()
+        assert written.written == [{A, B}]
+        await _use(other, A)
+        await _told(other, leader)
+        await leader.ctx.shared.replica.beat()
+        assert len(written.written) == 1        # once a minute at most
+        leader.ctx.shared.patterns_every_s = 0
+        await leader.ctx.shared.replica.beat()
+        assert written.written[1:] == [{A}]     # what changed since
+        await leader.ctx.shared.replica.beat()
+        assert len(written.written) == 2        # nothing new: nothing written
+        clock.advance(5)
+        await _use(other, B)                    # B's request, and A's follower
+        await _told(other, leader)
+        await leader.ctx.shared.replica.beat()
+        assert written.written[2:] == [{A, B}]
+        assert not_leading.written == []        # the leader writes them
+        new = await _third(facts, backend, clock)
+        assert new.ctx.shared.patterns_adopted == 2
+        assert new.learner.likely_next(A, 0.6) == [(B, 1.0)]
+        assert new.learner.patterns[A].requests == 5
+        assert new.learner.patterns[A].last_at_s == leader.learner.patterns[A].last_at_s
+        assert new.learner.dirty == {A, B}      # and kept in its own history
+    finally:
+        await _end((leader, other), relays)
+        if new is not None:
+            await _close(new)
+
+
+async def test_the_leader_writes_what_it_learned_as_it_stops():
+    clock = ManualClock()
+    backend = GatedBackend({A: 3}, MANAGED)
+    facts = MemoryState("r1")
+    leader, other, relays = await _pair(backend, clock, (facts, facts.view("r2")))
+    try:
+        await _use(leader, A)
+        await leader.ctx.shared.replica.beat()
+        clock.advance(10)
+        await _use(leader, A)
+        assert (await facts.patterns("default"))[A]["requests"] == 1
+    finally:
+        await _end((leader, other), relays)
+    assert (await facts.patterns("default"))[A]["requests"] == 2
+
+
+async def test_a_pattern_from_the_replicas_own_history_gives_way_only_to_a_later_one():
+    clock = ManualClock()
+    backend = GatedBackend({A: 3, B: 3}, MANAGED)
+    facts = MemoryState("r1")
+    new = await _third(facts, backend, clock)
+    try:
+        for key, at_s in ((A, 100.0), (B, 200.0)):           # what the fleet learned
+            fleet = ModelPattern()
+            fleet.observe(clock.now() - at_s, clock.wall() - at_s)
+            await facts.put_patterns("default", {key: fleet.snapshot(clock.now(), clock.wall())},
+                                     ttl_s=60)
+        for key in (A, B):                                    # its own, from its history
+            new.learner.patterns[key] = own = ModelPattern()
+            own.observe(clock.now() - 150, clock.wall() - 150)
+            own.observe(clock.now() - 149, clock.wall() - 149)
+        await new.ctx.shared.adopt_patterns()
+        assert new.learner.patterns[A].requests == 1         # the fleet's: later
+        assert new.learner.patterns[B].requests == 2         # its own: later than the fleet's
+    finally:
+        await _close(new)
+
+
+async def test_patterns_adopted_and_not_learned_since_are_not_written_back():
+    clock = ManualClock()
+    backend = GatedBackend({A: 3}, MANAGED)
+    facts = MemoryState("r0")
+    fleet = ModelPattern()
+    fleet.observe(clock.now() - 10, clock.wall() - 10)
+    await facts.put_patterns("default", {A: fleet.snapshot(clock.now(), clock.wall())}, ttl_s=60)
+    written = CountedWrites(facts.view("r3"))
+    alone = await _third(written, backend, clock)        # the leader: alone
+    try:
+        assert alone.leads and alone.ctx.shared.patterns_adopted == 1
+        await alone.ctx.shared.replica.beat()
+        assert written.written == []
+    finally:
+        await _close(alone)

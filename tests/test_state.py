@@ -438,3 +438,26 @@ async def test_whereabouts_name_who_loads_a_model_and_where_the_fleets_copy_is(f
     assert found == {"h1": Whereabouts("a", False), "h2": Whereabouts(None, True),
                      "h3": Whereabouts(None, False)}
     assert await b.whereabouts("m", []) == {}
+
+
+async def test_usage_patterns_are_kept_per_host_and_replaced_per_model(fleet):
+    a, b = fleet.replica("a"), fleet.replica("b")
+    assert await b.patterns("h1") == {}
+    await a.put_patterns("h1", {"m": {"requests": 3, "followers": {"n": 2}},
+                                "n": {"requests": 1}}, ttl_s=LONG_S)
+    await b.put_patterns("h1", {"m": {"requests": 5}}, ttl_s=LONG_S)
+    await a.put_patterns("h1", {}, ttl_s=LONG_S)
+    assert await a.patterns("h1") == {"m": {"requests": 5}, "n": {"requests": 1}}
+    assert await a.patterns("h2") == {}
+
+
+async def test_usage_patterns_expire_unless_written_again(fleet):
+    a = fleet.replica("a")
+    await a.put_patterns("h1", {"m": {"requests": 3}}, ttl_s=TTL_S)
+    await until(lambda: _no_patterns(a, "h1"))
+    await a.put_patterns("h1", {"n": {"requests": 1}}, ttl_s=LONG_S)
+    assert await a.patterns("h1") == {"n": {"requests": 1}}
+
+
+async def _no_patterns(store, host: str) -> bool:
+    return await store.patterns(host) == {}

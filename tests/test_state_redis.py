@@ -46,6 +46,8 @@ def calls(store: RedisState) -> dict:
         "wanted_by": lambda: store.wanted_by("h1", "m"),
         "put_learned": lambda: store.put_learned("h1", "m", load_s=1.0, ttl_s=LONG_S),
         "learned": lambda: store.learned("h1"),
+        "put_patterns": lambda: store.put_patterns("h1", {"m": {}}, LONG_S),
+        "patterns": lambda: store.patterns("h1"),
         "last_event_id": store.last_event_id,
         "owned": lambda: store.owned("h1"),
         "campaign": lambda: store.campaign(LONG_S),

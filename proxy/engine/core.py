@@ -92,6 +92,7 @@ class EngineCore(ManualOperations, CoreViews):
                 if e.leases or (e.status is ModelStatus.LOADED and r.pinned(e.key))]
             shared.record_of = self._host_record
             shared.registry = r
+            shared.learner, shared.clock = self.learner, self.clock   # patterns the fleet keeps
             shared.catch_up.reconcile = self.reconcile   # when another replica loads or unloads
             shared.catch_up.host = host_name
             shared.wake = ctx.wake      # a lease another replica gave up for a load here
@@ -147,6 +148,8 @@ class EngineCore(ManualOperations, CoreViews):
         # The history first: a file another process holds refuses the start (StorageInUse)
         # before any connection is opened that would then be left open.
         await self.accounting.open()
+        if self.ctx.shared is not None:
+            await self.ctx.shared.adopt_patterns()   # after its own history: newer ones win
         start = getattr(self.backend, "start", None)
         if start is not None:
             await start()   # idempotent: the app may have started it already

@@ -82,6 +82,8 @@ class Replica:
         await asyncio.gather(*tasks, return_exceptions=True)
         with contextlib.suppress(StateUnavailable):
             if self.leader:
+                for h in self.hosts:     # what it learned since its last write
+                    await h.write_patterns(now=True)
                 await self.store.resign()
             await self.store.retire()     # its leases and reservations void at once
         await self.store.close()
@@ -149,6 +151,8 @@ class Replica:
                 await self.store.drop_leases(ended)
             for h in self.hosts:
                 await h.tell_arrivals()
+                if self.leader:
+                    await h.write_patterns()
         except StateUnavailable as exc:
             self.unreachable(exc)
             return

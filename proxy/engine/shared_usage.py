@@ -16,6 +16,11 @@ model's entry gets its recency and heat; a preload of the model counts as used. 
 heard preloads nothing: the replica it reached has preloaded what follows it, with the
 fleet's patterns.
 
+The patterns themselves outlive the replicas: the leader writes those that changed to the shared
+state every PATTERNS_EVERY_S and as it stops, and a replica that starts adopts them for the
+models it has none of, or an older one (from its own history file, written before it stopped).
+So a new pod, or every pod after a rolling update, starts with what the fleet learned.
+
 An unload by hand is told too (`unloaded_by_hand`): the leader, which preloads, keeps the model
 unloaded as the replica asked would (preload.HAND_UNLOAD_QUIET_S).
 
@@ -29,15 +34,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import StateUnavailable
+from .learning import ModelPattern
+
+if TYPE_CHECKING:
+    from .clock import Clock
+    from .learner import UsageLearner
 
 log = logging.getLogger("proxy.shared")
 ARRIVALS_EVENT = "arrivals"    # the replicas' stream: the requests a replica served on a host
 BY_HAND_EVENT = "unloaded_by_hand"   # and a model it unloaded by hand there
 ARRIVALS_MAX = 512             # per batch and host: about 5 KB of event
 MAX_SPAN_MS = 86_400_000       # a batch's arrivals lie within this of its first
+PATTERNS_EVERY_S = 60.0        # the leader writes the patterns that changed this often
+PATTERNS_TTL_S = 7 * 86_400.0  # kept a week past the last write
 
 
 class UsageShare:
@@ -51,6 +63,12 @@ class UsageShare:
         # the model another replica unloaded by hand.
         self.heard_arrival: Callable[[str, float], None] = lambda key, wall_s: None
         self.heard_by_hand: Callable[[str], None] = lambda key: None
+        self.learner: UsageLearner | None = None     # the engine's, and its clock
+        self.clock: Clock | None = None
+        self.patterns_every_s = PATTERNS_EVERY_S
+        self.patterns_adopted = 0
+        self._patterns_at_s: float | None = None     # loop time of the last write
+        self._written: dict[str, tuple] = {}         # model → _mark of the pattern written
 
     def arrived(self, key: str, wall_s: float) -> None:
         """A request for `key` arrived here (once per request, on its path: an append)."""
@@ -80,6 +98,60 @@ class UsageShare:
         except StateUnavailable:
             self.arrivals_untold += len(batch)   # a lost reply may have appended it: not again
 
+    async def write_patterns(self, *, now: bool = False) -> None:
+        """The leader's patterns of this host that changed since it last wrote them, at most
+        every patterns_every_s (`now`: as it stops)."""
+        learner, clock = self.learner, self.clock
+        if learner is None or clock is None:
+            return
+        t_s = asyncio.get_running_loop().time()
+        if not now and self._patterns_at_s is not None and \
+                t_s - self._patterns_at_s < self.patterns_every_s:
+            return
+        self._patterns_at_s = t_s
+        changed = {key: (p, mark) for key, p in learner.patterns.items()
+                   if self._written.get(key) != (mark := _mark(p))}
+        if not changed:
+            return
+        now_s, wall_s = clock.now(), clock.wall()
+        try:
+            await self.store.put_patterns(
+                self.name, {key: p.snapshot(now_s, wall_s) for key, (p, _) in changed.items()},
+                PATTERNS_TTL_S)
+        except StateUnavailable:
+            return                      # written at the next turn
+        self._written.update((key, mark) for key, (_, mark) in changed.items())
+
+    async def adopt_patterns(self) -> None:
+        """At start: the fleet's pattern of each model this replica has none of, or an older
+        one (its last request earlier than the fleet's)."""
+        learner, clock = self.learner, self.clock
+        if learner is None or clock is None:
+            return
+        try:
+            kept = await self.store.patterns(self.name)
+        except StateUnavailable as exc:
+            log.warning("%s: the fleet's usage patterns of %s are not adopted; this replica "
+                        "learns from requests from now on", exc.message, self.name)
+            return
+        now_s, wall_s = clock.now(), clock.wall()
+        for key, snapshot in kept.items():
+            try:
+                fleet = ModelPattern.restore(snapshot, now_s, wall_s)
+            except (TypeError, ValueError, KeyError, AttributeError):
+                continue                # written by another version: learned anew
+            own = learner.patterns.get(key)
+            if fleet.last_at_s is None or own is not None and own.last_at_s is not None and \
+                    own.last_at_s >= fleet.last_at_s:
+                continue
+            learner.patterns[key] = fleet
+            learner.dirty.add(key)      # into this replica's own history too
+            self._written[key] = _mark(fleet)
+            self.patterns_adopted += 1
+        if self.patterns_adopted:
+            log.info("adopted the usage patterns of %d models on %s that the fleet learned",
+                     self.patterns_adopted, self.name)
+
     def tell_unloaded_by_hand(self, key: str) -> None:
         task = asyncio.ensure_future(self._tell_by_hand(key))
         self._tasks.add(task)
@@ -98,10 +170,17 @@ class UsageShare:
             log.debug("an arrivals event from replica %s not as expected: ignored",
                       data.get("replica"))
             return
-        for wall_s, key in arrivals:
-            with contextlib.suppress(Exception):
+        try:
+            for wall_s, key in arrivals:
                 self.heard_arrival(key, wall_s)
+        except Exception:      # a bug here must not stop the stream's reader: said, not raised
+            log.exception("learning replica %s's arrivals failed", data.get("replica"))
         self.arrivals_heard += len(arrivals)
+
+
+def _mark(p: ModelPattern) -> tuple:
+    """What changes when a pattern learns something (a request, a follower)."""
+    return p.requests, p.last_at_s, sum(p.followers.values())
 
 
 def _parsed(data: dict[str, Any]) -> list[tuple[float, str]]:

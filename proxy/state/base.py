@@ -251,6 +251,13 @@ class StateStore(Protocol):
     async def learned(self, host: str) -> dict[str, Learned]:
         """model → the latest measurements of it on `host`."""
 
+    async def put_patterns(self, host: str, patterns: Mapping[str, dict[str, Any]],
+                           ttl_s: float) -> None:
+        """The usage patterns learned of these models on `host` (engine/learning.py's
+        snapshots), each replacing the one kept; all of the host's live `ttl_s` past this."""
+    async def patterns(self, host: str) -> dict[str, dict[str, Any]]:
+        """model → the usage pattern kept of it on `host`."""
+
     async def ping(self) -> None:
         """Raises StateUnavailable when the store cannot be reached."""
     async def close(self) -> None: ...

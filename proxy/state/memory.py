@@ -10,7 +10,9 @@ import asyncio
 import collections
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Protocol
+from typing import Any, Iterable, Mapping, Protocol
+
+import orjson
 
 from .base import (HostRecord, LeaseKey, Learned, LoadLock, Measured, Renewal, Reserved,
                    StoredEvent, Whereabouts, parse_event_id)
@@ -43,6 +45,8 @@ class _Facts:
     wants: dict[LeaseKey, tuple[str, float]] = field(default_factory=dict)      # by, expires
     # host → model → (learned, expires at)
     learned: dict[str, dict[str, tuple[Learned, float]]] = field(default_factory=dict)
+    # host → (model → its usage pattern as JSON, the host's expiry)
+    patterns: dict[str, tuple[dict[str, bytes], float]] = field(default_factory=dict)
     owned: dict[str, dict[str, str]] = field(default_factory=dict)
     leader: tuple[str, float] | None = None
     events: collections.deque = field(default_factory=collections.deque)
@@ -326,6 +330,19 @@ class MemoryState:
     async def learned(self, host: str) -> dict[str, Learned]:
         now_s = self._now()
         return {m: rec for m, (rec, exp) in self._f.learned.get(host, {}).items() if exp > now_s}
+
+    async def put_patterns(self, host: str, patterns: Mapping[str, dict[str, Any]],
+                           ttl_s: float) -> None:
+        kept = self._f.patterns.get(host)
+        table = dict(kept[0]) if kept is not None and kept[1] > self._now() else {}
+        table.update((model, orjson.dumps(p)) for model, p in patterns.items())   # as Redis
+        self._f.patterns[host] = (table, self._now() + ttl_s)
+
+    async def patterns(self, host: str) -> dict[str, dict[str, Any]]:
+        kept = self._f.patterns.get(host)
+        if kept is None or kept[1] <= self._now():
+            return {}
+        return {model: orjson.loads(raw) for model, raw in kept[0].items()}
 
     async def ping(self) -> None:
         return None

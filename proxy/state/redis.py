@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import urllib.parse
-from typing import Any, Awaitable, Callable, Iterable, TypeVar
+from typing import Any, Awaitable, Callable, Iterable, Mapping, TypeVar
 
 import orjson
 import redis.asyncio as aioredis
@@ -372,6 +372,22 @@ class RedisState:
             if kind in LEARNED_KINDS:
                 found.setdefault(model, {})[kind] = Measured(float(value), int(at_ms), by)
         return {m: Learned(**d) for m, d in found.items()}
+
+    @_guarded
+    async def put_patterns(self, host: str, patterns: Mapping[str, dict[str, Any]],
+                           ttl_s: float) -> None:
+        if not patterns:
+            return
+        key = self._key("patterns", host)
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hset(key, mapping={model: orjson.dumps(p) for model, p in patterns.items()})
+        pipe.pexpire(key, _ms(ttl_s))
+        await pipe.execute()
+
+    @_guarded
+    async def patterns(self, host: str) -> dict[str, dict[str, Any]]:
+        got = await self.client.hgetall(self._key("patterns", host))
+        return {model: orjson.loads(raw) for model, raw in got.items()}
 
     @_guarded
     async def ping(self) -> None:
