@@ -196,6 +196,9 @@ async def test_a_request_on_another_replica_ends_the_quiet_of_an_unload_by_hand(
         await _use(leader, A)
         assert await leader.unload(A)
         assert leader.registry.entries[A].unloaded_by_hand_s is not None
+        other.ctx.shared.arrived(A, clock.wall() - 1)        # before the unload, told after
+        await _told(other, leader)
+        assert leader.registry.entries[A].unloaded_by_hand_s is not None
         await _use(other, A)                                 # asked for again, there
         await _told(other, leader)
         assert leader.registry.entries[A].unloaded_by_hand_s is None

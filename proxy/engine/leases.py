@@ -69,7 +69,8 @@ class Leases:
         e.heat_at_s = now
         if e.last_used_at_s is None or at_s > e.last_used_at_s:
             e.last_used_at_s = at_s
-        e.unloaded_by_hand_s = None
+        if e.unloaded_by_hand_s is not None and at_s >= e.unloaded_by_hand_s:
+            e.unloaded_by_hand_s = None       # asked for since (not a request told late)
         if e.preloaded:
             self.preloads.used(e)
 
