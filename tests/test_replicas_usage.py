@@ -13,7 +13,8 @@ from proxy.engine.clock import ManualClock
 from proxy.engine.core import EngineCore
 from proxy.engine.learning import ModelPattern
 from proxy.engine.replica import Replica
-from proxy.engine.shared_usage import ARRIVALS_EVENT, ARRIVALS_MAX, BY_HAND_EVENT
+from proxy.errors import StateUnavailable
+from proxy.engine.shared_usage import ARRIVALS_EVENT, ARRIVALS_MAX, BY_HAND_EVENT, PATTERNS_PER_WRITE
 from proxy.observe.relayed import EventRelay
 from proxy.state import MemoryState, create_state
 
@@ -312,11 +313,15 @@ class CountedWrites:
     def __init__(self, inner: MemoryState) -> None:
         self.inner = inner
         self.written: list[set[str]] = []
+        self.refuse = 0            # writes to refuse, as a Redis that is away does
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
     async def put_patterns(self, host: str, patterns: Any, ttl_s: float) -> None:
+        if self.refuse:
+            self.refuse -= 1
+            raise StateUnavailable("shared state unavailable: a test's")
         self.written.append(set(patterns))
         await self.inner.put_patterns(host, patterns, ttl_s)
 
@@ -427,3 +432,28 @@ async def test_patterns_adopted_and_not_learned_since_are_not_written_back():
         assert written.written == []
     finally:
         await _close(alone)
+
+
+async def test_many_changed_patterns_are_written_a_batch_at_each_beat():
+    clock = ManualClock()
+    backend = GatedBackend({A: 3}, MANAGED)
+    facts = MemoryState("r0")
+    written = CountedWrites(facts.view("r3"))
+    alone = await _third(written, backend, clock)
+    try:
+        keys = [f"lab/m{i:02d}" for i in range(PATTERNS_PER_WRITE + 8)]
+        for key in keys:
+            alone.learner.observe(key, clock.now(), clock.wall())
+        written.refuse = 1
+        await alone.ctx.shared.replica.beat()     # Redis away: nothing written, nothing lost
+        await alone.ctx.shared.replica.beat()
+        await alone.ctx.shared.replica.beat()     # within the minute: the rest of them
+        assert [len(w) for w in written.written] == [PATTERNS_PER_WRITE, 8]
+        assert set().union(*written.written) == set(keys)
+        await alone.ctx.shared.replica.beat()
+        assert len(written.written) == 2
+        for key in keys:                          # learned again, and the replica stops
+            alone.learner.observe(key, clock.now() + 1, clock.wall() + 1)
+    finally:
+        await _close(alone)
+    assert [len(w) for w in written.written[2:]] == [len(keys)]    # all at once

@@ -50,6 +50,7 @@ ARRIVALS_MAX = 512             # per batch and host: about 5 KB of event
 MAX_SPAN_MS = 86_400_000       # a batch's arrivals lie within this of its first
 PATTERNS_EVERY_S = 60.0        # the leader writes the patterns that changed this often
 PATTERNS_TTL_S = 7 * 86_400.0  # kept a week past the last write
+PATTERNS_PER_WRITE = 32        # snapshots written in one lease batch
 
 
 class UsageShare:
@@ -69,6 +70,7 @@ class UsageShare:
         self.patterns_adopted = 0
         self._patterns_at_s: float | None = None     # loop time of the last write
         self._written: dict[str, tuple] = {}         # model → _mark of the pattern written
+        self._backlog: list[str] = []                # models changed, not written yet
 
     def arrived(self, key: str, wall_s: float) -> None:
         """A request for `key` arrived here (once per request, on its path: an append)."""
@@ -99,28 +101,32 @@ class UsageShare:
             self.arrivals_untold += len(batch)   # a lost reply may have appended it: not again
 
     async def write_patterns(self, *, now: bool = False) -> None:
-        """The leader's patterns of this host that changed since it last wrote them, at most
-        every patterns_every_s (`now`: as it stops)."""
+        """The leader's patterns of this host that changed since it last wrote them: looked
+        for every patterns_every_s, and written PATTERNS_PER_WRITE a batch (a snapshot is a
+        few KB, and a fleet may know a thousand models); `now`: all of them, as it stops."""
         learner, clock = self.learner, self.clock
         if learner is None or clock is None:
             return
         t_s = asyncio.get_running_loop().time()
-        if not now and self._patterns_at_s is not None and \
-                t_s - self._patterns_at_s < self.patterns_every_s:
-            return
-        self._patterns_at_s = t_s
-        changed = {key: (p, mark) for key, p in learner.patterns.items()
-                   if self._written.get(key) != (mark := _mark(p))}
-        if not changed:
+        if now or not self._backlog and (self._patterns_at_s is None or
+                                         t_s - self._patterns_at_s >= self.patterns_every_s):
+            self._patterns_at_s = t_s
+            self._backlog = [key for key, p in learner.patterns.items()
+                             if self._written.get(key) != _mark(p)]
+        take = len(self._backlog) if now else PATTERNS_PER_WRITE
+        batch, self._backlog = self._backlog[:take], self._backlog[take:]
+        patterns = {key: p for key in batch if (p := learner.patterns.get(key)) is not None}
+        if not patterns:
             return
         now_s, wall_s = clock.now(), clock.wall()
         try:
             await self.store.put_patterns(
-                self.name, {key: p.snapshot(now_s, wall_s) for key, (p, _) in changed.items()},
+                self.name, {key: p.snapshot(now_s, wall_s) for key, p in patterns.items()},
                 PATTERNS_TTL_S)
         except StateUnavailable:
-            return                      # written at the next turn
-        self._written.update((key, mark) for key, (_, mark) in changed.items())
+            self._backlog = batch + self._backlog     # written at a later turn
+            return
+        self._written.update((key, _mark(p)) for key, p in patterns.items())
 
     async def adopt_patterns(self) -> None:
         """At start: the fleet's pattern of each model this replica has none of, or an older
