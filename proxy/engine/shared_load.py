@@ -40,6 +40,7 @@ class LoadSlots:
     reserved: dict[str, int]      # model → bytes this replica holds reserved
     _releasing: dict[str, asyncio.Task]   # model → its last load's release, after the grace
     _reserved_s: dict[str, float]         # model → its reservation's TTL
+    room_reserved: Callable[[str], None]  # the load no longer waits (engine/shared_wants.py)
 
     @contextlib.asynccontextmanager
     async def load_slot(self, e: "ModelEntry", need_bytes: float,
@@ -100,6 +101,7 @@ class LoadSlots:
             if e.room_refused is not None:
                 raise RoomTaken(e.room_refused, retry_after_s=r.lock_ttl_s)
             reserved = True
+            self.room_reserved(e.key)       # preloads elsewhere need not wait for it now
             self.reserved[e.key] = int(need_bytes)
             self._reserved_s[e.key] = timeout_s + r.lock_ttl_s
             yield lock.token

@@ -9,6 +9,7 @@ Keys live under a prefix (`lmproxy:` by default), one family per fact:
     lease:<host>:<model>     zset  replica → lease expiry
     unloading:<host>:<model> string replica (PX): the claim of the replica unloading it
     want:<host>:<model>      string replica (PX): a load there waits for the model's memory
+    waiting:<host>           zset  "replica|model" → expiry: a load there waits for room
     owned:<host>             hash  instance id → model (a long TTL, refreshed on every use)
     leader                   string replica (PX)
     events                   stream, MAXLEN-trimmed
@@ -116,7 +117,8 @@ class RedisState:
         self._s = {name: self.client.register_script(getattr(lua, name)) for name in (
             "TOUCH", "LIVE", "PUT_HOST", "ACQUIRE_LOCK", "RENEW_LOCK", "RELEASE_LOCK",
             "RESERVE", "RESERVED", "RENEW_LEASES", "LEASED_BY", "ADD_OWNED", "CAMPAIGN",
-            "TAKE_LEASE", "CLAIM_UNLOAD", "PUT_LEARNED", "WHEREABOUTS")}
+            "TAKE_LEASE", "CLAIM_UNLOAD", "PUT_LEARNED", "WHEREABOUTS", "WITHDRAW_WANTS",
+            "WANTED_BY", "LIVE_OF_LIVE")}
         self._k_replicas = prefix + "replicas"
         self._k_hosts = prefix + "hosts"
         self._k_fence = prefix + "fence"
@@ -219,7 +221,7 @@ class RedisState:
             return Renewal()
         given, by, wanted = await self._s["RENEW_LEASES"](
             keys=[self._key("lease", h, m) for h, m in leases] +
-                 [self._key("want", h, m) for h, m in leases],
+                 [self._key("want", h, m) for h, m in leases] + [self._k_replicas],
             args=[self.replica_id, _ms(ttl_s), *("1" if k in idle else "0" for k in leases)])
         return Renewal({leases[int(i) - 1]: str(w) for i, w in zip(given, by)},
                        frozenset(leases[int(i) - 1] for i in wanted))
@@ -263,7 +265,29 @@ class RedisState:
 
     @_guarded
     async def wanted_by(self, host: str, model: str) -> str | None:
-        return await self.client.get(self._key("want", host, model))
+        return await self._s["WANTED_BY"](keys=[self._key("want", host, model),
+                                                self._k_replicas])
+
+    @_guarded
+    async def withdraw_wants(self, host: str, models: Iterable[str]) -> None:
+        keys = [self._key("want", host, model) for model in models]
+        if keys:
+            await self._s["WITHDRAW_WANTS"](keys=keys, args=[self.replica_id])
+
+    @_guarded
+    async def note_waiting(self, host: str, model: str, ttl_s: float) -> None:
+        await self._s["TOUCH"](keys=[self._key("waiting", host)],
+                               args=[self._field(model), _ms(ttl_s)])
+
+    @_guarded
+    async def end_waiting(self, host: str, model: str) -> None:
+        await self.client.zrem(self._key("waiting", host), self._field(model))
+
+    @_guarded
+    async def waiting_loads(self, host: str) -> set[tuple[str, str]]:
+        members = await self._s["LIVE_OF_LIVE"](keys=[self._key("waiting", host),
+                                                      self._k_replicas])
+        return {(urllib.parse.unquote(r), m) for r, _, m in (x.partition("|") for x in members)}
 
     @_guarded
     async def unload_claimant(self, host: str, model: str) -> str | None:
