@@ -69,6 +69,7 @@ class LeaseWants:
         self._promised: dict[str, float] = {}   # model → until (loop s): given up, not claimed
         self._wants_of: dict[str, set[str]] = {}    # a load waiting here → the models it wants
         self._waits: dict[str, float] = {}  # such a load → when it is next noted (loop s)
+        self._giving_way: set[str] = set()  # preloads here told to wait for them (logged)
         # Wants, waits and their withdrawals reach the state in the order they were made: a
         # withdrawal overtaken by the want it ends would leave that want standing.
         self._telling = asyncio.Lock()
@@ -113,6 +114,7 @@ class LeaseWants:
         """That load left the queue (loaded, refused, failed, or nobody waits any more)."""
         self.unwant(load)
         self.room_reserved(load)
+        self._giving_way.discard(load)
 
     async def demand_elsewhere(self, preload: str) -> bool:
         """Loads other replicas' requests wait for wait for room here: the preload gives way
@@ -122,7 +124,8 @@ class LeaseWants:
         except StateUnavailable:
             return False
         waiting = {(r, m) for r, m in waiting if r != self.replica.id}
-        if waiting:
+        if waiting and preload not in self._giving_way:     # said once, not at every pass
+            self._giving_way.add(preload)
             log.debug("preload of %s waits: %s", preload, ", ".join(
                 f"{m} waits for room on replica {r}" for r, m in sorted(waiting)))
         return bool(waiting)
