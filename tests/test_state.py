@@ -8,7 +8,7 @@ import asyncio
 import pytest
 
 from proxy.engine.clock import ManualClock
-from proxy.state import HostRecord, LoadLock, MemoryState, Whereabouts
+from proxy.state import HostRecord, LoadLock, MemoryState, Reserved, Whereabouts
 
 from .redis_server import make_redis_server, redis_server  # noqa: F401
 from .state_contract import EVENTS_MAXLEN, TTL_S, Fleet, until
@@ -124,6 +124,20 @@ async def test_a_refusal_says_what_is_reserved_and_a_release_frees_it(fleet):
     assert (await b.reserve("h1", "y", 4 * GB, 10 * GB, LONG_S)).granted
     assert await a.reserved_bytes("h1") == 4 * GB
     assert await a.reserved_bytes("h2") == 0
+
+
+async def test_a_replica_the_state_lost_is_refused_a_reservation_asked_if_live(fleet):
+    # Redis restarted empty: until this replica's heartbeat is back it cannot know whose
+    # loads under way have yet to put their reservations back.
+    a, b = fleet.replica("a"), fleet.replica("b")
+    await b.heartbeat(LONG_S)
+    assert await a.reserve("h1", "x", GB, 10 * GB, LONG_S, if_live=True) == \
+        Reserved(False, 0, lost=True)
+    assert await b.reserved_bytes("h1") == 0
+    await a.heartbeat(LONG_S)
+    assert (await a.reserve("h1", "x", GB, 10 * GB, LONG_S, if_live=True)).granted
+    refused = await b.reserve("h1", "y", 10 * GB, 10 * GB, LONG_S, if_live=True)
+    assert not refused.granted and not refused.lost and refused.reserved_bytes == GB
 
 
 async def test_reservations_and_leases_lapse_with_their_replicas_heartbeat(fleet):

@@ -81,10 +81,14 @@ class LoadSlots:
             await self._superseded(e.key)
             patience = loop.time() + RESERVATION_GRACE_S + 2 * POLL_S
             while True:
+                await r.reservations_back()     # after Redis lost its data (engine/replica.py)
                 room_bytes = await room()
                 granted = await r.patiently(lambda: self.store.reserve(
                     self.name, e.key, int(need_bytes), max(0, int(room_bytes)),
-                    timeout_s + r.lock_ttl_s))
+                    timeout_s + r.lock_ttl_s, if_live=True))
+                if granted.lost and loop.time() < deadline:
+                    r.lost_reservations()       # before this replica's heartbeat found so
+                    continue
                 # Refused, it holds no memory: not charged meanwhile (registry.charged_bytes),
                 # and a request that times out is told why (engine/queue.py).
                 e.room_refused = None if granted.granted else (

@@ -78,6 +78,9 @@ class Reserved:
     (bytes, this one included when granted) so that a refusal can say what holds memory."""
     granted: bool
     reserved_bytes: int
+    # Asked `if_live` by a replica the state does not count alive (it lost its data since
+    # that replica's last heartbeat): nothing reserved, whatever the room.
+    lost: bool = False
 
 
 @dataclass(frozen=True)
@@ -174,9 +177,10 @@ class StateStore(Protocol):
 
     # -- memory reservations ----------------------------------------------------------------
     async def reserve(self, host: str, key: str, size_bytes: int, budget_bytes: int,
-                      ttl_s: float) -> Reserved:
+                      ttl_s: float, *, if_live: bool = False) -> Reserved:
         """Atomically: grant `size_bytes` for `key` if the host's live reservations (this
-        replica's earlier one for `key` excluded) plus it stay within `budget_bytes`."""
+        replica's earlier one for `key` excluded) plus it stay within `budget_bytes`. With
+        `if_live`, a replica the state does not count alive is refused (`lost`)."""
     async def release_reservation(self, host: str, key: str) -> None: ...
     async def reserved_bytes(self, host: str) -> int: ...
 

@@ -101,9 +101,10 @@ local function live_total(res, replicas, skip_field)
 end
 """
 
-# KEYS: reservations, replicas   ARGV: field, size_bytes, budget_bytes, ttl_ms
-#   → {granted 0|1, live reserved bytes}
+# KEYS: reservations, replicas   ARGV: field, size_bytes, budget_bytes, ttl_ms, replica ('' for
+#   any)   → {granted 0|1, live reserved bytes}, or {-1, 0} when the replica given is not alive
 RESERVE = _LIVE_RESERVATIONS + """
+if ARGV[5] ~= '' and not alive(KEYS[2], ARGV[5], now_ms()) then return {-1, 0} end
 local size, budget, ttl = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local now, others, mine = live_total(KEYS[1], KEYS[2], ARGV[1])
 if others + size > budget then return {0, others + mine} end

@@ -142,7 +142,9 @@ class MemoryState:
         return table
 
     async def reserve(self, host: str, key: str, size_bytes: int, budget_bytes: int,
-                      ttl_s: float) -> Reserved:
+                      ttl_s: float, *, if_live: bool = False) -> Reserved:
+        if if_live and not self._f.alive(self.replica_id, self._now()):
+            return Reserved(False, 0, lost=True)
         table = self._live_reservations(host)
         mine = (self.replica_id, key)
         others = sum(b for k, (b, _) in table.items() if k != mine)

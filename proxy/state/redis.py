@@ -198,10 +198,13 @@ class RedisState:
 
     @_guarded
     async def reserve(self, host: str, key: str, size_bytes: int, budget_bytes: int,
-                      ttl_s: float) -> Reserved:
+                      ttl_s: float, *, if_live: bool = False) -> Reserved:
         granted, total = await self._s["RESERVE"](
             keys=[self._key("res", host), self._k_replicas],
-            args=[self._field(key), int(size_bytes), int(budget_bytes), _ms(ttl_s)])
+            args=[self._field(key), int(size_bytes), int(budget_bytes), _ms(ttl_s),
+                  self.replica_id if if_live else ""])
+        if int(granted) < 0:
+            return Reserved(False, 0, lost=True)
         return Reserved(bool(granted), int(total))
 
     @_guarded
