@@ -17,19 +17,19 @@ next idle moment there:
 Giving one up is told on the replicas' stream (`lease_given_up`): the wanting replica looks
 again at once. Its claim ends the want; so does the load, once it no longer waits for that
 model (admitted, served, refused, failed or left by its clients: `unwant`, `left`), so no
-lease is given up for a load that is gone. Unsent or lost, a want lapses a lease TTL after the
-load last asked (once per batch while it waits). The model is promised to it for a batch: a request
-here meanwhile waits for that claim (as one on a single proxy waits once its model was chosen
-to make room) rather than take the lease back at once, which under steady traffic would
-refuse the claim every time. Once the claim is seen it waits for the unload and loads the
-model again, as after any unload by another replica; with no claim by the batch's end it takes
-its lease again (at once if the want is withdrawn meanwhile).
+lease is given up for a load that is gone. Unsent or lost, a want lapses a lease TTL after
+the load last asked (once per batch while it waits). The model is promised to it for a
+batch: a request here meanwhile waits for that claim (as one on a single proxy waits once its
+model was chosen to make room) rather than take the lease back at once, which under steady
+traffic would refuse the claim every time. Once the claim is seen it waits for the unload and
+loads the model again, as after any unload by another replica; with no claim by the batch's
+end it takes its lease again (at once if the want is withdrawn meanwhile).
 
 A load that requests wait for and that waits for room here, for whatever reason, is noted in
 the shared state too (`waits`, once per batch; ended once it has reserved its room, or by
-`left`): the leader's preloads, on any
-replica, give way to it (`demand_elsewhere`), as on one proxy a preload waits while a
-requested load does, rather than fill the memory that load is making room in.
+`left`): preloads on any replica give way to it (`demand_elsewhere`), as on one proxy a
+preload waits while a requested load does, rather than fill the memory that load is making
+room in.
 """
 from __future__ import annotations
 
