@@ -157,6 +157,7 @@ async def test_a_copy_seen_before_its_loader_recorded_it_becomes_the_proxys(make
     config = engine_config(upstream={"url": emu.url}, memory={
         "sampler": "budget", "budget_gb": 20, "min_free_memory_gb": 0})
     held = HeldOwnership(facts.view("A"))
+    await held.inner.heartbeat(30)           # alive, as a started replica is
     a = EngineCore(config, LMStudioUpstream(config.upstream), owns_upstream=True, shared=Replica(
         held, lease_ttl_s=30, lock_ttl_s=10, unavailable_wait_s=1).host("default"))
     await a.start()
@@ -184,6 +185,7 @@ async def test_a_fleet_serves_a_model_where_another_replica_has_just_loaded_it(m
             upstreams=[{"name": n, "url": e.url, "budget_gb": 20} for n, e in emus.items()],
             models={MID: {"host": "x"}})
         replica = Replica(facts.view(name), lease_ttl_s=30, lock_ttl_s=10, unavailable_wait_s=1)
+        await replica.store.heartbeat(30)    # alive, as a started replica is
         fleet = create_fleet(LiveConfig(config), replica=replica)
         await fleet.start()
         fleets.append(fleet)

@@ -26,12 +26,13 @@ A, B, C = "lab/a", "lab/b", "lab/c"
 
 
 async def _pair(backend: GatedBackend, lease_ttl_s: float, hearing: bool = True,
-                **eviction: Any) -> tuple[EngineCore, EngineCore, list[EventRelay]]:
+                clock: ManualClock | None = None, **eviction: Any
+                ) -> tuple[EngineCore, EngineCore, list[EventRelay]]:
     """Two replicas' engines on one server, each hearing the other's events as in the app
-    (`hearing`; else only what the shared state says)."""
+    (`hearing`; else only what the shared state says); the second's on `clock` if given."""
     facts = MemoryState("r1")
     cores, relays = [], []
-    for store in (facts, facts.view("r2")):
+    for store, core_clock in ((facts, None), (facts.view("r2"), clock)):
         replica = Replica(store, lease_ttl_s=lease_ttl_s, lock_ttl_s=30, unavailable_wait_s=1)
         await replica.start()
         if hearing:
@@ -39,7 +40,8 @@ async def _pair(backend: GatedBackend, lease_ttl_s: float, hearing: bool = True,
             relay.on_remote.append(replica.heard)
             await relay.start()
             relays.append(relay)
-        core = EngineCore(_config(**eviction), backend, shared=replica.host("default"))
+        core = EngineCore(_config(**eviction), backend, clock=core_clock,
+                          shared=replica.host("default"))
         await core.start()
         cores.append(core)
     return cores[0], cores[1], relays

@@ -56,6 +56,7 @@ class HeldLeases:
 
 async def test_a_request_cancelled_while_its_lease_reaches_the_state_gives_it_back():
     store = HeldLeases()
+    await store.inner.heartbeat(30)             # alive: its reservations count
     replica = Replica(store, lease_ttl_s=6, lock_ttl_s=10, unavailable_wait_s=1)
     config = load_config({"memory": {"sampler": "budget", "budget_gb": 20,
                                      "min_free_memory_gb": 0}, "storage": {"enabled": False}})
@@ -291,7 +292,7 @@ async def test_an_eviction_refused_by_another_replicas_lease_claims_nothing():
     facts = MemoryState("facts")
     other = await alive(facts, "r2")
     backend = ScriptedBackend({A: 4}, MANAGED)
-    core, _ = replica_core(facts.view("r1"), backend)
+    core, _ = replica_core(await alive(facts, "r1"), backend)
     await core.start()
     try:
         (await core.acquire(A)).release()
@@ -379,7 +380,7 @@ async def test_a_replica_adopts_the_footprint_and_load_time_another_measured():
     await measuring.reconcile()                 # the host reports A's 3 GB while it is loaded
     await until(lambda: _learned(facts, A, 3 * GB, 7.5))
     await measuring.unload(A)
-    other, _ = replica_core(facts.view("r2"), host)
+    other, _ = replica_core(await alive(facts, "r2"), host)
     await other.start()                         # it has never seen A loaded
     try:
         e = other.registry.entries[A]

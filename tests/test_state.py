@@ -8,7 +8,7 @@ import asyncio
 import pytest
 
 from proxy.engine.clock import ManualClock
-from proxy.state import HostRecord, LoadLock, MemoryState, Whereabouts
+from proxy.state import HostRecord, LoadLock, MemoryState, Reserved, Whereabouts
 
 from .redis_server import make_redis_server, redis_server  # noqa: F401
 from .state_contract import EVENTS_MAXLEN, TTL_S, Fleet, until
@@ -126,6 +126,20 @@ async def test_a_refusal_says_what_is_reserved_and_a_release_frees_it(fleet):
     assert await a.reserved_bytes("h2") == 0
 
 
+async def test_a_replica_the_state_lost_is_refused_a_reservation_asked_if_live(fleet):
+    # Redis restarted empty: until this replica's heartbeat is back it cannot know whose
+    # loads under way have yet to put their reservations back.
+    a, b = fleet.replica("a"), fleet.replica("b")
+    await b.heartbeat(LONG_S)
+    assert await a.reserve("h1", "x", GB, 10 * GB, LONG_S, if_live=True) == \
+        Reserved(False, 0, lost=True)
+    assert await b.reserved_bytes("h1") == 0
+    await a.heartbeat(LONG_S)
+    assert (await a.reserve("h1", "x", GB, 10 * GB, LONG_S, if_live=True)).granted
+    refused = await b.reserve("h1", "y", 10 * GB, 10 * GB, LONG_S, if_live=True)
+    assert not refused.granted and not refused.lost and refused.reserved_bytes == GB
+
+
 async def test_reservations_and_leases_lapse_with_their_replicas_heartbeat(fleet):
     a, b = fleet.replica("a"), fleet.replica("b")
     await a.heartbeat(TTL_S)
@@ -217,6 +231,49 @@ async def test_a_want_lapses_with_its_ttl(fleet):
         return renewal.wanted == set()
     await until(lapsed)
     assert (await a.renew_leases([("h1", "m")], LONG_S, idle=[("h1", "m")])).given_up == {}
+
+
+async def test_a_withdrawn_want_gives_no_lease_up_and_leaves_anothers_want(fleet):
+    a, b, c = fleet.replica("a"), fleet.replica("b"), fleet.replica("c")
+    for r in (a, b, c):
+        await r.heartbeat(LONG_S)
+    m, n = ("h1", "m"), ("h1", "n")
+    await a.renew_leases([m, n], LONG_S)
+    await b.want_unload("h1", ["m", "n"], LONG_S)
+    await b.withdraw_wants("h1", ["m"])           # its load no longer waits for m
+    assert await a.wanted_by("h1", "m") is None and await a.wanted_by("h1", "n") == "b"
+    renewal = await a.renew_leases([m, n], LONG_S, idle=[m])
+    assert renewal.given_up == {} and renewal.wanted == {n}
+    assert await c.leased_by("h1", "m") == {"a"}
+    # Only its own: c wants n now, and b's withdrawal leaves c's want standing.
+    await c.want_unload("h1", ["n"], LONG_S)
+    await b.withdraw_wants("h1", ["n"])
+    assert await a.wanted_by("h1", "n") == "c"
+    await b.withdraw_wants("h1", [])              # nothing to withdraw: no call fails
+    # A replica that left wants nothing: its want gives no lease up.
+    await c.retire()
+    assert await a.wanted_by("h1", "n") is None
+    assert (await a.renew_leases([n], LONG_S, idle=[n])).given_up == {}
+
+
+async def test_loads_waiting_for_room_are_seen_per_host_until_ended_or_lapsed(fleet):
+    a, b = fleet.replica("a"), fleet.replica("b")
+    await a.heartbeat(LONG_S)
+    await b.heartbeat(LONG_S)
+    await a.note_waiting("h1", "m", LONG_S)
+    await a.note_waiting("h1", "short", TTL_S)
+    await b.note_waiting("h1", "n", LONG_S)
+    assert await b.waiting_loads("h1") == {("a", "m"), ("a", "short"), ("b", "n")}
+    assert await b.waiting_loads("h2") == set()
+    await a.end_waiting("h1", "m")
+    await a.end_waiting("h1", "n")                # another replica's is left alone
+    assert await b.waiting_loads("h1") == {("a", "short"), ("b", "n")}
+
+    async def lapsed() -> bool:
+        return await b.waiting_loads("h1") == {("b", "n")}
+    await until(lapsed)
+    await b.retire()                              # they void with their replica
+    assert await a.waiting_loads("h1") == set()
 
 
 async def test_a_retired_replica_voids_its_leases_at_once(fleet):

@@ -63,6 +63,7 @@ class LoadQueue:
     evictor: "Evictor"
     refusals: "Refusals"
     config: Any
+    ctx: Any            # the EngineContext: its `shared` (engine/shared_wants.py)
     kick: Callable[[], None]
     _ensure_running: Callable[[], None]
 
@@ -186,6 +187,8 @@ class LoadQueue:
     def _finish(self, p: Pending, error: BaseException | None) -> None:
         if self.pending.get(p.entry.key) is p:
             del self.pending[p.entry.key]
+            if self.ctx.shared is not None:   # its want and its wait end with it
+                self.ctx.shared.left(p.entry.key)
         if not p.done.done():
             if error is None:
                 p.done.set_result(None)

@@ -45,6 +45,10 @@ class Replica:
         # Until then (loop s) no eviction is claimed: the state lost its data, and the other
         # replicas put their leases back within a batch (engine/shared.py's may_unload).
         self.leases_back_at_s = 0.0
+        # Until then (loop s) no new reservation is asked: the state lost its data, and the
+        # other replicas put back their loads' reservations at their next heartbeat, within a
+        # batch (engine/shared_load.py).
+        self.reservations_back_at_s = 0.0
 
     @property
     def id(self) -> str:
@@ -168,9 +172,25 @@ class Replica:
         other replicas' in theirs, so for a lease TTL a model with no lease in the state may
         still be serving elsewhere, and no eviction is claimed."""
         self.leases_back_at_s = asyncio.get_running_loop().time() + self.lease_ttl_s
+        self.lost_reservations()
         log.warning("the shared state had lost this replica (Redis restarted empty, or it was "
-                    "out of reach for over %g s): no evictions for %g s, while every replica "
-                    "puts its leases back", self.lease_ttl_s, self.lease_ttl_s)
+                    "out of reach for over %g s): no evictions for %g s, nor new reservations "
+                    "for %g s, while every replica puts its leases and reservations back",
+                    self.lease_ttl_s, self.lease_ttl_s, self.lease_ttl_s / 3 + POLL_S)
+
+    def lost_reservations(self) -> None:
+        """The state lost its data (this replica's heartbeat found so, or a reservation asked
+        `if_live` was refused): the reservations of the other replicas' loads under way are
+        back at their next heartbeat, within a batch of the loss; none is asked until then
+        (a batch from now, and a poll's margin for a heartbeat under way)."""
+        back_s = asyncio.get_running_loop().time() + self.lease_ttl_s / 3 + POLL_S
+        self.reservations_back_at_s = max(self.reservations_back_at_s, back_s)
+
+    async def reservations_back(self) -> None:
+        """Returns once the other replicas may have put their reservations back."""
+        loop = asyncio.get_running_loop()
+        while (wait_s := self.reservations_back_at_s - loop.time()) > 0:
+            await asyncio.sleep(wait_s)
 
     def leases_back(self) -> bool:
         """False while the other replicas may not have put their leases back yet."""

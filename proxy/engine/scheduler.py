@@ -146,6 +146,8 @@ class Scheduler(LoadQueue, Part):
             slack: float | None = None    # bytes later loads may take: set by a first claim
             for p in self._order():
                 admitted, claim = await self._try_admit(p, slack)
+                if not admitted and not p.speculative and self.ctx.shared is not None:
+                    self.ctx.shared.waits(p.entry.key)   # other replicas' preloads give way
                 if claim is not None and slack is None and self._starving(p):
                     slack = claim
                 elif admitted and slack is not None:
@@ -202,6 +204,8 @@ class Scheduler(LoadQueue, Part):
                 return self._drop(p, "its moment has passed"), None
             if any(not q.admitted and not q.speculative for q in self.pending.values()):
                 return False, None            # requested loads first; it waits its turn
+            if self.ctx.shared is not None and await self.ctx.shared.demand_elsewhere(e.key):
+                return False, None            # so are other replicas' (engine/shared_wants.py)
             try:
                 if short > 0 and not (p.may_evict and
                                       await self.evictor.evict_for_guess(e.key, short, p.value_s)):
@@ -230,7 +234,8 @@ class Scheduler(LoadQueue, Part):
                                                                retry_after_s=30.0))
                     return True, None
                 if self.ctx.shared is not None:     # let go where idle (engine/shared_wants.py)
-                    self.ctx.shared.want(k for k, _, why in p.holders if why == SERVING_ELSEWHERE)
+                    self.ctx.shared.want(e.key, (k for k, _, why in p.holders
+                                                 if why == SERVING_ELSEWHERE))
                 return False, will_go - short
             try:
                 gone = await self.evictor.evict(victims, "admission", e.key)
@@ -307,6 +312,8 @@ class Scheduler(LoadQueue, Part):
             return False
         self.evictor.note_load(e.key)
         p.admitted = True
+        if self.ctx.shared is not None:    # it waits on until its room is reserved
+            self.ctx.shared.unwant(e.key)
         e.loading_since_s = self.clock.now()
         self.listeners.emit("on_queue_wait", e.key, e.loading_since_s - p.since_s)
         if p.speculative:

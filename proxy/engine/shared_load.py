@@ -40,6 +40,7 @@ class LoadSlots:
     reserved: dict[str, int]      # model → bytes this replica holds reserved
     _releasing: dict[str, asyncio.Task]   # model → its last load's release, after the grace
     _reserved_s: dict[str, float]         # model → its reservation's TTL
+    room_reserved: Callable[[str], None]  # the load no longer waits (engine/shared_wants.py)
 
     @contextlib.asynccontextmanager
     async def load_slot(self, e: "ModelEntry", need_bytes: float,
@@ -80,10 +81,14 @@ class LoadSlots:
             await self._superseded(e.key)
             patience = loop.time() + RESERVATION_GRACE_S + 2 * POLL_S
             while True:
+                await r.reservations_back()     # after Redis lost its data (engine/replica.py)
                 room_bytes = await room()
                 granted = await r.patiently(lambda: self.store.reserve(
                     self.name, e.key, int(need_bytes), max(0, int(room_bytes)),
-                    timeout_s + r.lock_ttl_s))
+                    timeout_s + r.lock_ttl_s, if_live=True))
+                if granted.lost and loop.time() < deadline:
+                    r.lost_reservations()       # before this replica's heartbeat found so
+                    continue
                 # Refused, it holds no memory: not charged meanwhile (registry.charged_bytes),
                 # and a request that times out is told why (engine/queue.py).
                 e.room_refused = None if granted.granted else (
@@ -100,6 +105,7 @@ class LoadSlots:
             if e.room_refused is not None:
                 raise RoomTaken(e.room_refused, retry_after_s=r.lock_ttl_s)
             reserved = True
+            self.room_reserved(e.key)       # preloads elsewhere need not wait for it now
             self.reserved[e.key] = int(need_bytes)
             self._reserved_s[e.key] = timeout_s + r.lock_ttl_s
             yield lock.token

@@ -15,20 +15,28 @@ next idle moment there:
                            ends, gives its lease up at once instead of at the next batch
 
 Giving one up is told on the replicas' stream (`lease_given_up`): the wanting replica looks
-again at once. Its claim ends the want; unclaimed, a want lapses a lease TTL after the load
-last asked (once per batch while it waits). The model is promised to it for a batch: a request
-here meanwhile waits for that claim (as one on a single proxy waits once its model was chosen
-to make room) rather than take the lease back at once, which under steady traffic would
-refuse the claim every time. Once the claim is seen it waits for the unload and loads the
-model again, as after any unload by another replica; with no claim by the batch's end it takes
-its lease again.
+again at once. Its claim ends the want; so does the load, once it no longer waits for that
+model (admitted, served, refused, failed or left by its clients: `unwant`, `left`), so no
+lease is given up for a load that is gone. Unsent or lost, a want lapses a lease TTL after
+the load last asked (once per batch while it waits). The model is promised to it for a
+batch: a request here meanwhile waits for that claim (as one on a single proxy waits once its
+model was chosen to make room) rather than take the lease back at once, which under steady
+traffic would refuse the claim every time. Once the claim is seen it waits for the unload and
+loads the model again, as after any unload by another replica; with no claim by the batch's
+end it takes its lease again (at once if the want is withdrawn meanwhile).
+
+A load that requests wait for and that waits for room here, for whatever reason, is noted in
+the shared state too (`waits`, once per batch; ended once it has reserved its room, or by
+`left`): preloads on any replica give way to it (`demand_elsewhere`), as on one proxy a
+preload waits while a requested load does, rather than fill the memory that load is making
+room in.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable
 
 from ..errors import StateUnavailable
 from ..state import Renewal
@@ -59,23 +67,88 @@ class LeaseWants:
         self._settling: dict[str, asyncio.Future[None]] = {}   # model → its renewal's outcome
         self._wanting: dict[str, float] = {}    # model → when its want is next sent (loop s)
         self._promised: dict[str, float] = {}   # model → until (loop s): given up, not claimed
+        self._wants_of: dict[str, set[str]] = {}    # a load waiting here → the models it wants
+        self._waits: dict[str, float] = {}  # such a load → when it is next noted (loop s)
+        self._giving_way: set[str] = set()  # preloads here told to wait for them (logged)
+        # Wants, waits and their withdrawals reach the state in the order they were made: a
+        # withdrawal overtaken by the want it ends would leave that want standing.
+        self._telling = asyncio.Lock()
 
-    def want(self, keys: Iterable[str]) -> None:
+    def want(self, load: str, keys: Iterable[str]) -> None:
         """A load here waits for nothing but these models' memory, which other replicas
-        serve. Sent at most once per batch per model, without holding the admission pass."""
+        serve. Sent at most once per batch per model, without holding the admission pass;
+        models it wanted before and no load here wants now are withdrawn."""
+        before = self._all_wanted()
+        self._wants_of[load] = keys = set(keys)
+        self._withdraw(before - self._all_wanted())
         now = asyncio.get_running_loop().time()
-        due = [k for k in keys if self._wanting.get(k, 0.0) <= now]
+        due = sorted(k for k in keys if self._wanting.get(k, 0.0) <= now)
         if not due or not self.replica.ok:
             return
         for key in due:
             self._wanting[key] = now + self.replica.lease_ttl_s / 3
-        task = asyncio.ensure_future(self._send_wants(due))
+        self._tell_state(self.replica.store.want_unload, self.name, due,
+                         self.replica.lease_ttl_s)
+
+    def unwant(self, load: str) -> None:
+        """That load waits for no other replica's model now (it was admitted)."""
+        before = self._all_wanted()
+        self._wants_of.pop(load, None)
+        self._withdraw(before - self._all_wanted())
+
+    def waits(self, load: str) -> None:
+        """A load requests wait for waits for room here: noted once per batch while it does."""
+        now = asyncio.get_running_loop().time()
+        if self._waits.get(load, 0.0) > now or not self.replica.ok:
+            return
+        self._waits[load] = now + self.replica.lease_ttl_s / 3
+        self._tell_state(self.replica.store.note_waiting, self.name, load,
+                         self.replica.lease_ttl_s)
+
+    def room_reserved(self, load: str) -> None:
+        """That load holds its room now (engine/shared_load.py): it waits no more."""
+        if self._waits.pop(load, None) is not None:
+            self._tell_state(self.replica.store.end_waiting, self.name, load)
+
+    def left(self, load: str) -> None:
+        """That load left the queue (loaded, refused, failed, or nobody waits any more)."""
+        self.unwant(load)
+        self.room_reserved(load)
+        self._giving_way.discard(load)
+
+    async def demand_elsewhere(self, preload: str) -> bool:
+        """Loads other replicas' requests wait for wait for room here: the preload gives way
+        (none known while the state is away: its reservation decides)."""
+        try:
+            waiting = await self.replica.store.waiting_loads(self.name)
+        except StateUnavailable:
+            return False
+        waiting = {(r, m) for r, m in waiting if r != self.replica.id}
+        if waiting and preload not in self._giving_way:     # said once, not at every pass
+            self._giving_way.add(preload)
+            log.debug("preload of %s waits: %s", preload, ", ".join(
+                f"{m} waits for room on replica {r}" for r, m in sorted(waiting)))
+        return bool(waiting)
+
+    def _all_wanted(self) -> set[str]:
+        return set().union(*self._wants_of.values())
+
+    def _withdraw(self, keys: set[str]) -> None:
+        if not keys:
+            return
+        for key in keys:
+            self._wanting.pop(key, None)      # wanted again, it is sent at once
+        self._tell_state(self.replica.store.withdraw_wants, self.name, sorted(keys))
+
+    def _tell_state(self, call: Callable[..., Awaitable[None]], *args: Any) -> None:
+        task = asyncio.ensure_future(self._in_order(call, *args))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _send_wants(self, keys: list[str]) -> None:
-        with contextlib.suppress(StateUnavailable):   # asked again at the next pass
-            await self.replica.store.want_unload(self.name, keys, self.replica.lease_ttl_s)
+    async def _in_order(self, call: Callable[..., Awaitable[None]], *args: Any) -> None:
+        async with self._telling:
+            with contextlib.suppress(StateUnavailable):   # a want lapses; a wait is noted again
+                await call(*args)
 
     def withhold(self, keys: Iterable[str]) -> None:
         """Leases a renewal on its way may give up: until it answers, a request for one of

@@ -12,7 +12,10 @@ them.
     leases              per (host, model, replica): "serving through some replica, do not evict"
     wants               per (host, model): "a load on this replica waits for its memory, and
                         for nothing else": a replica leasing it gives its lease up at the
-                        model's next idle moment there
+                        model's next idle moment there; withdrawn when that load no longer
+                        waits
+    waiting loads       per host: "a load a request waits for on this replica waits for room
+                        here": other replicas' preloads there give way to it
     unload claims       per (host, model): "this replica is unloading it"; taken only while no
                         other replica holds a lease, and no lease is taken while one stands
     ownership           which instances the fleet loaded (kept across replica restarts): also
@@ -75,6 +78,9 @@ class Reserved:
     (bytes, this one included when granted) so that a refusal can say what holds memory."""
     granted: bool
     reserved_bytes: int
+    # Asked `if_live` by a replica the state does not count alive (it lost its data since
+    # that replica's last heartbeat): nothing reserved, whatever the room.
+    lost: bool = False
 
 
 @dataclass(frozen=True)
@@ -171,9 +177,10 @@ class StateStore(Protocol):
 
     # -- memory reservations ----------------------------------------------------------------
     async def reserve(self, host: str, key: str, size_bytes: int, budget_bytes: int,
-                      ttl_s: float) -> Reserved:
+                      ttl_s: float, *, if_live: bool = False) -> Reserved:
         """Atomically: grant `size_bytes` for `key` if the host's live reservations (this
-        replica's earlier one for `key` excluded) plus it stay within `budget_bytes`."""
+        replica's earlier one for `key` excluded) plus it stay within `budget_bytes`. With
+        `if_live`, a replica the state does not count alive is refused (`lost`)."""
     async def release_reservation(self, host: str, key: str) -> None: ...
     async def reserved_bytes(self, host: str) -> int: ...
 
@@ -206,7 +213,18 @@ class StateStore(Protocol):
         """This replica's want of each model's memory on `host`, for `ttl_s` (a renewal gives
         up the idle leases on them)."""
     async def wanted_by(self, host: str, model: str) -> str | None:
-        """The replica whose want of (host, model) stands, if any (a claim ends it)."""
+        """The replica whose want of (host, model) stands, if any (a claim ends it). A want
+        counts only while its replica's heartbeat lives."""
+    async def withdraw_wants(self, host: str, models: Iterable[str]) -> None:
+        """Ends this replica's want of each model on `host` (the load that wanted it no longer
+        waits); another replica's want of the same model is left alone, in the same step."""
+    async def note_waiting(self, host: str, model: str, ttl_s: float) -> None:
+        """A load of `model` that requests wait for on this replica waits for room on `host`,
+        for `ttl_s` (noted again while it waits): preloads there give way to it."""
+    async def end_waiting(self, host: str, model: str) -> None:
+        """That load no longer waits (it reserved its room, or left the queue)."""
+    async def waiting_loads(self, host: str) -> set[tuple[str, str]]:
+        """(replica, model) of the loads waiting for room on `host`, of live replicas."""
     async def release_unload(self, host: str, model: str) -> None:
         """Ends this replica's unload claim (another's is left alone)."""
     async def unload_claimant(self, host: str, model: str) -> str | None:

@@ -101,9 +101,10 @@ local function live_total(res, replicas, skip_field)
 end
 """
 
-# KEYS: reservations, replicas   ARGV: field, size_bytes, budget_bytes, ttl_ms
-#   → {granted 0|1, live reserved bytes}
+# KEYS: reservations, replicas   ARGV: field, size_bytes, budget_bytes, ttl_ms, replica ('' for
+#   any)   → {granted 0|1, live reserved bytes}, or {-1, 0} when the replica given is not alive
 RESERVE = _LIVE_RESERVATIONS + """
+if ARGV[5] ~= '' and not alive(KEYS[2], ARGV[5], now_ms()) then return {-1, 0} end
 local size, budget, ttl = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local now, others, mine = live_total(KEYS[1], KEYS[2], ARGV[1])
 if others + size > budget then return {0, others + mine} end
@@ -118,14 +119,16 @@ local _, total = live_total(KEYS[1], KEYS[2], '')
 return total
 """
 
-# KEYS: n lease zsets, then the n models' wants   ARGV: replica, ttl_ms, then per lease
-#   '1' if no request holds it now (given up if another replica wants the model), else '0'
-#   → {indices (1-based) given up, the replicas wanting them, indices renewed though wanted}
+# KEYS: n lease zsets, then the n models' wants, then replicas   ARGV: replica, ttl_ms, then
+#   per lease '1' if no request holds it now (given up if another replica wants the model),
+#   else '0'   → {indices (1-based) given up, the replicas wanting them, indices renewed though
+#   wanted}. A want counts only while its replica's heartbeat lives (one that left wants none).
 RENEW_LEASES = _COMMON + """
-local now, ttl, n = now_ms(), tonumber(ARGV[2]), #KEYS / 2
+local now, ttl, n = now_ms(), tonumber(ARGV[2]), (#KEYS - 1) / 2
 local given, by, wanted = {}, {}, {}
 for i = 1, n do
   local key, want = KEYS[i], redis.call('GET', KEYS[n + i])
+  if want and not alive(KEYS[#KEYS], want, now) then want = false end
   if want and want ~= ARGV[1] and ARGV[2 + i] == '1' then
     redis.call('ZREM', key, ARGV[1])
     given[#given + 1] = i
@@ -187,6 +190,29 @@ if #out == 0 then
   for _, f in ipairs(redis.call('HKEYS', KEYS[5])) do
     if string.sub(f, -#suffix) == suffix then redis.call('HDEL', KEYS[5], f) end
   end
+end
+return out
+"""
+
+# KEYS: want, replicas   → the replica whose want stands, if its heartbeat lives
+WANTED_BY = _COMMON + """
+local want = redis.call('GET', KEYS[1])
+if want and alive(KEYS[2], want, now_ms()) then return want end
+return false
+"""
+
+# KEYS: wants   ARGV: replica   (each want ended only if it is this replica's)
+WITHDRAW_WANTS = """
+for _, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[1] then redis.call('DEL', key) end
+end
+"""
+
+# KEYS: zset of "replica|model" → expiry, replicas   → live members of live replicas
+LIVE_OF_LIVE = _COMMON + """
+local now, out = now_ms(), {}
+for _, m in ipairs(redis.call('ZRANGE', KEYS[1], '(' .. now, '+inf', 'BYSCORE')) do
+  if alive(KEYS[2], string.match(m, '^([^|]*)|'), now) then out[#out + 1] = m end
 end
 return out
 """

@@ -43,6 +43,8 @@ class _Facts:
     leases: dict[LeaseKey, dict[str, float]] = field(default_factory=dict)  # replica → exp
     unloading: dict[LeaseKey, tuple[str, float]] = field(default_factory=dict)  # by, expires
     wants: dict[LeaseKey, tuple[str, float]] = field(default_factory=dict)      # by, expires
+    # host → (replica, model) → expires: loads waiting for room there
+    waiting: dict[str, dict[tuple[str, str], float]] = field(default_factory=dict)
     # host → model → (learned, expires at)
     learned: dict[str, dict[str, tuple[Learned, float]]] = field(default_factory=dict)
     # host → (model → its usage pattern as JSON, the host's expiry)
@@ -144,7 +146,9 @@ class MemoryState:
         return table
 
     async def reserve(self, host: str, key: str, size_bytes: int, budget_bytes: int,
-                      ttl_s: float) -> Reserved:
+                      ttl_s: float, *, if_live: bool = False) -> Reserved:
+        if if_live and not self._f.alive(self.replica_id, self._now()):
+            return Reserved(False, 0, lost=True)
         table = self._live_reservations(host)
         mine = (self.replica_id, key)
         others = sum(b for k, (b, _) in table.items() if k != mine)
@@ -175,8 +179,9 @@ class MemoryState:
         return Renewal(given_up, frozenset(wanted))
 
     def _wanter(self, key: LeaseKey) -> str | None:
-        want = self._f.wants.get(key)
-        return want[0] if want is not None and want[1] > self._now() else None
+        want, now_s = self._f.wants.get(key), self._now()
+        return want[0] if want is not None and want[1] > now_s and \
+            self._f.alive(want[0], now_s) else None
 
     async def drop_leases(self, leases: Iterable[LeaseKey]) -> None:
         for key in leases:
@@ -228,6 +233,22 @@ class MemoryState:
 
     async def wanted_by(self, host: str, model: str) -> str | None:
         return self._wanter((host, model))
+
+    async def withdraw_wants(self, host: str, models: Iterable[str]) -> None:
+        for model in models:
+            if self._wanter((host, model)) == self.replica_id:
+                del self._f.wants[(host, model)]
+
+    async def note_waiting(self, host: str, model: str, ttl_s: float) -> None:
+        self._f.waiting.setdefault(host, {})[(self.replica_id, model)] = self._now() + ttl_s
+
+    async def end_waiting(self, host: str, model: str) -> None:
+        self._f.waiting.get(host, {}).pop((self.replica_id, model), None)
+
+    async def waiting_loads(self, host: str) -> set[tuple[str, str]]:
+        now_s = self._now()
+        return {k for k, exp in self._f.waiting.get(host, {}).items()
+                if exp > now_s and self._f.alive(k[0], now_s)}
 
     async def release_unload(self, host: str, model: str) -> None:
         if self._claimant((host, model)) == self.replica_id:

@@ -9,33 +9,32 @@ Keys live under a prefix (`lmproxy:` by default), one family per fact:
     lease:<host>:<model>     zset  replica → lease expiry
     unloading:<host>:<model> string replica (PX): the claim of the replica unloading it
     want:<host>:<model>      string replica (PX): a load there waits for the model's memory
+    waiting:<host>           zset  "replica|model" → expiry: a load there waits for room
     owned:<host>             hash  instance id → model (a long TTL, refreshed on every use)
     leader                   string replica (PX)
     events                   stream, MAXLEN-trimmed
     learned:<host>           hash  "<model>|footprint" / "<model>|load" → "<at_ms> <value> <replica>"
+    patterns:<host>          hash  model → its usage pattern (JSON)   (both: redis_learned.py)
 
 Every key carries a TTL, so keys of replicas and hosts that are gone disappear and Redis's key
 count stays flat. Any failure to reach Redis raises `StateUnavailable` naming the redacted URL.
 """
 from __future__ import annotations
 
-import asyncio
-import functools
 import urllib.parse
-from typing import Any, Awaitable, Callable, Iterable, Mapping, TypeVar
+from typing import Any, Iterable
 
 import orjson
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import (AuthenticationError, ConnectionError, OutOfMemoryError,
-                               ResponseError, TimeoutError)
 
 from ..urls import redact_url
-from ..errors import StateUnavailable
 from . import lua
-from .base import (HostRecord, LeaseKey, Learned, LoadLock, Measured, Renewal, Reserved,
-                   StoredEvent, Whereabouts, parse_event_id)
+from .base import (HostRecord, LeaseKey, LoadLock, Renewal, Reserved, StoredEvent,
+                   Whereabouts, parse_event_id)
+from .redis_calls import _guarded, _ms
+from .redis_learned import LearnedFacts
 
 PREFIX = "lmproxy:"
 EVENTS_MAXLEN = 10_000
@@ -43,13 +42,6 @@ MAX_CONNECTIONS = 8              # per replica; the hot path does not use Redis
 EVENTS_TTL_S = 86_400.0          # the stream outlives a fleet that went quiet for a day
 OWNED_TTL_S = 7 * 86_400.0       # ownership survives replica restarts, not a host gone a week
 FENCE_TTL_S = 86_400.0           # the counter re-seeds from the clock, so expiry is safe
-LEARNED_KINDS = ("footprint", "load")   # hash field suffixes: Learned's fields
-
-T = TypeVar("T")
-
-
-def _ms(seconds: float) -> int:
-    return max(1, round(seconds * 1000))
 
 
 def _part(name: str) -> str:
@@ -57,41 +49,7 @@ def _part(name: str) -> str:
     return urllib.parse.quote(name, safe="/@._-")
 
 
-def _hint(e: Exception) -> str:
-    """What the operator can do about the failures Redis's own words leave unclear."""
-    said = str(e)
-    if isinstance(e, OutOfMemoryError):
-        return ("; Redis refuses writes: it reached its maxmemory under maxmemory-policy "
-                "noeviction. Raise maxmemory (the replicas' keys all expire by themselves)")
-    if isinstance(e, AuthenticationError) or said.startswith(("NOAUTH", "WRONGPASS")):
-        if "WRONGPASS" in said or "invalid username-password" in said:
-            return "; the password (or user) in state.url is not the one Redis has"
-        return ("; Redis requires a password: give it in state.url as "
-                "redis://:PASSWORD@host:port/0 (or redis://USER:PASSWORD@...)")
-    return ""
-
-
-def _guarded(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
-    @functools.wraps(method)
-    async def call(self: "RedisState", *args: Any, **kwargs: Any) -> T:
-        task = asyncio.current_task()
-        cancels = task.cancelling() if task is not None else 0
-        try:
-            result = await method(self, *args, **kwargs)
-        except (ConnectionError, TimeoutError, ResponseError, OSError) as e:
-            raise StateUnavailable(f"shared state unavailable: Redis at {self.url_shown} "
-                                   f"failed ({type(e).__name__}: {e}){_hint(e)}",
-                                   retry_after_s=1.0) from e
-        if task is not None and task.cancelling() > cancels:
-            # redis-py finishes a blocking read (XREAD BLOCK) that a cancel interrupted and
-            # returns its reply: the cancel is still this task's (else a loop reads on). One
-            # delivered before the call (a cancelled task's cleanup) is not raised again.
-            raise asyncio.CancelledError()
-        return result
-    return call
-
-
-class RedisState:
+class RedisState(LearnedFacts):
     def __init__(self, url: str, replica_id: str, *, prefix: str = PREFIX,
                  events_maxlen: int = EVENTS_MAXLEN, events_ttl_s: float = EVENTS_TTL_S,
                  owned_ttl_s: float = OWNED_TTL_S, timeout_s: float = 2.0) -> None:
@@ -116,7 +74,8 @@ class RedisState:
         self._s = {name: self.client.register_script(getattr(lua, name)) for name in (
             "TOUCH", "LIVE", "PUT_HOST", "ACQUIRE_LOCK", "RENEW_LOCK", "RELEASE_LOCK",
             "RESERVE", "RESERVED", "RENEW_LEASES", "LEASED_BY", "ADD_OWNED", "CAMPAIGN",
-            "TAKE_LEASE", "CLAIM_UNLOAD", "PUT_LEARNED", "WHEREABOUTS")}
+            "TAKE_LEASE", "CLAIM_UNLOAD", "PUT_LEARNED", "WHEREABOUTS", "WITHDRAW_WANTS",
+            "WANTED_BY", "LIVE_OF_LIVE")}
         self._k_replicas = prefix + "replicas"
         self._k_hosts = prefix + "hosts"
         self._k_fence = prefix + "fence"
@@ -196,10 +155,13 @@ class RedisState:
 
     @_guarded
     async def reserve(self, host: str, key: str, size_bytes: int, budget_bytes: int,
-                      ttl_s: float) -> Reserved:
+                      ttl_s: float, *, if_live: bool = False) -> Reserved:
         granted, total = await self._s["RESERVE"](
             keys=[self._key("res", host), self._k_replicas],
-            args=[self._field(key), int(size_bytes), int(budget_bytes), _ms(ttl_s)])
+            args=[self._field(key), int(size_bytes), int(budget_bytes), _ms(ttl_s),
+                  self.replica_id if if_live else ""])
+        if int(granted) < 0:
+            return Reserved(False, 0, lost=True)
         return Reserved(bool(granted), int(total))
 
     @_guarded
@@ -219,7 +181,7 @@ class RedisState:
             return Renewal()
         given, by, wanted = await self._s["RENEW_LEASES"](
             keys=[self._key("lease", h, m) for h, m in leases] +
-                 [self._key("want", h, m) for h, m in leases],
+                 [self._key("want", h, m) for h, m in leases] + [self._k_replicas],
             args=[self.replica_id, _ms(ttl_s), *("1" if k in idle else "0" for k in leases)])
         return Renewal({leases[int(i) - 1]: str(w) for i, w in zip(given, by)},
                        frozenset(leases[int(i) - 1] for i in wanted))
@@ -263,7 +225,29 @@ class RedisState:
 
     @_guarded
     async def wanted_by(self, host: str, model: str) -> str | None:
-        return await self.client.get(self._key("want", host, model))
+        return await self._s["WANTED_BY"](keys=[self._key("want", host, model),
+                                                self._k_replicas])
+
+    @_guarded
+    async def withdraw_wants(self, host: str, models: Iterable[str]) -> None:
+        keys = [self._key("want", host, model) for model in models]
+        if keys:
+            await self._s["WITHDRAW_WANTS"](keys=keys, args=[self.replica_id])
+
+    @_guarded
+    async def note_waiting(self, host: str, model: str, ttl_s: float) -> None:
+        await self._s["TOUCH"](keys=[self._key("waiting", host)],
+                               args=[self._field(model), _ms(ttl_s)])
+
+    @_guarded
+    async def end_waiting(self, host: str, model: str) -> None:
+        await self.client.zrem(self._key("waiting", host), self._field(model))
+
+    @_guarded
+    async def waiting_loads(self, host: str) -> set[tuple[str, str]]:
+        members = await self._s["LIVE_OF_LIVE"](keys=[self._key("waiting", host),
+                                                      self._k_replicas])
+        return {(urllib.parse.unquote(r), m) for r, _, m in (x.partition("|") for x in members)}
 
     @_guarded
     async def unload_claimant(self, host: str, model: str) -> str | None:
@@ -352,42 +336,6 @@ class RedisState:
     async def last_event_id(self) -> str:
         newest = await self.client.xrevrange(self._k_events, "+", "-", count=1)
         return newest[0][0] if newest else "0-0"
-
-    # -- learned facts ----------------------------------------------------------------------
-    @_guarded
-    async def put_learned(self, host: str, model: str, *, footprint_bytes: float | None = None,
-                          load_s: float | None = None, ttl_s: float) -> int:
-        return int(await self._s["PUT_LEARNED"](
-            keys=[self._key("learned", host)],
-            args=[model, self.replica_id, "" if footprint_bytes is None else repr(
-                float(footprint_bytes)), "" if load_s is None else repr(float(load_s)),
-                _ms(ttl_s)]))
-
-    @_guarded
-    async def learned(self, host: str) -> dict[str, Learned]:
-        found: dict[str, dict[str, Measured]] = {}
-        for name, raw in (await self.client.hgetall(self._key("learned", host))).items():
-            model, _, kind = name.rpartition("|")
-            at_ms, value, by = raw.split(" ", 2)
-            if kind in LEARNED_KINDS:
-                found.setdefault(model, {})[kind] = Measured(float(value), int(at_ms), by)
-        return {m: Learned(**d) for m, d in found.items()}
-
-    @_guarded
-    async def put_patterns(self, host: str, patterns: Mapping[str, dict[str, Any]],
-                           ttl_s: float) -> None:
-        if not patterns:
-            return
-        key = self._key("patterns", host)
-        pipe = self.client.pipeline(transaction=True)
-        pipe.hset(key, mapping={model: orjson.dumps(p) for model, p in patterns.items()})
-        pipe.pexpire(key, _ms(ttl_s))
-        await pipe.execute()
-
-    @_guarded
-    async def patterns(self, host: str) -> dict[str, dict[str, Any]]:
-        got = await self.client.hgetall(self._key("patterns", host))
-        return {model: orjson.loads(raw) for model, raw in got.items()}
 
     @_guarded
     async def ping(self) -> None:
