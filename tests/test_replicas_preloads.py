@@ -67,3 +67,25 @@ async def test_a_preload_goes_ahead_when_no_other_replica_waits():
 
 async def _unreserved(core) -> bool:  # noqa: ANN001
     return await core.ctx.shared.replica.store.reserved_bytes("default") == 0
+
+
+async def test_a_load_that_has_reserved_its_room_is_waited_for_no_more():
+    # While it loads, its room is held by its reservation: a preload elsewhere is refused
+    # that room by the reservation itself, and need not wait out the whole load.
+    backend = GatedBackend({A: 3, B: 4, C: 3}, MANAGED)
+    backend.gates[B] = asyncio.Event()
+    one, two, relays = await _pair(backend, lease_ttl_s=30, queue_timeout_s=10)
+    try:
+        serving = await one.acquire(A)
+        await until(lambda: _resident(two, A))
+        loading = asyncio.ensure_future(two.acquire(B))
+        await until(lambda: _wanted(one, A))
+        await until(lambda: _waits_noted(one, B))
+        serving.release()                                   # A given up, evicted for B
+        await backend.started.setdefault(B, asyncio.Event()).wait()    # B loads, reserved
+        await until(lambda: _none_waiting(one))
+        assert not loading.done()
+        backend.gates[B].set()
+        (await asyncio.wait_for(loading, 10)).release()
+    finally:
+        await _end((one, two), relays)
