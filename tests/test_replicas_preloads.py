@@ -9,7 +9,7 @@ import pytest
 
 from .state_contract import until
 from .test_replicas_contention import MANAGED, GatedBackend
-from .test_replicas_wants import A, B, C, _end, _pair, _resident, _wanted
+from .test_replicas_wants import A, B, C, _b_waits_for_a, _end, _pair, _resident
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -24,10 +24,7 @@ async def test_a_preload_waits_while_another_replicas_load_waits_for_room():
     backend = GatedBackend({A: 3, B: 4, C: 3}, MANAGED)
     one, two, relays = await _pair(backend, lease_ttl_s=30, queue_timeout_s=10)
     try:
-        serving = await one.acquire(A)
-        await until(lambda: _resident(two, A))
-        loading = asyncio.ensure_future(two.acquire(B))
-        await until(lambda: _wanted(one, A))
+        serving, loading = await _b_waits_for_a(one, two)
         await until(lambda: _waits_noted(one, B))
         assert one.scheduler.preload(one.registry.entries[C], value_s=1000.0, may_evict=False)
         await one.scheduler.settled()
@@ -76,10 +73,7 @@ async def test_a_load_that_has_reserved_its_room_is_waited_for_no_more():
     backend.gates[B] = asyncio.Event()
     one, two, relays = await _pair(backend, lease_ttl_s=30, queue_timeout_s=10)
     try:
-        serving = await one.acquire(A)
-        await until(lambda: _resident(two, A))
-        loading = asyncio.ensure_future(two.acquire(B))
-        await until(lambda: _wanted(one, A))
+        serving, loading = await _b_waits_for_a(one, two)
         await until(lambda: _waits_noted(one, B))
         serving.release()                                   # A given up, evicted for B
         await backend.started.setdefault(B, asyncio.Event()).wait()    # B loads, reserved

@@ -4,7 +4,8 @@ replica is asked for; patterns and a preload's use span the fleet (engine/shared
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+import contextlib
+from typing import Any, AsyncIterator
 
 import pytest
 
@@ -63,6 +64,19 @@ async def _end(cores: tuple[EngineCore, EngineCore], relays: list[EventRelay]) -
     await _close(*cores)
 
 
+@contextlib.asynccontextmanager
+async def _fleet(sizes: dict[str, float], stores: tuple[Any, Any] | None = None, **preload: Any
+                 ) -> AsyncIterator[tuple[ManualClock, GatedBackend, EngineCore, EngineCore]]:
+    """(clock, the server, the leader, the other replica), closed after."""
+    clock = ManualClock()
+    backend = GatedBackend(sizes, MANAGED)
+    one, two, relays = await _pair(backend, clock, stores, **preload)
+    try:
+        yield clock, backend, one, two
+    finally:
+        await _end((one, two), relays)
+
+
 async def _use(core: EngineCore, key: str) -> None:
     (await core.acquire(key)).release()
 
@@ -87,10 +101,7 @@ async def _leases_lapse(core: EngineCore) -> None:
 
 
 async def test_the_leader_does_not_unload_as_idle_a_model_another_replica_uses():
-    clock = ManualClock()
-    backend = GatedBackend({A: 3, B: 3}, MANAGED)
-    leader, other, relays = await _pair(backend, clock)
-    try:
+    async with _fleet({A: 3, B: 3}) as (clock, backend, leader, other):
         await _use(other, A)                                 # loaded there
         await leader.reconcile()
         clock.advance(1.5 * HOUR_S)
@@ -102,15 +113,10 @@ async def test_the_leader_does_not_unload_as_idle_a_model_another_replica_uses()
         assert A in backend.loaded
         clock.advance(1.4 * HOUR_S)
         assert await leader.unload_idle_models() == [A]      # idle 2.1 h: it goes
-    finally:
-        await _end((leader, other), relays)
 
 
 async def test_a_load_takes_the_model_used_least_lately_by_any_replica_as_its_victim():
-    clock = ManualClock()
-    backend = GatedBackend({A: 3, B: 3, C: 3}, MANAGED)   # 3.6 GB each: two fit in 8
-    one, two, relays = await _pair(backend, clock, enabled=False)
-    try:
+    async with _fleet({A: 3, B: 3, C: 3}, enabled=False) as (clock, backend, one, two):
         await _use(two, A)                                   # loaded by the other replica
         await one.reconcile()
         clock.advance(50)
@@ -124,8 +130,6 @@ async def test_a_load_takes_the_model_used_least_lately_by_any_replica_as_its_vi
         await _use(one, C)                                   # needs one of them to go
         assert sorted(backend.loaded) == [A, C]
         assert one.registry.entries[A].last_used_at_s == clock.now()
-    finally:
-        await _end((one, two), relays)
 
 
 async def _reloads_alike(core: EngineCore, *keys: str) -> bool:
@@ -134,10 +138,7 @@ async def _reloads_alike(core: EngineCore, *keys: str) -> bool:
 
 async def test_among_models_used_moments_ago_the_one_asked_for_most_across_replicas_stays():
     # Both idle under cost-aware's recency floor: their heat decides.
-    clock = ManualClock()
-    backend = GatedBackend({A: 3, B: 3, C: 3}, MANAGED)
-    one, two, relays = await _pair(backend, clock, enabled=False)
-    try:
+    async with _fleet({A: 3, B: 3, C: 3}, enabled=False) as (clock, backend, one, two):
         await _use(two, A)
         await one.reconcile()
         await _use(one, B)
@@ -150,15 +151,10 @@ async def test_among_models_used_moments_ago_the_one_asked_for_most_across_repli
         clock.advance(1)
         await _use(one, C)
         assert sorted(backend.loaded) == [A, C]
-    finally:
-        await _end((one, two), relays)
 
 
 async def test_what_follows_a_model_on_another_replica_is_learned_here():
-    clock = ManualClock()
-    backend = GatedBackend({A: 3, B: 3}, MANAGED)
-    one, two, relays = await _pair(backend, clock)
-    try:
+    async with _fleet({A: 3, B: 3}) as (clock, backend, one, two):
         for _ in range(6):                                   # planner, then coder: a pipeline
             await _use(two, A)
             clock.advance(5)
@@ -169,15 +165,10 @@ async def test_what_follows_a_model_on_another_replica_is_learned_here():
         assert one.learner.patterns[B].requests == 6
         assert one.learner.patterns[A].last_gap_s == 305
         assert one.ctx.shared.arrivals_heard == 12 and two.ctx.shared.arrivals_heard == 0
-    finally:
-        await _end((one, two), relays)
 
 
 async def test_a_preload_another_replica_uses_counts_as_useful_on_the_leader():
-    clock = ManualClock()
-    backend = GatedBackend({A: 3}, MANAGED)
-    leader, other, relays = await _pair(backend, clock)
-    try:
+    async with _fleet({A: 3}) as (clock, backend, leader, other):
         leader.preloader.queue(A, 1.0, "a test's reason")
         await until(lambda: _preloaded(leader, A))
         await other.reconcile()
@@ -185,15 +176,10 @@ async def test_a_preload_another_replica_uses_counts_as_useful_on_the_leader():
         await _told(other, leader)
         assert (leader.preloads.useful, leader.preloads.wasted) == (1, 0)
         assert not leader.registry.entries[A].preloaded
-    finally:
-        await _end((leader, other), relays)
 
 
 async def test_a_request_on_another_replica_ends_the_quiet_of_an_unload_by_hand():
-    clock = ManualClock()
-    backend = GatedBackend({A: 3}, MANAGED)
-    leader, other, relays = await _pair(backend, clock)
-    try:
+    async with _fleet({A: 3}) as (clock, backend, leader, other):
         await _use(leader, A)
         assert await leader.unload(A)
         assert leader.registry.entries[A].unloaded_by_hand_s is not None
@@ -203,15 +189,10 @@ async def test_a_request_on_another_replica_ends_the_quiet_of_an_unload_by_hand(
         await _use(other, A)                                 # asked for again, there
         await _told(other, leader)
         assert leader.registry.entries[A].unloaded_by_hand_s is None
-    finally:
-        await _end((leader, other), relays)
 
 
 async def test_a_model_unloaded_by_hand_on_another_replica_is_kept_unloaded_by_the_leader():
-    clock = ManualClock()
-    backend = GatedBackend({A: 3}, MANAGED)
-    leader, other, relays = await _pair(backend, clock)
-    try:
+    async with _fleet({A: 3}) as (clock, backend, leader, other):
         await _use(other, A)
         await leader.reconcile()
         assert await other.unload(A)                         # the operator, through the other
@@ -221,8 +202,6 @@ async def test_a_model_unloaded_by_hand_on_another_replica_is_kept_unloaded_by_t
         told = [e for e in await leader.ctx.shared.store.events_after(None, count=1000)
                 if e.type == BY_HAND_EVENT]
         assert [(e.data["model"], e.data["replica"]) for e in told] == [(A, "r2")]
-    finally:
-        await _end((leader, other), relays)
 
 
 async def _kept_unloaded(core: EngineCore, key: str) -> bool:
@@ -235,10 +214,7 @@ async def _preloaded(core: EngineCore, key: str) -> bool:
 
 
 async def test_past_its_bound_a_batch_tells_each_models_latest_arrival():
-    clock = ManualClock()
-    backend = GatedBackend({A: 3, B: 3}, MANAGED)
-    one, two, relays = await _pair(backend, clock)
-    try:
+    async with _fleet({A: 3, B: 3}) as (clock, backend, one, two):
         shared = two.ctx.shared
         for i in range(ARRIVALS_MAX + 10):
             shared.arrived(A, clock.wall() + i)
@@ -249,8 +225,6 @@ async def test_past_its_bound_a_batch_tells_each_models_latest_arrival():
         assert one.learner.patterns[B].requests == 1
         view = await one.ctx.shared.replica.view()
         assert view["arrivals"] == {"told": 0, "heard": ARRIVALS_MAX + 2, "untold": 0}
-    finally:
-        await _end((one, two), relays)
 
 
 @pytest.mark.parametrize("data", [
@@ -263,39 +237,26 @@ async def test_past_its_bound_a_batch_tells_each_models_latest_arrival():
     {"models": [A], "t0_ms": 1, "at": [[0, 0], [0]]},          # one bad pair spoils the lot
 ])
 async def test_an_arrivals_event_not_as_written_is_ignored(data):
-    clock = ManualClock()
-    backend = GatedBackend({A: 3}, MANAGED)
-    one, two, relays = await _pair(backend, clock)
-    try:
+    async with _fleet({A: 3}) as (clock, backend, one, two):
         one.ctx.shared.replica.heard(ARRIVALS_EVENT, {"host": "default", **data})
         assert one.ctx.shared.arrivals_heard == 0 and A not in one.learner.patterns
         await _use(two, A)
         await _told(two, one)                                # the stream goes on
         assert one.learner.patterns[A].requests == 1
-    finally:
-        await _end((one, two), relays)
 
 
 async def test_an_arrival_stamped_far_behind_this_replicas_clock_is_not_learned():
-    clock = ManualClock()
-    backend = GatedBackend({A: 3}, MANAGED)
-    one, two, relays = await _pair(backend, clock)
-    try:
+    async with _fleet({A: 3}) as (clock, backend, one, two):
         two.ctx.shared.arrived(A, clock.wall() - 3_600)
         two.ctx.shared.arrived(A, clock.wall() - 60)
         await _told(two, one)
         assert one.learner.patterns[A].requests == 1
-    finally:
-        await _end((one, two), relays)
 
 
 async def test_arrivals_reach_another_replica_through_redis(redis_server):  # noqa: F811
-    clock = ManualClock()
-    backend = GatedBackend({A: 3, B: 3}, MANAGED)
     stores = (create_state(redis_server.url, replica_id="r1"),
               create_state(redis_server.url, replica_id="r2"))
-    one, two, relays = await _pair(backend, clock, stores)
-    try:
+    async with _fleet({A: 3, B: 3}, stores) as (clock, backend, one, two):
         await _use(two, A)
         clock.advance(5)
         await _use(two, B)
@@ -303,8 +264,6 @@ async def test_arrivals_reach_another_replica_through_redis(redis_server):  # no
         assert one.learner.follow_probability(A, B) == 1.0
         assert one.learner.patterns[A].last_at_s == clock.now() - 5   # when, not when heard
         assert one.registry.entries[B].last_used_at_s == clock.now()
-    finally:
-        await _end((one, two), relays)
 
 
 class CountedWrites:

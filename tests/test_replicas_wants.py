@@ -77,6 +77,16 @@ async def test_a_model_another_replica_serves_steadily_is_evicted_between_its_re
         await _end((one, two), relays)
 
 
+async def _b_waits_for_a(one: EngineCore, two: EngineCore) -> tuple[Any, asyncio.Future]:
+    """A served on the first replica (its lease: returned), B asked of the second, which waits
+    for A's memory (its request: returned) and wants A."""
+    serving = await one.acquire(A)
+    await until(lambda: _resident(two, A))
+    loading = asyncio.ensure_future(two.acquire(B))
+    await until(lambda: _wanted(one, A))
+    return serving, loading
+
+
 async def _leased(core: EngineCore, key: str) -> bool:
     return core.ctx.shared.leased(key)
 

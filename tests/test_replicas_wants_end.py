@@ -12,7 +12,7 @@ from proxy.errors import InsufficientMemory
 
 from .state_contract import until
 from .test_replicas_contention import MANAGED, GatedBackend
-from .test_replicas_wants import A, B, C, _end, _pair, _resident, _wanted
+from .test_replicas_wants import A, B, C, _b_waits_for_a, _end, _pair, _resident, _wanted
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -26,10 +26,7 @@ async def test_a_load_that_leaves_the_queue_withdraws_its_want(leaves):
     backend = GatedBackend({A: 4, B: 4}, MANAGED)          # 4.8 GB each: one fits in 8
     one, two, relays = await _pair(backend, lease_ttl_s=30, queue_timeout_s=1)
     try:
-        serving = await one.acquire(A)
-        await until(lambda: _resident(two, A))
-        loading = asyncio.ensure_future(two.acquire(B))
-        await until(lambda: _wanted(one, A))
+        serving, loading = await _b_waits_for_a(one, two)
         if leaves == "its-client-goes":
             loading.cancel()
         await asyncio.gather(loading, return_exceptions=True)
@@ -79,10 +76,7 @@ async def test_a_request_waiting_for_a_claim_goes_on_once_the_load_that_wanted_i
     one, two, relays = await _pair(backend, lease_ttl_s=30, hearing=False,
                                    clock=ManualClock(), queue_timeout_s=20)
     try:
-        serving = await one.acquire(A)
-        await until(lambda: _resident(two, A))
-        loading = asyncio.ensure_future(two.acquire(B))
-        await until(lambda: _wanted(one, A))
+        serving, loading = await _b_waits_for_a(one, two)
         serving.release()                                   # given up, promised to it
         await until(lambda: _given_up(one))
         loading.cancel()
