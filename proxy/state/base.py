@@ -116,6 +116,9 @@ class Renewal:
     wanted: frozenset[LeaseKey] = frozenset()
 
 
+UNREADABLE = ""     # the type of a stream entry not as append_event writes it (no data)
+
+
 @dataclass(frozen=True)
 class StoredEvent:
     id: str
