@@ -37,6 +37,7 @@ import logging
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import StateUnavailable
+from .learner import MAX_FOLLOWERS
 from .learning import ModelPattern
 
 if TYPE_CHECKING:
@@ -67,7 +68,7 @@ class UsageShare:
         self.learner: UsageLearner | None = None     # the engine's, and its clock
         self.clock: Clock | None = None
         self.patterns_every_s = PATTERNS_EVERY_S
-        self.patterns_adopted = 0
+        self.patterns_adopted = self.patterns_refused = 0
         self._patterns_at_s: float | None = None     # loop time of the last write
         self._written: dict[str, tuple] = {}         # model → _mark of the pattern written
         self._backlog: list[str] = []                # models changed, not written yet
@@ -144,8 +145,11 @@ class UsageShare:
         for key, snapshot in kept.items():
             try:
                 fleet = ModelPattern.restore(snapshot, now_s, wall_s)
-            except (TypeError, ValueError, KeyError, AttributeError):
-                continue                # written by another version: learned anew
+            except (TypeError, ValueError, KeyError, AttributeError, OverflowError):
+                fleet = None
+            if fleet is None or not _sane(fleet, wall_s):
+                self.patterns_refused += 1      # written by another version, or by hand:
+                continue                        # learned anew
             own = learner.patterns.get(key)
             if fleet.last_at_s is None or own is not None and own.last_at_s is not None and \
                     own.last_at_s >= fleet.last_at_s:
@@ -154,6 +158,10 @@ class UsageShare:
             learner.dirty.add(key)      # into this replica's own history too
             self._written[key] = _mark(fleet)
             self.patterns_adopted += 1
+        if self.patterns_refused:
+            log.warning("%d usage patterns kept for %s are not as a replica writes them (wrong "
+                        "types, negative counts, over %d followers): not adopted",
+                        self.patterns_refused, self.name, MAX_FOLLOWERS)
         if self.patterns_adopted:
             log.info("adopted the usage patterns of %d models on %s that the fleet learned",
                      self.patterns_adopted, self.name)
@@ -182,6 +190,22 @@ class UsageShare:
         except Exception:      # a bug here must not stop the stream's reader: said, not raised
             log.exception("learning replica %s's arrivals failed", data.get("replica"))
         self.arrivals_heard += len(arrivals)
+
+
+def _sane(p: ModelPattern, wall_s: float) -> bool:
+    """A snapshot another replica could have written: counts not negative, followers within
+    the learner's bound. Its wall stamps past this replica's clock are taken as now (a writer's
+    clock ahead; a clock minute counted from the future would read as an hour's starts)."""
+    counts = (*p.gaps.counts, *p.after_short.counts, *p.after_long.counts, *p.hours,
+              *p.minute_starts, *p.followers.values(), p.requests)
+    if min(counts) < 0 or len(p.followers) > MAX_FOLLOWERS or \
+            p.last_gap_s is not None and not p.last_gap_s >= 0:
+        return False
+    if p.first_wall_s is not None:
+        p.first_wall_s = min(p.first_wall_s, wall_s)
+    if p.minutes_since_wall_s is not None:
+        p.minutes_since_wall_s = min(p.minutes_since_wall_s, wall_s)
+    return True
 
 
 def _mark(p: ModelPattern) -> tuple:
