@@ -10,11 +10,12 @@ import redis.asyncio as aioredis
 from proxy.engine.clock import ManualClock
 from proxy.engine.learner import MAX_FOLLOWERS
 from proxy.engine.learning import ModelPattern
+from proxy.engine.shared_usage import ARRIVALS_EVENT, ARRIVALS_MAX, LATEST_MAX
 from proxy.state import create_state
 
 from .redis_server import make_redis_server, redis_server  # noqa: F401
 from .test_replicas_contention import MANAGED, GatedBackend, _close
-from .test_replicas_usage import A, B, C, _third
+from .test_replicas_usage import A, B, C, _end, _pair, _third, _told
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -46,3 +47,37 @@ async def test_a_replica_starts_past_pattern_snapshots_it_cannot_use(redis_serve
         assert new.learner.patterns["lab/ahead"].minutes_since_wall_s == clock.wall()
     finally:
         await _close(new)
+
+
+@pytest.mark.parametrize("n_at, n_models", [(ARRIVALS_MAX + LATEST_MAX + 1, 1), (1, 3)])
+async def test_an_arrivals_event_larger_than_a_replica_writes_is_not_learned(n_at, n_models):
+    """A batch tells at most ARRIVALS_MAX arrivals and LATEST_MAX models' latest, each model
+    at least once: a larger event (a flood a peer wrote by hand) is ignored whole."""
+    clock = ManualClock()
+    backend = GatedBackend({A: 3}, MANAGED)
+    one, two, relays = await _pair(backend, clock)
+    try:
+        one.ctx.shared.replica.heard(ARRIVALS_EVENT, {
+            "host": "default", "models": [A] + [f"lab/x{i}" for i in range(n_models - 1)],
+            "t0_ms": round(clock.wall() * 1000), "at": [[0, i] for i in range(n_at)]})
+        assert one.ctx.shared.arrivals_heard == 0 and A not in one.learner.patterns
+    finally:
+        await _end((one, two), relays)
+
+
+async def test_a_batch_past_both_bounds_is_still_one_the_others_learn():
+    clock = ManualClock()
+    backend = GatedBackend({A: 3}, MANAGED)
+    one, two, relays = await _pair(backend, clock)
+    try:
+        shared = two.ctx.shared
+        for _ in range(ARRIVALS_MAX):
+            shared.arrived(A, clock.wall() - 1)
+        for i in range(LATEST_MAX + 5):                 # a fleet of many models, all asked for
+            shared.arrived(f"lab/m{i}", clock.wall())
+        await _told(two, one)
+        assert shared.arrivals_told == ARRIVALS_MAX + LATEST_MAX
+        assert shared.arrivals_untold == 5
+        assert one.learner.patterns[A].requests == ARRIVALS_MAX
+    finally:
+        await _end((one, two), relays)

@@ -25,7 +25,8 @@ An unload by hand is told too (`unloaded_by_hand`): the leader, which preloads, 
 unloaded as the replica asked would (preload.HAND_UNLOAD_QUIET_S).
 
 Bounded: a batch tells at most ARRIVALS_MAX arrivals per host; beyond that only each model's
-latest is told (its recency; the others count in `arrivals_untold`). Arrivals lost while the
+latest is told (its recency; the others count in `arrivals_untold`), of LATEST_MAX models at
+most. An event with more arrivals than that, or more models than arrivals, is not learned. Arrivals lost while the
 state is away are not sent again. A model this replica does not know is ignored, and so is an
 event that is not as written here.
 """
@@ -48,6 +49,7 @@ log = logging.getLogger("proxy.shared")
 ARRIVALS_EVENT = "arrivals"    # the replicas' stream: the requests a replica served on a host
 BY_HAND_EVENT = "unloaded_by_hand"   # and a model it unloaded by hand there
 ARRIVALS_MAX = 512             # per batch and host: about 5 KB of event
+LATEST_MAX = 3584              # past it, the models whose latest arrival is told as well
 MAX_SPAN_MS = 86_400_000       # a batch's arrivals lie within this of its first
 PATTERNS_EVERY_S = 60.0        # the leader writes the patterns that changed this often
 PATTERNS_TTL_S = 7 * 86_400.0  # kept a week past the last write
@@ -85,9 +87,9 @@ class UsageShare:
         """The batch's arrivals, as one event (the replica's lease batch calls it)."""
         if not self._arrivals:
             return
-        batch, latest = self._arrivals, self._latest
+        batch, latest = self._arrivals, list(self._latest.items())[-LATEST_MAX:]
         self._arrivals, self._latest = [], {}
-        batch += latest.items()
+        batch += latest
         self.arrivals_untold -= len(latest)
         models = sorted({key for key, _ in batch})
         index = {key: i for i, key in enumerate(models)}
@@ -216,8 +218,10 @@ def _mark(p: ModelPattern) -> tuple:
 def _parsed(data: dict[str, Any]) -> list[tuple[float, str]]:
     """(wall s, model) of each arrival; [] for an event that is not as tell_arrivals writes."""
     models, t0_ms, at = data.get("models"), data.get("t0_ms"), data.get("at")
-    if not (isinstance(models, list) and all(isinstance(m, str) for m in models)
-            and isinstance(t0_ms, int) and 0 < t0_ms < 2 ** 53 and isinstance(at, list)):
+    if not (isinstance(models, list) and isinstance(at, list)
+            and len(models) <= len(at) <= ARRIVALS_MAX + LATEST_MAX   # as tell_arrivals writes
+            and all(isinstance(m, str) for m in models)
+            and isinstance(t0_ms, int) and 0 < t0_ms < 2 ** 53):
         return []
     out = []
     for pair in at:
