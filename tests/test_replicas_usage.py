@@ -240,9 +240,9 @@ async def test_past_its_bound_a_batch_tells_each_models_latest_arrival():
     one, two, relays = await _pair(backend, clock)
     try:
         shared = two.ctx.shared
-        for i in range(ARRIVALS_MAX + 10):
-            shared.arrived(A, clock.wall() + i)
-        shared.arrived(B, clock.wall() + 5_000)
+        for i in range(ARRIVALS_MAX + 10):                   # the last 522 s, none ahead
+            shared.arrived(A, clock.wall() - 530 + i)
+        shared.arrived(B, clock.wall())
         await _told(two, one)
         assert shared.arrivals_told == ARRIVALS_MAX + 2 and shared.arrivals_untold == 9
         assert one.learner.patterns[A].requests == ARRIVALS_MAX + 1

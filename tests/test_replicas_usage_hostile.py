@@ -81,3 +81,20 @@ async def test_a_batch_past_both_bounds_is_still_one_the_others_learn():
         assert one.learner.patterns[A].requests == ARRIVALS_MAX
     finally:
         await _end((one, two), relays)
+
+
+async def test_arrivals_told_by_a_replica_whose_clock_runs_ahead_keep_their_gaps():
+    clock = ManualClock()
+    backend = GatedBackend({A: 3}, MANAGED)
+    one, two, relays = await _pair(backend, clock)
+    try:
+        ahead_ms = round(clock.wall() * 1000) + 90_000      # its clock 90 s ahead of this one
+        one.ctx.shared.replica.heard(ARRIVALS_EVENT, {
+            "host": "default", "models": [A], "t0_ms": ahead_ms - 20_000,
+            "at": [[0, 0], [0, 10_000], [0, 20_000]]})
+        p = one.learner.patterns[A]
+        assert p.requests == 3 and p.gaps.total == 2
+        assert p.last_gap_s == 10.0 and p.last_at_s == clock.now()     # not a burst at now
+        assert p.first_wall_s == clock.wall() - 20 and p.minutes_since_wall_s <= clock.wall()
+    finally:
+        await _end((one, two), relays)
