@@ -11,11 +11,12 @@ from proxy.engine.clock import ManualClock
 from proxy.engine.learner import MAX_FOLLOWERS
 from proxy.engine.learning import ModelPattern
 from proxy.engine.shared_usage import ARRIVALS_EVENT, ARRIVALS_MAX, LATEST_MAX
+from proxy.engine.usage import RequestRecord
 from proxy.state import create_state
 
 from .redis_server import make_redis_server, redis_server  # noqa: F401
 from .test_replicas_contention import MANAGED, GatedBackend, _close
-from .test_replicas_usage import A, B, C, _end, _pair, _third, _told
+from .test_replicas_usage import A, B, C, _end, _pair, _third, _told, _use
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -96,5 +97,22 @@ async def test_arrivals_told_by_a_replica_whose_clock_runs_ahead_keep_their_gaps
         assert p.requests == 3 and p.gaps.total == 2
         assert p.last_gap_s == 10.0 and p.last_at_s == clock.now()     # not a burst at now
         assert p.first_wall_s == clock.wall() - 20 and p.minutes_since_wall_s <= clock.wall()
+    finally:
+        await _end((one, two), relays)
+
+
+async def test_a_models_last_use_is_its_last_request_on_any_replica():
+    clock = ManualClock()
+    backend = GatedBackend({A: 3}, MANAGED)
+    one, two, relays = await _pair(backend, clock)
+    try:
+        await _use(one, A)                                   # asked here once
+        one.record(RequestRecord(model=A, ok=True, latency_s=0.1, at_s=clock.now()))
+        clock.advance(600)
+        await _use(two, A)                                   # and there, 10 minutes later
+        await _told(two, one)
+        clock.advance(5)
+        assert one.row(A)["last_used_s_ago"] == 5.0
+        assert one.row(A)["requests"] == 1             # its own statistics stay its own
     finally:
         await _end((one, two), relays)
