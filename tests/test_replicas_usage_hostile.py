@@ -3,6 +3,8 @@ snapshots and arrivals not as a replica writes them, and a peer whose clock runs
 replica fails on them, and none learns them."""
 from __future__ import annotations
 
+from typing import Any
+
 import orjson
 import pytest
 import redis.asyncio as aioredis
@@ -12,7 +14,8 @@ from proxy.engine.learner import MAX_FOLLOWERS
 from proxy.engine.learning import ModelPattern
 from proxy.engine.shared_usage import ARRIVALS_EVENT, ARRIVALS_MAX, LATEST_MAX
 from proxy.engine.usage import RequestRecord
-from proxy.state import create_state
+from proxy.errors import StateUnavailable
+from proxy.state import MemoryState, create_state
 
 from .redis_server import make_redis_server, redis_server  # noqa: F401
 from .test_replicas_contention import MANAGED, GatedBackend, _close
@@ -115,4 +118,40 @@ async def test_a_models_last_use_is_its_last_request_on_any_replica():
         assert one.row(A)["last_used_s_ago"] == 5.0
         assert one.row(A)["requests"] == 1             # its own statistics stay its own
     finally:
+        await _end((one, two), relays)
+
+
+class AwayForViews:
+    """A replica's view of the shared state that cannot be reached for /proxy/stats's view."""
+
+    def __init__(self, inner: MemoryState) -> None:
+        self.inner = inner
+        self.away = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def replicas(self) -> list[str]:
+        if self.away:
+            raise StateUnavailable("shared state unavailable: a test's")
+        return await self.inner.replicas()
+
+
+async def test_the_arrivals_counts_show_while_the_state_is_away():
+    clock = ManualClock()
+    backend = GatedBackend({A: 3}, MANAGED)
+    facts = MemoryState("r1")
+    store = AwayForViews(facts)
+    one, two, relays = await _pair(backend, clock, (store, facts.view("r2")))
+    try:
+        await _use(two, A)
+        await _told(two, one)
+        await _use(one, A)
+        store.away = True
+        view = await one.ctx.shared.replica.view()
+        assert view["ok"] is False and "a test's" in view["error"]
+        assert view["arrivals"] == {"told": 0, "heard": 1, "untold": 0}
+        assert view["leases_given_up"] == 0
+    finally:
+        store.away = False
         await _end((one, two), relays)
