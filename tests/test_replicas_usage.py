@@ -259,6 +259,7 @@ async def test_past_its_bound_a_batch_tells_each_models_latest_arrival():
     {"models": [A], "t0_ms": 1, "at": [[0, -5]]},
     {"models": [A], "t0_ms": 1, "at": [[0, True]]},
     {"models": [A], "t0_ms": 10 ** 30, "at": [[0, 0]]},
+    {"models": [A], "t0_ms": True, "at": [[0, 0]]},
     {"models": "lab/a", "t0_ms": 1, "at": [[0, 0]]},
     {"models": [A], "t0_ms": 1, "at": [[0, 0], [0]]},          # one bad pair spoils the lot
 ])

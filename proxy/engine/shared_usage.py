@@ -26,9 +26,10 @@ unloaded as the replica asked would (preload.HAND_UNLOAD_QUIET_S).
 
 Bounded: a batch tells at most ARRIVALS_MAX arrivals per host; beyond that only each model's
 latest is told (its recency; the others count in `arrivals_untold`), of LATEST_MAX models at
-most. An event with more arrivals than that, or more models than arrivals, is not learned. Arrivals lost while the
-state is away are not sent again. A model this replica does not know is ignored, and so is an
-event that is not as written here.
+most. An event with more arrivals than that, or more models than arrivals, is not learned.
+Arrivals whose append failed are not sent again. A model this replica does not know is
+ignored, and so is an event that is not as written here. A batch stamped ahead of the
+hearer's clock is moved back whole (its teller's clock runs ahead).
 """
 from __future__ import annotations
 
@@ -226,7 +227,7 @@ def _parsed(data: dict[str, Any]) -> list[tuple[float, str]]:
     if not (isinstance(models, list) and isinstance(at, list)
             and len(models) <= len(at) <= ARRIVALS_MAX + LATEST_MAX   # as tell_arrivals writes
             and all(isinstance(m, str) for m in models)
-            and isinstance(t0_ms, int) and 0 < t0_ms < 2 ** 53):
+            and isinstance(t0_ms, int) and not isinstance(t0_ms, bool) and 0 < t0_ms < 2 ** 53):
         return []
     out = []
     for pair in at:
