@@ -248,7 +248,8 @@ async def test_past_its_bound_a_batch_tells_each_models_latest_arrival():
         assert one.learner.patterns[A].requests == ARRIVALS_MAX + 1
         assert one.learner.patterns[B].requests == 1
         view = await one.ctx.shared.replica.view()
-        assert view["arrivals"] == {"told": 0, "heard": ARRIVALS_MAX + 2, "untold": 0}
+        assert view["arrivals"] == {"told": 0, "heard": ARRIVALS_MAX + 2, "untold": 0,
+                                     "unlearned": 0}
     finally:
         await _end((one, two), relays)
 
@@ -286,6 +287,8 @@ async def test_an_arrival_stamped_far_behind_this_replicas_clock_is_not_learned(
         two.ctx.shared.arrived(A, clock.wall() - 60)
         await _told(two, one)
         assert one.learner.patterns[A].requests == 1
+        assert one.ctx.shared.arrivals_heard == 2
+        assert one.ctx.shared.arrivals_unlearned == 1        # /proxy/stats says which
     finally:
         await _end((one, two), relays)
 

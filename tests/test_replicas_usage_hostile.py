@@ -150,7 +150,8 @@ async def test_the_arrivals_counts_show_while_the_state_is_away():
         store.away = True
         view = await one.ctx.shared.replica.view()
         assert view["ok"] is False and "a test's" in view["error"]
-        assert view["arrivals"] == {"told": 0, "heard": 1, "untold": 0}
+        assert view["arrivals"] == {"told": 0, "heard": 1, "untold": 0,
+                                     "unlearned": 0}
         assert view["leases_given_up"] == 0
     finally:
         store.away = False

@@ -120,11 +120,12 @@ class Replica:
 
     def _counts(self) -> dict[str, Any]:
         # leases this replica gave up for other replicas' waiting loads; requests it told the
-        # others of, heard from them, and left untold
+        # others of, heard from them (and of those, did not learn), and left untold
         return {"leases_given_up": sum(h.given_up for h in self.hosts),
                 "arrivals": {"told": sum(h.arrivals_told for h in self.hosts),
                              "heard": sum(h.arrivals_heard for h in self.hosts),
-                             "untold": sum(h.arrivals_untold for h in self.hosts)}}
+                             "untold": sum(h.arrivals_untold for h in self.hosts),
+                             "unlearned": sum(h.arrivals_unlearned for h in self.hosts)}}
 
     def name_conflicts(self) -> dict[str, str]:
         """host → how another replica names it otherwise (engine/shared_names.py)."""

@@ -64,9 +64,10 @@ class UsageShare:
         self._arrivals: list[tuple[str, float]] = []     # (model, wall s) since the last batch
         self._latest: dict[str, float] = {}              # model → wall s, past ARRIVALS_MAX
         self.arrivals_told = self.arrivals_heard = self.arrivals_untold = 0
+        self.arrivals_unlearned = 0    # heard, of a model not known here or stamped too long ago
         # Set by the engine: a request for the model that arrived (wall s) on another replica;
         # the model another replica unloaded by hand.
-        self.heard_arrival: Callable[[str, float], None] = lambda key, wall_s: None
+        self.heard_arrival: Callable[[str, float], bool] = lambda key, wall_s: False
         self.heard_by_hand: Callable[[str], None] = lambda key: None
         self.learner: UsageLearner | None = None     # the engine's, and its clock
         self.clock: Clock | None = None
@@ -194,7 +195,8 @@ class UsageShare:
             self.clock.wall() if self.clock is not None else 0.0)
         try:
             for wall_s, key in arrivals:
-                self.heard_arrival(key, wall_s - ahead_s if ahead_s > 0 else wall_s)
+                if not self.heard_arrival(key, wall_s - ahead_s if ahead_s > 0 else wall_s):
+                    self.arrivals_unlearned += 1
         except Exception:      # a bug here must not stop the stream's reader: said, not raised
             log.exception("learning replica %s's arrivals failed", data.get("replica"))
         self.arrivals_heard += len(arrivals)
