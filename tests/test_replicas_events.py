@@ -2,6 +2,7 @@
 that no replica's clock decides what it misses or replays (observe/relayed.py)."""
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -94,5 +95,36 @@ async def test_a_redis_clock_ahead_of_the_replicas_replays_nothing(redis_server)
         seen = await relayed_after_start(a, b)
         assert [d["model"] for d in seen] == ["after"]
     finally:
+        await raw.aclose()
+        await fleet.close()
+
+
+async def test_entries_something_else_wrote_on_the_stream_are_gone_past(redis_server, caplog):
+    """A hand or a peer of another version writes what no replica wrote: each such entry is
+    skipped (said once), and the events after it still arrive."""
+    fleet = Fleet("redis", redis_server.url)
+    a, b = fleet.replica("a"), fleet.replica("b")
+    raw = aioredis.from_url(redis_server.url)       # bytes: one entry is not UTF-8
+    hub = Hub()
+    relay = EventRelay(hub, b)
+    await relay.start()
+    caplog.set_level(logging.DEBUG, logger="proxy.events")   # whatever level an app left
+    try:
+        stream = fleet.prefix + "events"
+        for fields in ({"type": "load", "data": "notjson{"}, {"type": "load", "data": "[1, 2]"},
+                       {"data": orjson.dumps({"model": "x"})}, {"type": "load", "data": b"\xff"},
+                       {"type": "load"}):
+            await raw.xadd(stream, fields)
+        await a.append_event("load", {"model": "after", "replica": "a"})
+
+        async def arrived() -> bool:
+            return any(d.get("model") == "after" for _, d in hub.seen)
+        await until(arrived)
+        assert [d["model"] for _, d in hub.seen] == ["after"]
+        assert relay.unreadable == 5
+        said = [r for r in caplog.records if "cannot read" in r.getMessage()]
+        assert [r.levelname for r in said] == ["WARNING"] + ["DEBUG"] * len(said[1:])
+    finally:
+        await relay.close()
         await raw.aclose()
         await fleet.close()

@@ -216,15 +216,16 @@ async def _preloaded(core: EngineCore, key: str) -> bool:
 async def test_past_its_bound_a_batch_tells_each_models_latest_arrival():
     async with _fleet({A: 3, B: 3}) as (clock, backend, one, two):
         shared = two.ctx.shared
-        for i in range(ARRIVALS_MAX + 10):
-            shared.arrived(A, clock.wall() + i)
-        shared.arrived(B, clock.wall() + 5_000)
+        for i in range(ARRIVALS_MAX + 10):                   # the last 522 s, none ahead
+            shared.arrived(A, clock.wall() - 530 + i)
+        shared.arrived(B, clock.wall())
         await _told(two, one)
         assert shared.arrivals_told == ARRIVALS_MAX + 2 and shared.arrivals_untold == 9
         assert one.learner.patterns[A].requests == ARRIVALS_MAX + 1
         assert one.learner.patterns[B].requests == 1
         view = await one.ctx.shared.replica.view()
-        assert view["arrivals"] == {"told": 0, "heard": ARRIVALS_MAX + 2, "untold": 0}
+        assert view["arrivals"] == {"told": 0, "heard": ARRIVALS_MAX + 2, "untold": 0,
+                                     "unlearned": 0}
 
 
 @pytest.mark.parametrize("data", [
@@ -233,6 +234,7 @@ async def test_past_its_bound_a_batch_tells_each_models_latest_arrival():
     {"models": [A], "t0_ms": 1, "at": [[0, -5]]},
     {"models": [A], "t0_ms": 1, "at": [[0, True]]},
     {"models": [A], "t0_ms": 10 ** 30, "at": [[0, 0]]},
+    {"models": [A], "t0_ms": True, "at": [[0, 0]]},
     {"models": "lab/a", "t0_ms": 1, "at": [[0, 0]]},
     {"models": [A], "t0_ms": 1, "at": [[0, 0], [0]]},          # one bad pair spoils the lot
 ])
@@ -251,6 +253,8 @@ async def test_an_arrival_stamped_far_behind_this_replicas_clock_is_not_learned(
         two.ctx.shared.arrived(A, clock.wall() - 60)
         await _told(two, one)
         assert one.learner.patterns[A].requests == 1
+        assert one.ctx.shared.arrivals_heard == 2
+        assert one.ctx.shared.arrivals_unlearned == 1        # /proxy/stats says which
 
 
 async def test_arrivals_reach_another_replica_through_redis(redis_server):  # noqa: F811

@@ -52,17 +52,18 @@ class Leases:
             ctx.shared.touch(e.key)
         return lease
 
-    def heard(self, key: str, wall_s: float) -> None:
+    def heard(self, key: str, wall_s: float) -> bool:
         """A request for `key` that arrived at wall_s on another replica (engine/shared_usage.py):
         learned, and counted in the model's recency and heat, as a use here would be; a preload
-        it used was useful. Nothing is preloaded for it: that replica did so."""
+        it used was useful. Nothing is preloaded for it: that replica did so. False: not
+        learned (a model this replica does not know, or stamped too long ago)."""
         e = self.ctx.registry.entries.get(key)
         if e is None:
-            return
+            return False
         now = self._now()
         ago_s = self.clock.wall() - wall_s
         if ago_s > HEARD_STALE_S:
-            return                 # a clock far behind this one's: not when it says
+            return False           # a clock far behind this one's: not when it says
         at_s = now - max(0.0, ago_s)
         self.learner.observe(key, at_s, wall_s)
         e.heat = decayed_heat(e.heat, e.heat_at_s, now) + decayed_heat(1.0, at_s, now)
@@ -73,6 +74,7 @@ class Leases:
             e.unloaded_by_hand_s = None       # asked for since (not a request told late)
         if e.preloaded:
             self.preloads.used(e)
+        return True
 
     def hold(self, e: ModelEntry) -> Lease:
         lease = Lease(e, self._released, self._now(), HOLD, self.ctx.host_name)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Awaitable, Callable
+from typing import Any, Awaitable, Callable
 
 from ..config import StateConfig
 from ..errors import ConfigError, StateUnavailable
@@ -107,21 +107,25 @@ class Replica:
             replicas = await self.store.replicas()
             leader = await self.store.leader()
             hosts = await self.store.hosts()
-        except StateUnavailable as exc:
-            return {"ok": False, "replica": self.id, "error": exc.message}
+        except StateUnavailable as exc:   # its own counts still: what the outage leaves untold
+            return {"ok": False, "replica": self.id, "error": exc.message, **self._counts()}
         return {"ok": True, "replica": self.id, "leader": leader, "replicas": replicas,
-                # leases this replica gave up for other replicas' waiting loads
-                "leases_given_up": sum(h.given_up for h in self.hosts),
-                # requests this replica told the others of, heard from them, and left untold
-                "arrivals": {"told": sum(h.arrivals_told for h in self.hosts),
-                             "heard": sum(h.arrivals_heard for h in self.hosts),
-                             "untold": sum(h.arrivals_untold for h in self.hosts)},
+                **self._counts(),
                 "hosts": {name: {"url": r.url or None,
                                  "resident": sorted(set(r.resident.values())),
                                  "used_gb": round(r.used_bytes / GB, 2),
                                  "budget_gb": round(r.budget_bytes / GB, 2),
                                  "reported_by": r.reported_by}
                           for name, r in hosts.items()}}
+
+    def _counts(self) -> dict[str, Any]:
+        # leases this replica gave up for other replicas' waiting loads; requests it told the
+        # others of, heard from them (and of those, did not learn), and left untold
+        return {"leases_given_up": sum(h.given_up for h in self.hosts),
+                "arrivals": {"told": sum(h.arrivals_told for h in self.hosts),
+                             "heard": sum(h.arrivals_heard for h in self.hosts),
+                             "untold": sum(h.arrivals_untold for h in self.hosts),
+                             "unlearned": sum(h.arrivals_unlearned for h in self.hosts)}}
 
     def name_conflicts(self) -> dict[str, str]:
         """host → how another replica names it otherwise (engine/shared_names.py)."""

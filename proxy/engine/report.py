@@ -28,9 +28,12 @@ def model_row(core: "EngineCore", key: str, now_s: float) -> dict[str, Any]:
     cfg = r.config.model(key)
     ttl_s = r.ttl_s(key)
     usage = core.accounting.usage_of(key)
-    # Its last request, kept across restarts; e's recency (a load counts, and a restart's
+    # Its last request, kept across restarts, here or (among replicas) on any replica: heard,
+    # or adopted with the fleet's pattern; e's recency (a load counts, and a restart's
     # adoption is one) only for a model no request was recorded for.
-    last_used_s = e.last_used_at_s if usage.last_used_at_s is None else usage.last_used_at_s
+    pattern = core.learner.patterns.get(key)
+    asked = [t for t in (usage.last_used_at_s, pattern and pattern.last_at_s) if t is not None]
+    last_used_s = max(asked) if asked else e.last_used_at_s
     managed = core.memory_managed    # else no footprint: none is used, so none is made up
     return {
         "model": key, "state": core.state_of(e), "type": e.type,
@@ -48,8 +51,8 @@ def model_row(core: "EngineCore", key: str, now_s: float) -> dict[str, Any]:
         "avg_load_time_s": None if e.load_time_s is None else round(e.load_time_s, 3),
         "evictions": dict(e.evictions), "last_error": e.last_error,
         "last_used_s_ago": None if last_used_s is None else round(now_s - last_used_s, 1),
-        "timer": timer_row(core.learner.patterns.get(key), now_s),
-        "clock": clock_row(core.learner.patterns.get(key), now_s, core.clock.wall()),
+        "timer": timer_row(pattern, now_s),
+        "clock": clock_row(pattern, now_s, core.clock.wall()),
         **usage.summary(now_s)}
 
 

@@ -25,9 +25,11 @@ An unload by hand is told too (`unloaded_by_hand`): the leader, which preloads, 
 unloaded as the replica asked would (preload.HAND_UNLOAD_QUIET_S).
 
 Bounded: a batch tells at most ARRIVALS_MAX arrivals per host; beyond that only each model's
-latest is told (its recency; the others count in `arrivals_untold`). Arrivals lost while the
-state is away are not sent again. A model this replica does not know is ignored, and so is an
-event that is not as written here.
+latest is told (its recency; the others count in `arrivals_untold`), of LATEST_MAX models at
+most. An event with more arrivals than that, or more models than arrivals, is not learned.
+Arrivals whose append failed are not sent again. A model this replica does not know is
+ignored, and so is an event that is not as written here. A batch stamped ahead of the
+hearer's clock is moved back whole (its teller's clock runs ahead).
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ import logging
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import StateUnavailable
+from .learner import MAX_FOLLOWERS
 from .learning import ModelPattern
 
 if TYPE_CHECKING:
@@ -47,6 +50,7 @@ log = logging.getLogger("proxy.shared")
 ARRIVALS_EVENT = "arrivals"    # the replicas' stream: the requests a replica served on a host
 BY_HAND_EVENT = "unloaded_by_hand"   # and a model it unloaded by hand there
 ARRIVALS_MAX = 512             # per batch and host: about 5 KB of event
+LATEST_MAX = 3584              # past it, the models whose latest arrival is told as well
 MAX_SPAN_MS = 86_400_000       # a batch's arrivals lie within this of its first
 PATTERNS_EVERY_S = 60.0        # the leader writes the patterns that changed this often
 PATTERNS_TTL_S = 7 * 86_400.0  # kept a week past the last write
@@ -60,14 +64,15 @@ class UsageShare:
         self._arrivals: list[tuple[str, float]] = []     # (model, wall s) since the last batch
         self._latest: dict[str, float] = {}              # model → wall s, past ARRIVALS_MAX
         self.arrivals_told = self.arrivals_heard = self.arrivals_untold = 0
+        self.arrivals_unlearned = 0    # heard, of a model not known here or stamped too long ago
         # Set by the engine: a request for the model that arrived (wall s) on another replica;
         # the model another replica unloaded by hand.
-        self.heard_arrival: Callable[[str, float], None] = lambda key, wall_s: None
+        self.heard_arrival: Callable[[str, float], bool] = lambda key, wall_s: False
         self.heard_by_hand: Callable[[str], None] = lambda key: None
         self.learner: UsageLearner | None = None     # the engine's, and its clock
         self.clock: Clock | None = None
         self.patterns_every_s = PATTERNS_EVERY_S
-        self.patterns_adopted = 0
+        self.patterns_adopted = self.patterns_refused = 0
         self._patterns_at_s: float | None = None     # loop time of the last write
         self._written: dict[str, tuple] = {}         # model → _mark of the pattern written
         self._backlog: list[str] = []                # models changed, not written yet
@@ -84,9 +89,9 @@ class UsageShare:
         """The batch's arrivals, as one event (the replica's lease batch calls it)."""
         if not self._arrivals:
             return
-        batch, latest = self._arrivals, self._latest
+        batch, latest = self._arrivals, list(self._latest.items())[-LATEST_MAX:]
         self._arrivals, self._latest = [], {}
-        batch += latest.items()
+        batch += latest
         self.arrivals_untold -= len(latest)
         models = sorted({key for key, _ in batch})
         index = {key: i for i, key in enumerate(models)}
@@ -144,8 +149,11 @@ class UsageShare:
         for key, snapshot in kept.items():
             try:
                 fleet = ModelPattern.restore(snapshot, now_s, wall_s)
-            except (TypeError, ValueError, KeyError, AttributeError):
-                continue                # written by another version: learned anew
+            except (TypeError, ValueError, KeyError, AttributeError, OverflowError):
+                fleet = None
+            if fleet is None or not _sane(fleet, wall_s):
+                self.patterns_refused += 1      # written by another version, or by hand:
+                continue                        # learned anew
             own = learner.patterns.get(key)
             if fleet.last_at_s is None or own is not None and own.last_at_s is not None and \
                     own.last_at_s >= fleet.last_at_s:
@@ -154,6 +162,10 @@ class UsageShare:
             learner.dirty.add(key)      # into this replica's own history too
             self._written[key] = _mark(fleet)
             self.patterns_adopted += 1
+        if self.patterns_refused:
+            log.warning("%d usage patterns kept for %s are not as a replica writes them (wrong "
+                        "types, negative counts, over %d followers): not adopted",
+                        self.patterns_refused, self.name, MAX_FOLLOWERS)
         if self.patterns_adopted:
             log.info("adopted the usage patterns of %d models on %s that the fleet learned",
                      self.patterns_adopted, self.name)
@@ -176,12 +188,34 @@ class UsageShare:
             log.debug("an arrivals event from replica %s not as expected: ignored",
                       data.get("replica"))
             return
+        # A teller whose clock runs ahead stamps its latest arrivals after now here: the batch
+        # is moved back whole, so each keeps its gap to the others (taken each as now, they
+        # would be learned as a burst of no gaps, on an hour and minute still to come).
+        ahead_s = max(wall_s for wall_s, _ in arrivals) - (
+            self.clock.wall() if self.clock is not None else 0.0)
         try:
             for wall_s, key in arrivals:
-                self.heard_arrival(key, wall_s)
+                if not self.heard_arrival(key, wall_s - ahead_s if ahead_s > 0 else wall_s):
+                    self.arrivals_unlearned += 1
         except Exception:      # a bug here must not stop the stream's reader: said, not raised
             log.exception("learning replica %s's arrivals failed", data.get("replica"))
         self.arrivals_heard += len(arrivals)
+
+
+def _sane(p: ModelPattern, wall_s: float) -> bool:
+    """A snapshot another replica could have written: counts not negative, followers within
+    the learner's bound. Its wall stamps past this replica's clock are taken as now (a writer's
+    clock ahead; a clock minute counted from the future would read as an hour's starts)."""
+    counts = (*p.gaps.counts, *p.after_short.counts, *p.after_long.counts, *p.hours,
+              *p.minute_starts, *p.followers.values(), p.requests)
+    if min(counts) < 0 or len(p.followers) > MAX_FOLLOWERS or \
+            p.last_gap_s is not None and not p.last_gap_s >= 0:
+        return False
+    if p.first_wall_s is not None:
+        p.first_wall_s = min(p.first_wall_s, wall_s)
+    if p.minutes_since_wall_s is not None:
+        p.minutes_since_wall_s = min(p.minutes_since_wall_s, wall_s)
+    return True
 
 
 def _mark(p: ModelPattern) -> tuple:
@@ -192,8 +226,10 @@ def _mark(p: ModelPattern) -> tuple:
 def _parsed(data: dict[str, Any]) -> list[tuple[float, str]]:
     """(wall s, model) of each arrival; [] for an event that is not as tell_arrivals writes."""
     models, t0_ms, at = data.get("models"), data.get("t0_ms"), data.get("at")
-    if not (isinstance(models, list) and all(isinstance(m, str) for m in models)
-            and isinstance(t0_ms, int) and 0 < t0_ms < 2 ** 53 and isinstance(at, list)):
+    if not (isinstance(models, list) and isinstance(at, list)
+            and len(models) <= len(at) <= ARRIVALS_MAX + LATEST_MAX   # as tell_arrivals writes
+            and all(isinstance(m, str) for m in models)
+            and isinstance(t0_ms, int) and not isinstance(t0_ms, bool) and 0 < t0_ms < 2 ** 53):
         return []
     out = []
     for pair in at:

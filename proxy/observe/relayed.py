@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import StateUnavailable
 from ..state import StateStore
+from ..state.base import UNREADABLE
 
 if TYPE_CHECKING:
     from .events import EventHub
@@ -36,6 +37,7 @@ class EventRelay:
         self.me = store.replica_id
         self.pending: collections.deque[tuple[str, dict[str, Any]]] = collections.deque()
         self.lost = self.relayed_in = self.relayed_out = 0
+        self.unreadable = 0      # stream entries something else wrote: gone past, not acted on
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self.on_remote: list[Callable[[str, dict[str, Any]], None]] = []   # engine/shared.py
@@ -90,7 +92,9 @@ class EventRelay:
                 continue
             for ev in events:
                 after = ev.id
-                if ev.data.get("replica") != self.me:
+                if ev.type == UNREADABLE:
+                    self._unreadable(ev.id)
+                elif ev.data.get("replica") != self.me:
                     self.relayed_in += 1
                     for hook in self.on_remote:    # before the hub: what acts before what shows
                         with contextlib.suppress(Exception):
@@ -98,3 +102,11 @@ class EventRelay:
                     if ev.type in SHARED_TYPES:    # others are the replicas' own (`owned`)
                         with contextlib.suppress(Exception):
                             self.hub.publish(ev.type, dict(ev.data))
+
+    def _unreadable(self, event_id: str) -> None:
+        """Said once at WARNING (a peer of another version, or a hand on the stream), then at
+        DEBUG: a flood of them must not flood the log."""
+        self.unreadable += 1
+        (log.warning if self.unreadable == 1 else log.debug)(
+            "the replicas' stream holds an entry this replica cannot read (id %s: no type, or "
+            "data not a JSON object; %d so far): skipped", event_id, self.unreadable)

@@ -116,6 +116,29 @@ class Renewal:
     wanted: frozenset[LeaseKey] = frozenset()
 
 
+PATTERN_MAX_BYTES = 65_536   # a snapshot is a few KB; a field past this was not written by one
+
+
+def readable_patterns(raw: Mapping[str, bytes | str]) -> dict[str, dict[str, Any]]:
+    """The kept snapshots that are JSON objects; another writer's (a hand with redis-cli, a
+    version that wrote them otherwise) are left out, not raised: a replica that starts must
+    not fail on them."""
+    out = {}
+    for model, value in raw.items():
+        if len(value) > PATTERN_MAX_BYTES:
+            continue
+        try:
+            snapshot = orjson.loads(value)
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(snapshot, dict):
+            out[model] = snapshot
+    return out
+
+
+UNREADABLE = ""     # the type of a stream entry not as append_event writes it (no data)
+
+
 @dataclass(frozen=True)
 class StoredEvent:
     id: str
@@ -274,7 +297,7 @@ class StateStore(Protocol):
         """The usage patterns learned of these models on `host` (engine/learning.py's
         snapshots), each replacing the one kept; all of the host's live `ttl_s` past this."""
     async def patterns(self, host: str) -> dict[str, dict[str, Any]]:
-        """model → the usage pattern kept of it on `host`."""
+        """model → the usage pattern kept of it on `host` (see readable_patterns)."""
 
     async def ping(self) -> None:
         """Raises StateUnavailable when the store cannot be reached."""

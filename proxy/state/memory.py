@@ -15,7 +15,7 @@ from typing import Any, Iterable, Mapping, Protocol
 import orjson
 
 from .base import (HostRecord, LeaseKey, Learned, LoadLock, Measured, Renewal, Reserved,
-                   StoredEvent, Whereabouts, parse_event_id)
+                   StoredEvent, Whereabouts, parse_event_id, readable_patterns)
 
 EVENTS_MAXLEN = 10_000
 
@@ -363,7 +363,7 @@ class MemoryState:
         kept = self._f.patterns.get(host)
         if kept is None or kept[1] <= self._now():
             return {}
-        return {model: orjson.loads(raw) for model, raw in kept[0].items()}
+        return readable_patterns(kept[0])
 
     async def ping(self) -> None:
         return None

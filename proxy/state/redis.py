@@ -32,7 +32,7 @@ from redis.backoff import NoBackoff
 from ..urls import redact_url
 from . import lua
 from .base import (HostRecord, LeaseKey, LoadLock, Renewal, Reserved, StoredEvent,
-                   Whereabouts, parse_event_id)
+                   UNREADABLE, Whereabouts, parse_event_id)
 from .redis_calls import _guarded, _ms
 from .redis_learned import LearnedFacts
 
@@ -68,6 +68,7 @@ class RedisState(LearnedFacts):
         # timeout) rather than open one each and keep them all after the burst.
         self.pool = aioredis.BlockingConnectionPool.from_url(
             url, max_connections=MAX_CONNECTIONS, timeout=timeout_s, decode_responses=True,
+            encoding_errors="replace",    # bytes another writer left that are not UTF-8
             socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
             retry=Retry(NoBackoff(), 0))
         self.client = aioredis.Redis(connection_pool=self.pool)
@@ -330,7 +331,7 @@ class RedisState(LearnedFacts):
             streams = await self.client.xread({self._k_events: after_id or "0-0"},
                                               count=count, block=block_ms)
             got = streams[0][1] if streams else []
-        return [StoredEvent(i, f["type"], orjson.loads(f["data"])) for i, f in got]
+        return [_stored(i, f) for i, f in got]
 
     @_guarded
     async def last_event_id(self) -> str:
@@ -344,3 +345,17 @@ class RedisState(LearnedFacts):
     async def close(self) -> None:
         await self.client.aclose()
         await self.pool.disconnect()
+
+
+def _stored(event_id: str, fields: dict[str, str]) -> StoredEvent:
+    """One stream entry; one that anything else wrote there (no type, or data not a JSON
+    object) comes back as UNREADABLE with no data, so a reader goes past it instead of
+    failing on it for good."""
+    kind, raw = fields.get("type"), fields.get("data")
+    try:
+        data = orjson.loads(raw) if raw is not None else None
+    except orjson.JSONDecodeError:
+        data = None
+    if not isinstance(kind, str) or not kind or not isinstance(data, dict):
+        return StoredEvent(event_id, UNREADABLE, {})
+    return StoredEvent(event_id, kind, data)

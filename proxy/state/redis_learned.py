@@ -10,7 +10,7 @@ from typing import Any, Mapping
 
 import orjson
 
-from .base import Learned, Measured
+from .base import Learned, Measured, readable_patterns
 from .redis_calls import _guarded, _ms
 
 LEARNED_KINDS = ("footprint", "load")   # hash field suffixes: Learned's fields
@@ -51,5 +51,4 @@ class LearnedFacts:
 
     @_guarded
     async def patterns(self, host: str) -> dict[str, dict[str, Any]]:
-        got = await self.client.hgetall(self._key("patterns", host))
-        return {model: orjson.loads(raw) for model, raw in got.items()}
+        return readable_patterns(await self.client.hgetall(self._key("patterns", host)))
