@@ -19,7 +19,7 @@ from proxy.state import MemoryState, create_state
 
 from .redis_server import make_redis_server, redis_server  # noqa: F401
 from .test_replicas_contention import MANAGED, GatedBackend, _close
-from .test_replicas_usage import A, B, C, _end, _pair, _third, _told, _use
+from .test_replicas_usage import A, B, C, _end, _fleet, _pair, _third, _told, _use
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -57,23 +57,15 @@ async def test_a_replica_starts_past_pattern_snapshots_it_cannot_use(redis_serve
 async def test_an_arrivals_event_larger_than_a_replica_writes_is_not_learned(n_at, n_models):
     """A batch tells at most ARRIVALS_MAX arrivals and LATEST_MAX models' latest, each model
     at least once: a larger event (a flood a peer wrote by hand) is ignored whole."""
-    clock = ManualClock()
-    backend = GatedBackend({A: 3}, MANAGED)
-    one, two, relays = await _pair(backend, clock)
-    try:
+    async with _fleet({A: 3}) as (clock, backend, one, two):
         one.ctx.shared.replica.heard(ARRIVALS_EVENT, {
             "host": "default", "models": [A] + [f"lab/x{i}" for i in range(n_models - 1)],
             "t0_ms": round(clock.wall() * 1000), "at": [[0, i] for i in range(n_at)]})
         assert one.ctx.shared.arrivals_heard == 0 and A not in one.learner.patterns
-    finally:
-        await _end((one, two), relays)
 
 
 async def test_a_batch_past_both_bounds_is_still_one_the_others_learn():
-    clock = ManualClock()
-    backend = GatedBackend({A: 3}, MANAGED)
-    one, two, relays = await _pair(backend, clock)
-    try:
+    async with _fleet({A: 3}) as (clock, backend, one, two):
         shared = two.ctx.shared
         for _ in range(ARRIVALS_MAX):
             shared.arrived(A, clock.wall() - 1)
@@ -83,15 +75,10 @@ async def test_a_batch_past_both_bounds_is_still_one_the_others_learn():
         assert shared.arrivals_told == ARRIVALS_MAX + LATEST_MAX
         assert shared.arrivals_untold == 5
         assert one.learner.patterns[A].requests == ARRIVALS_MAX
-    finally:
-        await _end((one, two), relays)
 
 
 async def test_arrivals_told_by_a_replica_whose_clock_runs_ahead_keep_their_gaps():
-    clock = ManualClock()
-    backend = GatedBackend({A: 3}, MANAGED)
-    one, two, relays = await _pair(backend, clock)
-    try:
+    async with _fleet({A: 3}) as (clock, backend, one, two):
         ahead_ms = round(clock.wall() * 1000) + 90_000      # its clock 90 s ahead of this one
         one.ctx.shared.replica.heard(ARRIVALS_EVENT, {
             "host": "default", "models": [A], "t0_ms": ahead_ms - 20_000,
@@ -100,15 +87,10 @@ async def test_arrivals_told_by_a_replica_whose_clock_runs_ahead_keep_their_gaps
         assert p.requests == 3 and p.gaps.total == 2
         assert p.last_gap_s == 10.0 and p.last_at_s == clock.now()     # not a burst at now
         assert p.first_wall_s == clock.wall() - 20 and p.minutes_since_wall_s <= clock.wall()
-    finally:
-        await _end((one, two), relays)
 
 
 async def test_a_models_last_use_is_its_last_request_on_any_replica():
-    clock = ManualClock()
-    backend = GatedBackend({A: 3}, MANAGED)
-    one, two, relays = await _pair(backend, clock)
-    try:
+    async with _fleet({A: 3}) as (clock, backend, one, two):
         await _use(one, A)                                   # asked here once
         one.record(RequestRecord(model=A, ok=True, latency_s=0.1, at_s=clock.now()))
         clock.advance(600)
@@ -117,8 +99,6 @@ async def test_a_models_last_use_is_its_last_request_on_any_replica():
         clock.advance(5)
         assert one.row(A)["last_used_s_ago"] == 5.0
         assert one.row(A)["requests"] == 1             # its own statistics stay its own
-    finally:
-        await _end((one, two), relays)
 
 
 class AwayForViews:

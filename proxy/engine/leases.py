@@ -16,8 +16,6 @@ from .preload import Preloader, PreloadTally
 if TYPE_CHECKING:
     from .scheduler import Scheduler
 
-HEARD_STALE_S = 600.0    # another replica's request older than this is not learned
-
 
 class Leases:
     def __init__(self, ctx: EngineContext, preloader: Preloader, preloads: PreloadTally,
@@ -56,15 +54,12 @@ class Leases:
         """A request for `key` that arrived at wall_s on another replica (engine/shared_usage.py):
         learned, and counted in the model's recency and heat, as a use here would be; a preload
         it used was useful. Nothing is preloaded for it: that replica did so. False: not
-        learned (a model this replica does not know, or stamped too long ago)."""
+        learned (a model this replica does not know)."""
         e = self.ctx.registry.entries.get(key)
         if e is None:
             return False
         now = self._now()
-        ago_s = self.clock.wall() - wall_s
-        if ago_s > HEARD_STALE_S:
-            return False           # a clock far behind this one's: not when it says
-        at_s = now - max(0.0, ago_s)
+        at_s = now - max(0.0, self.clock.wall() - wall_s)
         self.learner.observe(key, at_s, wall_s)
         e.heat = decayed_heat(e.heat, e.heat_at_s, now) + decayed_heat(1.0, at_s, now)
         e.heat_at_s = now

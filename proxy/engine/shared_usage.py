@@ -52,6 +52,7 @@ BY_HAND_EVENT = "unloaded_by_hand"   # and a model it unloaded by hand there
 ARRIVALS_MAX = 512             # per batch and host: about 5 KB of event
 LATEST_MAX = 3584              # past it, the models whose latest arrival is told as well
 MAX_SPAN_MS = 86_400_000       # a batch's arrivals lie within this of its first
+HEARD_STALE_S = 600.0          # an arrival stamped this long before the hearer's now: not learned
 PATTERNS_EVERY_S = 60.0        # the leader writes the patterns that changed this often
 PATTERNS_TTL_S = 7 * 86_400.0  # kept a week past the last write
 PATTERNS_PER_WRITE = 32        # snapshots written in one lease batch
@@ -190,12 +191,14 @@ class UsageShare:
             return
         # A teller whose clock runs ahead stamps its latest arrivals after now here: the batch
         # is moved back whole, so each keeps its gap to the others (taken each as now, they
-        # would be learned as a burst of no gaps, on an hour and minute still to come).
-        ahead_s = max(wall_s for wall_s, _ in arrivals) - (
-            self.clock.wall() if self.clock is not None else 0.0)
+        # would be learned as a burst of no gaps, on an hour and minute still to come). One
+        # stamped long before now is not when it says (a clock far behind): not learned.
+        now_wall_s = self.clock.wall() if self.clock is not None else 0.0
+        ahead_s = max(0.0, max(wall_s for wall_s, _ in arrivals) - now_wall_s)
         try:
             for wall_s, key in arrivals:
-                if not self.heard_arrival(key, wall_s - ahead_s if ahead_s > 0 else wall_s):
+                wall_s -= ahead_s
+                if now_wall_s - wall_s > HEARD_STALE_S or not self.heard_arrival(key, wall_s):
                     self.arrivals_unlearned += 1
         except Exception:      # a bug here must not stop the stream's reader: said, not raised
             log.exception("learning replica %s's arrivals failed", data.get("replica"))
